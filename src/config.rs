@@ -1,0 +1,417 @@
+//! The TOML configuration: the contract in `docs` (keys may be added, never renamed)
+//! plus validation that names the offending key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub clusters: BTreeMap<String, ClusterConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default = "d_1000")]
+    pub interval_ms: u64,
+    #[serde(default = "d_1000")]
+    pub timeout_ms: u64,
+    #[serde(default = "d_2")]
+    pub rise: u32,
+    #[serde(default = "d_2")]
+    pub fall: u32,
+    /// Login used by the health monitor; defaults to the first `[[users]]` entry.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Database the monitor connects to.
+    #[serde(default = "d_postgres")]
+    pub database: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 2,
+            user: None,
+            password: None,
+            database: d_postgres(),
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// Settings of the client-facing side that are not per cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// A client that has not finished startup and authentication by then is dropped
+    /// (PostgreSQL's `authentication_timeout`).
+    #[serde(default = "d_15000")]
+    pub client_login_timeout_ms: u64,
+    /// Largest protocol message accepted from a client. Messages are streamed, not
+    /// buffered, so this is a sanity limit, not a memory reservation.
+    #[serde(default = "d_max_message")]
+    pub max_message_bytes: u32,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            client_login_timeout_ms: 15000,
+            max_message_bytes: d_max_message(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plaintext: the proxy needs it both to check clients and to log in to servers.
+    pub password: Option<String>,
+    #[serde(default = "d_auth")]
+    pub auth: AuthMethod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    Session,
+    Transaction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadBalance {
+    Priority,
+    RoundRobin,
+    LeastConnections,
+}
+
+/// What the rw endpoint does when more than one node reports itself primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplitBrainRule {
+    /// Refuse every write until only one primary is left.
+    Refuse,
+    /// The primary on the strictly highest timeline wins (a promoted standby moves to a
+    /// new timeline; an old primary restarted without `pg_rewind` stays on the old one).
+    /// A tie is refused.
+    NewestTimeline,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub listen_rw: Option<String>,
+    pub listen_ro: Option<String>,
+    #[serde(default = "d_10000")]
+    pub max_replica_lag_ms: u64,
+    #[serde(default = "d_pool_mode")]
+    pub pool_mode: PoolMode,
+    #[serde(default = "d_read_balance")]
+    pub read_balance: ReadBalance,
+    /// Bound on one server connection attempt (TCP connect, login, role check), and on
+    /// how long a new client waits for a usable node to appear before it gets an error.
+    #[serde(default = "d_2000")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "d_split_brain")]
+    pub split_brain: SplitBrainRule,
+    #[serde(default)]
+    pub nodes: Vec<NodeConfig>,
+}
+
+impl ClusterConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    pub host: String,
+    #[serde(default = "d_5432")]
+    pub port: u16,
+}
+
+impl NodeConfig {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+fn d_1000() -> u64 {
+    1000
+}
+fn d_2000() -> u64 {
+    2000
+}
+fn d_10000() -> u64 {
+    10000
+}
+fn d_15000() -> u64 {
+    15000
+}
+fn d_2() -> u32 {
+    2
+}
+fn d_5432() -> u16 {
+    5432
+}
+fn d_postgres() -> String {
+    "postgres".into()
+}
+fn d_max_message() -> u32 {
+    256 << 20
+}
+fn d_auth() -> AuthMethod {
+    AuthMethod::ScramSha256
+}
+fn d_pool_mode() -> PoolMode {
+    PoolMode::Session
+}
+fn d_read_balance() -> ReadBalance {
+    ReadBalance::Priority
+}
+fn d_split_brain() -> SplitBrainRule {
+    SplitBrainRule::NewestTimeline
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// (user, password) the health monitor logs in with.
+    pub fn health_login(&self) -> (String, Option<String>) {
+        match &self.health.user {
+            Some(u) => {
+                let pw = self
+                    .health
+                    .password
+                    .clone()
+                    .or_else(|| self.user(u).and_then(|c| c.password.clone()));
+                (u.clone(), pw)
+            }
+            None => {
+                let u = &self.users[0];
+                (u.name.clone(), u.password.clone())
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let h = &self.health;
+        for (key, v) in [("health.interval_ms", h.interval_ms), ("health.timeout_ms", h.timeout_ms)] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if h.rise == 0 {
+            return Err(invalid("health.rise", "must be at least 1"));
+        }
+        if h.fall == 0 {
+            return Err(invalid("health.fall", "must be at least 1"));
+        }
+        if self.proxy.max_message_bytes < 1024 {
+            return Err(invalid("proxy.max_message_bytes", "must be at least 1024"));
+        }
+        if self.users.is_empty() {
+            return Err(invalid("users", "at least one [[users]] entry is required"));
+        }
+        let mut names = HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() {
+                return Err(invalid(format!("users[{i}].name"), "must not be empty"));
+            }
+            if !names.insert(&u.name) {
+                return Err(invalid(format!("users[{i}].name"), format!("duplicate user \"{}\"", u.name)));
+            }
+            if u.auth != AuthMethod::Trust && u.password.is_none() {
+                return Err(invalid(
+                    format!("users[{i}].password"),
+                    format!("required for auth = {:?}", u.auth),
+                ));
+            }
+        }
+        if let Some(u) = &h.user {
+            if h.password.is_none() && self.user(u).is_none() {
+                return Err(invalid("health.password", "required when health.user is not one of [[users]]"));
+            }
+        }
+        if self.clusters.is_empty() {
+            return Err(invalid("clusters", "at least one [clusters.<name>] table is required"));
+        }
+        let mut listens = HashSet::new();
+        for (cname, c) in &self.clusters {
+            if c.listen_rw.is_none() && c.listen_ro.is_none() {
+                return Err(invalid(
+                    format!("clusters.{cname}.listen_rw"),
+                    "a cluster needs listen_rw, listen_ro or both",
+                ));
+            }
+            for (key, addr) in [("listen_rw", &c.listen_rw), ("listen_ro", &c.listen_ro)] {
+                if let Some(a) = addr {
+                    let parsed: SocketAddr = a.parse().map_err(|_| {
+                        invalid(format!("clusters.{cname}.{key}"), format!("\"{a}\" is not an address like 127.0.0.1:6432"))
+                    })?;
+                    if !listens.insert(parsed) {
+                        return Err(invalid(format!("clusters.{cname}.{key}"), format!("{a} is used twice")));
+                    }
+                }
+            }
+            if c.pool_mode == PoolMode::Transaction {
+                return Err(invalid(
+                    format!("clusters.{cname}.pool_mode"),
+                    "\"transaction\" is not implemented yet; use \"session\"",
+                ));
+            }
+            if c.connect_timeout_ms == 0 {
+                return Err(invalid(format!("clusters.{cname}.connect_timeout_ms"), "must be greater than 0"));
+            }
+            if c.nodes.is_empty() {
+                return Err(invalid(format!("clusters.{cname}.nodes"), "at least one node is required"));
+            }
+            let mut node_names = HashSet::new();
+            for (i, n) in c.nodes.iter().enumerate() {
+                if n.name.is_empty() {
+                    return Err(invalid(format!("clusters.{cname}.nodes[{i}].name"), "must not be empty"));
+                }
+                if !node_names.insert(&n.name) {
+                    return Err(invalid(
+                        format!("clusters.{cname}.nodes[{i}].name"),
+                        format!("duplicate node \"{}\"", n.name),
+                    ));
+                }
+                if n.host.is_empty() {
+                    return Err(invalid(format!("clusters.{cname}.nodes[{i}].host"), "must not be empty"));
+                }
+                if n.port == 0 {
+                    return Err(invalid(format!("clusters.{cname}.nodes[{i}].port"), "must not be 0"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[health]
+interval_ms = 500
+[[users]]
+name = "app"
+password = "secret"
+[clusters.main]
+listen_rw = "127.0.0.1:6432"
+listen_ro = "127.0.0.1:6433"
+[[clusters.main.nodes]]
+name = "default"
+host = "127.0.0.1"
+port = 5432
+"#;
+
+    #[test]
+    fn contract_example_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.health.interval_ms, 500);
+        assert_eq!(c.health.fall, 2);
+        let m = &c.clusters["main"];
+        assert_eq!(m.max_replica_lag_ms, 10000);
+        assert_eq!(m.read_balance, ReadBalance::Priority);
+        assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+        assert_eq!(c.health_login(), ("app".into(), Some("secret".into())));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&GOOD.replace("interval_ms", "intervall_ms")).unwrap_err();
+        assert!(err.to_string().contains("intervall_ms"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (GOOD.replace("6433", "x"), "clusters.main.listen_ro"),
+            (GOOD.replace("interval_ms = 500", "fall = 0"), "health.fall"),
+            (GOOD.replace("password = \"secret\"", ""), "users[0].password"),
+            (GOOD.replace("\"127.0.0.1:6433\"", "\"127.0.0.1:6432\""), "clusters.main.listen_ro"),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.to_string().starts_with(key), "expected {key}: {err}");
+        }
+    }
+}

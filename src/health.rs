@@ -1,0 +1,166 @@
+//! The health monitor: one task per node, each with its own connection over the real
+//! protocol (tokio-postgres), asking the server what it is. Every check is bounded by
+//! `timeout_ms`, so a black-holed or frozen server counts as a failed check, never a
+//! stall. Results go into `ClusterState`; nothing on a client's path waits for a check.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls, Statement};
+use tracing::{info, warn};
+
+use crate::config::HealthConfig;
+use crate::topology::{ClusterState, Health, Observation, Role};
+
+/// One round trip answers everything: role, lag, WAL position, timeline.
+/// Lag is 0 when everything received has been replayed (an idle primary sends nothing,
+/// which must not look like lag), else the age of the last replayed transaction.
+/// The timeline of a primary is the first 8 hex digits of its current WAL file name.
+const CHECK_SQL: &str = "SELECT pg_is_in_recovery() AS standby,
+  CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text AS lsn,
+  (CASE WHEN NOT pg_is_in_recovery() THEN 0
+        WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
+        ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END)::float8 AS lag_ms,
+  CASE WHEN pg_is_in_recovery() THEN NULL
+       ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END AS timeline";
+
+pub struct Target {
+    pub cluster: Arc<ClusterState>,
+    pub node: usize,
+    pub host: String,
+    pub port: u16,
+}
+
+pub struct Login {
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+struct Session {
+    client: Client,
+    check: Statement,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // A frozen server would keep the connection task waiting forever.
+        self.task.abort();
+    }
+}
+
+pub fn spawn(target: Target, cfg: HealthConfig, login: Arc<Login>, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut session: Option<Session> = None;
+        let name = target.cluster.snapshot().nodes[target.node].name.clone();
+        let mut ticker = tokio::time::interval(cfg.interval());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let started = Instant::now();
+            let result = match tokio::time::timeout(cfg.timeout(), check(&target, &login, &mut session)).await {
+                Ok(Ok(obs)) => Ok(obs),
+                Ok(Err(e)) => {
+                    session = None;
+                    Err(e)
+                }
+                Err(_) => {
+                    session = None;
+                    Err(format!("no answer within {} ms", cfg.timeout_ms))
+                }
+            };
+            let took = started.elapsed();
+            if let Some(t) = target.cluster.record(target.node, result, cfg.rise, cfg.fall) {
+                let (cluster, node) = (&target.cluster.name, &name);
+                let (old, new) = (format!("{}/{}", t.old_health, t.old_role), format!("{}/{}", t.new_health, t.new_role));
+                if t.new_health == Health::Up {
+                    info!(cluster = %cluster, node = %node, old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
+                } else {
+                    warn!(cluster = %cluster, node = %node, old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
+                }
+            }
+        }
+    })
+}
+
+async fn check(target: &Target, login: &Login, session: &mut Option<Session>) -> Result<Observation, String> {
+    if session.is_none() {
+        *session = Some(open(target, login).await?);
+    }
+    let s = session.as_ref().expect("just opened");
+    let row = s.client.query_one(&s.check, &[]).await.map_err(describe)?;
+    let standby: bool = row.get("standby");
+    let lsn: Option<String> = row.get("lsn");
+    let lag_ms: f64 = row.get("lag_ms");
+    let timeline: Option<i32> = row.get("timeline");
+    Ok(Observation {
+        role: if standby { Role::Standby } else { Role::Primary },
+        lag_ms: lag_ms.max(0.0) as u64,
+        lsn: lsn.as_deref().and_then(parse_lsn),
+        timeline: timeline.map(|t| t as u32),
+    })
+}
+
+async fn open(target: &Target, login: &Login) -> Result<Session, String> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&target.host)
+        .port(target.port)
+        .user(&login.user)
+        .dbname(&login.database)
+        .application_name("switchyard-health")
+        .connect_timeout(Duration::from_secs(30));
+    if let Some(pw) = &login.password {
+        cfg.password(pw);
+    }
+    let (client, connection) = cfg.connect(NoTls).await.map_err(describe)?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let check = client.prepare(CHECK_SQL).await.map_err(describe)?;
+    Ok(Session { client, check, task })
+}
+
+/// A short reason for logs and error messages: the server's own message when there is
+/// one, else the underlying I/O error ("connection refused").
+fn describe(e: tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+                _ => io.to_string(),
+            };
+        }
+        src = s.source();
+    }
+    if e.is_closed() {
+        return "connection closed".into();
+    }
+    e.to_string()
+}
+
+/// "16/B374D848" → 0x16_B374D848.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parse_lsn() {
+        assert_eq!(super::parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(super::parse_lsn("0/0"), Some(0));
+        assert_eq!(super::parse_lsn("x"), None);
+    }
+}

@@ -1,0 +1,200 @@
+//! The `switchyard` command line: run the proxy, check a config, or run the demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::config::Config;
+use switchyard::localcluster::{LocalCluster, APP_DB, APP_PASSWORD, APP_USER};
+use switchyard::proxy::Proxy;
+use switchyard::topology::{ClusterSnapshot, Health, Role};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "High-availability proxy for replicated PostgreSQL",
+    long_about = "High-availability proxy for replicated PostgreSQL.\n\n\
+        Checks every server of a cluster in the background, sends writes (listen_rw) only to the \
+        node that reports itself primary, spreads reads (listen_ro) over healthy standbys within \
+        max_replica_lag_ms and falls back to the primary.\n\n\
+        Examples:\n  switchyard --config switchyard.toml        run the proxy\n  \
+        switchyard check --config switchyard.toml  validate a config\n  \
+        switchyard demo                            local primary + 2 standbys + proxy"
+)]
+struct Cli {
+    /// Config file (TOML); runs the proxy when no subcommand is given.
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the config and exit: non-zero with a message naming the bad key.
+    Check,
+    /// Start a local primary and two streaming standbys from this machine's PostgreSQL
+    /// binaries in a temporary directory, with the proxy in front. Ctrl-C cleans up.
+    Demo {
+        #[arg(long, default_value_t = 6432)]
+        rw_port: u16,
+        #[arg(long, default_value_t = 6433)]
+        ro_port: u16,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.as_ref().unwrap_or(&Cmd::Run) {
+        Cmd::Check => check(cli.config.as_ref()),
+        Cmd::Run => {
+            init_logging(cli.log_format);
+            run(cli.config.as_ref())
+        }
+        Cmd::Demo { rw_port, ro_port } => {
+            init_logging(cli.log_format);
+            demo(*rw_port, *ro_port)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config> {
+    let path = path.context("no config given: use --config FILE (or `switchyard demo` to try it out)")?;
+    Ok(Config::load(path)?)
+}
+
+fn check(path: Option<&PathBuf>) -> Result<()> {
+    let config = load(path)?;
+    let nodes: usize = config.clusters.values().map(|c| c.nodes.len()).sum();
+    println!("config ok: {} cluster(s), {nodes} node(s), {} user(s)", config.clusters.len(), config.users.len());
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn run(path: Option<&PathBuf>) -> Result<()> {
+    let config = load(path)?;
+    runtime()?.block_on(async {
+        let proxy = Proxy::start(config).await?;
+        wait_for_signal().await?;
+        tracing::info!("shutting down");
+        proxy.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn demo(rw_port: u16, ro_port: u16) -> Result<()> {
+    println!("Starting a local PostgreSQL cluster (1 primary, 2 streaming standbys)...");
+    let cluster = LocalCluster::start(2).context("could not start the local cluster")?;
+    let config_text = cluster.config_toml(rw_port, ro_port, "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"");
+    let config_path = cluster.dir().join("switchyard.toml");
+    std::fs::write(&config_path, &config_text)?;
+    let config = Config::parse(&config_text)?;
+    let bin = cluster.bin.display().to_string();
+    let nodes: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("    {:<10} port {}  data {}", n.name, n.port, n.data.display()))
+        .collect();
+    runtime()?.block_on(async {
+        let proxy = Proxy::start(config).await?;
+        println!(
+            "\nSwitchyard is running (config: {cfg}).\n\nNodes:\n{nodes}\n\n\
+             Connect (password: {APP_PASSWORD}):\n  \
+             psql \"host=127.0.0.1 port={rw_port} user={APP_USER} dbname={APP_DB}\"   # read-write: the primary\n  \
+             psql \"host=127.0.0.1 port={ro_port} user={APP_USER} dbname={APP_DB}\"   # read-only: a standby\n\n\
+             Django settings:\n  DATABASES = {{\n    'default': {{'ENGINE': 'django.db.backends.postgresql', 'HOST': '127.0.0.1', 'PORT': '{rw_port}',\n                'NAME': '{APP_DB}', 'USER': '{APP_USER}', 'PASSWORD': '{APP_PASSWORD}'}},\n    \
+             'replica': {{'ENGINE': 'django.db.backends.postgresql', 'HOST': '127.0.0.1', 'PORT': '{ro_port}',\n                'NAME': '{APP_DB}', 'USER': '{APP_USER}', 'PASSWORD': '{APP_PASSWORD}'}},\n  }}\n\n\
+             Try a failover in another terminal:\n  \
+             sudo -u postgres {bin}/pg_ctl -D {d0} -m immediate stop     # primary goes down\n  \
+             sudo -u postgres {bin}/pg_ctl -D {d1} promote               # failover1 takes over\n\n\
+             Node states follow as they change. Ctrl-C stops everything and removes {dir}.\n",
+            cfg = config_path.display(),
+            nodes = nodes.join("\n"),
+            d0 = cluster.nodes[0].data.display(),
+            d1 = cluster.nodes[1].data.display(),
+            dir = cluster.dir().display(),
+        );
+        let state = proxy.clusters[0].state.clone();
+        let mut rx = state.subscribe();
+        let show = async {
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                println!("[{}] {}", chrono_now(), summary(&snap));
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            r = wait_for_signal() => r?,
+            _ = show => {}
+        }
+        println!("\nStopping the proxy and the cluster...");
+        proxy.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    drop(cluster);
+    println!("Done.");
+    Ok(())
+}
+
+fn summary(snap: &ClusterSnapshot) -> String {
+    let parts: Vec<String> = snap
+        .nodes
+        .iter()
+        .map(|n| match (n.health, n.role) {
+            (Health::Up, Role::Standby) => format!("{} up standby (lag {} ms)", n.name, n.lag_ms.unwrap_or(0)),
+            (Health::Up, r) => format!("{} up {r}", n.name),
+            (Health::Down, _) => format!("{} DOWN ({})", n.name, n.last_error.as_deref().unwrap_or("?")),
+            (Health::Unknown, _) => format!("{} checking", n.name),
+        })
+        .collect();
+    format!("cluster {}: {}", snap.name, parts.join(" | "))
+}
+
+fn chrono_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+}

@@ -1,0 +1,124 @@
+//! The untyped first packets of a connection: SSLRequest, GSSENCRequest,
+//! CancelRequest and StartupMessage.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub const SSL_REQUEST_CODE: i32 = 80877103;
+pub const GSSENC_REQUEST_CODE: i32 = 80877104;
+pub const CANCEL_REQUEST_CODE: i32 = 80877102;
+/// PostgreSQL itself refuses startup packets longer than this (MAX_STARTUP_PACKET_LENGTH).
+pub const MAX_STARTUP_LEN: usize = 10000;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum StartupPacket {
+    SslRequest,
+    GssEncRequest,
+    Cancel { pid: i32, key: i32 },
+    Startup { minor: i32, params: Vec<(String, String)> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("client closed the connection")]
+    Closed,
+    #[error("invalid startup packet length {0}")]
+    BadLength(i32),
+    #[error("unsupported frontend protocol {major}.{minor}: Switchyard supports 3.0")]
+    UnsupportedProtocol { major: i32, minor: i32 },
+    #[error("invalid startup packet layout: {0}")]
+    Malformed(&'static str),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, StartupError> {
+    let len = match r.read_i32().await {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StartupError::Closed),
+        Err(e) => return Err(e.into()),
+    };
+    if !(8..=MAX_STARTUP_LEN as i32).contains(&len) {
+        return Err(StartupError::BadLength(len));
+    }
+    let mut body = vec![0u8; len as usize - 4];
+    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => StartupError::Closed,
+        _ => e.into(),
+    })?;
+    parse_startup(&body)
+}
+
+/// Parse a startup packet body (everything after the length word).
+pub fn parse_startup(body: &[u8]) -> Result<StartupPacket, StartupError> {
+    let code = i32::from_be_bytes(body[0..4].try_into().unwrap());
+    match code {
+        SSL_REQUEST_CODE if body.len() == 4 => Ok(StartupPacket::SslRequest),
+        GSSENC_REQUEST_CODE if body.len() == 4 => Ok(StartupPacket::GssEncRequest),
+        CANCEL_REQUEST_CODE if body.len() == 12 => Ok(StartupPacket::Cancel {
+            pid: i32::from_be_bytes(body[4..8].try_into().unwrap()),
+            key: i32::from_be_bytes(body[8..12].try_into().unwrap()),
+        }),
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE | CANCEL_REQUEST_CODE => Err(StartupError::Malformed("wrong length for request code")),
+        _ => {
+            let (major, minor) = (code >> 16, code & 0xffff);
+            if major != 3 {
+                return Err(StartupError::UnsupportedProtocol { major, minor });
+            }
+            let mut params = Vec::new();
+            let mut rest = &body[4..];
+            loop {
+                let name = take_cstr(&mut rest)?;
+                if name.is_empty() {
+                    break;
+                }
+                let value = take_cstr(&mut rest)?;
+                params.push((name, value));
+            }
+            if !rest.is_empty() {
+                return Err(StartupError::Malformed("bytes after the final terminator"));
+            }
+            Ok(StartupPacket::Startup { minor, params })
+        }
+    }
+}
+
+fn take_cstr(rest: &mut &[u8]) -> Result<String, StartupError> {
+    let end = rest.iter().position(|&b| b == 0).ok_or(StartupError::Malformed("missing terminator"))?;
+    let s = std::str::from_utf8(&rest[..end]).map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
+    *rest = &rest[end + 1..];
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_startup_message() {
+        let body = b"\x00\x03\x00\x00user\0app\0database\0db\0\0";
+        assert_eq!(
+            parse_startup(body).unwrap(),
+            StartupPacket::Startup {
+                minor: 0,
+                params: vec![("user".into(), "app".into()), ("database".into(), "db".into())]
+            }
+        );
+    }
+
+    #[test]
+    fn parses_requests() {
+        assert_eq!(parse_startup(&SSL_REQUEST_CODE.to_be_bytes()).unwrap(), StartupPacket::SslRequest);
+        let mut cancel = CANCEL_REQUEST_CODE.to_be_bytes().to_vec();
+        cancel.extend(5i32.to_be_bytes());
+        cancel.extend(9i32.to_be_bytes());
+        assert_eq!(parse_startup(&cancel).unwrap(), StartupPacket::Cancel { pid: 5, key: 9 });
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(matches!(parse_startup(b"\x00\x02\x00\x00user\0a\0\0"), Err(StartupError::UnsupportedProtocol { major: 2, .. })));
+        assert!(matches!(parse_startup(b"\x00\x03\x00\x00user\0app"), Err(StartupError::Malformed(_))));
+        assert!(matches!(parse_startup(b"\x00\x03\x00\x00user\0a\0\0xx"), Err(StartupError::Malformed(_))));
+        assert!(matches!(parse_startup(b"\x04\xd2\x16\x2fxxxx"), Err(StartupError::Malformed(_))));
+    }
+}

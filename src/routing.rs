@@ -1,0 +1,291 @@
+//! Routing policy: a pure function from a cluster snapshot to an ordered list of
+//! candidate nodes, or a reason why there is none. No I/O, no clocks, no locks; the
+//! session tries the candidates in order.
+
+use std::fmt;
+
+use crate::config::{ReadBalance, SplitBrainRule};
+use crate::topology::{ClusterSnapshot, Health, Role};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    ReadWrite,
+    ReadOnly,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Endpoint::ReadWrite => "rw",
+            Endpoint::ReadOnly => "ro",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub max_replica_lag_ms: u64,
+    pub read_balance: ReadBalance,
+    pub split_brain: SplitBrainRule,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoRoute {
+    /// No node is up and primary.
+    NoPrimary { cluster: String, nodes: String },
+    /// Several nodes are primary and the split-brain rule picks none of them.
+    SplitBrain { cluster: String, primaries: Vec<String>, nodes: String },
+    /// Nothing can serve reads: no standby within lag and no primary.
+    NoReadable { cluster: String, nodes: String },
+}
+
+impl fmt::Display for NoRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoRoute::NoPrimary { cluster, nodes } => {
+                write!(f, "no primary available for cluster \"{cluster}\": {nodes}")
+            }
+            NoRoute::SplitBrain { cluster, primaries, nodes } => write!(
+                f,
+                "split brain in cluster \"{cluster}\": {} all report primary; refusing writes until only one does: {nodes}",
+                primaries.join(" and ")
+            ),
+            NoRoute::NoReadable { cluster, nodes } => write!(
+                f,
+                "no server available for reads in cluster \"{cluster}\" (no standby within max_replica_lag_ms and no primary): {nodes}"
+            ),
+        }
+    }
+}
+
+/// The one node writes may go to.
+pub fn primary(snap: &ClusterSnapshot, policy: &Policy) -> Result<usize, NoRoute> {
+    let primaries: Vec<usize> = (0..snap.nodes.len())
+        .filter(|&i| snap.nodes[i].health == Health::Up && snap.nodes[i].role == Role::Primary)
+        .collect();
+    match primaries.as_slice() {
+        [] => Err(NoRoute::NoPrimary { cluster: snap.name.clone(), nodes: snap.describe_nodes() }),
+        [one] => Ok(*one),
+        many => {
+            if policy.split_brain == SplitBrainRule::NewestTimeline {
+                if let Some(winner) = newest_timeline(snap, many) {
+                    return Ok(winner);
+                }
+            }
+            Err(NoRoute::SplitBrain {
+                cluster: snap.name.clone(),
+                primaries: many.iter().map(|&i| snap.nodes[i].name.clone()).collect(),
+                nodes: snap.describe_nodes(),
+            })
+        }
+    }
+}
+
+/// The primary whose timeline is strictly higher than every other primary's; none on a
+/// tie or when any timeline is unknown.
+fn newest_timeline(snap: &ClusterSnapshot, primaries: &[usize]) -> Option<usize> {
+    let mut best: Option<(u32, usize)> = None;
+    let mut tie = false;
+    for &i in primaries {
+        let tli = snap.nodes[i].timeline?;
+        match best {
+            Some((b, _)) if tli == b => tie = true,
+            Some((b, _)) if tli < b => {}
+            _ => {
+                best = Some((tli, i));
+                tie = false;
+            }
+        }
+    }
+    if tie {
+        None
+    } else {
+        best.map(|(_, i)| i)
+    }
+}
+
+/// Candidates for a new session, best first. `active` holds current sessions per node
+/// (for `least_connections`); `turn` rotates `round_robin`.
+pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, policy: &Policy, active: &[u32], turn: usize) -> Result<Vec<usize>, NoRoute> {
+    match endpoint {
+        Endpoint::ReadWrite => primary(snap, policy).map(|p| vec![p]),
+        Endpoint::ReadOnly => {
+            let mut standbys: Vec<usize> = (0..snap.nodes.len())
+                .filter(|&i| {
+                    let n = &snap.nodes[i];
+                    n.health == Health::Up
+                        && n.role == Role::Standby
+                        && n.lag_ms.is_some_and(|l| l <= policy.max_replica_lag_ms)
+                })
+                .collect();
+            match policy.read_balance {
+                ReadBalance::Priority => {}
+                ReadBalance::RoundRobin => {
+                    if !standbys.is_empty() {
+                        let k = turn % standbys.len();
+                        standbys.rotate_left(k);
+                    }
+                }
+                // Stable sort: ties keep the listed (priority) order.
+                ReadBalance::LeastConnections => standbys.sort_by_key(|&i| active.get(i).copied().unwrap_or(0)),
+            }
+            // The primary is the last resort for reads; in an unresolved split brain there
+            // is no primary to fall back on, since either could be the stale one.
+            if let Ok(p) = primary(snap, policy) {
+                standbys.push(p);
+            }
+            if standbys.is_empty() {
+                Err(NoRoute::NoReadable { cluster: snap.name.clone(), nodes: snap.describe_nodes() })
+            } else {
+                Ok(standbys)
+            }
+        }
+    }
+}
+
+/// Why a session already running on `node` must end now, if it must. A write session
+/// lives only while its node is the one `primary()` picks; a read session while its node
+/// is up (a lagging standby gets no new sessions but keeps its current ones).
+pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, policy: &Policy, node: usize) -> Option<String> {
+    let n = &snap.nodes[node];
+    if n.health != Health::Up {
+        return Some(format!(
+            "node \"{}\" of cluster \"{}\" is down ({})",
+            n.name,
+            snap.name,
+            n.last_error.as_deref().unwrap_or("health checks failed")
+        ));
+    }
+    if endpoint == Endpoint::ReadWrite {
+        match primary(snap, policy) {
+            Ok(p) if p == node => {}
+            Ok(p) => {
+                return Some(format!(
+                    "node \"{}\" is no longer the primary of cluster \"{}\" (now {} is); reconnect to reach the primary",
+                    n.name, snap.name, snap.nodes[p].name
+                ))
+            }
+            Err(e) if n.role == Role::Primary => return Some(e.to_string()),
+            Err(_) => {
+                return Some(format!(
+                    "node \"{}\" is no longer the primary of cluster \"{}\" (it reports {})",
+                    n.name, snap.name, n.role
+                ))
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::{NodeState, Observation};
+    use std::time::SystemTime;
+
+    const POLICY: Policy = Policy {
+        max_replica_lag_ms: 1000,
+        read_balance: ReadBalance::Priority,
+        split_brain: SplitBrainRule::NewestTimeline,
+    };
+
+    /// Build a cluster from compact specs: ("name", "up"/"down", role, lag_ms, timeline).
+    fn cluster(specs: &[(&str, &str, Role, u64, u32)]) -> ClusterSnapshot {
+        let t = SystemTime::now();
+        let nodes = specs
+            .iter()
+            .map(|&(name, health, role, lag, tli)| {
+                let mut n = NodeState::new(name, "127.0.0.1:1");
+                let result = if health == "up" {
+                    Ok(Observation { role, lag_ms: lag, lsn: None, timeline: Some(tli) })
+                } else {
+                    Err("connection refused".to_string())
+                };
+                n.apply(result, 1, 1, t);
+                n
+            })
+            .collect();
+        ClusterSnapshot { name: "main".into(), nodes }
+    }
+
+    use Role::{Primary as P, Standby as S};
+
+    #[test]
+    fn rw_goes_to_the_primary_wherever_it_is_listed() {
+        let c = cluster(&[("default", "up", S, 0, 1), ("failover1", "up", P, 0, 2)]);
+        assert_eq!(route(Endpoint::ReadWrite, &c, &POLICY, &[], 0), Ok(vec![1]));
+    }
+
+    #[test]
+    fn rw_never_goes_to_a_standby_even_if_it_is_all_there_is() {
+        let c = cluster(&[("default", "down", P, 0, 1), ("failover1", "up", S, 0, 1)]);
+        let err = route(Endpoint::ReadWrite, &c, &POLICY, &[], 0).unwrap_err();
+        assert!(matches!(err, NoRoute::NoPrimary { .. }));
+        let msg = err.to_string();
+        assert!(msg.starts_with("no primary available for cluster \"main\": default down (connection refused"), "{msg}");
+        assert!(msg.ends_with("; failover1 standby"), "{msg}");
+    }
+
+    #[test]
+    fn ro_prefers_standbys_in_listed_order_then_the_primary() {
+        let c = cluster(&[("default", "up", P, 0, 1), ("f1", "up", S, 0, 1), ("f2", "up", S, 0, 1)]);
+        assert_eq!(route(Endpoint::ReadOnly, &c, &POLICY, &[], 0), Ok(vec![1, 2, 0]));
+    }
+
+    #[test]
+    fn ro_skips_down_and_lagging_standbys() {
+        let c = cluster(&[("default", "up", P, 0, 1), ("f1", "down", S, 0, 1), ("f2", "up", S, 5000, 1)]);
+        assert_eq!(route(Endpoint::ReadOnly, &c, &POLICY, &[], 0), Ok(vec![0]));
+    }
+
+    #[test]
+    fn ro_with_nothing_up_names_every_node() {
+        let c = cluster(&[("default", "down", P, 0, 1), ("f1", "down", S, 0, 1)]);
+        let msg = route(Endpoint::ReadOnly, &c, &POLICY, &[], 0).unwrap_err().to_string();
+        assert!(msg.contains("default down") && msg.contains("f1 down"), "{msg}");
+    }
+
+    #[test]
+    fn ro_balancing_modes() {
+        let c = cluster(&[("p", "up", P, 0, 1), ("a", "up", S, 0, 1), ("b", "up", S, 0, 1), ("c", "up", S, 0, 1)]);
+        let rr = Policy { read_balance: ReadBalance::RoundRobin, ..POLICY };
+        assert_eq!(route(Endpoint::ReadOnly, &c, &rr, &[], 1), Ok(vec![2, 3, 1, 0]));
+        assert_eq!(route(Endpoint::ReadOnly, &c, &rr, &[], 3), Ok(vec![1, 2, 3, 0]));
+        let lc = Policy { read_balance: ReadBalance::LeastConnections, ..POLICY };
+        assert_eq!(route(Endpoint::ReadOnly, &c, &lc, &[0, 5, 1, 5], 0), Ok(vec![2, 1, 3, 0]));
+    }
+
+    #[test]
+    fn split_brain_newest_timeline_wins() {
+        // The old primary (timeline 1) came back after failover1 was promoted (timeline 2).
+        let c = cluster(&[("default", "up", P, 0, 1), ("failover1", "up", P, 0, 2), ("failover2", "up", S, 0, 2)]);
+        assert_eq!(route(Endpoint::ReadWrite, &c, &POLICY, &[], 0), Ok(vec![1]));
+        // Reads never fall back on the loser.
+        assert_eq!(route(Endpoint::ReadOnly, &c, &POLICY, &[], 0), Ok(vec![2, 1]));
+        assert!(eviction(Endpoint::ReadWrite, &c, &POLICY, 0).unwrap().contains("no longer the primary"));
+        assert_eq!(eviction(Endpoint::ReadWrite, &c, &POLICY, 1), None);
+    }
+
+    #[test]
+    fn split_brain_tie_or_refuse_rule_names_both_nodes() {
+        let tie = cluster(&[("default", "up", P, 0, 2), ("failover1", "up", P, 0, 2)]);
+        let msg = route(Endpoint::ReadWrite, &tie, &POLICY, &[], 0).unwrap_err().to_string();
+        assert!(msg.contains("split brain") && msg.contains("default and failover1"), "{msg}");
+        let c = cluster(&[("default", "up", P, 0, 1), ("failover1", "up", P, 0, 2)]);
+        let refuse = Policy { split_brain: SplitBrainRule::Refuse, ..POLICY };
+        assert!(matches!(route(Endpoint::ReadWrite, &c, &refuse, &[], 0), Err(NoRoute::SplitBrain { .. })));
+        // Running write sessions on either primary are ended.
+        assert!(eviction(Endpoint::ReadWrite, &c, &refuse, 1).unwrap().contains("split brain"));
+        // With no primary to trust, reads have nowhere to go but standbys.
+        assert!(route(Endpoint::ReadOnly, &c, &refuse, &[], 0).is_err());
+    }
+
+    #[test]
+    fn eviction_rules() {
+        let c = cluster(&[("default", "up", S, 0, 1), ("f1", "down", S, 0, 1), ("f2", "up", S, 99999, 1)]);
+        assert!(eviction(Endpoint::ReadWrite, &c, &POLICY, 0).unwrap().contains("no longer the primary"));
+        assert!(eviction(Endpoint::ReadOnly, &c, &POLICY, 1).unwrap().contains("is down (connection refused)"));
+        // A lagging standby keeps its read sessions.
+        assert_eq!(eviction(Endpoint::ReadOnly, &c, &POLICY, 2), None);
+    }
+}

@@ -1,0 +1,459 @@
+//! One client session, start to end: startup packet, authentication, choosing a node,
+//! logging in there, then relaying both directions until one side ends or the node stops
+//! being a valid place for this session (it went down, or stopped being primary).
+//!
+//! States: `Startup` → `Authenticate` → `Connect` → `Relay`. Every way out before the
+//! relay sends the client one ErrorResponse with a SQLSTATE; a way out during the relay
+//! does so when the client's stream is at a message boundary.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use rand::RngExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::auth::{AuthError, Verifier};
+use crate::cancel::Registration;
+use crate::config::AuthMethod;
+use crate::protocol::framing::{FrameError, Framer};
+use crate::protocol::messages::{self, Severity};
+use crate::protocol::sqlstate;
+use crate::protocol::startup::{read_startup, StartupError, StartupPacket};
+use crate::proxy::{ClusterCtx, Shared};
+use crate::routing::{self, Endpoint};
+use crate::server::{self, ServerConn, ServerError};
+use crate::topology::Health;
+
+/// Auth messages are tiny; PostgreSQL caps them similarly.
+const MAX_AUTH_MESSAGE: usize = 10000;
+const RELAY_BUFFER: usize = 8192;
+
+/// Why a session ends before the relay: what the client is told.
+#[derive(Debug)]
+enum Reject {
+    /// Send a FATAL ErrorResponse with this SQLSTATE and message.
+    Fatal(&'static str, String),
+    /// Pass on the server's own ErrorResponse (e.g. database does not exist).
+    Forward(bytes::Bytes, String),
+    /// The client went away; nothing to say.
+    Gone,
+}
+
+impl From<std::io::Error> for Reject {
+    fn from(_: std::io::Error) -> Self {
+        Reject::Gone
+    }
+}
+
+struct Client {
+    user: String,
+    database: String,
+    /// Startup parameters passed on to the server (application_name, options, ...).
+    params: Vec<(String, String)>,
+}
+
+pub async fn serve(mut stream: TcpStream, peer: SocketAddr, cluster: Arc<ClusterCtx>, endpoint: Endpoint, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let login_timeout = Duration::from_millis(shared.config.proxy.client_login_timeout_ms);
+    let started = Instant::now();
+    let outcome = match tokio::time::timeout(login_timeout, login(&mut stream, &shared)).await {
+        Ok(Ok(Some(client))) => connect(&mut stream, &client, &cluster, endpoint, &shared).await.map(|c| (client, c)),
+        Ok(Ok(None)) => return, // a cancel request, already handled
+        Ok(Err(r)) => Err(r),
+        Err(_) => Err(Reject::Fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("startup and authentication did not finish within {} ms (proxy.client_login_timeout_ms)", login_timeout.as_millis()),
+        )),
+    };
+    let (client, (node, server, _cancel_key)) = match outcome {
+        Ok(ok) => ok,
+        Err(reject) => {
+            let text = match &reject {
+                Reject::Fatal(code, msg) => {
+                    let _ = stream.write_all(&messages::fatal(code, msg)).await;
+                    format!("{msg} (SQLSTATE {code})")
+                }
+                Reject::Forward(raw, msg) => {
+                    let _ = stream.write_all(raw).await;
+                    msg.clone()
+                }
+                Reject::Gone => return,
+            };
+            info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, reason = %text, "client rejected");
+            return;
+        }
+    };
+    let node_name = &cluster.nodes[node].name;
+    info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, user = %client.user, database = %client.database,
+          node = %node_name, setup_ms = started.elapsed().as_millis() as u64, "session started");
+    cluster.state.active[node].fetch_add(1, Ordering::Relaxed);
+    let end = relay(stream, server, node, &cluster, endpoint, &shared).await;
+    cluster.state.active[node].fetch_sub(1, Ordering::Relaxed);
+    match &end {
+        End::Evicted { reason, .. } => warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node_name, reason = %reason, "session ended by proxy"),
+        End::BadMessage(e) => warn!(cluster = %cluster.name, peer = %peer, reason = %e, "client sent a malformed message; session closed"),
+        other => debug!(cluster = %cluster.name, peer = %peer, node = %node_name, end = ?other, "session ended"),
+    }
+}
+
+/// Startup packet(s) and authentication. `None` for a CancelRequest.
+async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>, Reject> {
+    let (minor, params) = loop {
+        match read_startup(stream).await {
+            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => stream.write_all(b"N").await?,
+            Ok(StartupPacket::Cancel { pid, key }) => {
+                shared.cancels.forward(pid, key).await;
+                return Ok(None);
+            }
+            Ok(StartupPacket::Startup { minor, params }) => break (minor, params),
+            Err(StartupError::Closed) | Err(StartupError::Io(_)) => return Err(Reject::Gone),
+            Err(e @ StartupError::UnsupportedProtocol { .. }) => return Err(Reject::Fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())),
+            Err(e) => return Err(Reject::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+        }
+    };
+
+    let mut user = None;
+    let mut database = None;
+    let mut passed = Vec::new();
+    let mut unrecognized = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "user" => user = Some(v),
+            "database" => database = Some(v),
+            "replication" if !matches!(v.as_str(), "false" | "off" | "no" | "0") => {
+                return Err(Reject::Fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "replication connections are not supported through Switchyard; connect to the server directly".into(),
+                ))
+            }
+            "replication" => {}
+            _ if k.starts_with("_pq_.") => unrecognized.push(k),
+            _ => passed.push((k, v)),
+        }
+    }
+    let user = user.filter(|u| !u.is_empty()).ok_or_else(|| {
+        Reject::Fatal(sqlstate::INVALID_AUTHORIZATION, "no user name specified in startup packet".into())
+    })?;
+    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    if minor > 0 || !unrecognized.is_empty() {
+        let mut b = BytesMut::new();
+        messages::negotiate_protocol_version(&mut b, 0, &unrecognized);
+        stream.write_all(&b).await?;
+    }
+
+    let verifier = shared.verifiers.get(&user).ok_or_else(|| {
+        Reject::Fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"),
+        )
+    })?;
+    authenticate(stream, verifier).await.map_err(|e| match e {
+        Reject::Fatal(code, msg) => {
+            warn!(user = %user, reason = %msg, "client authentication failed");
+            Reject::Fatal(code, msg)
+        }
+        other => other,
+    })?;
+    Ok(Some(Client { user, database, params: passed }))
+}
+
+async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject> {
+    let mut out = BytesMut::new();
+    let auth_failed = |e: AuthError| match e {
+        AuthError::Failed(_) => Reject::Fatal(sqlstate::INVALID_PASSWORD, e.to_string()),
+        _ => Reject::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+    };
+    match v.method {
+        AuthMethod::Trust => {}
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::rng().random();
+            messages::auth_md5(&mut out, salt);
+            stream.write_all(&out).await?;
+            let body = read_password_message(stream).await?;
+            let response = body.strip_suffix(b"\0").unwrap_or(&body);
+            v.check_md5(response, salt).map_err(auth_failed)?;
+        }
+        AuthMethod::ScramSha256 => {
+            messages::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+            stream.write_all(&out).await?;
+            let mut body = read_password_message(stream).await?;
+            // SASLInitialResponse: mechanism name, int32 length, data.
+            let nul = body.iter().position(|&b| b == 0).ok_or_else(|| malformed("SASLInitialResponse without mechanism"))?;
+            if &body[..nul] != b"SCRAM-SHA-256" {
+                return Err(Reject::Fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!("client selected SASL mechanism {:?}; only SCRAM-SHA-256 is offered", String::from_utf8_lossy(&body[..nul])),
+                ));
+            }
+            body.advance(nul + 1);
+            if body.len() < 4 {
+                return Err(malformed("SASLInitialResponse too short"));
+            }
+            let len = body.get_i32();
+            if len < 0 || len as usize != body.len() {
+                return Err(malformed("SASLInitialResponse length mismatch"));
+            }
+            let mut scram = v.scram();
+            let first = scram.client_first(&body).map_err(auth_failed)?;
+            out.clear();
+            messages::auth_sasl_continue(&mut out, first.as_bytes());
+            stream.write_all(&out).await?;
+            let body = read_password_message(stream).await?;
+            let fin = scram.client_final(&body).map_err(auth_failed)?;
+            out.clear();
+            messages::auth_sasl_final(&mut out, fin.as_bytes());
+            stream.write_all(&out).await?;
+        }
+    }
+    out.clear();
+    messages::auth_ok(&mut out);
+    stream.write_all(&out).await?;
+    Ok(())
+}
+
+fn malformed(what: &str) -> Reject {
+    Reject::Fatal(sqlstate::PROTOCOL_VIOLATION, format!("malformed authentication message: {what}"))
+}
+
+/// Read one PasswordMessage / SASL response ('p') during authentication.
+async fn read_password_message(stream: &mut TcpStream) -> Result<BytesMut, Reject> {
+    let tag = stream.read_u8().await?;
+    let len = stream.read_i32().await?;
+    if tag != b'p' {
+        return Err(Reject::Fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("expected a password message, got message type '{}'", tag as char),
+        ));
+    }
+    if len < 4 || len as usize > MAX_AUTH_MESSAGE {
+        return Err(Reject::Fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid password message length {len}")));
+    }
+    let mut body = BytesMut::zeroed(len as usize - 4);
+    stream.read_exact(&mut body).await?;
+    Ok(body)
+}
+
+/// Choose a node and log in there, trying candidates in order, waiting (bounded by
+/// `connect_timeout_ms`) for the topology to offer one when there is none.
+async fn connect(stream: &mut TcpStream, client: &Client, cluster: &ClusterCtx, endpoint: Endpoint, shared: &Shared) -> Result<(usize, ServerConn, Registration), Reject> {
+    let user_cfg = shared.config.user(&client.user).expect("authenticated users exist");
+    let login = server::Login {
+        user: &client.user,
+        password: user_cfg.password.as_deref(),
+        database: &client.database,
+        params: &client.params,
+        require_primary: endpoint == Endpoint::ReadWrite,
+    };
+    let deadline = Instant::now() + cluster.connect_timeout;
+    let mut rx = cluster.state.subscribe();
+    let mut failures: Vec<String> = Vec::new();
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        let turn = cluster.turn.fetch_add(1, Ordering::Relaxed);
+        let last_problem = match routing::route(endpoint, &snap, &cluster.policy, &cluster.state.active_counts(), turn) {
+            Ok(candidates) => {
+                for node in candidates {
+                    let cfg = &cluster.nodes[node];
+                    match server::connect(&cfg.addr(), &login, cluster.connect_timeout).await {
+                        Ok(conn) => {
+                            let reg = send_welcome(stream, &conn, shared, cfg.addr()).await?;
+                            return Ok((node, conn, reg));
+                        }
+                        Err(e) if e.try_next_node() => {
+                            warn!(cluster = %cluster.name, endpoint = %endpoint, node = %cfg.name, reason = %e, "server connection failed; trying next candidate");
+                            failures.push(format!("{}: {e}", cfg.name));
+                        }
+                        Err(ServerError::Refused { raw, message, .. }) => return Err(Reject::Forward(raw, message)),
+                        Err(e) => {
+                            return Err(Reject::Fatal(
+                                sqlstate::CONNECTION_FAILURE,
+                                format!("cannot log in to node \"{}\" of cluster \"{}\": {e}", cfg.name, cluster.name),
+                            ))
+                        }
+                    }
+                }
+                format!(
+                    "could not connect to any {} server of cluster \"{}\": {}; node states: {}",
+                    if endpoint == Endpoint::ReadWrite { "primary" } else { "readable" },
+                    cluster.name,
+                    failures.join("; "),
+                    snap.describe_nodes()
+                )
+            }
+            Err(no_route) => no_route.to_string(),
+        };
+        // Nothing usable now: wait for the health monitor to change its mind, up to the deadline.
+        let now = Instant::now();
+        if now >= deadline || tokio::time::timeout(deadline - now, rx.changed()).await.is_err() {
+            let code = if failures.is_empty() { sqlstate::CANNOT_CONNECT_NOW } else { sqlstate::CONNECTION_FAILURE };
+            return Err(Reject::Fatal(code, last_problem));
+        }
+    }
+}
+
+/// What a client expects after AuthenticationOk: the server's ParameterStatus messages,
+/// a BackendKeyData (ours, for cancel routing), ReadyForQuery.
+async fn send_welcome(stream: &mut TcpStream, conn: &ServerConn, shared: &Shared, addr: String) -> Result<Registration, Reject> {
+    let reg = shared.cancels.register(&addr, conn.pid, conn.key);
+    let mut out = BytesMut::with_capacity(conn.startup_messages.len() + 32);
+    out.extend_from_slice(&conn.startup_messages);
+    messages::backend_key_data(&mut out, reg.pid, reg.key);
+    messages::ready_for_query(&mut out, b'I');
+    stream.write_all(&out).await?;
+    Ok(reg)
+}
+
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    ClientTerminated,
+    ServerClosed,
+    BadMessage(String),
+    Evicted { code: &'static str, reason: String },
+    Shutdown,
+    // Read only through Debug, in the session-ended log line.
+    #[allow(dead_code)]
+    Io(std::io::Error),
+}
+
+/// Frontend message types a client may send after startup.
+fn is_frontend_tag(tag: u8) -> bool {
+    matches!(tag, b'B' | b'C' | b'd' | b'c' | b'f' | b'D' | b'E' | b'H' | b'F' | b'P' | b'p' | b'Q' | b'S' | b'X')
+}
+
+#[derive(Debug)]
+enum ScanStop {
+    Frame(FrameError),
+    Tag(u8),
+}
+
+impl From<FrameError> for ScanStop {
+    fn from(e: FrameError) -> Self {
+        ScanStop::Frame(e)
+    }
+}
+
+async fn relay(mut client: TcpStream, mut server: ServerConn, node: usize, cluster: &ClusterCtx, endpoint: Endpoint, shared: &Shared) -> End {
+    let limit = shared.config.proxy.max_message_bytes;
+    // True while the client's stream is between messages with nothing half-written: the
+    // only moment the proxy may add an ErrorResponse of its own. (Atomics only because the
+    // session future must be Send; nothing here is shared between threads.)
+    let client_clean = AtomicBool::new(true);
+    let last_server_tag = AtomicU8::new(0);
+    let mut topology = cluster.state.subscribe();
+    let mut shutdown = shared.shutdown.clone();
+    let end = {
+        let (mut cr, mut cw) = client.split();
+        let (mut sr, mut sw) = server.stream.split();
+        let client_to_server = async {
+            let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+            let mut framer = Framer::new(limit);
+            loop {
+                buf.clear();
+                match cr.read_buf(&mut buf).await {
+                    Ok(0) => return End::ClientClosed,
+                    Ok(_) => {}
+                    Err(e) => return End::Io(e),
+                }
+                let mut terminate = false;
+                let scanned = framer.scan(&buf, |tag, _| {
+                    if !is_frontend_tag(tag) {
+                        return Err(ScanStop::Tag(tag));
+                    }
+                    terminate |= tag == b'X';
+                    Ok(())
+                });
+                match scanned {
+                    Ok(()) => {}
+                    Err(ScanStop::Frame(e)) => return End::BadMessage(e.to_string()),
+                    Err(ScanStop::Tag(t)) => return End::BadMessage(format!("invalid frontend message type {}", printable(t))),
+                }
+                if let Err(e) = sw.write_all(&buf).await {
+                    return End::Io(e);
+                }
+                if terminate {
+                    return End::ClientTerminated;
+                }
+            }
+        };
+        let server_to_client = async {
+            let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+            // Server messages are trusted for size; the framer only tracks boundaries.
+            let mut framer = Framer::new(u32::MAX);
+            loop {
+                buf.clear();
+                match sr.read_buf(&mut buf).await {
+                    Ok(0) => return End::ServerClosed,
+                    Ok(_) => {}
+                    Err(e) => return End::Io(e),
+                }
+                if let Err(e) = framer.scan::<FrameError>(&buf, |tag, _| {
+                    last_server_tag.store(tag, Ordering::Relaxed);
+                    Ok(())
+                }) {
+                    return End::BadMessage(format!("server sent a malformed message: {e}"));
+                }
+                client_clean.store(false, Ordering::Relaxed);
+                if let Err(e) = cw.write_all(&buf).await {
+                    return End::Io(e);
+                }
+                client_clean.store(framer.at_boundary(), Ordering::Relaxed);
+            }
+        };
+        let evicted = async {
+            loop {
+                if topology.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                let snap = topology.borrow_and_update().clone();
+                if let Some(reason) = routing::eviction(endpoint, &snap, &cluster.policy, node) {
+                    let code = if snap.nodes[node].health == Health::Up { sqlstate::ADMIN_SHUTDOWN } else { sqlstate::CONNECTION_FAILURE };
+                    return End::Evicted { code, reason };
+                }
+            }
+        };
+        tokio::select! {
+            e = client_to_server => e,
+            e = server_to_client => e,
+            e = evicted => e,
+            _ = shutdown.wait_for(|s| *s) => End::Shutdown,
+        }
+    };
+    let notice = match &end {
+        End::Evicted { code, reason } => Some((*code, format!("terminating connection: {reason}"))),
+        End::BadMessage(e) => Some((sqlstate::PROTOCOL_VIOLATION, e.clone())),
+        End::Shutdown => Some((sqlstate::ADMIN_SHUTDOWN, "terminating connection: Switchyard is shutting down".to_string())),
+        // A server that ends a session on purpose says why with an ErrorResponse; say
+        // something only when it vanished without a word.
+        End::ServerClosed | End::Io(_) if last_server_tag.load(Ordering::Relaxed) != b'E' => Some((
+            sqlstate::CONNECTION_FAILURE,
+            format!("server connection to node \"{}\" of cluster \"{}\" was lost", cluster.nodes[node].name, cluster.name),
+        )),
+        _ => None,
+    };
+    if let Some((code, msg)) = notice {
+        if client_clean.load(Ordering::Relaxed) {
+            let mut b = BytesMut::new();
+            messages::error_response(&mut b, Severity::Fatal, code, &msg, None);
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&b)).await;
+        }
+    }
+    if matches!(end, End::Evicted { .. } | End::Shutdown | End::BadMessage(_)) {
+        // Tell the server we are leaving rather than just dropping the socket.
+        let _ = tokio::time::timeout(Duration::from_millis(200), server.stream.write_all(b"X\0\0\0\x04")).await;
+    }
+    end
+}
+
+fn printable(tag: u8) -> String {
+    if tag.is_ascii_graphic() {
+        format!("'{}'", tag as char)
+    } else {
+        format!("0x{tag:02x}")
+    }
+}

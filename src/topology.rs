@@ -1,0 +1,338 @@
+//! What Switchyard believes about each node, and the pure rules that move that belief
+//! when a health check succeeds or fails (rise/fall). The health monitor feeds
+//! observations in; routing and sessions only read snapshots.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// No check has finished yet.
+    Unknown,
+    Up,
+    Down,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Unknown,
+    Primary,
+    Standby,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Health::Unknown => "unknown",
+            Health::Up => "up",
+            Health::Down => "down",
+        })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Unknown => "unknown",
+            Role::Primary => "primary",
+            Role::Standby => "standby",
+        })
+    }
+}
+
+/// What one successful health check saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub role: Role,
+    /// Replay delay of a standby; 0 for a primary.
+    pub lag_ms: u64,
+    /// Primary: current WAL insert position. Standby: last replayed position.
+    pub lsn: Option<u64>,
+    /// Primary only: the timeline it writes on (split-brain rule).
+    pub timeline: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeState {
+    pub name: String,
+    pub addr: String,
+    pub health: Health,
+    pub role: Role,
+    pub lag_ms: Option<u64>,
+    pub lag_bytes: Option<u64>,
+    pub lsn: Option<u64>,
+    pub timeline: Option<u32>,
+    pub last_error: Option<String>,
+    pub last_check: Option<SystemTime>,
+    /// When `health` last changed.
+    pub since: SystemTime,
+    ok_streak: u32,
+    fail_streak: u32,
+}
+
+/// A change worth a log line and a look by every session on the node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub old_health: Health,
+    pub new_health: Health,
+    pub old_role: Role,
+    pub new_role: Role,
+    pub reason: String,
+}
+
+impl NodeState {
+    pub fn new(name: &str, addr: &str) -> NodeState {
+        NodeState {
+            name: name.to_string(),
+            addr: addr.to_string(),
+            health: Health::Unknown,
+            role: Role::Unknown,
+            lag_ms: None,
+            lag_bytes: None,
+            lsn: None,
+            timeline: None,
+            last_error: None,
+            last_check: None,
+            since: SystemTime::now(),
+            ok_streak: 0,
+            fail_streak: 0,
+        }
+    }
+
+    /// Fold one check result into the state. The first result after start decides at
+    /// once (nothing to protect yet); after that, health flips only after `rise`
+    /// consecutive successes or `fall` consecutive failures. A role reported by the
+    /// server itself is believed at once: it is a fact, not a guess.
+    pub fn apply(&mut self, result: Result<Observation, String>, rise: u32, fall: u32, now: SystemTime) -> Option<Transition> {
+        let (old_health, old_role) = (self.health, self.role);
+        self.last_check = Some(now);
+        let reason;
+        match result {
+            Ok(obs) => {
+                self.ok_streak += 1;
+                self.fail_streak = 0;
+                self.last_error = None;
+                if self.health != Health::Up && (self.health == Health::Unknown || self.ok_streak >= rise) {
+                    self.health = Health::Up;
+                }
+                if self.health == Health::Up {
+                    self.role = obs.role;
+                }
+                self.lag_ms = Some(obs.lag_ms);
+                self.lsn = obs.lsn;
+                self.timeline = obs.timeline;
+                reason = match (old_role, obs.role) {
+                    (Role::Primary, Role::Standby) => "server is in recovery now".to_string(),
+                    (Role::Standby, Role::Primary) => "server left recovery (promoted)".to_string(),
+                    _ => format!("{} consecutive good checks", self.ok_streak),
+                };
+            }
+            Err(err) => {
+                self.fail_streak += 1;
+                self.ok_streak = 0;
+                if self.health != Health::Down && (self.health == Health::Unknown || self.fail_streak >= fall) {
+                    self.health = Health::Down;
+                    // A down server's role is not known; it must be re-learned before use.
+                    self.role = Role::Unknown;
+                    self.lag_ms = None;
+                    self.lag_bytes = None;
+                }
+                reason = if self.fail_streak > 1 {
+                    format!("{err} ({} consecutive failed checks)", self.fail_streak)
+                } else {
+                    err.clone()
+                };
+                self.last_error = Some(err);
+            }
+        }
+        if self.health != old_health {
+            self.since = now;
+        }
+        (self.health != old_health || self.role != old_role).then(|| Transition {
+            old_health,
+            new_health: self.health,
+            old_role,
+            new_role: self.role,
+            reason,
+        })
+    }
+
+    pub fn is_usable(&self) -> bool {
+        self.health == Health::Up
+    }
+
+    /// One phrase for error messages, e.g. `default down (connection refused, 4s ago)`.
+    pub fn describe(&self, now: SystemTime) -> String {
+        let ago = |t: SystemTime| {
+            let s = now.duration_since(t).unwrap_or(Duration::ZERO).as_secs();
+            format!("{s}s ago")
+        };
+        match self.health {
+            Health::Up => match (self.role, self.lag_ms) {
+                (Role::Standby, Some(lag)) if lag > 0 => format!("{} standby (lag {lag} ms)", self.name),
+                _ => format!("{} {}", self.name, self.role),
+            },
+            Health::Down => format!(
+                "{} down ({}, {})",
+                self.name,
+                self.last_error.as_deref().unwrap_or("no answer"),
+                ago(self.since)
+            ),
+            Health::Unknown => format!("{} not checked yet", self.name),
+        }
+    }
+}
+
+/// One cluster's view at an instant. Cloned on change (a handful of nodes), shared as
+/// `Arc` so readers never lock.
+#[derive(Debug, Clone)]
+pub struct ClusterSnapshot {
+    pub name: String,
+    pub nodes: Vec<NodeState>,
+}
+
+impl ClusterSnapshot {
+    /// Recompute standby byte lag from the primary's position. Only meaningful with a
+    /// single primary; left unset otherwise.
+    fn refresh_byte_lag(&mut self) {
+        let primaries: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_usable() && n.role == Role::Primary)
+            .filter_map(|n| n.lsn)
+            .collect();
+        let head = if primaries.len() == 1 { Some(primaries[0]) } else { None };
+        for n in &mut self.nodes {
+            n.lag_bytes = match (n.health, n.role, head, n.lsn) {
+                (Health::Up, Role::Primary, _, _) => Some(0),
+                (Health::Up, Role::Standby, Some(h), Some(l)) => Some(h.saturating_sub(l)),
+                _ => None,
+            };
+        }
+    }
+
+    pub fn describe_nodes(&self) -> String {
+        let now = SystemTime::now();
+        self.nodes.iter().map(|n| n.describe(now)).collect::<Vec<_>>().join("; ")
+    }
+}
+
+/// The live, shared state of one cluster: the snapshot channel and per-node session
+/// counts (for `least_connections` and for operators).
+pub struct ClusterState {
+    pub name: String,
+    tx: watch::Sender<Arc<ClusterSnapshot>>,
+    pub active: Vec<AtomicU32>,
+}
+
+impl ClusterState {
+    pub fn new(name: &str, nodes: &[(String, String)]) -> Arc<ClusterState> {
+        let snap = ClusterSnapshot {
+            name: name.to_string(),
+            nodes: nodes.iter().map(|(n, a)| NodeState::new(n, a)).collect(),
+        };
+        let (tx, _) = watch::channel(Arc::new(snap));
+        Arc::new(ClusterState {
+            name: name.to_string(),
+            tx,
+            active: nodes.iter().map(|_| AtomicU32::new(0)).collect(),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<ClusterSnapshot> {
+        self.tx.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterSnapshot>> {
+        self.tx.subscribe()
+    }
+
+    pub fn active_counts(&self) -> Vec<u32> {
+        self.active.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Record a check result. Subscribers (every session) are woken only when health or
+    /// role changed; lag and LSN updates are visible to the next reader without waking
+    /// anyone, so thousands of idle sessions cost nothing per check.
+    pub fn record(&self, node: usize, result: Result<Observation, String>, rise: u32, fall: u32) -> Option<Transition> {
+        let mut transition = None;
+        self.tx.send_if_modified(|snap| {
+            let mut next = (**snap).clone();
+            transition = next.nodes[node].apply(result, rise, fall, SystemTime::now());
+            next.refresh_byte_lag();
+            *snap = Arc::new(next);
+            transition.is_some()
+        });
+        transition
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(role: Role) -> Result<Observation, String> {
+        Ok(Observation { role, lag_ms: 0, lsn: Some(100), timeline: Some(1) })
+    }
+
+    #[test]
+    fn first_check_decides_then_fall_and_rise_apply() {
+        let t = SystemTime::now();
+        let mut n = NodeState::new("a", "h:1");
+        let tr = n.apply(ok(Role::Primary), 2, 3, t).unwrap();
+        assert_eq!((tr.new_health, tr.new_role), (Health::Up, Role::Primary));
+        // Two failures with fall = 3: still up, still primary.
+        assert!(n.apply(Err("refused".into()), 2, 3, t).is_none());
+        assert!(n.apply(Err("refused".into()), 2, 3, t).is_none());
+        assert_eq!(n.health, Health::Up);
+        let tr = n.apply(Err("refused".into()), 2, 3, t).unwrap();
+        assert_eq!((tr.new_health, tr.new_role), (Health::Down, Role::Unknown));
+        assert!(tr.reason.contains("3 consecutive"));
+        // One success with rise = 2 is not enough.
+        assert!(n.apply(ok(Role::Standby), 2, 3, t).is_none());
+        assert_eq!(n.health, Health::Down);
+        let tr = n.apply(ok(Role::Standby), 2, 3, t).unwrap();
+        assert_eq!((tr.new_health, tr.new_role), (Health::Up, Role::Standby));
+    }
+
+    #[test]
+    fn a_failure_in_between_resets_the_streak() {
+        let t = SystemTime::now();
+        let mut n = NodeState::new("a", "h:1");
+        n.apply(ok(Role::Standby), 2, 2, t);
+        n.apply(Err("x".into()), 2, 2, t);
+        n.apply(ok(Role::Standby), 2, 2, t);
+        n.apply(Err("x".into()), 2, 2, t);
+        assert_eq!(n.health, Health::Up);
+    }
+
+    #[test]
+    fn role_change_is_immediate() {
+        let t = SystemTime::now();
+        let mut n = NodeState::new("a", "h:1");
+        n.apply(ok(Role::Standby), 2, 2, t);
+        let tr = n.apply(ok(Role::Primary), 2, 2, t).unwrap();
+        assert_eq!((tr.old_role, tr.new_role), (Role::Standby, Role::Primary));
+        assert!(tr.reason.contains("promoted"));
+    }
+
+    #[test]
+    fn describe_names_state_and_reason() {
+        let t = SystemTime::now();
+        let mut n = NodeState::new("default", "h:1");
+        n.apply(Err("connection refused".into()), 2, 2, t);
+        assert_eq!(n.describe(t + Duration::from_secs(4)), "default down (connection refused, 4s ago)");
+    }
+
+    #[test]
+    fn byte_lag_is_measured_from_the_single_primary() {
+        let state = ClusterState::new("c", &[("p".into(), "h:1".into()), ("s".into(), "h:2".into())]);
+        state.record(0, Ok(Observation { role: Role::Primary, lag_ms: 0, lsn: Some(1000), timeline: Some(1) }), 1, 1);
+        state.record(1, Ok(Observation { role: Role::Standby, lag_ms: 5, lsn: Some(400), timeline: None }), 1, 1);
+        assert_eq!(state.snapshot().nodes[1].lag_bytes, Some(600));
+    }
+}

@@ -1,0 +1,55 @@
+"""Settings for the Switchyard Django test project.
+
+The database connections come from the environment so the Rust integration
+tests can point them at the proxy: `default` uses the read-write endpoint and
+`replica` the read-only endpoint, the classic Django primary/replica setup.
+"""
+import os
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+def env(name, default=None):
+    value = os.environ.get(name, default)
+    if value is None:
+        raise ImproperlyConfigured(f"environment variable {name} must be set")
+    return value
+
+
+SECRET_KEY = "switchyard-test-only-not-secret"
+DEBUG = False
+ALLOWED_HOSTS = []
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "shop",
+]
+
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+
+def database(port_variable):
+    # The postgresql backend uses psycopg 3 when it is installed, else psycopg2.
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": env("SY_HOST", "127.0.0.1"),
+        "PORT": env(port_variable),
+        "USER": env("SY_USER", "app"),
+        "PASSWORD": env("SY_PASSWORD", "app"),
+        "NAME": env("SY_DB", "app"),
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {"connect_timeout": 10},
+    }
+
+
+DATABASES = {
+    "default": database("SY_RW_PORT"),
+    "replica": database("SY_RO_PORT"),
+}
+# Under `manage.py test` the replica is the test database itself, not a copy.
+DATABASES["replica"]["TEST"] = {"MIRROR": "default"}
+
+DATABASE_ROUTERS = ["shop.routers.PrimaryReplicaRouter"]
