@@ -95,9 +95,8 @@ impl LocalCluster {
         std::fs::OpenOptions::new().append(true).open(primary.data.join("postgresql.conf"))?.write_all_str(&conf)?;
         cluster.nodes.push(primary);
         cluster.start_node(0)?;
-        cluster.sql(0, &format!(
-            "CREATE ROLE {APP_USER} LOGIN CREATEDB PASSWORD '{APP_PASSWORD}'; CREATE DATABASE {APP_DB} OWNER {APP_USER};"
-        ))?;
+        cluster.sql(0, &format!("CREATE ROLE {APP_USER} LOGIN CREATEDB PASSWORD '{APP_PASSWORD}'"))?;
+        cluster.sql(0, &format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"))?;
         for i in 1..=standbys {
             let node = PgNode { name: format!("failover{i}"), port: free_port(), data: cluster.dir.path().join(format!("failover{i}")) };
             let primary_port = cluster.nodes[0].port.to_string();

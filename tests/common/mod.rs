@@ -1,0 +1,201 @@
+//! Integration-test harness: a real PostgreSQL cluster (`LocalCluster`), the real
+//! `switchyard` binary in front of it, and real clients (psql, tokio-postgres, pgbench,
+//! Python scripts) talking to the proxy.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use switchyard::localcluster::{free_port, LocalCluster, APP_DB, APP_PASSWORD, APP_USER};
+use tokio_postgres::{Client, NoTls};
+
+pub struct Proxy {
+    pub child: Child,
+    pub rw: u16,
+    pub ro: u16,
+    pub log: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Proxy {
+    /// Start `switchyard --config` for `cluster` with extra `[clusters.main]` lines and
+    /// extra top-level TOML (more users, other health settings...).
+    pub fn start(cluster: &LocalCluster, name: &str, extra_cluster: &str, extra_top: &str) -> Proxy {
+        let (rw, ro) = (free_port(), free_port());
+        let mut text = cluster.config_toml(rw, ro, extra_cluster);
+        if !extra_top.is_empty() {
+            // Later [health] keys would be duplicates; tests that change health replace the table.
+            if extra_top.contains("[health]") {
+                let end = text.find("[[users]]").unwrap();
+                text.replace_range(..end, "");
+            }
+            text = format!("{extra_top}\n{text}");
+        }
+        let config = cluster.dir().join(format!("{name}.toml"));
+        std::fs::write(&config, &text).unwrap();
+        let log = cluster.dir().join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["--config", config.to_str().unwrap()])
+            .env("SWITCHYARD_LOG", "info,switchyard=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start switchyard");
+        let proxy = Proxy { child, rw, ro, log, config };
+        // Ready when writes reach the primary and reads reach a standby (or the only node).
+        let want_standby = cluster.nodes.len() > 1;
+        wait_for("proxy ready", Duration::from_secs(20), || {
+            let w = psql(proxy.rw, "SELECT pg_is_in_recovery()").ok()? == "f";
+            let r = psql(proxy.ro, "SELECT pg_is_in_recovery()").ok()? == if want_standby { "t" } else { "f" };
+            (w && r).then_some(())
+        });
+        proxy
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("---- switchyard log (last lines) ----");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+/// Poll `f` every 50 ms until it returns Some, or panic after `within`.
+pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Run one statement with `psql` through the proxy. Ok(stdout) or Err(stderr).
+pub fn psql(port: u16, sql: &str) -> Result<String, String> {
+    psql_as(port, APP_USER, APP_PASSWORD, sql)
+}
+
+pub fn psql_as(port: u16, user: &str, password: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", user, "-d", APP_DB, "-c", sql])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGSSLMODE", "prefer")
+        .output()
+        .expect("run psql");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Which node (by index) a port belongs to.
+pub fn node_of(cluster: &LocalCluster, port: &str) -> usize {
+    let port: u16 = port.parse().unwrap_or_else(|_| panic!("not a port: {port:?}"));
+    cluster.nodes.iter().position(|n| n.port == port).expect("port of a cluster node")
+}
+
+/// Which node a fresh psql session on `port` lands on.
+pub fn lands_on(cluster: &LocalCluster, port: u16) -> Result<usize, String> {
+    psql(port, "SELECT inet_server_port()").map(|p| node_of(cluster, &p))
+}
+
+/// A tokio-postgres session through the proxy, kept open by the caller.
+pub struct Held {
+    pub client: Client,
+    /// The connection task: an error the server (or proxy) sends while the session is
+    /// idle, such as a FATAL before closing, ends up here rather than in a query result.
+    conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl std::ops::Deref for Held {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Held {
+    /// Wait until the session's next statement fails; the error text, including any
+    /// FATAL message received while idle.
+    pub async fn wait_for_error(self, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        let query_err = loop {
+            match self.client.simple_query("SELECT 1").await {
+                Err(e) => break e,
+                Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(_) => panic!("session still works {within:?} later"),
+            }
+        };
+        let idle_err = match tokio::time::timeout(Duration::from_secs(2), self.conn).await {
+            Ok(Ok(Err(e))) => db_text(&e),
+            _ => String::new(),
+        };
+        format!("{} {idle_err}", db_text(&query_err))
+    }
+}
+
+pub fn db_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    }
+}
+
+pub async fn connect(port: u16) -> Result<Held, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(APP_USER)
+        .password(APP_PASSWORD)
+        .dbname(APP_DB)
+        .connect_timeout(Duration::from_secs(10))
+        .connect(NoTls)
+        .await?;
+    Ok(Held { client, conn: tokio::spawn(conn) })
+}
+
+pub async fn server_port(client: &Client) -> Result<i32, tokio_postgres::Error> {
+    Ok(client.query_one("SELECT inet_server_port()", &[]).await?.get(0))
+}
+
+/// Run a Python script from tests/python with the given args/env; panics with its
+/// output on failure.
+pub fn python(script: &str, args: &[&str], env: &[(&str, String)]) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
+    let mut cmd = Command::new("python3");
+    cmd.arg(&path).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run python3");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{script} {args:?} failed:\n{text}");
+    text
+}
+
+/// Append a line to the test's stdout log (shown with --nocapture), for measured figures.
+pub fn report(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "measured: {line}");
+}
