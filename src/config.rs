@@ -271,7 +271,10 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let h = &self.health;
-        for (key, v) in [("health.interval_ms", h.interval_ms), ("health.timeout_ms", h.timeout_ms)] {
+        for (key, v) in [
+            ("health.interval_ms", h.interval_ms),
+            ("health.timeout_ms", h.timeout_ms),
+        ] {
             if v == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
@@ -294,7 +297,10 @@ impl Config {
                 return Err(invalid(format!("users[{i}].name"), "must not be empty"));
             }
             if !names.insert(&u.name) {
-                return Err(invalid(format!("users[{i}].name"), format!("duplicate user \"{}\"", u.name)));
+                return Err(invalid(
+                    format!("users[{i}].name"),
+                    format!("duplicate user \"{}\"", u.name),
+                ));
             }
             if u.auth != AuthMethod::Trust && u.password.is_none() {
                 return Err(invalid(
@@ -305,11 +311,17 @@ impl Config {
         }
         if let Some(u) = &h.user {
             if h.password.is_none() && self.user(u).is_none() {
-                return Err(invalid("health.password", "required when health.user is not one of [[users]]"));
+                return Err(invalid(
+                    "health.password",
+                    "required when health.user is not one of [[users]]",
+                ));
             }
         }
         if self.clusters.is_empty() {
-            return Err(invalid("clusters", "at least one [clusters.<name>] table is required"));
+            return Err(invalid(
+                "clusters",
+                "at least one [clusters.<name>] table is required",
+            ));
         }
         let mut listens = HashSet::new();
         for (cname, c) in &self.clusters {
@@ -322,10 +334,16 @@ impl Config {
             for (key, addr) in [("listen_rw", &c.listen_rw), ("listen_ro", &c.listen_ro)] {
                 if let Some(a) = addr {
                     let parsed: SocketAddr = a.parse().map_err(|_| {
-                        invalid(format!("clusters.{cname}.{key}"), format!("\"{a}\" is not an address like 127.0.0.1:6432"))
+                        invalid(
+                            format!("clusters.{cname}.{key}"),
+                            format!("\"{a}\" is not an address like 127.0.0.1:6432"),
+                        )
                     })?;
                     if !listens.insert(parsed) {
-                        return Err(invalid(format!("clusters.{cname}.{key}"), format!("{a} is used twice")));
+                        return Err(invalid(
+                            format!("clusters.{cname}.{key}"),
+                            format!("{a} is used twice"),
+                        ));
                     }
                 }
             }
@@ -336,15 +354,24 @@ impl Config {
                 ));
             }
             if c.connect_timeout_ms == 0 {
-                return Err(invalid(format!("clusters.{cname}.connect_timeout_ms"), "must be greater than 0"));
+                return Err(invalid(
+                    format!("clusters.{cname}.connect_timeout_ms"),
+                    "must be greater than 0",
+                ));
             }
             if c.nodes.is_empty() {
-                return Err(invalid(format!("clusters.{cname}.nodes"), "at least one node is required"));
+                return Err(invalid(
+                    format!("clusters.{cname}.nodes"),
+                    "at least one node is required",
+                ));
             }
             let mut node_names = HashSet::new();
             for (i, n) in c.nodes.iter().enumerate() {
                 if n.name.is_empty() {
-                    return Err(invalid(format!("clusters.{cname}.nodes[{i}].name"), "must not be empty"));
+                    return Err(invalid(
+                        format!("clusters.{cname}.nodes[{i}].name"),
+                        "must not be empty",
+                    ));
                 }
                 if !node_names.insert(&n.name) {
                     return Err(invalid(
@@ -353,10 +380,16 @@ impl Config {
                     ));
                 }
                 if n.host.is_empty() {
-                    return Err(invalid(format!("clusters.{cname}.nodes[{i}].host"), "must not be empty"));
+                    return Err(invalid(
+                        format!("clusters.{cname}.nodes[{i}].host"),
+                        "must not be empty",
+                    ));
                 }
                 if n.port == 0 {
-                    return Err(invalid(format!("clusters.{cname}.nodes[{i}].port"), "must not be 0"));
+                    return Err(invalid(
+                        format!("clusters.{cname}.nodes[{i}].port"),
+                        "must not be 0",
+                    ));
                 }
             }
         }
@@ -406,8 +439,14 @@ port = 5432
         let cases = [
             (GOOD.replace("6433", "x"), "clusters.main.listen_ro"),
             (GOOD.replace("interval_ms = 500", "fall = 0"), "health.fall"),
-            (GOOD.replace("password = \"secret\"", ""), "users[0].password"),
-            (GOOD.replace("\"127.0.0.1:6433\"", "\"127.0.0.1:6432\""), "clusters.main.listen_ro"),
+            (
+                GOOD.replace("password = \"secret\"", ""),
+                "users[0].password",
+            ),
+            (
+                GOOD.replace("\"127.0.0.1:6433\"", "\"127.0.0.1:6432\""),
+                "clusters.main.listen_ro",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::parse(&text).unwrap_err();

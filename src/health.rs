@@ -52,7 +52,12 @@ impl Drop for Session {
     }
 }
 
-pub fn spawn(target: Target, cfg: HealthConfig, login: Arc<Login>, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
+pub fn spawn(
+    target: Target,
+    cfg: HealthConfig,
+    login: Arc<Login>,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut session: Option<Session> = None;
         let name = target.cluster.snapshot().nodes[target.node].name.clone();
@@ -64,21 +69,30 @@ pub fn spawn(target: Target, cfg: HealthConfig, login: Arc<Login>, mut shutdown:
                 _ = shutdown.changed() => return,
             }
             let started = Instant::now();
-            let result = match tokio::time::timeout(cfg.timeout(), check(&target, &login, &mut session)).await {
-                Ok(Ok(obs)) => Ok(obs),
-                Ok(Err(e)) => {
-                    session = None;
-                    Err(e)
-                }
-                Err(_) => {
-                    session = None;
-                    Err(format!("no answer within {} ms", cfg.timeout_ms))
-                }
-            };
+            let result =
+                match tokio::time::timeout(cfg.timeout(), check(&target, &login, &mut session))
+                    .await
+                {
+                    Ok(Ok(obs)) => Ok(obs),
+                    Ok(Err(e)) => {
+                        session = None;
+                        Err(e)
+                    }
+                    Err(_) => {
+                        session = None;
+                        Err(format!("no answer within {} ms", cfg.timeout_ms))
+                    }
+                };
             let took = started.elapsed();
-            if let Some(t) = target.cluster.record(target.node, result, cfg.rise, cfg.fall) {
+            if let Some(t) = target
+                .cluster
+                .record(target.node, result, cfg.rise, cfg.fall)
+            {
                 let (cluster, node) = (&target.cluster.name, &name);
-                let (old, new) = (format!("{}/{}", t.old_health, t.old_role), format!("{}/{}", t.new_health, t.new_role));
+                let (old, new) = (
+                    format!("{}/{}", t.old_health, t.old_role),
+                    format!("{}/{}", t.new_health, t.new_role),
+                );
                 if t.new_health == Health::Up {
                     info!(cluster = %cluster, node = %node, old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
                 } else {
@@ -89,7 +103,11 @@ pub fn spawn(target: Target, cfg: HealthConfig, login: Arc<Login>, mut shutdown:
     })
 }
 
-async fn check(target: &Target, login: &Login, session: &mut Option<Session>) -> Result<Observation, String> {
+async fn check(
+    target: &Target,
+    login: &Login,
+    session: &mut Option<Session>,
+) -> Result<Observation, String> {
     if session.is_none() {
         *session = Some(open(target, login).await?);
     }
@@ -100,7 +118,11 @@ async fn check(target: &Target, login: &Login, session: &mut Option<Session>) ->
     let lag_ms: f64 = row.get("lag_ms");
     let timeline: Option<i32> = row.get("timeline");
     Ok(Observation {
-        role: if standby { Role::Standby } else { Role::Primary },
+        role: if standby {
+            Role::Standby
+        } else {
+            Role::Primary
+        },
         lag_ms: lag_ms.max(0.0) as u64,
         lsn: lsn.as_deref().and_then(parse_lsn),
         timeline: timeline.map(|t| t as u32),
@@ -123,7 +145,11 @@ async fn open(target: &Target, login: &Login) -> Result<Session, String> {
         let _ = connection.await;
     });
     let check = client.prepare(CHECK_SQL).await.map_err(describe)?;
-    Ok(Session { client, check, task })
+    Ok(Session {
+        client,
+        check,
+        task,
+    })
 }
 
 /// A short reason for logs and error messages: the server's own message when there is

@@ -47,12 +47,17 @@ pub fn find_pg_bin() -> Result<PathBuf> {
         })
         .collect();
     versions.sort();
-    versions.pop().map(|(_, b)| b).ok_or_else(|| anyhow!("no /usr/lib/postgresql/<version>/bin/initdb found (apt-get install postgresql)"))
+    versions.pop().map(|(_, b)| b).ok_or_else(|| {
+        anyhow!("no /usr/lib/postgresql/<version>/bin/initdb found (apt-get install postgresql)")
+    })
 }
 
 /// A port the kernel just handed out on 127.0.0.1, free at the time of asking.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
 }
 
 fn postgres_uid() -> Option<(u32, u32)> {
@@ -75,34 +80,84 @@ impl LocalCluster {
         let dir = tempfile::Builder::new().prefix("switchyard-").tempdir()?;
         // SAFETY: geteuid has no preconditions.
         let run_as = if unsafe { libc::geteuid() } == 0 {
-            let (uid, gid) = postgres_uid().ok_or_else(|| anyhow!("running as root but there is no `postgres` user to run PostgreSQL as"))?;
+            let (uid, gid) = postgres_uid().ok_or_else(|| {
+                anyhow!("running as root but there is no `postgres` user to run PostgreSQL as")
+            })?;
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
             Some(uid)
         } else {
             None
         };
         let socket_dir = dir.path().to_path_buf();
-        let mut cluster = LocalCluster { dir, bin, nodes: Vec::new(), socket_dir, run_as };
+        let mut cluster = LocalCluster {
+            dir,
+            bin,
+            nodes: Vec::new(),
+            socket_dir,
+            run_as,
+        };
 
-        let primary = PgNode { name: "default".into(), port: free_port(), data: cluster.dir.path().join("default") };
-        cluster.run("initdb", &[
-            "-D", path(&primary.data), "-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C",
-        ])?;
+        let primary = PgNode {
+            name: "default".into(),
+            port: free_port(),
+            data: cluster.dir.path().join("default"),
+        };
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                path(&primary.data),
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+        )?;
         let conf = format!(
             "\n# switchyard test cluster\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 32MB\nwal_keep_size = 256MB\nmax_wal_senders = 10\nhot_standby_feedback = on\nwal_receiver_status_interval = 1s\nwal_retrieve_retry_interval = 1s\nlog_line_prefix = '%m [%p] %q%u@%d '\n",
             cluster.socket_dir.display()
         );
-        std::fs::OpenOptions::new().append(true).open(primary.data.join("postgresql.conf"))?.write_all_str(&conf)?;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(primary.data.join("postgresql.conf"))?
+            .write_all_str(&conf)?;
         cluster.nodes.push(primary);
         cluster.start_node(0)?;
-        cluster.sql(0, &format!("CREATE ROLE {APP_USER} LOGIN CREATEDB PASSWORD '{APP_PASSWORD}'"))?;
+        cluster.sql(
+            0,
+            &format!("CREATE ROLE {APP_USER} LOGIN CREATEDB PASSWORD '{APP_PASSWORD}'"),
+        )?;
         cluster.sql(0, &format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"))?;
         for i in 1..=standbys {
-            let node = PgNode { name: format!("failover{i}"), port: free_port(), data: cluster.dir.path().join(format!("failover{i}")) };
+            let node = PgNode {
+                name: format!("failover{i}"),
+                port: free_port(),
+                data: cluster.dir.path().join(format!("failover{i}")),
+            };
             let primary_port = cluster.nodes[0].port.to_string();
-            cluster.run("pg_basebackup", &[
-                "-h", path(&cluster.socket_dir), "-p", &primary_port, "-U", "postgres", "-D", path(&node.data), "-R", "-X", "stream", "-c", "fast", "--no-sync",
-            ])?;
+            cluster.run(
+                "pg_basebackup",
+                &[
+                    "-h",
+                    path(&cluster.socket_dir),
+                    "-p",
+                    &primary_port,
+                    "-U",
+                    "postgres",
+                    "-D",
+                    path(&node.data),
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                ],
+            )?;
             cluster.nodes.push(node);
             cluster.start_node(i)?;
         }
@@ -128,9 +183,17 @@ impl LocalCluster {
     }
 
     fn run(&self, tool: &str, args: &[&str]) -> Result<Output> {
-        let out = self.command(tool, args).output().with_context(|| format!("running {tool}"))?;
+        let out = self
+            .command(tool, args)
+            .output()
+            .with_context(|| format!("running {tool}"))?;
         if !out.status.success() {
-            bail!("{tool} {} failed: {}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "{tool} {} failed: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(out)
     }
@@ -143,31 +206,56 @@ impl LocalCluster {
     pub fn start_node(&self, i: usize) -> Result<()> {
         let n = &self.nodes[i];
         let opts = format!("-p {}", n.port);
-        self.run("pg_ctl", &["-D", path(&n.data), "-l", path(&self.log(i)), "-o", &opts, "-w", "-t", "60", "start"])?;
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path(&n.data),
+                "-l",
+                path(&self.log(i)),
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )?;
         Ok(())
     }
 
     /// `pg_ctl stop -m <mode>`: "fast" for a clean stop, "immediate" for a crash-like one.
     pub fn stop_node(&self, i: usize, mode: &str) -> Result<()> {
-        self.run("pg_ctl", &["-D", path(&self.nodes[i].data), "-m", mode, "-w", "stop"])?;
+        self.run(
+            "pg_ctl",
+            &["-D", path(&self.nodes[i].data), "-m", mode, "-w", "stop"],
+        )?;
         Ok(())
     }
 
     pub fn promote(&self, i: usize) -> Result<()> {
-        self.run("pg_ctl", &["-D", path(&self.nodes[i].data), "-w", "promote"])?;
+        self.run(
+            "pg_ctl",
+            &["-D", path(&self.nodes[i].data), "-w", "promote"],
+        )?;
         Ok(())
     }
 
     /// The postmaster's pid, from `postmaster.pid`.
     pub fn pid(&self, i: usize) -> Result<i32> {
         let text = std::fs::read_to_string(self.nodes[i].data.join("postmaster.pid"))?;
-        text.lines().next().and_then(|l| l.trim().parse().ok()).ok_or_else(|| anyhow!("bad postmaster.pid"))
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| anyhow!("bad postmaster.pid"))
     }
 
     /// Send `sig` to the postmaster and every backend it started.
     pub fn signal(&self, i: usize, sig: i32) -> Result<()> {
         let pid = self.pid(i)?;
-        let children = Command::new("pgrep").args(["-P", &pid.to_string()]).output()?;
+        let children = Command::new("pgrep")
+            .args(["-P", &pid.to_string()])
+            .output()?;
         // Postmaster first, so it cannot restart children we are about to stop.
         // SAFETY: kill(2) with a pid read from the node's own pid file.
         unsafe { libc::kill(pid, sig) };
@@ -200,7 +288,26 @@ impl LocalCluster {
 
     pub fn sql_db(&self, i: usize, db: &str, sql: &str) -> Result<String> {
         let port = self.nodes[i].port.to_string();
-        let out = self.run("psql", &["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", path(&self.socket_dir), "-p", &port, "-U", "postgres", "-d", db, "-c", sql])?;
+        let out = self.run(
+            "psql",
+            &[
+                "-X",
+                "-q",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                path(&self.socket_dir),
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ],
+        )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
@@ -208,12 +315,20 @@ impl LocalCluster {
     pub fn wait_streaming(&self, primary: usize, count: usize, within: Duration) -> Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            let n: usize = self.sql(primary, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")?.parse()?;
+            let n: usize = self
+                .sql(
+                    primary,
+                    "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                )?
+                .parse()?;
             if n >= count {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("only {n} of {count} standbys streaming from {}", self.nodes[primary].name);
+                bail!(
+                    "only {n} of {count} standbys streaming from {}",
+                    self.nodes[primary].name
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -227,7 +342,10 @@ impl LocalCluster {
              [clusters.main]\nlisten_rw = \"127.0.0.1:{rw_port}\"\nlisten_ro = \"127.0.0.1:{ro_port}\"\n{extra_cluster}\n"
         );
         for n in &self.nodes {
-            s += &format!("\n[[clusters.main.nodes]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n", n.name, n.port);
+            s += &format!(
+                "\n[[clusters.main.nodes]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n",
+                n.name, n.port
+            );
         }
         s
     }
@@ -238,7 +356,21 @@ impl Drop for LocalCluster {
         for i in 0..self.nodes.len() {
             // A node may be frozen by a test; thaw it so it can die.
             let _ = self.signal(i, libc::SIGCONT);
-            let _ = self.command("pg_ctl", &["-D", path(&self.nodes[i].data), "-m", "immediate", "-w", "-t", "10", "stop"]).output();
+            let _ = self
+                .command(
+                    "pg_ctl",
+                    &[
+                        "-D",
+                        path(&self.nodes[i].data),
+                        "-m",
+                        "immediate",
+                        "-w",
+                        "-t",
+                        "10",
+                        "stop",
+                    ],
+                )
+                .output();
         }
     }
 }

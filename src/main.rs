@@ -57,8 +57,11 @@ enum Cmd {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -88,19 +91,26 @@ fn main() -> ExitCode {
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config> {
-    let path = path.context("no config given: use --config FILE (or `switchyard demo` to try it out)")?;
+    let path =
+        path.context("no config given: use --config FILE (or `switchyard demo` to try it out)")?;
     Ok(Config::load(path)?)
 }
 
 fn check(path: Option<&PathBuf>) -> Result<()> {
     let config = load(path)?;
     let nodes: usize = config.clusters.values().map(|c| c.nodes.len()).sum();
-    println!("config ok: {} cluster(s), {nodes} node(s), {} user(s)", config.clusters.len(), config.users.len());
+    println!(
+        "config ok: {} cluster(s), {nodes} node(s), {} user(s)",
+        config.clusters.len(),
+        config.users.len()
+    );
     Ok(())
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn run(path: Option<&PathBuf>) -> Result<()> {
@@ -127,7 +137,11 @@ async fn wait_for_signal() -> Result<()> {
 fn demo(rw_port: u16, ro_port: u16) -> Result<()> {
     println!("Starting a local PostgreSQL cluster (1 primary, 2 streaming standbys)...");
     let cluster = LocalCluster::start(2).context("could not start the local cluster")?;
-    let config_text = cluster.config_toml(rw_port, ro_port, "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"");
+    let config_text = cluster.config_toml(
+        rw_port,
+        ro_port,
+        "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"",
+    );
     let config_path = cluster.dir().join("switchyard.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = Config::parse(&config_text)?;
@@ -135,7 +149,14 @@ fn demo(rw_port: u16, ro_port: u16) -> Result<()> {
     let nodes: Vec<String> = cluster
         .nodes
         .iter()
-        .map(|n| format!("    {:<10} port {}  data {}", n.name, n.port, n.data.display()))
+        .map(|n| {
+            format!(
+                "    {:<10} port {}  data {}",
+                n.name,
+                n.port,
+                n.data.display()
+            )
+        })
         .collect();
     runtime()?.block_on(async {
         let proxy = Proxy::start(config).await?;
@@ -185,9 +206,15 @@ fn summary(snap: &ClusterSnapshot) -> String {
         .nodes
         .iter()
         .map(|n| match (n.health, n.role) {
-            (Health::Up, Role::Standby) => format!("{} up standby (lag {} ms)", n.name, n.lag_ms.unwrap_or(0)),
+            (Health::Up, Role::Standby) => {
+                format!("{} up standby (lag {} ms)", n.name, n.lag_ms.unwrap_or(0))
+            }
             (Health::Up, r) => format!("{} up {r}", n.name),
-            (Health::Down, _) => format!("{} DOWN ({})", n.name, n.last_error.as_deref().unwrap_or("?")),
+            (Health::Down, _) => format!(
+                "{} DOWN ({})",
+                n.name,
+                n.last_error.as_deref().unwrap_or("?")
+            ),
             (Health::Unknown, _) => format!("{} checking", n.name),
         })
         .collect();
@@ -195,6 +222,14 @@ fn summary(snap: &ClusterSnapshot) -> String {
 }
 
 fn chrono_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
 }

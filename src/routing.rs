@@ -34,7 +34,11 @@ pub enum NoRoute {
     /// No node is up and primary.
     NoPrimary { cluster: String, nodes: String },
     /// Several nodes are primary and the split-brain rule picks none of them.
-    SplitBrain { cluster: String, primaries: Vec<String>, nodes: String },
+    SplitBrain {
+        cluster: String,
+        primaries: Vec<String>,
+        nodes: String,
+    },
     /// Nothing can serve reads: no standby within lag and no primary.
     NoReadable { cluster: String, nodes: String },
 }
@@ -64,7 +68,10 @@ pub fn primary(snap: &ClusterSnapshot, policy: &Policy) -> Result<usize, NoRoute
         .filter(|&i| snap.nodes[i].health == Health::Up && snap.nodes[i].role == Role::Primary)
         .collect();
     match primaries.as_slice() {
-        [] => Err(NoRoute::NoPrimary { cluster: snap.name.clone(), nodes: snap.describe_nodes() }),
+        [] => Err(NoRoute::NoPrimary {
+            cluster: snap.name.clone(),
+            nodes: snap.describe_nodes(),
+        }),
         [one] => Ok(*one),
         many => {
             if policy.split_brain == SplitBrainRule::NewestTimeline {
@@ -106,7 +113,13 @@ fn newest_timeline(snap: &ClusterSnapshot, primaries: &[usize]) -> Option<usize>
 
 /// Candidates for a new session, best first. `active` holds current sessions per node
 /// (for `least_connections`); `turn` rotates `round_robin`.
-pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, policy: &Policy, active: &[u32], turn: usize) -> Result<Vec<usize>, NoRoute> {
+pub fn route(
+    endpoint: Endpoint,
+    snap: &ClusterSnapshot,
+    policy: &Policy,
+    active: &[u32],
+    turn: usize,
+) -> Result<Vec<usize>, NoRoute> {
     match endpoint {
         Endpoint::ReadWrite => primary(snap, policy).map(|p| vec![p]),
         Endpoint::ReadOnly => {
@@ -127,7 +140,9 @@ pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, policy: &Policy, active
                     }
                 }
                 // Stable sort: ties keep the listed (priority) order.
-                ReadBalance::LeastConnections => standbys.sort_by_key(|&i| active.get(i).copied().unwrap_or(0)),
+                ReadBalance::LeastConnections => {
+                    standbys.sort_by_key(|&i| active.get(i).copied().unwrap_or(0))
+                }
             }
             // The primary is the last resort for reads; in an unresolved split brain there
             // is no primary to fall back on, since either could be the stale one.
@@ -135,7 +150,10 @@ pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, policy: &Policy, active
                 standbys.push(p);
             }
             if standbys.is_empty() {
-                Err(NoRoute::NoReadable { cluster: snap.name.clone(), nodes: snap.describe_nodes() })
+                Err(NoRoute::NoReadable {
+                    cluster: snap.name.clone(),
+                    nodes: snap.describe_nodes(),
+                })
             } else {
                 Ok(standbys)
             }
@@ -146,7 +164,12 @@ pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, policy: &Policy, active
 /// Why a session already running on `node` must end now, if it must. A write session
 /// lives only while its node is the one `primary()` picks; a read session while its node
 /// is up (a lagging standby gets no new sessions but keeps its current ones).
-pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, policy: &Policy, node: usize) -> Option<String> {
+pub fn eviction(
+    endpoint: Endpoint,
+    snap: &ClusterSnapshot,
+    policy: &Policy,
+    node: usize,
+) -> Option<String> {
     let n = &snap.nodes[node];
     if n.health != Health::Up {
         return Some(format!(
@@ -197,7 +220,12 @@ mod tests {
             .map(|&(name, health, role, lag, tli)| {
                 let mut n = NodeState::new(name, "127.0.0.1:1");
                 let result = if health == "up" {
-                    Ok(Observation { role, lag_ms: lag, lsn: None, timeline: Some(tli) })
+                    Ok(Observation {
+                        role,
+                        lag_ms: lag,
+                        lsn: None,
+                        timeline: Some(tli),
+                    })
                 } else {
                     Err("connection refused".to_string())
                 };
@@ -205,7 +233,10 @@ mod tests {
                 n
             })
             .collect();
-        ClusterSnapshot { name: "main".into(), nodes }
+        ClusterSnapshot {
+            name: "main".into(),
+            nodes,
+        }
     }
 
     use Role::{Primary as P, Standby as S};
@@ -222,69 +253,140 @@ mod tests {
         let err = route(Endpoint::ReadWrite, &c, &POLICY, &[], 0).unwrap_err();
         assert!(matches!(err, NoRoute::NoPrimary { .. }));
         let msg = err.to_string();
-        assert!(msg.starts_with("no primary available for cluster \"main\": default down (connection refused"), "{msg}");
+        assert!(
+            msg.starts_with(
+                "no primary available for cluster \"main\": default down (connection refused"
+            ),
+            "{msg}"
+        );
         assert!(msg.ends_with("; failover1 standby"), "{msg}");
     }
 
     #[test]
     fn ro_prefers_standbys_in_listed_order_then_the_primary() {
-        let c = cluster(&[("default", "up", P, 0, 1), ("f1", "up", S, 0, 1), ("f2", "up", S, 0, 1)]);
-        assert_eq!(route(Endpoint::ReadOnly, &c, &POLICY, &[], 0), Ok(vec![1, 2, 0]));
+        let c = cluster(&[
+            ("default", "up", P, 0, 1),
+            ("f1", "up", S, 0, 1),
+            ("f2", "up", S, 0, 1),
+        ]);
+        assert_eq!(
+            route(Endpoint::ReadOnly, &c, &POLICY, &[], 0),
+            Ok(vec![1, 2, 0])
+        );
     }
 
     #[test]
     fn ro_skips_down_and_lagging_standbys() {
-        let c = cluster(&[("default", "up", P, 0, 1), ("f1", "down", S, 0, 1), ("f2", "up", S, 5000, 1)]);
+        let c = cluster(&[
+            ("default", "up", P, 0, 1),
+            ("f1", "down", S, 0, 1),
+            ("f2", "up", S, 5000, 1),
+        ]);
         assert_eq!(route(Endpoint::ReadOnly, &c, &POLICY, &[], 0), Ok(vec![0]));
     }
 
     #[test]
     fn ro_with_nothing_up_names_every_node() {
         let c = cluster(&[("default", "down", P, 0, 1), ("f1", "down", S, 0, 1)]);
-        let msg = route(Endpoint::ReadOnly, &c, &POLICY, &[], 0).unwrap_err().to_string();
-        assert!(msg.contains("default down") && msg.contains("f1 down"), "{msg}");
+        let msg = route(Endpoint::ReadOnly, &c, &POLICY, &[], 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("default down") && msg.contains("f1 down"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn ro_balancing_modes() {
-        let c = cluster(&[("p", "up", P, 0, 1), ("a", "up", S, 0, 1), ("b", "up", S, 0, 1), ("c", "up", S, 0, 1)]);
-        let rr = Policy { read_balance: ReadBalance::RoundRobin, ..POLICY };
-        assert_eq!(route(Endpoint::ReadOnly, &c, &rr, &[], 1), Ok(vec![2, 3, 1, 0]));
-        assert_eq!(route(Endpoint::ReadOnly, &c, &rr, &[], 3), Ok(vec![1, 2, 3, 0]));
-        let lc = Policy { read_balance: ReadBalance::LeastConnections, ..POLICY };
-        assert_eq!(route(Endpoint::ReadOnly, &c, &lc, &[0, 5, 1, 5], 0), Ok(vec![2, 1, 3, 0]));
+        let c = cluster(&[
+            ("p", "up", P, 0, 1),
+            ("a", "up", S, 0, 1),
+            ("b", "up", S, 0, 1),
+            ("c", "up", S, 0, 1),
+        ]);
+        let rr = Policy {
+            read_balance: ReadBalance::RoundRobin,
+            ..POLICY
+        };
+        assert_eq!(
+            route(Endpoint::ReadOnly, &c, &rr, &[], 1),
+            Ok(vec![2, 3, 1, 0])
+        );
+        assert_eq!(
+            route(Endpoint::ReadOnly, &c, &rr, &[], 3),
+            Ok(vec![1, 2, 3, 0])
+        );
+        let lc = Policy {
+            read_balance: ReadBalance::LeastConnections,
+            ..POLICY
+        };
+        assert_eq!(
+            route(Endpoint::ReadOnly, &c, &lc, &[0, 5, 1, 5], 0),
+            Ok(vec![2, 1, 3, 0])
+        );
     }
 
     #[test]
     fn split_brain_newest_timeline_wins() {
         // The old primary (timeline 1) came back after failover1 was promoted (timeline 2).
-        let c = cluster(&[("default", "up", P, 0, 1), ("failover1", "up", P, 0, 2), ("failover2", "up", S, 0, 2)]);
+        let c = cluster(&[
+            ("default", "up", P, 0, 1),
+            ("failover1", "up", P, 0, 2),
+            ("failover2", "up", S, 0, 2),
+        ]);
         assert_eq!(route(Endpoint::ReadWrite, &c, &POLICY, &[], 0), Ok(vec![1]));
         // Reads never fall back on the loser.
-        assert_eq!(route(Endpoint::ReadOnly, &c, &POLICY, &[], 0), Ok(vec![2, 1]));
-        assert!(eviction(Endpoint::ReadWrite, &c, &POLICY, 0).unwrap().contains("no longer the primary"));
+        assert_eq!(
+            route(Endpoint::ReadOnly, &c, &POLICY, &[], 0),
+            Ok(vec![2, 1])
+        );
+        assert!(eviction(Endpoint::ReadWrite, &c, &POLICY, 0)
+            .unwrap()
+            .contains("no longer the primary"));
         assert_eq!(eviction(Endpoint::ReadWrite, &c, &POLICY, 1), None);
     }
 
     #[test]
     fn split_brain_tie_or_refuse_rule_names_both_nodes() {
         let tie = cluster(&[("default", "up", P, 0, 2), ("failover1", "up", P, 0, 2)]);
-        let msg = route(Endpoint::ReadWrite, &tie, &POLICY, &[], 0).unwrap_err().to_string();
-        assert!(msg.contains("split brain") && msg.contains("default and failover1"), "{msg}");
+        let msg = route(Endpoint::ReadWrite, &tie, &POLICY, &[], 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("split brain") && msg.contains("default and failover1"),
+            "{msg}"
+        );
         let c = cluster(&[("default", "up", P, 0, 1), ("failover1", "up", P, 0, 2)]);
-        let refuse = Policy { split_brain: SplitBrainRule::Refuse, ..POLICY };
-        assert!(matches!(route(Endpoint::ReadWrite, &c, &refuse, &[], 0), Err(NoRoute::SplitBrain { .. })));
+        let refuse = Policy {
+            split_brain: SplitBrainRule::Refuse,
+            ..POLICY
+        };
+        assert!(matches!(
+            route(Endpoint::ReadWrite, &c, &refuse, &[], 0),
+            Err(NoRoute::SplitBrain { .. })
+        ));
         // Running write sessions on either primary are ended.
-        assert!(eviction(Endpoint::ReadWrite, &c, &refuse, 1).unwrap().contains("split brain"));
+        assert!(eviction(Endpoint::ReadWrite, &c, &refuse, 1)
+            .unwrap()
+            .contains("split brain"));
         // With no primary to trust, reads have nowhere to go but standbys.
         assert!(route(Endpoint::ReadOnly, &c, &refuse, &[], 0).is_err());
     }
 
     #[test]
     fn eviction_rules() {
-        let c = cluster(&[("default", "up", S, 0, 1), ("f1", "down", S, 0, 1), ("f2", "up", S, 99999, 1)]);
-        assert!(eviction(Endpoint::ReadWrite, &c, &POLICY, 0).unwrap().contains("no longer the primary"));
-        assert!(eviction(Endpoint::ReadOnly, &c, &POLICY, 1).unwrap().contains("is down (connection refused)"));
+        let c = cluster(&[
+            ("default", "up", S, 0, 1),
+            ("f1", "down", S, 0, 1),
+            ("f2", "up", S, 99999, 1),
+        ]);
+        assert!(eviction(Endpoint::ReadWrite, &c, &POLICY, 0)
+            .unwrap()
+            .contains("no longer the primary"));
+        assert!(eviction(Endpoint::ReadOnly, &c, &POLICY, 1)
+            .unwrap()
+            .contains("is down (connection refused)"));
         // A lagging standby keeps its read sessions.
         assert_eq!(eviction(Endpoint::ReadOnly, &c, &POLICY, 2), None);
     }

@@ -21,7 +21,11 @@ pub enum ServerError {
     Timeout(u64),
     /// The server answered the login with an ErrorResponse.
     #[error("{message} (SQLSTATE {code})")]
-    Refused { code: String, message: String, raw: Bytes },
+    Refused {
+        code: String,
+        message: String,
+        raw: Bytes,
+    },
     #[error("server is in recovery (standby), not primary")]
     NotPrimary,
     #[error("server asked for {0}")]
@@ -38,9 +42,15 @@ impl ServerError {
     /// password): another node would say the same, and the client must hear it.
     pub fn try_next_node(&self) -> bool {
         match self {
-            ServerError::Connect(_) | ServerError::Timeout(_) | ServerError::NotPrimary | ServerError::Io(_) | ServerError::Protocol(_) => true,
+            ServerError::Connect(_)
+            | ServerError::Timeout(_)
+            | ServerError::NotPrimary
+            | ServerError::Io(_)
+            | ServerError::Protocol(_) => true,
             // 57P03: starting up / shutting down / in recovery; 53300: too many connections.
-            ServerError::Refused { code, .. } => code == "57P03" || code == "53300" || code.starts_with("08"),
+            ServerError::Refused { code, .. } => {
+                code == "57P03" || code == "53300" || code.starts_with("08")
+            }
             ServerError::Auth(_) => false,
         }
     }
@@ -63,7 +73,11 @@ pub struct Login<'a> {
     pub require_primary: bool,
 }
 
-pub async fn connect(addr: &str, login: &Login<'_>, timeout: Duration) -> Result<ServerConn, ServerError> {
+pub async fn connect(
+    addr: &str,
+    login: &Login<'_>,
+    timeout: Duration,
+) -> Result<ServerConn, ServerError> {
     match tokio::time::timeout(timeout, connect_inner(addr, login)).await {
         Ok(r) => r,
         Err(_) => Err(ServerError::Timeout(timeout.as_millis() as u64)),
@@ -71,9 +85,14 @@ pub async fn connect(addr: &str, login: &Login<'_>, timeout: Duration) -> Result
 }
 
 async fn connect_inner(addr: &str, login: &Login<'_>) -> Result<ServerConn, ServerError> {
-    let stream = TcpStream::connect(addr).await.map_err(ServerError::Connect)?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(ServerError::Connect)?;
     stream.set_nodelay(true)?;
-    let mut conn = Wire { stream, buf: BytesMut::with_capacity(4096) };
+    let mut conn = Wire {
+        stream,
+        buf: BytesMut::with_capacity(4096),
+    };
 
     let mut params: Vec<(&str, &str)> = vec![("user", login.user), ("database", login.database)];
     params.extend(login.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -97,12 +116,19 @@ async fn connect_inner(addr: &str, login: &Login<'_>) -> Result<ServerConn, Serv
                 put_message(&mut startup_messages, tag, &body);
             }
             b'N' => put_message(&mut startup_messages, tag, &body),
-            b'K' if body.len() >= 8 => backend_key = ((&body[0..4]).get_i32(), (&body[4..8]).get_i32()),
+            b'K' if body.len() >= 8 => {
+                backend_key = ((&body[0..4]).get_i32(), (&body[4..8]).get_i32())
+            }
             b'E' => return Err(refused(&body)),
             b'Z' => break,
             // NegotiateProtocolVersion: we sent only 3.0 with no _pq_ options; ignore.
             b'v' => {}
-            other => return Err(ServerError::Protocol(format!("unexpected message '{}' after login", other as char))),
+            other => {
+                return Err(ServerError::Protocol(format!(
+                    "unexpected message '{}' after login",
+                    other as char
+                )))
+            }
         }
     }
 
@@ -116,15 +142,22 @@ async fn connect_inner(addr: &str, login: &Login<'_>) -> Result<ServerConn, Serv
             return Err(ServerError::NotPrimary);
         }
     }
-    Ok(ServerConn { stream: conn.stream, startup_messages, pid: backend_key.0, key: backend_key.1 })
+    Ok(ServerConn {
+        stream: conn.stream,
+        startup_messages,
+        pid: backend_key.0,
+        key: backend_key.1,
+    })
 }
 
 async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerError> {
     let need_password = |what: &str| -> Result<&[u8], ServerError> {
-        login
-            .password
-            .map(str::as_bytes)
-            .ok_or_else(|| ServerError::Auth(format!("{what} but user \"{}\" has no password in the config", login.user)))
+        login.password.map(str::as_bytes).ok_or_else(|| {
+            ServerError::Auth(format!(
+                "{what} but user \"{}\" has no password in the config",
+                login.user
+            ))
+        })
     };
     let mut scram: Option<ScramSha256> = None;
     let mut out = BytesMut::new();
@@ -133,7 +166,12 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
         match tag {
             b'E' => return Err(refused(&body)),
             b'R' if body.len() >= 4 => {}
-            other => return Err(ServerError::Protocol(format!("expected authentication, got '{}'", other as char))),
+            other => {
+                return Err(ServerError::Protocol(format!(
+                    "expected authentication, got '{}'",
+                    other as char
+                )))
+            }
         }
         let code = (&body[0..4]).get_i32();
         out.clear();
@@ -142,32 +180,56 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
             3 => frontend::password_message(need_password("a cleartext password")?, &mut out)?,
             5 if body.len() >= 8 => {
                 let salt: [u8; 4] = body[4..8].try_into().unwrap();
-                let hash = postgres_protocol::authentication::md5_hash(login.user.as_bytes(), need_password("an md5 password")?, salt);
+                let hash = postgres_protocol::authentication::md5_hash(
+                    login.user.as_bytes(),
+                    need_password("an md5 password")?,
+                    salt,
+                );
                 frontend::password_message(hash.as_bytes(), &mut out)?;
             }
             10 => {
-                let mechanisms: Vec<&[u8]> = body[4..].split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
+                let mechanisms: Vec<&[u8]> = body[4..]
+                    .split(|&b| b == 0)
+                    .filter(|m| !m.is_empty())
+                    .collect();
                 if !mechanisms.contains(&&b"SCRAM-SHA-256"[..]) {
                     return Err(ServerError::Auth(format!(
                         "SASL mechanisms {:?}, none of which Switchyard supports",
-                        mechanisms.iter().map(|m| String::from_utf8_lossy(m)).collect::<Vec<_>>()
+                        mechanisms
+                            .iter()
+                            .map(|m| String::from_utf8_lossy(m))
+                            .collect::<Vec<_>>()
                     )));
                 }
-                let s = ScramSha256::new(need_password("SCRAM-SHA-256")?, ChannelBinding::unsupported());
+                let s = ScramSha256::new(
+                    need_password("SCRAM-SHA-256")?,
+                    ChannelBinding::unsupported(),
+                );
                 frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
                 scram = Some(s);
             }
             11 => {
-                let s = scram.as_mut().ok_or_else(|| ServerError::Protocol("SASL continue before start".into()))?;
-                s.update(&body[4..]).map_err(|e| ServerError::Auth(format!("a SCRAM exchange that failed: {e}")))?;
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| ServerError::Protocol("SASL continue before start".into()))?;
+                s.update(&body[4..])
+                    .map_err(|e| ServerError::Auth(format!("a SCRAM exchange that failed: {e}")))?;
                 frontend::sasl_response(s.message(), &mut out)?;
             }
             12 => {
-                let mut s = scram.take().ok_or_else(|| ServerError::Protocol("SASL final before start".into()))?;
-                s.finish(&body[4..]).map_err(|e| ServerError::Auth(format!("a SCRAM exchange whose server proof is wrong: {e}")))?;
+                let mut s = scram
+                    .take()
+                    .ok_or_else(|| ServerError::Protocol("SASL final before start".into()))?;
+                s.finish(&body[4..]).map_err(|e| {
+                    ServerError::Auth(format!("a SCRAM exchange whose server proof is wrong: {e}"))
+                })?;
                 continue;
             }
-            other => return Err(ServerError::Auth(format!("authentication method {other}, which Switchyard does not support"))),
+            other => {
+                return Err(ServerError::Auth(format!(
+                    "authentication method {other}, which Switchyard does not support"
+                )))
+            }
         }
         conn.stream.write_all(&out).await?;
     }
@@ -196,7 +258,11 @@ fn refused(body: &[u8]) -> ServerError {
     let (code, message) = error_fields(body);
     let mut raw = BytesMut::new();
     put_message(&mut raw, b'E', body);
-    ServerError::Refused { code, message, raw: raw.freeze() }
+    ServerError::Refused {
+        code,
+        message,
+        raw: raw.freeze(),
+    }
 }
 
 /// A server connection during login: whole messages, read one at a time.
@@ -213,7 +279,7 @@ impl Wire {
                 if !(4..=MAX_STARTUP_MESSAGE).contains(&len) {
                     return Err(ServerError::Protocol(format!("message length {len}")));
                 }
-                if self.buf.len() >= len as usize + 1 {
+                if self.buf.len() > len as usize {
                     let mut msg = self.buf.split_to(len as usize + 1);
                     let tag = msg[0];
                     msg.advance(5);

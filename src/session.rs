@@ -57,7 +57,13 @@ struct Client {
     params: Vec<(String, String)>,
 }
 
-pub async fn serve(mut stream: TcpStream, peer: SocketAddr, cluster: Arc<ClusterCtx>, endpoint: Endpoint, shared: Arc<Shared>) {
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    cluster: Arc<ClusterCtx>,
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+) {
     let _ = stream.set_nodelay(true);
     let login_timeout = Duration::from_millis(shared.config.proxy.client_login_timeout_ms);
     let started = Instant::now();
@@ -95,9 +101,15 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, cluster: Arc<Cluster
     let end = relay(stream, server, node, &cluster, endpoint, &shared).await;
     cluster.state.active[node].fetch_sub(1, Ordering::Relaxed);
     match &end {
-        End::Evicted { reason, .. } => warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node_name, reason = %reason, "session ended by proxy"),
-        End::BadMessage(e) => warn!(cluster = %cluster.name, peer = %peer, reason = %e, "client sent a malformed message; session closed"),
-        other => debug!(cluster = %cluster.name, peer = %peer, node = %node_name, end = ?other, "session ended"),
+        End::Evicted { reason, .. } => {
+            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node_name, reason = %reason, "session ended by proxy")
+        }
+        End::BadMessage(e) => {
+            warn!(cluster = %cluster.name, peer = %peer, reason = %e, "client sent a malformed message; session closed")
+        }
+        other => {
+            debug!(cluster = %cluster.name, peer = %peer, node = %node_name, end = ?other, "session ended")
+        }
     }
 }
 
@@ -105,14 +117,21 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, cluster: Arc<Cluster
 async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>, Reject> {
     let (minor, params) = loop {
         match read_startup(stream).await {
-            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => stream.write_all(b"N").await?,
+            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
+                stream.write_all(b"N").await?
+            }
             Ok(StartupPacket::Cancel { pid, key }) => {
                 shared.cancels.forward(pid, key).await;
                 return Ok(None);
             }
             Ok(StartupPacket::Startup { minor, params }) => break (minor, params),
             Err(StartupError::Closed) | Err(StartupError::Io(_)) => return Err(Reject::Gone),
-            Err(e @ StartupError::UnsupportedProtocol { .. }) => return Err(Reject::Fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())),
+            Err(e @ StartupError::UnsupportedProtocol { .. }) => {
+                return Err(Reject::Fatal(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    e.to_string(),
+                ))
+            }
             Err(e) => return Err(Reject::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
         }
     };
@@ -137,9 +156,14 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
         }
     }
     let user = user.filter(|u| !u.is_empty()).ok_or_else(|| {
-        Reject::Fatal(sqlstate::INVALID_AUTHORIZATION, "no user name specified in startup packet".into())
+        Reject::Fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "no user name specified in startup packet".into(),
+        )
     })?;
-    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
     if minor > 0 || !unrecognized.is_empty() {
         let mut b = BytesMut::new();
         messages::negotiate_protocol_version(&mut b, 0, &unrecognized);
@@ -159,7 +183,11 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
         }
         other => other,
     })?;
-    Ok(Some(Client { user, database, params: passed }))
+    Ok(Some(Client {
+        user,
+        database,
+        params: passed,
+    }))
 }
 
 async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject> {
@@ -183,11 +211,17 @@ async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject
             stream.write_all(&out).await?;
             let mut body = read_password_message(stream).await?;
             // SASLInitialResponse: mechanism name, int32 length, data.
-            let nul = body.iter().position(|&b| b == 0).ok_or_else(|| malformed("SASLInitialResponse without mechanism"))?;
+            let nul = body
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or_else(|| malformed("SASLInitialResponse without mechanism"))?;
             if &body[..nul] != b"SCRAM-SHA-256" {
                 return Err(Reject::Fatal(
                     sqlstate::PROTOCOL_VIOLATION,
-                    format!("client selected SASL mechanism {:?}; only SCRAM-SHA-256 is offered", String::from_utf8_lossy(&body[..nul])),
+                    format!(
+                        "client selected SASL mechanism {:?}; only SCRAM-SHA-256 is offered",
+                        String::from_utf8_lossy(&body[..nul])
+                    ),
                 ));
             }
             body.advance(nul + 1);
@@ -217,7 +251,10 @@ async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject
 }
 
 fn malformed(what: &str) -> Reject {
-    Reject::Fatal(sqlstate::PROTOCOL_VIOLATION, format!("malformed authentication message: {what}"))
+    Reject::Fatal(
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("malformed authentication message: {what}"),
+    )
 }
 
 /// Read one PasswordMessage / SASL response ('p') during authentication.
@@ -227,11 +264,17 @@ async fn read_password_message(stream: &mut TcpStream) -> Result<BytesMut, Rejec
     if tag != b'p' {
         return Err(Reject::Fatal(
             sqlstate::PROTOCOL_VIOLATION,
-            format!("expected a password message, got message type '{}'", tag as char),
+            format!(
+                "expected a password message, got message type '{}'",
+                tag as char
+            ),
         ));
     }
     if len < 4 || len as usize > MAX_AUTH_MESSAGE {
-        return Err(Reject::Fatal(sqlstate::PROTOCOL_VIOLATION, format!("invalid password message length {len}")));
+        return Err(Reject::Fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!("invalid password message length {len}"),
+        ));
     }
     let mut body = BytesMut::zeroed(len as usize - 4);
     stream.read_exact(&mut body).await?;
@@ -240,8 +283,17 @@ async fn read_password_message(stream: &mut TcpStream) -> Result<BytesMut, Rejec
 
 /// Choose a node and log in there, trying candidates in order, waiting (bounded by
 /// `connect_timeout_ms`) for the topology to offer one when there is none.
-async fn connect(stream: &mut TcpStream, client: &Client, cluster: &ClusterCtx, endpoint: Endpoint, shared: &Shared) -> Result<(usize, ServerConn, Registration), Reject> {
-    let user_cfg = shared.config.user(&client.user).expect("authenticated users exist");
+async fn connect(
+    stream: &mut TcpStream,
+    client: &Client,
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    shared: &Shared,
+) -> Result<(usize, ServerConn, Registration), Reject> {
+    let user_cfg = shared
+        .config
+        .user(&client.user)
+        .expect("authenticated users exist");
     let login = server::Login {
         user: &client.user,
         password: user_cfg.password.as_deref(),
@@ -255,7 +307,13 @@ async fn connect(stream: &mut TcpStream, client: &Client, cluster: &ClusterCtx, 
     loop {
         let snap = rx.borrow_and_update().clone();
         let turn = cluster.turn.fetch_add(1, Ordering::Relaxed);
-        let last_problem = match routing::route(endpoint, &snap, &cluster.policy, &cluster.state.active_counts(), turn) {
+        let last_problem = match routing::route(
+            endpoint,
+            &snap,
+            &cluster.policy,
+            &cluster.state.active_counts(),
+            turn,
+        ) {
             Ok(candidates) => {
                 for node in candidates {
                     let cfg = &cluster.nodes[node];
@@ -268,18 +326,27 @@ async fn connect(stream: &mut TcpStream, client: &Client, cluster: &ClusterCtx, 
                             warn!(cluster = %cluster.name, endpoint = %endpoint, node = %cfg.name, reason = %e, "server connection failed; trying next candidate");
                             failures.push(format!("{}: {e}", cfg.name));
                         }
-                        Err(ServerError::Refused { raw, message, .. }) => return Err(Reject::Forward(raw, message)),
+                        Err(ServerError::Refused { raw, message, .. }) => {
+                            return Err(Reject::Forward(raw, message))
+                        }
                         Err(e) => {
                             return Err(Reject::Fatal(
                                 sqlstate::CONNECTION_FAILURE,
-                                format!("cannot log in to node \"{}\" of cluster \"{}\": {e}", cfg.name, cluster.name),
+                                format!(
+                                    "cannot log in to node \"{}\" of cluster \"{}\": {e}",
+                                    cfg.name, cluster.name
+                                ),
                             ))
                         }
                     }
                 }
                 format!(
                     "could not connect to any {} server of cluster \"{}\": {}; node states: {}",
-                    if endpoint == Endpoint::ReadWrite { "primary" } else { "readable" },
+                    if endpoint == Endpoint::ReadWrite {
+                        "primary"
+                    } else {
+                        "readable"
+                    },
                     cluster.name,
                     failures.join("; "),
                     snap.describe_nodes()
@@ -289,8 +356,16 @@ async fn connect(stream: &mut TcpStream, client: &Client, cluster: &ClusterCtx, 
         };
         // Nothing usable now: wait for the health monitor to change its mind, up to the deadline.
         let now = Instant::now();
-        if now >= deadline || tokio::time::timeout(deadline - now, rx.changed()).await.is_err() {
-            let code = if failures.is_empty() { sqlstate::CANNOT_CONNECT_NOW } else { sqlstate::CONNECTION_FAILURE };
+        if now >= deadline
+            || tokio::time::timeout(deadline - now, rx.changed())
+                .await
+                .is_err()
+        {
+            let code = if failures.is_empty() {
+                sqlstate::CANNOT_CONNECT_NOW
+            } else {
+                sqlstate::CONNECTION_FAILURE
+            };
             return Err(Reject::Fatal(code, last_problem));
         }
     }
@@ -298,7 +373,12 @@ async fn connect(stream: &mut TcpStream, client: &Client, cluster: &ClusterCtx, 
 
 /// What a client expects after AuthenticationOk: the server's ParameterStatus messages,
 /// a BackendKeyData (ours, for cancel routing), ReadyForQuery.
-async fn send_welcome(stream: &mut TcpStream, conn: &ServerConn, shared: &Shared, addr: String) -> Result<Registration, Reject> {
+async fn send_welcome(
+    stream: &mut TcpStream,
+    conn: &ServerConn,
+    shared: &Shared,
+    addr: String,
+) -> Result<Registration, Reject> {
     let reg = shared.cancels.register(&addr, conn.pid, conn.key);
     let mut out = BytesMut::with_capacity(conn.startup_messages.len() + 32);
     out.extend_from_slice(&conn.startup_messages);
@@ -314,7 +394,10 @@ enum End {
     ClientTerminated,
     ServerClosed,
     BadMessage(String),
-    Evicted { code: &'static str, reason: String },
+    Evicted {
+        code: &'static str,
+        reason: String,
+    },
     Shutdown,
     // Read only through Debug, in the session-ended log line.
     #[allow(dead_code)]
@@ -323,7 +406,22 @@ enum End {
 
 /// Frontend message types a client may send after startup.
 fn is_frontend_tag(tag: u8) -> bool {
-    matches!(tag, b'B' | b'C' | b'd' | b'c' | b'f' | b'D' | b'E' | b'H' | b'F' | b'P' | b'p' | b'Q' | b'S' | b'X')
+    matches!(
+        tag,
+        b'B' | b'C'
+            | b'd'
+            | b'c'
+            | b'f'
+            | b'D'
+            | b'E'
+            | b'H'
+            | b'F'
+            | b'P'
+            | b'p'
+            | b'Q'
+            | b'S'
+            | b'X'
+    )
 }
 
 #[derive(Debug)]
@@ -338,7 +436,14 @@ impl From<FrameError> for ScanStop {
     }
 }
 
-async fn relay(mut client: TcpStream, mut server: ServerConn, node: usize, cluster: &ClusterCtx, endpoint: Endpoint, shared: &Shared) -> End {
+async fn relay(
+    mut client: TcpStream,
+    mut server: ServerConn,
+    node: usize,
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    shared: &Shared,
+) -> End {
     let limit = shared.config.proxy.max_message_bytes;
     // True while the client's stream is between messages with nothing half-written: the
     // only moment the proxy may add an ErrorResponse of its own. (Atomics only because the
@@ -371,7 +476,12 @@ async fn relay(mut client: TcpStream, mut server: ServerConn, node: usize, clust
                 match scanned {
                     Ok(()) => {}
                     Err(ScanStop::Frame(e)) => return End::BadMessage(e.to_string()),
-                    Err(ScanStop::Tag(t)) => return End::BadMessage(format!("invalid frontend message type {}", printable(t))),
+                    Err(ScanStop::Tag(t)) => {
+                        return End::BadMessage(format!(
+                            "invalid frontend message type {}",
+                            printable(t)
+                        ))
+                    }
                 }
                 if let Err(e) = sw.write_all(&buf).await {
                     return End::Io(e);
@@ -412,7 +522,11 @@ async fn relay(mut client: TcpStream, mut server: ServerConn, node: usize, clust
                 }
                 let snap = topology.borrow_and_update().clone();
                 if let Some(reason) = routing::eviction(endpoint, &snap, &cluster.policy, node) {
-                    let code = if snap.nodes[node].health == Health::Up { sqlstate::ADMIN_SHUTDOWN } else { sqlstate::CONNECTION_FAILURE };
+                    let code = if snap.nodes[node].health == Health::Up {
+                        sqlstate::ADMIN_SHUTDOWN
+                    } else {
+                        sqlstate::CONNECTION_FAILURE
+                    };
                     return End::Evicted { code, reason };
                 }
             }
@@ -427,13 +541,21 @@ async fn relay(mut client: TcpStream, mut server: ServerConn, node: usize, clust
     let notice = match &end {
         End::Evicted { code, reason } => Some((*code, format!("terminating connection: {reason}"))),
         End::BadMessage(e) => Some((sqlstate::PROTOCOL_VIOLATION, e.clone())),
-        End::Shutdown => Some((sqlstate::ADMIN_SHUTDOWN, "terminating connection: Switchyard is shutting down".to_string())),
+        End::Shutdown => Some((
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection: Switchyard is shutting down".to_string(),
+        )),
         // A server that ends a session on purpose says why with an ErrorResponse; say
         // something only when it vanished without a word.
-        End::ServerClosed | End::Io(_) if last_server_tag.load(Ordering::Relaxed) != b'E' => Some((
-            sqlstate::CONNECTION_FAILURE,
-            format!("server connection to node \"{}\" of cluster \"{}\" was lost", cluster.nodes[node].name, cluster.name),
-        )),
+        End::ServerClosed | End::Io(_) if last_server_tag.load(Ordering::Relaxed) != b'E' => {
+            Some((
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "server connection to node \"{}\" of cluster \"{}\" was lost",
+                    cluster.nodes[node].name, cluster.name
+                ),
+            ))
+        }
         _ => None,
     };
     if let Some((code, msg)) = notice {
@@ -443,9 +565,16 @@ async fn relay(mut client: TcpStream, mut server: ServerConn, node: usize, clust
             let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&b)).await;
         }
     }
-    if matches!(end, End::Evicted { .. } | End::Shutdown | End::BadMessage(_)) {
+    if matches!(
+        end,
+        End::Evicted { .. } | End::Shutdown | End::BadMessage(_)
+    ) {
         // Tell the server we are leaving rather than just dropping the socket.
-        let _ = tokio::time::timeout(Duration::from_millis(200), server.stream.write_all(b"X\0\0\0\x04")).await;
+        let _ = tokio::time::timeout(
+            Duration::from_millis(200),
+            server.stream.write_all(b"X\0\0\0\x04"),
+        )
+        .await;
     }
     end
 }

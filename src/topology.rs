@@ -107,7 +107,13 @@ impl NodeState {
     /// once (nothing to protect yet); after that, health flips only after `rise`
     /// consecutive successes or `fall` consecutive failures. A role reported by the
     /// server itself is believed at once: it is a fact, not a guess.
-    pub fn apply(&mut self, result: Result<Observation, String>, rise: u32, fall: u32, now: SystemTime) -> Option<Transition> {
+    pub fn apply(
+        &mut self,
+        result: Result<Observation, String>,
+        rise: u32,
+        fall: u32,
+        now: SystemTime,
+    ) -> Option<Transition> {
         let (old_health, old_role) = (self.health, self.role);
         self.last_check = Some(now);
         let reason;
@@ -116,7 +122,9 @@ impl NodeState {
                 self.ok_streak += 1;
                 self.fail_streak = 0;
                 self.last_error = None;
-                if self.health != Health::Up && (self.health == Health::Unknown || self.ok_streak >= rise) {
+                if self.health != Health::Up
+                    && (self.health == Health::Unknown || self.ok_streak >= rise)
+                {
                     self.health = Health::Up;
                 }
                 if self.health == Health::Up {
@@ -128,13 +136,16 @@ impl NodeState {
                 reason = match (old_role, obs.role) {
                     (Role::Primary, Role::Standby) => "server is in recovery now".to_string(),
                     (Role::Standby, Role::Primary) => "server left recovery (promoted)".to_string(),
+                    _ if old_health == Health::Unknown => "first check".to_string(),
                     _ => format!("{} consecutive good checks", self.ok_streak),
                 };
             }
             Err(err) => {
                 self.fail_streak += 1;
                 self.ok_streak = 0;
-                if self.health != Health::Down && (self.health == Health::Unknown || self.fail_streak >= fall) {
+                if self.health != Health::Down
+                    && (self.health == Health::Unknown || self.fail_streak >= fall)
+                {
                     self.health = Health::Down;
                     // A down server's role is not known; it must be re-learned before use.
                     self.role = Role::Unknown;
@@ -152,7 +163,7 @@ impl NodeState {
         if self.health != old_health {
             self.since = now;
         }
-        (self.health != old_health || self.role != old_role).then(|| Transition {
+        (self.health != old_health || self.role != old_role).then_some(Transition {
             old_health,
             new_health: self.health,
             old_role,
@@ -173,7 +184,9 @@ impl NodeState {
         };
         match self.health {
             Health::Up => match (self.role, self.lag_ms) {
-                (Role::Standby, Some(lag)) if lag > 0 => format!("{} standby (lag {lag} ms)", self.name),
+                (Role::Standby, Some(lag)) if lag > 0 => {
+                    format!("{} standby (lag {lag} ms)", self.name)
+                }
                 _ => format!("{} {}", self.name, self.role),
             },
             Health::Down => format!(
@@ -205,7 +218,11 @@ impl ClusterSnapshot {
             .filter(|n| n.is_usable() && n.role == Role::Primary)
             .filter_map(|n| n.lsn)
             .collect();
-        let head = if primaries.len() == 1 { Some(primaries[0]) } else { None };
+        let head = if primaries.len() == 1 {
+            Some(primaries[0])
+        } else {
+            None
+        };
         for n in &mut self.nodes {
             n.lag_bytes = match (n.health, n.role, head, n.lsn) {
                 (Health::Up, Role::Primary, _, _) => Some(0),
@@ -217,7 +234,11 @@ impl ClusterSnapshot {
 
     pub fn describe_nodes(&self) -> String {
         let now = SystemTime::now();
-        self.nodes.iter().map(|n| n.describe(now)).collect::<Vec<_>>().join("; ")
+        self.nodes
+            .iter()
+            .map(|n| n.describe(now))
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 }
 
@@ -252,13 +273,22 @@ impl ClusterState {
     }
 
     pub fn active_counts(&self) -> Vec<u32> {
-        self.active.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+        self.active
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Record a check result. Subscribers (every session) are woken only when health or
     /// role changed; lag and LSN updates are visible to the next reader without waking
     /// anyone, so thousands of idle sessions cost nothing per check.
-    pub fn record(&self, node: usize, result: Result<Observation, String>, rise: u32, fall: u32) -> Option<Transition> {
+    pub fn record(
+        &self,
+        node: usize,
+        result: Result<Observation, String>,
+        rise: u32,
+        fall: u32,
+    ) -> Option<Transition> {
         let mut transition = None;
         self.tx.send_if_modified(|snap| {
             let mut next = (**snap).clone();
@@ -276,7 +306,12 @@ mod tests {
     use super::*;
 
     fn ok(role: Role) -> Result<Observation, String> {
-        Ok(Observation { role, lag_ms: 0, lsn: Some(100), timeline: Some(1) })
+        Ok(Observation {
+            role,
+            lag_ms: 0,
+            lsn: Some(100),
+            timeline: Some(1),
+        })
     }
 
     #[test]
@@ -325,14 +360,40 @@ mod tests {
         let t = SystemTime::now();
         let mut n = NodeState::new("default", "h:1");
         n.apply(Err("connection refused".into()), 2, 2, t);
-        assert_eq!(n.describe(t + Duration::from_secs(4)), "default down (connection refused, 4s ago)");
+        assert_eq!(
+            n.describe(t + Duration::from_secs(4)),
+            "default down (connection refused, 4s ago)"
+        );
     }
 
     #[test]
     fn byte_lag_is_measured_from_the_single_primary() {
-        let state = ClusterState::new("c", &[("p".into(), "h:1".into()), ("s".into(), "h:2".into())]);
-        state.record(0, Ok(Observation { role: Role::Primary, lag_ms: 0, lsn: Some(1000), timeline: Some(1) }), 1, 1);
-        state.record(1, Ok(Observation { role: Role::Standby, lag_ms: 5, lsn: Some(400), timeline: None }), 1, 1);
+        let state = ClusterState::new(
+            "c",
+            &[("p".into(), "h:1".into()), ("s".into(), "h:2".into())],
+        );
+        state.record(
+            0,
+            Ok(Observation {
+                role: Role::Primary,
+                lag_ms: 0,
+                lsn: Some(1000),
+                timeline: Some(1),
+            }),
+            1,
+            1,
+        );
+        state.record(
+            1,
+            Ok(Observation {
+                role: Role::Standby,
+                lag_ms: 5,
+                lsn: Some(400),
+                timeline: None,
+            }),
+            1,
+            1,
+        );
         assert_eq!(state.snapshot().nodes[1].lag_bytes, Some(600));
     }
 }

@@ -21,8 +21,14 @@ fn writes_go_to_the_primary_and_reads_to_the_first_standby() {
     }
     assert_eq!(psql(proxy.rw, "SELECT pg_is_in_recovery()").unwrap(), "f");
     // A write through rw is replicated and readable through ro.
-    psql(proxy.rw, "CREATE TABLE t (v int); INSERT INTO t VALUES (42)").unwrap();
-    let v = wait_for("replicated row", Duration::from_secs(5), || psql(proxy.ro, "SELECT v FROM t").ok().filter(|v| v == "42"));
+    psql(
+        proxy.rw,
+        "CREATE TABLE t (v int); INSERT INTO t VALUES (42)",
+    )
+    .unwrap();
+    let v = wait_for("replicated row", Duration::from_secs(5), || {
+        psql(proxy.ro, "SELECT v FROM t").ok().filter(|v| v == "42")
+    });
     assert_eq!(v, "42");
     // A write through ro lands on a standby and is refused by PostgreSQL itself.
     let err = psql(proxy.ro, "INSERT INTO t VALUES (1)").unwrap_err();
@@ -34,7 +40,10 @@ async fn killed_standby_moves_reads_to_the_other_standby_then_to_the_primary() {
     let cluster = LocalCluster::start(2).unwrap();
     let proxy = Proxy::start(&cluster, "proxy", "", "");
     let held = connect(proxy.ro).await.unwrap();
-    assert_eq!(server_port(&held).await.unwrap(), cluster.nodes[1].port as i32);
+    assert_eq!(
+        server_port(&held).await.unwrap(),
+        cluster.nodes[1].port as i32
+    );
 
     let killed = Instant::now();
     cluster.kill9(1).unwrap();
@@ -44,17 +53,26 @@ async fn killed_standby_moves_reads_to_the_other_standby_then_to_the_primary() {
     assert!(err.contains("08006") && err.contains("failover1"), "{err}");
     // New reads go to failover2 as soon as failover1 is marked down; until then a connect
     // failure makes the session try the next candidate, so no read fails at all.
-    let landed = wait_for("reads on failover2", Duration::from_secs(10), || (lands_on(&cluster, proxy.ro) == Ok(2)).then_some(()));
-    report(&format!("standby kill -9 -> first read on the other standby: {:?}", killed.elapsed()));
-    let _ = landed;
+    wait_for("reads on failover2", Duration::from_secs(10), || {
+        (lands_on(&cluster, proxy.ro) == Ok(2)).then_some(())
+    });
+    report(&format!(
+        "standby kill -9 -> first read on the other standby: {:?}",
+        killed.elapsed()
+    ));
     for _ in 0..5 {
         assert_eq!(lands_on(&cluster, proxy.ro), Ok(2));
     }
 
     cluster.kill9(2).unwrap();
     let killed = Instant::now();
-    wait_for("reads on the primary", Duration::from_secs(10), || (lands_on(&cluster, proxy.ro) == Ok(0)).then_some(()));
-    report(&format!("second standby kill -9 -> first read on the primary: {:?}", killed.elapsed()));
+    wait_for("reads on the primary", Duration::from_secs(10), || {
+        (lands_on(&cluster, proxy.ro) == Ok(0)).then_some(())
+    });
+    report(&format!(
+        "second standby kill -9 -> first read on the primary: {:?}",
+        killed.elapsed()
+    ));
     assert!(proxy.log_text().contains("node state changed"));
 }
 
@@ -81,7 +99,9 @@ async fn primary_killed_and_standby_promoted_moves_writes_within_interval_times_
     let cluster = LocalCluster::start(2).unwrap();
     let proxy = Proxy::start(&cluster, "proxy", "connect_timeout_ms = 1000", "");
     let held = connect(proxy.rw).await.unwrap();
-    held.batch_execute("CREATE TABLE orders (id int)").await.unwrap();
+    held.batch_execute("CREATE TABLE orders (id int)")
+        .await
+        .unwrap();
 
     cluster.kill9(0).unwrap();
     let err = held.wait_for_error(Duration::from_secs(10)).await;
@@ -92,19 +112,39 @@ async fn primary_killed_and_standby_promoted_moves_writes_within_interval_times_
     std::thread::sleep(Duration::from_millis(INTERVAL_MS * (FALL + 1)));
     let asked = Instant::now();
     let err = psql(proxy.rw, "SELECT 1").unwrap_err();
-    assert!(asked.elapsed() < Duration::from_secs(5), "took {:?}", asked.elapsed());
-    assert!(err.contains("no primary available for cluster \"main\""), "{err}");
-    assert!(err.contains("default down") && err.contains("failover1 standby") && err.contains("failover2 standby"), "{err}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        err.contains("no primary available for cluster \"main\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("default down")
+            && err.contains("failover1 standby")
+            && err.contains("failover2 standby"),
+        "{err}"
+    );
 
     cluster.promote(1).unwrap();
     let promoted = Instant::now();
     wait_for("writes on failover1", Duration::from_secs(10), || {
-        psql(proxy.rw, "INSERT INTO orders VALUES (1) RETURNING inet_server_port()").ok().filter(|p| node_of(&cluster, p) == 1)
+        psql(
+            proxy.rw,
+            "INSERT INTO orders VALUES (1) RETURNING inet_server_port()",
+        )
+        .ok()
+        .filter(|p| node_of(&cluster, p) == 1)
     });
     let took = promoted.elapsed();
     report(&format!("promote -> first write through rw: {took:?}"));
     // interval × fall + 1 s, as the product promises (a role change needs one check only).
-    assert!(took <= Duration::from_millis(INTERVAL_MS * FALL + 1000), "took {took:?}");
+    assert!(
+        took <= Duration::from_millis(INTERVAL_MS * FALL + 1000),
+        "took {took:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,25 +152,41 @@ async fn old_primary_restarted_is_split_brain_and_never_gets_a_write() {
     let cluster = LocalCluster::start(2).unwrap();
     // Two proxies on the same cluster: the default rule and the strict one.
     let newest = Proxy::start(&cluster, "newest", "", "");
-    let refuse = Proxy::start(&cluster, "refuse", "split_brain = \"refuse\"\nconnect_timeout_ms = 500", "");
+    let refuse = Proxy::start(
+        &cluster,
+        "refuse",
+        "split_brain = \"refuse\"\nconnect_timeout_ms = 500",
+        "",
+    );
     psql(newest.rw, "CREATE TABLE marks (who text)").unwrap();
 
     cluster.kill9(0).unwrap();
     cluster.promote(1).unwrap();
-    wait_for("failover1 primary", Duration::from_secs(10), || (lands_on(&cluster, newest.rw) == Ok(1)).then_some(()));
+    wait_for("failover1 primary", Duration::from_secs(10), || {
+        (lands_on(&cluster, newest.rw) == Ok(1)).then_some(())
+    });
     // The old primary comes back as a primary on its old timeline.
     cluster.start_node(0).unwrap();
     wait_for("split brain seen", Duration::from_secs(10), || {
-        psql(refuse.rw, "SELECT 1").err().filter(|e| e.contains("split brain"))
+        psql(refuse.rw, "SELECT 1")
+            .err()
+            .filter(|e| e.contains("split brain"))
     });
 
     // Strict rule: every write is refused, with both nodes named.
     let err = psql(refuse.rw, "SELECT 1").unwrap_err();
-    assert!(err.contains("default and failover1") && err.contains("all report primary"), "{err}");
+    assert!(
+        err.contains("default and failover1") && err.contains("all report primary"),
+        "{err}"
+    );
 
     // Default rule: the newest timeline (the promoted failover1) keeps taking writes.
     for i in 0..20 {
-        let port = psql(newest.rw, &format!("INSERT INTO marks VALUES ('w{i}'); SELECT inet_server_port()")).unwrap();
+        let port = psql(
+            newest.rw,
+            &format!("INSERT INTO marks VALUES ('w{i}'); SELECT inet_server_port()"),
+        )
+        .unwrap();
         assert_eq!(node_of(&cluster, &port), 1);
     }
     // Reads never fall back to the stale primary either.
@@ -138,8 +194,18 @@ async fn old_primary_restarted_is_split_brain_and_never_gets_a_write() {
         assert_ne!(lands_on(&cluster, newest.ro), Ok(0));
     }
     // No write reached the old primary: it has none of the rows.
-    assert_eq!(cluster.sql_db(0, APP_DB, "SELECT count(*) FROM marks").unwrap(), "0");
-    assert_eq!(cluster.sql_db(1, APP_DB, "SELECT count(*) FROM marks").unwrap(), "20");
+    assert_eq!(
+        cluster
+            .sql_db(0, APP_DB, "SELECT count(*) FROM marks")
+            .unwrap(),
+        "0"
+    );
+    assert_eq!(
+        cluster
+            .sql_db(1, APP_DB, "SELECT count(*) FROM marks")
+            .unwrap(),
+        "20"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,26 +213,44 @@ async fn frozen_standby_is_marked_down_by_timeout_and_clients_are_not_stalled() 
     let cluster = LocalCluster::start(2).unwrap();
     let proxy = Proxy::start(&cluster, "proxy", "connect_timeout_ms = 1000", "");
     let held = connect(proxy.ro).await.unwrap();
-    assert_eq!(server_port(&held).await.unwrap(), cluster.nodes[1].port as i32);
+    assert_eq!(
+        server_port(&held).await.unwrap(),
+        cluster.nodes[1].port as i32
+    );
 
     cluster.signal(1, libc::SIGSTOP).unwrap();
     let frozen = Instant::now();
     // The held session is ended by the proxy once health checks time out `fall` times.
     let err = held.wait_for_error(Duration::from_secs(10)).await;
-    assert!(err.contains("08006") && err.contains("failover1") && err.contains("down"), "{err}");
-    report(&format!("SIGSTOP -> held session ended after {:?}", frozen.elapsed()));
+    assert!(
+        err.contains("08006") && err.contains("failover1") && err.contains("down"),
+        "{err}"
+    );
+    report(&format!(
+        "SIGSTOP -> held session ended after {:?}",
+        frozen.elapsed()
+    ));
 
     // Every new read completes, each within one connect timeout plus slack.
     for _ in 0..10 {
         let asked = Instant::now();
         let node = lands_on(&cluster, proxy.ro).unwrap();
         assert_ne!(node, 1);
-        assert!(asked.elapsed() < Duration::from_millis(1000 + 1500), "read took {:?}", asked.elapsed());
+        assert!(
+            asked.elapsed() < Duration::from_millis(1000 + 1500),
+            "read took {:?}",
+            asked.elapsed()
+        );
     }
-    assert!(proxy.log_text().contains("no answer within 500 ms"), "health checks should time out");
+    assert!(
+        proxy.log_text().contains("no answer within 500 ms"),
+        "health checks should time out"
+    );
     cluster.signal(1, libc::SIGCONT).unwrap();
     // Thawed and healthy again after `rise` good checks: reads return to it.
-    wait_for("failover1 back", Duration::from_secs(10), || (lands_on(&cluster, proxy.ro) == Ok(1)).then_some(()));
+    wait_for("failover1 back", Duration::from_secs(10), || {
+        (lands_on(&cluster, proxy.ro) == Ok(1)).then_some(())
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,15 +262,29 @@ async fn rw_refuses_a_server_that_reports_standby_at_login_even_if_the_monitor_l
     // Turn the primary into a standby behind the monitor's back.
     cluster.stop_node(0, "fast").unwrap();
     std::fs::write(cluster.nodes[0].data.join("standby.signal"), "").unwrap();
-    std::process::Command::new("chown").args(["postgres:postgres", cluster.nodes[0].data.join("standby.signal").to_str().unwrap()]).status().unwrap();
+    std::process::Command::new("chown")
+        .args([
+            "postgres:postgres",
+            cluster.nodes[0]
+                .data
+                .join("standby.signal")
+                .to_str()
+                .unwrap(),
+        ])
+        .status()
+        .unwrap();
     cluster.start_node(0).unwrap();
     assert_eq!(cluster.sql(0, "SELECT pg_is_in_recovery()").unwrap(), "t");
 
     let err = psql(proxy.rw, "SELECT 1").unwrap_err();
-    assert!(err.contains("could not connect to any primary server"), "{err}");
+    assert!(
+        err.contains("could not connect to any primary server"),
+        "{err}"
+    );
     assert!(err.contains("not primary"), "{err}");
-    assert!(proxy.log_text().contains("server is in recovery (standby), not primary"));
+    assert!(proxy
+        .log_text()
+        .contains("server is in recovery (standby), not primary"));
     // Reads are still fine.
     assert_eq!(lands_on(&cluster, proxy.ro), Ok(0));
 }
-

@@ -23,7 +23,12 @@ pub struct Framer {
 
 impl Framer {
     pub fn new(limit: u32) -> Framer {
-        Framer { remaining: 0, header: [0; 5], header_len: 0, limit }
+        Framer {
+            remaining: 0,
+            header: [0; 5],
+            header_len: 0,
+            limit,
+        }
     }
 
     /// True between messages.
@@ -34,7 +39,11 @@ impl Framer {
     /// Walk `chunk`, calling `on_message(tag, total_len_including_length_word)` at the
     /// start of every message whose header completes in it. Stops at the first error
     /// from the framer or the callback.
-    pub fn scan<E: From<FrameError>>(&mut self, chunk: &[u8], mut on_message: impl FnMut(u8, u32) -> Result<(), E>) -> Result<(), E> {
+    pub fn scan<E: From<FrameError>>(
+        &mut self,
+        chunk: &[u8],
+        mut on_message: impl FnMut(u8, u32) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut pos = 0;
         while pos < chunk.len() {
             if self.remaining > 0 {
@@ -45,7 +54,8 @@ impl Framer {
             }
             let need = 5 - self.header_len;
             let take = need.min(chunk.len() - pos);
-            self.header[self.header_len..self.header_len + take].copy_from_slice(&chunk[pos..pos + take]);
+            self.header[self.header_len..self.header_len + take]
+                .copy_from_slice(&chunk[pos..pos + take]);
             self.header_len += take;
             pos += take;
             if self.header_len < 5 {
@@ -55,10 +65,19 @@ impl Framer {
             let tag = self.header[0];
             let len = u32::from_be_bytes(self.header[1..5].try_into().unwrap());
             if len < 4 || len > i32::MAX as u32 {
-                return Err(FrameError::BadLength { tag: tag as char, len }.into());
+                return Err(FrameError::BadLength {
+                    tag: tag as char,
+                    len,
+                }
+                .into());
             }
             if len > self.limit {
-                return Err(FrameError::TooLong { tag: tag as char, len, limit: self.limit }.into());
+                return Err(FrameError::TooLong {
+                    tag: tag as char,
+                    len,
+                    limit: self.limit,
+                }
+                .into());
             }
             on_message(tag, len)?;
             self.remaining = len as usize - 4;
@@ -87,7 +106,11 @@ mod tests {
             let mut f = Framer::new(1 << 20);
             let mut seen = collect(&mut f, &stream[..split]).unwrap();
             seen.extend(collect(&mut f, &stream[split..]).unwrap());
-            assert_eq!(seen, vec![('Q', 11), ('X', 4), ('Z', 5)], "split at {split}");
+            assert_eq!(
+                seen,
+                vec![('Q', 11), ('X', 4), ('Z', 5)],
+                "split at {split}"
+            );
             assert!(f.at_boundary());
         }
     }
@@ -106,10 +129,23 @@ mod tests {
     #[test]
     fn rejects_bad_and_oversized_lengths() {
         let mut f = Framer::new(1024);
-        assert_eq!(collect(&mut f, b"Q\0\0\0\x02"), Err(FrameError::BadLength { tag: 'Q', len: 2 }));
+        assert_eq!(
+            collect(&mut f, b"Q\0\0\0\x02"),
+            Err(FrameError::BadLength { tag: 'Q', len: 2 })
+        );
         let mut f = Framer::new(1024);
-        assert_eq!(collect(&mut f, b"Q\x7f\xff\xff\xff"), Err(FrameError::TooLong { tag: 'Q', len: 0x7fffffff, limit: 1024 }));
+        assert_eq!(
+            collect(&mut f, b"Q\x7f\xff\xff\xff"),
+            Err(FrameError::TooLong {
+                tag: 'Q',
+                len: 0x7fffffff,
+                limit: 1024
+            })
+        );
         let mut f = Framer::new(1024);
-        assert!(matches!(collect(&mut f, b"Q\xff\xff\xff\xff"), Err(FrameError::BadLength { .. })));
+        assert!(matches!(
+            collect(&mut f, b"Q\xff\xff\xff\xff"),
+            Err(FrameError::BadLength { .. })
+        ));
     }
 }

@@ -13,8 +13,14 @@ pub const MAX_STARTUP_LEN: usize = 10000;
 pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    Cancel { pid: i32, key: i32 },
-    Startup { minor: i32, params: Vec<(String, String)> },
+    Cancel {
+        pid: i32,
+        key: i32,
+    },
+    Startup {
+        minor: i32,
+        params: Vec<(String, String)>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +40,9 @@ pub enum StartupError {
 pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, StartupError> {
     let len = match r.read_i32().await {
         Ok(l) => l,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StartupError::Closed),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(StartupError::Closed)
+        }
         Err(e) => return Err(e.into()),
     };
     if !(8..=MAX_STARTUP_LEN as i32).contains(&len) {
@@ -58,7 +66,9 @@ pub fn parse_startup(body: &[u8]) -> Result<StartupPacket, StartupError> {
             pid: i32::from_be_bytes(body[4..8].try_into().unwrap()),
             key: i32::from_be_bytes(body[8..12].try_into().unwrap()),
         }),
-        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE | CANCEL_REQUEST_CODE => Err(StartupError::Malformed("wrong length for request code")),
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE | CANCEL_REQUEST_CODE => {
+            Err(StartupError::Malformed("wrong length for request code"))
+        }
         _ => {
             let (major, minor) = (code >> 16, code & 0xffff);
             if major != 3 {
@@ -83,8 +93,12 @@ pub fn parse_startup(body: &[u8]) -> Result<StartupPacket, StartupError> {
 }
 
 fn take_cstr(rest: &mut &[u8]) -> Result<String, StartupError> {
-    let end = rest.iter().position(|&b| b == 0).ok_or(StartupError::Malformed("missing terminator"))?;
-    let s = std::str::from_utf8(&rest[..end]).map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
+    let end = rest
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(StartupError::Malformed("missing terminator"))?;
+    let s = std::str::from_utf8(&rest[..end])
+        .map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
     *rest = &rest[end + 1..];
     Ok(s.to_string())
 }
@@ -100,25 +114,46 @@ mod tests {
             parse_startup(body).unwrap(),
             StartupPacket::Startup {
                 minor: 0,
-                params: vec![("user".into(), "app".into()), ("database".into(), "db".into())]
+                params: vec![
+                    ("user".into(), "app".into()),
+                    ("database".into(), "db".into())
+                ]
             }
         );
     }
 
     #[test]
     fn parses_requests() {
-        assert_eq!(parse_startup(&SSL_REQUEST_CODE.to_be_bytes()).unwrap(), StartupPacket::SslRequest);
+        assert_eq!(
+            parse_startup(&SSL_REQUEST_CODE.to_be_bytes()).unwrap(),
+            StartupPacket::SslRequest
+        );
         let mut cancel = CANCEL_REQUEST_CODE.to_be_bytes().to_vec();
         cancel.extend(5i32.to_be_bytes());
         cancel.extend(9i32.to_be_bytes());
-        assert_eq!(parse_startup(&cancel).unwrap(), StartupPacket::Cancel { pid: 5, key: 9 });
+        assert_eq!(
+            parse_startup(&cancel).unwrap(),
+            StartupPacket::Cancel { pid: 5, key: 9 }
+        );
     }
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(parse_startup(b"\x00\x02\x00\x00user\0a\0\0"), Err(StartupError::UnsupportedProtocol { major: 2, .. })));
-        assert!(matches!(parse_startup(b"\x00\x03\x00\x00user\0app"), Err(StartupError::Malformed(_))));
-        assert!(matches!(parse_startup(b"\x00\x03\x00\x00user\0a\0\0xx"), Err(StartupError::Malformed(_))));
-        assert!(matches!(parse_startup(b"\x04\xd2\x16\x2fxxxx"), Err(StartupError::Malformed(_))));
+        assert!(matches!(
+            parse_startup(b"\x00\x02\x00\x00user\0a\0\0"),
+            Err(StartupError::UnsupportedProtocol { major: 2, .. })
+        ));
+        assert!(matches!(
+            parse_startup(b"\x00\x03\x00\x00user\0app"),
+            Err(StartupError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_startup(b"\x00\x03\x00\x00user\0a\0\0xx"),
+            Err(StartupError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse_startup(b"\x04\xd2\x16\x2fxxxx"),
+            Err(StartupError::Malformed(_))
+        ));
     }
 }

@@ -22,7 +22,12 @@ pub struct Proxy {
 impl Proxy {
     /// Start `switchyard --config` for `cluster` with extra `[clusters.main]` lines and
     /// extra top-level TOML (more users, other health settings...).
-    pub fn start(cluster: &LocalCluster, name: &str, extra_cluster: &str, extra_top: &str) -> Proxy {
+    pub fn start(
+        cluster: &LocalCluster,
+        name: &str,
+        extra_cluster: &str,
+        extra_top: &str,
+    ) -> Proxy {
         let (rw, ro) = (free_port(), free_port());
         let mut text = cluster.config_toml(rw, ro, extra_cluster);
         if !extra_top.is_empty() {
@@ -44,12 +49,19 @@ impl Proxy {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start switchyard");
-        let proxy = Proxy { child, rw, ro, log, config };
+        let proxy = Proxy {
+            child,
+            rw,
+            ro,
+            log,
+            config,
+        };
         // Ready when writes reach the primary and reads reach a standby (or the only node).
         let want_standby = cluster.nodes.len() > 1;
         wait_for("proxy ready", Duration::from_secs(20), || {
             let w = psql(proxy.rw, "SELECT pg_is_in_recovery()").ok()? == "f";
-            let r = psql(proxy.ro, "SELECT pg_is_in_recovery()").ok()? == if want_standby { "t" } else { "f" };
+            let r = psql(proxy.ro, "SELECT pg_is_in_recovery()").ok()?
+                == if want_standby { "t" } else { "f" };
             (w && r).then_some(())
         });
         proxy
@@ -96,7 +108,23 @@ pub fn psql(port: u16, sql: &str) -> Result<String, String> {
 
 pub fn psql_as(port: u16, user: &str, password: &str, sql: &str) -> Result<String, String> {
     let out = Command::new("psql")
-        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", user, "-d", APP_DB, "-c", sql])
+        .args([
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            user,
+            "-d",
+            APP_DB,
+            "-c",
+            sql,
+        ])
         .env("PGPASSWORD", password)
         .env("PGCONNECT_TIMEOUT", "10")
         .env("PGSSLMODE", "prefer")
@@ -111,8 +139,14 @@ pub fn psql_as(port: u16, user: &str, password: &str, sql: &str) -> Result<Strin
 
 /// Which node (by index) a port belongs to.
 pub fn node_of(cluster: &LocalCluster, port: &str) -> usize {
-    let port: u16 = port.parse().unwrap_or_else(|_| panic!("not a port: {port:?}"));
-    cluster.nodes.iter().position(|n| n.port == port).expect("port of a cluster node")
+    let port: u16 = port
+        .parse()
+        .unwrap_or_else(|_| panic!("not a port: {port:?}"));
+    cluster
+        .nodes
+        .iter()
+        .position(|n| n.port == port)
+        .expect("port of a cluster node")
 }
 
 /// Which node a fresh psql session on `port` lands on.
@@ -143,7 +177,9 @@ impl Held {
         let query_err = loop {
             match self.client.simple_query("SELECT 1").await {
                 Err(e) => break e,
-                Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
                 Ok(_) => panic!("session still works {within:?} later"),
             }
         };
@@ -172,24 +208,36 @@ pub async fn connect(port: u16) -> Result<Held, tokio_postgres::Error> {
         .connect_timeout(Duration::from_secs(10))
         .connect(NoTls)
         .await?;
-    Ok(Held { client, conn: tokio::spawn(conn) })
+    Ok(Held {
+        client,
+        conn: tokio::spawn(conn),
+    })
 }
 
 pub async fn server_port(client: &Client) -> Result<i32, tokio_postgres::Error> {
-    Ok(client.query_one("SELECT inet_server_port()", &[]).await?.get(0))
+    Ok(client
+        .query_one("SELECT inet_server_port()", &[])
+        .await?
+        .get(0))
 }
 
 /// Run a Python script from tests/python with the given args/env; panics with its
 /// output on failure.
 pub fn python(script: &str, args: &[&str], env: &[(&str, String)]) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
     let mut cmd = Command::new("python3");
     cmd.arg(&path).args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("run python3");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{script} {args:?} failed:\n{text}");
     text
 }

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install what the demo and the tests need on a Debian machine, if it is missing:
+# PostgreSQL server binaries (initdb, pg_ctl, pg_basebackup, postgres), psql, pgbench,
+# pgrep, and the Python clients (psycopg 2 and 3, Django). Safe to run repeatedly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_pg_server() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
+
+missing=()
+have_pg_server || missing+=(postgresql)
+command -v psql >/dev/null || missing+=(postgresql-client)
+command -v pgbench >/dev/null || missing+=(postgresql-contrib)
+command -v pgrep >/dev/null || missing+=(procps)
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+
+if ((${#missing[@]})); then
+    echo "install-deps: installing ${missing[*]}"
+    if [[ $(id -u) -ne 0 ]]; then SUDO=sudo; else SUDO=; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! python3 -c "import psycopg, psycopg2, django" 2>/dev/null; then
+    echo "install-deps: installing Python test clients"
+    python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+fi
