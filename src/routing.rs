@@ -144,11 +144,19 @@ pub fn route(
                     standbys.sort_by_key(|&i| active.get(i).copied().unwrap_or(0))
                 }
             }
+            // A standby whose latest check failed (frozen? dying?) is still up until `fall`
+            // checks say otherwise, but is tried only after the primary: a connect to it
+            // may cost a whole connect timeout.
+            let (suspect, mut candidates): (Vec<usize>, Vec<usize>) = standbys
+                .into_iter()
+                .partition(|&i| snap.nodes[i].is_suspect());
             // The primary is the last resort for reads; in an unresolved split brain there
             // is no primary to fall back on, since either could be the stale one.
             if let Ok(p) = primary(snap, policy) {
-                standbys.push(p);
+                candidates.push(p);
             }
+            candidates.extend(suspect);
+            let standbys = candidates;
             if standbys.is_empty() {
                 Err(NoRoute::NoReadable {
                     cluster: snap.name.clone(),
@@ -283,6 +291,26 @@ mod tests {
             ("f2", "up", S, 5000, 1),
         ]);
         assert_eq!(route(Endpoint::ReadOnly, &c, &POLICY, &[], 0), Ok(vec![0]));
+    }
+
+    #[test]
+    fn ro_tries_a_standby_whose_last_check_failed_after_the_primary() {
+        let mut c = cluster(&[
+            ("default", "up", P, 0, 1),
+            ("f1", "up", S, 0, 1),
+            ("f2", "up", S, 0, 1),
+        ]);
+        c.nodes[1].apply(
+            Err("no answer within 500 ms".into()),
+            2,
+            2,
+            SystemTime::now(),
+        );
+        assert_eq!(c.nodes[1].health, Health::Up);
+        assert_eq!(
+            route(Endpoint::ReadOnly, &c, &POLICY, &[], 0),
+            Ok(vec![2, 0, 1])
+        );
     }
 
     #[test]

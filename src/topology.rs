@@ -176,6 +176,11 @@ impl NodeState {
         self.health == Health::Up
     }
 
+    /// Up, but its latest check failed: probably on its way down.
+    pub fn is_suspect(&self) -> bool {
+        self.health == Health::Up && self.fail_streak > 0
+    }
+
     /// One phrase for error messages, e.g. `default down (connection refused, 4s ago)`.
     pub fn describe(&self, now: SystemTime) -> String {
         let ago = |t: SystemTime| {
