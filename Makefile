@@ -11,4 +11,4 @@ demo: deps
 # Everything: unit tests, then integration tests against real PostgreSQL clusters and
 # real clients (psql, pgbench, psycopg 2/3, Django).
 test: deps
-	cargo test --all-targets -- --test-threads=2
+	cargo test --all-targets -- --test-threads=1

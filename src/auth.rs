@@ -227,6 +227,7 @@ mod tests {
             name: "app".into(),
             password: Some(pw.into()),
             auth: AuthMethod::ScramSha256,
+            admin: false,
         }
     }
 
@@ -281,6 +282,7 @@ mod tests {
             name: "app".into(),
             password: Some("pw".into()),
             auth: AuthMethod::Md5,
+            admin: false,
         });
         let salt = [1, 2, 3, 4];
         let good = postgres_protocol::authentication::md5_hash(b"app", b"pw", salt);

@@ -36,6 +36,8 @@ pub struct Config {
     #[serde(default)]
     pub proxy: ProxyConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub clusters: BTreeMap<String, ClusterConfig>,
@@ -83,6 +85,14 @@ impl HealthConfig {
     }
 }
 
+/// Operator interfaces.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `/health`, `/status`, `/metrics`, the status page; off when unset.
+    pub http_listen: Option<String>,
+}
+
 /// Settings of the client-facing side that are not per cluster.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +105,9 @@ pub struct ProxyConfig {
     /// buffered, so this is a sanity limit, not a memory reservation.
     #[serde(default = "d_max_message")]
     pub max_message_bytes: u32,
+    /// On SIGTERM/SIGINT, how long sessions in a transaction may take to finish.
+    #[serde(default = "d_10000")]
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -102,6 +115,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             client_login_timeout_ms: 15000,
             max_message_bytes: d_max_message(),
+            shutdown_timeout_ms: 10000,
         }
     }
 }
@@ -124,6 +138,9 @@ pub struct UserConfig {
     pub password: Option<String>,
     #[serde(default = "d_auth")]
     pub auth: AuthMethod,
+    /// May use the admin console (database `switchyard`).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -164,10 +181,14 @@ pub struct ClusterConfig {
     pub pool_mode: PoolMode,
     #[serde(default = "d_read_balance")]
     pub read_balance: ReadBalance,
-    /// Bound on one server connection attempt (TCP connect, login, role check), and on
-    /// how long a new client waits for a usable node to appear before it gets an error.
-    #[serde(default = "d_2000")]
+    /// Bound on the whole connect phase of a new session: trying candidates and waiting
+    /// for a usable node to appear. Then the client gets an error naming every node.
+    #[serde(default = "d_5000")]
     pub connect_timeout_ms: u64,
+    /// Bound on one server login attempt (TCP connect, login, role check); a frozen
+    /// node costs at most this before the next candidate is tried.
+    #[serde(default = "d_2000")]
+    pub server_login_timeout_ms: u64,
     #[serde(default = "d_split_brain")]
     pub split_brain: SplitBrainRule,
     #[serde(default)]
@@ -177,6 +198,9 @@ pub struct ClusterConfig {
 impl ClusterConfig {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn server_login_timeout(&self) -> Duration {
+        Duration::from_millis(self.server_login_timeout_ms)
     }
 }
 
@@ -200,6 +224,9 @@ fn d_1000() -> u64 {
 }
 fn d_2000() -> u64 {
     2000
+}
+fn d_5000() -> u64 {
+    5000
 }
 fn d_10000() -> u64 {
     10000
@@ -288,6 +315,14 @@ impl Config {
         if self.proxy.max_message_bytes < 1024 {
             return Err(invalid("proxy.max_message_bytes", "must be at least 1024"));
         }
+        if let Some(a) = &self.admin.http_listen {
+            if a.parse::<SocketAddr>().is_err() {
+                return Err(invalid(
+                    "admin.http_listen",
+                    format!("\"{a}\" is not an address like 127.0.0.1:9930"),
+                ));
+            }
+        }
         if self.users.is_empty() {
             return Err(invalid("users", "at least one [[users]] entry is required"));
         }
@@ -353,11 +388,16 @@ impl Config {
                     "\"transaction\" is not implemented yet; use \"session\"",
                 ));
             }
-            if c.connect_timeout_ms == 0 {
-                return Err(invalid(
-                    format!("clusters.{cname}.connect_timeout_ms"),
-                    "must be greater than 0",
-                ));
+            for (key, v) in [
+                ("connect_timeout_ms", c.connect_timeout_ms),
+                ("server_login_timeout_ms", c.server_login_timeout_ms),
+            ] {
+                if v == 0 {
+                    return Err(invalid(
+                        format!("clusters.{cname}.{key}"),
+                        "must be greater than 0",
+                    ));
+                }
             }
             if c.nodes.is_empty() {
                 return Err(invalid(

@@ -12,7 +12,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 use tracing::{info, warn};
 
 use crate::config::HealthConfig;
-use crate::topology::{ClusterState, Health, Observation, Role};
+use crate::topology::{ClusterState, Health, Observation, Role, Transition};
 
 /// One round trip answers everything: role, lag, WAL position, timeline.
 /// Lag is 0 when everything received has been replayed (an idle primary sends nothing,
@@ -28,7 +28,7 @@ const CHECK_SQL: &str = "SELECT pg_is_in_recovery() AS standby,
 
 pub struct Target {
     pub cluster: Arc<ClusterState>,
-    pub node: usize,
+    pub node: String,
     pub host: String,
     pub port: u16,
 }
@@ -52,15 +52,19 @@ impl Drop for Session {
     }
 }
 
+/// Called with each check's duration and any state change, for metrics.
+pub type Observer = Arc<dyn Fn(&str, &str, Duration, Option<&Transition>) + Send + Sync>;
+
 pub fn spawn(
     target: Target,
     cfg: HealthConfig,
     login: Arc<Login>,
+    observer: Observer,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut session: Option<Session> = None;
-        let name = target.cluster.snapshot().nodes[target.node].name.clone();
+        let name = target.node.clone();
         let mut ticker = tokio::time::interval(cfg.interval());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -84,10 +88,11 @@ pub fn spawn(
                     }
                 };
             let took = started.elapsed();
-            if let Some(t) = target
+            let transition = target
                 .cluster
-                .record(target.node, result, cfg.rise, cfg.fall)
-            {
+                .record(&target.node, result, cfg.rise, cfg.fall);
+            observer(&target.cluster.name, &name, took, transition.as_ref());
+            if let Some(t) = transition {
                 let (cluster, node) = (&target.cluster.name, &name);
                 let (old, new) = (
                     format!("{}/{}", t.old_health, t.old_role),

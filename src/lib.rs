@@ -11,10 +11,12 @@
 //! - [`server`]: logging in to a server, with the primary check for writes.
 //! - [`session`]: one client session, startup to relay to goodbye.
 //! - [`cancel`]: CancelRequest routing.
-//! - [`proxy`]: wiring of listeners, monitors and shutdown.
+//! - [`proxy`]: wiring of listeners, monitors, reload and shutdown.
+//! - [`admin`]: operators' view: admin console, HTTP endpoints, metrics, client list.
 //! - [`localcluster`]: a throwaway primary + standbys from the machine's PostgreSQL
 //!   binaries, for `switchyard demo` and the integration tests.
 
+pub mod admin;
 pub mod auth;
 pub mod cancel;
 pub mod config;

@@ -334,10 +334,33 @@ impl LocalCluster {
         }
     }
 
+    /// Wait until every running standby has replayed everything node 0 (the primary)
+    /// has written so far, so a test can kill the primary without losing its DDL.
+    pub fn wait_replayed(&self, within: Duration) -> Result<()> {
+        let target = self.sql(0, "SELECT pg_current_wal_lsn()")?;
+        let deadline = Instant::now() + within;
+        for i in 1..self.nodes.len() {
+            loop {
+                let done = self.sql(
+                    i,
+                    &format!("SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"),
+                )?;
+                if done == "t" {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("{} did not replay up to {target}", self.nodes[i].name);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
     /// A Switchyard config for this cluster, nodes in the order listed.
     pub fn config_toml(&self, rw_port: u16, ro_port: u16, extra_cluster: &str) -> String {
         let mut s = format!(
-            "[health]\ninterval_ms = 500\ntimeout_ms = 500\nrise = 2\nfall = 2\n\n\
+            "[health]\ninterval_ms = 500\ntimeout_ms = 1000\nrise = 2\nfall = 2\n\n\
              [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\nauth = \"scram-sha-256\"\n\n\
              [clusters.main]\nlisten_rw = \"127.0.0.1:{rw_port}\"\nlisten_ro = \"127.0.0.1:{ro_port}\"\n{extra_cluster}\n"
         );

@@ -46,6 +46,15 @@ enum Cmd {
     Run,
     /// Validate the config and exit: non-zero with a message naming the bad key.
     Check,
+    /// Show every cluster and node, as the admin HTTP `/status` reports it.
+    Status {
+        /// Base URL of the admin HTTP endpoint (default: admin.http_listen of --config).
+        #[arg(long)]
+        url: Option<String>,
+        /// Refresh every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Start a local primary and two streaming standbys from this machine's PostgreSQL
     /// binaries in a temporary directory, with the proxy in front. Ctrl-C cleans up.
     Demo {
@@ -53,6 +62,8 @@ enum Cmd {
         rw_port: u16,
         #[arg(long, default_value_t = 6433)]
         ro_port: u16,
+        #[arg(long, default_value_t = 9930)]
+        http_port: u16,
     },
 }
 
@@ -76,9 +87,14 @@ fn main() -> ExitCode {
             init_logging(cli.log_format);
             run(cli.config.as_ref())
         }
-        Cmd::Demo { rw_port, ro_port } => {
+        Cmd::Status { url, watch } => status(cli.config.as_ref(), url.clone(), *watch),
+        Cmd::Demo {
+            rw_port,
+            ro_port,
+            http_port,
+        } => {
             init_logging(cli.log_format);
-            demo(*rw_port, *ro_port)
+            demo(*rw_port, *ro_port, *http_port)
         }
     };
     match result {
@@ -116,25 +132,64 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn run(path: Option<&PathBuf>) -> Result<()> {
     let config = load(path)?;
     runtime()?.block_on(async {
-        let proxy = Proxy::start(config).await?;
-        wait_for_signal().await?;
-        tracing::info!("shutting down");
+        let proxy = Proxy::start(config, path.cloned()).await?;
+        wait_for_signal(&proxy).await?;
+        tracing::info!("shutting down: no new sessions; open transactions may finish");
         proxy.shutdown().await;
         Ok(())
     })
 }
 
-async fn wait_for_signal() -> Result<()> {
+/// Wait for SIGTERM or SIGINT; reload the config on every SIGHUP meanwhile.
+async fn wait_for_signal(proxy: &Proxy) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => return Ok(r?),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => {
+                // reload() logs its own outcome, success or rejection.
+                let _ = proxy.shared.reload();
+            }
+        }
     }
-    Ok(())
 }
 
-fn demo(rw_port: u16, ro_port: u16) -> Result<()> {
+fn status(path: Option<&PathBuf>, url: Option<String>, watch: bool) -> Result<()> {
+    let base = match url {
+        Some(u) => u,
+        None => {
+            let config = load(path).context("give --url or a --config with admin.http_listen")?;
+            let addr = config
+                .admin
+                .http_listen
+                .context("the config has no admin.http_listen; give --url")?;
+            format!("http://{addr}")
+        }
+    };
+    let url = format!("{}/status", base.trim_end_matches('/'));
+    loop {
+        let body = ureq::get(&url)
+            .call()
+            .with_context(|| format!("GET {url}"))?
+            .into_body()
+            .read_to_string()?;
+        let doc: switchyard::admin::status::Status =
+            serde_json::from_str(&body).context("unexpected /status document")?;
+        let table = switchyard::admin::status::render_table(&doc);
+        if !watch {
+            print!("{table}");
+            return Ok(());
+        }
+        // Clear the screen and home the cursor, like `watch`.
+        print!("\x1b[2J\x1b[H{table}");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+fn demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
     println!("Starting a local PostgreSQL cluster (1 primary, 2 streaming standbys)...");
     let cluster = LocalCluster::start(2).context("could not start the local cluster")?;
     let config_text = cluster.config_toml(
@@ -159,12 +214,14 @@ fn demo(rw_port: u16, ro_port: u16) -> Result<()> {
         })
         .collect();
     runtime()?.block_on(async {
-        let proxy = Proxy::start(config).await?;
+        let proxy = Proxy::start(config, Some(config_path.clone())).await?;
         println!(
             "\nSwitchyard is running (config: {cfg}).\n\nNodes:\n{nodes}\n\n\
              Connect (password: {APP_PASSWORD}):\n  \
              psql \"host=127.0.0.1 port={rw_port} user={APP_USER} dbname={APP_DB}\"   # read-write: the primary\n  \
              psql \"host=127.0.0.1 port={ro_port} user={APP_USER} dbname={APP_DB}\"   # read-only: a standby\n\n\
+             Status page: http://127.0.0.1:{http_port}/   (also /status, /metrics; `switchyard status --url http://127.0.0.1:{http_port} --watch`)\n\
+             Admin console: psql \"host=127.0.0.1 port={rw_port} user=admin dbname=switchyard\"   (password: admin; try SHOW NODES)\n\n\
              Django settings:\n  DATABASES = {{\n    'default': {{'ENGINE': 'django.db.backends.postgresql', 'HOST': '127.0.0.1', 'PORT': '{rw_port}',\n                'NAME': '{APP_DB}', 'USER': '{APP_USER}', 'PASSWORD': '{APP_PASSWORD}'}},\n    \
              'replica': {{'ENGINE': 'django.db.backends.postgresql', 'HOST': '127.0.0.1', 'PORT': '{ro_port}',\n                'NAME': '{APP_DB}', 'USER': '{APP_USER}', 'PASSWORD': '{APP_PASSWORD}'}},\n  }}\n\n\
              Try a failover in another terminal:\n  \
@@ -177,7 +234,7 @@ fn demo(rw_port: u16, ro_port: u16) -> Result<()> {
             d1 = cluster.nodes[1].data.display(),
             dir = cluster.dir().display(),
         );
-        let state = proxy.clusters[0].state.clone();
+        let state = proxy.shared.clusters.values().next().expect("one cluster").state.clone();
         let mut rx = state.subscribe();
         let show = async {
             loop {
@@ -189,7 +246,7 @@ fn demo(rw_port: u16, ro_port: u16) -> Result<()> {
             }
         };
         tokio::select! {
-            r = wait_for_signal() => r?,
+            r = wait_for_signal(&proxy) => r?,
             _ = show => {}
         }
         println!("\nStopping the proxy and the cluster...");

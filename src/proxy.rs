@@ -1,96 +1,295 @@
-//! Wiring: cluster state, health monitors, listeners, and the shutdown signal.
+//! Wiring: cluster state, health monitors, listeners, reload and shutdown.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
 
+use crate::admin::clients::Clients;
+use crate::admin::metrics::Metrics;
 use crate::auth::Verifier;
 use crate::cancel::CancelRegistry;
-use crate::config::{Config, NodeConfig};
+use crate::config::{ClusterConfig, Config};
 use crate::health;
 use crate::routing::{Endpoint, Policy};
 use crate::session;
-use crate::topology::ClusterState;
+use crate::topology::{ClusterSnapshot, ClusterState, NodeState};
 
-/// What every session of every cluster shares.
-pub struct Shared {
-    pub config: Config,
-    pub verifiers: HashMap<String, Verifier>,
-    pub cancels: Arc<CancelRegistry>,
-    pub shutdown: watch::Receiver<bool>,
-}
-
-/// One cluster as sessions see it.
+/// One cluster as sessions and operators see it.
 pub struct ClusterCtx {
     pub name: String,
     pub state: Arc<ClusterState>,
-    pub nodes: Vec<NodeConfig>,
-    pub policy: Policy,
-    pub connect_timeout: Duration,
+    pub listen_rw: Option<String>,
+    pub listen_ro: Option<String>,
     /// Rotates `round_robin` read balancing.
     pub turn: AtomicUsize,
+    /// Clients waiting for a server connection (no node yet, or paused).
+    pub waiting: AtomicU32,
+    /// `PAUSE`: checked with one atomic load on the relay path; the watch is for waiting.
+    paused: AtomicBool,
+    pause_tx: watch::Sender<bool>,
+    monitors: Mutex<HashMap<String, JoinHandle<()>>>,
 }
 
-/// A running proxy: its clusters and the addresses it listens on.
+impl ClusterCtx {
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+        self.pause_tx.send_replace(paused);
+        let what = if paused { "paused" } else { "resumed" };
+        self.state
+            .push_event("-", String::new(), what.into(), "operator command".into());
+        info!(cluster = %self.name, "cluster {what}");
+    }
+
+    /// Wait until the cluster is not paused.
+    pub async fn wait_unpaused(&self) {
+        let mut rx = self.pause_tx.subscribe();
+        let _ = rx.wait_for(|p| !*p).await;
+    }
+
+    /// Set or clear `drained` on a node; false if there is no such node.
+    pub fn set_drained(&self, node: &str, drained: bool) -> bool {
+        let mut found = false;
+        self.state.update(|snap| {
+            if let Some(i) = snap.index(node) {
+                found = true;
+                snap.nodes[i].drained = drained;
+            }
+            false
+        });
+        if found {
+            let what = if drained { "drained" } else { "undrained" };
+            self.state
+                .push_event(node, String::new(), what.into(), "operator command".into());
+            info!(cluster = %self.name, node = %node, "node {what}");
+        }
+        found
+    }
+}
+
+/// What every session of every cluster shares.
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    verifiers: RwLock<Arc<HashMap<String, Verifier>>>,
+    pub config_path: Option<PathBuf>,
+    pub clusters: BTreeMap<String, Arc<ClusterCtx>>,
+    pub cancels: Arc<CancelRegistry>,
+    pub clients: Arc<Clients>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+    pub started: Instant,
+}
+
+fn policy(c: &ClusterConfig) -> Policy {
+    Policy {
+        max_replica_lag_ms: c.max_replica_lag_ms,
+        read_balance: c.read_balance,
+        split_brain: c.split_brain,
+    }
+}
+
+fn verifiers(config: &Config) -> HashMap<String, Verifier> {
+    config
+        .users
+        .iter()
+        .map(|u| (u.name.clone(), Verifier::new(u)))
+        .collect()
+}
+
+impl Shared {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    pub fn verifiers(&self) -> Arc<HashMap<String, Verifier>> {
+        self.verifiers.read().unwrap().clone()
+    }
+
+    pub fn cluster_snapshots(&self) -> Vec<Arc<ClusterSnapshot>> {
+        self.clusters.values().map(|c| c.state.snapshot()).collect()
+    }
+
+    /// (Re)start the health monitors of every cluster from the current config. Node
+    /// state lives in the snapshot, not the task, so a restart loses no rise/fall count.
+    fn start_monitors(&self) {
+        let config = self.config();
+        let (user, password) = config.health_login();
+        let login = Arc::new(health::Login {
+            user,
+            password,
+            database: config.health.database.clone(),
+        });
+        let metrics = self.metrics.clone();
+        let observer: health::Observer =
+            Arc::new(move |cluster, node, took, t| metrics.observe_check(cluster, node, took, t));
+        for (name, ctx) in &self.clusters {
+            let mut monitors = ctx.monitors.lock().unwrap();
+            for (_, task) in monitors.drain() {
+                task.abort();
+            }
+            let Some(c) = config.clusters.get(name) else {
+                continue;
+            };
+            for n in &c.nodes {
+                let target = health::Target {
+                    cluster: ctx.state.clone(),
+                    node: n.name.clone(),
+                    host: n.host.clone(),
+                    port: n.port,
+                };
+                let task = health::spawn(
+                    target,
+                    config.health.clone(),
+                    login.clone(),
+                    observer.clone(),
+                    self.shutdown.clone(),
+                );
+                monitors.insert(n.name.clone(), task);
+            }
+        }
+    }
+
+    /// Re-read the config file and apply what can change while running: nodes (added,
+    /// removed, moved), health settings, users, per-cluster routing settings. Listener
+    /// addresses and the set of clusters need a restart; that is logged. An invalid file
+    /// changes nothing. Returns a one-line summary.
+    pub fn reload(&self) -> Result<String, String> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or("no config file to reload (started without --config)")?;
+        let new = Config::load(path).map_err(|e| {
+            error!(path = %path.display(), reason = %e, "reload rejected; the running config stays");
+            format!("reload rejected, the running config stays: {e}")
+        })?;
+        let old = self.config();
+        let mut notes = Vec::new();
+        for (name, c) in &new.clusters {
+            let Some(ctx) = self.clusters.get(name) else {
+                warn!(cluster = %name, "new cluster in config: needs a restart");
+                notes.push(format!("cluster {name} added: restart needed"));
+                continue;
+            };
+            if old.clusters.get(name).map(|o| (&o.listen_rw, &o.listen_ro))
+                != Some((&c.listen_rw, &c.listen_ro))
+            {
+                warn!(cluster = %name, "listen address changed: needs a restart to take effect");
+                notes.push(format!("cluster {name} listeners changed: restart needed"));
+            }
+            let mut added = Vec::new();
+            let mut removed = Vec::new();
+            ctx.state.update(|snap| {
+                let mut nodes = Vec::new();
+                for n in &c.nodes {
+                    match snap
+                        .nodes
+                        .iter()
+                        .find(|o| o.name == n.name && o.addr == n.addr())
+                    {
+                        Some(existing) => nodes.push(existing.clone()),
+                        None => {
+                            added.push(n.name.clone());
+                            nodes.push(NodeState::new(&n.name, &n.addr()));
+                        }
+                    }
+                }
+                removed = snap
+                    .nodes
+                    .iter()
+                    .filter(|o| !nodes.iter().any(|n| n.name == o.name && n.addr == o.addr))
+                    .map(|o| o.name.clone())
+                    .collect();
+                snap.nodes = nodes;
+                snap.policy = policy(c);
+                snap.connect_timeout = c.connect_timeout();
+                snap.server_login_timeout = c.server_login_timeout();
+                true
+            });
+            for n in &added {
+                ctx.state.push_event(
+                    n,
+                    String::new(),
+                    "added".into(),
+                    "configuration reload".into(),
+                );
+            }
+            for n in &removed {
+                ctx.state.push_event(
+                    n,
+                    String::new(),
+                    "removed".into(),
+                    "configuration reload".into(),
+                );
+            }
+            if !added.is_empty() || !removed.is_empty() {
+                notes.push(format!(
+                    "cluster {name}: nodes added {added:?}, removed {removed:?}"
+                ));
+            }
+        }
+        for name in self.clusters.keys() {
+            if !new.clusters.contains_key(name) {
+                warn!(cluster = %name, "cluster removed from config: needs a restart");
+                notes.push(format!("cluster {name} removed: restart needed"));
+            }
+        }
+        *self.verifiers.write().unwrap() = Arc::new(verifiers(&new));
+        *self.config.write().unwrap() = Arc::new(new);
+        self.start_monitors();
+        let summary = if notes.is_empty() {
+            "config reloaded".to_string()
+        } else {
+            format!("config reloaded: {}", notes.join("; "))
+        };
+        info!(path = %path.display(), "{summary}");
+        Ok(summary)
+    }
+}
+
+/// A running proxy: its shared state and the addresses it listens on.
 pub struct Proxy {
-    pub clusters: Vec<Arc<ClusterCtx>>,
+    pub shared: Arc<Shared>,
     pub listening: Vec<(String, Endpoint, SocketAddr)>,
     shutdown_tx: watch::Sender<bool>,
 }
 
 impl Proxy {
     /// Bind every listener, start the health monitors and accept loops.
-    pub async fn start(config: Config) -> anyhow::Result<Proxy> {
+    pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Proxy> {
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let verifiers = config
-            .users
-            .iter()
-            .map(|u| (u.name.clone(), Verifier::new(u)))
-            .collect();
-        let (user, password) = config.health_login();
-        let health_login = Arc::new(health::Login {
-            user,
-            password,
-            database: config.health.database.clone(),
-        });
-        let mut clusters = Vec::new();
+        let mut clusters = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, c) in &config.clusters {
-            let nodes: Vec<(String, String)> =
-                c.nodes.iter().map(|n| (n.name.clone(), n.addr())).collect();
-            let state = ClusterState::new(name, &nodes);
-            for (i, n) in c.nodes.iter().enumerate() {
-                let target = health::Target {
-                    cluster: state.clone(),
-                    node: i,
-                    host: n.host.clone(),
-                    port: n.port,
-                };
-                health::spawn(
-                    target,
-                    config.health.clone(),
-                    health_login.clone(),
-                    shutdown.clone(),
-                );
-            }
+            let nodes = c
+                .nodes
+                .iter()
+                .map(|n| NodeState::new(&n.name, &n.addr()))
+                .collect();
+            let mut snap = ClusterSnapshot::new(name, nodes, policy(c), c.connect_timeout());
+            snap.server_login_timeout = c.server_login_timeout();
+            let state = ClusterState::new(snap);
             let ctx = Arc::new(ClusterCtx {
                 name: name.clone(),
                 state,
-                nodes: c.nodes.clone(),
-                policy: Policy {
-                    max_replica_lag_ms: c.max_replica_lag_ms,
-                    read_balance: c.read_balance,
-                    split_brain: c.split_brain,
-                },
-                connect_timeout: c.connect_timeout(),
+                listen_rw: c.listen_rw.clone(),
+                listen_ro: c.listen_ro.clone(),
                 turn: AtomicUsize::new(0),
+                waiting: AtomicU32::new(0),
+                paused: AtomicBool::new(false),
+                pause_tx: watch::channel(false).0,
+                monitors: Mutex::new(HashMap::new()),
             });
             for (addr, endpoint) in [
                 (&c.listen_rw, Endpoint::ReadWrite),
@@ -103,14 +302,21 @@ impl Proxy {
                     listeners.push((ctx.clone(), endpoint, l));
                 }
             }
-            clusters.push(ctx);
+            clusters.insert(name.clone(), ctx);
         }
+        let http_listen = config.admin.http_listen.clone();
         let shared = Arc::new(Shared {
-            config,
-            verifiers,
+            verifiers: RwLock::new(Arc::new(verifiers(&config))),
+            config: RwLock::new(Arc::new(config)),
+            config_path,
+            clusters,
             cancels: Arc::new(CancelRegistry::default()),
+            clients: Arc::new(Clients::default()),
+            metrics: Arc::new(Metrics::default()),
             shutdown: shutdown.clone(),
+            started: Instant::now(),
         });
+        shared.start_monitors();
         let mut listening = Vec::new();
         for (ctx, endpoint, l) in listeners {
             let local = l.local_addr()?;
@@ -124,18 +330,32 @@ impl Proxy {
                 shutdown.clone(),
             ));
         }
+        if let Some(addr) = http_listen {
+            let l = TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (admin.http_listen)"))?;
+            info!(addr = %l.local_addr()?, "admin HTTP listening");
+            tokio::spawn(crate::admin::http::serve(l, shared.clone()));
+        }
         Ok(Proxy {
-            clusters,
+            shared,
             listening,
             shutdown_tx,
         })
     }
 
-    /// Stop accepting, end every session with a FATAL message, stop the monitors.
+    /// Graceful shutdown: stop accepting; sessions close as soon as they are between
+    /// transactions, and at the latest after `proxy.shutdown_timeout_ms`, each with a
+    /// FATAL message; then stop the monitors.
     pub async fn shutdown(&self) {
+        let grace = Duration::from_millis(self.shared.config().proxy.shutdown_timeout_ms);
         let _ = self.shutdown_tx.send(true);
-        // Give sessions a moment to write their goodbye.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let deadline = Instant::now() + grace + Duration::from_millis(500);
+        while !self.shared.clients.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Give the last sessions a moment to write their goodbye.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

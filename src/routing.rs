@@ -62,8 +62,9 @@ impl fmt::Display for NoRoute {
     }
 }
 
-/// The one node writes may go to.
-pub fn primary(snap: &ClusterSnapshot, policy: &Policy) -> Result<usize, NoRoute> {
+/// The one node that is the primary: up, reports primary, and wins the split-brain rule
+/// if several do. Drain does not change who the primary is.
+pub fn primary(snap: &ClusterSnapshot) -> Result<usize, NoRoute> {
     let primaries: Vec<usize> = (0..snap.nodes.len())
         .filter(|&i| snap.nodes[i].health == Health::Up && snap.nodes[i].role == Role::Primary)
         .collect();
@@ -74,7 +75,7 @@ pub fn primary(snap: &ClusterSnapshot, policy: &Policy) -> Result<usize, NoRoute
         }),
         [one] => Ok(*one),
         many => {
-            if policy.split_brain == SplitBrainRule::NewestTimeline {
+            if snap.policy.split_brain == SplitBrainRule::NewestTimeline {
                 if let Some(winner) = newest_timeline(snap, many) {
                     return Ok(winner);
                 }
@@ -111,23 +112,33 @@ fn newest_timeline(snap: &ClusterSnapshot, primaries: &[usize]) -> Option<usize>
     }
 }
 
-/// Candidates for a new session, best first. `active` holds current sessions per node
-/// (for `least_connections`); `turn` rotates `round_robin`.
+/// Candidates for a new session, best first; `turn` rotates `round_robin`. Drained nodes
+/// get no new sessions.
 pub fn route(
     endpoint: Endpoint,
     snap: &ClusterSnapshot,
-    policy: &Policy,
-    active: &[u32],
     turn: usize,
 ) -> Result<Vec<usize>, NoRoute> {
+    let policy = &snap.policy;
+    let open_primary = primary(snap).and_then(|p| {
+        if snap.nodes[p].drained {
+            Err(NoRoute::NoPrimary {
+                cluster: snap.name.clone(),
+                nodes: snap.describe_nodes(),
+            })
+        } else {
+            Ok(p)
+        }
+    });
     match endpoint {
-        Endpoint::ReadWrite => primary(snap, policy).map(|p| vec![p]),
+        Endpoint::ReadWrite => open_primary.map(|p| vec![p]),
         Endpoint::ReadOnly => {
             let mut standbys: Vec<usize> = (0..snap.nodes.len())
                 .filter(|&i| {
                     let n = &snap.nodes[i];
                     n.health == Health::Up
                         && n.role == Role::Standby
+                        && !n.drained
                         && n.lag_ms.is_some_and(|l| l <= policy.max_replica_lag_ms)
                 })
                 .collect();
@@ -141,7 +152,7 @@ pub fn route(
                 }
                 // Stable sort: ties keep the listed (priority) order.
                 ReadBalance::LeastConnections => {
-                    standbys.sort_by_key(|&i| active.get(i).copied().unwrap_or(0))
+                    standbys.sort_by_key(|&i| snap.nodes[i].sessions())
                 }
             }
             // A standby whose latest check failed (frozen? dying?) is still up until `fall`
@@ -152,33 +163,34 @@ pub fn route(
                 .partition(|&i| snap.nodes[i].is_suspect());
             // The primary is the last resort for reads; in an unresolved split brain there
             // is no primary to fall back on, since either could be the stale one.
-            if let Ok(p) = primary(snap, policy) {
+            if let Ok(p) = open_primary {
                 candidates.push(p);
             }
             candidates.extend(suspect);
-            let standbys = candidates;
-            if standbys.is_empty() {
+            if candidates.is_empty() {
                 Err(NoRoute::NoReadable {
                     cluster: snap.name.clone(),
                     nodes: snap.describe_nodes(),
                 })
             } else {
-                Ok(standbys)
+                Ok(candidates)
             }
         }
     }
 }
 
-/// Why a session already running on `node` must end now, if it must. A write session
-/// lives only while its node is the one `primary()` picks; a read session while its node
-/// is up (a lagging standby gets no new sessions but keeps its current ones).
-pub fn eviction(
-    endpoint: Endpoint,
-    snap: &ClusterSnapshot,
-    policy: &Policy,
-    node: usize,
-) -> Option<String> {
-    let n = &snap.nodes[node];
+/// Why a session already running on the node named `node` must end now, if it must. A
+/// write session lives only while its node is the one `primary()` picks; a read session
+/// while its node is up (a lagging or drained standby gets no new sessions but keeps its
+/// current ones).
+pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, node: &str) -> Option<String> {
+    let Some(index) = snap.index(node) else {
+        return Some(format!(
+            "node \"{node}\" was removed from cluster \"{}\" by a configuration reload",
+            snap.name
+        ));
+    };
+    let n = &snap.nodes[index];
     if n.health != Health::Up {
         return Some(format!(
             "node \"{}\" of cluster \"{}\" is down ({})",
@@ -188,8 +200,8 @@ pub fn eviction(
         ));
     }
     if endpoint == Endpoint::ReadWrite {
-        match primary(snap, policy) {
-            Ok(p) if p == node => {}
+        match primary(snap) {
+            Ok(p) if p == index => {}
             Ok(p) => {
                 return Some(format!(
                     "node \"{}\" is no longer the primary of cluster \"{}\" (now {} is); reconnect to reach the primary",
@@ -212,7 +224,7 @@ pub fn eviction(
 mod tests {
     use super::*;
     use crate::topology::{NodeState, Observation};
-    use std::time::SystemTime;
+    use std::time::{Duration, SystemTime};
 
     const POLICY: Policy = Policy {
         max_replica_lag_ms: 1000,
@@ -241,9 +253,13 @@ mod tests {
                 n
             })
             .collect();
+        ClusterSnapshot::new("main", nodes, POLICY, Duration::from_secs(1))
+    }
+
+    fn with(c: &ClusterSnapshot, policy: Policy) -> ClusterSnapshot {
         ClusterSnapshot {
-            name: "main".into(),
-            nodes,
+            policy,
+            ..c.clone()
         }
     }
 
@@ -252,13 +268,13 @@ mod tests {
     #[test]
     fn rw_goes_to_the_primary_wherever_it_is_listed() {
         let c = cluster(&[("default", "up", S, 0, 1), ("failover1", "up", P, 0, 2)]);
-        assert_eq!(route(Endpoint::ReadWrite, &c, &POLICY, &[], 0), Ok(vec![1]));
+        assert_eq!(route(Endpoint::ReadWrite, &c, 0), Ok(vec![1]));
     }
 
     #[test]
     fn rw_never_goes_to_a_standby_even_if_it_is_all_there_is() {
         let c = cluster(&[("default", "down", P, 0, 1), ("failover1", "up", S, 0, 1)]);
-        let err = route(Endpoint::ReadWrite, &c, &POLICY, &[], 0).unwrap_err();
+        let err = route(Endpoint::ReadWrite, &c, 0).unwrap_err();
         assert!(matches!(err, NoRoute::NoPrimary { .. }));
         let msg = err.to_string();
         assert!(
@@ -277,10 +293,7 @@ mod tests {
             ("f1", "up", S, 0, 1),
             ("f2", "up", S, 0, 1),
         ]);
-        assert_eq!(
-            route(Endpoint::ReadOnly, &c, &POLICY, &[], 0),
-            Ok(vec![1, 2, 0])
-        );
+        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![1, 2, 0]));
     }
 
     #[test]
@@ -290,7 +303,7 @@ mod tests {
             ("f1", "down", S, 0, 1),
             ("f2", "up", S, 5000, 1),
         ]);
-        assert_eq!(route(Endpoint::ReadOnly, &c, &POLICY, &[], 0), Ok(vec![0]));
+        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![0]));
     }
 
     #[test]
@@ -307,18 +320,13 @@ mod tests {
             SystemTime::now(),
         );
         assert_eq!(c.nodes[1].health, Health::Up);
-        assert_eq!(
-            route(Endpoint::ReadOnly, &c, &POLICY, &[], 0),
-            Ok(vec![2, 0, 1])
-        );
+        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 0, 1]));
     }
 
     #[test]
     fn ro_with_nothing_up_names_every_node() {
         let c = cluster(&[("default", "down", P, 0, 1), ("f1", "down", S, 0, 1)]);
-        let msg = route(Endpoint::ReadOnly, &c, &POLICY, &[], 0)
-            .unwrap_err()
-            .to_string();
+        let msg = route(Endpoint::ReadOnly, &c, 0).unwrap_err().to_string();
         assert!(
             msg.contains("default down") && msg.contains("f1 down"),
             "{msg}"
@@ -338,19 +346,22 @@ mod tests {
             ..POLICY
         };
         assert_eq!(
-            route(Endpoint::ReadOnly, &c, &rr, &[], 1),
+            route(Endpoint::ReadOnly, &with(&c, rr), 1),
             Ok(vec![2, 3, 1, 0])
         );
         assert_eq!(
-            route(Endpoint::ReadOnly, &c, &rr, &[], 3),
+            route(Endpoint::ReadOnly, &with(&c, rr), 3),
             Ok(vec![1, 2, 3, 0])
         );
         let lc = Policy {
             read_balance: ReadBalance::LeastConnections,
             ..POLICY
         };
+        for (node, n) in c.nodes.iter().zip([0, 5, 1, 5]) {
+            node.active.store(n, std::sync::atomic::Ordering::Relaxed);
+        }
         assert_eq!(
-            route(Endpoint::ReadOnly, &c, &lc, &[0, 5, 1, 5], 0),
+            route(Endpoint::ReadOnly, &with(&c, lc), 0),
             Ok(vec![2, 1, 3, 0])
         );
     }
@@ -363,24 +374,19 @@ mod tests {
             ("failover1", "up", P, 0, 2),
             ("failover2", "up", S, 0, 2),
         ]);
-        assert_eq!(route(Endpoint::ReadWrite, &c, &POLICY, &[], 0), Ok(vec![1]));
+        assert_eq!(route(Endpoint::ReadWrite, &c, 0), Ok(vec![1]));
         // Reads never fall back on the loser.
-        assert_eq!(
-            route(Endpoint::ReadOnly, &c, &POLICY, &[], 0),
-            Ok(vec![2, 1])
-        );
-        assert!(eviction(Endpoint::ReadWrite, &c, &POLICY, 0)
+        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 1]));
+        assert!(eviction(Endpoint::ReadWrite, &c, "default")
             .unwrap()
             .contains("no longer the primary"));
-        assert_eq!(eviction(Endpoint::ReadWrite, &c, &POLICY, 1), None);
+        assert_eq!(eviction(Endpoint::ReadWrite, &c, "failover1"), None);
     }
 
     #[test]
     fn split_brain_tie_or_refuse_rule_names_both_nodes() {
         let tie = cluster(&[("default", "up", P, 0, 2), ("failover1", "up", P, 0, 2)]);
-        let msg = route(Endpoint::ReadWrite, &tie, &POLICY, &[], 0)
-            .unwrap_err()
-            .to_string();
+        let msg = route(Endpoint::ReadWrite, &tie, 0).unwrap_err().to_string();
         assert!(
             msg.contains("split brain") && msg.contains("default and failover1"),
             "{msg}"
@@ -391,15 +397,17 @@ mod tests {
             ..POLICY
         };
         assert!(matches!(
-            route(Endpoint::ReadWrite, &c, &refuse, &[], 0),
+            route(Endpoint::ReadWrite, &with(&c, refuse), 0),
             Err(NoRoute::SplitBrain { .. })
         ));
         // Running write sessions on either primary are ended.
-        assert!(eviction(Endpoint::ReadWrite, &c, &refuse, 1)
-            .unwrap()
-            .contains("split brain"));
+        assert!(
+            eviction(Endpoint::ReadWrite, &with(&c, refuse), "failover1")
+                .unwrap()
+                .contains("split brain")
+        );
         // With no primary to trust, reads have nowhere to go but standbys.
-        assert!(route(Endpoint::ReadOnly, &c, &refuse, &[], 0).is_err());
+        assert!(route(Endpoint::ReadOnly, &with(&c, refuse), 0).is_err());
     }
 
     #[test]
@@ -409,13 +417,34 @@ mod tests {
             ("f1", "down", S, 0, 1),
             ("f2", "up", S, 99999, 1),
         ]);
-        assert!(eviction(Endpoint::ReadWrite, &c, &POLICY, 0)
+        assert!(eviction(Endpoint::ReadWrite, &c, "default")
             .unwrap()
             .contains("no longer the primary"));
-        assert!(eviction(Endpoint::ReadOnly, &c, &POLICY, 1)
+        assert!(eviction(Endpoint::ReadOnly, &c, "f1")
             .unwrap()
             .contains("is down (connection refused)"));
         // A lagging standby keeps its read sessions.
-        assert_eq!(eviction(Endpoint::ReadOnly, &c, &POLICY, 2), None);
+        assert_eq!(eviction(Endpoint::ReadOnly, &c, "f2"), None);
+        // A node removed by a reload ends its sessions.
+        assert!(eviction(Endpoint::ReadOnly, &c, "gone")
+            .unwrap()
+            .contains("removed"));
+    }
+
+    #[test]
+    fn drained_nodes_get_no_new_sessions_but_keep_their_current_ones() {
+        let mut c = cluster(&[
+            ("default", "up", P, 0, 1),
+            ("f1", "up", S, 0, 1),
+            ("f2", "up", S, 0, 1),
+        ]);
+        c.nodes[1].drained = true;
+        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 0]));
+        assert_eq!(eviction(Endpoint::ReadOnly, &c, "f1"), None);
+        c.nodes[0].drained = true;
+        let err = route(Endpoint::ReadWrite, &c, 0).unwrap_err().to_string();
+        assert!(err.contains("default primary (drained)"), "{err}");
+        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![2]));
+        assert_eq!(eviction(Endpoint::ReadWrite, &c, "default"), None);
     }
 }

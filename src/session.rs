@@ -7,7 +7,7 @@
 //! does so when the client's stream is at a message boundary.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use tokio::sync::watch;
+
+use crate::admin::clients::NewClient;
+use crate::admin::console::{self, ADMIN_DATABASE};
+use crate::admin::metrics::{ClusterLabels, EndpointLabels, RoutedLabels};
 use crate::auth::{AuthError, Verifier};
 use crate::cancel::Registration;
 use crate::config::AuthMethod;
+use crate::config::Config;
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::sqlstate;
@@ -27,7 +33,7 @@ use crate::protocol::startup::{read_startup, StartupError, StartupPacket};
 use crate::proxy::{ClusterCtx, Shared};
 use crate::routing::{self, Endpoint};
 use crate::server::{self, ServerConn, ServerError};
-use crate::topology::Health;
+use crate::topology::{ClusterSnapshot, Health, NodeStats, Role};
 
 /// Auth messages are tiny; PostgreSQL caps them similarly.
 const MAX_AUTH_MESSAGE: usize = 10000;
@@ -50,11 +56,34 @@ impl From<std::io::Error> for Reject {
     }
 }
 
+#[derive(Clone)]
 struct Client {
     user: String,
     database: String,
     /// Startup parameters passed on to the server (application_name, options, ...).
     params: Vec<(String, String)>,
+}
+
+/// Keeps a node's session count right however the session ends (even by panic).
+struct NodeSlot(Arc<AtomicU32>);
+
+impl Drop for NodeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What `connect` hands to the relay.
+struct Connected {
+    node: String,
+    addr: String,
+    role: Role,
+    server: ServerConn,
+    _slot: NodeSlot,
+    _cancel: Registration,
+    stats: Arc<NodeStats>,
+    /// The receiver routing used: anything newer than the routing snapshot wakes the relay.
+    topology: watch::Receiver<Arc<ClusterSnapshot>>,
 }
 
 pub async fn serve(
@@ -65,10 +94,15 @@ pub async fn serve(
     shared: Arc<Shared>,
 ) {
     let _ = stream.set_nodelay(true);
-    let login_timeout = Duration::from_millis(shared.config.proxy.client_login_timeout_ms);
+    let config = shared.config();
+    let login_timeout = Duration::from_millis(config.proxy.client_login_timeout_ms);
     let started = Instant::now();
     let outcome = match tokio::time::timeout(login_timeout, login(&mut stream, &shared)).await {
-        Ok(Ok(Some(client))) => connect(&mut stream, &client, &cluster, endpoint, &shared).await.map(|c| (client, c)),
+        Ok(Ok(Some(client))) if client.database == ADMIN_DATABASE => {
+            console::run(stream, &client.user, &shared).await;
+            return;
+        }
+        Ok(Ok(Some(client))) => connect(&mut stream, &client, &cluster, endpoint, &shared, &config).await.map(|c| (client, c)),
         Ok(Ok(None)) => return, // a cancel request, already handled
         Ok(Err(r)) => Err(r),
         Err(_) => Err(Reject::Fatal(
@@ -76,12 +110,14 @@ pub async fn serve(
             format!("startup and authentication did not finish within {} ms (proxy.client_login_timeout_ms)", login_timeout.as_millis()),
         )),
     };
-    let (client, (node, server, _cancel_key)) = match outcome {
+    let (client, connected) = match outcome {
         Ok(ok) => ok,
         Err(reject) => {
             let text = match &reject {
                 Reject::Fatal(code, msg) => {
+                    shared.metrics.error(code);
                     let _ = stream.write_all(&messages::fatal(code, msg)).await;
+                    linger(&mut stream).await;
                     format!("{msg} (SQLSTATE {code})")
                 }
                 Reject::Forward(raw, msg) => {
@@ -94,21 +130,41 @@ pub async fn serve(
             return;
         }
     };
-    let node_name = &cluster.nodes[node].name;
+    let wait = started.elapsed();
+    shared
+        .metrics
+        .pool_wait_seconds
+        .get_or_create(&ClusterLabels {
+            cluster: cluster.name.clone(),
+        })
+        .observe(wait.as_secs_f64());
     info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, user = %client.user, database = %client.database,
-          node = %node_name, setup_ms = started.elapsed().as_millis() as u64, "session started");
-    cluster.state.active[node].fetch_add(1, Ordering::Relaxed);
-    let end = relay(stream, server, node, &cluster, endpoint, &shared).await;
-    cluster.state.active[node].fetch_sub(1, Ordering::Relaxed);
+          node = %connected.node, setup_ms = wait.as_millis() as u64, "session started");
+    let endpoint_labels = EndpointLabels {
+        cluster: cluster.name.clone(),
+        endpoint: endpoint.to_string(),
+    };
+    let gauge = shared
+        .metrics
+        .client_connections
+        .get_or_create(&endpoint_labels)
+        .clone();
+    gauge.inc();
+    let node = connected.node.clone();
+    let end = relay(
+        stream, connected, &client, peer, &cluster, endpoint, &shared, &config,
+    )
+    .await;
+    gauge.dec();
     match &end {
         End::Evicted { reason, .. } => {
-            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node_name, reason = %reason, "session ended by proxy")
+            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node, reason = %reason, "session ended by proxy")
         }
         End::BadMessage(e) => {
             warn!(cluster = %cluster.name, peer = %peer, reason = %e, "client sent a malformed message; session closed")
         }
         other => {
-            debug!(cluster = %cluster.name, peer = %peer, node = %node_name, end = ?other, "session ended")
+            debug!(cluster = %cluster.name, peer = %peer, node = %node, end = ?other, "session ended")
         }
     }
 }
@@ -170,7 +226,8 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
         stream.write_all(&b).await?;
     }
 
-    let verifier = shared.verifiers.get(&user).ok_or_else(|| {
+    let verifiers = shared.verifiers();
+    let verifier = verifiers.get(&user).ok_or_else(|| {
         Reject::Fatal(
             sqlstate::INVALID_AUTHORIZATION,
             format!("user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"),
@@ -281,50 +338,107 @@ async fn read_password_message(stream: &mut TcpStream) -> Result<BytesMut, Rejec
     Ok(body)
 }
 
-/// Choose a node and log in there, trying candidates in order, waiting (bounded by
-/// `connect_timeout_ms`) for the topology to offer one when there is none.
+/// Choose a node and log in there, trying candidates in order, waiting for the
+/// topology to offer one when there is none. The whole phase is bounded by the cluster's
+/// `connect_timeout_ms`, each login attempt also by `server_login_timeout_ms`; a PAUSE
+/// holds it without limit (an operator asked for exactly that).
 async fn connect(
     stream: &mut TcpStream,
     client: &Client,
     cluster: &ClusterCtx,
     endpoint: Endpoint,
     shared: &Shared,
-) -> Result<(usize, ServerConn, Registration), Reject> {
-    let user_cfg = shared
-        .config
-        .user(&client.user)
-        .expect("authenticated users exist");
+    config: &Config,
+) -> Result<Connected, Reject> {
+    cluster.waiting.fetch_add(1, Ordering::Relaxed);
+    let result = connect_inner(stream, client, cluster, endpoint, shared, config).await;
+    cluster.waiting.fetch_sub(1, Ordering::Relaxed);
+    result
+}
+
+async fn connect_inner(
+    stream: &mut TcpStream,
+    client: &Client,
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    shared: &Shared,
+    config: &Config,
+) -> Result<Connected, Reject> {
+    if cluster.is_paused() {
+        cluster.wait_unpaused().await;
+    }
+    let user_cfg = config.user(&client.user).ok_or_else(|| {
+        Reject::Fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!(
+                "user \"{}\" was removed from the configuration",
+                client.user
+            ),
+        )
+    })?;
+    let mut params = client.params.clone();
+    if endpoint == Endpoint::ReadOnly {
+        // The ro endpoint may fall back to the primary; keep it read-only there too.
+        params.push(("default_transaction_read_only".into(), "on".into()));
+    }
     let login = server::Login {
         user: &client.user,
         password: user_cfg.password.as_deref(),
         database: &client.database,
-        params: &client.params,
+        params: &params,
         require_primary: endpoint == Endpoint::ReadWrite,
     };
-    let deadline = Instant::now() + cluster.connect_timeout;
     let mut rx = cluster.state.subscribe();
+    let (connect_timeout, login_timeout) = {
+        let snap = rx.borrow();
+        (snap.connect_timeout, snap.server_login_timeout)
+    };
+    let deadline = Instant::now() + connect_timeout;
     let mut failures: Vec<String> = Vec::new();
     loop {
         let snap = rx.borrow_and_update().clone();
         let turn = cluster.turn.fetch_add(1, Ordering::Relaxed);
-        let last_problem = match routing::route(
-            endpoint,
-            &snap,
-            &cluster.policy,
-            &cluster.state.active_counts(),
-            turn,
-        ) {
+        let last_problem = match routing::route(endpoint, &snap, turn) {
             Ok(candidates) => {
-                for node in candidates {
-                    let cfg = &cluster.nodes[node];
-                    match server::connect(&cfg.addr(), &login, cluster.connect_timeout).await {
+                for index in candidates {
+                    let node = &snap.nodes[index];
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if remaining.is_zero() {
+                        break;
+                    }
+                    // Counted from the moment it is chosen, so a burst of new sessions
+                    // spreads under least_connections.
+                    node.active.fetch_add(1, Ordering::Relaxed);
+                    let slot = NodeSlot(node.active.clone());
+                    match server::connect(&node.addr, &login, login_timeout.min(remaining)).await {
                         Ok(conn) => {
-                            let reg = send_welcome(stream, &conn, shared, cfg.addr()).await?;
-                            return Ok((node, conn, reg));
+                            // The topology may have changed during the login: never hand over
+                            // a session the relay would have to end at once.
+                            if let Some(reason) =
+                                routing::eviction(endpoint, &rx.borrow_and_update(), &node.name)
+                            {
+                                failures.push(format!("{}: {reason}", node.name));
+                                continue;
+                            }
+                            let cancel = send_welcome(stream, &conn, shared, &node.addr).await?;
+                            node.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+                            return Ok(Connected {
+                                node: node.name.clone(),
+                                addr: node.addr.clone(),
+                                role: node.role,
+                                server: conn,
+                                _slot: slot,
+                                _cancel: cancel,
+                                stats: node.stats.clone(),
+                                topology: rx,
+                            });
                         }
                         Err(e) if e.try_next_node() => {
-                            warn!(cluster = %cluster.name, endpoint = %endpoint, node = %cfg.name, reason = %e, "server connection failed; trying next candidate");
-                            failures.push(format!("{}: {e}", cfg.name));
+                            node.stats
+                                .connect_failures_total
+                                .fetch_add(1, Ordering::Relaxed);
+                            warn!(cluster = %cluster.name, endpoint = %endpoint, node = %node.name, reason = %e, "server connection failed; trying next candidate");
+                            failures.push(format!("{}: {e}", node.name));
                         }
                         Err(ServerError::Refused { raw, message, .. }) => {
                             return Err(Reject::Forward(raw, message))
@@ -334,7 +448,7 @@ async fn connect(
                                 sqlstate::CONNECTION_FAILURE,
                                 format!(
                                     "cannot log in to node \"{}\" of cluster \"{}\": {e}",
-                                    cfg.name, cluster.name
+                                    node.name, cluster.name
                                 ),
                             ))
                         }
@@ -377,9 +491,9 @@ async fn send_welcome(
     stream: &mut TcpStream,
     conn: &ServerConn,
     shared: &Shared,
-    addr: String,
+    addr: &str,
 ) -> Result<Registration, Reject> {
-    let reg = shared.cancels.register(&addr, conn.pid, conn.key);
+    let reg = shared.cancels.register(addr, conn.pid, conn.key);
     let mut out = BytesMut::with_capacity(conn.startup_messages.len() + 32);
     out.extend_from_slice(&conn.startup_messages);
     messages::backend_key_data(&mut out, reg.pid, reg.key);
@@ -436,21 +550,62 @@ impl From<FrameError> for ScanStop {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     mut client: TcpStream,
-    mut server: ServerConn,
-    node: usize,
+    c: Connected,
+    who: &Client,
+    peer: SocketAddr,
     cluster: &ClusterCtx,
     endpoint: Endpoint,
     shared: &Shared,
+    config: &Config,
 ) -> End {
-    let limit = shared.config.proxy.max_message_bytes;
-    // True while the client's stream is between messages with nothing half-written: the
-    // only moment the proxy may add an ErrorResponse of its own. (Atomics only because the
-    // session future must be Send; nothing here is shared between threads.)
+    let Connected {
+        node,
+        addr,
+        role,
+        mut server,
+        stats,
+        mut topology,
+        ..
+    } = c;
+    let limit = config.proxy.max_message_bytes;
+    let grace = Duration::from_millis(config.proxy.shutdown_timeout_ms);
+    let entry = shared.clients.add(NewClient {
+        cluster: cluster.name.clone(),
+        endpoint,
+        peer,
+        user: who.user.clone(),
+        database: who.database.clone(),
+        application_name: who
+            .params
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
+        node: node.clone(),
+        server_addr: addr,
+        server_pid: server.pid,
+    });
+    let info = &entry.info;
+    let queries = shared
+        .metrics
+        .queries_routed
+        .get_or_create(&RoutedLabels {
+            cluster: cluster.name.clone(),
+            node: node.clone(),
+            role: role.to_string(),
+        })
+        .clone();
+    // True while a stream is between messages with nothing half-written: the only moment
+    // the proxy may add a message of its own to it. (Atomics only because the session
+    // future must be Send; nothing here is shared between threads.)
     let client_clean = AtomicBool::new(true);
+    let server_clean = AtomicBool::new(true);
     let last_server_tag = AtomicU8::new(0);
-    let mut topology = cluster.state.subscribe();
+    // Set on shutdown: finish the transaction in flight, then leave.
+    let draining = AtomicBool::new(false);
     let mut shutdown = shared.shutdown.clone();
     let end = {
         let (mut cr, mut cw) = client.split();
@@ -465,12 +620,31 @@ async fn relay(
                     Ok(_) => {}
                     Err(e) => return End::Io(e),
                 }
-                let mut terminate = false;
-                let scanned = framer.scan(&buf, |tag, _| {
-                    if !is_frontend_tag(tag) {
-                        return Err(ScanStop::Tag(tag));
+                // Between transactions, a new request waits out a PAUSE, or ends the
+                // session when Switchyard is shutting down.
+                if framer.at_boundary() && info.idle() {
+                    if draining.load(Ordering::Relaxed) {
+                        return End::Shutdown;
                     }
-                    terminate |= tag == b'X';
+                    if cluster.is_paused() {
+                        cluster.wait_unpaused().await;
+                    }
+                }
+                let mut terminate = false;
+                let mut requests = 0;
+                let mut executed = 0;
+                let scanned = framer.scan(&buf, |tag, _| {
+                    match tag {
+                        b'Q' | b'F' => {
+                            requests += 1;
+                            executed += 1;
+                        }
+                        b'E' => executed += 1,
+                        b'S' => requests += 1,
+                        b'X' => terminate = true,
+                        t if !is_frontend_tag(t) => return Err(ScanStop::Tag(t)),
+                        _ => {}
+                    }
                     Ok(())
                 });
                 match scanned {
@@ -483,9 +657,16 @@ async fn relay(
                         ))
                     }
                 }
+                info.sent_requests(requests);
+                if executed > 0 {
+                    queries.inc_by(executed);
+                    stats.queries_total.fetch_add(executed, Ordering::Relaxed);
+                }
+                server_clean.store(false, Ordering::Relaxed);
                 if let Err(e) = sw.write_all(&buf).await {
                     return End::Io(e);
                 }
+                server_clean.store(framer.at_boundary(), Ordering::Relaxed);
                 if terminate {
                     return End::ClientTerminated;
                 }
@@ -502,8 +683,10 @@ async fn relay(
                     Ok(_) => {}
                     Err(e) => return End::Io(e),
                 }
+                let mut ready = 0;
                 if let Err(e) = framer.scan::<FrameError>(&buf, |tag, _| {
                     last_server_tag.store(tag, Ordering::Relaxed);
+                    ready += (tag == b'Z') as i32;
                     Ok(())
                 }) {
                     return End::BadMessage(format!("server sent a malformed message: {e}"));
@@ -512,7 +695,14 @@ async fn relay(
                 if let Err(e) = cw.write_all(&buf).await {
                     return End::Io(e);
                 }
-                client_clean.store(framer.at_boundary(), Ordering::Relaxed);
+                let boundary = framer.at_boundary();
+                client_clean.store(boundary, Ordering::Relaxed);
+                for _ in 0..ready {
+                    info.ready_for_query(framer.last_ready_status());
+                }
+                if boundary && draining.load(Ordering::Relaxed) && info.idle() {
+                    return End::Shutdown;
+                }
             }
         };
         let evicted = async {
@@ -521,8 +711,11 @@ async fn relay(
                     std::future::pending::<()>().await;
                 }
                 let snap = topology.borrow_and_update().clone();
-                if let Some(reason) = routing::eviction(endpoint, &snap, &cluster.policy, node) {
-                    let code = if snap.nodes[node].health == Health::Up {
+                if let Some(reason) = routing::eviction(endpoint, &snap, &node) {
+                    let up = snap
+                        .index(&node)
+                        .is_some_and(|i| snap.nodes[i].health == Health::Up);
+                    let code = if up {
                         sqlstate::ADMIN_SHUTDOWN
                     } else {
                         sqlstate::CONNECTION_FAILURE
@@ -531,11 +724,20 @@ async fn relay(
                 }
             }
         };
+        let stop = async {
+            let _ = shutdown.wait_for(|s| *s).await;
+            draining.store(true, Ordering::Relaxed);
+            if info.idle() && client_clean.load(Ordering::Relaxed) {
+                return End::Shutdown;
+            }
+            tokio::time::sleep(grace).await;
+            End::Shutdown
+        };
         tokio::select! {
             e = client_to_server => e,
             e = server_to_client => e,
             e = evicted => e,
-            _ = shutdown.wait_for(|s| *s) => End::Shutdown,
+            e = stop => e,
         }
     };
     let notice = match &end {
@@ -551,25 +753,29 @@ async fn relay(
             Some((
                 sqlstate::CONNECTION_FAILURE,
                 format!(
-                    "server connection to node \"{}\" of cluster \"{}\" was lost",
-                    cluster.nodes[node].name, cluster.name
+                    "server connection to node \"{node}\" of cluster \"{}\" was lost",
+                    cluster.name
                 ),
             ))
         }
         _ => None,
     };
     if let Some((code, msg)) = notice {
+        shared.metrics.error(code);
         if client_clean.load(Ordering::Relaxed) {
             let mut b = BytesMut::new();
             messages::error_response(&mut b, Severity::Fatal, code, &msg, None);
             let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&b)).await;
+            linger(&mut client).await;
         }
     }
+    // Tell the server we are leaving rather than just dropping the socket, unless that
+    // would splice our Terminate into a half-sent client message.
     if matches!(
         end,
         End::Evicted { .. } | End::Shutdown | End::BadMessage(_)
-    ) {
-        // Tell the server we are leaving rather than just dropping the socket.
+    ) && server_clean.load(Ordering::Relaxed)
+    {
         let _ = tokio::time::timeout(
             Duration::from_millis(200),
             server.stream.write_all(b"X\0\0\0\x04"),
@@ -577,6 +783,18 @@ async fn relay(
         .await;
     }
     end
+}
+
+/// Close after an error without losing it: unread input at close time makes the kernel
+/// send a reset, which can discard the error the client has not read yet. So: FIN, then
+/// drain (briefly) whatever the client still sends.
+async fn linger(stream: &mut TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_millis(250), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 fn printable(tag: u8) -> String {

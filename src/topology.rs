@@ -2,12 +2,15 @@
 //! when a health check succeeds or fails (rise/fall). The health monitor feeds
 //! observations in; routing and sessions only read snapshots.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
+
+use crate::routing::Policy;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
@@ -70,8 +73,23 @@ pub struct NodeState {
     pub last_check: Option<SystemTime>,
     /// When `health` last changed.
     pub since: SystemTime,
+    /// Set by an operator (`DRAIN`): no new sessions, current ones finish.
+    pub drained: bool,
+    /// Sessions on this node now. Shared by every snapshot of the node, so the count
+    /// survives snapshot changes; sessions hold a clone.
+    pub active: Arc<AtomicU32>,
+    pub stats: Arc<NodeStats>,
     ok_streak: u32,
     fail_streak: u32,
+}
+
+/// Running totals of one node, kept across snapshots (shared `Arc`).
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    pub sessions_total: AtomicU64,
+    /// Simple-protocol queries plus extended-protocol Executes routed to the node.
+    pub queries_total: AtomicU64,
+    pub connect_failures_total: AtomicU64,
 }
 
 /// A change worth a log line and a look by every session on the node.
@@ -98,9 +116,16 @@ impl NodeState {
             last_error: None,
             last_check: None,
             since: SystemTime::now(),
+            drained: false,
+            active: Arc::new(AtomicU32::new(0)),
+            stats: Arc::default(),
             ok_streak: 0,
             fail_streak: 0,
         }
+    }
+
+    pub fn sessions(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
     }
 
     /// Fold one check result into the state. The first result after start decides at
@@ -187,7 +212,8 @@ impl NodeState {
             let s = now.duration_since(t).unwrap_or(Duration::ZERO).as_secs();
             format!("{s}s ago")
         };
-        match self.health {
+        let drained = if self.drained { " (drained)" } else { "" };
+        let text = match self.health {
             Health::Up => match (self.role, self.lag_ms) {
                 (Role::Standby, Some(lag)) if lag > 0 => {
                     format!("{} standby (lag {lag} ms)", self.name)
@@ -201,19 +227,44 @@ impl NodeState {
                 ago(self.since)
             ),
             Health::Unknown => format!("{} not checked yet", self.name),
-        }
+        };
+        text + drained
     }
 }
 
-/// One cluster's view at an instant. Cloned on change (a handful of nodes), shared as
-/// `Arc` so readers never lock.
+/// One cluster's view at an instant: everything routing needs, nodes and policy alike.
+/// Cloned on change (a handful of nodes), shared as `Arc` so readers never lock.
 #[derive(Debug, Clone)]
 pub struct ClusterSnapshot {
     pub name: String,
     pub nodes: Vec<NodeState>,
+    pub policy: Policy,
+    /// Bound on the whole connect phase of a new session.
+    pub connect_timeout: Duration,
+    /// Bound on one server login attempt.
+    pub server_login_timeout: Duration,
 }
 
 impl ClusterSnapshot {
+    pub fn new(
+        name: &str,
+        nodes: Vec<NodeState>,
+        policy: Policy,
+        connect_timeout: Duration,
+    ) -> ClusterSnapshot {
+        ClusterSnapshot {
+            name: name.to_string(),
+            nodes,
+            policy,
+            connect_timeout,
+            server_login_timeout: connect_timeout,
+        }
+    }
+
+    pub fn index(&self, node: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == node)
+    }
+
     /// Recompute standby byte lag from the primary's position. Only meaningful with a
     /// single primary; left unset otherwise.
     fn refresh_byte_lag(&mut self) {
@@ -247,25 +298,33 @@ impl ClusterSnapshot {
     }
 }
 
-/// The live, shared state of one cluster: the snapshot channel and per-node session
-/// counts (for `least_connections` and for operators).
+/// A recorded change: health/role transitions and operator actions.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub at: SystemTime,
+    pub node: String,
+    pub old: String,
+    pub new: String,
+    pub reason: String,
+}
+
+const EVENTS_KEPT: usize = 200;
+
+/// The live, shared state of one cluster: the snapshot channel and recent events.
 pub struct ClusterState {
     pub name: String,
     tx: watch::Sender<Arc<ClusterSnapshot>>,
-    pub active: Vec<AtomicU32>,
+    events: Mutex<VecDeque<Event>>,
 }
 
 impl ClusterState {
-    pub fn new(name: &str, nodes: &[(String, String)]) -> Arc<ClusterState> {
-        let snap = ClusterSnapshot {
-            name: name.to_string(),
-            nodes: nodes.iter().map(|(n, a)| NodeState::new(n, a)).collect(),
-        };
-        let (tx, _) = watch::channel(Arc::new(snap));
+    pub fn new(snapshot: ClusterSnapshot) -> Arc<ClusterState> {
+        let name = snapshot.name.clone();
+        let (tx, _) = watch::channel(Arc::new(snapshot));
         Arc::new(ClusterState {
-            name: name.to_string(),
+            name,
             tx,
-            active: nodes.iter().map(|_| AtomicU32::new(0)).collect(),
+            events: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -277,31 +336,62 @@ impl ClusterState {
         self.tx.subscribe()
     }
 
-    pub fn active_counts(&self) -> Vec<u32> {
-        self.active
-            .iter()
-            .map(|a| a.load(Ordering::Relaxed))
-            .collect()
+    /// Change the snapshot; `f` says whether sessions must look (wake subscribers).
+    pub fn update(&self, f: impl FnOnce(&mut ClusterSnapshot) -> bool) {
+        self.tx.send_if_modified(|snap| {
+            let mut next = (**snap).clone();
+            let notify = f(&mut next);
+            *snap = Arc::new(next);
+            notify
+        });
     }
 
-    /// Record a check result. Subscribers (every session) are woken only when health or
-    /// role changed; lag and LSN updates are visible to the next reader without waking
-    /// anyone, so thousands of idle sessions cost nothing per check.
+    pub fn push_event(&self, node: &str, old: String, new: String, reason: String) {
+        let mut ev = self.events.lock().unwrap();
+        if ev.len() == EVENTS_KEPT {
+            ev.pop_front();
+        }
+        ev.push_back(Event {
+            at: SystemTime::now(),
+            node: node.to_string(),
+            old,
+            new,
+            reason,
+        });
+    }
+
+    /// Recent events, oldest first.
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// Record a check result for the node named `node` (gone after a reload: ignored).
+    /// Subscribers (every session) are woken only when health or role changed; lag and
+    /// LSN updates are visible to the next reader without waking anyone, so thousands of
+    /// idle sessions cost nothing per check.
     pub fn record(
         &self,
-        node: usize,
+        node: &str,
         result: Result<Observation, String>,
         rise: u32,
         fall: u32,
     ) -> Option<Transition> {
         let mut transition = None;
-        self.tx.send_if_modified(|snap| {
-            let mut next = (**snap).clone();
-            transition = next.nodes[node].apply(result, rise, fall, SystemTime::now());
-            next.refresh_byte_lag();
-            *snap = Arc::new(next);
+        self.update(|snap| {
+            if let Some(i) = snap.index(node) {
+                transition = snap.nodes[i].apply(result, rise, fall, SystemTime::now());
+                snap.refresh_byte_lag();
+            }
             transition.is_some()
         });
+        if let Some(t) = &transition {
+            self.push_event(
+                node,
+                format!("{}/{}", t.old_health, t.old_role),
+                format!("{}/{}", t.new_health, t.new_role),
+                t.reason.clone(),
+            );
+        }
         transition
     }
 }
@@ -373,32 +463,35 @@ mod tests {
 
     #[test]
     fn byte_lag_is_measured_from_the_single_primary() {
-        let state = ClusterState::new(
+        let policy = Policy {
+            max_replica_lag_ms: 1000,
+            read_balance: crate::config::ReadBalance::Priority,
+            split_brain: crate::config::SplitBrainRule::Refuse,
+        };
+        let nodes = vec![NodeState::new("p", "h:1"), NodeState::new("s", "h:2")];
+        let state = ClusterState::new(ClusterSnapshot::new(
             "c",
-            &[("p".into(), "h:1".into()), ("s".into(), "h:2".into())],
-        );
-        state.record(
-            0,
+            nodes,
+            policy,
+            Duration::from_secs(1),
+        ));
+        let obs = |role, lsn| {
             Ok(Observation {
-                role: Role::Primary,
+                role,
                 lag_ms: 0,
-                lsn: Some(1000),
+                lsn: Some(lsn),
                 timeline: Some(1),
-            }),
-            1,
-            1,
-        );
-        state.record(
-            1,
-            Ok(Observation {
-                role: Role::Standby,
-                lag_ms: 5,
-                lsn: Some(400),
-                timeline: None,
-            }),
-            1,
-            1,
-        );
+            })
+        };
+        state.record("p", obs(Role::Primary, 1000), 1, 1);
+        state.record("s", obs(Role::Standby, 400), 1, 1);
         assert_eq!(state.snapshot().nodes[1].lag_bytes, Some(600));
+        // Both first checks are events.
+        let events = state.events();
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            (events[0].node.as_str(), events[0].new.as_str()),
+            ("p", "up/primary")
+        );
     }
 }

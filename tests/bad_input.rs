@@ -78,8 +78,11 @@ fn expect_error(s: &mut TcpStream) -> (String, String) {
         }
     }
     let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
-    assert!(rest.is_empty(), "connection should close after the error");
+    let closed = s.read_to_end(&mut rest);
+    assert!(
+        matches!(closed, Ok(0)),
+        "connection should close right after the error: {closed:?} {rest:?}"
+    );
     (code, message)
 }
 

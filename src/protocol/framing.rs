@@ -19,6 +19,9 @@ pub struct Framer {
     header: [u8; 5],
     header_len: usize,
     limit: u32,
+    /// The next body byte is a ReadyForQuery status.
+    want_status: bool,
+    last_status: u8,
 }
 
 impl Framer {
@@ -28,7 +31,14 @@ impl Framer {
             header: [0; 5],
             header_len: 0,
             limit,
+            want_status: false,
+            last_status: b'I',
         }
+    }
+
+    /// Transaction status of the last ReadyForQuery seen (b'I', b'T', b'E').
+    pub fn last_ready_status(&self) -> u8 {
+        self.last_status
     }
 
     /// True between messages.
@@ -47,6 +57,10 @@ impl Framer {
         let mut pos = 0;
         while pos < chunk.len() {
             if self.remaining > 0 {
+                if self.want_status {
+                    self.last_status = chunk[pos];
+                    self.want_status = false;
+                }
                 let step = self.remaining.min(chunk.len() - pos);
                 self.remaining -= step;
                 pos += step;
@@ -81,6 +95,7 @@ impl Framer {
             }
             on_message(tag, len)?;
             self.remaining = len as usize - 4;
+            self.want_status = tag == b'Z' && len == 5;
         }
         Ok(())
     }
@@ -124,6 +139,20 @@ mod tests {
         assert!(f.at_boundary());
         collect(&mut f, b"Q\0").unwrap();
         assert!(!f.at_boundary());
+    }
+
+    #[test]
+    fn remembers_the_last_ready_for_query_status_across_splits() {
+        let stream: &[u8] = b"Z\0\0\0\x05TC\0\0\0\x05xZ\0\0\0\x05I";
+        for split in 0..stream.len() {
+            let mut f = Framer::new(1 << 20);
+            collect(&mut f, &stream[..split]).unwrap();
+            collect(&mut f, &stream[split..]).unwrap();
+            assert_eq!(f.last_ready_status(), b'I', "split at {split}");
+        }
+        let mut f = Framer::new(1 << 20);
+        collect(&mut f, b"Z\0\0\0\x05T").unwrap();
+        assert_eq!(f.last_ready_status(), b'T');
     }
 
     #[test]

@@ -1,0 +1,165 @@
+//! Who is connected: one entry per client session in the relay phase, for
+//! `SHOW CLIENTS` / `SHOW SERVERS` / pools, graceful shutdown and PAUSE.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::routing::Endpoint;
+
+pub struct ClientInfo {
+    pub id: u64,
+    pub cluster: String,
+    pub endpoint: Endpoint,
+    pub peer: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub connected_at: SystemTime,
+    pub node: String,
+    pub server_addr: String,
+    pub server_pid: i32,
+    /// Transaction status of the last ReadyForQuery: b'I', b'T' or b'E'.
+    status: AtomicU8,
+    /// Requests (Query, Sync, FunctionCall) sent and not yet answered by ReadyForQuery.
+    pending: AtomicI32,
+}
+
+impl ClientInfo {
+    /// Between transactions with nothing in flight: the moment a session can be paused
+    /// or closed without losing work.
+    pub fn idle(&self) -> bool {
+        self.pending.load(Ordering::Acquire) <= 0 && self.status.load(Ordering::Acquire) == b'I'
+    }
+
+    pub fn state(&self) -> &'static str {
+        if self.pending.load(Ordering::Relaxed) > 0 {
+            return "active";
+        }
+        match self.status.load(Ordering::Relaxed) {
+            b'T' => "idle in transaction",
+            b'E' => "idle in failed transaction",
+            _ => "idle",
+        }
+    }
+
+    pub fn sent_requests(&self, n: i32) {
+        if n > 0 {
+            self.pending.fetch_add(n, Ordering::AcqRel);
+        }
+    }
+
+    pub fn ready_for_query(&self, status: u8) {
+        self.status.store(status, Ordering::Release);
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Default)]
+pub struct Clients {
+    next: AtomicU64,
+    map: Mutex<HashMap<u64, Arc<ClientInfo>>>,
+}
+
+/// Removes the entry when the session ends, however it ends.
+pub struct ClientGuard {
+    clients: Arc<Clients>,
+    pub info: Arc<ClientInfo>,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.clients.map.lock().unwrap().remove(&self.info.id);
+    }
+}
+
+pub struct NewClient {
+    pub cluster: String,
+    pub endpoint: Endpoint,
+    pub peer: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub application_name: String,
+    pub node: String,
+    pub server_addr: String,
+    pub server_pid: i32,
+}
+
+impl Clients {
+    pub fn add(self: &Arc<Self>, c: NewClient) -> ClientGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let info = Arc::new(ClientInfo {
+            id,
+            cluster: c.cluster,
+            endpoint: c.endpoint,
+            peer: c.peer,
+            user: c.user,
+            database: c.database,
+            application_name: c.application_name,
+            connected_at: SystemTime::now(),
+            node: c.node,
+            server_addr: c.server_addr,
+            server_pid: c.server_pid,
+            status: AtomicU8::new(b'I'),
+            pending: AtomicI32::new(0),
+        });
+        self.map.lock().unwrap().insert(id, info.clone());
+        ClientGuard {
+            clients: self.clone(),
+            info,
+        }
+    }
+
+    /// Every client, oldest first.
+    pub fn list(&self) -> Vec<Arc<ClientInfo>> {
+        let mut v: Vec<_> = self.map.lock().unwrap().values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Server connections grouped by (cluster, node, database, user): in session mode each
+/// client holds exactly one, so "in use" is the number of clients and nothing idles.
+pub struct PoolRow {
+    pub cluster: String,
+    pub node: String,
+    pub database: String,
+    pub user: String,
+    pub in_use: u32,
+    pub idle: u32,
+    pub waiting: u32,
+}
+
+pub fn pools(clients: &[Arc<ClientInfo>]) -> Vec<PoolRow> {
+    let mut rows: Vec<PoolRow> = Vec::new();
+    for c in clients {
+        match rows.iter_mut().find(|r| {
+            r.cluster == c.cluster
+                && r.node == c.node
+                && r.database == c.database
+                && r.user == c.user
+        }) {
+            Some(r) => r.in_use += 1,
+            None => rows.push(PoolRow {
+                cluster: c.cluster.clone(),
+                node: c.node.clone(),
+                database: c.database.clone(),
+                user: c.user.clone(),
+                in_use: 1,
+                idle: 0,
+                waiting: 0,
+            }),
+        }
+    }
+    rows
+}

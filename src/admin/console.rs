@@ -1,0 +1,468 @@
+//! The admin console, in the PgBouncer manner: `psql -d switchyard` as a user with
+//! `admin = true` gets SHOW commands and operator actions over the simple query protocol.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::info;
+
+use crate::admin::clients::pools;
+use crate::admin::status::node_status;
+use crate::protocol::messages::{self, Severity};
+use crate::protocol::sqlstate;
+use crate::proxy::Shared;
+use crate::routing;
+
+pub const ADMIN_DATABASE: &str = "switchyard";
+const MAX_COMMAND: usize = 64 * 1024;
+
+const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | CLIENTS | SERVERS | STATS | EVENTS; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name)";
+
+/// A command's answer: rows to show, or a tag only, or an error for the client.
+enum Answer {
+    Rows {
+        columns: Vec<&'static str>,
+        rows: Vec<Vec<String>>,
+    },
+    Done(String),
+    Error(String),
+}
+
+pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
+    let config = shared.config();
+    let mut out = BytesMut::new();
+    if !config.user(user).is_some_and(|u| u.admin) {
+        messages::error_response(
+            &mut out,
+            Severity::Fatal,
+            "42501",
+            &format!("user \"{user}\" may not use the admin console: set admin = true for it in [[users]]"),
+            None,
+        );
+        let _ = stream.write_all(&out).await;
+        shared.metrics.error("42501");
+        return;
+    }
+    for (k, v) in [
+        ("server_version", "15.0 (switchyard)"),
+        ("client_encoding", "UTF8"),
+        ("server_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+    ] {
+        messages::parameter_status(&mut out, k, v);
+    }
+    messages::backend_key_data(&mut out, 0, 0);
+    messages::ready_for_query(&mut out, b'I');
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    info!(user = %user, "admin console session started");
+    loop {
+        let Ok(tag) = stream.read_u8().await else {
+            return;
+        };
+        let Ok(len) = stream.read_i32().await else {
+            return;
+        };
+        if !(4..=MAX_COMMAND as i32).contains(&len) {
+            let _ = stream
+                .write_all(&messages::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    &format!("invalid message length {len}"),
+                ))
+                .await;
+            return;
+        }
+        let mut body = vec![0u8; len as usize - 4];
+        if stream.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        out.clear();
+        match tag {
+            b'X' => return,
+            b'Q' => {
+                let sql =
+                    String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(&body)).into_owned();
+                for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                    info!(user = %user, command = %statement, "admin command");
+                    write_answer(&mut out, execute(statement, shared));
+                }
+                if sql.trim().trim_matches(';').is_empty() {
+                    out.put_u8(b'I');
+                    out.put_i32(4);
+                }
+                messages::ready_for_query(&mut out, b'I');
+            }
+            // Extended protocol: nothing to do until Sync, then one error.
+            b'S' => {
+                messages::error_response(
+                    &mut out,
+                    Severity::Error,
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "the admin console understands only simple queries",
+                    Some(HELP),
+                );
+                messages::ready_for_query(&mut out, b'I');
+            }
+            _ => continue,
+        }
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn write_answer(out: &mut BytesMut, answer: Answer) {
+    match answer {
+        Answer::Rows { columns, rows } => {
+            // RowDescription: every column is text (OID 25).
+            let at = out.len();
+            out.put_u8(b'T');
+            out.put_i32(0);
+            out.put_i16(columns.len() as i16);
+            for c in &columns {
+                out.put_slice(c.as_bytes());
+                out.put_u8(0);
+                out.put_i32(0);
+                out.put_i16(0);
+                out.put_i32(25);
+                out.put_i16(-1);
+                out.put_i32(-1);
+                out.put_i16(0);
+            }
+            patch_len(out, at);
+            for row in &rows {
+                let at = out.len();
+                out.put_u8(b'D');
+                out.put_i32(0);
+                out.put_i16(row.len() as i16);
+                for v in row {
+                    out.put_i32(v.len() as i32);
+                    out.put_slice(v.as_bytes());
+                }
+                patch_len(out, at);
+            }
+            command_complete(out, &format!("SHOW {}", rows.len()));
+        }
+        Answer::Done(tag) => command_complete(out, &tag),
+        Answer::Error(msg) => {
+            messages::error_response(out, Severity::Error, "42601", &msg, Some(HELP))
+        }
+    }
+}
+
+fn patch_len(out: &mut BytesMut, at: usize) {
+    let len = (out.len() - at - 1) as i32;
+    out[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
+}
+
+fn command_complete(out: &mut BytesMut, tag: &str) {
+    let at = out.len();
+    out.put_u8(b'C');
+    out.put_i32(0);
+    out.put_slice(tag.as_bytes());
+    out.put_u8(0);
+    patch_len(out, at);
+}
+
+fn unix(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        d.subsec_millis()
+    )
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// Run one admin command.
+fn execute(statement: &str, shared: &Shared) -> Answer {
+    let words: Vec<String> = statement
+        .split_whitespace()
+        .map(|w| w.to_ascii_uppercase())
+        .collect();
+    let arg = statement
+        .split_whitespace()
+        .nth(1)
+        .map(|s| s.trim_matches('"').to_string());
+    let now = SystemTime::now();
+    match words
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["SHOW", "CLUSTERS"] => Answer::Rows {
+            columns: vec![
+                "cluster",
+                "listen_rw",
+                "listen_ro",
+                "primary",
+                "paused",
+                "nodes",
+                "clients",
+            ],
+            rows: shared
+                .clusters
+                .values()
+                .map(|c| {
+                    let snap = c.state.snapshot();
+                    let primary = match routing::primary(&snap) {
+                        Ok(p) => snap.nodes[p].name.clone(),
+                        Err(e) => format!("none: {e}"),
+                    };
+                    let clients = snap.nodes.iter().map(|n| n.sessions()).sum::<u32>();
+                    vec![
+                        c.name.clone(),
+                        opt(c.listen_rw.clone()),
+                        opt(c.listen_ro.clone()),
+                        primary,
+                        c.is_paused().to_string(),
+                        snap.nodes.len().to_string(),
+                        clients.to_string(),
+                    ]
+                })
+                .collect(),
+        },
+        ["SHOW", "NODES"] => Answer::Rows {
+            columns: vec![
+                "cluster",
+                "node",
+                "addr",
+                "health",
+                "role",
+                "drained",
+                "lag_ms",
+                "lag_bytes",
+                "timeline",
+                "sessions",
+                "last_check_ms_ago",
+                "last_error",
+            ],
+            rows: shared
+                .clusters
+                .values()
+                .flat_map(|c| {
+                    let snap = c.state.snapshot();
+                    snap.nodes
+                        .iter()
+                        .map(|n| {
+                            let s = node_status(n, now);
+                            vec![
+                                c.name.clone(),
+                                s.name,
+                                s.addr,
+                                s.health,
+                                s.role,
+                                s.drained.to_string(),
+                                opt(s.lag_ms),
+                                opt(s.lag_bytes),
+                                opt(s.timeline),
+                                s.sessions.to_string(),
+                                opt(s.last_check_ms_ago),
+                                opt(s.last_error),
+                            ]
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        },
+        ["SHOW", "POOLS"] => Answer::Rows {
+            columns: vec![
+                "cluster", "node", "database", "user", "in_use", "idle", "waiting",
+            ],
+            rows: pools(&shared.clients.list())
+                .into_iter()
+                .map(|p| {
+                    vec![
+                        p.cluster,
+                        p.node,
+                        p.database,
+                        p.user,
+                        p.in_use.to_string(),
+                        p.idle.to_string(),
+                        p.waiting.to_string(),
+                    ]
+                })
+                .chain(shared.clusters.values().filter_map(|c| {
+                    let w = c.waiting.load(std::sync::atomic::Ordering::Relaxed);
+                    (w > 0).then(|| {
+                        vec![
+                            c.name.clone(),
+                            String::new(),
+                            "*".into(),
+                            "*".into(),
+                            "0".into(),
+                            "0".into(),
+                            w.to_string(),
+                        ]
+                    })
+                }))
+                .collect(),
+        },
+        ["SHOW", "CLIENTS"] => Answer::Rows {
+            columns: vec![
+                "id",
+                "cluster",
+                "endpoint",
+                "user",
+                "database",
+                "addr",
+                "application_name",
+                "node",
+                "state",
+                "connected_at",
+            ],
+            rows: shared
+                .clients
+                .list()
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.id.to_string(),
+                        c.cluster.clone(),
+                        c.endpoint.to_string(),
+                        c.user.clone(),
+                        c.database.clone(),
+                        c.peer.to_string(),
+                        c.application_name.clone(),
+                        c.node.clone(),
+                        c.state().into(),
+                        unix(c.connected_at),
+                    ]
+                })
+                .collect(),
+        },
+        ["SHOW", "SERVERS"] => Answer::Rows {
+            columns: vec![
+                "cluster",
+                "node",
+                "addr",
+                "server_pid",
+                "user",
+                "database",
+                "client_id",
+                "state",
+            ],
+            rows: shared
+                .clients
+                .list()
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.cluster.clone(),
+                        c.node.clone(),
+                        c.server_addr.clone(),
+                        c.server_pid.to_string(),
+                        c.user.clone(),
+                        c.database.clone(),
+                        c.id.to_string(),
+                        c.state().into(),
+                    ]
+                })
+                .collect(),
+        },
+        ["SHOW", "STATS"] => Answer::Rows {
+            columns: vec![
+                "cluster",
+                "node",
+                "sessions_total",
+                "queries_total",
+                "connect_failures_total",
+                "sessions_now",
+            ],
+            rows: shared
+                .clusters
+                .values()
+                .flat_map(|c| {
+                    let snap = c.state.snapshot();
+                    snap.nodes
+                        .iter()
+                        .map(|n| {
+                            use std::sync::atomic::Ordering::Relaxed;
+                            vec![
+                                c.name.clone(),
+                                n.name.clone(),
+                                n.stats.sessions_total.load(Relaxed).to_string(),
+                                n.stats.queries_total.load(Relaxed).to_string(),
+                                n.stats.connect_failures_total.load(Relaxed).to_string(),
+                                n.sessions().to_string(),
+                            ]
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        },
+        ["SHOW", "EVENTS"] => Answer::Rows {
+            columns: vec!["at", "cluster", "node", "old", "new", "reason"],
+            rows: shared
+                .clusters
+                .values()
+                .flat_map(|c| {
+                    c.state
+                        .events()
+                        .into_iter()
+                        .map(|e| vec![unix(e.at), c.name.clone(), e.node, e.old, e.new, e.reason])
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+        },
+        ["RELOAD"] => match shared.reload() {
+            Ok(_) => Answer::Done("RELOAD".into()),
+            Err(e) => Answer::Error(e),
+        },
+        ["PAUSE" | "RESUME", rest @ ..] if rest.len() <= 1 => {
+            let pause = words[0] == "PAUSE";
+            let targets: Vec<_> = match &arg {
+                Some(name) => match shared.clusters.get(name) {
+                    Some(c) => vec![c.clone()],
+                    None => return Answer::Error(format!("no cluster named \"{name}\"")),
+                },
+                None => shared.clusters.values().cloned().collect(),
+            };
+            for c in targets {
+                c.set_paused(pause);
+            }
+            Answer::Done(words[0].clone())
+        }
+        ["DRAIN" | "UNDRAIN", _] => {
+            let drain = words[0] == "DRAIN";
+            let target = arg.unwrap_or_default();
+            let (cluster, node) = match target.split_once('.') {
+                Some((c, n)) => (Some(c.to_string()), n.to_string()),
+                None => (None, target.clone()),
+            };
+            let matching: Vec<_> = shared
+                .clusters
+                .values()
+                .filter(|c| cluster.as_deref().is_none_or(|name| name == c.name))
+                .filter(|c| c.state.snapshot().index(&node).is_some())
+                .collect();
+            match matching.as_slice() {
+                [] => Answer::Error(format!("no node named \"{target}\"")),
+                [one] => {
+                    one.set_drained(&node, drain);
+                    Answer::Done(words[0].clone())
+                }
+                _ => Answer::Error(format!(
+                    "node name \"{node}\" is in several clusters: write cluster.node"
+                )),
+            }
+        }
+        ["SHOW", "HELP"] | ["HELP"] => Answer::Rows {
+            columns: vec!["commands"],
+            rows: vec![vec![HELP.to_string()]],
+        },
+        _ => Answer::Error(format!("unknown admin command \"{statement}\"")),
+    }
+}

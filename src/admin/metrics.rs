@@ -1,0 +1,232 @@
+//! Prometheus metrics through `prometheus-client`. Counters on the session path are
+//! cloned handles (an atomic add, no label lookup per message); node gauges are set from
+//! the topology at scrape time, so they can never disagree with `/status`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::topology::{ClusterSnapshot, Health, Role, Transition};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub cluster: String,
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoutedLabels {
+    pub cluster: String,
+    pub node: String,
+    /// Role of the node when the session started: primary / standby.
+    pub role: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub cluster: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// First two characters of the SQLSTATE.
+    pub class: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    node_up: Family<NodeLabels, Gauge>,
+    node_primary: Family<NodeLabels, Gauge>,
+    node_lag_seconds: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    node_lag_bytes: Family<NodeLabels, Gauge>,
+    server_connections: Family<NodeLabels, Gauge>,
+    pub health_check_seconds: Family<NodeLabels, Histogram>,
+    pub client_connections: Family<EndpointLabels, Gauge>,
+    pub queries_routed: Family<RoutedLabels, Counter>,
+    pub sessions_routed: Family<RoutedLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub pool_wait_seconds: Family<ClusterLabels, Histogram>,
+    pub failovers: Family<ClusterLabels, Counter>,
+    pub role_changes: Family<NodeLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = Registry::with_prefix("switchyard");
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            node_up: Family::default(),
+            node_primary: Family::default(),
+            node_lag_seconds: Family::default(),
+            node_lag_bytes: Family::default(),
+            server_connections: Family::default(),
+            health_check_seconds: Family::new_with_constructor(latency_histogram),
+            client_connections: Family::default(),
+            queries_routed: Family::default(),
+            sessions_routed: Family::default(),
+            errors: Family::default(),
+            pool_wait_seconds: Family::new_with_constructor(latency_histogram),
+            failovers: Family::default(),
+            role_changes: Family::default(),
+        };
+        r.register(
+            "node_up",
+            "1 if the node passes health checks",
+            m.node_up.clone(),
+        );
+        r.register(
+            "node_primary",
+            "1 if the node is up and reports itself primary",
+            m.node_primary.clone(),
+        );
+        r.register(
+            "node_lag_seconds",
+            "Replay lag of a standby",
+            m.node_lag_seconds.clone(),
+        );
+        r.register(
+            "node_lag_bytes",
+            "WAL bytes a standby is behind the primary",
+            m.node_lag_bytes.clone(),
+        );
+        r.register(
+            "server_connections",
+            "Server connections open to the node for client sessions",
+            m.server_connections.clone(),
+        );
+        r.register(
+            "health_check_duration_seconds",
+            "Duration of health checks",
+            m.health_check_seconds.clone(),
+        );
+        r.register(
+            "client_connections",
+            "Client sessions connected",
+            m.client_connections.clone(),
+        );
+        r.register(
+            "queries_routed",
+            "Queries (simple Query and extended Execute) relayed to a node",
+            m.queries_routed.clone(),
+        );
+        r.register(
+            "sessions_routed",
+            "Client sessions routed to a node",
+            m.sessions_routed.clone(),
+        );
+        r.register(
+            "errors",
+            "ErrorResponses the proxy itself sent, by SQLSTATE class",
+            m.errors.clone(),
+        );
+        r.register(
+            "pool_wait_seconds",
+            "Time from a client's login to its server connection being ready",
+            m.pool_wait_seconds.clone(),
+        );
+        r.register(
+            "failovers",
+            "Times the primary of a cluster moved to another node",
+            m.failovers.clone(),
+        );
+        r.register(
+            "role_changes",
+            "Role or health changes of a node",
+            m.role_changes.clone(),
+        );
+        *m.registry.lock().unwrap() = r;
+        m
+    }
+}
+
+impl Metrics {
+    pub fn error(&self, sqlstate: &str) {
+        let class = sqlstate.get(..2).unwrap_or("??").to_string();
+        self.errors.get_or_create(&ErrorLabels { class }).inc();
+    }
+
+    pub fn observe_check(
+        &self,
+        cluster: &str,
+        node: &str,
+        took: Duration,
+        transition: Option<&Transition>,
+    ) {
+        let labels = NodeLabels {
+            cluster: cluster.into(),
+            node: node.into(),
+        };
+        self.health_check_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        if let Some(t) = transition {
+            self.role_changes.get_or_create(&labels).inc();
+            if t.new_role == Role::Primary && t.old_role != Role::Primary {
+                self.failovers
+                    .get_or_create(&ClusterLabels {
+                        cluster: cluster.into(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// Text exposition, node gauges refreshed from the given snapshots first.
+    pub fn render(&self, snapshots: &[std::sync::Arc<ClusterSnapshot>]) -> String {
+        for f in [
+            &self.node_up,
+            &self.node_primary,
+            &self.node_lag_bytes,
+            &self.server_connections,
+        ] {
+            f.clear();
+        }
+        self.node_lag_seconds.clear();
+        for snap in snapshots {
+            for n in &snap.nodes {
+                let l = NodeLabels {
+                    cluster: snap.name.clone(),
+                    node: n.name.clone(),
+                };
+                let up = n.health == Health::Up;
+                self.node_up.get_or_create(&l).set(up as i64);
+                self.node_primary
+                    .get_or_create(&l)
+                    .set((up && n.role == Role::Primary) as i64);
+                self.server_connections
+                    .get_or_create(&l)
+                    .set(n.active.load(Ordering::Relaxed) as i64);
+                if let Some(lag) = n.lag_ms {
+                    self.node_lag_seconds
+                        .get_or_create(&l)
+                        .set(lag as f64 / 1000.0);
+                }
+                if let Some(b) = n.lag_bytes {
+                    self.node_lag_bytes.get_or_create(&l).set(b as i64);
+                }
+            }
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry.lock().unwrap()).expect("writing to a String cannot fail");
+        out
+    }
+}

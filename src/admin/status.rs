@@ -1,0 +1,220 @@
+//! The `/status` document: every cluster, node, pool and recent event. The same types
+//! are read back by `switchyard status` to print a table.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::admin::clients::pools;
+use crate::proxy::Shared;
+use crate::routing;
+use crate::topology::{Event, NodeState};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_s: u64,
+    pub clusters: Vec<ClusterStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub listen_rw: Option<String>,
+    pub listen_ro: Option<String>,
+    pub paused: bool,
+    pub primary: Option<String>,
+    /// Why writes cannot be routed now (no primary, split brain), if they cannot.
+    pub route_error: Option<String>,
+    pub nodes: Vec<NodeStatus>,
+    pub pools: Vec<PoolStatus>,
+    pub events: Vec<EventStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub addr: String,
+    pub health: String,
+    pub role: String,
+    pub drained: bool,
+    pub lag_ms: Option<u64>,
+    pub lag_bytes: Option<u64>,
+    pub timeline: Option<u32>,
+    pub sessions: u32,
+    pub last_check_ms_ago: Option<u64>,
+    pub last_error: Option<String>,
+    pub state_since_s: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub node: String,
+    pub database: String,
+    pub user: String,
+    pub in_use: u32,
+    pub idle: u32,
+    pub waiting: u32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EventStatus {
+    pub at_unix_ms: u64,
+    pub node: String,
+    pub old: String,
+    pub new: String,
+    pub reason: String,
+}
+
+const EVENTS_SHOWN: usize = 50;
+
+fn since(t: SystemTime, now: SystemTime) -> Duration {
+    now.duration_since(t).unwrap_or(Duration::ZERO)
+}
+
+pub fn node_status(n: &NodeState, now: SystemTime) -> NodeStatus {
+    NodeStatus {
+        name: n.name.clone(),
+        addr: n.addr.clone(),
+        health: n.health.to_string(),
+        role: n.role.to_string(),
+        drained: n.drained,
+        lag_ms: n.lag_ms,
+        lag_bytes: n.lag_bytes,
+        timeline: n.timeline,
+        sessions: n.sessions(),
+        last_check_ms_ago: n.last_check.map(|t| since(t, now).as_millis() as u64),
+        last_error: n.last_error.clone(),
+        state_since_s: since(n.since, now).as_secs(),
+    }
+}
+
+pub fn event_status(e: &Event) -> EventStatus {
+    EventStatus {
+        at_unix_ms: e
+            .at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        node: e.node.clone(),
+        old: e.old.clone(),
+        new: e.new.clone(),
+        reason: e.reason.clone(),
+    }
+}
+
+pub fn build(shared: &Shared) -> Status {
+    let now = SystemTime::now();
+    let clients = shared.clients.list();
+    let all_pools = pools(&clients);
+    let clusters = shared
+        .clusters
+        .values()
+        .map(|ctx| {
+            let snap = ctx.state.snapshot();
+            let (primary, route_error) = match routing::primary(&snap) {
+                Ok(p) => (Some(snap.nodes[p].name.clone()), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            let mut pool_rows: Vec<PoolStatus> = all_pools
+                .iter()
+                .filter(|p| p.cluster == ctx.name)
+                .map(|p| PoolStatus {
+                    node: p.node.clone(),
+                    database: p.database.clone(),
+                    user: p.user.clone(),
+                    in_use: p.in_use,
+                    idle: p.idle,
+                    waiting: p.waiting,
+                })
+                .collect();
+            let waiting = ctx.waiting.load(std::sync::atomic::Ordering::Relaxed);
+            if waiting > 0 {
+                pool_rows.push(PoolStatus {
+                    node: "(none yet)".into(),
+                    database: "*".into(),
+                    user: "*".into(),
+                    in_use: 0,
+                    idle: 0,
+                    waiting,
+                });
+            }
+            let events = ctx.state.events();
+            let skip = events.len().saturating_sub(EVENTS_SHOWN);
+            ClusterStatus {
+                name: ctx.name.clone(),
+                listen_rw: ctx.listen_rw.clone(),
+                listen_ro: ctx.listen_ro.clone(),
+                paused: ctx.is_paused(),
+                primary,
+                route_error,
+                nodes: snap.nodes.iter().map(|n| node_status(n, now)).collect(),
+                pools: pool_rows,
+                events: events[skip..].iter().map(event_status).collect(),
+            }
+        })
+        .collect();
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_s: shared.started.elapsed().as_secs(),
+        clusters,
+    }
+}
+
+/// A terminal table of a status document, for `switchyard status`.
+pub fn render_table(s: &Status) -> String {
+    let mut out = format!("switchyard {} — up {} s\n", s.version, s.uptime_s);
+    for c in &s.clusters {
+        out += &format!(
+            "\ncluster {}  rw {}  ro {}  primary {}{}\n",
+            c.name,
+            c.listen_rw.as_deref().unwrap_or("-"),
+            c.listen_ro.as_deref().unwrap_or("-"),
+            c.primary.as_deref().unwrap_or("NONE"),
+            if c.paused { "  [PAUSED]" } else { "" }
+        );
+        if let Some(e) = &c.route_error {
+            out += &format!("  ! {e}\n");
+        }
+        out += &format!(
+            "  {:<12} {:<21} {:<7} {:<8} {:>8} {:>10} {:>4} {:>8} {:>9}  {}\n",
+            "NODE",
+            "ADDR",
+            "HEALTH",
+            "ROLE",
+            "LAG_MS",
+            "LAG_BYTES",
+            "TLI",
+            "SESSIONS",
+            "CHECKED",
+            "LAST ERROR"
+        );
+        for n in &c.nodes {
+            let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+            out += &format!(
+                "  {:<12} {:<21} {:<7} {:<8} {:>8} {:>10} {:>4} {:>8} {:>9}  {}\n",
+                format!("{}{}", n.name, if n.drained { "*" } else { "" }),
+                n.addr,
+                n.health,
+                n.role,
+                opt(n.lag_ms),
+                opt(n.lag_bytes),
+                n.timeline
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                n.sessions,
+                n.last_check_ms_ago
+                    .map(|m| format!("{m}ms ago"))
+                    .unwrap_or_else(|| "-".into()),
+                n.last_error.as_deref().unwrap_or("")
+            );
+        }
+        if c.nodes.iter().any(|n| n.drained) {
+            out += "  (* drained)\n";
+        }
+        for e in c.events.iter().rev().take(5) {
+            out += &format!("  event: {} {} → {} ({})\n", e.node, e.old, e.new, e.reason);
+        }
+    }
+    out
+}
