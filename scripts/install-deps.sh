@@ -13,6 +13,9 @@ command -v psql >/dev/null || missing+=(postgresql-client)
 command -v pgbench >/dev/null || missing+=(postgresql-contrib)
 command -v pgrep >/dev/null || missing+=(procps)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
+# The status page is tested in a real headless browser.
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 
 if ((${#missing[@]})); then
     echo "install-deps: installing ${missing[*]}"
@@ -22,7 +25,7 @@ if ((${#missing[@]})); then
     $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c "import psycopg, psycopg2, django" 2>/dev/null; then
+if ! python3 -c "import psycopg, psycopg2, django, selenium" 2>/dev/null; then
     echo "install-deps: installing Python test clients"
     python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 fi

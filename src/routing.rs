@@ -39,6 +39,14 @@ pub enum NoRoute {
         primaries: Vec<String>,
         nodes: String,
     },
+    /// The only primaries are on a timeline older than one already seen: old primaries
+    /// that came back while the promoted one is unreachable.
+    StalePrimary {
+        cluster: String,
+        stale: Vec<String>,
+        newest: u32,
+        nodes: String,
+    },
     /// Nothing can serve reads: no standby within lag and no primary.
     NoReadable { cluster: String, nodes: String },
 }
@@ -54,6 +62,11 @@ impl fmt::Display for NoRoute {
                 "split brain in cluster \"{cluster}\": {} all report primary; refusing writes until only one does: {nodes}",
                 primaries.join(" and ")
             ),
+            NoRoute::StalePrimary { cluster, stale, newest, nodes } => write!(
+                f,
+                "no primary available for cluster \"{cluster}\": {} reports primary but timeline {newest} has been seen on a promoted node, so it is an old primary; refusing writes to it: {nodes}",
+                stale.join(" and ")
+            ),
             NoRoute::NoReadable { cluster, nodes } => write!(
                 f,
                 "no server available for reads in cluster \"{cluster}\" (no standby within max_replica_lag_ms and no primary): {nodes}"
@@ -62,30 +75,51 @@ impl fmt::Display for NoRoute {
     }
 }
 
-/// The one node that is the primary: up, reports primary, and wins the split-brain rule
-/// if several do. Drain does not change who the primary is.
+/// The one node that is the primary: up, reports primary, not on a timeline older than
+/// one already seen, and the winner of the split-brain rule if several qualify. Drain
+/// does not change who the primary is.
 pub fn primary(snap: &ClusterSnapshot) -> Result<usize, NoRoute> {
-    let primaries: Vec<usize> = (0..snap.nodes.len())
+    let reporting: Vec<usize> = (0..snap.nodes.len())
         .filter(|&i| snap.nodes[i].health == Health::Up && snap.nodes[i].role == Role::Primary)
         .collect();
-    match primaries.as_slice() {
+    let split_brain = |primaries: &[usize]| NoRoute::SplitBrain {
+        cluster: snap.name.clone(),
+        primaries: primaries
+            .iter()
+            .map(|&i| snap.nodes[i].name.clone())
+            .collect(),
+        nodes: snap.describe_nodes(),
+    };
+    if reporting.len() > 1 && snap.policy.split_brain == SplitBrainRule::Refuse {
+        return Err(split_brain(&reporting));
+    }
+    let (current, stale): (Vec<usize>, Vec<usize>) = reporting.iter().partition(|&&i| {
+        snap.nodes[i]
+            .timeline
+            .is_none_or(|t| t >= snap.newest_timeline)
+    });
+    match current.as_slice() {
+        [] if !stale.is_empty() => Err(NoRoute::StalePrimary {
+            cluster: snap.name.clone(),
+            stale: stale
+                .iter()
+                .map(|&i| {
+                    format!(
+                        "{} (timeline {})",
+                        snap.nodes[i].name,
+                        snap.nodes[i].timeline.unwrap_or(0)
+                    )
+                })
+                .collect(),
+            newest: snap.newest_timeline,
+            nodes: snap.describe_nodes(),
+        }),
         [] => Err(NoRoute::NoPrimary {
             cluster: snap.name.clone(),
             nodes: snap.describe_nodes(),
         }),
         [one] => Ok(*one),
-        many => {
-            if snap.policy.split_brain == SplitBrainRule::NewestTimeline {
-                if let Some(winner) = newest_timeline(snap, many) {
-                    return Ok(winner);
-                }
-            }
-            Err(NoRoute::SplitBrain {
-                cluster: snap.name.clone(),
-                primaries: many.iter().map(|&i| snap.nodes[i].name.clone()).collect(),
-                nodes: snap.describe_nodes(),
-            })
-        }
+        many => newest_timeline(snap, many).ok_or_else(|| split_brain(&reporting)),
     }
 }
 
@@ -197,6 +231,15 @@ pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, node: &str) -> Optio
             n.name,
             snap.name,
             n.last_error.as_deref().unwrap_or("health checks failed")
+        ));
+    }
+    if endpoint == Endpoint::ReadOnly
+        && n.role == Role::Primary
+        && primary(snap).ok() != Some(index)
+    {
+        return Some(format!(
+            "node \"{}\" reports primary but is not the primary of cluster \"{}\" (split brain or an old primary)",
+            n.name, snap.name
         ));
     }
     if endpoint == Endpoint::ReadWrite {
@@ -408,6 +451,26 @@ mod tests {
         );
         // With no primary to trust, reads have nowhere to go but standbys.
         assert!(route(Endpoint::ReadOnly, &with(&c, refuse), 0).is_err());
+    }
+
+    #[test]
+    fn an_old_primary_never_gets_writes_even_when_the_new_one_is_down() {
+        // failover1 was promoted (timeline 2) and is now unreachable; default, the old
+        // primary on timeline 1, is back.
+        let mut c = cluster(&[("default", "up", P, 0, 1), ("failover1", "down", P, 0, 2)]);
+        c.newest_timeline = 2;
+        let err = route(Endpoint::ReadWrite, &c, 0).unwrap_err();
+        assert!(matches!(err, NoRoute::StalePrimary { .. }));
+        assert!(
+            err.to_string()
+                .contains("default (timeline 1) reports primary but timeline 2"),
+            "{err}"
+        );
+        // Its read sessions are ended too, and no new ones go there.
+        assert!(eviction(Endpoint::ReadOnly, &c, "default")
+            .unwrap()
+            .contains("old primary"));
+        assert!(route(Endpoint::ReadOnly, &c, 0).is_err());
     }
 
     #[test]

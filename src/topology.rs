@@ -243,6 +243,10 @@ pub struct ClusterSnapshot {
     pub connect_timeout: Duration,
     /// Bound on one server login attempt.
     pub server_login_timeout: Duration,
+    /// Highest timeline ever reported by a primary of this cluster (since start). A
+    /// primary below it is an old primary that came back: it never gets writes, even
+    /// while the newer one is unreachable.
+    pub newest_timeline: u32,
 }
 
 impl ClusterSnapshot {
@@ -258,6 +262,7 @@ impl ClusterSnapshot {
             policy,
             connect_timeout,
             server_login_timeout: connect_timeout,
+            newest_timeline: 0,
         }
     }
 
@@ -377,12 +382,21 @@ impl ClusterState {
         fall: u32,
     ) -> Option<Transition> {
         let mut transition = None;
+        let mut transition_notify = false;
         self.update(|snap| {
             if let Some(i) = snap.index(node) {
                 transition = snap.nodes[i].apply(result, rise, fall, SystemTime::now());
+                let n = &snap.nodes[i];
+                if let (Health::Up, Role::Primary, Some(t)) = (n.health, n.role, n.timeline) {
+                    if t > snap.newest_timeline {
+                        snap.newest_timeline = t;
+                        // Sessions must re-judge their primary against the new timeline.
+                        transition_notify = true;
+                    }
+                }
                 snap.refresh_byte_lag();
             }
-            transition.is_some()
+            transition.is_some() || transition_notify
         });
         if let Some(t) = &transition {
             self.push_event(

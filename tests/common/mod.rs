@@ -38,8 +38,13 @@ impl Proxy {
             }
             text = format!("{extra_top}\n{text}");
         }
+        Proxy::launch(cluster, name, &text, rw, ro)
+    }
+
+    /// Start the proxy on a config text of the caller's, listening on `rw` / `ro`.
+    pub fn launch(cluster: &LocalCluster, name: &str, text: &str, rw: u16, ro: u16) -> Proxy {
         let config = cluster.dir().join(format!("{name}.toml"));
-        std::fs::write(&config, &text).unwrap();
+        std::fs::write(&config, text).unwrap();
         let log = cluster.dir().join(format!("{name}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["--config", config.to_str().unwrap()])
@@ -57,7 +62,7 @@ impl Proxy {
             config,
         };
         // Ready when writes reach the primary and reads reach a standby (or the only node).
-        let want_standby = cluster.nodes.len() > 1;
+        let want_standby = text.contains("failover");
         wait_for("proxy ready", Duration::from_secs(20), || {
             let w = psql(proxy.rw, "SELECT pg_is_in_recovery()").ok()? == "f";
             let r = psql(proxy.ro, "SELECT pg_is_in_recovery()").ok()?
@@ -65,6 +70,12 @@ impl Proxy {
             (w && r).then_some(())
         });
         proxy
+    }
+
+    /// Send a signal to the proxy process (SIGHUP: reload, SIGTERM: graceful stop).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 
     pub fn log_text(&self) -> String {
@@ -240,6 +251,21 @@ pub fn python(script: &str, args: &[&str], env: &[(&str, String)]) -> String {
     );
     assert!(out.status.success(), "{script} {args:?} failed:\n{text}");
     text
+}
+
+/// A plain HTTP GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut resp = agent
+        .get(&url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_string().unwrap())
 }
 
 /// Append a line to the test's stdout log (shown with --nocapture), for measured figures.

@@ -1,0 +1,363 @@
+//! Operating Switchyard: HTTP endpoints, metrics, the status page in a real browser, the
+//! admin console, PAUSE/RESUME, DRAIN, hot reload, graceful shutdown.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Admin HTTP on a free port, an admin user, and the monitor logging in as `app`.
+fn ops_config(http: u16) -> String {
+    format!(
+        "[health]\ninterval_ms = 500\ntimeout_ms = 1000\nrise = 2\nfall = 2\nuser = \"app\"\n\n\
+         [admin]\nhttp_listen = \"127.0.0.1:{http}\"\n\n\
+         [[users]]\nname = \"ops\"\npassword = \"ops\"\nadmin = true\n"
+    )
+}
+
+fn switchyard(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "switchyard {args:?}: {text}");
+    text
+}
+
+fn page_check(http: u16, expect: &[&str]) -> String {
+    let mut args = vec![
+        "--url".to_string(),
+        format!("http://127.0.0.1:{http}/"),
+        "--timeout".into(),
+        "20".into(),
+    ];
+    for e in expect {
+        args.push("--expect".into());
+        args.push(e.to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    python("../browser/page_check.py", &args, &[])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_console_page_and_metrics_follow_a_node_going_down() {
+    let cluster = LocalCluster::start(2).unwrap();
+    let http = free_port();
+    let proxy = Proxy::start(&cluster, "proxy", "", &ops_config(http));
+    psql(proxy.rw, "SELECT 1").unwrap();
+
+    let (code, body) = http_get(http, "/health");
+    assert_eq!((code, body.trim()), (200, "ok"));
+    let (code, body) = http_get(http, "/status");
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let main = &status["clusters"][0];
+    assert_eq!(main["primary"], "default");
+    assert_eq!(main["nodes"].as_array().unwrap().len(), 3);
+    assert!(main["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["new"] == "up/primary"));
+    // Patroni-style role checks for external load balancers.
+    let (code, body) = http_get(http, "/clusters/main/primary");
+    assert!(code == 200 && body.contains("\"default\""), "{code} {body}");
+    let (code, body) = http_get(http, "/clusters/main/replica");
+    assert!(
+        code == 200 && body.contains("\"failover1\""),
+        "{code} {body}"
+    );
+    assert_eq!(http_get(http, "/clusters/nope/primary").0, 404);
+
+    // The admin console, and who may use it.
+    let nodes = psql_db(proxy.rw, "ops", "ops", "switchyard", "SHOW NODES").unwrap();
+    assert!(
+        nodes.contains("main|default|127.0.0.1:") && nodes.contains("|up|primary|"),
+        "{nodes}"
+    );
+    let err = psql_db(proxy.rw, APP_USER, APP_PASSWORD, "switchyard", "SHOW NODES").unwrap_err();
+    assert!(err.contains("may not use the admin console"), "{err}");
+    for cmd in [
+        "SHOW CLUSTERS",
+        "SHOW POOLS",
+        "SHOW CLIENTS",
+        "SHOW SERVERS",
+        "SHOW STATS",
+        "SHOW EVENTS",
+    ] {
+        psql_db(proxy.ro, "ops", "ops", "switchyard", cmd).unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    }
+    let held = connect(proxy.ro).await.unwrap();
+    let clients = psql_db(proxy.rw, "ops", "ops", "switchyard", "SHOW CLIENTS").unwrap();
+    assert!(
+        clients.contains("|main|ro|app|app|") && clients.contains("|failover1|idle|"),
+        "{clients}"
+    );
+    drop(held);
+
+    // DRAIN moves new sessions away; UNDRAIN brings them back.
+    psql_db(proxy.rw, "ops", "ops", "switchyard", "DRAIN failover1").unwrap();
+    for _ in 0..3 {
+        assert_eq!(lands_on(&cluster, proxy.ro), Ok(2));
+    }
+    psql_db(
+        proxy.rw,
+        "ops",
+        "ops",
+        "switchyard",
+        "UNDRAIN main.failover1",
+    )
+    .unwrap();
+    assert_eq!(lands_on(&cluster, proxy.ro), Ok(1));
+
+    // The page, in headless Chromium, shows the node going down.
+    page_check(http, &["default=up", "failover1=up", "failover2=up"]);
+    cluster.kill9(2).unwrap();
+    let out = page_check(http, &["default=up", "failover2=down"]);
+    assert!(out.contains("ok: page shows"), "{out}");
+    let (_, body) = http_get(http, "/status");
+    assert!(
+        body.contains("\"name\":\"failover2\"") && body.contains("\"health\":\"down\""),
+        "{body}"
+    );
+    let nodes = psql_db(proxy.rw, "ops", "ops", "switchyard", "SHOW NODES").unwrap();
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.contains("|failover2|") && l.contains("|down|")),
+        "{nodes}"
+    );
+    let (_, metrics) = http_get(http, "/metrics");
+    for needle in [
+        "switchyard_node_up{cluster=\"main\",node=\"failover2\"} 0",
+        "switchyard_node_up{cluster=\"main\",node=\"default\"} 1",
+        "switchyard_node_primary{cluster=\"main\",node=\"default\"} 1",
+        "switchyard_queries_routed_total{cluster=\"main\",node=\"default\",role=\"primary\"}",
+        "switchyard_health_check_duration_seconds_bucket",
+        "switchyard_pool_wait_seconds_count{cluster=\"main\"}",
+        "switchyard_role_changes_total{cluster=\"main\",node=\"failover2\"}",
+        "switchyard_errors_total{class=\"42\"} 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
+    }
+    let table = switchyard(&["status", "--url", &format!("http://127.0.0.1:{http}")]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("failover2") && l.contains("down")),
+        "{table}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_new_transactions_and_resume_releases_them() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let http = free_port();
+    let proxy = Proxy::start(&cluster, "proxy", "", &ops_config(http));
+    let held = connect(proxy.rw).await.unwrap();
+    held.batch_execute("CREATE TABLE p (v int); BEGIN; INSERT INTO p VALUES (1)")
+        .await
+        .unwrap();
+
+    psql_db(proxy.rw, "ops", "ops", "switchyard", "PAUSE main").unwrap();
+    // The transaction in flight finishes.
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        held.batch_execute("INSERT INTO p VALUES (2); COMMIT"),
+    )
+    .await
+    .expect("in-flight transaction must finish")
+    .unwrap();
+    // A new transaction waits; so does a new session.
+    let held = std::sync::Arc::new(held);
+    let client = held.clone();
+    let waiting = tokio::spawn(async move {
+        client
+            .query_one("SELECT count(*) FROM p", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+    });
+    let port = proxy.rw;
+    let newcomer = std::thread::spawn(move || psql(port, "SELECT 42"));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished() && !newcomer.is_finished(),
+        "paused work went through"
+    );
+    let pools = psql_db(proxy.rw, "ops", "ops", "switchyard", "SHOW CLUSTERS").unwrap();
+    assert!(pools.contains("|true|"), "{pools}");
+
+    psql_db(proxy.rw, "ops", "ops", "switchyard", "RESUME").unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
+        2
+    );
+    assert_eq!(newcomer.join().unwrap().unwrap(), "42");
+}
+
+#[test]
+fn reload_adds_a_standby_and_an_invalid_config_keeps_the_old_one() {
+    let cluster = LocalCluster::start(2).unwrap();
+    let (rw, ro, http) = (free_port(), free_port(), free_port());
+    let full = format!(
+        "{}{}",
+        ops_config(http),
+        cluster
+            .config_toml(rw, ro, "")
+            .split_once("[[users]]")
+            .map(|(_, rest)| format!("[[users]]{rest}"))
+            .unwrap()
+    );
+    // Start without failover2.
+    let without = remove_node(&full, "failover2");
+    let proxy = Proxy::launch(&cluster, "proxy", &without, rw, ro);
+    let _ = ro;
+    assert_eq!(lands_on(&cluster, proxy.ro), Ok(1));
+
+    // Add failover2 first in priority order, and reload with SIGHUP.
+    let reordered = put_first_standby(&full, "failover2");
+    std::fs::write(&proxy.config, &reordered).unwrap();
+    proxy.signal(libc::SIGHUP);
+    wait_for(
+        "reads on the added standby",
+        Duration::from_secs(10),
+        || (lands_on(&cluster, proxy.ro) == Ok(2)).then_some(()),
+    );
+    assert!(proxy.log_text().contains("config reloaded"));
+
+    // An invalid file is rejected with its reason; the old config keeps running.
+    std::fs::write(
+        &proxy.config,
+        reordered.replace("interval_ms = 500", "interval_ms = 0"),
+    )
+    .unwrap();
+    let err = psql_db(proxy.rw, "ops", "ops", "switchyard", "RELOAD").unwrap_err();
+    assert!(
+        err.contains("reload rejected") && err.contains("health.interval_ms"),
+        "{err}"
+    );
+    proxy.signal(libc::SIGHUP);
+    wait_for("rejection logged", Duration::from_secs(5), || {
+        proxy
+            .log_text()
+            .matches("reload rejected")
+            .nth(1)
+            .map(|_| ())
+    });
+    assert_eq!(lands_on(&cluster, proxy.ro), Ok(2));
+    assert_eq!(lands_on(&cluster, proxy.rw), Ok(0));
+
+    // Removing a node ends its sessions and routes around it.
+    std::fs::write(&proxy.config, remove_node(&reordered, "failover2")).unwrap();
+    assert_eq!(
+        psql_db(proxy.rw, "ops", "ops", "switchyard", "RELOAD").unwrap(),
+        ""
+    );
+    assert_eq!(lands_on(&cluster, proxy.ro), Ok(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_transactions_finish_then_says_goodbye() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        "",
+        "[proxy]\nshutdown_timeout_ms = 5000\n",
+    );
+    let busy = connect(proxy.rw).await.unwrap();
+    busy.batch_execute("CREATE TABLE s (v int); BEGIN; INSERT INTO s VALUES (1)")
+        .await
+        .unwrap();
+    let idle = connect(proxy.rw).await.unwrap();
+
+    let asked = Instant::now();
+    proxy.signal(libc::SIGTERM);
+    // The idle session is told at once.
+    let err = idle.wait_for_error(Duration::from_secs(3)).await;
+    assert!(
+        err.contains("57P01") && err.contains("shutting down"),
+        "{err}"
+    );
+    // New sessions are not accepted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(psql(proxy.rw, "SELECT 1").is_err());
+    // The open transaction may still commit, then the session is ended.
+    busy.batch_execute("INSERT INTO s VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    let err = busy.wait_for_error(Duration::from_secs(3)).await;
+    assert!(err.contains("57P01"), "{err}");
+    assert_eq!(
+        cluster.sql_db(0, APP_DB, "SELECT count(*) FROM s").unwrap(),
+        "2"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(5));
+}
+
+fn psql_db(port: u16, user: &str, password: &str, db: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            user,
+            "-d",
+            db,
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// The config text without the `[[clusters.main.nodes]]` entry named `name`.
+fn remove_node(text: &str, name: &str) -> String {
+    let marker = "\n[[clusters.main.nodes]]\n";
+    let mut parts = text.split(marker);
+    let mut out = parts.next().unwrap().to_string();
+    for p in parts {
+        if !p.starts_with(&format!("name = \"{name}\"")) {
+            out += marker;
+            out += p;
+        }
+    }
+    out
+}
+
+/// The config text with node `name` moved right after the first node.
+fn put_first_standby(text: &str, name: &str) -> String {
+    let marker = "\n[[clusters.main.nodes]]\n";
+    let mut parts: Vec<&str> = text.split(marker).collect();
+    let at = parts
+        .iter()
+        .position(|p| p.starts_with(&format!("name = \"{name}\"")))
+        .unwrap();
+    let node = parts.remove(at);
+    parts.insert(2, node);
+    parts.join(marker)
+}
