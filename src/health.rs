@@ -15,8 +15,9 @@ use crate::config::HealthConfig;
 use crate::topology::{ClusterState, Health, Observation, Role, Transition};
 
 /// One round trip answers everything: role, lag, WAL position, timeline.
-/// Lag is 0 when everything received has been replayed (an idle primary sends nothing,
-/// which must not look like lag), else the age of the last replayed transaction.
+/// The standby's own lag figure (0 when everything received has been replayed, else the
+/// age of the last replayed transaction) is only a fallback: the topology measures lag
+/// from the primary's WAL positions (`ClusterState::refresh_time_lag`).
 /// The timeline of a primary is the first 8 hex digits of its current WAL file name.
 const CHECK_SQL: &str = "SELECT pg_is_in_recovery() AS standby,
   CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text AS lsn,

@@ -320,7 +320,13 @@ pub struct ClusterState {
     pub name: String,
     tx: watch::Sender<Arc<ClusterSnapshot>>,
     events: Mutex<VecDeque<Event>>,
+    /// (when, WAL position) of the primary, one sample per check: standby lag is the
+    /// age of the oldest primary position the standby has not replayed yet.
+    wal_samples: Mutex<VecDeque<(SystemTime, u64)>>,
 }
+
+/// Enough samples for lag up to ~1 hour at 1 check per second.
+const WAL_SAMPLES_KEPT: usize = 3600;
 
 impl ClusterState {
     pub fn new(snapshot: ClusterSnapshot) -> Arc<ClusterState> {
@@ -330,6 +336,7 @@ impl ClusterState {
             name,
             tx,
             events: Mutex::new(VecDeque::new()),
+            wal_samples: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -394,7 +401,12 @@ impl ClusterState {
                         transition_notify = true;
                     }
                 }
+                let eligible_before = readable(snap);
+                self.refresh_time_lag(snap, i);
                 snap.refresh_byte_lag();
+                // A standby crossing max_replica_lag_ms changes where reads may go:
+                // wake clients waiting for a readable node.
+                transition_notify |= readable(snap) != eligible_before;
             }
             transition.is_some() || transition_notify
         });
@@ -408,6 +420,54 @@ impl ClusterState {
         }
         transition
     }
+
+    /// Measure every standby's lag against the primary's WAL history, in the proxy.
+    /// Asking the standby (`now() - pg_last_xact_replay_timestamp()`) is wrong exactly
+    /// when it matters: a standby whose WAL receiver is cut off has replayed all it
+    /// received and would report no lag at all. Without primary samples (no primary
+    /// seen yet) the standby's own figure stays.
+    fn refresh_time_lag(&self, snap: &mut ClusterSnapshot, checked: usize) {
+        let now = SystemTime::now();
+        let mut samples = self.wal_samples.lock().unwrap();
+        let n = &snap.nodes[checked];
+        if let (Health::Up, Role::Primary, Some(lsn)) = (n.health, n.role, n.lsn) {
+            if crate::routing::primary(snap).ok() == Some(checked) {
+                if samples.back().is_none_or(|&(_, last)| lsn > last) {
+                    samples.push_back((now, lsn));
+                }
+                if samples.len() > WAL_SAMPLES_KEPT {
+                    samples.pop_front();
+                }
+            }
+        }
+        if samples.is_empty() {
+            return;
+        }
+        for n in &mut snap.nodes {
+            if let (Health::Up, Role::Standby, Some(replayed)) = (n.health, n.role, n.lsn) {
+                n.lag_ms = Some(match samples.iter().find(|&&(_, lsn)| lsn > replayed) {
+                    None => 0,
+                    Some(&(since, _)) => now
+                        .duration_since(since)
+                        .unwrap_or(Duration::ZERO)
+                        .as_millis() as u64,
+                });
+            }
+        }
+    }
+}
+
+/// Which nodes reads may go to (for noticing a change).
+fn readable(snap: &ClusterSnapshot) -> Vec<bool> {
+    snap.nodes
+        .iter()
+        .map(|n| {
+            n.health == Health::Up
+                && n.role == Role::Standby
+                && n.lag_ms
+                    .is_some_and(|l| l <= snap.policy.max_replica_lag_ms)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -473,6 +533,41 @@ mod tests {
             n.describe(t + Duration::from_secs(4)),
             "default down (connection refused, 4s ago)"
         );
+    }
+
+    #[test]
+    fn standby_lag_is_the_age_of_the_oldest_primary_position_not_replayed() {
+        let policy = Policy {
+            max_replica_lag_ms: 1000,
+            read_balance: crate::config::ReadBalance::Priority,
+            split_brain: crate::config::SplitBrainRule::Refuse,
+        };
+        let nodes = vec![NodeState::new("p", "h:1"), NodeState::new("s", "h:2")];
+        let state = ClusterState::new(ClusterSnapshot::new(
+            "c",
+            nodes,
+            policy,
+            Duration::from_secs(1),
+        ));
+        let obs = |role, lsn| {
+            Ok(Observation {
+                role,
+                lag_ms: 0,
+                lsn: Some(lsn),
+                timeline: Some(1),
+            })
+        };
+        // The standby claims no lag itself (its receiver is cut off), but it is stuck at
+        // 100 while the primary moved to 200 and then 300.
+        state.record("p", obs(Role::Primary, 200), 1, 1);
+        std::thread::sleep(Duration::from_millis(30));
+        state.record("p", obs(Role::Primary, 300), 1, 1);
+        state.record("s", obs(Role::Standby, 100), 1, 1);
+        let lag = state.snapshot().nodes[1].lag_ms.unwrap();
+        assert!(lag >= 30, "lag {lag}");
+        // Caught up with the newest sample: no lag.
+        state.record("s", obs(Role::Standby, 300), 1, 1);
+        assert_eq!(state.snapshot().nodes[1].lag_ms, Some(0));
     }
 
     #[test]

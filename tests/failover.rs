@@ -302,3 +302,33 @@ async fn rw_refuses_a_server_that_reports_standby_at_login_even_if_the_monitor_l
     // Reads are still fine.
     assert_eq!(lands_on(&cluster, proxy.ro), Ok(0));
 }
+
+#[test]
+fn a_standby_lagging_beyond_max_replica_lag_gets_no_new_reads_until_it_catches_up() {
+    let cluster = LocalCluster::start(2).unwrap();
+    let proxy = Proxy::start(&cluster, "proxy", "max_replica_lag_ms = 1000", "");
+    cluster
+        .sql(0, "CREATE TABLE ticks (at timestamptz)")
+        .unwrap();
+    assert_eq!(lands_on(&cluster, proxy.ro), Ok(1));
+    // failover1 keeps receiving WAL but stops replaying it: it reports no lag of its own
+    // that Switchyard trusts; the primary's moving WAL position shows it falling behind.
+    cluster.sql(1, "SELECT pg_wal_replay_pause()").unwrap();
+    let paused = Instant::now();
+    wait_for(
+        "reads moved off the lagging standby",
+        Duration::from_secs(10),
+        || {
+            cluster.sql(0, "INSERT INTO ticks VALUES (now())").unwrap();
+            (lands_on(&cluster, proxy.ro) == Ok(2)).then_some(())
+        },
+    );
+    report(&format!(
+        "replay paused -> reads moved to failover2 after {:?}",
+        paused.elapsed()
+    ));
+    cluster.sql(1, "SELECT pg_wal_replay_resume()").unwrap();
+    wait_for("reads back on failover1", Duration::from_secs(10), || {
+        (lands_on(&cluster, proxy.ro) == Ok(1)).then_some(())
+    });
+}
