@@ -192,10 +192,9 @@ fn status(path: Option<&PathBuf>, url: Option<String>, watch: bool) -> Result<()
 fn demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
     println!("Starting a local PostgreSQL cluster (1 primary, 2 streaming standbys)...");
     let cluster = LocalCluster::start(2).context("could not start the local cluster")?;
-    let config_text = cluster.config_toml(
-        rw_port,
-        ro_port,
-        "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"",
+    let config_text = format!(
+        "{}\n[admin]\nhttp_listen = \"127.0.0.1:{http_port}\"\n\n[[users]]\nname = \"admin\"\npassword = \"admin\"\nadmin = true\n",
+        cluster.config_toml(rw_port, ro_port, "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"")
     );
     let config_path = cluster.dir().join("switchyard.toml");
     std::fs::write(&config_path, &config_text)?;
