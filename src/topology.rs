@@ -535,28 +535,34 @@ mod tests {
         );
     }
 
-    #[test]
-    fn standby_lag_is_the_age_of_the_oldest_primary_position_not_replayed() {
+    /// Cluster "c" with nodes "p" and "s", not checked yet.
+    fn primary_and_standby() -> Arc<ClusterState> {
         let policy = Policy {
             max_replica_lag_ms: 1000,
             read_balance: crate::config::ReadBalance::Priority,
             split_brain: crate::config::SplitBrainRule::Refuse,
         };
         let nodes = vec![NodeState::new("p", "h:1"), NodeState::new("s", "h:2")];
-        let state = ClusterState::new(ClusterSnapshot::new(
+        ClusterState::new(ClusterSnapshot::new(
             "c",
             nodes,
             policy,
             Duration::from_secs(1),
-        ));
-        let obs = |role, lsn| {
-            Ok(Observation {
-                role,
-                lag_ms: 0,
-                lsn: Some(lsn),
-                timeline: Some(1),
-            })
-        };
+        ))
+    }
+
+    fn obs(role: Role, lsn: u64) -> Result<Observation, String> {
+        Ok(Observation {
+            role,
+            lag_ms: 0,
+            lsn: Some(lsn),
+            timeline: Some(1),
+        })
+    }
+
+    #[test]
+    fn standby_lag_is_the_age_of_the_oldest_primary_position_not_replayed() {
+        let state = primary_and_standby();
         // The standby claims no lag itself (its receiver is cut off), but it is stuck at
         // 100 while the primary moved to 200 and then 300.
         state.record("p", obs(Role::Primary, 200), 1, 1);
@@ -572,26 +578,7 @@ mod tests {
 
     #[test]
     fn byte_lag_is_measured_from_the_single_primary() {
-        let policy = Policy {
-            max_replica_lag_ms: 1000,
-            read_balance: crate::config::ReadBalance::Priority,
-            split_brain: crate::config::SplitBrainRule::Refuse,
-        };
-        let nodes = vec![NodeState::new("p", "h:1"), NodeState::new("s", "h:2")];
-        let state = ClusterState::new(ClusterSnapshot::new(
-            "c",
-            nodes,
-            policy,
-            Duration::from_secs(1),
-        ));
-        let obs = |role, lsn| {
-            Ok(Observation {
-                role,
-                lag_ms: 0,
-                lsn: Some(lsn),
-                timeline: Some(1),
-            })
-        };
+        let state = primary_and_standby();
         state.record("p", obs(Role::Primary, 1000), 1, 1);
         state.record("s", obs(Role::Standby, 400), 1, 1);
         assert_eq!(state.snapshot().nodes[1].lag_bytes, Some(600));

@@ -306,35 +306,6 @@ async fn sigterm_lets_transactions_finish_then_says_goodbye() {
     assert!(asked.elapsed() < Duration::from_secs(5));
 }
 
-fn psql_db(port: u16, user: &str, password: &str, db: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-At",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            user,
-            "-d",
-            db,
-            "-c",
-            sql,
-        ])
-        .env("PGPASSWORD", password)
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
-
 /// The config text without the `[[clusters.main.nodes]]` entry named `name`.
 fn remove_node(text: &str, name: &str) -> String {
     let marker = "\n[[clusters.main.nodes]]\n";

@@ -118,6 +118,17 @@ pub fn psql(port: u16, sql: &str) -> Result<String, String> {
 }
 
 pub fn psql_as(port: u16, user: &str, password: &str, sql: &str) -> Result<String, String> {
+    psql_db(port, user, password, APP_DB, sql)
+}
+
+/// psql through the proxy as `user` on database `db` (`switchyard`: the admin console).
+pub fn psql_db(
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+    sql: &str,
+) -> Result<String, String> {
     let out = Command::new("psql")
         .args([
             "-X",
@@ -132,13 +143,12 @@ pub fn psql_as(port: u16, user: &str, password: &str, sql: &str) -> Result<Strin
             "-U",
             user,
             "-d",
-            APP_DB,
+            db,
             "-c",
             sql,
         ])
         .env("PGPASSWORD", password)
         .env("PGCONNECT_TIMEOUT", "10")
-        .env("PGSSLMODE", "prefer")
         .output()
         .expect("run psql");
     if out.status.success() {
