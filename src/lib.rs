@@ -19,6 +19,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cancel;
+pub mod classify;
 pub mod config;
 pub mod health;
 pub mod localcluster;

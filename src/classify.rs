@@ -1,0 +1,487 @@
+//! What a statement does, for routing and transaction pooling, decided with the real
+//! PostgreSQL grammar (`pg_query`, libpg_query: PostgreSQL's own parser). Results are
+//! cached by query text, so a repeated query costs one hash lookup.
+//!
+//! A statement is a *read* only if it provably cannot write: a SELECT / VALUES / SHOW /
+//! EXPLAIN of such, with no locking clause, no SELECT INTO, no data-modifying CTE, and
+//! only functions from the read-only list. Anything else, including what does not parse,
+//! is a write: the safe answer.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use pg_query::protobuf::{a_const, TransactionStmtKind, VariableSetKind};
+use pg_query::{NodeEnum, NodeRef};
+
+/// Session state a statement changes; replayed on every server connection the client
+/// gets in transaction mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetAction {
+    /// `SET name ...` (not LOCAL): keep the statement text to replay it.
+    Set {
+        name: String,
+        statement: String,
+    },
+    Reset {
+        name: String,
+    },
+    ResetAll,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    /// Safe to run on a standby.
+    pub read_only: bool,
+    /// Starts a transaction block; `Some(true)` for `BEGIN READ ONLY`.
+    pub begins: Option<bool>,
+    /// Session state the server connection must keep: the client is pinned to it.
+    pub pins: Option<&'static str>,
+    pub sets: Vec<SetAction>,
+    /// A `/* switchyard:primary */` (or `-- switchyard:primary`) hint.
+    pub hint_primary: bool,
+}
+
+/// Functions known not to write: a read calling anything else goes to the primary.
+pub const DEFAULT_READ_ONLY_FUNCTIONS: &[&str] = &[
+    "count",
+    "sum",
+    "avg",
+    "min",
+    "max",
+    "bool_and",
+    "bool_or",
+    "every",
+    "array_agg",
+    "string_agg",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "stddev",
+    "variance",
+    "now",
+    "statement_timestamp",
+    "clock_timestamp",
+    "transaction_timestamp",
+    "timeofday",
+    "date_trunc",
+    "date_part",
+    "extract",
+    "to_char",
+    "to_date",
+    "to_timestamp",
+    "to_number",
+    "age",
+    "make_date",
+    "make_timestamp",
+    "make_interval",
+    "lower",
+    "upper",
+    "length",
+    "char_length",
+    "octet_length",
+    "substring",
+    "substr",
+    "trim",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "replace",
+    "concat",
+    "concat_ws",
+    "format",
+    "left",
+    "right",
+    "lpad",
+    "rpad",
+    "position",
+    "strpos",
+    "split_part",
+    "md5",
+    "abs",
+    "ceil",
+    "ceiling",
+    "floor",
+    "round",
+    "trunc",
+    "mod",
+    "power",
+    "sqrt",
+    "random",
+    "greatest",
+    "least",
+    "coalesce",
+    "nullif",
+    "generate_series",
+    "unnest",
+    "array_length",
+    "array_position",
+    "cardinality",
+    "json_build_object",
+    "jsonb_build_object",
+    "json_build_array",
+    "jsonb_build_array",
+    "to_json",
+    "to_jsonb",
+    "jsonb_extract_path",
+    "jsonb_extract_path_text",
+    "json_extract_path_text",
+    "jsonb_typeof",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "version",
+    "current_setting",
+    "current_database",
+    "current_schema",
+    "current_user",
+    "session_user",
+    "pg_is_in_recovery",
+    "pg_last_wal_replay_lsn",
+    "inet_server_port",
+    "inet_server_addr",
+    "pg_backend_pid",
+    "pg_postmaster_start_time",
+    "txid_current_snapshot",
+    "pg_size_pretty",
+    "pg_relation_size",
+    "pg_total_relation_size",
+    "pg_database_size",
+    "has_table_privilege",
+    "pg_get_userbyid",
+    "format_type",
+    "pg_table_is_visible",
+    "pg_get_expr",
+    "pg_get_indexdef",
+    "pg_get_constraintdef",
+    "obj_description",
+    "col_description",
+    "array_to_string",
+    "string_to_array",
+    "regexp_replace",
+    "regexp_matches",
+    "regexp_match",
+    "starts_with",
+    "pg_sleep",
+];
+
+/// Session-level advisory locks live on the server connection: pin.
+const SESSION_LOCK_FUNCTIONS: &[&str] = &[
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+];
+
+const CURSOR_OPT_HOLD: i32 = 0x0020;
+const CACHE_LIMIT: usize = 10_000;
+
+pub struct Classifier {
+    read_only_functions: HashSet<String>,
+    cache: RwLock<HashMap<Box<str>, Arc<Classification>>>,
+}
+
+impl Classifier {
+    pub fn new(extra_read_only_functions: &[String]) -> Classifier {
+        let mut read_only_functions: HashSet<String> = DEFAULT_READ_ONLY_FUNCTIONS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        read_only_functions.extend(
+            extra_read_only_functions
+                .iter()
+                .map(|s| s.to_ascii_lowercase()),
+        );
+        Classifier {
+            read_only_functions,
+            cache: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Classify a query text (one or several statements), from the cache when seen before.
+    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+        if let Some(c) = self.cache.read().unwrap().get(sql) {
+            return c.clone();
+        }
+        let c = Arc::new(self.classify_uncached(sql));
+        let mut cache = self.cache.write().unwrap();
+        if cache.len() >= CACHE_LIMIT {
+            // Crude but bounded: applications have far fewer distinct query texts than
+            // this unless they inline literals, and then caching buys little anyway.
+            cache.clear();
+        }
+        cache.insert(sql.into(), c.clone());
+        c
+    }
+
+    fn classify_uncached(&self, sql: &str) -> Classification {
+        let hint_primary = sql.contains("switchyard:primary");
+        let write = Classification {
+            read_only: false,
+            begins: None,
+            pins: None,
+            sets: Vec::new(),
+            hint_primary,
+        };
+        let Ok(parsed) = pg_query::parse(sql, 0) else {
+            return write;
+        };
+        let mut c = Classification {
+            read_only: true,
+            ..write
+        };
+        let stmts = &parsed.protobuf.stmts;
+        if stmts.is_empty() {
+            return c;
+        }
+        for raw in stmts {
+            let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
+                continue;
+            };
+            let text = statement_text(sql, raw.stmt_location, raw.stmt_len);
+            match node {
+                NodeEnum::SelectStmt(_) | NodeEnum::VariableShowStmt(_) => {}
+                NodeEnum::ExplainStmt(e) => {
+                    // EXPLAIN ANALYZE runs the statement: judge what it explains.
+                    let analyze = e.options.iter().any(
+                        |o| matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname == "analyze"),
+                    );
+                    let inner_reads = matches!(
+                        e.query.as_deref().and_then(|q| q.node.as_ref()),
+                        Some(NodeEnum::SelectStmt(_))
+                    );
+                    if analyze && !inner_reads {
+                        c.read_only = false;
+                    }
+                }
+                NodeEnum::TransactionStmt(t) => match TransactionStmtKind::try_from(t.kind) {
+                    Ok(
+                        TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart,
+                    ) => {
+                        let read_only = t.options.iter().any(|o| match &o.node {
+                            Some(NodeEnum::DefElem(d)) if d.defname == "transaction_read_only" => matches!(
+                                d.arg.as_deref().and_then(|a| a.node.as_ref()),
+                                Some(NodeEnum::AConst(k)) if matches!(k.val, Some(a_const::Val::Ival(ref i)) if i.ival == 1)
+                            ),
+                            _ => false,
+                        });
+                        c.begins = Some(read_only);
+                        c.read_only &= read_only;
+                    }
+                    _ => c.read_only = false,
+                },
+                NodeEnum::VariableSetStmt(v) => {
+                    c.read_only = false;
+                    if !v.is_local {
+                        let name = v.name.to_ascii_lowercase();
+                        match VariableSetKind::try_from(v.kind) {
+                            Ok(VariableSetKind::VarReset) => c.sets.push(SetAction::Reset { name }),
+                            Ok(VariableSetKind::VarResetAll) => c.sets.push(SetAction::ResetAll),
+                            // SET TRANSACTION ... (VarSetMulti) lasts one transaction.
+                            Ok(VariableSetKind::VarSetMulti) => {}
+                            Ok(_) => c.sets.push(SetAction::Set {
+                                name,
+                                statement: text.to_string(),
+                            }),
+                            Err(_) => {}
+                        }
+                    }
+                }
+                NodeEnum::DiscardStmt(_) => {
+                    c.read_only = false;
+                    c.sets.push(SetAction::ResetAll);
+                }
+                NodeEnum::PrepareStmt(_) => pin(&mut c, "SQL PREPARE"),
+                NodeEnum::ListenStmt(_) => pin(&mut c, "LISTEN"),
+                NodeEnum::DeclareCursorStmt(d) if d.options & CURSOR_OPT_HOLD != 0 => {
+                    pin(&mut c, "a WITH HOLD cursor")
+                }
+                NodeEnum::CreateStmt(s)
+                    if s.relation.as_ref().is_some_and(|r| r.relpersistence == "t") =>
+                {
+                    pin(&mut c, "a temporary table")
+                }
+                NodeEnum::CreateTableAsStmt(s)
+                    if s.into
+                        .as_ref()
+                        .and_then(|i| i.rel.as_ref())
+                        .is_some_and(|r| r.relpersistence == "t") =>
+                {
+                    pin(&mut c, "a temporary table")
+                }
+                NodeEnum::DeclareCursorStmt(_) => {}
+                _ => c.read_only = false,
+            }
+        }
+        for (node, _, _, _) in parsed.protobuf.nodes() {
+            match node {
+                NodeRef::SelectStmt(s) => {
+                    if !s.locking_clause.is_empty() {
+                        c.read_only = false;
+                    }
+                    if let Some(into) = &s.into_clause {
+                        c.read_only = false;
+                        if into.rel.as_ref().is_some_and(|r| r.relpersistence == "t") {
+                            pin(&mut c, "a temporary table");
+                        }
+                    }
+                }
+                NodeRef::InsertStmt(_)
+                | NodeRef::UpdateStmt(_)
+                | NodeRef::DeleteStmt(_)
+                | NodeRef::MergeStmt(_) => c.read_only = false,
+                NodeRef::FuncCall(f) => {
+                    let name = f
+                        .funcname
+                        .last()
+                        .and_then(|n| match &n.node {
+                            Some(NodeEnum::String(s)) => Some(s.sval.to_ascii_lowercase()),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    if SESSION_LOCK_FUNCTIONS.contains(&name.as_str()) {
+                        pin(&mut c, "a session advisory lock");
+                    }
+                    if !self.read_only_functions.contains(&name) {
+                        c.read_only = false;
+                    }
+                }
+                _ => {}
+            }
+        }
+        c
+    }
+}
+
+fn pin(c: &mut Classification, why: &'static str) {
+    c.read_only = false;
+    c.pins.get_or_insert(why);
+}
+
+/// The text of one statement of a multi-statement string (0 length: to the end).
+fn statement_text(sql: &str, location: i32, len: i32) -> &str {
+    let start = (location.max(0) as usize).min(sql.len());
+    let end = if len <= 0 {
+        sql.len()
+    } else {
+        (start + len as usize).min(sql.len())
+    };
+    sql.get(start..end).unwrap_or(sql).trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(sql: &str) -> Classification {
+        (*Classifier::new(&["my_report".to_string()]).classify(sql)).clone()
+    }
+
+    #[test]
+    fn reads_and_writes() {
+        let table = [
+            ("SELECT 1", true),
+            ("select * from t where id = $1", true),
+            ("WITH x AS (SELECT 1) SELECT * FROM x", true),
+            ("VALUES (1), (2)", true),
+            ("SHOW TimeZone", true),
+            ("SELECT count(*), max(v) FROM t", true),
+            ("/* a comment */ SELECT 1 -- trailing", true),
+            ("SELECT a FROM t UNION SELECT b FROM u", true),
+            ("EXPLAIN SELECT 1", true),
+            ("SELECT my_report(1)", true),
+            // Writes, however they are dressed.
+            (
+                "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+                false,
+            ),
+            ("SELECT * FROM t FOR UPDATE", false),
+            ("SELECT * FROM (SELECT * FROM t FOR SHARE) s", false),
+            ("SELECT nextval('s')", false),
+            ("SELECT setval('s', 1)", false),
+            ("SELECT my_function()", false),
+            ("SELECT * INTO t2 FROM t", false),
+            ("SELECT 1; DELETE FROM t", false),
+            ("INSERT INTO t VALUES (1)", false),
+            ("UPDATE t SET v = 1", false),
+            ("DO $$ BEGIN PERFORM 1; END $$", false),
+            ("CALL proc()", false),
+            ("EXPLAIN ANALYZE DELETE FROM t", false),
+            ("CREATE TABLE t (v int)", false),
+            ("SET TIME ZONE 'UTC'", false),
+            ("SELEC garbage", false),
+        ];
+        for (sql, read) in table {
+            assert_eq!(c(sql).read_only, read, "{sql}");
+        }
+    }
+
+    #[test]
+    fn transactions() {
+        assert_eq!(c("BEGIN").begins, Some(false));
+        assert!(!c("BEGIN").read_only);
+        assert_eq!(c("BEGIN READ ONLY").begins, Some(true));
+        assert!(c("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").read_only);
+        assert!(!c("COMMIT").read_only);
+    }
+
+    #[test]
+    fn session_state() {
+        assert_eq!(
+            c("SET TIME ZONE 'UTC'").sets,
+            vec![SetAction::Set {
+                name: "timezone".into(),
+                statement: "SET TIME ZONE 'UTC'".into()
+            }]
+        );
+        assert_eq!(
+            c("SET search_path = a; RESET work_mem").sets,
+            vec![
+                SetAction::Set {
+                    name: "search_path".into(),
+                    statement: "SET search_path = a".into()
+                },
+                SetAction::Reset {
+                    name: "work_mem".into()
+                }
+            ]
+        );
+        assert!(c("SET LOCAL work_mem = '1MB'").sets.is_empty());
+        assert_eq!(c("RESET ALL").sets, vec![SetAction::ResetAll]);
+        assert_eq!(c("DISCARD ALL").sets, vec![SetAction::ResetAll]);
+    }
+
+    #[test]
+    fn pins() {
+        assert_eq!(c("PREPARE p AS SELECT 1").pins, Some("SQL PREPARE"));
+        assert_eq!(c("LISTEN jobs").pins, Some("LISTEN"));
+        assert_eq!(
+            c("SELECT pg_advisory_lock(1)").pins,
+            Some("a session advisory lock")
+        );
+        assert_eq!(c("SELECT pg_advisory_xact_lock(1)").pins, None);
+        assert_eq!(
+            c("CREATE TEMP TABLE x (v int)").pins,
+            Some("a temporary table")
+        );
+        assert_eq!(c("SELECT 1 INTO TEMP x").pins, Some("a temporary table"));
+        assert_eq!(
+            c("DECLARE \"_django_curs_1\" NO SCROLL CURSOR WITH HOLD FOR SELECT * FROM t").pins,
+            Some("a WITH HOLD cursor")
+        );
+        assert_eq!(c("DECLARE c CURSOR FOR SELECT 1").pins, None);
+    }
+
+    #[test]
+    fn hints_and_cache() {
+        assert!(c("/* switchyard:primary */ SELECT 1").hint_primary);
+        let k = Classifier::new(&[]);
+        let a = k.classify("SELECT 1");
+        let b = k.classify("SELECT 1");
+        assert!(Arc::ptr_eq(&a, &b));
+    }
+}
