@@ -71,6 +71,16 @@ impl CancelRegistry {
         }
     }
 
+    /// Point a session's key at the server connection it holds now (transaction
+    /// pooling); an empty `addr` means it holds none, and a cancel has nothing to stop.
+    pub fn retarget(&self, pid: i32, addr: &str, server_pid: i32, server_key: i32) {
+        if let Some(t) = self.map.lock().unwrap().get_mut(&pid) {
+            t.addr = addr.to_string();
+            t.server_pid = server_pid;
+            t.server_key = server_key;
+        }
+    }
+
     /// Forward a client's CancelRequest to the server its session is on. Unknown keys
     /// are dropped silently, as PostgreSQL does (no answer is ever sent to a cancel).
     pub async fn forward(&self, pid: i32, key: i32) {

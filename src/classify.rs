@@ -39,6 +39,8 @@ pub struct Classification {
     pub sets: Vec<SetAction>,
     /// A `/* switchyard:primary */` (or `-- switchyard:primary`) hint.
     pub hint_primary: bool,
+    /// The grammar accepts it (a server may still reject it, e.g. an unknown table).
+    pub parses: bool,
 }
 
 /// Functions known not to write: a read calling anything else goes to the primary.
@@ -226,12 +228,14 @@ impl Classifier {
             pins: None,
             sets: Vec::new(),
             hint_primary,
+            parses: false,
         };
         let Ok(parsed) = pg_query::parse(sql, 0) else {
             return write;
         };
         let mut c = Classification {
             read_only: true,
+            parses: true,
             ..write
         };
         let stmts = &parsed.protobuf.stmts;

@@ -191,11 +191,41 @@ pub struct ClusterConfig {
     pub server_login_timeout_ms: u64,
     #[serde(default = "d_split_brain")]
     pub split_brain: SplitBrainRule,
+    /// Transaction mode: server connections per (node, database, user).
+    #[serde(default = "d_pool_size")]
+    pub pool_size: u32,
+    /// Idle connections kept open even past the idle timeout.
+    #[serde(default)]
+    pub min_pool_size: u32,
+    #[serde(default = "d_600000")]
+    pub server_idle_timeout_ms: u64,
+    #[serde(default = "d_3600000")]
+    pub server_lifetime_ms: u64,
+    /// How long a transaction waits for a free server connection before SQLSTATE 53300.
+    #[serde(default = "d_5000")]
+    pub checkout_timeout_ms: u64,
+    /// Transaction mode, rw endpoint: send reads outside a transaction to standbys.
+    #[serde(default)]
+    pub read_write_split: bool,
+    /// Functions (besides the built-in list) that never write, so a SELECT calling
+    /// them may go to a standby.
+    #[serde(default)]
+    pub read_only_functions: Vec<String>,
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
 }
 
 impl ClusterConfig {
+    pub fn pool_settings(&self) -> crate::pool::PoolSettings {
+        crate::pool::PoolSettings {
+            size: self.pool_size,
+            min_size: self.min_pool_size,
+            idle_timeout: Duration::from_millis(self.server_idle_timeout_ms),
+            lifetime: Duration::from_millis(self.server_lifetime_ms),
+            checkout_timeout: Duration::from_millis(self.checkout_timeout_ms),
+        }
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
@@ -224,6 +254,15 @@ fn d_1000() -> u64 {
 }
 fn d_2000() -> u64 {
     2000
+}
+fn d_pool_size() -> u32 {
+    20
+}
+fn d_600000() -> u64 {
+    600_000
+}
+fn d_3600000() -> u64 {
+    3_600_000
 }
 fn d_5000() -> u64 {
     5000
@@ -382,10 +421,22 @@ impl Config {
                     }
                 }
             }
-            if c.pool_mode == PoolMode::Transaction {
+            if c.pool_size == 0 {
                 return Err(invalid(
-                    format!("clusters.{cname}.pool_mode"),
-                    "\"transaction\" is not implemented yet; use \"session\"",
+                    format!("clusters.{cname}.pool_size"),
+                    "must be at least 1",
+                ));
+            }
+            if c.min_pool_size > c.pool_size {
+                return Err(invalid(
+                    format!("clusters.{cname}.min_pool_size"),
+                    "must not exceed pool_size",
+                ));
+            }
+            if c.read_write_split && c.pool_mode != PoolMode::Transaction {
+                return Err(invalid(
+                    format!("clusters.{cname}.read_write_split"),
+                    "needs pool_mode = \"transaction\"",
                 ));
             }
             for (key, v) in [

@@ -17,8 +17,10 @@ use crate::admin::clients::Clients;
 use crate::admin::metrics::Metrics;
 use crate::auth::Verifier;
 use crate::cancel::CancelRegistry;
+use crate::classify::Classifier;
 use crate::config::{ClusterConfig, Config};
 use crate::health;
+use crate::pool::Pools;
 use crate::routing::{Endpoint, Policy};
 use crate::session;
 use crate::topology::{ClusterSnapshot, ClusterState, NodeState};
@@ -27,6 +29,8 @@ use crate::topology::{ClusterSnapshot, ClusterState, NodeState};
 pub struct ClusterCtx {
     pub name: String,
     pub state: Arc<ClusterState>,
+    /// Statement classification for transaction pooling and read/write splitting.
+    pub classifier: Classifier,
     pub listen_rw: Option<String>,
     pub listen_ro: Option<String>,
     /// Rotates `round_robin` read balancing.
@@ -88,6 +92,7 @@ pub struct Shared {
     pub cancels: Arc<CancelRegistry>,
     pub clients: Arc<Clients>,
     pub metrics: Arc<Metrics>,
+    pub pools: Pools,
     pub shutdown: watch::Receiver<bool>,
     pub started: Instant,
 }
@@ -217,6 +222,10 @@ impl Shared {
                 snap.server_login_timeout = c.server_login_timeout();
                 true
             });
+            self.pools.apply(
+                &c.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
+                c.pool_settings(),
+            );
             for n in &added {
                 ctx.state.push_event(
                     n,
@@ -285,6 +294,7 @@ impl Proxy {
                 state,
                 listen_rw: c.listen_rw.clone(),
                 listen_ro: c.listen_ro.clone(),
+                classifier: Classifier::new(&c.read_only_functions),
                 turn: AtomicUsize::new(0),
                 waiting: AtomicU32::new(0),
                 paused: AtomicBool::new(false),
@@ -313,10 +323,25 @@ impl Proxy {
             cancels: Arc::new(CancelRegistry::default()),
             clients: Arc::new(Clients::default()),
             metrics: Arc::new(Metrics::default()),
+            pools: Pools::default(),
             shutdown: shutdown.clone(),
             started: Instant::now(),
         });
         shared.start_monitors();
+        // Retire idle server connections past their idle timeout or lifetime.
+        let pruner = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if *pruner.shutdown.borrow() {
+                    return;
+                }
+                for p in pruner.pools.all() {
+                    p.prune();
+                }
+            }
+        });
         let mut listening = Vec::new();
         for (ctx, endpoint, l) in listeners {
             let local = l.local_addr()?;

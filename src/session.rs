@@ -25,7 +25,7 @@ use crate::admin::metrics::{ClusterLabels, EndpointLabels, RoutedLabels};
 use crate::auth::{AuthError, Verifier};
 use crate::cancel::Registration;
 use crate::config::AuthMethod;
-use crate::config::Config;
+use crate::config::{Config, PoolMode};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::sqlstate;
@@ -34,6 +34,7 @@ use crate::proxy::{ClusterCtx, Shared};
 use crate::routing::{self, Endpoint};
 use crate::server::{self, ServerConn, ServerError};
 use crate::topology::{ClusterSnapshot, Health, NodeStats, Role};
+use crate::txn::{TxnClient, TxnEnd, TxnSession};
 
 /// Auth messages are tiny; PostgreSQL caps them similarly.
 const MAX_AUTH_MESSAGE: usize = 10000;
@@ -102,6 +103,10 @@ pub async fn serve(
             console::run(stream, &client.user, &shared).await;
             return;
         }
+        Ok(Ok(Some(client))) if config.clusters[&cluster.name].pool_mode == PoolMode::Transaction => {
+            serve_transaction_mode(stream, peer, client, &cluster, endpoint, &shared, config.clone()).await;
+            return;
+        }
         Ok(Ok(Some(client))) => connect(&mut stream, &client, &cluster, endpoint, &shared, &config).await.map(|c| (client, c)),
         Ok(Ok(None)) => return, // a cancel request, already handled
         Ok(Err(r)) => Err(r),
@@ -167,6 +172,77 @@ pub async fn serve(
             debug!(cluster = %cluster.name, peer = %peer, node = %node, end = ?other, "session ended")
         }
     }
+}
+
+/// Transaction pooling: greet the client with a server's parameters, then run the
+/// pooled session loop (`txn`).
+async fn serve_transaction_mode(
+    stream: TcpStream,
+    peer: SocketAddr,
+    client: Client,
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    shared: &Shared,
+    config: Arc<Config>,
+) {
+    let cancel = shared.cancels.register("", 0, 0);
+    let entry = shared.clients.add(NewClient {
+        cluster: cluster.name.clone(),
+        endpoint,
+        peer,
+        user: client.user.clone(),
+        database: client.database.clone(),
+        application_name: client
+            .params
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
+        node: "(transaction pool)".into(),
+        server_addr: String::new(),
+        server_pid: 0,
+    });
+    let gauge = shared
+        .metrics
+        .client_connections
+        .get_or_create(&EndpointLabels {
+            cluster: cluster.name.clone(),
+            endpoint: endpoint.to_string(),
+        })
+        .clone();
+    gauge.inc();
+    let who = TxnClient {
+        user: client.user,
+        database: client.database,
+        params: client.params,
+        peer,
+    };
+    let mut session = TxnSession::new(stream, who, cluster, endpoint, shared, config, cancel);
+    let end = match session.welcome().await {
+        Ok(()) => {
+            info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
+            session.run().await
+        }
+        Err(e) => e,
+    };
+    match &end {
+        TxnEnd::Fatal(code, msg) => {
+            shared.metrics.error(code);
+            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %code, reason = %msg, "session ended by proxy");
+            session.goodbye(code, msg).await;
+        }
+        TxnEnd::Shutdown => {
+            session
+                .goodbye(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection: Switchyard is shutting down",
+                )
+                .await
+        }
+        TxnEnd::ClientClosed => {}
+    }
+    gauge.dec();
+    drop(entry);
 }
 
 /// Startup packet(s) and authentication. `None` for a CancelRequest.

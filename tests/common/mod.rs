@@ -48,7 +48,11 @@ impl Proxy {
         let log = cluster.dir().join(format!("{name}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["--config", config.to_str().unwrap()])
-            .env("SWITCHYARD_LOG", "info,switchyard=debug")
+            .env(
+                "SWITCHYARD_LOG",
+                std::env::var("SWITCHYARD_TEST_LOG")
+                    .unwrap_or_else(|_| "info,switchyard=debug".into()),
+            )
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -1,0 +1,269 @@
+//! Server connection pools for transaction pooling: one per (node, database, user).
+//! A semaphore caps connections at `pool_size`; idle connections are kept LIFO (the
+//! warmest first), checked for liveness before reuse, and retired after
+//! `server_idle_timeout_ms` idle or `server_lifetime_ms` of age.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::debug;
+
+use crate::server::{self, ServerConn, ServerError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    pub node: String,
+    pub addr: String,
+    pub database: String,
+    pub user: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub size: u32,
+    pub min_size: u32,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+    pub checkout_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection for user \"{user}\" to database \"{database}\" on node \"{node}\" became free within {waited_ms} ms (pool_size = {size}, all in use); retry, or raise pool_size / checkout_timeout_ms")]
+    Exhausted {
+        user: String,
+        database: String,
+        node: String,
+        waited_ms: u64,
+        size: u32,
+    },
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+struct Idle {
+    conn: PooledConn,
+    since: Instant,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    settings: Mutex<PoolSettings>,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Idle>>,
+    /// ParameterStatus messages of the first login, for clients' startup.
+    startup_params: Mutex<Option<BytesMut>>,
+    pub waiting: AtomicU32,
+    pub open: AtomicU32,
+}
+
+/// A server connection lent to one client for a transaction.
+pub struct PooledConn {
+    pub conn: ServerConn,
+    /// Prepared statements (by content hash) that exist on this connection.
+    pub prepared: HashSet<u64>,
+    /// Session state applied on this connection: setting name → the SET that made it.
+    pub applied: BTreeMap<String, String>,
+    created: Instant,
+    pool: Arc<Pool>,
+    _permit: Option<OwnedSemaphorePermit>,
+    /// Set when the connection must not be reused (protocol state unknown).
+    pub broken: bool,
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        self.pool.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pool {
+    fn new(key: PoolKey, settings: PoolSettings) -> Arc<Pool> {
+        Arc::new(Pool {
+            key,
+            permits: Arc::new(Semaphore::new(settings.size as usize)),
+            settings: Mutex::new(settings),
+            idle: Mutex::new(Vec::new()),
+            startup_params: Mutex::new(None),
+            waiting: AtomicU32::new(0),
+            open: AtomicU32::new(0),
+        })
+    }
+
+    pub fn size(&self) -> u32 {
+        self.settings.lock().unwrap().size
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap().len()
+    }
+
+    pub fn in_use(&self) -> u32 {
+        self.open
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.idle_count() as u32)
+    }
+
+    pub fn startup_params(&self) -> Option<BytesMut> {
+        self.startup_params.lock().unwrap().clone()
+    }
+
+    /// Resize on reload: the semaphore grows at once, shrinks as connections come back.
+    fn apply(&self, new: PoolSettings) {
+        let mut s = self.settings.lock().unwrap();
+        if new.size > s.size {
+            self.permits.add_permits((new.size - s.size) as usize);
+        } else if new.size < s.size {
+            self.permits.forget_permits((s.size - new.size) as usize);
+        }
+        *s = new;
+    }
+
+    /// Borrow a connection: an idle live one, else a new login. Waits at most
+    /// `checkout_timeout` for a free slot.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        password: Option<&str>,
+        require_primary: bool,
+        login_timeout: Duration,
+    ) -> Result<PooledConn, PoolError> {
+        let settings = *self.settings.lock().unwrap();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let permit = tokio::time::timeout(
+            settings.checkout_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let permit = match permit {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(PoolError::Exhausted {
+                    user: self.key.user.clone(),
+                    database: self.key.database.clone(),
+                    node: self.key.node.clone(),
+                    waited_ms: started.elapsed().as_millis() as u64,
+                    size: settings.size,
+                })
+            }
+        };
+        loop {
+            let candidate = self.idle.lock().unwrap().pop();
+            let Some(Idle { mut conn, since }) = candidate else {
+                break;
+            };
+            if since.elapsed() > settings.idle_timeout || conn.created.elapsed() > settings.lifetime
+            {
+                debug!(node = %self.key.node, "retiring an old idle server connection");
+                continue;
+            }
+            if !alive(&conn.conn) {
+                debug!(node = %self.key.node, "discarding a dead pooled server connection");
+                continue;
+            }
+            conn._permit = Some(permit);
+            return Ok(conn);
+        }
+        let login = server::Login {
+            user: &self.key.user,
+            password,
+            database: &self.key.database,
+            params: &[],
+            require_primary,
+        };
+        let conn = server::connect(&self.key.addr, &login, login_timeout).await?;
+        {
+            let mut p = self.startup_params.lock().unwrap();
+            if p.is_none() {
+                *p = Some(conn.startup_messages.clone());
+            }
+        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok(PooledConn {
+            conn,
+            prepared: HashSet::new(),
+            applied: BTreeMap::new(),
+            created: Instant::now(),
+            pool: self.clone(),
+            _permit: Some(permit),
+            broken: false,
+        })
+    }
+
+    /// Take a connection back. Broken or expired ones are closed.
+    pub fn checkin(&self, mut conn: PooledConn) {
+        let lifetime = self.settings.lock().unwrap().lifetime;
+        if conn.broken || conn.created.elapsed() > lifetime {
+            return;
+        }
+        // Release the slot before parking the connection, so a waiter can take it.
+        conn._permit = None;
+        self.idle.lock().unwrap().push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    /// Close idle connections past their idle timeout or lifetime (called periodically).
+    pub fn prune(&self) {
+        let s = *self.settings.lock().unwrap();
+        let mut idle = self.idle.lock().unwrap();
+        let keep_at_least = s.min_size as usize;
+        let mut kept = Vec::with_capacity(idle.len());
+        for (i, entry) in idle.drain(..).rev().enumerate() {
+            let expired = entry.since.elapsed() > s.idle_timeout && i >= keep_at_least;
+            if !expired && entry.conn.created.elapsed() <= s.lifetime {
+                kept.push(entry);
+            }
+        }
+        kept.reverse();
+        *idle = kept;
+    }
+
+    /// Drop every idle connection (the node went down or was removed).
+    pub fn clear_idle(&self) {
+        self.idle.lock().unwrap().clear();
+    }
+}
+
+/// A pooled connection whose server went away has EOF (or an error) waiting; a healthy
+/// idle one has nothing to read.
+fn alive(conn: &ServerConn) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(conn.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// All pools of the proxy.
+#[derive(Default)]
+pub struct Pools {
+    map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Pools {
+    pub fn get(&self, key: PoolKey, settings: PoolSettings) -> Arc<Pool> {
+        let mut map = self.map.lock().unwrap();
+        map.entry(key.clone())
+            .or_insert_with(|| Pool::new(key, settings))
+            .clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<_> = self.map.lock().unwrap().values().cloned().collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// Apply new settings to every pool of a cluster's nodes (reload).
+    pub fn apply(&self, nodes: &[String], settings: PoolSettings) {
+        for p in self.map.lock().unwrap().values() {
+            if nodes.contains(&p.key.node) {
+                p.apply(settings);
+            }
+        }
+    }
+}

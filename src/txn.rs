@@ -1,0 +1,1096 @@
+//! A client session in transaction pooling mode. The client holds a pooled server
+//! connection only from the start of a transaction (or of a lone statement) to the
+//! ReadyForQuery that ends it. Between transactions it holds nothing, so a failed node
+//! costs it nothing, and its next transaction is routed afresh.
+//!
+//! To make that transparent, the session:
+//! - replays the client's session state (startup parameters, `SET`s) on each connection
+//!   it gets, as one round trip and only when it differs;
+//! - renames protocol-level named prepared statements to content-addressed names
+//!   (`sy_<hash>`) and prepares them on whatever connection the client gets, swallowing
+//!   the responses the client did not ask for (`Expect` queue);
+//! - pins the client to its connection for what cannot move (SQL PREPARE, LISTEN,
+//!   session advisory locks, temporary tables, WITH HOLD cursors);
+//! - with `read_write_split`, sends a unit of work that only reads to a standby, and
+//!   retries it elsewhere if that standby fails before any byte reached the client.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use crate::admin::metrics::RoutedLabels;
+use crate::cancel::Registration;
+use crate::classify::SetAction;
+use crate::config::Config;
+use crate::pool::{Pool, PoolError, PoolKey, PooledConn};
+use crate::protocol::messages::{self, Severity};
+use crate::protocol::sqlstate;
+use crate::proxy::{ClusterCtx, Shared};
+use crate::routing::{self, Endpoint};
+use crate::topology::{Health, Role};
+
+const BUFFER: usize = 8192;
+
+/// What the transaction-mode session knows of its client.
+pub struct TxnClient {
+    pub user: String,
+    pub database: String,
+    pub params: Vec<(String, String)>,
+    pub peer: SocketAddr,
+}
+
+/// How a transaction-mode session ended.
+#[derive(Debug)]
+pub enum TxnEnd {
+    ClientClosed,
+    Fatal(&'static str, String),
+    Shutdown,
+}
+
+enum Event {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+    Topology,
+    Shutdown,
+}
+
+/// A client's named prepared statement.
+struct Stmt {
+    hash: u64,
+    /// The Parse message under the server-side name, ready to send.
+    parse: Bytes,
+    server_name: String,
+    query: Arc<str>,
+}
+
+/// A response the server owes us, in order: whether the client should see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    ParseComplete {
+        pass: bool,
+    },
+    CloseComplete {
+        pass: bool,
+    },
+    /// A Sync or simple Query: answered by ReadyForQuery.
+    Ready,
+}
+
+struct Held {
+    conn: PooledConn,
+    pool: Arc<Pool>,
+    node: String,
+    role: Role,
+    expect: VecDeque<Expect>,
+    /// Requests answered by ReadyForQuery still outstanding.
+    pending: i32,
+    status: u8,
+    /// Whether any byte of this unit's answer reached the client (retry is safe only before).
+    answered: bool,
+    /// Client messages of this unit as received, for a retry on another node.
+    sent: Vec<Bytes>,
+    /// This unit is a read routed by read/write splitting (may be retried).
+    retryable: bool,
+    queries: prometheus_client::metrics::counter::Counter,
+}
+
+pub struct TxnSession<'a> {
+    client: TcpStream,
+    who: TxnClient,
+    cluster: &'a ClusterCtx,
+    endpoint: Endpoint,
+    shared: &'a Shared,
+    config: Arc<Config>,
+    cbuf: BytesMut,
+    sbuf: BytesMut,
+    out: BytesMut,
+    held: Option<Held>,
+    stmts: HashMap<String, Stmt>,
+    /// Session state the client asked for: setting name → statement that sets it.
+    desired: BTreeMap<String, String>,
+    pinned: Option<&'static str>,
+    cancel: Registration,
+}
+
+fn quote_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+fn quote_ident(v: &str) -> String {
+    format!("\"{}\"", v.replace('"', "\"\""))
+}
+
+/// The client's startup parameters as the statements that recreate them. `set_config`
+/// takes the value as a string, exactly as a startup packet or `-c` does (a list such as
+/// `search_path=a,b` stays a list).
+pub fn startup_state(params: &[(String, String)]) -> BTreeMap<String, String> {
+    let mut state = BTreeMap::new();
+    let mut set = |name: &str, value: &str| {
+        let name = name.to_ascii_lowercase();
+        state.insert(
+            name.clone(),
+            format!(
+                "SELECT pg_catalog.set_config({}, {}, false)",
+                quote_literal(&name),
+                quote_literal(value)
+            ),
+        );
+    };
+    for (k, v) in params {
+        if k == "options" {
+            // "-c name=value" / "-cname=value" / "--name=value", space separated.
+            let mut words = v.split_whitespace();
+            while let Some(w) = words.next() {
+                let pair = match w {
+                    "-c" => words.next(),
+                    w if w.starts_with("-c") => Some(&w[2..]),
+                    w if w.starts_with("--") => Some(&w[2..]),
+                    _ => None,
+                };
+                if let Some((name, value)) = pair.and_then(|p| p.split_once('=')) {
+                    set(&name.replace('-', "_"), value);
+                }
+            }
+        } else {
+            set(k, v);
+        }
+    }
+    state
+}
+
+fn cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
+    let end = buf.iter().position(|&b| b == 0)?;
+    Some((std::str::from_utf8(&buf[..end]).ok()?, &buf[end + 1..]))
+}
+
+fn message(tag: u8, body: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(body.len() + 5);
+    b.put_u8(tag);
+    b.put_i32(body.len() as i32 + 4);
+    b.put_slice(body);
+    b.freeze()
+}
+
+fn statement_hash(query: &str, rest: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut h);
+    rest.hash(&mut h);
+    h.finish()
+}
+
+impl<'a> TxnSession<'a> {
+    pub fn new(
+        client: TcpStream,
+        who: TxnClient,
+        cluster: &'a ClusterCtx,
+        endpoint: Endpoint,
+        shared: &'a Shared,
+        config: Arc<Config>,
+        cancel: Registration,
+    ) -> Self {
+        let mut desired = startup_state(&who.params);
+        if endpoint == Endpoint::ReadOnly {
+            // The ro endpoint may fall back to the primary: keep it read-only there too.
+            desired.insert(
+                "default_transaction_read_only".into(),
+                "SET default_transaction_read_only = on".into(),
+            );
+        }
+        TxnSession {
+            client,
+            who,
+            cluster,
+            endpoint,
+            shared,
+            config,
+            cbuf: BytesMut::with_capacity(BUFFER),
+            sbuf: BytesMut::with_capacity(BUFFER),
+            out: BytesMut::with_capacity(BUFFER),
+            held: None,
+            stmts: HashMap::new(),
+            desired,
+            pinned: None,
+            cancel,
+        }
+    }
+
+    fn cluster_config(&self) -> &crate::config::ClusterConfig {
+        &self.config.clusters[&self.cluster.name]
+    }
+
+    /// The pool of a node for this client.
+    fn pool(&self, node: &str, addr: &str) -> Arc<Pool> {
+        let key = PoolKey {
+            node: node.into(),
+            addr: addr.into(),
+            database: self.who.database.clone(),
+            user: self.who.user.clone(),
+        };
+        self.shared
+            .pools
+            .get(key, self.cluster_config().pool_settings())
+    }
+
+    /// Get a server connection on the best candidate for this unit of work; `read` says
+    /// whether the unit only reads. Tries candidates in order, waits for the topology
+    /// within `connect_timeout_ms`.
+    async fn acquire(&mut self, read: bool, exclude: &HashSet<String>) -> Result<(), TxnEnd> {
+        if self.cluster.is_paused() {
+            self.cluster.wait_unpaused().await;
+        }
+        let split =
+            self.endpoint == Endpoint::ReadOnly || (read && self.cluster_config().read_write_split);
+        let target = if split {
+            Endpoint::ReadOnly
+        } else {
+            Endpoint::ReadWrite
+        };
+        let password = self
+            .config
+            .user(&self.who.user)
+            .and_then(|u| u.password.clone());
+        let mut rx = self.cluster.state.subscribe();
+        let (connect_timeout, login_timeout) = {
+            let s = rx.borrow();
+            (s.connect_timeout, s.server_login_timeout)
+        };
+        let deadline = tokio::time::Instant::now() + connect_timeout;
+        let mut failures = Vec::new();
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            let turn = self.cluster.turn.fetch_add(1, Ordering::Relaxed);
+            let problem = match routing::route(target, &snap, turn) {
+                Ok(candidates) => {
+                    for i in candidates {
+                        let node = &snap.nodes[i];
+                        if exclude.contains(&node.name) {
+                            continue;
+                        }
+                        let pool = self.pool(&node.name, &node.addr);
+                        let require_primary = target == Endpoint::ReadWrite;
+                        match pool
+                            .checkout(password.as_deref(), require_primary, login_timeout)
+                            .await
+                        {
+                            Ok(conn) => {
+                                let queries = self
+                                    .shared
+                                    .metrics
+                                    .queries_routed
+                                    .get_or_create(&RoutedLabels {
+                                        cluster: self.cluster.name.clone(),
+                                        node: node.name.clone(),
+                                        role: node.role.to_string(),
+                                    })
+                                    .clone();
+                                node.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+                                self.shared.cancels.retarget(
+                                    self.cancel.pid,
+                                    &node.addr,
+                                    conn.conn.pid,
+                                    conn.conn.key,
+                                );
+                                self.held = Some(Held {
+                                    conn,
+                                    pool,
+                                    node: node.name.clone(),
+                                    role: node.role,
+                                    expect: VecDeque::new(),
+                                    pending: 0,
+                                    status: b'I',
+                                    answered: false,
+                                    sent: Vec::new(),
+                                    retryable: split && self.endpoint == Endpoint::ReadWrite,
+                                    queries,
+                                });
+                                return self.sync_state().await;
+                            }
+                            Err(e @ PoolError::Exhausted { .. }) => {
+                                return Err(TxnEnd::Fatal("53300", e.to_string()))
+                            }
+                            Err(PoolError::Server(e)) if e.try_next_node() => {
+                                node.stats
+                                    .connect_failures_total
+                                    .fetch_add(1, Ordering::Relaxed);
+                                warn!(cluster = %self.cluster.name, node = %node.name, reason = %e, "server connection failed; trying next candidate");
+                                failures.push(format!("{}: {e}", node.name));
+                            }
+                            Err(PoolError::Server(crate::server::ServerError::Refused {
+                                code,
+                                message,
+                                ..
+                            })) => {
+                                return Err(TxnEnd::Fatal(
+                                    if code == "3D000" {
+                                        "3D000"
+                                    } else {
+                                        sqlstate::CONNECTION_FAILURE
+                                    },
+                                    message,
+                                ))
+                            }
+                            Err(PoolError::Server(e)) => {
+                                return Err(TxnEnd::Fatal(
+                                    sqlstate::CONNECTION_FAILURE,
+                                    format!("cannot log in to node \"{}\": {e}", node.name),
+                                ))
+                            }
+                        }
+                    }
+                    format!(
+                        "could not connect to any server of cluster \"{}\": {}; node states: {}",
+                        self.cluster.name,
+                        failures.join("; "),
+                        snap.describe_nodes()
+                    )
+                }
+                Err(e) => e.to_string(),
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline
+                || tokio::time::timeout(deadline - now, rx.changed())
+                    .await
+                    .is_err()
+            {
+                let code = if failures.is_empty() {
+                    sqlstate::CANNOT_CONNECT_NOW
+                } else {
+                    sqlstate::CONNECTION_FAILURE
+                };
+                return Err(TxnEnd::Fatal(code, problem));
+            }
+        }
+    }
+
+    /// Make the held connection's session state what the client asked for, in one
+    /// round trip, only when it differs.
+    async fn sync_state(&mut self) -> Result<(), TxnEnd> {
+        let held = self.held.as_mut().expect("held");
+        if held.conn.applied == self.desired {
+            return Ok(());
+        }
+        let mut sql = String::new();
+        for name in held.conn.applied.keys() {
+            if !self.desired.contains_key(name) {
+                sql += &format!("RESET {};", quote_ident(name));
+            }
+        }
+        for (name, stmt) in &self.desired {
+            if held.conn.applied.get(name) != Some(stmt) {
+                sql += stmt;
+                sql.push(';');
+            }
+        }
+        let mut q = BytesMut::new();
+        postgres_protocol::message::frontend::query(&sql, &mut q)
+            .map_err(|e| TxnEnd::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+        let stream = &mut held.conn.conn.stream;
+        let io = |e: std::io::Error| {
+            TxnEnd::Fatal(
+                sqlstate::CONNECTION_FAILURE,
+                format!("server connection lost while restoring session state: {e}"),
+            )
+        };
+        stream.write_all(&q).await.map_err(io)?;
+        // Swallow the answers; a failing SET is reported once in the log, and the
+        // connection still gets the rest.
+        let mut buf = BytesMut::new();
+        loop {
+            while buf.len() >= 5 {
+                let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+                if buf.len() < len + 1 {
+                    break;
+                }
+                let msg = buf.split_to(len + 1);
+                match msg[0] {
+                    b'E' => {
+                        let (code, text) = crate::server::error_fields(&msg[5..]);
+                        warn!(cluster = %self.cluster.name, user = %self.who.user, code = %code, reason = %text, "restoring session state failed");
+                    }
+                    b'Z' => {
+                        held.conn.applied = self.desired.clone();
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+            if stream.read_buf(&mut buf).await.map_err(io)? == 0 {
+                return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Give the connection back (between transactions, not pinned).
+    fn release(&mut self) {
+        if let Some(h) = self.held.take() {
+            self.shared.cancels.retarget(self.cancel.pid, "", 0, 0);
+            h.pool.checkin(h.conn);
+        }
+    }
+
+    /// The next complete client message in the buffer, if any.
+    fn next_client_message(&mut self) -> Result<Option<Bytes>, TxnEnd> {
+        if self.cbuf.len() < 5 {
+            return Ok(None);
+        }
+        let tag = self.cbuf[0];
+        let len = u32::from_be_bytes(self.cbuf[1..5].try_into().unwrap());
+        if !matches!(
+            tag,
+            b'B' | b'C'
+                | b'd'
+                | b'c'
+                | b'f'
+                | b'D'
+                | b'E'
+                | b'H'
+                | b'F'
+                | b'P'
+                | b'Q'
+                | b'S'
+                | b'X'
+        ) {
+            return Err(TxnEnd::Fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("invalid frontend message type 0x{tag:02x}"),
+            ));
+        }
+        if len < 4 || len > self.config.proxy.max_message_bytes {
+            return Err(TxnEnd::Fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("message of type '{}' is {len} bytes, over the limit of {} bytes (proxy.max_message_bytes)", tag as char, self.config.proxy.max_message_bytes),
+            ));
+        }
+        if self.cbuf.len() < len as usize + 1 {
+            return Ok(None);
+        }
+        Ok(Some(self.cbuf.split_to(len as usize + 1).freeze()))
+    }
+
+    /// Does the unit of work at the head of the client buffer only read? Looks at every
+    /// statement up to the first Sync; an incomplete batch counts as a write.
+    fn unit_reads(&self, first: &Bytes) -> bool {
+        let classifier = &self.cluster.classifier;
+        let route_primary = self
+            .desired
+            .get("switchyard.route")
+            .is_some_and(|s| s.to_ascii_lowercase().contains("primary"));
+        if route_primary {
+            return false;
+        }
+        let judge = |msg: &[u8]| -> Option<bool> {
+            let body = &msg[5..];
+            match msg[0] {
+                b'Q' => {
+                    let (q, _) = cstr(body)?;
+                    let c = classifier.classify(q);
+                    Some(c.read_only && !c.hint_primary)
+                }
+                b'P' => {
+                    let (_, rest) = cstr(body)?;
+                    let (q, _) = cstr(rest)?;
+                    let c = classifier.classify(q);
+                    Some(c.read_only && !c.hint_primary)
+                }
+                b'B' | b'D' => {
+                    let rest = if msg[0] == b'D' {
+                        body.get(1..)?
+                    } else {
+                        cstr(body)?.1
+                    };
+                    let (name, _) = cstr(rest)?;
+                    if name.is_empty() {
+                        return Some(true); // judged by its Parse in the same batch
+                    }
+                    let c = classifier.classify(&self.stmts.get(name)?.query);
+                    Some(c.read_only && !c.hint_primary)
+                }
+                b'E' | b'H' => Some(true),
+                _ => Some(false),
+            }
+        };
+        if first[0] == b'Q' {
+            return judge(first).unwrap_or(false);
+        }
+        if !judge(first).unwrap_or(false) {
+            return false;
+        }
+        // Walk the rest of the batch already buffered, up to Sync.
+        let mut rest = &self.cbuf[..];
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            if rest.len() < len + 1 {
+                return false;
+            }
+            let msg = &rest[..len + 1];
+            if msg[0] == b'S' {
+                return true;
+            }
+            if !judge(msg).unwrap_or(false) {
+                return false;
+            }
+            rest = &rest[len + 1..];
+        }
+        false
+    }
+
+    /// A lone `Parse(name) + Sync` between transactions is answered here, without a
+    /// server connection: the statement is recorded and prepared on whatever connection
+    /// first needs it. Besides saving a round trip, this matters for clients that
+    /// prepare synchronously while another of their connections holds a transaction
+    /// (pgbench -M prepared): waiting for a pooled connection there would deadlock.
+    /// Only statements the grammar accepts are deferred; anything else goes to a server
+    /// so the client gets the server's own error at once.
+    async fn prepare_without_server(&mut self, msg: &Bytes) -> Result<bool, TxnEnd> {
+        if msg[0] != b'P' || self.cbuf.len() < 5 || self.cbuf[0] != b'S' {
+            return Ok(false);
+        }
+        let body = &msg[5..];
+        let (name, rest) = cstr(body).ok_or_else(malformed)?;
+        let (query, _) = cstr(rest).ok_or_else(malformed)?;
+        if name.is_empty() || !self.cluster.classifier.classify(query).parses {
+            return Ok(false);
+        }
+        let hash = statement_hash(query, rest);
+        let server_name = format!("sy_{hash:016x}");
+        let mut b = BytesMut::with_capacity(body.len() + 16);
+        b.put_slice(server_name.as_bytes());
+        b.put_u8(0);
+        b.put_slice(rest);
+        let (name, query) = (name.to_string(), query.to_string());
+        self.stmts.insert(
+            name,
+            Stmt {
+                hash,
+                parse: message(b'P', &b),
+                server_name,
+                query: query.as_str().into(),
+            },
+        );
+        self.observe_statement(&query);
+        // Consume the Sync and answer both.
+        let sync_len = u32::from_be_bytes(self.cbuf[1..5].try_into().unwrap()) as usize;
+        if self.cbuf.len() < sync_len + 1 {
+            return Ok(false);
+        }
+        let _ = self.cbuf.split_to(sync_len + 1);
+        let mut out = BytesMut::with_capacity(11);
+        out.put_slice(b"1\0\0\0\x04");
+        messages::ready_for_query(&mut out, b'I');
+        self.client
+            .write_all(&out)
+            .await
+            .map_err(|_| TxnEnd::ClientClosed)?;
+        Ok(true)
+    }
+
+    /// Track what a statement does to the session: SETs to replay, pins.
+    fn observe_statement(&mut self, query: &str) {
+        let c = self.cluster.classifier.classify(query);
+        for s in &c.sets {
+            match s {
+                SetAction::Set { name, statement } => {
+                    self.desired.insert(name.clone(), statement.clone());
+                }
+                SetAction::Reset { name } => {
+                    self.desired.remove(name);
+                }
+                SetAction::ResetAll => {
+                    let ro = self.desired.get("default_transaction_read_only").cloned();
+                    self.desired = startup_state(&self.who.params);
+                    if let Some(ro) = ro {
+                        self.desired
+                            .insert("default_transaction_read_only".into(), ro);
+                    }
+                }
+            }
+        }
+        if let (Some(why), None) = (c.pins, self.pinned) {
+            self.pinned = Some(why);
+            info!(cluster = %self.cluster.name, user = %self.who.user, peer = %self.who.peer, reason = why, "client pinned to its server connection until it disconnects");
+        }
+        if !c.sets.is_empty() {
+            // What the server now has is what the client asked for.
+            if let Some(h) = self.held.as_mut() {
+                h.conn.applied = self.desired.clone();
+            }
+        }
+    }
+
+    /// Send one client message to the held server, rewriting prepared statement names.
+    async fn forward(&mut self, msg: Bytes) -> Result<(), TxnEnd> {
+        let held = self.held.as_mut().expect("held");
+        if !held.answered {
+            held.sent.push(msg.clone());
+        }
+        let tag = msg[0];
+        tracing::trace!(peer = %self.who.peer, tag = %(tag as char), "client message");
+        let body = &msg[5..];
+        let mut out: Vec<Bytes> = Vec::with_capacity(2);
+        let mut observe: Option<String> = None;
+        match tag {
+            b'Q' => {
+                held.expect.push_back(Expect::Ready);
+                held.pending += 1;
+                held.queries.inc();
+                out.push(msg.clone());
+                observe = cstr(body).map(|(q, _)| q.to_string());
+            }
+            b'F' => {
+                held.expect.push_back(Expect::Ready);
+                held.pending += 1;
+                out.push(msg.clone());
+            }
+            b'S' => {
+                held.expect.push_back(Expect::Ready);
+                held.pending += 1;
+                out.push(msg.clone());
+            }
+            b'P' => {
+                let (name, rest) = cstr(body).ok_or_else(malformed)?;
+                let (query, _) = cstr(rest).ok_or_else(malformed)?;
+                let query = query.to_string();
+                if name.is_empty() {
+                    held.expect.push_back(Expect::ParseComplete { pass: true });
+                    out.push(msg.clone());
+                } else {
+                    let hash = statement_hash(&query, rest);
+                    let server_name = format!("sy_{hash:016x}");
+                    let mut b = BytesMut::with_capacity(body.len() + 16);
+                    b.put_slice(server_name.as_bytes());
+                    b.put_u8(0);
+                    b.put_slice(rest);
+                    let parse = message(b'P', &b);
+                    if held.conn.prepared.contains(&hash) {
+                        // Already there (same text, same types): close and re-parse, so the
+                        // client gets the ParseComplete it expects, in order.
+                        let mut c = BytesMut::new();
+                        c.put_u8(b'S');
+                        c.put_slice(server_name.as_bytes());
+                        c.put_u8(0);
+                        out.push(message(b'C', &c));
+                        held.expect.push_back(Expect::CloseComplete { pass: false });
+                    }
+                    held.expect.push_back(Expect::ParseComplete { pass: true });
+                    held.conn.prepared.insert(hash);
+                    out.push(parse.clone());
+                    self.stmts.insert(
+                        name.to_string(),
+                        Stmt {
+                            hash,
+                            parse,
+                            server_name,
+                            query: query.clone().into(),
+                        },
+                    );
+                }
+                observe = Some(query);
+            }
+            b'B' | b'D' => {
+                // Bind: portal, statement, ...; Describe: 'S'|'P', name.
+                let (prefix_len, stmt_name, tail) = if tag == b'B' {
+                    let (portal, rest) = cstr(body).ok_or_else(malformed)?;
+                    let (stmt, tail) = cstr(rest).ok_or_else(malformed)?;
+                    (portal.len() + 1, stmt, tail)
+                } else {
+                    let kind = *body.first().ok_or_else(malformed)?;
+                    let (name, tail) = cstr(&body[1..]).ok_or_else(malformed)?;
+                    (1, if kind == b'S' { name } else { "" }, tail)
+                };
+                match self.stmts.get(stmt_name).filter(|_| !stmt_name.is_empty()) {
+                    Some(stmt) => {
+                        if !held.conn.prepared.contains(&stmt.hash) {
+                            out.push(stmt.parse.clone());
+                            held.expect.push_back(Expect::ParseComplete { pass: false });
+                            held.conn.prepared.insert(stmt.hash);
+                        }
+                        let mut b = BytesMut::with_capacity(body.len() + 16);
+                        b.put_slice(&body[..prefix_len]);
+                        b.put_slice(stmt.server_name.as_bytes());
+                        b.put_u8(0);
+                        b.put_slice(tail);
+                        out.push(message(tag, &b));
+                    }
+                    None => out.push(msg.clone()),
+                }
+            }
+            b'C' => {
+                let kind = *body.first().ok_or_else(malformed)?;
+                let (name, _) = cstr(&body[1..]).ok_or_else(malformed)?;
+                match (kind, self.stmts.remove(name)) {
+                    (b'S', Some(stmt)) if !name.is_empty() => {
+                        held.conn.prepared.remove(&stmt.hash);
+                        let mut b = BytesMut::new();
+                        b.put_u8(b'S');
+                        b.put_slice(stmt.server_name.as_bytes());
+                        b.put_u8(0);
+                        out.push(message(b'C', &b));
+                    }
+                    _ => out.push(msg.clone()),
+                }
+                held.expect.push_back(Expect::CloseComplete { pass: true });
+            }
+            b'E' => {
+                held.queries.inc();
+                out.push(msg.clone());
+            }
+            _ => out.push(msg.clone()),
+        }
+        if let Some(q) = observe {
+            self.observe_statement(&q);
+        }
+        let held = self.held.as_mut().expect("held");
+        for m in out {
+            if let Err(e) = held.conn.conn.stream.write_all(&m).await {
+                return Err(self.server_failed(e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    fn server_failed(&mut self, reason: String) -> TxnEnd {
+        let node = self
+            .held
+            .as_ref()
+            .map(|h| h.node.clone())
+            .unwrap_or_default();
+        if let Some(h) = self.held.as_mut() {
+            h.conn.broken = true;
+        }
+        self.release();
+        TxnEnd::Fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!(
+                "server connection to node \"{node}\" of cluster \"{}\" was lost: {reason}",
+                self.cluster.name
+            ),
+        )
+    }
+
+    /// Handle bytes read from the server: pass them to the client, minus the answers to
+    /// requests the proxy made on its own. Returns true when the unit of work is over.
+    fn process_server_bytes(&mut self) -> Result<bool, TxnEnd> {
+        let held = self.held.as_mut().expect("held");
+        let mut done = false;
+        while self.sbuf.len() >= 5 {
+            let tag = self.sbuf[0];
+            let len = u32::from_be_bytes(self.sbuf[1..5].try_into().unwrap()) as usize;
+            if len < 4 {
+                return Err(TxnEnd::Fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "server sent a malformed message".into(),
+                ));
+            }
+            if self.sbuf.len() < len + 1 {
+                // A large message still arriving: pass what is here along if it is not
+                // one we may need to drop (those are tiny).
+                break;
+            }
+            let msg = self.sbuf.split_to(len + 1);
+            tracing::trace!(peer = %self.who.peer, tag = %(tag as char), expect = ?held.expect, "server message");
+            let mut pass = true;
+            match tag {
+                b'1' | b'3' => {
+                    if let Some(pos) = held.expect.iter().position(|e| {
+                        matches!(
+                            (e, tag),
+                            (Expect::ParseComplete { .. }, b'1')
+                                | (Expect::CloseComplete { .. }, b'3')
+                        )
+                    }) {
+                        pass = match held.expect.remove(pos) {
+                            Some(
+                                Expect::ParseComplete { pass } | Expect::CloseComplete { pass },
+                            ) => pass,
+                            _ => true,
+                        };
+                    }
+                }
+                b'E' => {
+                    // In the extended protocol the server skips everything up to Sync.
+                    while matches!(
+                        held.expect.front(),
+                        Some(Expect::ParseComplete { .. } | Expect::CloseComplete { .. })
+                    ) {
+                        let e = held.expect.pop_front();
+                        // A failed statement we injected ourselves: it was never prepared.
+                        if let Some(Expect::ParseComplete { pass: false }) = e {
+                            held.conn.prepared.clear();
+                        }
+                    }
+                }
+                b'Z' => {
+                    while let Some(e) = held.expect.pop_front() {
+                        if e == Expect::Ready {
+                            break;
+                        }
+                    }
+                    held.pending -= 1;
+                    held.status = msg.get(5).copied().unwrap_or(b'I');
+                    if held.pending <= 0 && held.status == b'I' {
+                        done = true;
+                    }
+                }
+                _ => {}
+            }
+            if pass {
+                held.answered = true;
+                self.out.extend_from_slice(&msg);
+            }
+        }
+        Ok(done)
+    }
+
+    /// The session loop.
+    pub async fn run(&mut self) -> TxnEnd {
+        let mut topology = self.cluster.state.subscribe();
+        let mut shutdown = self.shared.shutdown.clone();
+        loop {
+            // Dispatch every complete client message already buffered.
+            loop {
+                let msg = match self.next_client_message() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => return e,
+                };
+                if msg[0] == b'X' {
+                    if let Some(h) = self.held.as_mut() {
+                        if h.pending > 0 || h.status != b'I' {
+                            h.conn.broken = true;
+                        }
+                    }
+                    self.release();
+                    return TxnEnd::ClientClosed;
+                }
+                if self.held.is_none() {
+                    if *shutdown.borrow() {
+                        return TxnEnd::Shutdown;
+                    }
+                    match self.prepare_without_server(&msg).await {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        Err(e) => return e,
+                    }
+                    let read = self.unit_reads(&msg);
+                    if let Err(e) = self.acquire(read, &HashSet::new()).await {
+                        return e;
+                    }
+                }
+                if let Err(e) = self.forward(msg).await {
+                    return e;
+                }
+            }
+            let held_node = self.held.as_ref().map(|h| h.node.clone());
+            let event = {
+                let client = &mut self.client;
+                let cbuf = &mut self.cbuf;
+                let sbuf = &mut self.sbuf;
+                let server = self.held.as_mut().map(|h| &mut h.conn.conn.stream);
+                let has_server = server.is_some();
+                tokio::select! {
+                    r = client.read_buf(cbuf) => Event::Client(r),
+                    r = async {
+                        match server {
+                            Some(s) => s.read_buf(sbuf).await,
+                            None => std::future::pending().await,
+                        }
+                    }, if has_server => Event::Server(r),
+                    _ = topology.changed() => Event::Topology,
+                    _ = shutdown.wait_for(|s| *s), if !has_server => Event::Shutdown,
+                }
+            };
+            match event {
+                Event::Client(Ok(n)) if n > 0 => {}
+                Event::Client(_) => {
+                    if let Some(h) = self.held.as_mut() {
+                        h.conn.broken = h.pending > 0 || h.status != b'I';
+                    }
+                    self.release();
+                    return TxnEnd::ClientClosed;
+                }
+                Event::Server(r) => {
+                    let lost = match r {
+                        Ok(0) => Some("server closed the connection".to_string()),
+                        Err(e) => Some(e.to_string()),
+                        Ok(_) => None,
+                    };
+                    if let Some(reason) = lost {
+                        match self.retry_elsewhere().await {
+                            Ok(true) => continue,
+                            Ok(false) => return self.server_failed(reason),
+                            Err(e) => return e,
+                        }
+                    }
+                    let done = match self.process_server_bytes() {
+                        Ok(d) => d,
+                        Err(e) => return e,
+                    };
+                    if !self.out.is_empty() {
+                        let out = self.out.split();
+                        if self.client.write_all(&out).await.is_err() {
+                            if let Some(h) = self.held.as_mut() {
+                                h.conn.broken = true;
+                            }
+                            self.release();
+                            return TxnEnd::ClientClosed;
+                        }
+                    }
+                    if done {
+                        if self.pinned.is_none() {
+                            self.release();
+                        } else if let Some(h) = self.held.as_mut() {
+                            h.sent.clear();
+                            h.answered = false;
+                        }
+                    }
+                }
+                Event::Topology => {
+                    let Some(node) = held_node else { continue };
+                    let snap = topology.borrow_and_update().clone();
+                    let writes = self.endpoint == Endpoint::ReadWrite
+                        && self.held.as_ref().is_some_and(|h| h.role == Role::Primary);
+                    let endpoint = if writes {
+                        Endpoint::ReadWrite
+                    } else {
+                        Endpoint::ReadOnly
+                    };
+                    if let Some(reason) = routing::eviction(endpoint, &snap, &node) {
+                        let up = snap
+                            .index(&node)
+                            .is_some_and(|i| snap.nodes[i].health == Health::Up);
+                        if let Some(h) = self.held.as_mut() {
+                            h.conn.broken = true;
+                        }
+                        self.release();
+                        let code = if up {
+                            sqlstate::ADMIN_SHUTDOWN
+                        } else {
+                            sqlstate::CONNECTION_FAILURE
+                        };
+                        return TxnEnd::Fatal(code, format!("terminating connection: {reason}"));
+                    }
+                }
+                Event::Shutdown => return TxnEnd::Shutdown,
+            }
+        }
+    }
+
+    /// A read on a standby lost its server before any answer reached the client: run
+    /// it again on another candidate. Ok(false) when that is not possible.
+    async fn retry_elsewhere(&mut self) -> Result<bool, TxnEnd> {
+        let Some(h) = self.held.as_mut() else {
+            return Ok(false);
+        };
+        if !h.retryable || h.answered || h.sent.is_empty() {
+            return Ok(false);
+        }
+        h.conn.broken = true;
+        let failed = h.node.clone();
+        let sent = std::mem::take(&mut h.sent);
+        self.sbuf.clear();
+        self.release();
+        warn!(cluster = %self.cluster.name, node = %failed, "standby lost before answering a read; retrying it on another node");
+        let mut exclude = HashSet::new();
+        exclude.insert(failed);
+        // The statements this client prepared must be prepared again on the new server.
+        self.acquire(true, &exclude).await?;
+        for msg in sent {
+            self.forward(msg).await?;
+        }
+        Ok(true)
+    }
+
+    /// Tell the client goodbye with a FATAL message.
+    pub async fn goodbye(&mut self, code: &str, msg: &str) {
+        let mut b = BytesMut::new();
+        messages::error_response(&mut b, Severity::Fatal, code, msg, None);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.write_all(&b)).await;
+    }
+
+    /// Initial greeting: the server's parameters (the client's own values where it set
+    /// them), our BackendKeyData, ReadyForQuery.
+    pub async fn welcome(&mut self) -> Result<(), TxnEnd> {
+        // One round trip to a server both proves the route works and gives parameters.
+        let read = self.endpoint == Endpoint::ReadOnly;
+        self.acquire(read, &HashSet::new()).await?;
+        let held = self.held.as_ref().expect("held");
+        let params = held.pool.startup_params().unwrap_or_default();
+        self.release();
+        let mut out = BytesMut::new();
+        let mut rest = &params[..];
+        let overrides: HashMap<String, &str> = self
+            .who
+            .params
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
+            .collect();
+        while rest.len() >= 5 {
+            let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            let msg = &rest[..len + 1];
+            if msg[0] == b'S' {
+                if let Some((name, tail)) = cstr(&msg[5..]) {
+                    let value = overrides
+                        .get(&name.to_ascii_lowercase())
+                        .copied()
+                        .or_else(|| cstr(tail).map(|(v, _)| v))
+                        .unwrap_or("");
+                    messages::parameter_status(&mut out, name, value);
+                }
+            }
+            rest = &rest[len + 1..];
+        }
+        messages::backend_key_data(&mut out, self.cancel.pid, self.cancel.key);
+        messages::ready_for_query(&mut out, b'I');
+        self.client
+            .write_all(&out)
+            .await
+            .map_err(|_| TxnEnd::ClientClosed)?;
+        Ok(())
+    }
+}
+
+fn malformed() -> TxnEnd {
+    TxnEnd::Fatal(
+        sqlstate::PROTOCOL_VIOLATION,
+        "malformed extended-protocol message".into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_parameters_become_set_statements() {
+        let state = startup_state(&[
+            ("application_name".into(), "shop".into()),
+            ("TimeZone".into(), "Europe/Paris".into()),
+            (
+                "options".into(),
+                "-c search_path=app,public --work-mem=4MB -cstatement_timeout=5s".into(),
+            ),
+            ("DateStyle".into(), "ISO, DMY".into()),
+        ]);
+        let set = |n: &str, v: &str| format!("SELECT pg_catalog.set_config('{n}', '{v}', false)");
+        assert_eq!(state["application_name"], set("application_name", "shop"));
+        assert_eq!(state["timezone"], set("timezone", "Europe/Paris"));
+        assert_eq!(state["search_path"], set("search_path", "app,public"));
+        assert_eq!(state["work_mem"], set("work_mem", "4MB"));
+        assert_eq!(state["statement_timeout"], set("statement_timeout", "5s"));
+        assert_eq!(state["datestyle"], set("datestyle", "ISO, DMY"));
+    }
+
+    #[test]
+    fn literals_are_quoted() {
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}
