@@ -30,7 +30,7 @@ fn pgbench(port: u16, args: &[&str]) -> String {
 /// Server connections of `app` on a node, as the node itself counts them.
 fn app_backends(cluster: &LocalCluster, node: usize) -> i64 {
     cluster
-        .sql(node, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'")
+        .sql(node, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND application_name <> 'switchyard-health'")
         .unwrap()
         .parse()
         .unwrap()
@@ -54,7 +54,7 @@ fn pgbench_200_clients_over_10_server_connections_in_every_protocol_mode() {
                 .args(["-u", "postgres", "--"])
                 .arg(bin.join("psql"))
                 .args(["-X", "-At", "-h", sampler_cluster_dir.to_str().unwrap(), "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
-                .args(["-c", "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'"])
+                .args(["-c", "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend' AND application_name <> 'switchyard-health'"])
                 .output()
                 .unwrap();
             if let Ok(n) = String::from_utf8_lossy(&out.stdout).trim().parse::<i64>() {
