@@ -63,10 +63,7 @@ impl Verifier {
             (Some(pw), true) => {
                 let salted = hi(pw.as_bytes(), &salt, SCRAM_ITERATIONS);
                 let client_key = hmac(&salted, b"Client Key");
-                (
-                    Sha256::digest(client_key).into(),
-                    hmac(&salted, b"Server Key"),
-                )
+                (Sha256::digest(client_key).into(), hmac(&salted, b"Server Key"))
             }
             _ => ([0; 32], [0; 32]),
         };
@@ -83,8 +80,7 @@ impl Verifier {
     /// Check an md5 PasswordMessage (`md5` + hex) against the salt sent.
     pub fn check_md5(&self, response: &[u8], salt: [u8; 4]) -> Result<(), AuthError> {
         let pw = self.password.as_deref().unwrap_or("");
-        let expected =
-            postgres_protocol::authentication::md5_hash(self.user.as_bytes(), pw.as_bytes(), salt);
+        let expected = postgres_protocol::authentication::md5_hash(self.user.as_bytes(), pw.as_bytes(), salt);
         if constant_time_eq(expected.as_bytes(), response) {
             Ok(())
         } else {
@@ -132,17 +128,13 @@ impl ScramExchange<'_> {
     pub fn client_first(&mut self, msg: &[u8]) -> Result<String, AuthError> {
         let msg = std::str::from_utf8(msg).map_err(|_| AuthError::Malformed("not UTF-8"))?;
         // gs2-header: cbind-flag "," [authzid] ","
-        let (flag, rest) = msg
-            .split_once(',')
-            .ok_or(AuthError::Malformed("no gs2 header"))?;
+        let (flag, rest) = msg.split_once(',').ok_or(AuthError::Malformed("no gs2 header"))?;
         match flag {
             "n" | "y" => {}
             f if f.starts_with("p=") => return Err(AuthError::ChannelBinding),
             _ => return Err(AuthError::Malformed("bad channel binding flag")),
         }
-        let (_authzid, bare) = rest
-            .split_once(',')
-            .ok_or(AuthError::Malformed("no gs2 header"))?;
+        let (_authzid, bare) = rest.split_once(',').ok_or(AuthError::Malformed("no gs2 header"))?;
         let gs2_header = format!("{flag},{_authzid},");
         // PostgreSQL clients send an empty n= (the user comes from the startup packet).
         let client_nonce = bare
@@ -152,10 +144,7 @@ impl ScramExchange<'_> {
             .ok_or(AuthError::Malformed("no client nonce"))?;
         let server_part: [u8; 18] = rand::rng().random();
         let nonce = format!("{client_nonce}{}", B64.encode(server_part));
-        let server_first = format!(
-            "r={nonce},s={},i={SCRAM_ITERATIONS}",
-            B64.encode(self.verifier.salt)
-        );
+        let server_first = format!("r={nonce},s={},i={SCRAM_ITERATIONS}", B64.encode(self.verifier.salt));
         self.state = ScramState::SentFirst {
             client_first_bare: bare.to_string(),
             server_first: server_first.clone(),
@@ -177,9 +166,7 @@ impl ScramExchange<'_> {
             return Err(AuthError::Malformed("unexpected message order"));
         };
         let msg = std::str::from_utf8(msg).map_err(|_| AuthError::Malformed("not UTF-8"))?;
-        let (without_proof, proof) = msg
-            .rsplit_once(",p=")
-            .ok_or(AuthError::Malformed("no proof"))?;
+        let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(AuthError::Malformed("no proof"))?;
         let mut cbind = None;
         let mut got_nonce = None;
         for attr in without_proof.split(',') {
@@ -203,11 +190,7 @@ impl ScramExchange<'_> {
         }
         let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
         let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
-        let client_key: Vec<u8> = proof
-            .iter()
-            .zip(client_signature.iter())
-            .map(|(p, s)| p ^ s)
-            .collect();
+        let client_key: Vec<u8> = proof.iter().zip(client_signature.iter()).map(|(p, s)| p ^ s).collect();
         let stored: [u8; 32] = Sha256::digest(&client_key).into();
         if !constant_time_eq(&stored, &self.verifier.stored_key) {
             return Err(AuthError::Failed(self.verifier.user.clone()));
@@ -240,9 +223,7 @@ mod tests {
         let first = server.client_first(client.message())?;
         client.update(first.as_bytes()).unwrap();
         let fin = server.client_final(client.message())?;
-        client
-            .finish(fin.as_bytes())
-            .expect("client accepts server signature");
+        client.finish(fin.as_bytes()).expect("client accepts server signature");
         Ok(())
     }
 
@@ -253,10 +234,7 @@ mod tests {
 
     #[test]
     fn scram_rejects_a_wrong_password() {
-        assert_eq!(
-            exchange("s3cret", "guess"),
-            Err(AuthError::Failed("app".into()))
-        );
+        assert_eq!(exchange("s3cret", "guess"), Err(AuthError::Failed("app".into())));
     }
 
     #[test]

@@ -40,12 +40,7 @@ impl Drop for Registration {
 }
 
 impl CancelRegistry {
-    pub fn register(
-        self: &Arc<Self>,
-        addr: &str,
-        server_pid: i32,
-        server_key: i32,
-    ) -> Registration {
+    pub fn register(self: &Arc<Self>, addr: &str, server_pid: i32, server_key: i32) -> Registration {
         let mut rng = rand::rng();
         let key: i32 = rng.random();
         let mut map = self.map.lock().unwrap();
@@ -84,21 +79,14 @@ impl CancelRegistry {
     /// Forward a client's CancelRequest to the server its session is on. Unknown keys
     /// are dropped silently, as PostgreSQL does (no answer is ever sent to a cancel).
     pub async fn forward(&self, pid: i32, key: i32) {
-        let target = self
-            .map
-            .lock()
-            .unwrap()
-            .get(&pid)
-            .filter(|t| t.key == key)
-            .cloned();
+        let target = self.map.lock().unwrap().get(&pid).filter(|t| t.key == key).cloned();
         let Some(t) = target else {
             debug!(pid, "cancel request for an unknown session ignored");
             return;
         };
         let send = async {
             let mut s = TcpStream::connect(&t.addr).await?;
-            s.write_all(&cancel_request(t.server_pid, t.server_key))
-                .await?;
+            s.write_all(&cancel_request(t.server_pid, t.server_key)).await?;
             s.shutdown().await
         };
         match tokio::time::timeout(Duration::from_secs(5), send).await {

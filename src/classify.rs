@@ -189,15 +189,9 @@ pub struct Classifier {
 
 impl Classifier {
     pub fn new(extra_read_only_functions: &[String]) -> Classifier {
-        let mut read_only_functions: HashSet<String> = DEFAULT_READ_ONLY_FUNCTIONS
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        read_only_functions.extend(
-            extra_read_only_functions
-                .iter()
-                .map(|s| s.to_ascii_lowercase()),
-        );
+        let mut read_only_functions: HashSet<String> =
+            DEFAULT_READ_ONLY_FUNCTIONS.iter().map(|s| s.to_string()).collect();
+        read_only_functions.extend(extra_read_only_functions.iter().map(|s| s.to_ascii_lowercase()));
         Classifier {
             read_only_functions,
             cache: RwLock::new(HashMap::new()),
@@ -251,9 +245,10 @@ impl Classifier {
                 NodeEnum::SelectStmt(_) | NodeEnum::VariableShowStmt(_) => {}
                 NodeEnum::ExplainStmt(e) => {
                     // EXPLAIN ANALYZE runs the statement: judge what it explains.
-                    let analyze = e.options.iter().any(
-                        |o| matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname == "analyze"),
-                    );
+                    let analyze = e
+                        .options
+                        .iter()
+                        .any(|o| matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname == "analyze"));
                     let inner_reads = matches!(
                         e.query.as_deref().and_then(|q| q.node.as_ref()),
                         Some(NodeEnum::SelectStmt(_))
@@ -263,9 +258,7 @@ impl Classifier {
                     }
                 }
                 NodeEnum::TransactionStmt(t) => match TransactionStmtKind::try_from(t.kind) {
-                    Ok(
-                        TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart,
-                    ) => {
+                    Ok(TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart) => {
                         let read_only = t.options.iter().any(|o| match &o.node {
                             Some(NodeEnum::DefElem(d)) if d.defname == "transaction_read_only" => matches!(
                                 d.arg.as_deref().and_then(|a| a.node.as_ref()),
@@ -301,12 +294,8 @@ impl Classifier {
                 }
                 NodeEnum::PrepareStmt(_) => pin(&mut c, "SQL PREPARE"),
                 NodeEnum::ListenStmt(_) => pin(&mut c, "LISTEN"),
-                NodeEnum::DeclareCursorStmt(d) if d.options & CURSOR_OPT_HOLD != 0 => {
-                    pin(&mut c, "a WITH HOLD cursor")
-                }
-                NodeEnum::CreateStmt(s)
-                    if s.relation.as_ref().is_some_and(|r| r.relpersistence == "t") =>
-                {
+                NodeEnum::DeclareCursorStmt(d) if d.options & CURSOR_OPT_HOLD != 0 => pin(&mut c, "a WITH HOLD cursor"),
+                NodeEnum::CreateStmt(s) if s.relation.as_ref().is_some_and(|r| r.relpersistence == "t") => {
                     pin(&mut c, "a temporary table")
                 }
                 NodeEnum::CreateTableAsStmt(s)
@@ -334,10 +323,9 @@ impl Classifier {
                         }
                     }
                 }
-                NodeRef::InsertStmt(_)
-                | NodeRef::UpdateStmt(_)
-                | NodeRef::DeleteStmt(_)
-                | NodeRef::MergeStmt(_) => c.read_only = false,
+                NodeRef::InsertStmt(_) | NodeRef::UpdateStmt(_) | NodeRef::DeleteStmt(_) | NodeRef::MergeStmt(_) => {
+                    c.read_only = false
+                }
                 NodeRef::FuncCall(f) => {
                     let name = f
                         .funcname
@@ -399,10 +387,7 @@ mod tests {
             ("EXPLAIN SELECT 1", true),
             ("SELECT my_report(1)", true),
             // Writes, however they are dressed.
-            (
-                "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
-                false,
-            ),
+            ("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d", false),
             ("SELECT * FROM t FOR UPDATE", false),
             ("SELECT * FROM (SELECT * FROM t FOR SHARE) s", false),
             ("SELECT nextval('s')", false),
@@ -463,15 +448,9 @@ mod tests {
     fn pins() {
         assert_eq!(c("PREPARE p AS SELECT 1").pins, Some("SQL PREPARE"));
         assert_eq!(c("LISTEN jobs").pins, Some("LISTEN"));
-        assert_eq!(
-            c("SELECT pg_advisory_lock(1)").pins,
-            Some("a session advisory lock")
-        );
+        assert_eq!(c("SELECT pg_advisory_lock(1)").pins, Some("a session advisory lock"));
         assert_eq!(c("SELECT pg_advisory_xact_lock(1)").pins, None);
-        assert_eq!(
-            c("CREATE TEMP TABLE x (v int)").pins,
-            Some("a temporary table")
-        );
+        assert_eq!(c("CREATE TEMP TABLE x (v int)").pins, Some("a temporary table"));
         assert_eq!(c("SELECT 1 INTO TEMP x").pins, Some("a temporary table"));
         assert_eq!(
             c("DECLARE \"_django_curs_1\" NO SCROLL CURSOR WITH HOLD FOR SELECT * FROM t").pins,

@@ -11,10 +11,7 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{0}")]
     Parse(String),
     #[error("{key}: {message}")]
@@ -392,10 +389,7 @@ impl Config {
             }
         }
         if self.clusters.is_empty() {
-            return Err(invalid(
-                "clusters",
-                "at least one [clusters.<name>] table is required",
-            ));
+            return Err(invalid("clusters", "at least one [clusters.<name>] table is required"));
         }
         let mut listens = HashSet::new();
         for (cname, c) in &self.clusters {
@@ -414,18 +408,12 @@ impl Config {
                         )
                     })?;
                     if !listens.insert(parsed) {
-                        return Err(invalid(
-                            format!("clusters.{cname}.{key}"),
-                            format!("{a} is used twice"),
-                        ));
+                        return Err(invalid(format!("clusters.{cname}.{key}"), format!("{a} is used twice")));
                     }
                 }
             }
             if c.pool_size == 0 {
-                return Err(invalid(
-                    format!("clusters.{cname}.pool_size"),
-                    "must be at least 1",
-                ));
+                return Err(invalid(format!("clusters.{cname}.pool_size"), "must be at least 1"));
             }
             if c.min_pool_size > c.pool_size {
                 return Err(invalid(
@@ -444,10 +432,7 @@ impl Config {
                 ("server_login_timeout_ms", c.server_login_timeout_ms),
             ] {
                 if v == 0 {
-                    return Err(invalid(
-                        format!("clusters.{cname}.{key}"),
-                        "must be greater than 0",
-                    ));
+                    return Err(invalid(format!("clusters.{cname}.{key}"), "must be greater than 0"));
                 }
             }
             if c.nodes.is_empty() {
@@ -477,10 +462,7 @@ impl Config {
                     ));
                 }
                 if n.port == 0 {
-                    return Err(invalid(
-                        format!("clusters.{cname}.nodes[{i}].port"),
-                        "must not be 0",
-                    ));
+                    return Err(invalid(format!("clusters.{cname}.nodes[{i}].port"), "must not be 0"));
                 }
             }
         }
@@ -530,10 +512,7 @@ port = 5432
         let cases = [
             (GOOD.replace("6433", "x"), "clusters.main.listen_ro"),
             (GOOD.replace("interval_ms = 500", "fall = 0"), "health.fall"),
-            (
-                GOOD.replace("password = \"secret\"", ""),
-                "users[0].password",
-            ),
+            (GOOD.replace("password = \"secret\"", ""), "users[0].password"),
             (
                 GOOD.replace("\"127.0.0.1:6433\"", "\"127.0.0.1:6432\""),
                 "clusters.main.listen_ro",

@@ -74,24 +74,19 @@ pub fn spawn(
                 _ = shutdown.changed() => return,
             }
             let started = Instant::now();
-            let result =
-                match tokio::time::timeout(cfg.timeout(), check(&target, &login, &mut session))
-                    .await
-                {
-                    Ok(Ok(obs)) => Ok(obs),
-                    Ok(Err(e)) => {
-                        session = None;
-                        Err(e)
-                    }
-                    Err(_) => {
-                        session = None;
-                        Err(format!("no answer within {} ms", cfg.timeout_ms))
-                    }
-                };
+            let result = match tokio::time::timeout(cfg.timeout(), check(&target, &login, &mut session)).await {
+                Ok(Ok(obs)) => Ok(obs),
+                Ok(Err(e)) => {
+                    session = None;
+                    Err(e)
+                }
+                Err(_) => {
+                    session = None;
+                    Err(format!("no answer within {} ms", cfg.timeout_ms))
+                }
+            };
             let took = started.elapsed();
-            let transition = target
-                .cluster
-                .record(&target.node, result, cfg.rise, cfg.fall);
+            let transition = target.cluster.record(&target.node, result, cfg.rise, cfg.fall);
             observer(&target.cluster.name, &name, took, transition.as_ref());
             if let Some(t) = transition {
                 let (cluster, node) = (&target.cluster.name, &name);
@@ -109,11 +104,7 @@ pub fn spawn(
     })
 }
 
-async fn check(
-    target: &Target,
-    login: &Login,
-    session: &mut Option<Session>,
-) -> Result<Observation, String> {
+async fn check(target: &Target, login: &Login, session: &mut Option<Session>) -> Result<Observation, String> {
     if session.is_none() {
         *session = Some(open(target, login).await?);
     }
@@ -124,11 +115,7 @@ async fn check(
     let lag_ms: f64 = row.get("lag_ms");
     let timeline: Option<i32> = row.get("timeline");
     Ok(Observation {
-        role: if standby {
-            Role::Standby
-        } else {
-            Role::Primary
-        },
+        role: if standby { Role::Standby } else { Role::Primary },
         lag_ms: lag_ms.max(0.0) as u64,
         lsn: lsn.as_deref().and_then(parse_lsn),
         timeline: timeline.map(|t| t as u32),
@@ -151,11 +138,7 @@ async fn open(target: &Target, login: &Login) -> Result<Session, String> {
         let _ = connection.await;
     });
     let check = client.prepare(CHECK_SQL).await.map_err(describe)?;
-    Ok(Session {
-        client,
-        check,
-        task,
-    })
+    Ok(Session { client, check, task })
 }
 
 /// A short reason for logs and error messages: the server's own message when there is

@@ -47,9 +47,10 @@ pub fn find_pg_bin() -> Result<PathBuf> {
         })
         .collect();
     versions.sort();
-    versions.pop().map(|(_, b)| b).ok_or_else(|| {
-        anyhow!("no /usr/lib/postgresql/<version>/bin/initdb found (apt-get install postgresql)")
-    })
+    versions
+        .pop()
+        .map(|(_, b)| b)
+        .ok_or_else(|| anyhow!("no /usr/lib/postgresql/<version>/bin/initdb found (apt-get install postgresql)"))
 }
 
 /// A port the kernel just handed out on 127.0.0.1, free at the time of asking.
@@ -80,9 +81,8 @@ impl LocalCluster {
         let dir = tempfile::Builder::new().prefix("switchyard-").tempdir()?;
         // SAFETY: geteuid has no preconditions.
         let run_as = if unsafe { libc::geteuid() } == 0 {
-            let (uid, gid) = postgres_uid().ok_or_else(|| {
-                anyhow!("running as root but there is no `postgres` user to run PostgreSQL as")
-            })?;
+            let (uid, gid) = postgres_uid()
+                .ok_or_else(|| anyhow!("running as root but there is no `postgres` user to run PostgreSQL as"))?;
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
             Some(uid)
         } else {
@@ -226,18 +226,12 @@ impl LocalCluster {
 
     /// `pg_ctl stop -m <mode>`: "fast" for a clean stop, "immediate" for a crash-like one.
     pub fn stop_node(&self, i: usize, mode: &str) -> Result<()> {
-        self.run(
-            "pg_ctl",
-            &["-D", path(&self.nodes[i].data), "-m", mode, "-w", "stop"],
-        )?;
+        self.run("pg_ctl", &["-D", path(&self.nodes[i].data), "-m", mode, "-w", "stop"])?;
         Ok(())
     }
 
     pub fn promote(&self, i: usize) -> Result<()> {
-        self.run(
-            "pg_ctl",
-            &["-D", path(&self.nodes[i].data), "-w", "promote"],
-        )?;
+        self.run("pg_ctl", &["-D", path(&self.nodes[i].data), "-w", "promote"])?;
         Ok(())
     }
 
@@ -253,9 +247,7 @@ impl LocalCluster {
     /// Send `sig` to the postmaster and every backend it started.
     pub fn signal(&self, i: usize, sig: i32) -> Result<()> {
         let pid = self.pid(i)?;
-        let children = Command::new("pgrep")
-            .args(["-P", &pid.to_string()])
-            .output()?;
+        let children = Command::new("pgrep").args(["-P", &pid.to_string()]).output()?;
         // Postmaster first, so it cannot restart children we are about to stop.
         // SAFETY: kill(2) with a pid read from the node's own pid file.
         unsafe { libc::kill(pid, sig) };
@@ -341,10 +333,7 @@ impl LocalCluster {
         let deadline = Instant::now() + within;
         for i in 1..self.nodes.len() {
             loop {
-                let done = self.sql(
-                    i,
-                    &format!("SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"),
-                )?;
+                let done = self.sql(i, &format!("SELECT pg_last_wal_replay_lsn() >= '{target}'::pg_lsn"))?;
                 if done == "t" {
                     break;
                 }

@@ -68,8 +68,7 @@ enum Cmd {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
-        .unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -107,8 +106,7 @@ fn main() -> ExitCode {
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config> {
-    let path =
-        path.context("no config given: use --config FILE (or `switchyard demo` to try it out)")?;
+    let path = path.context("no config given: use --config FILE (or `switchyard demo` to try it out)")?;
     Ok(Config::load(path)?)
 }
 
@@ -124,9 +122,7 @@ fn check(path: Option<&PathBuf>) -> Result<()> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 fn run(path: Option<&PathBuf>) -> Result<()> {
@@ -203,14 +199,7 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
     let nodes: Vec<String> = cluster
         .nodes
         .iter()
-        .map(|n| {
-            format!(
-                "    {:<10} port {}  data {}",
-                n.name,
-                n.port,
-                n.data.display()
-            )
-        })
+        .map(|n| format!("    {:<10} port {}  data {}", n.name, n.port, n.data.display()))
         .collect();
     runtime()?.block_on(async {
         let proxy = Proxy::start(config, Some(config_path.clone())).await?;
@@ -266,11 +255,7 @@ fn summary(snap: &ClusterSnapshot) -> String {
                 format!("{} up standby (lag {} ms)", n.name, n.lag_ms.unwrap_or(0))
             }
             (Health::Up, r) => format!("{} up {r}", n.name),
-            (Health::Down, _) => format!(
-                "{} DOWN ({})",
-                n.name,
-                n.last_error.as_deref().unwrap_or("?")
-            ),
+            (Health::Down, _) => format!("{} DOWN ({})", n.name, n.last_error.as_deref().unwrap_or("?")),
             (Health::Unknown, _) => format!("{} checking", n.name),
         })
         .collect();
@@ -282,10 +267,5 @@ fn chrono_now() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    format!(
-        "{:02}:{:02}:{:02}",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
-    )
+    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }

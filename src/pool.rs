@@ -134,11 +134,7 @@ impl Pool {
         let settings = *self.settings.lock().unwrap();
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let permit = tokio::time::timeout(
-            settings.checkout_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await;
+        let permit = tokio::time::timeout(settings.checkout_timeout, self.permits.clone().acquire_owned()).await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         let permit = match permit {
             Ok(Ok(p)) => p,
@@ -157,8 +153,7 @@ impl Pool {
             let Some(Idle { mut conn, since }) = candidate else {
                 break;
             };
-            if since.elapsed() > settings.idle_timeout || conn.created.elapsed() > settings.lifetime
-            {
+            if since.elapsed() > settings.idle_timeout || conn.created.elapsed() > settings.lifetime {
                 debug!(node = %self.key.node, "retiring an old idle server connection");
                 continue;
             }

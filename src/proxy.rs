@@ -187,9 +187,7 @@ impl Shared {
                 notes.push(format!("cluster {name} added: restart needed"));
                 continue;
             };
-            if old.clusters.get(name).map(|o| (&o.listen_rw, &o.listen_ro))
-                != Some((&c.listen_rw, &c.listen_ro))
-            {
+            if old.clusters.get(name).map(|o| (&o.listen_rw, &o.listen_ro)) != Some((&c.listen_rw, &c.listen_ro)) {
                 warn!(cluster = %name, "listen address changed: needs a restart to take effect");
                 notes.push(format!("cluster {name} listeners changed: restart needed"));
             }
@@ -198,11 +196,7 @@ impl Shared {
             ctx.state.update(|snap| {
                 let mut nodes = Vec::new();
                 for n in &c.nodes {
-                    match snap
-                        .nodes
-                        .iter()
-                        .find(|o| o.name == n.name && o.addr == n.addr())
-                    {
+                    match snap.nodes.iter().find(|o| o.name == n.name && o.addr == n.addr()) {
                         Some(existing) => nodes.push(existing.clone()),
                         None => {
                             added.push(n.name.clone());
@@ -227,25 +221,15 @@ impl Shared {
                 c.pool_settings(),
             );
             for n in &added {
-                ctx.state.push_event(
-                    n,
-                    String::new(),
-                    "added".into(),
-                    "configuration reload".into(),
-                );
+                ctx.state
+                    .push_event(n, String::new(), "added".into(), "configuration reload".into());
             }
             for n in &removed {
-                ctx.state.push_event(
-                    n,
-                    String::new(),
-                    "removed".into(),
-                    "configuration reload".into(),
-                );
+                ctx.state
+                    .push_event(n, String::new(), "removed".into(), "configuration reload".into());
             }
             if !added.is_empty() || !removed.is_empty() {
-                notes.push(format!(
-                    "cluster {name}: nodes added {added:?}, removed {removed:?}"
-                ));
+                notes.push(format!("cluster {name}: nodes added {added:?}, removed {removed:?}"));
             }
         }
         for name in self.clusters.keys() {
@@ -281,11 +265,7 @@ impl Proxy {
         let mut clusters = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, c) in &config.clusters {
-            let nodes = c
-                .nodes
-                .iter()
-                .map(|n| NodeState::new(&n.name, &n.addr()))
-                .collect();
+            let nodes = c.nodes.iter().map(|n| NodeState::new(&n.name, &n.addr())).collect();
             let mut snap = ClusterSnapshot::new(name, nodes, policy(c), c.connect_timeout());
             snap.server_login_timeout = c.server_login_timeout();
             let state = ClusterState::new(snap);
@@ -301,14 +281,11 @@ impl Proxy {
                 pause_tx: watch::channel(false).0,
                 monitors: Mutex::new(HashMap::new()),
             });
-            for (addr, endpoint) in [
-                (&c.listen_rw, Endpoint::ReadWrite),
-                (&c.listen_ro, Endpoint::ReadOnly),
-            ] {
+            for (addr, endpoint) in [(&c.listen_rw, Endpoint::ReadWrite), (&c.listen_ro, Endpoint::ReadOnly)] {
                 if let Some(addr) = addr {
-                    let l = TcpListener::bind(addr).await.with_context(|| {
-                        format!("cannot listen on {addr} (clusters.{name}.listen_{endpoint})")
-                    })?;
+                    let l = TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr} (clusters.{name}.listen_{endpoint})"))?;
                     listeners.push((ctx.clone(), endpoint, l));
                 }
             }
@@ -347,13 +324,7 @@ impl Proxy {
             let local = l.local_addr()?;
             info!(cluster = %ctx.name, endpoint = %endpoint, addr = %local, "listening");
             listening.push((ctx.name.clone(), endpoint, local));
-            tokio::spawn(accept_loop(
-                l,
-                ctx,
-                endpoint,
-                shared.clone(),
-                shutdown.clone(),
-            ));
+            tokio::spawn(accept_loop(l, ctx, endpoint, shared.clone(), shutdown.clone()));
         }
         if let Some(addr) = http_listen {
             let l = TcpListener::bind(&addr)
@@ -398,13 +369,7 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(session::serve(
-                    stream,
-                    peer,
-                    ctx.clone(),
-                    endpoint,
-                    shared.clone(),
-                ));
+                tokio::spawn(session::serve(stream, peer, ctx.clone(), endpoint, shared.clone()));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.

@@ -84,20 +84,15 @@ pub fn primary(snap: &ClusterSnapshot) -> Result<usize, NoRoute> {
         .collect();
     let split_brain = |primaries: &[usize]| NoRoute::SplitBrain {
         cluster: snap.name.clone(),
-        primaries: primaries
-            .iter()
-            .map(|&i| snap.nodes[i].name.clone())
-            .collect(),
+        primaries: primaries.iter().map(|&i| snap.nodes[i].name.clone()).collect(),
         nodes: snap.describe_nodes(),
     };
     if reporting.len() > 1 && snap.policy.split_brain == SplitBrainRule::Refuse {
         return Err(split_brain(&reporting));
     }
-    let (current, stale): (Vec<usize>, Vec<usize>) = reporting.iter().partition(|&&i| {
-        snap.nodes[i]
-            .timeline
-            .is_none_or(|t| t >= snap.newest_timeline)
-    });
+    let (current, stale): (Vec<usize>, Vec<usize>) = reporting
+        .iter()
+        .partition(|&&i| snap.nodes[i].timeline.is_none_or(|t| t >= snap.newest_timeline));
     match current.as_slice() {
         [] if !stale.is_empty() => Err(NoRoute::StalePrimary {
             cluster: snap.name.clone(),
@@ -148,11 +143,7 @@ fn newest_timeline(snap: &ClusterSnapshot, primaries: &[usize]) -> Option<usize>
 
 /// Candidates for a new session, best first; `turn` rotates `round_robin`. Drained nodes
 /// get no new sessions.
-pub fn route(
-    endpoint: Endpoint,
-    snap: &ClusterSnapshot,
-    turn: usize,
-) -> Result<Vec<usize>, NoRoute> {
+pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<Vec<usize>, NoRoute> {
     let policy = &snap.policy;
     let open_primary = primary(snap).and_then(|p| {
         if snap.nodes[p].drained {
@@ -185,16 +176,13 @@ pub fn route(
                     }
                 }
                 // Stable sort: ties keep the listed (priority) order.
-                ReadBalance::LeastConnections => {
-                    standbys.sort_by_key(|&i| snap.nodes[i].sessions())
-                }
+                ReadBalance::LeastConnections => standbys.sort_by_key(|&i| snap.nodes[i].sessions()),
             }
             // A standby whose latest check failed (frozen? dying?) is still up until `fall`
             // checks say otherwise, but is tried only after the primary: a connect to it
             // may cost a whole connect timeout.
-            let (suspect, mut candidates): (Vec<usize>, Vec<usize>) = standbys
-                .into_iter()
-                .partition(|&i| snap.nodes[i].is_suspect());
+            let (suspect, mut candidates): (Vec<usize>, Vec<usize>) =
+                standbys.into_iter().partition(|&i| snap.nodes[i].is_suspect());
             // The primary is the last resort for reads; in an unresolved split brain there
             // is no primary to fall back on, since either could be the stale one.
             if let Ok(p) = open_primary {
@@ -233,10 +221,7 @@ pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, node: &str) -> Optio
             n.last_error.as_deref().unwrap_or("health checks failed")
         ));
     }
-    if endpoint == Endpoint::ReadOnly
-        && n.role == Role::Primary
-        && primary(snap).ok() != Some(index)
-    {
+    if endpoint == Endpoint::ReadOnly && n.role == Role::Primary && primary(snap).ok() != Some(index) {
         return Some(format!(
             "node \"{}\" reports primary but is not the primary of cluster \"{}\" (split brain or an old primary)",
             n.name, snap.name
@@ -245,12 +230,10 @@ pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, node: &str) -> Optio
     if endpoint == Endpoint::ReadWrite {
         match primary(snap) {
             Ok(p) if p == index => {}
-            Ok(p) => {
-                return Some(format!(
-                    "node \"{}\" is no longer the primary of cluster \"{}\" (now {} is); reconnect to reach the primary",
-                    n.name, snap.name, snap.nodes[p].name
-                ))
-            }
+            Ok(p) => return Some(format!(
+                "node \"{}\" is no longer the primary of cluster \"{}\" (now {} is); reconnect to reach the primary",
+                n.name, snap.name, snap.nodes[p].name
+            )),
             Err(e) if n.role == Role::Primary => return Some(e.to_string()),
             Err(_) => {
                 return Some(format!(
@@ -300,10 +283,7 @@ mod tests {
     }
 
     fn with(c: &ClusterSnapshot, policy: Policy) -> ClusterSnapshot {
-        ClusterSnapshot {
-            policy,
-            ..c.clone()
-        }
+        ClusterSnapshot { policy, ..c.clone() }
     }
 
     use Role::{Primary as P, Standby as S};
@@ -321,9 +301,7 @@ mod tests {
         assert!(matches!(err, NoRoute::NoPrimary { .. }));
         let msg = err.to_string();
         assert!(
-            msg.starts_with(
-                "no primary available for cluster \"main\": default down (connection refused"
-            ),
+            msg.starts_with("no primary available for cluster \"main\": default down (connection refused"),
             "{msg}"
         );
         assert!(msg.ends_with("; failover1 standby"), "{msg}");
@@ -331,11 +309,7 @@ mod tests {
 
     #[test]
     fn ro_prefers_standbys_in_listed_order_then_the_primary() {
-        let c = cluster(&[
-            ("default", "up", P, 0, 1),
-            ("f1", "up", S, 0, 1),
-            ("f2", "up", S, 0, 1),
-        ]);
+        let c = cluster(&[("default", "up", P, 0, 1), ("f1", "up", S, 0, 1), ("f2", "up", S, 0, 1)]);
         assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![1, 2, 0]));
     }
 
@@ -351,17 +325,8 @@ mod tests {
 
     #[test]
     fn ro_tries_a_standby_whose_last_check_failed_after_the_primary() {
-        let mut c = cluster(&[
-            ("default", "up", P, 0, 1),
-            ("f1", "up", S, 0, 1),
-            ("f2", "up", S, 0, 1),
-        ]);
-        c.nodes[1].apply(
-            Err("no answer within 500 ms".into()),
-            2,
-            2,
-            SystemTime::now(),
-        );
+        let mut c = cluster(&[("default", "up", P, 0, 1), ("f1", "up", S, 0, 1), ("f2", "up", S, 0, 1)]);
+        c.nodes[1].apply(Err("no answer within 500 ms".into()), 2, 2, SystemTime::now());
         assert_eq!(c.nodes[1].health, Health::Up);
         assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 0, 1]));
     }
@@ -370,10 +335,7 @@ mod tests {
     fn ro_with_nothing_up_names_every_node() {
         let c = cluster(&[("default", "down", P, 0, 1), ("f1", "down", S, 0, 1)]);
         let msg = route(Endpoint::ReadOnly, &c, 0).unwrap_err().to_string();
-        assert!(
-            msg.contains("default down") && msg.contains("f1 down"),
-            "{msg}"
-        );
+        assert!(msg.contains("default down") && msg.contains("f1 down"), "{msg}");
     }
 
     #[test]
@@ -388,14 +350,8 @@ mod tests {
             read_balance: ReadBalance::RoundRobin,
             ..POLICY
         };
-        assert_eq!(
-            route(Endpoint::ReadOnly, &with(&c, rr), 1),
-            Ok(vec![2, 3, 1, 0])
-        );
-        assert_eq!(
-            route(Endpoint::ReadOnly, &with(&c, rr), 3),
-            Ok(vec![1, 2, 3, 0])
-        );
+        assert_eq!(route(Endpoint::ReadOnly, &with(&c, rr), 1), Ok(vec![2, 3, 1, 0]));
+        assert_eq!(route(Endpoint::ReadOnly, &with(&c, rr), 3), Ok(vec![1, 2, 3, 0]));
         let lc = Policy {
             read_balance: ReadBalance::LeastConnections,
             ..POLICY
@@ -403,10 +359,7 @@ mod tests {
         for (node, n) in c.nodes.iter().zip([0, 5, 1, 5]) {
             node.active.store(n, std::sync::atomic::Ordering::Relaxed);
         }
-        assert_eq!(
-            route(Endpoint::ReadOnly, &with(&c, lc), 0),
-            Ok(vec![2, 1, 3, 0])
-        );
+        assert_eq!(route(Endpoint::ReadOnly, &with(&c, lc), 0), Ok(vec![2, 1, 3, 0]));
     }
 
     #[test]
@@ -444,11 +397,9 @@ mod tests {
             Err(NoRoute::SplitBrain { .. })
         ));
         // Running write sessions on either primary are ended.
-        assert!(
-            eviction(Endpoint::ReadWrite, &with(&c, refuse), "failover1")
-                .unwrap()
-                .contains("split brain")
-        );
+        assert!(eviction(Endpoint::ReadWrite, &with(&c, refuse), "failover1")
+            .unwrap()
+            .contains("split brain"));
         // With no primary to trust, reads have nowhere to go but standbys.
         assert!(route(Endpoint::ReadOnly, &with(&c, refuse), 0).is_err());
     }
@@ -489,18 +440,12 @@ mod tests {
         // A lagging standby keeps its read sessions.
         assert_eq!(eviction(Endpoint::ReadOnly, &c, "f2"), None);
         // A node removed by a reload ends its sessions.
-        assert!(eviction(Endpoint::ReadOnly, &c, "gone")
-            .unwrap()
-            .contains("removed"));
+        assert!(eviction(Endpoint::ReadOnly, &c, "gone").unwrap().contains("removed"));
     }
 
     #[test]
     fn drained_nodes_get_no_new_sessions_but_keep_their_current_ones() {
-        let mut c = cluster(&[
-            ("default", "up", P, 0, 1),
-            ("f1", "up", S, 0, 1),
-            ("f2", "up", S, 0, 1),
-        ]);
+        let mut c = cluster(&[("default", "up", P, 0, 1), ("f1", "up", S, 0, 1), ("f2", "up", S, 0, 1)]);
         c.nodes[1].drained = true;
         assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 0]));
         assert_eq!(eviction(Endpoint::ReadOnly, &c, "f1"), None);

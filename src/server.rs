@@ -21,11 +21,7 @@ pub enum ServerError {
     Timeout(u64),
     /// The server answered the login with an ErrorResponse.
     #[error("{message} (SQLSTATE {code})")]
-    Refused {
-        code: String,
-        message: String,
-        raw: Bytes,
-    },
+    Refused { code: String, message: String, raw: Bytes },
     #[error("server is in recovery (standby), not primary")]
     NotPrimary,
     #[error("server asked for {0}")]
@@ -48,9 +44,7 @@ impl ServerError {
             | ServerError::Io(_)
             | ServerError::Protocol(_) => true,
             // 57P03: starting up / shutting down / in recovery; 53300: too many connections.
-            ServerError::Refused { code, .. } => {
-                code == "57P03" || code == "53300" || code.starts_with("08")
-            }
+            ServerError::Refused { code, .. } => code == "57P03" || code == "53300" || code.starts_with("08"),
             ServerError::Auth(_) => false,
         }
     }
@@ -73,11 +67,7 @@ pub struct Login<'a> {
     pub require_primary: bool,
 }
 
-pub async fn connect(
-    addr: &str,
-    login: &Login<'_>,
-    timeout: Duration,
-) -> Result<ServerConn, ServerError> {
+pub async fn connect(addr: &str, login: &Login<'_>, timeout: Duration) -> Result<ServerConn, ServerError> {
     match tokio::time::timeout(timeout, connect_inner(addr, login)).await {
         Ok(r) => r,
         Err(_) => Err(ServerError::Timeout(timeout.as_millis() as u64)),
@@ -85,9 +75,7 @@ pub async fn connect(
 }
 
 async fn connect_inner(addr: &str, login: &Login<'_>) -> Result<ServerConn, ServerError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(ServerError::Connect)?;
+    let stream = TcpStream::connect(addr).await.map_err(ServerError::Connect)?;
     stream.set_nodelay(true)?;
     let mut conn = Wire {
         stream,
@@ -116,9 +104,7 @@ async fn connect_inner(addr: &str, login: &Login<'_>) -> Result<ServerConn, Serv
                 put_message(&mut startup_messages, tag, &body);
             }
             b'N' => put_message(&mut startup_messages, tag, &body),
-            b'K' if body.len() >= 8 => {
-                backend_key = ((&body[0..4]).get_i32(), (&body[4..8]).get_i32())
-            }
+            b'K' if body.len() >= 8 => backend_key = ((&body[0..4]).get_i32(), (&body[4..8]).get_i32()),
             b'E' => return Err(refused(&body)),
             b'Z' => break,
             // NegotiateProtocolVersion: we sent only 3.0 with no _pq_ options; ignore.
@@ -188,10 +174,7 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
                 frontend::password_message(hash.as_bytes(), &mut out)?;
             }
             10 => {
-                let mechanisms: Vec<&[u8]> = body[4..]
-                    .split(|&b| b == 0)
-                    .filter(|m| !m.is_empty())
-                    .collect();
+                let mechanisms: Vec<&[u8]> = body[4..].split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
                 if !mechanisms.contains(&&b"SCRAM-SHA-256"[..]) {
                     return Err(ServerError::Auth(format!(
                         "SASL mechanisms {:?}, none of which Switchyard supports",
@@ -201,10 +184,7 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
                             .collect::<Vec<_>>()
                     )));
                 }
-                let s = ScramSha256::new(
-                    need_password("SCRAM-SHA-256")?,
-                    ChannelBinding::unsupported(),
-                );
+                let s = ScramSha256::new(need_password("SCRAM-SHA-256")?, ChannelBinding::unsupported());
                 frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
                 scram = Some(s);
             }
@@ -220,9 +200,8 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
                 let mut s = scram
                     .take()
                     .ok_or_else(|| ServerError::Protocol("SASL final before start".into()))?;
-                s.finish(&body[4..]).map_err(|e| {
-                    ServerError::Auth(format!("a SCRAM exchange whose server proof is wrong: {e}"))
-                })?;
+                s.finish(&body[4..])
+                    .map_err(|e| ServerError::Auth(format!("a SCRAM exchange whose server proof is wrong: {e}")))?;
                 continue;
             }
             other => {

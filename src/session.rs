@@ -107,12 +107,17 @@ pub async fn serve(
             serve_transaction_mode(stream, peer, client, &cluster, endpoint, &shared, config.clone()).await;
             return;
         }
-        Ok(Ok(Some(client))) => connect(&mut stream, &client, &cluster, endpoint, &shared, &config).await.map(|c| (client, c)),
+        Ok(Ok(Some(client))) => connect(&mut stream, &client, &cluster, endpoint, &shared, &config)
+            .await
+            .map(|c| (client, c)),
         Ok(Ok(None)) => return, // a cancel request, already handled
         Ok(Err(r)) => Err(r),
         Err(_) => Err(Reject::Fatal(
             sqlstate::PROTOCOL_VIOLATION,
-            format!("startup and authentication did not finish within {} ms (proxy.client_login_timeout_ms)", login_timeout.as_millis()),
+            format!(
+                "startup and authentication did not finish within {} ms (proxy.client_login_timeout_ms)",
+                login_timeout.as_millis()
+            ),
         )),
     };
     let (client, connected) = match outcome {
@@ -156,10 +161,7 @@ pub async fn serve(
         .clone();
     gauge.inc();
     let node = connected.node.clone();
-    let end = relay(
-        stream, connected, &client, peer, &cluster, endpoint, &shared, &config,
-    )
-    .await;
+    let end = relay(stream, connected, &client, peer, &cluster, endpoint, &shared, &config).await;
     gauge.dec();
     match &end {
         End::Evicted { reason, .. } => {
@@ -249,9 +251,7 @@ async fn serve_transaction_mode(
 async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>, Reject> {
     let (minor, params) = loop {
         match read_startup(stream).await {
-            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
-                stream.write_all(b"N").await?
-            }
+            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => stream.write_all(b"N").await?,
             Ok(StartupPacket::Cancel { pid, key }) => {
                 shared.cancels.forward(pid, key).await;
                 return Ok(None);
@@ -259,10 +259,7 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
             Ok(StartupPacket::Startup { minor, params }) => break (minor, params),
             Err(StartupError::Closed) | Err(StartupError::Io(_)) => return Err(Reject::Gone),
             Err(e @ StartupError::UnsupportedProtocol { .. }) => {
-                return Err(Reject::Fatal(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    e.to_string(),
-                ))
+                return Err(Reject::Fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string()))
             }
             Err(e) => return Err(Reject::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
         }
@@ -279,7 +276,8 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
             "replication" if !matches!(v.as_str(), "false" | "off" | "no" | "0") => {
                 return Err(Reject::Fatal(
                     sqlstate::FEATURE_NOT_SUPPORTED,
-                    "replication connections are not supported through Switchyard; connect to the server directly".into(),
+                    "replication connections are not supported through Switchyard; connect to the server directly"
+                        .into(),
                 ))
             }
             "replication" => {}
@@ -293,9 +291,7 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
             "no user name specified in startup packet".into(),
         )
     })?;
-    let database = database
-        .filter(|d| !d.is_empty())
-        .unwrap_or_else(|| user.clone());
+    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
     if minor > 0 || !unrecognized.is_empty() {
         let mut b = BytesMut::new();
         messages::negotiate_protocol_version(&mut b, 0, &unrecognized);
@@ -306,7 +302,9 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
     let verifier = verifiers.get(&user).ok_or_else(|| {
         Reject::Fatal(
             sqlstate::INVALID_AUTHORIZATION,
-            format!("user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"),
+            format!(
+                "user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"
+            ),
         )
     })?;
     authenticate(stream, verifier).await.map_err(|e| match e {
@@ -397,10 +395,7 @@ async fn read_password_message(stream: &mut TcpStream) -> Result<BytesMut, Rejec
     if tag != b'p' {
         return Err(Reject::Fatal(
             sqlstate::PROTOCOL_VIOLATION,
-            format!(
-                "expected a password message, got message type '{}'",
-                tag as char
-            ),
+            format!("expected a password message, got message type '{}'", tag as char),
         ));
     }
     if len < 4 || len as usize > MAX_AUTH_MESSAGE {
@@ -446,10 +441,7 @@ async fn connect_inner(
     let user_cfg = config.user(&client.user).ok_or_else(|| {
         Reject::Fatal(
             sqlstate::INVALID_AUTHORIZATION,
-            format!(
-                "user \"{}\" was removed from the configuration",
-                client.user
-            ),
+            format!("user \"{}\" was removed from the configuration", client.user),
         )
     })?;
     let mut params = client.params.clone();
@@ -490,9 +482,7 @@ async fn connect_inner(
                         Ok(conn) => {
                             // The topology may have changed during the login: never hand over
                             // a session the relay would have to end at once.
-                            if let Some(reason) =
-                                routing::eviction(endpoint, &rx.borrow_and_update(), &node.name)
-                            {
+                            if let Some(reason) = routing::eviction(endpoint, &rx.borrow_and_update(), &node.name) {
                                 failures.push(format!("{}: {reason}", node.name));
                                 continue;
                             }
@@ -510,15 +500,11 @@ async fn connect_inner(
                             });
                         }
                         Err(e) if e.try_next_node() => {
-                            node.stats
-                                .connect_failures_total
-                                .fetch_add(1, Ordering::Relaxed);
+                            node.stats.connect_failures_total.fetch_add(1, Ordering::Relaxed);
                             warn!(cluster = %cluster.name, endpoint = %endpoint, node = %node.name, reason = %e, "server connection failed; trying next candidate");
                             failures.push(format!("{}: {e}", node.name));
                         }
-                        Err(ServerError::Refused { raw, message, .. }) => {
-                            return Err(Reject::Forward(raw, message))
-                        }
+                        Err(ServerError::Refused { raw, message, .. }) => return Err(Reject::Forward(raw, message)),
                         Err(e) => {
                             return Err(Reject::Fatal(
                                 sqlstate::CONNECTION_FAILURE,
@@ -546,11 +532,7 @@ async fn connect_inner(
         };
         // Nothing usable now: wait for the health monitor to change its mind, up to the deadline.
         let now = Instant::now();
-        if now >= deadline
-            || tokio::time::timeout(deadline - now, rx.changed())
-                .await
-                .is_err()
-        {
+        if now >= deadline || tokio::time::timeout(deadline - now, rx.changed()).await.is_err() {
             let code = if failures.is_empty() {
                 sqlstate::CANNOT_CONNECT_NOW
             } else {
@@ -598,19 +580,7 @@ enum End {
 fn is_frontend_tag(tag: u8) -> bool {
     matches!(
         tag,
-        b'B' | b'C'
-            | b'd'
-            | b'c'
-            | b'f'
-            | b'D'
-            | b'E'
-            | b'H'
-            | b'F'
-            | b'P'
-            | b'p'
-            | b'Q'
-            | b'S'
-            | b'X'
+        b'B' | b'C' | b'd' | b'c' | b'f' | b'D' | b'E' | b'H' | b'F' | b'P' | b'p' | b'Q' | b'S' | b'X'
     )
 }
 
@@ -727,10 +697,7 @@ async fn relay(
                     Ok(()) => {}
                     Err(ScanStop::Frame(e)) => return End::BadMessage(e.to_string()),
                     Err(ScanStop::Tag(t)) => {
-                        return End::BadMessage(format!(
-                            "invalid frontend message type {}",
-                            printable(t)
-                        ))
+                        return End::BadMessage(format!("invalid frontend message type {}", printable(t)))
                     }
                 }
                 info.sent_requests(requests);
@@ -788,9 +755,7 @@ async fn relay(
                 }
                 let snap = topology.borrow_and_update().clone();
                 if let Some(reason) = routing::eviction(endpoint, &snap, &node) {
-                    let up = snap
-                        .index(&node)
-                        .is_some_and(|i| snap.nodes[i].health == Health::Up);
+                    let up = snap.index(&node).is_some_and(|i| snap.nodes[i].health == Health::Up);
                     let code = if up {
                         sqlstate::ADMIN_SHUTDOWN
                     } else {
@@ -825,15 +790,13 @@ async fn relay(
         )),
         // A server that ends a session on purpose says why with an ErrorResponse; say
         // something only when it vanished without a word.
-        End::ServerClosed | End::Io(_) if last_server_tag.load(Ordering::Relaxed) != b'E' => {
-            Some((
-                sqlstate::CONNECTION_FAILURE,
-                format!(
-                    "server connection to node \"{node}\" of cluster \"{}\" was lost",
-                    cluster.name
-                ),
-            ))
-        }
+        End::ServerClosed | End::Io(_) if last_server_tag.load(Ordering::Relaxed) != b'E' => Some((
+            sqlstate::CONNECTION_FAILURE,
+            format!(
+                "server connection to node \"{node}\" of cluster \"{}\" was lost",
+                cluster.name
+            ),
+        )),
         _ => None,
     };
     if let Some((code, msg)) = notice {
@@ -847,16 +810,8 @@ async fn relay(
     }
     // Tell the server we are leaving rather than just dropping the socket, unless that
     // would splice our Terminate into a half-sent client message.
-    if matches!(
-        end,
-        End::Evicted { .. } | End::Shutdown | End::BadMessage(_)
-    ) && server_clean.load(Ordering::Relaxed)
-    {
-        let _ = tokio::time::timeout(
-            Duration::from_millis(200),
-            server.stream.write_all(b"X\0\0\0\x04"),
-        )
-        .await;
+    if matches!(end, End::Evicted { .. } | End::Shutdown | End::BadMessage(_)) && server_clean.load(Ordering::Relaxed) {
+        let _ = tokio::time::timeout(Duration::from_millis(200), server.stream.write_all(b"X\0\0\0\x04")).await;
     }
     end
 }

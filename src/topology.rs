@@ -147,9 +147,7 @@ impl NodeState {
                 self.ok_streak += 1;
                 self.fail_streak = 0;
                 self.last_error = None;
-                if self.health != Health::Up
-                    && (self.health == Health::Unknown || self.ok_streak >= rise)
-                {
+                if self.health != Health::Up && (self.health == Health::Unknown || self.ok_streak >= rise) {
                     self.health = Health::Up;
                 }
                 if self.health == Health::Up {
@@ -168,9 +166,7 @@ impl NodeState {
             Err(err) => {
                 self.fail_streak += 1;
                 self.ok_streak = 0;
-                if self.health != Health::Down
-                    && (self.health == Health::Unknown || self.fail_streak >= fall)
-                {
+                if self.health != Health::Down && (self.health == Health::Unknown || self.fail_streak >= fall) {
                     self.health = Health::Down;
                     // A down server's role is not known; it must be re-learned before use.
                     self.role = Role::Unknown;
@@ -250,12 +246,7 @@ pub struct ClusterSnapshot {
 }
 
 impl ClusterSnapshot {
-    pub fn new(
-        name: &str,
-        nodes: Vec<NodeState>,
-        policy: Policy,
-        connect_timeout: Duration,
-    ) -> ClusterSnapshot {
+    pub fn new(name: &str, nodes: Vec<NodeState>, policy: Policy, connect_timeout: Duration) -> ClusterSnapshot {
         ClusterSnapshot {
             name: name.to_string(),
             nodes,
@@ -279,11 +270,7 @@ impl ClusterSnapshot {
             .filter(|n| n.is_usable() && n.role == Role::Primary)
             .filter_map(|n| n.lsn)
             .collect();
-        let head = if primaries.len() == 1 {
-            Some(primaries[0])
-        } else {
-            None
-        };
+        let head = if primaries.len() == 1 { Some(primaries[0]) } else { None };
         for n in &mut self.nodes {
             n.lag_bytes = match (n.health, n.role, head, n.lsn) {
                 (Health::Up, Role::Primary, _, _) => Some(0),
@@ -381,13 +368,7 @@ impl ClusterState {
     /// Subscribers (every session) are woken only when health or role changed; lag and
     /// LSN updates are visible to the next reader without waking anyone, so thousands of
     /// idle sessions cost nothing per check.
-    pub fn record(
-        &self,
-        node: &str,
-        result: Result<Observation, String>,
-        rise: u32,
-        fall: u32,
-    ) -> Option<Transition> {
+    pub fn record(&self, node: &str, result: Result<Observation, String>, rise: u32, fall: u32) -> Option<Transition> {
         let mut transition = None;
         let mut transition_notify = false;
         self.update(|snap| {
@@ -447,10 +428,7 @@ impl ClusterState {
             if let (Health::Up, Role::Standby, Some(replayed)) = (n.health, n.role, n.lsn) {
                 n.lag_ms = Some(match samples.iter().find(|&&(_, lsn)| lsn > replayed) {
                     None => 0,
-                    Some(&(since, _)) => now
-                        .duration_since(since)
-                        .unwrap_or(Duration::ZERO)
-                        .as_millis() as u64,
+                    Some(&(since, _)) => now.duration_since(since).unwrap_or(Duration::ZERO).as_millis() as u64,
                 });
             }
         }
@@ -464,8 +442,7 @@ fn readable(snap: &ClusterSnapshot) -> Vec<bool> {
         .map(|n| {
             n.health == Health::Up
                 && n.role == Role::Standby
-                && n.lag_ms
-                    .is_some_and(|l| l <= snap.policy.max_replica_lag_ms)
+                && n.lag_ms.is_some_and(|l| l <= snap.policy.max_replica_lag_ms)
         })
         .collect()
 }
@@ -543,12 +520,7 @@ mod tests {
             split_brain: crate::config::SplitBrainRule::Refuse,
         };
         let nodes = vec![NodeState::new("p", "h:1"), NodeState::new("s", "h:2")];
-        ClusterState::new(ClusterSnapshot::new(
-            "c",
-            nodes,
-            policy,
-            Duration::from_secs(1),
-        ))
+        ClusterState::new(ClusterSnapshot::new("c", nodes, policy, Duration::from_secs(1)))
     }
 
     fn obs(role: Role, lsn: u64) -> Result<Observation, String> {
@@ -585,9 +557,6 @@ mod tests {
         // Both first checks are events.
         let events = state.events();
         assert_eq!(events.len(), 2);
-        assert_eq!(
-            (events[0].node.as_str(), events[0].new.as_str()),
-            ("p", "up/primary")
-        );
+        assert_eq!((events[0].node.as_str(), events[0].new.as_str()), ("p", "up/primary"));
     }
 }

@@ -234,9 +234,7 @@ impl<'a> TxnSession<'a> {
             database: self.who.database.clone(),
             user: self.who.user.clone(),
         };
-        self.shared
-            .pools
-            .get(key, self.cluster_config().pool_settings())
+        self.shared.pools.get(key, self.cluster_config().pool_settings())
     }
 
     /// Get a server connection on the best candidate for this unit of work; `read` says
@@ -246,17 +244,9 @@ impl<'a> TxnSession<'a> {
         if self.cluster.is_paused() {
             self.cluster.wait_unpaused().await;
         }
-        let split =
-            self.endpoint == Endpoint::ReadOnly || (read && self.cluster_config().read_write_split);
-        let target = if split {
-            Endpoint::ReadOnly
-        } else {
-            Endpoint::ReadWrite
-        };
-        let password = self
-            .config
-            .user(&self.who.user)
-            .and_then(|u| u.password.clone());
+        let split = self.endpoint == Endpoint::ReadOnly || (read && self.cluster_config().read_write_split);
+        let target = if split { Endpoint::ReadOnly } else { Endpoint::ReadWrite };
+        let password = self.config.user(&self.who.user).and_then(|u| u.password.clone());
         let mut rx = self.cluster.state.subscribe();
         let (connect_timeout, login_timeout) = {
             let s = rx.borrow();
@@ -276,10 +266,7 @@ impl<'a> TxnSession<'a> {
                         }
                         let pool = self.pool(&node.name, &node.addr);
                         let require_primary = target == Endpoint::ReadWrite;
-                        match pool
-                            .checkout(password.as_deref(), require_primary, login_timeout)
-                            .await
-                        {
+                        match pool.checkout(password.as_deref(), require_primary, login_timeout).await {
                             Ok(conn) => {
                                 let queries = self
                                     .shared
@@ -292,12 +279,9 @@ impl<'a> TxnSession<'a> {
                                     })
                                     .clone();
                                 node.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
-                                self.shared.cancels.retarget(
-                                    self.cancel.pid,
-                                    &node.addr,
-                                    conn.conn.pid,
-                                    conn.conn.key,
-                                );
+                                self.shared
+                                    .cancels
+                                    .retarget(self.cancel.pid, &node.addr, conn.conn.pid, conn.conn.key);
                                 self.held = Some(Held {
                                     conn,
                                     pool,
@@ -313,21 +297,13 @@ impl<'a> TxnSession<'a> {
                                 });
                                 return self.sync_state().await;
                             }
-                            Err(e @ PoolError::Exhausted { .. }) => {
-                                return Err(TxnEnd::Fatal("53300", e.to_string()))
-                            }
+                            Err(e @ PoolError::Exhausted { .. }) => return Err(TxnEnd::Fatal("53300", e.to_string())),
                             Err(PoolError::Server(e)) if e.try_next_node() => {
-                                node.stats
-                                    .connect_failures_total
-                                    .fetch_add(1, Ordering::Relaxed);
+                                node.stats.connect_failures_total.fetch_add(1, Ordering::Relaxed);
                                 warn!(cluster = %self.cluster.name, node = %node.name, reason = %e, "server connection failed; trying next candidate");
                                 failures.push(format!("{}: {e}", node.name));
                             }
-                            Err(PoolError::Server(crate::server::ServerError::Refused {
-                                code,
-                                message,
-                                ..
-                            })) => {
+                            Err(PoolError::Server(crate::server::ServerError::Refused { code, message, .. })) => {
                                 return Err(TxnEnd::Fatal(
                                     if code == "3D000" {
                                         "3D000"
@@ -355,11 +331,7 @@ impl<'a> TxnSession<'a> {
                 Err(e) => e.to_string(),
             };
             let now = tokio::time::Instant::now();
-            if now >= deadline
-                || tokio::time::timeout(deadline - now, rx.changed())
-                    .await
-                    .is_err()
-            {
+            if now >= deadline || tokio::time::timeout(deadline - now, rx.changed()).await.is_err() {
                 let code = if failures.is_empty() {
                     sqlstate::CANNOT_CONNECT_NOW
                 } else {
@@ -445,18 +417,7 @@ impl<'a> TxnSession<'a> {
         let len = u32::from_be_bytes(self.cbuf[1..5].try_into().unwrap());
         if !matches!(
             tag,
-            b'B' | b'C'
-                | b'd'
-                | b'c'
-                | b'f'
-                | b'D'
-                | b'E'
-                | b'H'
-                | b'F'
-                | b'P'
-                | b'Q'
-                | b'S'
-                | b'X'
+            b'B' | b'C' | b'd' | b'c' | b'f' | b'D' | b'E' | b'H' | b'F' | b'P' | b'Q' | b'S' | b'X'
         ) {
             return Err(TxnEnd::Fatal(
                 sqlstate::PROTOCOL_VIOLATION,
@@ -466,7 +427,10 @@ impl<'a> TxnSession<'a> {
         if len < 4 || len > self.config.proxy.max_message_bytes {
             return Err(TxnEnd::Fatal(
                 sqlstate::PROTOCOL_VIOLATION,
-                format!("message of type '{}' is {len} bytes, over the limit of {} bytes (proxy.max_message_bytes)", tag as char, self.config.proxy.max_message_bytes),
+                format!(
+                    "message of type '{}' is {len} bytes, over the limit of {} bytes (proxy.max_message_bytes)",
+                    tag as char, self.config.proxy.max_message_bytes
+                ),
             ));
         }
         if self.cbuf.len() < len as usize + 1 {
@@ -501,11 +465,7 @@ impl<'a> TxnSession<'a> {
                     Some(c.read_only && !c.hint_primary)
                 }
                 b'B' | b'D' => {
-                    let rest = if msg[0] == b'D' {
-                        body.get(1..)?
-                    } else {
-                        cstr(body)?.1
-                    };
+                    let rest = if msg[0] == b'D' { body.get(1..)? } else { cstr(body)?.1 };
                     let (name, _) = cstr(rest)?;
                     if name.is_empty() {
                         return Some(true); // judged by its Parse in the same batch
@@ -585,10 +545,7 @@ impl<'a> TxnSession<'a> {
         let mut out = BytesMut::with_capacity(11);
         out.put_slice(b"1\0\0\0\x04");
         messages::ready_for_query(&mut out, b'I');
-        self.client
-            .write_all(&out)
-            .await
-            .map_err(|_| TxnEnd::ClientClosed)?;
+        self.client.write_all(&out).await.map_err(|_| TxnEnd::ClientClosed)?;
         Ok(true)
     }
 
@@ -607,8 +564,7 @@ impl<'a> TxnSession<'a> {
                     let ro = self.desired.get("default_transaction_read_only").cloned();
                     self.desired = startup_state(&self.who.params);
                     if let Some(ro) = ro {
-                        self.desired
-                            .insert("default_transaction_read_only".into(), ro);
+                        self.desired.insert("default_transaction_read_only".into(), ro);
                     }
                 }
             }
@@ -757,11 +713,7 @@ impl<'a> TxnSession<'a> {
     }
 
     fn server_failed(&mut self, reason: String) -> TxnEnd {
-        let node = self
-            .held
-            .as_ref()
-            .map(|h| h.node.clone())
-            .unwrap_or_default();
+        let node = self.held.as_ref().map(|h| h.node.clone()).unwrap_or_default();
         if let Some(h) = self.held.as_mut() {
             h.conn.broken = true;
         }
@@ -802,14 +754,11 @@ impl<'a> TxnSession<'a> {
                     if let Some(pos) = held.expect.iter().position(|e| {
                         matches!(
                             (e, tag),
-                            (Expect::ParseComplete { .. }, b'1')
-                                | (Expect::CloseComplete { .. }, b'3')
+                            (Expect::ParseComplete { .. }, b'1') | (Expect::CloseComplete { .. }, b'3')
                         )
                     }) {
                         pass = match held.expect.remove(pos) {
-                            Some(
-                                Expect::ParseComplete { pass } | Expect::CloseComplete { pass },
-                            ) => pass,
+                            Some(Expect::ParseComplete { pass } | Expect::CloseComplete { pass }) => pass,
                             _ => true,
                         };
                     }
@@ -963,9 +912,19 @@ impl<'a> TxnSession<'a> {
                         Endpoint::ReadOnly
                     };
                     if let Some(reason) = routing::eviction(endpoint, &snap, &node) {
-                        let up = snap
-                            .index(&node)
-                            .is_some_and(|i| snap.nodes[i].health == Health::Up);
+                        // A read not yet answered simply moves to another node.
+                        if self
+                            .held
+                            .as_ref()
+                            .is_some_and(|h| h.retryable && !h.answered && !h.sent.is_empty())
+                        {
+                            match self.retry_elsewhere().await {
+                                Ok(true) => continue,
+                                Ok(false) => {}
+                                Err(e) => return e,
+                            }
+                        }
+                        let up = snap.index(&node).is_some_and(|i| snap.nodes[i].health == Health::Up);
                         if let Some(h) = self.held.as_mut() {
                             h.conn.broken = true;
                         }
@@ -1049,10 +1008,7 @@ impl<'a> TxnSession<'a> {
         }
         messages::backend_key_data(&mut out, self.cancel.pid, self.cancel.key);
         messages::ready_for_query(&mut out, b'I');
-        self.client
-            .write_all(&out)
-            .await
-            .map_err(|_| TxnEnd::ClientClosed)?;
+        self.client.write_all(&out).await.map_err(|_| TxnEnd::ClientClosed)?;
         Ok(())
     }
 }

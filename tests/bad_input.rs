@@ -135,15 +135,9 @@ async fn every_kind_of_bad_input_gets_its_sqlstate_and_harms_no_one_else() {
 
     // Unknown user, wrong password (SCRAM and md5), through a real client.
     let err = psql_as(proxy.rw, "nobody", "x", "SELECT 1").unwrap_err();
-    assert!(
-        err.contains("user \"nobody\" is not allowed to connect"),
-        "{err}"
-    );
+    assert!(err.contains("user \"nobody\" is not allowed to connect"), "{err}");
     let err = psql_as(proxy.rw, APP_USER, "wrong", "SELECT 1").unwrap_err();
-    assert!(
-        err.contains("password authentication failed for user \"app\""),
-        "{err}"
-    );
+    assert!(err.contains("password authentication failed for user \"app\""), "{err}");
     let err = psql_as(proxy.rw, "legacy", "wrong", "SELECT 1").unwrap_err();
     assert!(
         err.contains("password authentication failed for user \"legacy\""),
@@ -155,10 +149,7 @@ async fn every_kind_of_bad_input_gets_its_sqlstate_and_harms_no_one_else() {
     );
     // The SQLSTATEs themselves, seen by a driver.
     let e = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=app password=wrong dbname=app",
-            proxy.rw
-        ),
+        &format!("host=127.0.0.1 port={} user=app password=wrong dbname=app", proxy.rw),
         tokio_postgres::NoTls,
     )
     .await
@@ -166,10 +157,7 @@ async fn every_kind_of_bad_input_gets_its_sqlstate_and_harms_no_one_else() {
     .unwrap();
     assert_eq!(e.code().map(|c| c.code()), Some("28P01"));
     let e = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=nobody password=x dbname=app",
-            proxy.rw
-        ),
+        &format!("host=127.0.0.1 port={} user=nobody password=x dbname=app", proxy.rw),
         tokio_postgres::NoTls,
     )
     .await
@@ -202,11 +190,7 @@ async fn every_kind_of_bad_input_gets_its_sqlstate_and_harms_no_one_else() {
     assert_eq!(expect_error(&mut s).0, "08P01");
 
     // A well-behaved client in the middle of all this saw nothing.
-    let v: i32 = bystander
-        .query_one("SELECT v FROM kept", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let v: i32 = bystander.query_one("SELECT v FROM kept", &[]).await.unwrap().get(0);
     assert_eq!(v, 1);
     assert_eq!(psql(proxy.rw, "SELECT 1").unwrap(), "1");
     drop(cluster);
@@ -250,10 +234,7 @@ fn no_server_available_is_an_error_within_the_connect_timeout() {
         let asked = std::time::Instant::now();
         let err = psql(port, "SELECT 1").unwrap_err();
         let took = asked.elapsed();
-        assert!(
-            err.contains("cluster \"main\"") && err.contains("default"),
-            "{err}"
-        );
+        assert!(err.contains("cluster \"main\"") && err.contains("default"), "{err}");
         assert!(took < Duration::from_secs(4), "took {took:?}");
     }
     // Once marked down, the message says so and why.

@@ -31,12 +31,7 @@ fn psycopg2_and_psycopg3_work_through_both_endpoints() {
     let proxy = Proxy::start(&cluster, "proxy", "", "");
     let out = python(
         "psycopg_check.py",
-        &[
-            "--rw-port",
-            &proxy.rw.to_string(),
-            "--ro-port",
-            &proxy.ro.to_string(),
-        ],
+        &["--rw-port", &proxy.rw.to_string(), "--ro-port", &proxy.ro.to_string()],
         &[],
     );
     assert!(out.contains("ok: all psycopg checks passed"), "{out}");
@@ -95,10 +90,7 @@ fn psql_parameters_and_server_errors_pass_through() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("database \"nosuchdb\" does not exist"),
-        "{err}"
-    );
+    assert!(err.contains("database \"nosuchdb\" does not exist"), "{err}");
 }
 
 #[test]
@@ -115,19 +107,12 @@ fn pgbench_runs_through_rw_in_every_protocol_mode_and_select_only_through_ro() {
         assert!(out.contains("number of failed transactions: 0"), "{out}");
     }
     // Wait for the standby to have the tables, then a select-only run on ro.
-    wait_for(
-        "pgbench tables on the standby",
-        Duration::from_secs(10),
-        || {
-            psql(proxy.ro, "SELECT count(*) FROM pgbench_accounts")
-                .ok()
-                .filter(|n| n == "100000")
-        },
-    );
-    let out = pgbench(
-        proxy.ro,
-        &["-S", "-c", "8", "-j", "2", "-t", "200", "-M", "prepared"],
-    );
+    wait_for("pgbench tables on the standby", Duration::from_secs(10), || {
+        psql(proxy.ro, "SELECT count(*) FROM pgbench_accounts")
+            .ok()
+            .filter(|n| n == "100000")
+    });
+    let out = pgbench(proxy.ro, &["-S", "-c", "8", "-j", "2", "-t", "200", "-M", "prepared"]);
     assert!(out.contains("number of failed transactions: 0"), "{out}");
     assert_eq!(cluster.sql(1, "SELECT pg_is_in_recovery()").unwrap(), "t");
 }
@@ -150,9 +135,7 @@ fn django_migrates_writes_and_reads_and_keeps_reading_when_standbys_die() {
     }
     // The migration ran on the primary only, and reached the standbys by replication.
     assert_eq!(
-        cluster
-            .sql_db(1, APP_DB, "SELECT count(*) FROM shop_customer")
-            .unwrap(),
+        cluster.sql_db(1, APP_DB, "SELECT count(*) FROM shop_customer").unwrap(),
         "2"
     );
 

@@ -21,11 +21,7 @@ fn writes_go_to_the_primary_and_reads_to_the_first_standby() {
     }
     assert_eq!(psql(proxy.rw, "SELECT pg_is_in_recovery()").unwrap(), "f");
     // A write through rw is replicated and readable through ro.
-    psql(
-        proxy.rw,
-        "CREATE TABLE t (v int); INSERT INTO t VALUES (42)",
-    )
-    .unwrap();
+    psql(proxy.rw, "CREATE TABLE t (v int); INSERT INTO t VALUES (42)").unwrap();
     let v = wait_for("replicated row", Duration::from_secs(5), || {
         psql(proxy.ro, "SELECT v FROM t").ok().filter(|v| v == "42")
     });
@@ -40,10 +36,7 @@ async fn killed_standby_moves_reads_to_the_other_standby_then_to_the_primary() {
     let cluster = LocalCluster::start(2).unwrap();
     let proxy = Proxy::start(&cluster, "proxy", "", "");
     let held = connect(proxy.ro).await.unwrap();
-    assert_eq!(
-        server_port(&held).await.unwrap(),
-        cluster.nodes[1].port as i32
-    );
+    assert_eq!(server_port(&held).await.unwrap(), cluster.nodes[1].port as i32);
 
     let killed = Instant::now();
     cluster.kill9(1).unwrap();
@@ -99,9 +92,7 @@ async fn primary_killed_and_standby_promoted_moves_writes_within_interval_times_
     let cluster = LocalCluster::start(2).unwrap();
     let proxy = Proxy::start(&cluster, "proxy", "connect_timeout_ms = 1000", "");
     let held = connect(proxy.rw).await.unwrap();
-    held.batch_execute("CREATE TABLE orders (id int)")
-        .await
-        .unwrap();
+    held.batch_execute("CREATE TABLE orders (id int)").await.unwrap();
 
     cluster.kill9(0).unwrap();
     let err = held.wait_for_error(Duration::from_secs(10)).await;
@@ -112,31 +103,19 @@ async fn primary_killed_and_standby_promoted_moves_writes_within_interval_times_
     std::thread::sleep(Duration::from_millis(INTERVAL_MS * (FALL + 1)));
     let asked = Instant::now();
     let err = psql(proxy.rw, "SELECT 1").unwrap_err();
+    assert!(asked.elapsed() < Duration::from_secs(5), "took {:?}", asked.elapsed());
+    assert!(err.contains("no primary available for cluster \"main\""), "{err}");
     assert!(
-        asked.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        asked.elapsed()
-    );
-    assert!(
-        err.contains("no primary available for cluster \"main\""),
-        "{err}"
-    );
-    assert!(
-        err.contains("default down")
-            && err.contains("failover1 standby")
-            && err.contains("failover2 standby"),
+        err.contains("default down") && err.contains("failover1 standby") && err.contains("failover2 standby"),
         "{err}"
     );
 
     cluster.promote(1).unwrap();
     let promoted = Instant::now();
     wait_for("writes on failover1", Duration::from_secs(10), || {
-        psql(
-            proxy.rw,
-            "INSERT INTO orders VALUES (1) RETURNING inet_server_port()",
-        )
-        .ok()
-        .filter(|p| node_of(&cluster, p) == 1)
+        psql(proxy.rw, "INSERT INTO orders VALUES (1) RETURNING inet_server_port()")
+            .ok()
+            .filter(|p| node_of(&cluster, p) == 1)
     });
     let took = promoted.elapsed();
     report(&format!("promote -> first write through rw: {took:?}"));
@@ -169,22 +148,16 @@ async fn old_primary_restarted_is_split_brain_and_never_gets_a_write() {
     // The old primary comes back as a primary on its old timeline.
     cluster.start_node(0).unwrap();
     wait_for("split brain seen", Duration::from_secs(10), || {
-        psql(refuse.rw, "SELECT 1")
-            .err()
-            .filter(|e| e.contains("split brain"))
+        psql(refuse.rw, "SELECT 1").err().filter(|e| e.contains("split brain"))
     });
 
     // The default-rule proxy has seen the old primary come back too.
-    wait_for(
-        "newest proxy sees default again",
-        Duration::from_secs(10),
-        || {
-            newest
-                .log_text()
-                .contains("node=default old=down/unknown new=up/primary")
-                .then_some(())
-        },
-    );
+    wait_for("newest proxy sees default again", Duration::from_secs(10), || {
+        newest
+            .log_text()
+            .contains("node=default old=down/unknown new=up/primary")
+            .then_some(())
+    });
 
     // Strict rule: every write is refused, with both nodes named.
     let err = psql(refuse.rw, "SELECT 1").unwrap_err();
@@ -208,18 +181,8 @@ async fn old_primary_restarted_is_split_brain_and_never_gets_a_write() {
         assert_ne!(node, 0);
     }
     // No write reached the old primary: it has none of the rows.
-    assert_eq!(
-        cluster
-            .sql_db(0, APP_DB, "SELECT count(*) FROM marks")
-            .unwrap(),
-        "0"
-    );
-    assert_eq!(
-        cluster
-            .sql_db(1, APP_DB, "SELECT count(*) FROM marks")
-            .unwrap(),
-        "20"
-    );
+    assert_eq!(cluster.sql_db(0, APP_DB, "SELECT count(*) FROM marks").unwrap(), "0");
+    assert_eq!(cluster.sql_db(1, APP_DB, "SELECT count(*) FROM marks").unwrap(), "20");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,10 +190,7 @@ async fn frozen_standby_is_marked_down_by_timeout_and_clients_are_not_stalled() 
     let cluster = LocalCluster::start(2).unwrap();
     let proxy = Proxy::start(&cluster, "proxy", "connect_timeout_ms = 1000", "");
     let held = connect(proxy.ro).await.unwrap();
-    assert_eq!(
-        server_port(&held).await.unwrap(),
-        cluster.nodes[1].port as i32
-    );
+    assert_eq!(server_port(&held).await.unwrap(), cluster.nodes[1].port as i32);
 
     cluster.signal(1, libc::SIGSTOP).unwrap();
     let frozen = Instant::now();
@@ -240,10 +200,7 @@ async fn frozen_standby_is_marked_down_by_timeout_and_clients_are_not_stalled() 
         err.contains("08006") && err.contains("failover1") && err.contains("down"),
         "{err}"
     );
-    report(&format!(
-        "SIGSTOP -> held session ended after {:?}",
-        frozen.elapsed()
-    ));
+    report(&format!("SIGSTOP -> held session ended after {:?}", frozen.elapsed()));
 
     // Every new read completes, each within one connect timeout plus slack.
     for _ in 0..10 {
@@ -279,11 +236,7 @@ async fn rw_refuses_a_server_that_reports_standby_at_login_even_if_the_monitor_l
     std::process::Command::new("chown")
         .args([
             "postgres:postgres",
-            cluster.nodes[0]
-                .data
-                .join("standby.signal")
-                .to_str()
-                .unwrap(),
+            cluster.nodes[0].data.join("standby.signal").to_str().unwrap(),
         ])
         .status()
         .unwrap();
@@ -291,10 +244,7 @@ async fn rw_refuses_a_server_that_reports_standby_at_login_even_if_the_monitor_l
     assert_eq!(cluster.sql(0, "SELECT pg_is_in_recovery()").unwrap(), "t");
 
     let err = psql(proxy.rw, "SELECT 1").unwrap_err();
-    assert!(
-        err.contains("could not connect to any primary server"),
-        "{err}"
-    );
+    assert!(err.contains("could not connect to any primary server"), "{err}");
     assert!(err.contains("not primary"), "{err}");
     assert!(proxy
         .log_text()
@@ -307,22 +257,16 @@ async fn rw_refuses_a_server_that_reports_standby_at_login_even_if_the_monitor_l
 fn a_standby_lagging_beyond_max_replica_lag_gets_no_new_reads_until_it_catches_up() {
     let cluster = LocalCluster::start(2).unwrap();
     let proxy = Proxy::start(&cluster, "proxy", "max_replica_lag_ms = 1000", "");
-    cluster
-        .sql(0, "CREATE TABLE ticks (at timestamptz)")
-        .unwrap();
+    cluster.sql(0, "CREATE TABLE ticks (at timestamptz)").unwrap();
     assert_eq!(lands_on(&cluster, proxy.ro), Ok(1));
     // failover1 keeps receiving WAL but stops replaying it: it reports no lag of its own
     // that Switchyard trusts; the primary's moving WAL position shows it falling behind.
     cluster.sql(1, "SELECT pg_wal_replay_pause()").unwrap();
     let paused = Instant::now();
-    wait_for(
-        "reads moved off the lagging standby",
-        Duration::from_secs(10),
-        || {
-            cluster.sql(0, "INSERT INTO ticks VALUES (now())").unwrap();
-            (lands_on(&cluster, proxy.ro) == Ok(2)).then_some(())
-        },
-    );
+    wait_for("reads moved off the lagging standby", Duration::from_secs(10), || {
+        cluster.sql(0, "INSERT INTO ticks VALUES (now())").unwrap();
+        (lands_on(&cluster, proxy.ro) == Ok(2)).then_some(())
+    });
     report(&format!(
         "replay paused -> reads moved to failover2 after {:?}",
         paused.elapsed()

@@ -70,10 +70,7 @@ async fn endpoints_console_page_and_metrics_follow_a_node_going_down() {
     let (code, body) = http_get(http, "/clusters/main/primary");
     assert!(code == 200 && body.contains("\"default\""), "{code} {body}");
     let (code, body) = http_get(http, "/clusters/main/replica");
-    assert!(
-        code == 200 && body.contains("\"failover1\""),
-        "{code} {body}"
-    );
+    assert!(code == 200 && body.contains("\"failover1\""), "{code} {body}");
     assert_eq!(http_get(http, "/clusters/nope/primary").0, 404);
 
     // The admin console, and who may use it.
@@ -107,14 +104,7 @@ async fn endpoints_console_page_and_metrics_follow_a_node_going_down() {
     for _ in 0..3 {
         assert_eq!(lands_on(&cluster, proxy.ro), Ok(2));
     }
-    psql_db(
-        proxy.rw,
-        "ops",
-        "ops",
-        "switchyard",
-        "UNDRAIN main.failover1",
-    )
-    .unwrap();
+    psql_db(proxy.rw, "ops", "ops", "switchyard", "UNDRAIN main.failover1").unwrap();
     assert_eq!(lands_on(&cluster, proxy.ro), Ok(1));
 
     // The page, in headless Chromium, shows the node going down.
@@ -129,9 +119,7 @@ async fn endpoints_console_page_and_metrics_follow_a_node_going_down() {
     );
     let nodes = psql_db(proxy.rw, "ops", "ops", "switchyard", "SHOW NODES").unwrap();
     assert!(
-        nodes
-            .lines()
-            .any(|l| l.contains("|failover2|") && l.contains("|down|")),
+        nodes.lines().any(|l| l.contains("|failover2|") && l.contains("|down|")),
         "{nodes}"
     );
     let (_, metrics) = http_get(http, "/metrics");
@@ -149,9 +137,7 @@ async fn endpoints_console_page_and_metrics_follow_a_node_going_down() {
     }
     let table = switchyard(&["status", "--url", &format!("http://127.0.0.1:{http}")]);
     assert!(
-        table
-            .lines()
-            .any(|l| l.contains("failover2") && l.contains("down")),
+        table.lines().any(|l| l.contains("failover2") && l.contains("down")),
         "{table}"
     );
 }
@@ -229,19 +215,13 @@ fn reload_adds_a_standby_and_an_invalid_config_keeps_the_old_one() {
     let reordered = put_first_standby(&full, "failover2");
     std::fs::write(&proxy.config, &reordered).unwrap();
     proxy.signal(libc::SIGHUP);
-    wait_for(
-        "reads on the added standby",
-        Duration::from_secs(10),
-        || (lands_on(&cluster, proxy.ro) == Ok(2)).then_some(()),
-    );
+    wait_for("reads on the added standby", Duration::from_secs(10), || {
+        (lands_on(&cluster, proxy.ro) == Ok(2)).then_some(())
+    });
     assert!(proxy.log_text().contains("config reloaded"));
 
     // An invalid file is rejected with its reason; the old config keeps running.
-    std::fs::write(
-        &proxy.config,
-        reordered.replace("interval_ms = 500", "interval_ms = 0"),
-    )
-    .unwrap();
+    std::fs::write(&proxy.config, reordered.replace("interval_ms = 500", "interval_ms = 0")).unwrap();
     let err = psql_db(proxy.rw, "ops", "ops", "switchyard", "RELOAD").unwrap_err();
     assert!(
         err.contains("reload rejected") && err.contains("health.interval_ms"),
@@ -249,33 +229,21 @@ fn reload_adds_a_standby_and_an_invalid_config_keeps_the_old_one() {
     );
     proxy.signal(libc::SIGHUP);
     wait_for("rejection logged", Duration::from_secs(5), || {
-        proxy
-            .log_text()
-            .matches("reload rejected")
-            .nth(1)
-            .map(|_| ())
+        proxy.log_text().matches("reload rejected").nth(1).map(|_| ())
     });
     assert_eq!(lands_on(&cluster, proxy.ro), Ok(2));
     assert_eq!(lands_on(&cluster, proxy.rw), Ok(0));
 
     // Removing a node ends its sessions and routes around it.
     std::fs::write(&proxy.config, remove_node(&reordered, "failover2")).unwrap();
-    assert_eq!(
-        psql_db(proxy.rw, "ops", "ops", "switchyard", "RELOAD").unwrap(),
-        ""
-    );
+    assert_eq!(psql_db(proxy.rw, "ops", "ops", "switchyard", "RELOAD").unwrap(), "");
     assert_eq!(lands_on(&cluster, proxy.ro), Ok(1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_transactions_finish_then_says_goodbye() {
     let cluster = LocalCluster::start(0).unwrap();
-    let proxy = Proxy::start(
-        &cluster,
-        "proxy",
-        "",
-        "[proxy]\nshutdown_timeout_ms = 5000\n",
-    );
+    let proxy = Proxy::start(&cluster, "proxy", "", "[proxy]\nshutdown_timeout_ms = 5000\n");
     let busy = connect(proxy.rw).await.unwrap();
     busy.batch_execute("CREATE TABLE s (v int); BEGIN; INSERT INTO s VALUES (1)")
         .await
@@ -286,23 +254,15 @@ async fn sigterm_lets_transactions_finish_then_says_goodbye() {
     proxy.signal(libc::SIGTERM);
     // The idle session is told at once.
     let err = idle.wait_for_error(Duration::from_secs(3)).await;
-    assert!(
-        err.contains("57P01") && err.contains("shutting down"),
-        "{err}"
-    );
+    assert!(err.contains("57P01") && err.contains("shutting down"), "{err}");
     // New sessions are not accepted.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(psql(proxy.rw, "SELECT 1").is_err());
     // The open transaction may still commit, then the session is ended.
-    busy.batch_execute("INSERT INTO s VALUES (2); COMMIT")
-        .await
-        .unwrap();
+    busy.batch_execute("INSERT INTO s VALUES (2); COMMIT").await.unwrap();
     let err = busy.wait_for_error(Duration::from_secs(3)).await;
     assert!(err.contains("57P01"), "{err}");
-    assert_eq!(
-        cluster.sql_db(0, APP_DB, "SELECT count(*) FROM s").unwrap(),
-        "2"
-    );
+    assert_eq!(cluster.sql_db(0, APP_DB, "SELECT count(*) FROM s").unwrap(), "2");
     assert!(asked.elapsed() < Duration::from_secs(5));
 }
 

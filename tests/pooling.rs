@@ -79,10 +79,7 @@ fn pgbench_200_clients_over_10_server_connections_in_every_protocol_mode() {
             out.contains("number of transactions actually processed: 4000/4000"),
             "{mode}: {out}"
         );
-        assert!(
-            out.contains("number of failed transactions: 0"),
-            "{mode}: {out}"
-        );
+        assert!(out.contains("number of failed transactions: 0"), "{mode}: {out}");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let max = sampler.join().unwrap();
@@ -94,4 +91,111 @@ fn pgbench_200_clients_over_10_server_connections_in_every_protocol_mode() {
         "the primary had {max} connections of app, over pool_size = 10"
     );
     assert!(app_backends(&cluster, 0) <= 10);
+}
+
+fn xact_commits(cluster: &LocalCluster, node: usize) -> i64 {
+    cluster
+        .sql(node, "SELECT xact_commit FROM pg_stat_database WHERE datname = 'app'")
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn psql_session(port: u16, statements: &[&str]) -> Vec<String> {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-X",
+        "-q",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        APP_USER,
+        "-d",
+        APP_DB,
+    ]);
+    for s in statements {
+        cmd.args(["-c", s]);
+    }
+    let out = cmd.env("PGPASSWORD", APP_PASSWORD).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn read_write_split_sends_reads_to_standbys_and_everything_else_to_the_primary() {
+    let cluster = LocalCluster::start(2).unwrap();
+    let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
+    pgbench(proxy.rw, &["-i", "-s", "1", "-q"]);
+    cluster.wait_replayed(Duration::from_secs(20)).unwrap();
+
+    // One session, several units of work, each routed on its own merits.
+    let answers = psql_session(
+        proxy.rw,
+        &[
+            "SELECT pg_is_in_recovery()",
+            "BEGIN; SELECT pg_is_in_recovery(); COMMIT",
+            "/* switchyard:primary */ SELECT pg_is_in_recovery()",
+            "SELECT pg_is_in_recovery() FROM pgbench_branches FOR UPDATE",
+            "SET switchyard.route = 'primary'",
+            "SELECT pg_is_in_recovery()",
+            "RESET switchyard.route",
+            "SELECT pg_is_in_recovery()",
+        ],
+    );
+    assert_eq!(
+        answers,
+        ["t", "f", "f", "f", "f", "t"],
+        "standby, txn, hint, FOR UPDATE, forced, back to standby"
+    );
+
+    let before: Vec<i64> = (0..3).map(|i| xact_commits(&cluster, i)).collect();
+    let out = pgbench(proxy.rw, &["-S", "-c", "20", "-j", "2", "-t", "100", "-M", "prepared"]);
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    // Backends flush their statistics when idle, at most every few seconds: poll.
+    let delta: Vec<i64> = wait_for("standby statistics", Duration::from_secs(30), || {
+        let after: Vec<i64> = (0..3).map(|i| xact_commits(&cluster, i)).collect();
+        let delta: Vec<i64> = before.iter().zip(&after).map(|(b, a)| a - b).collect();
+        (delta[1] + delta[2] >= 2000).then_some(delta)
+    });
+    report(&format!("select-only through rw with read_write_split: transactions per node (primary, failover1, failover2): {delta:?}"));
+    assert!(delta[1] + delta[2] >= 2000, "standbys served {delta:?}");
+    assert!(delta[0] < 200, "the primary served {delta:?}");
+
+    // Writes all land on the primary: a write sent to a standby would fail.
+    let out = pgbench(proxy.rw, &["-c", "20", "-j", "2", "-t", "50", "-M", "extended"]);
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    assert_eq!(
+        cluster
+            .sql_db(0, APP_DB, "SELECT count(*) FROM pgbench_history")
+            .unwrap(),
+        "1000"
+    );
+}
+
+#[test]
+fn a_standby_killed_under_read_load_causes_no_client_error() {
+    let cluster = LocalCluster::start(2).unwrap();
+    let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
+    pgbench(proxy.rw, &["-i", "-s", "1", "-q"]);
+    cluster.wait_replayed(Duration::from_secs(20)).unwrap();
+    let port = proxy.rw;
+    let load = std::thread::spawn(move || pgbench(port, &["-S", "-c", "16", "-j", "2", "-T", "6", "-M", "prepared"]));
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.kill9(1).unwrap();
+    let out = load.join().unwrap();
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    assert!(!out.contains("error"), "{out}");
+    let log = proxy.log_text();
+    report(&format!(
+        "reads retried on another node after the kill: {}",
+        log.matches("retrying it on another node").count()
+    ));
 }

@@ -143,12 +143,10 @@ pub struct PoolRow {
 pub fn pools(clients: &[Arc<ClientInfo>]) -> Vec<PoolRow> {
     let mut rows: Vec<PoolRow> = Vec::new();
     for c in clients {
-        match rows.iter_mut().find(|r| {
-            r.cluster == c.cluster
-                && r.node == c.node
-                && r.database == c.database
-                && r.user == c.user
-        }) {
+        match rows
+            .iter_mut()
+            .find(|r| r.cluster == c.cluster && r.node == c.node && r.database == c.database && r.user == c.user)
+        {
             Some(r) => r.in_use += 1,
             None => rows.push(PoolRow {
                 cluster: c.cluster.clone(),

@@ -85,8 +85,7 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
         match tag {
             b'X' => return,
             b'Q' => {
-                let sql =
-                    String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(&body)).into_owned();
+                let sql = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(&body)).into_owned();
                 for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                     info!(user = %user, command = %statement, "admin command");
                     write_answer(&mut out, execute(statement, shared));
@@ -149,9 +148,7 @@ fn write_answer(out: &mut BytesMut, answer: Answer) {
             command_complete(out, &format!("SHOW {}", rows.len()));
         }
         Answer::Done(tag) => command_complete(out, &tag),
-        Answer::Error(msg) => {
-            messages::error_response(out, Severity::Error, "42601", &msg, Some(HELP))
-        }
+        Answer::Error(msg) => messages::error_response(out, Severity::Error, "42601", &msg, Some(HELP)),
     }
 }
 
@@ -187,21 +184,13 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 
 /// Run one admin command.
 fn execute(statement: &str, shared: &Shared) -> Answer {
-    let words: Vec<String> = statement
-        .split_whitespace()
-        .map(|w| w.to_ascii_uppercase())
-        .collect();
+    let words: Vec<String> = statement.split_whitespace().map(|w| w.to_ascii_uppercase()).collect();
     let arg = statement
         .split_whitespace()
         .nth(1)
         .map(|s| s.trim_matches('"').to_string());
     let now = SystemTime::now();
-    match words
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    match words.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["SHOW", "CLUSTERS"] => Answer::Rows {
             columns: vec![
                 "cluster",
@@ -278,9 +267,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 .collect(),
         },
         ["SHOW", "POOLS"] => Answer::Rows {
-            columns: vec![
-                "cluster", "node", "database", "user", "in_use", "idle", "waiting",
-            ],
+            columns: vec!["cluster", "node", "database", "user", "in_use", "idle", "waiting"],
             rows: pools(&shared.clients.list())
                 .into_iter()
                 .map(|p| {

@@ -69,17 +69,14 @@ async fn replica(State(shared): State<Arc<Shared>>, Path(name): Path<String>) ->
 /// 200 with the node a new session would get, 503 with the reason when there is none.
 fn role_check(shared: &Shared, cluster: &str, endpoint: Endpoint) -> Response {
     let Some(ctx) = shared.clusters.get(cluster) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no cluster named \"{cluster}\"\n"),
-        )
-            .into_response();
+        return (StatusCode::NOT_FOUND, format!("no cluster named \"{cluster}\"\n")).into_response();
     };
     let snap = ctx.state.snapshot();
     match routing::route(endpoint, &snap, 0) {
         Ok(candidates) => {
             let n = &snap.nodes[candidates[0]];
-            let body = serde_json::json!({"cluster": cluster, "node": n.name, "addr": n.addr, "role": n.role.to_string()});
+            let body =
+                serde_json::json!({"cluster": cluster, "node": n.name, "addr": n.addr, "role": n.role.to_string()});
             (StatusCode::OK, Json(body)).into_response()
         }
         Err(e) => (

@@ -88,11 +88,7 @@ impl Default for Metrics {
             failovers: Family::default(),
             role_changes: Family::default(),
         };
-        r.register(
-            "node_up",
-            "1 if the node passes health checks",
-            m.node_up.clone(),
-        );
+        r.register("node_up", "1 if the node passes health checks", m.node_up.clone());
         r.register(
             "node_primary",
             "1 if the node is up and reports itself primary",
@@ -164,13 +160,7 @@ impl Metrics {
         self.errors.get_or_create(&ErrorLabels { class }).inc();
     }
 
-    pub fn observe_check(
-        &self,
-        cluster: &str,
-        node: &str,
-        took: Duration,
-        transition: Option<&Transition>,
-    ) {
+    pub fn observe_check(&self, cluster: &str, node: &str, took: Duration, transition: Option<&Transition>) {
         let labels = NodeLabels {
             cluster: cluster.into(),
             node: node.into(),
@@ -216,9 +206,7 @@ impl Metrics {
                     .get_or_create(&l)
                     .set(n.active.load(Ordering::Relaxed) as i64);
                 if let Some(lag) = n.lag_ms {
-                    self.node_lag_seconds
-                        .get_or_create(&l)
-                        .set(lag as f64 / 1000.0);
+                    self.node_lag_seconds.get_or_create(&l).set(lag as f64 / 1000.0);
                 }
                 if let Some(b) = n.lag_bytes {
                     self.node_lag_bytes.get_or_create(&l).set(b as i64);

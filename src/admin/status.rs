@@ -178,16 +178,7 @@ pub fn render_table(s: &Status) -> String {
         }
         out += &format!(
             "  {:<12} {:<21} {:<7} {:<8} {:>8} {:>10} {:>4} {:>8} {:>9}  {}\n",
-            "NODE",
-            "ADDR",
-            "HEALTH",
-            "ROLE",
-            "LAG_MS",
-            "LAG_BYTES",
-            "TLI",
-            "SESSIONS",
-            "CHECKED",
-            "LAST ERROR"
+            "NODE", "ADDR", "HEALTH", "ROLE", "LAG_MS", "LAG_BYTES", "TLI", "SESSIONS", "CHECKED", "LAST ERROR"
         );
         for n in &c.nodes {
             let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
@@ -199,9 +190,7 @@ pub fn render_table(s: &Status) -> String {
                 n.role,
                 opt(n.lag_ms),
                 opt(n.lag_bytes),
-                n.timeline
-                    .map(|t| t.to_string())
-                    .unwrap_or_else(|| "-".into()),
+                n.timeline.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
                 n.sessions,
                 n.last_check_ms_ago
                     .map(|m| format!("{m}ms ago"))

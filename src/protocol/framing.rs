@@ -68,8 +68,7 @@ impl Framer {
             }
             let need = 5 - self.header_len;
             let take = need.min(chunk.len() - pos);
-            self.header[self.header_len..self.header_len + take]
-                .copy_from_slice(&chunk[pos..pos + take]);
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&chunk[pos..pos + take]);
             self.header_len += take;
             pos += take;
             if self.header_len < 5 {
@@ -79,11 +78,7 @@ impl Framer {
             let tag = self.header[0];
             let len = u32::from_be_bytes(self.header[1..5].try_into().unwrap());
             if len < 4 || len > i32::MAX as u32 {
-                return Err(FrameError::BadLength {
-                    tag: tag as char,
-                    len,
-                }
-                .into());
+                return Err(FrameError::BadLength { tag: tag as char, len }.into());
             }
             if len > self.limit {
                 return Err(FrameError::TooLong {
@@ -121,11 +116,7 @@ mod tests {
             let mut f = Framer::new(1 << 20);
             let mut seen = collect(&mut f, &stream[..split]).unwrap();
             seen.extend(collect(&mut f, &stream[split..]).unwrap());
-            assert_eq!(
-                seen,
-                vec![('Q', 11), ('X', 4), ('Z', 5)],
-                "split at {split}"
-            );
+            assert_eq!(seen, vec![('Q', 11), ('X', 4), ('Z', 5)], "split at {split}");
             assert!(f.at_boundary());
         }
     }

@@ -26,13 +26,7 @@ pub enum Severity {
 }
 
 /// ErrorResponse with severity, SQLSTATE, message and an optional hint.
-pub fn error_response(
-    buf: &mut BytesMut,
-    severity: Severity,
-    code: &str,
-    msg: &str,
-    hint: Option<&str>,
-) {
+pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, msg: &str, hint: Option<&str>) {
     let sev = match severity {
         Severity::Error => "ERROR",
         Severity::Fatal => "FATAL",

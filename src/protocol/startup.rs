@@ -13,14 +13,8 @@ pub const MAX_STARTUP_LEN: usize = 10000;
 pub enum StartupPacket {
     SslRequest,
     GssEncRequest,
-    Cancel {
-        pid: i32,
-        key: i32,
-    },
-    Startup {
-        minor: i32,
-        params: Vec<(String, String)>,
-    },
+    Cancel { pid: i32, key: i32 },
+    Startup { minor: i32, params: Vec<(String, String)> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +34,7 @@ pub enum StartupError {
 pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, StartupError> {
     let len = match r.read_i32().await {
         Ok(l) => l,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            return Err(StartupError::Closed)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StartupError::Closed),
         Err(e) => return Err(e.into()),
     };
     if !(8..=MAX_STARTUP_LEN as i32).contains(&len) {
@@ -97,8 +89,7 @@ fn take_cstr(rest: &mut &[u8]) -> Result<String, StartupError> {
         .iter()
         .position(|&b| b == 0)
         .ok_or(StartupError::Malformed("missing terminator"))?;
-    let s = std::str::from_utf8(&rest[..end])
-        .map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
+    let s = std::str::from_utf8(&rest[..end]).map_err(|_| StartupError::Malformed("parameter is not UTF-8"))?;
     *rest = &rest[end + 1..];
     Ok(s.to_string())
 }
@@ -114,10 +105,7 @@ mod tests {
             parse_startup(body).unwrap(),
             StartupPacket::Startup {
                 minor: 0,
-                params: vec![
-                    ("user".into(), "app".into()),
-                    ("database".into(), "db".into())
-                ]
+                params: vec![("user".into(), "app".into()), ("database".into(), "db".into())]
             }
         );
     }

@@ -22,12 +22,7 @@ pub struct Proxy {
 impl Proxy {
     /// Start `switchyard --config` for `cluster` with extra `[clusters.main]` lines and
     /// extra top-level TOML (more users, other health settings...).
-    pub fn start(
-        cluster: &LocalCluster,
-        name: &str,
-        extra_cluster: &str,
-        extra_top: &str,
-    ) -> Proxy {
+    pub fn start(cluster: &LocalCluster, name: &str, extra_cluster: &str, extra_top: &str) -> Proxy {
         let (rw, ro) = (free_port(), free_port());
         let mut text = cluster.config_toml(rw, ro, extra_cluster);
         if !extra_top.is_empty() {
@@ -50,8 +45,7 @@ impl Proxy {
             .args(["--config", config.to_str().unwrap()])
             .env(
                 "SWITCHYARD_LOG",
-                std::env::var("SWITCHYARD_TEST_LOG")
-                    .unwrap_or_else(|_| "info,switchyard=debug".into()),
+                std::env::var("SWITCHYARD_TEST_LOG").unwrap_or_else(|_| "info,switchyard=debug".into()),
             )
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -68,9 +62,8 @@ impl Proxy {
         // Ready when writes reach the primary and reads reach a standby (or the only node).
         let want_standby = text.contains("failover");
         wait_for("proxy ready", Duration::from_secs(20), || {
-            let w = psql(proxy.rw, "SELECT pg_is_in_recovery()").ok()? == "f";
-            let r = psql(proxy.ro, "SELECT pg_is_in_recovery()").ok()?
-                == if want_standby { "t" } else { "f" };
+            let w = psql(proxy.rw, "/* switchyard:primary */ SELECT pg_is_in_recovery()").ok()? == "f";
+            let r = psql(proxy.ro, "SELECT pg_is_in_recovery()").ok()? == if want_standby { "t" } else { "f" };
             (w && r).then_some(())
         });
         proxy
@@ -126,13 +119,7 @@ pub fn psql_as(port: u16, user: &str, password: &str, sql: &str) -> Result<Strin
 }
 
 /// psql through the proxy as `user` on database `db` (`switchyard`: the admin console).
-pub fn psql_db(
-    port: u16,
-    user: &str,
-    password: &str,
-    db: &str,
-    sql: &str,
-) -> Result<String, String> {
+pub fn psql_db(port: u16, user: &str, password: &str, db: &str, sql: &str) -> Result<String, String> {
     let out = Command::new("psql")
         .args([
             "-X",
@@ -164,9 +151,7 @@ pub fn psql_db(
 
 /// Which node (by index) a port belongs to.
 pub fn node_of(cluster: &LocalCluster, port: &str) -> usize {
-    let port: u16 = port
-        .parse()
-        .unwrap_or_else(|_| panic!("not a port: {port:?}"));
+    let port: u16 = port.parse().unwrap_or_else(|_| panic!("not a port: {port:?}"));
     cluster
         .nodes
         .iter()
@@ -202,9 +187,7 @@ impl Held {
         let query_err = loop {
             match self.client.simple_query("SELECT 1").await {
                 Err(e) => break e,
-                Ok(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
+                Ok(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
                 Ok(_) => panic!("session still works {within:?} later"),
             }
         };
@@ -240,10 +223,7 @@ pub async fn connect(port: u16) -> Result<Held, tokio_postgres::Error> {
 }
 
 pub async fn server_port(client: &Client) -> Result<i32, tokio_postgres::Error> {
-    Ok(client
-        .query_one("SELECT inet_server_port()", &[])
-        .await?
-        .get(0))
+    Ok(client.query_one("SELECT inet_server_port()", &[]).await?.get(0))
 }
 
 /// Run a Python script from tests/python with the given args/env; panics with its
@@ -274,10 +254,7 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         .http_status_as_error(false)
         .build()
         .new_agent();
-    let mut resp = agent
-        .get(&url)
-        .call()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let mut resp = agent.get(&url).call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = resp.status().as_u16();
     (status, resp.body_mut().read_to_string().unwrap())
 }
