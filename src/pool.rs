@@ -16,6 +16,7 @@ use crate::server::{self, ServerConn, ServerError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PoolKey {
+    pub cluster: String,
     pub node: String,
     pub addr: String,
     pub database: String,
@@ -253,10 +254,10 @@ impl Pools {
         v
     }
 
-    /// Apply new settings to every pool of a cluster's nodes (reload).
-    pub fn apply(&self, nodes: &[String], settings: PoolSettings) {
+    /// Apply new settings to every pool of a cluster (reload).
+    pub fn apply(&self, cluster: &str, settings: PoolSettings) {
         for p in self.map.lock().unwrap().values() {
-            if nodes.contains(&p.key.node) {
+            if p.key.cluster == cluster {
                 p.apply(settings);
             }
         }

@@ -216,10 +216,7 @@ impl Shared {
                 snap.server_login_timeout = c.server_login_timeout();
                 true
             });
-            self.pools.apply(
-                &c.nodes.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
-                c.pool_settings(),
-            );
+            self.pools.apply(name, c.pool_settings());
             for n in &added {
                 ctx.state
                     .push_event(n, String::new(), "added".into(), "configuration reload".into());

@@ -230,10 +230,12 @@ pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, node: &str) -> Optio
     if endpoint == Endpoint::ReadWrite {
         match primary(snap) {
             Ok(p) if p == index => {}
-            Ok(p) => return Some(format!(
+            Ok(p) => {
+                return Some(format!(
                 "node \"{}\" is no longer the primary of cluster \"{}\" (now {} is); reconnect to reach the primary",
                 n.name, snap.name, snap.nodes[p].name
-            )),
+            ))
+            }
             Err(e) if n.role == Role::Primary => return Some(e.to_string()),
             Err(_) => {
                 return Some(format!(

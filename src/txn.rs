@@ -229,6 +229,7 @@ impl<'a> TxnSession<'a> {
     /// The pool of a node for this client.
     fn pool(&self, node: &str, addr: &str) -> Arc<Pool> {
         let key = PoolKey {
+            cluster: self.cluster.name.clone(),
             node: node.into(),
             addr: addr.into(),
             database: self.who.database.clone(),

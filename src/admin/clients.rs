@@ -128,8 +128,6 @@ impl Clients {
     }
 }
 
-/// Server connections grouped by (cluster, node, database, user): in session mode each
-/// client holds exactly one, so "in use" is the number of clients and nothing idles.
 pub struct PoolRow {
     pub cluster: String,
     pub node: String,
@@ -140,9 +138,28 @@ pub struct PoolRow {
     pub waiting: u32,
 }
 
-pub fn pools(clients: &[Arc<ClientInfo>]) -> Vec<PoolRow> {
-    let mut rows: Vec<PoolRow> = Vec::new();
-    for c in clients {
+/// Every pool: transaction-mode pools as they are, and for session-mode clusters the
+/// server connections grouped by (cluster, node, database, user), where each client
+/// holds exactly one (so "in use" is the number of clients and nothing idles).
+pub fn pool_rows(shared: &crate::proxy::Shared) -> Vec<PoolRow> {
+    let mut rows: Vec<PoolRow> = shared
+        .pools
+        .all()
+        .iter()
+        .map(|p| PoolRow {
+            cluster: p.key.cluster.clone(),
+            node: p.key.node.clone(),
+            database: p.key.database.clone(),
+            user: p.key.user.clone(),
+            in_use: p.in_use(),
+            idle: p.idle_count() as u32,
+            waiting: p.waiting.load(Ordering::Relaxed),
+        })
+        .collect();
+    for c in shared.clients.list() {
+        if c.server_pid == 0 {
+            continue; // a transaction-mode client: counted by its pools
+        }
         match rows
             .iter_mut()
             .find(|r| r.cluster == c.cluster && r.node == c.node && r.database == c.database && r.user == c.user)

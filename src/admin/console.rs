@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::info;
 
-use crate::admin::clients::pools;
+use crate::admin::clients::pool_rows;
 use crate::admin::status::node_status;
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::sqlstate;
@@ -268,7 +268,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
         },
         ["SHOW", "POOLS"] => Answer::Rows {
             columns: vec!["cluster", "node", "database", "user", "in_use", "idle", "waiting"],
-            rows: pools(&shared.clients.list())
+            rows: pool_rows(shared)
                 .into_iter()
                 .map(|p| {
                     vec![

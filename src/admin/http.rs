@@ -47,7 +47,9 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let body = shared.metrics.render(&shared.cluster_snapshots());
+    let body = shared
+        .metrics
+        .render(&shared.cluster_snapshots(), &crate::admin::clients::pool_rows(&shared));
     (
         [(
             header::CONTENT_TYPE,

@@ -42,6 +42,16 @@ pub struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub cluster: String,
+    pub node: String,
+    pub database: String,
+    pub user: String,
+    /// in_use / idle / waiting (clients waiting for a connection)
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// First two characters of the SQLSTATE.
     pub class: String,
@@ -54,6 +64,7 @@ pub struct Metrics {
     node_lag_seconds: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     node_lag_bytes: Family<NodeLabels, Gauge>,
     server_connections: Family<NodeLabels, Gauge>,
+    pool: Family<PoolLabels, Gauge>,
     pub health_check_seconds: Family<NodeLabels, Histogram>,
     pub client_connections: Family<EndpointLabels, Gauge>,
     pub queries_routed: Family<RoutedLabels, Counter>,
@@ -79,6 +90,7 @@ impl Default for Metrics {
             node_lag_seconds: Family::default(),
             node_lag_bytes: Family::default(),
             server_connections: Family::default(),
+            pool: Family::default(),
             health_check_seconds: Family::new_with_constructor(latency_histogram),
             client_connections: Family::default(),
             queries_routed: Family::default(),
@@ -108,6 +120,11 @@ impl Default for Metrics {
             "server_connections",
             "Server connections open to the node for client sessions",
             m.server_connections.clone(),
+        );
+        r.register(
+            "pool_connections",
+            "Pooled server connections in use and idle, and clients waiting for one",
+            m.pool.clone(),
         );
         r.register(
             "health_check_duration_seconds",
@@ -181,7 +198,24 @@ impl Metrics {
     }
 
     /// Text exposition, node gauges refreshed from the given snapshots first.
-    pub fn render(&self, snapshots: &[std::sync::Arc<ClusterSnapshot>]) -> String {
+    pub fn render(
+        &self,
+        snapshots: &[std::sync::Arc<ClusterSnapshot>],
+        pools: &[crate::admin::clients::PoolRow],
+    ) -> String {
+        self.pool.clear();
+        for p in pools {
+            for (state, v) in [("in_use", p.in_use), ("idle", p.idle), ("waiting", p.waiting)] {
+                let l = PoolLabels {
+                    cluster: p.cluster.clone(),
+                    node: p.node.clone(),
+                    database: p.database.clone(),
+                    user: p.user.clone(),
+                    state: state.into(),
+                };
+                self.pool.get_or_create(&l).set(v as i64);
+            }
+        }
         for f in [
             &self.node_up,
             &self.node_primary,

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::admin::clients::pools;
+use crate::admin::clients::pool_rows;
 use crate::proxy::Shared;
 use crate::routing;
 use crate::topology::{Event, NodeState};
@@ -105,8 +105,7 @@ pub fn event_status(e: &Event) -> EventStatus {
 
 pub fn build(shared: &Shared) -> Status {
     let now = SystemTime::now();
-    let clients = shared.clients.list();
-    let all_pools = pools(&clients);
+    let all_pools = pool_rows(shared);
     let clusters = shared
         .clusters
         .values()

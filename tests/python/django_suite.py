@@ -4,6 +4,7 @@
 Usage:
     python3 django_suite.py --port P [--host 127.0.0.1] [--user app] [--password app]
         [--labels basic queries transactions backends] [--workdir DIR] [--parallel N]
+        [--verbosity 0-3] [--use-tz] [--db-prefix NAME] [--no-install] [--no-preclean]
 
 Point --port at PostgreSQL itself for a baseline, or at Switchyard to run the same
 tests through the proxy, and compare the two summary lines.
@@ -21,11 +22,15 @@ What it does:
   3. Writes the settings module <workdir>/switchyard_django_suite_settings.py with
      the `default` and `other` aliases (databases <prefix>_default / <prefix>_other;
      the runner creates and drops test_<prefix>_default etc. itself, so the user
-     needs CREATEDB).
+     needs CREATEDB), CONN_MAX_AGE 0, and otherwise Django's own reference test
+     settings (tests/test_sqlite.py), USE_TZ = False included: the suite is written
+     for that, and with USE_TZ = True (--use-tz) runtests.py's warnings-as-errors
+     turn every naive datetime in a test into an error (66 of these labels' tests,
+     setUpClass of whole classes among them, fail even against plain PostgreSQL).
   4. Drops test databases left over by an interrupted earlier run (WITH (FORCE), so
      stale sessions don't block it; --no-preclean skips this), then runs
          python3 tests/runtests.py --settings=switchyard_django_suite_settings \
-             --noinput --parallel N <labels>
+             --noinput --parallel N --verbosity=V <labels>
      from the extracted tree (its own `django` package first on PYTHONPATH),
      streaming the runner's output to stdout. --noinput also makes the runner destroy
      an old test database instead of asking.
@@ -86,10 +91,25 @@ def parse_args():
         help="test processes for runtests.py: a number or 'auto' (default: 1)",
     )
     parser.add_argument(
+        "--verbosity",
+        type=int,
+        choices=[0, 1, 2, 3],
+        default=1,
+        help="runtests.py --verbosity; 2 lists every test with its outcome, handy "
+        "for diffing two runs (default: 1)",
+    )
+    parser.add_argument(
         "--db-prefix",
         default="django_suite",
         help="database names are <prefix>_default / <prefix>_other; use another "
         "prefix to run two suites against one cluster at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--use-tz",
+        action="store_true",
+        help="USE_TZ = True in the settings; Django's suite is written for USE_TZ = "
+        "False (its own tests/test_sqlite.py) and then errors on naive datetimes in "
+        "~66 tests of these labels, whole test classes included",
     )
     parser.add_argument(
         "--no-install",
@@ -275,7 +295,7 @@ PASSWORD_HASHERS = [
 
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 
-USE_TZ = True
+USE_TZ = {bool(args.use_tz)!r}
 '''
     path = workdir / f"{SETTINGS_MODULE}.py"
     tmp = path.with_suffix(".py.tmp")
@@ -379,7 +399,8 @@ def run_suite(args, srcdir, workdir):
     env.pop("DJANGO_SETTINGS_MODULE", None)
     cmd = [
         sys.executable, "-u", "runtests.py", f"--settings={SETTINGS_MODULE}",
-        "--noinput", "--parallel", args.parallel, *args.labels,
+        "--noinput", "--parallel", args.parallel, f"--verbosity={args.verbosity}",
+        *args.labels,
     ]
     log(f"$ cd {srcdir / 'tests'} && " + " ".join(cmd))
     summary = Summary()
