@@ -76,6 +76,8 @@ struct Stmt {
 enum Expect {
     ParseComplete {
         pass: bool,
+        /// The statement it creates (unnamed: None).
+        hash: Option<u64>,
     },
     CloseComplete {
         pass: bool,
@@ -177,6 +179,15 @@ fn message(tag: u8, body: &[u8]) -> Bytes {
     b.put_i32(body.len() as i32 + 4);
     b.put_slice(body);
     b.freeze()
+}
+
+/// Close (statement) message for a server-side statement name.
+fn close_statement(server_name: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(server_name.len() + 2);
+    b.put_u8(b'S');
+    b.put_slice(server_name.as_bytes());
+    b.put_u8(0);
+    message(b'C', &b)
 }
 
 fn statement_hash(query: &str, rest: &[u8]) -> u64 {
@@ -616,7 +627,7 @@ impl<'a> TxnSession<'a> {
                 let (query, _) = cstr(rest).ok_or_else(malformed)?;
                 let query = query.to_string();
                 if name.is_empty() {
-                    held.expect.push_back(Expect::ParseComplete { pass: true });
+                    held.expect.push_back(Expect::ParseComplete { pass: true, hash: None });
                     out.push(msg.clone());
                 } else {
                     let hash = statement_hash(&query, rest);
@@ -626,17 +637,16 @@ impl<'a> TxnSession<'a> {
                     b.put_u8(0);
                     b.put_slice(rest);
                     let parse = message(b'P', &b);
-                    if held.conn.prepared.contains(&hash) {
-                        // Already there (same text, same types): close and re-parse, so the
-                        // client gets the ParseComplete it expects, in order.
-                        let mut c = BytesMut::new();
-                        c.put_u8(b'S');
-                        c.put_slice(server_name.as_bytes());
-                        c.put_u8(0);
-                        out.push(message(b'C', &c));
-                        held.expect.push_back(Expect::CloseComplete { pass: false });
-                    }
-                    held.expect.push_back(Expect::ParseComplete { pass: true });
+                    // The same text may already be prepared on this connection (by this
+                    // client earlier, or another): close it first (closing a statement that
+                    // does not exist is no error), so the Parse cannot fail with "already
+                    // exists" and the client gets its ParseComplete in order.
+                    out.push(close_statement(&server_name));
+                    held.expect.push_back(Expect::CloseComplete { pass: false });
+                    held.expect.push_back(Expect::ParseComplete {
+                        pass: true,
+                        hash: Some(hash),
+                    });
                     held.conn.prepared.insert(hash);
                     out.push(parse.clone());
                     self.stmts.insert(
@@ -665,8 +675,15 @@ impl<'a> TxnSession<'a> {
                 match self.stmts.get(stmt_name).filter(|_| !stmt_name.is_empty()) {
                     Some(stmt) => {
                         if !held.conn.prepared.contains(&stmt.hash) {
+                            // Prepared by this client on another connection: prepare it
+                            // here too, and drop the answers the client did not ask for.
+                            out.push(close_statement(&stmt.server_name));
+                            held.expect.push_back(Expect::CloseComplete { pass: false });
                             out.push(stmt.parse.clone());
-                            held.expect.push_back(Expect::ParseComplete { pass: false });
+                            held.expect.push_back(Expect::ParseComplete {
+                                pass: false,
+                                hash: Some(stmt.hash),
+                            });
                             held.conn.prepared.insert(stmt.hash);
                         }
                         let mut b = BytesMut::with_capacity(body.len() + 16);
@@ -682,14 +699,15 @@ impl<'a> TxnSession<'a> {
             b'C' => {
                 let kind = *body.first().ok_or_else(malformed)?;
                 let (name, _) = cstr(&body[1..]).ok_or_else(malformed)?;
-                match (kind, self.stmts.remove(name)) {
-                    (b'S', Some(stmt)) if !name.is_empty() => {
+                let known = if kind == b'S' && !name.is_empty() {
+                    self.stmts.remove(name)
+                } else {
+                    None
+                };
+                match known {
+                    Some(stmt) => {
                         held.conn.prepared.remove(&stmt.hash);
-                        let mut b = BytesMut::new();
-                        b.put_u8(b'S');
-                        b.put_slice(stmt.server_name.as_bytes());
-                        b.put_u8(0);
-                        out.push(message(b'C', &b));
+                        out.push(close_statement(&stmt.server_name));
                     }
                     _ => out.push(msg.clone()),
                 }
@@ -759,7 +777,7 @@ impl<'a> TxnSession<'a> {
                         )
                     }) {
                         pass = match held.expect.remove(pos) {
-                            Some(Expect::ParseComplete { pass } | Expect::CloseComplete { pass }) => pass,
+                            Some(Expect::ParseComplete { pass, .. } | Expect::CloseComplete { pass }) => pass,
                             _ => true,
                         };
                     }
@@ -770,10 +788,9 @@ impl<'a> TxnSession<'a> {
                         held.expect.front(),
                         Some(Expect::ParseComplete { .. } | Expect::CloseComplete { .. })
                     ) {
-                        let e = held.expect.pop_front();
-                        // A failed statement we injected ourselves: it was never prepared.
-                        if let Some(Expect::ParseComplete { pass: false }) = e {
-                            held.conn.prepared.clear();
+                        // A Parse skipped or failed: that statement was not created.
+                        if let Some(Expect::ParseComplete { hash: Some(h), .. }) = held.expect.pop_front() {
+                            held.conn.prepared.remove(&h);
                         }
                     }
                 }

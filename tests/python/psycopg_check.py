@@ -8,12 +8,24 @@ the first failure prints a traceback and `FAIL: ...` and exits with status 1.
 The read-only port may land on a standby, so only checks that never write run
 there (everything except the table round trip, executemany and COPY FROM).
 
+With --transaction-mode it then runs, on the read-write port, the checks that
+matter when the proxy pools in transaction mode (each client holds a server
+connection only for one transaction or one statement): session state across
+statements, protocol-level prepared statements, pipelines, COPY, notices,
+server-side and WITH HOLD cursors, the features that pin a client to its
+server connection (LISTEN, advisory locks, temp tables, SQL PREPARE), cancel,
+and 50 concurrent clients. They print `ok: txn ...`.
+
 Usage:
   python3 psycopg_check.py --rw-port P --ro-port Q [--host 127.0.0.1]
                            [--user app] [--password app] [--dbname app]
+                           [--transaction-mode]
 """
 import argparse
+import datetime
 import io
+import random
+import select
 import sys
 import threading
 import time
@@ -332,6 +344,8 @@ def main():
     parser.add_argument("--user", default="app")
     parser.add_argument("--password", default="app")
     parser.add_argument("--dbname", default="app")
+    parser.add_argument("--transaction-mode", action="store_true",
+                        help="also run the transaction pooling checks on the rw port")
     args = parser.parse_args()
 
     print(f"psycopg {psycopg.__version__} (libpq {psycopg.pq.version()}), "
@@ -340,6 +354,8 @@ def main():
     for checks in (psycopg3_checks, psycopg2_checks):
         checks(args, args.rw_port, "rw")
         checks(args, args.ro_port, "ro")
+    if args.transaction_mode:
+        transaction_mode_checks(args)
     print("ok: all psycopg checks passed")
 
 
