@@ -241,6 +241,11 @@ async fn serve_transaction_mode(
                 )
                 .await
         }
+        TxnEnd::Lost(reason) => {
+            let msg = format!("server connection of cluster \"{}\" was lost: {reason}", cluster.name);
+            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, reason = %msg, "session ended by proxy");
+            session.goodbye(sqlstate::CONNECTION_FAILURE, &msg).await;
+        }
         TxnEnd::ClientClosed => {}
     }
     gauge.dec();

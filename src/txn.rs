@@ -53,6 +53,8 @@ pub enum TxnEnd {
     ClientClosed,
     Fatal(&'static str, String),
     Shutdown,
+    /// The server connection was lost (inside the session loop: maybe retried).
+    Lost(String),
 }
 
 enum Event {
@@ -179,6 +181,12 @@ fn message(tag: u8, body: &[u8]) -> Bytes {
     b.put_i32(body.len() as i32 + 4);
     b.put_slice(body);
     b.freeze()
+}
+
+/// Is an ErrorResponse body FATAL or PANIC (the server ends the session)?
+fn is_fatal(body: &[u8]) -> bool {
+    body.split(|&b| b == 0)
+        .any(|f| f == b"SFATAL" || f == b"SPANIC" || f == b"VFATAL" || f == b"VPANIC")
 }
 
 /// Close (statement) message for a server-side statement name.
@@ -725,10 +733,21 @@ impl<'a> TxnSession<'a> {
         let held = self.held.as_mut().expect("held");
         for m in out {
             if let Err(e) = held.conn.conn.stream.write_all(&m).await {
-                return Err(self.server_failed(e.to_string()));
+                return Err(TxnEnd::Lost(e.to_string()));
             }
         }
         Ok(())
+    }
+
+    /// The held server went away: run the unit again elsewhere if it is a read nobody
+    /// has seen an answer to, else end the session saying why.
+    async fn recover(&mut self, reason: String) -> Result<(), TxnEnd> {
+        match self.retry_elsewhere().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.server_failed(reason)),
+            Err(TxnEnd::Lost(again)) => Err(self.server_failed(again)),
+            Err(e) => Err(e),
+        }
     }
 
     fn server_failed(&mut self, reason: String) -> TxnEnd {
@@ -781,6 +800,12 @@ impl<'a> TxnSession<'a> {
                             _ => true,
                         };
                     }
+                }
+                b'E' if !held.answered && held.retryable && is_fatal(&msg[5..]) => {
+                    // The server is ending this session (shutting down, crashed) before
+                    // answering a read: as good as gone; the caller may retry elsewhere.
+                    let (_, text) = crate::server::error_fields(&msg[5..]);
+                    return Err(TxnEnd::Lost(text));
                 }
                 b'E' => {
                     // In the extended protocol the server skips everything up to Sync.
@@ -851,8 +876,14 @@ impl<'a> TxnSession<'a> {
                         return e;
                     }
                 }
-                if let Err(e) = self.forward(msg).await {
-                    return e;
+                match self.forward(msg).await {
+                    Ok(()) => {}
+                    Err(TxnEnd::Lost(reason)) => {
+                        if let Err(e) = self.recover(reason).await {
+                            return e;
+                        }
+                    }
+                    Err(e) => return e,
                 }
             }
             let held_node = self.held.as_ref().map(|h| h.node.clone());
@@ -890,14 +921,17 @@ impl<'a> TxnSession<'a> {
                         Ok(_) => None,
                     };
                     if let Some(reason) = lost {
-                        match self.retry_elsewhere().await {
-                            Ok(true) => continue,
-                            Ok(false) => return self.server_failed(reason),
+                        match self.recover(reason).await {
+                            Ok(()) => continue,
                             Err(e) => return e,
                         }
                     }
                     let done = match self.process_server_bytes() {
                         Ok(d) => d,
+                        Err(TxnEnd::Lost(reason)) => match self.recover(reason).await {
+                            Ok(()) => continue,
+                            Err(e) => return e,
+                        },
                         Err(e) => return e,
                     };
                     if !self.out.is_empty() {
