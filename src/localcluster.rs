@@ -346,6 +346,15 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Make commits wait until every standby has applied them (`remote_apply`), so a
+    /// read on a standby right after a commit sees it.
+    pub fn synchronous_apply(&self) -> Result<()> {
+        self.sql(0, "ALTER SYSTEM SET synchronous_standby_names = '*'")?;
+        self.sql(0, "ALTER SYSTEM SET synchronous_commit = 'remote_apply'")?;
+        self.sql(0, "SELECT pg_reload_conf()")?;
+        Ok(())
+    }
+
     /// A Switchyard config for this cluster, nodes in the order listed.
     pub fn config_toml(&self, rw_port: u16, ro_port: u16, extra_cluster: &str) -> String {
         let mut s = format!(

@@ -183,6 +183,22 @@ fn message(tag: u8, body: &[u8]) -> Bytes {
     b.freeze()
 }
 
+/// Reported parameters a client can change for its session (the rest describe the server
+/// or are managed by the proxy).
+fn client_settable(name: &str) -> bool {
+    !matches!(
+        name,
+        "server_version"
+            | "server_encoding"
+            | "integer_datetimes"
+            | "is_superuser"
+            | "session_authorization"
+            | "in_hot_standby"
+            | "default_transaction_read_only"
+            | "scram_iterations"
+    )
+}
+
 /// Is an ErrorResponse body FATAL or PANIC (the server ends the session)?
 fn is_fatal(body: &[u8]) -> bool {
     body.split(|&b| b == 0)
@@ -816,6 +832,24 @@ impl<'a> TxnSession<'a> {
                         // A Parse skipped or failed: that statement was not created.
                         if let Some(Expect::ParseComplete { hash: Some(h), .. }) = held.expect.pop_front() {
                             held.conn.prepared.remove(&h);
+                        }
+                    }
+                }
+                b'S' => {
+                    // A reported setting changed in the client's session (SET, set_config(),
+                    // RESET, a rolled-back SET being undone): remember its final value so the
+                    // next connection gets it too. This catches what the classifier cannot
+                    // see, such as Django's `SELECT set_config('TimeZone', ...)`.
+                    if let Some((name, rest)) = cstr(&msg[5..]) {
+                        let name = name.to_ascii_lowercase();
+                        if let (Some((value, _)), true) = (cstr(rest), client_settable(&name)) {
+                            let stmt = format!(
+                                "SELECT pg_catalog.set_config({}, {}, false)",
+                                quote_literal(&name),
+                                quote_literal(value)
+                            );
+                            held.conn.applied.insert(name.clone(), stmt.clone());
+                            self.desired.insert(name, stmt);
                         }
                     }
                 }

@@ -199,3 +199,54 @@ fn a_standby_killed_under_read_load_causes_no_client_error() {
         log.matches("retrying it on another node").count()
     ));
 }
+
+/// The `django-suite: ran=... failures=...` line of tests/python/django_suite.py, minus timing.
+fn django_suite(port: u16) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/django_suite.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--labels",
+            "basic",
+            "queries",
+            "transactions",
+            "backends",
+        ])
+        .output()
+        .expect("run django_suite.py");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("django-suite:"))
+        .unwrap_or_else(|| panic!("no summary line:\n{text}"))
+        .to_string();
+    report(&summary);
+    let failures: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("FAIL:") || l.starts_with("ERROR:"))
+        .collect();
+    // Keep counts, drop the timing.
+    format!("{} {:?}", summary.split(" seconds=").next().unwrap(), failures)
+}
+
+#[test]
+fn djangos_own_test_suite_gives_the_same_results_through_the_proxy() {
+    let cluster = LocalCluster::start(1).unwrap();
+    // Reads go to the standby; remote_apply makes a commit visible there before it
+    // returns, as the suite's read-after-write tests expect.
+    cluster.synchronous_apply().unwrap();
+    let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
+    let direct = django_suite(cluster.nodes[0].port);
+    let through = django_suite(proxy.rw);
+    assert_eq!(direct, through);
+    assert!(
+        proxy.log_text().contains("client pinned"),
+        "iterator()-style WITH HOLD cursors should pin"
+    );
+}

@@ -3,6 +3,10 @@
 The database connections come from the environment so the Rust integration
 tests can point them at the proxy: `default` uses the read-write endpoint and
 `replica` the read-only endpoint, the classic Django primary/replica setup.
+
+With SY_SINGLE=1 there is only `default` (SY_RW_PORT) and no router: the way
+an application uses a proxy in transaction pooling mode that sends reads to
+standbys by itself (read_write_split).
 """
 import os
 
@@ -45,11 +49,16 @@ def database(port_variable):
     }
 
 
-DATABASES = {
-    "default": database("SY_RW_PORT"),
-    "replica": database("SY_RO_PORT"),
-}
-# Under `manage.py test` the replica is the test database itself, not a copy.
-DATABASES["replica"]["TEST"] = {"MIRROR": "default"}
+SINGLE = os.environ.get("SY_SINGLE") == "1"
 
-DATABASE_ROUTERS = ["shop.routers.PrimaryReplicaRouter"]
+if SINGLE:
+    DATABASES = {"default": database("SY_RW_PORT")}
+    DATABASE_ROUTERS = []
+else:
+    DATABASES = {
+        "default": database("SY_RW_PORT"),
+        "replica": database("SY_RO_PORT"),
+    }
+    # Under `manage.py test` the replica is the test database itself, not a copy.
+    DATABASES["replica"]["TEST"] = {"MIRROR": "default"}
+    DATABASE_ROUTERS = ["shop.routers.PrimaryReplicaRouter"]
