@@ -25,7 +25,7 @@ if ((${#missing[@]})); then
     $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c "import psycopg, psycopg2, django, selenium" 2>/dev/null; then
+if ! python3 -c "import psycopg, psycopg2, psycopg_pool, django, selenium" 2>/dev/null; then
     echo "install-deps: installing Python test clients"
     python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 fi
