@@ -382,9 +382,9 @@ class Client:
     shared by psycopg 3 and psycopg2 need. Each call is one statement, which a
     transaction pooler may run on any server connection."""
 
-    def __init__(self, driver, args):
+    def __init__(self, driver, args, **psycopg3_options):
         self.driver = driver
-        self.conn = connect3(args) if driver == "psycopg3" else connect2(args)
+        self.conn = connect3(args, **psycopg3_options) if driver == "psycopg3" else connect2(args)
 
     def one(self, sql, params=None):
         """Run one statement; its first row, or None when it returns no rows."""
@@ -425,6 +425,8 @@ class Busy:
         self.statements = 0
         self.lock = threading.Lock()
         self.threads = []
+        # The check starts once every background client has run a statement.
+        self.running = threading.Barrier(clients + 1, timeout=20)
 
     def _run(self):
         try:
@@ -438,23 +440,33 @@ class Busy:
                                              f"application_name={app!r} search_path={path!r} echo={echo}")
                     with self.lock:
                         self.statements += 1
-        except Exception as exc:  # reported by __exit__
+                    if i == 1:
+                        self.running.wait()
+        except Exception as exc:  # reported by __enter__ or __exit__
             with self.lock:
                 self.errors.append(f"{type(exc).__name__}: {exc}")
+            self.running.abort()
 
     def __enter__(self):
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.clients)]
         for t in self.threads:
             t.start()
+        try:
+            self.running.wait()
+        except threading.BrokenBarrierError:
+            self._stop()
+            raise AssertionError(f"background clients did not start: {self.errors}") from None
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def _stop(self):
         self.stop.set()
         for t in self.threads:
             t.join(15)
+
+    def __exit__(self, exc_type, exc, tb):
+        self._stop()
         if exc_type is None:
             expect(not self.errors, f"background clients failed: {self.errors}")
-            expect(self.statements > 0, "background clients ran no statement")
         return False
 
 
@@ -852,6 +864,21 @@ def transaction_mode_checks(args):
         return f"{batches} batches"
 
     # ---- features that pin the client to its server connection -------------
+    # What they create lives on the backend. While the client is connected it
+    # must keep that backend; once it disconnects, nothing it left there may
+    # reach the next client: the pooler has to reset the backend (DISCARD ALL)
+    # or close it before handing it on.
+
+    def expect_gone(driver, sql, params, what):
+        """From a new client (in a pooler likely to get the disconnected
+        client's backend next), `sql` must keep returning something falsy."""
+        fresh = Client(driver, args)
+        try:
+            for _ in range(20):
+                found = fresh.value(sql, params)
+                expect(not found, f"a new client sees {what} of a client that disconnected ({found})")
+        finally:
+            fresh.close()
 
     def listen_notify(driver):
         # LISTEN registers the backend, not the client: the notification must
@@ -875,7 +902,9 @@ def transaction_mode_checks(args):
                 timer.join()
                 got = wait_notify(listener, NOTIFY_TIMEOUT)
                 expect(got == (channel, "y"), f"busy listener got {got}")
-                listener.one(f"UNLISTEN {channel}")
+                listener.close()  # still listening
+                expect_gone(driver, "SELECT count(*) FROM pg_listening_channels() c WHERE c = %s",
+                            (channel,), "the LISTEN")
         finally:
             listener.close()
             notifier.close()
@@ -940,14 +969,7 @@ def transaction_mode_checks(args):
                 for _ in range(5):
                     expect(c.value(f"SELECT sum(v) FROM {name}") == 15, "temp table contents")
                 c.close()
-                # Its backend must not reach another client with the table.
-                fresh = Client(driver, args)
-                try:
-                    for _ in range(10):
-                        leaked = fresh.value("SELECT to_regclass(%s)", (f"pg_temp.{name}",))
-                        expect(leaked is None, "another client sees the temp table of a closed client")
-                finally:
-                    fresh.close()
+                expect_gone(driver, "SELECT to_regclass(%s)", (f"pg_temp.{name}",), "the temp table")
         finally:
             c.close()
 
@@ -967,6 +989,10 @@ def transaction_mode_checks(args):
                 else:
                     raise AssertionError("EXECUTE after DEALLOCATE worked")
                 expect(c.value("SELECT 7") == 7, "connection unusable after the error")
+                c.one(f"PREPARE {name} AS SELECT $1::int")
+                c.close()  # without DEALLOCATE
+                expect_gone(driver, "SELECT count(*) FROM pg_prepared_statements WHERE name = %s",
+                            (name,), "the prepared statement")
         finally:
             c.close()
 
@@ -1043,10 +1069,12 @@ def transaction_mode_checks(args):
 
     # ---- session state edge cases -----------------------------------------------
     # What PostgreSQL does with SETs that do not simply succeed in autocommit: a
-    # pooler that records every SET it forwards gets these wrong.
+    # pooler that records every SET it forwards gets these wrong. No prepared
+    # statements here (prepare_threshold=None): psycopg would answer the
+    # ROLLBACK with DEALLOCATE ALL, which has a check of its own below.
 
     def set_in_transactions():
-        c = Client("psycopg3", args)
+        c = Client("psycopg3", args, prepare_threshold=None)
         try:
             with Busy(args):
                 c.one("SET TIME ZONE 'Asia/Tokyo'")
@@ -1076,7 +1104,7 @@ def transaction_mode_checks(args):
             c.close()
 
     def failed_set():
-        c = Client("psycopg3", args)
+        c = Client("psycopg3", args, prepare_threshold=None)
         try:
             with Busy(args):
                 c.one("SET TIME ZONE 'Asia/Tokyo'")
@@ -1097,7 +1125,7 @@ def transaction_mode_checks(args):
     def set_config():
         # set_config(..., false) is a session-wide SET; Django sets the
         # connection's TimeZone this way.
-        c = Client("psycopg3", args)
+        c = Client("psycopg3", args, prepare_threshold=None)
         try:
             with Busy(args):
                 c.one("SELECT set_config('TimeZone', 'Asia/Tokyo', false)")
