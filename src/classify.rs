@@ -41,6 +41,8 @@ pub struct Classification {
     pub hint_primary: bool,
     /// The grammar accepts it (a server may still reject it, e.g. an unknown table).
     pub parses: bool,
+    /// `DEALLOCATE name` (Some(name)) or `DEALLOCATE ALL` (Some("")), as the only statement.
+    pub deallocate: Option<String>,
 }
 
 /// Functions known not to write: a read calling anything else goes to the primary.
@@ -223,6 +225,7 @@ impl Classifier {
             sets: Vec::new(),
             hint_primary,
             parses: false,
+            deallocate: None,
         };
         let Ok(parsed) = pg_query::parse(sql, 0) else {
             return write;
@@ -293,6 +296,12 @@ impl Classifier {
                     c.sets.push(SetAction::ResetAll);
                 }
                 NodeEnum::PrepareStmt(_) => pin(&mut c, "SQL PREPARE"),
+                NodeEnum::DeallocateStmt(d) => {
+                    c.read_only = false;
+                    if stmts.len() == 1 {
+                        c.deallocate = Some(if d.isall { String::new() } else { d.name.clone() });
+                    }
+                }
                 NodeEnum::ListenStmt(_) => pin(&mut c, "LISTEN"),
                 NodeEnum::DeclareCursorStmt(d) if d.options & CURSOR_OPT_HOLD != 0 => pin(&mut c, "a WITH HOLD cursor"),
                 NodeEnum::CreateStmt(s) if s.relation.as_ref().is_some_and(|r| r.relpersistence == "t") => {
@@ -457,6 +466,14 @@ mod tests {
             Some("a WITH HOLD cursor")
         );
         assert_eq!(c("DECLARE c CURSOR FOR SELECT 1").pins, None);
+    }
+
+    #[test]
+    fn deallocate() {
+        assert_eq!(c("DEALLOCATE ALL").deallocate, Some(String::new()));
+        assert_eq!(c("DEALLOCATE \"_pg3_1\"").deallocate, Some("_pg3_1".into()));
+        assert_eq!(c("DEALLOCATE PREPARE p").deallocate, Some("p".into()));
+        assert_eq!(c("SELECT 1").deallocate, None);
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub struct TxnSession<'a> {
     desired: BTreeMap<String, String>,
     pinned: Option<&'static str>,
     cancel: Registration,
+    /// SETs of the unit in progress: they count once it ends without error or rollback.
+    pending_sets: Vec<SetAction>,
+    unit_failed: bool,
 }
 
 fn quote_literal(v: &str) -> String {
@@ -181,6 +184,43 @@ fn message(tag: u8, body: &[u8]) -> Bytes {
     b.put_i32(body.len() as i32 + 4);
     b.put_slice(body);
     b.freeze()
+}
+
+/// A unit of work ended between transactions: its SETs count if it ended without error
+/// or rollback (a failed or rolled-back SET changed nothing on the server either).
+fn settle_sets(
+    pending: &mut Vec<SetAction>,
+    failed: &mut bool,
+    desired: &mut BTreeMap<String, String>,
+    applied: &mut BTreeMap<String, String>,
+    startup: &[(String, String)],
+) {
+    let sets = std::mem::take(pending);
+    if std::mem::replace(failed, false) {
+        return;
+    }
+    for s in sets {
+        match s {
+            SetAction::Set { name, statement } => {
+                applied.insert(name.clone(), statement.clone());
+                desired.insert(name, statement);
+            }
+            SetAction::Reset { name } => {
+                applied.remove(&name);
+                desired.remove(&name);
+            }
+            SetAction::ResetAll => {
+                // RESET ALL brings a direct connection back to its startup values; the
+                // pooled one now has server defaults, and gets those values at the next sync.
+                applied.clear();
+                let ro = desired.get("default_transaction_read_only").cloned();
+                *desired = startup_state(startup);
+                if let Some(ro) = ro {
+                    desired.insert("default_transaction_read_only".into(), ro);
+                }
+            }
+        }
+    }
 }
 
 /// Reported parameters a client can change for its session (the rest describe the server
@@ -254,6 +294,8 @@ impl<'a> TxnSession<'a> {
             desired,
             pinned: None,
             cancel,
+            pending_sets: Vec::new(),
+            unit_failed: false,
         }
     }
 
@@ -385,21 +427,27 @@ impl<'a> TxnSession<'a> {
         if held.conn.applied == self.desired {
             return Ok(());
         }
-        let mut sql = String::new();
-        for name in held.conn.applied.keys() {
-            if !self.desired.contains_key(name) {
-                sql += &format!("RESET {};", quote_ident(name));
-            }
-        }
-        for (name, stmt) in &self.desired {
-            if held.conn.applied.get(name) != Some(stmt) {
-                sql += stmt;
-                sql.push(';');
-            }
-        }
+        // One Query per statement, all sent at once: still one round trip, and a
+        // statement that fails cannot take the others with it.
+        let mut statements: Vec<String> = held
+            .conn
+            .applied
+            .keys()
+            .filter(|name| !self.desired.contains_key(*name))
+            .map(|name| format!("RESET {}", quote_ident(name)))
+            .collect();
+        statements.extend(
+            self.desired
+                .iter()
+                .filter(|(name, stmt)| held.conn.applied.get(*name) != Some(stmt))
+                .map(|(_, stmt)| stmt.clone()),
+        );
         let mut q = BytesMut::new();
-        postgres_protocol::message::frontend::query(&sql, &mut q)
-            .map_err(|e| TxnEnd::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+        for sql in &statements {
+            postgres_protocol::message::frontend::query(sql, &mut q)
+                .map_err(|e| TxnEnd::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
+        }
+        let mut remaining = statements.len();
         let stream = &mut held.conn.conn.stream;
         let io = |e: std::io::Error| {
             TxnEnd::Fatal(
@@ -424,8 +472,11 @@ impl<'a> TxnSession<'a> {
                         warn!(cluster = %self.cluster.name, user = %self.who.user, code = %code, reason = %text, "restoring session state failed");
                     }
                     b'Z' => {
-                        held.conn.applied = self.desired.clone();
-                        return Ok(());
+                        remaining -= 1;
+                        if remaining == 0 {
+                            held.conn.applied = self.desired.clone();
+                            return Ok(());
+                        }
                     }
                     _ => {}
                 }
@@ -438,7 +489,12 @@ impl<'a> TxnSession<'a> {
 
     /// Give the connection back (between transactions, not pinned).
     fn release(&mut self) {
-        if let Some(h) = self.held.take() {
+        if let Some(mut h) = self.held.take() {
+            // A pinned connection carries what pinned it (LISTEN, locks, temp tables,
+            // SQL prepared statements): never hand it to anyone else.
+            if self.pinned.is_some() {
+                h.conn.broken = true;
+            }
             self.shared.cancels.retarget(self.cancel.pid, "", 0, 0);
             h.pool.checkin(h.conn);
         }
@@ -588,32 +644,12 @@ impl<'a> TxnSession<'a> {
     /// Track what a statement does to the session: SETs to replay, pins.
     fn observe_statement(&mut self, query: &str) {
         let c = self.cluster.classifier.classify(query);
-        for s in &c.sets {
-            match s {
-                SetAction::Set { name, statement } => {
-                    self.desired.insert(name.clone(), statement.clone());
-                }
-                SetAction::Reset { name } => {
-                    self.desired.remove(name);
-                }
-                SetAction::ResetAll => {
-                    let ro = self.desired.get("default_transaction_read_only").cloned();
-                    self.desired = startup_state(&self.who.params);
-                    if let Some(ro) = ro {
-                        self.desired.insert("default_transaction_read_only".into(), ro);
-                    }
-                }
-            }
-        }
+        // SETs count only once their unit ends without error or rollback (a failed or
+        // rolled-back SET changes nothing on the server either).
+        self.pending_sets.extend(c.sets.iter().cloned());
         if let (Some(why), None) = (c.pins, self.pinned) {
             self.pinned = Some(why);
             info!(cluster = %self.cluster.name, user = %self.who.user, peer = %self.who.peer, reason = why, "client pinned to its server connection until it disconnects");
-        }
-        if !c.sets.is_empty() {
-            // What the server now has is what the client asked for.
-            if let Some(h) = self.held.as_mut() {
-                h.conn.applied = self.desired.clone();
-            }
         }
     }
 
@@ -630,6 +666,44 @@ impl<'a> TxnSession<'a> {
         let mut observe: Option<String> = None;
         match tag {
             b'Q' => {
+                // DEALLOCATE of a protocol-level statement: the server knows it under its
+                // content-addressed name, maybe not even on this connection.
+                if let Some(target) =
+                    cstr(body).and_then(|(q, _)| self.cluster.classifier.classify(q).deallocate.clone())
+                {
+                    if target.is_empty() {
+                        self.stmts.clear();
+                        held.conn.prepared.clear();
+                    } else if let Some(stmt) = self.stmts.remove(&target) {
+                        if !held.conn.prepared.remove(&stmt.hash) {
+                            // Not here: create it (answers dropped) so the DEALLOCATE
+                            // succeeds with the reply the client expects.
+                            out.push(close_statement(&stmt.server_name));
+                            held.expect.push_back(Expect::CloseComplete { pass: false });
+                            out.push(stmt.parse.clone());
+                            held.expect.push_back(Expect::ParseComplete {
+                                pass: false,
+                                hash: None,
+                            });
+                        }
+                        held.expect.push_back(Expect::Ready);
+                        held.pending += 1;
+                        let mut q = BytesMut::new();
+                        postgres_protocol::message::frontend::query(
+                            &format!("DEALLOCATE {}", stmt.server_name),
+                            &mut q,
+                        )
+                        .map_err(|_| malformed())?;
+                        out.push(q.freeze());
+                        let held = self.held.as_mut().expect("held");
+                        for m in out {
+                            if let Err(e) = held.conn.conn.stream.write_all(&m).await {
+                                return Err(TxnEnd::Lost(e.to_string()));
+                            }
+                        }
+                        return Ok(());
+                    }
+                }
                 held.expect.push_back(Expect::Ready);
                 held.pending += 1;
                 held.queries.inc();
@@ -823,7 +897,9 @@ impl<'a> TxnSession<'a> {
                     let (_, text) = crate::server::error_fields(&msg[5..]);
                     return Err(TxnEnd::Lost(text));
                 }
+                b'C' if msg[5..].starts_with(b"ROLLBACK") => self.unit_failed = true,
                 b'E' => {
+                    self.unit_failed = true;
                     // In the extended protocol the server skips everything up to Sync.
                     while matches!(
                         held.expect.front(),
@@ -861,8 +937,15 @@ impl<'a> TxnSession<'a> {
                     }
                     held.pending -= 1;
                     held.status = msg.get(5).copied().unwrap_or(b'I');
-                    if held.pending <= 0 && held.status == b'I' {
-                        done = true;
+                    if held.status == b'I' {
+                        settle_sets(
+                            &mut self.pending_sets,
+                            &mut self.unit_failed,
+                            &mut self.desired,
+                            &mut held.conn.applied,
+                            &self.who.params,
+                        );
+                        done = held.pending <= 0;
                     }
                 }
                 _ => {}

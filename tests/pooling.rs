@@ -250,3 +250,55 @@ fn djangos_own_test_suite_gives_the_same_results_through_the_proxy() {
         "iterator()-style WITH HOLD cursors should pin"
     );
 }
+
+#[test]
+fn psycopg_2_and_3_work_in_transaction_mode_with_read_write_split() {
+    let cluster = LocalCluster::start(1).unwrap();
+    let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
+    let out = python(
+        "psycopg_check.py",
+        &[
+            "--rw-port",
+            &proxy.rw.to_string(),
+            "--ro-port",
+            &proxy.ro.to_string(),
+            "--transaction-mode",
+        ],
+        &[],
+    );
+    assert!(out.contains("ok: all psycopg checks passed"), "{out}");
+    let pins = proxy.log_text().matches("client pinned").count();
+    report(&format!(
+        "psycopg transaction-mode checks: {} ok lines, {pins} pinned clients",
+        out.matches("ok: ").count()
+    ));
+}
+
+#[test]
+fn django_with_one_alias_in_transaction_mode_survives_a_standby_failure() {
+    let cluster = LocalCluster::start(2).unwrap();
+    let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
+    let env = [
+        ("SY_SINGLE", "1".to_string()),
+        ("SY_HOST", "127.0.0.1".to_string()),
+        ("SY_RW_PORT", proxy.rw.to_string()),
+        ("SY_USER", APP_USER.to_string()),
+        ("SY_PASSWORD", APP_PASSWORD.to_string()),
+        ("SY_DB", APP_DB.to_string()),
+    ];
+    for phase in ["migrate", "write", "read", "atomic", "iterator"] {
+        let out = python("django_check.py", &[phase], &env);
+        assert!(out.contains(&format!("ok: {phase}")), "{out}");
+    }
+    // The reads were spread to a standby...
+    let standby_reads: i64 = cluster
+        .sql(1, "SELECT xact_commit FROM pg_stat_database WHERE datname = 'app'")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(standby_reads > 0);
+    // ...and keep working when it dies.
+    cluster.kill9(1).unwrap();
+    let out = python("django_check.py", &["read"], &env);
+    assert!(out.contains("ok: read"), "{out}");
+}
