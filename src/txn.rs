@@ -116,6 +116,10 @@ pub struct TxnSession<'a> {
     cbuf: BytesMut,
     sbuf: BytesMut,
     out: BytesMut,
+    /// Client messages queued for the held server (see `forward` / `flush`).
+    sout: BytesMut,
+    /// A message that starts the next unit of work, held back until the current one ends.
+    stash: Option<Bytes>,
     held: Option<Held>,
     stmts: HashMap<String, Stmt>,
     /// Session state the client asked for: setting name → statement that sets it.
@@ -178,14 +182,6 @@ fn cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
     Some((std::str::from_utf8(&buf[..end]).ok()?, &buf[end + 1..]))
 }
 
-fn message(tag: u8, body: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(body.len() + 5);
-    b.put_u8(tag);
-    b.put_i32(body.len() as i32 + 4);
-    b.put_slice(body);
-    b.freeze()
-}
-
 /// A unit of work ended between transactions: its SETs count if it ended without error
 /// or rollback (a failed or rolled-back SET changed nothing on the server either).
 fn settle_sets(
@@ -245,13 +241,24 @@ fn is_fatal(body: &[u8]) -> bool {
         .any(|f| f == b"SFATAL" || f == b"SPANIC" || f == b"VFATAL" || f == b"VPANIC")
 }
 
-/// Close (statement) message for a server-side statement name.
-fn close_statement(server_name: &str) -> Bytes {
-    let mut b = BytesMut::with_capacity(server_name.len() + 2);
-    b.put_u8(b'S');
+/// Append a Close (statement) message for a server-side statement name.
+fn put_close_statement(out: &mut BytesMut, server_name: &str) {
+    out.put_u8(b'C');
+    out.put_i32(server_name.len() as i32 + 6);
+    out.put_u8(b'S');
+    out.put_slice(server_name.as_bytes());
+    out.put_u8(0);
+}
+
+/// A Parse message for `server_name` with the client's query and parameter types (`rest`).
+fn parse_message(server_name: &str, rest: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(server_name.len() + rest.len() + 6);
+    b.put_u8(b'P');
+    b.put_i32((server_name.len() + 1 + rest.len() + 4) as i32);
     b.put_slice(server_name.as_bytes());
     b.put_u8(0);
-    message(b'C', &b)
+    b.put_slice(rest);
+    b.freeze()
 }
 
 fn statement_hash(query: &str, rest: &[u8]) -> u64 {
@@ -289,6 +296,8 @@ impl<'a> TxnSession<'a> {
             cbuf: BytesMut::with_capacity(BUFFER),
             sbuf: BytesMut::with_capacity(BUFFER),
             out: BytesMut::with_capacity(BUFFER),
+            sout: BytesMut::with_capacity(BUFFER),
+            stash: None,
             held: None,
             stmts: HashMap::new(),
             desired,
@@ -502,6 +511,9 @@ impl<'a> TxnSession<'a> {
 
     /// The next complete client message in the buffer, if any.
     fn next_client_message(&mut self) -> Result<Option<Bytes>, TxnEnd> {
+        if let Some(m) = self.stash.take() {
+            return Ok(Some(m));
+        }
         if self.cbuf.len() < 5 {
             return Ok(None);
         }
@@ -611,28 +623,22 @@ impl<'a> TxnSession<'a> {
         if name.is_empty() || !self.cluster.classifier.classify(query).parses {
             return Ok(false);
         }
-        let hash = statement_hash(query, rest);
-        let server_name = format!("sy_{hash:016x}");
-        let mut b = BytesMut::with_capacity(body.len() + 16);
-        b.put_slice(server_name.as_bytes());
-        b.put_u8(0);
-        b.put_slice(rest);
-        let (name, query) = (name.to_string(), query.to_string());
-        self.stmts.insert(
-            name,
-            Stmt {
-                hash,
-                parse: message(b'P', &b),
-                server_name,
-                query: query.as_str().into(),
-            },
-        );
-        self.observe_statement(&query);
-        // Consume the Sync and answer both.
+        // The Sync must be complete too, to be answered now.
         let sync_len = u32::from_be_bytes(self.cbuf[1..5].try_into().unwrap()) as usize;
         if self.cbuf.len() < sync_len + 1 {
             return Ok(false);
         }
+        let hash = statement_hash(query, rest);
+        let server_name = format!("sy_{hash:016x}");
+        let stmt = Stmt {
+            hash,
+            parse: parse_message(&server_name, rest),
+            server_name,
+            query: query.into(),
+        };
+        self.stmts.insert(name.to_string(), stmt);
+        // Consume the Sync and answer both. (What the statement does to the session is
+        // observed when it is executed: see the Bind case of `forward`.)
         let _ = self.cbuf.split_to(sync_len + 1);
         let mut out = BytesMut::with_capacity(11);
         out.put_slice(b"1\0\0\0\x04");
@@ -642,8 +648,7 @@ impl<'a> TxnSession<'a> {
     }
 
     /// Track what a statement does to the session: SETs to replay, pins.
-    fn observe_statement(&mut self, query: &str) {
-        let c = self.cluster.classifier.classify(query);
+    fn observe_statement(&mut self, c: &crate::classify::Classification) {
         // SETs count only once their unit ends without error or rollback (a failed or
         // rolled-back SET changes nothing on the server either).
         self.pending_sets.extend(c.sets.iter().cloned());
@@ -653,8 +658,10 @@ impl<'a> TxnSession<'a> {
         }
     }
 
-    /// Send one client message to the held server, rewriting prepared statement names.
-    async fn forward(&mut self, msg: Bytes) -> Result<(), TxnEnd> {
+    /// Queue one client message for the held server (in `sout`, sent by `flush`),
+    /// rewriting prepared statement names. Writes nothing itself: a whole batch of
+    /// pipelined messages goes out in one write.
+    fn forward(&mut self, msg: Bytes) -> Result<(), TxnEnd> {
         let held = self.held.as_mut().expect("held");
         if !held.answered {
             held.sent.push(msg.clone());
@@ -662,102 +669,81 @@ impl<'a> TxnSession<'a> {
         let tag = msg[0];
         tracing::trace!(peer = %self.who.peer, tag = %(tag as char), "client message");
         let body = &msg[5..];
-        let mut out: Vec<Bytes> = Vec::with_capacity(2);
-        let mut observe: Option<String> = None;
+        let out = &mut self.sout;
+        let mut observe = None;
         match tag {
             b'Q' => {
+                let (q, _) = cstr(body).ok_or_else(malformed)?;
+                let c = self.cluster.classifier.classify(q);
+                held.expect.push_back(Expect::Ready);
+                held.pending += 1;
+                held.queries.inc();
                 // DEALLOCATE of a protocol-level statement: the server knows it under its
                 // content-addressed name, maybe not even on this connection.
-                if let Some(target) =
-                    cstr(body).and_then(|(q, _)| self.cluster.classifier.classify(q).deallocate.clone())
-                {
-                    if target.is_empty() {
+                match c.deallocate.as_deref() {
+                    Some("") => {
                         self.stmts.clear();
                         held.conn.prepared.clear();
-                    } else if let Some(stmt) = self.stmts.remove(&target) {
+                        out.extend_from_slice(&msg);
+                    }
+                    Some(name) if self.stmts.contains_key(name) => {
+                        let stmt = self.stmts.remove(name).expect("checked");
                         if !held.conn.prepared.remove(&stmt.hash) {
                             // Not here: create it (answers dropped) so the DEALLOCATE
                             // succeeds with the reply the client expects.
-                            out.push(close_statement(&stmt.server_name));
+                            put_close_statement(out, &stmt.server_name);
+                            out.extend_from_slice(&stmt.parse);
+                            let e = held.expect.pop_back();
                             held.expect.push_back(Expect::CloseComplete { pass: false });
-                            out.push(stmt.parse.clone());
                             held.expect.push_back(Expect::ParseComplete {
                                 pass: false,
                                 hash: None,
                             });
+                            held.expect.extend(e);
                         }
-                        held.expect.push_back(Expect::Ready);
-                        held.pending += 1;
-                        let mut q = BytesMut::new();
-                        postgres_protocol::message::frontend::query(
-                            &format!("DEALLOCATE {}", stmt.server_name),
-                            &mut q,
-                        )
-                        .map_err(|_| malformed())?;
-                        out.push(q.freeze());
-                        let held = self.held.as_mut().expect("held");
-                        for m in out {
-                            if let Err(e) = held.conn.conn.stream.write_all(&m).await {
-                                return Err(TxnEnd::Lost(e.to_string()));
-                            }
-                        }
-                        return Ok(());
+                        postgres_protocol::message::frontend::query(&format!("DEALLOCATE {}", stmt.server_name), out)
+                            .map_err(|_| malformed())?;
                     }
+                    _ => out.extend_from_slice(&msg),
                 }
-                held.expect.push_back(Expect::Ready);
-                held.pending += 1;
-                held.queries.inc();
-                out.push(msg.clone());
-                observe = cstr(body).map(|(q, _)| q.to_string());
+                observe = Some(c);
             }
-            b'F' => {
+            b'F' | b'S' => {
                 held.expect.push_back(Expect::Ready);
                 held.pending += 1;
-                out.push(msg.clone());
-            }
-            b'S' => {
-                held.expect.push_back(Expect::Ready);
-                held.pending += 1;
-                out.push(msg.clone());
+                out.extend_from_slice(&msg);
             }
             b'P' => {
                 let (name, rest) = cstr(body).ok_or_else(malformed)?;
                 let (query, _) = cstr(rest).ok_or_else(malformed)?;
-                let query = query.to_string();
+                observe = Some(self.cluster.classifier.classify(query));
                 if name.is_empty() {
                     held.expect.push_back(Expect::ParseComplete { pass: true, hash: None });
-                    out.push(msg.clone());
+                    out.extend_from_slice(&msg);
                 } else {
-                    let hash = statement_hash(&query, rest);
+                    let hash = statement_hash(query, rest);
                     let server_name = format!("sy_{hash:016x}");
-                    let mut b = BytesMut::with_capacity(body.len() + 16);
-                    b.put_slice(server_name.as_bytes());
-                    b.put_u8(0);
-                    b.put_slice(rest);
-                    let parse = message(b'P', &b);
+                    let parse = parse_message(&server_name, rest);
                     // The same text may already be prepared on this connection (by this
                     // client earlier, or another): close it first (closing a statement that
                     // does not exist is no error), so the Parse cannot fail with "already
                     // exists" and the client gets its ParseComplete in order.
-                    out.push(close_statement(&server_name));
+                    put_close_statement(out, &server_name);
                     held.expect.push_back(Expect::CloseComplete { pass: false });
                     held.expect.push_back(Expect::ParseComplete {
                         pass: true,
                         hash: Some(hash),
                     });
                     held.conn.prepared.insert(hash);
-                    out.push(parse.clone());
-                    self.stmts.insert(
-                        name.to_string(),
-                        Stmt {
-                            hash,
-                            parse,
-                            server_name,
-                            query: query.clone().into(),
-                        },
-                    );
+                    out.extend_from_slice(&parse);
+                    let stmt = Stmt {
+                        hash,
+                        parse,
+                        server_name,
+                        query: query.into(),
+                    };
+                    self.stmts.insert(name.to_string(), stmt);
                 }
-                observe = Some(query);
             }
             b'B' | b'D' => {
                 // Bind: portal, statement, ...; Describe: 'S'|'P', name.
@@ -772,26 +758,31 @@ impl<'a> TxnSession<'a> {
                 };
                 match self.stmts.get(stmt_name).filter(|_| !stmt_name.is_empty()) {
                     Some(stmt) => {
+                        if tag == b'B' {
+                            observe = Some(self.cluster.classifier.classify(&stmt.query));
+                        }
                         if !held.conn.prepared.contains(&stmt.hash) {
                             // Prepared by this client on another connection: prepare it
                             // here too, and drop the answers the client did not ask for.
-                            out.push(close_statement(&stmt.server_name));
+                            put_close_statement(out, &stmt.server_name);
                             held.expect.push_back(Expect::CloseComplete { pass: false });
-                            out.push(stmt.parse.clone());
+                            out.extend_from_slice(&stmt.parse);
                             held.expect.push_back(Expect::ParseComplete {
                                 pass: false,
                                 hash: Some(stmt.hash),
                             });
                             held.conn.prepared.insert(stmt.hash);
                         }
-                        let mut b = BytesMut::with_capacity(body.len() + 16);
-                        b.put_slice(&body[..prefix_len]);
-                        b.put_slice(stmt.server_name.as_bytes());
-                        b.put_u8(0);
-                        b.put_slice(tail);
-                        out.push(message(tag, &b));
+                        // The same message with the server-side statement name.
+                        let len = body.len() - stmt_name.len() + stmt.server_name.len();
+                        out.put_u8(tag);
+                        out.put_i32(len as i32 + 4);
+                        out.put_slice(&body[..prefix_len]);
+                        out.put_slice(stmt.server_name.as_bytes());
+                        out.put_u8(0);
+                        out.put_slice(tail);
                     }
-                    None => out.push(msg.clone()),
+                    None => out.extend_from_slice(&msg),
                 }
             }
             b'C' => {
@@ -805,28 +796,33 @@ impl<'a> TxnSession<'a> {
                 match known {
                     Some(stmt) => {
                         held.conn.prepared.remove(&stmt.hash);
-                        out.push(close_statement(&stmt.server_name));
+                        put_close_statement(out, &stmt.server_name);
                     }
-                    _ => out.push(msg.clone()),
+                    None => out.extend_from_slice(&msg),
                 }
                 held.expect.push_back(Expect::CloseComplete { pass: true });
             }
             b'E' => {
                 held.queries.inc();
-                out.push(msg.clone());
+                out.extend_from_slice(&msg);
             }
-            _ => out.push(msg.clone()),
+            _ => out.extend_from_slice(&msg),
         }
-        if let Some(q) = observe {
-            self.observe_statement(&q);
-        }
-        let held = self.held.as_mut().expect("held");
-        for m in out {
-            if let Err(e) = held.conn.conn.stream.write_all(&m).await {
-                return Err(TxnEnd::Lost(e.to_string()));
-            }
+        if let Some(c) = observe {
+            self.observe_statement(&c);
         }
         Ok(())
+    }
+
+    /// Send what `forward` queued.
+    async fn flush(&mut self) -> Result<(), TxnEnd> {
+        if self.sout.is_empty() {
+            return Ok(());
+        }
+        let held = self.held.as_mut().expect("held");
+        let result = held.conn.conn.stream.write_all(&self.sout).await;
+        self.sout.clear();
+        result.map_err(|e| TxnEnd::Lost(e.to_string()))
     }
 
     /// The held server went away: run the unit again elsewhere if it is a read nobody
@@ -979,6 +975,16 @@ impl<'a> TxnSession<'a> {
                     self.release();
                     return TxnEnd::ClientClosed;
                 }
+                // A read sent to a standby ends with its Sync/Query: what follows is a new
+                // unit, routed on its own once this one is answered.
+                if self
+                    .held
+                    .as_ref()
+                    .is_some_and(|h| h.retryable && h.pending > 0 && h.expect.back() == Some(&Expect::Ready))
+                {
+                    self.stash = Some(msg);
+                    break;
+                }
                 if self.held.is_none() {
                     if *shutdown.borrow() {
                         return TxnEnd::Shutdown;
@@ -993,14 +999,15 @@ impl<'a> TxnSession<'a> {
                         return e;
                     }
                 }
-                match self.forward(msg).await {
-                    Ok(()) => {}
-                    Err(TxnEnd::Lost(reason)) => {
-                        if let Err(e) = self.recover(reason).await {
-                            return e;
-                        }
+                if let Err(e) = self.forward(msg) {
+                    return e;
+                }
+            }
+            if self.held.is_some() {
+                if let Err(TxnEnd::Lost(reason)) | Err(TxnEnd::Fatal(_, reason)) = self.flush().await {
+                    if let Err(e) = self.recover(reason).await {
+                        return e;
                     }
-                    Err(e) => return e,
                 }
             }
             let held_node = self.held.as_ref().map(|h| h.node.clone());
@@ -1130,9 +1137,11 @@ impl<'a> TxnSession<'a> {
         exclude.insert(failed);
         // The statements this client prepared must be prepared again on the new server.
         self.acquire(true, &exclude).await?;
+        self.sout.clear();
         for msg in sent {
-            self.forward(msg).await?;
+            self.forward(msg)?;
         }
+        self.flush().await?;
         Ok(true)
     }
 

@@ -1,0 +1,1 @@
+"""Switchyard benchmark suite: see bench/README.md. Entry point: bench/run."""

@@ -1,0 +1,200 @@
+"""Processes the bench starts, and what /proc says about them.
+
+Everything started goes through `Registry`, which stops it again (LIFO) on normal exit,
+on an exception, on Ctrl-C and on SIGTERM.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def free_port():
+    """A port the kernel just handed out on 127.0.0.1 (free at the time of asking)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20.0, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class Registry:
+    """Cleanup actions, run last-in first-out exactly once."""
+
+    def __init__(self):
+        self._actions = []
+        self._lock = threading.Lock()
+        self._done = False
+
+    def add(self, what, fn):
+        with self._lock:
+            self._actions.append((what, fn))
+
+    def spawn(self, what, argv, log_path, **kw):
+        """Start a long-running process in its own session, output to `log_path`."""
+        out = open(log_path, "ab")
+        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True, **kw)
+        out.close()
+        self.add(what, lambda: stop_process(p))
+        return p
+
+    def cleanup(self):
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            actions = list(reversed(self._actions))
+        for what, fn in actions:
+            try:
+                fn()
+            except Exception as e:  # keep cleaning up the rest
+                log(f"cleanup of {what} failed: {e}")
+
+
+def stop_process(p, grace=5.0):
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(5)
+
+
+def install_signal_handlers():
+    """SIGTERM behaves like Ctrl-C: unwinds through `finally` blocks so cleanup runs."""
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+
+def raise_nofile(want=20000):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+# ---- /proc ---------------------------------------------------------------------------
+
+def cpu_seconds(pid):
+    """utime + stime of the whole process (all threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    fields = data[data.rindex(")") + 2:].split()
+    # fields[0] is field 3 (state); utime is field 14, stime field 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def reset_hwm(pid):
+    """Reset VmHWM (peak RSS) to the current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class ResourceWatch:
+    """CPU seconds and peak RSS of one process between start() and stop().
+
+    Peak RSS is the larger of VmHWM (reset at start) and VmRSS sampled every 50 ms."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self._stop = threading.Event()
+        self.max_rss = 0
+        self.hwm_reset = False
+
+    def start(self):
+        if self.pid is None:
+            return self
+        self.hwm_reset = reset_hwm(self.pid)
+        self.cpu0 = cpu_seconds(self.pid)
+        self.rss0 = status_kib(self.pid, "VmRSS")
+        self.max_rss = self.rss0 or 0
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.05):
+            try:
+                rss = status_kib(self.pid, "VmRSS") or 0
+            except OSError:
+                return
+            self.max_rss = max(self.max_rss, rss)
+
+    def stop(self):
+        if self.pid is None:
+            return {}
+        self._stop.set()
+        self._t.join()
+        try:
+            cpu = cpu_seconds(self.pid) - self.cpu0
+            hwm = status_kib(self.pid, "VmHWM") or 0
+            rss = status_kib(self.pid, "VmRSS") or 0
+        except OSError:
+            return {"proxy_died": True}
+        peak = max(self.max_rss, hwm if self.hwm_reset else 0)
+        return {"cpu_s": round(cpu, 3), "peak_rss_kib": peak, "rss_start_kib": self.rss0, "rss_end_kib": rss}
+
+
+def children_of(pid):
+    """Direct children of `pid` (by scanning /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                data = f.read()
+            ppid = int(data[data.rindex(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            out.append(int(d))
+    return out
