@@ -272,6 +272,14 @@ impl Classifier {
                         c.begins = Some(read_only);
                         c.read_only &= read_only;
                     }
+                    // Ending a transaction or a savepoint writes nothing by itself.
+                    Ok(
+                        TransactionStmtKind::TransStmtCommit
+                        | TransactionStmtKind::TransStmtRollback
+                        | TransactionStmtKind::TransStmtSavepoint
+                        | TransactionStmtKind::TransStmtRelease
+                        | TransactionStmtKind::TransStmtRollbackTo,
+                    ) => {}
                     _ => c.read_only = false,
                 },
                 NodeEnum::VariableSetStmt(v) => {
@@ -424,7 +432,9 @@ mod tests {
         assert!(!c("BEGIN").read_only);
         assert_eq!(c("BEGIN READ ONLY").begins, Some(true));
         assert!(c("START TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").read_only);
-        assert!(!c("COMMIT").read_only);
+        assert!(c("BEGIN READ ONLY; SELECT 1; COMMIT").read_only);
+        assert!(!c("BEGIN; SELECT 1; COMMIT").read_only);
+        assert!(!c("PREPARE TRANSACTION 'x'").read_only);
     }
 
     #[test]

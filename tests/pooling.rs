@@ -134,6 +134,8 @@ fn read_write_split_sends_reads_to_standbys_and_everything_else_to_the_primary()
     let cluster = LocalCluster::start(2).unwrap();
     let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
     pgbench(proxy.rw, &["-i", "-s", "1", "-q"]);
+    // A sequence: nextval() writes, so it must run on the primary (a standby would refuse).
+    psql(proxy.rw, "CREATE SEQUENCE pgbench_history_seq_dummy").unwrap();
     cluster.wait_replayed(Duration::from_secs(20)).unwrap();
 
     // One session, several units of work, each routed on its own merits.
@@ -148,12 +150,14 @@ fn read_write_split_sends_reads_to_standbys_and_everything_else_to_the_primary()
             "SELECT pg_is_in_recovery()",
             "RESET switchyard.route",
             "SELECT pg_is_in_recovery()",
+            "BEGIN READ ONLY; SELECT pg_is_in_recovery(); COMMIT",
+            "SELECT nextval('pgbench_history_seq_dummy') > 0",
         ],
     );
     assert_eq!(
         answers,
-        ["t", "f", "f", "f", "f", "t"],
-        "standby, txn, hint, FOR UPDATE, forced, back to standby"
+        ["t", "f", "f", "f", "f", "t", "t", "t"],
+        "standby, txn, hint, FOR UPDATE, forced, back to standby, read-only txn, nextval on the primary"
     );
 
     let before: Vec<i64> = (0..3).map(|i| xact_commits(&cluster, i)).collect();
@@ -301,4 +305,27 @@ fn django_with_one_alias_in_transaction_mode_survives_a_standby_failure() {
     cluster.kill9(1).unwrap();
     let out = python("django_check.py", &["read"], &env);
     assert!(out.contains("ok: read"), "{out}");
+}
+
+#[test]
+fn pooled_connections_to_a_restarted_server_are_discarded_not_handed_out() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let proxy = Proxy::start(&cluster, "proxy", TXN, "");
+    // Fill the pool with idle connections.
+    let port = proxy.rw;
+    let clients: Vec<_> = (0..5)
+        .map(|_| std::thread::spawn(move || psql(port, "SELECT pg_sleep(0.2)")))
+        .collect();
+    for c in clients {
+        c.join().unwrap().unwrap();
+    }
+    cluster.stop_node(0, "fast").unwrap();
+    cluster.start_node(0).unwrap();
+    wait_for("primary back", Duration::from_secs(10), || {
+        psql(proxy.rw, "SELECT 1").ok()
+    });
+    // Every pooled connection died with the restart; none of them reaches a client.
+    for _ in 0..20 {
+        assert_eq!(psql(proxy.rw, "SELECT 1").unwrap(), "1");
+    }
 }

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 
-from .procs import children_of, free_port, log
+from .procs import alive, children_of, free_port, log
 
 PG_BIN_DEFAULT = "/usr/lib/postgresql/15/bin"
 
@@ -132,19 +132,19 @@ class PgCluster:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in [pid] + kids):
+        while time.monotonic() < deadline and any(alive(p) for p in [pid] + kids):
             time.sleep(0.01)
 
     def running(self, i):
         pid = self.postmaster_pid(i)
-        return pid is not None and os.path.exists(f"/proc/{pid}")
+        return pid is not None and alive(pid)
 
     def stop_all(self):
         for i in range(len(self.nodes)):
             if self.running(i):
                 self.stop(i, "immediate")
             pid = self.postmaster_pid(i)
-            if pid is not None and os.path.exists(f"/proc/{pid}"):
+            if pid is not None and alive(pid):
                 self.kill9(i)
 
     # --- replication --------------------------------------------------------------

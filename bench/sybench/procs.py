@@ -183,6 +183,16 @@ class ResourceWatch:
         return {"cpu_s": round(cpu, 3), "peak_rss_kib": peak, "rss_start_kib": self.rss0, "rss_end_kib": rss}
 
 
+def alive(pid):
+    """True if `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rindex(")") + 2:].split()[0] not in ("Z", "X")
+
+
 def children_of(pid):
     """Direct children of `pid` (by scanning /proc)."""
     out = []

@@ -1,0 +1,109 @@
+"""Run one pgbench case and turn its output and per-transaction logs into figures."""
+
+import glob
+import os
+import re
+import shlex
+import subprocess
+import time
+
+WORKLOADS = {
+    "select": {"label": "select-only (-S)", "args": ["-S"]},
+    "tpcb": {"label": "TPC-B-like", "args": []},
+}
+PROTOCOLS = ["simple", "extended", "prepared"]
+
+
+def pgbench_argv(host, port, user, db, workload, protocol, clients, duration, jobs, log_prefix):
+    j = max(1, min(jobs, clients))
+    return (["pgbench", "-h", host, "-p", str(port), "-U", user, "-n", "-T", str(duration),
+             "-c", str(clients), "-j", str(j), "-M", protocol]
+            + WORKLOADS[workload]["args"]
+            + ["-l", f"--log-prefix={log_prefix}", db])
+
+
+def display_command(argv, password_env="PGPASSWORD"):
+    """The command as a person would type it (log prefix shortened)."""
+    shown = [re.sub(r"^--log-prefix=.*/", "--log-prefix=", a) for a in argv]
+    return f"{password_env}=*** " + " ".join(shlex.quote(a) for a in shown)
+
+
+def percentile(sorted_vals, q):
+    """Nearest-rank percentile of an ascending list."""
+    if not sorted_vals:
+        return None
+    k = max(0, min(len(sorted_vals) - 1, int(-(-q * len(sorted_vals) // 100)) - 1))
+    return sorted_vals[k]
+
+
+def aggregate_logs(prefix):
+    """avg/p50/p99 latency (ms) from pgbench --log files: one line per transaction,
+    `client_id transaction_no time_us script_no time_epoch time_us_frac`."""
+    lat = []
+    failed = 0
+    files = glob.glob(prefix + ".*")
+    for path in files:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                try:
+                    lat.append(int(parts[2]))
+                except ValueError:  # "failed" / "skipped"
+                    failed += 1
+        os.unlink(path)
+    lat.sort()
+    if not lat:
+        return {"log_txns": 0, "log_failed": failed}
+    return {
+        "log_txns": len(lat),
+        "log_failed": failed,
+        "avg_ms": sum(lat) / len(lat) / 1000.0,
+        "p50_ms": percentile(lat, 50) / 1000.0,
+        "p99_ms": percentile(lat, 99) / 1000.0,
+        "max_ms": lat[-1] / 1000.0,
+    }
+
+
+def parse_output(stdout, stderr):
+    out = {}
+    m = re.search(r"^tps = ([\d.]+) \(without initial connection time\)", stdout, re.M)
+    if m:
+        out["tps"] = float(m.group(1))
+    for key, pat in [("txns", r"number of transactions actually processed: (\d+)"),
+                     ("failed_txns", r"number of failed transactions: (\d+)"),
+                     ("pgbench_avg_ms", r"latency average = ([\d.]+) ms"),
+                     ("conn_time_ms", r"initial connection time = ([\d.]+) ms")]:
+        m = re.search(pat, stdout)
+        if m:
+            out[key] = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
+    errors = [l for l in stderr.splitlines() if "error" in l.lower() or "fatal" in l.lower()]
+    aborted = len(re.findall(r"client \d+ aborted", stderr))
+    out["aborted_clients"] = aborted
+    if errors:
+        out["errors"] = errors[:5]
+        out["error_lines"] = len(errors)
+    return out
+
+
+def run_case(argv, password, timeout):
+    env = dict(os.environ, PGPASSWORD=password, PGCONNECT_TIMEOUT="15", PGAPPNAME="sybench")
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+        rc, stdout, stderr = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc = "timeout"
+        stdout = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stderr = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        stderr += f"\npgbench did not finish within {timeout}s (killed)"
+    wall = time.monotonic() - t0
+    res = parse_output(stdout, stderr)
+    res["rc"] = rc
+    res["wall_s"] = round(wall, 2)
+    prefix = next(a.split("=", 1)[1] for a in argv if a.startswith("--log-prefix="))
+    res.update(aggregate_logs(prefix))
+    if rc == "timeout":
+        res.setdefault("errors", []).append(f"pgbench did not finish within {timeout}s")
+    return res
