@@ -60,6 +60,10 @@ pub struct Pool {
     startup_params: Mutex<Option<BytesMut>>,
     pub waiting: AtomicU32,
     pub open: AtomicU32,
+    /// The password of the pool's user, learned at the first checkout, so `min_pool_size`
+    /// connections can be opened ahead of demand.
+    password: Mutex<Option<Option<String>>>,
+    warming: std::sync::atomic::AtomicBool,
 }
 
 /// A server connection lent to one client for a transaction.
@@ -92,6 +96,8 @@ impl Pool {
             startup_params: Mutex::new(None),
             waiting: AtomicU32::new(0),
             open: AtomicU32::new(0),
+            password: Mutex::new(None),
+            warming: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -133,6 +139,10 @@ impl Pool {
         login_timeout: Duration,
     ) -> Result<PooledConn, PoolError> {
         let settings = *self.settings.lock().unwrap();
+        self.password
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| password.map(str::to_string));
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let permit = tokio::time::timeout(settings.checkout_timeout, self.permits.clone().acquire_owned()).await;
@@ -205,7 +215,8 @@ impl Pool {
         });
     }
 
-    /// Close idle connections past their idle timeout or lifetime (called periodically).
+    /// Close idle connections past their idle timeout or lifetime, or dead (called
+    /// periodically).
     pub fn prune(&self) {
         let s = *self.settings.lock().unwrap();
         let mut idle = self.idle.lock().unwrap();
@@ -213,12 +224,53 @@ impl Pool {
         let mut kept = Vec::with_capacity(idle.len());
         for (i, entry) in idle.drain(..).rev().enumerate() {
             let expired = entry.since.elapsed() > s.idle_timeout && i >= keep_at_least;
-            if !expired && entry.conn.created.elapsed() <= s.lifetime {
+            // A server that restarted or closed the connection leaves EOF to read: drop
+            // it now rather than at the next checkout, so min_pool_size refills.
+            if !expired && entry.conn.created.elapsed() <= s.lifetime && alive(&entry.conn.conn) {
                 kept.push(entry);
             }
         }
         kept.reverse();
         *idle = kept;
+    }
+
+    /// Open connections up to `min_pool_size` in the background (called periodically
+    /// for pools of nodes that are up). One at a time, so a slow server is not flooded.
+    pub fn prewarm(self: &Arc<Self>, login_timeout: Duration) {
+        let s = *self.settings.lock().unwrap();
+        let Some(password) = self.password.lock().unwrap().clone() else {
+            return;
+        };
+        if self.open.load(Ordering::Relaxed) >= s.min_size || self.warming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let login = server::Login {
+                user: &pool.key.user,
+                password: password.as_deref(),
+                database: &pool.key.database,
+                params: &[],
+                require_primary: false,
+            };
+            if let Ok(conn) = server::connect(&pool.key.addr, &login, login_timeout).await {
+                pool.open.fetch_add(1, Ordering::Relaxed);
+                let conn = PooledConn {
+                    conn,
+                    prepared: HashSet::new(),
+                    applied: BTreeMap::new(),
+                    created: Instant::now(),
+                    pool: pool.clone(),
+                    _permit: None,
+                    broken: false,
+                };
+                pool.idle.lock().unwrap().push(Idle {
+                    conn,
+                    since: Instant::now(),
+                });
+            }
+            pool.warming.store(false, Ordering::Release);
+        });
     }
 
     /// Drop every idle connection (the node went down or was removed).

@@ -313,6 +313,19 @@ impl Proxy {
                 }
                 for p in pruner.pools.all() {
                     p.prune();
+                    let Some(ctx) = pruner.clusters.get(&p.key.cluster) else {
+                        continue;
+                    };
+                    let snap = ctx.state.snapshot();
+                    let up = snap
+                        .nodes
+                        .iter()
+                        .any(|n| n.name == p.key.node && n.addr == p.key.addr && n.is_usable());
+                    if up {
+                        p.prewarm(snap.server_login_timeout);
+                    } else {
+                        p.clear_idle();
+                    }
                 }
             }
         });

@@ -310,7 +310,7 @@ fn django_with_one_alias_in_transaction_mode_survives_a_standby_failure() {
 #[test]
 fn pooled_connections_to_a_restarted_server_are_discarded_not_handed_out() {
     let cluster = LocalCluster::start(0).unwrap();
-    let proxy = Proxy::start(&cluster, "proxy", TXN, "");
+    let proxy = Proxy::start(&cluster, "proxy", &format!("{TXN}\nmin_pool_size = 3"), "");
     // Fill the pool with idle connections.
     let port = proxy.rw;
     let clients: Vec<_> = (0..5)
@@ -321,6 +321,10 @@ fn pooled_connections_to_a_restarted_server_are_discarded_not_handed_out() {
     }
     cluster.stop_node(0, "fast").unwrap();
     cluster.start_node(0).unwrap();
+    // min_pool_size: the pool opens connections again by itself, before any client asks.
+    wait_for("pool refilled to min_pool_size", Duration::from_secs(15), || {
+        (app_backends(&cluster, 0) >= 3).then_some(())
+    });
     wait_for("primary back", Duration::from_secs(10), || {
         psql(proxy.rw, "SELECT 1").ok()
     });
