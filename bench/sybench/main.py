@@ -1,0 +1,513 @@
+"""bench/run: the whole suite in one command. See bench/README.md."""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from . import failover, idle, report
+from .cluster import PG_BIN_DEFAULT, PgCluster
+from .pgbench import PROTOCOLS, WORKLOADS, display_command, pgbench_argv, run_case
+from .procs import Registry, ResourceWatch, install_signal_handlers, log, raise_nofile
+from .systems import (BENCH_PASSWORD, BENCH_USER, DB, IDLE_PASSWORD, IDLE_USER, System,
+                      start_haproxy, start_pgbouncer, start_switchyard, wait_switchyard_ready)
+
+BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(BENCH_DIR)
+
+ALL_SYSTEMS = ["direct", "pgbouncer", "haproxy", "sy-session", "sy-txn", "sy-split"]
+SYSTEM_LABELS = {
+    "direct": "direct",
+    "pgbouncer": "PgBouncer (txn)",
+    "haproxy": "HAProxy (TCP)",
+    "sy-session": "Switchyard session",
+    "sy-txn": "Switchyard txn",
+    "sy-split": "Switchyard txn + split",
+    "sy-split1": "Switchyard txn + split, 1 node",
+}
+# Connection errors that mean "more clients than the server lets in".
+TOO_MANY = re.compile(r"too many clients|remaining connection slots|sorry, too many|53300", re.I)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="bench/run", description=(
+        "Switchyard side by side with a direct connection, PgBouncer and HAProxy: pgbench "
+        "throughput/latency, Switchyard CPU and RSS, memory per idle client, failover timings "
+        "and the cost of read/write classification. Writes bench/results/<date>-<name>.md."))
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke: one case (select-only, simple, 16 clients, 3 s) on direct and "
+                        "Switchyard txn; no idle/failover/classification; output to a temp dir")
+    p.add_argument("--workloads", default="select,tpcb", help="comma list of: select, tpcb")
+    p.add_argument("--protocols", default="simple,extended,prepared", help="comma list of: simple, extended, prepared")
+    p.add_argument("--clients", default="1,16,128,1000", help="comma list of client counts")
+    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma list of: " + ", ".join(ALL_SYSTEMS))
+    p.add_argument("--duration", type=int, default=4, help="seconds per pgbench case (-T)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per case; the median-tps run is reported")
+    p.add_argument("--jobs", type=int, default=2, help="pgbench -j (threads), at most the client count")
+    p.add_argument("--scale", type=int, default=10, help="pgbench -i scale factor")
+    p.add_argument("--pool-size", type=int, default=20, help="server connections per pool (Switchyard and PgBouncer)")
+    p.add_argument("--max-connections", type=int, default=300, help="max_connections of the PostgreSQL servers")
+    p.add_argument("--idle-clients", type=int, default=10000, help="idle client connections for the memory figure (0: skip)")
+    p.add_argument("--idle-systems", default="sy-txn,pgbouncer", help="where to measure idle memory")
+    p.add_argument("--classify-clients", default="1,16", help="client counts for the read_write_split on/off comparison")
+    p.add_argument("--classify-repeat", type=int, default=3, help="alternating runs per classification case (median)")
+    p.add_argument("--skip-idle", action="store_true")
+    p.add_argument("--skip-failover", action="store_true")
+    p.add_argument("--skip-classify", action="store_true")
+    p.add_argument("--skip-matrix", action="store_true", help="no pgbench matrix (only idle/failover/classification)")
+    p.add_argument("--health-interval-ms", type=int, default=1000)
+    p.add_argument("--health-timeout-ms", type=int, default=1000)
+    p.add_argument("--health-rise", type=int, default=2)
+    p.add_argument("--health-fall", type=int, default=2)
+    p.add_argument("--binary", default=os.path.join(REPO, "target/release/switchyard"),
+                   help="Switchyard binary (copied to the temp dir before the run)")
+    p.add_argument("--pg-bin", default=PG_BIN_DEFAULT)
+    p.add_argument("--name", default=None, help="short description for the results file name")
+    p.add_argument("--out-dir", default=None, help="where results go (default bench/results; --quick: a temp dir)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (data dirs, configs, logs)")
+    p.add_argument("--no-latest", action="store_true", help="do not update bench/results/LATEST.md")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.workloads, a.protocols, a.clients = "select", "simple", "16"
+        a.systems, a.duration = "direct,sy-txn", 3
+        a.skip_idle = a.skip_failover = a.skip_classify = True
+        a.name = a.name or "quick"
+    a.workloads = [w for w in a.workloads.split(",") if w]
+    a.protocols = [x for x in a.protocols.split(",") if x]
+    a.clients = [int(c) for c in a.clients.split(",") if c]
+    a.systems = [s for s in a.systems.split(",") if s]
+    a.idle_systems = [s for s in a.idle_systems.split(",") if s]
+    a.classify_clients = [int(c) for c in a.classify_clients.split(",") if c]
+    for w in a.workloads:
+        if w not in WORKLOADS:
+            p.error(f"unknown workload {w}")
+    for x in a.protocols:
+        if x not in PROTOCOLS:
+            p.error(f"unknown protocol {x}")
+    for s in a.systems:
+        if s not in ALL_SYSTEMS:
+            p.error(f"unknown system {s}")
+    if a.idle_clients <= 0:
+        a.skip_idle = True
+    return a
+
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as e:
+        return f"({e})"
+
+
+def machine_info():
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cores": os.cpu_count(), "mem_gib": round(mem_kib / 1024 / 1024, 1), "cpu_model": model,
+            "kernel": platform.release(), "os": sh(["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"])}
+
+
+def versions(args, binary_copy):
+    git = lambda *a: sh(["git", "-C", REPO] + list(a))
+    dirty = git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock")
+    with open(binary_copy, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    mtime = datetime.datetime.fromtimestamp(os.path.getmtime(args.binary), datetime.timezone.utc)
+    try:
+        import matplotlib
+        mpl = matplotlib.__version__
+    except ImportError:
+        mpl = "not installed"
+    return {
+        "postgresql": sh([os.path.join(args.pg_bin, "postgres"), "--version"]),
+        "pgbench": sh(["pgbench", "--version"]),
+        "pgbouncer": sh(["pgbouncer", "--version"]).splitlines()[0] if shutil.which("pgbouncer") else "not installed",
+        "haproxy": sh(["haproxy", "-v"]).splitlines()[0] if shutil.which("haproxy") else "not installed",
+        "switchyard": sh([binary_copy, "--version"]),
+        "switchyard_commit": git("rev-parse", "HEAD"),
+        "switchyard_commit_subject": git("log", "-1", "--format=%s"),
+        "switchyard_tree_dirty": bool(dirty),
+        "switchyard_dirty_files": dirty.splitlines()[:20],
+        "switchyard_binary_sha256_16": digest,
+        "switchyard_binary_mtime": mtime.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "python": platform.python_version(),
+        "matplotlib": mpl,
+    }
+
+
+# ---- the run -------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.reg = Registry()
+        self.tmp = tempfile.mkdtemp(prefix="sybench-")
+        self.results = {"cases": [], "classify": [], "idle": [], "failover": {}, "notes": []}
+        self.systems = {}
+        self.case_no = 0
+
+    def health(self):
+        a = self.args
+        return {"interval_ms": a.health_interval_ms, "timeout_ms": a.health_timeout_ms,
+                "rise": a.health_rise, "fall": a.health_fall}
+
+    # -- setup --
+    def setup_cluster(self):
+        a = self.args
+        log(f"temp dir {self.tmp}")
+        c = self.cluster = PgCluster(self.tmp, self.reg, a.pg_bin, a.max_connections)
+        c.init_primary("primary")
+        c.psql(0, f"CREATE ROLE {BENCH_USER} LOGIN PASSWORD '{BENCH_PASSWORD}'")
+        c.psql(0, f"CREATE ROLE {IDLE_USER} LOGIN PASSWORD '{IDLE_PASSWORD}'")
+        c.psql(0, f"CREATE DATABASE {DB} OWNER {BENCH_USER}")
+        c.psql(0, "CREATE TABLE failover_probe (id bigserial PRIMARY KEY, worker int, at timestamptz DEFAULT now());"
+                  f"ALTER TABLE failover_probe OWNER TO {BENCH_USER}", db=DB)
+        log(f"pgbench -i -s {a.scale}")
+        t0 = time.monotonic()
+        p = subprocess.run(["pgbench", "-i", "-q", "-s", str(a.scale), "-h", "127.0.0.1", "-p", str(c.nodes[0].port),
+                            "-U", BENCH_USER, DB], capture_output=True, text=True,
+                           env=dict(os.environ, PGPASSWORD=BENCH_PASSWORD))
+        if p.returncode != 0:
+            raise RuntimeError(f"pgbench -i failed: {p.stderr}")
+        log(f"  done in {time.monotonic() - t0:.1f} s")
+        c.psql(0, "VACUUM ANALYZE", db=DB)
+        c.psql(0, "CHECKPOINT")
+        c.add_standby("standby")
+        c.wait_streaming(1)
+        c.wait_replayed(1)
+        self.scram_secret = c.psql(0, f"SELECT rolpassword FROM pg_authid WHERE rolname = '{BENCH_USER}'")
+        self.superuser_reserved = int(c.psql(0, "SHOW superuser_reserved_connections"))
+
+    def start_systems(self):
+        a, c = self.args, self.cluster
+        prim, stby = ("primary", c.nodes[0].port), ("standby", c.nodes[1].port)
+        need = set(a.systems)
+        if not a.skip_classify:
+            need |= {"sy-txn", "sy-split1"}
+        if not a.skip_idle:
+            need |= set(a.idle_systems)
+        need_sy = any(s.startswith("sy-") for s in need) or not a.skip_failover
+        if need_sy:
+            if not os.access(a.binary, os.X_OK):
+                raise RuntimeError(f"Switchyard binary {a.binary} not found (build it with cargo build --release)")
+            self.binary = os.path.join(self.tmp, "switchyard")
+            shutil.copy2(a.binary, self.binary)
+        else:
+            self.binary = a.binary
+        h = self.health()
+        S = self.systems
+        if "direct" in need:
+            S["direct"] = System("direct", SYSTEM_LABELS["direct"], c.nodes[0].port, conn_per_client=True,
+                                 description="pgbench straight to the primary")
+        if "pgbouncer" in need:
+            S["pgbouncer"] = start_pgbouncer(self.reg, self.tmp, c.nodes[0].port, a.pool_size, self.scram_secret)
+        if "haproxy" in need:
+            S["haproxy"] = start_haproxy(self.reg, self.tmp, c.nodes[0].port)
+        sy = {
+            "sy-session": ([prim], "session", False, "session mode, one node (the primary)"),
+            "sy-txn": ([prim], "transaction", False, f"transaction mode, pool_size = {a.pool_size}, one node (the primary)"),
+            "sy-split": ([prim, stby], "transaction", True,
+                         f"transaction mode, pool_size = {a.pool_size}, read_write_split = true, primary + one streaming standby"),
+            "sy-split1": ([prim], "transaction", True,
+                          f"transaction mode, pool_size = {a.pool_size}, read_write_split = true, one node (the primary)"),
+        }
+        for key, (nodes, mode, split, desc) in sy.items():
+            if key in need:
+                S[key] = start_switchyard(self.reg, self.tmp, self.binary, key, SYSTEM_LABELS[key], nodes, mode,
+                                          a.pool_size, split, h, description=desc)
+        for key, s in S.items():
+            if key.startswith("sy-"):
+                wait_switchyard_ready(s, BENCH_USER, BENCH_PASSWORD)
+            s.label = SYSTEM_LABELS[key]
+        log("systems up: " + ", ".join(f"{k} :{s.port}" for k, s in S.items()))
+
+    # -- one pgbench run --
+    def pgbench(self, system, workload, protocol, clients, duration=None):
+        a, c = self.args, self.cluster
+        duration = duration or a.duration
+        if workload == "tpcb":
+            # What pgbench does before a run without -n, done here over the socket so it
+            # never goes through a proxy.
+            c.psql(0, "VACUUM pgbench_branches, pgbench_tellers; TRUNCATE pgbench_history", db=DB)
+        self.case_no += 1
+        prefix = os.path.join(self.tmp, "pglog", f"c{self.case_no}")
+        os.makedirs(os.path.dirname(prefix), exist_ok=True)
+        argv = pgbench_argv("127.0.0.1", system.port, BENCH_USER, DB, workload, protocol, clients, duration,
+                            a.jobs, prefix)
+        off = system.log_offset()
+        watch = ResourceWatch(system.pid).start()
+        res = run_case(argv, BENCH_PASSWORD, timeout=duration + 180)
+        res.update(watch.stop())
+        n, msgs = system.log_problems(off)
+        if n:
+            res["log_problems"] = n
+            res["log_messages"] = dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:6])
+        res["command"] = display_command(argv)
+        time.sleep(0.5)
+        return res
+
+    def matrix(self):
+        a = self.args
+        order = [s for s in ALL_SYSTEMS if s in a.systems]
+        n_total = len(a.workloads) * len(a.protocols) * len(a.clients) * len(order)
+        done = 0
+        k = 0
+        for workload in a.workloads:
+            for protocol in a.protocols:
+                for clients in a.clients:
+                    # Rotate the order of systems from case to case, so none is always
+                    # first after a vacuum or last before one.
+                    rot = order[k % len(order):] + order[:k % len(order)]
+                    k += 1
+                    for key in rot:
+                        done += 1
+                        self.one_case(key, workload, protocol, clients, done, n_total)
+
+    def one_case(self, key, workload, protocol, clients, done, n_total):
+        a = self.args
+        s = self.systems[key]
+        row = {"system": key, "workload": workload, "protocol": protocol, "clients": clients}
+        limit = a.max_connections - self.superuser_reserved
+        if s.conn_per_client and s.unable and clients >= s.unable["clients"]:
+            row.update({"status": "n/a", "reason": f"needs one server connection per client; "
+                        f"{clients} > max_connections = {a.max_connections} "
+                        f"(shown by case {s.unable['case']}: {s.unable['error']})"})
+            self.results["cases"].append(row)
+            log(f"[{done}/{n_total}] {workload} {protocol} c={clients} {key}: n/a (see case {s.unable['case']})")
+            return
+        runs = []
+        for _ in range(max(1, a.repeat)):
+            r = self.pgbench(s, workload, protocol, clients)
+            r["case"] = self.case_no
+            runs.append(r)
+            if "tps" not in r or r.get("aborted_clients") or r["rc"] != 0:
+                break
+        ok_runs = [r for r in runs if "tps" in r]
+        if len(ok_runs) > 1:
+            ok_runs.sort(key=lambda r: r["tps"])
+            r = ok_runs[len(ok_runs) // 2]
+            r["repeats_tps"] = [x["tps"] for x in runs]
+        else:
+            r = runs[-1]
+        row.update(r)
+        err = " ".join(r.get("errors", []))
+        if s.conn_per_client and clients > limit and (r["rc"] != 0 or r.get("aborted_clients")) and TOO_MANY.search(err):
+            s.unable = {"clients": clients, "case": r["case"], "error": _short_err(err)}
+            row["status"] = "n/a"
+            row["reason"] = (f"needs one server connection per client; {clients} > max_connections = "
+                             f"{a.max_connections}: {_short_err(err)}")
+        elif r["rc"] != 0 or r.get("aborted_clients") or r.get("failed_txns") or "tps" not in r:
+            row["status"] = "error"
+        else:
+            row["status"] = "ok"
+        self.results["cases"].append(row)
+        extra = ""
+        if s.pid:
+            extra = f" cpu {r.get('cpu_s')} s rss {r.get('peak_rss_kib', 0) / 1024:.1f} MiB"
+        errs = f" ERR {_short_err(err)}" if row["status"] != "ok" else ""
+        p50, p99 = r.get("p50_ms"), r.get("p99_ms")
+        lat = f" p50 {p50:.2f} p99 {p99:.2f} ms" if p50 is not None else ""
+        log(f"[{done}/{n_total}] {workload} {protocol} c={clients} {key}: {row['status']} "
+            f"tps {r.get('tps', '-')}{lat}{extra}{errs}")
+
+    # -- classification cost --
+    def classify(self):
+        a = self.args
+        pair = [self.systems["sy-txn"], self.systems["sy-split1"]]
+        for protocol in a.protocols:
+            for clients in a.classify_clients:
+                runs = {s.key: [] for s in pair}
+                for i in range(a.classify_repeat):
+                    for s in (pair if i % 2 == 0 else list(reversed(pair))):
+                        r = self.pgbench(s, "select", protocol, clients)
+                        r["case"] = self.case_no
+                        runs[s.key].append(r)
+                row = {"protocol": protocol, "clients": clients}
+                for key, rs in runs.items():
+                    tps = sorted(x.get("tps", 0) for x in rs)
+                    med = sorted(rs, key=lambda x: x.get("tps", 0))[len(rs) // 2]
+                    row[key] = {"tps_median": statistics.median(tps), "tps_all": [x.get("tps") for x in rs],
+                                "p50_ms": med.get("p50_ms"), "p99_ms": med.get("p99_ms"),
+                                "cpu_s": med.get("cpu_s"), "errors": sum(1 for x in rs if x["rc"] != 0 or x.get("aborted_clients")),
+                                "commands": [x["command"] for x in rs], "cases": [x["case"] for x in rs],
+                                "log_problems": sum(x.get("log_problems", 0) for x in rs)}
+                off, on = row["sy-txn"]["tps_median"], row["sy-split1"]["tps_median"]
+                row["slowdown_pct"] = round((1 - on / off) * 100, 1) if off else None
+                self.results["classify"].append(row)
+                log(f"classification {protocol} c={clients}: split off {off:.0f} tps, on {on:.0f} tps, "
+                    f"slowdown {row['slowdown_pct']} %")
+
+    # -- idle clients --
+    def idle(self):
+        a = self.args
+        for key in a.idle_systems:
+            s = self.systems.get(key)
+            if s is None or s.pid is None:
+                continue
+            off = s.log_offset()
+            try:
+                r = idle.measure_idle(s, a.idle_clients, IDLE_USER, DB, None)
+            except Exception as e:
+                r = {"system": key, "error": f"{type(e).__name__}: {e}"}
+                log(f"  idle measurement on {key} failed: {r['error']}")
+            n, msgs = s.log_problems(off)
+            if n:
+                r["log_problems"] = n
+                r["log_messages"] = dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:6])
+            self.results["idle"].append(r)
+            time.sleep(1)
+
+    # -- failover --
+    def failover(self):
+        a, c = self.args, self.cluster
+        # Quiet the pools of the throughput systems first: they are not part of this.
+        for key in list(self.systems):
+            s = self.systems[key]
+            if getattr(s, "proc", None) is not None:
+                from .procs import stop_process
+                stop_process(s.proc)
+        if self.systems.get("pgbouncer") or self.systems.get("haproxy"):
+            pass  # they hold a few idle server connections; harmless
+        c.wait_replayed(1)
+        h = self.health()
+        prim, stby = ("primary", c.nodes[0].port), ("standby", c.nodes[1].port)
+        fo = []
+        for key, mode in (("fo-txn", "transaction"), ("fo-session", "session")):
+            s = start_switchyard(self.reg, self.tmp, self.binary, key, f"Switchyard {mode}", [prim, stby], mode,
+                                 a.pool_size, False, h, with_ro=True,
+                                 description=f"{mode} mode, primary + standby, rw and ro endpoints")
+            fo.append(s)
+        for s in fo:
+            wait_switchyard_ready(s, BENCH_USER, BENCH_PASSWORD, want_ro=True)
+            self._wait_ro_on(s, c.nodes[1].port)
+        out = {"health": h, "systems": {s.key: s.description for s in fo},
+               "configs": {s.key: s.config_text for s in fo}}
+        offs = {s.key: s.log_offset() for s in fo}
+        out["standby"] = failover.standby_failure(c, 1, fo, BENCH_USER, DB, BENCH_PASSWORD)
+        for s in fo:
+            n, msgs = s.log_problems(offs[s.key])
+            out["standby"][s.key]["log_messages"] = dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:8])
+        # Bring the standby back, wait until both proxies read from it again.
+        log("restarting the standby")
+        c.start(1)
+        c.wait_streaming(1)
+        c.wait_replayed(1)
+        for s in fo:
+            self._wait_ro_on(s, c.nodes[1].port, timeout=30)
+        time.sleep(1)
+        offs = {s.key: s.log_offset() for s in fo}
+        out["primary"] = failover.primary_failure(c, 0, 1, fo, BENCH_USER, DB, BENCH_PASSWORD)
+        for s in fo:
+            n, msgs = s.log_problems(offs[s.key])
+            out["primary"][s.key]["log_messages"] = dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:8])
+        self.results["failover"] = out
+
+    def _wait_ro_on(self, s, port, timeout=20):
+        import asyncio
+
+        from .pgwire import Conn
+
+        async def probe():
+            k = await Conn.connect("127.0.0.1", s.ro_port, BENCH_USER, DB, BENCH_PASSWORD)
+            try:
+                return (await k.query("SELECT inet_server_port()"))[0][0]
+            finally:
+                k.close()
+
+        deadline = time.monotonic() + timeout
+        got = None
+        while time.monotonic() < deadline:
+            try:
+                got = asyncio.run(asyncio.wait_for(probe(), 5))
+                if str(got) == str(port):
+                    return True
+            except Exception as e:
+                got = str(e)
+            time.sleep(0.2)
+        log(f"warning: {s.key} ro endpoint still answered from {got}, not the standby :{port}")
+        return False
+
+
+def _short_err(text):
+    text = re.sub(r"\s+", " ", text).strip()
+    m = re.search(r"(FATAL|ERROR):\s*(.*)", text)
+    if m:
+        text = m.group(0)
+    return text[:220]
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    install_signal_handlers()
+    nofile = raise_nofile(20000)
+    t_start = time.time()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    b = Bench(args)
+    failed = None
+    try:
+        b.results["machine"] = machine_info()
+        b.results["nofile"] = list(nofile)
+        b.setup_cluster()
+        b.start_systems()
+        b.results["versions"] = versions(args, b.binary) if os.path.exists(b.binary) else {}
+        b.results["systems"] = {k: {"label": s.label, "description": s.description, "config": s.config_text}
+                                for k, s in b.systems.items()}
+        if not args.skip_matrix:
+            b.matrix()
+        if not args.skip_classify:
+            b.classify()
+        if not args.skip_idle:
+            b.idle()
+        if not args.skip_failover:
+            b.failover()
+    except KeyboardInterrupt as e:
+        failed = f"interrupted ({e or 'Ctrl-C'})"
+        log(failed)
+    except Exception as e:
+        import traceback
+
+        failed = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    finally:
+        log("stopping everything")
+        b.reg.cleanup()
+        if args.keep_tmp or failed:
+            log(f"temp dir kept: {b.tmp}")
+        else:
+            shutil.rmtree(b.tmp, ignore_errors=True)
+    wall = time.time() - t_start
+    b.results["wall_s"] = round(wall, 1)
+    b.results["started"] = started.strftime("%Y-%m-%d %H:%M UTC")
+    b.results["args"] = {k: v for k, v in vars(args).items()}
+    b.results["argv"] = "bench/run " + " ".join(sys.argv[1:] if argv is None else argv)
+    if failed:
+        b.results["failed"] = failed
+    if not b.results["cases"] and not b.results["classify"] and not b.results["idle"] and not b.results["failover"]:
+        log("nothing measured; no results written")
+        return 1
+    out_dir = args.out_dir or (tempfile.mkdtemp(prefix="sybench-quick-") if args.quick
+                               else os.path.join(BENCH_DIR, "results"))
+    os.makedirs(out_dir, exist_ok=True)
+    name = f"{started.strftime('%Y-%m-%d')}-{re.sub(r'[^A-Za-z0-9._-]+', '-', args.name or 'full-matrix')}"
+    md_path = report.write(b.results, out_dir, name)
+    if not args.quick and not args.no_latest and not failed and os.path.abspath(out_dir) == os.path.join(BENCH_DIR, "results"):
+        report.write_latest(b.results, out_dir, name)
+    log(f"results: {md_path} (wall time {wall / 60:.1f} min)")
+    return 1 if failed else 0
