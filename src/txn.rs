@@ -1010,7 +1010,6 @@ impl<'a> TxnSession<'a> {
                     }
                 }
             }
-            let held_node = self.held.as_ref().map(|h| h.node.clone());
             let event = {
                 let client = &mut self.client;
                 let cbuf = &mut self.cbuf;
@@ -1078,7 +1077,7 @@ impl<'a> TxnSession<'a> {
                     }
                 }
                 Event::Topology => {
-                    let Some(node) = held_node else { continue };
+                    let Some(node) = self.held.as_ref().map(|h| h.node.clone()) else { continue };
                     let snap = topology.borrow_and_update().clone();
                     let writes = self.endpoint == Endpoint::ReadWrite
                         && self.held.as_ref().is_some_and(|h| h.role == Role::Primary);
