@@ -1077,7 +1077,9 @@ impl<'a> TxnSession<'a> {
                     }
                 }
                 Event::Topology => {
-                    let Some(node) = self.held.as_ref().map(|h| h.node.clone()) else { continue };
+                    let Some(node) = self.held.as_ref().map(|h| h.node.clone()) else {
+                        continue;
+                    };
                     let snap = topology.borrow_and_update().clone();
                     let writes = self.endpoint == Endpoint::ReadWrite
                         && self.held.as_ref().is_some_and(|h| h.role == Role::Primary);

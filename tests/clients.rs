@@ -8,23 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn pgbench(port: u16, args: &[&str]) -> String {
-    let out = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", APP_USER])
-        .args(args)
-        .arg(APP_DB)
-        .env("PGPASSWORD", APP_PASSWORD)
-        .output()
-        .expect("run pgbench");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-    text
-}
-
 #[test]
 fn psycopg2_and_psycopg3_work_through_both_endpoints() {
     let cluster = LocalCluster::start(1).unwrap();

@@ -10,23 +10,6 @@ use common::*;
 const TXN: &str = "pool_mode = \"transaction\"\npool_size = 10\ncheckout_timeout_ms = 20000";
 const SPLIT: &str = "pool_mode = \"transaction\"\npool_size = 10\ncheckout_timeout_ms = 20000\nread_write_split = true";
 
-fn pgbench(port: u16, args: &[&str]) -> String {
-    let out = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", APP_USER])
-        .args(args)
-        .arg(APP_DB)
-        .env("PGPASSWORD", APP_PASSWORD)
-        .output()
-        .expect("run pgbench");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
-    text
-}
-
 /// Server connections of `app` on a node, as the node itself counts them.
 fn app_backends(cluster: &LocalCluster, node: usize) -> i64 {
     cluster
@@ -101,34 +84,6 @@ fn xact_commits(cluster: &LocalCluster, node: usize) -> i64 {
         .unwrap()
 }
 
-fn psql_session(port: u16, statements: &[&str]) -> Vec<String> {
-    let mut cmd = Command::new("psql");
-    cmd.args([
-        "-X",
-        "-q",
-        "-At",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "-U",
-        APP_USER,
-        "-d",
-        APP_DB,
-    ]);
-    for s in statements {
-        cmd.args(["-c", s]);
-    }
-    let out = cmd.env("PGPASSWORD", APP_PASSWORD).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn read_write_split_sends_reads_to_standbys_and_everything_else_to_the_primary() {
     let cluster = LocalCluster::start(2).unwrap();
@@ -139,7 +94,7 @@ fn read_write_split_sends_reads_to_standbys_and_everything_else_to_the_primary()
     cluster.wait_replayed(Duration::from_secs(20)).unwrap();
 
     // One session, several units of work, each routed on its own merits.
-    let answers = psql_session(
+    let answers = psql_statements(
         proxy.rw,
         &[
             "SELECT pg_is_in_recovery()",

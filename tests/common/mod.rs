@@ -120,7 +120,21 @@ pub fn psql_as(port: u16, user: &str, password: &str, sql: &str) -> Result<Strin
 
 /// psql through the proxy as `user` on database `db` (`switchyard`: the admin console).
 pub fn psql_db(port: u16, user: &str, password: &str, db: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
+    psql_run(port, user, password, db, &[sql])
+}
+
+/// Several statements in one psql session, each its own Query; one output line each.
+pub fn psql_statements(port: u16, statements: &[&str]) -> Vec<String> {
+    let out = psql_run(port, APP_USER, APP_PASSWORD, APP_DB, statements).unwrap_or_else(|e| panic!("{e}"));
+    out.lines().map(str::to_string).collect()
+}
+
+fn psql_run(port: u16, user: &str, password: &str, db: &str, statements: &[&str]) -> Result<String, String> {
+    let mut cmd = Command::new("psql");
+    for sql in statements {
+        cmd.args(["-c", sql]);
+    }
+    let out = cmd
         .args([
             "-X",
             "-q",
@@ -135,8 +149,6 @@ pub fn psql_db(port: u16, user: &str, password: &str, db: &str, sql: &str) -> Re
             user,
             "-d",
             db,
-            "-c",
-            sql,
         ])
         .env("PGPASSWORD", password)
         .env("PGCONNECT_TIMEOUT", "10")
@@ -263,4 +275,22 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
 pub fn report(line: &str) {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "measured: {line}");
+}
+
+/// Run pgbench through `port` as the app user; panics with its output on failure.
+pub fn pgbench(port: u16, args: &[&str]) -> String {
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", APP_USER])
+        .args(args)
+        .arg(APP_DB)
+        .env("PGPASSWORD", APP_PASSWORD)
+        .output()
+        .expect("run pgbench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
+    text
 }
