@@ -19,6 +19,8 @@ struct Target {
     addr: String,
     server_pid: i32,
     server_key: i32,
+    /// Whether the session holds the server connection above now.
+    active: bool,
 }
 
 #[derive(Default)]
@@ -57,6 +59,7 @@ impl CancelRegistry {
                 addr: addr.to_string(),
                 server_pid,
                 server_key,
+                active: !addr.is_empty(),
             },
         );
         Registration {
@@ -67,19 +70,33 @@ impl CancelRegistry {
     }
 
     /// Point a session's key at the server connection it holds now (transaction
-    /// pooling); an empty `addr` means it holds none, and a cancel has nothing to stop.
-    pub fn retarget(&self, pid: i32, addr: &str, server_pid: i32, server_key: i32) {
+    /// pooling); `None` when it holds none, and a cancel has nothing to stop.
+    pub fn retarget(&self, pid: i32, target: Option<(&str, i32, i32)>) {
         if let Some(t) = self.map.lock().unwrap().get_mut(&pid) {
-            t.addr = addr.to_string();
-            t.server_pid = server_pid;
-            t.server_key = server_key;
+            match target {
+                Some((addr, server_pid, server_key)) => {
+                    if t.addr != addr {
+                        t.addr = addr.to_string(); // only when the node changes
+                    }
+                    t.server_pid = server_pid;
+                    t.server_key = server_key;
+                    t.active = true;
+                }
+                None => t.active = false,
+            }
         }
     }
 
     /// Forward a client's CancelRequest to the server its session is on. Unknown keys
     /// are dropped silently, as PostgreSQL does (no answer is ever sent to a cancel).
     pub async fn forward(&self, pid: i32, key: i32) {
-        let target = self.map.lock().unwrap().get(&pid).filter(|t| t.key == key).cloned();
+        let target = self
+            .map
+            .lock()
+            .unwrap()
+            .get(&pid)
+            .filter(|t| t.key == key && t.active)
+            .cloned();
         let Some(t) = target else {
             debug!(pid, "cancel request for an unknown session ignored");
             return;

@@ -201,19 +201,36 @@ impl Classifier {
     }
 
     /// Classify a query text (one or several statements), from the cache when seen before.
+    ///
+    /// The cache is keyed by the text with its literals blanked (`WHERE id = 42` and
+    /// `WHERE id = 7` share an entry), since clients that inline values (pgbench -M
+    /// simple, many ORMs' simple protocol) would otherwise parse every query. Literals
+    /// never change what a statement does, except the value a SET records: those results
+    /// are cached under the exact text instead.
     pub fn classify(&self, sql: &str) -> Arc<Classification> {
-        if let Some(c) = self.cache.read().unwrap().get(sql) {
-            return c.clone();
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
-        let c = Arc::new(self.classify_uncached(sql));
-        let mut cache = self.cache.write().unwrap();
-        if cache.len() >= CACHE_LIMIT {
-            // Crude but bounded: applications have far fewer distinct query texts than
-            // this unless they inline literals, and then caching buys little anyway.
-            cache.clear();
-        }
-        cache.insert(sql.into(), c.clone());
-        c
+        KEY.with(|key| {
+            let mut key = key.borrow_mut();
+            blank_literals(sql, &mut key);
+            {
+                let cache = self.cache.read().unwrap();
+                if let Some(c) = cache.get(key.as_str()).or_else(|| cache.get(sql)) {
+                    return c.clone();
+                }
+            }
+            let c = Arc::new(self.classify_uncached(sql));
+            let literal_free = c.sets.is_empty() && c.deallocate.is_none();
+            let mut cache = self.cache.write().unwrap();
+            if cache.len() >= CACHE_LIMIT {
+                // Crude but bounded: with literals blanked, applications have far fewer
+                // distinct statements than this.
+                cache.clear();
+            }
+            cache.insert(if literal_free { key.as_str().into() } else { sql.into() }, c.clone());
+            c
+        })
     }
 
     fn classify_uncached(&self, sql: &str) -> Classification {
@@ -366,6 +383,138 @@ impl Classifier {
     }
 }
 
+/// Copy `sql` into `out` with every literal (number, string, dollar-quoted string, bit
+/// or hex string) replaced by `?`. Comments, identifiers (quoted or not) and `$n`
+/// parameters are kept, so statements that differ only in their values get one key.
+/// Written by hand: this must cost one pass and no allocation per query, and
+/// libpg_query's own normalization parses the query, which is what the cache avoids.
+pub fn blank_literals(sql: &str, out: &mut String) {
+    out.clear();
+    let b = sql.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let prev_ident = i > 0 && (ident(b[i - 1]) || b[i - 1] == b'$');
+        match c {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                let end = sql[i..].find('\n').map_or(b.len(), |e| i + e);
+                out.push_str(&sql[i..end]);
+                i = end;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                // Nested comments, as PostgreSQL allows.
+                let (mut depth, mut j) = (1, i + 2);
+                while j < b.len() && depth > 0 {
+                    if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
+                        depth += 1;
+                        j += 2;
+                    } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
+                        depth -= 1;
+                        j += 2;
+                    } else {
+                        j += 1;
+                    }
+                }
+                out.push_str(&sql[i..j]);
+                i = j;
+            }
+            b'"' => {
+                let mut j = i + 1;
+                while j < b.len() {
+                    if b[j] == b'"' {
+                        if b.get(j + 1) == Some(&b'"') {
+                            j += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    j += 1;
+                }
+                let end = (j + 1).min(b.len());
+                out.push_str(&sql[i..end]);
+                i = end;
+            }
+            b'\'' => {
+                // A one-letter prefix (E'', B'', X'', N'') belongs to the literal.
+                let escapes = i > 0 && matches!(b[i - 1], b'E' | b'e') && !(i > 1 && ident(b[i - 2]));
+                if i > 0
+                    && matches!(b[i - 1], b'E' | b'e' | b'B' | b'b' | b'X' | b'x' | b'N' | b'n')
+                    && !(i > 1 && ident(b[i - 2]))
+                {
+                    out.pop();
+                }
+                let mut j = i + 1;
+                while j < b.len() {
+                    if escapes && b[j] == b'\\' {
+                        j += 2;
+                        continue;
+                    }
+                    if b[j] == b'\'' {
+                        if b.get(j + 1) == Some(&b'\'') {
+                            j += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    j += 1;
+                }
+                out.push('?');
+                i = (j + 1).min(b.len());
+            }
+            b'$' if !prev_ident => {
+                // $1 parameter, or $tag$ ... $tag$ string.
+                let tag_end = b[i + 1..]
+                    .iter()
+                    .position(|&x| !(x.is_ascii_alphanumeric() || x == b'_'))
+                    .map(|p| i + 1 + p);
+                match tag_end {
+                    Some(t) if b[t] == b'$' && !b[i + 1..t].first().is_some_and(u8::is_ascii_digit) => {
+                        let tag = &sql[i..=t];
+                        let body_end = sql[t + 1..].find(tag).map_or(b.len(), |e| t + 1 + e + tag.len());
+                        out.push('?');
+                        i = body_end;
+                    }
+                    _ => {
+                        out.push('$');
+                        i += 1;
+                        while i < b.len() && b[i].is_ascii_digit() {
+                            out.push(b[i] as char);
+                            i += 1;
+                        }
+                    }
+                }
+            }
+            b'0'..=b'9' if !prev_ident => {
+                let mut j = i;
+                while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'.' || b[j] == b'_') {
+                    // 1e-5: a sign right after the exponent belongs to the number.
+                    if matches!(b[j], b'e' | b'E') && matches!(b.get(j + 1), Some(b'+' | b'-')) {
+                        j += 1;
+                    }
+                    j += 1;
+                }
+                out.push('?');
+                i = j;
+            }
+            _ => {
+                let len = utf8_len(c);
+                out.push_str(&sql[i..(i + len).min(b.len())]);
+                i += len;
+            }
+        }
+    }
+}
+
+fn utf8_len(first: u8) -> usize {
+    match first {
+        0xF0..=0xFF => 4,
+        0xE0..=0xEF => 3,
+        0xC0..=0xDF => 2,
+        _ => 1,
+    }
+}
+
 fn pin(c: &mut Classification, why: &'static str) {
     c.read_only = false;
     c.pins.get_or_insert(why);
@@ -484,6 +633,52 @@ mod tests {
         assert_eq!(c("DEALLOCATE \"_pg3_1\"").deallocate, Some("_pg3_1".into()));
         assert_eq!(c("DEALLOCATE PREPARE p").deallocate, Some("p".into()));
         assert_eq!(c("SELECT 1").deallocate, None);
+    }
+
+    #[test]
+    fn literals_are_blanked_for_the_cache_key() {
+        let mut k = String::new();
+        let mut key = |s: &str| {
+            blank_literals(s, &mut k);
+            k.clone()
+        };
+        assert_eq!(
+            key("SELECT abalance FROM t WHERE aid = 42;"),
+            "SELECT abalance FROM t WHERE aid = ?;"
+        );
+        assert_eq!(
+            key("SELECT 'it''s', E'a\\'b', 1.5e-3, x1, $1, $$dollar 'q'$$"),
+            "SELECT ?, ?, ?, x1, $1, ?"
+        );
+        assert_eq!(
+            key("SELECT $tag$ 1 $tag$ FROM \"t 1\" /* 'x' 2 */ -- 3"),
+            "SELECT ? FROM \"t 1\" /* 'x' 2 */ -- 3"
+        );
+        assert_eq!(key("SELECT B'0101', X'ff', n'x'"), "SELECT ?, ?, ?");
+        assert_eq!(key("SELECT ünï, 'é'"), "SELECT ünï, ?");
+        // Same shape, one entry; a hint is not a literal.
+        assert_eq!(key("SELECT 1"), key("SELECT 2"));
+        assert_ne!(key("/* switchyard:primary */ SELECT 1"), key("SELECT 1"));
+    }
+
+    #[test]
+    fn cached_shapes_keep_set_values_exact() {
+        let k = Classifier::new(&[]);
+        assert!(Arc::ptr_eq(
+            &k.classify("SELECT * FROM t WHERE id = 1"),
+            &k.classify("SELECT * FROM t WHERE id = 2")
+        ));
+        let a = k.classify("SET TIME ZONE 'UTC'");
+        let b = k.classify("SET TIME ZONE 'Asia/Tokyo'");
+        assert_eq!(
+            b.sets,
+            vec![SetAction::Set {
+                name: "timezone".into(),
+                statement: "SET TIME ZONE 'Asia/Tokyo'".into()
+            }]
+        );
+        assert_ne!(a.sets, b.sets);
+        assert!(!k.classify("SELECT * FROM t WHERE id = 3 FOR UPDATE").read_only);
     }
 
     #[test]

@@ -121,8 +121,17 @@ fn check(path: Option<&PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// Worker threads: `SWITCHYARD_THREADS`, else one per core.
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("SWITCHYARD_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+    {
+        b.worker_threads(n);
+    }
+    Ok(b.enable_all().build()?)
 }
 
 fn run(path: Option<&PathBuf>) -> Result<()> {

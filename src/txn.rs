@@ -39,6 +39,17 @@ use crate::topology::{Health, Role};
 
 const BUFFER: usize = 8192;
 
+/// Buffers start empty: a client that has not sent anything since it logged in (with
+/// thousands of clients, most of them) gets 512 bytes to read into, and `BUFFER` once
+/// it is busy.
+fn ready_to_read(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        buf.reserve(512);
+    } else if buf.capacity() - buf.len() < 512 {
+        buf.reserve(BUFFER);
+    }
+}
+
 /// What the transaction-mode session knows of its client.
 pub struct TxnClient {
     pub user: String,
@@ -91,16 +102,12 @@ enum Expect {
 struct Held {
     conn: PooledConn,
     pool: Arc<Pool>,
-    node: String,
     role: Role,
-    expect: VecDeque<Expect>,
     /// Requests answered by ReadyForQuery still outstanding.
     pending: i32,
     status: u8,
     /// Whether any byte of this unit's answer reached the client (retry is safe only before).
     answered: bool,
-    /// Client messages of this unit as received, for a retry on another node.
-    sent: Vec<Bytes>,
     /// This unit is a read routed by read/write splitting (may be retried).
     retryable: bool,
     queries: prometheus_client::metrics::counter::Counter,
@@ -120,6 +127,13 @@ pub struct TxnSession<'a> {
     sout: BytesMut,
     /// A message that starts the next unit of work, held back until the current one ends.
     stash: Option<Bytes>,
+    /// Answers the held server owes, in order (kept here so its allocation is reused).
+    expect: VecDeque<Expect>,
+    /// Client messages of the current unit as received, for a retry on another node.
+    sent: Vec<Bytes>,
+    /// Per node: its pool for this client and its routed-queries counter, looked up once.
+    pools: HashMap<String, (Arc<Pool>, prometheus_client::metrics::counter::Counter)>,
+    password: Option<String>,
     held: Option<Held>,
     stmts: HashMap<String, Stmt>,
     /// Session state the client asked for: setting name → statement that sets it.
@@ -286,6 +300,7 @@ impl<'a> TxnSession<'a> {
                 "SET default_transaction_read_only = on".into(),
             );
         }
+        let password = config.user(&who.user).and_then(|u| u.password.clone());
         TxnSession {
             client,
             who,
@@ -293,11 +308,15 @@ impl<'a> TxnSession<'a> {
             endpoint,
             shared,
             config,
-            cbuf: BytesMut::with_capacity(BUFFER),
-            sbuf: BytesMut::with_capacity(BUFFER),
-            out: BytesMut::with_capacity(BUFFER),
-            sout: BytesMut::with_capacity(BUFFER),
+            cbuf: BytesMut::new(),
+            sbuf: BytesMut::new(),
+            out: BytesMut::new(),
+            sout: BytesMut::new(),
             stash: None,
+            expect: VecDeque::new(),
+            sent: Vec::new(),
+            pools: HashMap::new(),
+            password,
             held: None,
             stmts: HashMap::new(),
             desired,
@@ -313,15 +332,30 @@ impl<'a> TxnSession<'a> {
     }
 
     /// The pool of a node for this client.
-    fn pool(&self, node: &str, addr: &str) -> Arc<Pool> {
+    /// The pool of a node for this client, and the node's routed-queries counter: found
+    /// once per node and kept, so taking a connection allocates nothing.
+    fn pool(&mut self, node: &crate::topology::NodeState) -> (Arc<Pool>, prometheus_client::metrics::counter::Counter) {
+        if let Some((pool, queries)) = self.pools.get(&node.name) {
+            if pool.key.addr == node.addr {
+                return (pool.clone(), queries.clone());
+            }
+        }
         let key = PoolKey {
             cluster: self.cluster.name.clone(),
-            node: node.into(),
-            addr: addr.into(),
+            node: node.name.clone(),
+            addr: node.addr.clone(),
             database: self.who.database.clone(),
             user: self.who.user.clone(),
         };
-        self.shared.pools.get(key, self.cluster_config().pool_settings())
+        let pool = self.shared.pools.get(key, self.cluster_config().pool_settings());
+        let labels = RoutedLabels {
+            cluster: self.cluster.name.clone(),
+            node: node.name.clone(),
+            role: node.role.to_string(),
+        };
+        let queries = self.shared.metrics.queries_routed.get_or_create(&labels).clone();
+        self.pools.insert(node.name.clone(), (pool.clone(), queries.clone()));
+        (pool, queries)
     }
 
     /// Get a server connection on the best candidate for this unit of work; `read` says
@@ -333,16 +367,19 @@ impl<'a> TxnSession<'a> {
         }
         let split = self.endpoint == Endpoint::ReadOnly || (read && self.cluster_config().read_write_split);
         let target = if split { Endpoint::ReadOnly } else { Endpoint::ReadWrite };
-        let password = self.config.user(&self.who.user).and_then(|u| u.password.clone());
-        let mut rx = self.cluster.state.subscribe();
+        // Subscribed only once there is something to wait for.
+        let mut rx: Option<tokio::sync::watch::Receiver<Arc<crate::topology::ClusterSnapshot>>> = None;
         let (connect_timeout, login_timeout) = {
-            let s = rx.borrow();
+            let s = self.cluster.state.snapshot();
             (s.connect_timeout, s.server_login_timeout)
         };
         let deadline = tokio::time::Instant::now() + connect_timeout;
         let mut failures = Vec::new();
         loop {
-            let snap = rx.borrow_and_update().clone();
+            let snap = match rx.as_mut() {
+                Some(rx) => rx.borrow_and_update().clone(),
+                None => self.cluster.state.snapshot(),
+            };
             let turn = self.cluster.turn.fetch_add(1, Ordering::Relaxed);
             let problem = match routing::route(target, &snap, turn) {
                 Ok(candidates) => {
@@ -351,34 +388,26 @@ impl<'a> TxnSession<'a> {
                         if exclude.contains(&node.name) {
                             continue;
                         }
-                        let pool = self.pool(&node.name, &node.addr);
+                        let (pool, queries) = self.pool(node);
                         let require_primary = target == Endpoint::ReadWrite;
-                        match pool.checkout(password.as_deref(), require_primary, login_timeout).await {
+                        match pool
+                            .checkout(self.password.as_deref(), require_primary, login_timeout)
+                            .await
+                        {
                             Ok(conn) => {
-                                let queries = self
-                                    .shared
-                                    .metrics
-                                    .queries_routed
-                                    .get_or_create(&RoutedLabels {
-                                        cluster: self.cluster.name.clone(),
-                                        node: node.name.clone(),
-                                        role: node.role.to_string(),
-                                    })
-                                    .clone();
                                 node.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
                                 self.shared
                                     .cancels
-                                    .retarget(self.cancel.pid, &node.addr, conn.conn.pid, conn.conn.key);
+                                    .retarget(self.cancel.pid, Some((&node.addr, conn.conn.pid, conn.conn.key)));
+                                self.expect.clear();
+                                self.sent.clear();
                                 self.held = Some(Held {
                                     conn,
                                     pool,
-                                    node: node.name.clone(),
                                     role: node.role,
-                                    expect: VecDeque::new(),
                                     pending: 0,
                                     status: b'I',
                                     answered: false,
-                                    sent: Vec::new(),
                                     retryable: split && self.endpoint == Endpoint::ReadWrite,
                                     queries,
                                 });
@@ -416,6 +445,11 @@ impl<'a> TxnSession<'a> {
                     )
                 }
                 Err(e) => e.to_string(),
+            };
+            let Some(rx) = rx.as_mut() else {
+                // Subscribe, then look again: a change between the two is not lost.
+                rx = Some(self.cluster.state.subscribe());
+                continue;
             };
             let now = tokio::time::Instant::now();
             if now >= deadline || tokio::time::timeout(deadline - now, rx.changed()).await.is_err() {
@@ -504,7 +538,7 @@ impl<'a> TxnSession<'a> {
             if self.pinned.is_some() {
                 h.conn.broken = true;
             }
-            self.shared.cancels.retarget(self.cancel.pid, "", 0, 0);
+            self.shared.cancels.retarget(self.cancel.pid, None);
             h.pool.checkin(h.conn);
         }
     }
@@ -664,7 +698,7 @@ impl<'a> TxnSession<'a> {
     fn forward(&mut self, msg: Bytes) -> Result<(), TxnEnd> {
         let held = self.held.as_mut().expect("held");
         if !held.answered {
-            held.sent.push(msg.clone());
+            self.sent.push(msg.clone());
         }
         let tag = msg[0];
         tracing::trace!(peer = %self.who.peer, tag = %(tag as char), "client message");
@@ -675,7 +709,7 @@ impl<'a> TxnSession<'a> {
             b'Q' => {
                 let (q, _) = cstr(body).ok_or_else(malformed)?;
                 let c = self.cluster.classifier.classify(q);
-                held.expect.push_back(Expect::Ready);
+                self.expect.push_back(Expect::Ready);
                 held.pending += 1;
                 held.queries.inc();
                 // DEALLOCATE of a protocol-level statement: the server knows it under its
@@ -693,13 +727,13 @@ impl<'a> TxnSession<'a> {
                             // succeeds with the reply the client expects.
                             put_close_statement(out, &stmt.server_name);
                             out.extend_from_slice(&stmt.parse);
-                            let e = held.expect.pop_back();
-                            held.expect.push_back(Expect::CloseComplete { pass: false });
-                            held.expect.push_back(Expect::ParseComplete {
+                            let e = self.expect.pop_back();
+                            self.expect.push_back(Expect::CloseComplete { pass: false });
+                            self.expect.push_back(Expect::ParseComplete {
                                 pass: false,
                                 hash: None,
                             });
-                            held.expect.extend(e);
+                            self.expect.extend(e);
                         }
                         postgres_protocol::message::frontend::query(&format!("DEALLOCATE {}", stmt.server_name), out)
                             .map_err(|_| malformed())?;
@@ -709,7 +743,7 @@ impl<'a> TxnSession<'a> {
                 observe = Some(c);
             }
             b'F' | b'S' => {
-                held.expect.push_back(Expect::Ready);
+                self.expect.push_back(Expect::Ready);
                 held.pending += 1;
                 out.extend_from_slice(&msg);
             }
@@ -718,7 +752,7 @@ impl<'a> TxnSession<'a> {
                 let (query, _) = cstr(rest).ok_or_else(malformed)?;
                 observe = Some(self.cluster.classifier.classify(query));
                 if name.is_empty() {
-                    held.expect.push_back(Expect::ParseComplete { pass: true, hash: None });
+                    self.expect.push_back(Expect::ParseComplete { pass: true, hash: None });
                     out.extend_from_slice(&msg);
                 } else {
                     let hash = statement_hash(query, rest);
@@ -729,8 +763,8 @@ impl<'a> TxnSession<'a> {
                     // does not exist is no error), so the Parse cannot fail with "already
                     // exists" and the client gets its ParseComplete in order.
                     put_close_statement(out, &server_name);
-                    held.expect.push_back(Expect::CloseComplete { pass: false });
-                    held.expect.push_back(Expect::ParseComplete {
+                    self.expect.push_back(Expect::CloseComplete { pass: false });
+                    self.expect.push_back(Expect::ParseComplete {
                         pass: true,
                         hash: Some(hash),
                     });
@@ -765,9 +799,9 @@ impl<'a> TxnSession<'a> {
                             // Prepared by this client on another connection: prepare it
                             // here too, and drop the answers the client did not ask for.
                             put_close_statement(out, &stmt.server_name);
-                            held.expect.push_back(Expect::CloseComplete { pass: false });
+                            self.expect.push_back(Expect::CloseComplete { pass: false });
                             out.extend_from_slice(&stmt.parse);
-                            held.expect.push_back(Expect::ParseComplete {
+                            self.expect.push_back(Expect::ParseComplete {
                                 pass: false,
                                 hash: Some(stmt.hash),
                             });
@@ -800,7 +834,7 @@ impl<'a> TxnSession<'a> {
                     }
                     None => out.extend_from_slice(&msg),
                 }
-                held.expect.push_back(Expect::CloseComplete { pass: true });
+                self.expect.push_back(Expect::CloseComplete { pass: true });
             }
             b'E' => {
                 held.queries.inc();
@@ -837,7 +871,7 @@ impl<'a> TxnSession<'a> {
     }
 
     fn server_failed(&mut self, reason: String) -> TxnEnd {
-        let node = self.held.as_ref().map(|h| h.node.clone()).unwrap_or_default();
+        let node = self.held.as_ref().map(|h| h.pool.key.node.clone()).unwrap_or_default();
         if let Some(h) = self.held.as_mut() {
             h.conn.broken = true;
         }
@@ -871,17 +905,17 @@ impl<'a> TxnSession<'a> {
                 break;
             }
             let msg = self.sbuf.split_to(len + 1);
-            tracing::trace!(peer = %self.who.peer, tag = %(tag as char), expect = ?held.expect, "server message");
+            tracing::trace!(peer = %self.who.peer, tag = %(tag as char), expect = ?self.expect, "server message");
             let mut pass = true;
             match tag {
                 b'1' | b'3' => {
-                    if let Some(pos) = held.expect.iter().position(|e| {
+                    if let Some(pos) = self.expect.iter().position(|e| {
                         matches!(
                             (e, tag),
                             (Expect::ParseComplete { .. }, b'1') | (Expect::CloseComplete { .. }, b'3')
                         )
                     }) {
-                        pass = match held.expect.remove(pos) {
+                        pass = match self.expect.remove(pos) {
                             Some(Expect::ParseComplete { pass, .. } | Expect::CloseComplete { pass }) => pass,
                             _ => true,
                         };
@@ -898,11 +932,11 @@ impl<'a> TxnSession<'a> {
                     self.unit_failed = true;
                     // In the extended protocol the server skips everything up to Sync.
                     while matches!(
-                        held.expect.front(),
+                        self.expect.front(),
                         Some(Expect::ParseComplete { .. } | Expect::CloseComplete { .. })
                     ) {
                         // A Parse skipped or failed: that statement was not created.
-                        if let Some(Expect::ParseComplete { hash: Some(h), .. }) = held.expect.pop_front() {
+                        if let Some(Expect::ParseComplete { hash: Some(h), .. }) = self.expect.pop_front() {
                             held.conn.prepared.remove(&h);
                         }
                     }
@@ -926,7 +960,7 @@ impl<'a> TxnSession<'a> {
                     }
                 }
                 b'Z' => {
-                    while let Some(e) = held.expect.pop_front() {
+                    while let Some(e) = self.expect.pop_front() {
                         if e == Expect::Ready {
                             break;
                         }
@@ -977,10 +1011,8 @@ impl<'a> TxnSession<'a> {
                 }
                 // A read sent to a standby ends with its Sync/Query: what follows is a new
                 // unit, routed on its own once this one is answered.
-                if self
-                    .held
-                    .as_ref()
-                    .is_some_and(|h| h.retryable && h.pending > 0 && h.expect.back() == Some(&Expect::Ready))
+                if self.held.as_ref().is_some_and(|h| h.retryable && h.pending > 0)
+                    && self.expect.back() == Some(&Expect::Ready)
                 {
                     self.stash = Some(msg);
                     break;
@@ -1009,6 +1041,10 @@ impl<'a> TxnSession<'a> {
                         return e;
                     }
                 }
+            }
+            ready_to_read(&mut self.cbuf);
+            if self.held.is_some() {
+                ready_to_read(&mut self.sbuf);
             }
             let event = {
                 let client = &mut self.client;
@@ -1071,13 +1107,13 @@ impl<'a> TxnSession<'a> {
                         if self.pinned.is_none() {
                             self.release();
                         } else if let Some(h) = self.held.as_mut() {
-                            h.sent.clear();
+                            self.sent.clear();
                             h.answered = false;
                         }
                     }
                 }
                 Event::Topology => {
-                    let Some(node) = self.held.as_ref().map(|h| h.node.clone()) else {
+                    let Some(node) = self.held.as_ref().map(|h| h.pool.key.node.clone()) else {
                         continue;
                     };
                     let snap = topology.borrow_and_update().clone();
@@ -1090,11 +1126,7 @@ impl<'a> TxnSession<'a> {
                     };
                     if let Some(reason) = routing::eviction(endpoint, &snap, &node) {
                         // A read not yet answered simply moves to another node.
-                        if self
-                            .held
-                            .as_ref()
-                            .is_some_and(|h| h.retryable && !h.answered && !h.sent.is_empty())
-                        {
+                        if self.held.as_ref().is_some_and(|h| h.retryable && !h.answered) && !self.sent.is_empty() {
                             match self.retry_elsewhere().await {
                                 Ok(true) => continue,
                                 Ok(false) => {}
@@ -1125,12 +1157,12 @@ impl<'a> TxnSession<'a> {
         let Some(h) = self.held.as_mut() else {
             return Ok(false);
         };
-        if !h.retryable || h.answered || h.sent.is_empty() {
+        if !h.retryable || h.answered || self.sent.is_empty() {
             return Ok(false);
         }
         h.conn.broken = true;
-        let failed = h.node.clone();
-        let sent = std::mem::take(&mut h.sent);
+        let failed = h.pool.key.node.clone();
+        let sent = std::mem::take(&mut self.sent);
         self.sbuf.clear();
         self.release();
         warn!(cluster = %self.cluster.name, node = %failed, "standby lost before answering a read; retrying it on another node");
