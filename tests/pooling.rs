@@ -236,6 +236,9 @@ fn psycopg_2_and_3_work_in_transaction_mode_with_read_write_split() {
 #[test]
 fn django_with_one_alias_in_transaction_mode_survives_a_standby_failure() {
     let cluster = LocalCluster::start(2).unwrap();
+    // The checks read right after they write; with reads on standbys that needs commits
+    // applied there before they return (see README: read/write splitting).
+    cluster.synchronous_apply().unwrap();
     let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
     let env = [
         ("SY_SINGLE", "1".to_string()),

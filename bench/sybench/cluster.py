@@ -76,8 +76,12 @@ class PgCluster:
         return p
 
     def psql(self, i, sql, db="postgres"):
+        """Run `sql` (a string, or a list of statements each sent on its own, e.g. VACUUM)."""
+        cmds = []
+        for stmt in ([sql] if isinstance(sql, str) else sql):
+            cmds += ["-c", stmt]
         p = self.run("psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", self.sockdir,
-                     "-p", str(self.nodes[i].port), "-U", "postgres", "-d", db, "-c", sql)
+                     "-p", str(self.nodes[i].port), "-U", "postgres", "-d", db, *cmds)
         return p.stdout.strip()
 
     # --- lifecycle ----------------------------------------------------------------

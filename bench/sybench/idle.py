@@ -58,6 +58,16 @@ async def _measure(pid, port, n, user, db, password, settle_s, concurrency):
         c.close()
     await asyncio.sleep(2.0)
     res["rss_after_close_kib"] = status_kib(pid, "VmRSS")
+    # A second round on the same process: if RSS grows again by as much, the memory of
+    # the first round's clients was not reused (kept per closed client: a leak).
+    conns2, errors2 = await _open_many(port, n, user, db, password, concurrency)
+    await asyncio.sleep(settle_s)
+    res["round2_connected"] = len(conns2)
+    res["round2_rss_idle_kib"] = status_kib(pid, "VmRSS")
+    for c in conns2:
+        c.close()
+    await asyncio.sleep(2.0)
+    res["round2_rss_after_close_kib"] = status_kib(pid, "VmRSS")
     if conns:
         delta = res["rss_idle_kib"] - res["rss_before_kib"]
         res["per_client_kib"] = round(delta / len(conns), 2)

@@ -129,7 +129,10 @@ def versions(args, binary_copy):
     dirty = git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock")
     with open(binary_copy, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    mtime = datetime.datetime.fromtimestamp(os.path.getmtime(args.binary), datetime.timezone.utc)
+    bin_mtime = os.path.getmtime(args.binary)
+    mtime = datetime.datetime.fromtimestamp(bin_mtime, datetime.timezone.utc)
+    head_time = int(git("log", "-1", "--format=%ct") or 0)
+    before = git("log", "-1", f"--before={int(bin_mtime)}", "--format=%h %s") if head_time > bin_mtime else ""
     try:
         import matplotlib
         mpl = matplotlib.__version__
@@ -143,6 +146,9 @@ def versions(args, binary_copy):
         "switchyard": sh([binary_copy, "--version"]),
         "switchyard_commit": git("rev-parse", "HEAD"),
         "switchyard_commit_subject": git("log", "-1", "--format=%s"),
+        "switchyard_commit_time": git("log", "-1", "--format=%ci"),
+        "switchyard_binary_older_than_head": head_time > bin_mtime,
+        "switchyard_newest_commit_before_binary": before,
         "switchyard_tree_dirty": bool(dirty),
         "switchyard_dirty_files": dirty.splitlines()[:20],
         "switchyard_binary_sha256_16": digest,
@@ -177,8 +183,8 @@ class Bench:
         c.psql(0, f"CREATE ROLE {BENCH_USER} LOGIN PASSWORD '{BENCH_PASSWORD}'")
         c.psql(0, f"CREATE ROLE {IDLE_USER} LOGIN PASSWORD '{IDLE_PASSWORD}'")
         c.psql(0, f"CREATE DATABASE {DB} OWNER {BENCH_USER}")
-        c.psql(0, "CREATE TABLE failover_probe (id bigserial PRIMARY KEY, worker int, at timestamptz DEFAULT now());"
-                  f"ALTER TABLE failover_probe OWNER TO {BENCH_USER}", db=DB)
+        c.psql(0, ["CREATE TABLE failover_probe (id bigserial PRIMARY KEY, worker int, at timestamptz DEFAULT now())",
+                   f"ALTER TABLE failover_probe OWNER TO {BENCH_USER}"], db=DB)
         log(f"pgbench -i -s {a.scale}")
         t0 = time.monotonic()
         p = subprocess.run(["pgbench", "-i", "-q", "-s", str(a.scale), "-h", "127.0.0.1", "-p", str(c.nodes[0].port),
@@ -245,7 +251,7 @@ class Bench:
         if workload == "tpcb":
             # What pgbench does before a run without -n, done here over the socket so it
             # never goes through a proxy.
-            c.psql(0, "VACUUM pgbench_branches, pgbench_tellers; TRUNCATE pgbench_history", db=DB)
+            c.psql(0, ["VACUUM pgbench_branches, pgbench_tellers", "TRUNCATE pgbench_history"], db=DB)
         self.case_no += 1
         prefix = os.path.join(self.tmp, "pglog", f"c{self.case_no}")
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
@@ -254,6 +260,9 @@ class Bench:
         off = system.log_offset()
         watch = ResourceWatch(system.pid).start()
         res = run_case(argv, BENCH_PASSWORD, timeout=duration + 180)
+        t_arg = float(argv[argv.index("-T") + 1])
+        if "conn_time_ms" in res:
+            res["measured_s"] = round(t_arg - res["conn_time_ms"] / 1000.0, 2)
         res.update(watch.stop())
         n, msgs = system.log_problems(off)
         if n:
@@ -286,9 +295,8 @@ class Bench:
         row = {"system": key, "workload": workload, "protocol": protocol, "clients": clients}
         limit = a.max_connections - self.superuser_reserved
         if s.conn_per_client and s.unable and clients >= s.unable["clients"]:
-            row.update({"status": "n/a", "reason": f"needs one server connection per client; "
-                        f"{clients} > max_connections = {a.max_connections} "
-                        f"(shown by case {s.unable['case']}: {s.unable['error']})"})
+            row.update({"status": "n/a", "reason": f"needs one server connection per client: "
+                        f"{clients} > max_connections = {a.max_connections} (shown by case {s.unable['case']})"})
             self.results["cases"].append(row)
             log(f"[{done}/{n_total}] {workload} {protocol} c={clients} {key}: n/a (see case {s.unable['case']})")
             return
@@ -306,13 +314,15 @@ class Bench:
             r["repeats_tps"] = [x["tps"] for x in runs]
         else:
             r = runs[-1]
+        if "tps" not in r and not r.get("errors"):
+            r["errors"] = [f"pgbench printed no tps ({r.get('txns', 0)} transactions processed; rc {r['rc']})"]
         row.update(r)
         err = " ".join(r.get("errors", []))
         if s.conn_per_client and clients > limit and (r["rc"] != 0 or r.get("aborted_clients")) and TOO_MANY.search(err):
             s.unable = {"clients": clients, "case": r["case"], "error": _short_err(err)}
             row["status"] = "n/a"
-            row["reason"] = (f"needs one server connection per client; {clients} > max_connections = "
-                             f"{a.max_connections}: {_short_err(err)}")
+            row["reason"] = (f"needs one server connection per client: {clients} > max_connections = "
+                             f"{a.max_connections}; {_short_err(err)}")
         elif r["rc"] != 0 or r.get("aborted_clients") or r.get("failed_txns") or "tps" not in r:
             row["status"] = "error"
         else:
@@ -356,35 +366,50 @@ class Bench:
 
     # -- idle clients --
     def idle(self):
-        a = self.args
+        """On fresh processes (started for this and stopped after), so memory freed by the
+        earlier cases and kept by the allocator cannot absorb the new clients."""
+        a, c = self.args, self.cluster
+        from .procs import stop_process
         for key in a.idle_systems:
-            s = self.systems.get(key)
-            if s is None or s.pid is None:
+            try:
+                if key == "sy-txn":
+                    s = start_switchyard(self.reg, self.tmp, self.binary, "idle-sy-txn", SYSTEM_LABELS["sy-txn"],
+                                         [("primary", c.nodes[0].port)], "transaction", a.pool_size, False,
+                                         self.health(), description="fresh process, same config as sy-txn")
+                    wait_switchyard_ready(s, BENCH_USER, BENCH_PASSWORD)
+                elif key == "pgbouncer":
+                    s = start_pgbouncer(self.reg, self.tmp, c.nodes[0].port, a.pool_size, self.scram_secret,
+                                        key="idle-pgbouncer")
+                else:
+                    log(f"idle memory: no fresh instance for {key}; skipped")
+                    continue
+            except Exception as e:
+                self.results["idle"].append({"system": key, "error": f"could not start: {e}"})
                 continue
+            time.sleep(1)
             off = s.log_offset()
             try:
                 r = idle.measure_idle(s, a.idle_clients, IDLE_USER, DB, None)
             except Exception as e:
-                r = {"system": key, "error": f"{type(e).__name__}: {e}"}
+                r = {"clients": a.idle_clients, "error": f"{type(e).__name__}: {e}"}
                 log(f"  idle measurement on {key} failed: {r['error']}")
+            r["system"] = key
             n, msgs = s.log_problems(off)
             if n:
                 r["log_problems"] = n
                 r["log_messages"] = dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:6])
             self.results["idle"].append(r)
+            stop_process(s.proc)
             time.sleep(1)
 
     # -- failover --
     def failover(self):
         a, c = self.args, self.cluster
-        # Quiet the pools of the throughput systems first: they are not part of this.
-        for key in list(self.systems):
-            s = self.systems[key]
+        # Stop the throughput systems first: they are not part of this.
+        from .procs import stop_process
+        for s in self.systems.values():
             if getattr(s, "proc", None) is not None:
-                from .procs import stop_process
                 stop_process(s.proc)
-        if self.systems.get("pgbouncer") or self.systems.get("haproxy"):
-            pass  # they hold a few idle server connections; harmless
         c.wait_replayed(1)
         h = self.health()
         prim, stby = ("primary", c.nodes[0].port), ("standby", c.nodes[1].port)
@@ -446,11 +471,14 @@ class Bench:
 
 
 def _short_err(text):
-    text = re.sub(r"\s+", " ", text).strip()
-    m = re.search(r"(FATAL|ERROR):\s*(.*)", text)
-    if m:
-        text = m.group(0)
-    return text[:220]
+    """The first server/pgbench error message in `text`, without pgbench's prefixes."""
+    lines = [l.strip() for l in re.split(r"(?=pgbench: error:)|\n", text) if l.strip()]
+    for pat in (r"(FATAL|ERROR):\s*(.*)", r"pgbench: error:\s*(.*)"):
+        for l in lines:
+            m = re.search(pat, l)
+            if m:
+                return re.sub(r"\s+", " ", m.group(0)).strip()[:200]
+    return re.sub(r"\s+", " ", text).strip()[:200]
 
 
 def main(argv=None):
@@ -510,4 +538,12 @@ def main(argv=None):
     if not args.quick and not args.no_latest and not failed and os.path.abspath(out_dir) == os.path.join(BENCH_DIR, "results"):
         report.write_latest(b.results, out_dir, name)
     log(f"results: {md_path} (wall time {wall / 60:.1f} min)")
-    return 1 if failed else 0
+    if failed:
+        return 1
+    if args.quick:
+        bad = [c for c in b.results["cases"] if c.get("status") != "ok"]
+        for c in bad:
+            log(f"smoke case failed: {c['system']} {c['workload']} -M {c['protocol']} c={c['clients']}: "
+                f"{c.get('status')} {' '.join(c.get('errors', []))[:300]}")
+        return 1 if bad or not b.results["cases"] else 0
+    return 0

@@ -60,7 +60,7 @@ class System:
                 try:
                     ev = json.loads(line)
                     level = str(ev.get("level", "")).upper()
-                    fields = ev.get("fields", {})
+                    fields = ev.get("fields", ev)
                     text = fields.get("message", "")
                     for k in ("reason", "code", "error", "node"):
                         if k in fields:
@@ -87,8 +87,8 @@ def _chown_postgres(path):
 
 # ---- PgBouncer -----------------------------------------------------------------------
 
-def start_pgbouncer(reg, base, pg_port, pool_size, scram_secret):
-    d = os.path.join(base, "pgbouncer")
+def start_pgbouncer(reg, base, pg_port, pool_size, scram_secret, key="pgbouncer"):
+    d = os.path.join(base, key)
     os.makedirs(d, exist_ok=True)
     _chown_postgres(d)
     port = free_port()
@@ -128,10 +128,12 @@ ignore_startup_parameters = extra_float_digits,options
     p = reg.spawn("pgbouncer", ["pgbouncer", os.path.join(d, "pgbouncer.ini")],
                   os.path.join(d, "stdout.log"), **kw)
     wait_port(port, proc=p)
-    return System("pgbouncer", "PgBouncer (transaction)", port, pid=p.pid,
+    s = System(key, "PgBouncer (transaction)", port, pid=p.pid,
                   log_path=os.path.join(d, "pgbouncer.log"), config_text=cfg,
                   description=f"PgBouncer, pool_mode = transaction, default_pool_size = {pool_size}, "
                               "auth_type = hba (scram-sha-256 for the bench user; SCRAM secret in userlist)")
+    s.proc = p
+    return s
 
 
 # ---- HAProxy -------------------------------------------------------------------------
@@ -141,7 +143,7 @@ def start_haproxy(reg, base, pg_port):
     os.makedirs(d, exist_ok=True)
     port = free_port()
     cfg = f"""global
-    maxconn 20000
+    maxconn 5000
 
 defaults
     mode tcp
@@ -152,16 +154,18 @@ defaults
 listen postgres
     bind 127.0.0.1:{port}
     option pgsql-check user postgres
-    server primary 127.0.0.1:{pg_port} check inter 1s rise 2 fall 2 maxconn 10000
+    server primary 127.0.0.1:{pg_port} check inter 1s rise 2 fall 2 maxconn 5000
 """
     path = os.path.join(d, "haproxy.cfg")
     with open(path, "w") as f:
         f.write(cfg)
     p = reg.spawn("haproxy", ["haproxy", "-db", "-f", path], os.path.join(d, "haproxy.log"))
     wait_port(port, proc=p)
-    return System("haproxy", "HAProxy (TCP)", port, pid=p.pid, log_path=os.path.join(d, "haproxy.log"),
-                  conn_per_client=True, config_text=cfg,
-                  description="HAProxy, mode tcp, option pgsql-check, one server (the primary)")
+    s = System("haproxy", "HAProxy (TCP)", port, pid=p.pid, log_path=os.path.join(d, "haproxy.log"),
+               conn_per_client=True, config_text=cfg,
+               description="HAProxy, mode tcp, option pgsql-check, one server (the primary)")
+    s.proc = p
+    return s
 
 
 # ---- Switchyard ----------------------------------------------------------------------

@@ -1,0 +1,504 @@
+"""The results: markdown (bench/results/<name>.md), raw JSON, and the tps chart."""
+
+import json
+import os
+
+from .pgbench import WORKLOADS
+
+ORDER = ["direct", "pgbouncer", "haproxy", "sy-session", "sy-txn", "sy-split"]
+SY = ["sy-session", "sy-txn", "sy-split"]
+LABEL = {
+    "direct": "direct", "pgbouncer": "PgBouncer (txn)", "haproxy": "HAProxy (TCP)",
+    "sy-session": "Switchyard session", "sy-txn": "Switchyard txn", "sy-split": "Switchyard txn+split",
+    "sy-split1": "Switchyard txn+split (1 node)", "fo-txn": "Switchyard txn", "fo-session": "Switchyard session",
+}
+
+
+def f(x, nd=1):
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    return str(x)
+
+
+def cell_ok(r):
+    return r is not None and r.get("status") == "ok" and r.get("tps") is not None
+
+
+def index(cases):
+    return {(r["workload"], r["protocol"], r["clients"], r["system"]): r for r in cases}
+
+
+def met(ok):
+    if ok is None:
+        return "not measured"
+    return "**met**" if ok else "**not met**"
+
+
+# ---- targets -------------------------------------------------------------------------
+
+def targets(res):
+    """[(target, figure, verdict)]"""
+    out = []
+    idx = index(res.get("cases", []))
+    protos = sorted({r["protocol"] for r in res.get("cases", [])}, key=["simple", "extended", "prepared"].index)
+    for proto in protos:
+        sy, d, pb = (idx.get(("select", proto, 16, k)) for k in ("sy-txn", "direct", "pgbouncer"))
+        if cell_ok(sy) and cell_ok(d):
+            r = sy["tps"] / d["tps"]
+            out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 0.90× direct",
+                        f"{r:.2f}× ({sy['tps']:,.0f} vs {d['tps']:,.0f} tps)", met(r >= 0.90)))
+        elif sy is not None and d is not None:
+            out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 0.90× direct",
+                        f"Switchyard: {sy.get('status')}, direct: {d.get('status')}", met(False if not cell_ok(sy) else None)))
+        if sy is not None and pb is not None:
+            if cell_ok(sy) and cell_ok(pb):
+                r = sy["tps"] / pb["tps"]
+                out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 1.2× PgBouncer",
+                            f"{r:.2f}× ({sy['tps']:,.0f} vs {pb['tps']:,.0f} tps)", met(r >= 1.2)))
+            elif cell_ok(sy):
+                out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 1.2× PgBouncer",
+                            f"PgBouncer could not run it ({pb.get('status')}: {short(pb)}); Switchyard {sy['tps']:,.0f} tps",
+                            "met (PgBouncer fails this case)"))
+            else:
+                out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 1.2× PgBouncer",
+                            f"Switchyard {sy.get('status')}: {short(sy)}", met(False)))
+    # 1000 clients
+    for w in ("select", "tpcb"):
+        for proto in protos:
+            sy, d, pb = (idx.get((w, proto, 1000, k)) for k in ("sy-txn", "direct", "pgbouncer"))
+            if sy is None:
+                continue
+            t = f"{WORKLOADS[w]['label']}, 1000 clients, -M {proto}: Switchyard txn above direct and PgBouncer"
+            if not cell_ok(sy):
+                out.append((t, f"Switchyard {sy.get('status')}: {short(sy)}", met(False)))
+                continue
+            parts, ok, cannot = [f"Switchyard {sy['tps']:,.0f} tps"], True, []
+            for name, o in (("direct", d), ("PgBouncer", pb)):
+                if o is None:
+                    continue
+                if cell_ok(o):
+                    parts.append(f"{name} {o['tps']:,.0f} ({sy['tps'] / o['tps']:.2f}×)")
+                    ok &= sy["tps"] > o["tps"]
+                elif o.get("status") == "n/a":
+                    parts.append(f"{name} n/a (1000 clients > max_connections)")
+                    cannot.append(name)
+                else:
+                    parts.append(f"{name} {o.get('status')} ({short(o)[:90]})")
+                    cannot.append(name)
+            verdict = met(ok)
+            if ok and cannot:
+                verdict += f" ({' and '.join(cannot)} cannot run it)"
+            out.append((t, "; ".join(parts), verdict))
+    cl = res.get("classify", [])
+    if cl:
+        worst = max(cl, key=lambda r: r["slowdown_pct"] if r["slowdown_pct"] is not None else -1e9)
+        figs = "; ".join(f"-M {r['protocol']} c={r['clients']}: {f(r['slowdown_pct'])} %" for r in cl)
+        out.append(("read_write_split on ≤ 5 % slower than off (select-only, one node)", figs,
+                    met(all(r["slowdown_pct"] is not None and r["slowdown_pct"] <= 5 for r in cl))))
+    for r in res.get("idle", []):
+        if r.get("system") != "sy-txn":
+            continue
+        if r.get("per_client_kib") is not None:
+            out.append((f"idle client ≤ 8 KiB of Switchyard memory ({r['clients']:,} clients)",
+                        f"{r['per_client_kib']:.2f} KiB/client ({r['connected']:,} connected)",
+                        met(r["per_client_kib"] <= 8 and r["connected"] == r["clients"])))
+        else:
+            out.append(("idle client ≤ 8 KiB", r.get("error", "no figure"), "not measured"))
+    fo = res.get("failover", {})
+    if fo.get("standby"):
+        for key in ("fo-txn", "fo-session"):
+            r = fo["standby"].get(key)
+            if r:
+                b = r.get("back_s")
+                out.append((f"standby kill -9: reads back within 1 s ({LABEL[key]}, ro)",
+                            f"{f(b, 3)} s, {r['errors']} client errors", met(b is not None and b <= 1.0)))
+    if fo.get("primary"):
+        h = fo["health"]
+        limit = h["interval_ms"] * h["fall"] / 1000 + 1
+        for key in ("fo-txn", "fo-session"):
+            r = fo["primary"].get(key)
+            if r:
+                b = r.get("back_s")
+                out.append((f"primary kill -9 + promote: writes back within interval×fall+1 s = {limit:g} s ({LABEL[key]}, rw)",
+                            f"{f(b, 3)} s, {r['errors']} client errors", met(b is not None and b <= limit)))
+    return out
+
+
+def short(r):
+    if r is None:
+        return ""
+    if r.get("reason"):
+        return r["reason"]
+    errs = r.get("errors") or []
+    return (errs[0] if errs else f"rc={r.get('rc')}")[:200]
+
+
+# ---- chart ---------------------------------------------------------------------------
+
+def chart(res, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no chart"
+    cases = res.get("cases", [])
+    if not cases:
+        return "no pgbench cases: no chart"
+    workloads = [w for w in ("select", "tpcb") if any(r["workload"] == w for r in cases)]
+    protos = [p for p in ("simple", "extended", "prepared") if any(r["protocol"] == p for r in cases)]
+    clients = sorted({r["clients"] for r in cases})
+    idx = index(cases)
+    fig, axes = plt.subplots(len(workloads), len(protos), figsize=(5 * len(protos), 4 * len(workloads)),
+                             squeeze=False)
+    styles = {"direct": ("k", "o"), "pgbouncer": ("tab:orange", "s"), "haproxy": ("tab:gray", "^"),
+              "sy-session": ("tab:green", "D"), "sy-txn": ("tab:blue", "o"), "sy-split": ("tab:purple", "v")}
+    for i, w in enumerate(workloads):
+        for j, p in enumerate(protos):
+            ax = axes[i][j]
+            for key in ORDER:
+                xs, ys = [], []
+                for c in clients:
+                    r = idx.get((w, p, c, key))
+                    if cell_ok(r):
+                        xs.append(c)
+                        ys.append(r["tps"])
+                if xs:
+                    col, mk = styles[key]
+                    ax.plot(xs, ys, marker=mk, color=col, label=LABEL[key])
+            ax.set_xscale("log")
+            ax.set_xticks(clients)
+            ax.set_xticklabels([str(c) for c in clients])
+            ax.set_title(f"{WORKLOADS[w]['label']}, -M {p}")
+            ax.set_xlabel("clients")
+            ax.set_ylabel("tps")
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for row in axes:
+        for ax in row:
+            h, l = ax.get_legend_handles_labels()
+            if len(h) > len(handles):
+                handles, labels = h, l
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False)
+    m = res.get("machine", {})
+    fig.suptitle(f"pgbench tps against clients — {m.get('cores')} cores, {res.get('started')}\n"
+                 "a missing point: the system could not run that case (see the tables)")
+    fig.tight_layout(rect=(0, 0.03 + 0.03 * ((len(labels) + 2) // 3), 1, 0.95))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
+# ---- markdown ------------------------------------------------------------------------
+
+def write(res, out_dir, name):
+    md_path = os.path.join(out_dir, name + ".md")
+    png_name = name + "-tps.png"
+    with open(os.path.join(out_dir, name + ".json"), "w") as fjs:
+        json.dump(res, fjs, indent=1, default=str)
+    chart_err = chart(res, os.path.join(out_dir, png_name))
+    L = []
+    a = res.get("args", {})
+    m = res.get("machine", {})
+    v = res.get("versions", {})
+    L.append(f"# Switchyard benchmark — {res.get('started')}\n")
+    if res.get("failed"):
+        L.append(f"> **The run did not finish: {res['failed']}.** Figures below are what was measured before that.\n")
+    L.append(f"Command: `{res.get('argv')}` — wall time of the whole run: **{res.get('wall_s', 0) / 60:.1f} min**. "
+             f"Raw figures: [`{name}.json`]({name}.json).\n")
+    L.append("Each pgbench case ran once for "
+             f"{a.get('duration')} s" + (f" ({a.get('repeat')} runs, median tps shown)" if a.get("repeat", 1) > 1 else "")
+             + f" on a {m.get('cores')}-core machine that also runs PostgreSQL, the proxies and pgbench itself: "
+             "differences of ±10 % between neighbouring figures are within the noise of a single short run.\n")
+
+    # Targets
+    L.append("## Targets (issue 4)\n")
+    L.append("| target | figure | verdict |\n|---|---|---|")
+    for t, fig, verdict in targets(res):
+        L.append(f"| {t} | {fig} | {verdict} |")
+    L.append("")
+
+    # Machine & versions
+    L.append("## Machine and versions\n")
+    L.append(f"- Machine: {m.get('cores')} cores ({m.get('cpu_model')}), {m.get('mem_gib')} GiB memory, "
+             f"Linux {m.get('kernel')}, {m.get('os')}")
+    L.append(f"- PostgreSQL: {v.get('postgresql')}; pgbench: {v.get('pgbench')}")
+    L.append(f"- PgBouncer: {v.get('pgbouncer')}; HAProxy: {v.get('haproxy')}")
+    dirty = " **plus uncommitted changes in the work tree** (" + ", ".join(v.get("switchyard_dirty_files", [])) + ")" \
+        if v.get("switchyard_tree_dirty") else ""
+    L.append(f"- Switchyard: {v.get('switchyard')}; work tree at git commit `{str(v.get('switchyard_commit'))[:12]}` "
+             f"({v.get('switchyard_commit_subject')}, committed {v.get('switchyard_commit_time')}){dirty}; "
+             f"release binary `target/release/switchyard` built {v.get('switchyard_binary_mtime')}, "
+             f"sha256 {v.get('switchyard_binary_sha256_16')}…")
+    if v.get("switchyard_binary_older_than_head"):
+        L.append(f"  - **The binary is older than that commit**: it was built from the work tree as it was at "
+                 f"{v.get('switchyard_binary_mtime')} (newest commit then: `{v.get('switchyard_newest_commit_before_binary')}`), "
+                 "so it may contain changes that were not committed yet and lack later ones.")
+    L.append(f"- Python {v.get('python')}, matplotlib {v.get('matplotlib')}")
+    L.append("")
+
+    # Setup
+    L.append("## Setup\n")
+    L.append(f"- One primary and one streaming standby (`initdb`, `pg_basebackup -R`), on 127.0.0.1, "
+             f"`max_connections = {a.get('max_connections')}`, `shared_buffers = 256MB`, `fsync = off` "
+             f"(throwaway cluster: the proxies, not the disk, are measured). pgbench scale {a.get('scale')} "
+             f"(`pgbench -i -s {a.get('scale')}`).")
+    L.append("- Authentication: the bench user logs in with **SCRAM-SHA-256** everywhere (client → proxy and "
+             "proxy → server); PgBouncer holds the server's SCRAM secret in its userlist. The idle-memory user "
+             "uses `trust` to the proxy.")
+    L.append(f"- Pool size {a.get('pool_size')} server connections for Switchyard (per node) and PgBouncer "
+             f"(`default_pool_size`). Health checks: interval {a.get('health_interval_ms')} ms, timeout "
+             f"{a.get('health_timeout_ms')} ms, rise {a.get('health_rise')}, fall {a.get('health_fall')}.")
+    L.append(f"- pgbench: `-n -T {a.get('duration')} -j min({a.get('jobs')}, clients) -l` (per-transaction log); "
+             "with 100 clients or more `-T` is lengthened by clients × 5 ms + 1 s, because pgbench's clock starts "
+             "before its (SCRAM) connections are made — about 3.8 s for 1000 clients here; "
+             "TPC-B cases get `VACUUM pgbench_branches, pgbench_tellers; TRUNCATE pgbench_history` over the "
+             "primary's socket before each run (what pgbench does without `-n`). tps is pgbench's figure "
+             "without initial connection time; avg/p50/p99 are computed from every transaction in the "
+             "per-transaction logs. The order of systems rotates from case to case.")
+    L.append("- Switchyard CPU s: utime+stime delta of the process (`/proc/<pid>/stat`) over the case, which "
+             "includes client connection set-up; CPU µs/txn: that divided by the transactions pgbench processed; peak RSS: `VmHWM` (reset through `clear_refs` before the case) "
+             "and `VmRSS` sampled every 50 ms, whichever is larger. The same is shown for PgBouncer and HAProxy. "
+             "Each proxy runs for the whole matrix (it is not restarted between cases), so its RSS includes "
+             "memory kept from earlier, larger cases (the 1000-client ones).")
+    L.append("")
+    L.append("| system | what |\n|---|---|")
+    for key, s in res.get("systems", {}).items():
+        L.append(f"| {LABEL.get(key, key)} (`{key}`) | {s.get('description')} |")
+    L.append("")
+
+    cases = res.get("cases", [])
+    idx = index(cases)
+    if cases:
+        L.append("## Throughput and latency\n")
+        if chart_err:
+            L.append(f"(No chart: {chart_err}.)\n")
+        else:
+            L.append(f"![tps against clients]({png_name})\n")
+        workloads = [w for w in ("select", "tpcb") if any(r["workload"] == w for r in cases)]
+        protos = [p for p in ("simple", "extended", "prepared") if any(r["protocol"] == p for r in cases)]
+        for w in workloads:
+            for p in protos:
+                L.append(f"### {WORKLOADS[w]['label']}, `-M {p}`\n")
+                L.append("| clients | system | tps | avg ms | p50 ms | p99 ms | proxy CPU s | proxy CPU µs/txn | proxy peak RSS MiB | case | notes |")
+                L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+                for c in sorted({r["clients"] for r in cases if r["workload"] == w and r["protocol"] == p}):
+                    for key in ORDER:
+                        r = idx.get((w, p, c, key))
+                        if r is None:
+                            continue
+                        if r.get("status") == "n/a" and r.get("tps") is None:
+                            L.append(f"| {c} | {LABEL[key]} | n/a | | | | | | | {r.get('case', '')} | {esc(r.get('reason'))} |")
+                            continue
+                        rss = r.get("peak_rss_kib")
+                        notes = []
+                        if r.get("status") == "n/a":
+                            notes.append("n/a: " + esc(r.get("reason")))
+                        elif r.get("status") == "error":
+                            if r.get("aborted_clients"):
+                                notes.append(f"{r['aborted_clients']} clients aborted")
+                            if r.get("failed_txns"):
+                                notes.append(f"{r['failed_txns']} failed transactions")
+                            if r.get("rc") not in (0, None):
+                                notes.append(f"pgbench exit {r.get('rc')}")
+                            if r.get("errors"):
+                                notes.append("`" + esc(r["errors"][0][:180]) + "`")
+                        if r.get("measured_s") is not None and r["measured_s"] < 0.75 * a.get("duration", 0):
+                            notes.append(f"only {r['measured_s']} s measured after connecting")
+                        if r.get("log_problems"):
+                            notes.append(f"{r['log_problems']} warnings in the proxy log: "
+                                         + "; ".join(f"{esc(k[:200])} ×{n}" for k, n in list(r.get("log_messages", {}).items())[:2]))
+                        tps = f(r.get("tps"), 0) if r.get("status") == "ok" else (f(r.get("tps"), 0) + " ⚠" if r.get("tps") is not None else "–")
+                        L.append(f"| {c} | {LABEL[key]} | {tps} | {f(r.get('avg_ms'), 2)} | {f(r.get('p50_ms'), 2)} | "
+                                 f"{f(r.get('p99_ms'), 2)} | {f(r.get('cpu_s'), 2)} | {us_per_txn(r)} | "
+                                 f"{f(rss / 1024, 1) if rss else '–'} | {r.get('case', '')} | {'; '.join(notes)} |")
+                L.append("")
+
+        # Ratios
+        L.append("## Ratios (tps)\n")
+        L.append("Switchyard's tps divided by the direct connection's and by PgBouncer's in the same case; "
+                 "`n/a` where the other side could not run the case.\n")
+        L.append("| workload | protocol | clients | " + " | ".join(
+            f"{LABEL[s]} / direct | {LABEL[s]} / PgBouncer" for s in SY) + " |")
+        L.append("|---|---|---:|" + "---:|---:|" * len(SY))
+        for w in workloads:
+            for p in protos:
+                for c in sorted({r["clients"] for r in cases if r["workload"] == w and r["protocol"] == p}):
+                    cells = []
+                    for s in SY:
+                        r = idx.get((w, p, c, s))
+                        for other in ("direct", "pgbouncer"):
+                            o = idx.get((w, p, c, other))
+                            if r is None or o is None:
+                                cells.append("")
+                            elif cell_ok(r) and cell_ok(o):
+                                cells.append(f"{r['tps'] / o['tps']:.2f}×")
+                            elif not cell_ok(r):
+                                cells.append(f"{r.get('status')}")
+                            else:
+                                cells.append(f"n/a ({other} {o.get('status')})")
+                    L.append(f"| {WORKLOADS[w]['label']} | {p} | {c} | " + " | ".join(cells) + " |")
+        L.append("")
+
+    # Classification
+    cl = res.get("classify", [])
+    if cl:
+        L.append("## Classification cost (read_write_split on one node)\n")
+        L.append("The same select-only run through two Switchyard processes in transaction mode with one node "
+                 "(the primary), `read_write_split = false` and `= true`, alternating, "
+                 f"{a.get('classify_repeat')} runs each; median tps. With one node every read still goes to the "
+                 "primary, so the difference is the cost of classifying each statement. Target: at most 5 % slower.\n")
+        L.append("| protocol | clients | split off tps (runs) | split on tps (runs) | slowdown | off p50/p99 ms | on p50/p99 ms | off CPU s | on CPU s |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in cl:
+            off, on = r["sy-txn"], r["sy-split1"]
+            L.append(f"| {r['protocol']} | {r['clients']} | {f(off['tps_median'], 0)} ({', '.join(f(x, 0) for x in off['tps_all'])}) | "
+                     f"{f(on['tps_median'], 0)} ({', '.join(f(x, 0) for x in on['tps_all'])}) | {f(r['slowdown_pct'])} % | "
+                     f"{f(off['p50_ms'], 2)} / {f(off['p99_ms'], 2)} | {f(on['p50_ms'], 2)} / {f(on['p99_ms'], 2)} | "
+                     f"{f(off['cpu_s'], 2)} | {f(on['cpu_s'], 2)} |")
+        errs = [(r["protocol"], r["clients"]) for r in cl if r["sy-txn"]["errors"] or r["sy-split1"]["errors"]]
+        if errs:
+            L.append(f"\nRuns with pgbench errors: {errs}.")
+        L.append("")
+
+    # Idle
+    idl = res.get("idle", [])
+    if idl:
+        L.append("## Memory per idle client\n")
+        L.append("Client connections opened with a minimal asyncio client (startup + `trust` authentication of a "
+                 "dedicated user, transaction mode), then left idle; the process's VmRSS before and 3 s after "
+                 "they are all open, divided by the number connected. Kernel socket buffers are not in RSS. "
+                 "Afterwards 100 of them, at random, each run `SELECT 1` to show they are alive. Then all are "
+                 "closed and a second round of as many clients is opened and closed on the same process "
+                 "(RSS in round 2 that grows by as much again would mean closed clients' memory is never reused).\n")
+        L.append("| system | clients asked | connected | open time s | RSS before MiB | RSS idle MiB | per client KiB | RSS after close MiB | round 2: RSS idle / after close MiB | sample queries ok | errors |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for r in idl:
+            if r.get("error"):
+                L.append(f"| {LABEL.get(r['system'], r['system'])} | | | | | | | | | {esc(r['error'])} |")
+                continue
+            errs = "; ".join(f"{esc(k)} ×{n}" for k, n in list(r.get("connect_errors", {}).items())[:3])
+            qe = "; ".join(f"{esc(k)} ×{n}" for k, n in list(r.get("sample_errors", {}).items())[:2])
+            L.append(f"| {LABEL.get(r['system'], r['system'])} | {r['clients']:,} | {r['connected']:,} | {r['open_s']} | "
+                     f"{r['rss_before_kib'] / 1024:.1f} | {r['rss_idle_kib'] / 1024:.1f} | {f(r.get('per_client_kib'), 2)} | "
+                     f"{r['rss_after_close_kib'] / 1024:.1f} | {mib(r.get('round2_rss_idle_kib'))} / "
+                     f"{mib(r.get('round2_rss_after_close_kib'))} | {r['sample_ok']}/{r['sample_queries']} | {errs} {qe} |")
+        L.append("")
+
+    fo = res.get("failover", {})
+    if fo:
+        h = fo.get("health", {})
+        L.append("## Failover\n")
+        L.append(f"Two Switchyard processes (transaction mode and session mode) in front of the same primary + "
+                 f"standby, health interval {h.get('interval_ms')} ms, timeout {h.get('timeout_ms')} ms, rise "
+                 f"{h.get('rise')}, fall {h.get('fall')}. Four client loops per endpoint, each with its own "
+                 "connection, a request every ~10 ms, reconnecting after an error (as an application would); "
+                 "every failed request or failed connect counts as one client error. Time 0 is the `kill -9` "
+                 "(of the postmaster and all its processes). *Back* is the completion of the first successful "
+                 "request started after the last error (so from then on every request succeeded); *first "
+                 "success* is the first successful request started after time 0.\n")
+        for kind, title, what in (("standby", "Standby `kill -9`, reads on the ro endpoint", "SELECT inet_server_port(), pg_is_in_recovery()"),
+                                  ("primary", "Primary `kill -9` + `pg_ctl promote` of the standby, writes on the rw endpoint",
+                                   "INSERT INTO failover_probe ... RETURNING inet_server_port()")):
+            d = fo.get(kind)
+            if not d:
+                continue
+            L.append(f"### {title}\n")
+            L.append(f"Request: `{what}`." + (f" `pg_ctl promote` returned {d['marks'].get('promote_done_s')} s after "
+                                                f"the kill." if kind == "primary" and d.get("marks") else "") + "\n")
+            L.append("| system | back (s) | first success (s) | client errors | last error (s) | longest gap without a success (s) | served by (port: requests) before → after | error messages |")
+            L.append("|---|---:|---:|---:|---:|---:|---|---|")
+            for key in ("fo-txn", "fo-session"):
+                r = d.get(key)
+                if not r:
+                    continue
+                msgs = "; ".join(f"{esc(k[:150])} ×{n}" for k, n in list(r["error_messages"].items())[:4])
+                L.append(f"| {LABEL[key]} | {f(r['back_s'], 3)} | {f(r['first_success_s'], 3)} | {r['errors']} | "
+                         f"{f(r['last_error_s'], 3)} | {f(r['longest_gap_s'], 3)} | {r['served_by_port_before']} → "
+                         f"{r['served_by_port_after']} | {msgs} |")
+            ports = d.get("fo-txn") or d.get("fo-session") or {}
+            if kind == "standby":
+                L.append(f"\nStandby port {ports.get('standby_port')}, primary port {ports.get('primary_port')}.")
+            else:
+                L.append(f"\nOld primary port {ports.get('old_primary_port')}, new primary (promoted standby) port "
+                         f"{ports.get('new_primary_port')}.")
+            logs = {k: d[k].get("log_messages") for k in ("fo-txn", "fo-session") if d.get(k, {}).get("log_messages")}
+            if logs:
+                L.append("\nWarnings in the Switchyard logs during the event:\n")
+                for k, msgs in logs.items():
+                    for msg, n in msgs.items():
+                        L.append(f"- {LABEL[k]}: `{esc(msg[:200])}` ×{n}")
+            L.append("")
+
+    # Things that looked wrong
+    problems = []
+    for r in cases:
+        if r["system"].startswith("sy-") and (r.get("status") == "error" or r.get("log_problems")):
+            problems.append(f"- case {r.get('case')} ({r['workload']} -M {r['protocol']} c={r['clients']}, {LABEL[r['system']]}): "
+                            f"status {r.get('status')}; " + "; ".join(esc(e[:200]) for e in (r.get("errors") or [])[:2])
+                            + ("; proxy log: " + "; ".join(f"`{esc(k[:160])}` ×{n}" for k, n in r.get("log_messages", {}).items())
+                               if r.get("log_messages") else ""))
+    if problems:
+        L.append("## Errors and warnings seen with Switchyard\n")
+        L.extend(problems)
+        L.append("")
+
+    # Commands
+    if cases or cl:
+        L.append("## Command line of each case\n")
+        L.append("Host 127.0.0.1; the port is the system's endpoint in this run; `--log-prefix` points into the "
+                 "run's temp dir. Password via `PGPASSWORD`.\n")
+        L.append("<details><summary>all cases</summary>\n")
+        L.append("| case | system | command |\n|---:|---|---|")
+        for r in sorted(cases, key=lambda r: r.get("case") or 0):
+            if r.get("command"):
+                L.append(f"| {r.get('case')} | {LABEL[r['system']]} | `{r['command']}` |")
+        for r in cl:
+            for key in ("sy-txn", "sy-split1"):
+                for case, cmd in zip(r[key]["cases"], r[key]["commands"]):
+                    L.append(f"| {case} | {LABEL[key]} | `{cmd}` |")
+        L.append("\n</details>\n")
+
+    # Configs
+    L.append("## Configurations\n<details><summary>config files</summary>\n")
+    for key, s in res.get("systems", {}).items():
+        if s.get("config"):
+            L.append(f"`{key}`:\n\n```\n{s['config'].strip()}\n```\n")
+    for key, text in fo.get("configs", {}).items():
+        L.append(f"`{key}` (failover):\n\n```\n{text.strip()}\n```\n")
+    L.append("</details>\n")
+
+    with open(md_path, "w") as fo_:
+        fo_.write("\n".join(L))
+    return md_path
+
+
+def us_per_txn(r):
+    """Proxy CPU per transaction (includes the case's connection set-up)."""
+    if r.get("cpu_s") is None or not r.get("txns"):
+        return "–"
+    return f"{r['cpu_s'] / r['txns'] * 1e6:,.1f}"
+
+
+def mib(kib):
+    return "–" if kib is None else f"{kib / 1024:.1f}"
+
+
+def esc(s):
+    return str(s or "").replace("|", "\\|").replace("\n", " ")
+
+
+def write_latest(res, out_dir, name):
+    L = [f"# Latest benchmark results\n",
+         f"[`{name}.md`]({name}.md) — run {res.get('started')}, {res.get('machine', {}).get('cores')} cores, "
+         f"wall time {res.get('wall_s', 0) / 60:.1f} min; chart: [`{name}-tps.png`]({name}-tps.png).\n",
+         "| target | figure | verdict |", "|---|---|---|"]
+    for t, fig, verdict in targets(res):
+        L.append(f"| {t} | {fig} | {verdict} |")
+    L.append("")
+    with open(os.path.join(out_dir, "LATEST.md"), "w") as fl:
+        fl.write("\n".join(L))
