@@ -97,6 +97,9 @@ def install_signal_handlers():
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
+    # Also when started from a non-interactive shell in the background, where SIGINT is
+    # ignored at exec and Python would keep ignoring it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def raise_nofile(want=20000):
@@ -208,3 +211,78 @@ def children_of(pid):
         if ppid == pid:
             out.append(int(d))
     return out
+
+
+# ---- other load on the machine -------------------------------------------------------
+
+def _proc_table():
+    """{pid: (ppid, uid, cpu_s, name)} for every process with a command (no kernel threads)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                data = f.read()
+            st = os.stat(f"/proc/{d}")
+        except OSError:
+            continue
+        name = data[data.index("(") + 1:data.rindex(")")]
+        fields = data[data.rindex(")") + 2:].split()
+        flags = int(fields[6])
+        if flags & 0x00200000:  # PF_KTHREAD
+            continue
+        # utime + stime + cutime + cstime: children that ended (and were reaped) in
+        # between count through their parent.
+        cpu = (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / CLK_TCK
+        out[int(d)] = (int(fields[1]), st.st_uid, cpu, name)
+    return out
+
+
+class ForeignLoad:
+    """CPU used by processes that are not the bench's: neither descendants of this process
+    nor owned by `postgres` (the servers and PgBouncer). Another build or test run on the
+    same 2 cores shows up here."""
+
+    def __init__(self, postgres_uid=None):
+        self.me = os.getpid()
+        self.pg_uid = postgres_uid
+
+    def _foreign(self):
+        t = _proc_table()
+        ours = {self.me}
+        changed = True
+        while changed:
+            changed = False
+            for pid, (ppid, _, _, _) in t.items():
+                if pid not in ours and ppid in ours:
+                    ours.add(pid)
+                    changed = True
+        return {pid: (cpu, name) for pid, (ppid, uid, cpu, name) in t.items()
+                if pid not in ours and uid != self.pg_uid}
+
+    def snapshot(self):
+        return self._foreign()
+
+    @staticmethod
+    def delta(a, b):
+        """(total CPU s, {name: CPU s}) used by foreign processes between snapshots a and b
+        (a process started in between counts with all its CPU)."""
+        total, by = 0.0, {}
+        for pid, (cpu, name) in b.items():
+            d = cpu - a[pid][0] if pid in a else cpu
+            if d > 0:
+                total += d
+                by[name] = by.get(name, 0.0) + d
+        return round(total, 2), {k: round(v, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:4]}
+
+    def wait_quiet(self, max_wait_s, window_s=2.0, limit_share=0.05):
+        """Wait until foreign processes use under `limit_share` of one core over a window,
+        at most `max_wait_s`. Returns the seconds waited."""
+        t0 = time.monotonic()
+        while True:
+            a = self.snapshot()
+            time.sleep(window_s)
+            total, _ = self.delta(a, self.snapshot())
+            if total / window_s < limit_share or time.monotonic() - t0 >= max_wait_s:
+                return time.monotonic() - t0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 from .pgbench import WORKLOADS
 
@@ -60,7 +61,7 @@ def targets(res):
             elif cell_ok(sy):
                 out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 1.2× PgBouncer",
                             f"PgBouncer could not run it ({pb.get('status')}: {short(pb)}); Switchyard {sy['tps']:,.0f} tps",
-                            "met (PgBouncer fails this case)"))
+                            "no ratio: PgBouncer fails this case, Switchyard runs it"))
             else:
                 out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 1.2× PgBouncer",
                             f"Switchyard {sy.get('status')}: {short(sy)}", met(False)))
@@ -89,7 +90,11 @@ def targets(res):
                     cannot.append(name)
             verdict = met(ok)
             if ok and cannot:
-                verdict += f" ({' and '.join(cannot)} cannot run it)"
+                others = [n for n in ("direct", "PgBouncer") if n not in cannot]
+                if others:
+                    verdict += f" ({' and '.join(cannot)} cannot run it)"
+                else:
+                    verdict = f"no ratio: {' and '.join(cannot)} cannot run it, Switchyard does"
             out.append((t, "; ".join(parts), verdict))
     cl = res.get("classify", [])
     if cl:
@@ -132,7 +137,7 @@ def short(r):
     if r.get("reason"):
         return r["reason"]
     errs = r.get("errors") or []
-    return (errs[0] if errs else f"rc={r.get('rc')}")[:200]
+    return re.sub(r"\s+", " ", (errs[0] if errs else f"rc={r.get('rc')}").replace("pgbench: error: ", ""))[:200]
 
 
 # ---- chart ---------------------------------------------------------------------------
@@ -215,6 +220,14 @@ def write(res, out_dir, name):
              + f" on a {m.get('cores')}-core machine that also runs PostgreSQL, the proxies and pgbench itself: "
              "differences of ±10 % between neighbouring figures are within the noise of a single short run.\n")
 
+    dist = [r for r in res.get("cases", []) if r.get("disturbed")]
+    dist_cl = sum(r[k].get("disturbed", 0) for r in res.get("classify", []) for k in ("sy-txn", "sy-split1"))
+    L.append(f"Other load: {res.get('reruns', 0)} runs were repeated because processes other than the bench's "
+             f"and PostgreSQL's used more than {a.get('foreign_limit')} CPU s during them (waited "
+             f"{res.get('quiet_wait_s', 0)} s in all for quiet); {len(dist) + dist_cl} figures are still from "
+             "such a disturbed run and are marked ⚠ (other CPU). Load average at the end: "
+             f"{' '.join(res.get('loadavg_end', []))}.\n")
+
     # Targets
     L.append("## Targets (issue 4)\n")
     L.append("| target | figure | verdict |\n|---|---|---|")
@@ -238,6 +251,7 @@ def write(res, out_dir, name):
         L.append(f"  - **The binary is older than that commit**: it was built from the work tree as it was at "
                  f"{v.get('switchyard_binary_mtime')} (newest commit then: `{v.get('switchyard_newest_commit_before_binary')}`), "
                  "so it may contain changes that were not committed yet and lack later ones.")
+    L.append(f"  - `SWITCHYARD_THREADS`: {v.get('switchyard_threads')}")
     L.append(f"- Python {v.get('python')}, matplotlib {v.get('matplotlib')}")
     L.append("")
 
@@ -307,6 +321,8 @@ def write(res, out_dir, name):
                                 notes.append(f"pgbench exit {r.get('rc')}")
                             if r.get("errors"):
                                 notes.append("`" + esc(r["errors"][0][:180]) + "`")
+                        if r.get("disturbed"):
+                            notes.append(f"⚠ other CPU: {r.get('foreign_cpu_s')} s by {esc(r.get('foreign_by'))}")
                         if r.get("measured_s") is not None and r["measured_s"] < 0.75 * a.get("duration", 0):
                             notes.append(f"only {r['measured_s']} s measured after connecting")
                         if r.get("log_problems"):
@@ -356,10 +372,13 @@ def write(res, out_dir, name):
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in cl:
             off, on = r["sy-txn"], r["sy-split1"]
-            L.append(f"| {r['protocol']} | {r['clients']} | {f(off['tps_median'], 0)} ({', '.join(f(x, 0) for x in off['tps_all'])}) | "
+            warn = " ⚠" if off.get("disturbed") or on.get("disturbed") else ""
+            L.append(f"| {r['protocol']} | {r['clients']}{warn} | {f(off['tps_median'], 0)} ({', '.join(f(x, 0) for x in off['tps_all'])}) | "
                      f"{f(on['tps_median'], 0)} ({', '.join(f(x, 0) for x in on['tps_all'])}) | {f(r['slowdown_pct'])} % | "
                      f"{f(off['p50_ms'], 2)} / {f(off['p99_ms'], 2)} | {f(on['p50_ms'], 2)} / {f(on['p99_ms'], 2)} | "
                      f"{f(off['cpu_s'], 2)} | {f(on['cpu_s'], 2)} |")
+        if any(r["sy-txn"].get("disturbed") or r["sy-split1"].get("disturbed") for r in cl):
+            L.append("\n⚠: at least one of the runs behind this row was disturbed by other processes' CPU use.")
         errs = [(r["protocol"], r["clients"]) for r in cl if r["sy-txn"]["errors"] or r["sy-split1"]["errors"]]
         if errs:
             L.append(f"\nRuns with pgbench errors: {errs}.")
