@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Install what the demo and the tests need on a Debian machine, if it is missing:
-# PostgreSQL server binaries (initdb, pg_ctl, pg_basebackup, postgres), psql, pgbench,
-# pgrep, and the Python clients (psycopg 2 and 3, Django). Safe to run repeatedly.
+# Install what the build, the demo and the tests need on a Debian machine, if it is
+# missing: libclang (pg_query's bindgen) and a C compiler, PostgreSQL server binaries
+# (initdb, pg_ctl, pg_basebackup, postgres), psql, pgbench, pgrep, Chromium and its
+# driver (status page test), and the Python clients (psycopg 2 and 3, Django, Selenium).
+# Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,9 @@ have_pg_server || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)
 command -v pgbench >/dev/null || missing+=(postgresql-contrib)
 command -v pgrep >/dev/null || missing+=(procps)
+# The pg_query crate (PostgreSQL's parser) generates its bindings with bindgen: libclang.
+compgen -G "/usr/lib/llvm-*/lib/libclang.so*" >/dev/null || missing+=(libclang-dev)
+command -v cc >/dev/null || missing+=(build-essential)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 # The status page is tested in a real headless browser.
 command -v chromium >/dev/null || missing+=(chromium)
