@@ -505,8 +505,11 @@ async fn connect_inner(
                             });
                         }
                         Err(e) if e.try_next_node() => {
-                            node.stats.connect_failures_total.fetch_add(1, Ordering::Relaxed);
-                            warn!(cluster = %cluster.name, endpoint = %endpoint, node = %node.name, reason = %e, "server connection failed; trying next candidate");
+                            if node.stats.connect_failed() {
+                                warn!(cluster = %cluster.name, endpoint = %endpoint, node = %node.name, reason = %e, "server connection failed; trying next candidate");
+                            } else {
+                                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint, node = %node.name, reason = %e, "server connection failed; trying next candidate");
+                            }
                             failures.push(format!("{}: {e}", node.name));
                         }
                         Err(ServerError::Refused { raw, message, .. }) => return Err(Reject::Forward(raw, message)),

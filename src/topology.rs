@@ -90,6 +90,28 @@ pub struct NodeStats {
     /// Simple-protocol queries plus extended-protocol Executes routed to the node.
     pub queries_total: AtomicU64,
     pub connect_failures_total: AtomicU64,
+    /// Unix ms of the last "server connection failed" warning, for rate limiting.
+    last_failure_warning_ms: AtomicU64,
+}
+
+impl NodeStats {
+    /// Count a failed server connection attempt; true when it deserves a warning (at most
+    /// one a second per node: a dead node is tried by every new transaction until the
+    /// health monitor marks it down, and each attempt would otherwise log a line).
+    pub fn connect_failed(&self) -> bool {
+        let total = self.connect_failures_total.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let last = self.last_failure_warning_ms.load(Ordering::Relaxed);
+        total == 0
+            || (now.saturating_sub(last) >= 1000
+                && self
+                    .last_failure_warning_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok())
+    }
 }
 
 /// A change worth a log line and a look by every session on the node.

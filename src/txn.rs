@@ -415,8 +415,11 @@ impl<'a> TxnSession<'a> {
                             }
                             Err(e @ PoolError::Exhausted { .. }) => return Err(TxnEnd::Fatal("53300", e.to_string())),
                             Err(PoolError::Server(e)) if e.try_next_node() => {
-                                node.stats.connect_failures_total.fetch_add(1, Ordering::Relaxed);
-                                warn!(cluster = %self.cluster.name, node = %node.name, reason = %e, "server connection failed; trying next candidate");
+                                if node.stats.connect_failed() {
+                                    warn!(cluster = %self.cluster.name, node = %node.name, reason = %e, "server connection failed; trying next candidate");
+                                } else {
+                                    tracing::debug!(cluster = %self.cluster.name, node = %node.name, reason = %e, "server connection failed; trying next candidate");
+                                }
                                 failures.push(format!("{}: {e}", node.name));
                             }
                             Err(PoolError::Server(crate::server::ServerError::Refused { code, message, .. })) => {
