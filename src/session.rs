@@ -65,6 +65,38 @@ struct Client {
     params: Vec<(String, String)>,
 }
 
+impl Client {
+    /// Enter this client in the list operators see (SHOW CLIENTS, pools, shutdown).
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &self,
+        shared: &Shared,
+        cluster: &ClusterCtx,
+        endpoint: Endpoint,
+        peer: SocketAddr,
+        node: String,
+        server_addr: String,
+        server_pid: i32,
+    ) -> crate::admin::clients::ClientGuard {
+        shared.clients.add(NewClient {
+            cluster: cluster.name.clone(),
+            endpoint,
+            peer,
+            user: self.user.clone(),
+            database: self.database.clone(),
+            application_name: self
+                .params
+                .iter()
+                .find(|(k, _)| k == "application_name")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default(),
+            node,
+            server_addr,
+            server_pid,
+        })
+    }
+}
+
 /// Keeps a node's session count right however the session ends (even by panic).
 struct NodeSlot(Arc<AtomicU32>);
 
@@ -188,22 +220,15 @@ async fn serve_transaction_mode(
     config: Arc<Config>,
 ) {
     let cancel = shared.cancels.register("", 0, 0);
-    let entry = shared.clients.add(NewClient {
-        cluster: cluster.name.clone(),
+    let entry = client.register(
+        shared,
+        cluster,
         endpoint,
         peer,
-        user: client.user.clone(),
-        database: client.database.clone(),
-        application_name: client
-            .params
-            .iter()
-            .find(|(k, _)| k == "application_name")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
-        node: "(transaction pool)".into(),
-        server_addr: String::new(),
-        server_pid: 0,
-    });
+        "(transaction pool)".into(),
+        String::new(),
+        0,
+    );
     let gauge = shared
         .metrics
         .client_connections
@@ -626,22 +651,7 @@ async fn relay(
     } = c;
     let limit = config.proxy.max_message_bytes;
     let grace = Duration::from_millis(config.proxy.shutdown_timeout_ms);
-    let entry = shared.clients.add(NewClient {
-        cluster: cluster.name.clone(),
-        endpoint,
-        peer,
-        user: who.user.clone(),
-        database: who.database.clone(),
-        application_name: who
-            .params
-            .iter()
-            .find(|(k, _)| k == "application_name")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
-        node: node.clone(),
-        server_addr: addr,
-        server_pid: server.pid,
-    });
+    let entry = who.register(shared, cluster, endpoint, peer, node.clone(), addr, server.pid);
     let info = &entry.info;
     let queries = shared
         .metrics
