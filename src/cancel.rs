@@ -1,6 +1,13 @@
-//! CancelRequest routing. Each client session gets a BackendKeyData minted by the proxy
-//! (the client never sees a server's pid), mapped here to the server connection it
-//! stands for. A cancel can arrive on any listener, on a fresh connection.
+//! CancelRequest routing. Each client session gets a BackendKeyData whose secret key is
+//! minted by the proxy (the client never sees a server's key), mapped here to the server
+//! connection it stands for. A cancel can arrive on any listener, on a fresh connection.
+//!
+//! The pid a client sees: in session mode, the real pid of its one server backend, so
+//! that `pg_backend_pid()`, the pid in its own NOTIFY messages and
+//! `pg_terminate_backend(conn.info.backend_pid)` all agree, as on a direct connection.
+//! In transaction mode the client has no single backend: the pid is minted too. Since
+//! pids of different servers (and minted ones) may coincide, entries are keyed by
+//! (pid, key), and keys are unique per pid.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -15,7 +22,6 @@ use crate::protocol::messages::cancel_request;
 
 #[derive(Clone)]
 struct Target {
-    key: i32,
     addr: String,
     server_pid: i32,
     server_key: i32,
@@ -25,7 +31,7 @@ struct Target {
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    map: Mutex<HashMap<i32, Target>>,
+    map: Mutex<HashMap<(i32, i32), Target>>,
 }
 
 /// Removes the session's key when the session ends.
@@ -37,31 +43,49 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.map.lock().unwrap().remove(&self.pid);
+        self.registry.map.lock().unwrap().remove(&(self.pid, self.key));
     }
 }
 
 impl CancelRegistry {
-    pub fn register(self: &Arc<Self>, addr: &str, server_pid: i32, server_key: i32) -> Registration {
-        let mut rng = rand::rng();
-        let key: i32 = rng.random();
-        let mut map = self.map.lock().unwrap();
-        let pid = loop {
-            let pid = rng.random_range(1..i32::MAX);
-            if !map.contains_key(&pid) {
-                break pid;
-            }
-        };
-        map.insert(
-            pid,
+    /// A session-mode client on one server connection: it is shown the server's pid.
+    pub fn register_session(self: &Arc<Self>, addr: &str, server_pid: i32, server_key: i32) -> Registration {
+        self.insert(
+            Some(server_pid),
             Target {
-                key,
                 addr: addr.to_string(),
                 server_pid,
                 server_key,
-                active: !addr.is_empty(),
+                active: true,
             },
-        );
+        )
+    }
+
+    /// A transaction-mode client: a minted pid, pointed at a server connection only
+    /// while it holds one (`retarget`).
+    pub fn register_pooled(self: &Arc<Self>) -> Registration {
+        self.insert(
+            None,
+            Target {
+                addr: String::new(),
+                server_pid: 0,
+                server_key: 0,
+                active: false,
+            },
+        )
+    }
+
+    fn insert(self: &Arc<Self>, pid: Option<i32>, target: Target) -> Registration {
+        let mut rng = rand::rng();
+        let mut map = self.map.lock().unwrap();
+        let (pid, key) = loop {
+            let pid = pid.unwrap_or_else(|| rng.random_range(1..i32::MAX));
+            let key: i32 = rng.random();
+            if !map.contains_key(&(pid, key)) {
+                break (pid, key);
+            }
+        };
+        map.insert((pid, key), target);
         Registration {
             registry: self.clone(),
             pid,
@@ -71,8 +95,8 @@ impl CancelRegistry {
 
     /// Point a session's key at the server connection it holds now (transaction
     /// pooling); `None` when it holds none, and a cancel has nothing to stop.
-    pub fn retarget(&self, pid: i32, target: Option<(&str, i32, i32)>) {
-        if let Some(t) = self.map.lock().unwrap().get_mut(&pid) {
+    pub fn retarget(&self, reg: &Registration, target: Option<(&str, i32, i32)>) {
+        if let Some(t) = self.map.lock().unwrap().get_mut(&(reg.pid, reg.key)) {
             match target {
                 Some((addr, server_pid, server_key)) => {
                     if t.addr != addr {
@@ -90,13 +114,7 @@ impl CancelRegistry {
     /// Forward a client's CancelRequest to the server its session is on. Unknown keys
     /// are dropped silently, as PostgreSQL does (no answer is ever sent to a cancel).
     pub async fn forward(&self, pid: i32, key: i32) {
-        let target = self
-            .map
-            .lock()
-            .unwrap()
-            .get(&pid)
-            .filter(|t| t.key == key && t.active)
-            .cloned();
+        let target = self.map.lock().unwrap().get(&(pid, key)).filter(|t| t.active).cloned();
         let Some(t) = target else {
             debug!(pid, "cancel request for an unknown session ignored");
             return;
@@ -113,5 +131,31 @@ impl CancelRegistry {
             Ok(Err(e)) => info!(server = %t.addr, error = %e, "could not forward cancel request"),
             Err(_) => info!(server = %t.addr, "cancel request timed out"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_mode_shows_the_server_pid_and_pooled_mode_a_minted_one() {
+        let registry = Arc::new(CancelRegistry::default());
+        let a = registry.register_session("127.0.0.1:5432", 4242, 7);
+        // Another node's backend with the same pid: a separate entry, another key.
+        let b = registry.register_session("127.0.0.1:5433", 4242, 9);
+        assert_eq!((a.pid, b.pid), (4242, 4242));
+        assert_ne!(a.key, 7, "the server's key is never shown");
+        assert_ne!(a.key, b.key);
+        let pooled = registry.register_pooled();
+        assert_eq!(registry.map.lock().unwrap().len(), 3);
+        let target = |pid, key| registry.map.lock().unwrap().get(&(pid, key)).cloned();
+        assert_eq!(target(b.pid, b.key).unwrap().addr, "127.0.0.1:5433");
+        assert!(!target(pooled.pid, pooled.key).unwrap().active);
+        registry.retarget(&pooled, Some(("127.0.0.1:5432", 11, 12)));
+        assert_eq!(target(pooled.pid, pooled.key).unwrap().server_pid, 11);
+        drop(a);
+        assert!(target(4242, b.key).is_some());
+        assert_eq!(registry.map.lock().unwrap().len(), 2);
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-use pg_query::protobuf::{a_const, TransactionStmtKind, VariableSetKind};
+use pg_query::protobuf::{a_const, ObjectType, TransactionStmtKind, VariableSetKind};
 use pg_query::{NodeEnum, NodeRef};
 
 /// Session state a statement changes; replayed on every server connection the client
@@ -43,6 +43,26 @@ pub struct Classification {
     pub parses: bool,
     /// `DEALLOCATE name` (Some(name)) or `DEALLOCATE ALL` (Some("")), as the only statement.
     pub deallocate: Option<String>,
+    /// A database the statement needs free of other sessions: the template of `CREATE
+    /// DATABASE`, the target of `DROP DATABASE` / `ALTER DATABASE ... RENAME` / `SET
+    /// TABLESPACE`. Idle pooled connections to it are closed before it is forwarded.
+    pub frees_database: Option<String>,
+}
+
+impl Classification {
+    /// What is not known to be a read: goes to the primary, changes nothing tracked.
+    fn write(hint_primary: bool) -> Classification {
+        Classification {
+            read_only: false,
+            begins: None,
+            pins: None,
+            sets: Vec::new(),
+            hint_primary,
+            parses: false,
+            deallocate: None,
+            frees_database: None,
+        }
+    }
 }
 
 /// Functions known not to write: a read calling anything else goes to the primary.
@@ -186,6 +206,8 @@ const CACHE_LIMIT: usize = 10_000;
 
 pub struct Classifier {
     read_only_functions: HashSet<String>,
+    /// The answer for query text that is not UTF-8 (see `classify_bytes`).
+    opaque: Arc<Classification>,
     cache: RwLock<HashMap<Box<str>, Arc<Classification>>>,
 }
 
@@ -196,6 +218,7 @@ impl Classifier {
         read_only_functions.extend(extra_read_only_functions.iter().map(|s| s.to_ascii_lowercase()));
         Classifier {
             read_only_functions,
+            opaque: Arc::new(Classification::write(false)),
             cache: RwLock::new(HashMap::new()),
         }
     }
@@ -221,7 +244,7 @@ impl Classifier {
                 }
             }
             let c = Arc::new(self.classify_uncached(sql));
-            let literal_free = c.sets.is_empty() && c.deallocate.is_none();
+            let literal_free = c.sets.is_empty() && c.deallocate.is_none() && c.frees_database.is_none();
             let mut cache = self.cache.write().unwrap();
             if cache.len() >= CACHE_LIMIT {
                 // Crude but bounded: with literals blanked, applications have far fewer
@@ -233,17 +256,21 @@ impl Classifier {
         })
     }
 
+    /// Classify query text as the client sent it: bytes in its `client_encoding`. Text
+    /// that is not UTF-8 is not parsed: in SJIS, BIG5 or GBK the second byte of a
+    /// character may be a quote or a backslash, so reading those bytes as anything else
+    /// could take a write for a read. It is treated like anything that does not parse
+    /// (primary, nothing tracked); most such clients still send ASCII SQL with the
+    /// non-ASCII bytes in literals, which is UTF-8 as far as this check goes.
+    pub fn classify_bytes(&self, sql: &[u8]) -> Arc<Classification> {
+        match std::str::from_utf8(sql) {
+            Ok(sql) => self.classify(sql),
+            Err(_) => self.opaque.clone(),
+        }
+    }
+
     fn classify_uncached(&self, sql: &str) -> Classification {
-        let hint_primary = sql.contains("switchyard:primary");
-        let write = Classification {
-            read_only: false,
-            begins: None,
-            pins: None,
-            sets: Vec::new(),
-            hint_primary,
-            parses: false,
-            deallocate: None,
-        };
+        let write = Classification::write(sql.contains("switchyard:primary"));
         let Ok(parsed) = pg_query::parse(sql, 0) else {
             return write;
         };
@@ -287,7 +314,9 @@ impl Classifier {
                             _ => false,
                         });
                         c.begins = Some(read_only);
-                        c.read_only &= read_only;
+                        // A standby refuses SERIALIZABLE ("cannot use serializable mode in
+                        // a hot standby"), even for a read-only transaction.
+                        c.read_only &= read_only && !t.options.iter().any(is_serializable);
                     }
                     // Ending a transaction or a savepoint writes nothing by itself.
                     Ok(
@@ -306,7 +335,12 @@ impl Classifier {
                         match VariableSetKind::try_from(v.kind) {
                             Ok(VariableSetKind::VarReset) => c.sets.push(SetAction::Reset { name }),
                             Ok(VariableSetKind::VarResetAll) => c.sets.push(SetAction::ResetAll),
-                            // SET TRANSACTION ... (VarSetMulti) lasts one transaction.
+                            // SET SESSION CHARACTERISTICS AS TRANSACTION ...: the defaults of
+                            // later transactions, as the settings they stand for.
+                            Ok(VariableSetKind::VarSetMulti) if name == "session characteristics" => {
+                                c.sets.extend(v.args.iter().filter_map(session_characteristic))
+                            }
+                            // SET TRANSACTION ... lasts one transaction.
                             Ok(VariableSetKind::VarSetMulti) => {}
                             Ok(_) => c.sets.push(SetAction::Set {
                                 name,
@@ -341,6 +375,31 @@ impl Classifier {
                     pin(&mut c, "a temporary table")
                 }
                 NodeEnum::DeclareCursorStmt(_) => {}
+                NodeEnum::CreatedbStmt(s) => {
+                    c.read_only = false;
+                    // Without TEMPLATE, PostgreSQL copies template1.
+                    let template = s.options.iter().find_map(|o| match &o.node {
+                        Some(NodeEnum::DefElem(d)) if d.defname == "template" => def_string(d),
+                        _ => None,
+                    });
+                    c.frees_database = Some(template.unwrap_or_else(|| "template1".into()));
+                }
+                NodeEnum::DropdbStmt(s) => {
+                    c.read_only = false;
+                    c.frees_database = Some(s.dbname.clone());
+                }
+                NodeEnum::RenameStmt(s) if s.rename_type == ObjectType::ObjectDatabase as i32 => {
+                    c.read_only = false;
+                    c.frees_database = Some(s.subname.clone());
+                }
+                NodeEnum::AlterDatabaseStmt(s)
+                    if s.options
+                        .iter()
+                        .any(|o| matches!(&o.node, Some(NodeEnum::DefElem(d)) if d.defname == "tablespace")) =>
+                {
+                    c.read_only = false;
+                    c.frees_database = Some(s.dbname.clone());
+                }
                 _ => c.read_only = false,
             }
         }
@@ -360,6 +419,9 @@ impl Classifier {
                 NodeRef::InsertStmt(_) | NodeRef::UpdateStmt(_) | NodeRef::DeleteStmt(_) | NodeRef::MergeStmt(_) => {
                     c.read_only = false
                 }
+                // State only the primary has, or that differs per node: a standby's
+                // answer would be wrong, not just old.
+                NodeRef::RangeVar(r) if is_node_local(&r.relname) => c.read_only = false,
                 NodeRef::FuncCall(f) => {
                     let name = f
                         .funcname
@@ -513,6 +575,68 @@ fn utf8_len(first: u8) -> usize {
         0xC0..=0xDF => 2,
         _ => 1,
     }
+}
+
+/// Views and catalogs whose rows describe the node answering, not the database: prepared
+/// transactions, sessions, locks, replication, statistics. Read on a standby they give
+/// that standby's answer (e.g. no prepared transactions), so they belong on the primary.
+fn is_node_local(relname: &str) -> bool {
+    let r = relname.to_ascii_lowercase();
+    r.starts_with("pg_stat_")
+        || r.starts_with("pg_statio_")
+        || matches!(
+            r.as_str(),
+            "pg_prepared_xacts"
+                | "pg_locks"
+                | "pg_replication_slots"
+                | "pg_replication_origin_status"
+                | "pg_stat_activity"
+                | "pg_backend_memory_contexts"
+        )
+}
+
+/// A string-valued option (`TEMPLATE name`, `ISOLATION LEVEL x`).
+fn def_string(d: &pg_query::protobuf::DefElem) -> Option<String> {
+    match d.arg.as_deref().and_then(|a| a.node.as_ref())? {
+        NodeEnum::String(s) => Some(s.sval.clone()),
+        NodeEnum::AConst(k) => match &k.val {
+            Some(a_const::Val::Sval(s)) => Some(s.sval.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn is_serializable(option: &pg_query::protobuf::Node) -> bool {
+    matches!(&option.node, Some(NodeEnum::DefElem(d))
+        if d.defname == "transaction_isolation"
+            && def_string(d).is_some_and(|v| v.eq_ignore_ascii_case("serializable")))
+}
+
+/// One item of `SET SESSION CHARACTERISTICS AS TRANSACTION ...` as the session default
+/// it changes, with a statement that sets it alone.
+fn session_characteristic(option: &pg_query::protobuf::Node) -> Option<SetAction> {
+    let Some(NodeEnum::DefElem(d)) = &option.node else {
+        return None;
+    };
+    let name = format!("default_{}", d.defname);
+    let value = match d.arg.as_deref().and_then(|a| a.node.as_ref())? {
+        NodeEnum::AConst(k) => match &k.val {
+            Some(a_const::Val::Sval(s)) => s.sval.clone(),
+            Some(a_const::Val::Ival(i)) => if i.ival != 0 { "on" } else { "off" }.to_string(),
+            Some(a_const::Val::Boolval(b)) => if b.boolval { "on" } else { "off" }.to_string(),
+            _ => return None,
+        },
+        _ => return None,
+    };
+    if !matches!(
+        name.as_str(),
+        "default_transaction_isolation" | "default_transaction_read_only" | "default_transaction_deferrable"
+    ) {
+        return None;
+    }
+    let statement = format!("SET {name} = '{}'", value.replace('\'', "''"));
+    Some(SetAction::Set { name, statement })
 }
 
 fn pin(c: &mut Classification, why: &'static str) {
@@ -679,6 +803,81 @@ mod tests {
         );
         assert_ne!(a.sets, b.sets);
         assert!(!k.classify("SELECT * FROM t WHERE id = 3 FOR UPDATE").read_only);
+    }
+
+    #[test]
+    fn serializable_goes_to_the_primary() {
+        assert!(!c("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY").read_only);
+        assert!(!c("START TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE, DEFERRABLE").read_only);
+        assert!(c("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY").read_only);
+        assert_eq!(
+            c("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY").sets,
+            vec![
+                SetAction::Set {
+                    name: "default_transaction_isolation".into(),
+                    statement: "SET default_transaction_isolation = 'serializable'".into()
+                },
+                SetAction::Set {
+                    name: "default_transaction_read_only".into(),
+                    statement: "SET default_transaction_read_only = 'on'".into()
+                }
+            ]
+        );
+        assert!(c("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").sets.is_empty());
+    }
+
+    #[test]
+    fn node_local_state_is_read_on_the_primary() {
+        for sql in [
+            "SELECT gid FROM pg_prepared_xacts",
+            "SELECT pid FROM pg_catalog.pg_stat_activity WHERE pid = 1",
+            "SELECT * FROM pg_locks l JOIN pg_class c ON c.oid = l.relation",
+            "SELECT * FROM pg_stat_replication",
+            "SELECT * FROM pg_stat_user_tables",
+            "SELECT EXISTS (SELECT 1 FROM PG_STAT_ACTIVITY)",
+        ] {
+            assert!(!c(sql).read_only, "{sql}");
+        }
+        assert!(c("SELECT * FROM pg_class").read_only);
+        assert!(c("SELECT * FROM my_stats").read_only);
+    }
+
+    #[test]
+    fn statements_that_need_a_database_free() {
+        let f = |sql: &str| c(sql).frees_database;
+        assert_eq!(
+            f("CREATE DATABASE \"test_app_1\" WITH TEMPLATE \"test_app\""),
+            Some("test_app".into())
+        );
+        assert_eq!(f("CREATE DATABASE x TEMPLATE = 'tpl'"), Some("tpl".into()));
+        assert_eq!(f("CREATE DATABASE x"), Some("template1".into()));
+        assert_eq!(
+            f("DROP DATABASE IF EXISTS test_app WITH (FORCE)"),
+            Some("test_app".into())
+        );
+        assert_eq!(f("ALTER DATABASE old RENAME TO new"), Some("old".into()));
+        assert_eq!(f("ALTER DATABASE d SET TABLESPACE t"), Some("d".into()));
+        assert_eq!(f("ALTER DATABASE d SET work_mem = '1MB'"), None);
+        assert_eq!(f("ALTER TABLE t RENAME TO u"), None);
+        // Same shape, other names: never one cache entry.
+        let k = Classifier::new(&[]);
+        assert_eq!(
+            k.classify("CREATE DATABASE a TEMPLATE 'x'").frees_database,
+            Some("x".into())
+        );
+        assert_eq!(
+            k.classify("CREATE DATABASE a TEMPLATE 'y'").frees_database,
+            Some("y".into())
+        );
+    }
+
+    #[test]
+    fn text_in_other_encodings_goes_to_the_primary() {
+        let k = Classifier::new(&[]);
+        // LATIN9: 0xa4 is the euro sign, not UTF-8.
+        let c = k.classify_bytes(b"select 'x' as \"\xa4\"");
+        assert!(!c.read_only && !c.parses);
+        assert!(k.classify_bytes(b"select 1").read_only);
     }
 
     #[test]

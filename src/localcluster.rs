@@ -117,8 +117,9 @@ impl LocalCluster {
                 "--locale=C",
             ],
         )?;
+        // max_prepared_transactions: client libraries' two-phase commit tests run too.
         let conf = format!(
-            "\n# switchyard test cluster\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 32MB\nwal_keep_size = 256MB\nmax_wal_senders = 10\nhot_standby_feedback = on\nwal_receiver_status_interval = 1s\nwal_retrieve_retry_interval = 1s\nlog_line_prefix = '%m [%p] %q%u@%d '\n",
+            "\n# switchyard test cluster\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 32MB\nwal_keep_size = 256MB\nmax_wal_senders = 10\nhot_standby_feedback = on\nmax_prepared_transactions = 20\nwal_receiver_status_interval = 1s\nwal_retrieve_retry_interval = 1s\nlog_line_prefix = '%m [%p] %q%u@%d '\n",
             cluster.socket_dir.display()
         );
         std::fs::OpenOptions::new()

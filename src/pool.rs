@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
+use crate::protocol::views;
 use crate::server::{self, ServerConn, ServerError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,8 +56,6 @@ pub struct Pool {
     settings: Mutex<PoolSettings>,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<Idle>>,
-    /// ParameterStatus messages of the first login, for clients' startup.
-    startup_params: Mutex<Option<BytesMut>>,
     pub waiting: AtomicU32,
     pub open: AtomicU32,
     /// The password of the pool's user, learned at the first checkout, so `min_pool_size`
@@ -73,11 +71,53 @@ pub struct PooledConn {
     pub prepared: HashSet<u64>,
     /// Session state applied on this connection: setting name → the SET that made it.
     pub applied: BTreeMap<String, String>,
+    /// Reported settings (ParameterStatus) as the server last stated them on this
+    /// connection: its own spelling (`UTF8` for a client's `utf8`), in the client's
+    /// encoding.
+    pub reported: BTreeMap<Box<[u8]>, Box<[u8]>>,
     created: Instant,
     pool: Arc<Pool>,
     _permit: Option<OwnedSemaphorePermit>,
     /// Set when the connection must not be reused (protocol state unknown).
     pub broken: bool,
+}
+
+impl PooledConn {
+    fn new(conn: ServerConn, pool: Arc<Pool>, permit: Option<OwnedSemaphorePermit>) -> PooledConn {
+        let mut reported = BTreeMap::new();
+        let mut rest = &conn.startup_messages[..];
+        while let Some((tag, len)) = views::header(rest) {
+            let Some(msg) = rest.get(..len as usize + 1) else { break };
+            if tag == b'S' {
+                if let Ok(s) = views::ParameterStatus::decode(&msg[5..]) {
+                    reported.insert(s.name.into(), s.value.into());
+                }
+            }
+            rest = &rest[msg.len()..];
+        }
+        pool.open.fetch_add(1, Ordering::Relaxed);
+        PooledConn {
+            conn,
+            prepared: HashSet::new(),
+            applied: BTreeMap::new(),
+            reported,
+            created: Instant::now(),
+            pool,
+            _permit: permit,
+            broken: false,
+        }
+    }
+
+    /// Note a ParameterStatus the server sent on this connection.
+    pub fn report(&mut self, s: views::ParameterStatus) {
+        match self.reported.get_mut(s.name) {
+            Some(v) if **v == *s.value => {}
+            Some(v) => *v = s.value.into(),
+            None => {
+                self.reported.insert(s.name.into(), s.value.into());
+            }
+        }
+    }
 }
 
 impl Drop for PooledConn {
@@ -93,7 +133,6 @@ impl Pool {
             permits: Arc::new(Semaphore::new(settings.size as usize)),
             settings: Mutex::new(settings),
             idle: Mutex::new(Vec::new()),
-            startup_params: Mutex::new(None),
             waiting: AtomicU32::new(0),
             open: AtomicU32::new(0),
             password: Mutex::new(None),
@@ -113,10 +152,6 @@ impl Pool {
         self.open
             .load(Ordering::Relaxed)
             .saturating_sub(self.idle_count() as u32)
-    }
-
-    pub fn startup_params(&self) -> Option<BytesMut> {
-        self.startup_params.lock().unwrap().clone()
     }
 
     /// Resize on reload: the semaphore grows at once, shrinks as connections come back.
@@ -183,22 +218,7 @@ impl Pool {
             require_primary,
         };
         let conn = server::connect(&self.key.addr, &login, login_timeout).await?;
-        {
-            let mut p = self.startup_params.lock().unwrap();
-            if p.is_none() {
-                *p = Some(conn.startup_messages.clone());
-            }
-        }
-        self.open.fetch_add(1, Ordering::Relaxed);
-        Ok(PooledConn {
-            conn,
-            prepared: HashSet::new(),
-            applied: BTreeMap::new(),
-            created: Instant::now(),
-            pool: self.clone(),
-            _permit: Some(permit),
-            broken: false,
-        })
+        Ok(PooledConn::new(conn, self.clone(), Some(permit)))
     }
 
     /// Take a connection back. Broken or expired ones are closed.
@@ -254,16 +274,7 @@ impl Pool {
                 require_primary: false,
             };
             if let Ok(conn) = server::connect(&pool.key.addr, &login, login_timeout).await {
-                pool.open.fetch_add(1, Ordering::Relaxed);
-                let conn = PooledConn {
-                    conn,
-                    prepared: HashSet::new(),
-                    applied: BTreeMap::new(),
-                    created: Instant::now(),
-                    pool: pool.clone(),
-                    _permit: None,
-                    broken: false,
-                };
+                let conn = PooledConn::new(conn, pool.clone(), None);
                 pool.idle.lock().unwrap().push(Idle {
                     conn,
                     since: Instant::now(),
@@ -273,9 +284,9 @@ impl Pool {
         });
     }
 
-    /// Drop every idle connection (the node went down or was removed).
-    pub fn clear_idle(&self) {
-        self.idle.lock().unwrap().clear();
+    /// Drop every idle connection (the node went down or was removed); how many.
+    pub fn clear_idle(&self) -> usize {
+        self.idle.lock().unwrap().drain(..).count()
     }
 }
 
@@ -304,6 +315,19 @@ impl Pools {
         let mut v: Vec<_> = self.map.lock().unwrap().values().cloned().collect();
         v.sort_by(|a, b| a.key.cmp(&b.key));
         v
+    }
+
+    /// Close the idle connections of every pool to `database`, before a statement that
+    /// needs it free of other sessions (`CREATE DATABASE ... TEMPLATE`, `DROP DATABASE`).
+    /// Connections in use stay: if one is still there, the server's error stands.
+    pub fn close_idle_to(&self, database: &str) -> usize {
+        let mut closed = 0;
+        for p in self.map.lock().unwrap().values() {
+            if p.key.database == database {
+                closed += p.clear_idle();
+            }
+        }
+        closed
     }
 
     /// Apply new settings to every pool of a cluster (reload).

@@ -219,7 +219,7 @@ async fn serve_transaction_mode(
     shared: &Shared,
     config: Arc<Config>,
 ) {
-    let cancel = shared.cancels.register("", 0, 0);
+    let cancel = shared.cancels.register_pooled();
     let entry = client.register(
         shared,
         cluster,
@@ -266,7 +266,7 @@ async fn serve_transaction_mode(
                 )
                 .await
         }
-        TxnEnd::Lost(reason) => {
+        TxnEnd::Lost(reason) | TxnEnd::StandbyRefused(reason) => {
             let msg = format!("server connection of cluster \"{}\" was lost: {reason}", cluster.name);
             warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, reason = %msg, "session ended by proxy");
             session.goodbye(sqlstate::CONNECTION_FAILURE, &msg).await;
@@ -584,7 +584,7 @@ async fn send_welcome(
     shared: &Shared,
     addr: &str,
 ) -> Result<Registration, Reject> {
-    let reg = shared.cancels.register(addr, conn.pid, conn.key);
+    let reg = shared.cancels.register_session(addr, conn.pid, conn.key);
     let mut out = BytesMut::with_capacity(conn.startup_messages.len() + 32);
     out.extend_from_slice(&conn.startup_messages);
     messages::backend_key_data(&mut out, reg.pid, reg.key);

@@ -33,6 +33,7 @@ use crate::config::Config;
 use crate::pool::{Pool, PoolError, PoolKey, PooledConn};
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::sqlstate;
+use crate::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
 use crate::proxy::{ClusterCtx, Shared};
 use crate::routing::{self, Endpoint};
 use crate::topology::{Health, Role};
@@ -66,6 +67,9 @@ pub enum TxnEnd {
     Shutdown,
     /// The server connection was lost (inside the session loop: maybe retried).
     Lost(String),
+    /// A standby refused a read it cannot run (inside the session loop: the read is
+    /// retried on the primary when nothing of its answer reached the client).
+    StandbyRefused(String),
 }
 
 enum Event {
@@ -81,7 +85,8 @@ struct Stmt {
     /// The Parse message under the server-side name, ready to send.
     parse: Bytes,
     server_name: String,
-    query: Arc<str>,
+    /// Query text as the client sent it (its encoding, not necessarily UTF-8).
+    query: Box<[u8]>,
 }
 
 /// A response the server owes us, in order: whether the client should see it.
@@ -106,7 +111,9 @@ struct Held {
     /// Requests answered by ReadyForQuery still outstanding.
     pending: i32,
     status: u8,
-    /// Whether any byte of this unit's answer reached the client (retry is safe only before).
+    /// Whether any byte of this unit's answer was written to the client (retry is safe
+    /// only before). Answers queued in `out` but not yet written do not count: they are
+    /// dropped when the unit is retried.
     answered: bool,
     /// This unit is a read routed by read/write splitting (may be retried).
     retryable: bool,
@@ -135,7 +142,8 @@ pub struct TxnSession<'a> {
     pools: HashMap<String, (Arc<Pool>, prometheus_client::metrics::counter::Counter)>,
     password: Option<String>,
     held: Option<Held>,
-    stmts: HashMap<String, Stmt>,
+    /// The client's named statements, by the name it gave them (bytes in its encoding).
+    stmts: HashMap<Box<[u8]>, Stmt>,
     /// Session state the client asked for: setting name → statement that sets it.
     desired: BTreeMap<String, String>,
     pinned: Option<&'static str>,
@@ -191,11 +199,6 @@ pub fn startup_state(params: &[(String, String)]) -> BTreeMap<String, String> {
     state
 }
 
-fn cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
-    let end = buf.iter().position(|&b| b == 0)?;
-    Some((std::str::from_utf8(&buf[..end]).ok()?, &buf[end + 1..]))
-}
-
 /// A unit of work ended between transactions: its SETs count if it ended without error
 /// or rollback (a failed or rolled-back SET changed nothing on the server either).
 fn settle_sets(
@@ -249,36 +252,26 @@ fn client_settable(name: &str) -> bool {
     )
 }
 
-/// Is an ErrorResponse body FATAL or PANIC (the server ends the session)?
-fn is_fatal(body: &[u8]) -> bool {
-    body.split(|&b| b == 0)
-        .any(|f| f == b"SFATAL" || f == b"SPANIC" || f == b"VFATAL" || f == b"VPANIC")
+/// Errors with which a standby refuses what a primary would run: reads of unlogged or
+/// temporary tables, SERIALIZABLE ("feature not supported" in hot standby), and a
+/// statement the classifier took for a read that writes after all (read-only
+/// transaction). A split read refused so before its answer reached the client is run
+/// again on the primary.
+fn standby_refusal(code: &[u8]) -> bool {
+    code == b"0A000" || code == b"25006"
 }
 
-/// Append a Close (statement) message for a server-side statement name.
-fn put_close_statement(out: &mut BytesMut, server_name: &str) {
-    out.put_u8(b'C');
-    out.put_i32(server_name.len() as i32 + 6);
-    out.put_u8(b'S');
-    out.put_slice(server_name.as_bytes());
-    out.put_u8(0);
-}
-
-/// A Parse message for `server_name` with the client's query and parameter types (`rest`).
-fn parse_message(server_name: &str, rest: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(server_name.len() + rest.len() + 6);
-    b.put_u8(b'P');
-    b.put_i32((server_name.len() + 1 + rest.len() + 4) as i32);
-    b.put_slice(server_name.as_bytes());
-    b.put_u8(0);
-    b.put_slice(rest);
+/// A Parse message for `server_name` with the client's statement content (`after_name`).
+fn parse_message(server_name: &str, after_name: &[u8]) -> Bytes {
+    let mut b = BytesMut::new();
+    views::encode_parse(&mut b, server_name.as_bytes(), after_name);
     b.freeze()
 }
 
-fn statement_hash(query: &str, rest: &[u8]) -> u64 {
+/// The content address of a statement: its query and parameter types (`after_name`).
+fn statement_hash(after_name: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    query.hash(&mut h);
-    rest.hash(&mut h);
+    after_name.hash(&mut h);
     h.finish()
 }
 
@@ -398,7 +391,7 @@ impl<'a> TxnSession<'a> {
                                 node.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
                                 self.shared
                                     .cancels
-                                    .retarget(self.cancel.pid, Some((&node.addr, conn.conn.pid, conn.conn.key)));
+                                    .retarget(&self.cancel, Some((&node.addr, conn.conn.pid, conn.conn.key)));
                                 self.expect.clear();
                                 self.sent.clear();
                                 self.held = Some(Held {
@@ -494,14 +487,13 @@ impl<'a> TxnSession<'a> {
                 .map_err(|e| TxnEnd::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
         }
         let mut remaining = statements.len();
-        let stream = &mut held.conn.conn.stream;
         let io = |e: std::io::Error| {
             TxnEnd::Fatal(
                 sqlstate::CONNECTION_FAILURE,
                 format!("server connection lost while restoring session state: {e}"),
             )
         };
-        stream.write_all(&q).await.map_err(io)?;
+        held.conn.conn.stream.write_all(&q).await.map_err(io)?;
         // Swallow the answers; a failing SET is reported once in the log, and the
         // connection still gets the rest.
         let mut buf = BytesMut::new();
@@ -514,9 +506,14 @@ impl<'a> TxnSession<'a> {
                 let msg = buf.split_to(len + 1);
                 match msg[0] {
                     b'E' => {
-                        let (code, text) = crate::server::error_fields(&msg[5..]);
-                        warn!(cluster = %self.cluster.name, user = %self.who.user, code = %code, reason = %text, "restoring session state failed");
+                        let e = ErrorFields::decode(&msg[5..]);
+                        warn!(cluster = %self.cluster.name, user = %self.who.user, code = %String::from_utf8_lossy(e.code),
+                              reason = %String::from_utf8_lossy(e.message), "restoring session state failed");
                     }
+                    // The server's own spelling of what was set (see `welcome`).
+                    b'S' => held
+                        .conn
+                        .report(ParameterStatus::decode(&msg[5..]).map_err(server_malformed)?),
                     b'Z' => {
                         remaining -= 1;
                         if remaining == 0 {
@@ -527,7 +524,7 @@ impl<'a> TxnSession<'a> {
                     _ => {}
                 }
             }
-            if stream.read_buf(&mut buf).await.map_err(io)? == 0 {
+            if held.conn.conn.stream.read_buf(&mut buf).await.map_err(io)? == 0 {
                 return Err(io(std::io::ErrorKind::UnexpectedEof.into()));
             }
         }
@@ -541,7 +538,7 @@ impl<'a> TxnSession<'a> {
             if self.pinned.is_some() {
                 h.conn.broken = true;
             }
-            self.shared.cancels.retarget(self.cancel.pid, None);
+            self.shared.cancels.retarget(&self.cancel, None);
             h.pool.checkin(h.conn);
         }
     }
@@ -588,35 +585,35 @@ impl<'a> TxnSession<'a> {
             .desired
             .get("switchyard.route")
             .is_some_and(|s| s.to_ascii_lowercase().contains("primary"));
-        if route_primary {
+        // A standby refuses SERIALIZABLE transactions, read-only or not.
+        let serializable = self
+            .desired
+            .get("default_transaction_isolation")
+            .is_some_and(|s| s.to_ascii_lowercase().contains("serializable"));
+        if route_primary || serializable {
             return false;
         }
         let judge = |msg: &[u8]| -> Option<bool> {
             let body = &msg[5..];
-            match msg[0] {
-                b'Q' => {
-                    let (q, _) = cstr(body)?;
-                    let c = classifier.classify(q);
-                    Some(c.read_only && !c.hint_primary)
-                }
-                b'P' => {
-                    let (_, rest) = cstr(body)?;
-                    let (q, _) = cstr(rest)?;
-                    let c = classifier.classify(q);
-                    Some(c.read_only && !c.hint_primary)
-                }
+            let query: &[u8] = match msg[0] {
+                b'Q' => Query::decode(body).ok()?.sql,
+                b'P' => Parse::decode(body).ok()?.query,
                 b'B' | b'D' => {
-                    let rest = if msg[0] == b'D' { body.get(1..)? } else { cstr(body)?.1 };
-                    let (name, _) = cstr(rest)?;
-                    if name.is_empty() {
+                    let r = if msg[0] == b'B' {
+                        StatementRef::decode_bind(body).ok()?
+                    } else {
+                        StatementRef::decode_target(body, "Describe").ok()?
+                    };
+                    if r.statement.is_empty() {
                         return Some(true); // judged by its Parse in the same batch
                     }
-                    let c = classifier.classify(&self.stmts.get(name)?.query);
-                    Some(c.read_only && !c.hint_primary)
+                    &self.stmts.get(r.statement)?.query
                 }
-                b'E' | b'H' => Some(true),
-                _ => Some(false),
-            }
+                b'E' | b'H' => return Some(true),
+                _ => return Some(false),
+            };
+            let c = classifier.classify_bytes(query);
+            Some(c.read_only && !c.hint_primary)
         };
         if first[0] == b'Q' {
             return judge(first).unwrap_or(false);
@@ -654,10 +651,8 @@ impl<'a> TxnSession<'a> {
         if msg[0] != b'P' || self.cbuf.len() < 5 || self.cbuf[0] != b'S' {
             return Ok(false);
         }
-        let body = &msg[5..];
-        let (name, rest) = cstr(body).ok_or_else(malformed)?;
-        let (query, _) = cstr(rest).ok_or_else(malformed)?;
-        if name.is_empty() || !self.cluster.classifier.classify(query).parses {
+        let p = Parse::decode(&msg[5..]).map_err(malformed)?;
+        if p.name.is_empty() || !self.cluster.classifier.classify_bytes(p.query).parses {
             return Ok(false);
         }
         // The Sync must be complete too, to be answered now.
@@ -665,15 +660,15 @@ impl<'a> TxnSession<'a> {
         if self.cbuf.len() < sync_len + 1 {
             return Ok(false);
         }
-        let hash = statement_hash(query, rest);
+        let hash = statement_hash(p.after_name);
         let server_name = format!("sy_{hash:016x}");
         let stmt = Stmt {
             hash,
-            parse: parse_message(&server_name, rest),
+            parse: parse_message(&server_name, p.after_name),
             server_name,
-            query: query.into(),
+            query: p.query.into(),
         };
-        self.stmts.insert(name.to_string(), stmt);
+        self.stmts.insert(p.name.into(), stmt);
         // Consume the Sync and answer both. (What the statement does to the session is
         // observed when it is executed: see the Bind case of `forward`.)
         let _ = self.cbuf.split_to(sync_len + 1);
@@ -686,6 +681,10 @@ impl<'a> TxnSession<'a> {
 
     /// Track what a statement does to the session: SETs to replay, pins.
     fn observe_statement(&mut self, c: &crate::classify::Classification) {
+        if let Some(db) = &c.frees_database {
+            let closed = self.shared.pools.close_idle_to(db);
+            info!(cluster = %self.cluster.name, database = %db, closed, "closed idle pooled connections to a database a statement needs free");
+        }
         // SETs count only once their unit ends without error or rollback (a failed or
         // rolled-back SET changes nothing on the server either).
         self.pending_sets.extend(c.sets.iter().cloned());
@@ -710,8 +709,8 @@ impl<'a> TxnSession<'a> {
         let mut observe = None;
         match tag {
             b'Q' => {
-                let (q, _) = cstr(body).ok_or_else(malformed)?;
-                let c = self.cluster.classifier.classify(q);
+                let q = Query::decode(body).map_err(malformed)?;
+                let c = self.cluster.classifier.classify_bytes(q.sql);
                 self.expect.push_back(Expect::Ready);
                 held.pending += 1;
                 held.queries.inc();
@@ -723,12 +722,12 @@ impl<'a> TxnSession<'a> {
                         held.conn.prepared.clear();
                         out.extend_from_slice(&msg);
                     }
-                    Some(name) if self.stmts.contains_key(name) => {
-                        let stmt = self.stmts.remove(name).expect("checked");
+                    Some(name) if self.stmts.contains_key(name.as_bytes()) => {
+                        let stmt = self.stmts.remove(name.as_bytes()).expect("checked");
                         if !held.conn.prepared.remove(&stmt.hash) {
                             // Not here: create it (answers dropped) so the DEALLOCATE
                             // succeeds with the reply the client expects.
-                            put_close_statement(out, &stmt.server_name);
+                            views::encode_close_statement(out, stmt.server_name.as_bytes());
                             out.extend_from_slice(&stmt.parse);
                             let e = self.expect.pop_back();
                             self.expect.push_back(Expect::CloseComplete { pass: false });
@@ -739,7 +738,7 @@ impl<'a> TxnSession<'a> {
                             self.expect.extend(e);
                         }
                         postgres_protocol::message::frontend::query(&format!("DEALLOCATE {}", stmt.server_name), out)
-                            .map_err(|_| malformed())?;
+                            .map_err(|e| TxnEnd::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))?;
                     }
                     _ => out.extend_from_slice(&msg),
                 }
@@ -751,21 +750,20 @@ impl<'a> TxnSession<'a> {
                 out.extend_from_slice(&msg);
             }
             b'P' => {
-                let (name, rest) = cstr(body).ok_or_else(malformed)?;
-                let (query, _) = cstr(rest).ok_or_else(malformed)?;
-                observe = Some(self.cluster.classifier.classify(query));
-                if name.is_empty() {
+                let p = Parse::decode(body).map_err(malformed)?;
+                observe = Some(self.cluster.classifier.classify_bytes(p.query));
+                if p.name.is_empty() {
                     self.expect.push_back(Expect::ParseComplete { pass: true, hash: None });
                     out.extend_from_slice(&msg);
                 } else {
-                    let hash = statement_hash(query, rest);
+                    let hash = statement_hash(p.after_name);
                     let server_name = format!("sy_{hash:016x}");
-                    let parse = parse_message(&server_name, rest);
+                    let parse = parse_message(&server_name, p.after_name);
                     // The same text may already be prepared on this connection (by this
                     // client earlier, or another): close it first (closing a statement that
                     // does not exist is no error), so the Parse cannot fail with "already
                     // exists" and the client gets its ParseComplete in order.
-                    put_close_statement(out, &server_name);
+                    views::encode_close_statement(out, server_name.as_bytes());
                     self.expect.push_back(Expect::CloseComplete { pass: false });
                     self.expect.push_back(Expect::ParseComplete {
                         pass: true,
@@ -777,31 +775,27 @@ impl<'a> TxnSession<'a> {
                         hash,
                         parse,
                         server_name,
-                        query: query.into(),
+                        query: p.query.into(),
                     };
-                    self.stmts.insert(name.to_string(), stmt);
+                    self.stmts.insert(p.name.into(), stmt);
                 }
             }
             b'B' | b'D' => {
-                // Bind: portal, statement, ...; Describe: 'S'|'P', name.
-                let (prefix_len, stmt_name, tail) = if tag == b'B' {
-                    let (portal, rest) = cstr(body).ok_or_else(malformed)?;
-                    let (stmt, tail) = cstr(rest).ok_or_else(malformed)?;
-                    (portal.len() + 1, stmt, tail)
+                let r = if tag == b'B' {
+                    StatementRef::decode_bind(body)
                 } else {
-                    let kind = *body.first().ok_or_else(malformed)?;
-                    let (name, tail) = cstr(&body[1..]).ok_or_else(malformed)?;
-                    (1, if kind == b'S' { name } else { "" }, tail)
-                };
-                match self.stmts.get(stmt_name).filter(|_| !stmt_name.is_empty()) {
+                    StatementRef::decode_target(body, "Describe")
+                }
+                .map_err(malformed)?;
+                match self.stmts.get(r.statement).filter(|_| !r.statement.is_empty()) {
                     Some(stmt) => {
                         if tag == b'B' {
-                            observe = Some(self.cluster.classifier.classify(&stmt.query));
+                            observe = Some(self.cluster.classifier.classify_bytes(&stmt.query));
                         }
                         if !held.conn.prepared.contains(&stmt.hash) {
                             // Prepared by this client on another connection: prepare it
                             // here too, and drop the answers the client did not ask for.
-                            put_close_statement(out, &stmt.server_name);
+                            views::encode_close_statement(out, stmt.server_name.as_bytes());
                             self.expect.push_back(Expect::CloseComplete { pass: false });
                             out.extend_from_slice(&stmt.parse);
                             self.expect.push_back(Expect::ParseComplete {
@@ -811,29 +805,22 @@ impl<'a> TxnSession<'a> {
                             held.conn.prepared.insert(stmt.hash);
                         }
                         // The same message with the server-side statement name.
-                        let len = body.len() - stmt_name.len() + stmt.server_name.len();
-                        out.put_u8(tag);
-                        out.put_i32(len as i32 + 4);
-                        out.put_slice(&body[..prefix_len]);
-                        out.put_slice(stmt.server_name.as_bytes());
-                        out.put_u8(0);
-                        out.put_slice(tail);
+                        r.encode_renamed(out, tag, stmt.server_name.as_bytes());
                     }
                     None => out.extend_from_slice(&msg),
                 }
             }
             b'C' => {
-                let kind = *body.first().ok_or_else(malformed)?;
-                let (name, _) = cstr(&body[1..]).ok_or_else(malformed)?;
-                let known = if kind == b'S' && !name.is_empty() {
-                    self.stmts.remove(name)
-                } else {
+                let r = StatementRef::decode_target(body, "Close").map_err(malformed)?;
+                let known = if r.statement.is_empty() {
                     None
+                } else {
+                    self.stmts.remove(r.statement)
                 };
                 match known {
                     Some(stmt) => {
                         held.conn.prepared.remove(&stmt.hash);
-                        put_close_statement(out, &stmt.server_name);
+                        views::encode_close_statement(out, stmt.server_name.as_bytes());
                     }
                     None => out.extend_from_slice(&msg),
                 }
@@ -924,34 +911,37 @@ impl<'a> TxnSession<'a> {
                         };
                     }
                 }
-                b'E' if !held.answered && held.retryable && is_fatal(&msg[5..]) => {
-                    // The server is ending this session (shutting down, crashed) before
-                    // answering a read: as good as gone; the caller may retry elsewhere.
-                    let (_, text) = crate::server::error_fields(&msg[5..]);
-                    return Err(TxnEnd::Lost(text));
+                b'E' if !held.answered && held.retryable => {
+                    let e = ErrorFields::decode(&msg[5..]);
+                    let why = || String::from_utf8_lossy(e.message).into_owned();
+                    if e.ends_session() {
+                        // The server is ending this session (shutting down, crashed) before
+                        // answering a read: as good as gone; the caller may retry elsewhere.
+                        return Err(TxnEnd::Lost(why()));
+                    }
+                    if held.role != Role::Primary && standby_refusal(e.code) {
+                        return Err(TxnEnd::StandbyRefused(why()));
+                    }
+                    self.unit_failed = true;
+                    skip_to_sync(&mut self.expect, &mut held.conn.prepared);
                 }
                 b'C' if msg[5..].starts_with(b"ROLLBACK") => self.unit_failed = true,
                 b'E' => {
                     self.unit_failed = true;
-                    // In the extended protocol the server skips everything up to Sync.
-                    while matches!(
-                        self.expect.front(),
-                        Some(Expect::ParseComplete { .. } | Expect::CloseComplete { .. })
-                    ) {
-                        // A Parse skipped or failed: that statement was not created.
-                        if let Some(Expect::ParseComplete { hash: Some(h), .. }) = self.expect.pop_front() {
-                            held.conn.prepared.remove(&h);
-                        }
-                    }
+                    skip_to_sync(&mut self.expect, &mut held.conn.prepared);
                 }
                 b'S' => {
                     // A reported setting changed in the client's session (SET, set_config(),
                     // RESET, a rolled-back SET being undone): remember its final value so the
                     // next connection gets it too. This catches what the classifier cannot
                     // see, such as Django's `SELECT set_config('TimeZone', ...)`.
-                    if let Some((name, rest)) = cstr(&msg[5..]) {
+                    let s = ParameterStatus::decode(&msg[5..]).map_err(server_malformed)?;
+                    held.conn.report(s);
+                    // A value in another encoding than UTF-8 is not replayed (it would be
+                    // re-sent as text the server reads in the client's encoding).
+                    if let (Ok(name), Ok(value)) = (std::str::from_utf8(s.name), std::str::from_utf8(s.value)) {
                         let name = name.to_ascii_lowercase();
-                        if let (Some((value, _)), true) = (cstr(rest), client_settable(&name)) {
+                        if client_settable(&name) {
                             let stmt = format!(
                                 "SELECT pg_catalog.set_config({}, {}, false)",
                                 quote_literal(&name),
@@ -961,6 +951,14 @@ impl<'a> TxnSession<'a> {
                             self.desired.insert(name, stmt);
                         }
                     }
+                }
+                b'A' if views::notification_pid(&msg[5..]) == Some(held.conn.conn.pid) => {
+                    // The client's own NOTIFY (while pinned by LISTEN): show it with the
+                    // pid the client was given, as a direct connection would.
+                    let mut msg = msg;
+                    msg[5..9].copy_from_slice(&self.cancel.pid.to_be_bytes());
+                    self.out.extend_from_slice(&msg);
+                    continue;
                 }
                 b'Z' => {
                     while let Some(e) = self.expect.pop_front() {
@@ -984,7 +982,6 @@ impl<'a> TxnSession<'a> {
                 _ => {}
             }
             if pass {
-                held.answered = true;
                 self.out.extend_from_slice(&msg);
             }
         }
@@ -1094,10 +1091,17 @@ impl<'a> TxnSession<'a> {
                             Ok(()) => continue,
                             Err(e) => return e,
                         },
+                        Err(TxnEnd::StandbyRefused(reason)) => match self.retry_on_primary(reason).await {
+                            Ok(()) => continue,
+                            Err(e) => return e,
+                        },
                         Err(e) => return e,
                     };
                     if !self.out.is_empty() {
                         let out = self.out.split();
+                        if let Some(h) = self.held.as_mut() {
+                            h.answered = true;
+                        }
                         if self.client.write_all(&out).await.is_err() {
                             if let Some(h) = self.held.as_mut() {
                                 h.conn.broken = true;
@@ -1157,6 +1161,33 @@ impl<'a> TxnSession<'a> {
     /// A read on a standby lost its server before any answer reached the client: run
     /// it again on another candidate. Ok(false) when that is not possible.
     async fn retry_elsewhere(&mut self) -> Result<bool, TxnEnd> {
+        let Some(h) = self.held.as_ref() else {
+            return Ok(false);
+        };
+        let failed = h.pool.key.node.clone();
+        warn!(cluster = %self.cluster.name, node = %failed, "standby lost before answering a read; retrying it on another node");
+        self.rerun(Some(failed)).await
+    }
+
+    /// A standby refused a read it cannot run (an unlogged table, SERIALIZABLE, a write
+    /// the classifier could not see): run it on the primary, if the client has seen
+    /// nothing of the refusal yet; else the client gets the standby's error as it is.
+    async fn retry_on_primary(&mut self, reason: String) -> Result<(), TxnEnd> {
+        let node = self.held.as_ref().map(|h| h.pool.key.node.clone()).unwrap_or_default();
+        info!(cluster = %self.cluster.name, node = %node, reason = %reason, "standby refused a read; running it on the primary");
+        match self.rerun(None).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TxnEnd::Fatal(sqlstate::CONNECTION_FAILURE, reason)),
+            Err(TxnEnd::Lost(again)) => Err(self.server_failed(again)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Run the unit in progress again from its first message on another connection:
+    /// another readable node than `failed`, or the primary when `failed` is None. Only
+    /// for a split read whose answer has not reached the client. Ok(false) when that is
+    /// not possible.
+    async fn rerun(&mut self, failed: Option<String>) -> Result<bool, TxnEnd> {
         let Some(h) = self.held.as_mut() else {
             return Ok(false);
         };
@@ -1164,15 +1195,16 @@ impl<'a> TxnSession<'a> {
             return Ok(false);
         }
         h.conn.broken = true;
-        let failed = h.pool.key.node.clone();
         let sent = std::mem::take(&mut self.sent);
+        // Whatever the failed server said for this unit is dropped.
         self.sbuf.clear();
+        self.out.clear();
+        self.unit_failed = false;
         self.release();
-        warn!(cluster = %self.cluster.name, node = %failed, "standby lost before answering a read; retrying it on another node");
-        let mut exclude = HashSet::new();
-        exclude.insert(failed);
+        let read = failed.is_some();
+        let exclude: HashSet<String> = failed.into_iter().collect();
         // The statements this client prepared must be prepared again on the new server.
-        self.acquire(true, &exclude).await?;
+        self.acquire(read, &exclude).await?;
         self.sout.clear();
         for msg in sent {
             self.forward(msg)?;
@@ -1194,32 +1226,15 @@ impl<'a> TxnSession<'a> {
         // One round trip to a server both proves the route works and gives parameters.
         let read = self.endpoint == Endpoint::ReadOnly;
         self.acquire(read, &HashSet::new()).await?;
+        // The connection now has the client's startup settings applied: its reported
+        // values are what a direct connection with those settings would report, in the
+        // server's spelling (client_encoding 'utf8' is reported as 'UTF8').
         let held = self.held.as_ref().expect("held");
-        let params = held.pool.startup_params().unwrap_or_default();
-        self.release();
         let mut out = BytesMut::new();
-        let mut rest = &params[..];
-        let overrides: HashMap<String, &str> = self
-            .who
-            .params
-            .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
-            .collect();
-        while rest.len() >= 5 {
-            let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
-            let msg = &rest[..len + 1];
-            if msg[0] == b'S' {
-                if let Some((name, tail)) = cstr(&msg[5..]) {
-                    let value = overrides
-                        .get(&name.to_ascii_lowercase())
-                        .copied()
-                        .or_else(|| cstr(tail).map(|(v, _)| v))
-                        .unwrap_or("");
-                    messages::parameter_status(&mut out, name, value);
-                }
-            }
-            rest = &rest[len + 1..];
+        for (name, value) in &held.conn.reported {
+            messages::parameter_status_bytes(&mut out, name, value);
         }
+        self.release();
         messages::backend_key_data(&mut out, self.cancel.pid, self.cancel.key);
         messages::ready_for_query(&mut out, b'I');
         self.client.write_all(&out).await.map_err(|_| TxnEnd::ClientClosed)?;
@@ -1227,11 +1242,25 @@ impl<'a> TxnSession<'a> {
     }
 }
 
-fn malformed() -> TxnEnd {
-    TxnEnd::Fatal(
-        sqlstate::PROTOCOL_VIOLATION,
-        "malformed extended-protocol message".into(),
-    )
+/// After an error, the server skips the extended-protocol messages up to Sync: their
+/// answers will not come, and a skipped or failed Parse created nothing.
+fn skip_to_sync(expect: &mut VecDeque<Expect>, prepared: &mut HashSet<u64>) {
+    while matches!(
+        expect.front(),
+        Some(Expect::ParseComplete { .. } | Expect::CloseComplete { .. })
+    ) {
+        if let Some(Expect::ParseComplete { hash: Some(h), .. }) = expect.pop_front() {
+            prepared.remove(&h);
+        }
+    }
+}
+
+fn server_malformed(e: views::Malformed) -> TxnEnd {
+    TxnEnd::Fatal(sqlstate::PROTOCOL_VIOLATION, format!("server sent a {e}"))
+}
+
+fn malformed(e: views::Malformed) -> TxnEnd {
+    TxnEnd::Fatal(sqlstate::PROTOCOL_VIOLATION, format!("client sent a {e}"))
 }
 
 #[cfg(test)]

@@ -107,6 +107,16 @@ pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
     });
 }
 
+/// ParameterStatus with name and value as the server sent them (any encoding).
+pub fn parameter_status_bytes(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
+    message(buf, b'S', |b| {
+        b.put_slice(name);
+        b.put_u8(0);
+        b.put_slice(value);
+        b.put_u8(0);
+    });
+}
+
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     message(buf, b'Z', |b| b.put_u8(status));
 }

@@ -6,6 +6,7 @@
 pub mod framing;
 pub mod messages;
 pub mod startup;
+pub mod views;
 
 /// SQLSTATE codes Switchyard itself sends.
 pub mod sqlstate {
