@@ -115,6 +115,9 @@ struct Held {
     /// only before). Answers queued in `out` but not yet written do not count: they are
     /// dropped when the unit is retried.
     answered: bool,
+    /// `out` holds part of this unit's answer (not only notices or reported settings,
+    /// which may come at any time and say nothing of how far the unit got).
+    answer_queued: bool,
     /// This unit is a read routed by read/write splitting (may be retried).
     retryable: bool,
     queries: prometheus_client::metrics::counter::Counter,
@@ -401,6 +404,7 @@ impl<'a> TxnSession<'a> {
                                     pending: 0,
                                     status: b'I',
                                     answered: false,
+                                    answer_queued: false,
                                     retryable: split && self.endpoint == Endpoint::ReadWrite,
                                     queries,
                                 });
@@ -911,6 +915,12 @@ impl<'a> TxnSession<'a> {
                         };
                     }
                 }
+                // A server going away (immediate shutdown, crash of another backend) warns
+                // before it closes: for a read that can still move, that is the loss.
+                b'N' if !held.answered && held.retryable && ErrorFields::decode(&msg[5..]).code.starts_with(b"57") => {
+                    let e = ErrorFields::decode(&msg[5..]);
+                    return Err(TxnEnd::Lost(String::from_utf8_lossy(e.message).into_owned()));
+                }
                 b'E' if !held.answered && held.retryable => {
                     let e = ErrorFields::decode(&msg[5..]);
                     let why = || String::from_utf8_lossy(e.message).into_owned();
@@ -982,6 +992,7 @@ impl<'a> TxnSession<'a> {
                 _ => {}
             }
             if pass {
+                held.answer_queued |= !matches!(tag, b'N' | b'S' | b'A');
                 self.out.extend_from_slice(&msg);
             }
         }
@@ -1100,7 +1111,7 @@ impl<'a> TxnSession<'a> {
                     if !self.out.is_empty() {
                         let out = self.out.split();
                         if let Some(h) = self.held.as_mut() {
-                            h.answered = true;
+                            h.answered |= std::mem::take(&mut h.answer_queued);
                         }
                         if self.client.write_all(&out).await.is_err() {
                             if let Some(h) = self.held.as_mut() {

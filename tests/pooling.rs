@@ -159,6 +159,33 @@ fn a_standby_killed_under_read_load_causes_no_client_error() {
     ));
 }
 
+#[test]
+fn a_lone_standby_stopped_immediately_under_read_load_fails_no_transaction_in_any_protocol() {
+    // One standby: the reads it held move to the primary. `-m immediate` makes the
+    // standby's backends vanish mid-answer (reset, EOF or FATAL, whichever comes first).
+    for mode in ["simple", "extended", "prepared"] {
+        let cluster = LocalCluster::start(1).unwrap();
+        let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
+        pgbench(proxy.rw, &["-i", "-s", "1", "-q"]);
+        cluster.wait_replayed(Duration::from_secs(20)).unwrap();
+        let port = proxy.rw;
+        let load = std::thread::spawn(move || pgbench(port, &["-S", "-c", "20", "-j", "2", "-T", "5", "-M", mode]));
+        std::thread::sleep(Duration::from_millis(1500));
+        cluster.stop_node(1, "immediate").unwrap();
+        let out = load.join().unwrap();
+        assert!(
+            out.contains("number of failed transactions: 0"),
+            "-M {mode}: {out}\n{}",
+            proxy.log_text()
+        );
+        assert!(!out.contains("error"), "-M {mode}: {out}");
+        report(&format!(
+            "-M {mode}: reads retried after the standby stopped: {}",
+            proxy.log_text().matches("retrying it on another node").count()
+        ));
+    }
+}
+
 /// The `django-suite: ran=... failures=...` line of tests/python/django_suite.py, minus timing.
 fn django_suite(port: u16) -> String {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/django_suite.py");

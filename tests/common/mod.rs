@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 pub use switchyard::localcluster::{free_port, LocalCluster, APP_DB, APP_PASSWORD, APP_USER};
 use tokio_postgres::{Client, NoTls};
 
+/// The binary under test: this build's, or another one named by `SWITCHYARD_BIN` (to
+/// run the tests against a release build, or an older build to see a test fail).
+pub fn switchyard_bin() -> String {
+    std::env::var("SWITCHYARD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_switchyard").to_string())
+}
+
 pub struct Proxy {
     pub child: Child,
     pub rw: u16,
@@ -41,7 +47,7 @@ impl Proxy {
         let config = cluster.dir().join(format!("{name}.toml"));
         std::fs::write(&config, text).unwrap();
         let log = cluster.dir().join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let child = Command::new(switchyard_bin())
             .args(["--config", config.to_str().unwrap()])
             .env(
                 "SWITCHYARD_LOG",
