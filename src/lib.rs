@@ -21,6 +21,8 @@ pub mod auth;
 pub mod cancel;
 pub mod classify;
 pub mod config;
+pub mod connector;
+pub mod error;
 pub mod health;
 pub mod localcluster;
 pub mod pool;

@@ -64,9 +64,11 @@ pub struct Pool {
     warming: std::sync::atomic::AtomicBool,
 }
 
-/// A server connection lent to one client for a transaction.
-pub struct PooledConn {
-    pub conn: ServerConn,
+/// What sessions did to a server connection, carried with it from client to client.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// The server backend's pid.
+    pub pid: i32,
     /// Prepared statements (by content hash) that exist on this connection.
     pub prepared: HashSet<u64>,
     /// Session state applied on this connection: setting name → the SET that made it.
@@ -75,6 +77,25 @@ pub struct PooledConn {
     /// connection: its own spelling (`UTF8` for a client's `utf8`), in the client's
     /// encoding.
     pub reported: BTreeMap<Box<[u8]>, Box<[u8]>>,
+}
+
+impl ConnState {
+    /// Note a ParameterStatus the server sent on this connection.
+    pub fn report(&mut self, s: views::ParameterStatus) {
+        match self.reported.get_mut(s.name) {
+            Some(v) if **v == *s.value => {}
+            Some(v) => *v = s.value.into(),
+            None => {
+                self.reported.insert(s.name.into(), s.value.into());
+            }
+        }
+    }
+}
+
+/// A server connection lent to one client for a transaction.
+pub struct PooledConn {
+    pub conn: ServerConn,
+    pub state: ConnState,
     created: Instant,
     pool: Arc<Pool>,
     _permit: Option<OwnedSemaphorePermit>,
@@ -84,13 +105,16 @@ pub struct PooledConn {
 
 impl PooledConn {
     fn new(conn: ServerConn, pool: Arc<Pool>, permit: Option<OwnedSemaphorePermit>) -> PooledConn {
-        let mut reported = BTreeMap::new();
+        let mut state = ConnState {
+            pid: conn.pid,
+            ..ConnState::default()
+        };
         let mut rest = &conn.startup_messages[..];
         while let Some((tag, len)) = views::header(rest) {
             let Some(msg) = rest.get(..len as usize + 1) else { break };
             if tag == b'S' {
                 if let Ok(s) = views::ParameterStatus::decode(&msg[5..]) {
-                    reported.insert(s.name.into(), s.value.into());
+                    state.report(s);
                 }
             }
             rest = &rest[msg.len()..];
@@ -98,24 +122,11 @@ impl PooledConn {
         pool.open.fetch_add(1, Ordering::Relaxed);
         PooledConn {
             conn,
-            prepared: HashSet::new(),
-            applied: BTreeMap::new(),
-            reported,
+            state,
             created: Instant::now(),
             pool,
             _permit: permit,
             broken: false,
-        }
-    }
-
-    /// Note a ParameterStatus the server sent on this connection.
-    pub fn report(&mut self, s: views::ParameterStatus) {
-        match self.reported.get_mut(s.name) {
-            Some(v) if **v == *s.value => {}
-            Some(v) => *v = s.value.into(),
-            None => {
-                self.reported.insert(s.name.into(), s.value.into());
-            }
         }
     }
 }

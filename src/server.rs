@@ -10,6 +10,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::error::Error;
+
 /// Messages during login are small; anything bigger is a broken or hostile server.
 const MAX_STARTUP_MESSAGE: u32 = 1 << 20;
 
@@ -46,6 +48,19 @@ impl ServerError {
             // 57P03: starting up / shutting down / in recovery; 53300: too many connections.
             ServerError::Refused { code, .. } => code == "57P03" || code == "53300" || code.starts_with("08"),
             ServerError::Auth(_) => false,
+        }
+    }
+}
+
+impl ServerError {
+    /// As the error a client gets, for a login to `node` of `cluster`.
+    pub fn into_error(self, cluster: &str, node: &str) -> Error {
+        match self {
+            ServerError::Refused { code, message, raw } => Error::server_refused(code.as_bytes(), message, raw),
+            e if e.try_next_node() => Error::connect_failed(e.to_string()),
+            e => Error::login_failed(format!(
+                "cannot log in to node \"{node}\" of cluster \"{cluster}\": {e}"
+            )),
         }
     }
 }

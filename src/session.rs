@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use rand::RngExt;
@@ -26,15 +26,17 @@ use crate::auth::{AuthError, Verifier};
 use crate::cancel::Registration;
 use crate::config::AuthMethod;
 use crate::config::{Config, PoolMode};
+use crate::connector;
+use crate::error::Error;
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::messages::{self, Severity};
 use crate::protocol::sqlstate;
 use crate::protocol::startup::{read_startup, StartupError, StartupPacket};
 use crate::proxy::{ClusterCtx, Shared};
 use crate::routing::{self, Endpoint};
-use crate::server::{self, ServerConn, ServerError};
-use crate::topology::{ClusterSnapshot, Health, NodeStats, Role};
-use crate::txn::{TxnClient, TxnEnd, TxnSession};
+use crate::server::{self, ServerConn};
+use crate::topology::{ClusterSnapshot, Health, NodeState, NodeStats, Role};
+use crate::txn::{Driver, TxnClient};
 
 /// Auth messages are tiny; PostgreSQL caps them similarly.
 const MAX_AUTH_MESSAGE: usize = 10000;
@@ -43,12 +45,16 @@ const RELAY_BUFFER: usize = 8192;
 /// Why a session ends before the relay: what the client is told.
 #[derive(Debug)]
 enum Reject {
-    /// Send a FATAL ErrorResponse with this SQLSTATE and message.
-    Fatal(&'static str, String),
-    /// Pass on the server's own ErrorResponse (e.g. database does not exist).
-    Forward(bytes::Bytes, String),
+    /// Send this error (ours, or the server's own ErrorResponse) as FATAL.
+    Error(Error),
     /// The client went away; nothing to say.
     Gone,
+}
+
+impl From<Error> for Reject {
+    fn from(e: Error) -> Self {
+        Reject::Error(e)
+    }
 }
 
 impl From<std::io::Error> for Reject {
@@ -129,50 +135,38 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let config = shared.config();
     let login_timeout = Duration::from_millis(config.proxy.client_login_timeout_ms);
-    let started = Instant::now();
     let outcome = match tokio::time::timeout(login_timeout, login(&mut stream, &shared)).await {
         Ok(Ok(Some(client))) if client.database == ADMIN_DATABASE => {
             console::run(stream, &client.user, &shared).await;
             return;
         }
         Ok(Ok(Some(client))) if config.clusters[&cluster.name].pool_mode == PoolMode::Transaction => {
-            serve_transaction_mode(stream, peer, client, &cluster, endpoint, &shared, config.clone()).await;
+            serve_transaction_mode(stream, peer, client, &cluster, endpoint, &shared).await;
             return;
         }
         Ok(Ok(Some(client))) => connect(&mut stream, &client, &cluster, endpoint, &shared, &config)
             .await
-            .map(|c| (client, c)),
+            .map(|(c, waited)| (client, c, waited)),
         Ok(Ok(None)) => return, // a cancel request, already handled
         Ok(Err(r)) => Err(r),
-        Err(_) => Err(Reject::Fatal(
-            sqlstate::PROTOCOL_VIOLATION,
-            format!(
-                "startup and authentication did not finish within {} ms (proxy.client_login_timeout_ms)",
-                login_timeout.as_millis()
-            ),
-        )),
+        Err(_) => Err(Reject::Error(Error::protocol(format!(
+            "startup and authentication did not finish within {} ms (proxy.client_login_timeout_ms)",
+            login_timeout.as_millis()
+        )))),
     };
-    let (client, connected) = match outcome {
+    let (client, connected, wait) = match outcome {
         Ok(ok) => ok,
         Err(reject) => {
-            let text = match &reject {
-                Reject::Fatal(code, msg) => {
-                    shared.metrics.error(code);
-                    let _ = stream.write_all(&messages::fatal(code, msg)).await;
-                    linger(&mut stream).await;
-                    format!("{msg} (SQLSTATE {code})")
-                }
-                Reject::Forward(raw, msg) => {
-                    let _ = stream.write_all(raw).await;
-                    msg.clone()
-                }
-                Reject::Gone => return,
-            };
-            info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, reason = %text, "client rejected");
+            let Reject::Error(e) = reject else { return };
+            if !e.is_forwarded() {
+                shared.metrics.error(e.code().as_str());
+            }
+            let _ = stream.write_all(&e.to_fatal()).await;
+            linger(&mut stream).await;
+            info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "client rejected");
             return;
         }
     };
-    let wait = started.elapsed();
     shared
         .metrics
         .pool_wait_seconds
@@ -217,7 +211,6 @@ async fn serve_transaction_mode(
     cluster: &ClusterCtx,
     endpoint: Endpoint,
     shared: &Shared,
-    config: Arc<Config>,
 ) {
     let cancel = shared.cancels.register_pooled();
     let entry = client.register(
@@ -242,36 +235,15 @@ async fn serve_transaction_mode(
         user: client.user,
         database: client.database,
         params: client.params,
-        peer,
     };
-    let mut session = TxnSession::new(stream, who, cluster, endpoint, shared, config, cancel);
-    let end = match session.welcome().await {
-        Ok(()) => {
-            info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
-            session.run().await
+    info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
+    let mut driver = Driver::new(stream, who, cluster, endpoint, shared, cancel);
+    if let Some(e) = driver.run().await {
+        if !e.is_forwarded() {
+            shared.metrics.error(e.code().as_str());
         }
-        Err(e) => e,
-    };
-    match &end {
-        TxnEnd::Fatal(code, msg) => {
-            shared.metrics.error(code);
-            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %code, reason = %msg, "session ended by proxy");
-            session.goodbye(code, msg).await;
-        }
-        TxnEnd::Shutdown => {
-            session
-                .goodbye(
-                    sqlstate::ADMIN_SHUTDOWN,
-                    "terminating connection: Switchyard is shutting down",
-                )
-                .await
-        }
-        TxnEnd::Lost(reason) | TxnEnd::StandbyRefused(reason) => {
-            let msg = format!("server connection of cluster \"{}\" was lost: {reason}", cluster.name);
-            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, reason = %msg, "session ended by proxy");
-            session.goodbye(sqlstate::CONNECTION_FAILURE, &msg).await;
-        }
-        TxnEnd::ClientClosed => {}
+        warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy");
+        goodbye(driver.client_mut(), &e.to_fatal()).await;
     }
     gauge.dec();
     drop(entry);
@@ -289,9 +261,9 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
             Ok(StartupPacket::Startup { minor, params }) => break (minor, params),
             Err(StartupError::Closed) | Err(StartupError::Io(_)) => return Err(Reject::Gone),
             Err(e @ StartupError::UnsupportedProtocol { .. }) => {
-                return Err(Reject::Fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string()))
+                return Err(Reject::Error(Error::unsupported(e.to_string())))
             }
-            Err(e) => return Err(Reject::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+            Err(e) => return Err(Reject::Error(Error::protocol(e.to_string()))),
         }
     };
 
@@ -304,23 +276,18 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
             "user" => user = Some(v),
             "database" => database = Some(v),
             "replication" if !matches!(v.as_str(), "false" | "off" | "no" | "0") => {
-                return Err(Reject::Fatal(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    "replication connections are not supported through Switchyard; connect to the server directly"
-                        .into(),
-                ))
+                return Err(Reject::Error(Error::unsupported(
+                    "replication connections are not supported through Switchyard; connect to the server directly",
+                )))
             }
             "replication" => {}
             _ if k.starts_with("_pq_.") => unrecognized.push(k),
             _ => passed.push((k, v)),
         }
     }
-    let user = user.filter(|u| !u.is_empty()).ok_or_else(|| {
-        Reject::Fatal(
-            sqlstate::INVALID_AUTHORIZATION,
-            "no user name specified in startup packet".into(),
-        )
-    })?;
+    let user = user
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| Reject::Error(Error::not_authorized("no user name specified in startup packet")))?;
     let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
     if minor > 0 || !unrecognized.is_empty() {
         let mut b = BytesMut::new();
@@ -330,17 +297,14 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
 
     let verifiers = shared.verifiers();
     let verifier = verifiers.get(&user).ok_or_else(|| {
-        Reject::Fatal(
-            sqlstate::INVALID_AUTHORIZATION,
-            format!(
-                "user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"
-            ),
-        )
+        Reject::Error(Error::not_authorized(format!(
+            "user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"
+        )))
     })?;
     authenticate(stream, verifier).await.map_err(|e| match e {
-        Reject::Fatal(code, msg) => {
-            warn!(user = %user, reason = %msg, "client authentication failed");
-            Reject::Fatal(code, msg)
+        Reject::Error(e) => {
+            warn!(user = %user, reason = %e, "client authentication failed");
+            Reject::Error(e)
         }
         other => other,
     })?;
@@ -354,8 +318,8 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
 async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject> {
     let mut out = BytesMut::new();
     let auth_failed = |e: AuthError| match e {
-        AuthError::Failed(_) => Reject::Fatal(sqlstate::INVALID_PASSWORD, e.to_string()),
-        _ => Reject::Fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+        AuthError::Failed(_) => Reject::Error(Error::auth_failed(e.to_string())),
+        _ => Reject::Error(Error::protocol(e.to_string())),
     };
     match v.method {
         AuthMethod::Trust => {}
@@ -377,13 +341,10 @@ async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject
                 .position(|&b| b == 0)
                 .ok_or_else(|| malformed("SASLInitialResponse without mechanism"))?;
             if &body[..nul] != b"SCRAM-SHA-256" {
-                return Err(Reject::Fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    format!(
-                        "client selected SASL mechanism {:?}; only SCRAM-SHA-256 is offered",
-                        String::from_utf8_lossy(&body[..nul])
-                    ),
-                ));
+                return Err(Reject::Error(Error::protocol(format!(
+                    "client selected SASL mechanism {:?}; only SCRAM-SHA-256 is offered",
+                    String::from_utf8_lossy(&body[..nul])
+                ))));
             }
             body.advance(nul + 1);
             if body.len() < 4 {
@@ -412,10 +373,7 @@ async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject
 }
 
 fn malformed(what: &str) -> Reject {
-    Reject::Fatal(
-        sqlstate::PROTOCOL_VIOLATION,
-        format!("malformed authentication message: {what}"),
-    )
+    Reject::Error(Error::protocol(format!("malformed authentication message: {what}")))
 }
 
 /// Read one PasswordMessage / SASL response ('p') during authentication.
@@ -423,16 +381,15 @@ async fn read_password_message(stream: &mut TcpStream) -> Result<BytesMut, Rejec
     let tag = stream.read_u8().await?;
     let len = stream.read_i32().await?;
     if tag != b'p' {
-        return Err(Reject::Fatal(
-            sqlstate::PROTOCOL_VIOLATION,
-            format!("expected a password message, got message type '{}'", tag as char),
-        ));
+        return Err(Reject::Error(Error::protocol(format!(
+            "expected a password message, got message type '{}'",
+            tag as char
+        ))));
     }
     if len < 4 || len as usize > MAX_AUTH_MESSAGE {
-        return Err(Reject::Fatal(
-            sqlstate::PROTOCOL_VIOLATION,
-            format!("invalid password message length {len}"),
-        ));
+        return Err(Reject::Error(Error::protocol(format!(
+            "invalid password message length {len}"
+        ))));
     }
     let mut body = BytesMut::zeroed(len as usize - 4);
     stream.read_exact(&mut body).await?;
@@ -442,7 +399,8 @@ async fn read_password_message(stream: &mut TcpStream) -> Result<BytesMut, Rejec
 /// Choose a node and log in there, trying candidates in order, waiting for the
 /// topology to offer one when there is none. The whole phase is bounded by the cluster's
 /// `connect_timeout_ms`, each login attempt also by `server_login_timeout_ms`; a PAUSE
-/// holds it without limit (an operator asked for exactly that).
+/// holds it without limit (an operator asked for exactly that). Returns the session and
+/// how long the client waited for it.
 async fn connect(
     stream: &mut TcpStream,
     client: &Client,
@@ -450,29 +408,12 @@ async fn connect(
     endpoint: Endpoint,
     shared: &Shared,
     config: &Config,
-) -> Result<Connected, Reject> {
-    cluster.waiting.fetch_add(1, Ordering::Relaxed);
-    let result = connect_inner(stream, client, cluster, endpoint, shared, config).await;
-    cluster.waiting.fetch_sub(1, Ordering::Relaxed);
-    result
-}
-
-async fn connect_inner(
-    stream: &mut TcpStream,
-    client: &Client,
-    cluster: &ClusterCtx,
-    endpoint: Endpoint,
-    shared: &Shared,
-    config: &Config,
-) -> Result<Connected, Reject> {
-    if cluster.is_paused() {
-        cluster.wait_unpaused().await;
-    }
+) -> Result<(Connected, Duration), Reject> {
     let user_cfg = config.user(&client.user).ok_or_else(|| {
-        Reject::Fatal(
-            sqlstate::INVALID_AUTHORIZATION,
-            format!("user \"{}\" was removed from the configuration", client.user),
-        )
+        Reject::Error(Error::not_authorized(format!(
+            "user \"{}\" was removed from the configuration",
+            client.user
+        )))
     })?;
     let mut params = client.params.clone();
     if endpoint == Endpoint::ReadOnly {
@@ -487,92 +428,44 @@ async fn connect_inner(
         require_primary: endpoint == Endpoint::ReadWrite,
     };
     let mut rx = cluster.state.subscribe();
-    let (connect_timeout, login_timeout) = {
-        let snap = rx.borrow();
-        (snap.connect_timeout, snap.server_login_timeout)
-    };
-    let deadline = Instant::now() + connect_timeout;
-    let mut failures: Vec<String> = Vec::new();
-    loop {
-        let snap = rx.borrow_and_update().clone();
-        let turn = cluster.turn.fetch_add(1, Ordering::Relaxed);
-        let last_problem = match routing::route(endpoint, &snap, turn) {
-            Ok(candidates) => {
-                for index in candidates {
-                    let node = &snap.nodes[index];
-                    let remaining = deadline.saturating_duration_since(Instant::now());
-                    if remaining.is_zero() {
-                        break;
-                    }
-                    // Counted from the moment it is chosen, so a burst of new sessions
-                    // spreads under least_connections.
-                    node.active.fetch_add(1, Ordering::Relaxed);
-                    let slot = NodeSlot(node.active.clone());
-                    match server::connect(&node.addr, &login, login_timeout.min(remaining)).await {
-                        Ok(conn) => {
-                            // The topology may have changed during the login: never hand over
-                            // a session the relay would have to end at once.
-                            if let Some(reason) = routing::eviction(endpoint, &rx.borrow_and_update(), &node.name) {
-                                failures.push(format!("{}: {reason}", node.name));
-                                continue;
-                            }
-                            let cancel = send_welcome(stream, &conn, shared, &node.addr).await?;
-                            node.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
-                            return Ok(Connected {
-                                node: node.name.clone(),
-                                addr: node.addr.clone(),
-                                role: node.role,
-                                server: conn,
-                                _slot: slot,
-                                _cancel: cancel,
-                                stats: node.stats.clone(),
-                                topology: rx,
-                            });
-                        }
-                        Err(e) if e.try_next_node() => {
-                            if node.stats.connect_failed() {
-                                warn!(cluster = %cluster.name, endpoint = %endpoint, node = %node.name, reason = %e, "server connection failed; trying next candidate");
-                            } else {
-                                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint, node = %node.name, reason = %e, "server connection failed; trying next candidate");
-                            }
-                            failures.push(format!("{}: {e}", node.name));
-                        }
-                        Err(ServerError::Refused { raw, message, .. }) => return Err(Reject::Forward(raw, message)),
-                        Err(e) => {
-                            return Err(Reject::Fatal(
-                                sqlstate::CONNECTION_FAILURE,
-                                format!(
-                                    "cannot log in to node \"{}\" of cluster \"{}\": {e}",
-                                    node.name, cluster.name
-                                ),
-                            ))
-                        }
-                    }
-                }
-                format!(
-                    "could not connect to any {} server of cluster \"{}\": {}; node states: {}",
-                    if endpoint == Endpoint::ReadWrite {
-                        "primary"
-                    } else {
-                        "readable"
-                    },
-                    cluster.name,
-                    failures.join("; "),
-                    snap.describe_nodes()
-                )
-            }
-            Err(no_route) => no_route.to_string(),
-        };
-        // Nothing usable now: wait for the health monitor to change its mind, up to the deadline.
-        let now = Instant::now();
-        if now >= deadline || tokio::time::timeout(deadline - now, rx.changed()).await.is_err() {
-            let code = if failures.is_empty() {
-                sqlstate::CANNOT_CONNECT_NOW
-            } else {
-                sqlstate::CONNECTION_FAILURE
-            };
-            return Err(Reject::Fatal(code, last_problem));
-        }
+    let mut dialer = LoginDialer { login, cluster };
+    let c = connector::connect(cluster, endpoint, None, Some(&mut rx), &mut dialer).await?;
+    let snapshot = c.snapshot;
+    let node = &snapshot.nodes[c.index];
+    let (conn, slot) = c.conn;
+    let cancel = send_welcome(stream, &conn, shared, &node.addr).await?;
+    Ok((
+        Connected {
+            node: node.name.clone(),
+            addr: node.addr.clone(),
+            role: node.role,
+            server: conn,
+            _slot: slot,
+            _cancel: cancel,
+            stats: node.stats.clone(),
+            topology: rx,
+        },
+        c.waited,
+    ))
+}
+
+/// Session mode: a fresh login on the node, counted in its sessions from the moment it
+/// is chosen (so a burst of new sessions spreads under least_connections).
+struct LoginDialer<'a> {
+    login: server::Login<'a>,
+    cluster: &'a ClusterCtx,
+}
+
+impl connector::Dialer for LoginDialer<'_> {
+    type Conn = (ServerConn, NodeSlot);
+
+    async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Self::Conn, Error> {
+        node.active.fetch_add(1, Ordering::Relaxed);
+        let slot = NodeSlot(node.active.clone());
+        let conn = server::connect(&node.addr, &self.login, timeout)
+            .await
+            .map_err(|e| e.into_error(&self.cluster.name, &node.name))?;
+        Ok((conn, slot))
     }
 }
 
@@ -832,6 +725,13 @@ async fn relay(
         let _ = tokio::time::timeout(Duration::from_millis(200), server.stream.write_all(b"X\0\0\0\x04")).await;
     }
     end
+}
+
+/// Send a last message (a FATAL ErrorResponse), bounded in time, then close without
+/// losing it.
+pub async fn goodbye(stream: &mut TcpStream, last: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(last)).await;
+    linger(stream).await;
 }
 
 /// Close after an error without losing it: unread input at close time makes the kernel

@@ -1,0 +1,167 @@
+//! The one place that turns "a server for this client" into a connection, for both pool
+//! modes: ask routing for candidates, try them in order, and when none works wait for the
+//! health monitor to change its mind, all within the cluster's `connect_timeout_ms`. How
+//! a connection is made on one node (a fresh login in session mode, a pool checkout in
+//! transaction mode) is the caller's `Dialer`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::error::Error;
+use crate::proxy::ClusterCtx;
+use crate::routing::{self, Endpoint};
+use crate::topology::{ClusterSnapshot, NodeState};
+
+/// Makes a connection on one node. An error that says `retry_elsewhere` sends the
+/// connector on to the next candidate; any other ends the attempt (the client hears it).
+#[allow(async_fn_in_trait)] // used generically only, never as `dyn`
+pub trait Dialer {
+    type Conn;
+    async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Self::Conn, Error>;
+}
+
+/// A connection and the node it is on (`snapshot.nodes[index]`, as routing saw it).
+pub struct Connected<C> {
+    pub conn: C,
+    pub snapshot: Arc<ClusterSnapshot>,
+    pub index: usize,
+    /// How long the client waited for it.
+    pub waited: Duration,
+}
+
+impl<C> Connected<C> {
+    pub fn node(&self) -> &NodeState {
+        &self.snapshot.nodes[self.index]
+    }
+}
+
+/// Connect for `endpoint` (`ReadWrite`: the primary; `ReadOnly`: a readable node),
+/// skipping the node named `exclude`. `rx`, when the caller watches the topology (the
+/// session-mode relay does), is the receiver to use, so that the caller has seen every
+/// change up to its node's choice; otherwise one is subscribed only if there is
+/// something to wait for. A PAUSE holds the attempt without limit (an operator asked for
+/// exactly that).
+pub async fn connect<D: Dialer>(
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    exclude: Option<&str>,
+    rx: Option<&mut watch::Receiver<Arc<ClusterSnapshot>>>,
+    dialer: &mut D,
+) -> Result<Connected<D::Conn>, Error> {
+    cluster.waiting.fetch_add(1, Ordering::Relaxed);
+    let result = connect_inner(cluster, endpoint, exclude, rx, dialer).await;
+    cluster.waiting.fetch_sub(1, Ordering::Relaxed);
+    result
+}
+
+async fn connect_inner<D: Dialer>(
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    exclude: Option<&str>,
+    mut rx: Option<&mut watch::Receiver<Arc<ClusterSnapshot>>>,
+    dialer: &mut D,
+) -> Result<Connected<D::Conn>, Error> {
+    if cluster.is_paused() {
+        cluster.wait_unpaused().await;
+    }
+    let started = Instant::now();
+    let (connect_timeout, login_timeout) = {
+        let s = cluster.state.snapshot();
+        (s.connect_timeout, s.server_login_timeout)
+    };
+    let deadline = started + connect_timeout;
+    let mut own_rx = None;
+    let mut failures: Vec<String> = Vec::new();
+    loop {
+        let snap = match rx.as_deref_mut().or(own_rx.as_mut()) {
+            Some(rx) => rx.borrow_and_update().clone(),
+            None => cluster.state.snapshot(),
+        };
+        let turn = cluster.turn.fetch_add(1, Ordering::Relaxed);
+        let problem = match routing::route(endpoint, &snap, turn) {
+            Ok(candidates) => {
+                for index in candidates {
+                    let node = &snap.nodes[index];
+                    if exclude == Some(node.name.as_str()) {
+                        continue;
+                    }
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if remaining.is_zero() {
+                        break;
+                    }
+                    match dialer.dial(node, login_timeout.min(remaining)).await {
+                        Ok(conn) => {
+                            // The topology may have changed during the login: never hand
+                            // over a connection the caller would have to give up at once.
+                            let now = match rx.as_deref_mut() {
+                                Some(rx) => rx.borrow_and_update().clone(),
+                                None => cluster.state.snapshot(),
+                            };
+                            if let Some(reason) = routing::eviction(endpoint, &now, &node.name) {
+                                failures.push(format!("{}: {reason}", node.name));
+                                continue;
+                            }
+                            node.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+                            return Ok(Connected {
+                                conn,
+                                snapshot: snap.clone(),
+                                index,
+                                waited: started.elapsed(),
+                            });
+                        }
+                        Err(e) if e.retry_elsewhere() => {
+                            // One warning a second per node: a dead node that the monitor
+                            // has not marked down yet is tried by every new request.
+                            if node.stats.connect_failed() {
+                                warn!(cluster = %cluster.name, endpoint = %endpoint, node = %node.name, reason = %e, "server connection failed; trying next candidate");
+                            } else {
+                                debug!(cluster = %cluster.name, endpoint = %endpoint, node = %node.name, reason = %e, "server connection failed; trying next candidate");
+                            }
+                            failures.push(format!("{}: {e}", node.name));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                format!(
+                    "could not connect to any {} server of cluster \"{}\": {}; node states: {}",
+                    if endpoint == Endpoint::ReadWrite {
+                        "primary"
+                    } else {
+                        "readable"
+                    },
+                    cluster.name,
+                    failures.join("; "),
+                    snap.describe_nodes()
+                )
+            }
+            Err(no_route) => no_route.to_string(),
+        };
+        // Nothing usable now: wait for the health monitor to change its mind.
+        let waiter = match rx.as_deref_mut() {
+            Some(rx) => rx,
+            None => match own_rx.as_mut() {
+                Some(rx) => rx,
+                None => {
+                    // Subscribe, then look again: a change between the two is not lost.
+                    own_rx = Some(cluster.state.subscribe());
+                    continue;
+                }
+            },
+        };
+        let now = Instant::now();
+        let changed =
+            now < deadline && matches!(tokio::time::timeout(deadline - now, waiter.changed()).await, Ok(Ok(())));
+        if !changed {
+            return Err(if failures.is_empty() {
+                Error::no_route(problem)
+            } else {
+                Error::connect_failed(problem)
+            });
+        }
+    }
+}

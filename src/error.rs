@@ -1,0 +1,262 @@
+//! One error for whatever refuses or ends a client's request: the SQLSTATE the client
+//! gets, a sentence it can act on, which side failed, and whether another node may
+//! succeed where this one failed. SQLSTATEs are chosen here, by constructor, and
+//! nowhere else; the rest of the proxy says *what* happened.
+
+use std::fmt;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::protocol::messages::{self, Severity};
+
+/// A SQLSTATE: five ASCII characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SqlState([u8; 5]);
+
+impl SqlState {
+    pub const PROTOCOL_VIOLATION: SqlState = SqlState(*b"08P01");
+    pub const CONNECTION_FAILURE: SqlState = SqlState(*b"08006");
+    pub const INVALID_PASSWORD: SqlState = SqlState(*b"28P01");
+    pub const INVALID_AUTHORIZATION: SqlState = SqlState(*b"28000");
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState(*b"0A000");
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState(*b"57P03");
+    pub const ADMIN_SHUTDOWN: SqlState = SqlState(*b"57P01");
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState(*b"53300");
+
+    /// A code a server sent; anything that is not five ASCII characters is not one.
+    pub fn parse(code: &[u8]) -> Option<SqlState> {
+        let code: [u8; 5] = code.try_into().ok()?;
+        code.iter().all(u8::is_ascii_alphanumeric).then_some(SqlState(code))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ever built from ASCII.
+        std::str::from_utf8(&self.0).unwrap_or("XX000")
+    }
+
+    /// The class (first two characters), e.g. `08` connection exception.
+    pub fn class(&self) -> &str {
+        &self.as_str()[..2]
+    }
+}
+
+impl fmt::Display for SqlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for SqlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SqlState({})", self.as_str())
+    }
+}
+
+/// Where a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something wrong (bad message, bad password).
+    Client,
+    /// A server failed or refused.
+    Server,
+    /// The proxy's own decision (no node to route to, pool exhausted, shutdown).
+    Proxy,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    code: SqlState,
+    message: String,
+    side: Side,
+    retry_elsewhere: bool,
+    /// A server's own ErrorResponse (a refused login), passed to the client unchanged.
+    raw: Option<Bytes>,
+}
+
+impl Error {
+    fn new(code: SqlState, side: Side, message: impl Into<String>) -> Error {
+        Error {
+            code,
+            message: message.into(),
+            side,
+            retry_elsewhere: false,
+            raw: None,
+        }
+    }
+
+    /// A malformed, unexpected or oversized message from the client.
+    pub fn protocol(message: impl Into<String>) -> Error {
+        Error::new(SqlState::PROTOCOL_VIOLATION, Side::Client, message)
+    }
+
+    /// Something the client asked for that Switchyard does not do.
+    pub fn unsupported(message: impl Into<String>) -> Error {
+        Error::new(SqlState::FEATURE_NOT_SUPPORTED, Side::Client, message)
+    }
+
+    /// A wrong password or a failed SCRAM proof.
+    pub fn auth_failed(message: impl Into<String>) -> Error {
+        Error::new(SqlState::INVALID_PASSWORD, Side::Client, message)
+    }
+
+    /// A user the proxy does not know, or no user at all.
+    pub fn not_authorized(message: impl Into<String>) -> Error {
+        Error::new(SqlState::INVALID_AUTHORIZATION, Side::Client, message)
+    }
+
+    /// Nothing to route to now (no primary, every node down or drained); the client may
+    /// come back later.
+    pub fn no_route(message: impl Into<String>) -> Error {
+        Error::new(SqlState::CANNOT_CONNECT_NOW, Side::Proxy, message)
+    }
+
+    /// Servers were tried and none could be reached or logged in to.
+    pub fn connect_failed(message: impl Into<String>) -> Error {
+        Error {
+            retry_elsewhere: true,
+            ..Error::new(SqlState::CONNECTION_FAILURE, Side::Server, message)
+        }
+    }
+
+    /// A server refused a login for a reason another node would share (an
+    /// authentication method the proxy cannot answer).
+    pub fn login_failed(message: impl Into<String>) -> Error {
+        Error::new(SqlState::CONNECTION_FAILURE, Side::Server, message)
+    }
+
+    /// A server connection broke during the session.
+    pub fn server_lost(cluster: &str, node: &str, reason: impl fmt::Display) -> Error {
+        Error {
+            retry_elsewhere: true,
+            ..Error::new(
+                SqlState::CONNECTION_FAILURE,
+                Side::Server,
+                format!("server connection to node \"{node}\" of cluster \"{cluster}\" was lost: {reason}"),
+            )
+        }
+    }
+
+    /// A server sent something the proxy cannot follow.
+    pub fn server_protocol(message: impl Into<String>) -> Error {
+        Error::new(SqlState::PROTOCOL_VIOLATION, Side::Server, message)
+    }
+
+    /// A server refused the login with its own ErrorResponse (`raw`), which the client
+    /// gets unchanged. Another node may do better only when this one could not serve
+    /// anyone: starting up or shutting down (57P03), too many connections (53300), a
+    /// connection exception (08); not for an unknown database or a bad password.
+    pub fn server_refused(code: &[u8], message: impl Into<String>, raw: Bytes) -> Error {
+        let code = SqlState::parse(code).unwrap_or(SqlState::CONNECTION_FAILURE);
+        Error {
+            retry_elsewhere: code == SqlState::CANNOT_CONNECT_NOW
+                || code == SqlState::TOO_MANY_CONNECTIONS
+                || code.class() == "08",
+            raw: Some(raw),
+            ..Error::new(code, Side::Server, message)
+        }
+    }
+
+    /// No pooled server connection became free in time.
+    pub fn pool_exhausted(message: impl Into<String>) -> Error {
+        Error::new(SqlState::TOO_MANY_CONNECTIONS, Side::Proxy, message)
+    }
+
+    /// The session's node is no longer a valid place for it. `node_up`: it is healthy
+    /// but changed role or was drained (the operator's doing), else it is down.
+    pub fn evicted(node_up: bool, reason: impl fmt::Display) -> Error {
+        let code = if node_up {
+            SqlState::ADMIN_SHUTDOWN
+        } else {
+            SqlState::CONNECTION_FAILURE
+        };
+        Error::new(code, Side::Proxy, format!("terminating connection: {reason}"))
+    }
+
+    pub fn shutdown() -> Error {
+        Error::new(
+            SqlState::ADMIN_SHUTDOWN,
+            Side::Proxy,
+            "terminating connection: Switchyard is shutting down",
+        )
+    }
+
+    pub fn code(&self) -> SqlState {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    /// May another node succeed where this failed (nothing the client did is at fault)?
+    pub fn retry_elsewhere(&self) -> bool {
+        self.retry_elsewhere
+    }
+
+    /// A server's own ErrorResponse, if this is one.
+    pub fn is_forwarded(&self) -> bool {
+        self.raw.is_some()
+    }
+
+    /// The bytes the client gets: the server's own ErrorResponse, or a FATAL one of ours.
+    pub fn to_fatal(&self) -> BytesMut {
+        match &self.raw {
+            Some(raw) => BytesMut::from(&raw[..]),
+            None => messages::fatal(self.code.as_str(), &self.message),
+        }
+    }
+
+    /// The ErrorResponse (severity ERROR) for an error the session survives.
+    pub fn to_error(&self) -> BytesMut {
+        let mut b = BytesMut::new();
+        messages::error_response(&mut b, Severity::Error, self.code.as_str(), &self.message, None);
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_are_five_characters() {
+        assert_eq!(SqlState::parse(b"3D000").unwrap().as_str(), "3D000");
+        assert!(SqlState::parse(b"3D00").is_none());
+        assert!(SqlState::parse(b"3D\0000").is_none());
+        assert_eq!(SqlState::CONNECTION_FAILURE.class(), "08");
+    }
+
+    #[test]
+    fn a_refused_login_is_retried_elsewhere_only_when_the_node_is_at_fault() {
+        let refused = |code: &[u8]| Error::server_refused(code, "x", Bytes::from_static(b"E"));
+        assert!(refused(b"57P03").retry_elsewhere());
+        assert!(refused(b"53300").retry_elsewhere());
+        assert!(refused(b"08004").retry_elsewhere());
+        assert!(!refused(b"3D000").retry_elsewhere());
+        assert!(!refused(b"28P01").retry_elsewhere());
+        let e = refused(b"3D000");
+        assert_eq!((e.code().as_str(), e.side()), ("3D000", Side::Server));
+        assert_eq!(&e.to_fatal()[..], b"E", "the server's own bytes");
+    }
+
+    #[test]
+    fn our_errors_carry_our_codes() {
+        let e = Error::server_lost("main", "n1", "reset");
+        assert_eq!(e.code(), SqlState::CONNECTION_FAILURE);
+        assert!(e.retry_elsewhere());
+        assert_eq!(
+            e.message(),
+            "server connection to node \"n1\" of cluster \"main\" was lost: reset"
+        );
+        assert_eq!(Error::evicted(true, "x").code(), SqlState::ADMIN_SHUTDOWN);
+        assert_eq!(Error::evicted(false, "x").code(), SqlState::CONNECTION_FAILURE);
+        assert_eq!(Error::protocol("x").side(), Side::Client);
+        let bytes = Error::pool_exhausted("full").to_fatal();
+        assert_eq!(&bytes[..], b"E\0\0\0\x20SFATAL\0VFATAL\0C53300\0Mfull\0\0");
+    }
+}

@@ -1,0 +1,367 @@
+//! The async loop around the transaction-pooling machine: it owns the sockets, reads
+//! what arrives, feeds the machine, and performs what the machine asks (write, acquire a
+//! pooled connection through the connector, release it, end).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::info;
+
+use super::machine::{Action, Config, Machine};
+use crate::admin::metrics::{ClusterLabels, RoutedLabels};
+use crate::cancel::Registration;
+use crate::connector::{self, Dialer};
+use crate::error::Error;
+use crate::pool::{Pool, PoolError, PoolKey, PooledConn};
+use crate::proxy::{ClusterCtx, Shared};
+use crate::routing::{self, Endpoint};
+use crate::topology::{Health, NodeState, Role};
+
+const BUFFER: usize = 8192;
+
+/// Buffers start empty: a client that has not sent anything since it logged in (with
+/// thousands of clients, most of them) gets 512 bytes to read into, and `BUFFER` once
+/// it is busy.
+fn ready_to_read(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        buf.reserve(512);
+    } else if buf.capacity() - buf.len() < 512 {
+        buf.reserve(BUFFER);
+    }
+}
+
+/// Who the client is.
+pub struct TxnClient {
+    pub user: String,
+    pub database: String,
+    pub params: Vec<(String, String)>,
+}
+
+/// A node's pool for this client, its routed-queries counter and its name: looked up
+/// once per node and kept, so taking a connection allocates nothing.
+#[derive(Clone)]
+struct NodePool {
+    pool: Arc<Pool>,
+    queries: Counter,
+    node: Arc<str>,
+}
+
+struct Held {
+    conn: PooledConn,
+    via: NodePool,
+    on_primary: bool,
+}
+
+/// Transaction mode: a connection from the node's pool.
+struct PoolDialer<'a> {
+    cluster: &'a ClusterCtx,
+    shared: &'a Shared,
+    who: &'a TxnClient,
+    password: Option<&'a str>,
+    require_primary: bool,
+    pools: &'a mut HashMap<String, NodePool>,
+}
+
+impl PoolDialer<'_> {
+    fn pool(&mut self, node: &NodeState) -> NodePool {
+        if let Some(p) = self.pools.get(&node.name) {
+            if p.pool.key.addr == node.addr {
+                return p.clone();
+            }
+        }
+        let key = PoolKey {
+            cluster: self.cluster.name.clone(),
+            node: node.name.clone(),
+            addr: node.addr.clone(),
+            database: self.who.database.clone(),
+            user: self.who.user.clone(),
+        };
+        let settings = self.shared.config().clusters[&self.cluster.name].pool_settings();
+        let labels = RoutedLabels {
+            cluster: self.cluster.name.clone(),
+            node: node.name.clone(),
+            role: node.role.to_string(),
+        };
+        let p = NodePool {
+            pool: self.shared.pools.get(key, settings),
+            queries: self.shared.metrics.queries_routed.get_or_create(&labels).clone(),
+            node: node.name.as_str().into(),
+        };
+        self.pools.insert(node.name.clone(), p.clone());
+        p
+    }
+}
+
+impl Dialer for PoolDialer<'_> {
+    type Conn = Held;
+
+    async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Held, Error> {
+        let via = self.pool(node);
+        match via.pool.checkout(self.password, self.require_primary, timeout).await {
+            Ok(conn) => Ok(Held {
+                conn,
+                on_primary: node.role == Role::Primary,
+                via,
+            }),
+            Err(e @ PoolError::Exhausted { .. }) => Err(Error::pool_exhausted(e.to_string())),
+            Err(PoolError::Server(e)) => Err(e.into_error(&self.cluster.name, &node.name)),
+        }
+    }
+}
+
+pub struct Driver<'a> {
+    client: TcpStream,
+    who: TxnClient,
+    cluster: &'a ClusterCtx,
+    endpoint: Endpoint,
+    shared: &'a Shared,
+    cancel: Registration,
+    password: Option<String>,
+    split: bool,
+    pool_wait: Histogram,
+    machine: Machine<'a>,
+    held: Option<Held>,
+    pools: HashMap<String, NodePool>,
+    cbuf: BytesMut,
+    sbuf: BytesMut,
+}
+
+enum Event {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+    Topology,
+    Shutdown,
+}
+
+impl<'a> Driver<'a> {
+    pub fn new(
+        client: TcpStream,
+        who: TxnClient,
+        cluster: &'a ClusterCtx,
+        endpoint: Endpoint,
+        shared: &'a Shared,
+        cancel: Registration,
+    ) -> Driver<'a> {
+        let config = shared.config();
+        let password = config.user(&who.user).and_then(|u| u.password.clone());
+        let cc = &config.clusters[&cluster.name];
+        let pool_wait = shared
+            .metrics
+            .pool_wait_seconds
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.name.clone(),
+            })
+            .clone();
+        let machine = Machine::new(
+            Config {
+                cluster: cluster.name.clone(),
+                read_only_endpoint: endpoint == Endpoint::ReadOnly,
+                split: cc.read_write_split,
+                max_message: config.proxy.max_message_bytes,
+                client_pid: cancel.pid,
+                client_key: cancel.key,
+            },
+            who.params.clone(),
+            &cluster.classifier,
+        );
+        Driver {
+            client,
+            who,
+            cluster,
+            endpoint,
+            shared,
+            cancel,
+            password,
+            split: cc.read_write_split,
+            pool_wait,
+            machine,
+            held: None,
+            pools: HashMap::new(),
+            cbuf: BytesMut::new(),
+            sbuf: BytesMut::new(),
+        }
+    }
+
+    /// The client's socket (to say goodbye on).
+    pub fn client_mut(&mut self) -> &mut TcpStream {
+        &mut self.client
+    }
+
+    /// Run the session to its end: None when the client left, else what it was told.
+    pub async fn run(&mut self) -> Option<Error> {
+        let mut topology = self.cluster.state.subscribe();
+        let mut shutdown = self.shared.shutdown.clone();
+        loop {
+            // What the machine asked for, in order.
+            while let Some(action) = self.machine.next_action() {
+                match action {
+                    Action::CloseIdle(db) => {
+                        let closed = self.shared.pools.close_idle_to(&db);
+                        info!(cluster = %self.cluster.name, database = %db, closed, "closed idle pooled connections to a database a statement needs free");
+                    }
+                    Action::Release { reuse } => self.release(reuse),
+                    Action::Acquire { read, exclude } => {
+                        if !self.flush_client().await {
+                            self.machine.on_client_closed();
+                            continue;
+                        }
+                        // A new unit waits out a PAUSE (in the connector), and does not
+                        // start when Switchyard is shutting down.
+                        if !self.machine.rerun_pending() && *shutdown.borrow() {
+                            self.machine.on_acquire_failed(Error::shutdown());
+                            continue;
+                        }
+                        match self.acquire(read, exclude.as_deref()).await {
+                            Ok(()) => {
+                                let h = self.held.as_mut().expect("just acquired");
+                                self.machine.on_acquired(&h.via.node, h.on_primary, &mut h.conn.state);
+                            }
+                            Err(e) => self.machine.on_acquire_failed(e),
+                        }
+                    }
+                    Action::End(e) => {
+                        let _ = self.flush_client().await;
+                        self.release(false);
+                        return e;
+                    }
+                }
+            }
+            // Dispatch every complete client message already buffered.
+            self.machine
+                .on_client_input(&mut self.cbuf, self.held.as_mut().map(|h| &mut h.conn.state));
+            let queries = std::mem::take(&mut self.machine.queries);
+            if let (Some(h), true) = (self.held.as_ref(), queries > 0) {
+                h.via.queries.inc_by(queries);
+            }
+            if self.machine.has_actions() {
+                continue;
+            }
+            if !self.machine.to_server.is_empty() {
+                let h = self
+                    .held
+                    .as_mut()
+                    .expect("bytes for a server are sent only while one is held");
+                let result = h.conn.conn.stream.write_all(&self.machine.to_server).await;
+                self.machine.to_server.clear();
+                if let Err(e) = result {
+                    self.machine.on_server_lost(&e.to_string());
+                    continue;
+                }
+            }
+            if !self.flush_client().await {
+                self.machine.on_client_closed();
+                continue;
+            }
+            ready_to_read(&mut self.cbuf);
+            if self.held.is_some() {
+                ready_to_read(&mut self.sbuf);
+            }
+            let event = {
+                let client = &mut self.client;
+                let cbuf = &mut self.cbuf;
+                let sbuf = &mut self.sbuf;
+                let server = self.held.as_mut().map(|h| &mut h.conn.conn.stream);
+                let has_server = server.is_some();
+                tokio::select! {
+                    r = client.read_buf(cbuf) => Event::Client(r),
+                    r = async {
+                        match server {
+                            Some(s) => s.read_buf(sbuf).await,
+                            None => std::future::pending().await,
+                        }
+                    }, if has_server => Event::Server(r),
+                    _ = topology.changed() => Event::Topology,
+                    _ = shutdown.wait_for(|s| *s), if !has_server => Event::Shutdown,
+                }
+            };
+            match event {
+                Event::Client(Ok(n)) if n > 0 => {}
+                Event::Client(_) => self.machine.on_client_closed(),
+                Event::Server(Ok(n)) if n > 0 => {
+                    let h = self.held.as_mut().expect("read from the held server");
+                    self.machine.on_server_input(&mut self.sbuf, &mut h.conn.state);
+                }
+                Event::Server(r) => {
+                    let reason = match r {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "server closed the connection".to_string(),
+                    };
+                    self.machine.on_server_lost(&reason);
+                }
+                Event::Topology => {
+                    let Some(node) = self.machine.node().map(str::to_string) else {
+                        continue;
+                    };
+                    let snap = topology.borrow_and_update().clone();
+                    let endpoint = if self.machine.writes() {
+                        Endpoint::ReadWrite
+                    } else {
+                        Endpoint::ReadOnly
+                    };
+                    if let Some(reason) = routing::eviction(endpoint, &snap, &node) {
+                        let up = snap.index(&node).is_some_and(|i| snap.nodes[i].health == Health::Up);
+                        self.machine.on_evicted(&reason, up);
+                    }
+                }
+                Event::Shutdown => {
+                    if self.machine.between_units() {
+                        return Some(Error::shutdown());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write what the machine has for the client; false if the client is gone.
+    async fn flush_client(&mut self) -> bool {
+        if self.machine.to_client.is_empty() {
+            return true;
+        }
+        let ok = self.client.write_all(&self.machine.to_client).await.is_ok();
+        self.machine.to_client.clear();
+        self.machine.flushed_to_client();
+        ok
+    }
+
+    /// A connection for the next unit, through the connector.
+    async fn acquire(&mut self, read: bool, exclude: Option<&str>) -> Result<(), Error> {
+        let split = self.endpoint == Endpoint::ReadOnly || (read && self.split);
+        let target = if split { Endpoint::ReadOnly } else { Endpoint::ReadWrite };
+        let mut dialer = PoolDialer {
+            cluster: self.cluster,
+            shared: self.shared,
+            who: &self.who,
+            password: self.password.as_deref(),
+            require_primary: target == Endpoint::ReadWrite,
+            pools: &mut self.pools,
+        };
+        let c = connector::connect(self.cluster, target, exclude, None, &mut dialer).await?;
+        let held = c.conn;
+        self.pool_wait.observe(c.waited.as_secs_f64());
+        let node = &c.snapshot.nodes[c.index];
+        self.shared
+            .cancels
+            .retarget(&self.cancel, Some((&node.addr, held.conn.conn.pid, held.conn.conn.key)));
+        self.sbuf.clear();
+        self.held = Some(held);
+        Ok(())
+    }
+
+    /// Give the held connection back: pooled if `reuse` (the machine decided its state
+    /// allows it), else closed.
+    fn release(&mut self, reuse: bool) {
+        if let Some(mut h) = self.held.take() {
+            if !reuse {
+                h.conn.broken = true;
+            }
+            self.shared.cancels.retarget(&self.cancel, None);
+            h.via.pool.checkin(h.conn);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Transaction pooling. The client holds a pooled server connection only from the start
+//! of a transaction (or of a lone statement) to the ReadyForQuery that ends it. Between
+//! transactions it holds nothing, so a failed node costs it nothing, and its next
+//! transaction is routed afresh.
+//!
+//! The logic is a state machine with no I/O (`machine`), split by concern:
+//! - `owed`: the answers a connection owes, and whether the client sees each;
+//! - `statements`: protocol-level prepared statements renamed to content addresses and
+//!   prepared on whatever connection the client gets;
+//! - `state`: session settings (startup parameters, SETs) replayed on each connection;
+//! - `unit`: whether a unit of work only reads (read/write splitting).
+//!
+//! `driver` is the async loop that owns the sockets and performs the machine's actions.
+
+pub mod driver;
+pub mod machine;
+pub mod owed;
+pub mod state;
+pub mod statements;
+pub mod unit;
+
+pub use driver::{Driver, TxnClient};
