@@ -23,6 +23,8 @@ pub mod classify;
 pub mod config;
 pub mod connector;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod localcluster;
 pub mod pool;

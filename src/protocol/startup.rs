@@ -50,7 +50,10 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPack
 
 /// Parse a startup packet body (everything after the length word).
 pub fn parse_startup(body: &[u8]) -> Result<StartupPacket, StartupError> {
-    let code = i32::from_be_bytes(body[0..4].try_into().unwrap());
+    let code = body
+        .get(0..4)
+        .map(|c| i32::from_be_bytes(c.try_into().expect("4 bytes")))
+        .ok_or(StartupError::Malformed("shorter than a protocol code"))?;
     match code {
         SSL_REQUEST_CODE if body.len() == 4 => Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE if body.len() == 4 => Ok(StartupPacket::GssEncRequest),
