@@ -1,5 +1,5 @@
 # The two commands of the README's quick start.
-.PHONY: demo test deps
+.PHONY: demo test deps compat compat-slice
 
 deps:
 	@scripts/install-deps.sh
@@ -12,3 +12,17 @@ demo: deps
 # real clients (psql, pgbench, psycopg 2/3, Django).
 test: deps
 	cargo test --all-targets -- --test-threads=1
+
+# Client libraries' own test suites (psycopg 3.3.4, SQLAlchemy 2.0.58, Django 5.2's
+# runner) directly against PostgreSQL and through Switchyard in session, transaction
+# and transaction + read/write split mode; fails on a test that passes direct and fails
+# through Switchyard unless compat/allowlist.toml lists it. See compat/README.md.
+# The full suites take hours on 2 cores; the results go to compat/results/LATEST.md.
+compat: deps
+	cargo build --release
+	SWITCHYARD_BIN=target/release/switchyard compat/run --report compat/results/LATEST.md
+
+# The short slices of the same suites (minutes per target).
+compat-slice: deps
+	cargo build
+	SWITCHYARD_BIN=target/debug/switchyard compat/run --slice

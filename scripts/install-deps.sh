@@ -2,7 +2,8 @@
 # Install what the build, the demo and the tests need on a Debian machine, if it is
 # missing: libclang (pg_query's bindgen) and a C compiler, PostgreSQL server binaries
 # (initdb, pg_ctl, pg_basebackup, postgres), psql, pgbench, pgrep, Chromium and its
-# driver (status page test), and the Python clients (psycopg 2 and 3, Django, Selenium).
+# driver (status page test), and the Python clients (psycopg 2 and 3, Django, Selenium)
+# with what compat/run needs to run their own test suites (pytest and plugins).
 # Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,20 @@ if ((${#missing[@]})); then
     $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c "import psycopg, psycopg2, psycopg_pool, django, selenium" 2>/dev/null; then
-    echo "install-deps: installing Python test clients"
+# Every requirement installed, and the pinned ones (==) at their version.
+requirements_met() {
+    python3 - tests/python/requirements.txt <<'PY' 2>/dev/null
+import importlib.metadata as md, re, sys
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    m = re.match(r"([A-Za-z0-9_.-]+)(\[[^]]*\])?\s*(==)?\s*([^,;\s]*)", line)
+    if m:
+        have = md.version(m.group(1))  # raises when missing
+        if m.group(3) and have != m.group(4):
+            sys.exit(1)
+PY
+}
+if ! requirements_met; then
+    echo "install-deps: installing Python test clients and suites' test tools"
     python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 fi

@@ -114,8 +114,59 @@ fn classifier() -> &'static Classifier {
     K.get_or_init(|| Classifier::new(&[]))
 }
 
-/// The statement classifier and its cache key on arbitrary text (bytes in any encoding).
+/// Pieces of SQL for `classify_target` to build statements from.
+const TOKENS: &[&str] = &[
+    "SELECT ",
+    "INSERT INTO t VALUES (1)",
+    "UPDATE t SET v = 1",
+    "DELETE FROM t",
+    "FROM t ",
+    "WHERE ",
+    "a ",
+    "1 ",
+    "'x' ",
+    "E'\\'' ",
+    "$$ x $$ ",
+    "$1 ",
+    "( ",
+    ") ",
+    ", ",
+    "; ",
+    "-- c\n",
+    "/* c */ ",
+    "\"q\" ",
+    "FOR UPDATE ",
+    "WITH w AS (",
+    "BEGIN ",
+    "COMMIT ",
+    "READ ONLY ",
+    "ISOLATION LEVEL SERIALIZABLE ",
+    "SET ",
+    "RESET ALL ",
+    "LISTEN x ",
+    "PREPARE p AS ",
+    "DEALLOCATE ",
+    "nextval('s') ",
+    "now() ",
+    "pg_stat_activity ",
+    "CREATE DATABASE d TEMPLATE ",
+    "DROP DATABASE ",
+    "INTO TEMP x ",
+    "1e-5 ",
+    "B'01' ",
+    "\u{e9} ",
+    "= ",
+];
+
+/// The statement classifier and its cache key on arbitrary text (bytes in any encoding),
+/// and on SQL-like text built from the bytes.
 pub fn classify_target(data: &[u8]) {
+    check_classification(data);
+    let sql: String = data.iter().map(|&b| TOKENS[b as usize % TOKENS.len()]).collect();
+    check_classification(sql.as_bytes());
+}
+
+fn check_classification(data: &[u8]) {
     let c = classifier().classify_bytes(data);
     if let Ok(sql) = std::str::from_utf8(data) {
         let mut key = String::new();
