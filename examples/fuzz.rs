@@ -3,8 +3,8 @@
 //!
 //!   cargo run --release --example fuzz -- [TARGET|all] [ITERATIONS] [SEED]
 //!
-//! Prints inputs per target and time taken; a failing input is printed as hex before
-//! the panic, so it can be replayed as a unit test.
+//! Prints inputs per target and time taken; a failing input is printed as hex, to run
+//! again with `fuzz replay TARGET HEX`.
 
 use std::time::Instant;
 
@@ -12,6 +12,17 @@ use rand::{RngExt, SeedableRng};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `fuzz replay TARGET HEX`: run one input again (with FUZZ_TRACE=1 for the machine's
+    // events).
+    if args.first().map(String::as_str) == Some("replay") {
+        let hex = args.get(2).expect("usage: fuzz replay TARGET HEX");
+        let data: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
+            .collect();
+        switchyard::fuzzing::run(&args[1], &data);
+        println!("no failure");
+        return;
+    }
     let which = args.first().map(String::as_str).unwrap_or("all");
     let iterations: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
     let seed: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);

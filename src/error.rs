@@ -22,6 +22,8 @@ impl SqlState {
     pub const CANNOT_CONNECT_NOW: SqlState = SqlState(*b"57P03");
     pub const ADMIN_SHUTDOWN: SqlState = SqlState(*b"57P01");
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState(*b"53300");
+    pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState(*b"42501");
+    pub const SYNTAX_ERROR: SqlState = SqlState(*b"42601");
 
     /// A code a server sent; anything that is not five ASCII characters is not one.
     pub fn parse(code: &[u8]) -> Option<SqlState> {
@@ -173,6 +175,16 @@ impl Error {
         Error::new(code, Side::Proxy, format!("terminating connection: {reason}"))
     }
 
+    /// An admin console command the user may not run.
+    pub fn insufficient_privilege(message: impl Into<String>) -> Error {
+        Error::new(SqlState::INSUFFICIENT_PRIVILEGE, Side::Client, message)
+    }
+
+    /// An admin console command that is not one.
+    pub fn syntax(message: impl Into<String>) -> Error {
+        Error::new(SqlState::SYNTAX_ERROR, Side::Client, message)
+    }
+
     pub fn shutdown() -> Error {
         Error::new(
             SqlState::ADMIN_SHUTDOWN,
@@ -212,9 +224,9 @@ impl Error {
     }
 
     /// The ErrorResponse (severity ERROR) for an error the session survives.
-    pub fn to_error(&self) -> BytesMut {
+    pub fn to_error(&self, hint: Option<&str>) -> BytesMut {
         let mut b = BytesMut::new();
-        messages::error_response(&mut b, Severity::Error, self.code.as_str(), &self.message, None);
+        messages::error_response(&mut b, Severity::Error, self.code.as_str(), &self.message, hint);
         b
     }
 }

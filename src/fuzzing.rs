@@ -380,8 +380,10 @@ impl ConnModel {
             if len < 4 || b.len() < len as usize + 1 {
                 return;
             }
-            if tag == b'Z' && self.readies < self.requests {
-                self.readies += 1;
+            if tag == b'Z' {
+                // The status is what the server said last, asked or not (a real server
+                // never sends a ReadyForQuery nobody asked for).
+                self.readies = (self.readies + 1).min(self.requests);
                 self.status = b.get(5).copied().unwrap_or(0);
             }
             b = &b[len as usize + 1..];

@@ -35,30 +35,19 @@ pub enum ServerError {
 }
 
 impl ServerError {
-    /// May the session try the next candidate node? Yes when this node could not serve
-    /// anyone; no when the server judged the request itself (unknown database, bad
-    /// password): another node would say the same, and the client must hear it.
-    pub fn try_next_node(&self) -> bool {
-        match self {
-            ServerError::Connect(_)
-            | ServerError::Timeout(_)
-            | ServerError::NotPrimary
-            | ServerError::Io(_)
-            | ServerError::Protocol(_) => true,
-            // 57P03: starting up / shutting down / in recovery; 53300: too many connections.
-            ServerError::Refused { code, .. } => code == "57P03" || code == "53300" || code.starts_with("08"),
-            ServerError::Auth(_) => false,
-        }
-    }
-}
-
-impl ServerError {
-    /// As the error a client gets, for a login to `node` of `cluster`.
+    /// As the error a client gets, for a login to `node` of `cluster`. Whether the next
+    /// candidate node may be tried is decided here for failures of this node (it could not
+    /// serve anyone), and by `Error::server_refused` for the server's own refusals.
     pub fn into_error(self, cluster: &str, node: &str) -> Error {
         match self {
             ServerError::Refused { code, message, raw } => Error::server_refused(code.as_bytes(), message, raw),
-            e if e.try_next_node() => Error::connect_failed(e.to_string()),
-            e => Error::login_failed(format!(
+            e @ (ServerError::Connect(_)
+            | ServerError::Timeout(_)
+            | ServerError::NotPrimary
+            | ServerError::Io(_)
+            | ServerError::Protocol(_)) => Error::connect_failed(e.to_string()),
+            // An authentication method the proxy cannot answer: every node would ask it.
+            e @ ServerError::Auth(_) => Error::login_failed(format!(
                 "cannot log in to node \"{node}\" of cluster \"{cluster}\": {e}"
             )),
         }

@@ -29,9 +29,9 @@ use crate::config::{Config, PoolMode};
 use crate::connector;
 use crate::error::Error;
 use crate::protocol::framing::{FrameError, Framer};
-use crate::protocol::messages::{self, Severity};
-use crate::protocol::sqlstate;
+use crate::protocol::messages;
 use crate::protocol::startup::{read_startup, StartupError, StartupPacket};
+use crate::protocol::views;
 use crate::proxy::{ClusterCtx, Shared};
 use crate::routing::{self, Endpoint};
 use crate::server::{self, ServerConn};
@@ -190,11 +190,8 @@ pub async fn serve(
     let end = relay(stream, connected, &client, peer, &cluster, endpoint, &shared, &config).await;
     gauge.dec();
     match &end {
-        End::Evicted { reason, .. } => {
-            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node, reason = %reason, "session ended by proxy")
-        }
-        End::BadMessage(e) => {
-            warn!(cluster = %cluster.name, peer = %peer, reason = %e, "client sent a malformed message; session closed")
+        End::Failed(e) => {
+            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy")
         }
         other => {
             debug!(cluster = %cluster.name, peer = %peer, node = %node, end = ?other, "session ended")
@@ -491,23 +488,11 @@ enum End {
     ClientClosed,
     ClientTerminated,
     ServerClosed,
-    BadMessage(String),
-    Evicted {
-        code: &'static str,
-        reason: String,
-    },
-    Shutdown,
     // Read only through Debug, in the session-ended log line.
     #[allow(dead_code)]
     Io(std::io::Error),
-}
-
-/// Frontend message types a client may send after startup.
-fn is_frontend_tag(tag: u8) -> bool {
-    matches!(
-        tag,
-        b'B' | b'C' | b'd' | b'c' | b'f' | b'D' | b'E' | b'H' | b'F' | b'P' | b'p' | b'Q' | b'S' | b'X'
-    )
+    /// Ended by the proxy (malformed message, eviction, shutdown): the client is told.
+    Failed(Error),
 }
 
 #[derive(Debug)]
@@ -581,7 +566,7 @@ async fn relay(
                 // session when Switchyard is shutting down.
                 if framer.at_boundary() && info.idle() {
                     if draining.load(Ordering::Relaxed) {
-                        return End::Shutdown;
+                        return End::Failed(Error::shutdown());
                     }
                     if cluster.is_paused() {
                         cluster.wait_unpaused().await;
@@ -599,16 +584,19 @@ async fn relay(
                         b'E' => executed += 1,
                         b'S' => requests += 1,
                         b'X' => terminate = true,
-                        t if !is_frontend_tag(t) => return Err(ScanStop::Tag(t)),
+                        t if !views::is_frontend_tag(t) => return Err(ScanStop::Tag(t)),
                         _ => {}
                     }
                     Ok(())
                 });
                 match scanned {
                     Ok(()) => {}
-                    Err(ScanStop::Frame(e)) => return End::BadMessage(e.to_string()),
+                    Err(ScanStop::Frame(e)) => return End::Failed(Error::protocol(e.to_string())),
                     Err(ScanStop::Tag(t)) => {
-                        return End::BadMessage(format!("invalid frontend message type {}", printable(t)))
+                        return End::Failed(Error::protocol(format!(
+                            "invalid frontend message type {}",
+                            views::printable(t)
+                        )))
                     }
                 }
                 info.sent_requests(requests);
@@ -643,7 +631,7 @@ async fn relay(
                     ready += (tag == b'Z') as i32;
                     Ok(())
                 }) {
-                    return End::BadMessage(format!("server sent a malformed message: {e}"));
+                    return End::Failed(Error::server_protocol(format!("server sent a malformed message: {e}")));
                 }
                 client_clean.store(false, Ordering::Relaxed);
                 if let Err(e) = cw.write_all(&buf).await {
@@ -655,7 +643,7 @@ async fn relay(
                     info.ready_for_query(framer.last_ready_status());
                 }
                 if boundary && draining.load(Ordering::Relaxed) && info.idle() {
-                    return End::Shutdown;
+                    return End::Failed(Error::shutdown());
                 }
             }
         };
@@ -667,12 +655,7 @@ async fn relay(
                 let snap = topology.borrow_and_update().clone();
                 if let Some(reason) = routing::eviction(endpoint, &snap, &node) {
                     let up = snap.index(&node).is_some_and(|i| snap.nodes[i].health == Health::Up);
-                    let code = if up {
-                        sqlstate::ADMIN_SHUTDOWN
-                    } else {
-                        sqlstate::CONNECTION_FAILURE
-                    };
-                    return End::Evicted { code, reason };
+                    return End::Failed(Error::evicted(up, reason));
                 }
             }
         };
@@ -680,10 +663,10 @@ async fn relay(
             let _ = shutdown.wait_for(|s| *s).await;
             draining.store(true, Ordering::Relaxed);
             if info.idle() && client_clean.load(Ordering::Relaxed) {
-                return End::Shutdown;
+                return End::Failed(Error::shutdown());
             }
             tokio::time::sleep(grace).await;
-            End::Shutdown
+            End::Failed(Error::shutdown())
         };
         tokio::select! {
             e = client_to_server => e,
@@ -693,35 +676,28 @@ async fn relay(
         }
     };
     let notice = match &end {
-        End::Evicted { code, reason } => Some((*code, format!("terminating connection: {reason}"))),
-        End::BadMessage(e) => Some((sqlstate::PROTOCOL_VIOLATION, e.clone())),
-        End::Shutdown => Some((
-            sqlstate::ADMIN_SHUTDOWN,
-            "terminating connection: Switchyard is shutting down".to_string(),
-        )),
+        End::Failed(e) => Some(e.clone()),
         // A server that ends a session on purpose says why with an ErrorResponse; say
         // something only when it vanished without a word.
-        End::ServerClosed | End::Io(_) if last_server_tag.load(Ordering::Relaxed) != b'E' => Some((
-            sqlstate::CONNECTION_FAILURE,
-            format!(
-                "server connection to node \"{node}\" of cluster \"{}\" was lost",
-                cluster.name
-            ),
+        End::ServerClosed | End::Io(_) if last_server_tag.load(Ordering::Relaxed) != b'E' => Some(Error::server_lost(
+            &cluster.name,
+            &node,
+            match &end {
+                End::Io(e) => e.to_string(),
+                _ => "the server closed the connection".to_string(),
+            },
         )),
         _ => None,
     };
-    if let Some((code, msg)) = notice {
-        shared.metrics.error(code);
+    if let Some(e) = notice {
+        shared.metrics.error(e.code().as_str());
         if client_clean.load(Ordering::Relaxed) {
-            let mut b = BytesMut::new();
-            messages::error_response(&mut b, Severity::Fatal, code, &msg, None);
-            let _ = tokio::time::timeout(Duration::from_secs(1), client.write_all(&b)).await;
-            linger(&mut client).await;
+            goodbye(&mut client, &e.to_fatal()).await;
         }
     }
     // Tell the server we are leaving rather than just dropping the socket, unless that
     // would splice our Terminate into a half-sent client message.
-    if matches!(end, End::Evicted { .. } | End::Shutdown | End::BadMessage(_)) && server_clean.load(Ordering::Relaxed) {
+    if matches!(end, End::Failed(_)) && server_clean.load(Ordering::Relaxed) {
         let _ = tokio::time::timeout(Duration::from_millis(200), server.stream.write_all(b"X\0\0\0\x04")).await;
     }
     end
@@ -744,12 +720,4 @@ async fn linger(stream: &mut TcpStream) {
         while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
-}
-
-fn printable(tag: u8) -> String {
-    if tag.is_ascii_graphic() {
-        format!("'{}'", tag as char)
-    } else {
-        format!("0x{tag:02x}")
-    }
 }

@@ -10,8 +10,8 @@ use tracing::info;
 
 use crate::admin::clients::pool_rows;
 use crate::admin::status::node_status;
-use crate::protocol::messages::{self, Severity};
-use crate::protocol::sqlstate;
+use crate::error::Error;
+use crate::protocol::messages;
 use crate::proxy::Shared;
 use crate::routing;
 
@@ -34,15 +34,11 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
     let config = shared.config();
     let mut out = BytesMut::new();
     if !config.user(user).is_some_and(|u| u.admin) {
-        messages::error_response(
-            &mut out,
-            Severity::Fatal,
-            "42501",
-            &format!("user \"{user}\" may not use the admin console: set admin = true for it in [[users]]"),
-            None,
-        );
-        let _ = stream.write_all(&out).await;
-        shared.metrics.error("42501");
+        let e = Error::insufficient_privilege(format!(
+            "user \"{user}\" may not use the admin console: set admin = true for it in [[users]]"
+        ));
+        let _ = stream.write_all(&e.to_fatal()).await;
+        shared.metrics.error(e.code().as_str());
         return;
     }
     for (k, v) in [
@@ -70,10 +66,7 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
         };
         if !(4..=MAX_COMMAND as i32).contains(&len) {
             let _ = stream
-                .write_all(&messages::fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    &format!("invalid message length {len}"),
-                ))
+                .write_all(&Error::protocol(format!("invalid message length {len}")).to_fatal())
                 .await;
             return;
         }
@@ -98,12 +91,8 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
             }
             // Extended protocol: nothing to do until Sync, then one error.
             b'S' => {
-                messages::error_response(
-                    &mut out,
-                    Severity::Error,
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    "the admin console understands only simple queries",
-                    Some(HELP),
+                out.extend_from_slice(
+                    &Error::unsupported("the admin console understands only simple queries").to_error(Some(HELP)),
                 );
                 messages::ready_for_query(&mut out, b'I');
             }
@@ -148,7 +137,7 @@ fn write_answer(out: &mut BytesMut, answer: Answer) {
             command_complete(out, &format!("SHOW {}", rows.len()));
         }
         Answer::Done(tag) => command_complete(out, &tag),
-        Answer::Error(msg) => messages::error_response(out, Severity::Error, "42601", &msg, Some(HELP)),
+        Answer::Error(msg) => out.extend_from_slice(&Error::syntax(msg).to_error(Some(HELP))),
     }
 }
 

@@ -1,5 +1,6 @@
 //! PostgreSQL wire protocol pieces the proxy needs by hand: backend messages it sends
-//! to clients itself, startup packets, and a streaming framer for the relay.
+//! to clients itself, startup packets, a streaming framer for the relay, and typed views
+//! of the messages it looks inside. (SQLSTATEs live in `error`.)
 //! Frontend messages towards servers come from `postgres-protocol`, which has no
 //! server-side encoders; hence the small builders here.
 
@@ -7,14 +8,3 @@ pub mod framing;
 pub mod messages;
 pub mod startup;
 pub mod views;
-
-/// SQLSTATE codes Switchyard itself sends.
-pub mod sqlstate {
-    pub const PROTOCOL_VIOLATION: &str = "08P01";
-    pub const CONNECTION_FAILURE: &str = "08006";
-    pub const INVALID_PASSWORD: &str = "28P01";
-    pub const INVALID_AUTHORIZATION: &str = "28000";
-    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
-    pub const CANNOT_CONNECT_NOW: &str = "57P03";
-    pub const ADMIN_SHUTDOWN: &str = "57P01";
-}
