@@ -213,8 +213,8 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
-    pub fn pool_settings(&self) -> crate::pool::PoolSettings {
-        crate::pool::PoolSettings {
+    pub fn pool_settings(&self) -> PoolSettings {
+        PoolSettings {
             size: self.pool_size,
             min_size: self.min_pool_size,
             idle_timeout: Duration::from_millis(self.server_idle_timeout_ms),
@@ -468,6 +468,16 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Sizes and timeouts of a cluster's server connection pools (transaction mode).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub size: u32,
+    pub min_size: u32,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+    pub checkout_timeout: Duration,
 }
 
 #[cfg(test)]

@@ -18,12 +18,12 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
 
+use crate::backend::pool::ConnState;
 use crate::classify::{blank_literals, Classifier};
-use crate::pool::ConnState;
+use crate::frontend::txn::machine::{Action, Config, Machine};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::startup::parse_startup;
 use crate::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
-use crate::txn::machine::{Action, Config, Machine};
 
 pub const TARGETS: &[&str] = &["views", "startup", "framer", "classify", "machine"];
 

@@ -1,37 +1,30 @@
 //! Switchyard: a high-availability proxy for replicated PostgreSQL.
 //!
-//! Layout (see ARCHITECTURE.md for the invariants):
-//! - [`config`]: the TOML contract and its validation.
-//! - [`protocol`]: wire-protocol pieces written by hand (startup packets, backend
-//!   messages the proxy sends itself, the streaming relay framer).
-//! - [`auth`]: client authentication to the proxy (SCRAM-SHA-256, md5, trust).
-//! - [`health`]: one background checker per node, over the real protocol.
-//! - [`topology`]: what the proxy believes about each node; rise/fall rules.
-//! - [`routing`]: the routing policy, a pure function of a topology snapshot.
-//! - [`server`]: logging in to a server, with the primary check for writes.
-//! - [`session`]: one client session, startup to relay to goodbye.
-//! - [`cancel`]: CancelRequest routing.
-//! - [`proxy`]: wiring of listeners, monitors, reload and shutdown.
-//! - [`admin`]: operators' view: admin console, HTTP endpoints, metrics, client list.
+//! Layers, each using only those before it (see ARCHITECTURE.md for the invariants):
+//! - [`protocol`], [`config`], [`error`], [`classify`]: wire-protocol codecs and views,
+//!   the TOML contract, the one error type, the statement classifier. No I/O.
+//! - [`cluster`]: node state ([`cluster::topology`]), health checks
+//!   ([`cluster::health`]), the routing policy ([`cluster::routing`], pure).
+//! - [`backend`]: server login, connection pools, the connector.
+//! - [`obs`]: metrics and the client list, fed by sessions.
+//! - [`frontend`]: client authentication, cancel routing, what sessions share
+//!   ([`frontend::shared`]), sessions (session-mode relay, transaction-pooling machine
+//!   and driver).
+//! - [`admin`]: the operators' console and HTTP endpoints.
+//! - [`app`]: wiring of listeners, monitors, reload and shutdown.
 //! - [`localcluster`]: a throwaway primary + standbys from the machine's PostgreSQL
 //!   binaries, for `switchyard demo` and the integration tests.
 
 pub mod admin;
-pub mod auth;
-pub mod cancel;
+pub mod app;
+pub mod backend;
 pub mod classify;
+pub mod cluster;
 pub mod config;
-pub mod connector;
 pub mod error;
+pub mod frontend;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod health;
 pub mod localcluster;
-pub mod pool;
+pub mod obs;
 pub mod protocol;
-pub mod proxy;
-pub mod routing;
-pub mod server;
-pub mod session;
-pub mod topology;
-pub mod txn;

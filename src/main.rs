@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use switchyard::app::Proxy;
+use switchyard::cluster::topology::{ClusterSnapshot, Health, Role};
 use switchyard::config::Config;
 use switchyard::localcluster::{LocalCluster, APP_DB, APP_PASSWORD, APP_USER};
-use switchyard::proxy::Proxy;
-use switchyard::topology::{ClusterSnapshot, Health, Role};
 
 #[derive(Parser)]
 #[command(

@@ -8,14 +8,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::info;
 
-use crate::admin::clients::pool_rows;
+use crate::admin::pool_rows;
 use crate::admin::status::node_status;
+use crate::cluster::routing;
 use crate::error::Error;
+use crate::frontend::shared::Shared;
 use crate::protocol::messages;
-use crate::proxy::Shared;
-use crate::routing;
 
-pub const ADMIN_DATABASE: &str = "switchyard";
+pub use crate::frontend::session::ADMIN_DATABASE;
 const MAX_COMMAND: usize = 64 * 1024;
 
 const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | CLIENTS | SERVERS | STATS | EVENTS; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name)";

@@ -11,8 +11,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 
-use crate::proxy::Shared;
-use crate::routing::{self, Endpoint};
+use crate::cluster::routing::{self, Endpoint};
+use crate::frontend::shared::Shared;
 
 const PAGE: &str = include_str!("status.html");
 
@@ -49,7 +49,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let body = shared
         .metrics
-        .render(&shared.cluster_snapshots(), &crate::admin::clients::pool_rows(&shared));
+        .render(&shared.cluster_snapshots(), &crate::admin::pool_rows(&shared));
     (
         [(
             header::CONTENT_TYPE,

@@ -1,9 +1,53 @@
-//! What operators see and do: the admin console (`psql -d switchyard`), the HTTP
-//! endpoints (`/health`, `/status`, `/metrics`, the status page), the metrics registry
-//! and the list of connected clients.
+//! What operators see and do: the admin console (`psql -d switchyard`) and the HTTP
+//! endpoints (`/health`, `/status`, `/metrics`, the status page). Reads `Shared`; the
+//! registries it shows live in `obs`.
 
-pub mod clients;
 pub mod console;
 pub mod http;
-pub mod metrics;
 pub mod status;
+
+use std::sync::atomic::Ordering;
+
+use crate::frontend::shared::Shared;
+use crate::obs::clients::PoolRow;
+
+/// Every pool: transaction-mode pools as they are, and for session-mode clusters the
+/// server connections grouped by (cluster, node, database, user), where each client
+/// holds exactly one (so "in use" is the number of clients and nothing idles).
+pub fn pool_rows(shared: &Shared) -> Vec<PoolRow> {
+    let mut rows: Vec<PoolRow> = shared
+        .pools
+        .all()
+        .iter()
+        .map(|p| PoolRow {
+            cluster: p.key.cluster.clone(),
+            node: p.key.node.clone(),
+            database: p.key.database.clone(),
+            user: p.key.user.clone(),
+            in_use: p.in_use(),
+            idle: p.idle_count() as u32,
+            waiting: p.waiting.load(Ordering::Relaxed),
+        })
+        .collect();
+    for c in shared.clients.list() {
+        if c.server_pid == 0 {
+            continue; // a transaction-mode client: counted by its pools
+        }
+        match rows
+            .iter_mut()
+            .find(|r| r.cluster == c.cluster && r.node == c.node && r.database == c.database && r.user == c.user)
+        {
+            Some(r) => r.in_use += 1,
+            None => rows.push(PoolRow {
+                cluster: c.cluster.clone(),
+                node: c.node.clone(),
+                database: c.database.clone(),
+                user: c.user.clone(),
+                in_use: 1,
+                idle: 0,
+                waiting: 0,
+            }),
+        }
+    }
+    rows
+}

@@ -5,10 +5,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::admin::clients::pool_rows;
-use crate::proxy::Shared;
-use crate::routing;
-use crate::topology::{Event, NodeState};
+use crate::admin::pool_rows;
+use crate::cluster::routing;
+use crate::cluster::topology::{Event, NodeState};
+use crate::frontend::shared::Shared;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {

@@ -11,8 +11,8 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls, Statement};
 use tracing::{info, warn};
 
+use crate::cluster::topology::{ClusterState, Health, Observation, Role, Transition};
 use crate::config::HealthConfig;
-use crate::topology::{ClusterState, Health, Observation, Role, Transition};
 
 /// One round trip answers everything: role, lag, WAL position, timeline.
 /// The standby's own lag figure (0 when everything received has been replayed, else the

@@ -12,10 +12,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::cluster::routing::{self, Endpoint};
+use crate::cluster::topology::{ClusterSnapshot, NodeState};
+use crate::cluster::ClusterCtx;
 use crate::error::Error;
-use crate::proxy::ClusterCtx;
-use crate::routing::{self, Endpoint};
-use crate::topology::{ClusterSnapshot, NodeState};
 
 /// Makes a connection on one node. An error that says `retry_elsewhere` sends the
 /// connector on to the next candidate; any other ends the attempt (the client hears it).

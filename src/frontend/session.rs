@@ -19,24 +19,24 @@ use tracing::{debug, info, warn};
 
 use tokio::sync::watch;
 
-use crate::admin::clients::NewClient;
-use crate::admin::console::{self, ADMIN_DATABASE};
-use crate::admin::metrics::{ClusterLabels, EndpointLabels, RoutedLabels};
-use crate::auth::{AuthError, Verifier};
-use crate::cancel::Registration;
+use crate::backend::connector;
+use crate::backend::server::{self, ServerConn};
+use crate::cluster::routing::{self, Endpoint};
+use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, NodeStats, Role};
+use crate::cluster::ClusterCtx;
 use crate::config::AuthMethod;
 use crate::config::{Config, PoolMode};
-use crate::connector;
 use crate::error::Error;
+use crate::frontend::auth::{AuthError, Verifier};
+use crate::frontend::cancel::Registration;
+use crate::frontend::shared::Shared;
+use crate::frontend::txn::{Driver, TxnClient};
+use crate::obs::clients::NewClient;
+use crate::obs::metrics::{ClusterLabels, EndpointLabels, RoutedLabels};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::messages;
 use crate::protocol::startup::{read_startup, StartupError, StartupPacket};
 use crate::protocol::views;
-use crate::proxy::{ClusterCtx, Shared};
-use crate::routing::{self, Endpoint};
-use crate::server::{self, ServerConn};
-use crate::topology::{ClusterSnapshot, Health, NodeState, NodeStats, Role};
-use crate::txn::{Driver, TxnClient};
 
 /// Auth messages are tiny; PostgreSQL caps them similarly.
 const MAX_AUTH_MESSAGE: usize = 10000;
@@ -83,7 +83,7 @@ impl Client {
         node: String,
         server_addr: String,
         server_pid: i32,
-    ) -> crate::admin::clients::ClientGuard {
+    ) -> crate::obs::clients::ClientGuard {
         shared.clients.add(NewClient {
             cluster: cluster.name.clone(),
             endpoint,
@@ -125,29 +125,43 @@ struct Connected {
     topology: watch::Receiver<Arc<ClusterSnapshot>>,
 }
 
+/// The database name that asks for the admin console instead of a cluster.
+pub const ADMIN_DATABASE: &str = "switchyard";
+
+/// A client that authenticated for the admin console (`-d switchyard`): the app hands
+/// it to `admin::console` (sessions know nothing of the admin layer above them).
+pub struct AdminClient {
+    pub stream: TcpStream,
+    pub user: String,
+}
+
+/// Serve one client from its first byte to its last; returns it instead when it asked
+/// for the admin console.
 pub async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     cluster: Arc<ClusterCtx>,
     endpoint: Endpoint,
     shared: Arc<Shared>,
-) {
+) -> Option<AdminClient> {
     let _ = stream.set_nodelay(true);
     let config = shared.config();
     let login_timeout = Duration::from_millis(config.proxy.client_login_timeout_ms);
     let outcome = match tokio::time::timeout(login_timeout, login(&mut stream, &shared)).await {
         Ok(Ok(Some(client))) if client.database == ADMIN_DATABASE => {
-            console::run(stream, &client.user, &shared).await;
-            return;
+            return Some(AdminClient {
+                stream,
+                user: client.user,
+            })
         }
         Ok(Ok(Some(client))) if config.clusters[&cluster.name].pool_mode == PoolMode::Transaction => {
             serve_transaction_mode(stream, peer, client, &cluster, endpoint, &shared).await;
-            return;
+            return None;
         }
         Ok(Ok(Some(client))) => connect(&mut stream, &client, &cluster, endpoint, &shared, &config)
             .await
             .map(|(c, waited)| (client, c, waited)),
-        Ok(Ok(None)) => return, // a cancel request, already handled
+        Ok(Ok(None)) => return None, // a cancel request, already handled
         Ok(Err(r)) => Err(r),
         Err(_) => Err(Reject::Error(Error::protocol(format!(
             "startup and authentication did not finish within {} ms (proxy.client_login_timeout_ms)",
@@ -157,14 +171,14 @@ pub async fn serve(
     let (client, connected, wait) = match outcome {
         Ok(ok) => ok,
         Err(reject) => {
-            let Reject::Error(e) = reject else { return };
+            let Reject::Error(e) = reject else { return None };
             if !e.is_forwarded() {
                 shared.metrics.error(e.code().as_str());
             }
             let _ = stream.write_all(&e.to_fatal()).await;
             linger(&mut stream).await;
             info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "client rejected");
-            return;
+            return None;
         }
     };
     shared
@@ -197,6 +211,7 @@ pub async fn serve(
             debug!(cluster = %cluster.name, peer = %peer, node = %node, end = ?other, "session ended")
         }
     }
+    None
 }
 
 /// Transaction pooling: greet the client with a server's parameters, then run the

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::routing::Endpoint;
+use crate::cluster::routing::Endpoint;
 
 pub struct ClientInfo {
     pub id: u64,
@@ -128,6 +128,7 @@ impl Clients {
     }
 }
 
+/// One pool as operators see it (SHOW POOLS, /status, /metrics).
 pub struct PoolRow {
     pub cluster: String,
     pub node: String,
@@ -136,45 +137,4 @@ pub struct PoolRow {
     pub in_use: u32,
     pub idle: u32,
     pub waiting: u32,
-}
-
-/// Every pool: transaction-mode pools as they are, and for session-mode clusters the
-/// server connections grouped by (cluster, node, database, user), where each client
-/// holds exactly one (so "in use" is the number of clients and nothing idles).
-pub fn pool_rows(shared: &crate::proxy::Shared) -> Vec<PoolRow> {
-    let mut rows: Vec<PoolRow> = shared
-        .pools
-        .all()
-        .iter()
-        .map(|p| PoolRow {
-            cluster: p.key.cluster.clone(),
-            node: p.key.node.clone(),
-            database: p.key.database.clone(),
-            user: p.key.user.clone(),
-            in_use: p.in_use(),
-            idle: p.idle_count() as u32,
-            waiting: p.waiting.load(Ordering::Relaxed),
-        })
-        .collect();
-    for c in shared.clients.list() {
-        if c.server_pid == 0 {
-            continue; // a transaction-mode client: counted by its pools
-        }
-        match rows
-            .iter_mut()
-            .find(|r| r.cluster == c.cluster && r.node == c.node && r.database == c.database && r.user == c.user)
-        {
-            Some(r) => r.in_use += 1,
-            None => rows.push(PoolRow {
-                cluster: c.cluster.clone(),
-                node: c.node.clone(),
-                database: c.database.clone(),
-                user: c.user.clone(),
-                in_use: 1,
-                idle: 0,
-                waiting: 0,
-            }),
-        }
-    }
-    rows
 }

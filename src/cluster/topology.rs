@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::routing::Policy;
+use crate::config::{ReadBalance, SplitBrainRule};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
@@ -250,6 +250,14 @@ impl NodeState {
     }
 }
 
+/// The routing settings of a cluster, carried in its snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub max_replica_lag_ms: u64,
+    pub read_balance: ReadBalance,
+    pub split_brain: SplitBrainRule,
+}
+
 /// One cluster's view at an instant: everything routing needs, nodes and policy alike.
 /// Cloned on change (a handful of nodes), shared as `Arc` so readers never lock.
 #[derive(Debug, Clone)]
@@ -332,13 +340,18 @@ pub struct ClusterState {
     /// (when, WAL position) of the primary, one sample per check: standby lag is the
     /// age of the oldest primary position the standby has not replayed yet.
     wal_samples: Mutex<VecDeque<(SystemTime, u64)>>,
+    /// Which node is the primary (the routing policy's rule, split brain included),
+    /// given by the caller so that topology does not depend on routing.
+    primary_of: fn(&ClusterSnapshot) -> Option<usize>,
 }
 
 /// Enough samples for lag up to ~1 hour at 1 check per second.
 const WAL_SAMPLES_KEPT: usize = 3600;
 
 impl ClusterState {
-    pub fn new(snapshot: ClusterSnapshot) -> Arc<ClusterState> {
+    /// `primary_of`: the rule that names the primary (`routing::primary`); the lag of
+    /// standbys is measured against that node's WAL positions only.
+    pub fn new(snapshot: ClusterSnapshot, primary_of: fn(&ClusterSnapshot) -> Option<usize>) -> Arc<ClusterState> {
         let name = snapshot.name.clone();
         let (tx, _) = watch::channel(Arc::new(snapshot));
         Arc::new(ClusterState {
@@ -346,6 +359,7 @@ impl ClusterState {
             tx,
             events: Mutex::new(VecDeque::new()),
             wal_samples: Mutex::new(VecDeque::new()),
+            primary_of,
         })
     }
 
@@ -434,7 +448,7 @@ impl ClusterState {
         let mut samples = self.wal_samples.lock().unwrap();
         let n = &snap.nodes[checked];
         if let (Health::Up, Role::Primary, Some(lsn)) = (n.health, n.role, n.lsn) {
-            if crate::routing::primary(snap).ok() == Some(checked) {
+            if (self.primary_of)(snap) == Some(checked) {
                 if samples.back().is_none_or(|&(_, last)| lsn > last) {
                     samples.push_back((now, lsn));
                 }
@@ -542,7 +556,9 @@ mod tests {
             split_brain: crate::config::SplitBrainRule::Refuse,
         };
         let nodes = vec![NodeState::new("p", "h:1"), NodeState::new("s", "h:2")];
-        ClusterState::new(ClusterSnapshot::new("c", nodes, policy, Duration::from_secs(1)))
+        ClusterState::new(ClusterSnapshot::new("c", nodes, policy, Duration::from_secs(1)), |s| {
+            crate::cluster::routing::primary(s).ok()
+        })
     }
 
     fn obs(role: Role, lsn: u64) -> Result<Observation, String> {

@@ -14,14 +14,15 @@ use tokio::net::TcpStream;
 use tracing::info;
 
 use super::machine::{Action, Config, Machine};
-use crate::admin::metrics::{ClusterLabels, RoutedLabels};
-use crate::cancel::Registration;
-use crate::connector::{self, Dialer};
+use crate::backend::connector::{self, Dialer};
+use crate::backend::pool::{Pool, PoolError, PoolKey, PooledConn};
+use crate::cluster::routing::{self, Endpoint};
+use crate::cluster::topology::{Health, NodeState, Role};
+use crate::cluster::ClusterCtx;
 use crate::error::Error;
-use crate::pool::{Pool, PoolError, PoolKey, PooledConn};
-use crate::proxy::{ClusterCtx, Shared};
-use crate::routing::{self, Endpoint};
-use crate::topology::{Health, NodeState, Role};
+use crate::frontend::cancel::Registration;
+use crate::frontend::shared::Shared;
+use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 
 const BUFFER: usize = 8192;
 

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
+use crate::backend::server::{self, ServerConn, ServerError};
+pub use crate::config::PoolSettings;
 use crate::protocol::views;
-use crate::server::{self, ServerConn, ServerError};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PoolKey {
@@ -21,15 +22,6 @@ pub struct PoolKey {
     pub addr: String,
     pub database: String,
     pub user: String,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct PoolSettings {
-    pub size: u32,
-    pub min_size: u32,
-    pub idle_timeout: Duration,
-    pub lifetime: Duration,
-    pub checkout_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]

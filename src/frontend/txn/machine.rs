@@ -17,9 +17,9 @@ use super::owed::{Owed, OwedQueue, Verdict};
 use super::state::SessionState;
 use super::statements::Statements;
 use super::unit;
+use crate::backend::pool::ConnState;
 use crate::classify::{Classification, Classifier};
 use crate::error::Error;
-use crate::pool::ConnState;
 use crate::protocol::messages;
 use crate::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
 

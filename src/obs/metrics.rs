@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::topology::{ClusterSnapshot, Health, Role, Transition};
+use crate::cluster::topology::{ClusterSnapshot, Health, Role, Transition};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
@@ -201,7 +201,7 @@ impl Metrics {
     pub fn render(
         &self,
         snapshots: &[std::sync::Arc<ClusterSnapshot>],
-        pools: &[crate::admin::clients::PoolRow],
+        pools: &[crate::obs::clients::PoolRow],
     ) -> String {
         self.pool.clear();
         for p in pools {

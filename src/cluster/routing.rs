@@ -4,8 +4,9 @@
 
 use std::fmt;
 
+pub use crate::cluster::topology::Policy;
+use crate::cluster::topology::{ClusterSnapshot, Health, Role};
 use crate::config::{ReadBalance, SplitBrainRule};
-use crate::topology::{ClusterSnapshot, Health, Role};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -20,13 +21,6 @@ impl fmt::Display for Endpoint {
             Endpoint::ReadOnly => "ro",
         })
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    pub max_replica_lag_ms: u64,
-    pub read_balance: ReadBalance,
-    pub split_brain: SplitBrainRule,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,7 +245,7 @@ pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, node: &str) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::{NodeState, Observation};
+    use crate::cluster::topology::{NodeState, Observation};
     use std::time::{Duration, SystemTime};
 
     const POLICY: Policy = Policy {

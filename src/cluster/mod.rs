@@ -1,0 +1,98 @@
+//! One cluster: what the proxy believes about its nodes (`topology`), how that belief is
+//! kept current (`health`), and where a request may go (`routing`, a pure function of a
+//! topology snapshot). `ClusterCtx` is a cluster as sessions and operators see it.
+
+pub mod health;
+pub mod routing;
+pub mod topology;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::classify::Classifier;
+use topology::ClusterState;
+
+/// One cluster as sessions and operators see it.
+pub struct ClusterCtx {
+    pub name: String,
+    pub state: Arc<ClusterState>,
+    /// Statement classification for transaction pooling and read/write splitting.
+    pub classifier: Classifier,
+    pub listen_rw: Option<String>,
+    pub listen_ro: Option<String>,
+    /// Rotates `round_robin` read balancing.
+    pub turn: AtomicUsize,
+    /// Clients waiting for a server connection (no node yet, or paused).
+    pub waiting: AtomicU32,
+    /// `PAUSE`: checked with one atomic load on the relay path; the watch is for waiting.
+    paused: AtomicBool,
+    pause_tx: watch::Sender<bool>,
+    /// The health monitor task of each node (restarted on reload).
+    pub(crate) monitors: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+impl ClusterCtx {
+    pub fn new(
+        name: &str,
+        state: Arc<ClusterState>,
+        classifier: Classifier,
+        listen_rw: Option<String>,
+        listen_ro: Option<String>,
+    ) -> ClusterCtx {
+        ClusterCtx {
+            name: name.to_string(),
+            state,
+            classifier,
+            listen_rw,
+            listen_ro,
+            turn: AtomicUsize::new(0),
+            waiting: AtomicU32::new(0),
+            paused: AtomicBool::new(false),
+            pause_tx: watch::channel(false).0,
+            monitors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+        self.pause_tx.send_replace(paused);
+        let what = if paused { "paused" } else { "resumed" };
+        self.state
+            .push_event("-", String::new(), what.into(), "operator command".into());
+        info!(cluster = %self.name, "cluster {what}");
+    }
+
+    /// Wait until the cluster is not paused.
+    pub async fn wait_unpaused(&self) {
+        let mut rx = self.pause_tx.subscribe();
+        let _ = rx.wait_for(|p| !*p).await;
+    }
+
+    /// Set or clear `drained` on a node; false if there is no such node.
+    pub fn set_drained(&self, node: &str, drained: bool) -> bool {
+        let mut found = false;
+        self.state.update(|snap| {
+            if let Some(i) = snap.index(node) {
+                found = true;
+                snap.nodes[i].drained = drained;
+            }
+            false
+        });
+        if found {
+            let what = if drained { "drained" } else { "undrained" };
+            self.state
+                .push_event(node, String::new(), what.into(), "operator command".into());
+            info!(cluster = %self.name, node = %node, "node {what}");
+        }
+        found
+    }
+}

@@ -1,0 +1,9 @@
+//! Towards clients: authentication (`auth`), CancelRequest routing (`cancel`), the
+//! client session from startup to goodbye (`session`: session mode relays bytes) and
+//! transaction pooling (`txn`: an I/O-free machine and its driver).
+
+pub mod auth;
+pub mod cancel;
+pub mod session;
+pub mod shared;
+pub mod txn;

@@ -1,0 +1,99 @@
+//! What every session of every cluster shares: the running config, users, clusters,
+//! registries (cancels, clients, pools, metrics) and the shutdown signal. Sessions and the
+//! admin interfaces read it; only the app (`app.rs`) builds it and changes the config.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::backend::pool::Pools;
+use crate::cluster::topology::ClusterSnapshot;
+use crate::cluster::ClusterCtx;
+use crate::config::Config;
+use crate::frontend::auth::Verifier;
+use crate::frontend::cancel::CancelRegistry;
+use crate::obs::clients::Clients;
+use crate::obs::metrics::Metrics;
+
+/// Re-reads the config and applies it (installed by the app: it owns the monitors).
+pub type Reloader = Box<dyn Fn(&Shared) -> Result<String, String> + Send + Sync>;
+
+/// What every session of every cluster shares.
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    verifiers: RwLock<Arc<HashMap<String, Verifier>>>,
+    pub config_path: Option<PathBuf>,
+    pub clusters: BTreeMap<String, Arc<ClusterCtx>>,
+    pub cancels: Arc<CancelRegistry>,
+    pub clients: Arc<Clients>,
+    pub metrics: Arc<Metrics>,
+    pub pools: Pools,
+    pub shutdown: watch::Receiver<bool>,
+    pub started: Instant,
+    reloader: OnceLock<Reloader>,
+}
+
+fn verifiers(config: &Config) -> HashMap<String, Verifier> {
+    config
+        .users
+        .iter()
+        .map(|u| (u.name.clone(), Verifier::new(u)))
+        .collect()
+}
+
+impl Shared {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    pub fn verifiers(&self) -> Arc<HashMap<String, Verifier>> {
+        self.verifiers.read().unwrap().clone()
+    }
+
+    pub fn cluster_snapshots(&self) -> Vec<Arc<ClusterSnapshot>> {
+        self.clusters.values().map(|c| c.state.snapshot()).collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        clusters: BTreeMap<String, Arc<ClusterCtx>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Shared {
+        Shared {
+            verifiers: RwLock::new(Arc::new(verifiers(&config))),
+            config: RwLock::new(Arc::new(config)),
+            config_path,
+            clusters,
+            cancels: Arc::new(CancelRegistry::default()),
+            clients: Arc::new(Clients::default()),
+            metrics: Arc::new(Metrics::default()),
+            pools: Pools::default(),
+            shutdown,
+            started: Instant::now(),
+            reloader: OnceLock::new(),
+        }
+    }
+
+    /// Make `config` the running config (users' verifiers derived from it once).
+    pub fn set_config(&self, config: Config) {
+        *self.verifiers.write().unwrap() = Arc::new(verifiers(&config));
+        *self.config.write().unwrap() = Arc::new(config);
+    }
+
+    pub fn set_reloader(&self, reloader: Reloader) {
+        let _ = self.reloader.set(reloader);
+    }
+
+    /// Re-read the config file and apply what can change while running (SIGHUP, RELOAD).
+    pub fn reload(&self) -> Result<String, String> {
+        match self.reloader.get() {
+            Some(reload) => reload(self),
+            None => Err("reload is not available".into()),
+        }
+    }
+}
