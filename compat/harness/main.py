@@ -1,6 +1,7 @@
 """compat/run: client libraries' own test suites, direct and through Switchyard."""
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -39,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--run-timeout", type=int, default=None,
                    help="seconds one suite may take on one target (default: 1800 for a slice, "
                    "14400 full)")
+    p.add_argument("--from-dir", action="store_true",
+                   help="run nothing: report on the junit XML and logs already in --junit-dir "
+                   "(after editing the allowlist, say)")
     p.add_argument("--keep", action="store_true",
                    help="keep the cluster's data directory and logs (printed at the end)")
     a = p.parse_args(argv)
@@ -102,6 +106,8 @@ def run_one(suite, target, port, outdir, workdir, timeout):
         text = f.read().decode("utf-8", "replace")
     if not completed:
         text += f"\nTimeout: the run was stopped after {timeout}s\n"
+    with open(os.path.join(outdir, f"{tag}.json"), "w") as f:
+        json.dump({"seconds": res.seconds, "exit_code": res.exit_code, "completed": completed}, f)
     suite.read(res, junit, text, completed)
     c = res.counts()
     log(f"{suite.name} -> {target}: {c['passed']} passed, {c['failed']} failed, "
@@ -115,10 +121,13 @@ def main(argv=None):
     raise_nofile()
     allowlist = results.load_allowlist(args.allowlist)
     binary = find_binary() if len(args.targets) > 1 else None
+    info = binary_info(args)  # now: the binary may be rebuilt while the suites run
     outdir = os.path.abspath(args.junit_dir or os.path.join(cache_dir(), "last-run"))
+    if args.from_dir:
+        return report_only(args, allowlist, outdir)
     os.makedirs(outdir, exist_ok=True)
     for f in os.listdir(outdir):
-        if f.endswith((".xml", ".log", ".toml")):
+        if f.endswith((".xml", ".log", ".toml", ".json")):
             os.remove(os.path.join(outdir, f))
     suites = [SUITES[s](full=not args.slice) for s in args.suites]
     for s in suites:
@@ -175,7 +184,42 @@ def main(argv=None):
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    rep = report.build(runs, args, allowlist, binary_info(args), started)
+    with open(os.path.join(outdir, "run.json"), "w") as f:
+        json.dump({"binary": info, "started": started}, f)
+    return finish(args, allowlist, runs, info, started, outdir)
+
+
+def report_only(args, allowlist, outdir):
+    runs = {}
+    for name in args.suites:
+        suite = SUITES[name](full=not args.slice)
+        for target in args.targets:
+            tag = f"{name}-{safe(target)}"
+            logpath = os.path.join(outdir, f"{tag}.log")
+            if not os.path.exists(logpath):
+                continue
+            meta = {"seconds": 0.0, "exit_code": 1, "completed": True}
+            if os.path.exists(os.path.join(outdir, f"{tag}.json")):
+                with open(os.path.join(outdir, f"{tag}.json")) as f:
+                    meta = json.load(f)
+            res = results.RunResult(name, target, seconds=meta["seconds"],
+                                    exit_code=meta["exit_code"], log=logpath)
+            with open(logpath, "rb") as f:
+                text = f.read().decode("utf-8", "replace")
+            suite.read(res, os.path.join(outdir, f"{tag}.xml"), text, meta["completed"])
+            runs[name, target] = res
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(min(
+        (os.path.getmtime(r.log) for r in runs.values()), default=time.time())))
+    binary = "-"
+    if os.path.exists(os.path.join(outdir, "run.json")):
+        with open(os.path.join(outdir, "run.json")) as f:
+            meta = json.load(f)
+        binary, started = meta.get("binary", binary), meta.get("started", started)
+    return finish(args, allowlist, runs, binary, started, outdir)
+
+
+def finish(args, allowlist, runs, binary, started, outdir):
+    rep = report.build(runs, args, allowlist, binary, started)
     print(report.text(rep), flush=True)
     if args.report:
         with open(args.report, "w") as f:

@@ -159,13 +159,13 @@ def read_django(text, result):
 @dataclass
 class Allow:
     suite: str
-    test: str
+    tests: list
     targets: list
     reason: str
 
     def matches(self, suite, tid, target):
         return (self.suite == suite and target in self.targets
-                and (tid == self.test or fnmatch.fnmatchcase(tid, self.test)))
+                and any(tid == t or fnmatch.fnmatchcase(tid, t) for t in self.tests))
 
 
 def load_allowlist(path):
@@ -178,7 +178,8 @@ def load_allowlist(path):
         missing = [k for k in ("suite", "test", "targets", "reason") if not e.get(k)]
         if missing:
             raise ValueError(f"{path}: entry {i + 1} lacks {', '.join(missing)}")
-        out.append(Allow(e["suite"], e["test"], list(e["targets"]), e["reason"]))
+        tests = [e["test"]] if isinstance(e["test"], str) else list(e["test"])
+        out.append(Allow(e["suite"], tests, list(e["targets"]), e["reason"]))
     return out
 
 
