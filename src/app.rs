@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -186,42 +187,33 @@ impl Proxy {
             clusters.insert(name.clone(), ctx);
         }
         let http_listen = config.admin.http_listen.clone();
-        let shared = Arc::new(Shared::new(config, config_path, clusters, shutdown.clone()));
+        let workers = Workers::spawn(config.proxy.worker_threads())?;
+        let shared = Arc::new(Shared::new(
+            config,
+            config_path,
+            clusters,
+            shutdown.clone(),
+            workers.len(),
+        ));
         shared.set_reloader(Box::new(reload));
         start_monitors(&shared);
-        // Retire idle server connections past their idle timeout or lifetime.
-        let pruner = shared.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                if *pruner.shutdown.borrow() {
-                    return;
-                }
-                for p in pruner.pools.all() {
-                    p.prune();
-                    let Some(ctx) = pruner.clusters.get(&p.key.cluster) else {
-                        continue;
-                    };
-                    let snap = ctx.state.snapshot();
-                    let up = snap
-                        .nodes
-                        .iter()
-                        .any(|n| n.name == p.key.node && n.addr == p.key.addr && n.is_usable());
-                    if up {
-                        p.prewarm(snap.server_login_timeout);
-                    } else {
-                        p.clear_idle();
-                    }
-                }
-            }
-        });
+        for (index, worker) in workers.handles.iter().enumerate() {
+            worker.spawn(prune_pools(shared.clone(), index));
+        }
+        let workers = Arc::new(workers);
         let mut listening = Vec::new();
         for (ctx, endpoint, l) in listeners {
             let local = l.local_addr()?;
             info!(cluster = %ctx.name, endpoint = %endpoint, addr = %local, "listening");
             listening.push((ctx.name.clone(), endpoint, local));
-            tokio::spawn(accept_loop(l, ctx, endpoint, shared.clone(), shutdown.clone()));
+            tokio::spawn(accept_loop(
+                l,
+                ctx,
+                endpoint,
+                shared.clone(),
+                workers.clone(),
+                shutdown.clone(),
+            ));
         }
         if let Some(addr) = http_listen {
             let l = TcpListener::bind(&addr)
@@ -252,11 +244,104 @@ impl Proxy {
     }
 }
 
+/// The data path's threads: one single-threaded runtime each. A client's session,
+/// and every server connection it uses, live on one worker for good: each socket is
+/// registered with that worker's event loop, so serving a request wakes no other thread
+/// (the cost that dominated the profile with one shared work-stealing runtime).
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    /// Sessions running on each worker: a new client goes to the least busy one.
+    sessions: Vec<Arc<AtomicUsize>>,
+}
+
+impl Workers {
+    fn spawn(n: usize) -> anyhow::Result<Workers> {
+        let mut handles = Vec::with_capacity(n);
+        for index in 0..n {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("switchyard-worker-{index}"))
+                .spawn(move || {
+                    crate::backend::pool::set_worker(index);
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a worker runtime");
+                    let _ = tx.send(rt.handle().clone());
+                    // Runs until the process exits (after `Proxy::shutdown`).
+                    rt.block_on(std::future::pending::<()>());
+                })
+                .context("cannot start a worker thread")?;
+            handles.push(rx.recv().context("a worker thread died at start")?);
+        }
+        info!(workers = n, "worker threads started");
+        Ok(Workers {
+            sessions: (0..n).map(|_| Arc::new(AtomicUsize::new(0))).collect(),
+            handles,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// The least busy worker, and a guard that counts the session there.
+    fn pick(&self) -> (&tokio::runtime::Handle, SessionCount) {
+        let (index, count) = self
+            .sessions
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, c)| c.load(Ordering::Relaxed))
+            .expect("at least one worker");
+        count.fetch_add(1, Ordering::Relaxed);
+        (&self.handles[index], SessionCount(count.clone()))
+    }
+}
+
+struct SessionCount(Arc<AtomicUsize>);
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Retire idle server connections of one worker's pools past their idle timeout or
+/// lifetime, drop those of nodes that are down, open `min_pool_size` ones ahead of
+/// demand (on this worker: a connection serves only the worker that opened it).
+async fn prune_pools(shared: Arc<Shared>, worker: usize) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if *shared.shutdown.borrow() {
+            return;
+        }
+        for p in shared.pools.all().into_iter().filter(|p| p.key.worker == worker) {
+            p.prune();
+            let Some(ctx) = shared.clusters.get(&p.key.cluster) else {
+                continue;
+            };
+            let snap = ctx.state.snapshot();
+            let up = snap
+                .nodes
+                .iter()
+                .any(|n| n.name == p.key.node && n.addr == p.key.addr && n.is_usable());
+            if up {
+                p.prewarm(snap.server_login_timeout);
+            } else {
+                p.clear_idle();
+            }
+        }
+    }
+}
+
+/// Accept clients and hand each to a worker.
 async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<ClusterCtx>,
     endpoint: Endpoint,
     shared: Arc<Shared>,
+    workers: Arc<Workers>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -266,8 +351,21 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Moved to the worker's event loop: deregistered here, registered there.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(cluster = %ctx.name, endpoint = %endpoint, peer = %peer, error = %e, "could not hand a client to a worker");
+                        continue;
+                    }
+                };
+                let (worker, count) = workers.pick();
                 let (ctx, shared) = (ctx.clone(), shared.clone());
-                tokio::spawn(async move {
+                worker.spawn(async move {
+                    let _count = count;
+                    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+                        return;
+                    };
                     if let Some(admin) = session::serve(stream, peer, ctx, endpoint, shared.clone()).await {
                         crate::admin::console::run(admin.stream, &admin.user, &shared).await;
                     }

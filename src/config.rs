@@ -105,6 +105,22 @@ pub struct ProxyConfig {
     /// On SIGTERM/SIGINT, how long sessions in a transaction may take to finish.
     #[serde(default = "d_10000")]
     pub shutdown_timeout_ms: u64,
+    /// Worker threads of the data path (0: one per core). `SWITCHYARD_THREADS` in the
+    /// environment overrides it. Pool sizes are shared among them.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+impl ProxyConfig {
+    /// Worker threads to run: `SWITCHYARD_THREADS`, else `threads`, else one per core.
+    pub fn worker_threads(&self) -> usize {
+        std::env::var("SWITCHYARD_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+            .or(Some(self.threads).filter(|n| *n > 0))
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
 }
 
 impl Default for ProxyConfig {
@@ -113,6 +129,7 @@ impl Default for ProxyConfig {
             client_login_timeout_ms: 15000,
             max_message_bytes: d_max_message(),
             shutdown_timeout_ms: 10000,
+            threads: 0,
         }
     }
 }
@@ -480,9 +497,45 @@ pub struct PoolSettings {
     pub checkout_timeout: Duration,
 }
 
+impl PoolSettings {
+    /// Worker `worker`'s part of these sizes among `workers`: `size` and `min_size` split
+    /// as evenly as possible, the remainder to the first workers, at least one
+    /// connection each (so with fewer connections than workers the total is the number
+    /// of workers).
+    pub fn share(mut self, worker: usize, workers: usize) -> PoolSettings {
+        let workers = workers.max(1) as u32;
+        let worker = worker as u32;
+        let part = |total: u32| total / workers + u32::from(worker < total % workers);
+        self.size = part(self.size).max(1);
+        self.min_size = part(self.min_size).min(self.size);
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_sizes_are_shared_among_workers() {
+        let s = PoolSettings {
+            size: 5,
+            min_size: 3,
+            idle_timeout: Duration::from_secs(1),
+            lifetime: Duration::from_secs(1),
+            checkout_timeout: Duration::from_secs(1),
+        };
+        let parts: Vec<(u32, u32)> = (0..2).map(|w| s.share(w, 2)).map(|p| (p.size, p.min_size)).collect();
+        assert_eq!(parts, vec![(3, 2), (2, 1)]);
+        assert_eq!(s.share(0, 1).size, 5);
+        // Fewer connections than workers: one each.
+        let one = PoolSettings {
+            size: 1,
+            min_size: 0,
+            ..s
+        };
+        assert_eq!((one.share(0, 4).size, one.share(3, 4).size), (1, 1));
+    }
 
     const GOOD: &str = r#"
 [health]

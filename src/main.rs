@@ -121,17 +121,14 @@ fn check(path: Option<&PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Worker threads: `SWITCHYARD_THREADS`, else one per core.
+/// The control runtime: accepting clients, health checks, admin HTTP, signals. The
+/// data path runs on the proxy's own worker threads (`app::Workers`).
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("SWITCHYARD_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|n| *n > 0)
-    {
-        b.worker_threads(n);
-    }
-    Ok(b.enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("switchyard-control")
+        .enable_all()
+        .build()?)
 }
 
 fn run(path: Option<&PathBuf>) -> Result<()> {

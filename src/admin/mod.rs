@@ -15,20 +15,31 @@ use crate::obs::clients::PoolRow;
 /// server connections grouped by (cluster, node, database, user), where each client
 /// holds exactly one (so "in use" is the number of clients and nothing idles).
 pub fn pool_rows(shared: &Shared) -> Vec<PoolRow> {
-    let mut rows: Vec<PoolRow> = shared
-        .pools
-        .all()
-        .iter()
-        .map(|p| PoolRow {
-            cluster: p.key.cluster.clone(),
-            node: p.key.node.clone(),
-            database: p.key.database.clone(),
-            user: p.key.user.clone(),
-            in_use: p.in_use(),
-            idle: p.idle_count() as u32,
-            waiting: p.waiting.load(Ordering::Relaxed),
-        })
-        .collect();
+    // One row per (cluster, node, database, user): the workers' pools summed.
+    let mut rows: Vec<PoolRow> = Vec::new();
+    for p in shared.pools.all() {
+        let k = &p.key;
+        let (in_use, idle, waiting) = (p.in_use(), p.idle_count() as u32, p.waiting.load(Ordering::Relaxed));
+        match rows
+            .iter_mut()
+            .find(|r| r.cluster == k.cluster && r.node == k.node && r.database == k.database && r.user == k.user)
+        {
+            Some(r) => {
+                r.in_use += in_use;
+                r.idle += idle;
+                r.waiting += waiting;
+            }
+            None => rows.push(PoolRow {
+                cluster: k.cluster.clone(),
+                node: k.node.clone(),
+                database: k.database.clone(),
+                user: k.user.clone(),
+                in_use,
+                idle,
+                waiting,
+            }),
+        }
+    }
     for c in shared.clients.list() {
         if c.server_pid == 0 {
             continue; // a transaction-mode client: counted by its pools

@@ -22,6 +22,25 @@ pub struct PoolKey {
     pub addr: String,
     pub database: String,
     pub user: String,
+    /// The worker thread whose sessions use the pool (see `worker`).
+    pub worker: usize,
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The data path runs on one single-threaded runtime per worker thread, and a server
+/// connection is only ever used on the worker that opened it: its socket is registered
+/// with that worker's event loop, so no wakeup crosses threads. Each worker has its own
+/// pools, which share the configured sizes (`PoolSettings::share`).
+pub fn worker() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+/// Called once at the start of worker thread `index`.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -301,13 +320,30 @@ fn alive(conn: &ServerConn) -> bool {
 }
 
 /// All pools of the proxy.
-#[derive(Default)]
 pub struct Pools {
+    /// Worker threads the pool sizes are shared among.
+    workers: usize,
     map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
 }
 
+impl Default for Pools {
+    fn default() -> Self {
+        Pools::new(1)
+    }
+}
+
 impl Pools {
+    pub fn new(workers: usize) -> Pools {
+        Pools {
+            workers: workers.max(1),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pool for `key` (its `worker` is the caller's), created with its worker's
+    /// share of `settings` if new.
     pub fn get(&self, key: PoolKey, settings: PoolSettings) -> Arc<Pool> {
+        let settings = settings.share(key.worker, self.workers);
         let mut map = self.map.lock().unwrap();
         map.entry(key.clone())
             .or_insert_with(|| Pool::new(key, settings))
@@ -337,7 +373,7 @@ impl Pools {
     pub fn apply(&self, cluster: &str, settings: PoolSettings) {
         for p in self.map.lock().unwrap().values() {
             if p.key.cluster == cluster {
-                p.apply(settings);
+                p.apply(settings.share(p.key.worker, self.workers));
             }
         }
     }

@@ -57,12 +57,13 @@ impl Shared {
         self.clusters.values().map(|c| c.state.snapshot()).collect()
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `workers`: worker threads of the data path, among which pool sizes are shared.
     pub fn new(
         config: Config,
         config_path: Option<PathBuf>,
         clusters: BTreeMap<String, Arc<ClusterCtx>>,
         shutdown: watch::Receiver<bool>,
+        workers: usize,
     ) -> Shared {
         Shared {
             verifiers: RwLock::new(Arc::new(verifiers(&config))),
@@ -72,7 +73,7 @@ impl Shared {
             cancels: Arc::new(CancelRegistry::default()),
             clients: Arc::new(Clients::default()),
             metrics: Arc::new(Metrics::default()),
-            pools: Pools::default(),
+            pools: Pools::new(workers),
             shutdown,
             started: Instant::now(),
             reloader: OnceLock::new(),

@@ -82,6 +82,7 @@ impl PoolDialer<'_> {
             addr: node.addr.clone(),
             database: self.who.database.clone(),
             user: self.who.user.clone(),
+            worker: crate::backend::pool::worker(),
         };
         let settings = self.shared.config().clusters[&self.cluster.name].pool_settings();
         let labels = RoutedLabels {
@@ -310,11 +311,8 @@ impl<'a> Driver<'a> {
                         self.machine.on_evicted(&reason, up);
                     }
                 }
-                Event::Shutdown => {
-                    if self.machine.between_units() {
-                        return Some(Error::shutdown());
-                    }
-                }
+                // Only listened to while no server connection is held: between units.
+                Event::Shutdown => return Some(Error::shutdown()),
             }
         }
     }

@@ -139,16 +139,6 @@ impl<'a> Machine<'a> {
         self.rerun
     }
 
-    /// No connection held, none wanted: the session is between units (shutdown and
-    /// PAUSE act only here).
-    pub fn between_units(&self) -> bool {
-        self.unit.is_none() && self.stash.is_none() && self.actions.is_empty()
-    }
-
-    pub fn holds_connection(&self) -> bool {
-        self.unit.is_some()
-    }
-
     /// The node of the held connection.
     pub fn node(&self) -> Option<&str> {
         self.unit.as_ref().map(|u| &*u.node)
