@@ -63,6 +63,8 @@ def text(rep):
                 out.append(f"     [{len(grp)}] {grp[0].message or grp[0].status}")
                 for r in grp:
                     mark = " (allowlisted)" if r.allowed else ""
+                    if r.marks:
+                        mark += f" [{r.marks}]"
                     out.append(f"         {r.tid}{mark}")
             if t["improvements"]:
                 out.append(f"  -- fail direct, pass through {t['target']}: {', '.join(t['improvements'][:10])}"
@@ -98,7 +100,8 @@ def markdown(rep):
             for grp in groups(t["regressions"]):
                 out.append(f"- `{grp[0].message or grp[0].status}` ({len(grp)})")
                 for r in grp:
-                    mark = f" — allowlisted: {r.allowed.reason}" if r.allowed else ""
+                    mark = f" [{r.marks}]" if r.marks else ""
+                    mark += f" — allowlisted: {r.allowed.reason}" if r.allowed else ""
                     out.append(f"  - `{r.tid}`{mark}")
             out.append("")
     return "\n".join(out) + "\n"

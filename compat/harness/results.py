@@ -21,6 +21,7 @@ RUN_ID = "(suite run)"
 class Outcome:
     status: str
     message: str = ""
+    marks: str = ""   # the suite's own markers of interest (timing, slow, flakey)
 
 
 @dataclass
@@ -39,10 +40,10 @@ class RunResult:
                 c[o.status] += 1
         return c
 
-    def add(self, tid, status, message=""):
+    def add(self, tid, status, message="", marks=""):
         old = self.outcomes.get(tid)
         if old is None or RANK[status] > RANK[old.status]:
-            self.outcomes[tid] = Outcome(status, first_line(message))
+            self.outcomes[tid] = Outcome(status, first_line(message), marks)
 
 
 def first_line(text):
@@ -85,7 +86,8 @@ def read_junit(path, result):
                 msg = exception_line(child.text or "", msg)
             if RANK[st] > RANK[status]:
                 status, message = st, msg
-        result.add(tid, status, message)
+        marks = ",".join(p.get("value", "") for p in tc.iter("property") if p.get("name") == "markers")
+        result.add(tid, status, message, marks)
 
 
 EXC_RE = re.compile(r"^(E\s+)?([A-Za-z_][\w.]*(Error|Exception|Violation|Failure|Aborted|Warning|Timeout|Exit|Interrupt|Failed)|AssertionError|Failed|assert)\b")
@@ -189,6 +191,7 @@ class Regression:
     status: str          # failed / error / missing (ran direct, not through the target)
     message: str
     allowed: Allow = None
+    marks: str = ""
 
 
 def compare(direct, through, allowlist):
@@ -208,7 +211,7 @@ def compare(direct, through, allowlist):
         else:
             continue
         allowed = next((a for a in allowlist if a.matches(direct.suite, tid, through.target)), None)
-        out.append(Regression(tid, status, message, allowed))
+        out.append(Regression(tid, status, message, allowed, d.marks))
     return out
 
 
