@@ -1,14 +1,16 @@
 //! What a statement does, for routing and transaction pooling, decided with the real
 //! PostgreSQL grammar (`pg_query`, libpg_query: PostgreSQL's own parser). Results are
-//! cached by query text, so a repeated query costs one hash lookup.
+//! cached by statement shape, per thread, so a repeated query costs one hash lookup.
 //!
 //! A statement is a *read* only if it provably cannot write: a SELECT / VALUES / SHOW /
 //! EXPLAIN of such, with no locking clause, no SELECT INTO, no data-modifying CTE, and
 //! only functions from the read-only list. Anything else, including what does not parse,
 //! is a write: the safe answer.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use pg_query::protobuf::{a_const, ObjectType, TransactionStmtKind, VariableSetKind};
 use pg_query::{NodeEnum, NodeRef};
@@ -205,10 +207,22 @@ const CURSOR_OPT_HOLD: i32 = 0x0020;
 const CACHE_LIMIT: usize = 10_000;
 
 pub struct Classifier {
+    /// Names this classifier's entries in the per-thread caches.
+    id: u64,
     read_only_functions: HashSet<String>,
     /// The answer for query text that is not UTF-8 (see `classify_bytes`).
     opaque: Arc<Classification>,
-    cache: RwLock<HashMap<Box<str>, Arc<Classification>>>,
+}
+
+static NEXT_CLASSIFIER: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// Per thread (each worker thread of the data path has its own), so a lookup takes
+    /// no lock and touches no cache line another thread writes: classifier id →
+    /// statement shape → classification.
+    static CACHES: RefCell<HashMap<u64, HashMap<Box<str>, Arc<Classification>>>> = RefCell::new(HashMap::new());
+    /// The shape of the statement being classified (reused: no allocation per query).
+    static KEY: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
 impl Classifier {
@@ -217,9 +231,9 @@ impl Classifier {
             DEFAULT_READ_ONLY_FUNCTIONS.iter().map(|s| s.to_string()).collect();
         read_only_functions.extend(extra_read_only_functions.iter().map(|s| s.to_ascii_lowercase()));
         Classifier {
+            id: NEXT_CLASSIFIER.fetch_add(1, Ordering::Relaxed),
             read_only_functions,
             opaque: Arc::new(Classification::write(false)),
-            cache: RwLock::new(HashMap::new()),
         }
     }
 
@@ -231,27 +245,26 @@ impl Classifier {
     /// never change what a statement does, except the value a SET records: those results
     /// are cached under the exact text instead.
     pub fn classify(&self, sql: &str) -> Arc<Classification> {
-        thread_local! {
-            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-        }
-        KEY.with(|key| {
-            let mut key = key.borrow_mut();
-            blank_literals(sql, &mut key);
-            {
-                let cache = self.cache.read().unwrap();
-                if let Some(c) = cache.get(key.as_str()).or_else(|| cache.get(sql)) {
-                    return c.clone();
-                }
+        KEY.with_borrow_mut(|key| {
+            blank_literals(sql, key);
+            let found = CACHES.with_borrow(|caches| {
+                let cache = caches.get(&self.id)?;
+                cache.get(key.as_str()).or_else(|| cache.get(sql)).cloned()
+            });
+            if let Some(c) = found {
+                return c;
             }
             let c = Arc::new(self.classify_uncached(sql));
             let literal_free = c.sets.is_empty() && c.deallocate.is_none() && c.frees_database.is_none();
-            let mut cache = self.cache.write().unwrap();
-            if cache.len() >= CACHE_LIMIT {
-                // Crude but bounded: with literals blanked, applications have far fewer
-                // distinct statements than this.
-                cache.clear();
-            }
-            cache.insert(if literal_free { key.as_str().into() } else { sql.into() }, c.clone());
+            CACHES.with_borrow_mut(|caches| {
+                let cache = caches.entry(self.id).or_default();
+                if cache.len() >= CACHE_LIMIT {
+                    // Crude but bounded: with literals blanked, applications have far
+                    // fewer distinct statements than this.
+                    cache.clear();
+                }
+                cache.insert(if literal_free { key.as_str().into() } else { sql.into() }, c.clone());
+            });
             c
         })
     }
