@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use smallvec::{smallvec, SmallVec};
+
 pub use crate::cluster::topology::Policy;
 use crate::cluster::topology::{ClusterSnapshot, Health, Role};
 use crate::config::{ReadBalance, SplitBrainRule};
@@ -73,7 +75,7 @@ impl fmt::Display for NoRoute {
 /// one already seen, and the winner of the split-brain rule if several qualify. Drain
 /// does not change who the primary is.
 pub fn primary(snap: &ClusterSnapshot) -> Result<usize, NoRoute> {
-    let reporting: Vec<usize> = (0..snap.nodes.len())
+    let reporting: Nodes = (0..snap.nodes.len())
         .filter(|&i| snap.nodes[i].health == Health::Up && snap.nodes[i].role == Role::Primary)
         .collect();
     let split_brain = |primaries: &[usize]| NoRoute::SplitBrain {
@@ -84,9 +86,10 @@ pub fn primary(snap: &ClusterSnapshot) -> Result<usize, NoRoute> {
     if reporting.len() > 1 && snap.policy.split_brain == SplitBrainRule::Refuse {
         return Err(split_brain(&reporting));
     }
-    let (current, stale): (Vec<usize>, Vec<usize>) = reporting
+    let (current, stale): (Nodes, Nodes) = reporting
         .iter()
-        .partition(|&&i| snap.nodes[i].timeline.is_none_or(|t| t >= snap.newest_timeline));
+        .copied()
+        .partition(|&i| snap.nodes[i].timeline.is_none_or(|t| t >= snap.newest_timeline));
     match current.as_slice() {
         [] if !stale.is_empty() => Err(NoRoute::StalePrimary {
             cluster: snap.name.clone(),
@@ -137,7 +140,11 @@ fn newest_timeline(snap: &ClusterSnapshot, primaries: &[usize]) -> Option<usize>
 
 /// Candidates for a new session, best first; `turn` rotates `round_robin`. Drained nodes
 /// get no new sessions.
-pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<Vec<usize>, NoRoute> {
+/// Node indexes, in order of preference. Inline up to 8: routing allocates nothing for
+/// a cluster of that size (it runs once per transaction in transaction mode).
+pub type Nodes = SmallVec<[usize; 8]>;
+
+pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<Nodes, NoRoute> {
     let policy = &snap.policy;
     let open_primary = primary(snap).and_then(|p| {
         if snap.nodes[p].drained {
@@ -150,9 +157,9 @@ pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<
         }
     });
     match endpoint {
-        Endpoint::ReadWrite => open_primary.map(|p| vec![p]),
+        Endpoint::ReadWrite => open_primary.map(|p| smallvec![p]),
         Endpoint::ReadOnly => {
-            let mut standbys: Vec<usize> = (0..snap.nodes.len())
+            let mut standbys: Nodes = (0..snap.nodes.len())
                 .filter(|&i| {
                     let n = &snap.nodes[i];
                     n.health == Health::Up
@@ -175,7 +182,7 @@ pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<
             // A standby whose latest check failed (frozen? dying?) is still up until `fall`
             // checks say otherwise, but is tried only after the primary: a connect to it
             // may cost a whole connect timeout.
-            let (suspect, mut candidates): (Vec<usize>, Vec<usize>) =
+            let (suspect, mut candidates): (Nodes, Nodes) =
                 standbys.into_iter().partition(|&i| snap.nodes[i].is_suspect());
             // The primary is the last resort for reads; in an unresolved split brain there
             // is no primary to fall back on, since either could be the stale one.
@@ -245,6 +252,10 @@ pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, node: &str) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn routed(e: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<Vec<usize>, NoRoute> {
+        route(e, snap, turn).map(|n| n.to_vec())
+    }
     use crate::cluster::topology::{NodeState, Observation};
     use std::time::{Duration, SystemTime};
 
@@ -287,13 +298,13 @@ mod tests {
     #[test]
     fn rw_goes_to_the_primary_wherever_it_is_listed() {
         let c = cluster(&[("default", "up", S, 0, 1), ("failover1", "up", P, 0, 2)]);
-        assert_eq!(route(Endpoint::ReadWrite, &c, 0), Ok(vec![1]));
+        assert_eq!(routed(Endpoint::ReadWrite, &c, 0), Ok(vec![1]));
     }
 
     #[test]
     fn rw_never_goes_to_a_standby_even_if_it_is_all_there_is() {
         let c = cluster(&[("default", "down", P, 0, 1), ("failover1", "up", S, 0, 1)]);
-        let err = route(Endpoint::ReadWrite, &c, 0).unwrap_err();
+        let err = routed(Endpoint::ReadWrite, &c, 0).unwrap_err();
         assert!(matches!(err, NoRoute::NoPrimary { .. }));
         let msg = err.to_string();
         assert!(
@@ -306,7 +317,7 @@ mod tests {
     #[test]
     fn ro_prefers_standbys_in_listed_order_then_the_primary() {
         let c = cluster(&[("default", "up", P, 0, 1), ("f1", "up", S, 0, 1), ("f2", "up", S, 0, 1)]);
-        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![1, 2, 0]));
+        assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![1, 2, 0]));
     }
 
     #[test]
@@ -316,7 +327,7 @@ mod tests {
             ("f1", "down", S, 0, 1),
             ("f2", "up", S, 5000, 1),
         ]);
-        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![0]));
+        assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![0]));
     }
 
     #[test]
@@ -324,13 +335,13 @@ mod tests {
         let mut c = cluster(&[("default", "up", P, 0, 1), ("f1", "up", S, 0, 1), ("f2", "up", S, 0, 1)]);
         c.nodes[1].apply(Err("no answer within 500 ms".into()), 2, 2, SystemTime::now());
         assert_eq!(c.nodes[1].health, Health::Up);
-        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 0, 1]));
+        assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 0, 1]));
     }
 
     #[test]
     fn ro_with_nothing_up_names_every_node() {
         let c = cluster(&[("default", "down", P, 0, 1), ("f1", "down", S, 0, 1)]);
-        let msg = route(Endpoint::ReadOnly, &c, 0).unwrap_err().to_string();
+        let msg = routed(Endpoint::ReadOnly, &c, 0).unwrap_err().to_string();
         assert!(msg.contains("default down") && msg.contains("f1 down"), "{msg}");
     }
 
@@ -346,8 +357,8 @@ mod tests {
             read_balance: ReadBalance::RoundRobin,
             ..POLICY
         };
-        assert_eq!(route(Endpoint::ReadOnly, &with(&c, rr), 1), Ok(vec![2, 3, 1, 0]));
-        assert_eq!(route(Endpoint::ReadOnly, &with(&c, rr), 3), Ok(vec![1, 2, 3, 0]));
+        assert_eq!(routed(Endpoint::ReadOnly, &with(&c, rr), 1), Ok(vec![2, 3, 1, 0]));
+        assert_eq!(routed(Endpoint::ReadOnly, &with(&c, rr), 3), Ok(vec![1, 2, 3, 0]));
         let lc = Policy {
             read_balance: ReadBalance::LeastConnections,
             ..POLICY
@@ -355,7 +366,7 @@ mod tests {
         for (node, n) in c.nodes.iter().zip([0, 5, 1, 5]) {
             node.active.store(n, std::sync::atomic::Ordering::Relaxed);
         }
-        assert_eq!(route(Endpoint::ReadOnly, &with(&c, lc), 0), Ok(vec![2, 1, 3, 0]));
+        assert_eq!(routed(Endpoint::ReadOnly, &with(&c, lc), 0), Ok(vec![2, 1, 3, 0]));
     }
 
     #[test]
@@ -366,9 +377,9 @@ mod tests {
             ("failover1", "up", P, 0, 2),
             ("failover2", "up", S, 0, 2),
         ]);
-        assert_eq!(route(Endpoint::ReadWrite, &c, 0), Ok(vec![1]));
+        assert_eq!(routed(Endpoint::ReadWrite, &c, 0), Ok(vec![1]));
         // Reads never fall back on the loser.
-        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 1]));
+        assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 1]));
         assert!(eviction(Endpoint::ReadWrite, &c, "default")
             .unwrap()
             .contains("no longer the primary"));
@@ -378,7 +389,7 @@ mod tests {
     #[test]
     fn split_brain_tie_or_refuse_rule_names_both_nodes() {
         let tie = cluster(&[("default", "up", P, 0, 2), ("failover1", "up", P, 0, 2)]);
-        let msg = route(Endpoint::ReadWrite, &tie, 0).unwrap_err().to_string();
+        let msg = routed(Endpoint::ReadWrite, &tie, 0).unwrap_err().to_string();
         assert!(
             msg.contains("split brain") && msg.contains("default and failover1"),
             "{msg}"
@@ -389,7 +400,7 @@ mod tests {
             ..POLICY
         };
         assert!(matches!(
-            route(Endpoint::ReadWrite, &with(&c, refuse), 0),
+            routed(Endpoint::ReadWrite, &with(&c, refuse), 0),
             Err(NoRoute::SplitBrain { .. })
         ));
         // Running write sessions on either primary are ended.
@@ -397,7 +408,7 @@ mod tests {
             .unwrap()
             .contains("split brain"));
         // With no primary to trust, reads have nowhere to go but standbys.
-        assert!(route(Endpoint::ReadOnly, &with(&c, refuse), 0).is_err());
+        assert!(routed(Endpoint::ReadOnly, &with(&c, refuse), 0).is_err());
     }
 
     #[test]
@@ -406,7 +417,7 @@ mod tests {
         // primary on timeline 1, is back.
         let mut c = cluster(&[("default", "up", P, 0, 1), ("failover1", "down", P, 0, 2)]);
         c.newest_timeline = 2;
-        let err = route(Endpoint::ReadWrite, &c, 0).unwrap_err();
+        let err = routed(Endpoint::ReadWrite, &c, 0).unwrap_err();
         assert!(matches!(err, NoRoute::StalePrimary { .. }));
         assert!(
             err.to_string()
@@ -417,7 +428,7 @@ mod tests {
         assert!(eviction(Endpoint::ReadOnly, &c, "default")
             .unwrap()
             .contains("old primary"));
-        assert!(route(Endpoint::ReadOnly, &c, 0).is_err());
+        assert!(routed(Endpoint::ReadOnly, &c, 0).is_err());
     }
 
     #[test]
@@ -443,12 +454,12 @@ mod tests {
     fn drained_nodes_get_no_new_sessions_but_keep_their_current_ones() {
         let mut c = cluster(&[("default", "up", P, 0, 1), ("f1", "up", S, 0, 1), ("f2", "up", S, 0, 1)]);
         c.nodes[1].drained = true;
-        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 0]));
+        assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 0]));
         assert_eq!(eviction(Endpoint::ReadOnly, &c, "f1"), None);
         c.nodes[0].drained = true;
-        let err = route(Endpoint::ReadWrite, &c, 0).unwrap_err().to_string();
+        let err = routed(Endpoint::ReadWrite, &c, 0).unwrap_err().to_string();
         assert!(err.contains("default primary (drained)"), "{err}");
-        assert_eq!(route(Endpoint::ReadOnly, &c, 0), Ok(vec![2]));
+        assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![2]));
         assert_eq!(eviction(Endpoint::ReadWrite, &c, "default"), None);
     }
 }
