@@ -463,7 +463,10 @@ impl<'a> Machine<'a> {
             if input.len() < len as usize + 1 {
                 // A large message the proxy passes on unchanged (a big row, COPY data)
                 // is streamed, never buffered whole; the few it looks into are small.
-                if len as usize + 1 > STREAM_ABOVE && !matches!(tag, b'1' | b'3' | b'E' | b'N' | b'S' | b'A' | b'Z') {
+                if len as usize + 1 > STREAM_ABOVE
+                    && !matches!(tag, b'1' | b'3' | b'E' | b'N' | b'S' | b'A' | b'Z')
+                    && !self.owed.replaying()
+                {
                     if let Some(unit) = self.unit.as_mut() {
                         let verdict = self.owed.on_message(tag, &mut conn.prepared);
                         debug_assert_eq!(verdict, Verdict::Pass);

@@ -70,6 +70,11 @@ impl OwedQueue {
         self.ready
     }
 
+    /// The next answers are those of a replayed setting (all dropped).
+    pub fn replaying(&self) -> bool {
+        self.queue.front() == Some(&Owed::Replay)
+    }
+
     pub fn last(&self) -> Option<Owed> {
         self.queue.back().copied()
     }
