@@ -1,5 +1,5 @@
 # The two commands of the README's quick start.
-.PHONY: demo test deps compat compat-slice
+.PHONY: demo test deps compat compat-slice fuzz profile
 
 deps:
 	@scripts/install-deps.sh
@@ -26,3 +26,17 @@ compat: deps
 compat-slice: deps
 	cargo build
 	SWITCHYARD_BIN=target/debug/switchyard compat/run --slice
+
+# Long fuzz runs: every decoder and the transaction-pooling machine, 1,000,000 seeded
+# random inputs per target (SEED=n for another sequence). A failing input is printed as
+# hex; `target/release/examples/fuzz replay TARGET HEX` runs it again.
+SEED ?= 1
+fuzz:
+	cargo build --release --example fuzz
+	target/release/examples/fuzz all 1000000 $(SEED)
+
+# perf profile of the transaction-mode data path under pgbench -S (flame graph with
+# inferno: cargo install inferno).
+profile:
+	cargo build --release
+	bench/profile --out bench/results/profile-$$(date +%Y-%m-%d)
