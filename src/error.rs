@@ -24,6 +24,7 @@ impl SqlState {
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState(*b"53300");
     pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState(*b"42501");
     pub const SYNTAX_ERROR: SqlState = SqlState(*b"42601");
+    pub const READ_ONLY_SQL_TRANSACTION: SqlState = SqlState(*b"25006");
 
     /// A code a server sent; anything that is not five ASCII characters is not one.
     pub fn parse(code: &[u8]) -> Option<SqlState> {
@@ -39,6 +40,21 @@ impl SqlState {
     /// The class (first two characters), e.g. `08` connection exception.
     pub fn class(&self) -> &str {
         &self.as_str()[..2]
+    }
+
+    /// A server's warning or error of class 57 (operator intervention: shutdown,
+    /// crash of another backend): the connection is about to go. A read that has not
+    /// been answered may move to another node.
+    pub fn server_going_away(&self) -> bool {
+        self.class() == "57"
+    }
+
+    /// How a standby refuses what a primary would run: 0A000 (reads of unlogged or
+    /// temporary tables, SERIALIZABLE in hot standby) and 25006 (a statement taken for a
+    /// read that writes after all). A split read refused so, before its answer reached
+    /// the client, runs again on the primary.
+    pub fn only_a_primary_runs_it(&self) -> bool {
+        *self == SqlState::FEATURE_NOT_SUPPORTED || *self == SqlState::READ_ONLY_SQL_TRANSACTION
     }
 }
 
@@ -234,6 +250,15 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_server_errors_allow_a_retry() {
+        let c = |s: &[u8]| SqlState::parse(s).unwrap();
+        assert!(c(b"57P01").server_going_away() && c(b"57P02").server_going_away());
+        assert!(!c(b"08006").server_going_away());
+        assert!(c(b"0A000").only_a_primary_runs_it() && c(b"25006").only_a_primary_runs_it());
+        assert!(!c(b"42P01").only_a_primary_runs_it());
+    }
 
     #[test]
     fn sqlstates_are_five_characters() {

@@ -19,7 +19,7 @@ use super::statements::Statements;
 use super::unit;
 use crate::backend::pool::ConnState;
 use crate::classify::{Classification, Classifier};
-use crate::error::Error;
+use crate::error::{Error, SqlState};
 use crate::protocol::messages;
 use crate::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
 
@@ -488,11 +488,12 @@ impl<'a> Machine<'a> {
                 let reason = || String::from_utf8_lossy(e.message).into_owned();
                 // An ErrorResponse FATAL/PANIC, or the WARNING of an immediate shutdown
                 // or of a crash elsewhere (class 57): the server is going away.
-                if (tag == b'E' && e.ends_session()) || (tag == b'N' && e.code.starts_with(b"57")) {
+                let code = SqlState::parse(e.code);
+                if (tag == b'E' && e.ends_session()) || (tag == b'N' && code.is_some_and(|c| c.server_going_away())) {
                     input.clear();
                     return self.on_server_lost(&reason());
                 }
-                if tag == b'E' && !unit.on_primary && standby_refusal(e.code) {
+                if tag == b'E' && !unit.on_primary && code.is_some_and(|c| c.only_a_primary_runs_it()) {
                     info!(cluster = %self.cfg.cluster, node = %unit.node, reason = %reason(), "standby refused a read; running it on the primary");
                     if self.rerun(None) {
                         // The rest of the refusal (its ReadyForQuery) is of no interest.
@@ -634,14 +635,6 @@ impl<'a> Machine<'a> {
 
 /// Server messages larger than this are passed on as they arrive rather than whole.
 const STREAM_ABOVE: usize = 64 * 1024;
-
-/// Errors with which a standby refuses what a primary would run: reads of unlogged or
-/// temporary tables, SERIALIZABLE ("feature not supported" in hot standby), and a
-/// statement the classifier took for a read that writes after all (read-only
-/// transaction).
-fn standby_refusal(code: &[u8]) -> bool {
-    code == b"0A000" || code == b"25006"
-}
 
 #[cfg(test)]
 pub(crate) mod tests {
