@@ -36,6 +36,7 @@ use crate::obs::metrics::{ClusterLabels, EndpointLabels, RoutedLabels};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::messages;
 use crate::protocol::startup::{read_startup, StartupError, StartupPacket};
+use crate::protocol::tags::FrontendTag;
 use crate::protocol::views;
 
 /// Auth messages are tiny; PostgreSQL caps them similarly.
@@ -599,7 +600,7 @@ async fn relay(
                         b'E' => executed += 1,
                         b'S' => requests += 1,
                         b'X' => terminate = true,
-                        t if !views::is_frontend_tag(t) => return Err(ScanStop::Tag(t)),
+                        t if FrontendTag::of(t).is_none() => return Err(ScanStop::Tag(t)),
                         _ => {}
                     }
                     Ok(())

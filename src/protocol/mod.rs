@@ -7,4 +7,5 @@
 pub mod framing;
 pub mod messages;
 pub mod startup;
+pub mod tags;
 pub mod views;

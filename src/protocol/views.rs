@@ -29,14 +29,6 @@ pub fn header(buf: &[u8]) -> Option<(u8, u32)> {
     Some((buf[0], len))
 }
 
-/// Message types a client may send after startup.
-pub fn is_frontend_tag(tag: u8) -> bool {
-    matches!(
-        tag,
-        b'B' | b'C' | b'd' | b'c' | b'f' | b'D' | b'E' | b'H' | b'F' | b'P' | b'Q' | b'S' | b'X'
-    )
-}
-
 /// A message type for an error message: the character, or its hex code.
 pub fn printable(tag: u8) -> String {
     if tag.is_ascii_graphic() {

@@ -21,6 +21,7 @@ use crate::backend::pool::ConnState;
 use crate::classify::{Classification, Classifier};
 use crate::error::{Error, SqlState};
 use crate::protocol::messages;
+use crate::protocol::tags::{FrontendTag, TxStatus};
 use crate::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
 
 /// What the driver must do, in order.
@@ -57,7 +58,7 @@ struct Unit {
     /// A read routed by splitting: may run again elsewhere until answered.
     retryable: bool,
     /// Transaction status of the last ReadyForQuery.
-    status: u8,
+    status: TxStatus,
     /// Extended-protocol messages were sent after the last Sync: the server is inside a
     /// batch (a pipelining client sends the next one before the last is answered).
     batch_open: bool,
@@ -165,7 +166,10 @@ impl<'a> Machine<'a> {
     fn reusable(&self) -> bool {
         self.pinned.is_none()
             && self.owed.is_empty()
-            && self.unit.as_ref().is_some_and(|u| u.status == b'I' && !u.batch_open)
+            && self
+                .unit
+                .as_ref()
+                .is_some_and(|u| u.status == TxStatus::Idle && !u.batch_open)
     }
 
     fn release(&mut self, reuse: bool) {
@@ -186,7 +190,7 @@ impl<'a> Machine<'a> {
             on_primary,
             server_pid: conn.pid,
             retryable: self.acquiring_read && self.cfg.split && !self.cfg.read_only_endpoint,
-            status: b'I',
+            status: TxStatus::Idle,
             batch_open: false,
             answered: false,
             answer_queued: false,
@@ -295,7 +299,7 @@ impl<'a> Machine<'a> {
         let Some((tag, len)) = views::header(input) else {
             return Ok(None);
         };
-        if !views::is_frontend_tag(tag) {
+        if FrontendTag::of(tag).is_none() {
             return Err(Error::protocol(format!(
                 "invalid frontend message type {}",
                 views::printable(tag)
@@ -367,16 +371,18 @@ impl<'a> Machine<'a> {
             self.sent.push(msg.clone());
         }
         let tag = msg[0];
-        match tag {
-            b'P' | b'B' | b'D' | b'E' | b'C' => unit.batch_open = true,
-            b'S' | b'Q' | b'F' => unit.batch_open = false,
-            _ => {}
+        // Vetted by `next_client_message`.
+        let kind = FrontendTag::of(tag).expect("a frontend message");
+        if kind.opens_batch() {
+            unit.batch_open = true;
+        } else if kind.requests_ready() {
+            unit.batch_open = false;
         }
         let body = &msg[5..];
         let out = &mut self.to_server;
         let malformed = |e: views::Malformed| Error::protocol(format!("client sent a {e}"));
-        let observed = match tag {
-            b'Q' => {
+        let observed = match kind {
+            FrontendTag::Query => {
                 let q = Query::decode(body).map_err(malformed)?;
                 let c = self.classifier.classify_bytes(q.sql);
                 self.owed.push(Owed::Ready);
@@ -390,19 +396,19 @@ impl<'a> Machine<'a> {
                 }
                 Some(c)
             }
-            b'S' | b'F' => {
+            FrontendTag::Sync | FrontendTag::FunctionCall => {
                 self.owed.push(Owed::Ready);
                 out.extend_from_slice(&msg);
                 None
             }
-            b'P' => {
+            FrontendTag::Parse => {
                 let p = Parse::decode(body).map_err(malformed)?;
                 let c = self.classifier.classify_bytes(p.query);
                 self.stmts.parse(&msg, &p, out, &mut self.owed, &mut conn.prepared);
                 Some(c)
             }
-            b'B' | b'D' => {
-                let r = if tag == b'B' {
+            FrontendTag::Bind | FrontendTag::Describe => {
+                let r = if kind == FrontendTag::Bind {
                     StatementRef::decode_bind(body)
                 } else {
                     StatementRef::decode_target(body, "Describe")
@@ -411,16 +417,16 @@ impl<'a> Machine<'a> {
                 let query = self.stmts.refer(tag, &msg, &r, out, &mut self.owed, &mut conn.prepared);
                 // Executing a named statement does what its text does.
                 match query {
-                    Some(q) if tag == b'B' => Some(self.classifier.classify_bytes(q)),
+                    Some(q) if kind == FrontendTag::Bind => Some(self.classifier.classify_bytes(q)),
                     _ => None,
                 }
             }
-            b'C' => {
+            FrontendTag::Close => {
                 let r = StatementRef::decode_target(body, "Close").map_err(malformed)?;
                 self.stmts.close(&msg, &r, out, &mut self.owed, &mut conn.prepared);
                 None
             }
-            b'E' => {
+            FrontendTag::Execute => {
                 self.queries += 1;
                 out.extend_from_slice(&msg);
                 None
@@ -506,7 +512,7 @@ impl<'a> Machine<'a> {
                 // Whoever asked, the connection's transaction status is what the server
                 // said last.
                 if let Some(u) = self.unit.as_mut() {
-                    u.status = msg.get(5).copied().unwrap_or(0);
+                    u.status = TxStatus::of(msg.get(5).copied().unwrap_or(0));
                 }
             }
             let verdict = self.owed.on_message(tag, &mut conn.prepared);
@@ -548,7 +554,7 @@ impl<'a> Machine<'a> {
                     msg[5..9].copy_from_slice(&self.cfg.client_pid.to_be_bytes());
                 }
                 b'Z' if verdict == Verdict::Ready => {
-                    if unit.status == b'I' {
+                    if unit.status == TxStatus::Idle {
                         self.state.settle(&mut conn.applied);
                         done = self.owed.is_empty() && !unit.batch_open;
                     }
