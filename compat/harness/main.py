@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--from-dir", action="store_true",
                    help="run nothing: report on the junit XML and logs already in --junit-dir "
                    "(after editing the allowlist, say)")
+    p.add_argument("--baseline-from", metavar="DIR", default=None,
+                   help="do not run direct: take its results from an earlier run's --junit-dir "
+                   "(same suites, same --slice)")
     p.add_argument("--keep", action="store_true",
                    help="keep the cluster's data directory and logs (printed at the end)")
     a = p.parse_args(argv)
@@ -125,6 +128,8 @@ def main(argv=None):
     outdir = os.path.abspath(args.junit_dir or os.path.join(cache_dir(), "last-run"))
     if args.from_dir:
         return report_only(args, allowlist, outdir)
+    if args.baseline_from and os.path.abspath(args.baseline_from) == outdir:
+        raise SystemExit("--baseline-from must not be the --junit-dir (it is emptied first)")
     os.makedirs(outdir, exist_ok=True)
     for f in os.listdir(outdir):
         if f.endswith((".xml", ".log", ".toml", ".json")):
@@ -145,6 +150,13 @@ def main(argv=None):
         servers = Servers(workdir, registry)
         for suite in suites:
             for target in args.targets:
+                if target == "direct" and args.baseline_from:
+                    saved = load_saved(suite.name, "direct", suite.full, args.baseline_from)
+                    if saved is None:
+                        raise RuntimeError(f"no {suite.name} direct results in {args.baseline_from}")
+                    log(f"{suite.name} -> direct: results of {args.baseline_from}")
+                    runs[suite.name, target] = saved
+                    continue
                 if suite.database:
                     servers.fresh_database(suite.database, suite.db_setup)
                 proxy = None
@@ -189,25 +201,32 @@ def main(argv=None):
     return finish(args, allowlist, runs, info, started, outdir)
 
 
+def load_saved(name, target, full, outdir):
+    """A run's results from the junit XML / log / json compat/run left in `outdir`."""
+    suite = SUITES[name](full=full)
+    tag = f"{name}-{safe(target)}"
+    logpath = os.path.join(outdir, f"{tag}.log")
+    if not os.path.exists(logpath):
+        return None
+    meta = {"seconds": 0.0, "exit_code": 1, "completed": True}
+    if os.path.exists(os.path.join(outdir, f"{tag}.json")):
+        with open(os.path.join(outdir, f"{tag}.json")) as f:
+            meta = json.load(f)
+    res = results.RunResult(name, target, seconds=meta["seconds"], exit_code=meta["exit_code"],
+                            log=logpath)
+    with open(logpath, "rb") as f:
+        text = f.read().decode("utf-8", "replace")
+    suite.read(res, os.path.join(outdir, f"{tag}.xml"), text, meta["completed"])
+    return res
+
+
 def report_only(args, allowlist, outdir):
     runs = {}
     for name in args.suites:
-        suite = SUITES[name](full=not args.slice)
         for target in args.targets:
-            tag = f"{name}-{safe(target)}"
-            logpath = os.path.join(outdir, f"{tag}.log")
-            if not os.path.exists(logpath):
-                continue
-            meta = {"seconds": 0.0, "exit_code": 1, "completed": True}
-            if os.path.exists(os.path.join(outdir, f"{tag}.json")):
-                with open(os.path.join(outdir, f"{tag}.json")) as f:
-                    meta = json.load(f)
-            res = results.RunResult(name, target, seconds=meta["seconds"],
-                                    exit_code=meta["exit_code"], log=logpath)
-            with open(logpath, "rb") as f:
-                text = f.read().decode("utf-8", "replace")
-            suite.read(res, os.path.join(outdir, f"{tag}.xml"), text, meta["completed"])
-            runs[name, target] = res
+            res = load_saved(name, target, not args.slice, outdir)
+            if res is not None:
+                runs[name, target] = res
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(min(
         (os.path.getmtime(r.log) for r in runs.values()), default=time.time())))
     binary = "-"
