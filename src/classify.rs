@@ -45,6 +45,9 @@ pub struct Classification {
     pub parses: bool,
     /// `DEALLOCATE name` (Some(name)) or `DEALLOCATE ALL` (Some("")), as the only statement.
     pub deallocate: Option<String>,
+    /// What it does depends on a literal (which setting `current_setting` reads): cached
+    /// by exact text, not by shape.
+    pub literal_sensitive: bool,
     /// A database the statement needs free of other sessions: the template of `CREATE
     /// DATABASE`, the target of `DROP DATABASE` / `ALTER DATABASE ... RENAME` / `SET
     /// TABLESPACE`. Idle pooled connections to it are closed before it is forwarded.
@@ -63,6 +66,7 @@ impl Classification {
             parses: false,
             deallocate: None,
             frees_database: None,
+            literal_sensitive: false,
         }
     }
 }
@@ -255,7 +259,8 @@ impl Classifier {
                 return c;
             }
             let c = Arc::new(self.classify_uncached(sql));
-            let literal_free = c.sets.is_empty() && c.deallocate.is_none() && c.frees_database.is_none();
+            let literal_free =
+                c.sets.is_empty() && c.deallocate.is_none() && c.frees_database.is_none() && !c.literal_sensitive;
             CACHES.with_borrow_mut(|caches| {
                 let cache = caches.entry(self.id).or_default();
                 if cache.len() >= CACHE_LIMIT {
@@ -302,7 +307,12 @@ impl Classifier {
             };
             let text = statement_text(sql, raw.stmt_location, raw.stmt_len);
             match node {
-                NodeEnum::SelectStmt(_) | NodeEnum::VariableShowStmt(_) => {}
+                NodeEnum::SelectStmt(_) => {}
+                NodeEnum::VariableShowStmt(v) => {
+                    if is_node_local_setting(&v.name.to_ascii_lowercase()) {
+                        c.read_only = false;
+                    }
+                }
                 NodeEnum::ExplainStmt(e) => {
                     // EXPLAIN ANALYZE runs the statement: judge what it explains.
                     let analyze = e
@@ -446,6 +456,22 @@ impl Classifier {
                         .unwrap_or_default();
                     if SESSION_LOCK_FUNCTIONS.contains(&name.as_str()) {
                         pin(&mut c, "a session advisory lock");
+                    }
+                    // Which setting it reads is a literal: cache this statement by its
+                    // exact text, and send a read of a setting a standby reports
+                    // differently to the primary.
+                    if name == "current_setting" {
+                        c.literal_sensitive = true;
+                        let setting = f.args.first().and_then(|a| match &a.node {
+                            Some(NodeEnum::AConst(k)) => match &k.val {
+                                Some(a_const::Val::Sval(s)) => Some(s.sval.to_ascii_lowercase()),
+                                _ => None,
+                            },
+                            _ => None,
+                        });
+                        if setting.as_deref().is_some_and(is_node_local_setting) {
+                            c.read_only = false;
+                        }
                     }
                     if !self.read_only_functions.contains(&name) {
                         c.read_only = false;
@@ -606,6 +632,12 @@ fn is_node_local(relname: &str) -> bool {
                 | "pg_stat_activity"
                 | "pg_backend_memory_contexts"
         )
+}
+
+/// Settings a hot standby reports for its own reasons: every transaction there is
+/// read-only, whatever the session asked for.
+fn is_node_local_setting(name: &str) -> bool {
+    matches!(name, "transaction_read_only" | "in_hot_standby")
 }
 
 /// A string-valued option (`TEMPLATE name`, `ISOLATION LEVEL x`).
@@ -853,6 +885,21 @@ mod tests {
         }
         assert!(c("SELECT * FROM pg_class").read_only);
         assert!(c("SELECT * FROM my_stats").read_only);
+    }
+
+    #[test]
+    fn settings_a_standby_reports_differently_are_read_on_the_primary() {
+        assert!(
+            !c("SELECT current_setting('transaction_read_only'), current_setting('default_transaction_read_only')")
+                .read_only
+        );
+        assert!(!c("SHOW transaction_read_only").read_only);
+        assert!(c("SHOW TimeZone").read_only);
+        // Same shape, another setting: a cache keyed by shape must not mix them.
+        let k = Classifier::new(&[]);
+        assert!(k.classify("SELECT current_setting('work_mem')").read_only);
+        assert!(!k.classify("SELECT current_setting('transaction_read_only')").read_only);
+        assert!(k.classify("SELECT current_setting('search_path')").read_only);
     }
 
     #[test]

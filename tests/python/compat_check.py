@@ -143,6 +143,16 @@ def checks():
                 expect(n == 1, f"pg_stat_activity shows {n} sessions of the open transaction")
             busy.rollback()
 
+    @check("transaction_read_only as a direct connection reports it")
+    def _():
+        with connect(autocommit=True) as conn:
+            for _ in range(3):
+                row = conn.execute("SELECT current_setting('transaction_read_only'),"
+                                   " current_setting('default_transaction_read_only')").fetchone()
+                expect(row == ("off", "off"), f"got {row} (a standby reports every transaction read-only)")
+                (v,) = conn.execute("SHOW transaction_read_only").fetchone()
+                expect(v == "off", f"SHOW transaction_read_only: {v}")
+
     @check("reads of an unlogged table")
     def _():
         with connect(autocommit=True) as conn:
