@@ -226,6 +226,13 @@ impl Error {
         self.retry_elsewhere
     }
 
+    /// A standby refused a login for something replication may not have brought it yet:
+    /// a database (3D000) or role (28000) just created on the primary. The next
+    /// candidate (another standby, the primary) may have it.
+    pub fn standby_behind(&self) -> bool {
+        self.raw.is_some() && (self.code == SqlState(*b"3D000") || self.code == SqlState::INVALID_AUTHORIZATION)
+    }
+
     /// A server's own ErrorResponse, if this is one.
     pub fn is_forwarded(&self) -> bool {
         self.raw.is_some()
@@ -276,6 +283,11 @@ mod tests {
         assert!(refused(b"08004").retry_elsewhere());
         assert!(!refused(b"3D000").retry_elsewhere());
         assert!(!refused(b"28P01").retry_elsewhere());
+        assert!(refused(b"3D000").standby_behind() && !refused(b"28P01").standby_behind());
+        assert!(
+            !Error::not_authorized("x").standby_behind(),
+            "only a server's own refusal"
+        );
         let e = refused(b"3D000");
         assert_eq!((e.code().as_str(), e.side()), ("3D000", Side::Server));
         assert_eq!(&e.to_fatal()[..], b"E", "the server's own bytes");

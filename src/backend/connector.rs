@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::cluster::routing::{self, Endpoint};
-use crate::cluster::topology::{ClusterSnapshot, NodeState};
+use crate::cluster::topology::{ClusterSnapshot, NodeState, Role};
 use crate::cluster::ClusterCtx;
 use crate::error::Error;
 
@@ -114,7 +114,7 @@ async fn connect_inner<D: Dialer>(
                                 waited: started.elapsed(),
                             });
                         }
-                        Err(e) if e.retry_elsewhere() => {
+                        Err(e) if e.retry_elsewhere() || (node.role == Role::Standby && e.standby_behind()) => {
                             // One warning a second per node: a dead node that the monitor
                             // has not marked down yet is tried by every new request.
                             if node.stats.connect_failed() {
