@@ -413,6 +413,9 @@ pub fn machine_target(data: &[u8]) {
         classifier(),
     );
     let mut conn: Option<ConnState> = None;
+    // Everything the client is sent, walked as one stream (a large message may be passed
+    // on in parts).
+    let mut client_stream = Framer::new(u32::MAX);
     let mut model = ConnModel::default();
     let mut pinned = false;
     let mut next_pid = 100;
@@ -461,7 +464,17 @@ pub fn machine_target(data: &[u8]) {
                     }
                 }
                 Action::CloseIdle(_) => {}
-                Action::End(_) => ended = true,
+                Action::End(e) => {
+                    ended = true;
+                    // The driver writes a goodbye only at a message boundary.
+                    if e.is_some() && m.client_at_boundary() {
+                        assert!(
+                            client_stream.scan::<FrameError>(&m.to_client, |_, _| Ok(())).is_ok()
+                                && client_stream.at_boundary(),
+                            "a goodbye would be spliced into a message"
+                        );
+                    }
+                }
             }
         }
         if ended {
@@ -500,7 +513,10 @@ pub fn machine_target(data: &[u8]) {
                 model.received(&before[..before.len() - sin.len()]);
             }
             5 => {
-                assert!(well_formed(&m.to_client), "to_client is not whole messages");
+                assert!(
+                    client_stream.scan::<FrameError>(&m.to_client, |_, _| Ok(())).is_ok(),
+                    "the client's stream is not a sequence of messages"
+                );
                 m.to_client.clear();
                 m.flushed_to_client();
             }

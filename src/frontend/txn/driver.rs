@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::machine::{Action, Config, Machine};
 use crate::backend::connector::{self, Dialer};
@@ -230,6 +230,14 @@ impl<'a> Driver<'a> {
                     Action::End(e) => {
                         let _ = self.flush_client().await;
                         self.release(false);
+                        // A goodbye spliced into a half-passed message would garble the
+                        // client's stream: then the client only sees the socket close.
+                        if !self.machine.client_at_boundary() {
+                            if let Some(e) = &e {
+                                warn!(cluster = %self.cluster.name, reason = %e, "session ended inside a server message; closing without a goodbye");
+                            }
+                            return None;
+                        }
                         return e;
                     }
                 }

@@ -95,6 +95,9 @@ pub struct Machine<'a> {
     pub queries: u64,
     /// Bytes of a large server message still to pass on as they arrive.
     streaming: usize,
+    /// The client's stream is inside a message (part of a streamed one was passed on
+    /// and the rest never came): nothing of the proxy's own may be written to it.
+    client_mid_message: bool,
     ended: bool,
 }
 
@@ -121,6 +124,7 @@ impl<'a> Machine<'a> {
             actions: VecDeque::new(),
             queries: 0,
             streaming: 0,
+            client_mid_message: false,
             ended: false,
         };
         m.actions.push_back(Action::Acquire {
@@ -132,6 +136,12 @@ impl<'a> Machine<'a> {
 
     pub fn next_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// The client's stream is at a message boundary: the proxy may add its own message
+    /// (a goodbye); otherwise it can only close.
+    pub fn client_at_boundary(&self) -> bool {
+        !self.client_mid_message
     }
 
     pub fn has_actions(&self) -> bool {
@@ -460,6 +470,7 @@ impl<'a> Machine<'a> {
             if self.streaming > 0 {
                 return;
             }
+            self.client_mid_message = false;
         }
         while let Some((tag, len)) = views::header(input) {
             if len < 4 {
@@ -478,6 +489,7 @@ impl<'a> Machine<'a> {
                         debug_assert_eq!(verdict, Verdict::Pass);
                         unit.answer_queued = true;
                         self.streaming = len as usize + 1 - input.len();
+                        self.client_mid_message = true;
                         self.to_client.extend_from_slice(&input.split());
                     }
                 }
