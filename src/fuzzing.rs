@@ -513,9 +513,11 @@ pub fn machine_target(data: &[u8]) {
                 model.received(&before[..before.len() - sin.len()]);
             }
             5 => {
+                let scanned = client_stream.scan::<FrameError>(&m.to_client, |_, _| Ok(()));
                 assert!(
-                    client_stream.scan::<FrameError>(&m.to_client, |_, _| Ok(())).is_ok(),
-                    "the client's stream is not a sequence of messages"
+                    scanned.is_ok(),
+                    "the client's stream is not a sequence of messages: {scanned:?} in {:?}",
+                    &m.to_client[..]
                 );
                 m.to_client.clear();
                 m.flushed_to_client();

@@ -473,9 +473,13 @@ impl<'a> Machine<'a> {
             self.client_mid_message = false;
         }
         while let Some((tag, len)) = views::header(input) {
-            if len < 4 {
+            // A length word is an Int32 of at least 4 (itself).
+            if !(4..=i32::MAX as u32).contains(&len) {
                 self.release(false);
-                return self.end(Some(Error::server_protocol("server sent a malformed message")));
+                return self.end(Some(Error::server_protocol(format!(
+                    "server sent a message of type {} with invalid length {len}",
+                    views::printable(tag)
+                ))));
             }
             if input.len() < len as usize + 1 {
                 // A large message the proxy passes on unchanged (a big row, COPY data)
