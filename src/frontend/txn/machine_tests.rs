@@ -1,0 +1,458 @@
+//! The machine fed with the byte sequences real clients send (as pgbench, psycopg
+//! and Django do) and servers answer, with no sockets.
+use super::*;
+use postgres_protocol::message::frontend as fe;
+
+/// Frontend messages, encoded as clients encode them.
+pub fn query(sql: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    fe::query(sql, &mut b).unwrap();
+    b
+}
+
+pub fn parse(name: &str, sql: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    fe::parse(name, sql, std::iter::empty(), &mut b).unwrap();
+    b
+}
+
+pub fn bind(stmt: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    fe::bind(
+        "",
+        stmt,
+        Some(0),
+        Vec::<i32>::new(),
+        |_: i32, _| Ok(postgres_protocol::IsNull::No),
+        Some(0),
+        &mut b,
+    )
+    .map_err(|_| ())
+    .unwrap();
+    b
+}
+
+pub fn describe_portal() -> BytesMut {
+    let mut b = BytesMut::new();
+    fe::describe(b'P', "", &mut b).unwrap();
+    b
+}
+
+pub fn execute() -> BytesMut {
+    let mut b = BytesMut::new();
+    fe::execute("", 0, &mut b).unwrap();
+    b
+}
+
+pub fn sync() -> BytesMut {
+    let mut b = BytesMut::new();
+    fe::sync(&mut b);
+    b
+}
+
+pub fn cat(parts: &[BytesMut]) -> BytesMut {
+    let mut b = BytesMut::new();
+    for p in parts {
+        b.extend_from_slice(p);
+    }
+    b
+}
+
+/// Backend messages, as a server sends them.
+pub fn be(tag: u8, body: &[u8]) -> BytesMut {
+    let mut b = BytesMut::new();
+    b.extend_from_slice(&[tag]);
+    b.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    b.extend_from_slice(body);
+    b
+}
+
+pub fn ready(status: u8) -> BytesMut {
+    be(b'Z', &[status])
+}
+
+pub fn error(severity: &str, code: &str, msg: &str) -> BytesMut {
+    be(
+        b'E',
+        format!("S{severity}\0V{severity}\0C{code}\0M{msg}\0\0").as_bytes(),
+    )
+}
+
+pub fn notice(code: &str, msg: &str) -> BytesMut {
+    be(b'N', format!("SWARNING\0VWARNING\0C{code}\0M{msg}\0\0").as_bytes())
+}
+
+pub fn row_answer() -> BytesMut {
+    cat(&[
+        be(b'T', b"\0\x01a\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0"),
+        be(b'D', b"\0\x01\0\0\0\x011"),
+        be(b'C', b"SELECT 1\0"),
+    ])
+}
+
+/// Message tags of a byte stream.
+pub fn tags(mut b: &[u8]) -> String {
+    let mut t = String::new();
+    while let Some((tag, len)) = views::header(b) {
+        t.push(tag as char);
+        b = &b[len as usize + 1..];
+    }
+    t
+}
+
+pub struct Harness {
+    pub m: Machine<'static>,
+    pub conn: ConnState,
+    pub held: Option<Arc<str>>,
+    pub log: Vec<Action>,
+}
+
+pub fn classifier() -> &'static Classifier {
+    static K: std::sync::OnceLock<Classifier> = std::sync::OnceLock::new();
+    K.get_or_init(|| Classifier::new(&[]))
+}
+
+impl Harness {
+    /// A greeted transaction-mode session (rw endpoint, `split` on or off).
+    pub fn new(split: bool) -> Harness {
+        let m = Machine::new(
+            Config {
+                cluster: "main".into(),
+                read_only_endpoint: false,
+                split,
+                max_message: 1 << 20,
+                client_pid: 777,
+                client_key: 1,
+            },
+            vec![("application_name".into(), "pgbench".into())],
+            classifier(),
+        );
+        let mut h = Harness {
+            m,
+            conn: ConnState {
+                pid: 4242,
+                ..ConnState::default()
+            },
+            held: None,
+            log: Vec::new(),
+        };
+        // The greeting: a connection, the startup settings replayed, the server's
+        // parameters passed on, the connection released.
+        h.conn.report(views::ParameterStatus {
+            name: b"client_encoding",
+            value: b"UTF8",
+        });
+        h.perform(true);
+        assert_eq!(tags(&h.m.to_server), "Q", "application_name replayed");
+        h.m.to_server.clear();
+        h.server(&cat(&[
+            be(b'C', b"SELECT 1\0"),
+            be(b'S', b"application_name\0pgbench\0"),
+            ready(b'I'),
+        ]));
+        assert_eq!(tags(&h.m.to_client), "SSKZ");
+        h.m.to_client.clear();
+        h.m.flushed_to_client();
+        h.perform(true);
+        assert!(h.held.is_none(), "released after the greeting");
+        h.log.clear();
+        h
+    }
+
+    /// Perform the machine's actions as a driver would; acquired connections are on
+    /// the primary when `primary`.
+    pub fn perform(&mut self, primary: bool) {
+        while let Some(a) = self.m.next_action() {
+            self.log.push(a.clone());
+            match a {
+                Action::Acquire { exclude, .. } => {
+                    let node: Arc<str> = if primary { "p".into() } else { "s1".into() };
+                    let node = if exclude.as_deref() == Some(&*node) {
+                        Arc::from("s2")
+                    } else {
+                        node
+                    };
+                    self.held = Some(node.clone());
+                    self.m.on_acquired(&node, primary, &mut self.conn);
+                }
+                Action::Release { reuse } => {
+                    assert!(self.held.take().is_some(), "release without a connection");
+                    if !reuse {
+                        self.conn = ConnState {
+                            pid: self.conn.pid + 1,
+                            ..ConnState::default()
+                        };
+                    }
+                }
+                Action::CloseIdle(_) | Action::End(_) => {}
+            }
+        }
+    }
+
+    pub fn client(&mut self, bytes: &[u8]) {
+        let mut input = BytesMut::from(bytes);
+        self.client_buf(&mut input, false);
+    }
+
+    pub fn client_buf(&mut self, input: &mut BytesMut, primary: bool) {
+        loop {
+            self.m
+                .on_client_input(input, self.held.as_ref().map(|_| &mut self.conn));
+            if !self.m.has_actions() {
+                break;
+            }
+            self.perform(primary);
+        }
+    }
+
+    pub fn server(&mut self, bytes: &[u8]) {
+        let mut input = BytesMut::from(bytes);
+        self.m.on_server_input(&mut input, &mut self.conn);
+        assert!(input.is_empty());
+    }
+
+    /// What the client gets now (the driver writes it out).
+    pub fn to_client(&mut self) -> String {
+        let t = tags(&self.m.to_client);
+        self.m.to_client.clear();
+        self.m.flushed_to_client();
+        t
+    }
+
+    pub fn to_server(&mut self) -> BytesMut {
+        self.m.to_server.split()
+    }
+
+    pub fn released(&self) -> Vec<bool> {
+        self.log
+            .iter()
+            .filter_map(|a| match a {
+                Action::Release { reuse } => Some(*reuse),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn pgbench_prepared_select_only() {
+    let mut h = Harness::new(true);
+    let sql = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+    // pgbench -M prepared: PQprepare (Parse + Sync), answered without a server.
+    h.client(&cat(&[parse("P_0", sql), sync()]));
+    assert_eq!(h.to_client(), "1Z");
+    assert!(h.log.is_empty(), "no connection for a lone Parse + Sync");
+    // PQsendQueryPrepared: Bind, Describe portal, Execute, Sync; a read: a standby.
+    h.client(&cat(&[bind("P_0"), describe_portal(), execute(), sync()]));
+    assert!(matches!(
+        h.log[0],
+        Action::Acquire {
+            read: true,
+            exclude: None
+        }
+    ));
+    // Prepared under its content address first (answers dropped), then the client's.
+    let out = h.to_server();
+    assert_eq!(tags(&out), "CPBDES");
+    assert!(
+        !out.windows(3).any(|w| w == b"P_0"),
+        "the client's name never reaches a server"
+    );
+    h.server(&cat(&[
+        be(b'3', b""),
+        be(b'1', b""),
+        be(b'2', b""),
+        row_answer(),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.to_client(), "2TDCZ");
+    h.perform(false);
+    assert_eq!(h.released(), vec![true]);
+    // Next transaction on the same (pooled) connection: no re-prepare.
+    h.log.clear();
+    h.client(&cat(&[bind("P_0"), describe_portal(), execute(), sync()]));
+    assert_eq!(tags(&h.to_server()), "BDES");
+}
+
+#[test]
+fn a_pipeline_with_an_error_midway() {
+    let mut h = Harness::new(false);
+    // psycopg pipeline: three statements, the second fails.
+    let pipeline = cat(&[
+        parse("s1", "SELECT 1"),
+        bind("s1"),
+        execute(),
+        parse("", "SELECT 1/0"),
+        bind(""),
+        execute(),
+        parse("s3", "SET TIME ZONE 'UTC'"),
+        bind("s3"),
+        execute(),
+        sync(),
+    ]);
+    h.client(&pipeline);
+    assert_eq!(tags(&h.to_server()), "CPBEPBECPBES");
+    h.server(&cat(&[
+        be(b'3', b""),
+        be(b'1', b""),
+        be(b'2', b""),
+        be(b'D', b"\0\x01\0\0\0\x011"),
+        be(b'C', b"SELECT 1\0"),
+        be(b'1', b""),
+        be(b'2', b""),
+        error("ERROR", "22012", "division by zero"),
+        ready(b'I'),
+    ]));
+    // The client sees its answers, up to the error, and the ReadyForQuery.
+    assert_eq!(h.to_client(), "12DC12EZ");
+    // s3 was never created on the server, and its SET never happened.
+    let s3 = h.m.stmts.get(b"s3").unwrap().hash;
+    assert!(!h.conn.prepared.contains(&s3));
+    assert!(!h.m.state.desired.contains_key("timezone"));
+    h.perform(false);
+    assert_eq!(h.released(), vec![true]);
+}
+
+#[test]
+fn deallocate_of_an_unknown_statement_gets_the_servers_error() {
+    let mut h = Harness::new(false);
+    h.client(&query("DEALLOCATE nope"));
+    assert_eq!(&h.to_server()[..], &query("DEALLOCATE nope")[..]);
+    h.server(&cat(&[
+        error("ERROR", "26000", "prepared statement \"nope\" does not exist"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.to_client(), "EZ");
+}
+
+#[test]
+fn a_read_is_retried_elsewhere_before_its_first_answer_byte() {
+    let mut h = Harness::new(true);
+    h.client(&cat(&[parse("", "SELECT 1"), bind(""), execute(), sync()]));
+    let first = h.to_server();
+    assert_eq!(h.held.as_deref(), Some("s1"));
+    // The standby warns of its immediate shutdown, then goes: nothing reached the
+    // client, so the same unit runs on another node.
+    h.server(&notice(
+        "57P01",
+        "terminating connection due to immediate shutdown command",
+    ));
+    h.perform(false);
+    assert_eq!(h.held.as_deref(), Some("s2"));
+    assert!(
+        matches!(&h.log[..], [Action::Acquire { .. }, Action::Release { reuse: false }, Action::Acquire { read: true, exclude: Some(n) }] if n == "s1")
+    );
+    assert_eq!(h.to_client(), "", "the warning is not passed on");
+    let again = h.to_server();
+    assert_eq!(
+        tags(&again),
+        "QPBES",
+        "session state replayed on the new connection, then the unit"
+    );
+    assert!(again.ends_with(&first));
+    h.server(&cat(&[
+        be(b'C', b"SELECT 1\0"),
+        ready(b'I'),
+        be(b'1', b""),
+        be(b'2', b""),
+        row_answer(),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.to_client(), "12TDCZ");
+}
+
+#[test]
+fn a_read_answered_in_part_is_not_retried() {
+    let mut h = Harness::new(true);
+    h.client(&query("SELECT 1"));
+    h.server(&be(b'T', b"\0\x01a\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0"));
+    assert_eq!(h.to_client(), "T");
+    h.m.on_server_lost("connection reset");
+    h.perform(false);
+    assert!(matches!(h.log.last(), Some(Action::End(Some(e))) if e.code().as_str() == "08006"));
+    assert_eq!(h.released(), vec![false]);
+}
+
+#[test]
+fn a_read_a_standby_refuses_runs_on_the_primary() {
+    let mut h = Harness::new(true);
+    h.client(&query("SELECT * FROM unlogged_t"));
+    h.to_server();
+    h.server(&cat(&[
+        error(
+            "ERROR",
+            "0A000",
+            "cannot access temporary or unlogged relations during recovery",
+        ),
+        ready(b'I'),
+    ]));
+    assert!(matches!(h.m.next_action(), Some(Action::Release { reuse: false })));
+    assert!(matches!(
+        h.m.next_action(),
+        Some(Action::Acquire {
+            read: false,
+            exclude: None
+        })
+    ));
+    assert_eq!(h.to_client(), "", "the refusal is not passed on");
+}
+
+#[test]
+fn a_unit_that_pins_keeps_its_connection_until_the_client_leaves() {
+    let mut h = Harness::new(false);
+    h.client(&query("LISTEN jobs"));
+    h.server(&cat(&[be(b'C', b"LISTEN\0"), ready(b'I')]));
+    assert_eq!(h.to_client(), "CZ");
+    h.perform(true);
+    assert!(h.released().is_empty(), "pinned: not released");
+    // Its own NOTIFY carries the pid the client was given.
+    h.client(&query("NOTIFY jobs"));
+    let mut n = BytesMut::new();
+    n.extend_from_slice(&4242i32.to_be_bytes());
+    n.extend_from_slice(b"jobs\0\0");
+    h.server(&cat(&[be(b'C', b"NOTIFY\0"), be(b'A', &n), ready(b'I')]));
+    let out = h.m.to_client.split();
+    // CommandComplete (12 bytes), then NotificationResponse: tag, length, pid.
+    assert_eq!(tags(&out), "CAZ");
+    assert_eq!(&out[17..21], &777i32.to_be_bytes()[..]);
+    h.client(b"X\0\0\0\x04");
+    h.perform(true);
+    assert_eq!(h.released(), vec![false], "a pinned connection is closed, never pooled");
+    assert!(matches!(h.log.last(), Some(Action::End(None))));
+}
+
+#[test]
+fn a_large_row_is_streamed_not_buffered() {
+    let mut h = Harness::new(false);
+    h.client(&query("SELECT big FROM t"));
+    h.to_server();
+    let mut row = vec![0u8, 1];
+    row.extend_from_slice(&(200_000u32).to_be_bytes());
+    row.extend(std::iter::repeat_n(b'x', 200_000));
+    let answer = cat(&[be(b'D', &row), be(b'C', b"SELECT 1\0"), ready(b'I')]);
+    let mut input = BytesMut::new();
+    let mut passed = 0;
+    for chunk in answer.chunks(50_000) {
+        input.extend_from_slice(chunk);
+        h.m.on_server_input(&mut input, &mut h.conn);
+        assert!(input.len() < 70_000, "never buffers a whole large message");
+        passed += h.m.to_client.len();
+        h.m.to_client.clear();
+    }
+    assert_eq!(passed, answer.len(), "everything passed, once, in order");
+    h.perform(false);
+    assert_eq!(h.released(), vec![true]);
+}
+
+#[test]
+fn bad_client_input_ends_the_session_with_08p01() {
+    let mut h = Harness::new(false);
+    h.client(b"?\0\0\0\x04");
+    h.perform(true);
+    assert!(matches!(h.log.last(), Some(Action::End(Some(e))) if e.code().as_str() == "08P01"));
+    let mut h = Harness::new(false);
+    h.client(&be(b'P', b"name-without-query"));
+    h.perform(true);
+    assert!(matches!(h.log.last(), Some(Action::End(Some(e))) if e.message().contains("malformed Parse")));
+    assert_eq!(h.released(), vec![false]);
+}
