@@ -220,11 +220,14 @@ pub struct Classifier {
 
 static NEXT_CLASSIFIER: AtomicU64 = AtomicU64::new(0);
 
+/// Statement shape (or exact text, for literal-sensitive statements) → classification.
+type ShapeCache = HashMap<Box<str>, Arc<Classification>>;
+
 thread_local! {
     /// Per thread (each worker thread of the data path has its own), so a lookup takes
     /// no lock and touches no cache line another thread writes: classifier id →
     /// statement shape → classification.
-    static CACHES: RefCell<HashMap<u64, HashMap<Box<str>, Arc<Classification>>>> = RefCell::new(HashMap::new());
+    static CACHES: RefCell<HashMap<u64, ShapeCache>> = RefCell::new(HashMap::new());
     /// The shape of the statement being classified (reused: no allocation per query).
     static KEY: RefCell<String> = const { RefCell::new(String::new()) };
 }

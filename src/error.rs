@@ -271,7 +271,7 @@ mod tests {
     fn sqlstates_are_five_characters() {
         assert_eq!(SqlState::parse(b"3D000").unwrap().as_str(), "3D000");
         assert!(SqlState::parse(b"3D00").is_none());
-        assert!(SqlState::parse(b"3D\0000").is_none());
+        assert!(SqlState::parse(&[b'3', b'D', 0, b'0', b'0']).is_none());
         assert_eq!(SqlState::CONNECTION_FAILURE.class(), "08");
     }
 

@@ -297,7 +297,7 @@ fn server_message(b: &mut Bytes, out: &mut BytesMut, pid: i32) -> Option<()> {
         0 => msg(b'1', b"", out),
         1 => msg(b'2', b"", out),
         2 => msg(b'3', b"", out),
-        3 => msg(b'C', *b.pick(&[&b"SELECT 1\0"[..], b"ROLLBACK\0", b"SET\0"])?, out),
+        3 => msg(b'C', b.pick(&[&b"SELECT 1\0"[..], b"ROLLBACK\0", b"SET\0"])?, out),
         4 => msg(b'D', b"\0\x01\0\0\0\x011", out),
         5 => msg(b'T', b"\0\x01a\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0", out),
         6 => {
@@ -312,7 +312,7 @@ fn server_message(b: &mut Bytes, out: &mut BytesMut, pid: i32) -> Option<()> {
         7 => msg(b'N', b"SWARNING\0VWARNING\0C57P01\0Mimmediate shutdown\0\0", out),
         8 => msg(
             b'S',
-            *b.pick(&[
+            b.pick(&[
                 &b"TimeZone\0UTC\0"[..],
                 b"client_encoding\0UTF8\0",
                 b"application_name\0\xa4\0",

@@ -569,11 +569,9 @@ impl<'a> Machine<'a> {
                 b'A' if views::notification_pid(&msg[5..]) == Some(unit.server_pid) => {
                     msg[5..9].copy_from_slice(&self.cfg.client_pid.to_be_bytes());
                 }
-                b'Z' if verdict == Verdict::Ready => {
-                    if unit.status == TxStatus::Idle {
-                        self.state.settle(&mut conn.applied);
-                        done = self.owed.is_empty() && !unit.batch_open;
-                    }
+                b'Z' if verdict == Verdict::Ready && unit.status == TxStatus::Idle => {
+                    self.state.settle(&mut conn.applied);
+                    done = self.owed.is_empty() && !unit.batch_open;
                 }
                 _ => {}
             }

@@ -212,14 +212,14 @@ impl Harness {
     }
 
     /// What the client gets now (the driver writes it out).
-    pub fn to_client(&mut self) -> String {
+    pub fn take_client(&mut self) -> String {
         let t = tags(&self.m.to_client);
         self.m.to_client.clear();
         self.m.flushed_to_client();
         t
     }
 
-    pub fn to_server(&mut self) -> BytesMut {
+    pub fn take_server(&mut self) -> BytesMut {
         self.m.to_server.split()
     }
 
@@ -240,7 +240,7 @@ fn pgbench_prepared_select_only() {
     let sql = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
     // pgbench -M prepared: PQprepare (Parse + Sync), answered without a server.
     h.client(&cat(&[parse("P_0", sql), sync()]));
-    assert_eq!(h.to_client(), "1Z");
+    assert_eq!(h.take_client(), "1Z");
     assert!(h.log.is_empty(), "no connection for a lone Parse + Sync");
     // PQsendQueryPrepared: Bind, Describe portal, Execute, Sync; a read: a standby.
     h.client(&cat(&[bind("P_0"), describe_portal(), execute(), sync()]));
@@ -252,7 +252,7 @@ fn pgbench_prepared_select_only() {
         }
     ));
     // Prepared under its content address first (answers dropped), then the client's.
-    let out = h.to_server();
+    let out = h.take_server();
     assert_eq!(tags(&out), "CPBDES");
     assert!(
         !out.windows(3).any(|w| w == b"P_0"),
@@ -265,13 +265,13 @@ fn pgbench_prepared_select_only() {
         row_answer(),
         ready(b'I'),
     ]));
-    assert_eq!(h.to_client(), "2TDCZ");
+    assert_eq!(h.take_client(), "2TDCZ");
     h.perform(false);
     assert_eq!(h.released(), vec![true]);
     // Next transaction on the same (pooled) connection: no re-prepare.
     h.log.clear();
     h.client(&cat(&[bind("P_0"), describe_portal(), execute(), sync()]));
-    assert_eq!(tags(&h.to_server()), "BDES");
+    assert_eq!(tags(&h.take_server()), "BDES");
 }
 
 #[test]
@@ -291,7 +291,7 @@ fn a_pipeline_with_an_error_midway() {
         sync(),
     ]);
     h.client(&pipeline);
-    assert_eq!(tags(&h.to_server()), "CPBEPBECPBES");
+    assert_eq!(tags(&h.take_server()), "CPBEPBECPBES");
     h.server(&cat(&[
         be(b'3', b""),
         be(b'1', b""),
@@ -304,7 +304,7 @@ fn a_pipeline_with_an_error_midway() {
         ready(b'I'),
     ]));
     // The client sees its answers, up to the error, and the ReadyForQuery.
-    assert_eq!(h.to_client(), "12DC12EZ");
+    assert_eq!(h.take_client(), "12DC12EZ");
     // s3 was never created on the server, and its SET never happened.
     let s3 = h.m.stmts.get(b"s3").unwrap().hash;
     assert!(!h.conn.prepared.contains(&s3));
@@ -317,19 +317,19 @@ fn a_pipeline_with_an_error_midway() {
 fn deallocate_of_an_unknown_statement_gets_the_servers_error() {
     let mut h = Harness::new(false);
     h.client(&query("DEALLOCATE nope"));
-    assert_eq!(&h.to_server()[..], &query("DEALLOCATE nope")[..]);
+    assert_eq!(&h.take_server()[..], &query("DEALLOCATE nope")[..]);
     h.server(&cat(&[
         error("ERROR", "26000", "prepared statement \"nope\" does not exist"),
         ready(b'I'),
     ]));
-    assert_eq!(h.to_client(), "EZ");
+    assert_eq!(h.take_client(), "EZ");
 }
 
 #[test]
 fn a_read_is_retried_elsewhere_before_its_first_answer_byte() {
     let mut h = Harness::new(true);
     h.client(&cat(&[parse("", "SELECT 1"), bind(""), execute(), sync()]));
-    let first = h.to_server();
+    let first = h.take_server();
     assert_eq!(h.held.as_deref(), Some("s1"));
     // The standby warns of its immediate shutdown, then goes: nothing reached the
     // client, so the same unit runs on another node.
@@ -342,8 +342,8 @@ fn a_read_is_retried_elsewhere_before_its_first_answer_byte() {
     assert!(
         matches!(&h.log[..], [Action::Acquire { .. }, Action::Release { reuse: false }, Action::Acquire { read: true, exclude: Some(n) }] if n == "s1")
     );
-    assert_eq!(h.to_client(), "", "the warning is not passed on");
-    let again = h.to_server();
+    assert_eq!(h.take_client(), "", "the warning is not passed on");
+    let again = h.take_server();
     assert_eq!(
         tags(&again),
         "QPBES",
@@ -358,7 +358,7 @@ fn a_read_is_retried_elsewhere_before_its_first_answer_byte() {
         row_answer(),
         ready(b'I'),
     ]));
-    assert_eq!(h.to_client(), "12TDCZ");
+    assert_eq!(h.take_client(), "12TDCZ");
 }
 
 #[test]
@@ -366,7 +366,7 @@ fn a_read_answered_in_part_is_not_retried() {
     let mut h = Harness::new(true);
     h.client(&query("SELECT 1"));
     h.server(&be(b'T', b"\0\x01a\0\0\0\0\0\0\0\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0"));
-    assert_eq!(h.to_client(), "T");
+    assert_eq!(h.take_client(), "T");
     h.m.on_server_lost("connection reset");
     h.perform(false);
     assert!(matches!(h.log.last(), Some(Action::End(Some(e))) if e.code().as_str() == "08006"));
@@ -377,7 +377,7 @@ fn a_read_answered_in_part_is_not_retried() {
 fn a_read_a_standby_refuses_runs_on_the_primary() {
     let mut h = Harness::new(true);
     h.client(&query("SELECT * FROM unlogged_t"));
-    h.to_server();
+    h.take_server();
     h.server(&cat(&[
         error(
             "ERROR",
@@ -394,7 +394,7 @@ fn a_read_a_standby_refuses_runs_on_the_primary() {
             exclude: None
         })
     ));
-    assert_eq!(h.to_client(), "", "the refusal is not passed on");
+    assert_eq!(h.take_client(), "", "the refusal is not passed on");
 }
 
 #[test]
@@ -402,7 +402,7 @@ fn a_unit_that_pins_keeps_its_connection_until_the_client_leaves() {
     let mut h = Harness::new(false);
     h.client(&query("LISTEN jobs"));
     h.server(&cat(&[be(b'C', b"LISTEN\0"), ready(b'I')]));
-    assert_eq!(h.to_client(), "CZ");
+    assert_eq!(h.take_client(), "CZ");
     h.perform(true);
     assert!(h.released().is_empty(), "pinned: not released");
     // Its own NOTIFY carries the pid the client was given.
@@ -425,7 +425,7 @@ fn a_unit_that_pins_keeps_its_connection_until_the_client_leaves() {
 fn a_large_row_is_streamed_not_buffered() {
     let mut h = Harness::new(false);
     h.client(&query("SELECT big FROM t"));
-    h.to_server();
+    h.take_server();
     let mut row = vec![0u8, 1];
     row.extend_from_slice(&(200_000u32).to_be_bytes());
     row.extend(std::iter::repeat_n(b'x', 200_000));
