@@ -472,7 +472,8 @@ impl Classifier {
                             },
                             _ => None,
                         });
-                        if setting.as_deref().is_some_and(is_node_local_setting) {
+                        // A setting named by a parameter ($1) may be one of those.
+                        if setting.as_deref().is_none_or(is_node_local_setting) {
                             c.read_only = false;
                         }
                     }

@@ -191,6 +191,8 @@ fn settings_a_standby_reports_differently_are_read_on_the_primary() {
             .read_only
     );
     assert!(!c("SHOW transaction_read_only").read_only);
+    // psycopg: current_setting(%s) with the name as a parameter.
+    assert!(!c("select current_setting($1), current_setting($2)").read_only);
     assert!(c("SHOW TimeZone").read_only);
     // Same shape, another setting: a cache keyed by shape must not mix them.
     let k = Classifier::new(&[]);
