@@ -17,7 +17,8 @@ test: deps
 # runner) directly against PostgreSQL and through Switchyard in session, transaction
 # and transaction + read/write split mode; fails on a test that passes direct and fails
 # through Switchyard unless compat/allowlist.toml lists it. See compat/README.md.
-# The full suites take hours on 2 cores; the results go to compat/results/LATEST.md.
+# The full suites take about 85 minutes on 2 cores (psycopg ~15 min per target); the
+# results go to compat/results/LATEST.md.
 compat: deps
 	cargo build --release
 	SWITCHYARD_BIN=target/release/switchyard compat/run --report compat/results/LATEST.md
