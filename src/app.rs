@@ -45,6 +45,7 @@ fn start_monitors(shared: &Shared) {
     let observer: health::Observer =
         Arc::new(move |cluster, node, took, t| metrics.observe_check(cluster, node, took, t));
     for (name, ctx) in &shared.clusters {
+        ctx.freshness.set_login(login.clone());
         let mut monitors = ctx.monitors.lock().unwrap();
         for (_, task) in monitors.drain() {
             task.abort();

@@ -15,6 +15,52 @@ use std::sync::Arc;
 use pg_query::protobuf::{a_const, ObjectType, TransactionStmtKind, VariableSetKind};
 use pg_query::{NodeEnum, NodeRef};
 
+/// The setting through which clients carry read-your-writes between connections.
+pub const CAUSAL_TOKEN: &str = "switchyard.causal_token";
+
+/// `SHOW` / `SET` / `RESET switchyard.causal_token`, sent alone in a simple query: the
+/// proxy answers it (the setting is the proxy's, not the server's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CausalStatement {
+    Show,
+    /// The value; empty clears the token.
+    Set(String),
+    Reset,
+}
+
+/// Recognise a causal-token statement. Cheap for everything else: a byte search for the
+/// setting's name comes before any parsing.
+pub fn causal_statement(sql: &[u8]) -> Option<CausalStatement> {
+    const NAME: &[u8] = b"causal_token";
+    if !sql.windows(NAME.len()).any(|w| w.eq_ignore_ascii_case(NAME)) {
+        return None;
+    }
+    let parsed = pg_query::parse(std::str::from_utf8(sql).ok()?, 0).ok()?;
+    let [raw] = parsed.protobuf.stmts.as_slice() else {
+        return None;
+    };
+    match raw.stmt.as_ref()?.node.as_ref()? {
+        NodeEnum::VariableShowStmt(v) if v.name.eq_ignore_ascii_case(CAUSAL_TOKEN) => Some(CausalStatement::Show),
+        NodeEnum::VariableSetStmt(v) if v.name.eq_ignore_ascii_case(CAUSAL_TOKEN) => {
+            match VariableSetKind::try_from(v.kind).ok()? {
+                VariableSetKind::VarReset | VariableSetKind::VarSetDefault => Some(CausalStatement::Reset),
+                VariableSetKind::VarSetValue => match v.args.as_slice() {
+                    [arg] => match arg.node.as_ref()? {
+                        NodeEnum::AConst(k) => match k.val.as_ref()? {
+                            a_const::Val::Sval(s) => Some(CausalStatement::Set(s.sval.clone())),
+                            _ => None,
+                        },
+                        _ => None,
+                    },
+                    _ => None,
+                },
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Session state a statement changes; replayed on every server connection the client
 /// gets in transaction mode.
 #[derive(Debug, Clone, PartialEq, Eq)]

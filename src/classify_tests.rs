@@ -247,3 +247,33 @@ fn hints_and_cache() {
     let b = k.classify("SELECT 1");
     assert!(Arc::ptr_eq(&a, &b));
 }
+
+#[test]
+fn causal_token_statements_are_recognised_alone() {
+    use crate::classify::{causal_statement, CausalStatement as C};
+    assert_eq!(causal_statement(b"SHOW switchyard.causal_token"), Some(C::Show));
+    assert_eq!(causal_statement(b"show SWITCHYARD.CAUSAL_TOKEN;"), Some(C::Show));
+    assert_eq!(
+        causal_statement(b"SET switchyard.causal_token = 'sy1.a.1.10'"),
+        Some(C::Set("sy1.a.1.10".into()))
+    );
+    assert_eq!(
+        causal_statement(b"set switchyard.causal_token to 'x'"),
+        Some(C::Set("x".into()))
+    );
+    assert_eq!(
+        causal_statement(b"SET switchyard.causal_token = ''"),
+        Some(C::Set(String::new()))
+    );
+    assert_eq!(causal_statement(b"RESET switchyard.causal_token"), Some(C::Reset));
+    assert_eq!(
+        causal_statement(b"SET switchyard.causal_token TO DEFAULT"),
+        Some(C::Reset)
+    );
+    // Anything else goes to a server as usual.
+    assert_eq!(causal_statement(b"SELECT 1"), None);
+    assert_eq!(causal_statement(b"SHOW other.causal_token"), None);
+    assert_eq!(causal_statement(b"SELECT 'switchyard.causal_token'"), None);
+    assert_eq!(causal_statement(b"SHOW switchyard.causal_token; SELECT 1"), None);
+    assert_eq!(causal_statement(b"\xff causal_token"), None);
+}

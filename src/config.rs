@@ -184,6 +184,17 @@ pub enum SplitBrainRule {
     NewestTimeline,
 }
 
+/// Read-your-writes for reads sent to standbys (split reads, the ro endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadYourWrites {
+    /// After a client's write commits, its reads go only to standbys that replayed it
+    /// (waiting up to `causal_wait_ms`, else the primary).
+    Session,
+    /// Reads go to any standby within `max_replica_lag_ms` (causal tokens still apply).
+    Off,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
@@ -221,6 +232,13 @@ pub struct ClusterConfig {
     /// Transaction mode, rw endpoint: send reads outside a transaction to standbys.
     #[serde(default)]
     pub read_write_split: bool,
+    /// Whether a client's reads on a standby see its own earlier writes.
+    #[serde(default = "d_read_your_writes")]
+    pub read_your_writes: ReadYourWrites,
+    /// How long a read that must be fresh waits for a standby to replay far enough
+    /// before it goes to the primary instead.
+    #[serde(default = "d_100")]
+    pub causal_wait_ms: u64,
     /// Functions (besides the built-in list) that never write, so a SELECT calling
     /// them may go to a standby.
     #[serde(default)]
@@ -263,6 +281,12 @@ impl NodeConfig {
     }
 }
 
+fn d_100() -> u64 {
+    100
+}
+fn d_read_your_writes() -> ReadYourWrites {
+    ReadYourWrites::Session
+}
 fn d_1000() -> u64 {
     1000
 }
@@ -436,6 +460,12 @@ impl Config {
                 return Err(invalid(
                     format!("clusters.{cname}.min_pool_size"),
                     "must not exceed pool_size",
+                ));
+            }
+            if c.causal_wait_ms > 60_000 {
+                return Err(invalid(
+                    format!("clusters.{cname}.causal_wait_ms"),
+                    "must be at most 60000 (a read waits this long before going to the primary)",
                 ));
             }
             if c.read_write_split && c.pool_mode != PoolMode::Transaction {

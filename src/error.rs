@@ -25,6 +25,7 @@ impl SqlState {
     pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState(*b"42501");
     pub const SYNTAX_ERROR: SqlState = SqlState(*b"42601");
     pub const READ_ONLY_SQL_TRANSACTION: SqlState = SqlState(*b"25006");
+    pub const INVALID_PARAMETER_VALUE: SqlState = SqlState(*b"22023");
 
     /// A code a server sent; anything that is not five ASCII characters is not one.
     pub fn parse(code: &[u8]) -> Option<SqlState> {
@@ -194,6 +195,12 @@ impl Error {
     /// An admin console command the user may not run.
     pub fn insufficient_privilege(message: impl Into<String>) -> Error {
         Error::new(SqlState::INSUFFICIENT_PRIVILEGE, Side::Client, message)
+    }
+
+    /// A setting the proxy handles itself was given a value it cannot use (a causal
+    /// token that is malformed or from another cluster).
+    pub fn invalid_parameter(message: impl Into<String>) -> Error {
+        Error::new(SqlState::INVALID_PARAMETER_VALUE, Side::Client, message)
     }
 
     /// An admin console command that is not one.

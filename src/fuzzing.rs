@@ -464,6 +464,14 @@ pub fn machine_target(data: &[u8]) {
                     }
                 }
                 Action::CloseIdle(_) => {}
+                Action::Causal(_) => {
+                    let reply = match b.byte().unwrap_or(0) % 3 {
+                        0 => Ok(crate::frontend::txn::machine::CausalReply::Show("sy1.1.1.1".into())),
+                        1 => Ok(crate::frontend::txn::machine::CausalReply::Set),
+                        _ => Err(crate::error::Error::invalid_parameter("fuzz")),
+                    };
+                    m.on_causal_reply(reply);
+                }
                 Action::End(e) => {
                     ended = true;
                     // The driver writes a goodbye only at a message boundary.

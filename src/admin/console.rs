@@ -107,32 +107,9 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
 fn write_answer(out: &mut BytesMut, answer: Answer) {
     match answer {
         Answer::Rows { columns, rows } => {
-            // RowDescription: every column is text (OID 25).
-            let at = out.len();
-            out.put_u8(b'T');
-            out.put_i32(0);
-            out.put_i16(columns.len() as i16);
-            for c in &columns {
-                out.put_slice(c.as_bytes());
-                out.put_u8(0);
-                out.put_i32(0);
-                out.put_i16(0);
-                out.put_i32(25);
-                out.put_i16(-1);
-                out.put_i32(-1);
-                out.put_i16(0);
-            }
-            patch_len(out, at);
+            messages::row_description_text(out, &columns);
             for row in &rows {
-                let at = out.len();
-                out.put_u8(b'D');
-                out.put_i32(0);
-                out.put_i16(row.len() as i16);
-                for v in row {
-                    out.put_i32(v.len() as i32);
-                    out.put_slice(v.as_bytes());
-                }
-                patch_len(out, at);
+                messages::data_row_text(out, row);
             }
             command_complete(out, &format!("SHOW {}", rows.len()));
         }
@@ -141,18 +118,8 @@ fn write_answer(out: &mut BytesMut, answer: Answer) {
     }
 }
 
-fn patch_len(out: &mut BytesMut, at: usize) {
-    let len = (out.len() - at - 1) as i32;
-    out[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
-}
-
 fn command_complete(out: &mut BytesMut, tag: &str) {
-    let at = out.len();
-    out.put_u8(b'C');
-    out.put_i32(0);
-    out.put_slice(tag.as_bytes());
-    out.put_u8(0);
-    patch_len(out, at);
+    messages::command_complete(out, tag);
 }
 
 fn unix(t: SystemTime) -> String {

@@ -40,8 +40,12 @@ impl<C> Connected<C> {
     }
 }
 
+/// Which candidates a caller will take (`accept(snapshot, index)`): fresh reads take
+/// only standbys that replayed far enough, and the primary.
+pub type Accept<'a> = &'a (dyn Fn(&ClusterSnapshot, usize) -> bool + Sync);
+
 /// Connect for `endpoint` (`ReadWrite`: the primary; `ReadOnly`: a readable node),
-/// skipping the node named `exclude`. `rx`, when the caller watches the topology (the
+/// skipping the node named `exclude` and candidates `accept` refuses. `rx`, when the caller watches the topology (the
 /// session-mode relay does), is the receiver to use, so that the caller has seen every
 /// change up to its node's choice; otherwise one is subscribed only if there is
 /// something to wait for. A PAUSE holds the attempt without limit (an operator asked for
@@ -50,11 +54,12 @@ pub async fn connect<D: Dialer>(
     cluster: &ClusterCtx,
     endpoint: Endpoint,
     exclude: Option<&str>,
+    accept: Option<Accept<'_>>,
     rx: Option<&mut watch::Receiver<Arc<ClusterSnapshot>>>,
     dialer: &mut D,
 ) -> Result<Connected<D::Conn>, Error> {
     cluster.waiting.fetch_add(1, Ordering::Relaxed);
-    let result = connect_inner(cluster, endpoint, exclude, rx, dialer).await;
+    let result = connect_inner(cluster, endpoint, exclude, accept, rx, dialer).await;
     cluster.waiting.fetch_sub(1, Ordering::Relaxed);
     result
 }
@@ -63,6 +68,7 @@ async fn connect_inner<D: Dialer>(
     cluster: &ClusterCtx,
     endpoint: Endpoint,
     exclude: Option<&str>,
+    accept: Option<Accept<'_>>,
     mut rx: Option<&mut watch::Receiver<Arc<ClusterSnapshot>>>,
     dialer: &mut D,
 ) -> Result<Connected<D::Conn>, Error> {
@@ -87,7 +93,7 @@ async fn connect_inner<D: Dialer>(
             Ok(candidates) => {
                 for index in candidates {
                     let node = &snap.nodes[index];
-                    if exclude == Some(node.name.as_str()) {
+                    if exclude == Some(node.name.as_str()) || accept.is_some_and(|f| !f(&snap, index)) {
                         continue;
                     }
                     let remaining = deadline.saturating_duration_since(Instant::now());

@@ -18,14 +18,26 @@ use crate::config::HealthConfig;
 /// The standby's own lag figure (0 when everything received has been replayed, else the
 /// age of the last replayed transaction) is only a fallback: the topology measures lag
 /// from the primary's WAL positions (`ClusterState::refresh_time_lag`).
-/// The timeline of a primary is the first 8 hex digits of its current WAL file name.
+/// The timeline of a primary is the first 8 hex digits of its current WAL file name; a
+/// standby's is the one its WAL receiver streams. `streaming`: whether a standby's WAL
+/// receiver is streaming (NULL when the receiver exists but its status is hidden from a
+/// health user without `pg_read_all_stats`).
 const CHECK_SQL: &str = "SELECT pg_is_in_recovery() AS standby,
   CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END::text AS lsn,
   (CASE WHEN NOT pg_is_in_recovery() THEN 0
         WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
         ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END)::float8 AS lag_ms,
-  CASE WHEN pg_is_in_recovery() THEN NULL
-       ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END AS timeline";
+  CASE WHEN pg_is_in_recovery()
+       THEN (SELECT max(received_tli) FROM pg_stat_wal_receiver WHERE status = 'streaming')
+       ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END AS timeline,
+  CASE WHEN pg_is_in_recovery()
+       THEN (SELECT CASE WHEN count(*) = 0 THEN false
+                         WHEN bool_and(status IS NULL) THEN NULL
+                         ELSE bool_or(status = 'streaming') END
+             FROM pg_stat_wal_receiver) END AS streaming";
+
+/// Asked once per health connection: every node of a cluster has the same one.
+const SYSTEM_ID_SQL: &str = "SELECT system_identifier::text FROM pg_control_system()";
 
 pub struct Target {
     pub cluster: Arc<ClusterState>,
@@ -43,6 +55,7 @@ pub struct Login {
 struct Session {
     client: Client,
     check: Statement,
+    system_id: Option<u64>,
     task: JoinHandle<()>,
 }
 
@@ -114,11 +127,14 @@ async fn check(target: &Target, login: &Login, session: &mut Option<Session>) ->
     let lsn: Option<String> = row.get("lsn");
     let lag_ms: f64 = row.get("lag_ms");
     let timeline: Option<i32> = row.get("timeline");
+    let streaming: Option<bool> = row.get("streaming");
     Ok(Observation {
         role: if standby { Role::Standby } else { Role::Primary },
         lag_ms: lag_ms.max(0.0) as u64,
         lsn: lsn.as_deref().and_then(parse_lsn),
         timeline: timeline.map(|t| t as u32),
+        streaming,
+        system_id: s.system_id,
     })
 }
 
@@ -138,7 +154,17 @@ async fn open(target: &Target, login: &Login) -> Result<Session, String> {
         let _ = connection.await;
     });
     let check = client.prepare(CHECK_SQL).await.map_err(describe)?;
-    Ok(Session { client, check, task })
+    // Not fatal when missing: causal tokens then carry no cluster identity check.
+    let system_id = match client.query_one(SYSTEM_ID_SQL, &[]).await {
+        Ok(row) => row.get::<_, Option<String>>(0).and_then(|s| s.parse().ok()),
+        Err(_) => None,
+    };
+    Ok(Session {
+        client,
+        check,
+        system_id,
+        task,
+    })
 }
 
 /// A short reason for logs and error messages: the server's own message when there is

@@ -2,6 +2,7 @@
 //! kept current (`health`), and where a request may go (`routing`, a pure function of a
 //! topology snapshot). `ClusterCtx` is a cluster as sessions and operators see it.
 
+pub mod freshness;
 pub mod health;
 pub mod routing;
 pub mod topology;
@@ -32,11 +33,14 @@ pub struct ClusterCtx {
     /// `PAUSE`: checked with one atomic load on the relay path; the watch is for waiting.
     paused: AtomicBool,
     pause_tx: watch::Sender<bool>,
+    /// Fresh reads: the primary's WAL position after a write, standbys' replay positions.
+    pub freshness: freshness::Freshness,
     /// The health monitor task of each node (restarted on reload).
     pub(crate) monitors: Mutex<HashMap<String, JoinHandle<()>>>,
 }
 
 impl ClusterCtx {
+    /// Must be called on the runtime where background work (fresh-read probes) runs.
     pub fn new(
         name: &str,
         state: Arc<ClusterState>,
@@ -46,6 +50,7 @@ impl ClusterCtx {
     ) -> ClusterCtx {
         ClusterCtx {
             name: name.to_string(),
+            freshness: freshness::Freshness::new(state.clone(), tokio::runtime::Handle::current()),
             state,
             classifier,
             listen_rw,

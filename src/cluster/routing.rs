@@ -7,7 +7,7 @@ use std::fmt;
 use smallvec::{smallvec, SmallVec};
 
 pub use crate::cluster::topology::Policy;
-use crate::cluster::topology::{ClusterSnapshot, Health, Role};
+use crate::cluster::topology::{ClusterSnapshot, Detached, Health, Role};
 use crate::config::{ReadBalance, SplitBrainRule};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +146,8 @@ pub type Nodes = SmallVec<[usize; 8]>;
 
 pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<Nodes, NoRoute> {
     let policy = &snap.policy;
-    let open_primary = primary(snap).and_then(|p| {
+    let the_primary = primary(snap);
+    let open_primary = the_primary.clone().and_then(|p| {
         if snap.nodes[p].drained {
             Err(NoRoute::NoPrimary {
                 cluster: snap.name.clone(),
@@ -166,6 +167,7 @@ pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<
                         && n.role == Role::Standby
                         && !n.drained
                         && n.lag_ms.is_some_and(|l| l <= policy.max_replica_lag_ms)
+                        && snap.detached(i, the_primary.as_ref().ok().copied()).is_none()
                 })
                 .collect();
             match policy.read_balance {
@@ -220,6 +222,15 @@ pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, node: &str) -> Optio
             n.name,
             snap.name,
             n.last_error.as_deref().unwrap_or("health checks failed")
+        ));
+    }
+    // An orphan (a standby left on an old timeline by a failover) serves stale data for
+    // as long as it is read: its sessions end. A standby merely not streaming for a
+    // moment (its primary restarting) keeps them, and only gets no new ones.
+    if let Some(d @ Detached::OldTimeline { .. }) = snap.detached(index, primary(snap).ok()) {
+        return Some(format!(
+            "node \"{}\" of cluster \"{}\" no longer follows the primary ({d}); reconnect to read current data",
+            n.name, snap.name
         ));
     }
     if endpoint == Endpoint::ReadOnly && n.role == Role::Primary && primary(snap).ok() != Some(index) {
@@ -278,6 +289,8 @@ mod tests {
                         lag_ms: lag,
                         lsn: None,
                         timeline: Some(tli),
+                        streaming: None,
+                        system_id: None,
                     })
                 } else {
                     Err("connection refused".to_string())
@@ -461,5 +474,32 @@ mod tests {
         assert!(err.contains("default primary (drained)"), "{err}");
         assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![2]));
         assert_eq!(eviction(Endpoint::ReadWrite, &c, "default"), None);
+    }
+
+    #[test]
+    fn a_standby_not_following_the_primary_gets_no_reads() {
+        // After a failover: f1 promoted (timeline 2); f2 still streams timeline 1 from
+        // nowhere (an orphan); f3 follows f1 but its receiver is reconnecting.
+        let mut c = cluster(&[
+            ("default", "down", P, 0, 1),
+            ("f1", "up", P, 0, 2),
+            ("f2", "up", S, 0, 1),
+            ("f3", "up", S, 0, 2),
+        ]);
+        c.nodes[3].streaming = Some(false);
+        assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![1]));
+        assert!(eviction(Endpoint::ReadOnly, &c, "f2")
+            .unwrap()
+            .contains("on timeline 1, older than the primary's 2"));
+        // Not streaming for a moment keeps current sessions.
+        assert_eq!(eviction(Endpoint::ReadOnly, &c, "f3"), None);
+        // Both follow again: both read.
+        c.nodes[2].timeline = Some(2);
+        c.nodes[3].streaming = Some(true);
+        assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![2, 3, 1]));
+        // With no primary up, standbys serve reads whatever they stream.
+        let mut c = cluster(&[("default", "down", P, 0, 1), ("f2", "up", S, 0, 1)]);
+        c.nodes[1].streaming = Some(false);
+        assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![1]));
     }
 }

@@ -55,8 +55,15 @@ pub struct Observation {
     pub lag_ms: u64,
     /// Primary: current WAL insert position. Standby: last replayed position.
     pub lsn: Option<u64>,
-    /// Primary only: the timeline it writes on (split-brain rule).
+    /// Primary: the timeline it writes on (split-brain rule). Standby: the timeline its
+    /// WAL receiver is streaming (None when not streaming or not visible to the health
+    /// user).
     pub timeline: Option<u32>,
+    /// Standby only: whether its WAL receiver is streaming (None: not visible to the
+    /// health user, who needs `pg_monitor` or `pg_read_all_stats` to see it).
+    pub streaming: Option<bool>,
+    /// The cluster's system identifier (`pg_control_system()`), if known.
+    pub system_id: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,7 +75,11 @@ pub struct NodeState {
     pub lag_ms: Option<u64>,
     pub lag_bytes: Option<u64>,
     pub lsn: Option<u64>,
+    /// Primary: its timeline. Standby: the timeline it last streamed (kept while its
+    /// receiver is disconnected, so an orphan is recognised by it).
     pub timeline: Option<u32>,
+    /// Standby: its WAL receiver streams (see `Observation::streaming`).
+    pub streaming: Option<bool>,
     pub last_error: Option<String>,
     pub last_check: Option<SystemTime>,
     /// When `health` last changed.
@@ -135,6 +146,7 @@ impl NodeState {
             lag_bytes: None,
             lsn: None,
             timeline: None,
+            streaming: None,
             last_error: None,
             last_check: None,
             since: SystemTime::now(),
@@ -177,7 +189,12 @@ impl NodeState {
                 }
                 self.lag_ms = Some(obs.lag_ms);
                 self.lsn = obs.lsn;
-                self.timeline = obs.timeline;
+                // A standby whose receiver is disconnected keeps the timeline it last
+                // streamed: that is what shows it to be an orphan after a failover.
+                if obs.timeline.is_some() || obs.role == Role::Primary {
+                    self.timeline = obs.timeline;
+                }
+                self.streaming = if obs.role == Role::Standby { obs.streaming } else { None };
                 reason = match (old_role, obs.role) {
                     (Role::Primary, Role::Standby) => "server is in recovery now".to_string(),
                     (Role::Standby, Role::Primary) => "server left recovery (promoted)".to_string(),
@@ -194,6 +211,7 @@ impl NodeState {
                     self.role = Role::Unknown;
                     self.lag_ms = None;
                     self.lag_bytes = None;
+                    self.streaming = None;
                 }
                 reason = if self.fail_streak > 1 {
                     format!("{err} ({} consecutive failed checks)", self.fail_streak)
@@ -273,6 +291,34 @@ pub struct ClusterSnapshot {
     /// primary below it is an old primary that came back: it never gets writes, even
     /// while the newer one is unreachable.
     pub newest_timeline: u32,
+    /// A WAL position on `newest_timeline` at or after the point where it began (the
+    /// first position a primary reported on it): a standby past it has left every older
+    /// timeline behind. Causal tokens from an older timeline are judged against it.
+    pub timeline_start: u64,
+    /// The cluster's system identifier, from the first node that reported one: causal
+    /// tokens carry it, so one from another cluster is refused.
+    pub system_id: Option<u64>,
+}
+
+/// Why an up standby gets no reads although its lag may look fine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detached {
+    /// Its WAL receiver is not streaming while a primary is up: it is not following it.
+    NotStreaming,
+    /// It streamed a timeline older than the primary's: it follows a primary that is
+    /// gone (an orphan after a failover).
+    OldTimeline { standby: u32, primary: u32 },
+}
+
+impl fmt::Display for Detached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Detached::NotStreaming => f.write_str("not streaming from the primary"),
+            Detached::OldTimeline { standby, primary } => {
+                write!(f, "on timeline {standby}, older than the primary's {primary}")
+            }
+        }
+    }
 }
 
 impl ClusterSnapshot {
@@ -284,7 +330,28 @@ impl ClusterSnapshot {
             connect_timeout,
             server_login_timeout: connect_timeout,
             newest_timeline: 0,
+            timeline_start: 0,
+            system_id: None,
         }
+    }
+
+    /// Why standby `i` must not serve reads, given the primary (`routing::primary`), if
+    /// it must not. With no primary up every standby is as good as it gets: reads go on.
+    pub fn detached(&self, i: usize, primary: Option<usize>) -> Option<Detached> {
+        let n = &self.nodes[i];
+        let p = &self.nodes[primary?];
+        if n.health != Health::Up || n.role != Role::Standby {
+            return None;
+        }
+        if let (Some(s), Some(pt)) = (n.timeline, p.timeline) {
+            if s < pt {
+                return Some(Detached::OldTimeline {
+                    standby: s,
+                    primary: pt,
+                });
+            }
+        }
+        (n.streaming == Some(false)).then_some(Detached::NotStreaming)
     }
 
     pub fn index(&self, node: &str) -> Option<usize> {
@@ -407,23 +474,29 @@ impl ClusterState {
     pub fn record(&self, node: &str, result: Result<Observation, String>, rise: u32, fall: u32) -> Option<Transition> {
         let mut transition = None;
         let mut transition_notify = false;
+        let system_id = result.as_ref().ok().and_then(|o| o.system_id);
         self.update(|snap| {
             if let Some(i) = snap.index(node) {
                 transition = snap.nodes[i].apply(result, rise, fall, SystemTime::now());
                 let n = &snap.nodes[i];
+                if snap.system_id.is_none() {
+                    snap.system_id = system_id;
+                }
                 if let (Health::Up, Role::Primary, Some(t)) = (n.health, n.role, n.timeline) {
                     if t > snap.newest_timeline {
                         snap.newest_timeline = t;
+                        snap.timeline_start = n.lsn.unwrap_or(u64::MAX);
                         // Sessions must re-judge their primary against the new timeline.
                         transition_notify = true;
                     }
                 }
-                let eligible_before = readable(snap);
+                let eligible_before = self.readable(snap);
                 self.refresh_time_lag(snap, i);
                 snap.refresh_byte_lag();
-                // A standby crossing max_replica_lag_ms changes where reads may go:
-                // wake clients waiting for a readable node.
-                transition_notify |= readable(snap) != eligible_before;
+                // A standby crossing max_replica_lag_ms, or starting or stopping to
+                // follow the primary, changes where reads may go: wake clients waiting
+                // for a readable node, and sessions on a standby that became an orphan.
+                transition_notify |= self.readable(snap) != eligible_before;
             }
             transition.is_some() || transition_notify
         });
@@ -436,6 +509,20 @@ impl ClusterState {
             );
         }
         transition
+    }
+
+    /// Which nodes reads may go to (for noticing a change).
+    fn readable(&self, snap: &ClusterSnapshot) -> Vec<bool> {
+        let primary = (self.primary_of)(snap);
+        (0..snap.nodes.len())
+            .map(|i| {
+                let n = &snap.nodes[i];
+                n.health == Health::Up
+                    && n.role == Role::Standby
+                    && n.lag_ms.is_some_and(|l| l <= snap.policy.max_replica_lag_ms)
+                    && snap.detached(i, primary).is_none()
+            })
+            .collect()
     }
 
     /// Measure every standby's lag against the primary's WAL history, in the proxy.
@@ -471,18 +558,6 @@ impl ClusterState {
     }
 }
 
-/// Which nodes reads may go to (for noticing a change).
-fn readable(snap: &ClusterSnapshot) -> Vec<bool> {
-    snap.nodes
-        .iter()
-        .map(|n| {
-            n.health == Health::Up
-                && n.role == Role::Standby
-                && n.lag_ms.is_some_and(|l| l <= snap.policy.max_replica_lag_ms)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,6 +568,8 @@ mod tests {
             lag_ms: 0,
             lsn: Some(100),
             timeline: Some(1),
+            streaming: None,
+            system_id: None,
         })
     }
 
@@ -567,6 +644,8 @@ mod tests {
             lag_ms: 0,
             lsn: Some(lsn),
             timeline: Some(1),
+            streaming: None,
+            system_id: None,
         })
     }
 

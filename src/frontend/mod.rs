@@ -1,9 +1,10 @@
 //! Towards clients: authentication (`auth`), CancelRequest routing (`cancel`), the
 //! client session from startup to goodbye (`session`: session mode relays bytes) and
-//! transaction pooling (`txn`: an I/O-free machine and its driver).
+//! transaction pooling (`txn`: an I/O-free machine and its driver); a client's fresh-read floor (`fresh`).
 
 pub mod auth;
 pub mod cancel;
+pub mod fresh;
 pub mod session;
 pub mod shared;
 pub mod txn;

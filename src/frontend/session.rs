@@ -19,8 +19,10 @@ use tracing::{debug, info, warn};
 
 use tokio::sync::watch;
 
-use crate::backend::connector;
+use crate::backend::connector::{self, Accept};
 use crate::backend::server::{self, ServerConn};
+use crate::classify::CAUSAL_TOKEN;
+use crate::cluster::freshness::{self, Floor};
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, NodeStats, Role};
 use crate::cluster::ClusterCtx;
@@ -29,6 +31,7 @@ use crate::config::{Config, PoolMode};
 use crate::error::Error;
 use crate::frontend::auth::{AuthError, Verifier};
 use crate::frontend::cancel::Registration;
+use crate::frontend::fresh::{Causal, FreshMetrics};
 use crate::frontend::shared::Shared;
 use crate::frontend::txn::{Driver, TxnClient};
 use crate::obs::clients::NewClient;
@@ -70,6 +73,8 @@ struct Client {
     database: String,
     /// Startup parameters passed on to the server (application_name, options, ...).
     params: Vec<(String, String)>,
+    /// The startup option `switchyard.causal_token`, not checked yet.
+    causal_token: Option<String>,
 }
 
 impl Client {
@@ -155,13 +160,16 @@ pub async fn serve(
                 user: client.user,
             })
         }
-        Ok(Ok(Some(client))) if config.clusters[&cluster.name].pool_mode == PoolMode::Transaction => {
-            serve_transaction_mode(stream, peer, client, &cluster, endpoint, &shared).await;
-            return None;
-        }
-        Ok(Ok(Some(client))) => connect(&mut stream, &client, &cluster, endpoint, &shared, &config)
-            .await
-            .map(|(c, waited)| (client, c, waited)),
+        Ok(Ok(Some(client))) => match causal_floor(&client, &cluster) {
+            Err(e) => Err(Reject::Error(e)),
+            Ok(floor) if config.clusters[&cluster.name].pool_mode == PoolMode::Transaction => {
+                serve_transaction_mode(stream, peer, client, floor, &cluster, endpoint, &shared).await;
+                return None;
+            }
+            Ok(floor) => connect(&mut stream, &client, floor, &cluster, endpoint, &shared, &config)
+                .await
+                .map(|(c, waited)| (client, c, waited)),
+        },
         Ok(Ok(None)) => return None, // a cancel request, already handled
         Ok(Err(r)) => Err(r),
         Err(_) => Err(Reject::Error(Error::protocol(format!(
@@ -215,12 +223,23 @@ pub async fn serve(
     None
 }
 
+/// The floor of a causal token given at startup, checked against the cluster.
+fn causal_floor(client: &Client, cluster: &ClusterCtx) -> Result<Option<Floor>, Error> {
+    match &client.causal_token {
+        None => Ok(None),
+        Some(text) => {
+            freshness::parse_token(text, &cluster.state.snapshot()).map_err(|e| Error::invalid_parameter(e.to_string()))
+        }
+    }
+}
+
 /// Transaction pooling: greet the client with a server's parameters, then run the
 /// pooled session loop (`txn`).
 async fn serve_transaction_mode(
     stream: TcpStream,
     peer: SocketAddr,
     client: Client,
+    causal_token: Option<Floor>,
     cluster: &ClusterCtx,
     endpoint: Endpoint,
     shared: &Shared,
@@ -248,6 +267,7 @@ async fn serve_transaction_mode(
         user: client.user,
         database: client.database,
         params: client.params,
+        causal_token,
     };
     info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
     let mut driver = Driver::new(stream, who, cluster, endpoint, shared, cancel);
@@ -298,6 +318,7 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
             _ => passed.push((k, v)),
         }
     }
+    let causal_token = crate::protocol::startup::take_setting(&mut passed, CAUSAL_TOKEN);
     let user = user
         .filter(|u| !u.is_empty())
         .ok_or_else(|| Reject::Error(Error::not_authorized("no user name specified in startup packet")))?;
@@ -325,6 +346,7 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
         user,
         database,
         params: passed,
+        causal_token,
     }))
 }
 
@@ -417,6 +439,7 @@ async fn read_password_message(stream: &mut TcpStream) -> Result<BytesMut, Rejec
 async fn connect(
     stream: &mut TcpStream,
     client: &Client,
+    causal_token: Option<Floor>,
     cluster: &ClusterCtx,
     endpoint: Endpoint,
     shared: &Shared,
@@ -440,11 +463,30 @@ async fn connect(
         params: &params,
         require_primary: endpoint == Endpoint::ReadWrite,
     };
+    // A ro session with a causal token starts on a node that has replayed it (waiting
+    // up to causal_wait_ms for a standby, else the primary); the session then stays
+    // there, so later reads are at least as fresh.
+    let mut causal = None;
+    if endpoint == Endpoint::ReadOnly {
+        let cc = &config.clusters[&cluster.name];
+        let mut c = Causal::new(cc, causal_token, FreshMetrics::new(&shared.metrics, &cluster.name));
+        let placement = c.place(cluster).await;
+        causal = Some((c, placement));
+    }
+    let accept_fresh =
+        |snap: &ClusterSnapshot, i: usize| causal.as_ref().is_none_or(|(_, p)| p.accepts(cluster, snap, i));
+    let accept: Option<Accept<'_>> = match &causal {
+        Some((_, p)) if !p.is_free() => Some(&accept_fresh),
+        _ => None,
+    };
     let mut rx = cluster.state.subscribe();
     let mut dialer = LoginDialer { login, cluster };
-    let c = connector::connect(cluster, endpoint, None, Some(&mut rx), &mut dialer).await?;
+    let c = connector::connect(cluster, endpoint, None, accept, Some(&mut rx), &mut dialer).await?;
     let snapshot = c.snapshot;
     let node = &snapshot.nodes[c.index];
+    if let Some((causal, placement)) = &causal {
+        causal.placed(placement, node.role);
+    }
     let (conn, slot) = c.conn;
     let cancel = send_welcome(stream, &conn, shared, &node.addr).await?;
     Ok((

@@ -73,6 +73,14 @@ pub struct Metrics {
     pub pool_wait_seconds: Family<ClusterLabels, Histogram>,
     pub failovers: Family<ClusterLabels, Counter>,
     pub role_changes: Family<NodeLabels, Counter>,
+    /// Reads placed on a standby (a split or ro unit in transaction mode, a ro session
+    /// in session mode).
+    pub reads_to_standby: Family<ClusterLabels, Counter>,
+    /// Reads that had to be fresh (read-your-writes, a causal token) and went to the
+    /// primary because no standby had replayed far enough within `causal_wait_ms`.
+    pub reads_to_primary_for_freshness: Family<ClusterLabels, Counter>,
+    /// How long reads waited for a standby to replay far enough (reads that waited).
+    pub causal_wait_seconds: Family<ClusterLabels, Histogram>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -99,7 +107,28 @@ impl Default for Metrics {
             pool_wait_seconds: Family::new_with_constructor(latency_histogram),
             failovers: Family::default(),
             role_changes: Family::default(),
+            reads_to_standby: Family::default(),
+            reads_to_primary_for_freshness: Family::default(),
+            causal_wait_seconds: Family::new_with_constructor(|| {
+                // 0.25 ms .. ~8 s
+                Histogram::new(exponential_buckets(0.00025, 2.0, 16))
+            }),
         };
+        r.register(
+            "reads_to_standby",
+            "Reads placed on a standby (units in transaction mode, sessions in session mode)",
+            m.reads_to_standby.clone(),
+        );
+        r.register(
+            "reads_to_primary_for_freshness",
+            "Reads sent to the primary because no standby had replayed the client's writes or causal token within causal_wait_ms",
+            m.reads_to_primary_for_freshness.clone(),
+        );
+        r.register(
+            "causal_wait_seconds",
+            "Time reads waited for a standby to replay the client's writes or causal token",
+            m.causal_wait_seconds.clone(),
+        );
         r.register("node_up", "1 if the node passes health checks", m.node_up.clone());
         r.register(
             "node_primary",

@@ -117,6 +117,37 @@ pub fn parameter_status_bytes(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
     });
 }
 
+/// RowDescription of text columns (type OID 25), as the proxy's own answers use.
+pub fn row_description_text<S: AsRef<str>>(buf: &mut BytesMut, columns: &[S]) {
+    message(buf, b'T', |b| {
+        b.put_i16(columns.len() as i16);
+        for c in columns {
+            cstr(b, c.as_ref());
+            b.put_i32(0); // table OID
+            b.put_i16(0); // column number
+            b.put_i32(25); // text
+            b.put_i16(-1); // variable length
+            b.put_i32(-1); // no type modifier
+            b.put_i16(0); // text format
+        }
+    });
+}
+
+/// DataRow of text values.
+pub fn data_row_text<S: AsRef<str>>(buf: &mut BytesMut, values: &[S]) {
+    message(buf, b'D', |b| {
+        b.put_i16(values.len() as i16);
+        for v in values {
+            b.put_i32(v.as_ref().len() as i32);
+            b.put_slice(v.as_ref().as_bytes());
+        }
+    });
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, b'C', |b| cstr(b, tag));
+}
+
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     message(buf, b'Z', |b| b.put_u8(status));
 }
@@ -146,6 +177,17 @@ pub fn cancel_request(pid: i32, key: i32) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_one_column_answer_is_byte_exact() {
+        let mut b = BytesMut::new();
+        row_description_text(&mut b, &["a"]);
+        data_row_text(&mut b, &["xy"]);
+        command_complete(&mut b, "SHOW");
+        let expected: &[u8] = b"T\0\0\0\x1a\0\x01a\0\0\0\0\0\0\0\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0\
+D\0\0\0\x0c\0\x01\0\0\0\x02xyC\0\0\0\x09SHOW\0";
+        assert_eq!(&b[..], expected);
+    }
 
     #[test]
     fn error_response_bytes() {

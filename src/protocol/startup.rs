@@ -97,9 +97,107 @@ fn take_cstr(rest: &mut &[u8]) -> Result<String, StartupError> {
     Ok(s.to_string())
 }
 
+/// Take a proxy-side setting out of the startup parameters, so that the server never
+/// sees it: given directly (`name=value`, as drivers with "server settings" send it) or
+/// in `options` as `-c name=value` / `--name=value` (libpq's `PGOPTIONS`). The rest of
+/// `options` is kept as it was written; an `options` left empty is removed.
+pub fn take_setting(params: &mut Vec<(String, String)>, name: &str) -> Option<String> {
+    let mut found = None;
+    if let Some(i) = params.iter().position(|(k, _)| k.eq_ignore_ascii_case(name)) {
+        found = Some(params.remove(i).1);
+    }
+    if let Some(i) = params.iter().position(|(k, _)| k == "options") {
+        let words = split_options(&params[i].1);
+        let mut kept: Vec<&str> = Vec::new();
+        let mut k = 0;
+        while k < words.len() {
+            let (raw, word) = &words[k];
+            // "-c" "name=value", "-cname=value", "--name=value"
+            let (setting, used) = if word == "-c" {
+                (words.get(k + 1).map(|(_, w)| w.as_str()), 2)
+            } else if let Some(rest) = word.strip_prefix("--").or_else(|| word.strip_prefix("-c")) {
+                (Some(rest), 1)
+            } else {
+                (None, 1)
+            };
+            match setting.and_then(|s| s.split_once('=')) {
+                Some((n, v)) if n.eq_ignore_ascii_case(name) => {
+                    found = Some(v.to_string());
+                    k += used;
+                }
+                _ => {
+                    kept.push(raw);
+                    k += 1;
+                }
+            }
+        }
+        if kept.is_empty() {
+            params.remove(i);
+        } else {
+            params[i].1 = kept.join(" ");
+        }
+    }
+    found
+}
+
+/// `options` split as the server does: on unescaped whitespace, `\` escaping the next
+/// character. Each word as written (to keep it) and unescaped (to read it).
+fn split_options(options: &str) -> Vec<(&str, String)> {
+    let mut words = Vec::new();
+    let mut chars = options.char_indices().peekable();
+    while let Some(&(start, c)) = chars.peek() {
+        if c.is_ascii_whitespace() {
+            chars.next();
+            continue;
+        }
+        let mut word = String::new();
+        let mut end = start;
+        while let Some((i, c)) = chars.next() {
+            end = i + c.len_utf8();
+            if c == '\\' {
+                if let Some((j, n)) = chars.next() {
+                    word.push(n);
+                    end = j + n.len_utf8();
+                }
+            } else if c.is_ascii_whitespace() {
+                end = i;
+                break;
+            } else {
+                word.push(c);
+            }
+        }
+        words.push((&options[start..end], word));
+    }
+    words
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn params(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_proxy_setting_is_taken_out_of_options_and_parameters() {
+        const N: &str = "switchyard.causal_token";
+        let mut p = params(&[("options", "-c switchyard.causal_token=sy1.a.1.2")]);
+        assert_eq!(take_setting(&mut p, N).as_deref(), Some("sy1.a.1.2"));
+        assert!(p.is_empty());
+        let mut p = params(&[(
+            "options",
+            "-c search_path=a\\ b --switchyard.causal_token=t -cwork_mem=1MB",
+        )]);
+        assert_eq!(take_setting(&mut p, N).as_deref(), Some("t"));
+        assert_eq!(p, params(&[("options", "-c search_path=a\\ b -cwork_mem=1MB")]));
+        let mut p = params(&[("application_name", "x"), ("switchyard.causal_token", "u")]);
+        assert_eq!(take_setting(&mut p, N).as_deref(), Some("u"));
+        assert_eq!(p, params(&[("application_name", "x")]));
+        let mut p = params(&[("options", "-c geqo=off")]);
+        assert_eq!(take_setting(&mut p, N), None);
+        assert_eq!(p, params(&[("options", "-c geqo=off")]));
+    }
 
     #[test]
     fn parses_startup_message() {

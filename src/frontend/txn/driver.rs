@@ -13,14 +13,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::machine::{Action, Config, Machine};
-use crate::backend::connector::{self, Dialer};
+use super::machine::{Action, CausalReply, Config, Machine};
+use crate::backend::connector::{self, Accept, Dialer};
 use crate::backend::pool::{Pool, PoolError, PoolKey, PooledConn};
+use crate::classify::CausalStatement;
+use crate::cluster::freshness::Floor;
 use crate::cluster::routing::{self, Endpoint};
-use crate::cluster::topology::{Health, NodeState, Role};
+use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
 use crate::cluster::ClusterCtx;
 use crate::error::Error;
 use crate::frontend::cancel::Registration;
+use crate::frontend::fresh::{Causal, FreshMetrics};
 use crate::frontend::shared::Shared;
 use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 
@@ -42,6 +45,8 @@ pub struct TxnClient {
     pub user: String,
     pub database: String,
     pub params: Vec<(String, String)>,
+    /// From the startup option `switchyard.causal_token`, checked against the cluster.
+    pub causal_token: Option<Floor>,
 }
 
 /// A node's pool for this client, its routed-queries counter and its name: looked up
@@ -127,6 +132,7 @@ pub struct Driver<'a> {
     password: Option<String>,
     split: bool,
     pool_wait: Histogram,
+    causal: Causal,
     machine: Machine<'a>,
     held: Option<Held>,
     pools: HashMap<String, NodePool>,
@@ -172,7 +178,9 @@ impl<'a> Driver<'a> {
             who.params.clone(),
             &cluster.classifier,
         );
+        let causal = Causal::new(cc, who.causal_token, FreshMetrics::new(&shared.metrics, &cluster.name));
         Driver {
+            causal,
             client,
             who,
             cluster,
@@ -208,6 +216,23 @@ impl<'a> Driver<'a> {
                         info!(cluster = %self.cluster.name, database = %db, closed, "closed idle pooled connections to a database a statement needs free");
                     }
                     Action::Release { reuse } => self.release(reuse),
+                    Action::Causal(stmt) => {
+                        if self.machine.take_wrote() {
+                            self.causal.wrote();
+                        }
+                        let reply = match stmt {
+                            CausalStatement::Show => self.causal.show(self.cluster).await.map(CausalReply::Show),
+                            CausalStatement::Set(v) => self
+                                .causal
+                                .set(&v, &self.cluster.state.snapshot())
+                                .map(|_| CausalReply::Set),
+                            CausalStatement::Reset => {
+                                self.causal.reset();
+                                Ok(CausalReply::Reset)
+                            }
+                        };
+                        self.machine.on_causal_reply(reply);
+                    }
                     Action::Acquire { read, exclude } => {
                         if !self.flush_client().await {
                             self.machine.on_client_closed();
@@ -338,8 +363,25 @@ impl<'a> Driver<'a> {
 
     /// A connection for the next unit, through the connector.
     async fn acquire(&mut self, read: bool, exclude: Option<&str>) -> Result<(), Error> {
+        if self.machine.take_wrote() {
+            self.causal.wrote();
+        }
         let split = self.endpoint == Endpoint::ReadOnly || (read && self.split);
         let target = if split { Endpoint::ReadOnly } else { Endpoint::ReadWrite };
+        // A read that must see the client's writes (or its causal token) waits here, if
+        // it must, for a standby to catch up; then only nodes that have may take it.
+        let placement = if split {
+            Some(self.causal.place(self.cluster).await)
+        } else {
+            None
+        };
+        let cluster = self.cluster;
+        let accept_fresh =
+            |snap: &ClusterSnapshot, i: usize| placement.as_ref().is_none_or(|p| p.accepts(cluster, snap, i));
+        let accept: Option<Accept<'_>> = match &placement {
+            Some(p) if !p.is_free() => Some(&accept_fresh),
+            _ => None,
+        };
         let mut dialer = PoolDialer {
             cluster: self.cluster,
             shared: self.shared,
@@ -348,10 +390,13 @@ impl<'a> Driver<'a> {
             require_primary: target == Endpoint::ReadWrite,
             pools: &mut self.pools,
         };
-        let c = connector::connect(self.cluster, target, exclude, None, &mut dialer).await?;
+        let c = connector::connect(self.cluster, target, exclude, accept, None, &mut dialer).await?;
         let held = c.conn;
         self.pool_wait.observe(c.waited.as_secs_f64());
         let node = &c.snapshot.nodes[c.index];
+        if let Some(p) = &placement {
+            self.causal.placed(p, node.role);
+        }
         self.shared
             .cancels
             .retarget(&self.cancel, Some((&node.addr, held.conn.conn.pid, held.conn.conn.key)));

@@ -18,7 +18,7 @@ use super::state::SessionState;
 use super::statements::Statements;
 use super::unit;
 use crate::backend::pool::ConnState;
-use crate::classify::{Classification, Classifier};
+use crate::classify::{self, CausalStatement, Classification, Classifier, CAUSAL_TOKEN};
 use crate::error::{Error, SqlState};
 use crate::protocol::messages;
 use crate::protocol::tags::{FrontendTag, TxStatus};
@@ -36,6 +36,18 @@ pub enum Action {
     CloseIdle(String),
     /// End the session, telling the client why (None: it left).
     End(Option<Error>),
+    /// Answer `SHOW`/`SET`/`RESET switchyard.causal_token` (the driver keeps the token
+    /// and calls `on_causal_reply`).
+    Causal(CausalStatement),
+}
+
+/// The driver's answer to `Action::Causal`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CausalReply {
+    /// `SHOW`: the token, empty if none.
+    Show(String),
+    Set,
+    Reset,
 }
 
 pub struct Config {
@@ -64,6 +76,8 @@ struct Unit {
     batch_open: bool,
     /// Some of this unit's answer was written to the client (retry is safe only before).
     answered: bool,
+    /// Ran on the primary for the rw endpoint and is not a proven read: may have written.
+    may_write: bool,
     /// `to_client` holds part of the answer (not only notices or reported settings,
     /// which may come at any time and say nothing of how far the unit got).
     answer_queued: bool,
@@ -99,6 +113,8 @@ pub struct Machine<'a> {
     /// and the rest never came): nothing of the proxy's own may be written to it.
     client_mid_message: bool,
     ended: bool,
+    /// A unit that may have written ended since the driver last asked (`take_wrote`).
+    wrote: bool,
 }
 
 impl<'a> Machine<'a> {
@@ -126,6 +142,7 @@ impl<'a> Machine<'a> {
             streaming: 0,
             client_mid_message: false,
             ended: false,
+            wrote: false,
         };
         m.actions.push_back(Action::Acquire {
             read: m.cfg.read_only_endpoint,
@@ -184,9 +201,42 @@ impl<'a> Machine<'a> {
 
     fn release(&mut self, reuse: bool) {
         self.streaming = 0;
-        if self.unit.take().is_some() {
+        if let Some(u) = self.unit.take() {
+            self.wrote |= u.may_write;
             self.actions.push_back(Action::Release { reuse });
         }
+    }
+
+    /// Whether a unit that may have written on the primary ended since the last call:
+    /// the client's reads must then see a WAL position the driver learns after it.
+    pub fn take_wrote(&mut self) -> bool {
+        std::mem::take(&mut self.wrote)
+    }
+
+    /// Between transactions with nothing owed (held connection or not): the proxy may
+    /// answer a statement itself.
+    fn between_units(&self) -> bool {
+        self.owed.is_empty()
+            && self
+                .unit
+                .as_ref()
+                .is_none_or(|u| u.status == TxStatus::Idle && !u.batch_open)
+    }
+
+    /// The driver's answer to `Action::Causal`: written as a server would.
+    pub fn on_causal_reply(&mut self, reply: Result<CausalReply, Error>) {
+        let out = &mut self.to_client;
+        match reply {
+            Ok(CausalReply::Show(token)) => {
+                messages::row_description_text(out, &[CAUSAL_TOKEN]);
+                messages::data_row_text(out, &[token]);
+                messages::command_complete(out, "SHOW");
+            }
+            Ok(CausalReply::Set) => messages::command_complete(out, "SET"),
+            Ok(CausalReply::Reset) => messages::command_complete(out, "RESET"),
+            Err(e) => out.extend_from_slice(&e.to_error(None)),
+        }
+        messages::ready_for_query(out, b'I');
     }
 
     /// The driver got a connection (`conn`) on `node` after `Acquire`.
@@ -195,7 +245,10 @@ impl<'a> Machine<'a> {
         if !self.rerun {
             self.sent.clear();
         }
+        let may_write =
+            on_primary && self.greeted && !self.rerun && !self.acquiring_read && !self.cfg.read_only_endpoint;
         self.unit = Some(Unit {
+            may_write,
             node: node.clone(),
             on_primary,
             server_pid: conn.pid,
@@ -266,6 +319,15 @@ impl<'a> Machine<'a> {
             };
             if msg[0] == b'X' {
                 return self.on_client_closed();
+            }
+            if msg[0] == b'Q' && self.between_units() {
+                if let Some(stmt) = Query::decode(&msg[5..])
+                    .ok()
+                    .and_then(|q| classify::causal_statement(q.sql))
+                {
+                    self.actions.push_back(Action::Causal(stmt));
+                    return;
+                }
             }
             match (self.unit.as_ref(), conn.as_deref_mut()) {
                 (Some(u), Some(c)) => {
@@ -588,6 +650,9 @@ impl<'a> Machine<'a> {
 
     /// A unit ended between transactions with nothing owed.
     fn unit_done(&mut self) {
+        if let Some(u) = self.unit.as_ref() {
+            self.wrote |= u.may_write;
+        }
         if self.pinned.is_none() {
             let reuse = self.reusable();
             self.release(reuse);

@@ -184,6 +184,11 @@ impl Harness {
                         };
                     }
                 }
+                Action::Causal(stmt) => self.m.on_causal_reply(Ok(match stmt {
+                    CausalStatement::Show => CausalReply::Show("sy1.a.1.10".into()),
+                    CausalStatement::Set(_) => CausalReply::Set,
+                    CausalStatement::Reset => CausalReply::Reset,
+                })),
                 Action::CloseIdle(_) | Action::End(_) => {}
             }
         }
@@ -455,4 +460,43 @@ fn bad_client_input_ends_the_session_with_08p01() {
     h.perform(true);
     assert!(matches!(h.log.last(), Some(Action::End(Some(e))) if e.message().contains("malformed Parse")));
     assert_eq!(h.released(), vec![false]);
+}
+
+#[test]
+fn the_causal_token_is_answered_by_the_proxy_between_transactions() {
+    let mut h = Harness::new(false);
+    h.client(&query("SHOW switchyard.causal_token"));
+    assert_eq!(h.take_client(), "TDCZ");
+    assert!(
+        h.log.iter().all(|a| matches!(a, Action::Causal(_))),
+        "no server connection: {:?}",
+        h.log
+    );
+    h.client(&query("SET switchyard.causal_token = 'sy1.a.1.10'"));
+    assert_eq!(h.take_client(), "CZ");
+    // Inside a transaction block it is the server's business (a placeholder setting).
+    h.log.clear();
+    h.client(&query("BEGIN"));
+    h.take_server();
+    h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
+    h.take_client();
+    h.client(&query("SHOW switchyard.causal_token"));
+    assert_eq!(tags(&h.take_server()), "Q");
+    assert!(!h.log.iter().any(|a| matches!(a, Action::Causal(_))));
+}
+
+#[test]
+fn a_unit_on_the_primary_that_may_write_is_reported_once_it_ends() {
+    let mut h = Harness::new(true);
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    assert!(!h.m.take_wrote(), "not before it ends");
+    h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'I')]));
+    h.perform(true);
+    assert!(h.m.take_wrote());
+    assert!(!h.m.take_wrote(), "reported once");
+    // A proven read, even one that ran on the primary, wrote nothing.
+    h.client_buf(&mut query("SELECT 1"), true);
+    h.server(&cat(&[row_answer(), ready(b'I')]));
+    h.perform(true);
+    assert!(!h.m.take_wrote());
 }

@@ -1,0 +1,558 @@
+//! Fresh reads: which standby has replayed far enough for a read that must see a given
+//! write, and how to find that out without waiting for the next health check.
+//!
+//! A **floor** is a WAL position on a timeline. A client's floor rises when one of its
+//! write units commits on the primary (read-your-writes) and when it presents a causal
+//! token. A standby may serve a read with a floor when it streams the floor's timeline
+//! and has replayed up to the floor's position; else the read waits up to
+//! `causal_wait_ms` for one to get there, then goes to the primary.
+//!
+//! The pure rules (`Token`, `Floor`, `required`, `qualifies`) are here with their tests;
+//! `Freshness` is the I/O around them:
+//! - the **oracle** answers "a primary WAL position at or after every commit already
+//!   acknowledged" with `pg_current_wal_insert_lsn()` on the primary. It is asked lazily,
+//!   by the first read that follows a write (or a `SHOW switchyard.causal_token`), never
+//!   per write, so write-only and read-only traffic pay nothing; concurrent askers share
+//!   one query (each needs only a query *started* after its own commit).
+//! - a **probe** per standby polls `pg_last_wal_replay_lsn()` every few milliseconds,
+//!   only while some read waits on that standby, and publishes what it saw.
+//!
+//! Both run on the control runtime with their own tokio-postgres connections (the
+//! health user's login): the data path only awaits a watch channel.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls};
+
+use crate::cluster::health::{parse_lsn, Login};
+use crate::cluster::topology::{ClusterSnapshot, ClusterState, Health, Role};
+
+/// A WAL position on a timeline: what a read must see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Floor {
+    pub timeline: u32,
+    pub lsn: u64,
+}
+
+impl Floor {
+    /// A floor at least as demanding as both. Positions on different timelines are not
+    /// comparable; the newer timeline wins and the position is the larger of the two,
+    /// which can only ask for more than needed, never less.
+    pub fn join(a: Option<Floor>, b: Option<Floor>) -> Option<Floor> {
+        match (a, b) {
+            (Some(a), Some(b)) => Some(Floor {
+                timeline: a.timeline.max(b.timeline),
+                lsn: a.lsn.max(b.lsn),
+            }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// The text form of a floor that clients carry between connections: version, cluster
+/// system identifier (0 if unknown), timeline, position, e.g. `sy1.1b2f….1.3000148`.
+/// Opaque to clients; all hex so it needs no quoting anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    pub system_id: u64,
+    pub floor: Floor,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenError {
+    Malformed,
+    OtherCluster { token: u64, cluster: u64 },
+}
+
+impl fmt::Display for TokenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenError::Malformed => f.write_str(
+                "invalid value for switchyard.causal_token: not a token from SHOW switchyard.causal_token",
+            ),
+            TokenError::OtherCluster { token, cluster } => write!(
+                f,
+                "switchyard.causal_token comes from another cluster (system identifier {token}, this cluster is {cluster}); use a token from this cluster's connections"
+            ),
+        }
+    }
+}
+
+impl Token {
+    pub fn encode(&self) -> String {
+        format!(
+            "sy1.{:x}.{:x}.{:x}",
+            self.system_id, self.floor.timeline, self.floor.lsn
+        )
+    }
+
+    pub fn parse(text: &str) -> Result<Token, TokenError> {
+        let mut parts = text.trim().split('.');
+        let hex = |p: Option<&str>| {
+            p.filter(|p| !p.is_empty() && p.len() <= 16)
+                .and_then(|p| u64::from_str_radix(p, 16).ok())
+        };
+        if parts.next() != Some("sy1") {
+            return Err(TokenError::Malformed);
+        }
+        let (Some(system_id), Some(timeline), Some(lsn), None) =
+            (hex(parts.next()), hex(parts.next()), hex(parts.next()), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let timeline = u32::try_from(timeline).map_err(|_| TokenError::Malformed)?;
+        Ok(Token {
+            system_id,
+            floor: Floor { timeline, lsn },
+        })
+    }
+
+    /// The token's floor, if it belongs to the cluster whose identifier is `cluster`
+    /// (unknown on either side: accepted).
+    pub fn check(&self, cluster: Option<u64>) -> Result<Floor, TokenError> {
+        match cluster {
+            Some(c) if self.system_id != 0 && self.system_id != c => Err(TokenError::OtherCluster {
+                token: self.system_id,
+                cluster: c,
+            }),
+            _ => Ok(self.floor),
+        }
+    }
+}
+
+/// Parse a token text and check it belongs to the cluster: the empty text is no token.
+pub fn parse_token(text: &str, snap: &ClusterSnapshot) -> Result<Option<Floor>, TokenError> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    Token::parse(text)?.check(snap.system_id).map(Some)
+}
+
+/// What a standby must have done to serve a read with `floor`, given what is known of
+/// the cluster's timelines: `None` when no standby can (the floor is on a timeline newer
+/// than any primary seen: only the primary knows it).
+///
+/// A floor from an older timeline (a token from before a failover) is judged on the
+/// current one: a standby must stream it and be past the point where it began
+/// (`timeline_start`), which means it has left the old history behind; the old position
+/// still counts, since history below the switch point is shared.
+pub fn required(snap: &ClusterSnapshot, floor: Floor) -> Option<Floor> {
+    let newest = snap.newest_timeline;
+    if newest == 0 || floor.timeline == newest {
+        return Some(floor);
+    }
+    if floor.timeline > newest {
+        return None;
+    }
+    Some(Floor {
+        timeline: newest,
+        lsn: floor.lsn.max(snap.timeline_start),
+    })
+}
+
+/// May standby `i` serve a read that needs `need` (from `required`), having replayed up
+/// to `replayed`? It must stream the right timeline; when its timeline is not visible
+/// (a health user without `pg_read_all_stats`) the cluster's newest is assumed.
+pub fn qualifies(snap: &ClusterSnapshot, i: usize, need: Floor, replayed: u64) -> bool {
+    let n = &snap.nodes[i];
+    if n.health != Health::Up || n.role != Role::Standby {
+        return false;
+    }
+    let timeline = n.timeline.unwrap_or(snap.newest_timeline);
+    (timeline == need.timeline || need.timeline == 0) && replayed >= need.lsn
+}
+
+/// How often a standby's replay position is polled while a read waits on it.
+const PROBE_EVERY: Duration = Duration::from_millis(2);
+/// Bound on one oracle or probe query (a frozen server must not hold a read longer
+/// than its `causal_wait_ms`, which bounds the wait anyway).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The health user's login, replaced on reload; read by the tasks at each (re)connect.
+type SharedLogin = Arc<Mutex<Option<Arc<Login>>>>;
+
+/// The I/O half: oracle and probes of one cluster.
+pub struct Freshness {
+    state: Arc<ClusterState>,
+    runtime: Handle,
+    login: SharedLogin,
+    oracle: Arc<Oracle>,
+    probes: Mutex<HashMap<String, Arc<Probe>>>,
+    /// Bumped whenever a probe learns a replay position: waiters look again.
+    seen: watch::Sender<u64>,
+}
+
+struct Oracle {
+    /// Queries started so far.
+    started: AtomicU64,
+    kick: Notify,
+    /// (the query's number, what it answered).
+    answer: watch::Sender<(u64, Option<Floor>)>,
+    spawned: std::sync::Once,
+}
+
+struct Probe {
+    replayed: AtomicU64,
+    waiters: AtomicU32,
+    kick: Notify,
+}
+
+impl Freshness {
+    /// Background work runs on `runtime` (the control runtime).
+    pub fn new(state: Arc<ClusterState>, runtime: Handle) -> Freshness {
+        Freshness {
+            state,
+            runtime,
+            login: Arc::default(),
+            oracle: Arc::new(Oracle {
+                started: AtomicU64::new(0),
+                kick: Notify::new(),
+                answer: watch::channel((0, None)).0,
+                spawned: std::sync::Once::new(),
+            }),
+            probes: Mutex::new(HashMap::new()),
+            seen: watch::channel(0).0,
+        }
+    }
+
+    /// The login for the oracle and probes (the health user's); set on start and reload.
+    pub fn set_login(&self, login: Arc<Login>) {
+        *self.login.lock().unwrap() = Some(login);
+    }
+
+    /// A floor at or after every write the primary acknowledged before this call: the
+    /// primary's WAL insert position from a query started after it. None if the primary
+    /// could not be asked within `within` (the caller then reads from the primary).
+    pub async fn write_floor(&self, within: Duration) -> Option<Floor> {
+        let oracle = &self.oracle;
+        oracle.spawned.call_once(|| {
+            self.runtime
+                .spawn(run_oracle(self.oracle.clone(), self.state.clone(), self.login.clone()));
+        });
+        let ticket = oracle.started.load(Ordering::SeqCst) + 1;
+        let mut rx = oracle.answer.subscribe();
+        oracle.kick.notify_one();
+        let answered = tokio::time::timeout(within, rx.wait_for(|(n, _)| *n >= ticket))
+            .await
+            .ok()
+            .and_then(|r| r.ok().map(|answer| answer.1));
+        answered.flatten()
+    }
+
+    /// The replay position of node `i` as best known: its last health check or a newer
+    /// probe.
+    pub fn replayed(&self, snap: &ClusterSnapshot, i: usize) -> u64 {
+        let n = &snap.nodes[i];
+        let probed = self
+            .probes
+            .lock()
+            .unwrap()
+            .get(&n.name)
+            .map_or(0, |p| p.replayed.load(Ordering::Relaxed));
+        n.lsn.unwrap_or(0).max(probed)
+    }
+
+    /// Wait up to `within` until one of the standbys `candidates` has replayed `need`,
+    /// polling their replay positions meanwhile. True if one has.
+    pub async fn wait(&self, candidates: &[usize], need: Floor, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let snap = self.state.snapshot();
+        let probes: Vec<Arc<Probe>> = candidates.iter().map(|&i| self.probe(&snap.nodes[i].name)).collect();
+        let mut seen = self.seen.subscribe();
+        for p in &probes {
+            p.waiters.fetch_add(1, Ordering::SeqCst);
+            p.kick.notify_one();
+        }
+        let found = loop {
+            let snap = self.state.snapshot();
+            if candidates
+                .iter()
+                .any(|&i| i < snap.nodes.len() && qualifies(&snap, i, need, self.replayed(&snap, i)))
+            {
+                break true;
+            }
+            match tokio::time::timeout_at(deadline, seen.changed()).await {
+                Ok(Ok(())) => {}
+                _ => break false,
+            }
+        };
+        for p in &probes {
+            p.waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+        found
+    }
+
+    fn probe(&self, node: &str) -> Arc<Probe> {
+        let mut probes = self.probes.lock().unwrap();
+        if let Some(p) = probes.get(node) {
+            return p.clone();
+        }
+        let p = Arc::new(Probe {
+            replayed: AtomicU64::new(0),
+            waiters: AtomicU32::new(0),
+            kick: Notify::new(),
+        });
+        probes.insert(node.to_string(), p.clone());
+        self.runtime.spawn(run_probe(
+            p.clone(),
+            node.to_string(),
+            self.state.clone(),
+            self.login.clone(),
+            self.seen.clone(),
+        ));
+        p
+    }
+}
+
+/// A connection to `addr` ("host:port") as the health user.
+async fn open(addr: &str, login: &SharedLogin, app: &str) -> Option<Client> {
+    let login = login.lock().unwrap().clone()?;
+    let (host, port) = addr.rsplit_once(':')?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(host.trim_start_matches('[').trim_end_matches(']'))
+        .port(port.parse().ok()?)
+        .user(&login.user)
+        .dbname(&login.database)
+        .application_name(app)
+        .connect_timeout(QUERY_TIMEOUT);
+    if let Some(pw) = &login.password {
+        cfg.password(pw);
+    }
+    let (client, connection) = tokio::time::timeout(QUERY_TIMEOUT, cfg.connect(NoTls))
+        .await
+        .ok()?
+        .ok()?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Some(client)
+}
+
+/// Answers `write_floor` requests, one query for all who asked before it started.
+async fn run_oracle(oracle: Arc<Oracle>, state: Arc<ClusterState>, login: SharedLogin) {
+    let mut conn: Option<(String, Client)> = None;
+    loop {
+        oracle.kick.notified().await;
+        let n = oracle.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let snap = state.snapshot();
+        let addr = crate::cluster::routing::primary(&snap)
+            .ok()
+            .map(|p| snap.nodes[p].addr.clone());
+        let answer = match addr {
+            None => None,
+            Some(addr) => {
+                if conn.as_ref().is_none_or(|(a, _)| *a != addr) {
+                    conn = open(&addr, &login, "switchyard-causal").await.map(|c| (addr, c));
+                }
+                match &conn {
+                    None => None,
+                    Some((_, client)) => {
+                        let q = client.query_one(
+                            "SELECT pg_current_wal_insert_lsn()::text,
+                                    ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int",
+                            &[],
+                        );
+                        match tokio::time::timeout(QUERY_TIMEOUT, q).await {
+                            Ok(Ok(row)) => {
+                                let lsn: Option<String> = row.get(0);
+                                let timeline: Option<i32> = row.get(1);
+                                lsn.as_deref().and_then(parse_lsn).zip(timeline).map(|(lsn, t)| Floor {
+                                    timeline: t as u32,
+                                    lsn,
+                                })
+                            }
+                            _ => {
+                                conn = None;
+                                None
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        oracle.answer.send_replace((n, answer));
+    }
+}
+
+/// Polls one node's replay position while some read waits on it.
+async fn run_probe(
+    probe: Arc<Probe>,
+    node: String,
+    state: Arc<ClusterState>,
+    login: SharedLogin,
+    seen: watch::Sender<u64>,
+) {
+    let mut conn: Option<(String, Client)> = None;
+    loop {
+        if probe.waiters.load(Ordering::SeqCst) == 0 {
+            probe.kick.notified().await;
+            continue;
+        }
+        let snap = state.snapshot();
+        let Some(i) = snap.index(&node) else { return };
+        let addr = snap.nodes[i].addr.clone();
+        if conn.as_ref().is_none_or(|(a, _)| *a != addr) {
+            conn = open(&addr, &login, "switchyard-causal").await.map(|c| (addr, c));
+        }
+        let mut ok = false;
+        if let Some((_, client)) = &conn {
+            let q = client.query_one("SELECT pg_last_wal_replay_lsn()::text", &[]);
+            if let Ok(Ok(row)) = tokio::time::timeout(QUERY_TIMEOUT, q).await {
+                let lsn: Option<String> = row.get(0);
+                if let Some(lsn) = lsn.as_deref().and_then(parse_lsn) {
+                    probe.replayed.fetch_max(lsn, Ordering::Relaxed);
+                    seen.send_modify(|v| *v += 1);
+                    ok = true;
+                }
+            }
+        }
+        if !ok {
+            // The node restarted or is gone: what it said before no longer counts.
+            conn = None;
+            probe.replayed.store(0, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        } else {
+            tokio::time::sleep(PROBE_EVERY).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::topology::{NodeState, Observation, Policy};
+    use std::time::SystemTime;
+
+    #[test]
+    fn tokens_round_trip_and_refuse_garbage() {
+        let t = Token {
+            system_id: 0x7301_2345_6789_abcd,
+            floor: Floor {
+                timeline: 2,
+                lsn: 0x16_B374_D848,
+            },
+        };
+        assert_eq!(t.encode(), "sy1.730123456789abcd.2.16b374d848");
+        assert_eq!(Token::parse(&t.encode()), Ok(t));
+        for bad in [
+            "",
+            "sy1",
+            "sy2.1.1.1",
+            "sy1.1.1",
+            "sy1.1.1.1.1",
+            "sy1.x.1.1",
+            "sy1.1.100000000.1",
+            "sy1..1.1",
+        ] {
+            assert_eq!(Token::parse(bad), Err(TokenError::Malformed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_token_of_another_cluster_is_refused() {
+        let t = Token::parse("sy1.aa.1.10").unwrap();
+        assert_eq!(t.check(Some(0xaa)), Ok(Floor { timeline: 1, lsn: 0x10 }));
+        assert_eq!(t.check(None), Ok(Floor { timeline: 1, lsn: 0x10 }));
+        assert_eq!(
+            t.check(Some(0xbb)),
+            Err(TokenError::OtherCluster {
+                token: 0xaa,
+                cluster: 0xbb
+            })
+        );
+        assert!(TokenError::OtherCluster { token: 1, cluster: 2 }
+            .to_string()
+            .contains("another cluster"));
+    }
+
+    #[test]
+    fn join_asks_for_the_most() {
+        let a = Floor { timeline: 1, lsn: 100 };
+        let b = Floor { timeline: 2, lsn: 50 };
+        assert_eq!(Floor::join(Some(a), None), Some(a));
+        assert_eq!(Floor::join(None, Some(b)), Some(b));
+        assert_eq!(Floor::join(Some(a), Some(b)), Some(Floor { timeline: 2, lsn: 100 }));
+        assert_eq!(Floor::join(None, None), None);
+    }
+
+    /// Primary "p" on timeline `tli` at 1000; standbys "s1" (streaming `s1_tli`, replayed
+    /// 900) and "s2" (streaming `tli`, replayed 500).
+    fn cluster(tli: u32, s1_tli: u32) -> ClusterSnapshot {
+        let t = SystemTime::now();
+        let obs = |role, lsn, timeline| {
+            Ok(Observation {
+                role,
+                lag_ms: 0,
+                lsn: Some(lsn),
+                timeline: Some(timeline),
+                streaming: Some(true),
+                system_id: None,
+            })
+        };
+        let mut nodes = vec![
+            NodeState::new("p", "h:1"),
+            NodeState::new("s1", "h:2"),
+            NodeState::new("s2", "h:3"),
+        ];
+        nodes[0].apply(obs(Role::Primary, 1000, tli), 1, 1, t);
+        nodes[1].apply(obs(Role::Standby, 900, s1_tli), 1, 1, t);
+        nodes[2].apply(obs(Role::Standby, 500, tli), 1, 1, t);
+        let policy = Policy {
+            max_replica_lag_ms: 1000,
+            read_balance: crate::config::ReadBalance::Priority,
+            split_brain: crate::config::SplitBrainRule::Refuse,
+        };
+        let mut s = ClusterSnapshot::new("c", nodes, policy, Duration::from_secs(1));
+        s.newest_timeline = tli;
+        s.timeline_start = 700;
+        s
+    }
+
+    #[test]
+    fn a_standby_serves_a_floor_once_it_replayed_it_on_its_timeline() {
+        let s = cluster(1, 1);
+        let need = required(&s, Floor { timeline: 1, lsn: 800 }).unwrap();
+        assert!(qualifies(&s, 1, need, 900));
+        assert!(!qualifies(&s, 2, need, 500));
+        // A probe saw it move on.
+        assert!(qualifies(&s, 2, need, 800));
+        // The primary is never a "qualifying standby".
+        assert!(!qualifies(&s, 0, need, 1000));
+    }
+
+    #[test]
+    fn a_floor_from_before_a_failover_needs_the_new_timeline_past_its_start() {
+        // Timeline 2 began at or before 700; s1 still streams timeline 1 (an orphan).
+        let s = cluster(2, 1);
+        let need = required(&s, Floor { timeline: 1, lsn: 300 }).unwrap();
+        assert_eq!(need, Floor { timeline: 2, lsn: 700 });
+        assert!(!qualifies(&s, 1, need, 900), "an orphan never qualifies");
+        assert!(!qualifies(&s, 2, need, 500), "not past the switch yet");
+        assert!(qualifies(&s, 2, need, 700));
+    }
+
+    #[test]
+    fn a_floor_from_a_timeline_not_seen_yet_goes_to_the_primary() {
+        let s = cluster(1, 1);
+        assert_eq!(required(&s, Floor { timeline: 3, lsn: 1 }), None);
+    }
+
+    #[test]
+    fn parse_token_checks_the_cluster() {
+        let mut s = cluster(1, 1);
+        assert_eq!(parse_token("", &s), Ok(None));
+        s.system_id = Some(0xaa);
+        assert_eq!(parse_token("sy1.aa.1.10", &s), Ok(Some(Floor { timeline: 1, lsn: 16 })));
+        assert!(matches!(
+            parse_token("sy1.bb.1.10", &s),
+            Err(TokenError::OtherCluster { .. })
+        ));
+    }
+}

@@ -1,0 +1,206 @@
+//! A client's side of fresh reads (both pool modes): the floor its reads must see (its
+//! own writes, a causal token it presented), and where a read with a floor may go.
+//! The rules are in `cluster::freshness`; this is the per-client bookkeeping and the
+//! bounded wait before a read is placed.
+
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::time::Instant;
+
+use crate::cluster::freshness::{self, Floor, Token};
+use crate::cluster::routing::{self, Endpoint};
+use crate::cluster::topology::{ClusterSnapshot, Role};
+use crate::cluster::ClusterCtx;
+use crate::config::{ClusterConfig, ReadYourWrites};
+use crate::error::Error;
+use crate::obs::metrics::{ClusterLabels, Metrics};
+
+/// How long learning the primary's WAL position may take before a read gives up on a
+/// standby and goes to the primary (a healthy primary answers in well under 1 ms).
+const ORACLE_WITHIN: Duration = Duration::from_secs(1);
+
+/// The floor a client's reads must see.
+pub struct Causal {
+    read_your_writes: bool,
+    wait: Duration,
+    /// A WAL position after the client's writes, once learned.
+    own: Option<Floor>,
+    /// A token the client presented (SET, startup option).
+    token: Option<Floor>,
+    /// A write ended after `own` was learned: learn it again before the next fresh read.
+    unresolved: bool,
+    metrics: FreshMetrics,
+}
+
+/// The cluster's fresh-read metrics, looked up once per client.
+#[derive(Clone)]
+pub struct FreshMetrics {
+    to_standby: Counter,
+    to_primary: Counter,
+    waited: Histogram,
+}
+
+impl FreshMetrics {
+    pub fn new(metrics: &Metrics, cluster: &str) -> FreshMetrics {
+        let labels = ClusterLabels {
+            cluster: cluster.to_string(),
+        };
+        FreshMetrics {
+            to_standby: metrics.reads_to_standby.get_or_create(&labels).clone(),
+            to_primary: metrics.reads_to_primary_for_freshness.get_or_create(&labels).clone(),
+            waited: metrics.causal_wait_seconds.get_or_create(&labels).clone(),
+        }
+    }
+}
+
+/// What to place a read with: the floor (None: any readable node) and whether the
+/// client waited for a standby to catch up.
+pub struct Placement {
+    floor: Option<Floor>,
+    /// The floor is not known (the primary did not say): only the primary is fresh.
+    primary_only: bool,
+    /// A standby other than the primary could have taken it but for freshness.
+    standby_was_possible: bool,
+}
+
+impl Causal {
+    pub fn new(cc: &ClusterConfig, token: Option<Floor>, metrics: FreshMetrics) -> Causal {
+        Causal {
+            read_your_writes: cc.read_your_writes == ReadYourWrites::Session,
+            wait: Duration::from_millis(cc.causal_wait_ms),
+            own: None,
+            token,
+            unresolved: false,
+            metrics,
+        }
+    }
+
+    /// A unit that may have written committed on the primary.
+    pub fn wrote(&mut self) {
+        self.unresolved = true;
+    }
+
+    /// Learn the WAL position after the client's last write, if one is pending; false if
+    /// the primary could not tell.
+    async fn resolve(&mut self, cluster: &ClusterCtx) -> bool {
+        if !self.unresolved {
+            return true;
+        }
+        // No primary: nobody can say, and asking would only wait.
+        let snap = cluster.state.snapshot();
+        if routing::primary(&snap).is_err() {
+            return false;
+        }
+        match cluster.freshness.write_floor(ORACLE_WITHIN).await {
+            Some(f) => {
+                self.own = Floor::join(self.own, Some(f));
+                self.unresolved = false;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `SHOW switchyard.causal_token`: a token for everything this client wrote or was
+    /// given, empty if nothing.
+    pub async fn show(&mut self, cluster: &ClusterCtx) -> Result<String, Error> {
+        if !self.resolve(cluster).await {
+            return Err(Error::no_route(format!(
+                "cannot make a causal token now: the primary of cluster \"{}\" did not report its WAL position; try again when it is back",
+                cluster.name
+            )));
+        }
+        let snap = cluster.state.snapshot();
+        Ok(Floor::join(self.own, self.token)
+            .map(|floor| {
+                Token {
+                    system_id: snap.system_id.unwrap_or(0),
+                    floor,
+                }
+                .encode()
+            })
+            .unwrap_or_default())
+    }
+
+    /// `SET switchyard.causal_token = text` (empty: none).
+    pub fn set(&mut self, text: &str, snap: &ClusterSnapshot) -> Result<(), Error> {
+        self.token = freshness::parse_token(text, snap).map_err(|e| Error::invalid_parameter(e.to_string()))?;
+        Ok(())
+    }
+
+    pub fn reset(&mut self) {
+        self.token = None;
+    }
+
+    /// Decide what a read must see, waiting (up to `causal_wait_ms`) for a standby to
+    /// replay it when none has yet.
+    pub async fn place(&mut self, cluster: &ClusterCtx) -> Placement {
+        let resolved = !self.read_your_writes || self.resolve(cluster).await;
+        let own = if self.read_your_writes { self.own } else { None };
+        let floor = Floor::join(own, self.token);
+        let mut placement = Placement {
+            floor,
+            primary_only: !resolved,
+            standby_was_possible: false,
+        };
+        if floor.is_none() && resolved {
+            return placement;
+        }
+        let snap = cluster.state.snapshot();
+        let standbys: routing::Nodes = routing::route(Endpoint::ReadOnly, &snap, 0)
+            .map(|c| c.into_iter().filter(|&i| snap.nodes[i].role == Role::Standby).collect())
+            .unwrap_or_default();
+        placement.standby_was_possible = !standbys.is_empty();
+        let Some(need) = floor.and_then(|f| freshness::required(&snap, f)) else {
+            return placement;
+        };
+        if !resolved
+            || standbys.is_empty()
+            || standbys
+                .iter()
+                .any(|&i| freshness::qualifies(&snap, i, need, cluster.freshness.replayed(&snap, i)))
+            || self.wait.is_zero()
+        {
+            return placement;
+        }
+        let started = Instant::now();
+        cluster.freshness.wait(&standbys, need, self.wait).await;
+        self.metrics.waited.observe(started.elapsed().as_secs_f64());
+        placement
+    }
+
+    /// Count where a read went.
+    pub fn placed(&self, placement: &Placement, role: Role) {
+        if role == Role::Standby {
+            self.metrics.to_standby.inc();
+        } else if placement.standby_was_possible && (placement.floor.is_some() || placement.primary_only) {
+            self.metrics.to_primary.inc();
+        }
+    }
+}
+
+impl Placement {
+    /// No condition on where the read goes.
+    pub fn is_free(&self) -> bool {
+        self.floor.is_none() && !self.primary_only
+    }
+
+    /// May node `i` of `snap` take the read? The primary always may; a standby if it
+    /// replayed the floor. With no primary up, any readable standby may: reads go on
+    /// when the primary is down, as fresh as what is left.
+    pub fn accepts(&self, cluster: &ClusterCtx, snap: &ClusterSnapshot, i: usize) -> bool {
+        if snap.nodes[i].role == Role::Primary || routing::primary(snap).is_err() {
+            return true;
+        }
+        if self.primary_only {
+            return false;
+        }
+        match self.floor.map(|f| freshness::required(snap, f)) {
+            None => true,
+            Some(None) => false,
+            Some(Some(need)) => freshness::qualifies(snap, i, need, cluster.freshness.replayed(snap, i)),
+        }
+    }
+}
