@@ -26,6 +26,7 @@ impl SqlState {
     pub const SYNTAX_ERROR: SqlState = SqlState(*b"42601");
     pub const READ_ONLY_SQL_TRANSACTION: SqlState = SqlState(*b"25006");
     pub const INVALID_PARAMETER_VALUE: SqlState = SqlState(*b"22023");
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState(*b"55000");
 
     /// A code a server sent; anything that is not five ASCII characters is not one.
     pub fn parse(code: &[u8]) -> Option<SqlState> {
@@ -201,6 +202,12 @@ impl Error {
     /// token that is malformed or from another cluster).
     pub fn invalid_parameter(message: impl Into<String>) -> Error {
         Error::new(SqlState::INVALID_PARAMETER_VALUE, Side::Client, message)
+    }
+
+    /// A session-mode connection's node is not as fresh as the client asked, and the
+    /// session cannot move.
+    pub fn not_fresh(message: impl Into<String>) -> Error {
+        Error::new(SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE, Side::Proxy, message)
     }
 
     /// An admin console command that is not one.

@@ -133,6 +133,9 @@ impl LocalCluster {
             &format!("CREATE ROLE {APP_USER} LOGIN CREATEDB PASSWORD '{APP_PASSWORD}'"),
         )?;
         cluster.sql(0, &format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"))?;
+        // The app user is also the health user of test and demo configs: pg_monitor lets
+        // it see whether a standby's WAL receiver streams (orphan detection).
+        cluster.sql(0, &format!("GRANT pg_monitor TO {APP_USER}"))?;
         for i in 1..=standbys {
             let node = PgNode {
                 name: format!("failover{i}"),
@@ -358,6 +361,20 @@ impl LocalCluster {
         )?;
         self.sql(0, "ALTER SYSTEM SET synchronous_commit = 'remote_apply'")?;
         self.sql(0, "SELECT pg_reload_conf()")?;
+        Ok(())
+    }
+
+    /// Make every standby apply WAL `delay` late (`recovery_min_apply_delay`): plain
+    /// asynchronous replication, slowed so that a read on a standby right after a
+    /// commit reliably misses it. For tests of fresh reads.
+    pub fn apply_late(&self, delay: Duration) -> Result<()> {
+        for i in 1..self.nodes.len() {
+            self.sql(
+                i,
+                &format!("ALTER SYSTEM SET recovery_min_apply_delay = '{}ms'", delay.as_millis()),
+            )?;
+            self.sql(i, "SELECT pg_reload_conf()")?;
+        }
         Ok(())
     }
 

@@ -193,16 +193,16 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 "sessions",
                 "last_check_ms_ago",
                 "last_error",
+                "detached",
             ],
             rows: shared
                 .clusters
                 .values()
                 .flat_map(|c| {
                     let snap = c.state.snapshot();
-                    snap.nodes
-                        .iter()
-                        .map(|n| {
-                            let s = node_status(n, now);
+                    (0..snap.nodes.len())
+                        .map(|i| {
+                            let s = node_status(&snap, i, now);
                             vec![
                                 c.name.clone(),
                                 s.name,
@@ -216,6 +216,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                                 s.sessions.to_string(),
                                 opt(s.last_check_ms_ago),
                                 opt(s.last_error),
+                                s.detached.unwrap_or_default(),
                             ]
                         })
                         .collect::<Vec<_>>()

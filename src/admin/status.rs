@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admin::pool_rows;
 use crate::cluster::routing;
-use crate::cluster::topology::{Event, NodeState};
+use crate::cluster::topology::{ClusterSnapshot, Event};
 use crate::frontend::shared::Shared;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +41,9 @@ pub struct NodeStatus {
     pub lag_ms: Option<u64>,
     pub lag_bytes: Option<u64>,
     pub timeline: Option<u32>,
+    /// Why an up standby gets no reads: it does not follow the primary (an orphan after a
+    /// failover, or its WAL receiver is not streaming).
+    pub detached: Option<String>,
     pub sessions: u32,
     pub last_check_ms_ago: Option<u64>,
     pub last_error: Option<String>,
@@ -72,8 +75,10 @@ fn since(t: SystemTime, now: SystemTime) -> Duration {
     now.duration_since(t).unwrap_or(Duration::ZERO)
 }
 
-pub fn node_status(n: &NodeState, now: SystemTime) -> NodeStatus {
+pub fn node_status(snap: &ClusterSnapshot, i: usize, now: SystemTime) -> NodeStatus {
+    let n = &snap.nodes[i];
     NodeStatus {
+        detached: snap.detached(i, routing::primary(snap).ok()).map(|d| d.to_string()),
         name: n.name.clone(),
         addr: n.addr.clone(),
         health: n.health.to_string(),
@@ -147,7 +152,7 @@ pub fn build(shared: &Shared) -> Status {
                 paused: ctx.is_paused(),
                 primary,
                 route_error,
-                nodes: snap.nodes.iter().map(|n| node_status(n, now)).collect(),
+                nodes: (0..snap.nodes.len()).map(|i| node_status(&snap, i, now)).collect(),
                 pools: pool_rows,
                 events: events[skip..].iter().map(event_status).collect(),
             }

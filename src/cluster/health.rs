@@ -79,6 +79,7 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut session: Option<Session> = None;
         let name = target.node.clone();
+        let mut warned_hidden = false;
         let mut ticker = tokio::time::interval(cfg.interval());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -99,6 +100,13 @@ pub fn spawn(
                 }
             };
             let took = started.elapsed();
+            if let Ok(obs) = &result {
+                if obs.role == Role::Standby && obs.streaming.is_none() && !warned_hidden {
+                    warned_hidden = true;
+                    warn!(cluster = %target.cluster.name, node = %name, user = %login.user,
+                          "the health user cannot see pg_stat_wal_receiver (grant it pg_monitor): a standby that stops following the primary after a failover cannot be recognised, and may serve stale reads until its lag passes max_replica_lag_ms");
+                }
+            }
             let transition = target.cluster.record(&target.node, result, cfg.rise, cfg.fall);
             observer(&target.cluster.name, &name, took, transition.as_ref());
             if let Some(t) = transition {

@@ -134,6 +134,39 @@ impl Causal {
         self.token = None;
     }
 
+    /// Session mode, where a session cannot move: `SET switchyard.causal_token` on a
+    /// session on `node` waits (up to `causal_wait_ms`) for that node to replay the token,
+    /// and fails, saying what to do instead, if it does not.
+    pub async fn set_for_node(&mut self, text: &str, cluster: &ClusterCtx, node: &str) -> Result<(), Error> {
+        let snap = cluster.state.snapshot();
+        let floor = freshness::parse_token(text, &snap).map_err(|e| Error::invalid_parameter(e.to_string()))?;
+        let fresh_now = |snap: &ClusterSnapshot| {
+            let Some(i) = snap.index(node) else { return false };
+            let need = floor.map(|f| freshness::required(snap, f));
+            match need {
+                None => true,
+                _ if snap.nodes[i].role == Role::Primary => true,
+                Some(None) => false,
+                Some(Some(need)) => freshness::qualifies(snap, i, need, cluster.freshness.replayed(snap, i)),
+            }
+        };
+        if !fresh_now(&snap) {
+            if let (Some(i), Some(Some(need))) = (snap.index(node), floor.map(|f| freshness::required(&snap, f))) {
+                let started = Instant::now();
+                cluster.freshness.wait(&[i], need, self.wait).await;
+                self.metrics.waited.observe(started.elapsed().as_secs_f64());
+            }
+            if !fresh_now(&cluster.state.snapshot()) {
+                return Err(Error::not_fresh(format!(
+                    "node \"{node}\" has not replayed up to this causal token within causal_wait_ms ({} ms), and a session-mode connection cannot move; connect with the token as a startup option (-c switchyard.causal_token=...) to be placed on a node that has",
+                    self.wait.as_millis()
+                )));
+            }
+        }
+        self.token = floor;
+        Ok(())
+    }
+
     /// Decide what a read must see, waiting (up to `causal_wait_ms`) for a standby to
     /// replay it when none has yet.
     pub async fn place(&mut self, cluster: &ClusterCtx) -> Placement {

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::backend::connector::{self, Accept};
 use crate::backend::server::{self, ServerConn};
-use crate::classify::CAUSAL_TOKEN;
+use crate::classify::{self, CausalStatement, CAUSAL_TOKEN};
 use crate::cluster::freshness::{self, Floor};
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, NodeStats, Role};
@@ -33,6 +33,7 @@ use crate::frontend::auth::{AuthError, Verifier};
 use crate::frontend::cancel::Registration;
 use crate::frontend::fresh::{Causal, FreshMetrics};
 use crate::frontend::shared::Shared;
+use crate::frontend::txn::machine::CausalReply;
 use crate::frontend::txn::{Driver, TxnClient};
 use crate::obs::clients::NewClient;
 use crate::obs::metrics::{ClusterLabels, EndpointLabels, RoutedLabels};
@@ -129,6 +130,8 @@ struct Connected {
     stats: Arc<NodeStats>,
     /// The receiver routing used: anything newer than the routing snapshot wakes the relay.
     topology: watch::Receiver<Arc<ClusterSnapshot>>,
+    /// The client's causal token (SHOW/SET switchyard.causal_token are answered here).
+    causal: Causal,
 }
 
 /// The database name that asks for the admin console instead of a cluster.
@@ -466,17 +469,16 @@ async fn connect(
     // A ro session with a causal token starts on a node that has replayed it (waiting
     // up to causal_wait_ms for a standby, else the primary); the session then stays
     // there, so later reads are at least as fresh.
+    let cc = &config.clusters[&cluster.name];
+    let mut session_causal = Causal::new(cc, causal_token, FreshMetrics::new(&shared.metrics, &cluster.name));
     let mut causal = None;
     if endpoint == Endpoint::ReadOnly {
-        let cc = &config.clusters[&cluster.name];
-        let mut c = Causal::new(cc, causal_token, FreshMetrics::new(&shared.metrics, &cluster.name));
-        let placement = c.place(cluster).await;
-        causal = Some((c, placement));
+        let placement = session_causal.place(cluster).await;
+        causal = Some(placement);
     }
-    let accept_fresh =
-        |snap: &ClusterSnapshot, i: usize| causal.as_ref().is_none_or(|(_, p)| p.accepts(cluster, snap, i));
+    let accept_fresh = |snap: &ClusterSnapshot, i: usize| causal.as_ref().is_none_or(|p| p.accepts(cluster, snap, i));
     let accept: Option<Accept<'_>> = match &causal {
-        Some((_, p)) if !p.is_free() => Some(&accept_fresh),
+        Some(p) if !p.is_free() => Some(&accept_fresh),
         _ => None,
     };
     let mut rx = cluster.state.subscribe();
@@ -484,8 +486,8 @@ async fn connect(
     let c = connector::connect(cluster, endpoint, None, accept, Some(&mut rx), &mut dialer).await?;
     let snapshot = c.snapshot;
     let node = &snapshot.nodes[c.index];
-    if let Some((causal, placement)) = &causal {
-        causal.placed(placement, node.role);
+    if let Some(placement) = &causal {
+        session_causal.placed(placement, node.role);
     }
     let (conn, slot) = c.conn;
     let cancel = send_welcome(stream, &conn, shared, &node.addr).await?;
@@ -499,6 +501,7 @@ async fn connect(
             _cancel: cancel,
             stats: node.stats.clone(),
             topology: rx,
+            causal: session_causal,
         },
         c.waited,
     ))
@@ -583,8 +586,12 @@ async fn relay(
         mut server,
         stats,
         mut topology,
+        mut causal,
         ..
     } = c;
+    // The proxy's own answers (to SHOW/SET switchyard.causal_token), written to the
+    // client by the server-to-client side at a message boundary.
+    let (inject_tx, mut inject_rx) = tokio::sync::mpsc::unbounded_channel::<BytesMut>();
     let limit = config.proxy.max_message_bytes;
     let grace = Duration::from_millis(config.proxy.shutdown_timeout_ms);
     let entry = who.register(shared, cluster, endpoint, peer, node.clone(), addr, server.pid);
@@ -628,6 +635,39 @@ async fn relay(
                     }
                     if cluster.is_paused() {
                         cluster.wait_unpaused().await;
+                    }
+                }
+                // A lone simple query for the proxy's own setting is answered here.
+                if framer.at_boundary() && buf.first() == Some(&b'Q') {
+                    if let Some((b'Q', len)) = views::header(&buf) {
+                        if len as usize + 1 == buf.len() {
+                            let stmt = views::Query::decode(&buf[5..])
+                                .ok()
+                                .and_then(|q| classify::causal_statement(q.sql));
+                            if let Some(stmt) = stmt {
+                                let reply = match stmt {
+                                    CausalStatement::Show => {
+                                        // Session mode does not classify statements: on rw
+                                        // anything may have written.
+                                        if endpoint == Endpoint::ReadWrite {
+                                            causal.wrote();
+                                        }
+                                        causal.show(cluster).await.map(CausalReply::Show)
+                                    }
+                                    CausalStatement::Set(v) => {
+                                        causal.set_for_node(&v, cluster, &node).await.map(|_| CausalReply::Set)
+                                    }
+                                    CausalStatement::Reset => {
+                                        causal.reset();
+                                        Ok(CausalReply::Reset)
+                                    }
+                                };
+                                let mut out = BytesMut::new();
+                                crate::frontend::txn::machine::write_causal_reply(&mut out, reply);
+                                let _ = inject_tx.send(out);
+                                continue;
+                            }
+                        }
                     }
                 }
                 let mut terminate = false;
@@ -676,12 +716,25 @@ async fn relay(
             let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
             // Server messages are trusted for size; the framer only tracks boundaries.
             let mut framer = Framer::new(u32::MAX);
+            let mut injected = BytesMut::new();
             loop {
                 buf.clear();
-                match sr.read_buf(&mut buf).await {
-                    Ok(0) => return End::ServerClosed,
-                    Ok(_) => {}
-                    Err(e) => return End::Io(e),
+                tokio::select! {
+                    r = sr.read_buf(&mut buf) => match r {
+                        Ok(0) => return End::ServerClosed,
+                        Ok(_) => {}
+                        Err(e) => return End::Io(e),
+                    },
+                    Some(own) = inject_rx.recv() => injected.extend_from_slice(&own),
+                }
+                if !injected.is_empty() && framer.at_boundary() {
+                    if let Err(e) = cw.write_all(&injected).await {
+                        return End::Io(e);
+                    }
+                    injected.clear();
+                }
+                if buf.is_empty() {
+                    continue;
                 }
                 let mut ready = 0;
                 if let Err(e) = framer.scan::<FrameError>(&buf, |tag, _| {

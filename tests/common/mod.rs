@@ -225,15 +225,22 @@ pub fn db_text(e: &tokio_postgres::Error) -> String {
 }
 
 pub async fn connect(port: u16) -> Result<Held, tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::Config::new()
-        .host("127.0.0.1")
+    connect_options(port, "").await
+}
+
+/// Connect with libpq-style `options` (e.g. `-c name=value`).
+pub async fn connect_options(port: u16, options: &str) -> Result<Held, tokio_postgres::Error> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
         .port(port)
         .user(APP_USER)
         .password(APP_PASSWORD)
         .dbname(APP_DB)
-        .connect_timeout(Duration::from_secs(10))
-        .connect(NoTls)
-        .await?;
+        .connect_timeout(Duration::from_secs(10));
+    if !options.is_empty() {
+        cfg.options(options);
+    }
+    let (client, conn) = cfg.connect(NoTls).await?;
     Ok(Held {
         client,
         conn: tokio::spawn(conn),

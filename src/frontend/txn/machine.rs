@@ -225,18 +225,7 @@ impl<'a> Machine<'a> {
 
     /// The driver's answer to `Action::Causal`: written as a server would.
     pub fn on_causal_reply(&mut self, reply: Result<CausalReply, Error>) {
-        let out = &mut self.to_client;
-        match reply {
-            Ok(CausalReply::Show(token)) => {
-                messages::row_description_text(out, &[CAUSAL_TOKEN]);
-                messages::data_row_text(out, &[token]);
-                messages::command_complete(out, "SHOW");
-            }
-            Ok(CausalReply::Set) => messages::command_complete(out, "SET"),
-            Ok(CausalReply::Reset) => messages::command_complete(out, "RESET"),
-            Err(e) => out.extend_from_slice(&e.to_error(None)),
-        }
-        messages::ready_for_query(out, b'I');
+        write_causal_reply(&mut self.to_client, reply);
     }
 
     /// The driver got a connection (`conn`) on `node` after `Acquire`.
@@ -716,6 +705,21 @@ impl<'a> Machine<'a> {
         self.release(false);
         self.end(Some(Error::evicted(node_up, reason)));
     }
+}
+
+/// The answer to a causal-token statement, as a server would write it (then idle).
+pub fn write_causal_reply(out: &mut BytesMut, reply: Result<CausalReply, Error>) {
+    match reply {
+        Ok(CausalReply::Show(token)) => {
+            messages::row_description_text(out, &[CAUSAL_TOKEN]);
+            messages::data_row_text(out, &[token]);
+            messages::command_complete(out, "SHOW");
+        }
+        Ok(CausalReply::Set) => messages::command_complete(out, "SET"),
+        Ok(CausalReply::Reset) => messages::command_complete(out, "RESET"),
+        Err(e) => out.extend_from_slice(&e.to_error(None)),
+    }
+    messages::ready_for_query(out, b'I');
 }
 
 /// Server messages larger than this are passed on as they arrive rather than whole.

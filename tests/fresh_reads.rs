@@ -1,0 +1,225 @@
+//! Fresh reads over plain asynchronous replication whose standbys apply WAL 2 s late
+//! (`recovery_min_apply_delay`, no `remote_apply`): read-your-writes within a client
+//! connection, causal tokens across connections, and standbys left behind by a failover.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio_postgres::SimpleQueryMessage;
+
+const DELAY: Duration = Duration::from_secs(2);
+const SPLIT: &str = "pool_mode = \"transaction\"\nread_write_split = true";
+
+/// First column of the first row of a simple query.
+async fn one(c: &tokio_postgres::Client, sql: &str) -> Result<String, String> {
+    let rows = c.simple_query(sql).await.map_err(|e| db_text(&e))?;
+    rows.iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap_or("").to_string()),
+            _ => None,
+        })
+        .ok_or_else(|| format!("no row from {sql}"))
+}
+
+/// A connection with a causal token given as a startup option.
+async fn connect_with_token(port: u16, token: &str) -> Result<Held, String> {
+    connect_options(port, &format!("-c switchyard.causal_token={token}"))
+        .await
+        .map_err(|e| db_text(&e))
+}
+
+fn delayed_cluster(standbys: usize) -> LocalCluster {
+    let cluster = LocalCluster::start(standbys).unwrap();
+    cluster.apply_late(DELAY).unwrap();
+    cluster
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_a_write_sees_it_and_reads_alone_stay_on_standbys() {
+    let cluster = delayed_cluster(1);
+    let admin = free_port();
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        SPLIT,
+        &format!("[admin]\nhttp_listen = \"127.0.0.1:{admin}\""),
+    );
+    cluster
+        .sql_db(0, APP_DB, "CREATE TABLE t (id int PRIMARY KEY)")
+        .unwrap();
+    cluster.sql_db(0, APP_DB, "GRANT ALL ON t TO PUBLIC").unwrap();
+    cluster.wait_replayed(Duration::from_secs(10)).unwrap();
+
+    // Reads that follow no write go to the standby.
+    let reader = connect(proxy.rw).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(one(&reader, "SELECT pg_is_in_recovery()").await.unwrap(), "t");
+    }
+
+    let c = connect(proxy.rw).await.unwrap();
+    for id in 1..=5 {
+        c.simple_query(&format!("INSERT INTO t VALUES ({id})")).await.unwrap();
+        // The next transaction, a read: it must see the row, wherever it runs.
+        let seen = one(&c, &format!("SELECT count(*) FROM t WHERE id = {id}"))
+            .await
+            .unwrap();
+        assert_eq!(seen, "1", "read after write {id} missed it");
+    }
+    // The standby really is late: a reader with no writes of its own misses the row.
+    assert_eq!(one(&reader, "SELECT count(*) FROM t WHERE id = 5").await.unwrap(), "0");
+    // Once the standby has replayed the writes, the writer's reads go back to it.
+    let back = Instant::now();
+    wait_for("writer's reads back on the standby", Duration::from_secs(15), || {
+        let r = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(one(&c, "SELECT pg_is_in_recovery()"))
+        });
+        (r.as_deref() == Ok("t")).then_some(())
+    });
+    report(&format!(
+        "reads back on the standby {:?} after the last write",
+        back.elapsed()
+    ));
+    let metrics = http_get(admin, "/metrics").1;
+    assert!(
+        metrics.contains("switchyard_reads_to_standby_total{cluster=\"main\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_reads_to_primary_for_freshness_total{cluster=\"main\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_causal_token_makes_another_connections_reads_fresh_in_both_pool_modes() {
+    let cluster = delayed_cluster(1);
+    cluster
+        .sql_db(0, APP_DB, "CREATE TABLE t (id int PRIMARY KEY)")
+        .unwrap();
+    cluster.sql_db(0, APP_DB, "GRANT ALL ON t TO PUBLIC").unwrap();
+    cluster.wait_replayed(Duration::from_secs(10)).unwrap();
+    let mut next = 100;
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(&cluster, mode, &format!("pool_mode = \"{mode}\""), "");
+        let writer = connect(proxy.rw).await.unwrap();
+        // Without a token the delayed standby misses the write (what makes this a test).
+        next += 1;
+        writer
+            .simple_query(&format!("INSERT INTO t VALUES ({next})"))
+            .await
+            .unwrap();
+        let plain = connect(proxy.ro).await.unwrap();
+        let q = format!("SELECT count(*) FROM t WHERE id = {next}");
+        assert_eq!(one(&plain, &q).await.unwrap(), "0", "{mode}: the standby is not late");
+
+        next += 1;
+        writer
+            .simple_query(&format!("INSERT INTO t VALUES ({next})"))
+            .await
+            .unwrap();
+        let token = one(&writer, "SHOW switchyard.causal_token").await.unwrap();
+        assert!(token.starts_with("sy1."), "{mode}: token {token:?}");
+        let q = format!("SELECT count(*) FROM t WHERE id = {next}");
+        // As a startup option, in both modes.
+        let fresh = connect_with_token(proxy.ro, &token).await.unwrap();
+        assert_eq!(one(&fresh, &q).await.unwrap(), "1", "{mode}: startup token");
+        // With SET on a connection already open.
+        next += 1;
+        writer
+            .simple_query(&format!("INSERT INTO t VALUES ({next})"))
+            .await
+            .unwrap();
+        let token = one(&writer, "SHOW switchyard.causal_token").await.unwrap();
+        let q = format!("SELECT count(*) FROM t WHERE id = {next}");
+        let set = plain
+            .simple_query(&format!("SET switchyard.causal_token = '{token}'"))
+            .await;
+        if mode == "transaction" {
+            set.unwrap();
+            assert_eq!(one(&plain, "SHOW switchyard.causal_token").await.unwrap(), token);
+            assert_eq!(one(&plain, &q).await.unwrap(), "1", "{mode}: SET token");
+        } else {
+            // A session-mode session cannot move off its late standby: the SET says so.
+            let text = db_text(&set.unwrap_err());
+            assert!(text.starts_with("55000") && text.contains("startup option"), "{text}");
+        }
+        plain.simple_query("RESET switchyard.causal_token").await.unwrap();
+        assert_eq!(one(&plain, "SHOW switchyard.causal_token").await.unwrap(), "");
+
+        // A token of another cluster (another system identifier) is refused, clearly.
+        let parts: Vec<&str> = token.split('.').collect();
+        let foreign = format!("sy1.1.{}.{}", parts[2], parts[3]);
+        let err = plain
+            .simple_query(&format!("SET switchyard.causal_token = '{foreign}'"))
+            .await
+            .unwrap_err();
+        let text = db_text(&err);
+        assert!(
+            text.starts_with("22023") && text.contains("another cluster"),
+            "{mode}: {text}"
+        );
+        // The session goes on.
+        assert_eq!(one(&plain, "SELECT 1").await.unwrap(), "1");
+        let err = connect_with_token(proxy.ro, &foreign).await.err().expect("refused");
+        assert!(
+            err.contains("22023") && err.contains("another cluster"),
+            "{mode}: {err}"
+        );
+        let err = connect_with_token(proxy.ro, "nonsense").await.err().expect("refused");
+        assert!(err.contains("22023"), "{mode}: {err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_orphan_standby_gets_no_reads_and_old_tokens_stay_good() {
+    let cluster = LocalCluster::start(2).unwrap();
+    let admin = free_port();
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        SPLIT,
+        &format!("[admin]\nhttp_listen = \"127.0.0.1:{admin}\""),
+    );
+    let writer = connect(proxy.rw).await.unwrap();
+    writer
+        .simple_query("CREATE TABLE before_failover (id int); INSERT INTO before_failover VALUES (1)")
+        .await
+        .unwrap();
+    let token = one(&writer, "SHOW switchyard.causal_token").await.unwrap();
+    drop(writer);
+    cluster.wait_replayed(Duration::from_secs(10)).unwrap();
+
+    // The demo's failover: the primary stops, failover1 is promoted, failover2 still
+    // follows the dead primary.
+    cluster.stop_node(0, "fast").unwrap();
+    cluster.promote(1).unwrap();
+    wait_for("writes on failover1", Duration::from_secs(15), || {
+        (psql(proxy.rw, "/* switchyard:primary */ SELECT inet_server_port()").ok()?
+            == cluster.nodes[1].port.to_string())
+        .then_some(())
+    });
+    psql(
+        proxy.rw,
+        "CREATE TABLE after_failover (id int); INSERT INTO after_failover VALUES (2)",
+    )
+    .unwrap();
+    // Every read through ro sees the table made on the new primary: failover2 is out.
+    let mut stale = 0;
+    for _ in 0..20 {
+        match psql(proxy.ro, "SELECT id FROM after_failover") {
+            Ok(v) => assert_eq!(v, "2"),
+            Err(_) => stale += 1,
+        }
+    }
+    assert_eq!(stale, 0, "reads served by the orphan standby");
+    let (_, status) = http_get(admin, "/status");
+    assert!(
+        status.contains("not streaming") || status.contains("older than the primary"),
+        "{status}"
+    );
+    // A token from before the failover is honoured on the new timeline.
+    let fresh = connect_with_token(proxy.ro, &token).await.unwrap();
+    assert_eq!(one(&fresh, "SELECT count(*) FROM before_failover").await.unwrap(), "1");
+}
