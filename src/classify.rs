@@ -98,6 +98,10 @@ pub struct Classification {
     /// DATABASE`, the target of `DROP DATABASE` / `ALTER DATABASE ... RENAME` / `SET
     /// TABLESPACE`. Idle pooled connections to it are closed before it is forwarded.
     pub frees_database: Option<String>,
+    /// Changes only the session's settings (`SET`, `RESET`, `DISCARD`, `SHOW`, `SELECT
+    /// set_config(<constants>)`): writes no data, so it does not raise the client's
+    /// read-your-writes floor (Django sets the time zone on every new connection).
+    pub settings_only: bool,
 }
 
 impl Classification {
@@ -113,8 +117,25 @@ impl Classification {
             deallocate: None,
             frees_database: None,
             literal_sensitive: false,
+            settings_only: false,
         }
     }
+}
+
+/// `SELECT set_config('name', 'value', is_local)` with constant arguments, nothing else.
+fn is_set_config(s: &pg_query::protobuf::SelectStmt) -> bool {
+    if !s.from_clause.is_empty() || s.where_clause.is_some() || !s.with_clause.is_none() || s.target_list.len() != 1 {
+        return false;
+    }
+    let Some(NodeEnum::ResTarget(t)) = s.target_list[0].node.as_ref() else {
+        return false;
+    };
+    let Some(NodeEnum::FuncCall(f)) = t.val.as_deref().and_then(|v| v.node.as_ref()) else {
+        return false;
+    };
+    let named = matches!(f.funcname.last().and_then(|n| n.node.as_ref()),
+        Some(NodeEnum::String(n)) if n.sval.eq_ignore_ascii_case("set_config"));
+    named && f.args.iter().all(|a| matches!(a.node, Some(NodeEnum::AConst(_))))
 }
 
 /// Functions known not to write: a read calling anything else goes to the primary.
@@ -350,6 +371,12 @@ impl Classifier {
         if stmts.is_empty() {
             return c;
         }
+        c.settings_only = stmts.iter().all(|raw| {
+            matches!(
+                raw.stmt.as_ref().and_then(|s| s.node.as_ref()),
+                Some(NodeEnum::VariableSetStmt(_) | NodeEnum::VariableShowStmt(_) | NodeEnum::DiscardStmt(_))
+            ) || matches!(raw.stmt.as_ref().and_then(|s| s.node.as_ref()), Some(NodeEnum::SelectStmt(s)) if is_set_config(s))
+        });
         for raw in stmts {
             let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
                 continue;

@@ -277,3 +277,24 @@ fn causal_token_statements_are_recognised_alone() {
     assert_eq!(causal_statement(b"SHOW switchyard.causal_token; SELECT 1"), None);
     assert_eq!(causal_statement(b"\xff causal_token"), None);
 }
+
+#[test]
+fn statements_that_only_change_settings_are_known() {
+    for sql in [
+        "SET TIME ZONE 'UTC'",
+        "SELECT set_config('TimeZone', 'UTC', false)",
+        "SET search_path = a; SHOW work_mem",
+        "DISCARD ALL",
+    ] {
+        assert!(c(sql).settings_only, "{sql}");
+    }
+    for sql in [
+        "SELECT set_config('a', my_func(), false)",
+        "SELECT set_config('a', 'b', false) FROM t",
+        "SET a = 1; INSERT INTO t VALUES (1)",
+        "SELECT 1",
+        "INSERT INTO t VALUES (1)",
+    ] {
+        assert!(!c(sql).settings_only, "{sql}");
+    }
+}

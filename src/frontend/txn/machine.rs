@@ -101,6 +101,8 @@ pub struct Machine<'a> {
     rerun: bool,
     /// Whether the next connection is for a read routed by splitting.
     acquiring_read: bool,
+    /// Whether the next unit only changes session settings (writes no data).
+    acquiring_settings: bool,
     greeted: bool,
     pub to_server: BytesMut,
     pub to_client: BytesMut,
@@ -124,6 +126,7 @@ impl<'a> Machine<'a> {
         let state = SessionState::new(startup, cfg.read_only_endpoint);
         let mut m = Machine {
             acquiring_read: false,
+            acquiring_settings: false,
             cfg,
             classifier,
             state,
@@ -234,8 +237,12 @@ impl<'a> Machine<'a> {
         if !self.rerun {
             self.sent.clear();
         }
-        let may_write =
-            on_primary && self.greeted && !self.rerun && !self.acquiring_read && !self.cfg.read_only_endpoint;
+        let may_write = on_primary
+            && self.greeted
+            && !self.rerun
+            && !self.acquiring_read
+            && !self.acquiring_settings
+            && !self.cfg.read_only_endpoint;
         self.unit = Some(Unit {
             may_write,
             node: node.clone(),
@@ -337,6 +344,7 @@ impl<'a> Machine<'a> {
                     }
                     let read = unit::reads(&msg, input, &self.stmts, self.classifier, &self.state);
                     self.acquiring_read = read;
+                    self.acquiring_settings = !read && unit::only_settings(&msg, self.classifier);
                     self.stash = Some(msg);
                     self.actions.push_back(Action::Acquire { read, exclude: None });
                     return;

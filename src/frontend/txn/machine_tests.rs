@@ -494,6 +494,11 @@ fn a_unit_on_the_primary_that_may_write_is_reported_once_it_ends() {
     h.perform(true);
     assert!(h.m.take_wrote());
     assert!(!h.m.take_wrote(), "reported once");
+    // Nor does a unit that only sets session settings (Django's time zone).
+    h.client_buf(&mut query("SET TIME ZONE 'UTC'"), true);
+    h.server(&cat(&[be(b'C', b"SET\0"), ready(b'I')]));
+    h.perform(true);
+    assert!(!h.m.take_wrote());
     // A proven read, even one that ran on the primary, wrote nothing.
     h.client_buf(&mut query("SELECT 1"), true);
     h.server(&cat(&[row_answer(), ready(b'I')]));
