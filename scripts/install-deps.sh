@@ -2,8 +2,9 @@
 # Install what the build, the demo and the tests need on a Debian machine, if it is
 # missing: libclang (pg_query's bindgen) and a C compiler, PostgreSQL server binaries
 # (initdb, pg_ctl, pg_basebackup, postgres), psql, pgbench, pgrep, Chromium and its
-# driver (status page test), and the Python clients (psycopg 2 and 3, Django, Selenium)
-# with what compat/run needs to run their own test suites (pytest and plugins).
+# driver (status page test), the Python clients (psycopg 2 and 3, Django, Selenium)
+# with what compat/run needs to run their own test suites (pytest and plugins), and
+# this repository's Django integration (python/django_switchyard).
 # Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,4 +48,18 @@ PY
 if ! requirements_met; then
     echo "install-deps: installing Python test clients and suites' test tools"
     python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+fi
+
+# The Django integration, reinstalled when the version in its pyproject.toml changes.
+switchyard_package_current() {
+    python3 - python/django_switchyard/pyproject.toml <<'PY' 2>/dev/null
+import importlib.metadata as md, re, sys
+want = re.search(r'(?m)^version\s*=\s*"([^"]+)"', open(sys.argv[1]).read()).group(1)
+import django_switchyard  # raises when missing or broken
+sys.exit(md.version("django-switchyard") != want)
+PY
+}
+if ! switchyard_package_current; then
+    echo "install-deps: installing python/django_switchyard"
+    python3 -m pip install --quiet --disable-pip-version-check ./python/django_switchyard
 fi

@@ -124,7 +124,7 @@ impl Classification {
 
 /// `SELECT set_config('name', 'value', is_local)` with constant arguments, nothing else.
 fn is_set_config(s: &pg_query::protobuf::SelectStmt) -> bool {
-    if !s.from_clause.is_empty() || s.where_clause.is_some() || !s.with_clause.is_none() || s.target_list.len() != 1 {
+    if !s.from_clause.is_empty() || s.where_clause.is_some() || s.with_clause.is_some() || s.target_list.len() != 1 {
         return false;
     }
     let Some(NodeEnum::ResTarget(t)) = s.target_list[0].node.as_ref() else {

@@ -7,6 +7,11 @@ tests can point them at the proxy: `default` uses the read-write endpoint and
 With SY_SINGLE=1 there is only `default` (SY_RW_PORT) and no router: the way
 an application uses a proxy in transaction pooling mode that sends reads to
 standbys by itself (read_write_split).
+
+For tests/python/django_causal_check.py (which sets them itself):
+SY_CAUSAL_MIDDLEWARE=1 adds django_switchyard's CausalReadsMiddleware, and
+SY_PACKAGE_ROUTER=1 uses django_switchyard's PrimaryReplicaRouter instead of
+shop.routers (two aliases only).
 """
 import os
 
@@ -22,7 +27,8 @@ def env(name, default=None):
 
 SECRET_KEY = "switchyard-test-only-not-secret"
 DEBUG = False
-ALLOWED_HOSTS = []
+ALLOWED_HOSTS = ["testserver"]  # django.test.Client's host
+ROOT_URLCONF = "shop.urls"
 
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
@@ -62,3 +68,9 @@ else:
     # Under `manage.py test` the replica is the test database itself, not a copy.
     DATABASES["replica"]["TEST"] = {"MIRROR": "default"}
     DATABASE_ROUTERS = ["shop.routers.PrimaryReplicaRouter"]
+
+MIDDLEWARE = []
+if os.environ.get("SY_CAUSAL_MIDDLEWARE") == "1":
+    MIDDLEWARE.append("django_switchyard.middleware.CausalReadsMiddleware")
+if not SINGLE and os.environ.get("SY_PACKAGE_ROUTER") == "1":
+    DATABASE_ROUTERS = ["django_switchyard.routers.PrimaryReplicaRouter"]
