@@ -1,0 +1,12 @@
+"""Django integration for Switchyard, the PostgreSQL HA proxy.
+
+- `django_switchyard.middleware.CausalReadsMiddleware`: a user's requests after a
+  request that wrote read at least as fresh as that write (a causal token carried in a
+  short-lived signed cookie).
+- `django_switchyard.routers.PrimaryReplicaRouter`: writes to `default`, reads to the
+  replica alias (Switchyard's read-only endpoint).
+- `django_switchyard.causal`: `current_token()` and `use_token()`, for carrying a write's
+  freshness anywhere else (a Celery task, a management command).
+"""
+
+__version__ = "0.1.0"  # keep equal to pyproject.toml's (scripts/install-deps.sh compares them)

@@ -1,0 +1,316 @@
+"""The middleware's flow, with the proxy's three statements recorded instead of sent
+(the `statements` fixture): which statements go where, and the cookie."""
+import logging
+import time
+from unittest import mock
+
+import pytest
+from django.db import DataError, OperationalError, connections
+from django.http import FileResponse, HttpResponse, StreamingHttpResponse
+from django.test import RequestFactory, override_settings
+
+from django_switchyard.middleware import CausalReadsMiddleware
+from django_switchyard.tokens import sign_token, unsign_token
+
+TOKEN = "sy1.1111111111111111111.1.0-3000060"
+NEWER = "sy1.1111111111111111111.1.0-3000F00"
+SET = f"SET switchyard.causal_token = '{TOKEN}'"
+SET_NEWER = f"SET switchyard.causal_token = '{NEWER}'"
+SHOW = "SHOW switchyard.causal_token"
+RESET = "RESET switchyard.causal_token"
+COOKIE = "switchyard_causal"
+
+
+def query(alias):
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT 1")
+
+
+def view(*aliases):
+    """A view that runs one statement on each of `aliases`."""
+    def run(request):
+        for alias in aliases:
+            query(alias)
+        return HttpResponse("ok")
+    return run
+
+
+def get(middleware, cookie=None):
+    request = RequestFactory().get("/")
+    if cookie is not None:
+        request.COOKIES[COOKIE] = cookie
+    return middleware(request)
+
+
+def test_a_request_that_uses_no_database_sends_nothing(statements):
+    response = get(CausalReadsMiddleware(view()), sign_token(TOKEN))
+    assert statements.log == []
+    assert COOKIE not in response.cookies
+    assert connections["default"].connection is None
+    assert connections["replica"].connection is None
+
+
+def test_a_write_sets_a_signed_short_lived_cookie(statements):
+    statements.token = TOKEN
+    response = get(CausalReadsMiddleware(view("default")))
+    assert statements.log == [("default", SHOW)]
+    morsel = response.cookies[COOKIE]
+    assert unsign_token(morsel.value, max_age=10) == TOKEN
+    assert morsel["max-age"] == 10
+    assert morsel["httponly"] is True
+    assert morsel["samesite"] == "Lax"
+    assert not morsel["secure"]
+    assert morsel["path"] == "/"
+
+
+def test_cookie_settings(statements):
+    statements.token = TOKEN
+    with override_settings(SWITCHYARD_CAUSAL_COOKIE="fresh", SWITCHYARD_CAUSAL_MAX_AGE=3,
+                           SESSION_COOKIE_SECURE=True, SESSION_COOKIE_DOMAIN=".example.com"):
+        response = get(CausalReadsMiddleware(view("default")))
+    morsel = response.cookies["fresh"]
+    assert (morsel["max-age"], morsel["secure"], morsel["domain"]) == (3, True, ".example.com")
+
+
+def test_no_token_no_cookie(statements):
+    statements.token = ""  # the connection wrote nothing
+    response = get(CausalReadsMiddleware(view("default")))
+    assert statements.log == [("default", SHOW)]
+    assert COOKIE not in response.cookies
+
+
+def test_reads_alone_ask_for_no_token(statements):
+    get(CausalReadsMiddleware(view("replica")))
+    assert statements.log == []
+
+
+def test_the_token_goes_on_a_read_alias_as_it_connects_and_comes_off_at_the_end(statements):
+    response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert statements.log == [("replica", SET), ("replica", RESET)]
+    assert COOKIE not in response.cookies  # nothing new to remember
+    assert connections["default"].connection is None  # not opened for the token's sake
+
+
+def test_a_connection_kept_from_an_earlier_request_gets_the_token_at_the_start(statements):
+    query("replica")  # as if CONN_MAX_AGE kept it open
+    seen = []
+
+    def check(request):
+        seen.extend(statements.log)
+        query("replica")
+        return HttpResponse("ok")
+
+    get(CausalReadsMiddleware(check), sign_token(TOKEN))
+    assert seen == [("replica", SET)]  # before the view's first query
+    assert statements.log == [("replica", SET), ("replica", RESET)]
+
+
+def test_first_query_in_an_atomic_block_still_gets_the_token(statements):
+    from django.db import transaction
+
+    def in_transaction(request):
+        with transaction.atomic(using="replica"):
+            query("replica")
+        return HttpResponse("ok")
+
+    get(CausalReadsMiddleware(in_transaction), sign_token(TOKEN))
+    assert statements.log == [("replica", SET), ("replica", RESET)]
+
+
+def test_a_write_after_a_token_gives_a_new_cookie(statements):
+    statements.token = NEWER
+    response = get(CausalReadsMiddleware(view("replica", "default")), sign_token(TOKEN))
+    assert statements.log == [
+        ("replica", SET),
+        ("default", SET),  # default is a read alias too (every alias by default)
+        ("default", SHOW),
+        ("default", RESET),
+        ("replica", RESET),
+    ]
+    assert unsign_token(response.cookies[COOKIE].value, max_age=10) == NEWER
+
+
+def test_the_same_token_back_does_not_renew_the_cookie(statements):
+    # One alias for both (read_write_split): SHOW includes the token SET on it.
+    statements.token = TOKEN
+    with override_settings(SWITCHYARD_READ_ALIASES=["default"]):
+        response = get(CausalReadsMiddleware(view("default")), sign_token(TOKEN))
+    assert statements.log == [("default", SET), ("default", SHOW), ("default", RESET)]
+    assert COOKIE not in response.cookies
+
+
+def test_read_and_write_alias_settings(statements):
+    statements.token = TOKEN
+    with override_settings(SWITCHYARD_READ_ALIASES=["replica"], SWITCHYARD_WRITE_ALIASES=["replica"]):
+        response = get(CausalReadsMiddleware(view("default", "replica")), sign_token(NEWER))
+    assert statements.log == [("replica", SET_NEWER), ("replica", SHOW), ("replica", RESET)]
+    assert unsign_token(response.cookies[COOKIE].value, max_age=10) == TOKEN
+
+
+def test_misspelt_alias_is_a_configuration_error():
+    from django.core.exceptions import ImproperlyConfigured
+
+    with override_settings(SWITCHYARD_READ_ALIASES=["replcia"]):
+        with pytest.raises(ImproperlyConfigured):
+            CausalReadsMiddleware(view())
+    with override_settings(SWITCHYARD_WRITE_ALIASES="default"):
+        with pytest.raises(ImproperlyConfigured):
+            CausalReadsMiddleware(view())
+
+
+@pytest.mark.parametrize("cookie", ["", "garbage", TOKEN, sign_token(TOKEN) + "x"])
+def test_a_bad_cookie_is_ignored(statements, cookie):
+    response = get(CausalReadsMiddleware(view("replica")), cookie)
+    assert response.status_code == 200
+    assert statements.log == []
+
+
+def test_an_expired_cookie_is_ignored(statements):
+    now = time.time()
+    with mock.patch("django.core.signing.time.time", return_value=now - 12):
+        cookie = sign_token(TOKEN)  # 12 s ago; the default max age is 10
+    response = get(CausalReadsMiddleware(view("replica")), cookie)
+    assert response.status_code == 200
+    assert statements.log == []
+
+
+def refused():
+    """What Django raises for Switchyard's answer to another cluster's token."""
+    class DriverError(Exception):
+        sqlstate = "22023"
+
+    error = DataError('causal token is from another cluster')
+    error.__cause__ = DriverError()
+    return error
+
+
+def test_a_refused_token_is_logged_and_the_cookie_dropped(statements, caplog):
+    statements.fail_on, statements.error = "SET", refused()
+    with caplog.at_level(logging.WARNING, logger="django_switchyard"):
+        response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert response.status_code == 200
+    assert statements.log == [("replica", SET)]  # not applied, so nothing to RESET
+    assert "SET switchyard.causal_token failed on 'replica'" in caplog.text
+    assert response.cookies[COOKIE].value == ""  # deleted
+    assert response.cookies[COOKIE]["max-age"] == 0
+
+
+def test_other_set_failures_keep_the_cookie(statements, caplog):
+    statements.fail_on = "SET"
+    statements.error = OperationalError("server closed the connection unexpectedly")
+    with caplog.at_level(logging.WARNING, logger="django_switchyard"):
+        response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert response.status_code == 200
+    assert "SET switchyard.causal_token failed on 'replica'" in caplog.text
+    assert COOKIE not in response.cookies  # neither renewed nor deleted
+
+
+def test_a_token_accepted_on_one_alias_keeps_the_cookie(statements, monkeypatch):
+    # Say "default" leads to another Switchyard cluster than "replica".
+    def fake(conn, sql):
+        if conn.alias == "default" and sql.startswith("SET"):
+            statements.log.append((conn.alias, sql))
+            raise refused()
+        return statements(conn, sql)
+
+    from django_switchyard import causal
+    monkeypatch.setattr(causal, "run_own_statement", fake)
+    response = get(CausalReadsMiddleware(view("replica", "default")), sign_token(TOKEN))
+    assert response.status_code == 200
+    assert COOKIE not in response.cookies
+
+
+def test_a_failed_show_is_logged_and_the_request_goes_on(statements, caplog):
+    statements.fail_on = "SHOW"
+    statements.error = OperationalError("server closed the connection")
+    with caplog.at_level(logging.WARNING, logger="django_switchyard"):
+        response = get(CausalReadsMiddleware(view("default")))
+    assert response.status_code == 200
+    assert COOKIE not in response.cookies
+    assert "SHOW switchyard.causal_token failed on 'default'" in caplog.text
+
+
+def test_a_failed_reset_is_logged(statements, caplog):
+    statements.fail_on = "RESET"
+    statements.error = OperationalError("gone")
+    with caplog.at_level(logging.WARNING, logger="django_switchyard"):
+        response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert response.status_code == 200
+    assert "RESET switchyard.causal_token failed on 'replica'" in caplog.text
+
+
+def test_a_malformed_token_from_the_server_is_not_stored(statements, caplog):
+    statements.token = "not-a-token"
+    response = get(CausalReadsMiddleware(view("default")))
+    assert COOKIE not in response.cookies
+
+
+def test_a_connection_closed_during_the_request_is_not_reset(statements):
+    def close_it(request):
+        query("replica")
+        connections["replica"].close()
+        return HttpResponse("ok")
+
+    get(CausalReadsMiddleware(close_it), sign_token(TOKEN))
+    assert statements.log == [("replica", SET)]
+
+
+def test_streaming_keeps_the_token_until_the_response_is_closed(statements):
+    def stream(request):
+        def rows():
+            query("replica")
+            yield b"row\n"
+        return StreamingHttpResponse(rows())
+
+    response = get(CausalReadsMiddleware(stream), sign_token(TOKEN))
+    assert statements.log == []  # the body has not run yet
+    assert b"".join(response.streaming_content) == b"row\n"
+    assert statements.log == [("replica", SET)]
+    response.close()
+    assert statements.log == [("replica", SET), ("replica", RESET)]
+
+
+def test_streaming_response_closed_unread_still_resets(statements):
+    query("replica")  # open: the token goes on at the start
+
+    def stream(request):
+        return StreamingHttpResponse(iter([b"a", b"b"]))
+
+    response = get(CausalReadsMiddleware(stream), sign_token(TOKEN))
+    response.close()
+    assert statements.log == [("replica", SET), ("replica", RESET)]
+
+
+def test_the_view_statements_are_not_confused_with_ours(statements):
+    # Only "replica" is a write alias here; the middleware's own SET on it must not
+    # count as the application using it.
+    with override_settings(SWITCHYARD_WRITE_ALIASES=["replica"]):
+        get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+        assert ("replica", SHOW) in statements.log
+        statements.log.clear()
+        get(CausalReadsMiddleware(view("default")), sign_token(TOKEN))
+        assert ("replica", SHOW) not in statements.log
+
+
+def test_a_file_response_is_left_alone(statements, tmp_path):
+    path = tmp_path / "report.csv"
+    path.write_bytes(b"a,b\n")
+    query("replica")
+
+    def download(request):
+        return FileResponse(open(path, "rb"))
+
+    response = get(CausalReadsMiddleware(download), sign_token(TOKEN))
+    assert response.file_to_stream is not None  # wsgi.file_wrapper still usable
+    assert statements.log == [("replica", SET), ("replica", RESET)]
+    response.close()
+
+
+def test_a_scope_left_by_an_unclosed_response_does_not_reach_the_next_request(statements):
+    def stream(request):
+        return StreamingHttpResponse(iter([b"a"]))
+
+    get(CausalReadsMiddleware(stream), sign_token(TOKEN))  # never closed
+    statements.log.clear()
+    get(CausalReadsMiddleware(view("replica")))  # another user, no cookie
+    assert statements.log == []

@@ -1,0 +1,8 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("customers/", views.create_customer, name="create_customer"),
+    path("customers/<int:pk>/", views.customer_detail, name="customer_detail"),
+]
