@@ -182,7 +182,7 @@ pub fn render_table(s: &Status) -> String {
         }
         out += &format!(
             "  {:<12} {:<21} {:<7} {:<8} {:>8} {:>10} {:>4} {:>8} {:>9}  {}\n",
-            "NODE", "ADDR", "HEALTH", "ROLE", "LAG_MS", "LAG_BYTES", "TLI", "SESSIONS", "CHECKED", "LAST ERROR"
+            "NODE", "ADDR", "HEALTH", "ROLE", "LAG_MS", "LAG_BYTES", "TLI", "SESSIONS", "CHECKED", "LAST ERROR / NOTE"
         );
         for n in &c.nodes {
             let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
@@ -199,7 +199,11 @@ pub fn render_table(s: &Status) -> String {
                 n.last_check_ms_ago
                     .map(|m| format!("{m}ms ago"))
                     .unwrap_or_else(|| "-".into()),
-                n.last_error.as_deref().unwrap_or("")
+                match (&n.last_error, &n.detached) {
+                    (Some(e), _) => e.clone(),
+                    (None, Some(d)) => format!("no reads: {d}"),
+                    (None, None) => String::new(),
+                }
             );
         }
         if c.nodes.iter().any(|n| n.drained) {
