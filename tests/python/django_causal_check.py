@@ -7,7 +7,8 @@ Configured like django_check.py, by SY_HOST, SY_RW_PORT, SY_RO_PORT, SY_USER,
 SY_PASSWORD, SY_DB (and SY_SINGLE=1 for one alias on the rw endpoint with
 read_write_split, where SY_RO_PORT is not needed). The tables must exist
 (`django_check.py migrate`). Meant for a cluster whose standbys apply WAL late
-(recovery_min_apply_delay = '2s'), with the proxy in transaction pooling mode.
+(recovery_min_apply_delay = '2s'), with the proxy in transaction or session pooling
+mode: nothing here depends on which.
 
 Each phase runs the classic pattern in-process with django.test.Client: POST
 creates a customer on `default` and redirects to its page; the GET of the redirect
@@ -15,13 +16,21 @@ reads it through the router, i.e. on `replica` (Switchyard's read-only endpoint)
 Every request gets new connections (CONN_MAX_AGE = 0), as under a WSGI server.
 
 - with-middleware: django_switchyard's CausalReadsMiddleware and router. The POST
-  must set the causal cookie and the GET must answer 200.
+  must set the causal cookie and the GET must answer 200, twice:
+  - `new connection`: the GET opens its read connection, which must carry the token
+    as a startup option (`-c switchyard.causal_token=...`, so that the proxy places
+    it on a node that has replayed it) and be closed at the end of the request;
+  - `kept connection`: the read connection is already open when the GET starts, as
+    with CONN_MAX_AGE > 0. The middleware SETs the token on it; in session pooling
+    mode, where the connection cannot move off its late standby, the proxy refuses
+    that (55000) and the middleware reconnects with the token as a startup option.
+    Either way, at the end the connection is closed or no longer carries the token.
 - without-middleware: the same project without it. The GET must answer 404: the
   standby has not replayed the insert yet. This is what makes the 200 above mean
   something.
 
 Prints `ok: <phase> ...` lines and exits 0; a failure prints `FAIL: ...` and
-exits 1. Each run creates a customer with a new name and deletes it at the end, so
+exits 1. Each run creates customers with new names and deletes them at the end, so
 it can run any number of times, and leaves what django_check.py `write` left.
 """
 import os
@@ -50,6 +59,7 @@ django.setup()
 
 from django.conf import settings  # noqa: E402
 from django.db import connections  # noqa: E402
+from django.db.backends.signals import connection_created  # noqa: E402
 from django.test import Client  # noqa: E402
 
 from django_switchyard import conf  # noqa: E402
@@ -59,6 +69,18 @@ from shop.models import Customer  # noqa: E402
 READ_ALIAS = "replica" if "replica" in settings.DATABASES else "default"
 COOKIE = conf.cookie_name()
 MAX_AGE = conf.cookie_max_age()
+
+# (alias, startup options) of every connection Django opens, for the checks of how the
+# token reached the read alias.
+OPENED = []
+
+
+def note_connection(sender, connection, **kwargs):
+    # libpq's `options` as the connection was made with (psycopg 3 and 2 both say).
+    OPENED.append((connection.alias, connection.connection.info.options or ""))
+
+
+connection_created.connect(note_connection)
 
 
 def fail(message):
@@ -116,25 +138,65 @@ def check_no_new_cookie(get):
     print(f"ok: {PHASE} GET wrote nothing and left the cookie alone")
 
 
-def check_token_reset():
-    """The middleware takes the token off the read alias's connection at the end of
-    the request, so that a connection kept for the next request (CONN_MAX_AGE) does
-    not carry it to another user. The test client leaves the connection open: ask it."""
+def carries(options, token):
+    return f"switchyard.causal_token={token}" in options
+
+
+def check_new_connection(token, opened):
+    """The GET opened its read connection with the token as a startup option, and the
+    middleware closed it at the end of the request, so that nothing reuses it with the
+    token (the test client leaves connections open otherwise)."""
+    mine = [options for alias, options in opened if alias == READ_ALIAS]
+    if len(mine) != 1 or not carries(mine[0], token):
+        fail(f"the GET opened {READ_ALIAS!r} with startup options {mine}, expected one "
+             f"connection with -c switchyard.causal_token={token}")
+    if connections[READ_ALIAS].connection is not None:
+        fail(f"the connection of {READ_ALIAS!r} opened with the token was left open "
+             "after the request")
+    print(f"ok: {PHASE} new connection: {READ_ALIAS!r} was opened with the token as a "
+          "startup option and closed at the end of the request")
+
+
+def check_kept_connection(token, kept, opened):
+    """The read connection was open before the GET. Either it took the token with a
+    SET (transaction pooling mode; or session mode when its node had replayed the
+    token in time) and got RESET at the end; or the proxy refused the SET (session
+    mode, its standby behind) and the middleware reconnected with the token as a
+    startup option, and closed that connection at the end."""
+    mine = [options for alias, options in opened if alias == READ_ALIAS]
+    conn = connections[READ_ALIAS]
+    if mine:
+        if len(mine) != 1 or not carries(mine[0], token):
+            fail(f"the GET reopened {READ_ALIAS!r} with startup options {mine}, expected "
+                 f"one connection with -c switchyard.causal_token={token}")
+        if conn.connection is not None:
+            fail(f"the connection of {READ_ALIAS!r} reopened with the token was left "
+                 "open after the request")
+        print(f"ok: {PHASE} kept connection: the proxy refused the SET on it (its node "
+              "was behind and a session cannot move), the middleware reconnected "
+              f"{READ_ALIAS!r} with the token as a startup option and closed it at the end")
+        return
+    if conn.connection is not kept:
+        fail(f"the kept connection of {READ_ALIAS!r} was replaced without a new "
+             "connection being opened")
     if READ_ALIAS in conf.write_aliases():
         # One alias (SY_SINGLE=1): SHOW also reports what this connection wrote (for
         # Switchyard, Django's `SELECT set_config('TimeZone', ...)` may count), so an
         # answer would not tell a leftover token from the connection's own floor.
-        print(f"note: {PHASE} reset of the token not checked: {READ_ALIAS!r} is also a write alias")
+        print(f"ok: {PHASE} kept connection: {READ_ALIAS!r} took the token with a SET "
+              "(reset not checked: it is also a write alias)")
         return
-    if connections[READ_ALIAS].connection is None:
-        fail(f"the GET left no open connection on {READ_ALIAS!r} to look at")
     left = show_token(READ_ALIAS)
     if left:
         fail(f"the token was still set on {READ_ALIAS!r} after the request: {left!r}")
-    print(f"ok: {PHASE} the token was reset on {READ_ALIAS!r} at the end of the request")
+    print(f"ok: {PHASE} kept connection: {READ_ALIAS!r} took the token with a SET and "
+          "it was reset at the end of the request")
 
 
-def run(name):
+def run(name, keep_read_connection=False):
+    """POST then GET; with `keep_read_connection`, the read alias's connection is
+    opened before the GET, as CONN_MAX_AGE > 0 would have kept it."""
+    label = "kept connection" if keep_read_connection else "new connection"
     client = Client()
     started = time.monotonic()
     post = client.post("/customers/", {"name": name})
@@ -142,13 +204,21 @@ def run(name):
     if post.status_code != 302:
         fail(f"POST /customers/ answered {post.status_code}: {post.content[:300]!r}")
     location = post["Location"]
-    print(f"ok: {PHASE} POST /customers/ created {name!r} on default and redirected to {location}")
+    print(f"ok: {PHASE} {label}: POST /customers/ created {name!r} on default and "
+          f"redirected to {location}")
 
+    token = None
     if PHASE == "with-middleware":
-        check_cookie(post)
+        token = check_cookie(post)
     elif COOKIE in post.cookies:
         fail(f"the POST set {COOKIE!r} without the middleware")
 
+    kept = None
+    if keep_read_connection:
+        with connections[READ_ALIAS].cursor() as cursor:
+            cursor.execute("SELECT 1")
+        kept = connections[READ_ALIAS].connection
+    OPENED.clear()
     # The test client sends back the cookies it was given, like a browser.
     get = client.get(location)
     elapsed = time.monotonic() - started
@@ -156,14 +226,17 @@ def run(name):
 
     if PHASE == "with-middleware":
         if get.status_code != 200:
-            fail(f"GET {location} answered {get.status_code} {elapsed:.2f}s after the POST "
-                 f"despite the causal token: {what}")
+            fail(f"{label}: GET {location} answered {get.status_code} {elapsed:.2f}s after "
+                 f"the POST despite the causal token: {what}")
         if get.json().get("name") != name:
             fail(f"GET {location} returned {get.json()}, expected the customer {name!r}")
-        print(f"ok: {PHASE} GET {location} answered 200 {elapsed:.2f}s after the POST: "
-              f"the customer was visible through {READ_ALIAS!r}; {what}")
+        print(f"ok: {PHASE} {label}: GET {location} answered 200 {elapsed:.2f}s after the "
+              f"POST: the customer was visible through {READ_ALIAS!r}; {what}")
         check_no_new_cookie(get)
-        check_token_reset()
+        if keep_read_connection:
+            check_kept_connection(token, kept, list(OPENED))
+        else:
+            check_new_connection(token, list(OPENED))
     else:
         if get.status_code == 200:
             fail(f"GET {location} answered 200 {elapsed:.2f}s after the POST without a causal "
@@ -176,25 +249,28 @@ def run(name):
     finish_request()
 
 
-def cleanup(name):
+def cleanup(names):
     # Never hide the failure being reported behind one of the cleanup.
     try:
         finish_request()
-        Customer.objects.using("default").filter(name=name).delete()
+        Customer.objects.using("default").filter(name__in=names).delete()
     except Exception as exc:
-        print(f"warning: {PHASE}: could not delete customer {name!r}: {exc}", file=sys.stderr)
+        print(f"warning: {PHASE}: could not delete customers {names}: {exc}", file=sys.stderr)
         return False
     return True
 
 
 def main():
-    name = f"causal-{uuid.uuid4().hex[:12]}"
+    names = [f"causal-{uuid.uuid4().hex[:12]}"]
     try:
-        run(name)
+        run(names[0])
+        if PHASE == "with-middleware":
+            names.append(f"causal-{uuid.uuid4().hex[:12]}")
+            run(names[1], keep_read_connection=True)
     finally:
-        cleaned = cleanup(name)
+        cleaned = cleanup(names)
     if cleaned:
-        print(f"ok: {PHASE} cleaned up {name!r}")
+        print(f"ok: {PHASE} cleaned up {', '.join(map(repr, names))}")
 
 
 if __name__ == "__main__":

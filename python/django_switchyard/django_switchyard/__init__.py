@@ -9,4 +9,4 @@
   freshness anywhere else (a Celery task, a management command).
 """
 
-__version__ = "0.1.0"  # keep equal to pyproject.toml's (scripts/install-deps.sh compares them)
+__version__ = "0.2.0"  # keep equal to pyproject.toml's (scripts/install-deps.sh compares them)

@@ -2,21 +2,34 @@
 
 Switchyard gives read-your-writes within one client connection by itself. Across
 connections (the next HTTP request, a Celery worker) the freshness has to travel as a
-token, and three statements, answered by the proxy without a server round trip, move
-it in and out of a connection:
+token. It goes into a connection in one of two ways:
+
+- at connect time, as a startup option (`options = '-c switchyard.causal_token=<token>'`):
+  the proxy places the new connection on a node that has replayed the token (waiting up
+  to causal_wait_ms for a standby, else the primary). This works in session and
+  transaction pooling mode, and is what a connection opened while a token is in force
+  gets;
+- on a connection that is already open (kept across requests with CONN_MAX_AGE), with
+  statements the proxy answers itself, without a server round trip:
 
     SHOW switchyard.causal_token              -- the newest write of this connection
     SET switchyard.causal_token = '<token>'   -- later reads at least that fresh
     RESET switchyard.causal_token             -- forget it
 
-Switchyard recognises them only outside a transaction block (inside one they would go
-to the server, where PostgreSQL accepts any dotted setting name and does nothing with
-it), so this module runs them only on connections in autocommit mode.
+  In session pooling mode a connection cannot move to another server, so the SET fails
+  (SQLSTATE 55000) when the connection's node has not replayed the token within
+  causal_wait_ms; the connection is then closed, and the next query reconnects with
+  the token as a startup option.
+
+Switchyard recognises the statements only outside a transaction block (inside one they
+would go to the server, where PostgreSQL accepts any dotted setting name and does
+nothing with it), so this module runs them only on connections in autocommit mode.
 
 Public API: `current_token()` and `use_token()`. `TokenScope` is the machinery that the
 middleware shares with `use_token()`.
 """
 import logging
+import os
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -25,13 +38,18 @@ from django.db.backends.signals import connection_created
 from django.db.transaction import TransactionManagementError
 
 from . import conf
-from .tokens import RESET_SQL, SHOW_SQL, is_valid_token, set_sql
+from .tokens import CAUSAL_SETTING, RESET_SQL, SHOW_SQL, is_valid_token, set_sql, startup_option
 
 logger = logging.getLogger("django_switchyard")
 
 # What Switchyard answers a SET with a token it will never accept: one from another
 # cluster, or not a token at all.
 INVALID_PARAMETER_VALUE = "22023"
+
+# What Switchyard answers, in session pooling mode, a SET with a token that the node the
+# connection is on has not replayed within causal_wait_ms: the connection cannot move
+# to another node, a new connection with the token as a startup option can.
+OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"
 
 # The innermost open TokenScope. Django's connections are per thread (per async
 # context under ASGI), and so is a ContextVar, so a scope sees exactly the connections
@@ -48,9 +66,18 @@ def running_own_statement():
 
 
 def forget_scopes():
-    """Start a request with no token scope. Requests do not nest, so a scope still
-    current here was left by an earlier request on this thread whose response was
-    never closed; it must not hand its token to this one's connections."""
+    """Start a request with no token scope.
+
+    Requests do not nest, so a scope still current here was left by an earlier request
+    on this thread whose response was never closed. It is ended now, innermost first:
+    its token comes off this thread's connections (RESET, or the connection closed if
+    it was opened with the token), and it hands nothing to this request's.
+    """
+    scope = _current_scope.get()
+    while scope is not None:
+        parent = scope.parent
+        scope.close()  # does nothing if it was closed already (in another context)
+        scope = parent
     _current_scope.set(None)
 
 
@@ -87,15 +114,16 @@ def use_token(token, aliases=None):
     """Make reads in the block at least as fresh as `token`.
 
     `aliases` defaults to SWITCHYARD_READ_ALIASES (every alias). No connection is
-    opened for it: one already open gets the token on entry, one the block opens gets
-    it as it connects. On exit the token is taken off again (or the enclosing
-    use_token()'s is put back). An empty token ("" or None: nothing was written) does
-    nothing; a malformed one raises ValueError. A database error while setting it is
-    logged and the block runs anyway, with the reads as fresh as the proxy makes them
-    without a token.
+    opened for it: one the block opens gets the token as a startup option when it
+    connects, one already open gets it with a SET on entry. On exit the token is taken
+    off again (or the enclosing use_token()'s is put back): RESET on a connection that
+    got the SET, and a connection opened with the token is closed. An empty token (""
+    or None: nothing was written) does nothing; a malformed one raises ValueError. A
+    database error while setting it is logged and the block runs anyway, with the
+    reads as fresh as the proxy makes them without a token.
 
-    Enter it outside `transaction.atomic()`: the token goes onto a connection only
-    between transactions.
+    Enter it outside `transaction.atomic()`: the token goes onto an open connection
+    only between transactions.
     """
     if not token:
         yield
@@ -114,21 +142,39 @@ class TokenScope:
     """One token applied to some aliases from open() to close(), never opening a
     connection for it.
 
-    A connection that is already open (kept across requests with CONN_MAX_AGE) gets
-    the token in open(); one opened later gets it from the connection_created signal,
-    which Django sends right after connecting, still in autocommit and before any query
-    of the application, even when the first query is in an atomic() block. close()
-    takes the token off every connection it is on, so that a connection kept for the
-    next request does not carry one user's freshness floor to another.
+    - A connection opened while the scope is current carries the token as a startup
+      option (`-c switchyard.causal_token=...` in libpq's `options`, added to the
+      connection parameters at connect time, see `_connect`): Switchyard places it on
+      a node that has replayed the token, in session as in transaction pooling mode.
+      That needs Django's PostgreSQL backend without OPTIONS["pool"]; other
+      connections get a SET from the connection_created signal instead, which Django
+      sends right after connecting, still in autocommit and before any query of the
+      application, even when the first query is in an atomic() block.
+    - A connection already open in open() (kept across requests with CONN_MAX_AGE) gets
+      a SET. In session pooling mode the proxy refuses it with SQLSTATE 55000 when the
+      connection's node has not replayed the token in time: the connection is closed
+      then, and the next query opens a new one with the token as a startup option.
+
+    close() takes the token off every connection it is on, so that a connection kept
+    for the next request does not carry one user's freshness floor to another: RESET
+    where a SET put it, and a connection opened with the token is closed. Why close
+    it: its startup options hold the token for as long as it lives, and in session
+    pooling mode it was placed on a node for that token (maybe the primary) and stays
+    there; closing is the one thing that is right in both modes. It costs a new
+    connection only with CONN_MAX_AGE > 0 (with 0 Django closes it anyway), and only
+    on requests within the token's short lifetime.
     """
 
     def __init__(self, token, aliases):
         self.sql = set_sql(token)  # validates the token
         self.token = token
         self.aliases = frozenset(aliases)
-        self.applied = set()  # aliases whose connection has this token now
-        self.accepted = False  # a SET of it succeeded somewhere
-        self.refused = False  # a SET of it was refused as invalid (another cluster's)
+        self.startup = set()  # aliases whose new connections get the token at connect
+        self.opened = {}  # alias -> the DB-API connection opened with the token
+        self.given_up = set()  # aliases where Switchyard refused the token at connect
+        self.applied = set()  # aliases whose connection has this token by a SET now
+        self.accepted = False  # the token went onto a connection somewhere
+        self.refused = False  # the token was refused as invalid (another cluster's)
         self.parent = None
         self._open = False
 
@@ -138,8 +184,11 @@ class TokenScope:
         self._open = True
         for alias in sorted(self.aliases):
             conn = connections[alias]
+            if _takes_startup_token(conn):
+                _install_connect_hook(conn)
+                self.startup.add(alias)
             if conn.connection is not None:
-                self.apply(conn)
+                self.apply(conn, may_reconnect=True)
         return self
 
     def close(self):
@@ -148,27 +197,39 @@ class TokenScope:
         self._open = False
         # set() rather than reset(): a streaming response may be closed in another
         # context than the one that opened the scope (reset() would raise there).
+        # From here on, a connection that opens gets the enclosing scope's token, if
+        # any, not this one's.
         _current_scope.set(self.parent)
-        for alias in sorted(self.applied):
+        for alias in sorted(self.applied | set(self.opened)):
             conn = connections[alias]
             if conn.connection is None:
                 continue  # closed since: the token went with the client connection
-            outer = _covering(self.parent, alias)
-            if outer is not None:
-                outer.apply(conn)  # an enclosing use_token(): put its token back
-            elif not _between_transactions(conn):
+            if not _between_transactions(conn):
                 logger.warning(
                     "causal token left on %r: its connection is inside a transaction "
                     "when the scope ends", alias)
+            elif self.opened.get(alias) is conn.connection:
+                # Opened with this token as a startup option: see the class docstring.
+                # (An enclosing scope's token goes onto the next connection at connect.)
+                _close(conn)
+            elif (outer := _covering(self.parent, alias)) is not None:
+                outer.apply(conn, may_reconnect=True)  # an enclosing use_token(): its token back
             else:
                 try:
                     run_own_statement(conn, RESET_SQL)
                 except Exception as exc:
                     logger.warning("RESET switchyard.causal_token failed on %r: %s", alias, exc)
         self.applied.clear()
+        self.opened.clear()
 
-    def apply(self, conn):
-        """SET the token on `conn` (an open connection of one of our aliases)."""
+    def apply(self, conn, may_reconnect=False):
+        """SET the token on `conn` (an open connection of one of our aliases).
+
+        With `may_reconnect`, a SET that session pooling mode cannot honour (55000)
+        closes the connection, so that the next query reconnects with the token as a
+        startup option. Not from the connection_created signal: Django is still
+        connecting then.
+        """
         if not _between_transactions(conn):
             logger.warning(
                 "causal token not applied on %r: its connection is inside a "
@@ -178,12 +239,99 @@ class TokenScope:
             run_own_statement(conn, self.sql)
         except Exception as exc:
             # Reads still work, as fresh as the proxy makes them without a token.
-            if _sqlstate(exc) == INVALID_PARAMETER_VALUE:
+            code = _sqlstate(exc)
+            if code == INVALID_PARAMETER_VALUE:
                 self.refused = True
+            elif (code == OBJECT_NOT_IN_PREREQUISITE_STATE and may_reconnect
+                    and conn.alias in self.startup):
+                logger.info(
+                    "SET switchyard.causal_token on %r: its node has not replayed the "
+                    "token and the connection cannot move (session pooling mode); "
+                    "closing it, the next query connects with the token", conn.alias)
+                self.applied.discard(conn.alias)
+                _close(conn)
+                return
             logger.warning("SET switchyard.causal_token failed on %r: %s", conn.alias, exc)
         else:
             self.accepted = True
             self.applied.add(conn.alias)
+
+
+def _takes_startup_token(conn):
+    """Whether a connection `conn` opens can carry the token as a startup option.
+
+    Django's PostgreSQL backend (psycopg 3 or 2, and backends built on it, such as
+    PostGIS) hands its connection parameters to libpq, `options` included. Not with
+    OPTIONS["pool"]: psycopg's pool opens its connections with the parameters it was
+    created with and hands any of them to any request.
+    """
+    return conn.vendor == "postgresql" and not conn.settings_dict.get("OPTIONS", {}).get("pool")
+
+
+def _install_connect_hook(conn):
+    """Make `conn` (one thread's connection object for an alias) connect through
+    `_connect`, once; it does nothing unless a scope covering the alias is current.
+
+    Why not put the token into `conn.settings_dict["OPTIONS"]`: that dict is the very
+    one in settings.DATABASES, shared by every thread's connection object for the
+    alias, so another thread would connect with this request's token; and an OPTIONS
+    left behind by a request whose response is never closed would outlive it. Adding it
+    to the parameters of one connect() call leaves nothing to restore.
+    """
+    prior = vars(conn).get("get_new_connection")  # someone else's hook, if any
+    if getattr(prior, "_django_switchyard", False):
+        return
+
+    def get_new_connection(conn_params):
+        return _connect(conn, prior, conn_params)
+
+    get_new_connection._django_switchyard = True
+    conn.get_new_connection = get_new_connection
+
+
+def _connect(conn, prior, conn_params):
+    """Django's get_new_connection(conn_params) for `conn`, with the token of the
+    scope covering its alias, if any, added to the startup options."""
+    def connect(params):
+        if prior is not None:
+            return prior(params)
+        return type(conn).get_new_connection(conn, params)
+
+    scope = _covering(_current_scope.get(), conn.alias)
+    if scope is None or conn.alias not in scope.startup:
+        return connect(conn_params)
+    params = dict(conn_params)
+    # An `options` not given falls back to PGOPTIONS in libpq: keep what it says.
+    # (Options that come from a service file are replaced, as by any `options` given.)
+    existing = params["options"] if "options" in params else os.environ.get("PGOPTIONS", "")
+    params["options"] = startup_option(scope.token, existing)
+    try:
+        raw = connect(params)
+    except Exception as exc:
+        # Switchyard names the setting when it refuses the token at startup (another
+        # cluster's, or not one of its tokens); PgBouncer, in front of an alias that
+        # does not go through Switchyard, refuses "options" as an unsupported startup
+        # parameter. Anything else (the server is down) is not ours to handle.
+        text = str(exc)
+        if CAUSAL_SETTING not in text and "startup parameter" not in text:
+            raise
+        logger.warning(
+            "connecting %r with the causal token failed: %s; connecting without it",
+            conn.alias, text.strip())
+        scope.refused = True
+        scope.startup.discard(conn.alias)
+        scope.given_up.add(conn.alias)  # a SET of it would be refused too
+        return connect(conn_params)
+    scope.accepted = True
+    scope.opened[conn.alias] = raw
+    return raw
+
+
+def _close(conn):
+    try:
+        conn.close()
+    except Exception as exc:
+        logger.warning("closing the connection of %r failed: %s", conn.alias, exc)
 
 
 def _sqlstate(exc):
@@ -220,7 +368,11 @@ def run_own_statement(conn, sql):
 
 def _on_connection_created(sender, connection, **kwargs):
     scope = _covering(_current_scope.get(), connection.alias)
-    if scope is not None:
+    if scope is None:
+        return
+    if scope.opened.get(connection.alias) is connection.connection:
+        return  # the token went with the startup options
+    if connection.alias not in scope.given_up:
         scope.apply(connection)
 
 

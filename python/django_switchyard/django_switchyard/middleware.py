@@ -4,9 +4,12 @@ Switchyard keeps reads of one client connection at least as fresh as that
 connection's writes. A web user's requests use other connections (another alias,
 another worker, a new connection per request), so after a request that wrote, the
 middleware asks the write alias for its causal token, hands it to the browser in a
-short-lived signed cookie, and on the user's next requests sets it on the read aliases
-before their first query. The classic bug it prevents: POST creates an object, the
-redirect's GET reads a standby that has not replayed it yet, and answers 404.
+short-lived signed cookie, and on the user's next requests gives it to the read aliases
+before their first query: as a startup option to a connection the request opens (so
+Switchyard places it on a node that has replayed the token, in session as in
+transaction pooling mode), with a SET to one already open (see causal.TokenScope).
+The classic bug it prevents: POST creates an object, the redirect's GET reads a
+standby that has not replayed it yet, and answers 404.
 """
 import logging
 from contextlib import ExitStack, contextmanager
@@ -29,9 +32,10 @@ class CausalReadsMiddleware:
     in SessionMiddleware's response phase, for one) happens inside it and counts.
 
     The token never fails a request: a missing, forged or expired cookie is ignored,
-    and a database error on SET or SHOW is logged (logger "django_switchyard") and the
-    request goes on, with reads as fresh as the proxy makes them without a token.
-    No connection is opened for the token's sake.
+    a token Switchyard refuses at connect time is logged and the connection made
+    without it, and a database error on SET or SHOW is logged (logger
+    "django_switchyard"); the request goes on, with reads as fresh as the proxy makes
+    them without a token. No connection is opened for the token's sake.
     """
 
     def __init__(self, get_response):

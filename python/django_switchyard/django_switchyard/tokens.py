@@ -4,10 +4,11 @@ Pure functions (no database); the rest of the package builds on these.
 
 Switchyard's tokens are opaque ASCII strings that start with `sy1.` and use only
 `[A-Za-z0-9./-]`. That alphabet has no quote and no backslash, so a token that passed
-`is_valid_token` can be written into a SQL string literal as it is. The statements
-must be sent without parameters anyway: Switchyard answers them itself only as a
-simple-protocol query sent alone, and psycopg 3 uses the simple protocol only for a
-statement without parameters.
+`is_valid_token` can be written into a SQL string literal as it is, and into libpq's
+`options` startup parameter (words split on whitespace, `\\` escaping) as it is too. The
+statements must be sent without parameters anyway: Switchyard answers them itself only
+as a simple-protocol query sent alone, and psycopg 3 uses the simple protocol only for
+a statement without parameters.
 """
 import re
 
@@ -19,8 +20,9 @@ MAX_TOKEN_LENGTH = 1024
 
 _TOKEN = re.compile(r"sy1\.[A-Za-z0-9./-]*")
 
-SHOW_SQL = "SHOW switchyard.causal_token"
-RESET_SQL = "RESET switchyard.causal_token"
+CAUSAL_SETTING = "switchyard.causal_token"
+SHOW_SQL = f"SHOW {CAUSAL_SETTING}"
+RESET_SQL = f"RESET {CAUSAL_SETTING}"
 
 # Separates these signatures from every other use of SECRET_KEY in the project.
 COOKIE_SALT = "django_switchyard.causal_cookie"
@@ -41,6 +43,16 @@ def set_sql(token):
     if not is_valid_token(token):
         raise ValueError(f"not a Switchyard causal token: {token!r}")
     return f"SET switchyard.causal_token = '{token}'"
+
+
+def startup_option(token, existing=""):
+    """libpq's `options` value that gives `token` to a new connection, after the
+    options in `existing` (Switchyard takes the setting out before the server sees
+    them; the last one given wins)."""
+    if not is_valid_token(token):
+        raise ValueError(f"not a Switchyard causal token: {token!r}")
+    option = f"-c {CAUSAL_SETTING}={token}"
+    return f"{existing} {option}" if existing and existing.strip() else option
 
 
 def sign_token(token):

@@ -1,6 +1,9 @@
 """Django configured for the unit tests: two SQLite aliases standing in for
 Switchyard's endpoints. Nothing here needs a proxy; the tests that follow statements
-replace `run_own_statement` with a recorder (see the `statements` fixture)."""
+replace `run_own_statement` with a recorder (see the `statements` fixture), and record
+the startup options connections are opened with (the `connects` fixture)."""
+import shutil
+import sqlite3
 import sys
 import tempfile
 from pathlib import Path
@@ -34,27 +37,80 @@ def pytest_configure():
     django.setup()
 
 
+def pytest_unconfigure():
+    shutil.rmtree(_tmp, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def clean_slate():
-    """No connection open and no token scope current (one test leaves a streaming
-    response unclosed on purpose)."""
+    """No connection open, no token scope current (one test leaves a streaming
+    response unclosed on purpose), and no connect hook installed."""
     from django.db import connections
 
-    from django_switchyard.causal import forget_scopes
+    from django_switchyard.causal import _current_scope
 
-    forget_scopes()
-    connections.close_all()
+    def clean():
+        _current_scope.set(None)  # dropped, not closed: the tests assert on logs
+        connections.close_all()
+        for alias in connections:
+            vars(connections[alias]).pop("get_new_connection", None)
+
+    clean()
     yield
-    connections.close_all()
-    forget_scopes()
+    clean()
+
+
+class Connects:
+    """Stands in for libpq and Switchyard at connect time: records (alias, options) for
+    each connection opened, `options` being the startup options (None if none given),
+    and refuses, as Switchyard does a token from another cluster, a connection with a
+    causal token on an alias in `refuse`."""
+
+    def __init__(self):
+        self.log = []
+        self.refuse = set()
+
+
+@pytest.fixture
+def connects(monkeypatch):
+    from django.db.backends.sqlite3.base import DatabaseWrapper
+
+    from django_switchyard import causal
+
+    real = DatabaseWrapper.get_new_connection
+    recorder = Connects()
+
+    def get_new_connection(self, conn_params):
+        params = dict(conn_params)
+        options = params.pop("options", None)  # SQLite takes none
+        recorder.log.append((self.alias, options))
+        if options and "switchyard.causal_token" in options and self.alias in recorder.refuse:
+            raise sqlite3.OperationalError(
+                "connection failed: FATAL:  switchyard.causal_token comes from another cluster")
+        return real(self, params)
+
+    monkeypatch.setattr(DatabaseWrapper, "get_new_connection", get_new_connection)
+    # SQLite stands in for Django's PostgreSQL backend, which passes `options` to libpq.
+    monkeypatch.setattr(causal, "_takes_startup_token", lambda conn: True)
+    return recorder
+
+
+@pytest.fixture
+def set_only(monkeypatch, connects):
+    """Connections that cannot take the token as a startup option (OPTIONS["pool"], a
+    backend other than PostgreSQL): it goes on with a SET once connected."""
+    from django_switchyard import causal
+
+    monkeypatch.setattr(causal, "_takes_startup_token", lambda conn: False)
 
 
 class Statements:
     """Stands in for Switchyard: records (alias, sql) of the package's own statements
     and answers SHOW with `self.token`, or raises `self.error` for statements that
-    start with `self.fail_on`."""
+    start with `self.fail_on`. `self.connects` records the connections opened."""
 
-    def __init__(self):
+    def __init__(self, connects):
+        self.connects = connects
         self.log = []
         self.token = ""
         self.fail_on = None
@@ -83,10 +139,10 @@ class Statements:
 
 
 @pytest.fixture
-def statements(monkeypatch):
+def statements(monkeypatch, connects):
     from django_switchyard import causal, middleware
 
-    fake = Statements()
+    fake = Statements(connects)
     monkeypatch.setattr(causal, "run_own_statement", fake)
     monkeypatch.setattr(middleware, "run_own_statement", fake)
     return fake

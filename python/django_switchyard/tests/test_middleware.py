@@ -19,6 +19,12 @@ SET_NEWER = f"SET switchyard.causal_token = '{NEWER}'"
 SHOW = "SHOW switchyard.causal_token"
 RESET = "RESET switchyard.causal_token"
 COOKIE = "switchyard_causal"
+OPT = f"-c switchyard.causal_token={TOKEN}"  # startup options with the token
+OPT_NEWER = f"-c switchyard.causal_token={NEWER}"
+
+
+def is_open(alias):
+    return connections[alias].connection is not None
 
 
 def query(alias):
@@ -84,11 +90,24 @@ def test_reads_alone_ask_for_no_token(statements):
     assert statements.log == []
 
 
-def test_the_token_goes_on_a_read_alias_as_it_connects_and_comes_off_at_the_end(statements):
+def test_the_token_goes_to_a_read_alias_as_a_startup_option(statements):
+    response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert statements.connects.log == [("replica", OPT)]
+    assert statements.log == []  # no SET, no RESET
+    assert COOKIE not in response.cookies  # nothing new to remember
+    assert not is_open("default")  # not opened for the token's sake
+    # Opened with the token, so closed at the end: a later request must not reuse it.
+    assert not is_open("replica")
+    get(CausalReadsMiddleware(view("replica")))  # another user, no cookie
+    assert statements.connects.log == [("replica", OPT), ("replica", None)]
+
+
+def test_without_startup_options_the_token_is_set_as_the_alias_connects(statements, set_only):
     response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
     assert statements.log == [("replica", SET), ("replica", RESET)]
-    assert COOKIE not in response.cookies  # nothing new to remember
-    assert connections["default"].connection is None  # not opened for the token's sake
+    assert statements.connects.log == [("replica", None)]
+    assert COOKIE not in response.cookies
+    assert not is_open("default")
 
 
 def test_a_connection_kept_from_an_earlier_request_gets_the_token_at_the_start(statements):
@@ -103,6 +122,26 @@ def test_a_connection_kept_from_an_earlier_request_gets_the_token_at_the_start(s
     get(CausalReadsMiddleware(check), sign_token(TOKEN))
     assert seen == [("replica", SET)]  # before the view's first query
     assert statements.log == [("replica", SET), ("replica", RESET)]
+    assert is_open("replica")  # kept for the next request, without the token
+    assert statements.connects.log == [("replica", None)]
+
+
+def test_a_kept_connection_whose_node_is_behind_reconnects_with_the_token(statements):
+    # Session pooling mode: the SET waits causal_wait_ms for the connection's standby,
+    # which stays behind, and fails; the connection cannot move, a new one can.
+    class DriverError(Exception):
+        sqlstate = "55000"
+
+    error = OperationalError("node has not replayed up to this causal token")
+    error.__cause__ = DriverError()
+    statements.fail_on, statements.error = "SET", error
+    query("replica")  # as if CONN_MAX_AGE kept it open
+    response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert response.status_code == 200
+    assert statements.log == [("replica", SET)]
+    assert statements.connects.log == [("replica", None), ("replica", OPT)]
+    assert not is_open("replica")
+    assert COOKIE not in response.cookies  # neither renewed nor deleted
 
 
 def test_first_query_in_an_atomic_block_still_gets_the_token(statements):
@@ -114,15 +153,31 @@ def test_first_query_in_an_atomic_block_still_gets_the_token(statements):
         return HttpResponse("ok")
 
     get(CausalReadsMiddleware(in_transaction), sign_token(TOKEN))
-    assert statements.log == [("replica", SET), ("replica", RESET)]
+    assert statements.connects.log == [("replica", OPT)]
+    assert statements.log == []
+    assert not is_open("replica")
 
 
 def test_a_write_after_a_token_gives_a_new_cookie(statements):
     statements.token = NEWER
     response = get(CausalReadsMiddleware(view("replica", "default")), sign_token(TOKEN))
+    assert statements.connects.log == [
+        ("replica", OPT),
+        ("default", OPT),  # default is a read alias too (every alias by default)
+    ]
+    assert statements.log == [("default", SHOW)]  # before default is closed
+    assert unsign_token(response.cookies[COOKIE].value, max_age=10) == NEWER
+    assert not is_open("replica") and not is_open("default")
+
+
+def test_a_write_after_a_token_on_kept_connections(statements):
+    query("replica")
+    query("default")
+    statements.token = NEWER
+    response = get(CausalReadsMiddleware(view("replica", "default")), sign_token(TOKEN))
     assert statements.log == [
+        ("default", SET),
         ("replica", SET),
-        ("default", SET),  # default is a read alias too (every alias by default)
         ("default", SHOW),
         ("default", RESET),
         ("replica", RESET),
@@ -135,7 +190,8 @@ def test_the_same_token_back_does_not_renew_the_cookie(statements):
     statements.token = TOKEN
     with override_settings(SWITCHYARD_READ_ALIASES=["default"]):
         response = get(CausalReadsMiddleware(view("default")), sign_token(TOKEN))
-    assert statements.log == [("default", SET), ("default", SHOW), ("default", RESET)]
+    assert statements.connects.log == [("default", OPT)]
+    assert statements.log == [("default", SHOW)]
     assert COOKIE not in response.cookies
 
 
@@ -143,7 +199,8 @@ def test_read_and_write_alias_settings(statements):
     statements.token = TOKEN
     with override_settings(SWITCHYARD_READ_ALIASES=["replica"], SWITCHYARD_WRITE_ALIASES=["replica"]):
         response = get(CausalReadsMiddleware(view("default", "replica")), sign_token(NEWER))
-    assert statements.log == [("replica", SET_NEWER), ("replica", SHOW), ("replica", RESET)]
+    assert statements.connects.log == [("default", None), ("replica", OPT_NEWER)]
+    assert statements.log == [("replica", SHOW)]
     assert unsign_token(response.cookies[COOKIE].value, max_age=10) == TOKEN
 
 
@@ -186,6 +243,7 @@ def refused():
 
 def test_a_refused_token_is_logged_and_the_cookie_dropped(statements, caplog):
     statements.fail_on, statements.error = "SET", refused()
+    query("replica")  # kept open: the token goes on with a SET
     with caplog.at_level(logging.WARNING, logger="django_switchyard"):
         response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
     assert response.status_code == 200
@@ -195,9 +253,22 @@ def test_a_refused_token_is_logged_and_the_cookie_dropped(statements, caplog):
     assert response.cookies[COOKIE]["max-age"] == 0
 
 
+def test_a_token_refused_at_connect_is_logged_and_the_cookie_dropped(statements, caplog):
+    statements.connects.refuse = {"replica"}
+    with caplog.at_level(logging.WARNING, logger="django_switchyard"):
+        response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert response.status_code == 200  # the connection was made without the token
+    assert statements.connects.log == [("replica", OPT), ("replica", None)]
+    assert statements.log == []
+    assert "connecting 'replica' with the causal token failed" in caplog.text
+    assert response.cookies[COOKIE].value == ""  # deleted
+    assert response.cookies[COOKIE]["max-age"] == 0
+
+
 def test_other_set_failures_keep_the_cookie(statements, caplog):
     statements.fail_on = "SET"
     statements.error = OperationalError("server closed the connection unexpectedly")
+    query("replica")
     with caplog.at_level(logging.WARNING, logger="django_switchyard"):
         response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
     assert response.status_code == 200
@@ -205,8 +276,18 @@ def test_other_set_failures_keep_the_cookie(statements, caplog):
     assert COOKIE not in response.cookies  # neither renewed nor deleted
 
 
-def test_a_token_accepted_on_one_alias_keeps_the_cookie(statements, monkeypatch):
+def test_a_token_accepted_on_one_alias_keeps_the_cookie(statements):
     # Say "default" leads to another Switchyard cluster than "replica".
+    statements.connects.refuse = {"default"}
+    response = get(CausalReadsMiddleware(view("replica", "default")), sign_token(TOKEN))
+    assert response.status_code == 200
+    assert COOKIE not in response.cookies
+
+
+def test_a_token_set_on_one_alias_keeps_the_cookie(statements, monkeypatch):
+    query("replica")
+    query("default")
+
     def fake(conn, sql):
         if conn.alias == "default" and sql.startswith("SET"):
             statements.log.append((conn.alias, sql))
@@ -233,6 +314,7 @@ def test_a_failed_show_is_logged_and_the_request_goes_on(statements, caplog):
 def test_a_failed_reset_is_logged(statements, caplog):
     statements.fail_on = "RESET"
     statements.error = OperationalError("gone")
+    query("replica")
     with caplog.at_level(logging.WARNING, logger="django_switchyard"):
         response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
     assert response.status_code == 200
@@ -251,8 +333,23 @@ def test_a_connection_closed_during_the_request_is_not_reset(statements):
         connections["replica"].close()
         return HttpResponse("ok")
 
+    query("replica")
     get(CausalReadsMiddleware(close_it), sign_token(TOKEN))
     assert statements.log == [("replica", SET)]
+
+
+def test_a_connection_reopened_during_the_request_gets_the_token_again(statements):
+    def reopen(request):
+        query("replica")
+        connections["replica"].close()
+        query("replica")
+        return HttpResponse("ok")
+
+    query("replica")
+    get(CausalReadsMiddleware(reopen), sign_token(TOKEN))
+    assert statements.log == [("replica", SET)]  # the first one; gone with it
+    assert statements.connects.log == [("replica", None), ("replica", OPT)]
+    assert not is_open("replica")
 
 
 def test_streaming_keeps_the_token_until_the_response_is_closed(statements):
@@ -263,11 +360,13 @@ def test_streaming_keeps_the_token_until_the_response_is_closed(statements):
         return StreamingHttpResponse(rows())
 
     response = get(CausalReadsMiddleware(stream), sign_token(TOKEN))
-    assert statements.log == []  # the body has not run yet
+    assert statements.connects.log == []  # the body has not run yet
     assert b"".join(response.streaming_content) == b"row\n"
-    assert statements.log == [("replica", SET)]
+    assert statements.connects.log == [("replica", OPT)]
+    assert is_open("replica")
     response.close()
-    assert statements.log == [("replica", SET), ("replica", RESET)]
+    assert not is_open("replica")
+    assert statements.log == []
 
 
 def test_streaming_response_closed_unread_still_resets(statements):
@@ -285,11 +384,12 @@ def test_the_view_statements_are_not_confused_with_ours(statements):
     # Only "replica" is a write alias here; the middleware's own SET on it must not
     # count as the application using it.
     with override_settings(SWITCHYARD_WRITE_ALIASES=["replica"]):
+        query("replica")
         get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
         assert ("replica", SHOW) in statements.log
         statements.log.clear()
         get(CausalReadsMiddleware(view("default")), sign_token(TOKEN))
-        assert ("replica", SHOW) not in statements.log
+        assert statements.log == [("replica", SET), ("replica", RESET)]
 
 
 def test_a_file_response_is_left_alone(statements, tmp_path):
@@ -314,3 +414,22 @@ def test_a_scope_left_by_an_unclosed_response_does_not_reach_the_next_request(st
     statements.log.clear()
     get(CausalReadsMiddleware(view("replica")))  # another user, no cookie
     assert statements.log == []
+    assert statements.connects.log == [("replica", None)]
+
+
+def test_a_scope_left_by_an_unclosed_response_is_ended_by_the_next_request(statements):
+    def stream(request):
+        def rows():
+            query("replica")  # connects with the token
+            query("default")
+            yield b"row\n"
+        return StreamingHttpResponse(rows())
+
+    query("default")  # kept open: gets a SET
+    response = get(CausalReadsMiddleware(stream), sign_token(TOKEN))
+    assert b"".join(response.streaming_content) == b"row\n"
+    # Never closed. The next request on this thread, another user's, takes the token
+    # off: the connection opened with it is closed, the one that got the SET reset.
+    get(CausalReadsMiddleware(view("replica", "default")))
+    assert statements.connects.log == [("default", None), ("replica", OPT), ("replica", None)]
+    assert statements.log == [("default", SET), ("default", RESET), ("default", SHOW)]
