@@ -33,6 +33,7 @@ SYSTEM_LABELS = {
     "sy-txn": "Switchyard txn",
     "sy-split": "Switchyard txn + split",
     "sy-split1": "Switchyard txn + split, 1 node",
+    "sy-split-ryw-off": "Switchyard txn + split, read_your_writes off",
 }
 # Connection errors that mean "more clients than the server lets in".
 TOO_MANY = re.compile(r"too many clients|remaining connection slots|sorry, too many|53300", re.I)
@@ -63,6 +64,11 @@ def parse_args(argv):
     p.add_argument("--skip-idle", action="store_true")
     p.add_argument("--skip-failover", action="store_true")
     p.add_argument("--skip-classify", action="store_true")
+    p.add_argument("--skip-freshness", action="store_true", help="no read_your_writes on/off comparison")
+    p.add_argument("--freshness-workloads", default="select,tpcb,mix", help="workloads of the read_your_writes comparison")
+    p.add_argument("--freshness-clients", default="16", help="client counts of the read_your_writes comparison")
+    p.add_argument("--split-extra", default="", help="extra [clusters.main] lines for sy-split, ';'-separated "
+                   "(e.g. 'causal_wait_ms = 100')")
     p.add_argument("--skip-matrix", action="store_true", help="no pgbench matrix (only idle/failover/classification)")
     p.add_argument("--health-interval-ms", type=int, default=1000)
     p.add_argument("--health-timeout-ms", type=int, default=1000)
@@ -84,7 +90,7 @@ def parse_args(argv):
     if a.quick:
         a.workloads, a.protocols, a.clients = "select", "simple", "16"
         a.systems, a.duration = "direct,sy-txn", 3
-        a.skip_idle = a.skip_failover = a.skip_classify = True
+        a.skip_idle = a.skip_failover = a.skip_classify = a.skip_freshness = True
         a.name = a.name or "quick"
     a.workloads = [w for w in a.workloads.split(",") if w]
     a.protocols = [x for x in a.protocols.split(",") if x]
@@ -92,6 +98,8 @@ def parse_args(argv):
     a.systems = [s for s in a.systems.split(",") if s]
     a.idle_systems = [s for s in a.idle_systems.split(",") if s]
     a.classify_clients = [int(c) for c in a.classify_clients.split(",") if c]
+    a.freshness_workloads = [w for w in a.freshness_workloads.split(",") if w]
+    a.freshness_clients = [int(c) for c in a.freshness_clients.split(",") if c]
     for w in a.workloads:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w}")
@@ -171,7 +179,7 @@ class Bench:
         self.args = args
         self.reg = Registry()
         self.tmp = tempfile.mkdtemp(prefix="sybench-")
-        self.results = {"cases": [], "classify": [], "idle": [], "failover": {}, "notes": []}
+        self.results = {"cases": [], "classify": [], "freshness": [], "idle": [], "failover": {}, "notes": []}
         self.systems = {}
         self.case_no = 0
         try:
@@ -221,6 +229,8 @@ class Bench:
         need = set(a.systems)
         if not a.skip_classify:
             need |= {"sy-txn", "sy-split1"}
+        if not a.skip_freshness:
+            need |= {"sy-split", "sy-split-ryw-off"}
         if not a.skip_idle:
             need |= set(a.idle_systems)
         need_sy = any(s.startswith("sy-") for s in need) or not a.skip_failover
@@ -248,10 +258,13 @@ class Bench:
             "sy-split1": ([prim], "transaction", True,
                           f"transaction mode, pool_size = {a.pool_size}, read_write_split = true, one node (the primary)"),
         }
+        sy["sy-split-ryw-off"] = ([prim, stby], "transaction", True,
+                                  f"as sy-split, with read_your_writes = \"off\"")
         for key, (nodes, mode, split, desc) in sy.items():
             if key in need:
+                extra = 'read_your_writes = "off"\n' if key == "sy-split-ryw-off" else a.split_extra.replace(";", "\n")
                 S[key] = start_switchyard(self.reg, self.tmp, self.binary, key, SYSTEM_LABELS[key], nodes, mode,
-                                          a.pool_size, split, h, description=desc)
+                                          a.pool_size, split, h, description=desc, extra=extra)
         for key, s in S.items():
             if key.startswith("sy-"):
                 wait_switchyard_ready(s, BENCH_USER, BENCH_PASSWORD)
@@ -405,6 +418,45 @@ class Bench:
                 log(f"classification {protocol} c={clients}: split off {off:.0f} tps, on {on:.0f} tps, "
                     f"slowdown {row['slowdown_pct']} %")
 
+    # -- read-your-writes cost --
+    def freshness(self):
+        """sy-split (read_your_writes = "session", the default) against the same setup with
+        it off, alternating, median of --classify-repeat runs: what fresh reads cost."""
+        a = self.args
+        pair = [self.systems["sy-split-ryw-off"], self.systems["sy-split"]]
+        for workload in a.freshness_workloads:
+            for clients in a.freshness_clients:
+                runs = {s.key: [] for s in pair}
+                for i in range(a.classify_repeat):
+                    for s in (pair if i % 2 == 0 else list(reversed(pair))):
+                        runs[s.key].append(self.measure(s, workload, "simple", clients))
+                row = {"workload": workload, "clients": clients}
+                for key, rs in runs.items():
+                    med = sorted(rs, key=lambda x: x.get("tps", 0))[len(rs) // 2]
+                    row[key] = {"tps_median": statistics.median([x.get("tps", 0) for x in rs]),
+                                "tps_all": [x.get("tps") for x in rs],
+                                "p50_ms": med.get("p50_ms"), "p99_ms": med.get("p99_ms"),
+                                "errors": sum(1 for x in rs if x["rc"] != 0 or x.get("aborted_clients")),
+                                "commands": [x["command"] for x in rs],
+                                "disturbed": sum(1 for x in rs if x.get("disturbed"))}
+                off, on = row["sy-split-ryw-off"]["tps_median"], row["sy-split"]["tps_median"]
+                row["slowdown_pct"] = round((1 - on / off) * 100, 1) if off else None
+                self.results["freshness"].append(row)
+                log(f"read_your_writes {workload} c={clients}: off {off:.0f} tps, on {on:.0f} tps, "
+                    f"slowdown {row['slowdown_pct']} %")
+        # Where the reads went, from the proxy's own counters (cumulative over the runs).
+        import urllib.request
+        for s in pair:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{s.admin_port}/metrics", timeout=5).read().decode()
+            except OSError as e:
+                text = f"(no metrics: {e})"
+            lines = [l for l in text.splitlines()
+                     if l.startswith(("switchyard_reads_to", "switchyard_causal_wait_seconds_sum",
+                                      "switchyard_causal_wait_seconds_count"))]
+            self.results.setdefault("freshness_metrics", {})[s.key] = lines
+            log(f"{s.key}: " + "; ".join(lines))
+
     # -- idle clients --
     def idle(self):
         """On fresh processes (started for this and stopped after), so memory freed by the
@@ -546,6 +598,8 @@ def main(argv=None):
             b.matrix()
         if not args.skip_classify:
             b.classify()
+        if not args.skip_freshness:
+            b.freshness()
         if not args.skip_idle:
             b.idle()
         if not args.skip_failover:
@@ -575,7 +629,7 @@ def main(argv=None):
     b.results["argv"] = "bench/run " + " ".join(sys.argv[1:] if argv is None else argv)
     if failed:
         b.results["failed"] = failed
-    if not b.results["cases"] and not b.results["classify"] and not b.results["idle"] and not b.results["failover"]:
+    if not b.results["cases"] and not b.results["classify"] and not b.results["freshness"] and not b.results["idle"] and not b.results["failover"]:
         log("nothing measured; no results written")
         return 1
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="sybench-quick-") if args.quick

@@ -102,6 +102,11 @@ def targets(res):
         figs = "; ".join(f"-M {r['protocol']} c={r['clients']}: {f(r['slowdown_pct'])} %" for r in cl)
         out.append(("read_write_split on ≤ 5 % slower than off (select-only, one node)", figs,
                     met(all(r["slowdown_pct"] is not None and r["slowdown_pct"] <= 5 for r in cl))))
+    fr = res.get("freshness", [])
+    if fr:
+        figs = "; ".join(f"{r['workload']} c={r['clients']}: {f(r['slowdown_pct'])} %" for r in fr)
+        out.append(("read_your_writes on ≤ 5 % slower than off (split, primary + standby)", figs,
+                    met(all(r["slowdown_pct"] is not None and r["slowdown_pct"] <= 5 for r in fr))))
     for r in res.get("idle", []):
         if r.get("system") != "sy-txn":
             continue
@@ -358,6 +363,24 @@ def write(res, out_dir, name):
                             else:
                                 cells.append(f"n/a ({other} {o.get('status')})")
                     L.append(f"| {WORKLOADS[w]['label']} | {p} | {c} | " + " | ".join(cells) + " |")
+        L.append("")
+
+    # Read-your-writes
+    fr = res.get("freshness", [])
+    if fr:
+        L.append("## Cost of read-your-writes (read_write_split, primary + one standby)\n")
+        L.append("The same pgbench run (-M simple) through two Switchyard processes in transaction mode with "
+                 "`read_write_split = true`, one with `read_your_writes = \"session\"` (the default) and one with "
+                 f"`\"off\"`, alternating, {a.get('classify_repeat')} runs each; median tps. Target: at most 5 % slower.\n")
+        L.append("| workload | clients | off tps (runs) | on tps (runs) | slowdown | off p50/p99 ms | on p50/p99 ms |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in fr:
+            off, on = r["sy-split-ryw-off"], r["sy-split"]
+            warn = " ⚠" if off.get("disturbed") or on.get("disturbed") else ""
+            L.append(f"| {WORKLOADS[r['workload']]['label']} | {r['clients']}{warn} | "
+                     f"{f(off['tps_median'], 0)} ({', '.join(f(x, 0) for x in off['tps_all'])}) | "
+                     f"{f(on['tps_median'], 0)} ({', '.join(f(x, 0) for x in on['tps_all'])}) | {f(r['slowdown_pct'])} % | "
+                     f"{f(off['p50_ms'], 2)} / {f(off['p99_ms'], 2)} | {f(on['p50_ms'], 2)} / {f(on['p99_ms'], 2)} |")
         L.append("")
 
     # Classification

@@ -170,7 +170,7 @@ listen postgres
 
 # ---- Switchyard ----------------------------------------------------------------------
 
-def switchyard_config(rw_port, ro_port, nodes, pool_mode, pool_size, split, health, admin_port=None):
+def switchyard_config(rw_port, ro_port, nodes, pool_mode, pool_size, split, health, admin_port=None, extra=""):
     users = f"""[[users]]
 name = "{BENCH_USER}"
 password = "{BENCH_PASSWORD}"
@@ -198,6 +198,7 @@ listen_rw = "127.0.0.1:{rw_port}"
     if pool_mode == "transaction":
         text += f"pool_size = {pool_size}\n"
         text += f"read_write_split = {'true' if split else 'false'}\n"
+    text += extra
     for name, port in nodes:
         text += f'\n[[clusters.main.nodes]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {port}\n'
     if admin_port:
@@ -206,13 +207,13 @@ listen_rw = "127.0.0.1:{rw_port}"
 
 
 def start_switchyard(reg, base, binary, key, label, nodes, pool_mode, pool_size, split, health,
-                     with_ro=False, description=""):
+                     with_ro=False, description="", extra=""):
     d = os.path.join(base, key)
     os.makedirs(d, exist_ok=True)
     rw = free_port()
     ro = free_port() if with_ro else None
     admin = free_port()
-    cfg = switchyard_config(rw, ro, nodes, pool_mode, pool_size, split, health, admin)
+    cfg = switchyard_config(rw, ro, nodes, pool_mode, pool_size, split, health, admin, extra)
     path = os.path.join(d, "switchyard.toml")
     with open(path, "w") as f:
         f.write(cfg)

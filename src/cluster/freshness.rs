@@ -22,14 +22,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::cluster::health::{parse_lsn, Login};
 use crate::cluster::topology::{ClusterSnapshot, ClusterState, Health, Role};
@@ -169,8 +169,11 @@ pub fn qualifies(snap: &ClusterSnapshot, i: usize, need: Floor, replayed: u64) -
     (timeline == need.timeline || need.timeline == 0) && replayed >= need.lsn
 }
 
-/// How often a standby's replay position is polled while a read waits on it.
+/// How often a standby's replay position is polled while reads may need it soon (while
+/// one waits, polls follow each other back to back).
 const PROBE_EVERY: Duration = Duration::from_millis(2);
+/// How long a probe keeps polling after the last read that needed its node.
+const PROBE_LINGER: Duration = Duration::from_secs(1);
 /// Bound on one oracle or probe query (a frozen server must not hold a read longer
 /// than its `causal_wait_ms`, which bounds the wait anyway).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -187,6 +190,7 @@ pub struct Freshness {
     probes: Mutex<HashMap<String, Arc<Probe>>>,
     /// Bumped whenever a probe learns a replay position: waiters look again.
     seen: watch::Sender<u64>,
+    epoch: Instant,
 }
 
 struct Oracle {
@@ -201,6 +205,10 @@ struct Oracle {
 struct Probe {
     replayed: AtomicU64,
     waiters: AtomicU32,
+    /// When a read last needed this node's position (ms since `epoch`): the probe keeps
+    /// polling for `PROBE_LINGER` after that, so that the next fresh reads find the
+    /// position known instead of waiting for it.
+    wanted_ms: AtomicU64,
     kick: Notify,
 }
 
@@ -219,6 +227,20 @@ impl Freshness {
             }),
             probes: Mutex::new(HashMap::new()),
             seen: watch::channel(0).0,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Reads need the replay positions of `candidates` now: keep their probes polling
+    /// for a while.
+    pub fn want(&self, candidates: &[usize], snap: &ClusterSnapshot) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        for &i in candidates {
+            let p = self.probe(&snap.nodes[i].name);
+            if p.wanted_ms.swap(now, Ordering::Relaxed) + (PROBE_LINGER.as_millis() as u64) < now + 1 {
+                // The probe may be idle: wake it.
+                p.kick.notify_one();
+            }
         }
     }
 
@@ -297,6 +319,7 @@ impl Freshness {
         let p = Arc::new(Probe {
             replayed: AtomicU64::new(0),
             waiters: AtomicU32::new(0),
+            wanted_ms: AtomicU64::new(0),
             kick: Notify::new(),
         });
         probes.insert(node.to_string(), p.clone());
@@ -306,6 +329,7 @@ impl Freshness {
             self.state.clone(),
             self.login.clone(),
             self.seen.clone(),
+            self.epoch,
         ));
         p
     }
@@ -335,9 +359,37 @@ async fn open(addr: &str, login: &SharedLogin, app: &str) -> Option<Client> {
     Some(client)
 }
 
-/// Answers `write_floor` requests, one query for all who asked before it started.
+const ORACLE_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text,
+    ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int";
+
+/// A connection with its one statement prepared (a query by text would cost a second
+/// round trip to prepare it each time).
+struct Prepared {
+    addr: String,
+    client: Client,
+    statement: Statement,
+    broken: AtomicBool,
+}
+
+async fn prepare(addr: &str, login: &SharedLogin, sql: &str) -> Option<Arc<Prepared>> {
+    let client = open(addr, login, "switchyard-causal").await?;
+    let statement = tokio::time::timeout(QUERY_TIMEOUT, client.prepare(sql))
+        .await
+        .ok()?
+        .ok()?;
+    Some(Arc::new(Prepared {
+        addr: addr.to_string(),
+        client,
+        statement,
+        broken: AtomicBool::new(false),
+    }))
+}
+
+/// Answers `write_floor` requests: each kick starts a query at once, pipelined on one
+/// connection even while earlier ones are in flight, and answers everyone who asked
+/// before it started.
 async fn run_oracle(oracle: Arc<Oracle>, state: Arc<ClusterState>, login: SharedLogin) {
-    let mut conn: Option<(String, Client)> = None;
+    let mut conn: Option<Arc<Prepared>> = None;
     loop {
         oracle.kick.notified().await;
         let n = oracle.started.fetch_add(1, Ordering::SeqCst) + 1;
@@ -345,40 +397,51 @@ async fn run_oracle(oracle: Arc<Oracle>, state: Arc<ClusterState>, login: Shared
         let addr = crate::cluster::routing::primary(&snap)
             .ok()
             .map(|p| snap.nodes[p].addr.clone());
-        let answer = match addr {
-            None => None,
-            Some(addr) => {
-                if conn.as_ref().is_none_or(|(a, _)| *a != addr) {
-                    conn = open(&addr, &login, "switchyard-causal").await.map(|c| (addr, c));
-                }
-                match &conn {
-                    None => None,
-                    Some((_, client)) => {
-                        let q = client.query_one(
-                            "SELECT pg_current_wal_insert_lsn()::text,
-                                    ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int",
-                            &[],
-                        );
-                        match tokio::time::timeout(QUERY_TIMEOUT, q).await {
-                            Ok(Ok(row)) => {
-                                let lsn: Option<String> = row.get(0);
-                                let timeline: Option<i32> = row.get(1);
-                                lsn.as_deref().and_then(parse_lsn).zip(timeline).map(|(lsn, t)| Floor {
-                                    timeline: t as u32,
-                                    lsn,
-                                })
-                            }
-                            _ => {
-                                conn = None;
-                                None
-                            }
-                        }
-                    }
-                }
-            }
+        let Some(addr) = addr else {
+            publish(&oracle, n, None);
+            continue;
         };
-        oracle.answer.send_replace((n, answer));
+        if conn
+            .as_ref()
+            .is_none_or(|c| c.addr != addr || c.broken.load(Ordering::Relaxed))
+        {
+            conn = prepare(&addr, &login, ORACLE_SQL).await;
+        }
+        let Some(c) = conn.clone() else {
+            publish(&oracle, n, None);
+            continue;
+        };
+        let oracle = oracle.clone();
+        tokio::spawn(async move {
+            let answer = match tokio::time::timeout(QUERY_TIMEOUT, c.client.query_one(&c.statement, &[])).await {
+                Ok(Ok(row)) => {
+                    let lsn: Option<String> = row.get(0);
+                    let timeline: Option<i32> = row.get(1);
+                    lsn.as_deref().and_then(parse_lsn).zip(timeline).map(|(lsn, t)| Floor {
+                        timeline: t as u32,
+                        lsn,
+                    })
+                }
+                _ => {
+                    c.broken.store(true, Ordering::Relaxed);
+                    None
+                }
+            };
+            publish(&oracle, n, answer);
+        });
     }
+}
+
+/// The answer of query `n`, unless a later one already answered (it covers more).
+fn publish(oracle: &Oracle, n: u64, answer: Option<Floor>) {
+    oracle.answer.send_if_modified(|cur| {
+        if n > cur.0 {
+            *cur = (n, answer);
+            true
+        } else {
+            false
+        }
+    });
 }
 
 /// Polls one node's replay position while some read waits on it.
@@ -388,22 +451,24 @@ async fn run_probe(
     state: Arc<ClusterState>,
     login: SharedLogin,
     seen: watch::Sender<u64>,
+    epoch: Instant,
 ) {
-    let mut conn: Option<(String, Client)> = None;
+    let mut conn: Option<Arc<Prepared>> = None;
     loop {
-        if probe.waiters.load(Ordering::SeqCst) == 0 {
+        let idle_ms = (epoch.elapsed().as_millis() as u64).saturating_sub(probe.wanted_ms.load(Ordering::Relaxed));
+        if probe.waiters.load(Ordering::SeqCst) == 0 && idle_ms > PROBE_LINGER.as_millis() as u64 {
             probe.kick.notified().await;
             continue;
         }
         let snap = state.snapshot();
         let Some(i) = snap.index(&node) else { return };
         let addr = snap.nodes[i].addr.clone();
-        if conn.as_ref().is_none_or(|(a, _)| *a != addr) {
-            conn = open(&addr, &login, "switchyard-causal").await.map(|c| (addr, c));
+        if conn.as_ref().is_none_or(|c| c.addr != addr) {
+            conn = prepare(&addr, &login, "SELECT pg_last_wal_replay_lsn()::text").await;
         }
         let mut ok = false;
-        if let Some((_, client)) = &conn {
-            let q = client.query_one("SELECT pg_last_wal_replay_lsn()::text", &[]);
+        if let Some(c) = &conn {
+            let q = c.client.query_one(&c.statement, &[]);
             if let Ok(Ok(row)) = tokio::time::timeout(QUERY_TIMEOUT, q).await {
                 let lsn: Option<String> = row.get(0);
                 if let Some(lsn) = lsn.as_deref().and_then(parse_lsn) {
@@ -418,9 +483,15 @@ async fn run_probe(
             conn = None;
             probe.replayed.store(0, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(50)).await;
-        } else {
-            tokio::time::sleep(PROBE_EVERY).await;
+        } else if probe.waiters.load(Ordering::SeqCst) == 0 {
+            // A read that starts waiting kicks the probe out of this pause.
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+                _ = probe.kick.notified() => {}
+            }
         }
+        // With reads waiting, the next poll follows at once: each is a round trip to
+        // the standby, and a waiting read is released by the first that shows it.
     }
 }
 

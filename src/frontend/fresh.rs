@@ -21,6 +21,10 @@ use crate::obs::metrics::{ClusterLabels, Metrics};
 /// standby and goes to the primary (a healthy primary answers in well under 1 ms).
 const ORACLE_WITHIN: Duration = Duration::from_secs(1);
 
+/// Session mode: how long `SET switchyard.causal_token` waits at least for the session's
+/// node to replay the token (the alternative there is an error, not the primary).
+const SESSION_SET_WAIT: Duration = Duration::from_secs(1);
+
 /// The floor a client's reads must see.
 pub struct Causal {
     read_your_writes: bool,
@@ -153,13 +157,16 @@ impl Causal {
         if !fresh_now(&snap) {
             if let (Some(i), Some(Some(need))) = (snap.index(node), floor.map(|f| freshness::required(&snap, f))) {
                 let started = Instant::now();
-                cluster.freshness.wait(&[i], need, self.wait).await;
+                cluster
+                    .freshness
+                    .wait(&[i], need, self.wait.max(SESSION_SET_WAIT))
+                    .await;
                 self.metrics.waited.observe(started.elapsed().as_secs_f64());
             }
             if !fresh_now(&cluster.state.snapshot()) {
                 return Err(Error::not_fresh(format!(
-                    "node \"{node}\" has not replayed up to this causal token within causal_wait_ms ({} ms), and a session-mode connection cannot move; connect with the token as a startup option (-c switchyard.causal_token=...) to be placed on a node that has",
-                    self.wait.as_millis()
+                    "node \"{node}\" has not replayed up to this causal token within {} ms, and a session-mode connection cannot move; connect with the token as a startup option (-c switchyard.causal_token=...) to be placed on a node that has",
+                    self.wait.max(SESSION_SET_WAIT).as_millis()
                 )));
             }
         }
@@ -189,6 +196,7 @@ impl Causal {
         let Some(need) = floor.and_then(|f| freshness::required(&snap, f)) else {
             return placement;
         };
+        cluster.freshness.want(&standbys, &snap);
         if !resolved
             || standbys.is_empty()
             || standbys
