@@ -392,28 +392,37 @@ class Bench:
         log(f"[{done}/{n_total}] {workload} {protocol} c={clients} {key}: {row['status']} "
             f"tps {r.get('tps', '-')}{lat}{extra}{errs}")
 
+    def alternating(self, pair, workload, protocol, clients):
+        """Run the same case through both systems of `pair`, alternating which goes first,
+        --classify-repeat times each; per system the median tps and that run's figures.
+        Returns the row and (first's median, second's median)."""
+        a = self.args
+        runs = {s.key: [] for s in pair}
+        for i in range(a.classify_repeat):
+            for s in (pair if i % 2 == 0 else list(reversed(pair))):
+                runs[s.key].append(self.measure(s, workload, protocol, clients))
+        row = {"clients": clients}
+        for key, rs in runs.items():
+            med = sorted(rs, key=lambda x: x.get("tps", 0))[len(rs) // 2]
+            row[key] = {"tps_median": statistics.median([x.get("tps", 0) for x in rs]),
+                        "tps_all": [x.get("tps") for x in rs],
+                        "p50_ms": med.get("p50_ms"), "p99_ms": med.get("p99_ms"),
+                        "cpu_s": med.get("cpu_s"), "errors": sum(1 for x in rs if x["rc"] != 0 or x.get("aborted_clients")),
+                        "commands": [x["command"] for x in rs], "cases": [x["case"] for x in rs],
+                        "log_problems": sum(x.get("log_problems", 0) for x in rs),
+                        "disturbed": sum(1 for x in rs if x.get("disturbed"))}
+        off, on = row[pair[0].key]["tps_median"], row[pair[1].key]["tps_median"]
+        row["slowdown_pct"] = round((1 - on / off) * 100, 1) if off else None
+        return row, off, on
+
     # -- classification cost --
     def classify(self):
         a = self.args
         pair = [self.systems["sy-txn"], self.systems["sy-split1"]]
         for protocol in a.protocols:
             for clients in a.classify_clients:
-                runs = {s.key: [] for s in pair}
-                for i in range(a.classify_repeat):
-                    for s in (pair if i % 2 == 0 else list(reversed(pair))):
-                        runs[s.key].append(self.measure(s, "select", protocol, clients))
-                row = {"protocol": protocol, "clients": clients}
-                for key, rs in runs.items():
-                    tps = sorted(x.get("tps", 0) for x in rs)
-                    med = sorted(rs, key=lambda x: x.get("tps", 0))[len(rs) // 2]
-                    row[key] = {"tps_median": statistics.median(tps), "tps_all": [x.get("tps") for x in rs],
-                                "p50_ms": med.get("p50_ms"), "p99_ms": med.get("p99_ms"),
-                                "cpu_s": med.get("cpu_s"), "errors": sum(1 for x in rs if x["rc"] != 0 or x.get("aborted_clients")),
-                                "commands": [x["command"] for x in rs], "cases": [x["case"] for x in rs],
-                                "log_problems": sum(x.get("log_problems", 0) for x in rs),
-                                "disturbed": sum(1 for x in rs if x.get("disturbed"))}
-                off, on = row["sy-txn"]["tps_median"], row["sy-split1"]["tps_median"]
-                row["slowdown_pct"] = round((1 - on / off) * 100, 1) if off else None
+                row, off, on = self.alternating(pair, "select", protocol, clients)
+                row["protocol"] = protocol
                 self.results["classify"].append(row)
                 log(f"classification {protocol} c={clients}: split off {off:.0f} tps, on {on:.0f} tps, "
                     f"slowdown {row['slowdown_pct']} %")
@@ -426,21 +435,8 @@ class Bench:
         pair = [self.systems["sy-split-ryw-off"], self.systems["sy-split"]]
         for workload in a.freshness_workloads:
             for clients in a.freshness_clients:
-                runs = {s.key: [] for s in pair}
-                for i in range(a.classify_repeat):
-                    for s in (pair if i % 2 == 0 else list(reversed(pair))):
-                        runs[s.key].append(self.measure(s, workload, "simple", clients))
-                row = {"workload": workload, "clients": clients}
-                for key, rs in runs.items():
-                    med = sorted(rs, key=lambda x: x.get("tps", 0))[len(rs) // 2]
-                    row[key] = {"tps_median": statistics.median([x.get("tps", 0) for x in rs]),
-                                "tps_all": [x.get("tps") for x in rs],
-                                "p50_ms": med.get("p50_ms"), "p99_ms": med.get("p99_ms"),
-                                "errors": sum(1 for x in rs if x["rc"] != 0 or x.get("aborted_clients")),
-                                "commands": [x["command"] for x in rs],
-                                "disturbed": sum(1 for x in rs if x.get("disturbed"))}
-                off, on = row["sy-split-ryw-off"]["tps_median"], row["sy-split"]["tps_median"]
-                row["slowdown_pct"] = round((1 - on / off) * 100, 1) if off else None
+                row, off, on = self.alternating(pair, workload, "simple", clients)
+                row["workload"] = workload
                 self.results["freshness"].append(row)
                 log(f"read_your_writes {workload} c={clients}: off {off:.0f} tps, on {on:.0f} tps, "
                     f"slowdown {row['slowdown_pct']} %")
