@@ -191,6 +191,10 @@ pub enum ReadYourWrites {
     /// After a client's write commits, its reads go only to standbys that replayed it
     /// (waiting up to `causal_wait_ms`, else the primary).
     Session,
+    /// As `session`, but every connection of one user to one database shares the floor:
+    /// a write on one connection is seen by reads on the next (transaction mode). Costs
+    /// read scaling under steady writes: reads then mostly go to the primary.
+    User,
     /// Reads go to any standby within `max_replica_lag_ms` (causal tokens still apply).
     Off,
 }

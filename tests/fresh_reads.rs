@@ -278,3 +278,38 @@ fn django_switchyard_unit_tests_pass() {
     );
     assert!(out.status.success(), "{text}");
 }
+
+/// `read_your_writes = "user"`: a write on one connection is seen by the next connection
+/// of the same user (what test suites and apps that reconnect per request do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_shared_floor_the_next_connection_of_the_user_sees_the_write() {
+    let cluster = delayed_cluster(1);
+    let proxy = Proxy::start(&cluster, "proxy", &format!("{SPLIT}\nread_your_writes = \"user\""), "");
+    cluster
+        .sql_db(0, APP_DB, "CREATE TABLE t (id int PRIMARY KEY)")
+        .unwrap();
+    cluster.sql_db(0, APP_DB, "GRANT ALL ON t TO PUBLIC").unwrap();
+    cluster.wait_replayed(Duration::from_secs(10)).unwrap();
+    for id in 1..=3 {
+        let writer = connect(proxy.rw).await.unwrap();
+        writer
+            .simple_query(&format!("INSERT INTO t VALUES ({id})"))
+            .await
+            .unwrap();
+        drop(writer);
+        let reader = connect(proxy.rw).await.unwrap();
+        let q = format!("SELECT count(*) FROM t WHERE id = {id}");
+        assert_eq!(
+            one(&reader, &q).await.unwrap(),
+            "1",
+            "write {id} missed by the next connection"
+        );
+    }
+    // The standby is late indeed: asked directly, it does not have the row yet.
+    assert_eq!(
+        cluster
+            .sql_db(1, APP_DB, "SELECT count(*) FROM t WHERE id = 3")
+            .unwrap(),
+        "0"
+    );
+}

@@ -87,7 +87,10 @@ fn xact_commits(cluster: &LocalCluster, node: usize) -> i64 {
 #[test]
 fn read_write_split_sends_reads_to_standbys_and_everything_else_to_the_primary() {
     let cluster = LocalCluster::start(2).unwrap();
-    let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
+    // Routing rules only: with read-your-writes on, the reads after the transaction and
+    // FOR UPDATE below would go to the primary until the standbys replayed them
+    // (tests/fresh_reads.rs covers that).
+    let proxy = Proxy::start(&cluster, "proxy", &format!("{SPLIT}\nread_your_writes = \"off\""), "");
     pgbench(proxy.rw, &["-i", "-s", "1", "-q"]);
     // A sequence: nextval() writes, so it must run on the primary (a standby would refuse).
     psql(proxy.rw, "CREATE SEQUENCE pgbench_history_seq_dummy").unwrap();
@@ -187,13 +190,16 @@ fn a_lone_standby_stopped_immediately_under_read_load_fails_no_transaction_in_an
 }
 
 /// The `django-suite: ran=... failures=...` line of tests/python/django_suite.py, minus timing.
-fn django_suite(port: u16) -> String {
+/// Django's own suite against `port`, its test databases named after `prefix`.
+fn django_suite(port: u16, prefix: &str) -> String {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/django_suite.py");
     let out = Command::new("python3")
         .arg(script)
         .args([
             "--port",
             &port.to_string(),
+            "--db-prefix",
+            prefix,
             "--labels",
             "basic",
             "queries",
@@ -213,6 +219,7 @@ fn django_suite(port: u16) -> String {
         .unwrap_or_else(|| panic!("no summary line:\n{text}"))
         .to_string();
     report(&summary);
+    assert!(!summary.contains("ran=0 "), "the suite did not run:\n{text}");
     let failures: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("FAIL:") || l.starts_with("ERROR:"))
@@ -227,9 +234,15 @@ fn djangos_own_test_suite_gives_the_same_results_through_the_proxy() {
     // Plain asynchronous replication, with the standby applying WAL 2 s late: the
     // suite's reads right after its writes see them only through read-your-writes.
     cluster.apply_late(Duration::from_secs(2)).unwrap();
-    let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
-    let direct = django_suite(cluster.nodes[0].port);
-    let through = django_suite(proxy.rw);
+    // The suite writes on one connection and reads on the next (a test closes its
+    // connection and opens another; a thread gets its own): the floor is shared by the
+    // user's connections.
+    let proxy = Proxy::start(&cluster, "proxy", &format!("{SPLIT}\nread_your_writes = \"user\""), "");
+    // Its own database names: the direct run's test databases, dropped on the primary,
+    // may still be on the late standby, and a new connection that has written nothing
+    // yet would read them (read-your-writes is per connection; see README).
+    let direct = django_suite(cluster.nodes[0].port, "django_suite");
+    let through = django_suite(proxy.rw, "django_suite_proxy");
     assert_eq!(direct, through);
     assert!(
         proxy.log_text().contains("client pinned"),

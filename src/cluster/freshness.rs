@@ -56,6 +56,43 @@ impl Floor {
     }
 }
 
+/// The floor of a client's writes for read-your-writes: kept per client connection, or
+/// shared by every connection of one user to one database (`read_your_writes = "user"`,
+/// for applications that write on one connection and read on the next).
+#[derive(Default)]
+pub struct WriteFloor {
+    inner: Mutex<WriteFloorState>,
+}
+
+#[derive(Default)]
+struct WriteFloorState {
+    floor: Option<Floor>,
+    /// Writes that ended so far, and how many of them `floor` is known to cover.
+    writes: u64,
+    covered: u64,
+}
+
+impl WriteFloor {
+    /// A unit that may have written ended on the primary.
+    pub fn wrote(&self) {
+        self.inner.lock().unwrap().writes += 1;
+    }
+
+    /// The floor learned so far, and the write count a new floor must cover if some
+    /// write is not covered yet.
+    pub fn pending(&self) -> (Option<Floor>, Option<u64>) {
+        let s = self.inner.lock().unwrap();
+        (s.floor, (s.writes > s.covered).then_some(s.writes))
+    }
+
+    /// `floor` was asked for after the first `covers` writes had ended.
+    pub fn learned(&self, floor: Floor, covers: u64) {
+        let mut s = self.inner.lock().unwrap();
+        s.floor = Floor::join(s.floor, Some(floor));
+        s.covered = s.covered.max(covers);
+    }
+}
+
 /// The text form of a floor that clients carry between connections: version, cluster
 /// system identifier (0 if unknown), timeline, position, e.g. `sy1.1b2f….1.3000148`.
 /// Opaque to clients; all hex so it needs no quoting anywhere.
@@ -541,6 +578,22 @@ mod tests {
         assert!(TokenError::OtherCluster { token: 1, cluster: 2 }
             .to_string()
             .contains("another cluster"));
+    }
+
+    #[test]
+    fn a_write_floor_covers_only_the_writes_before_it_was_asked() {
+        let w = WriteFloor::default();
+        assert_eq!(w.pending(), (None, None));
+        w.wrote();
+        let (_, Some(n)) = w.pending() else {
+            panic!("a write is pending")
+        };
+        // Another write ends while the primary is being asked.
+        w.wrote();
+        w.learned(Floor { timeline: 1, lsn: 10 }, n);
+        assert_eq!(w.pending(), (Some(Floor { timeline: 1, lsn: 10 }), Some(2)));
+        w.learned(Floor { timeline: 1, lsn: 20 }, 2);
+        assert_eq!(w.pending(), (Some(Floor { timeline: 1, lsn: 20 }), None));
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct ClusterCtx {
     pause_tx: watch::Sender<bool>,
     /// Fresh reads: the primary's WAL position after a write, standbys' replay positions.
     pub freshness: freshness::Freshness,
+    /// Write floors shared per (user, database) for `read_your_writes = "user"`.
+    floors: Mutex<HashMap<(String, String), Arc<freshness::WriteFloor>>>,
     /// The health monitor task of each node (restarted on reload).
     pub(crate) monitors: Mutex<HashMap<String, JoinHandle<()>>>,
 }
@@ -51,6 +53,7 @@ impl ClusterCtx {
         ClusterCtx {
             name: name.to_string(),
             freshness: freshness::Freshness::new(state.clone(), tokio::runtime::Handle::current()),
+            floors: Mutex::default(),
             state,
             classifier,
             listen_rw,
@@ -61,6 +64,16 @@ impl ClusterCtx {
             pause_tx: watch::channel(false).0,
             monitors: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The write floor every connection of `user` to `database` shares.
+    pub fn shared_floor(&self, user: &str, database: &str) -> Arc<freshness::WriteFloor> {
+        self.floors
+            .lock()
+            .unwrap()
+            .entry((user.to_string(), database.to_string()))
+            .or_default()
+            .clone()
     }
 
     pub fn is_paused(&self) -> bool {

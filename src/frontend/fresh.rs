@@ -9,7 +9,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::time::Instant;
 
-use crate::cluster::freshness::{self, Floor, Token};
+use std::sync::Arc;
+
+use crate::cluster::freshness::{self, Floor, Token, WriteFloor};
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Role};
 use crate::cluster::ClusterCtx;
@@ -29,12 +31,10 @@ const SESSION_SET_WAIT: Duration = Duration::from_secs(1);
 pub struct Causal {
     read_your_writes: bool,
     wait: Duration,
-    /// A WAL position after the client's writes, once learned.
-    own: Option<Floor>,
+    /// The client's writes: this connection's own, or shared by the user's connections.
+    writes: Arc<WriteFloor>,
     /// A token the client presented (SET, startup option).
     token: Option<Floor>,
-    /// A write ended after `own` was learned: learn it again before the next fresh read.
-    unresolved: bool,
     metrics: FreshMetrics,
 }
 
@@ -70,54 +70,64 @@ pub struct Placement {
 }
 
 impl Causal {
-    pub fn new(cc: &ClusterConfig, token: Option<Floor>, metrics: FreshMetrics) -> Causal {
+    /// A client of `user` on `database` (whose writes the floor follows).
+    pub fn new(
+        cc: &ClusterConfig,
+        cluster: &ClusterCtx,
+        (user, database): (&str, &str),
+        token: Option<Floor>,
+        metrics: FreshMetrics,
+    ) -> Causal {
+        let writes = match cc.read_your_writes {
+            ReadYourWrites::User => cluster.shared_floor(user, database),
+            _ => Arc::default(),
+        };
         Causal {
-            read_your_writes: cc.read_your_writes == ReadYourWrites::Session,
+            read_your_writes: cc.read_your_writes != ReadYourWrites::Off,
             wait: Duration::from_millis(cc.causal_wait_ms),
-            own: None,
+            writes,
             token,
-            unresolved: false,
             metrics,
         }
     }
 
     /// A unit that may have written committed on the primary.
     pub fn wrote(&mut self) {
-        self.unresolved = true;
+        self.writes.wrote();
     }
 
-    /// Learn the WAL position after the client's last write, if one is pending; false if
-    /// the primary could not tell.
-    async fn resolve(&mut self, cluster: &ClusterCtx) -> bool {
-        if !self.unresolved {
-            return true;
-        }
+    /// The floor of the client's writes, learning it from the primary first if a write
+    /// ended since it was last learned; Err(known floor) if the primary could not tell.
+    async fn resolve(&mut self, cluster: &ClusterCtx) -> Result<Option<Floor>, Option<Floor>> {
+        let (known, pending) = self.writes.pending();
+        let Some(covers) = pending else {
+            return Ok(known);
+        };
         // No primary: nobody can say, and asking would only wait.
         let snap = cluster.state.snapshot();
         if routing::primary(&snap).is_err() {
-            return false;
+            return Err(known);
         }
         match cluster.freshness.write_floor(ORACLE_WITHIN).await {
             Some(f) => {
-                self.own = Floor::join(self.own, Some(f));
-                self.unresolved = false;
-                true
+                self.writes.learned(f, covers);
+                Ok(Floor::join(known, Some(f)))
             }
-            None => false,
+            None => Err(known),
         }
     }
 
     /// `SHOW switchyard.causal_token`: a token for everything this client wrote or was
     /// given, empty if nothing.
     pub async fn show(&mut self, cluster: &ClusterCtx) -> Result<String, Error> {
-        if !self.resolve(cluster).await {
+        let Ok(own) = self.resolve(cluster).await else {
             return Err(Error::no_route(format!(
                 "cannot make a causal token now: the primary of cluster \"{}\" did not report its WAL position; try again when it is back",
                 cluster.name
             )));
-        }
+        };
         let snap = cluster.state.snapshot();
-        Ok(Floor::join(self.own, self.token)
+        Ok(Floor::join(own, self.token)
             .map(|floor| {
                 Token {
                     system_id: snap.system_id.unwrap_or(0),
@@ -177,8 +187,14 @@ impl Causal {
     /// Decide what a read must see, waiting (up to `causal_wait_ms`) for a standby to
     /// replay it when none has yet.
     pub async fn place(&mut self, cluster: &ClusterCtx) -> Placement {
-        let resolved = !self.read_your_writes || self.resolve(cluster).await;
-        let own = if self.read_your_writes { self.own } else { None };
+        let (own, resolved) = if self.read_your_writes {
+            match self.resolve(cluster).await {
+                Ok(own) => (own, true),
+                Err(known) => (known, false),
+            }
+        } else {
+            (None, true)
+        };
         let floor = Floor::join(own, self.token);
         let mut placement = Placement {
             floor,
@@ -223,6 +239,11 @@ impl Causal {
 }
 
 impl Placement {
+    /// What the read must see (None: anything), for logs.
+    pub fn floor(&self) -> Option<Floor> {
+        self.floor
+    }
+
     /// No condition on where the read goes.
     pub fn is_free(&self) -> bool {
         self.floor.is_none() && !self.primary_only

@@ -470,7 +470,13 @@ async fn connect(
     // up to causal_wait_ms for a standby, else the primary); the session then stays
     // there, so later reads are at least as fresh.
     let cc = &config.clusters[&cluster.name];
-    let mut session_causal = Causal::new(cc, causal_token, FreshMetrics::new(&shared.metrics, &cluster.name));
+    let mut session_causal = Causal::new(
+        cc,
+        cluster,
+        (&client.user, &client.database),
+        causal_token,
+        FreshMetrics::new(&shared.metrics, &cluster.name),
+    );
     let mut causal = None;
     if endpoint == Endpoint::ReadOnly {
         let placement = session_causal.place(cluster).await;

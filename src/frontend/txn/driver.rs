@@ -178,7 +178,13 @@ impl<'a> Driver<'a> {
             who.params.clone(),
             &cluster.classifier,
         );
-        let causal = Causal::new(cc, who.causal_token, FreshMetrics::new(&shared.metrics, &cluster.name));
+        let causal = Causal::new(
+            cc,
+            cluster,
+            (&who.user, &who.database),
+            who.causal_token,
+            FreshMetrics::new(&shared.metrics, &cluster.name),
+        );
         Driver {
             causal,
             client,
@@ -215,7 +221,14 @@ impl<'a> Driver<'a> {
                         let closed = self.shared.pools.close_idle_to(&db);
                         info!(cluster = %self.cluster.name, database = %db, closed, "closed idle pooled connections to a database a statement needs free");
                     }
-                    Action::Release { reuse } => self.release(reuse),
+                    Action::Release { reuse } => {
+                        // Published as the unit ends, before the client hears its answer:
+                        // with a shared floor another connection's next read must see it.
+                        if self.machine.take_wrote() {
+                            self.causal.wrote();
+                        }
+                        self.release(reuse)
+                    }
                     Action::Causal(stmt) => {
                         if self.machine.take_wrote() {
                             self.causal.wrote();
@@ -321,6 +334,9 @@ impl<'a> Driver<'a> {
                 Event::Server(Ok(n)) if n > 0 => {
                     let h = self.held.as_mut().expect("read from the held server");
                     self.machine.on_server_input(&mut self.sbuf, &mut h.conn.state);
+                    if self.machine.take_wrote() {
+                        self.causal.wrote();
+                    }
                 }
                 Event::Server(r) => {
                     let reason = match r {
@@ -396,6 +412,7 @@ impl<'a> Driver<'a> {
         let node = &c.snapshot.nodes[c.index];
         if let Some(p) = &placement {
             self.causal.placed(p, node.role);
+            tracing::debug!(cluster = %self.cluster.name, node = %node.name, floor = ?p.floor(), "read placed");
         }
         self.shared
             .cancels

@@ -76,7 +76,8 @@ struct Unit {
     batch_open: bool,
     /// Some of this unit's answer was written to the client (retry is safe only before).
     answered: bool,
-    /// Ran on the primary for the rw endpoint and is not a proven read: may have written.
+    /// Ran a statement on the primary, for the rw endpoint, that is neither a proven read
+    /// nor a change of session settings only: may have written.
     may_write: bool,
     /// `to_client` holds part of the answer (not only notices or reported settings,
     /// which may come at any time and say nothing of how far the unit got).
@@ -101,8 +102,6 @@ pub struct Machine<'a> {
     rerun: bool,
     /// Whether the next connection is for a read routed by splitting.
     acquiring_read: bool,
-    /// Whether the next unit only changes session settings (writes no data).
-    acquiring_settings: bool,
     greeted: bool,
     pub to_server: BytesMut,
     pub to_client: BytesMut,
@@ -126,7 +125,6 @@ impl<'a> Machine<'a> {
         let state = SessionState::new(startup, cfg.read_only_endpoint);
         let mut m = Machine {
             acquiring_read: false,
-            acquiring_settings: false,
             cfg,
             classifier,
             state,
@@ -205,7 +203,7 @@ impl<'a> Machine<'a> {
     fn release(&mut self, reuse: bool) {
         self.streaming = 0;
         if let Some(u) = self.unit.take() {
-            self.wrote |= u.may_write;
+            self.wrote |= u.may_write && u.on_primary && !self.cfg.read_only_endpoint;
             self.actions.push_back(Action::Release { reuse });
         }
     }
@@ -237,14 +235,8 @@ impl<'a> Machine<'a> {
         if !self.rerun {
             self.sent.clear();
         }
-        let may_write = on_primary
-            && self.greeted
-            && !self.rerun
-            && !self.acquiring_read
-            && !self.acquiring_settings
-            && !self.cfg.read_only_endpoint;
         self.unit = Some(Unit {
-            may_write,
+            may_write: false,
             node: node.clone(),
             on_primary,
             server_pid: conn.pid,
@@ -344,7 +336,6 @@ impl<'a> Machine<'a> {
                     }
                     let read = unit::reads(&msg, input, &self.stmts, self.classifier, &self.state);
                     self.acquiring_read = read;
-                    self.acquiring_settings = !read && unit::only_settings(&msg, self.classifier);
                     self.stash = Some(msg);
                     self.actions.push_back(Action::Acquire { read, exclude: None });
                     return;
@@ -466,6 +457,9 @@ impl<'a> Machine<'a> {
                 Some(c)
             }
             FrontendTag::Sync | FrontendTag::FunctionCall => {
+                if kind == FrontendTag::FunctionCall {
+                    unit.may_write = true;
+                }
                 self.owed.push(Owed::Ready);
                 out.extend_from_slice(&msg);
                 None
@@ -506,6 +500,11 @@ impl<'a> Machine<'a> {
             }
         };
         if let Some(c) = observed {
+            if !c.read_only && !c.settings_only {
+                if let Some(u) = self.unit.as_mut() {
+                    u.may_write = true;
+                }
+            }
             self.observe(&c);
         }
         Ok(())
@@ -648,7 +647,7 @@ impl<'a> Machine<'a> {
     /// A unit ended between transactions with nothing owed.
     fn unit_done(&mut self) {
         if let Some(u) = self.unit.as_ref() {
-            self.wrote |= u.may_write;
+            self.wrote |= u.may_write && u.on_primary && !self.cfg.read_only_endpoint;
         }
         if self.pinned.is_none() {
             let reuse = self.reusable();

@@ -499,6 +499,17 @@ fn a_unit_on_the_primary_that_may_write_is_reported_once_it_ends() {
     h.server(&cat(&[be(b'C', b"SET\0"), ready(b'I')]));
     h.perform(true);
     assert!(!h.m.take_wrote());
+    // A transaction whose first statement only sets something still writes after it.
+    h.client_buf(&mut query("BEGIN"), true);
+    h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
+    h.client_buf(&mut query("SET LOCAL work_mem = '8MB'"), true);
+    h.server(&cat(&[be(b'C', b"SET\0"), ready(b'T')]));
+    h.client_buf(&mut query("INSERT INTO t VALUES (2)"), true);
+    h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'T')]));
+    h.client_buf(&mut query("COMMIT"), true);
+    h.server(&cat(&[be(b'C', b"COMMIT\0"), ready(b'I')]));
+    h.perform(true);
+    assert!(h.m.take_wrote());
     // A proven read, even one that ran on the primary, wrote nothing.
     h.client_buf(&mut query("SELECT 1"), true);
     h.server(&cat(&[row_answer(), ready(b'I')]));

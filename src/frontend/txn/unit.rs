@@ -61,13 +61,6 @@ pub fn reads(first: &Bytes, rest: &[u8], stmts: &Statements, classifier: &Classi
     false
 }
 
-/// Does the unit that starts with `first` only change session settings (a simple query
-/// of `SET`s and the like)? Such a unit writes no data: it does not raise the client's
-/// read-your-writes floor.
-pub fn only_settings(first: &Bytes, classifier: &Classifier) -> bool {
-    first[0] == b'Q' && Query::decode(&first[5..]).is_ok_and(|q| classifier.classify_bytes(q.sql).settings_only)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
