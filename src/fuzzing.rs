@@ -202,6 +202,9 @@ const SQL: &[&str] = &[
     "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
     "SELECT 'caf\u{e9}'",
     "SELEC broken",
+    "SHOW switchyard.causal_token",
+    "SET switchyard.causal_token = 'sy1.1.1.1'",
+    "RESET switchyard.causal_token",
 ];
 
 const NAMES: &[&str] = &["", "s1", "s2"];
