@@ -239,6 +239,21 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// Make standby `i` stream from node `primary` (as an operator repoints standbys after
+    /// a failover): `primary_conninfo` through ALTER SYSTEM and a reload (PostgreSQL 13+);
+    /// it moves to the new primary's timeline by itself (`recovery_target_timeline` is
+    /// `latest` by default).
+    pub fn follow(&self, i: usize, primary: usize) -> Result<()> {
+        let conninfo = format!(
+            "host={} port={} user=postgres",
+            self.socket_dir.display(),
+            self.nodes[primary].port
+        );
+        self.sql(i, &format!("ALTER SYSTEM SET primary_conninfo = '{conninfo}'"))?;
+        self.sql(i, "SELECT pg_reload_conf()")?;
+        Ok(())
+    }
+
     /// The postmaster's pid, from `postmaster.pid`.
     pub fn pid(&self, i: usize) -> Result<i32> {
         let text = std::fs::read_to_string(self.nodes[i].data.join("postmaster.pid"))?;

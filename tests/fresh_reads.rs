@@ -222,6 +222,18 @@ async fn after_a_failover_the_orphan_standby_gets_no_reads_and_old_tokens_stay_g
     // A token from before the failover is honoured on the new timeline.
     let fresh = connect_with_token(proxy.ro, &token).await.unwrap();
     assert_eq!(one(&fresh, "SELECT count(*) FROM before_failover").await.unwrap(), "1");
+
+    // Repointed at the new primary, failover2 streams timeline 2 and gets reads again.
+    cluster.follow(2, 1).unwrap();
+    let back = Instant::now();
+    wait_for("reads on failover2 again", Duration::from_secs(30), || {
+        (lands_on(&cluster, proxy.ro) == Ok(2)).then_some(())
+    });
+    report(&format!(
+        "repointed orphan back in the read rotation after {:?}",
+        back.elapsed()
+    ));
+    assert_eq!(psql(proxy.ro, "SELECT id FROM after_failover").unwrap(), "2");
 }
 
 /// The first seed article's setup, done properly: Django with two aliases (`default` on
