@@ -249,8 +249,22 @@ pub struct ClusterConfig {
     /// them may go to a standby.
     #[serde(default)]
     pub read_only_functions: Vec<String>,
+    /// A superuser login for promotion, switchover and repointing standbys.
+    #[serde(default)]
+    pub manager: Option<ManagerConfig>,
+    /// Bound on a whole planned switchover (new transactions are held meanwhile).
+    #[serde(default = "d_15000")]
+    pub switchover_timeout_ms: u64,
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagerConfig {
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
 impl ClusterConfig {

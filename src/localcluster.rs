@@ -16,6 +16,9 @@ pub const APP_USER: &str = "app";
 pub const APP_PASSWORD: &str = "app";
 pub const APP_DB: &str = "app";
 
+/// The `postgres` superuser's password in a LocalCluster (for a `[clusters.NAME.manager]`).
+pub const SUPERUSER_PASSWORD: &str = "postgres-local";
+
 pub struct PgNode {
     pub name: String,
     pub port: u16,
@@ -133,6 +136,9 @@ impl LocalCluster {
             &format!("CREATE ROLE {APP_USER} LOGIN CREATEDB PASSWORD '{APP_PASSWORD}'"),
         )?;
         cluster.sql(0, &format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"))?;
+        // A password for the superuser: Switchyard's manager login (promotion,
+        // switchover) comes over TCP, where the cluster asks for SCRAM.
+        cluster.sql(0, &format!("ALTER ROLE postgres PASSWORD '{SUPERUSER_PASSWORD}'"))?;
         // The app user is also the health user of test and demo configs: pg_monitor lets
         // it see whether a standby's WAL receiver streams (orphan detection).
         cluster.sql(0, &format!("GRANT pg_monitor TO {APP_USER}"))?;

@@ -55,6 +55,18 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// Move the primary role to a standby (planned switchover), through the admin HTTP
+    /// endpoint; prints each step and how long new transactions were held.
+    Switchover {
+        /// Base URL of the admin HTTP endpoint (default: admin.http_listen of --config).
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        cluster: String,
+        /// The standby to promote.
+        #[arg(long)]
+        to: String,
+    },
     /// Start a local primary and two streaming standbys from this machine's PostgreSQL
     /// binaries in a temporary directory, with the proxy in front. Ctrl-C cleans up.
     Demo {
@@ -87,6 +99,7 @@ fn main() -> ExitCode {
             run(cli.config.as_ref())
         }
         Cmd::Status { url, watch } => status(cli.config.as_ref(), url.clone(), *watch),
+        Cmd::Switchover { url, cluster, to } => switchover(cli.config.as_ref(), url.clone(), cluster, to),
         Cmd::Demo {
             rw_port,
             ro_port,
@@ -159,8 +172,9 @@ async fn wait_for_signal(proxy: &Proxy) -> Result<()> {
     }
 }
 
-fn status(path: Option<&PathBuf>, url: Option<String>, watch: bool) -> Result<()> {
-    let base = match url {
+/// The admin HTTP base URL: `--url`, or `admin.http_listen` of the config.
+fn admin_url(path: Option<&PathBuf>, url: Option<String>) -> Result<String> {
+    Ok(match url {
         Some(u) => u,
         None => {
             let config = load(path).context("give --url or a --config with admin.http_listen")?;
@@ -170,7 +184,37 @@ fn status(path: Option<&PathBuf>, url: Option<String>, watch: bool) -> Result<()
                 .context("the config has no admin.http_listen; give --url")?;
             format!("http://{addr}")
         }
-    };
+    })
+}
+
+fn switchover(path: Option<&PathBuf>, url: Option<String>, cluster: &str, to: &str) -> Result<()> {
+    let base = admin_url(path, url)?;
+    let url = format!("{}/clusters/{cluster}/switchover?to={to}", base.trim_end_matches('/'));
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut resp = agent.post(&url).send_empty().with_context(|| format!("POST {url}"))?;
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = serde_json::from_str(&resp.body_mut().read_to_string()?)
+        .context("unexpected answer from the switchover endpoint")?;
+    if status != 200 {
+        anyhow::bail!("{}", body["error"].as_str().unwrap_or("switchover failed"));
+    }
+    for step in body["steps"].as_array().into_iter().flatten() {
+        println!("{:<10} {:>6} ms", step[0].as_str().unwrap_or("?"), step[1]);
+    }
+    println!(
+        "switchover of cluster {cluster}: {} -> {}; new transactions held {} ms",
+        body["from"].as_str().unwrap_or("?"),
+        body["to"].as_str().unwrap_or("?"),
+        body["hold_ms"]
+    );
+    Ok(())
+}
+
+fn status(path: Option<&PathBuf>, url: Option<String>, watch: bool) -> Result<()> {
+    let base = admin_url(path, url)?;
     let url = format!("{}/status", base.trim_end_matches('/'));
     loop {
         let body = ureq::get(&url)

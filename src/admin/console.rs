@@ -18,7 +18,7 @@ use crate::protocol::messages;
 pub use crate::frontend::session::ADMIN_DATABASE;
 const MAX_COMMAND: usize = 64 * 1024;
 
-const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | CLIENTS | SERVERS | STATS | EVENTS; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name)";
+const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | CLIENTS | SERVERS | STATS | EVENTS; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name); SWITCHOVER <cluster> TO <node>";
 
 /// A command's answer: rows to show, or a tag only, or an error for the client.
 enum Answer {
@@ -81,7 +81,24 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
                 let sql = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(&body)).into_owned();
                 for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                     info!(user = %user, command = %statement, "admin command");
-                    write_answer(&mut out, execute(statement, shared));
+                    let answer = match switchover_command(statement) {
+                        Some((cluster, to)) => {
+                            match crate::admin::switchover::switchover(shared, &cluster, &to).await {
+                                Ok(r) => Answer::Rows {
+                                    columns: vec!["step", "ms"],
+                                    rows: r
+                                        .steps
+                                        .iter()
+                                        .map(|(s, ms)| vec![s.clone(), ms.to_string()])
+                                        .chain(std::iter::once(vec!["held".to_string(), r.hold_ms.to_string()]))
+                                        .collect(),
+                                },
+                                Err(e) => Answer::Error(e.to_string()),
+                            }
+                        }
+                        None => execute(statement, shared),
+                    };
+                    write_answer(&mut out, answer);
                 }
                 if sql.trim().trim_matches(';').is_empty() {
                     out.put_u8(b'I');
@@ -101,6 +118,17 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
         if stream.write_all(&out).await.is_err() {
             return;
         }
+    }
+}
+
+/// `SWITCHOVER <cluster> TO <node>`: (cluster, node).
+fn switchover_command(statement: &str) -> Option<(String, String)> {
+    let words: Vec<&str> = statement.split_whitespace().collect();
+    match words.as_slice() {
+        [cmd, cluster, to, node] if cmd.eq_ignore_ascii_case("SWITCHOVER") && to.eq_ignore_ascii_case("TO") => {
+            Some((cluster.to_string(), node.to_string()))
+        }
+        _ => None,
     }
 }
 

@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
+use axum::extract::Query;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 
@@ -24,6 +25,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/metrics", get(metrics))
         .route("/clusters/{name}/primary", get(primary))
         .route("/clusters/{name}/replica", get(replica))
+        .route("/clusters/{name}/switchover", post(switchover))
         .with_state(shared.clone());
     let mut shutdown = shared.shutdown.clone();
     let _ = axum::serve(listener, app)
@@ -58,6 +60,28 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         body,
     )
         .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct SwitchoverTo {
+    to: String,
+}
+
+/// `POST /clusters/<name>/switchover?to=<node>`: 200 with the steps, 409 with the step
+/// that failed.
+async fn switchover(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    Query(q): Query<SwitchoverTo>,
+) -> Response {
+    match crate::admin::switchover::switchover(&shared, &name, &q.to).await {
+        Ok(r) => (StatusCode::OK, Json(r)).into_response(),
+        Err(e) => (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"cluster": name, "step": e.step, "error": e.to_string()})),
+        )
+            .into_response(),
+    }
 }
 
 async fn primary(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {

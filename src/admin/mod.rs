@@ -5,6 +5,7 @@
 pub mod console;
 pub mod http;
 pub mod status;
+pub mod switchover;
 
 use std::sync::atomic::Ordering;
 

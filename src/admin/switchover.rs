@@ -1,0 +1,385 @@
+//! Planned switchover: move the primary role to a chosen standby with no client errors
+//! in transaction mode. New transactions are held at their boundaries while it runs;
+//! the ones in flight finish on the old primary first.
+//!
+//! Steps, each bounded by what is left of `switchover_timeout_ms`, each named in the
+//! error if it fails (everything before "promote" is undone: the hold is released and
+//! the old primary made writable again):
+//! 1. **check**: the target is an up standby that follows the primary.
+//! 2. **hold**: PAUSE the cluster; wait until no pooled connection to the old primary is
+//!    in use (transactions in flight have ended).
+//! 3. **fence**: on the old primary, `default_transaction_read_only = on` and every
+//!    other client backend terminated, so nothing writes there any more; note its WAL
+//!    position.
+//! 4. **catch up**: wait until the target has replayed that position.
+//! 5. **promote**: `pg_promote()` on the target.
+//! 6. **repoint**: every other standby gets the target in its `primary_conninfo`.
+//! 7. **route**: wait until the health monitor sees the target as the primary.
+//! 8. **release**: RESUME; held transactions run on the new primary.
+//!
+//! The old primary stays up, read-only, on the old timeline: routing never gives it
+//! writes again (a newer timeline exists) and reads only once it is a standby of the new
+//! primary, which is the operator's job (pg_rewind, standby.signal, primary_conninfo).
+//!
+//! The manager login (`[clusters.NAME.manager]`) must be a superuser.
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls};
+use tracing::{info, warn};
+
+use crate::cluster::health::parse_lsn;
+use crate::cluster::routing;
+use crate::cluster::topology::{Health, Role};
+use crate::cluster::ClusterCtx;
+use crate::frontend::shared::Shared;
+
+/// How a switchover ended badly: the step, and why.
+#[derive(Debug, Clone)]
+pub struct SwitchoverError {
+    pub step: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for SwitchoverError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "switchover failed at step \"{}\": {}", self.step, self.reason)
+    }
+}
+
+/// What a switchover did, step by step.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SwitchoverReport {
+    pub cluster: String,
+    pub from: String,
+    pub to: String,
+    /// How long new transactions were held.
+    pub hold_ms: u64,
+    pub steps: Vec<(String, u64)>,
+}
+
+fn fail(step: &'static str, reason: impl fmt::Display) -> SwitchoverError {
+    SwitchoverError {
+        step,
+        reason: reason.to_string(),
+    }
+}
+
+/// Releases the hold however the switchover ends.
+struct Hold<'a>(&'a ClusterCtx);
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.0.set_paused(false);
+    }
+}
+
+pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<SwitchoverReport, SwitchoverError> {
+    let config = shared.config();
+    let ctx = shared
+        .clusters
+        .get(cluster)
+        .ok_or_else(|| fail("check", format!("no cluster named \"{cluster}\"")))?;
+    let cc = &config.clusters[cluster];
+    let manager = cc.manager.clone().ok_or_else(|| {
+        fail(
+            "check",
+            format!("clusters.{cluster}.manager is not configured (a superuser login for promotion and repointing)"),
+        )
+    })?;
+    let deadline = Instant::now() + Duration::from_millis(cc.switchover_timeout_ms);
+    let left = |step: &'static str| {
+        let d = deadline.saturating_duration_since(Instant::now());
+        if d.is_zero() {
+            Err(fail(
+                step,
+                format!("switchover_timeout_ms ({} ms) ran out", cc.switchover_timeout_ms),
+            ))
+        } else {
+            Ok(d)
+        }
+    };
+    let mut steps: Vec<(String, u64)> = Vec::new();
+    let mut t = Instant::now();
+    let mut mark = |name: &str, steps: &mut Vec<(String, u64)>| {
+        steps.push((name.to_string(), t.elapsed().as_millis() as u64));
+        t = Instant::now();
+    };
+
+    // 1. check
+    let snap = ctx.state.snapshot();
+    let p = routing::primary(&snap).map_err(|e| fail("check", e))?;
+    let target = snap
+        .index(to)
+        .ok_or_else(|| fail("check", format!("cluster \"{cluster}\" has no node \"{to}\"")))?;
+    let (old, new) = (snap.nodes[p].clone(), snap.nodes[target].clone());
+    if target == p {
+        return Err(fail("check", format!("\"{to}\" is already the primary")));
+    }
+    if new.health != Health::Up || new.role != Role::Standby {
+        return Err(fail(
+            "check",
+            format!(
+                "\"{to}\" is not an up standby: {}",
+                new.describe(std::time::SystemTime::now())
+            ),
+        ));
+    }
+    if let Some(d) = snap.detached(target, Some(p)) {
+        return Err(fail("check", format!("\"{to}\" does not follow the primary: {d}")));
+    }
+    let login = |node: String, addr: String| {
+        let (user, password) = (manager.user.clone(), manager.password.clone());
+        async move { connect(&addr, &user, password.as_deref(), &node).await }
+    };
+    let old_conn = login(old.name.clone(), old.addr.clone())
+        .await
+        .map_err(|e| fail("check", e))?;
+    let new_conn = login(new.name.clone(), new.addr.clone())
+        .await
+        .map_err(|e| fail("check", e))?;
+    mark("check", &mut steps);
+    info!(cluster = %cluster, from = %old.name, to = %new.name, "switchover started");
+
+    // 2. hold
+    let held_at = Instant::now();
+    ctx.set_paused(true);
+    let hold = Hold(ctx);
+    loop {
+        // Transaction-mode pools only: a session-mode client holds its server for good
+        // and is moved by eviction once the primary changes.
+        let busy: u32 = shared
+            .pools
+            .all()
+            .iter()
+            .filter(|p| p.key.cluster == cluster && p.key.node == old.name)
+            .map(|p| p.in_use())
+            .sum();
+        if busy == 0 {
+            break;
+        }
+        if left("hold").is_err() {
+            return Err(fail(
+                "hold",
+                format!("{busy} transaction(s) on \"{}\" still open when switchover_timeout_ms ran out (a client pinned to its connection holds one for good)", old.name),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    mark("hold", &mut steps);
+
+    // 3. fence
+    let fence = async {
+        // Separate statements: ALTER SYSTEM refuses to run inside a transaction block,
+        // which is what a multi-statement query is.
+        old_conn
+            .batch_execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            .await?;
+        old_conn.batch_execute("SELECT pg_reload_conf()").await?;
+        old_conn
+            .batch_execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            )
+            .await?;
+        let row = old_conn
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await?;
+        Ok::<_, tokio_postgres::Error>(row.get::<_, String>(0))
+    };
+    let fenced_at = match tokio::time::timeout(left("fence")?, fence).await {
+        Ok(Ok(lsn)) => parse_lsn(&lsn).ok_or_else(|| fail("fence", format!("unreadable WAL position {lsn}")))?,
+        Ok(Err(e)) => {
+            unfence(&old_conn).await;
+            return Err(fail("fence", describe(&e)));
+        }
+        Err(_) => {
+            unfence(&old_conn).await;
+            return Err(fail("fence", "the old primary did not answer"));
+        }
+    };
+    mark("fence", &mut steps);
+
+    // 4. catch up
+    loop {
+        let replayed = new_conn
+            .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .and_then(|s| parse_lsn(&s));
+        if replayed.is_some_and(|r| r >= fenced_at) {
+            break;
+        }
+        if left("catch up").is_err() {
+            unfence(&old_conn).await;
+            return Err(fail(
+                "catch up",
+                format!(
+                    "\"{}\" did not replay up to the old primary's last position in time",
+                    new.name
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    mark("catch up", &mut steps);
+
+    // 5. promote: from here on there is no going back.
+    let promoted = tokio::time::timeout(left("promote")?, new_conn.query_one("SELECT pg_promote(true, 30)", &[])).await;
+    match promoted {
+        Ok(Ok(row)) if row.get::<_, bool>(0) => {}
+        Ok(Ok(_)) => {
+            return Err(fail(
+                "promote",
+                format!("pg_promote() on \"{}\" returned false", new.name),
+            ))
+        }
+        Ok(Err(e)) => return Err(fail("promote", describe(&e))),
+        Err(_) => return Err(fail("promote", "pg_promote() did not return in time")),
+    }
+    mark("promote", &mut steps);
+
+    // 6. repoint the other standbys (best effort: a failure is reported, not fatal).
+    let (host, port) = new.addr.rsplit_once(':').unwrap_or((&new.addr, "5432"));
+    for (i, n) in snap.nodes.iter().enumerate() {
+        if i == p || i == target || n.health != Health::Up || n.role != Role::Standby {
+            continue;
+        }
+        let result = async {
+            let c = login(n.name.clone(), n.addr.clone()).await?;
+            let current: String = c
+                .query_one("SHOW primary_conninfo", &[])
+                .await
+                .map_err(|e| describe(&e))?
+                .get(0);
+            let conninfo = repointed(&current, host, port);
+            c.batch_execute(&format!(
+                "ALTER SYSTEM SET primary_conninfo = '{}'",
+                conninfo.replace('\'', "''")
+            ))
+            .await
+            .map_err(|e| describe(&e))?;
+            c.batch_execute("SELECT pg_reload_conf()")
+                .await
+                .map_err(|e| describe(&e))
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(cluster = %cluster, node = %n.name, reason = %e, "switchover: could not repoint a standby; repoint it by hand");
+        }
+    }
+    mark("repoint", &mut steps);
+
+    // 7. route: wait for the health monitor to see the new primary.
+    let mut rx = ctx.state.subscribe();
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        if routing::primary(&snap).ok() == snap.index(&new.name) {
+            break;
+        }
+        let d = left("route")?;
+        if tokio::time::timeout(d, rx.changed()).await.is_err() {
+            return Err(fail(
+                "route",
+                format!("the health monitor did not see \"{}\" as primary in time", new.name),
+            ));
+        }
+    }
+    mark("route", &mut steps);
+
+    // 8. release
+    drop(hold);
+    let hold_ms = held_at.elapsed().as_millis() as u64;
+    mark("release", &mut steps);
+    ctx.state.push_event(
+        &new.name,
+        format!("standby (primary was {})", old.name),
+        "primary".into(),
+        "switchover".into(),
+    );
+    info!(cluster = %cluster, from = %old.name, to = %new.name, hold_ms, "switchover done; the old primary is read-only until it is made a standby of the new one");
+    Ok(SwitchoverReport {
+        cluster: cluster.to_string(),
+        from: old.name,
+        to: new.name,
+        hold_ms,
+        steps,
+    })
+}
+
+/// Undo the fence when the switchover gives up before promoting.
+async fn unfence(c: &Client) {
+    let _ = c
+        .batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
+        .await;
+    let _ = c.batch_execute("SELECT pg_reload_conf()").await;
+}
+
+async fn connect(addr: &str, user: &str, password: Option<&str>, node: &str) -> Result<Client, String> {
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("bad address {addr}"))?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(host)
+        .port(port.parse().map_err(|_| format!("bad port in {addr}"))?)
+        .user(user)
+        .dbname("postgres")
+        .application_name("switchyard-manager")
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(pw) = password {
+        cfg.password(pw);
+    }
+    let (client, conn) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|e| format!("cannot log in to \"{node}\" as the manager user: {}", describe(&e)))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} ({})", d.message(), d.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// `conninfo` with its host and port replaced (other keys, such as the replication
+/// user and password, kept as they were). A Unix-socket host (a directory) is kept: the
+/// nodes then share a machine and its socket directory, and only the port differs.
+pub fn repointed(conninfo: &str, host: &str, port: &str) -> String {
+    let socket = conninfo
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("host="))
+        .filter(|h| h.trim_matches('\'').starts_with('/'));
+    let mut parts: Vec<String> = conninfo
+        .split_whitespace()
+        .filter(|kv| !kv.starts_with("host=") && !kv.starts_with("port=") && !kv.starts_with("hostaddr="))
+        .map(str::to_string)
+        .collect();
+    parts.push(format!("host={}", socket.unwrap_or(host)));
+    parts.push(format!("port={port}"));
+    parts.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn repointing_keeps_the_other_keys() {
+        assert_eq!(
+            super::repointed(
+                "user=rep password=x host=/tmp port=5432 sslmode=prefer",
+                "10.0.0.2",
+                "5433"
+            ),
+            "user=rep password=x sslmode=prefer host=10.0.0.2 port=5433"
+        );
+        assert_eq!(
+            super::repointed("user=postgres host=/tmp/sy port=5432", "127.0.0.1", "5433"),
+            "user=postgres host=/tmp/sy port=5433"
+        );
+    }
+}
