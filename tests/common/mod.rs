@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use switchyard::localcluster::{free_port, LocalCluster, APP_DB, APP_PASSWORD, APP_USER, SUPERUSER_PASSWORD};
 use tokio_postgres::{Client, NoTls};
 
