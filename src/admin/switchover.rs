@@ -371,7 +371,7 @@ mod tests {
     fn repointing_keeps_the_other_keys() {
         assert_eq!(
             super::repointed(
-                "user=rep password=x host=/tmp port=5432 sslmode=prefer",
+                "user=rep password=x host=db1 port=5432 sslmode=prefer",
                 "10.0.0.2",
                 "5433"
             ),
