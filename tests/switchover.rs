@@ -24,12 +24,14 @@ fn post(port: u16, path: &str) -> (u16, String) {
 #[test]
 fn a_planned_switchover_under_pgbench_fails_no_transaction() {
     let cluster = LocalCluster::start(2).unwrap();
+    // split_brain = "refuse": the old primary, still up and still reporting primary,
+    // must not block writes to the new one (it is fenced).
     let admin = free_port();
     let proxy = Proxy::start(
         &cluster,
         "proxy",
         &format!(
-            "pool_mode = \"transaction\"\npool_size = 20\n\n[clusters.main.manager]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\n"
+            "pool_mode = \"transaction\"\npool_size = 20\nsplit_brain = \"refuse\"\n\n[clusters.main.manager]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\n"
         ),
         &format!("[admin]\nhttp_listen = \"127.0.0.1:{admin}\""),
     );
@@ -53,6 +55,8 @@ fn a_planned_switchover_under_pgbench_fails_no_transaction() {
     // Writes now go to failover1; the old primary is read-only and gets nothing.
     assert_eq!(lands_on(&cluster, proxy.rw), Ok(1));
     assert_eq!(cluster.sql(0, "SHOW default_transaction_read_only").unwrap(), "on");
+    let (_, status) = http_get(admin, "/status");
+    assert!(status.contains("\"fenced\":true"), "{status}");
     // failover2 follows the new primary: a table made there shows up on it.
     psql(proxy.rw, "CREATE TABLE after_switchover (v int)").unwrap();
     wait_for("failover2 replaying from failover1", Duration::from_secs(20), || {

@@ -38,6 +38,9 @@ pub struct NodeStatus {
     pub health: String,
     pub role: String,
     pub drained: bool,
+    /// Made read-only by a switchover; no writes until it is a standby of the new primary.
+    #[serde(default)]
+    pub fenced: bool,
     pub lag_ms: Option<u64>,
     pub lag_bytes: Option<u64>,
     pub timeline: Option<u32>,
@@ -84,6 +87,7 @@ pub fn node_status(snap: &ClusterSnapshot, i: usize, now: SystemTime) -> NodeSta
         health: n.health.to_string(),
         role: n.role.to_string(),
         drained: n.drained,
+        fenced: n.fenced,
         lag_ms: n.lag_ms,
         lag_bytes: n.lag_bytes,
         timeline: n.timeline,
@@ -202,6 +206,7 @@ pub fn render_table(s: &Status) -> String {
                 match (&n.last_error, &n.detached) {
                     (Some(e), _) => e.clone(),
                     (None, Some(d)) => format!("no reads: {d}"),
+                    (None, None) if n.fenced => "fenced by a switchover: make it a standby of the new primary".into(),
                     (None, None) => String::new(),
                 }
             );

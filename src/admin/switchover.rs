@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
 
-use crate::cluster::health::parse_lsn;
+use crate::cluster::health::{self, parse_lsn};
 use crate::cluster::routing;
 use crate::cluster::topology::{Health, Role};
 use crate::cluster::ClusterCtx;
@@ -192,14 +192,16 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     let fenced_at = match tokio::time::timeout(left("fence")?, fence).await {
         Ok(Ok(lsn)) => parse_lsn(&lsn).ok_or_else(|| fail("fence", format!("unreadable WAL position {lsn}")))?,
         Ok(Err(e)) => {
-            unfence(&old_conn).await;
+            unfence(ctx, &old.name, &old_conn).await;
             return Err(fail("fence", describe(&e)));
         }
         Err(_) => {
-            unfence(&old_conn).await;
+            unfence(ctx, &old.name, &old_conn).await;
             return Err(fail("fence", "the old primary did not answer"));
         }
     };
+    // Routing no longer takes it as the primary, whatever the split-brain rule.
+    ctx.set_fenced(&old.name, true);
     mark("fence", &mut steps);
 
     // 4. catch up
@@ -214,7 +216,7 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
             break;
         }
         if left("catch up").is_err() {
-            unfence(&old_conn).await;
+            unfence(ctx, &old.name, &old_conn).await;
             return Err(fail(
                 "catch up",
                 format!(
@@ -273,7 +275,12 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     }
     mark("repoint", &mut steps);
 
-    // 7. route: wait for the health monitor to see the new primary.
+    // 7. route: check the new primary now (as the monitor would at its next tick), then
+    // wait until routing picks it.
+    if let Ok(Ok(obs)) = tokio::time::timeout(left("route")?, health::check_now(&new_conn)).await {
+        ctx.state
+            .record(&new.name, Ok(obs), config.health.rise, config.health.fall);
+    }
     let mut rx = ctx.state.subscribe();
     loop {
         let snap = rx.borrow_and_update().clone();
@@ -311,7 +318,8 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
 }
 
 /// Undo the fence when the switchover gives up before promoting.
-async fn unfence(c: &Client) {
+async fn unfence(ctx: &ClusterCtx, node: &str, c: &Client) {
+    ctx.set_fenced(node, false);
     let _ = c
         .batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
         .await;

@@ -131,19 +131,30 @@ async fn check(target: &Target, login: &Login, session: &mut Option<Session>) ->
     }
     let s = session.as_ref().expect("just opened");
     let row = s.client.query_one(&s.check, &[]).await.map_err(describe)?;
+    Ok(observation(&row, s.system_id))
+}
+
+/// One health check on a connection of the caller's (the switchover looks at a node it
+/// just promoted rather than waiting for the monitor's next tick).
+pub async fn check_now(client: &Client) -> Result<Observation, String> {
+    let row = client.query_one(CHECK_SQL, &[]).await.map_err(describe)?;
+    Ok(observation(&row, None))
+}
+
+fn observation(row: &tokio_postgres::Row, system_id: Option<u64>) -> Observation {
     let standby: bool = row.get("standby");
     let lsn: Option<String> = row.get("lsn");
     let lag_ms: f64 = row.get("lag_ms");
     let timeline: Option<i32> = row.get("timeline");
     let streaming: Option<bool> = row.get("streaming");
-    Ok(Observation {
+    Observation {
         role: if standby { Role::Standby } else { Role::Primary },
         lag_ms: lag_ms.max(0.0) as u64,
         lsn: lsn.as_deref().and_then(parse_lsn),
         timeline: timeline.map(|t| t as u32),
         streaming,
-        system_id: s.system_id,
-    })
+        system_id,
+    }
 }
 
 async fn open(target: &Target, login: &Login) -> Result<Session, String> {

@@ -95,6 +95,16 @@ impl ClusterCtx {
         let _ = rx.wait_for(|p| !*p).await;
     }
 
+    /// Set or clear `fenced` on a node (a switchover made it read-only).
+    pub fn set_fenced(&self, node: &str, fenced: bool) {
+        self.state.update(|snap| {
+            if let Some(i) = snap.index(node) {
+                snap.nodes[i].fenced = fenced;
+            }
+            true
+        });
+    }
+
     /// Set or clear `drained` on a node; false if there is no such node.
     pub fn set_drained(&self, node: &str, drained: bool) -> bool {
         let mut found = false;

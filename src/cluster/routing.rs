@@ -71,12 +71,13 @@ impl fmt::Display for NoRoute {
     }
 }
 
-/// The one node that is the primary: up, reports primary, not on a timeline older than
-/// one already seen, and the winner of the split-brain rule if several qualify. Drain
+/// The one node that is the primary: up, reports primary, not fenced by a switchover,
+/// not on a timeline older than one already seen, and the winner of the split-brain rule
+/// if several qualify. Drain
 /// does not change who the primary is.
 pub fn primary(snap: &ClusterSnapshot) -> Result<usize, NoRoute> {
     let reporting: Nodes = (0..snap.nodes.len())
-        .filter(|&i| snap.nodes[i].health == Health::Up && snap.nodes[i].role == Role::Primary)
+        .filter(|&i| snap.nodes[i].health == Health::Up && snap.nodes[i].role == Role::Primary && !snap.nodes[i].fenced)
         .collect();
     let split_brain = |primaries: &[usize]| NoRoute::SplitBrain {
         cluster: snap.name.clone(),
@@ -501,5 +502,24 @@ mod tests {
         let mut c = cluster(&[("default", "down", P, 0, 1), ("f2", "up", S, 0, 1)]);
         c.nodes[1].streaming = Some(false);
         assert_eq!(routed(Endpoint::ReadOnly, &c, 0), Ok(vec![1]));
+    }
+
+    #[test]
+    fn a_fenced_primary_is_never_the_primary() {
+        // After a switchover: the old primary still reports primary (read-only), the new
+        // one too; even the "refuse" rule picks the new one.
+        let mut c = with(
+            &cluster(&[("default", "up", P, 0, 1), ("failover1", "up", P, 0, 2)]),
+            Policy {
+                split_brain: SplitBrainRule::Refuse,
+                ..POLICY
+            },
+        );
+        assert!(primary(&c).is_err());
+        c.nodes[0].fenced = true;
+        assert_eq!(primary(&c), Ok(1));
+        // Fenced and alone: no primary at all.
+        c.nodes[1].health = Health::Down;
+        assert!(primary(&c).is_err());
     }
 }

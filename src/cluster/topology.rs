@@ -86,6 +86,9 @@ pub struct NodeState {
     pub since: SystemTime,
     /// Set by an operator (`DRAIN`): no new sessions, current ones finish.
     pub drained: bool,
+    /// Made read-only by a switchover: never the primary again until it reports being a
+    /// standby (of the new primary).
+    pub fenced: bool,
     /// Sessions on this node now. Shared by every snapshot of the node, so the count
     /// survives snapshot changes; sessions hold a clone.
     pub active: Arc<AtomicU32>,
@@ -151,6 +154,7 @@ impl NodeState {
             last_check: None,
             since: SystemTime::now(),
             drained: false,
+            fenced: false,
             active: Arc::new(AtomicU32::new(0)),
             stats: Arc::default(),
             ok_streak: 0,
@@ -186,6 +190,9 @@ impl NodeState {
                 }
                 if self.health == Health::Up {
                     self.role = obs.role;
+                }
+                if obs.role == Role::Standby {
+                    self.fenced = false;
                 }
                 self.lag_ms = Some(obs.lag_ms);
                 self.lsn = obs.lsn;
