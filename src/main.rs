@@ -240,7 +240,14 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
     let cluster = LocalCluster::start(2).context("could not start the local cluster")?;
     let config_text = format!(
         "{}\n[admin]\nhttp_listen = \"127.0.0.1:{http_port}\"\n\n[[users]]\nname = \"admin\"\npassword = \"admin\"\nadmin = true\n",
-        cluster.config_toml(rw_port, ro_port, "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"")
+        cluster.config_toml(
+            rw_port,
+            ro_port,
+            &format!(
+                "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"\n\n[clusters.main.manager]\nuser = \"postgres\"\npassword = \"{}\"\n",
+                switchyard::localcluster::SUPERUSER_PASSWORD
+            )
+        )
     );
     let config_path = cluster.dir().join("switchyard.toml");
     std::fs::write(&config_path, &config_text)?;
@@ -262,7 +269,9 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
              Admin console: psql \"host=127.0.0.1 port={rw_port} user=admin dbname=switchyard\"   (password: admin; try SHOW NODES)\n\n\
              Django settings:\n  DATABASES = {{\n    'default': {{'ENGINE': 'django.db.backends.postgresql', 'HOST': '127.0.0.1', 'PORT': '{rw_port}',\n                'NAME': '{APP_DB}', 'USER': '{APP_USER}', 'PASSWORD': '{APP_PASSWORD}'}},\n    \
              'replica': {{'ENGINE': 'django.db.backends.postgresql', 'HOST': '127.0.0.1', 'PORT': '{ro_port}',\n                'NAME': '{APP_DB}', 'USER': '{APP_USER}', 'PASSWORD': '{APP_PASSWORD}'}},\n  }}\n\n\
-             Try a failover in another terminal:\n  \
+             Try a planned switchover (no client errors in transaction mode):\n  \
+             switchyard switchover --url http://127.0.0.1:{http_port} --cluster main --to failover1\n\n\
+             Or a failover in another terminal:\n  \
              sudo -u postgres {bin}/pg_ctl -D {d0} -m immediate stop     # primary goes down\n  \
              sudo -u postgres {bin}/pg_ctl -D {d1} promote               # failover1 takes over\n\n\
              Node states follow as they change. Ctrl-C stops everything and removes {dir}.\n",

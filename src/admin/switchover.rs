@@ -10,7 +10,8 @@
 //!    in use (transactions in flight have ended).
 //! 3. **fence**: on the old primary, `default_transaction_read_only = on` and every
 //!    other client backend terminated, so nothing writes there any more; note its WAL
-//!    position.
+//!    position (flushed, after a commit of our own). Routing stops taking it as the
+//!    primary (`fenced`), whatever the split-brain rule.
 //! 4. **catch up**: wait until the target has replayed that position.
 //! 5. **promote**: `pg_promote()` on the target.
 //! 6. **repoint**: every other standby gets the target in its `primary_conninfo`.
@@ -184,8 +185,16 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
                  WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
             )
             .await?;
+        // One tiny transaction of our own, committed synchronously: its commit flushes
+        // every WAL record before it (asynchronous commits included), and the flush
+        // position after it is the end of a record, which a standby's replay position
+        // can equal (the insert position may sit past a page header, where replay never
+        // stops until more WAL comes).
+        old_conn
+            .batch_execute("SET synchronous_commit = on; BEGIN READ WRITE; SELECT txid_current(); COMMIT")
+            .await?;
         let row = old_conn
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
             .await?;
         Ok::<_, tokio_postgres::Error>(row.get::<_, String>(0))
     };

@@ -397,7 +397,23 @@ async fn open(addr: &str, login: &SharedLogin, app: &str) -> Option<Client> {
 }
 
 const ORACLE_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text,
-    ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int";
+    ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int,
+    current_setting('wal_block_size')::bigint,
+    (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')";
+
+/// The WAL insert position as a standby's replay position can reach it. When the last
+/// record ended exactly at a page boundary, PostgreSQL reports the insert position past
+/// the next page's header (24 bytes, 40 on a segment's first page), where no record
+/// ends: a standby that replayed everything would stay below it until more WAL came.
+fn reachable(lsn: u64, page: u64, segment: u64) -> u64 {
+    if segment > 0 && lsn % segment == 40 {
+        lsn - 40
+    } else if page > 0 && lsn % page == 24 {
+        lsn - 24
+    } else {
+        lsn
+    }
+}
 
 /// A connection with its one statement prepared (a query by text would cost a second
 /// round trip to prepare it each time).
@@ -454,9 +470,10 @@ async fn run_oracle(oracle: Arc<Oracle>, state: Arc<ClusterState>, login: Shared
                 Ok(Ok(row)) => {
                     let lsn: Option<String> = row.get(0);
                     let timeline: Option<i32> = row.get(1);
+                    let (page, segment): (i64, Option<i64>) = (row.get(2), row.get(3));
                     lsn.as_deref().and_then(parse_lsn).zip(timeline).map(|(lsn, t)| Floor {
                         timeline: t as u32,
-                        lsn,
+                        lsn: reachable(lsn, page as u64, segment.unwrap_or(0) as u64),
                     })
                 }
                 _ => {
@@ -594,6 +611,16 @@ mod tests {
         assert_eq!(w.pending(), (Some(Floor { timeline: 1, lsn: 10 }), Some(2)));
         w.learned(Floor { timeline: 1, lsn: 20 }, 2);
         assert_eq!(w.pending(), (Some(Floor { timeline: 1, lsn: 20 }), None));
+    }
+
+    #[test]
+    fn an_insert_position_past_a_page_header_is_taken_back_to_the_boundary() {
+        let (page, seg) = (8192, 16 << 20);
+        assert_eq!(reachable(3 * 8192 + 24, page, seg), 3 * 8192);
+        assert_eq!(reachable(2 * (16 << 20) + 40, page, seg), 2 * (16 << 20));
+        // A record that ends 40 bytes into a page that does not start a segment stays.
+        assert_eq!(reachable(3 * 8192 + 40, page, seg), 3 * 8192 + 40);
+        assert_eq!(reachable(3 * 8192 + 100, page, seg), 3 * 8192 + 100);
     }
 
     #[test]
