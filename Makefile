@@ -1,5 +1,5 @@
 # The two commands of the README's quick start.
-.PHONY: demo test deps compat compat-slice fuzz profile
+.PHONY: demo test deps compat compat-slice fuzz profile chaos
 
 deps:
 	@scripts/install-deps.sh
@@ -41,3 +41,14 @@ fuzz:
 profile:
 	cargo build --release
 	bench/profile --out bench/results/profile-$$(date +%Y-%m-%d)
+
+# The fault suite's long runs: 30 minutes per seed, asynchronous and synchronous
+# replication (chaos/README.md); reports go to chaos/results/. `make test` runs the
+# short fixed-seed run (tests/chaos_short.rs).
+SEEDS ?= 1 2 3
+chaos: deps
+	cargo build --release
+	for s in $(SEEDS); do \
+	  chaos/run --binary target/release/switchyard --seed $$s --duration 30m --results 30m-seed$$s || exit 1; \
+	  chaos/run --binary target/release/switchyard --seed $$s --duration 30m --sync --results 30m-sync-seed$$s || exit 1; \
+	done

@@ -4,7 +4,8 @@
 # (initdb, pg_ctl, pg_basebackup, postgres), psql, pgbench, pgrep, Chromium and its
 # driver (status page test), the Python clients (psycopg 2 and 3, Django, Selenium)
 # with what compat/run needs to run their own test suites (pytest and plugins), and
-# this repository's Django integration (python/django_switchyard).
+# this repository's Django integration (python/django_switchyard), and iproute2 and
+# iptables for the fault suite (chaos/).
 # Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,9 @@ command -v python3 >/dev/null || missing+=(python3 python3-pip)
 # The status page is tested in a real headless browser.
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+# The fault suite (chaos/): network namespaces, veth, tc (iproute2) and iptables.
+command -v ip >/dev/null || missing+=(iproute2)
+command -v iptables >/dev/null || missing+=(iptables)
 
 if ((${#missing[@]})); then
     echo "install-deps: installing ${missing[*]}"

@@ -77,3 +77,20 @@ fn short_seeded_fault_run_finds_no_violation() {
     // Passed: the logs (tens of MB of recorded operations) are not needed.
     let _ = std::fs::remove_dir_all(&workdir);
 }
+
+/// The checker's own unit tests (no processes): lost, phantom, stale, dual-primary.
+#[test]
+fn the_fault_checker_passes_its_unit_tests() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new("python3")
+        .arg(format!("{repo}/chaos/test_checker.py"))
+        .current_dir(repo)
+        .output()
+        .expect("run chaos/test_checker.py");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,1 @@
+"""Switchyard fault suite (chaos/run)."""

@@ -1,0 +1,370 @@
+"""The checker: from the recorded operations, the faults, Switchyard's own view and the
+final contents of the primary, what went wrong.
+
+Every acknowledged write carries what the node that took it said about itself inside
+the same statement: its address, whether it was in recovery, its WAL insert position
+and its timeline. That is what the checks below rest on:
+
+- lost: acknowledged, absent from the final primary. Each loss is placed against the
+  final primary's timeline history: written on an abandoned timeline at or after the
+  point where the surviving history forked off ("after_fork": never replicated before
+  the failover), within `NEAR_FORK` bytes before it ("near_fork": the insert was
+  before the fork, its commit record may be after it), or anything else
+  ("unexplained": on the surviving history, or long before the fork). With
+  asynchronous replication the first two are losses within the replication lag,
+  reported and not failures; with --sync every loss fails the run except writes taken
+  by an old primary in a split-brain window (promoted without fencing: no proxy can
+  save those), which are reported apart.
+- phantom: in the table, never sent. failed_present: reported failed (ERROR, then
+  ReadyForQuery) but committed.
+- write order: if write x was acknowledged before write y was sent, y must be on the
+  same timeline or a newer one, and on the same node if on the same timeline. A
+  violation means two nodes took writes through the proxy in an interleaved way
+  (dual primary), or an older primary took one after a newer did. Violations are
+  merged into windows.
+- older timeline than seen: a write sent after Switchyard's /status already showed a
+  primary on a newer timeline, taken by a primary on an older one.
+- on a standby: a write whose node reported pg_is_in_recovery() = true.
+- stale read: a read-after-write check (same connection on rw with splitting, or
+  another connection on ro with the causal token) that did not see a row whose write
+  was acknowledged and survived. Excused, and counted apart, when Switchyard showed no
+  primary around the read (documented: reads then go to the standbys as they are).
+"""
+
+import bisect
+
+from .common import lsn_int
+
+NEAR_FORK = 1 << 20  # bytes
+
+
+def _key_error(op):
+    if op.get("st"):
+        return op["st"]
+    msg = (op.get("err") or "").lower()
+    for needle, key in (("no answer within", "timeout"), ("connect timeout", "connect timeout"),
+                        ("connection lost", "connection lost"), ("refused", "connection refused"),
+                        ("errno 111", "connection refused"),
+                        ("reset", "connection reset")):
+        if needle in msg:
+            return key
+    return "other: " + msg[:40]
+
+
+class Check:
+    def __init__(self, run):
+        """run: dict with ops, faults, truth, final, node_by_addr, sync, proxy, load,
+        t_start, t_end, fd_bound, gate_stale_reads."""
+        self.r = run
+        self.ops = run["ops"]
+        self.nodes = run["node_by_addr"]
+        self.writes = [o for o in self.ops if o["k"] in ("w", "raw_w")]
+        self.acked = [o for o in self.writes if o.get("o") == "ack"]
+        self.status = sorted((o for o in self.ops if o["k"] == "st"), key=lambda o: o.get("te", o["t"]))
+        self.result = {"violations": [], "info": {}}
+
+    def node_name(self, addr):
+        return self.nodes.get(addr, addr)
+
+    def violation(self, check, count, detail=None):
+        if count:
+            self.result["violations"].append({"check": check, "count": count, "detail": detail})
+
+    # ------------------------------------------------------------------------------------
+    def run(self):
+        res = self.result
+        res["writes"] = self.check_writes()
+        res["order"] = self.check_order()
+        res["reads"] = self.check_reads()
+        res["faults"] = self.recovery()  # before errors: sets how long each fault lasted
+        res["errors"] = self.errors_by_sqlstate()
+        res["proxy"] = self.check_proxy()
+        res["passed"] = not res["violations"]
+        return res
+
+    # ---- writes ------------------------------------------------------------------------
+    def check_writes(self):
+        final = self.r["final"]
+        out = {}
+        for table, kind in (("chaos_writes", "w"), ("chaos_raw", "raw_w")):
+            ops = [o for o in self.writes if o["k"] == kind]
+            present = final["tables"].get(table, set())
+            sent = {o["id"] for o in ops}
+            acked = [o for o in ops if o["o"] == "ack"]
+            failed = [o for o in ops if o["o"] == "fail"]
+            unknown = [o for o in ops if o["o"] == "unk"]
+            lost = [o for o in acked if o["id"] not in present]
+            phantoms = sorted(present - sent)
+            failed_present = [o for o in failed if o["id"] in present]
+            out[table] = {
+                "sent": len(ops), "acknowledged": len(acked), "failed": len(failed), "unknown": len(unknown),
+                "unknown_committed": sum(1 for o in unknown if o["id"] in present),
+                "present_final": len(present),
+                "lost": self.classify_losses(lost),
+                "phantoms": len(phantoms), "phantom_ids": phantoms[:20],
+                "failed_present": len(failed_present),
+                "failed_present_samples": [_brief(o) for o in failed_present[:5]],
+            }
+        lost_all = out["chaos_writes"]["lost"]["items"] + out["chaos_raw"]["lost"]["items"]
+        failing = [l for l in lost_all if l["failing"]]
+        self.violation("acknowledged writes lost", len(failing), failing[:10])
+        self.violation("phantom writes (present, never sent)",
+                       out["chaos_writes"]["phantoms"] + out["chaos_raw"]["phantoms"],
+                       out["chaos_writes"]["phantom_ids"] + out["chaos_raw"]["phantom_ids"])
+        fp = out["chaos_writes"]["failed_present"] + out["chaos_raw"]["failed_present"]
+        self.violation("writes reported failed but committed", fp,
+                       out["chaos_writes"]["failed_present_samples"] + out["chaos_raw"]["failed_present_samples"])
+        on_standby = [o for o in self.acked if o.get("rec")]
+        self.violation("writes taken by a node in recovery", len(on_standby), [_brief(o) for o in on_standby[:5]])
+        return out
+
+    def classify_losses(self, lost):
+        final = self.r["final"]
+        hist = final.get("history", {})
+        final_tl = final.get("timeline")
+        sync = self.r["sync"]
+        items, counts = [], {}
+        for o in lost:
+            tl, lsn = o.get("tl"), lsn_int(o.get("lsn"))
+            if tl is None or lsn is None:
+                cat = "unexplained"
+            elif tl == final_tl:
+                cat = "unexplained"
+            elif tl in hist:
+                fork = hist[tl]
+                cat = "after_fork" if lsn >= fork else ("near_fork" if fork - lsn <= NEAR_FORK else "unexplained")
+            else:
+                cat = "abandoned_timeline"
+            window = self.split_brain_window(o)
+            if cat == "unexplained":
+                failing = True
+            elif sync:
+                failing = window is None
+            else:
+                failing = False
+            if window is not None and cat != "unexplained":
+                cat = "split_brain_window"
+            counts[cat] = counts.get(cat, 0) + 1
+            items.append({**_brief(o), "category": cat, "failing": failing})
+        return {"total": len(lost), "by_category": counts, "items": items}
+
+    def split_brain_window(self, o):
+        """The split-brain fault during which old primary `o['node']` took this write
+        after a standby had been promoted, if any."""
+        name = self.node_name(o.get("node"))
+        for f in self.r["faults"]:
+            if f["kind"] != "split_brain" or not f.get("t_inject"):
+                continue
+            if f["detail"].get("old_primary") == name and f["t_inject"] <= o["e"] <= (f["t_heal"] or 0) + 1:
+                return f
+        return None
+
+    # ---- which node took writes, in what order ----------------------------------------------
+    def check_order(self):
+        acked = [o for o in self.acked if o.get("tl") is not None]
+        by_end = sorted(acked, key=lambda o: o["e"])
+        ends = [o["e"] for o in by_end]
+        # prefix: newest timeline among writes acknowledged so far, and the nodes on it
+        prefix = []
+        best_tl, nodes = -1, set()
+        for o in by_end:
+            if o["tl"] > best_tl:
+                best_tl, nodes = o["tl"], {o["node"]}
+            elif o["tl"] == best_tl:
+                nodes = nodes | {o["node"]}
+            prefix.append((best_tl, nodes))
+        bad = []
+        for y in acked:
+            i = bisect.bisect_left(ends, y["s"]) - 1
+            if i < 0:
+                continue
+            tl, ns = prefix[i]
+            if y["tl"] < tl or (y["tl"] == tl and (ns - {y["node"]})):
+                bad.append(y)
+        windows = []
+        for y in sorted(bad, key=lambda o: o["s"]):
+            if windows and y["s"] <= windows[-1]["end"] + 1.0:
+                w = windows[-1]
+                w["end"] = max(w["end"], y["e"])
+                w["writes"] += 1
+                w["nodes"].add(self.node_name(y["node"]))
+            else:
+                windows.append({"start": y["s"], "end": y["e"], "writes": 1, "nodes": {self.node_name(y["node"])}})
+        for w in windows:
+            w["nodes"] = sorted(w["nodes"])
+            w["start_rel"] = round(w["start"] - self.r["t_start"], 3)
+            w["duration_s"] = round(w["end"] - w["start"], 3)
+        self.violation("dual-primary windows (writes out of timeline order)", len(windows), windows[:10])
+
+        # Writes sent after Switchyard already showed a primary on a newer timeline.
+        seen_t, seen_tl = [], []
+        newest = -1
+        for st in self.status:
+            for n in st.get("nodes") or []:
+                name, health, role, tl = n
+                if role == "primary" and health == "up" and tl is not None and tl > newest:
+                    newest = tl
+                    seen_t.append(st.get("te", st["t"]))
+                    seen_tl.append(tl)
+        older = []
+        for y in acked:
+            i = bisect.bisect_left(seen_t, y["s"]) - 1
+            if i >= 0 and y["tl"] < seen_tl[i]:
+                older.append({**_brief(y), "newer_timeline_seen": seen_tl[i],
+                              "seen_before_s": round(y["s"] - seen_t[i], 3)})
+        self.violation("writes to a primary on an older timeline than Switchyard had seen", len(older), older[:10])
+        per_node = {}
+        for o in acked:
+            k = f"{self.node_name(o['node'])} (timeline {o['tl']})"
+            per_node[k] = per_node.get(k, 0) + 1
+        return {"dual_primary_windows": windows, "older_timeline_writes": len(older),
+                "acknowledged_by_node": per_node}
+
+    # ---- reads ---------------------------------------------------------------------------------
+    def check_reads(self):
+        present = self.r["final"]["tables"].get("chaos_raw", set())
+        acked_raw = {o["id"] for o in self.ops if o["k"] == "raw_w" and o["o"] == "ack"}
+        out = {}
+        stale_all = []
+        for kind, label in (("raw_own", "same connection, rw split (read-your-writes)"),
+                            ("raw_causal", "other connection, ro + causal token")):
+            reads = [o for o in self.ops if o["k"] == kind]
+            ok = [o for o in reads if o["o"] == "ack"]
+            misses = [o for o in ok if o.get("n") == 0 and o["id"] in acked_raw]
+            lost_write = [o for o in misses if o["id"] not in present]
+            no_primary = [o for o in misses if o["id"] in present and self.no_primary_around(o)]
+            stale = [o for o in misses if o["id"] in present and not self.no_primary_around(o)]
+            by_node = {}
+            for o in ok:
+                k = self.node_name(o.get("node"))
+                by_node[k] = by_node.get(k, 0) + 1
+            out[kind] = {"what": label, "reads": len(reads), "answered": len(ok),
+                         "errors": len(reads) - len(ok), "stale": len(stale),
+                         "excused_no_primary": len(no_primary), "missed_lost_write": len(lost_write),
+                         "served_by": by_node, "stale_samples": [_brief(o) for o in stale[:5]]}
+            stale_all += stale
+        if self.r.get("gate_stale_reads", True):
+            self.violation("stale reads", len(stale_all), [_brief(o) for o in stale_all[:10]])
+        else:
+            self.result["info"]["stale_reads_not_gating"] = len(stale_all)
+        return out
+
+    def no_primary_around(self, o, before=1.0):
+        ts = [s.get("te", s["t"]) for s in self.status]
+        i = max(0, bisect.bisect_left(ts, o["s"] - before) - 1)
+        for st in self.status[i:]:
+            t = st.get("te", st["t"])
+            if t > o["e"]:
+                break
+            if st.get("err") or not st.get("primary"):
+                return True
+        return False
+
+    # ---- errors --------------------------------------------------------------------------------
+    def fault_context(self, o):
+        """in_flight: a fault was injected while the op ran; during: sent while a fault
+        was in force or being recovered from (until writes were back, or heal + 10 s);
+        outside: neither."""
+        faults = [f for f in self.r["faults"] if f.get("t_inject") is not None]
+        for f in faults if o["k"] != "c" else ():  # a failed connection attempt carried no transaction
+            if o["s"] < (f.get("t_struck") or f["t_inject"]) and o["e"] >= f["t_inject"]:
+                return "in_flight", f
+        for f in reversed(faults):  # the latest fault injected before the op was sent
+            ti = f["t_inject"]
+            end = max(f.get("t_heal") or ti, f.get("_back_until") or 0) + 10.0
+            if ti <= o["s"] <= end:
+                return "during", f
+        return "outside", None
+
+    def errors_by_sqlstate(self):
+        table = {}
+        outside = []
+        for o in self.ops:
+            if o["k"] in ("st", "ev") or o.get("o") == "ack":
+                continue
+            group = {"w": "write", "raw_w": "write", "c": "connect " + o.get("ep", ""), "r": "read ro",
+                     "raw_own": "read split", "raw_causal": "read ro+token"}.get(o["k"], "token show/set")
+            ctx, f = self.fault_context(o)
+            key = (group, _key_error(o), o.get("o"))
+            row = table.setdefault(key, {"op": group, "sqlstate": key[1], "outcome": o.get("o"),
+                                         "in_flight": 0, "during": 0, "outside": 0,
+                                         "on_fault_node": 0, "sample": (o.get("err") or "")[:140]})
+            row[ctx] += 1
+            if f is not None and self._names_node(o, f):
+                row["on_fault_node"] += 1
+            if ctx == "outside":
+                outside.append(_brief(o))
+        rows = sorted(table.values(), key=lambda r: -(r["in_flight"] + r["during"] + r["outside"]))
+        return {"rows": rows, "outside_samples": outside[:10], "outside_total": len(outside)}
+
+    def _names_node(self, o, f):
+        msg = o.get("err") or ""
+        return any(f'"{n}"' in msg or f" {n} " in msg for n in f.get("affects", []))
+
+    # ---- recovery ------------------------------------------------------------------------------
+    def recovery(self):
+        faults = [f for f in self.r["faults"] if f.get("t_inject")]
+        t_end = self.r["t_end"]
+        # Writes: the insert clients (connection failures included). Reads: the ro probe
+        # and the causal reads (the read-after-write pairs stop at a failed write, so
+        # they alone would miss read outages).
+        wops = [o for o in self.ops if o["k"] == "w" or (o["k"] == "c" and o.get("wk", "").startswith("w"))]
+        rops = [o for o in self.ops if o["k"] in ("r", "raw_causal")
+                or (o["k"] == "c" and o.get("ep") == "ro")]
+        timeout = self.r.get("op_timeout", 10)
+        out = []
+        for i, f in enumerate(faults):
+            ti = f["t_inject"]
+            until = faults[i + 1]["t_inject"] if i + 1 < len(faults) else t_end
+            row = {"kind": f["kind"], "target": f.get("target"), "at_s": round(ti - self.r["t_start"], 2),
+                   "hold_s": f["hold"], "heal_s": round((f.get("t_heal") or ti) - ti, 2),
+                   "detail": f.get("detail"), "error": f.get("error")}
+            for label, ops in (("writes", wops), ("reads", rops)):
+                # In force at the injection or sent after it, and over before the next
+                # fault (what is in flight then belongs to that one).
+                win = [o for o in ops if ti - timeout <= o["s"] and ti <= o["e"] < until]
+                errs = [o for o in win if o.get("o") != "ack"]
+                oks = sorted(o["e"] for o in win if o.get("o") == "ack")
+                # The longest time without any success, from the injection on: an
+                # outage clients waited through (Switchyard holds new transactions up to
+                # connect_timeout_ms while there is no primary) shows here, not as errors.
+                stall, prev = 0.0, ti
+                for t in oks:
+                    stall, prev = max(stall, t - prev), t
+                stall = max(stall, (until - prev) if not oks else 0.0)
+                if not errs:
+                    row[label] = {"errors": 0, "back_s": 0.0, "stall_s": round(stall, 2)}
+                    continue
+                last_err = max(o["e"] for o in errs)
+                back = min((o["e"] for o in win if o.get("o") == "ack" and o["s"] >= last_err), default=None)
+                first_err = min(o["e"] for o in errs)
+                row[label] = {"errors": len(errs), "first_error_s": round(first_err - ti, 2),
+                              "back_s": None if back is None else round(back - ti, 2), "stall_s": round(stall, 2)}
+                if label == "writes" and back is not None:
+                    f["_back_until"] = back
+            out.append(row)
+        return out
+
+    # ---- Switchyard itself -----------------------------------------------------------------------
+    def check_proxy(self):
+        p = self.r["proxy"]
+        crashes = [i for i in p["incarnations"] if i.get("ended_by") == "crash"]
+        self.violation("Switchyard crashes (exits the harness did not cause)", len(crashes), crashes)
+        self.violation("Switchyard panics in its log", len(p["panics"]), p["panics"][:5])
+        base, end = p.get("idle_start") or {}, p.get("idle_end") or {}
+        growth = None
+        if base.get("fds") is not None and end.get("fds") is not None:
+            growth = end["fds"] - base["fds"]
+            if growth > self.r["fd_bound"]:
+                self.violation(f"file descriptor growth beyond {self.r['fd_bound']}", growth,
+                               {"idle_start": base, "idle_end": end})
+        p["fd_growth"] = growth
+        return p
+
+
+def _brief(o):
+    keep = ("k", "id", "node", "tl", "lsn", "o", "st", "err", "n", "rec")
+    out = {k: o[k] for k in keep if k in o}
+    out["s"] = round(o["s"], 3) if "s" in o else None
+    out["e"] = round(o["e"], 3) if "e" in o else None
+    return out

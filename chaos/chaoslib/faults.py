@@ -1,0 +1,382 @@
+"""Faults: a schedule drawn from the seed, and the code that injects and heals each one.
+
+The schedule is a list of (kind, hold, gap, pick) drawn from `random.Random(seed)`:
+first the core kinds (`CORE`) once in a shuffled order, then every available kind once
+in a shuffled order, again and again, so a short run exercises the core and a long one
+every kind many times. Targets are
+roles ("the primary", "a standby"), resolved when the fault runs against the
+operator's view of the cluster (`Cluster.primary`); `pick` chooses among candidates, so
+the same seed gives the same sequence of faults. (Which standby is "most caught up" at
+a promotion depends on timing and can differ between two runs of a seed.)
+
+Each fault is injected, held for `hold` seconds, healed, and followed by a quiet gap
+in which the cluster converges; the record keeps the times, so the checker can
+measure how long writes and reads took to come back.
+"""
+
+import os
+import random
+import signal
+import time
+
+from .common import log
+
+# kind: (needs network namespaces, hold range in seconds)
+KINDS = {
+    "kill_primary_failover": (False, (1.0, 2.5)),   # kill -9 primary, operator promotes + repoints + rejoins
+    "kill_primary_restart": (False, (1.0, 4.0)),    # kill -9 primary, restart it (crash recovery)
+    "kill_standby": (False, (2.0, 6.0)),
+    "freeze_primary": (False, (2.0, 6.0)),          # SIGSTOP / SIGCONT
+    "freeze_standby": (False, (2.0, 6.0)),
+    "kill_proxy": (False, (0.3, 1.5)),              # kill -9 Switchyard, restart
+    "term_proxy": (False, (0.3, 1.0)),              # SIGTERM (graceful), restart while clients retry
+    "freeze_proxy": (False, (1.0, 4.0)),
+    "reload_proxy": (False, (2.0, 5.0)),            # SIGHUP with a changed config, twice
+    "split_brain": (False, (2.0, 6.0)),             # promote a standby while the primary runs
+    "disk_full_standby": (False, (3.0, 6.0)),       # fill the standby's WAL tmpfs
+    "partition_proxy_primary": (True, (2.0, 6.0)),
+    "partition_proxy_standby": (True, (2.0, 6.0)),
+    "partition_primary_standbys": (True, (3.0, 8.0)),
+    "partition_asymmetric": (True, (2.0, 6.0)),     # proxy hears nothing from the primary
+    "lossy_link": (True, (3.0, 6.0)),               # iptables random drop between proxy and a node
+    "slow_link": (True, (3.0, 6.0)),                # tbf bandwidth limit on a node's egress
+    "delay_link": (True, (3.0, 6.0)),               # tc netem delay (only where the kernel has netem)
+}
+
+
+def available_kinds(net, tmpfs_ok, only=None, exclude=()):
+    out = []
+    for k, (needs_net, _) in KINDS.items():
+        if needs_net and net.kind != "netns":
+            continue
+        if k == "delay_link" and not net.netem:
+            continue
+        if k == "disk_full_standby" and not tmpfs_ok:
+            continue
+        if only and k not in only:
+            continue
+        if k in exclude:
+            continue
+        out.append(k)
+    return out
+
+
+# The first round draws only from these, so that a short run (a few minutes: six or
+# seven faults) always exercises what the product's promises rest on; later rounds draw
+# from every kind.
+CORE = ["kill_primary_failover", "split_brain", "kill_proxy", "freeze_primary", "partition_proxy_primary",
+        "reload_proxy", "kill_standby"]
+
+
+def schedule(seed, kinds, count=200):
+    """The fault plan for `seed`: [{kind, hold, gap, pick}]."""
+    rng = random.Random(seed)
+    plan = []
+    first = True
+    while len(plan) < count:
+        order = sorted(k for k in kinds if k in CORE) if first else sorted(kinds)
+        if not order:
+            order = sorted(kinds)
+        first = False
+        rng.shuffle(order)
+        for k in order:
+            lo, hi = KINDS[k][1]
+            plan.append({"kind": k, "hold": round(rng.uniform(lo, hi), 2), "gap": round(rng.uniform(4.0, 7.0), 2),
+                         "pick": rng.random()})
+    return plan[:count]
+
+
+def _pick(items, p):
+    items = sorted(items)
+    return items[min(len(items) - 1, int(p * len(items)))] if items else None
+
+
+class Injector:
+    def __init__(self, cluster, proxy, net, wait):
+        self.c, self.proxy, self.net = cluster, proxy, net
+        self.wait = wait  # wait(seconds): sleeps while watching for a Switchyard crash
+        self.reload_flip = False
+
+    # ---- keeping the cluster whole between faults -------------------------------------
+    def ensure_healthy(self, timeout=40):
+        """Before a fault: every server running, every standby streaming from the
+        primary. Repairs what an earlier fault left behind (a node that would not start
+        after a rejoin gets a new base backup). Returns a list of problems left."""
+        self.net.heal_all()
+        c = self.c
+        if not c.running(c.primary):
+            log(f"primary {c.primary} is not running; starting it")
+            try:
+                c.start(c.primary)
+            except Exception as e:
+                return [f"primary {c.primary} does not start: {e}"]
+        for s in c.standbys():
+            if not c.running(s):
+                try:
+                    c.start(s)
+                except Exception as e:
+                    log(f"{s} does not start ({str(e)[-200:]}); new base backup")
+                    try:
+                        c.basebackup(s, c.primary)
+                        c.start(s)
+                    except Exception as e2:
+                        return [f"{s} cannot be rebuilt: {e2}"]
+        missing = c.wait_streaming(c.standbys(), timeout=timeout)
+        for s in missing:
+            # Following an old timeline it cannot leave (diverged): rewind it.
+            log(f"{s} is not streaming from {c.primary} after {timeout}s; rejoining it")
+            try:
+                c.rejoin(s, c.primary)
+            except Exception as e:
+                log(f"rejoin of {s} failed: {e}")
+        if missing:
+            missing = c.wait_streaming(c.standbys(), timeout=timeout)
+        return [f"{s} not streaming" for s in missing]
+
+    # ---- one fault ---------------------------------------------------------------------
+    def run(self, f):
+        rec = {"kind": f["kind"], "hold": f["hold"], "t_inject": None, "t_heal": None, "t_done": None,
+               "target": None, "affects": [], "detail": {}, "skipped": None}
+        fn = getattr(self, "_" + f["kind"])
+        try:
+            fn(f, rec)
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"[:500]
+            log(f"fault {f['kind']} failed: {rec['error']}")
+            self.net.heal_all()
+        rec["t_done"] = time.time()
+        if rec["t_heal"] is None:
+            rec["t_heal"] = rec["t_done"]
+        return rec
+
+    def _mark(self, rec, target, affects):
+        rec["target"] = target
+        rec["affects"] = affects
+        rec["t_inject"] = time.time()
+        log(f"FAULT {rec['kind']} -> {target or '(chosen next)'} (hold {rec['hold']}s)")
+
+    def _hold(self, rec, seconds):
+        """Hold the fault. The first call marks when the fault took effect (its action
+        returned): an operation running across [t_inject, t_struck] was in flight."""
+        if rec.get("t_struck") is None:
+            rec["t_struck"] = time.time()
+        self.wait(seconds)
+
+    def _healed(self, rec):
+        rec["t_heal"] = time.time()
+
+    # servers ---------------------------------------------------------------------------
+    def _kill_primary_failover(self, f, rec):
+        c = self.c
+        old = c.primary
+        self._mark(rec, old, [old])
+        c.kill9(old)
+        self._hold(rec, f["hold"])  # the operator notices
+        new, lsn = c.most_caught_up(c.standbys())
+        if new is None:
+            raise RuntimeError("no running standby to promote")
+        rec["detail"]["promoted"] = new
+        rec["detail"]["promoted_receive_lsn"] = lsn
+        c.promote(new)
+        for s in c.standbys():
+            if s != old:
+                c.repoint(s, new)
+        self._healed(rec)  # writes can resume on the new primary from here
+        rec["detail"]["rejoin"] = c.rejoin(old, new)
+
+    def _kill_primary_restart(self, f, rec):
+        c = self.c
+        self._mark(rec, c.primary, [c.primary])
+        c.kill9(c.primary)
+        self._hold(rec, f["hold"])
+        c.start(c.primary)
+        self._healed(rec)
+
+    def _kill_standby(self, f, rec):
+        c = self.c
+        s = _pick(c.standbys(), f["pick"])
+        self._mark(rec, s, [s])
+        c.kill9(s)
+        self._hold(rec, f["hold"])
+        c.start(s)
+        self._healed(rec)
+
+    def _freeze(self, f, rec, node):
+        self._mark(rec, node, [node])
+        pids = self.c.freeze(node)
+        try:
+            self._hold(rec, f["hold"])
+        finally:
+            self.c.thaw(pids)
+        self._healed(rec)
+
+    def _freeze_primary(self, f, rec):
+        self._freeze(f, rec, self.c.primary)
+
+    def _freeze_standby(self, f, rec):
+        self._freeze(f, rec, _pick(self.c.standbys(), f["pick"]))
+
+    def _split_brain(self, f, rec):
+        """Promote a standby while the primary keeps running: two servers now say they
+        are primary, the new one on a newer timeline. Switchyard must send writes only to
+        the newer one from the first health check that shows it. Healed as an operator
+        would: the old primary is stopped, rewound and restarted as a standby of the new
+        one; the other standby is repointed."""
+        c = self.c
+        old = c.primary
+        # Marked before choosing: a write the old primary acknowledges from here on may
+        # be missing on the standby chosen, even with synchronous replication.
+        self._mark(rec, None, [old])
+        new, lsn = c.most_caught_up(c.standbys())
+        if new is None:
+            raise RuntimeError("no running standby to promote")
+        rec["target"], rec["affects"] = new, [old, new]
+        log(f"split_brain: promoting {new} while {old} runs")
+        rec["detail"].update({"old_primary": old, "promoted": new, "promoted_receive_lsn": lsn})
+        c.promote(new)
+        rec["detail"]["t_promoted"] = time.time()
+        self._hold(rec, f["hold"])
+        rec["detail"]["rejoin"] = c.rejoin(old, new)
+        # The other standby kept following the old primary past the fork, so it cannot
+        # just be repointed: it is rewound too (pg_rewind finds nothing to do if it had
+        # not diverged).
+        for s in c.standbys():
+            if s != old:
+                rec["detail"][f"rejoin_{s}"] = c.rejoin(s, new)
+        self._healed(rec)
+
+    def _disk_full_standby(self, f, rec):
+        c = self.c
+        node = next((n for n in c.nodes.values() if n.tmpfs), None)
+        if node is None or node.name == c.primary:
+            rec["skipped"] = "the tmpfs node is the primary now"
+            log(f"fault disk_full_standby skipped: {rec['skipped']}")
+            return
+        self._mark(rec, node.name, [node.name])
+        filler = os.path.join(node.tmpfs, "filler")
+        st = os.statvfs(node.tmpfs)
+        free = st.f_bavail * st.f_frsize
+        fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, max(4096, free - 4096))
+        except OSError:
+            pass  # as full as it gets
+        finally:
+            os.close(fd)
+        rec["detail"]["filled_bytes"] = free
+        # Writing into an already allocated segment needs no space: make the primary
+        # switch segments so the standby has to create a new one.
+        c.try_psql(c.primary, "SELECT pg_switch_wal()", timeout=5)
+        try:
+            self._hold(rec, f["hold"])
+        finally:
+            os.unlink(filler)
+        if not c.running(node.name):
+            rec["detail"]["restarted"] = True
+            c.start(node.name)
+        self._healed(rec)
+
+    # Switchyard ----------------------------------------------------------------------------
+    def _kill_proxy(self, f, rec, sig=signal.SIGKILL):
+        self._mark(rec, "switchyard", ["switchyard"])
+        rec["detail"]["pid"] = self.proxy.pid
+        self.proxy.kill(sig)
+        self._hold(rec, f["hold"])
+        self.proxy.start()
+        self._healed(rec)
+
+    def _term_proxy(self, f, rec):
+        self._kill_proxy(f, rec, signal.SIGTERM)
+
+    def _freeze_proxy(self, f, rec):
+        self._mark(rec, "switchyard", ["switchyard"])
+        self.proxy.freeze()
+        try:
+            self._hold(rec, f["hold"])
+        finally:
+            self.proxy.thaw()
+        self._healed(rec)
+
+    def _reload_proxy(self, f, rec):
+        """SIGHUP twice under load: first with changed health and lag settings, then back."""
+        self._mark(rec, "switchyard", ["switchyard"])
+        p = self.proxy
+        base = (p.health_interval_ms, p.max_lag_ms)
+        p.health_interval_ms, p.max_lag_ms = 300, 4000
+        p.write_config()
+        p.reload()
+        self._hold(rec, f["hold"] / 2)
+        p.health_interval_ms, p.max_lag_ms = base
+        p.write_config()
+        p.reload()
+        self._hold(rec, f["hold"] / 2)
+        rec["detail"]["alive_after"] = p.proc.poll() is None
+        self._healed(rec)
+
+    # network -------------------------------------------------------------------------------
+    def _drop_between(self, member, ip, direction="both", extra=()):
+        if direction in ("both", "in"):
+            self.net.iptables(member, "-A", "CHAOS_IN", "-s", ip, *extra, "-j", "DROP")
+        if direction in ("both", "out"):
+            self.net.iptables(member, "-A", "CHAOS_OUT", "-d", ip, *extra, "-j", "DROP")
+
+    def _partition_proxy(self, f, rec, node):
+        self._mark(rec, node, [node])
+        self._drop_between("px", self.c.nodes[node].host)
+        self._hold(rec, f["hold"])
+        self.net.heal("px")
+        self._healed(rec)
+
+    def _partition_proxy_primary(self, f, rec):
+        self._partition_proxy(f, rec, self.c.primary)
+
+    def _partition_proxy_standby(self, f, rec):
+        self._partition_proxy(f, rec, _pick(self.c.standbys(), f["pick"]))
+
+    def _partition_primary_standbys(self, f, rec):
+        p = self.c.primary
+        self._mark(rec, p, [p] + self.c.standbys())
+        for s in self.c.standbys():
+            self._drop_between(p, self.c.nodes[s].host)
+        self._hold(rec, f["hold"])
+        self.net.heal(p)
+        self._healed(rec)
+
+    def _partition_asymmetric(self, f, rec):
+        """The proxy's packets reach the primary, the primary's never come back."""
+        p = self.c.primary
+        self._mark(rec, p, [p])
+        self._drop_between("px", self.c.nodes[p].host, direction="in")
+        self._hold(rec, f["hold"])
+        self.net.heal("px")
+        self._healed(rec)
+
+    def _lossy_link(self, f, rec):
+        node = _pick(list(self.c.nodes), f["pick"])
+        prob = round(0.2 + 0.2 * f["pick"], 2)
+        self._mark(rec, node, [node])
+        rec["detail"]["drop_probability"] = prob
+        self._drop_between("px", self.c.nodes[node].host,
+                           extra=("-m", "statistic", "--mode", "random", "--probability", str(prob)))
+        self._hold(rec, f["hold"])
+        self.net.heal("px")
+        self._healed(rec)
+
+    def _slow_link(self, f, rec):
+        node = _pick(list(self.c.nodes), f["pick"])
+        self._mark(rec, node, [node])
+        rec["detail"]["tbf"] = "rate 256kbit burst 16kbit latency 400ms"
+        self.net.tc(node, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "256kbit", "burst", "16kbit",
+                    "latency", "400ms")
+        self._hold(rec, f["hold"])
+        self.net.heal(node)
+        self._healed(rec)
+
+    def _delay_link(self, f, rec):
+        node = _pick(list(self.c.nodes), f["pick"])
+        self._mark(rec, node, [node])
+        rec["detail"]["netem"] = "delay 150ms 50ms loss 5%"
+        self.net.tc(node, "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "150ms", "50ms", "loss", "5%")
+        self._hold(rec, f["hold"])
+        self.net.heal(node)
+        self._healed(rec)
