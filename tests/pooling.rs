@@ -148,13 +148,20 @@ fn a_standby_killed_under_read_load_causes_no_client_error() {
     let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
     pgbench(proxy.rw, &["-i", "-s", "1", "-q"]);
     cluster.wait_replayed(Duration::from_secs(20)).unwrap();
-    let port = proxy.rw;
-    let load = std::thread::spawn(move || pgbench(port, &["-S", "-c", "16", "-j", "2", "-T", "6", "-M", "prepared"]));
+    // Through rw with splitting, and through the ro endpoint, at once.
+    let loads: Vec<_> = [proxy.rw, proxy.ro]
+        .into_iter()
+        .map(|port| {
+            std::thread::spawn(move || pgbench(port, &["-n", "-S", "-c", "8", "-j", "2", "-T", "6", "-M", "prepared"]))
+        })
+        .collect();
     std::thread::sleep(Duration::from_secs(2));
     cluster.kill9(1).unwrap();
-    let out = load.join().unwrap();
-    assert!(out.contains("number of failed transactions: 0"), "{out}");
-    assert!(!out.contains("error"), "{out}");
+    for (load, endpoint) in loads.into_iter().zip(["rw", "ro"]) {
+        let out = load.join().unwrap();
+        assert!(out.contains("number of failed transactions: 0"), "{endpoint}: {out}");
+        assert!(!out.contains("error"), "{endpoint}: {out}");
+    }
     let log = proxy.log_text();
     report(&format!(
         "reads retried on another node after the kill: {}",

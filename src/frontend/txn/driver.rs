@@ -382,7 +382,11 @@ impl<'a> Driver<'a> {
         if self.machine.take_wrote() {
             self.causal.wrote();
         }
-        let split = self.endpoint == Endpoint::ReadOnly || (read && self.split);
+        // On the ro endpoint everything is read on a readable node, except a read a
+        // standby refused (only a primary runs it): its rerun goes to the primary, where
+        // the session's default_transaction_read_only still holds.
+        let ro_rerun_on_primary = self.endpoint == Endpoint::ReadOnly && !read && self.machine.rerun_pending();
+        let split = (self.endpoint == Endpoint::ReadOnly && !ro_rerun_on_primary) || (read && self.split);
         let target = if split { Endpoint::ReadOnly } else { Endpoint::ReadWrite };
         // A read that must see the client's writes (or its causal token) waits here, if
         // it must, for a standby to catch up; then only nodes that have may take it.

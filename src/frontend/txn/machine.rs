@@ -240,7 +240,8 @@ impl<'a> Machine<'a> {
             node: node.clone(),
             on_primary,
             server_pid: conn.pid,
-            retryable: self.acquiring_read && self.cfg.split && !self.cfg.read_only_endpoint,
+            // A proven read placed on a standby: by splitting, or on the ro endpoint.
+            retryable: self.acquiring_read && (self.cfg.split || self.cfg.read_only_endpoint),
             status: TxStatus::Idle,
             batch_open: false,
             answered: false,
