@@ -11,13 +11,16 @@ use tokio::time::Instant;
 
 use std::sync::Arc;
 
+use crate::classify::{self, CausalStatement};
 use crate::cluster::freshness::{self, Floor, Token, WriteFloor};
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Role};
 use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, ReadYourWrites};
 use crate::error::Error;
+use crate::frontend::txn::machine::CausalReply;
 use crate::obs::metrics::{ClusterLabels, Metrics};
+use crate::protocol::views;
 
 /// How long learning the primary's WAL position may take before a read gives up on a
 /// standby and goes to the primary (a healthy primary answers in well under 1 ms).
@@ -138,6 +141,27 @@ impl Causal {
             .unwrap_or_default())
     }
 
+    /// Answer `SHOW`/`SET`/`RESET switchyard.causal_token`. `session_node`: the node a
+    /// session-mode connection is bound to (a `SET` must then wait for that node).
+    pub async fn answer(
+        &mut self,
+        stmt: CausalStatement,
+        cluster: &ClusterCtx,
+        session_node: Option<&str>,
+    ) -> Result<CausalReply, Error> {
+        match stmt {
+            CausalStatement::Show => self.show(cluster).await.map(CausalReply::Show),
+            CausalStatement::Set(v) => match session_node {
+                Some(node) => self.set_for_node(&v, cluster, node).await.map(|_| CausalReply::Set),
+                None => self.set(&v, &cluster.state.snapshot()).map(|_| CausalReply::Set),
+            },
+            CausalStatement::Reset => {
+                self.reset();
+                Ok(CausalReply::Reset)
+            }
+        }
+    }
+
     /// `SET switchyard.causal_token = text` (empty: none).
     pub fn set(&mut self, text: &str, snap: &ClusterSnapshot) -> Result<(), Error> {
         self.token = freshness::parse_token(text, snap).map_err(|e| Error::invalid_parameter(e.to_string()))?;
@@ -236,6 +260,18 @@ impl Causal {
             self.metrics.to_primary.inc();
         }
     }
+}
+
+/// `buf` is exactly one simple Query holding a causal-token statement (session mode
+/// answers only such a buffer itself; anything else passes through).
+pub fn lone_causal_statement(buf: &[u8]) -> Option<CausalStatement> {
+    let (b'Q', len) = views::header(buf)? else {
+        return None;
+    };
+    if len as usize + 1 != buf.len() {
+        return None;
+    }
+    classify::causal_statement(views::Query::decode(&buf[5..]).ok()?.sql)
 }
 
 impl Placement {

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::backend::connector::{self, Accept};
 use crate::backend::server::{self, ServerConn};
-use crate::classify::{self, CausalStatement, CAUSAL_TOKEN};
+use crate::classify::CAUSAL_TOKEN;
 use crate::cluster::freshness::{self, Floor};
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, NodeStats, Role};
@@ -31,9 +31,8 @@ use crate::config::{Config, PoolMode};
 use crate::error::Error;
 use crate::frontend::auth::{AuthError, Verifier};
 use crate::frontend::cancel::Registration;
-use crate::frontend::fresh::{Causal, FreshMetrics};
+use crate::frontend::fresh::{self, Causal, FreshMetrics};
 use crate::frontend::shared::Shared;
-use crate::frontend::txn::machine::CausalReply;
 use crate::frontend::txn::{Driver, TxnClient};
 use crate::obs::clients::NewClient;
 use crate::obs::metrics::{ClusterLabels, EndpointLabels, RoutedLabels};
@@ -644,36 +643,18 @@ async fn relay(
                     }
                 }
                 // A lone simple query for the proxy's own setting is answered here.
-                if framer.at_boundary() && buf.first() == Some(&b'Q') {
-                    if let Some((b'Q', len)) = views::header(&buf) {
-                        if len as usize + 1 == buf.len() {
-                            let stmt = views::Query::decode(&buf[5..])
-                                .ok()
-                                .and_then(|q| classify::causal_statement(q.sql));
-                            if let Some(stmt) = stmt {
-                                let reply = match stmt {
-                                    CausalStatement::Show => {
-                                        // Session mode does not classify statements: on rw
-                                        // anything may have written.
-                                        if endpoint == Endpoint::ReadWrite {
-                                            causal.wrote();
-                                        }
-                                        causal.show(cluster).await.map(CausalReply::Show)
-                                    }
-                                    CausalStatement::Set(v) => {
-                                        causal.set_for_node(&v, cluster, &node).await.map(|_| CausalReply::Set)
-                                    }
-                                    CausalStatement::Reset => {
-                                        causal.reset();
-                                        Ok(CausalReply::Reset)
-                                    }
-                                };
-                                let mut out = BytesMut::new();
-                                crate::frontend::txn::machine::write_causal_reply(&mut out, reply);
-                                let _ = inject_tx.send(out);
-                                continue;
-                            }
+                if framer.at_boundary() {
+                    if let Some(stmt) = fresh::lone_causal_statement(&buf) {
+                        // Session mode does not classify statements: on rw anything may
+                        // have written.
+                        if endpoint == Endpoint::ReadWrite {
+                            causal.wrote();
                         }
+                        let reply = causal.answer(stmt, cluster, Some(&node)).await;
+                        let mut out = BytesMut::new();
+                        crate::frontend::txn::machine::write_causal_reply(&mut out, reply);
+                        let _ = inject_tx.send(out);
+                        continue;
                     }
                 }
                 let mut terminate = false;

@@ -13,10 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use super::machine::{Action, CausalReply, Config, Machine};
+use super::machine::{Action, Config, Machine};
 use crate::backend::connector::{self, Accept, Dialer};
 use crate::backend::pool::{Pool, PoolError, PoolKey, PooledConn};
-use crate::classify::CausalStatement;
 use crate::cluster::freshness::Floor;
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
@@ -233,17 +232,7 @@ impl<'a> Driver<'a> {
                         if self.machine.take_wrote() {
                             self.causal.wrote();
                         }
-                        let reply = match stmt {
-                            CausalStatement::Show => self.causal.show(self.cluster).await.map(CausalReply::Show),
-                            CausalStatement::Set(v) => self
-                                .causal
-                                .set(&v, &self.cluster.state.snapshot())
-                                .map(|_| CausalReply::Set),
-                            CausalStatement::Reset => {
-                                self.causal.reset();
-                                Ok(CausalReply::Reset)
-                            }
-                        };
+                        let reply = self.causal.answer(stmt, self.cluster, None).await;
                         self.machine.on_causal_reply(reply);
                     }
                     Action::Acquire { read, exclude } => {
