@@ -120,6 +120,7 @@ fn reload(shared: &Shared) -> Result<String, String> {
             snap.policy = policy(c);
             snap.connect_timeout = c.connect_timeout();
             snap.server_login_timeout = c.server_login_timeout();
+            snap.failover_hold = Duration::from_millis(c.failover_hold_ms);
             true
         });
         shared.pools.apply(name, c.pool_settings());
@@ -169,6 +170,7 @@ impl Proxy {
             let nodes = c.nodes.iter().map(|n| NodeState::new(&n.name, &n.addr())).collect();
             let mut snap = ClusterSnapshot::new(name, nodes, policy(c), c.connect_timeout());
             snap.server_login_timeout = c.server_login_timeout();
+            snap.failover_hold = Duration::from_millis(c.failover_hold_ms);
             let state = ClusterState::new(snap, |s| routing::primary(s).ok());
             let ctx = Arc::new(ClusterCtx::new(
                 name,
@@ -198,6 +200,11 @@ impl Proxy {
         ));
         shared.set_reloader(Box::new(reload));
         start_monitors(&shared);
+        // The control plane watches every cluster; it acts only where the config says
+        // `failover = "automatic"` (a reload may switch that on or off).
+        for ctx in shared.clusters.values() {
+            crate::ha::failover::spawn(shared.clone(), ctx.clone());
+        }
         for (index, worker) in workers.handles.iter().enumerate() {
             worker.spawn(prune_pools(shared.clone(), index));
         }

@@ -102,6 +102,9 @@ pub struct Classification {
     /// set_config(<constants>)`): writes no data, so it does not raise the client's
     /// read-your-writes floor (Django sets the time zone on every new connection).
     pub settings_only: bool,
+    /// Ends a transaction with a commit (`COMMIT`, `END`, `COMMIT PREPARED`): if the
+    /// server is lost before it answers, whether it committed is unknown (08007).
+    pub commits: bool,
 }
 
 impl Classification {
@@ -118,6 +121,7 @@ impl Classification {
             frees_database: None,
             literal_sensitive: false,
             settings_only: false,
+            commits: false,
         }
     }
 }
@@ -417,10 +421,14 @@ impl Classifier {
                         // a hot standby"), even for a read-only transaction.
                         c.read_only &= read_only && !t.options.iter().any(is_serializable);
                     }
+                    Ok(TransactionStmtKind::TransStmtCommit) => c.commits = true,
+                    Ok(TransactionStmtKind::TransStmtCommitPrepared) => {
+                        c.commits = true;
+                        c.read_only = false;
+                    }
                     // Ending a transaction or a savepoint writes nothing by itself.
                     Ok(
-                        TransactionStmtKind::TransStmtCommit
-                        | TransactionStmtKind::TransStmtRollback
+                        TransactionStmtKind::TransStmtRollback
                         | TransactionStmtKind::TransStmtSavepoint
                         | TransactionStmtKind::TransStmtRelease
                         | TransactionStmtKind::TransStmtRollbackTo,

@@ -184,6 +184,16 @@ pub enum SplitBrainRule {
     NewestTimeline,
 }
 
+/// Who promotes a standby when the primary is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverMode {
+    /// Someone else promotes (Patroni, repmgr, an operator); Switchyard follows.
+    Follow,
+    /// Switchyard promotes the most caught-up standby itself (needs `manager`).
+    Automatic,
+}
+
 /// Read-your-writes for reads sent to standbys (split reads, the ro endpoint).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -255,6 +265,26 @@ pub struct ClusterConfig {
     /// Bound on a whole planned switchover (new transactions are held meanwhile).
     #[serde(default = "d_15000")]
     pub switchover_timeout_ms: u64,
+    /// `automatic`: promote a standby when the primary is down by the health rules.
+    #[serde(default = "d_failover")]
+    pub failover: FailoverMode,
+    /// Automatic failover refuses a standby that received this many bytes of WAL less
+    /// than the old primary was last seen to have written.
+    #[serde(default = "d_failover_max_lag")]
+    pub failover_max_lag_bytes: u64,
+    /// At most one automatic failover per this many seconds (no flapping).
+    #[serde(default = "d_failover_cooldown")]
+    pub failover_cooldown_s: u64,
+    /// While the cluster has no primary, how long a new rw connection or transaction
+    /// waits for one (a failover in progress) before it gets an error.
+    #[serde(default = "d_10000")]
+    pub failover_hold_ms: u64,
+    /// Run (by `sh -c`) after a switchover or failover to make the old primary a
+    /// standby of the new one (pg_rewind, standby.signal, restart). Gets
+    /// SWITCHYARD_CLUSTER, SWITCHYARD_OLD_PRIMARY, SWITCHYARD_OLD_HOST/PORT,
+    /// SWITCHYARD_NEW_PRIMARY, SWITCHYARD_NEW_HOST/PORT in its environment.
+    #[serde(default)]
+    pub demote_command: Option<String>,
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
 }
@@ -301,6 +331,15 @@ impl NodeConfig {
     }
 }
 
+fn d_failover() -> FailoverMode {
+    FailoverMode::Follow
+}
+fn d_failover_max_lag() -> u64 {
+    1 << 20
+}
+fn d_failover_cooldown() -> u64 {
+    300
+}
 fn d_read_your_writes() -> ReadYourWrites {
     ReadYourWrites::Session
 }
@@ -489,6 +528,12 @@ impl Config {
                 return Err(invalid(
                     format!("clusters.{cname}.read_write_split"),
                     "needs pool_mode = \"transaction\"",
+                ));
+            }
+            if c.failover == FailoverMode::Automatic && c.manager.is_none() {
+                return Err(invalid(
+                    format!("clusters.{cname}.failover"),
+                    format!("\"automatic\" needs [clusters.{cname}.manager] (a superuser login to promote a standby and repoint the others)"),
                 ));
             }
             for (key, v) in [

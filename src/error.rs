@@ -16,6 +16,7 @@ pub struct SqlState([u8; 5]);
 impl SqlState {
     pub const PROTOCOL_VIOLATION: SqlState = SqlState(*b"08P01");
     pub const CONNECTION_FAILURE: SqlState = SqlState(*b"08006");
+    pub const TRANSACTION_RESOLUTION_UNKNOWN: SqlState = SqlState(*b"08007");
     pub const INVALID_PASSWORD: SqlState = SqlState(*b"28P01");
     pub const INVALID_AUTHORIZATION: SqlState = SqlState(*b"28000");
     pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState(*b"0A000");
@@ -155,6 +156,16 @@ impl Error {
                 format!("server connection to node \"{node}\" of cluster \"{cluster}\" was lost: {reason}"),
             )
         }
+    }
+
+    /// The server was lost while a commit was in flight: it may or may not have
+    /// committed. Never retried (it could run twice).
+    pub fn resolution_unknown(cluster: &str, node: &str, reason: impl fmt::Display) -> Error {
+        Error::new(
+            SqlState::TRANSACTION_RESOLUTION_UNKNOWN,
+            Side::Server,
+            format!("server connection to node \"{node}\" of cluster \"{cluster}\" was lost while a commit was in flight ({reason}): whether the transaction committed is unknown; check before running it again"),
+        )
     }
 
     /// A server sent something the proxy cannot follow.

@@ -10,6 +10,7 @@
 //! - [`frontend`]: client authentication, cancel routing, what sessions share
 //!   ([`frontend::shared`]), sessions (session-mode relay, transaction-pooling machine
 //!   and driver).
+//! - [`ha`]: the control plane: planned switchover, automatic failover.
 //! - [`admin`]: the operators' console and HTTP endpoints.
 //! - [`app`]: wiring of listeners, monitors, reload and shutdown.
 //! - [`localcluster`]: a throwaway primary + standbys from the machine's PostgreSQL
@@ -25,6 +26,7 @@ pub mod error;
 pub mod frontend;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod ha;
 pub mod localcluster;
 pub mod obs;
 pub mod protocol;

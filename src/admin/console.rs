@@ -82,20 +82,18 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
                 for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                     info!(user = %user, command = %statement, "admin command");
                     let answer = match switchover_command(statement) {
-                        Some((cluster, to)) => {
-                            match crate::admin::switchover::switchover(shared, &cluster, &to).await {
-                                Ok(r) => Answer::Rows {
-                                    columns: vec!["step", "ms"],
-                                    rows: r
-                                        .steps
-                                        .iter()
-                                        .map(|(s, ms)| vec![s.clone(), ms.to_string()])
-                                        .chain(std::iter::once(vec!["held".to_string(), r.hold_ms.to_string()]))
-                                        .collect(),
-                                },
-                                Err(e) => Answer::Error(e.to_string()),
-                            }
-                        }
+                        Some((cluster, to)) => match crate::ha::switchover::switchover(shared, &cluster, &to).await {
+                            Ok(r) => Answer::Rows {
+                                columns: vec!["step", "ms"],
+                                rows: r
+                                    .steps
+                                    .iter()
+                                    .map(|(s, ms)| vec![s.clone(), ms.to_string()])
+                                    .chain(std::iter::once(vec!["held".to_string(), r.hold_ms.to_string()]))
+                                    .collect(),
+                            },
+                            Err(e) => Answer::Error(e.to_string()),
+                        },
                         None => execute(statement, shared),
                     };
                     write_answer(&mut out, answer);

@@ -74,7 +74,7 @@ async fn switchover(
     Path(name): Path<String>,
     Query(q): Query<SwitchoverTo>,
 ) -> Response {
-    match crate::admin::switchover::switchover(&shared, &name, &q.to).await {
+    match crate::ha::switchover::switchover(&shared, &name, &q.to).await {
         Ok(r) => (StatusCode::OK, Json(r)).into_response(),
         Err(e) => (
             StatusCode::CONFLICT,

@@ -5,7 +5,6 @@
 pub mod console;
 pub mod http;
 pub mod status;
-pub mod switchover;
 
 use std::sync::atomic::Ordering;
 

@@ -80,7 +80,9 @@ async fn connect_inner<D: Dialer>(
         let s = cluster.state.snapshot();
         (s.connect_timeout, s.server_login_timeout)
     };
-    let deadline = started + connect_timeout;
+    let mut deadline = started + connect_timeout;
+    // Set once the cluster was seen without a primary: the wait is then a hold.
+    let mut held = false;
     let mut own_rx = None;
     let mut failures: Vec<String> = Vec::new();
     loop {
@@ -88,6 +90,13 @@ async fn connect_inner<D: Dialer>(
             Some(rx) => rx.borrow_and_update().clone(),
             None => cluster.state.snapshot(),
         };
+        // No primary at all (its node is down, a failover is under way): a rw attempt
+        // waits up to `failover_hold_ms` for one instead of failing at once. Once
+        // extended, the deadline stays extended, so a primary that appears late is used.
+        if endpoint == Endpoint::ReadWrite && !held && routing::primary(&snap).is_err() {
+            held = true;
+            deadline = deadline.max(started + snap.failover_hold);
+        }
         let turn = cluster.turn.fetch_add(1, Ordering::Relaxed);
         let problem = match routing::route(endpoint, &snap, turn) {
             Ok(candidates) => {
@@ -163,6 +172,14 @@ async fn connect_inner<D: Dialer>(
         let changed =
             now < deadline && matches!(tokio::time::timeout(deadline - now, waiter.changed()).await, Ok(Ok(())));
         if !changed {
+            let mut problem = problem;
+            if held {
+                problem = format!(
+                    "{problem} (waited {} ms for a primary{})",
+                    started.elapsed().as_millis(),
+                    cluster.ha.note().map(|n| format!("; {n}")).unwrap_or_default()
+                );
+            }
             return Err(if failures.is_empty() {
                 Error::no_route(problem)
             } else {

@@ -10,6 +10,7 @@ pub mod topology;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -39,6 +40,43 @@ pub struct ClusterCtx {
     floors: Mutex<HashMap<(String, String), Arc<freshness::WriteFloor>>>,
     /// The health monitor task of each node (restarted on reload).
     pub(crate) monitors: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// The control plane's state: switchover and failover.
+    pub ha: HaState,
+}
+
+/// What the control plane is doing to a cluster, and did last.
+#[derive(Default)]
+pub struct HaState {
+    /// Held while a switchover or an automatic failover runs: never both at once.
+    pub lock: tokio::sync::Mutex<()>,
+    /// What the automatic failover waits for, or why it refused to act (for `/status`).
+    note: Mutex<Option<String>>,
+    /// The last promotion Switchyard made: when (for the cooldown), and what.
+    last: Mutex<Option<(std::time::Instant, SystemTime, String)>>,
+}
+
+impl HaState {
+    pub fn note(&self) -> Option<String> {
+        self.note.lock().unwrap().clone()
+    }
+
+    /// Set the note; true when it changed (log only then).
+    pub fn set_note(&self, note: Option<String>) -> bool {
+        let mut n = self.note.lock().unwrap();
+        let changed = *n != note;
+        *n = note;
+        changed
+    }
+
+    /// A promotion was made (`what`: "failover default -> failover1").
+    pub fn promoted(&self, what: &str) {
+        *self.last.lock().unwrap() = Some((std::time::Instant::now(), SystemTime::now(), what.to_string()));
+    }
+
+    /// The last promotion: when it happened, how long ago, and what it was.
+    pub fn last(&self) -> Option<(std::time::Instant, SystemTime, String)> {
+        self.last.lock().unwrap().clone()
+    }
 }
 
 impl ClusterCtx {
@@ -63,6 +101,7 @@ impl ClusterCtx {
             paused: AtomicBool::new(false),
             pause_tx: watch::channel(false).0,
             monitors: Mutex::new(HashMap::new()),
+            ha: HaState::default(),
         }
     }
 

@@ -294,6 +294,8 @@ pub struct ClusterSnapshot {
     pub connect_timeout: Duration,
     /// Bound on one server login attempt.
     pub server_login_timeout: Duration,
+    /// How long a rw connect waits while the cluster has no primary (a failover).
+    pub failover_hold: Duration,
     /// Highest timeline ever reported by a primary of this cluster (since start). A
     /// primary below it is an old primary that came back: it never gets writes, even
     /// while the newer one is unreachable.
@@ -336,6 +338,7 @@ impl ClusterSnapshot {
             policy,
             connect_timeout,
             server_login_timeout: connect_timeout,
+            failover_hold: connect_timeout,
             newest_timeline: 0,
             timeline_start: 0,
             system_id: None,

@@ -79,6 +79,9 @@ struct Unit {
     /// Ran a statement on the primary, for the rw endpoint, that is neither a proven read
     /// nor a change of session settings only: may have written.
     may_write: bool,
+    /// A commit of a transaction that may have written was sent and not yet answered
+    /// (a COMMIT, or a write outside a transaction block, which commits by itself).
+    commit_in_flight: bool,
     /// `to_client` holds part of the answer (not only notices or reported settings,
     /// which may come at any time and say nothing of how far the unit got).
     answer_queued: bool,
@@ -237,6 +240,7 @@ impl<'a> Machine<'a> {
         }
         self.unit = Some(Unit {
             may_write: false,
+            commit_in_flight: false,
             node: node.clone(),
             on_primary,
             server_pid: conn.pid,
@@ -501,10 +505,12 @@ impl<'a> Machine<'a> {
             }
         };
         if let Some(c) = observed {
-            if !c.read_only && !c.settings_only {
-                if let Some(u) = self.unit.as_mut() {
-                    u.may_write = true;
-                }
+            if let Some(u) = self.unit.as_mut() {
+                let writes = !c.read_only && !c.settings_only;
+                u.may_write |= writes;
+                // Outside a transaction block a write commits as it ends.
+                let autocommit = writes && u.status == TxStatus::Idle && c.begins.is_none();
+                u.commit_in_flight |= autocommit || (c.commits && u.may_write);
             }
             self.observe(&c);
         }
@@ -591,6 +597,11 @@ impl<'a> Machine<'a> {
                 }
             }
             let verdict = self.owed.on_message(tag, &mut conn.prepared);
+            if tag == b'Z' && self.owed.is_empty() {
+                if let Some(u) = self.unit.as_mut() {
+                    u.commit_in_flight = false;
+                }
+            }
             match verdict {
                 Verdict::ReplayError => {
                     let e = ErrorFields::decode(&msg[5..]);
@@ -697,8 +708,13 @@ impl<'a> Machine<'a> {
             warn!(cluster = %self.cfg.cluster, node = %node, reason = %reason, "standby lost before answering a read; retrying it on another node");
             return;
         }
+        let unknown = self.unit.as_ref().is_some_and(|u| u.commit_in_flight);
         self.release(false);
-        self.end(Some(Error::server_lost(&self.cfg.cluster, &node, reason)));
+        self.end(Some(if unknown {
+            Error::resolution_unknown(&self.cfg.cluster, &node, reason)
+        } else {
+            Error::server_lost(&self.cfg.cluster, &node, reason)
+        }));
     }
 
     /// The held connection's node is no longer valid for it (`reason`; `node_up`: still
@@ -707,11 +723,16 @@ impl<'a> Machine<'a> {
         let Some(node) = self.node().map(str::to_string) else {
             return;
         };
-        if self.rerun(Some(node)) {
+        if self.rerun(Some(node.clone())) {
             return;
         }
+        let unknown = self.unit.as_ref().is_some_and(|u| u.commit_in_flight);
         self.release(false);
-        self.end(Some(Error::evicted(node_up, reason)));
+        self.end(Some(if unknown {
+            Error::resolution_unknown(&self.cfg.cluster, &node, reason)
+        } else {
+            Error::evicted(node_up, reason)
+        }));
     }
 }
 

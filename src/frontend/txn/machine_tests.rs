@@ -516,3 +516,70 @@ fn a_unit_on_the_primary_that_may_write_is_reported_once_it_ends() {
     h.perform(true);
     assert!(!h.m.take_wrote());
 }
+
+/// The SQLSTATE the session ended with, if it ended.
+fn ended_with(h: &Harness) -> Option<String> {
+    h.log.iter().find_map(|a| match a {
+        Action::End(Some(e)) => Some(e.code().as_str().to_string()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_commit_in_flight_when_the_primary_dies_is_08007() {
+    // An explicit transaction that wrote: COMMIT sent, no answer.
+    let mut h = Harness::new(false);
+    h.client_buf(&mut query("BEGIN"), true);
+    h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'T')]));
+    h.client_buf(&mut query("COMMIT"), true);
+    h.m.on_server_lost("connection reset");
+    h.perform(true);
+    assert_eq!(ended_with(&h).as_deref(), Some("08007"));
+
+    // A write outside a transaction block commits by itself: the same. Also when the
+    // topology ends the session first (a frozen primary never resets the socket).
+    let mut h = Harness::new(false);
+    h.client_buf(
+        &mut cat(&[parse("", "INSERT INTO t VALUES ($1)"), bind(""), execute(), sync()]),
+        true,
+    );
+    h.m.on_evicted("node p is down", false);
+    h.perform(true);
+    assert_eq!(ended_with(&h).as_deref(), Some("08007"));
+}
+
+#[test]
+fn a_transaction_lost_before_its_commit_is_08006() {
+    // Mid-transaction: it rolled back for sure.
+    let mut h = Harness::new(false);
+    h.client_buf(&mut query("BEGIN"), true);
+    h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    h.m.on_server_lost("connection reset");
+    h.perform(true);
+    assert_eq!(ended_with(&h).as_deref(), Some("08006"));
+
+    // The autocommit write was answered; the next statement, a read, was in flight.
+    let mut h = Harness::new(false);
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'I')]));
+    h.perform(true);
+    h.client_buf(&mut query("SELECT 1"), true);
+    h.m.on_server_lost("connection reset");
+    h.perform(true);
+    assert_eq!(ended_with(&h).as_deref(), Some("08006"));
+
+    // A read-only transaction's COMMIT decides nothing. (A plain BEGIN counts as a
+    // write, as a multi-statement "BEGIN; INSERT ..." may hide one: its COMMIT is 08007.)
+    let mut h = Harness::new(false);
+    h.client_buf(&mut query("BEGIN READ ONLY"), true);
+    h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
+    h.client_buf(&mut query("SELECT 1"), true);
+    h.server(&cat(&[row_answer(), ready(b'T')]));
+    h.client_buf(&mut query("COMMIT"), true);
+    h.m.on_server_lost("connection reset");
+    h.perform(true);
+    assert_eq!(ended_with(&h).as_deref(), Some("08006"));
+}

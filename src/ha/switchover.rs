@@ -28,14 +28,15 @@ use std::fmt;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_postgres::{Client, NoTls};
-use tracing::{info, warn};
+use tokio_postgres::Client;
+use tracing::info;
 
 use crate::cluster::health::{self, parse_lsn};
 use crate::cluster::routing;
 use crate::cluster::topology::{Health, Role};
 use crate::cluster::ClusterCtx;
 use crate::frontend::shared::Shared;
+use crate::ha::manager::{self, describe};
 
 /// How a switchover ended badly: the step, and why.
 #[derive(Debug, Clone)]
@@ -90,6 +91,12 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
             format!("clusters.{cluster}.manager is not configured (a superuser login for promotion and repointing)"),
         )
     })?;
+    let _running = ctx.ha.lock.try_lock().map_err(|_| {
+        fail(
+            "check",
+            format!("a switchover or failover of cluster \"{cluster}\" is already running"),
+        )
+    })?;
     let deadline = Instant::now() + Duration::from_millis(cc.switchover_timeout_ms);
     let left = |step: &'static str| {
         let d = deadline.saturating_duration_since(Instant::now());
@@ -131,14 +138,11 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     if let Some(d) = snap.detached(target, Some(p)) {
         return Err(fail("check", format!("\"{to}\" does not follow the primary: {d}")));
     }
-    let login = |node: String, addr: String| {
-        let (user, password) = (manager.user.clone(), manager.password.clone());
-        async move { connect(&addr, &user, password.as_deref(), &node).await }
-    };
-    let old_conn = login(old.name.clone(), old.addr.clone())
+    let login_timeout = Duration::from_secs(5);
+    let old_conn = manager::connect(&manager, &old.addr, &old.name, login_timeout)
         .await
         .map_err(|e| fail("check", e))?;
-    let new_conn = login(new.name.clone(), new.addr.clone())
+    let new_conn = manager::connect(&manager, &new.addr, &new.name, login_timeout)
         .await
         .map_err(|e| fail("check", e))?;
     mark("check", &mut steps);
@@ -173,18 +177,7 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
 
     // 3. fence
     let fence = async {
-        // Separate statements: ALTER SYSTEM refuses to run inside a transaction block,
-        // which is what a multi-statement query is.
-        old_conn
-            .batch_execute("ALTER SYSTEM SET default_transaction_read_only = on")
-            .await?;
-        old_conn.batch_execute("SELECT pg_reload_conf()").await?;
-        old_conn
-            .batch_execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
-            )
-            .await?;
+        manager::fence(&old_conn).await?;
         // One tiny transaction of our own, committed synchronously: its commit flushes
         // every WAL record before it (asynchronous commits included), and the flush
         // position after it is the end of a record, which a standby's replay position
@@ -239,49 +232,13 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     mark("catch up", &mut steps);
 
     // 5. promote: from here on there is no going back.
-    let promoted = tokio::time::timeout(left("promote")?, new_conn.query_one("SELECT pg_promote(true, 30)", &[])).await;
-    match promoted {
-        Ok(Ok(row)) if row.get::<_, bool>(0) => {}
-        Ok(Ok(_)) => {
-            return Err(fail(
-                "promote",
-                format!("pg_promote() on \"{}\" returned false", new.name),
-            ))
-        }
-        Ok(Err(e)) => return Err(fail("promote", describe(&e))),
-        Err(_) => return Err(fail("promote", "pg_promote() did not return in time")),
-    }
+    manager::promote(&new_conn, &new.name, left("promote")?)
+        .await
+        .map_err(|e| fail("promote", e))?;
     mark("promote", &mut steps);
 
     // 6. repoint the other standbys (best effort: a failure is reported, not fatal).
-    let (host, port) = new.addr.rsplit_once(':').unwrap_or((&new.addr, "5432"));
-    for (i, n) in snap.nodes.iter().enumerate() {
-        if i == p || i == target || n.health != Health::Up || n.role != Role::Standby {
-            continue;
-        }
-        let result = async {
-            let c = login(n.name.clone(), n.addr.clone()).await?;
-            let current: String = c
-                .query_one("SHOW primary_conninfo", &[])
-                .await
-                .map_err(|e| describe(&e))?
-                .get(0);
-            let conninfo = repointed(&current, host, port);
-            c.batch_execute(&format!(
-                "ALTER SYSTEM SET primary_conninfo = '{}'",
-                conninfo.replace('\'', "''")
-            ))
-            .await
-            .map_err(|e| describe(&e))?;
-            c.batch_execute("SELECT pg_reload_conf()")
-                .await
-                .map_err(|e| describe(&e))
-        }
-        .await;
-        if let Err(e) = result {
-            warn!(cluster = %cluster, node = %n.name, reason = %e, "switchover: could not repoint a standby; repoint it by hand");
-        }
-    }
+    manager::repoint_standbys(cluster, &manager, &snap, &[p, target], &new.addr, login_timeout).await;
     mark("repoint", &mut steps);
 
     // 7. route: check the new primary now (as the monitor would at its next tick), then
@@ -316,7 +273,14 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
         "primary".into(),
         "switchover".into(),
     );
+    ctx.ha.promoted(&format!("switchover {} -> {}", old.name, new.name));
     info!(cluster = %cluster, from = %old.name, to = %new.name, hold_ms, "switchover done; the old primary is read-only until it is made a standby of the new one");
+    manager::spawn_demote(
+        cc.demote_command.clone(),
+        cluster,
+        (&old.name, &old.addr),
+        (&new.name, &new.addr),
+    );
     Ok(SwitchoverReport {
         cluster: cluster.to_string(),
         from: old.name,
@@ -329,74 +293,5 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
 /// Undo the fence when the switchover gives up before promoting.
 async fn unfence(ctx: &ClusterCtx, node: &str, c: &Client) {
     ctx.set_fenced(node, false);
-    let _ = c
-        .batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
-        .await;
-    let _ = c.batch_execute("SELECT pg_reload_conf()").await;
-}
-
-async fn connect(addr: &str, user: &str, password: Option<&str>, node: &str) -> Result<Client, String> {
-    let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("bad address {addr}"))?;
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(host)
-        .port(port.parse().map_err(|_| format!("bad port in {addr}"))?)
-        .user(user)
-        .dbname("postgres")
-        .application_name("switchyard-manager")
-        .connect_timeout(Duration::from_secs(5));
-    if let Some(pw) = password {
-        cfg.password(pw);
-    }
-    let (client, conn) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|e| format!("cannot log in to \"{node}\" as the manager user: {}", describe(&e)))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
-fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => format!("{} ({})", d.message(), d.code().code()),
-        None => e.to_string(),
-    }
-}
-
-/// `conninfo` with its host and port replaced (other keys, such as the replication
-/// user and password, kept as they were). A Unix-socket host (a directory) is kept: the
-/// nodes then share a machine and its socket directory, and only the port differs.
-pub fn repointed(conninfo: &str, host: &str, port: &str) -> String {
-    let socket = conninfo
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("host="))
-        .filter(|h| h.trim_matches('\'').starts_with('/'));
-    let mut parts: Vec<String> = conninfo
-        .split_whitespace()
-        .filter(|kv| !kv.starts_with("host=") && !kv.starts_with("port=") && !kv.starts_with("hostaddr="))
-        .map(str::to_string)
-        .collect();
-    parts.push(format!("host={}", socket.unwrap_or(host)));
-    parts.push(format!("port={port}"));
-    parts.join(" ")
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn repointing_keeps_the_other_keys() {
-        assert_eq!(
-            super::repointed(
-                "user=rep password=x host=db1 port=5432 sslmode=prefer",
-                "10.0.0.2",
-                "5433"
-            ),
-            "user=rep password=x sslmode=prefer host=10.0.0.2 port=5433"
-        );
-        assert_eq!(
-            super::repointed("user=postgres host=/tmp/sy port=5432", "127.0.0.1", "5433"),
-            "user=postgres host=/tmp/sy port=5433"
-        );
-    }
+    let _ = manager::unfence(c).await;
 }

@@ -1,0 +1,7 @@
+//! The control plane: changing which node is the primary. A planned `switchover`
+//! (operator's request) and an automatic `failover` (primary lost), both through the
+//! `manager` superuser login; the two never run at once on a cluster (`ClusterCtx::ha`).
+
+pub mod failover;
+pub mod manager;
+pub mod switchover;
