@@ -120,7 +120,7 @@ fn reload(shared: &Shared) -> Result<String, String> {
             snap.policy = policy(c);
             snap.connect_timeout = c.connect_timeout();
             snap.server_login_timeout = c.server_login_timeout();
-            snap.failover_hold = Duration::from_millis(c.failover_hold_ms);
+            snap.failover_hold = c.failover_hold();
             true
         });
         shared.pools.apply(name, c.pool_settings());
@@ -170,7 +170,7 @@ impl Proxy {
             let nodes = c.nodes.iter().map(|n| NodeState::new(&n.name, &n.addr())).collect();
             let mut snap = ClusterSnapshot::new(name, nodes, policy(c), c.connect_timeout());
             snap.server_login_timeout = c.server_login_timeout();
-            snap.failover_hold = Duration::from_millis(c.failover_hold_ms);
+            snap.failover_hold = c.failover_hold();
             let state = ClusterState::new(snap, |s| routing::primary(s).ok());
             let ctx = Arc::new(ClusterCtx::new(
                 name,

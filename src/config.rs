@@ -276,9 +276,10 @@ pub struct ClusterConfig {
     #[serde(default = "d_failover_cooldown")]
     pub failover_cooldown_s: u64,
     /// While the cluster has no primary, how long a new rw connection or transaction
-    /// waits for one (a failover in progress) before it gets an error.
-    #[serde(default = "d_10000")]
-    pub failover_hold_ms: u64,
+    /// waits for one (a failover in progress) before it gets an error. Default: 10000
+    /// with `failover = "automatic"` (a promotion is coming), else `connect_timeout_ms`.
+    #[serde(default)]
+    pub failover_hold_ms: Option<u64>,
     /// Run (by `sh -c`) after a switchover or failover to make the old primary a
     /// standby of the new one (pg_rewind, standby.signal, restart). Gets
     /// SWITCHYARD_CLUSTER, SWITCHYARD_OLD_PRIMARY, SWITCHYARD_OLD_HOST/PORT,
@@ -306,6 +307,13 @@ impl ClusterConfig {
             lifetime: Duration::from_millis(self.server_lifetime_ms),
             checkout_timeout: Duration::from_millis(self.checkout_timeout_ms),
         }
+    }
+
+    pub fn failover_hold(&self) -> Duration {
+        Duration::from_millis(self.failover_hold_ms.unwrap_or(match self.failover {
+            FailoverMode::Automatic => 10_000,
+            FailoverMode::Follow => self.connect_timeout_ms,
+        }))
     }
 
     pub fn connect_timeout(&self) -> Duration {

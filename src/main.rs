@@ -76,7 +76,17 @@ enum Cmd {
         ro_port: u16,
         #[arg(long, default_value_t = 9930)]
         http_port: u16,
+        /// Who promotes a standby when the primary dies: `follow` (you do, as the printed
+        /// instructions show) or `automatic` (Switchyard does).
+        #[arg(long, value_enum, default_value_t = DemoFailover::Follow)]
+        failover: DemoFailover,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DemoFailover {
+    Follow,
+    Automatic,
 }
 
 fn init_logging(format: LogFormat) {
@@ -104,9 +114,10 @@ fn main() -> ExitCode {
             rw_port,
             ro_port,
             http_port,
+            failover,
         } => {
             init_logging(cli.log_format);
-            demo(*rw_port, *ro_port, *http_port)
+            demo(*rw_port, *ro_port, *http_port, *failover)
         }
     };
     match result {
@@ -131,6 +142,13 @@ fn check(path: Option<&PathBuf>) -> Result<()> {
         config.clusters.len(),
         config.users.len()
     );
+    for (name, c) in &config.clusters {
+        if c.manager.is_none() {
+            println!(
+                "note: cluster {name} has no [clusters.{name}.manager]: switchover and automatic failover are unavailable (Switchyard follows promotions made by others)"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -235,7 +253,7 @@ fn status(path: Option<&PathBuf>, url: Option<String>, watch: bool) -> Result<()
     }
 }
 
-fn demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
+fn demo(rw_port: u16, ro_port: u16, http_port: u16, failover: DemoFailover) -> Result<()> {
     println!("Starting a local PostgreSQL cluster (1 primary, 2 streaming standbys)...");
     let cluster = LocalCluster::start(2).context("could not start the local cluster")?;
     let config_text = format!(
@@ -244,7 +262,8 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
             rw_port,
             ro_port,
             &format!(
-                "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"\n\n[clusters.main.manager]\nuser = \"postgres\"\npassword = \"{}\"\n",
+                "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"\nfailover = \"{}\"\n\n[clusters.main.manager]\nuser = \"postgres\"\npassword = \"{}\"\n",
+                if failover == DemoFailover::Automatic { "automatic" } else { "follow" },
                 switchyard::localcluster::SUPERUSER_PASSWORD
             )
         )
@@ -253,6 +272,27 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
     std::fs::write(&config_path, &config_text)?;
     let config = Config::parse(&config_text)?;
     let bin = cluster.bin.display().to_string();
+    // The servers run as `postgres` when the demo runs as root (as LocalCluster starts
+    // them); `runuser` is part of util-linux, present where sudo may not be.
+    // SAFETY: geteuid has no preconditions.
+    let as_postgres = if unsafe { libc::geteuid() } == 0 {
+        "runuser -u postgres -- "
+    } else {
+        ""
+    };
+    let (d0, d1) = (cluster.nodes[0].data.display(), cluster.nodes[1].data.display());
+    let failover_howto = match failover {
+        DemoFailover::Follow => format!(
+            "Or a failover in another terminal (failover = \"follow\": you promote; `--failover automatic` lets Switchyard do it):\n  \
+             {as_postgres}{bin}/pg_ctl -D {d0} -m immediate stop     # primary goes down\n  \
+             {as_postgres}{bin}/pg_ctl -D {d1} promote               # failover1 takes over"
+        ),
+        DemoFailover::Automatic => format!(
+            "Or a failover in another terminal (failover = \"automatic\"):\n  \
+             {as_postgres}{bin}/pg_ctl -D {d0} -m immediate stop     # primary goes down; Switchyard promotes\n  \
+             the most caught-up standby within about interval x fall + 1 s and repoints the other"
+        ),
+    };
     let nodes: Vec<String> = cluster
         .nodes
         .iter()
@@ -271,14 +311,10 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
              'replica': {{'ENGINE': 'django.db.backends.postgresql', 'HOST': '127.0.0.1', 'PORT': '{ro_port}',\n                'NAME': '{APP_DB}', 'USER': '{APP_USER}', 'PASSWORD': '{APP_PASSWORD}'}},\n  }}\n\n\
              Try a planned switchover (no client errors in transaction mode):\n  \
              switchyard switchover --url http://127.0.0.1:{http_port} --cluster main --to failover1\n\n\
-             Or a failover in another terminal:\n  \
-             sudo -u postgres {bin}/pg_ctl -D {d0} -m immediate stop     # primary goes down\n  \
-             sudo -u postgres {bin}/pg_ctl -D {d1} promote               # failover1 takes over\n\n\
+             {failover_howto}\n\n\
              Node states follow as they change. Ctrl-C stops everything and removes {dir}.\n",
             cfg = config_path.display(),
             nodes = nodes.join("\n"),
-            d0 = cluster.nodes[0].data.display(),
-            d1 = cluster.nodes[1].data.display(),
             dir = cluster.dir().display(),
         );
         let state = proxy.shared.clusters.values().next().expect("one cluster").state.clone();

@@ -71,6 +71,8 @@ async fn endpoints_console_page_and_metrics_follow_a_node_going_down() {
     assert!(code == 200 && body.contains("\"default\""), "{code} {body}");
     let (code, body) = http_get(http, "/clusters/main/replica");
     assert!(code == 200 && body.contains("\"failover1\""), "{code} {body}");
+    let (code, body) = http_get(http, "/clusters/main/read-only");
+    assert!(code == 200 && body.contains("\"failover1\""), "{code} {body}");
     assert_eq!(http_get(http, "/clusters/nope/primary").0, 404);
 
     // The admin console, and who may use it.

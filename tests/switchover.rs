@@ -27,11 +27,28 @@ fn a_planned_switchover_under_pgbench_fails_no_transaction() {
     // split_brain = "refuse": the old primary, still up and still reporting primary,
     // must not block writes to the new one (it is fenced).
     let admin = free_port();
+    // The operator's demote_command: make the old primary a fresh standby of the new one.
+    let script = cluster.dir().join("demote.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "set -e\nR=\"\"; [ \"$(id -u)\" = 0 ] && R=\"runuser -u postgres --\"\n\
+             $R {bin}/pg_ctl -D {data} -m fast -w stop || true\n\
+             rm -rf {data}\n\
+             $R env PGPASSWORD={SUPERUSER_PASSWORD} {bin}/pg_basebackup -h \"$SWITCHYARD_NEW_HOST\" -p \"$SWITCHYARD_NEW_PORT\" -U postgres -D {data} -R -X stream -c fast --no-sync\n\
+             $R {bin}/pg_ctl -D {data} -l {data}.demoted.log -o \"-p $SWITCHYARD_OLD_PORT\" -w start\n\
+             echo \"$SWITCHYARD_CLUSTER $SWITCHYARD_OLD_PRIMARY -> $SWITCHYARD_NEW_PRIMARY\" > {data}.demoted\n",
+            bin = cluster.bin.display(),
+            data = cluster.nodes[0].data.display(),
+        ),
+    )
+    .unwrap();
     let proxy = Proxy::start(
         &cluster,
         "proxy",
         &format!(
-            "pool_mode = \"transaction\"\npool_size = 20\nsplit_brain = \"refuse\"\n\n[clusters.main.manager]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\n"
+            "pool_mode = \"transaction\"\npool_size = 20\nsplit_brain = \"refuse\"\ndemote_command = \"sh {}\"\n\n[clusters.main.manager]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\n",
+            script.display()
         ),
         &format!("[admin]\nhttp_listen = \"127.0.0.1:{admin}\""),
     );
@@ -52,11 +69,8 @@ fn a_planned_switchover_under_pgbench_fails_no_transaction() {
     assert!(out.contains("number of failed transactions: 0"), "{out}");
     assert!(!out.contains("aborted"), "{out}");
 
-    // Writes now go to failover1; the old primary is read-only and gets nothing.
+    // Writes now go to failover1.
     assert_eq!(lands_on(&cluster, proxy.rw), Ok(1));
-    assert_eq!(cluster.sql(0, "SHOW default_transaction_read_only").unwrap(), "on");
-    let (_, status) = http_get(admin, "/status");
-    assert!(status.contains("\"fenced\":true"), "{status}");
     // failover2 follows the new primary: a table made there shows up on it.
     psql(proxy.rw, "CREATE TABLE after_switchover (v int)").unwrap();
     wait_for("failover2 replaying from failover1", Duration::from_secs(20), || {
@@ -68,5 +82,29 @@ fn a_planned_switchover_under_pgbench_fails_no_transaction() {
             )
             .ok()
             .filter(|n| n == "1")
+    });
+    // demote_command made the old primary a standby of failover1: no longer fenced,
+    // it streams the new timeline and the table made there shows up on it.
+    wait_for(
+        "the old primary demoted to a standby of failover1",
+        Duration::from_secs(60),
+        || {
+            cluster
+                .sql_db(
+                    0,
+                    APP_DB,
+                    "SELECT count(*) FROM pg_class WHERE relname = 'after_switchover'",
+                )
+                .ok()
+                .filter(|n| n == "1")
+        },
+    );
+    let marker = std::fs::read_to_string(cluster.nodes[0].data.with_extension("demoted")).unwrap();
+    assert_eq!(marker.trim(), "main default -> failover1");
+    wait_for("default up as a standby, not fenced", Duration::from_secs(20), || {
+        let (_, status) = http_get(admin, "/status");
+        let doc: serde_json::Value = serde_json::from_str(&status).ok()?;
+        let n = &doc["clusters"][0]["nodes"][0];
+        (n["role"] == "standby" && n["fenced"] == false).then_some(())
     });
 }

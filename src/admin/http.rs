@@ -1,6 +1,6 @@
-//! The admin HTTP endpoint (axum): `/health`, `/status`, `/clusters/<name>/primary` and
-//! `/replica` (Patroni-style 200/503 for external load balancers), `/metrics`, and the
-//! live status page at `/`.
+//! The admin HTTP endpoint (axum): `/health`, `/status`, `/clusters/<name>/primary`,
+//! `/replica` and `/read-only` (Patroni-style 200/503 for external load balancers),
+//! `POST /clusters/<name>/switchover`, `/metrics`, and the live status page at `/`.
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 
 use crate::cluster::routing::{self, Endpoint};
+use crate::cluster::topology::Role;
 use crate::frontend::shared::Shared;
 
 const PAGE: &str = include_str!("status.html");
@@ -25,6 +26,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/metrics", get(metrics))
         .route("/clusters/{name}/primary", get(primary))
         .route("/clusters/{name}/replica", get(replica))
+        .route("/clusters/{name}/read-only", get(read_only))
         .route("/clusters/{name}/switchover", post(switchover))
         .with_state(shared.clone());
     let mut shutdown = shared.shutdown.clone();
@@ -84,23 +86,39 @@ async fn switchover(
     }
 }
 
-async fn primary(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
-    role_check(&shared, &name, Endpoint::ReadWrite)
-}
-
+/// Patroni's meaning: 200 only when a healthy standby within lag can serve reads.
 async fn replica(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
-    role_check(&shared, &name, Endpoint::ReadOnly)
+    role_check(&shared, &name, Endpoint::ReadOnly, true)
 }
 
-/// 200 with the node a new session would get, 503 with the reason when there is none.
-fn role_check(shared: &Shared, cluster: &str, endpoint: Endpoint) -> Response {
+/// 200 when the ro endpoint can serve, also by falling back to the primary.
+async fn read_only(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    role_check(&shared, &name, Endpoint::ReadOnly, false)
+}
+
+async fn primary(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+    role_check(&shared, &name, Endpoint::ReadWrite, false)
+}
+
+/// 200 with the node a new session would get (`standby_only`: the first standby among
+/// them), 503 with the reason when there is none.
+fn role_check(shared: &Shared, cluster: &str, endpoint: Endpoint, standby_only: bool) -> Response {
     let Some(ctx) = shared.clusters.get(cluster) else {
         return (StatusCode::NOT_FOUND, format!("no cluster named \"{cluster}\"\n")).into_response();
     };
     let snap = ctx.state.snapshot();
-    match routing::route(endpoint, &snap, 0) {
-        Ok(candidates) => {
-            let n = &snap.nodes[candidates[0]];
+    let chosen = routing::route(endpoint, &snap, 0).map_err(|e| e.to_string()).and_then(|candidates| {
+        candidates
+            .iter()
+            .copied()
+            .find(|&i| !standby_only || snap.nodes[i].role == Role::Standby)
+            .ok_or_else(|| {
+                format!("no standby of cluster \"{cluster}\" can serve reads (reads fall back to the primary); node states: {}", snap.describe_nodes())
+            })
+    });
+    match chosen {
+        Ok(i) => {
+            let n = &snap.nodes[i];
             let body =
                 serde_json::json!({"cluster": cluster, "node": n.name, "addr": n.addr, "role": n.role.to_string()});
             (StatusCode::OK, Json(body)).into_response()

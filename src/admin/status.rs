@@ -26,6 +26,17 @@ pub struct ClusterStatus {
     pub primary: Option<String>,
     /// Why writes cannot be routed now (no primary, split brain), if they cannot.
     pub route_error: Option<String>,
+    /// `follow` or `automatic`.
+    #[serde(default)]
+    pub failover: String,
+    /// What the automatic failover waits for, or why it refused to act.
+    #[serde(default)]
+    pub failover_note: Option<String>,
+    /// The last promotion Switchyard made ("failover default -> failover1") and when.
+    #[serde(default)]
+    pub last_promotion: Option<String>,
+    #[serde(default)]
+    pub last_promotion_unix_ms: Option<u64>,
     pub nodes: Vec<NodeStatus>,
     pub pools: Vec<PoolStatus>,
     pub events: Vec<EventStatus>,
@@ -115,6 +126,7 @@ pub fn event_status(e: &Event) -> EventStatus {
 pub fn build(shared: &Shared) -> Status {
     let now = SystemTime::now();
     let all_pools = pool_rows(shared);
+    let config = shared.config();
     let clusters = shared
         .clusters
         .values()
@@ -149,6 +161,7 @@ pub fn build(shared: &Shared) -> Status {
             }
             let events = ctx.state.events();
             let skip = events.len().saturating_sub(EVENTS_SHOWN);
+            let last = ctx.ha.last();
             ClusterStatus {
                 name: ctx.name.clone(),
                 listen_rw: ctx.listen_rw.clone(),
@@ -156,6 +169,16 @@ pub fn build(shared: &Shared) -> Status {
                 paused: ctx.is_paused(),
                 primary,
                 route_error,
+                failover: config
+                    .clusters
+                    .get(&ctx.name)
+                    .map(|c| format!("{:?}", c.failover).to_lowercase())
+                    .unwrap_or_default(),
+                failover_note: ctx.ha.note(),
+                last_promotion: last.as_ref().map(|(_, _, what)| what.clone()),
+                last_promotion_unix_ms: last
+                    .as_ref()
+                    .map(|(_, at, _)| at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)),
                 nodes: (0..snap.nodes.len()).map(|i| node_status(&snap, i, now)).collect(),
                 pools: pool_rows,
                 events: events[skip..].iter().map(event_status).collect(),
@@ -183,6 +206,14 @@ pub fn render_table(s: &Status) -> String {
         );
         if let Some(e) = &c.route_error {
             out += &format!("  ! {e}\n");
+        }
+        out += &format!("  failover: {}", c.failover);
+        if let Some(p) = &c.last_promotion {
+            out += &format!("; last promotion: {p}");
+        }
+        out += "\n";
+        if let Some(n) = &c.failover_note {
+            out += &format!("  ! {n}\n");
         }
         out += &format!(
             "  {:<12} {:<21} {:<7} {:<8} {:>8} {:>10} {:>4} {:>8} {:>9}  {}\n",

@@ -107,7 +107,9 @@ pub fn spawn(
                           "the health user cannot see pg_stat_wal_receiver (grant it pg_monitor): a standby that stops following the primary after a failover cannot be recognised, and may serve stale reads until its lag passes max_replica_lag_ms");
                 }
             }
-            let transition = target.cluster.record(&target.node, result, cfg.rise, cfg.fall);
+            let transition = target
+                .cluster
+                .record_from(&target.node, result, started, cfg.rise, cfg.fall);
             observer(&target.cluster.name, &name, took, transition.as_ref());
             if let Some(t) = transition {
                 let (cluster, node) = (&target.cluster.name, &name);

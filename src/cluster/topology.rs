@@ -93,6 +93,8 @@ pub struct NodeState {
     /// survives snapshot changes; sessions hold a clone.
     pub active: Arc<AtomicU32>,
     pub stats: Arc<NodeStats>,
+    /// When the check last recorded began (`ClusterState::record_from`).
+    observed_from: Option<std::time::Instant>,
     ok_streak: u32,
     fail_streak: u32,
 }
@@ -157,6 +159,7 @@ impl NodeState {
             fenced: false,
             active: Arc::new(AtomicU32::new(0)),
             stats: Arc::default(),
+            observed_from: None,
             ok_streak: 0,
             fail_streak: 0,
         }
@@ -482,11 +485,30 @@ impl ClusterState {
     /// LSN updates are visible to the next reader without waking anyone, so thousands of
     /// idle sessions cost nothing per check.
     pub fn record(&self, node: &str, result: Result<Observation, String>, rise: u32, fall: u32) -> Option<Transition> {
+        self.record_from(node, result, std::time::Instant::now(), rise, fall)
+    }
+
+    /// `record` for a check that began at `started`. A check that began before the last
+    /// one recorded for the node is dropped: the monitor's regular check, sent before a
+    /// promotion and answered after the control plane recorded the promoted node, must
+    /// not turn it back into a standby for a moment (and end the sessions just moved to it).
+    pub fn record_from(
+        &self,
+        node: &str,
+        result: Result<Observation, String>,
+        started: std::time::Instant,
+        rise: u32,
+        fall: u32,
+    ) -> Option<Transition> {
         let mut transition = None;
         let mut transition_notify = false;
         let system_id = result.as_ref().ok().and_then(|o| o.system_id);
         self.update(|snap| {
             if let Some(i) = snap.index(node) {
+                if snap.nodes[i].observed_from.is_some_and(|prev| started < prev) {
+                    return false;
+                }
+                snap.nodes[i].observed_from = Some(started);
                 transition = snap.nodes[i].apply(result, rise, fall, SystemTime::now());
                 let n = &snap.nodes[i];
                 if snap.system_id.is_none() {
@@ -685,5 +707,20 @@ mod tests {
         let events = state.events();
         assert_eq!(events.len(), 2);
         assert_eq!((events[0].node.as_str(), events[0].new.as_str()), ("p", "up/primary"));
+    }
+
+    #[test]
+    fn a_check_begun_before_the_last_recorded_one_is_dropped() {
+        let state = primary_and_standby();
+        let early = std::time::Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        // The control plane promoted "s" and recorded what it saw then...
+        state.record("s", obs(Role::Primary, 500), 1, 1);
+        // ...and the monitor's check, sent before the promotion, answers late.
+        assert!(state.record_from("s", obs(Role::Standby, 400), early, 1, 1).is_none());
+        assert_eq!(state.snapshot().nodes[1].role, Role::Primary);
+        // Its next check counts again.
+        state.record_from("s", obs(Role::Standby, 600), std::time::Instant::now(), 1, 1);
+        assert_eq!(state.snapshot().nodes[1].role, Role::Standby);
     }
 }

@@ -11,7 +11,7 @@
 //!
 //! Around them, [`spawn`] runs one task per cluster that watches the topology and, when
 //! `trigger` says so, does the work through the manager login:
-//! 1. **confirm**: the old primary is really gone for everyone: if the manager can still
+//! 1. **confirm** (while 2 runs): the old primary is really gone for everyone: if the manager can still
 //!    log in to it and it says it is primary, the health checks fail for another reason
 //!    (too many connections, a revoked health user) and nothing is done.
 //! 2. **survey**: every up standby is asked what WAL it received and replayed, on which
@@ -65,13 +65,15 @@ pub fn trigger(
     paused: bool,
     cooldown_left: Option<Duration>,
 ) -> Trigger {
-    // Any node up and reporting primary (even one the split-brain rule refuses, or one
-    // a switchover fenced) means there is no vacancy to fill.
-    if snap
-        .nodes
-        .iter()
-        .any(|n| n.health == Health::Up && n.role == Role::Primary)
-    {
+    // A node up and reporting primary means there is no vacancy to fill, even one the
+    // split-brain rule refuses (two primaries are not fixed by a third). Not a fenced
+    // one, nor one on a timeline older than the newest: an old primary that came back.
+    if snap.nodes.iter().any(|n| {
+        n.health == Health::Up
+            && n.role == Role::Primary
+            && !n.fenced
+            && n.timeline.is_none_or(|t| t >= snap.newest_timeline)
+    }) {
         return Trigger::Nothing;
     }
     let Some(old) = last_primary.and_then(|name| snap.index(name)) else {
@@ -224,19 +226,6 @@ async fn failover(
     let started = Instant::now();
     let old_node = snap.nodes[old].clone();
 
-    // 1. confirm
-    if let Ok(c) = manager::connect(&manager, &old_node.addr, &old_node.name, timeout).await {
-        if let Ok(Ok(row)) = tokio::time::timeout(timeout, c.query_one("SELECT pg_is_in_recovery()", &[])).await {
-            if !row.get::<_, bool>(0) {
-                return Err(format!(
-                    "primary {} fails its health checks ({}) but answers the manager login as a primary: not failing over",
-                    old_node.name,
-                    old_node.last_error.as_deref().unwrap_or("no answer")
-                ));
-            }
-        }
-    }
-
     // 2. survey
     let window = (h.interval() * h.fall).as_secs_f64();
     let asks = snap
@@ -248,8 +237,29 @@ async fn failover(
             let manager = &manager;
             async move { (i, survey(manager, i, n, timeout, window).await) }
         });
+    // 1. confirm, at the same time: the old primary had its health checks' chance; a
+    // shorter bound here keeps a frozen one from delaying the failover much.
+    let confirm = async {
+        let t = timeout / 2;
+        let c = manager::connect(&manager, &old_node.addr, &old_node.name, t)
+            .await
+            .ok()?;
+        let row = tokio::time::timeout(t, c.query_one("SELECT pg_is_in_recovery()", &[]))
+            .await
+            .ok()?
+            .ok()?;
+        Some(!row.get::<_, bool>(0))
+    };
+    let (alive, answers) = tokio::join!(confirm, futures_util::future::join_all(asks));
+    if alive == Some(true) {
+        return Err(format!(
+            "primary {} fails its health checks ({}) but answers the manager login as a primary: not failing over",
+            old_node.name,
+            old_node.last_error.as_deref().unwrap_or("no answer")
+        ));
+    }
     let mut cands = Vec::new();
-    for (i, answer) in futures_util::future::join_all(asks).await {
+    for (i, answer) in answers {
         match answer {
             Ok(Some(mut c)) => {
                 c.timeline = c.timeline.or(snap.nodes[i].timeline);
@@ -287,8 +297,9 @@ async fn failover(
 
     // 5. repoint, 6. route
     manager::repoint_standbys(&ctx.name, &manager, snap, &[old, target.index], &new_node.addr, timeout).await;
+    let asked = std::time::Instant::now();
     if let Ok(Ok(obs)) = tokio::time::timeout(timeout, health::check_now(&new_conn)).await {
-        ctx.state.record(&new_node.name, Ok(obs), h.rise, h.fall);
+        ctx.state.record_from(&new_node.name, Ok(obs), asked, h.rise, h.fall);
     }
     ctx.state.push_event(
         &new_node.name,

@@ -56,6 +56,20 @@ fn an_up_primary_anywhere_means_nothing_to_do() {
 }
 
 #[test]
+fn an_old_primary_that_came_back_is_no_primary() {
+    // default was failed over (fenced), came back on the old timeline; failover1, the
+    // new primary, is down now.
+    let mut c = cluster(&[("default", "up", P), ("failover1", "down", P), ("failover2", "up", S)]);
+    c.nodes[0].fenced = true;
+    assert_eq!(trigger(&c, Some("failover1"), false, None), Trigger::Go { old: 1 });
+    c.nodes[0].fenced = false;
+    c.newest_timeline = 2;
+    assert_eq!(trigger(&c, Some("failover1"), false, None), Trigger::Go { old: 1 });
+    c.nodes[0].timeline = Some(2);
+    assert_eq!(trigger(&c, Some("failover1"), false, None), Trigger::Nothing);
+}
+
+#[test]
 fn a_primary_failing_fewer_checks_than_fall_does_not_trigger() {
     let mut c = cluster(&[("default", "up", P), ("failover1", "up", S)]);
     for _ in 0..2 {

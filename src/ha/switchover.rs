@@ -243,9 +243,10 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
 
     // 7. route: check the new primary now (as the monitor would at its next tick), then
     // wait until routing picks it.
+    let asked = std::time::Instant::now();
     if let Ok(Ok(obs)) = tokio::time::timeout(left("route")?, health::check_now(&new_conn)).await {
         ctx.state
-            .record(&new.name, Ok(obs), config.health.rise, config.health.fall);
+            .record_from(&new.name, Ok(obs), asked, config.health.rise, config.health.fall);
     }
     let mut rx = ctx.state.subscribe();
     loop {

@@ -82,6 +82,9 @@ struct Unit {
     /// A commit of a transaction that may have written was sent and not yet answered
     /// (a COMMIT, or a write outside a transaction block, which commits by itself).
     commit_in_flight: bool,
+    /// What the statement last parsed or bound does (extended protocol): it writes, it
+    /// commits. Only its Execute puts a commit in flight.
+    bound: (bool, bool),
     /// `to_client` holds part of the answer (not only notices or reported settings,
     /// which may come at any time and say nothing of how far the unit got).
     answer_queued: bool,
@@ -241,6 +244,7 @@ impl<'a> Machine<'a> {
         self.unit = Some(Unit {
             may_write: false,
             commit_in_flight: false,
+            bound: (false, false),
             node: node.clone(),
             on_primary,
             server_pid: conn.pid,
@@ -496,6 +500,9 @@ impl<'a> Machine<'a> {
             }
             FrontendTag::Execute => {
                 self.queries += 1;
+                let (writes, commits) = unit.bound;
+                // Outside a transaction block a write commits by itself (at Sync).
+                unit.commit_in_flight |= (writes && unit.status == TxStatus::Idle) || (commits && unit.may_write);
                 out.extend_from_slice(&msg);
                 None
             }
@@ -508,9 +515,13 @@ impl<'a> Machine<'a> {
             if let Some(u) = self.unit.as_mut() {
                 let writes = !c.read_only && !c.settings_only;
                 u.may_write |= writes;
-                // Outside a transaction block a write commits as it ends.
-                let autocommit = writes && u.status == TxStatus::Idle && c.begins.is_none();
-                u.commit_in_flight |= autocommit || (c.commits && u.may_write);
+                let writes_alone = writes && c.begins.is_none();
+                if kind == FrontendTag::Query {
+                    // Outside a transaction block a write commits as it ends.
+                    u.commit_in_flight |= (writes_alone && u.status == TxStatus::Idle) || (c.commits && u.may_write);
+                } else {
+                    u.bound = (writes_alone, c.commits);
+                }
             }
             self.observe(&c);
         }

@@ -571,6 +571,16 @@ fn a_transaction_lost_before_its_commit_is_08006() {
     h.perform(true);
     assert_eq!(ended_with(&h).as_deref(), Some("08006"));
 
+    // Preparing a write (tokio-postgres's first round trip) executes nothing.
+    let mut h = Harness::new(false);
+    h.client_buf(
+        &mut cat(&[parse("", "INSERT INTO t VALUES ($1)"), describe_portal(), sync()]),
+        true,
+    );
+    h.m.on_server_lost("connection reset");
+    h.perform(true);
+    assert_eq!(ended_with(&h).as_deref(), Some("08006"));
+
     // A read-only transaction's COMMIT decides nothing. (A plain BEGIN counts as a
     // write, as a multi-statement "BEGIN; INSERT ..." may hide one: its COMMIT is 08007.)
     let mut h = Harness::new(false);
