@@ -5,7 +5,7 @@
 # driver (status page test), the Python clients (psycopg 2 and 3, Django, Selenium)
 # with what compat/run needs to run their own test suites (pytest and plugins), and
 # this repository's Django integration (python/django_switchyard), and iproute2 and
-# iptables for the fault suite (chaos/).
+# iptables for the fault suite (chaos/), etcd for coordination between instances.
 # Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,8 @@ command -v chromedriver >/dev/null || missing+=(chromium-driver)
 # The fault suite (chaos/): network namespaces, veth, tc (iproute2) and iptables.
 command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables >/dev/null || missing+=(iptables)
+# Several Switchyard instances agree through etcd (tests/coordination.rs).
+command -v etcd >/dev/null || missing+=(etcd-server)
 
 if ((${#missing[@]})); then
     echo "install-deps: installing ${missing[*]}"

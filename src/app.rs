@@ -202,6 +202,9 @@ impl Proxy {
         start_monitors(&shared);
         // The control plane watches every cluster; it acts only where the config says
         // `failover = "automatic"` (a reload may switch that on or off).
+        if let Some(c) = shared.config().coordination.clone() {
+            crate::ha::coord::spawn(shared.clone(), c);
+        }
         for ctx in shared.clusters.values() {
             crate::ha::failover::spawn(shared.clone(), ctx.clone());
         }

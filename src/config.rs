@@ -38,6 +38,32 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub clusters: BTreeMap<String, ClusterConfig>,
+    /// Several instances agreeing through etcd; absent: this instance decides alone.
+    #[serde(default)]
+    pub coordination: Option<CoordinationConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinationConfig {
+    /// etcd client URLs (`http://host:2379`), tried in order.
+    pub etcd: Vec<String>,
+    /// This instance's name, unique among the instances of one prefix.
+    pub instance: String,
+    /// Keys live under this prefix (several Switchyard groups may share one etcd).
+    #[serde(default = "d_prefix")]
+    pub prefix: String,
+    /// The lease of this instance's keys, in seconds: an instance out of touch with
+    /// etcd for longer stops routing writes, and another may take over as leader.
+    #[serde(default = "d_lease")]
+    pub lease_s: u64,
+}
+
+fn d_prefix() -> String {
+    "/switchyard".into()
+}
+fn d_lease() -> u64 {
+    5
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -495,6 +521,23 @@ impl Config {
         }
         if self.clusters.is_empty() {
             return Err(invalid("clusters", "at least one [clusters.<name>] table is required"));
+        }
+        if let Some(c) = &self.coordination {
+            if c.etcd.is_empty() {
+                return Err(invalid("coordination.etcd", "at least one etcd URL is required"));
+            }
+            if let Some(bad) = c.etcd.iter().find(|u| !u.starts_with("http://")) {
+                return Err(invalid(
+                    "coordination.etcd",
+                    format!("\"{bad}\" is not an http:// URL (etcd's client URL, e.g. http://127.0.0.1:2379)"),
+                ));
+            }
+            if c.instance.is_empty() || c.instance.contains('/') {
+                return Err(invalid("coordination.instance", "must be a non-empty name without '/'"));
+            }
+            if c.lease_s == 0 {
+                return Err(invalid("coordination.lease_s", "must be at least 1"));
+            }
         }
         let mut listens = HashSet::new();
         for (cname, c) in &self.clusters {

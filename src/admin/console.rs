@@ -182,17 +182,42 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 "paused",
                 "nodes",
                 "clients",
+                "failover",
+                "leader",
+                "epoch",
+                "view",
             ],
             rows: shared
                 .clusters
                 .values()
                 .map(|c| {
                     let snap = c.state.snapshot();
-                    let primary = match routing::primary(&snap) {
+                    let primary = match routing::write_primary(&snap) {
                         Ok(p) => snap.nodes[p].name.clone(),
                         Err(e) => format!("none: {e}"),
                     };
                     let clients = snap.nodes.iter().map(|n| n.sessions()).sum::<u32>();
+                    let failover = shared
+                        .config()
+                        .clusters
+                        .get(&c.name)
+                        .map(|cc| format!("{:?}", cc.failover).to_lowercase())
+                        .unwrap_or_default();
+                    // Coordination: the leader, the published primary's epoch, and this
+                    // instance's own view (what it would publish, or why it routes no writes).
+                    let coord = crate::ha::coord::get().map(|k| k.view());
+                    let (leader, epoch, view) = match (&coord, &snap.coordination) {
+                        (Some(v), Some(agreed)) => (
+                            v.leader.clone().unwrap_or_default(),
+                            agreed.epoch.to_string(),
+                            match (&agreed.cut_off, routing::primary(&snap)) {
+                                (Some(why), _) => why.clone(),
+                                (None, Ok(p)) => format!("sees {} primary", snap.nodes[p].name),
+                                (None, Err(e)) => e.to_string(),
+                            },
+                        ),
+                        _ => (String::new(), String::new(), "standalone".to_string()),
+                    };
                     vec![
                         c.name.clone(),
                         opt(c.listen_rw.clone()),
@@ -201,6 +226,10 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                         c.is_paused().to_string(),
                         snap.nodes.len().to_string(),
                         clients.to_string(),
+                        failover,
+                        leader,
+                        epoch,
+                        view,
                     ]
                 })
                 .collect(),

@@ -14,7 +14,20 @@ use crate::frontend::shared::Shared;
 pub struct Status {
     pub version: String,
     pub uptime_s: u64,
+    /// With `[coordination]`: this instance, the leader, the live instances.
+    #[serde(default)]
+    pub coordination: Option<CoordinationStatus>,
     pub clusters: Vec<ClusterStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CoordinationStatus {
+    pub instance: String,
+    pub leader: Option<String>,
+    pub is_leader: bool,
+    pub instances: Vec<String>,
+    /// Why this instance routes no writes (out of touch with etcd), if so.
+    pub cut_off: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -37,6 +50,11 @@ pub struct ClusterStatus {
     pub last_promotion: Option<String>,
     #[serde(default)]
     pub last_promotion_unix_ms: Option<u64>,
+    /// Coordination: the primary the leader published, and its epoch.
+    #[serde(default)]
+    pub published: Option<String>,
+    #[serde(default)]
+    pub epoch: Option<u64>,
     pub nodes: Vec<NodeStatus>,
     pub pools: Vec<PoolStatus>,
     pub events: Vec<EventStatus>,
@@ -132,7 +150,7 @@ pub fn build(shared: &Shared) -> Status {
         .values()
         .map(|ctx| {
             let snap = ctx.state.snapshot();
-            let (primary, route_error) = match routing::primary(&snap) {
+            let (primary, route_error) = match routing::write_primary(&snap) {
                 Ok(p) => (Some(snap.nodes[p].name.clone()), None),
                 Err(e) => (None, Some(e.to_string())),
             };
@@ -179,6 +197,8 @@ pub fn build(shared: &Shared) -> Status {
                 last_promotion_unix_ms: last
                     .as_ref()
                     .map(|(_, at, _)| at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)),
+                published: snap.coordination.as_ref().and_then(|c| c.published.clone()),
+                epoch: snap.coordination.as_ref().map(|c| c.epoch),
                 nodes: (0..snap.nodes.len()).map(|i| node_status(&snap, i, now)).collect(),
                 pools: pool_rows,
                 events: events[skip..].iter().map(event_status).collect(),
@@ -188,6 +208,16 @@ pub fn build(shared: &Shared) -> Status {
     Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_s: shared.started.elapsed().as_secs(),
+        coordination: crate::ha::coord::get().map(|c| {
+            let v = c.view();
+            CoordinationStatus {
+                instance: c.me().to_string(),
+                is_leader: c.is_leader(),
+                leader: v.leader,
+                instances: v.instances.into_keys().collect(),
+                cut_off: v.cut_off,
+            }
+        }),
         clusters,
     }
 }
@@ -195,6 +225,18 @@ pub fn build(shared: &Shared) -> Status {
 /// A terminal table of a status document, for `switchyard status`.
 pub fn render_table(s: &Status) -> String {
     let mut out = format!("switchyard {} — up {} s\n", s.version, s.uptime_s);
+    if let Some(c) = &s.coordination {
+        out += &format!(
+            "instance {} ({}), leader {}, instances {}\n",
+            c.instance,
+            if c.is_leader { "leader" } else { "follower" },
+            c.leader.as_deref().unwrap_or("none"),
+            c.instances.join(", ")
+        );
+        if let Some(why) = &c.cut_off {
+            out += &format!("  ! {why}\n");
+        }
+    }
     for c in &s.clusters {
         out += &format!(
             "\ncluster {}  rw {}  ro {}  primary {}{}\n",
@@ -208,6 +250,9 @@ pub fn render_table(s: &Status) -> String {
             out += &format!("  ! {e}\n");
         }
         out += &format!("  failover: {}", c.failover);
+        if let Some(e) = c.epoch {
+            out += &format!("; published primary {} (epoch {e})", c.published.as_deref().unwrap_or("none"));
+        }
         if let Some(p) = &c.last_promotion {
             out += &format!("; last promotion: {p}");
         }

@@ -93,7 +93,7 @@ async fn connect_inner<D: Dialer>(
         // No primary at all (its node is down, a failover is under way): a rw attempt
         // waits up to `failover_hold_ms` for one instead of failing at once. Once
         // extended, the deadline stays extended, so a primary that appears late is used.
-        if endpoint == Endpoint::ReadWrite && !held && routing::primary(&snap).is_err() {
+        if endpoint == Endpoint::ReadWrite && !held && routing::write_primary(&snap).is_err() {
             held = true;
             deadline = deadline.max(started + snap.failover_hold);
         }

@@ -45,6 +45,15 @@ pub enum NoRoute {
     },
     /// Nothing can serve reads: no standby within lag and no primary.
     NoReadable { cluster: String, nodes: String },
+    /// Coordination: this instance has lost etcd for longer than its lease.
+    Uncoordinated { cluster: String, why: String },
+    /// Coordination: the node that reports primary is not the one the leader published.
+    NotPublished {
+        cluster: String,
+        node: String,
+        published: Option<String>,
+        epoch: u64,
+    },
 }
 
 impl fmt::Display for NoRoute {
@@ -67,6 +76,20 @@ impl fmt::Display for NoRoute {
                 f,
                 "no server available for reads in cluster \"{cluster}\" (no standby within max_replica_lag_ms and no primary): {nodes}"
             ),
+            NoRoute::Uncoordinated { cluster, why } => write!(
+                f,
+                "no writes through this Switchyard instance for cluster \"{cluster}\": {why}; another instance may be serving them"
+            ),
+            NoRoute::NotPublished { cluster, node, published, epoch } => match published {
+                Some(p) => write!(
+                    f,
+                    "no primary available for cluster \"{cluster}\": {node} reports primary but the leader published {p} (epoch {epoch}); waiting for them to agree"
+                ),
+                None => write!(
+                    f,
+                    "no primary available for cluster \"{cluster}\": {node} reports primary but no primary has been published in etcd yet"
+                ),
+            },
         }
     }
 }
@@ -116,6 +139,30 @@ pub fn primary(snap: &ClusterSnapshot) -> Result<usize, NoRoute> {
     }
 }
 
+/// The node writes may go to: `primary()`, and under coordination only while this
+/// instance is in touch with etcd and only if it is the primary the leader published, so
+/// that every instance writes to the same node.
+pub fn write_primary(snap: &ClusterSnapshot) -> Result<usize, NoRoute> {
+    let p = primary(snap)?;
+    if let Some(c) = &snap.coordination {
+        if let Some(why) = &c.cut_off {
+            return Err(NoRoute::Uncoordinated {
+                cluster: snap.name.clone(),
+                why: why.clone(),
+            });
+        }
+        if c.published.as_deref() != Some(snap.nodes[p].name.as_str()) {
+            return Err(NoRoute::NotPublished {
+                cluster: snap.name.clone(),
+                node: snap.nodes[p].name.clone(),
+                published: c.published.clone(),
+                epoch: c.epoch,
+            });
+        }
+    }
+    Ok(p)
+}
+
 /// The primary whose timeline is strictly higher than every other primary's; none on a
 /// tie or when any timeline is unknown.
 fn newest_timeline(snap: &ClusterSnapshot, primaries: &[usize]) -> Option<usize> {
@@ -148,18 +195,23 @@ pub type Nodes = SmallVec<[usize; 8]>;
 pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<Nodes, NoRoute> {
     let policy = &snap.policy;
     let the_primary = primary(snap);
-    let open_primary = the_primary.clone().and_then(|p| {
-        if snap.nodes[p].drained {
-            Err(NoRoute::NoPrimary {
-                cluster: snap.name.clone(),
-                nodes: snap.describe_nodes(),
-            })
-        } else {
-            Ok(p)
-        }
-    });
+    let open = |p: Result<usize, NoRoute>| {
+        p.and_then(|p| {
+            if snap.nodes[p].drained {
+                Err(NoRoute::NoPrimary {
+                    cluster: snap.name.clone(),
+                    nodes: snap.describe_nodes(),
+                })
+            } else {
+                Ok(p)
+            }
+        })
+    };
+    // Reads may fall back on the primary even when writes may not go there (this
+    // instance cut off from etcd, a publication pending): a read harms nothing.
+    let open_primary = open(the_primary.clone());
     match endpoint {
-        Endpoint::ReadWrite => open_primary.map(|p| smallvec![p]),
+        Endpoint::ReadWrite => open(write_primary(snap)).map(|p| smallvec![p]),
         Endpoint::ReadOnly => {
             let mut standbys: Nodes = (0..snap.nodes.len())
                 .filter(|&i| {
@@ -241,7 +293,7 @@ pub fn eviction(endpoint: Endpoint, snap: &ClusterSnapshot, node: &str) -> Optio
         ));
     }
     if endpoint == Endpoint::ReadWrite {
-        match primary(snap) {
+        match write_primary(snap) {
             Ok(p) if p == index => {}
             Ok(p) => {
                 return Some(format!(

@@ -310,6 +310,20 @@ pub struct ClusterSnapshot {
     /// The cluster's system identifier, from the first node that reported one: causal
     /// tokens carry it, so one from another cluster is refused.
     pub system_id: Option<u64>,
+    /// With `[coordination]`: what the instances agreed through etcd.
+    pub coordination: Option<Coordination>,
+}
+
+/// The agreed state of a cluster under coordination, as this instance last read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coordination {
+    /// The primary the leader published (writes go only there).
+    pub published: Option<String>,
+    /// Incremented by every publication of a new primary.
+    pub epoch: u64,
+    /// Set when this instance has been out of touch with etcd for longer than its lease:
+    /// it must not route writes (another instance may have moved on).
+    pub cut_off: Option<String>,
 }
 
 /// Why an up standby gets no reads although its lag may look fine.
@@ -345,6 +359,7 @@ impl ClusterSnapshot {
             newest_timeline: 0,
             timeline_start: 0,
             system_id: None,
+            coordination: None,
         }
     }
 

@@ -159,36 +159,48 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
         let mut rx = ctx.state.subscribe();
         let mut shutdown = shared.shutdown.clone();
         let mut last_primary: Option<String> = None;
+        let coord = crate::ha::coord::get();
         loop {
             let snap = rx.borrow_and_update().clone();
-            if let Ok(p) = routing::primary(&snap) {
+            if let Ok(p) = routing::write_primary(&snap) {
                 last_primary = Some(snap.nodes[p].name.clone());
                 ctx.ha.set_note(None);
+            }
+            // Under coordination the published primary is the one to replace.
+            if let Some(published) = snap.coordination.as_ref().and_then(|c| c.published.clone()) {
+                last_primary = Some(published);
             }
             let config = shared.config();
             let Some(cc) = config.clusters.get(&ctx.name) else {
                 return;
             };
             if cc.failover == FailoverMode::Automatic {
-                let cooldown_left = ctx
-                    .ha
-                    .last()
-                    .and_then(|(at, ..)| Duration::from_secs(cc.failover_cooldown_s).checked_sub(at.elapsed()));
-                match trigger(&snap, last_primary.as_deref(), ctx.is_paused(), cooldown_left) {
-                    Trigger::Nothing => {}
-                    Trigger::Wait(why) => {
-                        if ctx.ha.set_note(Some(why.clone())) {
-                            warn!(cluster = %ctx.name, "{why}");
+                let cooldown_left = ctx.ha.last().and_then(|(at, ..)| {
+                    Duration::from_secs(cc.failover_cooldown_s).checked_sub(at.elapsed())
+                });
+                let outcome = match trigger(&snap, last_primary.as_deref(), ctx.is_paused(), cooldown_left) {
+                    Trigger::Nothing => Ok(()),
+                    Trigger::Wait(why) => Err(why),
+                    Trigger::Go { old } => {
+                        // Under coordination: only the leader, with a majority's agreement.
+                        let gate = match &coord {
+                            Some(c) => {
+                                crate::ha::coord::failover_gate(&c.view(), c.me(), &ctx.name, &snap.nodes[old].name)
+                            }
+                            None => Ok(()),
+                        };
+                        match gate {
+                            Ok(()) => failover(&shared, &ctx, cc, &snap, old)
+                                .await
+                                .map(|new| last_primary = Some(new)),
+                            Err(why) => Err(why),
                         }
                     }
-                    Trigger::Go { old } => match failover(&shared, &ctx, cc, &snap, old).await {
-                        Ok(new) => last_primary = Some(new),
-                        Err(why) => {
-                            if ctx.ha.set_note(Some(why.clone())) {
-                                warn!(cluster = %ctx.name, "{why}");
-                            }
-                        }
-                    },
+                };
+                if let Err(why) = outcome {
+                    if ctx.ha.set_note(Some(why.clone())) {
+                        warn!(cluster = %ctx.name, "{why}");
+                    }
                 }
             }
             // Look again on every change, and every interval (a cooldown ends, a refused
@@ -300,6 +312,11 @@ async fn failover(
     let asked = std::time::Instant::now();
     if let Ok(Ok(obs)) = tokio::time::timeout(timeout, health::check_now(&new_conn)).await {
         ctx.state.record_from(&new_node.name, Ok(obs), asked, h.rise, h.fall);
+    }
+    if let Some(c) = crate::ha::coord::get() {
+        if let Err(e) = c.publish(ctx, &new_node.name).await {
+            warn!(cluster = %ctx.name, node = %new_node.name, reason = %e, "could not publish the new primary; the leader retries");
+        }
     }
     ctx.state.push_event(
         &new_node.name,

@@ -138,6 +138,23 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     if let Some(d) = snap.detached(target, Some(p)) {
         return Err(fail("check", format!("\"{to}\" does not follow the primary: {d}")));
     }
+    // Under coordination only the leader moves the primary, and every instance holds.
+    let coord = crate::ha::coord::get();
+    if let Some(c) = &coord {
+        if !c.is_leader() {
+            let v = c.view();
+            let leader = v.leader.clone().unwrap_or_else(|| "none elected".into());
+            let addr = v.instances.get(&leader).filter(|a| !a.is_empty()).cloned();
+            return Err(fail(
+                "check",
+                format!(
+                    "this instance ({}) is not the coordination leader; run the switchover on the leader, {leader}{}",
+                    c.me(),
+                    addr.map(|a| format!(" (admin HTTP {a})")).unwrap_or_default()
+                ),
+            ));
+        }
+    }
     let login_timeout = Duration::from_secs(5);
     let old_conn = manager::connect(&manager, &old.addr, &old.name, login_timeout)
         .await
@@ -152,6 +169,10 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     let held_at = Instant::now();
     ctx.set_paused(true);
     let hold = Hold(ctx);
+    let remote = match &coord {
+        Some(c) => Some(c.request_hold(cluster).await.map_err(|e| fail("hold", e))?),
+        None => None,
+    };
     loop {
         // Transaction-mode pools only: a session-mode client holds its server for good
         // and is moved by eviction once the primary changes.
@@ -162,8 +183,21 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
             .filter(|p| p.key.cluster == cluster && p.key.node == old.name)
             .map(|p| p.in_use())
             .sum();
-        if busy == 0 {
+        let waiting_for = match (&coord, &remote) {
+            (Some(c), Some(r)) => c.not_held(cluster, r.epoch),
+            _ => Vec::new(),
+        };
+        if busy == 0 && waiting_for.is_empty() {
             break;
+        }
+        if busy == 0 && left("hold").is_err() {
+            return Err(fail(
+                "hold",
+                format!(
+                    "Switchyard instance(s) {} did not confirm the hold in time",
+                    waiting_for.join(", ")
+                ),
+            ));
         }
         if left("hold").is_err() {
             return Err(fail(
@@ -241,8 +275,11 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     manager::repoint_standbys(cluster, &manager, &snap, &[p, target], &new.addr, login_timeout).await;
     mark("repoint", &mut steps);
 
-    // 7. route: check the new primary now (as the monitor would at its next tick), then
+    // 7. route: publish it (coordination), check the new primary now (as the monitor would at its next tick), then
     // wait until routing picks it.
+    if let Some(c) = &coord {
+        c.publish(ctx, &new.name).await.map_err(|e| fail("route", e))?;
+    }
     let asked = std::time::Instant::now();
     if let Ok(Ok(obs)) = tokio::time::timeout(left("route")?, health::check_now(&new_conn)).await {
         ctx.state
@@ -251,7 +288,7 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     let mut rx = ctx.state.subscribe();
     loop {
         let snap = rx.borrow_and_update().clone();
-        if routing::primary(&snap).ok() == snap.index(&new.name) {
+        if routing::write_primary(&snap).ok() == snap.index(&new.name) {
             break;
         }
         let d = left("route")?;
@@ -264,7 +301,8 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     }
     mark("route", &mut steps);
 
-    // 8. release
+    // 8. release (everywhere: the other instances resume once the hold key is gone)
+    drop(remote);
     drop(hold);
     let hold_ms = held_at.elapsed().as_millis() as u64;
     mark("release", &mut steps);
