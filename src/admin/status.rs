@@ -251,7 +251,10 @@ pub fn render_table(s: &Status) -> String {
         }
         out += &format!("  failover: {}", c.failover);
         if let Some(e) = c.epoch {
-            out += &format!("; published primary {} (epoch {e})", c.published.as_deref().unwrap_or("none"));
+            out += &format!(
+                "; published primary {} (epoch {e})",
+                c.published.as_deref().unwrap_or("none")
+            );
         }
         if let Some(p) = &c.last_promotion {
             out += &format!("; last promotion: {p}");

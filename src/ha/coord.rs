@@ -93,7 +93,10 @@ pub fn failover_gate(view: &View, me: &str, cluster: &str, old: &str) -> Result<
     let agree = view
         .instances
         .keys()
-        .filter(|i| c.and_then(|c| c.down.get(*i)).is_some_and(|d| d.iter().any(|n| n == old)))
+        .filter(|i| {
+            c.and_then(|c| c.down.get(*i))
+                .is_some_and(|d| d.iter().any(|n| n == old))
+        })
         .count();
     if agree < need {
         return Err(format!(
@@ -155,10 +158,7 @@ impl Coordinator {
         let done = self
             .etcd
             .txn(
-                &[
-                    cmp,
-                    Compare::ValueIs(&self.key("leader"), self.me()),
-                ],
+                &[cmp, Compare::ValueIs(&self.key("leader"), self.me())],
                 &[Op::Put {
                     key: &key,
                     value: &value,
@@ -273,6 +273,7 @@ struct Written {
 
 async fn run(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Duration) {
     let mut shutdown = shared.shutdown.clone();
+    // When the lease was last granted or renewed (the request's start).
     let mut renewed = Instant::now();
     let mut last_ok: Option<Instant> = None;
     let mut written = Written::default();
@@ -303,10 +304,12 @@ async fn run(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Duration) 
             Err(e) => {
                 let e = e.to_string();
                 let since = last_ok.unwrap_or(started);
-                if since.elapsed() > lease_ttl {
+                // Stop before the lease can have lapsed in etcd (another instance may
+                // then lead and move the primary), with a margin of two polls.
+                if renewed.elapsed() + 2 * POLL >= lease_ttl || last_ok.is_none() {
                     let why = format!(
-                        "out of touch with etcd for {} s, longer than its lease ({} s): {e}",
-                        since.elapsed().as_secs(),
+                        "out of touch with etcd for {:.1} s, as long as its lease ({} s): {e}",
+                        since.elapsed().as_secs_f64(),
                         lease_ttl.as_secs()
                     );
                     let mut v = coord.view.lock().unwrap();
@@ -343,16 +346,20 @@ async fn round(
 ) -> Result<View, EtcdError> {
     let mut lease = *coord.lease.lock().unwrap();
     if lease != 0 && renewed.elapsed() >= ttl / 3 {
+        // etcd counts the lease from when it handled the renewal: at the latest when
+        // the request started, on our clock.
+        let asked = Instant::now();
         if coord.etcd.keep_alive(lease).await? {
-            *renewed = Instant::now();
+            *renewed = asked;
         } else {
             warn!(instance = %coord.me(), "lease expired; registering again");
             lease = 0;
         }
     }
     if lease == 0 {
+        let asked = Instant::now();
         lease = coord.etcd.grant(ttl).await?;
-        *renewed = Instant::now();
+        *renewed = asked;
         *written = Written {
             holding: std::mem::take(&mut written.holding),
             ..Written::default()
@@ -395,8 +402,17 @@ async fn round(
                 cv.revision = kv.mod_revision;
             }
             ["clusters", c, "down", name] => {
-                let nodes = kv.value.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
-                view.clusters.entry(c.to_string()).or_default().down.insert(name.to_string(), nodes);
+                let nodes = kv
+                    .value
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                view.clusters
+                    .entry(c.to_string())
+                    .or_default()
+                    .down
+                    .insert(name.to_string(), nodes);
             }
             ["clusters", c, "hold"] => {
                 let v: serde_json::Value = serde_json::from_str(&kv.value).unwrap_or_default();
@@ -540,7 +556,11 @@ mod tests {
         let v = view("sy1", &["sy1", "sy2"], &[("sy1", "default")]);
         let err = failover_gate(&v, "sy1", "main", "default").unwrap_err();
         assert!(err.contains("1 of 2") && err.contains("needs 2"), "{err}");
-        let v = view("sy1", &["sy1", "sy2"], &[("sy1", "default"), ("sy2", "default,failover2")]);
+        let v = view(
+            "sy1",
+            &["sy1", "sy2"],
+            &[("sy1", "default"), ("sy2", "default,failover2")],
+        );
         assert_eq!(failover_gate(&v, "sy1", "main", "default"), Ok(()));
         let err = failover_gate(&v, "sy2", "main", "default").unwrap_err();
         assert!(err.contains("the leader (sy1) decides"), "{err}");

@@ -120,7 +120,11 @@ impl Etcd {
                             return Ok(v);
                         }
                         // A member without a leader (partitioned) answers 503: try the next.
-                        let msg = v["error"].as_str().or(v["message"].as_str()).unwrap_or(&text).to_string();
+                        let msg = v["error"]
+                            .as_str()
+                            .or(v["message"].as_str())
+                            .unwrap_or(&text)
+                            .to_string();
                         if status >= 500 {
                             errors.push(format!("{e}: {msg}"));
                             continue;
@@ -146,9 +150,7 @@ impl Etcd {
 
     /// Renew lease `id`; false when it has expired (its keys are gone).
     pub async fn keep_alive(&self, id: i64) -> Result<bool, EtcdError> {
-        let v = self
-            .call("/v3/lease/keepalive", json!({"ID": id.to_string()}))
-            .await?;
+        let v = self.call("/v3/lease/keepalive", json!({"ID": id.to_string()})).await?;
         Ok(int(&v["result"]["TTL"]) > 0)
     }
 

@@ -175,9 +175,10 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
                 return;
             };
             if cc.failover == FailoverMode::Automatic {
-                let cooldown_left = ctx.ha.last().and_then(|(at, ..)| {
-                    Duration::from_secs(cc.failover_cooldown_s).checked_sub(at.elapsed())
-                });
+                let cooldown_left = ctx
+                    .ha
+                    .last()
+                    .and_then(|(at, ..)| Duration::from_secs(cc.failover_cooldown_s).checked_sub(at.elapsed()));
                 let outcome = match trigger(&snap, last_primary.as_deref(), ctx.is_paused(), cooldown_left) {
                     Trigger::Nothing => Ok(()),
                     Trigger::Wait(why) => Err(why),

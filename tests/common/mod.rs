@@ -308,3 +308,23 @@ pub fn pgbench(port: u16, args: &[&str]) -> String {
     assert!(out.status.success(), "pgbench {args:?} failed:\n{text}");
     text
 }
+
+/// When writes came back after an outage that began at `fault`: the first time in
+/// `acks` (sorted or not) after the longest gap that starts after `fault` (acks still
+/// in flight when the fault hit may land just after it).
+pub fn resumed_after(acks: &[Instant], fault: Instant) -> Option<Duration> {
+    let mut t: Vec<Instant> = acks.to_vec();
+    t.sort();
+    let start = t.iter().rposition(|x| *x <= fault).map_or(0, |i| i);
+    let (mut best, mut at) = (Duration::ZERO, None);
+    for w in t[start..].windows(2) {
+        let gap = w[1] - w[0];
+        if gap > best {
+            best = gap;
+            at = Some(w[1]);
+        }
+    }
+    at.map(|a| a.saturating_duration_since(fault))
+}
+
+pub mod etcd;

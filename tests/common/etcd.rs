@@ -1,0 +1,161 @@
+//! A throwaway etcd cluster on loopback (Debian's `etcd-server`), and a TCP forwarder
+//! that a test can cut to take one Switchyard instance away from etcd.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{free_port, wait_for};
+
+pub struct Member {
+    pub name: String,
+    pub client: u16,
+    pub peer: u16,
+    child: Option<Child>,
+}
+
+pub struct EtcdCluster {
+    pub members: Vec<Member>,
+    dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// `n` members, each on its own client and peer port.
+    pub fn start(n: usize) -> EtcdCluster {
+        let dir = tempfile::Builder::new().prefix("switchyard-etcd-").tempdir().unwrap();
+        let mut members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_port(),
+                peer: free_port(),
+                child: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            let data: PathBuf = dir.path().join(&m.name);
+            let log = std::fs::File::create(dir.path().join(format!("{}.log", m.name))).unwrap();
+            let child = Command::new("etcd")
+                .args(["--name", &m.name])
+                .args(["--data-dir", data.to_str().unwrap()])
+                .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", m.client)])
+                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", m.client)])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
+                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
+                .args(["--initial-cluster", &initial])
+                .args(["--initial-cluster-state", "new"])
+                // Quicker elections than the defaults (100 ms / 1 s) on a busy test machine.
+                .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start etcd (Debian: apt-get install etcd-server)");
+            m.child = Some(child);
+        }
+        let cluster = EtcdCluster { members, dir };
+        for m in &cluster.members {
+            wait_for("etcd member healthy", Duration::from_secs(30), || {
+                let url = format!("http://127.0.0.1:{}/health", m.client);
+                let body = ureq::get(&url).call().ok()?.into_body().read_to_string().ok()?;
+                body.contains("\"true\"").then_some(())
+            });
+        }
+        cluster
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect()
+    }
+
+    /// The member that is the raft leader now.
+    pub fn leader(&self) -> usize {
+        wait_for("an etcd leader", Duration::from_secs(10), || {
+            self.members.iter().position(|m| {
+                let url = format!("http://127.0.0.1:{}/v3/maintenance/status", m.client);
+                let Ok(mut r) = ureq::post(&url).header("content-type", "application/json").send("{}") else {
+                    return false;
+                };
+                let v: serde_json::Value =
+                    serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default()).unwrap_or_default();
+                v["leader"].is_string() && v["leader"] == v["header"]["member_id"]
+            })
+        })
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.members[i].name))).unwrap_or_default()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Forwards a loopback port to `target` until cut: then refuses new connections and
+/// resets the open ones, as a network partition would look to the client.
+pub struct Forwarder {
+    pub port: u16,
+    cut: Arc<Mutex<bool>>,
+    conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Forwarder {
+    pub fn start(target: u16) -> Forwarder {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(Mutex::new(false));
+        let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (c2, k2) = (cut.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if *c2.lock().unwrap() {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                k2.lock()
+                    .unwrap()
+                    .extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Forwarder { port, cut, conns }
+    }
+
+    pub fn cut(&self) {
+        *self.cut.lock().unwrap() = true;
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Several Switchyard instances agreeing through etcd: 3 etcd members, a primary and 2
+//! standbys, 2 Switchyard instances with `failover = "automatic"`, all real processes on
+//! loopback. One promotion per failure, both instances writing to the same primary, an
+//! instance cut off from etcd refusing writes while the other goes on, a switchover
+//! through both instances with no failed transaction.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::etcd::{EtcdCluster, Forwarder};
+use common::*;
+
+struct Instance {
+    proxy: Proxy,
+    admin: u16,
+}
+
+/// Start instance `name` over `etcd_urls`, with `lease_s` and the cluster settings.
+fn instance(cluster: &LocalCluster, name: &str, etcd_urls: &[String], lease_s: u64) -> Instance {
+    let (rw, ro, admin) = (free_port(), free_port(), free_port());
+    let urls = etcd_urls
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        "[admin]\nhttp_listen = \"127.0.0.1:{admin}\"\n\n\
+         [coordination]\netcd = [{urls}]\ninstance = \"{name}\"\nlease_s = {lease_s}\n\n{}",
+        cluster.config_toml(
+            rw,
+            ro,
+            &format!(
+                "pool_mode = \"transaction\"\nfailover = \"automatic\"\nfailover_hold_ms = 8000\n\n\
+                 [clusters.main.manager]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\n"
+            )
+        )
+    );
+    Instance {
+        proxy: Proxy::launch(cluster, name, &text, rw, ro),
+        admin,
+    }
+}
+
+fn status(i: &Instance) -> serde_json::Value {
+    serde_json::from_str(&http_get(i.admin, "/status").1).unwrap()
+}
+
+fn is_primary(cluster: &LocalCluster, node: usize) -> bool {
+    cluster.sql(node, "SELECT pg_is_in_recovery()").ok().as_deref() == Some("f")
+}
+
+/// Both instances agree on the leader and the published primary.
+fn agreed(a: &Instance, b: &Instance) -> (String, String, u64) {
+    wait_for("both instances agreeing", Duration::from_secs(20), || {
+        let (sa, sb) = (status(a), status(b));
+        let pick = |s: &serde_json::Value| {
+            (
+                s["coordination"]["leader"].as_str().unwrap_or("").to_string(),
+                s["clusters"][0]["published"].as_str().unwrap_or("").to_string(),
+                s["clusters"][0]["epoch"].as_u64().unwrap_or(0),
+            )
+        };
+        let (x, y) = (pick(&sa), pick(&sb));
+        (x == y && !x.0.is_empty() && !x.1.is_empty()).then_some(x)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_fail_over_once_and_write_to_the_same_new_primary() {
+    let etcd = EtcdCluster::start(3);
+    let cluster = LocalCluster::start(2).unwrap();
+    cluster
+        .sql(0, "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'")
+        .unwrap();
+    cluster.sql(0, "SELECT pg_reload_conf()").unwrap();
+    let a = instance(&cluster, "sy1", &etcd.urls(), 2);
+    let b = instance(&cluster, "sy2", &etcd.urls(), 2);
+    let (leader, published, epoch) = agreed(&a, &b);
+    assert_eq!(published, "default");
+    assert!(leader == "sy1" || leader == "sy2", "{leader}");
+    psql(a.proxy.rw, "CREATE TABLE ids (id int PRIMARY KEY)").unwrap();
+
+    // Writers through both instances, each insert with its own id.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<Vec<(i32, Instant)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for (w, port) in [a.proxy.rw, a.proxy.rw, a.proxy.rw, b.proxy.rw, b.proxy.rw, b.proxy.rw]
+        .into_iter()
+        .enumerate()
+    {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut id = w as i32 * 1_000_000;
+            let mut held: Option<Held> = None;
+            while !stop.load(Ordering::Relaxed) {
+                let Some(c) = held.as_ref() else {
+                    held = connect(port).await.ok();
+                    if held.is_none() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    continue;
+                };
+                id += 1;
+                match c.execute("INSERT INTO ids VALUES ($1)", &[&id]).await {
+                    Ok(_) => acked.lock().unwrap().push((id, Instant::now())),
+                    Err(_) if c.is_closed() => held = None,
+                    Err(_) => {}
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed = Instant::now();
+    cluster.kill9(0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = acked.lock().unwrap().iter().filter(|(_, t)| *t > killed).count();
+        if after > 300 {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+    }
+
+    // Exactly one promotion, decided by the leader alone, published with a new epoch.
+    let promoted: Vec<usize> = (1..3).filter(|&i| is_primary(&cluster, i)).collect();
+    assert_eq!(promoted.len(), 1, "{promoted:?}");
+    let new = promoted[0];
+    let (_, published_now, epoch_now) = agreed(&a, &b);
+    assert_eq!(published_now, cluster.nodes[new].name);
+    assert_eq!(epoch_now, epoch + 1);
+    let dones = a.proxy.log_text().matches("automatic failover done").count()
+        + b.proxy.log_text().matches("automatic failover done").count();
+    assert_eq!(dones, 1);
+    // Both instances write to it.
+    assert_eq!(lands_on(&cluster, a.proxy.rw), Ok(new));
+    assert_eq!(lands_on(&cluster, b.proxy.rw), Ok(new));
+    // Nothing acknowledged is missing.
+    let text = cluster.sql_db(new, APP_DB, "SELECT id FROM ids").unwrap();
+    let present: HashSet<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let acked = acked.lock().unwrap();
+    let lost: Vec<i32> = acked
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !present.contains(id))
+        .collect();
+    let times: Vec<Instant> = acked.iter().map(|(_, t)| *t).collect();
+    let resumed = resumed_after(&times, killed).unwrap();
+    report(&format!(
+        "2 instances, kill -9 of the primary: {} inserts acknowledged, {} lost, writes on the new primary {:?} after the kill",
+        acked.len(),
+        lost.len(),
+        resumed
+    ));
+    assert!(lost.is_empty(), "{lost:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_off_from_etcd_stops_writes_and_the_other_goes_on() {
+    let mut etcd = EtcdCluster::start(3);
+    let cluster = LocalCluster::start(1).unwrap();
+    let a = instance(&cluster, "sy1", &etcd.urls(), 2);
+    // sy2 reaches etcd only through forwarders the test can cut.
+    let forwarders: Vec<Forwarder> = etcd.members.iter().map(|m| Forwarder::start(m.client)).collect();
+    let b_urls: Vec<String> = forwarders
+        .iter()
+        .map(|f| format!("http://127.0.0.1:{}", f.port))
+        .collect();
+    let b = instance(&cluster, "sy2", &b_urls, 2);
+    let (_, _, epoch) = agreed(&a, &b);
+    psql(a.proxy.rw, "CREATE TABLE t (v int)").unwrap();
+
+    // The etcd leader dies: a new one is elected; no failover, writes go on.
+    let leader = etcd.leader();
+    etcd.kill(leader);
+    for i in 0..30 {
+        psql(a.proxy.rw, &format!("INSERT INTO t VALUES ({i})")).unwrap();
+        psql(b.proxy.rw, &format!("INSERT INTO t VALUES ({i})")).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!is_primary(&cluster, 1));
+    assert_eq!(agreed(&a, &b).2, epoch, "the epoch moved without a failover");
+
+    // sy2 loses etcd: within its lease it stops routing writes (reads go on); sy1 goes on.
+    let cut = Instant::now();
+    for f in &forwarders {
+        f.cut();
+    }
+    wait_for("sy2 cut off", Duration::from_secs(10), || {
+        status(&b)["coordination"]["cut_off"].as_str().map(|_| ())
+    });
+    report(&format!(
+        "instance cut off from etcd (lease 2 s): stops routing writes after {:?}",
+        cut.elapsed()
+    ));
+    // A new write waits failover_hold_ms for the instance to be back in touch, then is
+    // refused with the reason.
+    let refused = psql(b.proxy.rw, "INSERT INTO t VALUES (-1)").unwrap_err();
+    assert!(refused.contains("out of touch with etcd"), "{refused}");
+    assert_eq!(psql(b.proxy.ro, "SELECT count(*) > 0 FROM t").unwrap(), "t");
+    for i in 0..10 {
+        psql(a.proxy.rw, &format!("INSERT INTO t VALUES ({i})")).unwrap();
+    }
+    let s = status(&b);
+    assert!(
+        s["coordination"]["cut_off"]
+            .as_str()
+            .unwrap_or("")
+            .contains("out of touch"),
+        "{s}"
+    );
+    // sy1 alone is the leader now (sy2's lease lapsed).
+    wait_for("sy1 the only live instance", Duration::from_secs(10), || {
+        let s = status(&a);
+        (s["coordination"]["leader"] == "sy1" && s["coordination"]["instances"].as_array()?.len() == 1).then_some(())
+    });
+}
+
+#[test]
+fn a_switchover_through_both_instances_fails_no_transaction() {
+    let etcd = EtcdCluster::start(3);
+    let cluster = LocalCluster::start(2).unwrap();
+    let a = instance(&cluster, "sy1", &etcd.urls(), 2);
+    let b = instance(&cluster, "sy2", &etcd.urls(), 2);
+    let (leader, _, epoch) = agreed(&a, &b);
+    let (on_leader, other) = if leader == "sy1" { (&a, &b) } else { (&b, &a) };
+    pgbench(a.proxy.rw, &["-i", "-s", "1", "-q"]);
+
+    // Refused on the follower, naming the leader.
+    let url = format!("http://127.0.0.1:{}/clusters/main/switchover?to=failover1", other.admin);
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let body = agent
+        .post(&url)
+        .send_empty()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        body.contains("not the coordination leader") && body.contains(&leader),
+        "{body}"
+    );
+
+    let (ra, rb) = (a.proxy.rw, b.proxy.rw);
+    let load_a = std::thread::spawn(move || pgbench(ra, &["-c", "8", "-j", "2", "-T", "8", "-M", "prepared"]));
+    let load_b = std::thread::spawn(move || pgbench(rb, &["-c", "8", "-j", "2", "-T", "8", "-M", "prepared"]));
+    std::thread::sleep(Duration::from_secs(3));
+    let url = format!(
+        "http://127.0.0.1:{}/clusters/main/switchover?to=failover1",
+        on_leader.admin
+    );
+    let mut resp = agent.post(&url).send_empty().unwrap();
+    let code = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().unwrap();
+    assert_eq!(code, 200, "{body}");
+    let (out_a, out_b) = (load_a.join().unwrap(), load_b.join().unwrap());
+    report(&format!(
+        "switchover through 2 instances under pgbench -c 8 each: {body}"
+    ));
+    for out in [&out_a, &out_b] {
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+        assert!(!out.contains("aborted"), "{out}");
+    }
+    let (_, published, epoch_now) = agreed(&a, &b);
+    assert_eq!((published.as_str(), epoch_now), ("failover1", epoch + 1));
+    assert_eq!(lands_on(&cluster, a.proxy.rw), Ok(1));
+    assert_eq!(lands_on(&cluster, b.proxy.rw), Ok(1));
+    // Every transaction pgbench committed is on the new primary: its history counts.
+    let history: u64 = cluster
+        .sql_db(1, APP_DB, "SELECT count(*) FROM pgbench_history")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let committed = |out: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|v| v.split('/').next()?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(history, committed(&out_a) + committed(&out_b));
+}
