@@ -80,6 +80,10 @@ enum Cmd {
         /// instructions show) or `automatic` (Switchyard does).
         #[arg(long, value_enum, default_value_t = DemoFailover::Follow)]
         failover: DemoFailover,
+        /// Switchyard instances: 2 starts a local etcd and a second instance (rw/ro on
+        /// the next ports up, admin HTTP on http-port + 1), agreeing through etcd.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        instances: u8,
     },
 }
 
@@ -115,9 +119,10 @@ fn main() -> ExitCode {
             ro_port,
             http_port,
             failover,
+            instances,
         } => {
             init_logging(cli.log_format);
-            demo(*rw_port, *ro_port, *http_port, *failover)
+            demo(*rw_port, *ro_port, *http_port, *failover, *instances)
         }
     };
     match result {
@@ -253,7 +258,43 @@ fn status(path: Option<&PathBuf>, url: Option<String>, watch: bool) -> Result<()
     }
 }
 
-fn demo(rw_port: u16, ro_port: u16, http_port: u16, failover: DemoFailover) -> Result<()> {
+/// A child process killed when dropped (the demo's etcd and second instance).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A single-member etcd in `dir` on a free client port; its URL.
+fn demo_etcd(dir: &std::path::Path) -> Result<(Child, String)> {
+    let (client, peer) = (
+        switchyard::localcluster::free_port(),
+        switchyard::localcluster::free_port(),
+    );
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = std::process::Command::new("etcd")
+        .args(["--name", "demo", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .args(["--initial-cluster", &format!("demo={peer_url}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("etcd.log"))?)
+        .spawn()
+        .context("--instances 2 needs etcd (Debian: apt-get install etcd-server)")?;
+    Ok((Child(child), url))
+}
+
+fn demo(rw_port: u16, ro_port: u16, http_port: u16, failover: DemoFailover, instances: u8) -> Result<()> {
     println!("Starting a local PostgreSQL cluster (1 primary, 2 streaming standbys)...");
     let cluster = LocalCluster::start(2).context("could not start the local cluster")?;
     let config_text = format!(
@@ -268,6 +309,51 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16, failover: DemoFailover) -> R
             )
         )
     );
+    // Two instances: a local etcd, and the second instance as a child process (one
+    // coordinator per process) on the next ports up.
+    let mut children = Vec::new();
+    let mut config_text = config_text;
+    let mut second = String::new();
+    if instances == 2 {
+        let (etcd, url) = demo_etcd(cluster.dir())?;
+        children.push(etcd);
+        let coordination = |name: &str| format!("\n[coordination]\netcd = [\"{url}\"]\ninstance = \"{name}\"\n");
+        let other = config_text
+            .replace(
+                &format!("127.0.0.1:{rw_port}\""),
+                &format!("127.0.0.1:{}\"", rw_port + 2),
+            )
+            .replace(
+                &format!("127.0.0.1:{ro_port}\""),
+                &format!("127.0.0.1:{}\"", ro_port + 2),
+            )
+            .replace(
+                &format!("127.0.0.1:{http_port}\""),
+                &format!("127.0.0.1:{}\"", http_port + 1),
+            )
+            + &coordination("sy2");
+        config_text += &coordination("sy1");
+        let other_path = cluster.dir().join("switchyard-sy2.toml");
+        std::fs::write(&other_path, &other)?;
+        let log = cluster.dir().join("switchyard-sy2.log");
+        children.push(Child(
+            std::process::Command::new(std::env::current_exe()?)
+                .arg("--config")
+                .arg(&other_path)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log)?)
+                .spawn()?,
+        ));
+        second = format!(
+            "\nA second Switchyard instance (sy2) agrees with this one (sy1) through etcd at {url}:\n  \
+             rw 127.0.0.1:{}  ro 127.0.0.1:{}  status http://127.0.0.1:{}/  log {}\n  \
+             One leader decides failovers and switchovers; both send writes only to the published primary.\n",
+            rw_port + 2,
+            ro_port + 2,
+            http_port + 1,
+            log.display()
+        );
+    }
     let config_path = cluster.dir().join("switchyard.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = Config::parse(&config_text)?;
@@ -312,7 +398,7 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16, failover: DemoFailover) -> R
              Try a planned switchover (no client errors in transaction mode):\n  \
              switchyard switchover --url http://127.0.0.1:{http_port} --cluster main --to failover1\n\n\
              {failover_howto}\n\n\
-             Node states follow as they change. Ctrl-C stops everything and removes {dir}.\n",
+             {second}Node states follow as they change. Ctrl-C stops everything and removes {dir}.\n",
             cfg = config_path.display(),
             nodes = nodes.join("\n"),
             dir = cluster.dir().display(),
@@ -336,6 +422,7 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16, failover: DemoFailover) -> R
         proxy.shutdown().await;
         Ok::<(), anyhow::Error>(())
     })?;
+    drop(children);
     drop(cluster);
     println!("Done.");
     Ok(())
