@@ -104,12 +104,15 @@ fn is_primary(cluster: &LocalCluster, node: usize) -> bool {
 async fn fail_over_under_inserts(
     cluster: &LocalCluster,
     name: &str,
+    sync: bool,
     fault: impl FnOnce(),
 ) -> (Proxy, u16, usize, Duration) {
     let admin = free_port();
     let (extra, top) = automatic(admin, "");
     let proxy = Proxy::start(cluster, name, &extra, &top);
-    synchronous(cluster);
+    if sync {
+        synchronous(cluster);
+    }
     psql(proxy.rw, "CREATE TABLE ids (id int PRIMARY KEY)").unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -219,7 +222,7 @@ async fn fail_over_under_inserts(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_primary_is_replaced_with_no_acknowledged_insert_lost() {
     let cluster = LocalCluster::start(2).unwrap();
-    let (proxy, admin, new, _) = fail_over_under_inserts(&cluster, "kill", || cluster.kill9(0).unwrap()).await;
+    let (proxy, admin, new, _) = fail_over_under_inserts(&cluster, "kill", true, || cluster.kill9(0).unwrap()).await;
 
     // The old primary restarted as it was (no pg_rewind): it comes back a primary on the
     // old timeline. Switchyard makes it read-only and never routes a write to it.
@@ -260,7 +263,7 @@ async fn a_killed_primary_is_replaced_with_no_acknowledged_insert_lost() {
 async fn a_frozen_primary_is_replaced_and_gets_no_write_after_it_thaws() {
     let cluster = LocalCluster::start(2).unwrap();
     let (proxy, _admin, new, _) =
-        fail_over_under_inserts(&cluster, "freeze", || cluster.signal(0, libc::SIGSTOP).unwrap()).await;
+        fail_over_under_inserts(&cluster, "freeze", true, || cluster.signal(0, libc::SIGSTOP).unwrap()).await;
     cluster.signal(0, libc::SIGCONT).unwrap();
     wait_for(
         "the thawed old primary fenced read-only",
@@ -282,6 +285,12 @@ async fn a_frozen_primary_is_replaced_and_gets_no_write_after_it_thaws() {
         before,
         "the old primary took writes after it thawed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_asynchronous_replication_only_the_last_moment_before_a_crash_may_be_lost() {
+    let cluster = LocalCluster::start(2).unwrap();
+    fail_over_under_inserts(&cluster, "async kill", false, || cluster.kill9(0).unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
