@@ -1,5 +1,5 @@
 # The two commands of the README's quick start.
-.PHONY: demo test deps compat compat-slice fuzz profile chaos
+.PHONY: demo test deps compat compat-slice fuzz profile chaos bench-failover
 
 deps:
 	@scripts/install-deps.sh
@@ -52,3 +52,8 @@ chaos: deps
 	  chaos/run --binary target/release/switchyard --seed $$s --duration 30m --results 30m-seed$$s || exit 1; \
 	  chaos/run --binary target/release/switchyard --seed $$s --duration 30m --sync --results 30m-sync-seed$$s || exit 1; \
 	done
+
+# Failover and switchover timings (automatic failover after kill -9 / SIGSTOP, one
+# instance and two through etcd; switchover hold), 3 rounds, about 5 minutes.
+bench-failover: deps
+	bench/failover --rounds 3
