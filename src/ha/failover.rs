@@ -307,6 +307,7 @@ async fn failover(
     };
     ctx.ha
         .promoted(&format!("failover {} -> {}", old_node.name, new_node.name));
+    shared.metrics.promoted(&ctx.name, "failover");
 
     // 5. repoint, 6. route
     manager::repoint_standbys(&ctx.name, &manager, snap, &[old, target.index], &new_node.addr, timeout).await;

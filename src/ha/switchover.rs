@@ -313,6 +313,7 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
         "switchover".into(),
     );
     ctx.ha.promoted(&format!("switchover {} -> {}", old.name, new.name));
+    shared.metrics.promoted(cluster, "switchover");
     info!(cluster = %cluster, from = %old.name, to = %new.name, hold_ms, "switchover done; the old primary is read-only until it is made a standby of the new one");
     manager::spawn_demote(
         cc.demote_command.clone(),

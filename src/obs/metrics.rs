@@ -52,6 +52,13 @@ pub struct PoolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PromotionLabels {
+    pub cluster: String,
+    /// switchover / failover
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// First two characters of the SQLSTATE.
     pub class: String,
@@ -73,6 +80,12 @@ pub struct Metrics {
     pub pool_wait_seconds: Family<ClusterLabels, Histogram>,
     pub failovers: Family<ClusterLabels, Counter>,
     pub role_changes: Family<NodeLabels, Counter>,
+    /// Promotions Switchyard made itself (planned switchovers, automatic failovers).
+    pub promotions: Family<PromotionLabels, Counter>,
+    /// 1 while writes can be routed (a primary, agreed under coordination).
+    cluster_writable: Family<ClusterLabels, Gauge>,
+    /// Coordination: the epoch of the published primary.
+    published_epoch: Family<ClusterLabels, Gauge>,
     /// Reads placed on a standby (a split or ro unit in transaction mode, a ro session
     /// in session mode).
     pub reads_to_standby: Family<ClusterLabels, Counter>,
@@ -107,6 +120,9 @@ impl Default for Metrics {
             pool_wait_seconds: Family::new_with_constructor(latency_histogram),
             failovers: Family::default(),
             role_changes: Family::default(),
+            promotions: Family::default(),
+            cluster_writable: Family::default(),
+            published_epoch: Family::default(),
             reads_to_standby: Family::default(),
             reads_to_primary_for_freshness: Family::default(),
             causal_wait_seconds: Family::new_with_constructor(|| {
@@ -191,6 +207,21 @@ impl Default for Metrics {
             m.failovers.clone(),
         );
         r.register(
+            "promotions",
+            "Standbys Switchyard promoted itself, by kind (switchover, failover)",
+            m.promotions.clone(),
+        );
+        r.register(
+            "cluster_writable",
+            "1 while writes can be routed: a primary is up (and, under coordination, published and this instance in touch with etcd)",
+            m.cluster_writable.clone(),
+        );
+        r.register(
+            "published_epoch",
+            "Coordination: the epoch of the primary published in etcd",
+            m.published_epoch.clone(),
+        );
+        r.register(
             "role_changes",
             "Role or health changes of a node",
             m.role_changes.clone(),
@@ -201,6 +232,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Count a promotion Switchyard made (`kind`: switchover / failover).
+    pub fn promoted(&self, cluster: &str, kind: &str) {
+        self.promotions
+            .get_or_create(&PromotionLabels {
+                cluster: cluster.into(),
+                kind: kind.into(),
+            })
+            .inc();
+    }
+
     pub fn error(&self, sqlstate: &str) {
         let class = sqlstate.get(..2).unwrap_or("??").to_string();
         self.errors.get_or_create(&ErrorLabels { class }).inc();
@@ -255,6 +296,15 @@ impl Metrics {
         }
         self.node_lag_seconds.clear();
         for snap in snapshots {
+            let l = ClusterLabels {
+                cluster: snap.name.clone(),
+            };
+            self.cluster_writable
+                .get_or_create(&l)
+                .set(crate::cluster::routing::write_primary(snap).is_ok() as i64);
+            if let Some(c) = &snap.coordination {
+                self.published_epoch.get_or_create(&l).set(c.epoch as i64);
+            }
             for n in &snap.nodes {
                 let l = NodeLabels {
                     cluster: snap.name.clone(),

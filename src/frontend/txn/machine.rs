@@ -122,6 +122,10 @@ pub struct Machine<'a> {
     ended: bool,
     /// A unit that may have written ended since the driver last asked (`take_wrote`).
     wrote: bool,
+    /// A unit that never got a connection was refused with an ErrorResponse: the
+    /// client's messages up to its next Sync are dropped, as a server does after an
+    /// error in the extended protocol, then ReadyForQuery.
+    skipping_to_sync: bool,
 }
 
 impl<'a> Machine<'a> {
@@ -150,6 +154,7 @@ impl<'a> Machine<'a> {
             client_mid_message: false,
             ended: false,
             wrote: false,
+            skipping_to_sync: false,
         };
         m.actions.push_back(Action::Acquire {
             read: m.cfg.read_only_endpoint,
@@ -281,9 +286,28 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// Connecting failed (`Acquire` could not be met).
+    /// Connecting failed (`Acquire` could not be met). Before the greeting (or for a
+    /// unit running again, or when Switchyard is shutting down) that ends the session.
+    /// A new unit, though, has not run anywhere: the client gets the error as an
+    /// ErrorResponse, as a server would answer a statement it refused, and keeps its
+    /// session (the next transaction may find a primary, a free connection...).
     pub fn on_acquire_failed(&mut self, e: Error) {
-        self.end(Some(e));
+        self.acquiring_read = false;
+        let fresh_unit = self.greeted && !self.rerun && self.unit.is_none();
+        if !fresh_unit || e.code() == SqlState::ADMIN_SHUTDOWN {
+            return self.end(Some(e));
+        }
+        let Some(first) = self.stash.take() else {
+            return self.end(Some(e));
+        };
+        self.to_client.extend_from_slice(&e.to_error(None));
+        match FrontendTag::of(first[0]) {
+            // A simple query, a function call, or the Sync itself: answered now.
+            Some(FrontendTag::Query | FrontendTag::FunctionCall | FrontendTag::Sync) => {
+                messages::ready_for_query(&mut self.to_client, b'I')
+            }
+            _ => self.skipping_to_sync = true,
+        }
     }
 
     /// The initial greeting, once the connection has the client's startup settings: the
@@ -316,6 +340,13 @@ impl<'a> Machine<'a> {
             };
             if msg[0] == b'X' {
                 return self.on_client_closed();
+            }
+            if self.skipping_to_sync {
+                if msg[0] == b'S' {
+                    self.skipping_to_sync = false;
+                    messages::ready_for_query(&mut self.to_client, b'I');
+                }
+                continue;
             }
             if msg[0] == b'Q' && self.between_units() {
                 if let Some(stmt) = Query::decode(&msg[5..])

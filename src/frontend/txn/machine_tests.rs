@@ -593,3 +593,41 @@ fn a_transaction_lost_before_its_commit_is_08006() {
     h.perform(true);
     assert_eq!(ended_with(&h).as_deref(), Some("08006"));
 }
+
+#[test]
+fn a_unit_that_gets_no_connection_is_refused_and_the_session_goes_on() {
+    let mut h = Harness::new(false);
+    // A simple query: ErrorResponse, ReadyForQuery, no end.
+    let mut input = query("INSERT INTO t VALUES (1)");
+    h.m.on_client_input(&mut input, None);
+    assert!(matches!(h.m.next_action(), Some(Action::Acquire { .. })));
+    h.m.on_acquire_failed(Error::no_route("no primary available for cluster \"main\""));
+    assert_eq!(h.take_client(), "EZ");
+    assert!(h.m.next_action().is_none(), "the session goes on");
+
+    // An extended-protocol batch: the rest up to Sync is dropped, then ReadyForQuery.
+    let mut input = cat(&[parse("", "INSERT INTO t VALUES ($1)"), bind(""), execute(), sync()]);
+    h.m.on_client_input(&mut input, None);
+    assert!(matches!(h.m.next_action(), Some(Action::Acquire { .. })));
+    h.m.on_acquire_failed(Error::pool_exhausted("no free server connection"));
+    h.m.on_client_input(&mut input, None);
+    assert!(input.is_empty());
+    assert_eq!(h.take_client(), "EZ");
+
+    // The next unit gets its connection and runs.
+    h.client_buf(&mut query("SELECT 1"), true);
+    h.server(&cat(&[row_answer(), ready(b'I')]));
+    h.perform(true);
+    assert_eq!(h.take_client(), "TDCZ");
+    assert_eq!(ended_with(&h), None);
+}
+
+#[test]
+fn a_refusal_while_shutting_down_ends_the_session() {
+    let mut h = Harness::new(false);
+    let mut input = query("SELECT 1");
+    h.m.on_client_input(&mut input, None);
+    assert!(matches!(h.m.next_action(), Some(Action::Acquire { .. })));
+    h.m.on_acquire_failed(Error::shutdown());
+    assert!(matches!(h.m.next_action(), Some(Action::End(Some(_)))));
+}
