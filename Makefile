@@ -11,7 +11,7 @@ demo: deps
 # Everything: unit tests, then integration tests against real PostgreSQL clusters and
 # real clients (psql, pgbench, psycopg 2/3, Django).
 test: deps
-	cargo test --all-targets -- --test-threads=1
+	cargo test --all-targets --no-fail-fast -- --test-threads=1
 
 # Client libraries' own test suites (psycopg 3.3.4, SQLAlchemy 2.0.58, Django 5.2's
 # runner) directly against PostgreSQL and through Switchyard in session, transaction
