@@ -5,7 +5,8 @@
 # driver (status page test), the Python clients (psycopg 2 and 3, Django, Selenium)
 # with what compat/run needs to run their own test suites (pytest and plugins), and
 # this repository's Django integration (python/django_switchyard), and iproute2 and
-# iptables for the fault suite (chaos/), etcd for coordination between instances.
+# iptables for the fault suite (chaos/), etcd for coordination between instances,
+# openssl for the TLS tests' certificates.
 # Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,8 @@ command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables >/dev/null || missing+=(iptables)
 # Several Switchyard instances agree through etcd (tests/coordination.rs).
 command -v etcd >/dev/null || missing+=(etcd-server)
+# Test certificates for TLS (tests/tls.rs).
+command -v openssl >/dev/null || missing+=(openssl)
 
 if ((${#missing[@]})); then
     echo "install-deps: installing ${missing[*]}"

@@ -85,6 +85,10 @@ fn reload(shared: &Shared) -> Result<String, String> {
         error!(path = %path.display(), reason = %e, "reload rejected; the running config stays");
         format!("reload rejected, the running config stays: {e}")
     })?;
+    shared.reload_tls(&new).map_err(|e| {
+        error!(path = %path.display(), reason = %e, "reload rejected; the running config stays");
+        format!("reload rejected, the running config stays: {e}")
+    })?;
     let old = shared.config();
     let mut notes = Vec::new();
     for (name, c) in &new.clusters {
@@ -191,13 +195,10 @@ impl Proxy {
         }
         let http_listen = config.admin.http_listen.clone();
         let workers = Workers::spawn(config.proxy.worker_threads())?;
-        let shared = Arc::new(Shared::new(
-            config,
-            config_path,
-            clusters,
-            shutdown.clone(),
-            workers.len(),
-        ));
+        let shared = Arc::new(
+            Shared::new(config, config_path, clusters, shutdown.clone(), workers.len())
+                .map_err(|e| anyhow::anyhow!("cannot set up client TLS: {e}"))?,
+        );
         shared.set_reloader(Box::new(reload));
         start_monitors(&shared);
         // The control plane watches every cluster; it acts only where the config says

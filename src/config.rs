@@ -41,6 +41,31 @@ pub struct Config {
     /// Several instances agreeing through etcd; absent: this instance decides alone.
     #[serde(default)]
     pub coordination: Option<CoordinationConfig>,
+    /// The certificate clients see (TLS on the listeners); absent: no client TLS.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    /// Client certificates signed by this CA are verified when presented.
+    #[serde(default)]
+    pub client_ca_file: Option<std::path::PathBuf>,
+}
+
+/// Whether a cluster's listeners take TLS from clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientTls {
+    /// SSLRequest answered `N`.
+    Disable,
+    /// TLS when the client asks for it; plaintext otherwise.
+    Allow,
+    /// Plaintext clients are refused before authentication.
+    Require,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -312,6 +337,9 @@ pub struct ClusterConfig {
     /// SWITCHYARD_NEW_PRIMARY, SWITCHYARD_NEW_HOST/PORT in its environment.
     #[serde(default)]
     pub demote_command: Option<String>,
+    /// TLS from clients: default `allow` when `[tls]` is set, else `disable`.
+    #[serde(default)]
+    pub client_tls: Option<ClientTls>,
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
 }
@@ -333,6 +361,15 @@ impl ClusterConfig {
             lifetime: Duration::from_millis(self.server_lifetime_ms),
             checkout_timeout: Duration::from_millis(self.checkout_timeout_ms),
         }
+    }
+
+    /// The effective client TLS mode (`tls_configured`: `[tls]` is set).
+    pub fn client_tls(&self, tls_configured: bool) -> ClientTls {
+        self.client_tls.unwrap_or(if tls_configured {
+            ClientTls::Allow
+        } else {
+            ClientTls::Disable
+        })
     }
 
     pub fn failover_hold(&self) -> Duration {
@@ -581,6 +618,12 @@ impl Config {
                     "needs pool_mode = \"transaction\"",
                 ));
             }
+            if self.tls.is_none() && matches!(c.client_tls, Some(ClientTls::Allow | ClientTls::Require)) {
+                return Err(invalid(
+                    format!("clusters.{cname}.client_tls"),
+                    "needs a [tls] section with cert_file and key_file",
+                ));
+            }
             if c.failover == FailoverMode::Automatic && c.manager.is_none() {
                 return Err(invalid(
                     format!("clusters.{cname}.failover"),
@@ -705,6 +748,35 @@ port = 5432
         assert_eq!(m.read_balance, ReadBalance::Priority);
         assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
         assert_eq!(c.health_login(), ("app".into(), Some("secret".into())));
+    }
+
+    #[test]
+    fn client_tls_needs_a_certificate_and_automatic_failover_a_manager() {
+        let with =
+            |extra: &str| Config::parse(&GOOD.replace("[clusters.main]\n", &format!("[clusters.main]\n{extra}\n")));
+        let err = with("client_tls = \"require\"").unwrap_err().to_string();
+        assert!(
+            err.contains("clusters.main.client_tls") && err.contains("[tls]"),
+            "{err}"
+        );
+        let c = with("").unwrap();
+        assert_eq!(c.clusters["main"].client_tls(false), ClientTls::Disable);
+        assert_eq!(c.clusters["main"].client_tls(true), ClientTls::Allow);
+        let err = with("failover = \"automatic\"").unwrap_err().to_string();
+        assert!(
+            err.contains("clusters.main.failover") && err.contains("manager"),
+            "{err}"
+        );
+        let c = Config::parse(&format!(
+            "{}\n[clusters.main.manager]\nuser = \"postgres\"\n",
+            GOOD.replace("[clusters.main]\n", "[clusters.main]\nfailover = \"automatic\"\n")
+        ))
+        .unwrap();
+        assert_eq!(c.clusters["main"].failover_hold(), Duration::from_secs(10));
+        assert_eq!(
+            with("").unwrap().clusters["main"].failover_hold(),
+            Duration::from_secs(5)
+        );
     }
 
     #[test]

@@ -3,9 +3,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::frontend::tls::ClientStream;
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::info;
 
 use crate::admin::pool_rows;
@@ -30,7 +30,7 @@ enum Answer {
     Error(String),
 }
 
-pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
+pub async fn run(mut stream: ClientStream, user: &str, shared: &Shared) {
     let config = shared.config();
     let mut out = BytesMut::new();
     if !config.user(user).is_some_and(|u| u.admin) {
@@ -38,6 +38,7 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
             "user \"{user}\" may not use the admin console: set admin = true for it in [[users]]"
         ));
         let _ = stream.write_all(&e.to_fatal()).await;
+        let _ = stream.flush().await;
         shared.metrics.error(e.code().as_str());
         return;
     }
@@ -53,7 +54,7 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
     }
     messages::backend_key_data(&mut out, 0, 0);
     messages::ready_for_query(&mut out, b'I');
-    if stream.write_all(&out).await.is_err() {
+    if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
         return;
     }
     info!(user = %user, "admin console session started");
@@ -68,6 +69,7 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
             let _ = stream
                 .write_all(&Error::protocol(format!("invalid message length {len}")).to_fatal())
                 .await;
+            let _ = stream.flush().await;
             return;
         }
         let mut body = vec![0u8; len as usize - 4];
@@ -113,7 +115,7 @@ pub async fn run(mut stream: TcpStream, user: &str, shared: &Shared) {
             }
             _ => continue,
         }
-        if stream.write_all(&out).await.is_err() {
+        if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
             return;
         }
     }

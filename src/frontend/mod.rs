@@ -7,4 +7,5 @@ pub mod cancel;
 pub mod fresh;
 pub mod session;
 pub mod shared;
+pub mod tls;
 pub mod txn;

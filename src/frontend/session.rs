@@ -27,12 +27,13 @@ use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, NodeStats, Role};
 use crate::cluster::ClusterCtx;
 use crate::config::AuthMethod;
-use crate::config::{Config, PoolMode};
+use crate::config::{ClientTls, Config, PoolMode};
 use crate::error::Error;
 use crate::frontend::auth::{AuthError, Verifier};
 use crate::frontend::cancel::Registration;
 use crate::frontend::fresh::{self, Causal, FreshMetrics};
 use crate::frontend::shared::Shared;
+use crate::frontend::tls::ClientStream;
 use crate::frontend::txn::{Driver, TxnClient};
 use crate::obs::clients::NewClient;
 use crate::obs::metrics::{ClusterLabels, EndpointLabels, RoutedLabels};
@@ -139,23 +140,39 @@ pub const ADMIN_DATABASE: &str = "switchyard";
 /// A client that authenticated for the admin console (`-d switchyard`): the app hands
 /// it to `admin::console` (sessions know nothing of the admin layer above them).
 pub struct AdminClient {
-    pub stream: TcpStream,
+    pub stream: ClientStream,
     pub user: String,
 }
 
 /// Serve one client from its first byte to its last; returns it instead when it asked
 /// for the admin console.
 pub async fn serve(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     cluster: Arc<ClusterCtx>,
     endpoint: Endpoint,
     shared: Arc<Shared>,
 ) -> Option<AdminClient> {
-    let _ = stream.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
     let config = shared.config();
     let login_timeout = Duration::from_millis(config.proxy.client_login_timeout_ms);
-    let outcome = match tokio::time::timeout(login_timeout, login(&mut stream, &shared)).await {
+    let tls_mode = config.clusters[&cluster.name].client_tls(config.tls.is_some());
+    let acceptor = match tls_mode {
+        ClientTls::Disable => None,
+        _ => shared.tls(),
+    };
+    let require_tls = (tls_mode == ClientTls::Require).then_some(cluster.name.as_str());
+    let started = tokio::time::Instant::now();
+    let mut stream = match tokio::time::timeout(login_timeout, negotiate(tcp, acceptor.as_ref())).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(cluster = %cluster.name, peer = %peer, reason = %e, "client left during TLS negotiation");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let left = login_timeout.saturating_sub(started.elapsed());
+    let outcome = match tokio::time::timeout(left, login(&mut stream, &shared, require_tls)).await {
         Ok(Ok(Some(client))) if client.database == ADMIN_DATABASE => {
             return Some(AdminClient {
                 stream,
@@ -186,7 +203,7 @@ pub async fn serve(
             if !e.is_forwarded() {
                 shared.metrics.error(e.code().as_str());
             }
-            let _ = stream.write_all(&e.to_fatal()).await;
+            let _ = write_flush(&mut stream, &e.to_fatal()).await;
             linger(&mut stream).await;
             info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "client rejected");
             return None;
@@ -238,7 +255,7 @@ fn causal_floor(client: &Client, cluster: &ClusterCtx) -> Result<Option<Floor>, 
 /// Transaction pooling: greet the client with a server's parameters, then run the
 /// pooled session loop (`txn`).
 async fn serve_transaction_mode(
-    stream: TcpStream,
+    stream: ClientStream,
     peer: SocketAddr,
     client: Client,
     causal_token: Option<Floor>,
@@ -284,11 +301,76 @@ async fn serve_transaction_mode(
     drop(entry);
 }
 
-/// Startup packet(s) and authentication. `None` for a CancelRequest.
-async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>, Reject> {
+/// Before the startup packet: TLS, if the client asks for it (SSLRequest, after an
+/// optional GSSENCRequest declined with `N`) and the cluster offers it, or directly
+/// (PostgreSQL 17's `sslnegotiation=direct`: a TLS ClientHello first, ALPN
+/// `postgresql` required). Otherwise the connection stays plain; `login` reads what
+/// follows (the startup packet, a CancelRequest).
+async fn negotiate(tcp: TcpStream, acceptor: Option<&tokio_rustls::TlsAcceptor>) -> std::io::Result<ClientStream> {
+    let mut tcp = tcp;
+    let mut waited = 0;
+    loop {
+        let mut head = [0u8; 8];
+        let n = tcp.peek(&mut head).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        // A TLS handshake record where TLS is on: direct TLS. (Where it is off, the
+        // bytes go to `login`, which refuses them as a malformed startup packet.)
+        if let (0x16, Some(acceptor)) = (head[0], acceptor) {
+            let mut tls = ClientStream::Tls(Box::new(acceptor.accept(tcp).await?));
+            let alpn_ok = match &tls {
+                ClientStream::Tls(t) => t.get_ref().1.alpn_protocol() == Some(crate::frontend::tls::ALPN_POSTGRESQL),
+                ClientStream::Plain(_) => false,
+            };
+            if !alpn_ok {
+                let e = Error::protocol("direct TLS connections must use ALPN \"postgresql\" (sslnegotiation=direct)");
+                let _ = write_flush(&mut tls, &e.to_fatal()).await;
+                return Err(std::io::Error::other("direct TLS without ALPN postgresql"));
+            }
+            return Ok(tls);
+        }
+        if n < 8 {
+            // The 8-byte request arrives in one piece from every client we know of;
+            // wait briefly for the rest, then let `login` read whatever this is.
+            if waited >= 25 {
+                return Ok(ClientStream::Plain(tcp));
+            }
+            waited += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let len = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let code = i32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        let ssl = len == 8 && code == crate::protocol::startup::SSL_REQUEST_CODE;
+        let gss = len == 8 && code == crate::protocol::startup::GSSENC_REQUEST_CODE;
+        if !ssl && !gss {
+            return Ok(ClientStream::Plain(tcp));
+        }
+        tcp.read_exact(&mut head).await?;
+        match acceptor {
+            Some(acceptor) if ssl => {
+                tcp.write_all(b"S").await?;
+                return Ok(ClientStream::Tls(Box::new(acceptor.accept(tcp).await?)));
+            }
+            _ => tcp.write_all(b"N").await?,
+        }
+    }
+}
+
+/// Startup packet(s) and authentication. `None` for a CancelRequest. `require_tls`:
+/// the cluster's name when it refuses plaintext clients.
+async fn login(
+    stream: &mut ClientStream,
+    shared: &Shared,
+    require_tls: Option<&str>,
+) -> Result<Option<Client>, Reject> {
     let (minor, params) = loop {
         match read_startup(stream).await {
-            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => stream.write_all(b"N").await?,
+            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
+                stream.write_all(b"N").await?;
+                stream.flush().await?
+            }
             Ok(StartupPacket::Cancel { pid, key }) => {
                 shared.cancels.forward(pid, key).await;
                 return Ok(None);
@@ -302,6 +384,11 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
         }
     };
 
+    if let (Some(cluster), false) = (require_tls, stream.is_tls()) {
+        return Err(Reject::Error(Error::not_authorized(format!(
+            "cluster \"{cluster}\" requires TLS (client_tls = \"require\"): connect with sslmode=require or stronger"
+        ))));
+    }
     let mut user = None;
     let mut database = None;
     let mut passed = Vec::new();
@@ -329,6 +416,7 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
         let mut b = BytesMut::new();
         messages::negotiate_protocol_version(&mut b, 0, &unrecognized);
         stream.write_all(&b).await?;
+        stream.flush().await?;
     }
 
     let verifiers = shared.verifiers();
@@ -352,7 +440,7 @@ async fn login(stream: &mut TcpStream, shared: &Shared) -> Result<Option<Client>
     }))
 }
 
-async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject> {
+async fn authenticate(stream: &mut ClientStream, v: &Verifier) -> Result<(), Reject> {
     let mut out = BytesMut::new();
     let auth_failed = |e: AuthError| match e {
         AuthError::Failed(_) => Reject::Error(Error::auth_failed(e.to_string())),
@@ -364,6 +452,7 @@ async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject
             let salt: [u8; 4] = rand::rng().random();
             messages::auth_md5(&mut out, salt);
             stream.write_all(&out).await?;
+            stream.flush().await?;
             let body = read_password_message(stream).await?;
             let response = body.strip_suffix(b"\0").unwrap_or(&body);
             v.check_md5(response, salt).map_err(auth_failed)?;
@@ -371,6 +460,7 @@ async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject
         AuthMethod::ScramSha256 => {
             messages::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
             stream.write_all(&out).await?;
+            stream.flush().await?;
             let mut body = read_password_message(stream).await?;
             // SASLInitialResponse: mechanism name, int32 length, data.
             let nul = body
@@ -396,16 +486,19 @@ async fn authenticate(stream: &mut TcpStream, v: &Verifier) -> Result<(), Reject
             out.clear();
             messages::auth_sasl_continue(&mut out, first.as_bytes());
             stream.write_all(&out).await?;
+            stream.flush().await?;
             let body = read_password_message(stream).await?;
             let fin = scram.client_final(&body).map_err(auth_failed)?;
             out.clear();
             messages::auth_sasl_final(&mut out, fin.as_bytes());
             stream.write_all(&out).await?;
+            stream.flush().await?;
         }
     }
     out.clear();
     messages::auth_ok(&mut out);
     stream.write_all(&out).await?;
+    stream.flush().await?;
     Ok(())
 }
 
@@ -414,7 +507,7 @@ fn malformed(what: &str) -> Reject {
 }
 
 /// Read one PasswordMessage / SASL response ('p') during authentication.
-async fn read_password_message(stream: &mut TcpStream) -> Result<BytesMut, Reject> {
+async fn read_password_message(stream: &mut ClientStream) -> Result<BytesMut, Reject> {
     let tag = stream.read_u8().await?;
     let len = stream.read_i32().await?;
     if tag != b'p' {
@@ -439,7 +532,7 @@ async fn read_password_message(stream: &mut TcpStream) -> Result<BytesMut, Rejec
 /// holds it without limit (an operator asked for exactly that). Returns the session and
 /// how long the client waited for it.
 async fn connect(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     client: &Client,
     causal_token: Option<Floor>,
     cluster: &ClusterCtx,
@@ -535,7 +628,7 @@ impl connector::Dialer for LoginDialer<'_> {
 /// What a client expects after AuthenticationOk: the server's ParameterStatus messages,
 /// a BackendKeyData (ours, for cancel routing), ReadyForQuery.
 async fn send_welcome(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     conn: &ServerConn,
     shared: &Shared,
     addr: &str,
@@ -546,6 +639,7 @@ async fn send_welcome(
     messages::backend_key_data(&mut out, reg.pid, reg.key);
     messages::ready_for_query(&mut out, b'I');
     stream.write_all(&out).await?;
+    stream.flush().await?;
     Ok(reg)
 }
 
@@ -575,7 +669,7 @@ impl From<FrameError> for ScanStop {
 
 #[allow(clippy::too_many_arguments)]
 async fn relay(
-    mut client: TcpStream,
+    mut client: ClientStream,
     c: Connected,
     who: &Client,
     peer: SocketAddr,
@@ -715,7 +809,7 @@ async fn relay(
                     Some(own) = inject_rx.recv() => injected.extend_from_slice(&own),
                 }
                 if !injected.is_empty() && framer.at_boundary() {
-                    if let Err(e) = cw.write_all(&injected).await {
+                    if let Err(e) = write_flush(&mut cw, &injected).await {
                         return End::Io(e);
                     }
                     injected.clear();
@@ -732,7 +826,7 @@ async fn relay(
                     return End::Failed(Error::server_protocol(format!("server sent a malformed message: {e}")));
                 }
                 client_clean.store(false, Ordering::Relaxed);
-                if let Err(e) = cw.write_all(&buf).await {
+                if let Err(e) = write_flush(&mut cw, &buf).await {
                     return End::Io(e);
                 }
                 let boundary = framer.at_boundary();
@@ -801,17 +895,27 @@ async fn relay(
     end
 }
 
+/// Write and flush (a TLS stream keeps its last records buffered until flushed).
+async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 /// Send a last message (a FATAL ErrorResponse), bounded in time, then close without
 /// losing it.
-pub async fn goodbye(stream: &mut TcpStream, last: &[u8]) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(last)).await;
+pub async fn goodbye(stream: &mut ClientStream, last: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(last).await?;
+        stream.flush().await
+    })
+    .await;
     linger(stream).await;
 }
 
 /// Close after an error without losing it: unread input at close time makes the kernel
 /// send a reset, which can discard the error the client has not read yet. So: FIN, then
 /// drain (briefly) whatever the client still sends.
-async fn linger(stream: &mut TcpStream) {
+async fn linger(stream: &mut ClientStream) {
     let _ = stream.shutdown().await;
     let mut sink = [0u8; 1024];
     let _ = tokio::time::timeout(Duration::from_millis(250), async {

@@ -34,6 +34,9 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     pub started: Instant,
     reloader: OnceLock<Reloader>,
+    /// Client TLS, built from `[tls]` (rebuilt on reload: new certificates for new
+    /// connections, sessions keep theirs).
+    tls: RwLock<Option<tokio_rustls::TlsAcceptor>>,
 }
 
 fn verifiers(config: &Config) -> HashMap<String, Verifier> {
@@ -64,8 +67,9 @@ impl Shared {
         clusters: BTreeMap<String, Arc<ClusterCtx>>,
         shutdown: watch::Receiver<bool>,
         workers: usize,
-    ) -> Shared {
-        Shared {
+    ) -> Result<Shared, String> {
+        let tls = config.tls.as_ref().map(crate::frontend::tls::acceptor).transpose()?;
+        Ok(Shared {
             verifiers: RwLock::new(Arc::new(verifiers(&config))),
             config: RwLock::new(Arc::new(config)),
             config_path,
@@ -77,7 +81,21 @@ impl Shared {
             shutdown,
             started: Instant::now(),
             reloader: OnceLock::new(),
-        }
+            tls: RwLock::new(tls),
+        })
+    }
+
+    /// The client TLS acceptor, if `[tls]` is configured.
+    pub fn tls(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.tls.read().unwrap().clone()
+    }
+
+    /// Load `[tls]` of `config` again (before `set_config`); the running acceptor stays
+    /// if the files are unreadable.
+    pub fn reload_tls(&self, config: &Config) -> Result<(), String> {
+        let tls = config.tls.as_ref().map(crate::frontend::tls::acceptor).transpose()?;
+        *self.tls.write().unwrap() = tls;
+        Ok(())
     }
 
     /// Make `config` the running config (users' verifiers derived from it once).

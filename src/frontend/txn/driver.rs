@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::frontend::tls::ClientStream;
 use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::machine::{Action, Config, Machine};
@@ -122,7 +122,7 @@ impl Dialer for PoolDialer<'_> {
 }
 
 pub struct Driver<'a> {
-    client: TcpStream,
+    client: ClientStream,
     who: TxnClient,
     cluster: &'a ClusterCtx,
     endpoint: Endpoint,
@@ -148,7 +148,7 @@ enum Event {
 
 impl<'a> Driver<'a> {
     pub fn new(
-        client: TcpStream,
+        client: ClientStream,
         who: TxnClient,
         cluster: &'a ClusterCtx,
         endpoint: Endpoint,
@@ -204,7 +204,7 @@ impl<'a> Driver<'a> {
     }
 
     /// The client's socket (to say goodbye on).
-    pub fn client_mut(&mut self) -> &mut TcpStream {
+    pub fn client_mut(&mut self) -> &mut ClientStream {
         &mut self.client
     }
 
@@ -360,7 +360,7 @@ impl<'a> Driver<'a> {
         if self.machine.to_client.is_empty() {
             return true;
         }
-        let ok = self.client.write_all(&self.machine.to_client).await.is_ok();
+        let ok = self.client.write_all(&self.machine.to_client).await.is_ok() && self.client.flush().await.is_ok();
         self.machine.to_client.clear();
         self.machine.flushed_to_client();
         ok
