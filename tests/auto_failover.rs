@@ -242,18 +242,7 @@ async fn a_killed_primary_is_replaced_with_no_acknowledged_insert_lost() {
     // The old primary restarted as it was (no pg_rewind): it comes back a primary on the
     // old timeline. Switchyard makes it read-only and never routes a write to it.
     cluster.start_node(0).unwrap();
-    wait_for("the old primary fenced read-only", Duration::from_secs(20), || {
-        cluster
-            .sql(0, "SHOW default_transaction_read_only")
-            .ok()
-            .filter(|v| v == "on")
-    });
-    let before = ids_on(&cluster, 0).len();
-    for i in 0..20 {
-        psql(proxy.rw, &format!("INSERT INTO ids VALUES ({})", 900_000_000 + i)).unwrap();
-    }
-    assert_eq!(lands_on(&cluster, proxy.rw), Ok(new));
-    assert_eq!(ids_on(&cluster, 0).len(), before, "the old primary took writes");
+    old_primary_fenced_and_unwritten(&cluster, &proxy, new);
 
     // Within the cooldown, a second failure of the primary is not failed over: writers
     // are held for failover_hold_ms, then told why.
@@ -280,26 +269,24 @@ async fn a_frozen_primary_is_replaced_and_gets_no_write_after_it_thaws() {
     let (proxy, _admin, new, _) =
         fail_over_under_inserts(&cluster, "freeze", true, || cluster.signal(0, libc::SIGSTOP).unwrap()).await;
     cluster.signal(0, libc::SIGCONT).unwrap();
-    wait_for(
-        "the thawed old primary fenced read-only",
-        Duration::from_secs(20),
-        || {
-            cluster
-                .sql(0, "SHOW default_transaction_read_only")
-                .ok()
-                .filter(|v| v == "on")
-        },
-    );
-    let before = ids_on(&cluster, 0).len();
+    old_primary_fenced_and_unwritten(&cluster, &proxy, new);
+}
+
+/// The old primary, back as a primary on its old timeline, is made read-only by
+/// Switchyard and gets none of the writes sent through rw (which land on `new`).
+fn old_primary_fenced_and_unwritten(cluster: &LocalCluster, proxy: &Proxy, new: usize) {
+    wait_for("the old primary fenced read-only", Duration::from_secs(20), || {
+        cluster
+            .sql(0, "SHOW default_transaction_read_only")
+            .ok()
+            .filter(|v| v == "on")
+    });
+    let before = ids_on(cluster, 0).len();
     for i in 0..20 {
         psql(proxy.rw, &format!("INSERT INTO ids VALUES ({})", 900_000_000 + i)).unwrap();
     }
-    assert_eq!(lands_on(&cluster, proxy.rw), Ok(new));
-    assert_eq!(
-        ids_on(&cluster, 0).len(),
-        before,
-        "the old primary took writes after it thawed"
-    );
+    assert_eq!(lands_on(cluster, proxy.rw), Ok(new));
+    assert_eq!(ids_on(cluster, 0).len(), before, "the old primary took writes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

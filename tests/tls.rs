@@ -70,21 +70,6 @@ fn make_certs(dir: &Path, prefix: &str) -> (PathBuf, PathBuf, PathBuf) {
     (p("ca.crt"), p("server.crt"), p("server.key"))
 }
 
-/// psql with a libpq connection string; Ok(stdout) or Err(stderr).
-fn psql_conn(conninfo: &str, sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql, conninfo])
-        .env("PGPASSWORD", APP_PASSWORD)
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .expect("run psql");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
-    }
-}
-
 fn tls_top(cert: &Path, key: &Path) -> String {
     format!(
         "[health]\ninterval_ms = 500\nuser = \"{APP_USER}\"\n\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[[users]]\nname = \"ops\"\npassword = \"ops\"\nadmin = true\n",
@@ -110,11 +95,11 @@ fn clients_connect_over_tls_in_both_pool_modes() {
     ] {
         let proxy = Proxy::start(&cluster, name, mode, &tls_top(&cert, &key));
         // verify-full: the proxy's certificate, for this host name, from this CA.
-        let port_row = psql_conn(&verify_full(proxy.rw, &ca, APP_DB), "SELECT inet_server_port()").unwrap();
+        let port_row = psql_conninfo(&verify_full(proxy.rw, &ca, APP_DB), "SELECT inet_server_port()").unwrap();
         assert_eq!(node_of(&cluster, &port_row), 0);
         // Reads through ro, over TLS too.
         assert_eq!(
-            psql_conn(&verify_full(proxy.ro, &ca, APP_DB), "SELECT pg_is_in_recovery()").unwrap(),
+            psql_conninfo(&verify_full(proxy.ro, &ca, APP_DB), "SELECT pg_is_in_recovery()").unwrap(),
             "t"
         );
         // A plaintext client is still served (client_tls defaults to "allow").
@@ -122,10 +107,10 @@ fn clients_connect_over_tls_in_both_pool_modes() {
             "host=127.0.0.1 port={} user={APP_USER} dbname={APP_DB} sslmode=disable",
             proxy.rw
         );
-        assert_eq!(psql_conn(&plain, "SELECT 1").unwrap(), "1");
+        assert_eq!(psql_conninfo(&plain, "SELECT 1").unwrap(), "1");
         // A certificate from another CA is refused by the client, as it should be.
         let (other_ca, _, _) = make_certs(cluster.dir(), "other-");
-        let err = psql_conn(&verify_full(proxy.rw, &other_ca, APP_DB), "SELECT 1").unwrap_err();
+        let err = psql_conninfo(&verify_full(proxy.rw, &other_ca, APP_DB), "SELECT 1").unwrap_err();
         assert!(err.contains("certificate verify failed"), "{err}");
         // The admin console over TLS.
         let console = format!(
@@ -133,7 +118,7 @@ fn clients_connect_over_tls_in_both_pool_modes() {
             proxy.rw,
             ca.display()
         );
-        let nodes = psql_conn(&console, "SHOW NODES").unwrap();
+        let nodes = psql_conninfo(&console, "SHOW NODES").unwrap();
         assert!(nodes.contains("|up|primary|"), "{nodes}");
     }
     // pgbench over TLS on the transaction-mode proxy, tables in place now.
@@ -167,9 +152,12 @@ fn require_refuses_plaintext_before_authentication_and_cancel_works_over_tls() {
         "host=127.0.0.1 port={} user={APP_USER} dbname={APP_DB} sslmode=disable",
         proxy.rw
     );
-    let err = psql_conn(&plain, "SELECT 1").unwrap_err();
+    let err = psql_conninfo(&plain, "SELECT 1").unwrap_err();
     assert!(err.contains("requires TLS") && err.contains("sslmode=require"), "{err}");
-    assert_eq!(psql_conn(&verify_full(proxy.rw, &ca, APP_DB), "SELECT 1").unwrap(), "1");
+    assert_eq!(
+        psql_conninfo(&verify_full(proxy.rw, &ca, APP_DB), "SELECT 1").unwrap(),
+        "1"
+    );
     // A statement cancelled over TLS (psycopg: the session and its cancel request).
     let out = python(
         "tls_cancel.py",
@@ -210,9 +198,9 @@ fn certificates_are_reloaded_without_dropping_sessions() {
     wait_for(
         "new connections with the new certificate",
         Duration::from_secs(10),
-        || psql_conn(&verify_full(proxy.rw, &new_ca, APP_DB), "SELECT 1").ok(),
+        || psql_conninfo(&verify_full(proxy.rw, &new_ca, APP_DB), "SELECT 1").ok(),
     );
-    assert!(psql_conn(&verify_full(proxy.rw, &ca, APP_DB), "SELECT 1").is_err());
+    assert!(psql_conninfo(&verify_full(proxy.rw, &ca, APP_DB), "SELECT 1").is_err());
     // The session from before still works.
     let stdin = held.stdin.as_mut().unwrap();
     writeln!(stdin, "SELECT 'after';").unwrap();
@@ -228,7 +216,7 @@ fn certificates_are_reloaded_without_dropping_sessions() {
         proxy.log_text().contains("reload rejected").then_some(())
     });
     assert_eq!(
-        psql_conn(&verify_full(proxy.rw, &new_ca, APP_DB), "SELECT 1").unwrap(),
+        psql_conninfo(&verify_full(proxy.rw, &new_ca, APP_DB), "SELECT 1").unwrap(),
         "1"
     );
 }

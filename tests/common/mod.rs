@@ -141,26 +141,36 @@ fn psql_run(port: u16, user: &str, password: &str, db: &str, statements: &[&str]
     for sql in statements {
         cmd.args(["-c", sql]);
     }
-    let out = cmd
-        .args([
-            "-X",
-            "-q",
-            "-At",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            user,
-            "-d",
-            db,
-        ])
-        .env("PGPASSWORD", password)
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .expect("run psql");
+    cmd.args([
+        "-X",
+        "-q",
+        "-At",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        user,
+        "-d",
+        db,
+    ])
+    .env("PGPASSWORD", password);
+    run_psql(&mut cmd)
+}
+
+/// psql with a libpq connection string (TLS options and the like), as the app user.
+pub fn psql_conninfo(conninfo: &str, sql: &str) -> Result<String, String> {
+    let mut cmd = Command::new("psql");
+    cmd.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql, conninfo])
+        .env("PGPASSWORD", APP_PASSWORD);
+    run_psql(&mut cmd)
+}
+
+/// Ok(stdout) or Err(stderr), trimmed; a connection attempt bounded to 10 s.
+fn run_psql(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.env("PGCONNECT_TIMEOUT", "10").output().expect("run psql");
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
