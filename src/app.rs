@@ -157,6 +157,29 @@ fn reload(shared: &Shared) -> Result<String, String> {
     Ok(summary)
 }
 
+/// A config file with secrets in it should not be readable by every local user.
+fn warn_if_readable_by_others(path: &std::path::Path, config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    let inline_secret = config
+        .users
+        .iter()
+        .any(|u| u.password.is_some() && u.password_file.is_none() && u.password_env.is_none())
+        || config.clusters.values().any(|c| {
+            c.manager.as_ref().is_some_and(|m| {
+                m.password.as_deref().is_some_and(|p| !p.is_empty())
+                    && m.password_file.is_none()
+                    && m.password_env.is_none()
+            })
+        })
+        || (config.admin.token.is_some() && config.admin.token_file.is_none() && config.admin.token_env.is_none());
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    if inline_secret && meta.permissions().mode() & 0o004 != 0 {
+        warn!(path = %path.display(), "the config file holds passwords and any local user can read it: chmod o-r it, or move the secrets to password_file / password_env");
+    }
+}
+
 /// A running proxy: its shared state and the addresses it listens on.
 pub struct Proxy {
     pub shared: Arc<Shared>,
@@ -167,6 +190,9 @@ pub struct Proxy {
 impl Proxy {
     /// Bind every listener, start the health monitors and accept loops.
     pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Proxy> {
+        if let Some(p) = &config_path {
+            warn_if_readable_by_others(p, &config);
+        }
         let (shutdown_tx, shutdown) = watch::channel(false);
         let mut clusters = BTreeMap::new();
         let mut listeners = Vec::new();

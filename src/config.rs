@@ -18,6 +18,29 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// Fill `value` from `file` or `env` when one is given (only one of the three may be).
+fn secret(
+    key: &str,
+    value: &mut Option<String>,
+    file: &Option<std::path::PathBuf>,
+    env: &Option<String>,
+) -> Result<(), ConfigError> {
+    if value.is_some() as u8 + file.is_some() as u8 + env.is_some() as u8 > 1 {
+        return Err(invalid(key, format!("give only one of {key}, {key}_file, {key}_env")));
+    }
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| invalid(format!("{key}_file"), format!("cannot read {}: {e}", f.display())))?;
+        *value = Some(text.trim_end_matches(['\n', '\r']).to_string());
+    }
+    if let Some(var) = env {
+        let v = std::env::var(var)
+            .map_err(|_| invalid(format!("{key}_env"), format!("environment variable {var} is not set")))?;
+        *value = Some(v);
+    }
+    Ok(())
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -105,6 +128,12 @@ pub struct HealthConfig {
     /// Login used by the health monitor; defaults to the first `[[users]]` entry.
     pub user: Option<String>,
     pub password: Option<String>,
+    /// The password read from this file (trailing newline dropped) instead.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// The password taken from this environment variable instead.
+    #[serde(default)]
+    pub password_env: Option<String>,
     /// Database the monitor connects to.
     #[serde(default = "d_postgres")]
     pub database: String,
@@ -119,6 +148,8 @@ impl Default for HealthConfig {
             fall: 2,
             user: None,
             password: None,
+            password_file: None,
+            password_env: None,
             database: d_postgres(),
         }
     }
@@ -139,6 +170,14 @@ impl HealthConfig {
 pub struct AdminConfig {
     /// `/health`, `/status`, `/metrics`, the status page; off when unset.
     pub http_listen: Option<String>,
+    /// A bearer token required by the admin HTTP endpoint for everything but `/health`
+    /// and the Patroni-style role checks; from the config, a file or the environment.
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub token_env: Option<String>,
 }
 
 /// Settings of the client-facing side that are not per cluster.
@@ -201,6 +240,12 @@ pub struct UserConfig {
     pub name: String,
     /// Plaintext: the proxy needs it both to check clients and to log in to servers.
     pub password: Option<String>,
+    /// The password read from this file (trailing newline dropped) instead.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// The password taken from this environment variable instead.
+    #[serde(default)]
+    pub password_env: Option<String>,
     #[serde(default = "d_auth")]
     pub auth: AuthMethod,
     /// May use the admin console (database `switchyard`).
@@ -350,6 +395,10 @@ pub struct ManagerConfig {
     pub user: String,
     #[serde(default)]
     pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
 }
 
 impl ClusterConfig {
@@ -473,9 +522,38 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.resolve_secrets()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Passwords and the admin token given as `*_file` or `*_env` are read into their
+    /// plain field, so that nothing else needs to know where they came from.
+    fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        let h = &mut self.health;
+        secret("health.password", &mut h.password, &h.password_file, &h.password_env)?;
+        let a = &mut self.admin;
+        secret("admin.token", &mut a.token, &a.token_file, &a.token_env)?;
+        for (i, u) in self.users.iter_mut().enumerate() {
+            secret(
+                &format!("users[{i}].password"),
+                &mut u.password,
+                &u.password_file,
+                &u.password_env,
+            )?;
+        }
+        for (name, c) in self.clusters.iter_mut() {
+            if let Some(m) = c.manager.as_mut() {
+                secret(
+                    &format!("clusters.{name}.manager.password"),
+                    &mut m.password,
+                    &m.password_file,
+                    &m.password_env,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     pub fn user(&self, name: &str) -> Option<&UserConfig> {
@@ -776,6 +854,40 @@ port = 5432
         assert_eq!(
             with("").unwrap().clusters["main"].failover_hold(),
             Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn passwords_may_come_from_a_file_or_the_environment_but_only_one_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "from-file\n").unwrap();
+        let c = Config::parse(&GOOD.replace("password = \"secret\"", &format!("password_file = \"{}\"", f.display())))
+            .unwrap();
+        assert_eq!(c.users[0].password.as_deref(), Some("from-file"));
+        std::env::set_var("SWITCHYARD_TEST_PW", "from-env");
+        let c = Config::parse(&GOOD.replace("password = \"secret\"", "password_env = \"SWITCHYARD_TEST_PW\"")).unwrap();
+        assert_eq!(c.users[0].password.as_deref(), Some("from-env"));
+        let err = Config::parse(&GOOD.replace("password = \"secret\"", "password_env = \"SWITCHYARD_NO_SUCH_VAR\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("users[0].password_env") && err.contains("SWITCHYARD_NO_SUCH_VAR"),
+            "{err}"
+        );
+        let err = Config::parse(&GOOD.replace(
+            "password = \"secret\"",
+            "password = \"x\"\npassword_env = \"SWITCHYARD_TEST_PW\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("give only one of"), "{err}");
+        let err = Config::parse(&GOOD.replace("password = \"secret\"", "password_file = \"/nonexistent/pw\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("users[0].password_file") && err.contains("/nonexistent/pw"),
+            "{err}"
         );
     }
 

@@ -210,6 +210,16 @@ fn admin_url(path: Option<&PathBuf>, url: Option<String>) -> Result<String> {
     })
 }
 
+/// The admin HTTP token: `SWITCHYARD_TOKEN`, else `admin.token` of the config.
+fn admin_token(path: Option<&PathBuf>) -> Option<String> {
+    std::env::var("SWITCHYARD_TOKEN")
+        .ok()
+        .or_else(|| path.and_then(|p| Config::load(p).ok()).and_then(|c| c.admin.token))
+}
+
+const TOKEN_HINT: &str =
+    "the admin endpoint wants its token (admin.token): set SWITCHYARD_TOKEN or give the --config that has it";
+
 fn switchover(path: Option<&PathBuf>, url: Option<String>, cluster: &str, to: &str) -> Result<()> {
     let base = admin_url(path, url)?;
     let url = format!("{}/clusters/{cluster}/switchover?to={to}", base.trim_end_matches('/'));
@@ -217,8 +227,15 @@ fn switchover(path: Option<&PathBuf>, url: Option<String>, cluster: &str, to: &s
         .http_status_as_error(false)
         .build()
         .new_agent();
-    let mut resp = agent.post(&url).send_empty().with_context(|| format!("POST {url}"))?;
+    let mut req = agent.post(&url);
+    if let Some(t) = admin_token(path) {
+        req = req.header("Authorization", &format!("Bearer {t}"));
+    }
+    let mut resp = req.send_empty().with_context(|| format!("POST {url}"))?;
     let status = resp.status().as_u16();
+    if status == 401 {
+        anyhow::bail!("{TOKEN_HINT}");
+    }
     let body: serde_json::Value = serde_json::from_str(&resp.body_mut().read_to_string()?)
         .context("unexpected answer from the switchover endpoint")?;
     if status != 200 {
@@ -239,12 +256,17 @@ fn switchover(path: Option<&PathBuf>, url: Option<String>, cluster: &str, to: &s
 fn status(path: Option<&PathBuf>, url: Option<String>, watch: bool) -> Result<()> {
     let base = admin_url(path, url)?;
     let url = format!("{}/status", base.trim_end_matches('/'));
+    let token = admin_token(path);
     loop {
-        let body = ureq::get(&url)
-            .call()
-            .with_context(|| format!("GET {url}"))?
-            .into_body()
-            .read_to_string()?;
+        let mut req = ureq::get(&url);
+        if let Some(t) = &token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let body = match req.call() {
+            Ok(r) => r.into_body().read_to_string()?,
+            Err(ureq::Error::StatusCode(401)) => anyhow::bail!("{TOKEN_HINT}"),
+            Err(e) => return Err(e).with_context(|| format!("GET {url}")),
+        };
         let doc: switchyard::admin::status::Status =
             serde_json::from_str(&body).context("unexpected /status document")?;
         let table = switchyard::admin::status::render_table(&doc);

@@ -19,15 +19,21 @@ use crate::frontend::shared::Shared;
 const PAGE: &str = include_str!("status.html");
 
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    // What shows or changes the cluster needs the token when `admin.token` is set; the
+    // page itself (no data in it), `/health` and the role checks load balancers poll
+    // do not.
+    let protected = Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/clusters/{name}/switchover", post(switchover))
+        .route_layer(axum::middleware::from_fn_with_state(shared.clone(), require_token));
     let app = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/health", get(health))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
         .route("/clusters/{name}/primary", get(primary))
         .route("/clusters/{name}/replica", get(replica))
         .route("/clusters/{name}/read-only", get(read_only))
-        .route("/clusters/{name}/switchover", post(switchover))
+        .merge(protected)
         .with_state(shared.clone());
     let mut shutdown = shared.shutdown.clone();
     let _ = axum::serve(listener, app)
@@ -35,6 +41,35 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let _ = shutdown.wait_for(|s| *s).await;
         })
         .await;
+}
+
+/// With `admin.token` set: `Authorization: Bearer <token>` or 401.
+async fn require_token(
+    State(shared): State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(token) = shared.config().admin.token.as_deref() {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "this endpoint needs the admin token: Authorization: Bearer <admin.token>\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// 200 while the proxy serves; 503 once it is shutting down.

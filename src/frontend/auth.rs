@@ -209,6 +209,8 @@ mod tests {
         UserConfig {
             name: "app".into(),
             password: Some(pw.into()),
+            password_file: None,
+            password_env: None,
             auth: AuthMethod::ScramSha256,
             admin: false,
         }
@@ -259,6 +261,8 @@ mod tests {
         let v = Verifier::new(&UserConfig {
             name: "app".into(),
             password: Some("pw".into()),
+            password_file: None,
+            password_env: None,
             auth: AuthMethod::Md5,
             admin: false,
         });

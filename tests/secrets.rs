@@ -1,0 +1,111 @@
+//! Secrets outside the config file, the admin HTTP token, and secrets kept out of
+//! what Switchyard shows.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+#[test]
+fn passwords_from_files_and_environment_and_a_token_for_the_admin_endpoint() {
+    let cluster = LocalCluster::start(1).unwrap();
+    let dir = cluster.dir();
+    std::fs::write(dir.join("app.pw"), format!("{APP_PASSWORD}\n")).unwrap();
+    std::fs::write(dir.join("manager.pw"), SUPERUSER_PASSWORD).unwrap();
+    const TOKEN: &str = "tok-5d1c-admin-secret";
+    std::fs::write(dir.join("admin.token"), TOKEN).unwrap();
+    let (rw, ro, admin) = (free_port(), free_port(), free_port());
+    // The generated config with every secret moved out of it.
+    let text = cluster
+        .config_toml(
+            rw,
+            ro,
+            &format!(
+                "pool_mode = \"transaction\"\n\n[clusters.main.manager]\nuser = \"postgres\"\npassword_file = \"{}\"\n",
+                dir.join("manager.pw").display()
+            ),
+        )
+        .replace(
+            &format!("password = \"{APP_PASSWORD}\""),
+            &format!("password_file = \"{}\"", dir.join("app.pw").display()),
+        );
+    let text = format!(
+        "[admin]\nhttp_listen = \"127.0.0.1:{admin}\"\ntoken_file = \"{}\"\n\n{text}",
+        dir.join("admin.token").display()
+    );
+    assert!(!text.contains(&format!("password = \"{APP_PASSWORD}\"")), "{text}");
+    let proxy = Proxy::launch(&cluster, "files", &text, rw, ro);
+
+    // Clients authenticate with the password from the file; the proxy logs in with it.
+    assert_eq!(psql(proxy.rw, "SELECT 1").unwrap(), "1");
+
+    // The token guards what shows or changes the cluster, not /health or role checks.
+    assert_eq!(http_get(admin, "/health").0, 200);
+    assert_eq!(http_get(admin, "/clusters/main/primary").0, 200);
+    assert_eq!(http_get(admin, "/").0, 200);
+    for path in ["/status", "/metrics"] {
+        let (code, body) = http_get(admin, path);
+        assert_eq!(code, 401, "{path}: {body}");
+    }
+    let bearer = |path: &str| {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let mut r = agent
+            .get(&format!("http://127.0.0.1:{admin}{path}"))
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    };
+    let (code, status) = bearer("/status");
+    assert_eq!(code, 200, "{status}");
+    let (code, metrics) = bearer("/metrics");
+    assert_eq!(code, 200);
+    // The CLI: told what is missing without the token, served with it.
+    let cli = |token: Option<&str>| {
+        let mut c = Command::new(switchyard_bin());
+        c.args(["status", "--url", &format!("http://127.0.0.1:{admin}")]);
+        c.env_remove("SWITCHYARD_TOKEN");
+        if let Some(t) = token {
+            c.env("SWITCHYARD_TOKEN", t);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = cli(None);
+    assert!(!ok && out.contains("SWITCHYARD_TOKEN"), "{out}");
+    let (ok, out) = cli(Some(TOKEN));
+    assert!(ok && out.contains("cluster main"), "{out}");
+
+    // No secret in what Switchyard shows or logs.
+    let console = psql_db(proxy.rw, APP_USER, APP_PASSWORD, "switchyard", "SHOW CLUSTERS").unwrap_err();
+    let log = proxy.log_text();
+    for (what, text) in [
+        ("/status", &status),
+        ("/metrics", &metrics),
+        ("log", &log),
+        ("console", &console),
+    ] {
+        for secret in [TOKEN, SUPERUSER_PASSWORD] {
+            assert!(!text.contains(secret), "{what} shows a secret");
+        }
+    }
+    // Secrets in files: no warning about the config's permissions.
+    assert!(!log.contains("any local user can read it"), "{log}");
+}
+
+#[test]
+fn a_world_readable_config_with_passwords_is_warned_about() {
+    let cluster = LocalCluster::start(0).unwrap();
+    // The usual test config: passwords inline, written with the default umask (0644).
+    let proxy = Proxy::start(&cluster, "inline", "", "");
+    wait_for("the warning", std::time::Duration::from_secs(5), || {
+        proxy.log_text().contains("any local user can read it").then_some(())
+    });
+}
