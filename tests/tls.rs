@@ -12,6 +12,11 @@ use common::*;
 
 /// A CA and a server certificate for localhost / 127.0.0.1 signed by it, in `dir`.
 fn make_certs(dir: &Path, prefix: &str) -> (PathBuf, PathBuf, PathBuf) {
+    make_certs_with(dir, prefix, "-sha256")
+}
+
+/// As `make_certs`, the server certificate signed with `digest` (`-sha384`...).
+fn make_certs_with(dir: &Path, prefix: &str, digest: &str) -> (PathBuf, PathBuf, PathBuf) {
     let p = |n: &str| dir.join(format!("{prefix}{n}"));
     let run = |args: &[&str]| {
         let out = Command::new("openssl").args(args).output().expect("run openssl");
@@ -102,6 +107,9 @@ fn clients_connect_over_tls_in_both_pool_modes() {
             psql_conninfo(&verify_full(proxy.ro, &ca, APP_DB), "SELECT pg_is_in_recovery()").unwrap(),
             "t"
         );
+        // SCRAM-SHA-256-PLUS: libpq binds to the certificate it saw, and insists.
+        let bound = format!("{} channel_binding=require", verify_full(proxy.rw, &ca, APP_DB));
+        assert_eq!(psql_conninfo(&bound, "SELECT 1").unwrap(), "1");
         // A plaintext client is still served (client_tls defaults to "allow").
         let plain = format!(
             "host=127.0.0.1 port={} user={APP_USER} dbname={APP_DB} sslmode=disable",
@@ -140,6 +148,17 @@ fn clients_connect_over_tls_in_both_pool_modes() {
             "{protocol}: {text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+#[test]
+fn channel_binding_follows_the_certificates_signature_hash() {
+    let cluster = LocalCluster::start(0).unwrap();
+    for digest in ["-sha384", "-sha512"] {
+        let (ca, cert, key) = make_certs_with(cluster.dir(), &digest[1..], digest);
+        let proxy = Proxy::start(&cluster, &digest[1..], "", &tls_top(&cert, &key));
+        let bound = format!("{} channel_binding=require", verify_full(proxy.rw, &ca, APP_DB));
+        assert_eq!(psql_conninfo(&bound, "SELECT 1").unwrap(), "1", "{digest}");
     }
 }
 

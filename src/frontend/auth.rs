@@ -1,4 +1,6 @@
-//! Client authentication to the proxy: SCRAM-SHA-256 (server side), md5, trust.
+//! Client authentication to the proxy: SCRAM-SHA-256 and, on TLS connections,
+//! SCRAM-SHA-256-PLUS with `tls-server-end-point` channel binding (server side), md5,
+//! trust.
 //!
 //! `postgres-protocol` implements only the client side of SCRAM (used for logging in to
 //! servers); no maintained crate implements PostgreSQL's server side (empty SCRAM
@@ -21,8 +23,10 @@ pub enum AuthError {
     Failed(String),
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
-    #[error("SCRAM channel binding is not supported (no TLS yet)")]
+    #[error("unsupported SCRAM channel binding type (only tls-server-end-point, on TLS connections)")]
     ChannelBinding,
+    #[error("SCRAM channel binding negotiation error: {0}")]
+    ChannelNegotiation(&'static str),
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
@@ -88,9 +92,14 @@ impl Verifier {
         }
     }
 
-    pub fn scram(&self) -> ScramExchange<'_> {
+    /// A SCRAM exchange. `channel`: the `tls-server-end-point` data of the TLS
+    /// connection, if it is one (then SCRAM-SHA-256-PLUS was offered); `plus`: the
+    /// client chose SCRAM-SHA-256-PLUS.
+    pub fn scram(&self, channel: Option<&[u8]>, plus: bool) -> ScramExchange<'_> {
         ScramExchange {
             verifier: self,
+            channel: channel.map(<[u8]>::to_vec),
+            plus,
             state: ScramState::Initial,
         }
     }
@@ -117,9 +126,11 @@ enum ScramState {
     Done,
 }
 
-/// One SCRAM-SHA-256 exchange, advanced a message at a time.
+/// One SCRAM-SHA-256(-PLUS) exchange, advanced a message at a time.
 pub struct ScramExchange<'a> {
     verifier: &'a Verifier,
+    channel: Option<Vec<u8>>,
+    plus: bool,
     state: ScramState,
 }
 
@@ -129,9 +140,28 @@ impl ScramExchange<'_> {
         let msg = std::str::from_utf8(msg).map_err(|_| AuthError::Malformed("not UTF-8"))?;
         // gs2-header: cbind-flag "," [authzid] ","
         let (flag, rest) = msg.split_once(',').ok_or(AuthError::Malformed("no gs2 header"))?;
+        // The rules of RFC 5802 section 6, as PostgreSQL applies them.
         match flag {
-            "n" | "y" => {}
+            "p=tls-server-end-point" if self.plus && self.channel.is_some() => {}
+            f if f.starts_with("p=") && !self.plus => {
+                return Err(AuthError::ChannelNegotiation(
+                    "channel binding requested without choosing SCRAM-SHA-256-PLUS",
+                ))
+            }
             f if f.starts_with("p=") => return Err(AuthError::ChannelBinding),
+            _ if self.plus => {
+                return Err(AuthError::ChannelNegotiation(
+                    "SCRAM-SHA-256-PLUS chosen without channel binding",
+                ))
+            }
+            // The client can bind but believes the server cannot, although it was
+            // offered the -PLUS mechanism: someone removed it on the way.
+            "y" if self.channel.is_some() => {
+                return Err(AuthError::ChannelNegotiation(
+                    "the client supports channel binding but did not see it offered",
+                ))
+            }
+            "n" | "y" => {}
             _ => return Err(AuthError::Malformed("bad channel binding flag")),
         }
         let (_authzid, bare) = rest.split_once(',').ok_or(AuthError::Malformed("no gs2 header"))?;
@@ -176,8 +206,13 @@ impl ScramExchange<'_> {
                 got_nonce = Some(v);
             }
         }
-        if cbind != Some(B64.encode(gs2_header.as_bytes()).as_str()) {
-            return Err(AuthError::Malformed("channel binding data does not match"));
+        // c= is the gs2 header, followed by the channel's data when bound.
+        let mut expected = gs2_header.as_bytes().to_vec();
+        if gs2_header.starts_with("p=") {
+            expected.extend_from_slice(self.channel.as_deref().unwrap_or_default());
+        }
+        if cbind != Some(B64.encode(&expected).as_str()) {
+            return Err(AuthError::ChannelNegotiation("channel binding data does not match"));
         }
         if got_nonce != Some(nonce.as_str()) {
             return Err(AuthError::Malformed("nonce does not match"));
@@ -220,7 +255,7 @@ mod tests {
     /// tokio-postgres uses), and check both sides accept each other.
     fn exchange(server_pw: &str, client_pw: &str) -> Result<(), AuthError> {
         let v = Verifier::new(&user(server_pw));
-        let mut server = v.scram();
+        let mut server = v.scram(None, false);
         let mut client = ScramSha256::new(client_pw.as_bytes(), ChannelBinding::unsupported());
         let first = server.client_first(client.message())?;
         client.update(first.as_bytes()).unwrap();
@@ -239,19 +274,59 @@ mod tests {
         assert_eq!(exchange("s3cret", "guess"), Err(AuthError::Failed("app".into())));
     }
 
+    /// SCRAM-SHA-256-PLUS: the client binds to `client_sees`, the server to its own.
+    fn exchange_plus(server_cb: &[u8], client_sees: &[u8]) -> Result<(), AuthError> {
+        let v = Verifier::new(&user("pw"));
+        let mut server = v.scram(Some(server_cb), true);
+        let mut client = ScramSha256::new(b"pw", ChannelBinding::tls_server_end_point(client_sees.to_vec()));
+        let first = server.client_first(client.message())?;
+        client.update(first.as_bytes()).unwrap();
+        let fin = server.client_final(client.message())?;
+        client.finish(fin.as_bytes()).expect("client accepts server signature");
+        Ok(())
+    }
+
     #[test]
-    fn scram_rejects_channel_binding_and_garbage() {
+    fn scram_plus_binds_to_the_tls_certificate() {
+        exchange_plus(b"hash of our certificate", b"hash of our certificate").unwrap();
+        // A man in the middle terminating TLS with another certificate.
+        assert!(matches!(
+            exchange_plus(b"hash of our certificate", b"hash of another"),
+            Err(AuthError::ChannelNegotiation(_))
+        ));
+    }
+
+    #[test]
+    fn scram_channel_binding_rules() {
         let v = Verifier::new(&user("x"));
+        // Binding without TLS (nothing to bind to) or without choosing -PLUS.
         assert_eq!(
-            v.scram().client_first(b"p=tls-server-end-point,,n=,r=abc"),
+            v.scram(None, false).client_first(b"p=tls-server-end-point,,n=,r=abc"),
+            Err(AuthError::ChannelNegotiation(
+                "channel binding requested without choosing SCRAM-SHA-256-PLUS"
+            ))
+        );
+        assert_eq!(
+            v.scram(Some(b"cb"), true).client_first(b"p=tls-unique,,n=,r=abc"),
             Err(AuthError::ChannelBinding)
         );
+        // -PLUS chosen, then not bound; "y" although -PLUS was offered (a downgrade).
         assert!(matches!(
-            v.scram().client_first(b"garbage"),
+            v.scram(Some(b"cb"), true).client_first(b"n,,n=,r=abc"),
+            Err(AuthError::ChannelNegotiation(_))
+        ));
+        assert!(matches!(
+            v.scram(Some(b"cb"), false).client_first(b"y,,n=,r=abc"),
+            Err(AuthError::ChannelNegotiation(_))
+        ));
+        // "y" where -PLUS was not offered (plaintext) is fine.
+        assert!(v.scram(None, false).client_first(b"y,,n=,r=abc").is_ok());
+        assert!(matches!(
+            v.scram(None, false).client_first(b"garbage"),
             Err(AuthError::Malformed(_))
         ));
         assert!(matches!(
-            v.scram().client_final(b"c=biws,r=x,p=AAAA"),
+            v.scram(None, false).client_final(b"c=biws,r=x,p=AAAA"),
             Err(AuthError::Malformed(_))
         ));
     }

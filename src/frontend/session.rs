@@ -157,13 +157,14 @@ pub async fn serve(
     let config = shared.config();
     let login_timeout = Duration::from_millis(config.proxy.client_login_timeout_ms);
     let tls_mode = config.clusters[&cluster.name].client_tls(config.tls.is_some());
-    let acceptor = match tls_mode {
+    let tls = match tls_mode {
         ClientTls::Disable => None,
         _ => shared.tls(),
     };
     let require_tls = (tls_mode == ClientTls::Require).then_some(cluster.name.as_str());
     let started = tokio::time::Instant::now();
-    let mut stream = match tokio::time::timeout(login_timeout, negotiate(tcp, acceptor.as_ref())).await {
+    let mut stream = match tokio::time::timeout(login_timeout, negotiate(tcp, tls.as_ref().map(|t| &t.acceptor))).await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(cluster = %cluster.name, peer = %peer, reason = %e, "client left during TLS negotiation");
@@ -172,7 +173,9 @@ pub async fn serve(
         Err(_) => return None,
     };
     let left = login_timeout.saturating_sub(started.elapsed());
-    let outcome = match tokio::time::timeout(left, login(&mut stream, &shared, require_tls)).await {
+    // SCRAM-SHA-256-PLUS binds to the certificate this connection's handshake used.
+    let channel = tls.as_ref().filter(|_| stream.is_tls()).map(|t| t.end_point.clone());
+    let outcome = match tokio::time::timeout(left, login(&mut stream, &shared, require_tls, channel.as_deref())).await {
         Ok(Ok(Some(client))) if client.database == ADMIN_DATABASE => {
             return Some(AdminClient {
                 stream,
@@ -359,11 +362,13 @@ async fn negotiate(tcp: TcpStream, acceptor: Option<&tokio_rustls::TlsAcceptor>)
 }
 
 /// Startup packet(s) and authentication. `None` for a CancelRequest. `require_tls`:
-/// the cluster's name when it refuses plaintext clients.
+/// the cluster's name when it refuses plaintext clients; `channel`: the TLS channel
+/// binding data when the connection is TLS (SCRAM-SHA-256-PLUS is then offered).
 async fn login(
     stream: &mut ClientStream,
     shared: &Shared,
     require_tls: Option<&str>,
+    channel: Option<&[u8]>,
 ) -> Result<Option<Client>, Reject> {
     let (minor, params) = loop {
         match read_startup(stream).await {
@@ -425,7 +430,7 @@ async fn login(
             "user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"
         )))
     })?;
-    authenticate(stream, verifier).await.map_err(|e| match e {
+    authenticate(stream, verifier, channel).await.map_err(|e| match e {
         Reject::Error(e) => {
             warn!(user = %user, reason = %e, "client authentication failed");
             Reject::Error(e)
@@ -440,7 +445,7 @@ async fn login(
     }))
 }
 
-async fn authenticate(stream: &mut ClientStream, v: &Verifier) -> Result<(), Reject> {
+async fn authenticate(stream: &mut ClientStream, v: &Verifier, channel: Option<&[u8]>) -> Result<(), Reject> {
     let mut out = BytesMut::new();
     let auth_failed = |e: AuthError| match e {
         AuthError::Failed(_) => Reject::Error(Error::auth_failed(e.to_string())),
@@ -458,7 +463,13 @@ async fn authenticate(stream: &mut ClientStream, v: &Verifier) -> Result<(), Rej
             v.check_md5(response, salt).map_err(auth_failed)?;
         }
         AuthMethod::ScramSha256 => {
-            messages::auth_sasl(&mut out, &["SCRAM-SHA-256"]);
+            // On TLS, -PLUS is offered first (clients that can bind prefer it).
+            let offered: &[&str] = if channel.is_some() {
+                &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+            } else {
+                &["SCRAM-SHA-256"]
+            };
+            messages::auth_sasl(&mut out, offered);
             stream.write_all(&out).await?;
             stream.flush().await?;
             let mut body = read_password_message(stream).await?;
@@ -467,12 +478,17 @@ async fn authenticate(stream: &mut ClientStream, v: &Verifier) -> Result<(), Rej
                 .iter()
                 .position(|&b| b == 0)
                 .ok_or_else(|| malformed("SASLInitialResponse without mechanism"))?;
-            if &body[..nul] != b"SCRAM-SHA-256" {
-                return Err(Reject::Error(Error::protocol(format!(
-                    "client selected SASL mechanism {:?}; only SCRAM-SHA-256 is offered",
-                    String::from_utf8_lossy(&body[..nul])
-                ))));
-            }
+            let plus = match &body[..nul] {
+                b"SCRAM-SHA-256" => false,
+                b"SCRAM-SHA-256-PLUS" if channel.is_some() => true,
+                other => {
+                    return Err(Reject::Error(Error::protocol(format!(
+                        "client selected SASL mechanism {:?}, which was not offered ({})",
+                        String::from_utf8_lossy(other),
+                        offered.join(", ")
+                    ))))
+                }
+            };
             body.advance(nul + 1);
             if body.len() < 4 {
                 return Err(malformed("SASLInitialResponse too short"));
@@ -481,7 +497,7 @@ async fn authenticate(stream: &mut ClientStream, v: &Verifier) -> Result<(), Rej
             if len < 0 || len as usize != body.len() {
                 return Err(malformed("SASLInitialResponse length mismatch"));
             }
-            let mut scram = v.scram();
+            let mut scram = v.scram(channel, plus);
             let first = scram.client_first(&body).map_err(auth_failed)?;
             out.clear();
             messages::auth_sasl_continue(&mut out, first.as_bytes());

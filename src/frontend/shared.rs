@@ -36,7 +36,7 @@ pub struct Shared {
     reloader: OnceLock<Reloader>,
     /// Client TLS, built from `[tls]` (rebuilt on reload: new certificates for new
     /// connections, sessions keep theirs).
-    tls: RwLock<Option<tokio_rustls::TlsAcceptor>>,
+    tls: RwLock<Option<crate::frontend::tls::TlsSetup>>,
 }
 
 fn verifiers(config: &Config) -> HashMap<String, Verifier> {
@@ -85,8 +85,8 @@ impl Shared {
         })
     }
 
-    /// The client TLS acceptor, if `[tls]` is configured.
-    pub fn tls(&self) -> Option<tokio_rustls::TlsAcceptor> {
+    /// The client TLS acceptor and channel binding data, if `[tls]` is configured.
+    pub fn tls(&self) -> Option<crate::frontend::tls::TlsSetup> {
         self.tls.read().unwrap().clone()
     }
 
