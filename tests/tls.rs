@@ -58,6 +58,7 @@ fn make_certs_with(dir: &Path, prefix: &str, digest: &str) -> (PathBuf, PathBuf,
     run(&[
         "x509",
         "-req",
+        digest,
         "-in",
         &s(&p("server.csr")),
         "-CA",
@@ -157,6 +158,16 @@ fn channel_binding_follows_the_certificates_signature_hash() {
     for digest in ["-sha384", "-sha512"] {
         let (ca, cert, key) = make_certs_with(cluster.dir(), &digest[1..], digest);
         let proxy = Proxy::start(&cluster, &digest[1..], "", &tls_top(&cert, &key));
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-text", "-in"])
+            .arg(&cert)
+            .output()
+            .unwrap();
+        let want = format!("{}WithRSAEncryption", &digest[1..]);
+        assert!(
+            String::from_utf8_lossy(&text.stdout).contains(&want),
+            "not signed with {want}"
+        );
         let bound = format!("{} channel_binding=require", verify_full(proxy.rw, &ca, APP_DB));
         assert_eq!(psql_conninfo(&bound, "SELECT 1").unwrap(), "1", "{digest}");
     }
