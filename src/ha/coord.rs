@@ -69,6 +69,9 @@ pub struct Coordinator {
     view: Mutex<View>,
     /// The current lease (0: none).
     lease: Mutex<i64>,
+    /// When the lease was last granted or renewed (the request's start, on our clock:
+    /// etcd counts from no earlier). The watchdog stops writes before it can lapse.
+    renewed: Mutex<Option<Instant>>,
 }
 
 static COORDINATOR: OnceLock<Arc<Coordinator>> = OnceLock::new();
@@ -254,12 +257,44 @@ pub fn spawn(shared: Arc<Shared>, cfg: CoordinationConfig) -> JoinHandle<()> {
             ..View::default()
         }),
         lease: Mutex::new(0),
+        renewed: Mutex::new(None),
     });
     let _ = COORDINATOR.set(coord.clone());
     for ctx in shared.clusters.values() {
         apply(ctx, &coord.view(), true);
     }
+    tokio::spawn(watchdog(shared.clone(), coord.clone(), lease_ttl));
     tokio::spawn(run(shared, coord, lease_ttl))
+}
+
+/// Independent of how long an etcd call takes (a black-holed member costs a whole
+/// timeout per endpoint): writes stop two polls before the lease could lapse in etcd.
+async fn watchdog(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Duration) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL / 2) => {}
+            _ = shutdown.changed() => return,
+        }
+        let renewed = *coord.renewed.lock().unwrap();
+        let lapsing = renewed.is_none_or(|r| r.elapsed() + 2 * POLL >= lease_ttl);
+        let view = {
+            let mut v = coord.view.lock().unwrap();
+            if !lapsing || v.cut_off.is_some() {
+                continue;
+            }
+            let why = format!(
+                "out of touch with etcd: its lease ({} s) was not renewed in time",
+                lease_ttl.as_secs()
+            );
+            warn!(instance = %coord.me(), "{why}; writes stop through this instance, reads go on");
+            v.cut_off = Some(why);
+            v.clone()
+        };
+        for ctx in shared.clusters.values() {
+            apply(ctx, &view, false);
+        }
+    }
 }
 
 /// What this instance wrote last (rewritten after a new lease).
@@ -273,8 +308,6 @@ struct Written {
 
 async fn run(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Duration) {
     let mut shutdown = shared.shutdown.clone();
-    // When the lease was last granted or renewed (the request's start).
-    let mut renewed = Instant::now();
     let mut last_ok: Option<Instant> = None;
     let mut written = Written::default();
     let mut last_error = String::new();
@@ -292,7 +325,7 @@ async fn run(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Duration) 
                 return;
             }
         }
-        match round(&shared, &coord, lease_ttl, &mut renewed, &mut written).await {
+        match round(&shared, &coord, lease_ttl, &mut written).await {
             Ok(view) => {
                 if last_ok.is_none() || coord.view().cut_off.is_some() {
                     info!(instance = %coord.me(), leader = ?view.leader, instances = ?view.instances.keys().collect::<Vec<_>>(), "in touch with etcd");
@@ -306,7 +339,8 @@ async fn run(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Duration) 
                 let since = last_ok.unwrap_or(started);
                 // Stop before the lease can have lapsed in etcd (another instance may
                 // then lead and move the primary), with a margin of two polls.
-                if renewed.elapsed() + 2 * POLL >= lease_ttl || last_ok.is_none() {
+                let renewed = *coord.renewed.lock().unwrap();
+                if renewed.is_none_or(|r| r.elapsed() + 2 * POLL >= lease_ttl) {
                     let why = format!(
                         "out of touch with etcd for {:.1} s, as long as its lease ({} s): {e}",
                         since.elapsed().as_secs_f64(),
@@ -337,20 +371,15 @@ async fn run(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Duration) 
 }
 
 /// Renew or take a lease, stand for leader, read everything.
-async fn round(
-    shared: &Shared,
-    coord: &Coordinator,
-    ttl: Duration,
-    renewed: &mut Instant,
-    written: &mut Written,
-) -> Result<View, EtcdError> {
+async fn round(shared: &Shared, coord: &Coordinator, ttl: Duration, written: &mut Written) -> Result<View, EtcdError> {
     let mut lease = *coord.lease.lock().unwrap();
-    if lease != 0 && renewed.elapsed() >= ttl / 3 {
+    let renewed = *coord.renewed.lock().unwrap();
+    if lease != 0 && renewed.is_none_or(|r| r.elapsed() >= ttl / 3) {
         // etcd counts the lease from when it handled the renewal: at the latest when
         // the request started, on our clock.
         let asked = Instant::now();
         if coord.etcd.keep_alive(lease).await? {
-            *renewed = asked;
+            *coord.renewed.lock().unwrap() = Some(asked);
         } else {
             warn!(instance = %coord.me(), "lease expired; registering again");
             lease = 0;
@@ -359,7 +388,7 @@ async fn round(
     if lease == 0 {
         let asked = Instant::now();
         lease = coord.etcd.grant(ttl).await?;
-        *renewed = asked;
+        *coord.renewed.lock().unwrap() = Some(asked);
         *written = Written {
             holding: std::mem::take(&mut written.holding),
             ..Written::default()

@@ -110,11 +110,13 @@ impl Drop for EtcdCluster {
     }
 }
 
-/// Forwards a loopback port to `target` until cut: then refuses new connections and
-/// resets the open ones, as a network partition would look to the client.
+/// Forwards a loopback port to `target` until cut (new connections refused, open ones
+/// reset) or frozen (nothing passes any more and nothing is closed: a black hole, where
+/// every request waits for its whole timeout).
 pub struct Forwarder {
     pub port: u16,
     cut: Arc<Mutex<bool>>,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
     conns: Arc<Mutex<Vec<std::net::TcpStream>>>,
 }
 
@@ -123,13 +125,19 @@ impl Forwarder {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(Mutex::new(false));
+        let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
-        let (c2, k2) = (cut.clone(), conns.clone());
+        let (c2, k2, f2) = (cut.clone(), conns.clone(), frozen.clone());
         std::thread::spawn(move || {
+            let mut held = Vec::new();
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
                 if *c2.lock().unwrap() {
                     drop(client);
+                    continue;
+                }
+                if f2.load(std::sync::atomic::Ordering::Relaxed) {
+                    held.push(client); // accepted, never answered
                     continue;
                 }
                 let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
@@ -142,14 +150,35 @@ impl Forwarder {
                     (client.try_clone().unwrap(), server.try_clone().unwrap()),
                     (server, client),
                 ] {
+                    let frozen = f2.clone();
                     std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            // Frozen: swallow, so the peer waits for an answer forever.
+                            if !frozen.load(std::sync::atomic::Ordering::Relaxed) && to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                         let _ = to.shutdown(std::net::Shutdown::Both);
                     });
                 }
             }
         });
-        Forwarder { port, cut, conns }
+        Forwarder {
+            port,
+            cut,
+            frozen,
+            conns,
+        }
+    }
+
+    pub fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn cut(&self) {
