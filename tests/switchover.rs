@@ -74,30 +74,14 @@ fn a_planned_switchover_under_pgbench_fails_no_transaction() {
     // failover2 follows the new primary: a table made there shows up on it.
     psql(proxy.rw, "CREATE TABLE after_switchover (v int)").unwrap();
     wait_for("failover2 replaying from failover1", Duration::from_secs(20), || {
-        cluster
-            .sql_db(
-                2,
-                APP_DB,
-                "SELECT count(*) FROM pg_class WHERE relname = 'after_switchover'",
-            )
-            .ok()
-            .filter(|n| n == "1")
+        has_table(&cluster, 2)
     });
     // demote_command made the old primary a standby of failover1: no longer fenced,
     // it streams the new timeline and the table made there shows up on it.
     wait_for(
         "the old primary demoted to a standby of failover1",
         Duration::from_secs(60),
-        || {
-            cluster
-                .sql_db(
-                    0,
-                    APP_DB,
-                    "SELECT count(*) FROM pg_class WHERE relname = 'after_switchover'",
-                )
-                .ok()
-                .filter(|n| n == "1")
-        },
+        || has_table(&cluster, 0),
     );
     let marker = std::fs::read_to_string(cluster.nodes[0].data.with_extension("demoted")).unwrap();
     assert_eq!(marker.trim(), "main default -> failover1");
@@ -107,4 +91,17 @@ fn a_planned_switchover_under_pgbench_fails_no_transaction() {
         let n = &doc["clusters"][0]["nodes"][0];
         (n["role"] == "standby" && n["fenced"] == false).then_some(())
     });
+}
+
+/// Node `i` has the table made on the new primary after the switchover (it replays it).
+fn has_table(cluster: &LocalCluster, i: usize) -> Option<()> {
+    cluster
+        .sql_db(
+            i,
+            APP_DB,
+            "SELECT count(*) FROM pg_class WHERE relname = 'after_switchover'",
+        )
+        .ok()
+        .filter(|n| n == "1")
+        .map(|_| ())
 }

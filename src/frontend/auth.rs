@@ -254,9 +254,20 @@ mod tests {
     /// Drive our server side with the client side of `postgres-protocol` (what
     /// tokio-postgres uses), and check both sides accept each other.
     fn exchange(server_pw: &str, client_pw: &str) -> Result<(), AuthError> {
+        run_exchange(server_pw, client_pw, None, ChannelBinding::unsupported())
+    }
+
+    /// One whole exchange; `server_cb`: the server's binding data (it offered -PLUS and
+    /// the client chose it), `client_cb`: what the client binds to.
+    fn run_exchange(
+        server_pw: &str,
+        client_pw: &str,
+        server_cb: Option<&[u8]>,
+        client_cb: ChannelBinding,
+    ) -> Result<(), AuthError> {
         let v = Verifier::new(&user(server_pw));
-        let mut server = v.scram(None, false);
-        let mut client = ScramSha256::new(client_pw.as_bytes(), ChannelBinding::unsupported());
+        let mut server = v.scram(server_cb, server_cb.is_some());
+        let mut client = ScramSha256::new(client_pw.as_bytes(), client_cb);
         let first = server.client_first(client.message())?;
         client.update(first.as_bytes()).unwrap();
         let fin = server.client_final(client.message())?;
@@ -276,14 +287,12 @@ mod tests {
 
     /// SCRAM-SHA-256-PLUS: the client binds to `client_sees`, the server to its own.
     fn exchange_plus(server_cb: &[u8], client_sees: &[u8]) -> Result<(), AuthError> {
-        let v = Verifier::new(&user("pw"));
-        let mut server = v.scram(Some(server_cb), true);
-        let mut client = ScramSha256::new(b"pw", ChannelBinding::tls_server_end_point(client_sees.to_vec()));
-        let first = server.client_first(client.message())?;
-        client.update(first.as_bytes()).unwrap();
-        let fin = server.client_final(client.message())?;
-        client.finish(fin.as_bytes()).expect("client accepts server signature");
-        Ok(())
+        run_exchange(
+            "pw",
+            "pw",
+            Some(server_cb),
+            ChannelBinding::tls_server_end_point(client_sees.to_vec()),
+        )
     }
 
     #[test]

@@ -11,16 +11,17 @@ use tokio::time::Instant;
 
 use std::sync::Arc;
 
-use crate::classify::{self, CausalStatement};
+use bytes::BytesMut;
+
+use crate::classify::{self, CausalStatement, CAUSAL_TOKEN};
 use crate::cluster::freshness::{self, Floor, Token, WriteFloor};
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Role};
 use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, ReadYourWrites};
 use crate::error::Error;
-use crate::frontend::txn::machine::CausalReply;
 use crate::obs::metrics::{ClusterLabels, Metrics};
-use crate::protocol::views;
+use crate::protocol::{messages, views};
 
 /// How long learning the primary's WAL position may take before a read gives up on a
 /// standby and goes to the primary (a healthy primary answers in well under 1 ms).
@@ -31,6 +32,30 @@ const ORACLE_WITHIN: Duration = Duration::from_secs(1);
 const SESSION_SET_WAIT: Duration = Duration::from_secs(1);
 
 /// The floor a client's reads must see.
+/// The answer to a causal-token statement (both pool modes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CausalReply {
+    /// `SHOW`: the token, empty if none.
+    Show(String),
+    Set,
+    Reset,
+}
+
+/// The answer to a causal-token statement, as a server would write it (then idle).
+pub fn write_causal_reply(out: &mut BytesMut, reply: Result<CausalReply, Error>) {
+    match reply {
+        Ok(CausalReply::Show(token)) => {
+            messages::row_description_text(out, &[CAUSAL_TOKEN]);
+            messages::data_row_text(out, &[token]);
+            messages::command_complete(out, "SHOW");
+        }
+        Ok(CausalReply::Set) => messages::command_complete(out, "SET"),
+        Ok(CausalReply::Reset) => messages::command_complete(out, "RESET"),
+        Err(e) => out.extend_from_slice(&e.to_error(None)),
+    }
+    messages::ready_for_query(out, b'I');
+}
+
 pub struct Causal {
     read_your_writes: bool,
     wait: Duration,

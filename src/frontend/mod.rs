@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod cancel;
 pub mod fresh;
+mod login;
 pub mod session;
 pub mod shared;
 pub mod tls;

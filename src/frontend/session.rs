@@ -2,7 +2,8 @@
 //! logging in there, then relaying both directions until one side ends or the node stops
 //! being a valid place for this session (it went down, or stopped being primary).
 //!
-//! States: `Startup` → `Authenticate` → `Connect` → `Relay`. Every way out before the
+//! States: `Negotiate` (TLS, `tls::negotiate`) → `Startup` → `Authenticate` (both in
+//! `login`) → `Connect` → `Relay`. Every way out before the
 //! relay sends the client one ErrorResponse with a SQLSTATE; a way out during the relay
 //! does so when the client's stream is at a message boundary.
 
@@ -11,8 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use rand::RngExt;
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -21,62 +21,26 @@ use tokio::sync::watch;
 
 use crate::backend::connector::{self, Accept};
 use crate::backend::server::{self, ServerConn};
-use crate::classify::CAUSAL_TOKEN;
 use crate::cluster::freshness::{self, Floor};
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, NodeStats, Role};
 use crate::cluster::ClusterCtx;
-use crate::config::AuthMethod;
 use crate::config::{ClientTls, Config, PoolMode};
 use crate::error::Error;
-use crate::frontend::auth::{AuthError, Verifier};
 use crate::frontend::cancel::Registration;
 use crate::frontend::fresh::{self, Causal, FreshMetrics};
+use crate::frontend::login::{login, Client, Reject};
 use crate::frontend::shared::Shared;
-use crate::frontend::tls::ClientStream;
+use crate::frontend::tls::{negotiate, write_flush, ClientStream};
 use crate::frontend::txn::{Driver, TxnClient};
 use crate::obs::clients::NewClient;
 use crate::obs::metrics::{ClusterLabels, EndpointLabels, RoutedLabels};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::messages;
-use crate::protocol::startup::{read_startup, StartupError, StartupPacket};
 use crate::protocol::tags::FrontendTag;
 use crate::protocol::views;
 
-/// Auth messages are tiny; PostgreSQL caps them similarly.
-const MAX_AUTH_MESSAGE: usize = 10000;
 const RELAY_BUFFER: usize = 8192;
-
-/// Why a session ends before the relay: what the client is told.
-#[derive(Debug)]
-enum Reject {
-    /// Send this error (ours, or the server's own ErrorResponse) as FATAL.
-    Error(Error),
-    /// The client went away; nothing to say.
-    Gone,
-}
-
-impl From<Error> for Reject {
-    fn from(e: Error) -> Self {
-        Reject::Error(e)
-    }
-}
-
-impl From<std::io::Error> for Reject {
-    fn from(_: std::io::Error) -> Self {
-        Reject::Gone
-    }
-}
-
-#[derive(Clone)]
-struct Client {
-    user: String,
-    database: String,
-    /// Startup parameters passed on to the server (application_name, options, ...).
-    params: Vec<(String, String)>,
-    /// The startup option `switchyard.causal_token`, not checked yet.
-    causal_token: Option<String>,
-}
 
 impl Client {
     /// Enter this client in the list operators see (SHOW CLIENTS, pools, shutdown).
@@ -302,244 +266,6 @@ async fn serve_transaction_mode(
     }
     gauge.dec();
     drop(entry);
-}
-
-/// Before the startup packet: TLS, if the client asks for it (SSLRequest, after an
-/// optional GSSENCRequest declined with `N`) and the cluster offers it, or directly
-/// (PostgreSQL 17's `sslnegotiation=direct`: a TLS ClientHello first, ALPN
-/// `postgresql` required). Otherwise the connection stays plain; `login` reads what
-/// follows (the startup packet, a CancelRequest).
-async fn negotiate(tcp: TcpStream, acceptor: Option<&tokio_rustls::TlsAcceptor>) -> std::io::Result<ClientStream> {
-    let mut tcp = tcp;
-    let mut waited = 0;
-    loop {
-        let mut head = [0u8; 8];
-        let n = tcp.peek(&mut head).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        // A TLS handshake record where TLS is on: direct TLS. (Where it is off, the
-        // bytes go to `login`, which refuses them as a malformed startup packet.)
-        if let (0x16, Some(acceptor)) = (head[0], acceptor) {
-            let mut tls = ClientStream::Tls(Box::new(acceptor.accept(tcp).await?));
-            let alpn_ok = match &tls {
-                ClientStream::Tls(t) => t.get_ref().1.alpn_protocol() == Some(crate::frontend::tls::ALPN_POSTGRESQL),
-                ClientStream::Plain(_) => false,
-            };
-            if !alpn_ok {
-                let e = Error::protocol("direct TLS connections must use ALPN \"postgresql\" (sslnegotiation=direct)");
-                let _ = write_flush(&mut tls, &e.to_fatal()).await;
-                return Err(std::io::Error::other("direct TLS without ALPN postgresql"));
-            }
-            return Ok(tls);
-        }
-        if n < 8 {
-            // The 8-byte request arrives in one piece from every client we know of;
-            // wait briefly for the rest, then let `login` read whatever this is.
-            if waited >= 25 {
-                return Ok(ClientStream::Plain(tcp));
-            }
-            waited += 1;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            continue;
-        }
-        let len = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-        let code = i32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-        let ssl = len == 8 && code == crate::protocol::startup::SSL_REQUEST_CODE;
-        let gss = len == 8 && code == crate::protocol::startup::GSSENC_REQUEST_CODE;
-        if !ssl && !gss {
-            return Ok(ClientStream::Plain(tcp));
-        }
-        tcp.read_exact(&mut head).await?;
-        match acceptor {
-            Some(acceptor) if ssl => {
-                tcp.write_all(b"S").await?;
-                return Ok(ClientStream::Tls(Box::new(acceptor.accept(tcp).await?)));
-            }
-            _ => tcp.write_all(b"N").await?,
-        }
-    }
-}
-
-/// Startup packet(s) and authentication. `None` for a CancelRequest. `require_tls`:
-/// the cluster's name when it refuses plaintext clients; `channel`: the TLS channel
-/// binding data when the connection is TLS (SCRAM-SHA-256-PLUS is then offered).
-async fn login(
-    stream: &mut ClientStream,
-    shared: &Shared,
-    require_tls: Option<&str>,
-    channel: Option<&[u8]>,
-) -> Result<Option<Client>, Reject> {
-    let (minor, params) = loop {
-        match read_startup(stream).await {
-            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
-                stream.write_all(b"N").await?;
-                stream.flush().await?
-            }
-            Ok(StartupPacket::Cancel { pid, key }) => {
-                shared.cancels.forward(pid, key).await;
-                return Ok(None);
-            }
-            Ok(StartupPacket::Startup { minor, params }) => break (minor, params),
-            Err(StartupError::Closed) | Err(StartupError::Io(_)) => return Err(Reject::Gone),
-            Err(e @ StartupError::UnsupportedProtocol { .. }) => {
-                return Err(Reject::Error(Error::unsupported(e.to_string())))
-            }
-            Err(e) => return Err(Reject::Error(Error::protocol(e.to_string()))),
-        }
-    };
-
-    if let (Some(cluster), false) = (require_tls, stream.is_tls()) {
-        return Err(Reject::Error(Error::not_authorized(format!(
-            "cluster \"{cluster}\" requires TLS (client_tls = \"require\"): connect with sslmode=require or stronger"
-        ))));
-    }
-    let mut user = None;
-    let mut database = None;
-    let mut passed = Vec::new();
-    let mut unrecognized = Vec::new();
-    for (k, v) in params {
-        match k.as_str() {
-            "user" => user = Some(v),
-            "database" => database = Some(v),
-            "replication" if !matches!(v.as_str(), "false" | "off" | "no" | "0") => {
-                return Err(Reject::Error(Error::unsupported(
-                    "replication connections are not supported through Switchyard; connect to the server directly",
-                )))
-            }
-            "replication" => {}
-            _ if k.starts_with("_pq_.") => unrecognized.push(k),
-            _ => passed.push((k, v)),
-        }
-    }
-    let causal_token = crate::protocol::startup::take_setting(&mut passed, CAUSAL_TOKEN);
-    let user = user
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| Reject::Error(Error::not_authorized("no user name specified in startup packet")))?;
-    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
-    if minor > 0 || !unrecognized.is_empty() {
-        let mut b = BytesMut::new();
-        messages::negotiate_protocol_version(&mut b, 0, &unrecognized);
-        stream.write_all(&b).await?;
-        stream.flush().await?;
-    }
-
-    let verifiers = shared.verifiers();
-    let verifier = verifiers.get(&user).ok_or_else(|| {
-        Reject::Error(Error::not_authorized(format!(
-            "user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"
-        )))
-    })?;
-    authenticate(stream, verifier, channel).await.map_err(|e| match e {
-        Reject::Error(e) => {
-            warn!(user = %user, reason = %e, "client authentication failed");
-            Reject::Error(e)
-        }
-        other => other,
-    })?;
-    Ok(Some(Client {
-        user,
-        database,
-        params: passed,
-        causal_token,
-    }))
-}
-
-async fn authenticate(stream: &mut ClientStream, v: &Verifier, channel: Option<&[u8]>) -> Result<(), Reject> {
-    let mut out = BytesMut::new();
-    let auth_failed = |e: AuthError| match e {
-        AuthError::Failed(_) => Reject::Error(Error::auth_failed(e.to_string())),
-        _ => Reject::Error(Error::protocol(e.to_string())),
-    };
-    match v.method {
-        AuthMethod::Trust => {}
-        AuthMethod::Md5 => {
-            let salt: [u8; 4] = rand::rng().random();
-            messages::auth_md5(&mut out, salt);
-            stream.write_all(&out).await?;
-            stream.flush().await?;
-            let body = read_password_message(stream).await?;
-            let response = body.strip_suffix(b"\0").unwrap_or(&body);
-            v.check_md5(response, salt).map_err(auth_failed)?;
-        }
-        AuthMethod::ScramSha256 => {
-            // On TLS, -PLUS is offered first (clients that can bind prefer it).
-            let offered: &[&str] = if channel.is_some() {
-                &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
-            } else {
-                &["SCRAM-SHA-256"]
-            };
-            messages::auth_sasl(&mut out, offered);
-            stream.write_all(&out).await?;
-            stream.flush().await?;
-            let mut body = read_password_message(stream).await?;
-            // SASLInitialResponse: mechanism name, int32 length, data.
-            let nul = body
-                .iter()
-                .position(|&b| b == 0)
-                .ok_or_else(|| malformed("SASLInitialResponse without mechanism"))?;
-            let plus = match &body[..nul] {
-                b"SCRAM-SHA-256" => false,
-                b"SCRAM-SHA-256-PLUS" if channel.is_some() => true,
-                other => {
-                    return Err(Reject::Error(Error::protocol(format!(
-                        "client selected SASL mechanism {:?}, which was not offered ({})",
-                        String::from_utf8_lossy(other),
-                        offered.join(", ")
-                    ))))
-                }
-            };
-            body.advance(nul + 1);
-            if body.len() < 4 {
-                return Err(malformed("SASLInitialResponse too short"));
-            }
-            let len = body.get_i32();
-            if len < 0 || len as usize != body.len() {
-                return Err(malformed("SASLInitialResponse length mismatch"));
-            }
-            let mut scram = v.scram(channel, plus);
-            let first = scram.client_first(&body).map_err(auth_failed)?;
-            out.clear();
-            messages::auth_sasl_continue(&mut out, first.as_bytes());
-            stream.write_all(&out).await?;
-            stream.flush().await?;
-            let body = read_password_message(stream).await?;
-            let fin = scram.client_final(&body).map_err(auth_failed)?;
-            out.clear();
-            messages::auth_sasl_final(&mut out, fin.as_bytes());
-            stream.write_all(&out).await?;
-            stream.flush().await?;
-        }
-    }
-    out.clear();
-    messages::auth_ok(&mut out);
-    stream.write_all(&out).await?;
-    stream.flush().await?;
-    Ok(())
-}
-
-fn malformed(what: &str) -> Reject {
-    Reject::Error(Error::protocol(format!("malformed authentication message: {what}")))
-}
-
-/// Read one PasswordMessage / SASL response ('p') during authentication.
-async fn read_password_message(stream: &mut ClientStream) -> Result<BytesMut, Reject> {
-    let tag = stream.read_u8().await?;
-    let len = stream.read_i32().await?;
-    if tag != b'p' {
-        return Err(Reject::Error(Error::protocol(format!(
-            "expected a password message, got message type '{}'",
-            tag as char
-        ))));
-    }
-    if len < 4 || len as usize > MAX_AUTH_MESSAGE {
-        return Err(Reject::Error(Error::protocol(format!(
-            "invalid password message length {len}"
-        ))));
-    }
-    let mut body = BytesMut::zeroed(len as usize - 4);
-    stream.read_exact(&mut body).await?;
-    Ok(body)
 }
 
 /// Choose a node and log in there, trying candidates in order, waiting for the
@@ -909,12 +635,6 @@ async fn relay(
         let _ = tokio::time::timeout(Duration::from_millis(200), server.stream.write_all(b"X\0\0\0\x04")).await;
     }
     end
-}
-
-/// Write and flush (a TLS stream keeps its last records buffered until flushed).
-async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
 }
 
 /// Send a last message (a FATAL ErrorResponse), bounded in time, then close without

@@ -1,6 +1,6 @@
-//! TLS for clients (rustls, no OpenSSL): the acceptor built from `[tls]`, and
-//! `ClientStream`, a client's socket either plain or encrypted, which every session
-//! reads and writes through.
+//! TLS for clients (rustls, no OpenSSL): the acceptor built from `[tls]`, `negotiate`
+//! (what comes before the startup packet), and `ClientStream`, a client's socket either
+//! plain or encrypted, which every session reads and writes through.
 //!
 //! Writers must `flush()` after each batch of writes: for a TLS stream the last records
 //! can stay in rustls' buffer otherwise (a no-op on a plain socket).
@@ -14,12 +14,15 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsConfig;
+use crate::error::Error;
 
 /// ALPN protocol name PostgreSQL 17 clients send (required for direct TLS).
 pub const ALPN_POSTGRESQL: &[u8] = b"postgresql";
@@ -174,6 +177,69 @@ pub enum ClientRead<'a> {
 pub enum ClientWrite<'a> {
     Plain(tokio::net::tcp::WriteHalf<'a>),
     Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+/// Write and flush (a TLS stream keeps its last records buffered until flushed).
+pub async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+/// Before the startup packet: TLS, if the client asks for it (SSLRequest, after an
+/// optional GSSENCRequest declined with `N`) and the cluster offers it, or directly
+/// (PostgreSQL 17's `sslnegotiation=direct`: a TLS ClientHello first, ALPN
+/// `postgresql` required). Otherwise the connection stays plain; `login` reads what
+/// follows (the startup packet, a CancelRequest).
+pub async fn negotiate(tcp: TcpStream, acceptor: Option<&tokio_rustls::TlsAcceptor>) -> std::io::Result<ClientStream> {
+    let mut tcp = tcp;
+    let mut waited = 0;
+    loop {
+        let mut head = [0u8; 8];
+        let n = tcp.peek(&mut head).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        // A TLS handshake record where TLS is on: direct TLS. (Where it is off, the
+        // bytes go to `login`, which refuses them as a malformed startup packet.)
+        if let (0x16, Some(acceptor)) = (head[0], acceptor) {
+            let mut tls = ClientStream::Tls(Box::new(acceptor.accept(tcp).await?));
+            let alpn_ok = match &tls {
+                ClientStream::Tls(t) => t.get_ref().1.alpn_protocol() == Some(ALPN_POSTGRESQL),
+                ClientStream::Plain(_) => false,
+            };
+            if !alpn_ok {
+                let e = Error::protocol("direct TLS connections must use ALPN \"postgresql\" (sslnegotiation=direct)");
+                let _ = write_flush(&mut tls, &e.to_fatal()).await;
+                return Err(std::io::Error::other("direct TLS without ALPN postgresql"));
+            }
+            return Ok(tls);
+        }
+        if n < 8 {
+            // The 8-byte request arrives in one piece from every client we know of;
+            // wait briefly for the rest, then let `login` read whatever this is.
+            if waited >= 25 {
+                return Ok(ClientStream::Plain(tcp));
+            }
+            waited += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let len = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let code = i32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+        let ssl = len == 8 && code == crate::protocol::startup::SSL_REQUEST_CODE;
+        let gss = len == 8 && code == crate::protocol::startup::GSSENC_REQUEST_CODE;
+        if !ssl && !gss {
+            return Ok(ClientStream::Plain(tcp));
+        }
+        tcp.read_exact(&mut head).await?;
+        match acceptor {
+            Some(acceptor) if ssl => {
+                tcp.write_all(b"S").await?;
+                return Ok(ClientStream::Tls(Box::new(acceptor.accept(tcp).await?)));
+            }
+            _ => tcp.write_all(b"N").await?,
+        }
+    }
 }
 
 /// Delegate AsyncRead / AsyncWrite to whichever variant is inside.

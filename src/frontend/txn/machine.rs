@@ -18,8 +18,9 @@ use super::state::SessionState;
 use super::statements::Statements;
 use super::unit;
 use crate::backend::pool::ConnState;
-use crate::classify::{self, CausalStatement, Classification, Classifier, CAUSAL_TOKEN};
+use crate::classify::{self, CausalStatement, Classification, Classifier};
 use crate::error::{Error, SqlState};
+pub use crate::frontend::fresh::{write_causal_reply, CausalReply};
 use crate::protocol::messages;
 use crate::protocol::tags::{FrontendTag, TxStatus};
 use crate::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
@@ -39,15 +40,6 @@ pub enum Action {
     /// Answer `SHOW`/`SET`/`RESET switchyard.causal_token` (the driver keeps the token
     /// and calls `on_causal_reply`).
     Causal(CausalStatement),
-}
-
-/// The driver's answer to `Action::Causal`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CausalReply {
-    /// `SHOW`: the token, empty if none.
-    Show(String),
-    Set,
-    Reset,
 }
 
 pub struct Config {
@@ -776,21 +768,6 @@ impl<'a> Machine<'a> {
             Error::evicted(node_up, reason)
         }));
     }
-}
-
-/// The answer to a causal-token statement, as a server would write it (then idle).
-pub fn write_causal_reply(out: &mut BytesMut, reply: Result<CausalReply, Error>) {
-    match reply {
-        Ok(CausalReply::Show(token)) => {
-            messages::row_description_text(out, &[CAUSAL_TOKEN]);
-            messages::data_row_text(out, &[token]);
-            messages::command_complete(out, "SHOW");
-        }
-        Ok(CausalReply::Set) => messages::command_complete(out, "SET"),
-        Ok(CausalReply::Reset) => messages::command_complete(out, "RESET"),
-        Err(e) => out.extend_from_slice(&e.to_error(None)),
-    }
-    messages::ready_for_query(out, b'I');
 }
 
 /// Server messages larger than this are passed on as they arrive rather than whole.

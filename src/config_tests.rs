@@ -1,0 +1,134 @@
+use super::*;
+
+#[test]
+fn pool_sizes_are_shared_among_workers() {
+    let s = PoolSettings {
+        size: 5,
+        min_size: 3,
+        idle_timeout: Duration::from_secs(1),
+        lifetime: Duration::from_secs(1),
+        checkout_timeout: Duration::from_secs(1),
+    };
+    let parts: Vec<(u32, u32)> = (0..2).map(|w| s.share(w, 2)).map(|p| (p.size, p.min_size)).collect();
+    assert_eq!(parts, vec![(3, 2), (2, 1)]);
+    assert_eq!(s.share(0, 1).size, 5);
+    // Fewer connections than workers: one each.
+    let one = PoolSettings {
+        size: 1,
+        min_size: 0,
+        ..s
+    };
+    assert_eq!((one.share(0, 4).size, one.share(3, 4).size), (1, 1));
+}
+
+const GOOD: &str = r#"
+[health]
+interval_ms = 500
+[[users]]
+name = "app"
+password = "secret"
+[clusters.main]
+listen_rw = "127.0.0.1:6432"
+listen_ro = "127.0.0.1:6433"
+[[clusters.main.nodes]]
+name = "default"
+host = "127.0.0.1"
+port = 5432
+"#;
+
+#[test]
+fn contract_example_parses_with_defaults() {
+    let c = Config::parse(GOOD).unwrap();
+    assert_eq!(c.health.interval_ms, 500);
+    assert_eq!(c.health.fall, 2);
+    let m = &c.clusters["main"];
+    assert_eq!(m.max_replica_lag_ms, 10000);
+    assert_eq!(m.read_balance, ReadBalance::Priority);
+    assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+    assert_eq!(c.health_login(), ("app".into(), Some("secret".into())));
+}
+
+#[test]
+fn client_tls_needs_a_certificate_and_automatic_failover_a_manager() {
+    let with = |extra: &str| Config::parse(&GOOD.replace("[clusters.main]\n", &format!("[clusters.main]\n{extra}\n")));
+    let err = with("client_tls = \"require\"").unwrap_err().to_string();
+    assert!(
+        err.contains("clusters.main.client_tls") && err.contains("[tls]"),
+        "{err}"
+    );
+    let c = with("").unwrap();
+    assert_eq!(c.clusters["main"].client_tls(false), ClientTls::Disable);
+    assert_eq!(c.clusters["main"].client_tls(true), ClientTls::Allow);
+    let err = with("failover = \"automatic\"").unwrap_err().to_string();
+    assert!(
+        err.contains("clusters.main.failover") && err.contains("manager"),
+        "{err}"
+    );
+    let c = Config::parse(&format!(
+        "{}\n[clusters.main.manager]\nuser = \"postgres\"\n",
+        GOOD.replace("[clusters.main]\n", "[clusters.main]\nfailover = \"automatic\"\n")
+    ))
+    .unwrap();
+    assert_eq!(c.clusters["main"].failover_hold(), Duration::from_secs(10));
+    assert_eq!(
+        with("").unwrap().clusters["main"].failover_hold(),
+        Duration::from_secs(5)
+    );
+}
+
+#[test]
+fn passwords_may_come_from_a_file_or_the_environment_but_only_one_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("pw");
+    std::fs::write(&f, "from-file\n").unwrap();
+    let c =
+        Config::parse(&GOOD.replace("password = \"secret\"", &format!("password_file = \"{}\"", f.display()))).unwrap();
+    assert_eq!(c.users[0].password.as_deref(), Some("from-file"));
+    std::env::set_var("SWITCHYARD_TEST_PW", "from-env");
+    let c = Config::parse(&GOOD.replace("password = \"secret\"", "password_env = \"SWITCHYARD_TEST_PW\"")).unwrap();
+    assert_eq!(c.users[0].password.as_deref(), Some("from-env"));
+    let err = Config::parse(&GOOD.replace("password = \"secret\"", "password_env = \"SWITCHYARD_NO_SUCH_VAR\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("users[0].password_env") && err.contains("SWITCHYARD_NO_SUCH_VAR"),
+        "{err}"
+    );
+    let err = Config::parse(&GOOD.replace(
+        "password = \"secret\"",
+        "password = \"x\"\npassword_env = \"SWITCHYARD_TEST_PW\"",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("give only one of"), "{err}");
+    let err = Config::parse(&GOOD.replace("password = \"secret\"", "password_file = \"/nonexistent/pw\""))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("users[0].password_file") && err.contains("/nonexistent/pw"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let err = Config::parse(&GOOD.replace("interval_ms", "intervall_ms")).unwrap_err();
+    assert!(err.to_string().contains("intervall_ms"), "{err}");
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let cases = [
+        (GOOD.replace("6433", "x"), "clusters.main.listen_ro"),
+        (GOOD.replace("interval_ms = 500", "fall = 0"), "health.fall"),
+        (GOOD.replace("password = \"secret\"", ""), "users[0].password"),
+        (
+            GOOD.replace("\"127.0.0.1:6433\"", "\"127.0.0.1:6432\""),
+            "clusters.main.listen_ro",
+        ),
+    ];
+    for (text, key) in cases {
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.to_string().starts_with(key), "expected {key}: {err}");
+    }
+}
