@@ -212,6 +212,13 @@ impl LocalCluster {
         self.dir.path().join(format!("{}.log", self.nodes[i].name))
     }
 
+    /// The last `lines` lines of node `i`'s server log (for test failure messages).
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.log(i)).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Start (or restart) node `i` and wait until it accepts connections.
     pub fn start_node(&self, i: usize) -> Result<()> {
         let n = &self.nodes[i];

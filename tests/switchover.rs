@@ -73,9 +73,15 @@ fn a_planned_switchover_under_pgbench_fails_no_transaction() {
     assert_eq!(lands_on(&cluster, proxy.rw), Ok(1));
     // failover2 follows the new primary: a table made there shows up on it.
     psql(proxy.rw, "CREATE TABLE after_switchover (v int)").unwrap();
-    wait_for("failover2 replaying from failover1", Duration::from_secs(20), || {
-        has_table(&cluster, 2)
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while has_table(&cluster, 2).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "failover2 did not replay from failover1 within 20 s; its log:\n{}",
+            cluster.log_tail(2, 30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // demote_command made the old primary a standby of failover1: no longer fenced,
     // it streams the new timeline and the table made there shows up on it.
     wait_for(

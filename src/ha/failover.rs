@@ -19,8 +19,9 @@
 //!    window (then the primary is alive, only cut off from Switchyard: no failover).
 //! 3. **fence**: the old primary is `fenced` in routing (never chosen as primary again
 //!    until it reports being a standby; a newer timeline also rules it out).
-//! 4. **promote** the chosen standby (`pg_promote`), 5. **repoint** the others, 6. look at
-//!    the new primary at once so routing picks it without waiting for the next check.
+//! 4. **repoint** the other standbys at the chosen one (they cascade from it and follow
+//!    its timeline switch), 5. **promote** it (`pg_promote`), 6. look at the new
+//!    primary at once so routing picks it without waiting for the next check.
 //! 7. In the background, the old primary is watched for ten minutes: if it comes back
 //!    as a primary it is made read-only and its sessions are ended; `demote_command`, if
 //!    configured, is run.
@@ -290,8 +291,11 @@ async fn failover(
     info!(cluster = %ctx.name, old = %old_node.name, new = %new_node.name,
           received = ?target.received, old_lsn = ?old_node.lsn, "automatic failover: promoting the most caught-up standby");
 
-    // 3. fence (in routing), 4. promote
+    // 3. fence (in routing), 4. repoint the other standbys at the target while it is
+    // still a standby (they cascade from it and follow its timeline switch; see
+    // switchover.rs for why not after), 5. promote
     ctx.set_fenced(&old_node.name, true);
+    manager::repoint_standbys(&ctx.name, &manager, snap, &[old, target.index], &new_node.addr, timeout).await;
     let promoted = async {
         let c = manager::connect(&manager, &new_node.addr, &new_node.name, timeout).await?;
         manager::promote(&c, &new_node.name, Duration::from_secs(30)).await?;
@@ -309,8 +313,7 @@ async fn failover(
         .promoted(&format!("failover {} -> {}", old_node.name, new_node.name));
     shared.metrics.promoted(&ctx.name, "failover");
 
-    // 5. repoint, 6. route
-    manager::repoint_standbys(&ctx.name, &manager, snap, &[old, target.index], &new_node.addr, timeout).await;
+    // 6. route
     let asked = std::time::Instant::now();
     if let Ok(Ok(obs)) = tokio::time::timeout(timeout, health::check_now(&new_conn)).await {
         ctx.state.record_from(&new_node.name, Ok(obs), asked, h.rise, h.fall);

@@ -13,8 +13,13 @@
 //!    position (flushed, after a commit of our own). Routing stops taking it as the
 //!    primary (`fenced`), whatever the split-brain rule.
 //! 4. **catch up**: wait until the target has replayed that position.
-//! 5. **promote**: `pg_promote()` on the target.
-//! 6. **repoint**: every other standby gets the target in its `primary_conninfo`.
+//! 5. **repoint**: every other standby gets the target in its `primary_conninfo`, while
+//!    the target is still a standby: they cascade from it and follow its timeline
+//!    switch at promotion. Repointed after the promotion instead, a standby still
+//!    streaming from the old primary could receive WAL the target never had (the
+//!    old primary's shutdown checkpoint when `demote_command` stops it, a
+//!    running-transactions record) and be left unable to follow the new timeline.
+//! 6. **promote**: `pg_promote()` on the target.
 //! 7. **route**: wait until the health monitor sees the target as the primary.
 //! 8. **release**: RESUME; held transactions run on the new primary.
 //!
@@ -265,15 +270,17 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     }
     mark("catch up", &mut steps);
 
-    // 5. promote: from here on there is no going back.
+    // 5. repoint the other standbys at the target before it is promoted (best effort:
+    // a failure is reported, not fatal). Not undone if the promotion fails: they
+    // then cascade from the target, which still streams from the old primary.
+    manager::repoint_standbys(cluster, &manager, &snap, &[p, target], &new.addr, login_timeout).await;
+    mark("repoint", &mut steps);
+
+    // 6. promote: from here on there is no going back.
     manager::promote(&new_conn, &new.name, left("promote")?)
         .await
         .map_err(|e| fail("promote", e))?;
     mark("promote", &mut steps);
-
-    // 6. repoint the other standbys (best effort: a failure is reported, not fatal).
-    manager::repoint_standbys(cluster, &manager, &snap, &[p, target], &new.addr, login_timeout).await;
-    mark("repoint", &mut steps);
 
     // 7. route: publish it (coordination), check the new primary now (as the monitor would at its next tick), then
     // wait until routing picks it.
