@@ -22,6 +22,7 @@ use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, Config};
 use crate::frontend::session;
 use crate::frontend::shared::Shared;
+use crate::tls::ServerTls;
 
 fn policy(c: &ClusterConfig) -> Policy {
     Policy {
@@ -45,7 +46,7 @@ fn start_monitors(shared: &Shared) {
     let observer: health::Observer =
         Arc::new(move |cluster, node, took, t| metrics.observe_check(cluster, node, took, t));
     for (name, ctx) in &shared.clusters {
-        ctx.freshness.set_login(login.clone());
+        ctx.freshness.set_login(login.clone(), ctx.server_tls());
         let mut monitors = ctx.monitors.lock().unwrap();
         for (_, task) in monitors.drain() {
             task.abort();
@@ -59,6 +60,7 @@ fn start_monitors(shared: &Shared) {
                 node: n.name.clone(),
                 host: n.host.clone(),
                 port: n.port,
+                tls: ctx.server_tls(),
             };
             let task = health::spawn(
                 target,
@@ -85,10 +87,23 @@ fn reload(shared: &Shared) -> Result<String, String> {
         error!(path = %path.display(), reason = %e, "reload rejected; the running config stays");
         format!("reload rejected, the running config stays: {e}")
     })?;
+    let mut server_tls = Vec::new();
+    for (name, c) in &new.clusters {
+        let tls = ServerTls::new(c.server_tls, c.server_ca_file.as_deref()).map_err(|e| {
+            error!(path = %path.display(), cluster = %name, reason = %e, "reload rejected; the running config stays");
+            format!("reload rejected, the running config stays: clusters.{name}: {e}")
+        })?;
+        server_tls.push((name.clone(), tls));
+    }
     shared.reload_tls(&new).map_err(|e| {
         error!(path = %path.display(), reason = %e, "reload rejected; the running config stays");
         format!("reload rejected, the running config stays: {e}")
     })?;
+    for (name, tls) in server_tls {
+        if let Some(ctx) = shared.clusters.get(&name) {
+            ctx.set_server_tls(tls);
+        }
+    }
     let old = shared.config();
     let mut notes = Vec::new();
     for (name, c) in &new.clusters {
@@ -208,6 +223,8 @@ impl Proxy {
                 Classifier::new(&c.read_only_functions),
                 c.listen_rw.clone(),
                 c.listen_ro.clone(),
+                ServerTls::new(c.server_tls, c.server_ca_file.as_deref())
+                    .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?,
             ));
             for (addr, endpoint) in [(&c.listen_rw, Endpoint::ReadWrite), (&c.listen_ro, Endpoint::ReadOnly)] {
                 if let Some(addr) = addr {
@@ -365,7 +382,7 @@ async fn prune_pools(shared: Arc<Shared>, worker: usize) {
                 .iter()
                 .any(|n| n.name == p.key.node && n.addr == p.key.addr && n.is_usable());
             if up {
-                p.prewarm(snap.server_login_timeout);
+                p.prewarm(ctx.server_tls(), snap.server_login_timeout);
             } else {
                 p.clear_idle();
             }

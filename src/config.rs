@@ -2,6 +2,7 @@
 //! plus validation that names the offending key.
 
 use std::collections::{BTreeMap, HashSet};
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -77,6 +78,32 @@ pub struct TlsConfig {
     /// Client certificates signed by this CA are verified when presented.
     #[serde(default)]
     pub client_ca_file: Option<std::path::PathBuf>,
+}
+
+/// TLS toward a cluster's servers, as libpq's `sslmode`: `prefer` and `require`
+/// encrypt without checking who the server is; the verify modes check the certificate
+/// against `server_ca_file` (and, for `verify-full`, the node's host name).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerTlsMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl fmt::Display for ServerTlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServerTlsMode::Disable => "disable",
+            ServerTlsMode::Prefer => "prefer",
+            ServerTlsMode::Require => "require",
+            ServerTlsMode::VerifyCa => "verify-ca",
+            ServerTlsMode::VerifyFull => "verify-full",
+        })
+    }
 }
 
 /// Whether a cluster's listeners take TLS from clients.
@@ -238,7 +265,9 @@ pub enum AuthMethod {
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
-    /// Plaintext: the proxy needs it both to check clients and to log in to servers.
+    /// Plaintext, or a SCRAM verifier (`SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`,
+    /// as `pg_authid` stores it): then clients are checked against it and servers
+    /// holding the same verifier are answered with the key a client's login reveals.
     pub password: Option<String>,
     /// The password read from this file (trailing newline dropped) instead.
     #[serde(default)]
@@ -385,6 +414,12 @@ pub struct ClusterConfig {
     /// TLS from clients: default `allow` when `[tls]` is set, else `disable`.
     #[serde(default)]
     pub client_tls: Option<ClientTls>,
+    /// TLS toward the servers (default `prefer`, as libpq).
+    #[serde(default)]
+    pub server_tls: ServerTlsMode,
+    /// CA certificates (PEM) the servers' certificates are checked against.
+    #[serde(default)]
+    pub server_ca_file: Option<std::path::PathBuf>,
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
 }
@@ -512,6 +547,20 @@ fn d_split_brain() -> SplitBrainRule {
     SplitBrainRule::NewestTimeline
 }
 
+impl UserConfig {
+    /// The `password` is a SCRAM verifier, not a password.
+    pub fn has_scram_verifier(&self) -> bool {
+        self.password
+            .as_deref()
+            .is_some_and(|p| p.starts_with("SCRAM-SHA-256$"))
+    }
+
+    /// The password, unless what is configured is a SCRAM verifier.
+    pub fn plaintext_password(&self) -> Option<&str> {
+        self.password.as_deref().filter(|_| !self.has_scram_verifier())
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -568,12 +617,12 @@ impl Config {
                     .health
                     .password
                     .clone()
-                    .or_else(|| self.user(u).and_then(|c| c.password.clone()));
+                    .or_else(|| self.user(u).and_then(|c| c.plaintext_password().map(str::to_string)));
                 (u.clone(), pw)
             }
             None => {
                 let u = &self.users[0];
-                (u.name.clone(), u.password.clone())
+                (u.name.clone(), u.plaintext_password().map(str::to_string))
             }
         }
     }
@@ -625,6 +674,30 @@ impl Config {
                     format!("required for auth = {:?}", u.auth),
                 ));
             }
+            if u.has_scram_verifier()
+                && u.password
+                    .as_deref()
+                    .and_then(crate::protocol::scram::ScramSecret::parse)
+                    .is_none()
+            {
+                return Err(invalid(
+                    format!("users[{i}].password"),
+                    "looks like a SCRAM verifier but is not one: expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> (base64), as in pg_authid.rolpassword",
+                ));
+            }
+            if u.has_scram_verifier() && u.auth != AuthMethod::ScramSha256 {
+                return Err(invalid(
+                    format!("users[{i}].auth"),
+                    "a SCRAM verifier as the password works with auth = \"scram-sha-256\" only (md5 and cleartext need the password itself)",
+                ));
+            }
+        }
+        let (health_user, health_password) = self.health_login();
+        if health_password.is_none() && self.user(&health_user).is_some_and(UserConfig::has_scram_verifier) {
+            return Err(invalid(
+                "health.password",
+                format!("required: user \"{health_user}\" has a SCRAM verifier in [[users]], and health checks need a password"),
+            ));
         }
         if let Some(u) = &h.user {
             if h.password.is_none() && self.user(u).is_none() {
@@ -700,6 +773,16 @@ impl Config {
                 return Err(invalid(
                     format!("clusters.{cname}.client_tls"),
                     "needs a [tls] section with cert_file and key_file",
+                ));
+            }
+            if matches!(c.server_tls, ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull) && c.server_ca_file.is_none()
+            {
+                return Err(invalid(
+                    format!("clusters.{cname}.server_tls"),
+                    format!(
+                        "\"{}\" needs server_ca_file (the CA that signed the servers' certificates)",
+                        c.server_tls
+                    ),
                 ));
             }
             if c.failover == FailoverMode::Automatic && c.manager.is_none() {

@@ -3,6 +3,8 @@
 //! Layers, each using only those before it (see ARCHITECTURE.md for the invariants):
 //! - [`protocol`], [`config`], [`error`], [`classify`]: wire-protocol codecs and views,
 //!   the TOML contract, the one error type, the statement classifier. No I/O.
+//! - [`tls`]: TLS toward servers (`server_tls`) and the plain-or-TLS stream both sides
+//!   share.
 //! - [`cluster`]: node state ([`cluster::topology`]), health checks
 //!   ([`cluster::health`]), the routing policy ([`cluster::routing`], pure).
 //! - [`backend`]: server login, connection pools, the connector.
@@ -30,3 +32,4 @@ pub mod ha;
 pub mod localcluster;
 pub mod obs;
 pub mod protocol;
+pub mod tls;

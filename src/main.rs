@@ -141,6 +141,14 @@ fn load(path: Option<&PathBuf>) -> Result<Config> {
 
 fn check(path: Option<&PathBuf>) -> Result<()> {
     let config = load(path)?;
+    // Files named by the config are read as the proxy would read them.
+    if let Some(tls) = &config.tls {
+        switchyard::frontend::tls::acceptor(tls).map_err(|e| anyhow::anyhow!(e))?;
+    }
+    for (name, c) in &config.clusters {
+        switchyard::tls::ServerTls::new(c.server_tls, c.server_ca_file.as_deref())
+            .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?;
+    }
     let nodes: usize = config.clusters.values().map(|c| c.nodes.len()).sum();
     println!(
         "config ok: {} cluster(s), {nodes} node(s), {} user(s)",

@@ -109,3 +109,78 @@ fn a_world_readable_config_with_passwords_is_warned_about() {
         proxy.log_text().contains("any local user can read it").then_some(())
     });
 }
+
+/// `[[users]]` with `pg_authid`'s SCRAM verifier instead of a password, for `user`.
+fn verifier_config(cluster: &LocalCluster, rw: u16, ro: u16, mode: &str, verifier: &str) -> String {
+    cluster
+        .config_toml(rw, ro, &format!("pool_mode = \"{mode}\""))
+        .replace(
+            &format!("password = \"{APP_PASSWORD}\""),
+            &format!("password = \"{verifier}\""),
+        )
+        // Health checks need a password of their own (a verifier cannot log in by itself).
+        .replace(
+            "[health]\n",
+            &format!("[health]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\n"),
+        )
+}
+
+#[test]
+fn a_user_configured_with_a_scram_verifier_logs_in_to_servers_with_the_clients_key() {
+    use switchyard::protocol::scram::ScramSecret;
+    let cluster = LocalCluster::start(1).unwrap();
+    let verifier = cluster
+        .sql(
+            0,
+            &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{APP_USER}'"),
+        )
+        .unwrap();
+    // Our derivation gives the server's own verifier from the password and its salt.
+    let parsed = ScramSecret::parse(&verifier).expect("the server stores a SCRAM verifier");
+    assert_eq!(
+        ScramSecret::from_password(APP_PASSWORD, &parsed.salt, parsed.iterations).to_text(),
+        verifier
+    );
+    for mode in ["session", "transaction"] {
+        let (rw, ro) = (free_port(), free_port());
+        let text = verifier_config(&cluster, rw, ro, mode, &verifier);
+        assert!(!text.contains(&format!("password = \"{APP_PASSWORD}\"")), "{text}");
+        // Ready = a client logged in through both endpoints (the proxy then logs in to
+        // the servers with the key that client's login revealed).
+        let proxy = Proxy::launch(&cluster, &format!("verifier-{mode}"), &text, rw, ro);
+        psql(
+            proxy.rw,
+            "CREATE TABLE IF NOT EXISTS by_verifier (v int); INSERT INTO by_verifier VALUES (1)",
+        )
+        .unwrap();
+        assert!(psql(proxy.ro, "SELECT pg_is_in_recovery()").unwrap() == "t");
+        pgbench(proxy.rw, &["-i", "-s", "1", "-q"]);
+        let out = pgbench(proxy.rw, &["-c", "4", "-j", "2", "-T", "1", "-S"]);
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+        let err = psql_as(proxy.rw, APP_USER, "guess", "SELECT 1").unwrap_err();
+        assert!(err.contains("password authentication failed"), "{err}");
+    }
+    // A server holding another verifier (same password, another salt): the login to it
+    // fails with the reason, not as a wrong password.
+    cluster
+        .sql(0, &format!("CREATE ROLE twin LOGIN PASSWORD '{APP_PASSWORD}'"))
+        .unwrap();
+    let other = cluster
+        .sql(0, "SELECT rolpassword FROM pg_authid WHERE rolname = 'twin'")
+        .unwrap();
+    assert_ne!(other, verifier);
+    let (rw, ro) = (free_port(), free_port());
+    let proxy = Proxy::spawn(
+        &cluster,
+        "twin",
+        &verifier_config(&cluster, rw, ro, "session", &other),
+        rw,
+        ro,
+    );
+    let err = wait_for("the proxy up", std::time::Duration::from_secs(20), || {
+        psql(proxy.rw, "SELECT 1")
+            .err()
+            .filter(|e| !e.contains("Connection refused"))
+    });
+    assert!(err.contains("another SCRAM verifier"), "{err}");
+}

@@ -4,77 +4,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use common::certs::{make_certs, make_certs_with};
 use common::*;
-
-/// A CA and a server certificate for localhost / 127.0.0.1 signed by it, in `dir`.
-fn make_certs(dir: &Path, prefix: &str) -> (PathBuf, PathBuf, PathBuf) {
-    make_certs_with(dir, prefix, "-sha256")
-}
-
-/// As `make_certs`, the server certificate signed with `digest` (`-sha384`...).
-fn make_certs_with(dir: &Path, prefix: &str, digest: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let p = |n: &str| dir.join(format!("{prefix}{n}"));
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).output().expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
-    std::fs::write(p("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "30",
-        "-subj",
-        &format!("/CN={prefix}test-ca"),
-        "-keyout",
-        &s(&p("ca.key")),
-        "-out",
-        &s(&p("ca.crt")),
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        &s(&p("server.key")),
-        "-out",
-        &s(&p("server.csr")),
-    ]);
-    run(&[
-        "x509",
-        "-req",
-        digest,
-        "-in",
-        &s(&p("server.csr")),
-        "-CA",
-        &s(&p("ca.crt")),
-        "-CAkey",
-        &s(&p("ca.key")),
-        "-CAcreateserial",
-        "-days",
-        "30",
-        "-extfile",
-        &s(&p("san.ext")),
-        "-out",
-        &s(&p("server.crt")),
-    ]);
-    (p("ca.crt"), p("server.crt"), p("server.key"))
-}
 
 fn tls_top(cert: &Path, key: &Path) -> String {
     format!(

@@ -3,4 +3,5 @@
 
 pub mod connector;
 pub mod pool;
+pub mod scram;
 pub mod server;

@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
+use crate::backend::scram::Credential;
 use crate::backend::server::{self, ServerConn, ServerError};
 pub use crate::config::PoolSettings;
 use crate::protocol::views;
+use crate::tls::ServerTls;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PoolKey {
@@ -69,9 +71,9 @@ pub struct Pool {
     idle: Mutex<Vec<Idle>>,
     pub waiting: AtomicU32,
     pub open: AtomicU32,
-    /// The password of the pool's user, learned at the first checkout, so `min_pool_size`
-    /// connections can be opened ahead of demand.
-    password: Mutex<Option<Option<String>>>,
+    /// What the pool's user logs in with, learned at the first checkout, so
+    /// `min_pool_size` connections can be opened ahead of demand.
+    credential: Mutex<Option<Credential>>,
     warming: std::sync::atomic::AtomicBool,
 }
 
@@ -157,7 +159,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             waiting: AtomicU32::new(0),
             open: AtomicU32::new(0),
-            password: Mutex::new(None),
+            credential: Mutex::new(None),
             warming: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -191,15 +193,19 @@ impl Pool {
     /// `checkout_timeout` for a free slot.
     pub async fn checkout(
         self: &Arc<Self>,
-        password: Option<&str>,
+        credential: &Credential,
         require_primary: bool,
+        // Asked only when a new connection is opened (not on the hot path).
+        tls: impl FnOnce() -> Arc<ServerTls>,
         login_timeout: Duration,
     ) -> Result<PooledConn, PoolError> {
         let settings = *self.settings.lock().unwrap();
-        self.password
-            .lock()
-            .unwrap()
-            .get_or_insert_with(|| password.map(str::to_string));
+        {
+            let mut known = self.credential.lock().unwrap();
+            if matches!(*known, None | Some(Credential::Unlearned)) {
+                *known = Some(credential.clone());
+            }
+        }
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let permit = tokio::time::timeout(settings.checkout_timeout, self.permits.clone().acquire_owned()).await;
@@ -234,10 +240,11 @@ impl Pool {
         }
         let login = server::Login {
             user: &self.key.user,
-            password,
+            credential,
             database: &self.key.database,
             params: &[],
             require_primary,
+            tls: &tls(),
         };
         let conn = server::connect(&self.key.addr, &login, login_timeout).await?;
         Ok(PooledConn::new(conn, self.clone(), Some(permit)))
@@ -278,9 +285,9 @@ impl Pool {
 
     /// Open connections up to `min_pool_size` in the background (called periodically
     /// for pools of nodes that are up). One at a time, so a slow server is not flooded.
-    pub fn prewarm(self: &Arc<Self>, login_timeout: Duration) {
+    pub fn prewarm(self: &Arc<Self>, tls: Arc<ServerTls>, login_timeout: Duration) {
         let s = *self.settings.lock().unwrap();
-        let Some(password) = self.password.lock().unwrap().clone() else {
+        let Some(credential) = self.credential.lock().unwrap().clone() else {
             return;
         };
         if self.open.load(Ordering::Relaxed) >= s.min_size || self.warming.swap(true, Ordering::AcqRel) {
@@ -290,10 +297,11 @@ impl Pool {
         tokio::spawn(async move {
             let login = server::Login {
                 user: &pool.key.user,
-                password: password.as_deref(),
+                credential: &credential,
                 database: &pool.key.database,
                 params: &[],
                 require_primary: false,
+                tls: &tls,
             };
             if let Ok(conn) = server::connect(&pool.key.addr, &login, login_timeout).await {
                 let conn = PooledConn::new(conn, pool.clone(), None);
@@ -315,8 +323,7 @@ impl Pool {
 /// A pooled connection whose server went away has EOF (or an error) waiting; a healthy
 /// idle one has nothing to read.
 fn alive(conn: &ServerConn) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(conn.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    conn.stream.idle_and_open()
 }
 
 /// All pools of the proxy.

@@ -7,10 +7,11 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 
+use crate::backend::scram::{Credential, KeyedScram};
 use crate::error::Error;
+use crate::tls::{write_flush, ServerStream, ServerTls};
 
 /// Messages during login are small; anything bigger is a broken or hostile server.
 const MAX_STARTUP_MESSAGE: u32 = 1 << 20;
@@ -55,7 +56,7 @@ impl ServerError {
 }
 
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// ParameterStatus and NoticeResponse messages from login, raw, to pass on.
     pub startup_messages: BytesMut,
     pub pid: i32,
@@ -64,11 +65,13 @@ pub struct ServerConn {
 
 pub struct Login<'a> {
     pub user: &'a str,
-    pub password: Option<&'a str>,
+    pub credential: &'a Credential,
     pub database: &'a str,
     /// Other startup parameters from the client (application_name, options, ...).
     pub params: &'a [(String, String)],
     pub require_primary: bool,
+    /// The cluster's `server_tls`.
+    pub tls: &'a ServerTls,
 }
 
 pub async fn connect(addr: &str, login: &Login<'_>, timeout: Duration) -> Result<ServerConn, ServerError> {
@@ -79,8 +82,7 @@ pub async fn connect(addr: &str, login: &Login<'_>, timeout: Duration) -> Result
 }
 
 async fn connect_inner(addr: &str, login: &Login<'_>) -> Result<ServerConn, ServerError> {
-    let stream = TcpStream::connect(addr).await.map_err(ServerError::Connect)?;
-    stream.set_nodelay(true)?;
+    let stream = login.tls.connect(addr).await.map_err(ServerError::Connect)?;
     let mut conn = Wire {
         stream,
         buf: BytesMut::with_capacity(4096),
@@ -90,7 +92,7 @@ async fn connect_inner(addr: &str, login: &Login<'_>) -> Result<ServerConn, Serv
     params.extend(login.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut out = BytesMut::new();
     frontend::startup_message(params.iter().copied(), &mut out)?;
-    conn.stream.write_all(&out).await?;
+    write_flush(&mut conn.stream, &out).await?;
 
     authenticate(&mut conn, login).await?;
 
@@ -142,14 +144,23 @@ async fn connect_inner(addr: &str, login: &Login<'_>) -> Result<ServerConn, Serv
 
 async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerError> {
     let need_password = |what: &str| -> Result<&[u8], ServerError> {
-        login.password.map(str::as_bytes).ok_or_else(|| {
-            ServerError::Auth(format!(
+        match login.credential {
+            Credential::Password(pw) => Ok(pw.as_bytes()),
+            Credential::Scram(_) | Credential::Unlearned => Err(ServerError::Auth(format!(
+                "{what} but user \"{}\" is configured with a SCRAM verifier, not a password (make the server use scram-sha-256)",
+                login.user
+            ))),
+            Credential::None => Err(ServerError::Auth(format!(
                 "{what} but user \"{}\" has no password in the config",
                 login.user
-            ))
-        })
+            ))),
+        }
     };
-    let mut scram: Option<ScramSha256> = None;
+    enum Scram {
+        Password(ScramSha256),
+        Keyed(KeyedScram),
+    }
+    let mut scram: Option<Scram> = None;
     let mut out = BytesMut::new();
     loop {
         let (tag, body) = conn.read_message().await?;
@@ -188,24 +199,48 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
                             .collect::<Vec<_>>()
                     )));
                 }
-                let s = ScramSha256::new(need_password("SCRAM-SHA-256")?, ChannelBinding::unsupported());
-                frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)?;
-                scram = Some(s);
+                let first = match login.credential {
+                    Credential::Scram(keys) => {
+                        let (s, first) = KeyedScram::start(keys.clone());
+                        scram = Some(Scram::Keyed(s));
+                        first.into_bytes()
+                    }
+                    Credential::Unlearned => {
+                        return Err(ServerError::Auth(format!(
+                            "SCRAM-SHA-256 for user \"{}\", configured with a verifier, before any client logged in as it (the key a client's login reveals is what Switchyard answers with)",
+                            login.user
+                        )))
+                    }
+                    _ => {
+                        let s = ScramSha256::new(need_password("SCRAM-SHA-256")?, ChannelBinding::unsupported());
+                        let first = s.message().to_vec();
+                        scram = Some(Scram::Password(s));
+                        first
+                    }
+                };
+                frontend::sasl_initial_response("SCRAM-SHA-256", &first, &mut out)?;
             }
             11 => {
-                let s = scram
-                    .as_mut()
-                    .ok_or_else(|| ServerError::Protocol("SASL continue before start".into()))?;
-                s.update(&body[4..])
-                    .map_err(|e| ServerError::Auth(format!("a SCRAM exchange that failed: {e}")))?;
-                frontend::sasl_response(s.message(), &mut out)?;
+                let failed = |e: String| ServerError::Auth(format!("a SCRAM exchange that failed: {e}"));
+                match scram.as_mut() {
+                    Some(Scram::Password(s)) => {
+                        s.update(&body[4..]).map_err(|e| failed(e.to_string()))?;
+                        frontend::sasl_response(s.message(), &mut out)?;
+                    }
+                    Some(Scram::Keyed(s)) => {
+                        let fin = s.server_first(&body[4..]).map_err(failed)?;
+                        frontend::sasl_response(fin.as_bytes(), &mut out)?;
+                    }
+                    None => return Err(ServerError::Protocol("SASL continue before start".into())),
+                }
             }
             12 => {
-                let mut s = scram
-                    .take()
-                    .ok_or_else(|| ServerError::Protocol("SASL final before start".into()))?;
-                s.finish(&body[4..])
-                    .map_err(|e| ServerError::Auth(format!("a SCRAM exchange whose server proof is wrong: {e}")))?;
+                let wrong = |e: String| ServerError::Auth(format!("a SCRAM exchange whose server proof is wrong: {e}"));
+                match scram.take() {
+                    Some(Scram::Password(mut s)) => s.finish(&body[4..]).map_err(|e| wrong(e.to_string()))?,
+                    Some(Scram::Keyed(s)) => s.server_final(&body[4..]).map_err(wrong)?,
+                    None => return Err(ServerError::Protocol("SASL final before start".into())),
+                }
                 continue;
             }
             other => {
@@ -214,7 +249,7 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
                 )))
             }
         }
-        conn.stream.write_all(&out).await?;
+        write_flush(&mut conn.stream, &out).await?;
     }
 }
 
@@ -250,7 +285,7 @@ fn refused(body: &[u8]) -> ServerError {
 
 /// A server connection during login: whole messages, read one at a time.
 struct Wire {
-    stream: TcpStream,
+    stream: ServerStream,
     buf: BytesMut,
 }
 
@@ -278,7 +313,7 @@ impl Wire {
     async fn ask_in_recovery(&mut self) -> Result<bool, ServerError> {
         let mut out = BytesMut::new();
         frontend::query("SELECT pg_is_in_recovery()", &mut out)?;
-        self.stream.write_all(&out).await?;
+        write_flush(&mut self.stream, &out).await?;
         let mut answer = None;
         loop {
             let (tag, body) = self.read_message().await?;

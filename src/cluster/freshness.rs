@@ -29,10 +29,11 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use crate::cluster::health::{parse_lsn, Login};
 use crate::cluster::topology::{ClusterSnapshot, ClusterState, Health, Role};
+use crate::tls::ServerTls;
 
 /// A WAL position on a timeline: what a read must see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,7 +217,8 @@ const PROBE_LINGER: Duration = Duration::from_secs(1);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The health user's login, replaced on reload; read by the tasks at each (re)connect.
-type SharedLogin = Arc<Mutex<Option<Arc<Login>>>>;
+/// The health user's login and the cluster's `server_tls`.
+type SharedLogin = Arc<Mutex<Option<(Arc<Login>, Arc<ServerTls>)>>>;
 
 /// The I/O half: oracle and probes of one cluster.
 pub struct Freshness {
@@ -281,9 +283,10 @@ impl Freshness {
         }
     }
 
-    /// The login for the oracle and probes (the health user's); set on start and reload.
-    pub fn set_login(&self, login: Arc<Login>) {
-        *self.login.lock().unwrap() = Some(login);
+    /// The login for the oracle and probes (the health user's, with the cluster's
+    /// `server_tls`); set on start and reload.
+    pub fn set_login(&self, login: Arc<Login>, tls: Arc<ServerTls>) {
+        *self.login.lock().unwrap() = Some((login, tls));
     }
 
     /// A floor at or after every write the primary acknowledged before this call: the
@@ -374,7 +377,7 @@ impl Freshness {
 
 /// A connection to `addr` ("host:port") as the health user.
 async fn open(addr: &str, login: &SharedLogin, app: &str) -> Option<Client> {
-    let login = login.lock().unwrap().clone()?;
+    let (login, tls) = login.lock().unwrap().clone()?;
     let (host, port) = addr.rsplit_once(':')?;
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(host.trim_start_matches('[').trim_end_matches(']'))
@@ -386,7 +389,8 @@ async fn open(addr: &str, login: &SharedLogin, app: &str) -> Option<Client> {
     if let Some(pw) = &login.password {
         cfg.password(pw);
     }
-    let (client, connection) = tokio::time::timeout(QUERY_TIMEOUT, cfg.connect(NoTls))
+    let connector = tls.postgres(&mut cfg);
+    let (client, connection) = tokio::time::timeout(QUERY_TIMEOUT, cfg.connect(connector))
         .await
         .ok()?
         .ok()?;

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 use tracing::{info, warn};
 
 use crate::cluster::topology::{ClusterState, Health, Observation, Role, Transition};
 use crate::config::HealthConfig;
+use crate::tls::ServerTls;
 
 /// One round trip answers everything: role, lag, WAL position, timeline.
 /// The standby's own lag figure (0 when everything received has been replayed, else the
@@ -44,6 +45,8 @@ pub struct Target {
     pub node: String,
     pub host: String,
     pub port: u16,
+    /// The cluster's `server_tls` (a certificate that fails it makes the node Down).
+    pub tls: Arc<ServerTls>,
 }
 
 pub struct Login {
@@ -170,7 +173,8 @@ async fn open(target: &Target, login: &Login) -> Result<Session, String> {
     if let Some(pw) = &login.password {
         cfg.password(pw);
     }
-    let (client, connection) = cfg.connect(NoTls).await.map_err(describe)?;
+    let connector = target.tls.postgres(&mut cfg);
+    let (client, connection) = cfg.connect(connector).await.map_err(describe)?;
     let task = tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -195,13 +199,19 @@ fn describe(e: tokio_postgres::Error) -> String {
         return db.message().to_string();
     }
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+    let tls = e.to_string().contains("TLS");
     while let Some(s) = src {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
             return match io.kind() {
                 std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
                 std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+                _ if tls => format!("{e}: {io}"),
                 _ => io.to_string(),
             };
+        }
+        // "error performing TLS handshake: server does not support TLS"
+        if tls {
+            return format!("{e}: {s}");
         }
         src = s.source();
     }

@@ -9,7 +9,7 @@ pub mod topology;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use tokio::sync::watch;
@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::classify::Classifier;
+use crate::tls::ServerTls;
 use topology::ClusterState;
 
 /// One cluster as sessions and operators see it.
@@ -42,6 +43,8 @@ pub struct ClusterCtx {
     pub(crate) monitors: Mutex<HashMap<String, JoinHandle<()>>>,
     /// The control plane's state: switchover and failover.
     pub ha: HaState,
+    /// TLS toward the nodes (`server_tls`), replaced on reload.
+    server_tls: RwLock<Arc<ServerTls>>,
 }
 
 /// What the control plane is doing to a cluster, and did last.
@@ -87,6 +90,7 @@ impl ClusterCtx {
         classifier: Classifier,
         listen_rw: Option<String>,
         listen_ro: Option<String>,
+        server_tls: ServerTls,
     ) -> ClusterCtx {
         ClusterCtx {
             name: name.to_string(),
@@ -102,7 +106,17 @@ impl ClusterCtx {
             pause_tx: watch::channel(false).0,
             monitors: Mutex::new(HashMap::new()),
             ha: HaState::default(),
+            server_tls: RwLock::new(Arc::new(server_tls)),
         }
+    }
+
+    /// How to speak TLS to this cluster's nodes now.
+    pub fn server_tls(&self) -> Arc<ServerTls> {
+        self.server_tls.read().unwrap().clone()
+    }
+
+    pub fn set_server_tls(&self, tls: ServerTls) {
+        *self.server_tls.write().unwrap() = Arc::new(tls);
     }
 
     /// The write floor every connection of `user` to `database` shares.

@@ -1,19 +1,24 @@
 //! Client authentication to the proxy: SCRAM-SHA-256 and, on TLS connections,
 //! SCRAM-SHA-256-PLUS with `tls-server-end-point` channel binding (server side), md5,
-//! trust.
+//! trust. A user's secret is a password, or a SCRAM verifier as `pg_authid` stores it
+//! (then the ClientKey a client's SCRAM login reveals is kept to log in to servers:
+//! `backend::scram`).
 //!
 //! `postgres-protocol` implements only the client side of SCRAM (used for logging in to
 //! servers); no maintained crate implements PostgreSQL's server side (empty SCRAM
 //! username, its gs2 header rules), so the few steps of RFC 5802/7677 the proxy needs are
 //! written here, checked by a test against the crate's client.
 
+use std::sync::{Arc, Mutex};
+
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use hmac::{Hmac, KeyInit, Mac};
 use rand::RngExt;
 use sha2::{Digest, Sha256};
 
+use crate::backend::scram::{Credential, ScramKeys};
 use crate::config::{AuthMethod, UserConfig};
+use crate::protocol::scram::{hmac, ScramSecret};
 
 pub const SCRAM_ITERATIONS: u32 = 4096;
 
@@ -29,25 +34,6 @@ pub enum AuthError {
     ChannelNegotiation(&'static str),
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts any key length");
-    m.update(data);
-    m.finalize().into_bytes().into()
-}
-
-/// PBKDF2-HMAC-SHA-256 with one output block: SCRAM's `Hi()`.
-fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let mut first = salt.to_vec();
-    first.extend_from_slice(&1u32.to_be_bytes());
-    let mut u = hmac(password, &first);
-    let mut out = u;
-    for _ in 1..iterations {
-        u = hmac(password, &u);
-        out.iter_mut().zip(u.iter()).for_each(|(o, x)| *o ^= x);
-    }
-    out
-}
-
 /// What the proxy keeps to check a user: derived once at startup, since `Hi()` costs
 /// thousands of HMACs and must not run per login.
 #[derive(Clone)]
@@ -55,29 +41,70 @@ pub struct Verifier {
     pub method: AuthMethod,
     pub user: String,
     password: Option<String>,
-    salt: [u8; 16],
-    stored_key: [u8; 32],
-    server_key: [u8; 32],
+    secret: ScramSecret,
+    /// For a user configured with a verifier: the keys learned from the last client
+    /// that logged in (shared by clones, carried over reloads that keep the verifier).
+    learned: Option<Arc<Mutex<Option<Arc<ScramKeys>>>>>,
 }
 
 impl Verifier {
     pub fn new(user: &UserConfig) -> Verifier {
+        if let Some(secret) = user.password.as_deref().and_then(ScramSecret::parse) {
+            return Verifier {
+                method: user.auth,
+                user: user.name.clone(),
+                password: None,
+                secret,
+                learned: Some(Arc::default()),
+            };
+        }
         let salt: [u8; 16] = rand::rng().random();
-        let (stored_key, server_key) = match (&user.password, user.method_needs_scram()) {
-            (Some(pw), true) => {
-                let salted = hi(pw.as_bytes(), &salt, SCRAM_ITERATIONS);
-                let client_key = hmac(&salted, b"Client Key");
-                (Sha256::digest(client_key).into(), hmac(&salted, b"Server Key"))
-            }
-            _ => ([0; 32], [0; 32]),
+        let secret = match (&user.password, user.method_needs_scram()) {
+            (Some(pw), true) => ScramSecret::from_password(pw, &salt, SCRAM_ITERATIONS),
+            _ => ScramSecret {
+                iterations: SCRAM_ITERATIONS,
+                salt: salt.to_vec(),
+                stored_key: [0; 32],
+                server_key: [0; 32],
+            },
         };
         Verifier {
             method: user.auth,
             user: user.name.clone(),
             password: user.password.clone(),
-            salt,
-            stored_key,
-            server_key,
+            secret,
+            learned: None,
+        }
+    }
+
+    /// After a reload: keep what `old` learned if the verifier did not change.
+    pub fn carry_over(&mut self, old: &Verifier) {
+        if self.learned.is_some() && old.learned.is_some() && self.secret == old.secret {
+            self.learned = old.learned.clone();
+        }
+    }
+
+    /// Remember the ClientKey of a client that just proved it (verifier users only).
+    pub fn learn(&self, client_key: [u8; 32]) {
+        if let Some(learned) = &self.learned {
+            *learned.lock().unwrap() = Some(Arc::new(ScramKeys {
+                salt: self.secret.salt.clone(),
+                iterations: self.secret.iterations,
+                client_key,
+                server_key: self.secret.server_key,
+            }));
+        }
+    }
+
+    /// What to log in to servers with as this user.
+    pub fn server_credential(&self) -> Credential {
+        match (&self.password, &self.learned) {
+            (Some(pw), _) => Credential::Password(pw.clone()),
+            (None, Some(learned)) => match &*learned.lock().unwrap() {
+                Some(keys) => Credential::Scram(keys.clone()),
+                None => Credential::Unlearned,
+            },
+            (None, None) => Credential::None,
         }
     }
 
@@ -101,6 +128,7 @@ impl Verifier {
             channel: channel.map(<[u8]>::to_vec),
             plus,
             state: ScramState::Initial,
+            client_key: None,
         }
     }
 }
@@ -132,9 +160,15 @@ pub struct ScramExchange<'a> {
     channel: Option<Vec<u8>>,
     plus: bool,
     state: ScramState,
+    client_key: Option<[u8; 32]>,
 }
 
 impl ScramExchange<'_> {
+    /// After a successful `client_final`: the ClientKey the client proved it holds.
+    pub fn client_key(&self) -> Option<[u8; 32]> {
+        self.client_key
+    }
+
     /// Take the client-first-message; return the server-first-message.
     pub fn client_first(&mut self, msg: &[u8]) -> Result<String, AuthError> {
         let msg = std::str::from_utf8(msg).map_err(|_| AuthError::Malformed("not UTF-8"))?;
@@ -174,7 +208,11 @@ impl ScramExchange<'_> {
             .ok_or(AuthError::Malformed("no client nonce"))?;
         let server_part: [u8; 18] = rand::rng().random();
         let nonce = format!("{client_nonce}{}", B64.encode(server_part));
-        let server_first = format!("r={nonce},s={},i={SCRAM_ITERATIONS}", B64.encode(self.verifier.salt));
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&self.verifier.secret.salt),
+            self.verifier.secret.iterations
+        );
         self.state = ScramState::SentFirst {
             client_first_bare: bare.to_string(),
             server_first: server_first.clone(),
@@ -224,13 +262,17 @@ impl ScramExchange<'_> {
             return Err(AuthError::Failed(self.verifier.user.clone()));
         }
         let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
-        let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
-        let client_key: Vec<u8> = proof.iter().zip(client_signature.iter()).map(|(p, s)| p ^ s).collect();
-        let stored: [u8; 32] = Sha256::digest(&client_key).into();
-        if !constant_time_eq(&stored, &self.verifier.stored_key) {
+        let client_signature = hmac(&self.verifier.secret.stored_key, auth_message.as_bytes());
+        let mut client_key = [0u8; 32];
+        for (k, (p, s)) in client_key.iter_mut().zip(proof.iter().zip(client_signature.iter())) {
+            *k = p ^ s;
+        }
+        let stored: [u8; 32] = Sha256::digest(client_key).into();
+        if !constant_time_eq(&stored, &self.verifier.secret.stored_key) {
             return Err(AuthError::Failed(self.verifier.user.clone()));
         }
-        let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
+        self.client_key = Some(client_key);
+        let server_signature = hmac(&self.verifier.secret.server_key, auth_message.as_bytes());
         Ok(format!("v={}", B64.encode(server_signature)))
     }
 }
@@ -338,6 +380,55 @@ mod tests {
             v.scram(None, false).client_final(b"c=biws,r=x,p=AAAA"),
             Err(AuthError::Malformed(_))
         ));
+    }
+
+    /// Log a client in with `pw` through `v`'s server side.
+    fn client_login(v: &Verifier, pw: &str) -> Result<Option<[u8; 32]>, AuthError> {
+        let mut server = v.scram(None, false);
+        let mut client = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+        let first = server.client_first(client.message())?;
+        client.update(first.as_bytes()).unwrap();
+        let fin = server.client_final(client.message())?;
+        client.finish(fin.as_bytes()).unwrap();
+        Ok(server.client_key())
+    }
+
+    /// The keyed client (`backend::scram`) against a server holding `verifier`.
+    fn keyed_login(keys: Arc<ScramKeys>, verifier: &str) -> Result<(), String> {
+        let server_v = Verifier::new(&user(verifier));
+        let mut server = server_v.scram(None, false);
+        let (mut client, first) = crate::backend::scram::KeyedScram::start(keys);
+        let server_first = server.client_first(first.as_bytes()).map_err(|e| e.to_string())?;
+        let fin = client.server_first(server_first.as_bytes())?;
+        let server_final = server.client_final(fin.as_bytes()).map_err(|e| e.to_string())?;
+        client.server_final(server_final.as_bytes())
+    }
+
+    #[test]
+    fn a_verifier_user_logs_in_to_servers_with_the_key_a_client_revealed() {
+        let text = ScramSecret::from_password("pw", b"0123456789abcdef", 4096).to_text();
+        let v = Verifier::new(&user(&text));
+        assert!(matches!(v.server_credential(), Credential::Unlearned));
+        assert_eq!(client_login(&v, "guess"), Err(AuthError::Failed("app".into())));
+        assert!(matches!(v.server_credential(), Credential::Unlearned));
+        v.learn(client_login(&v, "pw").unwrap().unwrap());
+        let Credential::Scram(keys) = v.server_credential() else {
+            panic!("no keys learned")
+        };
+        keyed_login(keys.clone(), &text).unwrap();
+        // A server with another verifier of the same password (another salt).
+        let other = ScramSecret::from_password("pw", b"fedcba9876543210", 4096).to_text();
+        let e = keyed_login(keys, &other).unwrap_err();
+        assert!(e.contains("another SCRAM verifier"), "{e}");
+        // A reload that keeps the verifier keeps the key; a new verifier forgets it.
+        let mut same = Verifier::new(&user(&text));
+        same.carry_over(&v);
+        assert!(matches!(same.server_credential(), Credential::Scram(_)));
+        let mut changed = Verifier::new(&user(&other));
+        changed.carry_over(&v);
+        assert!(matches!(changed.server_credential(), Credential::Unlearned));
+        // A password user logs in to servers with the password.
+        assert!(matches!(Verifier::new(&user("pw")).server_credential(), Credential::Password(p) if p == "pw"));
     }
 
     #[test]

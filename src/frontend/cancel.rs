@@ -15,13 +15,15 @@ use std::time::Duration;
 
 use rand::RngExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::protocol::messages::cancel_request;
+use crate::tls::{write_flush, ServerTls};
 
 #[derive(Clone)]
 struct Target {
+    /// The cluster, whose `server_tls` the forwarded request uses.
+    cluster: String,
     addr: String,
     server_pid: i32,
     server_key: i32,
@@ -49,10 +51,17 @@ impl Drop for Registration {
 
 impl CancelRegistry {
     /// A session-mode client on one server connection: it is shown the server's pid.
-    pub fn register_session(self: &Arc<Self>, addr: &str, server_pid: i32, server_key: i32) -> Registration {
+    pub fn register_session(
+        self: &Arc<Self>,
+        cluster: &str,
+        addr: &str,
+        server_pid: i32,
+        server_key: i32,
+    ) -> Registration {
         self.insert(
             Some(server_pid),
             Target {
+                cluster: cluster.to_string(),
                 addr: addr.to_string(),
                 server_pid,
                 server_key,
@@ -63,10 +72,11 @@ impl CancelRegistry {
 
     /// A transaction-mode client: a minted pid, pointed at a server connection only
     /// while it holds one (`retarget`).
-    pub fn register_pooled(self: &Arc<Self>) -> Registration {
+    pub fn register_pooled(self: &Arc<Self>, cluster: &str) -> Registration {
         self.insert(
             None,
             Target {
+                cluster: cluster.to_string(),
                 addr: String::new(),
                 server_pid: 0,
                 server_key: 0,
@@ -113,15 +123,18 @@ impl CancelRegistry {
 
     /// Forward a client's CancelRequest to the server its session is on. Unknown keys
     /// are dropped silently, as PostgreSQL does (no answer is ever sent to a cancel).
-    pub async fn forward(&self, pid: i32, key: i32) {
+    /// It goes over TLS as the cluster's `server_tls` says (`tls`: the cluster's, by
+    /// name): a cancel key sent in the clear could be replayed by anyone who saw it.
+    pub async fn forward(&self, pid: i32, key: i32, tls: impl Fn(&str) -> Option<Arc<ServerTls>>) {
         let target = self.map.lock().unwrap().get(&(pid, key)).filter(|t| t.active).cloned();
         let Some(t) = target else {
             debug!(pid, "cancel request for an unknown session ignored");
             return;
         };
+        let tls = tls(&t.cluster).unwrap_or_else(|| Arc::new(ServerTls::disabled()));
         let send = async {
-            let mut s = TcpStream::connect(&t.addr).await?;
-            s.write_all(&cancel_request(t.server_pid, t.server_key)).await?;
+            let mut s = tls.connect(&t.addr).await?;
+            write_flush(&mut s, &cancel_request(t.server_pid, t.server_key)).await?;
             s.shutdown().await
         };
         match tokio::time::timeout(Duration::from_secs(5), send).await {
@@ -141,13 +154,13 @@ mod tests {
     #[test]
     fn session_mode_shows_the_server_pid_and_pooled_mode_a_minted_one() {
         let registry = Arc::new(CancelRegistry::default());
-        let a = registry.register_session("127.0.0.1:5432", 4242, 7);
+        let a = registry.register_session("main", "127.0.0.1:5432", 4242, 7);
         // Another node's backend with the same pid: a separate entry, another key.
-        let b = registry.register_session("127.0.0.1:5433", 4242, 9);
+        let b = registry.register_session("main", "127.0.0.1:5433", 4242, 9);
         assert_eq!((a.pid, b.pid), (4242, 4242));
         assert_ne!(a.key, 7, "the server's key is never shown");
         assert_ne!(a.key, b.key);
-        let pooled = registry.register_pooled();
+        let pooled = registry.register_pooled("main");
         assert_eq!(registry.map.lock().unwrap().len(), 3);
         let target = |pid, key| registry.map.lock().unwrap().get(&(pid, key)).cloned();
         assert_eq!(target(b.pid, b.key).unwrap().addr, "127.0.0.1:5433");

@@ -65,7 +65,10 @@ pub(super) async fn login(
                 stream.flush().await?
             }
             Ok(StartupPacket::Cancel { pid, key }) => {
-                shared.cancels.forward(pid, key).await;
+                shared
+                    .cancels
+                    .forward(pid, key, |c| shared.clusters.get(c).map(|ctx| ctx.server_tls()))
+                    .await;
                 return Ok(None);
             }
             Ok(StartupPacket::Startup { minor, params }) => break (minor, params),
@@ -193,6 +196,9 @@ async fn authenticate(stream: &mut ClientStream, v: &Verifier, channel: Option<&
             stream.flush().await?;
             let body = read_password_message(stream).await?;
             let fin = scram.client_final(&body).map_err(auth_failed)?;
+            if let Some(key) = scram.client_key() {
+                v.learn(key);
+            }
             out.clear();
             messages::auth_sasl_final(&mut out, fin.as_bytes());
             stream.write_all(&out).await?;

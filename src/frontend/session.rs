@@ -230,7 +230,7 @@ async fn serve_transaction_mode(
     endpoint: Endpoint,
     shared: &Shared,
 ) {
-    let cancel = shared.cancels.register_pooled();
+    let cancel = shared.cancels.register_pooled(&cluster.name);
     let entry = client.register(
         shared,
         cluster,
@@ -282,23 +282,29 @@ async fn connect(
     shared: &Shared,
     config: &Config,
 ) -> Result<(Connected, Duration), Reject> {
-    let user_cfg = config.user(&client.user).ok_or_else(|| {
-        Reject::Error(Error::not_authorized(format!(
-            "user \"{}\" was removed from the configuration",
-            client.user
-        )))
-    })?;
+    let credential = shared
+        .verifiers()
+        .get(&client.user)
+        .map(|v| v.server_credential())
+        .ok_or_else(|| {
+            Reject::Error(Error::not_authorized(format!(
+                "user \"{}\" was removed from the configuration",
+                client.user
+            )))
+        })?;
     let mut params = client.params.clone();
     if endpoint == Endpoint::ReadOnly {
         // The ro endpoint may fall back to the primary; keep it read-only there too.
         params.push(("default_transaction_read_only".into(), "on".into()));
     }
+    let server_tls = cluster.server_tls();
     let login = server::Login {
         user: &client.user,
-        password: user_cfg.password.as_deref(),
+        credential: &credential,
         database: &client.database,
         params: &params,
         require_primary: endpoint == Endpoint::ReadWrite,
+        tls: &server_tls,
     };
     // A ro session with a causal token starts on a node that has replayed it (waiting
     // up to causal_wait_ms for a standby, else the primary); the session then stays
@@ -330,7 +336,7 @@ async fn connect(
         session_causal.placed(placement, node.role);
     }
     let (conn, slot) = c.conn;
-    let cancel = send_welcome(stream, &conn, shared, &node.addr).await?;
+    let cancel = send_welcome(stream, &conn, shared, &cluster.name, &node.addr).await?;
     Ok((
         Connected {
             node: node.name.clone(),
@@ -373,9 +379,10 @@ async fn send_welcome(
     stream: &mut ClientStream,
     conn: &ServerConn,
     shared: &Shared,
+    cluster: &str,
     addr: &str,
 ) -> Result<Registration, Reject> {
-    let reg = shared.cancels.register_session(addr, conn.pid, conn.key);
+    let reg = shared.cancels.register_session(cluster, addr, conn.pid, conn.key);
     let mut out = BytesMut::with_capacity(conn.startup_messages.len() + 32);
     out.extend_from_slice(&conn.startup_messages);
     messages::backend_key_data(&mut out, reg.pid, reg.key);
@@ -526,7 +533,7 @@ async fn relay(
                     stats.queries_total.fetch_add(executed, Ordering::Relaxed);
                 }
                 server_clean.store(false, Ordering::Relaxed);
-                if let Err(e) = sw.write_all(&buf).await {
+                if let Err(e) = write_flush(&mut sw, &buf).await {
                     return End::Io(e);
                 }
                 server_clean.store(framer.at_boundary(), Ordering::Relaxed);
@@ -632,7 +639,11 @@ async fn relay(
     // Tell the server we are leaving rather than just dropping the socket, unless that
     // would splice our Terminate into a half-sent client message.
     if matches!(end, End::Failed(_)) && server_clean.load(Ordering::Relaxed) {
-        let _ = tokio::time::timeout(Duration::from_millis(200), server.stream.write_all(b"X\0\0\0\x04")).await;
+        let _ = tokio::time::timeout(
+            Duration::from_millis(200),
+            write_flush(&mut server.stream, b"X\0\0\0\x04"),
+        )
+        .await;
     }
     end
 }

@@ -39,11 +39,19 @@ pub struct Shared {
     tls: RwLock<Option<crate::frontend::tls::TlsSetup>>,
 }
 
-fn verifiers(config: &Config) -> HashMap<String, Verifier> {
+/// Each user's verifier; `old`: the running ones, whose learned SCRAM keys are kept
+/// where the user's verifier did not change.
+fn verifiers(config: &Config, old: Option<&HashMap<String, Verifier>>) -> HashMap<String, Verifier> {
     config
         .users
         .iter()
-        .map(|u| (u.name.clone(), Verifier::new(u)))
+        .map(|u| {
+            let mut v = Verifier::new(u);
+            if let Some(o) = old.and_then(|m| m.get(&u.name)) {
+                v.carry_over(o);
+            }
+            (u.name.clone(), v)
+        })
         .collect()
 }
 
@@ -70,7 +78,7 @@ impl Shared {
     ) -> Result<Shared, String> {
         let tls = config.tls.as_ref().map(crate::frontend::tls::acceptor).transpose()?;
         Ok(Shared {
-            verifiers: RwLock::new(Arc::new(verifiers(&config))),
+            verifiers: RwLock::new(Arc::new(verifiers(&config, None))),
             config: RwLock::new(Arc::new(config)),
             config_path,
             clusters,
@@ -100,7 +108,8 @@ impl Shared {
 
     /// Make `config` the running config (users' verifiers derived from it once).
     pub fn set_config(&self, config: Config) {
-        *self.verifiers.write().unwrap() = Arc::new(verifiers(&config));
+        let mut current = self.verifiers.write().unwrap();
+        *current = Arc::new(verifiers(&config, Some(&current)));
         *self.config.write().unwrap() = Arc::new(config);
     }
 

@@ -5,10 +5,7 @@
 //! Writers must `flush()` after each batch of writes: for a TLS stream the last records
 //! can stay in rustls' buffer otherwise (a no-op on a plain socket).
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -16,7 +13,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -179,11 +176,7 @@ pub enum ClientWrite<'a> {
     Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
 }
 
-/// Write and flush (a TLS stream keeps its last records buffered until flushed).
-pub async fn write_flush<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
-}
+pub use crate::tls::write_flush;
 
 /// Before the startup packet: TLS, if the client asks for it (SSLRequest, after an
 /// optional GSSENCRequest declined with `N`) and the cluster offers it, or directly
@@ -242,50 +235,7 @@ pub async fn negotiate(tcp: TcpStream, acceptor: Option<&tokio_rustls::TlsAccept
     }
 }
 
-/// Delegate AsyncRead / AsyncWrite to whichever variant is inside.
-macro_rules! delegate {
-    ($ty:ty, $($v:ident),+) => {
-        impl AsyncRead for $ty {
-            fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    $(Self::$v(s) => Pin::new(s).poll_read(cx, buf),)+
-                }
-            }
-        }
-    };
-}
-macro_rules! delegate_write {
-    ($ty:ty, $($v:ident),+) => {
-        impl AsyncWrite for $ty {
-            fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-                match self.get_mut() {
-                    $(Self::$v(s) => Pin::new(s).poll_write(cx, buf),)+
-                }
-            }
-            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    $(Self::$v(s) => Pin::new(s).poll_flush(cx),)+
-                }
-            }
-            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() {
-                    $(Self::$v(s) => Pin::new(s).poll_shutdown(cx),)+
-                }
-            }
-            fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-                match self.get_mut() {
-                    $(Self::$v(s) => Pin::new(s).poll_write_vectored(cx, bufs),)+
-                }
-            }
-            fn is_write_vectored(&self) -> bool {
-                match self {
-                    $(Self::$v(s) => s.is_write_vectored(),)+
-                }
-            }
-        }
-    };
-}
-delegate!(ClientStream, Plain, Tls);
-delegate_write!(ClientStream, Plain, Tls);
-delegate!(ClientRead<'_>, Plain, Tls);
-delegate_write!(ClientWrite<'_>, Plain, Tls);
+crate::tls::delegate_read!(ClientStream, Plain, Tls);
+crate::tls::delegate_write!(ClientStream, Plain, Tls);
+crate::tls::delegate_read!(ClientRead<'_>, Plain, Tls);
+crate::tls::delegate_write!(ClientWrite<'_>, Plain, Tls);

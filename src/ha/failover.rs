@@ -43,9 +43,9 @@ use crate::cluster::health::{self, parse_lsn};
 use crate::cluster::routing;
 use crate::cluster::topology::{ClusterSnapshot, Health, Role};
 use crate::cluster::ClusterCtx;
-use crate::config::{ClusterConfig, FailoverMode, ManagerConfig};
+use crate::config::{ClusterConfig, FailoverMode};
 use crate::frontend::shared::Shared;
-use crate::ha::manager;
+use crate::ha::manager::{self, Manager};
 
 /// What a snapshot calls for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,7 +233,10 @@ async fn failover(
     let Ok(_running) = ctx.ha.lock.try_lock() else {
         return Err("primary is down; automatic failover waits for a running switchover".into());
     };
-    let manager = cc.manager.clone().ok_or("no [clusters.NAME.manager] login")?;
+    let manager = manager::Manager {
+        login: cc.manager.clone().ok_or("no [clusters.NAME.manager] login")?,
+        tls: ctx.server_tls(),
+    };
     let config = shared.config();
     let h = &config.health;
     let timeout = h.timeout().min(Duration::from_secs(2));
@@ -352,7 +355,7 @@ async fn failover(
 
 /// Ask one standby where it is. Ok(None): it is not in recovery (any more).
 async fn survey(
-    manager: &ManagerConfig,
+    manager: &Manager,
     index: usize,
     n: &crate::cluster::topology::NodeState,
     timeout: Duration,
@@ -381,7 +384,7 @@ async fn survey(
 /// make it read-only and end its sessions (routing already ignores it).
 async fn watch_old_primary(
     cluster: String,
-    manager: ManagerConfig,
+    manager: Manager,
     node: String,
     addr: String,
     interval: Duration,

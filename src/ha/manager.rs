@@ -4,14 +4,26 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use std::sync::Arc;
+
+use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use crate::cluster::topology::{ClusterSnapshot, Health, Role};
 use crate::config::ManagerConfig;
+use crate::tls::ServerTls;
+
+/// The manager login of one cluster, with the cluster's `server_tls`.
+#[derive(Clone)]
+pub struct Manager {
+    pub login: ManagerConfig,
+    pub tls: Arc<ServerTls>,
+}
 
 /// Log in to `addr` (`host:port`) as the manager, to database `postgres`.
-pub async fn connect(manager: &ManagerConfig, addr: &str, node: &str, timeout: Duration) -> Result<Client, String> {
+pub async fn connect(manager: &Manager, addr: &str, node: &str, timeout: Duration) -> Result<Client, String> {
+    let tls = &manager.tls;
+    let manager = &manager.login;
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("bad address {addr}"))?;
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(host)
@@ -25,7 +37,8 @@ pub async fn connect(manager: &ManagerConfig, addr: &str, node: &str, timeout: D
     }
     // connect_timeout bounds the TCP connect only; a frozen server accepts and then
     // never answers the startup packet.
-    let (client, conn) = match tokio::time::timeout(timeout, cfg.connect(NoTls)).await {
+    let connector = tls.postgres(&mut cfg);
+    let (client, conn) = match tokio::time::timeout(timeout, cfg.connect(connector)).await {
         Ok(r) => r.map_err(|e| format!("cannot log in to \"{node}\" as the manager user: {}", describe(&e)))?,
         Err(_) => {
             return Err(format!(
@@ -91,7 +104,7 @@ pub async fn promote(c: &Client, node: &str, timeout: Duration) -> Result<(), St
 /// reads) and the operator repoints it.
 pub async fn repoint_standbys(
     cluster: &str,
-    manager: &ManagerConfig,
+    manager: &Manager,
     snap: &ClusterSnapshot,
     skip: &[usize],
     new_addr: &str,

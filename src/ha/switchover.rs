@@ -96,6 +96,10 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
             format!("clusters.{cluster}.manager is not configured (a superuser login for promotion and repointing)"),
         )
     })?;
+    let manager = manager::Manager {
+        login: manager,
+        tls: ctx.server_tls(),
+    };
     let _running = ctx.ha.lock.try_lock().map_err(|_| {
         fail(
             "check",

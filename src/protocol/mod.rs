@@ -6,6 +6,7 @@
 
 pub mod framing;
 pub mod messages;
+pub mod scram;
 pub mod startup;
 pub mod tags;
 pub mod views;

@@ -30,6 +30,18 @@ impl Proxy {
     /// Start `switchyard --config` for `cluster` with extra `[clusters.main]` lines and
     /// extra top-level TOML (more users, other health settings...).
     pub fn start(cluster: &LocalCluster, name: &str, extra_cluster: &str, extra_top: &str) -> Proxy {
+        let (text, rw, ro) = Proxy::config_text(cluster, extra_cluster, extra_top);
+        Proxy::launch(cluster, name, &text, rw, ro)
+    }
+
+    /// As `start`, without waiting until writes and reads get through (for tests where
+    /// nodes are meant to be down).
+    pub fn start_unchecked(cluster: &LocalCluster, name: &str, extra_cluster: &str, extra_top: &str) -> Proxy {
+        let (text, rw, ro) = Proxy::config_text(cluster, extra_cluster, extra_top);
+        Proxy::spawn(cluster, name, &text, rw, ro)
+    }
+
+    fn config_text(cluster: &LocalCluster, extra_cluster: &str, extra_top: &str) -> (String, u16, u16) {
         let (rw, ro) = (free_port(), free_port());
         let mut text = cluster.config_toml(rw, ro, extra_cluster);
         if !extra_top.is_empty() {
@@ -40,11 +52,24 @@ impl Proxy {
             }
             text = format!("{extra_top}\n{text}");
         }
-        Proxy::launch(cluster, name, &text, rw, ro)
+        (text, rw, ro)
     }
 
     /// Start the proxy on a config text of the caller's, listening on `rw` / `ro`.
     pub fn launch(cluster: &LocalCluster, name: &str, text: &str, rw: u16, ro: u16) -> Proxy {
+        let proxy = Proxy::spawn(cluster, name, text, rw, ro);
+        // Ready when writes reach the primary and reads reach a standby (or the only node).
+        let want_standby = text.contains("failover");
+        wait_for("proxy ready", Duration::from_secs(20), || {
+            let w = psql(proxy.rw, "/* switchyard:primary */ SELECT pg_is_in_recovery()").ok()? == "f";
+            let r = psql(proxy.ro, "SELECT pg_is_in_recovery()").ok()? == if want_standby { "t" } else { "f" };
+            (w && r).then_some(())
+        });
+        proxy
+    }
+
+    /// Start the proxy on a config text without waiting for it to serve.
+    pub fn spawn(cluster: &LocalCluster, name: &str, text: &str, rw: u16, ro: u16) -> Proxy {
         let config = cluster.dir().join(format!("{name}.toml"));
         std::fs::write(&config, text).unwrap();
         let log = cluster.dir().join(format!("{name}.log"));
@@ -59,21 +84,13 @@ impl Proxy {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start switchyard");
-        let proxy = Proxy {
+        Proxy {
             child,
             rw,
             ro,
             log,
             config,
-        };
-        // Ready when writes reach the primary and reads reach a standby (or the only node).
-        let want_standby = text.contains("failover");
-        wait_for("proxy ready", Duration::from_secs(20), || {
-            let w = psql(proxy.rw, "/* switchyard:primary */ SELECT pg_is_in_recovery()").ok()? == "f";
-            let r = psql(proxy.ro, "SELECT pg_is_in_recovery()").ok()? == if want_standby { "t" } else { "f" };
-            (w && r).then_some(())
-        });
-        proxy
+        }
     }
 
     /// Send a signal to the proxy process (SIGHUP: reload, SIGTERM: graceful stop).
@@ -337,4 +354,5 @@ pub fn resumed_after(acks: &[Instant], fault: Instant) -> Option<Duration> {
     at.map(|a| a.saturating_duration_since(fault))
 }
 
+pub mod certs;
 pub mod etcd;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::frontend::tls::ClientStream;
+use crate::tls::write_flush;
 use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
@@ -16,6 +17,7 @@ use tracing::{info, warn};
 use super::machine::{Action, Config, Machine};
 use crate::backend::connector::{self, Accept, Dialer};
 use crate::backend::pool::{Pool, PoolError, PoolKey, PooledConn};
+use crate::backend::scram::Credential;
 use crate::cluster::freshness::Floor;
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
@@ -68,7 +70,7 @@ struct PoolDialer<'a> {
     cluster: &'a ClusterCtx,
     shared: &'a Shared,
     who: &'a TxnClient,
-    password: Option<&'a str>,
+    credential: &'a Credential,
     require_primary: bool,
     pools: &'a mut HashMap<String, NodePool>,
 }
@@ -109,7 +111,16 @@ impl Dialer for PoolDialer<'_> {
 
     async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Held, Error> {
         let via = self.pool(node);
-        match via.pool.checkout(self.password, self.require_primary, timeout).await {
+        match via
+            .pool
+            .checkout(
+                self.credential,
+                self.require_primary,
+                || self.cluster.server_tls(),
+                timeout,
+            )
+            .await
+        {
             Ok(conn) => Ok(Held {
                 conn,
                 on_primary: node.role == Role::Primary,
@@ -128,7 +139,8 @@ pub struct Driver<'a> {
     endpoint: Endpoint,
     shared: &'a Shared,
     cancel: Registration,
-    password: Option<String>,
+    /// What the client's user logs in to servers with.
+    credential: Credential,
     split: bool,
     pool_wait: Histogram,
     causal: Causal,
@@ -156,7 +168,11 @@ impl<'a> Driver<'a> {
         cancel: Registration,
     ) -> Driver<'a> {
         let config = shared.config();
-        let password = config.user(&who.user).and_then(|u| u.password.clone());
+        let credential = shared
+            .verifiers()
+            .get(&who.user)
+            .map(|v| v.server_credential())
+            .unwrap_or_default();
         let cc = &config.clusters[&cluster.name];
         let pool_wait = shared
             .metrics
@@ -192,7 +208,7 @@ impl<'a> Driver<'a> {
             endpoint,
             shared,
             cancel,
-            password,
+            credential,
             split: cc.read_write_split,
             pool_wait,
             machine,
@@ -284,7 +300,7 @@ impl<'a> Driver<'a> {
                     .held
                     .as_mut()
                     .expect("bytes for a server are sent only while one is held");
-                let result = h.conn.conn.stream.write_all(&self.machine.to_server).await;
+                let result = write_flush(&mut h.conn.conn.stream, &self.machine.to_server).await;
                 self.machine.to_server.clear();
                 if let Err(e) = result {
                     self.machine.on_server_lost(&e.to_string());
@@ -395,7 +411,7 @@ impl<'a> Driver<'a> {
             cluster: self.cluster,
             shared: self.shared,
             who: &self.who,
-            password: self.password.as_deref(),
+            credential: &self.credential,
             require_primary: target == Endpoint::ReadWrite,
             pools: &mut self.pools,
         };

@@ -1,0 +1,399 @@
+//! TLS toward servers (`server_tls`, `server_ca_file`), and what both sides share: a
+//! socket that is plain or TLS, delegating reads and writes to whichever it is. The
+//! client side (acceptor, negotiation, channel binding) is `frontend/tls.rs`.
+//!
+//! One `ServerTls` per cluster serves every connection Switchyard makes to its nodes:
+//! session-mode logins, pooled connections, health checks, the freshness oracle, the
+//! manager and cancel requests, so that a node whose certificate fails verification is
+//! refused by all of them alike (and is Down, with the reason, in `/status`).
+//!
+//! Modes follow libpq's `sslmode`: `prefer` and `require` encrypt without verifying
+//! the certificate; `verify-ca` checks the chain against `server_ca_file`;
+//! `verify-full` also checks that the certificate names the node's host.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::task::{Context, Waker};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::ServerTlsMode;
+use crate::protocol::startup::SSL_REQUEST_CODE;
+
+/// How Switchyard speaks TLS to the nodes of one cluster.
+pub struct ServerTls {
+    mode: ServerTlsMode,
+    config: Arc<ClientConfig>,
+}
+
+impl ServerTls {
+    /// Build from the cluster's settings; the error names the file at fault. A CA file
+    /// is required for the verify modes and checked (and used) whenever given.
+    pub fn new(mode: ServerTlsMode, ca_file: Option<&Path>) -> Result<ServerTls, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = ca_file.map(load_roots).transpose()?;
+        let verifier: Arc<dyn ServerCertVerifier> = match (mode, roots) {
+            (ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull, None) => {
+                return Err(format!(
+                    "server_tls = \"{mode}\" needs server_ca_file (the CA that signed the servers' certificates)"
+                ))
+            }
+            (ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull, Some(roots)) => Arc::new(Verify {
+                inner: WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| format!("server_ca_file: {e}"))?,
+                check_name: mode == ServerTlsMode::VerifyFull,
+            }),
+            _ => Arc::new(EncryptOnly(provider.clone())),
+        };
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(ServerTls {
+            mode,
+            config: Arc::new(config),
+        })
+    }
+
+    /// No TLS at all (tests, and callers with no cluster at hand).
+    pub fn disabled() -> ServerTls {
+        ServerTls::new(ServerTlsMode::Disable, None).expect("a config without files cannot fail")
+    }
+
+    pub fn mode(&self) -> ServerTlsMode {
+        self.mode
+    }
+
+    /// TCP connect to `addr` (`host:port`), then TLS as the mode says: SSLRequest,
+    /// and on `S` the handshake; on `N` plaintext only for `prefer`.
+    pub async fn connect(&self, addr: &str) -> io::Result<ServerStream> {
+        let mut tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        if self.mode == ServerTlsMode::Disable {
+            return Ok(ServerStream::Plain(tcp));
+        }
+        let mut request = [0u8; 8];
+        request[..4].copy_from_slice(&8i32.to_be_bytes());
+        request[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
+        tcp.write_all(&request).await?;
+        // Exactly one byte: whatever follows an `S` must be the TLS handshake (bytes a
+        // man in the middle slipped in before it then fail the handshake; CVE-2021-23222).
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await?;
+        match answer[0] {
+            b'S' => {
+                let name = server_name(addr)?;
+                let tls = TlsConnector::from(self.config.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| io::Error::new(e.kind(), format!("TLS with the server failed: {e}")))?;
+                Ok(ServerStream::Tls(Box::new(tls)))
+            }
+            b'N' if self.mode == ServerTlsMode::Prefer => Ok(ServerStream::Plain(tcp)),
+            b'N' => Err(io::Error::other(format!(
+                "the server does not accept TLS (ssl = off), and server_tls = \"{}\" requires it",
+                self.mode
+            ))),
+            other => Err(io::Error::other(format!(
+                "the server answered the TLS request with {:?} (a server older than PostgreSQL 7.2, or not PostgreSQL)",
+                other as char
+            ))),
+        }
+    }
+
+    /// For tokio-postgres (health checks, freshness oracle, manager): sets the
+    /// config's `sslmode` and returns the connector with the same verification.
+    pub fn postgres(&self, cfg: &mut tokio_postgres::Config) -> tokio_postgres_rustls::MakeRustlsConnect {
+        use tokio_postgres::config::SslMode;
+        cfg.ssl_mode(match self.mode {
+            ServerTlsMode::Disable => SslMode::Disable,
+            ServerTlsMode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        tokio_postgres_rustls::MakeRustlsConnect::new((*self.config).clone())
+    }
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    let at = |e: &dyn std::fmt::Display| format!("server_ca_file {}: {e}", path.display());
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(path).map_err(|e| at(&e))? {
+        roots.add(c.map_err(|e| at(&e))?).map_err(|e| at(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(at(&"no certificate in it"));
+    }
+    Ok(roots)
+}
+
+/// The name the certificate must carry: the host part of `host:port` (a DNS name or
+/// an IP address, `[v6]` brackets removed).
+fn server_name(addr: &str) -> io::Result<ServerName<'static>> {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("host {host}: {e}")))
+}
+
+/// `prefer` / `require`: the handshake's signatures are checked (the session is
+/// really with the holder of the key the certificate names) but not who that is.
+#[derive(Debug)]
+struct EncryptOnly(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for EncryptOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `verify-ca` / `verify-full`: webpki's verification against `server_ca_file`; for
+/// `verify-ca` a certificate for another name passes (the chain was checked first).
+#[derive(Debug)]
+struct Verify {
+    inner: Arc<WebPkiServerVerifier>,
+    check_name: bool,
+}
+
+impl ServerCertVerifier for Verify {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A connection to a server, plain or TLS. Writers flush after each batch (a TLS
+/// stream may keep its last records buffered; a no-op on a plain socket).
+pub enum ServerStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl ServerStream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ServerStream::Tls(_))
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            ServerStream::Plain(s) => s,
+            ServerStream::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// For an idle pooled connection: true when nothing waits to be read. A server
+    /// that went away leaves EOF (or, over TLS, an alert) behind. Peeks at the socket
+    /// without consuming, so a TLS session is left intact; a readiness event not yet
+    /// seen by the runtime reads as alive, as any non-blocking probe would.
+    pub fn idle_and_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(Waker::noop());
+        self.tcp().poll_peek(&mut cx, &mut buf).is_pending()
+    }
+
+    /// The two directions, usable at once (the session-mode relay).
+    pub fn split(&mut self) -> (ServerRead<'_>, ServerWrite<'_>) {
+        match self {
+            ServerStream::Plain(s) => {
+                let (r, w) = s.split();
+                (ServerRead::Plain(r), ServerWrite::Plain(w))
+            }
+            ServerStream::Tls(s) => {
+                let (r, w) = tokio::io::split(&mut **s);
+                (ServerRead::Tls(r), ServerWrite::Tls(w))
+            }
+        }
+    }
+}
+
+pub enum ServerRead<'a> {
+    Plain(tokio::net::tcp::ReadHalf<'a>),
+    Tls(tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+pub enum ServerWrite<'a> {
+    Plain(tokio::net::tcp::WriteHalf<'a>),
+    Tls(tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>),
+}
+
+/// Delegate AsyncRead / AsyncWrite to whichever variant is inside (used for the
+/// client-side stream enums too).
+macro_rules! delegate_read {
+    ($ty:ty, $($v:ident),+) => {
+        impl tokio::io::AsyncRead for $ty {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $(Self::$v(s) => std::pin::Pin::new(s).poll_read(cx, buf),)+
+                }
+            }
+        }
+    };
+}
+macro_rules! delegate_write {
+    ($ty:ty, $($v:ident),+) => {
+        impl tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $(Self::$v(s) => std::pin::Pin::new(s).poll_write(cx, buf),)+
+                }
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $(Self::$v(s) => std::pin::Pin::new(s).poll_flush(cx),)+
+                }
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $(Self::$v(s) => std::pin::Pin::new(s).poll_shutdown(cx),)+
+                }
+            }
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $(Self::$v(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),)+
+                }
+            }
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $(Self::$v(s) => s.is_write_vectored(),)+
+                }
+            }
+        }
+    };
+}
+pub(crate) use {delegate_read, delegate_write};
+
+delegate_read!(ServerStream, Plain, Tls);
+delegate_write!(ServerStream, Plain, Tls);
+delegate_read!(ServerRead<'_>, Plain, Tls);
+delegate_write!(ServerWrite<'_>, Plain, Tls);
+
+/// Write and flush (a TLS stream keeps its last records buffered until flushed).
+pub async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_name_is_the_host_part() {
+        assert_eq!(
+            server_name("db.example.com:5432").unwrap(),
+            ServerName::try_from("db.example.com").unwrap()
+        );
+        assert!(matches!(
+            server_name("127.0.0.1:5432").unwrap(),
+            ServerName::IpAddress(_)
+        ));
+        assert!(matches!(server_name("[::1]:5432").unwrap(), ServerName::IpAddress(_)));
+    }
+
+    #[test]
+    fn verify_modes_need_a_ca_file() {
+        let e = ServerTls::new(ServerTlsMode::VerifyFull, None).err().unwrap();
+        assert!(e.contains("server_ca_file"), "{e}");
+        assert!(ServerTls::new(ServerTlsMode::Require, None).is_ok());
+        let e = ServerTls::new(ServerTlsMode::VerifyCa, Some(Path::new("/nonexistent/ca.crt")))
+            .err()
+            .unwrap();
+        assert!(e.contains("/nonexistent/ca.crt"), "{e}");
+    }
+}
