@@ -1,7 +1,7 @@
 //! The TOML configuration: the contract in `docs` (keys may be added, never renamed)
 //! plus validation that names the offending key.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -627,211 +627,6 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let h = &self.health;
-        for (key, v) in [
-            ("health.interval_ms", h.interval_ms),
-            ("health.timeout_ms", h.timeout_ms),
-        ] {
-            if v == 0 {
-                return Err(invalid(key, "must be greater than 0"));
-            }
-        }
-        if h.rise == 0 {
-            return Err(invalid("health.rise", "must be at least 1"));
-        }
-        if h.fall == 0 {
-            return Err(invalid("health.fall", "must be at least 1"));
-        }
-        if self.proxy.max_message_bytes < 1024 {
-            return Err(invalid("proxy.max_message_bytes", "must be at least 1024"));
-        }
-        if let Some(a) = &self.admin.http_listen {
-            if a.parse::<SocketAddr>().is_err() {
-                return Err(invalid(
-                    "admin.http_listen",
-                    format!("\"{a}\" is not an address like 127.0.0.1:9930"),
-                ));
-            }
-        }
-        if self.users.is_empty() {
-            return Err(invalid("users", "at least one [[users]] entry is required"));
-        }
-        let mut names = HashSet::new();
-        for (i, u) in self.users.iter().enumerate() {
-            if u.name.is_empty() {
-                return Err(invalid(format!("users[{i}].name"), "must not be empty"));
-            }
-            if !names.insert(&u.name) {
-                return Err(invalid(
-                    format!("users[{i}].name"),
-                    format!("duplicate user \"{}\"", u.name),
-                ));
-            }
-            if u.auth != AuthMethod::Trust && u.password.is_none() {
-                return Err(invalid(
-                    format!("users[{i}].password"),
-                    format!("required for auth = {:?}", u.auth),
-                ));
-            }
-            if u.has_scram_verifier()
-                && u.password
-                    .as_deref()
-                    .and_then(crate::protocol::scram::ScramSecret::parse)
-                    .is_none()
-            {
-                return Err(invalid(
-                    format!("users[{i}].password"),
-                    "looks like a SCRAM verifier but is not one: expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> (base64), as in pg_authid.rolpassword",
-                ));
-            }
-            if u.has_scram_verifier() && u.auth != AuthMethod::ScramSha256 {
-                return Err(invalid(
-                    format!("users[{i}].auth"),
-                    "a SCRAM verifier as the password works with auth = \"scram-sha-256\" only (md5 and cleartext need the password itself)",
-                ));
-            }
-        }
-        let (health_user, health_password) = self.health_login();
-        if health_password.is_none() && self.user(&health_user).is_some_and(UserConfig::has_scram_verifier) {
-            return Err(invalid(
-                "health.password",
-                format!("required: user \"{health_user}\" has a SCRAM verifier in [[users]], and health checks need a password"),
-            ));
-        }
-        if let Some(u) = &h.user {
-            if h.password.is_none() && self.user(u).is_none() {
-                return Err(invalid(
-                    "health.password",
-                    "required when health.user is not one of [[users]]",
-                ));
-            }
-        }
-        if self.clusters.is_empty() {
-            return Err(invalid("clusters", "at least one [clusters.<name>] table is required"));
-        }
-        if let Some(c) = &self.coordination {
-            if c.etcd.is_empty() {
-                return Err(invalid("coordination.etcd", "at least one etcd URL is required"));
-            }
-            if let Some(bad) = c.etcd.iter().find(|u| !u.starts_with("http://")) {
-                return Err(invalid(
-                    "coordination.etcd",
-                    format!("\"{bad}\" is not an http:// URL (etcd's client URL, e.g. http://127.0.0.1:2379)"),
-                ));
-            }
-            if c.instance.is_empty() || c.instance.contains('/') {
-                return Err(invalid("coordination.instance", "must be a non-empty name without '/'"));
-            }
-            if c.lease_s == 0 {
-                return Err(invalid("coordination.lease_s", "must be at least 1"));
-            }
-        }
-        let mut listens = HashSet::new();
-        for (cname, c) in &self.clusters {
-            if c.listen_rw.is_none() && c.listen_ro.is_none() {
-                return Err(invalid(
-                    format!("clusters.{cname}.listen_rw"),
-                    "a cluster needs listen_rw, listen_ro or both",
-                ));
-            }
-            for (key, addr) in [("listen_rw", &c.listen_rw), ("listen_ro", &c.listen_ro)] {
-                if let Some(a) = addr {
-                    let parsed: SocketAddr = a.parse().map_err(|_| {
-                        invalid(
-                            format!("clusters.{cname}.{key}"),
-                            format!("\"{a}\" is not an address like 127.0.0.1:6432"),
-                        )
-                    })?;
-                    if !listens.insert(parsed) {
-                        return Err(invalid(format!("clusters.{cname}.{key}"), format!("{a} is used twice")));
-                    }
-                }
-            }
-            if c.pool_size == 0 {
-                return Err(invalid(format!("clusters.{cname}.pool_size"), "must be at least 1"));
-            }
-            if c.min_pool_size > c.pool_size {
-                return Err(invalid(
-                    format!("clusters.{cname}.min_pool_size"),
-                    "must not exceed pool_size",
-                ));
-            }
-            if c.causal_wait_ms > 60_000 {
-                return Err(invalid(
-                    format!("clusters.{cname}.causal_wait_ms"),
-                    "must be at most 60000 (a read waits this long before going to the primary)",
-                ));
-            }
-            if c.read_write_split && c.pool_mode != PoolMode::Transaction {
-                return Err(invalid(
-                    format!("clusters.{cname}.read_write_split"),
-                    "needs pool_mode = \"transaction\"",
-                ));
-            }
-            if self.tls.is_none() && matches!(c.client_tls, Some(ClientTls::Allow | ClientTls::Require)) {
-                return Err(invalid(
-                    format!("clusters.{cname}.client_tls"),
-                    "needs a [tls] section with cert_file and key_file",
-                ));
-            }
-            if matches!(c.server_tls, ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull) && c.server_ca_file.is_none()
-            {
-                return Err(invalid(
-                    format!("clusters.{cname}.server_tls"),
-                    format!(
-                        "\"{}\" needs server_ca_file (the CA that signed the servers' certificates)",
-                        c.server_tls
-                    ),
-                ));
-            }
-            if c.failover == FailoverMode::Automatic && c.manager.is_none() {
-                return Err(invalid(
-                    format!("clusters.{cname}.failover"),
-                    format!("\"automatic\" needs [clusters.{cname}.manager] (a superuser login to promote a standby and repoint the others)"),
-                ));
-            }
-            for (key, v) in [
-                ("connect_timeout_ms", c.connect_timeout_ms),
-                ("server_login_timeout_ms", c.server_login_timeout_ms),
-            ] {
-                if v == 0 {
-                    return Err(invalid(format!("clusters.{cname}.{key}"), "must be greater than 0"));
-                }
-            }
-            if c.nodes.is_empty() {
-                return Err(invalid(
-                    format!("clusters.{cname}.nodes"),
-                    "at least one node is required",
-                ));
-            }
-            let mut node_names = HashSet::new();
-            for (i, n) in c.nodes.iter().enumerate() {
-                if n.name.is_empty() {
-                    return Err(invalid(
-                        format!("clusters.{cname}.nodes[{i}].name"),
-                        "must not be empty",
-                    ));
-                }
-                if !node_names.insert(&n.name) {
-                    return Err(invalid(
-                        format!("clusters.{cname}.nodes[{i}].name"),
-                        format!("duplicate node \"{}\"", n.name),
-                    ));
-                }
-                if n.host.is_empty() {
-                    return Err(invalid(
-                        format!("clusters.{cname}.nodes[{i}].host"),
-                        "must not be empty",
-                    ));
-                }
-                if n.port == 0 {
-                    return Err(invalid(format!("clusters.{cname}.nodes[{i}].port"), "must not be 0"));
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Sizes and timeouts of a cluster's server connection pools (transaction mode).
@@ -858,6 +653,9 @@ impl PoolSettings {
         self
     }
 }
+
+#[path = "config_validate.rs"]
+mod validate;
 
 #[cfg(test)]
 #[path = "config_tests.rs"]
