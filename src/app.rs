@@ -186,7 +186,11 @@ fn warn_if_readable_by_others(path: &std::path::Path, config: &Config) {
                     && m.password_env.is_none()
             })
         })
-        || (config.admin.token.is_some() && config.admin.token_file.is_none() && config.admin.token_env.is_none());
+        || (config.admin.token.is_some() && config.admin.token_file.is_none() && config.admin.token_env.is_none())
+        || config
+            .auth_query
+            .as_ref()
+            .is_some_and(|q| q.password.is_some() && q.password_file.is_none() && q.password_env.is_none());
     let Ok(meta) = std::fs::metadata(path) else {
         return;
     };

@@ -68,6 +68,44 @@ pub struct Config {
     /// The certificate clients see (TLS on the listeners); absent: no client TLS.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Users not in `[[users]]` are looked up on the cluster's servers.
+    #[serde(default)]
+    pub auth_query: Option<AuthQueryConfig>,
+}
+
+/// PgBouncer's `auth_user` + `auth_query`: a client whose user is not in `[[users]]`
+/// is checked against the SCRAM verifier this query returns from the cluster it
+/// connects to (a node that is up, the primary first); results are cached.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthQueryConfig {
+    /// Who runs the query: a superuser, or a role allowed to run a SECURITY DEFINER
+    /// function that reads `pg_authid`.
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Takes the user name as `$1`; returns (name, verifier) or no row.
+    #[serde(default = "d_auth_query")]
+    pub query: String,
+    #[serde(default = "d_postgres")]
+    pub database: String,
+    /// How long a verifier is used before it is looked up again (a lookup that fails
+    /// then keeps the last one: a failover does not lock users out).
+    #[serde(default = "d_auth_cache")]
+    pub cache_s: u64,
+}
+
+fn d_auth_query() -> String {
+    "SELECT rolname::text, rolpassword FROM pg_catalog.pg_authid \
+     WHERE rolname = $1 AND rolcanlogin AND (rolvaliduntil IS NULL OR rolvaliduntil > now())"
+        .into()
+}
+fn d_auth_cache() -> u64 {
+    30
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -592,6 +630,14 @@ impl Config {
                 &u.password_env,
             )?;
         }
+        if let Some(q) = self.auth_query.as_mut() {
+            secret(
+                "auth_query.password",
+                &mut q.password,
+                &q.password_file,
+                &q.password_env,
+            )?;
+        }
         for (name, c) in self.clusters.iter_mut() {
             if let Some(m) = c.manager.as_mut() {
                 secret(
@@ -620,13 +666,19 @@ impl Config {
                     .or_else(|| self.user(u).and_then(|c| c.plaintext_password().map(str::to_string)));
                 (u.clone(), pw)
             }
-            None => {
-                let u = &self.users[0];
-                (u.name.clone(), u.plaintext_password().map(str::to_string))
-            }
+            None => match self.users.first() {
+                Some(u) => (
+                    u.name.clone(),
+                    self.health
+                        .password
+                        .clone()
+                        .or_else(|| u.plaintext_password().map(str::to_string)),
+                ),
+                // Validation requires health.user then.
+                None => ("postgres".into(), self.health.password.clone()),
+            },
         }
     }
-
 }
 
 /// Sizes and timeouts of a cluster's server connection pools (transaction mode).

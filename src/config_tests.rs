@@ -132,3 +132,52 @@ fn bad_values_name_their_key() {
         assert!(err.to_string().starts_with(key), "expected {key}: {err}");
     }
 }
+
+#[test]
+fn server_tls_verifiers_and_auth_query_rules() {
+    let with = |extra: &str| Config::parse(&GOOD.replace("[clusters.main]\n", &format!("[clusters.main]\n{extra}\n")));
+    assert_eq!(with("").unwrap().clusters["main"].server_tls, ServerTlsMode::Prefer);
+    let err = with("server_tls = \"verify-full\"").unwrap_err().to_string();
+    assert!(
+        err.contains("clusters.main.server_tls") && err.contains("server_ca_file"),
+        "{err}"
+    );
+    assert!(with("server_tls = \"verify-ca\"\nserver_ca_file = \"/ca.crt\"").is_ok());
+    assert!(with("server_tls = \"sometimes\"").is_err());
+
+    // A SCRAM verifier as the password: scram-sha-256 only, well formed, and not a
+    // password for health checks.
+    let verifier = "SCRAM-SHA-256$4096:MDEyMzQ1Njc4OWFiY2RlZg==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let user = |pw: &str, extra: &str| GOOD.replace("password = \"secret\"", &format!("password = \"{pw}\"\n{extra}"));
+    let err = Config::parse(&user(verifier, "")).unwrap_err().to_string();
+    assert!(err.contains("health.password"), "{err}");
+    let ok =
+        Config::parse(&user(verifier, "").replace("interval_ms = 500", "interval_ms = 500\npassword = \"h\"")).unwrap();
+    assert!(ok.users[0].has_scram_verifier() && ok.users[0].plaintext_password().is_none());
+    let err = Config::parse(&user(verifier, "auth = \"md5\""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("users[0].auth"), "{err}");
+    let err = Config::parse(&user("SCRAM-SHA-256$4096:bad", ""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("users[0].password") && err.contains("pg_authid"), "{err}");
+
+    // No [[users]] at all: auth_query and a health user needed.
+    let no_users = GOOD.replace("[[users]]\nname = \"app\"\npassword = \"secret\"\n", "");
+    let err = Config::parse(&no_users).unwrap_err().to_string();
+    assert!(err.contains("auth_query"), "{err}");
+    let aq = "[auth_query]\nuser = \"lookup\"\npassword = \"x\"\n";
+    let err = Config::parse(&format!("{aq}{no_users}")).unwrap_err().to_string();
+    assert!(err.contains("health.user"), "{err}");
+    let c = Config::parse(&format!(
+        "{aq}{}",
+        no_users.replace("interval_ms = 500", "interval_ms = 500\nuser = \"h\"\npassword = \"h\"")
+    ))
+    .unwrap();
+    assert_eq!(c.auth_query.as_ref().unwrap().cache_s, 30);
+    let err = Config::parse(&format!("[auth_query]\nuser = \"l\"\nquery = \"SELECT 1\"\n{GOOD}"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("auth_query.query"), "{err}");
+}

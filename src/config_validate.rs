@@ -33,8 +33,19 @@ impl Config {
                 ));
             }
         }
-        if self.users.is_empty() {
-            return Err(invalid("users", "at least one [[users]] entry is required"));
+        if self.users.is_empty() && self.auth_query.is_none() {
+            return Err(invalid(
+                "users",
+                "at least one [[users]] entry is required (or [auth_query] to look users up on the servers)",
+            ));
+        }
+        if self.users.is_empty() && self.health.user.is_none() {
+            return Err(invalid("health.user", "required when [[users]] is empty"));
+        }
+        if let Some(q) = &self.auth_query {
+            if !q.query.contains("$1") {
+                return Err(invalid("auth_query.query", "must take the user name as $1"));
+            }
         }
         let mut names = HashSet::new();
         for (i, u) in self.users.iter().enumerate() {

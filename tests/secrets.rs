@@ -184,3 +184,64 @@ fn a_user_configured_with_a_scram_verifier_logs_in_to_servers_with_the_clients_k
     });
     assert!(err.contains("another SCRAM verifier"), "{err}");
 }
+
+#[test]
+fn users_not_in_the_config_are_looked_up_with_auth_query() {
+    let cluster = LocalCluster::start(1).unwrap();
+    // The least-privilege pattern: a lookup role that may run one SECURITY DEFINER
+    // function reading pg_authid, nothing else.
+    for sql in [
+        "CREATE ROLE alice LOGIN PASSWORD 'alice-pw'",
+        "CREATE ROLE sy_auth LOGIN PASSWORD 'sy-auth-pw'",
+        "CREATE FUNCTION public.sy_lookup(u name) RETURNS TABLE (usename name, passwd text) \
+         LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog \
+         AS $$ SELECT rolname, rolpassword FROM pg_authid WHERE rolname = u AND rolcanlogin $$",
+        "REVOKE ALL ON FUNCTION public.sy_lookup(name) FROM PUBLIC",
+        "GRANT EXECUTE ON FUNCTION public.sy_lookup(name) TO sy_auth",
+        "SET password_encryption = 'md5'; CREATE ROLE carol LOGIN PASSWORD 'carol-pw'",
+    ] {
+        cluster.sql(0, sql).unwrap();
+    }
+    cluster
+        .sql(0, &format!("GRANT ALL ON DATABASE {APP_DB} TO alice"))
+        .unwrap();
+    let top = "[auth_query]\nuser = \"sy_auth\"\npassword_env = \"SY_AUTH_PW\"\nquery = \"SELECT * FROM public.sy_lookup($1)\"\ncache_s = 1\n";
+    std::env::set_var("SY_AUTH_PW", "sy-auth-pw");
+    for mode in ["session", "transaction"] {
+        let proxy = Proxy::start(
+            &cluster,
+            &format!("auth-query-{mode}"),
+            &format!("pool_mode = \"{mode}\""),
+            top,
+        );
+        assert_eq!(
+            psql_as(proxy.rw, "alice", "alice-pw", "SELECT current_user").unwrap(),
+            "alice"
+        );
+        assert_eq!(
+            psql_as(proxy.ro, "alice", "alice-pw", "SELECT pg_is_in_recovery()").unwrap(),
+            "t"
+        );
+        // A wrong password and a user nobody knows fail alike.
+        for (user, pw) in [("alice", "guess"), ("nobody", "guess")] {
+            let err = psql_as(proxy.rw, user, pw, "SELECT 1").unwrap_err();
+            assert!(
+                err.contains(&format!("password authentication failed for user \"{user}\"")),
+                "{err}"
+            );
+        }
+        // An md5 hash is not something the proxy can log in to servers with.
+        let err = psql_as(proxy.rw, "carol", "carol-pw", "SELECT 1").unwrap_err();
+        assert!(err.contains("not a SCRAM-SHA-256 verifier"), "{err}");
+    }
+    // A password changed on the server takes effect once the cache (1 s) expires.
+    let proxy = Proxy::start(&cluster, "auth-query-change", "pool_mode = \"transaction\"", top);
+    assert!(psql_as(proxy.rw, "alice", "alice-pw", "SELECT 1").is_ok());
+    cluster.sql(0, "ALTER ROLE alice PASSWORD 'alice-new'").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(psql_as(proxy.rw, "alice", "alice-pw", "SELECT 1").is_err());
+    assert_eq!(
+        psql_as(proxy.rw, "alice", "alice-new", "SELECT current_user").unwrap(),
+        "alice"
+    );
+}

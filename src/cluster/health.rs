@@ -221,6 +221,15 @@ fn describe(e: tokio_postgres::Error) -> String {
     e.to_string()
 }
 
+/// A server's own message and SQLSTATE when there is one, else the client library's
+/// error (for the control plane and auth_query, which show it to operators).
+pub fn db_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => format!("{} ({})", d.message(), d.code().code()),
+        None => e.to_string(),
+    }
+}
+
 /// "16/B374D848" → 0x16_B374D848.
 pub fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.split_once('/')?;

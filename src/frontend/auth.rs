@@ -77,6 +77,23 @@ impl Verifier {
         }
     }
 
+    /// For a user nobody knows: every proof fails, like a wrong password.
+    pub fn unknown(user: &str) -> Verifier {
+        let mut rng = rand::rng();
+        Verifier {
+            method: AuthMethod::ScramSha256,
+            user: user.to_string(),
+            password: None,
+            secret: ScramSecret {
+                iterations: SCRAM_ITERATIONS,
+                salt: rng.random::<[u8; 16]>().to_vec(),
+                stored_key: rng.random(),
+                server_key: rng.random(),
+            },
+            learned: None,
+        }
+    }
+
     /// After a reload: keep what `old` learned if the verifier did not change.
     pub fn carry_over(&mut self, old: &Verifier) {
         if self.learned.is_some() && old.learned.is_some() && self.secret == old.secret {

@@ -7,6 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::warn;
 
 use crate::classify::CAUSAL_TOKEN;
+use crate::cluster::ClusterCtx;
 use crate::config::AuthMethod;
 use crate::error::Error;
 use crate::frontend::auth::{AuthError, Verifier};
@@ -55,6 +56,7 @@ pub(super) struct Client {
 pub(super) async fn login(
     stream: &mut ClientStream,
     shared: &Shared,
+    cluster: &ClusterCtx,
     require_tls: Option<&str>,
     channel: Option<&[u8]>,
 ) -> Result<Option<Client>, Reject> {
@@ -116,11 +118,26 @@ pub(super) async fn login(
     }
 
     let verifiers = shared.verifiers();
-    let verifier = verifiers.get(&user).ok_or_else(|| {
-        Reject::Error(Error::not_authorized(format!(
-            "user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"
-        )))
-    })?;
+    let found;
+    let verifier = match verifiers.get(&user) {
+        Some(v) => v,
+        None => {
+            let config = shared.config();
+            let Some(query) = &config.auth_query else {
+                return Err(Reject::Error(Error::not_authorized(format!(
+                    "user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"
+                ))));
+            };
+            // As PostgreSQL: a user the servers do not know fails like a wrong password,
+            // after a whole exchange, so a client cannot probe which users exist.
+            found = shared
+                .auth_query
+                .verifier(query, cluster, &user)
+                .await?
+                .unwrap_or_else(|| Verifier::unknown(&user));
+            &found
+        }
+    };
     authenticate(stream, verifier, channel).await.map_err(|e| match e {
         Reject::Error(e) => {
             warn!(user = %user, reason = %e, "client authentication failed");

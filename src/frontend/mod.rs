@@ -3,6 +3,7 @@
 //! transaction pooling (`txn`: an I/O-free machine and its driver); a client's fresh-read floor (`fresh`).
 
 pub mod auth;
+pub mod auth_query;
 pub mod cancel;
 pub mod fresh;
 mod login;

@@ -139,7 +139,12 @@ pub async fn serve(
     let left = login_timeout.saturating_sub(started.elapsed());
     // SCRAM-SHA-256-PLUS binds to the certificate this connection's handshake used.
     let channel = tls.as_ref().filter(|_| stream.is_tls()).map(|t| t.end_point.clone());
-    let outcome = match tokio::time::timeout(left, login(&mut stream, &shared, require_tls, channel.as_deref())).await {
+    let outcome = match tokio::time::timeout(
+        left,
+        login(&mut stream, &shared, &cluster, require_tls, channel.as_deref()),
+    )
+    .await
+    {
         Ok(Ok(Some(client))) if client.database == ADMIN_DATABASE => {
             return Some(AdminClient {
                 stream,
@@ -282,16 +287,12 @@ async fn connect(
     shared: &Shared,
     config: &Config,
 ) -> Result<(Connected, Duration), Reject> {
-    let credential = shared
-        .verifiers()
-        .get(&client.user)
-        .map(|v| v.server_credential())
-        .ok_or_else(|| {
-            Reject::Error(Error::not_authorized(format!(
-                "user \"{}\" was removed from the configuration",
-                client.user
-            )))
-        })?;
+    let credential = shared.server_credential(&cluster.name, &client.user).ok_or_else(|| {
+        Reject::Error(Error::not_authorized(format!(
+            "user \"{}\" was removed from the configuration",
+            client.user
+        )))
+    })?;
     let mut params = client.params.clone();
     if endpoint == Endpoint::ReadOnly {
         // The ro endpoint may fall back to the primary; keep it read-only there too.

@@ -10,10 +10,12 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use crate::backend::pool::Pools;
+use crate::backend::scram::Credential;
 use crate::cluster::topology::ClusterSnapshot;
 use crate::cluster::ClusterCtx;
 use crate::config::Config;
 use crate::frontend::auth::Verifier;
+use crate::frontend::auth_query::AuthQuery;
 use crate::frontend::cancel::CancelRegistry;
 use crate::obs::clients::Clients;
 use crate::obs::metrics::Metrics;
@@ -37,6 +39,8 @@ pub struct Shared {
     /// Client TLS, built from `[tls]` (rebuilt on reload: new certificates for new
     /// connections, sessions keep theirs).
     tls: RwLock<Option<crate::frontend::tls::TlsSetup>>,
+    /// Users looked up on the servers (`[auth_query]`), cached.
+    pub auth_query: AuthQuery,
 }
 
 /// Each user's verifier; `old`: the running ones, whose learned SCRAM keys are kept
@@ -62,6 +66,15 @@ impl Shared {
 
     pub fn verifiers(&self) -> Arc<HashMap<String, Verifier>> {
         self.verifiers.read().unwrap().clone()
+    }
+
+    /// What `user` logs in to `cluster`'s servers with: from `[[users]]`, else from
+    /// `[auth_query]` (None: neither knows the user).
+    pub fn server_credential(&self, cluster: &str, user: &str) -> Option<Credential> {
+        match self.verifiers().get(user) {
+            Some(v) => Some(v.server_credential()),
+            None => self.auth_query.credential(cluster, user),
+        }
     }
 
     pub fn cluster_snapshots(&self) -> Vec<Arc<ClusterSnapshot>> {
@@ -90,6 +103,7 @@ impl Shared {
             started: Instant::now(),
             reloader: OnceLock::new(),
             tls: RwLock::new(tls),
+            auth_query: AuthQuery::default(),
         })
     }
 
@@ -111,6 +125,7 @@ impl Shared {
         let mut current = self.verifiers.write().unwrap();
         *current = Arc::new(verifiers(&config, Some(&current)));
         *self.config.write().unwrap() = Arc::new(config);
+        self.auth_query.clear();
     }
 
     pub fn set_reloader(&self, reloader: Reloader) {

@@ -53,12 +53,7 @@ pub async fn connect(manager: &Manager, addr: &str, node: &str, timeout: Duratio
     Ok(client)
 }
 
-pub fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => format!("{} ({})", d.message(), d.code().code()),
-        None => e.to_string(),
-    }
-}
+pub use crate::cluster::health::db_error as describe;
 
 /// Make a primary stop taking writes: `default_transaction_read_only` (persisted with
 /// ALTER SYSTEM, so a restart keeps it) and every other client backend terminated.

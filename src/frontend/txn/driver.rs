@@ -168,11 +168,7 @@ impl<'a> Driver<'a> {
         cancel: Registration,
     ) -> Driver<'a> {
         let config = shared.config();
-        let credential = shared
-            .verifiers()
-            .get(&who.user)
-            .map(|v| v.server_credential())
-            .unwrap_or_default();
+        let credential = shared.server_credential(&cluster.name, &who.user).unwrap_or_default();
         let cc = &config.clusters[&cluster.name];
         let pool_wait = shared
             .metrics
