@@ -99,12 +99,32 @@ fn reload(shared: &Shared) -> Result<String, String> {
         error!(path = %path.display(), reason = %e, "reload rejected; the running config stays");
         format!("reload rejected, the running config stays: {e}")
     })?;
+    let old = shared.config();
     for (name, tls) in server_tls {
         if let Some(ctx) = shared.clusters.get(&name) {
             ctx.set_server_tls(tls);
+            // Idle pooled connections were made under the old rules (plaintext, or not
+            // verified): new ones are made under the new.
+            let before = old
+                .clusters
+                .get(&name)
+                .map(|o| (o.server_tls, o.server_ca_file.clone()));
+            let after = new
+                .clusters
+                .get(&name)
+                .map(|c| (c.server_tls, c.server_ca_file.clone()));
+            if before != after {
+                let closed: usize = shared
+                    .pools
+                    .all()
+                    .iter()
+                    .filter(|p| p.key.cluster == name)
+                    .map(|p| p.clear_idle())
+                    .sum();
+                info!(cluster = %name, closed, "server_tls changed: idle server connections closed");
+            }
         }
     }
-    let old = shared.config();
     let mut notes = Vec::new();
     for (name, c) in &new.clusters {
         let Some(ctx) = shared.clusters.get(name) else {

@@ -8,8 +8,10 @@
 //! refused by all of them alike (and is Down, with the reason, in `/status`).
 //!
 //! Modes follow libpq's `sslmode`: `prefer` and `require` encrypt without verifying
-//! the certificate; `verify-ca` checks the chain against `server_ca_file`;
-//! `verify-full` also checks that the certificate names the node's host.
+//! the certificate (`require` with `server_ca_file` checks the chain, as libpq does
+//! with a root certificate); `verify-ca` checks the chain against `server_ca_file`;
+//! `verify-full` also checks that the certificate names the node's host. `prefer`
+//! falls back to plaintext when the server has no TLS or the handshake fails.
 
 use std::io;
 use std::path::Path;
@@ -17,9 +19,10 @@ use std::sync::Arc;
 use std::task::{Context, Waker};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{verify_server_cert_signed_by_trust_anchor, verify_server_name};
 use rustls::crypto::CryptoProvider;
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::server::ParsedCertificate;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -38,24 +41,25 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// Build from the cluster's settings; the error names the file at fault. A CA file
-    /// is required for the verify modes and checked (and used) whenever given.
+    /// is required for the verify modes; with `require` it makes the chain checked too
+    /// (as libpq does when a root certificate is present).
     pub fn new(mode: ServerTlsMode, ca_file: Option<&Path>) -> Result<ServerTls, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let roots = ca_file.map(load_roots).transpose()?;
-        let verifier: Arc<dyn ServerCertVerifier> = match (mode, roots) {
+        let roots = ca_file.map(load_roots).transpose()?.map(Arc::new);
+        let check = match (mode, roots) {
             (ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull, None) => {
                 return Err(format!(
                     "server_tls = \"{mode}\" needs server_ca_file (the CA that signed the servers' certificates)"
                 ))
             }
-            (ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull, Some(roots)) => Arc::new(Verify {
-                inner: WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()
-                    .map_err(|e| format!("server_ca_file: {e}"))?,
-                check_name: mode == ServerTlsMode::VerifyFull,
-            }),
-            _ => Arc::new(EncryptOnly(provider.clone())),
+            (ServerTlsMode::VerifyFull, Some(roots)) => Check::ChainAndName(roots),
+            (ServerTlsMode::VerifyCa | ServerTlsMode::Require, Some(roots)) => Check::Chain(roots),
+            _ => Check::Nothing,
         };
+        let verifier = Arc::new(Verifier {
+            provider: provider.clone(),
+            check,
+        });
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
@@ -77,12 +81,23 @@ impl ServerTls {
         self.mode
     }
 
-    /// TCP connect to `addr` (`host:port`), then TLS as the mode says: SSLRequest,
-    /// and on `S` the handshake; on `N` plaintext only for `prefer`.
+    /// TCP connect to `addr` (`host:port`), then TLS as the mode says: SSLRequest, and
+    /// on `S` the handshake; plaintext on `N` only for `prefer`, which also reconnects
+    /// in plaintext when the handshake fails, as libpq does.
     pub async fn connect(&self, addr: &str) -> io::Result<ServerStream> {
+        match self.try_connect(addr, self.mode).await {
+            Err(e) if self.mode == ServerTlsMode::Prefer && e.kind() != io::ErrorKind::ConnectionRefused => {
+                tracing::debug!(addr, reason = %e, "TLS with the server failed; server_tls = \"prefer\": plaintext");
+                self.try_connect(addr, ServerTlsMode::Disable).await
+            }
+            other => other,
+        }
+    }
+
+    async fn try_connect(&self, addr: &str, mode: ServerTlsMode) -> io::Result<ServerStream> {
         let mut tcp = TcpStream::connect(addr).await?;
         tcp.set_nodelay(true)?;
-        if self.mode == ServerTlsMode::Disable {
+        if mode == ServerTlsMode::Disable {
             return Ok(ServerStream::Plain(tcp));
         }
         let mut request = [0u8; 8];
@@ -102,10 +117,9 @@ impl ServerTls {
                     .map_err(|e| io::Error::new(e.kind(), format!("TLS with the server failed: {e}")))?;
                 Ok(ServerStream::Tls(Box::new(tls)))
             }
-            b'N' if self.mode == ServerTlsMode::Prefer => Ok(ServerStream::Plain(tcp)),
+            b'N' if mode == ServerTlsMode::Prefer => Ok(ServerStream::Plain(tcp)),
             b'N' => Err(io::Error::other(format!(
-                "the server does not accept TLS (ssl = off), and server_tls = \"{}\" requires it",
-                self.mode
+                "the server does not accept TLS (ssl = off), and server_tls = \"{mode}\" requires it"
             ))),
             other => Err(io::Error::other(format!(
                 "the server answered the TLS request with {:?} (a server older than PostgreSQL 7.2, or not PostgreSQL)",
@@ -114,16 +128,32 @@ impl ServerTls {
         }
     }
 
-    /// For tokio-postgres (health checks, freshness oracle, manager): sets the
-    /// config's `sslmode` and returns the connector with the same verification.
-    pub fn postgres(&self, cfg: &mut tokio_postgres::Config) -> tokio_postgres_rustls::MakeRustlsConnect {
+    /// Log in with tokio-postgres (health checks, freshness probes, manager,
+    /// auth_query) with the same TLS rules, `prefer` falling back to plaintext when
+    /// the handshake fails. The connection runs in a task of its own (returned).
+    pub async fn connect_pg(
+        &self,
+        cfg: &mut tokio_postgres::Config,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
         use tokio_postgres::config::SslMode;
+        let make = || tokio_postgres_rustls::MakeRustlsConnect::new((*self.config).clone());
         cfg.ssl_mode(match self.mode {
             ServerTlsMode::Disable => SslMode::Disable,
             ServerTlsMode::Prefer => SslMode::Prefer,
             _ => SslMode::Require,
         });
-        tokio_postgres_rustls::MakeRustlsConnect::new((*self.config).clone())
+        let (client, conn) = match cfg.connect(make()).await {
+            // tokio-postgres does not fall back by itself; its TLS errors say "TLS".
+            Err(e) if self.mode == ServerTlsMode::Prefer && e.to_string().contains("TLS") => {
+                cfg.ssl_mode(SslMode::Disable);
+                cfg.connect(make()).await?
+            }
+            other => other?,
+        };
+        let task = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok((client, task))
     }
 }
 
@@ -148,20 +178,50 @@ fn server_name(addr: &str) -> io::Result<ServerName<'static>> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("host {host}: {e}")))
 }
 
-/// `prefer` / `require`: the handshake's signatures are checked (the session is
-/// really with the holder of the key the certificate names) but not who that is.
+/// What is checked of a server's certificate.
 #[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
+enum Check {
+    /// `prefer` / `require` without a CA file: encryption only.
+    Nothing,
+    /// `verify-ca` (and `require` with a CA file): the chain up to `server_ca_file`.
+    Chain(Arc<RootCertStore>),
+    /// `verify-full`: the chain and the node's host name.
+    ChainAndName(Arc<RootCertStore>),
+}
 
-impl ServerCertVerifier for EncryptOnly {
+/// The handshake's signatures are always checked (the session is with the holder of
+/// the certificate's key); the certificate itself as `check` says, each step called
+/// explicitly rather than relying on the order of a combined verifier.
+#[derive(Debug)]
+struct Verifier {
+    provider: Arc<CryptoProvider>,
+    check: Check,
+}
+
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let roots = match &self.check {
+            Check::Nothing => return Ok(ServerCertVerified::assertion()),
+            Check::Chain(roots) | Check::ChainAndName(roots) => roots,
+        };
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        if let Check::ChainAndName(_) = self.check {
+            verify_server_name(&cert, server_name)?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -171,7 +231,7 @@ impl ServerCertVerifier for EncryptOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -180,62 +240,11 @@ impl ServerCertVerifier for EncryptOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca` / `verify-full`: webpki's verification against `server_ca_file`; for
-/// `verify-ca` a certificate for another name passes (the chain was checked first).
-#[derive(Debug)]
-struct Verify {
-    inner: Arc<WebPkiServerVerifier>,
-    check_name: bool,
-}
-
-impl ServerCertVerifier for Verify {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

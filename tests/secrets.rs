@@ -230,9 +230,14 @@ fn users_not_in_the_config_are_looked_up_with_auth_query() {
                 "{err}"
             );
         }
-        // An md5 hash is not something the proxy can log in to servers with.
+        // An md5 hash is not something the proxy can log in to servers with: the
+        // client fails like a wrong password, the log says why.
         let err = psql_as(proxy.rw, "carol", "carol-pw", "SELECT 1").unwrap_err();
-        assert!(err.contains("not a SCRAM-SHA-256 verifier"), "{err}");
+        assert!(
+            err.contains("password authentication failed for user \"carol\""),
+            "{err}"
+        );
+        assert!(proxy.log_text().contains("not a SCRAM-SHA-256 verifier"));
     }
     // A password changed on the server takes effect once the cache (1 s) expires.
     let proxy = Proxy::start(&cluster, "auth-query-change", "pool_mode = \"transaction\"", top);

@@ -25,6 +25,9 @@ from .common import alive, children_of, log, lsn_int, run
 
 PG_BIN_DEFAULT = "/usr/lib/postgresql/15/bin"
 DB, USER, PASSWORD = "chaos", "chaos", "chaos-pw"
+# The superuser's password: Switchyard's manager login (failover = "automatic") comes
+# over TCP, where the servers ask for SCRAM.
+SUPERUSER_PASSWORD = "chaos-super"
 
 SHARED_CONF = """
 # --- chaos suite (shared by every node; per-node settings in chaos_node.conf) ---
@@ -191,6 +194,7 @@ class Cluster:
         self.write_node_conf(name)
         self.start(name)
         self.psql(name, f"CREATE ROLE {USER} LOGIN PASSWORD '{PASSWORD}'")
+        self.psql(name, f"ALTER ROLE postgres PASSWORD '{SUPERUSER_PASSWORD}'")
         self.psql(name, f"GRANT pg_monitor TO {USER}")
         self.psql(name, f"CREATE DATABASE {DB} OWNER {USER}")
         self.psql(name, "CREATE TABLE chaos_writes (id bigint PRIMARY KEY, worker int NOT NULL, "
@@ -322,6 +326,26 @@ class Cluster:
         self.primary = name
         self.write_primary_conf(name)  # so a later restart stays primary
         self.note("promote", name, f"(previous primary {old})")
+
+    def adopt_primary(self, name, by):
+        """`name` was promoted by someone else (Switchyard): the harness follows."""
+        old = self.primary
+        self.primary = name
+        self.write_primary_conf(name)
+        self.note("promote", name, f"by {by} (previous primary {old})")
+
+    def primaries(self):
+        """{name: timeline} of the running servers that are not in recovery."""
+        out = {}
+        for name in self.nodes:
+            if not self.running(name):
+                continue
+            # No row on a standby (pg_walfile_name() is not allowed there).
+            v = self.try_psql(name, "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) "
+                                    "WHERE NOT pg_is_in_recovery()", timeout=5)
+            if v and v.strip():
+                out[name] = int(v.strip(), 16)
+        return out
 
     def repoint(self, name, primary):
         """Make standby `name` follow `primary`: new primary_conninfo and a reload (it is

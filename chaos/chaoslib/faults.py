@@ -92,8 +92,11 @@ def _pick(items, p):
 
 
 class Injector:
-    def __init__(self, cluster, proxy, net, wait):
+    def __init__(self, cluster, proxy, net, wait, automatic=False):
         self.c, self.proxy, self.net = cluster, proxy, net
+        # failover = "automatic": Switchyard promotes; the harness only follows and
+        # rejoins old primaries.
+        self.automatic = automatic
         self.wait = wait  # wait(seconds): sleeps while watching for a Switchyard crash
         self.reload_flip = False
 
@@ -104,6 +107,8 @@ class Injector:
         after a rejoin gets a new base backup). Returns a list of problems left."""
         self.net.heal_all()
         c = self.c
+        if self.automatic:
+            self.follow_promotions()
         if not c.running(c.primary):
             log(f"primary {c.primary} is not running; starting it")
             try:
@@ -133,6 +138,35 @@ class Injector:
             missing = c.wait_streaming(c.standbys(), timeout=timeout)
         return [f"{s} not streaming" for s in missing]
 
+    def follow_promotions(self):
+        """Under automatic failover, Switchyard may have promoted a standby during the
+        last fault (a kill or a freeze of the primary held long enough). The primary is
+        the server on the newest timeline that is not in recovery; any other server
+        still out of recovery (an old primary restarted or thawed, fenced read-only by
+        Switchyard) is rejoined as its standby."""
+        c = self.c
+        found = c.primaries()
+        if not found:
+            return
+        newest = max(found, key=lambda n: (found[n], n == c.primary))
+        if newest != c.primary:
+            log(f"switchyard promoted {newest} (timeline {found[newest]}); following")
+            c.adopt_primary(newest, "switchyard")
+        for name in found:
+            if name != newest:
+                log(f"{name} is still a primary (timeline {found[name]}, fenced by switchyard); rejoining it")
+                c.rejoin(name, newest)
+
+    def wait_promoted(self, old, timeout=30.0):
+        """The standby Switchyard promoted after `old` went away, or None in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = {n: tl for n, tl in self.c.primaries().items() if n != old}
+            if found:
+                return max(found, key=found.get)
+            self.wait(0.2)
+        return None
+
     # ---- one fault ---------------------------------------------------------------------
     def run(self, f):
         rec = {"kind": f["kind"], "hold": f["hold"], "t_inject": None, "t_heal": None, "t_done": None,
@@ -144,6 +178,11 @@ class Injector:
             rec["error"] = f"{type(e).__name__}: {e}"[:500]
             log(f"fault {f['kind']} failed: {rec['error']}")
             self.net.heal_all()
+        if self.automatic and f["kind"] in ("kill_primary_restart", "freeze_primary", "partition_proxy_primary",
+                                            "partition_asymmetric", "lossy_link", "slow_link"):
+            # Whether Switchyard failed over during this fault (the next ensure_healthy
+            # follows it).
+            rec["detail"]["primaries_after"] = self.c.primaries()
         rec["t_done"] = time.time()
         if rec["t_heal"] is None:
             rec["t_heal"] = rec["t_done"]
@@ -171,7 +210,22 @@ class Injector:
         old = c.primary
         self._mark(rec, old, [old])
         c.kill9(old)
-        self._hold(rec, f["hold"])  # the operator notices
+        if self.automatic:
+            rec["t_struck"] = time.time()
+            new = self.wait_promoted(old)
+            if new is not None:
+                rec["detail"]["promoted"] = new
+                rec["detail"]["promoted_by"] = "switchyard"
+                rec["detail"]["failover_s"] = round(time.time() - rec["t_inject"], 2)
+                c.adopt_primary(new, "switchyard")
+                self._healed(rec)  # Switchyard repointed the other standby itself
+                self._hold(rec, f["hold"])  # the old primary stays down a while
+                rec["detail"]["rejoin"] = c.rejoin(old, new)
+                return
+            log("no automatic failover within 30 s; promoting as an operator")
+            rec["detail"]["promoted_by"] = "harness (no automatic failover within 30 s)"
+        else:
+            self._hold(rec, f["hold"])  # the operator notices
         new, lsn = c.most_caught_up(c.standbys())
         if new is None:
             raise RuntimeError("no running standby to promote")

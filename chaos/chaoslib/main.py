@@ -44,6 +44,9 @@ def parse_args(argv):
                    help="Switchyard binary (copied before use); default $SWITCHYARD_BIN or target/release/switchyard")
     p.add_argument("--sync", action="store_true",
                    help="synchronous replication (ANY 1 of the standbys): then any lost acknowledged write fails the run")
+    p.add_argument("--failover", choices=("operator", "automatic"), default="operator",
+                   help="who promotes after the primary is killed: the harness as an operator, or Switchyard "
+                        "(failover = \"automatic\"; the harness only rejoins old primaries)")
     p.add_argument("--max-ops", type=int, default=3_000_000,
                    help="cap on recorded operations (5 min record ~270k; the checker holds them all in memory)")
     p.add_argument("--insert-workers", type=int, default=4)
@@ -118,7 +121,7 @@ class Run:
         os.chmod(self.workdir, 0o755)
         common.LOG_FILE = os.path.join(self.workdir, "harness.log")
         log(f"chaos run: seed {a.seed}, duration {a.duration_s:.0f}s, {'sync' if a.sync else 'async'} "
-            f"replication, binary {a.binary}, workdir {self.workdir}")
+            f"replication, {a.failover} failover, binary {a.binary}, workdir {self.workdir}")
 
         self.setup_network()
         self.setup_cluster()
@@ -141,7 +144,7 @@ class Run:
         self.load = Load(self.net, self.proxy, a.pgbench_clients, a.pgbench_rate, self.t_end)
         self.load.start()
 
-        injector = Injector(self.cluster, self.proxy, self.net, self.wait)
+        injector = Injector(self.cluster, self.proxy, self.net, self.wait, automatic=a.failover == "automatic")
         faults = self.run_faults(injector, plan)
         self.wait(max(0.0, self.t_end - time.time()))
         log("loaded phase over; stopping load")
@@ -206,7 +209,8 @@ class Run:
             self.cluster.enable_sync()
 
     def setup_proxy(self):
-        self.proxy = Proxy(self.net, self.cluster, self.workdir, self.a.binary, self.a.health_interval_ms)
+        self.proxy = Proxy(self.net, self.cluster, self.workdir, self.a.binary, self.a.health_interval_ms,
+                           failover=self.a.failover)
         self.proxy.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -331,7 +335,8 @@ class Run:
             "when": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M:%S UTC"),
             "machine": {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count()},
             "command": "chaos/run " + " ".join(sys.argv[1:]),
-            "seed": a.seed, "duration_s": a.duration_s, "sync": a.sync, "network": self.net.kind,
+            "seed": a.seed, "duration_s": a.duration_s, "sync": a.sync, "failover": a.failover,
+            "network": self.net.kind,
             "netem": getattr(self.net, "netem", False),
             "binary": a.binary, "workdir": self.workdir,
             "fault_kinds_available": kinds, "faults_run": counts,

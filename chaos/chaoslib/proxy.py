@@ -14,16 +14,22 @@ import subprocess
 import time
 import urllib.request
 
-from .cluster import PASSWORD, USER
+from .cluster import PASSWORD, SUPERUSER_PASSWORD, USER
 from .common import alive, call_in_netns, fd_count, log, run, status_kib
 
 RW_PORT, RO_PORT, ADMIN_PORT = 6432, 6433, 9930
 
 
-def config_text(cluster, listen_host, ports, health_interval_ms, max_lag_ms=5000, extra_cluster=""):
+def config_text(cluster, listen_host, ports, health_interval_ms, max_lag_ms=5000, extra_cluster="",
+                failover="operator"):
     rw, ro, admin = ports
     nodes = "".join(f'\n[[clusters.main.nodes]]\nname = "{n.name}"\nhost = "{n.host}"\nport = {n.port}\n'
                     for n in cluster.nodes.values())
+    if failover == "automatic":
+        # Switchyard promotes: a cooldown shorter than the gap between two primary
+        # faults, so that each one is a failover of its own.
+        extra_cluster += "failover = \"automatic\"\nfailover_cooldown_s = 8\n"
+        nodes += f'\n[clusters.main.manager]\nuser = "postgres"\npassword = "{SUPERUSER_PASSWORD}"\n'
     return f"""# written by chaos/run
 [health]
 interval_ms = {health_interval_ms}
@@ -59,7 +65,8 @@ server_idle_timeout_ms = 3000
 
 
 class Proxy:
-    def __init__(self, net, cluster, base, binary, health_interval_ms=400):
+    def __init__(self, net, cluster, base, binary, health_interval_ms=400, failover="operator"):
+        self.failover = failover
         self.net = net
         self.cluster = cluster
         self.dir = os.path.join(base, "switchyard")
@@ -96,7 +103,8 @@ class Proxy:
         return self.ports[2]
 
     def write_config(self, extra_cluster=""):
-        text = config_text(self.cluster, self.host, self.ports, self.health_interval_ms, self.max_lag_ms, extra_cluster)
+        text = config_text(self.cluster, self.host, self.ports, self.health_interval_ms, self.max_lag_ms, extra_cluster,
+                           self.failover)
         with open(self.config, "w") as f:
             f.write(text)
         chk = run([self.binary, "check", "--config", self.config], check=False, timeout=20)

@@ -22,7 +22,8 @@ def render_text(rep):
     px = chk["proxy"]
     out = []
     out.append(f"== Switchyard chaos run: seed {rep['seed']}, {rep['duration_s']:.0f}s, "
-               f"{'synchronous' if rep['sync'] else 'asynchronous'} replication, network: {rep['network']}"
+               f"{'synchronous' if rep['sync'] else 'asynchronous'} replication, "
+               f"{rep.get('failover', 'operator')} failover, network: {rep['network']}"
                f"{'' if rep['netem'] or rep['network'] != 'netns' else ' (no tc netem in this kernel)'}")
     out.append(f"   {rep['when']} on {rep['machine']['host']} ({rep['machine']['cpus']} CPUs, kernel "
                f"{rep['machine']['kernel']}); workdir {rep['workdir']}")
@@ -81,9 +82,11 @@ def render_text(rep):
         wr, rd = f.get("writes", {}), f.get("reads", {})
         det = f.get("detail") or {}
         extra = []
-        for k in ("promoted", "rejoin", "drop_probability", "restarted"):
+        for k in ("promoted", "promoted_by", "failover_s", "rejoin", "drop_probability", "restarted"):
             if k in det:
                 extra.append(f"{k}={det[k]}")
+        if det.get("primaries_after") and f["kind"] != "kill_primary_failover":
+            extra.append("primary after: " + ",".join(sorted(det["primaries_after"])))
         if f.get("error"):
             extra.append("FAULT ERROR: " + f["error"][:80])
         frows.append([i, f["at_s"], f["kind"], f["target"], f["hold_s"], f["heal_s"],

@@ -201,8 +201,10 @@ impl Pool {
     ) -> Result<PooledConn, PoolError> {
         let settings = *self.settings.lock().unwrap();
         {
+            // The latest client's (a password or verifier changed by a reload);
+            // compared first so that the hot path copies nothing.
             let mut known = self.credential.lock().unwrap();
-            if matches!(*known, None | Some(Credential::Unlearned)) {
+            if known.as_ref() != Some(credential) {
                 *known = Some(credential.clone());
             }
         }

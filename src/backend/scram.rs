@@ -41,6 +41,19 @@ pub enum Credential {
     Unlearned,
 }
 
+impl PartialEq for Credential {
+    fn eq(&self, other: &Credential) -> bool {
+        match (self, other) {
+            (Credential::None, Credential::None) | (Credential::Unlearned, Credential::Unlearned) => true,
+            (Credential::Password(a), Credential::Password(b)) => a == b,
+            (Credential::Scram(a), Credential::Scram(b)) => {
+                Arc::ptr_eq(a, b) || (a.client_key == b.client_key && a.salt == b.salt && a.iterations == b.iterations)
+            }
+            _ => false,
+        }
+    }
+}
+
 /// One client-side exchange with `ScramKeys`.
 pub struct KeyedScram {
     keys: Arc<ScramKeys>,

@@ -389,14 +389,10 @@ async fn open(addr: &str, login: &SharedLogin, app: &str) -> Option<Client> {
     if let Some(pw) = &login.password {
         cfg.password(pw);
     }
-    let connector = tls.postgres(&mut cfg);
-    let (client, connection) = tokio::time::timeout(QUERY_TIMEOUT, cfg.connect(connector))
+    let (client, _task) = tokio::time::timeout(QUERY_TIMEOUT, tls.connect_pg(&mut cfg))
         .await
         .ok()?
         .ok()?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
     Some(client)
 }
 

@@ -173,11 +173,7 @@ async fn open(target: &Target, login: &Login) -> Result<Session, String> {
     if let Some(pw) = &login.password {
         cfg.password(pw);
     }
-    let connector = target.tls.postgres(&mut cfg);
-    let (client, connection) = cfg.connect(connector).await.map_err(describe)?;
-    let task = tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let (client, task) = target.tls.connect_pg(&mut cfg).await.map_err(describe)?;
     let check = client.prepare(CHECK_SQL).await.map_err(describe)?;
     // Not fatal when missing: causal tokens then carry no cluster identity check.
     let system_id = match client.query_one(SYSTEM_ID_SQL, &[]).await {

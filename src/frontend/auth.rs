@@ -77,8 +77,13 @@ impl Verifier {
         }
     }
 
-    /// For a user nobody knows: every proof fails, like a wrong password.
+    /// For a user nobody knows: every proof fails, like a wrong password. The salt is
+    /// the same for every attempt with this name (derived from a secret of this
+    /// process), as a real user's is, so asking twice tells nothing (PostgreSQL's mock
+    /// authentication does the same).
     pub fn unknown(user: &str) -> Verifier {
+        static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let secret = SECRET.get_or_init(|| rand::rng().random());
         let mut rng = rand::rng();
         Verifier {
             method: AuthMethod::ScramSha256,
@@ -86,12 +91,17 @@ impl Verifier {
             password: None,
             secret: ScramSecret {
                 iterations: SCRAM_ITERATIONS,
-                salt: rng.random::<[u8; 16]>().to_vec(),
+                salt: hmac(secret, user.as_bytes())[..16].to_vec(),
                 stored_key: rng.random(),
                 server_key: rng.random(),
             },
             learned: None,
         }
+    }
+
+    /// The SCRAM secret clients are checked against.
+    pub fn secret(&self) -> &ScramSecret {
+        &self.secret
     }
 
     /// After a reload: keep what `old` learned if the verifier did not change.

@@ -6,6 +6,7 @@ use rand::RngExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::warn;
 
+use crate::backend::scram::Credential;
 use crate::classify::CAUSAL_TOKEN;
 use crate::cluster::ClusterCtx;
 use crate::config::AuthMethod;
@@ -48,6 +49,9 @@ pub(super) struct Client {
     pub params: Vec<(String, String)>,
     /// The startup option `switchyard.causal_token`, not checked yet.
     pub causal_token: Option<String>,
+    /// What this user logs in to servers with, taken right after this client's own
+    /// authentication (for a verifier user: the key its SCRAM proof revealed).
+    pub credential: Credential,
 }
 
 /// Startup packet(s) and authentication. `None` for a CancelRequest. `require_tls`:
@@ -146,6 +150,7 @@ pub(super) async fn login(
         other => other,
     })?;
     Ok(Some(Client {
+        credential: verifier.server_credential(),
         user,
         database,
         params: passed,

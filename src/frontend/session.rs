@@ -255,6 +255,7 @@ async fn serve_transaction_mode(
         .clone();
     gauge.inc();
     let who = TxnClient {
+        credential: client.credential,
         user: client.user,
         database: client.database,
         params: client.params,
@@ -287,12 +288,7 @@ async fn connect(
     shared: &Shared,
     config: &Config,
 ) -> Result<(Connected, Duration), Reject> {
-    let credential = shared.server_credential(&cluster.name, &client.user).ok_or_else(|| {
-        Reject::Error(Error::not_authorized(format!(
-            "user \"{}\" was removed from the configuration",
-            client.user
-        )))
-    })?;
+    let credential = client.credential.clone();
     let mut params = client.params.clone();
     if endpoint == Endpoint::ReadOnly {
         // The ro endpoint may fall back to the primary; keep it read-only there too.

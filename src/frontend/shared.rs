@@ -10,7 +10,6 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use crate::backend::pool::Pools;
-use crate::backend::scram::Credential;
 use crate::cluster::topology::ClusterSnapshot;
 use crate::cluster::ClusterCtx;
 use crate::config::Config;
@@ -66,15 +65,6 @@ impl Shared {
 
     pub fn verifiers(&self) -> Arc<HashMap<String, Verifier>> {
         self.verifiers.read().unwrap().clone()
-    }
-
-    /// What `user` logs in to `cluster`'s servers with: from `[[users]]`, else from
-    /// `[auth_query]` (None: neither knows the user).
-    pub fn server_credential(&self, cluster: &str, user: &str) -> Option<Credential> {
-        match self.verifiers().get(user) {
-            Some(v) => Some(v.server_credential()),
-            None => self.auth_query.credential(cluster, user),
-        }
     }
 
     pub fn cluster_snapshots(&self) -> Vec<Arc<ClusterSnapshot>> {

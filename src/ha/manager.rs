@@ -37,8 +37,7 @@ pub async fn connect(manager: &Manager, addr: &str, node: &str, timeout: Duratio
     }
     // connect_timeout bounds the TCP connect only; a frozen server accepts and then
     // never answers the startup packet.
-    let connector = tls.postgres(&mut cfg);
-    let (client, conn) = match tokio::time::timeout(timeout, cfg.connect(connector)).await {
+    let (client, _task) = match tokio::time::timeout(timeout, tls.connect_pg(&mut cfg)).await {
         Ok(r) => r.map_err(|e| format!("cannot log in to \"{node}\" as the manager user: {}", describe(&e)))?,
         Err(_) => {
             return Err(format!(
@@ -47,9 +46,6 @@ pub async fn connect(manager: &Manager, addr: &str, node: &str, timeout: Duratio
             ))
         }
     };
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
     Ok(client)
 }
 
@@ -106,36 +102,44 @@ pub async fn repoint_standbys(
     timeout: Duration,
 ) {
     let (host, port) = new_addr.rsplit_once(':').unwrap_or((new_addr, "5432"));
-    for (i, n) in snap.nodes.iter().enumerate() {
-        if skip.contains(&i) || n.health != Health::Up || n.role != Role::Standby {
-            continue;
-        }
-        let result = async {
-            let c = connect(manager, &n.addr, &n.name, timeout).await?;
-            let current: String = c
-                .query_one("SHOW primary_conninfo", &[])
+    // All at once, each bounded as a whole (login, SHOW, ALTER SYSTEM, reload): a
+    // standby that stalls must not hold up the promotion that follows.
+    let each = snap
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| !skip.contains(i) && n.health == Health::Up && n.role == Role::Standby)
+        .map(|(_, n)| async move {
+            let work = async {
+                let c = connect(manager, &n.addr, &n.name, timeout).await?;
+                let current: String = c
+                    .query_one("SHOW primary_conninfo", &[])
+                    .await
+                    .map_err(|e| describe(&e))?
+                    .get(0);
+                let conninfo = repointed(&current, host, port);
+                c.batch_execute(&format!(
+                    "ALTER SYSTEM SET primary_conninfo = '{}'",
+                    conninfo.replace('\'', "''")
+                ))
                 .await
-                .map_err(|e| describe(&e))?
-                .get(0);
-            let conninfo = repointed(&current, host, port);
-            c.batch_execute(&format!(
-                "ALTER SYSTEM SET primary_conninfo = '{}'",
-                conninfo.replace('\'', "''")
-            ))
-            .await
-            .map_err(|e| describe(&e))?;
-            c.batch_execute("SELECT pg_reload_conf()")
-                .await
-                .map_err(|e| describe(&e))
-        }
-        .await;
-        match result {
-            Ok(()) => info!(cluster = %cluster, node = %n.name, primary = %new_addr, "standby repointed"),
-            Err(e) => {
-                warn!(cluster = %cluster, node = %n.name, reason = %e, "could not repoint a standby at the new primary; repoint it by hand")
+                .map_err(|e| describe(&e))?;
+                c.batch_execute("SELECT pg_reload_conf()")
+                    .await
+                    .map_err(|e| describe(&e))
+            };
+            let result = match tokio::time::timeout(timeout, work).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+            };
+            match result {
+                Ok(()) => info!(cluster = %cluster, node = %n.name, primary = %new_addr, "standby repointed"),
+                Err(e) => {
+                    warn!(cluster = %cluster, node = %n.name, reason = %e, "could not repoint a standby at the new primary; repoint it by hand")
+                }
             }
-        }
-    }
+        });
+    futures_util::future::join_all(each).await;
 }
 
 /// `conninfo` with its host and port replaced (other keys, such as the replication

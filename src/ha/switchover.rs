@@ -3,8 +3,9 @@
 //! the ones in flight finish on the old primary first.
 //!
 //! Steps, each bounded by what is left of `switchover_timeout_ms`, each named in the
-//! error if it fails (everything before "promote" is undone: the hold is released and
-//! the old primary made writable again):
+//! error if it fails (when one up to "catch up" fails, the hold is released and the old
+//! primary made writable again; the repointed standbys stay cascading from the target,
+//! which still streams from the old primary):
 //! 1. **check**: the target is an up standby that follows the primary.
 //! 2. **hold**: PAUSE the cluster; wait until no pooled connection to the old primary is
 //!    in use (transactions in flight have ended).
@@ -277,7 +278,8 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     // 5. repoint the other standbys at the target before it is promoted (best effort:
     // a failure is reported, not fatal). Not undone if the promotion fails: they
     // then cascade from the target, which still streams from the old primary.
-    manager::repoint_standbys(cluster, &manager, &snap, &[p, target], &new.addr, login_timeout).await;
+    let bound = login_timeout.min(left("repoint")?);
+    manager::repoint_standbys(cluster, &manager, &snap, &[p, target], &new.addr, bound).await;
     mark("repoint", &mut steps);
 
     // 6. promote: from here on there is no going back.

@@ -44,6 +44,8 @@ fn ready_to_read(buf: &mut BytesMut) {
 /// Who the client is.
 pub struct TxnClient {
     pub user: String,
+    /// What the user logs in to servers with (from the client's own login).
+    pub credential: Credential,
     pub database: String,
     pub params: Vec<(String, String)>,
     /// From the startup option `switchyard.causal_token`, checked against the cluster.
@@ -168,7 +170,7 @@ impl<'a> Driver<'a> {
         cancel: Registration,
     ) -> Driver<'a> {
         let config = shared.config();
-        let credential = shared.server_credential(&cluster.name, &who.user).unwrap_or_default();
+        let credential = who.credential.clone();
         let cc = &config.clusters[&cluster.name];
         let pool_wait = shared
             .metrics
