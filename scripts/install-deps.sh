@@ -6,7 +6,9 @@
 # with what compat/run needs to run their own test suites (pytest and plugins), and
 # this repository's Django integration (python/django_switchyard), and iproute2 and
 # iptables for the fault suite (chaos/), etcd for coordination between instances,
-# openssl for the TLS tests' certificates.
+# openssl for the TLS tests' certificates, MariaDB (mariadbd, mariadb-install-db, the
+# mariadb client) for the MySQL-engine tests' throwaway clusters, sysbench for their
+# benchmarks.
 # Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +34,9 @@ command -v iptables >/dev/null || missing+=(iptables)
 command -v etcd >/dev/null || missing+=(etcd-server)
 # Test certificates for TLS (tests/tls.rs).
 command -v openssl >/dev/null || missing+=(openssl)
+# MariaDB clusters for the MySQL engine (src/localmaria.rs), sysbench to load them.
+command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server mariadb-client)
+command -v sysbench >/dev/null || missing+=(sysbench)
 
 if ((${#missing[@]})); then
     echo "install-deps: installing ${missing[*]}"

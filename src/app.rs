@@ -19,7 +19,7 @@ use crate::cluster::health;
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, ClusterState, NodeState, Policy};
 use crate::cluster::ClusterCtx;
-use crate::config::{ClusterConfig, Config};
+use crate::config::{ClusterConfig, Config, Engine};
 use crate::frontend::session;
 use crate::frontend::shared::Shared;
 use crate::tls::ServerTls;
@@ -54,6 +54,28 @@ fn start_monitors(shared: &Shared) {
         let Some(c) = config.clusters.get(name) else {
             continue;
         };
+        if c.engine == Engine::Mysql {
+            let peers: Vec<(String, u16)> = c.nodes.iter().map(|n| (n.host.clone(), n.port)).collect();
+            for n in &c.nodes {
+                let target = crate::mysql::health::Target {
+                    cluster: ctx.state.clone(),
+                    node: n.name.clone(),
+                    host: n.host.clone(),
+                    port: n.port,
+                    peers: peers.clone(),
+                    info: ctx.mysql.clone(),
+                };
+                let task = crate::mysql::health::spawn(
+                    target,
+                    config.health.clone(),
+                    login.clone(),
+                    observer.clone(),
+                    shared.shutdown.clone(),
+                );
+                monitors.insert(n.name.clone(), task);
+            }
+            continue;
+        }
         for n in &c.nodes {
             let target = health::Target {
                 cluster: ctx.state.clone(),
@@ -249,7 +271,8 @@ impl Proxy {
                 c.listen_ro.clone(),
                 ServerTls::new(c.server_tls, c.server_ca_file.as_deref())
                     .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?,
-            ));
+            )
+            .with_engine(c.engine));
             for (addr, endpoint) in [(&c.listen_rw, Endpoint::ReadWrite), (&c.listen_ro, Endpoint::ReadOnly)] {
                 if let Some(addr) = addr {
                     let l = TcpListener::bind(addr)
@@ -445,6 +468,10 @@ async fn accept_loop(
                     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
                         return;
                     };
+                    if ctx.engine == Engine::Mysql {
+                        crate::mysql::session::serve(stream, peer, ctx, endpoint, shared).await;
+                        return;
+                    }
                     if let Some(admin) = session::serve(stream, peer, ctx, endpoint, shared.clone()).await {
                         crate::admin::console::run(admin.stream, &admin.user, &shared).await;
                     }

@@ -320,6 +320,25 @@ pub struct UserConfig {
     pub admin: bool,
 }
 
+/// What the cluster's servers speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    #[default]
+    Postgresql,
+    /// MySQL or MariaDB (the MySQL client/server protocol; `src/mysql/`).
+    Mysql,
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Engine::Postgresql => "postgresql",
+            Engine::Mysql => "mysql",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PoolMode {
@@ -375,6 +394,9 @@ pub enum ReadYourWrites {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
+    /// `postgresql` (default) or `mysql` (MySQL / MariaDB).
+    #[serde(default)]
+    pub engine: Engine,
     pub listen_rw: Option<String>,
     pub listen_ro: Option<String>,
     #[serde(default = "d_10000")]

@@ -138,6 +138,9 @@ impl Config {
                     }
                 }
             }
+            if c.engine == Engine::Mysql {
+                mysql_rules(cname, c)?;
+            }
             if c.pool_size == 0 {
                 return Err(invalid(format!("clusters.{cname}.pool_size"), "must be at least 1"));
             }
@@ -222,4 +225,41 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// What a `engine = "mysql"` cluster cannot have (yet): each PostgreSQL-only key set to
+/// something other than its default is named, with what to do instead.
+fn mysql_rules(cname: &str, c: &ClusterConfig) -> Result<(), ConfigError> {
+    let refuse = |key: &str, why: &str| Err(invalid(format!("clusters.{cname}.{key}"), why.to_string()));
+    if c.pool_mode != PoolMode::Session {
+        return refuse(
+            "pool_mode",
+            "engine = \"mysql\" supports pool_mode = \"session\" only (a MySQL session's state cannot be moved between server connections safely)",
+        );
+    }
+    if c.read_write_split {
+        return refuse("read_write_split", "is PostgreSQL-only (needs transaction pooling)");
+    }
+    if c.causal_wait_ms > 0 {
+        return refuse("causal_wait_ms", "is PostgreSQL-only (causal tokens are WAL positions)");
+    }
+    if !c.read_only_functions.is_empty() {
+        return refuse("read_only_functions", "is PostgreSQL-only (used by read/write splitting)");
+    }
+    if c.failover != FailoverMode::Follow || c.manager.is_some() || c.demote_command.is_some() {
+        return refuse(
+            if c.manager.is_some() { "manager" } else if c.demote_command.is_some() { "demote_command" } else { "failover" },
+            "MySQL clusters follow a promotion made by an operator or another tool (failover = \"follow\"); Switchyard does not promote MySQL replicas",
+        );
+    }
+    if c.client_tls.is_some_and(|t| t != ClientTls::Disable) {
+        return refuse("client_tls", "TLS on MySQL listeners is not supported yet");
+    }
+    if !matches!(c.server_tls, ServerTlsMode::Disable | ServerTlsMode::Prefer) || c.server_ca_file.is_some() {
+        return refuse(
+            if c.server_ca_file.is_some() { "server_ca_file" } else { "server_tls" },
+            "TLS toward MySQL servers is not supported yet (connections to MySQL nodes are plaintext)",
+        );
+    }
+    Ok(())
 }

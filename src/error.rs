@@ -93,6 +93,15 @@ pub struct Error {
     retry_elsewhere: bool,
     /// A server's own ErrorResponse (a refused login), passed to the client unchanged.
     raw: Option<Bytes>,
+    /// A MySQL server's own error number and SQLSTATE (a refused login), passed on.
+    mysql: Option<MysqlCode>,
+}
+
+/// A MySQL error as a client sees it: error number and SQLSTATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MysqlCode {
+    pub number: u16,
+    pub state: [u8; 5],
 }
 
 impl Error {
@@ -103,6 +112,7 @@ impl Error {
             side,
             retry_elsewhere: false,
             raw: None,
+            mysql: None,
         }
     }
 
@@ -188,6 +198,19 @@ impl Error {
         }
     }
 
+    /// A MySQL server refused a login (or the proxy's checks on a new connection) with
+    /// its own error. Another node may do better for the errors that say this one cannot
+    /// serve anyone: too many connections (1040), shutting down (1053), a host blocked
+    /// (1129/1130 are not: the same user is refused everywhere).
+    pub fn mysql_server_refused(number: u16, state: [u8; 5], message: impl Into<String>) -> Error {
+        let code = SqlState::parse(&state).unwrap_or(SqlState::CONNECTION_FAILURE);
+        Error {
+            retry_elsewhere: matches!(number, 1040 | 1053 | 1927) || code.class() == "08",
+            mysql: Some(MysqlCode { number, state }),
+            ..Error::new(code, Side::Server, message)
+        }
+    }
+
     /// No pooled server connection became free in time.
     pub fn pool_exhausted(message: impl Into<String>) -> Error {
         Error::new(SqlState::TOO_MANY_CONNECTIONS, Side::Proxy, message)
@@ -255,7 +278,35 @@ impl Error {
     /// a database (3D000) or role (28000) just created on the primary. The next
     /// candidate (another standby, the primary) may have it.
     pub fn standby_behind(&self) -> bool {
-        self.raw.is_some() && (self.code == SqlState(*b"3D000") || self.code == SqlState::INVALID_AUTHORIZATION)
+        (self.raw.is_some() && (self.code == SqlState(*b"3D000") || self.code == SqlState::INVALID_AUTHORIZATION))
+            // MySQL: unknown database (1049), access denied (1045) on a replica.
+            || self.mysql.is_some_and(|m| m.number == 1049 || m.number == 1045)
+    }
+
+    /// The MySQL error number and SQLSTATE for this error: a MySQL server's own, else
+    /// the nearest MySQL error to our SQLSTATE (chosen here, like the SQLSTATEs).
+    pub fn mysql_code(&self) -> MysqlCode {
+        if let Some(m) = self.mysql {
+            return m;
+        }
+        let (number, state) = match self.code {
+            SqlState::INVALID_PASSWORD | SqlState::INVALID_AUTHORIZATION => (1045, *b"28000"), // ER_ACCESS_DENIED_ERROR
+            SqlState::PROTOCOL_VIOLATION => (1043, *b"08S01"), // ER_HANDSHAKE_ERROR / bad packet
+            SqlState::FEATURE_NOT_SUPPORTED => (1235, *b"42000"), // ER_NOT_SUPPORTED_YET
+            SqlState::TOO_MANY_CONNECTIONS => (1040, *b"08004"), // ER_CON_COUNT_ERROR
+            SqlState::ADMIN_SHUTDOWN => (1053, *b"08S01"), // ER_SERVER_SHUTDOWN
+            SqlState::INSUFFICIENT_PRIVILEGE => (1227, *b"42000"), // ER_SPECIFIC_ACCESS_DENIED_ERROR
+            SqlState::SYNTAX_ERROR => (1064, *b"42000"), // ER_PARSE_ERROR
+            SqlState::READ_ONLY_SQL_TRANSACTION => (1792, *b"25006"), // ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION
+            // No server to route to, or none reachable: the client library's own
+            // "can't connect" (CR_CONN_HOST_ERROR), which drivers treat as retryable.
+            SqlState::CANNOT_CONNECT_NOW => (2003, *b"HY000"),
+            // A server connection lost (node down): CR_SERVER_LOST, as if the server had
+            // gone away, which is what happened.
+            SqlState::CONNECTION_FAILURE | SqlState::TRANSACTION_RESOLUTION_UNKNOWN => (2013, *b"HY000"),
+            _ => (1105, *b"HY000"), // ER_UNKNOWN_ERROR
+        };
+        MysqlCode { number, state }
     }
 
     /// A server's own ErrorResponse, if this is one.
@@ -332,5 +383,18 @@ mod tests {
         assert_eq!(Error::protocol("x").side(), Side::Client);
         let bytes = Error::pool_exhausted("full").to_fatal();
         assert_eq!(&bytes[..], b"E\0\0\0\x20SFATAL\0VFATAL\0C53300\0Mfull\0\0");
+    }
+
+    #[test]
+    fn mysql_clients_get_mysql_error_numbers() {
+        let n = |e: Error| (e.mysql_code().number, e.mysql_code().state);
+        assert_eq!(n(Error::auth_failed("x")), (1045, *b"28000"));
+        assert_eq!(n(Error::evicted(true, "x")), (1053, *b"08S01"));
+        assert_eq!(n(Error::evicted(false, "x")), (2013, *b"HY000"));
+        assert_eq!(n(Error::no_route("x")), (2003, *b"HY000"));
+        let refused = Error::mysql_server_refused(1049, *b"42000", "Unknown database 'x'");
+        assert_eq!(n(refused.clone()), (1049, *b"42000"));
+        assert!(!refused.retry_elsewhere());
+        assert!(Error::mysql_server_refused(1040, *b"08004", "Too many connections").retry_elsewhere());
     }
 }

@@ -30,6 +30,8 @@ pub mod frontend;
 pub mod fuzzing;
 pub mod ha;
 pub mod localcluster;
+pub mod localmaria;
+pub mod mysql;
 pub mod obs;
 pub mod protocol;
 pub mod tls;

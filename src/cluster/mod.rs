@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::classify::Classifier;
+use crate::config::Engine;
 use crate::tls::ServerTls;
 use topology::ClusterState;
 
@@ -45,6 +46,10 @@ pub struct ClusterCtx {
     pub ha: HaState,
     /// TLS toward the nodes (`server_tls`), replaced on reload.
     server_tls: RwLock<Arc<ServerTls>>,
+    /// What the nodes speak (fixed for the life of the process).
+    pub engine: Engine,
+    /// MySQL clusters: the servers' greeting, learned by the health monitor.
+    pub mysql: Arc<crate::mysql::ClusterInfo>,
 }
 
 /// What the control plane is doing to a cluster, and did last.
@@ -107,7 +112,14 @@ impl ClusterCtx {
             monitors: Mutex::new(HashMap::new()),
             ha: HaState::default(),
             server_tls: RwLock::new(Arc::new(server_tls)),
+            engine: Engine::Postgresql,
+            mysql: Arc::default(),
         }
+    }
+
+    pub fn with_engine(mut self, engine: Engine) -> ClusterCtx {
+        self.engine = engine;
+        self
     }
 
     /// How to speak TLS to this cluster's nodes now.

@@ -47,6 +47,10 @@ impl fmt::Display for Role {
     }
 }
 
+/// `Observation::lag_ms` of a replica that has no lag figure (MySQL's NULL
+/// `Seconds_Behind_Master`: replication stopped): no reads go to it.
+pub const LAG_UNKNOWN: u64 = u64::MAX;
+
 /// What one successful health check saw.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observation {
@@ -197,7 +201,7 @@ impl NodeState {
                 if obs.role == Role::Standby {
                     self.fenced = false;
                 }
-                self.lag_ms = Some(obs.lag_ms);
+                self.lag_ms = (obs.lag_ms != LAG_UNKNOWN).then_some(obs.lag_ms);
                 self.lsn = obs.lsn;
                 // A standby whose receiver is disconnected keeps the timeline it last
                 // streamed: that is what shows it to be an orphan after a failover.
@@ -264,6 +268,7 @@ impl NodeState {
                 (Role::Standby, Some(lag)) if lag > 0 => {
                     format!("{} standby (lag {lag} ms)", self.name)
                 }
+                (Role::Standby, None) => format!("{} standby (not replicating)", self.name),
                 _ => format!("{} {}", self.name, self.role),
             },
             Health::Down => format!(

@@ -75,7 +75,7 @@ impl Client {
 }
 
 /// Keeps a node's session count right however the session ends (even by panic).
-struct NodeSlot(Arc<AtomicU32>);
+pub(crate) struct NodeSlot(pub(crate) Arc<AtomicU32>);
 
 impl Drop for NodeSlot {
     fn drop(&mut self) {

@@ -356,3 +356,4 @@ pub fn resumed_after(acks: &[Instant], fault: Instant) -> Option<Duration> {
 
 pub mod certs;
 pub mod etcd;
+pub mod mysql;

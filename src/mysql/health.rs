@@ -1,0 +1,281 @@
+//! The health monitor of a MySQL / MariaDB node: one task per node with its own
+//! `mysql_async` connection, asking the server whether it is writable and whether and
+//! how it replicates. Same contract as the PostgreSQL monitor (`cluster::health`):
+//! every check bounded by `timeout_ms`, results folded into `ClusterState`.
+//!
+//! A node is **primary** when it is writable (`@@read_only` = 0, and on MySQL
+//! `@@super_read_only` = 0) and does not replicate from another node of the cluster.
+//! Anything else is a **standby** (replica), readable only while its SQL thread applies
+//! (`Seconds_Behind_Master` NULL because the SQL thread stopped: no lag figure, no
+//! reads) and, while a primary is up, only while its IO thread streams from it. Two
+//! writable non-replicating nodes are a split brain: MySQL has no timeline to tell the
+//! old primary from the new one, so writes are refused until an operator makes one read
+//! only (`routing::primary`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, OptsBuilder, Row};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::cluster::health::{Login, Observer};
+use crate::cluster::topology::{ClusterState, Health, Observation, Role, LAG_UNKNOWN};
+use crate::config::HealthConfig;
+
+use super::ClusterInfo;
+
+pub struct Target {
+    pub cluster: Arc<ClusterState>,
+    pub node: String,
+    pub host: String,
+    pub port: u16,
+    /// Every node of the cluster (host, port): replication from one of them makes a
+    /// writable node a replica, not a primary.
+    pub peers: Vec<(String, u16)>,
+    /// Where the greeting (version, capabilities) is kept for the front end.
+    pub info: Arc<ClusterInfo>,
+}
+
+struct Session {
+    conn: Conn,
+    mariadb: bool,
+}
+
+/// One replication channel as `SHOW ALL SLAVES STATUS` / `SHOW REPLICA STATUS` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Channel {
+    pub source_host: String,
+    pub source_port: u16,
+    pub io_running: bool,
+    pub sql_running: bool,
+    /// `Seconds_Behind_Master`; None when NULL.
+    pub seconds_behind: Option<u64>,
+}
+
+/// The pure rule: what a node is, from what it says about itself.
+pub fn observe(writable: bool, channels: &[Channel], peers: &[(String, u16)]) -> Observation {
+    let from_peer: Vec<&Channel> = channels
+        .iter()
+        .filter(|c| {
+            peers
+                .iter()
+                .any(|(h, p)| *p == c.source_port && same_host(h, &c.source_host))
+        })
+        .collect();
+    let role = if writable && from_peer.is_empty() {
+        Role::Primary
+    } else {
+        Role::Standby
+    };
+    let (lag_ms, streaming) = if role == Role::Primary {
+        (0, None)
+    } else {
+        match from_peer.first().copied().or(channels.first()) {
+            // Read-only and replicating from nothing: a fenced old primary or a replica
+            // whose replication was reset. Its data is as old as the last write it saw.
+            None => (LAG_UNKNOWN, Some(false)),
+            Some(c) if !c.sql_running => (LAG_UNKNOWN, Some(false)),
+            // Applying, but not receiving: its source is gone (failover under way) or
+            // unreachable. Routing reads it only while there is no primary to compare.
+            Some(c) if !c.io_running => (c.seconds_behind.unwrap_or(0) * 1000, Some(false)),
+            Some(c) => (c.seconds_behind.map_or(LAG_UNKNOWN, |s| s * 1000), Some(true)),
+        }
+    };
+    Observation {
+        role,
+        lag_ms,
+        lsn: None,
+        timeline: None,
+        streaming,
+        system_id: None,
+    }
+}
+
+fn same_host(a: &str, b: &str) -> bool {
+    let loopback = |h: &str| h == "localhost" || h == "::1" || h.starts_with("127.");
+    a.eq_ignore_ascii_case(b) || (loopback(a) && loopback(b))
+}
+
+pub fn spawn(
+    target: Target,
+    cfg: HealthConfig,
+    login: Arc<Login>,
+    observer: Observer,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut session: Option<Session> = None;
+        let name = target.node.clone();
+        let mut ticker = tokio::time::interval(cfg.interval());
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let started = Instant::now();
+            let result = match tokio::time::timeout(cfg.timeout(), check(&target, &login, &mut session, cfg.timeout())).await
+            {
+                Ok(Ok(obs)) => Ok(obs),
+                Ok(Err(e)) => {
+                    session = None;
+                    Err(e)
+                }
+                Err(_) => {
+                    session = None;
+                    Err(format!("no answer within {} ms", cfg.timeout_ms))
+                }
+            };
+            let took = started.elapsed();
+            let transition = target
+                .cluster
+                .record_from(&target.node, result, started, cfg.rise, cfg.fall);
+            observer(&target.cluster.name, &name, took, transition.as_ref());
+            if let Some(t) = transition {
+                let (cluster, node) = (&target.cluster.name, &name);
+                let (old, new) = (
+                    format!("{}/{}", t.old_health, t.old_role),
+                    format!("{}/{}", t.new_health, t.new_role),
+                );
+                if t.new_health == Health::Up {
+                    info!(cluster = %cluster, node = %node, engine = "mysql", old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
+                } else {
+                    warn!(cluster = %cluster, node = %node, engine = "mysql", old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
+                }
+            }
+        }
+    })
+}
+
+async fn check(
+    target: &Target,
+    login: &Login,
+    session: &mut Option<Session>,
+    timeout: Duration,
+) -> Result<Observation, String> {
+    if session.is_none() {
+        *session = Some(open(target, login, timeout).await?);
+    }
+    let s = session.as_mut().expect("just opened");
+    let writable_sql = if s.mariadb {
+        "SELECT @@global.read_only = 0"
+    } else {
+        "SELECT @@global.read_only = 0 AND @@global.super_read_only = 0"
+    };
+    let writable: Option<i64> = s.conn.query_first(writable_sql).await.map_err(describe)?;
+    let status_sql = if s.mariadb {
+        "SHOW ALL SLAVES STATUS"
+    } else {
+        "SHOW REPLICA STATUS"
+    };
+    let rows: Vec<Row> = s.conn.query(status_sql).await.map_err(describe)?;
+    let channels: Vec<Channel> = rows.iter().map(channel).collect();
+    Ok(observe(writable == Some(1), &channels, &target.peers))
+}
+
+/// A column by its MariaDB / MySQL 5.7 name or its MySQL 8 name.
+fn text(row: &Row, old: &str, new: &str) -> Option<String> {
+    let get = |name: &str| row.get_opt::<Option<String>, _>(name).and_then(|r| r.ok()).flatten();
+    get(old).or_else(|| get(new))
+}
+
+fn channel(row: &Row) -> Channel {
+    let yes = |v: Option<String>| v.as_deref() == Some("Yes");
+    Channel {
+        source_host: text(row, "Master_Host", "Source_Host").unwrap_or_default(),
+        source_port: text(row, "Master_Port", "Source_Port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0),
+        io_running: yes(text(row, "Slave_IO_Running", "Replica_IO_Running")),
+        sql_running: yes(text(row, "Slave_SQL_Running", "Replica_SQL_Running")),
+        seconds_behind: text(row, "Seconds_Behind_Master", "Seconds_Behind_Source").and_then(|s| s.parse().ok()),
+    }
+}
+
+async fn open(target: &Target, login: &Login, timeout: Duration) -> Result<Session, String> {
+    // The raw greeting first (version and capabilities, for the greeting the proxy
+    // shows its own clients), then the monitor's login through mysql_async.
+    let addr = format!("{}:{}", target.host, target.port);
+    let hello = super::server::greet(&addr, timeout).await.map_err(|e| e.message().to_string())?;
+    drop(hello.stream);
+    let mariadb = hello.greeting.version.contains("MariaDB");
+    target.info.set_greeting(hello.greeting);
+    let opts = OptsBuilder::default()
+        .ip_or_hostname(target.host.clone())
+        .tcp_port(target.port)
+        .user(Some(login.user.clone()))
+        .pass(login.password.clone())
+        .prefer_socket(false)
+        .stmt_cache_size(0);
+    let conn = Conn::new(opts).await.map_err(describe)?;
+    Ok(Session { conn, mariadb })
+}
+
+fn describe(e: mysql_async::Error) -> String {
+    match e {
+        mysql_async::Error::Server(s) => format!("{} ({})", s.message, s.code),
+        mysql_async::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers() -> Vec<(String, u16)> {
+        vec![("127.0.0.1".into(), 3306), ("127.0.0.1".into(), 3307)]
+    }
+
+    fn chan(io: bool, sql: bool, behind: Option<u64>) -> Channel {
+        Channel {
+            source_host: "127.0.0.1".into(),
+            source_port: 3306,
+            io_running: io,
+            sql_running: sql,
+            seconds_behind: behind,
+        }
+    }
+
+    #[test]
+    fn writable_and_not_replicating_is_primary() {
+        let o = observe(true, &[], &peers());
+        assert_eq!((o.role, o.lag_ms, o.streaming), (Role::Primary, 0, None));
+    }
+
+    #[test]
+    fn a_writable_replica_of_a_peer_is_not_a_primary() {
+        let o = observe(true, &[chan(true, true, Some(2))], &peers());
+        assert_eq!((o.role, o.lag_ms, o.streaming), (Role::Standby, 2000, Some(true)));
+    }
+
+    #[test]
+    fn replication_from_outside_the_cluster_does_not_make_a_replica() {
+        let mut c = chan(true, true, Some(0));
+        c.source_port = 9999;
+        assert_eq!(observe(true, &[c], &peers()).role, Role::Primary);
+    }
+
+    #[test]
+    fn stopped_replication_means_no_lag_figure() {
+        let stopped = observe(false, &[chan(false, false, None)], &peers());
+        assert_eq!((stopped.lag_ms, stopped.streaming), (LAG_UNKNOWN, Some(false)));
+        let reset = observe(false, &[], &peers());
+        assert_eq!((reset.role, reset.lag_ms), (Role::Standby, LAG_UNKNOWN));
+    }
+
+    #[test]
+    fn a_replica_whose_source_is_gone_keeps_applying() {
+        let o = observe(false, &[chan(false, true, None)], &peers());
+        assert_eq!((o.role, o.lag_ms, o.streaming), (Role::Standby, 0, Some(false)));
+    }
+
+    #[test]
+    fn loopback_names_are_one_host() {
+        assert!(same_host("localhost", "127.0.0.1"));
+        assert!(!same_host("10.0.0.1", "127.0.0.1"));
+    }
+}

@@ -1,0 +1,35 @@
+//! MySQL and MariaDB clusters (`engine = "mysql"`): the same topology, routing and
+//! connector as PostgreSQL clusters, with the MySQL protocol on both sides.
+//!
+//! - `packet`: framing, the packets the proxy writes, a relay `Scanner` (layer 1).
+//! - `health`: the node monitor (`mysql_async`): writable? replicating from whom? lag
+//!   (layer 2).
+//! - `server`: logging in to a server as the client (layer 3).
+//! - `session`: a client from greeting to goodbye, session pooling (layer 5).
+
+pub mod health;
+pub mod packet;
+pub mod server;
+pub mod session;
+
+use std::sync::RwLock;
+
+pub use server::Greeting;
+
+/// What the proxy learned about a MySQL cluster's servers that its own greeting to
+/// clients must match: the version string clients read features from, and the
+/// capabilities the servers offer (the proxy never offers more).
+#[derive(Default)]
+pub struct ClusterInfo {
+    greeting: RwLock<Option<Greeting>>,
+}
+
+impl ClusterInfo {
+    pub fn set_greeting(&self, g: Greeting) {
+        *self.greeting.write().unwrap() = Some(g);
+    }
+
+    pub fn greeting(&self) -> Option<Greeting> {
+        self.greeting.read().unwrap().clone()
+    }
+}

@@ -1,0 +1,216 @@
+//! Logging in to a MySQL / MariaDB server as a client: its greeting, our handshake
+//! response with the client's user, database, character set and capabilities, then
+//! whatever authentication the server asks for (`mysql_native_password`,
+//! `caching_sha2_password` fast and full path, an auth switch), then the primary check.
+
+use std::time::Duration;
+
+use mysql_common::constants::CapabilityFlags;
+use mysql_common::io::ParseBuf;
+use mysql_common::packets::{AuthPlugin, AuthSwitchRequest, HandshakePacket, HandshakeResponse};
+use mysql_common::proto::MyDeserialize;
+use mysql_common::scramble::{scramble_native, scramble_sha256};
+use tokio::net::TcpStream;
+
+use super::packet::{self, read_packet, write_packet};
+use crate::error::Error;
+
+/// What a server said in its greeting, for the proxy's own greeting to clients.
+#[derive(Debug, Clone)]
+pub struct Greeting {
+    pub version: String,
+    pub capabilities: CapabilityFlags,
+    pub collation: u8,
+}
+
+/// The login of one client, as the server will see it.
+pub struct LoginRequest<'a> {
+    pub user: &'a str,
+    pub password: Option<&'a str>,
+    pub database: Option<&'a [u8]>,
+    /// What the client and the proxy agreed on (the server must offer all of it).
+    pub capabilities: CapabilityFlags,
+    pub collation: u8,
+    pub attributes: Option<std::collections::HashMap<String, String>>,
+}
+
+pub struct ServerConn {
+    pub stream: TcpStream,
+    /// The server's connection (thread) id: what `KILL QUERY` needs.
+    pub thread_id: u32,
+    pub greeting: Greeting,
+}
+
+fn lost(what: &str, e: std::io::Error) -> Error {
+    Error::connect_failed(format!("MySQL server connection failed during {what}: {e}"))
+}
+
+/// Connect and read the server's greeting only.
+pub async fn greet(addr: &str, timeout: Duration) -> Result<Hello, Error> {
+    let mut stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Error::connect_failed(format!("no connection to {addr} within {} ms", timeout.as_millis())))?
+        .map_err(|e| Error::connect_failed(format!("cannot connect to {addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    tokio::time::timeout(timeout, read_packet(&mut stream, &mut buf, 1 << 16))
+        .await
+        .map_err(|_| Error::connect_failed(format!("{addr} sent no greeting within {} ms", timeout.as_millis())))?
+        .map_err(|e| lost("the greeting", e))?;
+    if buf.first() == Some(&0xff) {
+        // "Host is blocked", "Too many connections" before the handshake.
+        return Err(packet::parse_err(&buf, CapabilityFlags::empty()));
+    }
+    let hs = HandshakePacket::deserialize((), &mut ParseBuf(&buf))
+        .map_err(|e| Error::server_protocol(format!("{addr} sent a greeting that is not MySQL's: {e}")))?;
+    let mut nonce = hs.scramble_1_ref().to_vec();
+    if let Some(s2) = hs.scramble_2_ref() {
+        nonce.extend_from_slice(s2.strip_suffix(&[0]).unwrap_or(s2));
+    }
+    let greeting = Greeting {
+        version: String::from_utf8_lossy(hs.server_version_ref()).into_owned(),
+        capabilities: hs.capabilities(),
+        collation: hs.default_collation(),
+    };
+    // Answer with the plugin the greeting names when we can; otherwise with
+    // mysql_native_password, and the server switches us to the user's plugin.
+    let plugin = match hs.auth_plugin() {
+        Some(AuthPlugin::CachingSha2Password) => AuthPlugin::CachingSha2Password,
+        _ => AuthPlugin::MysqlNativePassword,
+    };
+    Ok(Hello {
+        stream,
+        greeting,
+        thread_id: hs.connection_id(),
+        nonce,
+        plugin,
+    })
+}
+
+/// A connected server before login.
+pub struct Hello {
+    pub stream: TcpStream,
+    pub greeting: Greeting,
+    pub thread_id: u32,
+    nonce: Vec<u8>,
+    plugin: AuthPlugin<'static>,
+}
+
+/// The answer to an authentication challenge from `plugin` with `nonce`.
+fn answer(plugin: &AuthPlugin<'_>, password: Option<&str>, nonce: &[u8]) -> Result<Vec<u8>, Error> {
+    let pw = password.unwrap_or("");
+    if pw.is_empty() {
+        return Ok(Vec::new());
+    }
+    match plugin {
+        AuthPlugin::MysqlNativePassword => Ok(scramble_native(nonce, pw.as_bytes()).map(|s| s.to_vec()).unwrap_or_default()),
+        AuthPlugin::CachingSha2Password => Ok(scramble_sha256(nonce, pw.as_bytes()).map(|s| s.to_vec()).unwrap_or_default()),
+        other => Err(Error::login_failed(format!(
+            "the MySQL server asks for authentication plugin \"{}\", which Switchyard cannot answer (use mysql_native_password or caching_sha2_password for this user)",
+            String::from_utf8_lossy(other.as_bytes())
+        ))),
+    }
+}
+
+/// Log in on `addr` as `req` describes; bounded by `timeout` as a whole.
+pub async fn login(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> Result<ServerConn, Error> {
+    tokio::time::timeout(timeout, login_inner(addr, req, timeout))
+        .await
+        .map_err(|_| Error::connect_failed(format!("no login on {addr} within {} ms", timeout.as_millis())))?
+}
+
+async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> Result<ServerConn, Error> {
+    let Hello {
+        mut stream,
+        greeting,
+        thread_id,
+        nonce,
+        plugin: plugin_name,
+    } = greet(addr, timeout).await?;
+    let missing = req.capabilities - greeting.capabilities - CapabilityFlags::CLIENT_CONNECT_WITH_DB;
+    let essential = CapabilityFlags::CLIENT_PROTOCOL_41
+        | CapabilityFlags::CLIENT_DEPRECATE_EOF
+        | CapabilityFlags::CLIENT_SESSION_TRACK
+        | CapabilityFlags::CLIENT_MULTI_RESULTS
+        | CapabilityFlags::CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA;
+    if missing.intersects(essential) {
+        return Err(Error::connect_failed(format!(
+            "the MySQL server at {addr} lacks capabilities this session was opened with ({missing:?}); reconnect"
+        )));
+    }
+    let scramble = answer(&plugin_name, req.password, &nonce)?;
+    let caps = (req.capabilities & greeting.capabilities) | CapabilityFlags::CLIENT_PROTOCOL_41;
+    let response = HandshakeResponse::new(
+        Some(scramble.as_slice()),
+        (5, 5, 3),
+        Some(req.user.as_bytes()),
+        req.database,
+        Some(plugin_name.clone()),
+        caps,
+        req.attributes.clone(),
+        16 * 1024 * 1024,
+    );
+    let mut payload = packet::to_vec(&response);
+    // `HandshakeResponse::new` picks the collation from the server version; the
+    // client's own is what the session must use (byte 8: after flags and max size).
+    payload[8] = req.collation;
+    write_packet(&mut stream, 1, &payload).await.map_err(|e| lost("login", e))?;
+    let mut buf = Vec::new();
+    let mut nonce = nonce;
+    loop {
+        let got = read_packet(&mut stream, &mut buf, 1 << 16).await.map_err(|e| lost("login", e))?;
+        let seq = got.wrapping_add(1);
+        match buf.first() {
+            Some(0x00) => break,
+            Some(0xff) => return Err(packet::parse_err(&buf, caps)),
+            Some(0xfe) => {
+                let switch = AuthSwitchRequest::deserialize((), &mut ParseBuf(&buf))
+                    .map_err(|e| Error::server_protocol(format!("bad auth switch request from {addr}: {e}")))?;
+                let plugin = switch.auth_plugin().into_owned();
+                nonce = switch.plugin_data().to_vec();
+                let data = answer(&plugin, req.password, &nonce)?;
+                write_packet(&mut stream, seq, &data).await.map_err(|e| lost("login", e))?;
+            }
+            Some(0x01) => match buf.get(1) {
+                // caching_sha2_password: 3 = the server had the password cached (an OK
+                // follows), 4 = it wants the password itself. Without TLS it is sent
+                // encrypted with the server's RSA public key, which we ask for (2).
+                Some(3) => {}
+                Some(4) => {
+                    write_packet(&mut stream, seq, &[2]).await.map_err(|e| lost("login", e))?;
+                    let got = read_packet(&mut stream, &mut buf, 1 << 16).await.map_err(|e| lost("login", e))?;
+                    let seq = got.wrapping_add(1);
+                    if buf.first() != Some(&0x01) {
+                        return Err(Error::server_protocol(format!("{addr} sent no public key for caching_sha2_password")));
+                    }
+                    let pem = buf[1..].to_vec();
+                    let mut pass = req.password.unwrap_or("").as_bytes().to_vec();
+                    pass.push(0);
+                    for (i, b) in pass.iter_mut().enumerate() {
+                        *b ^= nonce[i % nonce.len()];
+                    }
+                    let encrypted = mysql_common::crypto::encrypt(&pass, &pem);
+                    write_packet(&mut stream, seq, &encrypted).await.map_err(|e| lost("login", e))?;
+                }
+                _ => {
+                    return Err(Error::server_protocol(format!(
+                        "{addr} sent an authentication request Switchyard does not know"
+                    )))
+                }
+            },
+            _ => return Err(Error::server_protocol(format!("{addr} sent an unexpected packet during login"))),
+        }
+    }
+    Ok(ServerConn {
+        stream,
+        thread_id,
+        greeting,
+    })
+}
+
+/// Is the server writable? `@@global.read_only` on the session's own connection: the
+/// health monitor's view may be a second old, this one is not.
+pub async fn check_writable(conn: &mut ServerConn, caps: CapabilityFlags) -> Result<bool, Error> {
+    let v = packet::first_value(&mut conn.stream, caps, "SELECT @@global.read_only").await?;
+    Ok(v.as_deref() == Some("0"))
+}

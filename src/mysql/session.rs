@@ -1,0 +1,708 @@
+//! One MySQL client, start to end (session pooling: one server connection per client,
+//! opened after the client authenticated, closed when it leaves).
+//!
+//! `Greet` (our handshake, with the servers' version and capabilities) →
+//! `Authenticate` (`mysql_native_password`, or `caching_sha2_password`'s fast path when
+//! the client starts with it) → `Connect` (the shared connector: routing, candidates in
+//! order, waiting for the topology; the login checks `@@read_only` on rw) → `Relay`.
+//!
+//! The relay passes bytes on as they come and reads only packet headers, except for the
+//! commands the proxy answers or completes itself: `KILL [QUERY] <id>` (the id is the
+//! proxy's connection id; the kill goes to the right server connection), its binary
+//! form `COM_PROCESS_KILL`, and, on the ro
+//! endpoint, `COM_RESET_CONNECTION` (read-only is set again after the reset). When the
+//! session's node stops being valid (down, demoted, split brain), the client gets an
+//! ERR packet saying why, with the sequence id it expects, and the connection closes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use mysql_common::constants::{CapabilityFlags, StatusFlags};
+use mysql_common::io::ParseBuf;
+use mysql_common::packets::{AuthPlugin, AuthSwitchRequest, HandshakePacket, HandshakeResponse};
+use mysql_common::proto::MyDeserialize;
+use mysql_common::scramble::{scramble_native, scramble_sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use super::packet::{self, read_packet, write_packet, Scanner};
+use super::server::{self, LoginRequest, ServerConn};
+use crate::backend::connector::{self, Dialer};
+use crate::cluster::routing::{self, Endpoint};
+use crate::cluster::topology::{Health, NodeState};
+use crate::cluster::ClusterCtx;
+use crate::config::{AuthMethod, UserConfig};
+use crate::error::Error;
+use crate::frontend::session::NodeSlot;
+use crate::frontend::shared::Shared;
+use crate::obs::clients::NewClient;
+use crate::obs::metrics::EndpointLabels;
+
+const RELAY_BUFFER: usize = 16 * 1024;
+/// Bytes of a command looked at to tell whether the proxy handles it (`KILL ...`).
+const PEEK: usize = 64;
+/// Largest command the proxy takes whole to handle it itself.
+const INTERCEPT_MAX: usize = 64 * 1024;
+
+/// Proxy connection ids (what clients see in the greeting and `CONNECTION_ID()` does
+/// not: that is the server's) → the server connection behind it, for `KILL`.
+#[derive(Clone)]
+struct KillTarget {
+    addr: String,
+    thread_id: u32,
+    user: String,
+}
+
+fn sessions() -> &'static Mutex<HashMap<u32, KillTarget>> {
+    static S: OnceLock<Mutex<HashMap<u32, KillTarget>>> = OnceLock::new();
+    S.get_or_init(Mutex::default)
+}
+
+struct Registered(u32);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        sessions().lock().unwrap().remove(&self.0);
+    }
+}
+
+fn next_connection_id() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The client as authenticated.
+struct Client {
+    user: UserConfig,
+    database: Option<Vec<u8>>,
+    capabilities: CapabilityFlags,
+    collation: u8,
+    attributes: Option<HashMap<String, String>>,
+    /// Sequence id of the client's last login packet.
+    seq: u8,
+}
+
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    ServerClosed,
+    Io(std::io::Error),
+    Failed(Error),
+}
+
+pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, cluster: Arc<ClusterCtx>, endpoint: Endpoint, shared: Arc<Shared>) {
+    let _ = tcp.set_nodelay(true);
+    let config = shared.config();
+    let login_timeout = Duration::from_millis(config.proxy.client_login_timeout_ms);
+    let id = next_connection_id();
+    let nonce = new_nonce();
+    let greeting = cluster.mysql.greeting();
+    let offered = match &greeting {
+        Some(g) => packet::proxy_capabilities() & g.capabilities,
+        None => packet::proxy_capabilities(),
+    } | CapabilityFlags::CLIENT_PROTOCOL_41
+        | CapabilityFlags::CLIENT_SECURE_CONNECTION
+        | CapabilityFlags::CLIENT_PLUGIN_AUTH;
+    let version = greeting
+        .as_ref()
+        .map(|g| g.version.clone())
+        .unwrap_or_else(|| "5.5.5-10.11.0-MariaDB-switchyard".into());
+    let collation = greeting.as_ref().map_or(45, |g| g.collation); // utf8mb4_general_ci
+    let authenticated = tokio::time::timeout(
+        login_timeout,
+        authenticate(&mut tcp, &shared, id, &nonce, offered, &version, collation),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err((
+            2,
+            Error::protocol(format!(
+                "authentication did not finish within {} ms (proxy.client_login_timeout_ms)",
+                login_timeout.as_millis()
+            )),
+        ))
+    });
+    let client = match authenticated {
+        Ok(c) => c,
+        Err((seq, e)) => {
+            reject(&mut tcp, seq, &e, &shared).await;
+            info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", code = e.mysql_code().number, reason = %e, "client rejected");
+            return;
+        }
+    };
+    let reply_seq = client.seq.wrapping_add(1);
+    let mut dialer = MysqlDialer {
+        request: LoginRequest {
+            user: &client.user.name,
+            password: client.user.password.as_deref(),
+            database: client.database.as_deref(),
+            capabilities: client.capabilities,
+            collation: client.collation,
+            attributes: client.attributes.clone(),
+        },
+        endpoint,
+    };
+    let mut rx = cluster.state.subscribe();
+    let connected = match connector::connect(&cluster, endpoint, None, None, Some(&mut rx), &mut dialer).await {
+        Ok(c) => c,
+        Err(e) => {
+            reject(&mut tcp, reply_seq, &e, &shared).await;
+            info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", code = e.mysql_code().number, reason = %e, "client rejected");
+            return;
+        }
+    };
+    let node = connected.node().clone();
+    let (server, _slot) = connected.conn;
+    if write_packet(&mut tcp, reply_seq, &packet::ok_payload()).await.is_err() {
+        return;
+    }
+    let _registered = {
+        sessions().lock().unwrap().insert(
+            id,
+            KillTarget {
+                addr: node.addr.clone(),
+                thread_id: server.thread_id,
+                user: client.user.name.clone(),
+            },
+        );
+        Registered(id)
+    };
+    let _entry = shared.clients.add(NewClient {
+        cluster: cluster.name.clone(),
+        endpoint,
+        peer,
+        user: client.user.name.clone(),
+        database: String::from_utf8_lossy(client.database.as_deref().unwrap_or_default()).into_owned(),
+        application_name: client
+            .attributes
+            .as_ref()
+            .and_then(|a| a.get("program_name").cloned())
+            .unwrap_or_default(),
+        node: node.name.clone(),
+        server_addr: node.addr.clone(),
+        server_pid: server.thread_id as i32,
+    });
+    info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", user = %client.user.name,
+          node = %node.name, server_thread = server.thread_id, setup_ms = connected.waited.as_millis() as u64, "session started");
+    let gauge = shared
+        .metrics
+        .client_connections
+        .get_or_create(&EndpointLabels {
+            cluster: cluster.name.clone(),
+            endpoint: endpoint.to_string(),
+        })
+        .clone();
+    gauge.inc();
+    let mut relay = Relay {
+        cluster: &cluster,
+        endpoint,
+        node: &node,
+        shared: &shared,
+        client: &client,
+        scanner: Scanner::default(),
+        awaiting: false,
+        last_seq: 0,
+    };
+    let end = relay.run(&mut tcp, server, rx).await;
+    gauge.dec();
+    match &end {
+        End::Failed(e) => {
+            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", node = %node.name, code = e.mysql_code().number, reason = %e, "session ended by proxy")
+        }
+        other => debug!(cluster = %cluster.name, peer = %peer, node = %node.name, end = ?other, "session ended"),
+    }
+}
+
+/// 20 printable bytes, as MySQL servers make them (some clients treat the nonce as a
+/// C string).
+fn new_nonce() -> [u8; 20] {
+    let mut n: [u8; 20] = rand::random();
+    for b in &mut n {
+        *b = 0x21 + (*b % 94);
+    }
+    n
+}
+
+/// Send `e` as an ERR packet with sequence id `seq`, then close without losing it.
+async fn reject(tcp: &mut TcpStream, seq: u8, e: &Error, shared: &Shared) {
+    shared.metrics.error(e.code().as_str());
+    let _ = tokio::time::timeout(Duration::from_secs(1), write_packet(tcp, seq, &packet::err_payload(e))).await;
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_millis(250), async {
+        while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Greet the client and check who it is. Errors carry the sequence id of the ERR.
+async fn authenticate(
+    tcp: &mut TcpStream,
+    shared: &Shared,
+    id: u32,
+    nonce: &[u8; 20],
+    offered: CapabilityFlags,
+    version: &str,
+    collation: u8,
+) -> Result<Client, (u8, Error)> {
+    let io = |seq: u8| move |e: std::io::Error| (seq, Error::protocol(format!("client connection failed during login: {e}")));
+    let mut scramble_2 = nonce[8..].to_vec();
+    scramble_2.push(0);
+    let hello = HandshakePacket::new(
+        10,
+        version.as_bytes(),
+        id,
+        nonce[..8].try_into().expect("8 bytes"),
+        Some(scramble_2),
+        offered,
+        collation,
+        StatusFlags::SERVER_STATUS_AUTOCOMMIT,
+        Some(&b"mysql_native_password"[..]),
+    );
+    write_packet(tcp, 0, &packet::to_vec(&hello)).await.map_err(io(1))?;
+    let mut buf = Vec::new();
+    let mut seq = read_packet(tcp, &mut buf, INTERCEPT_MAX).await.map_err(io(2))?;
+    let next = |s: u8| s.wrapping_add(1);
+    if buf.len() == 32 {
+        return Err((
+            next(seq),
+            Error::unsupported("TLS is not supported on Switchyard's MySQL listeners yet; connect without TLS (--ssl=0 / ssl_mode=DISABLED)"),
+        ));
+    }
+    let response = HandshakeResponse::deserialize((), &mut ParseBuf(&buf))
+        .map_err(|e| (next(seq), Error::protocol(format!("malformed handshake response: {e}"))))?;
+    if !response.capabilities().contains(CapabilityFlags::CLIENT_PROTOCOL_41) {
+        return Err((next(seq), Error::unsupported("clients older than MySQL 4.1's protocol are not supported")));
+    }
+    let name = String::from_utf8_lossy(response.user()).into_owned();
+    let config = shared.config();
+    let Some(user) = config.user(&name).cloned() else {
+        return Err((
+            next(seq),
+            Error::not_authorized(format!("Access denied for user '{name}': no such user in Switchyard's [[users]]")),
+        ));
+    };
+    let plain = user.password.clone().filter(|_| !user.has_scram_verifier());
+    if user.auth != AuthMethod::Trust {
+        let Some(password) = plain.as_deref() else {
+            return Err((
+                next(seq),
+                Error::not_authorized(format!(
+                    "Access denied for user '{name}': MySQL logins need the user's password in [[users]] (a SCRAM verifier works for PostgreSQL only)"
+                )),
+            ));
+        };
+        let mut plugin = response
+            .auth_plugin()
+            .cloned()
+            .unwrap_or(AuthPlugin::MysqlNativePassword)
+            .into_owned();
+        let mut answer = response.scramble_buf().to_vec();
+        if !matches!(plugin, AuthPlugin::MysqlNativePassword | AuthPlugin::CachingSha2Password) {
+            // Anything else (ed25519, clear text): ask for mysql_native_password.
+            let mut data = nonce.to_vec();
+            data.push(0);
+            let switch = AuthSwitchRequest::new(&b"mysql_native_password"[..], &data[..]);
+            write_packet(tcp, next(seq), &packet::to_vec(&switch)).await.map_err(io(0))?;
+            let mut reply = Vec::new();
+            seq = read_packet(tcp, &mut reply, INTERCEPT_MAX).await.map_err(io(0))?;
+            answer = reply;
+            plugin = AuthPlugin::MysqlNativePassword;
+        }
+        let expected = match plugin {
+            AuthPlugin::CachingSha2Password => scramble_sha256(nonce, password.as_bytes()).map(|s| s.to_vec()),
+            _ => scramble_native(nonce, password.as_bytes()).map(|s| s.to_vec()),
+        }
+        .unwrap_or_default();
+        if !bool::from(subtle_eq(&expected, &answer)) {
+            return Err((
+                next(seq),
+                Error::auth_failed(format!(
+                    "Access denied for user '{name}' (using password: {})",
+                    if answer.is_empty() { "NO" } else { "YES" }
+                )),
+            ));
+        }
+        if plugin == AuthPlugin::CachingSha2Password {
+            // Fast authentication succeeded: the OK follows.
+            seq = next(seq);
+            write_packet(tcp, seq, &[0x01, 0x03]).await.map_err(io(0))?;
+        }
+    }
+    Ok(Client {
+        database: response.db_name().map(|d| d.to_vec()),
+        capabilities: response.capabilities() & offered,
+        collation: response.collation(),
+        attributes: response.connect_attributes(),
+        user,
+        seq,
+    })
+}
+
+/// Compare without stopping at the first difference.
+fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+struct MysqlDialer<'a> {
+    request: LoginRequest<'a>,
+    endpoint: Endpoint,
+}
+
+impl Dialer for MysqlDialer<'_> {
+    type Conn = (ServerConn, NodeSlot);
+
+    async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Self::Conn, Error> {
+        node.active.fetch_add(1, Ordering::Relaxed);
+        let slot = NodeSlot(node.active.clone());
+        let mut conn = server::login(&node.addr, &self.request, timeout).await?;
+        let caps = self.request.capabilities & conn.greeting.capabilities;
+        let checked = tokio::time::timeout(timeout, async {
+            if self.endpoint == Endpoint::ReadWrite {
+                if !server::check_writable(&mut conn, caps).await? {
+                    return Err(Error::connect_failed(format!(
+                        "node \"{}\" is read-only (@@read_only = 1) although the health monitor saw a primary",
+                        node.name
+                    )));
+                }
+            } else {
+                // The ro endpoint may fall back to the primary: read-only there too.
+                set_read_only(&mut conn, caps).await?;
+            }
+            Ok(())
+        })
+        .await;
+        match checked {
+            Ok(Ok(())) => Ok((conn, slot)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::connect_failed(format!(
+                "node \"{}\" did not answer the proxy's check within {} ms",
+                node.name,
+                timeout.as_millis()
+            ))),
+        }
+    }
+}
+
+async fn set_read_only(conn: &mut ServerConn, caps: CapabilityFlags) -> Result<(), Error> {
+    packet::first_value(&mut conn.stream, caps, "SET SESSION TRANSACTION READ ONLY")
+        .await
+        .map(|_| ())
+}
+
+struct Relay<'a> {
+    cluster: &'a ClusterCtx,
+    endpoint: Endpoint,
+    node: &'a NodeState,
+    shared: &'a Shared,
+    client: &'a Client,
+    scanner: Scanner,
+    /// A command was sent and no byte of its answer came back yet.
+    awaiting: bool,
+    /// Sequence id of the client's last packet.
+    last_seq: u8,
+}
+
+/// What the proxy does with a command instead of passing it on.
+enum Own {
+    Kill { query_only: bool, id: u32 },
+    Reset,
+}
+
+/// `KILL [HARD|SOFT] [QUERY|CONNECTION] <id>`: the id is one of ours.
+fn parse_kill(sql: &[u8]) -> Option<(bool, u32)> {
+    let text = std::str::from_utf8(sql).ok()?;
+    let mut words = text.split_ascii_whitespace().map(|w| w.trim_end_matches(';'));
+    if !words.next()?.eq_ignore_ascii_case("kill") {
+        return None;
+    }
+    let mut query_only = false;
+    for w in words {
+        if w.eq_ignore_ascii_case("hard") || w.eq_ignore_ascii_case("soft") || w.eq_ignore_ascii_case("connection") {
+            continue;
+        }
+        if w.eq_ignore_ascii_case("query") {
+            query_only = true;
+            continue;
+        }
+        return w.parse().ok().map(|id| (query_only, id));
+    }
+    None
+}
+
+impl Relay<'_> {
+    fn own(&self, payload: &[u8]) -> Option<bool> {
+        match payload.first() {
+            Some(&packet::COM_QUERY) => {
+                let rest = payload[1..].trim_ascii_start();
+                (rest.len() >= 5 && rest[..4].eq_ignore_ascii_case(b"kill") && rest[4].is_ascii_whitespace()).then_some(true)
+            }
+            Some(&packet::COM_PROCESS_KILL) => Some(true),
+            Some(&packet::COM_RESET_CONNECTION) => (self.endpoint == Endpoint::ReadOnly).then_some(true),
+            _ => None,
+        }
+    }
+
+    async fn run(
+        &mut self,
+        client: &mut TcpStream,
+        mut server: ServerConn,
+        mut topology: tokio::sync::watch::Receiver<Arc<crate::cluster::topology::ClusterSnapshot>>,
+    ) -> End {
+        let mut cbuf = BytesMut::with_capacity(RELAY_BUFFER);
+        let mut sbuf = BytesMut::with_capacity(RELAY_BUFFER);
+        let mut shutdown = self.shared.shutdown.clone();
+        let caps = self.client.capabilities & server.greeting.capabilities;
+        let end = loop {
+            tokio::select! {
+                r = client.read_buf(&mut cbuf) => match r {
+                    Ok(0) => break End::ClientClosed,
+                    Err(e) => break End::Io(e),
+                    Ok(_) => {
+                        if let Err(end) = self.from_client(&mut cbuf, client, &mut server, caps).await {
+                            break end;
+                        }
+                    }
+                },
+                r = server.stream.read_buf(&mut sbuf) => match r {
+                    Ok(0) => break End::ServerClosed,
+                    Err(e) => break End::Io(e),
+                    Ok(_) => {
+                        self.awaiting = false;
+                        if let Err(e) = client.write_all(&sbuf).await {
+                            break End::Io(e);
+                        }
+                        sbuf.clear();
+                    }
+                },
+                changed = topology.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let snap = topology.borrow_and_update().clone();
+                    if let Some(reason) = routing::eviction(self.endpoint, &snap, &self.node.name) {
+                        let up = snap.index(&self.node.name).is_some_and(|i| snap.nodes[i].health == Health::Up);
+                        break End::Failed(Error::evicted(up, reason));
+                    }
+                }
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                    if self.awaiting {
+                        let grace = Duration::from_millis(self.shared.config().proxy.shutdown_timeout_ms);
+                        // Let the answer in flight reach the client first.
+                        let _ = tokio::time::timeout(grace, async {
+                            loop {
+                                sbuf.clear();
+                                match server.stream.read_buf(&mut sbuf).await {
+                                    Ok(n) if n > 0 => { if client.write_all(&sbuf).await.is_err() { break } }
+                                    _ => break,
+                                }
+                            }
+                        }).await;
+                    }
+                    break End::Failed(Error::shutdown());
+                }
+            }
+        };
+        let notice = match &end {
+            End::Failed(e) => Some(e.clone()),
+            End::ServerClosed | End::Io(_) if self.awaiting => Some(Error::server_lost(
+                &self.cluster.name,
+                &self.node.name,
+                match &end {
+                    End::Io(e) => e.to_string(),
+                    _ => "the server closed the connection".to_string(),
+                },
+            )),
+            _ => None,
+        };
+        if let Some(e) = notice {
+            // The client expects the answer to its command in flight, or (idle) the
+            // answer to its next command: sequence id 1.
+            let seq = if self.awaiting && self.scanner.at_boundary() {
+                self.last_seq.wrapping_add(1)
+            } else {
+                1
+            };
+            self.shared.metrics.error(e.code().as_str());
+            let _ = tokio::time::timeout(Duration::from_secs(1), write_packet(client, seq, &packet::err_payload(&e))).await;
+            let _ = client.shutdown().await;
+            if matches!(end, End::Failed(_)) {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    write_packet(&mut server.stream, 0, &[packet::COM_QUIT]),
+                )
+                .await;
+            }
+        }
+        end
+    }
+
+    /// Pass the client's bytes on, taking out the commands the proxy handles.
+    async fn from_client(
+        &mut self,
+        cbuf: &mut BytesMut,
+        client: &mut TcpStream,
+        server: &mut ServerConn,
+        caps: CapabilityFlags,
+    ) -> Result<(), End> {
+        let mut pos = 0;
+        let mut forward_from = 0;
+        let mut commands = 0u64;
+        while pos < cbuf.len() {
+            if self.scanner.at_boundary() {
+                let rest = &cbuf[pos..];
+                if rest.len() < 4 {
+                    break;
+                }
+                let len = u32::from_le_bytes([rest[0], rest[1], rest[2], 0]) as usize;
+                let seq = rest[3];
+                if seq == 0 {
+                    if rest.len() < 4 + len.min(PEEK) {
+                        break; // the start of the command is not here yet
+                    }
+                    if self.own(&rest[4..4 + len.min(PEEK)]).is_some() {
+                        if len > INTERCEPT_MAX {
+                            return Err(End::Failed(Error::protocol("command too long")));
+                        }
+                        if rest.len() < 4 + len {
+                            break; // wait for the whole command
+                        }
+                        let payload = rest[4..4 + len].to_vec();
+                        if forward_from < pos {
+                            self.to_server(server, &cbuf[forward_from..pos]).await?;
+                        }
+                        pos += 4 + len;
+                        forward_from = pos;
+                        self.handle_own(&payload, client, server, caps).await?;
+                        continue;
+                    }
+                    commands += 1;
+                    let cmd = rest.get(4).copied();
+                    self.awaiting = !matches!(cmd, Some(packet::COM_STMT_CLOSE | packet::COM_STMT_SEND_LONG_DATA));
+                }
+                self.last_seq = seq;
+            }
+            match self.scanner.next(&cbuf[pos..]) {
+                Ok((n, _)) => pos += n,
+                Err(()) => break,
+            }
+        }
+        if forward_from < pos {
+            self.to_server(server, &cbuf[forward_from..pos]).await?;
+        }
+        cbuf.advance(pos);
+        if commands > 0 {
+            self.node.stats.queries_total.fetch_add(commands, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn to_server(&self, server: &mut ServerConn, bytes: &[u8]) -> Result<(), End> {
+        server.stream.write_all(bytes).await.map_err(End::Io)
+    }
+
+    async fn handle_own(
+        &mut self,
+        payload: &[u8],
+        client: &mut TcpStream,
+        server: &mut ServerConn,
+        caps: CapabilityFlags,
+    ) -> Result<(), End> {
+        self.last_seq = 0;
+        let own = if payload[0] == packet::COM_RESET_CONNECTION {
+            Some(Own::Reset)
+        } else if payload[0] == packet::COM_PROCESS_KILL {
+            // The old binary form of `KILL <id>` (PyMySQL's `kill()`).
+            payload.get(1..5).map(|b| Own::Kill {
+                query_only: false,
+                id: u32::from_le_bytes(b.try_into().expect("4 bytes")),
+            })
+        } else {
+            parse_kill(&payload[1..]).map(|(query_only, id)| Own::Kill { query_only, id })
+        };
+        let reply: Vec<u8> = match own {
+            None => {
+                // A KILL the proxy does not take (KILL USER ..., KILL QUERY ID ...):
+                // the server runs it.
+                let mut framed = Vec::new();
+                packet::frame(&mut framed, 0, payload);
+                self.awaiting = true;
+                return self.to_server(server, &framed).await;
+            }
+            Some(Own::Reset) => {
+                write_packet(&mut server.stream, 0, payload).await.map_err(End::Io)?;
+                let mut buf = Vec::new();
+                read_packet(&mut server.stream, &mut buf, INTERCEPT_MAX)
+                    .await
+                    .map_err(End::Io)?;
+                if buf.first() == Some(&0x00) {
+                    set_read_only(server, caps).await.map_err(End::Failed)?;
+                }
+                buf
+            }
+            Some(Own::Kill { query_only, id }) => {
+                let target = sessions().lock().unwrap().get(&id).cloned();
+                match target {
+                    None => packet::err_payload(&Error::mysql_server_refused(
+                        1094,
+                        *b"HY000",
+                        format!("Unknown thread id: {id}"),
+                    )),
+                    Some(t) => match self.kill(&t, query_only).await {
+                        Ok(()) => packet::ok_payload(),
+                        Err(e) => packet::err_payload(&e),
+                    },
+                }
+            }
+        };
+        write_packet(client, 1, &reply).await.map_err(End::Io)?;
+        Ok(())
+    }
+
+    /// Run `KILL [QUERY] <server thread>` on the target's node, logged in as this client
+    /// (the server decides whether this user may kill that one, as it would direct).
+    async fn kill(&self, t: &KillTarget, query_only: bool) -> Result<(), Error> {
+        let _ = &t.user;
+        let timeout = self.cluster.state.snapshot().server_login_timeout;
+        let req = LoginRequest {
+            user: &self.client.user.name,
+            password: self.client.user.password.as_deref(),
+            database: None,
+            capabilities: packet::proxy_capabilities(),
+            collation: self.client.collation,
+            attributes: None,
+        };
+        let mut conn = server::login(&t.addr, &req, timeout).await?;
+        let caps = packet::proxy_capabilities() & conn.greeting.capabilities;
+        let sql = format!("KILL {}{}", if query_only { "QUERY " } else { "" }, t.thread_id);
+        let result = packet::first_value(&mut conn.stream, caps, &sql).await.map(|_| ());
+        let _ = write_packet(&mut conn.stream, 0, &[packet::COM_QUIT]).await;
+        info!(cluster = %self.cluster.name, engine = "mysql", node_addr = %t.addr, server_thread = t.thread_id, query_only, ok = result.is_ok(), "KILL forwarded");
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kill_statements() {
+        assert_eq!(parse_kill(b"KILL QUERY 12"), Some((true, 12)));
+        assert_eq!(parse_kill(b"kill 7;"), Some((false, 7)));
+        assert_eq!(parse_kill(b"KILL HARD CONNECTION 3"), Some((false, 3)));
+        assert_eq!(parse_kill(b"KILL USER app"), None);
+        assert_eq!(parse_kill(b"SELECT 1"), None);
+    }
+
+    #[test]
+    fn nonces_are_printable() {
+        let n = new_nonce();
+        assert!(n.iter().all(|b| (0x21..0x7f).contains(b)));
+    }
+}

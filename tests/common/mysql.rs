@@ -1,0 +1,88 @@
+//! The MySQL side of the harness: a MariaDB primary + replicas (`MariaCluster`), the
+//! switchyard binary in front with `engine = "mysql"`, and the `mariadb` CLI as client.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+pub use switchyard::localmaria::{MariaCluster, MY_APP_DB, MY_APP_PASSWORD, MY_APP_USER, MY_MONITOR_PASSWORD, MY_MONITOR_USER};
+
+use super::{free_port, switchyard_bin, wait_for, Proxy};
+
+/// The whole config for `cluster` (health every 500 ms, rise/fall 2, the app user).
+pub fn my_config(cluster: &MariaCluster, rw: u16, ro: u16, extra_cluster: &str) -> String {
+    format!(
+        "[health]\ninterval_ms = 500\ntimeout_ms = 500\nrise = 2\nfall = 2\nuser = \"{MY_MONITOR_USER}\"\npassword = \"{MY_MONITOR_PASSWORD}\"\n\n\
+         [[users]]\nname = \"{MY_APP_USER}\"\npassword = \"{MY_APP_PASSWORD}\"\n\n{}",
+        cluster.config_toml("main", rw, ro, extra_cluster)
+    )
+}
+
+/// Start switchyard in front of `cluster`; ready when rw reaches a writable node and ro
+/// a read-only one.
+pub fn my_proxy(cluster: &MariaCluster, extra_cluster: &str) -> Proxy {
+    let (rw, ro) = (free_port(), free_port());
+    let text = my_config(cluster, rw, ro, extra_cluster);
+    let proxy = my_spawn(cluster, "proxy", &text, rw, ro);
+    wait_for("MySQL proxy ready", Duration::from_secs(30), || {
+        let w = mariadb(proxy.rw, "SELECT @@read_only").ok()? == "0";
+        let r = mariadb(proxy.ro, "SELECT @@read_only").ok()? == "1";
+        (w && r).then_some(())
+    });
+    proxy
+}
+
+pub fn my_spawn(cluster: &MariaCluster, name: &str, text: &str, rw: u16, ro: u16) -> Proxy {
+    let config = cluster.dir().join(format!("{name}.toml"));
+    std::fs::write(&config, text).unwrap();
+    let log = cluster.dir().join(format!("{name}.log"));
+    let child = Command::new(switchyard_bin())
+        .args(["--config", config.to_str().unwrap()])
+        .env(
+            "SWITCHYARD_LOG",
+            std::env::var("SWITCHYARD_TEST_LOG").unwrap_or_else(|_| "info,switchyard=debug".into()),
+        )
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start switchyard");
+    Proxy {
+        child,
+        rw,
+        ro,
+        log,
+        config,
+    }
+}
+
+/// Run `sql` through the proxy as the app user with the `mariadb` CLI (batch mode, no
+/// column names); stdout trimmed, or stderr.
+pub fn mariadb(port: u16, sql: &str) -> Result<String, String> {
+    mariadb_as(port, MY_APP_USER, MY_APP_PASSWORD, Some(MY_APP_DB), sql)
+}
+
+pub fn mariadb_as(port: u16, user: &str, password: &str, db: Option<&str>, sql: &str) -> Result<String, String> {
+    let mut cmd = Command::new("mariadb");
+    cmd.args(["--no-defaults", "-h", "127.0.0.1", "-P", &port.to_string(), "-u", user])
+        .arg(format!("-p{password}"))
+        .args(["-N", "-B", "--connect-timeout=10", "--skip-ssl", "-e", sql]);
+    if let Some(db) = db {
+        cmd.arg(db);
+    }
+    let out = cmd.output().map_err(|e| format!("cannot run mariadb: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Which node (index) a new session on `port` lands on, by the server's port.
+pub fn my_lands_on(cluster: &MariaCluster, port: u16) -> Result<usize, String> {
+    let p: u16 = mariadb(port, "SELECT @@port")?.parse().map_err(|e| format!("{e}"))?;
+    cluster
+        .nodes
+        .iter()
+        .position(|n| n.port == p)
+        .ok_or_else(|| format!("port {p} is no node"))
+}

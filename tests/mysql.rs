@@ -1,0 +1,143 @@
+//! MySQL / MariaDB clusters (`engine = "mysql"`) against real MariaDB servers: a
+//! primary and two GTID replicas (`MariaCluster`), the `mariadb` CLI as client. The
+//! scenarios of the PostgreSQL failover tests: replica killed, frozen, replication
+//! stopped; primary killed and a replica promoted by an operator; the old primary back
+//! writable (split brain); plus login errors and KILL QUERY through the proxy.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::mysql::*;
+use common::*;
+
+#[test]
+fn writes_go_to_the_primary_reads_to_a_replica_and_errors_are_mysql_errors() {
+    let cluster = MariaCluster::start(2).unwrap();
+    let proxy = my_proxy(&cluster, "");
+    for _ in 0..3 {
+        assert_eq!(my_lands_on(&cluster, proxy.rw), Ok(0));
+        assert_eq!(my_lands_on(&cluster, proxy.ro), Ok(1), "read_balance = priority: the first replica");
+    }
+    mariadb(proxy.rw, "CREATE TABLE t (v INT PRIMARY KEY); INSERT INTO t VALUES (42)").unwrap();
+    let v = wait_for("replicated row", Duration::from_secs(10), || {
+        mariadb(proxy.ro, "SELECT v FROM t").ok().filter(|v| v == "42")
+    });
+    assert_eq!(v, "42");
+    // A write through ro is refused by the replica itself (read_only).
+    let err = mariadb(proxy.ro, "INSERT INTO t VALUES (1)").unwrap_err();
+    assert!(err.contains("1290"), "{err}");
+    // Wrong password, unknown user: 1045 from the proxy itself.
+    let err = mariadb_as(proxy.rw, MY_APP_USER, "wrong", None, "SELECT 1").unwrap_err();
+    assert!(err.contains("1045") && err.contains("28000"), "{err}");
+    let err = mariadb_as(proxy.rw, "nobody", "x", None, "SELECT 1").unwrap_err();
+    assert!(err.contains("1045"), "{err}");
+    // An unknown database: the server's own error (1049) passes through.
+    let err = mariadb_as(proxy.rw, MY_APP_USER, MY_APP_PASSWORD, Some("nosuchdb"), "SELECT 1").unwrap_err();
+    assert!(err.contains("1049") && err.contains("nosuchdb"), "{err}");
+    // Garbage instead of a handshake response: an error for that client alone.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.rw)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut greeting = [0u8; 4];
+    s.read_exact(&mut greeting).unwrap();
+    let len = u32::from_le_bytes([greeting[0], greeting[1], greeting[2], 0]) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    assert_eq!(body[0], 10, "protocol version 10");
+    s.write_all(b"\x05\x00\x00\x01hello").unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert_eq!(reply.get(4), Some(&0xff), "an ERR packet: {reply:?}");
+    assert_eq!(mariadb(proxy.rw, "SELECT v FROM t").unwrap(), "42", "others unaffected");
+}
+
+#[test]
+fn killed_replica_moves_reads_to_the_other_then_to_the_primary() {
+    let mut cluster = MariaCluster::start(2).unwrap();
+    let proxy = my_proxy(&cluster, "");
+    assert_eq!(my_lands_on(&cluster, proxy.ro), Ok(1));
+    let killed = Instant::now();
+    cluster.kill9(1).unwrap();
+    wait_for("reads on failover2", Duration::from_secs(10), || {
+        (my_lands_on(&cluster, proxy.ro) == Ok(2)).then_some(())
+    });
+    report(&format!("MariaDB replica kill -9 -> reads on the other replica: {:?}", killed.elapsed()));
+    cluster.kill9(2).unwrap();
+    wait_for("reads on the primary", Duration::from_secs(10), || {
+        (my_lands_on(&cluster, proxy.ro) == Ok(0)).then_some(())
+    });
+    // ro sessions are read-only even on the writable primary.
+    let err = mariadb(proxy.ro, "CREATE TABLE x (v INT); INSERT INTO x VALUES (1)").unwrap_err();
+    assert!(err.contains("1792"), "{err}");
+}
+
+#[test]
+fn stopped_replication_or_a_frozen_replica_gets_no_reads() {
+    let cluster = MariaCluster::start(2).unwrap();
+    let proxy = my_proxy(&cluster, "");
+    assert_eq!(my_lands_on(&cluster, proxy.ro), Ok(1));
+    cluster.sql(1, "STOP SLAVE").unwrap();
+    wait_for("reads leave the stopped replica", Duration::from_secs(10), || {
+        (my_lands_on(&cluster, proxy.ro) == Ok(2)).then_some(())
+    });
+    cluster.sql(1, "START SLAVE").unwrap();
+    wait_for("reads back on failover1", Duration::from_secs(10), || {
+        (my_lands_on(&cluster, proxy.ro) == Ok(1)).then_some(())
+    });
+    // SIGSTOP: down by timeout; new reads are not stalled behind it.
+    cluster.signal(1, libc::SIGSTOP).unwrap();
+    let frozen = Instant::now();
+    wait_for("reads leave the frozen replica", Duration::from_secs(15), || {
+        (my_lands_on(&cluster, proxy.ro) == Ok(2)).then_some(())
+    });
+    report(&format!("MariaDB replica SIGSTOP -> reads elsewhere: {:?}", frozen.elapsed()));
+    cluster.signal(1, libc::SIGCONT).unwrap();
+}
+
+#[test]
+fn promoted_replica_takes_writes_and_the_old_primary_back_writable_gets_none() {
+    let mut cluster = MariaCluster::start(2).unwrap();
+    let proxy = my_proxy(&cluster, "");
+    mariadb(proxy.rw, "CREATE TABLE t (v INT PRIMARY KEY); INSERT INTO t VALUES (1)").unwrap();
+    cluster.wait_replicated(0, Duration::from_secs(10)).unwrap();
+    // A session on the primary is ended with a MySQL error saying why.
+    cluster.kill9(0).unwrap();
+    let err = wait_for("rw refused while there is no primary", Duration::from_secs(10), || {
+        mariadb(proxy.rw, "INSERT INTO t VALUES (2)").err()
+    });
+    assert!(err.contains("primary") || err.contains("2003") || err.contains("2013"), "{err}");
+    // The operator promotes failover1 and repoints failover2.
+    cluster.promote(1).unwrap();
+    cluster.follow(2, 1).unwrap();
+    wait_for("writes on failover1", Duration::from_secs(15), || {
+        (my_lands_on(&cluster, proxy.rw) == Ok(1)).then_some(())
+    });
+    mariadb(proxy.rw, "INSERT INTO t VALUES (3)").unwrap();
+    cluster.wait_replicated(1, Duration::from_secs(10)).unwrap();
+    assert_eq!(cluster.sql(2, "SELECT COUNT(*) FROM app.t WHERE v = 3").unwrap(), "1");
+    // The old primary comes back writable, replicating from nobody: two primaries.
+    // MySQL has no timeline to tell the stale one, so writes are refused, not guessed.
+    cluster.start_node(0).unwrap();
+    let err = wait_for("split brain refused", Duration::from_secs(15), || {
+        mariadb(proxy.rw, "INSERT INTO t VALUES (4)").err().filter(|e| e.contains("split brain") || e.contains("primaries"))
+    });
+    assert!(err.contains("default") && err.contains("failover1"), "{err}");
+    assert_eq!(cluster.sql(0, "SELECT COUNT(*) FROM app.t WHERE v = 4").unwrap(), "0", "no write on the old primary");
+    // The operator makes the old primary a replica of the new one: writes resume.
+    cluster.follow(0, 1).unwrap();
+    wait_for("writes resume on failover1", Duration::from_secs(15), || {
+        mariadb(proxy.rw, "INSERT INTO t VALUES (5)").ok()
+    });
+    assert_eq!(my_lands_on(&cluster, proxy.rw), Ok(1));
+}
+
+#[test]
+fn kill_query_through_the_proxy_reaches_the_right_server_connection() {
+    let cluster = MariaCluster::start(1).unwrap();
+    let proxy = my_proxy(&cluster, "");
+    // PyMySQL: one connection sleeps, another kills its query by the id the first one
+    // was given in the proxy's greeting (thread_id()), as `mysql`'s Ctrl-C does.
+    let out = python("mysql_kill.py", &[&proxy.rw.to_string()], &[]);
+    assert!(out.contains("KILLED-OK"), "{out}");
+}
