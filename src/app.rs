@@ -263,16 +263,18 @@ impl Proxy {
             snap.server_login_timeout = c.server_login_timeout();
             snap.failover_hold = c.failover_hold();
             let state = ClusterState::new(snap, |s| routing::primary(s).ok());
-            let ctx = Arc::new(ClusterCtx::new(
-                name,
-                state,
-                Classifier::new(&c.read_only_functions),
-                c.listen_rw.clone(),
-                c.listen_ro.clone(),
-                ServerTls::new(c.server_tls, c.server_ca_file.as_deref())
-                    .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?,
-            )
-            .with_engine(c.engine));
+            let ctx = Arc::new(
+                ClusterCtx::new(
+                    name,
+                    state,
+                    Classifier::new(&c.read_only_functions),
+                    c.listen_rw.clone(),
+                    c.listen_ro.clone(),
+                    ServerTls::new(c.server_tls, c.server_ca_file.as_deref())
+                        .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?,
+                )
+                .with_engine(c.engine),
+            );
             for (addr, endpoint) in [(&c.listen_rw, Endpoint::ReadWrite), (&c.listen_ro, Endpoint::ReadOnly)] {
                 if let Some(addr) = addr {
                     let l = TcpListener::bind(addr)

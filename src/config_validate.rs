@@ -244,7 +244,10 @@ fn mysql_rules(cname: &str, c: &ClusterConfig) -> Result<(), ConfigError> {
         return refuse("causal_wait_ms", "is PostgreSQL-only (causal tokens are WAL positions)");
     }
     if !c.read_only_functions.is_empty() {
-        return refuse("read_only_functions", "is PostgreSQL-only (used by read/write splitting)");
+        return refuse(
+            "read_only_functions",
+            "is PostgreSQL-only (used by read/write splitting)",
+        );
     }
     if c.failover != FailoverMode::Follow || c.manager.is_some() || c.demote_command.is_some() {
         return refuse(
@@ -257,7 +260,11 @@ fn mysql_rules(cname: &str, c: &ClusterConfig) -> Result<(), ConfigError> {
     }
     if !matches!(c.server_tls, ServerTlsMode::Disable | ServerTlsMode::Prefer) || c.server_ca_file.is_some() {
         return refuse(
-            if c.server_ca_file.is_some() { "server_ca_file" } else { "server_tls" },
+            if c.server_ca_file.is_some() {
+                "server_ca_file"
+            } else {
+                "server_tls"
+            },
             "TLS toward MySQL servers is not supported yet (connections to MySQL nodes are plaintext)",
         );
     }

@@ -294,16 +294,16 @@ impl Error {
             SqlState::PROTOCOL_VIOLATION => (1043, *b"08S01"), // ER_HANDSHAKE_ERROR / bad packet
             SqlState::FEATURE_NOT_SUPPORTED => (1235, *b"42000"), // ER_NOT_SUPPORTED_YET
             SqlState::TOO_MANY_CONNECTIONS => (1040, *b"08004"), // ER_CON_COUNT_ERROR
-            SqlState::ADMIN_SHUTDOWN => (1053, *b"08S01"), // ER_SERVER_SHUTDOWN
+            SqlState::ADMIN_SHUTDOWN => (1053, *b"08S01"),     // ER_SERVER_SHUTDOWN
             SqlState::INSUFFICIENT_PRIVILEGE => (1227, *b"42000"), // ER_SPECIFIC_ACCESS_DENIED_ERROR
-            SqlState::SYNTAX_ERROR => (1064, *b"42000"), // ER_PARSE_ERROR
+            SqlState::SYNTAX_ERROR => (1064, *b"42000"),       // ER_PARSE_ERROR
             SqlState::READ_ONLY_SQL_TRANSACTION => (1792, *b"25006"), // ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION
-            // No server to route to, or none reachable: the client library's own
-            // "can't connect" (CR_CONN_HOST_ERROR), which drivers treat as retryable.
-            SqlState::CANNOT_CONNECT_NOW => (2003, *b"HY000"),
-            // A server connection lost (node down): CR_SERVER_LOST, as if the server had
-            // gone away, which is what happened.
-            SqlState::CONNECTION_FAILURE | SqlState::TRANSACTION_RESOLUTION_UNKNOWN => (2013, *b"HY000"),
+            // Server-range numbers only: clients take 2000+ for their own errors and
+            // refuse them in a server's packet ("malformed packet").
+            // No server to route to now: the connection is rejected (SQLSTATE 08004).
+            SqlState::CANNOT_CONNECT_NOW => (1105, *b"08004"),
+            // A server connection lost or unreachable: ER_NET_READ_ERROR.
+            SqlState::CONNECTION_FAILURE | SqlState::TRANSACTION_RESOLUTION_UNKNOWN => (1158, *b"08S01"),
             _ => (1105, *b"HY000"), // ER_UNKNOWN_ERROR
         };
         MysqlCode { number, state }
@@ -390,8 +390,8 @@ mod tests {
         let n = |e: Error| (e.mysql_code().number, e.mysql_code().state);
         assert_eq!(n(Error::auth_failed("x")), (1045, *b"28000"));
         assert_eq!(n(Error::evicted(true, "x")), (1053, *b"08S01"));
-        assert_eq!(n(Error::evicted(false, "x")), (2013, *b"HY000"));
-        assert_eq!(n(Error::no_route("x")), (2003, *b"HY000"));
+        assert_eq!(n(Error::evicted(false, "x")), (1158, *b"08S01"));
+        assert_eq!(n(Error::no_route("x")), (1105, *b"08004"));
         let refused = Error::mysql_server_refused(1049, *b"42000", "Unknown database 'x'");
         assert_eq!(n(refused.clone()), (1049, *b"42000"));
         assert!(!refused.retry_elsewhere());

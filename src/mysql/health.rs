@@ -117,18 +117,18 @@ pub fn spawn(
                 _ = shutdown.changed() => return,
             }
             let started = Instant::now();
-            let result = match tokio::time::timeout(cfg.timeout(), check(&target, &login, &mut session, cfg.timeout())).await
-            {
-                Ok(Ok(obs)) => Ok(obs),
-                Ok(Err(e)) => {
-                    session = None;
-                    Err(e)
-                }
-                Err(_) => {
-                    session = None;
-                    Err(format!("no answer within {} ms", cfg.timeout_ms))
-                }
-            };
+            let result =
+                match tokio::time::timeout(cfg.timeout(), check(&target, &login, &mut session, cfg.timeout())).await {
+                    Ok(Ok(obs)) => Ok(obs),
+                    Ok(Err(e)) => {
+                        session = None;
+                        Err(e)
+                    }
+                    Err(_) => {
+                        session = None;
+                        Err(format!("no answer within {} ms", cfg.timeout_ms))
+                    }
+                };
             let took = started.elapsed();
             let transition = target
                 .cluster
@@ -199,7 +199,9 @@ async fn open(target: &Target, login: &Login, timeout: Duration) -> Result<Sessi
     // The raw greeting first (version and capabilities, for the greeting the proxy
     // shows its own clients), then the monitor's login through mysql_async.
     let addr = format!("{}:{}", target.host, target.port);
-    let hello = super::server::greet(&addr, timeout).await.map_err(|e| e.message().to_string())?;
+    let hello = super::server::greet(&addr, timeout)
+        .await
+        .map_err(|e| e.message().to_string())?;
     drop(hello.stream);
     let mariadb = hello.greeting.version.contains("MariaDB");
     target.info.set_greeting(hello.greeting);

@@ -255,23 +255,23 @@ impl Scanner {
         self.remaining == 0 && !self.continued
     }
 
-    /// Consume bytes from `data`: the payload of the current packet first (returns
-    /// `Ok(None)` with how many bytes it took), else a packet header if all of it is there
-    /// (`Ok(Some(start))`, 4 bytes taken). `Err(())`: fewer than 4 header bytes left.
-    pub fn next(&mut self, data: &[u8]) -> Result<(usize, Option<PacketStart>), ()> {
+    /// Consume bytes from `data`: the payload of the current packet first (returns how
+    /// many bytes it took, and None), else a packet header if all of it is there (4 bytes
+    /// taken, and its start). None: fewer than 4 header bytes left.
+    pub fn next(&mut self, data: &[u8]) -> Option<(usize, Option<PacketStart>)> {
         if self.remaining > 0 {
             let n = self.remaining.min(data.len());
             self.remaining -= n;
-            return Ok((n, None));
+            return Some((n, None));
         }
         if data.len() < 4 {
-            return Err(());
+            return None;
         }
         let len = u32::from_le_bytes([data[0], data[1], data[2], 0]) as usize;
         let command = !self.continued && data[3] == 0;
         self.continued = len == MAX_CHUNK;
         self.remaining = len;
-        Ok((
+        Some((
             4,
             Some(PacketStart {
                 seq: data[3],
@@ -306,7 +306,10 @@ mod tests {
         let mut buf = Vec::new();
         let seq = read_packet(&mut &framed[..], &mut buf, usize::MAX).await.unwrap();
         assert_eq!((seq, buf.len()), (1, MAX_CHUNK + 10));
-        assert!(read_packet(&mut &framed[..], &mut buf, 1000).await.is_err(), "over the limit");
+        assert!(
+            read_packet(&mut &framed[..], &mut buf, 1000).await.is_err(),
+            "over the limit"
+        );
     }
 
     #[test]
@@ -335,10 +338,13 @@ mod tests {
         assert_eq!(n, MAX_CHUNK);
         assert!(!s.at_boundary(), "a full chunk continues");
         let (_, start) = s.next(&[1, 0, 0, 0]).unwrap();
-        assert!(!start.unwrap().command, "seq 0 after wrap-around is still a continuation");
+        assert!(
+            !start.unwrap().command,
+            "seq 0 after wrap-around is still a continuation"
+        );
         assert_eq!(s.next(&[9]).unwrap(), (1, None));
         assert!(s.at_boundary());
-        assert!(s.next(&[1, 0]).is_err(), "half a header");
+        assert!(s.next(&[1, 0]).is_none(), "half a header");
     }
 
     #[test]

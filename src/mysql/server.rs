@@ -154,11 +154,15 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
     // `HandshakeResponse::new` picks the collation from the server version; the
     // client's own is what the session must use (byte 8: after flags and max size).
     payload[8] = req.collation;
-    write_packet(&mut stream, 1, &payload).await.map_err(|e| lost("login", e))?;
+    write_packet(&mut stream, 1, &payload)
+        .await
+        .map_err(|e| lost("login", e))?;
     let mut buf = Vec::new();
     let mut nonce = nonce;
     loop {
-        let got = read_packet(&mut stream, &mut buf, 1 << 16).await.map_err(|e| lost("login", e))?;
+        let got = read_packet(&mut stream, &mut buf, 1 << 16)
+            .await
+            .map_err(|e| lost("login", e))?;
         let seq = got.wrapping_add(1);
         match buf.first() {
             Some(0x00) => break,
@@ -169,7 +173,9 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
                 let plugin = switch.auth_plugin().into_owned();
                 nonce = switch.plugin_data().to_vec();
                 let data = answer(&plugin, req.password, &nonce)?;
-                write_packet(&mut stream, seq, &data).await.map_err(|e| lost("login", e))?;
+                write_packet(&mut stream, seq, &data)
+                    .await
+                    .map_err(|e| lost("login", e))?;
             }
             Some(0x01) => match buf.get(1) {
                 // caching_sha2_password: 3 = the server had the password cached (an OK
@@ -177,11 +183,17 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
                 // encrypted with the server's RSA public key, which we ask for (2).
                 Some(3) => {}
                 Some(4) => {
-                    write_packet(&mut stream, seq, &[2]).await.map_err(|e| lost("login", e))?;
-                    let got = read_packet(&mut stream, &mut buf, 1 << 16).await.map_err(|e| lost("login", e))?;
+                    write_packet(&mut stream, seq, &[2])
+                        .await
+                        .map_err(|e| lost("login", e))?;
+                    let got = read_packet(&mut stream, &mut buf, 1 << 16)
+                        .await
+                        .map_err(|e| lost("login", e))?;
                     let seq = got.wrapping_add(1);
                     if buf.first() != Some(&0x01) {
-                        return Err(Error::server_protocol(format!("{addr} sent no public key for caching_sha2_password")));
+                        return Err(Error::server_protocol(format!(
+                            "{addr} sent no public key for caching_sha2_password"
+                        )));
                     }
                     let pem = buf[1..].to_vec();
                     let mut pass = req.password.unwrap_or("").as_bytes().to_vec();
@@ -190,7 +202,9 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
                         *b ^= nonce[i % nonce.len()];
                     }
                     let encrypted = mysql_common::crypto::encrypt(&pass, &pem);
-                    write_packet(&mut stream, seq, &encrypted).await.map_err(|e| lost("login", e))?;
+                    write_packet(&mut stream, seq, &encrypted)
+                        .await
+                        .map_err(|e| lost("login", e))?;
                 }
                 _ => {
                     return Err(Error::server_protocol(format!(
@@ -198,7 +212,11 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
                     )))
                 }
             },
-            _ => return Err(Error::server_protocol(format!("{addr} sent an unexpected packet during login"))),
+            _ => {
+                return Err(Error::server_protocol(format!(
+                    "{addr} sent an unexpected packet during login"
+                )))
+            }
         }
     }
     Ok(ServerConn {

@@ -95,7 +95,13 @@ enum End {
     Failed(Error),
 }
 
-pub async fn serve(mut tcp: TcpStream, peer: SocketAddr, cluster: Arc<ClusterCtx>, endpoint: Endpoint, shared: Arc<Shared>) {
+pub async fn serve(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    cluster: Arc<ClusterCtx>,
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+) {
     let _ = tcp.set_nodelay(true);
     let config = shared.config();
     let login_timeout = Duration::from_millis(config.proxy.client_login_timeout_ms);
@@ -250,7 +256,14 @@ async fn authenticate(
     version: &str,
     collation: u8,
 ) -> Result<Client, (u8, Error)> {
-    let io = |seq: u8| move |e: std::io::Error| (seq, Error::protocol(format!("client connection failed during login: {e}")));
+    let io = |seq: u8| {
+        move |e: std::io::Error| {
+            (
+                seq,
+                Error::protocol(format!("client connection failed during login: {e}")),
+            )
+        }
+    };
     let mut scramble_2 = nonce[8..].to_vec();
     scramble_2.push(0);
     let hello = HandshakePacket::new(
@@ -277,14 +290,19 @@ async fn authenticate(
     let response = HandshakeResponse::deserialize((), &mut ParseBuf(&buf))
         .map_err(|e| (next(seq), Error::protocol(format!("malformed handshake response: {e}"))))?;
     if !response.capabilities().contains(CapabilityFlags::CLIENT_PROTOCOL_41) {
-        return Err((next(seq), Error::unsupported("clients older than MySQL 4.1's protocol are not supported")));
+        return Err((
+            next(seq),
+            Error::unsupported("clients older than MySQL 4.1's protocol are not supported"),
+        ));
     }
     let name = String::from_utf8_lossy(response.user()).into_owned();
     let config = shared.config();
     let Some(user) = config.user(&name).cloned() else {
         return Err((
             next(seq),
-            Error::not_authorized(format!("Access denied for user '{name}': no such user in Switchyard's [[users]]")),
+            Error::not_authorized(format!(
+                "Access denied for user '{name}': no such user in Switchyard's [[users]]"
+            )),
         ));
     };
     let plain = user.password.clone().filter(|_| !user.has_scram_verifier());
@@ -303,12 +321,17 @@ async fn authenticate(
             .unwrap_or(AuthPlugin::MysqlNativePassword)
             .into_owned();
         let mut answer = response.scramble_buf().to_vec();
-        if !matches!(plugin, AuthPlugin::MysqlNativePassword | AuthPlugin::CachingSha2Password) {
+        if !matches!(
+            plugin,
+            AuthPlugin::MysqlNativePassword | AuthPlugin::CachingSha2Password
+        ) {
             // Anything else (ed25519, clear text): ask for mysql_native_password.
             let mut data = nonce.to_vec();
             data.push(0);
             let switch = AuthSwitchRequest::new(&b"mysql_native_password"[..], &data[..]);
-            write_packet(tcp, next(seq), &packet::to_vec(&switch)).await.map_err(io(0))?;
+            write_packet(tcp, next(seq), &packet::to_vec(&switch))
+                .await
+                .map_err(io(0))?;
             let mut reply = Vec::new();
             seq = read_packet(tcp, &mut reply, INTERCEPT_MAX).await.map_err(io(0))?;
             answer = reply;
@@ -319,7 +342,7 @@ async fn authenticate(
             _ => scramble_native(nonce, password.as_bytes()).map(|s| s.to_vec()),
         }
         .unwrap_or_default();
-        if !bool::from(subtle_eq(&expected, &answer)) {
+        if !subtle_eq(&expected, &answer) {
             return Err((
                 next(seq),
                 Error::auth_failed(format!(
@@ -440,7 +463,8 @@ impl Relay<'_> {
         match payload.first() {
             Some(&packet::COM_QUERY) => {
                 let rest = payload[1..].trim_ascii_start();
-                (rest.len() >= 5 && rest[..4].eq_ignore_ascii_case(b"kill") && rest[4].is_ascii_whitespace()).then_some(true)
+                (rest.len() >= 5 && rest[..4].eq_ignore_ascii_case(b"kill") && rest[4].is_ascii_whitespace())
+                    .then_some(true)
             }
             Some(&packet::COM_PROCESS_KILL) => Some(true),
             Some(&packet::COM_RESET_CONNECTION) => (self.endpoint == Endpoint::ReadOnly).then_some(true),
@@ -464,7 +488,7 @@ impl Relay<'_> {
                     Ok(0) => break End::ClientClosed,
                     Err(e) => break End::Io(e),
                     Ok(_) => {
-                        if let Err(end) = self.from_client(&mut cbuf, client, &mut server, caps).await {
+                        if let Err(end) = self.relay_client_bytes(&mut cbuf, client, &mut server, caps).await {
                             break end;
                         }
                     }
@@ -529,7 +553,11 @@ impl Relay<'_> {
                 1
             };
             self.shared.metrics.error(e.code().as_str());
-            let _ = tokio::time::timeout(Duration::from_secs(1), write_packet(client, seq, &packet::err_payload(&e))).await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                write_packet(client, seq, &packet::err_payload(&e)),
+            )
+            .await;
             let _ = client.shutdown().await;
             if matches!(end, End::Failed(_)) {
                 let _ = tokio::time::timeout(
@@ -543,7 +571,7 @@ impl Relay<'_> {
     }
 
     /// Pass the client's bytes on, taking out the commands the proxy handles.
-    async fn from_client(
+    async fn relay_client_bytes(
         &mut self,
         cbuf: &mut BytesMut,
         client: &mut TcpStream,
@@ -588,8 +616,8 @@ impl Relay<'_> {
                 self.last_seq = seq;
             }
             match self.scanner.next(&cbuf[pos..]) {
-                Ok((n, _)) => pos += n,
-                Err(()) => break,
+                Some((n, _)) => pos += n,
+                None => break,
             }
         }
         if forward_from < pos {
