@@ -70,10 +70,12 @@ enum Cmd {
     /// Start a local primary and two streaming standbys from this machine's PostgreSQL
     /// binaries in a temporary directory, with the proxy in front. Ctrl-C cleans up.
     Demo {
-        #[arg(long, default_value_t = 6432)]
-        rw_port: u16,
-        #[arg(long, default_value_t = 6433)]
-        ro_port: u16,
+        /// Default 6432 (PostgreSQL) or 6446 (MariaDB).
+        #[arg(long)]
+        rw_port: Option<u16>,
+        /// Default 6433 (PostgreSQL) or 6447 (MariaDB).
+        #[arg(long)]
+        ro_port: Option<u16>,
         #[arg(long, default_value_t = 9930)]
         http_port: u16,
         /// Who promotes a standby when the primary dies: `follow` (you do, as the printed
@@ -84,7 +86,17 @@ enum Cmd {
         /// the next ports up, admin HTTP on http-port + 1), agreeing through etcd.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
         instances: u8,
+        /// `postgresql`, or `mariadb`: a MariaDB primary and two GTID replicas from
+        /// Debian's mariadb-server, the first seed article's Django setup.
+        #[arg(long, value_enum, default_value_t = DemoEngine::Postgresql)]
+        engine: DemoEngine,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DemoEngine {
+    Postgresql,
+    Mariadb,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -120,9 +132,22 @@ fn main() -> ExitCode {
             http_port,
             failover,
             instances,
+            engine,
         } => {
             init_logging(cli.log_format);
-            demo(*rw_port, *ro_port, *http_port, *failover, *instances)
+            match engine {
+                DemoEngine::Postgresql => demo(
+                    rw_port.unwrap_or(6432),
+                    ro_port.unwrap_or(6433),
+                    *http_port,
+                    *failover,
+                    *instances,
+                ),
+                DemoEngine::Mariadb if *failover == DemoFailover::Automatic || *instances > 1 => Err(anyhow::anyhow!(
+                    "--engine mariadb runs one instance that follows promotions (Switchyard does not promote MySQL replicas)"
+                )),
+                DemoEngine::Mariadb => demo_mariadb(rw_port.unwrap_or(6446), ro_port.unwrap_or(6447), *http_port),
+            }
         }
     };
     match result {
@@ -433,21 +458,7 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16, failover: DemoFailover, inst
             nodes = nodes.join("\n"),
             dir = cluster.dir().display(),
         );
-        let state = proxy.shared.clusters.values().next().expect("one cluster").state.clone();
-        let mut rx = state.subscribe();
-        let show = async {
-            loop {
-                let snap = rx.borrow_and_update().clone();
-                println!("[{}] {}", chrono_now(), summary(&snap));
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
-        };
-        tokio::select! {
-            r = wait_for_signal(&proxy) => r?,
-            _ = show => {}
-        }
+        show_states_until_signal(&proxy).await?;
         println!("\nStopping the proxy and the cluster...");
         proxy.shutdown().await;
         Ok::<(), anyhow::Error>(())
@@ -458,14 +469,110 @@ fn demo(rw_port: u16, ro_port: u16, http_port: u16, failover: DemoFailover, inst
     Ok(())
 }
 
+/// `switchyard demo --engine mariadb`: a MariaDB primary and two GTID replicas with
+/// the proxy in front, the seed article's Django `DATABASES`, and how to fail over.
+fn demo_mariadb(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
+    use switchyard::localmaria::{
+        MariaCluster, MY_APP_DB, MY_APP_PASSWORD, MY_APP_USER, MY_MONITOR_PASSWORD, MY_MONITOR_USER,
+    };
+    println!("Starting a local MariaDB cluster (1 primary, 2 GTID replicas)...");
+    let cluster = MariaCluster::start(2).context("could not start the local MariaDB cluster")?;
+    let config_text = format!(
+        "[health]\nuser = \"{MY_MONITOR_USER}\"\npassword = \"{MY_MONITOR_PASSWORD}\"\n\n\
+         [admin]\nhttp_listen = \"127.0.0.1:{http_port}\"\n\n\
+         [[users]]\nname = \"{MY_APP_USER}\"\npassword = \"{MY_APP_PASSWORD}\"\n\n{}",
+        cluster.config_toml(
+            "main",
+            rw_port,
+            ro_port,
+            "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"\n"
+        )
+    );
+    let config_path = cluster.dir().join("switchyard.toml");
+    std::fs::write(&config_path, &config_text)?;
+    let config = Config::parse(&config_text)?;
+    let nodes: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("    {:<10} port {}  socket {}", n.name, n.port, n.socket.display()))
+        .collect();
+    let (s0, s1, s2) = (
+        cluster.nodes[0].socket.display(),
+        cluster.nodes[1].socket.display(),
+        cluster.nodes[2].socket.display(),
+    );
+    let p1 = cluster.nodes[1].port;
+    let pid0 = cluster.pid(0).unwrap_or(0);
+    runtime()?.block_on(async {
+        let proxy = Proxy::start(config, Some(config_path.clone())).await?;
+        println!(
+            "\nSwitchyard is running (config: {cfg}).\n\nNodes:\n{nodes}\n\n\
+             Connect (password: {MY_APP_PASSWORD}):\n  \
+             mariadb -h 127.0.0.1 -P {rw_port} -u {MY_APP_USER} -p{MY_APP_PASSWORD} {MY_APP_DB}   # read-write: the primary\n  \
+             mariadb -h 127.0.0.1 -P {ro_port} -u {MY_APP_USER} -p{MY_APP_PASSWORD} {MY_APP_DB}   # read-only: a replica\n\n\
+             Status page: http://127.0.0.1:{http_port}/   (also /status, /metrics)\n\n\
+             Django settings (the seed article's two aliases; no socket probe needed in the router):\n  \
+             DATABASES = {{\n    'default': {{'ENGINE': 'django.db.backends.mysql', 'HOST': '127.0.0.1', 'PORT': '{rw_port}',\n                \
+             'NAME': '{MY_APP_DB}', 'USER': '{MY_APP_USER}', 'PASSWORD': '{MY_APP_PASSWORD}'}},\n    \
+             'follower': {{'ENGINE': 'django.db.backends.mysql', 'HOST': '127.0.0.1', 'PORT': '{ro_port}',\n                 \
+             'NAME': '{MY_APP_DB}', 'USER': '{MY_APP_USER}', 'PASSWORD': '{MY_APP_PASSWORD}'}},\n  }}\n\n\
+             Try a failover in another terminal (Switchyard follows; you promote):\n  \
+             kill -9 {pid0}                                                     # the primary goes down\n  \
+             mariadb -S {s1} -u root -e \"STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0\"   # failover1 takes over\n  \
+             mariadb -S {s2} -u root -e \"STOP SLAVE; CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={p1}, MASTER_USER='repl', MASTER_PASSWORD='repl', MASTER_USE_GTID=slave_pos; START SLAVE\"\n\n\
+             A replica whose replication stops gets no reads:  mariadb -S {s2} -u root -e \"STOP SLAVE\"\n\
+             (root logs in through each node's socket, e.g. mariadb -S {s0} -u root)\n\n\
+             Node states follow as they change. Ctrl-C stops everything and removes {dir}.\n",
+            cfg = config_path.display(),
+            nodes = nodes.join("\n"),
+            dir = cluster.dir().display(),
+        );
+        show_states_until_signal(&proxy).await?;
+        println!("\nStopping the proxy and the cluster...");
+        proxy.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    drop(cluster);
+    println!("Done.");
+    Ok(())
+}
+
+/// Print the cluster's node states as they change, until Ctrl-C / SIGTERM.
+async fn show_states_until_signal(proxy: &Proxy) -> Result<()> {
+    let state = proxy
+        .shared
+        .clusters
+        .values()
+        .next()
+        .expect("one cluster")
+        .state
+        .clone();
+    let mut rx = state.subscribe();
+    let show = async {
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            println!("[{}] {}", chrono_now(), summary(&snap));
+            if rx.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    tokio::select! {
+        r = wait_for_signal(proxy) => r?,
+        _ = show => {}
+    }
+    Ok(())
+}
+
 fn summary(snap: &ClusterSnapshot) -> String {
     let parts: Vec<String> = snap
         .nodes
         .iter()
         .map(|n| match (n.health, n.role) {
-            (Health::Up, Role::Standby) => {
-                format!("{} up standby (lag {} ms)", n.name, n.lag_ms.unwrap_or(0))
-            }
+            (Health::Up, Role::Standby) => match n.lag_ms {
+                Some(lag) => format!("{} up standby (lag {lag} ms)", n.name),
+                None => format!("{} up standby (not replicating: no reads)", n.name),
+            },
             (Health::Up, r) => format!("{} up {r}", n.name),
             (Health::Down, _) => format!("{} DOWN ({})", n.name, n.last_error.as_deref().unwrap_or("?")),
             (Health::Unknown, _) => format!("{} checking", n.name),
