@@ -181,3 +181,28 @@ fn server_tls_verifiers_and_auth_query_rules() {
         .to_string();
     assert!(err.contains("auth_query.query"), "{err}");
 }
+
+#[test]
+fn mysql_clusters_refuse_postgresql_only_keys_by_name() {
+    let with = |extra: &str| {
+        Config::parse(&GOOD.replace(
+            "[clusters.main]\n",
+            &format!("[clusters.main]\nengine = \"mysql\"\n{extra}\n"),
+        ))
+    };
+    let c = with("").unwrap();
+    assert_eq!(c.clusters["main"].engine, Engine::Mysql);
+    assert_eq!(Config::parse(GOOD).unwrap().clusters["main"].engine, Engine::Postgresql);
+    for (extra, key) in [
+        ("pool_mode = \"transaction\"", "clusters.main.pool_mode"),
+        ("causal_wait_ms = 10", "clusters.main.causal_wait_ms"),
+        ("server_tls = \"require\"", "clusters.main.server_tls"),
+        ("manager = { user = \"root\" }", "clusters.main.manager"),
+        ("failover = \"automatic\"", "clusters.main.failover"),
+    ] {
+        let err = with(extra).unwrap_err().to_string();
+        assert!(err.starts_with(key), "{extra}: {err}");
+    }
+    let err = with("engine = \"oracle\"").unwrap_err().to_string();
+    assert!(err.contains("engine"), "{err}");
+}
