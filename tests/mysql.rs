@@ -164,3 +164,27 @@ fn kill_query_through_the_proxy_reaches_the_right_server_connection() {
     let out = python("mysql_kill.py", &[&proxy.rw.to_string()], &[]);
     assert!(out.contains("KILLED-OK"), "{out}");
 }
+
+#[test]
+fn change_user_logs_the_server_connection_in_as_the_new_user() {
+    let cluster = MariaCluster::start(0).unwrap();
+    cluster
+        .sql(
+            0,
+            "CREATE USER 'app2'@'%' IDENTIFIED BY 'app2'; GRANT ALL ON app.* TO 'app2'@'%'; CREATE TABLE app.t (v INT)",
+        )
+        .unwrap();
+    let (rw, ro) = (free_port(), free_port());
+    let text = my_config(&cluster, rw, ro, "") + "\n[[users]]\nname = \"app2\"\npassword = \"app2\"\n";
+    let proxy = my_spawn(&cluster, "proxy", &text, rw, ro);
+    // No replica: ro falls back to the (writable) primary.
+    wait_for("proxy ready", Duration::from_secs(20), || {
+        (mariadb(proxy.rw, "SELECT 1").ok()? == "1" && mariadb(proxy.ro, "SELECT 1").ok()? == "1").then_some(())
+    });
+    let out = python(
+        "mysql_change_user.py",
+        &[&proxy.rw.to_string(), &proxy.ro.to_string()],
+        &[],
+    );
+    assert!(out.contains("CHANGE-USER-OK"), "{out}");
+}

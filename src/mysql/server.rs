@@ -39,6 +39,10 @@ pub struct ServerConn {
     /// The server's connection (thread) id: what `KILL QUERY` needs.
     pub thread_id: u32,
     pub greeting: Greeting,
+    /// The server's challenge in its greeting, and the plugin we answered with
+    /// (`COM_CHANGE_USER` answers the same challenge).
+    nonce: Vec<u8>,
+    plugin: AuthPlugin<'static>,
 }
 
 fn lost(what: &str, e: std::io::Error) -> Error {
@@ -157,25 +161,42 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
     write_packet(&mut stream, 1, &payload)
         .await
         .map_err(|e| lost("login", e))?;
+    authenticated(&mut stream, req.password, nonce.clone(), caps, addr).await?;
+    Ok(ServerConn {
+        stream,
+        thread_id,
+        greeting,
+        nonce,
+        plugin: plugin_name,
+    })
+}
+
+/// Follow the server's answers to an authentication response until OK (or its ERR):
+/// auth switches, `caching_sha2_password`'s fast-path OK and full path. `nonce` is the
+/// challenge the response answered. Used by logins and `COM_CHANGE_USER`.
+pub async fn authenticated(
+    stream: &mut TcpStream,
+    password: Option<&str>,
+    mut nonce: Vec<u8>,
+    caps: CapabilityFlags,
+    addr: &str,
+) -> Result<(), Error> {
     let mut buf = Vec::new();
-    let mut nonce = nonce;
     loop {
-        let got = read_packet(&mut stream, &mut buf, 1 << 16)
+        let got = read_packet(stream, &mut buf, 1 << 16)
             .await
             .map_err(|e| lost("login", e))?;
         let seq = got.wrapping_add(1);
         match buf.first() {
-            Some(0x00) => break,
+            Some(0x00) => return Ok(()),
             Some(0xff) => return Err(packet::parse_err(&buf, caps)),
             Some(0xfe) => {
                 let switch = AuthSwitchRequest::deserialize((), &mut ParseBuf(&buf))
                     .map_err(|e| Error::server_protocol(format!("bad auth switch request from {addr}: {e}")))?;
                 let plugin = switch.auth_plugin().into_owned();
                 nonce = switch.plugin_data().to_vec();
-                let data = answer(&plugin, req.password, &nonce)?;
-                write_packet(&mut stream, seq, &data)
-                    .await
-                    .map_err(|e| lost("login", e))?;
+                let data = answer(&plugin, password, &nonce)?;
+                write_packet(stream, seq, &data).await.map_err(|e| lost("login", e))?;
             }
             Some(0x01) => match buf.get(1) {
                 // caching_sha2_password: 3 = the server had the password cached (an OK
@@ -183,26 +204,23 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
                 // encrypted with the server's RSA public key, which we ask for (2).
                 Some(3) => {}
                 Some(4) => {
-                    write_packet(&mut stream, seq, &[2])
+                    write_packet(stream, seq, &[2]).await.map_err(|e| lost("login", e))?;
+                    let got = read_packet(stream, &mut buf, 1 << 16)
                         .await
                         .map_err(|e| lost("login", e))?;
-                    let got = read_packet(&mut stream, &mut buf, 1 << 16)
-                        .await
-                        .map_err(|e| lost("login", e))?;
-                    let seq = got.wrapping_add(1);
                     if buf.first() != Some(&0x01) {
                         return Err(Error::server_protocol(format!(
                             "{addr} sent no public key for caching_sha2_password"
                         )));
                     }
                     let pem = buf[1..].to_vec();
-                    let mut pass = req.password.unwrap_or("").as_bytes().to_vec();
+                    let mut pass = password.unwrap_or("").as_bytes().to_vec();
                     pass.push(0);
                     for (i, b) in pass.iter_mut().enumerate() {
                         *b ^= nonce[i % nonce.len()];
                     }
                     let encrypted = mysql_common::crypto::encrypt(&pass, &pem);
-                    write_packet(&mut stream, seq, &encrypted)
+                    write_packet(stream, got.wrapping_add(1), &encrypted)
                         .await
                         .map_err(|e| lost("login", e))?;
                 }
@@ -219,11 +237,53 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
             }
         }
     }
-    Ok(ServerConn {
-        stream,
-        thread_id,
-        greeting,
-    })
+}
+
+/// The new user of a `COM_CHANGE_USER`, as the server will see it.
+pub struct ChangeUser<'a> {
+    pub user: &'a str,
+    pub password: Option<&'a str>,
+    pub database: &'a [u8],
+    pub charset: Option<u16>,
+    /// The raw connection-attributes block of the client's command, passed on.
+    pub attributes: Option<&'a [u8]>,
+}
+
+/// `COM_CHANGE_USER` on a connection the proxy logged in: answered with the server's
+/// own challenge (the client's answer was to the proxy's). Written by hand:
+/// `mysql_common`'s `ComChangeUser` always writes connection attributes, whether or not
+/// the connection negotiated them.
+pub async fn change_user(
+    conn: &mut ServerConn,
+    c: &ChangeUser<'_>,
+    caps: CapabilityFlags,
+    addr: &str,
+) -> Result<(), Error> {
+    let scramble = answer(&conn.plugin, c.password, &conn.nonce)?;
+    let mut p = vec![packet::COM_CHANGE_USER];
+    p.extend_from_slice(c.user.as_bytes());
+    p.push(0);
+    p.push(scramble.len() as u8);
+    p.extend_from_slice(&scramble);
+    p.extend_from_slice(c.database);
+    p.push(0);
+    if let Some(cs) = c.charset {
+        p.extend_from_slice(&cs.to_le_bytes());
+        if caps.contains(CapabilityFlags::CLIENT_PLUGIN_AUTH) {
+            p.extend_from_slice(conn.plugin.as_bytes());
+            p.push(0);
+        }
+        if caps.contains(CapabilityFlags::CLIENT_CONNECT_ATTRS) {
+            match c.attributes {
+                Some(a) => p.extend_from_slice(a),
+                None => p.push(0),
+            }
+        }
+    }
+    write_packet(&mut conn.stream, 0, &p)
+        .await
+        .map_err(|e| lost("COM_CHANGE_USER", e))?;
+    authenticated(&mut conn.stream, c.password, conn.nonce.clone(), caps, addr).await
 }
 
 /// Is the server writable? `@@global.read_only` on the session's own connection: the

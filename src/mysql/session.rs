@@ -79,6 +79,8 @@ fn next_connection_id() -> u32 {
 /// The client as authenticated.
 struct Client {
     user: UserConfig,
+    /// The challenge of our greeting (`COM_CHANGE_USER` answers it too).
+    nonce: [u8; 20],
     database: Option<Vec<u8>>,
     capabilities: CapabilityFlags,
     collation: u8,
@@ -210,6 +212,8 @@ pub async fn serve(
         node: &node,
         shared: &shared,
         client: &client,
+        user: client.user.clone(),
+        id,
         scanner: Scanner::default(),
         awaiting: false,
         last_seq: 0,
@@ -305,16 +309,8 @@ async fn authenticate(
             )),
         ));
     };
-    let plain = user.password.clone().filter(|_| !user.has_scram_verifier());
     if user.auth != AuthMethod::Trust {
-        let Some(password) = plain.as_deref() else {
-            return Err((
-                next(seq),
-                Error::not_authorized(format!(
-                    "Access denied for user '{name}': MySQL logins need the user's password in [[users]] (a SCRAM verifier works for PostgreSQL only)"
-                )),
-            ));
-        };
+        let password = login_password(&user).map_err(|e| (next(seq), e))?;
         let mut plugin = response
             .auth_plugin()
             .cloned()
@@ -337,20 +333,7 @@ async fn authenticate(
             answer = reply;
             plugin = AuthPlugin::MysqlNativePassword;
         }
-        let expected = match plugin {
-            AuthPlugin::CachingSha2Password => scramble_sha256(nonce, password.as_bytes()).map(|s| s.to_vec()),
-            _ => scramble_native(nonce, password.as_bytes()).map(|s| s.to_vec()),
-        }
-        .unwrap_or_default();
-        if !subtle_eq(&expected, &answer) {
-            return Err((
-                next(seq),
-                Error::auth_failed(format!(
-                    "Access denied for user '{name}' (using password: {})",
-                    if answer.is_empty() { "NO" } else { "YES" }
-                )),
-            ));
-        }
+        check_answer(&name, password, nonce, &plugin, &answer).map_err(|e| (next(seq), e))?;
         if plugin == AuthPlugin::CachingSha2Password {
             // Fast authentication succeeded: the OK follows.
             seq = next(seq);
@@ -358,6 +341,7 @@ async fn authenticate(
         }
     }
     Ok(Client {
+        nonce: *nonce,
         database: response.db_name().map(|d| d.to_vec()),
         capabilities: response.capabilities() & offered,
         collation: response.collation(),
@@ -365,6 +349,39 @@ async fn authenticate(
         user,
         seq,
     })
+}
+
+/// The password a MySQL login is checked with: the plaintext one of `[[users]]`.
+fn login_password(user: &UserConfig) -> Result<&str, Error> {
+    user.password.as_deref().filter(|_| !user.has_scram_verifier()).ok_or_else(|| {
+        Error::not_authorized(format!(
+            "Access denied for user '{}': MySQL logins need the user's password in [[users]] (a SCRAM verifier works for PostgreSQL only)",
+            user.name
+        ))
+    })
+}
+
+/// Does `answer` prove `password` for our challenge `nonce` under `plugin`?
+fn check_answer(
+    name: &str,
+    password: &str,
+    nonce: &[u8; 20],
+    plugin: &AuthPlugin<'_>,
+    answer: &[u8],
+) -> Result<(), Error> {
+    let expected = match plugin {
+        AuthPlugin::CachingSha2Password => scramble_sha256(nonce, password.as_bytes()).map(|s| s.to_vec()),
+        _ => scramble_native(nonce, password.as_bytes()).map(|s| s.to_vec()),
+    }
+    .unwrap_or_default();
+    if subtle_eq(&expected, answer) {
+        Ok(())
+    } else {
+        Err(Error::auth_failed(format!(
+            "Access denied for user '{name}' (using password: {})",
+            if answer.is_empty() { "NO" } else { "YES" }
+        )))
+    }
 }
 
 /// Compare without stopping at the first difference.
@@ -424,6 +441,10 @@ struct Relay<'a> {
     node: &'a NodeState,
     shared: &'a Shared,
     client: &'a Client,
+    /// Who the session is logged in as now (`COM_CHANGE_USER` changes it).
+    user: UserConfig,
+    /// Our connection id (the `KILL` registry's key).
+    id: u32,
     scanner: Scanner,
     /// A command was sent and no byte of its answer came back yet.
     awaiting: bool,
@@ -435,6 +456,59 @@ struct Relay<'a> {
 enum Own {
     Kill { query_only: bool, id: u32 },
     Reset,
+    ChangeUser,
+}
+
+/// `COM_CHANGE_USER`'s fields, read by hand: `mysql_common`'s `ComChangeUser` parses
+/// them but has no accessors.
+#[derive(Debug, PartialEq)]
+struct ChangeUserCmd<'a> {
+    user: &'a [u8],
+    auth: &'a [u8],
+    database: &'a [u8],
+    charset: Option<u16>,
+    plugin: Option<&'a [u8]>,
+    attributes: Option<&'a [u8]>,
+}
+
+fn cstr<'a>(r: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let i = r.iter().position(|&b| b == 0)?;
+    let s = &r[..i];
+    *r = &r[i + 1..];
+    Some(s)
+}
+
+fn parse_change_user(p: &[u8], caps: CapabilityFlags) -> Option<ChangeUserCmd<'_>> {
+    let mut rest = p.get(1..)?;
+    let user = cstr(&mut rest)?;
+    let auth = if caps.contains(CapabilityFlags::CLIENT_SECURE_CONNECTION) {
+        let n = *rest.first()? as usize;
+        let a = rest.get(1..1 + n)?;
+        rest = &rest[1 + n..];
+        a
+    } else {
+        cstr(&mut rest)?
+    };
+    let database = cstr(&mut rest)?;
+    let mut charset = None;
+    if rest.len() >= 2 {
+        charset = Some(u16::from_le_bytes([rest[0], rest[1]]));
+        rest = &rest[2..];
+    }
+    let plugin = if caps.contains(CapabilityFlags::CLIENT_PLUGIN_AUTH) && !rest.is_empty() {
+        Some(cstr(&mut rest)?)
+    } else {
+        None
+    };
+    let attributes = (caps.contains(CapabilityFlags::CLIENT_CONNECT_ATTRS) && !rest.is_empty()).then_some(rest);
+    Some(ChangeUserCmd {
+        user,
+        auth,
+        database,
+        charset,
+        plugin,
+        attributes,
+    })
 }
 
 /// `KILL [HARD|SOFT] [QUERY|CONNECTION] <id>`: the id is one of ours.
@@ -466,7 +540,7 @@ impl Relay<'_> {
                 (rest.len() >= 5 && rest[..4].eq_ignore_ascii_case(b"kill") && rest[4].is_ascii_whitespace())
                     .then_some(true)
             }
-            Some(&packet::COM_PROCESS_KILL) => Some(true),
+            Some(&packet::COM_PROCESS_KILL | &packet::COM_CHANGE_USER) => Some(true),
             Some(&packet::COM_RESET_CONNECTION) => (self.endpoint == Endpoint::ReadOnly).then_some(true),
             _ => None,
         }
@@ -644,6 +718,8 @@ impl Relay<'_> {
         self.last_seq = 0;
         let own = if payload[0] == packet::COM_RESET_CONNECTION {
             Some(Own::Reset)
+        } else if payload[0] == packet::COM_CHANGE_USER {
+            Some(Own::ChangeUser)
         } else if payload[0] == packet::COM_PROCESS_KILL {
             // The old binary form of `KILL <id>` (PyMySQL's `kill()`).
             payload.get(1..5).map(|b| Own::Kill {
@@ -673,6 +749,70 @@ impl Relay<'_> {
                 }
                 buf
             }
+            Some(Own::ChangeUser) => {
+                let caps_client = self.client.capabilities;
+                let Some(cmd) = parse_change_user(payload, caps_client) else {
+                    let e = Error::protocol("malformed COM_CHANGE_USER");
+                    return write_packet(client, 1, &packet::err_payload(&e))
+                        .await
+                        .map(|_| ())
+                        .map_err(End::Io);
+                };
+                let name = String::from_utf8_lossy(cmd.user).into_owned();
+                let plugin = cmd
+                    .plugin
+                    .map(AuthPlugin::from_bytes)
+                    .unwrap_or(AuthPlugin::MysqlNativePassword);
+                let config = self.shared.config();
+                let checked = config
+                    .user(&name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::not_authorized(format!(
+                            "Access denied for user '{name}': no such user in Switchyard's [[users]]"
+                        ))
+                    })
+                    .and_then(|user| {
+                        if user.auth != AuthMethod::Trust {
+                            check_answer(&name, login_password(&user)?, &self.client.nonce, &plugin, cmd.auth)?;
+                        }
+                        Ok(user)
+                    });
+                match checked {
+                    // The session goes on as the old user, as a server would not.
+                    Err(e) => packet::err_payload(&e),
+                    Ok(user) => {
+                        let change = server::ChangeUser {
+                            user: &user.name,
+                            password: user.password.as_deref(),
+                            database: cmd.database,
+                            charset: cmd.charset,
+                            attributes: cmd.attributes,
+                        };
+                        match server::change_user(server, &change, caps, &self.node.addr).await {
+                            Err(e) => packet::err_payload(&e),
+                            Ok(()) => {
+                                if self.endpoint == Endpoint::ReadOnly {
+                                    set_read_only(server, caps).await.map_err(End::Failed)?;
+                                }
+                                if let Some(t) = sessions().lock().unwrap().get_mut(&self.id) {
+                                    t.user = user.name.clone();
+                                }
+                                info!(cluster = %self.cluster.name, engine = "mysql", from = %self.user.name, to = %user.name, "COM_CHANGE_USER");
+                                self.user = user;
+                                if plugin == AuthPlugin::CachingSha2Password {
+                                    write_packet(client, 1, &[0x01, 0x03]).await.map_err(End::Io)?;
+                                    return write_packet(client, 2, &packet::ok_payload())
+                                        .await
+                                        .map(|_| ())
+                                        .map_err(End::Io);
+                                }
+                                packet::ok_payload()
+                            }
+                        }
+                    }
+                }
+            }
             Some(Own::Kill { query_only, id }) => {
                 let target = sessions().lock().unwrap().get(&id).cloned();
                 match target {
@@ -695,11 +835,10 @@ impl Relay<'_> {
     /// Run `KILL [QUERY] <server thread>` on the target's node, logged in as this client
     /// (the server decides whether this user may kill that one, as it would direct).
     async fn kill(&self, t: &KillTarget, query_only: bool) -> Result<(), Error> {
-        let _ = &t.user;
         let timeout = self.cluster.state.snapshot().server_login_timeout;
         let req = LoginRequest {
-            user: &self.client.user.name,
-            password: self.client.user.password.as_deref(),
+            user: &self.user.name,
+            password: self.user.password.as_deref(),
             database: None,
             capabilities: packet::proxy_capabilities(),
             collation: self.client.collation,
@@ -710,7 +849,7 @@ impl Relay<'_> {
         let sql = format!("KILL {}{}", if query_only { "QUERY " } else { "" }, t.thread_id);
         let result = packet::first_value(&mut conn.stream, caps, &sql).await.map(|_| ());
         let _ = write_packet(&mut conn.stream, 0, &[packet::COM_QUIT]).await;
-        info!(cluster = %self.cluster.name, engine = "mysql", node_addr = %t.addr, server_thread = t.thread_id, query_only, ok = result.is_ok(), "KILL forwarded");
+        info!(cluster = %self.cluster.name, engine = "mysql", by = %self.user.name, of = %t.user, node_addr = %t.addr, server_thread = t.thread_id, query_only, ok = result.is_ok(), "KILL forwarded");
         result
     }
 }
@@ -726,6 +865,38 @@ mod tests {
         assert_eq!(parse_kill(b"KILL HARD CONNECTION 3"), Some((false, 3)));
         assert_eq!(parse_kill(b"KILL USER app"), None);
         assert_eq!(parse_kill(b"SELECT 1"), None);
+    }
+
+    #[test]
+    fn change_user_commands() {
+        let caps = CapabilityFlags::CLIENT_SECURE_CONNECTION
+            | CapabilityFlags::CLIENT_PLUGIN_AUTH
+            | CapabilityFlags::CLIENT_CONNECT_ATTRS;
+        let mut p = vec![packet::COM_CHANGE_USER];
+        p.extend_from_slice(b"bob\0\x03abcapp\0\x2d\x00mysql_native_password\0\x05\x01a\x02bc");
+        let c = parse_change_user(&p, caps).unwrap();
+        assert_eq!(
+            c,
+            ChangeUserCmd {
+                user: b"bob",
+                auth: b"abc",
+                database: b"app",
+                charset: Some(45),
+                plugin: Some(b"mysql_native_password"),
+                attributes: Some(b"\x05\x01a\x02bc"),
+            }
+        );
+        // The short form of old clients: no charset, no plugin.
+        let c = parse_change_user(b"\x11bob\0\x00db\0", caps).unwrap();
+        assert_eq!(
+            (c.auth, c.database, c.charset, c.plugin),
+            (&b""[..], &b"db"[..], None, None)
+        );
+        assert!(parse_change_user(b"\x11bob", caps).is_none(), "truncated");
+        assert!(
+            parse_change_user(b"\x11bob\0\x09ab", caps).is_none(),
+            "auth longer than the packet"
+        );
     }
 
     #[test]
