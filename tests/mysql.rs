@@ -118,8 +118,14 @@ fn promoted_replica_takes_writes_and_the_old_primary_back_writable_gets_none() {
     let proxy = my_proxy(&cluster, "");
     mariadb(proxy.rw, "CREATE TABLE t (v INT PRIMARY KEY); INSERT INTO t VALUES (1)").unwrap();
     cluster.wait_replicated(0, Duration::from_secs(10)).unwrap();
-    // A session on the primary is ended with a MySQL error saying why.
+    // A session held on the primary learns why it ended with its next command.
+    let held = Held::start(proxy.rw);
     cluster.kill9(0).unwrap();
+    let said = held.query_after(Duration::from_millis(300));
+    assert!(
+        said.starts_with("ERROR 1158") && said.contains("node \"default\"") && said.contains("lost"),
+        "{said}"
+    );
     let err = wait_for("rw refused while there is no primary", Duration::from_secs(10), || {
         mariadb(proxy.rw, "INSERT INTO t VALUES (2)").err()
     });
@@ -187,4 +193,37 @@ fn change_user_logs_the_server_connection_in_as_the_new_user() {
         &[],
     );
     assert!(out.contains("CHANGE-USER-OK"), "{out}");
+}
+
+/// `tests/python/mysql_held.py`: a PyMySQL session connected now, queried later.
+struct Held(std::process::Child, std::io::BufReader<std::process::ChildStdout>);
+
+impl Held {
+    fn start(port: u16) -> Held {
+        use std::io::BufRead;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/mysql_held.py");
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .arg(port.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "CONNECTED");
+        Held(child, out)
+    }
+
+    /// Wait `after`, run the query, return the script's last line.
+    fn query_after(mut self, after: Duration) -> String {
+        use std::io::{BufRead, Write};
+        std::thread::sleep(after);
+        self.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        self.1.read_line(&mut line).unwrap();
+        let _ = self.0.wait();
+        line.trim().to_string()
+    }
 }

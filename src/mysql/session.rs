@@ -217,6 +217,7 @@ pub async fn serve(
         scanner: Scanner::default(),
         awaiting: false,
         last_seq: 0,
+        quit: false,
     };
     let end = relay.run(&mut tcp, server, rx).await;
     gauge.dec();
@@ -450,6 +451,8 @@ struct Relay<'a> {
     awaiting: bool,
     /// Sequence id of the client's last packet.
     last_seq: u8,
+    /// The client sent COM_QUIT: the server closing is expected.
+    quit: bool,
 }
 
 /// What the proxy does with a command instead of passing it on.
@@ -608,7 +611,9 @@ impl Relay<'_> {
         };
         let notice = match &end {
             End::Failed(e) => Some(e.clone()),
-            End::ServerClosed | End::Io(_) if self.awaiting => Some(Error::server_lost(
+            // A server gone while the client waits for an answer, or idle: the client
+            // reads why with its next command (unless it was leaving anyway).
+            End::ServerClosed | End::Io(_) if !self.quit => Some(Error::server_lost(
                 &self.cluster.name,
                 &self.node.name,
                 match &end {
@@ -685,6 +690,7 @@ impl Relay<'_> {
                     }
                     commands += 1;
                     let cmd = rest.get(4).copied();
+                    self.quit |= cmd == Some(packet::COM_QUIT);
                     self.awaiting = !matches!(cmd, Some(packet::COM_STMT_CLOSE | packet::COM_STMT_SEND_LONG_DATA));
                 }
                 self.last_seq = seq;
