@@ -227,3 +227,51 @@ impl Held {
         line.trim().to_string()
     }
 }
+
+#[test]
+fn status_and_metrics_show_mysql_nodes_with_lag_in_transactions() {
+    let cluster = MariaCluster::start(2).unwrap();
+    let (rw, ro, http) = (free_port(), free_port(), free_port());
+    let text = my_config(&cluster, rw, ro, "") + &format!("\n[admin]\nhttp_listen = \"127.0.0.1:{http}\"\n");
+    let proxy = my_spawn(&cluster, "proxy", &text, rw, ro);
+    wait_for("proxy serving", Duration::from_secs(20), || {
+        mariadb(proxy.rw, "SELECT 1").ok()
+    });
+    let status = || -> serde_json::Value { serde_json::from_str(&http_get(http, "/status").1).unwrap() };
+    let node = |s: &serde_json::Value, name: &str| -> serde_json::Value {
+        s["clusters"][0]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    wait_for("all nodes up", Duration::from_secs(20), || {
+        let s = status();
+        (node(&s, "default")["role"] == "primary" && node(&s, "failover2")["role"] == "standby").then_some(())
+    });
+    let s = status();
+    assert_eq!(s["clusters"][0]["engine"], "mysql");
+    assert_eq!(s["clusters"][0]["primary"], "default");
+    // Lag in transactions from GTID positions: 0 once caught up.
+    mariadb(proxy.rw, "CREATE TABLE t (v INT); INSERT INTO t VALUES (1)").unwrap();
+    cluster.wait_replicated(0, Duration::from_secs(10)).unwrap();
+    wait_for("lag 0 transactions", Duration::from_secs(10), || {
+        (node(&status(), "failover1")["lag_bytes"] == 0).then_some(())
+    });
+    // Replication stopped: no lag figure, and the reason routing skips it.
+    cluster.sql(1, "STOP SLAVE").unwrap();
+    let n = wait_for("failover1 detached", Duration::from_secs(10), || {
+        let n = node(&status(), "failover1");
+        n["detached"].is_string().then_some(n)
+    });
+    assert!(n["lag_ms"].is_null(), "{n}");
+    let (code, metrics) = http_get(http, "/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("switchyard_node_up{cluster=\"main\",node=\"failover1\"} 1"),
+        "{metrics}"
+    );
+    let _ = proxy;
+}

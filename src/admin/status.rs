@@ -33,6 +33,10 @@ pub struct CoordinationStatus {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ClusterStatus {
     pub name: String,
+    /// `postgresql` or `mysql`. For MySQL clusters a node's `lag_bytes` counts
+    /// transactions (GTID positions), not bytes.
+    #[serde(default)]
+    pub engine: String,
     pub listen_rw: Option<String>,
     pub listen_ro: Option<String>,
     pub paused: bool,
@@ -182,6 +186,7 @@ pub fn build(shared: &Shared) -> Status {
             let last = ctx.ha.last();
             ClusterStatus {
                 name: ctx.name.clone(),
+                engine: ctx.engine.to_string(),
                 listen_rw: ctx.listen_rw.clone(),
                 listen_ro: ctx.listen_ro.clone(),
                 paused: ctx.is_paused(),

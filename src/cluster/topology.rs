@@ -600,7 +600,9 @@ impl ClusterState {
             return;
         }
         for n in &mut snap.nodes {
-            if let (Health::Up, Role::Standby, Some(replayed)) = (n.health, n.role, n.lsn) {
+            // A replica that said it has no lag figure (MySQL: replication stopped) keeps
+            // none until its own check gives one.
+            if let (Health::Up, Role::Standby, Some(replayed), Some(_)) = (n.health, n.role, n.lsn, n.lag_ms) {
                 n.lag_ms = Some(match samples.iter().find(|&&(_, lsn)| lsn > replayed) {
                     None => 0,
                     Some(&(since, _)) => now.duration_since(since).unwrap_or(Duration::ZERO).as_millis() as u64,

@@ -55,8 +55,10 @@ pub struct Channel {
     pub seconds_behind: Option<u64>,
 }
 
-/// The pure rule: what a node is, from what it says about itself.
-pub fn observe(writable: bool, channels: &[Channel], peers: &[(String, u16)]) -> Observation {
+/// The pure rule: what a node is, from what it says about itself. `position`: how many
+/// transactions its GTID set holds (`gtid_position`), which the topology compares with
+/// the primary's to measure lag in transactions and, from the primary's history, in time.
+pub fn observe(writable: bool, channels: &[Channel], peers: &[(String, u16)], position: Option<u64>) -> Observation {
     let from_peer: Vec<&Channel> = channels
         .iter()
         .filter(|c| {
@@ -87,11 +89,31 @@ pub fn observe(writable: bool, channels: &[Channel], peers: &[(String, u16)]) ->
     Observation {
         role,
         lag_ms,
-        lsn: None,
+        lsn: position,
         timeline: None,
         streaming,
         system_id: None,
     }
+}
+
+/// The number of transactions in a GTID position: MariaDB's `@@gtid_current_pos`
+/// (`domain-server-seq` per domain: the sum of the sequence numbers) or MySQL's
+/// `@@gtid_executed` (`uuid:1-5:7-9` per source: the sum of the interval lengths). Both
+/// only grow along one replication history, like a WAL position.
+pub fn gtid_position(text: &str) -> Option<u64> {
+    let mut total = 0u64;
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((_, intervals)) = part.split_once(':') {
+            for iv in intervals.split(':') {
+                let (a, b) = iv.split_once('-').unwrap_or((iv, iv));
+                let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+                total += b.checked_sub(a)? + 1;
+            }
+        } else {
+            total += part.rsplit('-').next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(total)
 }
 
 fn same_host(a: &str, b: &str) -> bool {
@@ -161,11 +183,16 @@ async fn check(
     }
     let s = session.as_mut().expect("just opened");
     let writable_sql = if s.mariadb {
-        "SELECT @@global.read_only = 0"
+        "SELECT @@global.read_only = 0, @@global.gtid_current_pos"
     } else {
-        "SELECT @@global.read_only = 0 AND @@global.super_read_only = 0"
+        "SELECT @@global.read_only = 0 AND @@global.super_read_only = 0, @@global.gtid_executed"
     };
-    let writable: Option<i64> = s.conn.query_first(writable_sql).await.map_err(describe)?;
+    let (writable, gtid): (Option<i64>, Option<String>) = s
+        .conn
+        .query_first(writable_sql)
+        .await
+        .map_err(describe)?
+        .unwrap_or((None, None));
     let status_sql = if s.mariadb {
         "SHOW ALL SLAVES STATUS"
     } else {
@@ -173,7 +200,12 @@ async fn check(
     };
     let rows: Vec<Row> = s.conn.query(status_sql).await.map_err(describe)?;
     let channels: Vec<Channel> = rows.iter().map(channel).collect();
-    Ok(observe(writable == Some(1), &channels, &target.peers))
+    Ok(observe(
+        writable == Some(1),
+        &channels,
+        &target.peers,
+        gtid.as_deref().and_then(gtid_position),
+    ))
 }
 
 /// A column by its MariaDB / MySQL 5.7 name or its MySQL 8 name.
@@ -244,13 +276,13 @@ mod tests {
 
     #[test]
     fn writable_and_not_replicating_is_primary() {
-        let o = observe(true, &[], &peers());
+        let o = observe(true, &[], &peers(), None);
         assert_eq!((o.role, o.lag_ms, o.streaming), (Role::Primary, 0, None));
     }
 
     #[test]
     fn a_writable_replica_of_a_peer_is_not_a_primary() {
-        let o = observe(true, &[chan(true, true, Some(2))], &peers());
+        let o = observe(true, &[chan(true, true, Some(2))], &peers(), None);
         assert_eq!((o.role, o.lag_ms, o.streaming), (Role::Standby, 2000, Some(true)));
     }
 
@@ -258,21 +290,37 @@ mod tests {
     fn replication_from_outside_the_cluster_does_not_make_a_replica() {
         let mut c = chan(true, true, Some(0));
         c.source_port = 9999;
-        assert_eq!(observe(true, &[c], &peers()).role, Role::Primary);
+        assert_eq!(observe(true, &[c], &peers(), None).role, Role::Primary);
     }
 
     #[test]
     fn stopped_replication_means_no_lag_figure() {
-        let stopped = observe(false, &[chan(false, false, None)], &peers());
+        let stopped = observe(false, &[chan(false, false, None)], &peers(), None);
         assert_eq!((stopped.lag_ms, stopped.streaming), (LAG_UNKNOWN, Some(false)));
-        let reset = observe(false, &[], &peers());
+        let reset = observe(false, &[], &peers(), None);
         assert_eq!((reset.role, reset.lag_ms), (Role::Standby, LAG_UNKNOWN));
     }
 
     #[test]
     fn a_replica_whose_source_is_gone_keeps_applying() {
-        let o = observe(false, &[chan(false, true, None)], &peers());
+        let o = observe(false, &[chan(false, true, None)], &peers(), Some(7));
         assert_eq!((o.role, o.lag_ms, o.streaming), (Role::Standby, 0, Some(false)));
+    }
+
+    #[test]
+    fn gtid_positions_count_transactions() {
+        assert_eq!(gtid_position(""), Some(0));
+        assert_eq!(gtid_position("0-1-100"), Some(100));
+        assert_eq!(gtid_position("0-1-100,1-2-5"), Some(105));
+        assert_eq!(
+            gtid_position("3E11FA47-71CA-11E1-9E33-C80AA9429562:1-5:11-18"),
+            Some(13)
+        );
+        assert_eq!(
+            gtid_position("3E11FA47-71CA-11E1-9E33-C80AA9429562:1-5,\n4E11FA47-71CA-11E1-9E33-C80AA9429562:1"),
+            Some(6)
+        );
+        assert_eq!(gtid_position("0-1-x"), None);
     }
 
     #[test]
