@@ -154,6 +154,10 @@ fn reload(shared: &Shared) -> Result<String, String> {
             notes.push(format!("cluster {name} added: restart needed"));
             continue;
         };
+        if ctx.engine != c.engine {
+            warn!(cluster = %name, running = %ctx.engine, configured = %c.engine, "engine changed: needs a restart to take effect");
+            notes.push(format!("cluster {name} engine changed: restart needed"));
+        }
         if old.clusters.get(name).map(|o| (&o.listen_rw, &o.listen_ro)) != Some((&c.listen_rw, &c.listen_ro)) {
             warn!(cluster = %name, "listen address changed: needs a restart to take effect");
             notes.push(format!("cluster {name} listeners changed: restart needed"));

@@ -609,6 +609,15 @@ impl Relay<'_> {
                 }
             }
         };
+        if matches!(end, End::ClientClosed) && !self.quit && self.scanner.at_boundary() {
+            // The client vanished without COM_QUIT: say goodbye for it, so the server
+            // does not count an aborted connection.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(200),
+                write_packet(&mut server.stream, 0, &[packet::COM_QUIT]),
+            )
+            .await;
+        }
         let notice = match &end {
             End::Failed(e) => Some(e.clone()),
             // A server gone while the client waits for an answer, or idle: the client
