@@ -8,7 +8,7 @@
 # iptables for the fault suite (chaos/), etcd for coordination between instances,
 # openssl for the TLS tests' certificates, MariaDB (mariadbd, mariadb-install-db, the
 # mariadb client) for the MySQL-engine tests' throwaway clusters, sysbench for their
-# benchmarks.
+# benchmarks, libmariadb-dev and pkg-config to build mysqlclient.
 # Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,10 @@ command -v openssl >/dev/null || missing+=(openssl)
 # MariaDB clusters for the MySQL engine (src/localmaria.rs), sysbench to load them.
 command -v mariadbd >/dev/null || [[ -x /usr/sbin/mariadbd ]] || missing+=(mariadb-server mariadb-client)
 command -v sysbench >/dev/null || missing+=(sysbench)
+# mysqlclient (Django's MySQL driver, tests/python/requirements.txt) is built from source
+# against MariaDB Connector/C, found with pkg-config.
+[[ -e /usr/include/mariadb/mysql.h ]] || missing+=(libmariadb-dev)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
 
 if ((${#missing[@]})); then
     echo "install-deps: installing ${missing[*]}"
