@@ -71,9 +71,14 @@ impl Drop for Registered {
     }
 }
 
+/// Our connection ids start far above the thread ids servers hand out (they count from
+/// 1), so that `KILL <id>` tells them apart: one of ours is translated, any other is
+/// the server's own (`CONNECTION_ID()` shows the server's) and goes to the server.
+const CONNECTION_ID_BASE: u32 = 0x4000_0000;
+
 fn next_connection_id() -> u32 {
-    static NEXT: AtomicU32 = AtomicU32::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    CONNECTION_ID_BASE | (NEXT.fetch_add(1, Ordering::Relaxed) & (CONNECTION_ID_BASE - 1))
 }
 
 /// The client as authenticated.
@@ -831,11 +836,13 @@ impl Relay<'_> {
             Some(Own::Kill { query_only, id }) => {
                 let target = sessions().lock().unwrap().get(&id).cloned();
                 match target {
-                    None => packet::err_payload(&Error::mysql_server_refused(
-                        1094,
-                        *b"HY000",
-                        format!("Unknown thread id: {id}"),
-                    )),
+                    // Not one of ours: a server thread id; the server decides.
+                    None => {
+                        let mut framed = Vec::new();
+                        packet::frame(&mut framed, 0, payload);
+                        self.awaiting = true;
+                        return self.to_server(server, &framed).await;
+                    }
                     Some(t) => match self.kill(&t, query_only).await {
                         Ok(()) => packet::ok_payload(),
                         Err(e) => packet::err_payload(&e),

@@ -52,7 +52,7 @@ assert (result.get("value") == 1 or result.get("error") == 1317) and result["too
 with victim.cursor() as c:
     c.execute("SELECT 2")
     assert c.fetchone()[0] == 2
-# An id nobody has: the server's own error text, from the proxy.
+# An id that is not one of the proxy's goes to the server, which knows no such thread.
 try:
     with killer.cursor() as c:
         c.execute("KILL QUERY 999999")
@@ -61,4 +61,18 @@ except pymysql.err.InternalError as e:
     assert e.args[0] == 1094, e
 except pymysql.err.OperationalError as e:
     assert e.args[0] == 1094, e
+# The proxy's ids are not the server's: KILL of the server's own thread id (what
+# CONNECTION_ID() shows) reaches the server too, and kills that connection.
+with victim.cursor() as c:
+    c.execute("SELECT CONNECTION_ID()")
+    server_id = c.fetchone()[0]
+assert server_id != victim.thread_id(), (server_id, victim.thread_id())
+with killer.cursor() as c:
+    c.execute("KILL %d" % server_id)
+try:
+    with victim.cursor() as c:
+        c.execute("SELECT 3")
+    raise SystemExit("the victim survived KILL of its server thread")
+except pymysql.err.OperationalError:
+    pass
 print("KILLED-OK")
