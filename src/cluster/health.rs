@@ -72,17 +72,27 @@ impl Drop for Session {
 /// Called with each check's duration and any state change, for metrics.
 pub type Observer = Arc<dyn Fn(&str, &str, Duration, Option<&Transition>) + Send + Sync>;
 
-pub fn spawn(
-    target: Target,
+/// How one engine checks one node. `check` asks the server (the monitor bounds it by
+/// `timeout_ms`); `reset` drops the connection after a failed or timed-out check, so
+/// the next check logs in afresh.
+pub trait Probe: Send + 'static {
+    fn check(&mut self) -> impl std::future::Future<Output = Result<Observation, String>> + Send;
+    fn reset(&mut self);
+    /// A successful check's observation, for warnings about what the check cannot see.
+    fn inspect(&mut self, _obs: &Observation) {}
+}
+
+/// The monitor loop of one node, whatever the engine: every `interval_ms` one check,
+/// bounded by `timeout_ms`, folded into the cluster's state; changes logged and counted.
+pub fn run<P: Probe>(
+    cluster: Arc<ClusterState>,
+    node: String,
+    mut probe: P,
     cfg: HealthConfig,
-    login: Arc<Login>,
     observer: Observer,
     mut shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut session: Option<Session> = None;
-        let name = target.node.clone();
-        let mut warned_hidden = false;
         let mut ticker = tokio::time::interval(cfg.interval());
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -91,43 +101,79 @@ pub fn spawn(
                 _ = shutdown.changed() => return,
             }
             let started = Instant::now();
-            let result = match tokio::time::timeout(cfg.timeout(), check(&target, &login, &mut session)).await {
-                Ok(Ok(obs)) => Ok(obs),
+            let result = match tokio::time::timeout(cfg.timeout(), probe.check()).await {
+                Ok(Ok(obs)) => {
+                    probe.inspect(&obs);
+                    Ok(obs)
+                }
                 Ok(Err(e)) => {
-                    session = None;
+                    probe.reset();
                     Err(e)
                 }
                 Err(_) => {
-                    session = None;
+                    probe.reset();
                     Err(format!("no answer within {} ms", cfg.timeout_ms))
                 }
             };
             let took = started.elapsed();
-            if let Ok(obs) = &result {
-                if obs.role == Role::Standby && obs.streaming.is_none() && !warned_hidden {
-                    warned_hidden = true;
-                    warn!(cluster = %target.cluster.name, node = %name, user = %login.user,
-                          "the health user cannot see pg_stat_wal_receiver (grant it pg_monitor): a standby that stops following the primary after a failover cannot be recognised, and may serve stale reads until its lag passes max_replica_lag_ms");
-                }
-            }
-            let transition = target
-                .cluster
-                .record_from(&target.node, result, started, cfg.rise, cfg.fall);
-            observer(&target.cluster.name, &name, took, transition.as_ref());
+            let transition = cluster.record_from(&node, result, started, cfg.rise, cfg.fall);
+            observer(&cluster.name, &node, took, transition.as_ref());
             if let Some(t) = transition {
-                let (cluster, node) = (&target.cluster.name, &name);
                 let (old, new) = (
                     format!("{}/{}", t.old_health, t.old_role),
                     format!("{}/{}", t.new_health, t.new_role),
                 );
                 if t.new_health == Health::Up {
-                    info!(cluster = %cluster, node = %node, old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
+                    info!(cluster = %cluster.name, node = %node, old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
                 } else {
-                    warn!(cluster = %cluster, node = %node, old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
+                    warn!(cluster = %cluster.name, node = %node, old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
                 }
             }
         }
     })
+}
+
+/// PostgreSQL's probe: one tokio-postgres connection, `CHECK_SQL`.
+struct PgProbe {
+    target: Target,
+    login: Arc<Login>,
+    session: Option<Session>,
+    warned_hidden: bool,
+}
+
+impl Probe for PgProbe {
+    async fn check(&mut self) -> Result<Observation, String> {
+        check(&self.target, &self.login, &mut self.session).await
+    }
+
+    fn reset(&mut self) {
+        self.session = None;
+    }
+
+    fn inspect(&mut self, obs: &Observation) {
+        if obs.role == Role::Standby && obs.streaming.is_none() && !self.warned_hidden {
+            self.warned_hidden = true;
+            warn!(cluster = %self.target.cluster.name, node = %self.target.node, user = %self.login.user,
+                  "the health user cannot see pg_stat_wal_receiver (grant it pg_monitor): a standby that stops following the primary after a failover cannot be recognised, and may serve stale reads until its lag passes max_replica_lag_ms");
+        }
+    }
+}
+
+pub fn spawn(
+    target: Target,
+    cfg: HealthConfig,
+    login: Arc<Login>,
+    observer: Observer,
+    shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let (cluster, node) = (target.cluster.clone(), target.node.clone());
+    let probe = PgProbe {
+        target,
+        login,
+        session: None,
+        warned_hidden: false,
+    };
+    run(cluster, node, probe, cfg, observer, shutdown)
 }
 
 async fn check(target: &Target, login: &Login, session: &mut Option<Session>) -> Result<Observation, String> {

@@ -13,16 +13,15 @@
 //! only (`routing::primary`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder, Row};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
 
-use crate::cluster::health::{Login, Observer};
-use crate::cluster::topology::{ClusterState, Health, Observation, Role, LAG_UNKNOWN};
+use crate::cluster::health::{self, Login, Observer, Probe};
+use crate::cluster::topology::{ClusterState, Observation, Role, LAG_UNKNOWN};
 use crate::config::HealthConfig;
 
 use super::ClusterInfo;
@@ -121,55 +120,39 @@ fn same_host(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b) || (loopback(a) && loopback(b))
 }
 
+/// MySQL's probe: one `mysql_async` connection.
+struct MyProbe {
+    target: Target,
+    login: Arc<Login>,
+    session: Option<Session>,
+    timeout: Duration,
+}
+
+impl Probe for MyProbe {
+    async fn check(&mut self) -> Result<Observation, String> {
+        check(&self.target, &self.login, &mut self.session, self.timeout).await
+    }
+
+    fn reset(&mut self) {
+        self.session = None;
+    }
+}
+
 pub fn spawn(
     target: Target,
     cfg: HealthConfig,
     login: Arc<Login>,
     observer: Observer,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut session: Option<Session> = None;
-        let name = target.node.clone();
-        let mut ticker = tokio::time::interval(cfg.interval());
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            let started = Instant::now();
-            let result =
-                match tokio::time::timeout(cfg.timeout(), check(&target, &login, &mut session, cfg.timeout())).await {
-                    Ok(Ok(obs)) => Ok(obs),
-                    Ok(Err(e)) => {
-                        session = None;
-                        Err(e)
-                    }
-                    Err(_) => {
-                        session = None;
-                        Err(format!("no answer within {} ms", cfg.timeout_ms))
-                    }
-                };
-            let took = started.elapsed();
-            let transition = target
-                .cluster
-                .record_from(&target.node, result, started, cfg.rise, cfg.fall);
-            observer(&target.cluster.name, &name, took, transition.as_ref());
-            if let Some(t) = transition {
-                let (cluster, node) = (&target.cluster.name, &name);
-                let (old, new) = (
-                    format!("{}/{}", t.old_health, t.old_role),
-                    format!("{}/{}", t.new_health, t.new_role),
-                );
-                if t.new_health == Health::Up {
-                    info!(cluster = %cluster, node = %node, engine = "mysql", old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
-                } else {
-                    warn!(cluster = %cluster, node = %node, engine = "mysql", old = %old, new = %new, reason = %t.reason, check_ms = took.as_millis() as u64, "node state changed");
-                }
-            }
-        }
-    })
+    let (cluster, node) = (target.cluster.clone(), target.node.clone());
+    let probe = MyProbe {
+        target,
+        login,
+        session: None,
+        timeout: cfg.timeout(),
+    };
+    health::run(cluster, node, probe, cfg, observer, shutdown)
 }
 
 async fn check(

@@ -70,9 +70,14 @@ impl Proxy {
 
     /// Start the proxy on a config text without waiting for it to serve.
     pub fn spawn(cluster: &LocalCluster, name: &str, text: &str, rw: u16, ro: u16) -> Proxy {
-        let config = cluster.dir().join(format!("{name}.toml"));
+        Proxy::spawn_in(cluster.dir(), name, text, rw, ro)
+    }
+
+    /// The same, with its config and log in `dir`.
+    pub fn spawn_in(dir: &std::path::Path, name: &str, text: &str, rw: u16, ro: u16) -> Proxy {
+        let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, text).unwrap();
-        let log = cluster.dir().join(format!("{name}.log"));
+        let log = dir.join(format!("{name}.log"));
         let child = Command::new(switchyard_bin())
             .args(["--config", config.to_str().unwrap()])
             .env(

@@ -1,14 +1,14 @@
 //! The MySQL side of the harness: a MariaDB primary + replicas (`MariaCluster`), the
 //! switchyard binary in front with `engine = "mysql"`, and the `mariadb` CLI as client.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 pub use switchyard::localmaria::{
     MariaCluster, MY_APP_DB, MY_APP_PASSWORD, MY_APP_USER, MY_MONITOR_PASSWORD, MY_MONITOR_USER,
 };
 
-use super::{free_port, switchyard_bin, wait_for, Proxy};
+use super::{free_port, wait_for, Proxy};
 
 /// The whole config for `cluster` (health every 500 ms, rise/fall 2, the app user).
 pub fn my_config(cluster: &MariaCluster, rw: u16, ro: u16, extra_cluster: &str) -> String {
@@ -34,27 +34,7 @@ pub fn my_proxy(cluster: &MariaCluster, extra_cluster: &str) -> Proxy {
 }
 
 pub fn my_spawn(cluster: &MariaCluster, name: &str, text: &str, rw: u16, ro: u16) -> Proxy {
-    let config = cluster.dir().join(format!("{name}.toml"));
-    std::fs::write(&config, text).unwrap();
-    let log = cluster.dir().join(format!("{name}.log"));
-    let child = Command::new(switchyard_bin())
-        .args(["--config", config.to_str().unwrap()])
-        .env(
-            "SWITCHYARD_LOG",
-            std::env::var("SWITCHYARD_TEST_LOG").unwrap_or_else(|_| "info,switchyard=debug".into()),
-        )
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start switchyard");
-    Proxy {
-        child,
-        rw,
-        ro,
-        log,
-        config,
-    }
+    Proxy::spawn_in(cluster.dir(), name, text, rw, ro)
 }
 
 /// Run `sql` through the proxy as the app user with the `mariadb` CLI (batch mode, no
