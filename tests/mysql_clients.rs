@@ -463,3 +463,105 @@ async fn prepared_statements_in_the_binary_protocol_and_in_sql() {
     assert_eq!(out, "10\n1");
     report(&format!("prepared statements test: {:?}", started.elapsed()));
 }
+
+/// Django's own test suite (tests/python/django_suite.py --engine mysql) against `port`
+/// as the `django` user, its test databases named after `prefix`: the summary line minus
+/// timing, with the FAIL: / ERROR: lines (the same shape as tests/pooling.rs's).
+fn django_suite_mysql(port: u16, prefix: &str) -> String {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/django_suite.py");
+    let t = Instant::now();
+    let out = Command::new("python3")
+        .arg(script)
+        .args([
+            "--engine",
+            "mysql",
+            "--port",
+            &port.to_string(),
+            "--user",
+            "django",
+            "--password",
+            "django",
+            "--db-prefix",
+            prefix,
+            // Two test processes: the runner clones the test databases with mysqldump
+            // piped into the mysql CLI, through the same port.
+            "--parallel",
+            "2",
+            "--labels",
+            "basic",
+            "queries",
+            "transactions",
+            "backends",
+        ])
+        .output()
+        .expect("run django_suite.py");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("django-suite:"))
+        .unwrap_or_else(|| panic!("no summary line:\n{text}"))
+        .to_string();
+    report(&format!("{summary} (wall {:?}, port {port})", t.elapsed()));
+    assert!(!summary.contains("ran=0 "), "the suite did not run:\n{text}");
+    let failures: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("FAIL:") || l.starts_with("ERROR:"))
+        .collect();
+    if !failures.is_empty() {
+        println!("{text}");
+    }
+    // Keep counts, drop the timing.
+    format!("{} {:?}", summary.split(" seconds=").next().unwrap(), failures)
+}
+
+#[test]
+fn djangos_own_test_suite_on_mariadb_gives_the_same_results_through_the_proxy() {
+    let started = Instant::now();
+    let cluster = MariaCluster::start(1).unwrap();
+    // Django's test runner creates and drops test_<prefix>_default / _other (and, with
+    // --parallel, their clones): a login with rights on every database. Created on the
+    // primary, it reaches the replica by replication.
+    cluster
+        .sql(
+            0,
+            "CREATE USER 'django'@'%' IDENTIFIED BY 'django'; GRANT ALL PRIVILEGES ON *.* TO 'django'@'%'",
+        )
+        .unwrap();
+    let (rw, ro) = (free_port(), free_port());
+    let text = my_config(&cluster, rw, ro, "") + "\n[[users]]\nname = \"django\"\npassword = \"django\"\n";
+    let proxy = my_spawn(&cluster, "proxy", &text, rw, ro);
+    wait_for("MySQL proxy ready", Duration::from_secs(30), || {
+        let w = mariadb_as(proxy.rw, "django", "django", None, "SELECT @@read_only").ok()? == "0";
+        let r = mariadb(proxy.ro, "SELECT @@read_only").ok()? == "1";
+        (w && r).then_some(())
+    });
+    // Its own database names for each run, as in tests/pooling.rs's PostgreSQL twin.
+    let direct = django_suite_mysql(cluster.nodes[0].port, "django_suite");
+    let through = django_suite_mysql(proxy.rw, "django_suite_proxy");
+    assert_eq!(direct, through, "direct vs through the proxy\n{}", proxy.log_text());
+    // The proxy run really went through the proxy, and it ended none of those sessions.
+    let log = proxy.log_text();
+    let sessions = log
+        .lines()
+        .filter(|l| l.contains("session started") && l.contains("user=django"))
+        .count();
+    let ended: Vec<&str> = log.lines().filter(|l| l.contains("session ended by proxy")).collect();
+    assert!(sessions > 10, "{sessions} django sessions in the proxy log:\n{log}");
+    assert!(ended.is_empty(), "sessions ended by the proxy:\n{}", ended.join("\n"));
+    report(&format!("Django suite through the proxy: {sessions} client sessions"));
+    // Every test database the runs made is gone again (dropped through the proxy too).
+    assert_eq!(
+        cluster
+            .sql(
+                0,
+                "SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name LIKE 'test\\_%'"
+            )
+            .unwrap(),
+        "0"
+    );
+    report(&format!("Django suite on MariaDB test: {:?}", started.elapsed()));
+}

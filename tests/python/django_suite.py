@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""Run part of Django's own test suite against a PostgreSQL server.
+"""Run part of Django's own test suite against a PostgreSQL or MySQL/MariaDB server.
 
 Usage:
-    python3 django_suite.py --port P [--host 127.0.0.1] [--user app] [--password app]
+    python3 django_suite.py --port P [--engine postgresql|mysql] [--host 127.0.0.1]
+        [--user app] [--password app]
         [--labels basic queries transactions backends] [--workdir DIR] [--parallel N]
         [--verbosity 0-3] [--use-tz] [--db-prefix NAME] [--no-install] [--no-preclean]
 
-Point --port at PostgreSQL itself for a baseline, or at Switchyard to run the same
-tests through the proxy, and compare the two summary lines.
+Point --port at the database server itself for a baseline, or at Switchyard to run the
+same tests through the proxy, and compare the two summary lines.
+
+--engine picks Django's backend: postgresql (the default; psycopg 3 or psycopg2) or
+mysql (django.db.backends.mysql with mysqlclient, charset utf8mb4; for MariaDB too).
+Everything below holds for both unless it says otherwise.
 
 What it does:
   1. Reads the installed Django version (`import django`) and fetches the matching
@@ -16,19 +21,26 @@ What it does:
      The tarball and its extracted tree are cached in the workdir
      (default ~/.cache/switchyard/django-suite) and reused by later runs.
   2. Installs with pip what the suite needs for the chosen labels and is missing:
-     psycopg-pool (backends.postgresql's pool tests, when psycopg 3 is in use) and
+     psycopg-pool (backends.postgresql's pool tests, when psycopg 3 is in use),
+     mysqlclient (--engine mysql, if MySQLdb is missing) and
      tblib (--parallel other than 1: the parallel runner must pickle tracebacks).
      --no-install only warns instead. Both are listed in requirements.txt too.
   3. Writes the settings module <workdir>/switchyard_django_suite_settings.py with
      the `default` and `other` aliases (databases <prefix>_default / <prefix>_other;
      the runner creates and drops test_<prefix>_default etc. itself, so the user
-     needs CREATEDB), CONN_MAX_AGE 0, and otherwise Django's own reference test
+     needs CREATEDB; on MySQL, CREATE and DROP on test_<prefix>_%, and with
+     --parallel > 1 the runner clones databases with the mysqldump and mysql CLIs
+     through the same host and port), CONN_MAX_AGE 0, and otherwise Django's own reference test
      settings (tests/test_sqlite.py), USE_TZ = False included: the suite is written
      for that, and with USE_TZ = True (--use-tz) runtests.py's warnings-as-errors
      turn every naive datetime in a test into an error (66 of these labels' tests,
      setUpClass of whole classes among them, fail even against plain PostgreSQL).
-  4. Drops test databases left over by an interrupted earlier run (WITH (FORCE), so
-     stale sessions don't block it; --no-preclean skips this), then runs
+     --engine mysql writes <workdir>/switchyard_django_suite_mysql_<prefix>.py
+     instead, so that it never rewrites the settings of a PostgreSQL run (or of
+     another prefix's run) going on at the same time.
+  4. Drops test databases left over by an interrupted earlier run (PostgreSQL: WITH
+     (FORCE), so stale sessions don't block it; MySQL: with MySQLdb, SHOW DATABASES
+     LIKE 'test\_<prefix>\_%' then DROP DATABASE; --no-preclean skips this), then runs
          python3 tests/runtests.py --settings=switchyard_django_suite_settings \
              --noinput --parallel N --verbosity=V <labels>
      from the extracted tree (its own `django` package first on PYTHONPATH),
@@ -72,7 +84,14 @@ def die(message, code=2):
 
 def parse_args():
     parser = argparse.ArgumentParser(
-        description="Run part of Django's own test suite against PostgreSQL."
+        description="Run part of Django's own test suite against PostgreSQL or MySQL."
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["postgresql", "mysql"],
+        default="postgresql",
+        help="Django database backend: postgresql (psycopg) or mysql (mysqlclient; "
+        "MariaDB too) (default: %(default)s)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
@@ -237,16 +256,20 @@ def labels_cover(labels, target):
     return False
 
 
-def ensure_test_deps(labels, parallel, no_install):
+def ensure_test_deps(labels, parallel, no_install, engine="postgresql"):
     needed = []
-    psycopg3 = have("psycopg")
-    if not psycopg3 and not have("psycopg2"):
-        needed.append(("psycopg[binary]>=3.1.8", "the PostgreSQL backend"))
-        psycopg3 = True
-    if psycopg3 and labels_cover(labels, "backends.postgresql"):
-        pool = dist_version("psycopg-pool")
-        if pool is None or version_tuple(pool) < (3, 2):
-            needed.append(("psycopg-pool>=3.2.0", "backends.postgresql's connection pool tests"))
+    if engine == "mysql":
+        if not have("MySQLdb"):
+            needed.append(("mysqlclient>=1.4.3", "the MySQL backend"))
+    else:
+        psycopg3 = have("psycopg")
+        if not psycopg3 and not have("psycopg2"):
+            needed.append(("psycopg[binary]>=3.1.8", "the PostgreSQL backend"))
+            psycopg3 = True
+        if psycopg3 and labels_cover(labels, "backends.postgresql"):
+            pool = dist_version("psycopg-pool")
+            if pool is None or version_tuple(pool) < (3, 2):
+                needed.append(("psycopg-pool>=3.2.0", "backends.postgresql's connection pool tests"))
     if parallel != "1" and not have("tblib"):
         needed.append(("tblib>=1.5.0", "tracebacks of failures under --parallel"))
     if not needed:
@@ -268,8 +291,28 @@ def ensure_test_deps(labels, parallel, no_install):
 # Settings and database cleanup
 
 
+def settings_module(args):
+    """The settings module's name: the PostgreSQL one is fixed; a MySQL run's has its
+    engine and prefix in it, so concurrent runs never rewrite each other's."""
+    if args.engine == "mysql":
+        return f"switchyard_django_suite_mysql_{args.db_prefix}"
+    return SETTINGS_MODULE
+
+
 def write_settings(args, workdir):
     def alias(suffix):
+        if args.engine == "mysql":
+            return {
+                "ENGINE": "django.db.backends.mysql",
+                "HOST": args.host,
+                "PORT": str(args.port),
+                "USER": args.user,
+                "PASSWORD": args.password,
+                "NAME": f"{args.db_prefix}_{suffix}",
+                "CONN_MAX_AGE": 0,
+                "OPTIONS": {"charset": "utf8mb4"},
+                "TEST": {"CHARSET": "utf8mb4"},
+            }
         return {
             "ENGINE": "django.db.backends.postgresql",
             "HOST": args.host,
@@ -297,12 +340,35 @@ DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 
 USE_TZ = {bool(args.use_tz)!r}
 '''
-    path = workdir / f"{SETTINGS_MODULE}.py"
+    path = workdir / f"{settings_module(args)}.py"
     tmp = path.with_suffix(".py.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
     shutil.rmtree(workdir / "__pycache__", ignore_errors=True)
     log(f"wrote {path}")
+
+
+def preclean_mysql(args, pattern):
+    """preclean() for --engine mysql: with MySQLdb, no default database."""
+    try:
+        import MySQLdb
+
+        conn = MySQLdb.connect(
+            host=args.host, port=args.port, user=args.user,
+            password=args.password, connect_timeout=10, charset="utf8mb4",
+        )
+        try:
+            cur = conn.cursor()
+            cur.execute("SHOW DATABASES LIKE %s", (pattern,))
+            names = sorted(row[0] for row in cur.fetchall())
+            for name in names:
+                quoted = "`" + name.replace("`", "``") + "`"
+                log(f"dropping leftover database {name}")
+                cur.execute(f"DROP DATABASE IF EXISTS {quoted}")
+        finally:
+            conn.close()
+    except Exception as exc:  # noqa: BLE001 - best effort
+        log(f"warning: could not drop leftover test databases: {exc!r}")
 
 
 def preclean(args):
@@ -313,6 +379,9 @@ def preclean(args):
     ends them first. Any problem here is only a warning: the runner tries anyway.
     """
     pattern = "test\\_" + args.db_prefix.replace("_", "\\_") + "\\_%"
+    if args.engine == "mysql":
+        preclean_mysql(args, pattern)
+        return
     params = dict(
         host=args.host, port=args.port, user=args.user,
         password=args.password, dbname="postgres", connect_timeout=10,
@@ -398,7 +467,7 @@ def run_suite(args, srcdir, workdir):
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("DJANGO_SETTINGS_MODULE", None)
     cmd = [
-        sys.executable, "-u", "runtests.py", f"--settings={SETTINGS_MODULE}",
+        sys.executable, "-u", "runtests.py", f"--settings={settings_module(args)}",
         "--noinput", "--parallel", args.parallel, f"--verbosity={args.verbosity}",
         *args.labels,
     ]
@@ -438,9 +507,11 @@ def main():
     workdir.mkdir(parents=True, exist_ok=True)
     version = django_version()
     log(f"Django {version}; server {args.host}:{args.port} as {args.user}")
+    if args.engine != "postgresql":
+        log(f"engine {args.engine}")
     tarball = ensure_sdist(version, workdir)
     srcdir = ensure_source_tree(tarball, version, workdir)
-    ensure_test_deps(args.labels, args.parallel, args.no_install)
+    ensure_test_deps(args.labels, args.parallel, args.no_install, args.engine)
     write_settings(args, workdir)
     if not args.no_preclean:
         preclean(args)
