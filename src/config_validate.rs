@@ -255,9 +255,6 @@ fn mysql_rules(cname: &str, c: &ClusterConfig) -> Result<(), ConfigError> {
             "MySQL clusters follow a promotion made by an operator or another tool (failover = \"follow\"); Switchyard does not promote MySQL replicas",
         );
     }
-    if c.client_tls.is_some_and(|t| t != ClientTls::Disable) {
-        return refuse("client_tls", "TLS on MySQL listeners is not supported yet");
-    }
     if !matches!(c.server_tls, ServerTlsMode::Disable | ServerTlsMode::Prefer) || c.server_ca_file.is_some() {
         return refuse(
             if c.server_ca_file.is_some() {

@@ -275,3 +275,48 @@ fn status_and_metrics_show_mysql_nodes_with_lag_in_transactions() {
     );
     let _ = proxy;
 }
+
+#[test]
+fn tls_on_mysql_listeners_with_client_tls_require() {
+    let cluster = MariaCluster::start(1).unwrap();
+    let (ca, cert, key) = common::certs::make_certs(cluster.dir(), "");
+    let (rw, ro) = (free_port(), free_port());
+    let text = my_config(&cluster, rw, ro, "client_tls = \"require\"")
+        + &format!(
+            "\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        );
+    let proxy = my_spawn(&cluster, "proxy", &text, rw, ro);
+    let ssl = |port: u16, sql: &str| -> Result<String, String> {
+        let out = std::process::Command::new("mariadb")
+            .args([
+                "--no-defaults",
+                "-h",
+                "localhost",
+                "--protocol=tcp",
+                "-P",
+                &port.to_string(),
+            ])
+            .args(["-u", MY_APP_USER, &format!("-p{MY_APP_PASSWORD}"), "-N", "-B"])
+            .arg(format!("--ssl-ca={}", ca.display()))
+            .args(["--ssl-verify-server-cert", "-e", sql, MY_APP_DB])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    };
+    let v = wait_for("TLS session through rw", Duration::from_secs(20), || {
+        ssl(proxy.rw, "SELECT @@read_only").ok()
+    });
+    assert_eq!(v, "0");
+    // The client's own view of its connection: a cipher is in use.
+    let status = ssl(proxy.ro, "status").unwrap();
+    assert!(status.contains("Cipher in use"), "{status}");
+    // Plaintext is refused before authentication, with a reason.
+    let err = mariadb(proxy.rw, "SELECT 1").unwrap_err();
+    assert!(err.contains("requires TLS"), "{err}");
+}

@@ -36,10 +36,11 @@ use crate::backend::connector::{self, Dialer};
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{Health, NodeState};
 use crate::cluster::ClusterCtx;
-use crate::config::{AuthMethod, UserConfig};
+use crate::config::{AuthMethod, ClientTls, UserConfig};
 use crate::error::Error;
 use crate::frontend::session::NodeSlot;
 use crate::frontend::shared::Shared;
+use crate::frontend::tls::{write_flush, ClientStream};
 use crate::obs::clients::NewClient;
 use crate::obs::metrics::EndpointLabels;
 
@@ -103,7 +104,7 @@ enum End {
 }
 
 pub async fn serve(
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     cluster: Arc<ClusterCtx>,
     endpoint: Endpoint,
@@ -112,6 +113,13 @@ pub async fn serve(
     let _ = tcp.set_nodelay(true);
     let config = shared.config();
     let login_timeout = Duration::from_millis(config.proxy.client_login_timeout_ms);
+    let tls_mode = config.clusters[&cluster.name].client_tls(config.tls.is_some());
+    let tls = match tls_mode {
+        ClientTls::Disable => None,
+        _ => shared.tls(),
+    };
+    // Plain until the client asks for TLS (`authenticate` upgrades it in place).
+    let mut stream = Some(ClientStream::Plain(tcp));
     let id = next_connection_id();
     let nonce = new_nonce();
     let greeting = cluster.mysql.greeting();
@@ -120,7 +128,12 @@ pub async fn serve(
         None => packet::proxy_capabilities(),
     } | CapabilityFlags::CLIENT_PROTOCOL_41
         | CapabilityFlags::CLIENT_SECURE_CONNECTION
-        | CapabilityFlags::CLIENT_PLUGIN_AUTH;
+        | CapabilityFlags::CLIENT_PLUGIN_AUTH
+        | if tls.is_some() {
+            CapabilityFlags::CLIENT_SSL
+        } else {
+            CapabilityFlags::empty()
+        };
     let version = greeting
         .as_ref()
         .map(|g| g.version.clone())
@@ -128,7 +141,19 @@ pub async fn serve(
     let collation = greeting.as_ref().map_or(45, |g| g.collation); // utf8mb4_general_ci
     let authenticated = tokio::time::timeout(
         login_timeout,
-        authenticate(&mut tcp, &shared, id, &nonce, offered, &version, collation),
+        authenticate(
+            &mut stream,
+            &shared,
+            Hello {
+                id,
+                nonce: &nonce,
+                offered,
+                version: &version,
+                collation,
+                tls: tls.as_ref().map(|t| &t.acceptor),
+                require_tls: tls_mode == ClientTls::Require,
+            },
+        ),
     )
     .await
     .unwrap_or_else(|_| {
@@ -140,6 +165,10 @@ pub async fn serve(
             )),
         ))
     });
+    let Some(mut tcp) = stream else {
+        debug!(cluster = %cluster.name, peer = %peer, "client left during the TLS handshake");
+        return;
+    };
     let client = match authenticated {
         Ok(c) => c,
         Err((seq, e)) => {
@@ -245,7 +274,7 @@ fn new_nonce() -> [u8; 20] {
 }
 
 /// Send `e` as an ERR packet with sequence id `seq`, then close without losing it.
-async fn reject(tcp: &mut TcpStream, seq: u8, e: &Error, shared: &Shared) {
+async fn reject(tcp: &mut ClientStream, seq: u8, e: &Error, shared: &Shared) {
     shared.metrics.error(e.code().as_str());
     let _ = tokio::time::timeout(Duration::from_secs(1), write_packet(tcp, seq, &packet::err_payload(e))).await;
     let _ = tcp.shutdown().await;
@@ -257,15 +286,31 @@ async fn reject(tcp: &mut TcpStream, seq: u8, e: &Error, shared: &Shared) {
 }
 
 /// Greet the client and check who it is. Errors carry the sequence id of the ERR.
-async fn authenticate(
-    tcp: &mut TcpStream,
-    shared: &Shared,
+/// What our greeting says, and whether TLS is offered or required.
+struct Hello<'a> {
     id: u32,
-    nonce: &[u8; 20],
+    nonce: &'a [u8; 20],
     offered: CapabilityFlags,
-    version: &str,
+    version: &'a str,
     collation: u8,
+    tls: Option<&'a tokio_rustls::TlsAcceptor>,
+    require_tls: bool,
+}
+
+async fn authenticate(
+    stream: &mut Option<ClientStream>,
+    shared: &Shared,
+    hello: Hello<'_>,
 ) -> Result<Client, (u8, Error)> {
+    let Hello {
+        id,
+        nonce,
+        offered,
+        version,
+        collation,
+        tls,
+        require_tls,
+    } = hello;
     let io = |seq: u8| {
         move |e: std::io::Error| {
             (
@@ -287,16 +332,43 @@ async fn authenticate(
         StatusFlags::SERVER_STATUS_AUTOCOMMIT,
         Some(&b"mysql_native_password"[..]),
     );
+    let tcp = stream.as_mut().expect("a stream until the TLS upgrade");
     write_packet(tcp, 0, &packet::to_vec(&hello)).await.map_err(io(1))?;
     let mut buf = Vec::new();
     let mut seq = read_packet(tcp, &mut buf, INTERCEPT_MAX).await.map_err(io(2))?;
     let next = |s: u8| s.wrapping_add(1);
-    if buf.len() == 32 {
+    // An SSL request: the first 32 bytes of a handshake response with CLIENT_SSL; the
+    // whole response follows inside TLS.
+    let ssl_request = buf.len() == 32 && buf[..4] != [0; 4] && {
+        let caps = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        caps & CapabilityFlags::CLIENT_SSL.bits() != 0
+    };
+    if ssl_request {
+        let Some(acceptor) = tls else {
+            return Err((
+                next(seq),
+                Error::unsupported("TLS is not offered on this listener (client_tls)"),
+            ));
+        };
+        let Some(ClientStream::Plain(plain)) = stream.take() else {
+            return Err((next(seq), Error::protocol("a second SSL request")));
+        };
+        let upgraded = acceptor
+            .accept(plain)
+            .await
+            .map_err(|e| (0, Error::protocol(format!("TLS handshake failed: {e}"))))?;
+        *stream = Some(ClientStream::Tls(Box::new(upgraded)));
+        let tcp = stream.as_mut().expect("just upgraded");
+        seq = read_packet(tcp, &mut buf, INTERCEPT_MAX).await.map_err(io(0))?;
+    } else if require_tls {
         return Err((
             next(seq),
-            Error::unsupported("TLS is not supported on Switchyard's MySQL listeners yet; connect without TLS (--ssl=0 / ssl_mode=DISABLED)"),
+            Error::not_authorized(
+                "this listener requires TLS (client_tls = \"require\"): connect with --ssl / ssl_mode=REQUIRED",
+            ),
         ));
     }
+    let tcp = stream.as_mut().expect("a stream");
     let response = HandshakeResponse::deserialize((), &mut ParseBuf(&buf))
         .map_err(|e| (next(seq), Error::protocol(format!("malformed handshake response: {e}"))))?;
     if !response.capabilities().contains(CapabilityFlags::CLIENT_PROTOCOL_41) {
@@ -556,7 +628,7 @@ impl Relay<'_> {
 
     async fn run(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         mut server: ServerConn,
         mut topology: tokio::sync::watch::Receiver<Arc<crate::cluster::topology::ClusterSnapshot>>,
     ) -> End {
@@ -580,7 +652,7 @@ impl Relay<'_> {
                     Err(e) => break End::Io(e),
                     Ok(_) => {
                         self.awaiting = false;
-                        if let Err(e) = client.write_all(&sbuf).await {
+                        if let Err(e) = write_flush(client, &sbuf).await {
                             break End::Io(e);
                         }
                         sbuf.clear();
@@ -604,7 +676,7 @@ impl Relay<'_> {
                             loop {
                                 sbuf.clear();
                                 match server.stream.read_buf(&mut sbuf).await {
-                                    Ok(n) if n > 0 => { if client.write_all(&sbuf).await.is_err() { break } }
+                                    Ok(n) if n > 0 => { if write_flush(client, &sbuf).await.is_err() { break } }
                                     _ => break,
                                 }
                             }
@@ -667,7 +739,7 @@ impl Relay<'_> {
     async fn relay_client_bytes(
         &mut self,
         cbuf: &mut BytesMut,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         server: &mut ServerConn,
         caps: CapabilityFlags,
     ) -> Result<(), End> {
@@ -731,7 +803,7 @@ impl Relay<'_> {
     async fn handle_own(
         &mut self,
         payload: &[u8],
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         server: &mut ServerConn,
         caps: CapabilityFlags,
     ) -> Result<(), End> {
