@@ -3,8 +3,8 @@
 //! how it replicates. Same contract as the PostgreSQL monitor (`cluster::health`):
 //! every check bounded by `timeout_ms`, results folded into `ClusterState`.
 //!
-//! A node is **primary** when it is writable (`@@read_only` = 0, and on MySQL
-//! `@@super_read_only` = 0) and does not replicate from another node of the cluster.
+//! A node is **primary** when it is writable (`@@read_only` = 0, `@@innodb_read_only`
+//! = 0, and on MySQL `@@super_read_only` = 0) and does not replicate from another node of the cluster.
 //! Anything else is a **standby** (replica), readable only while its SQL thread applies
 //! (`Seconds_Behind_Master` NULL because the SQL thread stopped: no lag figure, no
 //! reads) and, while a primary is up, only while its IO thread streams from it. Two
@@ -166,9 +166,10 @@ async fn check(
     }
     let s = session.as_mut().expect("just opened");
     let writable_sql = if s.mariadb {
-        "SELECT @@global.read_only = 0, @@global.gtid_current_pos"
+        "SELECT @@global.read_only = 0 AND @@global.innodb_read_only = 0, @@global.gtid_current_pos"
     } else {
-        "SELECT @@global.read_only = 0 AND @@global.super_read_only = 0, @@global.gtid_executed"
+        "SELECT @@global.read_only = 0 AND @@global.super_read_only = 0 AND @@global.innodb_read_only = 0, \
+         @@global.gtid_executed"
     };
     let (writable, gtid): (Option<i64>, Option<String>) = s
         .conn

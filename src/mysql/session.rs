@@ -790,6 +790,9 @@ impl Relay<'_> {
             self.to_server(server, &cbuf[forward_from..pos]).await?;
         }
         cbuf.advance(pos);
+        // Advancing uses up the buffer's front: take it back (no allocation while the
+        // buffer is empty or nearly so), so the next read is never a short one.
+        cbuf.reserve(RELAY_BUFFER / 2);
         if commands > 0 {
             self.node.stats.queries_total.fetch_add(commands, Ordering::Relaxed);
         }
