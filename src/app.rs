@@ -64,6 +64,8 @@ fn start_monitors(shared: &Shared) {
                     port: n.port,
                     peers: peers.clone(),
                     info: ctx.mysql.clone(),
+                    tls: c.server_tls,
+                    ca_file: c.server_ca_file.clone(),
                 };
                 let task = crate::mysql::health::spawn(
                     target,

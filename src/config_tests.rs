@@ -196,7 +196,6 @@ fn mysql_clusters_refuse_postgresql_only_keys_by_name() {
     for (extra, key) in [
         ("pool_mode = \"transaction\"", "clusters.main.pool_mode"),
         ("causal_wait_ms = 10", "clusters.main.causal_wait_ms"),
-        ("server_tls = \"require\"", "clusters.main.server_tls"),
         ("manager = { user = \"root\" }", "clusters.main.manager"),
         ("failover = \"automatic\"", "clusters.main.failover"),
     ] {

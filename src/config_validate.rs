@@ -255,15 +255,5 @@ fn mysql_rules(cname: &str, c: &ClusterConfig) -> Result<(), ConfigError> {
             "MySQL clusters follow a promotion made by an operator or another tool (failover = \"follow\"); Switchyard does not promote MySQL replicas",
         );
     }
-    if !matches!(c.server_tls, ServerTlsMode::Disable | ServerTlsMode::Prefer) || c.server_ca_file.is_some() {
-        return refuse(
-            if c.server_ca_file.is_some() {
-                "server_ca_file"
-            } else {
-                "server_tls"
-            },
-            "TLS toward MySQL servers is not supported yet (connections to MySQL nodes are plaintext)",
-        );
-    }
     Ok(())
 }

@@ -53,6 +53,8 @@ pub struct MariaCluster {
     /// The running `mariadbd` of each node; None once stopped or killed.
     children: Vec<Option<Child>>,
     as_root: bool,
+    /// More `mariadbd` options for every node started from now on (TLS in the tests).
+    pub extra_args: Vec<String>,
 }
 
 /// `mariadbd`: on the PATH, else where Debian puts it.
@@ -93,6 +95,7 @@ impl MariaCluster {
             nodes: Vec::new(),
             children: Vec::new(),
             as_root,
+            extra_args: Vec::new(),
         };
         for i in 0..=replicas {
             let name = if i == 0 {
@@ -226,6 +229,7 @@ impl MariaCluster {
         if i > 0 {
             cmd.arg("--read-only=1");
         }
+        cmd.args(&self.extra_args);
         if self.as_root {
             cmd.arg("--user=root");
         }

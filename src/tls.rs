@@ -109,14 +109,7 @@ impl ServerTls {
         let mut answer = [0u8; 1];
         tcp.read_exact(&mut answer).await?;
         match answer[0] {
-            b'S' => {
-                let name = server_name(addr)?;
-                let tls = TlsConnector::from(self.config.clone())
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| io::Error::new(e.kind(), format!("TLS with the server failed: {e}")))?;
-                Ok(ServerStream::Tls(Box::new(tls)))
-            }
+            b'S' => self.handshake(tcp, addr).await,
             b'N' if mode == ServerTlsMode::Prefer => Ok(ServerStream::Plain(tcp)),
             b'N' => Err(io::Error::other(format!(
                 "the server does not accept TLS (ssl = off), and server_tls = \"{mode}\" requires it"
@@ -126,6 +119,18 @@ impl ServerTls {
                 other as char
             ))),
         }
+    }
+
+    /// The TLS handshake on a connection whose protocol has just asked for it (after
+    /// PostgreSQL's `S`, or MySQL's SSL request), the certificate checked as the mode
+    /// says for the host of `addr`.
+    pub async fn handshake(&self, tcp: TcpStream, addr: &str) -> io::Result<ServerStream> {
+        let name = server_name(addr)?;
+        let tls = TlsConnector::from(self.config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("TLS with the server failed: {e}")))?;
+        Ok(ServerStream::Tls(Box::new(tls)))
     }
 
     /// Log in with tokio-postgres (health checks, freshness probes, manager,

@@ -320,3 +320,48 @@ fn tls_on_mysql_listeners_with_client_tls_require() {
     let err = mariadb(proxy.rw, "SELECT 1").unwrap_err();
     assert!(err.contains("requires TLS"), "{err}");
 }
+
+#[test]
+fn tls_toward_mysql_servers_verify_full() {
+    let mut cluster = MariaCluster::start(0).unwrap();
+    let (ca, cert, key) = common::certs::make_certs(cluster.dir(), "");
+    let (other_ca, _, _) = common::certs::make_certs(cluster.dir(), "other-");
+    // The server refuses plaintext TCP altogether: whatever works below used TLS.
+    cluster.extra_args = vec![
+        format!("--ssl-ca={}", ca.display()),
+        format!("--ssl-cert={}", cert.display()),
+        format!("--ssl-key={}", key.display()),
+        "--require-secure-transport=ON".into(),
+    ];
+    cluster.stop_node(0).unwrap();
+    cluster.start_node(0).unwrap();
+    let tls = |ca: &std::path::Path| format!("server_tls = \"verify-full\"\nserver_ca_file = \"{}\"", ca.display());
+    let (rw, ro) = (free_port(), free_port());
+    let proxy = my_spawn(&cluster, "proxy", &my_config(&cluster, rw, ro, &tls(&ca)), rw, ro);
+    let cipher = wait_for("a session over TLS", Duration::from_secs(20), || {
+        mariadb(proxy.rw, "SHOW SESSION STATUS LIKE 'Ssl_cipher'").ok()
+    });
+    assert!(
+        cipher.starts_with("Ssl_cipher") && cipher.len() > "Ssl_cipher".len() + 2,
+        "{cipher}"
+    );
+    assert_eq!(mariadb(proxy.ro, "SELECT 1").unwrap(), "1");
+    // A certificate from another CA: the node is down for this proxy, with the reason.
+    let (rw2, ro2) = (free_port(), free_port());
+    let bad = my_spawn(
+        &cluster,
+        "bad",
+        &my_config(&cluster, rw2, ro2, &tls(&other_ca)),
+        rw2,
+        ro2,
+    );
+    let err = wait_for("refused", Duration::from_secs(20), || {
+        mariadb(bad.rw, "SELECT 1")
+            .err()
+            .filter(|e| !e.contains("Can't connect"))
+    });
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("UnknownIssuer"),
+        "{err}"
+    );
+}

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::health::{self, Login, Observer, Probe};
 use crate::cluster::topology::{ClusterState, Observation, Role, LAG_UNKNOWN};
-use crate::config::HealthConfig;
+use crate::config::{HealthConfig, ServerTlsMode};
 
 use super::ClusterInfo;
 
@@ -36,6 +36,9 @@ pub struct Target {
     pub peers: Vec<(String, u16)>,
     /// Where the greeting (version, capabilities) is kept for the front end.
     pub info: Arc<ClusterInfo>,
+    /// The cluster's `server_tls` and `server_ca_file`.
+    pub tls: ServerTlsMode,
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 struct Session {
@@ -228,8 +231,40 @@ async fn open(target: &Target, login: &Login, timeout: Duration) -> Result<Sessi
         .pass(login.password.clone())
         .prefer_socket(false)
         .stmt_cache_size(0);
-    let conn = Conn::new(opts).await.map_err(describe)?;
+    let conn = match ssl_opts(target.tls, target.ca_file.as_deref()) {
+        None => Conn::new(opts).await.map_err(describe)?,
+        Some(ssl) => match Conn::new(opts.clone().ssl_opts(ssl)).await {
+            // `prefer`: plaintext when TLS cannot be had, as sessions do.
+            Err(e) if target.tls == ServerTlsMode::Prefer => {
+                tracing::debug!(node = %target.node, reason = %describe(e), "TLS with the MySQL server failed; server_tls = \"prefer\": plaintext");
+                Conn::new(opts).await.map_err(describe)?
+            }
+            other => other.map_err(describe)?,
+        },
+    };
     Ok(Session { conn, mariadb })
+}
+
+/// `server_tls` in `mysql_async`'s terms: the same checks as the sessions' own TLS
+/// (`tls::ServerTls`): prefer/require encrypt only (require checks the chain when a CA
+/// is given), verify-ca checks the chain, verify-full the chain and the host name.
+fn ssl_opts(mode: ServerTlsMode, ca: Option<&std::path::Path>) -> Option<mysql_async::SslOpts> {
+    let base = mysql_async::SslOpts::default();
+    let with_ca = |o: mysql_async::SslOpts| match ca {
+        Some(p) => o
+            .with_root_certs(vec![p.to_path_buf().into()])
+            .with_disable_built_in_roots(true),
+        None => o,
+    };
+    match mode {
+        ServerTlsMode::Disable => None,
+        ServerTlsMode::Prefer => Some(base.with_danger_accept_invalid_certs(true)),
+        ServerTlsMode::Require if ca.is_none() => Some(base.with_danger_accept_invalid_certs(true)),
+        ServerTlsMode::Require | ServerTlsMode::VerifyCa => {
+            Some(with_ca(base).with_danger_skip_domain_validation(true))
+        }
+        ServerTlsMode::VerifyFull => Some(with_ca(base)),
+    }
 }
 
 fn describe(e: mysql_async::Error) -> String {

@@ -13,7 +13,9 @@ use mysql_common::scramble::{scramble_native, scramble_sha256};
 use tokio::net::TcpStream;
 
 use super::packet::{self, read_packet, write_packet};
+use crate::config::ServerTlsMode;
 use crate::error::Error;
+use crate::tls::{ServerStream, ServerTls};
 
 /// What a server said in its greeting, for the proxy's own greeting to clients.
 #[derive(Debug, Clone)]
@@ -35,7 +37,7 @@ pub struct LoginRequest<'a> {
 }
 
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// The server's connection (thread) id: what `KILL QUERY` needs.
     pub thread_id: u32,
     pub greeting: Greeting,
@@ -116,16 +118,59 @@ fn answer(plugin: &AuthPlugin<'_>, password: Option<&str>, nonce: &[u8]) -> Resu
     }
 }
 
-/// Log in on `addr` as `req` describes; bounded by `timeout` as a whole.
-pub async fn login(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> Result<ServerConn, Error> {
-    tokio::time::timeout(timeout, login_inner(addr, req, timeout))
-        .await
-        .map_err(|_| Error::connect_failed(format!("no login on {addr} within {} ms", timeout.as_millis())))?
+/// Log in on `addr` as `req` describes, with TLS as the cluster's `server_tls` says;
+/// bounded by `timeout` as a whole. `prefer` falls back to plaintext when the server
+/// offers no TLS or the handshake fails (on a new connection).
+pub async fn login(
+    addr: &str,
+    req: &LoginRequest<'_>,
+    tls: &ServerTls,
+    timeout: Duration,
+) -> Result<ServerConn, Error> {
+    tokio::time::timeout(timeout, async {
+        match login_inner(addr, req, tls, tls.mode(), timeout).await {
+            Err(Tried::Tls(e)) if tls.mode() == ServerTlsMode::Prefer => {
+                tracing::debug!(addr, reason = %e, "TLS with the MySQL server failed; server_tls = \"prefer\": plaintext");
+                login_inner(addr, req, tls, ServerTlsMode::Disable, timeout)
+                    .await
+                    .map_err(Tried::into_error)
+            }
+            other => other.map_err(Tried::into_error),
+        }
+    })
+    .await
+    .map_err(|_| Error::connect_failed(format!("no login on {addr} within {} ms", timeout.as_millis())))?
 }
 
-async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> Result<ServerConn, Error> {
+/// A login failure, and whether TLS was what failed (`prefer` then tries plaintext).
+enum Tried {
+    Tls(Error),
+    Other(Error),
+}
+
+impl Tried {
+    fn into_error(self) -> Error {
+        match self {
+            Tried::Tls(e) | Tried::Other(e) => e,
+        }
+    }
+}
+
+impl From<Error> for Tried {
+    fn from(e: Error) -> Tried {
+        Tried::Other(e)
+    }
+}
+
+async fn login_inner(
+    addr: &str,
+    req: &LoginRequest<'_>,
+    tls: &ServerTls,
+    mode: ServerTlsMode,
+    timeout: Duration,
+) -> Result<ServerConn, Tried> {
     let Hello {
-        mut stream,
+        stream: tcp,
         greeting,
         thread_id,
         nonce,
@@ -138,12 +183,40 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
         | CapabilityFlags::CLIENT_MULTI_RESULTS
         | CapabilityFlags::CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA;
     if missing.intersects(essential) {
-        return Err(Error::connect_failed(format!(
+        return Err(Tried::Other(Error::connect_failed(format!(
             "the MySQL server at {addr} lacks capabilities this session was opened with ({missing:?}); reconnect"
-        )));
+        ))));
     }
     let scramble = answer(&plugin_name, req.password, &nonce)?;
-    let caps = (req.capabilities & greeting.capabilities) | CapabilityFlags::CLIENT_PROTOCOL_41;
+    let mut caps = (req.capabilities & greeting.capabilities) | CapabilityFlags::CLIENT_PROTOCOL_41;
+    let use_tls = match mode {
+        ServerTlsMode::Disable => false,
+        _ if greeting.capabilities.contains(CapabilityFlags::CLIENT_SSL) => true,
+        ServerTlsMode::Prefer => false,
+        _ => {
+            return Err(Tried::Other(Error::connect_failed(format!(
+                "the MySQL server at {addr} does not offer TLS, and server_tls = \"{mode}\" requires it"
+            ))))
+        }
+    };
+    let mut stream = if use_tls {
+        // The SSL request: the fixed head of a handshake response with CLIENT_SSL.
+        caps |= CapabilityFlags::CLIENT_SSL;
+        let mut tcp = tcp;
+        let mut request = Vec::with_capacity(32);
+        request.extend_from_slice(&caps.bits().to_le_bytes());
+        request.extend_from_slice(&(16u32 * 1024 * 1024).to_le_bytes());
+        request.push(req.collation);
+        request.extend_from_slice(&[0; 23]);
+        write_packet(&mut tcp, 1, &request)
+            .await
+            .map_err(|e| Tried::Tls(lost("the SSL request", e)))?;
+        tls.handshake(tcp, addr)
+            .await
+            .map_err(|e| Tried::Tls(Error::connect_failed(format!("{addr}: {e}"))))?
+    } else {
+        ServerStream::Plain(tcp)
+    };
     let response = HandshakeResponse::new(
         Some(scramble.as_slice()),
         (5, 5, 3),
@@ -158,7 +231,7 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
     // `HandshakeResponse::new` picks the collation from the server version; the
     // client's own is what the session must use (byte 8: after flags and max size).
     payload[8] = req.collation;
-    write_packet(&mut stream, 1, &payload)
+    write_packet(&mut stream, if use_tls { 2 } else { 1 }, &payload)
         .await
         .map_err(|e| lost("login", e))?;
     authenticated(&mut stream, req.password, nonce.clone(), caps, addr).await?;
@@ -175,7 +248,7 @@ async fn login_inner(addr: &str, req: &LoginRequest<'_>, timeout: Duration) -> R
 /// auth switches, `caching_sha2_password`'s fast-path OK and full path. `nonce` is the
 /// challenge the response answered. Used by logins and `COM_CHANGE_USER`.
 pub async fn authenticated(
-    stream: &mut TcpStream,
+    stream: &mut ServerStream,
     password: Option<&str>,
     mut nonce: Vec<u8>,
     caps: CapabilityFlags,
@@ -204,6 +277,13 @@ pub async fn authenticated(
                 // encrypted with the server's RSA public key, which we ask for (2).
                 Some(3) => {}
                 Some(4) => {
+                    if stream.is_tls() {
+                        // Over TLS the password itself is sent.
+                        let mut pass = password.unwrap_or("").as_bytes().to_vec();
+                        pass.push(0);
+                        write_packet(stream, seq, &pass).await.map_err(|e| lost("login", e))?;
+                        continue;
+                    }
                     write_packet(stream, seq, &[2]).await.map_err(|e| lost("login", e))?;
                     let got = read_packet(stream, &mut buf, 1 << 16)
                         .await

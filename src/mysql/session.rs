@@ -43,6 +43,7 @@ use crate::frontend::shared::Shared;
 use crate::frontend::tls::{write_flush, ClientStream};
 use crate::obs::clients::NewClient;
 use crate::obs::metrics::EndpointLabels;
+use crate::tls::ServerTls;
 
 const RELAY_BUFFER: usize = 16 * 1024;
 /// Bytes of a command looked at to tell whether the proxy handles it (`KILL ...`).
@@ -188,6 +189,7 @@ pub async fn serve(
             attributes: client.attributes.clone(),
         },
         endpoint,
+        tls: cluster.server_tls(),
     };
     let mut rx = cluster.state.subscribe();
     let connected = match connector::connect(&cluster, endpoint, None, None, Some(&mut rx), &mut dialer).await {
@@ -470,6 +472,7 @@ fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
 struct MysqlDialer<'a> {
     request: LoginRequest<'a>,
     endpoint: Endpoint,
+    tls: Arc<ServerTls>,
 }
 
 impl Dialer for MysqlDialer<'_> {
@@ -478,7 +481,7 @@ impl Dialer for MysqlDialer<'_> {
     async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Self::Conn, Error> {
         node.active.fetch_add(1, Ordering::Relaxed);
         let slot = NodeSlot(node.active.clone());
-        let mut conn = server::login(&node.addr, &self.request, timeout).await?;
+        let mut conn = server::login(&node.addr, &self.request, &self.tls, timeout).await?;
         let caps = self.request.capabilities & conn.greeting.capabilities;
         let checked = tokio::time::timeout(timeout, async {
             if self.endpoint == Endpoint::ReadWrite {
@@ -800,7 +803,7 @@ impl Relay<'_> {
     }
 
     async fn to_server(&self, server: &mut ServerConn, bytes: &[u8]) -> Result<(), End> {
-        server.stream.write_all(bytes).await.map_err(End::Io)
+        write_flush(&mut server.stream, bytes).await.map_err(End::Io)
     }
 
     async fn handle_own(
@@ -941,7 +944,7 @@ impl Relay<'_> {
             collation: self.client.collation,
             attributes: None,
         };
-        let mut conn = server::login(&t.addr, &req, timeout).await?;
+        let mut conn = server::login(&t.addr, &req, &self.cluster.server_tls(), timeout).await?;
         let caps = packet::proxy_capabilities() & conn.greeting.capabilities;
         let sql = format!("KILL {}{}", if query_only { "QUERY " } else { "" }, t.thread_id);
         let result = packet::first_value(&mut conn.stream, caps, &sql).await.map(|_| ());
