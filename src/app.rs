@@ -54,7 +54,8 @@ fn start_monitors(shared: &Shared) {
         let Some(c) = config.clusters.get(name) else {
             continue;
         };
-        if c.engine == Engine::Mysql {
+        // The running engine: a reload that changes it needs a restart (logged there).
+        if ctx.engine == Engine::Mysql {
             let peers: Vec<(String, u16)> = c.nodes.iter().map(|n| (n.host.clone(), n.port)).collect();
             for n in &c.nodes {
                 let target = crate::mysql::health::Target {

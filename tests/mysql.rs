@@ -365,3 +365,76 @@ fn tls_toward_mysql_servers_verify_full() {
         "{err}"
     );
 }
+
+#[test]
+fn load_data_local_infile_packets_are_never_taken_for_commands() {
+    let cluster = MariaCluster::start(0).unwrap();
+    let (rw, ro) = (free_port(), free_port());
+    let proxy = my_spawn(&cluster, "proxy", &my_config(&cluster, rw, ro, ""), rw, ro);
+    wait_for("proxy ready", Duration::from_secs(20), || {
+        mariadb(proxy.rw, "SELECT 1").ok()
+    });
+    let dir = cluster.dir().to_str().unwrap().to_string();
+    let out = python("mysql_infile.py", &[&proxy.rw.to_string(), &dir], &[]);
+    assert!(out.contains("INFILE-OK"), "{out}");
+}
+
+/// MySQL 8's libmysqlclient starts with caching_sha2_password and no data, expecting
+/// an auth switch; the proxy asks again with its challenge, then takes the fast path.
+#[test]
+fn a_client_starting_caching_sha2_without_data_is_switched_and_logs_in() {
+    use mysql_common::constants::CapabilityFlags;
+    use mysql_common::io::ParseBuf;
+    use mysql_common::packets::{AuthPlugin, AuthSwitchRequest, HandshakePacket, HandshakeResponse};
+    use mysql_common::proto::{MyDeserialize, MySerialize};
+    use std::io::{Read, Write};
+    let cluster = MariaCluster::start(0).unwrap();
+    let (rw, ro) = (free_port(), free_port());
+    let proxy = my_spawn(&cluster, "proxy", &my_config(&cluster, rw, ro, ""), rw, ro);
+    wait_for("proxy ready", Duration::from_secs(20), || {
+        mariadb(proxy.rw, "SELECT 1").ok()
+    });
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.rw)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let read = |s: &mut std::net::TcpStream| -> (u8, Vec<u8>) {
+        let mut h = [0u8; 4];
+        s.read_exact(&mut h).unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize];
+        s.read_exact(&mut body).unwrap();
+        (h[3], body)
+    };
+    let (_, greeting) = read(&mut s);
+    let hs = HandshakePacket::deserialize((), &mut ParseBuf(&greeting)).unwrap();
+    let caps = CapabilityFlags::CLIENT_PROTOCOL_41
+        | CapabilityFlags::CLIENT_SECURE_CONNECTION
+        | CapabilityFlags::CLIENT_PLUGIN_AUTH
+        | CapabilityFlags::CLIENT_LONG_PASSWORD
+        | CapabilityFlags::CLIENT_TRANSACTIONS;
+    let response = HandshakeResponse::new(
+        Some(&b""[..]),
+        (8, 0, 40),
+        Some(&b"app"[..]),
+        None::<&[u8]>,
+        Some(AuthPlugin::CachingSha2Password),
+        caps & hs.capabilities(),
+        None,
+        1 << 24,
+    );
+    let mut payload = Vec::new();
+    response.serialize(&mut payload);
+    let mut packet = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+    packet.push(1);
+    packet.extend_from_slice(&payload);
+    s.write_all(&packet).unwrap();
+    let (seq, switch) = read(&mut s);
+    assert_eq!((seq, switch[0]), (2, 0xfe), "an auth switch: {switch:?}");
+    let switch = AuthSwitchRequest::deserialize((), &mut ParseBuf(&switch)).unwrap();
+    assert_eq!(switch.auth_plugin(), AuthPlugin::CachingSha2Password);
+    let scramble = mysql_common::scramble::scramble_sha256(switch.plugin_data(), MY_APP_PASSWORD.as_bytes()).unwrap();
+    let mut packet = vec![32, 0, 0, 3];
+    packet.extend_from_slice(&scramble);
+    s.write_all(&packet).unwrap();
+    assert_eq!(read(&mut s), (4, vec![0x01, 0x03]), "fast authentication");
+    let (seq, ok) = read(&mut s);
+    assert_eq!((seq, ok[0]), (5, 0x00), "logged in: {ok:?}");
+}

@@ -44,6 +44,8 @@ pub struct Target {
 struct Session {
     conn: Conn,
     mariadb: bool,
+    /// `SHOW REPLICA STATUS` (MySQL 8.0.22+) or the older `SHOW SLAVE STATUS`.
+    replica_status: &'static str,
 }
 
 /// One replication channel as `SHOW ALL SLAVES STATUS` / `SHOW REPLICA STATUS` shows it.
@@ -61,8 +63,12 @@ pub struct Channel {
 /// transactions its GTID set holds (`gtid_position`), which the topology compares with
 /// the primary's to measure lag in transactions and, from the primary's history, in time.
 pub fn observe(writable: bool, channels: &[Channel], peers: &[(String, u16)], position: Option<u64>) -> Observation {
+    // A channel with both threads stopped does not make a replica: an operator's
+    // `STOP REPLICA; SET GLOBAL read_only = 0` promotion (the split-brain rule still
+    // guards against a second writable node).
     let from_peer: Vec<&Channel> = channels
         .iter()
+        .filter(|c| c.io_running || c.sql_running)
         .filter(|c| {
             peers
                 .iter()
@@ -103,6 +109,11 @@ pub fn observe(writable: bool, channels: &[Channel], peers: &[(String, u16)], po
 /// `@@gtid_executed` (`uuid:1-5:7-9` per source: the sum of the interval lengths). Both
 /// only grow along one replication history, like a WAL position.
 pub fn gtid_position(text: &str) -> Option<u64> {
+    // No GTIDs at all (MySQL's gtid_mode=OFF, or nothing written yet): no position,
+    // so that the replica's own lag figure is kept rather than compared with zeros.
+    if text.trim().is_empty() {
+        return None;
+    }
     let mut total = 0u64;
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if let Some((_, intervals)) = part.split_once(':') {
@@ -180,12 +191,7 @@ async fn check(
         .await
         .map_err(describe)?
         .unwrap_or((None, None));
-    let status_sql = if s.mariadb {
-        "SHOW ALL SLAVES STATUS"
-    } else {
-        "SHOW REPLICA STATUS"
-    };
-    let rows: Vec<Row> = s.conn.query(status_sql).await.map_err(describe)?;
+    let rows: Vec<Row> = s.conn.query(s.replica_status).await.map_err(describe)?;
     let channels: Vec<Channel> = rows.iter().map(channel).collect();
     Ok(observe(
         writable == Some(1),
@@ -215,15 +221,6 @@ fn channel(row: &Row) -> Channel {
 }
 
 async fn open(target: &Target, login: &Login, timeout: Duration) -> Result<Session, String> {
-    // The raw greeting first (version and capabilities, for the greeting the proxy
-    // shows its own clients), then the monitor's login through mysql_async.
-    let addr = format!("{}:{}", target.host, target.port);
-    let hello = super::server::greet(&addr, timeout)
-        .await
-        .map_err(|e| e.message().to_string())?;
-    drop(hello.stream);
-    let mariadb = hello.greeting.version.contains("MariaDB");
-    target.info.set_greeting(hello.greeting);
     let opts = OptsBuilder::default()
         .ip_or_hostname(target.host.clone())
         .tcp_port(target.port)
@@ -231,7 +228,19 @@ async fn open(target: &Target, login: &Login, timeout: Duration) -> Result<Sessi
         .pass(login.password.clone())
         .prefer_socket(false)
         .stmt_cache_size(0);
-    let conn = match ssl_opts(target.tls, target.ca_file.as_deref()) {
+    // `prefer` against servers known to offer no TLS: plaintext at once (each refused
+    // attempt is a connection cut short, which MySQL counts against the host).
+    let no_tls_offered = target.tls == ServerTlsMode::Prefer
+        && target.info.greeting().is_some_and(|g| {
+            !g.capabilities
+                .contains(mysql_common::constants::CapabilityFlags::CLIENT_SSL)
+        });
+    let tls = if no_tls_offered {
+        ServerTlsMode::Disable
+    } else {
+        target.tls
+    };
+    let conn = match ssl_opts(tls, target.ca_file.as_deref()) {
         None => Conn::new(opts).await.map_err(describe)?,
         Some(ssl) => match Conn::new(opts.clone().ssl_opts(ssl)).await {
             // `prefer`: plaintext when TLS cannot be had, as sessions do.
@@ -242,7 +251,29 @@ async fn open(target: &Target, login: &Login, timeout: Duration) -> Result<Sessi
             other => other.map_err(describe)?,
         },
     };
-    Ok(Session { conn, mariadb })
+    // Then the raw greeting (version and capabilities, for the greeting the proxy
+    // shows its own clients), only once the login worked: a connection that stops at
+    // the greeting counts against the server's max_connect_errors, which a successful
+    // login resets.
+    let addr = format!("{}:{}", target.host, target.port);
+    let hello = super::server::greet(&addr, timeout)
+        .await
+        .map_err(|e| e.message().to_string())?;
+    drop(hello.stream);
+    let mariadb = hello.greeting.version.contains("MariaDB");
+    let replica_status = if mariadb {
+        "SHOW ALL SLAVES STATUS"
+    } else if conn.server_version() >= (8, 0, 22) {
+        "SHOW REPLICA STATUS"
+    } else {
+        "SHOW SLAVE STATUS"
+    };
+    target.info.set_greeting(hello.greeting);
+    Ok(Session {
+        conn,
+        mariadb,
+        replica_status,
+    })
 }
 
 /// `server_tls` in `mysql_async`'s terms: the same checks as the sessions' own TLS
@@ -313,6 +344,12 @@ mod tests {
     }
 
     #[test]
+    fn a_writable_node_whose_replication_is_stopped_is_a_primary() {
+        let o = observe(true, &[chan(false, false, None)], &peers(), None);
+        assert_eq!(o.role, Role::Primary);
+    }
+
+    #[test]
     fn stopped_replication_means_no_lag_figure() {
         let stopped = observe(false, &[chan(false, false, None)], &peers(), None);
         assert_eq!((stopped.lag_ms, stopped.streaming), (LAG_UNKNOWN, Some(false)));
@@ -328,7 +365,7 @@ mod tests {
 
     #[test]
     fn gtid_positions_count_transactions() {
-        assert_eq!(gtid_position(""), Some(0));
+        assert_eq!(gtid_position(""), None, "no GTIDs: no position");
         assert_eq!(gtid_position("0-1-100"), Some(100));
         assert_eq!(gtid_position("0-1-100,1-2-5"), Some(105));
         assert_eq!(

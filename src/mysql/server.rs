@@ -41,6 +41,8 @@ pub struct ServerConn {
     /// The server's connection (thread) id: what `KILL QUERY` needs.
     pub thread_id: u32,
     pub greeting: Greeting,
+    /// The OK packet that ended the login (status flags, session state).
+    pub login_ok: Vec<u8>,
     /// The server's challenge in its greeting, and the plugin we answered with
     /// (`COM_CHANGE_USER` answers the same challenge).
     nonce: Vec<u8>,
@@ -188,7 +190,10 @@ async fn login_inner(
         ))));
     }
     let scramble = answer(&plugin_name, req.password, &nonce)?;
-    let mut caps = (req.capabilities & greeting.capabilities) | CapabilityFlags::CLIENT_PROTOCOL_41;
+    // TLS and compression toward the server are the proxy's own business, whatever
+    // the client negotiated with the proxy.
+    let wanted = req.capabilities - CapabilityFlags::CLIENT_SSL - CapabilityFlags::CLIENT_COMPRESS;
+    let mut caps = (wanted & greeting.capabilities) | CapabilityFlags::CLIENT_PROTOCOL_41;
     let use_tls = match mode {
         ServerTlsMode::Disable => false,
         _ if greeting.capabilities.contains(CapabilityFlags::CLIENT_SSL) => true,
@@ -234,8 +239,9 @@ async fn login_inner(
     write_packet(&mut stream, if use_tls { 2 } else { 1 }, &payload)
         .await
         .map_err(|e| lost("login", e))?;
-    authenticated(&mut stream, req.password, nonce.clone(), caps, addr).await?;
+    let login_ok = authenticated(&mut stream, req.password, nonce.clone(), caps, addr).await?;
     Ok(ServerConn {
+        login_ok,
         stream,
         thread_id,
         greeting,
@@ -253,7 +259,7 @@ pub async fn authenticated(
     mut nonce: Vec<u8>,
     caps: CapabilityFlags,
     addr: &str,
-) -> Result<(), Error> {
+) -> Result<Vec<u8>, Error> {
     let mut buf = Vec::new();
     loop {
         let got = read_packet(stream, &mut buf, 1 << 16)
@@ -261,7 +267,7 @@ pub async fn authenticated(
             .map_err(|e| lost("login", e))?;
         let seq = got.wrapping_add(1);
         match buf.first() {
-            Some(0x00) => return Ok(()),
+            Some(0x00) => return Ok(buf),
             Some(0xff) => return Err(packet::parse_err(&buf, caps)),
             Some(0xfe) => {
                 let switch = AuthSwitchRequest::deserialize((), &mut ParseBuf(&buf))
@@ -296,10 +302,20 @@ pub async fn authenticated(
                     let pem = buf[1..].to_vec();
                     let mut pass = password.unwrap_or("").as_bytes().to_vec();
                     pass.push(0);
+                    // OAEP with a 2048-bit key holds at most 214 bytes; mysql_common
+                    // panics on more, or on a key it cannot parse.
+                    if nonce.is_empty() || pass.len() > 200 {
+                        return Err(Error::login_failed(format!(
+                            "{addr}: caching_sha2_password's full authentication without TLS cannot carry this password; use server_tls"
+                        )));
+                    }
                     for (i, b) in pass.iter_mut().enumerate() {
                         *b ^= nonce[i % nonce.len()];
                     }
-                    let encrypted = mysql_common::crypto::encrypt(&pass, &pem);
+                    let encrypted =
+                        std::panic::catch_unwind(|| mysql_common::crypto::encrypt(&pass, &pem)).map_err(|_| {
+                            Error::server_protocol(format!("{addr} sent an RSA public key that cannot be used"))
+                        })?;
                     write_packet(stream, got.wrapping_add(1), &encrypted)
                         .await
                         .map_err(|e| lost("login", e))?;
@@ -363,7 +379,9 @@ pub async fn change_user(
     write_packet(&mut conn.stream, 0, &p)
         .await
         .map_err(|e| lost("COM_CHANGE_USER", e))?;
-    authenticated(&mut conn.stream, c.password, conn.nonce.clone(), caps, addr).await
+    authenticated(&mut conn.stream, c.password, conn.nonce.clone(), caps, addr)
+        .await
+        .map(|_| ())
 }
 
 /// Is the server writable? `@@global.read_only` on the session's own connection: the

@@ -55,6 +55,7 @@ const INTERCEPT_MAX: usize = 64 * 1024;
 /// not: that is the server's) → the server connection behind it, for `KILL`.
 #[derive(Clone)]
 struct KillTarget {
+    cluster: String,
     addr: String,
     thread_id: u32,
     user: String,
@@ -202,13 +203,16 @@ pub async fn serve(
     };
     let node = connected.node().clone();
     let (server, _slot) = connected.conn;
-    if write_packet(&mut tcp, reply_seq, &packet::ok_payload()).await.is_err() {
+    // The server's own OK: its status flags (autocommit) and session state are what
+    // the client must see.
+    if write_packet(&mut tcp, reply_seq, &server.login_ok).await.is_err() {
         return;
     }
     let _registered = {
         sessions().lock().unwrap().insert(
             id,
             KillTarget {
+                cluster: cluster.name.clone(),
                 addr: node.addr.clone(),
                 thread_id: server.thread_id,
                 user: client.user.name.clone(),
@@ -254,6 +258,8 @@ pub async fn serve(
         awaiting: false,
         last_seq: 0,
         quit: false,
+        told: false,
+        in_file: false,
     };
     let end = relay.run(&mut tcp, server, rx).await;
     gauge.dec();
@@ -382,12 +388,10 @@ async fn authenticate(
     let name = String::from_utf8_lossy(response.user()).into_owned();
     let config = shared.config();
     let Some(user) = config.user(&name).cloned() else {
-        return Err((
-            next(seq),
-            Error::not_authorized(format!(
-                "Access denied for user '{name}': no such user in Switchyard's [[users]]"
-            )),
-        ));
+        // The same answer as a wrong password: which users exist is not for a client
+        // that has not authenticated to learn (the log says which it was).
+        debug!(user = %name, "MySQL login for a user not in [[users]]");
+        return Err((next(seq), denied(&name, !response.scramble_buf().is_empty())));
     };
     if user.auth != AuthMethod::Trust {
         let password = login_password(&user).map_err(|e| (next(seq), e))?;
@@ -397,21 +401,20 @@ async fn authenticate(
             .unwrap_or(AuthPlugin::MysqlNativePassword)
             .into_owned();
         let mut answer = response.scramble_buf().to_vec();
-        if !matches!(
-            plugin,
-            AuthPlugin::MysqlNativePassword | AuthPlugin::CachingSha2Password
-        ) {
-            // Anything else (ed25519, clear text): ask for mysql_native_password.
+        if let Some(to) = switch_to(&plugin, &answer, password) {
+            // Another plugin (ed25519, clear text): ask for mysql_native_password. An
+            // answer that is not one for our challenge (MySQL 8's libmysqlclient starts
+            // caching_sha2_password with empty data, expecting a switch): ask again.
             let mut data = nonce.to_vec();
             data.push(0);
-            let switch = AuthSwitchRequest::new(&b"mysql_native_password"[..], &data[..]);
+            let switch = AuthSwitchRequest::new(to.as_bytes(), &data[..]);
             write_packet(tcp, next(seq), &packet::to_vec(&switch))
                 .await
                 .map_err(io(0))?;
             let mut reply = Vec::new();
             seq = read_packet(tcp, &mut reply, INTERCEPT_MAX).await.map_err(io(0))?;
             answer = reply;
-            plugin = AuthPlugin::MysqlNativePassword;
+            plugin = to;
         }
         check_answer(&name, password, nonce, &plugin, &answer).map_err(|e| (next(seq), e))?;
         if plugin == AuthPlugin::CachingSha2Password {
@@ -441,6 +444,29 @@ fn login_password(user: &UserConfig) -> Result<&str, Error> {
     })
 }
 
+/// The plugin to switch a client to, if its first answer cannot be checked as is:
+/// a plugin we do not verify (→ `mysql_native_password`), or an answer of the wrong
+/// length for its own plugin (→ the same plugin, with our challenge).
+fn switch_to(plugin: &AuthPlugin<'_>, answer: &[u8], password: &str) -> Option<AuthPlugin<'static>> {
+    match plugin {
+        AuthPlugin::MysqlNativePassword if !password.is_empty() && answer.len() != 20 => {
+            Some(AuthPlugin::MysqlNativePassword)
+        }
+        AuthPlugin::CachingSha2Password if !password.is_empty() && answer.len() != 32 => {
+            Some(AuthPlugin::CachingSha2Password)
+        }
+        AuthPlugin::MysqlNativePassword | AuthPlugin::CachingSha2Password => None,
+        _ => Some(AuthPlugin::MysqlNativePassword),
+    }
+}
+
+fn denied(name: &str, with_password: bool) -> Error {
+    Error::auth_failed(format!(
+        "Access denied for user '{name}' (using password: {})",
+        if with_password { "YES" } else { "NO" }
+    ))
+}
+
 /// Does `answer` prove `password` for our challenge `nonce` under `plugin`?
 fn check_answer(
     name: &str,
@@ -457,10 +483,7 @@ fn check_answer(
     if subtle_eq(&expected, answer) {
         Ok(())
     } else {
-        Err(Error::auth_failed(format!(
-            "Access denied for user '{name}' (using password: {})",
-            if answer.is_empty() { "NO" } else { "YES" }
-        )))
+        Err(denied(name, !answer.is_empty()))
     }
 }
 
@@ -533,6 +556,11 @@ struct Relay<'a> {
     last_seq: u8,
     /// The client sent COM_QUIT: the server closing is expected.
     quit: bool,
+    /// The client was already told why the session ends.
+    told: bool,
+    /// LOAD DATA LOCAL INFILE: the client is sending a file (packets until an empty
+    /// one), whose sequence ids wrap through 0 without being commands.
+    in_file: bool,
 }
 
 /// What the proxy does with a command instead of passing it on.
@@ -712,7 +740,7 @@ impl Relay<'_> {
             )),
             _ => None,
         };
-        if let Some(e) = notice {
+        if let Some(e) = notice.filter(|_| !self.told) {
             // The client expects the answer to its command in flight, or (idle) the
             // answer to its next command: sequence id 1.
             let seq = if self.awaiting && self.scanner.at_boundary() {
@@ -757,7 +785,12 @@ impl Relay<'_> {
                 }
                 let len = u32::from_le_bytes([rest[0], rest[1], rest[2], 0]) as usize;
                 let seq = rest[3];
-                if seq == 0 {
+                // A packet with a sequence id other than 0 that starts a message is file
+                // data (the only thing a client sends unasked); an empty one ends it.
+                if seq != 0 || self.in_file {
+                    self.in_file = len != 0;
+                }
+                if seq == 0 && !self.in_file && len != 0 {
                     if rest.len() < 4 + len.min(PEEK) {
                         break; // the start of the command is not here yet
                     }
@@ -847,72 +880,14 @@ impl Relay<'_> {
                 }
                 buf
             }
-            Some(Own::ChangeUser) => {
-                let caps_client = self.client.capabilities;
-                let Some(cmd) = parse_change_user(payload, caps_client) else {
-                    let e = Error::protocol("malformed COM_CHANGE_USER");
-                    return write_packet(client, 1, &packet::err_payload(&e))
-                        .await
-                        .map(|_| ())
-                        .map_err(End::Io);
-                };
-                let name = String::from_utf8_lossy(cmd.user).into_owned();
-                let plugin = cmd
-                    .plugin
-                    .map(AuthPlugin::from_bytes)
-                    .unwrap_or(AuthPlugin::MysqlNativePassword);
-                let config = self.shared.config();
-                let checked = config
-                    .user(&name)
-                    .cloned()
-                    .ok_or_else(|| {
-                        Error::not_authorized(format!(
-                            "Access denied for user '{name}': no such user in Switchyard's [[users]]"
-                        ))
-                    })
-                    .and_then(|user| {
-                        if user.auth != AuthMethod::Trust {
-                            check_answer(&name, login_password(&user)?, &self.client.nonce, &plugin, cmd.auth)?;
-                        }
-                        Ok(user)
-                    });
-                match checked {
-                    // The session goes on as the old user, as a server would not.
-                    Err(e) => packet::err_payload(&e),
-                    Ok(user) => {
-                        let change = server::ChangeUser {
-                            user: &user.name,
-                            password: user.password.as_deref(),
-                            database: cmd.database,
-                            charset: cmd.charset,
-                            attributes: cmd.attributes,
-                        };
-                        match server::change_user(server, &change, caps, &self.node.addr).await {
-                            Err(e) => packet::err_payload(&e),
-                            Ok(()) => {
-                                if self.endpoint == Endpoint::ReadOnly {
-                                    set_read_only(server, caps).await.map_err(End::Failed)?;
-                                }
-                                if let Some(t) = sessions().lock().unwrap().get_mut(&self.id) {
-                                    t.user = user.name.clone();
-                                }
-                                info!(cluster = %self.cluster.name, engine = "mysql", from = %self.user.name, to = %user.name, "COM_CHANGE_USER");
-                                self.user = user;
-                                if plugin == AuthPlugin::CachingSha2Password {
-                                    write_packet(client, 1, &[0x01, 0x03]).await.map_err(End::Io)?;
-                                    return write_packet(client, 2, &packet::ok_payload())
-                                        .await
-                                        .map(|_| ())
-                                        .map_err(End::Io);
-                                }
-                                packet::ok_payload()
-                            }
-                        }
-                    }
-                }
-            }
+            Some(Own::ChangeUser) => return self.change_user(payload, client, server, caps).await,
             Some(Own::Kill { query_only, id }) => {
-                let target = sessions().lock().unwrap().get(&id).cloned();
+                let target = sessions()
+                    .lock()
+                    .unwrap()
+                    .get(&id)
+                    .filter(|t| t.cluster == self.cluster.name)
+                    .cloned();
                 match target {
                     // Not one of ours: a server thread id; the server decides.
                     None => {
@@ -930,6 +905,90 @@ impl Relay<'_> {
         };
         write_packet(client, 1, &reply).await.map_err(End::Io)?;
         Ok(())
+    }
+
+    /// `COM_CHANGE_USER`: the new user's answer to our challenge is checked here (with
+    /// an auth switch first when the client's first answer is not one for it), then
+    /// the server connection is changed with the server's own challenge. Any failure
+    /// ends the session, as MySQL does: no guessing passwords on an open session, and
+    /// no session left half changed (MariaDB resets session state before it checks).
+    async fn change_user(
+        &mut self,
+        payload: &[u8],
+        client: &mut ClientStream,
+        server: &mut ServerConn,
+        caps: CapabilityFlags,
+    ) -> Result<(), End> {
+        let Some(cmd) = parse_change_user(payload, self.client.capabilities) else {
+            return self
+                .refuse(client, 1, Error::protocol("malformed COM_CHANGE_USER"))
+                .await;
+        };
+        let name = String::from_utf8_lossy(cmd.user).into_owned();
+        let mut plugin = cmd
+            .plugin
+            .map(|p| AuthPlugin::from_bytes(p).into_owned())
+            .unwrap_or(AuthPlugin::MysqlNativePassword);
+        let config = self.shared.config();
+        let Some(user) = config.user(&name).cloned() else {
+            debug!(user = %name, "COM_CHANGE_USER to a user not in [[users]]");
+            return self.refuse(client, 1, denied(&name, !cmd.auth.is_empty())).await;
+        };
+        let mut reply_seq = 1;
+        if user.auth != AuthMethod::Trust {
+            let password = match login_password(&user) {
+                Ok(p) => p,
+                Err(e) => return self.refuse(client, 1, e).await,
+            };
+            let mut answer = cmd.auth.to_vec();
+            if let Some(to) = switch_to(&plugin, &answer, password) {
+                let mut data = self.client.nonce.to_vec();
+                data.push(0);
+                let switch = AuthSwitchRequest::new(to.as_bytes(), &data[..]);
+                write_packet(client, 1, &packet::to_vec(&switch))
+                    .await
+                    .map_err(End::Io)?;
+                let got = read_packet(client, &mut answer, INTERCEPT_MAX).await.map_err(End::Io)?;
+                reply_seq = got.wrapping_add(1);
+                plugin = to;
+            }
+            if let Err(e) = check_answer(&name, password, &self.client.nonce, &plugin, &answer) {
+                return self.refuse(client, reply_seq, e).await;
+            }
+        }
+        let change = server::ChangeUser {
+            user: &user.name,
+            password: user.password.as_deref(),
+            database: cmd.database,
+            charset: cmd.charset,
+            attributes: cmd.attributes,
+        };
+        if let Err(e) = server::change_user(server, &change, caps, &self.node.addr).await {
+            return self.refuse(client, reply_seq, e).await;
+        }
+        if self.endpoint == Endpoint::ReadOnly {
+            set_read_only(server, caps).await.map_err(End::Failed)?;
+        }
+        if let Some(t) = sessions().lock().unwrap().get_mut(&self.id) {
+            t.user = user.name.clone();
+        }
+        info!(cluster = %self.cluster.name, engine = "mysql", from = %self.user.name, to = %user.name, "COM_CHANGE_USER");
+        self.user = user;
+        if plugin == AuthPlugin::CachingSha2Password {
+            write_packet(client, reply_seq, &[0x01, 0x03]).await.map_err(End::Io)?;
+            reply_seq = reply_seq.wrapping_add(1);
+        }
+        write_packet(client, reply_seq, &packet::ok_payload())
+            .await
+            .map(|_| ())
+            .map_err(End::Io)
+    }
+
+    /// Tell the client `e` at sequence id `seq` and end the session.
+    async fn refuse(&mut self, client: &mut ClientStream, seq: u8, e: Error) -> Result<(), End> {
+        let _ = write_packet(client, seq, &packet::err_payload(&e)).await;
+        self.told = true;
+        Err(End::Failed(e))
     }
 
     /// Run `KILL [QUERY] <server thread>` on the target's node, logged in as this client

@@ -22,15 +22,20 @@ conn.change_user("app2", "app2", "app")
 assert one(conn, "SELECT CURRENT_USER()") == "app2@%", one(conn, "SELECT CURRENT_USER()")
 conn.cursor().execute("INSERT INTO t VALUES (7)")
 conn.commit()
-# A wrong password: 1045, and the session goes on as before.
+conn.change_user("app", "app", "app")
+assert one(conn, "SELECT CURRENT_USER()") == "app@%"
+# A wrong password: 1045, and the session ends (as MySQL does: no guessing passwords
+# on an open session).
 try:
-    conn.change_user("app", "wrong", "app")
+    conn.change_user("app2", "wrong", "app")
     raise SystemExit("change_user with a wrong password succeeded")
 except MySQLdb.OperationalError as e:
     assert e.args[0] == 1045, e
-assert one(conn, "SELECT CURRENT_USER()") == "app2@%"
-conn.change_user("app", "app", "app")
-assert one(conn, "SELECT CURRENT_USER()") == "app@%"
+try:
+    one(conn, "SELECT 1")
+    raise SystemExit("the session went on after a failed change_user")
+except MySQLdb.OperationalError:
+    pass
 
 # ro: after a change of user the session is still read-only, even on the primary.
 r = MySQLdb.connect(host="127.0.0.1", port=ro, user="app", password="app", database="app")
