@@ -5,8 +5,11 @@
 //! - `health`: the node monitor (`mysql_async`): writable? replicating from whom? lag
 //!   (layer 2).
 //! - `server`: logging in to a server as the client (layer 3).
-//! - `session`: a client from greeting to goodbye, session pooling (layer 5).
+//! - `session`: a client from greeting to goodbye, session pooling (layer 5), with
+//!   `auth` (checking a client's password) and `commands` (KILL, COM_CHANGE_USER).
 
+mod auth;
+mod commands;
 pub mod health;
 pub mod packet;
 pub mod server;

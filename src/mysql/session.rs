@@ -21,15 +21,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use mysql_common::constants::{CapabilityFlags, StatusFlags};
-use mysql_common::io::ParseBuf;
-use mysql_common::packets::{AuthPlugin, AuthSwitchRequest, HandshakePacket, HandshakeResponse};
-use mysql_common::proto::MyDeserialize;
-use mysql_common::scramble::{scramble_native, scramble_sha256};
+use mysql_common::constants::CapabilityFlags;
+use mysql_common::packets::{AuthPlugin, AuthSwitchRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use super::auth::{authenticate, check_answer, denied, login_password, new_nonce, switch_to, Client, Hello};
+use super::commands::{parse_change_user, parse_kill};
 use super::packet::{self, read_packet, write_packet, Scanner};
 use super::server::{self, LoginRequest, ServerConn};
 use crate::backend::connector::{self, Dialer};
@@ -82,19 +81,6 @@ const CONNECTION_ID_BASE: u32 = 0x4000_0000;
 fn next_connection_id() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     CONNECTION_ID_BASE | (NEXT.fetch_add(1, Ordering::Relaxed) & (CONNECTION_ID_BASE - 1))
-}
-
-/// The client as authenticated.
-struct Client {
-    user: UserConfig,
-    /// The challenge of our greeting (`COM_CHANGE_USER` answers it too).
-    nonce: [u8; 20],
-    database: Option<Vec<u8>>,
-    capabilities: CapabilityFlags,
-    collation: u8,
-    attributes: Option<HashMap<String, String>>,
-    /// Sequence id of the client's last login packet.
-    seq: u8,
 }
 
 #[derive(Debug)]
@@ -271,16 +257,6 @@ pub async fn serve(
     }
 }
 
-/// 20 printable bytes, as MySQL servers make them (some clients treat the nonce as a
-/// C string).
-fn new_nonce() -> [u8; 20] {
-    let mut n: [u8; 20] = rand::random();
-    for b in &mut n {
-        *b = 0x21 + (*b % 94);
-    }
-    n
-}
-
 /// Send `e` as an ERR packet with sequence id `seq`, then close without losing it.
 async fn reject(tcp: &mut ClientStream, seq: u8, e: &Error, shared: &Shared) {
     shared.metrics.error(e.code().as_str());
@@ -294,204 +270,6 @@ async fn reject(tcp: &mut ClientStream, seq: u8, e: &Error, shared: &Shared) {
 }
 
 /// Greet the client and check who it is. Errors carry the sequence id of the ERR.
-/// What our greeting says, and whether TLS is offered or required.
-struct Hello<'a> {
-    id: u32,
-    nonce: &'a [u8; 20],
-    offered: CapabilityFlags,
-    version: &'a str,
-    collation: u8,
-    tls: Option<&'a tokio_rustls::TlsAcceptor>,
-    require_tls: bool,
-}
-
-async fn authenticate(
-    stream: &mut Option<ClientStream>,
-    shared: &Shared,
-    hello: Hello<'_>,
-) -> Result<Client, (u8, Error)> {
-    let Hello {
-        id,
-        nonce,
-        offered,
-        version,
-        collation,
-        tls,
-        require_tls,
-    } = hello;
-    let io = |seq: u8| {
-        move |e: std::io::Error| {
-            (
-                seq,
-                Error::protocol(format!("client connection failed during login: {e}")),
-            )
-        }
-    };
-    let mut scramble_2 = nonce[8..].to_vec();
-    scramble_2.push(0);
-    let hello = HandshakePacket::new(
-        10,
-        version.as_bytes(),
-        id,
-        nonce[..8].try_into().expect("8 bytes"),
-        Some(scramble_2),
-        offered,
-        collation,
-        StatusFlags::SERVER_STATUS_AUTOCOMMIT,
-        Some(&b"mysql_native_password"[..]),
-    );
-    let tcp = stream.as_mut().expect("a stream until the TLS upgrade");
-    write_packet(tcp, 0, &packet::to_vec(&hello)).await.map_err(io(1))?;
-    let mut buf = Vec::new();
-    let mut seq = read_packet(tcp, &mut buf, INTERCEPT_MAX).await.map_err(io(2))?;
-    let next = |s: u8| s.wrapping_add(1);
-    // An SSL request: the first 32 bytes of a handshake response with CLIENT_SSL; the
-    // whole response follows inside TLS.
-    let ssl_request = buf.len() == 32 && buf[..4] != [0; 4] && {
-        let caps = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        caps & CapabilityFlags::CLIENT_SSL.bits() != 0
-    };
-    if ssl_request {
-        let Some(acceptor) = tls else {
-            return Err((
-                next(seq),
-                Error::unsupported("TLS is not offered on this listener (client_tls)"),
-            ));
-        };
-        let Some(ClientStream::Plain(plain)) = stream.take() else {
-            return Err((next(seq), Error::protocol("a second SSL request")));
-        };
-        let upgraded = acceptor
-            .accept(plain)
-            .await
-            .map_err(|e| (0, Error::protocol(format!("TLS handshake failed: {e}"))))?;
-        *stream = Some(ClientStream::Tls(Box::new(upgraded)));
-        let tcp = stream.as_mut().expect("just upgraded");
-        seq = read_packet(tcp, &mut buf, INTERCEPT_MAX).await.map_err(io(0))?;
-    } else if require_tls {
-        return Err((
-            next(seq),
-            Error::not_authorized(
-                "this listener requires TLS (client_tls = \"require\"): connect with --ssl / ssl_mode=REQUIRED",
-            ),
-        ));
-    }
-    let tcp = stream.as_mut().expect("a stream");
-    let response = HandshakeResponse::deserialize((), &mut ParseBuf(&buf))
-        .map_err(|e| (next(seq), Error::protocol(format!("malformed handshake response: {e}"))))?;
-    if !response.capabilities().contains(CapabilityFlags::CLIENT_PROTOCOL_41) {
-        return Err((
-            next(seq),
-            Error::unsupported("clients older than MySQL 4.1's protocol are not supported"),
-        ));
-    }
-    let name = String::from_utf8_lossy(response.user()).into_owned();
-    let config = shared.config();
-    let Some(user) = config.user(&name).cloned() else {
-        // The same answer as a wrong password: which users exist is not for a client
-        // that has not authenticated to learn (the log says which it was).
-        debug!(user = %name, "MySQL login for a user not in [[users]]");
-        return Err((next(seq), denied(&name, !response.scramble_buf().is_empty())));
-    };
-    if user.auth != AuthMethod::Trust {
-        let password = login_password(&user).map_err(|e| (next(seq), e))?;
-        let mut plugin = response
-            .auth_plugin()
-            .cloned()
-            .unwrap_or(AuthPlugin::MysqlNativePassword)
-            .into_owned();
-        let mut answer = response.scramble_buf().to_vec();
-        if let Some(to) = switch_to(&plugin, &answer, password) {
-            // Another plugin (ed25519, clear text): ask for mysql_native_password. An
-            // answer that is not one for our challenge (MySQL 8's libmysqlclient starts
-            // caching_sha2_password with empty data, expecting a switch): ask again.
-            let mut data = nonce.to_vec();
-            data.push(0);
-            let switch = AuthSwitchRequest::new(to.as_bytes(), &data[..]);
-            write_packet(tcp, next(seq), &packet::to_vec(&switch))
-                .await
-                .map_err(io(0))?;
-            let mut reply = Vec::new();
-            seq = read_packet(tcp, &mut reply, INTERCEPT_MAX).await.map_err(io(0))?;
-            answer = reply;
-            plugin = to;
-        }
-        check_answer(&name, password, nonce, &plugin, &answer).map_err(|e| (next(seq), e))?;
-        if plugin == AuthPlugin::CachingSha2Password {
-            // Fast authentication succeeded: the OK follows.
-            seq = next(seq);
-            write_packet(tcp, seq, &[0x01, 0x03]).await.map_err(io(0))?;
-        }
-    }
-    Ok(Client {
-        nonce: *nonce,
-        database: response.db_name().map(|d| d.to_vec()),
-        capabilities: response.capabilities() & offered,
-        collation: response.collation(),
-        attributes: response.connect_attributes(),
-        user,
-        seq,
-    })
-}
-
-/// The password a MySQL login is checked with: the plaintext one of `[[users]]`.
-fn login_password(user: &UserConfig) -> Result<&str, Error> {
-    user.password.as_deref().filter(|_| !user.has_scram_verifier()).ok_or_else(|| {
-        Error::not_authorized(format!(
-            "Access denied for user '{}': MySQL logins need the user's password in [[users]] (a SCRAM verifier works for PostgreSQL only)",
-            user.name
-        ))
-    })
-}
-
-/// The plugin to switch a client to, if its first answer cannot be checked as is:
-/// a plugin we do not verify (→ `mysql_native_password`), or an answer of the wrong
-/// length for its own plugin (→ the same plugin, with our challenge).
-fn switch_to(plugin: &AuthPlugin<'_>, answer: &[u8], password: &str) -> Option<AuthPlugin<'static>> {
-    match plugin {
-        AuthPlugin::MysqlNativePassword if !password.is_empty() && answer.len() != 20 => {
-            Some(AuthPlugin::MysqlNativePassword)
-        }
-        AuthPlugin::CachingSha2Password if !password.is_empty() && answer.len() != 32 => {
-            Some(AuthPlugin::CachingSha2Password)
-        }
-        AuthPlugin::MysqlNativePassword | AuthPlugin::CachingSha2Password => None,
-        _ => Some(AuthPlugin::MysqlNativePassword),
-    }
-}
-
-fn denied(name: &str, with_password: bool) -> Error {
-    Error::auth_failed(format!(
-        "Access denied for user '{name}' (using password: {})",
-        if with_password { "YES" } else { "NO" }
-    ))
-}
-
-/// Does `answer` prove `password` for our challenge `nonce` under `plugin`?
-fn check_answer(
-    name: &str,
-    password: &str,
-    nonce: &[u8; 20],
-    plugin: &AuthPlugin<'_>,
-    answer: &[u8],
-) -> Result<(), Error> {
-    let expected = match plugin {
-        AuthPlugin::CachingSha2Password => scramble_sha256(nonce, password.as_bytes()).map(|s| s.to_vec()),
-        _ => scramble_native(nonce, password.as_bytes()).map(|s| s.to_vec()),
-    }
-    .unwrap_or_default();
-    if subtle_eq(&expected, answer) {
-        Ok(())
-    } else {
-        Err(denied(name, !answer.is_empty()))
-    }
-}
-
-/// Compare without stopping at the first difference.
-fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 struct MysqlDialer<'a> {
     request: LoginRequest<'a>,
     endpoint: Endpoint,
@@ -568,79 +346,6 @@ enum Own {
     Kill { query_only: bool, id: u32 },
     Reset,
     ChangeUser,
-}
-
-/// `COM_CHANGE_USER`'s fields, read by hand: `mysql_common`'s `ComChangeUser` parses
-/// them but has no accessors.
-#[derive(Debug, PartialEq)]
-struct ChangeUserCmd<'a> {
-    user: &'a [u8],
-    auth: &'a [u8],
-    database: &'a [u8],
-    charset: Option<u16>,
-    plugin: Option<&'a [u8]>,
-    attributes: Option<&'a [u8]>,
-}
-
-fn cstr<'a>(r: &mut &'a [u8]) -> Option<&'a [u8]> {
-    let i = r.iter().position(|&b| b == 0)?;
-    let s = &r[..i];
-    *r = &r[i + 1..];
-    Some(s)
-}
-
-fn parse_change_user(p: &[u8], caps: CapabilityFlags) -> Option<ChangeUserCmd<'_>> {
-    let mut rest = p.get(1..)?;
-    let user = cstr(&mut rest)?;
-    let auth = if caps.contains(CapabilityFlags::CLIENT_SECURE_CONNECTION) {
-        let n = *rest.first()? as usize;
-        let a = rest.get(1..1 + n)?;
-        rest = &rest[1 + n..];
-        a
-    } else {
-        cstr(&mut rest)?
-    };
-    let database = cstr(&mut rest)?;
-    let mut charset = None;
-    if rest.len() >= 2 {
-        charset = Some(u16::from_le_bytes([rest[0], rest[1]]));
-        rest = &rest[2..];
-    }
-    let plugin = if caps.contains(CapabilityFlags::CLIENT_PLUGIN_AUTH) && !rest.is_empty() {
-        Some(cstr(&mut rest)?)
-    } else {
-        None
-    };
-    let attributes = (caps.contains(CapabilityFlags::CLIENT_CONNECT_ATTRS) && !rest.is_empty()).then_some(rest);
-    Some(ChangeUserCmd {
-        user,
-        auth,
-        database,
-        charset,
-        plugin,
-        attributes,
-    })
-}
-
-/// `KILL [HARD|SOFT] [QUERY|CONNECTION] <id>`: the id is one of ours.
-fn parse_kill(sql: &[u8]) -> Option<(bool, u32)> {
-    let text = std::str::from_utf8(sql).ok()?;
-    let mut words = text.split_ascii_whitespace().map(|w| w.trim_end_matches(';'));
-    if !words.next()?.eq_ignore_ascii_case("kill") {
-        return None;
-    }
-    let mut query_only = false;
-    for w in words {
-        if w.eq_ignore_ascii_case("hard") || w.eq_ignore_ascii_case("soft") || w.eq_ignore_ascii_case("connection") {
-            continue;
-        }
-        if w.eq_ignore_ascii_case("query") {
-            query_only = true;
-            continue;
-        }
-        return w.parse().ok().map(|id| (query_only, id));
-    }
-    None
 }
 
 impl Relay<'_> {
@@ -839,6 +544,14 @@ impl Relay<'_> {
         write_flush(&mut server.stream, bytes).await.map_err(End::Io)
     }
 
+    /// A command the proxy looked at and leaves to the server after all.
+    async fn pass_to_server(&mut self, server: &mut ServerConn, payload: &[u8]) -> Result<(), End> {
+        let mut framed = Vec::new();
+        packet::frame(&mut framed, 0, payload);
+        self.awaiting = true;
+        self.to_server(server, &framed).await
+    }
+
     async fn handle_own(
         &mut self,
         payload: &[u8],
@@ -864,10 +577,7 @@ impl Relay<'_> {
             None => {
                 // A KILL the proxy does not take (KILL USER ..., KILL QUERY ID ...):
                 // the server runs it.
-                let mut framed = Vec::new();
-                packet::frame(&mut framed, 0, payload);
-                self.awaiting = true;
-                return self.to_server(server, &framed).await;
+                return self.pass_to_server(server, payload).await;
             }
             Some(Own::Reset) => {
                 write_packet(&mut server.stream, 0, payload).await.map_err(End::Io)?;
@@ -891,10 +601,7 @@ impl Relay<'_> {
                 match target {
                     // Not one of ours: a server thread id; the server decides.
                     None => {
-                        let mut framed = Vec::new();
-                        packet::frame(&mut framed, 0, payload);
-                        self.awaiting = true;
-                        return self.to_server(server, &framed).await;
+                        return self.pass_to_server(server, payload).await;
                     }
                     Some(t) => match self.kill(&t, query_only).await {
                         Ok(()) => packet::ok_payload(),
@@ -1010,57 +717,5 @@ impl Relay<'_> {
         let _ = write_packet(&mut conn.stream, 0, &[packet::COM_QUIT]).await;
         info!(cluster = %self.cluster.name, engine = "mysql", by = %self.user.name, of = %t.user, node_addr = %t.addr, server_thread = t.thread_id, query_only, ok = result.is_ok(), "KILL forwarded");
         result
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kill_statements() {
-        assert_eq!(parse_kill(b"KILL QUERY 12"), Some((true, 12)));
-        assert_eq!(parse_kill(b"kill 7;"), Some((false, 7)));
-        assert_eq!(parse_kill(b"KILL HARD CONNECTION 3"), Some((false, 3)));
-        assert_eq!(parse_kill(b"KILL USER app"), None);
-        assert_eq!(parse_kill(b"SELECT 1"), None);
-    }
-
-    #[test]
-    fn change_user_commands() {
-        let caps = CapabilityFlags::CLIENT_SECURE_CONNECTION
-            | CapabilityFlags::CLIENT_PLUGIN_AUTH
-            | CapabilityFlags::CLIENT_CONNECT_ATTRS;
-        let mut p = vec![packet::COM_CHANGE_USER];
-        p.extend_from_slice(b"bob\0\x03abcapp\0\x2d\x00mysql_native_password\0\x05\x01a\x02bc");
-        let c = parse_change_user(&p, caps).unwrap();
-        assert_eq!(
-            c,
-            ChangeUserCmd {
-                user: b"bob",
-                auth: b"abc",
-                database: b"app",
-                charset: Some(45),
-                plugin: Some(b"mysql_native_password"),
-                attributes: Some(b"\x05\x01a\x02bc"),
-            }
-        );
-        // The short form of old clients: no charset, no plugin.
-        let c = parse_change_user(b"\x11bob\0\x00db\0", caps).unwrap();
-        assert_eq!(
-            (c.auth, c.database, c.charset, c.plugin),
-            (&b""[..], &b"db"[..], None, None)
-        );
-        assert!(parse_change_user(b"\x11bob", caps).is_none(), "truncated");
-        assert!(
-            parse_change_user(b"\x11bob\0\x09ab", caps).is_none(),
-            "auth longer than the packet"
-        );
-    }
-
-    #[test]
-    fn nonces_are_printable() {
-        let n = new_nonce();
-        assert!(n.iter().all(|b| (0x21..0x7f).contains(b)));
     }
 }
