@@ -34,7 +34,7 @@ use crate::frontend::shared::Shared;
 use crate::frontend::tls::{negotiate, write_flush, ClientStream};
 use crate::frontend::txn::{Driver, TxnClient};
 use crate::obs::clients::NewClient;
-use crate::obs::metrics::{ClusterLabels, EndpointLabels, RoutedLabels};
+use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::messages;
 use crate::protocol::tags::FrontendTag;
@@ -190,19 +190,10 @@ pub async fn serve(
         .observe(wait.as_secs_f64());
     info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, user = %client.user, database = %client.database,
           node = %connected.node, setup_ms = wait.as_millis() as u64, "session started");
-    let endpoint_labels = EndpointLabels {
-        cluster: cluster.name.clone(),
-        endpoint: endpoint.to_string(),
-    };
-    let gauge = shared
-        .metrics
-        .client_connections
-        .get_or_create(&endpoint_labels)
-        .clone();
-    gauge.inc();
+    let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
     let node = connected.node.clone();
     let end = relay(stream, connected, &client, peer, &cluster, endpoint, &shared, &config).await;
-    gauge.dec();
+    drop(gauge);
     match &end {
         End::Failed(e) => {
             warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy")
@@ -245,15 +236,7 @@ async fn serve_transaction_mode(
         String::new(),
         0,
     );
-    let gauge = shared
-        .metrics
-        .client_connections
-        .get_or_create(&EndpointLabels {
-            cluster: cluster.name.clone(),
-            endpoint: endpoint.to_string(),
-        })
-        .clone();
-    gauge.inc();
+    let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
     let who = TxnClient {
         credential: client.credential,
         user: client.user,
@@ -270,7 +253,7 @@ async fn serve_transaction_mode(
         warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy");
         goodbye(driver.client_mut(), &e.to_fatal()).await;
     }
-    gauge.dec();
+    drop(gauge);
     drop(entry);
 }
 

@@ -41,7 +41,6 @@ use crate::frontend::session::NodeSlot;
 use crate::frontend::shared::Shared;
 use crate::frontend::tls::{write_flush, ClientStream};
 use crate::obs::clients::NewClient;
-use crate::obs::metrics::EndpointLabels;
 use crate::tls::ServerTls;
 
 const RELAY_BUFFER: usize = 16 * 1024;
@@ -223,15 +222,7 @@ pub async fn serve(
     });
     info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", user = %client.user.name,
           node = %node.name, server_thread = server.thread_id, setup_ms = connected.waited.as_millis() as u64, "session started");
-    let gauge = shared
-        .metrics
-        .client_connections
-        .get_or_create(&EndpointLabels {
-            cluster: cluster.name.clone(),
-            endpoint: endpoint.to_string(),
-        })
-        .clone();
-    gauge.inc();
+    let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
     let mut relay = Relay {
         cluster: &cluster,
         endpoint,
@@ -248,7 +239,7 @@ pub async fn serve(
         in_file: false,
     };
     let end = relay.run(&mut tcp, server, rx).await;
-    gauge.dec();
+    drop(gauge);
     match &end {
         End::Failed(e) => {
             warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", node = %node.name, code = e.mysql_code().number, reason = %e, "session ended by proxy")

@@ -242,6 +242,19 @@ impl Metrics {
             .inc();
     }
 
+    /// Count a connected client in `client_connections` until the guard is dropped.
+    pub fn client_connected(&self, cluster: &str, endpoint: impl std::fmt::Display) -> ClientGauge {
+        let g = self
+            .client_connections
+            .get_or_create(&EndpointLabels {
+                cluster: cluster.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .clone();
+        g.inc();
+        ClientGauge(g)
+    }
+
     pub fn error(&self, sqlstate: &str) {
         let class = sqlstate.get(..2).unwrap_or("??").to_string();
         self.errors.get_or_create(&ErrorLabels { class }).inc();
@@ -329,5 +342,14 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry.lock().unwrap()).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// One connected client in `client_connections` (`Metrics::client_connected`).
+pub struct ClientGauge(Gauge);
+
+impl Drop for ClientGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
