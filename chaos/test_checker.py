@@ -25,13 +25,13 @@ def w(i, s, node=N1, tl=1, lsn="0/1000000", o="ack", k="w"):
 
 
 def run(ops, present, sync=False, history=None, timeline=1, faults=(), raw_present=(), fds=(20, 22),
-        incarnations=()):
+        incarnations=(), read_hold_s=0.0):
     r = {
         "ops": list(ops), "faults": list(faults), "sync": sync,
         "final": {"tables": {"chaos_writes": set(present), "chaos_raw": set(raw_present)},
                   "history": history or {}, "timeline": timeline},
         "node_by_addr": {N1: "n1", N2: "n2"}, "t_start": 0.0, "t_end": 100.0, "op_timeout": 10,
-        "fd_bound": 32, "gate_stale_reads": True,
+        "fd_bound": 32, "gate_stale_reads": True, "read_hold_s": read_hold_s,
         "proxy": {"incarnations": list(incarnations), "panics": [], "idle_start": {"fds": fds[0]},
                   "idle_end": {"fds": fds[1]}},
     }
@@ -96,6 +96,14 @@ class CheckerTest(unittest.TestCase):
         res = run([st_ok, st_none] + raw, set(), raw_present={7})
         self.assertTrue(res["passed"], res["violations"])
         self.assertEqual(res["reads"]["raw_causal"]["excused_no_primary"], 1)
+        # With a read hold, a miss is excused only once the cluster had no primary for
+        # the whole hold (counted from the last sample that showed one).
+        res = run([st_ok, st_none] + raw, set(), raw_present={7}, read_hold_s=5.0)
+        self.assertIn("stale reads", checks(res))
+        late = [w(7, 1.0, k="raw_w"), {"k": "raw_causal", "id": 7, "s": 5.4, "e": 5.6, "o": "ack", "n": 0,
+                                       "node": "10.77.0.13:5432", "rec": True}]
+        res = run([st_ok, st_none] + late, set(), raw_present={7}, read_hold_s=5.0)
+        self.assertTrue(res["passed"], res["violations"])
 
     def test_fd_growth_and_crashes(self):
         self.assertTrue(run([w(1, 1.0)], {1}, fds=(20, 52))["passed"])

@@ -325,3 +325,84 @@ async fn with_a_shared_floor_the_next_connection_of_the_user_sees_the_write() {
         "0"
     );
 }
+
+/// A primary with one standby that applies WAL `late`, through a split rw endpoint with
+/// `hold_ms` as the failover hold; table `t` holds row 1, written by the returned
+/// connection, whose next read already went to the primary (its floor is known). Then
+/// the primary is stopped and Switchyard has seen it down.
+async fn writer_left_without_primary(late: Duration, hold_ms: u64) -> (LocalCluster, Proxy, Held) {
+    let cluster = LocalCluster::start(1).unwrap();
+    let admin = free_port();
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        &format!("{SPLIT}\nfailover_hold_ms = {hold_ms}\nmax_replica_lag_ms = 600000"),
+        &format!("[admin]\nhttp_listen = \"127.0.0.1:{admin}\""),
+    );
+    cluster
+        .sql_db(0, APP_DB, "CREATE TABLE t (id int PRIMARY KEY)")
+        .unwrap();
+    cluster.sql_db(0, APP_DB, "GRANT ALL ON t TO PUBLIC").unwrap();
+    cluster.wait_replayed(Duration::from_secs(10)).unwrap();
+    cluster.apply_late(late).unwrap();
+    let c = connect(proxy.rw).await.unwrap();
+    c.simple_query("INSERT INTO t VALUES (1)").await.unwrap();
+    assert_eq!(one(&c, "SELECT count(*) FROM t").await.unwrap(), "1");
+    assert_eq!(
+        one(&c, "SELECT pg_is_in_recovery()").await.unwrap(),
+        "f",
+        "the standby is late: the primary answers"
+    );
+    cluster.stop_node(0, "immediate").unwrap();
+    wait_for("the primary seen down", Duration::from_secs(20), || {
+        let (_, body) = http_get(admin, "/status");
+        let doc: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (doc["clusters"][0]["nodes"][0]["health"].as_str()? == "down").then_some(())
+    });
+    (cluster, proxy, c)
+}
+
+/// The chaos suite's stale read (seed 5): a read that must see the client's write, in
+/// the moment between the primary's loss and a promotion, went to a standby that did
+/// not have it. It now waits for the promotion and reads its write there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_primary_a_read_that_must_see_a_write_waits_for_the_promotion() {
+    let (cluster, _proxy, c) = writer_left_without_primary(Duration::from_secs(30), 30_000).await;
+    let started = Instant::now();
+    let promote = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        // Promotion ends the apply delay: the new primary has every write it received.
+        cluster.promote(1).unwrap();
+        cluster
+    });
+    let seen = one(&c, "SELECT count(*) || ' ' || pg_is_in_recovery()::text FROM t").await;
+    let waited = started.elapsed();
+    let _cluster = promote.await.unwrap();
+    assert_eq!(
+        seen.unwrap(),
+        "1 false",
+        "the read must wait for the new primary, not read the late standby"
+    );
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "answered after {waited:?}: it did not wait"
+    );
+    report(&format!("read held {waited:?} until the standby's promotion"));
+}
+
+/// When no primary comes back within the hold, reads go on from the standbys that are
+/// left, as fresh as they are (documented), instead of failing; and the hold counts
+/// from the primary's loss, so the next read does not wait again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_primary_past_the_hold_reads_go_on_from_the_standbys() {
+    let (_cluster, _proxy, c) = writer_left_without_primary(Duration::from_secs(30), 2_000).await;
+    let seen = one(&c, "SELECT count(*) || ' ' || pg_is_in_recovery()::text FROM t").await;
+    assert_eq!(seen.unwrap(), "0 true", "served by the late standby after the hold");
+    let started = Instant::now();
+    assert_eq!(one(&c, "SELECT pg_is_in_recovery()").await.unwrap(), "t");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "held again: {:?}",
+        started.elapsed()
+    );
+}

@@ -168,6 +168,10 @@ class Run:
             "node_by_addr": {n.addr: n.name for n in self.cluster.nodes.values()},
             "t_start": self.t_start, "t_end": self.t_end, "op_timeout": a.op_timeout,
             "fd_bound": a.fd_bound, "gate_stale_reads": not a.no_gate_stale_reads,
+            # Switchyard's failover_hold_ms as configured by proxy.py (not set: 10 s with
+            # automatic failover, else connect_timeout_ms = 5 s): how long a read that must
+            # see a client's writes waits for a primary before standbys may serve it.
+            "read_hold_s": 10.0 if a.failover == "automatic" else 5.0,
             "proxy": {"incarnations": self.proxy.incarnations, "panics": panics, "log_warnings": warn_counts,
                       "idle_start": idle_start, "idle_end": idle_end,
                       "max_rss_kib": max((r.get("rss_kib") or 0 for r in self.observer.resources), default=None),

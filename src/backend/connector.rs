@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::cluster::freshness;
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, NodeState, Role};
 use crate::cluster::ClusterCtx;
@@ -97,12 +98,28 @@ async fn connect_inner<D: Dialer>(
             held = true;
             deadline = deadline.max(started + snap.failover_hold);
         }
+        // A read that must see something (`accept` given) is held the same way, from the
+        // primary's loss (`freshness::reads_held_until`), then may take any standby: it
+        // gets time for one login after the hold.
+        let reads_held_until = match (endpoint, accept) {
+            (Endpoint::ReadOnly, Some(_)) => freshness::reads_held_until(&snap).filter(|&end| end > Instant::now()),
+            _ => None,
+        };
+        if let Some(end) = reads_held_until {
+            held = true;
+            deadline = deadline.max(end + login_timeout);
+        }
         let turn = cluster.turn.fetch_add(1, Ordering::Relaxed);
         let problem = match routing::route(endpoint, &snap, turn) {
             Ok(candidates) => {
+                let mut not_fresh = 0;
                 for index in candidates {
                     let node = &snap.nodes[index];
-                    if exclude == Some(node.name.as_str()) || accept.is_some_and(|f| !f(&snap, index)) {
+                    if exclude == Some(node.name.as_str()) {
+                        continue;
+                    }
+                    if accept.is_some_and(|f| !f(&snap, index)) {
+                        not_fresh += 1;
                         continue;
                     }
                     let remaining = deadline.saturating_duration_since(Instant::now());
@@ -150,7 +167,11 @@ async fn connect_inner<D: Dialer>(
                         "readable"
                     },
                     cluster.name,
-                    failures.join("; "),
+                    if not_fresh > 0 && failures.is_empty() {
+                        format!("{not_fresh} standby node(s) not known to have replayed what this client must read (its own writes or causal token)")
+                    } else {
+                        failures.join("; ")
+                    },
                     snap.describe_nodes()
                 )
             }
@@ -169,8 +190,15 @@ async fn connect_inner<D: Dialer>(
             },
         };
         let now = Instant::now();
-        let changed =
-            now < deadline && matches!(tokio::time::timeout(deadline - now, waiter.changed()).await, Ok(Ok(())));
+        // Look again when the topology changes, or when a read hold ends (the same
+        // snapshot then accepts more).
+        let wake = reads_held_until.map_or(deadline, |end| end.min(deadline));
+        let changed = now < deadline
+            && match tokio::time::timeout(wake.saturating_duration_since(now), waiter.changed()).await {
+                Ok(Ok(())) => true,
+                Ok(Err(_)) => false,
+                Err(_) => wake < deadline,
+            };
         if !changed {
             let mut problem = problem;
             if held {

@@ -207,6 +207,18 @@ pub fn qualifies(snap: &ClusterSnapshot, i: usize, need: Floor, replayed: u64) -
     (timeline == need.timeline || need.timeline == 0) && replayed >= need.lsn
 }
 
+/// Until when reads that must see something (a floor, or writes whose position the
+/// primary could not tell) wait for a primary rather than take a standby that has not
+/// shown it has them: `failover_hold` from the moment the cluster lost its primary.
+/// A missing primary is most often a failover under way (Switchyard's own with
+/// `failover = "automatic"`), and a standby that is behind now may be the one that
+/// becomes primary and catches up, or be left behind by it. After the hold, the
+/// standbys that are left serve such reads, as fresh as they are (reads go on through
+/// an outage). `None`: a primary is up.
+pub fn reads_held_until(snap: &ClusterSnapshot) -> Option<Instant> {
+    snap.no_primary_since.map(|since| since + snap.failover_hold)
+}
+
 /// How often a standby's replay position is polled while reads may need it soon (while
 /// one waits, polls follow each other back to back).
 const PROBE_EVERY: Duration = Duration::from_millis(2);

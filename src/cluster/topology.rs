@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::config::{ReadBalance, SplitBrainRule};
 
@@ -317,6 +318,11 @@ pub struct ClusterSnapshot {
     pub system_id: Option<u64>,
     /// With `[coordination]`: what the instances agreed through etcd.
     pub coordination: Option<Coordination>,
+    /// Since when the cluster has had no primary (by the routing rule), if it has none:
+    /// reads that must see a client's writes wait up to `failover_hold` from then for a
+    /// primary instead of going to a standby that may not have them. Kept by
+    /// `ClusterState`, the only writer of published snapshots.
+    pub no_primary_since: Option<Instant>,
 }
 
 /// The agreed state of a cluster under coordination, as this instance last read it.
@@ -365,6 +371,7 @@ impl ClusterSnapshot {
             timeline_start: 0,
             system_id: None,
             coordination: None,
+            no_primary_since: None,
         }
     }
 
@@ -451,8 +458,9 @@ const WAL_SAMPLES_KEPT: usize = 3600;
 impl ClusterState {
     /// `primary_of`: the rule that names the primary (`routing::primary`); the lag of
     /// standbys is measured against that node's WAL positions only.
-    pub fn new(snapshot: ClusterSnapshot, primary_of: fn(&ClusterSnapshot) -> Option<usize>) -> Arc<ClusterState> {
+    pub fn new(mut snapshot: ClusterSnapshot, primary_of: fn(&ClusterSnapshot) -> Option<usize>) -> Arc<ClusterState> {
         let name = snapshot.name.clone();
+        snapshot.no_primary_since = primary_of(&snapshot).is_none().then(Instant::now);
         let (tx, _) = watch::channel(Arc::new(snapshot));
         Arc::new(ClusterState {
             name,
@@ -476,6 +484,10 @@ impl ClusterState {
         self.tx.send_if_modified(|snap| {
             let mut next = (**snap).clone();
             let notify = f(&mut next);
+            next.no_primary_since = match (self.primary_of)(&next) {
+                Some(_) => None,
+                None => next.no_primary_since.or_else(|| Some(Instant::now())),
+            };
             *snap = Arc::new(next);
             notify
         });
@@ -701,6 +713,34 @@ mod tests {
             streaming: None,
             system_id: None,
         })
+    }
+
+    #[test]
+    fn the_moment_the_primary_was_lost_is_kept_until_one_is_back() {
+        let state = primary_and_standby();
+        // Not checked yet: no primary since start.
+        let start = state
+            .snapshot()
+            .no_primary_since
+            .expect("no primary before the first check");
+        state.record("p", obs(Role::Primary, 100), 1, 1);
+        state.record("s", obs(Role::Standby, 100), 1, 1);
+        assert_eq!(state.snapshot().no_primary_since, None);
+        // The primary goes down: the clock starts, and later checks do not restart it.
+        state.record("p", Err("connection refused".into()), 1, 1);
+        let lost = state.snapshot().no_primary_since.expect("primary down");
+        assert!(lost >= start);
+        state.record("s", obs(Role::Standby, 100), 1, 1);
+        state.record("p", Err("connection refused".into()), 1, 1);
+        assert_eq!(state.snapshot().no_primary_since, Some(lost));
+        assert_eq!(
+            crate::cluster::freshness::reads_held_until(&state.snapshot()),
+            Some(lost + state.snapshot().failover_hold)
+        );
+        // The standby is promoted: a primary again.
+        state.record("s", obs(Role::Primary, 200), 1, 1);
+        assert_eq!(state.snapshot().no_primary_since, None);
+        assert_eq!(crate::cluster::freshness::reads_held_until(&state.snapshot()), None);
     }
 
     #[test]

@@ -311,10 +311,16 @@ impl Placement {
     }
 
     /// May node `i` of `snap` take the read? The primary always may; a standby if it
-    /// replayed the floor. With no primary up, any readable standby may: reads go on
-    /// when the primary is down, as fresh as what is left.
+    /// replayed the floor. With no primary up, the read waits for one (or for a standby
+    /// that has replayed the floor) up to `failover_hold` from the primary's loss; after
+    /// that any readable standby may: reads go on through an outage, as fresh as what is
+    /// left (`freshness::reads_held_until`).
     pub fn accepts(&self, cluster: &ClusterCtx, snap: &ClusterSnapshot, i: usize) -> bool {
-        if snap.nodes[i].role == Role::Primary || routing::primary(snap).is_err() {
+        if snap.nodes[i].role == Role::Primary {
+            return true;
+        }
+        if routing::primary(snap).is_err() && freshness::reads_held_until(snap).is_none_or(|end| Instant::now() >= end)
+        {
             return true;
         }
         if self.primary_only {
