@@ -4,7 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::frontend::tls::ClientStream;
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::info;
 
@@ -14,6 +14,7 @@ use crate::cluster::routing;
 use crate::error::Error;
 use crate::frontend::shared::Shared;
 use crate::protocol::messages;
+use crate::protocol::tags::{FrontendTag, TxStatus};
 
 pub use crate::frontend::session::ADMIN_DATABASE;
 const MAX_COMMAND: usize = 64 * 1024;
@@ -53,7 +54,7 @@ pub async fn run(mut stream: ClientStream, user: &str, shared: &Shared) {
         messages::parameter_status(&mut out, k, v);
     }
     messages::backend_key_data(&mut out, 0, 0);
-    messages::ready_for_query(&mut out, b'I');
+    messages::ready_for_query(&mut out, TxStatus::Idle);
     if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
         return;
     }
@@ -77,9 +78,9 @@ pub async fn run(mut stream: ClientStream, user: &str, shared: &Shared) {
             return;
         }
         out.clear();
-        match tag {
-            b'X' => return,
-            b'Q' => {
+        match FrontendTag::of(tag) {
+            Some(FrontendTag::Terminate) => return,
+            Some(FrontendTag::Query) => {
                 let sql = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(&body)).into_owned();
                 for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                     info!(user = %user, command = %statement, "admin command");
@@ -101,17 +102,16 @@ pub async fn run(mut stream: ClientStream, user: &str, shared: &Shared) {
                     write_answer(&mut out, answer);
                 }
                 if sql.trim().trim_matches(';').is_empty() {
-                    out.put_u8(b'I');
-                    out.put_i32(4);
+                    messages::empty_query_response(&mut out);
                 }
-                messages::ready_for_query(&mut out, b'I');
+                messages::ready_for_query(&mut out, TxStatus::Idle);
             }
             // Extended protocol: nothing to do until Sync, then one error.
-            b'S' => {
+            Some(FrontendTag::Sync) => {
                 out.extend_from_slice(
                     &Error::unsupported("the admin console understands only simple queries").to_error(Some(HELP)),
                 );
-                messages::ready_for_query(&mut out, b'I');
+                messages::ready_for_query(&mut out, TxStatus::Idle);
             }
             _ => continue,
         }

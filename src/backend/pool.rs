@@ -14,6 +14,7 @@ use tracing::debug;
 use crate::backend::scram::Credential;
 use crate::backend::server::{self, ServerConn, ServerError};
 pub use crate::config::PoolSettings;
+use crate::protocol::tags::BackendTag;
 use crate::protocol::views;
 use crate::tls::ServerTls;
 
@@ -125,7 +126,7 @@ impl PooledConn {
         let mut rest = &conn.startup_messages[..];
         while let Some((tag, len)) = views::header(rest) {
             let Some(msg) = rest.get(..len as usize + 1) else { break };
-            if tag == b'S' {
+            if BackendTag::of(tag) == BackendTag::ParameterStatus {
                 if let Ok(s) = views::ParameterStatus::decode(&msg[5..]) {
                     state.report(s);
                 }

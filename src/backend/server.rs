@@ -11,6 +11,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::backend::scram::{Credential, KeyedScram};
 use crate::error::Error;
+use crate::protocol::tags::BackendTag;
 use crate::tls::{write_flush, ServerStream, ServerTls};
 
 /// Messages during login are small; anything bigger is a broken or hostile server.
@@ -101,24 +102,26 @@ async fn connect_inner(addr: &str, login: &Login<'_>) -> Result<ServerConn, Serv
     let mut hot_standby = None;
     loop {
         let (tag, body) = conn.read_message().await?;
-        match tag {
-            b'S' => {
+        match BackendTag::of(tag) {
+            BackendTag::ParameterStatus => {
                 let mut fields = body.split(|&b| b == 0);
                 if fields.next() == Some(b"in_hot_standby") {
                     hot_standby = fields.next().map(|v| v == b"on");
                 }
                 put_message(&mut startup_messages, tag, &body);
             }
-            b'N' => put_message(&mut startup_messages, tag, &body),
-            b'K' if body.len() >= 8 => backend_key = ((&body[0..4]).get_i32(), (&body[4..8]).get_i32()),
-            b'E' => return Err(refused(&body)),
-            b'Z' => break,
-            // NegotiateProtocolVersion: we sent only 3.0 with no _pq_ options; ignore.
-            b'v' => {}
+            BackendTag::NoticeResponse => put_message(&mut startup_messages, tag, &body),
+            BackendTag::BackendKeyData if body.len() >= 8 => {
+                backend_key = ((&body[0..4]).get_i32(), (&body[4..8]).get_i32())
+            }
+            BackendTag::ErrorResponse => return Err(refused(&body)),
+            BackendTag::ReadyForQuery => break,
+            // We sent only 3.0 with no _pq_ options; ignore.
+            BackendTag::NegotiateProtocolVersion => {}
             other => {
                 return Err(ServerError::Protocol(format!(
                     "unexpected message '{}' after login",
-                    other as char
+                    other.byte() as char
                 )))
             }
         }
@@ -164,13 +167,13 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
     let mut out = BytesMut::new();
     loop {
         let (tag, body) = conn.read_message().await?;
-        match tag {
-            b'E' => return Err(refused(&body)),
-            b'R' if body.len() >= 4 => {}
+        match BackendTag::of(tag) {
+            BackendTag::ErrorResponse => return Err(refused(&body)),
+            BackendTag::Authentication if body.len() >= 4 => {}
             other => {
                 return Err(ServerError::Protocol(format!(
                     "expected authentication, got '{}'",
-                    other as char
+                    other.byte() as char
                 )))
             }
         }
@@ -317,11 +320,11 @@ impl Wire {
         let mut answer = None;
         loop {
             let (tag, body) = self.read_message().await?;
-            match tag {
-                // DataRow: int16 column count, int32 length, value text ('t' / 'f').
-                b'D' if body.len() >= 7 => answer = Some(body[6] == b't'),
-                b'E' => return Err(refused(&body)),
-                b'Z' => break,
+            match BackendTag::of(tag) {
+                // int16 column count, int32 length, value text ('t' / 'f').
+                BackendTag::DataRow if body.len() >= 7 => answer = Some(body[6] == b't'),
+                BackendTag::ErrorResponse => return Err(refused(&body)),
+                BackendTag::ReadyForQuery => break,
                 _ => {}
             }
         }

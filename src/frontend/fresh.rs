@@ -21,6 +21,7 @@ use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, ReadYourWrites};
 use crate::error::Error;
 use crate::obs::metrics::{ClusterLabels, Metrics};
+use crate::protocol::tags::{FrontendTag, TxStatus};
 use crate::protocol::{messages, views};
 
 /// How long learning the primary's WAL position may take before a read gives up on a
@@ -53,7 +54,7 @@ pub fn write_causal_reply(out: &mut BytesMut, reply: Result<CausalReply, Error>)
         Ok(CausalReply::Reset) => messages::command_complete(out, "RESET"),
         Err(e) => out.extend_from_slice(&e.to_error(None)),
     }
-    messages::ready_for_query(out, b'I');
+    messages::ready_for_query(out, TxStatus::Idle);
 }
 
 pub struct Causal {
@@ -290,9 +291,10 @@ impl Causal {
 /// `buf` is exactly one simple Query holding a causal-token statement (session mode
 /// answers only such a buffer itself; anything else passes through).
 pub fn lone_causal_statement(buf: &[u8]) -> Option<CausalStatement> {
-    let (b'Q', len) = views::header(buf)? else {
+    let (tag, len) = views::header(buf)?;
+    if FrontendTag::of(tag) != Some(FrontendTag::Query) {
         return None;
-    };
+    }
     if len as usize + 1 != buf.len() {
         return None;
     }

@@ -37,7 +37,7 @@ use crate::obs::clients::NewClient;
 use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 use crate::protocol::framing::{FrameError, Framer};
 use crate::protocol::messages;
-use crate::protocol::tags::FrontendTag;
+use crate::protocol::tags::{BackendTag, FrontendTag, TxStatus};
 use crate::protocol::views;
 
 const RELAY_BUFFER: usize = 8192;
@@ -366,7 +366,7 @@ async fn send_welcome(
     let mut out = BytesMut::with_capacity(conn.startup_messages.len() + 32);
     out.extend_from_slice(&conn.startup_messages);
     messages::backend_key_data(&mut out, reg.pid, reg.key);
-    messages::ready_for_query(&mut out, b'I');
+    messages::ready_for_query(&mut out, TxStatus::Idle);
     stream.write_all(&out).await?;
     stream.flush().await?;
     Ok(reg)
@@ -483,16 +483,16 @@ async fn relay(
                 let mut terminate = false;
                 let mut requests = 0;
                 let mut executed = 0;
-                let scanned = framer.scan(&buf, |tag, _| {
-                    match tag {
-                        b'Q' | b'F' => {
+                let scanned = framer.scan(&buf, |byte, _| {
+                    match FrontendTag::of(byte) {
+                        Some(FrontendTag::Query | FrontendTag::FunctionCall) => {
                             requests += 1;
                             executed += 1;
                         }
-                        b'E' => executed += 1,
-                        b'S' => requests += 1,
-                        b'X' => terminate = true,
-                        t if FrontendTag::of(t).is_none() => return Err(ScanStop::Tag(t)),
+                        Some(FrontendTag::Execute) => executed += 1,
+                        Some(FrontendTag::Sync) => requests += 1,
+                        Some(FrontendTag::Terminate) => terminate = true,
+                        None => return Err(ScanStop::Tag(byte)),
                         _ => {}
                     }
                     Ok(())
@@ -549,7 +549,7 @@ async fn relay(
                 let mut ready = 0;
                 if let Err(e) = framer.scan::<FrameError>(&buf, |tag, _| {
                     last_server_tag.store(tag, Ordering::Relaxed);
-                    ready += (tag == b'Z') as i32;
+                    ready += (BackendTag::of(tag) == BackendTag::ReadyForQuery) as i32;
                     Ok(())
                 }) {
                     return End::Failed(Error::server_protocol(format!("server sent a malformed message: {e}")));
@@ -600,14 +600,18 @@ async fn relay(
         End::Failed(e) => Some(e.clone()),
         // A server that ends a session on purpose says why with an ErrorResponse; say
         // something only when it vanished without a word.
-        End::ServerClosed | End::Io(_) if last_server_tag.load(Ordering::Relaxed) != b'E' => Some(Error::server_lost(
-            &cluster.name,
-            &node,
-            match &end {
-                End::Io(e) => e.to_string(),
-                _ => "the server closed the connection".to_string(),
-            },
-        )),
+        End::ServerClosed | End::Io(_)
+            if BackendTag::of(last_server_tag.load(Ordering::Relaxed)) != BackendTag::ErrorResponse =>
+        {
+            Some(Error::server_lost(
+                &cluster.name,
+                &node,
+                match &end {
+                    End::Io(e) => e.to_string(),
+                    _ => "the server closed the connection".to_string(),
+                },
+            ))
+        }
         _ => None,
     };
     if let Some(e) = notice {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::cluster::routing::Endpoint;
+use crate::protocol::tags::TxStatus;
 
 pub struct ClientInfo {
     pub id: u64,
@@ -21,7 +22,7 @@ pub struct ClientInfo {
     pub node: String,
     pub server_addr: String,
     pub server_pid: i32,
-    /// Transaction status of the last ReadyForQuery: b'I', b'T' or b'E'.
+    /// Transaction status of the last ReadyForQuery (`TxStatus::byte`).
     status: AtomicU8,
     /// Requests (Query, Sync, FunctionCall) sent and not yet answered by ReadyForQuery.
     pending: AtomicI32,
@@ -31,17 +32,17 @@ impl ClientInfo {
     /// Between transactions with nothing in flight: the moment a session can be paused
     /// or closed without losing work.
     pub fn idle(&self) -> bool {
-        self.pending.load(Ordering::Acquire) <= 0 && self.status.load(Ordering::Acquire) == b'I'
+        self.pending.load(Ordering::Acquire) <= 0 && TxStatus::of(self.status.load(Ordering::Acquire)) == TxStatus::Idle
     }
 
     pub fn state(&self) -> &'static str {
         if self.pending.load(Ordering::Relaxed) > 0 {
             return "active";
         }
-        match self.status.load(Ordering::Relaxed) {
-            b'T' => "idle in transaction",
-            b'E' => "idle in failed transaction",
-            _ => "idle",
+        match TxStatus::of(self.status.load(Ordering::Relaxed)) {
+            TxStatus::InTransaction => "idle in transaction",
+            TxStatus::Failed => "idle in failed transaction",
+            TxStatus::Idle => "idle",
         }
     }
 
@@ -51,8 +52,8 @@ impl ClientInfo {
         }
     }
 
-    pub fn ready_for_query(&self, status: u8) {
-        self.status.store(status, Ordering::Release);
+    pub fn ready_for_query(&self, status: TxStatus) {
+        self.status.store(status.byte(), Ordering::Release);
         self.pending.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -102,7 +103,7 @@ impl Clients {
             node: c.node,
             server_addr: c.server_addr,
             server_pid: c.server_pid,
-            status: AtomicU8::new(b'I'),
+            status: AtomicU8::new(TxStatus::Idle.byte()),
             pending: AtomicI32::new(0),
         });
         self.map.lock().unwrap().insert(id, info.clone());

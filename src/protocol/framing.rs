@@ -4,6 +4,8 @@
 //! session loop needs: to vet client messages, and to inject an ErrorResponse only at a
 //! boundary so the client's stream stays well-formed.
 
+use crate::protocol::tags::{BackendTag, TxStatus};
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     #[error("invalid message length {len} for message type '{tag}'")]
@@ -21,7 +23,7 @@ pub struct Framer {
     limit: u32,
     /// The next body byte is a ReadyForQuery status.
     want_status: bool,
-    last_status: u8,
+    last_status: TxStatus,
 }
 
 impl Framer {
@@ -32,12 +34,12 @@ impl Framer {
             header_len: 0,
             limit,
             want_status: false,
-            last_status: b'I',
+            last_status: TxStatus::Idle,
         }
     }
 
-    /// Transaction status of the last ReadyForQuery seen (b'I', b'T', b'E').
-    pub fn last_ready_status(&self) -> u8 {
+    /// Transaction status of the last ReadyForQuery seen.
+    pub fn last_ready_status(&self) -> TxStatus {
         self.last_status
     }
 
@@ -58,7 +60,7 @@ impl Framer {
         while pos < chunk.len() {
             if self.remaining > 0 {
                 if self.want_status {
-                    self.last_status = chunk[pos];
+                    self.last_status = TxStatus::of(chunk[pos]);
                     self.want_status = false;
                 }
                 let step = self.remaining.min(chunk.len() - pos);
@@ -90,7 +92,7 @@ impl Framer {
             }
             on_message(tag, len)?;
             self.remaining = len as usize - 4;
-            self.want_status = tag == b'Z' && len == 5;
+            self.want_status = BackendTag::of(tag) == BackendTag::ReadyForQuery && len == 5;
         }
         Ok(())
     }
@@ -139,11 +141,11 @@ mod tests {
             let mut f = Framer::new(1 << 20);
             collect(&mut f, &stream[..split]).unwrap();
             collect(&mut f, &stream[split..]).unwrap();
-            assert_eq!(f.last_ready_status(), b'I', "split at {split}");
+            assert_eq!(f.last_ready_status(), TxStatus::Idle, "split at {split}");
         }
         let mut f = Framer::new(1 << 20);
         collect(&mut f, b"Z\0\0\0\x05T").unwrap();
-        assert_eq!(f.last_ready_status(), b'T');
+        assert_eq!(f.last_ready_status(), TxStatus::InTransaction);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use bytes::{BufMut, BytesMut};
 
+use crate::protocol::tags::{BackendTag, TxStatus};
+
 /// Write a message: tag, length placeholder, body from `body`, then patch the length.
 fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     buf.put_u8(tag);
@@ -148,8 +150,18 @@ pub fn command_complete(buf: &mut BytesMut, tag: &str) {
     message(buf, b'C', |b| cstr(b, tag));
 }
 
-pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
-    message(buf, b'Z', |b| b.put_u8(status));
+/// The answer to a query string with no statement in it.
+pub fn empty_query_response(buf: &mut BytesMut) {
+    message(buf, BackendTag::EmptyQueryResponse.byte(), |_| {});
+}
+
+/// ParseComplete (for a Parse the proxy answers itself).
+pub fn parse_complete(buf: &mut BytesMut) {
+    message(buf, BackendTag::ParseComplete.byte(), |_| {});
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
+    message(buf, b'Z', |b| b.put_u8(status.byte()));
 }
 
 /// Tell a client asking for protocol 3.x (x > 0) that we speak 3.0, and which `_pq_.`
@@ -201,11 +213,13 @@ D\0\0\0\x0c\0\x01\0\0\0\x02xyC\0\0\0\x09SHOW\0";
     fn auth_and_ready_bytes() {
         let mut b = BytesMut::new();
         auth_ok(&mut b);
-        ready_for_query(&mut b, b'I');
+        ready_for_query(&mut b, TxStatus::Idle);
         backend_key_data(&mut b, 7, -1);
+        parse_complete(&mut b);
+        empty_query_response(&mut b);
         assert_eq!(
             &b[..],
-            &b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05IK\0\0\0\x0c\0\0\0\x07\xff\xff\xff\xff"[..]
+            &b"R\0\0\0\x08\0\0\0\0Z\0\0\0\x05IK\0\0\0\x0c\0\0\0\x07\xff\xff\xff\xff1\0\0\0\x04I\0\0\0\x04"[..]
         );
     }
 

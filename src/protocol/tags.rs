@@ -52,6 +52,110 @@ impl FrontendTag {
     }
 }
 
+/// The server messages the proxy looks into (PostgreSQL protocol 3.0); every other
+/// type passes through untouched and is kept as its byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendTag {
+    /// `1`
+    ParseComplete,
+    /// `2`
+    BindComplete,
+    /// `3`
+    CloseComplete,
+    /// `C`
+    CommandComplete,
+    /// `E`
+    ErrorResponse,
+    /// `N`
+    NoticeResponse,
+    /// `S`
+    ParameterStatus,
+    /// `A`
+    Notification,
+    /// `Z`
+    ReadyForQuery,
+    /// `R` (login)
+    Authentication,
+    /// `K` (login)
+    BackendKeyData,
+    /// `v` (login)
+    NegotiateProtocolVersion,
+    /// `D`
+    DataRow,
+    /// `I`
+    EmptyQueryResponse,
+    Other(u8),
+}
+
+impl BackendTag {
+    pub const fn of(byte: u8) -> BackendTag {
+        use BackendTag::*;
+        match byte {
+            b'1' => ParseComplete,
+            b'2' => BindComplete,
+            b'3' => CloseComplete,
+            b'C' => CommandComplete,
+            b'E' => ErrorResponse,
+            b'N' => NoticeResponse,
+            b'S' => ParameterStatus,
+            b'A' => Notification,
+            b'Z' => ReadyForQuery,
+            b'R' => Authentication,
+            b'K' => BackendKeyData,
+            b'v' => NegotiateProtocolVersion,
+            b'D' => DataRow,
+            b'I' => EmptyQueryResponse,
+            other => Other(other),
+        }
+    }
+
+    pub const fn byte(self) -> u8 {
+        use BackendTag::*;
+        match self {
+            ParseComplete => b'1',
+            BindComplete => b'2',
+            CloseComplete => b'3',
+            CommandComplete => b'C',
+            ErrorResponse => b'E',
+            NoticeResponse => b'N',
+            ParameterStatus => b'S',
+            Notification => b'A',
+            ReadyForQuery => b'Z',
+            Authentication => b'R',
+            BackendKeyData => b'K',
+            NegotiateProtocolVersion => b'v',
+            DataRow => b'D',
+            EmptyQueryResponse => b'I',
+            Other(b) => b,
+        }
+    }
+
+    /// A message the transaction engine reads (the rest it only passes on, and may
+    /// stream when large).
+    pub fn looked_into(self) -> bool {
+        use BackendTag::*;
+        matches!(
+            self,
+            ParseComplete
+                | CloseComplete
+                | ErrorResponse
+                | NoticeResponse
+                | ParameterStatus
+                | Notification
+                | ReadyForQuery
+        )
+    }
+
+    /// Sent by the server on its own, whatever was asked (asynchronous messages, which
+    /// never count as the answer to a request).
+    pub fn is_asynchronous(self) -> bool {
+        matches!(
+            self,
+            BackendTag::NoticeResponse | BackendTag::ParameterStatus | BackendTag::Notification
+        )
+    }
+}
+
 /// Transaction status in a ReadyForQuery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TxStatus {
@@ -100,6 +204,23 @@ mod tests {
             None,
             "a PasswordMessage after startup is not accepted"
         );
+    }
+
+    #[test]
+    fn backend_tags_round_trip() {
+        for b in 0..=255u8 {
+            let t = BackendTag::of(b);
+            assert_eq!(t.byte(), b);
+            assert_eq!(
+                matches!(t, BackendTag::Other(_)),
+                !b"123CENSAZRKvDI".contains(&b),
+                "{b}"
+            );
+        }
+        assert!(BackendTag::of(b'A').is_asynchronous() && !BackendTag::of(b'Z').is_asynchronous());
+        // The engine streams large rows and COPY data; it reads what steers it.
+        assert!(!BackendTag::of(b'D').looked_into() && !BackendTag::of(b'd').looked_into());
+        assert!(BackendTag::of(b'1').looked_into() && BackendTag::of(b'Z').looked_into());
     }
 
     #[test]

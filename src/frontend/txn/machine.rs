@@ -22,7 +22,7 @@ use crate::classify::{self, CausalStatement, Classification, Classifier};
 use crate::error::{Error, SqlState};
 pub use crate::frontend::fresh::{write_causal_reply, CausalReply};
 use crate::protocol::messages;
-use crate::protocol::tags::{FrontendTag, TxStatus};
+use crate::protocol::tags::{BackendTag, FrontendTag, TxStatus};
 use crate::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
 
 /// What the driver must do, in order.
@@ -296,7 +296,7 @@ impl<'a> Machine<'a> {
         match FrontendTag::of(first[0]) {
             // A simple query, a function call, or the Sync itself: answered now.
             Some(FrontendTag::Query | FrontendTag::FunctionCall | FrontendTag::Sync) => {
-                messages::ready_for_query(&mut self.to_client, b'I')
+                messages::ready_for_query(&mut self.to_client, TxStatus::Idle)
             }
             _ => self.skipping_to_sync = true,
         }
@@ -310,7 +310,7 @@ impl<'a> Machine<'a> {
             messages::parameter_status_bytes(&mut self.to_client, name, value);
         }
         messages::backend_key_data(&mut self.to_client, self.cfg.client_pid, self.cfg.client_key);
-        messages::ready_for_query(&mut self.to_client, b'I');
+        messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
         self.greeted = true;
         let reuse = self.reusable();
         self.release(reuse);
@@ -330,17 +330,18 @@ impl<'a> Machine<'a> {
                     return self.end(Some(e));
                 }
             };
-            if msg[0] == b'X' {
+            let tag = FrontendTag::of(msg[0]);
+            if tag == Some(FrontendTag::Terminate) {
                 return self.on_client_closed();
             }
             if self.skipping_to_sync {
-                if msg[0] == b'S' {
+                if tag == Some(FrontendTag::Sync) {
                     self.skipping_to_sync = false;
-                    messages::ready_for_query(&mut self.to_client, b'I');
+                    messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
                 }
                 continue;
             }
-            if msg[0] == b'Q' && self.between_units() {
+            if tag == Some(FrontendTag::Query) && self.between_units() {
                 if let Some(stmt) = Query::decode(&msg[5..])
                     .ok()
                     .and_then(|q| classify::causal_statement(q.sql))
@@ -418,12 +419,15 @@ impl<'a> Machine<'a> {
     /// the grammar accepts are deferred; anything else goes to a server so the client
     /// gets the server's own error at once.
     fn answer_without_server(&mut self, msg: &Bytes, input: &mut BytesMut) -> bool {
-        if msg[0] != b'P' {
+        if FrontendTag::of(msg[0]) != Some(FrontendTag::Parse) {
             return false;
         }
-        let Some((b'S', sync_len)) = views::header(input) else {
+        let Some((sync, sync_len)) = views::header(input) else {
             return false;
         };
+        if FrontendTag::of(sync) != Some(FrontendTag::Sync) {
+            return false;
+        }
         // The Sync must be complete too, to be answered now.
         if input.len() < sync_len as usize + 1 {
             return false;
@@ -438,8 +442,8 @@ impl<'a> Machine<'a> {
         // (What the statement does to the session is observed when it is executed: see
         // the Bind case of `forward`.)
         let _ = input.split_to(sync_len as usize + 1);
-        self.to_client.extend_from_slice(b"1\0\0\0\x04");
-        messages::ready_for_query(&mut self.to_client, b'I');
+        messages::parse_complete(&mut self.to_client);
+        messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
         true
     }
 
@@ -571,22 +575,20 @@ impl<'a> Machine<'a> {
             }
             self.client_mid_message = false;
         }
-        while let Some((tag, len)) = views::header(input) {
+        while let Some((byte, len)) = views::header(input) {
             // A length word is an Int32 of at least 4 (itself).
             if !(4..=i32::MAX as u32).contains(&len) {
                 self.release(false);
                 return self.end(Some(Error::server_protocol(format!(
                     "server sent a message of type {} with invalid length {len}",
-                    views::printable(tag)
+                    views::printable(byte)
                 ))));
             }
+            let tag = BackendTag::of(byte);
             if input.len() < len as usize + 1 {
                 // A large message the proxy passes on unchanged (a big row, COPY data)
                 // is streamed, never buffered whole; the few it looks into are small.
-                if len as usize + 1 > STREAM_ABOVE
-                    && !matches!(tag, b'1' | b'3' | b'E' | b'N' | b'S' | b'A' | b'Z')
-                    && !self.owed.replaying()
-                {
+                if len as usize + 1 > STREAM_ABOVE && !tag.looked_into() && !self.owed.replaying() {
                     if let Some(unit) = self.unit.as_mut() {
                         let verdict = self.owed.on_message(tag, &mut conn.prepared);
                         debug_assert_eq!(verdict, Verdict::Pass);
@@ -604,17 +606,23 @@ impl<'a> Machine<'a> {
             };
             // A read that can still move: a server going away, or refusing what only a
             // primary runs, costs the client nothing.
-            if unit.retryable && !unit.answered && matches!(tag, b'E' | b'N') {
+            if unit.retryable && !unit.answered && matches!(tag, BackendTag::ErrorResponse | BackendTag::NoticeResponse)
+            {
                 let e = ErrorFields::decode(&msg[5..]);
                 let reason = || String::from_utf8_lossy(e.message).into_owned();
                 // An ErrorResponse FATAL/PANIC, or the WARNING of an immediate shutdown
                 // or of a crash elsewhere (class 57): the server is going away.
                 let code = SqlState::parse(e.code);
-                if (tag == b'E' && e.ends_session()) || (tag == b'N' && code.is_some_and(|c| c.server_going_away())) {
+                if (tag == BackendTag::ErrorResponse && e.ends_session())
+                    || (tag == BackendTag::NoticeResponse && code.is_some_and(|c| c.server_going_away()))
+                {
                     input.clear();
                     return self.on_server_lost(&reason());
                 }
-                if tag == b'E' && !unit.on_primary && code.is_some_and(|c| c.only_a_primary_runs_it()) {
+                if tag == BackendTag::ErrorResponse
+                    && !unit.on_primary
+                    && code.is_some_and(|c| c.only_a_primary_runs_it())
+                {
                     info!(cluster = %self.cfg.cluster, node = %unit.node, reason = %reason(), "standby refused a read; running it on the primary");
                     if self.rerun(None) {
                         // The rest of the refusal (its ReadyForQuery) is of no interest.
@@ -623,7 +631,7 @@ impl<'a> Machine<'a> {
                     }
                 }
             }
-            if tag == b'Z' {
+            if tag == BackendTag::ReadyForQuery {
                 // Whoever asked, the connection's transaction status is what the server
                 // said last.
                 if let Some(u) = self.unit.as_mut() {
@@ -631,7 +639,7 @@ impl<'a> Machine<'a> {
                 }
             }
             let verdict = self.owed.on_message(tag, &mut conn.prepared);
-            if tag == b'Z' && self.owed.is_empty() {
+            if tag == BackendTag::ReadyForQuery && self.owed.is_empty() {
                 if let Some(u) = self.unit.as_mut() {
                     u.commit_in_flight = false;
                 }
@@ -645,7 +653,7 @@ impl<'a> Machine<'a> {
                 }
                 Verdict::Drop => {
                     // A setting replayed by the proxy: the server's spelling of it.
-                    if tag == b'S' {
+                    if tag == BackendTag::ParameterStatus {
                         if let Ok(s) = ParameterStatus::decode(&msg[5..]) {
                             conn.report(s);
                         }
@@ -656,9 +664,9 @@ impl<'a> Machine<'a> {
             }
             let unit = self.unit.as_mut().expect("checked above");
             match tag {
-                b'C' if msg[5..].starts_with(b"ROLLBACK") => self.state.unit_failed(),
-                b'E' => self.state.unit_failed(),
-                b'S' => match ParameterStatus::decode(&msg[5..]) {
+                BackendTag::CommandComplete if msg[5..].starts_with(b"ROLLBACK") => self.state.unit_failed(),
+                BackendTag::ErrorResponse => self.state.unit_failed(),
+                BackendTag::ParameterStatus => match ParameterStatus::decode(&msg[5..]) {
                     Ok(s) => {
                         conn.report(s);
                         self.state.reported(s, &mut conn.applied);
@@ -670,16 +678,16 @@ impl<'a> Machine<'a> {
                 },
                 // The client's own NOTIFY (while pinned by LISTEN): show it with the pid
                 // the client was given, as a direct connection would.
-                b'A' if views::notification_pid(&msg[5..]) == Some(unit.server_pid) => {
+                BackendTag::Notification if views::notification_pid(&msg[5..]) == Some(unit.server_pid) => {
                     msg[5..9].copy_from_slice(&self.cfg.client_pid.to_be_bytes());
                 }
-                b'Z' if verdict == Verdict::Ready && unit.status == TxStatus::Idle => {
+                BackendTag::ReadyForQuery if verdict == Verdict::Ready && unit.status == TxStatus::Idle => {
                     self.state.settle(&mut conn.applied);
                     done = self.owed.is_empty() && !unit.batch_open;
                 }
                 _ => {}
             }
-            unit.answer_queued |= !matches!(tag, b'N' | b'S' | b'A');
+            unit.answer_queued |= !tag.is_asynchronous();
             self.to_client.extend_from_slice(&msg);
         }
         if !self.greeted && self.owed.is_empty() {

@@ -5,6 +5,8 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use crate::protocol::tags::BackendTag;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owed {
     /// ParseComplete; `hash`: the named statement it creates on the connection.
@@ -81,19 +83,20 @@ impl OwedQueue {
 
     /// Decide on one server message (`tag`). `prepared`: the named statements of the
     /// connection, corrected when a Parse turns out not to have created one.
-    pub fn on_message(&mut self, tag: u8, prepared: &mut HashSet<u64>) -> Verdict {
+    pub fn on_message(&mut self, tag: BackendTag, prepared: &mut HashSet<u64>) -> Verdict {
+        use BackendTag::*;
         if self.queue.front() == Some(&Owed::Replay) {
             return match tag {
-                b'Z' => {
+                ReadyForQuery => {
                     self.queue.pop_front();
                     Verdict::Drop
                 }
-                b'E' => Verdict::ReplayError,
+                ErrorResponse => Verdict::ReplayError,
                 _ => Verdict::Drop,
             };
         }
         match tag {
-            b'1' | b'3' => {
+            ParseComplete | CloseComplete => {
                 // Answers never cross a Sync: look only up to the next Ready.
                 let found = self
                     .queue
@@ -102,7 +105,7 @@ impl OwedQueue {
                     .position(|o| {
                         matches!(
                             (o, tag),
-                            (Owed::ParseComplete { .. }, b'1') | (Owed::CloseComplete { .. }, b'3')
+                            (Owed::ParseComplete { .. }, ParseComplete) | (Owed::CloseComplete { .. }, CloseComplete)
                         )
                     });
                 match found.and_then(|i| self.queue.remove(i)) {
@@ -110,7 +113,7 @@ impl OwedQueue {
                     _ => Verdict::Pass,
                 }
             }
-            b'E' => {
+            ErrorResponse => {
                 // In the extended protocol the server skips everything up to Sync: those
                 // answers will not come, and a skipped or failed Parse created nothing.
                 while let Some(Owed::ParseComplete { .. } | Owed::CloseComplete { .. }) = self.queue.front() {
@@ -120,7 +123,7 @@ impl OwedQueue {
                 }
                 Verdict::Pass
             }
-            b'Z' => {
+            ReadyForQuery => {
                 while let Some(o) = self.queue.pop_front() {
                     if o == Owed::Ready {
                         self.ready -= 1;
@@ -142,7 +145,9 @@ mod tests {
 
     fn run(q: &mut OwedQueue, tags: &[u8]) -> Vec<Verdict> {
         let mut prepared = HashSet::new();
-        tags.iter().map(|&t| q.on_message(t, &mut prepared)).collect()
+        tags.iter()
+            .map(|&t| q.on_message(BackendTag::of(t), &mut prepared))
+            .collect()
     }
 
     #[test]
@@ -177,12 +182,12 @@ mod tests {
         });
         q.push(Owed::Ready);
         let mut prepared: HashSet<u64> = [1, 2].into();
-        assert_eq!(q.on_message(b'1', &mut prepared), Verdict::Pass);
-        assert_eq!(q.on_message(b'2', &mut prepared), Verdict::Pass);
-        assert_eq!(q.on_message(b'E', &mut prepared), Verdict::Pass);
+        assert_eq!(q.on_message(BackendTag::of(b'1'), &mut prepared), Verdict::Pass);
+        assert_eq!(q.on_message(BackendTag::of(b'2'), &mut prepared), Verdict::Pass);
+        assert_eq!(q.on_message(BackendTag::of(b'E'), &mut prepared), Verdict::Pass);
         // s2's Parse was skipped: it does not exist on the connection.
         assert_eq!(prepared, [1].into());
-        assert_eq!(q.on_message(b'Z', &mut prepared), Verdict::Ready);
+        assert_eq!(q.on_message(BackendTag::of(b'Z'), &mut prepared), Verdict::Ready);
         assert!(q.is_empty());
     }
 

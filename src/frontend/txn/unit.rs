@@ -6,6 +6,7 @@ use bytes::Bytes;
 use super::state::SessionState;
 use super::statements::Statements;
 use crate::classify::Classifier;
+use crate::protocol::tags::FrontendTag;
 use crate::protocol::views::{self, Parse, Query, StatementRef};
 
 /// Does the unit that starts with `first` only read? Looks at every statement up to the
@@ -19,11 +20,11 @@ pub fn reads(first: &Bytes, rest: &[u8], stmts: &Statements, classifier: &Classi
     }
     let judge = |msg: &[u8]| -> Option<bool> {
         let body = &msg[5..];
-        let query: &[u8] = match msg[0] {
-            b'Q' => Query::decode(body).ok()?.sql,
-            b'P' => Parse::decode(body).ok()?.query,
-            b'B' | b'D' => {
-                let r = if msg[0] == b'B' {
+        let query: &[u8] = match FrontendTag::of(msg[0]) {
+            Some(FrontendTag::Query) => Query::decode(body).ok()?.sql,
+            Some(FrontendTag::Parse) => Parse::decode(body).ok()?.query,
+            Some(tag @ (FrontendTag::Bind | FrontendTag::Describe)) => {
+                let r = if tag == FrontendTag::Bind {
                     StatementRef::decode_bind(body).ok()?
                 } else {
                     StatementRef::decode_target(body, "Describe").ok()?
@@ -33,13 +34,13 @@ pub fn reads(first: &Bytes, rest: &[u8], stmts: &Statements, classifier: &Classi
                 }
                 &stmts.get(r.statement)?.query
             }
-            b'E' | b'H' => return Some(true),
+            Some(FrontendTag::Execute | FrontendTag::Flush) => return Some(true),
             _ => return Some(false),
         };
         let c = classifier.classify_bytes(query);
         Some(c.read_only && !c.hint_primary)
     };
-    if first[0] == b'Q' {
+    if FrontendTag::of(first[0]) == Some(FrontendTag::Query) {
         return judge(first).unwrap_or(false);
     }
     if !judge(first).unwrap_or(false) {
@@ -50,7 +51,7 @@ pub fn reads(first: &Bytes, rest: &[u8], stmts: &Statements, classifier: &Classi
         let Some(msg) = rest.get(..len as usize + 1) else {
             return false;
         };
-        if tag == b'S' {
+        if FrontendTag::of(tag) == Some(FrontendTag::Sync) {
             return true;
         }
         if len < 4 || !judge(msg).unwrap_or(false) {
