@@ -438,3 +438,50 @@ fn a_client_starting_caching_sha2_without_data_is_switched_and_logs_in() {
     let (seq, ok) = read(&mut s);
     assert_eq!((seq, ok[0]), (5, 0x00), "logged in: {ok:?}");
 }
+
+/// A health check whose answer never arrives (a one-way black hole between Switchyard
+/// and the node: requests pass, answers do not) must not leave its connection open on
+/// the server, which would otherwise hold the thread until `wait_timeout` (8 hours),
+/// one more per failed check. (Suspected from reading `mysql_async`'s drop path, which
+/// cleans up in a background task; measured here: the connection is closed within about
+/// a second of the timeout.)
+#[test]
+fn a_health_check_lost_in_a_black_hole_leaves_no_connection_on_the_server() {
+    let cluster = MariaCluster::start(0).unwrap();
+    let node_port = cluster.nodes[0].port;
+    let hole = common::etcd::Forwarder::start(node_port);
+    let (rw, ro) = (free_port(), free_port());
+    let text =
+        my_config(&cluster, rw, ro, "").replace(&format!("port = {node_port}\n"), &format!("port = {}\n", hole.port));
+    assert!(text.contains(&format!("port = {}\n", hole.port)), "{text}");
+    let proxy = my_spawn(&cluster, "proxy", &text, rw, ro);
+    wait_for("rw through the forwarder", Duration::from_secs(30), || {
+        (mariadb(proxy.rw, "SELECT @@read_only").ok()? == "0").then_some(())
+    });
+    let monitors = || {
+        cluster
+            .sql(
+                0,
+                &format!("SELECT COUNT(*) FROM information_schema.processlist WHERE user = '{MY_MONITOR_USER}'"),
+            )
+            .unwrap()
+    };
+    assert_eq!(monitors(), "1", "the monitor's connection");
+    hole.freeze();
+    // Checks time out (500 ms) from now on; the one in flight is let go, its server
+    // thread ends once our end of the connection is closed.
+    let gone = Instant::now();
+    wait_for(
+        "the stuck monitor connection gone from the server",
+        Duration::from_secs(15),
+        || (monitors() == "0").then_some(()),
+    );
+    report(&format!(
+        "stuck health connection closed on the server after {:?}",
+        gone.elapsed()
+    ));
+    // And it stays so while the hole lasts (no connection per interval).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(monitors(), "0");
+    drop(proxy);
+}
