@@ -565,3 +565,20 @@ fn djangos_own_test_suite_on_mariadb_gives_the_same_results_through_the_proxy() 
     );
     report(&format!("Django suite on MariaDB test: {:?}", started.elapsed()));
 }
+
+/// A client that pipelines and reads while it writes: a 24 MiB result and, right
+/// behind its query, a 24 MiB query. Direct, the server streams the result while the
+/// client drains it; through the proxy, too: the relay reads and writes both directions
+/// independently (a relay that waits on one write before it reads again stalls here
+/// with both directions full).
+#[test]
+fn a_pipelining_client_with_large_packets_both_ways_does_not_stall() {
+    let cluster = MariaCluster::start(1).unwrap();
+    raise_max_allowed_packet(&cluster);
+    let proxy = my_proxy(&cluster, "");
+    let size = (24 * 1024 * 1024).to_string();
+    for (what, port) in [("direct", cluster.nodes[0].port), ("through the proxy", proxy.rw)] {
+        let out = python("mysql_pipeline.py", &[&port.to_string(), &size], &[]);
+        assert!(out.contains("ok "), "{what}: {out}");
+    }
+}

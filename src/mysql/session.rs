@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ use crate::frontend::session::NodeSlot;
 use crate::frontend::shared::Shared;
 use crate::frontend::tls::{write_flush, ClientStream};
 use crate::obs::clients::NewClient;
-use crate::tls::ServerTls;
+use crate::tls::{ServerTls, ServerWrite};
 
 const RELAY_BUFFER: usize = 16 * 1024;
 /// Bytes of a command looked at to tell whether the proxy handles it (`KILL ...`).
@@ -231,12 +231,9 @@ pub async fn serve(
         client: &client,
         user: client.user.clone(),
         id,
-        scanner: Scanner::default(),
-        awaiting: false,
-        last_seq: 0,
-        quit: false,
+        inbound: Inbound::default(),
+        awaiting: AtomicBool::new(false),
         told: false,
-        in_file: false,
     };
     let end = relay.run(&mut tcp, server, rx).await;
     drop(gauge);
@@ -318,15 +315,22 @@ struct Relay<'a> {
     user: UserConfig,
     /// Our connection id (the `KILL` registry's key).
     id: u32,
+    inbound: Inbound,
+    /// A command was sent and no byte of its answer came back yet. (Atomic only because
+    /// both directions, one `Send` future, touch it; nothing is shared between threads.)
+    awaiting: AtomicBool,
+    /// The client was already told why the session ends.
+    told: bool,
+}
+
+/// What the relay knows of the client's side of the stream.
+#[derive(Default)]
+struct Inbound {
     scanner: Scanner,
-    /// A command was sent and no byte of its answer came back yet.
-    awaiting: bool,
     /// Sequence id of the client's last packet.
     last_seq: u8,
     /// The client sent COM_QUIT: the server closing is expected.
     quit: bool,
-    /// The client was already told why the session ends.
-    told: bool,
     /// LOAD DATA LOCAL INFILE: the client is sending a file (packets until an empty
     /// one), whose sequence ids wrap through 0 without being commands.
     in_file: bool,
@@ -339,20 +343,34 @@ enum Own {
     ChangeUser,
 }
 
-impl Relay<'_> {
-    fn own(&self, payload: &[u8]) -> Option<bool> {
-        match payload.first() {
-            Some(&packet::COM_QUERY) => {
-                let rest = payload[1..].trim_ascii_start();
-                (rest.len() >= 5 && rest[..4].eq_ignore_ascii_case(b"kill") && rest[4].is_ascii_whitespace())
-                    .then_some(true)
-            }
-            Some(&packet::COM_PROCESS_KILL | &packet::COM_CHANGE_USER) => Some(true),
-            Some(&packet::COM_RESET_CONNECTION) => (self.endpoint == Endpoint::ReadOnly).then_some(true),
-            _ => None,
-        }
-    }
+/// Why the relay of both directions stopped.
+enum Pause {
+    /// The client sent a command the proxy handles itself (its payload); both
+    /// directions are at rest, between chunks.
+    Own(Vec<u8>),
+    End(End),
+}
 
+/// A command the proxy may handle itself (`payload`: its start); Some(true): take it
+/// whole and look.
+fn own_command(endpoint: Endpoint, payload: &[u8]) -> Option<bool> {
+    match payload.first() {
+        Some(&packet::COM_QUERY) => {
+            let rest = payload[1..].trim_ascii_start();
+            (rest.len() >= 5 && rest[..4].eq_ignore_ascii_case(b"kill") && rest[4].is_ascii_whitespace())
+                .then_some(true)
+        }
+        Some(&packet::COM_PROCESS_KILL | &packet::COM_CHANGE_USER) => Some(true),
+        Some(&packet::COM_RESET_CONNECTION) => (endpoint == Endpoint::ReadOnly).then_some(true),
+        _ => None,
+    }
+}
+
+/// How long a command the proxy handles itself waits for the answer streaming to the
+/// client to reach a chunk boundary (a client that sent it while not reading).
+const SETTLE: Duration = Duration::from_secs(30);
+
+impl Relay<'_> {
     async fn run(
         &mut self,
         client: &mut ClientStream,
@@ -360,60 +378,19 @@ impl Relay<'_> {
         mut topology: tokio::sync::watch::Receiver<Arc<crate::cluster::topology::ClusterSnapshot>>,
     ) -> End {
         let mut cbuf = BytesMut::with_capacity(RELAY_BUFFER);
-        let mut sbuf = BytesMut::with_capacity(RELAY_BUFFER);
-        let mut shutdown = self.shared.shutdown.clone();
         let caps = self.client.capabilities & server.greeting.capabilities;
         let end = loop {
-            tokio::select! {
-                r = client.read_buf(&mut cbuf) => match r {
-                    Ok(0) => break End::ClientClosed,
-                    Err(e) => break End::Io(e),
-                    Ok(_) => {
-                        if let Err(end) = self.relay_client_bytes(&mut cbuf, client, &mut server, caps).await {
-                            break end;
-                        }
+            match self.pump(client, &mut server, &mut cbuf, &mut topology).await {
+                Pause::End(end) => break end,
+                Pause::Own(payload) => {
+                    if let Err(end) = self.handle_own(&payload, client, &mut server, caps).await {
+                        break end;
                     }
-                },
-                r = server.stream.read_buf(&mut sbuf) => match r {
-                    Ok(0) => break End::ServerClosed,
-                    Err(e) => break End::Io(e),
-                    Ok(_) => {
-                        self.awaiting = false;
-                        if let Err(e) = write_flush(client, &sbuf).await {
-                            break End::Io(e);
-                        }
-                        sbuf.clear();
-                    }
-                },
-                changed = topology.changed() => {
-                    if changed.is_err() {
-                        continue;
-                    }
-                    let snap = topology.borrow_and_update().clone();
-                    if let Some(reason) = routing::eviction(self.endpoint, &snap, &self.node.name) {
-                        let up = snap.index(&self.node.name).is_some_and(|i| snap.nodes[i].health == Health::Up);
-                        break End::Failed(Error::evicted(up, reason));
-                    }
-                }
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
-                    if self.awaiting {
-                        let grace = Duration::from_millis(self.shared.config().proxy.shutdown_timeout_ms);
-                        // Let the answer in flight reach the client first.
-                        let _ = tokio::time::timeout(grace, async {
-                            loop {
-                                sbuf.clear();
-                                match server.stream.read_buf(&mut sbuf).await {
-                                    Ok(n) if n > 0 => { if write_flush(client, &sbuf).await.is_err() { break } }
-                                    _ => break,
-                                }
-                            }
-                        }).await;
-                    }
-                    break End::Failed(Error::shutdown());
                 }
             }
         };
-        if matches!(end, End::ClientClosed) && !self.quit && self.scanner.at_boundary() {
+        let awaiting = self.awaiting.load(Ordering::Relaxed);
+        if matches!(end, End::ClientClosed) && !self.inbound.quit && self.inbound.scanner.at_boundary() {
             // The client vanished without COM_QUIT: say goodbye for it, so the server
             // does not count an aborted connection.
             let _ = tokio::time::timeout(
@@ -426,7 +403,7 @@ impl Relay<'_> {
             End::Failed(e) => Some(e.clone()),
             // A server gone while the client waits for an answer, or idle: the client
             // reads why with its next command (unless it was leaving anyway).
-            End::ServerClosed | End::Io(_) if !self.quit => Some(Error::server_lost(
+            End::ServerClosed | End::Io(_) if !self.inbound.quit => Some(Error::server_lost(
                 &self.cluster.name,
                 &self.node.name,
                 match &end {
@@ -439,8 +416,8 @@ impl Relay<'_> {
         if let Some(e) = notice.filter(|_| !self.told) {
             // The client expects the answer to its command in flight, or (idle) the
             // answer to its next command: sequence id 1.
-            let seq = if self.awaiting && self.scanner.at_boundary() {
-                self.last_seq.wrapping_add(1)
+            let seq = if awaiting && self.inbound.scanner.at_boundary() {
+                self.inbound.last_seq.wrapping_add(1)
             } else {
                 1
             };
@@ -462,16 +439,116 @@ impl Relay<'_> {
         end
     }
 
-    /// Pass the client's bytes on, taking out the commands the proxy handles.
-    async fn relay_client_bytes(
+    /// Relay both directions at once until the session ends or the client sends a
+    /// command the proxy handles itself. Each direction reads and writes on its own: a
+    /// client that keeps sending while a large answer streams back (pipelining) never
+    /// finds the relay blocked writing one way while the other way is full, which would
+    /// stall both (the server writes its answer before it reads the next command).
+    async fn pump(
         &mut self,
-        cbuf: &mut BytesMut,
         client: &mut ClientStream,
         server: &mut ServerConn,
-        caps: CapabilityFlags,
-    ) -> Result<(), End> {
+        cbuf: &mut BytesMut,
+        topology: &mut tokio::sync::watch::Receiver<Arc<crate::cluster::topology::ClusterSnapshot>>,
+    ) -> Pause {
+        let (mut cr, mut cw) = client.split();
+        let (mut sr, mut sw) = server.stream.split();
+        let (endpoint, node, shared) = (self.endpoint, self.node, self.shared);
+        let inbound = &mut self.inbound;
+        let awaiting = &self.awaiting;
+        // The server-to-client side stops at its next chunk boundary when told (a
+        // stream is only ever cut between whole writes).
+        let stop = tokio::sync::Notify::new();
+        let client_to_server = async {
+            loop {
+                match inbound.relay(cbuf, &mut sw, endpoint, node, awaiting).await {
+                    Err(end) => return Pause::End(end),
+                    Ok(Some(own)) => return Pause::Own(own),
+                    Ok(None) => {}
+                }
+                match cr.read_buf(cbuf).await {
+                    Ok(0) => return Pause::End(End::ClientClosed),
+                    Err(e) => return Pause::End(End::Io(e)),
+                    Ok(_) => {}
+                }
+            }
+        };
+        let server_to_client = async {
+            let mut sbuf = BytesMut::with_capacity(RELAY_BUFFER);
+            loop {
+                tokio::select! {
+                    r = sr.read_buf(&mut sbuf) => match r {
+                        Ok(0) => return Some(End::ServerClosed),
+                        Err(e) => return Some(End::Io(e)),
+                        Ok(_) => {}
+                    },
+                    _ = stop.notified() => return None,
+                }
+                awaiting.store(false, Ordering::Relaxed);
+                if let Err(e) = write_flush(&mut cw, &sbuf).await {
+                    return Some(End::Io(e));
+                }
+                sbuf.clear();
+            }
+        };
+        tokio::pin!(client_to_server, server_to_client);
+        let mut shutdown = shared.shutdown.clone();
+        let mut watching = true;
+        let pause = loop {
+            tokio::select! {
+                p = &mut client_to_server => break p,
+                e = &mut server_to_client => return Pause::End(e.unwrap_or(End::ServerClosed)),
+                changed = topology.changed(), if watching => {
+                    if changed.is_err() {
+                        watching = false;
+                        continue;
+                    }
+                    let snap = topology.borrow_and_update().clone();
+                    if let Some(reason) = routing::eviction(endpoint, &snap, &node.name) {
+                        let up = snap.index(&node.name).is_some_and(|i| snap.nodes[i].health == Health::Up);
+                        break Pause::End(End::Failed(Error::evicted(up, reason)));
+                    }
+                }
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                    if awaiting.load(Ordering::Relaxed) {
+                        // Let the answer in flight reach the client first.
+                        let grace = Duration::from_millis(shared.config().proxy.shutdown_timeout_ms);
+                        if let Ok(Some(end)) = tokio::time::timeout(grace, &mut server_to_client).await {
+                            return Pause::End(end);
+                        }
+                    }
+                    break Pause::End(End::Failed(Error::shutdown()));
+                }
+            }
+        };
+        // Whatever comes next (the proxy's own answer, an ERR saying why the session
+        // ends) goes to the client after whole chunks only.
+        stop.notify_one();
+        match tokio::time::timeout(SETTLE, &mut server_to_client).await {
+            Ok(None) => pause,
+            Ok(Some(end)) => Pause::End(end),
+            Err(_) => Pause::End(End::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read none of its answer for 30 s",
+            ))),
+        }
+    }
+}
+
+impl Inbound {
+    /// Pass on the client's bytes in `cbuf` (to `server`), up to a command the proxy
+    /// handles itself, which is taken out whole and returned; bytes after it stay in
+    /// `cbuf` for later.
+    async fn relay(
+        &mut self,
+        cbuf: &mut BytesMut,
+        server: &mut ServerWrite<'_>,
+        endpoint: Endpoint,
+        node: &NodeState,
+        awaiting: &AtomicBool,
+    ) -> Result<Option<Vec<u8>>, End> {
         let mut pos = 0;
-        let mut forward_from = 0;
+        let mut own = None;
         let mut commands = 0u64;
         while pos < cbuf.len() {
             if self.scanner.at_boundary() {
@@ -490,26 +567,22 @@ impl Relay<'_> {
                     if rest.len() < 4 + len.min(PEEK) {
                         break; // the start of the command is not here yet
                     }
-                    if self.own(&rest[4..4 + len.min(PEEK)]).is_some() {
+                    if own_command(endpoint, &rest[4..4 + len.min(PEEK)]).is_some() {
                         if len > INTERCEPT_MAX {
                             return Err(End::Failed(Error::protocol("command too long")));
                         }
-                        if rest.len() < 4 + len {
-                            break; // wait for the whole command
+                        if rest.len() >= 4 + len {
+                            own = Some(rest[4..4 + len].to_vec());
                         }
-                        let payload = rest[4..4 + len].to_vec();
-                        if forward_from < pos {
-                            self.to_server(server, &cbuf[forward_from..pos]).await?;
-                        }
-                        pos += 4 + len;
-                        forward_from = pos;
-                        self.handle_own(&payload, client, server, caps).await?;
-                        continue;
+                        break; // whole: handled after what came before; else wait for it
                     }
                     commands += 1;
                     let cmd = rest.get(4).copied();
                     self.quit |= cmd == Some(packet::COM_QUIT);
-                    self.awaiting = !matches!(cmd, Some(packet::COM_STMT_CLOSE | packet::COM_STMT_SEND_LONG_DATA));
+                    awaiting.store(
+                        !matches!(cmd, Some(packet::COM_STMT_CLOSE | packet::COM_STMT_SEND_LONG_DATA)),
+                        Ordering::Relaxed,
+                    );
                 }
                 self.last_seq = seq;
             }
@@ -518,29 +591,28 @@ impl Relay<'_> {
                 None => break,
             }
         }
-        if forward_from < pos {
-            self.to_server(server, &cbuf[forward_from..pos]).await?;
+        if pos > 0 {
+            write_flush(server, &cbuf[..pos]).await.map_err(End::Io)?;
         }
-        cbuf.advance(pos);
+        let taken = pos + own.as_ref().map_or(0, |p: &Vec<u8>| 4 + p.len());
+        cbuf.advance(taken);
         // Advancing uses up the buffer's front: take it back (no allocation while the
         // buffer is empty or nearly so), so the next read is never a short one.
         cbuf.reserve(RELAY_BUFFER / 2);
         if commands > 0 {
-            self.node.stats.queries_total.fetch_add(commands, Ordering::Relaxed);
+            node.stats.queries_total.fetch_add(commands, Ordering::Relaxed);
         }
-        Ok(())
+        Ok(own)
     }
+}
 
-    async fn to_server(&self, server: &mut ServerConn, bytes: &[u8]) -> Result<(), End> {
-        write_flush(&mut server.stream, bytes).await.map_err(End::Io)
-    }
-
+impl Relay<'_> {
     /// A command the proxy looked at and leaves to the server after all.
     async fn pass_to_server(&mut self, server: &mut ServerConn, payload: &[u8]) -> Result<(), End> {
         let mut framed = Vec::new();
         packet::frame(&mut framed, 0, payload);
-        self.awaiting = true;
-        self.to_server(server, &framed).await
+        self.awaiting.store(true, Ordering::Relaxed);
+        write_flush(&mut server.stream, &framed).await.map_err(End::Io)
     }
 
     async fn handle_own(
@@ -550,7 +622,7 @@ impl Relay<'_> {
         server: &mut ServerConn,
         caps: CapabilityFlags,
     ) -> Result<(), End> {
-        self.last_seq = 0;
+        self.inbound.last_seq = 0;
         let own = if payload[0] == packet::COM_RESET_CONNECTION {
             Some(Own::Reset)
         } else if payload[0] == packet::COM_CHANGE_USER {
