@@ -1,5 +1,5 @@
-"""A client that pipelines and reads while it writes: a query with a large result, and right behind it, without waiting, a large
-query. A direct connection copes: the server writes the first result while the client
+"""A client that pipelines and reads while it writes: a query with a large result, and
+right behind it, without waiting, a large query. A direct connection copes: the server writes the first result while the client
 drains it and keeps sending. A proxy that stops reading one side while it is blocked
 writing to the other stalls here, both directions full.
 
