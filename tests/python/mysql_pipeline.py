@@ -1,7 +1,8 @@
 """A client that pipelines and reads while it writes: a query with a large result, and
-right behind it, without waiting, a large query. A direct connection copes: the server writes the first result while the client
-drains it and keeps sending. A proxy that stops reading one side while it is blocked
-writing to the other stalls here, both directions full.
+right behind it, without waiting, a large query. A direct connection copes: the server
+writes the first result while the client drains it and keeps sending. A proxy that
+stops reading one side while it is blocked writing to the other stalls here, both
+directions full.
 
 Usage: mysql_pipeline.py PORT SIZE. Prints "ok <bytes read>" or "stalled <bytes read>"."""
 import socket
