@@ -25,7 +25,7 @@ def w(i, s, node=N1, tl=1, lsn="0/1000000", o="ack", k="w"):
 
 
 def run(ops, present, sync=False, history=None, timeline=1, faults=(), raw_present=(), fds=(20, 22),
-        incarnations=(), read_hold_s=0.0):
+        incarnations=(), read_hold_s=0.0, proxies=None):
     r = {
         "ops": list(ops), "faults": list(faults), "sync": sync,
         "final": {"tables": {"chaos_writes": set(present), "chaos_raw": set(raw_present)},
@@ -35,7 +35,36 @@ def run(ops, present, sync=False, history=None, timeline=1, faults=(), raw_prese
         "proxy": {"incarnations": list(incarnations), "panics": [], "idle_start": {"fds": fds[0]},
                   "idle_end": {"fds": fds[1]}},
     }
+    if proxies is not None:
+        del r["proxy"]
+        r["proxies"] = proxies
     return Check(r).run()
+
+
+# Two instances ---------------------------------------------------------------------------
+
+def two(incarnations=((), ()), fds=((20, 22), (20, 22)), panics=((), ())):
+    return [{"name": n, "incarnations": list(incarnations[i]), "panics": list(panics[i]),
+             "idle_start": {"fds": fds[i][0]}, "idle_end": {"fds": fds[i][1]}}
+            for i, n in enumerate(("sy1", "sy2"))]
+
+
+def via(rec, sy):
+    return {**rec, "sy": sy}
+
+
+def st2(sy, t, pub, ep, cut=None, tp=None, leader="sy1"):
+    """A /status sample of instance `sy` with its coordination view."""
+    return {"k": "st", "sy": sy, "t": t, "te": t + 0.01, "tp": tp, "primary": pub,
+            "nodes": [[pub, "up", "primary", 1]],
+            "co": {"leader": leader, "cut": cut, "pub": pub, "ep": ep}}
+
+
+ACROSS = ("dual-primary windows across instances (a write through one instance taken by another node after a "
+          "write through the other was acknowledged)")
+SAME = "dual-primary windows (writes out of timeline order)"
+OFF_PUB = "writes through an instance to a node not published as primary at the epoch it had seen"
+WHILE_CUT = "writes acknowledged through an instance while its /status said it was cut off from etcd"
 
 
 def checks(res):
@@ -111,6 +140,98 @@ class CheckerTest(unittest.TestCase):
         incs = [{"pid": 1, "ended_by": "harness SIGKILL"}, {"pid": 2, "ended_by": "crash"}]
         self.assertEqual(checks(run([w(1, 1.0)], {1}, incarnations=incs)),
                          {"Switchyard crashes (exits the harness did not cause)"})
+
+    def test_two_instances_clean_history_passes(self):
+        ops = [st2("sy1", 0.5, "n1", 1), st2("sy2", 0.5, "n1", 1),
+               via(w(1, 1.0), "sy1"), via(w(2, 1.0), "sy2"), via(w(3, 2.0), "sy1"), via(w(4, 2.0), "sy2")]
+        res = run(ops, {1, 2, 3, 4}, proxies=two())
+        self.assertTrue(res["passed"], res["violations"])
+        self.assertEqual(res["order"]["acknowledged_by_instance"], {"sy1": 2, "sy2": 2})
+
+    def test_dual_primary_across_instances(self):
+        # sy1 has moved to n2 (timeline 2) and a write is acknowledged there; sy2 sends a
+        # write afterwards that n1 (timeline 1) takes: two primaries through two proxies.
+        ops = [via(w(1, 1.0), "sy1"), via(w(2, 2.0, node=N2, tl=2), "sy1"), via(w(3, 2.1, node=N1, tl=1), "sy2")]
+        res = run(ops, {1, 2, 3}, history={1: 0}, timeline=2, proxies=two())
+        self.assertEqual(checks(res), {ACROSS})
+        win = res["order"]["dual_primary_windows"][0]
+        self.assertEqual((win["instances"], win["across"]), (["sy1", "sy2"], True))
+        # Already in flight through sy2 when sy1's write was acknowledged: allowed.
+        ops[2] = via({**w(3, 1.995, node=N1, tl=1), "e": 2.3}, "sy2")
+        self.assertTrue(run(ops, {1, 2, 3}, history={1: 0}, timeline=2, proxies=two())["passed"])
+        # The same instance going back to the old primary is the one-instance kind.
+        ops[2] = via(w(3, 2.1, node=N1, tl=1), "sy1")
+        res = run(ops, {1, 2, 3}, history={1: 0}, timeline=2, proxies=two())
+        self.assertEqual(checks(res), {SAME})
+
+    def test_write_off_the_published_primary(self):
+        # sy2's /status showed n2 published at epoch 2; a write it sends later lands on n1.
+        ops = [st2("sy1", 0.5, "n1", 1), st2("sy2", 0.5, "n1", 1), st2("sy2", 1.5, "n2", 2),
+               via(w(1, 2.0, node=N1), "sy2")]
+        self.assertEqual(checks(run(ops, {1}, proxies=two())), {OFF_PUB})
+        # Sent before that sample: it may have been routed under epoch 1.
+        ops[-1] = via(w(1, 1.4, node=N1), "sy2")
+        self.assertTrue(run(ops, {1}, proxies=two())["passed"])
+        # n1 published again later (epoch 3, seen by sy1): a write sy2 sends to it is fine.
+        ops[-1] = via(w(1, 2.0, node=N1), "sy2")
+        ops.append(st2("sy1", 1.8, "n1", 3))
+        self.assertTrue(run(ops, {1}, proxies=two())["passed"])
+
+    def test_write_while_cut_off_from_etcd(self):
+        cut = "out of touch with etcd: its lease (2 s) was not renewed in time"
+        status = [st2("sy1", 0.5, "n1", 1), st2("sy2", 0.5, "n1", 1),
+                  st2("sy2", 1.0, "n1", 1, cut=cut, tp=0.8), st2("sy2", 3.0, "n1", 1, tp=2.8)]
+        # Sent and acknowledged through sy2 while it said it was cut off.
+        res = run(status + [via(w(1, 1.5), "sy2")], {1}, proxies=two())
+        self.assertEqual(checks(res), {WHILE_CUT})
+        self.assertEqual(res["coordination"]["instances"]["sy2"]["cut_off_spans"], 1)
+        # Acknowledged after the last poll that still said so: it may have waited for
+        # the instance to be back (failover_hold_ms), which is allowed.
+        self.assertTrue(run(status + [via({**w(1, 1.5), "e": 2.9}, "sy2")], {1}, proxies=two())["passed"])
+        # Through the other instance: fine.
+        self.assertTrue(run(status + [via(w(1, 1.5), "sy1")], {1}, proxies=two())["passed"])
+        # An unreachable /status ends the span at the poll before it.
+        status[-1] = {"k": "st", "sy": "sy2", "t": 1.4, "te": 1.5, "tp": 1.2, "err": "TimeoutError"}
+        self.assertTrue(run(status + [via(w(1, 1.3), "sy2")], {1}, proxies=two())["passed"])
+        self.assertEqual(checks(run(status + [via(w(1, 1.1), "sy2")], {1}, proxies=two())), {WHILE_CUT})
+
+    def test_per_instance_crashes_and_fd_growth(self):
+        res = run([w(1, 1.0)], {1}, proxies=two(incarnations=((), ({"pid": 2, "ended_by": "crash"},)),
+                                                fds=((20, 53), (20, 22))))
+        self.assertEqual(checks(res), {"Switchyard crashes (exits the harness did not cause)",
+                                       "file descriptor growth beyond 32 (sy1)"})
+        crash = next(v for v in res["violations"] if v["check"].startswith("Switchyard crashes"))
+        self.assertEqual(crash["detail"][0]["sy"], "sy2")
+
+    def test_stale_read_excuse_uses_the_serving_instance_status(self):
+        # The read went through sy2, whose /status showed no primary; sy1's did.
+        raw = [via(w(7, 1.0, k="raw_w"), "sy1"),
+               via({"k": "raw_causal", "id": 7, "s": 1.1, "e": 1.2, "o": "ack", "n": 0,
+                    "node": "10.77.0.13:5432", "rec": True}, "sy2")]
+        none2 = {"k": "st", "sy": "sy2", "t": 0.9, "te": 0.9, "primary": None, "nodes": [["n1", "down", "unknown", 1]]}
+        res = run([st2("sy1", 0.5, "n1", 1), st2("sy1", 1.0, "n1", 1), none2] + raw, set(), raw_present={7},
+                  proxies=two())
+        self.assertTrue(res["passed"], res["violations"])
+        raw[1] = {**raw[1], "sy": "sy1"}
+        res = run([st2("sy1", 0.5, "n1", 1), st2("sy1", 1.0, "n1", 1), none2] + raw, set(), raw_present={7},
+                  proxies=two())
+        self.assertIn("stale reads", checks(res))
+
+    def test_instance_schedule_leaves_the_one_instance_schedule_alone(self):
+        from chaoslib.faults import INSTANCE_KINDS, available_kinds
+
+        class Net:
+            kind, netem = "netns", False
+        one = available_kinds(Net(), tmpfs_ok=True)
+        both = available_kinds(Net(), tmpfs_ok=True, instances=2)
+        self.assertFalse(INSTANCE_KINDS & set(one))
+        self.assertEqual(set(both) - set(one), INSTANCE_KINDS)
+        self.assertTrue(all("inst" not in f for f in schedule(3, one, 30)))
+        # Drawing the instances changes nothing else for the same kinds.
+        a = schedule(3, one, 30, instances=2)
+        self.assertEqual([{k: v for k, v in f.items() if k != "inst"} for f in a], schedule(3, one, 30))
+        self.assertEqual(a, schedule(3, one, 30, instances=2))
+        self.assertEqual({f["inst"] for f in a}, {0, 1})
 
     def test_schedule_is_repeatable_and_covers_every_kind(self):
         kinds = sorted(KINDS)

@@ -29,6 +29,27 @@ and its timeline. That is what the checks below rest on:
   another connection on ro with the causal token) that did not see a row whose write
   was acknowledged and survived. Excused, and counted apart, when Switchyard showed no
   primary around the read (documented: reads then go to the standbys as they are).
+
+With two Switchyard instances (`--instances 2`, every operation and /status sample
+tagged `sy` with the instance it went through), the checks above apply to the
+operations of both, each instance judged by its own /status where a check uses it
+(older timeline than seen, the read hold), plus what only several instances allow:
+
+- dual-primary across instances: the write-order rule between writes of different
+  instances. A write acknowledged through one instance by node A and sent after a
+  write through the other instance had been acknowledged by node B (another node on
+  the same timeline, or a newer timeline): for a while both nodes took writes through
+  the proxies. Writes already in flight when the other instance switched are not
+  counted, as with one instance. Windows are reported apart from the one-instance kind.
+- off the published primary: a write through an instance, sent after its /status
+  showed primary P published at epoch E, that landed on a node never published at
+  epoch E or later (from any instance's /status): it went around the agreement.
+- while cut off: a write through an instance whose whole life (sent .. acknowledged)
+  lies inside a span where that instance's /status said it was cut off from etcd (at
+  the span's start and at its end, no sample in between saying otherwise). A write
+  sent while cut off may wait (`failover_hold_ms`) and go through once the instance is
+  back; only one acknowledged before the instance said it was back is judged.
+- crashes, panics and file descriptor growth per instance.
 """
 
 import bisect
@@ -36,6 +57,11 @@ import bisect
 from .common import lsn_int
 
 NEAR_FORK = 1 << 20  # bytes
+SOLE = "switchyard"  # the instance name of operations from a one-instance run (no `sy` tag)
+
+
+def inst(o):
+    return o.get("sy", SOLE)
 
 
 def _key_error(op):
@@ -61,6 +87,13 @@ class Check:
         self.writes = [o for o in self.ops if o["k"] in ("w", "raw_w")]
         self.acked = [o for o in self.writes if o.get("o") == "ack"]
         self.status = sorted((o for o in self.ops if o["k"] == "st"), key=lambda o: o.get("te", o["t"]))
+        # Each instance's own /status samples (one instance: all of them).
+        self.status_by = {}
+        for st in self.status:
+            self.status_by.setdefault(inst(st), []).append(st)
+        # Older runs' checker_input.json has one "proxy".
+        self.proxies = run.get("proxies") or [dict(run["proxy"], name=SOLE)]
+        self.multi = len(self.proxies) > 1
         self.result = {"violations": [], "info": {}}
 
     def node_name(self, addr):
@@ -75,10 +108,13 @@ class Check:
         res = self.result
         res["writes"] = self.check_writes()
         res["order"] = self.check_order()
+        if self.multi or any("co" in st for st in self.status):
+            res["coordination"] = self.check_coordination()
         res["reads"] = self.check_reads()
         res["faults"] = self.recovery()  # before errors: sets how long each fault lasted
         res["errors"] = self.errors_by_sqlstate()
-        res["proxy"] = self.check_proxy()
+        res["proxies"] = self.check_proxy()
+        res["proxy"] = res["proxies"][0]
         res["passed"] = not res["violations"]
         return res
 
@@ -160,54 +196,87 @@ class Check:
         return None
 
     # ---- which node took writes, in what order ----------------------------------------------
-    def check_order(self):
-        acked = [o for o in self.acked if o.get("tl") is not None]
-        by_end = sorted(acked, key=lambda o: o["e"])
-        ends = [o["e"] for o in by_end]
-        # prefix: newest timeline among writes acknowledged so far, and the nodes on it
-        prefix = []
+    @staticmethod
+    def _order_prefix(writes):
+        """For writes sorted by end: (ends, prefix), prefix[i] = (newest timeline among
+        writes 0..i, the nodes that took writes on it)."""
+        ends, prefix = [], []
         best_tl, nodes = -1, set()
-        for o in by_end:
+        for o in writes:
             if o["tl"] > best_tl:
                 best_tl, nodes = o["tl"], {o["node"]}
             elif o["tl"] == best_tl:
                 nodes = nodes | {o["node"]}
+            ends.append(o["e"])
             prefix.append((best_tl, nodes))
+        return ends, prefix
+
+    @staticmethod
+    def _out_of_order(y, ends, prefix):
+        """Was a write acknowledged (in `prefix`) before y was sent, on a newer timeline
+        or on another node of y's timeline?"""
+        i = bisect.bisect_left(ends, y["s"]) - 1
+        if i < 0:
+            return False
+        tl, ns = prefix[i]
+        return y["tl"] < tl or (y["tl"] == tl and bool(ns - {y["node"]}))
+
+    def check_order(self):
+        acked = [o for o in self.acked if o.get("tl") is not None]
+        by_end = sorted(acked, key=lambda o: o["e"])
+        ends, prefix = self._order_prefix(by_end)
+        # The same rule against each instance's writes alone: a write out of order
+        # against the other instance's writes makes a window across instances. (Out of
+        # order against all writes = out of order against some instance's.)
+        per = {i: self._order_prefix([o for o in by_end if inst(o) == i]) for i in {inst(o) for o in by_end}}
         bad = []
         for y in acked:
-            i = bisect.bisect_left(ends, y["s"]) - 1
-            if i < 0:
-                continue
-            tl, ns = prefix[i]
-            if y["tl"] < tl or (y["tl"] == tl and (ns - {y["node"]})):
+            if self._out_of_order(y, ends, prefix):
                 bad.append(y)
         windows = []
         for y in sorted(bad, key=lambda o: o["s"]):
+            against = {i for i, (e, p) in per.items() if self._out_of_order(y, e, p)}
             if windows and y["s"] <= windows[-1]["end"] + 1.0:
                 w = windows[-1]
                 w["end"] = max(w["end"], y["e"])
                 w["writes"] += 1
                 w["nodes"].add(self.node_name(y["node"]))
             else:
-                windows.append({"start": y["s"], "end": y["e"], "writes": 1, "nodes": {self.node_name(y["node"])}})
+                w = {"start": y["s"], "end": y["e"], "writes": 1, "nodes": {self.node_name(y["node"])},
+                     "instances": set(), "across": False}
+                windows.append(w)
+            w["instances"] |= against | {inst(y)}
+            w["across"] = w["across"] or bool(against - {inst(y)})
         for w in windows:
             w["nodes"] = sorted(w["nodes"])
             w["start_rel"] = round(w["start"] - self.r["t_start"], 3)
             w["duration_s"] = round(w["end"] - w["start"], 3)
-        self.violation("dual-primary windows (writes out of timeline order)", len(windows), windows[:10])
+            w["instances"] = sorted(w["instances"])
+            if not self.multi:
+                del w["instances"], w["across"]
+        self.violation("dual-primary windows (writes out of timeline order)",
+                       sum(1 for w in windows if not w.get("across")), [w for w in windows if not w.get("across")][:10])
+        across = [w for w in windows if w.get("across")]
+        self.violation("dual-primary windows across instances (a write through one instance taken by another "
+                       "node after a write through the other was acknowledged)", len(across), across[:10])
 
-        # Writes sent after Switchyard already showed a primary on a newer timeline.
-        seen_t, seen_tl = [], []
-        newest = -1
-        for st in self.status:
-            for n in st.get("nodes") or []:
-                name, health, role, tl = n
-                if role == "primary" and health == "up" and tl is not None and tl > newest:
-                    newest = tl
-                    seen_t.append(st.get("te", st["t"]))
-                    seen_tl.append(tl)
+        # Writes sent after Switchyard already showed a primary on a newer timeline
+        # (each instance by what its own /status showed).
+        seen = {}
+        for i, samples in self.status_by.items():
+            seen_t, seen_tl = [], []
+            newest = -1
+            for st in samples:
+                for n in st.get("nodes") or []:
+                    name, health, role, tl = n
+                    if role == "primary" and health == "up" and tl is not None and tl > newest:
+                        newest = tl
+                        seen_t.append(st.get("te", st["t"]))
+                        seen_tl.append(tl)
+            seen[i] = (seen_t, seen_tl)
         older = []
         for y in acked:
+            seen_t, seen_tl = seen.get(inst(y), ([], []))
             i = bisect.bisect_left(seen_t, y["s"]) - 1
             if i >= 0 and y["tl"] < seen_tl[i]:
                 older.append({**_brief(y), "newer_timeline_seen": seen_tl[i],
@@ -217,8 +286,83 @@ class Check:
         for o in acked:
             k = f"{self.node_name(o['node'])} (timeline {o['tl']})"
             per_node[k] = per_node.get(k, 0) + 1
-        return {"dual_primary_windows": windows, "older_timeline_writes": len(older),
-                "acknowledged_by_node": per_node}
+        out = {"dual_primary_windows": windows, "older_timeline_writes": len(older),
+               "acknowledged_by_node": per_node}
+        if self.multi:
+            out["across_instance_windows"] = len(across)
+            out["acknowledged_by_instance"] = {}
+            for o in acked:
+                k = inst(o)
+                out["acknowledged_by_instance"][k] = out["acknowledged_by_instance"].get(k, 0) + 1
+        return out
+
+    # ---- coordination (several instances) ----------------------------------------------------
+    def cut_off_spans(self, samples):
+        """[(start, end)] during which an instance's /status said it was cut off from
+        etcd, bracketed conservatively: from the answer of the first sample saying so
+        to the request of the last poll still saying so (`tp` of the next sample)."""
+        spans, start, last = [], None, None
+        for st in sorted(samples, key=lambda o: o["t"]):
+            cut = not st.get("err") and bool((st.get("co") or {}).get("cut"))
+            if cut and start is None:
+                start = st.get("te", st["t"])
+            elif not cut and start is not None:
+                end = st.get("tp") if st.get("tp") is not None else last.get("te", last["t"])
+                spans.append((start, max(start, end)))
+                start = None
+            last = st
+        if start is not None:
+            spans.append((start, max(start, last.get("te", last["t"]))))
+        return spans
+
+    def check_coordination(self):
+        acked = [o for o in self.acked if o.get("node")]
+        out = {"instances": {}}
+        # Every publication any instance showed: epoch -> nodes (one, unless etcd lied).
+        published = {}
+        for st in self.status:
+            co = st.get("co") or {}
+            if co.get("pub") and co.get("ep") is not None:
+                published.setdefault(co["ep"], set()).add(co["pub"])
+        off_published, while_cut = [], []
+        for i, samples in self.status_by.items():
+            seen = [(st.get("te", st["t"]), st["co"]) for st in samples
+                    if not st.get("err") and st.get("co") and st["co"].get("ep") is not None]
+            seen_t = [t for t, _ in seen]
+            mine = [o for o in acked if inst(o) == i]
+            for y in mine:
+                k = bisect.bisect_left(seen_t, y["s"]) - 1
+                if k < 0:
+                    continue
+                co = seen[k][1]
+                allowed = {n for ep, ns in published.items() if ep >= co["ep"] for n in ns}
+                if self.node_name(y["node"]) not in allowed:
+                    off_published.append({**_brief(y), "sy": i, "published_seen": co.get("pub"),
+                                          "epoch_seen": co["ep"], "seen_before_s": round(y["s"] - seen[k][0], 3)})
+            spans = self.cut_off_spans(samples)
+            starts = [a for a, _ in spans]
+            for y in mine:
+                k = bisect.bisect_right(starts, y["s"]) - 1
+                if k >= 0 and y["e"] <= spans[k][1]:
+                    while_cut.append({**_brief(y), "sy": i, "cut_off_from_rel": round(spans[k][0] - self.r["t_start"], 3),
+                                      "cut_off_until_rel": round(spans[k][1] - self.r["t_start"], 3)})
+            leaders = []
+            for st in samples:
+                ld = (st.get("co") or {}).get("leader")
+                if ld and (not leaders or leaders[-1] != ld):
+                    leaders.append(ld)
+            out["instances"][i] = {"cut_off_spans": len(spans),
+                                   "cut_off_s": round(sum(b - a for a, b in spans), 2),
+                                   "leaders_seen": leaders,
+                                   "max_epoch": max((co["ep"] for _, co in seen), default=None)}
+        out["publications"] = {str(ep): sorted(ns) for ep, ns in sorted(published.items())}
+        out["off_published"] = len(off_published)
+        out["while_cut_off"] = len(while_cut)
+        self.violation("writes through an instance to a node not published as primary at the epoch it had seen",
+                       len(off_published), off_published[:10])
+        self.violation("writes acknowledged through an instance while its /status said it was cut off from etcd",
+                       len(while_cut), while_cut[:10])
+        return out
 
     # ---- reads ---------------------------------------------------------------------------------
     def check_reads(self):
@@ -259,14 +403,18 @@ class Check:
         as in seed 5's 30-minute run, counts as stale)."""
         if not self.no_primary_around(o):
             return False
-        seen = [s["t"] for s in self.status if s.get("primary") and not s.get("err") and s["t"] <= o["e"]]
+        samples = self.status_by.get(inst(o), [])
+        seen = [s["t"] for s in samples if s.get("primary") and not s.get("err") and s["t"] <= o["e"]]
         last_primary = seen[-1] if seen else self.r["t_start"]
         return o["e"] - last_primary >= self.r.get("read_hold_s", 0)
 
     def no_primary_around(self, o, before=1.0):
-        ts = [s.get("te", s["t"]) for s in self.status]
+        """Did the /status of the instance that served read `o` show no primary (or not
+        answer) around it?"""
+        samples = self.status_by.get(inst(o), [])
+        ts = [s.get("te", s["t"]) for s in samples]
         i = max(0, bisect.bisect_left(ts, o["s"] - before) - 1)
-        for st in self.status[i:]:
+        for st in samples[i:]:
             t = st.get("te", st["t"])
             if t > o["e"]:
                 break
@@ -334,50 +482,69 @@ class Check:
                    "hold_s": f["hold"], "heal_s": round((f.get("t_heal") or ti) - ti, 2),
                    "detail": f.get("detail"), "error": f.get("error")}
             for label, ops in (("writes", wops), ("reads", rops)):
-                # In force at the injection or sent after it, and over before the next
-                # fault (what is in flight then belongs to that one).
-                win = [o for o in ops if ti - timeout <= o["s"] and ti <= o["e"] < until]
-                errs = [o for o in win if o.get("o") != "ack"]
-                oks = sorted(o["e"] for o in win if o.get("o") == "ack")
-                # The longest time without any success, from the injection on: an
-                # outage clients waited through (Switchyard holds new transactions up to
-                # connect_timeout_ms while there is no primary) shows here, not as errors.
-                stall, prev = 0.0, ti
-                for t in oks:
-                    stall, prev = max(stall, t - prev), t
-                stall = max(stall, (until - prev) if not oks else 0.0)
-                if not errs:
-                    row[label] = {"errors": 0, "back_s": 0.0, "stall_s": round(stall, 2)}
-                    continue
-                last_err = max(o["e"] for o in errs)
-                back = min((o["e"] for o in win if o.get("o") == "ack" and o["s"] >= last_err), default=None)
-                first_err = min(o["e"] for o in errs)
-                row[label] = {"errors": len(errs), "first_error_s": round(first_err - ti, 2),
-                              "back_s": None if back is None else round(back - ti, 2), "stall_s": round(stall, 2)}
+                row[label], back = self._outage(ti, until, ops, timeout)
                 if label == "writes" and back is not None:
                     f["_back_until"] = back
+            if self.multi:
+                # An instance's fault stalls its own clients; the table's columns mix both.
+                row["writes_by_instance"] = {
+                    name: self._outage(ti, until, [o for o in wops if inst(o) == name], timeout)[0]
+                    for name in sorted({inst(o) for o in wops})}
             out.append(row)
         return out
 
+    @staticmethod
+    def _outage(ti, until, ops, timeout):
+        """Errors, time until back and longest stall of `ops` for a fault injected at
+        `ti`, up to the next fault (`until`); and when they were back (None: no error,
+        or not back before the next fault)."""
+        # In force at the injection or sent after it, and over before the next fault
+        # (what is in flight then belongs to that one).
+        win = [o for o in ops if ti - timeout <= o["s"] and ti <= o["e"] < until]
+        errs = [o for o in win if o.get("o") != "ack"]
+        oks = sorted(o["e"] for o in win if o.get("o") == "ack")
+        # The longest time without any success, from the injection on: an outage
+        # clients waited through (Switchyard holds new transactions up to
+        # connect_timeout_ms while there is no primary) shows here, not as errors.
+        stall, prev = 0.0, ti
+        for t in oks:
+            stall, prev = max(stall, t - prev), t
+        stall = max(stall, (until - prev) if not oks else 0.0)
+        if not errs:
+            return {"errors": 0, "back_s": 0.0, "stall_s": round(stall, 2)}, None
+        last_err = max(o["e"] for o in errs)
+        back = min((o["e"] for o in win if o.get("o") == "ack" and o["s"] >= last_err), default=None)
+        first_err = min(o["e"] for o in errs)
+        return {"errors": len(errs), "first_error_s": round(first_err - ti, 2),
+                "back_s": None if back is None else round(back - ti, 2), "stall_s": round(stall, 2)}, back
+
     # ---- Switchyard itself -----------------------------------------------------------------------
     def check_proxy(self):
-        p = self.r["proxy"]
-        crashes = [i for i in p["incarnations"] if i.get("ended_by") == "crash"]
+        """Per instance: exits the harness did not cause, panics, open files idle at the
+        end against idle at the start."""
+        crashes, panics, out = [], [], []
+        for p in self.proxies:
+            name = p.get("name", SOLE)
+            crashes += [dict(i, sy=name) if self.multi else i
+                        for i in p["incarnations"] if i.get("ended_by") == "crash"]
+            panics += [f"{name}: {x}" if self.multi else x for x in p["panics"]]
+            base, end = p.get("idle_start") or {}, p.get("idle_end") or {}
+            growth = None
+            if base.get("fds") is not None and end.get("fds") is not None:
+                growth = end["fds"] - base["fds"]
+                if growth > self.r["fd_bound"]:
+                    self.violation(f"file descriptor growth beyond {self.r['fd_bound']}"
+                                   + (f" ({name})" if self.multi else ""), growth,
+                                   {"idle_start": base, "idle_end": end})
+            p["fd_growth"] = growth
+            out.append(p)
         self.violation("Switchyard crashes (exits the harness did not cause)", len(crashes), crashes)
-        self.violation("Switchyard panics in its log", len(p["panics"]), p["panics"][:5])
-        base, end = p.get("idle_start") or {}, p.get("idle_end") or {}
-        growth = None
-        if base.get("fds") is not None and end.get("fds") is not None:
-            growth = end["fds"] - base["fds"]
-            if growth > self.r["fd_bound"]:
-                self.violation(f"file descriptor growth beyond {self.r['fd_bound']}", growth,
-                               {"idle_start": base, "idle_end": end})
-        p["fd_growth"] = growth
-        return p
+        self.violation("Switchyard panics in its log", len(panics), panics[:5])
+        return out
 
 
 def _brief(o):
-    keep = ("k", "id", "node", "tl", "lsn", "o", "st", "err", "n", "rec")
+    keep = ("k", "id", "node", "tl", "lsn", "o", "st", "err", "n", "rec", "sy")
     out = {k: o[k] for k in keep if k in o}
     out["s"] = round(o["s"], 3) if "s" in o else None
     out["e"] = round(o["e"], 3) if "e" in o else None

@@ -12,6 +12,15 @@ a promotion depends on timing and can differ between two runs of a seed.)
 Each fault is injected, held for `hold` seconds, healed, and followed by a quiet gap
 in which the cluster converges; the record keeps the times, so the checker can
 measure how long writes and reads took to come back.
+
+With two Switchyard instances (`--instances 2`) every fault on Switchyard (kill, term,
+freeze, reload) and every fault on its network (partitions from a server, lossy
+link) strikes one instance, chosen from the seed by role (`inst`: 0 = the
+coordination leader when the fault runs, 1 = the other one; drawn from a random stream
+of its own so that the one-instance schedule of a seed stays what it was). Two kinds
+exist only then: `partition_proxy_etcd` (an instance's namespace drops everything to
+and from etcd) and `kill_etcd` (kill -9 of an etcd member, restarted after the hold).
+Faults on the servers strike the cluster both instances share.
 """
 
 import os
@@ -22,6 +31,7 @@ import time
 from .common import log
 
 # kind: (needs network namespaces, hold range in seconds)
+# (`INSTANCE_KINDS` below need two Switchyard instances and etcd.)
 KINDS = {
     "kill_primary_failover": (False, (1.0, 2.5)),   # kill -9 primary, operator promotes + repoints + rejoins
     "kill_primary_restart": (False, (1.0, 4.0)),    # kill -9 primary, restart it (crash recovery)
@@ -41,12 +51,19 @@ KINDS = {
     "lossy_link": (True, (3.0, 6.0)),               # iptables random drop between proxy and a node
     "slow_link": (True, (3.0, 6.0)),                # tbf bandwidth limit on a node's egress
     "delay_link": (True, (3.0, 6.0)),               # tc netem delay (only where the kernel has netem)
+    # Long enough, mostly, for the instance to give up its lease (chaos/run --lease-s,
+    # 2 s by default: cut off after about 1.8 s).
+    "partition_proxy_etcd": (True, (3.0, 7.0)),     # one instance cannot reach etcd
+    "kill_etcd": (False, (2.0, 6.0)),               # kill -9 of an etcd member, restart
 }
+INSTANCE_KINDS = {"partition_proxy_etcd", "kill_etcd"}
 
 
-def available_kinds(net, tmpfs_ok, only=None, exclude=()):
+def available_kinds(net, tmpfs_ok, only=None, exclude=(), instances=1):
     out = []
     for k, (needs_net, _) in KINDS.items():
+        if k in INSTANCE_KINDS and instances < 2:
+            continue
         if needs_net and net.kind != "netns":
             continue
         if k == "delay_link" and not net.netem:
@@ -64,13 +81,19 @@ def available_kinds(net, tmpfs_ok, only=None, exclude=()):
 # The first round draws only from these, so that a short run (a few minutes: six or
 # seven faults) always exercises what the product's promises rest on; later rounds draw
 # from every kind.
+# With two instances the kinds only they have are core too (they are not available
+# with one, so the one-instance schedule is unchanged).
 CORE = ["kill_primary_failover", "split_brain", "kill_proxy", "freeze_primary", "partition_proxy_primary",
-        "reload_proxy", "kill_standby"]
+        "reload_proxy", "kill_standby", "partition_proxy_etcd", "kill_etcd"]
 
 
-def schedule(seed, kinds, count=200):
-    """The fault plan for `seed`: [{kind, hold, gap, pick}]."""
+def schedule(seed, kinds, count=200, instances=1):
+    """The fault plan for `seed`: [{kind, hold, gap, pick}] (+ `inst`, the instance a
+    Switchyard fault strikes, with several instances)."""
     rng = random.Random(seed)
+    # A stream of its own: drawing from `rng` would change every later draw, and so the
+    # one-instance schedule of every seed.
+    inst_rng = random.Random(f"instances-{seed}")
     plan = []
     first = True
     while len(plan) < count:
@@ -83,6 +106,8 @@ def schedule(seed, kinds, count=200):
             lo, hi = KINDS[k][1]
             plan.append({"kind": k, "hold": round(rng.uniform(lo, hi), 2), "gap": round(rng.uniform(4.0, 7.0), 2),
                          "pick": rng.random()})
+            if instances > 1:
+                plan[-1]["inst"] = inst_rng.randrange(instances)
     return plan[:count]
 
 
@@ -92,13 +117,27 @@ def _pick(items, p):
 
 
 class Injector:
-    def __init__(self, cluster, proxy, net, wait, automatic=False):
-        self.c, self.proxy, self.net = cluster, proxy, net
+    def __init__(self, cluster, proxies, net, wait, automatic=False, etcd=None):
+        self.c, self.proxies, self.net = cluster, proxies, net
+        self.etcd = etcd  # with several instances
         # failover = "automatic": Switchyard promotes; the harness only follows and
         # rejoins old primaries.
         self.automatic = automatic
         self.wait = wait  # wait(seconds): sleeps while watching for a Switchyard crash
         self.reload_flip = False
+
+    def proxy_for(self, f, rec=None):
+        """The instance a Switchyard fault strikes (the only one, with one). Like the
+        servers' faults, by role when the fault runs: `inst` 0 is the coordination
+        leader of the moment, 1 the other instance."""
+        if len(self.proxies) == 1:
+            return self.proxies[0]
+        leader = next((v[0] for v in (p.coordination_view(timeout=1) for p in self.proxies) if v and v[0]), None)
+        ordered = sorted(self.proxies, key=lambda p: p.name != leader)  # the leader first
+        p = ordered[f.get("inst", 0) % len(ordered)]
+        if rec is not None:
+            rec["detail"]["instance_role"] = "leader" if p.name == leader else "follower"
+        return p
 
     # ---- keeping the cluster whole between faults -------------------------------------
     def ensure_healthy(self, timeout=40):
@@ -107,6 +146,9 @@ class Injector:
         after a rejoin gets a new base backup). Returns a list of problems left."""
         self.net.heal_all()
         c = self.c
+        problems = []
+        if self.etcd is not None:
+            problems += [f"etcd {m} does not start" for m in self.etcd.ensure_running()]
         if self.automatic:
             self.follow_promotions()
         if not c.running(c.primary):
@@ -136,7 +178,29 @@ class Injector:
                 log(f"rejoin of {s} failed: {e}")
         if missing:
             missing = c.wait_streaming(c.standbys(), timeout=timeout)
-        return [f"{s} not streaming" for s in missing]
+        problems += [f"{s} not streaming" for s in missing]
+        if len(self.proxies) > 1:
+            problems += self.wait_agreed()
+        return problems
+
+    def wait_agreed(self, timeout=20.0):
+        """Several instances: before the next fault, every instance in touch with etcd
+        and all agreeing on the leader and the published primary (so that each fault
+        starts from one agreed state and its effects are its own)."""
+        deadline = time.monotonic() + timeout
+        views = []
+        while time.monotonic() < deadline:
+            views = [p.coordination_view(timeout=1) for p in self.proxies]
+            if all(v is not None and v[0] and not v[1] and v[2] for v in views) \
+                    and len({(v[0], v[2], v[3]) for v in views}) == 1:
+                return []
+            self.wait(0.3)
+        desc = "; ".join(f"{p.name}: " + ("no answer" if v is None else
+                                           f"leader {v[0]}, published {v[2]} (epoch {v[3]})"
+                                           + (f", cut off: {v[1]}" if v[1] else ""))
+                         for p, v in zip(self.proxies, views))
+        log(f"instances not agreed after {timeout:.0f}s: {desc}")
+        return [f"instances not agreed: {desc}"]
 
     def follow_promotions(self):
         """Under automatic failover, Switchyard may have promoted a standby during the
@@ -332,29 +396,32 @@ class Injector:
 
     # Switchyard ----------------------------------------------------------------------------
     def _kill_proxy(self, f, rec, sig=signal.SIGKILL):
-        self._mark(rec, "switchyard", ["switchyard"])
-        rec["detail"]["pid"] = self.proxy.pid
-        self.proxy.kill(sig)
+        p = self.proxy_for(f, rec)
+        self._mark(rec, p.name, [p.name])
+        rec["detail"]["pid"] = p.pid
+        p.kill(sig)
         self._hold(rec, f["hold"])
-        self.proxy.start()
+        p.start()
         self._healed(rec)
 
     def _term_proxy(self, f, rec):
         self._kill_proxy(f, rec, signal.SIGTERM)
 
     def _freeze_proxy(self, f, rec):
-        self._mark(rec, "switchyard", ["switchyard"])
-        self.proxy.freeze()
+        p = self.proxy_for(f, rec)
+        self._mark(rec, p.name, [p.name])
+        p.freeze()
         try:
             self._hold(rec, f["hold"])
         finally:
-            self.proxy.thaw()
+            p.thaw()
         self._healed(rec)
 
     def _reload_proxy(self, f, rec):
-        """SIGHUP twice under load: first with changed health and lag settings, then back."""
-        self._mark(rec, "switchyard", ["switchyard"])
-        p = self.proxy
+        """SIGHUP twice under load: first with changed health and lag settings, then back
+        (one instance: the other keeps its settings, as in a rolling change)."""
+        p = self.proxy_for(f, rec)
+        self._mark(rec, p.name, [p.name])
         base = (p.health_interval_ms, p.max_lag_ms)
         p.health_interval_ms, p.max_lag_ms = 300, 4000
         p.write_config()
@@ -367,6 +434,58 @@ class Injector:
         rec["detail"]["alive_after"] = p.proc.poll() is None
         self._healed(rec)
 
+    # etcd (several instances) ----------------------------------------------------------------
+    def _watch_cut_off(self, rec, proxies, seconds):
+        """Hold for `seconds` while polling the instances: when each one's /status first
+        said it was cut off from etcd (seconds from the injection)."""
+        end = time.time() + seconds
+        while time.time() < end:
+            for p in proxies:
+                v = p.coordination_view(timeout=0.5)
+                if v is not None and v[1] and "cut_off_after_s" not in rec["detail"].get(p.name, {}):
+                    rec["detail"].setdefault(p.name, {})["cut_off_after_s"] = round(time.time() - rec["t_inject"], 2)
+            self._hold(rec, min(0.2, max(0.0, end - time.time())))
+
+    def _watch_back(self, rec, timeout=20.0):
+        """After the heal: when each instance that had been cut off was back in touch
+        (seconds from the heal)."""
+        deadline = time.time() + timeout
+        left = {p.name: p for p in self.proxies if "cut_off_after_s" in rec["detail"].get(p.name, {})}
+        while left and time.time() < deadline:
+            for name, p in list(left.items()):
+                v = p.coordination_view(timeout=0.5)
+                if v is not None and not v[1]:
+                    rec["detail"].setdefault(name, {})["back_after_heal_s"] = round(time.time() - rec["t_heal"], 2)
+                    del left[name]
+            self.wait(0.2)
+
+    def _partition_proxy_etcd(self, f, rec):
+        """One instance loses etcd: every packet to and from each member dropped in its
+        namespace (a black hole: its calls wait out their timeouts). Within its lease it
+        must stop routing writes (reads go on) while the other goes on, leading alone
+        once the lease lapses."""
+        p = self.proxy_for(f, rec)
+        self._mark(rec, p.name, [p.name])
+        for ip in self.etcd.ips():
+            self._drop_between(p.member, ip)
+        self._watch_cut_off(rec, [p], f["hold"])
+        self.net.heal(p.member)
+        self._healed(rec)
+        self._watch_back(rec)
+
+    def _kill_etcd(self, f, rec):
+        """kill -9 of an etcd member (with one member: all of etcd, so every instance is
+        cut off after its lease and must stop routing writes until etcd is back; with
+        three: the raft leader), restarted after the hold with its data."""
+        members = sorted(self.etcd.members)
+        m = (self.etcd.leader() or _pick(members, f["pick"])) if len(members) > 1 else members[0]
+        self._mark(rec, f"etcd {m}", [m])
+        rec["detail"]["pid"] = self.etcd.kill(m)
+        self._watch_cut_off(rec, self.proxies, f["hold"])
+        self.etcd.start(m)
+        self._healed(rec)
+        self._watch_back(rec)
+
     # network -------------------------------------------------------------------------------
     def _drop_between(self, member, ip, direction="both", extra=()):
         if direction in ("both", "in"):
@@ -375,11 +494,19 @@ class Injector:
             self.net.iptables(member, "-A", "CHAOS_OUT", "-d", ip, *extra, "-j", "DROP")
 
     def _partition_proxy(self, f, rec, node):
+        p = self.proxy_for(f, rec)
         self._mark(rec, node, [node])
-        self._drop_between("px", self.c.nodes[node].host)
+        self._on_instance(rec, p)
+        self._drop_between(p.member, self.c.nodes[node].host)
         self._hold(rec, f["hold"])
-        self.net.heal("px")
+        self.net.heal(p.member)
         self._healed(rec)
+
+    def _on_instance(self, rec, p):
+        """A network fault between one instance and a server: say which instance."""
+        if len(self.proxies) > 1:
+            rec["detail"]["instance"] = p.name
+            rec["affects"] = rec["affects"] + [p.name]
 
     def _partition_proxy_primary(self, f, rec):
         self._partition_proxy(f, rec, self.c.primary)
@@ -398,22 +525,26 @@ class Injector:
 
     def _partition_asymmetric(self, f, rec):
         """The proxy's packets reach the primary, the primary's never come back."""
-        p = self.c.primary
-        self._mark(rec, p, [p])
-        self._drop_between("px", self.c.nodes[p].host, direction="in")
+        n = self.c.primary
+        p = self.proxy_for(f, rec)
+        self._mark(rec, n, [n])
+        self._on_instance(rec, p)
+        self._drop_between(p.member, self.c.nodes[n].host, direction="in")
         self._hold(rec, f["hold"])
-        self.net.heal("px")
+        self.net.heal(p.member)
         self._healed(rec)
 
     def _lossy_link(self, f, rec):
         node = _pick(list(self.c.nodes), f["pick"])
         prob = round(0.2 + 0.2 * f["pick"], 2)
+        p = self.proxy_for(f, rec)
         self._mark(rec, node, [node])
+        self._on_instance(rec, p)
         rec["detail"]["drop_probability"] = prob
-        self._drop_between("px", self.c.nodes[node].host,
+        self._drop_between(p.member, self.c.nodes[node].host,
                            extra=("-m", "statistic", "--mode", "random", "--probability", str(prob)))
         self._hold(rec, f["hold"])
-        self.net.heal("px")
+        self.net.heal(p.member)
         self._healed(rec)
 
     def _slow_link(self, f, rec):

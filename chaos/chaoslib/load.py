@@ -7,6 +7,9 @@ chunks of `chunk_s` restarts the full set after each one. Each chunk is bounded 
 and by a subprocess timeout. Rate-limited (-R) so that on a small machine the load
 stresses the proxy without starving the health checks and the recorded workload of
 CPU (0: unthrottled).
+
+With two Switchyard instances every stream runs through each of them, with half the
+clients and half the rate each (results are per stream, both instances together).
 """
 
 import os
@@ -25,8 +28,8 @@ STREAMS = {
 
 
 class Load:
-    def __init__(self, net, proxy, clients, rate, end_time, chunk_s=15):
-        self.net, self.proxy = net, proxy
+    def __init__(self, net, proxies, clients, rate, end_time, chunk_s=15):
+        self.net, self.proxies = net, proxies
         self.clients, self.rate, self.end_time, self.chunk_s = clients, rate, end_time, chunk_s
         self.results = []
         self.threads = []
@@ -35,33 +38,37 @@ class Load:
     def start(self):
         if self.clients <= 0:
             return
-        # Split the clients over the streams (at least one each).
-        per = max(1, self.clients // len(STREAMS))
+        # Split the clients over the streams and the instances (at least one each).
+        parts = len(STREAMS) * len(self.proxies)
+        per = max(1, self.clients // parts)
+        self.part_rate = max(1, self.rate // parts) if self.rate else 0
         for name in STREAMS:
-            t = threading.Thread(target=self._loop, args=(name, per), daemon=True)
-            t.start()
-            self.threads.append(t)
+            for proxy in self.proxies:
+                t = threading.Thread(target=self._loop, args=(name, per, proxy), daemon=True)
+                t.start()
+                self.threads.append(t)
         log(f"load: pgbench {', '.join(STREAMS)} with {per} clients each"
-            + (f", {self.rate // len(STREAMS)} tps each" if self.rate else ", unthrottled"))
+            + (f" through each of {', '.join(p.name for p in self.proxies)}" if len(self.proxies) > 1 else "")
+            + (f", {self.part_rate} tps each" if self.rate else ", unthrottled"))
 
     def stop(self):
         self._stop.set()
         for t in self.threads:
             t.join(60)
 
-    def _loop(self, name, clients):
+    def _loop(self, name, clients, proxy):
         st = STREAMS[name]
-        port = self.proxy.rw if st["endpoint"] == "rw" else self.proxy.ro
+        port = proxy.rw if st["endpoint"] == "rw" else proxy.ro
         while not self._stop.is_set():
             left = self.end_time - time.time()
             if left < 3:
                 return
             dur = int(min(self.chunk_s, left))
             argv = self.net.prefix("px") + [
-                "pgbench", "-h", self.proxy.host, "-p", str(port), "-U", USER, "-n", "-M", "simple",
+                "pgbench", "-h", proxy.host, "-p", str(port), "-U", USER, "-n", "-M", "simple",
                 "-c", str(clients), "-j", str(min(2, clients)), "-T", str(dur), *st["args"]]
             if self.rate:
-                argv += ["-R", str(max(1, self.rate // len(STREAMS)))]
+                argv += ["-R", str(self.part_rate)]
             argv.append(DB)
             t0 = time.time()
             p = run(argv, timeout=dur + 30, check=False,

@@ -21,6 +21,7 @@ from . import common
 from .checker import Check
 from .cluster import DB, PASSWORD, PG_BIN_DEFAULT, USER, Cluster, cleanup_leftover_mounts
 from .common import install_signal_handlers, log, parse_duration, raise_nofile
+from .etcd import Etcd
 from .faults import KINDS, Injector, available_kinds, schedule
 from .load import Load
 from .netns import Loopback, Netns
@@ -47,6 +48,12 @@ def parse_args(argv):
     p.add_argument("--failover", choices=("operator", "automatic"), default="operator",
                    help="who promotes after the primary is killed: the harness as an operator, or Switchyard "
                         "(failover = \"automatic\"; the harness only rejoins old primaries)")
+    p.add_argument("--instances", type=int, choices=(1, 2), default=1,
+                   help="Switchyard instances: 2 = two instances agreeing through etcd ([coordination]), "
+                        "the workload spread over both, faults striking either (default 1)")
+    p.add_argument("--etcd-members", type=int, choices=(1, 3), default=1,
+                   help="etcd members with --instances 2 (1: killing it is a whole coordination outage)")
+    p.add_argument("--lease-s", type=int, default=2, help="[coordination] lease_s with --instances 2")
     p.add_argument("--max-ops", type=int, default=3_000_000,
                    help="cap on recorded operations (5 min record ~270k; the checker holds them all in memory)")
     p.add_argument("--insert-workers", type=int, default=4)
@@ -105,7 +112,8 @@ def main(argv):
 class Run:
     def __init__(self, args):
         self.a = args
-        self.net = self.cluster = self.proxy = self.observer = self.load = None
+        self.net = self.cluster = self.proxy = self.observer = self.load = self.etcd = None
+        self.proxies = []
         self.child = None
         self.workdir = None
         self.notes = []
@@ -121,30 +129,39 @@ class Run:
         os.chmod(self.workdir, 0o755)
         common.LOG_FILE = os.path.join(self.workdir, "harness.log")
         log(f"chaos run: seed {a.seed}, duration {a.duration_s:.0f}s, {'sync' if a.sync else 'async'} "
-            f"replication, {a.failover} failover, binary {a.binary}, workdir {self.workdir}")
+            f"replication, {a.failover} failover, "
+            + (f"{a.instances} Switchyard instances with {a.etcd_members} etcd member(s), lease {a.lease_s} s, "
+               if a.instances > 1 else "")
+            + f"binary {a.binary}, workdir {self.workdir}")
+        if a.instances > 1 and not Etcd.available():
+            log("--instances 2 needs etcd (/usr/bin/etcd; Debian: apt-get install etcd-server)")
+            return 2
 
         self.setup_network()
         self.setup_cluster()
+        self.setup_etcd()
         self.setup_proxy()
 
         kinds = available_kinds(self.net, tmpfs_ok=any(n.tmpfs for n in self.cluster.nodes.values()),
                                 only=set(filter(None, a.faults.split(","))) or None,
-                                exclude=set(filter(None, a.exclude_faults.split(","))))
-        plan = schedule(a.seed, kinds)
+                                exclude=set(filter(None, a.exclude_faults.split(","))),
+                                instances=a.instances)
+        plan = schedule(a.seed, kinds, instances=a.instances)
         log(f"fault kinds available: {', '.join(kinds)}")
 
         time.sleep(2)
-        idle_start = self.proxy.resources()
-        self.observer = Observer(self.cluster, self.proxy)
+        idle_start = {p.name: p.resources() for p in self.proxies}
+        self.observer = Observer(self.cluster, self.proxies)
         self.observer.start()
 
         self.t_start = time.time()
         self.t_end = self.t_start + a.duration_s
         self.start_workload()
-        self.load = Load(self.net, self.proxy, a.pgbench_clients, a.pgbench_rate, self.t_end)
+        self.load = Load(self.net, self.proxies, a.pgbench_clients, a.pgbench_rate, self.t_end)
         self.load.start()
 
-        injector = Injector(self.cluster, self.proxy, self.net, self.wait, automatic=a.failover == "automatic")
+        injector = Injector(self.cluster, self.proxies, self.net, self.wait, automatic=a.failover == "automatic",
+                            etcd=self.etcd)
         faults = self.run_faults(injector, plan)
         self.wait(max(0.0, self.t_end - time.time()))
         log("loaded phase over; stopping load")
@@ -157,12 +174,20 @@ class Run:
         if problems:
             self.notes.append("cluster not whole at the end: " + "; ".join(problems))
         self.wait(6)
-        idle_end = self.proxy.resources()
+        idle_end = {p.name: p.resources() for p in self.proxies}
         self.observer.stop()
         final = self.final_state()
 
         ops = self.read_ops()
-        panics, warn_counts, _ = scan_log(self.proxy.log_path)
+        proxies = []
+        for p in self.proxies:
+            panics, warn_counts, _ = scan_log(p.log_path)
+            mine = [r for r in self.observer.resources if r.get("sy") == p.name]
+            proxies.append({"name": p.name, "incarnations": p.incarnations, "panics": panics,
+                            "log_warnings": warn_counts, "idle_start": idle_start[p.name],
+                            "idle_end": idle_end[p.name],
+                            "max_rss_kib": max((r.get("rss_kib") or 0 for r in mine), default=None),
+                            "max_fds": max((r.get("fds") or 0 for r in mine), default=None)})
         run = {
             "ops": ops, "faults": faults, "final": final, "sync": a.sync,
             "node_by_addr": {n.addr: n.name for n in self.cluster.nodes.values()},
@@ -172,10 +197,8 @@ class Run:
             # automatic failover, else connect_timeout_ms = 5 s): how long a read that must
             # see a client's writes waits for a primary before standbys may serve it.
             "read_hold_s": 10.0 if a.failover == "automatic" else 5.0,
-            "proxy": {"incarnations": self.proxy.incarnations, "panics": panics, "log_warnings": warn_counts,
-                      "idle_start": idle_start, "idle_end": idle_end,
-                      "max_rss_kib": max((r.get("rss_kib") or 0 for r in self.observer.resources), default=None),
-                      "max_fds": max((r.get("fds") or 0 for r in self.observer.resources), default=None)},
+            # One entry per Switchyard instance ("switchyard" when there is one).
+            "proxies": proxies,
         }
         report = self.build_report(faults, final, kinds)
         save_checker_input(self.workdir, run, report)
@@ -185,11 +208,17 @@ class Run:
     def setup_network(self):
         a = self.a
         names = [("n1", 11), ("n2", 12), ("n3", 13), ("px", 2)]
+        if a.instances > 1:
+            # The second instance in a namespace of its own (the workload stays in px
+            # and reaches it across the bridge), and etcd in namespaces of its own, so
+            # that an instance can be partitioned from etcd alone.
+            names += [("px2", 3)] + [(f"et{i + 1}", 21 + i) for i in range(a.etcd_members)]
         ok, why = (False, "--no-netns") if a.no_netns else Netns.available()
         if ok:
             Netns.cleanup_leftovers()  # first: kills what still runs there (servers using the tmpfs)
         if os.geteuid() == 0:
             cleanup_leftover_mounts()
+        if ok:  # not `if root`: --no-netns must give loopback as root too
             self.net = Netns(a.subnet)
             self.net.setup(names)
         else:
@@ -212,23 +241,54 @@ class Run:
         if a.sync:
             self.cluster.enable_sync()
 
+    def setup_etcd(self):
+        if self.a.instances < 2:
+            return
+        self.etcd = Etcd(self.net, self.workdir, [f"et{i + 1}" for i in range(self.a.etcd_members)])
+        self.etcd.start_all()
+
     def setup_proxy(self):
-        self.proxy = Proxy(self.net, self.cluster, self.workdir, self.a.binary, self.a.health_interval_ms,
-                           failover=self.a.failover)
-        self.proxy.start()
+        a = self.a
+        if a.instances == 1:
+            layout = [("switchyard", "px")]
+        else:
+            layout = [(f"sy{i + 1}", "px" if i == 0 else f"px{i + 1}") for i in range(a.instances)]
+        copied = None
+        for name, member in layout:
+            coord = None
+            if self.etcd is not None:
+                coord = {"etcd": self.etcd.urls(), "instance": name, "lease_s": a.lease_s}
+            p = Proxy(self.net, self.cluster, self.workdir, a.binary, a.health_interval_ms, failover=a.failover,
+                      name=name, member=member, coordination=coord, copied_binary=copied)
+            copied = p.binary
+            self.proxies.append(p)  # first: teardown stops it even if the start fails
+            p.start()
+        self.proxy = self.proxies[0]
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            st = self.proxy.status()["clusters"][0]
-            up = [n for n in st["nodes"] if n["health"] == "up"]
-            if st.get("primary") == "n1" and len(up) == 3:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"Switchyard does not see the cluster: {st}")
+        for p in self.proxies:
+            while True:
+                st = p.status()["clusters"][0]
+                up = [n for n in st["nodes"] if n["health"] == "up"]
+                # With coordination: in touch with etcd and writing to the published n1.
+                if st.get("primary") == "n1" and len(up) == 3 and (self.etcd is None or st.get("published") == "n1"):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Switchyard {p.name} does not see the cluster: {st}")
+                time.sleep(0.2)
+        if len(self.proxies) > 1:
+            # Same Injector check as before every fault.
+            probs = Injector(self.cluster, self.proxies, self.net, self.wait).wait_agreed(timeout=30)
+            if probs:
+                raise RuntimeError("; ".join(probs))
+            v = self.proxy.coordination_view()
+            log(f"instances agree: leader {v[0]}, published {v[2]} (epoch {v[3]})")
 
     def start_workload(self):
         a = self.a
         self.ops_path = os.path.join(self.workdir, "ops.jsonl")
         spec = {"host": self.proxy.host, "rw": self.proxy.rw, "ro": self.proxy.ro, "admin": self.proxy.admin,
+                "instances": [{"name": p.name, "host": p.host, "rw": p.rw, "ro": p.ro, "admin": p.admin}
+                              for p in self.proxies],
                 "user": USER, "password": PASSWORD, "db": DB, "end_time": self.t_end,
                 "insert_workers": a.insert_workers, "raw_pairs": a.raw_pairs, "max_ops": a.max_ops,
                 "op_timeout": a.op_timeout, "connect_timeout": 6.0, "pause_ms": a.pause_ms,
@@ -265,11 +325,15 @@ class Run:
         restarted, so the run goes on) and for the workload child dying."""
         end = time.time() + seconds
         while True:
-            if self.proxy is not None and self.proxy.check_crashed() is not None:
-                try:
-                    self.proxy.start()
-                except Exception as e:
-                    log(f"restart after crash failed: {e}")
+            for p in self.proxies:
+                if p.check_crashed() is not None:
+                    try:
+                        p.start()
+                    except Exception as e:
+                        log(f"restart of {p.name} after crash failed: {e}")
+            if self.etcd is not None:
+                for m in self.etcd.check_exited():
+                    self.notes.append(f"etcd {m} exited by itself (see etcd/{m}.log); restarted before the next fault")
             left = end - time.time()
             if left <= 0:
                 return
@@ -340,6 +404,9 @@ class Run:
             "machine": {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count()},
             "command": "chaos/run " + " ".join(sys.argv[1:]),
             "seed": a.seed, "duration_s": a.duration_s, "sync": a.sync, "failover": a.failover,
+            "instances": a.instances,
+            "etcd": None if self.etcd is None else {"members": sorted(self.etcd.members), "lease_s": a.lease_s,
+                                                    "history": self.etcd.history},
             "network": self.net.kind,
             "netem": getattr(self.net, "netem", False),
             "binary": a.binary, "workdir": self.workdir,
@@ -359,7 +426,8 @@ class Run:
         for what, fn in (("load", lambda: self.load and self.load.stop()),
                          ("workload", self._kill_child),
                          ("observer", lambda: self.observer and self.observer.stop()),
-                         ("switchyard", lambda: self.proxy and self.proxy.shutdown()),
+                         ("switchyard", self._stop_proxies),
+                         ("etcd", lambda: self.etcd and self.etcd.stop_all()),
                          ("cluster", lambda: self.cluster and self.cluster.stop_all()),
                          ("network", lambda: self.net and self.net.teardown())):
             try:
@@ -369,13 +437,23 @@ class Run:
         if self.workdir and self.cluster and not self.a.keep:
             for n in self.cluster.nodes.values():
                 shutil.rmtree(n.data, ignore_errors=True)
-            if self.proxy:
+            if self.etcd:
+                for m in self.etcd.members.values():
+                    shutil.rmtree(m.data, ignore_errors=True)
+            if self.proxies:
                 try:
-                    os.unlink(self.proxy.binary)  # the copy: 85 MB per run otherwise
+                    os.unlink(self.proxies[0].binary)  # the copy (shared by the instances): 85 MB per run otherwise
                 except OSError:
                     pass
         if self.workdir:
             log(f"logs kept in {self.workdir}")
+
+    def _stop_proxies(self):
+        for p in self.proxies:
+            try:
+                p.shutdown()
+            except Exception as e:
+                log(f"teardown of {p.name} failed: {e}")
 
     def _kill_child(self):
         if self.child is not None and self.child.poll() is None:

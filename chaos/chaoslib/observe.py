@@ -1,6 +1,6 @@
 """What the harness watches while faults run: each server's own view of itself (over its
 Unix socket, so partitions do not hide it), and Switchyard's memory and file
-descriptors from /proc. One background thread, one asyncio loop, every query bounded
+descriptors from /proc (each instance's, tagged with its name). One background thread, one asyncio loop, every query bounded
 (a frozen server answers nothing).
 """
 
@@ -19,10 +19,10 @@ SELF_SQL = ("SELECT pg_is_in_recovery(), "
 
 
 class Observer:
-    def __init__(self, cluster, proxy, interval=0.5):
-        self.cluster, self.proxy, self.interval = cluster, proxy, interval
+    def __init__(self, cluster, proxies, interval=0.5):
+        self.cluster, self.proxies, self.interval = cluster, proxies, interval
         self.truth = []      # {t, node, up, primary, tl, lsn} on change (and every 5 s)
-        self.resources = []  # {t, pid, rss_kib, fds}
+        self.resources = []  # {t, sy, pid, rss_kib, fds}
         self._stop = threading.Event()
         self._thread = None
 
@@ -48,7 +48,8 @@ class Observer:
                     self.truth.append({"t": t, "node": name, **row})
                     last[name] = (key, t)
             if n % max(1, int(1 / self.interval)) == 0:
-                self.resources.append(self.proxy.resources())
+                for p in self.proxies:
+                    self.resources.append(dict(p.resources(), sy=p.name))
             n += 1
             await asyncio.sleep(max(0.0, self.interval - (time.time() - t)))
         for c in conns.values():

@@ -3,6 +3,10 @@ killed, frozen, restarted, reloaded), what /proc says about it, and what its log
 
 Every incarnation is recorded with how it ended, so the checker can tell a crash from
 a kill the harness did on purpose.
+
+With `--instances 2` there are two of these (`sy1` in namespace `px`, `sy2` in `px2`),
+each with a `[coordination]` section naming the same etcd and its own instance name;
+one copy of the binary serves both.
 """
 
 import json
@@ -21,8 +25,13 @@ RW_PORT, RO_PORT, ADMIN_PORT = 6432, 6433, 9930
 
 
 def config_text(cluster, listen_host, ports, health_interval_ms, max_lag_ms=5000, extra_cluster="",
-                failover="operator"):
+                failover="operator", coordination=None):
     rw, ro, admin = ports
+    coord = ""
+    if coordination:
+        urls = ", ".join(f'"{u}"' for u in coordination["etcd"])
+        coord = (f'\n[coordination]\netcd = [{urls}]\ninstance = "{coordination["instance"]}"\n'
+                 f'lease_s = {coordination["lease_s"]}\n')
     nodes = "".join(f'\n[[clusters.main.nodes]]\nname = "{n.name}"\nhost = "{n.host}"\nport = {n.port}\n'
                     for n in cluster.nodes.values())
     if failover == "automatic":
@@ -42,7 +51,7 @@ shutdown_timeout_ms = 3000
 
 [admin]
 http_listen = "{listen_host}:{admin}"
-
+{coord}
 [[users]]
 name = "{USER}"
 password = "{PASSWORD}"
@@ -65,18 +74,28 @@ server_idle_timeout_ms = 3000
 
 
 class Proxy:
-    def __init__(self, net, cluster, base, binary, health_interval_ms=400, failover="operator"):
+    def __init__(self, net, cluster, base, binary, health_interval_ms=400, failover="operator",
+                 name="switchyard", member="px", coordination=None, copied_binary=None):
+        """name: the instance (its directory under `base`, its label in the report);
+        member: the network namespace it runs in; coordination: {etcd, instance,
+        lease_s} or None; copied_binary: a copy another instance already made."""
         self.failover = failover
         self.net = net
         self.cluster = cluster
-        self.dir = os.path.join(base, "switchyard")
+        self.name = name
+        self.member = member
+        self.coordination = coordination
+        self.dir = os.path.join(base, name)
         os.makedirs(self.dir, exist_ok=True)
         # A copy: the binary under test must not change under a running suite.
-        self.binary = os.path.join(self.dir, "switchyard")
-        shutil.copy2(binary, self.binary)
+        if copied_binary:
+            self.binary = copied_binary
+        else:
+            self.binary = os.path.join(self.dir, "switchyard")
+            shutil.copy2(binary, self.binary)
         self.source_binary = binary
-        self.ns = net.ns_of("px")
-        self.host = net.ip_of("px")
+        self.ns = net.ns_of(member)
+        self.host = net.ip_of(member)
         if net.kind == "netns":
             self.ports = (RW_PORT, RO_PORT, ADMIN_PORT)
         else:
@@ -104,7 +123,7 @@ class Proxy:
 
     def write_config(self, extra_cluster=""):
         text = config_text(self.cluster, self.host, self.ports, self.health_interval_ms, self.max_lag_ms, extra_cluster,
-                           self.failover)
+                           self.failover, self.coordination)
         with open(self.config, "w") as f:
             f.write(text)
         chk = run([self.binary, "check", "--config", self.config], check=False, timeout=20)
@@ -114,7 +133,7 @@ class Proxy:
     # ---- lifecycle -----------------------------------------------------------------
     def start(self, timeout=20):
         out = open(self.log_path, "ab")
-        argv = self.net.prefix("px") + [self.binary, "--log-format", "json", "--config", self.config]
+        argv = self.net.prefix(self.member) + [self.binary, "--log-format", "json", "--config", self.config]
         # `ip netns exec` execs the program, so this pid is Switchyard's own.
         self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True,
@@ -123,7 +142,7 @@ class Proxy:
         self.incarnations.append({"pid": self.proc.pid, "start": time.time(), "end": None,
                                   "ended_by": None, "exit": None})
         self.wait_ready(timeout)
-        log(f"switchyard pid {self.proc.pid} listening on {self.host}:{self.rw} (rw), :{self.ro} (ro), "
+        log(f"{self.name} pid {self.proc.pid} listening on {self.host}:{self.rw} (rw), :{self.ro} (ro), "
             f":{self.admin} (admin)")
 
     def wait_ready(self, timeout):
@@ -186,7 +205,7 @@ class Proxy:
             inc["exit"] = self.proc.returncode
             inc["ended_by"] = inc["ended_by"] or "crash"
             if inc["ended_by"] == "crash":
-                log(f"SWITCHYARD EXITED BY ITSELF with status {self.proc.returncode}")
+                log(f"SWITCHYARD ({self.name}) EXITED BY ITSELF with status {self.proc.returncode}")
                 return self.proc.returncode
         return None
 
@@ -212,6 +231,19 @@ class Proxy:
 
     def status(self, timeout=2):
         return json.loads(self.http_get("/status", timeout))
+
+    def coordination_view(self, timeout=2):
+        """(leader, cut_off, published, epoch) from /status; None if it does not answer
+        or runs without [coordination]."""
+        try:
+            st = self.status(timeout)
+        except Exception:
+            return None
+        co = st.get("coordination")
+        if not co:
+            return None
+        cl = st["clusters"][0]
+        return co.get("leader"), co.get("cut_off"), cl.get("published"), cl.get("epoch")
 
     def resources(self):
         pid = self.pid

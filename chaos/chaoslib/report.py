@@ -19,11 +19,16 @@ def render_text(rep):
     chk = rep["check"]
     w = chk["writes"]
     cw, cr = w["chaos_writes"], w["chaos_raw"]
-    px = chk["proxy"]
+    proxies = chk.get("proxies") or [chk["proxy"]]
+    multi = len(proxies) > 1
     out = []
+    etcd = rep.get("etcd")
     out.append(f"== Switchyard chaos run: seed {rep['seed']}, {rep['duration_s']:.0f}s, "
                f"{'synchronous' if rep['sync'] else 'asynchronous'} replication, "
-               f"{rep.get('failover', 'operator')} failover, network: {rep['network']}"
+               f"{rep.get('failover', 'operator')} failover, "
+               + (f"{len(proxies)} Switchyard instances ({len(etcd['members'])} etcd member(s), lease "
+                  f"{etcd['lease_s']} s), " if multi and etcd else "")
+               + f"network: {rep['network']}"
                f"{'' if rep['netem'] or rep['network'] != 'netns' else ' (no tc netem in this kernel)'}")
     out.append(f"   {rep['when']} on {rep['machine']['host']} ({rep['machine']['cpus']} CPUs, kernel "
                f"{rep['machine']['kernel']}); workdir {rep['workdir']}")
@@ -55,25 +60,46 @@ def render_text(rep):
         ["phantom writes (never sent)", cw["phantoms"] + cr["phantoms"]],
         ["writes reported failed but committed", cw["failed_present"] + cr["failed_present"]],
         ["writes on a node in recovery", _count(chk, "writes taken by a node in recovery")],
-        ["dual-primary windows (write order)", len(order["dual_primary_windows"])],
+        ["dual-primary windows (write order)",
+         sum(1 for w in order["dual_primary_windows"] if not w.get("across"))],
+    ]
+    co = chk.get("coordination")
+    if multi:
+        rows += [["dual-primary windows across instances", order.get("across_instance_windows", 0)]]
+    if co is not None:
+        rows += [["writes off the published primary (epoch seen)", co["off_published"]],
+                 ["writes acknowledged while the instance was cut off", co["while_cut_off"]]]
+    rows += [
         ["writes to an older timeline than Switchyard had seen", order["older_timeline_writes"]],
         ["servers both primary (seconds, per the servers)", rep["truth_dual_primary_s"]],
         ["acknowledged by node", ", ".join(f"{k}: {v}" for k, v in sorted(order["acknowledged_by_node"].items()))],
     ]
+    if multi:
+        rows.append(["acknowledged by instance",
+                     ", ".join(f"{k}: {v}" for k, v in sorted(order.get("acknowledged_by_instance", {}).items()))])
+    if co is not None:
+        for name, ci in sorted(co["instances"].items()):
+            rows.append([f"coordination, {name}",
+                         f"cut off {ci['cut_off_spans']} time(s), {ci['cut_off_s']} s in all; leaders seen: "
+                         f"{' -> '.join(ci['leaders_seen']) or '-'}; last epoch {ci['max_epoch']}"])
+        rows.append(["publications (epoch: primary)",
+                     ", ".join(f"{ep}: {'/'.join(ns)}" for ep, ns in co["publications"].items()) or "-"])
     for k, r in reads.items():
         rows.append([f"stale reads: {r['what']}",
                      f"{r['stale']} of {r['answered']} answered ({r['errors']} errors; excused, no primary: "
                      f"{r['excused_no_primary']}; missed a lost write: {r['missed_lost_write']})"])
-    incs = px["incarnations"]
-    rows += [
-        ["Switchyard processes (ended by)", ", ".join(f"{i['pid']}: {i['ended_by'] or 'running'}" for i in incs)],
-        ["Switchyard panics in log", len(px["panics"])],
-        ["Switchyard FDs idle start -> end (max)",
-         f"{(px['idle_start'] or {}).get('fds')} -> {(px['idle_end'] or {}).get('fds')} (max {px.get('max_fds')})"],
-        ["Switchyard RSS idle start -> end (max)",
-         f"{_mib((px['idle_start'] or {}).get('rss_kib'))} -> {_mib((px['idle_end'] or {}).get('rss_kib'))} "
-         f"(max {_mib(px.get('max_rss_kib'))})"],
-    ]
+    for px in proxies:
+        label = f"Switchyard {px['name']}" if multi else "Switchyard"
+        incs = px["incarnations"]
+        rows += [
+            [f"{label} processes (ended by)", ", ".join(f"{i['pid']}: {i['ended_by'] or 'running'}" for i in incs)],
+            [f"{label} panics in log", len(px["panics"])],
+            [f"{label} FDs idle start -> end (max)",
+             f"{(px['idle_start'] or {}).get('fds')} -> {(px['idle_end'] or {}).get('fds')} (max {px.get('max_fds')})"],
+            [f"{label} RSS idle start -> end (max)",
+             f"{_mib((px['idle_start'] or {}).get('rss_kib'))} -> {_mib((px['idle_end'] or {}).get('rss_kib'))} "
+             f"(max {_mib(px.get('max_rss_kib'))})"],
+        ]
     out.append(_table(["CHECK", "RESULT"], rows))
     out.append("")
 
@@ -87,6 +113,19 @@ def render_text(rep):
                 extra.append(f"{k}={det[k]}")
         if det.get("primaries_after") and f["kind"] != "kill_primary_failover":
             extra.append("primary after: " + ",".join(sorted(det["primaries_after"])))
+        if multi:
+            if det.get("instance"):
+                extra.append(f"via {det['instance']}")
+            if det.get("instance_role"):
+                extra.append(f"({det['instance_role']})")
+            for p in proxies:
+                d = det.get(p["name"])
+                if isinstance(d, dict):
+                    extra.append(f"{p['name']} cut off after {d.get('cut_off_after_s', '-')}s, "
+                                 f"back {d.get('back_after_heal_s', '-')}s after heal")
+            by = f.get("writes_by_instance") or {}
+            if by:
+                extra.append("w_stall " + "/".join(f"{k} {v['stall_s']}" for k, v in sorted(by.items())))
         if f.get("error"):
             extra.append("FAULT ERROR: " + f["error"][:80])
         frows.append([i, f["at_s"], f["kind"], f["target"], f["hold_s"], f["heal_s"],
@@ -113,11 +152,12 @@ def render_text(rep):
         out.append(_table(["pgbench stream", "runs", "txns", "failed", "aborted clients", "error lines"], lrows))
         out.append("")
 
-    warns = sorted((px.get("log_warnings") or {}).items(), key=lambda kv: -kv[1])
-    if warns:
-        out.append("Switchyard log, warnings and errors: "
-                   + "; ".join(f"{n} x {k}" for k, n in warns[:6]))
-        out.append("")
+    for px in proxies:
+        warns = sorted((px.get("log_warnings") or {}).items(), key=lambda kv: -kv[1])
+        if warns:
+            out.append(f"Switchyard{' ' + px['name'] if multi else ''} log, warnings and errors: "
+                       + "; ".join(f"{n} x {k}" for k, n in warns[:6]))
+            out.append("")
 
     if chk["violations"]:
         out.append("VERDICT: FAIL")

@@ -19,7 +19,15 @@ write of a read-after-write check), raw_own (reading it back on the same connect
 rw with splitting: read-your-writes), raw_tok (SHOW switchyard.causal_token),
 raw_set (SET switchyard.causal_token on an ro connection), raw_causal (the read through
 ro with that token), r (a read-only probe on ro), st (Switchyard's /status: primary and each node's health, role and
-timeline), ev (Switchyard's node events, from /status).
+timeline; with [coordination] also its leader, published primary, epoch and whether
+it is cut off from etcd), ev (Switchyard's node events, from /status).
+
+With two Switchyard instances (`spec["instances"]`), every record names the instance
+its connection went through (`sy`): insert client w goes through instance w mod 2;
+read-after-write pair p writes (and reads back on the same connection) through
+instance p mod 2 and makes its causal read on the ro endpoint of the other instance,
+with the token the first one gave (a token names the cluster and timeline, not the
+instance); one ro probe and one /status poller per instance.
 """
 
 import asyncio
@@ -113,21 +121,33 @@ class Workload:
         self.rec = Recorder(spec["out"])
         self.stop = False
         self.ops = 0
+        # One instance: today's records, without the `sy` tag.
+        self.instances = spec.get("instances") or [
+            {"name": "switchyard", "host": spec["host"], "rw": spec["rw"], "ro": spec["ro"], "admin": spec["admin"]}]
+        self.tagged = len(self.instances) > 1
+
+    def inst(self, i):
+        return self.instances[i % len(self.instances)]
+
+    def tag(self, rec, inst):
+        if self.tagged:
+            rec["sy"] = inst["name"]
+        return rec
 
     def done(self):
         return self.stop or time.time() >= self.spec["end_time"] or self.ops >= self.spec["max_ops"]
 
-    async def connect(self, port, who, endpoint):
+    async def connect(self, inst, who, endpoint):
         s = self.spec
         t0 = time.time()
         try:
-            return await asyncio.wait_for(Conn.connect(s["host"], port, s["user"], s["db"], s["password"]),
+            return await asyncio.wait_for(Conn.connect(inst["host"], inst[endpoint], s["user"], s["db"], s["password"]),
                                           s["connect_timeout"])
         except Exception as e:
             st = e.sqlstate if isinstance(e, PgError) else None
             msg = str(e) if not isinstance(e, asyncio.TimeoutError) else f"connect timeout {s['connect_timeout']}s"
-            self.rec.add({"k": "c", "wk": who, "ep": endpoint, "s": t0, "e": time.time(), "o": "fail",
-                          "st": st, "err": msg[:200]})
+            self.rec.add(self.tag({"k": "c", "wk": who, "ep": endpoint, "s": t0, "e": time.time(), "o": "fail",
+                                   "st": st, "err": msg[:200]}, inst))
             await asyncio.sleep(0.1)
             return None
 
@@ -157,14 +177,15 @@ class Workload:
     async def inserter(self, w):
         conn, seq = None, 0
         pause = self.spec["pause_ms"] / 1000
+        inst = self.inst(w)
         while not self.done():
             if conn is None:
-                conn = await self.connect(self.spec["rw"], f"w{w}", "rw")
+                conn = await self.connect(inst, f"w{w}", "rw")
                 if conn is None:
                     continue
             seq += 1
             rid = (w + 1) * ID_BASE + seq
-            rec = {"k": "w", "id": rid, "wk": w}
+            rec = self.tag({"k": "w", "id": rid, "wk": w}, inst)
             rows = await self.op(conn, INSERT_SQL.format(id=rid, w=w), rec)
             if rows:
                 self.write_fields(rec, rows[0])
@@ -181,19 +202,21 @@ class Workload:
         w_conn = r_conn = None
         seq = 0
         pause = s["pause_ms"] / 1000
+        # The causal read goes through the other instance, when there is one.
+        w_inst, r_inst = self.inst(p), self.inst(p + 1)
         while not self.done():
             await asyncio.sleep(pause)
             if w_conn is None:
-                w_conn = await self.connect(s["rw"], f"raw{p}w", "rw")
+                w_conn = await self.connect(w_inst, f"raw{p}w", "rw")
                 if w_conn is None:
                     continue
             if r_conn is None:
-                r_conn = await self.connect(s["ro"], f"raw{p}r", "ro")
+                r_conn = await self.connect(r_inst, f"raw{p}r", "ro")
                 if r_conn is None:
                     continue
             seq += 1
             rid = (p + 1) * ID_BASE + seq
-            rec = {"k": "raw_w", "id": rid, "wk": p}
+            rec = self.tag({"k": "raw_w", "id": rid, "wk": p}, w_inst)
             rows = await self.op(w_conn, RAW_INSERT_SQL.format(id=rid), rec)
             if not rows:
                 if rec["o"] == "unk":
@@ -202,7 +225,7 @@ class Workload:
                 continue
             self.write_fields(rec, rows[0])
             # Read it back on the same connection (rw, split: may go to a standby).
-            rec = {"k": "raw_own", "id": rid, "wk": p}
+            rec = self.tag({"k": "raw_own", "id": rid, "wk": p}, w_inst)
             rows = await self.op(w_conn, READ_SQL.format(id=rid), rec)
             if not rows:
                 if rec["o"] == "unk":
@@ -211,7 +234,7 @@ class Workload:
                 continue
             self.read_fields(rec, rows[0])
             # Carry the write to another connection with a causal token.
-            rec = {"k": "raw_tok", "id": rid, "wk": p}
+            rec = self.tag({"k": "raw_tok", "id": rid, "wk": p}, w_inst)
             rows = await self.op(w_conn, "SHOW switchyard.causal_token", rec)
             if not rows:
                 if rec["o"] == "unk":
@@ -220,14 +243,14 @@ class Workload:
                 continue
             token = rows[0][0] or ""
             rec["tok"] = token
-            rec = {"k": "raw_set", "id": rid, "wk": p}
+            rec = self.tag({"k": "raw_set", "id": rid, "wk": p}, r_inst)
             await self.op(r_conn, f"SET switchyard.causal_token = '{token}'", rec)
             if rec["o"] != "ack":
                 if rec["o"] == "unk":
                     r_conn.close()
                     r_conn = None
                 continue
-            rec = {"k": "raw_causal", "id": rid, "wk": p}
+            rec = self.tag({"k": "raw_causal", "id": rid, "wk": p}, r_inst)
             rows = await self.op(r_conn, READ_SQL.format(id=rid), rec)
             if rows:
                 self.read_fields(rec, rows[0])
@@ -243,12 +266,13 @@ class Workload:
         """A reader on ro alone, so read outages are measured apart from writes."""
         conn = None
         pause = self.spec["pause_ms"] / 1000
+        inst = self.inst(p)
         while not self.done():
             if conn is None:
-                conn = await self.connect(self.spec["ro"], f"r{p}", "ro")
+                conn = await self.connect(inst, f"r{p}", "ro")
                 if conn is None:
                     continue
-            rec = {"k": "r", "wk": p}
+            rec = self.tag({"k": "r", "wk": p}, inst)
             rows = await self.op(conn, "SELECT inet_server_addr()::text, inet_server_port(), pg_is_in_recovery()", rec)
             if rows:
                 rec["node"] = f"{(rows[0][0] or '').split('/')[0]}:{rows[0][1]}"
@@ -267,30 +291,45 @@ class Workload:
         rec["rec"] = row[3] == "t"
 
     # ---- Switchyard's own view -------------------------------------------------------------
-    async def status_poller(self):
+    async def status_poller(self, inst):
+        """Polls one instance's /status; records a sample when what it shows changes (and
+        every 5 s). `tp` is the time of the poll before, so a state can be bracketed:
+        it held at least from the first sample showing it until the `tp` of the first
+        sample showing something else."""
         s = self.spec
-        last_key, last_t, seen_events = None, 0, set()
+        last_key, last_t, prev_t, seen_events = None, 0, None, set()
         while not self.stop and time.time() < s["end_time"] + 2:
             t = time.time()
             try:
-                doc = await asyncio.wait_for(self.http_get(s["host"], s["admin"], "/status"), 1.5)
+                doc = await asyncio.wait_for(self.http_get(inst["host"], inst["admin"], "/status"), 1.5)
                 cl = doc["clusters"][0]
                 nodes = [[n["name"], n["health"], n["role"], n.get("timeline")] for n in cl["nodes"]]
-                key = (cl.get("primary"), json.dumps(nodes))
+                co = doc.get("coordination")
+                coord = None
+                if co is not None:
+                    coord = {"leader": co.get("leader"), "cut": co.get("cut_off"), "pub": cl.get("published"),
+                             "ep": cl.get("epoch")}
+                key = (cl.get("primary"), json.dumps(nodes),
+                       None if coord is None else (coord["leader"], bool(coord["cut"]), coord["pub"], coord["ep"]))
                 if key != last_key or t - last_t > 5:
-                    self.rec.add({"k": "st", "t": t, "te": time.time(), "primary": cl.get("primary"), "nodes": nodes,
-                                  "route_error": cl.get("route_error")})
+                    rec = {"k": "st", "t": t, "te": time.time(), "tp": prev_t, "primary": cl.get("primary"),
+                           "nodes": nodes, "route_error": cl.get("route_error")}
+                    if coord is not None:
+                        rec["co"] = coord
+                    self.rec.add(self.tag(rec, inst))
                     last_key, last_t = key, t
                 for ev in cl.get("events", []):
                     k = (ev["at_unix_ms"], ev["node"], ev["new"])
                     if k not in seen_events:
                         seen_events.add(k)
-                        self.rec.add({"k": "ev", "t": ev["at_unix_ms"] / 1000, "node": ev["node"],
-                                      "old": ev["old"], "new": ev["new"], "reason": ev["reason"]})
+                        self.rec.add(self.tag({"k": "ev", "t": ev["at_unix_ms"] / 1000, "node": ev["node"],
+                                               "old": ev["old"], "new": ev["new"], "reason": ev["reason"]}, inst))
             except Exception as e:
                 if last_key != "unreachable":
-                    self.rec.add({"k": "st", "t": t, "te": time.time(), "err": f"{type(e).__name__} {e}"[:200]})
+                    self.rec.add(self.tag({"k": "st", "t": t, "te": time.time(), "tp": prev_t,
+                                           "err": f"{type(e).__name__} {e}"[:200]}, inst))
                     last_key, last_t = "unreachable", t
+            prev_t = t
             await asyncio.sleep(s["status_interval_ms"] / 1000)
 
     @staticmethod
@@ -318,13 +357,14 @@ class Workload:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         flusher = asyncio.create_task(self.flusher())
-        poller = asyncio.create_task(self.status_poller())
+        pollers = [asyncio.create_task(self.status_poller(i)) for i in self.instances]
         clients = [asyncio.create_task(self.inserter(w)) for w in range(s["insert_workers"])]
         clients += [asyncio.create_task(self.raw_pair(p)) for p in range(s["raw_pairs"])]
-        clients += [asyncio.create_task(self.ro_probe(p)) for p in range(s.get("ro_probes", 1))]
+        probes = s.get("ro_probes", len(self.instances))
+        clients += [asyncio.create_task(self.ro_probe(p)) for p in range(probes)]
         await asyncio.gather(*clients, return_exceptions=True)
         self.stop = True
-        await asyncio.gather(poller, flusher, return_exceptions=True)
+        await asyncio.gather(*pollers, flusher, return_exceptions=True)
         self.rec.flush()
 
     def request_stop(self):
