@@ -129,13 +129,17 @@ async fn two_instances_fail_over_once_and_write_to_the_same_new_primary() {
         let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
     }
 
-    // Exactly one promotion, decided by the leader alone, published with a new epoch.
+    // Exactly one promotion, decided by the leader alone, published with a new epoch
+    // after a withdrawal (epoch + 1: no primary) that both instances applied before the
+    // promotion.
     let promoted: Vec<usize> = (1..3).filter(|&i| is_primary(&cluster, i)).collect();
     assert_eq!(promoted.len(), 1, "{promoted:?}");
     let new = promoted[0];
     let (_, published_now, epoch_now) = agreed(&a, &b);
     assert_eq!(published_now, cluster.nodes[new].name);
-    assert_eq!(epoch_now, epoch + 1);
+    assert_eq!(epoch_now, epoch + 2);
+    let logs = a.proxy.log_text() + &b.proxy.log_text();
+    assert!(logs.contains("every instance stopped writing to the old primary"), "{logs}");
     let dones = a.proxy.log_text().matches("automatic failover done").count()
         + b.proxy.log_text().matches("automatic failover done").count();
     assert_eq!(dones, 1);

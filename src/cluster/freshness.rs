@@ -207,6 +207,16 @@ pub fn qualifies(snap: &ClusterSnapshot, i: usize, need: Floor, replayed: u64) -
     (timeline == need.timeline || need.timeline == 0) && replayed >= need.lsn
 }
 
+/// Has primary `i` every write up to `floor`? Yes on its own timeline or an older one
+/// (history below a switch point is shared; what an old timeline wrote after it is gone
+/// anyway), no on a newer one; an unknown timeline is taken as current.
+pub fn primary_has(snap: &ClusterSnapshot, i: usize, floor: Option<Floor>) -> bool {
+    match (floor, snap.nodes[i].timeline) {
+        (Some(f), Some(t)) => f.timeline <= t,
+        _ => true,
+    }
+}
+
 /// Until when reads that must see something (a floor, or writes whose position the
 /// primary could not tell) wait for a primary rather than take a standby that has not
 /// shown it has them: `failover_hold` from the moment the cluster lost its primary.
@@ -676,6 +686,18 @@ mod tests {
         s.newest_timeline = tli;
         s.timeline_start = 700;
         s
+    }
+
+    #[test]
+    fn an_old_primary_does_not_have_a_floor_from_a_newer_timeline() {
+        // Another instance's token after a failover this one has not seen yet: p still
+        // reports timeline 1.
+        let s = cluster(1, 1);
+        assert!(!primary_has(&s, 0, Some(Floor { timeline: 2, lsn: 10 })));
+        assert!(primary_has(&s, 0, Some(Floor { timeline: 1, lsn: 5000 })));
+        assert!(primary_has(&s, 0, None));
+        let s = cluster(3, 3);
+        assert!(primary_has(&s, 0, Some(Floor { timeline: 2, lsn: 10 })));
     }
 
     #[test]

@@ -199,7 +199,13 @@ impl NodeState {
                 if self.health == Health::Up {
                     self.role = obs.role;
                 }
-                if obs.role == Role::Standby {
+                // A fenced old primary is released once it follows (a standby), or once
+                // it is promoted again onto a newer timeline than it was fenced on: then
+                // someone made it a primary anew, and the timelines decide as for any
+                // two primaries.
+                let promoted_again = obs.role == Role::Primary
+                    && matches!((obs.timeline, self.timeline), (Some(new), Some(old)) if new > old);
+                if obs.role == Role::Standby || promoted_again {
                     self.fenced = false;
                 }
                 self.lag_ms = (obs.lag_ms != LAG_UNKNOWN).then_some(obs.lag_ms);
@@ -668,6 +674,32 @@ mod tests {
         n.apply(ok(Role::Standby), 2, 2, t);
         n.apply(Err("x".into()), 2, 2, t);
         assert_eq!(n.health, Health::Up);
+    }
+
+    #[test]
+    fn a_fenced_node_promoted_again_on_a_newer_timeline_is_no_longer_fenced() {
+        let t = SystemTime::now();
+        let primary = |timeline| {
+            Ok(Observation {
+                role: Role::Primary,
+                lag_ms: 0,
+                lsn: Some(1),
+                timeline: Some(timeline),
+                streaming: None,
+                system_id: None,
+            })
+        };
+        let mut n = NodeState::new("a", "h:1");
+        n.apply(primary(3), 1, 1, t);
+        n.fenced = true;
+        // Still the old primary (down and back on the same timeline): fenced.
+        n.apply(Err("refused".into()), 1, 1, t);
+        n.apply(primary(3), 1, 1, t);
+        assert!(n.fenced);
+        // Rewound and promoted by someone else (timeline 4) without a check seeing it
+        // as a standby in between.
+        n.apply(primary(4), 1, 1, t);
+        assert!(!n.fenced);
     }
 
     #[test]

@@ -319,7 +319,10 @@ impl Placement {
     /// left (`freshness::reads_held_until`).
     pub fn accepts(&self, cluster: &ClusterCtx, snap: &ClusterSnapshot, i: usize) -> bool {
         if snap.nodes[i].role == Role::Primary {
-            return true;
+            // A primary has every write of its own history, but not a floor on a newer
+            // timeline than it reports: that was written after a failover it is not
+            // part of (an old primary back, seen by this instance before the new one).
+            return freshness::primary_has(snap, i, self.floor);
         }
         if routing::primary(snap).is_err() && freshness::reads_held_until(snap).is_none_or(|end| Instant::now() >= end)
         {

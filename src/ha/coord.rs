@@ -9,6 +9,9 @@
 //!   compare-and-swap on the key's revision; every instance sends writes only to this
 //!   node, and only while that node also reports primary on its own connection
 //!   (`routing::write_primary`);
+//! - `clusters/<c>/seen/<name>`: the last epoch each instance applied (an automatic
+//!   failover first withdraws the old primary, publishing no node, and promotes only
+//!   once every live instance has seen that: no instance still writes to the old one);
 //! - `clusters/<c>/down/<name>`: the nodes each instance's health rules call down (the
 //!   leader fails over only when a majority of live instances agree);
 //! - `clusters/<c>/hold` and `clusters/<c>/held/<name>`: a switchover's hold, requested by
@@ -61,6 +64,8 @@ pub struct ClusterView {
     pub hold: Option<(u64, String)>,
     /// Instance → the hold epoch it acknowledged.
     pub held: BTreeMap<String, u64>,
+    /// Instance → the last epoch it applied.
+    pub seen: BTreeMap<String, u64>,
 }
 
 pub struct Coordinator {
@@ -125,6 +130,41 @@ pub fn should_publish(snap: &ClusterSnapshot, published: Option<&str>, observed:
     }
 }
 
+/// The leader's next step toward publishing `observed` (the primary its own checks
+/// pick), given what it read from etcd.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Publication {
+    /// Another node is published and no longer a current primary: publish no node first.
+    Withdraw,
+    /// Publish `observed`: nothing was published, or the withdrawal was applied by every
+    /// live instance.
+    Publish,
+    Wait,
+}
+
+/// Replacing one published primary by another goes through "no primary": the new one
+/// is published only once every live instance (this one included) has applied the
+/// withdrawal, so none still writes to the old one when the new one takes writes (an
+/// instance reads etcd every `POLL`; the leader acts on its own publication at once).
+pub fn next_publication(snap: &ClusterSnapshot, view: &View, cluster: &str, observed: &str) -> Option<Publication> {
+    let cv = view.clusters.get(cluster).cloned().unwrap_or_default();
+    if !should_publish(snap, cv.published.as_deref(), observed) {
+        return None;
+    }
+    Some(match cv.published {
+        Some(_) => Publication::Withdraw,
+        None if cv.epoch == 0 => Publication::Publish,
+        None if view
+            .instances
+            .keys()
+            .all(|i| cv.seen.get(i).is_some_and(|&e| e >= cv.epoch)) =>
+        {
+            Publication::Publish
+        }
+        None => Publication::Wait,
+    })
+}
+
 impl Coordinator {
     fn key(&self, rest: &str) -> String {
         format!("{}/{rest}", self.cfg.prefix.trim_end_matches('/'))
@@ -146,8 +186,19 @@ impl Coordinator {
     /// Publish `node` as the primary of `cluster` (compare-and-swap on what this instance
     /// last read); the new epoch.
     pub async fn publish(&self, ctx: &ClusterCtx, node: &str) -> Result<u64, String> {
+        self.put_primary(ctx, Some(node)).await
+    }
+
+    /// Publish that `cluster` has no primary (a new epoch with no node): every instance
+    /// stops routing writes when it reads it. An automatic failover does this before
+    /// it promotes, and waits for `wait_seen`.
+    pub async fn withdraw(&self, ctx: &ClusterCtx) -> Result<u64, String> {
+        self.put_primary(ctx, None).await
+    }
+
+    async fn put_primary(&self, ctx: &ClusterCtx, node: Option<&str>) -> Result<u64, String> {
         let cv = self.view().clusters.get(&ctx.name).cloned().unwrap_or_default();
-        if cv.published.as_deref() == Some(node) {
+        if node.is_some() && cv.published.as_deref() == node {
             return Ok(cv.epoch);
         }
         let key = self.key(&format!("clusters/{}/primary", ctx.name));
@@ -176,12 +227,38 @@ impl Coordinator {
         {
             let mut v = self.view.lock().unwrap();
             let c = v.clusters.entry(ctx.name.clone()).or_default();
-            c.published = Some(node.to_string());
+            c.published = node.map(str::to_string);
             c.epoch = epoch;
         }
         apply(ctx, &self.view(), true);
-        info!(cluster = %ctx.name, node = %node, epoch, "published the primary");
+        match node {
+            Some(node) => info!(cluster = %ctx.name, node = %node, epoch, "published the primary"),
+            None => info!(cluster = %ctx.name, epoch, "published: no primary (writes stop on every instance)"),
+        }
         Ok(epoch)
+    }
+
+    /// Wait up to `within` until every other live instance has applied `epoch` (and this
+    /// instance has read it back, so that the next compare-and-swap sees its revision);
+    /// the instances that did not. One that did not is out of touch with etcd, and once
+    /// a whole lease has passed it has stopped routing writes on its own.
+    pub async fn wait_seen(&self, cluster: &str, epoch: u64, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.view();
+            let cv = v.clusters.get(cluster).cloned().unwrap_or_default();
+            let late: Vec<String> = v
+                .instances
+                .keys()
+                .filter(|i| *i != self.me() && cv.seen.get(*i).is_none_or(|&e| e < epoch))
+                .cloned()
+                .collect();
+            let read_back = cv.seen.get(self.me()).is_some_and(|&e| e >= epoch);
+            if (late.is_empty() && read_back) || Instant::now() >= deadline {
+                return late;
+            }
+            tokio::time::sleep(POLL / 2).await;
+        }
     }
 
     /// Ask every instance to hold new transactions on `cluster` (a switchover); the
@@ -302,6 +379,7 @@ async fn watchdog(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Durat
 struct Written {
     down: BTreeMap<String, String>,
     held: BTreeMap<String, u64>,
+    seen: BTreeMap<String, u64>,
     /// Clusters this instance paused for another instance's switchover.
     holding: BTreeMap<String, u64>,
 }
@@ -450,6 +528,13 @@ async fn round(shared: &Shared, coord: &Coordinator, ttl: Duration, written: &mu
                     v["by"].as_str().unwrap_or("").to_string(),
                 ));
             }
+            ["clusters", c, "seen", name] => {
+                view.clusters
+                    .entry(c.to_string())
+                    .or_default()
+                    .seen
+                    .insert(name.to_string(), kv.value.parse().unwrap_or(0));
+            }
             ["clusters", c, "held", name] => {
                 view.clusters
                     .entry(c.to_string())
@@ -485,6 +570,13 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
             written.down.insert(ctx.name.clone(), down);
         }
 
+        // The view was applied before these duties: this instance routes by `epoch` now.
+        if written.seen.get(&ctx.name) != Some(&cv.epoch) {
+            let key = coord.key(&format!("clusters/{}/seen/{}", ctx.name, coord.me()));
+            coord.etcd.put(&key, &cv.epoch.to_string(), lease).await?;
+            written.seen.insert(ctx.name.clone(), cv.epoch);
+        }
+
         match &cv.hold {
             Some((epoch, by)) if by != coord.me() => {
                 if written.holding.get(&ctx.name) != Some(epoch) {
@@ -517,10 +609,13 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
         if leader {
             if let Ok(p) = routing::primary(&snap) {
                 let observed = &snap.nodes[p].name;
-                if should_publish(&snap, cv.published.as_deref(), observed) {
-                    if let Err(e) = coord.publish(ctx, observed).await {
-                        warn!(cluster = %ctx.name, node = %observed, reason = %e, "could not publish the primary");
-                    }
+                let step = match next_publication(&snap, view, &ctx.name, observed) {
+                    Some(Publication::Withdraw) => coord.withdraw(ctx).await,
+                    Some(Publication::Publish) => coord.publish(ctx, observed).await,
+                    Some(Publication::Wait) | None => Ok(0),
+                };
+                if let Err(e) = step {
+                    warn!(cluster = %ctx.name, node = %observed, reason = %e, "could not publish the primary");
                 }
             }
         }
@@ -564,6 +659,42 @@ mod tests {
         snap.newest_timeline = 1;
         snap.nodes[0].apply(Err("refused".into()), 1, 1, t);
         assert!(should_publish(&snap, Some("default"), "failover1"));
+
+        // Through "no primary", once every live instance applied it.
+        let mut view = view("sy1", &["sy1", "sy2"], &[]);
+        assert_eq!(
+            next_publication(&snap, &view, "main", "failover1"),
+            Some(Publication::Publish),
+            "first publication"
+        );
+        let cv = view.clusters.entry("main".into()).or_default();
+        cv.published = Some("default".into());
+        cv.epoch = 1;
+        assert_eq!(
+            next_publication(&snap, &view, "main", "failover1"),
+            Some(Publication::Withdraw)
+        );
+        let cv = view.clusters.get_mut("main").unwrap();
+        cv.published = None;
+        cv.epoch = 2;
+        cv.seen = [("sy1".to_string(), 2), ("sy2".to_string(), 1)].into();
+        assert_eq!(
+            next_publication(&snap, &view, "main", "failover1"),
+            Some(Publication::Wait),
+            "sy2 may still write to default"
+        );
+        view.clusters.get_mut("main").unwrap().seen.insert("sy2".into(), 2);
+        assert_eq!(
+            next_publication(&snap, &view, "main", "failover1"),
+            Some(Publication::Publish)
+        );
+        // sy2 gone (its lease lapsed): it no longer counts.
+        view.clusters.get_mut("main").unwrap().seen.insert("sy2".into(), 1);
+        view.instances.remove("sy2");
+        assert_eq!(
+            next_publication(&snap, &view, "main", "failover1"),
+            Some(Publication::Publish)
+        );
     }
 
     fn view(leader: &str, instances: &[&str], down: &[(&str, &str)]) -> View {

@@ -298,6 +298,31 @@ async fn failover(
     // still a standby (they cascade from it and follow its timeline switch; see
     // switchover.rs for why not after), 5. promote
     ctx.set_fenced(&old_node.name, true);
+    if let Some(c) = crate::ha::coord::get() {
+        // The other instances must stop writing to the old primary before any other
+        // node can take writes: it may be only frozen or cut off from us, and come
+        // back while they still route to it (two primaries taking writes through the
+        // proxy). Withdraw it in etcd first and wait until every live instance has
+        // applied that, or a lease has passed (one out of touch for that long has
+        // stopped routing writes by itself).
+        let epoch = match c.withdraw(ctx).await {
+            Ok(e) => e,
+            Err(e) => {
+                ctx.set_fenced(&old_node.name, false);
+                return Err(format!(
+                    "automatic failover: could not withdraw {} as the primary in etcd: {e}",
+                    old_node.name
+                ));
+            }
+        };
+        let waited = Instant::now();
+        let late = c.wait_seen(&ctx.name, epoch, Duration::from_secs(c.cfg.lease_s)).await;
+        if late.is_empty() {
+            info!(cluster = %ctx.name, epoch, waited_ms = waited.elapsed().as_millis() as u64, "automatic failover: every instance stopped writing to the old primary");
+        } else {
+            warn!(cluster = %ctx.name, epoch, late = ?late, "automatic failover: instances did not confirm the withdrawal within a lease; they are out of touch with etcd and route no writes");
+        }
+    }
     manager::repoint_standbys(&ctx.name, &manager, snap, &[old, target.index], &new_node.addr, timeout).await;
     let promoted = async {
         let c = manager::connect(&manager, &new_node.addr, &new_node.name, timeout).await?;
