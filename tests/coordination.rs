@@ -139,7 +139,10 @@ async fn two_instances_fail_over_once_and_write_to_the_same_new_primary() {
     assert_eq!(published_now, cluster.nodes[new].name);
     assert_eq!(epoch_now, epoch + 2);
     let logs = a.proxy.log_text() + &b.proxy.log_text();
-    assert!(logs.contains("every instance stopped writing to the old primary"), "{logs}");
+    assert!(
+        logs.contains("every instance stopped writing to the old primary"),
+        "{logs}"
+    );
     let dones = a.proxy.log_text().matches("automatic failover done").count()
         + b.proxy.log_text().matches("automatic failover done").count();
     assert_eq!(dones, 1);
