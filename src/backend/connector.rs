@@ -168,7 +168,7 @@ async fn connect_inner<D: Dialer>(
                     },
                     cluster.name,
                     if not_fresh > 0 && failures.is_empty() {
-                        format!("{not_fresh} standby node(s) not known to have replayed what this client must read (its own writes or causal token)")
+                        format!("{not_fresh} node(s) not known to have what this client must read (its own writes or causal token): standbys not replayed that far, or a primary on an older timeline than the token's")
                     } else {
                         failures.join("; ")
                     },

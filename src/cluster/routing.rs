@@ -85,9 +85,13 @@ impl fmt::Display for NoRoute {
                     f,
                     "no primary available for cluster \"{cluster}\": {node} reports primary but the leader published {p} (epoch {epoch}); waiting for them to agree"
                 ),
-                None => write!(
+                None if *epoch == 0 => write!(
                     f,
                     "no primary available for cluster \"{cluster}\": {node} reports primary but no primary has been published in etcd yet"
+                ),
+                None => write!(
+                    f,
+                    "no primary available for cluster \"{cluster}\": the leader withdrew the primary (epoch {epoch}) to change it; writes wait until every Switchyard instance has confirmed and the new one is published ({node} reports primary)"
                 ),
             },
         }

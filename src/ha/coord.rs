@@ -10,8 +10,9 @@
 //!   node, and only while that node also reports primary on its own connection
 //!   (`routing::write_primary`);
 //! - `clusters/<c>/seen/<name>`: the last epoch each instance applied (an automatic
-//!   failover first withdraws the old primary, publishing no node, and promotes only
-//!   once every live instance has seen that: no instance still writes to the old one);
+//!   failover, or the leader replacing a primary it no longer sees, first withdraws
+//!   the old primary by publishing no node, and promotes or publishes only once every
+//!   live instance has seen that; a switchover publishes directly, behind its hold);
 //! - `clusters/<c>/down/<name>`: the nodes each instance's health rules call down (the
 //!   leader fails over only when a majority of live instances agree);
 //! - `clusters/<c>/hold` and `clusters/<c>/held/<name>`: a switchover's hold, requested by
@@ -77,6 +78,11 @@ pub struct Coordinator {
     /// When the lease was last granted or renewed (the request's start, on our clock:
     /// etcd counts from no earlier). The watchdog stops writes before it can lapse.
     renewed: Mutex<Option<Instant>>,
+    /// When the last successful read of the shared state started: the view is at least
+    /// that fresh. The watchdog also stops writes when it is a lease old (an instance
+    /// that renews its lease but cannot read would otherwise route by a stale view,
+    /// and an automatic failover counts on every instance having stopped by then).
+    read: Mutex<Option<Instant>>,
 }
 
 static COORDINATOR: OnceLock<Arc<Coordinator>> = OnceLock::new();
@@ -178,6 +184,13 @@ impl Coordinator {
         self.view.lock().unwrap().clone()
     }
 
+    /// Must writes stop (two polls before the lease could lapse in etcd, or before the
+    /// view is a lease old)?
+    fn lapsing(&self, lease_ttl: Duration) -> bool {
+        let stale = |t: Option<Instant>| t.is_none_or(|t| t.elapsed() + 2 * POLL >= lease_ttl);
+        stale(*self.renewed.lock().unwrap()) || stale(*self.read.lock().unwrap())
+    }
+
     pub fn is_leader(&self) -> bool {
         let v = self.view.lock().unwrap();
         v.cut_off.is_none() && v.leader.as_deref() == Some(self.me())
@@ -238,24 +251,27 @@ impl Coordinator {
         Ok(epoch)
     }
 
-    /// Wait up to `within` until every other live instance has applied `epoch` (and this
-    /// instance has read it back, so that the next compare-and-swap sees its revision);
-    /// the instances that did not. One that did not is out of touch with etcd, and once
-    /// a whole lease has passed it has stopped routing writes on its own.
-    pub async fn wait_seen(&self, cluster: &str, epoch: u64, within: Duration) -> Vec<String> {
+    /// Wait up to `within` until every other live instance has applied `epoch`, and
+    /// this instance has read it back (so that the next compare-and-swap sees its
+    /// revision). An instance that has not confirmed after a whole lease has not read
+    /// etcd for that long (or could read but not write), and has stopped routing writes
+    /// on its own (`lapsing`).
+    pub async fn wait_seen(&self, cluster: &str, epoch: u64, within: Duration) -> Seen {
         let deadline = Instant::now() + within;
         loop {
             let v = self.view();
             let cv = v.clusters.get(cluster).cloned().unwrap_or_default();
-            let late: Vec<String> = v
-                .instances
-                .keys()
-                .filter(|i| *i != self.me() && cv.seen.get(*i).is_none_or(|&e| e < epoch))
-                .cloned()
-                .collect();
-            let read_back = cv.seen.get(self.me()).is_some_and(|&e| e >= epoch);
-            if (late.is_empty() && read_back) || Instant::now() >= deadline {
-                return late;
+            let seen = Seen {
+                late: v
+                    .instances
+                    .keys()
+                    .filter(|i| *i != self.me() && cv.seen.get(*i).is_none_or(|&e| e < epoch))
+                    .cloned()
+                    .collect(),
+                read_back: cv.seen.get(self.me()).is_some_and(|&e| e >= epoch),
+            };
+            if (seen.late.is_empty() && seen.read_back) || Instant::now() >= deadline {
+                return seen;
             }
             tokio::time::sleep(POLL / 2).await;
         }
@@ -288,6 +304,15 @@ impl Coordinator {
             .cloned()
             .collect()
     }
+}
+
+/// What `wait_seen` found.
+#[derive(Debug)]
+pub struct Seen {
+    /// Live instances that did not confirm the epoch.
+    pub late: Vec<String>,
+    /// This instance read the epoch back from etcd.
+    pub read_back: bool,
 }
 
 /// A switchover's hold request, withdrawn when dropped.
@@ -335,6 +360,7 @@ pub fn spawn(shared: Arc<Shared>, cfg: CoordinationConfig) -> JoinHandle<()> {
         }),
         lease: Mutex::new(0),
         renewed: Mutex::new(None),
+        read: Mutex::new(None),
     });
     let _ = COORDINATOR.set(coord.clone());
     for ctx in shared.clusters.values() {
@@ -353,15 +379,14 @@ async fn watchdog(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Durat
             _ = tokio::time::sleep(POLL / 2) => {}
             _ = shutdown.changed() => return,
         }
-        let renewed = *coord.renewed.lock().unwrap();
-        let lapsing = renewed.is_none_or(|r| r.elapsed() + 2 * POLL >= lease_ttl);
+        let lapsing = coord.lapsing(lease_ttl);
         let view = {
             let mut v = coord.view.lock().unwrap();
             if !lapsing || v.cut_off.is_some() {
                 continue;
             }
             let why = format!(
-                "out of touch with etcd: its lease ({} s) was not renewed in time",
+                "out of touch with etcd: its lease ({} s) was not renewed, or etcd not read, in time",
                 lease_ttl.as_secs()
             );
             warn!(instance = %coord.me(), "{why}; writes stop through this instance, reads go on");
@@ -380,6 +405,10 @@ struct Written {
     down: BTreeMap<String, String>,
     held: BTreeMap<String, u64>,
     seen: BTreeMap<String, u64>,
+    /// Per cluster: the withdrawal epoch the leader waits on, and since when.
+    withdrawn: BTreeMap<String, (u64, Instant)>,
+    /// Waits already logged (cluster, epoch).
+    told_waiting: std::collections::BTreeSet<(String, u64)>,
     /// Clusters this instance paused for another instance's switchover.
     holding: BTreeMap<String, u64>,
 }
@@ -403,8 +432,10 @@ async fn run(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Duration) 
                 return;
             }
         }
+        let reading = Instant::now();
         match round(&shared, &coord, lease_ttl, &mut written).await {
             Ok(view) => {
+                *coord.read.lock().unwrap() = Some(reading);
                 if last_ok.is_none() || coord.view().cut_off.is_some() {
                     info!(instance = %coord.me(), leader = ?view.leader, instances = ?view.instances.keys().collect::<Vec<_>>(), "in touch with etcd");
                 }
@@ -417,8 +448,7 @@ async fn run(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl: Duration) 
                 let since = last_ok.unwrap_or(started);
                 // Stop before the lease can have lapsed in etcd (another instance may
                 // then lead and move the primary), with a margin of two polls.
-                let renewed = *coord.renewed.lock().unwrap();
-                if renewed.is_none_or(|r| r.elapsed() + 2 * POLL >= lease_ttl) {
+                if coord.lapsing(lease_ttl) {
                     let why = format!(
                         "out of touch with etcd for {:.1} s, as long as its lease ({} s): {e}",
                         since.elapsed().as_secs_f64(),
@@ -564,17 +594,17 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
             .map(|n| n.name.as_str())
             .collect();
         let down = down.join(",");
-        if written.down.get(&ctx.name) != Some(&down) {
-            let key = coord.key(&format!("clusters/{}/down/{}", ctx.name, coord.me()));
-            coord.etcd.put(&key, &down, lease).await?;
-            written.down.insert(ctx.name.clone(), down);
-        }
-
-        // The view was applied before these duties: this instance routes by `epoch` now.
+        // The view was applied before these duties: this instance routes by `epoch` now
+        // (confirmed first: nothing else here may keep a withdrawal waiting).
         if written.seen.get(&ctx.name) != Some(&cv.epoch) {
             let key = coord.key(&format!("clusters/{}/seen/{}", ctx.name, coord.me()));
             coord.etcd.put(&key, &cv.epoch.to_string(), lease).await?;
             written.seen.insert(ctx.name.clone(), cv.epoch);
+        }
+        if written.down.get(&ctx.name) != Some(&down) {
+            let key = coord.key(&format!("clusters/{}/down/{}", ctx.name, coord.me()));
+            coord.etcd.put(&key, &down, lease).await?;
+            written.down.insert(ctx.name.clone(), down);
         }
 
         match &cv.hold {
@@ -609,7 +639,33 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
         if leader {
             if let Ok(p) = routing::primary(&snap) {
                 let observed = &snap.nodes[p].name;
-                let step = match next_publication(&snap, view, &ctx.name, observed) {
+                let mut next = next_publication(&snap, view, &ctx.name, observed);
+                if next == Some(Publication::Wait) {
+                    // Bounded by a lease: an instance that has not confirmed by then has
+                    // stopped routing writes by itself (`lapsing`).
+                    let since = *written
+                        .withdrawn
+                        .entry(ctx.name.clone())
+                        .and_modify(|(e, t)| {
+                            if *e != cv.epoch {
+                                *e = cv.epoch;
+                                *t = Instant::now();
+                            }
+                        })
+                        .or_insert((cv.epoch, Instant::now()));
+                    let late: Vec<&String> = view
+                        .instances
+                        .keys()
+                        .filter(|i| cv.seen.get(*i).is_none_or(|&e| e < cv.epoch))
+                        .collect();
+                    if since.1.elapsed() >= Duration::from_secs(coord.cfg.lease_s) {
+                        warn!(cluster = %ctx.name, node = %observed, epoch = cv.epoch, late = ?late, "instances did not confirm the withdrawal within a lease (they route no writes); publishing");
+                        next = Some(Publication::Publish);
+                    } else if written.told_waiting.insert((ctx.name.clone(), cv.epoch)) {
+                        info!(cluster = %ctx.name, node = %observed, epoch = cv.epoch, late = ?late, "waiting for every instance to confirm the withdrawal before publishing");
+                    }
+                }
+                let step = match next {
                     Some(Publication::Withdraw) => coord.withdraw(ctx).await,
                     Some(Publication::Publish) => coord.publish(ctx, observed).await,
                     Some(Publication::Wait) | None => Ok(0),

@@ -316,11 +316,20 @@ async fn failover(
             }
         };
         let waited = Instant::now();
-        let late = c.wait_seen(&ctx.name, epoch, Duration::from_secs(c.cfg.lease_s)).await;
-        if late.is_empty() {
+        let seen = c.wait_seen(&ctx.name, epoch, Duration::from_secs(c.cfg.lease_s)).await;
+        // This instance must still lead, and have read its own withdrawal back: a leader
+        // cut off meanwhile may have been replaced by one that published again.
+        if !seen.read_back || !c.is_leader() {
+            ctx.set_fenced(&old_node.name, false);
+            return Err(format!(
+                "automatic failover: withdrew {} (epoch {epoch}) but then lost touch with etcd or the leadership; not promoting",
+                old_node.name
+            ));
+        }
+        if seen.late.is_empty() {
             info!(cluster = %ctx.name, epoch, waited_ms = waited.elapsed().as_millis() as u64, "automatic failover: every instance stopped writing to the old primary");
         } else {
-            warn!(cluster = %ctx.name, epoch, late = ?late, "automatic failover: instances did not confirm the withdrawal within a lease; they are out of touch with etcd and route no writes");
+            warn!(cluster = %ctx.name, epoch, late = ?seen.late, "automatic failover: instances did not confirm the withdrawal within a lease; they have not read etcd for that long and route no writes");
         }
     }
     manager::repoint_standbys(&ctx.name, &manager, snap, &[old, target.index], &new_node.addr, timeout).await;

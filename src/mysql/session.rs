@@ -234,6 +234,7 @@ pub async fn serve(
         inbound: Inbound::default(),
         awaiting: AtomicBool::new(false),
         told: false,
+        sbuf: BytesMut::with_capacity(RELAY_BUFFER),
     };
     let end = relay.run(&mut tcp, server, rx).await;
     drop(gauge);
@@ -321,6 +322,8 @@ struct Relay<'a> {
     awaiting: AtomicBool,
     /// The client was already told why the session ends.
     told: bool,
+    /// Server bytes on their way to the client (kept across pauses).
+    sbuf: BytesMut,
 }
 
 /// What the relay knows of the client's side of the stream.
@@ -473,11 +476,11 @@ impl Relay<'_> {
                 }
             }
         };
+        let sbuf = &mut self.sbuf;
         let server_to_client = async {
-            let mut sbuf = BytesMut::with_capacity(RELAY_BUFFER);
             loop {
                 tokio::select! {
-                    r = sr.read_buf(&mut sbuf) => match r {
+                    r = sr.read_buf(sbuf) => match r {
                         Ok(0) => return Some(End::ServerClosed),
                         Err(e) => return Some(End::Io(e)),
                         Ok(_) => {}
@@ -485,7 +488,7 @@ impl Relay<'_> {
                     _ = stop.notified() => return None,
                 }
                 awaiting.store(false, Ordering::Relaxed);
-                if let Err(e) = write_flush(&mut cw, &sbuf).await {
+                if let Err(e) = write_flush(&mut cw, sbuf).await {
                     return Some(End::Io(e));
                 }
                 sbuf.clear();
@@ -522,14 +525,23 @@ impl Relay<'_> {
             }
         };
         // Whatever comes next (the proxy's own answer, an ERR saying why the session
-        // ends) goes to the client after whole chunks only.
+        // ends) goes to the client after whole chunks only. A session that ends waits
+        // briefly (shutdown has its own bound); a command of the proxy's waits longer.
         stop.notify_one();
-        match tokio::time::timeout(SETTLE, &mut server_to_client).await {
+        let settle = if matches!(pause, Pause::Own(_)) {
+            SETTLE
+        } else {
+            Duration::from_secs(1)
+        };
+        match tokio::time::timeout(settle, &mut server_to_client).await {
             Ok(None) => pause,
             Ok(Some(end)) => Pause::End(end),
             Err(_) => Pause::End(End::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "the client read none of its answer for 30 s",
+                format!(
+                    "the client did not take the rest of an answer within {} s",
+                    settle.as_secs()
+                ),
             ))),
         }
     }
