@@ -636,7 +636,11 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
             }
         }
 
-        if leader {
+        // A running switchover or failover publishes by itself (it withdraws, waits and
+        // publishes in its own order); acting on what it is in the middle of would
+        // undo its compare-and-swap.
+        let ha_running = ctx.ha.lock.try_lock().is_err();
+        if leader && !ha_running {
             if let Ok(p) = routing::primary(&snap) {
                 let observed = &snap.nodes[p].name;
                 let mut next = next_publication(&snap, view, &ctx.name, observed);
