@@ -30,6 +30,15 @@ async fn connect_with_token(port: u16, token: &str) -> Result<Held, String> {
         .map_err(|e| db_text(&e))
 }
 
+/// Table `t (id int PRIMARY KEY)` for everyone, replayed on every standby.
+fn table_t(cluster: &LocalCluster) {
+    cluster
+        .sql_db(0, APP_DB, "CREATE TABLE t (id int PRIMARY KEY)")
+        .unwrap();
+    cluster.sql_db(0, APP_DB, "GRANT ALL ON t TO PUBLIC").unwrap();
+    cluster.wait_replayed(Duration::from_secs(10)).unwrap();
+}
+
 fn delayed_cluster(standbys: usize) -> LocalCluster {
     let cluster = LocalCluster::start(standbys).unwrap();
     cluster.apply_late(DELAY).unwrap();
@@ -46,11 +55,7 @@ async fn a_read_after_a_write_sees_it_and_reads_alone_stay_on_standbys() {
         SPLIT,
         &format!("[admin]\nhttp_listen = \"127.0.0.1:{admin}\""),
     );
-    cluster
-        .sql_db(0, APP_DB, "CREATE TABLE t (id int PRIMARY KEY)")
-        .unwrap();
-    cluster.sql_db(0, APP_DB, "GRANT ALL ON t TO PUBLIC").unwrap();
-    cluster.wait_replayed(Duration::from_secs(10)).unwrap();
+    table_t(&cluster);
 
     // Reads that follow no write go to the standby.
     let reader = connect(proxy.rw).await.unwrap();
@@ -95,11 +100,7 @@ async fn a_read_after_a_write_sees_it_and_reads_alone_stay_on_standbys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_causal_token_makes_another_connections_reads_fresh_in_both_pool_modes() {
     let cluster = delayed_cluster(1);
-    cluster
-        .sql_db(0, APP_DB, "CREATE TABLE t (id int PRIMARY KEY)")
-        .unwrap();
-    cluster.sql_db(0, APP_DB, "GRANT ALL ON t TO PUBLIC").unwrap();
-    cluster.wait_replayed(Duration::from_secs(10)).unwrap();
+    table_t(&cluster);
     let mut next = 100;
     for mode in ["transaction", "session"] {
         let proxy = Proxy::start(&cluster, mode, &format!("pool_mode = \"{mode}\""), "");
@@ -297,11 +298,7 @@ fn django_switchyard_unit_tests_pass() {
 async fn with_a_shared_floor_the_next_connection_of_the_user_sees_the_write() {
     let cluster = delayed_cluster(1);
     let proxy = Proxy::start(&cluster, "proxy", &format!("{SPLIT}\nread_your_writes = \"user\""), "");
-    cluster
-        .sql_db(0, APP_DB, "CREATE TABLE t (id int PRIMARY KEY)")
-        .unwrap();
-    cluster.sql_db(0, APP_DB, "GRANT ALL ON t TO PUBLIC").unwrap();
-    cluster.wait_replayed(Duration::from_secs(10)).unwrap();
+    table_t(&cluster);
     for id in 1..=3 {
         let writer = connect(proxy.rw).await.unwrap();
         writer
@@ -339,11 +336,7 @@ async fn writer_left_without_primary(late: Duration, hold_ms: u64) -> (LocalClus
         &format!("{SPLIT}\nfailover_hold_ms = {hold_ms}\nmax_replica_lag_ms = 600000"),
         &format!("[admin]\nhttp_listen = \"127.0.0.1:{admin}\""),
     );
-    cluster
-        .sql_db(0, APP_DB, "CREATE TABLE t (id int PRIMARY KEY)")
-        .unwrap();
-    cluster.sql_db(0, APP_DB, "GRANT ALL ON t TO PUBLIC").unwrap();
-    cluster.wait_replayed(Duration::from_secs(10)).unwrap();
+    table_t(&cluster);
     cluster.apply_late(late).unwrap();
     let c = connect(proxy.rw).await.unwrap();
     c.simple_query("INSERT INTO t VALUES (1)").await.unwrap();
