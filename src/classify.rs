@@ -32,7 +32,12 @@ pub enum CausalStatement {
 /// setting's name comes before any parsing.
 pub fn causal_statement(sql: &[u8]) -> Option<CausalStatement> {
     const NAME: &[u8] = b"causal_token";
-    if !sql.windows(NAME.len()).any(|w| w.eq_ignore_ascii_case(NAME)) {
+    // Every query passes here: look only around underscores (`causal` + `_` + `token`).
+    let named = sql
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'_' && i >= 6 && sql.get(i - 6..i + 6).is_some_and(|w| w.eq_ignore_ascii_case(NAME)));
+    if !named {
         return None;
     }
     let parsed = pg_query::parse(std::str::from_utf8(sql).ok()?, 0).ok()?;

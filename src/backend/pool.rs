@@ -209,20 +209,27 @@ impl Pool {
                 *known = Some(credential.clone());
             }
         }
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        let started = Instant::now();
-        let permit = tokio::time::timeout(settings.checkout_timeout, self.permits.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        let permit = match permit {
-            Ok(Ok(p)) => p,
-            _ => {
-                return Err(PoolError::Exhausted {
-                    user: self.key.user.clone(),
-                    database: self.key.database.clone(),
-                    node: self.key.node.clone(),
-                    waited_ms: started.elapsed().as_millis() as u64,
-                    size: settings.size,
-                })
+        // A free slot is taken at once, without a timer: the common case.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                let permit =
+                    tokio::time::timeout(settings.checkout_timeout, self.permits.clone().acquire_owned()).await;
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                match permit {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        return Err(PoolError::Exhausted {
+                            user: self.key.user.clone(),
+                            database: self.key.database.clone(),
+                            node: self.key.node.clone(),
+                            waited_ms: started.elapsed().as_millis() as u64,
+                            size: settings.size,
+                        })
+                    }
+                }
             }
         };
         loop {
@@ -230,7 +237,10 @@ impl Pool {
             let Some(Idle { mut conn, since }) = candidate else {
                 break;
             };
-            if since.elapsed() > settings.idle_timeout || conn.created.elapsed() > settings.lifetime {
+            let now = Instant::now();
+            if now.saturating_duration_since(since) > settings.idle_timeout
+                || now.saturating_duration_since(conn.created) > settings.lifetime
+            {
                 debug!(node = %self.key.node, "retiring an old idle server connection");
                 continue;
             }
@@ -256,15 +266,16 @@ impl Pool {
     /// Take a connection back. Broken or expired ones are closed.
     pub fn checkin(&self, mut conn: PooledConn) {
         let lifetime = self.settings.lock().unwrap().lifetime;
-        if conn.broken || conn.created.elapsed() > lifetime {
+        if conn.broken {
+            return;
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(conn.created) > lifetime {
             return;
         }
         // Release the slot before parking the connection, so a waiter can take it.
         conn._permit = None;
-        self.idle.lock().unwrap().push(Idle {
-            conn,
-            since: Instant::now(),
-        });
+        self.idle.lock().unwrap().push(Idle { conn, since: now });
     }
 
     /// Close idle connections past their idle timeout or lifetime, or dead (called

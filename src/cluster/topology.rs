@@ -2,7 +2,8 @@
 //! when a health check succeeds or fails (rise/fall). The health monitor feeds
 //! observations in; routing and sessions only read snapshots.
 
-use std::collections::VecDeque;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -456,6 +457,21 @@ pub struct ClusterState {
     /// Which node is the primary (the routing policy's rule, split brain included),
     /// given by the caller so that topology does not depend on routing.
     primary_of: fn(&ClusterSnapshot) -> Option<usize>,
+    /// Names this cluster in the per-thread snapshot copies (`snapshot`).
+    id: u64,
+    /// Bumped after every change of the snapshot, under the channel's write lock.
+    generation: AtomicU64,
+}
+
+static NEXT_STATE_ID: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// This thread's copy of each cluster's snapshot, with the generation it was taken
+    /// at. Every transaction-mode unit reads the snapshot; reading the channel (a lock)
+    /// and cloning its `Arc` (a reference count) each time would make every worker
+    /// thread write the same few cache lines per transaction. A copy per thread is
+    /// written by its own thread only, and taken again only after a change.
+    static SNAPSHOTS: RefCell<HashMap<u64, (u64, Arc<ClusterSnapshot>)>> = RefCell::new(HashMap::new());
 }
 
 /// Enough samples for lag up to ~1 hour at 1 check per second.
@@ -474,11 +490,24 @@ impl ClusterState {
             events: Mutex::new(VecDeque::new()),
             wal_samples: Mutex::new(VecDeque::new()),
             primary_of,
+            id: NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
         })
     }
 
+    /// The current snapshot (this thread's copy of it, see `SNAPSHOTS`).
     pub fn snapshot(&self) -> Arc<ClusterSnapshot> {
-        self.tx.borrow().clone()
+        // Read before the channel: a change that lands in between makes the copy look
+        // older than it is, never newer, so it is taken again next time.
+        let generation = self.generation.load(Ordering::Acquire);
+        SNAPSHOTS.with_borrow_mut(|copies| match copies.get(&self.id) {
+            Some((g, snap)) if *g == generation => snap.clone(),
+            _ => {
+                let snap = Arc::new(ClusterSnapshot::clone(&self.tx.borrow()));
+                copies.insert(self.id, (generation, snap.clone()));
+                snap
+            }
+        })
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterSnapshot>> {
@@ -495,6 +524,7 @@ impl ClusterState {
                 None => next.no_primary_since.or_else(|| Some(Instant::now())),
             };
             *snap = Arc::new(next);
+            self.generation.fetch_add(1, Ordering::Release);
             notify
         });
     }

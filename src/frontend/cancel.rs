@@ -31,14 +31,20 @@ struct Target {
     active: bool,
 }
 
+/// Each session's target sits in a slot of its own: in transaction mode it changes twice
+/// per transaction (`retarget`), and a slot only that session writes keeps the registry's
+/// lock, shared by every worker thread, off that path.
+type Slot = Arc<Mutex<Target>>;
+
 #[derive(Default)]
 pub struct CancelRegistry {
-    map: Mutex<HashMap<(i32, i32), Target>>,
+    map: Mutex<HashMap<(i32, i32), Slot>>,
 }
 
 /// Removes the session's key when the session ends.
 pub struct Registration {
     registry: Arc<CancelRegistry>,
+    slot: Slot,
     pub pid: i32,
     pub key: i32,
 }
@@ -95,9 +101,11 @@ impl CancelRegistry {
                 break (pid, key);
             }
         };
-        map.insert((pid, key), target);
+        let slot = Arc::new(Mutex::new(target));
+        map.insert((pid, key), slot.clone());
         Registration {
             registry: self.clone(),
+            slot,
             pid,
             key,
         }
@@ -106,18 +114,17 @@ impl CancelRegistry {
     /// Point a session's key at the server connection it holds now (transaction
     /// pooling); `None` when it holds none, and a cancel has nothing to stop.
     pub fn retarget(&self, reg: &Registration, target: Option<(&str, i32, i32)>) {
-        if let Some(t) = self.map.lock().unwrap().get_mut(&(reg.pid, reg.key)) {
-            match target {
-                Some((addr, server_pid, server_key)) => {
-                    if t.addr != addr {
-                        t.addr = addr.to_string(); // only when the node changes
-                    }
-                    t.server_pid = server_pid;
-                    t.server_key = server_key;
-                    t.active = true;
+        let mut t = reg.slot.lock().unwrap();
+        match target {
+            Some((addr, server_pid, server_key)) => {
+                if t.addr != addr {
+                    t.addr = addr.to_string(); // only when the node changes
                 }
-                None => t.active = false,
+                t.server_pid = server_pid;
+                t.server_key = server_key;
+                t.active = true;
             }
+            None => t.active = false,
         }
     }
 
@@ -126,7 +133,8 @@ impl CancelRegistry {
     /// It goes over TLS as the cluster's `server_tls` says (`tls`: the cluster's, by
     /// name): a cancel key sent in the clear could be replayed by anyone who saw it.
     pub async fn forward(&self, pid: i32, key: i32, tls: impl Fn(&str) -> Option<Arc<ServerTls>>) {
-        let target = self.map.lock().unwrap().get(&(pid, key)).filter(|t| t.active).cloned();
+        let slot = self.map.lock().unwrap().get(&(pid, key)).cloned();
+        let target = slot.and_then(|s| Some(s.lock().unwrap().clone()).filter(|t| t.active));
         let Some(t) = target else {
             debug!(pid, "cancel request for an unknown session ignored");
             return;
@@ -162,7 +170,10 @@ mod tests {
         assert_ne!(a.key, b.key);
         let pooled = registry.register_pooled("main");
         assert_eq!(registry.map.lock().unwrap().len(), 3);
-        let target = |pid, key| registry.map.lock().unwrap().get(&(pid, key)).cloned();
+        let target = |pid, key| {
+            let slot = registry.map.lock().unwrap().get(&(pid, key)).cloned();
+            slot.map(|s| s.lock().unwrap().clone())
+        };
         assert_eq!(target(b.pid, b.key).unwrap().addr, "127.0.0.1:5433");
         assert!(!target(pooled.pid, pooled.key).unwrap().active);
         registry.retarget(&pooled, Some(("127.0.0.1:5432", 11, 12)));

@@ -2,7 +2,6 @@
 //! what arrives, feeds the machine, and performs what the machine asks (write, acquire a
 //! pooled connection through the connector, release it, end).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +40,12 @@ fn ready_to_read(buf: &mut BytesMut) {
     }
 }
 
+/// Has Switchyard begun to shut down? The channel's version is an atomic read; its
+/// value (behind a lock) is read only once it moved. The flag only ever goes to true.
+fn shutting_down(rx: &tokio::sync::watch::Receiver<bool>) -> bool {
+    rx.has_changed().unwrap_or(true) && *rx.borrow()
+}
+
 /// Who the client is.
 pub struct TxnClient {
     pub user: String,
@@ -74,15 +79,18 @@ struct PoolDialer<'a> {
     who: &'a TxnClient,
     credential: &'a Credential,
     require_primary: bool,
-    pools: &'a mut HashMap<String, NodePool>,
+    /// One per node this client has used: a handful, searched by name (cheaper than
+    /// hashing the name for every unit).
+    pools: &'a mut Vec<NodePool>,
 }
 
 impl PoolDialer<'_> {
     fn pool(&mut self, node: &NodeState) -> NodePool {
-        if let Some(p) = self.pools.get(&node.name) {
-            if p.pool.key.addr == node.addr {
-                return p.clone();
+        if let Some(i) = self.pools.iter().position(|p| *p.node == *node.name) {
+            if self.pools[i].pool.key.addr == node.addr {
+                return self.pools[i].clone();
             }
+            self.pools.swap_remove(i); // the node moved: a pool for its new address
         }
         let key = PoolKey {
             cluster: self.cluster.name.clone(),
@@ -103,7 +111,7 @@ impl PoolDialer<'_> {
             queries: self.shared.metrics.queries_routed.get_or_create(&labels).clone(),
             node: node.name.as_str().into(),
         };
-        self.pools.insert(node.name.clone(), p.clone());
+        self.pools.push(p.clone());
         p
     }
 }
@@ -148,7 +156,7 @@ pub struct Driver<'a> {
     causal: Causal,
     machine: Machine<'a>,
     held: Option<Held>,
-    pools: HashMap<String, NodePool>,
+    pools: Vec<NodePool>,
     cbuf: BytesMut,
     sbuf: BytesMut,
 }
@@ -211,7 +219,7 @@ impl<'a> Driver<'a> {
             pool_wait,
             machine,
             held: None,
-            pools: HashMap::new(),
+            pools: Vec::new(),
             cbuf: BytesMut::new(),
             sbuf: BytesMut::new(),
         }
@@ -226,6 +234,16 @@ impl<'a> Driver<'a> {
     pub async fn run(&mut self) -> Option<Error> {
         let mut topology = self.cluster.state.subscribe();
         let mut shutdown = self.shared.shutdown.clone();
+        // A session that starts after the signal: seen as a change, so `shutting_down` looks.
+        if *shutdown.borrow() {
+            shutdown.mark_changed();
+        }
+        // Made once and kept across turns of the loop: a future made afresh each turn
+        // would join and leave the channel's waiter list (a lock every worker thread
+        // shares) twice per transaction.
+        let mut shutdown_watch = self.shared.shutdown.clone();
+        let shutdown_signal = shutdown_watch.wait_for(|s| *s);
+        tokio::pin!(shutdown_signal);
         loop {
             // What the machine asked for, in order.
             while let Some(action) = self.machine.next_action() {
@@ -256,7 +274,7 @@ impl<'a> Driver<'a> {
                         }
                         // A new unit waits out a PAUSE (in the connector), and does not
                         // start when Switchyard is shutting down.
-                        if !self.machine.rerun_pending() && *shutdown.borrow() {
+                        if !self.machine.rerun_pending() && shutting_down(&shutdown) {
                             self.machine.on_acquire_failed(Error::shutdown());
                             continue;
                         }
@@ -327,8 +345,10 @@ impl<'a> Driver<'a> {
                             None => std::future::pending().await,
                         }
                     }, if has_server => Event::Server(r),
-                    _ = topology.changed() => Event::Topology,
-                    _ = shutdown.wait_for(|s| *s), if !has_server => Event::Shutdown,
+                    // Only a held connection can be evicted: between units the
+                    // next checkout routes on the snapshot of its moment.
+                    _ = topology.changed(), if has_server => Event::Topology,
+                    _ = &mut shutdown_signal, if !has_server => Event::Shutdown,
                 }
             };
             match event {

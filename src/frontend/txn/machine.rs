@@ -367,7 +367,9 @@ impl<'a> Machine<'a> {
                     if self.answer_without_server(&msg, input) {
                         continue;
                     }
-                    let read = unit::reads(&msg, input, &self.stmts, self.classifier, &self.state);
+                    // Whether it only reads matters only where reads may go elsewhere.
+                    let read = (self.cfg.split || self.cfg.read_only_endpoint)
+                        && unit::reads(&msg, input, &self.stmts, self.classifier, &self.state);
                     self.acquiring_read = read;
                     self.stash = Some(msg);
                     self.actions.push_back(Action::Acquire { read, exclude: None });
