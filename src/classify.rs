@@ -32,7 +32,13 @@ pub enum CausalStatement {
 /// setting's name comes before any parsing.
 pub fn causal_statement(sql: &[u8]) -> Option<CausalStatement> {
     const NAME: &[u8] = b"causal_token";
-    // Every query passes here: look only around underscores (`causal` + `_` + `token`).
+    // Every query passes here: only SHOW, SET and RESET (or text behind a comment) are
+    // looked into, and then only around underscores (`causal` + `_` + `token`).
+    let text = sql.trim_ascii_start();
+    let starts = |word: &[u8]| text.get(..word.len()).is_some_and(|w| w.eq_ignore_ascii_case(word));
+    if !(starts(b"show") || starts(b"set") || starts(b"reset") || starts(b"/*") || starts(b"--")) {
+        return None;
+    }
     let named = sql
         .iter()
         .enumerate()
@@ -689,20 +695,22 @@ pub fn blank_literals(sql: &str, out: &mut String) {
                 i = j;
             }
             _ => {
-                let len = utf8_len(c);
-                out.push_str(&sql[i..(i + len).min(b.len())]);
-                i += len;
+                // A run in which nothing can start: copied at once. It ends only before
+                // an ASCII byte, so always on a character boundary.
+                let mut j = i + 1;
+                while j < b.len() {
+                    let c = b[j];
+                    let may_start = matches!(c, b'-' | b'/' | b'"' | b'\'' | b'$')
+                        || (c.is_ascii_digit() && !(ident(b[j - 1]) || b[j - 1] == b'$'));
+                    if may_start {
+                        break;
+                    }
+                    j += 1;
+                }
+                out.push_str(&sql[i..j]);
+                i = j;
             }
         }
-    }
-}
-
-fn utf8_len(first: u8) -> usize {
-    match first {
-        0xF0..=0xFF => 4,
-        0xE0..=0xEF => 3,
-        0xC0..=0xDF => 2,
-        _ => 1,
     }
 }
 

@@ -77,19 +77,22 @@ async fn connect_inner<D: Dialer>(
         cluster.wait_unpaused().await;
     }
     let started = Instant::now();
-    let (connect_timeout, login_timeout) = {
-        let s = cluster.state.snapshot();
-        (s.connect_timeout, s.server_login_timeout)
+    let first = match rx.as_deref_mut() {
+        Some(rx) => rx.borrow_and_update().clone(),
+        None => cluster.state.snapshot(),
     };
+    let (connect_timeout, login_timeout) = (first.connect_timeout, first.server_login_timeout);
     let mut deadline = started + connect_timeout;
+    let mut first = Some(first);
     // Set once the cluster was seen without a primary: the wait is then a hold.
     let mut held = false;
     let mut own_rx = None;
     let mut failures: Vec<String> = Vec::new();
     loop {
-        let snap = match rx.as_deref_mut().or(own_rx.as_mut()) {
-            Some(rx) => rx.borrow_and_update().clone(),
-            None => cluster.state.snapshot(),
+        let snap = match (first.take(), rx.as_deref_mut().or(own_rx.as_mut())) {
+            (Some(snap), _) => snap,
+            (None, Some(rx)) => rx.borrow_and_update().clone(),
+            (None, None) => cluster.state.snapshot(),
         };
         // No primary at all (its node is down, a failover is under way): a rw attempt
         // waits up to `failover_hold_ms` for one instead of failing at once. Once
@@ -134,7 +137,10 @@ async fn connect_inner<D: Dialer>(
                                 Some(rx) => rx.borrow_and_update().clone(),
                                 None => cluster.state.snapshot(),
                             };
-                            if let Some(reason) = routing::eviction(endpoint, &now, &node.name) {
+                            let changed = !Arc::ptr_eq(&now, &snap);
+                            if let Some(reason) =
+                                changed.then(|| routing::eviction(endpoint, &now, &node.name)).flatten()
+                            {
                                 failures.push(format!("{}: {reason}", node.name));
                                 continue;
                             }

@@ -3,7 +3,7 @@
 //! observations in; routing and sessions only read snapshots.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -471,7 +471,8 @@ thread_local! {
     /// and cloning its `Arc` (a reference count) each time would make every worker
     /// thread write the same few cache lines per transaction. A copy per thread is
     /// written by its own thread only, and taken again only after a change.
-    static SNAPSHOTS: RefCell<HashMap<u64, (u64, Arc<ClusterSnapshot>)>> = RefCell::new(HashMap::new());
+    /// (cluster id, generation, copy): a few clusters, searched in order.
+    static SNAPSHOTS: RefCell<Vec<(u64, u64, Arc<ClusterSnapshot>)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Enough samples for lag up to ~1 hour at 1 check per second.
@@ -500,13 +501,19 @@ impl ClusterState {
         // Read before the channel: a change that lands in between makes the copy look
         // older than it is, never newer, so it is taken again next time.
         let generation = self.generation.load(Ordering::Acquire);
-        SNAPSHOTS.with_borrow_mut(|copies| match copies.get(&self.id) {
-            Some((g, snap)) if *g == generation => snap.clone(),
-            _ => {
-                let snap = Arc::new(ClusterSnapshot::clone(&self.tx.borrow()));
-                copies.insert(self.id, (generation, snap.clone()));
-                snap
+        SNAPSHOTS.with_borrow_mut(|copies| {
+            let at = copies.iter().position(|(id, _, _)| *id == self.id);
+            if let Some(i) = at {
+                if copies[i].1 == generation {
+                    return copies[i].2.clone();
+                }
             }
+            let snap = Arc::new(ClusterSnapshot::clone(&self.tx.borrow()));
+            match at {
+                Some(i) => copies[i] = (self.id, generation, snap.clone()),
+                None => copies.push((self.id, generation, snap.clone())),
+            }
+            snap
         })
     }
 
