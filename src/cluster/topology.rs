@@ -473,6 +473,8 @@ thread_local! {
     /// written by its own thread only, and taken again only after a change.
     /// (cluster id, generation, copy): a few clusters, searched in order.
     static SNAPSHOTS: RefCell<Vec<(u64, u64, Arc<ClusterSnapshot>)>> = const { RefCell::new(Vec::new()) };
+    /// (cluster id, a receiver of this thread's repeater), see `subscribe_local`.
+    static REPEATERS: RefCell<Vec<(u64, watch::Receiver<()>)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Enough samples for lag up to ~1 hour at 1 check per second.
@@ -519,6 +521,30 @@ impl ClusterState {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterSnapshot>> {
         self.tx.subscribe()
+    }
+
+    /// Told of every change that wakes subscribers, for a session on a worker thread
+    /// (read the snapshot itself with `snapshot`). A task on this thread repeats the
+    /// cluster's channel into one of its own: a session waits on a waiter list that only
+    /// its thread touches, instead of one every worker locks once per transaction.
+    /// Must be called inside a tokio runtime (the worker's).
+    pub fn subscribe_local(&self) -> watch::Receiver<()> {
+        REPEATERS.with_borrow_mut(|repeaters| {
+            // A repeater whose cluster is gone (replaced by a reload) is closed.
+            repeaters.retain(|(_, rx)| rx.has_changed().is_ok());
+            if let Some((_, rx)) = repeaters.iter().find(|(id, _)| *id == self.id) {
+                return rx.clone();
+            }
+            let (tx, rx) = watch::channel(());
+            let mut upstream = self.tx.subscribe();
+            tokio::spawn(async move {
+                while upstream.changed().await.is_ok() {
+                    tx.send_replace(());
+                }
+            });
+            repeaters.push((self.id, rx.clone()));
+            rx
+        })
     }
 
     /// Change the snapshot; `f` says whether sessions must look (wake subscribers).

@@ -232,7 +232,7 @@ impl<'a> Driver<'a> {
 
     /// Run the session to its end: None when the client left, else what it was told.
     pub async fn run(&mut self) -> Option<Error> {
-        let mut topology = self.cluster.state.subscribe();
+        let mut topology = self.cluster.state.subscribe_local();
         let mut shutdown = self.shared.shutdown.clone();
         // A session that starts after the signal: seen as a change, so `shutting_down` looks.
         if *shutdown.borrow() {
@@ -372,7 +372,7 @@ impl<'a> Driver<'a> {
                     let Some(node) = self.machine.node().map(str::to_string) else {
                         continue;
                     };
-                    let snap = topology.borrow_and_update().clone();
+                    let snap = self.cluster.state.snapshot();
                     let endpoint = if self.machine.writes() {
                         Endpoint::ReadWrite
                     } else {
