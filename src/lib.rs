@@ -29,6 +29,7 @@ pub mod frontend;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ha;
+pub mod local_watch;
 pub mod localcluster;
 pub mod localmaria;
 pub mod mysql;

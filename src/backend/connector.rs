@@ -4,6 +4,7 @@
 //! a connection is made on one node (a fresh login in session mode, a pool checkout in
 //! transaction mode) is the caller's `Dialer`.
 
+use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,10 +60,31 @@ pub async fn connect<D: Dialer>(
     rx: Option<&mut watch::Receiver<Arc<ClusterSnapshot>>>,
     dialer: &mut D,
 ) -> Result<Connected<D::Conn>, Error> {
-    cluster.waiting.fetch_add(1, Ordering::Relaxed);
-    let result = connect_inner(cluster, endpoint, exclude, accept, rx, dialer).await;
-    cluster.waiting.fetch_sub(1, Ordering::Relaxed);
-    result
+    connect_inner(cluster, endpoint, exclude, accept, rx, dialer).await
+}
+
+/// Counts a client in `cluster.waiting` (clients with no node yet, shown by SHOW POOLS
+/// and /status) while it lives: only around the connector's waits, so the common case
+/// writes no counter every worker thread shares.
+struct Waiting<'a>(&'a ClusterCtx);
+
+impl<'a> Waiting<'a> {
+    fn new(cluster: &'a ClusterCtx) -> Waiting<'a> {
+        cluster.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(cluster)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    /// Where the next balanced choice among candidates starts, per thread: a shared
+    /// counter would be written by every worker on every unit.
+    static TURN: Cell<usize> = const { Cell::new(0) };
 }
 
 async fn connect_inner<D: Dialer>(
@@ -74,6 +96,7 @@ async fn connect_inner<D: Dialer>(
     dialer: &mut D,
 ) -> Result<Connected<D::Conn>, Error> {
     if cluster.is_paused() {
+        let _waiting = Waiting::new(cluster);
         cluster.wait_unpaused().await;
     }
     let started = Instant::now();
@@ -112,7 +135,7 @@ async fn connect_inner<D: Dialer>(
             held = true;
             deadline = deadline.max(end + login_timeout);
         }
-        let turn = cluster.turn.fetch_add(1, Ordering::Relaxed);
+        let turn = TURN.replace(TURN.get().wrapping_add(1));
         let problem = match routing::route(endpoint, &snap, turn) {
             Ok(candidates) => {
                 let mut not_fresh = 0;
@@ -199,6 +222,7 @@ async fn connect_inner<D: Dialer>(
         // Look again when the topology changes, or when a read hold ends (the same
         // snapshot then accepts more).
         let wake = reads_held_until.map_or(deadline, |end| end.min(deadline));
+        let _waiting = Waiting::new(cluster);
         let changed = now < deadline
             && match tokio::time::timeout(wake.saturating_duration_since(now), waiter.changed()).await {
                 Ok(Ok(())) => true,

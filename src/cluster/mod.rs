@@ -8,7 +8,7 @@ pub mod routing;
 pub mod topology;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -29,9 +29,7 @@ pub struct ClusterCtx {
     pub classifier: Classifier,
     pub listen_rw: Option<String>,
     pub listen_ro: Option<String>,
-    /// Rotates `round_robin` read balancing.
-    pub turn: AtomicUsize,
-    /// Clients waiting for a server connection (no node yet, or paused).
+    /// Clients waiting with no node yet: paused, or for the topology to offer one.
     pub waiting: AtomicU32,
     /// `PAUSE`: checked with one atomic load on the relay path; the watch is for waiting.
     paused: AtomicBool,
@@ -105,7 +103,6 @@ impl ClusterCtx {
             classifier,
             listen_rw,
             listen_ro,
-            turn: AtomicUsize::new(0),
             waiting: AtomicU32::new(0),
             paused: AtomicBool::new(false),
             pause_tx: watch::channel(false).0,

@@ -457,13 +457,11 @@ pub struct ClusterState {
     /// Which node is the primary (the routing policy's rule, split brain included),
     /// given by the caller so that topology does not depend on routing.
     primary_of: fn(&ClusterSnapshot) -> Option<usize>,
-    /// Names this cluster in the per-thread snapshot copies (`snapshot`).
+    /// Names this cluster in the per-thread snapshot copies (`snapshot`) and repeaters.
     id: u64,
     /// Bumped after every change of the snapshot, under the channel's write lock.
     generation: AtomicU64,
 }
-
-static NEXT_STATE_ID: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// This thread's copy of each cluster's snapshot, with the generation it was taken
@@ -473,8 +471,6 @@ thread_local! {
     /// written by its own thread only, and taken again only after a change.
     /// (cluster id, generation, copy): a few clusters, searched in order.
     static SNAPSHOTS: RefCell<Vec<(u64, u64, Arc<ClusterSnapshot>)>> = const { RefCell::new(Vec::new()) };
-    /// (cluster id, a receiver of this thread's repeater), see `subscribe_local`.
-    static REPEATERS: RefCell<Vec<(u64, watch::Receiver<()>)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Enough samples for lag up to ~1 hour at 1 check per second.
@@ -493,7 +489,7 @@ impl ClusterState {
             events: Mutex::new(VecDeque::new()),
             wal_samples: Mutex::new(VecDeque::new()),
             primary_of,
-            id: NEXT_STATE_ID.fetch_add(1, Ordering::Relaxed),
+            id: crate::local_watch::key(),
             generation: AtomicU64::new(0),
         })
     }
@@ -524,27 +520,10 @@ impl ClusterState {
     }
 
     /// Told of every change that wakes subscribers, for a session on a worker thread
-    /// (read the snapshot itself with `snapshot`). A task on this thread repeats the
-    /// cluster's channel into one of its own: a session waits on a waiter list that only
-    /// its thread touches, instead of one every worker locks once per transaction.
-    /// Must be called inside a tokio runtime (the worker's).
+    /// (read the snapshot itself with `snapshot`), through this thread's repeater of the
+    /// channel (`local_watch`). Must be called inside the worker's tokio runtime.
     pub fn subscribe_local(&self) -> watch::Receiver<()> {
-        REPEATERS.with_borrow_mut(|repeaters| {
-            // A repeater whose cluster is gone (replaced by a reload) is closed.
-            repeaters.retain(|(_, rx)| rx.has_changed().is_ok());
-            if let Some((_, rx)) = repeaters.iter().find(|(id, _)| *id == self.id) {
-                return rx.clone();
-            }
-            let (tx, rx) = watch::channel(());
-            let mut upstream = self.tx.subscribe();
-            tokio::spawn(async move {
-                while upstream.changed().await.is_ok() {
-                    tx.send_replace(());
-                }
-            });
-            repeaters.push((self.id, rx.clone()));
-            rx
-        })
+        crate::local_watch::repeat(self.id, || self.tx.subscribe())
     }
 
     /// Change the snapshot; `f` says whether sessions must look (wake subscribers).

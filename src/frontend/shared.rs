@@ -33,6 +33,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub pools: Pools,
     pub shutdown: watch::Receiver<bool>,
+    /// Names the shutdown channel's per-thread repeaters (`shutdown_local`).
+    shutdown_key: u64,
     pub started: Instant,
     reloader: OnceLock<Reloader>,
     /// Client TLS, built from `[tls]` (rebuilt on reload: new certificates for new
@@ -67,6 +69,13 @@ impl Shared {
         self.verifiers.read().unwrap().clone()
     }
 
+    /// Told when shutdown begins, through this worker thread's repeater of the channel
+    /// (`local_watch`): for sessions, which wait on it between transactions. A session
+    /// that starts after the signal looks at `shutdown` itself.
+    pub fn shutdown_local(&self) -> watch::Receiver<()> {
+        crate::local_watch::repeat(self.shutdown_key, || self.shutdown.clone())
+    }
+
     pub fn cluster_snapshots(&self) -> Vec<Arc<ClusterSnapshot>> {
         self.clusters.values().map(|c| c.state.snapshot()).collect()
     }
@@ -90,6 +99,7 @@ impl Shared {
             metrics: Arc::new(Metrics::default()),
             pools: Pools::new(workers),
             shutdown,
+            shutdown_key: crate::local_watch::key(),
             started: Instant::now(),
             reloader: OnceLock::new(),
             tls: RwLock::new(tls),

@@ -40,10 +40,10 @@ fn ready_to_read(buf: &mut BytesMut) {
     }
 }
 
-/// Has Switchyard begun to shut down? The channel's version is an atomic read; its
-/// value (behind a lock) is read only once it moved. The flag only ever goes to true.
-fn shutting_down(rx: &tokio::sync::watch::Receiver<bool>) -> bool {
-    rx.has_changed().unwrap_or(true) && *rx.borrow()
+/// Has Switchyard begun to shut down? `local` (this thread's repeater) moved, and the
+/// flag, behind the process-wide channel's lock, is read only then.
+fn shutting_down(local: &tokio::sync::watch::Receiver<()>, shared: &Shared) -> bool {
+    local.has_changed().unwrap_or(true) && *shared.shutdown.borrow()
 }
 
 /// Who the client is.
@@ -233,17 +233,11 @@ impl<'a> Driver<'a> {
     /// Run the session to its end: None when the client left, else what it was told.
     pub async fn run(&mut self) -> Option<Error> {
         let mut topology = self.cluster.state.subscribe_local();
-        let mut shutdown = self.shared.shutdown.clone();
-        // A session that starts after the signal: seen as a change, so `shutting_down` looks.
-        if *shutdown.borrow() {
+        let mut shutdown = self.shared.shutdown_local();
+        // A session that starts after the signal: seen as a change at once.
+        if *self.shared.shutdown.borrow() {
             shutdown.mark_changed();
         }
-        // Made once and kept across turns of the loop: a future made afresh each turn
-        // would join and leave the channel's waiter list (a lock every worker thread
-        // shares) twice per transaction.
-        let mut shutdown_watch = self.shared.shutdown.clone();
-        let shutdown_signal = shutdown_watch.wait_for(|s| *s);
-        tokio::pin!(shutdown_signal);
         loop {
             // What the machine asked for, in order.
             while let Some(action) = self.machine.next_action() {
@@ -274,7 +268,7 @@ impl<'a> Driver<'a> {
                         }
                         // A new unit waits out a PAUSE (in the connector), and does not
                         // start when Switchyard is shutting down.
-                        if !self.machine.rerun_pending() && shutting_down(&shutdown) {
+                        if !self.machine.rerun_pending() && shutting_down(&shutdown, self.shared) {
                             self.machine.on_acquire_failed(Error::shutdown());
                             continue;
                         }
@@ -337,18 +331,22 @@ impl<'a> Driver<'a> {
                 let sbuf = &mut self.sbuf;
                 let server = self.held.as_mut().map(|h| &mut h.conn.conn.stream);
                 let has_server = server.is_some();
+                // In a fixed order (no random start): an answer first, then the client,
+                // then the rare events, which a steady stream from the server delays only
+                // until it pauses.
                 tokio::select! {
-                    r = client.read_buf(cbuf) => Event::Client(r),
+                    biased;
                     r = async {
                         match server {
                             Some(s) => s.read_buf(sbuf).await,
                             None => std::future::pending().await,
                         }
                     }, if has_server => Event::Server(r),
+                    r = client.read_buf(cbuf) => Event::Client(r),
                     // Only a held connection can be evicted: between units the
                     // next checkout routes on the snapshot of its moment.
                     _ = topology.changed(), if has_server => Event::Topology,
-                    _ = &mut shutdown_signal, if !has_server => Event::Shutdown,
+                    _ = shutdown.changed(), if !has_server => Event::Shutdown,
                 }
             };
             match event {
@@ -384,7 +382,11 @@ impl<'a> Driver<'a> {
                     }
                 }
                 // Only listened to while no server connection is held: between units.
-                Event::Shutdown => return Some(Error::shutdown()),
+                Event::Shutdown => {
+                    if *self.shared.shutdown.borrow() {
+                        return Some(Error::shutdown());
+                    }
+                }
             }
         }
     }
