@@ -69,16 +69,22 @@ fn agreed(a: &Instance, b: &Instance) -> (String, String, u64) {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_fail_over_once_and_write_to_the_same_new_primary() {
-    let etcd = EtcdCluster::start(3);
-    let cluster = LocalCluster::start(2).unwrap();
+/// Two instances over 3 etcd members, a synchronous standby, inserts through both;
+/// `fault` strikes the primary. Checks exactly one promotion (withdrawn, then published),
+/// both instances writing to the new primary, and no acknowledged insert lost. Returns
+/// the instances and the new primary's index.
+async fn fail_over_through_two_instances(
+    etcd: &EtcdCluster,
+    cluster: &LocalCluster,
+    fault_name: &str,
+    fault: impl FnOnce(),
+) -> (Instance, Instance, usize) {
     cluster
         .sql(0, "ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'")
         .unwrap();
     cluster.sql(0, "SELECT pg_reload_conf()").unwrap();
-    let a = instance(&cluster, "sy1", &etcd.urls(), 2);
-    let b = instance(&cluster, "sy2", &etcd.urls(), 2);
+    let a = instance(cluster, "sy1", &etcd.urls(), 2);
+    let b = instance(cluster, "sy2", &etcd.urls(), 2);
     let (leader, published, epoch) = agreed(&a, &b);
     assert_eq!(published, "default");
     assert!(leader == "sy1" || leader == "sy2", "{leader}");
@@ -115,7 +121,7 @@ async fn two_instances_fail_over_once_and_write_to_the_same_new_primary() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let killed = Instant::now();
-    cluster.kill9(0).unwrap();
+    fault();
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -132,7 +138,7 @@ async fn two_instances_fail_over_once_and_write_to_the_same_new_primary() {
     // Exactly one promotion, decided by the leader alone, published with a new epoch
     // after a withdrawal (epoch + 1: no primary) that both instances applied before the
     // promotion.
-    let promoted: Vec<usize> = (1..3).filter(|&i| is_primary(&cluster, i)).collect();
+    let promoted: Vec<usize> = (1..3).filter(|&i| is_primary(cluster, i)).collect();
     assert_eq!(promoted.len(), 1, "{promoted:?}");
     let new = promoted[0];
     let (_, published_now, epoch_now) = agreed(&a, &b);
@@ -147,8 +153,8 @@ async fn two_instances_fail_over_once_and_write_to_the_same_new_primary() {
         + b.proxy.log_text().matches("automatic failover done").count();
     assert_eq!(dones, 1);
     // Both instances write to it.
-    assert_eq!(lands_on(&cluster, a.proxy.rw), Ok(new));
-    assert_eq!(lands_on(&cluster, b.proxy.rw), Ok(new));
+    assert_eq!(lands_on(cluster, a.proxy.rw), Ok(new));
+    assert_eq!(lands_on(cluster, b.proxy.rw), Ok(new));
     // Nothing acknowledged is missing.
     let text = cluster.sql_db(new, APP_DB, "SELECT id FROM ids").unwrap();
     let present: HashSet<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
@@ -161,12 +167,50 @@ async fn two_instances_fail_over_once_and_write_to_the_same_new_primary() {
     let times: Vec<Instant> = acked.iter().map(|(_, t)| *t).collect();
     let resumed = resumed_after(&times, killed).unwrap();
     report(&format!(
-        "2 instances, kill -9 of the primary: {} inserts acknowledged, {} lost, writes on the new primary {:?} after the kill",
+        "2 instances, {fault_name} of the primary: {} inserts acknowledged, {} lost, writes on the new primary {:?} after the {fault_name}",
         acked.len(),
         lost.len(),
         resumed
     ));
     assert!(lost.is_empty(), "{lost:?}");
+    (a, b, new)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_fail_over_once_and_write_to_the_same_new_primary() {
+    let etcd = EtcdCluster::start(3);
+    let cluster = LocalCluster::start(2).unwrap();
+    fail_over_through_two_instances(&etcd, &cluster, "kill -9", || cluster.kill9(0).unwrap()).await;
+}
+
+/// A hung primary (SIGSTOP): replaced once as above; thawed, it is made read-only and
+/// neither instance writes to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_is_replaced_once_and_neither_instance_writes_to_it_after_it_thaws() {
+    let etcd = EtcdCluster::start(3);
+    let cluster = LocalCluster::start(2).unwrap();
+    let (a, b, new) =
+        fail_over_through_two_instances(&etcd, &cluster, "SIGSTOP", || cluster.signal(0, libc::SIGSTOP).unwrap()).await;
+    cluster.signal(0, libc::SIGCONT).unwrap();
+    wait_for("the old primary fenced read-only", Duration::from_secs(20), || {
+        cluster
+            .sql(0, "SHOW default_transaction_read_only")
+            .ok()
+            .filter(|v| v == "on")
+    });
+    let count = || cluster.sql_db(0, APP_DB, "SELECT count(*) FROM ids").unwrap();
+    let before = count();
+    for (k, port) in [a.proxy.rw, b.proxy.rw].into_iter().enumerate() {
+        for i in 0..20 {
+            psql(
+                port,
+                &format!("INSERT INTO ids VALUES ({})", 900_000_000 + k as i32 * 100 + i),
+            )
+            .unwrap();
+        }
+        assert_eq!(lands_on(&cluster, port), Ok(new));
+    }
+    assert_eq!(count(), before, "the thawed old primary took writes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
