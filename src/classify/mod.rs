@@ -15,6 +15,9 @@ use std::sync::Arc;
 use pg_query::protobuf::{a_const, ObjectType, TransactionStmtKind, VariableSetKind};
 use pg_query::{NodeEnum, NodeRef};
 
+mod literals;
+pub use literals::blank_literals;
+
 /// The setting through which clients carry read-your-writes between connections.
 pub const CAUSAL_TOKEN: &str = "switchyard.causal_token";
 
@@ -580,140 +583,6 @@ impl Classifier {
     }
 }
 
-/// Copy `sql` into `out` with every literal (number, string, dollar-quoted string, bit
-/// or hex string) replaced by `?`. Comments, identifiers (quoted or not) and `$n`
-/// parameters are kept, so statements that differ only in their values get one key.
-/// Written by hand: this must cost one pass and no allocation per query, and
-/// libpg_query's own normalization parses the query, which is what the cache avoids.
-pub fn blank_literals(sql: &str, out: &mut String) {
-    out.clear();
-    let b = sql.as_bytes();
-    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
-    let mut i = 0;
-    while i < b.len() {
-        let c = b[i];
-        let prev_ident = i > 0 && (ident(b[i - 1]) || b[i - 1] == b'$');
-        match c {
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                let end = sql[i..].find('\n').map_or(b.len(), |e| i + e);
-                out.push_str(&sql[i..end]);
-                i = end;
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                // Nested comments, as PostgreSQL allows.
-                let (mut depth, mut j) = (1, i + 2);
-                while j < b.len() && depth > 0 {
-                    if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
-                        depth += 1;
-                        j += 2;
-                    } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
-                        depth -= 1;
-                        j += 2;
-                    } else {
-                        j += 1;
-                    }
-                }
-                out.push_str(&sql[i..j]);
-                i = j;
-            }
-            b'"' => {
-                let mut j = i + 1;
-                while j < b.len() {
-                    if b[j] == b'"' {
-                        if b.get(j + 1) == Some(&b'"') {
-                            j += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    j += 1;
-                }
-                let end = (j + 1).min(b.len());
-                out.push_str(&sql[i..end]);
-                i = end;
-            }
-            b'\'' => {
-                // A one-letter prefix (E'', B'', X'', N'') belongs to the literal.
-                let escapes = i > 0 && matches!(b[i - 1], b'E' | b'e') && !(i > 1 && ident(b[i - 2]));
-                if i > 0
-                    && matches!(b[i - 1], b'E' | b'e' | b'B' | b'b' | b'X' | b'x' | b'N' | b'n')
-                    && !(i > 1 && ident(b[i - 2]))
-                {
-                    out.pop();
-                }
-                let mut j = i + 1;
-                while j < b.len() {
-                    if escapes && b[j] == b'\\' {
-                        j += 2;
-                        continue;
-                    }
-                    if b[j] == b'\'' {
-                        if b.get(j + 1) == Some(&b'\'') {
-                            j += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    j += 1;
-                }
-                out.push('?');
-                i = (j + 1).min(b.len());
-            }
-            b'$' if !prev_ident => {
-                // $1 parameter, or $tag$ ... $tag$ string.
-                let tag_end = b[i + 1..]
-                    .iter()
-                    .position(|&x| !(x.is_ascii_alphanumeric() || x == b'_'))
-                    .map(|p| i + 1 + p);
-                match tag_end {
-                    Some(t) if b[t] == b'$' && !b[i + 1..t].first().is_some_and(u8::is_ascii_digit) => {
-                        let tag = &sql[i..=t];
-                        let body_end = sql[t + 1..].find(tag).map_or(b.len(), |e| t + 1 + e + tag.len());
-                        out.push('?');
-                        i = body_end;
-                    }
-                    _ => {
-                        out.push('$');
-                        i += 1;
-                        while i < b.len() && b[i].is_ascii_digit() {
-                            out.push(b[i] as char);
-                            i += 1;
-                        }
-                    }
-                }
-            }
-            b'0'..=b'9' if !prev_ident => {
-                let mut j = i;
-                while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'.' || b[j] == b'_') {
-                    // 1e-5: a sign right after the exponent belongs to the number.
-                    if matches!(b[j], b'e' | b'E') && matches!(b.get(j + 1), Some(b'+' | b'-')) {
-                        j += 1;
-                    }
-                    j += 1;
-                }
-                out.push('?');
-                i = j;
-            }
-            _ => {
-                // A run in which nothing can start: copied at once. It ends only before
-                // an ASCII byte, so always on a character boundary.
-                let mut j = i + 1;
-                while j < b.len() {
-                    let c = b[j];
-                    let may_start = matches!(c, b'-' | b'/' | b'"' | b'\'' | b'$')
-                        || (c.is_ascii_digit() && !(ident(b[j - 1]) || b[j - 1] == b'$'));
-                    if may_start {
-                        break;
-                    }
-                    j += 1;
-                }
-                out.push_str(&sql[i..j]);
-                i = j;
-            }
-        }
-    }
-}
-
 /// Views and catalogs whose rows describe the node answering, not the database: prepared
 /// transactions, sessions, locks, replication, statistics. Read on a standby they give
 /// that standby's answer (e.g. no prepared transactions), so they belong on the primary.
@@ -799,5 +668,4 @@ fn statement_text(sql: &str, location: i32, len: i32) -> &str {
 }
 
 #[cfg(test)]
-#[path = "classify_tests.rs"]
 mod tests;
