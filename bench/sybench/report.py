@@ -280,7 +280,7 @@ def write(res, out_dir, name):
              "without initial connection time; avg/p50/p99 are computed from every transaction in the "
              "per-transaction logs. The order of systems rotates from case to case.")
     L.append("- Switchyard CPU s: utime+stime delta of the process (`/proc/<pid>/stat`) over the case, which "
-             "includes client connection set-up; CPU µs/txn: that divided by the transactions pgbench processed; peak RSS: `VmHWM` (reset through `clear_refs` before the case) "
+             "includes client connection set-up; CPU µs/txn: that divided by the transactions pgbench processed, and in brackets its user-space + kernel parts; peak RSS: `VmHWM` (reset through `clear_refs` before the case) "
              "and `VmRSS` sampled every 50 ms, whichever is larger. The same is shown for PgBouncer and HAProxy. "
              "Each proxy runs for the whole matrix (it is not restarted between cases), so its RSS includes "
              "memory kept from earlier, larger cases (the 1000-client ones).")
@@ -523,7 +523,10 @@ def us_per_txn(r):
     """Proxy CPU per transaction (includes the case's connection set-up)."""
     if r.get("cpu_s") is None or not r.get("txns"):
         return "–"
-    return f"{r['cpu_s'] / r['txns'] * 1e6:,.1f}"
+    total = f"{r['cpu_s'] / r['txns'] * 1e6:,.1f}"
+    if r.get("user_s") is None:
+        return total
+    return f"{total} ({r['user_s'] / r['txns'] * 1e6:,.1f} + {r['sys_s'] / r['txns'] * 1e6:,.1f})"
 
 
 def mib(kib):
