@@ -117,13 +117,6 @@ async fn connect_inner<D: Dialer>(
             (None, Some(rx)) => rx.borrow_and_update().clone(),
             (None, None) => cluster.state.snapshot(),
         };
-        // No primary at all (its node is down, a failover is under way): a rw attempt
-        // waits up to `failover_hold_ms` for one instead of failing at once. Once
-        // extended, the deadline stays extended, so a primary that appears late is used.
-        if endpoint == Endpoint::ReadWrite && !held && routing::write_primary(&snap).is_err() {
-            held = true;
-            deadline = deadline.max(started + snap.failover_hold);
-        }
         // A read that must see something (`accept` given) is held the same way, from the
         // primary's loss (`freshness::reads_held_until`), then may take any standby: it
         // gets time for one login after the hold.
@@ -136,7 +129,17 @@ async fn connect_inner<D: Dialer>(
             deadline = deadline.max(end + login_timeout);
         }
         let turn = TURN.replace(TURN.get().wrapping_add(1));
-        let problem = match routing::route(endpoint, &snap, turn) {
+        let routed = routing::route(endpoint, &snap, turn);
+        // No primary at all (its node is down, a failover is under way): a rw attempt
+        // waits up to `failover_hold_ms` for one instead of failing at once. Once
+        // extended, the deadline stays extended, so a primary that appears late is used.
+        // (Looked at only when routing found nothing: the primary is not judged twice
+        // on the hot path.)
+        if endpoint == Endpoint::ReadWrite && !held && routed.is_err() && routing::write_primary(&snap).is_err() {
+            held = true;
+            deadline = deadline.max(started + snap.failover_hold);
+        }
+        let problem = match routed {
             Ok(candidates) => {
                 let mut not_fresh = 0;
                 for index in candidates {

@@ -190,15 +190,14 @@ fn newest_timeline(snap: &ClusterSnapshot, primaries: &[usize]) -> Option<usize>
     }
 }
 
-/// Candidates for a new session, best first; `turn` rotates `round_robin`. Drained nodes
-/// get no new sessions.
 /// Node indexes, in order of preference. Inline up to 8: routing allocates nothing for
 /// a cluster of that size (it runs once per transaction in transaction mode).
 pub type Nodes = SmallVec<[usize; 8]>;
 
+/// Candidates for a new session, best first; `turn` rotates `round_robin`. Drained nodes
+/// get no new sessions.
 pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<Nodes, NoRoute> {
     let policy = &snap.policy;
-    let the_primary = primary(snap);
     let open = |p: Result<usize, NoRoute>| {
         p.and_then(|p| {
             if snap.nodes[p].drained {
@@ -211,12 +210,15 @@ pub fn route(endpoint: Endpoint, snap: &ClusterSnapshot, turn: usize) -> Result<
             }
         })
     };
-    // Reads may fall back on the primary even when writes may not go there (this
-    // instance cut off from etcd, a publication pending): a read harms nothing.
-    let open_primary = open(the_primary.clone());
     match endpoint {
+        // The common case of transaction mode, once per transaction: one look at the
+        // nodes.
         Endpoint::ReadWrite => open(write_primary(snap)).map(|p| smallvec![p]),
         Endpoint::ReadOnly => {
+            let the_primary = primary(snap);
+            // Reads may fall back on the primary even when writes may not go there (this
+            // instance cut off from etcd, a publication pending): a read harms nothing.
+            let open_primary = open(the_primary.clone());
             let mut standbys: Nodes = (0..snap.nodes.len())
                 .filter(|&i| {
                     let n = &snap.nodes[i];
