@@ -576,6 +576,14 @@ def main(argv=None):
     nofile = raise_nofile(20000)
     t_start = time.time()
     started = datetime.datetime.now(datetime.timezone.utc)
+    # Before any set-up: a missing tool is named with what installs it.
+    tools = {"pgbench": "postgresql-client", "psql": "postgresql-client"}
+    tools.update({k: k for k in ("pgbouncer", "haproxy") if k in args.systems or k in args.idle_systems})
+    missing = sorted({pkg for tool, pkg in tools.items() if not shutil.which(tool)})
+    if missing:
+        print(f"bench/run needs {', '.join(missing)}: apt-get install -y {' '.join(missing)} "
+              f"(or leave the system out with --systems)", file=sys.stderr)
+        return 2
     b = Bench(args)
     failed = None
     try:
