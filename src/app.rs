@@ -477,12 +477,14 @@ async fn accept_loop(
                     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
                         return;
                     };
+                    // The task holds one of these at a time; the others are boxed, so that
+                    // a PostgreSQL client's task is not as large as the largest of them.
                     if ctx.engine == Engine::Mysql {
-                        crate::mysql::session::serve(stream, peer, ctx, endpoint, shared).await;
+                        Box::pin(crate::mysql::session::serve(stream, peer, ctx, endpoint, shared)).await;
                         return;
                     }
                     if let Some(admin) = session::serve(stream, peer, ctx, endpoint, shared.clone()).await {
-                        crate::admin::console::run(admin.stream, &admin.user, &shared).await;
+                        Box::pin(crate::admin::console::run(admin.stream, &admin.user, &shared)).await;
                     }
                 });
             }

@@ -25,6 +25,12 @@ use crate::error::Error;
 pub trait Dialer {
     type Conn;
     async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Self::Conn, Error>;
+
+    /// A connection on `node` at once, if one is ready (a pool's idle connection), for
+    /// `connect_now`; None when only `dial` can make one.
+    fn dial_now(&mut self, _node: &NodeState) -> Option<Self::Conn> {
+        None
+    }
 }
 
 /// A connection and the node it is on (`snapshot.nodes[index]`, as routing saw it).
@@ -45,6 +51,38 @@ impl<C> Connected<C> {
 /// Which candidates a caller will take (`accept(snapshot, index)`): fresh reads take
 /// only standbys that replayed far enough, and the primary.
 pub type Accept<'a> = &'a (dyn Fn(&ClusterSnapshot, usize) -> bool + Sync);
+
+/// The common case of transaction mode, without an await: the first candidate that
+/// `connect` would try has a connection ready (`Dialer::dial_now`). None when it has not,
+/// or when anything else would have to happen (a PAUSE, no route, a login, a wait): the
+/// caller then runs `connect`, which starts over. Being synchronous, it also keeps the
+/// connector's state out of the caller's future, which lives as long as the client.
+pub fn connect_now<D: Dialer>(
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    exclude: Option<&str>,
+    accept: Option<Accept<'_>>,
+    dialer: &mut D,
+) -> Option<Connected<D::Conn>> {
+    if cluster.is_paused() {
+        return None;
+    }
+    let snapshot = cluster.state.snapshot();
+    let turn = TURN.replace(TURN.get().wrapping_add(1));
+    let candidates = routing::route(endpoint, &snapshot, turn).ok()?;
+    let index = candidates
+        .into_iter()
+        .find(|&i| exclude != Some(snapshot.nodes[i].name.as_str()) && accept.is_none_or(|f| f(&snapshot, i)))?;
+    let node = &snapshot.nodes[index];
+    let conn = dialer.dial_now(node)?;
+    node.stats.sessions_total.fetch_add(1, Ordering::Relaxed);
+    Some(Connected {
+        conn,
+        snapshot,
+        index,
+        waited: Duration::ZERO,
+    })
+}
 
 /// Connect for `endpoint` (`ReadWrite`: the primary; `ReadOnly`: a readable node),
 /// skipping the node named `exclude` and candidates `accept` refuses. `rx`, when the caller watches the topology (the
@@ -247,5 +285,147 @@ async fn connect_inner<D: Dialer>(
                 Error::connect_failed(problem)
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::classify::Classifier;
+    use crate::cluster::topology::{ClusterState, Observation, Policy};
+    use crate::config::{ReadBalance, ServerTlsMode, SplitBrainRule};
+    use crate::tls::ServerTls;
+    use std::time::SystemTime;
+
+    /// Nodes named in `ready` have a connection at once; `dial` makes one anywhere.
+    struct Fake {
+        ready: Vec<&'static str>,
+        dialed: Vec<String>,
+    }
+
+    impl Dialer for Fake {
+        type Conn = String;
+        async fn dial(&mut self, node: &NodeState, _timeout: Duration) -> Result<String, Error> {
+            self.dialed.push(node.name.clone());
+            Ok(node.name.clone())
+        }
+        fn dial_now(&mut self, node: &NodeState) -> Option<String> {
+            self.ready.contains(&node.name.as_str()).then(|| node.name.clone())
+        }
+    }
+
+    /// A primary and two standbys, all up.
+    fn cluster() -> ClusterCtx {
+        let t = SystemTime::now();
+        let nodes = [("p", Role::Primary), ("s1", Role::Standby), ("s2", Role::Standby)]
+            .into_iter()
+            .map(|(name, role)| {
+                let mut n = NodeState::new(name, "127.0.0.1:1");
+                let seen = Observation {
+                    role,
+                    lag_ms: 0,
+                    lsn: None,
+                    timeline: Some(1),
+                    streaming: None,
+                    system_id: None,
+                };
+                n.apply(Ok(seen), 1, 1, t);
+                n
+            })
+            .collect();
+        let policy = Policy {
+            max_replica_lag_ms: 1000,
+            read_balance: ReadBalance::Priority,
+            split_brain: SplitBrainRule::NewestTimeline,
+        };
+        let snap = ClusterSnapshot::new("main", nodes, policy, Duration::from_secs(1));
+        let state = ClusterState::new(snap, |s| routing::primary(s).ok());
+        let tls = ServerTls::new(ServerTlsMode::Disable, None).unwrap();
+        ClusterCtx::new("main", state, Classifier::new(&[]), None, None, tls)
+    }
+
+    fn fake(ready: &[&'static str]) -> Fake {
+        Fake {
+            ready: ready.to_vec(),
+            dialed: Vec::new(),
+        }
+    }
+
+    fn name<C>(c: Option<Connected<C>>) -> Option<String> {
+        c.map(|c| c.node().name.clone())
+    }
+
+    #[tokio::test]
+    async fn the_fast_path_takes_only_what_connect_would_try_first() {
+        let c = cluster();
+        // The primary for writes; the first standby for reads.
+        assert_eq!(
+            name(connect_now(&c, Endpoint::ReadWrite, None, None, &mut fake(&["p"]))),
+            Some("p".into())
+        );
+        assert_eq!(
+            name(connect_now(
+                &c,
+                Endpoint::ReadOnly,
+                None,
+                None,
+                &mut fake(&["s1", "s2"])
+            )),
+            Some("s1".into())
+        );
+        // The first candidate has nothing ready: no jump to the second (connect would
+        // open one on the first), the caller runs connect.
+        assert_eq!(
+            name(connect_now(&c, Endpoint::ReadOnly, None, None, &mut fake(&["s2", "p"]))),
+            None
+        );
+        // Excluded and refused candidates are passed over, as connect does.
+        assert_eq!(
+            name(connect_now(
+                &c,
+                Endpoint::ReadOnly,
+                Some("s1"),
+                None,
+                &mut fake(&["s2"])
+            )),
+            Some("s2".into())
+        );
+        let not_s1 = |s: &ClusterSnapshot, i: usize| s.nodes[i].name != "s1";
+        assert_eq!(
+            name(connect_now(
+                &c,
+                Endpoint::ReadOnly,
+                None,
+                Some(&not_s1),
+                &mut fake(&["s2"])
+            )),
+            Some("s2".into())
+        );
+        // A PAUSE is waited out by connect, never skipped.
+        c.set_paused(true);
+        assert_eq!(
+            name(connect_now(&c, Endpoint::ReadWrite, None, None, &mut fake(&["p"]))),
+            None
+        );
+        c.set_paused(false);
+        // No primary: nothing at once; connect holds or fails with the reason.
+        c.state.update(|s| {
+            s.nodes[0].health = crate::cluster::topology::Health::Down;
+            true
+        });
+        assert_eq!(
+            name(connect_now(&c, Endpoint::ReadWrite, None, None, &mut fake(&["p"]))),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn connect_dials_the_first_candidate_when_nothing_is_ready() {
+        let c = cluster();
+        let mut d = fake(&[]);
+        assert_eq!(name(connect_now(&c, Endpoint::ReadOnly, None, None, &mut d)), None);
+        let got = connect(&c, Endpoint::ReadOnly, None, None, None, &mut d).await.unwrap();
+        assert_eq!(got.node().name, "s1");
+        assert_eq!(d.dialed, ["s1"]);
     }
 }

@@ -201,14 +201,7 @@ impl Pool {
         login_timeout: Duration,
     ) -> Result<PooledConn, PoolError> {
         let settings = *self.settings.lock().unwrap();
-        {
-            // The latest client's (a password or verifier changed by a reload);
-            // compared first so that the hot path copies nothing.
-            let mut known = self.credential.lock().unwrap();
-            if known.as_ref() != Some(credential) {
-                *known = Some(credential.clone());
-            }
-        }
+        self.remember(credential);
         // A free slot is taken at once, without a timer: the common case.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -232,10 +225,53 @@ impl Pool {
                 }
             }
         };
+        let permit = match self.take_idle(permit, &settings) {
+            Ok(conn) => return Ok(conn),
+            Err(permit) => permit,
+        };
+        let login = server::Login {
+            user: &self.key.user,
+            credential,
+            database: &self.key.database,
+            params: &[],
+            require_primary,
+            tls: &tls(),
+        };
+        // Boxed: a login's state is large and lives only while it runs, and a future
+        // that held it inline would be as large in every idle client's session.
+        let conn = Box::pin(server::connect(&self.key.addr, &login, login_timeout)).await?;
+        Ok(PooledConn::new(conn, self.clone(), Some(permit)))
+    }
+
+    /// An idle connection now, if a slot is free and one is idle and sound: the common
+    /// case of transaction mode, taken without an await (`checkout` does the rest).
+    pub fn checkout_idle(&self, credential: &Credential) -> Option<PooledConn> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let settings = *self.settings.lock().unwrap();
+        self.remember(credential);
+        self.take_idle(permit, &settings).ok()
+    }
+
+    /// Keep the latest client's credential (a password or verifier changed by a reload)
+    /// for the connections opened ahead of demand; compared first so that the hot path
+    /// copies nothing.
+    fn remember(&self, credential: &Credential) {
+        let mut known = self.credential.lock().unwrap();
+        if known.as_ref() != Some(credential) {
+            *known = Some(credential.clone());
+        }
+    }
+
+    /// The newest sound idle connection, holding `permit`; the permit back if none.
+    fn take_idle(
+        &self,
+        permit: OwnedSemaphorePermit,
+        settings: &PoolSettings,
+    ) -> Result<PooledConn, OwnedSemaphorePermit> {
         loop {
             let candidate = self.idle.lock().unwrap().pop();
             let Some(Idle { mut conn, since }) = candidate else {
-                break;
+                return Err(permit);
             };
             let now = Instant::now();
             if now.saturating_duration_since(since) > settings.idle_timeout
@@ -251,16 +287,6 @@ impl Pool {
             conn._permit = Some(permit);
             return Ok(conn);
         }
-        let login = server::Login {
-            user: &self.key.user,
-            credential,
-            database: &self.key.database,
-            params: &[],
-            require_primary,
-            tls: &tls(),
-        };
-        let conn = server::connect(&self.key.addr, &login, login_timeout).await?;
-        Ok(PooledConn::new(conn, self.clone(), Some(permit)))
     }
 
     /// Take a connection back. Broken or expired ones are closed.

@@ -127,8 +127,10 @@ pub async fn serve(
     };
     let require_tls = (tls_mode == ClientTls::Require).then_some(cluster.name.as_str());
     let started = tokio::time::Instant::now();
-    let mut stream = match tokio::time::timeout(login_timeout, negotiate(tcp, tls.as_ref().map(|t| &t.acceptor))).await
-    {
+    // The TLS handshake and the login are boxed: their state is large and lives only
+    // while they run; inline, every idle client's session future would be as large.
+    let handshake = Box::pin(negotiate(tcp, tls.as_ref().map(|t| &t.acceptor)));
+    let mut stream = match tokio::time::timeout(login_timeout, handshake).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(cluster = %cluster.name, peer = %peer, reason = %e, "client left during TLS negotiation");
@@ -141,7 +143,7 @@ pub async fn serve(
     let channel = tls.as_ref().filter(|_| stream.is_tls()).map(|t| t.end_point.clone());
     let outcome = match tokio::time::timeout(
         left,
-        login(&mut stream, &shared, &cluster, require_tls, channel.as_deref()),
+        Box::pin(login(&mut stream, &shared, &cluster, require_tls, channel.as_deref())),
     )
     .await
     {
@@ -154,12 +156,25 @@ pub async fn serve(
         Ok(Ok(Some(client))) => match causal_floor(&client, &cluster) {
             Err(e) => Err(Reject::Error(e)),
             Ok(floor) if config.clusters[&cluster.name].pool_mode == PoolMode::Transaction => {
-                serve_transaction_mode(stream, peer, client, floor, &cluster, endpoint, &shared).await;
+                // Boxed, as session mode's relay below: a session future holds the state
+                // of one mode only, not the larger of the two.
+                Box::pin(serve_transaction_mode(
+                    stream, peer, client, floor, &cluster, endpoint, &shared,
+                ))
+                .await;
                 return None;
             }
-            Ok(floor) => connect(&mut stream, &client, floor, &cluster, endpoint, &shared, &config)
-                .await
-                .map(|(c, waited)| (client, c, waited)),
+            Ok(floor) => Box::pin(connect(
+                &mut stream,
+                &client,
+                floor,
+                &cluster,
+                endpoint,
+                &shared,
+                &config,
+            ))
+            .await
+            .map(|(c, waited)| (client, c, waited)),
         },
         Ok(Ok(None)) => return None, // a cancel request, already handled
         Ok(Err(r)) => Err(r),
@@ -175,8 +190,7 @@ pub async fn serve(
             if !e.is_forwarded() {
                 shared.metrics.error(e.code().as_str());
             }
-            let _ = write_flush(&mut stream, &e.to_fatal()).await;
-            linger(&mut stream).await;
+            Box::pin(goodbye(&mut stream, &e.to_fatal())).await;
             info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "client rejected");
             return None;
         }
@@ -192,7 +206,10 @@ pub async fn serve(
           node = %connected.node, setup_ms = wait.as_millis() as u64, "session started");
     let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
     let node = connected.node.clone();
-    let end = relay(stream, connected, &client, peer, &cluster, endpoint, &shared, &config).await;
+    let end = Box::pin(relay(
+        stream, connected, &client, peer, &cluster, endpoint, &shared, &config,
+    ))
+    .await;
     drop(gauge);
     match &end {
         End::Failed(e) => {
@@ -251,7 +268,9 @@ async fn serve_transaction_mode(
             shared.metrics.error(e.code().as_str());
         }
         warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy");
-        goodbye(driver.client_mut(), &e.to_fatal()).await;
+        // Boxed: its state (a write, a linger with a timer) would otherwise enlarge
+        // every session future.
+        Box::pin(goodbye(driver.client_mut(), &e.to_fatal())).await;
     }
     drop(gauge);
     drop(entry);

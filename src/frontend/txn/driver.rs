@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
 use super::machine::{Action, Config, Machine};
-use crate::backend::connector::{self, Accept, Dialer};
+use crate::backend::connector::{self, Accept, Connected, Dialer};
 use crate::backend::pool::{Pool, PoolError, PoolKey, PooledConn};
 use crate::backend::scram::Credential;
 use crate::cluster::freshness::Floor;
@@ -23,7 +23,7 @@ use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
 use crate::cluster::ClusterCtx;
 use crate::error::Error;
 use crate::frontend::cancel::Registration;
-use crate::frontend::fresh::{Causal, FreshMetrics};
+use crate::frontend::fresh::{Causal, FreshMetrics, Placement};
 use crate::frontend::shared::Shared;
 use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 
@@ -118,6 +118,16 @@ impl PoolDialer<'_> {
 
 impl Dialer for PoolDialer<'_> {
     type Conn = Held;
+
+    fn dial_now(&mut self, node: &NodeState) -> Option<Held> {
+        let via = self.pool(node);
+        let conn = via.pool.checkout_idle(self.credential)?;
+        Some(Held {
+            conn,
+            on_primary: node.role == Role::Primary,
+            via,
+        })
+    }
 
     async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Held, Error> {
         let via = self.pool(node);
@@ -258,7 +268,8 @@ impl<'a> Driver<'a> {
                         if self.machine.take_wrote() {
                             self.causal.wrote();
                         }
-                        let reply = self.causal.answer(stmt, self.cluster, None).await;
+                        // Rare (a causal-token statement): boxed, as `acquire`.
+                        let reply = Box::pin(self.causal.answer(stmt, self.cluster, None)).await;
                         self.machine.on_causal_reply(reply);
                     }
                     Action::Acquire { read, exclude } => {
@@ -272,7 +283,19 @@ impl<'a> Driver<'a> {
                             self.machine.on_acquire_failed(Error::shutdown());
                             continue;
                         }
-                        match self.acquire(read, exclude.as_deref()).await {
+                        if self.machine.take_wrote() {
+                            self.causal.wrote();
+                        }
+                        // The common case at once; otherwise the connector (and a
+                        // read's placement) boxed: their state lives only while they
+                        // run, and inline it would make every idle client's session
+                        // future as large.
+                        let acquired = if self.acquire_now(read, exclude.as_deref()) {
+                            Ok(())
+                        } else {
+                            Box::pin(self.acquire(read, exclude.as_deref())).await
+                        };
+                        match acquired {
                             Ok(()) => {
                                 let h = self.held.as_mut().expect("just acquired");
                                 self.machine.on_acquired(&h.via.node, h.on_primary, &mut h.conn.state);
@@ -382,8 +405,10 @@ impl<'a> Driver<'a> {
                     }
                 }
                 // Only listened to while no server connection is held: between units.
+                // (A closed channel counts: its sender is gone with the proxy, and
+                // waiting on it again would return at once, forever.)
                 Event::Shutdown => {
-                    if *self.shared.shutdown.borrow() {
+                    if *self.shared.shutdown.borrow() || shutdown.has_changed().is_err() {
                         return Some(Error::shutdown());
                     }
                 }
@@ -402,17 +427,46 @@ impl<'a> Driver<'a> {
         ok
     }
 
-    /// A connection for the next unit, through the connector.
-    async fn acquire(&mut self, read: bool, exclude: Option<&str>) -> Result<(), Error> {
-        if self.machine.take_wrote() {
-            self.causal.wrote();
-        }
+    /// Where the next unit goes: (a read to place on a readable node, the endpoint).
+    fn target(&self, read: bool) -> (bool, Endpoint) {
         // On the ro endpoint everything is read on a readable node, except a read a
         // standby refused (only a primary runs it): its rerun goes to the primary, where
         // the session's default_transaction_read_only still holds.
         let ro_rerun_on_primary = self.endpoint == Endpoint::ReadOnly && !read && self.machine.rerun_pending();
         let split = (self.endpoint == Endpoint::ReadOnly && !ro_rerun_on_primary) || (read && self.split);
-        let target = if split { Endpoint::ReadOnly } else { Endpoint::ReadWrite };
+        (split, if split { Endpoint::ReadOnly } else { Endpoint::ReadWrite })
+    }
+
+    fn dialer(&mut self, target: Endpoint) -> PoolDialer<'_> {
+        PoolDialer {
+            cluster: self.cluster,
+            shared: self.shared,
+            who: &self.who,
+            credential: &self.credential,
+            require_primary: target == Endpoint::ReadWrite,
+            pools: &mut self.pools,
+        }
+    }
+
+    /// A connection for the next unit at once, when it is not a read to place and an
+    /// idle connection is ready (`connector::connect_now`): the common case, without an
+    /// await. False sends the caller to `acquire`.
+    fn acquire_now(&mut self, read: bool, exclude: Option<&str>) -> bool {
+        let (split, target) = self.target(read);
+        if split {
+            return false;
+        }
+        let cluster = self.cluster;
+        let Some(c) = connector::connect_now(cluster, target, exclude, None, &mut self.dialer(target)) else {
+            return false;
+        };
+        self.take(c, None);
+        true
+    }
+
+    /// A connection for the next unit, through the connector. Run boxed (see `run`).
+    async fn acquire(&mut self, read: bool, exclude: Option<&str>) -> Result<(), Error> {
+        let (split, target) = self.target(read);
         // A read that must see the client's writes (or its causal token) waits here, if
         // it must, for a standby to catch up; then only nodes that have may take it.
         let placement = if split {
@@ -427,19 +481,21 @@ impl<'a> Driver<'a> {
             Some(p) if !p.is_free() => Some(&accept_fresh),
             _ => None,
         };
-        let mut dialer = PoolDialer {
-            cluster: self.cluster,
-            shared: self.shared,
-            who: &self.who,
-            credential: &self.credential,
-            require_primary: target == Endpoint::ReadWrite,
-            pools: &mut self.pools,
+        let mut dialer = self.dialer(target);
+        let c = match connector::connect_now(cluster, target, exclude, accept, &mut dialer) {
+            Some(c) => c,
+            None => connector::connect(cluster, target, exclude, accept, None, &mut dialer).await?,
         };
-        let c = connector::connect(self.cluster, target, exclude, accept, None, &mut dialer).await?;
+        self.take(c, placement.as_ref());
+        Ok(())
+    }
+
+    /// Hold the connection the connector gave.
+    fn take(&mut self, c: Connected<Held>, placement: Option<&Placement>) {
         let held = c.conn;
         self.pool_wait.observe(c.waited.as_secs_f64());
         let node = &c.snapshot.nodes[c.index];
-        if let Some(p) = &placement {
+        if let Some(p) = placement {
             self.causal.placed(p, node.role);
             tracing::debug!(cluster = %self.cluster.name, node = %node.name, floor = ?p.floor(), "read placed");
         }
@@ -448,7 +504,6 @@ impl<'a> Driver<'a> {
             .retarget(&self.cancel, Some((&node.addr, held.conn.conn.pid, held.conn.conn.key)));
         self.sbuf.clear();
         self.held = Some(held);
-        Ok(())
     }
 
     /// Give the held connection back: pooled if `reuse` (the machine decided its state
