@@ -52,6 +52,30 @@ impl<C> Connected<C> {
 /// only standbys that replayed far enough, and the primary.
 pub type Accept<'a> = &'a (dyn Fn(&ClusterSnapshot, usize) -> bool + Sync);
 
+/// Counts a client in `cluster.waiting` (clients with no node yet, shown by SHOW POOLS
+/// and /status) while it lives: only around the connector's waits, so the common case
+/// writes no counter every worker thread shares.
+struct Waiting<'a>(&'a ClusterCtx);
+
+impl<'a> Waiting<'a> {
+    fn new(cluster: &'a ClusterCtx) -> Waiting<'a> {
+        cluster.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(cluster)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    /// Where the next balanced choice among candidates starts, per thread: a shared
+    /// counter would be written by every worker on every unit.
+    static TURN: Cell<usize> = const { Cell::new(0) };
+}
+
 /// The common case of transaction mode, without an await: the first candidate that
 /// `connect` would try has a connection ready (`Dialer::dial_now`). None when it has not,
 /// or when anything else would have to happen (a PAUSE, no route, a login, a wait): the
@@ -91,41 +115,6 @@ pub fn connect_now<D: Dialer>(
 /// something to wait for. A PAUSE holds the attempt without limit (an operator asked for
 /// exactly that).
 pub async fn connect<D: Dialer>(
-    cluster: &ClusterCtx,
-    endpoint: Endpoint,
-    exclude: Option<&str>,
-    accept: Option<Accept<'_>>,
-    rx: Option<&mut watch::Receiver<Arc<ClusterSnapshot>>>,
-    dialer: &mut D,
-) -> Result<Connected<D::Conn>, Error> {
-    connect_inner(cluster, endpoint, exclude, accept, rx, dialer).await
-}
-
-/// Counts a client in `cluster.waiting` (clients with no node yet, shown by SHOW POOLS
-/// and /status) while it lives: only around the connector's waits, so the common case
-/// writes no counter every worker thread shares.
-struct Waiting<'a>(&'a ClusterCtx);
-
-impl<'a> Waiting<'a> {
-    fn new(cluster: &'a ClusterCtx) -> Waiting<'a> {
-        cluster.waiting.fetch_add(1, Ordering::Relaxed);
-        Waiting(cluster)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-thread_local! {
-    /// Where the next balanced choice among candidates starts, per thread: a shared
-    /// counter would be written by every worker on every unit.
-    static TURN: Cell<usize> = const { Cell::new(0) };
-}
-
-async fn connect_inner<D: Dialer>(
     cluster: &ClusterCtx,
     endpoint: Endpoint,
     exclude: Option<&str>,

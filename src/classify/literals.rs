@@ -38,17 +38,7 @@ pub fn blank_literals(sql: &str, out: &mut String) {
                 i = j;
             }
             b'"' => {
-                let mut j = i + 1;
-                while j < b.len() {
-                    if b[j] == b'"' {
-                        if b.get(j + 1) == Some(&b'"') {
-                            j += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    j += 1;
-                }
+                let j = closing_quote(b, i + 1, b'"', false);
                 let end = (j + 1).min(b.len());
                 out.push_str(&sql[i..end]);
                 i = end;
@@ -62,21 +52,7 @@ pub fn blank_literals(sql: &str, out: &mut String) {
                 {
                     out.pop();
                 }
-                let mut j = i + 1;
-                while j < b.len() {
-                    if escapes && b[j] == b'\\' {
-                        j += 2;
-                        continue;
-                    }
-                    if b[j] == b'\'' {
-                        if b.get(j + 1) == Some(&b'\'') {
-                            j += 2;
-                            continue;
-                        }
-                        break;
-                    }
-                    j += 1;
-                }
+                let j = closing_quote(b, i + 1, b'\'', escapes);
                 out.push('?');
                 i = (j + 1).min(b.len());
             }
@@ -133,4 +109,25 @@ pub fn blank_literals(sql: &str, out: &mut String) {
             }
         }
     }
+}
+
+/// Where the quote that closes a quoted run starting at `from` is (`b.len()` if none): a
+/// doubled quote is part of the text, and so is a backslash-escaped byte in an E'' string.
+fn closing_quote(b: &[u8], from: usize, quote: u8, backslash_escapes: bool) -> usize {
+    let mut j = from;
+    while j < b.len() {
+        if backslash_escapes && b[j] == b'\\' {
+            j += 2;
+            continue;
+        }
+        if b[j] == quote {
+            if b.get(j + 1) == Some(&quote) {
+                j += 2;
+                continue;
+            }
+            return j;
+        }
+        j += 1;
+    }
+    b.len()
 }

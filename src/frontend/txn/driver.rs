@@ -259,15 +259,11 @@ impl<'a> Driver<'a> {
                     Action::Release { reuse } => {
                         // Published as the unit ends, before the client hears its answer:
                         // with a shared floor another connection's next read must see it.
-                        if self.machine.take_wrote() {
-                            self.causal.wrote();
-                        }
+                        self.note_writes();
                         self.release(reuse)
                     }
                     Action::Causal(stmt) => {
-                        if self.machine.take_wrote() {
-                            self.causal.wrote();
-                        }
+                        self.note_writes();
                         // Rare (a causal-token statement): boxed, as `acquire`.
                         let reply = Box::pin(self.causal.answer(stmt, self.cluster, None)).await;
                         self.machine.on_causal_reply(reply);
@@ -283,9 +279,7 @@ impl<'a> Driver<'a> {
                             self.machine.on_acquire_failed(Error::shutdown());
                             continue;
                         }
-                        if self.machine.take_wrote() {
-                            self.causal.wrote();
-                        }
+                        self.note_writes();
                         // The common case at once; otherwise the connector (and a
                         // read's placement) boxed: their state lives only while they
                         // run, and inline it would make every idle client's session
@@ -378,9 +372,7 @@ impl<'a> Driver<'a> {
                 Event::Server(Ok(n)) if n > 0 => {
                     let h = self.held.as_mut().expect("read from the held server");
                     self.machine.on_server_input(&mut self.sbuf, &mut h.conn.state);
-                    if self.machine.take_wrote() {
-                        self.causal.wrote();
-                    }
+                    self.note_writes();
                 }
                 Event::Server(r) => {
                     let reason = match r {
@@ -425,6 +417,13 @@ impl<'a> Driver<'a> {
         self.machine.to_client.clear();
         self.machine.flushed_to_client();
         ok
+    }
+
+    /// Tell the causal tracker of writes the machine saw complete since the last look.
+    fn note_writes(&mut self) {
+        if self.machine.take_wrote() {
+            self.causal.wrote();
+        }
     }
 
     /// Where the next unit goes: (a read to place on a readable node, the endpoint).
@@ -482,7 +481,14 @@ impl<'a> Driver<'a> {
             _ => None,
         };
         let mut dialer = self.dialer(target);
-        let c = match connector::connect_now(cluster, target, exclude, accept, &mut dialer) {
+        // After a placement the fast path may work now (`acquire_now` does not try a
+        // read to place); otherwise it has just failed, and is not tried twice.
+        let now = if split {
+            connector::connect_now(cluster, target, exclude, accept, &mut dialer)
+        } else {
+            None
+        };
+        let c = match now {
             Some(c) => c,
             None => connector::connect(cluster, target, exclude, accept, None, &mut dialer).await?,
         };
