@@ -11,7 +11,7 @@ demo: deps
 # Everything: unit tests, then integration tests against real PostgreSQL clusters and
 # real clients (psql, pgbench, psycopg 2/3, Django).
 test: deps
-	cargo test --all-targets --no-fail-fast -- --test-threads=1
+	cargo test --all-targets --features fuzzing --no-fail-fast -- --test-threads=1
 
 # Client libraries' own test suites (psycopg 3.3.4, SQLAlchemy 2.0.58, Django 5.2's
 # runner) directly against PostgreSQL and through Switchyard in session, transaction
@@ -33,7 +33,7 @@ compat-slice: deps
 # hex; `target/release/examples/fuzz replay TARGET HEX` runs it again.
 SEED ?= 1
 fuzz:
-	cargo build --release --example fuzz
+	cargo build --release --features fuzzing --example fuzz
 	target/release/examples/fuzz all 1000000 $(SEED)
 
 # perf profile of the transaction-mode data path under pgbench -S (flame graph with

@@ -1,7 +1,7 @@
-//! Long fuzz runs of `switchyard::fuzzing` targets on seeded random inputs (the
+//! Long fuzz runs of `switchyard::pg::fuzz` targets on seeded random inputs (the
 //! toolchain here is stable-only, so no libFuzzer): `make fuzz`, or
 //!
-//!   cargo run --release --example fuzz -- [TARGET|all] [ITERATIONS] [SEED]
+//!   cargo run --release --features fuzzing --example fuzz -- [TARGET|all] [ITERATIONS] [SEED]
 //!
 //! Prints inputs per target and time taken; a failing input is printed as hex, to run
 //! again with `fuzz replay TARGET HEX`.
@@ -19,7 +19,7 @@ fn main() {
         let data: Vec<u8> = (0..hex.len() / 2)
             .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
             .collect();
-        switchyard::fuzzing::run(&args[1], &data);
+        switchyard::pg::fuzz::run(&args[1], &data);
         println!("no failure");
         return;
     }
@@ -27,7 +27,7 @@ fn main() {
     let iterations: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
     let seed: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1);
     let targets: Vec<&str> = if which == "all" {
-        switchyard::fuzzing::TARGETS.to_vec()
+        switchyard::pg::fuzz::TARGETS.to_vec()
     } else {
         vec![which]
     };
@@ -44,7 +44,7 @@ fn main() {
             };
             data.extend((0..len).map(|_| rng.random::<u8>()));
             let input = data.clone();
-            let result = std::panic::catch_unwind(|| switchyard::fuzzing::run(target, &input));
+            let result = std::panic::catch_unwind(|| switchyard::pg::fuzz::run(target, &input));
             if result.is_err() {
                 let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
                 eprintln!("fuzz {target}: input {i} (seed {seed}) failed: {hex}");

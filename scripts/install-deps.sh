@@ -8,7 +8,8 @@
 # iptables for the fault suite (chaos/), etcd for coordination between instances,
 # openssl for the TLS tests' certificates, MariaDB (mariadbd, mariadb-install-db, the
 # mariadb client) for the MySQL-engine tests' throwaway clusters, sysbench for their
-# benchmarks, libmariadb-dev and pkg-config to build mysqlclient.
+# benchmarks, libmariadb-dev and pkg-config to build mysqlclient, and mdbook (with
+# cargo) to build the documentation in docs/.
 # Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,4 +81,16 @@ PY
 if ! switchyard_package_current; then
     echo "install-deps: installing python/django_switchyard"
     python3 -m pip install --quiet --disable-pip-version-check ./python/django_switchyard
+fi
+
+# The documentation (docs/, an mdBook): mdbook at the version the book is checked with.
+MDBOOK_VERSION=0.5.4
+mdbook_version() {
+    local bin
+    bin=$(command -v mdbook || echo "${CARGO_HOME:-$HOME/.cargo}/bin/mdbook")
+    "$bin" --version 2>/dev/null
+}
+if [[ "$(mdbook_version)" != "mdbook v$MDBOOK_VERSION" ]]; then
+    echo "install-deps: installing mdbook $MDBOOK_VERSION"
+    cargo install mdbook --locked --version "$MDBOOK_VERSION"
 fi

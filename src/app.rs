@@ -14,14 +14,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::classify::Classifier;
 use crate::cluster::health;
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, ClusterState, NodeState, Policy};
 use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, Config, Engine};
-use crate::frontend::session;
-use crate::frontend::shared::Shared;
+use crate::pg::session;
+use crate::pg::PgCluster;
+use crate::proxy::shared::Shared;
 use crate::tls::ServerTls;
 
 fn policy(c: &ClusterConfig) -> Policy {
@@ -46,7 +46,9 @@ fn start_monitors(shared: &Shared) {
     let observer: health::Observer =
         Arc::new(move |cluster, node, took, t| metrics.observe_check(cluster, node, took, t));
     for (name, ctx) in &shared.clusters {
-        ctx.freshness.set_login(login.clone(), ctx.server_tls());
+        if let Some(pg) = crate::pg::PgCluster::try_of(ctx) {
+            pg.freshness.set_login(login.clone(), ctx.server_tls());
+        }
         let mut monitors = ctx.monitors.lock().unwrap();
         for (_, task) in monitors.drain() {
             task.abort();
@@ -64,7 +66,7 @@ fn start_monitors(shared: &Shared) {
                     host: n.host.clone(),
                     port: n.port,
                     peers: peers.clone(),
-                    info: ctx.mysql.clone(),
+                    info: crate::mysql::ClusterInfo::of(ctx).clone(),
                     tls: c.server_tls,
                     ca_file: c.server_ca_file.clone(),
                 };
@@ -80,14 +82,14 @@ fn start_monitors(shared: &Shared) {
             continue;
         }
         for n in &c.nodes {
-            let target = health::Target {
+            let target = crate::pg::health::Target {
                 cluster: ctx.state.clone(),
                 node: n.name.clone(),
                 host: n.host.clone(),
                 port: n.port,
                 tls: ctx.server_tls(),
             };
-            let task = health::spawn(
+            let task = crate::pg::health::spawn(
                 target,
                 config.health.clone(),
                 login.clone(),
@@ -139,7 +141,7 @@ fn reload(shared: &Shared) -> Result<String, String> {
                 .get(&name)
                 .map(|c| (c.server_tls, c.server_ca_file.clone()));
             if before != after {
-                let closed: usize = shared
+                let closed: usize = crate::pg::PgShared::of(shared)
                     .pools
                     .all()
                     .iter()
@@ -191,7 +193,7 @@ fn reload(shared: &Shared) -> Result<String, String> {
             snap.failover_hold = c.failover_hold();
             true
         });
-        shared.pools.apply(name, c.pool_settings());
+        crate::pg::PgShared::of(shared).pools.apply(name, c.pool_settings());
         for n in &added {
             ctx.state
                 .push_event(n, String::new(), "added".into(), "configuration reload".into());
@@ -270,18 +272,19 @@ impl Proxy {
             snap.server_login_timeout = c.server_login_timeout();
             snap.failover_hold = c.failover_hold();
             let state = ClusterState::new(snap, |s| routing::primary(s).ok());
-            let ctx = Arc::new(
-                ClusterCtx::new(
-                    name,
-                    state,
-                    Classifier::new(&c.read_only_functions),
-                    c.listen_rw.clone(),
-                    c.listen_ro.clone(),
-                    ServerTls::new(c.server_tls, c.server_ca_file.as_deref())
-                        .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?,
-                )
-                .with_engine(c.engine),
-            );
+            let ctx = Arc::new(ClusterCtx::new(
+                name,
+                state.clone(),
+                c.listen_rw.clone(),
+                c.listen_ro.clone(),
+                ServerTls::new(c.server_tls, c.server_ca_file.as_deref())
+                    .map_err(|e| anyhow::anyhow!("clusters.{name}: {e}"))?,
+                c.engine,
+                match c.engine {
+                    Engine::Postgresql => Box::new(PgCluster::new(state, &c.read_only_functions)),
+                    Engine::Mysql => Box::new(Arc::new(crate::mysql::ClusterInfo::default())),
+                },
+            ));
             for (addr, endpoint) in [(&c.listen_rw, Endpoint::ReadWrite), (&c.listen_ro, Endpoint::ReadOnly)] {
                 if let Some(addr) = addr {
                     let l = TcpListener::bind(addr)
@@ -294,9 +297,16 @@ impl Proxy {
         }
         let http_listen = config.admin.http_listen.clone();
         let workers = Workers::spawn(config.proxy.worker_threads())?;
+        let pg_shared = crate::pg::PgShared::new(&config, workers.len());
         let shared = Arc::new(
-            Shared::new(config, config_path, clusters, shutdown.clone(), workers.len())
-                .map_err(|e| anyhow::anyhow!("cannot set up client TLS: {e}"))?,
+            Shared::new(
+                config,
+                config_path,
+                clusters,
+                shutdown.clone(),
+                vec![Box::new(pg_shared)],
+            )
+            .map_err(|e| anyhow::anyhow!("cannot set up client TLS: {e}"))?,
         );
         shared.set_reloader(Box::new(reload));
         start_monitors(&shared);
@@ -373,7 +383,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("switchyard-worker-{index}"))
                 .spawn(move || {
-                    crate::backend::pool::set_worker(index);
+                    crate::pg::pool::set_worker(index);
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
@@ -427,7 +437,12 @@ async fn prune_pools(shared: Arc<Shared>, worker: usize) {
         if *shared.shutdown.borrow() {
             return;
         }
-        for p in shared.pools.all().into_iter().filter(|p| p.key.worker == worker) {
+        for p in crate::pg::PgShared::of(&shared)
+            .pools
+            .all()
+            .into_iter()
+            .filter(|p| p.key.worker == worker)
+        {
             p.prune();
             let Some(ctx) = shared.clusters.get(&p.key.cluster) else {
                 continue;
@@ -492,6 +507,33 @@ async fn accept_loop(
                 // Out of file descriptors and the like: back off instead of spinning.
                 error!(cluster = %ctx.name, endpoint = %endpoint, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The control runtime: accepting clients, health checks, admin HTTP, signals. The
+/// data path runs on the proxy's own worker threads (`app::Workers`).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("switchyard-control")
+        .enable_all()
+        .build()
+}
+
+/// Wait for SIGTERM or SIGINT; reload the config on every SIGHUP meanwhile.
+pub async fn wait_for_signal(proxy: &Proxy) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => return r,
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => {
+                // reload() logs its own outcome, success or rejection.
+                let _ = proxy.shared.reload();
             }
         }
     }

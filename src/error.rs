@@ -5,9 +5,7 @@
 
 use std::fmt;
 
-use bytes::{Bytes, BytesMut};
-
-use crate::protocol::messages::{self, Severity};
+use bytes::Bytes;
 
 /// A SQLSTATE: five ASCII characters.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -314,19 +312,10 @@ impl Error {
         self.raw.is_some()
     }
 
-    /// The bytes the client gets: the server's own ErrorResponse, or a FATAL one of ours.
-    pub fn to_fatal(&self) -> BytesMut {
-        match &self.raw {
-            Some(raw) => BytesMut::from(&raw[..]),
-            None => messages::fatal(self.code.as_str(), &self.message),
-        }
-    }
-
-    /// The ErrorResponse (severity ERROR) for an error the session survives.
-    pub fn to_error(&self, hint: Option<&str>) -> BytesMut {
-        let mut b = BytesMut::new();
-        messages::error_response(&mut b, Severity::Error, self.code.as_str(), &self.message, hint);
-        b
+    /// A server's own ErrorResponse, passed on unchanged (`pg::protocol::messages`
+    /// encodes the rest: `Error::to_fatal`, `Error::to_error`).
+    pub fn raw(&self) -> Option<&[u8]> {
+        self.raw.as_deref()
     }
 }
 

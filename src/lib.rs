@@ -20,19 +20,16 @@
 
 pub mod admin;
 pub mod app;
-pub mod backend;
-pub mod classify;
 pub mod cluster;
 pub mod config;
+pub mod demo;
 pub mod error;
-pub mod frontend;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod ha;
 pub mod local_watch;
-pub mod localcluster;
-pub mod localmaria;
 pub mod mysql;
 pub mod obs;
-pub mod protocol;
+pub mod pg;
+pub mod proxy;
+pub mod scram;
 pub mod tls;
+pub mod tx;

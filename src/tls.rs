@@ -1,6 +1,7 @@
 //! TLS toward servers (`server_tls`, `server_ca_file`), and what both sides share: a
 //! socket that is plain or TLS, delegating reads and writes to whichever it is. The
-//! client side (acceptor, negotiation, channel binding) is `frontend/tls.rs`.
+//! client side (acceptor, channel binding) is `proxy/stream.rs`; PostgreSQL's SSLRequest
+//! on both sides is `pg/tls.rs`.
 //!
 //! One `ServerTls` per cluster serves every connection Switchyard makes to its nodes:
 //! session-mode logins, pooled connections, health checks, the freshness oracle, the
@@ -25,13 +26,12 @@ use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::ServerTlsMode;
-use crate::protocol::startup::SSL_REQUEST_CODE;
 
 /// How Switchyard speaks TLS to the nodes of one cluster.
 pub struct ServerTls {
@@ -81,46 +81,6 @@ impl ServerTls {
         self.mode
     }
 
-    /// TCP connect to `addr` (`host:port`), then TLS as the mode says: SSLRequest, and
-    /// on `S` the handshake; plaintext on `N` only for `prefer`, which also reconnects
-    /// in plaintext when the handshake fails, as libpq does.
-    pub async fn connect(&self, addr: &str) -> io::Result<ServerStream> {
-        match self.try_connect(addr, self.mode).await {
-            Err(e) if self.mode == ServerTlsMode::Prefer && e.kind() != io::ErrorKind::ConnectionRefused => {
-                tracing::debug!(addr, reason = %e, "TLS with the server failed; server_tls = \"prefer\": plaintext");
-                self.try_connect(addr, ServerTlsMode::Disable).await
-            }
-            other => other,
-        }
-    }
-
-    async fn try_connect(&self, addr: &str, mode: ServerTlsMode) -> io::Result<ServerStream> {
-        let mut tcp = TcpStream::connect(addr).await?;
-        tcp.set_nodelay(true)?;
-        if mode == ServerTlsMode::Disable {
-            return Ok(ServerStream::Plain(tcp));
-        }
-        let mut request = [0u8; 8];
-        request[..4].copy_from_slice(&8i32.to_be_bytes());
-        request[4..].copy_from_slice(&SSL_REQUEST_CODE.to_be_bytes());
-        tcp.write_all(&request).await?;
-        // Exactly one byte: whatever follows an `S` must be the TLS handshake (bytes a
-        // man in the middle slipped in before it then fail the handshake; CVE-2021-23222).
-        let mut answer = [0u8; 1];
-        tcp.read_exact(&mut answer).await?;
-        match answer[0] {
-            b'S' => self.handshake(tcp, addr).await,
-            b'N' if mode == ServerTlsMode::Prefer => Ok(ServerStream::Plain(tcp)),
-            b'N' => Err(io::Error::other(format!(
-                "the server does not accept TLS (ssl = off), and server_tls = \"{mode}\" requires it"
-            ))),
-            other => Err(io::Error::other(format!(
-                "the server answered the TLS request with {:?} (a server older than PostgreSQL 7.2, or not PostgreSQL)",
-                other as char
-            ))),
-        }
-    }
-
     /// The TLS handshake on a connection whose protocol has just asked for it (after
     /// PostgreSQL's `S`, or MySQL's SSL request), the certificate checked as the mode
     /// says for the host of `addr`.
@@ -133,32 +93,9 @@ impl ServerTls {
         Ok(ServerStream::Tls(Box::new(tls)))
     }
 
-    /// Log in with tokio-postgres (health checks, freshness probes, manager,
-    /// auth_query) with the same TLS rules, `prefer` falling back to plaintext when
-    /// the handshake fails. The connection runs in a task of its own (returned).
-    pub async fn connect_pg(
-        &self,
-        cfg: &mut tokio_postgres::Config,
-    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
-        use tokio_postgres::config::SslMode;
-        let make = || tokio_postgres_rustls::MakeRustlsConnect::new((*self.config).clone());
-        cfg.ssl_mode(match self.mode {
-            ServerTlsMode::Disable => SslMode::Disable,
-            ServerTlsMode::Prefer => SslMode::Prefer,
-            _ => SslMode::Require,
-        });
-        let (client, conn) = match cfg.connect(make()).await {
-            // tokio-postgres does not fall back by itself; its TLS errors say "TLS".
-            Err(e) if self.mode == ServerTlsMode::Prefer && e.to_string().contains("TLS") => {
-                cfg.ssl_mode(SslMode::Disable);
-                cfg.connect(make()).await?
-            }
-            other => other?,
-        };
-        let task = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok((client, task))
+    /// The rustls configuration connections to this cluster's nodes use.
+    pub(crate) fn rustls(&self) -> &Arc<ClientConfig> {
+        &self.config
     }
 }
 

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use switchyard::localmaria::{
+use switchyard::demo::mariadb::{
     MariaCluster, MY_APP_DB, MY_APP_PASSWORD, MY_APP_USER, MY_MONITOR_PASSWORD, MY_MONITOR_USER,
 };
 

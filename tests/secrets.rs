@@ -127,7 +127,7 @@ fn verifier_config(cluster: &LocalCluster, rw: u16, ro: u16, mode: &str, verifie
 
 #[test]
 fn a_user_configured_with_a_scram_verifier_logs_in_to_servers_with_the_clients_key() {
-    use switchyard::protocol::scram::ScramSecret;
+    use switchyard::scram::ScramSecret;
     let cluster = LocalCluster::start(1).unwrap();
     let verifier = cluster
         .sql(

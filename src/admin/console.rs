@@ -3,7 +3,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::frontend::tls::ClientStream;
+use crate::proxy::stream::ClientStream;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::info;
@@ -12,11 +12,11 @@ use crate::admin::pool_rows;
 use crate::admin::status::node_status;
 use crate::cluster::routing;
 use crate::error::Error;
-use crate::frontend::shared::Shared;
-use crate::protocol::messages;
-use crate::protocol::tags::{FrontendTag, TxStatus};
+use crate::pg::protocol::messages;
+use crate::pg::protocol::tags::{FrontendTag, TxStatus};
+use crate::proxy::shared::Shared;
 
-pub use crate::frontend::session::ADMIN_DATABASE;
+pub use crate::pg::session::ADMIN_DATABASE;
 const MAX_COMMAND: usize = 64 * 1024;
 
 const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | CLIENTS | SERVERS | STATS | EVENTS; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name); SWITCHOVER <cluster> TO <node>";
@@ -207,7 +207,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                         .unwrap_or_default();
                     // Coordination: the leader, the published primary's epoch, and this
                     // instance's own view (what it would publish, or why it routes no writes).
-                    let coord = crate::ha::coord::get().map(|k| k.view());
+                    let coord = crate::ha::coord::get(shared).map(|k| k.view());
                     let (leader, epoch, view) = match (&coord, &snap.coordination) {
                         (Some(v), Some(agreed)) => (
                             v.leader.clone().unwrap_or_default(),

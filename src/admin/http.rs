@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::Role;
-use crate::frontend::shared::Shared;
+use crate::proxy::shared::Shared;
 
 const PAGE: &str = include_str!("status.html");
 

@@ -8,8 +8,8 @@ pub mod status;
 
 use std::sync::atomic::Ordering;
 
-use crate::frontend::shared::Shared;
 use crate::obs::clients::PoolRow;
+use crate::proxy::shared::Shared;
 
 /// Every pool: transaction-mode pools as they are, and for session-mode clusters the
 /// server connections grouped by (cluster, node, database, user), where each client
@@ -17,7 +17,7 @@ use crate::obs::clients::PoolRow;
 pub fn pool_rows(shared: &Shared) -> Vec<PoolRow> {
     // One row per (cluster, node, database, user): the workers' pools summed.
     let mut rows: Vec<PoolRow> = Vec::new();
-    for p in shared.pools.all() {
+    for p in crate::pg::PgShared::of(shared).pools.all() {
         let k = &p.key;
         let (in_use, idle, waiting) = (p.in_use(), p.idle_count() as u32, p.waiting.load(Ordering::Relaxed));
         match rows

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::admin::pool_rows;
 use crate::cluster::routing;
 use crate::cluster::topology::{ClusterSnapshot, Event};
-use crate::frontend::shared::Shared;
+use crate::proxy::shared::Shared;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
@@ -213,7 +213,7 @@ pub fn build(shared: &Shared) -> Status {
     Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_s: shared.started.elapsed().as_secs(),
-        coordination: crate::ha::coord::get().map(|c| {
+        coordination: crate::ha::coord::get(shared).map(|c| {
             let v = c.view();
             CoordinationStatus {
                 instance: c.me().to_string(),

@@ -7,6 +7,7 @@ pub mod health;
 pub mod routing;
 pub mod topology;
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,7 +17,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::classify::Classifier;
 use crate::config::Engine;
 use crate::tls::ServerTls;
 use topology::ClusterState;
@@ -25,8 +25,6 @@ use topology::ClusterState;
 pub struct ClusterCtx {
     pub name: String,
     pub state: Arc<ClusterState>,
-    /// Statement classification for transaction pooling and read/write splitting.
-    pub classifier: Classifier,
     pub listen_rw: Option<String>,
     pub listen_ro: Option<String>,
     /// Clients waiting with no node yet: paused, or for the topology to offer one.
@@ -34,8 +32,6 @@ pub struct ClusterCtx {
     /// `PAUSE`: checked with one atomic load on the relay path; the watch is for waiting.
     paused: AtomicBool,
     pause_tx: watch::Sender<bool>,
-    /// Fresh reads: the primary's WAL position after a write, standbys' replay positions.
-    pub freshness: freshness::Freshness,
     /// Write floors shared per (user, database) for `read_your_writes = "user"`.
     floors: Mutex<HashMap<(String, String), Arc<freshness::WriteFloor>>>,
     /// The health monitor task of each node (restarted on reload).
@@ -46,8 +42,11 @@ pub struct ClusterCtx {
     server_tls: RwLock<Arc<ServerTls>>,
     /// What the nodes speak (fixed for the life of the process).
     pub engine: Engine,
-    /// MySQL clusters: the servers' greeting, learned by the health monitor.
-    pub mysql: Arc<crate::mysql::ClusterInfo>,
+    /// What the cluster's engine keeps for itself (`pg::PgCluster`: the classifier and
+    /// the fresh-read oracle; `mysql::ClusterInfo`: the servers' greeting). Typed as
+    /// `Any` so that this engine-neutral module names no engine; each engine reads its
+    /// own (`PgCluster::of`, `ClusterInfo::of`).
+    pub engine_state: Box<dyn Any + Send + Sync>,
 }
 
 /// What the control plane is doing to a cluster, and did last.
@@ -86,21 +85,19 @@ impl HaState {
 }
 
 impl ClusterCtx {
-    /// Must be called on the runtime where background work (fresh-read probes) runs.
     pub fn new(
         name: &str,
         state: Arc<ClusterState>,
-        classifier: Classifier,
         listen_rw: Option<String>,
         listen_ro: Option<String>,
         server_tls: ServerTls,
+        engine: Engine,
+        engine_state: Box<dyn Any + Send + Sync>,
     ) -> ClusterCtx {
         ClusterCtx {
             name: name.to_string(),
-            freshness: freshness::Freshness::new(state.clone(), tokio::runtime::Handle::current()),
             floors: Mutex::default(),
             state,
-            classifier,
             listen_rw,
             listen_ro,
             waiting: AtomicU32::new(0),
@@ -109,14 +106,9 @@ impl ClusterCtx {
             monitors: Mutex::new(HashMap::new()),
             ha: HaState::default(),
             server_tls: RwLock::new(Arc::new(server_tls)),
-            engine: Engine::Postgresql,
-            mysql: Arc::default(),
+            engine,
+            engine_state,
         }
-    }
-
-    pub fn with_engine(mut self, engine: Engine) -> ClusterCtx {
-        self.engine = engine;
-        self
     }
 
     /// How to speak TLS to this cluster's nodes now.

@@ -24,7 +24,7 @@
 //! A single instance with no `[coordination]` runs none of this.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
@@ -36,8 +36,8 @@ use crate::cluster::routing;
 use crate::cluster::topology::{ClusterSnapshot, Coordination, Health, Role};
 use crate::cluster::ClusterCtx;
 use crate::config::CoordinationConfig;
-use crate::frontend::shared::Shared;
 use crate::ha::etcd::{Compare, Etcd, EtcdError, Op};
+use crate::proxy::shared::Shared;
 
 /// How often each instance reads the shared state (and renews its keys).
 const POLL: Duration = Duration::from_millis(100);
@@ -85,12 +85,10 @@ pub struct Coordinator {
     read: Mutex<Option<Instant>>,
 }
 
-static COORDINATOR: OnceLock<Arc<Coordinator>> = OnceLock::new();
-
-/// This process's coordinator, when `[coordination]` is configured (set once at start;
+/// The proxy's coordinator, when `[coordination]` is configured (set once at start;
 /// changing `[coordination]` needs a restart).
-pub fn get() -> Option<Arc<Coordinator>> {
-    COORDINATOR.get().cloned()
+pub fn get(shared: &Shared) -> Option<Arc<Coordinator>> {
+    shared.coordinator.get().cloned().and_then(|c| c.downcast().ok())
 }
 
 /// Does the failover of `old` have the agreement it needs? Pure: `me`, the view.
@@ -362,7 +360,7 @@ pub fn spawn(shared: Arc<Shared>, cfg: CoordinationConfig) -> JoinHandle<()> {
         renewed: Mutex::new(None),
         read: Mutex::new(None),
     });
-    let _ = COORDINATOR.set(coord.clone());
+    let _ = shared.coordinator.set(coord.clone());
     for ctx in shared.clusters.values() {
         apply(ctx, &coord.view(), true);
     }
@@ -615,7 +613,7 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
                     written.holding.insert(ctx.name.clone(), *epoch);
                 }
                 // Acknowledge once no transaction is open on the published primary.
-                let busy: u32 = shared
+                let busy: u32 = crate::pg::PgShared::of(shared)
                     .pools
                     .all()
                     .iter()

@@ -39,13 +39,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::cluster::health::{self, parse_lsn};
 use crate::cluster::routing;
 use crate::cluster::topology::{ClusterSnapshot, Health, Role};
 use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, FailoverMode};
-use crate::frontend::shared::Shared;
 use crate::ha::manager::{self, Manager};
+use crate::pg::health::{self, parse_lsn};
+use crate::proxy::shared::Shared;
 
 /// What a snapshot calls for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,7 +160,7 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
         let mut rx = ctx.state.subscribe();
         let mut shutdown = shared.shutdown.clone();
         let mut last_primary: Option<String> = None;
-        let coord = crate::ha::coord::get();
+        let coord = crate::ha::coord::get(&shared);
         loop {
             let snap = rx.borrow_and_update().clone();
             if let Ok(p) = routing::write_primary(&snap) {
@@ -298,7 +298,7 @@ async fn failover(
     // still a standby (they cascade from it and follow its timeline switch; see
     // switchover.rs for why not after), 5. promote
     ctx.set_fenced(&old_node.name, true);
-    if let Some(c) = crate::ha::coord::get() {
+    if let Some(c) = crate::ha::coord::get(shared) {
         // The other instances must stop writing to the old primary before any other
         // node can take writes: it may be only frozen or cut off from us, and come
         // back while they still route to it (two primaries taking writes through the
@@ -355,7 +355,7 @@ async fn failover(
     if let Ok(Ok(obs)) = tokio::time::timeout(timeout, health::check_now(&new_conn)).await {
         ctx.state.record_from(&new_node.name, Ok(obs), asked, h.rise, h.fall);
     }
-    if let Some(c) = crate::ha::coord::get() {
+    if let Some(c) = crate::ha::coord::get(shared) {
         if let Err(e) = c.publish(ctx, &new_node.name).await {
             warn!(cluster = %ctx.name, node = %new_node.name, reason = %e, "could not publish the new primary; the leader retries");
         }

@@ -49,7 +49,7 @@ pub async fn connect(manager: &Manager, addr: &str, node: &str, timeout: Duratio
     Ok(client)
 }
 
-pub use crate::cluster::health::db_error as describe;
+pub use crate::pg::health::db_error as describe;
 
 /// Make a primary stop taking writes: `default_transaction_read_only` (persisted with
 /// ALTER SYSTEM, so a restart keeps it) and every other client backend terminated.

@@ -37,12 +37,12 @@ use tokio::time::Instant;
 use tokio_postgres::Client;
 use tracing::info;
 
-use crate::cluster::health::{self, parse_lsn};
 use crate::cluster::routing;
 use crate::cluster::topology::{Health, Role};
 use crate::cluster::ClusterCtx;
-use crate::frontend::shared::Shared;
 use crate::ha::manager::{self, describe};
+use crate::pg::health::{self, parse_lsn};
+use crate::proxy::shared::Shared;
 
 /// How a switchover ended badly: the step, and why.
 #[derive(Debug, Clone)]
@@ -149,7 +149,7 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
         return Err(fail("check", format!("\"{to}\" does not follow the primary: {d}")));
     }
     // Under coordination only the leader moves the primary, and every instance holds.
-    let coord = crate::ha::coord::get();
+    let coord = crate::ha::coord::get(shared);
     if let Some(c) = &coord {
         if !c.is_leader() {
             let v = c.view();
@@ -186,7 +186,7 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     loop {
         // Transaction-mode pools only: a session-mode client holds its server for good
         // and is moved by eviction once the primary changes.
-        let busy: u32 = shared
+        let busy: u32 = crate::pg::PgShared::of(shared)
             .pools
             .all()
             .iter()

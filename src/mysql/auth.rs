@@ -13,11 +13,11 @@ use mysql_common::proto::MyDeserialize;
 use mysql_common::scramble::{scramble_native, scramble_sha256};
 use tracing::debug;
 
-use super::packet::{self, read_packet, write_packet};
+use super::protocol::{self, read_packet, write_packet};
 use crate::config::{AuthMethod, UserConfig};
 use crate::error::Error;
-use crate::frontend::shared::Shared;
-use crate::frontend::tls::ClientStream;
+use crate::proxy::shared::Shared;
+use crate::proxy::stream::ClientStream;
 
 /// Largest login packet taken from a client.
 const LOGIN_MAX: usize = 64 * 1024;
@@ -150,7 +150,7 @@ pub(super) async fn authenticate(
         Some(&b"mysql_native_password"[..]),
     );
     let tcp = stream.as_mut().expect("a stream until the TLS upgrade");
-    write_packet(tcp, 0, &packet::to_vec(&hello)).await.map_err(io(1))?;
+    write_packet(tcp, 0, &protocol::to_vec(&hello)).await.map_err(io(1))?;
     let mut buf = Vec::new();
     let mut seq = read_packet(tcp, &mut buf, LOGIN_MAX).await.map_err(io(2))?;
     let next = |s: u8| s.wrapping_add(1);
@@ -217,7 +217,7 @@ pub(super) async fn authenticate(
             let mut data = nonce.to_vec();
             data.push(0);
             let switch = AuthSwitchRequest::new(to.as_bytes(), &data[..]);
-            write_packet(tcp, next(seq), &packet::to_vec(&switch))
+            write_packet(tcp, next(seq), &protocol::to_vec(&switch))
                 .await
                 .map_err(io(0))?;
             let mut reply = Vec::new();

@@ -80,7 +80,7 @@ pub(super) fn parse_kill(sql: &[u8]) -> Option<(bool, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mysql::packet;
+    use crate::mysql::protocol;
 
     #[test]
     fn kill_statements() {
@@ -96,7 +96,7 @@ mod tests {
         let caps = CapabilityFlags::CLIENT_SECURE_CONNECTION
             | CapabilityFlags::CLIENT_PLUGIN_AUTH
             | CapabilityFlags::CLIENT_CONNECT_ATTRS;
-        let mut p = vec![packet::COM_CHANGE_USER];
+        let mut p = vec![protocol::COM_CHANGE_USER];
         p.extend_from_slice(b"bob\0\x03abcapp\0\x2d\x00mysql_native_password\0\x05\x01a\x02bc");
         let c = parse_change_user(&p, caps).unwrap();
         assert_eq!(

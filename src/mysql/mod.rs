@@ -1,7 +1,7 @@
 //! MySQL and MariaDB clusters (`engine = "mysql"`): the same topology, routing and
 //! connector as PostgreSQL clusters, with the MySQL protocol on both sides.
 //!
-//! - `packet`: framing, the packets the proxy writes, a relay `Scanner` (layer 1).
+//! - `protocol`: framing, the packets the proxy writes, a relay `Scanner`.
 //! - `health`: the node monitor (`mysql_async`): writable? replicating from whom? lag
 //!   (layer 2).
 //! - `server`: logging in to a server as the client (layer 3).
@@ -11,11 +11,11 @@
 mod auth;
 mod commands;
 pub mod health;
-pub mod packet;
+pub mod protocol;
 pub mod server;
 pub mod session;
 
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 pub use server::Greeting;
 
@@ -28,6 +28,13 @@ pub struct ClusterInfo {
 }
 
 impl ClusterInfo {
+    /// The state of a cluster known to be MySQL (`ClusterCtx::engine_state`).
+    pub fn of(ctx: &crate::cluster::ClusterCtx) -> &Arc<ClusterInfo> {
+        ctx.engine_state
+            .downcast_ref()
+            .expect("a MySQL cluster has a ClusterInfo")
+    }
+
     pub fn set_greeting(&self, g: Greeting) {
         *self.greeting.write().unwrap() = Some(g);
     }

@@ -12,7 +12,7 @@ use mysql_common::proto::MyDeserialize;
 use mysql_common::scramble::{scramble_native, scramble_sha256};
 use tokio::net::TcpStream;
 
-use super::packet::{self, read_packet, write_packet};
+use super::protocol::{self, read_packet, write_packet};
 use crate::config::ServerTlsMode;
 use crate::error::Error;
 use crate::tls::{ServerStream, ServerTls};
@@ -67,7 +67,7 @@ pub async fn greet(addr: &str, timeout: Duration) -> Result<Hello, Error> {
         .map_err(|e| lost("the greeting", e))?;
     if buf.first() == Some(&0xff) {
         // "Host is blocked", "Too many connections" before the handshake.
-        return Err(packet::parse_err(&buf, CapabilityFlags::empty()));
+        return Err(protocol::parse_err(&buf, CapabilityFlags::empty()));
     }
     let hs = HandshakePacket::deserialize((), &mut ParseBuf(&buf))
         .map_err(|e| Error::server_protocol(format!("{addr} sent a greeting that is not MySQL's: {e}")))?;
@@ -232,7 +232,7 @@ async fn login_inner(
         req.attributes.clone(),
         16 * 1024 * 1024,
     );
-    let mut payload = packet::to_vec(&response);
+    let mut payload = protocol::to_vec(&response);
     // `HandshakeResponse::new` picks the collation from the server version; the
     // client's own is what the session must use (byte 8: after flags and max size).
     payload[8] = req.collation;
@@ -268,7 +268,7 @@ pub async fn authenticated(
         let seq = got.wrapping_add(1);
         match buf.first() {
             Some(0x00) => return Ok(buf),
-            Some(0xff) => return Err(packet::parse_err(&buf, caps)),
+            Some(0xff) => return Err(protocol::parse_err(&buf, caps)),
             Some(0xfe) => {
                 let switch = AuthSwitchRequest::deserialize((), &mut ParseBuf(&buf))
                     .map_err(|e| Error::server_protocol(format!("bad auth switch request from {addr}: {e}")))?;
@@ -356,7 +356,7 @@ pub async fn change_user(
     addr: &str,
 ) -> Result<(), Error> {
     let scramble = answer(&conn.plugin, c.password, &conn.nonce)?;
-    let mut p = vec![packet::COM_CHANGE_USER];
+    let mut p = vec![protocol::COM_CHANGE_USER];
     p.extend_from_slice(c.user.as_bytes());
     p.push(0);
     p.push(scramble.len() as u8);
@@ -387,6 +387,6 @@ pub async fn change_user(
 /// Is the server writable? `@@global.read_only` on the session's own connection: the
 /// health monitor's view may be a second old, this one is not.
 pub async fn check_writable(conn: &mut ServerConn, caps: CapabilityFlags) -> Result<bool, Error> {
-    let v = packet::first_value(&mut conn.stream, caps, "SELECT @@global.read_only").await?;
+    let v = protocol::first_value(&mut conn.stream, caps, "SELECT @@global.read_only").await?;
     Ok(v.as_deref() == Some("0"))
 }

@@ -14,10 +14,9 @@
 //! session's node stops being valid (down, demoted, split brain), the client gets an
 //! ERR packet saying why, with the sequence id it expects, and the connection closes.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -29,18 +28,18 @@ use tracing::{debug, info, warn};
 
 use super::auth::{authenticate, check_answer, denied, login_password, new_nonce, switch_to, Client, Hello};
 use super::commands::{parse_change_user, parse_kill};
-use super::packet::{self, read_packet, write_packet, Scanner};
+use super::protocol::{self, read_packet, write_packet, Scanner};
 use super::server::{self, LoginRequest, ServerConn};
-use crate::backend::connector::{self, Dialer};
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{Health, NodeState};
 use crate::cluster::ClusterCtx;
 use crate::config::{AuthMethod, ClientTls, UserConfig};
 use crate::error::Error;
-use crate::frontend::session::NodeSlot;
-use crate::frontend::shared::Shared;
-use crate::frontend::tls::{write_flush, ClientStream};
 use crate::obs::clients::NewClient;
+use crate::proxy::cancel::{Registration, Target as KillTarget};
+use crate::proxy::connector::{self, Dialer, NodeSlot};
+use crate::proxy::shared::Shared;
+use crate::proxy::stream::{linger, write_flush, ClientStream};
 use crate::tls::{ServerTls, ServerWrite};
 
 const RELAY_BUFFER: usize = 16 * 1024;
@@ -48,39 +47,6 @@ const RELAY_BUFFER: usize = 16 * 1024;
 const PEEK: usize = 64;
 /// Largest command the proxy takes whole to handle it itself.
 const INTERCEPT_MAX: usize = 64 * 1024;
-
-/// Proxy connection ids (what clients see in the greeting and `CONNECTION_ID()` does
-/// not: that is the server's) → the server connection behind it, for `KILL`.
-#[derive(Clone)]
-struct KillTarget {
-    cluster: String,
-    addr: String,
-    thread_id: u32,
-    user: String,
-}
-
-fn sessions() -> &'static Mutex<HashMap<u32, KillTarget>> {
-    static S: OnceLock<Mutex<HashMap<u32, KillTarget>>> = OnceLock::new();
-    S.get_or_init(Mutex::default)
-}
-
-struct Registered(u32);
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        sessions().lock().unwrap().remove(&self.0);
-    }
-}
-
-/// Our connection ids start far above the thread ids servers hand out (they count from
-/// 1), so that `KILL <id>` tells them apart: one of ours is translated, any other is
-/// the server's own (`CONNECTION_ID()` shows the server's) and goes to the server.
-const CONNECTION_ID_BASE: u32 = 0x4000_0000;
-
-fn next_connection_id() -> u32 {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    CONNECTION_ID_BASE | (NEXT.fetch_add(1, Ordering::Relaxed) & (CONNECTION_ID_BASE - 1))
-}
 
 #[derive(Debug)]
 enum End {
@@ -107,12 +73,12 @@ pub async fn serve(
     };
     // Plain until the client asks for TLS (`authenticate` upgrades it in place).
     let mut stream = Some(ClientStream::Plain(tcp));
-    let id = next_connection_id();
+    let id = shared.cancels.mint_mysql_id();
     let nonce = new_nonce();
-    let greeting = cluster.mysql.greeting();
+    let greeting = super::ClusterInfo::of(&cluster).greeting();
     let offered = match &greeting {
-        Some(g) => packet::proxy_capabilities() & g.capabilities,
-        None => packet::proxy_capabilities(),
+        Some(g) => protocol::proxy_capabilities() & g.capabilities,
+        None => protocol::proxy_capabilities(),
     } | CapabilityFlags::CLIENT_PROTOCOL_41
         | CapabilityFlags::CLIENT_SECURE_CONNECTION
         | CapabilityFlags::CLIENT_PLUGIN_AUTH
@@ -193,18 +159,17 @@ pub async fn serve(
     if write_packet(&mut tcp, reply_seq, &server.login_ok).await.is_err() {
         return;
     }
-    let _registered = {
-        sessions().lock().unwrap().insert(
-            id,
-            KillTarget {
-                cluster: cluster.name.clone(),
-                addr: node.addr.clone(),
-                thread_id: server.thread_id,
-                user: client.user.name.clone(),
-            },
-        );
-        Registered(id)
-    };
+    let registered = shared.cancels.register_mysql(
+        id,
+        KillTarget {
+            cluster: cluster.name.clone(),
+            addr: node.addr.clone(),
+            server_id: server.thread_id as i32,
+            server_key: 0,
+            user: client.user.name.clone(),
+            active: true,
+        },
+    );
     let _entry = shared.clients.add(NewClient {
         cluster: cluster.name.clone(),
         endpoint,
@@ -230,7 +195,7 @@ pub async fn serve(
         shared: &shared,
         client: &client,
         user: client.user.clone(),
-        id,
+        registered,
         inbound: Inbound::default(),
         awaiting: AtomicBool::new(false),
         told: false,
@@ -249,13 +214,12 @@ pub async fn serve(
 /// Send `e` as an ERR packet with sequence id `seq`, then close without losing it.
 async fn reject(tcp: &mut ClientStream, seq: u8, e: &Error, shared: &Shared) {
     shared.metrics.error(e.code().as_str());
-    let _ = tokio::time::timeout(Duration::from_secs(1), write_packet(tcp, seq, &packet::err_payload(e))).await;
-    let _ = tcp.shutdown().await;
-    let mut sink = [0u8; 1024];
-    let _ = tokio::time::timeout(Duration::from_millis(250), async {
-        while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
-    })
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        write_packet(tcp, seq, &protocol::err_payload(e)),
+    )
     .await;
+    linger(tcp).await;
 }
 
 /// Greet the client and check who it is. Errors carry the sequence id of the ERR.
@@ -301,7 +265,7 @@ impl Dialer for MysqlDialer<'_> {
 }
 
 async fn set_read_only(conn: &mut ServerConn, caps: CapabilityFlags) -> Result<(), Error> {
-    packet::first_value(&mut conn.stream, caps, "SET SESSION TRANSACTION READ ONLY")
+    protocol::first_value(&mut conn.stream, caps, "SET SESSION TRANSACTION READ ONLY")
         .await
         .map(|_| ())
 }
@@ -314,8 +278,8 @@ struct Relay<'a> {
     client: &'a Client,
     /// Who the session is logged in as now (`COM_CHANGE_USER` changes it).
     user: UserConfig,
-    /// Our connection id (the `KILL` registry's key).
-    id: u32,
+    /// Our connection id's entry in the shared cancel/KILL registry.
+    registered: Registration,
     inbound: Inbound,
     /// A command was sent and no byte of its answer came back yet. (Atomic only because
     /// both directions, one `Send` future, touch it; nothing is shared between threads.)
@@ -358,13 +322,13 @@ enum Pause {
 /// whole and look.
 fn own_command(endpoint: Endpoint, payload: &[u8]) -> Option<bool> {
     match payload.first() {
-        Some(&packet::COM_QUERY) => {
+        Some(&protocol::COM_QUERY) => {
             let rest = payload[1..].trim_ascii_start();
             (rest.len() >= 5 && rest[..4].eq_ignore_ascii_case(b"kill") && rest[4].is_ascii_whitespace())
                 .then_some(true)
         }
-        Some(&packet::COM_PROCESS_KILL | &packet::COM_CHANGE_USER) => Some(true),
-        Some(&packet::COM_RESET_CONNECTION) => (endpoint == Endpoint::ReadOnly).then_some(true),
+        Some(&protocol::COM_PROCESS_KILL | &protocol::COM_CHANGE_USER) => Some(true),
+        Some(&protocol::COM_RESET_CONNECTION) => (endpoint == Endpoint::ReadOnly).then_some(true),
         _ => None,
     }
 }
@@ -398,7 +362,7 @@ impl Relay<'_> {
             // does not count an aborted connection.
             let _ = tokio::time::timeout(
                 Duration::from_millis(200),
-                write_packet(&mut server.stream, 0, &[packet::COM_QUIT]),
+                write_packet(&mut server.stream, 0, &[protocol::COM_QUIT]),
             )
             .await;
         }
@@ -427,14 +391,14 @@ impl Relay<'_> {
             self.shared.metrics.error(e.code().as_str());
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
-                write_packet(client, seq, &packet::err_payload(&e)),
+                write_packet(client, seq, &protocol::err_payload(&e)),
             )
             .await;
             let _ = client.shutdown().await;
             if matches!(end, End::Failed(_)) {
                 let _ = tokio::time::timeout(
                     Duration::from_millis(200),
-                    write_packet(&mut server.stream, 0, &[packet::COM_QUIT]),
+                    write_packet(&mut server.stream, 0, &[protocol::COM_QUIT]),
                 )
                 .await;
             }
@@ -590,9 +554,9 @@ impl Inbound {
                     }
                     commands += 1;
                     let cmd = rest.get(4).copied();
-                    self.quit |= cmd == Some(packet::COM_QUIT);
+                    self.quit |= cmd == Some(protocol::COM_QUIT);
                     awaiting.store(
-                        !matches!(cmd, Some(packet::COM_STMT_CLOSE | packet::COM_STMT_SEND_LONG_DATA)),
+                        !matches!(cmd, Some(protocol::COM_STMT_CLOSE | protocol::COM_STMT_SEND_LONG_DATA)),
                         Ordering::Relaxed,
                     );
                 }
@@ -622,7 +586,7 @@ impl Relay<'_> {
     /// A command the proxy looked at and leaves to the server after all.
     async fn pass_to_server(&mut self, server: &mut ServerConn, payload: &[u8]) -> Result<(), End> {
         let mut framed = Vec::new();
-        packet::frame(&mut framed, 0, payload);
+        protocol::frame(&mut framed, 0, payload);
         self.awaiting.store(true, Ordering::Relaxed);
         write_flush(&mut server.stream, &framed).await.map_err(End::Io)
     }
@@ -635,11 +599,11 @@ impl Relay<'_> {
         caps: CapabilityFlags,
     ) -> Result<(), End> {
         self.inbound.last_seq = 0;
-        let own = if payload[0] == packet::COM_RESET_CONNECTION {
+        let own = if payload[0] == protocol::COM_RESET_CONNECTION {
             Some(Own::Reset)
-        } else if payload[0] == packet::COM_CHANGE_USER {
+        } else if payload[0] == protocol::COM_CHANGE_USER {
             Some(Own::ChangeUser)
-        } else if payload[0] == packet::COM_PROCESS_KILL {
+        } else if payload[0] == protocol::COM_PROCESS_KILL {
             // The old binary form of `KILL <id>` (PyMySQL's `kill()`).
             payload.get(1..5).map(|b| Own::Kill {
                 query_only: false,
@@ -667,20 +631,19 @@ impl Relay<'_> {
             }
             Some(Own::ChangeUser) => return self.change_user(payload, client, server, caps).await,
             Some(Own::Kill { query_only, id }) => {
-                let target = sessions()
-                    .lock()
-                    .unwrap()
-                    .get(&id)
-                    .filter(|t| t.cluster == self.cluster.name)
-                    .cloned();
+                let target = self
+                    .shared
+                    .cancels
+                    .mysql_target(id)
+                    .filter(|t| t.cluster == self.cluster.name);
                 match target {
                     // Not one of ours: a server thread id; the server decides.
                     None => {
                         return self.pass_to_server(server, payload).await;
                     }
                     Some(t) => match self.kill(&t, query_only).await {
-                        Ok(()) => packet::ok_payload(),
-                        Err(e) => packet::err_payload(&e),
+                        Ok(()) => protocol::ok_payload(),
+                        Err(e) => protocol::err_payload(&e),
                     },
                 }
             }
@@ -727,7 +690,7 @@ impl Relay<'_> {
                 let mut data = self.client.nonce.to_vec();
                 data.push(0);
                 let switch = AuthSwitchRequest::new(to.as_bytes(), &data[..]);
-                write_packet(client, 1, &packet::to_vec(&switch))
+                write_packet(client, 1, &protocol::to_vec(&switch))
                     .await
                     .map_err(End::Io)?;
                 let got = read_packet(client, &mut answer, INTERCEPT_MAX).await.map_err(End::Io)?;
@@ -751,16 +714,14 @@ impl Relay<'_> {
         if self.endpoint == Endpoint::ReadOnly {
             set_read_only(server, caps).await.map_err(End::Failed)?;
         }
-        if let Some(t) = sessions().lock().unwrap().get_mut(&self.id) {
-            t.user = user.name.clone();
-        }
+        self.shared.cancels.set_user(&self.registered, &user.name);
         info!(cluster = %self.cluster.name, engine = "mysql", from = %self.user.name, to = %user.name, "COM_CHANGE_USER");
         self.user = user;
         if plugin == AuthPlugin::CachingSha2Password {
             write_packet(client, reply_seq, &[0x01, 0x03]).await.map_err(End::Io)?;
             reply_seq = reply_seq.wrapping_add(1);
         }
-        write_packet(client, reply_seq, &packet::ok_payload())
+        write_packet(client, reply_seq, &protocol::ok_payload())
             .await
             .map(|_| ())
             .map_err(End::Io)
@@ -768,7 +729,7 @@ impl Relay<'_> {
 
     /// Tell the client `e` at sequence id `seq` and end the session.
     async fn refuse(&mut self, client: &mut ClientStream, seq: u8, e: Error) -> Result<(), End> {
-        let _ = write_packet(client, seq, &packet::err_payload(&e)).await;
+        let _ = write_packet(client, seq, &protocol::err_payload(&e)).await;
         self.told = true;
         Err(End::Failed(e))
     }
@@ -781,16 +742,16 @@ impl Relay<'_> {
             user: &self.user.name,
             password: self.user.password.as_deref(),
             database: None,
-            capabilities: packet::proxy_capabilities(),
+            capabilities: protocol::proxy_capabilities(),
             collation: self.client.collation,
             attributes: None,
         };
         let mut conn = server::login(&t.addr, &req, &self.cluster.server_tls(), timeout).await?;
-        let caps = packet::proxy_capabilities() & conn.greeting.capabilities;
-        let sql = format!("KILL {}{}", if query_only { "QUERY " } else { "" }, t.thread_id);
-        let result = packet::first_value(&mut conn.stream, caps, &sql).await.map(|_| ());
-        let _ = write_packet(&mut conn.stream, 0, &[packet::COM_QUIT]).await;
-        info!(cluster = %self.cluster.name, engine = "mysql", by = %self.user.name, of = %t.user, node_addr = %t.addr, server_thread = t.thread_id, query_only, ok = result.is_ok(), "KILL forwarded");
+        let caps = protocol::proxy_capabilities() & conn.greeting.capabilities;
+        let sql = format!("KILL {}{}", if query_only { "QUERY " } else { "" }, t.server_id);
+        let result = protocol::first_value(&mut conn.stream, caps, &sql).await.map(|_| ());
+        let _ = write_packet(&mut conn.stream, 0, &[protocol::COM_QUIT]).await;
+        info!(cluster = %self.cluster.name, engine = "mysql", by = %self.user.name, of = %t.user, node_addr = %t.addr, server_thread = t.server_id, query_only, ok = result.is_ok(), "KILL forwarded");
         result
     }
 }

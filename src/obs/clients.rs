@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::cluster::routing::Endpoint;
-use crate::protocol::tags::TxStatus;
+use crate::tx::TxStatus;
 
 pub struct ClientInfo {
     pub id: u64,

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
-pub use switchyard::localcluster::{free_port, LocalCluster, APP_DB, APP_PASSWORD, APP_USER, SUPERUSER_PASSWORD};
+pub use switchyard::demo::postgres::{free_port, LocalCluster, APP_DB, APP_PASSWORD, APP_USER, SUPERUSER_PASSWORD};
 use tokio_postgres::{Client, NoTls};
 
 /// The binary under test: this build's, or another one named by `SWITCHYARD_BIN` (to

@@ -1,0 +1,384 @@
+//! PostgreSQL's side of fresh reads (the rules are `cluster::freshness`):
+//! - the **oracle** answers "a primary WAL position at or after every commit already
+//!   acknowledged" with `pg_current_wal_insert_lsn()` on the primary. It is asked lazily,
+//!   by the first read that follows a write (or a `SHOW switchyard.causal_token`), never
+//!   per write, so write-only and read-only traffic pay nothing; concurrent askers share
+//!   one query (each needs only a query *started* after its own commit).
+//! - a **probe** per standby polls `pg_last_wal_replay_lsn()` every few milliseconds,
+//!   only while some read waits on that standby, and publishes what it saw.
+//!
+//! Both run on the control runtime with their own tokio-postgres connections (the
+//! health user's login): the data path only awaits a watch channel.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_postgres::{Client, Statement};
+
+use crate::cluster::freshness::{qualifies, Floor};
+use crate::cluster::health::Login;
+use crate::cluster::topology::{ClusterSnapshot, ClusterState};
+use crate::pg::health::parse_lsn;
+use crate::tls::ServerTls;
+
+/// How often a standby's replay position is polled while reads may need it soon (while
+/// one waits, polls follow each other back to back).
+const PROBE_EVERY: Duration = Duration::from_millis(2);
+/// How long a probe keeps polling after the last read that needed its node.
+const PROBE_LINGER: Duration = Duration::from_secs(1);
+/// Bound on one oracle or probe query (a frozen server must not hold a read longer
+/// than its `causal_wait_ms`, which bounds the wait anyway).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The health user's login, replaced on reload; read by the tasks at each (re)connect.
+/// The health user's login and the cluster's `server_tls`.
+type SharedLogin = Arc<Mutex<Option<(Arc<Login>, Arc<ServerTls>)>>>;
+
+/// The I/O half: oracle and probes of one cluster.
+pub struct Freshness {
+    state: Arc<ClusterState>,
+    runtime: Handle,
+    login: SharedLogin,
+    oracle: Arc<Oracle>,
+    probes: Mutex<HashMap<String, Arc<Probe>>>,
+    /// Bumped whenever a probe learns a replay position: waiters look again.
+    seen: watch::Sender<u64>,
+    epoch: Instant,
+}
+
+struct Oracle {
+    /// Queries started so far.
+    started: AtomicU64,
+    kick: Notify,
+    /// (the query's number, what it answered).
+    answer: watch::Sender<(u64, Option<Floor>)>,
+    spawned: std::sync::Once,
+}
+
+struct Probe {
+    replayed: AtomicU64,
+    waiters: AtomicU32,
+    /// When a read last needed this node's position (ms since `epoch`): the probe keeps
+    /// polling for `PROBE_LINGER` after that, so that the next fresh reads find the
+    /// position known instead of waiting for it.
+    wanted_ms: AtomicU64,
+    kick: Notify,
+}
+
+impl Freshness {
+    /// Background work runs on `runtime` (the control runtime).
+    pub fn new(state: Arc<ClusterState>, runtime: Handle) -> Freshness {
+        Freshness {
+            state,
+            runtime,
+            login: Arc::default(),
+            oracle: Arc::new(Oracle {
+                started: AtomicU64::new(0),
+                kick: Notify::new(),
+                answer: watch::channel((0, None)).0,
+                spawned: std::sync::Once::new(),
+            }),
+            probes: Mutex::new(HashMap::new()),
+            seen: watch::channel(0).0,
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Reads need the replay positions of `candidates` now: keep their probes polling
+    /// for a while.
+    pub fn want(&self, candidates: &[usize], snap: &ClusterSnapshot) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        for &i in candidates {
+            let p = self.probe(&snap.nodes[i].name);
+            if p.wanted_ms.swap(now, Ordering::Relaxed) + (PROBE_LINGER.as_millis() as u64) < now + 1 {
+                // The probe may be idle: wake it.
+                p.kick.notify_one();
+            }
+        }
+    }
+
+    /// The login for the oracle and probes (the health user's, with the cluster's
+    /// `server_tls`); set on start and reload.
+    pub fn set_login(&self, login: Arc<Login>, tls: Arc<ServerTls>) {
+        *self.login.lock().unwrap() = Some((login, tls));
+    }
+
+    /// A floor at or after every write the primary acknowledged before this call: the
+    /// primary's WAL insert position from a query started after it. None if the primary
+    /// could not be asked within `within` (the caller then reads from the primary).
+    pub async fn write_floor(&self, within: Duration) -> Option<Floor> {
+        let oracle = &self.oracle;
+        oracle.spawned.call_once(|| {
+            self.runtime
+                .spawn(run_oracle(self.oracle.clone(), self.state.clone(), self.login.clone()));
+        });
+        let ticket = oracle.started.load(Ordering::SeqCst) + 1;
+        let mut rx = oracle.answer.subscribe();
+        oracle.kick.notify_one();
+        let answered = tokio::time::timeout(within, rx.wait_for(|(n, _)| *n >= ticket))
+            .await
+            .ok()
+            .and_then(|r| r.ok().map(|answer| answer.1));
+        answered.flatten()
+    }
+
+    /// The replay position of node `i` as best known: its last health check or a newer
+    /// probe.
+    pub fn replayed(&self, snap: &ClusterSnapshot, i: usize) -> u64 {
+        let n = &snap.nodes[i];
+        let probed = self
+            .probes
+            .lock()
+            .unwrap()
+            .get(&n.name)
+            .map_or(0, |p| p.replayed.load(Ordering::Relaxed));
+        n.lsn.unwrap_or(0).max(probed)
+    }
+
+    /// Wait up to `within` until one of the standbys `candidates` has replayed `need`,
+    /// polling their replay positions meanwhile. True if one has.
+    pub async fn wait(&self, candidates: &[usize], need: Floor, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let snap = self.state.snapshot();
+        let probes: Vec<Arc<Probe>> = candidates.iter().map(|&i| self.probe(&snap.nodes[i].name)).collect();
+        let mut seen = self.seen.subscribe();
+        for p in &probes {
+            p.waiters.fetch_add(1, Ordering::SeqCst);
+            p.kick.notify_one();
+        }
+        let found = loop {
+            let snap = self.state.snapshot();
+            if candidates
+                .iter()
+                .any(|&i| i < snap.nodes.len() && qualifies(&snap, i, need, self.replayed(&snap, i)))
+            {
+                break true;
+            }
+            match tokio::time::timeout_at(deadline, seen.changed()).await {
+                Ok(Ok(())) => {}
+                _ => break false,
+            }
+        };
+        for p in &probes {
+            p.waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+        found
+    }
+
+    fn probe(&self, node: &str) -> Arc<Probe> {
+        let mut probes = self.probes.lock().unwrap();
+        if let Some(p) = probes.get(node) {
+            return p.clone();
+        }
+        let p = Arc::new(Probe {
+            replayed: AtomicU64::new(0),
+            waiters: AtomicU32::new(0),
+            wanted_ms: AtomicU64::new(0),
+            kick: Notify::new(),
+        });
+        probes.insert(node.to_string(), p.clone());
+        self.runtime.spawn(run_probe(
+            p.clone(),
+            node.to_string(),
+            self.state.clone(),
+            self.login.clone(),
+            self.seen.clone(),
+            self.epoch,
+        ));
+        p
+    }
+}
+
+/// A connection to `addr` ("host:port") as the health user.
+async fn open(addr: &str, login: &SharedLogin, app: &str) -> Option<Client> {
+    let (login, tls) = login.lock().unwrap().clone()?;
+    let (host, port) = addr.rsplit_once(':')?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(host.trim_start_matches('[').trim_end_matches(']'))
+        .port(port.parse().ok()?)
+        .user(&login.user)
+        .dbname(&login.database)
+        .application_name(app)
+        .connect_timeout(QUERY_TIMEOUT);
+    if let Some(pw) = &login.password {
+        cfg.password(pw);
+    }
+    let (client, _task) = tokio::time::timeout(QUERY_TIMEOUT, tls.connect_pg(&mut cfg))
+        .await
+        .ok()?
+        .ok()?;
+    Some(client)
+}
+
+const ORACLE_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text,
+    ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int,
+    current_setting('wal_block_size')::bigint,
+    (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')";
+
+/// The WAL insert position as a standby's replay position can reach it. When the last
+/// record ended exactly at a page boundary, PostgreSQL reports the insert position past
+/// the next page's header (24 bytes, 40 on a segment's first page), where no record
+/// ends: a standby that replayed everything would stay below it until more WAL came.
+fn reachable(lsn: u64, page: u64, segment: u64) -> u64 {
+    if segment > 0 && lsn % segment == 40 {
+        lsn - 40
+    } else if page > 0 && lsn % page == 24 {
+        lsn - 24
+    } else {
+        lsn
+    }
+}
+
+/// A connection with its one statement prepared (a query by text would cost a second
+/// round trip to prepare it each time).
+struct Prepared {
+    addr: String,
+    client: Client,
+    statement: Statement,
+    broken: AtomicBool,
+}
+
+async fn prepare(addr: &str, login: &SharedLogin, sql: &str) -> Option<Arc<Prepared>> {
+    let client = open(addr, login, "switchyard-causal").await?;
+    let statement = tokio::time::timeout(QUERY_TIMEOUT, client.prepare(sql))
+        .await
+        .ok()?
+        .ok()?;
+    Some(Arc::new(Prepared {
+        addr: addr.to_string(),
+        client,
+        statement,
+        broken: AtomicBool::new(false),
+    }))
+}
+
+/// Answers `write_floor` requests: each kick starts a query at once, pipelined on one
+/// connection even while earlier ones are in flight, and answers everyone who asked
+/// before it started.
+async fn run_oracle(oracle: Arc<Oracle>, state: Arc<ClusterState>, login: SharedLogin) {
+    let mut conn: Option<Arc<Prepared>> = None;
+    loop {
+        oracle.kick.notified().await;
+        let n = oracle.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let snap = state.snapshot();
+        let addr = crate::cluster::routing::primary(&snap)
+            .ok()
+            .map(|p| snap.nodes[p].addr.clone());
+        let Some(addr) = addr else {
+            publish(&oracle, n, None);
+            continue;
+        };
+        if conn
+            .as_ref()
+            .is_none_or(|c| c.addr != addr || c.broken.load(Ordering::Relaxed))
+        {
+            conn = prepare(&addr, &login, ORACLE_SQL).await;
+        }
+        let Some(c) = conn.clone() else {
+            publish(&oracle, n, None);
+            continue;
+        };
+        let oracle = oracle.clone();
+        tokio::spawn(async move {
+            let answer = match tokio::time::timeout(QUERY_TIMEOUT, c.client.query_one(&c.statement, &[])).await {
+                Ok(Ok(row)) => {
+                    let lsn: Option<String> = row.get(0);
+                    let timeline: Option<i32> = row.get(1);
+                    let (page, segment): (i64, Option<i64>) = (row.get(2), row.get(3));
+                    lsn.as_deref().and_then(parse_lsn).zip(timeline).map(|(lsn, t)| Floor {
+                        timeline: t as u32,
+                        lsn: reachable(lsn, page as u64, segment.unwrap_or(0) as u64),
+                    })
+                }
+                _ => {
+                    c.broken.store(true, Ordering::Relaxed);
+                    None
+                }
+            };
+            publish(&oracle, n, answer);
+        });
+    }
+}
+
+/// The answer of query `n`, unless a later one already answered (it covers more).
+fn publish(oracle: &Oracle, n: u64, answer: Option<Floor>) {
+    oracle.answer.send_if_modified(|cur| {
+        if n > cur.0 {
+            *cur = (n, answer);
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// Polls one node's replay position while some read waits on it.
+async fn run_probe(
+    probe: Arc<Probe>,
+    node: String,
+    state: Arc<ClusterState>,
+    login: SharedLogin,
+    seen: watch::Sender<u64>,
+    epoch: Instant,
+) {
+    let mut conn: Option<Arc<Prepared>> = None;
+    loop {
+        let idle_ms = (epoch.elapsed().as_millis() as u64).saturating_sub(probe.wanted_ms.load(Ordering::Relaxed));
+        if probe.waiters.load(Ordering::SeqCst) == 0 && idle_ms > PROBE_LINGER.as_millis() as u64 {
+            probe.kick.notified().await;
+            continue;
+        }
+        let snap = state.snapshot();
+        let Some(i) = snap.index(&node) else { return };
+        let addr = snap.nodes[i].addr.clone();
+        if conn.as_ref().is_none_or(|c| c.addr != addr) {
+            conn = prepare(&addr, &login, "SELECT pg_last_wal_replay_lsn()::text").await;
+        }
+        let mut ok = false;
+        if let Some(c) = &conn {
+            let q = c.client.query_one(&c.statement, &[]);
+            if let Ok(Ok(row)) = tokio::time::timeout(QUERY_TIMEOUT, q).await {
+                let lsn: Option<String> = row.get(0);
+                if let Some(lsn) = lsn.as_deref().and_then(parse_lsn) {
+                    probe.replayed.fetch_max(lsn, Ordering::Relaxed);
+                    seen.send_modify(|v| *v += 1);
+                    ok = true;
+                }
+            }
+        }
+        if !ok {
+            // The node restarted or is gone: what it said before no longer counts.
+            conn = None;
+            probe.replayed.store(0, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        } else if probe.waiters.load(Ordering::SeqCst) == 0 {
+            // A read that starts waiting kicks the probe out of this pause.
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+                _ = probe.kick.notified() => {}
+            }
+        }
+        // With reads waiting, the next poll follows at once: each is a round trip to
+        // the standby, and a waiting read is released by the first that shows it.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_insert_position_past_a_page_header_is_taken_back_to_the_boundary() {
+        let (page, seg) = (8192, 16 << 20);
+        assert_eq!(reachable(3 * 8192 + 24, page, seg), 3 * 8192);
+        assert_eq!(reachable(2 * (16 << 20) + 40, page, seg), 2 * (16 << 20));
+        // A record that ends 40 bytes into a page that does not start a segment stays.
+        assert_eq!(reachable(3 * 8192 + 40, page, seg), 3 * 8192 + 40);
+        assert_eq!(reachable(3 * 8192 + 100, page, seg), 3 * 8192 + 100);
+    }
+}

@@ -1,0 +1,259 @@
+//! Before a session can start: the startup packet(s) and the client's authentication
+//! (SCRAM-SHA-256 and -PLUS, md5, trust), and how a refusal is told.
+
+use bytes::{Buf, BytesMut};
+use rand::RngExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::warn;
+
+use crate::cluster::ClusterCtx;
+use crate::config::AuthMethod;
+use crate::error::Error;
+use crate::pg::auth::{AuthError, Verifier};
+use crate::pg::classify::CAUSAL_TOKEN;
+use crate::pg::credential::Credential;
+use crate::pg::protocol::messages;
+use crate::pg::protocol::startup::{read_startup, StartupError, StartupPacket};
+use crate::proxy::shared::Shared;
+use crate::proxy::stream::ClientStream;
+
+/// Auth messages are tiny; PostgreSQL caps them similarly.
+const MAX_AUTH_MESSAGE: usize = 10000;
+
+/// Why a session ends before the relay: what the client is told.
+#[derive(Debug)]
+pub(super) enum Reject {
+    /// Send this error (ours, or the server's own ErrorResponse) as FATAL.
+    Error(Error),
+    /// The client went away; nothing to say.
+    Gone,
+}
+
+impl From<Error> for Reject {
+    fn from(e: Error) -> Self {
+        Reject::Error(e)
+    }
+}
+
+impl From<std::io::Error> for Reject {
+    fn from(_: std::io::Error) -> Self {
+        Reject::Gone
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct Client {
+    pub user: String,
+    pub database: String,
+    /// Startup parameters passed on to the server (application_name, options, ...).
+    pub params: Vec<(String, String)>,
+    /// The startup option `switchyard.causal_token`, not checked yet.
+    pub causal_token: Option<String>,
+    /// What this user logs in to servers with, taken right after this client's own
+    /// authentication (for a verifier user: the key its SCRAM proof revealed).
+    pub credential: Credential,
+}
+
+/// Startup packet(s) and authentication. `None` for a CancelRequest. `require_tls`:
+/// the cluster's name when it refuses plaintext clients; `channel`: the TLS channel
+/// binding data when the connection is TLS (SCRAM-SHA-256-PLUS is then offered).
+pub(super) async fn login(
+    stream: &mut ClientStream,
+    shared: &Shared,
+    cluster: &ClusterCtx,
+    require_tls: Option<&str>,
+    channel: Option<&[u8]>,
+) -> Result<Option<Client>, Reject> {
+    let (minor, params) = loop {
+        match read_startup(stream).await {
+            Ok(StartupPacket::SslRequest) | Ok(StartupPacket::GssEncRequest) => {
+                stream.write_all(b"N").await?;
+                stream.flush().await?
+            }
+            Ok(StartupPacket::Cancel { pid, key }) => {
+                crate::pg::cancel::forward(&shared.cancels, pid, key, |c| {
+                    shared.clusters.get(c).map(|ctx| ctx.server_tls())
+                })
+                .await;
+                return Ok(None);
+            }
+            Ok(StartupPacket::Startup { minor, params }) => break (minor, params),
+            Err(StartupError::Closed) | Err(StartupError::Io(_)) => return Err(Reject::Gone),
+            Err(e @ StartupError::UnsupportedProtocol { .. }) => {
+                return Err(Reject::Error(Error::unsupported(e.to_string())))
+            }
+            Err(e) => return Err(Reject::Error(Error::protocol(e.to_string()))),
+        }
+    };
+
+    if let (Some(cluster), false) = (require_tls, stream.is_tls()) {
+        return Err(Reject::Error(Error::not_authorized(format!(
+            "cluster \"{cluster}\" requires TLS (client_tls = \"require\"): connect with sslmode=require or stronger"
+        ))));
+    }
+    let mut user = None;
+    let mut database = None;
+    let mut passed = Vec::new();
+    let mut unrecognized = Vec::new();
+    for (k, v) in params {
+        match k.as_str() {
+            "user" => user = Some(v),
+            "database" => database = Some(v),
+            "replication" if !matches!(v.as_str(), "false" | "off" | "no" | "0") => {
+                return Err(Reject::Error(Error::unsupported(
+                    "replication connections are not supported through Switchyard; connect to the server directly",
+                )))
+            }
+            "replication" => {}
+            _ if k.starts_with("_pq_.") => unrecognized.push(k),
+            _ => passed.push((k, v)),
+        }
+    }
+    let causal_token = crate::pg::protocol::startup::take_setting(&mut passed, CAUSAL_TOKEN);
+    let user = user
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| Reject::Error(Error::not_authorized("no user name specified in startup packet")))?;
+    let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    if minor > 0 || !unrecognized.is_empty() {
+        let mut b = BytesMut::new();
+        messages::negotiate_protocol_version(&mut b, 0, &unrecognized);
+        stream.write_all(&b).await?;
+        stream.flush().await?;
+    }
+
+    let verifiers = super::PgShared::of(shared).verifiers();
+    let found;
+    let verifier = match verifiers.get(&user) {
+        Some(v) => v,
+        None => {
+            let config = shared.config();
+            let Some(query) = &config.auth_query else {
+                return Err(Reject::Error(Error::not_authorized(format!(
+                    "user \"{user}\" is not allowed to connect: it is not listed in [[users]] of the Switchyard config"
+                ))));
+            };
+            // As PostgreSQL: a user the servers do not know fails like a wrong password,
+            // after a whole exchange, so a client cannot probe which users exist.
+            found = super::PgShared::of(shared)
+                .auth_query
+                .verifier(query, cluster, &user)
+                .await?
+                .unwrap_or_else(|| Verifier::unknown(&user));
+            &found
+        }
+    };
+    authenticate(stream, verifier, channel).await.map_err(|e| match e {
+        Reject::Error(e) => {
+            warn!(user = %user, reason = %e, "client authentication failed");
+            Reject::Error(e)
+        }
+        other => other,
+    })?;
+    Ok(Some(Client {
+        credential: verifier.server_credential(),
+        user,
+        database,
+        params: passed,
+        causal_token,
+    }))
+}
+
+async fn authenticate(stream: &mut ClientStream, v: &Verifier, channel: Option<&[u8]>) -> Result<(), Reject> {
+    let mut out = BytesMut::new();
+    let auth_failed = |e: AuthError| match e {
+        AuthError::Failed(_) => Reject::Error(Error::auth_failed(e.to_string())),
+        _ => Reject::Error(Error::protocol(e.to_string())),
+    };
+    match v.method {
+        AuthMethod::Trust => {}
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::rng().random();
+            messages::auth_md5(&mut out, salt);
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+            let body = read_password_message(stream).await?;
+            let response = body.strip_suffix(b"\0").unwrap_or(&body);
+            v.check_md5(response, salt).map_err(auth_failed)?;
+        }
+        AuthMethod::ScramSha256 => {
+            // On TLS, -PLUS is offered first (clients that can bind prefer it).
+            let offered: &[&str] = if channel.is_some() {
+                &["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+            } else {
+                &["SCRAM-SHA-256"]
+            };
+            messages::auth_sasl(&mut out, offered);
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+            let mut body = read_password_message(stream).await?;
+            // SASLInitialResponse: mechanism name, int32 length, data.
+            let nul = body
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or_else(|| malformed("SASLInitialResponse without mechanism"))?;
+            let plus = match &body[..nul] {
+                b"SCRAM-SHA-256" => false,
+                b"SCRAM-SHA-256-PLUS" if channel.is_some() => true,
+                other => {
+                    return Err(Reject::Error(Error::protocol(format!(
+                        "client selected SASL mechanism {:?}, which was not offered ({})",
+                        String::from_utf8_lossy(other),
+                        offered.join(", ")
+                    ))))
+                }
+            };
+            body.advance(nul + 1);
+            if body.len() < 4 {
+                return Err(malformed("SASLInitialResponse too short"));
+            }
+            let len = body.get_i32();
+            if len < 0 || len as usize != body.len() {
+                return Err(malformed("SASLInitialResponse length mismatch"));
+            }
+            let mut scram = v.scram(channel, plus);
+            let first = scram.client_first(&body).map_err(auth_failed)?;
+            out.clear();
+            messages::auth_sasl_continue(&mut out, first.as_bytes());
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+            let body = read_password_message(stream).await?;
+            let fin = scram.client_final(&body).map_err(auth_failed)?;
+            if let Some(key) = scram.client_key() {
+                v.learn(key);
+            }
+            out.clear();
+            messages::auth_sasl_final(&mut out, fin.as_bytes());
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+        }
+    }
+    out.clear();
+    messages::auth_ok(&mut out);
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+    Ok(())
+}
+
+fn malformed(what: &str) -> Reject {
+    Reject::Error(Error::protocol(format!("malformed authentication message: {what}")))
+}
+
+/// Read one PasswordMessage / SASL response ('p') during authentication.
+async fn read_password_message(stream: &mut ClientStream) -> Result<BytesMut, Reject> {
+    let tag = stream.read_u8().await?;
+    let len = stream.read_i32().await?;
+    if tag != b'p' {
+        return Err(Reject::Error(Error::protocol(format!(
+            "expected a password message, got message type '{}'",
+            tag as char
+        ))));
+    }
+    if len < 4 || len as usize > MAX_AUTH_MESSAGE {
+        return Err(Reject::Error(Error::protocol(format!(
+            "invalid password message length {len}"
+        ))));
+    }
+    let mut body = BytesMut::zeroed(len as usize - 4);
+    stream.read_exact(&mut body).await?;
+    Ok(body)
+}

@@ -1,0 +1,427 @@
+//! Server connection pools for transaction pooling: one per (node, database, user).
+//! A semaphore caps connections at `pool_size`; idle connections are kept LIFO (the
+//! warmest first), checked for liveness before reuse, and retired after
+//! `server_idle_timeout_ms` idle or `server_lifetime_ms` of age.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::debug;
+
+pub use crate::config::PoolSettings;
+use crate::pg::credential::Credential;
+use crate::pg::protocol::tags::BackendTag;
+use crate::pg::protocol::views;
+use crate::pg::server::{self, ServerConn, ServerError};
+use crate::tls::ServerTls;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    pub cluster: String,
+    pub node: String,
+    pub addr: String,
+    pub database: String,
+    pub user: String,
+    /// The worker thread whose sessions use the pool (see `worker`).
+    pub worker: usize,
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The data path runs on one single-threaded runtime per worker thread, and a server
+/// connection is only ever used on the worker that opened it: its socket is registered
+/// with that worker's event loop, so no wakeup crosses threads. Each worker has its own
+/// pools, which share the configured sizes (`PoolSettings::share`).
+pub fn worker() -> usize {
+    WORKER.with(|w| w.get())
+}
+
+/// Called once at the start of worker thread `index`.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection for user \"{user}\" to database \"{database}\" on node \"{node}\" became free within {waited_ms} ms (pool_size = {size}, all in use); retry, or raise pool_size / checkout_timeout_ms")]
+    Exhausted {
+        user: String,
+        database: String,
+        node: String,
+        waited_ms: u64,
+        size: u32,
+    },
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+struct Idle {
+    conn: PooledConn,
+    since: Instant,
+}
+
+pub struct Pool {
+    pub key: PoolKey,
+    settings: Mutex<PoolSettings>,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Idle>>,
+    pub waiting: AtomicU32,
+    pub open: AtomicU32,
+    /// What the pool's user logs in with, learned at the first checkout, so
+    /// `min_pool_size` connections can be opened ahead of demand.
+    credential: Mutex<Option<Credential>>,
+    warming: std::sync::atomic::AtomicBool,
+}
+
+/// What sessions did to a server connection, carried with it from client to client.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// The server backend's pid.
+    pub pid: i32,
+    /// Prepared statements (by content hash) that exist on this connection.
+    pub prepared: HashSet<u64>,
+    /// Session state applied on this connection: setting name → the SET that made it.
+    pub applied: BTreeMap<String, String>,
+    /// Reported settings (ParameterStatus) as the server last stated them on this
+    /// connection: its own spelling (`UTF8` for a client's `utf8`), in the client's
+    /// encoding.
+    pub reported: BTreeMap<Box<[u8]>, Box<[u8]>>,
+}
+
+impl ConnState {
+    /// Note a ParameterStatus the server sent on this connection.
+    pub fn report(&mut self, s: views::ParameterStatus) {
+        match self.reported.get_mut(s.name) {
+            Some(v) if **v == *s.value => {}
+            Some(v) => *v = s.value.into(),
+            None => {
+                self.reported.insert(s.name.into(), s.value.into());
+            }
+        }
+    }
+}
+
+/// A server connection lent to one client for a transaction.
+pub struct PooledConn {
+    pub conn: ServerConn,
+    pub state: ConnState,
+    created: Instant,
+    pool: Arc<Pool>,
+    _permit: Option<OwnedSemaphorePermit>,
+    /// Set when the connection must not be reused (protocol state unknown).
+    pub broken: bool,
+}
+
+impl PooledConn {
+    fn new(conn: ServerConn, pool: Arc<Pool>, permit: Option<OwnedSemaphorePermit>) -> PooledConn {
+        let mut state = ConnState {
+            pid: conn.pid,
+            ..ConnState::default()
+        };
+        let mut rest = &conn.startup_messages[..];
+        while let Some((tag, len)) = views::header(rest) {
+            let Some(msg) = rest.get(..len as usize + 1) else { break };
+            if BackendTag::of(tag) == BackendTag::ParameterStatus {
+                if let Ok(s) = views::ParameterStatus::decode(&msg[5..]) {
+                    state.report(s);
+                }
+            }
+            rest = &rest[msg.len()..];
+        }
+        pool.open.fetch_add(1, Ordering::Relaxed);
+        PooledConn {
+            conn,
+            state,
+            created: Instant::now(),
+            pool,
+            _permit: permit,
+            broken: false,
+        }
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        self.pool.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pool {
+    fn new(key: PoolKey, settings: PoolSettings) -> Arc<Pool> {
+        Arc::new(Pool {
+            key,
+            permits: Arc::new(Semaphore::new(settings.size as usize)),
+            settings: Mutex::new(settings),
+            idle: Mutex::new(Vec::new()),
+            waiting: AtomicU32::new(0),
+            open: AtomicU32::new(0),
+            credential: Mutex::new(None),
+            warming: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    pub fn size(&self) -> u32 {
+        self.settings.lock().unwrap().size
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap().len()
+    }
+
+    pub fn in_use(&self) -> u32 {
+        self.open
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.idle_count() as u32)
+    }
+
+    /// Resize on reload: the semaphore grows at once, shrinks as connections come back.
+    fn apply(&self, new: PoolSettings) {
+        let mut s = self.settings.lock().unwrap();
+        if new.size > s.size {
+            self.permits.add_permits((new.size - s.size) as usize);
+        } else if new.size < s.size {
+            self.permits.forget_permits((s.size - new.size) as usize);
+        }
+        *s = new;
+    }
+
+    /// Borrow a connection: an idle live one, else a new login. Waits at most
+    /// `checkout_timeout` for a free slot.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        credential: &Credential,
+        require_primary: bool,
+        // Asked only when a new connection is opened (not on the hot path).
+        tls: impl FnOnce() -> Arc<ServerTls>,
+        login_timeout: Duration,
+    ) -> Result<PooledConn, PoolError> {
+        let settings = *self.settings.lock().unwrap();
+        self.remember(credential);
+        // A free slot is taken at once, without a timer: the common case.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                let permit =
+                    tokio::time::timeout(settings.checkout_timeout, self.permits.clone().acquire_owned()).await;
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                match permit {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        return Err(PoolError::Exhausted {
+                            user: self.key.user.clone(),
+                            database: self.key.database.clone(),
+                            node: self.key.node.clone(),
+                            waited_ms: started.elapsed().as_millis() as u64,
+                            size: settings.size,
+                        })
+                    }
+                }
+            }
+        };
+        let permit = match self.take_idle(permit, &settings) {
+            Ok(conn) => return Ok(conn),
+            Err(permit) => permit,
+        };
+        let login = server::Login {
+            user: &self.key.user,
+            credential,
+            database: &self.key.database,
+            params: &[],
+            require_primary,
+            tls: &tls(),
+        };
+        // Boxed: a login's state is large and lives only while it runs, and a future
+        // that held it inline would be as large in every idle client's session.
+        let conn = Box::pin(server::connect(&self.key.addr, &login, login_timeout)).await?;
+        Ok(PooledConn::new(conn, self.clone(), Some(permit)))
+    }
+
+    /// An idle connection now, if a slot is free and one is idle and sound: the common
+    /// case of transaction mode, taken without an await (`checkout` does the rest).
+    pub fn checkout_idle(&self, credential: &Credential) -> Option<PooledConn> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let settings = *self.settings.lock().unwrap();
+        self.remember(credential);
+        self.take_idle(permit, &settings).ok()
+    }
+
+    /// Keep the latest client's credential (a password or verifier changed by a reload)
+    /// for the connections opened ahead of demand; compared first so that the hot path
+    /// copies nothing.
+    fn remember(&self, credential: &Credential) {
+        let mut known = self.credential.lock().unwrap();
+        if known.as_ref() != Some(credential) {
+            *known = Some(credential.clone());
+        }
+    }
+
+    /// The newest sound idle connection, holding `permit`; the permit back if none.
+    fn take_idle(
+        &self,
+        permit: OwnedSemaphorePermit,
+        settings: &PoolSettings,
+    ) -> Result<PooledConn, OwnedSemaphorePermit> {
+        loop {
+            let candidate = self.idle.lock().unwrap().pop();
+            let Some(Idle { mut conn, since }) = candidate else {
+                return Err(permit);
+            };
+            let now = Instant::now();
+            if now.saturating_duration_since(since) > settings.idle_timeout
+                || now.saturating_duration_since(conn.created) > settings.lifetime
+            {
+                debug!(node = %self.key.node, "retiring an old idle server connection");
+                continue;
+            }
+            if !alive(&conn.conn) {
+                debug!(node = %self.key.node, "discarding a dead pooled server connection");
+                continue;
+            }
+            conn._permit = Some(permit);
+            return Ok(conn);
+        }
+    }
+
+    /// Take a connection back. Broken or expired ones are closed.
+    pub fn checkin(&self, mut conn: PooledConn) {
+        let lifetime = self.settings.lock().unwrap().lifetime;
+        if conn.broken {
+            return;
+        }
+        let now = Instant::now();
+        if now.saturating_duration_since(conn.created) > lifetime {
+            return;
+        }
+        // Release the slot before parking the connection, so a waiter can take it.
+        conn._permit = None;
+        self.idle.lock().unwrap().push(Idle { conn, since: now });
+    }
+
+    /// Close idle connections past their idle timeout or lifetime, or dead (called
+    /// periodically).
+    pub fn prune(&self) {
+        let s = *self.settings.lock().unwrap();
+        let mut idle = self.idle.lock().unwrap();
+        let keep_at_least = s.min_size as usize;
+        let mut kept = Vec::with_capacity(idle.len());
+        for (i, entry) in idle.drain(..).rev().enumerate() {
+            let expired = entry.since.elapsed() > s.idle_timeout && i >= keep_at_least;
+            // A server that restarted or closed the connection leaves EOF to read: drop
+            // it now rather than at the next checkout, so min_pool_size refills.
+            if !expired && entry.conn.created.elapsed() <= s.lifetime && alive(&entry.conn.conn) {
+                kept.push(entry);
+            }
+        }
+        kept.reverse();
+        *idle = kept;
+    }
+
+    /// Open connections up to `min_pool_size` in the background (called periodically
+    /// for pools of nodes that are up). One at a time, so a slow server is not flooded.
+    pub fn prewarm(self: &Arc<Self>, tls: Arc<ServerTls>, login_timeout: Duration) {
+        let s = *self.settings.lock().unwrap();
+        let Some(credential) = self.credential.lock().unwrap().clone() else {
+            return;
+        };
+        if self.open.load(Ordering::Relaxed) >= s.min_size || self.warming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let login = server::Login {
+                user: &pool.key.user,
+                credential: &credential,
+                database: &pool.key.database,
+                params: &[],
+                require_primary: false,
+                tls: &tls,
+            };
+            if let Ok(conn) = server::connect(&pool.key.addr, &login, login_timeout).await {
+                let conn = PooledConn::new(conn, pool.clone(), None);
+                pool.idle.lock().unwrap().push(Idle {
+                    conn,
+                    since: Instant::now(),
+                });
+            }
+            pool.warming.store(false, Ordering::Release);
+        });
+    }
+
+    /// Drop every idle connection (the node went down or was removed); how many.
+    pub fn clear_idle(&self) -> usize {
+        self.idle.lock().unwrap().drain(..).count()
+    }
+}
+
+/// A pooled connection whose server went away has EOF (or an error) waiting; a healthy
+/// idle one has nothing to read.
+fn alive(conn: &ServerConn) -> bool {
+    conn.stream.idle_and_open()
+}
+
+/// All pools of the proxy.
+pub struct Pools {
+    /// Worker threads the pool sizes are shared among.
+    workers: usize,
+    map: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+impl Default for Pools {
+    fn default() -> Self {
+        Pools::new(1)
+    }
+}
+
+impl Pools {
+    pub fn new(workers: usize) -> Pools {
+        Pools {
+            workers: workers.max(1),
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pool for `key` (its `worker` is the caller's), created with its worker's
+    /// share of `settings` if new.
+    pub fn get(&self, key: PoolKey, settings: PoolSettings) -> Arc<Pool> {
+        let settings = settings.share(key.worker, self.workers);
+        let mut map = self.map.lock().unwrap();
+        map.entry(key.clone())
+            .or_insert_with(|| Pool::new(key, settings))
+            .clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<_> = self.map.lock().unwrap().values().cloned().collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
+    /// Close the idle connections of every pool to `database`, before a statement that
+    /// needs it free of other sessions (`CREATE DATABASE ... TEMPLATE`, `DROP DATABASE`).
+    /// Connections in use stay: if one is still there, the server's error stands.
+    pub fn close_idle_to(&self, database: &str) -> usize {
+        let mut closed = 0;
+        for p in self.map.lock().unwrap().values() {
+            if p.key.database == database {
+                closed += p.clear_idle();
+            }
+        }
+        closed
+    }
+
+    /// Apply new settings to every pool of a cluster (reload).
+    pub fn apply(&self, cluster: &str, settings: PoolSettings) {
+        for p in self.map.lock().unwrap().values() {
+            if p.key.cluster == cluster {
+                p.apply(settings.share(p.key.worker, self.workers));
+            }
+        }
+    }
+}

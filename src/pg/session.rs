@@ -1,0 +1,645 @@
+//! One client session, start to end: startup packet, authentication, choosing a node,
+//! logging in there, then relaying both directions until one side ends or the node stops
+//! being a valid place for this session (it went down, or stopped being primary).
+//!
+//! States: `Negotiate` (TLS, `tls::negotiate`) → `Startup` → `Authenticate` (both in
+//! `login`) → `Connect` → `Relay`. Every way out before the
+//! relay sends the client one ErrorResponse with a SQLSTATE; a way out during the relay
+//! does so when the client's stream is at a message boundary.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use tokio::sync::watch;
+
+use crate::cluster::freshness::{self, Floor};
+use crate::cluster::routing::{self, Endpoint};
+use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, NodeStats, Role};
+use crate::cluster::ClusterCtx;
+use crate::config::{ClientTls, Config, PoolMode};
+use crate::error::Error;
+use crate::obs::clients::NewClient;
+use crate::obs::metrics::{ClusterLabels, RoutedLabels};
+use crate::pg::fresh::{self, Causal, FreshMetrics};
+use crate::pg::login::{login, Client, Reject};
+use crate::pg::protocol::framing::{FrameError, Framer};
+use crate::pg::protocol::messages;
+use crate::pg::protocol::tags::{BackendTag, FrontendTag, TxStatus};
+use crate::pg::protocol::views;
+use crate::pg::server::{self, ServerConn};
+use crate::pg::tls::negotiate;
+use crate::pg::txn::{Driver, TxnClient};
+use crate::proxy::cancel::Registration;
+use crate::proxy::connector::NodeSlot;
+use crate::proxy::connector::{self, Accept};
+use crate::proxy::shared::Shared;
+use crate::proxy::stream::{goodbye, write_flush, ClientStream};
+
+const RELAY_BUFFER: usize = 8192;
+
+impl Client {
+    /// Enter this client in the list operators see (SHOW CLIENTS, pools, shutdown).
+    #[allow(clippy::too_many_arguments)]
+    fn register(
+        &self,
+        shared: &Shared,
+        cluster: &ClusterCtx,
+        endpoint: Endpoint,
+        peer: SocketAddr,
+        node: String,
+        server_addr: String,
+        server_pid: i32,
+    ) -> crate::obs::clients::ClientGuard {
+        shared.clients.add(NewClient {
+            cluster: cluster.name.clone(),
+            endpoint,
+            peer,
+            user: self.user.clone(),
+            database: self.database.clone(),
+            application_name: self
+                .params
+                .iter()
+                .find(|(k, _)| k == "application_name")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default(),
+            node,
+            server_addr,
+            server_pid,
+        })
+    }
+}
+
+/// What `connect` hands to the relay.
+struct Connected {
+    node: String,
+    addr: String,
+    role: Role,
+    server: ServerConn,
+    _slot: NodeSlot,
+    _cancel: Registration,
+    stats: Arc<NodeStats>,
+    /// The receiver routing used: anything newer than the routing snapshot wakes the relay.
+    topology: watch::Receiver<Arc<ClusterSnapshot>>,
+    /// The client's causal token (SHOW/SET switchyard.causal_token are answered here).
+    causal: Causal,
+}
+
+/// The database name that asks for the admin console instead of a cluster.
+pub const ADMIN_DATABASE: &str = "switchyard";
+
+/// A client that authenticated for the admin console (`-d switchyard`): the app hands
+/// it to `admin::console` (sessions know nothing of the admin layer above them).
+pub struct AdminClient {
+    pub stream: ClientStream,
+    pub user: String,
+}
+
+/// Serve one client from its first byte to its last; returns it instead when it asked
+/// for the admin console.
+pub async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    cluster: Arc<ClusterCtx>,
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+) -> Option<AdminClient> {
+    let _ = tcp.set_nodelay(true);
+    let config = shared.config();
+    let login_timeout = Duration::from_millis(config.proxy.client_login_timeout_ms);
+    let tls_mode = config.clusters[&cluster.name].client_tls(config.tls.is_some());
+    let tls = match tls_mode {
+        ClientTls::Disable => None,
+        _ => shared.tls(),
+    };
+    let require_tls = (tls_mode == ClientTls::Require).then_some(cluster.name.as_str());
+    let started = tokio::time::Instant::now();
+    // The TLS handshake and the login are boxed: their state is large and lives only
+    // while they run; inline, every idle client's session future would be as large.
+    let handshake = Box::pin(negotiate(tcp, tls.as_ref().map(|t| &t.acceptor)));
+    let mut stream = match tokio::time::timeout(login_timeout, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(cluster = %cluster.name, peer = %peer, reason = %e, "client left during TLS negotiation");
+            return None;
+        }
+        Err(_) => return None,
+    };
+    let left = login_timeout.saturating_sub(started.elapsed());
+    // SCRAM-SHA-256-PLUS binds to the certificate this connection's handshake used.
+    let channel = tls.as_ref().filter(|_| stream.is_tls()).map(|t| t.end_point.clone());
+    let outcome = match tokio::time::timeout(
+        left,
+        Box::pin(login(&mut stream, &shared, &cluster, require_tls, channel.as_deref())),
+    )
+    .await
+    {
+        Ok(Ok(Some(client))) if client.database == ADMIN_DATABASE => {
+            return Some(AdminClient {
+                stream,
+                user: client.user,
+            })
+        }
+        Ok(Ok(Some(client))) => match causal_floor(&client, &cluster) {
+            Err(e) => Err(Reject::Error(e)),
+            Ok(floor) if config.clusters[&cluster.name].pool_mode == PoolMode::Transaction => {
+                // Boxed, as session mode's relay below: a session future holds the state
+                // of one mode only, not the larger of the two.
+                Box::pin(serve_transaction_mode(
+                    stream, peer, client, floor, &cluster, endpoint, &shared,
+                ))
+                .await;
+                return None;
+            }
+            Ok(floor) => Box::pin(connect(
+                &mut stream,
+                &client,
+                floor,
+                &cluster,
+                endpoint,
+                &shared,
+                &config,
+            ))
+            .await
+            .map(|(c, waited)| (client, c, waited)),
+        },
+        Ok(Ok(None)) => return None, // a cancel request, already handled
+        Ok(Err(r)) => Err(r),
+        Err(_) => Err(Reject::Error(Error::protocol(format!(
+            "startup and authentication did not finish within {} ms (proxy.client_login_timeout_ms)",
+            login_timeout.as_millis()
+        )))),
+    };
+    let (client, connected, wait) = match outcome {
+        Ok(ok) => ok,
+        Err(reject) => {
+            let Reject::Error(e) = reject else { return None };
+            if !e.is_forwarded() {
+                shared.metrics.error(e.code().as_str());
+            }
+            Box::pin(goodbye(&mut stream, &e.to_fatal())).await;
+            info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "client rejected");
+            return None;
+        }
+    };
+    shared
+        .metrics
+        .pool_wait_seconds
+        .get_or_create(&ClusterLabels {
+            cluster: cluster.name.clone(),
+        })
+        .observe(wait.as_secs_f64());
+    info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, user = %client.user, database = %client.database,
+          node = %connected.node, setup_ms = wait.as_millis() as u64, "session started");
+    let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
+    let node = connected.node.clone();
+    let end = Box::pin(relay(
+        stream, connected, &client, peer, &cluster, endpoint, &shared, &config,
+    ))
+    .await;
+    drop(gauge);
+    match &end {
+        End::Failed(e) => {
+            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy")
+        }
+        other => {
+            debug!(cluster = %cluster.name, peer = %peer, node = %node, end = ?other, "session ended")
+        }
+    }
+    None
+}
+
+/// The floor of a causal token given at startup, checked against the cluster.
+fn causal_floor(client: &Client, cluster: &ClusterCtx) -> Result<Option<Floor>, Error> {
+    match &client.causal_token {
+        None => Ok(None),
+        Some(text) => {
+            freshness::parse_token(text, &cluster.state.snapshot()).map_err(|e| Error::invalid_parameter(e.to_string()))
+        }
+    }
+}
+
+/// Transaction pooling: greet the client with a server's parameters, then run the
+/// pooled session loop (`txn`).
+async fn serve_transaction_mode(
+    stream: ClientStream,
+    peer: SocketAddr,
+    client: Client,
+    causal_token: Option<Floor>,
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    shared: &Shared,
+) {
+    let cancel = shared.cancels.register_pooled(&cluster.name);
+    let entry = client.register(
+        shared,
+        cluster,
+        endpoint,
+        peer,
+        "(transaction pool)".into(),
+        String::new(),
+        0,
+    );
+    let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
+    let who = TxnClient {
+        credential: client.credential,
+        user: client.user,
+        database: client.database,
+        params: client.params,
+        causal_token,
+    };
+    info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
+    let mut driver = Driver::new(stream, who, cluster, endpoint, shared, cancel);
+    if let Some(e) = driver.run().await {
+        if !e.is_forwarded() {
+            shared.metrics.error(e.code().as_str());
+        }
+        warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy");
+        // Boxed: its state (a write, a linger with a timer) would otherwise enlarge
+        // every session future.
+        Box::pin(goodbye(driver.client_mut(), &e.to_fatal())).await;
+    }
+    drop(gauge);
+    drop(entry);
+}
+
+/// Choose a node and log in there, trying candidates in order, waiting for the
+/// topology to offer one when there is none. The whole phase is bounded by the cluster's
+/// `connect_timeout_ms`, each login attempt also by `server_login_timeout_ms`; a PAUSE
+/// holds it without limit (an operator asked for exactly that). Returns the session and
+/// how long the client waited for it.
+async fn connect(
+    stream: &mut ClientStream,
+    client: &Client,
+    causal_token: Option<Floor>,
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    shared: &Shared,
+    config: &Config,
+) -> Result<(Connected, Duration), Reject> {
+    let credential = client.credential.clone();
+    let mut params = client.params.clone();
+    if endpoint == Endpoint::ReadOnly {
+        // The ro endpoint may fall back to the primary; keep it read-only there too.
+        params.push(("default_transaction_read_only".into(), "on".into()));
+    }
+    let server_tls = cluster.server_tls();
+    let login = server::Login {
+        user: &client.user,
+        credential: &credential,
+        database: &client.database,
+        params: &params,
+        require_primary: endpoint == Endpoint::ReadWrite,
+        tls: &server_tls,
+    };
+    // A ro session with a causal token starts on a node that has replayed it (waiting
+    // up to causal_wait_ms for a standby, else the primary); the session then stays
+    // there, so later reads are at least as fresh.
+    let cc = &config.clusters[&cluster.name];
+    let mut session_causal = Causal::new(
+        cc,
+        cluster,
+        (&client.user, &client.database),
+        causal_token,
+        FreshMetrics::new(&shared.metrics, &cluster.name),
+    );
+    let mut causal = None;
+    if endpoint == Endpoint::ReadOnly {
+        let placement = session_causal.place(cluster).await;
+        causal = Some(placement);
+    }
+    let accept_fresh = |snap: &ClusterSnapshot, i: usize| causal.as_ref().is_none_or(|p| p.accepts(cluster, snap, i));
+    let accept: Option<Accept<'_>> = match &causal {
+        Some(p) if !p.is_free() => Some(&accept_fresh),
+        _ => None,
+    };
+    let mut rx = cluster.state.subscribe();
+    let mut dialer = LoginDialer { login, cluster };
+    let c = connector::connect(cluster, endpoint, None, accept, Some(&mut rx), &mut dialer).await?;
+    let snapshot = c.snapshot;
+    let node = &snapshot.nodes[c.index];
+    if let Some(placement) = &causal {
+        session_causal.placed(placement, node.role);
+    }
+    let (conn, slot) = c.conn;
+    let cancel = send_welcome(stream, &conn, shared, &cluster.name, &node.addr).await?;
+    Ok((
+        Connected {
+            node: node.name.clone(),
+            addr: node.addr.clone(),
+            role: node.role,
+            server: conn,
+            _slot: slot,
+            _cancel: cancel,
+            stats: node.stats.clone(),
+            topology: rx,
+            causal: session_causal,
+        },
+        c.waited,
+    ))
+}
+
+/// Session mode: a fresh login on the node, counted in its sessions from the moment it
+/// is chosen (so a burst of new sessions spreads under least_connections).
+struct LoginDialer<'a> {
+    login: server::Login<'a>,
+    cluster: &'a ClusterCtx,
+}
+
+impl connector::Dialer for LoginDialer<'_> {
+    type Conn = (ServerConn, NodeSlot);
+
+    async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Self::Conn, Error> {
+        node.active.fetch_add(1, Ordering::Relaxed);
+        let slot = NodeSlot(node.active.clone());
+        let conn = server::connect(&node.addr, &self.login, timeout)
+            .await
+            .map_err(|e| e.into_error(&self.cluster.name, &node.name))?;
+        Ok((conn, slot))
+    }
+}
+
+/// What a client expects after AuthenticationOk: the server's ParameterStatus messages,
+/// a BackendKeyData (ours, for cancel routing), ReadyForQuery.
+async fn send_welcome(
+    stream: &mut ClientStream,
+    conn: &ServerConn,
+    shared: &Shared,
+    cluster: &str,
+    addr: &str,
+) -> Result<Registration, Reject> {
+    let reg = shared.cancels.register_session(cluster, addr, conn.pid, conn.key);
+    let mut out = BytesMut::with_capacity(conn.startup_messages.len() + 32);
+    out.extend_from_slice(&conn.startup_messages);
+    messages::backend_key_data(&mut out, reg.pid, reg.key_secret);
+    messages::ready_for_query(&mut out, TxStatus::Idle);
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+    Ok(reg)
+}
+
+#[derive(Debug)]
+enum End {
+    ClientClosed,
+    ClientTerminated,
+    ServerClosed,
+    // Read only through Debug, in the session-ended log line.
+    #[allow(dead_code)]
+    Io(std::io::Error),
+    /// Ended by the proxy (malformed message, eviction, shutdown): the client is told.
+    Failed(Error),
+}
+
+#[derive(Debug)]
+enum ScanStop {
+    Frame(FrameError),
+    Tag(u8),
+}
+
+impl From<FrameError> for ScanStop {
+    fn from(e: FrameError) -> Self {
+        ScanStop::Frame(e)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    mut client: ClientStream,
+    c: Connected,
+    who: &Client,
+    peer: SocketAddr,
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    shared: &Shared,
+    config: &Config,
+) -> End {
+    let Connected {
+        node,
+        addr,
+        role,
+        mut server,
+        stats,
+        mut topology,
+        mut causal,
+        ..
+    } = c;
+    // The proxy's own answers (to SHOW/SET switchyard.causal_token), written to the
+    // client by the server-to-client side at a message boundary.
+    let (inject_tx, mut inject_rx) = tokio::sync::mpsc::unbounded_channel::<BytesMut>();
+    let limit = config.proxy.max_message_bytes;
+    let grace = Duration::from_millis(config.proxy.shutdown_timeout_ms);
+    let entry = who.register(shared, cluster, endpoint, peer, node.clone(), addr, server.pid);
+    let info = &entry.info;
+    let queries = shared
+        .metrics
+        .queries_routed
+        .get_or_create(&RoutedLabels {
+            cluster: cluster.name.clone(),
+            node: node.clone(),
+            role: role.to_string(),
+        })
+        .clone();
+    // True while a stream is between messages with nothing half-written: the only moment
+    // the proxy may add a message of its own to it. (Atomics only because the session
+    // future must be Send; nothing here is shared between threads.)
+    let client_clean = AtomicBool::new(true);
+    let server_clean = AtomicBool::new(true);
+    let last_server_tag = AtomicU8::new(0);
+    // Set on shutdown: finish the transaction in flight, then leave.
+    let draining = AtomicBool::new(false);
+    let mut shutdown = shared.shutdown.clone();
+    let end = {
+        let (mut cr, mut cw) = client.split();
+        let (mut sr, mut sw) = server.stream.split();
+        let client_to_server = async {
+            let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+            let mut framer = Framer::new(limit);
+            loop {
+                buf.clear();
+                match cr.read_buf(&mut buf).await {
+                    Ok(0) => return End::ClientClosed,
+                    Ok(_) => {}
+                    Err(e) => return End::Io(e),
+                }
+                // Between transactions, a new request waits out a PAUSE, or ends the
+                // session when Switchyard is shutting down.
+                if framer.at_boundary() && info.idle() {
+                    if draining.load(Ordering::Relaxed) {
+                        return End::Failed(Error::shutdown());
+                    }
+                    if cluster.is_paused() {
+                        cluster.wait_unpaused().await;
+                    }
+                }
+                // A lone simple query for the proxy's own setting is answered here.
+                if framer.at_boundary() {
+                    if let Some(stmt) = fresh::lone_causal_statement(&buf) {
+                        // Session mode does not classify statements: on rw anything may
+                        // have written.
+                        if endpoint == Endpoint::ReadWrite {
+                            causal.wrote();
+                        }
+                        let reply = causal.answer(stmt, cluster, Some(&node)).await;
+                        let mut out = BytesMut::new();
+                        crate::pg::txn::machine::write_causal_reply(&mut out, reply);
+                        let _ = inject_tx.send(out);
+                        continue;
+                    }
+                }
+                let mut terminate = false;
+                let mut requests = 0;
+                let mut executed = 0;
+                let scanned = framer.scan(&buf, |byte, _| {
+                    match FrontendTag::of(byte) {
+                        Some(FrontendTag::Query | FrontendTag::FunctionCall) => {
+                            requests += 1;
+                            executed += 1;
+                        }
+                        Some(FrontendTag::Execute) => executed += 1,
+                        Some(FrontendTag::Sync) => requests += 1,
+                        Some(FrontendTag::Terminate) => terminate = true,
+                        None => return Err(ScanStop::Tag(byte)),
+                        _ => {}
+                    }
+                    Ok(())
+                });
+                match scanned {
+                    Ok(()) => {}
+                    Err(ScanStop::Frame(e)) => return End::Failed(Error::protocol(e.to_string())),
+                    Err(ScanStop::Tag(t)) => {
+                        return End::Failed(Error::protocol(format!(
+                            "invalid frontend message type {}",
+                            views::printable(t)
+                        )))
+                    }
+                }
+                info.sent_requests(requests);
+                if executed > 0 {
+                    queries.inc_by(executed);
+                    stats.queries_total.fetch_add(executed, Ordering::Relaxed);
+                }
+                server_clean.store(false, Ordering::Relaxed);
+                if let Err(e) = write_flush(&mut sw, &buf).await {
+                    return End::Io(e);
+                }
+                server_clean.store(framer.at_boundary(), Ordering::Relaxed);
+                if terminate {
+                    return End::ClientTerminated;
+                }
+            }
+        };
+        let server_to_client = async {
+            let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+            // Server messages are trusted for size; the framer only tracks boundaries.
+            let mut framer = Framer::new(u32::MAX);
+            let mut injected = BytesMut::new();
+            loop {
+                buf.clear();
+                tokio::select! {
+                    r = sr.read_buf(&mut buf) => match r {
+                        Ok(0) => return End::ServerClosed,
+                        Ok(_) => {}
+                        Err(e) => return End::Io(e),
+                    },
+                    Some(own) = inject_rx.recv() => injected.extend_from_slice(&own),
+                }
+                if !injected.is_empty() && framer.at_boundary() {
+                    if let Err(e) = write_flush(&mut cw, &injected).await {
+                        return End::Io(e);
+                    }
+                    injected.clear();
+                }
+                if buf.is_empty() {
+                    continue;
+                }
+                let mut ready = 0;
+                if let Err(e) = framer.scan::<FrameError>(&buf, |tag, _| {
+                    last_server_tag.store(tag, Ordering::Relaxed);
+                    ready += (BackendTag::of(tag) == BackendTag::ReadyForQuery) as i32;
+                    Ok(())
+                }) {
+                    return End::Failed(Error::server_protocol(format!("server sent a malformed message: {e}")));
+                }
+                client_clean.store(false, Ordering::Relaxed);
+                if let Err(e) = write_flush(&mut cw, &buf).await {
+                    return End::Io(e);
+                }
+                let boundary = framer.at_boundary();
+                client_clean.store(boundary, Ordering::Relaxed);
+                for _ in 0..ready {
+                    info.ready_for_query(framer.last_ready_status());
+                }
+                if boundary && draining.load(Ordering::Relaxed) && info.idle() {
+                    return End::Failed(Error::shutdown());
+                }
+            }
+        };
+        let evicted = async {
+            loop {
+                if topology.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                let snap = topology.borrow_and_update().clone();
+                if let Some(reason) = routing::eviction(endpoint, &snap, &node) {
+                    let up = snap.index(&node).is_some_and(|i| snap.nodes[i].health == Health::Up);
+                    return End::Failed(Error::evicted(up, reason));
+                }
+            }
+        };
+        let stop = async {
+            let _ = shutdown.wait_for(|s| *s).await;
+            draining.store(true, Ordering::Relaxed);
+            if info.idle() && client_clean.load(Ordering::Relaxed) {
+                return End::Failed(Error::shutdown());
+            }
+            tokio::time::sleep(grace).await;
+            End::Failed(Error::shutdown())
+        };
+        tokio::select! {
+            e = client_to_server => e,
+            e = server_to_client => e,
+            e = evicted => e,
+            e = stop => e,
+        }
+    };
+    let notice = match &end {
+        End::Failed(e) => Some(e.clone()),
+        // A server that ends a session on purpose says why with an ErrorResponse; say
+        // something only when it vanished without a word.
+        End::ServerClosed | End::Io(_)
+            if BackendTag::of(last_server_tag.load(Ordering::Relaxed)) != BackendTag::ErrorResponse =>
+        {
+            Some(Error::server_lost(
+                &cluster.name,
+                &node,
+                match &end {
+                    End::Io(e) => e.to_string(),
+                    _ => "the server closed the connection".to_string(),
+                },
+            ))
+        }
+        _ => None,
+    };
+    if let Some(e) = notice {
+        shared.metrics.error(e.code().as_str());
+        if client_clean.load(Ordering::Relaxed) {
+            goodbye(&mut client, &e.to_fatal()).await;
+        }
+    }
+    // Tell the server we are leaving rather than just dropping the socket, unless that
+    // would splice our Terminate into a half-sent client message.
+    if matches!(end, End::Failed(_)) && server_clean.load(Ordering::Relaxed) {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(200),
+            write_flush(&mut server.stream, b"X\0\0\0\x04"),
+        )
+        .await;
+    }
+    end
+}

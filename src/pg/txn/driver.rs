@@ -1,0 +1,526 @@
+//! The async loop around the transaction-pooling machine: it owns the sockets, reads
+//! what arrives, feeds the machine, and performs what the machine asks (write, acquire a
+//! pooled connection through the connector, release it, end).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::proxy::stream::ClientStream;
+use crate::tls::write_flush;
+use bytes::BytesMut;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{info, warn};
+
+use super::machine::{Action, Config, Machine};
+use crate::cluster::freshness::Floor;
+use crate::cluster::routing::{self, Endpoint};
+use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
+use crate::cluster::ClusterCtx;
+use crate::error::Error;
+use crate::obs::metrics::{ClusterLabels, RoutedLabels};
+use crate::pg::credential::Credential;
+use crate::pg::fresh::{Causal, FreshMetrics, Placement};
+use crate::pg::pool::{Pool, PoolError, PoolKey, PooledConn};
+use crate::proxy::cancel::Registration;
+use crate::proxy::connector::{self, Accept, Connected, Dialer};
+use crate::proxy::shared::Shared;
+
+const BUFFER: usize = 8192;
+
+/// Buffers start empty: a client that has not sent anything since it logged in (with
+/// thousands of clients, most of them) gets 512 bytes to read into, and `BUFFER` once
+/// it is busy.
+fn ready_to_read(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        buf.reserve(512);
+    } else if buf.capacity() - buf.len() < 512 {
+        buf.reserve(BUFFER);
+    }
+}
+
+/// Has Switchyard begun to shut down? `local` (this thread's repeater) moved, and the
+/// flag, behind the process-wide channel's lock, is read only then.
+fn shutting_down(local: &tokio::sync::watch::Receiver<()>, shared: &Shared) -> bool {
+    local.has_changed().unwrap_or(true) && *shared.shutdown.borrow()
+}
+
+/// Who the client is.
+pub struct TxnClient {
+    pub user: String,
+    /// What the user logs in to servers with (from the client's own login).
+    pub credential: Credential,
+    pub database: String,
+    pub params: Vec<(String, String)>,
+    /// From the startup option `switchyard.causal_token`, checked against the cluster.
+    pub causal_token: Option<Floor>,
+}
+
+/// A node's pool for this client, its routed-queries counter and its name: looked up
+/// once per node and kept, so taking a connection allocates nothing.
+#[derive(Clone)]
+struct NodePool {
+    pool: Arc<Pool>,
+    queries: Counter,
+    node: Arc<str>,
+}
+
+struct Held {
+    conn: PooledConn,
+    via: NodePool,
+    on_primary: bool,
+}
+
+/// Transaction mode: a connection from the node's pool.
+struct PoolDialer<'a> {
+    cluster: &'a ClusterCtx,
+    shared: &'a Shared,
+    who: &'a TxnClient,
+    credential: &'a Credential,
+    require_primary: bool,
+    /// One per node this client has used: a handful, searched by name (cheaper than
+    /// hashing the name for every unit).
+    pools: &'a mut Vec<NodePool>,
+}
+
+impl PoolDialer<'_> {
+    fn pool(&mut self, node: &NodeState) -> NodePool {
+        if let Some(i) = self.pools.iter().position(|p| *p.node == *node.name) {
+            if self.pools[i].pool.key.addr == node.addr {
+                return self.pools[i].clone();
+            }
+            self.pools.swap_remove(i); // the node moved: a pool for its new address
+        }
+        let key = PoolKey {
+            cluster: self.cluster.name.clone(),
+            node: node.name.clone(),
+            addr: node.addr.clone(),
+            database: self.who.database.clone(),
+            user: self.who.user.clone(),
+            worker: crate::pg::pool::worker(),
+        };
+        let settings = self.shared.config().clusters[&self.cluster.name].pool_settings();
+        let labels = RoutedLabels {
+            cluster: self.cluster.name.clone(),
+            node: node.name.clone(),
+            role: node.role.to_string(),
+        };
+        let p = NodePool {
+            pool: crate::pg::PgShared::of(self.shared).pools.get(key, settings),
+            queries: self.shared.metrics.queries_routed.get_or_create(&labels).clone(),
+            node: node.name.as_str().into(),
+        };
+        self.pools.push(p.clone());
+        p
+    }
+}
+
+impl Dialer for PoolDialer<'_> {
+    type Conn = Held;
+
+    fn dial_now(&mut self, node: &NodeState) -> Option<Held> {
+        let via = self.pool(node);
+        let conn = via.pool.checkout_idle(self.credential)?;
+        Some(Held {
+            conn,
+            on_primary: node.role == Role::Primary,
+            via,
+        })
+    }
+
+    async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Held, Error> {
+        let via = self.pool(node);
+        match via
+            .pool
+            .checkout(
+                self.credential,
+                self.require_primary,
+                || self.cluster.server_tls(),
+                timeout,
+            )
+            .await
+        {
+            Ok(conn) => Ok(Held {
+                conn,
+                on_primary: node.role == Role::Primary,
+                via,
+            }),
+            Err(e @ PoolError::Exhausted { .. }) => Err(Error::pool_exhausted(e.to_string())),
+            Err(PoolError::Server(e)) => Err(e.into_error(&self.cluster.name, &node.name)),
+        }
+    }
+}
+
+pub struct Driver<'a> {
+    client: ClientStream,
+    who: TxnClient,
+    cluster: &'a ClusterCtx,
+    endpoint: Endpoint,
+    shared: &'a Shared,
+    cancel: Registration,
+    /// What the client's user logs in to servers with.
+    credential: Credential,
+    split: bool,
+    pool_wait: Histogram,
+    causal: Causal,
+    machine: Machine<'a>,
+    held: Option<Held>,
+    pools: Vec<NodePool>,
+    cbuf: BytesMut,
+    sbuf: BytesMut,
+}
+
+enum Event {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+    Topology,
+    Shutdown,
+}
+
+impl<'a> Driver<'a> {
+    pub fn new(
+        client: ClientStream,
+        who: TxnClient,
+        cluster: &'a ClusterCtx,
+        endpoint: Endpoint,
+        shared: &'a Shared,
+        cancel: Registration,
+    ) -> Driver<'a> {
+        let config = shared.config();
+        let credential = who.credential.clone();
+        let cc = &config.clusters[&cluster.name];
+        let pool_wait = shared
+            .metrics
+            .pool_wait_seconds
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.name.clone(),
+            })
+            .clone();
+        let machine = Machine::new(
+            Config {
+                cluster: cluster.name.clone(),
+                read_only_endpoint: endpoint == Endpoint::ReadOnly,
+                split: cc.read_write_split,
+                max_message: config.proxy.max_message_bytes,
+                client_pid: cancel.pid,
+                client_key: cancel.key_secret,
+            },
+            who.params.clone(),
+            &crate::pg::PgCluster::of(cluster).classifier,
+        );
+        let causal = Causal::new(
+            cc,
+            cluster,
+            (&who.user, &who.database),
+            who.causal_token,
+            FreshMetrics::new(&shared.metrics, &cluster.name),
+        );
+        Driver {
+            causal,
+            client,
+            who,
+            cluster,
+            endpoint,
+            shared,
+            cancel,
+            credential,
+            split: cc.read_write_split,
+            pool_wait,
+            machine,
+            held: None,
+            pools: Vec::new(),
+            cbuf: BytesMut::new(),
+            sbuf: BytesMut::new(),
+        }
+    }
+
+    /// The client's socket (to say goodbye on).
+    pub fn client_mut(&mut self) -> &mut ClientStream {
+        &mut self.client
+    }
+
+    /// Run the session to its end: None when the client left, else what it was told.
+    pub async fn run(&mut self) -> Option<Error> {
+        let mut topology = self.cluster.state.subscribe_local();
+        let mut shutdown = self.shared.shutdown_local();
+        // A session that starts after the signal: seen as a change at once.
+        if *self.shared.shutdown.borrow() {
+            shutdown.mark_changed();
+        }
+        loop {
+            // What the machine asked for, in order.
+            while let Some(action) = self.machine.next_action() {
+                match action {
+                    Action::CloseIdle(db) => {
+                        let closed = crate::pg::PgShared::of(self.shared).pools.close_idle_to(&db);
+                        info!(cluster = %self.cluster.name, database = %db, closed, "closed idle pooled connections to a database a statement needs free");
+                    }
+                    Action::Release { reuse } => {
+                        // Published as the unit ends, before the client hears its answer:
+                        // with a shared floor another connection's next read must see it.
+                        self.note_writes();
+                        self.release(reuse)
+                    }
+                    Action::Causal(stmt) => {
+                        self.note_writes();
+                        // Rare (a causal-token statement): boxed, as `acquire`.
+                        let reply = Box::pin(self.causal.answer(stmt, self.cluster, None)).await;
+                        self.machine.on_causal_reply(reply);
+                    }
+                    Action::Acquire { read, exclude } => {
+                        if !self.flush_client().await {
+                            self.machine.on_client_closed();
+                            continue;
+                        }
+                        // A new unit waits out a PAUSE (in the connector), and does not
+                        // start when Switchyard is shutting down.
+                        if !self.machine.rerun_pending() && shutting_down(&shutdown, self.shared) {
+                            self.machine.on_acquire_failed(Error::shutdown());
+                            continue;
+                        }
+                        self.note_writes();
+                        // The common case at once; otherwise the connector (and a
+                        // read's placement) boxed: their state lives only while they
+                        // run, and inline it would make every idle client's session
+                        // future as large.
+                        let acquired = if self.acquire_now(read, exclude.as_deref()) {
+                            Ok(())
+                        } else {
+                            Box::pin(self.acquire(read, exclude.as_deref())).await
+                        };
+                        match acquired {
+                            Ok(()) => {
+                                let h = self.held.as_mut().expect("just acquired");
+                                self.machine.on_acquired(&h.via.node, h.on_primary, &mut h.conn.state);
+                            }
+                            Err(e) => self.machine.on_acquire_failed(e),
+                        }
+                    }
+                    Action::End(e) => {
+                        let _ = self.flush_client().await;
+                        self.release(false);
+                        // A goodbye spliced into a half-passed message would garble the
+                        // client's stream: then the client only sees the socket close.
+                        if !self.machine.client_at_boundary() {
+                            if let Some(e) = &e {
+                                warn!(cluster = %self.cluster.name, reason = %e, "session ended inside a server message; closing without a goodbye");
+                            }
+                            return None;
+                        }
+                        return e;
+                    }
+                }
+            }
+            // Dispatch every complete client message already buffered.
+            self.machine
+                .on_client_input(&mut self.cbuf, self.held.as_mut().map(|h| &mut h.conn.state));
+            let queries = std::mem::take(&mut self.machine.queries);
+            if let (Some(h), true) = (self.held.as_ref(), queries > 0) {
+                h.via.queries.inc_by(queries);
+            }
+            if self.machine.has_actions() {
+                continue;
+            }
+            if !self.machine.to_server.is_empty() {
+                let h = self
+                    .held
+                    .as_mut()
+                    .expect("bytes for a server are sent only while one is held");
+                let result = write_flush(&mut h.conn.conn.stream, &self.machine.to_server).await;
+                self.machine.to_server.clear();
+                if let Err(e) = result {
+                    self.machine.on_server_lost(&e.to_string());
+                    continue;
+                }
+            }
+            if !self.flush_client().await {
+                self.machine.on_client_closed();
+                continue;
+            }
+            ready_to_read(&mut self.cbuf);
+            if self.held.is_some() {
+                ready_to_read(&mut self.sbuf);
+            }
+            let event = {
+                let client = &mut self.client;
+                let cbuf = &mut self.cbuf;
+                let sbuf = &mut self.sbuf;
+                let server = self.held.as_mut().map(|h| &mut h.conn.conn.stream);
+                let has_server = server.is_some();
+                // In a fixed order (no random start): an answer first, then the client,
+                // then the rare events, which a steady stream from the server delays only
+                // until it pauses.
+                tokio::select! {
+                    biased;
+                    r = async {
+                        match server {
+                            Some(s) => s.read_buf(sbuf).await,
+                            None => std::future::pending().await,
+                        }
+                    }, if has_server => Event::Server(r),
+                    r = client.read_buf(cbuf) => Event::Client(r),
+                    // Only a held connection can be evicted: between units the
+                    // next checkout routes on the snapshot of its moment.
+                    _ = topology.changed(), if has_server => Event::Topology,
+                    _ = shutdown.changed(), if !has_server => Event::Shutdown,
+                }
+            };
+            match event {
+                Event::Client(Ok(n)) if n > 0 => {}
+                Event::Client(_) => self.machine.on_client_closed(),
+                Event::Server(Ok(n)) if n > 0 => {
+                    let h = self.held.as_mut().expect("read from the held server");
+                    self.machine.on_server_input(&mut self.sbuf, &mut h.conn.state);
+                    self.note_writes();
+                }
+                Event::Server(r) => {
+                    let reason = match r {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "server closed the connection".to_string(),
+                    };
+                    self.machine.on_server_lost(&reason);
+                }
+                Event::Topology => {
+                    let Some(node) = self.machine.node().map(str::to_string) else {
+                        continue;
+                    };
+                    let snap = self.cluster.state.snapshot();
+                    let endpoint = if self.machine.writes() {
+                        Endpoint::ReadWrite
+                    } else {
+                        Endpoint::ReadOnly
+                    };
+                    if let Some(reason) = routing::eviction(endpoint, &snap, &node) {
+                        let up = snap.index(&node).is_some_and(|i| snap.nodes[i].health == Health::Up);
+                        self.machine.on_evicted(&reason, up);
+                    }
+                }
+                // Only listened to while no server connection is held: between units.
+                // (A closed channel counts: its sender is gone with the proxy, and
+                // waiting on it again would return at once, forever.)
+                Event::Shutdown => {
+                    if *self.shared.shutdown.borrow() || shutdown.has_changed().is_err() {
+                        return Some(Error::shutdown());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Write what the machine has for the client; false if the client is gone.
+    async fn flush_client(&mut self) -> bool {
+        if self.machine.to_client.is_empty() {
+            return true;
+        }
+        let ok = self.client.write_all(&self.machine.to_client).await.is_ok() && self.client.flush().await.is_ok();
+        self.machine.to_client.clear();
+        self.machine.flushed_to_client();
+        ok
+    }
+
+    /// Tell the causal tracker of writes the machine saw complete since the last look.
+    fn note_writes(&mut self) {
+        if self.machine.take_wrote() {
+            self.causal.wrote();
+        }
+    }
+
+    /// Where the next unit goes: (a read to place on a readable node, the endpoint).
+    fn target(&self, read: bool) -> (bool, Endpoint) {
+        // On the ro endpoint everything is read on a readable node, except a read a
+        // standby refused (only a primary runs it): its rerun goes to the primary, where
+        // the session's default_transaction_read_only still holds.
+        let ro_rerun_on_primary = self.endpoint == Endpoint::ReadOnly && !read && self.machine.rerun_pending();
+        let split = (self.endpoint == Endpoint::ReadOnly && !ro_rerun_on_primary) || (read && self.split);
+        (split, if split { Endpoint::ReadOnly } else { Endpoint::ReadWrite })
+    }
+
+    fn dialer(&mut self, target: Endpoint) -> PoolDialer<'_> {
+        PoolDialer {
+            cluster: self.cluster,
+            shared: self.shared,
+            who: &self.who,
+            credential: &self.credential,
+            require_primary: target == Endpoint::ReadWrite,
+            pools: &mut self.pools,
+        }
+    }
+
+    /// A connection for the next unit at once, when it is not a read to place and an
+    /// idle connection is ready (`connector::connect_now`): the common case, without an
+    /// await. False sends the caller to `acquire`.
+    fn acquire_now(&mut self, read: bool, exclude: Option<&str>) -> bool {
+        let (split, target) = self.target(read);
+        if split {
+            return false;
+        }
+        let cluster = self.cluster;
+        let Some(c) = connector::connect_now(cluster, target, exclude, None, &mut self.dialer(target)) else {
+            return false;
+        };
+        self.take(c, None);
+        true
+    }
+
+    /// A connection for the next unit, through the connector. Run boxed (see `run`).
+    async fn acquire(&mut self, read: bool, exclude: Option<&str>) -> Result<(), Error> {
+        let (split, target) = self.target(read);
+        // A read that must see the client's writes (or its causal token) waits here, if
+        // it must, for a standby to catch up; then only nodes that have may take it.
+        let placement = if split {
+            Some(self.causal.place(self.cluster).await)
+        } else {
+            None
+        };
+        let cluster = self.cluster;
+        let accept_fresh =
+            |snap: &ClusterSnapshot, i: usize| placement.as_ref().is_none_or(|p| p.accepts(cluster, snap, i));
+        let accept: Option<Accept<'_>> = match &placement {
+            Some(p) if !p.is_free() => Some(&accept_fresh),
+            _ => None,
+        };
+        let mut dialer = self.dialer(target);
+        // After a placement the fast path may work now (`acquire_now` does not try a
+        // read to place); otherwise it has just failed, and is not tried twice.
+        let now = if split {
+            connector::connect_now(cluster, target, exclude, accept, &mut dialer)
+        } else {
+            None
+        };
+        let c = match now {
+            Some(c) => c,
+            None => connector::connect(cluster, target, exclude, accept, None, &mut dialer).await?,
+        };
+        self.take(c, placement.as_ref());
+        Ok(())
+    }
+
+    /// Hold the connection the connector gave.
+    fn take(&mut self, c: Connected<Held>, placement: Option<&Placement>) {
+        let held = c.conn;
+        self.pool_wait.observe(c.waited.as_secs_f64());
+        let node = &c.snapshot.nodes[c.index];
+        if let Some(p) = placement {
+            self.causal.placed(p, node.role);
+            tracing::debug!(cluster = %self.cluster.name, node = %node.name, floor = ?p.floor(), "read placed");
+        }
+        self.shared
+            .cancels
+            .retarget(&self.cancel, Some((&node.addr, held.conn.conn.pid, held.conn.conn.key)));
+        self.sbuf.clear();
+        self.held = Some(held);
+    }
+
+    /// Give the held connection back: pooled if `reuse` (the machine decided its state
+    /// allows it), else closed.
+    fn release(&mut self, reuse: bool) {
+        if let Some(mut h) = self.held.take() {
+            if !reuse {
+                h.conn.broken = true;
+            }
+            self.shared.cancels.retarget(&self.cancel, None);
+            h.via.pool.checkin(h.conn);
+        }
+    }
+}

@@ -1,0 +1,788 @@
+//! Transaction pooling as a state machine with no I/O. The driver (`driver.rs`) feeds it
+//! what arrives (client bytes, server bytes, a connection acquired, a connection lost,
+//! the node evicted) and performs what it asks for: bytes in `to_server` / `to_client`,
+//! and `Action`s (acquire a connection, release it, close idle connections, end).
+//!
+//! One unit of work holds a server connection: from the first message of a transaction
+//! or of a statement outside one, to the ReadyForQuery (status idle) that ends it with
+//! nothing more owed. Between units the client holds nothing.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tracing::{info, warn};
+
+use super::owed::{Owed, OwedQueue, Verdict};
+use super::state::SessionState;
+use super::statements::Statements;
+use super::unit;
+use crate::error::{Error, SqlState};
+use crate::pg::classify::{self, CausalStatement, Classification, Classifier};
+pub use crate::pg::fresh::{write_causal_reply, CausalReply};
+use crate::pg::pool::ConnState;
+use crate::pg::protocol::messages;
+use crate::pg::protocol::tags::{BackendTag, FrontendTag, TxStatus};
+use crate::pg::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Get a server connection: `read`, a unit that only reads (a standby may take it);
+    /// `exclude`, a node that just failed this unit.
+    Acquire { read: bool, exclude: Option<String> },
+    /// Give the held connection back: to its pool if `reuse`, else close it.
+    Release { reuse: bool },
+    /// Close the idle pooled connections to a database a statement needs free.
+    CloseIdle(String),
+    /// End the session, telling the client why (None: it left).
+    End(Option<Error>),
+    /// Answer `SHOW`/`SET`/`RESET switchyard.causal_token` (the driver keeps the token
+    /// and calls `on_causal_reply`).
+    Causal(CausalStatement),
+}
+
+pub struct Config {
+    pub cluster: String,
+    /// The session came in on the ro endpoint.
+    pub read_only_endpoint: bool,
+    /// `read_write_split` on the rw endpoint.
+    pub split: bool,
+    pub max_message: u32,
+    /// The pid the client was given (BackendKeyData).
+    pub client_pid: i32,
+    pub client_key: i32,
+}
+
+/// The unit of work in progress, on the held connection.
+struct Unit {
+    node: Arc<str>,
+    on_primary: bool,
+    server_pid: i32,
+    /// A read routed by splitting: may run again elsewhere until answered.
+    retryable: bool,
+    /// Transaction status of the last ReadyForQuery.
+    status: TxStatus,
+    /// Extended-protocol messages were sent after the last Sync: the server is inside a
+    /// batch (a pipelining client sends the next one before the last is answered).
+    batch_open: bool,
+    /// Some of this unit's answer was written to the client (retry is safe only before).
+    answered: bool,
+    /// Ran a statement on the primary, for the rw endpoint, that is neither a proven read
+    /// nor a change of session settings only: may have written.
+    may_write: bool,
+    /// A commit of a transaction that may have written was sent and not yet answered
+    /// (a COMMIT, or a write outside a transaction block, which commits by itself).
+    commit_in_flight: bool,
+    /// What the statement last parsed or bound does (extended protocol): it writes, it
+    /// commits. Only its Execute puts a commit in flight.
+    bound: (bool, bool),
+    /// `to_client` holds part of the answer (not only notices or reported settings,
+    /// which may come at any time and say nothing of how far the unit got).
+    answer_queued: bool,
+}
+
+pub struct Machine<'a> {
+    cfg: Config,
+    classifier: &'a Classifier,
+    pub state: SessionState,
+    stmts: Statements,
+    owed: OwedQueue,
+    unit: Option<Unit>,
+    pinned: Option<&'static str>,
+    /// A client message taken from the input but not dispatched yet: the first of a unit
+    /// waiting for its connection, or the next unit's, held back until this one ends.
+    stash: Option<Bytes>,
+    /// The client's messages of the unit in progress as received, for a retry (kept
+    /// here, not in `Unit`, so its allocation is reused).
+    sent: Vec<Bytes>,
+    /// `sent` is to run again on the connection being acquired.
+    rerun: bool,
+    /// Whether the next connection is for a read routed by splitting.
+    acquiring_read: bool,
+    greeted: bool,
+    pub to_server: BytesMut,
+    pub to_client: BytesMut,
+    actions: VecDeque<Action>,
+    /// Client statements executed (Query, Execute), for the routed-queries counter.
+    pub queries: u64,
+    /// Bytes of a large server message still to pass on as they arrive.
+    streaming: usize,
+    /// The client's stream is inside a message (part of a streamed one was passed on
+    /// and the rest never came): nothing of the proxy's own may be written to it.
+    client_mid_message: bool,
+    ended: bool,
+    /// A unit that may have written ended since the driver last asked (`take_wrote`).
+    wrote: bool,
+    /// A unit that never got a connection was refused with an ErrorResponse: the
+    /// client's messages up to its next Sync are dropped, as a server does after an
+    /// error in the extended protocol, then ReadyForQuery.
+    skipping_to_sync: bool,
+}
+
+impl<'a> Machine<'a> {
+    /// A session just authenticated: its first action acquires a connection to greet the
+    /// client with a server's parameters.
+    pub fn new(cfg: Config, startup: Vec<(String, String)>, classifier: &'a Classifier) -> Machine<'a> {
+        let state = SessionState::new(startup, cfg.read_only_endpoint);
+        let mut m = Machine {
+            acquiring_read: false,
+            cfg,
+            classifier,
+            state,
+            stmts: Statements::default(),
+            owed: OwedQueue::default(),
+            unit: None,
+            pinned: None,
+            stash: None,
+            sent: Vec::new(),
+            rerun: false,
+            greeted: false,
+            to_server: BytesMut::new(),
+            to_client: BytesMut::new(),
+            actions: VecDeque::new(),
+            queries: 0,
+            streaming: 0,
+            client_mid_message: false,
+            ended: false,
+            wrote: false,
+            skipping_to_sync: false,
+        };
+        m.actions.push_back(Action::Acquire {
+            read: m.cfg.read_only_endpoint,
+            exclude: None,
+        });
+        m
+    }
+
+    pub fn next_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The client's stream is at a message boundary: the proxy may add its own message
+    /// (a goodbye); otherwise it can only close.
+    pub fn client_at_boundary(&self) -> bool {
+        !self.client_mid_message
+    }
+
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
+    /// The connection being acquired is for a unit to run again (not a new unit).
+    pub fn rerun_pending(&self) -> bool {
+        self.rerun
+    }
+
+    /// The node of the held connection.
+    pub fn node(&self) -> Option<&str> {
+        self.unit.as_ref().map(|u| &*u.node)
+    }
+
+    /// The held connection writes (rw endpoint, primary): evicted when that node stops
+    /// being the primary; else when it stops being readable.
+    pub fn writes(&self) -> bool {
+        !self.cfg.read_only_endpoint && self.unit.as_ref().is_some_and(|u| u.on_primary)
+    }
+
+    fn end(&mut self, e: Option<Error>) {
+        if !self.ended {
+            self.ended = true;
+            self.actions.push_back(Action::End(e));
+        }
+    }
+
+    /// The connection's state lets another client have it: idle, nothing owed, the
+    /// client not pinned to it.
+    fn reusable(&self) -> bool {
+        self.pinned.is_none()
+            && self.owed.is_empty()
+            && self
+                .unit
+                .as_ref()
+                .is_some_and(|u| u.status == TxStatus::Idle && !u.batch_open)
+    }
+
+    fn release(&mut self, reuse: bool) {
+        self.streaming = 0;
+        if let Some(u) = self.unit.take() {
+            self.wrote |= u.may_write && u.on_primary && !self.cfg.read_only_endpoint;
+            self.actions.push_back(Action::Release { reuse });
+        }
+    }
+
+    /// Whether a unit that may have written on the primary ended since the last call:
+    /// the client's reads must then see a WAL position the driver learns after it.
+    pub fn take_wrote(&mut self) -> bool {
+        std::mem::take(&mut self.wrote)
+    }
+
+    /// Between transactions with nothing owed (held connection or not): the proxy may
+    /// answer a statement itself.
+    fn between_units(&self) -> bool {
+        self.owed.is_empty()
+            && self
+                .unit
+                .as_ref()
+                .is_none_or(|u| u.status == TxStatus::Idle && !u.batch_open)
+    }
+
+    /// The driver's answer to `Action::Causal`: written as a server would.
+    pub fn on_causal_reply(&mut self, reply: Result<CausalReply, Error>) {
+        write_causal_reply(&mut self.to_client, reply);
+    }
+
+    /// The driver got a connection (`conn`) on `node` after `Acquire`.
+    pub fn on_acquired(&mut self, node: &Arc<str>, on_primary: bool, conn: &mut ConnState) {
+        self.owed.clear();
+        if !self.rerun {
+            self.sent.clear();
+        }
+        self.unit = Some(Unit {
+            may_write: false,
+            commit_in_flight: false,
+            bound: (false, false),
+            node: node.clone(),
+            on_primary,
+            server_pid: conn.pid,
+            // A proven read placed on a standby: by splitting, or on the ro endpoint.
+            retryable: self.acquiring_read && (self.cfg.split || self.cfg.read_only_endpoint),
+            status: TxStatus::Idle,
+            batch_open: false,
+            answered: false,
+            answer_queued: false,
+        });
+        // Bring the connection to the client's settings, in the same write as the
+        // unit's first messages: no round trip of its own.
+        let replay = self.state.replay(&conn.applied);
+        if !replay.is_empty() {
+            for sql in replay {
+                if postgres_protocol::message::frontend::query(&sql, &mut self.to_server).is_ok() {
+                    self.owed.push(Owed::Replay);
+                }
+            }
+            conn.applied = self.state.desired.clone();
+        }
+        if !self.greeted && self.owed.is_empty() {
+            return self.greet(conn);
+        }
+        if std::mem::take(&mut self.rerun) {
+            let sent = std::mem::take(&mut self.sent);
+            for msg in sent {
+                if let Err(e) = self.forward(msg, conn) {
+                    self.release(false);
+                    self.end(Some(e));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Connecting failed (`Acquire` could not be met). Before the greeting (or for a
+    /// unit running again, or when Switchyard is shutting down) that ends the session.
+    /// A new unit, though, has not run anywhere: the client gets the error as an
+    /// ErrorResponse, as a server would answer a statement it refused, and keeps its
+    /// session (the next transaction may find a primary, a free connection...).
+    pub fn on_acquire_failed(&mut self, e: Error) {
+        self.acquiring_read = false;
+        let fresh_unit = self.greeted && !self.rerun && self.unit.is_none();
+        if !fresh_unit || e.code() == SqlState::ADMIN_SHUTDOWN {
+            return self.end(Some(e));
+        }
+        let Some(first) = self.stash.take() else {
+            return self.end(Some(e));
+        };
+        self.to_client.extend_from_slice(&e.to_error(None));
+        match FrontendTag::of(first[0]) {
+            // A simple query, a function call, or the Sync itself: answered now.
+            Some(FrontendTag::Query | FrontendTag::FunctionCall | FrontendTag::Sync) => {
+                messages::ready_for_query(&mut self.to_client, TxStatus::Idle)
+            }
+            _ => self.skipping_to_sync = true,
+        }
+    }
+
+    /// The initial greeting, once the connection has the client's startup settings: the
+    /// server's parameters in its own spelling (as a direct connection would report
+    /// them), our BackendKeyData, ReadyForQuery.
+    fn greet(&mut self, conn: &ConnState) {
+        for (name, value) in &conn.reported {
+            messages::parameter_status_bytes(&mut self.to_client, name, value);
+        }
+        messages::backend_key_data(&mut self.to_client, self.cfg.client_pid, self.cfg.client_key);
+        messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
+        self.greeted = true;
+        let reuse = self.reusable();
+        self.release(reuse);
+    }
+
+    /// Bytes from the client (`input`, complete messages are taken from it). `conn` is
+    /// the held connection's state, if one is held.
+    pub fn on_client_input(&mut self, input: &mut BytesMut, mut conn: Option<&mut ConnState>) {
+        // Nothing a client sends before its greeting is looked at until then (it would
+        // land on the connection the greeting borrows).
+        while self.greeted && !self.ended && self.actions.is_empty() {
+            let msg = match self.next_client_message(input) {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(e) => {
+                    self.release(false);
+                    return self.end(Some(e));
+                }
+            };
+            let tag = FrontendTag::of(msg[0]);
+            if tag == Some(FrontendTag::Terminate) {
+                return self.on_client_closed();
+            }
+            if self.skipping_to_sync {
+                if tag == Some(FrontendTag::Sync) {
+                    self.skipping_to_sync = false;
+                    messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
+                }
+                continue;
+            }
+            if tag == Some(FrontendTag::Query) && self.between_units() {
+                if let Some(stmt) = Query::decode(&msg[5..])
+                    .ok()
+                    .and_then(|q| classify::causal_statement(q.sql))
+                {
+                    self.actions.push_back(Action::Causal(stmt));
+                    return;
+                }
+            }
+            match (self.unit.as_ref(), conn.as_deref_mut()) {
+                (Some(u), Some(c)) => {
+                    // A read sent to a standby ends with its Sync/Query: what follows is
+                    // a new unit, routed on its own once this one is answered.
+                    if u.retryable && self.owed.pending() > 0 && self.owed.last() == Some(Owed::Ready) {
+                        self.stash = Some(msg);
+                        return;
+                    }
+                    if let Err(e) = self.forward(msg, c) {
+                        self.release(false);
+                        return self.end(Some(e));
+                    }
+                }
+                _ => {
+                    if self.answer_without_server(&msg, input) {
+                        continue;
+                    }
+                    // Whether it only reads matters only where reads may go elsewhere.
+                    let read = (self.cfg.split || self.cfg.read_only_endpoint)
+                        && unit::reads(&msg, input, &self.stmts, self.classifier, &self.state);
+                    self.acquiring_read = read;
+                    self.stash = Some(msg);
+                    self.actions.push_back(Action::Acquire { read, exclude: None });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The client closed its connection (or sent Terminate).
+    pub fn on_client_closed(&mut self) {
+        let reuse = self.reusable();
+        self.release(reuse);
+        self.end(None);
+    }
+
+    /// The next complete client message: the stashed one first.
+    fn next_client_message(&mut self, input: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+        if let Some(m) = self.stash.take() {
+            return Ok(Some(m));
+        }
+        let Some((tag, len)) = views::header(input) else {
+            return Ok(None);
+        };
+        if FrontendTag::of(tag).is_none() {
+            return Err(Error::protocol(format!(
+                "invalid frontend message type {}",
+                views::printable(tag)
+            )));
+        }
+        if len < 4 || len > self.cfg.max_message {
+            return Err(Error::protocol(format!(
+                "message of type {} is {len} bytes, over the limit of {} bytes (proxy.max_message_bytes)",
+                views::printable(tag),
+                self.cfg.max_message
+            )));
+        }
+        if input.len() < len as usize + 1 {
+            return Ok(None);
+        }
+        Ok(Some(input.split_to(len as usize + 1).freeze()))
+    }
+
+    /// A lone `Parse(name) + Sync` between units is answered here, without a server
+    /// connection: the statement is recorded and prepared on whatever connection first
+    /// needs it. Besides saving a round trip, this matters for clients that prepare
+    /// synchronously while another of their connections holds a transaction (pgbench -M
+    /// prepared): waiting for a pooled connection there would deadlock. Only statements
+    /// the grammar accepts are deferred; anything else goes to a server so the client
+    /// gets the server's own error at once.
+    fn answer_without_server(&mut self, msg: &Bytes, input: &mut BytesMut) -> bool {
+        if FrontendTag::of(msg[0]) != Some(FrontendTag::Parse) {
+            return false;
+        }
+        let Some((sync, sync_len)) = views::header(input) else {
+            return false;
+        };
+        if FrontendTag::of(sync) != Some(FrontendTag::Sync) {
+            return false;
+        }
+        // The Sync must be complete too, to be answered now.
+        if input.len() < sync_len as usize + 1 {
+            return false;
+        }
+        let Ok(p) = Parse::decode(&msg[5..]) else {
+            return false;
+        };
+        if p.name.is_empty() || !self.classifier.classify_bytes(p.query).parses {
+            return false;
+        }
+        self.stmts.define(&p);
+        // (What the statement does to the session is observed when it is executed: see
+        // the Bind case of `forward`.)
+        let _ = input.split_to(sync_len as usize + 1);
+        messages::parse_complete(&mut self.to_client);
+        messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
+        true
+    }
+
+    /// Track what a statement does to the session: SETs to replay, pins, databases that
+    /// must be free.
+    fn observe(&mut self, c: &Classification) {
+        self.state.observe(&c.sets);
+        if let (Some(why), None) = (c.pins, self.pinned) {
+            self.pinned = Some(why);
+            info!(cluster = %self.cfg.cluster, reason = why, "client pinned to its server connection until it disconnects");
+        }
+        if let Some(db) = &c.frees_database {
+            self.actions.push_back(Action::CloseIdle(db.clone()));
+        }
+    }
+
+    /// Queue one client message for the held server, renaming prepared statements.
+    fn forward(&mut self, msg: Bytes, conn: &mut ConnState) -> Result<(), Error> {
+        let unit = self.unit.as_mut().expect("a unit holds a connection");
+        if !unit.answered {
+            self.sent.push(msg.clone());
+        }
+        let tag = msg[0];
+        // Vetted by `next_client_message`.
+        let kind = FrontendTag::of(tag).expect("a frontend message");
+        if kind.opens_batch() {
+            unit.batch_open = true;
+        } else if kind.requests_ready() {
+            unit.batch_open = false;
+        }
+        let body = &msg[5..];
+        let out = &mut self.to_server;
+        let malformed = |e: views::Malformed| Error::protocol(format!("client sent a {e}"));
+        let observed = match kind {
+            FrontendTag::Query => {
+                let q = Query::decode(body).map_err(malformed)?;
+                let c = self.classifier.classify_bytes(q.sql);
+                self.owed.push(Owed::Ready);
+                self.queries += 1;
+                match c.deallocate.as_deref() {
+                    Some(name) => self
+                        .stmts
+                        .deallocate(&msg, name, out, &mut self.owed, &mut conn.prepared)
+                        .map_err(|e| Error::protocol(e.to_string()))?,
+                    None => out.extend_from_slice(&msg),
+                }
+                Some(c)
+            }
+            FrontendTag::Sync | FrontendTag::FunctionCall => {
+                if kind == FrontendTag::FunctionCall {
+                    unit.may_write = true;
+                }
+                self.owed.push(Owed::Ready);
+                out.extend_from_slice(&msg);
+                None
+            }
+            FrontendTag::Parse => {
+                let p = Parse::decode(body).map_err(malformed)?;
+                let c = self.classifier.classify_bytes(p.query);
+                self.stmts.parse(&msg, &p, out, &mut self.owed, &mut conn.prepared);
+                Some(c)
+            }
+            FrontendTag::Bind | FrontendTag::Describe => {
+                let r = if kind == FrontendTag::Bind {
+                    StatementRef::decode_bind(body)
+                } else {
+                    StatementRef::decode_target(body, "Describe")
+                }
+                .map_err(malformed)?;
+                let query = self.stmts.refer(tag, &msg, &r, out, &mut self.owed, &mut conn.prepared);
+                // Executing a named statement does what its text does.
+                match query {
+                    Some(q) if kind == FrontendTag::Bind => Some(self.classifier.classify_bytes(q)),
+                    _ => None,
+                }
+            }
+            FrontendTag::Close => {
+                let r = StatementRef::decode_target(body, "Close").map_err(malformed)?;
+                self.stmts.close(&msg, &r, out, &mut self.owed, &mut conn.prepared);
+                None
+            }
+            FrontendTag::Execute => {
+                self.queries += 1;
+                let (writes, commits) = unit.bound;
+                // Outside a transaction block a write commits by itself (at Sync).
+                unit.commit_in_flight |= (writes && unit.status == TxStatus::Idle) || (commits && unit.may_write);
+                out.extend_from_slice(&msg);
+                None
+            }
+            _ => {
+                out.extend_from_slice(&msg);
+                None
+            }
+        };
+        if let Some(c) = observed {
+            if let Some(u) = self.unit.as_mut() {
+                let writes = !c.read_only && !c.settings_only;
+                u.may_write |= writes;
+                let writes_alone = writes && c.begins.is_none();
+                if kind == FrontendTag::Query {
+                    // Outside a transaction block a write commits as it ends.
+                    u.commit_in_flight |= (writes_alone && u.status == TxStatus::Idle) || (c.commits && u.may_write);
+                } else {
+                    u.bound = (writes_alone, c.commits);
+                }
+            }
+            self.observe(&c);
+        }
+        Ok(())
+    }
+
+    /// The driver wrote `to_client` out.
+    pub fn flushed_to_client(&mut self) {
+        if let Some(u) = self.unit.as_mut() {
+            u.answered |= std::mem::take(&mut u.answer_queued);
+        }
+    }
+
+    /// Bytes from the held server (`input`; complete messages are taken from it).
+    pub fn on_server_input(&mut self, input: &mut BytesMut, conn: &mut ConnState) {
+        let mut done = false;
+        // The rest of a large message already being passed on.
+        if self.streaming > 0 {
+            let n = self.streaming.min(input.len());
+            self.to_client.extend_from_slice(&input.split_to(n));
+            self.streaming -= n;
+            if self.streaming > 0 {
+                return;
+            }
+            self.client_mid_message = false;
+        }
+        while let Some((byte, len)) = views::header(input) {
+            // A length word is an Int32 of at least 4 (itself).
+            if !(4..=i32::MAX as u32).contains(&len) {
+                self.release(false);
+                return self.end(Some(Error::server_protocol(format!(
+                    "server sent a message of type {} with invalid length {len}",
+                    views::printable(byte)
+                ))));
+            }
+            let tag = BackendTag::of(byte);
+            if input.len() < len as usize + 1 {
+                // A large message the proxy passes on unchanged (a big row, COPY data)
+                // is streamed, never buffered whole; the few it looks into are small.
+                if len as usize + 1 > STREAM_ABOVE && !tag.looked_into() && !self.owed.replaying() {
+                    if let Some(unit) = self.unit.as_mut() {
+                        let verdict = self.owed.on_message(tag, &mut conn.prepared);
+                        debug_assert_eq!(verdict, Verdict::Pass);
+                        unit.answer_queued = true;
+                        self.streaming = len as usize + 1 - input.len();
+                        self.client_mid_message = true;
+                        self.to_client.extend_from_slice(&input.split());
+                    }
+                }
+                break;
+            }
+            let mut msg = input.split_to(len as usize + 1);
+            let Some(unit) = self.unit.as_mut() else {
+                return;
+            };
+            // A read that can still move: a server going away, or refusing what only a
+            // primary runs, costs the client nothing.
+            if unit.retryable && !unit.answered && matches!(tag, BackendTag::ErrorResponse | BackendTag::NoticeResponse)
+            {
+                let e = ErrorFields::decode(&msg[5..]);
+                let reason = || String::from_utf8_lossy(e.message).into_owned();
+                // An ErrorResponse FATAL/PANIC, or the WARNING of an immediate shutdown
+                // or of a crash elsewhere (class 57): the server is going away.
+                let code = SqlState::parse(e.code);
+                if (tag == BackendTag::ErrorResponse && e.ends_session())
+                    || (tag == BackendTag::NoticeResponse && code.is_some_and(|c| c.server_going_away()))
+                {
+                    input.clear();
+                    return self.on_server_lost(&reason());
+                }
+                if tag == BackendTag::ErrorResponse
+                    && !unit.on_primary
+                    && code.is_some_and(|c| c.only_a_primary_runs_it())
+                {
+                    info!(cluster = %self.cfg.cluster, node = %unit.node, reason = %reason(), "standby refused a read; running it on the primary");
+                    if self.rerun(None) {
+                        // The rest of the refusal (its ReadyForQuery) is of no interest.
+                        input.clear();
+                        return;
+                    }
+                }
+            }
+            if tag == BackendTag::ReadyForQuery {
+                // Whoever asked, the connection's transaction status is what the server
+                // said last.
+                if let Some(u) = self.unit.as_mut() {
+                    u.status = TxStatus::of(msg.get(5).copied().unwrap_or(0));
+                }
+            }
+            let verdict = self.owed.on_message(tag, &mut conn.prepared);
+            if tag == BackendTag::ReadyForQuery && self.owed.is_empty() {
+                if let Some(u) = self.unit.as_mut() {
+                    u.commit_in_flight = false;
+                }
+            }
+            match verdict {
+                Verdict::ReplayError => {
+                    let e = ErrorFields::decode(&msg[5..]);
+                    warn!(cluster = %self.cfg.cluster, code = %String::from_utf8_lossy(e.code),
+                          reason = %String::from_utf8_lossy(e.message), "restoring session state failed");
+                    continue;
+                }
+                Verdict::Drop => {
+                    // A setting replayed by the proxy: the server's spelling of it.
+                    if tag == BackendTag::ParameterStatus {
+                        if let Ok(s) = ParameterStatus::decode(&msg[5..]) {
+                            conn.report(s);
+                        }
+                    }
+                    continue;
+                }
+                Verdict::Pass | Verdict::Ready => {}
+            }
+            let unit = self.unit.as_mut().expect("checked above");
+            match tag {
+                BackendTag::CommandComplete if msg[5..].starts_with(b"ROLLBACK") => self.state.unit_failed(),
+                BackendTag::ErrorResponse => self.state.unit_failed(),
+                BackendTag::ParameterStatus => match ParameterStatus::decode(&msg[5..]) {
+                    Ok(s) => {
+                        conn.report(s);
+                        self.state.reported(s, &mut conn.applied);
+                    }
+                    Err(e) => {
+                        self.release(false);
+                        return self.end(Some(Error::server_protocol(format!("server sent a {e}"))));
+                    }
+                },
+                // The client's own NOTIFY (while pinned by LISTEN): show it with the pid
+                // the client was given, as a direct connection would.
+                BackendTag::Notification if views::notification_pid(&msg[5..]) == Some(unit.server_pid) => {
+                    msg[5..9].copy_from_slice(&self.cfg.client_pid.to_be_bytes());
+                }
+                BackendTag::ReadyForQuery if verdict == Verdict::Ready && unit.status == TxStatus::Idle => {
+                    self.state.settle(&mut conn.applied);
+                    done = self.owed.is_empty() && !unit.batch_open;
+                }
+                _ => {}
+            }
+            unit.answer_queued |= !tag.is_asynchronous();
+            self.to_client.extend_from_slice(&msg);
+        }
+        if !self.greeted && self.owed.is_empty() {
+            return self.greet(conn);
+        }
+        if done {
+            self.unit_done();
+        }
+    }
+
+    /// A unit ended between transactions with nothing owed.
+    fn unit_done(&mut self) {
+        if let Some(u) = self.unit.as_ref() {
+            self.wrote |= u.may_write && u.on_primary && !self.cfg.read_only_endpoint;
+        }
+        if self.pinned.is_none() {
+            let reuse = self.reusable();
+            self.release(reuse);
+        } else if let Some(u) = self.unit.as_mut() {
+            // Pinned: the next unit runs on this connection too.
+            self.sent.clear();
+            u.answered = false;
+            u.answer_queued = false;
+        }
+    }
+
+    /// Run the unit in progress again from its first message on another connection: a
+    /// readable node other than the current one (`exclude`), or the primary (None). Only
+    /// for a split read whose answer has not reached the client; false otherwise.
+    fn rerun(&mut self, exclude: Option<String>) -> bool {
+        let Some(u) = self.unit.as_mut() else {
+            return false;
+        };
+        if !u.retryable || u.answered || self.sent.is_empty() {
+            return false;
+        }
+        // Whatever the failed server said for this unit is dropped; what was queued for
+        // it is sent again from `sent`.
+        self.to_server.clear();
+        self.to_client.clear();
+        self.owed.clear();
+        self.state.unit_restarted();
+        self.release(false);
+        self.rerun = true;
+        self.acquiring_read = exclude.is_some();
+        self.actions.push_back(Action::Acquire {
+            read: exclude.is_some(),
+            exclude,
+        });
+        true
+    }
+
+    /// The held connection failed (reset, EOF, write error): retry the unit elsewhere if
+    /// it may move, else end the session saying why.
+    pub fn on_server_lost(&mut self, reason: &str) {
+        let Some(node) = self.node().map(str::to_string) else {
+            return;
+        };
+        if self.rerun(Some(node.clone())) {
+            warn!(cluster = %self.cfg.cluster, node = %node, reason = %reason, "standby lost before answering a read; retrying it on another node");
+            return;
+        }
+        let unknown = self.unit.as_ref().is_some_and(|u| u.commit_in_flight);
+        self.release(false);
+        self.end(Some(if unknown {
+            Error::resolution_unknown(&self.cfg.cluster, &node, reason)
+        } else {
+            Error::server_lost(&self.cfg.cluster, &node, reason)
+        }));
+    }
+
+    /// The held connection's node is no longer valid for it (`reason`; `node_up`: still
+    /// healthy). A read not yet answered simply moves to another node.
+    pub fn on_evicted(&mut self, reason: &str, node_up: bool) {
+        let Some(node) = self.node().map(str::to_string) else {
+            return;
+        };
+        if self.rerun(Some(node.clone())) {
+            return;
+        }
+        let unknown = self.unit.as_ref().is_some_and(|u| u.commit_in_flight);
+        self.release(false);
+        self.end(Some(if unknown {
+            Error::resolution_unknown(&self.cfg.cluster, &node, reason)
+        } else {
+            Error::evicted(node_up, reason)
+        }));
+    }
+}
+
+/// Server messages larger than this are passed on as they arrive rather than whole.
+const STREAM_ABOVE: usize = 64 * 1024;
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

@@ -1,0 +1,233 @@
+//! The answers a held server connection owes, in order, and for each whether the client
+//! asked for it. The client must see exactly the answers to what it sent; the proxy adds
+//! requests of its own (re-preparing a statement on a new connection, closing a name
+//! before reusing it, replaying session settings), whose answers are dropped here.
+
+use std::collections::{HashSet, VecDeque};
+
+use crate::pg::protocol::tags::BackendTag;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owed {
+    /// ParseComplete; `hash`: the named statement it creates on the connection.
+    ParseComplete {
+        pass: bool,
+        hash: Option<u64>,
+    },
+    CloseComplete {
+        pass: bool,
+    },
+    /// A client's Sync or simple Query: answered by ReadyForQuery.
+    Ready,
+    /// A simple Query of the proxy's own (session-state replay): everything up to and
+    /// including its ReadyForQuery is dropped.
+    Replay,
+}
+
+/// What to do with one server message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The client asked for it.
+    Pass,
+    /// An answer to the proxy's own request.
+    Drop,
+    /// An error answering the proxy's own replay request (dropped, worth a log line).
+    ReplayError,
+    /// The ReadyForQuery that ends a client request (`Ready`).
+    Ready,
+}
+
+#[derive(Debug, Default)]
+pub struct OwedQueue {
+    queue: VecDeque<Owed>,
+    /// `Ready` entries in `queue`.
+    ready: usize,
+}
+
+impl OwedQueue {
+    pub fn push(&mut self, o: Owed) {
+        self.ready += (o == Owed::Ready) as usize;
+        self.queue.push_back(o);
+    }
+
+    /// Insert before the last entry (a request that must be answered before the last one
+    /// queued: see DEALLOCATE).
+    pub fn insert_before_last(&mut self, o: Owed) {
+        let at = self.queue.len().saturating_sub(1);
+        self.ready += (o == Owed::Ready) as usize;
+        self.queue.insert(at, o);
+    }
+
+    pub fn clear(&mut self) {
+        self.queue.clear();
+        self.ready = 0;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Client requests (Sync, Query) not yet answered by ReadyForQuery.
+    pub fn pending(&self) -> usize {
+        self.ready
+    }
+
+    /// The next answers are those of a replayed setting (all dropped).
+    pub fn replaying(&self) -> bool {
+        self.queue.front() == Some(&Owed::Replay)
+    }
+
+    pub fn last(&self) -> Option<Owed> {
+        self.queue.back().copied()
+    }
+
+    /// Decide on one server message (`tag`). `prepared`: the named statements of the
+    /// connection, corrected when a Parse turns out not to have created one.
+    pub fn on_message(&mut self, tag: BackendTag, prepared: &mut HashSet<u64>) -> Verdict {
+        use BackendTag::*;
+        if self.queue.front() == Some(&Owed::Replay) {
+            return match tag {
+                ReadyForQuery => {
+                    self.queue.pop_front();
+                    Verdict::Drop
+                }
+                ErrorResponse => Verdict::ReplayError,
+                _ => Verdict::Drop,
+            };
+        }
+        match tag {
+            ParseComplete | CloseComplete => {
+                // Answers never cross a Sync: look only up to the next Ready.
+                let found = self
+                    .queue
+                    .iter()
+                    .take_while(|o| !matches!(o, Owed::Ready | Owed::Replay))
+                    .position(|o| {
+                        matches!(
+                            (o, tag),
+                            (Owed::ParseComplete { .. }, ParseComplete) | (Owed::CloseComplete { .. }, CloseComplete)
+                        )
+                    });
+                match found.and_then(|i| self.queue.remove(i)) {
+                    Some(Owed::ParseComplete { pass, .. } | Owed::CloseComplete { pass }) if !pass => Verdict::Drop,
+                    _ => Verdict::Pass,
+                }
+            }
+            ErrorResponse => {
+                // In the extended protocol the server skips everything up to Sync: those
+                // answers will not come, and a skipped or failed Parse created nothing.
+                while let Some(Owed::ParseComplete { .. } | Owed::CloseComplete { .. }) = self.queue.front() {
+                    if let Some(Owed::ParseComplete { hash: Some(h), .. }) = self.queue.pop_front() {
+                        prepared.remove(&h);
+                    }
+                }
+                Verdict::Pass
+            }
+            ReadyForQuery => {
+                while let Some(o) = self.queue.pop_front() {
+                    if o == Owed::Ready {
+                        self.ready -= 1;
+                        return Verdict::Ready;
+                    }
+                }
+                // A ReadyForQuery nobody asked for: pass it, the client's view is the
+                // server's.
+                Verdict::Pass
+            }
+            _ => Verdict::Pass,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(q: &mut OwedQueue, tags: &[u8]) -> Vec<Verdict> {
+        let mut prepared = HashSet::new();
+        tags.iter()
+            .map(|&t| q.on_message(BackendTag::of(t), &mut prepared))
+            .collect()
+    }
+
+    #[test]
+    fn a_statement_prepared_for_the_client_is_invisible() {
+        // Bind of a statement prepared on another connection: Close + Parse (dropped),
+        // then the client's Bind/Execute/Sync.
+        let mut q = OwedQueue::default();
+        q.push(Owed::CloseComplete { pass: false });
+        q.push(Owed::ParseComplete {
+            pass: false,
+            hash: Some(7),
+        });
+        q.push(Owed::Ready);
+        assert_eq!(q.pending(), 1);
+        use Verdict::*;
+        assert_eq!(run(&mut q, b"312DCZ"), vec![Drop, Drop, Pass, Pass, Pass, Ready]);
+        assert!(q.is_empty());
+        assert_eq!(q.pending(), 0);
+    }
+
+    #[test]
+    fn an_error_mid_pipeline_skips_the_answers_up_to_sync() {
+        // Parse(s1) Bind Execute Parse(s2) Sync; the first Execute fails.
+        let mut q = OwedQueue::default();
+        q.push(Owed::ParseComplete {
+            pass: true,
+            hash: Some(1),
+        });
+        q.push(Owed::ParseComplete {
+            pass: true,
+            hash: Some(2),
+        });
+        q.push(Owed::Ready);
+        let mut prepared: HashSet<u64> = [1, 2].into();
+        assert_eq!(q.on_message(BackendTag::of(b'1'), &mut prepared), Verdict::Pass);
+        assert_eq!(q.on_message(BackendTag::of(b'2'), &mut prepared), Verdict::Pass);
+        assert_eq!(q.on_message(BackendTag::of(b'E'), &mut prepared), Verdict::Pass);
+        // s2's Parse was skipped: it does not exist on the connection.
+        assert_eq!(prepared, [1].into());
+        assert_eq!(q.on_message(BackendTag::of(b'Z'), &mut prepared), Verdict::Ready);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn replayed_settings_are_dropped_whole() {
+        let mut q = OwedQueue::default();
+        q.push(Owed::Replay);
+        q.push(Owed::Replay);
+        q.push(Owed::Ready);
+        use Verdict::*;
+        // SET: CommandComplete, ParameterStatus, ReadyForQuery; a failing one: E, Z.
+        assert_eq!(run(&mut q, b"CSZ"), vec![Drop, Drop, Drop]);
+        assert_eq!(run(&mut q, b"EZ"), vec![ReplayError, Drop]);
+        assert_eq!(run(&mut q, b"TDCZ"), vec![Pass, Pass, Pass, Ready]);
+    }
+
+    #[test]
+    fn parse_answers_do_not_cross_a_sync() {
+        let mut q = OwedQueue::default();
+        q.push(Owed::Ready);
+        q.push(Owed::ParseComplete {
+            pass: false,
+            hash: None,
+        });
+        q.push(Owed::Ready);
+        use Verdict::*;
+        // A ParseComplete before the first Ready cannot be the second unit's.
+        assert_eq!(run(&mut q, b"1Z1Z"), vec![Pass, Ready, Drop, Ready]);
+    }
+
+    #[test]
+    fn deallocate_inserts_its_requests_before_its_query() {
+        let mut q = OwedQueue::default();
+        q.push(Owed::Ready);
+        q.insert_before_last(Owed::CloseComplete { pass: false });
+        q.insert_before_last(Owed::ParseComplete {
+            pass: false,
+            hash: None,
+        });
+        use Verdict::*;
+        assert_eq!(run(&mut q, b"31CZ"), vec![Drop, Drop, Pass, Ready]);
+    }
+}

@@ -1,0 +1,268 @@
+//! Protocol-level named prepared statements across pooled connections. A client's
+//! statement lives on whichever connection it got when it prepared it; the next unit may
+//! run elsewhere. So each statement is renamed to a content address (`sy_<hash>` of its
+//! query and parameter types), prepared on demand on the connection in use, and the
+//! answers the client did not ask for are dropped (see `owed`).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+use bytes::{Bytes, BytesMut};
+
+use super::owed::{Owed, OwedQueue};
+use crate::pg::protocol::views::{self, Parse, StatementRef};
+
+/// A client's named prepared statement.
+pub struct Stmt {
+    pub hash: u64,
+    /// The Parse message under the server-side name, ready to send.
+    pub parse: Bytes,
+    pub server_name: String,
+    /// Query text as the client sent it (its encoding, not necessarily UTF-8).
+    pub query: Box<[u8]>,
+}
+
+/// The content address of a statement: its query and parameter types (`after_name`).
+fn statement_hash(after_name: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    after_name.hash(&mut h);
+    h.finish()
+}
+
+impl Stmt {
+    pub fn new(p: &Parse) -> Stmt {
+        let hash = statement_hash(p.after_name);
+        let server_name = format!("sy_{hash:016x}");
+        let mut parse = BytesMut::new();
+        views::encode_parse(&mut parse, server_name.as_bytes(), p.after_name);
+        Stmt {
+            hash,
+            parse: parse.freeze(),
+            server_name,
+            query: p.query.into(),
+        }
+    }
+
+    /// Make sure the statement exists on the connection (`prepared`), with answers the
+    /// client does not see. Closing first means a Parse can never fail with "already
+    /// exists" (closing a statement that does not exist is no error).
+    fn ensure(&self, out: &mut BytesMut, owed: &mut OwedQueue, prepared: &mut HashSet<u64>) {
+        if prepared.insert(self.hash) {
+            views::encode_close_statement(out, self.server_name.as_bytes());
+            owed.push(Owed::CloseComplete { pass: false });
+            out.extend_from_slice(&self.parse);
+            owed.push(Owed::ParseComplete {
+                pass: false,
+                hash: Some(self.hash),
+            });
+        }
+    }
+}
+
+/// The client's named statements, by the name it gave them (bytes in its encoding).
+#[derive(Default)]
+pub struct Statements {
+    by_name: HashMap<Box<[u8]>, Stmt>,
+}
+
+impl Statements {
+    pub fn get(&self, name: &[u8]) -> Option<&Stmt> {
+        self.by_name.get(name)
+    }
+
+    /// Record a statement without sending it (a lone Parse + Sync answered by the proxy).
+    pub fn define(&mut self, p: &Parse) {
+        self.by_name.insert(p.name.into(), Stmt::new(p));
+    }
+
+    /// Parse: the unnamed statement as it is; a named one under its server-side name.
+    pub fn parse(
+        &mut self,
+        msg: &[u8],
+        p: &Parse,
+        out: &mut BytesMut,
+        owed: &mut OwedQueue,
+        prepared: &mut HashSet<u64>,
+    ) {
+        if p.name.is_empty() {
+            owed.push(Owed::ParseComplete { pass: true, hash: None });
+            out.extend_from_slice(msg);
+            return;
+        }
+        let stmt = Stmt::new(p);
+        // The same text may already be prepared on this connection (by this client
+        // earlier, or another): close it first so the Parse cannot fail with "already
+        // exists" and the client gets its ParseComplete in order.
+        views::encode_close_statement(out, stmt.server_name.as_bytes());
+        owed.push(Owed::CloseComplete { pass: false });
+        owed.push(Owed::ParseComplete {
+            pass: true,
+            hash: Some(stmt.hash),
+        });
+        prepared.insert(stmt.hash);
+        out.extend_from_slice(&stmt.parse);
+        self.by_name.insert(p.name.into(), stmt);
+    }
+
+    /// Bind or Describe (`tag`) naming a statement (`r`): renamed, after preparing the
+    /// statement here if this connection does not have it. Returns the statement's query
+    /// when it is one of the client's named statements.
+    pub fn refer(
+        &self,
+        tag: u8,
+        msg: &[u8],
+        r: &StatementRef,
+        out: &mut BytesMut,
+        owed: &mut OwedQueue,
+        prepared: &mut HashSet<u64>,
+    ) -> Option<&[u8]> {
+        match self.by_name.get(r.statement).filter(|_| !r.statement.is_empty()) {
+            Some(stmt) => {
+                stmt.ensure(out, owed, prepared);
+                r.encode_renamed(out, tag, stmt.server_name.as_bytes());
+                Some(&stmt.query)
+            }
+            None => {
+                out.extend_from_slice(msg);
+                None
+            }
+        }
+    }
+
+    /// Close of a statement or portal.
+    pub fn close(
+        &mut self,
+        msg: &[u8],
+        r: &StatementRef,
+        out: &mut BytesMut,
+        owed: &mut OwedQueue,
+        prepared: &mut HashSet<u64>,
+    ) {
+        let known = if r.statement.is_empty() {
+            None
+        } else {
+            self.by_name.remove(r.statement)
+        };
+        match known {
+            Some(stmt) => {
+                prepared.remove(&stmt.hash);
+                views::encode_close_statement(out, stmt.server_name.as_bytes());
+            }
+            None => out.extend_from_slice(msg),
+        }
+        owed.push(Owed::CloseComplete { pass: true });
+    }
+
+    /// SQL `DEALLOCATE name` / `DEALLOCATE ALL` (`name` empty) sent as a simple Query
+    /// (`msg`, whose `Ready` is already owed). A protocol-level statement is known to the
+    /// server under its content address, maybe not even on this connection.
+    pub fn deallocate(
+        &mut self,
+        msg: &[u8],
+        name: &str,
+        out: &mut BytesMut,
+        owed: &mut OwedQueue,
+        prepared: &mut HashSet<u64>,
+    ) -> std::io::Result<()> {
+        if name.is_empty() {
+            self.by_name.clear();
+            prepared.clear();
+            out.extend_from_slice(msg);
+            return Ok(());
+        }
+        let Some(stmt) = self.by_name.remove(name.as_bytes()) else {
+            out.extend_from_slice(msg);
+            return Ok(());
+        };
+        if !prepared.remove(&stmt.hash) {
+            // Not here: create it (answers dropped) so the DEALLOCATE succeeds with the
+            // reply the client expects.
+            views::encode_close_statement(out, stmt.server_name.as_bytes());
+            out.extend_from_slice(&stmt.parse);
+            owed.insert_before_last(Owed::CloseComplete { pass: false });
+            owed.insert_before_last(Owed::ParseComplete {
+                pass: false,
+                hash: None,
+            });
+        }
+        postgres_protocol::message::frontend::query(&format!("DEALLOCATE {}", stmt.server_name), out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_msg(name: &[u8], query: &[u8]) -> BytesMut {
+        let mut after = query.to_vec();
+        after.extend_from_slice(b"\0\0\0");
+        let mut b = BytesMut::new();
+        views::encode_parse(&mut b, name, &after);
+        b
+    }
+
+    #[test]
+    fn a_named_statement_is_renamed_and_prepared_where_it_is_used() {
+        let mut stmts = Statements::default();
+        let mut owed = OwedQueue::default();
+        let mut out = BytesMut::new();
+        let mut here = HashSet::new();
+        let msg = parse_msg(b"P_0", b"SELECT 1");
+        let p = Parse::decode(&msg[5..]).unwrap();
+        stmts.parse(&msg, &p, &mut out, &mut owed, &mut here);
+        let server_name = stmts.get(b"P_0").unwrap().server_name.clone();
+        assert!(server_name.starts_with("sy_"));
+        // Close sy_..., then Parse sy_...
+        assert_eq!(out[0], b'C');
+        assert!(out.windows(server_name.len()).any(|w| w == server_name.as_bytes()));
+        assert!(!out.windows(3).any(|w| w == b"P_0"));
+        // On another connection, a Bind prepares it first (answers dropped).
+        let mut there = HashSet::new();
+        let mut out2 = BytesMut::new();
+        let mut owed2 = OwedQueue::default();
+        let bind = b"B\0\0\0\x0f\0P_0\0\0\0\0\0\0\0";
+        let r = StatementRef::decode_bind(&bind[5..]).unwrap();
+        let q = stmts.refer(b'B', bind, &r, &mut out2, &mut owed2, &mut there);
+        assert_eq!(q, Some(&b"SELECT 1"[..]));
+        assert_eq!(there.len(), 1);
+        let tags: Vec<u8> = {
+            let mut v = Vec::new();
+            let mut rest = &out2[..];
+            while let Some((t, len)) = views::header(rest) {
+                v.push(t);
+                rest = &rest[len as usize + 1..];
+            }
+            v
+        };
+        assert_eq!(tags, b"CPB");
+        // The same text under another client name shares the server-side statement.
+        let msg = parse_msg(b"other", b"SELECT 1");
+        stmts.parse(&msg, &Parse::decode(&msg[5..]).unwrap(), &mut out, &mut owed, &mut here);
+        assert_eq!(stmts.get(b"other").unwrap().server_name, server_name);
+    }
+
+    #[test]
+    fn deallocate_of_a_statement_prepared_elsewhere_still_succeeds() {
+        let mut stmts = Statements::default();
+        let msg = parse_msg(b"s", b"SELECT 2");
+        stmts.define(&Parse::decode(&msg[5..]).unwrap());
+        let mut owed = OwedQueue::default();
+        owed.push(Owed::Ready);
+        let mut out = BytesMut::new();
+        let q = b"Q\0\0\0\x11DEALLOCATE s\0";
+        stmts
+            .deallocate(q, "s", &mut out, &mut owed, &mut HashSet::new())
+            .unwrap();
+        assert!(stmts.get(b"s").is_none());
+        // Close, Parse, then the DEALLOCATE under the server name.
+        assert_eq!(out[0], b'C');
+        assert!(out.ends_with(b"\0") && out.windows(14).any(|w| w == b"DEALLOCATE sy_"));
+        assert_eq!(owed.pending(), 1);
+        // An unknown name is the server's business (it answers "does not exist").
+        let mut out = BytesMut::new();
+        stmts
+            .deallocate(q, "nope", &mut out, &mut owed, &mut HashSet::new())
+            .unwrap();
+        assert_eq!(&out[..], q);
+    }
+}

@@ -1,0 +1,8 @@
+//! What sessions of every engine share: the process's state (`shared`), the client
+//! stream and its goodbye (`stream`), and the one loop that turns a routing decision
+//! into a server connection (`connector`). Nothing here speaks an engine's protocol.
+
+pub mod cancel;
+pub mod connector;
+pub mod shared;
+pub mod stream;

@@ -1,0 +1,136 @@
+//! What every session of every cluster shares: the running config, users, clusters,
+//! registries (cancels, clients, metrics), each engine's own state (pools) and the shutdown signal. Sessions and the
+//! admin interfaces read it; only the app (`app.rs`) builds it and changes the config.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::cluster::topology::ClusterSnapshot;
+use crate::cluster::ClusterCtx;
+use crate::config::Config;
+use crate::obs::clients::Clients;
+use crate::obs::metrics::Metrics;
+use crate::proxy::cancel::CancelRegistry;
+
+/// What one engine keeps for the whole process. Held as `Any` so that this layer names
+/// no engine; the engine finds its own with `Shared::engine`.
+pub trait EngineState: Send + Sync + 'static {
+    /// `config` is about to become the running config (startup, reload).
+    fn config_changed(&self, config: &Config);
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Re-reads the config and applies it (installed by the app: it owns the monitors).
+pub type Reloader = Box<dyn Fn(&Shared) -> Result<String, String> + Send + Sync>;
+
+/// What every session of every cluster shares.
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    pub config_path: Option<PathBuf>,
+    pub clusters: BTreeMap<String, Arc<ClusterCtx>>,
+    pub cancels: Arc<CancelRegistry>,
+    pub clients: Arc<Clients>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+    /// Names the shutdown channel's per-thread repeaters (`shutdown_local`).
+    shutdown_key: u64,
+    pub started: Instant,
+    reloader: OnceLock<Reloader>,
+    /// Client TLS, built from `[tls]` (rebuilt on reload: new certificates for new
+    /// connections, sessions keep theirs).
+    tls: RwLock<Option<crate::proxy::stream::TlsSetup>>,
+    /// What each engine keeps for the whole process (`pg::PgShared`: users' verifiers,
+    /// auth_query's cache, pools of server connections), told of every new config.
+    engines: Vec<Box<dyn EngineState>>,
+    /// This proxy's coordinator when `[coordination]` is configured (`ha::coord::get`;
+    /// set once at start). `Any` because the control plane sits above this layer.
+    pub coordinator: OnceLock<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Shared {
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    /// The process-wide state of one engine (`T`: its type, e.g. `pg::PgShared`).
+    pub fn engine<T: 'static>(&self) -> &T {
+        self.engines
+            .iter()
+            .find_map(|e| e.as_any().downcast_ref())
+            .expect("the engine's state is installed at start")
+    }
+
+    /// Told when shutdown begins, through this worker thread's repeater of the channel
+    /// (`local_watch`): for sessions, which wait on it between transactions. A session
+    /// that starts after the signal looks at `shutdown` itself.
+    pub fn shutdown_local(&self) -> watch::Receiver<()> {
+        crate::local_watch::repeat(self.shutdown_key, || self.shutdown.clone())
+    }
+
+    pub fn cluster_snapshots(&self) -> Vec<Arc<ClusterSnapshot>> {
+        self.clusters.values().map(|c| c.state.snapshot()).collect()
+    }
+
+    /// `workers`: worker threads of the data path, among which pool sizes are shared.
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        clusters: BTreeMap<String, Arc<ClusterCtx>>,
+        shutdown: watch::Receiver<bool>,
+        engines: Vec<Box<dyn EngineState>>,
+    ) -> Result<Shared, String> {
+        let tls = config.tls.as_ref().map(crate::proxy::stream::acceptor).transpose()?;
+        Ok(Shared {
+            config: RwLock::new(Arc::new(config)),
+            config_path,
+            clusters,
+            cancels: Arc::new(CancelRegistry::default()),
+            clients: Arc::new(Clients::default()),
+            metrics: Arc::new(Metrics::default()),
+            shutdown,
+            shutdown_key: crate::local_watch::key(),
+            started: Instant::now(),
+            reloader: OnceLock::new(),
+            tls: RwLock::new(tls),
+            engines,
+            coordinator: OnceLock::new(),
+        })
+    }
+
+    /// The client TLS acceptor and channel binding data, if `[tls]` is configured.
+    pub fn tls(&self) -> Option<crate::proxy::stream::TlsSetup> {
+        self.tls.read().unwrap().clone()
+    }
+
+    /// Load `[tls]` of `config` again (before `set_config`); the running acceptor stays
+    /// if the files are unreadable.
+    pub fn reload_tls(&self, config: &Config) -> Result<(), String> {
+        let tls = config.tls.as_ref().map(crate::proxy::stream::acceptor).transpose()?;
+        *self.tls.write().unwrap() = tls;
+        Ok(())
+    }
+
+    /// Make `config` the running config (each engine derives what it needs once).
+    pub fn set_config(&self, config: Config) {
+        for e in &self.engines {
+            e.config_changed(&config);
+        }
+        *self.config.write().unwrap() = Arc::new(config);
+    }
+
+    pub fn set_reloader(&self, reloader: Reloader) {
+        let _ = self.reloader.set(reloader);
+    }
+
+    /// Re-read the config file and apply what can change while running (SIGHUP, RELOAD).
+    pub fn reload(&self) -> Result<String, String> {
+        match self.reloader.get() {
+            Some(reload) => reload(self),
+            None => Err("reload is not available".into()),
+        }
+    }
+}
