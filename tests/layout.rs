@@ -220,3 +220,78 @@ fn no_static_holds_runtime_state() {
         found.join("\n  ")
     );
 }
+
+/// Files of pure logic (`ARCHITECTURE.md`: "routing does no I/O", the transaction
+/// machine is I/O-free, pools' rules take time as an argument): they use nothing that
+/// does I/O, so they are tested, and fuzzed, from values alone.
+const PURE: &[&str] = &[
+    "src/cluster/routing.rs",
+    "src/cluster/freshness.rs",
+    "src/proxy/pool.rs",
+    "src/pg/txn/machine.rs",
+    "src/pg/txn/owed.rs",
+    "src/pg/txn/state.rs",
+    "src/pg/txn/statements.rs",
+    "src/pg/txn/unit.rs",
+    "src/pg/txn/conn.rs",
+];
+
+const DOES_IO: &[&str] = &[
+    "async",
+    "await",
+    "tokio::net",
+    "tokio::io",
+    "tokio::fs",
+    "tokio::process",
+    "tokio::signal",
+    "tokio::spawn",
+    "tokio::task",
+    "tokio::time::sleep",
+    "tokio::time::timeout",
+    "std::net",
+    "std::fs",
+    "std::process",
+    "tokio_postgres",
+    "mysql_async",
+    "crate::tls",
+    "crate::proxy::shared",
+    "crate::proxy::stream",
+    "crate::proxy::connector",
+    "crate::proxy::cancel",
+    "crate::obs",
+    "crate::cluster::health",
+    "crate::pg::pool",
+    "crate::pg::fresh",
+    "crate::pg::freshness",
+    "crate::pg::session",
+    "crate::pg::server",
+    "crate::pg::health",
+    "crate::pg::tls",
+    "crate::pg::cancel",
+    "crate::pg::auth_query",
+];
+
+#[test]
+fn pure_logic_imports_nothing_that_does_io() {
+    let mut found = Vec::new();
+    for file in PURE {
+        let text = code(&std::fs::read_to_string(root().join(file)).unwrap());
+        for bad in DOES_IO {
+            let hit = text.match_indices(bad).any(|(i, _)| {
+                let before = text[..i].chars().next_back();
+                let after = text[i + bad.len()..].chars().next();
+                // A whole path segment: not `foo_tokio`, not `crate::pg::pool_x`.
+                !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+                    && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
+            });
+            if hit {
+                found.push(format!("{file} uses {bad}"));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "pure logic reaching for I/O:\n  {}",
+        found.join("\n  ")
+    );
+}

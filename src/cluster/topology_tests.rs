@@ -1,3 +1,5 @@
+//! Unit tests of the node state and the cluster snapshot: rise/fall, lag, timelines, detached standbys, the per-thread snapshot copies.
+
 use super::*;
 
 fn ok(role: Role) -> Result<Observation, String> {

@@ -1,3 +1,5 @@
+//! Unit tests of the config: parsing, defaults, the validation rules and the keys they name.
+
 use super::*;
 
 #[test]

@@ -1,3 +1,5 @@
+//! Unit tests of the automatic failover's pure rules (`trigger`, `choose`): snapshots in, decisions out.
+
 use std::time::{Duration, SystemTime};
 
 use super::*;

@@ -1,8 +1,24 @@
-//! The client commands the proxy reads itself: `KILL ...` statements and
-//! `COM_CHANGE_USER` (by hand: `mysql_common`'s `ComChangeUser` parses it but has no
-//! accessors).
+//! The client commands the proxy answers or completes itself instead of relaying them:
+//! parsing `KILL ...` statements and `COM_CHANGE_USER` (by hand: `mysql_common`'s
+//! `ComChangeUser` parses it but has no accessors), and handling them (`Relay`'s
+//! `handle_own`).
+
+use std::sync::atomic::Ordering;
 
 use mysql_common::constants::CapabilityFlags;
+use mysql_common::packets::{AuthPlugin, AuthSwitchRequest};
+use tracing::{debug, info};
+
+use super::auth::{check_answer, denied, login_password, switch_to};
+use super::protocol::{self, read_packet, write_packet};
+use super::relay::{Own, Relay, INTERCEPT_MAX};
+use super::server::{self, LoginRequest, ServerConn};
+use super::session::{set_read_only, End};
+use crate::cluster::routing::Endpoint;
+use crate::config::AuthMethod;
+use crate::error::Error;
+use crate::proxy::cancel::Target as KillTarget;
+use crate::proxy::stream::{write_flush, ClientStream};
 
 /// `COM_CHANGE_USER`'s fields, read by hand: `mysql_common`'s `ComChangeUser` parses
 /// them but has no accessors.
@@ -75,6 +91,186 @@ pub(super) fn parse_kill(sql: &[u8]) -> Option<(bool, u32)> {
         return w.parse().ok().map(|id| (query_only, id));
     }
     None
+}
+
+/// The commands the proxy answers or completes itself, once the relay has stopped both
+/// directions between whole packets: `KILL [QUERY] <id>` and `COM_PROCESS_KILL` (the id
+/// is the proxy's connection id, looked up in the shared cancel/KILL registry; the kill
+/// runs on the target's node as this client), `COM_CHANGE_USER` (checked by the proxy,
+/// then done on the server connection), and on the ro endpoint `COM_RESET_CONNECTION`
+/// (read-only is set again after the reset).
+impl Relay<'_> {
+    /// A command the proxy looked at and leaves to the server after all.
+    async fn pass_to_server(&mut self, server: &mut ServerConn, payload: &[u8]) -> Result<(), End> {
+        let mut framed = Vec::new();
+        protocol::frame(&mut framed, 0, payload);
+        self.awaiting.store(true, Ordering::Relaxed);
+        write_flush(&mut server.stream, &framed).await.map_err(End::Io)
+    }
+
+    pub(super) async fn handle_own(
+        &mut self,
+        payload: &[u8],
+        client: &mut ClientStream,
+        server: &mut ServerConn,
+        caps: CapabilityFlags,
+    ) -> Result<(), End> {
+        self.inbound.last_seq = 0;
+        let own = if payload[0] == protocol::COM_RESET_CONNECTION {
+            Some(Own::Reset)
+        } else if payload[0] == protocol::COM_CHANGE_USER {
+            Some(Own::ChangeUser)
+        } else if payload[0] == protocol::COM_PROCESS_KILL {
+            // The old binary form of `KILL <id>` (PyMySQL's `kill()`).
+            payload.get(1..5).map(|b| Own::Kill {
+                query_only: false,
+                id: u32::from_le_bytes(b.try_into().expect("4 bytes")),
+            })
+        } else {
+            parse_kill(&payload[1..]).map(|(query_only, id)| Own::Kill { query_only, id })
+        };
+        let reply: Vec<u8> = match own {
+            None => {
+                // A KILL the proxy does not take (KILL USER ..., KILL QUERY ID ...):
+                // the server runs it.
+                return self.pass_to_server(server, payload).await;
+            }
+            Some(Own::Reset) => {
+                write_packet(&mut server.stream, 0, payload).await.map_err(End::Io)?;
+                let mut buf = Vec::new();
+                read_packet(&mut server.stream, &mut buf, INTERCEPT_MAX)
+                    .await
+                    .map_err(End::Io)?;
+                if buf.first() == Some(&0x00) {
+                    set_read_only(server, caps).await.map_err(End::Failed)?;
+                }
+                buf
+            }
+            Some(Own::ChangeUser) => return self.change_user(payload, client, server, caps).await,
+            Some(Own::Kill { query_only, id }) => {
+                let target = self
+                    .shared
+                    .cancels
+                    .mysql_target(id)
+                    .filter(|t| t.cluster == self.cluster.name);
+                match target {
+                    // Not one of ours: a server thread id; the server decides.
+                    None => {
+                        return self.pass_to_server(server, payload).await;
+                    }
+                    Some(t) => match self.kill(&t, query_only).await {
+                        Ok(()) => protocol::ok_payload(),
+                        Err(e) => protocol::err_payload(&e),
+                    },
+                }
+            }
+        };
+        write_packet(client, 1, &reply).await.map_err(End::Io)?;
+        Ok(())
+    }
+
+    /// `COM_CHANGE_USER`: the new user's answer to our challenge is checked here (with
+    /// an auth switch first when the client's first answer is not one for it), then
+    /// the server connection is changed with the server's own challenge. Any failure
+    /// ends the session, as MySQL does: no guessing passwords on an open session, and
+    /// no session left half changed (MariaDB resets session state before it checks).
+    async fn change_user(
+        &mut self,
+        payload: &[u8],
+        client: &mut ClientStream,
+        server: &mut ServerConn,
+        caps: CapabilityFlags,
+    ) -> Result<(), End> {
+        let Some(cmd) = parse_change_user(payload, self.client.capabilities) else {
+            return self
+                .refuse(client, 1, Error::protocol("malformed COM_CHANGE_USER"))
+                .await;
+        };
+        let name = String::from_utf8_lossy(cmd.user).into_owned();
+        let mut plugin = cmd
+            .plugin
+            .map(|p| AuthPlugin::from_bytes(p).into_owned())
+            .unwrap_or(AuthPlugin::MysqlNativePassword);
+        let config = self.shared.config();
+        let Some(user) = config.user(&name).cloned() else {
+            debug!(user = %name, "COM_CHANGE_USER to a user not in [[users]]");
+            return self.refuse(client, 1, denied(&name, !cmd.auth.is_empty())).await;
+        };
+        let mut reply_seq = 1;
+        if user.auth != AuthMethod::Trust {
+            let password = match login_password(&user) {
+                Ok(p) => p,
+                Err(e) => return self.refuse(client, 1, e).await,
+            };
+            let mut answer = cmd.auth.to_vec();
+            if let Some(to) = switch_to(&plugin, &answer, password) {
+                let mut data = self.client.nonce.to_vec();
+                data.push(0);
+                let switch = AuthSwitchRequest::new(to.as_bytes(), &data[..]);
+                write_packet(client, 1, &protocol::to_vec(&switch))
+                    .await
+                    .map_err(End::Io)?;
+                let got = read_packet(client, &mut answer, INTERCEPT_MAX).await.map_err(End::Io)?;
+                reply_seq = got.wrapping_add(1);
+                plugin = to;
+            }
+            if let Err(e) = check_answer(&name, password, &self.client.nonce, &plugin, &answer) {
+                return self.refuse(client, reply_seq, e).await;
+            }
+        }
+        let change = server::ChangeUser {
+            user: &user.name,
+            password: user.password.as_deref(),
+            database: cmd.database,
+            charset: cmd.charset,
+            attributes: cmd.attributes,
+        };
+        if let Err(e) = server::change_user(server, &change, caps, &self.node.addr).await {
+            return self.refuse(client, reply_seq, e).await;
+        }
+        if self.endpoint == Endpoint::ReadOnly {
+            set_read_only(server, caps).await.map_err(End::Failed)?;
+        }
+        self.shared.cancels.set_user(&self.registered, &user.name);
+        info!(cluster = %self.cluster.name, engine = "mysql", from = %self.user.name, to = %user.name, "COM_CHANGE_USER");
+        self.user = user;
+        if plugin == AuthPlugin::CachingSha2Password {
+            write_packet(client, reply_seq, &[0x01, 0x03]).await.map_err(End::Io)?;
+            reply_seq = reply_seq.wrapping_add(1);
+        }
+        write_packet(client, reply_seq, &protocol::ok_payload())
+            .await
+            .map(|_| ())
+            .map_err(End::Io)
+    }
+
+    /// Tell the client `e` at sequence id `seq` and end the session.
+    async fn refuse(&mut self, client: &mut ClientStream, seq: u8, e: Error) -> Result<(), End> {
+        let _ = write_packet(client, seq, &protocol::err_payload(&e)).await;
+        self.told = true;
+        Err(End::Failed(e))
+    }
+
+    /// Run `KILL [QUERY] <server thread>` on the target's node, logged in as this client
+    /// (the server decides whether this user may kill that one, as it would direct).
+    async fn kill(&self, t: &KillTarget, query_only: bool) -> Result<(), Error> {
+        let timeout = self.cluster.state.snapshot().server_login_timeout;
+        let req = LoginRequest {
+            user: &self.user.name,
+            password: self.user.password.as_deref(),
+            database: None,
+            capabilities: protocol::proxy_capabilities(),
+            collation: self.client.collation,
+            attributes: None,
+        };
+        let mut conn = server::login(&t.addr, &req, &self.cluster.server_tls(), timeout).await?;
+        let caps = protocol::proxy_capabilities() & conn.greeting.capabilities;
+        let sql = format!("KILL {}{}", if query_only { "QUERY " } else { "" }, t.server_id);
+        let result = protocol::first_value(&mut conn.stream, caps, &sql).await.map(|_| ());
+        let _ = write_packet(&mut conn.stream, 0, &[protocol::COM_QUIT]).await;
+        info!(cluster = %self.cluster.name, engine = "mysql", by = %self.user.name, of = %t.user, node_addr = %t.addr, server_thread = t.server_id, query_only, ok = result.is_ok(), "KILL forwarded");
+        result
+    }
 }
 
 #[cfg(test)]

@@ -1,17 +1,19 @@
 //! MySQL and MariaDB clusters (`engine = "mysql"`): the same topology, routing and
 //! connector as PostgreSQL clusters, with the MySQL protocol on both sides.
 //!
+//! The same file names as `pg/` for the same jobs:
 //! - `protocol`: framing, the packets the proxy writes, a relay `Scanner`.
-//! - `health`: the node monitor (`mysql_async`): writable? replicating from whom? lag
-//!   (layer 2).
-//! - `server`: logging in to a server as the client (layer 3).
-//! - `session`: a client from greeting to goodbye, session pooling (layer 5), with
-//!   `auth` (checking a client's password) and `commands` (KILL, COM_CHANGE_USER).
+//! - `health`: the node probe (`mysql_async`): writable? replicating from whom? lag.
+//! - `server`: logging in to a server as the client.
+//! - `auth`: checking a client's password.
+//! - `session`: a client from greeting to goodbye (session pooling), `relay`: its bytes
+//!   both ways, `commands`: what the relay answers itself (KILL, COM_CHANGE_USER).
 
 mod auth;
 mod commands;
 pub mod health;
 pub mod protocol;
+mod relay;
 pub mod server;
 pub mod session;
 

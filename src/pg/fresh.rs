@@ -11,8 +11,6 @@ use tokio::time::Instant;
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
-
 use crate::cluster::freshness::{self, Floor, Token, WriteFloor};
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Role};
@@ -20,9 +18,9 @@ use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, ReadYourWrites};
 use crate::error::Error;
 use crate::obs::metrics::{ClusterLabels, Metrics};
-use crate::pg::classify::{self, CausalStatement, CAUSAL_TOKEN};
-use crate::pg::protocol::tags::{FrontendTag, TxStatus};
-use crate::pg::protocol::{messages, views};
+use crate::pg::classify::{self, CausalStatement};
+use crate::pg::protocol::tags::FrontendTag;
+use crate::pg::protocol::views;
 
 /// How long learning the primary's WAL position may take before a read gives up on a
 /// standby and goes to the primary (a healthy primary answers in well under 1 ms).
@@ -33,29 +31,7 @@ const ORACLE_WITHIN: Duration = Duration::from_secs(1);
 const SESSION_SET_WAIT: Duration = Duration::from_secs(1);
 
 /// The floor a client's reads must see.
-/// The answer to a causal-token statement (both pool modes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CausalReply {
-    /// `SHOW`: the token, empty if none.
-    Show(String),
-    Set,
-    Reset,
-}
-
-/// The answer to a causal-token statement, as a server would write it (then idle).
-pub fn write_causal_reply(out: &mut BytesMut, reply: Result<CausalReply, Error>) {
-    match reply {
-        Ok(CausalReply::Show(token)) => {
-            messages::row_description_text(out, &[CAUSAL_TOKEN]);
-            messages::data_row_text(out, &[token]);
-            messages::command_complete(out, "SHOW");
-        }
-        Ok(CausalReply::Set) => messages::command_complete(out, "SET"),
-        Ok(CausalReply::Reset) => messages::command_complete(out, "RESET"),
-        Err(e) => out.extend_from_slice(&e.to_error(None)),
-    }
-    messages::ready_for_query(out, TxStatus::Idle);
-}
+pub use crate::pg::protocol::messages::{write_causal_reply, CausalReply};
 
 pub struct Causal {
     read_your_writes: bool,

@@ -1,9 +1,10 @@
 //! Server connection pools for transaction pooling: one per (node, database, user).
 //! A semaphore caps connections at `pool_size`; idle connections are kept LIFO (the
 //! warmest first), checked for liveness before reuse, and retired after
-//! `server_idle_timeout_ms` idle or `server_lifetime_ms` of age.
+//! `server_idle_timeout_ms` idle or `server_lifetime_ms` of age (the rules: the
+//! engine-neutral `proxy::pool::IdleList`, tested with time as an argument).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use crate::pg::credential::Credential;
 use crate::pg::protocol::tags::BackendTag;
 use crate::pg::protocol::views;
 use crate::pg::server::{self, ServerConn, ServerError};
+use crate::proxy::pool::{Dropped, IdleList, Limits, Pooled};
 use crate::tls::ServerTls;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -60,16 +62,11 @@ pub enum PoolError {
     Server(#[from] ServerError),
 }
 
-struct Idle {
-    conn: PooledConn,
-    since: Instant,
-}
-
 pub struct Pool {
     pub key: PoolKey,
     settings: Mutex<PoolSettings>,
     permits: Arc<Semaphore>,
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<IdleList<PooledConn>>,
     pub waiting: AtomicU32,
     pub open: AtomicU32,
     /// What the pool's user logs in with, learned at the first checkout, so
@@ -78,33 +75,7 @@ pub struct Pool {
     warming: std::sync::atomic::AtomicBool,
 }
 
-/// What sessions did to a server connection, carried with it from client to client.
-#[derive(Debug, Default)]
-pub struct ConnState {
-    /// The server backend's pid.
-    pub pid: i32,
-    /// Prepared statements (by content hash) that exist on this connection.
-    pub prepared: HashSet<u64>,
-    /// Session state applied on this connection: setting name → the SET that made it.
-    pub applied: BTreeMap<String, String>,
-    /// Reported settings (ParameterStatus) as the server last stated them on this
-    /// connection: its own spelling (`UTF8` for a client's `utf8`), in the client's
-    /// encoding.
-    pub reported: BTreeMap<Box<[u8]>, Box<[u8]>>,
-}
-
-impl ConnState {
-    /// Note a ParameterStatus the server sent on this connection.
-    pub fn report(&mut self, s: views::ParameterStatus) {
-        match self.reported.get_mut(s.name) {
-            Some(v) if **v == *s.value => {}
-            Some(v) => *v = s.value.into(),
-            None => {
-                self.reported.insert(s.name.into(), s.value.into());
-            }
-        }
-    }
-}
+pub use crate::pg::txn::conn::ConnState;
 
 /// A server connection lent to one client for a transaction.
 pub struct PooledConn {
@@ -157,7 +128,7 @@ impl Pool {
             key,
             permits: Arc::new(Semaphore::new(settings.size as usize)),
             settings: Mutex::new(settings),
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::default(),
             waiting: AtomicU32::new(0),
             open: AtomicU32::new(0),
             credential: Mutex::new(None),
@@ -262,65 +233,42 @@ impl Pool {
         }
     }
 
-    /// The newest sound idle connection, holding `permit`; the permit back if none.
+    /// The newest sound idle connection (`IdleList::take`), holding `permit`; the
+    /// permit back if none.
     fn take_idle(
         &self,
         permit: OwnedSemaphorePermit,
         settings: &PoolSettings,
     ) -> Result<PooledConn, OwnedSemaphorePermit> {
-        loop {
-            let candidate = self.idle.lock().unwrap().pop();
-            let Some(Idle { mut conn, since }) = candidate else {
-                return Err(permit);
-            };
-            let now = Instant::now();
-            if now.saturating_duration_since(since) > settings.idle_timeout
-                || now.saturating_duration_since(conn.created) > settings.lifetime
-            {
-                debug!(node = %self.key.node, "retiring an old idle server connection");
-                continue;
+        let (conn, dropped) = self.idle.lock().unwrap().take(Instant::now(), &limits(settings));
+        log_dropped(&self.key, dropped);
+        match conn {
+            Some(mut conn) => {
+                conn._permit = Some(permit);
+                Ok(conn)
             }
-            if !alive(&conn.conn) {
-                debug!(node = %self.key.node, "discarding a dead pooled server connection");
-                continue;
-            }
-            conn._permit = Some(permit);
-            return Ok(conn);
+            None => Err(permit),
         }
     }
 
     /// Take a connection back. Broken or expired ones are closed.
     pub fn checkin(&self, mut conn: PooledConn) {
-        let lifetime = self.settings.lock().unwrap().lifetime;
+        let limits = limits(&self.settings.lock().unwrap());
         if conn.broken {
-            return;
-        }
-        let now = Instant::now();
-        if now.saturating_duration_since(conn.created) > lifetime {
             return;
         }
         // Release the slot before parking the connection, so a waiter can take it.
         conn._permit = None;
-        self.idle.lock().unwrap().push(Idle { conn, since: now });
+        // One past its lifetime comes back to be dropped (closed).
+        let _ = self.idle.lock().unwrap().check_in(conn, Instant::now(), &limits);
     }
 
     /// Close idle connections past their idle timeout or lifetime, or dead (called
     /// periodically).
     pub fn prune(&self) {
-        let s = *self.settings.lock().unwrap();
-        let mut idle = self.idle.lock().unwrap();
-        let keep_at_least = s.min_size as usize;
-        let mut kept = Vec::with_capacity(idle.len());
-        for (i, entry) in idle.drain(..).rev().enumerate() {
-            let expired = entry.since.elapsed() > s.idle_timeout && i >= keep_at_least;
-            // A server that restarted or closed the connection leaves EOF to read: drop
-            // it now rather than at the next checkout, so min_pool_size refills.
-            if !expired && entry.conn.created.elapsed() <= s.lifetime && alive(&entry.conn.conn) {
-                kept.push(entry);
-            }
-        }
-        kept.reverse();
-        *idle = kept;
+        let limits = limits(&self.settings.lock().unwrap());
+        let dropped = self.idle.lock().unwrap().prune(Instant::now(), &limits);
+        log_dropped(&self.key, dropped);
     }
 
     /// Open connections up to `min_pool_size` in the background (called periodically
@@ -345,10 +293,8 @@ impl Pool {
             };
             if let Ok(conn) = server::connect(&pool.key.addr, &login, login_timeout).await {
                 let conn = PooledConn::new(conn, pool.clone(), None);
-                pool.idle.lock().unwrap().push(Idle {
-                    conn,
-                    since: Instant::now(),
-                });
+                let limits = limits(&pool.settings.lock().unwrap());
+                let _ = pool.idle.lock().unwrap().check_in(conn, Instant::now(), &limits);
             }
             pool.warming.store(false, Ordering::Release);
         });
@@ -356,14 +302,37 @@ impl Pool {
 
     /// Drop every idle connection (the node went down or was removed); how many.
     pub fn clear_idle(&self) -> usize {
-        self.idle.lock().unwrap().drain(..).count()
+        self.idle.lock().unwrap().clear()
     }
 }
 
-/// A pooled connection whose server went away has EOF (or an error) waiting; a healthy
-/// idle one has nothing to read.
-fn alive(conn: &ServerConn) -> bool {
-    conn.stream.idle_and_open()
+impl Pooled for PooledConn {
+    fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// A pooled connection whose server went away has EOF (or an error) waiting; a
+    /// healthy idle one has nothing to read.
+    fn alive(&self) -> bool {
+        self.conn.stream.idle_and_open()
+    }
+}
+
+fn limits(s: &PoolSettings) -> Limits {
+    Limits {
+        idle_timeout: s.idle_timeout,
+        lifetime: s.lifetime,
+        min_size: s.min_size as usize,
+    }
+}
+
+fn log_dropped(key: &PoolKey, dropped: Dropped) {
+    if dropped.expired > 0 {
+        debug!(node = %key.node, count = dropped.expired, "retiring old idle server connections");
+    }
+    if dropped.dead > 0 {
+        debug!(node = %key.node, count = dropped.dead, "discarding dead pooled server connections");
+    }
 }
 
 /// All pools of the proxy.

@@ -39,7 +39,7 @@ use crate::pg::txn::{Driver, TxnClient};
 use crate::proxy::cancel::Registration;
 use crate::proxy::connector::NodeSlot;
 use crate::proxy::connector::{self, Accept};
-use crate::proxy::shared::Shared;
+use crate::proxy::shared::{Arrival, Shared};
 use crate::proxy::stream::{goodbye, write_flush, ClientStream};
 
 const RELAY_BUFFER: usize = 8192;
@@ -110,14 +110,12 @@ pub async fn serve(
     endpoint: Endpoint,
     shared: Arc<Shared>,
 ) -> Option<AdminClient> {
-    let _ = tcp.set_nodelay(true);
-    let config = shared.config();
-    let login_timeout = Duration::from_millis(config.proxy.client_login_timeout_ms);
-    let tls_mode = config.clusters[&cluster.name].client_tls(config.tls.is_some());
-    let tls = match tls_mode {
-        ClientTls::Disable => None,
-        _ => shared.tls(),
-    };
+    let Arrival {
+        config,
+        login_timeout,
+        tls_mode,
+        tls,
+    } = shared.arrival(&tcp, &cluster.name);
     let require_tls = (tls_mode == ClientTls::Require).then_some(cluster.name.as_str());
     let started = tokio::time::Instant::now();
     // The TLS handshake and the login are boxed: their state is large and lives only

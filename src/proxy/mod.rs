@@ -4,5 +4,6 @@
 
 pub mod cancel;
 pub mod connector;
+pub mod pool;
 pub mod shared;
 pub mod stream;

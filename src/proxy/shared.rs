@@ -16,6 +16,18 @@ use crate::obs::clients::Clients;
 use crate::obs::metrics::Metrics;
 use crate::proxy::cancel::CancelRegistry;
 
+/// What every engine's session settles as a client arrives (`Shared::arrival`).
+pub struct Arrival {
+    /// The running config, read once for the session's start.
+    pub config: Arc<Config>,
+    /// Bound on the TLS handshake, login and authentication together.
+    pub login_timeout: std::time::Duration,
+    /// The cluster's `client_tls`, with `[tls]` set or not.
+    pub tls_mode: crate::config::ClientTls,
+    /// The acceptor, when TLS is offered to this client.
+    pub tls: Option<crate::proxy::stream::TlsSetup>,
+}
+
 /// What one engine keeps for the whole process. Held as `Any` so that this layer names
 /// no engine; the engine finds its own with `Shared::engine`.
 pub trait EngineState: Send + Sync + 'static {
@@ -99,6 +111,24 @@ impl Shared {
             engines,
             coordinator: OnceLock::new(),
         })
+    }
+
+    /// A client arrives at `cluster`: no Nagle delay on its socket, its login's bound,
+    /// and whether TLS is offered to it.
+    pub fn arrival(&self, tcp: &tokio::net::TcpStream, cluster: &str) -> Arrival {
+        let _ = tcp.set_nodelay(true);
+        let config = self.config();
+        let tls_mode = config.clusters[cluster].client_tls(config.tls.is_some());
+        let tls = match tls_mode {
+            crate::config::ClientTls::Disable => None,
+            _ => self.tls(),
+        };
+        Arrival {
+            login_timeout: std::time::Duration::from_millis(config.proxy.client_login_timeout_ms),
+            config,
+            tls_mode,
+            tls,
+        }
     }
 
     /// The client TLS acceptor and channel binding data, if `[tls]` is configured.

@@ -186,6 +186,30 @@ pub fn cancel_request(pid: i32, key: i32) -> [u8; 16] {
     out
 }
 
+/// The answer to a causal-token statement (both pool modes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CausalReply {
+    /// `SHOW`: the token, empty if none.
+    Show(String),
+    Set,
+    Reset,
+}
+
+/// The answer to a causal-token statement, as a server would write it (then idle).
+pub fn write_causal_reply(out: &mut BytesMut, reply: Result<CausalReply, crate::error::Error>) {
+    match reply {
+        Ok(CausalReply::Show(token)) => {
+            row_description_text(out, &[crate::pg::classify::CAUSAL_TOKEN]);
+            data_row_text(out, &[token]);
+            command_complete(out, "SHOW");
+        }
+        Ok(CausalReply::Set) => command_complete(out, "SET"),
+        Ok(CausalReply::Reset) => command_complete(out, "RESET"),
+        Err(e) => out.extend_from_slice(&e.to_error(None)),
+    }
+    ready_for_query(out, TxStatus::Idle);
+}
+
 // The encodings of the engine-neutral `Error` as PostgreSQL messages.
 impl crate::error::Error {
     /// The bytes the client gets: the server's own ErrorResponse, or a FATAL one of ours.

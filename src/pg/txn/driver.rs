@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
-use super::machine::{Action, Config, Machine};
+use super::machine::{Action, Config, Machine, Target};
 use crate::cluster::freshness::Floor;
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
@@ -156,12 +156,10 @@ pub struct Driver<'a> {
     client: ClientStream,
     who: TxnClient,
     cluster: &'a ClusterCtx,
-    endpoint: Endpoint,
     shared: &'a Shared,
     cancel: Registration,
     /// What the client's user logs in to servers with.
     credential: Credential,
-    split: bool,
     pool_wait: Histogram,
     causal: Causal,
     machine: Machine<'a>,
@@ -221,11 +219,9 @@ impl<'a> Driver<'a> {
             client,
             who,
             cluster,
-            endpoint,
             shared,
             cancel,
             credential,
-            split: cc.read_write_split,
             pool_wait,
             machine,
             held: None,
@@ -268,14 +264,14 @@ impl<'a> Driver<'a> {
                         let reply = Box::pin(self.causal.answer(stmt, self.cluster, None)).await;
                         self.machine.on_causal_reply(reply);
                     }
-                    Action::Acquire { read, exclude } => {
+                    Action::Acquire { to, exclude, rerun, .. } => {
                         if !self.flush_client().await {
                             self.machine.on_client_closed();
                             continue;
                         }
                         // A new unit waits out a PAUSE (in the connector), and does not
                         // start when Switchyard is shutting down.
-                        if !self.machine.rerun_pending() && shutting_down(&shutdown, self.shared) {
+                        if !rerun && shutting_down(&shutdown, self.shared) {
                             self.machine.on_acquire_failed(Error::shutdown());
                             continue;
                         }
@@ -284,10 +280,10 @@ impl<'a> Driver<'a> {
                         // read's placement) boxed: their state lives only while they
                         // run, and inline it would make every idle client's session
                         // future as large.
-                        let acquired = if self.acquire_now(read, exclude.as_deref()) {
+                        let acquired = if self.acquire_now(to, exclude.as_deref()) {
                             Ok(())
                         } else {
-                            Box::pin(self.acquire(read, exclude.as_deref())).await
+                            Box::pin(self.acquire(to, exclude.as_deref())).await
                         };
                         match acquired {
                             Ok(()) => {
@@ -426,16 +422,6 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Where the next unit goes: (a read to place on a readable node, the endpoint).
-    fn target(&self, read: bool) -> (bool, Endpoint) {
-        // On the ro endpoint everything is read on a readable node, except a read a
-        // standby refused (only a primary runs it): its rerun goes to the primary, where
-        // the session's default_transaction_read_only still holds.
-        let ro_rerun_on_primary = self.endpoint == Endpoint::ReadOnly && !read && self.machine.rerun_pending();
-        let split = (self.endpoint == Endpoint::ReadOnly && !ro_rerun_on_primary) || (read && self.split);
-        (split, if split { Endpoint::ReadOnly } else { Endpoint::ReadWrite })
-    }
-
     fn dialer(&mut self, target: Endpoint) -> PoolDialer<'_> {
         PoolDialer {
             cluster: self.cluster,
@@ -450,11 +436,11 @@ impl<'a> Driver<'a> {
     /// A connection for the next unit at once, when it is not a read to place and an
     /// idle connection is ready (`connector::connect_now`): the common case, without an
     /// await. False sends the caller to `acquire`.
-    fn acquire_now(&mut self, read: bool, exclude: Option<&str>) -> bool {
-        let (split, target) = self.target(read);
-        if split {
+    fn acquire_now(&mut self, to: Target, exclude: Option<&str>) -> bool {
+        if to == Target::Readable {
             return false;
         }
+        let target = Endpoint::ReadWrite;
         let cluster = self.cluster;
         let Some(c) = connector::connect_now(cluster, target, exclude, None, &mut self.dialer(target)) else {
             return false;
@@ -464,8 +450,10 @@ impl<'a> Driver<'a> {
     }
 
     /// A connection for the next unit, through the connector. Run boxed (see `run`).
-    async fn acquire(&mut self, read: bool, exclude: Option<&str>) -> Result<(), Error> {
-        let (split, target) = self.target(read);
+    async fn acquire(&mut self, to: Target, exclude: Option<&str>) -> Result<(), Error> {
+        // The machine decided where (`Machine::route`); a readable node is placed here.
+        let split = to == Target::Readable;
+        let target = if split { Endpoint::ReadOnly } else { Endpoint::ReadWrite };
         // A read that must see the client's writes (or its causal token) waits here, if
         // it must, for a standby to catch up; then only nodes that have may take it.
         let placement = if split {

@@ -13,24 +13,42 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tracing::{info, warn};
 
+use super::conn::ConnState;
 use super::owed::{Owed, OwedQueue, Verdict};
 use super::state::SessionState;
 use super::statements::Statements;
 use super::unit;
 use crate::error::{Error, SqlState};
 use crate::pg::classify::{self, CausalStatement, Classification, Classifier};
-pub use crate::pg::fresh::{write_causal_reply, CausalReply};
-use crate::pg::pool::ConnState;
 use crate::pg::protocol::messages;
+pub use crate::pg::protocol::messages::{write_causal_reply, CausalReply};
 use crate::pg::protocol::tags::{BackendTag, FrontendTag, TxStatus};
 use crate::pg::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
+
+/// Where a unit's connection comes from: the routing decision, made by the machine
+/// (`Machine::route`) and carried out by the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The primary, confirmed on the connection itself.
+    Primary,
+    /// A readable node: a standby within lag that satisfies the client's fresh-read
+    /// floor (placed by the driver), else the primary.
+    Readable,
+}
 
 /// What the driver must do, in order.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// Get a server connection: `read`, a unit that only reads (a standby may take it);
-    /// `exclude`, a node that just failed this unit.
-    Acquire { read: bool, exclude: Option<String> },
+    /// Get a server connection on `to`. `read`: the unit only reads (proven by the
+    /// classifier), so it may run again elsewhere until answered; `exclude`: a node that
+    /// just failed this unit; `rerun`: the unit in progress runs again (not a new one,
+    /// so a shutdown does not hold it back).
+    Acquire {
+        to: Target,
+        read: bool,
+        exclude: Option<String>,
+        rerun: bool,
+    },
     /// Give the held connection back: to its pool if `reuse`, else close it.
     Release { reuse: bool },
     /// Close the idle pooled connections to a database a statement needs free.
@@ -52,6 +70,26 @@ pub struct Config {
     /// The pid the client was given (BackendKeyData).
     pub client_pid: i32,
     pub client_key: i32,
+}
+
+/// Where the session is. The held connection, if any, is `Machine::unit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Startup: the first connection is acquired and brought to the client's settings,
+    /// then the client is greeted. Nothing the client sends is looked at before.
+    Greeting,
+    /// Greeted: units run as the client sends them.
+    Serving,
+    /// A connection is being acquired (the `Action::Acquire` is queued or under way):
+    /// for a new unit, whose first message is stashed, or with `rerun` for the unit in
+    /// progress, to run again from `sent`. `read`: the unit is a proven read.
+    Acquiring { read: bool, rerun: bool },
+    /// A new unit was refused before it reached a server: the client's messages are
+    /// dropped up to its next Sync, as a server does after an error in the extended
+    /// protocol, then ReadyForQuery.
+    SkippingToSync,
+    /// The session ended (its `Action::End` is queued).
+    Ended,
 }
 
 /// The unit of work in progress, on the held connection.
@@ -96,11 +134,7 @@ pub struct Machine<'a> {
     /// The client's messages of the unit in progress as received, for a retry (kept
     /// here, not in `Unit`, so its allocation is reused).
     sent: Vec<Bytes>,
-    /// `sent` is to run again on the connection being acquired.
-    rerun: bool,
-    /// Whether the next connection is for a read routed by splitting.
-    acquiring_read: bool,
-    greeted: bool,
+    phase: Phase,
     pub to_server: BytesMut,
     pub to_client: BytesMut,
     actions: VecDeque<Action>,
@@ -111,13 +145,8 @@ pub struct Machine<'a> {
     /// The client's stream is inside a message (part of a streamed one was passed on
     /// and the rest never came): nothing of the proxy's own may be written to it.
     client_mid_message: bool,
-    ended: bool,
     /// A unit that may have written ended since the driver last asked (`take_wrote`).
     wrote: bool,
-    /// A unit that never got a connection was refused with an ErrorResponse: the
-    /// client's messages up to its next Sync are dropped, as a server does after an
-    /// error in the extended protocol, then ReadyForQuery.
-    skipping_to_sync: bool,
 }
 
 impl<'a> Machine<'a> {
@@ -126,7 +155,7 @@ impl<'a> Machine<'a> {
     pub fn new(cfg: Config, startup: Vec<(String, String)>, classifier: &'a Classifier) -> Machine<'a> {
         let state = SessionState::new(startup, cfg.read_only_endpoint);
         let mut m = Machine {
-            acquiring_read: false,
+            phase: Phase::Greeting,
             cfg,
             classifier,
             state,
@@ -136,23 +165,39 @@ impl<'a> Machine<'a> {
             pinned: None,
             stash: None,
             sent: Vec::new(),
-            rerun: false,
-            greeted: false,
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
             actions: VecDeque::new(),
             queries: 0,
             streaming: 0,
             client_mid_message: false,
-            ended: false,
             wrote: false,
-            skipping_to_sync: false,
         };
-        m.actions.push_back(Action::Acquire {
-            read: m.cfg.read_only_endpoint,
-            exclude: None,
-        });
+        // The greeting's connection: where the session's first unit would go. (Not a
+        // unit of the client's: never run again elsewhere.)
+        let first = m.route(m.cfg.read_only_endpoint, None, false);
+        m.actions.push_back(first);
         m
+    }
+
+    /// The routing decision for a unit, in one place: a proven read (`read`) goes to a
+    /// readable node where reads may go elsewhere (the ro endpoint, or the rw endpoint
+    /// with `read_write_split`), everything else to the primary; on the ro endpoint
+    /// everything is read on a readable node, except a read a standby refused (only a
+    /// primary runs it): its rerun goes to the primary, where the session's
+    /// default_transaction_read_only still holds.
+    fn route(&self, read: bool, exclude: Option<String>, rerun: bool) -> Action {
+        let readable = if self.cfg.read_only_endpoint {
+            read || !rerun
+        } else {
+            read && self.cfg.split
+        };
+        Action::Acquire {
+            to: if readable { Target::Readable } else { Target::Primary },
+            read,
+            exclude,
+            rerun,
+        }
     }
 
     pub fn next_action(&mut self) -> Option<Action> {
@@ -169,11 +214,6 @@ impl<'a> Machine<'a> {
         !self.actions.is_empty()
     }
 
-    /// The connection being acquired is for a unit to run again (not a new unit).
-    pub fn rerun_pending(&self) -> bool {
-        self.rerun
-    }
-
     /// The node of the held connection.
     pub fn node(&self) -> Option<&str> {
         self.unit.as_ref().map(|u| &*u.node)
@@ -186,8 +226,8 @@ impl<'a> Machine<'a> {
     }
 
     fn end(&mut self, e: Option<Error>) {
-        if !self.ended {
-            self.ended = true;
+        if self.phase != Phase::Ended {
+            self.phase = Phase::Ended;
             self.actions.push_back(Action::End(e));
         }
     }
@@ -235,7 +275,14 @@ impl<'a> Machine<'a> {
     /// The driver got a connection (`conn`) on `node` after `Acquire`.
     pub fn on_acquired(&mut self, node: &Arc<str>, on_primary: bool, conn: &mut ConnState) {
         self.owed.clear();
-        if !self.rerun {
+        let (read, rerun) = match self.phase {
+            Phase::Acquiring { read, rerun } => {
+                self.phase = Phase::Serving;
+                (read, rerun)
+            }
+            _ => (false, false),
+        };
+        if !rerun {
             self.sent.clear();
         }
         self.unit = Some(Unit {
@@ -246,7 +293,7 @@ impl<'a> Machine<'a> {
             on_primary,
             server_pid: conn.pid,
             // A proven read placed on a standby: by splitting, or on the ro endpoint.
-            retryable: self.acquiring_read && (self.cfg.split || self.cfg.read_only_endpoint),
+            retryable: read && (self.cfg.split || self.cfg.read_only_endpoint),
             status: TxStatus::Idle,
             batch_open: false,
             answered: false,
@@ -263,10 +310,10 @@ impl<'a> Machine<'a> {
             }
             conn.applied = self.state.desired.clone();
         }
-        if !self.greeted && self.owed.is_empty() {
+        if self.phase == Phase::Greeting && self.owed.is_empty() {
             return self.greet(conn);
         }
-        if std::mem::take(&mut self.rerun) {
+        if rerun {
             let sent = std::mem::take(&mut self.sent);
             for msg in sent {
                 if let Err(e) = self.forward(msg, conn) {
@@ -284,8 +331,7 @@ impl<'a> Machine<'a> {
     /// ErrorResponse, as a server would answer a statement it refused, and keeps its
     /// session (the next transaction may find a primary, a free connection...).
     pub fn on_acquire_failed(&mut self, e: Error) {
-        self.acquiring_read = false;
-        let fresh_unit = self.greeted && !self.rerun && self.unit.is_none();
+        let fresh_unit = matches!(self.phase, Phase::Acquiring { rerun: false, .. }) && self.unit.is_none();
         if !fresh_unit || e.code() == SqlState::ADMIN_SHUTDOWN {
             return self.end(Some(e));
         }
@@ -293,12 +339,13 @@ impl<'a> Machine<'a> {
             return self.end(Some(e));
         };
         self.to_client.extend_from_slice(&e.to_error(None));
-        match FrontendTag::of(first[0]) {
+        self.phase = match FrontendTag::of(first[0]) {
             // A simple query, a function call, or the Sync itself: answered now.
             Some(FrontendTag::Query | FrontendTag::FunctionCall | FrontendTag::Sync) => {
-                messages::ready_for_query(&mut self.to_client, TxStatus::Idle)
+                messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
+                Phase::Serving
             }
-            _ => self.skipping_to_sync = true,
+            _ => Phase::SkippingToSync,
         }
     }
 
@@ -311,7 +358,7 @@ impl<'a> Machine<'a> {
         }
         messages::backend_key_data(&mut self.to_client, self.cfg.client_pid, self.cfg.client_key);
         messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
-        self.greeted = true;
+        self.phase = Phase::Serving;
         let reuse = self.reusable();
         self.release(reuse);
     }
@@ -321,7 +368,7 @@ impl<'a> Machine<'a> {
     pub fn on_client_input(&mut self, input: &mut BytesMut, mut conn: Option<&mut ConnState>) {
         // Nothing a client sends before its greeting is looked at until then (it would
         // land on the connection the greeting borrows).
-        while self.greeted && !self.ended && self.actions.is_empty() {
+        while matches!(self.phase, Phase::Serving | Phase::SkippingToSync) && self.actions.is_empty() {
             let msg = match self.next_client_message(input) {
                 Ok(Some(m)) => m,
                 Ok(None) => return,
@@ -334,9 +381,9 @@ impl<'a> Machine<'a> {
             if tag == Some(FrontendTag::Terminate) {
                 return self.on_client_closed();
             }
-            if self.skipping_to_sync {
+            if self.phase == Phase::SkippingToSync {
                 if tag == Some(FrontendTag::Sync) {
-                    self.skipping_to_sync = false;
+                    self.phase = Phase::Serving;
                     messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
                 }
                 continue;
@@ -370,9 +417,10 @@ impl<'a> Machine<'a> {
                     // Whether it only reads matters only where reads may go elsewhere.
                     let read = (self.cfg.split || self.cfg.read_only_endpoint)
                         && unit::reads(&msg, input, &self.stmts, self.classifier, &self.state);
-                    self.acquiring_read = read;
+                    self.phase = Phase::Acquiring { read, rerun: false };
                     self.stash = Some(msg);
-                    self.actions.push_back(Action::Acquire { read, exclude: None });
+                    let acquire = self.route(read, None, false);
+                    self.actions.push_back(acquire);
                     return;
                 }
             }
@@ -692,7 +740,7 @@ impl<'a> Machine<'a> {
             unit.answer_queued |= !tag.is_asynchronous();
             self.to_client.extend_from_slice(&msg);
         }
-        if !self.greeted && self.owed.is_empty() {
+        if self.phase == Phase::Greeting && self.owed.is_empty() {
             return self.greet(conn);
         }
         if done {
@@ -733,12 +781,12 @@ impl<'a> Machine<'a> {
         self.owed.clear();
         self.state.unit_restarted();
         self.release(false);
-        self.rerun = true;
-        self.acquiring_read = exclude.is_some();
-        self.actions.push_back(Action::Acquire {
-            read: exclude.is_some(),
-            exclude,
-        });
+        // Lost or evicted (a node to avoid): the read moves to another readable node;
+        // refused as a read only a primary runs (none): it goes to the primary.
+        let read = exclude.is_some();
+        self.phase = Phase::Acquiring { read, rerun: true };
+        let acquire = self.route(read, exclude, true);
+        self.actions.push_back(acquire);
         true
     }
 

@@ -252,8 +252,10 @@ fn pgbench_prepared_select_only() {
     assert!(matches!(
         h.log[0],
         Action::Acquire {
+            to: Target::Readable,
             read: true,
-            exclude: None
+            exclude: None,
+            rerun: false,
         }
     ));
     // Prepared under its content address first (answers dropped), then the client's.
@@ -345,7 +347,7 @@ fn a_read_is_retried_elsewhere_before_its_first_answer_byte() {
     h.perform(false);
     assert_eq!(h.held.as_deref(), Some("s2"));
     assert!(
-        matches!(&h.log[..], [Action::Acquire { .. }, Action::Release { reuse: false }, Action::Acquire { read: true, exclude: Some(n) }] if n == "s1")
+        matches!(&h.log[..], [Action::Acquire { .. }, Action::Release { reuse: false }, Action::Acquire { to: Target::Readable, read: true, exclude: Some(n), rerun: true }] if n == "s1")
     );
     assert_eq!(h.take_client(), "", "the warning is not passed on");
     let again = h.take_server();
@@ -395,8 +397,10 @@ fn a_read_a_standby_refuses_runs_on_the_primary() {
     assert!(matches!(
         h.m.next_action(),
         Some(Action::Acquire {
+            to: Target::Primary,
             read: false,
-            exclude: None
+            exclude: None,
+            rerun: true,
         })
     ));
     assert_eq!(h.take_client(), "", "the refusal is not passed on");
@@ -630,4 +634,75 @@ fn a_refusal_while_shutting_down_ends_the_session() {
     assert!(matches!(h.m.next_action(), Some(Action::Acquire { .. })));
     h.m.on_acquire_failed(Error::shutdown());
     assert!(matches!(h.m.next_action(), Some(Action::End(Some(_)))));
+}
+
+fn machine(read_only_endpoint: bool, split: bool) -> Machine<'static> {
+    Machine::new(
+        Config {
+            cluster: "main".into(),
+            read_only_endpoint,
+            split,
+            max_message: 1 << 20,
+            client_pid: 777,
+            client_key: 1,
+        },
+        Vec::new(),
+        classifier(),
+    )
+}
+
+#[test]
+fn every_routing_decision_is_the_machines_and_travels_in_the_acquire() {
+    let target = |a: Action| match a {
+        Action::Acquire { to, .. } => to,
+        other => panic!("not an acquire: {other:?}"),
+    };
+    // (ro endpoint, split, read, rerun) -> where
+    let table = [
+        ((false, false, false, false), Target::Primary),
+        ((false, false, true, false), Target::Primary), // no split: reads stay on rw
+        ((false, true, true, false), Target::Readable),
+        ((false, true, false, false), Target::Primary),
+        ((false, true, true, true), Target::Readable), // a lost read moves on
+        ((false, true, false, true), Target::Primary), // refused by a standby
+        ((true, false, false, false), Target::Readable), // ro: everything reads
+        ((true, false, true, true), Target::Readable),
+        ((true, false, false, true), Target::Primary), // ro: only a primary runs it
+    ];
+    for ((ro, split, read, rerun), want) in table {
+        let m = machine(ro, split);
+        assert_eq!(
+            target(m.route(read, None, rerun)),
+            want,
+            "ro {ro} split {split} read {read} rerun {rerun}"
+        );
+    }
+    // The greeting's connection goes where the session's units would.
+    for (ro, want) in [(false, Target::Primary), (true, Target::Readable)] {
+        let mut m = machine(ro, true);
+        assert!(matches!(m.next_action(), Some(Action::Acquire { to, rerun: false, .. }) if to == want));
+        assert_eq!(m.phase, Phase::Greeting);
+    }
+}
+
+#[test]
+fn the_phase_follows_greeting_acquiring_and_a_refused_unit() {
+    let mut h = Harness::new(false);
+    assert_eq!(h.m.phase, Phase::Serving, "the harness greets");
+    // A unit whose connection cannot be had: the client is told, keeps its session,
+    // and what it sent up to its Sync is dropped.
+    h.m.on_client_input(&mut BytesMut::from(&bind("")[..]), None);
+    assert!(matches!(h.m.phase, Phase::Acquiring { rerun: false, .. }));
+    assert!(matches!(h.m.next_action(), Some(Action::Acquire { rerun: false, .. })));
+    h.m.on_acquire_failed(Error::no_route("test"));
+    assert_eq!(h.m.phase, Phase::SkippingToSync);
+    h.m.on_client_input(&mut BytesMut::from(&cat(&[execute(), sync()])[..]), None);
+    assert_eq!(h.m.phase, Phase::Serving);
+    assert!(!h.m.has_actions(), "dropped up to the Sync, not sent anywhere");
+    // A failure to get the connection for a rerun, or at the greeting, ends the session.
+    let mut m = machine(false, false);
+    let _ = m.next_action();
+    m.on_acquire_failed(Error::no_route("test"));
+    assert!(matches!(m.next_action(), Some(Action::End(Some(_)))));
+    assert_eq!(m.phase, Phase::Ended);
 }

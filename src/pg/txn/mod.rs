@@ -8,10 +8,17 @@
 //! - `statements`: protocol-level prepared statements renamed to content addresses and
 //!   prepared on whatever connection the client gets;
 //! - `state`: session settings (startup parameters, SETs) replayed on each connection;
-//! - `unit`: whether a unit of work only reads (read/write splitting).
+//! - `unit`: whether a unit of work only reads (read/write splitting);
+//! - `conn`: what sessions left on a server connection (`ConnState`).
+//!
+//! The machine makes every routing decision (`Machine::route`: the primary or a
+//! readable node) and hands it to the driver in `Action::Acquire`; it has an explicit
+//! phase (greeting, serving, acquiring, skipping to Sync, ended). None of these files
+//! does I/O or imports a module that does (`tests/layout.rs` checks).
 //!
 //! `driver` is the async loop that owns the sockets and performs the machine's actions.
 
+pub mod conn;
 pub mod driver;
 pub mod machine;
 pub mod owed;

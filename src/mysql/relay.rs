@@ -1,0 +1,378 @@
+//! The relay of one MySQL session: bytes through, both directions at once, reading only
+//! packet headers (`Scanner`), so no packet is ever buffered whole. `pump` runs a
+//! client-to-server and a server-to-client side in one task and stops them only between
+//! whole writes: when the client sends a command the proxy handles itself
+//! (`own_command`; handled in `commands.rs`), when the session's node stops being valid
+//! (the client gets an ERR packet at the sequence id it expects), or at the end.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::auth::Client;
+use super::protocol::{self, write_packet, Scanner};
+use super::server::ServerConn;
+use crate::cluster::routing::{self, Endpoint};
+use crate::cluster::topology::{Health, NodeState};
+use crate::cluster::ClusterCtx;
+use crate::config::UserConfig;
+use crate::error::Error;
+use crate::proxy::cancel::Registration;
+use crate::proxy::shared::Shared;
+use crate::proxy::stream::{write_flush, ClientStream};
+use crate::tls::ServerWrite;
+
+use super::session::End;
+
+pub(super) const RELAY_BUFFER: usize = 16 * 1024;
+/// Bytes of a command looked at to tell whether the proxy handles it (`KILL ...`).
+const PEEK: usize = 64;
+/// Largest command the proxy takes whole to handle it itself.
+pub(super) const INTERCEPT_MAX: usize = 64 * 1024;
+
+pub(super) struct Relay<'a> {
+    pub(super) cluster: &'a ClusterCtx,
+    pub(super) endpoint: Endpoint,
+    pub(super) node: &'a NodeState,
+    pub(super) shared: &'a Shared,
+    pub(super) client: &'a Client,
+    /// Who the session is logged in as now (`COM_CHANGE_USER` changes it).
+    pub(super) user: UserConfig,
+    /// Our connection id's entry in the shared cancel/KILL registry.
+    pub(super) registered: Registration,
+    pub(super) inbound: Inbound,
+    /// A command was sent and no byte of its answer came back yet. (Atomic only because
+    /// both directions, one `Send` future, touch it; nothing is shared between threads.)
+    pub(super) awaiting: AtomicBool,
+    /// The client was already told why the session ends.
+    pub(super) told: bool,
+    /// Server bytes on their way to the client (kept across pauses).
+    pub(super) sbuf: BytesMut,
+}
+
+/// What the relay knows of the client's side of the stream.
+#[derive(Default)]
+pub(super) struct Inbound {
+    pub(super) scanner: Scanner,
+    /// Sequence id of the client's last packet.
+    pub(super) last_seq: u8,
+    /// The client sent COM_QUIT: the server closing is expected.
+    pub(super) quit: bool,
+    /// LOAD DATA LOCAL INFILE: the client is sending a file (packets until an empty
+    /// one), whose sequence ids wrap through 0 without being commands.
+    pub(super) in_file: bool,
+}
+
+/// What the proxy does with a command instead of passing it on.
+pub(super) enum Own {
+    Kill { query_only: bool, id: u32 },
+    Reset,
+    ChangeUser,
+}
+
+/// Why the relay of both directions stopped.
+pub(super) enum Pause {
+    /// The client sent a command the proxy handles itself (its payload); both
+    /// directions are at rest, between chunks.
+    Own(Vec<u8>),
+    End(End),
+}
+
+/// A command the proxy may handle itself (`payload`: its start); Some(true): take it
+/// whole and look.
+fn own_command(endpoint: Endpoint, payload: &[u8]) -> Option<bool> {
+    match payload.first() {
+        Some(&protocol::COM_QUERY) => {
+            let rest = payload[1..].trim_ascii_start();
+            (rest.len() >= 5 && rest[..4].eq_ignore_ascii_case(b"kill") && rest[4].is_ascii_whitespace())
+                .then_some(true)
+        }
+        Some(&protocol::COM_PROCESS_KILL | &protocol::COM_CHANGE_USER) => Some(true),
+        Some(&protocol::COM_RESET_CONNECTION) => (endpoint == Endpoint::ReadOnly).then_some(true),
+        _ => None,
+    }
+}
+
+/// How long a command the proxy handles itself waits for the answer streaming to the
+/// client to reach a chunk boundary (a client that sent it while not reading).
+const SETTLE: Duration = Duration::from_secs(30);
+
+impl Relay<'_> {
+    pub(super) async fn run(
+        &mut self,
+        client: &mut ClientStream,
+        mut server: ServerConn,
+        mut topology: tokio::sync::watch::Receiver<Arc<crate::cluster::topology::ClusterSnapshot>>,
+    ) -> End {
+        let mut cbuf = BytesMut::with_capacity(RELAY_BUFFER);
+        let caps = self.client.capabilities & server.greeting.capabilities;
+        let end = loop {
+            match self.pump(client, &mut server, &mut cbuf, &mut topology).await {
+                Pause::End(end) => break end,
+                Pause::Own(payload) => {
+                    if let Err(end) = self.handle_own(&payload, client, &mut server, caps).await {
+                        break end;
+                    }
+                }
+            }
+        };
+        let awaiting = self.awaiting.load(Ordering::Relaxed);
+        if matches!(end, End::ClientClosed) && !self.inbound.quit && self.inbound.scanner.at_boundary() {
+            // The client vanished without COM_QUIT: say goodbye for it, so the server
+            // does not count an aborted connection.
+            let _ = tokio::time::timeout(
+                Duration::from_millis(200),
+                write_packet(&mut server.stream, 0, &[protocol::COM_QUIT]),
+            )
+            .await;
+        }
+        let notice = match &end {
+            End::Failed(e) => Some(e.clone()),
+            // A server gone while the client waits for an answer, or idle: the client
+            // reads why with its next command (unless it was leaving anyway).
+            End::ServerClosed | End::Io(_) if !self.inbound.quit => Some(Error::server_lost(
+                &self.cluster.name,
+                &self.node.name,
+                match &end {
+                    End::Io(e) => e.to_string(),
+                    _ => "the server closed the connection".to_string(),
+                },
+            )),
+            _ => None,
+        };
+        if let Some(e) = notice.filter(|_| !self.told) {
+            // The client expects the answer to its command in flight, or (idle) the
+            // answer to its next command: sequence id 1.
+            let seq = if awaiting && self.inbound.scanner.at_boundary() {
+                self.inbound.last_seq.wrapping_add(1)
+            } else {
+                1
+            };
+            self.shared.metrics.error(e.code().as_str());
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                write_packet(client, seq, &protocol::err_payload(&e)),
+            )
+            .await;
+            let _ = client.shutdown().await;
+            if matches!(end, End::Failed(_)) {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    write_packet(&mut server.stream, 0, &[protocol::COM_QUIT]),
+                )
+                .await;
+            }
+        }
+        end
+    }
+
+    /// Relay both directions at once until the session ends or the client sends a
+    /// command the proxy handles itself. Each direction reads and writes on its own: a
+    /// client that keeps sending while a large answer streams back (pipelining) never
+    /// finds the relay blocked writing one way while the other way is full, which would
+    /// stall both (the server writes its answer before it reads the next command).
+    async fn pump(
+        &mut self,
+        client: &mut ClientStream,
+        server: &mut ServerConn,
+        cbuf: &mut BytesMut,
+        topology: &mut tokio::sync::watch::Receiver<Arc<crate::cluster::topology::ClusterSnapshot>>,
+    ) -> Pause {
+        let (mut cr, mut cw) = client.split();
+        let (mut sr, mut sw) = server.stream.split();
+        let (endpoint, node, shared) = (self.endpoint, self.node, self.shared);
+        let inbound = &mut self.inbound;
+        let awaiting = &self.awaiting;
+        // The server-to-client side stops at its next chunk boundary when told (a
+        // stream is only ever cut between whole writes).
+        let stop = tokio::sync::Notify::new();
+        let client_to_server = async {
+            loop {
+                match inbound.relay(cbuf, &mut sw, endpoint, node, awaiting).await {
+                    Err(end) => return Pause::End(end),
+                    Ok(Some(own)) => return Pause::Own(own),
+                    Ok(None) => {}
+                }
+                match cr.read_buf(cbuf).await {
+                    Ok(0) => return Pause::End(End::ClientClosed),
+                    Err(e) => return Pause::End(End::Io(e)),
+                    Ok(_) => {}
+                }
+            }
+        };
+        let sbuf = &mut self.sbuf;
+        let server_to_client = async {
+            loop {
+                tokio::select! {
+                    r = sr.read_buf(sbuf) => match r {
+                        Ok(0) => return Some(End::ServerClosed),
+                        Err(e) => return Some(End::Io(e)),
+                        Ok(_) => {}
+                    },
+                    _ = stop.notified() => return None,
+                }
+                awaiting.store(false, Ordering::Relaxed);
+                if let Err(e) = write_flush(&mut cw, sbuf).await {
+                    return Some(End::Io(e));
+                }
+                sbuf.clear();
+            }
+        };
+        tokio::pin!(client_to_server, server_to_client);
+        let mut shutdown = shared.shutdown.clone();
+        let mut watching = true;
+        let pause = loop {
+            tokio::select! {
+                p = &mut client_to_server => break p,
+                e = &mut server_to_client => return Pause::End(e.unwrap_or(End::ServerClosed)),
+                changed = topology.changed(), if watching => {
+                    if changed.is_err() {
+                        watching = false;
+                        continue;
+                    }
+                    let snap = topology.borrow_and_update().clone();
+                    if let Some(reason) = routing::eviction(endpoint, &snap, &node.name) {
+                        let up = snap.index(&node.name).is_some_and(|i| snap.nodes[i].health == Health::Up);
+                        break Pause::End(End::Failed(Error::evicted(up, reason)));
+                    }
+                }
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                    if awaiting.load(Ordering::Relaxed) {
+                        // Let the answer in flight reach the client first.
+                        let grace = Duration::from_millis(shared.config().proxy.shutdown_timeout_ms);
+                        if let Ok(Some(end)) = tokio::time::timeout(grace, &mut server_to_client).await {
+                            return Pause::End(end);
+                        }
+                    }
+                    break Pause::End(End::Failed(Error::shutdown()));
+                }
+            }
+        };
+        // Whatever comes next (the proxy's own answer, an ERR saying why the session
+        // ends) goes to the client after whole chunks only. A session that ends waits
+        // briefly (shutdown has its own bound); a command of the proxy's waits longer.
+        stop.notify_one();
+        let settle = if matches!(pause, Pause::Own(_)) {
+            SETTLE
+        } else {
+            Duration::from_secs(1)
+        };
+        match tokio::time::timeout(settle, &mut server_to_client).await {
+            Ok(None) => pause,
+            Ok(Some(end)) => Pause::End(end),
+            Err(_) => Pause::End(End::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client did not take the rest of an answer within {} s",
+                    settle.as_secs()
+                ),
+            ))),
+        }
+    }
+}
+
+impl Inbound {
+    /// Pass on the client's bytes in `cbuf` (to `server`), up to a command the proxy
+    /// handles itself, which is taken out whole and returned; bytes after it stay in
+    /// `cbuf` for later.
+    async fn relay(
+        &mut self,
+        cbuf: &mut BytesMut,
+        server: &mut ServerWrite<'_>,
+        endpoint: Endpoint,
+        node: &NodeState,
+        awaiting: &AtomicBool,
+    ) -> Result<Option<Vec<u8>>, End> {
+        let mut pos = 0;
+        let mut own = None;
+        let mut commands = 0u64;
+        while pos < cbuf.len() {
+            if self.scanner.at_boundary() {
+                let rest = &cbuf[pos..];
+                if rest.len() < 4 {
+                    break;
+                }
+                let len = u32::from_le_bytes([rest[0], rest[1], rest[2], 0]) as usize;
+                let seq = rest[3];
+                // A packet with a sequence id other than 0 that starts a message is file
+                // data (the only thing a client sends unasked); an empty one ends it.
+                if seq != 0 || self.in_file {
+                    self.in_file = len != 0;
+                }
+                if seq == 0 && !self.in_file && len != 0 {
+                    if rest.len() < 4 + len.min(PEEK) {
+                        break; // the start of the command is not here yet
+                    }
+                    if own_command(endpoint, &rest[4..4 + len.min(PEEK)]).is_some() {
+                        if len > INTERCEPT_MAX {
+                            return Err(End::Failed(Error::protocol("command too long")));
+                        }
+                        if rest.len() >= 4 + len {
+                            own = Some(rest[4..4 + len].to_vec());
+                        }
+                        break; // whole: handled after what came before; else wait for it
+                    }
+                    commands += 1;
+                    let cmd = rest.get(4).copied();
+                    self.quit |= cmd == Some(protocol::COM_QUIT);
+                    awaiting.store(
+                        !matches!(cmd, Some(protocol::COM_STMT_CLOSE | protocol::COM_STMT_SEND_LONG_DATA)),
+                        Ordering::Relaxed,
+                    );
+                }
+                self.last_seq = seq;
+            }
+            match self.scanner.next(&cbuf[pos..]) {
+                Some((n, _)) => pos += n,
+                None => break,
+            }
+        }
+        if pos > 0 {
+            write_flush(server, &cbuf[..pos]).await.map_err(End::Io)?;
+        }
+        let taken = pos + own.as_ref().map_or(0, |p: &Vec<u8>| 4 + p.len());
+        cbuf.advance(taken);
+        // Advancing uses up the buffer's front: take it back (no allocation while the
+        // buffer is empty or nearly so), so the next read is never a short one.
+        cbuf.reserve(RELAY_BUFFER / 2);
+        if commands > 0 {
+            node.stats.queries_total.fetch_add(commands, Ordering::Relaxed);
+        }
+        Ok(own)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_commands_the_proxy_answers_are_taken_out_of_the_stream() {
+        let query = |sql: &str| [&[protocol::COM_QUERY][..], sql.as_bytes()].concat();
+        for ep in [Endpoint::ReadWrite, Endpoint::ReadOnly] {
+            assert_eq!(own_command(ep, &query("KILL 1073741825")), Some(true));
+            assert_eq!(own_command(ep, &query("  kill\tQUERY 5")), Some(true));
+            assert_eq!(
+                own_command(ep, &query("KILLER()")),
+                None,
+                "a word that starts with kill"
+            );
+            assert_eq!(own_command(ep, &query("SELECT 1")), None);
+            assert_eq!(own_command(ep, &[protocol::COM_PROCESS_KILL, 1, 0, 0, 0]), Some(true));
+            assert_eq!(own_command(ep, &[protocol::COM_CHANGE_USER]), Some(true));
+            assert_eq!(own_command(ep, &[]), None);
+        }
+        // A reset loses the ro session's READ ONLY: the proxy sets it again there only.
+        assert_eq!(
+            own_command(Endpoint::ReadOnly, &[protocol::COM_RESET_CONNECTION]),
+            Some(true)
+        );
+        assert_eq!(
+            own_command(Endpoint::ReadWrite, &[protocol::COM_RESET_CONNECTION]),
+            None
+        );
+    }
+}
