@@ -16,7 +16,7 @@ use crate::pg::protocol::messages;
 use crate::pg::protocol::tags::{FrontendTag, TxStatus};
 use crate::proxy::shared::Shared;
 
-pub use crate::pg::session::ADMIN_DATABASE;
+pub use crate::config::ADMIN_DATABASE;
 const MAX_COMMAND: usize = 64 * 1024;
 
 const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | CLIENTS | SERVERS | STATS | EVENTS; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name); SWITCHOVER <cluster> TO <node>";

@@ -49,6 +49,10 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The database name that asks for the admin console instead of a cluster (`psql -d
+/// switchyard` on any PostgreSQL listener).
+pub const ADMIN_DATABASE: &str = "switchyard";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {

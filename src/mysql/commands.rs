@@ -265,10 +265,13 @@ impl Relay<'_> {
         };
         let mut conn = server::login(&t.addr, &req, &self.cluster.server_tls(), timeout).await?;
         let caps = protocol::proxy_capabilities() & conn.greeting.capabilities;
-        let sql = format!("KILL {}{}", if query_only { "QUERY " } else { "" }, t.server_id);
+        // The registry keeps ids as i32 (PostgreSQL's pids); a MySQL thread id is a u32,
+        // stored bit for bit, so it is read back as one.
+        let thread_id = t.server_id as u32;
+        let sql = format!("KILL {}{}", if query_only { "QUERY " } else { "" }, thread_id);
         let result = protocol::first_value(&mut conn.stream, caps, &sql).await.map(|_| ());
         let _ = write_packet(&mut conn.stream, 0, &[protocol::COM_QUIT]).await;
-        info!(cluster = %self.cluster.name, engine = "mysql", by = %self.user.name, of = %t.user, node_addr = %t.addr, server_thread = t.server_id, query_only, ok = result.is_ok(), "KILL forwarded");
+        info!(cluster = %self.cluster.name, engine = "mysql", by = %self.user.name, of = %t.user, node_addr = %t.addr, server_thread = thread_id, query_only, ok = result.is_ok(), "KILL forwarded");
         result
     }
 }

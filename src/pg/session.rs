@@ -91,8 +91,7 @@ struct Connected {
     causal: Causal,
 }
 
-/// The database name that asks for the admin console instead of a cluster.
-pub const ADMIN_DATABASE: &str = "switchyard";
+pub use crate::config::ADMIN_DATABASE;
 
 /// A client that authenticated for the admin console (`-d switchyard`): the app hands
 /// it to `admin::console` (sessions know nothing of the admin layer above them).

@@ -34,7 +34,8 @@ pub struct Target {
     /// The cluster, whose `server_tls` the cancel uses.
     pub cluster: String,
     pub addr: String,
-    /// The server's id of the connection: a PostgreSQL backend pid, a MySQL thread id.
+    /// The server's id of the connection: a PostgreSQL backend pid, a MySQL thread id
+    /// (a u32, stored bit for bit: read it back `as u32`).
     pub server_id: i32,
     /// PostgreSQL's secret key of that backend (0 for MySQL).
     pub server_key: i32,

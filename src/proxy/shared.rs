@@ -146,10 +146,11 @@ impl Shared {
 
     /// Make `config` the running config (each engine derives what it needs once).
     pub fn set_config(&self, config: Config) {
+        let config = Arc::new(config);
+        *self.config.write().unwrap() = config.clone();
         for e in &self.engines {
             e.config_changed(&config);
         }
-        *self.config.write().unwrap() = Arc::new(config);
     }
 
     pub fn set_reloader(&self, reloader: Reloader) {
