@@ -120,10 +120,14 @@ fn every_toml_example_passes_check_and_every_link_resolves() {
 #[test]
 fn the_book_builds() {
     let dest = tempfile::tempdir().unwrap();
+    // Where scripts/install-deps.sh put it (`cargo install`: $CARGO_HOME/bin), else PATH.
     let mdbook = std::env::var_os("MDBOOK").map(PathBuf::from).unwrap_or_else(|| {
-        let cargo_bin = PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo/bin/mdbook");
-        if cargo_bin.exists() {
-            cargo_bin
+        let cargo_home = std::env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+        let installed = cargo_home.join("bin/mdbook");
+        if installed.exists() {
+            installed
         } else {
             PathBuf::from("mdbook")
         }
