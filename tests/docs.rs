@@ -1,7 +1,8 @@
 //! The documentation cannot drift from the code:
 //! - the configuration reference (`docs/src/reference/configuration.md`) has one
 //!   heading per key, and its keys are exactly those of the config structs, read from
-//!   their serde derives (so a new key without documentation fails here);
+//!   their serde derives (so a new key without documentation fails here); the default
+//!   it states for a key is the one serde fills in;
 //! - every TOML example in the book and the README passes `switchyard check`, and every
 //!   relative link resolves (`scripts/check-docs`);
 //! - the book builds with mdBook (installed by `scripts/install-deps.sh`).
@@ -95,6 +96,108 @@ fn the_configuration_reference_documents_exactly_the_keys_of_the_config() {
     assert!(
         undocumented.is_empty() && unknown.is_empty(),
         "docs/src/reference/configuration.md disagrees with src/config:\n  keys without a heading: {undocumented:?}\n  headings that are no key: {unknown:?}"
+    );
+}
+
+/// Every key with its optional tables present, and only the keys that have no default
+/// set (so that every documented default can be seen).
+const ALL_TABLES: &str = r#"
+[[users]]
+name = "app"
+
+[clusters.main]
+
+[clusters.main.manager]
+user = "postgres"
+
+[[clusters.main.nodes]]
+name = "a"
+host = "127.0.0.1"
+
+[coordination]
+etcd = ["http://127.0.0.1:2379"]
+instance = "one"
+
+[auth_query]
+user = "postgres"
+"#;
+
+/// The value at a reference path (`clusters.NAME.nodes[].port`) in the serialized config.
+fn at<'a>(v: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    let mut v = v;
+    for part in path.split('.') {
+        let (name, array) = match part.strip_suffix("[]") {
+            Some(n) => (n, true),
+            None => (part, false),
+        };
+        v = if name == "NAME" {
+            v.as_object()?.values().next()?
+        } else {
+            v.get(name)?
+        };
+        if array {
+            v = v.get(0)?;
+        }
+    }
+    Some(v)
+}
+
+#[test]
+fn the_defaults_in_the_configuration_reference_are_the_configs() {
+    let parsed: config::Config = toml::from_str(ALL_TABLES).unwrap();
+    let actual = serde_json::to_value(&parsed).unwrap();
+    let set: toml::Value = toml::from_str(ALL_TABLES).unwrap();
+    let set = serde_json::to_value(&set).unwrap();
+    let text = std::fs::read_to_string(root().join("docs/src/reference/configuration.md")).unwrap();
+    let (mut compared, mut wrong) = (0, Vec::new());
+    let mut key = None;
+    for line in text.lines() {
+        if let Some(h) = line.strip_prefix("### ") {
+            key = Some(h.trim().trim_matches('`').to_string());
+            continue;
+        }
+        let (Some(k), Some(default)) = (&key, line.strip_prefix("- **Default:** ")) else {
+            continue;
+        };
+        if at(&set, k).is_some() {
+            continue; // given in ALL_TABLES: no default to see
+        }
+        let value = at(&actual, k);
+        let documented = if default.starts_with("none") {
+            Some(serde_json::Value::Null)
+        } else if let Some(rest) = default.strip_prefix('`') {
+            let (span, after) = rest.split_once('`').unwrap();
+            // A value alone, or with a parenthesis ("`0` (one per CPU core)"); a default
+            // that depends on other keys ("`10000` with ...") is prose, not checked here.
+            if !(after.is_empty() || after.starts_with(" (")) {
+                continue;
+            }
+            let parsed: Result<toml::Table, _> = toml::from_str(&format!("v = {span}"));
+            Some(match parsed {
+                Ok(t) => serde_json::to_value(&t["v"]).unwrap(),
+                Err(_) => serde_json::Value::String(span.to_string()),
+            })
+        } else {
+            None // "required", or a sentence
+        };
+        let Some(documented) = documented else { continue };
+        compared += 1;
+        let actual = value.cloned().unwrap_or(serde_json::Value::Null);
+        if actual != documented {
+            wrong.push(format!(
+                "{k}: documented {documented}, the config's default is {actual}"
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "docs/src/reference/configuration.md states wrong defaults:\n  {}",
+        wrong.join("\n  ")
+    );
+    eprintln!("{compared} defaults compared");
+    assert!(
+        compared >= 50,
+        "only {compared} defaults were compared: has the reference's format changed?"
     );
 }
 

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -53,7 +53,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 /// switchyard` on any PostgreSQL listener).
 pub const ADMIN_DATABASE: &str = "switchyard";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -80,7 +80,7 @@ pub struct Config {
 /// PgBouncer's `auth_user` + `auth_query`: a client whose user is not in `[[users]]`
 /// is checked against the SCRAM verifier this query returns from the cluster it
 /// connects to (a node that is up, the primary first); results are cached.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthQueryConfig {
     /// Who runs the query: a superuser, or a role allowed to run a SECURITY DEFINER
@@ -103,7 +103,7 @@ pub struct AuthQueryConfig {
     pub cache_s: u64,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert_file: std::path::PathBuf,
@@ -116,7 +116,7 @@ pub struct TlsConfig {
 /// TLS toward a cluster's servers, as libpq's `sslmode`: `prefer` and `require`
 /// encrypt without checking who the server is; the verify modes check the certificate
 /// against `server_ca_file` (and, for `verify-full`, the node's host name).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ServerTlsMode {
     Disable,
@@ -140,7 +140,7 @@ impl fmt::Display for ServerTlsMode {
 }
 
 /// Whether a cluster's listeners take TLS from clients.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientTls {
     /// SSLRequest answered `N`.
@@ -151,7 +151,7 @@ pub enum ClientTls {
     Require,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinationConfig {
     /// etcd client URLs (`http://host:2379`), tried in order.
@@ -167,7 +167,7 @@ pub struct CoordinationConfig {
     pub lease_s: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     #[serde(default = "default::health_interval_ms")]
@@ -218,7 +218,7 @@ impl HealthConfig {
 }
 
 /// Operator interfaces.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// `/health`, `/status`, `/metrics`, the status page; off when unset.
@@ -234,7 +234,7 @@ pub struct AdminConfig {
 }
 
 /// Settings of the client-facing side that are not per cluster.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// A client that has not finished startup and authentication by then is dropped
@@ -277,7 +277,7 @@ impl Default for ProxyConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum AuthMethod {
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
@@ -287,7 +287,7 @@ pub enum AuthMethod {
     Trust,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
@@ -309,7 +309,7 @@ pub struct UserConfig {
 }
 
 /// What the cluster's servers speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Engine {
     #[default]
@@ -327,14 +327,14 @@ impl fmt::Display for Engine {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PoolMode {
     Session,
     Transaction,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReadBalance {
     Priority,
@@ -343,7 +343,7 @@ pub enum ReadBalance {
 }
 
 /// What the rw endpoint does when more than one node reports itself primary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SplitBrainRule {
     /// Refuse every write until only one primary is left.
@@ -355,7 +355,7 @@ pub enum SplitBrainRule {
 }
 
 /// Who promotes a standby when the primary is lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailoverMode {
     /// Someone else promotes (Patroni, repmgr, an operator); Switchyard follows.
@@ -365,7 +365,7 @@ pub enum FailoverMode {
 }
 
 /// Read-your-writes for reads sent to standbys (split reads, the ro endpoint).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReadYourWrites {
     /// After a client's write commits, its reads go only to standbys that replayed it
@@ -379,7 +379,7 @@ pub enum ReadYourWrites {
     Off,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// `postgresql` (default) or `mysql` (MySQL / MariaDB).
@@ -472,7 +472,7 @@ pub struct ClusterConfig {
     pub nodes: Vec<NodeConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManagerConfig {
     pub user: String,
@@ -519,7 +519,7 @@ impl ClusterConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub name: String,
