@@ -234,6 +234,7 @@ const PURE: &[&str] = &[
     "src/pg/txn/statements.rs",
     "src/pg/txn/unit.rs",
     "src/pg/txn/conn.rs",
+    "src/pg/txn/action.rs",
 ];
 
 const DOES_IO: &[&str] = &[

@@ -19,58 +19,13 @@ use super::state::SessionState;
 use super::statements::Statements;
 use super::unit;
 use crate::error::{Error, SqlState};
-use crate::pg::classify::{self, CausalStatement, Classification, Classifier};
+use crate::pg::classify::{self, Classification, Classifier};
 use crate::pg::protocol::messages;
 pub use crate::pg::protocol::messages::{write_causal_reply, CausalReply};
 use crate::pg::protocol::tags::{BackendTag, FrontendTag, TxStatus};
 use crate::pg::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
 
-/// Where a unit's connection comes from: the routing decision, made by the machine
-/// (`Machine::route`) and carried out by the driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    /// The primary, confirmed on the connection itself.
-    Primary,
-    /// A readable node: a standby within lag that satisfies the client's fresh-read
-    /// floor (placed by the driver), else the primary.
-    Readable,
-}
-
-/// What the driver must do, in order.
-#[derive(Debug, Clone)]
-pub enum Action {
-    /// Get a server connection on `to`. `read`: the unit only reads (proven by the
-    /// classifier), so it may run again elsewhere until answered; `exclude`: a node that
-    /// just failed this unit; `rerun`: the unit in progress runs again (not a new one,
-    /// so a shutdown does not hold it back).
-    Acquire {
-        to: Target,
-        read: bool,
-        exclude: Option<String>,
-        rerun: bool,
-    },
-    /// Give the held connection back: to its pool if `reuse`, else close it.
-    Release { reuse: bool },
-    /// Close the idle pooled connections to a database a statement needs free.
-    CloseIdle(String),
-    /// End the session, telling the client why (None: it left).
-    End(Option<Error>),
-    /// Answer `SHOW`/`SET`/`RESET switchyard.causal_token` (the driver keeps the token
-    /// and calls `on_causal_reply`).
-    Causal(CausalStatement),
-}
-
-pub struct Config {
-    pub cluster: String,
-    /// The session came in on the ro endpoint.
-    pub read_only_endpoint: bool,
-    /// `read_write_split` on the rw endpoint.
-    pub split: bool,
-    pub max_message: u32,
-    /// The pid the client was given (BackendKeyData).
-    pub client_pid: i32,
-    pub client_key: i32,
-}
+pub use super::action::{Action, Config, Target};
 
 /// Where the session is. The held connection, if any, is `Machine::unit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -793,38 +748,34 @@ impl<'a> Machine<'a> {
     /// The held connection failed (reset, EOF, write error): retry the unit elsewhere if
     /// it may move, else end the session saying why.
     pub fn on_server_lost(&mut self, reason: &str) {
-        let Some(node) = self.node().map(str::to_string) else {
-            return;
-        };
-        if self.rerun(Some(node.clone())) {
-            warn!(cluster = %self.cfg.cluster, node = %node, reason = %reason, "standby lost before answering a read; retrying it on another node");
-            return;
-        }
-        let unknown = self.unit.as_ref().is_some_and(|u| u.commit_in_flight);
-        self.release(false);
-        self.end(Some(if unknown {
-            Error::resolution_unknown(&self.cfg.cluster, &node, reason)
-        } else {
-            Error::server_lost(&self.cfg.cluster, &node, reason)
-        }));
+        self.connection_gone(reason, |cluster, node| Error::server_lost(cluster, node, reason));
     }
 
     /// The held connection's node is no longer valid for it (`reason`; `node_up`: still
     /// healthy). A read not yet answered simply moves to another node.
     pub fn on_evicted(&mut self, reason: &str, node_up: bool) {
+        self.connection_gone(reason, |_, _| Error::evicted(node_up, reason));
+    }
+
+    /// The held connection cannot go on: a read not yet answered runs again on another
+    /// node; otherwise the session ends with `error`, or with "resolution unknown" when a
+    /// commit was in flight.
+    fn connection_gone(&mut self, reason: &str, error: impl FnOnce(&str, &str) -> Error) {
         let Some(node) = self.node().map(str::to_string) else {
             return;
         };
         if self.rerun(Some(node.clone())) {
+            warn!(cluster = %self.cfg.cluster, node = %node, reason = %reason, "server connection lost or evicted before a read was answered; retrying it on another node");
             return;
         }
         let unknown = self.unit.as_ref().is_some_and(|u| u.commit_in_flight);
         self.release(false);
-        self.end(Some(if unknown {
+        let e = if unknown {
             Error::resolution_unknown(&self.cfg.cluster, &node, reason)
         } else {
-            Error::evicted(node_up, reason)
-        }));
+            error(&self.cfg.cluster, &node)
+        };
+        self.end(Some(e));
     }
 }
 

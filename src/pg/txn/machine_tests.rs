@@ -1,6 +1,7 @@
 //! The machine fed with the byte sequences real clients send (as pgbench, psycopg
 //! and Django do) and servers answer, with no sockets.
 use super::*;
+use crate::pg::classify::CausalStatement;
 use postgres_protocol::message::frontend as fe;
 
 /// Frontend messages, encoded as clients encode them.

@@ -9,7 +9,8 @@
 //!   prepared on whatever connection the client gets;
 //! - `state`: session settings (startup parameters, SETs) replayed on each connection;
 //! - `unit`: whether a unit of work only reads (read/write splitting);
-//! - `conn`: what sessions left on a server connection (`ConnState`).
+//! - `conn`: what sessions left on a server connection (`ConnState`);
+//! - `action`: what the machine asks of the driver (`Action`, `Target`) and its `Config`.
 //!
 //! The machine makes every routing decision (`Machine::route`: the primary or a
 //! readable node) and hands it to the driver in `Action::Acquire`; it has an explicit
@@ -18,6 +19,7 @@
 //!
 //! `driver` is the async loop that owns the sockets and performs the machine's actions.
 
+pub mod action;
 pub mod conn;
 pub mod driver;
 pub mod machine;
