@@ -84,6 +84,11 @@ pub struct NodeStatus {
     pub last_check_ms_ago: Option<u64>,
     pub last_error: Option<String>,
     pub state_since_s: u64,
+    /// What the control plane last did to or found about this node (an old primary
+    /// fenced, rejoined as a replica, or diverged: with the transactions it has that
+    /// the primary lacks).
+    #[serde(default)]
+    pub remark: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -128,6 +133,7 @@ pub fn node_status(snap: &ClusterSnapshot, i: usize, now: SystemTime) -> NodeSta
         last_check_ms_ago: n.last_check.map(|t| since(t, now).as_millis() as u64),
         last_error: n.last_error.clone(),
         state_since_s: since(n.since, now).as_secs(),
+        remark: None,
     }
 }
 
@@ -204,7 +210,15 @@ pub fn build(shared: &Shared) -> Status {
                     .map(|(_, at, _)| at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)),
                 published: snap.coordination.as_ref().and_then(|c| c.published.clone()),
                 epoch: snap.coordination.as_ref().map(|c| c.epoch),
-                nodes: (0..snap.nodes.len()).map(|i| node_status(&snap, i, now)).collect(),
+                nodes: {
+                    let remarks = ctx.ha.remarks();
+                    (0..snap.nodes.len())
+                        .map(|i| NodeStatus {
+                            remark: remarks.get(&snap.nodes[i].name).cloned(),
+                            ..node_status(&snap, i, now)
+                        })
+                        .collect()
+                },
                 pools: pool_rows,
                 events: events[skip..].iter().map(event_status).collect(),
             }
@@ -288,6 +302,7 @@ pub fn render_table(s: &Status) -> String {
                     .map(|m| format!("{m}ms ago"))
                     .unwrap_or_else(|| "-".into()),
                 match (&n.last_error, &n.detached) {
+                    _ if n.remark.is_some() => n.remark.clone().unwrap_or_default(),
                     (Some(e), _) => e.clone(),
                     (None, Some(d)) => format!("no reads: {d}"),
                     (None, None) if n.fenced => "fenced by a switchover: make it a standby of the new primary".into(),

@@ -2,6 +2,7 @@
 //! kept current (`health`), and where a request may go (`routing`, a pure function of a
 //! topology snapshot). `ClusterCtx` is a cluster as sessions and operators see it.
 
+pub mod control;
 pub mod freshness;
 pub mod health;
 pub mod routing;
@@ -58,6 +59,9 @@ pub struct HaState {
     note: Mutex<Option<String>>,
     /// The last promotion Switchyard made: when (for the cooldown), and what.
     last: Mutex<Option<(std::time::Instant, SystemTime, String)>>,
+    /// Per node, what the control plane last did to it or found (an old primary
+    /// fenced, rejoined, or diverged with the transactions it has), for `/status`.
+    remarks: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl HaState {
@@ -71,6 +75,19 @@ impl HaState {
         let changed = *n != note;
         *n = note;
         changed
+    }
+
+    /// Set or clear the remark on `node`.
+    pub fn remark(&self, node: &str, remark: Option<String>) {
+        let mut r = self.remarks.lock().unwrap();
+        match remark {
+            Some(text) => r.insert(node.to_string(), text),
+            None => r.remove(node),
+        };
+    }
+
+    pub fn remarks(&self) -> std::collections::BTreeMap<String, String> {
+        self.remarks.lock().unwrap().clone()
     }
 
     /// A promotion was made (`what`: "failover default -> failover1").

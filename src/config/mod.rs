@@ -482,6 +482,17 @@ pub struct ManagerConfig {
     pub password_file: Option<std::path::PathBuf>,
     #[serde(default)]
     pub password_env: Option<String>,
+    /// MySQL: the login a rejoined old primary replicates with (`CHANGE MASTER TO
+    /// MASTER_USER`); without it an old primary is fenced but not rejoined. Replicas that
+    /// are only repointed keep the login they have.
+    #[serde(default)]
+    pub replication_user: Option<String>,
+    #[serde(default)]
+    pub replication_password: Option<String>,
+    #[serde(default)]
+    pub replication_password_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub replication_password_env: Option<String>,
 }
 
 impl ClusterConfig {
@@ -594,6 +605,12 @@ impl Config {
                     &mut m.password,
                     &m.password_file,
                     &m.password_env,
+                )?;
+                secret(
+                    &format!("clusters.{name}.manager.replication_password"),
+                    &mut m.replication_password,
+                    &m.replication_password_file,
+                    &m.replication_password_env,
                 )?;
             }
         }

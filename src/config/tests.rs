@@ -198,12 +198,18 @@ fn mysql_clusters_refuse_postgresql_only_keys_by_name() {
     for (extra, key) in [
         ("pool_mode = \"transaction\"", "clusters.main.pool_mode"),
         ("causal_wait_ms = 10", "clusters.main.causal_wait_ms"),
-        ("manager = { user = \"root\" }", "clusters.main.manager"),
+        // Automatic failover needs a manager, on MySQL as on PostgreSQL.
         ("failover = \"automatic\"", "clusters.main.failover"),
     ] {
         let err = with(extra).unwrap_err().to_string();
         assert!(err.starts_with(key), "{extra}: {err}");
     }
+    let c = with(
+        "failover = \"automatic\"\nfailover_max_lag_bytes = 0\nmanager = { user = \"root\", replication_user = \"repl\", replication_password = \"r\" }",
+    )
+    .unwrap();
+    let m = c.clusters["main"].manager.as_ref().unwrap();
+    assert_eq!((m.replication_user.as_deref(), m.replication_password.as_deref()), (Some("repl"), Some("r")));
     let err = with("engine = \"oracle\"").unwrap_err().to_string();
     assert!(err.contains("engine"), "{err}");
 }

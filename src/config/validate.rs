@@ -249,11 +249,5 @@ fn mysql_rules(cname: &str, c: &ClusterConfig) -> Result<(), ConfigError> {
             "is PostgreSQL-only (used by read/write splitting)",
         );
     }
-    if c.failover != FailoverMode::Follow || c.manager.is_some() || c.demote_command.is_some() {
-        return refuse(
-            if c.manager.is_some() { "manager" } else if c.demote_command.is_some() { "demote_command" } else { "failover" },
-            "MySQL clusters follow a promotion made by an operator or another tool (failover = \"follow\"); Switchyard does not promote MySQL replicas",
-        );
-    }
     Ok(())
 }

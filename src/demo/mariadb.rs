@@ -28,9 +28,17 @@ pub const MY_APP_DB: &str = "app";
 pub const MY_MONITOR_USER: &str = "monitor";
 pub const MY_MONITOR_PASSWORD: &str = "monitor";
 
-/// The replication login replicas use toward their primary.
-const REPL_USER: &str = "repl";
-const REPL_PASSWORD: &str = "repl";
+/// The replication login replicas use toward their primary (and Switchyard's manager
+/// gives an old primary it rejoins: `manager.replication_user`).
+pub const REPL_USER: &str = "repl";
+pub const REPL_PASSWORD: &str = "repl";
+
+/// The control plane's login (`[clusters.NAME.manager]`): the privileges failover,
+/// switchover and rejoin need on MariaDB 10.11, and no more.
+pub const MY_MANAGER_USER: &str = "manager";
+pub const MY_MANAGER_PASSWORD: &str = "manager";
+pub const MY_MANAGER_GRANTS: &str =
+    "READ_ONLY ADMIN, REPLICATION SLAVE ADMIN, CONNECTION ADMIN, RELOAD, PROCESS, SLAVE MONITOR, REPLICATION CLIENT";
 
 /// How long a node may take to accept connections, or to stop.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -139,7 +147,9 @@ impl MariaCluster {
                  CREATE USER '{MY_APP_USER}'@'%' IDENTIFIED BY '{MY_APP_PASSWORD}';\
                  GRANT ALL PRIVILEGES ON `{MY_APP_DB}`.* TO '{MY_APP_USER}'@'%';\
                  CREATE USER '{MY_MONITOR_USER}'@'%' IDENTIFIED BY '{MY_MONITOR_PASSWORD}';\
-                 GRANT REPLICATION CLIENT, SLAVE MONITOR, PROCESS ON *.* TO '{MY_MONITOR_USER}'@'%'"
+                 GRANT REPLICATION CLIENT, SLAVE MONITOR, PROCESS ON *.* TO '{MY_MONITOR_USER}'@'%';\
+                 CREATE USER '{MY_MANAGER_USER}'@'%' IDENTIFIED BY '{MY_MANAGER_PASSWORD}';\
+                 GRANT {MY_MANAGER_GRANTS} ON *.* TO '{MY_MANAGER_USER}'@'%'"
                 ),
             )
             .context("creating users on the primary")?;
@@ -417,7 +427,7 @@ impl MariaCluster {
     }
 
     /// The port node `i` is configured to replicate from (`SHOW SLAVE STATUS`), if any.
-    fn master_port(&self, i: usize) -> Result<Option<u16>> {
+    pub fn master_port(&self, i: usize) -> Result<Option<u16>> {
         let status = self.slave_status(i)?;
         Ok(status
             .lines()

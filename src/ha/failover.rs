@@ -10,20 +10,27 @@
 //!   `failover_max_lag_bytes`; none at all if a standby still hears from the primary).
 //!
 //! Around them, [`spawn`] runs one task per cluster that watches the topology and, when
-//! `trigger` says so, does the work through the manager login:
+//! `trigger` says so, does the work through the manager login, with the engine's
+//! `cluster::control::Control` (`pg::manager`, `mysql::manager`):
 //! 1. **confirm** (while 2 runs): the old primary is really gone for everyone: if the manager can still
 //!    log in to it and it says it is primary, the health checks fail for another reason
 //!    (too many connections, a revoked health user) and nothing is done.
-//! 2. **survey**: every up standby is asked what WAL it received and replayed, on which
-//!    timeline, and whether its WAL receiver heard from the primary within the fall
-//!    window (then the primary is alive, only cut off from Switchyard: no failover).
+//! 2. **survey**: every up standby is asked what it received and applied (WAL, or
+//!    GTIDs), on which timeline, and whether it still hears from the primary
+//!    (PostgreSQL: its WAL receiver within the fall window; MySQL: its IO thread is
+//!    connected); then the primary is alive, only cut off from Switchyard: no failover.
 //! 3. **fence**: the old primary is `fenced` in routing (never chosen as primary again
-//!    until it reports being a standby; a newer timeline also rules it out).
-//! 4. **repoint** the other standbys at the chosen one (they cascade from it and follow
-//!    its timeline switch), 5. **promote** it (`pg_promote`), 6. look at the new
-//!    primary at once so routing picks it without waiting for the next check.
-//! 7. In the background, the old primary is watched for ten minutes: if it comes back
-//!    as a primary it is made read-only and its sessions are ended; `demote_command`, if
+//!    until it reports being a standby; a newer timeline also rules it out); under
+//!    coordination, withdrawn in etcd and seen withdrawn by every instance.
+//! 4. **repoint** the other standbys at the chosen one and 5. **promote** it
+//!    (PostgreSQL: repoint first, so they cascade and follow its timeline switch;
+//!    MySQL: promote first, after it applied its relay log, then repoint by GTID).
+//! 6. look at the new primary at once so routing picks it without waiting for the
+//!    next check; publish it (coordination).
+//! 7. In the background, the old primary is watched for ten minutes: when it answers
+//!    again it is made read-only and its sessions ended if it came back writable, and
+//!    (MySQL) rejoined as a replica if its GTID history is a prefix of the new
+//!    primary's, else kept out and its extra transactions named; `demote_command`, if
 //!    configured, is run.
 //!
 //! What this does not protect against (no agent runs on the database hosts): clients
@@ -40,11 +47,11 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::cluster::routing;
-use crate::cluster::topology::{ClusterSnapshot, Health, Role};
+use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
 use crate::cluster::ClusterCtx;
-use crate::config::{ClusterConfig, FailoverMode};
-use crate::ha::manager::{self, Manager};
-use crate::pg::health::{self, parse_lsn};
+use crate::config::{ClusterConfig, Engine, FailoverMode};
+use crate::cluster::control::{Candidate, Control, Reclaim};
+use crate::ha::{control_of, demote, repoint_standbys, AnyControl};
 use crate::proxy::shared::Shared;
 
 /// What a snapshot calls for.
@@ -98,26 +105,6 @@ pub fn trigger(
         ));
     }
     Trigger::Go { old }
-}
-
-/// What a standby said when asked just before a failover.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Candidate {
-    /// Index in the snapshot (lower = higher priority).
-    pub index: usize,
-    pub name: String,
-    pub timeline: Option<u32>,
-    /// `pg_last_wal_receive_lsn()`: flushed by its WAL receiver (what it will replay).
-    pub received: Option<u64>,
-    pub replayed: Option<u64>,
-    /// Its WAL receiver streams and heard from the primary within the fall window.
-    pub hears_primary: bool,
-}
-
-impl Candidate {
-    fn position(&self) -> u64 {
-        self.received.max(self.replayed).unwrap_or(0)
-    }
 }
 
 /// Which candidate to promote (an index into `cands`), or why none. `old_lsn`: the old
@@ -191,12 +178,13 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
                             }
                             None => Ok(()),
                         };
-                        match gate {
-                            Ok(()) => failover(&shared, &ctx, cc, &snap, old)
-                                .await
-                                .map(|new| last_primary = Some(new)),
-                            Err(why) => Err(why),
-                        }
+                        let outcome = match (gate, control_of(cc, ctx.server_tls())) {
+                            (Err(why), _) => Err(why),
+                            (Ok(()), None) => Err("no [clusters.NAME.manager] login".into()),
+                            (Ok(()), Some(AnyControl::Pg(c))) => failover(&shared, &ctx, &c, cc, &snap, old).await,
+                            (Ok(()), Some(AnyControl::My(c))) => failover(&shared, &ctx, &c, cc, &snap, old).await,
+                        };
+                        outcome.map(|new| last_primary = Some(new))
                     }
                 };
                 if let Err(why) = outcome {
@@ -216,26 +204,18 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
     })
 }
 
-const SURVEY_SQL: &str = "SELECT pg_is_in_recovery(),
-  pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
-  (SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1),
-  COALESCE((SELECT status = 'streaming' AND last_msg_receipt_time > now() - make_interval(secs => $1)
-            FROM pg_stat_wal_receiver LIMIT 1), false)";
-
-/// Fail over from node `old` of `snap`; the new primary's name, or why not.
-async fn failover(
-    shared: &Shared,
-    ctx: &ClusterCtx,
+/// Fail over from node `old` of `snap` with the engine's `control`; the new primary's
+/// name, or why not.
+async fn failover<C: Control>(
+    shared: &Arc<Shared>,
+    ctx: &Arc<ClusterCtx>,
+    control: &Arc<C>,
     cc: &ClusterConfig,
     snap: &ClusterSnapshot,
     old: usize,
 ) -> Result<String, String> {
     let Ok(_running) = ctx.ha.lock.try_lock() else {
         return Err("primary is down; automatic failover waits for a running switchover".into());
-    };
-    let manager = manager::Manager {
-        login: cc.manager.clone().ok_or("no [clusters.NAME.manager] login")?,
-        tls: ctx.server_tls(),
     };
     let config = shared.config();
     let h = &config.health;
@@ -244,28 +224,33 @@ async fn failover(
     let old_node = snap.nodes[old].clone();
 
     // 2. survey
-    let window = (h.interval() * h.fall).as_secs_f64();
+    let window = h.interval() * h.fall;
     let asks = snap
         .nodes
         .iter()
         .enumerate()
         .filter(|(i, n)| *i != old && n.health == Health::Up && n.role == Role::Standby && !n.drained)
-        .map(|(i, n)| {
-            let manager = &manager;
-            async move { (i, survey(manager, i, n, timeout, window).await) }
+        .map(|(i, n)| async move {
+            let work = async {
+                let mut c = control.connect(n, timeout).await?;
+                control.survey(&mut c, i, n, window).await
+            };
+            let answer = tokio::time::timeout(timeout, work)
+                .await
+                .unwrap_or_else(|_| Err("no answer".to_string()));
+            (i, answer)
         });
     // 1. confirm, at the same time: the old primary had its health checks' chance; a
     // shorter bound here keeps a frozen one from delaying the failover much.
     let confirm = async {
         let t = timeout / 2;
-        let c = manager::connect(&manager, &old_node.addr, &old_node.name, t)
-            .await
-            .ok()?;
-        let row = tokio::time::timeout(t, c.query_one("SELECT pg_is_in_recovery()", &[]))
-            .await
-            .ok()?
-            .ok()?;
-        Some(!row.get::<_, bool>(0))
+        tokio::time::timeout(t, async {
+            let mut c = control.connect(&old_node, t).await.ok()?;
+            control.is_primary(&mut c).await.ok()
+        })
+        .await
+        .ok()
+        .flatten()
     };
     let (alive, answers) = tokio::join!(confirm, futures_util::future::join_all(asks));
     if alive == Some(true) {
@@ -278,10 +263,7 @@ async fn failover(
     let mut cands = Vec::new();
     for (i, answer) in answers {
         match answer {
-            Ok(Some(mut c)) => {
-                c.timeline = c.timeline.or(snap.nodes[i].timeline);
-                cands.push(c);
-            }
+            Ok(Some(c)) => cands.push(c),
             Ok(None) => {}
             Err(e) => {
                 warn!(cluster = %ctx.name, node = %snap.nodes[i].name, reason = %e, "failover: standby not surveyed")
@@ -292,11 +274,9 @@ async fn failover(
     let target = cands[pick].clone();
     let new_node = snap.nodes[target.index].clone();
     info!(cluster = %ctx.name, old = %old_node.name, new = %new_node.name,
-          received = ?target.received, old_lsn = ?old_node.lsn, "automatic failover: promoting the most caught-up standby");
+          received = ?target.received, old_position = ?old_node.lsn, "automatic failover: promoting the most caught-up standby");
 
-    // 3. fence (in routing), 4. repoint the other standbys at the target while it is
-    // still a standby (they cascade from it and follow its timeline switch; see
-    // switchover.rs for why not after), 5. promote
+    // 3. fence (in routing)
     ctx.set_fenced(&old_node.name, true);
     if let Some(c) = crate::ha::coord::get(shared) {
         // The other instances must stop writing to the old primary before any other
@@ -332,14 +312,23 @@ async fn failover(
             warn!(cluster = %ctx.name, epoch, late = ?seen.late, "automatic failover: instances did not confirm the withdrawal within a lease; they have not read etcd for that long and route no writes");
         }
     }
-    manager::repoint_standbys(&ctx.name, &manager, snap, &[old, target.index], &new_node.addr, timeout).await;
+    // 4. repoint, 5. promote. PostgreSQL: the other standbys are repointed at the
+    // target while it is still a standby (they cascade from it and follow its timeline
+    // switch; see switchover.rs for why not after). MySQL: after, since a replica can
+    // only start from GTIDs its new source's binary log already holds, and the target
+    // writes there what it received only as it applies it, before its promotion.
+    let skip = [old, target.index];
+    let before = ctx.engine == Engine::Postgresql;
+    if before {
+        repoint_standbys(&ctx.name, &**control, snap, &skip, &new_node, timeout).await;
+    }
     let promoted = async {
-        let c = manager::connect(&manager, &new_node.addr, &new_node.name, timeout).await?;
-        manager::promote(&c, &new_node.name, Duration::from_secs(30)).await?;
+        let mut c = control.connect(&new_node, timeout).await?;
+        control.promote(&mut c, &new_node.name, Duration::from_secs(30)).await?;
         Ok::<_, String>(c)
     }
     .await;
-    let new_conn = match promoted {
+    let mut new_conn = match promoted {
         Ok(c) => c,
         Err(e) => {
             ctx.set_fenced(&old_node.name, false);
@@ -349,10 +338,13 @@ async fn failover(
     ctx.ha
         .promoted(&format!("failover {} -> {}", old_node.name, new_node.name));
     shared.metrics.promoted(&ctx.name, "failover");
+    if !before {
+        repoint_standbys(&ctx.name, &**control, snap, &skip, &new_node, timeout).await;
+    }
 
     // 6. route
     let asked = std::time::Instant::now();
-    if let Ok(Ok(obs)) = tokio::time::timeout(timeout, health::check_now(&new_conn)).await {
+    if let Ok(Ok(obs)) = tokio::time::timeout(timeout, control.observe(&mut new_conn)).await {
         ctx.state.record_from(&new_node.name, Ok(obs), asked, h.rise, h.fall);
     }
     if let Some(c) = crate::ha::coord::get(shared) {
@@ -371,81 +363,68 @@ async fn failover(
 
     // 7. the old primary, in the background
     tokio::spawn(watch_old_primary(
-        ctx.name.clone(),
-        manager.clone(),
-        old_node.name.clone(),
-        old_node.addr.clone(),
+        ctx.clone(),
+        control.clone(),
+        old_node.clone(),
+        new_node.clone(),
         h.interval(),
         timeout,
     ));
-    manager::spawn_demote(
-        cc.demote_command.clone(),
-        &ctx.name,
-        (&old_node.name, &old_node.addr),
-        (&new_node.name, &new_node.addr),
-    );
+    demote(cc.demote_command.clone(), &ctx.name, &old_node, &new_node);
     Ok(new_node.name)
 }
 
-/// Ask one standby where it is. Ok(None): it is not in recovery (any more).
-async fn survey(
-    manager: &Manager,
-    index: usize,
-    n: &crate::cluster::topology::NodeState,
-    timeout: Duration,
-    window_s: f64,
-) -> Result<Option<Candidate>, String> {
-    let c = manager::connect(manager, &n.addr, &n.name, timeout).await?;
-    let row = tokio::time::timeout(timeout, c.query_one(SURVEY_SQL, &[&window_s]))
-        .await
-        .map_err(|_| "no answer".to_string())?
-        .map_err(|e| manager::describe(&e))?;
-    if !row.get::<_, bool>(0) {
-        return Ok(None);
-    }
-    let lsn = |i: usize| row.get::<_, Option<String>>(i).as_deref().and_then(parse_lsn);
-    Ok(Some(Candidate {
-        index,
-        name: n.name.clone(),
-        timeline: row.get::<_, Option<i32>>(3).map(|t| t as u32),
-        received: lsn(1),
-        replayed: lsn(2),
-        hears_primary: row.get(4),
-    }))
-}
-
-/// After a failover: if the old primary comes back as a primary within ten minutes,
-/// make it read-only and end its sessions (routing already ignores it).
-async fn watch_old_primary(
-    cluster: String,
-    manager: Manager,
-    node: String,
-    addr: String,
+/// After a failover, for ten minutes: when the old primary answers again, make it
+/// read-only if it came back writable (routing ignores it already), and rejoin it as a
+/// standby of the new primary where the engine can (MySQL, when its history allows).
+/// What became of it is logged, and kept for `/status` (`HaState::remark`).
+async fn watch_old_primary<C: Control>(
+    ctx: Arc<ClusterCtx>,
+    control: Arc<C>,
+    old: NodeState,
+    new: NodeState,
     interval: Duration,
     timeout: Duration,
 ) {
     let until = Instant::now() + Duration::from_secs(600);
     while Instant::now() < until {
         tokio::time::sleep(interval).await;
-        let Ok(c) = manager::connect(&manager, &addr, &node, timeout).await else {
-            continue;
+        let work = async {
+            let mut c = control.connect(&old, timeout).await.ok()?;
+            Some(control.reclaim(&mut c, &new, timeout).await)
         };
-        match c.query_one("SELECT pg_is_in_recovery()", &[]).await {
-            Ok(row) if row.get::<_, bool>(0) => return, // a standby now: nothing to fence
-            Ok(_) => match manager::fence(&c).await {
-                Ok(()) => {
-                    warn!(cluster = %cluster, node = %node, "the old primary came back after a failover: made it read-only and ended its sessions; make it a standby of the new primary");
-                    return;
-                }
-                Err(e) => {
-                    warn!(cluster = %cluster, node = %node, reason = %manager::describe(&e), "could not fence the old primary")
-                }
-            },
-            Err(_) => {}
-        }
+        let outcome = match tokio::time::timeout(timeout * 2, work).await {
+            Ok(Some(r)) => r,
+            _ => continue, // not reachable (yet)
+        };
+        let (cluster, node) = (&ctx.name, &old.name);
+        let remark = match outcome {
+            Err(e) => {
+                warn!(cluster = %cluster, node = %node, reason = %e, "could not fence the old primary");
+                continue;
+            }
+            Ok(Reclaim::Standby) => return,
+            Ok(Reclaim::Fenced) => {
+                warn!(cluster = %cluster, node = %node, "the old primary came back after a failover: made it read-only and ended its sessions; make it a standby of the new primary");
+                format!("fenced: came back as a primary after the failover to {}; read-only until made a standby", new.name)
+            }
+            Ok(Reclaim::Rejoined) => {
+                info!(cluster = %cluster, node = %node, primary = %new.name, "the old primary came back after a failover: made it read-only and rejoined it as a replica of the new primary");
+                format!("rejoined as a replica of {}", new.name)
+            }
+            Ok(Reclaim::Diverged(extra)) => {
+                warn!(cluster = %cluster, node = %node, extra = %extra, "the old primary came back with transactions the new primary lacks: made it read-only and kept it out; rebuild it from the new primary (see the failover docs)");
+                format!("diverged: has transactions {} lacks ({extra}); read-only, kept out of routing", new.name)
+            }
+            Ok(Reclaim::NotRejoined(why)) => {
+                warn!(cluster = %cluster, node = %node, reason = %why, "the old primary came back after a failover: made it read-only, not rejoined");
+                format!("fenced, not rejoined: {why}")
+            }
+        };
+        ctx.ha.remark(&old.name, Some(remark));
+        return;
     }
 }
-
 #[cfg(test)]
 #[path = "failover_tests.rs"]
 mod tests;

@@ -34,14 +34,14 @@ use std::fmt;
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_postgres::Client;
 use tracing::info;
 
+use crate::cluster::control::{Control, Reclaim};
 use crate::cluster::routing;
 use crate::cluster::topology::{Health, Role};
 use crate::cluster::ClusterCtx;
-use crate::ha::manager::{self, describe};
-use crate::pg::health::{self, parse_lsn};
+use crate::config::{ClusterConfig, Engine};
+use crate::ha::{control_of, demote, repoint_standbys, AnyControl};
 use crate::proxy::shared::Shared;
 
 /// How a switchover ended badly: the step, and why.
@@ -91,16 +91,27 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
         .get(cluster)
         .ok_or_else(|| fail("check", format!("no cluster named \"{cluster}\"")))?;
     let cc = &config.clusters[cluster];
-    let manager = cc.manager.clone().ok_or_else(|| {
+    let control = control_of(cc, ctx.server_tls()).ok_or_else(|| {
         fail(
             "check",
-            format!("clusters.{cluster}.manager is not configured (a superuser login for promotion and repointing)"),
+            format!("clusters.{cluster}.manager is not configured (a login for promotion and repointing)"),
         )
     })?;
-    let manager = manager::Manager {
-        login: manager,
-        tls: ctx.server_tls(),
-    };
+    match control {
+        AnyControl::Pg(c) => run(shared, ctx, cc, &*c, to).await,
+        AnyControl::My(c) => run(shared, ctx, cc, &*c, to).await,
+    }
+}
+
+async fn run<C: Control>(
+    shared: &Shared,
+    ctx: &ClusterCtx,
+    cc: &ClusterConfig,
+    control: &C,
+    to: &str,
+) -> Result<SwitchoverReport, SwitchoverError> {
+    let cluster = ctx.name.as_str();
+    let config = shared.config();
     let _running = ctx.ha.lock.try_lock().map_err(|_| {
         fail(
             "check",
@@ -166,10 +177,12 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
         }
     }
     let login_timeout = Duration::from_secs(5);
-    let old_conn = manager::connect(&manager, &old.addr, &old.name, login_timeout)
+    let mut old_conn = control
+        .connect(&old, login_timeout)
         .await
         .map_err(|e| fail("check", e))?;
-    let new_conn = manager::connect(&manager, &new.addr, &new.name, login_timeout)
+    let mut new_conn = control
+        .connect(&new, login_timeout)
         .await
         .map_err(|e| fail("check", e))?;
     mark("check", &mut steps);
@@ -220,29 +233,14 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     mark("hold", &mut steps);
 
     // 3. fence
-    let fence = async {
-        manager::fence(&old_conn).await?;
-        // One tiny transaction of our own, committed synchronously: its commit flushes
-        // every WAL record before it (asynchronous commits included), and the flush
-        // position after it is the end of a record, which a standby's replay position
-        // can equal (the insert position may sit past a page header, where replay never
-        // stops until more WAL comes).
-        old_conn
-            .batch_execute("SET synchronous_commit = on; BEGIN READ WRITE; SELECT txid_current(); COMMIT")
-            .await?;
-        let row = old_conn
-            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
-            .await?;
-        Ok::<_, tokio_postgres::Error>(row.get::<_, String>(0))
-    };
-    let fenced_at = match tokio::time::timeout(left("fence")?, fence).await {
-        Ok(Ok(lsn)) => parse_lsn(&lsn).ok_or_else(|| fail("fence", format!("unreadable WAL position {lsn}")))?,
+    let fenced_at = match tokio::time::timeout(left("fence")?, control.fence(&mut old_conn)).await {
+        Ok(Ok(mark)) => mark,
         Ok(Err(e)) => {
-            unfence(ctx, &old.name, &old_conn).await;
-            return Err(fail("fence", describe(&e)));
+            unfence(ctx, control, &old.name, &mut old_conn).await;
+            return Err(fail("fence", e));
         }
         Err(_) => {
-            unfence(ctx, &old.name, &old_conn).await;
+            unfence(ctx, control, &old.name, &mut old_conn).await;
             return Err(fail("fence", "the old primary did not answer"));
         }
     };
@@ -251,42 +249,46 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     mark("fence", &mut steps);
 
     // 4. catch up
-    loop {
-        let replayed = new_conn
-            .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
-            .await
-            .ok()
-            .and_then(|r| r.get::<_, Option<String>>(0))
-            .and_then(|s| parse_lsn(&s));
-        if replayed.is_some_and(|r| r >= fenced_at) {
-            break;
-        }
-        if left("catch up").is_err() {
-            unfence(ctx, &old.name, &old_conn).await;
-            return Err(fail(
-                "catch up",
-                format!(
-                    "\"{}\" did not replay up to the old primary's last position in time",
-                    new.name
-                ),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    let d = left("catch up")?;
+    let caught_up = tokio::time::timeout(d, control.wait_applied(&mut new_conn, &fenced_at, d)).await;
+    if !matches!(caught_up, Ok(Ok(true))) {
+        unfence(ctx, control, &old.name, &mut old_conn).await;
+        let why = match caught_up {
+            Ok(Err(e)) => format!(": {e}"),
+            _ => String::new(),
+        };
+        return Err(fail(
+            "catch up",
+            format!(
+                "\"{}\" did not apply the old primary's last position ({}) in time{why}",
+                new.name, fenced_at.0
+            ),
+        ));
     }
     mark("catch up", &mut steps);
 
-    // 5. repoint the other standbys at the target before it is promoted (best effort:
-    // a failure is reported, not fatal). Not undone if the promotion fails: they
-    // then cascade from the target, which still streams from the old primary.
+    // 5. repoint the other standbys at the target (best effort: a failure is reported,
+    // not fatal). PostgreSQL: before it is promoted, so they cascade from it and follow
+    // its timeline switch; not undone if the promotion fails (they then cascade from
+    // the target, which still streams from the old primary). MySQL: after, as in a
+    // failover (a replica starts only from GTIDs its source's binary log holds).
+    let before = ctx.engine == Engine::Postgresql;
     let bound = login_timeout.min(left("repoint")?);
-    manager::repoint_standbys(cluster, &manager, &snap, &[p, target], &new.addr, bound).await;
+    if before {
+        repoint_standbys(cluster, control, &snap, &[p, target], &new, bound).await;
+    }
     mark("repoint", &mut steps);
 
     // 6. promote: from here on there is no going back.
-    manager::promote(&new_conn, &new.name, left("promote")?)
+    control
+        .promote(&mut new_conn, &new.name, left("promote")?)
         .await
         .map_err(|e| fail("promote", e))?;
     mark("promote", &mut steps);
+    if !before {
+        let bound = login_timeout.min(left("promote")?);
+        repoint_standbys(cluster, control, &snap, &[p, target], &new, bound).await;
+    }
 
     // 7. route: publish it (coordination), check the new primary now (as the monitor would at its next tick), then
     // wait until routing picks it.
@@ -294,7 +296,7 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
         c.publish(ctx, &new.name).await.map_err(|e| fail("route", e))?;
     }
     let asked = std::time::Instant::now();
-    if let Ok(Ok(obs)) = tokio::time::timeout(left("route")?, health::check_now(&new_conn)).await {
+    if let Ok(Ok(obs)) = tokio::time::timeout(left("route")?, control.observe(&mut new_conn)).await {
         ctx.state
             .record_from(&new.name, Ok(obs), asked, config.health.rise, config.health.fall);
     }
@@ -327,13 +329,41 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
     );
     ctx.ha.promoted(&format!("switchover {} -> {}", old.name, new.name));
     shared.metrics.promoted(cluster, "switchover");
-    info!(cluster = %cluster, from = %old.name, to = %new.name, hold_ms, "switchover done; the old primary is read-only until it is made a standby of the new one");
-    manager::spawn_demote(
-        cc.demote_command.clone(),
-        cluster,
-        (&old.name, &old.addr),
-        (&new.name, &new.addr),
-    );
+    // The old primary, read-only now: MySQL rejoins it as a replica of the new one
+    // (its history ends where the target caught up); PostgreSQL needs pg_rewind or a
+    // restart as a standby on its host (`demote_command`).
+    let reclaimed = async {
+        if before {
+            return Ok(Ok(Reclaim::Fenced));
+        }
+        tokio::time::timeout(login_timeout, control.reclaim(&mut old_conn, &new, login_timeout)).await
+    };
+    let rejoined = match reclaimed.await {
+        Ok(Ok(Reclaim::Rejoined | Reclaim::Standby)) => {
+            ctx.ha.remark(&old.name, Some(format!("rejoined as a replica of {} (switchover)", new.name)));
+            true
+        }
+        Ok(Ok(Reclaim::Diverged(extra))) => {
+            ctx.ha.remark(&old.name, Some(format!("diverged: has transactions {} lacks ({extra})", new.name)));
+            false
+        }
+        Ok(Ok(Reclaim::NotRejoined(why))) => {
+            ctx.ha.remark(&old.name, Some(format!("fenced, not rejoined: {why}")));
+            false
+        }
+        Ok(Ok(Reclaim::Fenced)) => false,
+        Ok(Err(e)) => {
+            ctx.ha.remark(&old.name, Some(format!("fenced, not rejoined: {e}")));
+            false
+        }
+        Err(_) => false,
+    };
+    if rejoined {
+        info!(cluster = %cluster, from = %old.name, to = %new.name, hold_ms, "switchover done; the old primary replicates from the new one");
+    } else {
+        info!(cluster = %cluster, from = %old.name, to = %new.name, hold_ms, "switchover done; the old primary is read-only until it is made a standby of the new one");
+    }
+    demote(cc.demote_command.clone(), cluster, &old, &new);
     Ok(SwitchoverReport {
         cluster: cluster.to_string(),
         from: old.name,
@@ -344,7 +374,7 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
 }
 
 /// Undo the fence when the switchover gives up before promoting.
-async fn unfence(ctx: &ClusterCtx, node: &str, c: &Client) {
+async fn unfence<C: Control>(ctx: &ClusterCtx, control: &C, node: &str, c: &mut C::Conn) {
     ctx.set_fenced(node, false);
-    let _ = manager::unfence(c).await;
+    let _ = control.unfence(c).await;
 }

@@ -129,7 +129,7 @@ pub fn gtid_position(text: &str) -> Option<u64> {
     Some(total)
 }
 
-fn same_host(a: &str, b: &str) -> bool {
+pub(crate) fn same_host(a: &str, b: &str) -> bool {
     let loopback = |h: &str| h == "localhost" || h == "::1" || h.starts_with("127.");
     a.eq_ignore_ascii_case(b) || (loopback(a) && loopback(b))
 }
@@ -179,35 +179,58 @@ async fn check(
         *session = Some(open(target, login, timeout).await?);
     }
     let s = session.as_mut().expect("just opened");
-    let writable_sql = if s.mariadb {
+    let (obs, _) = look(&mut s.conn, s.mariadb, s.replica_status, &target.peers).await?;
+    Ok(obs)
+}
+
+/// `SHOW REPLICA STATUS` in the server's dialect.
+pub(crate) fn replica_status_sql(mariadb: bool, version: (u16, u16, u16)) -> &'static str {
+    if mariadb {
+        "SHOW ALL SLAVES STATUS"
+    } else if version >= (8, 0, 22) {
+        "SHOW REPLICA STATUS"
+    } else {
+        "SHOW SLAVE STATUS"
+    }
+}
+
+/// One look at a node on a connection of the caller's (the monitor's, or the control
+/// plane's after a promotion): its observation, and its replication channels as rows.
+pub(crate) async fn look(
+    conn: &mut Conn,
+    mariadb: bool,
+    replica_status: &str,
+    peers: &[(String, u16)],
+) -> Result<(Observation, Vec<Row>), String> {
+    let writable_sql = if mariadb {
         "SELECT @@global.read_only = 0 AND @@global.innodb_read_only = 0, @@global.gtid_current_pos"
     } else {
         "SELECT @@global.read_only = 0 AND @@global.super_read_only = 0 AND @@global.innodb_read_only = 0, \
          @@global.gtid_executed"
     };
-    let (writable, gtid): (Option<i64>, Option<String>) = s
-        .conn
+    let (writable, gtid): (Option<i64>, Option<String>) = conn
         .query_first(writable_sql)
         .await
         .map_err(describe)?
         .unwrap_or((None, None));
-    let rows: Vec<Row> = s.conn.query(s.replica_status).await.map_err(describe)?;
+    let rows: Vec<Row> = conn.query(replica_status).await.map_err(describe)?;
     let channels: Vec<Channel> = rows.iter().map(channel).collect();
-    Ok(observe(
+    let obs = observe(
         writable == Some(1),
         &channels,
-        &target.peers,
+        peers,
         gtid.as_deref().and_then(gtid_position),
-    ))
+    );
+    Ok((obs, rows))
 }
 
 /// A column by its MariaDB / MySQL 5.7 name or its MySQL 8 name.
-fn text(row: &Row, old: &str, new: &str) -> Option<String> {
+pub(crate) fn text(row: &Row, old: &str, new: &str) -> Option<String> {
     let get = |name: &str| row.get_opt::<Option<String>, _>(name).and_then(|r| r.ok()).flatten();
     get(old).or_else(|| get(new))
 }
 
-fn channel(row: &Row) -> Channel {
+pub(crate) fn channel(row: &Row) -> Channel {
     let yes = |v: Option<String>| v.as_deref() == Some("Yes");
     Channel {
         source_host: text(row, "Master_Host", "Source_Host").unwrap_or_default(),
@@ -261,13 +284,7 @@ async fn open(target: &Target, login: &Login, timeout: Duration) -> Result<Sessi
         .map_err(|e| e.message().to_string())?;
     drop(hello.stream);
     let mariadb = hello.greeting.version.contains("MariaDB");
-    let replica_status = if mariadb {
-        "SHOW ALL SLAVES STATUS"
-    } else if conn.server_version() >= (8, 0, 22) {
-        "SHOW REPLICA STATUS"
-    } else {
-        "SHOW SLAVE STATUS"
-    };
+    let replica_status = replica_status_sql(mariadb, conn.server_version());
     target.info.set_greeting(hello.greeting);
     Ok(Session {
         conn,
@@ -279,7 +296,7 @@ async fn open(target: &Target, login: &Login, timeout: Duration) -> Result<Sessi
 /// `server_tls` in `mysql_async`'s terms: the same checks as the sessions' own TLS
 /// (`tls::ServerTls`): prefer/require encrypt only (require checks the chain when a CA
 /// is given), verify-ca checks the chain, verify-full the chain and the host name.
-fn ssl_opts(mode: ServerTlsMode, ca: Option<&std::path::Path>) -> Option<mysql_async::SslOpts> {
+pub(crate) fn ssl_opts(mode: ServerTlsMode, ca: Option<&std::path::Path>) -> Option<mysql_async::SslOpts> {
     let base = mysql_async::SslOpts::default();
     let with_ca = |o: mysql_async::SslOpts| match ca {
         Some(p) => o
@@ -298,7 +315,7 @@ fn ssl_opts(mode: ServerTlsMode, ca: Option<&std::path::Path>) -> Option<mysql_a
     }
 }
 
-fn describe(e: mysql_async::Error) -> String {
+pub(crate) fn describe(e: mysql_async::Error) -> String {
     match e {
         mysql_async::Error::Server(s) => format!("{} ({})", s.message, s.code),
         mysql_async::Error::Io(io) => io.to_string(),

@@ -4,6 +4,8 @@
 //! The same file names as `pg/` for the same jobs:
 //! - `protocol`: framing, the packets the proxy writes, a relay `Scanner`.
 //! - `health`: the node probe (`mysql_async`): writable? replicating from whom? lag.
+//! - `manager`: the control plane's statements (`cluster::control::Control`): fence,
+//!   promote after the relay log is applied, repoint and rejoin by GTID.
 //! - `server`: logging in to a server as the client.
 //! - `auth`: checking a client's password.
 //! - `session`: a client from greeting to goodbye (session pooling), `relay`: its bytes
@@ -12,6 +14,7 @@
 mod auth;
 mod commands;
 pub mod health;
+pub mod manager;
 pub mod protocol;
 mod relay;
 pub mod server;

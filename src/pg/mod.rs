@@ -7,6 +7,8 @@
 //! - `server`, `credential`: logging in to a server as the client.
 //! - `pool`: pooled server connections and what sessions left on them.
 //! - `health`: the node probe (role, WAL positions, timeline) for the shared monitor loop.
+//! - `manager`: the control plane's statements (`cluster::control::Control`): fence,
+//!   promote, repoint.
 //! - `freshness`: the WAL-position oracle and standby replay probes behind fresh reads.
 //! - `fresh`: one client's read-your-writes floor and causal tokens.
 //! - `cancel`: forwarding a CancelRequest to the server connection behind a key.
@@ -26,6 +28,7 @@ pub mod freshness;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod health;
+pub mod manager;
 mod login;
 pub mod pool;
 pub mod protocol;

@@ -4,8 +4,10 @@
 use std::process::Command;
 use std::time::Duration;
 
+#[allow(unused_imports)]
 pub use switchyard::demo::mariadb::{
-    MariaCluster, MY_APP_DB, MY_APP_PASSWORD, MY_APP_USER, MY_MONITOR_PASSWORD, MY_MONITOR_USER,
+    MariaCluster, MY_APP_DB, MY_APP_PASSWORD, MY_APP_USER, MY_MANAGER_PASSWORD, MY_MANAGER_USER, MY_MONITOR_PASSWORD,
+    MY_MONITOR_USER, REPL_PASSWORD, REPL_USER,
 };
 
 use super::{free_port, wait_for, Proxy};

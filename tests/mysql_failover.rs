@@ -1,0 +1,382 @@
+//! MySQL/MariaDB high availability with real servers (MariaDB 10.11, a primary and two
+//! GTID replicas): automatic failover when the primary is killed or frozen under an
+//! insert workload through rw, the old primary fenced and rejoined as a replica (or
+//! kept out and named when it has transactions the new primary lacks), and a planned
+//! switchover. Every insert carries a unique id and is recorded as acknowledged, failed
+//! or unknown; with semi-synchronous replication (`AFTER_SYNC`) no acknowledged one may
+//! be lost.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::mysql::*;
+use common::*;
+use mysql_async::prelude::Queryable;
+
+const INTERVAL_MS: u64 = 500;
+const FALL: u64 = 2;
+
+/// The `[clusters.main]` keys for automatic failover, and the admin endpoint.
+fn automatic(admin: u16) -> (String, String) {
+    (
+        format!(
+            "failover = \"automatic\"\nfailover_hold_ms = 6000\nfailover_max_lag_bytes = 1000\n\n\
+             [clusters.main.manager]\nuser = \"{MY_MANAGER_USER}\"\npassword = \"{MY_MANAGER_PASSWORD}\"\n\
+             replication_user = \"{REPL_USER}\"\nreplication_password = \"{REPL_PASSWORD}\"\n"
+        ),
+        format!("[admin]\nhttp_listen = \"127.0.0.1:{admin}\"\n"),
+    )
+}
+
+/// A cluster with semi-synchronous replication, `AFTER_SYNC`: a commit is acknowledged
+/// only once a replica has it.
+fn semi_sync_cluster() -> MariaCluster {
+    let mut c = MariaCluster::start(2).unwrap();
+    // What each node's my.cnf would say, for restarts: with semi-sync replica mode on
+    // at startup, a crashed primary truncates from its binary log the transactions no
+    // replica acknowledged (prepared, never committed in InnoDB, never acknowledged to
+    // a client: MariaDB 10.6's MDEV-21117), so that it can rejoin.
+    c.extra_args = [
+        "--rpl-semi-sync-master-enabled=1",
+        "--rpl-semi-sync-slave-enabled=1",
+        "--rpl-semi-sync-master-wait-point=AFTER_SYNC",
+        "--rpl-semi-sync-master-timeout=10000",
+    ]
+    .map(String::from)
+    .to_vec();
+    for i in 0..3 {
+        c.sql(
+            i,
+            "SET GLOBAL rpl_semi_sync_master_enabled = 1; SET GLOBAL rpl_semi_sync_slave_enabled = 1; \
+             SET GLOBAL rpl_semi_sync_master_wait_point = AFTER_SYNC; SET GLOBAL rpl_semi_sync_master_timeout = 10000",
+        )
+        .unwrap();
+    }
+    // The replicas' IO threads must reconnect to announce themselves as semi-sync.
+    for i in 1..3 {
+        c.sql(i, "STOP SLAVE IO_THREAD; START SLAVE IO_THREAD").unwrap();
+    }
+    c.sql(0, "CREATE TABLE app.ids (id INT PRIMARY KEY)").unwrap();
+    wait_for("a semi-sync replica", Duration::from_secs(20), || {
+        let n = c.sql(0, "SHOW STATUS LIKE 'Rpl_semi_sync_master_clients'").ok()?;
+        (n.split_whitespace().last()? != "0").then_some(())
+    });
+    c.wait_replicated(0, Duration::from_secs(20)).unwrap();
+    c
+}
+
+fn start_proxy(cluster: &MariaCluster, admin: u16) -> Proxy {
+    let (extra, top) = automatic(admin);
+    let (rw, ro) = (free_port(), free_port());
+    let text = format!(
+        "{top}\n{}",
+        my_config(cluster, rw, ro, &extra).replace("interval_ms = 500", &format!("interval_ms = {INTERVAL_MS}"))
+    );
+    let proxy = my_spawn(cluster, "proxy", &text, rw, ro);
+    wait_for("MySQL proxy ready", Duration::from_secs(30), || {
+        (mariadb(proxy.rw, "SELECT @@read_only").ok()? == "0").then_some(())
+    });
+    proxy
+}
+
+#[derive(Default)]
+struct Record {
+    acked: Vec<(i32, Instant)>,
+    /// id → server error number.
+    failed: BTreeMap<i32, u16>,
+    unknown: Vec<i32>,
+}
+
+/// Errors after which an insert may or may not have committed: the connection broke
+/// (client side), or the proxy says the server connection was lost (1158, 08S01) or the
+/// server was shut down or killed the session (1053, 1927).
+fn unknown_outcome(e: &mysql_async::Error) -> bool {
+    match e {
+        mysql_async::Error::Server(s) => matches!(s.code, 1053 | 1158 | 1927) || s.state.starts_with("08"),
+        _ => true,
+    }
+}
+
+async fn connect(port: u16) -> Result<mysql_async::Conn, mysql_async::Error> {
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some(MY_APP_USER))
+        .pass(Some(MY_APP_PASSWORD))
+        .db_name(Some(MY_APP_DB))
+        .prefer_socket(false);
+    tokio::time::timeout(Duration::from_secs(10), mysql_async::Conn::new(opts))
+        .await
+        .unwrap_or_else(|_| Err(mysql_async::Error::Other("connect timed out".into())))
+}
+
+/// `clients` writers inserting unique ids through `port` until `stop`; a writer whose
+/// session ends reconnects.
+fn writers(port: u16, clients: i32, stop: Arc<AtomicBool>) -> (Arc<Mutex<Record>>, Vec<tokio::task::JoinHandle<()>>) {
+    let rec = Arc::new(Mutex::new(Record::default()));
+    let tasks = (0..clients)
+        .map(|w| {
+            let (rec, stop) = (rec.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut next = w * 1_000_000;
+                let mut held: Option<mysql_async::Conn> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(c) = held.as_mut() else {
+                        match connect(port).await {
+                            Ok(c) => held = Some(c),
+                            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                        continue;
+                    };
+                    next += 1;
+                    let id = next;
+                    let insert = c.query_drop(format!("INSERT INTO ids VALUES ({id})"));
+                    let result = tokio::time::timeout(Duration::from_secs(15), insert)
+                        .await
+                        .unwrap_or_else(|_| Err(mysql_async::Error::Other("insert timed out".into())));
+                    match result {
+                        Ok(()) => rec.lock().unwrap().acked.push((id, Instant::now())),
+                        Err(e) => {
+                            let mut r = rec.lock().unwrap();
+                            if unknown_outcome(&e) {
+                                r.unknown.push(id);
+                                held = None;
+                            } else if let mysql_async::Error::Server(s) = &e {
+                                r.failed.insert(id, s.code);
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    (rec, tasks)
+}
+
+fn ids_on(cluster: &MariaCluster, node: usize) -> Vec<i32> {
+    let text = cluster.sql(node, "SELECT id FROM app.ids ORDER BY id").unwrap();
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+fn writable(cluster: &MariaCluster, node: usize) -> bool {
+    cluster.sql(node, "SELECT @@read_only").ok().as_deref() == Some("0")
+}
+
+/// Which node `node` replicates from (by port), if any.
+fn source_of(cluster: &MariaCluster, node: usize) -> Option<usize> {
+    let port = cluster.master_port(node).ok()??;
+    cluster.nodes.iter().position(|n| n.port == port)
+}
+
+/// Run the insert workload, apply `fault` to the primary after 2 s; the node promoted
+/// and how long after the fault the first insert was acknowledged by it.
+async fn fail_over_under_inserts(
+    cluster: &mut MariaCluster,
+    proxy: &Proxy,
+    fault: impl FnOnce(&mut MariaCluster),
+) -> (usize, Duration, Arc<Mutex<Record>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (rec, tasks) = writers(proxy.rw, 4, stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = rec.lock().unwrap().acked.len();
+    assert!(before > 20, "the workload runs before the fault ({before} inserts)");
+    fault(cluster);
+    // From when the fault is complete (the process reaped, or stopped).
+    let fault_at = Instant::now();
+    let cluster = &*cluster;
+    let new = wait_for("a replica promoted", Duration::from_secs(40), || {
+        (1..3).find(|&i| writable(cluster, i))
+    });
+    // Writes through the proxy again, then a little more workload.
+    wait_for("inserts acknowledged after the fault", Duration::from_secs(30), || {
+        let r = rec.lock().unwrap();
+        r.acked.iter().any(|(_, at)| *at > fault_at).then_some(())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Writes resumed: the first acknowledgement after the outage, i.e. after the first
+    // gap of over 200 ms in the acknowledgements since the fault (replies already on
+    // their way when the fault hit may still arrive just after it).
+    let first = {
+        let r = rec.lock().unwrap();
+        let mut at: Vec<Instant> = r.acked.iter().map(|(_, at)| *at).filter(|at| *at > fault_at).collect();
+        at.sort();
+        let mut prev = fault_at;
+        let mut resumed = None;
+        for t in at {
+            if t - prev > Duration::from_millis(200) {
+                resumed = Some(t - fault_at);
+                break;
+            }
+            prev = t;
+        }
+        resumed.expect("an outage after the fault, then acknowledgements")
+    };
+    (new, first, rec)
+}
+
+/// Every acknowledged insert is on `node`; (acknowledged, failed, unknown).
+fn check_no_acked_loss(cluster: &MariaCluster, node: usize, rec: &Record) -> (usize, usize, usize) {
+    let have: std::collections::HashSet<i32> = ids_on(cluster, node).into_iter().collect();
+    let lost: Vec<i32> = rec.acked.iter().map(|(id, _)| *id).filter(|id| !have.contains(id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged inserts missing on the new primary: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
+    (rec.acked.len(), rec.failed.len(), rec.unknown.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_mariadb_primary_is_replaced_without_losing_acknowledged_writes_and_rejoins() {
+    let mut cluster = semi_sync_cluster();
+    let admin = free_port();
+    let proxy = start_proxy(&cluster, admin);
+    let (new, first, rec) = fail_over_under_inserts(&mut cluster, &proxy, |c| c.kill9(0).unwrap()).await;
+    let (acked, failed, unknown) = check_no_acked_loss(&cluster, new, &rec.lock().unwrap());
+    report(&format!(
+        "MariaDB kill -9 of the primary, semi-sync AFTER_SYNC, 4 writers: {acked} acknowledged, 0 lost, {failed} failed, {unknown} unknown; writes on the new primary {first:?} after the kill (interval x fall = {} ms)",
+        INTERVAL_MS * FALL
+    ));
+    assert!(first < Duration::from_millis(INTERVAL_MS * FALL + 2000), "writes resumed {first:?} after the kill");
+    let other = if new == 1 { 2 } else { 1 };
+    wait_for("the other replica repointed", Duration::from_secs(20), || {
+        (source_of(&cluster, other) == Some(new)).then_some(())
+    });
+    let log = proxy.log_text();
+    assert_eq!(log.matches("automatic failover done").count(), 1, "exactly one promotion:\n{log}");
+
+    // The old primary comes back writable (its my.cnf says so): Switchyard makes it
+    // read-only and, its history being a prefix of the new primary's, a replica.
+    cluster.start_node(0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(source_of(&cluster, 0) == Some(new) && !writable(&cluster, 0)) {
+        assert!(
+            Instant::now() < deadline,
+            "the old primary was not rejoined in 30 s:\n{}\n{}",
+            proxy.log_text(),
+            cluster.log_tail(0, 20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for("it has the new primary's writes", Duration::from_secs(30), || {
+        (ids_on(&cluster, 0).len() == ids_on(&cluster, new).len()).then_some(())
+    });
+    let (_, status) = http_get(admin, "/status");
+    assert!(status.contains("rejoined as a replica"), "{status}");
+    // And it serves reads again through ro (a standby following the primary).
+    assert!(proxy.log_text().contains("rejoined it as a replica of the new primary"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diverged_old_primary_is_kept_out_and_its_extra_transactions_named() {
+    let mut cluster = MariaCluster::start(2).unwrap();
+    cluster.sql(0, "CREATE TABLE app.ids (id INT PRIMARY KEY)").unwrap();
+    cluster.wait_replicated(0, Duration::from_secs(20)).unwrap();
+    let admin = free_port();
+    let proxy = start_proxy(&cluster, admin);
+    mariadb(proxy.rw, "INSERT INTO ids VALUES (1)").unwrap();
+    cluster.wait_replicated(0, Duration::from_secs(20)).unwrap();
+    // The replicas stop receiving; a row is written on the primary that none of them
+    // gets (asynchronous replication's loss window), then the primary dies.
+    for i in 1..3 {
+        cluster.sql(i, "STOP SLAVE IO_THREAD").unwrap();
+    }
+    cluster.sql(0, "INSERT INTO app.ids VALUES (2)").unwrap();
+    let lost_gtid = cluster.sql(0, "SELECT @@gtid_binlog_pos").unwrap();
+    cluster.kill9(0).unwrap();
+    let new = wait_for("a replica promoted", Duration::from_secs(40), || {
+        (1..3).find(|&i| writable(&cluster, i))
+    });
+    mariadb(proxy.rw, "INSERT INTO ids VALUES (3)").unwrap();
+    cluster.start_node(0).unwrap();
+    let (_, status) = wait_for("the old primary named as diverged", Duration::from_secs(30), || {
+        let (code, body) = http_get(admin, "/status");
+        body.contains("diverged").then_some((code, body))
+    });
+    assert!(status.contains(&lost_gtid), "the extra GTID {lost_gtid} is named: {status}");
+    assert!(!writable(&cluster, 0), "made read-only");
+    assert_eq!(source_of(&cluster, 0), None, "not rejoined");
+    // No write reaches it: rw still lands on the new primary.
+    assert_eq!(my_lands_on(&cluster, proxy.rw).unwrap(), new);
+    assert!(proxy.log_text().contains("transactions the new primary lacks"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_switchover_moves_the_primary_and_rejoins_the_old_one() {
+    let cluster = MariaCluster::start(2).unwrap();
+    cluster.sql(0, "CREATE TABLE app.ids (id INT PRIMARY KEY)").unwrap();
+    cluster.wait_replicated(0, Duration::from_secs(20)).unwrap();
+    let admin = free_port();
+    let proxy = start_proxy(&cluster, admin);
+    mariadb(proxy.rw, "INSERT INTO ids VALUES (1)").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["switchover", "--url", &format!("http://127.0.0.1:{admin}"), "--cluster", "main", "--to", "failover2"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}\n{}", proxy.log_text());
+    report(&format!("MariaDB switchover: {}", text.trim()));
+    assert!(writable(&cluster, 2) && !writable(&cluster, 0));
+    wait_for("rw on the new primary", Duration::from_secs(10), || {
+        (my_lands_on(&cluster, proxy.rw).ok()? == 2).then_some(())
+    });
+    mariadb(proxy.rw, "INSERT INTO ids VALUES (2)").unwrap();
+    wait_for("the old primary and the other replica follow the new one", Duration::from_secs(20), || {
+        (source_of(&cluster, 0) == Some(2) && source_of(&cluster, 1) == Some(2)).then_some(())
+    });
+    cluster.wait_replicated(2, Duration::from_secs(20)).unwrap();
+    assert_eq!(ids_on(&cluster, 0), vec![1, 2]);
+    assert_eq!(ids_on(&cluster, 1), vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_mariadb_primary_is_replaced_and_gets_no_write_after_it_thaws() {
+    let mut cluster = semi_sync_cluster();
+    let admin = free_port();
+    let proxy = start_proxy(&cluster, admin);
+    let (new, first, rec) = fail_over_under_inserts(&mut cluster, &proxy, |c| c.signal(0, libc::SIGSTOP).unwrap()).await;
+    let rec = rec.lock().unwrap();
+    let (acked, failed, unknown) = check_no_acked_loss(&cluster, new, &rec);
+    report(&format!(
+        "MariaDB SIGSTOP of the primary, semi-sync AFTER_SYNC, 4 writers: {acked} acknowledged, 0 lost, {failed} failed, {unknown} unknown; writes on the new primary {first:?} after the freeze (slave_net_timeout 4 s: the replicas' IO threads hear the frozen primary until then)"
+    ));
+    let on_new: std::collections::HashSet<i32> = ids_on(&cluster, new).into_iter().collect();
+
+    // Thawed, it finishes what it had in flight, but nothing new reaches it through the
+    // proxy: it is made read-only at once, then rejoined, or kept out if the commits it
+    // finished never reached the new primary.
+    cluster.signal(0, libc::SIGCONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (_, body) = http_get(admin, "/status");
+        if body.contains("rejoined as a replica") || body.contains("diverged") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "the old primary was not dealt with in 30 s:\n{}", proxy.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!writable(&cluster, 0), "made read-only");
+    // What only the old primary has are inserts whose outcome the client never learned.
+    let unknown: std::collections::HashSet<i32> = rec.unknown.iter().copied().collect();
+    let only_old: Vec<i32> = ids_on(&cluster, 0).into_iter().filter(|id| !on_new.contains(id)).collect();
+    assert!(
+        only_old.iter().all(|id| unknown.contains(id)),
+        "the old primary has rows no client was left unsure about: {only_old:?}\n{status}"
+    );
+    report(&format!(
+        "after SIGCONT the old primary was {} ({} insert(s) only it has, all of unknown outcome)",
+        if status.contains("diverged") { "kept out as diverged" } else { "rejoined" },
+        only_old.len()
+    ));
+    assert_eq!(my_lands_on(&cluster, proxy.rw).unwrap(), new);
+    assert_eq!(proxy.log_text().matches("automatic failover done").count(), 1);
+}
