@@ -45,6 +45,7 @@ fn semi_sync_cluster() -> MariaCluster {
         "--rpl-semi-sync-slave-enabled=1",
         "--rpl-semi-sync-master-wait-point=AFTER_SYNC",
         "--rpl-semi-sync-master-timeout=10000",
+        "--rpl-semi-sync-slave-kill-conn-timeout=1",
     ]
     .map(String::from)
     .to_vec();
@@ -52,7 +53,8 @@ fn semi_sync_cluster() -> MariaCluster {
         c.sql(
             i,
             "SET GLOBAL rpl_semi_sync_master_enabled = 1; SET GLOBAL rpl_semi_sync_slave_enabled = 1; \
-             SET GLOBAL rpl_semi_sync_master_wait_point = AFTER_SYNC; SET GLOBAL rpl_semi_sync_master_timeout = 10000",
+             SET GLOBAL rpl_semi_sync_master_wait_point = AFTER_SYNC; SET GLOBAL rpl_semi_sync_master_timeout = 10000; \
+             SET GLOBAL rpl_semi_sync_slave_kill_conn_timeout = 1",
         )
         .unwrap();
     }
@@ -225,7 +227,12 @@ async fn fail_over_under_inserts(
 /// Every acknowledged insert is on `node`; (acknowledged, failed, unknown).
 fn check_no_acked_loss(cluster: &MariaCluster, node: usize, rec: &Record) -> (usize, usize, usize) {
     let have: std::collections::HashSet<i32> = ids_on(cluster, node).into_iter().collect();
-    let lost: Vec<i32> = rec.acked.iter().map(|(id, _)| *id).filter(|id| !have.contains(id)).collect();
+    let lost: Vec<i32> = rec
+        .acked
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !have.contains(id))
+        .collect();
     assert!(
         lost.is_empty(),
         "{} acknowledged inserts missing on the new primary: {:?}",
@@ -246,13 +253,20 @@ async fn a_killed_mariadb_primary_is_replaced_without_losing_acknowledged_writes
         "MariaDB kill -9 of the primary, semi-sync AFTER_SYNC, 4 writers: {acked} acknowledged, 0 lost, {failed} failed, {unknown} unknown; writes on the new primary {first:?} after the kill (interval x fall = {} ms)",
         INTERVAL_MS * FALL
     ));
-    assert!(first < Duration::from_millis(INTERVAL_MS * FALL + 2000), "writes resumed {first:?} after the kill");
+    assert!(
+        first < Duration::from_millis(INTERVAL_MS * FALL + 2000),
+        "writes resumed {first:?} after the kill"
+    );
     let other = if new == 1 { 2 } else { 1 };
     wait_for("the other replica repointed", Duration::from_secs(20), || {
         (source_of(&cluster, other) == Some(new)).then_some(())
     });
     let log = proxy.log_text();
-    assert_eq!(log.matches("automatic failover done").count(), 1, "exactly one promotion:\n{log}");
+    assert_eq!(
+        log.matches("automatic failover done").count(),
+        1,
+        "exactly one promotion:\n{log}"
+    );
 
     // The old primary comes back writable (its my.cnf says so): Switchyard makes it
     // read-only and, its history being a prefix of the new primary's, a replica.
@@ -302,7 +316,10 @@ async fn a_diverged_old_primary_is_kept_out_and_its_extra_transactions_named() {
         let (code, body) = http_get(admin, "/status");
         body.contains("diverged").then_some((code, body))
     });
-    assert!(status.contains(&lost_gtid), "the extra GTID {lost_gtid} is named: {status}");
+    assert!(
+        status.contains(&lost_gtid),
+        "the extra GTID {lost_gtid} is named: {status}"
+    );
     assert!(!writable(&cluster, 0), "made read-only");
     assert_eq!(source_of(&cluster, 0), None, "not rejoined");
     // No write reaches it: rw still lands on the new primary.
@@ -319,10 +336,22 @@ async fn a_mariadb_switchover_moves_the_primary_and_rejoins_the_old_one() {
     let proxy = start_proxy(&cluster, admin);
     mariadb(proxy.rw, "INSERT INTO ids VALUES (1)").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["switchover", "--url", &format!("http://127.0.0.1:{admin}"), "--cluster", "main", "--to", "failover2"])
+        .args([
+            "switchover",
+            "--url",
+            &format!("http://127.0.0.1:{admin}"),
+            "--cluster",
+            "main",
+            "--to",
+            "failover2",
+        ])
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{text}\n{}", proxy.log_text());
     report(&format!("MariaDB switchover: {}", text.trim()));
     assert!(writable(&cluster, 2) && !writable(&cluster, 0));
@@ -330,9 +359,11 @@ async fn a_mariadb_switchover_moves_the_primary_and_rejoins_the_old_one() {
         (my_lands_on(&cluster, proxy.rw).ok()? == 2).then_some(())
     });
     mariadb(proxy.rw, "INSERT INTO ids VALUES (2)").unwrap();
-    wait_for("the old primary and the other replica follow the new one", Duration::from_secs(20), || {
-        (source_of(&cluster, 0) == Some(2) && source_of(&cluster, 1) == Some(2)).then_some(())
-    });
+    wait_for(
+        "the old primary and the other replica follow the new one",
+        Duration::from_secs(20),
+        || (source_of(&cluster, 0) == Some(2) && source_of(&cluster, 1) == Some(2)).then_some(()),
+    );
     cluster.wait_replicated(2, Duration::from_secs(20)).unwrap();
     assert_eq!(ids_on(&cluster, 0), vec![1, 2]);
     assert_eq!(ids_on(&cluster, 1), vec![1, 2]);
@@ -343,11 +374,13 @@ async fn a_frozen_mariadb_primary_is_replaced_and_gets_no_write_after_it_thaws()
     let mut cluster = semi_sync_cluster();
     let admin = free_port();
     let proxy = start_proxy(&cluster, admin);
-    let (new, first, rec) = fail_over_under_inserts(&mut cluster, &proxy, |c| c.signal(0, libc::SIGSTOP).unwrap()).await;
+    let (new, first, rec) =
+        fail_over_under_inserts(&mut cluster, &proxy, |c| c.signal(0, libc::SIGSTOP).unwrap()).await;
     let rec = rec.lock().unwrap();
     let (acked, failed, unknown) = check_no_acked_loss(&cluster, new, &rec);
     report(&format!(
-        "MariaDB SIGSTOP of the primary, semi-sync AFTER_SYNC, 4 writers: {acked} acknowledged, 0 lost, {failed} failed, {unknown} unknown; writes on the new primary {first:?} after the freeze (slave_net_timeout 4 s: the replicas' IO threads hear the frozen primary until then)"
+        "MariaDB SIGSTOP of the primary, semi-sync AFTER_SYNC, 4 writers: {acked} acknowledged, 0 lost, {failed} failed, {unknown} unknown; writes on the new primary {first:?} after the freeze (interval x fall = {} ms; heartbeat period 0.5 s)",
+        INTERVAL_MS * FALL
     ));
     let on_new: std::collections::HashSet<i32> = ids_on(&cluster, new).into_iter().collect();
 
@@ -361,20 +394,31 @@ async fn a_frozen_mariadb_primary_is_replaced_and_gets_no_write_after_it_thaws()
         if body.contains("rejoined as a replica") || body.contains("diverged") {
             break body;
         }
-        assert!(Instant::now() < deadline, "the old primary was not dealt with in 30 s:\n{}", proxy.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "the old primary was not dealt with in 30 s:\n{}",
+            proxy.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(!writable(&cluster, 0), "made read-only");
     // What only the old primary has are inserts whose outcome the client never learned.
     let unknown: std::collections::HashSet<i32> = rec.unknown.iter().copied().collect();
-    let only_old: Vec<i32> = ids_on(&cluster, 0).into_iter().filter(|id| !on_new.contains(id)).collect();
+    let only_old: Vec<i32> = ids_on(&cluster, 0)
+        .into_iter()
+        .filter(|id| !on_new.contains(id))
+        .collect();
     assert!(
         only_old.iter().all(|id| unknown.contains(id)),
         "the old primary has rows no client was left unsure about: {only_old:?}\n{status}"
     );
     report(&format!(
         "after SIGCONT the old primary was {} ({} insert(s) only it has, all of unknown outcome)",
-        if status.contains("diverged") { "kept out as diverged" } else { "rejoined" },
+        if status.contains("diverged") {
+            "kept out as diverged"
+        } else {
+            "rejoined"
+        },
         only_old.len()
     ));
     assert_eq!(my_lands_on(&cluster, proxy.rw).unwrap(), new);

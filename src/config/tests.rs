@@ -209,7 +209,10 @@ fn mysql_clusters_refuse_postgresql_only_keys_by_name() {
     )
     .unwrap();
     let m = c.clusters["main"].manager.as_ref().unwrap();
-    assert_eq!((m.replication_user.as_deref(), m.replication_password.as_deref()), (Some("repl"), Some("r")));
+    assert_eq!(
+        (m.replication_user.as_deref(), m.replication_password.as_deref()),
+        (Some("repl"), Some("r"))
+    );
     let err = with("engine = \"oracle\"").unwrap_err().to_string();
     assert!(err.contains("engine"), "{err}");
 }

@@ -46,11 +46,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::cluster::control::{Candidate, Control, Reclaim};
 use crate::cluster::routing;
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
 use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, Engine, FailoverMode};
-use crate::cluster::control::{Candidate, Control, Reclaim};
 use crate::ha::{control_of, demote, repoint_standbys, AnyControl};
 use crate::proxy::shared::Shared;
 
@@ -178,7 +178,7 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
                             }
                             None => Ok(()),
                         };
-                        let outcome = match (gate, control_of(cc, ctx.server_tls())) {
+                        let outcome = match (gate, control_of(cc, &ctx)) {
                             (Err(why), _) => Err(why),
                             (Ok(()), None) => Err("no [clusters.NAME.manager] login".into()),
                             (Ok(()), Some(AnyControl::Pg(c))) => failover(&shared, &ctx, &c, cc, &snap, old).await,
@@ -338,9 +338,6 @@ async fn failover<C: Control>(
     ctx.ha
         .promoted(&format!("failover {} -> {}", old_node.name, new_node.name));
     shared.metrics.promoted(&ctx.name, "failover");
-    if !before {
-        repoint_standbys(&ctx.name, &**control, snap, &skip, &new_node, timeout).await;
-    }
 
     // 6. route
     let asked = std::time::Instant::now();
@@ -360,6 +357,14 @@ async fn failover<C: Control>(
     );
     info!(cluster = %ctx.name, old = %old_node.name, new = %new_node.name,
           took_ms = started.elapsed().as_millis() as u64, "automatic failover done");
+    if !before {
+        // MySQL: the other replicas follow once writes go to the new primary; stopping
+        // a replica's IO thread can take a while when its old source is frozen.
+        let (name, control, snap, new_node) = (ctx.name.clone(), control.clone(), snap.clone(), new_node.clone());
+        tokio::spawn(async move {
+            repoint_standbys(&name, &*control, &snap, &skip, &new_node, Duration::from_secs(10)).await;
+        });
+    }
 
     // 7. the old primary, in the background
     tokio::spawn(watch_old_primary(
@@ -406,7 +411,10 @@ async fn watch_old_primary<C: Control>(
             Ok(Reclaim::Standby) => return,
             Ok(Reclaim::Fenced) => {
                 warn!(cluster = %cluster, node = %node, "the old primary came back after a failover: made it read-only and ended its sessions; make it a standby of the new primary");
-                format!("fenced: came back as a primary after the failover to {}; read-only until made a standby", new.name)
+                format!(
+                    "fenced: came back as a primary after the failover to {}; read-only until made a standby",
+                    new.name
+                )
             }
             Ok(Reclaim::Rejoined) => {
                 info!(cluster = %cluster, node = %node, primary = %new.name, "the old primary came back after a failover: made it read-only and rejoined it as a replica of the new primary");
@@ -414,7 +422,10 @@ async fn watch_old_primary<C: Control>(
             }
             Ok(Reclaim::Diverged(extra)) => {
                 warn!(cluster = %cluster, node = %node, extra = %extra, "the old primary came back with transactions the new primary lacks: made it read-only and kept it out; rebuild it from the new primary (see the failover docs)");
-                format!("diverged: has transactions {} lacks ({extra}); read-only, kept out of routing", new.name)
+                format!(
+                    "diverged: has transactions {} lacks ({extra}); read-only, kept out of routing",
+                    new.name
+                )
             }
             Ok(Reclaim::NotRejoined(why)) => {
                 warn!(cluster = %cluster, node = %node, reason = %why, "the old primary came back after a failover: made it read-only, not rejoined");

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::cluster::control::Control;
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
+use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, Engine};
 use crate::mysql::manager::MyControl;
 use crate::pg::manager::{Manager, PgControl};
@@ -28,11 +29,18 @@ pub enum AnyControl {
 }
 
 /// The control of cluster `cc` through its manager login; None without one.
-pub fn control_of(cc: &ClusterConfig, tls: Arc<crate::tls::ServerTls>) -> Option<AnyControl> {
+pub fn control_of(cc: &ClusterConfig, ctx: &ClusterCtx) -> Option<AnyControl> {
     let login = cc.manager.clone()?;
     Some(match cc.engine {
-        Engine::Postgresql => AnyControl::Pg(Arc::new(PgControl(Manager { login, tls }))),
-        Engine::Mysql => AnyControl::My(Arc::new(MyControl::new(login, cc))),
+        Engine::Postgresql => AnyControl::Pg(Arc::new(PgControl(Manager {
+            login,
+            tls: ctx.server_tls(),
+        }))),
+        Engine::Mysql => AnyControl::My(Arc::new(MyControl::new(
+            login,
+            cc,
+            crate::mysql::ClusterInfo::of(ctx).clone(),
+        ))),
     })
 }
 
@@ -75,7 +83,10 @@ pub async fn repoint_standbys<C: Control>(
 /// Run the operator's `demote_command` for the old primary, in the background, bounded
 /// by ten minutes; its outcome is logged.
 pub fn demote(command: Option<String>, cluster: &str, old: &NodeState, new: &NodeState) {
-    let (old, new) = ((old.name.as_str(), old.addr.as_str()), (new.name.as_str(), new.addr.as_str()));
+    let (old, new) = (
+        (old.name.as_str(), old.addr.as_str()),
+        (new.name.as_str(), new.addr.as_str()),
+    );
     let Some(command) = command else {
         return;
     };
@@ -111,4 +122,3 @@ pub fn demote(command: Option<String>, cluster: &str, old: &NodeState, new: &Nod
         }
     });
 }
-

@@ -91,7 +91,7 @@ pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<Swit
         .get(cluster)
         .ok_or_else(|| fail("check", format!("no cluster named \"{cluster}\"")))?;
     let cc = &config.clusters[cluster];
-    let control = control_of(cc, ctx.server_tls()).ok_or_else(|| {
+    let control = control_of(cc, ctx).ok_or_else(|| {
         fail(
             "check",
             format!("clusters.{cluster}.manager is not configured (a login for promotion and repointing)"),
@@ -340,11 +340,17 @@ async fn run<C: Control>(
     };
     let rejoined = match reclaimed.await {
         Ok(Ok(Reclaim::Rejoined | Reclaim::Standby)) => {
-            ctx.ha.remark(&old.name, Some(format!("rejoined as a replica of {} (switchover)", new.name)));
+            ctx.ha.remark(
+                &old.name,
+                Some(format!("rejoined as a replica of {} (switchover)", new.name)),
+            );
             true
         }
         Ok(Ok(Reclaim::Diverged(extra))) => {
-            ctx.ha.remark(&old.name, Some(format!("diverged: has transactions {} lacks ({extra})", new.name)));
+            ctx.ha.remark(
+                &old.name,
+                Some(format!("diverged: has transactions {} lacks ({extra})", new.name)),
+            );
             false
         }
         Ok(Ok(Reclaim::NotRejoined(why))) => {

@@ -179,8 +179,31 @@ async fn check(
         *session = Some(open(target, login, timeout).await?);
     }
     let s = session.as_mut().expect("just opened");
-    let (obs, _) = look(&mut s.conn, s.mariadb, s.replica_status, &target.peers).await?;
+    let (obs, rows) = look(&mut s.conn, s.mariadb, s.replica_status, &target.peers).await?;
+    let (marker, period) = rows.first().map(received_marker).unwrap_or((None, None));
+    target
+        .info
+        .note_heard(&target.node, marker, period, std::time::Instant::now());
     Ok(obs)
+}
+
+/// What a replication channel received so far, as one number that changes while its
+/// source lives (MariaDB: heartbeats received + transactions in `Gtid_IO_Pos`), and
+/// its heartbeat period. MySQL's status has no heartbeat count: None (the IO thread's
+/// state alone then says whether it hears its source).
+pub(crate) fn received_marker(row: &Row) -> (Option<u64>, Option<Duration>) {
+    let beats = text(row, "Slave_received_heartbeats", "Slave_received_heartbeats").and_then(|v| v.parse::<u64>().ok());
+    let received = text(row, "Gtid_IO_Pos", "Gtid_IO_Pos")
+        .as_deref()
+        .map(|g| gtid_position(g).unwrap_or(0));
+    let period = text(row, "Slave_heartbeat_period", "Slave_heartbeat_period")
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|p| *p > 0.0)
+        .map(Duration::from_secs_f64);
+    match (beats, received) {
+        (Some(b), Some(r)) => (Some(b + r), period),
+        _ => (None, None),
+    }
 }
 
 /// `SHOW REPLICA STATUS` in the server's dialect.

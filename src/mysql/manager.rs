@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, OptsBuilder, Row};
@@ -161,13 +161,7 @@ fn field<'a>(row: &'a StatusRow, old: &str, new: &str) -> Option<&'a str> {
 
 /// Where a replica is, from its status rows and what it executed (MariaDB:
 /// `@@gtid_slave_pos`; MySQL: `@@gtid_executed`). None: it replicates from nothing.
-pub fn candidate(
-    flavor: Flavor,
-    rows: &[StatusRow],
-    executed: &str,
-    index: usize,
-    name: &str,
-) -> Option<Candidate> {
+pub fn candidate(flavor: Flavor, rows: &[StatusRow], executed: &str, index: usize, name: &str) -> Option<Candidate> {
     let row = rows.first()?;
     let io = field(row, "Slave_IO_Running", "Replica_IO_Running") == Some("Yes");
     let replayed = gtid_position(executed);
@@ -187,6 +181,22 @@ pub fn candidate(
         replayed,
         hears_primary: io,
     })
+}
+
+/// Does a replica whose IO thread says it is connected (`io_connected`) still hear its
+/// source? A frozen source keeps the connection open (until `slave_net_timeout`), so
+/// the connection alone proves nothing: it must also have received something (an event
+/// or a heartbeat) within the fall `window`, or two heartbeat periods if longer, as
+/// its health checks saw it. Without such a record (MySQL reports no heartbeat count) the connection decides.
+pub fn still_hears(io_connected: bool, heard: Option<crate::mysql::Heard>, now: Instant, window: Duration) -> bool {
+    match heard {
+        _ if !io_connected => false,
+        None => true,
+        // A live, idle source sends a heartbeat every period, which the health checks
+        // see up to one interval later: silent for the fall window and two periods, it
+        // is frozen or gone.
+        Some(h) => now.saturating_duration_since(h.changed_at) <= window.max(h.period.map_or(window, |p| p * 2)),
+    }
 }
 
 /// A MySQL GTID set: per source UUID (with its tag, if any), sorted disjoint
@@ -318,7 +328,12 @@ fn mariadb_pos(text: &str) -> BTreeMap<u32, (u32, u64)> {
 /// of its own since) is at or past `n`. Otherwise the old primary has `d-s-(k+1)` to
 /// `d-s-n` that the new one never got. (MariaDB's `gtid_strict_mode` refuses such a
 /// replica too, when it connects: error 1236.)
-pub fn extra_history(flavor: Flavor, old_history: &str, new_current: &str, new_replicated: &str) -> Result<Option<String>, String> {
+pub fn extra_history(
+    flavor: Flavor,
+    old_history: &str,
+    new_current: &str,
+    new_replicated: &str,
+) -> Result<Option<String>, String> {
     match flavor {
         Flavor::MySql => {
             let extra = GtidSet::parse(old_history)?.minus(&GtidSet::parse(new_current)?);
@@ -350,6 +365,8 @@ pub fn extra_history(flavor: Flavor, old_history: &str, new_current: &str, new_r
 /// node replicating from one of them is a replica).
 pub struct MyControl {
     login: ManagerConfig,
+    /// What the health checks saw the replicas receive (`ClusterInfo::heard`).
+    info: std::sync::Arc<crate::mysql::ClusterInfo>,
     tls: ServerTlsMode,
     ca_file: Option<PathBuf>,
     peers: Vec<(String, u16)>,
@@ -363,9 +380,10 @@ pub struct MyConn {
 }
 
 impl MyControl {
-    pub fn new(login: ManagerConfig, cc: &ClusterConfig) -> MyControl {
+    pub fn new(login: ManagerConfig, cc: &ClusterConfig, info: std::sync::Arc<crate::mysql::ClusterInfo>) -> MyControl {
         MyControl {
             login,
+            info,
             tls: cc.server_tls,
             ca_file: cc.server_ca_file.clone(),
             peers: cc.nodes.iter().map(|n| (n.host.clone(), n.port)).collect(),
@@ -383,7 +401,10 @@ impl MyControl {
     }
 
     async fn run(&self, c: &mut MyConn, sql: &str) -> Result<(), String> {
-        c.conn.query_drop(sql).await.map_err(|e| format!("{sql}: {}", describe(e)))
+        c.conn
+            .query_drop(sql)
+            .await
+            .map_err(|e| format!("{sql}: {}", describe(e)))
     }
 
     /// Read-only, then every client session killed (a transaction open on the old
@@ -417,7 +438,10 @@ impl MyControl {
 
 fn split_addr(addr: &str) -> Result<(String, u16), String> {
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("bad address {addr}"))?;
-    Ok((host.to_string(), port.parse().map_err(|_| format!("bad port in {addr}"))?))
+    Ok((
+        host.to_string(),
+        port.parse().map_err(|_| format!("bad port in {addr}"))?,
+    ))
 }
 
 impl Control for MyControl {
@@ -470,11 +494,15 @@ impl Control for MyControl {
         c: &mut MyConn,
         index: usize,
         node: &NodeState,
-        _window: Duration,
+        window: Duration,
     ) -> Result<Option<Candidate>, String> {
         let rows = self.status_rows(c).await?;
         let executed = self.executed(c).await?;
-        Ok(candidate(c.flavor, &rows, &executed, index, &node.name))
+        let mut cand = candidate(c.flavor, &rows, &executed, index, &node.name);
+        if let Some(cand) = cand.as_mut() {
+            cand.hears_primary = still_hears(cand.hears_primary, self.info.heard(&node.name), Instant::now(), window);
+        }
+        Ok(cand)
     }
 
     async fn fence(&self, c: &mut MyConn) -> Result<Mark, String> {
@@ -504,8 +532,21 @@ impl Control for MyControl {
 
     async fn repoint(&self, c: &mut MyConn, primary: &NodeState) -> Result<(), String> {
         let (host, port) = split_addr(&primary.addr)?;
+        // Keep the channel's heartbeat period (CHANGE MASTER would reset it to half of
+        // slave_net_timeout): a short one is what tells a frozen primary from a live one.
+        let period = self
+            .status_rows(c)
+            .await?
+            .first()
+            .and_then(|r| field(r, "Slave_heartbeat_period", "Slave_heartbeat_period").map(str::to_string))
+            .and_then(|p| p.parse::<f64>().ok())
+            .filter(|p| *p > 0.0);
+        let mut change = c.flavor.change_source(&host, port, None, false);
+        if let Some(p) = period {
+            change += &format!(", MASTER_HEARTBEAT_PERIOD = {p}");
+        }
         self.run(c, c.flavor.stop()).await?;
-        self.run(c, &c.flavor.change_source(&host, port, None, false)).await?;
+        self.run(c, &change).await?;
         self.run(c, c.flavor.start()).await
     }
 
@@ -513,7 +554,13 @@ impl Control for MyControl {
         // Stop receiving (from a primary that is gone, or fenced), then apply all that
         // was received before taking writes: a promotion that skipped the relay log
         // would lose transactions the old primary acknowledged.
+        //
+        // (MariaDB: a semi-synchronous replica's STOP SLAVE logs in to its source to end
+        // the dump thread there, and waits `rpl_semi_sync_slave_kill_conn_timeout`, 5 s
+        // by default, when that source is frozen: the docs advise 1 s.)
+        let t0 = Instant::now();
         let _ = c.conn.query_drop(c.flavor.stop_io()).await;
+        let stopped_ms = t0.elapsed().as_millis() as u64;
         let rows = self.status_rows(c).await?;
         if let Some(row) = rows.first() {
             if field(row, "Slave_SQL_Running", "Replica_SQL_Running") != Some("Yes") {
@@ -542,6 +589,7 @@ impl Control for MyControl {
         for sql in c.flavor.set_writable() {
             self.run(c, sql).await?;
         }
+        tracing::info!(node = %node, stop_receiving_ms = stopped_ms, total_ms = t0.elapsed().as_millis() as u64, "replica promoted after applying its relay log");
         Ok(())
     }
 

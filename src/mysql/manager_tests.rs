@@ -56,7 +56,11 @@ fn a_mysql_replica_counts_retrieved_and_executed_transactions() {
     let executed = "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-117,\n4e11fa47-71ca-11e1-9e33-c80aa9429562:1-5";
     let c = candidate(Flavor::MySql, &[row(MYSQL_REPLICA)], executed, 2, "r2").unwrap();
     assert_eq!(c.replayed, Some(122));
-    assert_eq!(c.received, Some(125), "1-120 from the source joined with the 5 of its own");
+    assert_eq!(
+        c.received,
+        Some(125),
+        "1-120 from the source joined with the 5 of its own"
+    );
     assert!(c.hears_primary);
 }
 
@@ -80,7 +84,10 @@ fn change_source_in_both_dialects() {
         "CHANGE REPLICATION SOURCE TO SOURCE_HOST = 'db2', SOURCE_PORT = 3306, SOURCE_USER = 'repl', SOURCE_PASSWORD = 'x', SOURCE_AUTO_POSITION = 1"
     );
     assert_eq!(Flavor::MySql.set_read_only(), "SET GLOBAL super_read_only = 1");
-    assert_eq!(Flavor::MySql.set_writable(), ["SET GLOBAL super_read_only = 0", "SET GLOBAL read_only = 0"]);
+    assert_eq!(
+        Flavor::MySql.set_writable(),
+        ["SET GLOBAL super_read_only = 0", "SET GLOBAL read_only = 0"]
+    );
     assert_eq!(Flavor::MySql.wait(), "SELECT WAIT_FOR_EXECUTED_GTID_SET(?, ?)");
     assert_eq!(Flavor::MariaDb.wait(), "SELECT MASTER_GTID_WAIT(?, ?)");
 }
@@ -93,7 +100,8 @@ fn flavor_from_the_version_string() {
 
 #[test]
 fn gtid_sets_union_difference_and_count() {
-    let a = GtidSet::parse("3E11FA47-71CA-11E1-9E33-C80AA9429562:1-5:11-18, 4e11fa47-71ca-11e1-9e33-c80aa9429562:1").unwrap();
+    let a = GtidSet::parse("3E11FA47-71CA-11E1-9E33-C80AA9429562:1-5:11-18, 4e11fa47-71ca-11e1-9e33-c80aa9429562:1")
+        .unwrap();
     assert_eq!(a.count(), 14);
     assert_eq!(
         a.to_string(),
@@ -104,7 +112,9 @@ fn gtid_sets_union_difference_and_count() {
         a.minus(&b).to_string(),
         "3e11fa47-71ca-11e1-9e33-c80aa9429562:13-18,4e11fa47-71ca-11e1-9e33-c80aa9429562:1"
     );
-    assert!(b.minus(&GtidSet::parse("3e11fa47-71ca-11e1-9e33-c80aa9429562:1-20").unwrap()).is_empty());
+    assert!(b
+        .minus(&GtidSet::parse("3e11fa47-71ca-11e1-9e33-c80aa9429562:1-20").unwrap())
+        .is_empty());
     let mut c = GtidSet::parse("u:1-3").unwrap();
     c.add(&GtidSet::parse("u:4-6:9").unwrap());
     assert_eq!(c.to_string(), "u:1-6:9");
@@ -129,8 +139,16 @@ fn an_old_mysql_primary_with_transactions_the_new_one_lacks_is_named() {
 fn mariadb_history_is_compared_per_domain_from_the_fork() {
     // The new primary (server 2) replicated up to 0-1-90, then wrote 0-2-91..150.
     let (cur, rep) = ("0-2-150", "0-1-90");
-    assert_eq!(extra_history(Flavor::MariaDb, "0-1-90", cur, rep).unwrap(), None, "all it had was replicated");
-    assert_eq!(extra_history(Flavor::MariaDb, "0-1-85", cur, rep).unwrap(), None, "behind: a prefix");
+    assert_eq!(
+        extra_history(Flavor::MariaDb, "0-1-90", cur, rep).unwrap(),
+        None,
+        "all it had was replicated"
+    );
+    assert_eq!(
+        extra_history(Flavor::MariaDb, "0-1-85", cur, rep).unwrap(),
+        None,
+        "behind: a prefix"
+    );
     assert_eq!(
         extra_history(Flavor::MariaDb, "0-1-100", cur, rep).unwrap(),
         Some("0-1-91 to 0-1-100".to_string()),
@@ -141,7 +159,10 @@ fn mariadb_history_is_compared_per_domain_from_the_fork() {
         Some("0-1-91".to_string())
     );
     // The new primary wrote nothing of its own yet: its current position decides.
-    assert_eq!(extra_history(Flavor::MariaDb, "0-1-90", "0-1-90", "0-1-90").unwrap(), None);
+    assert_eq!(
+        extra_history(Flavor::MariaDb, "0-1-90", "0-1-90", "0-1-90").unwrap(),
+        None
+    );
     assert_eq!(
         extra_history(Flavor::MariaDb, "0-1-92", "0-1-90", "0-1-90").unwrap(),
         Some("0-1-91 to 0-1-92".to_string())
@@ -151,4 +172,53 @@ fn mariadb_history_is_compared_per_domain_from_the_fork() {
         extra_history(Flavor::MariaDb, "0-1-90,1-1-3", cur, rep).unwrap(),
         Some("1-1-1 to 1-1-3".to_string())
     );
+}
+
+#[test]
+fn a_connected_replica_hears_its_source_only_while_something_arrives() {
+    let info = crate::mysql::ClusterInfo::default();
+    let t0 = Instant::now();
+    let window = Duration::from_secs(1);
+    let period = Some(Duration::from_millis(500));
+    // No record (MySQL, or never checked): the IO thread's state decides.
+    assert!(still_hears(true, info.heard("r1"), t0, window));
+    assert!(!still_hears(false, info.heard("r1"), t0, window));
+    info.note_heard("r1", Some(10), period, t0);
+    // The same marker later: nothing arrived since t0.
+    info.note_heard("r1", Some(10), period, t0 + Duration::from_millis(1000));
+    assert!(still_hears(
+        true,
+        info.heard("r1"),
+        t0 + Duration::from_millis(900),
+        window
+    ));
+    assert!(
+        !still_hears(true, info.heard("r1"), t0 + Duration::from_millis(1100), window),
+        "silent for longer than the window (and two heartbeat periods): a frozen source"
+    );
+    // A long heartbeat period widens the window: an idle source is silent that long.
+    info.note_heard("r2", Some(1), Some(Duration::from_secs(2)), t0);
+    assert!(still_hears(
+        true,
+        info.heard("r2"),
+        t0 + Duration::from_millis(3900),
+        window
+    ));
+    assert!(!still_hears(
+        true,
+        info.heard("r2"),
+        t0 + Duration::from_millis(4100),
+        window
+    ));
+    // A heartbeat arrived: it hears again.
+    info.note_heard("r1", Some(11), period, t0 + Duration::from_millis(1700));
+    assert!(still_hears(
+        true,
+        info.heard("r1"),
+        t0 + Duration::from_millis(1800),
+        window
+    ));
+    // No channel any more: no record.
+    info.note_heard("r1", None, None, t0);
+    assert!(info.heard("r1").is_none());
 }

@@ -20,7 +20,9 @@ mod relay;
 pub mod server;
 pub mod session;
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 pub use server::Greeting;
 
@@ -30,6 +32,21 @@ pub use server::Greeting;
 #[derive(Default)]
 pub struct ClusterInfo {
     greeting: RwLock<Option<Greeting>>,
+    /// Per replica, when its replication connection last received something (an event
+    /// or a heartbeat), as its health checks saw it: a frozen primary keeps its
+    /// replicas' connections open, so only this tells it from a live one.
+    heard: Mutex<HashMap<String, Heard>>,
+}
+
+/// What a replica's replication connection received, as of its last health check.
+#[derive(Debug, Clone, Copy)]
+pub struct Heard {
+    /// Heartbeats received + transactions received; changes while its source lives.
+    marker: u64,
+    /// When `marker` last changed (or was first seen).
+    pub changed_at: Instant,
+    /// The channel's heartbeat period: how long a live, idle source may stay silent.
+    pub period: Option<Duration>,
 }
 
 impl ClusterInfo {
@@ -46,5 +63,32 @@ impl ClusterInfo {
 
     pub fn greeting(&self) -> Option<Greeting> {
         self.greeting.read().unwrap().clone()
+    }
+
+    /// Record a replica's received-marker from a health check (None: it has no
+    /// replication channel, or the server does not say).
+    pub fn note_heard(&self, node: &str, marker: Option<u64>, period: Option<Duration>, now: Instant) {
+        let mut heard = self.heard.lock().unwrap();
+        let Some(marker) = marker else {
+            heard.remove(node);
+            return;
+        };
+        match heard.get_mut(node) {
+            Some(h) if h.marker == marker => h.period = period,
+            _ => {
+                heard.insert(
+                    node.to_string(),
+                    Heard {
+                        marker,
+                        changed_at: now,
+                        period,
+                    },
+                );
+            }
+        }
+    }
+
+    pub fn heard(&self, node: &str) -> Option<Heard> {
+        self.heard.lock().unwrap().get(node).copied()
     }
 }

@@ -28,8 +28,8 @@ pub mod freshness;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod health;
-pub mod manager;
 mod login;
+pub mod manager;
 pub mod pool;
 pub mod protocol;
 pub mod server;
