@@ -272,7 +272,7 @@ async fn a_killed_mariadb_primary_is_replaced_without_losing_acknowledged_writes
     // read-only and, its history being a prefix of the new primary's, a replica.
     cluster.start_node(0).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !(source_of(&cluster, 0) == Some(new) && !writable(&cluster, 0)) {
+    while source_of(&cluster, 0) != Some(new) || writable(&cluster, 0) {
         assert!(
             Instant::now() < deadline,
             "the old primary was not rejoined in 30 s:\n{}\n{}",
