@@ -424,3 +424,82 @@ async fn a_frozen_mariadb_primary_is_replaced_and_gets_no_write_after_it_thaws()
     assert_eq!(my_lands_on(&cluster, proxy.rw).unwrap(), new);
     assert_eq!(proxy.log_text().matches("automatic failover done").count(), 1);
 }
+
+/// Two instances over 3 etcd members in front of a semi-synchronous MariaDB cluster,
+/// inserts through both; the primary is killed: exactly one promotion (withdrawn, then
+/// published), both instances write to the new primary, no acknowledged insert lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_through_etcd_fail_over_a_mariadb_primary_once() {
+    let etcd = common::etcd::EtcdCluster::start(3);
+    let mut cluster = semi_sync_cluster();
+    let urls = etcd.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+    let instances: Vec<(Proxy, u16)> = ["sy1", "sy2"]
+        .into_iter()
+        .map(|name| {
+            let admin = free_port();
+            let (extra, top) = automatic(admin);
+            let (rw, ro) = (free_port(), free_port());
+            let text = format!(
+                "{top}\n[coordination]\netcd = [{urls}]\ninstance = \"{name}\"\nlease_s = 2\n\n{}",
+                my_config(&cluster, rw, ro, &extra)
+            );
+            let proxy = my_spawn(&cluster, name, &text, rw, ro);
+            (proxy, admin)
+        })
+        .collect();
+    let published = |admin: u16| -> Option<(String, String)> {
+        std::net::TcpStream::connect(("127.0.0.1", admin)).ok()?;
+        let s: serde_json::Value = serde_json::from_str(&http_get(admin, "/status").1).ok()?;
+        let p = s["clusters"][0]["published"].as_str()?.to_string();
+        Some((s["coordination"]["leader"].as_str()?.to_string(), p))
+    };
+    wait_for("both instances agreeing on default", Duration::from_secs(30), || {
+        let (a, b) = (published(instances[0].1)?, published(instances[1].1)?);
+        (a == b && a.1 == "default").then_some(())
+    });
+    for (p, _) in &instances {
+        wait_for("rw ready", Duration::from_secs(20), || mariadb(p.rw, "SELECT 1").ok());
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (rec_a, mut tasks) = writers(instances[0].0.rw, 2, stop.clone());
+    let (rec_b, tasks_b) = writers(instances[1].0.rw, 2, stop.clone());
+    tasks.extend(tasks_b);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.kill9(0).unwrap();
+    let killed = Instant::now();
+    let new = wait_for("a replica promoted", Duration::from_secs(40), || {
+        (1..3).find(|&i| writable(&cluster, i))
+    });
+    wait_for("both instances writing again", Duration::from_secs(30), || {
+        let after = |r: &Arc<Mutex<Record>>| r.lock().unwrap().acked.iter().any(|(_, t)| *t > killed);
+        (after(&rec_a) && after(&rec_b)).then_some(())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!((1..3).filter(|&i| writable(&cluster, i)).count(), 1, "one promotion");
+    let logs: String = instances.iter().map(|(p, _)| p.log_text()).collect();
+    assert_eq!(logs.matches("automatic failover done").count(), 1, "{logs}");
+    assert!(logs.contains("every instance stopped writing to the old primary"), "{logs}");
+    let name = cluster.nodes[new].name.clone();
+    wait_for("both instances publishing the new primary", Duration::from_secs(20), || {
+        let (a, b) = (published(instances[0].1)?, published(instances[1].1)?);
+        (a.1 == name && b.1 == name).then_some(())
+    });
+    for (p, _) in &instances {
+        assert_eq!(my_lands_on(&cluster, p.rw).unwrap(), new);
+    }
+    let (mut acked, mut unknown) = (0, 0);
+    for rec in [&rec_a, &rec_b] {
+        let r = rec.lock().unwrap();
+        let (a, _, u) = check_no_acked_loss(&cluster, new, &r);
+        acked += a;
+        unknown += u;
+    }
+    report(&format!(
+        "MariaDB, 2 instances through etcd, kill -9 of the primary: {acked} acknowledged, 0 lost, {unknown} unknown; one promotion"
+    ));
+}
