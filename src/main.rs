@@ -141,10 +141,13 @@ fn main() -> ExitCode {
                     *failover == DemoFailover::Automatic,
                     *instances,
                 ),
-                DemoEngine::Mariadb if *failover == DemoFailover::Automatic || *instances > 1 => Err(anyhow::anyhow!(
-                    "--engine mariadb runs one instance that follows promotions (Switchyard does not promote MySQL replicas)"
-                )),
-                DemoEngine::Mariadb => switchyard::demo::mariadb_demo(rw_port.unwrap_or(6446), ro_port.unwrap_or(6447), *http_port),
+                DemoEngine::Mariadb => switchyard::demo::mariadb_demo(
+                    rw_port.unwrap_or(6446),
+                    ro_port.unwrap_or(6447),
+                    *http_port,
+                    *failover == DemoFailover::Automatic,
+                    *instances,
+                ),
             }
         }
     };

@@ -36,37 +36,8 @@ fn automatic(admin: u16) -> (String, String) {
 /// only once a replica has it.
 fn semi_sync_cluster() -> MariaCluster {
     let mut c = MariaCluster::start(2).unwrap();
-    // What each node's my.cnf would say, for restarts: with semi-sync replica mode on
-    // at startup, a crashed primary truncates from its binary log the transactions no
-    // replica acknowledged (prepared, never committed in InnoDB, never acknowledged to
-    // a client: MariaDB 10.6's MDEV-21117), so that it can rejoin.
-    c.extra_args = [
-        "--rpl-semi-sync-master-enabled=1",
-        "--rpl-semi-sync-slave-enabled=1",
-        "--rpl-semi-sync-master-wait-point=AFTER_SYNC",
-        "--rpl-semi-sync-master-timeout=10000",
-        "--rpl-semi-sync-slave-kill-conn-timeout=1",
-    ]
-    .map(String::from)
-    .to_vec();
-    for i in 0..3 {
-        c.sql(
-            i,
-            "SET GLOBAL rpl_semi_sync_master_enabled = 1; SET GLOBAL rpl_semi_sync_slave_enabled = 1; \
-             SET GLOBAL rpl_semi_sync_master_wait_point = AFTER_SYNC; SET GLOBAL rpl_semi_sync_master_timeout = 10000; \
-             SET GLOBAL rpl_semi_sync_slave_kill_conn_timeout = 1",
-        )
-        .unwrap();
-    }
-    // The replicas' IO threads must reconnect to announce themselves as semi-sync.
-    for i in 1..3 {
-        c.sql(i, "STOP SLAVE IO_THREAD; START SLAVE IO_THREAD").unwrap();
-    }
+    c.enable_semi_sync().unwrap();
     c.sql(0, "CREATE TABLE app.ids (id INT PRIMARY KEY)").unwrap();
-    wait_for("a semi-sync replica", Duration::from_secs(20), || {
-        let n = c.sql(0, "SHOW STATUS LIKE 'Rpl_semi_sync_master_clients'").ok()?;
-        (n.split_whitespace().last()? != "0").then_some(())
-    });
     c.wait_replicated(0, Duration::from_secs(20)).unwrap();
     c
 }

@@ -160,6 +160,48 @@ impl MariaCluster {
         Ok(cluster)
     }
 
+    /// Semi-synchronous replication (`AFTER_SYNC`) on every node, now and on restarts
+    /// (as each node's `my.cnf` would have it): a commit is acknowledged only once a
+    /// replica has it. With the replica side on at startup, a crashed primary drops
+    /// from its binary log the transactions no replica acknowledged (MariaDB 10.6+), so
+    /// it can rejoin. `kill_conn_timeout` 1 s: a semi-sync replica's STOP SLAVE waits
+    /// that long for a frozen primary.
+    pub fn enable_semi_sync(&mut self) -> Result<()> {
+        self.extra_args.extend(
+            [
+                "--rpl-semi-sync-master-enabled=1",
+                "--rpl-semi-sync-slave-enabled=1",
+                "--rpl-semi-sync-master-wait-point=AFTER_SYNC",
+                "--rpl-semi-sync-master-timeout=10000",
+                "--rpl-semi-sync-slave-kill-conn-timeout=1",
+            ]
+            .map(String::from),
+        );
+        for i in 0..self.nodes.len() {
+            self.sql(
+                i,
+                "SET GLOBAL rpl_semi_sync_master_enabled = 1; SET GLOBAL rpl_semi_sync_slave_enabled = 1; \
+                 SET GLOBAL rpl_semi_sync_master_wait_point = AFTER_SYNC; SET GLOBAL rpl_semi_sync_master_timeout = 10000; \
+                 SET GLOBAL rpl_semi_sync_slave_kill_conn_timeout = 1",
+            )?;
+        }
+        // The replicas' IO threads must reconnect to announce themselves as semi-sync.
+        for i in 1..self.nodes.len() {
+            self.sql(i, "STOP SLAVE IO_THREAD; START SLAVE IO_THREAD")?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let n = self.sql(0, "SHOW STATUS LIKE 'Rpl_semi_sync_master_clients'")?;
+            if n.split_whitespace().last().is_some_and(|c| c != "0") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no replica connected as semi-synchronous within 20 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

@@ -62,51 +62,7 @@ pub fn postgres_demo(rw_port: u16, ro_port: u16, http_port: u16, automatic: bool
             )
         )
     );
-    // Two instances: a local etcd, and the second instance as a child process (one
-    // coordinator per process) on the next ports up.
-    let mut children = Vec::new();
-    let mut config_text = config_text;
-    let mut second = String::new();
-    if instances == 2 {
-        let (etcd, url) = demo_etcd(cluster.dir())?;
-        children.push(etcd);
-        let coordination = |name: &str| format!("\n[coordination]\netcd = [\"{url}\"]\ninstance = \"{name}\"\n");
-        let other = config_text
-            .replace(
-                &format!("127.0.0.1:{rw_port}\""),
-                &format!("127.0.0.1:{}\"", rw_port + 2),
-            )
-            .replace(
-                &format!("127.0.0.1:{ro_port}\""),
-                &format!("127.0.0.1:{}\"", ro_port + 2),
-            )
-            .replace(
-                &format!("127.0.0.1:{http_port}\""),
-                &format!("127.0.0.1:{}\"", http_port + 1),
-            )
-            + &coordination("sy2");
-        config_text += &coordination("sy1");
-        let other_path = cluster.dir().join("switchyard-sy2.toml");
-        std::fs::write(&other_path, &other)?;
-        let log = cluster.dir().join("switchyard-sy2.log");
-        children.push(Child(
-            std::process::Command::new(std::env::current_exe()?)
-                .arg("--config")
-                .arg(&other_path)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(&log)?)
-                .spawn()?,
-        ));
-        second = format!(
-            "\nA second Switchyard instance (sy2) agrees with this one (sy1) through etcd at {url}:\n  \
-             rw 127.0.0.1:{}  ro 127.0.0.1:{}  status http://127.0.0.1:{}/  log {}\n  \
-             One leader decides failovers and switchovers; both send writes only to the published primary.\n",
-            rw_port + 2,
-            ro_port + 2,
-            http_port + 1,
-            log.display()
-        );
-    }
+    let (config_text, children, second) = with_instances(cluster.dir(), config_text, instances, (rw_port, ro_port, http_port))?;
     let config_path = cluster.dir().join("switchyard.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = Config::parse(&config_text)?;
@@ -167,14 +123,71 @@ pub fn postgres_demo(rw_port: u16, ro_port: u16, http_port: u16, automatic: bool
     Ok(())
 }
 
+/// With `instances == 2`: a local etcd, `[coordination]` added to `config_text` (as
+/// `sy1`), and a second instance (`sy2`) as a child process (one coordinator per
+/// process) on the next ports up. The config to run, the children to stop at the end,
+/// and what to tell the user about the second instance.
+fn with_instances(
+    dir: &std::path::Path,
+    mut config_text: String,
+    instances: u8,
+    (rw_port, ro_port, http_port): (u16, u16, u16),
+) -> Result<(String, Vec<Child>, String)> {
+    let mut children = Vec::new();
+    if instances != 2 {
+        return Ok((config_text, children, String::new()));
+    }
+    let (etcd, url) = demo_etcd(dir)?;
+    children.push(etcd);
+    let coordination = |name: &str| format!("\n[coordination]\netcd = [\"{url}\"]\ninstance = \"{name}\"\n");
+    let other = config_text
+        .replace(
+            &format!("127.0.0.1:{rw_port}\""),
+            &format!("127.0.0.1:{}\"", rw_port + 2),
+        )
+        .replace(
+            &format!("127.0.0.1:{ro_port}\""),
+            &format!("127.0.0.1:{}\"", ro_port + 2),
+        )
+        .replace(
+            &format!("127.0.0.1:{http_port}\""),
+            &format!("127.0.0.1:{}\"", http_port + 1),
+        )
+        + &coordination("sy2");
+    config_text += &coordination("sy1");
+    let other_path = dir.join("switchyard-sy2.toml");
+    std::fs::write(&other_path, &other)?;
+    let log = dir.join("switchyard-sy2.log");
+    children.push(Child(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("--config")
+            .arg(&other_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?,
+    ));
+    let second = format!(
+        "\nA second Switchyard instance (sy2) agrees with this one (sy1) through etcd at {url}:\n  \
+         rw 127.0.0.1:{}  ro 127.0.0.1:{}  status http://127.0.0.1:{}/  log {}\n  \
+         One leader decides failovers and switchovers; both send writes only to the published primary.\n",
+        rw_port + 2,
+        ro_port + 2,
+        http_port + 1,
+        log.display()
+    );
+    Ok((config_text, children, second))
+}
+
 /// `switchyard demo --engine mariadb`: a MariaDB primary and two GTID replicas with
 /// the proxy in front, the seed article's Django `DATABASES`, and how to fail over.
-pub fn mariadb_demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
+pub fn mariadb_demo(rw_port: u16, ro_port: u16, http_port: u16, automatic: bool, instances: u8) -> Result<()> {
     use crate::demo::mariadb::{
-        MariaCluster, MY_APP_DB, MY_APP_PASSWORD, MY_APP_USER, MY_MONITOR_PASSWORD, MY_MONITOR_USER,
+        MariaCluster, MY_APP_DB, MY_APP_PASSWORD, MY_APP_USER, MY_MANAGER_PASSWORD, MY_MANAGER_USER,
+        MY_MONITOR_PASSWORD, MY_MONITOR_USER, REPL_PASSWORD, REPL_USER,
     };
-    println!("Starting a local MariaDB cluster (1 primary, 2 GTID replicas)...");
-    let cluster = MariaCluster::start(2).context("could not start the local MariaDB cluster")?;
+    println!("Starting a local MariaDB cluster (1 primary, 2 semi-synchronous GTID replicas)...");
+    let mut cluster = MariaCluster::start(2).context("could not start the local MariaDB cluster")?;
+    cluster.enable_semi_sync()?;
     let config_text = format!(
         "[health]\nuser = \"{MY_MONITOR_USER}\"\npassword = \"{MY_MONITOR_PASSWORD}\"\n\n\
          [admin]\nhttp_listen = \"127.0.0.1:{http_port}\"\n\n\
@@ -183,9 +196,15 @@ pub fn mariadb_demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
             "main",
             rw_port,
             ro_port,
-            "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"\n"
+            &format!(
+                "max_replica_lag_ms = 10000\nread_balance = \"round_robin\"\nfailover = \"{}\"\n\n\
+                 [clusters.main.manager]\nuser = \"{MY_MANAGER_USER}\"\npassword = \"{MY_MANAGER_PASSWORD}\"\n\
+                 replication_user = \"{REPL_USER}\"\nreplication_password = \"{REPL_PASSWORD}\"\n",
+                if automatic { "automatic" } else { "follow" }
+            )
         )
     );
+    let (config_text, children, second) = with_instances(cluster.dir(), config_text, instances, (rw_port, ro_port, http_port))?;
     let config_path = cluster.dir().join("switchyard.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = Config::parse(&config_text)?;
@@ -201,6 +220,19 @@ pub fn mariadb_demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
     );
     let p1 = cluster.nodes[1].port;
     let pid0 = cluster.pid(0).unwrap_or(0);
+    let failover_howto = match automatic {
+        false => format!(
+            "Or a failover in another terminal (failover = \"follow\": you promote; `--failover automatic` lets Switchyard do it):\n  \
+             kill -9 {pid0}                                                     # the primary goes down\n  \
+             mariadb -S {s1} -u root -e \"STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0\"   # failover1 takes over\n  \
+             mariadb -S {s2} -u root -e \"STOP SLAVE; CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={p1}, MASTER_USER='repl', MASTER_PASSWORD='repl', MASTER_USE_GTID=slave_pos; START SLAVE\""
+        ),
+        true => format!(
+            "Or a failover in another terminal (failover = \"automatic\"):\n  \
+             kill -9 {pid0}     # the primary goes down; Switchyard promotes the replica that received the most\n  \
+             (after it applied its relay log) within about interval x fall + 1 s, and repoints the other"
+        ),
+    };
     crate::app::runtime()?.block_on(async {
         let proxy = Proxy::start(config, Some(config_path.clone())).await?;
         println!(
@@ -214,12 +246,12 @@ pub fn mariadb_demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
              'NAME': '{MY_APP_DB}', 'USER': '{MY_APP_USER}', 'PASSWORD': '{MY_APP_PASSWORD}'}},\n    \
              'follower': {{'ENGINE': 'django.db.backends.mysql', 'HOST': '127.0.0.1', 'PORT': '{ro_port}',\n                 \
              'NAME': '{MY_APP_DB}', 'USER': '{MY_APP_USER}', 'PASSWORD': '{MY_APP_PASSWORD}'}},\n  }}\n\n\
-             Try a failover in another terminal (Switchyard follows; you promote):\n  \
-             kill -9 {pid0}                                                     # the primary goes down\n  \
-             mariadb -S {s1} -u root -e \"STOP SLAVE; RESET SLAVE ALL; SET GLOBAL read_only = 0\"   # failover1 takes over\n  \
-             mariadb -S {s2} -u root -e \"STOP SLAVE; CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={p1}, MASTER_USER='repl', MASTER_PASSWORD='repl', MASTER_USE_GTID=slave_pos; START SLAVE\"\n\n\
+             Try a planned switchover (the old primary becomes a replica of the new one):\n  \
+             switchyard switchover --url http://127.0.0.1:{http_port} --cluster main --to failover1\n\n\
+             {failover_howto}\n\n\
              A replica whose replication stops gets no reads:  mariadb -S {s2} -u root -e \"STOP SLAVE\"\n\
-             (root logs in through each node's socket, e.g. mariadb -S {s0} -u root)\n\n\
+             (root logs in through each node's socket, e.g. mariadb -S {s0} -u root)\n\
+             {second}\n\
              Node states follow as they change. Ctrl-C stops everything and removes {dir}.\n",
             cfg = config_path.display(),
             nodes = nodes.join("\n"),
@@ -230,6 +262,7 @@ pub fn mariadb_demo(rw_port: u16, ro_port: u16, http_port: u16) -> Result<()> {
         proxy.shutdown().await;
         Ok::<(), anyhow::Error>(())
     })?;
+    drop(children);
     drop(cluster);
     println!("Done.");
     Ok(())
