@@ -257,6 +257,27 @@ async fn a_killed_mariadb_primary_is_replaced_without_losing_acknowledged_writes
     });
     let (_, status) = http_get(admin, "/status");
     assert!(status.contains("rejoined as a replica"), "{status}");
+    // /status shows each node's replication: the rejoined old primary replicates from
+    // the new one, both threads running, semi-sync on both sides.
+    let new_addr = format!("127.0.0.1:{}", cluster.nodes[new].port);
+    wait_for(
+        "/status showing the rejoined node's replication",
+        Duration::from_secs(10),
+        || {
+            let s: serde_json::Value = serde_json::from_str(&http_get(admin, "/status").1).ok()?;
+            let nodes = s["clusters"][0]["nodes"].as_array()?.clone();
+            let node = |name: &str| nodes.iter().find(|n| n["name"] == name).cloned();
+            let old = node("default")?;
+            let r = &old["replication"];
+            let ok = r["source"] == new_addr.as_str()
+                && r["io_thread"] == "Yes"
+                && r["sql_thread"] == "Yes"
+                && r["semi_sync"] == "on"
+                && node(&cluster.nodes[new].name)?["replication"]["semi_sync"] == "on"
+                && r["gtid"].as_str().is_some_and(|g| g.starts_with("0-"));
+            ok.then_some(())
+        },
+    );
     // And it serves reads again through ro (a standby following the primary).
     assert!(proxy.log_text().contains("rejoined it as a replica of the new primary"));
 }
@@ -338,6 +359,25 @@ async fn a_mariadb_switchover_moves_the_primary_and_rejoins_the_old_one() {
     cluster.wait_replicated(2, Duration::from_secs(20)).unwrap();
     assert_eq!(ids_on(&cluster, 0), vec![1, 2]);
     assert_eq!(ids_on(&cluster, 1), vec![1, 2]);
+    // The status page renders MySQL nodes (replication rows, the remark) in a browser.
+    let url = format!("http://127.0.0.1:{admin}/");
+    let out = python(
+        "../browser/page_check.py",
+        &[
+            "--url",
+            &url,
+            "--timeout",
+            "20",
+            "--expect",
+            "default=up",
+            "--expect",
+            "failover1=up",
+            "--expect",
+            "failover2=up",
+        ],
+        &[],
+    );
+    assert!(out.contains("ok: page shows"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,7 +443,12 @@ async fn a_frozen_mariadb_primary_is_replaced_and_gets_no_write_after_it_thaws()
 async fn two_instances_through_etcd_fail_over_a_mariadb_primary_once() {
     let etcd = common::etcd::EtcdCluster::start(3);
     let mut cluster = semi_sync_cluster();
-    let urls = etcd.urls().iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+    let urls = etcd
+        .urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     let instances: Vec<(Proxy, u16)> = ["sy1", "sy2"]
         .into_iter()
         .map(|name| {
@@ -454,12 +499,19 @@ async fn two_instances_through_etcd_fail_over_a_mariadb_primary_once() {
     assert_eq!((1..3).filter(|&i| writable(&cluster, i)).count(), 1, "one promotion");
     let logs: String = instances.iter().map(|(p, _)| p.log_text()).collect();
     assert_eq!(logs.matches("automatic failover done").count(), 1, "{logs}");
-    assert!(logs.contains("every instance stopped writing to the old primary"), "{logs}");
+    assert!(
+        logs.contains("every instance stopped writing to the old primary"),
+        "{logs}"
+    );
     let name = cluster.nodes[new].name.clone();
-    wait_for("both instances publishing the new primary", Duration::from_secs(20), || {
-        let (a, b) = (published(instances[0].1)?, published(instances[1].1)?);
-        (a.1 == name && b.1 == name).then_some(())
-    });
+    wait_for(
+        "both instances publishing the new primary",
+        Duration::from_secs(20),
+        || {
+            let (a, b) = (published(instances[0].1)?, published(instances[1].1)?);
+            (a.1 == name && b.1 == name).then_some(())
+        },
+    );
     for (p, _) in &instances {
         assert_eq!(my_lands_on(&cluster, p.rw).unwrap(), new);
     }

@@ -89,6 +89,10 @@ pub struct NodeStatus {
     /// the primary lacks).
     #[serde(default)]
     pub remark: Option<String>,
+    /// MySQL: the node's replication (GTIDs, source, threads, semi-sync), as its last
+    /// health check saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::mysql::Replication>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -134,6 +138,7 @@ pub fn node_status(snap: &ClusterSnapshot, i: usize, now: SystemTime) -> NodeSta
         last_error: n.last_error.clone(),
         state_since_s: since(n.since, now).as_secs(),
         remark: None,
+        replication: None,
     }
 }
 
@@ -212,9 +217,12 @@ pub fn build(shared: &Shared) -> Status {
                 epoch: snap.coordination.as_ref().map(|c| c.epoch),
                 nodes: {
                     let remarks = ctx.ha.remarks();
+                    let mysql =
+                        (ctx.engine == crate::config::Engine::Mysql).then(|| crate::mysql::ClusterInfo::of(ctx));
                     (0..snap.nodes.len())
                         .map(|i| NodeStatus {
                             remark: remarks.get(&snap.nodes[i].name).cloned(),
+                            replication: mysql.and_then(|m| m.replication(&snap.nodes[i].name)),
                             ..node_status(&snap, i, now)
                         })
                         .collect()

@@ -62,7 +62,8 @@ pub fn postgres_demo(rw_port: u16, ro_port: u16, http_port: u16, automatic: bool
             )
         )
     );
-    let (config_text, children, second) = with_instances(cluster.dir(), config_text, instances, (rw_port, ro_port, http_port))?;
+    let (config_text, children, second) =
+        with_instances(cluster.dir(), config_text, instances, (rw_port, ro_port, http_port))?;
     let config_path = cluster.dir().join("switchyard.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = Config::parse(&config_text)?;
@@ -204,7 +205,8 @@ pub fn mariadb_demo(rw_port: u16, ro_port: u16, http_port: u16, automatic: bool,
             )
         )
     );
-    let (config_text, children, second) = with_instances(cluster.dir(), config_text, instances, (rw_port, ro_port, http_port))?;
+    let (config_text, children, second) =
+        with_instances(cluster.dir(), config_text, instances, (rw_port, ro_port, http_port))?;
     let config_path = cluster.dir().join("switchyard.toml");
     std::fs::write(&config_path, &config_text)?;
     let config = Config::parse(&config_text)?;

@@ -24,7 +24,7 @@ use crate::cluster::health::{self, Login, Observer, Probe};
 use crate::cluster::topology::{ClusterState, Observation, Role, LAG_UNKNOWN};
 use crate::config::{HealthConfig, ServerTlsMode};
 
-use super::ClusterInfo;
+use super::{ClusterInfo, Replication};
 
 pub struct Target {
     pub cluster: Arc<ClusterState>,
@@ -179,11 +179,12 @@ async fn check(
         *session = Some(open(target, login, timeout).await?);
     }
     let s = session.as_mut().expect("just opened");
-    let (obs, rows) = look(&mut s.conn, s.mariadb, s.replica_status, &target.peers).await?;
+    let (obs, rows, replication) = look(&mut s.conn, s.mariadb, s.replica_status, &target.peers).await?;
     let (marker, period) = rows.first().map(received_marker).unwrap_or((None, None));
     target
         .info
         .note_heard(&target.node, marker, period, std::time::Instant::now());
+    target.info.set_replication(&target.node, replication);
     Ok(obs)
 }
 
@@ -224,18 +225,25 @@ pub(crate) async fn look(
     mariadb: bool,
     replica_status: &str,
     peers: &[(String, u16)],
-) -> Result<(Observation, Vec<Row>), String> {
+) -> Result<(Observation, Vec<Row>, Replication), String> {
+    // Semi-sync status from the server's status variables (NULL without the plugin):
+    // the primary side's, then the replica side's.
     let writable_sql = if mariadb {
-        "SELECT @@global.read_only = 0 AND @@global.innodb_read_only = 0, @@global.gtid_current_pos"
+        "SELECT @@global.read_only = 0 AND @@global.innodb_read_only = 0, @@global.gtid_current_pos, \
+         (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'RPL_SEMI_SYNC_MASTER_STATUS'), \
+         (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'RPL_SEMI_SYNC_SLAVE_STATUS')"
     } else {
         "SELECT @@global.read_only = 0 AND @@global.super_read_only = 0 AND @@global.innodb_read_only = 0, \
-         @@global.gtid_executed"
+         @@global.gtid_executed, \
+         (SELECT VARIABLE_VALUE FROM performance_schema.global_status WHERE VARIABLE_NAME IN ('Rpl_semi_sync_source_status', 'Rpl_semi_sync_master_status') LIMIT 1), \
+         (SELECT VARIABLE_VALUE FROM performance_schema.global_status WHERE VARIABLE_NAME IN ('Rpl_semi_sync_replica_status', 'Rpl_semi_sync_slave_status') LIMIT 1)"
     };
-    let (writable, gtid): (Option<i64>, Option<String>) = conn
+    type Answer = (Option<i64>, Option<String>, Option<String>, Option<String>);
+    let (writable, gtid, semi_primary, semi_replica): Answer = conn
         .query_first(writable_sql)
         .await
         .map_err(describe)?
-        .unwrap_or((None, None));
+        .unwrap_or((None, None, None, None));
     let rows: Vec<Row> = conn.query(replica_status).await.map_err(describe)?;
     let channels: Vec<Channel> = rows.iter().map(channel).collect();
     let obs = observe(
@@ -244,7 +252,23 @@ pub(crate) async fn look(
         peers,
         gtid.as_deref().and_then(gtid_position),
     );
-    Ok((obs, rows))
+    let row = rows.first();
+    let get = |old: &str, new: &str| row.and_then(|r| text(r, old, new)).filter(|v| !v.is_empty());
+    let semi = if obs.role == Role::Primary {
+        semi_primary
+    } else {
+        semi_replica
+    };
+    let replication = Replication {
+        gtid,
+        source: channels.first().map(|c| format!("{}:{}", c.source_host, c.source_port)),
+        io_thread: get("Slave_IO_Running", "Replica_IO_Running"),
+        sql_thread: get("Slave_SQL_Running", "Replica_SQL_Running"),
+        received: get("Gtid_IO_Pos", "Retrieved_Gtid_Set"),
+        semi_sync: semi.map(|v| v.to_ascii_lowercase()),
+        last_error: get("Last_IO_Error", "Last_IO_Error").or_else(|| get("Last_SQL_Error", "Last_SQL_Error")),
+    };
+    Ok((obs, rows, replication))
 }
 
 /// A column by its MariaDB / MySQL 5.7 name or its MySQL 8 name.

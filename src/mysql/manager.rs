@@ -594,7 +594,7 @@ impl Control for MyControl {
     }
 
     async fn observe(&self, c: &mut MyConn) -> Result<Observation, String> {
-        let (obs, _) = health::look(&mut c.conn, c.mariadb, c.replica_status, &self.peers).await?;
+        let (obs, ..) = health::look(&mut c.conn, c.mariadb, c.replica_status, &self.peers).await?;
         Ok(obs)
     }
 

@@ -36,6 +36,27 @@ pub struct ClusterInfo {
     /// or a heartbeat), as its health checks saw it: a frozen primary keeps its
     /// replicas' connections open, so only this tells it from a live one.
     heard: Mutex<HashMap<String, Heard>>,
+    /// Per node, its replication as its last health check saw it (for `/status`).
+    replication: Mutex<HashMap<String, Replication>>,
+}
+
+/// A MySQL node's replication as `/status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Replication {
+    /// `@@gtid_current_pos` (MariaDB) or `@@gtid_executed` (MySQL).
+    pub gtid: Option<String>,
+    /// `host:port` it replicates from, if any.
+    pub source: Option<String>,
+    /// IO and SQL thread states (`Yes`, `No`, `Connecting`).
+    pub io_thread: Option<String>,
+    pub sql_thread: Option<String>,
+    /// MariaDB: the last GTID its IO thread received (`Gtid_IO_Pos`).
+    pub received: Option<String>,
+    /// Semi-synchronous replication on this node's side: `on`, `off`, or None when
+    /// the server does not have it.
+    pub semi_sync: Option<String>,
+    /// The replication threads' last error, if any.
+    pub last_error: Option<String>,
 }
 
 /// What a replica's replication connection received, as of its last health check.
@@ -86,6 +107,14 @@ impl ClusterInfo {
                 );
             }
         }
+    }
+
+    pub fn set_replication(&self, node: &str, r: Replication) {
+        self.replication.lock().unwrap().insert(node.to_string(), r);
+    }
+
+    pub fn replication(&self, node: &str) -> Option<Replication> {
+        self.replication.lock().unwrap().get(node).cloned()
     }
 
     pub fn heard(&self, node: &str) -> Option<Heard> {
