@@ -188,7 +188,54 @@ fn check(path: Option<&PathBuf>) -> Result<()> {
             );
         }
     }
-    Ok(())
+    check_mysql_managers(&config)
+}
+
+/// For MySQL clusters with a manager: log in to each node as it and name the privileges
+/// it lacks there. A node that cannot be reached is noted, not an error (it may be down
+/// now); missing privileges are an error.
+fn check_mysql_managers(config: &Config) -> Result<()> {
+    use switchyard::cluster::topology::NodeState;
+    use switchyard::config::Engine;
+    use switchyard::mysql::manager::MyControl;
+    let mut missing = Vec::new();
+    let clusters: Vec<_> = config
+        .clusters
+        .iter()
+        .filter(|(_, c)| c.engine == Engine::Mysql && c.manager.is_some())
+        .collect();
+    if clusters.is_empty() {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    for (name, c) in clusters {
+        let login = c.manager.clone().expect("filtered");
+        let control = MyControl::new(login.clone(), c, Default::default());
+        for n in &c.nodes {
+            let node = NodeState::new(&n.name, &format!("{}:{}", n.host, n.port));
+            match rt.block_on(control.missing_privileges(&node, std::time::Duration::from_secs(3))) {
+                Ok(m) if m.is_empty() => println!(
+                    "cluster {name}, node {}: the manager has the privileges it needs",
+                    n.name
+                ),
+                Ok(m) => missing.push(format!(
+                    "cluster {name}, node {}: the manager ({}) lacks {} (GRANT {} ON *.* TO ...)",
+                    n.name,
+                    login.user,
+                    m.join(", "),
+                    m.join(", ")
+                )),
+                Err(e) => println!(
+                    "note: cluster {name}, node {}: could not check the manager's privileges: {e}",
+                    n.name
+                ),
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!("{}", missing.join("\n"))
 }
 
 fn run(path: Option<&PathBuf>) -> Result<()> {

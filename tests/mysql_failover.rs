@@ -359,6 +359,42 @@ async fn a_mariadb_switchover_moves_the_primary_and_rejoins_the_old_one() {
     cluster.wait_replicated(2, Duration::from_secs(20)).unwrap();
     assert_eq!(ids_on(&cluster, 0), vec![1, 2]);
     assert_eq!(ids_on(&cluster, 1), vec![1, 2]);
+    // `switchyard check` logs in to each node as the manager and names what it lacks.
+    let check = |config: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("--config")
+            .arg(config)
+            .arg("check")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let good = cluster.dir().join("proxy.toml");
+    let (ok, text) = check(&good);
+    assert!(
+        ok && text.matches("the manager has the privileges it needs").count() == 3,
+        "{text}"
+    );
+    let weak = cluster.dir().join("weak.toml");
+    std::fs::write(
+        &weak,
+        std::fs::read_to_string(&good).unwrap().replace(
+            &format!("user = \"{MY_MANAGER_USER}\"\npassword = \"{MY_MANAGER_PASSWORD}\""),
+            &format!("user = \"{MY_MONITOR_USER}\"\npassword = \"{MY_MONITOR_PASSWORD}\""),
+        ),
+    )
+    .unwrap();
+    let (ok, text) = check(&weak);
+    assert!(
+        !ok && text.contains("lacks READ_ONLY ADMIN, REPLICATION SLAVE ADMIN, CONNECTION ADMIN, RELOAD"),
+        "{text}"
+    );
+
     // The status page renders MySQL nodes (replication rows, the remark) in a browser.
     let url = format!("http://127.0.0.1:{admin}/");
     let out = python(

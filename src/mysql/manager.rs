@@ -199,6 +199,58 @@ pub fn still_hears(io_connected: bool, heard: Option<crate::mysql::Heard>, now: 
     }
 }
 
+/// What the manager needs on `*.*`, each as the alternatives that grant it (MariaDB
+/// renamed some in 10.5; `SUPER` still covers most there, and on MySQL 8 it stands in
+/// for the dynamic `*_ADMIN` ones).
+fn needed(flavor: Flavor) -> &'static [(&'static str, &'static [&'static str])] {
+    match flavor {
+        Flavor::MariaDb => &[
+            ("READ_ONLY ADMIN", &["READ_ONLY ADMIN", "SUPER"]),
+            ("REPLICATION SLAVE ADMIN", &["REPLICATION SLAVE ADMIN", "SUPER"]),
+            ("CONNECTION ADMIN", &["CONNECTION ADMIN", "SUPER"]),
+            ("RELOAD", &["RELOAD"]),
+            ("PROCESS", &["PROCESS"]),
+            ("SLAVE MONITOR", &["SLAVE MONITOR", "REPLICA MONITOR", "SUPER"]),
+            ("REPLICATION CLIENT", &["REPLICATION CLIENT", "BINLOG MONITOR", "SUPER"]),
+        ],
+        Flavor::MySql => &[
+            ("SYSTEM_VARIABLES_ADMIN", &["SYSTEM_VARIABLES_ADMIN", "SUPER"]),
+            ("REPLICATION_SLAVE_ADMIN", &["REPLICATION_SLAVE_ADMIN", "SUPER"]),
+            ("CONNECTION_ADMIN", &["CONNECTION_ADMIN", "SUPER"]),
+            ("RELOAD", &["RELOAD"]),
+            ("PROCESS", &["PROCESS"]),
+            ("REPLICATION CLIENT", &["REPLICATION CLIENT", "SUPER"]),
+        ],
+    }
+}
+
+/// The privileges the manager lacks, from its `SHOW GRANTS` lines (only grants on
+/// `*.*` count; `ALL PRIVILEGES` covers everything).
+pub fn missing_grants(flavor: Flavor, grants: &[String]) -> Vec<&'static str> {
+    let mut have: Vec<String> = Vec::new();
+    for g in grants {
+        let upper = g.to_ascii_uppercase();
+        let Some(rest) = upper.strip_prefix("GRANT ") else {
+            continue;
+        };
+        let Some((privs, on)) = rest.split_once(" ON ") else {
+            continue;
+        };
+        if !on.trim_start().starts_with("*.*") {
+            continue;
+        }
+        have.extend(privs.split(',').map(|p| p.trim().to_string()));
+    }
+    if have.iter().any(|p| p == "ALL PRIVILEGES" || p == "ALL") {
+        return Vec::new();
+    }
+    needed(flavor)
+        .iter()
+        .filter(|(_, any)| !any.iter().any(|a| have.iter().any(|h| h == a)))
+        .map(|(name, _)| *name)
+        .collect()
+}
+
 /// A MySQL GTID set: per source UUID (with its tag, if any), sorted disjoint
 /// intervals of transaction numbers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -426,6 +478,17 @@ impl MyControl {
             Flavor::MariaDb => self.one(c, "SELECT @@global.gtid_slave_pos").await,
             Flavor::MySql => self.one(c, "SELECT @@global.gtid_executed").await,
         }
+    }
+
+    /// What `switchyard check` says about the manager on `node`: the privileges it
+    /// lacks there (empty: all there), or why it could not tell.
+    pub async fn missing_privileges(&self, node: &NodeState, timeout: Duration) -> Result<Vec<&'static str>, String> {
+        let mut c = self.connect(node, timeout).await?;
+        let grants: Vec<String> = tokio::time::timeout(timeout, c.conn.query("SHOW GRANTS"))
+            .await
+            .map_err(|_| "no answer to SHOW GRANTS".to_string())?
+            .map_err(describe)?;
+        Ok(missing_grants(c.flavor, &grants))
     }
 
     fn replication_login(&self) -> Option<(&str, &str)> {

@@ -222,3 +222,37 @@ fn a_connected_replica_hears_its_source_only_while_something_arrives() {
     info.note_heard("r1", None, None, t0);
     assert!(info.heard("r1").is_none());
 }
+
+#[test]
+fn the_managers_missing_privileges_are_named() {
+    let g = |lines: &[&str]| lines.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // MariaDB 10.11's SHOW GRANTS for the tests' manager.
+    let full = g(&[
+        "GRANT RELOAD, PROCESS, BINLOG MONITOR, CONNECTION ADMIN, READ_ONLY ADMIN, REPLICATION SLAVE ADMIN, SLAVE MONITOR ON *.* TO `manager`@`%` IDENTIFIED BY PASSWORD '*A'",
+    ]);
+    assert_eq!(missing_grants(Flavor::MariaDb, &full), Vec::<&str>::new());
+    let monitor_only = g(&["GRANT PROCESS, BINLOG MONITOR, SLAVE MONITOR ON *.* TO `monitor`@`%`"]);
+    assert_eq!(
+        missing_grants(Flavor::MariaDb, &monitor_only),
+        [
+            "READ_ONLY ADMIN",
+            "REPLICATION SLAVE ADMIN",
+            "CONNECTION ADMIN",
+            "RELOAD"
+        ]
+    );
+    // Grants on one database do not count; ALL PRIVILEGES on *.* covers everything.
+    let db_only = g(&["GRANT ALL PRIVILEGES ON `app`.* TO `app`@`%`"]);
+    assert_eq!(missing_grants(Flavor::MariaDb, &db_only).len(), 7);
+    assert!(missing_grants(
+        Flavor::MySql,
+        &g(&["GRANT ALL PRIVILEGES ON *.* TO `root`@`%` WITH GRANT OPTION"])
+    )
+    .is_empty());
+    // MySQL 8 lists static and dynamic privileges on separate lines.
+    let mysql = g(&[
+        "GRANT RELOAD, PROCESS, REPLICATION CLIENT ON *.* TO `manager`@`%`",
+        "GRANT CONNECTION_ADMIN,REPLICATION_SLAVE_ADMIN ON *.* TO `manager`@`%`",
+    ]);
+    assert_eq!(missing_grants(Flavor::MySql, &mysql), ["SYSTEM_VARIABLES_ADMIN"]);
+}
