@@ -562,3 +562,120 @@ async fn two_instances_through_etcd_fail_over_a_mariadb_primary_once() {
         "MariaDB, 2 instances through etcd, kill -9 of the primary: {acked} acknowledged, 0 lost, {unknown} unknown; one promotion"
     ));
 }
+
+/// A switchover under persistent sessions that run transactions in a loop: none of them
+/// sees an error; each moves to the new primary between transactions with what it set
+/// (sql_mode, time zone, isolation level, database). A session holding a temporary table
+/// gets a clear error instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_switchover_under_transactions_fails_none_and_moves_sessions_with_their_settings() {
+    let cluster = MariaCluster::start(2).unwrap();
+    cluster
+        .sql(0, "CREATE TABLE app.ids (id INT PRIMARY KEY, port INT)")
+        .unwrap();
+    cluster.wait_replicated(0, Duration::from_secs(20)).unwrap();
+    let admin = free_port();
+    let proxy = start_proxy(&cluster, admin);
+    let port = proxy.rw;
+
+    // A session with a temporary table: it cannot move.
+    let mut temp = connect(port).await.unwrap();
+    temp.query_drop("CREATE TEMPORARY TABLE scratch (v INT)").await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let done: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..8i32 {
+        let (stop, errors, done) = (stop.clone(), errors.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = connect(port).await.unwrap();
+            c.query_drop("SET SESSION sql_mode = 'ANSI_QUOTES', time_zone = '+03:00'")
+                .await
+                .unwrap();
+            c.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .await
+                .unwrap();
+            let mut id = w * 1_000_000;
+            let mut settings_after = None;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                let txn = async {
+                    c.query_drop("BEGIN").await?;
+                    c.query_drop(format!("INSERT INTO ids VALUES ({id}, @@port)")).await?;
+                    let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM ids").await?;
+                    c.query_drop("COMMIT").await?;
+                    Ok::<_, mysql_async::Error>(n)
+                };
+                match txn.await {
+                    Ok(_) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        errors.lock().unwrap().push(format!("writer {w}: {e}"));
+                        return None;
+                    }
+                }
+                settings_after = Some(());
+            }
+            let _ = settings_after;
+            let s: Option<(String, String, String, String, i64)> = c
+                .query_first(
+                    "SELECT @@session.sql_mode, @@session.time_zone, @@session.tx_isolation, DATABASE(), @@port",
+                )
+                .await
+                .ok()
+                .flatten();
+            s
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = done.load(Ordering::Relaxed);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "switchover",
+            "--url",
+            &format!("http://127.0.0.1:{admin}"),
+            "--cluster",
+            "main",
+            "--to",
+            "failover1",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}\n{}", proxy.log_text());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut finals = Vec::new();
+    for t in tasks {
+        finals.push(t.await.unwrap());
+    }
+    let errors = errors.lock().unwrap().clone();
+    let total = done.load(Ordering::Relaxed);
+    report(&format!(
+        "MariaDB switchover under 8 sessions in transactions: {total} transactions, {} failed; {}",
+        errors.len(),
+        text.lines().last().unwrap_or("")
+    ));
+    assert!(errors.is_empty(), "{errors:?}\n{}", proxy.log_text());
+    assert!(total > before, "transactions ran after the switchover");
+    let new_port = cluster.nodes[1].port as i64;
+    for f in finals {
+        let (mode, tz, iso, db, port) = f.expect("the session still answers");
+        assert_eq!(
+            (mode.as_str(), tz.as_str(), iso.as_str(), db.as_str(), port),
+            ("ANSI_QUOTES", "+03:00", "READ-COMMITTED", "app", new_port),
+            "settings kept, on the new primary"
+        );
+    }
+    let moved = proxy.log_text().matches("session moved to the new primary").count();
+    assert!(moved >= 8, "{moved} sessions moved");
+    // The session with a temporary table gets an error that says why.
+    let e = temp.query_drop("SELECT 1").await.unwrap_err().to_string();
+    assert!(e.contains("temporary table") && e.contains("reconnect"), "{e}");
+}

@@ -73,3 +73,69 @@ class Observer:
             if c:
                 c.close()
             return {"up": False, "primary": None, "tl": None, "lsn": None, "err": f"{type(e).__name__}"}
+
+
+class MyObserver(Observer):
+    """`--engine mariadb`: each server's own view over its Unix socket as root (one
+    PyMySQL connection per node, every call bounded): writable or not, whom it
+    replicates from and whether its threads run, its GTID position, whether semi-sync
+    is on on its primary side. `primary` = writable and replicating from nobody."""
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        conns = {}
+        last = {}
+        n = 0
+        while not self._stop.is_set():
+            t = time.time()
+            for name in self.cluster.nodes:
+                row = self._my_sample(conns, name)
+                key = (row["up"], row["primary"], row.get("ro"), row.get("src"), row.get("io"), row.get("sql"),
+                       row.get("semi"))
+                if last.get(name, (None,))[0] != key or t - last[name][1] > 5:
+                    self.truth.append({"t": t, "node": name, **row})
+                    last[name] = (key, t)
+            if n % max(1, int(1 / self.interval)) == 0:
+                for p in self.proxies:
+                    self.resources.append(dict(p.resources(), sy=p.name))
+            n += 1
+            self._stop.wait(max(0.0, self.interval - (time.time() - t)))
+        for c in conns.values():
+            try:
+                c.close()
+            except Exception:
+                pass
+
+    def _my_sample(self, conns, name):
+        import pymysql
+        t0 = time.time()
+        try:
+            c = conns.get(name)
+            if c is None:
+                c = self.cluster.connect(name, timeout=1)
+                conns[name] = c
+            cur = c.cursor()
+            cur.execute("SELECT @@read_only, @@gtid_current_pos, (SELECT VARIABLE_VALUE FROM "
+                        "information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'RPL_SEMI_SYNC_MASTER_STATUS')")
+            ro, pos, semi = cur.fetchone()
+            d = pymysql.cursors.DictCursor(c)
+            d.execute("SHOW SLAVE STATUS")
+            ss = d.fetchone() or {}
+            io, sq = ss.get("Slave_IO_Running"), ss.get("Slave_SQL_Running")
+            replicating = bool(ss) and (io in ("Yes", "Connecting") or sq == "Yes")
+            from .mariadb import gtid_seq
+            return {"up": True, "primary": not int(ro) and not replicating, "tl": None,
+                    "lsn": gtid_seq(pos), "ro": bool(int(ro)),
+                    "src": f"{ss.get('Master_Host')}:{ss.get('Master_Port')}" if ss else None,
+                    "io": io, "sql": sq, "semi": semi, "ts": t0}
+        except Exception as e:
+            c = conns.pop(name, None)
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:
+                    pass
+            return {"up": False, "primary": None, "tl": None, "lsn": None, "err": type(e).__name__, "ts": t0}

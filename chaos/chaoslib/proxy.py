@@ -26,6 +26,9 @@ RW_PORT, RO_PORT, ADMIN_PORT = 6432, 6433, 9930
 
 def config_text(cluster, listen_host, ports, health_interval_ms, max_lag_ms=5000, extra_cluster="",
                 failover="operator", coordination=None):
+    if getattr(cluster, "engine", "postgresql") == "mariadb":
+        return my_config_text(cluster, listen_host, ports, health_interval_ms, max_lag_ms, extra_cluster, failover,
+                              coordination)
     rw, ro, admin = ports
     coord = ""
     if coordination:
@@ -70,6 +73,56 @@ checkout_timeout_ms = 5000
 # Short, so that after the load stops the pools shrink back and the file descriptor
 # count can be compared with the idle count at start.
 server_idle_timeout_ms = 3000
+{extra_cluster}{nodes}"""
+
+
+def my_config_text(cluster, listen_host, ports, health_interval_ms, max_lag_ms=5000, extra_cluster="",
+                   failover="operator", coordination=None):
+    """`--engine mariadb`: engine = "mysql", session pooling (the only mode MySQL has: no
+    splitting, no causal tokens), the monitor login for the health checks, the app user
+    with its password; with automatic failover the manager login and the replication
+    login a rejoined old primary gets."""
+    from .mariadb import (MANAGER_PASSWORD, MANAGER_USER, MONITOR_PASSWORD, MONITOR_USER, PASSWORD as MY_PASSWORD,
+                          REPL_PASSWORD, REPL_USER, USER as MY_USER)
+    rw, ro, admin = ports
+    coord = ""
+    if coordination:
+        urls = ", ".join(f'"{u}"' for u in coordination["etcd"])
+        coord = (f'\n[coordination]\netcd = [{urls}]\ninstance = "{coordination["instance"]}"\n'
+                 f'lease_s = {coordination["lease_s"]}\n')
+    nodes = "".join(f'\n[[clusters.main.nodes]]\nname = "{n.name}"\nhost = "{n.host}"\nport = {n.port}\n'
+                    for n in cluster.nodes.values())
+    if failover == "automatic":
+        extra_cluster += "failover = \"automatic\"\nfailover_cooldown_s = 8\n"
+        nodes += (f'\n[clusters.main.manager]\nuser = "{MANAGER_USER}"\npassword = "{MANAGER_PASSWORD}"\n'
+                  f'replication_user = "{REPL_USER}"\nreplication_password = "{REPL_PASSWORD}"\n')
+    return f"""# written by chaos/run --engine mariadb
+[health]
+interval_ms = {health_interval_ms}
+timeout_ms = 1000
+rise = 2
+fall = 2
+user = "{MONITOR_USER}"
+password = "{MONITOR_PASSWORD}"
+
+[proxy]
+shutdown_timeout_ms = 3000
+
+[admin]
+http_listen = "{listen_host}:{admin}"
+{coord}
+[[users]]
+name = "{MY_USER}"
+password = "{MY_PASSWORD}"
+
+[clusters.main]
+engine = "mysql"
+listen_rw = "{listen_host}:{rw}"
+listen_ro = "{listen_host}:{ro}"
+pool_mode = "session"
+max_replica_lag_ms = {max_lag_ms}
+connect_timeout_ms = 5000
+server_login_timeout_ms = 1000
 {extra_cluster}{nodes}"""
 
 

@@ -116,12 +116,16 @@ pub trait Control: Send + Sync + 'static {
     /// What the node is now, as its health monitor would see it (to route at once).
     fn observe(&self, c: &mut Self::Conn) -> impl Future<Output = Result<Observation, String>> + Send;
 
-    /// After a failover: the old primary answers again. Make it read-only if it is
-    /// writable; rejoin it to `new` if the engine can and its history allows.
+    /// After a failover or a switchover: make the old primary read-only if it is
+    /// writable, and rejoin it to `new` if the engine can and its history allows.
+    /// `end_sessions`: also end every client session on it (after a failover; a
+    /// switchover leaves them, as Switchyard's own move to the new primary by
+    /// themselves).
     fn reclaim(
         &self,
         old: &mut Self::Conn,
         new: &NodeState,
         within: Duration,
+        end_sessions: bool,
     ) -> impl Future<Output = Result<Reclaim, String>> + Send;
 }

@@ -396,7 +396,7 @@ async fn watch_old_primary<C: Control>(
         tokio::time::sleep(interval).await;
         let work = async {
             let mut c = control.connect(&old, timeout).await.ok()?;
-            Some(control.reclaim(&mut c, &new, timeout).await)
+            Some(control.reclaim(&mut c, &new, timeout, true).await)
         };
         let outcome = match tokio::time::timeout(timeout * 2, work).await {
             Ok(Some(r)) => r,

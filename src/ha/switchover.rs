@@ -197,15 +197,22 @@ async fn run<C: Control>(
         None => None,
     };
     loop {
-        // Transaction-mode pools only: a session-mode client holds its server for good
-        // and is moved by eviction once the primary changes.
-        let busy: u32 = crate::pg::PgShared::of(shared)
-            .pools
-            .all()
-            .iter()
-            .filter(|p| p.key.cluster == cluster && p.key.node == old.name)
-            .map(|p| p.in_use())
-            .sum();
+        // PostgreSQL: transaction-mode pools only (a session-mode client holds its
+        // server for good and is moved by eviction once the primary changes).
+        let busy: u32 = match ctx.engine {
+            Engine::Postgresql => crate::pg::PgShared::of(shared)
+                .pools
+                .all()
+                .iter()
+                .filter(|p| p.key.cluster == cluster && p.key.node == old.name)
+                .map(|p| p.in_use())
+                .sum(),
+            // Session pooling: rw sessions in a transaction or with an answer owed
+            // (the others are held at their next command).
+            Engine::Mysql => crate::mysql::ClusterInfo::of(ctx)
+                .unsettled
+                .load(std::sync::atomic::Ordering::Relaxed),
+        };
         let waiting_for = match (&coord, &remote) {
             (Some(c), Some(r)) => c.not_held(cluster, r.epoch),
             _ => Vec::new(),
@@ -336,7 +343,11 @@ async fn run<C: Control>(
         if before {
             return Ok(Ok(Reclaim::Fenced));
         }
-        tokio::time::timeout(login_timeout, control.reclaim(&mut old_conn, &new, login_timeout)).await
+        tokio::time::timeout(
+            login_timeout,
+            control.reclaim(&mut old_conn, &new, login_timeout, false),
+        )
+        .await
     };
     let rejoined = match reclaimed.await {
         Ok(Ok(Reclaim::Rejoined | Reclaim::Standby)) => {

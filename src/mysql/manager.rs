@@ -568,8 +568,20 @@ impl Control for MyControl {
         Ok(cand)
     }
 
+    /// A switchover's fence: read-only, and the sessions with an open transaction
+    /// killed (they must not commit here once the new primary takes writes). Sessions
+    /// between transactions are left alone: Switchyard's own are held, and move to the
+    /// new primary at their next command with what they set (`mysql::moving`).
     async fn fence(&self, c: &mut MyConn) -> Result<Mark, String> {
-        self.make_read_only(c).await?;
+        self.run(c, c.flavor.set_read_only()).await?;
+        let ids: Vec<u64> = c
+            .conn
+            .query("SELECT trx_mysql_thread_id FROM information_schema.INNODB_TRX WHERE trx_mysql_thread_id <> CONNECTION_ID()")
+            .await
+            .map_err(describe)?;
+        for id in ids {
+            let _ = c.conn.query_drop(format!("KILL CONNECTION {id}")).await;
+        }
         Ok(Mark(self.one(c, c.flavor.history()).await?))
     }
 
@@ -661,7 +673,13 @@ impl Control for MyControl {
         Ok(obs)
     }
 
-    async fn reclaim(&self, old: &mut MyConn, new: &NodeState, within: Duration) -> Result<Reclaim, String> {
+    async fn reclaim(
+        &self,
+        old: &mut MyConn,
+        new: &NodeState,
+        within: Duration,
+        end_sessions: bool,
+    ) -> Result<Reclaim, String> {
         let (host, port) = split_addr(&new.addr)?;
         let rows = self.status_rows(old).await?;
         let follows_new = rows.iter().any(|r| {
@@ -672,7 +690,11 @@ impl Control for MyControl {
             same_host(h, &host) && p == Some(port)
         });
         // Read-only first, whatever comes next: it may have come back writable.
-        self.make_read_only(old).await?;
+        if end_sessions {
+            self.make_read_only(old).await?;
+        } else {
+            self.run(old, old.flavor.set_read_only()).await?;
+        }
         if follows_new {
             return Ok(Reclaim::Standby);
         }

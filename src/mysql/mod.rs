@@ -11,10 +11,12 @@
 //! - `session`: a client from greeting to goodbye (session pooling), `relay`: its bytes
 //!   both ways, `commands`: what the relay answers itself (KILL, COM_CHANGE_USER).
 
+mod answers;
 mod auth;
 mod commands;
 pub mod health;
 pub mod manager;
+mod moving;
 pub mod protocol;
 mod relay;
 pub mod server;
@@ -38,6 +40,9 @@ pub struct ClusterInfo {
     heard: Mutex<HashMap<String, Heard>>,
     /// Per node, its replication as its last health check saw it (for `/status`).
     replication: Mutex<HashMap<String, Replication>>,
+    /// rw sessions not at rest: in a transaction, or with an answer owed. A switchover
+    /// holds new commands and waits for this to reach 0 before it fences the primary.
+    pub unsettled: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// A MySQL node's replication as `/status` shows it.

@@ -187,6 +187,19 @@ pub async fn first_value<S: AsyncRead + AsyncWrite + Unpin>(
     caps: CapabilityFlags,
     sql: &str,
 ) -> Result<Option<String>, Error> {
+    Ok(first_row(s, caps, sql)
+        .await?
+        .and_then(|row| row.into_iter().next().flatten()))
+}
+
+/// Run `sql` on a connection the proxy owns (no client attached, or a client held
+/// between commands) and return the first row of its text result (None: no row, or a
+/// statement without a result set; a column is None for NULL), or the server's error.
+pub async fn first_row<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    caps: CapabilityFlags,
+    sql: &str,
+) -> Result<Option<Vec<Option<String>>>, Error> {
     let io = |e: io::Error| Error::server_protocol(format!("MySQL server connection failed during a check: {e}"));
     let mut payload = Vec::with_capacity(sql.len() + 1);
     payload.push(COM_QUERY);
@@ -208,22 +221,27 @@ pub async fn first_value<S: AsyncRead + AsyncWrite + Unpin>(
     if !deprecate_eof {
         read_packet(s, &mut buf, 1 << 20).await.map_err(io)?; // EOF after the columns
     }
-    let mut value = None;
-    let mut first = true;
+    let mut row = None;
     loop {
         read_packet(s, &mut buf, 1 << 20).await.map_err(io)?;
         match buf.first() {
             Some(0xff) => return Err(parse_err(&buf, caps)),
-            Some(0xfe) if buf.len() < 0xff_ffff => return Ok(value),
-            _ if first => {
-                first = false;
+            Some(0xfe) if buf.len() < 0xff_ffff => return Ok(row),
+            _ if row.is_none() => {
+                let mut values = Vec::with_capacity(columns as usize);
                 let mut pos = 0;
-                if buf.first() != Some(&0xfb) {
-                    if let Some(len) = lenenc_int(&buf, &mut pos) {
-                        let end = (pos + len as usize).min(buf.len());
-                        value = Some(String::from_utf8_lossy(&buf[pos..end]).into_owned());
+                while pos < buf.len() && values.len() < columns as usize {
+                    if buf[pos] == 0xfb {
+                        values.push(None);
+                        pos += 1;
+                        continue;
                     }
+                    let len = lenenc_int(&buf, &mut pos).ok_or_else(|| Error::server_protocol("bad row"))? as usize;
+                    let end = (pos + len).min(buf.len());
+                    values.push(Some(String::from_utf8_lossy(&buf[pos..end]).into_owned()));
+                    pos = end;
                 }
+                row = Some(values);
             }
             _ => {}
         }

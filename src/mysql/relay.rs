@@ -5,13 +5,14 @@
 //! (`own_command`; handled in `commands.rs`), when the session's node stops being valid
 //! (the client gets an ERR packet at the sequence id it expects), or at the end.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::answers::Answers;
 use super::auth::Client;
 use super::protocol::{self, write_packet, Scanner};
 use super::server::ServerConn;
@@ -36,7 +37,8 @@ pub(super) const INTERCEPT_MAX: usize = 64 * 1024;
 pub(super) struct Relay<'a> {
     pub(super) cluster: &'a ClusterCtx,
     pub(super) endpoint: Endpoint,
-    pub(super) node: &'a NodeState,
+    /// The node of the server connection held now (a switchover moves it).
+    pub(super) node: NodeState,
     pub(super) shared: &'a Shared,
     pub(super) client: &'a Client,
     /// Who the session is logged in as now (`COM_CHANGE_USER` changes it).
@@ -51,6 +53,57 @@ pub(super) struct Relay<'a> {
     pub(super) told: bool,
     /// Server bytes on their way to the client (kept across pauses).
     pub(super) sbuf: BytesMut,
+    /// Where the server's answers end and whether a transaction is open (shared by
+    /// both directions of the pump; never contended).
+    pub(super) tracked: Mutex<Tracked>,
+    /// The node stopped being the primary while this rw session was between
+    /// transactions: it moves to the new primary before its next command.
+    pub(super) move_pending: AtomicBool,
+    /// This session's count on its node (replaced when it moves).
+    pub(super) slot: crate::proxy::connector::NodeSlot,
+}
+
+/// A session's answers owed, and its share of the cluster's count of rw sessions not at
+/// rest (what a switchover waits for: `ClusterInfo::unsettled`).
+pub(super) struct Tracked {
+    pub(super) answers: Answers,
+    counter: Option<Arc<AtomicU32>>,
+    counted: bool,
+}
+
+impl Tracked {
+    pub(super) fn new(answers: Answers, counter: Option<Arc<AtomicU32>>) -> Tracked {
+        Tracked {
+            answers,
+            counter,
+            counted: false,
+        }
+    }
+
+    /// Count this session as unsettled (in a transaction, or an answer owed) or not.
+    fn update(&mut self) {
+        let unsettled = !self.answers.at_rest();
+        if unsettled != self.counted {
+            if let Some(c) = &self.counter {
+                if unsettled {
+                    c.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    c.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            self.counted = unsettled;
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.counted {
+            if let Some(c) = &self.counter {
+                c.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// What the relay knows of the client's side of the stream.
@@ -64,6 +117,11 @@ pub(super) struct Inbound {
     /// LOAD DATA LOCAL INFILE: the client is sending a file (packets until an empty
     /// one), whose sequence ids wrap through 0 without being commands.
     pub(super) in_file: bool,
+    /// Why this session cannot be moved to another server connection, if it cannot:
+    /// state its statements left there (`moving::scan`).
+    pub(super) sticky: Option<&'static str>,
+    /// Protocol-level prepared statements opened minus closed.
+    pub(super) prepared: i64,
 }
 
 /// What the proxy does with a command instead of passing it on.
@@ -78,7 +136,16 @@ pub(super) enum Pause {
     /// The client sent a command the proxy handles itself (its payload); both
     /// directions are at rest, between chunks.
     Own(Vec<u8>),
+    /// A command arrived while the session is held (PAUSE, a switchover) or must move;
+    /// it waits in the client buffer, and the session is between transactions.
+    Hold,
     End(End),
+}
+
+/// What `Inbound::relay` stopped at.
+enum Stop {
+    Own(Vec<u8>),
+    Hold,
 }
 
 /// A command the proxy may handle itself (`payload`: its start); Some(true): take it
@@ -116,7 +183,18 @@ impl Relay<'_> {
                     if let Err(end) = self.handle_own(&payload, client, &mut server, caps).await {
                         break end;
                     }
+                    // COM_CHANGE_USER and COM_RESET_CONNECTION end any transaction and
+                    // the session's state.
+                    if let Some(&cmd @ (protocol::COM_CHANGE_USER | protocol::COM_RESET_CONNECTION)) = payload.first() {
+                        self.tracked.lock().unwrap().answers.in_transaction = false;
+                        self.inbound.note_state(cmd, &[]);
+                    }
                 }
+                Pause::Hold => match self.hold(&mut server, &mut topology, caps).await {
+                    Ok(Some(moved)) => server = moved,
+                    Ok(None) => {}
+                    Err(end) => break end,
+                },
             }
         };
         let awaiting = self.awaiting.load(Ordering::Relaxed);
@@ -183,17 +261,25 @@ impl Relay<'_> {
     ) -> Pause {
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.stream.split();
-        let (endpoint, node, shared) = (self.endpoint, self.node, self.shared);
+        let (endpoint, node, shared) = (self.endpoint, &self.node, self.shared);
         let inbound = &mut self.inbound;
         let awaiting = &self.awaiting;
+        let tracked = &self.tracked;
+        let cluster = self.cluster;
+        let move_pending = &self.move_pending;
+        let hold = || endpoint == Endpoint::ReadWrite && (move_pending.load(Ordering::Relaxed) || cluster.is_paused());
         // The server-to-client side stops at its next chunk boundary when told (a
         // stream is only ever cut between whole writes).
         let stop = tokio::sync::Notify::new();
         let client_to_server = async {
             loop {
-                match inbound.relay(cbuf, &mut sw, endpoint, node, awaiting).await {
+                match inbound
+                    .relay(cbuf, &mut sw, endpoint, node, awaiting, tracked, hold())
+                    .await
+                {
                     Err(end) => return Pause::End(end),
-                    Ok(Some(own)) => return Pause::Own(own),
+                    Ok(Some(Stop::Own(own))) => return Pause::Own(own),
+                    Ok(Some(Stop::Hold)) => return Pause::Hold,
                     Ok(None) => {}
                 }
                 match cr.read_buf(cbuf).await {
@@ -206,6 +292,7 @@ impl Relay<'_> {
         let sbuf = &mut self.sbuf;
         let server_to_client = async {
             loop {
+                let before = sbuf.len();
                 tokio::select! {
                     r = sr.read_buf(sbuf) => match r {
                         Ok(0) => return Some(End::ServerClosed),
@@ -213,6 +300,11 @@ impl Relay<'_> {
                         Ok(_) => {}
                     },
                     _ = stop.notified() => return None,
+                }
+                {
+                    let mut t = tracked.lock().unwrap();
+                    t.answers.feed(&sbuf[before..]);
+                    t.update();
                 }
                 awaiting.store(false, Ordering::Relaxed);
                 if let Err(e) = write_flush(&mut cw, sbuf).await {
@@ -236,6 +328,18 @@ impl Relay<'_> {
                     let snap = topology.borrow_and_update().clone();
                     if let Some(reason) = routing::eviction(endpoint, &snap, &node.name) {
                         let up = snap.index(&node.name).is_some_and(|i| snap.nodes[i].health == Health::Up);
+                        // A rw session between transactions on a node that is up but no
+                        // longer the primary (a switchover) moves at its next command.
+                        // (No primary yet while a switchover holds the cluster: the new
+                        // one comes before the hold ends.)
+                        let movable = endpoint == Endpoint::ReadWrite
+                            && up
+                            && (routing::write_primary(&snap).is_ok() || cluster.is_paused())
+                            && tracked.lock().unwrap().answers.at_rest();
+                        if movable {
+                            move_pending.store(true, Ordering::Relaxed);
+                            continue;
+                        }
                         break Pause::End(End::Failed(Error::evicted(up, reason)));
                     }
                 }
@@ -278,6 +382,7 @@ impl Inbound {
     /// Pass on the client's bytes in `cbuf` (to `server`), up to a command the proxy
     /// handles itself, which is taken out whole and returned; bytes after it stay in
     /// `cbuf` for later.
+    #[allow(clippy::too_many_arguments)]
     async fn relay(
         &mut self,
         cbuf: &mut BytesMut,
@@ -285,9 +390,12 @@ impl Inbound {
         endpoint: Endpoint,
         node: &NodeState,
         awaiting: &AtomicBool,
-    ) -> Result<Option<Vec<u8>>, End> {
+        tracked: &Mutex<Tracked>,
+        hold: bool,
+    ) -> Result<Option<Stop>, End> {
         let mut pos = 0;
         let mut own = None;
+        let mut held = false;
         let mut commands = 0u64;
         while pos < cbuf.len() {
             if self.scanner.at_boundary() {
@@ -315,9 +423,21 @@ impl Inbound {
                         }
                         break; // whole: handled after what came before; else wait for it
                     }
+                    if hold && tracked.lock().unwrap().answers.at_rest() {
+                        // Held before it reaches the server: the rest stays in cbuf.
+                        held = true;
+                        break;
+                    }
                     commands += 1;
                     let cmd = rest.get(4).copied();
                     self.quit |= cmd == Some(protocol::COM_QUIT);
+                    if let Some(cmd) = cmd {
+                        let mut t = tracked.lock().unwrap();
+                        t.answers.command(cmd);
+                        t.update();
+                        drop(t);
+                        self.note_state(cmd, &rest[5..(4 + len).min(rest.len())]);
+                    }
                     awaiting.store(
                         !matches!(cmd, Some(protocol::COM_STMT_CLOSE | protocol::COM_STMT_SEND_LONG_DATA)),
                         Ordering::Relaxed,
@@ -335,13 +455,41 @@ impl Inbound {
         }
         let taken = pos + own.as_ref().map_or(0, |p: &Vec<u8>| 4 + p.len());
         cbuf.advance(taken);
+        if held {
+            return Ok(Some(Stop::Hold));
+        }
         // Advancing uses up the buffer's front: take it back (no allocation while the
         // buffer is empty or nearly so), so the next read is never a short one.
         cbuf.reserve(RELAY_BUFFER / 2);
         if commands > 0 {
             node.stats.queries_total.fetch_add(commands, Ordering::Relaxed);
         }
-        Ok(own)
+        Ok(own.map(Stop::Own))
+    }
+
+    /// What a command leaves on the server connection that a move cannot carry over.
+    /// `text`: its payload after the command byte, as far as it is in the buffer.
+    pub(super) fn note_state(&mut self, cmd: u8, text: &[u8]) {
+        match cmd {
+            protocol::COM_QUERY => {
+                if let Some(why) = super::moving::scan(text) {
+                    self.sticky.get_or_insert(why);
+                }
+            }
+            0x16 => self.prepared += 1, // COM_STMT_PREPARE
+            protocol::COM_STMT_CLOSE => self.prepared -= 1,
+            protocol::COM_RESET_CONNECTION | protocol::COM_CHANGE_USER => {
+                self.sticky = None;
+                self.prepared = 0;
+            }
+            _ => {}
+        }
+    }
+
+    /// Why the session cannot move, if it cannot.
+    pub(super) fn unmovable(&self) -> Option<&'static str> {
+        self.sticky
+            .or((self.prepared > 0).then_some("a prepared statement (COM_STMT_PREPARE)"))
     }
 }
 

@@ -38,7 +38,7 @@ use crate::tls::ServerTls;
 
 /// How a session ended.
 #[derive(Debug)]
-pub(super) enum End {
+pub(crate) enum End {
     ClientClosed,
     ServerClosed,
     Io(std::io::Error),
@@ -140,7 +140,7 @@ pub async fn serve(
         }
     };
     let node = connected.node().clone();
-    let (server, _slot) = connected.conn;
+    let (server, slot) = connected.conn;
     // The server's own OK: its status flags (autocommit) and session state are what
     // the client must see.
     if write_packet(&mut tcp, reply_seq, &server.login_ok).await.is_err() {
@@ -175,10 +175,14 @@ pub async fn serve(
     info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", user = %client.user.name,
           node = %node.name, server_thread = server.thread_id, setup_ms = connected.waited.as_millis() as u64, "session started");
     let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
+    let caps = client.capabilities & server.greeting.capabilities;
+    let answers = super::answers::Answers::new(caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF));
+    // rw sessions count toward what a switchover waits for.
+    let counter = (endpoint == Endpoint::ReadWrite).then(|| super::ClusterInfo::of(&cluster).unsettled.clone());
     let mut relay = super::relay::Relay {
         cluster: &cluster,
         endpoint,
-        node: &node,
+        node: node.clone(),
         shared: &shared,
         client: &client,
         user: client.user.clone(),
@@ -187,8 +191,13 @@ pub async fn serve(
         awaiting: AtomicBool::new(false),
         told: false,
         sbuf: BytesMut::with_capacity(super::relay::RELAY_BUFFER),
+        tracked: std::sync::Mutex::new(super::relay::Tracked::new(answers, counter)),
+        move_pending: AtomicBool::new(false),
+        slot,
     };
     let end = relay.run(&mut tcp, server, rx).await;
+    let node = relay.node.clone();
+    drop(relay);
     drop(gauge);
     match &end {
         End::Failed(e) => {
@@ -210,10 +219,10 @@ async fn reject(tcp: &mut ClientStream, seq: u8, e: &Error, shared: &Shared) {
 }
 
 /// Greet the client and check who it is. Errors carry the sequence id of the ERR.
-struct MysqlDialer<'a> {
-    request: LoginRequest<'a>,
-    endpoint: Endpoint,
-    tls: Arc<ServerTls>,
+pub(super) struct MysqlDialer<'a> {
+    pub(super) request: LoginRequest<'a>,
+    pub(super) endpoint: Endpoint,
+    pub(super) tls: Arc<ServerTls>,
 }
 
 impl Dialer for MysqlDialer<'_> {

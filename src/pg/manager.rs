@@ -140,7 +140,13 @@ impl Control for PgControl {
         health::check_now(c).await
     }
 
-    async fn reclaim(&self, old: &mut Client, _new: &NodeState, _within: Duration) -> Result<Reclaim, String> {
+    async fn reclaim(
+        &self,
+        old: &mut Client,
+        _new: &NodeState,
+        _within: Duration,
+        _end_sessions: bool,
+    ) -> Result<Reclaim, String> {
         if !self.is_primary(old).await? {
             return Ok(Reclaim::Standby);
         }

@@ -263,13 +263,18 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
                     written.holding.insert(ctx.name.clone(), *epoch);
                 }
                 // Acknowledge once no transaction is open on the published primary.
-                let busy: u32 = crate::pg::PgShared::of(shared)
-                    .pools
-                    .all()
-                    .iter()
-                    .filter(|p| p.key.cluster == ctx.name && Some(&p.key.node) == cv.published.as_ref())
-                    .map(|p| p.in_use())
-                    .sum();
+                let busy: u32 = match ctx.engine {
+                    crate::config::Engine::Postgresql => crate::pg::PgShared::of(shared)
+                        .pools
+                        .all()
+                        .iter()
+                        .filter(|p| p.key.cluster == ctx.name && Some(&p.key.node) == cv.published.as_ref())
+                        .map(|p| p.in_use())
+                        .sum(),
+                    crate::config::Engine::Mysql => crate::mysql::ClusterInfo::of(ctx)
+                        .unsettled
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                };
                 if busy == 0 && written.held.get(&ctx.name) != Some(epoch) {
                     let key = coord.key(&format!("clusters/{}/held/{}", ctx.name, coord.me()));
                     coord.etcd.put(&key, &epoch.to_string(), lease).await?;

@@ -1,0 +1,216 @@
+//! `Answers` against server byte streams built packet by packet, fed whole and one byte
+//! at a time (a relay sees any split).
+
+use super::*;
+
+const AUTOCOMMIT: u16 = 0x0002;
+
+fn packet(seq: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32).to_le_bytes()[..3].to_vec();
+    v.push(seq);
+    v.extend_from_slice(payload);
+    v
+}
+
+fn ok(status: u16) -> Vec<u8> {
+    let mut p = vec![0x00, 0, 0];
+    p.extend_from_slice(&status.to_le_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p
+}
+
+/// An OK with header 0xFE (the end of rows under CLIENT_DEPRECATE_EOF), large counts.
+fn ok_fe(status: u16) -> Vec<u8> {
+    let mut p = vec![0xFE, 0xFC, 0x10, 0x27, 0xFD, 1, 2, 3];
+    p.extend_from_slice(&status.to_le_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p
+}
+
+fn eof(status: u16) -> Vec<u8> {
+    let mut p = vec![0xFE, 0, 0];
+    p.extend_from_slice(&status.to_le_bytes());
+    p
+}
+
+fn err() -> Vec<u8> {
+    let mut p = vec![0xFF, 0x48, 0x04, b'#'];
+    p.extend_from_slice(b"HY000oops");
+    p
+}
+
+fn coldef(name: &str) -> Vec<u8> {
+    let mut p = vec![3];
+    p.extend_from_slice(b"def");
+    for s in ["app", "t", "t", name, name] {
+        p.push(s.len() as u8);
+        p.extend_from_slice(s.as_bytes());
+    }
+    p.extend_from_slice(&[0x0c, 0x21, 0, 0xff, 0, 0, 0, 0xfd, 0, 0, 0, 0, 0]);
+    p
+}
+
+/// Feed `stream` whole to one tracker and byte by byte to another; both must agree.
+fn feed(a: &mut Answers, b: &mut Answers, stream: &[Vec<u8>]) {
+    let bytes: Vec<u8> = stream
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| packet(i as u8 + 1, p))
+        .collect();
+    a.feed(&bytes);
+    for byte in &bytes {
+        b.feed(std::slice::from_ref(byte));
+    }
+    assert_eq!(
+        (a.idle(), a.in_transaction, a.lost),
+        (b.idle(), b.in_transaction, b.lost)
+    );
+}
+
+fn pair(deprecate_eof: bool) -> (Answers, Answers) {
+    (Answers::new(deprecate_eof), Answers::new(deprecate_eof))
+}
+
+#[test]
+fn an_ok_ends_a_command_and_its_status_says_whether_a_transaction_is_open() {
+    let (mut a, mut b) = pair(false);
+    a.command(0x03);
+    b.command(0x03);
+    assert!(!a.idle());
+    feed(&mut a, &mut b, &[ok(AUTOCOMMIT | SERVER_STATUS_IN_TRANS)]);
+    assert!(a.idle() && a.in_transaction && !a.at_rest());
+    a.command(0x03);
+    b.command(0x03);
+    feed(&mut a, &mut b, &[ok(AUTOCOMMIT)]);
+    assert!(a.at_rest());
+}
+
+#[test]
+fn a_result_set_ends_at_its_eof_not_at_a_row_that_starts_like_an_ok() {
+    for deprecate in [false, true] {
+        let (mut a, mut b) = pair(deprecate);
+        a.command(0x03);
+        b.command(0x03);
+        let mut stream = vec![vec![2], coldef("a"), coldef("b")];
+        if !deprecate {
+            stream.push(eof(AUTOCOMMIT));
+        }
+        // Rows: an empty first column (0x00), a NULL (0xFB), an ordinary one.
+        stream.push(vec![0x00, 1, b'x']);
+        stream.push(vec![0xFB, 1, b'y']);
+        stream.push(vec![1, b'1', 1, b'2']);
+        let before_end = stream.clone();
+        let (mut c, mut d) = pair(deprecate);
+        c.command(0x03);
+        d.command(0x03);
+        feed(&mut c, &mut d, &before_end);
+        assert!(!c.idle(), "rows still coming (deprecate_eof {deprecate})");
+        stream.push(if deprecate { ok_fe(AUTOCOMMIT) } else { eof(AUTOCOMMIT) });
+        feed(&mut a, &mut b, &stream);
+        assert!(a.at_rest(), "deprecate_eof {deprecate}: {a:?}");
+    }
+}
+
+#[test]
+fn more_results_keep_the_answer_open_and_an_err_ends_it() {
+    let (mut a, mut b) = pair(true);
+    a.command(0x03);
+    b.command(0x03);
+    feed(&mut a, &mut b, &[ok(AUTOCOMMIT | SERVER_MORE_RESULTS_EXISTS)]);
+    assert!(!a.idle(), "a second result follows");
+    feed(&mut a, &mut b, &[vec![1], coldef("a"), vec![1, b'1'], err()]);
+    assert!(a.idle() && !a.lost);
+}
+
+#[test]
+fn local_infile_waits_for_the_final_ok() {
+    let (mut a, mut b) = pair(true);
+    a.command(0x03);
+    b.command(0x03);
+    let mut req = vec![0xFB];
+    req.extend_from_slice(b"/tmp/data.csv");
+    feed(&mut a, &mut b, &[req]);
+    assert!(!a.idle(), "the client sends the file; the server's OK is still owed");
+    feed(&mut a, &mut b, &[ok(AUTOCOMMIT)]);
+    assert!(a.at_rest());
+}
+
+#[test]
+fn a_prepare_ends_after_its_parameter_and_column_definitions() {
+    for deprecate in [false, true] {
+        let (mut a, mut b) = pair(deprecate);
+        a.command(0x16);
+        b.command(0x16);
+        // stmt id 1, 1 column, 2 parameters.
+        let prepare_ok = vec![0x00, 1, 0, 0, 0, 1, 0, 2, 0, 0, 0, 0];
+        let mut stream = vec![prepare_ok, coldef("?"), coldef("?")];
+        if !deprecate {
+            stream.push(eof(AUTOCOMMIT));
+        }
+        stream.push(coldef("a"));
+        let last = if deprecate { None } else { Some(eof(AUTOCOMMIT)) };
+        feed(&mut a, &mut b, &stream);
+        assert_eq!(a.idle(), deprecate, "deprecate_eof {deprecate}");
+        if let Some(last) = last {
+            let bytes = packet(9, &last);
+            a.feed(&bytes);
+            assert!(a.idle());
+        }
+        assert!(!a.lost);
+    }
+}
+
+#[test]
+fn a_cursor_ends_the_execute_answer_at_the_column_definitions() {
+    let (mut a, mut b) = pair(false);
+    a.command(0x17);
+    b.command(0x17);
+    feed(
+        &mut a,
+        &mut b,
+        &[vec![1], coldef("a"), eof(AUTOCOMMIT | SERVER_STATUS_CURSOR_EXISTS)],
+    );
+    assert!(a.idle());
+    // COM_STMT_FETCH: binary rows (header 0x00), then EOF.
+    a.command(0x1c);
+    b.command(0x1c);
+    feed(&mut a, &mut b, &[vec![0x00, 0x00, 1, b'x'], eof(AUTOCOMMIT)]);
+    assert!(a.at_rest());
+}
+
+#[test]
+fn pipelined_commands_are_owed_in_order_and_some_get_no_answer() {
+    let (mut a, mut b) = pair(true);
+    for cmd in [0x03, 0x19, 0x0e, 0x03] {
+        a.command(cmd);
+        b.command(cmd);
+    }
+    feed(&mut a, &mut b, &[ok(AUTOCOMMIT), ok(AUTOCOMMIT)]);
+    assert!(!a.idle(), "three answers owed (COM_STMT_CLOSE gets none), two came");
+    feed(&mut a, &mut b, &[ok(AUTOCOMMIT | SERVER_STATUS_IN_TRANS)]);
+    assert!(a.idle() && a.in_transaction);
+}
+
+#[test]
+fn long_packets_are_skipped_without_being_held() {
+    let (mut a, mut b) = pair(true);
+    a.command(0x03);
+    b.command(0x03);
+    let big_row = {
+        let mut r = vec![0xFC, 0x00, 0x10];
+        r.extend(std::iter::repeat_n(b'z', 0x1000));
+        r
+    };
+    feed(&mut a, &mut b, &[vec![1], coldef("a"), big_row, ok_fe(AUTOCOMMIT)]);
+    assert!(a.at_rest());
+}
+
+#[test]
+fn an_unasked_packet_or_an_unknown_command_loses_track_for_good() {
+    let mut a = Answers::new(true);
+    a.feed(&packet(0, &ok(AUTOCOMMIT)));
+    assert!(a.lost && !a.at_rest());
+    let mut b = Answers::new(true);
+    b.command(0x12); // COM_BINLOG_DUMP
+    assert!(b.lost);
+}

@@ -1,0 +1,445 @@
+//! Moving a session-pooled MySQL session to another server connection (the new primary
+//! after a switchover) without the client noticing: what a session set is read back
+//! from its old connection and set again on the new one; what cannot be carried over
+//! (temporary tables, user variables, prepared statements, named locks, table locks,
+//! session variables outside the replayed list) is noticed as the client's statements
+//! pass, and such a session is ended with a clear error instead of being moved.
+//!
+//! The statement scan (`scan`) is a small lexer written here because only a few words
+//! matter and it must run on the bytes as they pass (any encoding; no allocation); a
+//! full SQL parser for MySQL's dialect would not change what it finds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mysql_common::constants::CapabilityFlags;
+use tracing::info;
+
+use super::protocol::{self, first_row, first_value};
+use super::relay::Relay;
+use super::server::{LoginRequest, ServerConn};
+use super::session::{End, MysqlDialer};
+use crate::cluster::routing;
+use crate::cluster::topology::ClusterSnapshot;
+use crate::error::Error;
+use crate::proxy::connector;
+
+/// How long reading a session's settings back, or setting them again, may take.
+const STEP: Duration = Duration::from_secs(5);
+
+impl Relay<'_> {
+    /// A command arrived while the session is held (PAUSE, a switchover's hold) or must
+    /// move. Wait for the hold to end; then, if this node is no longer where rw
+    /// sessions go, move the session to the new primary: its settings read back from
+    /// the old connection and set on a new one (logged in as the client). Some(new
+    /// connection) when it moved; an error (sent to the client for its held command)
+    /// when it cannot move.
+    pub(super) async fn hold(
+        &mut self,
+        server: &mut ServerConn,
+        topology: &mut tokio::sync::watch::Receiver<Arc<ClusterSnapshot>>,
+        caps: CapabilityFlags,
+    ) -> Result<Option<ServerConn>, End> {
+        let mut shutdown = self.shared.shutdown.clone();
+        tokio::select! {
+            _ = self.cluster.wait_unpaused() => {}
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Err(End::Failed(Error::shutdown())),
+        }
+        let snap = topology.borrow_and_update().clone();
+        if routing::eviction(self.endpoint, &snap, &self.node.name).is_none() {
+            self.move_pending.store(false, std::sync::atomic::Ordering::Relaxed);
+            return Ok(None);
+        }
+        let old = self.node.name.clone();
+        let refuse = |why: &str| {
+            End::Failed(Error::evicted(
+                true,
+                format!(
+                    "the primary moved away from \"{old}\" (a switchover) and this session holds {why}, which cannot be moved to the new primary; reconnect"
+                ),
+            ))
+        };
+        let lost = self.tracked.lock().unwrap().answers.lost;
+        if let Some(why) = self
+            .inbound
+            .unmovable()
+            .or(lost.then_some("a state the proxy did not follow"))
+        {
+            self.shared.metrics.error("mysql_session_not_moved");
+            info!(cluster = %self.cluster.name, node = %old, reason = why, "session not moved to the new primary");
+            return Err(refuse(why));
+        }
+        let mariadb = server.greeting.version.contains("MariaDB");
+        let values = match tokio::time::timeout(STEP, first_row(&mut server.stream, caps, &capture_sql(mariadb))).await
+        {
+            Ok(Ok(Some(v))) => v,
+            Ok(Err(e)) => {
+                return Err(refuse(&format!(
+                    "settings that could not be read back ({})",
+                    e.message()
+                )))
+            }
+            _ => return Err(refuse("settings that could not be read back (no answer)")),
+        };
+        let mut dialer = MysqlDialer {
+            request: LoginRequest {
+                user: &self.user.name,
+                password: self.user.password.as_deref(),
+                database: None,
+                capabilities: self.client.capabilities,
+                collation: self.client.collation,
+                attributes: self.client.attributes.clone(),
+            },
+            endpoint: self.endpoint,
+            tls: self.cluster.server_tls(),
+        };
+        let connected = connector::connect(self.cluster, self.endpoint, None, None, Some(topology), &mut dialer)
+            .await
+            .map_err(End::Failed)?;
+        let node = connected.node().clone();
+        let (mut conn, slot) = connected.conn;
+        let (set, database) = replay_sql(mariadb, &values);
+        let replay = async {
+            first_value(&mut conn.stream, caps, &set).await?;
+            if let Some(db) = database {
+                first_value(&mut conn.stream, caps, &format!("USE `{}`", db.replace('`', "``"))).await?;
+            }
+            Ok::<_, Error>(())
+        };
+        match tokio::time::timeout(STEP, replay).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(refuse(&format!("settings the new primary refused ({})", e.message()))),
+            Err(_) => return Err(refuse("settings the new primary did not take in time")),
+        }
+        // The old connection says goodbye; the KILL registry points at the new one.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(200),
+            protocol::write_packet(&mut server.stream, 0, &[protocol::COM_QUIT]),
+        )
+        .await;
+        self.shared
+            .cancels
+            .retarget(&self.registered, Some((&node.addr, conn.thread_id as i32, 0)));
+        info!(cluster = %self.cluster.name, from = %old, to = %node.name, server_thread = conn.thread_id, "session moved to the new primary between transactions");
+        self.node = node;
+        self.slot = slot;
+        self.move_pending.store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(Some(conn))
+    }
+}
+
+/// Session variables read back and set again, each as MariaDB and MySQL 8 name it.
+/// Together with the current database, this is what a moved session keeps.
+pub const REPLAYED: &[(&str, &str)] = &[
+    ("autocommit", "autocommit"),
+    ("sql_mode", "sql_mode"),
+    ("time_zone", "time_zone"),
+    ("character_set_client", "character_set_client"),
+    ("character_set_connection", "character_set_connection"),
+    ("character_set_results", "character_set_results"),
+    ("collation_connection", "collation_connection"),
+    ("tx_isolation", "transaction_isolation"),
+    ("tx_read_only", "transaction_read_only"),
+    ("foreign_key_checks", "foreign_key_checks"),
+    ("unique_checks", "unique_checks"),
+    ("sql_auto_is_null", "sql_auto_is_null"),
+    ("group_concat_max_len", "group_concat_max_len"),
+    ("innodb_lock_wait_timeout", "innodb_lock_wait_timeout"),
+    ("wait_timeout", "wait_timeout"),
+    ("sql_select_limit", "sql_select_limit"),
+    ("max_join_size", "max_join_size"),
+    ("sql_safe_updates", "sql_safe_updates"),
+];
+
+/// Names a `SET` may use for the replayed variables (besides their own).
+const ALIASES: &[&str] = &[
+    "NAMES",
+    "CHARACTER",
+    "CHARSET",
+    "TRANSACTION_ISOLATION",
+    "TRANSACTION_READ_ONLY",
+];
+
+/// The query that reads a session's state back (database first, then `REPLAYED`).
+pub fn capture_sql(mariadb: bool) -> String {
+    let vars: Vec<String> = REPLAYED
+        .iter()
+        .map(|(m, y)| format!("@@session.{}", if mariadb { m } else { y }))
+        .collect();
+    format!("SELECT DATABASE(), {}", vars.join(", "))
+}
+
+/// The statement that sets the captured state again (`values` as `capture_sql`
+/// returned them; None is SQL NULL), and the database to select.
+pub fn replay_sql(mariadb: bool, values: &[Option<String>]) -> (String, Option<String>) {
+    let database = values.first().cloned().flatten();
+    let sets: Vec<String> = REPLAYED
+        .iter()
+        .zip(values.iter().skip(1))
+        .map(|((m, y), v)| {
+            let name = if mariadb { m } else { y };
+            let value = match v {
+                None => "NULL".to_string(),
+                Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => v.clone(),
+                Some(v) => format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''")),
+            };
+            format!("@@session.{name} = {value}")
+        })
+        .collect();
+    (format!("SET {}", sets.join(", ")), database)
+}
+
+/// Why a statement leaves state on the connection that a move cannot carry over, if it
+/// does. `text`: the statement as sent (`COM_QUERY`'s payload after the command byte).
+pub fn scan(text: &[u8]) -> Option<&'static str> {
+    let mut words: [Option<Word>; 3] = [None; 3]; // the first three words
+    let mut count = 0usize;
+    let mut i = 0;
+    let n = text.len();
+    let mut prev: Option<Word> = None;
+    while i < n {
+        let c = text[i];
+        match c {
+            b'\'' | b'"' | b'`' => {
+                i += 1;
+                while i < n && text[i] != c {
+                    if text[i] == b'\\' && c != b'`' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                i += 1;
+                prev = None;
+            }
+            b'-' if text.get(i + 1) == Some(&b'-') => {
+                while i < n && text[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'#' => {
+                while i < n && text[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if text.get(i + 1) == Some(&b'*') && text.get(i + 2) != Some(&b'!') => {
+                i += 2;
+                while i + 1 < n && !(text[i] == b'*' && text[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 2;
+            }
+            b'@' => {
+                if text.get(i + 1) == Some(&b'@') {
+                    // A system variable: @@session.x / @@x are replayed or checked by
+                    // the SET rule; @@global.x changes nothing in the session.
+                    i += 2;
+                } else {
+                    return Some("a user variable (@name)");
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                while i < n && (text[i].is_ascii_alphanumeric() || text[i] == b'_' || text[i] == b'$') {
+                    i += 1;
+                }
+                let w = Word::of(&text[start..i]);
+                if count < 3 {
+                    words[count] = Some(w);
+                }
+                count += 1;
+                match (prev, w) {
+                    (Some(Word::Create), Word::Temporary) => return Some("a temporary table"),
+                    (_, Word::GetLock) => return Some("a named lock (GET_LOCK)"),
+                    (Some(Word::Lock), Word::Tables) => return Some("table locks (LOCK TABLES)"),
+                    (Some(Word::Handler), _) => return Some("an open HANDLER"),
+                    _ => {}
+                }
+                if count == 1 && w == Word::Prepare {
+                    return Some("a prepared statement (PREPARE)");
+                }
+                prev = Some(w);
+                continue;
+            }
+            _ => {
+                if !c.is_ascii_whitespace() {
+                    prev = None;
+                }
+                i += 1;
+            }
+        }
+    }
+    if words[0] == Some(Word::Set) {
+        return set_rule(text);
+    }
+    None
+}
+
+/// A `SET` statement: fine when every variable it sets in the session is replayed.
+fn set_rule(text: &[u8]) -> Option<&'static str> {
+    let s = String::from_utf8_lossy(text);
+    let body = s.trim_start();
+    let body = &body[3.min(body.len())..];
+    for part in split_top_level(body) {
+        let target = part.split('=').next().unwrap_or("").trim();
+        let mut t = target.to_ascii_uppercase();
+        for prefix in ["@@SESSION.", "@@LOCAL.", "SESSION ", "LOCAL ", "@@"] {
+            if let Some(rest) = t.strip_prefix(prefix) {
+                t = rest.trim_start().to_string();
+            }
+        }
+        if t.starts_with("@@GLOBAL.") || t.starts_with("GLOBAL ") {
+            continue;
+        }
+        let name = t.split_whitespace().next().unwrap_or("");
+        if name == "TRANSACTION" {
+            // SET TRANSACTION ...: the next transaction only (SET SESSION TRANSACTION
+            // was stripped to this too: its isolation and access mode are replayed).
+            continue;
+        }
+        let known = REPLAYED
+            .iter()
+            .any(|(m, y)| name.eq_ignore_ascii_case(m) || name.eq_ignore_ascii_case(y))
+            || ALIASES.contains(&name);
+        if !known {
+            return Some("a session variable that is not replayed");
+        }
+    }
+    None
+}
+
+/// `a = 1, b = 'x,y'` split at the commas outside quotes and parentheses.
+fn split_top_level(s: &str) -> Vec<&str> {
+    let (mut parts, mut depth, mut quote, mut start) = (Vec::new(), 0i32, None::<char>, 0);
+    let mut chars = s.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), '\\') => {
+                chars.next();
+            }
+            (Some(_), _) => {}
+            (None, '\'' | '"' | '`') => quote = Some(c),
+            (None, '(') => depth += 1,
+            (None, ')') => depth -= 1,
+            (None, ',') if depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            (None, ';') if depth == 0 => break,
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Word {
+    Create,
+    Temporary,
+    GetLock,
+    Lock,
+    Tables,
+    Handler,
+    Prepare,
+    Set,
+    Other,
+}
+
+impl Word {
+    fn of(w: &[u8]) -> Word {
+        let is = |k: &str| w.eq_ignore_ascii_case(k.as_bytes());
+        if is("CREATE") {
+            Word::Create
+        } else if is("TEMPORARY") {
+            Word::Temporary
+        } else if is("GET_LOCK") {
+            Word::GetLock
+        } else if is("LOCK") {
+            Word::Lock
+        } else if is("TABLES") || is("TABLE") {
+            Word::Tables
+        } else if is("HANDLER") {
+            Word::Handler
+        } else if is("PREPARE") {
+            Word::Prepare
+        } else if is("SET") {
+            Word::Set
+        } else {
+            Word::Other
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_that_leave_state_behind_are_named() {
+        let s = |t: &str| scan(t.as_bytes());
+        assert_eq!(s("CREATE TEMPORARY TABLE t (id int)"), Some("a temporary table"));
+        assert_eq!(
+            s("create  /* x */ temporary table t (id int)"),
+            Some("a temporary table")
+        );
+        assert_eq!(s("SELECT GET_LOCK('job', 10)"), Some("a named lock (GET_LOCK)"));
+        assert_eq!(s("SET @x = 1"), Some("a user variable (@name)"));
+        assert_eq!(s("SELECT @x"), Some("a user variable (@name)"));
+        assert_eq!(s("PREPARE s FROM 'SELECT 1'"), Some("a prepared statement (PREPARE)"));
+        assert_eq!(s("LOCK TABLES t WRITE"), Some("table locks (LOCK TABLES)"));
+        assert_eq!(s("HANDLER t OPEN"), Some("an open HANDLER"));
+        assert_eq!(
+            s("SET SESSION optimizer_switch = 'x=on'"),
+            Some("a session variable that is not replayed")
+        );
+    }
+
+    #[test]
+    fn ordinary_statements_and_replayed_settings_keep_a_session_movable() {
+        let s = |t: &str| scan(t.as_bytes());
+        assert_eq!(
+            s("INSERT INTO users VALUES ('a@example.com', \"b@c\")"),
+            None,
+            "@ inside strings"
+        );
+        assert_eq!(s("SELECT @@session.autocommit, @@version"), None);
+        assert_eq!(s("-- @x\nSELECT 1"), None, "comments");
+        assert_eq!(s("SELECT 'create temporary'"), None);
+        assert_eq!(s("SET NAMES utf8mb4"), None);
+        assert_eq!(s("SET autocommit=0"), None);
+        assert_eq!(s("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"), None);
+        assert_eq!(
+            s("SET sql_mode='STRICT_TRANS_TABLES,NO_ZERO_DATE', time_zone = '+00:00'"),
+            None
+        );
+        assert_eq!(s("SET @@session.foreign_key_checks = 0"), None);
+        assert_eq!(s("SET GLOBAL max_connections = 10"), None);
+        assert_eq!(s("UPDATE t SET a = 1"), None, "SET not first");
+        assert_eq!(s("SELECT * FROM t FOR UPDATE"), None);
+    }
+
+    #[test]
+    fn captured_state_is_set_again_in_each_dialect() {
+        assert!(capture_sql(true).starts_with("SELECT DATABASE(), @@session.autocommit, @@session.sql_mode"));
+        assert!(capture_sql(true).contains("@@session.tx_isolation"));
+        assert!(capture_sql(false).contains("@@session.transaction_isolation"));
+        let mut values = vec![
+            Some("app".to_string()),
+            Some("0".into()),
+            Some("STRICT_TRANS_TABLES".into()),
+        ];
+        values.extend(std::iter::repeat_n(Some("x'y".to_string()), REPLAYED.len() - 2));
+        values[6] = None; // character_set_results = NULL
+        let (sql, db) = replay_sql(true, &values);
+        assert_eq!(db.as_deref(), Some("app"));
+        assert!(
+            sql.starts_with("SET @@session.autocommit = 0, @@session.sql_mode = 'STRICT_TRANS_TABLES', @@session.time_zone = 'x''y'"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("@@session.character_set_connection = 'x''y', @@session.character_set_results = NULL"),
+            "{sql}"
+        );
+    }
+}
