@@ -50,6 +50,42 @@ operations of both, each instance judged by its own /status where a check uses i
   sent while cut off may wait (`failover_hold_ms`) and go through once the instance is
   back; only one acknowledged before the instance said it was back is judged.
 - crashes, panics and file descriptor growth per instance.
+
+With `--engine mariadb` (run["engine"] == "mariadb") there are no LSNs, timelines or
+causal tokens. Every acknowledged write carries instead the server that took it and
+that server's binlog state just before its COMMIT (`@@gtid_binlog_state`, read inside
+the transaction: per originating server, the last GTID the history it extends holds),
+then the GTID it got (`@@last_gtid`: domain-server_id-seqno) and whether semi-sync was
+on there right after. A write's own history is that state plus its own GTID. The rules:
+
+- lost: acknowledged, absent from the final primary. `diverged_branch` when the
+  surviving history provably lacks the write: some surviving acknowledged write with a
+  higher seqno has a history whose entry for the lost write's server is below the
+  lost write's seqno (in gtid_strict_mode a server's GTIDs only grow within one
+  history, so that history does not hold it): written on a branch that was abandoned
+  at a failover. A lost write whose GTID is unknown (the session died right after the
+  COMMIT's OK) is `diverged_branch` if its history held an earlier write of the same
+  server that is `diverged_branch` (the server neither rebuilt nor seen down between
+  the two). `unexplained` otherwise (lost on the surviving history, or no evidence). Async:
+  `diverged_branch` reported; `--sync` (semi-sync): it fails too, except
+  `split_brain_window` (taken by the old primary during the split-brain fault) and
+  `semi_sync_off` (the primary said right after the commit that semi-sync had fallen
+  back to asynchronous, as MariaDB does after rpl_semi_sync_master_timeout: reported
+  apart). `unexplained` always fails.
+- phantoms, failed_present: as for PostgreSQL.
+- write order (dual primary / stale primary): if write y was acknowledged before write
+  z was sent and y survives, the history of the server that took z must hold y: its
+  binlog state's entry for y's server must be at least y's seqno. Violations are
+  merged into windows.
+- not the primary: a write acknowledged by a server whose own state (the harness's
+  samples over its Unix socket) said it was replicating or read-only from before the
+  write was sent until after it was acknowledged.
+- read-your-writes: a write acknowledged on an rw session and read back on the same
+  session (session pooling: the same server connection) must be seen.
+- crashes, panics, file descriptors; with two instances the coordination rules above
+  (published primary, cut off from etcd) and the write-order rule across instances.
+Dropped for MariaDB: LSN fork placement, timelines ("older timeline than seen"),
+causal tokens and the stale-read hold.
 """
 
 import bisect
@@ -94,6 +130,7 @@ class Check:
         # Older runs' checker_input.json has one "proxy".
         self.proxies = run.get("proxies") or [dict(run["proxy"], name=SOLE)]
         self.multi = len(self.proxies) > 1
+        self.my = run.get("engine") == "mariadb"
         self.result = {"violations": [], "info": {}}
 
     def node_name(self, addr):
@@ -107,10 +144,10 @@ class Check:
     def run(self):
         res = self.result
         res["writes"] = self.check_writes()
-        res["order"] = self.check_order()
+        res["order"] = self.my_check_order() if self.my else self.check_order()
         if self.multi or any("co" in st for st in self.status):
             res["coordination"] = self.check_coordination()
-        res["reads"] = self.check_reads()
+        res["reads"] = self.my_check_reads() if self.my else self.check_reads()
         res["faults"] = self.recovery()  # before errors: sets how long each fault lasted
         res["errors"] = self.errors_by_sqlstate()
         res["proxies"] = self.check_proxy()
@@ -136,7 +173,7 @@ class Check:
                 "sent": len(ops), "acknowledged": len(acked), "failed": len(failed), "unknown": len(unknown),
                 "unknown_committed": sum(1 for o in unknown if o["id"] in present),
                 "present_final": len(present),
-                "lost": self.classify_losses(lost),
+                "lost": self.my_classify_losses(lost) if self.my else self.classify_losses(lost),
                 "phantoms": len(phantoms), "phantom_ids": phantoms[:20],
                 "failed_present": len(failed_present),
                 "failed_present_samples": [_brief(o) for o in failed_present[:5]],
@@ -150,6 +187,13 @@ class Check:
         fp = out["chaos_writes"]["failed_present"] + out["chaos_raw"]["failed_present"]
         self.violation("writes reported failed but committed", fp,
                        out["chaos_writes"]["failed_present_samples"] + out["chaos_raw"]["failed_present_samples"])
+        if self.my:
+            not_primary = self.my_not_primary()
+            self.violation("writes taken by a node that was not the primary (replicating or read-only by its own "
+                           "state)", len(not_primary), not_primary[:5])
+            out["not_primary"] = len(not_primary)
+            out["semi_sync_off_acks"] = sum(1 for o in self.acked if o.get("semi") == "OFF")
+            return out
         on_standby = [o for o in self.acked if o.get("rec")]
         self.violation("writes taken by a node in recovery", len(on_standby), [_brief(o) for o in on_standby[:5]])
         return out
@@ -183,6 +227,237 @@ class Check:
             counts[cat] = counts.get(cat, 0) + 1
             items.append({**_brief(o), "category": cat, "failing": failing})
         return {"total": len(lost), "by_category": counts, "items": items}
+
+    # ---- MariaDB ---------------------------------------------------------------------------
+    def my_surviving(self):
+        """Acknowledged writes with GTID facts that are in the final tables."""
+        if not hasattr(self, "_my_surv"):
+            tables = self.r["final"]["tables"]
+            present = {"w": tables.get("chaos_writes", set()), "raw_w": tables.get("chaos_raw", set())}
+            self._my_surv = [o for o in self.acked if o.get("gtid") and o["id"] in present[o["k"]]]
+        return self._my_surv
+
+    @staticmethod
+    def my_history(o):
+        """{(domain, server): seqno} of the history write `o` ends: the binlog state
+        before its commit plus its own GTID."""
+        st = _gtid_state(o.get("bst"))
+        if o.get("gtid"):
+            d, srv, n = _gtid(o["gtid"])
+            st[(d, srv)] = max(st.get((d, srv), -1), n)
+        return st
+
+    def my_classify_losses(self, lost):
+        """See the module docstring (MariaDB)."""
+        sync = self.r["sync"]
+        # For each (domain, server): surviving writes by seqno, with the suffix minimum of
+        # their binlog state's entry for that server.
+        surv = []
+        for o in self.my_surviving():
+            d, _, n = _gtid(o["gtid"])
+            surv.append((d, n, self.my_history(o)))
+        surv.sort(key=lambda x: (x[0], x[1]))
+        keys = {(d, srv) for d, _, st in surv for (dd, srv) in st if dd == d}
+        suffix = {}
+        for (d, srv) in keys | {(_gtid(o["gtid"])[0], _gtid(o["gtid"])[1]) for o in lost if o.get("gtid")}:
+            rows = [(n, st.get((d, srv), -1)) for dd, n, st in surv if dd == d]
+            seqs = [n for n, _ in rows]
+            mins = [0] * len(rows)
+            m = None
+            for i in range(len(rows) - 1, -1, -1):
+                m = rows[i][1] if m is None else min(m, rows[i][1])
+                mins[i] = m
+            suffix[(d, srv)] = (seqs, mins)
+        cats = {}
+        for o in lost:
+            if o.get("gtid"):
+                d, srv, n = _gtid(o["gtid"])
+                seqs, mins = suffix.get((d, srv), ([], []))
+                i = bisect.bisect_right(seqs, n)
+                if i < len(seqs) and mins[i] < n:
+                    cats[id(o)] = "diverged_branch"
+        # Without a GTID: an earlier diverged write of the same server in its history.
+        diverged = sorted((o for o in lost if cats.get(id(o)) == "diverged_branch"), key=lambda o: o["e"])
+        for o in lost:
+            if o.get("gtid") or o.get("sid") is None or "bst" not in o:
+                continue
+            hist = _gtid_state(o.get("bst"))
+            for dv in diverged:
+                if dv["e"] >= o["s"]:
+                    break
+                d, srv, n = _gtid(dv["gtid"])
+                if dv.get("sid") == o["sid"] and srv == o["sid"] and hist.get((d, srv), -1) >= n \
+                        and not self.my_interrupted(self.node_name(o.get("node")), dv["e"], o["s"]):
+                    cats[id(o)] = "diverged_branch"
+                    break
+        items, counts = [], {}
+        for o in lost:
+            cat = cats.get(id(o), "unexplained")
+            window = self.split_brain_window(o)
+            if cat == "unexplained":
+                failing = True
+            elif sync:
+                failing = window is None and o.get("semi") != "OFF"
+            else:
+                failing = False
+            if window is not None and cat != "unexplained":
+                cat = "split_brain_window"
+            elif sync and cat != "unexplained" and o.get("semi") == "OFF":
+                cat = "semi_sync_off"
+            counts[cat] = counts.get(cat, 0) + 1
+            items.append({**_brief(o), "category": cat, "failing": failing})
+        return {"total": len(lost), "by_category": counts, "items": items}
+
+    def my_interrupted(self, node, t0, t1):
+        """Was `node` rebuilt, or seen down by the harness, between t0 and t1?"""
+        for rb in self.r.get("rebuilds") or []:
+            if rb["node"] == node and t0 <= rb["t"] + rb.get("seconds", 0) and rb["t"] <= t1:
+                return True
+        return any(s["node"] == node and not s.get("up") and t0 <= s["t"] <= t1 for s in self.r.get("truth") or [])
+
+    def my_check_order(self):
+        """The write-order rule on GTIDs (module docstring): a write z sent after a
+        surviving write y was acknowledged must be taken on a history that holds y."""
+        surv = sorted(self.my_surviving(), key=lambda o: o["e"])
+        ends = [o["e"] for o in surv]
+        # Prefix maximum of the surviving writes' seqno per (domain, server), by end time.
+        prefix, best = [], {}
+        for o in surv:
+            d, srv, n = _gtid(o["gtid"])
+            if n > best.get((d, srv), -1):
+                best = dict(best)
+                best[(d, srv)] = n
+            prefix.append(best)
+        per = {}
+        for i in {inst(o) for o in surv}:
+            mine = [o for o in surv if inst(o) == i]
+            pe, pb, b = [], [], {}
+            for o in mine:
+                d, srv, n = _gtid(o["gtid"])
+                if n > b.get((d, srv), -1):
+                    b = dict(b)
+                    b[(d, srv)] = n
+                pe.append(o["e"])
+                pb.append(b)
+            per[i] = (pe, pb)
+
+        def lacks(z, ends_, prefix_):
+            k = bisect.bisect_left(ends_, z["s"]) - 1
+            if k < 0:
+                return None
+            st = _gtid_state(z.get("bst"))
+            return [f"{d}-{srv}-{n}" for (d, srv), n in prefix_[k].items() if st.get((d, srv), -1) < n] or None
+
+        bad = []
+        for z in self.acked:
+            if "bst" not in z:
+                continue
+            missing = lacks(z, ends, prefix)
+            if missing:
+                bad.append((z, missing))
+        windows = []
+        for z, missing in sorted(bad, key=lambda x: x[0]["s"]):
+            against = {i for i, (pe, pb) in per.items() if lacks(z, pe, pb)}
+            if windows and z["s"] <= windows[-1]["end"] + 1.0:
+                w = windows[-1]
+                w["end"] = max(w["end"], z["e"])
+                w["writes"] += 1
+                w["nodes"].add(self.node_name(z["node"]))
+            else:
+                w = {"start": z["s"], "end": z["e"], "writes": 1, "nodes": {self.node_name(z["node"])},
+                     "first": {**_brief(z), "lacks": missing[:3]}, "instances": set(), "across": False}
+                windows.append(w)
+            w["instances"] |= against | {inst(z)}
+            w["across"] = w["across"] or bool(against - {inst(z)})
+        for w in windows:
+            w["nodes"] = sorted(w["nodes"])
+            w["start_rel"] = round(w["start"] - self.r["t_start"], 3)
+            w["duration_s"] = round(w["end"] - w["start"], 3)
+            w["instances"] = sorted(w["instances"])
+            if not self.multi:
+                del w["instances"], w["across"]
+        same = [w for w in windows if not w.get("across")]
+        across = [w for w in windows if w.get("across")]
+        self.violation("dual-primary windows (a write taken on a history lacking an earlier acknowledged write)",
+                       len(same), same[:10])
+        self.violation("dual-primary windows across instances (a write through one instance taken on a history "
+                       "lacking a write acknowledged through the other)", len(across), across[:10])
+        per_node = {}
+        for o in self.acked:
+            k = self.node_name(o.get("node")) if o.get("node") else "(answer lost after the OK)"
+            per_node[k] = per_node.get(k, 0) + 1
+        out = {"dual_primary_windows": windows, "older_timeline_writes": None, "acknowledged_by_node": per_node,
+               "without_gtid": sum(1 for o in self.acked if not o.get("gtid")),
+               "without_facts": sum(1 for o in self.acked if "bst" not in o)}
+        if self.multi:
+            out["across_instance_windows"] = len(across)
+            out["acknowledged_by_instance"] = {}
+            for o in self.acked:
+                k = inst(o)
+                out["acknowledged_by_instance"][k] = out["acknowledged_by_instance"].get(k, 0) + 1
+        return out
+
+    NOT_PRIMARY_SLACK_S = 3.0
+
+    def my_not_primary(self):
+        """Acknowledged writes whose server said, in the harness's samples, that it was
+        replicating or read-only from before the write was sent until after it was
+        acknowledged. Samples are recorded on change (and every 5 s) about every 0.5 s: a
+        state recorded at t held from t until some time after the previous sample
+        before the next change record, so that next record must come more than
+        NOT_PRIMARY_SLACK_S after the acknowledgement."""
+        truth = {}
+        for s in sorted(self.r.get("truth") or [], key=lambda x: x["t"]):
+            truth.setdefault(s["node"], []).append(s)
+        times = {n: [s["t"] for s in ss] for n, ss in truth.items()}
+        bad = []
+        for o in self.acked:
+            name = self.node_name(o.get("node"))
+            ss = truth.get(name)
+            if not ss:
+                continue
+            k = bisect.bisect_right(times[name], o["s"]) - 1
+            if k < 0:
+                continue
+            a = ss[k]
+            if not a.get("up") or a.get("primary") or a.get("primary") is None:
+                continue
+            # The next record showing anything else.
+            nxt = next((s for s in ss[k + 1:] if not s.get("up") or s.get("primary")), None)
+            if nxt is not None and nxt["t"] - self.NOT_PRIMARY_SLACK_S <= o["e"]:
+                continue
+            if nxt is None and ss[-1]["t"] < o["e"]:
+                continue  # no sample after the write
+            bad.append({**_brief(o), "node_state": {k2: a.get(k2) for k2 in ("ro", "src", "io", "sql")},
+                        "state_since_rel": round(a["t"] - self.r["t_start"], 3)})
+        return bad
+
+    def my_check_reads(self):
+        """Read-your-writes on the same rw session (session pooling: one server
+        connection per client). No causal tokens on MySQL."""
+        present = self.r["final"]["tables"].get("chaos_raw", set())
+        reads = [o for o in self.ops if o["k"] == "raw_own"]
+        ok = [o for o in reads if o["o"] == "ack"]
+        misses = [o for o in ok if o.get("n") == 0]
+        by_node = {}
+        for o in ok:
+            k = self.node_name(o.get("node"))
+            by_node[k] = by_node.get(k, 0) + 1
+        ro = [o for o in self.ops if o["k"] == "r"]
+        ro_by = {}
+        for o in ro:
+            if o.get("o") == "ack":
+                k = self.node_name(o.get("node"))
+                ro_by[k] = ro_by.get(k, 0) + 1
+        out = {"raw_own": {"what": "same rw session (read-your-writes)", "reads": len(reads), "answered": len(ok),
+                           "errors": len(reads) - len(ok), "stale": len(misses), "excused_no_primary": 0,
+                           "missed_lost_write": sum(1 for o in misses if o["id"] not in present),
+                           "served_by": by_node, "stale_samples": [_brief(o) for o in misses[:5]]},
+               "ro_probe": {"what": "ro probe (availability only)", "reads": len(ro),
+                            "answered": sum(1 for o in ro if o.get("o") == "ack"),
+                            "errors": sum(1 for o in ro if o.get("o") != "ack"), "served_by": ro_by}}
+        self.violation("read-your-writes misses (same rw session)", len(misses), [_brief(o) for o in misses[:10]])
+        return out
 
     def split_brain_window(self, o):
         """The split-brain fault during which old primary `o['node']` took this write
@@ -543,8 +818,24 @@ class Check:
         return out
 
 
+def _gtid(text):
+    d, s, n = str(text).split("-")
+    return int(d), int(s), int(n)
+
+
+def _gtid_state(text):
+    """'0-1-100,0-2-120' -> {(domain, server_id): seqno}."""
+    out = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if part:
+            d, s, n = _gtid(part)
+            out[(d, s)] = n
+    return out
+
+
 def _brief(o):
-    keep = ("k", "id", "node", "tl", "lsn", "o", "st", "err", "n", "rec", "sy")
+    keep = ("k", "id", "node", "tl", "lsn", "gtid", "semi", "o", "st", "err", "n", "rec", "sy")
     out = {k: o[k] for k in keep if k in o}
     out["s"] = round(o["s"], 3) if "s" in o else None
     out["e"] = round(o["e"], 3) if "e" in o else None

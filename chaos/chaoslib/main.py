@@ -39,12 +39,16 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="chaos/run", description=(
         "Fault suite for Switchyard: a primary + 2 standbys in network namespaces, Switchyard "
         "in front, recorded workloads, seeded faults, a checker. Exit 0 = no violation."))
+    p.add_argument("--engine", choices=("postgresql", "mariadb"), default="postgresql",
+                   help="postgresql (default): PostgreSQL 15 primary + 2 streaming standbys; mariadb: MariaDB 10.11 "
+                        "primary + 2 GTID replicas, Switchyard with engine = \"mysql\" (chaos/README.md)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--duration", default="120s", help="length of the loaded phase (e.g. 90s, 30m)")
     p.add_argument("--binary", default=os.environ.get("SWITCHYARD_BIN") or os.path.join(REPO, "target/release/switchyard"),
                    help="Switchyard binary (copied before use); default $SWITCHYARD_BIN or target/release/switchyard")
     p.add_argument("--sync", action="store_true",
-                   help="synchronous replication (ANY 1 of the standbys): then any lost acknowledged write fails the run")
+                   help="synchronous replication (ANY 1 of the standbys; with --engine mariadb: semi-synchronous, "
+                        "AFTER_SYNC): then any lost acknowledged write fails the run")
     p.add_argument("--failover", choices=("operator", "automatic"), default="operator",
                    help="who promotes after the primary is killed: the harness as an operator, or Switchyard "
                         "(failover = \"automatic\"; the harness only rejoins old primaries)")
@@ -80,6 +84,7 @@ def parse_args(argv):
     p.add_argument("--recheck", metavar="WORKDIR", default=None,
                    help="run the checker again on a finished run's work directory (no cluster)")
     p.add_argument("--workload-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--load-child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.duration_s = parse_duration(a.duration)
     return a
@@ -88,8 +93,17 @@ def parse_args(argv):
 def main(argv):
     args = parse_args(argv)
     if args.workload_child:
+        with open(args.workload_child) as f:
+            spec = json.load(f)
+        if spec.get("engine") == "mariadb":
+            from .myworkload import child_main as my_child_main
+            return my_child_main(spec)
         from .workload import child_main
         return child_main(args.workload_child)
+    if args.load_child:
+        from .myload import child_main as load_child_main
+        with open(args.load_child) as f:
+            return load_child_main(json.load(f))
     if args.recheck:
         return recheck(args.recheck, args)
     install_signal_handlers()
@@ -112,6 +126,7 @@ def main(argv):
 class Run:
     def __init__(self, args):
         self.a = args
+        self.my = args.engine == "mariadb"
         self.net = self.cluster = self.proxy = self.observer = self.load = self.etcd = None
         self.proxies = []
         self.child = None
@@ -128,7 +143,8 @@ class Run:
         os.makedirs(self.workdir, exist_ok=True)
         os.chmod(self.workdir, 0o755)
         common.LOG_FILE = os.path.join(self.workdir, "harness.log")
-        log(f"chaos run: seed {a.seed}, duration {a.duration_s:.0f}s, {'sync' if a.sync else 'async'} "
+        log(f"chaos run: {a.engine}, seed {a.seed}, duration {a.duration_s:.0f}s, "
+            f"{('semi-sync' if self.my else 'sync') if a.sync else 'async'} "
             f"replication, {a.failover} failover, "
             + (f"{a.instances} Switchyard instances with {a.etcd_members} etcd member(s), lease {a.lease_s} s, "
                if a.instances > 1 else "")
@@ -151,17 +167,31 @@ class Run:
 
         time.sleep(2)
         idle_start = {p.name: p.resources() for p in self.proxies}
-        self.observer = Observer(self.cluster, self.proxies)
+        if self.my:
+            from .observe import MyObserver
+            self.observer = MyObserver(self.cluster, self.proxies)
+        else:
+            self.observer = Observer(self.cluster, self.proxies)
         self.observer.start()
 
         self.t_start = time.time()
         self.t_end = self.t_start + a.duration_s
         self.start_workload()
-        self.load = Load(self.net, self.proxies, a.pgbench_clients, a.pgbench_rate, self.t_end)
+        if self.my:
+            from .myload import LoadChild
+            from .mariadb import DB as MY_DB, PASSWORD as MY_PASSWORD, USER as MY_USER
+            self.load = LoadChild(self.net, self.proxies, a.pgbench_clients, a.pgbench_rate, self.t_end, self.workdir,
+                                  MY_USER, MY_PASSWORD, MY_DB)
+        else:
+            self.load = Load(self.net, self.proxies, a.pgbench_clients, a.pgbench_rate, self.t_end)
         self.load.start()
 
-        injector = Injector(self.cluster, self.proxies, self.net, self.wait, automatic=a.failover == "automatic",
-                            etcd=self.etcd)
+        inj_cls = Injector
+        if self.my:
+            from .myfaults import MyInjector
+            inj_cls = MyInjector
+        injector = self.injector = inj_cls(self.cluster, self.proxies, self.net, self.wait,
+                                           automatic=a.failover == "automatic", etcd=self.etcd)
         faults = self.run_faults(injector, plan)
         self.wait(max(0.0, self.t_end - time.time()))
         log("loaded phase over; stopping load")
@@ -176,7 +206,7 @@ class Run:
         self.wait(6)
         idle_end = {p.name: p.resources() for p in self.proxies}
         self.observer.stop()
-        final = self.final_state()
+        final = self.my_final_state() if self.my else self.final_state()
 
         ops = self.read_ops()
         proxies = []
@@ -199,7 +229,14 @@ class Run:
             "read_hold_s": 10.0 if a.failover == "automatic" else 5.0,
             # One entry per Switchyard instance ("switchyard" when there is one).
             "proxies": proxies,
+            "engine": a.engine,
         }
+        if self.my:
+            # Which node a GTID's server_id is, and each node's own view over time (the
+            # "write taken by a node that was not the primary" rule).
+            run["node_by_sid"] = {str(n.server_id): n.name for n in self.cluster.nodes.values()}
+            run["truth"] = self.observer.truth
+            run["rebuilds"] = self.cluster.rebuilds
         report = self.build_report(faults, final, kinds)
         save_checker_input(self.workdir, run, report)
         return check_and_report(run, report, self.a)
@@ -229,6 +266,13 @@ class Run:
 
     def setup_cluster(self):
         a = self.a
+        if self.my:
+            from .mariadb import MariaCluster
+            self.cluster = MariaCluster(self.net, self.workdir, sync=a.sync)
+            if a.tmpfs_mb and os.geteuid() == 0:
+                self.cluster.add_tmpfs_relay("n3", a.tmpfs_mb)
+            self.cluster.setup()
+            return
         self.cluster = Cluster(self.net, self.workdir, a.pg_bin, sync=a.sync)
         self.cluster.init_primary("n1")
         if a.tmpfs_mb and os.geteuid() == 0:
@@ -289,10 +333,13 @@ class Run:
         spec = {"host": self.proxy.host, "rw": self.proxy.rw, "ro": self.proxy.ro, "admin": self.proxy.admin,
                 "instances": [{"name": p.name, "host": p.host, "rw": p.rw, "ro": p.ro, "admin": p.admin}
                               for p in self.proxies],
-                "user": USER, "password": PASSWORD, "db": DB, "end_time": self.t_end,
+                "user": USER, "password": PASSWORD, "db": DB, "end_time": self.t_end, "engine": a.engine,
                 "insert_workers": a.insert_workers, "raw_pairs": a.raw_pairs, "max_ops": a.max_ops,
                 "op_timeout": a.op_timeout, "connect_timeout": 6.0, "pause_ms": a.pause_ms,
                 "status_interval_ms": 200, "out": self.ops_path}
+        if self.my:
+            from .mariadb import DB as MY_DB, PASSWORD as MY_PASSWORD, USER as MY_USER
+            spec.update(user=MY_USER, password=MY_PASSWORD, db=MY_DB)
         spec_path = os.path.join(self.workdir, "workload.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
@@ -377,6 +424,26 @@ class Run:
                 "history": c.timeline_history(primary, tl) if tl else {}, "tables": tables, "row_counts": counts,
                 "recovery": c.try_psql(primary, "SELECT pg_is_in_recovery()")}
 
+    def my_final_state(self):
+        """--engine mariadb: the primary's tables and GTID state, each node's row count."""
+        from .mariadb import DB as MY_DB
+        c = self.cluster
+        primary = c.primary
+        c.wait_caught_up(primary, timeout=20)
+        tables = {}
+        for t in ("chaos_writes", "chaos_raw"):
+            rows = c.sql(primary, f"SELECT id FROM {t}", db=MY_DB, timeout=120)
+            tables[t] = {int(r[0]) for r in rows}
+        counts = {}
+        for n in c.nodes:
+            v = c.try_sql(n, "SELECT count(*) FROM chaos_writes", db=MY_DB, timeout=20)
+            counts[n] = int(v[0][0]) if v else None
+        st = c.state(primary) or {}
+        return {"primary": primary, "timeline": None, "history": {}, "tables": tables, "row_counts": counts,
+                "gtid_binlog_state": st.get("gtid_binlog_state"), "gtid_binlog_pos": st.get("gtid_binlog_pos"),
+                "recovery": None if not st else ("replica" if st.get("replicating") else
+                                                 ("read-only" if st.get("read_only") else "primary"))}
+
     def read_ops(self):
         ops = []
         try:
@@ -420,10 +487,14 @@ class Run:
             "load": self.load.summary() if self.load else {},
             "truth_dual_primary_s": dual_primary_seconds(self.observer.truth if self.observer else []),
             "notes": self.notes,
+            "engine": a.engine,
+            "rebuilds": getattr(self.cluster, "rebuilds", []),
+            "switchyard_verdicts": getattr(getattr(self, "injector", None), "verdicts", []),
         }
 
     def teardown(self):
-        for what, fn in (("load", lambda: self.load and self.load.stop()),
+        for what, fn in (("load", lambda: self.load and (self.load.kill() if hasattr(self.load, "kill")
+                                                          else self.load.stop())),
                          ("workload", self._kill_child),
                          ("observer", lambda: self.observer and self.observer.stop()),
                          ("switchyard", self._stop_proxies),

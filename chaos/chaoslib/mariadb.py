@@ -84,6 +84,8 @@ class MyNode:
         self.log = os.path.join(base, f"{name}.log")          # the error log
         self.out = os.path.join(base, f"{name}.out")          # stdout/stderr of mariadbd
         self.pidfile = os.path.join(base, f"{name}.pid")
+        # Its own temporary directory: /tmp is shared with whatever else runs here.
+        self.tmpdir = os.path.join(base, f"tmp-{name}")
         self.tmpfs = None         # the relay log's tmpfs (disk-full fault)
         self.relay_dir = None
         self.read_only_at_start = True   # as its my.cnf says
@@ -176,7 +178,9 @@ class MariaCluster:
         if n.relay_dir:
             shutil.rmtree(n.relay_dir, ignore_errors=True)
             os.makedirs(n.relay_dir, exist_ok=True)
-        argv = ["mariadb-install-db", "--no-defaults", f"--datadir={n.data}", "--auth-root-authentication-method=normal",
+        os.makedirs(n.tmpdir, exist_ok=True)
+        argv = ["mariadb-install-db", "--no-defaults", f"--datadir={n.data}", f"--tmpdir={n.tmpdir}",
+                "--auth-root-authentication-method=normal",
                 "--skip-test-db", "--innodb-log-file-size=16M", "--innodb-buffer-pool-size=32M"]
         if self.as_root:
             argv.append("--user=root")
@@ -223,6 +227,10 @@ class MariaCluster:
         if self.sync:
             for name in names:
                 self.sql(name, "SET GLOBAL rpl_semi_sync_master_enabled = 1")
+            # The replicas' IO threads announce themselves as semi-sync when they connect.
+            for name in names:
+                if name != p:
+                    self.sql(name, ["STOP SLAVE IO_THREAD", "START SLAVE IO_THREAD"])
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 if self.semi_sync_clients(p) > 0:
@@ -240,7 +248,7 @@ class MariaCluster:
     def argv(self, name):
         n = self.nodes[name]
         a = [MARIADBD, "--no-defaults", f"--datadir={n.data}", f"--port={n.port}", f"--bind-address={n.host}",
-             f"--socket={n.socket}", f"--pid-file={n.pidfile}", f"--log-error={n.log}",
+             f"--socket={n.socket}", f"--pid-file={n.pidfile}", f"--log-error={n.log}", f"--tmpdir={n.tmpdir}",
              f"--server-id={n.server_id}", "--log-bin=mysql-bin", "--log-slave-updates", "--binlog-format=ROW",
              "--gtid-strict-mode=1", "--skip-name-resolve", "--innodb-buffer-pool-size=32M",
              "--innodb-log-file-size=16M", "--innodb-flush-log-at-trx-commit=2", "--sync-binlog=0",

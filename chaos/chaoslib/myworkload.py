@@ -10,11 +10,15 @@ Outcomes of a write (autocommit, one INSERT):
         2000+), or the ERR said the server connection was lost or killed (1158, 1053,
         1927) or carried an SQLSTATE of class 08: it may or may not have committed.
 
-Each INSERT is followed in the same round trip (multi-statement) by
-`SELECT @@last_gtid, @@gtid_binlog_state, @@bind_address, @@port, @@server_id,
-<Rpl_semi_sync_master_status>`: the GTID the write got, the binlog state of the server
-that took it right after (which transactions its history holds: the checker's write
-order rule), which server it was, and whether semi-sync was on there.
+A write is an explicit transaction in three round trips:
+  1. `BEGIN; INSERT ...; SELECT @@bind_address, @@port, @@server_id,
+     @@gtid_binlog_state` (multi-statement): which server took it and the binlog state
+     its commit will extend (which transactions its history holds: the checker's write
+     order rule). Any error here is `fail`: no COMMIT was sent, so nothing committed.
+  2. `COMMIT`: its OK is the acknowledgement; errors are classified as above.
+  3. `SELECT @@last_gtid, <Rpl_semi_sync_master_status>`: the GTID the write got and
+     whether semi-sync was on on that server right after. Lost only if the session
+     dies right after the COMMIT's OK (the write stays acknowledged, without a GTID).
 
 Record kinds: w (insert through rw), raw_w + raw_own (a write through rw, read back on
 the same session: read-your-writes), r (a read-only probe on ro), c (connect failure),
@@ -34,9 +38,9 @@ from pymysql import err as pymysql_err
 from pymysql.constants import CLIENT
 
 ID_BASE = 1_000_000_000
-FOLLOW_SQL = ("SELECT @@last_gtid, @@gtid_binlog_state, @@bind_address, @@port, @@server_id, "
-              "(SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
-              "WHERE VARIABLE_NAME = 'RPL_SEMI_SYNC_MASTER_STATUS')")
+FACTS_SQL = "SELECT @@bind_address, @@port, @@server_id, @@gtid_binlog_state"
+AFTER_SQL = ("SELECT @@last_gtid, (SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS "
+             "WHERE VARIABLE_NAME = 'RPL_SEMI_SYNC_MASTER_STATUS')")
 UNKNOWN_ERRNOS = {1053, 1158, 1159, 1160, 1161, 1927}
 
 
@@ -131,29 +135,47 @@ class MyWorkload:
             self.ops += 1
 
     def write(self, conn, sql, rec):
-        """INSERT + the follow-up SELECT in one round trip. Fills `rec`; returns whether
-        the connection is still usable."""
+        """One write in three round trips (module docstring). Fills `rec`; returns
+        whether the connection is still usable."""
         cur = conn.cursor()
         rec["s"] = time.time()
         usable = True
         try:
-            cur.execute(sql + "; " + FOLLOW_SQL)
+            try:
+                cur.execute("BEGIN; " + sql + "; " + FACTS_SQL)
+                cur.nextset()
+                cur.nextset()
+                host, port, sid, bstate = cur.fetchone()
+                facts = {"node": f"{host}:{port}", "sid": int(sid), "bst": bstate}
+            except Exception as e:
+                # No COMMIT was sent: not committed, whatever broke.
+                _, key, msg = classify(e)
+                rec.update({"o": "fail", "st": key, "err": msg[:200], "e": time.time(), "phase": 1})
+                try:
+                    cur.execute("ROLLBACK")
+                except Exception:
+                    usable = False
+                return usable
+            try:
+                cur.execute("COMMIT")
+            except Exception as e:
+                o, key, msg = classify(e)
+                rec.update({"o": o, "st": key, "err": msg[:200], "e": time.time(), "phase": 2})
+                rec.update(facts)  # where it went, had it committed
+                return o != "unk"
             rec["o"] = "ack"
             rec["e"] = time.time()
+            rec.update(facts)
             try:
-                cur.nextset()
-                row = cur.fetchone()
-                gtid, bstate, host, port, sid, semi = row
-                rec.update({"gtid": gtid, "bst": bstate, "node": f"{host}:{port}", "sid": int(sid)})
+                cur.execute(AFTER_SQL)
+                gtid, semi = cur.fetchone()
+                if gtid:
+                    rec["gtid"] = gtid
                 if semi is not None:
                     rec["semi"] = semi
-            except Exception as e:  # acknowledged; what came after is lost
-                rec["follow_err"] = f"{type(e).__name__} {e}"[:120]
+            except Exception as e:  # acknowledged; only its GTID is unknown
+                rec["after_err"] = f"{type(e).__name__} {e}"[:120]
                 usable = False
-        except Exception as e:
-            o, key, msg = classify(e)
-            rec.update({"o": o, "st": key, "err": msg[:200], "e": time.time()})
-            usable = o != "unk"
         finally:
             self._count()
             self.rec.add(rec)

@@ -179,7 +179,10 @@ class Proxy:
                            self.failover, self.coordination)
         with open(self.config, "w") as f:
             f.write(text)
-        chk = run([self.binary, "check", "--config", self.config], check=False, timeout=20)
+        # MySQL: `check` logs in to each node as the manager to name missing grants, so it
+        # runs where Switchyard runs (the nodes are not reachable from the host namespace).
+        pre = self.net.prefix(self.member) if getattr(self.cluster, "engine", "") == "mariadb" else []
+        chk = run(pre + [self.binary, "check", "--config", self.config], check=False, timeout=20)
         if chk.returncode != 0:
             raise RuntimeError(f"switchyard check rejected {self.config}:\n{chk.stdout}{chk.stderr}\n{text}")
 

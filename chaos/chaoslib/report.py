@@ -23,8 +23,9 @@ def render_text(rep):
     multi = len(proxies) > 1
     out = []
     etcd = rep.get("etcd")
-    out.append(f"== Switchyard chaos run: seed {rep['seed']}, {rep['duration_s']:.0f}s, "
-               f"{'synchronous' if rep['sync'] else 'asynchronous'} replication, "
+    my = rep.get("engine") == "mariadb"
+    out.append(f"== Switchyard chaos run: {'MariaDB, ' if my else ''}seed {rep['seed']}, {rep['duration_s']:.0f}s, "
+               f"{('semi-synchronous' if my else 'synchronous') if rep['sync'] else 'asynchronous'} replication, "
                f"{rep.get('failover', 'operator')} failover, "
                + (f"{len(proxies)} Switchyard instances ({len(etcd['members'])} etcd member(s), lease "
                   f"{etcd['lease_s']} s), " if multi and etcd else "")
@@ -59,18 +60,24 @@ def render_text(rep):
          ", ".join(f"{k} {v}" for k, v in sorted(cats.items())) or "none"],
         ["phantom writes (never sent)", cw["phantoms"] + cr["phantoms"]],
         ["writes reported failed but committed", cw["failed_present"] + cr["failed_present"]],
-        ["writes on a node in recovery", _count(chk, "writes taken by a node in recovery")],
+        ["writes on a node in recovery", _count(chk, "writes taken by a node in recovery")] if not my else
+        ["writes on a node not primary (its own state)", w.get("not_primary", 0)],
         ["dual-primary windows (write order)",
          sum(1 for w in order["dual_primary_windows"] if not w.get("across"))],
     ]
+    if my:
+        rows += [["acknowledged while semi-sync was off on the primary", w.get("semi_sync_off_acks", 0)],
+                 ["acknowledged without their GTID (session lost after the COMMIT's OK)",
+                  order.get("without_gtid", 0)]]
     co = chk.get("coordination")
     if multi:
         rows += [["dual-primary windows across instances", order.get("across_instance_windows", 0)]]
     if co is not None:
         rows += [["writes off the published primary (epoch seen)", co["off_published"]],
                  ["writes acknowledged while the instance was cut off", co["while_cut_off"]]]
+    if not my:
+        rows += [["writes to an older timeline than Switchyard had seen", order["older_timeline_writes"]]]
     rows += [
-        ["writes to an older timeline than Switchyard had seen", order["older_timeline_writes"]],
         ["servers both primary (seconds, per the servers)", rep["truth_dual_primary_s"]],
         ["acknowledged by node", ", ".join(f"{k}: {v}" for k, v in sorted(order["acknowledged_by_node"].items()))],
     ]
@@ -85,9 +92,24 @@ def render_text(rep):
         rows.append(["publications (epoch: primary)",
                      ", ".join(f"{ep}: {'/'.join(ns)}" for ep, ns in co["publications"].items()) or "-"])
     for k, r in reads.items():
-        rows.append([f"stale reads: {r['what']}",
+        if "stale" not in r:
+            rows.append([r["what"], f"{r['answered']} of {r['reads']} answered ({r['errors']} errors); served by "
+                         + ", ".join(f"{n}: {c}" for n, c in sorted(r["served_by"].items(), key=lambda x: str(x[0])))])
+            continue
+        rows.append([f"{'misses' if my else 'stale reads'}: {r['what']}",
                      f"{r['stale']} of {r['answered']} answered ({r['errors']} errors; excused, no primary: "
                      f"{r['excused_no_primary']}; missed a lost write: {r['missed_lost_write']})"])
+    if my:
+        rb = rep.get("rebuilds") or []
+        rows.append(["nodes rebuilt by the harness", f"{len(rb)}" + (": " + "; ".join(
+            f"{r['node']} from {r['source']} ({r['why'][:60]})" for r in rb[:6]) if rb else "")])
+        vd = rep.get("switchyard_verdicts") or []
+        if vd:
+            counts = {}
+            for v in vd:
+                counts[v["verdict"][:40]] = counts.get(v["verdict"][:40], 0) + 1
+            rows.append(["old primaries back: what became of them",
+                         ", ".join(f"{k}: {n}" for k, n in sorted(counts.items()))])
     for px in proxies:
         label = f"Switchyard {px['name']}" if multi else "Switchyard"
         incs = px["incarnations"]
@@ -149,7 +171,8 @@ def render_text(rep):
     if rep["load"]:
         lrows = [[k, v["runs"], v["txns"], v["failed"], v["aborted_clients"], v["error_lines"]]
                  for k, v in sorted(rep["load"].items())]
-        out.append(_table(["pgbench stream", "runs", "txns", "failed", "aborted clients", "error lines"], lrows))
+        out.append(_table(["PyMySQL load stream" if my else "pgbench stream", "runs" if not my else "clients",
+                           "txns", "failed", "aborted clients", "error lines"], lrows))
         out.append("")
 
     for px in proxies:

@@ -379,6 +379,9 @@ async fn failover<C: Control>(
     Ok(new_node.name)
 }
 
+/// Bound on reclaiming an old primary that answers (fence, compare, rejoin).
+const RECLAIM: Duration = Duration::from_secs(10);
+
 /// After a failover, for ten minutes: when the old primary answers again, make it
 /// read-only if it came back writable (routing ignores it already), and rejoin it as a
 /// standby of the new primary where the engine can (MySQL, when its history allows).
@@ -394,13 +397,14 @@ async fn watch_old_primary<C: Control>(
     let until = Instant::now() + Duration::from_secs(600);
     while Instant::now() < until {
         tokio::time::sleep(interval).await;
-        let work = async {
-            let mut c = control.connect(&old, timeout).await.ok()?;
-            Some(control.reclaim(&mut c, &new, timeout, true).await)
+        let Ok(mut c) = control.connect(&old, timeout).await else {
+            continue; // not reachable (yet)
         };
-        let outcome = match tokio::time::timeout(timeout * 2, work).await {
-            Ok(Some(r)) => r,
-            _ => continue, // not reachable (yet)
+        // Once it answers, the work gets more time than a health check (a server just
+        // restarted is slow; the new primary is asked too).
+        let outcome = match tokio::time::timeout(RECLAIM, control.reclaim(&mut c, &new, RECLAIM / 2, true)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {} s", RECLAIM.as_secs())),
         };
         let (cluster, node) = (&ctx.name, &old.name);
         let remark = match outcome {
