@@ -243,5 +243,122 @@ class CheckerTest(unittest.TestCase):
         self.assertEqual({f["kind"] for f in a[len(CORE):len(CORE) + len(kinds)]}, set(kinds))
 
 
+# MariaDB (--engine mariadb) --------------------------------------------------------------
+M1, M2 = "10.77.0.11:3306", "10.77.0.12:3306"
+
+
+def mw(i, s, gtid, bst, node=M1, o="ack", k="w", semi="ON"):
+    """A write through rw as myworkload.py records it: the server, its binlog state
+    before the COMMIT, the GTID it got."""
+    rec = {"k": k, "id": i, "s": s, "e": s + 0.01, "o": o}
+    if o == "ack":
+        rec.update({"node": node, "sid": int(node == M2) + 1, "bst": bst, "semi": semi})
+        if gtid:
+            rec["gtid"] = gtid
+    return rec
+
+
+def myrun(ops, present, sync=False, truth=(), raw_present=(), faults=(), rebuilds=(), final_state=None):
+    r = {
+        "ops": list(ops), "faults": list(faults), "sync": sync, "engine": "mariadb",
+        "final": {"tables": {"chaos_writes": set(present), "chaos_raw": set(raw_present)}, "history": {},
+                  "timeline": None, "gtid_binlog_state": final_state},
+        "node_by_addr": {M1: "n1", M2: "n2"}, "node_by_sid": {"1": "n1", "2": "n2"},
+        "t_start": 0.0, "t_end": 100.0, "op_timeout": 10, "fd_bound": 32, "gate_stale_reads": True,
+        "truth": list(truth), "rebuilds": list(rebuilds),
+        "proxies": [{"name": "switchyard", "incarnations": [], "panics": [], "idle_start": {"fds": 20},
+                     "idle_end": {"fds": 21}}],
+    }
+    return Check(r).run()
+
+
+MY_ORDER = "dual-primary windows (a write taken on a history lacking an earlier acknowledged write)"
+MY_NOT_PRIMARY = "writes taken by a node that was not the primary (replicating or read-only by its own state)"
+
+
+class MariaDbCheckerTest(unittest.TestCase):
+    # n1 took 0-1-10..12; n2 promoted having received 0-1-10 only, then took 0-2-11..
+    def failover_history(self):
+        return [mw(1, 1.0, "0-1-10", "0-1-9"), mw(2, 2.0, "0-1-11", "0-1-10"), mw(3, 3.0, "0-1-12", "0-1-11"),
+                mw(4, 5.0, "0-2-11", "0-1-10", node=M2), mw(5, 6.0, "0-2-12", "0-1-10,0-2-11", node=M2)]
+
+    def test_clean_history_passes(self):
+        ops = [mw(1, 1.0, "0-1-10", "0-1-9"), mw(2, 2.0, "0-1-11", "0-1-10"), mw(3, 3.0, None, None, o="fail")]
+        res = myrun(ops, {1, 2})
+        self.assertTrue(res["passed"], res["violations"])
+
+    def test_loss_on_an_abandoned_branch_is_lag_when_async_and_fails_with_semi_sync(self):
+        ops = self.failover_history()
+        # Write 3 (0-1-12) is above every surviving seqno: only the final primary's own
+        # state (last GTID of server 1: 0-1-10) shows it is not there.
+        res = myrun(ops, {1, 4, 5})
+        self.assertEqual(res["writes"]["chaos_writes"]["lost"]["by_category"],
+                         {"diverged_branch": 1, "unexplained": 1})
+        res = myrun(ops, {1, 4, 5}, final_state="0-1-10,0-2-12")
+        self.assertTrue(res["passed"], res["violations"])
+        self.assertEqual(res["writes"]["chaos_writes"]["lost"]["by_category"], {"diverged_branch": 2})
+        res = myrun(ops, {1, 4, 5}, sync=True, final_state="0-1-10,0-2-12")
+        self.assertIn("acknowledged writes lost", checks(res))
+        # Acknowledged while the primary said semi-sync had fallen back to async.
+        ops[1] = {**ops[1], "semi": "OFF"}
+        ops[2] = {**ops[2], "semi": "OFF"}
+        res = myrun(ops, {1, 4, 5}, sync=True, final_state="0-1-10,0-2-12")
+        self.assertTrue(res["passed"], res["violations"])
+        self.assertEqual(res["writes"]["chaos_writes"]["lost"]["by_category"], {"semi_sync_off": 2})
+
+    def test_loss_on_the_surviving_history_always_fails(self):
+        # Write 1 (0-1-10) is in the history of the surviving writes 4 and 5, yet missing.
+        res = myrun(self.failover_history(), {2, 3, 4, 5}, final_state="0-1-10,0-2-12")
+        self.assertIn("acknowledged writes lost", checks(res))
+        self.assertEqual(res["writes"]["chaos_writes"]["lost"]["by_category"], {"unexplained": 1})
+
+    def test_loss_without_gtid_follows_an_earlier_diverged_write_of_its_server(self):
+        ops = self.failover_history()
+        ops[2] = {k: v for k, v in ops[2].items() if k != "gtid"}  # the session died after the OK
+        res = myrun(ops, {1, 4, 5}, final_state="0-1-10,0-2-12")
+        self.assertEqual(res["writes"]["chaos_writes"]["lost"]["by_category"], {"diverged_branch": 2})
+        # Not if the server was down (restarted: its binlog may have been cut) in between.
+        down = [{"t": 2.5, "node": "n1", "up": False, "primary": None}]
+        res = myrun(ops, {1, 4, 5}, truth=down, final_state="0-1-10,0-2-12")
+        self.assertEqual(res["writes"]["chaos_writes"]["lost"]["by_category"],
+                         {"diverged_branch": 1, "unexplained": 1})
+
+    def test_write_on_a_stale_primary_after_a_newer_write_is_a_dual_primary_window(self):
+        ops = self.failover_history()
+        # n1 (old primary) takes a write sent after write 4 (n2) was acknowledged.
+        ops.append(mw(6, 5.5, "0-1-13", "0-1-12"))
+        res = myrun(ops, {1, 4, 5}, final_state="0-1-10,0-2-12")
+        self.assertEqual(checks(res), {MY_ORDER})
+        self.assertEqual(res["order"]["dual_primary_windows"][0]["first"]["lacks"], ["0-2-11"])
+        # Sent before write 4 was acknowledged: in flight, allowed.
+        ops[-1] = {**mw(6, 4.995, "0-1-13", "0-1-12"), "e": 5.5}
+        self.assertTrue(myrun(ops, {1, 4, 5}, final_state="0-1-10,0-2-12")["passed"])
+        # A lost write (4 abandoned) proves nothing about later ones.
+        ops[-1] = mw(6, 5.5, "0-1-13", "0-1-12")
+        self.assertNotIn(MY_ORDER, checks(myrun(ops, {1, 2, 3, 5, 6})))
+
+    def test_write_on_a_node_that_was_replicating(self):
+        truth = [{"t": 0.5, "node": "n2", "up": True, "primary": False, "ro": False, "src": M1, "io": "Yes",
+                  "sql": "Yes"},
+                 {"t": 9.0, "node": "n2", "up": True, "primary": True, "ro": False}]
+        ops = [mw(1, 1.0, "0-1-10", "0-1-9"), mw(2, 2.0, "0-2-11", "0-1-10", node=M2)]
+        self.assertEqual(checks(myrun(ops, {1, 2}, truth=truth)), {MY_NOT_PRIMARY})
+        # Too close to the change the harness saw (samples every 0.5 s): not judged.
+        ops[1] = mw(2, 7.0, "0-2-11", "0-1-10", node=M2)
+        self.assertTrue(myrun(ops, {1, 2}, truth=truth)["passed"])
+
+    def test_read_your_writes_on_the_same_session(self):
+        raw = [mw(7, 1.0, "0-1-10", "0-1-9", k="raw_w"),
+               {"k": "raw_own", "id": 7, "s": 1.1, "e": 1.2, "o": "ack", "n": 1, "node": M1}]
+        self.assertTrue(myrun(raw, set(), raw_present={7})["passed"])
+        raw[1] = {**raw[1], "n": 0}
+        self.assertIn("read-your-writes misses (same rw session)", checks(myrun(raw, set(), raw_present={7})))
+
+    def test_phantoms_and_failed_present(self):
+        res = myrun([mw(1, 1.0, "0-1-10", "0-1-9"), mw(2, 2.0, None, None, o="fail")], {1, 2, 99})
+        self.assertIn("phantom writes (present, never sent)", checks(res))
+        self.assertIn("writes reported failed but committed", checks(res))
+
+
 if __name__ == "__main__":
     unittest.main()

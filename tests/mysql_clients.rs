@@ -172,75 +172,12 @@ fn mysqlclient_and_pymysql_work_through_rw_and_ro_with_20_mib_blobs() {
     report(&format!("mysqlclient + PyMySQL test: {:?}", started.elapsed()));
 }
 
-/// The numbers of a sysbench run's `SQL statistics`, or a panic with its output.
-struct Sysbench {
-    transactions: u64,
-    queries: u64,
-    ignored_errors: u64,
-    reconnects: u64,
-}
-
-fn sysbench(port: u16, test: &str, command: &str) -> (String, Sysbench) {
-    let out = Command::new("sysbench")
-        .args([
-            test,
-            "--db-driver=mysql",
-            "--mysql-host=127.0.0.1",
-            &format!("--mysql-port={port}"),
-            &format!("--mysql-user={MY_APP_USER}"),
-            &format!("--mysql-password={MY_APP_PASSWORD}"),
-            &format!("--mysql-db={MY_APP_DB}"),
-            "--mysql-ssl=off",
-            "--tables=2",
-            "--table-size=1000",
-            "--threads=4",
-            "--time=5",
-            "--mysql-ignore-errors=1213",
-            command,
-        ])
-        .output()
-        .expect("run sysbench");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !text.contains("FATAL"),
-        "sysbench {test} {command} on port {port} failed:\n{text}"
-    );
-    let number = |label: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.trim().strip_prefix(label))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(u64::MAX)
-    };
-    let stats = Sysbench {
-        transactions: number("transactions:"),
-        queries: number("queries:"),
-        ignored_errors: number("ignored errors:"),
-        reconnects: number("reconnects:"),
-    };
-    (text, stats)
-}
-
-fn global_status(cluster: &MariaCluster, i: usize, name: &str) -> u64 {
-    cluster
-        .sql(i, &format!("SHOW GLOBAL STATUS LIKE '{name}'"))
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no status {name}"))
-}
-
 #[test]
 fn sysbench_oltp_read_write_through_rw_and_read_only_through_ro() {
     let started = Instant::now();
     let cluster = MariaCluster::start(2).unwrap();
     let proxy = my_proxy(&cluster, "");
-    let (text, _) = sysbench(proxy.rw, "oltp_read_write", "prepare");
+    let (text, _) = sysbench(proxy.rw, "oltp_read_write", "prepare", &[]);
     assert!(text.contains("Creating table 'sbtest2'"), "{text}");
     cluster.wait_replicated(0, Duration::from_secs(20)).unwrap();
 
@@ -252,7 +189,7 @@ fn sysbench_oltp_read_write_through_rw_and_read_only_through_ro() {
         // "ignored error"). Only deadlocks are ignored here: any other error fails the
         // run, and every ignored error must be a deadlock the server counted.
         let deadlocks = global_status(&cluster, node, "Innodb_deadlocks");
-        let (text, s) = sysbench(port, test, "run");
+        let (text, s) = sysbench(port, test, "run", &[]);
         let deadlocks = global_status(&cluster, node, "Innodb_deadlocks") - deadlocks;
         println!("{text}");
         assert!(s.transactions > 0 && s.queries > 0, "{test}: no transactions:\n{text}");

@@ -679,3 +679,58 @@ async fn a_mariadb_switchover_under_transactions_fails_none_and_moves_sessions_w
     let e = temp.query_drop("SELECT 1").await.unwrap_err().to_string();
     assert!(e.contains("temporary table") && e.contains("reconnect"), "{e}");
 }
+
+/// `sysbench oltp_read_write`, 16 threads, through rw while the primary is switched
+/// over: no error but InnoDB's deadlocks (which sysbench retries, and which happen
+/// without Switchyard too), no reconnect. Text protocol (`--db-ps-mode=disable`):
+/// sessions with protocol-level prepared statements are not moved yet.
+#[test]
+fn sysbench_through_a_mariadb_switchover_fails_no_transaction() {
+    let cluster = MariaCluster::start(2).unwrap();
+    let admin = free_port();
+    let proxy = start_proxy(&cluster, admin);
+    sysbench(proxy.rw, "oltp_read_write", "prepare", &[]);
+    cluster.wait_replicated(0, Duration::from_secs(20)).unwrap();
+    let deadlocks =
+        |c: &MariaCluster| global_status(c, 0, "Innodb_deadlocks") + global_status(c, 1, "Innodb_deadlocks");
+    let before = deadlocks(&cluster);
+    let url = format!("http://127.0.0.1:{admin}");
+    let switch = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["switchover", "--url", &url, "--cluster", "main", "--to", "failover1"])
+            .output()
+            .unwrap()
+    });
+    let (text, s) = sysbench(
+        proxy.rw,
+        "oltp_read_write",
+        "run",
+        &["--threads=16", "--time=8", "--db-ps-mode=disable"],
+    );
+    let out = switch.join().unwrap();
+    let switched = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{switched}\n{}", proxy.log_text());
+    let deadlocks = deadlocks(&cluster) - before;
+    report(&format!(
+        "sysbench oltp_read_write, 16 threads, through a MariaDB switchover: {} transactions, {} ignored errors ({} InnoDB deadlocks), {} reconnects; {}",
+        s.transactions,
+        s.ignored_errors,
+        deadlocks,
+        s.reconnects,
+        switched.lines().last().unwrap_or("")
+    ));
+    assert!(s.transactions > 0, "{text}");
+    assert_eq!(
+        (s.ignored_errors, s.reconnects),
+        (deadlocks, 0),
+        "{text}\n{}",
+        proxy.log_text()
+    );
+    assert_eq!(my_lands_on(&cluster, proxy.rw).unwrap(), 1);
+    assert!(proxy.log_text().matches("session moved to the new primary").count() >= 16);
+}

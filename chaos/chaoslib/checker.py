@@ -62,8 +62,9 @@ on there right after. A write's own history is that state plus its own GTID. The
   surviving history provably lacks the write: some surviving acknowledged write with a
   higher seqno has a history whose entry for the lost write's server is below the
   lost write's seqno (in gtid_strict_mode a server's GTIDs only grow within one
-  history, so that history does not hold it): written on a branch that was abandoned
-  at a failover. A lost write whose GTID is unknown (the session died right after the
+  history, so that history does not hold it), or the final primary's own
+  `@@gtid_binlog_state` has that server's last GTID below it: written on a branch that
+  was abandoned at a failover. A lost write whose GTID is unknown (the session died right after the
   COMMIT's OK) is `diverged_branch` if its history held an earlier write of the same
   server that is `diverged_branch` (the server neither rebuilt nor seen down between
   the two). `unexplained` otherwise (lost on the surviving history, or no evidence). Async:
@@ -269,12 +270,15 @@ class Check:
                 mins[i] = m
             suffix[(d, srv)] = (seqs, mins)
         cats = {}
+        # The final primary's own history: its last GTID of each server.
+        final_state = _gtid_state(self.r["final"].get("gtid_binlog_state"))
         for o in lost:
             if o.get("gtid"):
                 d, srv, n = _gtid(o["gtid"])
                 seqs, mins = suffix.get((d, srv), ([], []))
                 i = bisect.bisect_right(seqs, n)
-                if i < len(seqs) and mins[i] < n:
+                if (i < len(seqs) and mins[i] < n) or \
+                        (self.r["final"].get("gtid_binlog_state") is not None and final_state.get((d, srv), -1) < n):
                     cats[id(o)] = "diverged_branch"
         # Without a GTID: an earlier diverged write of the same server in its history.
         diverged = sorted((o for o in lost if cats.get(id(o)) == "diverged_branch"), key=lambda o: o["e"])
