@@ -678,6 +678,11 @@ async fn a_mariadb_switchover_under_transactions_fails_none_and_moves_sessions_w
     // The session with a temporary table gets an error that says why.
     let e = temp.query_drop("SELECT 1").await.unwrap_err().to_string();
     assert!(e.contains("temporary table") && e.contains("reconnect"), "{e}");
+    let metrics = http_get(admin, "/metrics").1;
+    assert!(
+        metrics.contains("switchyard_sessions_moved_total{cluster=\"main\",outcome=\"refused\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// `sysbench oltp_read_write`, 16 threads, through rw while the primary is switched

@@ -65,7 +65,7 @@ impl Relay<'_> {
             .unmovable()
             .or(lost.then_some("a state the proxy did not follow"))
         {
-            self.shared.metrics.error("mysql_session_not_moved");
+            self.shared.metrics.session_moved(&self.cluster.name, "refused");
             info!(cluster = %self.cluster.name, node = %old, reason = why, "session not moved to the new primary");
             return Err(refuse(why));
         }
@@ -120,6 +120,7 @@ impl Relay<'_> {
         self.shared
             .cancels
             .retarget(&self.registered, Some((&node.addr, conn.thread_id as i32, 0)));
+        self.shared.metrics.session_moved(&self.cluster.name, "moved");
         info!(cluster = %self.cluster.name, from = %old, to = %node.name, server_thread = conn.thread_id, "session moved to the new primary between transactions");
         self.node = node;
         self.slot = slot;

@@ -52,6 +52,13 @@ pub struct PoolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MoveLabels {
+    pub cluster: String,
+    /// moved / refused (the session held state a move cannot carry)
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PromotionLabels {
     pub cluster: String,
     /// switchover / failover
@@ -82,6 +89,8 @@ pub struct Metrics {
     pub role_changes: Family<NodeLabels, Counter>,
     /// Promotions Switchyard made itself (planned switchovers, automatic failovers).
     pub promotions: Family<PromotionLabels, Counter>,
+    /// MySQL sessions moved to a new primary after a switchover, or refused a move.
+    pub sessions_moved: Family<MoveLabels, Counter>,
     /// 1 while writes can be routed (a primary, agreed under coordination).
     cluster_writable: Family<ClusterLabels, Gauge>,
     /// Coordination: the epoch of the published primary.
@@ -121,6 +130,7 @@ impl Default for Metrics {
             failovers: Family::default(),
             role_changes: Family::default(),
             promotions: Family::default(),
+            sessions_moved: Family::default(),
             cluster_writable: Family::default(),
             published_epoch: Family::default(),
             reads_to_standby: Family::default(),
@@ -212,6 +222,11 @@ impl Default for Metrics {
             m.promotions.clone(),
         );
         r.register(
+            "sessions_moved",
+            "MySQL sessions moved to the new primary after a switchover (moved), or ended because they held state a move cannot carry (refused)",
+            m.sessions_moved.clone(),
+        );
+        r.register(
             "cluster_writable",
             "1 while writes can be routed: a primary is up (and, under coordination, published and this instance in touch with etcd)",
             m.cluster_writable.clone(),
@@ -233,6 +248,15 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Count a promotion Switchyard made (`kind`: switchover / failover).
+    pub fn session_moved(&self, cluster: &str, outcome: &str) {
+        self.sessions_moved
+            .get_or_create(&MoveLabels {
+                cluster: cluster.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
     pub fn promoted(&self, cluster: &str, kind: &str) {
         self.promotions
             .get_or_create(&PromotionLabels {
