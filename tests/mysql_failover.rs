@@ -739,3 +739,54 @@ fn sysbench_through_a_mariadb_switchover_fails_no_transaction() {
     assert_eq!(my_lands_on(&cluster, proxy.rw).unwrap(), 1);
     assert!(proxy.log_text().matches("session moved to the new primary").count() >= 16);
 }
+
+/// Django's ORM (mysqlclient) running transactions in a loop on one persistent
+/// connection while the primary is switched over: none fails, and the connection ends
+/// up on the new primary without Django noticing.
+#[test]
+fn django_transactions_through_a_mariadb_switchover_all_succeed() {
+    let cluster = MariaCluster::start(2).unwrap();
+    let admin = free_port();
+    let proxy = start_proxy(&cluster, admin);
+    let env = vec![
+        ("DJANGO_SETTINGS_MODULE", "sytest.settings_mysql".to_string()),
+        ("SY_HOST", "127.0.0.1".to_string()),
+        ("SY_RW_PORT", proxy.rw.to_string()),
+        ("SY_RO_PORT", proxy.ro.to_string()),
+        ("SY_USER", MY_APP_USER.to_string()),
+        ("SY_PASSWORD", MY_APP_PASSWORD.to_string()),
+        ("SY_DB", MY_APP_DB.to_string()),
+    ];
+    for phase in ["migrate", "write"] {
+        let out = python("django_mysql_check.py", &[phase], &env);
+        assert!(out.contains(&format!("ok: {phase}")), "{out}");
+    }
+    let url = format!("http://127.0.0.1:{admin}");
+    let switch = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["switchover", "--url", &url, "--cluster", "main", "--to", "failover2"])
+            .output()
+            .unwrap()
+    });
+    let out = python("django_mysql_check.py", &["writes", "8"], &env);
+    let switched = switch.join().unwrap();
+    assert!(
+        switched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&switched.stderr)
+    );
+    let summary = out
+        .lines()
+        .find(|l| l.starts_with("ok: writes"))
+        .unwrap_or_default()
+        .to_string();
+    report(&format!(
+        "Django ORM transactions through a MariaDB switchover: {summary}"
+    ));
+    let (old, new) = (cluster.nodes[0].port, cluster.nodes[2].port);
+    assert!(
+        summary.contains(" 0 failed") && summary.contains(&format!("[{old}, {new}]")),
+        "{out}"
+    );
+}

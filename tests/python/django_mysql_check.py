@@ -12,6 +12,12 @@ Configured by SY_HOST, SY_RW_PORT, SY_RO_PORT, SY_USER, SY_PASSWORD, SY_DB. Each
 phase prints `ok: <phase> ...` lines and exits 0; a failure prints `FAIL: ...` and
 exits 1. Run `migrate` and `write` first; `atomic` leaves the data as `write` left it.
 
+`writes SECONDS` runs ORM transactions through `default` for SECONDS on one persistent
+connection (as with CONN_MAX_AGE = None), each creating an order and reading the count
+back inside `transaction.atomic`, then deleting what it made; it prints how many ran,
+how many failed (each failure too) and which server ports served them, and fails if any
+failed (the caller switches the primary over meanwhile).
+
 `serve` handles "requests" for SECONDS (each: ORM reads through `replica`, then the
 connections closed as Django's request_finished does with CONN_MAX_AGE = 0), so that
 the caller can kill servers meanwhile; it prints which server served each run of
@@ -247,12 +253,41 @@ def phase_serve(seconds):
         fail("serve: the last request failed")
 
 
+def phase_writes(seconds):
+    deadline = time.monotonic() + seconds
+    n = failed = 0
+    ports = []
+    alice = Customer.objects.using("default").get(name="alice")
+    while time.monotonic() < deadline:
+        n += 1
+        try:
+            with transaction.atomic(using="default"):
+                order = Order.objects.using("default").create(customer=alice, amount=Decimal("1.00"))
+                count = Order.objects.using("default").filter(customer=alice).count()
+                if count < 3:
+                    raise AssertionError(f"read {count} orders of alice inside the transaction")
+                port = server("default")[0]
+            Order.objects.using("default").filter(pk=order.pk).delete()
+        except Exception as exc:  # noqa: BLE001 - every failed transaction is reported
+            failed += 1
+            print(f"error: writes transaction {n} failed: {type(exc).__name__}: {exc}")
+        else:
+            if not ports or ports[-1] != port:
+                ports.append(port)
+        time.sleep(0.005)
+    print(f"ok: writes {n} transactions, {failed} failed, served by server ports {ports}")
+    if failed:
+        fail(f"writes: {failed} transaction(s) failed")
+
+
 PHASES = {"migrate": phase_migrate, "write": phase_write, "read": phase_read, "atomic": phase_atomic}
 
 if __name__ == "__main__":
     try:
         if len(sys.argv) == 3 and sys.argv[1] == "serve":
             phase_serve(float(sys.argv[2]))
+        elif len(sys.argv) == 3 and sys.argv[1] == "writes":
+            phase_writes(float(sys.argv[2]))
         elif len(sys.argv) == 2 and sys.argv[1] in PHASES:
             PHASES[sys.argv[1]]()
         else:
