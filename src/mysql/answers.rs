@@ -127,9 +127,11 @@ impl Answers {
             0x1c => Expect::Rows,
             0x04 => Expect::Fields,
             0x09 => Expect::Text,
-            // COM_QUERY, COM_INIT_DB, COM_PING, COM_STMT_EXECUTE, COM_STMT_RESET,
-            // COM_SET_OPTION, COM_RESET_CONNECTION, COM_PROCESS_KILL, COM_DEBUG, ...
-            0x02 | 0x03 | 0x06 | 0x07 | 0x0c | 0x0d | 0x0e | 0x11 | 0x17 | 0x1a | 0x1b | 0x1f => Expect::Response,
+            // COM_INIT_DB, COM_QUERY, COM_CREATE_DB, COM_DROP_DB, COM_REFRESH,
+            // COM_SHUTDOWN, COM_PROCESS_INFO, COM_PROCESS_KILL, COM_DEBUG, COM_PING,
+            // COM_CHANGE_USER, COM_STMT_EXECUTE, COM_STMT_RESET, COM_SET_OPTION,
+            // COM_RESET_CONNECTION, MariaDB's COM_STMT_BULK_EXECUTE.
+            0x02 | 0x03 | 0x05..=0x08 | 0x0a | 0x0c..=0x0e | 0x11 | 0x17 | 0x1a | 0x1b | 0x1f | 0xfa => Expect::Response,
             // A replication stream, or something new: not followed.
             _ => {
                 self.lost = true;

@@ -81,8 +81,11 @@ impl Tracked {
     }
 
     /// Count this session as unsettled (in a transaction, or an answer owed) or not.
+    /// A session whose state the proxy lost track of is not counted: it cannot move
+    /// anyway (it is ended at the next command after a switchover), and must not hold
+    /// one up for good.
     fn update(&mut self) {
-        let unsettled = !self.answers.at_rest();
+        let unsettled = !self.answers.at_rest() && !self.answers.lost;
         if unsettled != self.counted {
             if let Some(c) = &self.counter {
                 if unsettled {
