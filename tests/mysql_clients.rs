@@ -27,18 +27,6 @@ fn raise_max_allowed_packet(cluster: &MariaCluster) {
     }
 }
 
-fn django_env(proxy: &Proxy) -> Vec<(&'static str, String)> {
-    vec![
-        ("DJANGO_SETTINGS_MODULE", "sytest.settings_mysql".to_string()),
-        ("SY_HOST", "127.0.0.1".to_string()),
-        ("SY_RW_PORT", proxy.rw.to_string()),
-        ("SY_RO_PORT", proxy.ro.to_string()),
-        ("SY_USER", MY_APP_USER.to_string()),
-        ("SY_PASSWORD", MY_APP_PASSWORD.to_string()),
-        ("SY_DB", MY_APP_DB.to_string()),
-    ]
-}
-
 /// The port in the first `server port N` of a django_mysql_check.py output.
 fn served_by(out: &str) -> u16 {
     let at = out

@@ -193,7 +193,7 @@ class Check:
             self.violation("writes taken by a node that was not the primary (replicating or read-only by its own "
                            "state)", len(not_primary), not_primary[:5])
             out["not_primary"] = len(not_primary)
-            out["semi_sync_off_acks"] = sum(1 for o in self.acked if o.get("semi") == "OFF")
+            out["semi_sync_off_acks"] = sum(1 for o in self.acked if o.get("semi") == "OFF") if self.r["sync"] else None
             return out
         on_standby = [o for o in self.acked if o.get("rec")]
         self.violation("writes taken by a node in recovery", len(on_standby), [_brief(o) for o in on_standby[:5]])

@@ -32,6 +32,7 @@ class MyInjector(Injector):
         super().__init__(*a, **kw)
         self.verdicts = []       # {t, node, verdict, remark, action}
         self.acted_remark = {}   # node -> the remark the harness last acted on
+        self.pending_old = {}    # old primaries Switchyard replaced: node -> its remark before
 
     # ---- Switchyard's view ------------------------------------------------------------------
     def remark(self, node):
@@ -55,7 +56,7 @@ class MyInjector(Injector):
         return None
 
     # ---- keeping the cluster whole --------------------------------------------------------------
-    def ensure_healthy(self, timeout=40):
+    def ensure_healthy(self, timeout=15):
         self.net.heal_all()
         c = self.c
         problems = []
@@ -104,9 +105,14 @@ class MyInjector(Injector):
         c = self.c
         p = c.nodes[c.primary]
         st = c.state(s)
+        if s in self.pending_old:
+            self.settle_old_primary(s, self.pending_old.pop(s))
+            return
         if st is None:
+            # Hung (a relay log that hit a full disk waits a minute between retries):
+            # as an operator, restart it.
             log(f"{s} does not answer; restarting it")
-            c.stop(s)
+            c.kill9(s)
             c.start(s)
             st = c.state(s)
             if st is None:
@@ -161,7 +167,10 @@ class MyInjector(Injector):
         while time.monotonic() < deadline:
             st = c.state(node)
             p = c.nodes[c.primary]
-            if st and st["source"] == p.addr and st["io"] == "Yes" and st["sql"] == "Yes":
+            # Made a replica of the primary (only Switchyard does that to an old primary
+            # here); a connection still "Connecting" is left to the replication checks.
+            if st and st["source"] == p.addr and st["io_errno"] != 1236 and st["read_only"] and \
+                    (st["io"] == "Yes" or st["io"] == "Connecting") and st["sql"] == "Yes":
                 rm = self.remark(node)
                 self.verdicts.append({"t": time.time(), "node": node, "verdict": "rejoined by switchyard",
                                       "remark": rm, "action": None})
@@ -211,6 +220,8 @@ class MyInjector(Injector):
             new = sy if sy in cands else max(cands, key=lambda n: found[n])
         if new != c.primary:
             log(f"switchyard promoted {new}; following")
+            old = c.primary
+            self.pending_old[old] = self.acted_remark.get(old)
             c.adopt_primary(new, "switchyard")
 
     def wait_promoted(self, old, timeout=30.0):
@@ -307,6 +318,17 @@ class MyInjector(Injector):
         if not c.running(node.name):
             rec["detail"]["restarted"] = True
             c.start(node.name)
+        else:
+            # MariaDB retries a write that hit a full disk once a minute, and meanwhile
+            # SHOW SLAVE STATUS waits too: restart it if it does not answer, as an
+            # operator would.
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and c.state(node.name, timeout=1) is None:
+                self.wait(0.2)
+            if c.state(node.name, timeout=1) is None:
+                rec["detail"]["restarted"] = "hung after the disk was freed: kill -9 and start"
+                c.kill9(node.name)
+                c.start(node.name)
         self._healed(rec)
 
     def summary(self):

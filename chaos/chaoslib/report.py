@@ -66,7 +66,8 @@ def render_text(rep):
          sum(1 for w in order["dual_primary_windows"] if not w.get("across"))],
     ]
     if my:
-        rows += [["acknowledged while semi-sync was off on the primary", w.get("semi_sync_off_acks", 0)],
+        rows += [["acknowledged while semi-sync was off on the primary",
+                  "-" if w.get("semi_sync_off_acks") is None else w["semi_sync_off_acks"]],
                  ["acknowledged without their GTID (session lost after the COMMIT's OK)",
                   order.get("without_gtid", 0)]]
     co = chk.get("coordination")
@@ -202,7 +203,8 @@ def _count(chk, name):
 
 
 def render_markdown(rep, text):
-    return (f"# Chaos run {rep['when']}: seed {rep['seed']}, {rep['duration_s']:.0f} s\n\n"
+    eng = "MariaDB, " if rep.get("engine") == "mariadb" else ""
+    return (f"# Chaos run {rep['when']}: {eng}seed {rep['seed']}, {rep['duration_s']:.0f} s\n\n"
             f"Command: `{rep['command']}`  \n"
             f"Machine: {rep['machine']['host']}, {rep['machine']['cpus']} CPUs, kernel {rep['machine']['kernel']}  \n"
             f"Binary: `{rep['binary']}`\n\n"

@@ -131,7 +131,9 @@ impl Answers {
             // COM_SHUTDOWN, COM_PROCESS_INFO, COM_PROCESS_KILL, COM_DEBUG, COM_PING,
             // COM_CHANGE_USER, COM_STMT_EXECUTE, COM_STMT_RESET, COM_SET_OPTION,
             // COM_RESET_CONNECTION, MariaDB's COM_STMT_BULK_EXECUTE.
-            0x02 | 0x03 | 0x05..=0x08 | 0x0a | 0x0c..=0x0e | 0x11 | 0x17 | 0x1a | 0x1b | 0x1f | 0xfa => Expect::Response,
+            0x02 | 0x03 | 0x05..=0x08 | 0x0a | 0x0c..=0x0e | 0x11 | 0x17 | 0x1a | 0x1b | 0x1f | 0xfa => {
+                Expect::Response
+            }
             // A replication stream, or something new: not followed.
             _ => {
                 self.lost = true;

@@ -137,3 +137,17 @@ pub fn global_status(cluster: &MariaCluster, i: usize, name: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no status {name}"))
 }
+
+/// The environment `tests/python/django_mysql_check.py` reads: the proxy's ports and the
+/// app login, with the seed article's settings (`sytest.settings_mysql`).
+pub fn django_env(proxy: &Proxy) -> Vec<(&'static str, String)> {
+    vec![
+        ("DJANGO_SETTINGS_MODULE", "sytest.settings_mysql".to_string()),
+        ("SY_HOST", "127.0.0.1".to_string()),
+        ("SY_RW_PORT", proxy.rw.to_string()),
+        ("SY_RO_PORT", proxy.ro.to_string()),
+        ("SY_USER", MY_APP_USER.to_string()),
+        ("SY_PASSWORD", MY_APP_PASSWORD.to_string()),
+        ("SY_DB", MY_APP_DB.to_string()),
+    ]
+}
