@@ -83,6 +83,10 @@ pub trait Control: Send + Sync + 'static {
         window: Duration,
     ) -> impl Future<Output = Result<Option<Candidate>, String>> + Send;
 
+    /// Make a standby stop receiving from its primary (before a failover chooses among
+    /// the standbys: MySQL's IO thread; PostgreSQL keeps streaming, a no-op there).
+    fn stop_receiving(&self, c: &mut Self::Conn) -> impl Future<Output = Result<(), String>> + Send;
+
     /// Make a primary stop taking writes (read-only, other client sessions ended) and
     /// say where its history ends.
     fn fence(&self, c: &mut Self::Conn) -> impl Future<Output = Result<Mark, String>> + Send;

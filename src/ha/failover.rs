@@ -223,23 +223,31 @@ async fn failover<C: Control>(
     let started = Instant::now();
     let old_node = snap.nodes[old].clone();
 
-    // 2. survey
+    // 2. survey (`detach`: first stop each standby receiving from the old primary)
     let window = h.interval() * h.fall;
-    let asks = snap
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(i, n)| *i != old && n.health == Health::Up && n.role == Role::Standby && !n.drained)
-        .map(|(i, n)| async move {
+    let standbys: Vec<usize> = (0..snap.nodes.len())
+        .filter(|&i| {
+            let n = &snap.nodes[i];
+            i != old && n.health == Health::Up && n.role == Role::Standby && !n.drained
+        })
+        .collect();
+    let survey_all = |detach: bool| {
+        futures_util::future::join_all(standbys.iter().map(move |&i| async move {
+            let n = &snap.nodes[i];
             let work = async {
                 let mut c = control.connect(n, timeout).await?;
+                if detach {
+                    control.stop_receiving(&mut c).await?;
+                }
                 control.survey(&mut c, i, n, window).await
             };
-            let answer = tokio::time::timeout(timeout, work)
+            let answer = tokio::time::timeout(timeout * if detach { 4 } else { 1 }, work)
                 .await
                 .unwrap_or_else(|_| Err("no answer".to_string()));
             (i, answer)
-        });
+        }))
+    };
+    let asks = survey_all(false);
     // 1. confirm, at the same time: the old primary had its health checks' chance; a
     // shorter bound here keeps a frozen one from delaying the failover much.
     let confirm = async {
@@ -252,13 +260,22 @@ async fn failover<C: Control>(
         .ok()
         .flatten()
     };
-    let (alive, answers) = tokio::join!(confirm, futures_util::future::join_all(asks));
+    let (alive, mut answers) = tokio::join!(confirm, asks);
     if alive == Some(true) {
         return Err(format!(
             "primary {} fails its health checks ({}) but answers the manager login as a primary: not failing over",
             old_node.name,
             old_node.last_error.as_deref().unwrap_or("no answer")
         ));
+    }
+    // MySQL: the old primary may be only frozen. Before one replica is chosen, every
+    // replica stops receiving from it and is asked again what it received: otherwise
+    // one still connected could acknowledge (semi-sync) commits of a thawing old
+    // primary that the chosen one never gets, and then not follow the new primary.
+    let hears = answers.iter().any(|(_, a)| matches!(a, Ok(Some(c)) if c.hears_primary));
+    let detached = ctx.engine == Engine::Mysql && alive != Some(true) && !hears;
+    if detached {
+        answers = survey_all(true).await;
     }
     let mut cands = Vec::new();
     for (i, answer) in answers {
@@ -270,7 +287,16 @@ async fn failover<C: Control>(
             }
         }
     }
-    let pick = choose(&cands, &old_node.name, old_node.lsn, cc.failover_max_lag_bytes)?;
+    let pick = choose(&cands, &old_node.name, old_node.lsn, cc.failover_max_lag_bytes).map_err(|why| {
+        if detached {
+            format!(
+                "{why} (the replicas stopped receiving from {}: START SLAVE IO_THREAD on each to resume)",
+                old_node.name
+            )
+        } else {
+            why
+        }
+    })?;
     let target = cands[pick].clone();
     let new_node = snap.nodes[target.index].clone();
     info!(cluster = %ctx.name, old = %old_node.name, new = %new_node.name,

@@ -84,6 +84,8 @@ pub struct Answers {
     prefix_want: usize,
     /// The previous packet was a full 16 MiB chunk: this one continues it.
     continued: bool,
+    /// Sequence id of the server's last packet.
+    last_seq: u8,
     /// The last status flags said a transaction is open.
     pub in_transaction: bool,
     /// Something not followed happened: the session's state is unknown for good.
@@ -103,6 +105,7 @@ impl Answers {
             prefix_have: 0,
             prefix_want: 0,
             continued: false,
+            last_seq: 0,
             in_transaction: false,
             lost: false,
         }
@@ -111,6 +114,13 @@ impl Answers {
     /// Every answer owed has been read whole.
     pub fn idle(&self) -> bool {
         self.queue.is_empty() && self.current.is_none() && self.remaining == 0 && self.header_have == 0
+    }
+
+    /// Where a packet of the proxy's own may go into an answer that is cut short: the
+    /// sequence id after the server's last packet, when the stream is between packets.
+    pub fn next_seq_mid_answer(&self) -> Option<u8> {
+        let between = self.remaining == 0 && self.header_have == 0 && !self.continued;
+        (between && self.current.is_some()).then(|| self.last_seq.wrapping_add(1))
     }
 
     /// Between transactions with nothing owed: a session the proxy may hold or move.
@@ -156,6 +166,7 @@ impl Answers {
                     return;
                 }
                 let len = u32::from_le_bytes([self.header[0], self.header[1], self.header[2], 0]) as usize;
+                self.last_seq = self.header[3];
                 self.header_have = 0;
                 let continuation = self.continued;
                 self.continued = len == MAX_CHUNK;

@@ -214,3 +214,21 @@ fn an_unasked_packet_or_an_unknown_command_loses_track_for_good() {
     b.command(0x12); // COM_BINLOG_DUMP
     assert!(b.lost);
 }
+
+#[test]
+fn an_answer_cut_short_between_packets_takes_the_next_sequence_id() {
+    let mut a = Answers::new(true);
+    a.command(0x03);
+    assert_eq!(a.next_seq_mid_answer(), None, "nothing of the answer yet");
+    // Column count (seq 1), a definition (seq 2), a row (seq 3): rows still to come.
+    let bytes: Vec<u8> = [packet(1, &[1]), packet(2, &coldef("a")), packet(3, &[1, b'x'])].concat();
+    a.feed(&bytes);
+    assert_eq!(a.next_seq_mid_answer(), Some(4));
+    // Half of the next packet: no place for another packet.
+    let next = packet(4, &[1, b'y']);
+    a.feed(&next[..2]);
+    assert_eq!(a.next_seq_mid_answer(), None);
+    a.feed(&next[2..]);
+    a.feed(&packet(5, &ok_fe(AUTOCOMMIT)));
+    assert_eq!(a.next_seq_mid_answer(), None, "the answer is whole");
+}

@@ -130,6 +130,24 @@ impl Flavor {
     }
 }
 
+impl Flavor {
+    /// For a node given a source anew (a rejoined old primary has no replication
+    /// settings of its own): retry the source every second, not MariaDB's 60 s, and the
+    /// heartbeat period the other replicas use, so a frozen source is told from a live
+    /// one as quickly on this node.
+    pub fn retry_and_heartbeat(self, period: Option<Duration>) -> String {
+        let (retry, heartbeat) = match self {
+            Flavor::MariaDb => ("MASTER_CONNECT_RETRY", "MASTER_HEARTBEAT_PERIOD"),
+            Flavor::MySql => ("SOURCE_CONNECT_RETRY", "SOURCE_HEARTBEAT_PERIOD"),
+        };
+        let mut s = format!(", {retry} = 1");
+        if let Some(p) = period {
+            s += &format!(", {heartbeat} = {}", p.as_secs_f64());
+        }
+        s
+    }
+}
+
 /// A string literal (quote doubled, backslash escaped).
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
@@ -461,8 +479,19 @@ impl MyControl {
 
     /// Read-only, then every client session killed (a transaction open on the old
     /// primary must not commit there after the new one takes writes).
+    ///
+    /// The sessions are killed before `read_only` too: setting it waits for commits in
+    /// flight, and an old primary that comes back has commits waiting for a semi-sync
+    /// acknowledgement that will never come (`rpl_semi_sync_master_timeout`, 10 s by
+    /// default), all the while writable.
     async fn make_read_only(&self, c: &mut MyConn) -> Result<(), String> {
+        self.kill_client_sessions(c).await?;
         self.run(c, c.flavor.set_read_only()).await?;
+        // And whoever connected in between.
+        self.kill_client_sessions(c).await
+    }
+
+    async fn kill_client_sessions(&self, c: &mut MyConn) -> Result<(), String> {
         let ids: Vec<u64> = c.conn.query(CLIENT_SESSIONS).await.map_err(describe)?;
         for id in ids {
             // Gone already, or a race with its own end: either way not running.
@@ -566,6 +595,10 @@ impl Control for MyControl {
             cand.hears_primary = still_hears(cand.hears_primary, self.info.heard(&node.name), Instant::now(), window);
         }
         Ok(cand)
+    }
+
+    async fn stop_receiving(&self, c: &mut MyConn) -> Result<(), String> {
+        self.run(c, c.flavor.stop_io()).await
     }
 
     /// A switchover's fence: read-only, and the sessions with an open transaction
@@ -714,8 +747,9 @@ impl Control for MyControl {
             ));
         };
         let _ = old.conn.query_drop(old.flavor.stop()).await;
-        self.run(old, &old.flavor.change_source(&host, port, Some(login), true))
-            .await?;
+        let change = old.flavor.change_source(&host, port, Some(login), true)
+            + &old.flavor.retry_and_heartbeat(self.info.heartbeat_period());
+        self.run(old, &change).await?;
         self.run(old, old.flavor.start()).await?;
         Ok(Reclaim::Rejoined)
     }

@@ -83,6 +83,11 @@ fn change_source_in_both_dialects() {
         Flavor::MySql.change_source("db2", 3306, Some(("repl", "x")), true),
         "CHANGE REPLICATION SOURCE TO SOURCE_HOST = 'db2', SOURCE_PORT = 3306, SOURCE_USER = 'repl', SOURCE_PASSWORD = 'x', SOURCE_AUTO_POSITION = 1"
     );
+    assert_eq!(
+        Flavor::MariaDb.retry_and_heartbeat(Some(Duration::from_millis(500))),
+        ", MASTER_CONNECT_RETRY = 1, MASTER_HEARTBEAT_PERIOD = 0.5"
+    );
+    assert_eq!(Flavor::MySql.retry_and_heartbeat(None), ", SOURCE_CONNECT_RETRY = 1");
     assert_eq!(Flavor::MySql.set_read_only(), "SET GLOBAL super_read_only = 1");
     assert_eq!(
         Flavor::MySql.set_writable(),

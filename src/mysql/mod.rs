@@ -122,6 +122,11 @@ impl ClusterInfo {
         self.replication.lock().unwrap().get(node).cloned()
     }
 
+    /// The shortest heartbeat period the replicas' health checks saw.
+    pub fn heartbeat_period(&self) -> Option<Duration> {
+        self.heard.lock().unwrap().values().filter_map(|h| h.period).min()
+    }
+
     pub fn heard(&self, node: &str) -> Option<Heard> {
         self.heard.lock().unwrap().get(node).copied()
     }

@@ -227,8 +227,12 @@ impl Relay<'_> {
         if let Some(e) = notice.filter(|_| !self.told) {
             // The client expects the answer to its command in flight, or (idle) the
             // answer to its next command: sequence id 1.
+            // Cut short in the middle of a multi-packet answer: after its last packet.
+            let mid_answer = self.tracked.lock().unwrap().answers.next_seq_mid_answer();
             let seq = if awaiting && self.inbound.scanner.at_boundary() {
                 self.inbound.last_seq.wrapping_add(1)
+            } else if let Some(seq) = mid_answer.filter(|_| !awaiting) {
+                seq
             } else {
                 1
             };

@@ -71,6 +71,12 @@ impl Control for PgControl {
         }))
     }
 
+    async fn stop_receiving(&self, _c: &mut Client) -> Result<(), String> {
+        // A PostgreSQL standby's position only grows along one timeline; the promoted
+        // one is chosen as the most advanced and the others cascade from it.
+        Ok(())
+    }
+
     async fn fence(&self, c: &mut Client) -> Result<Mark, String> {
         fence(c).await.map_err(|e| describe(&e))?;
         // One tiny transaction of our own, committed synchronously: its commit flushes
