@@ -231,10 +231,8 @@ impl Relay<'_> {
             let mid_answer = self.tracked.lock().unwrap().answers.next_seq_mid_answer();
             let seq = if awaiting && self.inbound.scanner.at_boundary() {
                 self.inbound.last_seq.wrapping_add(1)
-            } else if let Some(seq) = mid_answer.filter(|_| !awaiting) {
-                seq
             } else {
-                1
+                mid_answer.filter(|_| !awaiting).unwrap_or(1)
             };
             self.shared.metrics.error(e.code().as_str());
             let _ = tokio::time::timeout(
