@@ -296,6 +296,7 @@ impl Error {
             SqlState::INSUFFICIENT_PRIVILEGE => (1227, *b"42000"), // ER_SPECIFIC_ACCESS_DENIED_ERROR
             SqlState::SYNTAX_ERROR => (1064, *b"42000"),       // ER_PARSE_ERROR
             SqlState::READ_ONLY_SQL_TRANSACTION => (1792, *b"25006"), // ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION
+            SqlState::INVALID_PARAMETER_VALUE => (1231, *b"42000"), // ER_WRONG_VALUE_FOR_VAR
             // Server-range numbers only: clients take 2000+ for their own errors and
             // refuse them in a server's packet ("malformed packet").
             // No server to route to now: the connection is rejected (SQLSTATE 08004).

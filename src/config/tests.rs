@@ -197,13 +197,16 @@ fn mysql_clusters_refuse_postgresql_only_keys_by_name() {
     assert_eq!(Config::parse(GOOD).unwrap().clusters["main"].engine, Engine::Postgresql);
     for (extra, key) in [
         ("pool_mode = \"transaction\"", "clusters.main.pool_mode"),
-        ("causal_wait_ms = 10", "clusters.main.causal_wait_ms"),
+        ("read_write_split = true", "clusters.main.read_write_split"),
         // Automatic failover needs a manager, on MySQL as on PostgreSQL.
         ("failover = \"automatic\"", "clusters.main.failover"),
     ] {
         let err = with(extra).unwrap_err().to_string();
         assert!(err.starts_with(key), "{extra}: {err}");
     }
+    // Fresh reads: the same keys as PostgreSQL's.
+    let c = with("read_your_writes = \"user\"\ncausal_wait_ms = 250").unwrap();
+    assert_eq!(c.clusters["main"].causal_wait_ms, 250);
     let c = with(
         "failover = \"automatic\"\nfailover_max_lag_bytes = 0\nmanager = { user = \"root\", replication_user = \"repl\", replication_password = \"r\" }",
     )

@@ -240,9 +240,6 @@ fn mysql_rules(cname: &str, c: &ClusterConfig) -> Result<(), ConfigError> {
     if c.read_write_split {
         return refuse("read_write_split", "is PostgreSQL-only (needs transaction pooling)");
     }
-    if c.causal_wait_ms > 0 {
-        return refuse("causal_wait_ms", "is PostgreSQL-only (causal tokens are WAL positions)");
-    }
     if !c.read_only_functions.is_empty() {
         return refuse(
             "read_only_functions",

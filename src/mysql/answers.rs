@@ -31,6 +31,16 @@ use super::protocol::MAX_CHUNK;
 /// the status flags of an OK packet.
 const PREFIX: usize = 24;
 
+/// With `track`: the payload bytes looked at of a packet that may be an answer's OK,
+/// whose session-state part names the GTID of a commit. (An OK is small; one larger
+/// than this is read like any packet, and its GTID is not learned: see `untracked_ok`.)
+const TRACK_PREFIX: usize = 512;
+
+const SERVER_SESSION_STATE_CHANGED: u16 = 0x4000;
+/// Session-state entry types (MySQL's `enum_session_state_type`).
+const SESSION_TRACK_SYSTEM_VARIABLES: u8 = 0;
+const SESSION_TRACK_GTIDS: u8 = 3;
+
 const SERVER_STATUS_IN_TRANS: u16 = 0x0001;
 const SERVER_STATUS_CURSOR_EXISTS: u16 = 0x0040;
 const SERVER_MORE_RESULTS_EXISTS: u16 = 0x0008;
@@ -79,7 +89,9 @@ pub struct Answers {
     remaining: usize,
     header: [u8; 4],
     header_have: usize,
-    prefix: [u8; PREFIX],
+    /// (In an Option only so that `packet` can borrow it while `self` is borrowed
+    /// mutably: taken out and put back, never reallocated.)
+    prefix: Option<Box<[u8; TRACK_PREFIX]>>,
     prefix_have: usize,
     prefix_want: usize,
     /// The previous packet was a full 16 MiB chunk: this one continues it.
@@ -90,6 +102,19 @@ pub struct Answers {
     pub in_transaction: bool,
     /// Something not followed happened: the session's state is unknown for good.
     pub lost: bool,
+    /// The status flags of the last answer's end.
+    pub status: u16,
+    /// Read whole the OK packets that end answers, for the session state the server
+    /// reports there (`CLIENT_SESSION_TRACK`): `gtid`.
+    pub track: bool,
+    /// The GTID of the last commit the server reported (`last_gtid` on MariaDB, the
+    /// GTIDs tracker on MySQL), until the relay takes it.
+    pub gtid: Option<String>,
+    /// Answers that ended with an OK packet (header 0x00) since the relay last looked:
+    /// commands that may have written.
+    pub oks: u32,
+    /// Of those, OKs too large to be read whole: their GTID, if any, is not known.
+    pub untracked_ok: bool,
 }
 
 impl Answers {
@@ -101,13 +126,18 @@ impl Answers {
             remaining: 0,
             header: [0; 4],
             header_have: 0,
-            prefix: [0; PREFIX],
+            prefix: Some(Box::new([0; TRACK_PREFIX])),
             prefix_have: 0,
             prefix_want: 0,
             continued: false,
             last_seq: 0,
             in_transaction: false,
             lost: false,
+            status: 0,
+            track: false,
+            gtid: None,
+            oks: 0,
+            untracked_ok: false,
         }
     }
 
@@ -172,7 +202,12 @@ impl Answers {
                 self.continued = len == MAX_CHUNK;
                 self.remaining = len;
                 self.prefix_have = 0;
-                self.prefix_want = if continuation { 0 } else { len.min(PREFIX) };
+                let limit = if self.track && self.at_answer_start() {
+                    TRACK_PREFIX
+                } else {
+                    PREFIX
+                };
+                self.prefix_want = if continuation { 0 } else { len.min(limit) };
                 if !continuation && len == 0 {
                     self.packet(0, &[]);
                 }
@@ -180,14 +215,16 @@ impl Answers {
             }
             if self.prefix_have < self.prefix_want {
                 let n = (self.prefix_want - self.prefix_have).min(data.len());
-                self.prefix[self.prefix_have..self.prefix_have + n].copy_from_slice(&data[..n]);
+                self.prefix.as_mut().expect("the prefix buffer is here")[self.prefix_have..self.prefix_have + n]
+                    .copy_from_slice(&data[..n]);
                 self.prefix_have += n;
                 self.remaining -= n;
                 data = &data[n..];
                 if self.prefix_have == self.prefix_want {
                     let len = self.remaining + self.prefix_have;
-                    let prefix = self.prefix;
+                    let prefix = self.prefix.take().expect("the prefix buffer is put back");
                     self.packet(len, &prefix[..self.prefix_want]);
+                    self.prefix = Some(prefix);
                 }
                 continue;
             }
@@ -222,7 +259,17 @@ impl Answers {
             (Expect::Text, _) => None,
             (_, State::Skip(n)) => (n > 1).then_some(State::Skip(n - 1)),
             (Expect::Response, State::First | State::AfterFile) => match head {
-                Some(0x00) => self.ok(p, 1).then_some(State::First),
+                Some(0x00) => {
+                    self.oks = self.oks.saturating_add(1);
+                    if self.track {
+                        if p.len() == len {
+                            self.session_state(p);
+                        } else {
+                            self.untracked_ok = true;
+                        }
+                    }
+                    self.ok(p, 1).then_some(State::First)
+                }
                 Some(0xFE) if eof => self.eof_status(p).then_some(State::First),
                 Some(0xFB) if state == State::First => Some(State::AfterFile),
                 _ if state == State::AfterFile => {
@@ -316,7 +363,24 @@ impl Answers {
         s & SERVER_MORE_RESULTS_EXISTS != 0
     }
 
+    /// The next packet may start an answer (or the next result of one).
+    fn at_answer_start(&self) -> bool {
+        match self.current {
+            None => true,
+            Some((_, state)) => matches!(state, State::First | State::AfterFile),
+        }
+    }
+
+    /// The session state an OK packet reports (the whole payload `p`): the GTID of a
+    /// commit, if it names one.
+    fn session_state(&mut self, p: &[u8]) {
+        if let Some(gtid) = ok_gtid(p) {
+            self.gtid = Some(gtid);
+        }
+    }
+
     fn set_status(&mut self, s: u16) {
+        self.status = s;
         self.in_transaction = s & (SERVER_STATUS_IN_TRANS | SERVER_STATUS_IN_TRANS_READONLY) != 0;
     }
 }
@@ -345,6 +409,68 @@ fn ok_status(p: &[u8], at: usize) -> Option<u16> {
     let (_, b) = lenenc(p.get(at + a..)?)?;
     let i = at + a + b;
     Some(u16::from_le_bytes([*p.get(i)?, *p.get(i + 1)?]))
+}
+
+/// A length-encoded string at `*at` in `p`, moving past it.
+fn lenenc_str<'a>(p: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
+    let (n, size) = lenenc(p.get(*at..)?)?;
+    let start = *at + size;
+    let end = start.checked_add(usize::try_from(n).ok()?)?;
+    let s = p.get(start..end)?;
+    *at = end;
+    Some(s)
+}
+
+/// The GTID an OK packet (whole payload, header 0x00) reports in its session state:
+/// MariaDB's tracked `last_gtid` variable, or MySQL's GTIDs entry. Layout
+/// (`CLIENT_SESSION_TRACK`): header, affected rows, last insert id, status (2),
+/// warnings (2), info (length-encoded), then, with `SERVER_SESSION_STATE_CHANGED`, the
+/// state as a length-encoded block of entries: type (1), data (length-encoded).
+pub fn ok_gtid(p: &[u8]) -> Option<String> {
+    let mut at = 1;
+    let (_, a) = lenenc(p.get(at..)?)?;
+    at += a;
+    let (_, b) = lenenc(p.get(at..)?)?;
+    at += b;
+    let status = u16::from_le_bytes([*p.get(at)?, *p.get(at + 1)?]);
+    at += 4;
+    if status & SERVER_SESSION_STATE_CHANGED == 0 || at >= p.len() {
+        return None;
+    }
+    lenenc_str(p, &mut at)?; // info
+    let state = lenenc_str(p, &mut at)?;
+    let mut found = None;
+    let mut i = 0;
+    while i < state.len() {
+        let kind = state[i];
+        i += 1;
+        let data = lenenc_str(state, &mut i)?;
+        match kind {
+            SESSION_TRACK_SYSTEM_VARIABLES => {
+                let mut j = 0;
+                let name = lenenc_str(data, &mut j)?;
+                let value = lenenc_str(data, &mut j)?;
+                if name.eq_ignore_ascii_case(b"last_gtid") && !value.is_empty() {
+                    found = Some(String::from_utf8_lossy(value).into_owned());
+                }
+            }
+            SESSION_TRACK_GTIDS => {
+                // Encoding specification (0: the GTID set as text), then the set.
+                let mut j = 1;
+                let set = lenenc_str(data, &mut j)?;
+                if !set.is_empty() {
+                    found = Some(String::from_utf8_lossy(set).into_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    found
+}
+
+/// An OK packet's status flags (whole payload, header included).
+pub fn status_of_ok(p: &[u8]) -> Option<u16> {
+    ok_status(p, 1)
 }
 
 /// An EOF packet's status flags (header, warnings, status).

@@ -232,3 +232,77 @@ fn an_answer_cut_short_between_packets_takes_the_next_sequence_id() {
     a.feed(&packet(5, &ok_fe(AUTOCOMMIT)));
     assert_eq!(a.next_seq_mid_answer(), None, "the answer is whole");
 }
+
+/// An OK that reports session state: MariaDB's tracked `last_gtid`, or MySQL's GTIDs
+/// entry (`mysql`), with `pad` bytes of info text before it.
+fn ok_with_gtid(gtid: &str, mysql: bool, pad: usize) -> Vec<u8> {
+    let mut p = vec![0x00, 1, 0];
+    p.extend_from_slice(&(AUTOCOMMIT | SERVER_SESSION_STATE_CHANGED).to_le_bytes());
+    p.extend_from_slice(&[0, 0]);
+    crate::mysql::protocol::put_lenenc_int(&mut p, pad as u64);
+    p.extend(std::iter::repeat_n(b'i', pad));
+    let mut data = Vec::new();
+    let kind = if mysql {
+        data.push(0); // encoding: the set as text
+        data.push(gtid.len() as u8);
+        data.extend_from_slice(gtid.as_bytes());
+        SESSION_TRACK_GTIDS
+    } else {
+        data.push(9);
+        data.extend_from_slice(b"last_gtid");
+        data.push(gtid.len() as u8);
+        data.extend_from_slice(gtid.as_bytes());
+        SESSION_TRACK_SYSTEM_VARIABLES
+    };
+    // Another tracked variable first: entries are walked, not assumed.
+    let mut state = vec![SESSION_TRACK_SYSTEM_VARIABLES, 14, 10];
+    state.extend_from_slice(b"autocommit\x02ON");
+    state.push(kind);
+    state.push(data.len() as u8);
+    state.extend_from_slice(&data);
+    crate::mysql::protocol::put_lenenc_int(&mut p, state.len() as u64);
+    p.extend_from_slice(&state);
+    p
+}
+
+#[test]
+fn a_commit_s_gtid_is_read_from_its_ok_when_tracking() {
+    assert_eq!(ok_gtid(&ok_with_gtid("0-1-42", false, 0)).as_deref(), Some("0-1-42"));
+    let set = "3e11fa47-71ca-11e1-9e33-c80aa9429562:7";
+    assert_eq!(ok_gtid(&ok_with_gtid(set, true, 3)).as_deref(), Some(set));
+    assert_eq!(ok_gtid(&ok(AUTOCOMMIT)), None, "no session state");
+    let mut cut = ok_with_gtid("0-1-42", false, 0);
+    cut.truncate(cut.len() - 3);
+    assert_eq!(ok_gtid(&cut), None, "a truncated state is ignored");
+
+    for split in [false, true] {
+        let mut a = Answers::new(true);
+        a.track = true;
+        // A result set (not looked at whole), then a write's OK, then an OK too large
+        // to read whole.
+        a.command(0x03);
+        a.command(0x03);
+        a.command(0x03);
+        let mut stream = packet(1, &[1]);
+        stream.extend(packet(
+            2,
+            b"\x03def\x00\x00\x00\x01a\x00\x0c\x3f\x00\x01\x00\x00\x00\x08\x00\x00\x00\x00\x00",
+        ));
+        stream.extend(packet(3, &[1, b'1']));
+        stream.extend(packet(4, &ok_fe(AUTOCOMMIT)));
+        stream.extend(packet(1, &ok_with_gtid("0-1-42", false, 0)));
+        stream.extend(packet(1, &ok_with_gtid("0-1-43", false, 600)));
+        if split {
+            for b in &stream {
+                a.feed(std::slice::from_ref(b));
+            }
+        } else {
+            a.feed(&stream);
+        }
+        assert!(a.at_rest(), "{a:?}");
+        assert_eq!(a.gtid.as_deref(), Some("0-1-42"), "the large OK's GTID is not read");
+        assert_eq!(a.oks, 2);
+        assert!(a.untracked_ok);
+        assert_eq!(a.status, AUTOCOMMIT | SERVER_SESSION_STATE_CHANGED);
+    }
+}

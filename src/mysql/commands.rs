@@ -120,6 +120,8 @@ impl Relay<'_> {
             Some(Own::Reset)
         } else if payload[0] == protocol::COM_CHANGE_USER {
             Some(Own::ChangeUser)
+        } else if payload[0] == protocol::COM_QUERY && super::fresh::mentions_token(&payload[1..]) {
+            Some(Own::Token(super::fresh::token_statement(&payload[1..])))
         } else if payload[0] == protocol::COM_PROCESS_KILL {
             // The old binary form of `KILL <id>` (PyMySQL's `kill()`).
             payload.get(1..5).map(|b| Own::Kill {
@@ -142,10 +144,11 @@ impl Relay<'_> {
                     .await
                     .map_err(End::Io)?;
                 if buf.first() == Some(&0x00) {
-                    set_read_only(server, caps).await.map_err(End::Failed)?;
+                    self.after_reset(server, caps).await?;
                 }
                 buf
             }
+            Some(Own::Token(stmt)) => return self.answer_token(stmt, client, server, caps).await,
             Some(Own::ChangeUser) => return self.change_user(payload, client, server, caps).await,
             Some(Own::Kill { query_only, id }) => {
                 let target = self
@@ -228,10 +231,9 @@ impl Relay<'_> {
         if let Err(e) = server::change_user(server, &change, caps, &self.node.addr).await {
             return self.refuse(client, reply_seq, e).await;
         }
-        if self.endpoint == Endpoint::ReadOnly {
-            set_read_only(server, caps).await.map_err(End::Failed)?;
-        }
+        self.after_reset(server, caps).await?;
         self.shared.cancels.set_user(&self.registered, &user.name);
+        self.fresh_user_changed(&user.name);
         info!(cluster = %self.cluster.name, engine = "mysql", from = %self.user.name, to = %user.name, "COM_CHANGE_USER");
         self.user = user;
         if plugin == AuthPlugin::CachingSha2Password {
@@ -242,6 +244,27 @@ impl Relay<'_> {
             .await
             .map(|_| ())
             .map_err(End::Io)
+    }
+
+    /// What a reset (COM_RESET_CONNECTION, COM_CHANGE_USER) undid that the proxy set:
+    /// READ ONLY on ro; GTID tracking on rw.
+    async fn after_reset(&mut self, server: &mut ServerConn, caps: CapabilityFlags) -> Result<(), End> {
+        if self.endpoint == Endpoint::ReadOnly {
+            return set_read_only(server, caps).await.map_err(End::Failed);
+        }
+        if self.tracking {
+            let maria = self.fresh.maria;
+            if protocol::first_value(&mut server.stream, caps, super::fresh::Fresh::tracking_sql(maria))
+                .await
+                .is_err()
+            {
+                // Writes then count as of unknown position: reads after them go to the
+                // primary, never to a replica that may lack them.
+                self.tracking = false;
+                self.tracked.lock().unwrap().answers.track = false;
+            }
+        }
+        Ok(())
     }
 
     /// Tell the client `e` at sequence id `seq` and end the session.

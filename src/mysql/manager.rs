@@ -11,7 +11,7 @@
 //! unit tested against answers recorded from both servers; only MariaDB runs in the
 //! integration tests (no MySQL 8 server package is at hand).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use mysql_async::{Conn, OptsBuilder, Row};
 use crate::cluster::control::{Candidate, Control, Mark, Reclaim};
 use crate::cluster::topology::{NodeState, Observation};
 use crate::config::{ClusterConfig, ManagerConfig, ServerTlsMode};
+use crate::mysql::gtid::{mariadb_pos, GtidSet};
 use crate::mysql::health::{self, describe, gtid_position, same_host};
 
 /// Which server's statements to use.
@@ -266,122 +267,6 @@ pub fn missing_grants(flavor: Flavor, grants: &[String]) -> Vec<&'static str> {
         .iter()
         .filter(|(_, any)| !any.iter().any(|a| have.iter().any(|h| h == a)))
         .map(|(name, _)| *name)
-        .collect()
-}
-
-/// A MySQL GTID set: per source UUID (with its tag, if any), sorted disjoint
-/// intervals of transaction numbers.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GtidSet(BTreeMap<String, Vec<(u64, u64)>>);
-
-impl GtidSet {
-    /// `uuid:1-5:7,uuid2:1-3` (MySQL 8.3's tags, `uuid:tag:1-5`, kept with the UUID).
-    pub fn parse(text: &str) -> Result<GtidSet, String> {
-        let mut set = GtidSet::default();
-        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let mut pieces = part.split(':');
-            let mut key = pieces.next().unwrap_or_default().to_ascii_lowercase();
-            for p in pieces {
-                let interval = match p.split_once('-') {
-                    Some((a, b)) => a.parse::<u64>().ok().zip(b.parse::<u64>().ok()),
-                    None => p.parse::<u64>().ok().map(|a| (a, a)),
-                };
-                match interval {
-                    Some((a, b)) if a <= b => set.insert(&key, a, b),
-                    Some(_) => return Err(format!("bad GTID interval {p} in {part}")),
-                    None => key = format!("{key}:{}", p.to_ascii_lowercase()),
-                }
-            }
-        }
-        Ok(set)
-    }
-
-    fn insert(&mut self, key: &str, a: u64, b: u64) {
-        let v = self.0.entry(key.to_string()).or_default();
-        v.push((a, b));
-        v.sort_unstable();
-        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-        for &(a, b) in v.iter() {
-            match merged.last_mut() {
-                Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
-                _ => merged.push((a, b)),
-            }
-        }
-        *v = merged;
-    }
-
-    pub fn add(&mut self, other: &GtidSet) {
-        for (k, ivs) in &other.0 {
-            for &(a, b) in ivs {
-                self.insert(k, a, b);
-            }
-        }
-    }
-
-    /// What `self` holds that `other` does not.
-    pub fn minus(&self, other: &GtidSet) -> GtidSet {
-        let mut out = GtidSet::default();
-        for (k, ivs) in &self.0 {
-            let theirs = other.0.get(k).map(Vec::as_slice).unwrap_or(&[]);
-            for &(a, b) in ivs {
-                let mut start = a;
-                for &(c, d) in theirs {
-                    if d < start || c > b {
-                        continue;
-                    }
-                    if c > start {
-                        out.insert(k, start, c - 1);
-                    }
-                    start = start.max(d.saturating_add(1));
-                }
-                if start <= b {
-                    out.insert(k, start, b);
-                }
-            }
-        }
-        out
-    }
-
-    pub fn count(&self) -> u64 {
-        self.0.values().flatten().map(|(a, b)| b - a + 1).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl std::fmt::Display for GtidSet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut first = true;
-        for (k, ivs) in &self.0 {
-            if !first {
-                f.write_str(",")?;
-            }
-            first = false;
-            f.write_str(k)?;
-            for (a, b) in ivs {
-                if a == b {
-                    write!(f, ":{a}")?;
-                } else {
-                    write!(f, ":{a}-{b}")?;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A MariaDB GTID position: per replication domain, the last (server id, sequence).
-fn mariadb_pos(text: &str) -> BTreeMap<u32, (u32, u64)> {
-    text.split(',')
-        .filter_map(|p| {
-            let mut it = p.trim().splitn(3, '-');
-            Some((
-                it.next()?.parse().ok()?,
-                (it.next()?.parse().ok()?, it.next()?.parse().ok()?),
-            ))
-        })
         .collect()
 }
 

@@ -14,6 +14,8 @@
 mod answers;
 mod auth;
 mod commands;
+mod fresh;
+pub mod gtid;
 pub mod health;
 pub mod manager;
 mod moving;
@@ -43,6 +45,12 @@ pub struct ClusterInfo {
     /// rw sessions not at rest: in a transaction, or with an answer owed. A switchover
     /// holds new commands and waits for this to reach 0 before it fences the primary.
     pub unsettled: Arc<std::sync::atomic::AtomicU32>,
+    /// Per node, a position it is known to have applied: from its health checks, and
+    /// from fresh reads' waits that saw it get there (`fresh.rs`).
+    applied: Mutex<HashMap<String, gtid::Position>>,
+    /// Per user, the writes every session of that user shares
+    /// (`read_your_writes = "user"`).
+    writes: Mutex<HashMap<String, Arc<fresh::Writes>>>,
 }
 
 /// A MySQL node's replication as `/status` shows it.
@@ -115,6 +123,20 @@ impl ClusterInfo {
     }
 
     pub fn set_replication(&self, node: &str, r: Replication) {
+        let maria = self.maria();
+        let applied = r.gtid.as_deref().and_then(|g| gtid::Position::parse(maria, g));
+        {
+            let mut known = self.applied.lock().unwrap();
+            match applied {
+                // A health check reads the whole position: it replaces what waits added.
+                Some(p) => {
+                    known.insert(node.to_string(), p);
+                }
+                None => {
+                    known.remove(node);
+                }
+            }
+        }
         self.replication.lock().unwrap().insert(node.to_string(), r);
     }
 
@@ -125,6 +147,31 @@ impl ClusterInfo {
     /// The shortest heartbeat period the replicas' health checks saw.
     pub fn heartbeat_period(&self) -> Option<Duration> {
         self.heard.lock().unwrap().values().filter_map(|h| h.period).min()
+    }
+
+    /// Has `node` applied `need`, as far as the proxy knows without asking it?
+    pub fn has_applied(&self, node: &str, need: &gtid::Position) -> bool {
+        self.applied.lock().unwrap().get(node).is_some_and(|p| p.covers(need))
+    }
+
+    /// `node` was seen to apply `position` (a fresh read's wait returned).
+    pub fn note_applied(&self, node: &str, position: &gtid::Position) {
+        let mut known = self.applied.lock().unwrap();
+        let joined = gtid::Position::join(known.remove(node), Some(position));
+        if let Some(p) = joined {
+            known.insert(node.to_string(), p);
+        }
+    }
+
+    /// The writes all sessions of `user` share.
+    pub(super) fn user_writes(&self, user: &str) -> Arc<fresh::Writes> {
+        self.writes.lock().unwrap().entry(user.to_string()).or_default().clone()
+    }
+
+    /// Whether the cluster's servers are MariaDB, as their greeting says (MariaDB when
+    /// not known yet: the proxy's own greeting says so too).
+    pub fn maria(&self) -> bool {
+        self.greeting().is_none_or(|g| g.version.contains("MariaDB"))
     }
 
     pub fn heard(&self, node: &str) -> Option<Heard> {

@@ -20,7 +20,7 @@ use super::relay::Relay;
 use super::server::{LoginRequest, ServerConn};
 use super::session::{End, MysqlDialer};
 use crate::cluster::routing;
-use crate::cluster::topology::ClusterSnapshot;
+use crate::cluster::topology::{ClusterSnapshot, Role};
 use crate::error::Error;
 use crate::proxy::connector;
 
@@ -50,14 +50,41 @@ impl Relay<'_> {
             self.move_pending.store(false, std::sync::atomic::Ordering::Relaxed);
             return Ok(None);
         }
+        self.move_session(server, topology, caps, MoveTo::NewPrimary)
+            .await
+            .map(Some)
+    }
+
+    /// Move the session to another server connection: its settings read back from the
+    /// old connection and set on a new one (logged in as the client) on the primary
+    /// (`to`). An error (sent to the client for its waiting command) when it cannot.
+    pub(super) async fn move_session(
+        &mut self,
+        server: &mut ServerConn,
+        topology: &mut tokio::sync::watch::Receiver<Arc<ClusterSnapshot>>,
+        caps: CapabilityFlags,
+        to: MoveTo,
+    ) -> Result<ServerConn, End> {
         let old = self.node.name.clone();
         let refuse = |why: &str| {
-            End::Failed(Error::evicted(
+            match to {
+            MoveTo::NewPrimary => End::Failed(Error::evicted(
                 true,
                 format!(
                     "the primary moved away from \"{old}\" (a switchover) and this session holds {why}, which cannot be moved to the new primary; reconnect"
                 ),
-            ))
+            )),
+            MoveTo::PrimaryForFreshness { waited } => End::Failed(Error::not_fresh(format!(
+                "node \"{old}\" has not applied the writes this session must see within {} ms (causal_wait_ms), and this session holds {why}, which cannot be moved to the primary; reconnect to be placed on a node that has",
+                waited.as_millis()
+            ))),
+        }
+        };
+        let outcome = |moved: bool| match (to, moved) {
+            (MoveTo::NewPrimary, true) => "moved",
+            (MoveTo::NewPrimary, false) => "refused",
+            (MoveTo::PrimaryForFreshness { .. }, true) => "moved_for_freshness",
+            (MoveTo::PrimaryForFreshness { .. }, false) => "refused_for_freshness",
         };
         let lost = self.tracked.lock().unwrap().answers.lost;
         if let Some(why) = self
@@ -65,8 +92,8 @@ impl Relay<'_> {
             .unmovable()
             .or(lost.then_some("a state the proxy did not follow"))
         {
-            self.shared.metrics.session_moved(&self.cluster.name, "refused");
-            info!(cluster = %self.cluster.name, node = %old, reason = why, "session not moved to the new primary");
+            self.shared.metrics.session_moved(&self.cluster.name, outcome(false));
+            info!(cluster = %self.cluster.name, node = %old, reason = why, outcome = outcome(false), "session not moved");
             return Err(refuse(why));
         }
         let mariadb = server.greeting.version.contains("MariaDB");
@@ -93,11 +120,20 @@ impl Relay<'_> {
             endpoint: self.endpoint,
             tls: self.cluster.server_tls(),
         };
-        let connected = connector::connect(self.cluster, self.endpoint, None, None, Some(topology), &mut dialer)
+        let primary_only = |snap: &ClusterSnapshot, i: usize| snap.nodes[i].role == Role::Primary;
+        let accept: Option<connector::Accept<'_>> = match to {
+            MoveTo::NewPrimary => None,
+            MoveTo::PrimaryForFreshness { .. } => Some(&primary_only),
+        };
+        let connected = connector::connect(self.cluster, self.endpoint, None, accept, Some(topology), &mut dialer)
             .await
             .map_err(End::Failed)?;
         let node = connected.node().clone();
         let (mut conn, slot) = connected.conn;
+        if self.endpoint == crate::cluster::routing::Endpoint::ReadWrite {
+            self.tracking = conn.tracking;
+            self.tracked.lock().unwrap().answers.track = conn.tracking;
+        }
         let (set, database) = replay_sql(mariadb, &values);
         let replay = async {
             first_value(&mut conn.stream, caps, &set).await?;
@@ -120,13 +156,23 @@ impl Relay<'_> {
         self.shared
             .cancels
             .retarget(&self.registered, Some((&node.addr, conn.thread_id as i32, 0)));
-        self.shared.metrics.session_moved(&self.cluster.name, "moved");
-        info!(cluster = %self.cluster.name, from = %old, to = %node.name, server_thread = conn.thread_id, "session moved to the new primary between transactions");
+        self.shared.metrics.session_moved(&self.cluster.name, outcome(true));
+        info!(cluster = %self.cluster.name, from = %old, to = %node.name, server_thread = conn.thread_id, outcome = outcome(true), "session moved between transactions");
         self.node = node;
         self.slot = slot;
         self.move_pending.store(false, std::sync::atomic::Ordering::Relaxed);
-        Ok(Some(conn))
+        Ok(conn)
     }
+}
+
+/// Where `Relay::move_session` takes a session.
+#[derive(Clone, Copy)]
+pub(super) enum MoveTo {
+    /// rw, after a switchover: the new primary.
+    NewPrimary,
+    /// ro: the primary, because no replica applied what the session's reads must see
+    /// within `waited`.
+    PrimaryForFreshness { waited: Duration },
 }
 
 /// Session variables read back and set again, each as MariaDB and MySQL 8 name it.

@@ -159,6 +159,25 @@ pub fn parse_err(payload: &[u8], caps: CapabilityFlags) -> Error {
     }
 }
 
+/// Append `v` as a length-encoded integer.
+pub fn put_lenenc_int(out: &mut Vec<u8>, v: u64) {
+    match v {
+        0..=0xFA => out.push(v as u8),
+        0xFB..=0xFFFF => {
+            out.push(0xFC);
+            out.extend_from_slice(&(v as u16).to_le_bytes());
+        }
+        0x1_0000..=0xFF_FFFF => {
+            out.push(0xFD);
+            out.extend_from_slice(&(v as u32).to_le_bytes()[..3]);
+        }
+        _ => {
+            out.push(0xFE);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
 /// Read a length-encoded integer at `*pos`.
 pub fn lenenc_int(b: &[u8], pos: &mut usize) -> Option<u64> {
     let first = *b.get(*pos)?;

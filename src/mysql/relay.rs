@@ -61,6 +61,10 @@ pub(super) struct Relay<'a> {
     pub(super) move_pending: AtomicBool,
     /// This session's count on its node (replaced when it moves).
     pub(super) slot: crate::proxy::connector::NodeSlot,
+    /// Fresh reads: the writes and token the session's reads must see (`fresh.rs`).
+    pub(super) fresh: super::fresh::Fresh,
+    /// rw: the server reports each commit's GTID on this connection.
+    pub(super) tracking: bool,
 }
 
 /// A session's answers owed, and its share of the cluster's count of rw sessions not at
@@ -84,7 +88,7 @@ impl Tracked {
     /// A session whose state the proxy lost track of is not counted: it cannot move
     /// anyway (it is ended at the next command after a switchover), and must not hold
     /// one up for good.
-    fn update(&mut self) {
+    pub(super) fn update(&mut self) {
         let unsettled = !self.answers.at_rest() && !self.answers.lost;
         if unsettled != self.counted {
             if let Some(c) = &self.counter {
@@ -129,9 +133,15 @@ pub(super) struct Inbound {
 
 /// What the proxy does with a command instead of passing it on.
 pub(super) enum Own {
-    Kill { query_only: bool, id: u32 },
+    Kill {
+        query_only: bool,
+        id: u32,
+    },
     Reset,
     ChangeUser,
+    /// `SELECT` / `SET @switchyard_causal_token`, or a statement that names it in a
+    /// form the proxy does not answer (None).
+    Token(Option<super::fresh::TokenStatement>),
 }
 
 /// Why the relay of both directions stopped.
@@ -142,6 +152,9 @@ pub(super) enum Pause {
     /// A command arrived while the session is held (PAUSE, a switchover) or must move;
     /// it waits in the client buffer, and the session is between transactions.
     Hold,
+    /// ro: a command arrived at rest after the session's floor moved: its node must be
+    /// found fresh enough first (it waits in the client buffer).
+    Fresh,
     End(End),
 }
 
@@ -149,19 +162,21 @@ pub(super) enum Pause {
 enum Stop {
     Own(Vec<u8>),
     Hold,
+    Fresh,
 }
 
 /// A command the proxy may handle itself (`payload`: its start); Some(true): take it
-/// whole and look.
-fn own_command(endpoint: Endpoint, payload: &[u8]) -> Option<bool> {
+/// whole and look. `tracking`: the rw connection has GTID tracking on, which a reset
+/// turns off (the proxy turns it on again).
+fn own_command(endpoint: Endpoint, payload: &[u8], tracking: bool) -> Option<bool> {
     match payload.first() {
         Some(&protocol::COM_QUERY) => {
             let rest = payload[1..].trim_ascii_start();
-            (rest.len() >= 5 && rest[..4].eq_ignore_ascii_case(b"kill") && rest[4].is_ascii_whitespace())
-                .then_some(true)
+            let kill = rest.len() >= 5 && rest[..4].eq_ignore_ascii_case(b"kill") && rest[4].is_ascii_whitespace();
+            (kill || super::fresh::mentions_token(rest)).then_some(true)
         }
         Some(&protocol::COM_PROCESS_KILL | &protocol::COM_CHANGE_USER) => Some(true),
-        Some(&protocol::COM_RESET_CONNECTION) => (endpoint == Endpoint::ReadOnly).then_some(true),
+        Some(&protocol::COM_RESET_CONNECTION) => (endpoint == Endpoint::ReadOnly || tracking).then_some(true),
         _ => None,
     }
 }
@@ -194,6 +209,11 @@ impl Relay<'_> {
                     }
                 }
                 Pause::Hold => match self.hold(&mut server, &mut topology, caps).await {
+                    Ok(Some(moved)) => server = moved,
+                    Ok(None) => {}
+                    Err(end) => break end,
+                },
+                Pause::Fresh => match self.make_fresh(&mut server, &mut topology, caps).await {
                     Ok(Some(moved)) => server = moved,
                     Ok(None) => {}
                     Err(end) => break end,
@@ -273,18 +293,29 @@ impl Relay<'_> {
         let cluster = self.cluster;
         let move_pending = &self.move_pending;
         let hold = || endpoint == Endpoint::ReadWrite && (move_pending.load(Ordering::Relaxed) || cluster.is_paused());
+        let fresh = &self.fresh;
+        let check_fresh = || endpoint == Endpoint::ReadOnly && fresh.needs_check();
+        // rw: the writes the server's OKs report (`Answers::gtid`, `oks`).
+        let record_writes = (endpoint == Endpoint::ReadWrite).then(|| (fresh.writes.clone(), fresh.maria));
+        let tracking = self.tracking;
         // The server-to-client side stops at its next chunk boundary when told (a
         // stream is only ever cut between whole writes).
         let stop = tokio::sync::Notify::new();
         let client_to_server = async {
             loop {
+                let gates = Gates {
+                    hold: hold(),
+                    fresh: check_fresh(),
+                    tracking,
+                };
                 match inbound
-                    .relay(cbuf, &mut sw, endpoint, node, awaiting, tracked, hold())
+                    .relay(cbuf, &mut sw, endpoint, node, awaiting, tracked, gates)
                     .await
                 {
                     Err(end) => return Pause::End(end),
                     Ok(Some(Stop::Own(own))) => return Pause::Own(own),
                     Ok(Some(Stop::Hold)) => return Pause::Hold,
+                    Ok(Some(Stop::Fresh)) => return Pause::Fresh,
                     Ok(None) => {}
                 }
                 match cr.read_buf(cbuf).await {
@@ -310,6 +341,11 @@ impl Relay<'_> {
                     let mut t = tracked.lock().unwrap();
                     t.answers.feed(&sbuf[before..]);
                     t.update();
+                    // Before the client sees the OK of a write: a read it sends next (on
+                    // any connection of the user) must find the write counted.
+                    if let Some((writes, maria)) = &record_writes {
+                        note_writes(&mut t.answers, writes, *maria, tracking);
+                    }
                 }
                 awaiting.store(false, Ordering::Relaxed);
                 if let Err(e) = write_flush(&mut cw, sbuf).await {
@@ -383,6 +419,32 @@ impl Relay<'_> {
     }
 }
 
+/// What a relay of the client's bytes stops at, besides the proxy's own commands.
+#[derive(Clone, Copy)]
+struct Gates {
+    /// Hold commands at rest (PAUSE, a switchover, a pending move).
+    hold: bool,
+    /// ro: stop at the next command at rest, to check the node's freshness first.
+    fresh: bool,
+    /// rw: GTID tracking is on (a reset is the proxy's to complete).
+    tracking: bool,
+}
+
+/// Count the writes the server's answers just reported (rw): each commit's GTID when the
+/// server tracks them, else every OK-ended answer as a write of unknown position.
+pub(super) fn note_writes(answers: &mut Answers, writes: &super::fresh::Writes, maria: bool, tracking: bool) {
+    if let Some(g) = answers.gtid.take() {
+        writes.wrote(super::gtid::Position::parse(maria, &g));
+    }
+    if answers.oks > 0 {
+        if !tracking || answers.untracked_ok {
+            writes.wrote(None);
+        }
+        answers.oks = 0;
+        answers.untracked_ok = false;
+    }
+}
+
 impl Inbound {
     /// Pass on the client's bytes in `cbuf` (to `server`), up to a command the proxy
     /// handles itself, which is taken out whole and returned; bytes after it stay in
@@ -396,11 +458,11 @@ impl Inbound {
         node: &NodeState,
         awaiting: &AtomicBool,
         tracked: &Mutex<Tracked>,
-        hold: bool,
+        gates: Gates,
     ) -> Result<Option<Stop>, End> {
         let mut pos = 0;
         let mut own = None;
-        let mut held = false;
+        let mut held = None;
         let mut commands = 0u64;
         while pos < cbuf.len() {
             if self.scanner.at_boundary() {
@@ -419,7 +481,7 @@ impl Inbound {
                     if rest.len() < 4 + len.min(PEEK) {
                         break; // the start of the command is not here yet
                     }
-                    if own_command(endpoint, &rest[4..4 + len.min(PEEK)]).is_some() {
+                    if own_command(endpoint, &rest[4..4 + len.min(PEEK)], gates.tracking).is_some() {
                         if len > INTERCEPT_MAX {
                             return Err(End::Failed(Error::protocol("command too long")));
                         }
@@ -428,9 +490,9 @@ impl Inbound {
                         }
                         break; // whole: handled after what came before; else wait for it
                     }
-                    if hold && tracked.lock().unwrap().answers.at_rest() {
+                    if (gates.hold || gates.fresh) && tracked.lock().unwrap().answers.at_rest() {
                         // Held before it reaches the server: the rest stays in cbuf.
-                        held = true;
+                        held = Some(if gates.hold { Stop::Hold } else { Stop::Fresh });
                         break;
                     }
                     commands += 1;
@@ -460,8 +522,8 @@ impl Inbound {
         }
         let taken = pos + own.as_ref().map_or(0, |p: &Vec<u8>| 4 + p.len());
         cbuf.advance(taken);
-        if held {
-            return Ok(Some(Stop::Hold));
+        if let Some(stop) = held {
+            return Ok(Some(stop));
         }
         // Advancing uses up the buffer's front: take it back (no allocation while the
         // buffer is empty or nearly so), so the next read is never a short one.
@@ -506,26 +568,39 @@ mod tests {
     fn only_the_commands_the_proxy_answers_are_taken_out_of_the_stream() {
         let query = |sql: &str| [&[protocol::COM_QUERY][..], sql.as_bytes()].concat();
         for ep in [Endpoint::ReadWrite, Endpoint::ReadOnly] {
-            assert_eq!(own_command(ep, &query("KILL 1073741825")), Some(true));
-            assert_eq!(own_command(ep, &query("  kill\tQUERY 5")), Some(true));
+            assert_eq!(own_command(ep, &query("KILL 1073741825"), false), Some(true));
+            assert_eq!(own_command(ep, &query("  kill\tQUERY 5"), false), Some(true));
             assert_eq!(
-                own_command(ep, &query("KILLER()")),
+                own_command(ep, &query("KILLER()"), false),
                 None,
                 "a word that starts with kill"
             );
-            assert_eq!(own_command(ep, &query("SELECT 1")), None);
-            assert_eq!(own_command(ep, &[protocol::COM_PROCESS_KILL, 1, 0, 0, 0]), Some(true));
-            assert_eq!(own_command(ep, &[protocol::COM_CHANGE_USER]), Some(true));
-            assert_eq!(own_command(ep, &[]), None);
+            assert_eq!(own_command(ep, &query("SELECT 1"), false), None);
+            assert_eq!(
+                own_command(ep, &query("SELECT @switchyard_causal_token"), false),
+                Some(true)
+            );
+            assert_eq!(own_command(ep, &query("SELECT @switchyard_x"), false), None);
+            assert_eq!(
+                own_command(ep, &[protocol::COM_PROCESS_KILL, 1, 0, 0, 0], false),
+                Some(true)
+            );
+            assert_eq!(own_command(ep, &[protocol::COM_CHANGE_USER], false), Some(true));
+            assert_eq!(own_command(ep, &[], false), None);
         }
-        // A reset loses the ro session's READ ONLY: the proxy sets it again there only.
+        // A reset loses the ro session's READ ONLY, and a rw session's GTID tracking:
+        // the proxy sets them again there only.
         assert_eq!(
-            own_command(Endpoint::ReadOnly, &[protocol::COM_RESET_CONNECTION]),
+            own_command(Endpoint::ReadOnly, &[protocol::COM_RESET_CONNECTION], false),
             Some(true)
         );
         assert_eq!(
-            own_command(Endpoint::ReadWrite, &[protocol::COM_RESET_CONNECTION]),
+            own_command(Endpoint::ReadWrite, &[protocol::COM_RESET_CONNECTION], false),
             None
+        );
+        assert_eq!(
+            own_command(Endpoint::ReadWrite, &[protocol::COM_RESET_CONNECTION], true),
+            Some(true)
         );
     }
 }

@@ -43,6 +43,8 @@ pub struct ServerConn {
     pub greeting: Greeting,
     /// The OK packet that ended the login (status flags, session state).
     pub login_ok: Vec<u8>,
+    /// The server reports each commit's GTID in its OKs (the proxy asked, rw only).
+    pub tracking: bool,
     /// The server's challenge in its greeting, and the plugin we answered with
     /// (`COM_CHANGE_USER` answers the same challenge).
     nonce: Vec<u8>,
@@ -242,6 +244,7 @@ async fn login_inner(
     let login_ok = authenticated(&mut stream, req.password, nonce.clone(), caps, addr).await?;
     Ok(ServerConn {
         login_ok,
+        tracking: false,
         stream,
         thread_id,
         greeting,

@@ -22,12 +22,13 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use super::auth::{authenticate, new_nonce, Hello};
+use super::fresh::{Fresh, TOKEN_ATTRIBUTE};
 use super::protocol::{self, write_packet};
 use super::server::{self, LoginRequest, ServerConn};
 use crate::cluster::routing::Endpoint;
 use crate::cluster::topology::NodeState;
 use crate::cluster::ClusterCtx;
-use crate::config::ClientTls;
+use crate::config::{ClientTls, ReadYourWrites};
 use crate::error::Error;
 use crate::obs::clients::NewClient;
 use crate::proxy::cancel::Target as KillTarget;
@@ -53,7 +54,7 @@ pub async fn serve(
     shared: Arc<Shared>,
 ) {
     let Arrival {
-        config: _,
+        config,
         login_timeout,
         tls_mode,
         tls,
@@ -118,6 +119,24 @@ pub async fn serve(
         }
     };
     let reply_seq = client.seq.wrapping_add(1);
+    let Some(cc) = config.clusters.get(&cluster.name) else {
+        return; // removed by a reload while the client logged in
+    };
+    let info = super::ClusterInfo::of(&cluster);
+    let writes = match cc.read_your_writes {
+        ReadYourWrites::User => info.user_writes(&client.user.name),
+        _ => Arc::default(),
+    };
+    let mut fresh = Fresh::new(cc, writes, info.maria(), &cluster.name);
+    // A causal token given at login applies to the session; the server never sees it.
+    let mut attributes = client.attributes.clone();
+    if let Some(token) = attributes.as_mut().and_then(|a| a.remove(TOKEN_ATTRIBUTE)) {
+        if let Err(e) = fresh.set_token(&token) {
+            reject(&mut tcp, reply_seq, &e, &shared).await;
+            info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", code = e.mysql_code().number, reason = %e, "client rejected");
+            return;
+        }
+    }
     let mut dialer = MysqlDialer {
         request: LoginRequest {
             user: &client.user.name,
@@ -125,7 +144,7 @@ pub async fn serve(
             database: client.database.as_deref(),
             capabilities: client.capabilities,
             collation: client.collation,
-            attributes: client.attributes.clone(),
+            attributes,
         },
         endpoint,
         tls: cluster.server_tls(),
@@ -176,7 +195,10 @@ pub async fn serve(
           node = %node.name, server_thread = server.thread_id, setup_ms = connected.waited.as_millis() as u64, "session started");
     let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
     let caps = client.capabilities & server.greeting.capabilities;
-    let answers = super::answers::Answers::new(caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF));
+    let mut answers = super::answers::Answers::new(caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF));
+    answers.track = server.tracking;
+    answers.status = super::answers::status_of_ok(&server.login_ok).unwrap_or(0);
+    let tracking = server.tracking;
     // rw sessions count toward what a switchover waits for.
     let counter = (endpoint == Endpoint::ReadWrite).then(|| super::ClusterInfo::of(&cluster).unsettled.clone());
     let mut relay = super::relay::Relay {
@@ -194,6 +216,8 @@ pub async fn serve(
         tracked: std::sync::Mutex::new(super::relay::Tracked::new(answers, counter)),
         move_pending: AtomicBool::new(false),
         slot,
+        fresh,
+        tracking,
     };
     let end = relay.run(&mut tcp, server, rx).await;
     let node = relay.node.clone();
@@ -240,6 +264,14 @@ impl Dialer for MysqlDialer<'_> {
                         "node \"{}\" is read-only (@@read_only = 1) although the health monitor saw a primary",
                         node.name
                     )));
+                }
+                // Fresh reads learn each write's GTID from its OK, when the client
+                // reads session state at all (else the OKs must stay as they are).
+                if caps.contains(CapabilityFlags::CLIENT_SESSION_TRACK) {
+                    let maria = conn.greeting.version.contains("MariaDB");
+                    conn.tracking = protocol::first_value(&mut conn.stream, caps, Fresh::tracking_sql(maria))
+                        .await
+                        .is_ok();
                 }
             } else {
                 // The ro endpoint may fall back to the primary: read-only there too.
