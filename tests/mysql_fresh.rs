@@ -30,6 +30,10 @@ struct Outcome {
     servers: BTreeMap<String, u32>,
     tokens: Vec<Option<String>>,
     errors: Vec<(String, Option<u32>, String)>,
+    #[serde(default)]
+    state: Vec<String>,
+    #[serde(default)]
+    reader: Vec<String>,
 }
 
 fn check(proxy: &Proxy, mode: &str, n: u32) -> Outcome {
@@ -173,4 +177,40 @@ async fn a_causal_token_carries_a_write_to_another_connection() {
         .unwrap_err()
         .to_string();
     assert!(refused.contains("another cluster"), "{refused}");
+}
+
+/// `read_write_split = true`: one rw endpoint; a read after the session's own write sees
+/// it (20 of 20: on the primary, or on the replica once it has waited there), a session
+/// that only reads is answered by the replica, and the session's settings hold on the
+/// replica connection too.
+#[test]
+fn a_split_endpoint_reads_its_own_writes_and_sends_other_reads_to_the_replica() {
+    let cluster = delayed_cluster();
+    let (primary, replica) = (server_id(&cluster, 0), server_id(&cluster, 1));
+    let (proxy, admin) = start(&cluster, "read_write_split = true");
+    let split = check(&proxy, "split", 20);
+    assert_eq!((split.fresh, split.stale), (20, 0), "{split:?}");
+    assert_eq!(
+        split.servers.get(&primary),
+        Some(&20),
+        "no wait: the primary answers {split:?}"
+    );
+    assert_eq!(split.reader, vec![replica.clone(); 3], "{split:?}");
+    assert_eq!(
+        split.state,
+        vec!["+03:00".to_string(), "information_schema".into(), replica.clone()],
+        "{split:?}"
+    );
+    let m = metrics(admin);
+    assert!(m.contains("switchyard_reads_to_standby_total{cluster=\"main\"}"), "{m}");
+    drop(proxy);
+
+    let (proxy, _) = start(&cluster, "read_write_split = true\ncausal_wait_ms = 4000");
+    let waited = check(&proxy, "split", 3);
+    assert_eq!((waited.fresh, waited.stale), (3, 0), "{waited:?}");
+    assert_eq!(
+        waited.servers.get(&replica),
+        Some(&3),
+        "waited on the replica: {waited:?}"
+    );
 }

@@ -156,7 +156,9 @@ impl Config {
                     "must be at most 60000 (a read waits this long before going to the primary)",
                 ));
             }
-            if c.read_write_split && c.pool_mode != PoolMode::Transaction {
+            // MySQL splits in session pooling (a session keeps a replica connection
+            // beside its primary one); PostgreSQL splits per transaction.
+            if c.read_write_split && c.pool_mode != PoolMode::Transaction && c.engine != Engine::Mysql {
                 return Err(invalid(
                     format!("clusters.{cname}.read_write_split"),
                     "needs pool_mode = \"transaction\"",
@@ -235,15 +237,6 @@ fn mysql_rules(cname: &str, c: &ClusterConfig) -> Result<(), ConfigError> {
         return refuse(
             "pool_mode",
             "engine = \"mysql\" supports pool_mode = \"session\" only (a MySQL session's state cannot be moved between server connections safely)",
-        );
-    }
-    if c.read_write_split {
-        return refuse("read_write_split", "is PostgreSQL-only (needs transaction pooling)");
-    }
-    if !c.read_only_functions.is_empty() {
-        return refuse(
-            "read_only_functions",
-            "is PostgreSQL-only (used by read/write splitting)",
         );
     }
     Ok(())

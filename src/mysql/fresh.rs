@@ -490,7 +490,11 @@ impl Relay<'_> {
 
     /// Relay the rest of the answers the client is owed (a command of the proxy's own
     /// came in while an earlier command's answer was still coming).
-    async fn finish_answers(&mut self, client: &mut ClientStream, server: &mut ServerConn) -> Result<(), End> {
+    pub(super) async fn finish_answers(
+        &mut self,
+        client: &mut ClientStream,
+        server: &mut ServerConn,
+    ) -> Result<(), End> {
         use tokio::io::AsyncReadExt;
         let record = self.endpoint == Endpoint::ReadWrite;
         while !self.tracked.lock().unwrap().answers.idle() {

@@ -13,6 +13,7 @@
 
 mod answers;
 mod auth;
+pub mod classify;
 mod commands;
 mod fresh;
 pub mod gtid;
@@ -21,6 +22,7 @@ pub mod manager;
 mod moving;
 pub mod protocol;
 mod relay;
+mod split;
 pub mod server;
 pub mod session;
 
@@ -51,6 +53,8 @@ pub struct ClusterInfo {
     /// Per user, the writes every session of that user shares
     /// (`read_your_writes = "user"`).
     writes: Mutex<HashMap<String, Arc<fresh::Writes>>>,
+    /// Which statements a replica may answer (`read_write_split`).
+    pub classifier: classify::Classifier,
 }
 
 /// A MySQL node's replication as `/status` shows it.
@@ -84,6 +88,14 @@ pub struct Heard {
 }
 
 impl ClusterInfo {
+    /// A cluster whose config lists `read_only_functions`.
+    pub fn new(read_only_functions: &[String]) -> ClusterInfo {
+        ClusterInfo {
+            classifier: classify::Classifier::new(read_only_functions),
+            ..ClusterInfo::default()
+        }
+    }
+
     /// The state of a cluster known to be MySQL (`ClusterCtx::engine_state`).
     pub fn of(ctx: &crate::cluster::ClusterCtx) -> &Arc<ClusterInfo> {
         ctx.engine_state

@@ -29,6 +29,7 @@ use crate::tls::ServerWrite;
 use super::session::End;
 
 pub(super) const RELAY_BUFFER: usize = 16 * 1024;
+const SERVER_STATUS_AUTOCOMMIT: u16 = 0x0002;
 /// Bytes of a command looked at to tell whether the proxy handles it (`KILL ...`).
 const PEEK: usize = 64;
 /// Largest command the proxy takes whole to handle it itself.
@@ -65,6 +66,8 @@ pub(super) struct Relay<'a> {
     pub(super) fresh: super::fresh::Fresh,
     /// rw: the server reports each commit's GTID on this connection.
     pub(super) tracking: bool,
+    /// rw with `read_write_split`: the replica connection for reads (`split.rs`).
+    pub(super) split: Option<super::split::Split>,
 }
 
 /// A session's answers owed, and its share of the cluster's count of rw sessions not at
@@ -129,6 +132,9 @@ pub(super) struct Inbound {
     pub(super) sticky: Option<&'static str>,
     /// Protocol-level prepared statements opened minus closed.
     pub(super) prepared: i64,
+    /// Bumped by each command that may change session settings a replica connection
+    /// must mirror (`SET`, `USE`, `COM_INIT_DB`; split reads bring it in line).
+    pub(super) state_generation: u64,
 }
 
 /// What the proxy does with a command instead of passing it on.
@@ -155,6 +161,8 @@ pub(super) enum Pause {
     /// ro: a command arrived at rest after the session's floor moved: its node must be
     /// found fresh enough first (it waits in the client buffer).
     Fresh,
+    /// rw with splitting: a read a replica may answer (its payload), taken out at rest.
+    Split(Vec<u8>),
     End(End),
 }
 
@@ -163,6 +171,7 @@ enum Stop {
     Own(Vec<u8>),
     Hold,
     Fresh,
+    Split(Vec<u8>),
 }
 
 /// A command the proxy may handle itself (`payload`: its start); Some(true): take it
@@ -206,6 +215,10 @@ impl Relay<'_> {
                     if let Some(&cmd @ (protocol::COM_CHANGE_USER | protocol::COM_RESET_CONNECTION)) = payload.first() {
                         self.tracked.lock().unwrap().answers.in_transaction = false;
                         self.inbound.note_state(cmd, &[]);
+                        // The replica connection's user or state is no longer the client's.
+                        if let Some(split) = self.split.as_mut() {
+                            split.drop_replica().await;
+                        }
                     }
                 }
                 Pause::Hold => match self.hold(&mut server, &mut topology, caps).await {
@@ -218,8 +231,16 @@ impl Relay<'_> {
                     Ok(None) => {}
                     Err(end) => break end,
                 },
+                Pause::Split(payload) => {
+                    if let Err(end) = self.split_read(payload, client, &mut server, caps).await {
+                        break end;
+                    }
+                }
             }
         };
+        if let Some(split) = self.split.as_mut() {
+            split.drop_replica().await;
+        }
         let awaiting = self.awaiting.load(Ordering::Relaxed);
         if matches!(end, End::ClientClosed) && !self.inbound.quit && self.inbound.scanner.at_boundary() {
             // The client vanished without COM_QUIT: say goodbye for it, so the server
@@ -298,6 +319,10 @@ impl Relay<'_> {
         // rw: the writes the server's OKs report (`Answers::gtid`, `oks`).
         let record_writes = (endpoint == Endpoint::ReadWrite).then(|| (fresh.writes.clone(), fresh.maria));
         let tracking = self.tracking;
+        let classifier = self
+            .split
+            .is_some()
+            .then(|| &super::ClusterInfo::of(cluster).classifier);
         // The server-to-client side stops at its next chunk boundary when told (a
         // stream is only ever cut between whole writes).
         let stop = tokio::sync::Notify::new();
@@ -307,6 +332,7 @@ impl Relay<'_> {
                     hold: hold(),
                     fresh: check_fresh(),
                     tracking,
+                    split: classifier,
                 };
                 match inbound
                     .relay(cbuf, &mut sw, endpoint, node, awaiting, tracked, gates)
@@ -316,6 +342,7 @@ impl Relay<'_> {
                     Ok(Some(Stop::Own(own))) => return Pause::Own(own),
                     Ok(Some(Stop::Hold)) => return Pause::Hold,
                     Ok(Some(Stop::Fresh)) => return Pause::Fresh,
+                    Ok(Some(Stop::Split(payload))) => return Pause::Split(payload),
                     Ok(None) => {}
                 }
                 match cr.read_buf(cbuf).await {
@@ -421,13 +448,15 @@ impl Relay<'_> {
 
 /// What a relay of the client's bytes stops at, besides the proxy's own commands.
 #[derive(Clone, Copy)]
-struct Gates {
+struct Gates<'a> {
     /// Hold commands at rest (PAUSE, a switchover, a pending move).
     hold: bool,
     /// ro: stop at the next command at rest, to check the node's freshness first.
     fresh: bool,
     /// rw: GTID tracking is on (a reset is the proxy's to complete).
     tracking: bool,
+    /// rw with splitting: take out reads a replica may answer.
+    split: Option<&'a super::classify::Classifier>,
 }
 
 /// Count the writes the server's answers just reported (rw): each commit's GTID when the
@@ -458,11 +487,13 @@ impl Inbound {
         node: &NodeState,
         awaiting: &AtomicBool,
         tracked: &Mutex<Tracked>,
-        gates: Gates,
+        gates: Gates<'_>,
     ) -> Result<Option<Stop>, End> {
         let mut pos = 0;
         let mut own = None;
         let mut held = None;
+        // Bytes after `pos` taken out with a split read.
+        let mut cbuf_skip = 0;
         let mut commands = 0u64;
         while pos < cbuf.len() {
             if self.scanner.at_boundary() {
@@ -495,6 +526,28 @@ impl Inbound {
                         held = Some(if gates.hold { Stop::Hold } else { Stop::Fresh });
                         break;
                     }
+                    if let Some(classifier) = gates.split {
+                        if rest[4] == protocol::COM_QUERY
+                            && len <= super::split::SPLIT_MAX
+                            && self.unmovable().is_none()
+                        {
+                            let eligible = {
+                                let t = tracked.lock().unwrap();
+                                // Autocommit on: a read on the replica opens no transaction there.
+                                t.answers.at_rest() && t.answers.status & SERVER_STATUS_AUTOCOMMIT != 0
+                            };
+                            if eligible {
+                                if rest.len() < 4 + len {
+                                    break; // the whole statement first
+                                }
+                                if classifier.classify(&rest[5..4 + len]).read {
+                                    held = Some(Stop::Split(rest[4..4 + len].to_vec()));
+                                    cbuf_skip = 4 + len;
+                                    break;
+                                }
+                            }
+                        }
+                    }
                     commands += 1;
                     let cmd = rest.get(4).copied();
                     self.quit |= cmd == Some(protocol::COM_QUIT);
@@ -520,7 +573,7 @@ impl Inbound {
         if pos > 0 {
             write_flush(server, &cbuf[..pos]).await.map_err(End::Io)?;
         }
-        let taken = pos + own.as_ref().map_or(0, |p: &Vec<u8>| 4 + p.len());
+        let taken = pos + own.as_ref().map_or(0, |p: &Vec<u8>| 4 + p.len()) + cbuf_skip;
         cbuf.advance(taken);
         if let Some(stop) = held {
             return Ok(Some(stop));
@@ -542,12 +595,23 @@ impl Inbound {
                 if let Some(why) = super::moving::scan(text) {
                     self.sticky.get_or_insert(why);
                 }
+                let first = text.trim_ascii_start();
+                let word = |w: &[u8]| {
+                    first.len() > w.len()
+                        && first[..w.len()].eq_ignore_ascii_case(w)
+                        && !first[w.len()].is_ascii_alphanumeric()
+                };
+                if word(b"set") || word(b"use") {
+                    self.state_generation += 1;
+                }
             }
-            0x16 => self.prepared += 1, // COM_STMT_PREPARE
+            0x02 => self.state_generation += 1, // COM_INIT_DB
+            0x16 => self.prepared += 1,         // COM_STMT_PREPARE
             protocol::COM_STMT_CLOSE => self.prepared -= 1,
             protocol::COM_RESET_CONNECTION | protocol::COM_CHANGE_USER => {
                 self.sticky = None;
                 self.prepared = 0;
+                self.state_generation += 1;
             }
             _ => {}
         }

@@ -218,6 +218,7 @@ pub async fn serve(
         slot,
         fresh,
         tracking,
+        split: (endpoint == Endpoint::ReadWrite && cc.read_write_split).then(Default::default),
     };
     let end = relay.run(&mut tcp, server, rx).await;
     let node = relay.node.clone();

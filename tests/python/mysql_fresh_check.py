@@ -2,12 +2,16 @@
 """Fresh reads on MySQL / MariaDB through Switchyard, with mysqlclient (which asks for
 session tracking, so the proxy learns each commit's GTID from its OK packet).
 
-Usage: python3 mysql_fresh_check.py user|token|bad-tokens N
+Usage: python3 mysql_fresh_check.py user|token|bad-tokens|split N
 
 - user: one rw and one ro connection, both kept open; N times: INSERT a new row on rw,
   then SELECT it on ro.
 - token: N times: INSERT on rw, `SELECT @switchyard_causal_token` on rw, a new ro
   connection, `SET @switchyard_causal_token = '<token>'` on it, SELECT the row.
+- split: one rw connection (read_write_split): N times INSERT a row, then SELECT it;
+  then a new connection that only reads says which server answers it (`reader`), and
+  its settings (`SET time_zone`, `USE information_schema`) must hold for its reads
+  (`state`).
 - bad-tokens: SET with a malformed token, with another cluster's, with a PostgreSQL
   one, and a statement that names the token in a form the proxy does not answer; each
   must fail with an error and leave the connection usable.
@@ -70,6 +74,18 @@ def main():
             one(ro, f"SET @switchyard_causal_token = '{token}'")
             read(ro, base + i, result)
             ro.close()
+    elif mode == "split":
+        for i in range(n):
+            one(rw, "INSERT INTO fresh (id) VALUES (%s)", (base + i,))
+            read(rw, base + i, result)
+        reader = connect("SY_RW_PORT")
+        result["reader"] = [str(one(reader, "SELECT @@server_id")) for _ in range(3)]
+        # Settings made on the primary connection hold for reads on the replica one.
+        one(reader, "SET time_zone = '+03:00'")
+        one(reader, "USE information_schema")
+        state = reader.cursor()
+        state.execute("SELECT @@session.time_zone, DATABASE(), @@server_id")
+        result["state"] = [str(v) for v in state.fetchone()]
     elif mode == "bad-tokens":
         ro = connect("SY_RO_PORT")
         for sql in [

@@ -1,0 +1,551 @@
+//! Which MySQL statements a replica may answer (read/write splitting on the rw
+//! endpoint): parsed with `sqlparser`'s MySQL dialect, cached by statement shape.
+//!
+//! A statement goes to a replica only when it is certainly a read that any server
+//! with the same data answers the same way:
+//! - one `SELECT` (or `UNION`, `VALUES`, a `WITH` of them), no `INTO`, no locking
+//!   clause (`FOR UPDATE`, `FOR SHARE`, `LOCK IN SHARE MODE`);
+//! - calling only functions known to have no side effect and no tie to the session's
+//!   own connection (`LAST_INSERT_ID()`, `FOUND_ROWS()`, `GET_LOCK()`,
+//!   `CONNECTION_ID()`... are not on the list), plus the cluster's
+//!   `read_only_functions`;
+//! - reading no user variable (`@x` lives on the primary's connection).
+//!
+//! Anything else, including what does not parse, goes to the primary.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Mutex;
+
+use sqlparser::ast::{Expr, SetExpr, Statement};
+use sqlparser::dialect::MySqlDialect;
+use sqlparser::parser::Parser;
+
+/// Built-in functions a replica answers as the primary would: pure functions of their
+/// arguments, aggregates, and clocks. (Lower case.)
+const READ_ONLY_FUNCTIONS: &[&str] = &[
+    // aggregates and windows
+    "avg",
+    "bit_and",
+    "bit_or",
+    "bit_xor",
+    "count",
+    "group_concat",
+    "json_arrayagg",
+    "json_objectagg",
+    "max",
+    "min",
+    "std",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "sum",
+    "var_pop",
+    "var_samp",
+    "variance",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "percent_rank",
+    "cume_dist",
+    "ntile",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "nth_value",
+    // control flow and comparison
+    "coalesce",
+    "if",
+    "ifnull",
+    "nullif",
+    "isnull",
+    "greatest",
+    "least",
+    "interval",
+    "strcmp",
+    "field",
+    "find_in_set",
+    "elt",
+    // strings
+    "ascii",
+    "bin",
+    "bit_length",
+    "char",
+    "char_length",
+    "character_length",
+    "concat",
+    "concat_ws",
+    "format",
+    "hex",
+    "insert",
+    "instr",
+    "lcase",
+    "left",
+    "length",
+    "locate",
+    "lower",
+    "lpad",
+    "ltrim",
+    "make_set",
+    "mid",
+    "oct",
+    "octet_length",
+    "ord",
+    "position",
+    "quote",
+    "regexp_instr",
+    "regexp_like",
+    "regexp_replace",
+    "regexp_substr",
+    "repeat",
+    "replace",
+    "reverse",
+    "right",
+    "rpad",
+    "rtrim",
+    "soundex",
+    "space",
+    "substr",
+    "substring",
+    "substring_index",
+    "trim",
+    "ucase",
+    "unhex",
+    "upper",
+    "to_base64",
+    "from_base64",
+    "md5",
+    "sha",
+    "sha1",
+    "sha2",
+    "crc32",
+    "collation",
+    "charset",
+    "convert",
+    "cast",
+    "binary",
+    "weight_string",
+    // numbers
+    "abs",
+    "acos",
+    "asin",
+    "atan",
+    "atan2",
+    "ceil",
+    "ceiling",
+    "conv",
+    "cos",
+    "cot",
+    "degrees",
+    "div",
+    "exp",
+    "floor",
+    "ln",
+    "log",
+    "log10",
+    "log2",
+    "mod",
+    "pi",
+    "pow",
+    "power",
+    "radians",
+    "round",
+    "sign",
+    "sin",
+    "sqrt",
+    "tan",
+    "truncate",
+    // dates and times (the replica's clock: as good as the primary's for a read)
+    "adddate",
+    "addtime",
+    "convert_tz",
+    "curdate",
+    "current_date",
+    "current_time",
+    "current_timestamp",
+    "curtime",
+    "date",
+    "date_add",
+    "date_format",
+    "date_sub",
+    "datediff",
+    "day",
+    "dayname",
+    "dayofmonth",
+    "dayofweek",
+    "dayofyear",
+    "extract",
+    "from_days",
+    "from_unixtime",
+    "get_format",
+    "hour",
+    "last_day",
+    "localtime",
+    "localtimestamp",
+    "makedate",
+    "maketime",
+    "microsecond",
+    "minute",
+    "month",
+    "monthname",
+    "now",
+    "period_add",
+    "period_diff",
+    "quarter",
+    "sec_to_time",
+    "second",
+    "str_to_date",
+    "subdate",
+    "subtime",
+    "sysdate",
+    "time",
+    "time_format",
+    "time_to_sec",
+    "timediff",
+    "timestamp",
+    "timestampadd",
+    "timestampdiff",
+    "to_days",
+    "to_seconds",
+    "unix_timestamp",
+    "utc_date",
+    "utc_time",
+    "utc_timestamp",
+    "week",
+    "weekday",
+    "weekofyear",
+    "year",
+    "yearweek",
+    // JSON
+    "json_array",
+    "json_contains",
+    "json_contains_path",
+    "json_depth",
+    "json_extract",
+    "json_keys",
+    "json_length",
+    "json_object",
+    "json_quote",
+    "json_search",
+    "json_type",
+    "json_unquote",
+    "json_valid",
+    "json_value",
+    "json_overlaps",
+    "json_merge_patch",
+    "json_merge_preserve",
+    "json_set",
+    "json_insert",
+    "json_replace",
+    "json_remove",
+    // identity of the server and the session (the same on every node, or the replica's
+    // own answer is what a read on it means)
+    "database",
+    "schema",
+    "user",
+    "current_user",
+    "session_user",
+    "system_user",
+    "version",
+    "uuid",
+    "uuid_short",
+    "rand",
+];
+
+/// What the proxy needs to know about one statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classification {
+    /// A replica may answer it.
+    pub read: bool,
+}
+
+const WRITE: Classification = Classification { read: false };
+
+/// Classifies statements, remembering the answer per statement shape.
+pub struct Classifier {
+    extra: Vec<String>,
+    cache: Mutex<HashMap<String, Classification>>,
+}
+
+/// Shapes remembered at most; past this the cache starts again (a workload that
+/// builds statements with ever new shapes would otherwise grow it without bound).
+const CACHE_MAX: usize = 10_000;
+
+impl Classifier {
+    /// `extra`: the cluster's `read_only_functions`.
+    pub fn new(extra: &[String]) -> Classifier {
+        Classifier {
+            extra: extra.iter().map(|f| f.to_ascii_lowercase()).collect(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Classify `sql` (a `COM_QUERY`'s text, in the connection's character set:
+    /// not UTF-8 means not classified, so the primary).
+    pub fn classify(&self, sql: &[u8]) -> Classification {
+        let Ok(sql) = std::str::from_utf8(sql) else {
+            return WRITE;
+        };
+        let mut key = String::with_capacity(sql.len());
+        blank_literals(sql, &mut key);
+        if let Some(c) = self.cache.lock().unwrap().get(&key) {
+            return *c;
+        }
+        let c = self.parse(sql);
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, c);
+        c
+    }
+
+    fn parse(&self, sql: &str) -> Classification {
+        let Ok(mut statements) = Parser::parse_sql(&MySqlDialect {}, sql) else {
+            return WRITE;
+        };
+        if statements.len() != 1 {
+            return WRITE;
+        }
+        let statement = statements.pop().expect("one statement");
+        let Statement::Query(query) = &statement else {
+            return WRITE;
+        };
+        if !query.locks.is_empty() || query.for_clause.is_some() || !reads_only(&query.body) {
+            return WRITE;
+        }
+        if let Some(with) = &query.with {
+            if with
+                .cte_tables
+                .iter()
+                .any(|c| !c.query.locks.is_empty() || !reads_only(&c.query.body))
+            {
+                return WRITE;
+            }
+        }
+        // Nested statements (a DML inside a CTE) make it a write.
+        let mut nested = 0;
+        let _ = sqlparser::ast::visit_statements(&statement, |_| {
+            nested += 1;
+            ControlFlow::<()>::Continue(())
+        });
+        if nested != 1 {
+            return WRITE;
+        }
+        let verdict = sqlparser::ast::visit_expressions(&statement, |e| match e {
+            Expr::Function(f) => {
+                let name = f.name.to_string().to_ascii_lowercase();
+                let name = name.rsplit('.').next().unwrap_or_default().trim_matches('`');
+                if READ_ONLY_FUNCTIONS.contains(&name) || self.extra.iter().any(|x| x == name) {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            }
+            Expr::Identifier(id) if primary_only_variable(&id.value, None) => ControlFlow::Break(()),
+            Expr::CompoundIdentifier(ids)
+                if ids
+                    .first()
+                    .is_some_and(|id| primary_only_variable(&id.value, ids.get(1).map(|i| i.value.as_str()))) =>
+            {
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Continue(()),
+        });
+        // A locking clause in a subquery, which the AST keeps where the top-level
+        // check does not look: refuse by its words.
+        let upper = sql.to_ascii_uppercase();
+        let locking = [
+            "FOR UPDATE",
+            "FOR SHARE",
+            "LOCK IN SHARE MODE",
+            "INTO OUTFILE",
+            "INTO DUMPFILE",
+        ]
+        .iter()
+        .any(|w| upper.contains(w));
+        Classification {
+            read: verdict.is_continue() && !locking,
+        }
+    }
+}
+
+/// A variable only the primary connection answers right: a user variable (`@x` lives on
+/// that connection), or a server's writability (`@@read_only` and its kin: a client
+/// asking on the rw endpoint wants the primary's). Other system variables (`@@server_id`,
+/// the session's settings, which the replica connection mirrors) a replica answers.
+/// `next`: the part after a dot (`@@global.read_only`).
+fn primary_only_variable(name: &str, next: Option<&str>) -> bool {
+    if !name.starts_with('@') {
+        return false;
+    }
+    if !name.starts_with("@@") {
+        return true;
+    }
+    let var = match next {
+        Some(n)
+            if ["@@global", "@@session", "@@local"]
+                .iter()
+                .any(|s| name.eq_ignore_ascii_case(s)) =>
+        {
+            n
+        }
+        _ => name.trim_start_matches('@'),
+    };
+    let var = var.rsplit('.').next().unwrap_or(var);
+    [
+        "read_only",
+        "super_read_only",
+        "innodb_read_only",
+        "transaction_read_only",
+        "tx_read_only",
+    ]
+    .iter()
+    .any(|v| var.eq_ignore_ascii_case(v))
+}
+
+/// A query body that only reads: SELECTs without INTO, set operations and VALUES.
+fn reads_only(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(s) => s.into.is_none(),
+        SetExpr::Query(q) => q.locks.is_empty() && reads_only(&q.body),
+        SetExpr::SetOperation { left, right, .. } => reads_only(left) && reads_only(right),
+        SetExpr::Values(_) => true,
+        _ => false,
+    }
+}
+
+/// Copy `sql` into `out` with every literal (string, number, hex or bit value)
+/// replaced by `?`, in MySQL's lexical rules (backslash escapes in strings, `"` as a
+/// string quote, backquoted identifiers, `#` and `-- ` comments). Written by hand, like
+/// PostgreSQL's `blank_literals`: one pass, no allocation; tokenizing with the parser
+/// would cost what the cache saves.
+pub fn blank_literals(sql: &str, out: &mut String) {
+    out.clear();
+    let b = sql.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\'' | b'"' => {
+                // A one-letter prefix (X'', B'', N'', _charset'') stays as text before `?`.
+                let mut j = i + 1;
+                while j < b.len() {
+                    if b[j] == b'\\' {
+                        j += 2;
+                    } else if b[j] == c {
+                        if b.get(j + 1) == Some(&c) {
+                            j += 2;
+                        } else {
+                            break;
+                        }
+                    } else {
+                        j += 1;
+                    }
+                }
+                out.push('?');
+                i = (j + 1).min(b.len());
+            }
+            b'`' => {
+                let end = sql[i + 1..].find('`').map_or(b.len(), |e| i + 1 + e + 1);
+                out.push_str(&sql[i..end]);
+                i = end;
+            }
+            b'0'..=b'9' if i == 0 || !ident(b[i - 1]) => {
+                let mut j = i;
+                while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'.') {
+                    j += 1;
+                }
+                out.push('?');
+                i = j;
+            }
+            _ => {
+                // Copy one UTF-8 character.
+                let len = sql[i..].chars().next().map_or(1, char::len_utf8);
+                out.push_str(&sql[i..i + len]);
+                i += len;
+            }
+        }
+    }
+}
+
+impl Default for Classifier {
+    fn default() -> Classifier {
+        Classifier::new(&[])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(sql: &str) -> bool {
+        Classifier::new(&["my_pure_fn".to_string()])
+            .classify(sql.as_bytes())
+            .read
+    }
+
+    #[test]
+    fn only_plain_reads_go_to_replicas() {
+        for sql in [
+            "SELECT 1",
+            "select id, name from shop_customer where id = 5 limit 21",
+            "SELECT COUNT(*) AS `__count` FROM `shop_customer`",
+            "SELECT a FROM t UNION SELECT b FROM u",
+            "WITH x AS (SELECT 1 AS a) SELECT a FROM x",
+            "SELECT @@session.sql_mode, @@server_id",
+            "SELECT CONCAT(name, '!'), NOW() FROM t WHERE d > DATE_SUB(NOW(), INTERVAL 1 DAY)",
+            "SELECT my_pure_fn(a) FROM t",
+            "SELECT * FROM t WHERE id IN (SELECT id FROM u)",
+        ] {
+            assert!(read(sql), "{sql}");
+        }
+        for sql in [
+            "INSERT INTO t VALUES (1)",
+            "UPDATE t SET a = 1",
+            "SELECT * FROM t FOR UPDATE",
+            "SELECT * FROM t LOCK IN SHARE MODE",
+            "SELECT * FROM t WHERE id IN (SELECT id FROM u FOR UPDATE)",
+            "SELECT LAST_INSERT_ID()",
+            "SELECT GET_LOCK('x', 1)",
+            "SELECT @x",
+            "SELECT @@read_only",
+            "SELECT @@global.read_only = 0 AND @@innodb_read_only = 0",
+            "SELECT @@session.tx_read_only",
+            "SELECT a INTO @x FROM t",
+            "SELECT * FROM t INTO OUTFILE '/tmp/x'",
+            "SELECT nextval(s)",
+            "SELECT some_stored_function(1)",
+            "SET @x = 1",
+            "SET NAMES utf8mb4",
+            "BEGIN",
+            "SELECT 1; SELECT 2",
+            "SHOW TABLES",
+            "not sql at all",
+        ] {
+            assert!(!read(sql), "{sql}");
+        }
+        assert!(!Classifier::new(&[]).classify(b"SELECT \xff").read, "not UTF-8");
+    }
+
+    #[test]
+    fn statements_that_differ_only_in_values_share_a_shape() {
+        let mut a = String::new();
+        let mut b = String::new();
+        blank_literals(
+            "SELECT * FROM t1 WHERE a = 'x\\'y' AND b = 42.5 AND c = \"q\"\"q\"",
+            &mut a,
+        );
+        blank_literals("SELECT * FROM t1 WHERE a = '' AND b = 7 AND c = \"\"", &mut b);
+        assert_eq!(a, b);
+        assert_eq!(a, "SELECT * FROM t1 WHERE a = ? AND b = ? AND c = ?");
+        blank_literals("SELECT `a'1` FROM `t 2`", &mut a);
+        assert_eq!(a, "SELECT `a'1` FROM `t 2`", "identifiers are kept");
+        let c = Classifier::new(&[]);
+        assert!(c.classify(b"SELECT * FROM t WHERE id = 1").read);
+        assert!(c.classify(b"SELECT * FROM t WHERE id = 2").read);
+        assert_eq!(c.cache.lock().unwrap().len(), 1);
+    }
+}
