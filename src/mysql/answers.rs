@@ -202,7 +202,10 @@ impl Answers {
                 self.continued = len == MAX_CHUNK;
                 self.remaining = len;
                 self.prefix_have = 0;
-                let limit = if self.track && self.at_answer_start() {
+                // With `track`, also a small packet in rows: the OK (0xFE) that ends
+                // them under CLIENT_DEPRECATE_EOF may name a commit (a write answered
+                // with rows).
+                let limit = if self.track && (self.at_answer_start() || len <= TRACK_PREFIX) {
                     TRACK_PREFIX
                 } else {
                     PREFIX
@@ -330,6 +333,9 @@ impl Answers {
     fn rows_packet(&mut self, expect: Expect, rows_end: bool, p: &[u8]) {
         self.current = if rows_end {
             let status = if self.deprecate_eof {
+                if self.track {
+                    self.session_state(p);
+                }
                 ok_status(p, 1)
             } else {
                 status_of_eof(p)

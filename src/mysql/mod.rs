@@ -22,9 +22,9 @@ pub mod manager;
 mod moving;
 pub mod protocol;
 mod relay;
-mod split;
 pub mod server;
 pub mod session;
+mod split;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};

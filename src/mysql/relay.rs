@@ -333,6 +333,7 @@ impl Relay<'_> {
                     fresh: check_fresh(),
                     tracking,
                     split: classifier,
+                    writes: record_writes.as_ref().map(|(w, _)| &**w),
                 };
                 match inbound
                     .relay(cbuf, &mut sw, endpoint, node, awaiting, tracked, gates)
@@ -457,6 +458,23 @@ struct Gates<'a> {
     tracking: bool,
     /// rw with splitting: take out reads a replica may answer.
     split: Option<&'a super::classify::Classifier>,
+    /// rw: the session's writes, for statements that write and answer with rows.
+    writes: Option<&'a super::fresh::Writes>,
+}
+
+/// A statement that may write and answer with rows: one with a `RETURNING` clause, or
+/// a `CALL` (`text`: its start, as far as it is in the buffer; a `RETURNING` past that
+/// is missed, and such a write counts only if its answer ends with an OK).
+fn writes_with_rows(text: &[u8]) -> bool {
+    let t = text.trim_ascii_start();
+    if t.len() > 4 && t[..4].eq_ignore_ascii_case(b"call") && !t[4].is_ascii_alphanumeric() {
+        return true;
+    }
+    t.windows(9).enumerate().any(|(i, w)| {
+        w.eq_ignore_ascii_case(b"returning")
+            && (i == 0 || !t[i - 1].is_ascii_alphanumeric() && t[i - 1] != b'_')
+            && t.get(i + 9).is_none_or(|c| !c.is_ascii_alphanumeric() && *c != b'_')
+    })
 }
 
 /// Count the writes the server's answers just reported (rw): each commit's GTID when the
@@ -556,7 +574,17 @@ impl Inbound {
                         t.answers.command(cmd);
                         t.update();
                         drop(t);
-                        self.note_state(cmd, &rest[5..(4 + len).min(rest.len())]);
+                        let text = &rest[5..(4 + len).min(rest.len())];
+                        self.note_state(cmd, text);
+                        if let Some(writes) = gates.writes {
+                            // A write answered with rows (`INSERT ... RETURNING`, a
+                            // procedure) ends with an EOF that carries no GTID: counted
+                            // now, before its answer can reach the client, as a write
+                            // of unknown position.
+                            if cmd == protocol::COM_QUERY && writes_with_rows(text) {
+                                writes.wrote(None);
+                            }
+                        }
                     }
                     awaiting.store(
                         !matches!(cmd, Some(protocol::COM_STMT_CLOSE | protocol::COM_STMT_SEND_LONG_DATA)),
@@ -627,6 +655,16 @@ impl Inbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writes_answered_with_rows_are_recognised() {
+        assert!(writes_with_rows(b"INSERT INTO t (a) VALUES (1) RETURNING id"));
+        assert!(writes_with_rows(b"DELETE FROM t WHERE a = 1 RETURNING *"));
+        assert!(writes_with_rows(b"  call do_it(1)"));
+        assert!(!writes_with_rows(b"SELECT returning_customers FROM t"));
+        assert!(!writes_with_rows(b"INSERT INTO t VALUES (1)"));
+        assert!(!writes_with_rows(b"SELECT 1"));
+    }
 
     #[test]
     fn only_the_commands_the_proxy_answers_are_taken_out_of_the_stream() {

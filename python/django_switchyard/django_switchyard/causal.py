@@ -25,6 +25,15 @@ Switchyard recognises the statements only outside a transaction block (inside on
 would go to the server, where PostgreSQL accepts any dotted setting name and does
 nothing with it), so this module runs them only on connections in autocommit mode.
 
+MySQL / MariaDB (Django's mysql backend, mysqlclient): there is no startup option
+(mysqlclient cannot send connection attributes), so every connection gets the token
+with a SET, as it connects (the connection_created signal) or, already open, when the
+scope starts; the statements are `SELECT @switchyard_causal_token`,
+`SET @switchyard_causal_token = '<token>'` and `SET @switchyard_causal_token = ''`
+(see tokens.py). Such a SET never fails for freshness: Switchyard makes the
+connection's next read wait for its replica or move to the primary by itself. A token
+it will never accept gets MySQL error 1231.
+
 Public API: `current_token()` and `use_token()`. `TokenScope` is the machinery that the
 middleware shares with `use_token()`.
 """
@@ -38,13 +47,20 @@ from django.db.backends.signals import connection_created
 from django.db.transaction import TransactionManagementError
 
 from . import conf
-from .tokens import CAUSAL_SETTING, RESET_SQL, SHOW_SQL, is_valid_token, set_sql, startup_option
+from .tokens import (
+    CAUSAL_SETTING, is_valid_token, reset_sql, set_sql, show_sql, startup_option, token_name,
+    token_of_row,
+)
 
 logger = logging.getLogger("django_switchyard")
 
 # What Switchyard answers a SET with a token it will never accept: one from another
 # cluster, or not a token at all.
 INVALID_PARAMETER_VALUE = "22023"
+
+# The same refusal on MySQL (ER_WRONG_VALUE_FOR_VAR, SQLSTATE 42000): drivers there give
+# the error number, not the SQLSTATE.
+MYSQL_WRONG_VALUE_FOR_VAR = 1231
 
 # What Switchyard answers, in session pooling mode, a SET with a token that the node the
 # connection is on has not replayed within causal_wait_ms: the connection cannot move
@@ -98,15 +114,15 @@ def current_token(alias=DEFAULT_DB_ALIAS):
             "call it from transaction.on_commit() instead"
         )
     try:
-        row = run_own_statement(conn, SHOW_SQL)
+        row = run_own_statement(conn, show_sql(conn.vendor))
     except Error as exc:
-        logger.warning("SHOW switchyard.causal_token failed on %r: %s", alias, exc)
+        logger.warning("%s failed on %r: %s", show_sql(conn.vendor), alias, exc)
         return ""
-    token = row[0] if row else ""
+    token = token_of_row(row)
     if token and not is_valid_token(token):
         logger.warning("ignoring a malformed causal token from %r: %r", alias, token)
         return ""
-    return token or ""
+    return token
 
 
 @contextmanager
@@ -115,7 +131,8 @@ def use_token(token, aliases=None):
 
     `aliases` defaults to SWITCHYARD_READ_ALIASES (every alias). No connection is
     opened for it: one the block opens gets the token as a startup option when it
-    connects, one already open gets it with a SET on entry. On exit the token is taken
+    connects (with a SET as it connects on MySQL), one already open gets it with a SET
+    on entry. On exit the token is taken
     off again (or the enclosing use_token()'s is put back): RESET on a connection that
     got the SET, and a connection opened with the token is closed. An empty token (""
     or None: nothing was written) does nothing; a malformed one raises ValueError. A
@@ -149,7 +166,8 @@ class TokenScope:
       That needs Django's PostgreSQL backend without OPTIONS["pool"]; other
       connections get a SET from the connection_created signal instead, which Django
       sends right after connecting, still in autocommit and before any query of the
-      application, even when the first query is in an atomic() block.
+      application, even when the first query is in an atomic() block. That is always
+      the way on MySQL, which has no startup option for it.
     - A connection already open in open() (kept across requests with CONN_MAX_AGE) gets
       a SET. In session pooling mode the proxy refuses it with SQLSTATE 55000 when the
       connection's node has not replayed the token in time: the connection is closed
@@ -166,7 +184,7 @@ class TokenScope:
     """
 
     def __init__(self, token, aliases):
-        self.sql = set_sql(token)  # validates the token
+        set_sql(token)  # validates the token
         self.token = token
         self.aliases = frozenset(aliases)
         self.startup = set()  # aliases whose new connections get the token at connect
@@ -215,10 +233,7 @@ class TokenScope:
             elif (outer := _covering(self.parent, alias)) is not None:
                 outer.apply(conn, may_reconnect=True)  # an enclosing use_token(): its token back
             else:
-                try:
-                    run_own_statement(conn, RESET_SQL)
-                except Exception as exc:
-                    logger.warning("RESET switchyard.causal_token failed on %r: %s", alias, exc)
+                reset(conn)
         self.applied.clear()
         self.opened.clear()
 
@@ -236,11 +251,11 @@ class TokenScope:
                 "transaction (enter use_token() outside transaction.atomic())", conn.alias)
             return
         try:
-            run_own_statement(conn, self.sql)
+            run_own_statement(conn, set_sql(self.token, conn.vendor))
         except Exception as exc:
             # Reads still work, as fresh as the proxy makes them without a token.
             code = _sqlstate(exc)
-            if code == INVALID_PARAMETER_VALUE:
+            if refused_as_invalid(exc):
                 self.refused = True
             elif (code == OBJECT_NOT_IN_PREREQUISITE_STATE and may_reconnect
                     and conn.alias in self.startup):
@@ -251,7 +266,7 @@ class TokenScope:
                 self.applied.discard(conn.alias)
                 _close(conn)
                 return
-            logger.warning("SET switchyard.causal_token failed on %r: %s", conn.alias, exc)
+            logger.warning("SET %s failed on %r: %s", token_name(conn.vendor), conn.alias, exc)
         else:
             self.accepted = True
             self.applied.add(conn.alias)
@@ -263,7 +278,8 @@ def _takes_startup_token(conn):
     Django's PostgreSQL backend (psycopg 3 or 2, and backends built on it, such as
     PostGIS) hands its connection parameters to libpq, `options` included. Not with
     OPTIONS["pool"]: psycopg's pool opens its connections with the parameters it was
-    created with and hands any of them to any request.
+    created with and hands any of them to any request. Not on MySQL: Switchyard takes
+    the token there as a connection attribute, which mysqlclient cannot send.
     """
     return conn.vendor == "postgresql" and not conn.settings_dict.get("OPTIONS", {}).get("pool")
 
@@ -343,6 +359,24 @@ def _sqlstate(exc):
     return None
 
 
+def _mysql_errno(exc):
+    """The MySQL error number of a database error (mysqlclient puts it first in
+    `args`, and Django's wrapper copies the args), or None."""
+    for error in (exc, getattr(exc, "__cause__", None)):
+        args = getattr(error, "args", None) or ()
+        # bool is an int too, and no driver's error number.
+        if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+            return args[0]
+    return None
+
+
+def refused_as_invalid(exc):
+    """Whether Switchyard refused a token as one it will never accept (another
+    cluster's, or not a token): SQLSTATE 22023 on PostgreSQL, error 1231 on MySQL."""
+    return (_sqlstate(exc) == INVALID_PARAMETER_VALUE
+            or _mysql_errno(exc) == MYSQL_WRONG_VALUE_FOR_VAR)
+
+
 def _covering(scope, alias):
     """The innermost scope from `scope` outwards that covers `alias`."""
     while scope is not None and alias not in scope.aliases:
@@ -353,6 +387,26 @@ def _covering(scope, alias):
 def _between_transactions(conn):
     # get_autocommit() connects if needed: only ask an open connection.
     return not conn.in_atomic_block and conn.get_autocommit()
+
+
+def between_transactions(conn):
+    """Whether `conn` is open and outside any transaction (where Switchyard answers the
+    token statements). Does no I/O."""
+    return conn.connection is not None and _between_transactions(conn)
+
+
+def reset(conn):
+    """Take a token set with a SET off `conn` (open, between transactions); a failure
+    is logged."""
+    try:
+        run_own_statement(conn, reset_sql(conn.vendor))
+    except Exception as exc:
+        logger.warning("%s failed on %r: %s", reset_sql(conn.vendor), conn.alias, exc)
+
+
+def covering_scope(alias):
+    """The innermost current TokenScope that covers `alias`, or None."""
+    return _covering(_current_scope.get(), alias)
 
 
 def run_own_statement(conn, sql):

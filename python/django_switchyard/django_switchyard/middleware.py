@@ -10,19 +10,35 @@ Switchyard places it on a node that has replayed the token, in session as in
 transaction pooling mode), with a SET to one already open (see causal.TokenScope).
 The classic bug it prevents: POST creates an object, the redirect's GET reads a
 standby that has not replayed it yet, and answers 404.
+
+Within one request it does the same between aliases: a read on a read alias after a
+statement on a write alias gets the write alias's token first (a SET on the read
+alias's connection, taken off at the end of the request), so a view that creates an
+object on `default` and reads it back through `replica` finds it.
+
+On MySQL / MariaDB the token goes onto every connection with a SET (there is no
+startup option for it; see causal.py).
 """
 import logging
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 
 from django.conf import settings
 from django.db import connections
+from django.db.backends.signals import connection_created
 from django.http import FileResponse
 
 from . import conf
-from .causal import TokenScope, forget_scopes, run_own_statement, running_own_statement
-from .tokens import SHOW_SQL, is_valid_token, sign_token, unsign_token
+from .causal import (
+    TokenScope, between_transactions, covering_scope, forget_scopes, reset,
+    run_own_statement, running_own_statement,
+)
+from .tokens import is_valid_token, set_sql, show_sql, sign_token, token_name, token_of_row, unsign_token
 
 logger = logging.getLogger("django_switchyard")
+
+# The request's _Statements while its view runs (for the connection_created receiver).
+_watching = ContextVar("django_switchyard_statements", default=None)
 
 
 class CausalReadsMiddleware:
@@ -44,6 +60,9 @@ class CausalReadsMiddleware:
         # something to discover on every request.
         self.write_aliases = conf.write_aliases()
         self.read_aliases = conf.read_aliases()
+        # Where a token of this request's writes is handed within the request: a
+        # write alias's own connection already reads its own writes.
+        self.handover_aliases = [a for a in self.read_aliases if a not in self.write_aliases]
         self.cookie_name = conf.cookie_name()
         self.max_age = conf.cookie_max_age()
 
@@ -53,11 +72,15 @@ class CausalReadsMiddleware:
         scope = TokenScope(incoming, self.read_aliases).open() if incoming else None
         scope_handed_over = False
         try:
-            with _statements_on(self.write_aliases) as used:
-                response = self.get_response(request)
+            watch = _Statements(self.write_aliases, self.handover_aliases)
+            try:
+                with watch.watching():
+                    response = self.get_response(request)
+            finally:
+                watch.undo_handovers()
             # Before Django closes the connections (request_finished, when the server
             # closes the response): the token lives on the client connection.
-            token = self._token_of_writes(used)
+            token = self._token_of_writes(watch.used)
             if token and token != incoming:
                 self._set_cookie(response, token)
             elif scope is not None and scope.refused and not scope.accepted and not token:
@@ -94,16 +117,7 @@ class CausalReadsMiddleware:
                 logger.warning("causal token of %r not read: its connection is still "
                                "inside a transaction at the end of the request", alias)
                 continue
-            try:
-                row = run_own_statement(conn, SHOW_SQL)
-            except Exception as exc:
-                logger.warning("SHOW switchyard.causal_token failed on %r: %s", alias, exc)
-                continue
-            token = row[0] if row else ""
-            if token and not is_valid_token(token):
-                logger.warning("ignoring a malformed causal token from %r: %r", alias, token)
-            elif token:
-                found = token
+            found = _read_token(conn) or found
         return found
 
     def _set_cookie(self, response, token):
@@ -119,33 +133,142 @@ class CausalReadsMiddleware:
         )
 
 
-@contextmanager
-def _statements_on(aliases):
-    """Collect the aliases, among `aliases`, on which the block runs a statement.
+def _read_token(conn):
+    """The token of `conn`'s writes (open, between transactions), "" if none; a
+    failure or a malformed answer is logged."""
+    try:
+        row = run_own_statement(conn, show_sql(conn.vendor))
+    except Exception as exc:
+        logger.warning("%s failed on %r: %s", show_sql(conn.vendor), conn.alias, exc)
+        return ""
+    token = token_of_row(row)
+    if token and not is_valid_token(token):
+        logger.warning("ignoring a malformed causal token from %r: %r", conn.alias, token)
+        return ""
+    return token
 
-    Why an execute wrapper: it sees every statement Django's cursors send (ORM, raw
+
+class _Statements:
+    """One request's statements on our aliases: which write aliases ran one (for the
+    cookie), and handing their token to the read aliases within the request.
+
+    Why execute wrappers: they see every statement Django's cursors send (ORM, raw
     SQL, executemany) on a connection reused across requests (CONN_MAX_AGE) as on a new
     one, for one Python call per statement. The connection_created signal fires only
     when a connection is opened, which neither happens on a reused connection nor means
     a statement ran; `connection.queries` is recorded only with DEBUG.
 
     Any statement counts, not just writes: telling them apart is the proxy's job, and
-    SHOW returns "" (no cookie) for a connection that has not written. Statements
-    run on the driver's own connection object (connection.connection), bypassing
-    Django's cursors, are not seen.
-    """
-    used = set()
+    it answers "" for a connection that has not written. Statements run on the
+    driver's own connection object (connection.connection), bypassing Django's
+    cursors, are not seen.
 
-    def note(execute, sql, params, many, context):
+    The hand-over: before the first statement on a read alias's connection after
+    statements on a write alias, the write aliases' token is read and SET on that
+    connection. Only between transactions on both sides: an uncommitted write cannot
+    be seen elsewhere, and on PostgreSQL Switchyard answers the token statements only
+    outside a transaction. Requests that write nothing pay one Python call per read
+    statement and no statement.
+    """
+
+    def __init__(self, write_aliases, read_aliases):
+        self.write_aliases = write_aliases
+        self.read_aliases = read_aliases
+        self.used = set()  # write aliases the request ran a statement on
+        self.wrote = set()  # write aliases with statements since their token was read
+        self.token = ""  # the newest token read from them
+        # read alias -> the DB-API connection that has had the newest token (or for
+        # which the attempt failed): one SET per connection and token.
+        self.given = {}
+        self.handed = {}  # read alias -> the DB-API connection our SET is on
+
+    @contextmanager
+    def watching(self):
+        flag = _watching.set(self)
+        try:
+            with ExitStack() as stack:
+                # connections[alias] creates the connection object, not a connection.
+                for alias in self.write_aliases:
+                    stack.enter_context(connections[alias].execute_wrapper(self._on_write))
+                for alias in self.read_aliases:
+                    stack.enter_context(connections[alias].execute_wrapper(self._on_read))
+                yield
+        finally:
+            _watching.reset(flag)
+
+    def connected(self, conn):
+        """`conn` has just connected (connection_created). Django's MySQL backend runs
+        statements while connecting, before that signal, so a hand-over may have come
+        first and a token scope's SET at connect replaced it since: hand over again
+        before the next statement."""
+        if self.given.get(conn.alias) is conn.connection and covering_scope(conn.alias) is not None:
+            del self.given[conn.alias]
+
+    def _on_write(self, execute, sql, params, many, context):
         if not running_own_statement():
-            used.add(context["connection"].alias)
+            alias = context["connection"].alias
+            self.used.add(alias)
+            self.wrote.add(alias)
+            self.given.clear()
         return execute(sql, params, many, context)
 
-    with ExitStack() as stack:
-        for alias in aliases:
-            # connections[alias] creates the connection object, not a connection.
-            stack.enter_context(connections[alias].execute_wrapper(note))
-        yield used
+    def _on_read(self, execute, sql, params, many, context):
+        if self.used and not running_own_statement():
+            conn = context["connection"]
+            if self.given.get(conn.alias) is not conn.connection:
+                self._hand_over(conn)
+        return execute(sql, params, many, context)
+
+    def _hand_over(self, conn):
+        if not between_transactions(conn):
+            return  # a SET would not be answered by the proxy; try before the next one
+        writers = [connections[alias] for alias in sorted(self.wrote)]
+        if any(w.connection is not None and not between_transactions(w) for w in writers):
+            return  # not committed yet, so invisible elsewhere anyway
+        for writer in writers:
+            if writer.connection is not None:  # else closed: its token went with it
+                self.token = _read_token(writer) or self.token
+        self.wrote.clear()
+        self.given[conn.alias] = conn.connection
+        if not self.token:
+            return
+        try:
+            run_own_statement(conn, set_sql(self.token, conn.vendor))
+        except Exception as exc:
+            # Not retried (and no reconnecting in the middle of a statement): the read
+            # goes on as fresh as the proxy makes it without the token.
+            logger.warning("SET %s (this request's writes) failed on %r: %s",
+                           token_name(conn.vendor), conn.alias, exc)
+        else:
+            self.handed[conn.alias] = conn.connection
+
+    def undo_handovers(self):
+        """Take the hand-over tokens off again, so that a connection kept for the next
+        request does not carry them. Where a token scope (the cookie's) put its own
+        token on the connection, the scope takes it off when it ends."""
+        for alias, raw in sorted(self.handed.items()):
+            conn = connections[alias]
+            if conn.connection is not raw:
+                continue  # closed since: the token went with it
+            if not between_transactions(conn):
+                logger.warning("causal token of this request's writes left on %r: its "
+                               "connection is inside a transaction at the end of the "
+                               "request", alias)
+                continue
+            scope = covering_scope(alias)
+            if scope is not None and (alias in scope.applied or scope.opened.get(alias) is raw):
+                continue
+            reset(conn)
+        self.handed.clear()
+
+
+def _on_connection_created(sender, connection, **kwargs):
+    statements = _watching.get()
+    if statements is not None and connection.alias in statements.read_aliases:
+        statements.connected(connection)
+
+
+connection_created.connect(_on_connection_created, dispatch_uid="django_switchyard.middleware")
 
 
 def _body_may_query(response):

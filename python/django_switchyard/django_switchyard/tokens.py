@@ -9,6 +9,15 @@ Switchyard's tokens are opaque ASCII strings that start with `sy1.` and use only
 statements must be sent without parameters anyway: Switchyard answers them itself only
 as a simple-protocol query sent alone, and psycopg 3 uses the simple protocol only for
 a statement without parameters.
+
+The statements depend on the connection's vendor (Django's `connection.vendor`):
+
+    PostgreSQL                                  MySQL / MariaDB
+    SHOW switchyard.causal_token                SELECT @switchyard_causal_token
+    SET switchyard.causal_token = '<token>'     SET @switchyard_causal_token = '<token>'
+    RESET switchyard.causal_token               SET @switchyard_causal_token = ''
+
+Any vendor other than "mysql" gets PostgreSQL's (the unit tests use SQLite).
 """
 import re
 
@@ -24,6 +33,12 @@ CAUSAL_SETTING = "switchyard.causal_token"
 SHOW_SQL = f"SHOW {CAUSAL_SETTING}"
 RESET_SQL = f"RESET {CAUSAL_SETTING}"
 
+# MySQL has no custom settings: Switchyard answers statements on this user variable
+# itself (the server never sees them).
+MYSQL_VARIABLE = "@switchyard_causal_token"
+MYSQL_SHOW_SQL = f"SELECT {MYSQL_VARIABLE}"
+MYSQL_RESET_SQL = f"SET {MYSQL_VARIABLE} = ''"
+
 # Separates these signatures from every other use of SECRET_KEY in the project.
 COOKIE_SALT = "django_switchyard.causal_cookie"
 
@@ -38,11 +53,39 @@ def is_valid_token(token):
     )
 
 
-def set_sql(token):
+def _mysql(vendor):
+    return vendor == "mysql"
+
+
+def token_name(vendor="postgresql"):
+    """How the token is named in statements (and log messages) for `vendor`."""
+    return MYSQL_VARIABLE if _mysql(vendor) else CAUSAL_SETTING
+
+
+def show_sql(vendor="postgresql"):
+    """The statement that returns the token of a connection's newest write."""
+    return MYSQL_SHOW_SQL if _mysql(vendor) else SHOW_SQL
+
+
+def set_sql(token, vendor="postgresql"):
     """The statement that makes a connection's reads at least as fresh as `token`."""
     if not is_valid_token(token):
         raise ValueError(f"not a Switchyard causal token: {token!r}")
-    return f"SET switchyard.causal_token = '{token}'"
+    return f"SET {token_name(vendor)} = '{token}'"
+
+
+def reset_sql(vendor="postgresql"):
+    """The statement that takes a token set with set_sql() off a connection."""
+    return MYSQL_RESET_SQL if _mysql(vendor) else RESET_SQL
+
+
+def token_of_row(row):
+    """The token in the first column of `row` (an answer to show_sql()), "" if none.
+    Not validated here."""
+    value = row[0] if row else None
+    if isinstance(value, (bytes, bytearray)):  # a driver that returns the column raw
+        value = bytes(value).decode("ascii", "replace")
+    return value or ""
 
 
 def startup_option(token, existing=""):

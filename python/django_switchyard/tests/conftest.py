@@ -104,10 +104,29 @@ def set_only(monkeypatch, connects):
     monkeypatch.setattr(causal, "_takes_startup_token", lambda conn: False)
 
 
+@pytest.fixture
+def mysql(monkeypatch, connects):
+    """Both aliases stand in for Django's MySQL backend (mysqlclient): the vendor says
+    "mysql", and no connection takes the token as a startup option (what
+    `_takes_startup_token` says for that vendor, tested on its own)."""
+    from django.db import connections
+
+    from django_switchyard import causal
+
+    for alias in connections:
+        monkeypatch.setattr(connections[alias], "vendor", "mysql")
+    monkeypatch.setattr(causal, "_takes_startup_token", lambda conn: False)
+
+
+def _is_show(sql):
+    return sql.startswith("SHOW") or sql == "SELECT @switchyard_causal_token"
+
+
 class Statements:
     """Stands in for Switchyard: records (alias, sql) of the package's own statements
-    and answers SHOW with `self.token`, or raises `self.error` for statements that
-    start with `self.fail_on`. `self.connects` records the connections opened."""
+    and answers SHOW (SELECT @switchyard_causal_token on MySQL) with `self.token`, or
+    raises `self.error` for statements that start with `self.fail_on`.
+    `self.connects` records the connections opened."""
 
     def __init__(self, connects):
         self.connects = connects
@@ -119,7 +138,7 @@ class Statements:
     def __call__(self, conn, sql):
         # The package must never open a connection for its own statements (except
         # current_token(), which the caller asked for).
-        assert conn.connection is not None or sql.startswith("SHOW"), (conn.alias, sql)
+        assert conn.connection is not None or _is_show(sql), (conn.alias, sql)
         self.log.append((conn.alias, sql))
         # Go through Django's cursor like the real statement would, so that the
         # middleware's statement watcher sees it (and must tell it is ours).
@@ -133,7 +152,7 @@ class Statements:
             causal._own_statement.reset(flag)
         if self.fail_on and sql.startswith(self.fail_on):
             raise self.error
-        if sql.startswith("SHOW"):
+        if _is_show(sql):
             return (self.token,)
         return None
 

@@ -347,3 +347,125 @@ def test_current_token_from_on_commit(statements):
         transaction.on_commit(lambda: got.append(current_token()))
         assert got == []
     assert got == [A]
+
+
+# MySQL / MariaDB (Django's mysql backend, mysqlclient): no startup option, the token
+# always goes on with a SET, and comes off with SET ... = ''.
+
+M_SHOW = "SELECT @switchyard_causal_token"
+M_RESET = "SET @switchyard_causal_token = ''"
+
+
+def m_set(token):
+    return f"SET @switchyard_causal_token = '{token}'"
+
+
+def mysql_error(number, message):
+    """What Django raises for a mysqlclient error: its wrapper, with the driver's
+    exception (error number first in args) as the cause."""
+    class MySQLdbOperationalError(Exception):
+        pass
+
+    error = OperationalError(number, message)
+    error.__cause__ = MySQLdbOperationalError(number, message)
+    return error
+
+
+def test_mysql_connections_take_no_startup_option():
+    from types import SimpleNamespace
+
+    from django_switchyard.causal import _takes_startup_token
+
+    assert not _takes_startup_token(SimpleNamespace(vendor="mysql", settings_dict={"OPTIONS": {}}))
+
+
+def test_current_token_on_mysql(statements, mysql):
+    statements.token = A
+    assert current_token() == A
+    assert statements.log == [("default", M_SHOW)]
+
+
+def test_current_token_on_mysql_failing_is_logged(statements, mysql, caplog):
+    statements.fail_on, statements.error = M_SHOW, mysql_error(2013, "Lost connection")
+    with caplog.at_level(logging.WARNING, logger="django_switchyard"):
+        assert current_token() == ""
+    assert "SELECT @switchyard_causal_token failed on 'default'" in caplog.text
+
+
+def test_use_token_on_mysql_sets_it_as_a_connection_opens(statements, mysql):
+    with use_token(A):
+        assert statements.log == []  # nothing open, nothing opened
+        query("replica")
+    assert statements.connects.log == [("replica", None)]  # no startup options
+    assert statements.log == [("replica", m_set(A)), ("replica", M_RESET)]
+    assert is_open("replica")  # not opened with a token: kept, reset
+    assert not is_open("default")
+
+
+def test_use_token_on_mysql_on_an_open_connection(statements, mysql):
+    query("replica")
+    with use_token(A):
+        assert statements.log == [("replica", m_set(A))]
+        query("replica")
+    assert statements.log == [("replica", m_set(A)), ("replica", M_RESET)]
+    assert statements.connects.log == [("replica", None)]
+
+
+def test_nested_use_token_on_mysql(statements, mysql):
+    with use_token(A):
+        query("replica")
+        with use_token(B, aliases="replica"):
+            query("replica")
+        query("replica")
+    assert statements.log == [
+        ("replica", m_set(A)), ("replica", m_set(B)), ("replica", m_set(A)), ("replica", M_RESET),
+    ]
+
+
+def test_a_token_mysql_refuses_is_logged_and_the_block_runs(statements, mysql, caplog):
+    from django_switchyard.causal import TokenScope
+
+    statements.fail_on = m_set(A)
+    statements.error = mysql_error(
+        1231, "@switchyard_causal_token comes from another cluster; use a token from "
+              "this cluster's connections")
+    query("replica")
+    scope = TokenScope(A, ["replica"])
+    with caplog.at_level(logging.WARNING, logger="django_switchyard"):
+        scope.open()
+        query("replica")
+        scope.close()
+    assert scope.refused and not scope.accepted
+    assert is_open("replica")  # never closed for a MySQL refusal
+    assert statements.log == [("replica", m_set(A))]  # not applied: nothing to reset
+    assert "SET @switchyard_causal_token failed on 'replica'" in caplog.text
+
+
+@pytest.mark.parametrize("error, refused", [
+    (mysql_error(1231, "invalid value for @switchyard_causal_token: not a token"), True),
+    (OperationalError(1231, "comes from another cluster"), True),  # Django's wrapper alone
+    (mysql_error(1064, "each sent alone"), False),
+    (mysql_error(2013, "Lost connection to server during query"), False),
+    (OperationalError("1231"), False),  # SQLite's errors: a message, not a number
+    (OperationalError(True, "x"), False),
+])
+def test_which_mysql_errors_are_refusals(error, refused):
+    from django_switchyard.causal import refused_as_invalid
+
+    assert refused_as_invalid(error) is refused
+
+
+def test_postgresql_refusals_still_count():
+    from django_switchyard.causal import refused_as_invalid
+
+    class DriverError(Exception):
+        sqlstate = "22023"
+
+    class NotInState(Exception):
+        sqlstate = "55000"
+
+    error = OperationalError("from another cluster")
+    error.__cause__ = DriverError()
+    assert refused_as_invalid(error)
+    error.__cause__ = NotInState()
+    assert not refused_as_invalid(error)

@@ -433,3 +433,280 @@ def test_a_scope_left_by_an_unclosed_response_is_ended_by_the_next_request(state
     get(CausalReadsMiddleware(view("replica", "default")))
     assert statements.connects.log == [("default", None), ("replica", OPT), ("replica", None)]
     assert statements.log == [("default", SET), ("default", RESET), ("default", SHOW)]
+
+
+# MySQL / MariaDB: the same flow with MySQL's statements, and every connection gets the
+# token with a SET.
+
+M_SHOW = "SELECT @switchyard_causal_token"
+M_SET = f"SET @switchyard_causal_token = '{TOKEN}'"
+M_SET_NEWER = f"SET @switchyard_causal_token = '{NEWER}'"
+M_RESET = "SET @switchyard_causal_token = ''"
+
+
+def mysql_refused():
+    """What Django raises for Switchyard's answer to another cluster's token on MySQL."""
+    class MySQLdbOperationalError(Exception):
+        pass
+
+    message = "@switchyard_causal_token comes from another cluster"
+    error = OperationalError(1231, message)
+    error.__cause__ = MySQLdbOperationalError(1231, message)
+    return error
+
+
+def test_mysql_a_write_sets_the_cookie(statements, mysql):
+    statements.token = TOKEN
+    response = get(CausalReadsMiddleware(view("default")))
+    assert statements.log == [("default", M_SHOW)]
+    assert unsign_token(response.cookies[COOKIE].value, max_age=10) == TOKEN
+
+
+def test_mysql_the_token_is_set_as_a_read_alias_connects(statements, mysql):
+    response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert statements.connects.log == [("replica", None)]
+    assert statements.log == [("replica", M_SET), ("replica", M_RESET)]
+    assert COOKIE not in response.cookies
+    assert not is_open("default")
+
+
+def test_mysql_a_kept_connection_gets_the_token_and_loses_it(statements, mysql):
+    query("replica")
+    get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert statements.log == [("replica", M_SET), ("replica", M_RESET)]
+    assert is_open("replica")
+
+
+def test_mysql_a_refused_token_drops_the_cookie(statements, mysql, caplog):
+    statements.fail_on, statements.error = M_SET, mysql_refused()
+    with caplog.at_level(logging.WARNING, logger="django_switchyard"):
+        response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert response.status_code == 200
+    assert statements.log == [("replica", M_SET)]
+    assert "SET @switchyard_causal_token failed on 'replica'" in caplog.text
+    assert response.cookies[COOKIE].value == ""  # deleted
+    assert response.cookies[COOKIE]["max-age"] == 0
+
+
+def test_mysql_other_errors_keep_the_cookie(statements, mysql):
+    class MySQLdbOperationalError(Exception):
+        pass
+
+    error = OperationalError(2013, "Lost connection to server during query")
+    error.__cause__ = MySQLdbOperationalError(2013, "Lost connection to server during query")
+    statements.fail_on, statements.error = M_SET, error
+    response = get(CausalReadsMiddleware(view("replica")), sign_token(TOKEN))
+    assert response.status_code == 200
+    assert COOKIE not in response.cookies
+
+
+# Within one request: a read on a read alias after a write on a write alias.
+
+def test_a_read_after_a_write_in_the_same_request_gets_the_token(statements):
+    statements.token = TOKEN
+    seen = []
+
+    def create_and_read(request):
+        query("default")
+        query("replica")
+        seen.extend(statements.log)
+        return HttpResponse("ok")
+
+    response = get(CausalReadsMiddleware(create_and_read))
+    assert seen == [("default", SHOW), ("replica", SET)]  # before the read ran
+    assert statements.log == [
+        ("default", SHOW), ("replica", SET),
+        ("replica", RESET),  # at the end of the request
+        ("default", SHOW),  # for the cookie
+    ]
+    assert unsign_token(response.cookies[COOKIE].value, max_age=10) == TOKEN
+    assert statements.connects.log == [("default", None), ("replica", None)]
+
+
+def test_mysql_a_read_after_a_write_in_the_same_request_gets_the_token(statements, mysql):
+    statements.token = TOKEN
+    get(CausalReadsMiddleware(view("default", "replica")))
+    assert statements.log == [
+        ("default", M_SHOW), ("replica", M_SET), ("replica", M_RESET), ("default", M_SHOW),
+    ]
+    assert is_open("replica")  # kept: the token is off again
+
+
+def test_a_read_before_the_write_gets_nothing(statements):
+    statements.token = TOKEN
+    get(CausalReadsMiddleware(view("replica", "default")))
+    assert statements.log == [("default", SHOW)]  # the cookie's only
+
+
+def test_reads_without_writes_cost_no_statement(statements):
+    def reads(request):
+        for _ in range(3):
+            query("replica")
+        return HttpResponse("ok")
+
+    get(CausalReadsMiddleware(reads))
+    assert statements.log == []
+
+
+def test_one_hand_over_per_write(statements):
+    statements.token = TOKEN
+
+    def several(request):
+        query("default")
+        query("replica")
+        query("replica")  # nothing written since: nothing to hand over
+        query("default")
+        statements.token = NEWER
+        query("replica")
+        return HttpResponse("ok")
+
+    get(CausalReadsMiddleware(several))
+    assert statements.log == [
+        ("default", SHOW), ("replica", SET),
+        ("default", SHOW), ("replica", SET_NEWER),
+        ("replica", RESET),
+        ("default", SHOW),
+    ]
+
+
+def test_a_write_that_wrote_nothing_hands_nothing_over(statements):
+    statements.token = ""  # the proxy saw no write
+    get(CausalReadsMiddleware(view("default", "replica", "replica")))
+    assert statements.log == [("default", SHOW), ("default", SHOW)]
+
+
+def test_no_hand_over_while_the_write_is_uncommitted(statements):
+    from django.db import transaction
+
+    statements.token = TOKEN
+    seen = []
+
+    def in_transaction(request):
+        with transaction.atomic(using="default"):
+            query("default")
+            query("replica")  # cannot see the write anyway
+            seen.extend(statements.log)
+        query("replica")  # committed now
+        return HttpResponse("ok")
+
+    get(CausalReadsMiddleware(in_transaction))
+    assert seen == []
+    assert statements.log[:2] == [("default", SHOW), ("replica", SET)]
+
+
+def test_no_hand_over_onto_a_read_alias_inside_a_transaction(statements):
+    from django.db import transaction
+
+    statements.token = TOKEN
+
+    def read_in_transaction(request):
+        query("default")
+        with transaction.atomic(using="replica"):
+            query("replica")  # the proxy would not answer a SET here
+        query("replica")  # between transactions again: now
+        return HttpResponse("ok")
+
+    get(CausalReadsMiddleware(read_in_transaction))
+    assert statements.log == [("default", SHOW), ("replica", SET), ("replica", RESET), ("default", SHOW)]
+
+
+def test_our_own_statements_trigger_no_hand_over(statements):
+    from django_switchyard.causal import current_token
+
+    statements.token = TOKEN
+
+    def asks(request):
+        assert current_token() == TOKEN  # our own SHOW on default
+        query("replica")
+        return HttpResponse("ok")
+
+    response = get(CausalReadsMiddleware(asks))
+    assert statements.log == [("default", SHOW)]
+    assert COOKIE not in response.cookies  # the view wrote nothing
+
+
+def test_a_hand_over_on_a_connection_with_the_cookies_token_is_left_to_its_scope(statements):
+    # The cookie's token was SET on the kept connection; the scope's RESET at the end
+    # takes the newer one off too.
+    query("replica")
+    query("default")
+    statements.token = NEWER
+    response = get(CausalReadsMiddleware(view("default", "replica")), sign_token(TOKEN))
+    assert statements.log == [
+        ("default", SET), ("replica", SET),  # the cookie's, at the start
+        ("default", SHOW), ("replica", SET_NEWER),  # the hand-over
+        ("default", SHOW),  # the cookie
+        ("default", RESET), ("replica", RESET),  # the scope's end
+    ]
+    assert unsign_token(response.cookies[COOKIE].value, max_age=10) == NEWER
+
+
+def test_a_hand_over_on_a_connection_opened_with_the_cookies_token(statements):
+    statements.token = NEWER
+    get(CausalReadsMiddleware(view("default", "replica")), sign_token(TOKEN))
+    assert statements.connects.log == [("default", OPT), ("replica", OPT)]
+    assert statements.log == [("default", SHOW), ("replica", SET_NEWER), ("default", SHOW)]
+    # Both opened with the cookie's token: closed, which takes the newer one too.
+    assert not is_open("replica") and not is_open("default")
+
+
+def test_a_failed_hand_over_is_logged_and_the_read_goes_on(statements, caplog):
+    statements.token = TOKEN
+    statements.fail_on, statements.error = SET, OperationalError("gone")
+    with caplog.at_level(logging.WARNING, logger="django_switchyard"):
+        response = get(CausalReadsMiddleware(view("default", "replica", "replica")))
+    assert response.status_code == 200
+    assert statements.log == [("default", SHOW), ("replica", SET), ("default", SHOW)]  # tried once
+    assert "failed on 'replica'" in caplog.text
+
+
+def test_a_reopened_read_connection_gets_the_token_again(statements):
+    statements.token = TOKEN
+
+    def reopen(request):
+        query("default")
+        query("replica")
+        connections["replica"].close()
+        query("replica")
+        return HttpResponse("ok")
+
+    get(CausalReadsMiddleware(reopen))
+    assert statements.log == [
+        ("default", SHOW), ("replica", SET),
+        ("replica", SET),  # the new connection: the token read before
+        ("replica", RESET), ("default", SHOW),
+    ]
+
+
+def test_no_hand_over_when_the_read_alias_is_a_write_alias(statements):
+    statements.token = TOKEN
+    with override_settings(SWITCHYARD_READ_ALIASES=["default"]):
+        get(CausalReadsMiddleware(view("default", "default")))
+    assert statements.log == [("default", SHOW)]
+
+
+def test_mysql_a_hand_over_while_connecting_ends_on_top(statements, mysql, monkeypatch):
+    # Django's MySQL backend runs statements through the connection's cursor while
+    # connecting (SET SQL_AUTO_IS_NULL ...), before connection_created, where the
+    # cookie's token goes on: the hand-over must end up on top of it.
+    from django.db.backends.sqlite3.base import DatabaseWrapper
+
+    real = DatabaseWrapper.init_connection_state
+
+    def init_connection_state(self):
+        real(self)
+        with self.cursor() as cursor:
+            cursor.execute("SELECT 1")
+
+    monkeypatch.setattr(DatabaseWrapper, "init_connection_state", init_connection_state)
+    statements.token = NEWER
+    response = get(CausalReadsMiddleware(view("default", "replica")), sign_token(TOKEN))
+    assert statements.log == [
+        ("default", M_SET),  # the cookie's, as default connects
+        ("default", M_SHOW), ("replica", M_SET_NEWER),  # hand-over, while replica connects
+        ("replica", M_SET),  # the cookie's, from connection_created
+        ("replica", M_SET_NEWER),  # hand-over again, before the view's read
+        ("default", M_SHOW),  # the cookie
+        ("default", M_RESET), ("replica", M_RESET),  # the scope's end
+    ]
+    assert unsign_token(response.cookies[COOKIE].value, max_age=10) == NEWER

@@ -5,7 +5,8 @@ import pytest
 from django.test import override_settings
 
 from django_switchyard.tokens import (
-    MAX_TOKEN_LENGTH, is_valid_token, set_sql, sign_token, unsign_token,
+    MAX_TOKEN_LENGTH, RESET_SQL, SHOW_SQL, is_valid_token, reset_sql, set_sql, show_sql,
+    sign_token, token_name, token_of_row, unsign_token,
 )
 
 TOKEN = "sy1.7349012345678901234.2.0-16B3A28/aB9"
@@ -51,6 +52,45 @@ def test_set_sql_embeds_a_valid_token_as_a_literal():
 def test_set_sql_refuses_anything_else():
     with pytest.raises(ValueError):
         set_sql("sy1.a'; RESET ALL; --")
+    with pytest.raises(ValueError):
+        set_sql("sy1.a'; DROP TABLE x; --", "mysql")
+
+
+MYSQL_TOKEN = "sy1.m1f5962a2ce9803c8.0-1-11"
+
+
+def test_statements_for_postgresql():
+    # The default, and what any vendor but MySQL gets (the unit tests' SQLite).
+    for args in [(), ("postgresql",), ("sqlite",)]:
+        assert show_sql(*args) == SHOW_SQL == "SHOW switchyard.causal_token"
+        assert reset_sql(*args) == RESET_SQL == "RESET switchyard.causal_token"
+        assert set_sql(TOKEN, *args) == f"SET switchyard.causal_token = '{TOKEN}'"
+        assert token_name(*args) == "switchyard.causal_token"
+
+
+def test_statements_for_mysql():
+    assert show_sql("mysql") == "SELECT @switchyard_causal_token"
+    assert set_sql(MYSQL_TOKEN, "mysql") == f"SET @switchyard_causal_token = '{MYSQL_TOKEN}'"
+    assert set_sql(MYSQL_TOKEN, vendor="mysql") == set_sql(MYSQL_TOKEN, "mysql")
+    assert reset_sql("mysql") == "SET @switchyard_causal_token = ''"
+    assert token_name("mysql") == "@switchyard_causal_token"
+
+
+def test_a_mysql_token_is_well_formed():
+    assert is_valid_token(MYSQL_TOKEN)
+
+
+@pytest.mark.parametrize("row, token", [
+    ((TOKEN,), TOKEN),
+    ((TOKEN.encode(),), TOKEN),  # a driver that hands the column over as bytes
+    ((bytearray(b"sy1.x"),), "sy1.x"),
+    (("",), ""),
+    ((None,), ""),  # NULL
+    (None, ""),
+    ((), ""),
+])
+def test_token_of_row(row, token):
+    assert token_of_row(row) == token
 
 
 def test_cookie_round_trip():

@@ -6,6 +6,11 @@ is Switchyard's read-write endpoint, `replica` (the article's follower) its read
 endpoint, and shop.failover_router.FailoverRouter sends reads to `replica` and writes
 to `default`. Connections come from the environment as in sytest.settings: SY_HOST,
 SY_RW_PORT, SY_RO_PORT, SY_USER, SY_PASSWORD, SY_DB. The driver is mysqlclient.
+
+For tests/python/django_mysql_causal_check.py (which sets them itself), as in
+sytest.settings: SY_CAUSAL_MIDDLEWARE=1 puts django_switchyard's CausalReadsMiddleware
+first in MIDDLEWARE, and SY_PACKAGE_ROUTER=1 uses django_switchyard's
+PrimaryReplicaRouter (reads to `replica`) instead of the article's router.
 """
 import os
 
@@ -58,3 +63,9 @@ DATABASES["replica"]["TEST"] = {"MIRROR": "default"}
 DATABASE_ROUTERS = ["shop.failover_router.FailoverRouter"]
 
 MIDDLEWARE = []
+if os.environ.get("SY_CAUSAL_MIDDLEWARE") == "1":
+    # First: what other middleware writes happens inside it.
+    MIDDLEWARE.insert(0, "django_switchyard.middleware.CausalReadsMiddleware")
+if os.environ.get("SY_PACKAGE_ROUTER") == "1":
+    DATABASE_ROUTERS = ["django_switchyard.routers.PrimaryReplicaRouter"]
+    SWITCHYARD_REPLICA_ALIAS = "replica"
