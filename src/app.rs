@@ -282,7 +282,10 @@ impl Proxy {
                 c.engine,
                 match c.engine {
                     Engine::Postgresql => Box::new(PgCluster::new(state, &c.read_only_functions)),
-                    Engine::Mysql => Box::new(Arc::new(crate::mysql::ClusterInfo::new(&c.read_only_functions))),
+                    Engine::Mysql => Box::new(Arc::new(crate::mysql::ClusterInfo::new(
+                        &c.read_only_functions,
+                        config.proxy.worker_threads(),
+                    ))),
                 },
             ));
             for (addr, endpoint) in [(&c.listen_rw, Endpoint::ReadWrite), (&c.listen_ro, Endpoint::ReadOnly)] {

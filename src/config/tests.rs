@@ -196,7 +196,10 @@ fn mysql_clusters_refuse_postgresql_only_keys_by_name() {
     assert_eq!(c.clusters["main"].engine, Engine::Mysql);
     assert_eq!(Config::parse(GOOD).unwrap().clusters["main"].engine, Engine::Postgresql);
     for (extra, key) in [
-        ("pool_mode = \"transaction\"", "clusters.main.pool_mode"),
+        (
+            "pool_mode = \"transaction\"\nread_write_split = true",
+            "clusters.main.read_write_split",
+        ),
         // Automatic failover needs a manager, on MySQL as on PostgreSQL.
         ("failover = \"automatic\"", "clusters.main.failover"),
     ] {

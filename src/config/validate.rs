@@ -233,10 +233,10 @@ impl Config {
 /// something other than its default is named, with what to do instead.
 fn mysql_rules(cname: &str, c: &ClusterConfig) -> Result<(), ConfigError> {
     let refuse = |key: &str, why: &str| Err(invalid(format!("clusters.{cname}.{key}"), why.to_string()));
-    if c.pool_mode != PoolMode::Session {
+    if c.pool_mode == PoolMode::Transaction && c.read_write_split {
         return refuse(
-            "pool_mode",
-            "engine = \"mysql\" supports pool_mode = \"session\" only (a MySQL session's state cannot be moved between server connections safely)",
+            "read_write_split",
+            "on a MySQL cluster works with pool_mode = \"session\" (not yet with transaction pooling)",
         );
     }
     Ok(())

@@ -115,6 +115,17 @@ pub struct Answers {
     pub oks: u32,
     /// Of those, OKs too large to be read whole: their GTID, if any, is not known.
     pub untracked_ok: bool,
+    /// Transaction pooling: collect the session's changes the server reports
+    /// (`vars`, `schema`, `unexplained_change`), until the relay takes them.
+    pub collect_state: bool,
+    /// Session variables set (name, new value), in order.
+    pub vars: Vec<(String, String)>,
+    /// The current database, when it changed.
+    pub schema: Option<String>,
+    /// The server said the session's state changed, naming no variable or database:
+    /// a user variable, a temporary table, a prepared statement... (the session must
+    /// keep its connection).
+    pub unexplained_change: bool,
 }
 
 impl Answers {
@@ -138,6 +149,10 @@ impl Answers {
             gtid: None,
             oks: 0,
             untracked_ok: false,
+            collect_state: false,
+            vars: Vec::new(),
+            schema: None,
+            unexplained_change: false,
         }
     }
 
@@ -380,8 +395,17 @@ impl Answers {
     /// The session state an OK packet reports (the whole payload `p`): the GTID of a
     /// commit, if it names one.
     fn session_state(&mut self, p: &[u8]) {
-        if let Some(gtid) = ok_gtid(p) {
+        let Some(state) = ok_state(p) else { return };
+        if let Some(gtid) = state.gtid {
             self.gtid = Some(gtid);
+        }
+        if self.collect_state {
+            let explained = !state.vars.is_empty() || state.schema.is_some();
+            self.unexplained_change |= state.changed && !explained;
+            self.vars.extend(state.vars);
+            if state.schema.is_some() {
+                self.schema = state.schema;
+            }
         }
     }
 
@@ -432,7 +456,31 @@ fn lenenc_str<'a>(p: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
 /// (`CLIENT_SESSION_TRACK`): header, affected rows, last insert id, status (2),
 /// warnings (2), info (length-encoded), then, with `SERVER_SESSION_STATE_CHANGED`, the
 /// state as a length-encoded block of entries: type (1), data (length-encoded).
+#[cfg(test)]
 pub fn ok_gtid(p: &[u8]) -> Option<String> {
+    ok_state(p).and_then(|s| s.gtid)
+}
+
+/// The session state an OK packet reports.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SessionState {
+    /// The GTID of a commit.
+    pub gtid: Option<String>,
+    /// System variables set, with their new values (`last_gtid` not among them).
+    pub vars: Vec<(String, String)>,
+    /// The new current database.
+    pub schema: Option<String>,
+    /// The state-change tracker said something changed.
+    pub changed: bool,
+}
+
+/// Session-state entry types (MySQL's `enum_session_state_type`).
+const SESSION_TRACK_SCHEMA: u8 = 1;
+const SESSION_TRACK_STATE_CHANGE: u8 = 2;
+
+/// The session state in an OK packet (whole payload; header 0x00 or 0xFE), if it has
+/// any (see `ok_gtid` for the layout).
+pub fn ok_state(p: &[u8]) -> Option<SessionState> {
     let mut at = 1;
     let (_, a) = lenenc(p.get(at..)?)?;
     at += a;
@@ -444,34 +492,49 @@ pub fn ok_gtid(p: &[u8]) -> Option<String> {
         return None;
     }
     lenenc_str(p, &mut at)?; // info
-    let state = lenenc_str(p, &mut at)?;
-    let mut found = None;
+    let block = lenenc_str(p, &mut at)?;
+    let mut state = SessionState::default();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let mut i = 0;
-    while i < state.len() {
-        let kind = state[i];
+    while i < block.len() {
+        let kind = block[i];
         i += 1;
-        let data = lenenc_str(state, &mut i)?;
+        let data = lenenc_str(block, &mut i)?;
         match kind {
             SESSION_TRACK_SYSTEM_VARIABLES => {
                 let mut j = 0;
                 let name = lenenc_str(data, &mut j)?;
                 let value = lenenc_str(data, &mut j)?;
-                if name.eq_ignore_ascii_case(b"last_gtid") && !value.is_empty() {
-                    found = Some(String::from_utf8_lossy(value).into_owned());
+                if name.eq_ignore_ascii_case(b"last_gtid") {
+                    if !value.is_empty() {
+                        state.gtid = Some(text(value));
+                    }
+                } else {
+                    state.vars.push((text(name), text(value)));
                 }
+            }
+            SESSION_TRACK_SCHEMA => {
+                let mut j = 0;
+                state.schema = Some(text(lenenc_str(data, &mut j)?));
+            }
+            SESSION_TRACK_STATE_CHANGE => {
+                // The data is "1" (MariaDB and MySQL send it bare, not length-encoded
+                // again as the documentation's layout suggests; both are read).
+                let mut j = 0;
+                state.changed |= data == b"1" || lenenc_str(data, &mut j) == Some(b"1");
             }
             SESSION_TRACK_GTIDS => {
                 // Encoding specification (0: the GTID set as text), then the set.
                 let mut j = 1;
                 let set = lenenc_str(data, &mut j)?;
                 if !set.is_empty() {
-                    found = Some(String::from_utf8_lossy(set).into_owned());
+                    state.gtid = Some(text(set));
                 }
             }
             _ => {}
         }
     }
-    found
+    Some(state)
 }
 
 /// An OK packet's status flags (whole payload, header included).

@@ -266,6 +266,28 @@ fn ok_with_gtid(gtid: &str, mysql: bool, pad: usize) -> Vec<u8> {
 }
 
 #[test]
+fn session_state_is_read_as_servers_send_it() {
+    // MariaDB 10.11's OK for `SET time_zone = '+05:00'` with the variable, schema and
+    // state-change trackers on, as captured.
+    let p = [
+        0, 0, 0, 2, 64, 0, 0, 0, 22, 0, 17, 9, 116, 105, 109, 101, 95, 122, 111, 110, 101, 6, 43, 48, 53, 58, 48, 48,
+        2, 1, 49,
+    ];
+    let s = ok_state(&p).unwrap();
+    assert_eq!(s.vars, vec![("time_zone".to_string(), "+05:00".to_string())]);
+    assert!(s.changed);
+    assert_eq!((s.gtid, s.schema), (None, None));
+    // A schema change: the name is length-encoded inside the entry's data.
+    let mut p = vec![0, 0, 0, 2, 64, 0, 0, 0];
+    let block = [1u8, 4, 3, b'a', b'p', b'p', 2, 1, b'1'];
+    p.push(block.len() as u8);
+    p.extend_from_slice(&block);
+    let s = ok_state(&p).unwrap();
+    assert_eq!(s.schema.as_deref(), Some("app"));
+    assert!(s.changed && s.vars.is_empty());
+}
+
+#[test]
 fn a_commit_s_gtid_is_read_from_its_ok_when_tracking() {
     assert_eq!(ok_gtid(&ok_with_gtid("0-1-42", false, 0)).as_deref(), Some("0-1-42"));
     let set = "3e11fa47-71ca-11e1-9e33-c80aa9429562:7";

@@ -20,6 +20,8 @@ pub mod gtid;
 pub mod health;
 pub mod manager;
 mod moving;
+mod multiplex;
+pub mod pool;
 pub mod protocol;
 mod relay;
 pub mod server;
@@ -55,6 +57,8 @@ pub struct ClusterInfo {
     writes: Mutex<HashMap<String, Arc<fresh::Writes>>>,
     /// Which statements a replica may answer (`read_write_split`).
     pub classifier: classify::Classifier,
+    /// Server connections in transaction pooling.
+    pub pools: pool::Pools,
 }
 
 /// A MySQL node's replication as `/status` shows it.
@@ -89,9 +93,10 @@ pub struct Heard {
 
 impl ClusterInfo {
     /// A cluster whose config lists `read_only_functions`.
-    pub fn new(read_only_functions: &[String]) -> ClusterInfo {
+    pub fn new(read_only_functions: &[String], workers: usize) -> ClusterInfo {
         ClusterInfo {
             classifier: classify::Classifier::new(read_only_functions),
+            pools: pool::Pools::new(workers),
             ..ClusterInfo::default()
         }
     }

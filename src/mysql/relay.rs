@@ -64,6 +64,11 @@ pub(super) struct Relay<'a> {
     pub(super) slot: crate::proxy::connector::NodeSlot,
     /// Fresh reads: the writes and token the session's reads must see (`fresh.rs`).
     pub(super) fresh: super::fresh::Fresh,
+    /// Transaction pooling: the connection goes back to its pool whenever the session
+    /// is at rest and not pinned (`multiplex.rs`).
+    pub(super) multiplex: bool,
+    /// Transaction pooling: the pool slot of the connection held now.
+    pub(super) lease: Option<super::multiplex::Lease>,
     /// rw: the server reports each commit's GTID on this connection.
     pub(super) tracking: bool,
     /// rw with `read_write_split`: the replica connection for reads (`split.rs`).
@@ -76,6 +81,13 @@ pub(super) struct Tracked {
     pub(super) answers: Answers,
     counter: Option<Arc<AtomicU32>>,
     counted: bool,
+    /// Transaction pooling: the session state the client has built, as the server
+    /// reported it (what a connection is brought in line with before it is handed to
+    /// this client).
+    pub(super) desired: super::pool::ConnState,
+    /// Transaction pooling: the session holds state a connection cannot be brought in
+    /// line with, so it keeps its connection (why).
+    pub(super) pinned: Option<&'static str>,
 }
 
 impl Tracked {
@@ -84,6 +96,8 @@ impl Tracked {
             answers,
             counter,
             counted: false,
+            desired: Default::default(),
+            pinned: None,
         }
     }
 
@@ -103,6 +117,32 @@ impl Tracked {
             }
             self.counted = unsettled;
         }
+    }
+}
+
+impl Tracked {
+    /// Take the session changes the server reported into `desired` (transaction
+    /// pooling); a change it did not name pins the session.
+    pub(super) fn absorb_state(&mut self) {
+        for (name, value) in self.answers.vars.drain(..) {
+            self.desired.vars.insert(name, value);
+        }
+        if let Some(db) = self.answers.schema.take() {
+            self.desired.db = Some(db);
+        }
+        if self.answers.unexplained_change {
+            self.pinned.get_or_insert(
+                "session state the server reported without naming it (a user variable, a temporary table, a prepared statement, a lock)",
+            );
+        }
+        if self.answers.lost {
+            self.pinned.get_or_insert("an answer the proxy did not follow");
+        }
+    }
+
+    /// Transaction pooling: the connection may go back to the pool now.
+    pub(super) fn releasable(&self) -> bool {
+        self.answers.at_rest() && self.pinned.is_none()
     }
 }
 
@@ -163,6 +203,9 @@ pub(super) enum Pause {
     Fresh,
     /// rw with splitting: a read a replica may answer (its payload), taken out at rest.
     Split(Vec<u8>),
+    /// Transaction pooling: the session is at rest and not pinned; its connection goes
+    /// back to the pool.
+    Release,
     End(End),
 }
 
@@ -177,7 +220,7 @@ enum Stop {
 /// A command the proxy may handle itself (`payload`: its start); Some(true): take it
 /// whole and look. `tracking`: the rw connection has GTID tracking on, which a reset
 /// turns off (the proxy turns it on again).
-fn own_command(endpoint: Endpoint, payload: &[u8], tracking: bool) -> Option<bool> {
+fn own_command(endpoint: Endpoint, payload: &[u8], tracking: bool, multiplex: bool) -> Option<bool> {
     match payload.first() {
         Some(&protocol::COM_QUERY) => {
             let rest = payload[1..].trim_ascii_start();
@@ -186,6 +229,8 @@ fn own_command(endpoint: Endpoint, payload: &[u8], tracking: bool) -> Option<boo
         }
         Some(&protocol::COM_PROCESS_KILL | &protocol::COM_CHANGE_USER) => Some(true),
         Some(&protocol::COM_RESET_CONNECTION) => (endpoint == Endpoint::ReadOnly || tracking).then_some(true),
+        // A pooled connection is not the client's to close.
+        Some(&protocol::COM_QUIT) => multiplex.then_some(true),
         _ => None,
     }
 }
@@ -198,16 +243,29 @@ impl Relay<'_> {
     pub(super) async fn run(
         &mut self,
         client: &mut ClientStream,
-        mut server: ServerConn,
+        server: ServerConn,
         mut topology: tokio::sync::watch::Receiver<Arc<crate::cluster::topology::ClusterSnapshot>>,
     ) -> End {
         let mut cbuf = BytesMut::with_capacity(RELAY_BUFFER);
         let caps = self.client.capabilities & server.greeting.capabilities;
+        // None only in transaction pooling, between transactions (`multiplex.rs`).
+        let mut held = Some(server);
         let end = loop {
-            match self.pump(client, &mut server, &mut cbuf, &mut topology).await {
+            let Some(server) = held.as_mut() else {
+                match self.next_connection(client, &mut cbuf, &mut topology, caps).await {
+                    Ok(conn) => held = Some(conn),
+                    Err(end) => break end,
+                }
+                continue;
+            };
+            match self.pump(client, server, &mut cbuf, &mut topology).await {
                 Pause::End(end) => break end,
+                Pause::Own(payload) if self.multiplex && payload == [protocol::COM_QUIT] => {
+                    self.inbound.quit = true;
+                    break End::ClientClosed;
+                }
                 Pause::Own(payload) => {
-                    if let Err(end) = self.handle_own(&payload, client, &mut server, caps).await {
+                    if let Err(end) = self.handle_own(&payload, client, server, caps).await {
                         break end;
                     }
                     // COM_CHANGE_USER and COM_RESET_CONNECTION end any transaction and
@@ -215,24 +273,32 @@ impl Relay<'_> {
                     if let Some(&cmd @ (protocol::COM_CHANGE_USER | protocol::COM_RESET_CONNECTION)) = payload.first() {
                         self.tracked.lock().unwrap().answers.in_transaction = false;
                         self.inbound.note_state(cmd, &[]);
+                        self.after_own_reset(cmd);
                         // The replica connection's user or state is no longer the client's.
                         if let Some(split) = self.split.as_mut() {
                             split.drop_replica().await;
                         }
                     }
+                    if self.multiplex && self.tracked.lock().unwrap().releasable() {
+                        self.release(held.take());
+                    }
                 }
-                Pause::Hold => match self.hold(&mut server, &mut topology, caps).await {
-                    Ok(Some(moved)) => server = moved,
+                // Transaction pooling: held or moved means a connection from the pool
+                // again at the next command (which waits out a hold).
+                Pause::Hold | Pause::Release if self.multiplex => self.release(held.take()),
+                Pause::Hold => match self.hold(server, &mut topology, caps).await {
+                    Ok(Some(moved)) => held = Some(moved),
                     Ok(None) => {}
                     Err(end) => break end,
                 },
-                Pause::Fresh => match self.make_fresh(&mut server, &mut topology, caps).await {
-                    Ok(Some(moved)) => server = moved,
+                Pause::Release => {}
+                Pause::Fresh => match self.make_fresh(server, &mut topology, caps).await {
+                    Ok(Some(moved)) => held = Some(moved),
                     Ok(None) => {}
                     Err(end) => break end,
                 },
                 Pause::Split(payload) => {
-                    if let Err(end) = self.split_read(payload, client, &mut server, caps).await {
+                    if let Err(end) = self.split_read(payload, client, server, caps).await {
                         break end;
                     }
                 }
@@ -242,14 +308,24 @@ impl Relay<'_> {
             split.drop_replica().await;
         }
         let awaiting = self.awaiting.load(Ordering::Relaxed);
-        if matches!(end, End::ClientClosed) && !self.inbound.quit && self.inbound.scanner.at_boundary() {
-            // The client vanished without COM_QUIT: say goodbye for it, so the server
-            // does not count an aborted connection.
-            let _ = tokio::time::timeout(
-                Duration::from_millis(200),
-                write_packet(&mut server.stream, 0, &[protocol::COM_QUIT]),
-            )
-            .await;
+        if self.multiplex && matches!(end, End::ClientClosed) && self.tracked.lock().unwrap().releasable() {
+            // A client that left between transactions: its connection serves others.
+            self.release(held.take());
+        }
+        if matches!(end, End::ClientClosed)
+            && (!self.inbound.quit || self.multiplex)
+            && self.inbound.scanner.at_boundary()
+        {
+            // The client vanished without COM_QUIT (or, pooled, its COM_QUIT was ours to
+            // answer): say goodbye for it, so the server does not count an aborted
+            // connection.
+            if let Some(server) = held.as_mut() {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    write_packet(&mut server.stream, 0, &[protocol::COM_QUIT]),
+                )
+                .await;
+            }
         }
         let notice = match &end {
             End::Failed(e) => Some(e.clone()),
@@ -282,7 +358,7 @@ impl Relay<'_> {
             )
             .await;
             let _ = client.shutdown().await;
-            if matches!(end, End::Failed(_)) {
+            if let (End::Failed(_), Some(server)) = (&end, held.as_mut()) {
                 let _ = tokio::time::timeout(
                     Duration::from_millis(200),
                     write_packet(&mut server.stream, 0, &[protocol::COM_QUIT]),
@@ -315,10 +391,15 @@ impl Relay<'_> {
         let move_pending = &self.move_pending;
         let hold = || endpoint == Endpoint::ReadWrite && (move_pending.load(Ordering::Relaxed) || cluster.is_paused());
         let fresh = &self.fresh;
-        let check_fresh = || endpoint == Endpoint::ReadOnly && fresh.needs_check();
+        let self_multiplex = self.multiplex;
+        // (Transaction pooling checks at each connection it takes instead.)
+        let check_fresh = || endpoint == Endpoint::ReadOnly && !self_multiplex && fresh.needs_check();
         // rw: the writes the server's OKs report (`Answers::gtid`, `oks`).
         let record_writes = (endpoint == Endpoint::ReadWrite).then(|| (fresh.writes.clone(), fresh.maria));
         let tracking = self.tracking;
+        let multiplex = self.multiplex;
+        // Set when the server side stops because the connection can go back to the pool.
+        let release_now = AtomicBool::new(false);
         let classifier = self
             .split
             .is_some()
@@ -334,6 +415,7 @@ impl Relay<'_> {
                     tracking,
                     split: classifier,
                     writes: record_writes.as_ref().map(|(w, _)| &**w),
+                    multiplex,
                 };
                 match inbound
                     .relay(cbuf, &mut sw, endpoint, node, awaiting, tracked, gates)
@@ -374,12 +456,21 @@ impl Relay<'_> {
                     if let Some((writes, maria)) = &record_writes {
                         note_writes(&mut t.answers, writes, *maria, tracking);
                     }
+                    if multiplex {
+                        t.absorb_state();
+                    }
                 }
                 awaiting.store(false, Ordering::Relaxed);
                 if let Err(e) = write_flush(&mut cw, sbuf).await {
                     return Some(End::Io(e));
                 }
                 sbuf.clear();
+                // The whole answer is with the client and nothing else is owed (no
+                // command of the client's has been passed on since: that would be owed).
+                if multiplex && tracked.lock().unwrap().releasable() {
+                    release_now.store(true, Ordering::Relaxed);
+                    return None;
+                }
             }
         };
         tokio::pin!(client_to_server, server_to_client);
@@ -388,7 +479,12 @@ impl Relay<'_> {
         let pause = loop {
             tokio::select! {
                 p = &mut client_to_server => break p,
-                e = &mut server_to_client => return Pause::End(e.unwrap_or(End::ServerClosed)),
+                e = &mut server_to_client => {
+                    if e.is_none() && release_now.load(Ordering::Relaxed) {
+                        return Pause::Release;
+                    }
+                    return Pause::End(e.unwrap_or(End::ServerClosed));
+                }
                 changed = topology.changed(), if watching => {
                     if changed.is_err() {
                         watching = false;
@@ -396,6 +492,11 @@ impl Relay<'_> {
                     }
                     let snap = topology.borrow_and_update().clone();
                     if let Some(reason) = routing::eviction(endpoint, &snap, &node.name) {
+                        // Transaction pooling: a session at rest just gives its
+                        // connection back; its next command gets one where it belongs.
+                        if multiplex && tracked.lock().unwrap().releasable() {
+                            break Pause::Release;
+                        }
                         let up = snap.index(&node.name).is_some_and(|i| snap.nodes[i].health == Health::Up);
                         // A rw session between transactions on a node that is up but no
                         // longer the primary (a switchover) moves at its next command.
@@ -460,6 +561,8 @@ struct Gates<'a> {
     split: Option<&'a super::classify::Classifier>,
     /// rw: the session's writes, for statements that write and answer with rows.
     writes: Option<&'a super::fresh::Writes>,
+    /// Transaction pooling (COM_QUIT is the proxy's).
+    multiplex: bool,
 }
 
 /// A statement that may write and answer with rows: one with a `RETURNING` clause, or
@@ -530,7 +633,7 @@ impl Inbound {
                     if rest.len() < 4 + len.min(PEEK) {
                         break; // the start of the command is not here yet
                     }
-                    if own_command(endpoint, &rest[4..4 + len.min(PEEK)], gates.tracking).is_some() {
+                    if own_command(endpoint, &rest[4..4 + len.min(PEEK)], gates.tracking, gates.multiplex).is_some() {
                         if len > INTERCEPT_MAX {
                             return Err(End::Failed(Error::protocol("command too long")));
                         }
@@ -576,6 +679,9 @@ impl Inbound {
                         drop(t);
                         let text = &rest[5..(4 + len).min(rest.len())];
                         self.note_state(cmd, text);
+                        if let Some(why) = self.unmovable() {
+                            tracked.lock().unwrap().pinned.get_or_insert(why);
+                        }
                         if let Some(writes) = gates.writes {
                             // A write answered with rows (`INSERT ... RETURNING`, a
                             // procedure) ends with an EOF that carries no GTID: counted
@@ -670,38 +776,38 @@ mod tests {
     fn only_the_commands_the_proxy_answers_are_taken_out_of_the_stream() {
         let query = |sql: &str| [&[protocol::COM_QUERY][..], sql.as_bytes()].concat();
         for ep in [Endpoint::ReadWrite, Endpoint::ReadOnly] {
-            assert_eq!(own_command(ep, &query("KILL 1073741825"), false), Some(true));
-            assert_eq!(own_command(ep, &query("  kill\tQUERY 5"), false), Some(true));
+            assert_eq!(own_command(ep, &query("KILL 1073741825"), false, false), Some(true));
+            assert_eq!(own_command(ep, &query("  kill\tQUERY 5"), false, false), Some(true));
             assert_eq!(
-                own_command(ep, &query("KILLER()"), false),
+                own_command(ep, &query("KILLER()"), false, false),
                 None,
                 "a word that starts with kill"
             );
-            assert_eq!(own_command(ep, &query("SELECT 1"), false), None);
+            assert_eq!(own_command(ep, &query("SELECT 1"), false, false), None);
             assert_eq!(
-                own_command(ep, &query("SELECT @switchyard_causal_token"), false),
+                own_command(ep, &query("SELECT @switchyard_causal_token"), false, false),
                 Some(true)
             );
-            assert_eq!(own_command(ep, &query("SELECT @switchyard_x"), false), None);
+            assert_eq!(own_command(ep, &query("SELECT @switchyard_x"), false, false), None);
             assert_eq!(
-                own_command(ep, &[protocol::COM_PROCESS_KILL, 1, 0, 0, 0], false),
+                own_command(ep, &[protocol::COM_PROCESS_KILL, 1, 0, 0, 0], false, false),
                 Some(true)
             );
-            assert_eq!(own_command(ep, &[protocol::COM_CHANGE_USER], false), Some(true));
-            assert_eq!(own_command(ep, &[], false), None);
+            assert_eq!(own_command(ep, &[protocol::COM_CHANGE_USER], false, false), Some(true));
+            assert_eq!(own_command(ep, &[], false, false), None);
         }
         // A reset loses the ro session's READ ONLY, and a rw session's GTID tracking:
         // the proxy sets them again there only.
         assert_eq!(
-            own_command(Endpoint::ReadOnly, &[protocol::COM_RESET_CONNECTION], false),
+            own_command(Endpoint::ReadOnly, &[protocol::COM_RESET_CONNECTION], false, false),
             Some(true)
         );
         assert_eq!(
-            own_command(Endpoint::ReadWrite, &[protocol::COM_RESET_CONNECTION], false),
+            own_command(Endpoint::ReadWrite, &[protocol::COM_RESET_CONNECTION], false, false),
             None
         );
         assert_eq!(
-            own_command(Endpoint::ReadWrite, &[protocol::COM_RESET_CONNECTION], true),
+            own_command(Endpoint::ReadWrite, &[protocol::COM_RESET_CONNECTION], true, false),
             Some(true)
         );
     }

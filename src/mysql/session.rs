@@ -23,12 +23,14 @@ use tracing::{debug, info, warn};
 
 use super::auth::{authenticate, new_nonce, Hello};
 use super::fresh::{Fresh, TOKEN_ATTRIBUTE};
+use super::multiplex::{bring_in_line, Checked, PoolDialer};
+use super::pool::ConnState;
 use super::protocol::{self, write_packet};
 use super::server::{self, LoginRequest, ServerConn};
 use crate::cluster::routing::Endpoint;
 use crate::cluster::topology::NodeState;
 use crate::cluster::ClusterCtx;
-use crate::config::{ClientTls, ReadYourWrites};
+use crate::config::{ClientTls, PoolMode, ReadYourWrites};
 use crate::error::Error;
 use crate::obs::clients::NewClient;
 use crate::proxy::cancel::Target as KillTarget;
@@ -150,7 +152,51 @@ pub async fn serve(
         tls: cluster.server_tls(),
     };
     let mut rx = cluster.state.subscribe();
-    let connected = match connector::connect(&cluster, endpoint, None, None, Some(&mut rx), &mut dialer).await {
+    let multiplex = cc.pool_mode == PoolMode::Transaction;
+    // Transaction pooling: the session state the client builds, from its login on.
+    let desired = ConnState {
+        vars: Default::default(),
+        db: client
+            .database
+            .as_deref()
+            .map(|d| String::from_utf8_lossy(d).into_owned()),
+    };
+    let connected = if multiplex {
+        let mut pooled = PoolDialer {
+            login: dialer,
+            info,
+            settings: cc.pool_settings(),
+            maria: info.maria(),
+        };
+        match connector::connect(&cluster, endpoint, None, None, Some(&mut rx), &mut pooled).await {
+            Ok(c) => {
+                let node = c.node().clone();
+                let waited = c.waited;
+                let Checked {
+                    conn: (mut conn, mut state),
+                    lease,
+                    slot,
+                } = c.conn;
+                let caps = client.capabilities & conn.greeting.capabilities;
+                let target = (&cluster.name[..], &node.name[..]);
+                match bring_in_line(&mut conn, &mut state, &desired, caps, info.maria(), endpoint, target).await {
+                    Ok(()) => Ok((node, conn, slot, Some(lease), waited)),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        connector::connect(&cluster, endpoint, None, None, Some(&mut rx), &mut dialer)
+            .await
+            .map(|c| {
+                let node = c.node().clone();
+                let waited = c.waited;
+                let (server, slot) = c.conn;
+                (node, server, slot, None, waited)
+            })
+    };
+    let (node, server, slot, lease, waited) = match connected {
         Ok(c) => c,
         Err(e) => {
             reject(&mut tcp, reply_seq, &e, &shared).await;
@@ -158,8 +204,6 @@ pub async fn serve(
             return;
         }
     };
-    let node = connected.node().clone();
-    let (server, slot) = connected.conn;
     // The server's own OK: its status flags (autocommit) and session state are what
     // the client must see.
     if write_packet(&mut tcp, reply_seq, &server.login_ok).await.is_err() {
@@ -192,15 +236,21 @@ pub async fn serve(
         server_pid: server.thread_id as i32,
     });
     info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", user = %client.user.name,
-          node = %node.name, server_thread = server.thread_id, setup_ms = connected.waited.as_millis() as u64, "session started");
+          node = %node.name, server_thread = server.thread_id, setup_ms = waited.as_millis() as u64, multiplex, "session started");
     let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
     let caps = client.capabilities & server.greeting.capabilities;
     let mut answers = super::answers::Answers::new(caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF));
-    answers.track = server.tracking;
+    answers.track = server.tracking || multiplex;
+    answers.collect_state = multiplex;
     answers.status = super::answers::status_of_ok(&server.login_ok).unwrap_or(0);
     let tracking = server.tracking;
-    // rw sessions count toward what a switchover waits for.
-    let counter = (endpoint == Endpoint::ReadWrite).then(|| super::ClusterInfo::of(&cluster).unsettled.clone());
+    let mut tracked = super::relay::Tracked::new(answers, counter_for(endpoint, &cluster));
+    tracked.desired = desired;
+    if multiplex && !caps.contains(CapabilityFlags::CLIENT_SESSION_TRACK) {
+        tracked.pinned = Some(
+            "a client without session tracking (CLIENT_SESSION_TRACK), whose session state the proxy cannot follow",
+        );
+    }
     let mut relay = super::relay::Relay {
         cluster: &cluster,
         endpoint,
@@ -213,12 +263,14 @@ pub async fn serve(
         awaiting: AtomicBool::new(false),
         told: false,
         sbuf: BytesMut::with_capacity(super::relay::RELAY_BUFFER),
-        tracked: std::sync::Mutex::new(super::relay::Tracked::new(answers, counter)),
+        tracked: std::sync::Mutex::new(tracked),
         move_pending: AtomicBool::new(false),
         slot,
         fresh,
         tracking,
         split: (endpoint == Endpoint::ReadWrite && cc.read_write_split).then(Default::default),
+        multiplex,
+        lease,
     };
     let end = relay.run(&mut tcp, server, rx).await;
     let node = relay.node.clone();
@@ -230,6 +282,11 @@ pub async fn serve(
         }
         other => debug!(cluster = %cluster.name, peer = %peer, node = %node.name, end = ?other, "session ended"),
     }
+}
+
+/// rw sessions count toward what a switchover waits for.
+fn counter_for(endpoint: Endpoint, cluster: &ClusterCtx) -> Option<Arc<std::sync::atomic::AtomicU32>> {
+    (endpoint == Endpoint::ReadWrite).then(|| super::ClusterInfo::of(cluster).unsettled.clone())
 }
 
 /// Send `e` as an ERR packet with sequence id `seq`, then close without losing it.

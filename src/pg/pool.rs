@@ -31,22 +31,7 @@ pub struct PoolKey {
     pub worker: usize,
 }
 
-thread_local! {
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// The data path runs on one single-threaded runtime per worker thread, and a server
-/// connection is only ever used on the worker that opened it: its socket is registered
-/// with that worker's event loop, so no wakeup crosses threads. Each worker has its own
-/// pools, which share the configured sizes (`PoolSettings::share`).
-pub fn worker() -> usize {
-    WORKER.with(|w| w.get())
-}
-
-/// Called once at the start of worker thread `index`.
-pub fn set_worker(index: usize) {
-    WORKER.with(|w| w.set(index));
-}
+pub use crate::proxy::pool::{set_worker, worker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {

@@ -1,0 +1,52 @@
+//! Transaction pooling of a MariaDB cluster (`pool_mode = "transaction"`): many clients
+//! share a few server connections, each client's session settings follow it from
+//! connection to connection, and a session with state a connection cannot be brought
+//! in line with (a user variable, a temporary table) keeps its own.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mysql::*;
+use common::*;
+
+fn cluster() -> MariaCluster {
+    let c = MariaCluster::start(1).unwrap();
+    c.sql(0, "CREATE TABLE app.fresh (id BIGINT PRIMARY KEY)").unwrap();
+    c.wait_replicated(0, Duration::from_secs(20)).unwrap();
+    c
+}
+
+fn run(proxy: &Proxy, cluster: &MariaCluster, args: &[&str]) -> serde_json::Value {
+    let mut env = django_env(proxy);
+    env.push(("SY_PRIMARY_PORT", cluster.nodes[0].port.to_string()));
+    let out = python("mysql_multiplex_check.py", args, &env);
+    serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// 200 mysqlclient connections, all open at once, through `pool_size = 10`: every
+/// query answered, each client's own time zone seen by each of its queries, and at most
+/// 10 server connections on the primary while all 200 are connected.
+#[test]
+fn two_hundred_clients_share_ten_server_connections() {
+    let cluster = cluster();
+    let proxy = my_proxy(&cluster, "pool_mode = \"transaction\"\npool_size = 10");
+    let out = run(&proxy, &cluster, &["many", "200", "5"]);
+    assert_eq!(out["errors"], serde_json::json!([]), "{out}");
+    assert_eq!(out["ok"], 1000, "{out}");
+    assert_eq!(out["wrong_state"], 0, "{out}");
+    let held = out["server_connections"].as_u64().unwrap();
+    assert!((1..=10).contains(&held), "{out}");
+}
+
+/// A user variable and a temporary table pin the session to its connection: both are
+/// still there after other clients used the pool, and no other client sees them.
+#[test]
+fn session_state_pins_a_client_to_its_connection() {
+    let cluster = cluster();
+    let proxy = my_proxy(&cluster, "pool_mode = \"transaction\"\npool_size = 4");
+    let out = run(&proxy, &cluster, &["pin"]);
+    assert_eq!(out["kept"], "5", "{out}");
+    assert_eq!(out["scratch"], 3, "{out}");
+    assert_eq!(out["other_sees_kept"], serde_json::Value::Null, "{out}");
+}
