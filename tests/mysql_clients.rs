@@ -456,28 +456,51 @@ fn djangos_own_test_suite_on_mariadb_gives_the_same_results_through_the_proxy() 
             "CREATE USER 'django'@'%' IDENTIFIED BY 'django'; GRANT ALL PRIVILEGES ON *.* TO 'django'@'%'",
         )
         .unwrap();
-    let (rw, ro) = (free_port(), free_port());
-    let text = my_config(&cluster, rw, ro, "") + "\n[[users]]\nname = \"django\"\npassword = \"django\"\n";
-    let proxy = my_spawn(&cluster, "proxy", &text, rw, ro);
-    wait_for("MySQL proxy ready", Duration::from_secs(30), || {
-        let w = mariadb_as(proxy.rw, "django", "django", None, "SELECT @@read_only").ok()? == "0";
-        let r = mariadb(proxy.ro, "SELECT @@read_only").ok()? == "1";
-        (w && r).then_some(())
-    });
     // Its own database names for each run, as in tests/pooling.rs's PostgreSQL twin.
     let direct = django_suite_mysql(cluster.nodes[0].port, "django_suite");
-    let through = django_suite_mysql(proxy.rw, "django_suite_proxy");
-    assert_eq!(direct, through, "direct vs through the proxy\n{}", proxy.log_text());
-    // The proxy run really went through the proxy, and it ended none of those sessions.
-    let log = proxy.log_text();
-    let sessions = log
-        .lines()
-        .filter(|l| l.contains("session started") && l.contains("user=django"))
-        .count();
-    let ended: Vec<&str> = log.lines().filter(|l| l.contains("session ended by proxy")).collect();
-    assert!(sessions > 10, "{sessions} django sessions in the proxy log:\n{log}");
-    assert!(ended.is_empty(), "sessions ended by the proxy:\n{}", ended.join("\n"));
-    report(&format!("Django suite through the proxy: {sessions} client sessions"));
+    // Session pooling; transaction pooling; a split rw endpoint, whose reads see the
+    // writes of the user's other connections (the test runner sets up databases on
+    // one connection and uses them on others).
+    for (mode, extra) in [
+        ("session", ""),
+        ("transaction", "pool_mode = \"transaction\"\npool_size = 8"),
+        ("split", "read_write_split = true\nread_your_writes = \"user\""),
+    ] {
+        let (rw, ro) = (free_port(), free_port());
+        let text = my_config(&cluster, rw, ro, extra) + "\n[[users]]\nname = \"django\"\npassword = \"django\"\n";
+        let proxy = my_spawn(&cluster, mode, &text, rw, ro);
+        wait_for("MySQL proxy ready", Duration::from_secs(30), || {
+            let w = mariadb_as(proxy.rw, "django", "django", None, "SELECT @@read_only").ok()? == "0";
+            let r = mariadb(proxy.ro, "SELECT @@read_only").ok()? == "1";
+            (w && r).then_some(())
+        });
+        let through = django_suite_mysql(proxy.rw, &format!("django_suite_{mode}"));
+        assert_eq!(
+            direct,
+            through,
+            "{mode}: direct vs through the proxy\n{}",
+            proxy.log_text()
+        );
+        // The proxy run really went through the proxy, and it ended none of those sessions.
+        let log = proxy.log_text();
+        let sessions = log
+            .lines()
+            .filter(|l| l.contains("session started") && l.contains("user=django"))
+            .count();
+        let ended: Vec<&str> = log.lines().filter(|l| l.contains("session ended by proxy")).collect();
+        assert!(
+            sessions > 10,
+            "{mode}: {sessions} django sessions in the proxy log:\n{log}"
+        );
+        assert!(
+            ended.is_empty(),
+            "{mode}: sessions ended by the proxy:\n{}",
+            ended.join("\n")
+        );
+        report(&format!(
+            "Django suite through the proxy ({mode}): {sessions} client sessions"
+        ));
+    }
     // Every test database the runs made is gone again (dropped through the proxy too).
     assert_eq!(
         cluster

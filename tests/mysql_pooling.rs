@@ -50,3 +50,49 @@ fn session_state_pins_a_client_to_its_connection() {
     assert_eq!(out["scratch"], 3, "{out}");
     assert_eq!(out["other_sees_kept"], serde_json::Value::Null, "{out}");
 }
+
+/// sysbench through transaction pooling: 16 threads on `pool_size = 4`, text queries
+/// (multiplexed: the connections go back to the pool between transactions) and
+/// server-side prepared statements (each session pinned to its connection while its
+/// statements live; 4 threads so that each gets one). No errors but InnoDB's deadlocks.
+#[test]
+fn sysbench_runs_through_transaction_pooling() {
+    let cluster = MariaCluster::start(1).unwrap();
+    let proxy = my_proxy(&cluster, "pool_mode = \"transaction\"\npool_size = 4");
+    let (text, _) = sysbench(proxy.rw, "oltp_read_write", "prepare", &[]);
+    assert!(text.contains("Creating table 'sbtest2'"), "{text}");
+    for extra in [&["--db-ps-mode=disable", "--threads=16"][..], &["--threads=4"][..]] {
+        let deadlocks = global_status(&cluster, 0, "Innodb_deadlocks");
+        let (text, s) = sysbench(proxy.rw, "oltp_read_write", "run", extra);
+        let deadlocks = global_status(&cluster, 0, "Innodb_deadlocks") - deadlocks;
+        assert!(s.transactions > 0, "{extra:?}: no transactions:\n{text}");
+        assert_eq!((s.ignored_errors, s.reconnects), (deadlocks, 0), "{extra:?}:\n{text}");
+        report(&format!(
+            "sysbench oltp_read_write {extra:?} through transaction pooling: {} transactions, {} queries",
+            s.transactions, s.queries
+        ));
+    }
+    let app = cluster
+        .sql(
+            0,
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'app'",
+        )
+        .unwrap();
+    assert!(app.parse::<u32>().unwrap() <= 4, "{app} app connections on the primary");
+}
+
+/// Django (mysqlclient, the seed article's two aliases) through transaction pooling on
+/// both endpoints: migrate, write, read, atomic blocks.
+#[test]
+fn django_runs_through_transaction_pooling() {
+    let cluster = cluster();
+    let proxy = my_proxy(&cluster, "pool_mode = \"transaction\"\npool_size = 4");
+    let env = django_env(&proxy);
+    for phase in ["migrate", "write", "read", "atomic", "read"] {
+        let out = python("django_mysql_check.py", &[phase], &env);
+        assert!(out.contains(&format!("ok: {phase}")), "{out}");
+        if phase == "migrate" {
+            cluster.wait_replicated(0, Duration::from_secs(20)).unwrap();
+        }
+    }
+}

@@ -140,9 +140,11 @@ impl Tracked {
         }
     }
 
-    /// Transaction pooling: the connection may go back to the pool now.
+    /// Transaction pooling: the connection may go back to the pool now. Not with
+    /// autocommit off: the server reports a transaction open only once a statement
+    /// touched a table, and a `SAVEPOINT` before that must stay on its connection.
     pub(super) fn releasable(&self) -> bool {
-        self.answers.at_rest() && self.pinned.is_none()
+        self.answers.at_rest() && self.pinned.is_none() && self.answers.status & SERVER_STATUS_AUTOCOMMIT != 0
     }
 }
 
@@ -250,6 +252,10 @@ impl Relay<'_> {
         let caps = self.client.capabilities & server.greeting.capabilities;
         // None only in transaction pooling, between transactions (`multiplex.rs`).
         let mut held = Some(server);
+        if self.multiplex && self.tracked.lock().unwrap().releasable() {
+            // Logged in: the connection serves others until the first command.
+            self.release(held.take());
+        }
         let end = loop {
             let Some(server) = held.as_mut() else {
                 match self.next_connection(client, &mut cbuf, &mut topology, caps).await {
