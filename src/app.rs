@@ -461,6 +461,21 @@ async fn prune_pools(shared: Arc<Shared>, worker: usize) {
                 p.clear_idle();
             }
         }
+        // MySQL clusters' pools (transaction pooling): the same rules, no prewarming.
+        for ctx in shared.clusters.values().filter(|c| c.engine == Engine::Mysql) {
+            let snap = ctx.state.snapshot();
+            for p in crate::mysql::ClusterInfo::of(ctx)
+                .pools
+                .all()
+                .into_iter()
+                .filter(|p| p.key.worker == worker)
+            {
+                p.prune();
+                if !snap.nodes.iter().any(|n| n.name == p.key.node && n.is_usable()) {
+                    p.clear_idle();
+                }
+            }
+        }
     }
 }
 

@@ -173,6 +173,22 @@ impl Pool {
         self.returned.notify_one();
     }
 
+    /// Close idle connections past the idle timeout (but `min_pool_size`) or their
+    /// lifetime, or closed by their server; every second, from the worker's pruning.
+    pub fn prune(&self) {
+        let now = Instant::now();
+        for list in self.idle.lock().unwrap().values_mut() {
+            list.prune(now, &self.limits);
+        }
+    }
+
+    /// Close every idle connection (their node went down or was removed).
+    pub fn clear_idle(&self) {
+        for list in self.idle.lock().unwrap().values_mut() {
+            list.clear();
+        }
+    }
+
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap().values().map(IdleList::len).sum()
     }
