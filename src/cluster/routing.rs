@@ -10,7 +10,7 @@ pub use crate::cluster::topology::Policy;
 use crate::cluster::topology::{ClusterSnapshot, Detached, Health, Role};
 use crate::config::{ReadBalance, SplitBrainRule};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     ReadWrite,
     ReadOnly,

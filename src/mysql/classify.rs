@@ -371,11 +371,31 @@ impl Classifier {
     }
 }
 
+/// System variables a replica connection answers as the primary one would: the session
+/// settings it mirrors (`moving::REPLAYED`), and facts of the server the client asks to
+/// see where its read ran. Any other `@@` variable (`@@last_insert_id`,
+/// `@@warning_count`, `@@read_only`, a setting the replica connection does not mirror)
+/// is the primary connection's to answer.
+const REPLICA_VARIABLES: &[&str] = &[
+    "server_id",
+    "hostname",
+    "port",
+    "version",
+    "version_comment",
+    "version_compile_os",
+    "version_compile_machine",
+    "lower_case_table_names",
+    "max_allowed_packet",
+    "character_set_server",
+    "collation_server",
+    "system_time_zone",
+    "default_storage_engine",
+    "innodb_version",
+];
+
 /// A variable only the primary connection answers right: a user variable (`@x` lives on
-/// that connection), or a server's writability (`@@read_only` and its kin: a client
-/// asking on the rw endpoint wants the primary's). Other system variables (`@@server_id`,
-/// the session's settings, which the replica connection mirrors) a replica answers.
-/// `next`: the part after a dot (`@@global.read_only`).
+/// that connection), or a system variable not in `REPLICA_VARIABLES` nor mirrored.
+/// `next`: the part after a dot (`@@session.sql_mode`).
 fn primary_only_variable(name: &str, next: Option<&str>) -> bool {
     if !name.starts_with('@') {
         return false;
@@ -394,15 +414,12 @@ fn primary_only_variable(name: &str, next: Option<&str>) -> bool {
         _ => name.trim_start_matches('@'),
     };
     let var = var.rsplit('.').next().unwrap_or(var);
-    [
-        "read_only",
-        "super_read_only",
-        "innodb_read_only",
-        "transaction_read_only",
-        "tx_read_only",
-    ]
-    .iter()
-    .any(|v| var.eq_ignore_ascii_case(v))
+    let mirrored = super::moving::REPLAYED
+        .iter()
+        .any(|(m, y)| var.eq_ignore_ascii_case(m) || var.eq_ignore_ascii_case(y))
+        // READ ONLY differs on the replica connection on purpose.
+        && !["tx_read_only", "transaction_read_only"].iter().any(|v| var.eq_ignore_ascii_case(v));
+    !(mirrored || REPLICA_VARIABLES.iter().any(|v| var.eq_ignore_ascii_case(v)))
 }
 
 /// A query body that only reads: SELECTs without INTO, set operations and VALUES.
@@ -495,7 +512,7 @@ mod tests {
             "SELECT COUNT(*) AS `__count` FROM `shop_customer`",
             "SELECT a FROM t UNION SELECT b FROM u",
             "WITH x AS (SELECT 1 AS a) SELECT a FROM x",
-            "SELECT @@session.sql_mode, @@server_id",
+            "SELECT @@session.sql_mode, @@server_id, @@time_zone",
             "SELECT CONCAT(name, '!'), NOW() FROM t WHERE d > DATE_SUB(NOW(), INTERVAL 1 DAY)",
             "SELECT my_pure_fn(a) FROM t",
             "SELECT * FROM t WHERE id IN (SELECT id FROM u)",
@@ -514,6 +531,10 @@ mod tests {
             "SELECT @@read_only",
             "SELECT @@global.read_only = 0 AND @@innodb_read_only = 0",
             "SELECT @@session.tx_read_only",
+            "SELECT @@last_insert_id",
+            "SELECT @@IDENTITY",
+            "SELECT @@warning_count",
+            "SELECT @@gtid_slave_pos",
             "SELECT a INTO @x FROM t",
             "SELECT * FROM t INTO OUTFILE '/tmp/x'",
             "SELECT nextval(s)",

@@ -104,6 +104,12 @@ impl Relay<'_> {
     async fn pass_to_server(&mut self, server: &mut ServerConn, payload: &[u8]) -> Result<(), End> {
         let mut framed = Vec::new();
         protocol::frame(&mut framed, 0, payload);
+        {
+            // Its answer is owed like any command's (the relay passes it on).
+            let mut t = self.tracked.lock().unwrap();
+            t.answers.command(payload[0]);
+            t.update();
+        }
         self.awaiting.store(true, Ordering::Relaxed);
         write_flush(&mut server.stream, &framed).await.map_err(End::Io)
     }
@@ -131,6 +137,10 @@ impl Relay<'_> {
         } else {
             parse_kill(&payload[1..]).map(|(query_only, id)| Own::Kill { query_only, id })
         };
+        if matches!(own, Some(Own::Reset | Own::ChangeUser)) {
+            // Their answers are read here: what earlier commands are owed goes first.
+            self.finish_answers(client, server).await?;
+        }
         let reply: Vec<u8> = match own {
             None => {
                 // A KILL the proxy does not take (KILL USER ..., KILL QUERY ID ...):
@@ -250,9 +260,22 @@ impl Relay<'_> {
     /// READ ONLY on ro; GTID tracking on rw.
     async fn after_reset(&mut self, server: &mut ServerConn, caps: CapabilityFlags) -> Result<(), End> {
         if self.endpoint == Endpoint::ReadOnly {
-            return set_read_only(server, caps).await.map_err(End::Failed);
+            set_read_only(server, caps).await.map_err(End::Failed)?;
         }
-        if self.tracking {
+        if self.multiplex && server.tracking {
+            // Transaction pooling follows the session through these trackers; without
+            // them it cannot, so the session keeps this connection.
+            let sql = super::multiplex::tracking_sql(self.fresh.maria);
+            if protocol::first_value(&mut server.stream, caps, &sql).await.is_err() {
+                self.tracked
+                    .lock()
+                    .unwrap()
+                    .pinned
+                    .get_or_insert("session tracking the server refused after a reset");
+            }
+            return Ok(());
+        }
+        if self.tracking && self.endpoint == Endpoint::ReadWrite {
             let maria = self.fresh.maria;
             if protocol::first_value(&mut server.stream, caps, super::fresh::Fresh::tracking_sql(maria))
                 .await

@@ -46,6 +46,7 @@ use crate::obs::metrics::ClusterLabels;
 use crate::proxy::stream::{write_flush, ClientStream};
 
 const SERVER_MORE_RESULTS_EXISTS: u16 = 0x0008;
+pub(super) const SERVER_SESSION_STATE_CHANGED: u16 = 0x4000;
 
 /// The token's name as clients write it.
 pub const TOKEN_VARIABLE: &str = "@switchyard_causal_token";
@@ -68,6 +69,9 @@ struct WritesState {
     /// Writes of unknown position so far, and how many of them `position` covers.
     unknown: u64,
     covered: u64,
+    /// When the last write of unknown position was known to be committed: a primary
+    /// position read after that covers it.
+    last_unknown: Option<Instant>,
 }
 
 impl Writes {
@@ -76,7 +80,10 @@ impl Writes {
         let mut s = self.inner.lock().unwrap();
         match gtid {
             Some(g) => s.position = Position::join(s.position.take(), Some(&g)),
-            None => s.unknown += 1,
+            None => {
+                s.unknown += 1;
+                s.last_unknown = Some(Instant::now());
+            }
         }
         drop(s);
         self.generation.fetch_add(1, Ordering::Release);
@@ -91,6 +98,22 @@ impl Writes {
     pub fn pending(&self) -> (Option<Position>, Option<u64>) {
         let s = self.inner.lock().unwrap();
         (s.position.clone(), (s.unknown > s.covered).then_some(s.unknown))
+    }
+
+    /// A write of unknown position counted earlier (when it was sent) has now
+    /// certainly committed: only a primary position read from now on covers it.
+    pub fn committed(&self) {
+        self.inner.lock().unwrap().last_unknown = Some(Instant::now());
+    }
+
+    /// A primary position read by a query started at `taken` covers every write of
+    /// unknown position committed before then.
+    pub fn cover(&self, position: &Position, taken: Instant) {
+        let mut s = self.inner.lock().unwrap();
+        if s.unknown > s.covered && s.last_unknown.is_some_and(|t| t < taken) {
+            s.position = Position::join(s.position.take(), Some(position));
+            s.covered = s.unknown;
+        }
     }
 
     /// `position` was read from the primary after the first `covers` unknown writes.
@@ -146,7 +169,12 @@ impl Fresh {
 
     /// What the next read must see: (generation it covers, the position, whether some
     /// writes' positions are unknown, so only the primary is sure to have them).
-    pub(super) fn floor(&self) -> (u64, Option<Position>, bool) {
+    pub(super) fn floor(&self, info: &ClusterInfo) -> (u64, Option<Position>, bool) {
+        if let Some((position, taken)) = info.primary_position() {
+            // Writes of unknown position are covered by the primary's position as its
+            // health check read it after they committed.
+            self.writes.cover(&position, taken);
+        }
         let generation = self.writes.generation();
         let (own, unknown) = if self.follow_writes {
             self.writes.pending()
@@ -340,7 +368,7 @@ impl Relay<'_> {
         topology: &mut tokio::sync::watch::Receiver<Arc<ClusterSnapshot>>,
         caps: CapabilityFlags,
     ) -> Result<Option<ServerConn>, End> {
-        let (generation, need, unknown) = self.fresh.floor();
+        let (generation, need, unknown) = self.fresh.floor(ClusterInfo::of(self.cluster));
         let snap = self.cluster.state.snapshot();
         let on_primary = snap
             .index(&self.node.name)
@@ -439,7 +467,9 @@ impl Relay<'_> {
     ) -> Result<(), End> {
         self.finish_answers(client, server).await?;
         let client_caps = self.client.capabilities & server.greeting.capabilities;
-        let status = self.tracked.lock().unwrap().answers.status & !SERVER_MORE_RESULTS_EXISTS;
+        // The proxy's packets carry no session state.
+        let status =
+            self.tracked.lock().unwrap().answers.status & !(SERVER_MORE_RESULTS_EXISTS | SERVER_SESSION_STATE_CHANGED);
         let reply = match stmt {
             None => Err(Error::syntax(format!(
                 "Switchyard answers {TOKEN_VARIABLE} only as `SELECT {TOKEN_VARIABLE}` or `SET {TOKEN_VARIABLE} = '<token>'`, each sent alone"
@@ -509,7 +539,10 @@ impl Relay<'_> {
                 t.answers.feed(&self.sbuf);
                 t.update();
                 if record {
-                    super::relay::note_writes(&mut t.answers, &self.fresh.writes, self.fresh.maria, self.tracking);
+                    super::relay::note_writes(&mut t, &self.fresh.writes, self.fresh.maria, self.tracking);
+                }
+                if self.multiplex {
+                    t.absorb_state();
                 }
             }
             write_flush(client, &self.sbuf).await.map_err(End::Io)?;
@@ -574,20 +607,28 @@ mod tests {
     fn a_session_checks_its_node_again_only_when_its_floor_moved() {
         let cc: ClusterConfig = toml::from_str("engine = \"mysql\"\nread_your_writes = \"user\"\n").unwrap();
         let writes = Arc::new(Writes::default());
+        let info = ClusterInfo::default();
         let mut f = Fresh::new(&cc, writes.clone(), true, "main");
         assert!(!f.needs_check());
         writes.wrote(Position::parse(true, "0-1-5"));
         assert!(f.needs_check());
-        let (generation, floor, unknown) = f.floor();
+        let (generation, floor, unknown) = f.floor(&info);
         assert_eq!(floor, Position::parse(true, "0-1-5"));
         assert!(!unknown);
         f.confirm(generation);
         assert!(!f.needs_check());
         writes.wrote(None);
-        let (_, _, unknown) = f.floor();
+        let (_, _, unknown) = f.floor(&info);
         assert!(unknown, "a write of unknown position: only the primary is sure");
-        writes.learned(Position::parse(true, "0-1-9").unwrap(), 1);
-        let (generation, floor, unknown) = f.floor();
+        // A primary position read before the write committed does not cover it; one
+        // read after does.
+        info.note_primary_position(
+            Position::parse(true, "0-1-8").unwrap(),
+            Instant::now() - Duration::from_secs(1),
+        );
+        assert!(f.floor(&info).2);
+        info.note_primary_position(Position::parse(true, "0-1-9").unwrap(), Instant::now());
+        let (generation, floor, unknown) = f.floor(&info);
         assert_eq!((floor, unknown), (Position::parse(true, "0-1-9"), false));
         f.confirm(generation);
         // A token from this cluster makes it check; another cluster's is refused.

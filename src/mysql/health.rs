@@ -179,7 +179,17 @@ async fn check(
         *session = Some(open(target, login, timeout).await?);
     }
     let s = session.as_mut().expect("just opened");
+    let sent = tokio::time::Instant::now();
     let (obs, rows, replication) = look(&mut s.conn, s.mariadb, s.replica_status, &target.peers).await?;
+    if obs.role == crate::cluster::topology::Role::Primary {
+        if let Some(p) = replication
+            .gtid
+            .as_deref()
+            .and_then(|g| super::gtid::Position::parse(s.mariadb, g))
+        {
+            target.info.note_primary_position(p, sent);
+        }
+    }
     let (marker, period) = rows.first().map(received_marker).unwrap_or((None, None));
     target
         .info

@@ -59,6 +59,9 @@ pub struct ClusterInfo {
     pub classifier: classify::Classifier,
     /// Server connections in transaction pooling.
     pub pools: pool::Pools,
+    /// The primary's GTID position as its last health check read it, and when that
+    /// check's query was sent.
+    primary_position: Mutex<Option<(gtid::Position, tokio::time::Instant)>>,
 }
 
 /// A MySQL node's replication as `/status` shows it.
@@ -178,6 +181,15 @@ impl ClusterInfo {
         if let Some(p) = joined {
             known.insert(node.to_string(), p);
         }
+    }
+
+    /// The primary's position, read by a health check sent at `taken`.
+    pub fn note_primary_position(&self, position: gtid::Position, taken: tokio::time::Instant) {
+        *self.primary_position.lock().unwrap() = Some((position, taken));
+    }
+
+    pub fn primary_position(&self) -> Option<(gtid::Position, tokio::time::Instant)> {
+        self.primary_position.lock().unwrap().clone()
     }
 
     /// The writes all sessions of `user` share.

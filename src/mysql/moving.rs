@@ -160,6 +160,9 @@ impl Relay<'_> {
         info!(cluster = %self.cluster.name, from = %old, to = %node.name, server_thread = conn.thread_id, outcome = outcome(true), "session moved between transactions");
         self.node = node;
         self.slot = slot;
+        // Transaction pooling (a pinned session): the old connection is closed, its
+        // pool slot freed; the new one is the session's own until it ends.
+        self.lease = None;
         self.move_pending.store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(conn)
     }

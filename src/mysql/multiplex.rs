@@ -86,13 +86,15 @@ impl PoolDialer<'_> {
                 worker: crate::proxy::pool::worker(),
                 node: node.name.clone(),
                 user: self.login.request.user.to_string(),
+                endpoint: self.login.endpoint,
             },
             self.settings,
         )
     }
 
     fn class(&self) -> Class {
-        (self.login.request.capabilities.bits(), self.login.request.collation)
+        let req = &self.login.request;
+        (req.capabilities.bits(), req.collation, req.database.is_some())
     }
 
     fn idle(node: &NodeState, pool: Arc<Pool>, conn: PooledConn) -> Checked {
@@ -221,7 +223,7 @@ impl Relay<'_> {
         // A ro read that must see a position: only a node known to have applied it,
         // or the primary.
         let (_, need, unknown) = if self.endpoint == Endpoint::ReadOnly {
-            self.fresh.floor()
+            self.fresh.floor(info)
         } else {
             (0, None, false)
         };
@@ -307,7 +309,7 @@ pub(super) async fn bring_in_line(
         .vars
         .iter()
         .filter(|(k, v)| state.vars.get(*k) != Some(*v))
-        .map(|(k, v)| format!("@@session.{k} = {}", sql_value(v)))
+        .map(|(k, v)| format!("@@session.{k} = {}", sql_value(k, v)))
         .collect();
     if !sets.is_empty() {
         first_value(&mut conn.stream, caps, &format!("SET {}", sets.join(", "))).await?;
@@ -347,15 +349,29 @@ impl Relay<'_> {
         let mut t = self.tracked.lock().unwrap();
         if cmd == protocol::COM_RESET_CONNECTION {
             t.desired.vars.clear();
-            t.pinned = None;
+            // A reset clears the session's state, not what the connection is.
+            if !matches!(t.pinned, Some(PIN_CHANGE_USER | PIN_NO_TRACKING)) {
+                t.pinned = None;
+            }
         } else {
-            t.pinned = Some("COM_CHANGE_USER");
+            t.pinned = Some(PIN_CHANGE_USER);
         }
     }
 }
 
-/// A variable's value as SQL: digits as they are, anything else quoted.
-fn sql_value(v: &str) -> String {
+/// Why a session keeps its connection: it changed user (the connection belongs to
+/// another user's pool now).
+pub(super) const PIN_CHANGE_USER: &str = "COM_CHANGE_USER";
+/// Why a session keeps its connection: the proxy cannot follow its state.
+pub(super) const PIN_NO_TRACKING: &str =
+    "a client without session tracking (CLIENT_SESSION_TRACK), whose session state the proxy cannot follow";
+
+/// A variable's value as SQL: digits as they are, anything else quoted
+/// (`character_set_results` reported empty is NULL: no conversion).
+fn sql_value(name: &str, v: &str) -> String {
+    if v.is_empty() && name.eq_ignore_ascii_case("character_set_results") {
+        return "NULL".to_string();
+    }
     if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
         v.to_string()
     } else {

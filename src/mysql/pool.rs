@@ -33,9 +33,10 @@ pub struct ConnState {
 
 /// What a connection's login fixed that its answers depend on: the capabilities the
 /// client logged in with (`CLIENT_DEPRECATE_EOF`, `CLIENT_SESSION_TRACK`,
-/// `CLIENT_FOUND_ROWS`...) and the collation. A connection is only handed to a client
-/// of the same class, so its answers reach that client unchanged.
-pub type Class = (u32, u8);
+/// `CLIENT_FOUND_ROWS`...) and the collation; and whether it has a current database
+/// (MySQL has no way back to none). A connection is only handed to a client of the
+/// same class, so its answers reach that client unchanged.
+pub type Class = (u32, u8, bool);
 
 pub struct PooledConn {
     pub conn: ServerConn,
@@ -69,6 +70,9 @@ pub struct PoolKey {
     pub worker: usize,
     pub node: String,
     pub user: String,
+    /// rw and ro connections never mix: a ro connection is `READ ONLY`, and a rw one
+    /// must not serve the ro endpoint.
+    pub endpoint: crate::cluster::routing::Endpoint,
 }
 
 pub struct Pool {
@@ -161,7 +165,8 @@ impl Pool {
     }
 
     /// Give a connection back (closed instead when past its lifetime).
-    pub fn checkin(&self, conn: PooledConn) {
+    pub fn checkin(&self, mut conn: PooledConn) {
+        conn.meta.class.2 = conn.state.db.is_some();
         let class = conn.meta.class;
         let _ = self
             .idle

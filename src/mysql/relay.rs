@@ -88,6 +88,9 @@ pub(super) struct Tracked {
     /// Transaction pooling: the session holds state a connection cannot be brought in
     /// line with, so it keeps its connection (why).
     pub(super) pinned: Option<&'static str>,
+    /// A write answered with rows was counted when sent; its answer is not all read
+    /// yet (then it has committed, if autocommit: `Writes::committed`).
+    pub(super) rows_write_pending: bool,
 }
 
 impl Tracked {
@@ -98,6 +101,7 @@ impl Tracked {
             counted: false,
             desired: Default::default(),
             pinned: None,
+            rows_write_pending: false,
         }
     }
 
@@ -289,15 +293,19 @@ impl Relay<'_> {
                         self.release(held.take());
                     }
                 }
-                // Transaction pooling: held or moved means a connection from the pool
-                // again at the next command (which waits out a hold).
-                Pause::Hold | Pause::Release if self.multiplex => self.release(held.take()),
+                // Transaction pooling, at rest: a connection from the pool again at the
+                // next command, which waits out a hold. (A pinned session is held and
+                // moved as in session pooling, below.)
+                Pause::Release => self.release(held.take()),
+                Pause::Hold if self.multiplex && self.tracked.lock().unwrap().releasable() => {
+                    self.move_pending.store(false, Ordering::Relaxed);
+                    self.release(held.take());
+                }
                 Pause::Hold => match self.hold(server, &mut topology, caps).await {
                     Ok(Some(moved)) => held = Some(moved),
                     Ok(None) => {}
                     Err(end) => break end,
                 },
-                Pause::Release => {}
                 Pause::Fresh => match self.make_fresh(server, &mut topology, caps).await {
                     Ok(Some(moved)) => held = Some(moved),
                     Ok(None) => {}
@@ -460,7 +468,7 @@ impl Relay<'_> {
                     // Before the client sees the OK of a write: a read it sends next (on
                     // any connection of the user) must find the write counted.
                     if let Some((writes, maria)) = &record_writes {
-                        note_writes(&mut t.answers, writes, *maria, tracking);
+                        note_writes(&mut t, writes, *maria, tracking);
                     }
                     if multiplex {
                         t.absorb_state();
@@ -588,7 +596,12 @@ fn writes_with_rows(text: &[u8]) -> bool {
 
 /// Count the writes the server's answers just reported (rw): each commit's GTID when the
 /// server tracks them, else every OK-ended answer as a write of unknown position.
-pub(super) fn note_writes(answers: &mut Answers, writes: &super::fresh::Writes, maria: bool, tracking: bool) {
+pub(super) fn note_writes(t: &mut Tracked, writes: &super::fresh::Writes, maria: bool, tracking: bool) {
+    if t.rows_write_pending && t.answers.idle() {
+        writes.committed();
+        t.rows_write_pending = false;
+    }
+    let answers = &mut t.answers;
     if let Some(g) = answers.gtid.take() {
         writes.wrote(super::gtid::Position::parse(maria, &g));
     }
@@ -695,6 +708,7 @@ impl Inbound {
                             // of unknown position.
                             if cmd == protocol::COM_QUERY && writes_with_rows(text) {
                                 writes.wrote(None);
+                                tracked.lock().unwrap().rows_write_pending = true;
                             }
                         }
                     }

@@ -206,7 +206,15 @@ pub async fn serve(
     };
     // The server's own OK: its status flags (autocommit) and session state are what
     // the client must see.
-    if write_packet(&mut tcp, reply_seq, &server.login_ok).await.is_err() {
+    // (Transaction pooling: a pooled connection's login OK may carry the state of the
+    // client it was opened for; this client gets the status flags only.)
+    let login_ok = if multiplex {
+        let status = super::answers::status_of_ok(&server.login_ok).unwrap_or(0);
+        super::fresh::ok_with_status(status & !super::fresh::SERVER_SESSION_STATE_CHANGED)
+    } else {
+        server.login_ok.clone()
+    };
+    if write_packet(&mut tcp, reply_seq, &login_ok).await.is_err() {
         return;
     }
     let registered = shared.cancels.register_mysql(
@@ -247,9 +255,7 @@ pub async fn serve(
     let mut tracked = super::relay::Tracked::new(answers, counter_for(endpoint, &cluster));
     tracked.desired = desired;
     if multiplex && !caps.contains(CapabilityFlags::CLIENT_SESSION_TRACK) {
-        tracked.pinned = Some(
-            "a client without session tracking (CLIENT_SESSION_TRACK), whose session state the proxy cannot follow",
-        );
+        tracked.pinned = Some(super::multiplex::PIN_NO_TRACKING);
     }
     let mut relay = super::relay::Relay {
         cluster: &cluster,

@@ -135,10 +135,17 @@ impl Relay<'_> {
         let maria = self.fresh.maria;
         let replica = self.split.as_mut().and_then(|s| s.replica.as_mut()).expect("a replica");
         if replica.synced != Some(generation) {
+            // Read back on the primary without a bound of the proxy's own: dropping that
+            // query half-answered would leave its answer for the client's next command.
+            let values = match first_row(&mut primary.stream, caps, &capture_sql(maria)).await {
+                Ok(v) => v.unwrap_or_default(),
+                // (A broken connection fails the read's own write to it next.)
+                Err(e) => {
+                    debug!(cluster = %self.cluster.name, error = %e, "settings not read back; the primary answers");
+                    return Ok(false);
+                }
+            };
             let synced = tokio::time::timeout(REPLICA_STEP, async {
-                let values = first_row(&mut primary.stream, caps, &capture_sql(maria))
-                    .await?
-                    .unwrap_or_default();
                 let (set, database) = replay_sql(maria, &values);
                 first_value(&mut replica.conn.stream, caps, &set).await?;
                 if let Some(db) = database {
@@ -292,7 +299,7 @@ impl Relay<'_> {
     /// Has the replica applied what the session's reads must see (waiting up to
     /// `causal_wait_ms` for it)? No: the primary answers.
     async fn replica_fresh(&mut self, caps: CapabilityFlags) -> bool {
-        let (_, need, unknown) = self.fresh.floor();
+        let (_, need, unknown) = self.fresh.floor(ClusterInfo::of(self.cluster));
         let labels = ClusterLabels {
             cluster: self.cluster.name.clone(),
         };
