@@ -465,6 +465,10 @@ fn djangos_own_test_suite_on_mariadb_gives_the_same_results_through_the_proxy() 
         ("session", ""),
         ("transaction", "pool_mode = \"transaction\"\npool_size = 8"),
         ("split", "read_write_split = true\nread_your_writes = \"user\""),
+        (
+            "transaction_split",
+            "read_write_split = true\nread_your_writes = \"user\"\npool_mode = \"transaction\"\npool_size = 8",
+        ),
     ] {
         let (rw, ro) = (free_port(), free_port());
         let text = my_config(&cluster, rw, ro, extra) + "\n[[users]]\nname = \"django\"\npassword = \"django\"\n";

@@ -250,3 +250,25 @@ fn django_two_aliases_read_their_own_writes_through_the_replica() {
     }
     assert!(out.contains("ok: without-middleware cleaned up 10 customers"), "{out}");
 }
+
+/// Transaction pooling with `read_write_split`: reads take read-only connections from
+/// the replica's pool, the rest the primary's; a read after the session's own write
+/// still sees it.
+#[test]
+fn a_split_endpoint_in_transaction_pooling() {
+    let cluster = delayed_cluster();
+    let (primary, replica) = (server_id(&cluster, 0), server_id(&cluster, 1));
+    let (proxy, _) = start(
+        &cluster,
+        "read_write_split = true\npool_mode = \"transaction\"\npool_size = 4",
+    );
+    let split = check(&proxy, "split", 20);
+    assert_eq!((split.fresh, split.stale), (20, 0), "{split:?}");
+    assert_eq!(split.servers.get(&primary), Some(&20), "{split:?}");
+    assert_eq!(split.reader, vec![replica.clone(); 3], "{split:?}");
+    assert_eq!(
+        split.state,
+        vec!["+03:00".to_string(), "information_schema".into(), replica],
+        "{split:?}"
+    );
+}

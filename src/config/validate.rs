@@ -138,9 +138,6 @@ impl Config {
                     }
                 }
             }
-            if c.engine == Engine::Mysql {
-                mysql_rules(cname, c)?;
-            }
             if c.pool_size == 0 {
                 return Err(invalid(format!("clusters.{cname}.pool_size"), "must be at least 1"));
             }
@@ -227,17 +224,4 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// What a `engine = "mysql"` cluster cannot have (yet): each PostgreSQL-only key set to
-/// something other than its default is named, with what to do instead.
-fn mysql_rules(cname: &str, c: &ClusterConfig) -> Result<(), ConfigError> {
-    let refuse = |key: &str, why: &str| Err(invalid(format!("clusters.{cname}.{key}"), why.to_string()));
-    if c.pool_mode == PoolMode::Transaction && c.read_write_split {
-        return refuse(
-            "read_write_split",
-            "on a MySQL cluster works with pool_mode = \"session\" (not yet with transaction pooling)",
-        );
-    }
-    Ok(())
 }

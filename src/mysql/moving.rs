@@ -93,7 +93,14 @@ impl Relay<'_> {
             .or(lost.then_some("a state the proxy did not follow"))
         {
             self.shared.metrics.session_moved(&self.cluster.name, outcome(false));
-            info!(cluster = %self.cluster.name, node = %old, reason = why, outcome = outcome(false), "session not moved");
+            match to {
+                MoveTo::NewPrimary => {
+                    info!(cluster = %self.cluster.name, node = %old, reason = why, "session not moved to the new primary")
+                }
+                MoveTo::PrimaryForFreshness { .. } => {
+                    info!(cluster = %self.cluster.name, node = %old, reason = why, "session not moved to the primary for a fresh read")
+                }
+            }
             return Err(refuse(why));
         }
         let mariadb = server.greeting.version.contains("MariaDB");
@@ -157,7 +164,14 @@ impl Relay<'_> {
             .cancels
             .retarget(&self.registered, Some((&node.addr, conn.thread_id as i32, 0)));
         self.shared.metrics.session_moved(&self.cluster.name, outcome(true));
-        info!(cluster = %self.cluster.name, from = %old, to = %node.name, server_thread = conn.thread_id, outcome = outcome(true), "session moved between transactions");
+        match to {
+            MoveTo::NewPrimary => {
+                info!(cluster = %self.cluster.name, from = %old, to = %node.name, server_thread = conn.thread_id, "session moved to the new primary between transactions")
+            }
+            MoveTo::PrimaryForFreshness { .. } => {
+                info!(cluster = %self.cluster.name, from = %old, to = %node.name, server_thread = conn.thread_id, "session moved to the primary for a fresh read")
+            }
+        }
         self.node = node;
         self.slot = slot;
         // Transaction pooling (a pinned session): the old connection is closed, its

@@ -191,6 +191,13 @@ impl Relay<'_> {
             return Err(End::ClientClosed);
         }
         let info = ClusterInfo::of(self.cluster);
+        // With splitting: a read a replica may answer takes a read-only connection, on a
+        // replica that has applied what the session must see (else on the primary), for
+        // this one statement.
+        let read = self.split_tx && self.is_split_read(client, cbuf, &mut shutdown, info).await?;
+        let endpoint = if read { Endpoint::ReadOnly } else { self.endpoint };
+        self.inbound.lease_commands = 0;
+        self.one_command = read;
         let config = self.shared.config();
         let settings = config
             .clusters
@@ -213,7 +220,7 @@ impl Relay<'_> {
                     collation: self.client.collation,
                     attributes,
                 },
-                endpoint: self.endpoint,
+                endpoint,
                 tls: self.cluster.server_tls(),
             },
             info,
@@ -222,7 +229,7 @@ impl Relay<'_> {
         };
         // A ro read that must see a position: only a node known to have applied it,
         // or the primary.
-        let (_, need, unknown) = if self.endpoint == Endpoint::ReadOnly {
+        let (_, need, unknown) = if endpoint == Endpoint::ReadOnly {
             self.fresh.floor(info)
         } else {
             (0, None, false)
@@ -232,9 +239,9 @@ impl Relay<'_> {
                 || (!unknown && need.as_ref().is_none_or(|n| info.has_applied(&snap.nodes[i].name, n)))
         };
         let accept: Option<connector::Accept<'_>> = (need.is_some() || unknown).then_some(&fresh);
-        let connected = match connector::connect_now(self.cluster, self.endpoint, None, accept, &mut dialer) {
+        let connected = match connector::connect_now(self.cluster, endpoint, None, accept, &mut dialer) {
             Some(c) => c,
-            None => connector::connect(self.cluster, self.endpoint, None, accept, Some(topology), &mut dialer)
+            None => connector::connect(self.cluster, endpoint, None, accept, Some(topology), &mut dialer)
                 .await
                 .map_err(End::Failed)?,
         };
@@ -251,7 +258,7 @@ impl Relay<'_> {
             &desired,
             caps,
             self.fresh.maria,
-            self.endpoint,
+            endpoint,
             target,
         )
         .await
@@ -263,12 +270,59 @@ impl Relay<'_> {
         self.shared
             .cancels
             .retarget(&self.registered, Some((&node.addr, conn.thread_id as i32, 0)));
+        if read && node.role == Role::Standby {
+            self.shared
+                .metrics
+                .reads_to_standby
+                .get_or_create(&crate::obs::metrics::ClusterLabels {
+                    cluster: self.cluster.name.clone(),
+                })
+                .inc();
+        }
         self.node = node;
         self.slot = slot;
         self.lease = Some(lease);
         Ok(conn)
     }
+
+    /// Transaction pooling with splitting: is the command at the front of `cbuf` one a
+    /// replica may answer, now? (At rest with autocommit on, unpinned, a text query the
+    /// classifier calls a read; the whole statement is read in first.)
+    async fn is_split_read(
+        &mut self,
+        client: &mut ClientStream,
+        cbuf: &mut bytes::BytesMut,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+        info: &ClusterInfo,
+    ) -> Result<bool, End> {
+        {
+            let t = self.tracked.lock().unwrap();
+            if t.pinned.is_some() || t.answers.status & SERVER_STATUS_AUTOCOMMIT == 0 || !t.answers.at_rest() {
+                return Ok(false);
+            }
+        }
+        if cbuf[3] != 0 || cbuf[4] != protocol::COM_QUERY || self.inbound.unmovable().is_some() {
+            return Ok(false);
+        }
+        let len = u32::from_le_bytes([cbuf[0], cbuf[1], cbuf[2], 0]) as usize;
+        if len > super::split::SPLIT_MAX {
+            return Ok(false);
+        }
+        while cbuf.len() < 4 + len {
+            tokio::select! {
+                r = client.read_buf(cbuf) => match r {
+                    Ok(0) => return Err(End::ClientClosed),
+                    Err(e) => return Err(End::Io(e)),
+                    Ok(_) => {}
+                },
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Err(End::Failed(Error::shutdown())),
+            }
+        }
+        Ok(info.classifier.classify(&cbuf[5..4 + len]).read)
+    }
 }
+
+const SERVER_STATUS_AUTOCOMMIT: u16 = 0x0002;
 
 /// Make `conn`'s session state the client's (`desired`): a reset first if it has
 /// settings the client never made, then the differences, then the database.

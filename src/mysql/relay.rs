@@ -69,6 +69,12 @@ pub(super) struct Relay<'a> {
     pub(super) multiplex: bool,
     /// Transaction pooling: the pool slot of the connection held now.
     pub(super) lease: Option<super::multiplex::Lease>,
+    /// Transaction pooling with `read_write_split` (rw): reads take read-only
+    /// connections from the replicas' pools (`multiplex.rs`).
+    pub(super) split_tx: bool,
+    /// The connection held now serves one command only (a split read): the next waits
+    /// for it to go back.
+    pub(super) one_command: bool,
     /// rw: the server reports each commit's GTID on this connection.
     pub(super) tracking: bool,
     /// rw with `read_write_split`: the replica connection for reads (`split.rs`).
@@ -181,6 +187,8 @@ pub(super) struct Inbound {
     /// Bumped by each command that may change session settings a replica connection
     /// must mirror (`SET`, `USE`, `COM_INIT_DB`; split reads bring it in line).
     pub(super) state_generation: u64,
+    /// Transaction pooling: commands passed on to the connection held now.
+    pub(super) lease_commands: u32,
 }
 
 /// What the proxy does with a command instead of passing it on.
@@ -412,6 +420,7 @@ impl Relay<'_> {
         let record_writes = (endpoint == Endpoint::ReadWrite).then(|| (fresh.writes.clone(), fresh.maria));
         let tracking = self.tracking;
         let multiplex = self.multiplex;
+        let one_command = self.one_command;
         // Set when the server side stops because the connection can go back to the pool.
         let release_now = AtomicBool::new(false);
         let classifier = self
@@ -430,6 +439,7 @@ impl Relay<'_> {
                     split: classifier,
                     writes: record_writes.as_ref().map(|(w, _)| &**w),
                     multiplex,
+                    one_command,
                 };
                 match inbound
                     .relay(cbuf, &mut sw, endpoint, node, awaiting, tracked, gates)
@@ -577,6 +587,8 @@ struct Gates<'a> {
     writes: Option<&'a super::fresh::Writes>,
     /// Transaction pooling (COM_QUIT is the proxy's).
     multiplex: bool,
+    /// The connection takes one command only (a split read in transaction pooling).
+    one_command: bool,
 }
 
 /// A statement that may write and answer with rows: one with a `RETURNING` clause, or
@@ -652,6 +664,17 @@ impl Inbound {
                     if rest.len() < 4 + len.min(PEEK) {
                         break; // the start of the command is not here yet
                     }
+                    if gates.one_command && self.lease_commands > 0 {
+                        if let Some(why) = tracked.lock().unwrap().pinned {
+                            // The read left state on a replica's read-only connection: it
+                            // can neither go back nor take the next command.
+                            return Err(End::Failed(Error::not_fresh(format!(
+                                "a read sent to a replica left {why} on its connection; reconnect"
+                            ))));
+                        }
+                        // Not on this connection: it waits until this one goes back.
+                        break;
+                    }
                     if own_command(endpoint, &rest[4..4 + len.min(PEEK)], gates.tracking, gates.multiplex).is_some() {
                         if len > INTERCEPT_MAX {
                             return Err(End::Failed(Error::protocol("command too long")));
@@ -689,6 +712,7 @@ impl Inbound {
                         }
                     }
                     commands += 1;
+                    self.lease_commands += 1;
                     let cmd = rest.get(4).copied();
                     self.quit |= cmd == Some(protocol::COM_QUIT);
                     if let Some(cmd) = cmd {

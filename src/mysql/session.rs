@@ -274,9 +274,11 @@ pub async fn serve(
         slot,
         fresh,
         tracking,
-        split: (endpoint == Endpoint::ReadWrite && cc.read_write_split).then(Default::default),
+        split: (endpoint == Endpoint::ReadWrite && cc.read_write_split && !multiplex).then(Default::default),
         multiplex,
         lease,
+        split_tx: endpoint == Endpoint::ReadWrite && cc.read_write_split && multiplex,
+        one_command: false,
     };
     let end = relay.run(&mut tcp, server, rx).await;
     let node = relay.node.clone();
