@@ -36,14 +36,15 @@ const PREFIX: usize = 24;
 /// than this is read like any packet, and its GTID is not learned: see `untracked_ok`.)
 const TRACK_PREFIX: usize = 512;
 
-const SERVER_SESSION_STATE_CHANGED: u16 = 0x4000;
+pub(super) const SERVER_SESSION_STATE_CHANGED: u16 = 0x4000;
 /// Session-state entry types (MySQL's `enum_session_state_type`).
 const SESSION_TRACK_SYSTEM_VARIABLES: u8 = 0;
 const SESSION_TRACK_GTIDS: u8 = 3;
 
 const SERVER_STATUS_IN_TRANS: u16 = 0x0001;
+pub(super) const SERVER_STATUS_AUTOCOMMIT: u16 = 0x0002;
 const SERVER_STATUS_CURSOR_EXISTS: u16 = 0x0040;
-const SERVER_MORE_RESULTS_EXISTS: u16 = 0x0008;
+pub(super) const SERVER_MORE_RESULTS_EXISTS: u16 = 0x0008;
 const SERVER_STATUS_IN_TRANS_READONLY: u16 = 0x2000;
 
 /// What kind of answer a command gets.

@@ -45,8 +45,7 @@ use crate::error::Error;
 use crate::obs::metrics::ClusterLabels;
 use crate::proxy::stream::{write_flush, ClientStream};
 
-const SERVER_MORE_RESULTS_EXISTS: u16 = 0x0008;
-pub(super) const SERVER_SESSION_STATE_CHANGED: u16 = 0x4000;
+use super::answers::{SERVER_MORE_RESULTS_EXISTS, SERVER_SESSION_STATE_CHANGED};
 
 /// The token's name as clients write it.
 pub const TOKEN_VARIABLE: &str = "@switchyard_causal_token";

@@ -27,6 +27,7 @@ mod relay;
 pub mod server;
 pub mod session;
 mod split;
+mod tracked;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};

@@ -176,16 +176,7 @@ impl Relay<'_> {
         caps: CapabilityFlags,
     ) -> Result<ServerConn, End> {
         let mut shutdown = self.shared.shutdown.clone();
-        while cbuf.len() < 5 {
-            tokio::select! {
-                r = client.read_buf(cbuf) => match r {
-                    Ok(0) => return Err(End::ClientClosed),
-                    Err(e) => return Err(End::Io(e)),
-                    Ok(_) => {}
-                },
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Err(End::Failed(Error::shutdown())),
-            }
-        }
+        read_at_least(client, cbuf, 5, &mut shutdown).await?;
         if cbuf[4] == protocol::COM_QUIT && cbuf[3] == 0 {
             self.inbound.quit = true;
             return Err(End::ClientClosed);
@@ -308,21 +299,33 @@ impl Relay<'_> {
         if len > super::split::SPLIT_MAX {
             return Ok(false);
         }
-        while cbuf.len() < 4 + len {
-            tokio::select! {
-                r = client.read_buf(cbuf) => match r {
-                    Ok(0) => return Err(End::ClientClosed),
-                    Err(e) => return Err(End::Io(e)),
-                    Ok(_) => {}
-                },
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Err(End::Failed(Error::shutdown())),
-            }
-        }
+        read_at_least(client, cbuf, 4 + len, shutdown).await?;
         Ok(info.classifier.classify(&cbuf[5..4 + len]).read)
     }
 }
 
-const SERVER_STATUS_AUTOCOMMIT: u16 = 0x0002;
+use super::answers::SERVER_STATUS_AUTOCOMMIT;
+
+/// Read from the client until `cbuf` holds at least `n` bytes (a session between
+/// transactions, with no connection: only the client and shutdown can wake it).
+async fn read_at_least(
+    client: &mut ClientStream,
+    cbuf: &mut bytes::BytesMut,
+    n: usize,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), End> {
+    while cbuf.len() < n {
+        tokio::select! {
+            r = client.read_buf(cbuf) => match r {
+                Ok(0) => return Err(End::ClientClosed),
+                Err(e) => return Err(End::Io(e)),
+                Ok(_) => {}
+            },
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Err(End::Failed(Error::shutdown())),
+        }
+    }
+    Ok(())
+}
 
 /// Make `conn`'s session state the client's (`desired`): a reset first if it has
 /// settings the client never made, then the differences, then the database.

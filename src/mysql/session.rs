@@ -210,7 +210,7 @@ pub async fn serve(
     // client it was opened for; this client gets the status flags only.)
     let login_ok = if multiplex {
         let status = super::answers::status_of_ok(&server.login_ok).unwrap_or(0);
-        super::fresh::ok_with_status(status & !super::fresh::SERVER_SESSION_STATE_CHANGED)
+        super::fresh::ok_with_status(status & !super::answers::SERVER_SESSION_STATE_CHANGED)
     } else {
         server.login_ok.clone()
     };
