@@ -480,6 +480,14 @@ async fn prune_pools(shared: Arc<Shared>, worker: usize) {
 }
 
 /// Accept clients and hand each to a worker.
+///
+/// Out of file descriptors (EMFILE/ENFILE), `accept` fails and the client would wait
+/// in the kernel's backlog until its own timeout, unanswered. A reserve descriptor
+/// avoids that: it is closed to accept the client, which is then told why it is
+/// refused (53300, MySQL 1040), and taken again as soon as a descriptor is free. (The
+/// admission's descriptor cap refuses clients before it comes to that; this is for
+/// when the estimate is wrong.) Failures are
+/// logged once per interval with a count, not every time.
 async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<ClusterCtx>,
@@ -488,45 +496,66 @@ async fn accept_loop(
     workers: Arc<Workers>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let failures = crate::proxy::limits::Throttle::default();
+    let mut reserve = std::fs::File::open("/dev/null").ok();
     loop {
+        // Spent: taken again as soon as a descriptor is free (tried at every turn: the
+        // one the refused client frees may go to something else first).
+        if reserve.is_none() {
+            reserve = std::fs::File::open("/dev/null").ok();
+        }
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.wait_for(|s| *s) => return,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                // Moved to the worker's event loop: deregistered here, registered there.
-                let stream = match stream.into_std() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(cluster = %ctx.name, endpoint = %endpoint, peer = %peer, error = %e, "could not hand a client to a worker");
-                        continue;
-                    }
+        let (stream, peer, forced) = match accepted {
+            Ok((stream, peer)) => (stream, peer, None),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) && reserve.is_some() => {
+                drop(reserve.take());
+                let Ok((stream, peer)) = listener.accept().await else {
+                    reserve = std::fs::File::open("/dev/null").ok();
+                    continue;
                 };
-                let (worker, count) = workers.pick();
-                let (ctx, shared) = (ctx.clone(), shared.clone());
-                worker.spawn(async move {
-                    let _count = count;
-                    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
-                        return;
-                    };
-                    // The task holds one of these at a time; the others are boxed, so that
-                    // a PostgreSQL client's task is not as large as the largest of them.
-                    if ctx.engine == Engine::Mysql {
-                        Box::pin(crate::mysql::session::serve(stream, peer, ctx, endpoint, shared)).await;
-                        return;
-                    }
-                    if let Some(admin) = session::serve(stream, peer, ctx, endpoint, shared.clone()).await {
-                        Box::pin(crate::admin::console::run(admin.stream, &admin.user, &shared)).await;
-                    }
-                });
+                (stream, peer, Some(crate::proxy::limits::Refusal::Descriptors))
             }
             Err(e) => {
+                if let Some(n) = failures.hit(std::time::Instant::now()) {
+                    error!(cluster = %ctx.name, endpoint = %endpoint, error = %e, failures = n,
+                           "accept failed (failures: how many since the last such line); raise the file-descriptor limit or lower max_clients");
+                }
                 // Out of file descriptors and the like: back off instead of spinning.
-                error!(cluster = %ctx.name, endpoint = %endpoint, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        }
+        };
+        // Moved to the worker's event loop: deregistered here, registered there.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(cluster = %ctx.name, endpoint = %endpoint, peer = %peer, error = %e, "could not hand a client to a worker");
+                continue;
+            }
+        };
+        let (worker, count) = workers.pick();
+        let (ctx, shared) = (ctx.clone(), shared.clone());
+        worker.spawn(async move {
+            let _count = count;
+            let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+                return;
+            };
+            // The task holds one of these at a time; the others are boxed, so that
+            // a PostgreSQL client's task is not as large as the largest of them.
+            if ctx.engine == Engine::Mysql {
+                Box::pin(crate::mysql::session::serve(
+                    stream, peer, ctx, endpoint, shared, forced,
+                ))
+                .await;
+                return;
+            }
+            if let Some(admin) = session::serve(stream, peer, ctx, endpoint, shared.clone(), forced).await {
+                Box::pin(crate::admin::console::run(admin.stream, &admin.user, &shared)).await;
+            }
+        });
     }
 }
 

@@ -21,6 +21,8 @@ impl SqlState {
     pub const CANNOT_CONNECT_NOW: SqlState = SqlState(*b"57P03");
     pub const ADMIN_SHUTDOWN: SqlState = SqlState(*b"57P01");
     pub const TOO_MANY_CONNECTIONS: SqlState = SqlState(*b"53300");
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState(*b"25P03");
+    pub const QUERY_CANCELED: SqlState = SqlState(*b"57014");
     pub const INSUFFICIENT_PRIVILEGE: SqlState = SqlState(*b"42501");
     pub const SYNTAX_ERROR: SqlState = SqlState(*b"42601");
     pub const READ_ONLY_SQL_TRANSACTION: SqlState = SqlState(*b"25006");
@@ -94,6 +96,13 @@ pub struct Error {
     /// A MySQL server's own error number and SQLSTATE (a refused login), passed on.
     mysql: Option<MysqlCode>,
 }
+
+/// MySQL 8's ER_CLIENT_INTERACTION_TIMEOUT: what its server says when `wait_timeout`
+/// ends an idle client.
+const CLIENT_INTERACTION_TIMEOUT: MysqlCode = MysqlCode {
+    number: 4031,
+    state: *b"HY000",
+};
 
 /// A MySQL error as a client sees it: error number and SQLSTATE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +221,50 @@ impl Error {
     /// No pooled server connection became free in time.
     pub fn pool_exhausted(message: impl Into<String>) -> Error {
         Error::new(SqlState::TOO_MANY_CONNECTIONS, Side::Proxy, message)
+    }
+
+    /// A client over one of the proxy's client limits (`proxy::limits`).
+    pub fn too_many_clients(message: impl Into<String>) -> Error {
+        Error::new(SqlState::TOO_MANY_CONNECTIONS, Side::Proxy, message)
+    }
+
+    /// A client over its user's limit: MySQL clients get ER_TOO_MANY_USER_CONNECTIONS.
+    pub fn too_many_clients_of_user(message: impl Into<String>) -> Error {
+        Error {
+            mysql: Some(MysqlCode {
+                number: 1203,
+                state: *b"42000",
+            }),
+            ..Error::new(SqlState::TOO_MANY_CONNECTIONS, Side::Proxy, message)
+        }
+    }
+
+    /// A client idle in a transaction past `idle_transaction_timeout_ms`.
+    pub fn idle_in_transaction(message: impl Into<String>) -> Error {
+        Error {
+            mysql: Some(CLIENT_INTERACTION_TIMEOUT),
+            ..Error::new(SqlState::IDLE_IN_TRANSACTION_TIMEOUT, Side::Proxy, message)
+        }
+    }
+
+    /// A query stopped by `query_timeout_ms` (MySQL: ER_QUERY_INTERRUPTED).
+    pub fn query_canceled(message: impl Into<String>) -> Error {
+        Error {
+            mysql: Some(MysqlCode {
+                number: 1317,
+                state: *b"70100",
+            }),
+            ..Error::new(SqlState::QUERY_CANCELED, Side::Proxy, message)
+        }
+    }
+
+    /// A client idle past `client_idle_timeout_ms` (57P01, as an administrator's
+    /// disconnect).
+    pub fn client_idle(message: impl Into<String>) -> Error {
+        Error {
+            mysql: Some(CLIENT_INTERACTION_TIMEOUT),
+            ..Error::new(SqlState::ADMIN_SHUTDOWN, Side::Proxy, message)
+        }
     }
 
     /// The session's node is no longer a valid place for it. `node_up`: it is healthy

@@ -181,6 +181,15 @@ fn check(path: Option<&PathBuf>) -> Result<()> {
         config.clusters.len(),
         config.users.len()
     );
+    let fds = switchyard::proxy::limits::raise_fd_limit();
+    let needed = switchyard::proxy::limits::descriptors_needed(&config);
+    if needed > fds {
+        println!(
+            "note: proxy.max_clients = {} with these pools may need {needed} file descriptors, and this process may open {fds} (RLIMIT_NOFILE's hard limit): clients past {} are refused with 53300; raise the limit (LimitNOFILE=, ulimit -n) or lower proxy.max_clients",
+            config.proxy.max_clients,
+            switchyard::proxy::limits::descriptor_budget(&config, fds)
+        );
+    }
     for (name, c) in &config.clusters {
         if c.manager.is_none() {
             println!(
@@ -240,8 +249,21 @@ fn check_mysql_managers(config: &Config) -> Result<()> {
 
 fn run(path: Option<&PathBuf>) -> Result<()> {
     let config = load(path)?;
+    let fds = switchyard::proxy::limits::raise_fd_limit();
+    let needed = switchyard::proxy::limits::descriptors_needed(&config);
+    let budget = switchyard::proxy::limits::descriptor_budget(&config, fds);
+    if needed > fds {
+        tracing::warn!(
+            fd_limit = fds,
+            needed,
+            max_clients = config.proxy.max_clients,
+            clients = budget,
+            "the file-descriptor limit is below what proxy.max_clients and the pools may need: clients past `clients` are refused with 53300 (raise LimitNOFILE / ulimit -n, or lower proxy.max_clients)"
+        );
+    }
     switchyard::app::runtime()?.block_on(async {
         let proxy = Proxy::start(config, path.cloned()).await?;
+        proxy.shared.admissions.set_descriptor_cap(budget);
         switchyard::app::wait_for_signal(&proxy).await?;
         tracing::info!("shutting down: no new sessions; open transactions may finish");
         proxy.shutdown().await;

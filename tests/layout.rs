@@ -228,6 +228,7 @@ const PURE: &[&str] = &[
     "src/cluster/routing.rs",
     "src/cluster/freshness.rs",
     "src/proxy/pool.rs",
+    "src/proxy/timeouts.rs",
     "src/pg/txn/machine.rs",
     "src/pg/txn/owed.rs",
     "src/pg/txn/state.rs",

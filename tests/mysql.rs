@@ -61,6 +61,54 @@ fn writes_go_to_the_primary_reads_to_a_replica_and_errors_are_mysql_errors() {
     let _ = s.read_to_end(&mut reply);
     assert_eq!(reply.get(4), Some(&0xff), "an ERR packet: {reply:?}");
     assert_eq!(mariadb(proxy.rw, "SELECT v FROM t").unwrap(), "42", "others unaffected");
+
+    // A cluster's client limit: the client over it gets 1040 at once, before its
+    // password is checked, and the clients admitted go on.
+    let (rw, ro) = (free_port(), free_port());
+    let capped = my_spawn(
+        &cluster,
+        "capped",
+        &my_config(&cluster, rw, ro, "max_clients = 2"),
+        rw,
+        ro,
+    );
+    wait_for("capped proxy ready", Duration::from_secs(30), || {
+        mariadb(capped.rw, "SELECT 1").ok()
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use mysql_async::prelude::Queryable;
+        let opts = |port: u16| -> mysql_async::Opts {
+            mysql_async::OptsBuilder::default()
+                .ip_or_hostname("127.0.0.1")
+                .tcp_port(port)
+                .user(Some(MY_APP_USER))
+                .pass(Some(MY_APP_PASSWORD))
+                .prefer_socket(false)
+                .into()
+        };
+        let mut a = mysql_async::Conn::new(opts(capped.rw)).await.unwrap();
+        let mut b = mysql_async::Conn::new(opts(capped.ro)).await.unwrap();
+        let t = Instant::now();
+        let err = mariadb_as(capped.rw, "nobody", "wrong", None, "SELECT 1").unwrap_err();
+        assert!(
+            err.contains("1040") && err.contains("clusters.main.max_clients"),
+            "{err}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(3), "refused after {:?}", t.elapsed());
+        for c in [&mut a, &mut b] {
+            let one: Option<i64> = c.query_first("SELECT 1").await.unwrap();
+            assert_eq!(one, Some(1));
+        }
+        a.disconnect().await.unwrap();
+        b.disconnect().await.unwrap();
+    });
+    wait_for("a freed place", Duration::from_secs(10), || {
+        mariadb(capped.rw, "SELECT 1").ok()
+    });
 }
 
 #[test]

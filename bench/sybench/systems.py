@@ -189,6 +189,9 @@ rise = {h['rise']}
 fall = {h['fall']}
 
 {users}
+[proxy]
+max_clients = 12000
+
 [clusters.main]
 listen_rw = "127.0.0.1:{rw_port}"
 """

@@ -252,6 +252,10 @@ pub struct ProxyConfig {
     /// environment overrides it. Pool sizes are shared among them.
     #[serde(default)]
     pub threads: usize,
+    /// Clients connected at once, all clusters together; the next one is refused with
+    /// SQLSTATE 53300 (MySQL 1040). Admin console logins are not counted.
+    #[serde(default = "default::proxy_max_clients")]
+    pub max_clients: u32,
 }
 
 impl ProxyConfig {
@@ -273,6 +277,7 @@ impl Default for ProxyConfig {
             max_message_bytes: default::proxy_max_message_bytes(),
             shutdown_timeout_ms: default::proxy_shutdown_timeout_ms(),
             threads: 0,
+            max_clients: default::proxy_max_clients(),
         }
     }
 }
@@ -306,6 +311,34 @@ pub struct UserConfig {
     /// May use the admin console (database `switchyard`).
     #[serde(default)]
     pub admin: bool,
+    /// Clients of this user connected at once, over all clusters.
+    #[serde(default)]
+    pub max_clients: Option<u32>,
+    /// This user's own value of the cluster keys of the same names.
+    #[serde(default)]
+    pub client_idle_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub idle_transaction_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub query_timeout_ms: Option<u64>,
+}
+
+impl UserConfig {
+    /// A user with a password and nothing else set (auth_query's users, tests).
+    pub fn with_password(name: &str, password: &str, auth: AuthMethod) -> UserConfig {
+        UserConfig {
+            name: name.to_string(),
+            password: Some(password.to_string()),
+            password_file: None,
+            password_env: None,
+            auth,
+            admin: false,
+            max_clients: None,
+            client_idle_timeout_ms: None,
+            idle_transaction_timeout_ms: None,
+            query_timeout_ms: None,
+        }
+    }
 }
 
 /// What the cluster's servers speak.
@@ -470,6 +503,19 @@ pub struct ClusterConfig {
     pub server_ca_file: Option<std::path::PathBuf>,
     #[serde(default)]
     pub nodes: Vec<NodeConfig>,
+    /// Clients of this cluster connected at once (both endpoints).
+    #[serde(default)]
+    pub max_clients: Option<u32>,
+    /// A client idle between transactions this long is disconnected (0: never).
+    #[serde(default)]
+    pub client_idle_timeout_ms: u64,
+    /// A client idle inside a transaction this long is disconnected and its transaction
+    /// rolled back (0: never).
+    #[serde(default)]
+    pub idle_transaction_timeout_ms: u64,
+    /// A query running this long is cancelled on its server (0: never).
+    #[serde(default)]
+    pub query_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -621,6 +667,26 @@ impl Config {
         self.users.iter().find(|u| u.name == name)
     }
 
+    /// The client timeouts of `user` on `cluster`: the user's own values, else the
+    /// cluster's (None: off).
+    pub fn client_timeouts(&self, cluster: &str, user: &str) -> ClientTimeouts {
+        let c = &self.clusters[cluster];
+        let u = self.user(user);
+        let pick = |own: Option<u64>, cluster: u64| {
+            Some(own.unwrap_or(cluster))
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis)
+        };
+        ClientTimeouts {
+            client_idle: pick(u.and_then(|u| u.client_idle_timeout_ms), c.client_idle_timeout_ms),
+            idle_transaction: pick(
+                u.and_then(|u| u.idle_transaction_timeout_ms),
+                c.idle_transaction_timeout_ms,
+            ),
+            query: pick(u.and_then(|u| u.query_timeout_ms), c.query_timeout_ms),
+        }
+    }
+
     /// (user, password) the health monitor logs in with.
     pub fn health_login(&self) -> (String, Option<String>) {
         match &self.health.user {
@@ -644,6 +710,21 @@ impl Config {
                 None => ("postgres".into(), self.health.password.clone()),
             },
         }
+    }
+}
+
+/// How long a client may stay idle, idle in a transaction, or wait on one query
+/// (`Config::client_timeouts`; None: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    pub client_idle: Option<Duration>,
+    pub idle_transaction: Option<Duration>,
+    pub query: Option<Duration>,
+}
+
+impl ClientTimeouts {
+    pub fn any(&self) -> bool {
+        self.client_idle.is_some() || self.idle_transaction.is_some() || self.query.is_some()
     }
 }
 
@@ -677,130 +758,5 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-/// Defaults of keys that are not their type's default, one function per key, named
-/// `<section>_<key>` (serde's `default = "..."` takes a path).
-mod default {
-    use super::*;
-
-    pub fn auth_query_cache_s() -> u64 {
-        30
-    }
-
-    pub fn auth_query_database() -> String {
-        "postgres".into()
-    }
-
-    pub fn auth_query_query() -> String {
-        "SELECT rolname::text, rolpassword FROM pg_catalog.pg_authid \
-         WHERE rolname = $1 AND rolcanlogin AND (rolvaliduntil IS NULL OR rolvaliduntil > now())"
-            .into()
-    }
-
-    pub fn cluster_checkout_timeout_ms() -> u64 {
-        5000
-    }
-
-    pub fn cluster_connect_timeout_ms() -> u64 {
-        5000
-    }
-
-    pub fn cluster_failover() -> FailoverMode {
-        FailoverMode::Follow
-    }
-
-    pub fn cluster_failover_cooldown_s() -> u64 {
-        300
-    }
-
-    pub fn cluster_failover_max_lag_bytes() -> u64 {
-        1 << 20
-    }
-
-    pub fn cluster_max_replica_lag_ms() -> u64 {
-        10000
-    }
-
-    pub fn cluster_pool_mode() -> PoolMode {
-        PoolMode::Session
-    }
-
-    pub fn cluster_pool_size() -> u32 {
-        20
-    }
-
-    pub fn cluster_read_balance() -> ReadBalance {
-        ReadBalance::Priority
-    }
-
-    pub fn cluster_read_your_writes() -> ReadYourWrites {
-        ReadYourWrites::Session
-    }
-
-    pub fn cluster_server_idle_timeout_ms() -> u64 {
-        600_000
-    }
-
-    pub fn cluster_server_lifetime_ms() -> u64 {
-        3_600_000
-    }
-
-    pub fn cluster_server_login_timeout_ms() -> u64 {
-        2000
-    }
-
-    pub fn cluster_split_brain() -> SplitBrainRule {
-        SplitBrainRule::NewestTimeline
-    }
-
-    pub fn cluster_switchover_timeout_ms() -> u64 {
-        15000
-    }
-
-    pub fn coordination_lease_s() -> u64 {
-        5
-    }
-
-    pub fn coordination_prefix() -> String {
-        "/switchyard".into()
-    }
-
-    pub fn health_database() -> String {
-        "postgres".into()
-    }
-
-    pub fn health_fall() -> u32 {
-        2
-    }
-
-    pub fn health_interval_ms() -> u64 {
-        1000
-    }
-
-    pub fn health_rise() -> u32 {
-        2
-    }
-
-    pub fn health_timeout_ms() -> u64 {
-        1000
-    }
-
-    pub fn node_port() -> u16 {
-        5432
-    }
-
-    pub fn proxy_client_login_timeout_ms() -> u64 {
-        15000
-    }
-
-    pub fn proxy_max_message_bytes() -> u32 {
-        256 << 20
-    }
-
-    pub fn proxy_shutdown_timeout_ms() -> u64 {
-        10000
-    }
-
-    pub fn user_auth() -> AuthMethod {
-        AuthMethod::ScramSha256
-    }
-}
+/// Defaults of keys that are not their type's default (`default.rs`).
+mod default;

@@ -22,6 +22,41 @@ impl Config {
         if h.fall == 0 {
             return Err(invalid("health.fall", "must be at least 1"));
         }
+        if self.proxy.max_clients == 0 {
+            return Err(invalid("proxy.max_clients", "must be at least 1"));
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            if u.max_clients == Some(0) {
+                return Err(invalid(format!("users[{i}].max_clients"), "must be at least 1"));
+            }
+        }
+        for (name, c) in &self.clusters {
+            if c.max_clients == Some(0) {
+                return Err(invalid(format!("clusters.{name}.max_clients"), "must be at least 1"));
+            }
+            if c.engine == Engine::Mysql {
+                for (key, ms, server) in [
+                    ("client_idle_timeout_ms", c.client_idle_timeout_ms, "wait_timeout"),
+                    (
+                        "idle_transaction_timeout_ms",
+                        c.idle_transaction_timeout_ms,
+                        "idle_transaction_timeout (MariaDB)",
+                    ),
+                    (
+                        "query_timeout_ms",
+                        c.query_timeout_ms,
+                        "max_statement_time (MariaDB) / max_execution_time (MySQL)",
+                    ),
+                ] {
+                    if ms > 0 {
+                        return Err(invalid(
+                            format!("clusters.{name}.{key}"),
+                            format!("not yet for MySQL/MariaDB clusters: set the server's {server} instead"),
+                        ));
+                    }
+                }
+            }
+        }
         if self.proxy.max_message_bytes < 1024 {
             return Err(invalid("proxy.max_message_bytes", "must be at least 1024"));
         }

@@ -16,6 +16,7 @@ use tracing::debug;
 use super::protocol::{self, read_packet, write_packet};
 use crate::config::{AuthMethod, UserConfig};
 use crate::error::Error;
+use crate::proxy::limits::{self, Admission, Refusal};
 use crate::proxy::shared::Shared;
 use crate::proxy::stream::ClientStream;
 
@@ -101,6 +102,8 @@ pub(super) struct Client {
     pub(super) attributes: Option<HashMap<String, String>>,
     /// Sequence id of the client's last login packet.
     pub(super) seq: u8,
+    /// This client's place under `max_clients`, held until the session ends.
+    pub(super) _admission: Admission,
 }
 
 /// What our greeting says, and whether TLS is offered or required.
@@ -112,6 +115,9 @@ pub(super) struct Hello<'a> {
     pub(super) collation: u8,
     pub(super) tls: Option<&'a tokio_rustls::TlsAcceptor>,
     pub(super) require_tls: bool,
+    pub(super) cluster: &'a str,
+    /// Refused already (out of file descriptors): told so once its user is known.
+    pub(super) forced: Option<Refusal>,
 }
 
 pub(super) async fn authenticate(
@@ -127,6 +133,8 @@ pub(super) async fn authenticate(
         collation,
         tls,
         require_tls,
+        cluster,
+        forced,
     } = hello;
     let io = |seq: u8| {
         move |e: std::io::Error| {
@@ -195,6 +203,9 @@ pub(super) async fn authenticate(
         ));
     }
     let name = String::from_utf8_lossy(response.user()).into_owned();
+    // Counted before the password check: a client over a limit costs none (MySQL's
+    // server, too, answers 1040 before authenticating).
+    let admission = limits::admit(shared, cluster, &name, forced).map_err(|e| (next(seq), e))?;
     let config = shared.config();
     let Some(user) = config.user(&name).cloned() else {
         // The same answer as a wrong password: which users exist is not for a client
@@ -240,6 +251,7 @@ pub(super) async fn authenticate(
         attributes: response.connect_attributes(),
         user,
         seq,
+        _admission: admission,
     })
 }
 

@@ -35,6 +35,7 @@ use crate::error::Error;
 use crate::obs::clients::NewClient;
 use crate::proxy::cancel::Target as KillTarget;
 use crate::proxy::connector::{self, Dialer, NodeSlot};
+use crate::proxy::limits::Refusal;
 use crate::proxy::shared::{Arrival, Shared};
 use crate::proxy::stream::{linger, ClientStream};
 use crate::tls::ServerTls;
@@ -54,6 +55,7 @@ pub async fn serve(
     cluster: Arc<ClusterCtx>,
     endpoint: Endpoint,
     shared: Arc<Shared>,
+    forced: Option<Refusal>,
 ) {
     let Arrival {
         config,
@@ -95,6 +97,8 @@ pub async fn serve(
                 collation,
                 tls: tls.as_ref().map(|t| &t.acceptor),
                 require_tls: tls_mode == ClientTls::Require,
+                cluster: &cluster.name,
+                forced,
             },
         ),
     )
@@ -116,6 +120,9 @@ pub async fn serve(
         Ok(c) => c,
         Err((seq, e)) => {
             reject(&mut tcp, seq, &e, &shared).await;
+            if e.code() == crate::error::SqlState::TOO_MANY_CONNECTIONS {
+                return; // a limit's refusal: `limits::admit` logs those, throttled
+            }
             info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", code = e.mysql_code().number, reason = %e, "client rejected");
             return;
         }

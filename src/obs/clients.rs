@@ -26,6 +26,8 @@ pub struct ClientInfo {
     status: AtomicU8,
     /// Requests (Query, Sync, FunctionCall) sent and not yet answered by ReadyForQuery.
     pending: AtomicI32,
+    /// ReadyForQuery messages seen: progress, for the client timeouts.
+    answered: AtomicU64,
 }
 
 impl ClientInfo {
@@ -55,6 +57,17 @@ impl ClientInfo {
     pub fn ready_for_query(&self, status: TxStatus) {
         self.status.store(status.byte(), Ordering::Release);
         self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.answered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (requests in flight, inside a transaction, answers so far): what the client
+    /// timeouts look at.
+    pub fn activity(&self) -> (bool, bool, u64) {
+        (
+            self.pending.load(Ordering::Acquire) > 0,
+            TxStatus::of(self.status.load(Ordering::Acquire)) != TxStatus::Idle,
+            self.answered.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -105,6 +118,7 @@ impl Clients {
             server_pid: c.server_pid,
             status: AtomicU8::new(TxStatus::Idle.byte()),
             pending: AtomicI32::new(0),
+            answered: AtomicU64::new(0),
         });
         self.map.lock().unwrap().insert(id, info.clone());
         ClientGuard {

@@ -66,6 +66,13 @@ pub struct PromotionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub cluster: String,
+    /// Which limit refused a client, or which timeout fired.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// First two characters of the SQLSTATE.
     pub class: String,
@@ -103,6 +110,10 @@ pub struct Metrics {
     pub reads_to_primary_for_freshness: Family<ClusterLabels, Counter>,
     /// How long reads waited for a standby to replay far enough (reads that waited).
     pub causal_wait_seconds: Family<ClusterLabels, Histogram>,
+    /// Clients refused by a limit (`proxy::limits`), by which.
+    clients_refused: Family<ReasonLabels, Counter>,
+    /// Client timeouts that fired (client_idle, idle_transaction, query), by which.
+    client_timeouts: Family<ReasonLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -135,6 +146,8 @@ impl Default for Metrics {
             published_epoch: Family::default(),
             reads_to_standby: Family::default(),
             reads_to_primary_for_freshness: Family::default(),
+            clients_refused: Family::default(),
+            client_timeouts: Family::default(),
             causal_wait_seconds: Family::new_with_constructor(|| {
                 // 0.25 ms .. ~8 s
                 Histogram::new(exponential_buckets(0.00025, 2.0, 16))
@@ -237,6 +250,16 @@ impl Default for Metrics {
             m.published_epoch.clone(),
         );
         r.register(
+            "clients_refused",
+            "Clients refused by a limit: proxy_max_clients, cluster_max_clients, user_max_clients, file_descriptors",
+            m.clients_refused.clone(),
+        );
+        r.register(
+            "client_timeouts",
+            "Client timeouts that fired: client_idle (client ended), idle_transaction (client ended, transaction rolled back), query (cancel sent to the server)",
+            m.client_timeouts.clone(),
+        );
+        r.register(
             "role_changes",
             "Role or health changes of a node",
             m.role_changes.clone(),
@@ -253,6 +276,26 @@ impl Metrics {
             .get_or_create(&MoveLabels {
                 cluster: cluster.into(),
                 outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// Count a client refused by a limit (`reason`: `limits::Refusal::reason`).
+    pub fn client_refused(&self, cluster: &str, reason: &str) {
+        self.clients_refused
+            .get_or_create(&ReasonLabels {
+                cluster: cluster.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Count a client timeout that fired (`kind`: client_idle, idle_transaction, query).
+    pub fn client_timeout(&self, cluster: &str, kind: &str) {
+        self.client_timeouts
+            .get_or_create(&ReasonLabels {
+                cluster: cluster.into(),
+                reason: kind.into(),
             })
             .inc();
     }

@@ -310,14 +310,7 @@ mod tests {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     fn user(pw: &str) -> UserConfig {
-        UserConfig {
-            name: "app".into(),
-            password: Some(pw.into()),
-            password_file: None,
-            password_env: None,
-            auth: AuthMethod::ScramSha256,
-            admin: false,
-        }
+        UserConfig::with_password("app", pw, AuthMethod::ScramSha256)
     }
 
     /// Drive our server side with the client side of `postgres-protocol` (what
@@ -460,14 +453,7 @@ mod tests {
 
     #[test]
     fn md5_check() {
-        let v = Verifier::new(&UserConfig {
-            name: "app".into(),
-            password: Some("pw".into()),
-            password_file: None,
-            password_env: None,
-            auth: AuthMethod::Md5,
-            admin: false,
-        });
+        let v = Verifier::new(&UserConfig::with_password("app", "pw", AuthMethod::Md5));
         let salt = [1, 2, 3, 4];
         let good = postgres_protocol::authentication::md5_hash(b"app", b"pw", salt);
         assert!(v.check_md5(good.as_bytes(), salt).is_ok());

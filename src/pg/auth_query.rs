@@ -136,14 +136,11 @@ impl AuthQuery {
         // login taught it (several logins may be under way with it).
         let verifier = match (secret, cache.get(key).and_then(|c| c.verifier.clone())) {
             (Some((_, s)), Some(old)) if old.secret() == &s => Some(old),
-            (Some((text, _)), _) => Some(Verifier::new(&UserConfig {
-                name: user.to_string(),
-                password: Some(text.to_string()),
-                password_file: None,
-                password_env: None,
-                auth: AuthMethod::ScramSha256,
-                admin: false,
-            })),
+            (Some((text, _)), _) => Some(Verifier::new(&UserConfig::with_password(
+                user,
+                text,
+                AuthMethod::ScramSha256,
+            ))),
             (None, _) => None,
         };
         if cache.len() >= MAX_CACHED {

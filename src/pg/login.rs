@@ -6,14 +6,17 @@ use rand::RngExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::warn;
 
+use std::sync::Arc;
+
 use crate::cluster::ClusterCtx;
-use crate::config::AuthMethod;
+use crate::config::{AuthMethod, ADMIN_DATABASE};
 use crate::error::Error;
 use crate::pg::auth::{AuthError, Verifier};
 use crate::pg::classify::CAUSAL_TOKEN;
 use crate::pg::credential::Credential;
 use crate::pg::protocol::messages;
 use crate::pg::protocol::startup::{read_startup, StartupError, StartupPacket};
+use crate::proxy::limits::{self, Admission, Refusal};
 use crate::proxy::shared::Shared;
 use crate::proxy::stream::ClientStream;
 
@@ -25,6 +28,9 @@ const MAX_AUTH_MESSAGE: usize = 10000;
 pub(super) enum Reject {
     /// Send this error (ours, or the server's own ErrorResponse) as FATAL.
     Error(Error),
+    /// Over a client limit: send this error as FATAL; logged by `limits::admit`, once
+    /// per interval rather than once per client.
+    Refused(Error),
     /// The client went away; nothing to say.
     Gone,
 }
@@ -52,6 +58,9 @@ pub(super) struct Client {
     /// What this user logs in to servers with, taken right after this client's own
     /// authentication (for a verifier user: the key its SCRAM proof revealed).
     pub credential: Credential,
+    /// This client's place under `max_clients` (None for the admin console), held
+    /// until the session ends.
+    pub _admission: Option<Arc<Admission>>,
 }
 
 /// Startup packet(s) and authentication. `None` for a CancelRequest. `require_tls`:
@@ -63,6 +72,7 @@ pub(super) async fn login(
     cluster: &ClusterCtx,
     require_tls: Option<&str>,
     channel: Option<&[u8]>,
+    forced: Option<Refusal>,
 ) -> Result<Option<Client>, Reject> {
     let (minor, params) = loop {
         match read_startup(stream).await {
@@ -114,6 +124,14 @@ pub(super) async fn login(
         .filter(|u| !u.is_empty())
         .ok_or_else(|| Reject::Error(Error::not_authorized("no user name specified in startup packet")))?;
     let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+    // Counted before authentication: a client over a limit costs no password check (nor
+    // an auth_query on a server).
+    let admission = match database == ADMIN_DATABASE && forced.is_none() {
+        true => None,
+        false => Some(Arc::new(
+            limits::admit(shared, &cluster.name, &user, forced).map_err(Reject::Refused)?,
+        )),
+    };
     if minor > 0 || !unrecognized.is_empty() {
         let mut b = BytesMut::new();
         messages::negotiate_protocol_version(&mut b, 0, &unrecognized);
@@ -155,6 +173,7 @@ pub(super) async fn login(
         database,
         params: passed,
         causal_token,
+        _admission: admission,
     }))
 }
 

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,8 +39,10 @@ use crate::pg::txn::{Driver, TxnClient};
 use crate::proxy::cancel::Registration;
 use crate::proxy::connector::NodeSlot;
 use crate::proxy::connector::{self, Accept};
+use crate::proxy::limits::Refusal;
 use crate::proxy::shared::{Arrival, Shared};
 use crate::proxy::stream::{goodbye, write_flush, ClientStream};
+use crate::proxy::timeouts::{Fired, Waiting, Watch};
 
 const RELAY_BUFFER: usize = 8192;
 
@@ -108,6 +110,7 @@ pub async fn serve(
     cluster: Arc<ClusterCtx>,
     endpoint: Endpoint,
     shared: Arc<Shared>,
+    forced: Option<Refusal>,
 ) -> Option<AdminClient> {
     let Arrival {
         config,
@@ -133,7 +136,14 @@ pub async fn serve(
     let channel = tls.as_ref().filter(|_| stream.is_tls()).map(|t| t.end_point.clone());
     let outcome = match tokio::time::timeout(
         left,
-        Box::pin(login(&mut stream, &shared, &cluster, require_tls, channel.as_deref())),
+        Box::pin(login(
+            &mut stream,
+            &shared,
+            &cluster,
+            require_tls,
+            channel.as_deref(),
+            forced,
+        )),
     )
     .await
     {
@@ -175,6 +185,11 @@ pub async fn serve(
     };
     let (client, connected, wait) = match outcome {
         Ok(ok) => ok,
+        Err(Reject::Refused(e)) => {
+            shared.metrics.error(e.code().as_str());
+            Box::pin(goodbye(&mut stream, &e.to_fatal())).await;
+            return None;
+        }
         Err(reject) => {
             let Reject::Error(e) = reject else { return None };
             if !e.is_forwarded() {
@@ -424,8 +439,10 @@ async fn relay(
         stats,
         mut topology,
         mut causal,
+        _cancel: cancel,
         ..
     } = c;
+    let mut watch = Watch::new(config.client_timeouts(&cluster.name, &who.user), Instant::now());
     // The proxy's own answers (to SHOW/SET switchyard.causal_token), written to the
     // client by the server-to-client side at a message boundary.
     let (inject_tx, mut inject_rx) = tokio::sync::mpsc::unbounded_channel::<BytesMut>();
@@ -598,11 +615,43 @@ async fn relay(
             tokio::time::sleep(grace).await;
             End::Failed(Error::shutdown())
         };
+        // The client timeouts, looked at a few times per the shortest of them (a timer
+        // per message would cost every session; this costs only those with timeouts).
+        let watchdog = async {
+            if !watch.armed() {
+                return std::future::pending().await;
+            }
+            let every = watch.poll_every();
+            loop {
+                tokio::time::sleep(every).await;
+                let now = Instant::now();
+                let (in_flight, in_transaction, answered) = info.activity();
+                let waiting = match (in_flight, in_transaction) {
+                    (true, _) => Waiting::Server,
+                    (false, true) => Waiting::ClientInTransaction,
+                    (false, false) => Waiting::Client,
+                };
+                watch.observe(waiting, answered, now);
+                let Some(fired) = watch.due(now) else { continue };
+                shared.metrics.client_timeout(&cluster.name, fired.label());
+                if fired != Fired::Query {
+                    info!(cluster = %cluster.name, peer = %peer, user = %who.user, timeout = fired.label(), "client timeout: ending the session");
+                    return End::Failed(watch.error(fired));
+                }
+                info!(cluster = %cluster.name, peer = %peer, user = %who.user, node = %node, "query_timeout_ms: cancelling the query on its server");
+                crate::pg::cancel::forward(&shared.cancels, cancel.pid, cancel.key_secret, |c| {
+                    shared.clusters.get(c).map(|ctx| ctx.server_tls())
+                })
+                .await;
+                watch.rearm(Instant::now());
+            }
+        };
         tokio::select! {
             e = client_to_server => e,
             e = server_to_client => e,
             e = evicted => e,
             e = stop => e,
+            e = watchdog => e,
         }
     };
     let notice = match &end {

@@ -4,6 +4,8 @@
 
 pub mod cancel;
 pub mod connector;
+pub mod limits;
 pub mod pool;
 pub mod shared;
 pub mod stream;
+pub mod timeouts;

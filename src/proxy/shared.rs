@@ -45,6 +45,8 @@ pub struct Shared {
     pub config_path: Option<PathBuf>,
     pub clusters: BTreeMap<String, Arc<ClusterCtx>>,
     pub cancels: Arc<CancelRegistry>,
+    /// Clients counted against `max_clients` (proxy, cluster, user).
+    pub admissions: Arc<crate::proxy::limits::Admissions>,
     pub clients: Arc<Clients>,
     pub metrics: Arc<Metrics>,
     pub shutdown: watch::Receiver<bool>,
@@ -101,6 +103,7 @@ impl Shared {
             config_path,
             clusters,
             cancels: Arc::new(CancelRegistry::default()),
+            admissions: Arc::default(),
             clients: Arc::new(Clients::default()),
             metrics: Arc::new(Metrics::default()),
             shutdown,

@@ -3,7 +3,7 @@
 //! pooled connection through the connector, release it, end).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::proxy::stream::ClientStream;
 use crate::tls::write_flush;
@@ -26,6 +26,7 @@ use crate::pg::pool::{Pool, PoolError, PoolKey, PooledConn};
 use crate::proxy::cancel::Registration;
 use crate::proxy::connector::{self, Accept, Connected, Dialer};
 use crate::proxy::shared::Shared;
+use crate::proxy::timeouts::{Fired, Watch};
 
 const BUFFER: usize = 8192;
 
@@ -167,6 +168,8 @@ pub struct Driver<'a> {
     pools: Vec<NodePool>,
     cbuf: BytesMut,
     sbuf: BytesMut,
+    /// The client timeouts' clock.
+    watch: Watch,
 }
 
 enum Event {
@@ -174,6 +177,7 @@ enum Event {
     Server(std::io::Result<usize>),
     Topology,
     Shutdown,
+    Timeout,
 }
 
 impl<'a> Driver<'a> {
@@ -214,7 +218,9 @@ impl<'a> Driver<'a> {
             who.causal_token,
             FreshMetrics::new(&shared.metrics, &cluster.name),
         );
+        let watch = Watch::new(config.client_timeouts(&cluster.name, &who.user), Instant::now());
         Driver {
+            watch,
             causal,
             client,
             who,
@@ -338,6 +344,15 @@ impl<'a> Driver<'a> {
             if self.held.is_some() {
                 ready_to_read(&mut self.sbuf);
             }
+            // A client timeout's deadline for the state the session waits in now (only
+            // when timeouts are set: reading the clock costs every message otherwise).
+            let deadline = match self.watch.armed() {
+                true => {
+                    self.watch.observe(self.machine.waiting(), 0, Instant::now());
+                    self.watch.deadline()
+                }
+                false => None,
+            };
             let event = {
                 let client = &mut self.client;
                 let cbuf = &mut self.cbuf;
@@ -360,6 +375,12 @@ impl<'a> Driver<'a> {
                     // next checkout routes on the snapshot of its moment.
                     _ = topology.changed(), if has_server => Event::Topology,
                     _ = shutdown.changed(), if !has_server => Event::Shutdown,
+                    _ = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d.into()).await,
+                            None => std::future::pending().await,
+                        }
+                    }, if deadline.is_some() => Event::Timeout,
                 }
             };
             match event {
@@ -392,6 +413,7 @@ impl<'a> Driver<'a> {
                         self.machine.on_evicted(&reason, up);
                     }
                 }
+                Event::Timeout => self.timed_out().await,
                 // Only listened to while no server connection is held: between units.
                 // (A closed channel counts: its sender is gone with the proxy, and
                 // waiting on it again would return at once, forever.)
@@ -402,6 +424,32 @@ impl<'a> Driver<'a> {
                 }
             }
         }
+    }
+
+    /// A client timeout may be due: end the session (idle, idle in a transaction), or
+    /// cancel the query in flight. The cancel is sent while the connection is still
+    /// held, so it can only reach this client's query, never another client's.
+    async fn timed_out(&mut self) {
+        let now = Instant::now();
+        self.watch.observe(self.machine.waiting(), 0, now);
+        let Some(fired) = self.watch.due(now) else { return };
+        let cluster = &self.cluster.name;
+        self.shared.metrics.client_timeout(cluster, fired.label());
+        if fired != Fired::Query {
+            info!(cluster = %cluster, user = %self.who.user, timeout = fired.label(), "client timeout: ending the session");
+            self.machine.on_timeout(self.watch.error(fired));
+            return;
+        }
+        info!(cluster = %cluster, user = %self.who.user, node = ?self.machine.node(), "query_timeout_ms: cancelling the query on its server");
+        let shared = self.shared;
+        Box::pin(crate::pg::cancel::forward(
+            &shared.cancels,
+            self.cancel.pid,
+            self.cancel.key_secret,
+            |c| shared.clusters.get(c).map(|ctx| ctx.server_tls()),
+        ))
+        .await;
+        self.watch.rearm(Instant::now());
     }
 
     /// Write what the machine has for the client; false if the client is gone.

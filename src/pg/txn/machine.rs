@@ -26,6 +26,7 @@ use crate::pg::protocol::tags::{BackendTag, FrontendTag, TxStatus};
 use crate::pg::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
 
 pub use super::action::{Action, Config, Target};
+use crate::proxy::timeouts::Waiting;
 
 /// Where the session is. The held connection, if any, is `Machine::unit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +179,23 @@ impl<'a> Machine<'a> {
     /// being the primary; else when it stops being readable.
     pub fn writes(&self) -> bool {
         !self.cfg.read_only_endpoint && self.unit.as_ref().is_some_and(|u| u.on_primary)
+    }
+
+    /// What the session waits for (the client timeouts: `proxy::timeouts`).
+    pub fn waiting(&self) -> Waiting {
+        match (&self.unit, self.phase) {
+            (_, Phase::Greeting | Phase::Acquiring { .. } | Phase::Ended) => Waiting::Other,
+            _ if !self.owed.is_empty() => Waiting::Server,
+            (Some(u), _) if u.status != TxStatus::Idle || u.batch_open => Waiting::ClientInTransaction,
+            _ => Waiting::Client,
+        }
+    }
+
+    /// A client timeout ends the session with `e`; a held connection is closed, so its
+    /// server rolls back whatever transaction it was in.
+    pub fn on_timeout(&mut self, e: Error) {
+        self.release(false);
+        self.end(Some(e));
     }
 
     fn end(&mut self, e: Option<Error>) {

@@ -1,0 +1,304 @@
+//! Limits and timeouts that answer: a client over `max_clients` (proxy, user) gets 53300
+//! at once, an idle transaction is ended with 25P03 and rolled back while the pool
+//! serves others, a runaway query is cancelled with 57014, an idle client is closed
+//! with 57P01, and a proxy out of file descriptors still answers with 53300. All
+//! against real PostgreSQL servers, with tokio-postgres and psql as clients.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A second user whose own limits the tests set.
+const CAPPED: &str = "[[users]]\nname = \"capped\"\npassword = \"capped\"\nauth = \"scram-sha-256\"\nmax_clients = 2\n";
+
+fn cluster() -> LocalCluster {
+    let cluster = LocalCluster::start(0).unwrap();
+    cluster
+        .sql(
+            0,
+            "CREATE ROLE capped LOGIN PASSWORD 'capped'; GRANT ALL ON SCHEMA public TO capped",
+        )
+        .unwrap();
+    cluster
+        .sql_db(
+            0,
+            APP_DB,
+            "CREATE TABLE limits_t (id int); GRANT ALL ON limits_t TO PUBLIC",
+        )
+        .unwrap();
+    cluster
+}
+
+async fn connect_as(port: u16, user: &str, password: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .password(password)
+        .dbname(APP_DB)
+        .connect_timeout(Duration::from_secs(10));
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Connect, expecting a refusal: its text, and how long it took.
+async fn refused(port: u16, user: &str, password: &str) -> (String, Duration) {
+    let t = Instant::now();
+    match connect_as(port, user, password).await {
+        Ok(_) => panic!("{user} was let in over its limit"),
+        Err(e) => (db_text(&e), t.elapsed()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_over_a_limit_are_refused_at_once_with_53300_and_nobody_else_notices() {
+    let cluster = cluster();
+    let top = format!("{CAPPED}\n[proxy]\nmax_clients = 4\n");
+    let proxy = Proxy::start(&cluster, "limits", "", &top);
+
+    // The user's limit: two of `capped`, the third refused.
+    let c1 = connect_as(proxy.rw, "capped", "capped").await.unwrap();
+    let c2 = connect_as(proxy.rw, "capped", "capped").await.unwrap();
+    let (text, took) = refused(proxy.rw, "capped", "capped").await;
+    assert!(text.starts_with("53300"), "{text}");
+    assert!(
+        text.contains("user \"capped\"") && text.contains("max_clients"),
+        "{text}"
+    );
+    assert!(took < Duration::from_secs(2), "refusal took {took:?}");
+
+    // The proxy's limit: two more clients of another user fill it.
+    let a1 = connect_as(proxy.rw, APP_USER, APP_PASSWORD).await.unwrap();
+    let a2 = connect_as(proxy.ro, APP_USER, APP_PASSWORD).await.unwrap();
+    let (text, took) = refused(proxy.rw, APP_USER, APP_PASSWORD).await;
+    assert!(
+        text.starts_with("53300") && text.contains("proxy.max_clients"),
+        "{text}"
+    );
+    assert!(took < Duration::from_secs(2), "refusal took {took:?}");
+    // What psql shows a person.
+    let out = psql(proxy.rw, "SELECT 1").unwrap_err();
+    assert!(
+        out.contains("too many clients") && out.contains("proxy.max_clients"),
+        "{out}"
+    );
+
+    // Everyone admitted goes on as before.
+    for c in [&c1, &c2, &a1, &a2] {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    // A place freed is a place taken.
+    drop(c1);
+    wait_for("a freed place", Duration::from_secs(10), || {
+        psql(proxy.rw, "SELECT 1").ok()
+    });
+    drop((c2, a1, a2));
+
+    // Refusals are logged once per interval with a count, not once each.
+    let log = proxy.log_text();
+    let lines = log.matches("clients refused by a limit").count();
+    assert!((1..=2).contains(&lines), "{lines} refusal lines:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_transaction_is_ended_rolled_back_and_its_connection_serves_others() {
+    let cluster = cluster();
+    for (mode, extra) in [
+        ("session", "idle_transaction_timeout_ms = 700\n"),
+        (
+            "transaction",
+            "pool_mode = \"transaction\"\npool_size = 1\nidle_transaction_timeout_ms = 700\n",
+        ),
+    ] {
+        let proxy = Proxy::start(&cluster, &format!("idle-tx-{mode}"), extra, "");
+        let stuck = connect(proxy.rw).await.unwrap();
+        stuck
+            .batch_execute("BEGIN; LOCK TABLE limits_t IN ACCESS EXCLUSIVE MODE; INSERT INTO limits_t VALUES (1)")
+            .await
+            .unwrap();
+        let began = Instant::now();
+        // Another client's read waits for the lock (and, transaction pooling with a pool
+        // of one, for the connection) until the idle transaction is rolled back.
+        let other = connect(proxy.rw).await.unwrap();
+        let rows = other.simple_query("SELECT count(*) FROM limits_t").await.unwrap();
+        let waited = began.elapsed();
+        assert!(
+            waited < Duration::from_secs(4),
+            "{mode}: the other client waited {waited:?}"
+        );
+        assert!(waited >= Duration::from_millis(600), "{mode}: served after {waited:?}");
+        let count = rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(count, "0", "{mode}: the idle transaction's insert was rolled back");
+        let text = stuck.wait_for_error(Duration::from_secs(5)).await;
+        assert!(
+            text.contains("25P03") && text.contains("idle_transaction_timeout_ms"),
+            "{mode}: {text}"
+        );
+        // A transaction that keeps working is not idle: statements 300 ms apart for
+        // longer than the timeout.
+        let busy = connect(proxy.rw).await.unwrap();
+        busy.batch_execute("BEGIN").await.unwrap();
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            busy.batch_execute("INSERT INTO limits_t VALUES (2)").await.unwrap();
+        }
+        busy.batch_execute("ROLLBACK").await.unwrap();
+        assert!(proxy.log_text().contains("client timeout: ending the session"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runaway_query_is_cancelled_with_57014_and_the_session_goes_on() {
+    let cluster = cluster();
+    // Session mode through the cluster's key; transaction mode through the user's own.
+    let user =
+        "[[users]]\nname = \"capped\"\npassword = \"capped\"\nauth = \"scram-sha-256\"\nquery_timeout_ms = 500\n"
+            .to_string();
+    for (mode, extra, top, who) in [
+        (
+            "session",
+            "query_timeout_ms = 500\n",
+            String::new(),
+            (APP_USER, APP_PASSWORD),
+        ),
+        (
+            "transaction",
+            "pool_mode = \"transaction\"\n",
+            user.clone(),
+            ("capped", "capped"),
+        ),
+    ] {
+        let proxy = Proxy::start(&cluster, &format!("query-{mode}"), extra, &top);
+        let c = connect_as(proxy.rw, who.0, who.1).await.unwrap();
+        let t = Instant::now();
+        let e = c.simple_query("SELECT pg_sleep(30)").await.unwrap_err();
+        let took = t.elapsed();
+        assert!(db_text(&e).starts_with("57014"), "{mode}: {}", db_text(&e));
+        assert!(took < Duration::from_secs(5), "{mode}: cancelled after {took:?}");
+        // The session is fine afterwards, and quick queries are never touched.
+        for _ in 0..20 {
+            c.simple_query("SELECT pg_sleep(0.01)").await.unwrap();
+        }
+        assert!(proxy.log_text().contains("query_timeout_ms: cancelling the query"));
+    }
+    // psql, the same.
+    let proxy = Proxy::start(&cluster, "query-psql", "query_timeout_ms = 500\n", "");
+    let out = psql(proxy.rw, "SELECT pg_sleep(30)").unwrap_err();
+    assert!(out.contains("canceling statement"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_is_closed_with_57p01_and_a_sentence() {
+    let cluster = cluster();
+    for (mode, extra) in [
+        ("session", "client_idle_timeout_ms = 600\n"),
+        (
+            "transaction",
+            "pool_mode = \"transaction\"\nclient_idle_timeout_ms = 600\n",
+        ),
+    ] {
+        let proxy = Proxy::start(&cluster, &format!("idle-{mode}"), extra, "");
+        let c = connect(proxy.rw).await.unwrap();
+        // Busy clients are not idle.
+        for _ in 0..6 {
+            c.simple_query("SELECT 1").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let text = c.wait_for_error(Duration::from_secs(1)).await;
+        assert!(
+            text.contains("57P01") && text.contains("client_idle_timeout_ms"),
+            "{mode}: {text}"
+        );
+    }
+}
+
+/// Out of file descriptors: clients past the limit are told so (53300) rather than
+/// left in the kernel's backlog, and the log does not get a line per failed accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_clients_get_53300_not_a_hang() {
+    use std::os::unix::process::CommandExt;
+    let cluster = cluster();
+    let (rw, ro) = (free_port(), free_port());
+    let text = cluster.config_toml(rw, ro, "");
+    let config = cluster.dir().join("fds.toml");
+    std::fs::write(&config, &text).unwrap();
+    let log = cluster.dir().join("fds.log");
+    let limit = |cmd: &mut std::process::Command| {
+        // SAFETY: setrlimit in the child between fork and exec, nothing else.
+        unsafe {
+            cmd.pre_exec(|| {
+                let r = libc::rlimit {
+                    rlim_cur: 160,
+                    rlim_max: 160,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+                Ok(())
+            });
+        }
+    };
+    // `switchyard check` says the limit cannot hold max_clients.
+    let mut check = std::process::Command::new(switchyard_bin());
+    check.args(["--config", config.to_str().unwrap(), "check"]);
+    limit(&mut check);
+    let out = check.output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("file descriptors") && said.contains("proxy.max_clients"),
+        "{said}"
+    );
+
+    let mut cmd = std::process::Command::new(switchyard_bin());
+    cmd.args(["--config", config.to_str().unwrap()])
+        .env("SWITCHYARD_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log).unwrap());
+    limit(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    wait_for("proxy ready", Duration::from_secs(20), || psql(rw, "SELECT 1").ok());
+
+    // Session mode: a client and its server connection each take a descriptor.
+    let mut held = Vec::new();
+    let mut refusals = Vec::new();
+    let t = Instant::now();
+    while refusals.len() < 3 && t.elapsed() < Duration::from_secs(60) {
+        match tokio::time::timeout(Duration::from_secs(15), connect(rw)).await {
+            Ok(Ok(c)) => held.push(c),
+            Ok(Err(e)) => refusals.push(db_text(&e)),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "a connection hung past 15 s with {} clients held; log:\n{}",
+                    held.len(),
+                    std::fs::read_to_string(&log).unwrap()
+                )
+            }
+        }
+    }
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(held.len() >= 20, "only {} clients before the limit", held.len());
+    assert_eq!(refusals.len(), 3, "{refusals:?}");
+    for r in &refusals {
+        // Out of descriptors at accept (the reserve answered), or for the server
+        // connection (the login to the server failed): either way, an answer.
+        assert!(
+            r.starts_with("53300") && r.contains("file descriptors") || r.starts_with("08"),
+            "{r}"
+        );
+    }
+    assert!(refusals.iter().any(|r| r.contains("file descriptors")), "{refusals:?}");
+    assert!(log_text.contains("file-descriptor limit is below"), "{log_text}");
+    let accept_lines = log_text.matches("accept failed").count();
+    assert!(accept_lines <= 10, "{accept_lines} accept-failed lines:\n{log_text}");
+}
