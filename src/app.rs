@@ -193,7 +193,9 @@ fn reload(shared: &Shared) -> Result<String, String> {
             snap.failover_hold = c.failover_hold();
             true
         });
-        crate::pg::PgShared::of(shared).pools.apply(name, c.pool_settings());
+        crate::pg::PgShared::of(shared)
+            .pools
+            .apply(name, |user| new.pool_settings(name, user));
         for n in &added {
             ctx.state
                 .push_event(n, String::new(), "added".into(), "configuration reload".into());

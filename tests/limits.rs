@@ -56,7 +56,9 @@ async fn refused(port: u16, user: &str, password: &str) -> (String, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_over_a_limit_are_refused_at_once_with_53300_and_nobody_else_notices() {
     let cluster = cluster();
-    let top = format!("{CAPPED}\n[proxy]\nmax_clients = 4\n");
+    let http = free_port();
+    let top =
+        format!("{CAPPED}admin = true\n\n[proxy]\nmax_clients = 4\n\n[admin]\nhttp_listen = \"127.0.0.1:{http}\"\n");
     let proxy = Proxy::start(&cluster, "limits", "", &top);
 
     // The user's limit: two of `capped`, the third refused.
@@ -85,6 +87,24 @@ async fn clients_over_a_limit_are_refused_at_once_with_53300_and_nobody_else_not
         out.contains("too many clients") && out.contains("proxy.max_clients"),
         "{out}"
     );
+
+    // The admin console is not counted: an operator can look in when the proxy is
+    // full, and sees the limits and the refusals.
+    let limits = psql_db(proxy.rw, "capped", "capped", "switchyard", "SHOW LIMITS").unwrap();
+    assert!(
+        limits.contains("main|4|") && limits.contains("proxy_max_clients=2") && limits.contains("user_max_clients=1"),
+        "{limits}"
+    );
+    let (code, body) = http_get(http, "/status");
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let l = &status["clusters"][0]["limits"];
+    assert_eq!(
+        (l["clients"].as_u64(), l["proxy_max_clients"].as_u64()),
+        (Some(4), Some(4)),
+        "{l}"
+    );
+    assert_eq!(l["counts"]["user_max_clients"].as_u64(), Some(1), "{l}");
 
     // Everyone admitted goes on as before.
     for c in [&c1, &c2, &a1, &a2] {
@@ -301,4 +321,56 @@ async fn out_of_file_descriptors_clients_get_53300_not_a_hang() {
     assert!(log_text.contains("file-descriptor limit is below"), "{log_text}");
     let accept_lines = log_text.matches("accept failed").count();
     assert!(accept_lines <= 10, "{accept_lines} accept-failed lines:\n{log_text}");
+}
+
+/// A user's own pool size, and the reserve: a transaction that waited
+/// `reserve_pool_timeout_ms` gets a connection past the pool's size; one more waits out
+/// `checkout_timeout_ms` and gets 53300 naming the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_own_pool_size_and_the_reserve_pool_after_its_timeout() {
+    let cluster = cluster();
+    let extra = "pool_mode = \"transaction\"\npool_size = 5\nreserve_pool_size = 1\nreserve_pool_timeout_ms = 400\ncheckout_timeout_ms = 1500\n";
+    // One worker thread: the sizes are not divided among workers.
+    let top = "[proxy]\nthreads = 1\n\n[[users]]\nname = \"capped\"\npassword = \"capped\"\nauth = \"scram-sha-256\"\npool_size = 1\n";
+    let proxy = Proxy::start(&cluster, "reserve", extra, top);
+    let first = connect_as(proxy.rw, "capped", "capped").await.unwrap();
+    first.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // The pool of one is taken: the next transaction gets the reserve's connection
+    // after 400 ms, not at once and not after the checkout timeout.
+    let second = connect_as(proxy.rw, "capped", "capped").await.unwrap();
+    let t = Instant::now();
+    second.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(350) && waited < Duration::from_millis(1400),
+        "the reserve served after {waited:?}"
+    );
+    // Pool and reserve both taken: 53300 after checkout_timeout_ms (here at login:
+    // transaction pooling greets a client with a server's parameters).
+    let t = Instant::now();
+    let e = connect_as(proxy.rw, "capped", "capped").await.unwrap_err();
+    let text = db_text(&e);
+    assert!(
+        text.starts_with("53300") && text.contains("reserve_pool_size"),
+        "{text}"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(1400),
+        "refused after {:?}",
+        t.elapsed()
+    );
+    // Two server connections for the user, not five: its own pool_size held.
+    let n = cluster
+        .sql_db(
+            0,
+            APP_DB,
+            // (The health checks log in as the first user listed, here `capped` too.)
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'capped' AND query NOT LIKE '%pg_is_in_recovery%'",
+        )
+        .unwrap();
+    assert_eq!(n.trim(), "2");
+    first.batch_execute("COMMIT").await.unwrap();
+    second.batch_execute("COMMIT").await.unwrap();
+    let third = connect_as(proxy.rw, "capped", "capped").await.unwrap();
+    third.simple_query("SELECT 1").await.unwrap();
 }

@@ -19,7 +19,7 @@ use crate::proxy::shared::Shared;
 pub use crate::config::ADMIN_DATABASE;
 const MAX_COMMAND: usize = 64 * 1024;
 
-const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | CLIENTS | SERVERS | STATS | EVENTS; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name); SWITCHOVER <cluster> TO <node>";
+const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | LIMITS | CLIENTS | SERVERS | STATS | EVENTS; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name); SWITCHOVER <cluster> TO <node>";
 
 /// A command's answer: rows to show, or a tag only, or an error for the client.
 enum Answer {
@@ -311,6 +311,46 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 }))
                 .collect(),
         },
+        ["SHOW", "LIMITS"] => {
+            let config = shared.config();
+            Answer::Rows {
+                columns: vec![
+                    "cluster",
+                    "clients",
+                    "max_clients",
+                    "proxy_clients",
+                    "proxy_max_clients",
+                    "refusals and timeouts",
+                ],
+                rows: shared
+                    .clusters
+                    .values()
+                    .map(|c| {
+                        let v = shared.admissions.view(&c.name);
+                        vec![
+                            c.name.clone(),
+                            v.clients.to_string(),
+                            opt(config
+                                .clusters
+                                .get(&c.name)
+                                .and_then(|cc| cc.max_clients)
+                                .map(|m| m.to_string())),
+                            v.proxy_clients.to_string(),
+                            config
+                                .proxy
+                                .max_clients
+                                .min(shared.admissions.descriptor_cap())
+                                .to_string(),
+                            v.counts
+                                .iter()
+                                .map(|(what, n)| format!("{what}={n}"))
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                        ]
+                    })
+                    .collect(),
+            }
+        }
         ["SHOW", "CLIENTS"] => Answer::Rows {
             columns: vec![
                 "id",

@@ -20,6 +20,17 @@ pub struct Status {
     pub clusters: Vec<ClusterStatus>,
 }
 
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct LimitsStatus {
+    pub clients: u32,
+    pub max_clients: Option<u32>,
+    pub proxy_clients: u32,
+    pub proxy_max_clients: u32,
+    /// Refusals (`proxy_max_clients`, `cluster_max_clients`, `user_max_clients`,
+    /// `file_descriptors`) and timeouts (`client_idle`, `idle_transaction`, `query`).
+    pub counts: std::collections::BTreeMap<String, u64>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CoordinationStatus {
     pub instance: String,
@@ -40,6 +51,10 @@ pub struct ClusterStatus {
     pub listen_rw: Option<String>,
     pub listen_ro: Option<String>,
     pub paused: bool,
+    /// Clients counted against `max_clients` now, the limits, and the refusals and
+    /// client timeouts since start.
+    #[serde(default)]
+    pub limits: LimitsStatus,
     pub primary: Option<String>,
     /// Why writes cannot be routed now (no primary, split brain), if they cannot.
     pub route_error: Option<String>,
@@ -201,6 +216,16 @@ pub fn build(shared: &Shared) -> Status {
                 listen_rw: ctx.listen_rw.clone(),
                 listen_ro: ctx.listen_ro.clone(),
                 paused: ctx.is_paused(),
+                limits: {
+                    let v = shared.admissions.view(&ctx.name);
+                    LimitsStatus {
+                        clients: v.clients,
+                        max_clients: config.clusters.get(&ctx.name).and_then(|c| c.max_clients),
+                        proxy_clients: v.proxy_clients,
+                        proxy_max_clients: config.proxy.max_clients.min(shared.admissions.descriptor_cap()),
+                        counts: v.counts.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
+                    }
+                },
                 primary,
                 route_error,
                 failover: config

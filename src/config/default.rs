@@ -49,6 +49,10 @@ pub fn cluster_pool_size() -> u32 {
     20
 }
 
+pub fn cluster_reserve_pool_timeout_ms() -> u64 {
+    1000
+}
+
 pub fn cluster_read_balance() -> ReadBalance {
     ReadBalance::Priority
 }

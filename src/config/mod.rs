@@ -314,6 +314,9 @@ pub struct UserConfig {
     /// Clients of this user connected at once, over all clusters.
     #[serde(default)]
     pub max_clients: Option<u32>,
+    /// This user's own `pool_size` (transaction pooling), in place of the cluster's.
+    #[serde(default)]
+    pub pool_size: Option<u32>,
     /// This user's own value of the cluster keys of the same names.
     #[serde(default)]
     pub client_idle_timeout_ms: Option<u64>,
@@ -334,6 +337,7 @@ impl UserConfig {
             auth,
             admin: false,
             max_clients: None,
+            pool_size: None,
             client_idle_timeout_ms: None,
             idle_transaction_timeout_ms: None,
             query_timeout_ms: None,
@@ -506,6 +510,12 @@ pub struct ClusterConfig {
     /// Clients of this cluster connected at once (both endpoints).
     #[serde(default)]
     pub max_clients: Option<u32>,
+    /// Transaction pooling: connections a pool may open past `pool_size` for a client
+    /// that has waited `reserve_pool_timeout_ms`.
+    #[serde(default)]
+    pub reserve_pool_size: u32,
+    #[serde(default = "default::cluster_reserve_pool_timeout_ms")]
+    pub reserve_pool_timeout_ms: u64,
     /// A client idle between transactions this long is disconnected (0: never).
     #[serde(default)]
     pub client_idle_timeout_ms: u64,
@@ -549,6 +559,8 @@ impl ClusterConfig {
             idle_timeout: Duration::from_millis(self.server_idle_timeout_ms),
             lifetime: Duration::from_millis(self.server_lifetime_ms),
             checkout_timeout: Duration::from_millis(self.checkout_timeout_ms),
+            reserve_size: self.reserve_pool_size,
+            reserve_timeout: Duration::from_millis(self.reserve_pool_timeout_ms),
         }
     }
 
@@ -667,6 +679,17 @@ impl Config {
         self.users.iter().find(|u| u.name == name)
     }
 
+    /// The pool settings of `user`'s pools on `cluster`: the cluster's, with the user's
+    /// own `pool_size` if it has one.
+    pub fn pool_settings(&self, cluster: &str, user: &str) -> PoolSettings {
+        let mut s = self.clusters[cluster].pool_settings();
+        if let Some(size) = self.user(user).and_then(|u| u.pool_size) {
+            s.size = size;
+            s.min_size = s.min_size.min(size);
+        }
+        s
+    }
+
     /// The client timeouts of `user` on `cluster`: the user's own values, else the
     /// cluster's (None: off).
     pub fn client_timeouts(&self, cluster: &str, user: &str) -> ClientTimeouts {
@@ -736,6 +759,9 @@ pub struct PoolSettings {
     pub idle_timeout: Duration,
     pub lifetime: Duration,
     pub checkout_timeout: Duration,
+    /// Connections past `size` for a checkout that has waited `reserve_timeout`.
+    pub reserve_size: u32,
+    pub reserve_timeout: Duration,
 }
 
 impl PoolSettings {
@@ -749,6 +775,7 @@ impl PoolSettings {
         let part = |total: u32| total / workers + u32::from(worker < total % workers);
         self.size = part(self.size).max(1);
         self.min_size = part(self.min_size).min(self.size);
+        self.reserve_size = part(self.reserve_size);
         self
     }
 }

@@ -10,9 +10,14 @@ fn pool_sizes_are_shared_among_workers() {
         idle_timeout: Duration::from_secs(1),
         lifetime: Duration::from_secs(1),
         checkout_timeout: Duration::from_secs(1),
+        reserve_size: 3,
+        reserve_timeout: Duration::from_secs(1),
     };
-    let parts: Vec<(u32, u32)> = (0..2).map(|w| s.share(w, 2)).map(|p| (p.size, p.min_size)).collect();
-    assert_eq!(parts, vec![(3, 2), (2, 1)]);
+    let parts: Vec<(u32, u32, u32)> = (0..2)
+        .map(|w| s.share(w, 2))
+        .map(|p| (p.size, p.min_size, p.reserve_size))
+        .collect();
+    assert_eq!(parts, vec![(3, 2, 2), (2, 1, 1)]);
     assert_eq!(s.share(0, 1).size, 5);
     // Fewer connections than workers: one each.
     let one = PoolSettings {
@@ -212,4 +217,32 @@ fn mysql_clusters_take_the_same_keys_as_postgresql() {
     );
     let err = with("engine = \"oracle\"").unwrap_err().to_string();
     assert!(err.contains("engine"), "{err}");
+}
+
+#[test]
+fn a_users_pool_size_replaces_the_clusters_and_timeouts_fall_back_to_the_cluster() {
+    let text = format!(
+        "{GOOD}\n[[users]]\nname = \"reports\"\npassword = \"x\"\npool_size = 2\nquery_timeout_ms = 0\nmax_clients = 3\n"
+    )
+    .replace(
+        "[clusters.main]\n",
+        "[clusters.main]\nmin_pool_size = 4\nquery_timeout_ms = 500\nidle_transaction_timeout_ms = 100\n",
+    );
+    let c = Config::parse(&text).unwrap();
+    let reports = c.pool_settings("main", "reports");
+    assert_eq!((reports.size, reports.min_size), (2, 2));
+    assert_eq!(c.pool_settings("main", "app").size, 20);
+    let t = c.client_timeouts("main", "reports");
+    assert_eq!(t.query, None, "the user's 0 turns the cluster's off");
+    assert_eq!(t.idle_transaction, Some(Duration::from_millis(100)));
+    assert_eq!(c.client_timeouts("main", "app").query, Some(Duration::from_millis(500)));
+    for bad in ["max_clients = 0", "pool_size = 0"] {
+        let text = format!("{GOOD}\n[[users]]\nname = \"x\"\npassword = \"x\"\n{bad}\n");
+        let e = Config::parse(&text).unwrap_err().to_string();
+        assert!(e.starts_with("users[1]."), "{e}");
+    }
+    let e = Config::parse(&format!("{GOOD}\n[proxy]\nmax_clients = 0\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("proxy.max_clients"), "{e}");
 }

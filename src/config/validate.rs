@@ -29,12 +29,21 @@ impl Config {
             if u.max_clients == Some(0) {
                 return Err(invalid(format!("users[{i}].max_clients"), "must be at least 1"));
             }
+            if u.pool_size == Some(0) {
+                return Err(invalid(format!("users[{i}].pool_size"), "must be at least 1"));
+            }
         }
         for (name, c) in &self.clusters {
             if c.max_clients == Some(0) {
                 return Err(invalid(format!("clusters.{name}.max_clients"), "must be at least 1"));
             }
             if c.engine == Engine::Mysql {
+                if c.reserve_pool_size > 0 {
+                    return Err(invalid(
+                        format!("clusters.{name}.reserve_pool_size"),
+                        "not yet for MySQL/MariaDB clusters",
+                    ));
+                }
                 for (key, ms, server) in [
                     ("client_idle_timeout_ms", c.client_idle_timeout_ms, "wait_timeout"),
                     (

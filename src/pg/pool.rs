@@ -35,7 +35,7 @@ pub use crate::proxy::pool::{set_worker, worker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("no server connection for user \"{user}\" to database \"{database}\" on node \"{node}\" became free within {waited_ms} ms (pool_size = {size}, all in use); retry, or raise pool_size / checkout_timeout_ms")]
+    #[error("no server connection for user \"{user}\" to database \"{database}\" on node \"{node}\" became free within {waited_ms} ms (pool_size = {size}, all in use, and the reserve too if any); retry, or raise pool_size / reserve_pool_size / checkout_timeout_ms")]
     Exhausted {
         user: String,
         database: String,
@@ -51,6 +51,8 @@ pub struct Pool {
     pub key: PoolKey,
     settings: Mutex<PoolSettings>,
     permits: Arc<Semaphore>,
+    /// `reserve_pool_size`: taken only by a checkout that waited `reserve_timeout`.
+    reserve: Arc<Semaphore>,
     idle: Mutex<IdleList<PooledConn>>,
     pub waiting: AtomicU32,
     pub open: AtomicU32,
@@ -112,6 +114,7 @@ impl Pool {
         Arc::new(Pool {
             key,
             permits: Arc::new(Semaphore::new(settings.size as usize)),
+            reserve: Arc::new(Semaphore::new(settings.reserve_size as usize)),
             settings: Mutex::new(settings),
             idle: Mutex::default(),
             waiting: AtomicU32::new(0),
@@ -138,10 +141,15 @@ impl Pool {
     /// Resize on reload: the semaphore grows at once, shrinks as connections come back.
     fn apply(&self, new: PoolSettings) {
         let mut s = self.settings.lock().unwrap();
-        if new.size > s.size {
-            self.permits.add_permits((new.size - s.size) as usize);
-        } else if new.size < s.size {
-            self.permits.forget_permits((s.size - new.size) as usize);
+        for (sem, old, new) in [
+            (&self.permits, s.size, new.size),
+            (&self.reserve, s.reserve_size, new.reserve_size),
+        ] {
+            if new > old {
+                sem.add_permits((new - old) as usize);
+            } else if new < old {
+                sem.forget_permits((old - new) as usize);
+            }
         }
         *s = new;
     }
@@ -164,8 +172,7 @@ impl Pool {
             Err(_) => {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
-                let permit =
-                    tokio::time::timeout(settings.checkout_timeout, self.permits.clone().acquire_owned()).await;
+                let permit = tokio::time::timeout(settings.checkout_timeout, self.wait_for_permit(&settings)).await;
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
                 match permit {
                     Ok(Ok(p)) => p,
@@ -197,6 +204,31 @@ impl Pool {
         // that held it inline would be as large in every idle client's session.
         let conn = Box::pin(server::connect(&self.key.addr, &login, login_timeout)).await?;
         Ok(PooledConn::new(conn, self.clone(), Some(permit)))
+    }
+
+    /// Wait for a slot in arrival order (the semaphore is fair); past
+    /// `reserve_timeout`, a slot of the reserve too when there is one.
+    async fn wait_for_permit(
+        &self,
+        settings: &PoolSettings,
+    ) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+        let main = self.permits.clone().acquire_owned();
+        tokio::pin!(main);
+        if settings.reserve_size == 0 {
+            return main.await;
+        }
+        if let Ok(p) = tokio::time::timeout(settings.reserve_timeout, &mut main).await {
+            return p;
+        }
+        let reserve = self.reserve.clone().acquire_owned();
+        let p = tokio::select! {
+            p = &mut main => p,
+            p = reserve => p,
+        };
+        if p.is_ok() {
+            debug!(node = %self.key.node, user = %self.key.user, database = %self.key.database, "a checkout waited reserve_pool_timeout_ms: a connection of the reserve pool");
+        }
+        p
     }
 
     /// An idle connection now, if a slot is free and one is idle and sound: the common
@@ -370,11 +402,12 @@ impl Pools {
         closed
     }
 
-    /// Apply new settings to every pool of a cluster (reload).
-    pub fn apply(&self, cluster: &str, settings: PoolSettings) {
+    /// Apply new settings to every pool of a cluster (reload): `settings` of each
+    /// pool's user.
+    pub fn apply(&self, cluster: &str, settings: impl Fn(&str) -> PoolSettings) {
         for p in self.map.lock().unwrap().values() {
             if p.key.cluster == cluster {
-                p.apply(settings.share(p.key.worker, self.workers));
+                p.apply(settings(&p.key.user).share(p.key.worker, self.workers));
             }
         }
     }

@@ -634,6 +634,7 @@ async fn relay(
                 watch.observe(waiting, answered, now);
                 let Some(fired) = watch.due(now) else { continue };
                 shared.metrics.client_timeout(&cluster.name, fired.label());
+                shared.admissions.note(&cluster.name, fired.label());
                 if fired != Fired::Query {
                     info!(cluster = %cluster.name, peer = %peer, user = %who.user, timeout = fired.label(), "client timeout: ending the session");
                     return End::Failed(watch.error(fired));

@@ -102,6 +102,7 @@ pub fn admit(shared: &Shared, cluster: &str, user: &str, forced: Option<Refusal>
         },
     };
     shared.metrics.client_refused(cluster, refusal.reason());
+    shared.admissions.note(cluster, refusal.reason());
     let e = refusal.error();
     if let Some(n) = shared.admissions.refusals_logged.hit(Instant::now()) {
         warn!(cluster = %cluster, user = %user, reason = refusal.reason(), refused = n, error = %e,
@@ -125,6 +126,19 @@ pub struct Admissions {
     descriptor_cap: std::sync::atomic::AtomicU32,
     /// Refusals are logged once per interval with a count, not once each.
     pub refusals_logged: Throttle,
+    /// Refusals by (cluster, reason) and client timeouts by (cluster, kind) since start,
+    /// for `SHOW LIMITS` and `/status` (the metrics have them too).
+    events: Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
+}
+
+/// What `SHOW LIMITS` and `/status` show of one cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LimitsView {
+    /// Clients of the cluster counted now, and of the whole proxy.
+    pub clients: u32,
+    pub proxy_clients: u32,
+    /// Refusals and timeouts since start, by reason (`Refusal::reason`, `Fired::label`).
+    pub counts: Vec<(&'static str, u64)>,
 }
 
 /// One admitted client; dropping it (the session ended) frees its place.
@@ -140,6 +154,7 @@ impl Default for Admissions {
             counts: Mutex::default(),
             descriptor_cap: std::sync::atomic::AtomicU32::new(u32::MAX),
             refusals_logged: Throttle::default(),
+            events: Mutex::default(),
         }
     }
 }
@@ -182,6 +197,39 @@ impl Admissions {
             cluster: cluster.to_string(),
             user: user.to_string(),
         })
+    }
+
+    /// Count a refusal or a fired timeout of `cluster` (`what`: its label).
+    pub fn note(&self, cluster: &str, what: &'static str) {
+        *self
+            .events
+            .lock()
+            .unwrap()
+            .entry((cluster.to_string(), what))
+            .or_default() += 1;
+    }
+
+    /// Clients, refusals and timeouts of `cluster`.
+    pub fn view(&self, cluster: &str) -> LimitsView {
+        let (proxy_clients, clients) = self.counted(cluster);
+        let counts = self
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((c, _), _)| c == cluster)
+            .map(|((_, what), n)| (*what, *n))
+            .collect();
+        LimitsView {
+            clients,
+            proxy_clients,
+            counts,
+        }
+    }
+
+    /// The descriptor cap in force (u32::MAX: none set).
+    pub fn descriptor_cap(&self) -> u32 {
+        self.descriptor_cap.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Clients counted now: all, and of `cluster`.

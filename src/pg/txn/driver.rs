@@ -101,7 +101,7 @@ impl PoolDialer<'_> {
             user: self.who.user.clone(),
             worker: crate::pg::pool::worker(),
         };
-        let settings = self.shared.config().clusters[&self.cluster.name].pool_settings();
+        let settings = self.shared.config().pool_settings(&self.cluster.name, &self.who.user);
         let labels = RoutedLabels {
             cluster: self.cluster.name.clone(),
             node: node.name.clone(),
@@ -435,6 +435,7 @@ impl<'a> Driver<'a> {
         let Some(fired) = self.watch.due(now) else { return };
         let cluster = &self.cluster.name;
         self.shared.metrics.client_timeout(cluster, fired.label());
+        self.shared.admissions.note(cluster, fired.label());
         if fired != Fired::Query {
             info!(cluster = %cluster, user = %self.who.user, timeout = fired.label(), "client timeout: ending the session");
             self.machine.on_timeout(self.watch.error(fired));
