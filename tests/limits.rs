@@ -374,3 +374,54 @@ async fn a_users_own_pool_size_and_the_reserve_pool_after_its_timeout() {
     let third = connect_as(proxy.rw, "capped", "capped").await.unwrap();
     third.simple_query("SELECT 1").await.unwrap();
 }
+
+/// A connection storm: every client at once. All are served, and the logins to the
+/// server go through the node's gate (`max_server_logins`): with a gate of one and a
+/// short connect phase, the clients that waited past it are told so, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_storm_is_served_and_server_logins_wait_their_turn() {
+    let cluster = cluster();
+    let storm = |port: u16, n: usize| async move {
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let c = connect(port).await.map_err(|e| db_text(&e))?;
+                    c.simple_query("SELECT 1").await.map_err(|e| db_text(&e))?;
+                    Ok::<_, String>((c, started.elapsed()))
+                })
+            })
+            .collect();
+        let mut served = Vec::new();
+        let mut refused = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(ok) => served.push(ok),
+                Err(e) => refused.push(e),
+            }
+        }
+        (served, refused)
+    };
+    let proxy = Proxy::start(&cluster, "storm", "", "");
+    let (served, refused) = storm(proxy.rw, 60).await;
+    assert!(refused.is_empty(), "{refused:?}");
+    let last = served.iter().map(|(_, t)| *t).max().unwrap();
+    report(&format!(
+        "storm: 60 session-mode clients at once, all served, the last first result after {last:?}"
+    ));
+    drop(served);
+
+    let gated = Proxy::start(
+        &cluster,
+        "storm-gated",
+        "max_server_logins = 1\nconnect_timeout_ms = 150\n",
+        "",
+    );
+    let (served, refused) = storm(gated.rw, 60).await;
+    assert!(!served.is_empty(), "{refused:?}");
+    assert!(
+        refused.iter().any(|e| e.contains("max_server_logins")),
+        "no client waited past the connect phase behind a gate of one: {} served, {refused:?}",
+        served.len()
+    );
+}

@@ -48,6 +48,34 @@ pub struct ClusterCtx {
     /// `Any` so that this engine-neutral module names no engine; each engine reads its
     /// own (`PgCluster::of`, `ClusterInfo::of`).
     pub engine_state: Box<dyn Any + Send + Sync>,
+    /// Server logins in flight per node (`max_server_logins`).
+    pub login_gates: LoginGates,
+}
+
+/// At most `max_server_logins` server logins in flight per node, the rest waiting in
+/// arrival order: when every client reconnects at once (after a failover, a restart),
+/// the new primary gets a steady stream of logins rather than thousands of them at
+/// once, and the first clients to arrive are the first served.
+#[derive(Default)]
+pub struct LoginGates {
+    map: Mutex<HashMap<String, (u32, Arc<tokio::sync::Semaphore>)>>,
+}
+
+impl LoginGates {
+    /// The gate of `node`, sized `size` (a reload's new size applies from now on).
+    pub fn of(&self, node: &str, size: u32) -> Arc<tokio::sync::Semaphore> {
+        let mut map = self.map.lock().unwrap();
+        let (old, gate) = map
+            .entry(node.to_string())
+            .or_insert_with(|| (size, Arc::new(tokio::sync::Semaphore::new(size as usize))));
+        if *old < size {
+            gate.add_permits((size - *old) as usize);
+        } else if *old > size {
+            gate.forget_permits((*old - size) as usize);
+        }
+        *old = size;
+        gate.clone()
+    }
 }
 
 /// What the control plane is doing to a cluster, and did last.
@@ -125,6 +153,7 @@ impl ClusterCtx {
             server_tls: RwLock::new(Arc::new(server_tls)),
             engine,
             engine_state,
+            login_gates: LoginGates::default(),
         }
     }
 

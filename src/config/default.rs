@@ -37,6 +37,10 @@ pub fn cluster_failover_max_lag_bytes() -> u64 {
     1 << 20
 }
 
+pub fn cluster_max_server_logins() -> u32 {
+    16
+}
+
 pub fn cluster_max_replica_lag_ms() -> u64 {
     10000
 }

@@ -516,6 +516,9 @@ pub struct ClusterConfig {
     pub reserve_pool_size: u32,
     #[serde(default = "default::cluster_reserve_pool_timeout_ms")]
     pub reserve_pool_timeout_ms: u64,
+    /// Server logins in flight at once per node; more wait their turn in arrival order.
+    #[serde(default = "default::cluster_max_server_logins")]
+    pub max_server_logins: u32,
     /// A client idle between transactions this long is disconnected (0: never).
     #[serde(default)]
     pub client_idle_timeout_ms: u64,

@@ -37,6 +37,12 @@ impl Config {
             if c.max_clients == Some(0) {
                 return Err(invalid(format!("clusters.{name}.max_clients"), "must be at least 1"));
             }
+            if c.max_server_logins == 0 {
+                return Err(invalid(
+                    format!("clusters.{name}.max_server_logins"),
+                    "must be at least 1",
+                ));
+            }
             if c.engine == Engine::Mysql {
                 if c.reserve_pool_size > 0 {
                     return Err(invalid(

@@ -163,8 +163,12 @@ impl Pool {
         // Asked only when a new connection is opened (not on the hot path).
         tls: impl FnOnce() -> Arc<ServerTls>,
         login_timeout: Duration,
+        // The node's logins in flight (`ClusterCtx::login_gates`) and their limit, for
+        // a new login.
+        gate: impl FnOnce() -> (Arc<Semaphore>, u32),
     ) -> Result<PooledConn, PoolError> {
         let settings = *self.settings.lock().unwrap();
+        let until = tokio::time::Instant::now() + settings.checkout_timeout;
         self.remember(credential);
         // A free slot is taken at once, without a timer: the common case.
         let permit = match self.permits.clone().try_acquire_owned() {
@@ -202,7 +206,15 @@ impl Pool {
         };
         // Boxed: a login's state is large and lives only while it runs, and a future
         // that held it inline would be as large in every idle client's session.
-        let conn = Box::pin(server::connect(&self.key.addr, &login, login_timeout)).await?;
+        let (gate, max) = gate();
+        let conn = Box::pin(server::connect_gated(
+            &self.key.addr,
+            &login,
+            login_timeout,
+            (&gate, max),
+            until,
+        ))
+        .await?;
         Ok(PooledConn::new(conn, self.clone(), Some(permit)))
     }
 

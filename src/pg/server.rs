@@ -23,6 +23,9 @@ pub enum ServerError {
     Connect(std::io::Error),
     #[error("timed out after {0} ms")]
     Timeout(u64),
+    /// Waited its whole bound for a place among the node's logins in flight.
+    #[error("{0} server logins to this node were already in flight until the wait's bound (max_server_logins); retry, or raise max_server_logins")]
+    Queued(u32),
     /// The server answered the login with an ErrorResponse.
     #[error("{message} (SQLSTATE {code})")]
     Refused { code: String, message: String, raw: Bytes },
@@ -45,6 +48,7 @@ impl ServerError {
             ServerError::Refused { code, message, raw } => Error::server_refused(code.as_bytes(), message, raw),
             e @ (ServerError::Connect(_)
             | ServerError::Timeout(_)
+            | ServerError::Queued(_)
             | ServerError::NotPrimary
             | ServerError::Io(_)
             | ServerError::Protocol(_)) => Error::connect_failed(e.to_string()),
@@ -73,6 +77,27 @@ pub struct Login<'a> {
     pub require_primary: bool,
     /// The cluster's `server_tls`.
     pub tls: &'a ServerTls,
+}
+
+/// Log in at `addr`, bounded by `timeout`, after waiting (until `until`) for a place
+/// among the node's logins in flight (`ClusterCtx::login_gates`, `max`: its size). The
+/// wait is bounded by the caller's own bound (the connect phase, a pool's checkout),
+/// not by `timeout`, which is for a server that does not answer.
+pub async fn connect_gated(
+    addr: &str,
+    login: &Login<'_>,
+    timeout: Duration,
+    gate: (&tokio::sync::Semaphore, u32),
+    until: tokio::time::Instant,
+) -> Result<ServerConn, ServerError> {
+    let _place = match gate.0.try_acquire() {
+        Ok(p) => p,
+        Err(_) => match tokio::time::timeout_at(until, gate.0.acquire()).await {
+            Ok(Ok(p)) => p,
+            _ => return Err(ServerError::Queued(gate.1)),
+        },
+    };
+    connect(addr, login, timeout).await
 }
 
 pub async fn connect(addr: &str, login: &Login<'_>, timeout: Duration) -> Result<ServerConn, ServerError> {

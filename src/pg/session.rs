@@ -332,7 +332,12 @@ async fn connect(
         _ => None,
     };
     let mut rx = cluster.state.subscribe();
-    let mut dialer = LoginDialer { login, cluster };
+    let mut dialer = LoginDialer {
+        login,
+        cluster,
+        max_logins: cc.max_server_logins,
+        until: tokio::time::Instant::now() + cc.connect_timeout(),
+    };
     let c = connector::connect(cluster, endpoint, None, accept, Some(&mut rx), &mut dialer).await?;
     let snapshot = c.snapshot;
     let node = &snapshot.nodes[c.index];
@@ -362,6 +367,10 @@ async fn connect(
 struct LoginDialer<'a> {
     login: server::Login<'a>,
     cluster: &'a ClusterCtx,
+    max_logins: u32,
+    /// The end of the connect phase (`connect_timeout_ms`): the most a login waits for
+    /// its turn.
+    until: tokio::time::Instant,
 }
 
 impl connector::Dialer for LoginDialer<'_> {
@@ -370,7 +379,8 @@ impl connector::Dialer for LoginDialer<'_> {
     async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Self::Conn, Error> {
         node.active.fetch_add(1, Ordering::Relaxed);
         let slot = NodeSlot(node.active.clone());
-        let conn = server::connect(&node.addr, &self.login, timeout)
+        let gate = self.cluster.login_gates.of(&node.name, self.max_logins);
+        let conn = server::connect_gated(&node.addr, &self.login, timeout, (&gate, self.max_logins), self.until)
             .await
             .map_err(|e| e.into_error(&self.cluster.name, &node.name))?;
         Ok((conn, slot))

@@ -139,6 +139,10 @@ impl Dialer for PoolDialer<'_> {
                 self.require_primary,
                 || self.cluster.server_tls(),
                 timeout,
+                || {
+                    let max = self.shared.config().clusters[&self.cluster.name].max_server_logins;
+                    (self.cluster.login_gates.of(&node.name, max), max)
+                },
             )
             .await
         {
