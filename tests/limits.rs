@@ -44,6 +44,17 @@ async fn connect_as(port: u16, user: &str, password: &str) -> Result<tokio_postg
     Ok(client)
 }
 
+/// The server backend's pid (through the proxy).
+async fn server_pid(c: &tokio_postgres::Client) -> String {
+    let rows = c.simple_query("SELECT pg_backend_pid()").await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+            _ => None,
+        })
+        .unwrap()
+}
+
 /// Connect, expecting a refusal: its text, and how long it took.
 async fn refused(port: u16, user: &str, password: &str) -> (String, Duration) {
     let t = Instant::now();
@@ -133,12 +144,14 @@ async fn an_idle_transaction_is_ended_rolled_back_and_its_connection_serves_othe
             "pool_mode = \"transaction\"\npool_size = 1\nidle_transaction_timeout_ms = 700\n",
         ),
     ] {
-        let proxy = Proxy::start(&cluster, &format!("idle-tx-{mode}"), extra, "");
+        // One worker thread: one pool of one connection.
+        let proxy = Proxy::start(&cluster, &format!("idle-tx-{mode}"), extra, "[proxy]\nthreads = 1\n");
         let stuck = connect(proxy.rw).await.unwrap();
         stuck
             .batch_execute("BEGIN; LOCK TABLE limits_t IN ACCESS EXCLUSIVE MODE; INSERT INTO limits_t VALUES (1)")
             .await
             .unwrap();
+        let stuck_pid = server_pid(&stuck).await;
         let began = Instant::now();
         // Another client's read waits for the lock (and, transaction pooling with a pool
         // of one, for the connection) until the idle transaction is rolled back.
@@ -158,6 +171,10 @@ async fn an_idle_transaction_is_ended_rolled_back_and_its_connection_serves_othe
             })
             .unwrap();
         assert_eq!(count, "0", "{mode}: the idle transaction's insert was rolled back");
+        if mode == "transaction" {
+            // Rolled back and returned to the pool, not closed: the same server backend.
+            assert_eq!(server_pid(&other).await, stuck_pid, "the pool's connection was reused");
+        }
         let text = stuck.wait_for_error(Duration::from_secs(5)).await;
         assert!(
             text.contains("25P03") && text.contains("idle_transaction_timeout_ms"),

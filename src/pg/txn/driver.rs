@@ -23,6 +23,7 @@ use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 use crate::pg::credential::Credential;
 use crate::pg::fresh::{Causal, FreshMetrics, Placement};
 use crate::pg::pool::{Pool, PoolError, PoolKey, PooledConn};
+use crate::pg::protocol::tags::BackendTag;
 use crate::proxy::cancel::Registration;
 use crate::proxy::connector::{self, Accept, Connected, Dialer};
 use crate::proxy::shared::Shared;
@@ -442,7 +443,8 @@ impl<'a> Driver<'a> {
         self.shared.admissions.note(cluster, fired.label());
         if fired != Fired::Query {
             info!(cluster = %cluster, user = %self.who.user, timeout = fired.label(), "client timeout: ending the session");
-            self.machine.on_timeout(self.watch.error(fired));
+            let rolled_back = fired == Fired::IdleTransaction && Box::pin(self.roll_back()).await;
+            self.machine.on_timeout(self.watch.error(fired), rolled_back);
             return;
         }
         info!(cluster = %cluster, user = %self.who.user, node = ?self.machine.node(), "query_timeout_ms: cancelling the query on its server");
@@ -455,6 +457,39 @@ impl<'a> Driver<'a> {
         ))
         .await;
         self.watch.rearm(Instant::now());
+    }
+
+    /// An idle transaction's end: ROLLBACK on the held connection (nothing is owed on it:
+    /// the session waits for the client), read up to its ReadyForQuery; true if the
+    /// connection is idle again and may serve others. Bounded by a second.
+    async fn roll_back(&mut self) -> bool {
+        let Some(h) = self.held.as_mut() else { return false };
+        let stream = &mut h.conn.conn.stream;
+        let sbuf = &mut self.sbuf;
+        let done = async {
+            write_flush(stream, b"Q\0\0\0\x0dROLLBACK\0").await.ok()?;
+            loop {
+                // Whole messages first; the answer is small (CommandComplete, ReadyForQuery).
+                while let Some((tag, len)) = crate::pg::protocol::views::header(sbuf) {
+                    let whole = len as usize + 1;
+                    if sbuf.len() < whole {
+                        break;
+                    }
+                    let msg = sbuf.split_to(whole);
+                    match BackendTag::of(tag) {
+                        BackendTag::ReadyForQuery => return Some(msg.last() == Some(&b'I')),
+                        BackendTag::ErrorResponse => return Some(false),
+                        _ => {}
+                    }
+                }
+                if stream.read_buf(sbuf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+        };
+        let ok = matches!(tokio::time::timeout(Duration::from_secs(1), done).await, Ok(Some(true)));
+        self.sbuf.clear();
+        ok
     }
 
     /// Write what the machine has for the client; false if the client is gone.

@@ -191,10 +191,11 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// A client timeout ends the session with `e`; a held connection is closed, so its
-    /// server rolls back whatever transaction it was in.
-    pub fn on_timeout(&mut self, e: Error) {
-        self.release(false);
+    /// A client timeout ends the session with `e`. A held connection goes back to its
+    /// pool if the driver rolled its transaction back (`rolled_back`) and nothing of
+    /// this client's stays on it; else it is closed, so its server rolls back.
+    pub fn on_timeout(&mut self, e: Error, rolled_back: bool) {
+        self.release(rolled_back && self.pinned.is_none());
         self.end(Some(e));
     }
 
