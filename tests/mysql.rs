@@ -533,3 +533,97 @@ fn a_health_check_lost_in_a_black_hole_leaves_no_connection_on_the_server() {
     assert_eq!(monitors(), "0");
     drop(proxy);
 }
+
+/// Client timeouts on MySQL: a runaway query gets `KILL QUERY` (the server's 1317) and
+/// the session goes on; an idle transaction and an idle client are ended (4031) with a
+/// sentence naming the key; in session and in transaction pooling.
+#[test]
+fn client_timeouts_kill_a_runaway_query_and_end_idle_clients() {
+    use mysql_async::prelude::Queryable;
+    let cluster = MariaCluster::start(1).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (mode, pool) in [("session", ""), ("transaction", "pool_mode = \"transaction\"\n")] {
+        let (rw, ro) = (free_port(), free_port());
+        let extra =
+            format!("{pool}query_timeout_ms = 700\nidle_transaction_timeout_ms = 700\nclient_idle_timeout_ms = 1500\n");
+        let proxy = my_spawn(
+            &cluster,
+            &format!("timeouts-{mode}"),
+            &my_config(&cluster, rw, ro, &extra),
+            rw,
+            ro,
+        );
+        wait_for("proxy ready", Duration::from_secs(30), || {
+            mariadb(proxy.rw, "SELECT 1").ok()
+        });
+        rt.block_on(async {
+            let opts = || -> mysql_async::Opts {
+                mysql_async::OptsBuilder::default()
+                    .ip_or_hostname("127.0.0.1")
+                    .tcp_port(proxy.rw)
+                    .user(Some(MY_APP_USER))
+                    .pass(Some(MY_APP_PASSWORD))
+                    .db_name(Some(MY_APP_DB))
+                    .prefer_socket(false)
+                    .into()
+            };
+            // A runaway query: killed, and the session goes on.
+            let mut c = mysql_async::Conn::new(opts()).await.unwrap();
+            let t = Instant::now();
+            let e = c
+                .query_drop("SELECT SLEEP(5) FROM (SELECT 1 UNION SELECT 2) t")
+                .await
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("1317") || e.to_string().contains("interrupted"),
+                "{mode}: {e}"
+            );
+            assert!(
+                t.elapsed() < Duration::from_secs(4),
+                "{mode}: killed after {:?}",
+                t.elapsed()
+            );
+            for _ in 0..5 {
+                let one: Option<i64> = c.query_first("SELECT 1").await.unwrap();
+                assert_eq!(one, Some(1));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            // Idle inside a transaction: ended, and what it wrote is rolled back.
+            let mut idle_tx = mysql_async::Conn::new(opts()).await.unwrap();
+            idle_tx
+                .query_drop("CREATE TABLE IF NOT EXISTS timeouts_t (v INT)")
+                .await
+                .unwrap();
+            idle_tx.query_drop("BEGIN").await.unwrap();
+            idle_tx.query_drop("INSERT INTO timeouts_t VALUES (1)").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1300)).await;
+            let e = idle_tx.query_drop("COMMIT").await.unwrap_err().to_string();
+            assert!(
+                e.contains("idle_transaction_timeout_ms")
+                    || e.contains("4031")
+                    || e.to_lowercase().contains("connection"),
+                "{mode}: {e}"
+            );
+            let n: Option<i64> = c.query_first("SELECT count(*) FROM timeouts_t").await.unwrap();
+            assert_eq!(n, Some(0), "{mode}: the idle transaction's insert was rolled back");
+            // Idle between transactions: ended after client_idle_timeout_ms.
+            tokio::time::sleep(Duration::from_millis(2000)).await;
+            let e = c.query_drop("SELECT 1").await.unwrap_err().to_string();
+            assert!(
+                e.contains("client_idle_timeout_ms") || e.contains("4031") || e.to_lowercase().contains("connection"),
+                "{mode}: {e}"
+            );
+        });
+        let log = proxy.log_text();
+        for what in [
+            "query_timeout_ms: cancelling the query",
+            "timeout=\"idle_transaction\"",
+            "timeout=\"client_idle\"",
+        ] {
+            assert!(log.contains(what), "{mode}: no {what} in the log:\n{log}");
+        }
+    }
+}

@@ -50,26 +50,6 @@ impl Config {
                         "not yet for MySQL/MariaDB clusters",
                     ));
                 }
-                for (key, ms, server) in [
-                    ("client_idle_timeout_ms", c.client_idle_timeout_ms, "wait_timeout"),
-                    (
-                        "idle_transaction_timeout_ms",
-                        c.idle_transaction_timeout_ms,
-                        "idle_transaction_timeout (MariaDB)",
-                    ),
-                    (
-                        "query_timeout_ms",
-                        c.query_timeout_ms,
-                        "max_statement_time (MariaDB) / max_execution_time (MySQL)",
-                    ),
-                ] {
-                    if ms > 0 {
-                        return Err(invalid(
-                            format!("clusters.{name}.{key}"),
-                            format!("not yet for MySQL/MariaDB clusters: set the server's {server} instead"),
-                        ));
-                    }
-                }
             }
         }
         if self.proxy.max_message_bytes < 1024 {

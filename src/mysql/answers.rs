@@ -101,6 +101,8 @@ pub struct Answers {
     last_seq: u8,
     /// The last status flags said a transaction is open.
     pub in_transaction: bool,
+    /// Commands seen (progress, for the client timeouts).
+    pub commands: u64,
     /// Something not followed happened: the session's state is unknown for good.
     pub lost: bool,
     /// The status flags of the last answer's end.
@@ -144,6 +146,7 @@ impl Answers {
             continued: false,
             last_seq: 0,
             in_transaction: false,
+            commands: 0,
             lost: false,
             status: 0,
             track: false,
@@ -176,6 +179,7 @@ impl Answers {
 
     /// The client sent a command (its first payload byte).
     pub fn command(&mut self, cmd: u8) {
+        self.commands += 1;
         let expect = match cmd {
             // COM_QUIT, COM_STMT_SEND_LONG_DATA, COM_STMT_CLOSE: no answer.
             0x01 | 0x18 | 0x19 => return,
@@ -273,8 +277,10 @@ impl Answers {
         // (a row starting with 0xFE is at least 2^24 bytes long).
         let rows_end = head == Some(0xFE) && if self.deprecate_eof { len < MAX_CHUNK } else { len < 9 };
         let next = match (expect, state) {
-            // An ERR ends any answer (definitions never start with 0xFF).
-            _ if head == Some(0xFF) && !matches!(state, State::Columns { .. } | State::Skip(_)) => None,
+            // An ERR ends any answer, also right after the last column definition (a
+            // query killed before its first row). Only inside definitions is 0xFF not an
+            // ERR (they never start with it; the guard is for a length-prefixed field).
+            _ if head == Some(0xFF) && !matches!(state, State::Columns { n: 1.., .. } | State::Skip(_)) => None,
             (Expect::Text, _) => None,
             (_, State::Skip(n)) => (n > 1).then_some(State::Skip(n - 1)),
             (Expect::Response, State::First | State::AfterFile) => match head {

@@ -122,6 +122,24 @@ fn more_results_keep_the_answer_open_and_an_err_ends_it() {
     assert!(a.idle() && !a.lost);
 }
 
+/// A query killed before its first row (`KILL QUERY`, `max_statement_time`): the ERR
+/// comes right after the column definitions, and ends the answer.
+#[test]
+fn an_err_right_after_the_column_definitions_ends_the_answer() {
+    for deprecate in [false, true] {
+        let (mut a, mut b) = pair(deprecate);
+        a.command(0x03);
+        b.command(0x03);
+        let mut stream = vec![vec![1], coldef("a")];
+        if !deprecate {
+            stream.push(eof(AUTOCOMMIT));
+        }
+        stream.push(err());
+        feed(&mut a, &mut b, &stream);
+        assert!(a.idle() && !a.lost, "deprecate_eof {deprecate}: {a:?}");
+    }
+}
+
 #[test]
 fn local_infile_waits_for_the_final_ok() {
     let (mut a, mut b) = pair(true);

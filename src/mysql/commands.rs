@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use mysql_common::constants::CapabilityFlags;
 use mysql_common::packets::{AuthPlugin, AuthSwitchRequest};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::auth::{check_answer, denied, login_password, switch_to};
 use super::protocol::{self, read_packet, write_packet};
@@ -295,6 +295,24 @@ impl Relay<'_> {
         let _ = write_packet(client, seq, &protocol::err_payload(&e)).await;
         self.told = true;
         Err(End::Failed(e))
+    }
+
+    /// `query_timeout_ms` fired: `KILL QUERY` the statement running on the held
+    /// connection (`thread`). The client gets the server's own error (1317, "Query
+    /// execution was interrupted"), and the session goes on.
+    pub(super) async fn kill_running_query(&self, thread: u32) {
+        let target = KillTarget {
+            cluster: self.cluster.name.clone(),
+            addr: self.node.addr.clone(),
+            server_id: thread as i32,
+            server_key: 0,
+            user: self.user.name.clone(),
+            active: true,
+        };
+        info!(cluster = %self.cluster.name, engine = "mysql", server_thread = thread, "query_timeout_ms: cancelling the query on its server");
+        if let Err(e) = self.kill(&target, true).await {
+            warn!(cluster = %self.cluster.name, engine = "mysql", server_thread = thread, error = %e, "query_timeout_ms: KILL QUERY failed");
+        }
     }
 
     /// Run `KILL [QUERY] <server thread>` on the target's node, logged in as this client

@@ -27,6 +27,7 @@ mod relay;
 pub mod server;
 pub mod session;
 mod split;
+mod timeouts;
 mod tracked;
 
 use std::collections::HashMap;

@@ -176,7 +176,20 @@ impl Relay<'_> {
         caps: CapabilityFlags,
     ) -> Result<ServerConn, End> {
         let mut shutdown = self.shared.shutdown.clone();
-        read_at_least(client, cbuf, 5, &mut shutdown).await?;
+        match self.timeouts.client_idle {
+            None => read_at_least(client, cbuf, 5, &mut shutdown).await?,
+            Some(idle) => match tokio::time::timeout(idle, read_at_least(client, cbuf, 5, &mut shutdown)).await {
+                Ok(read) => read?,
+                Err(_) => {
+                    let fired = crate::proxy::timeouts::Fired::ClientIdle;
+                    self.shared.metrics.client_timeout(&self.cluster.name, fired.label());
+                    self.shared.admissions.note(&self.cluster.name, fired.label());
+                    tracing::info!(cluster = %self.cluster.name, engine = "mysql", timeout = fired.label(), "client timeout: ending the session");
+                    let watch = crate::proxy::timeouts::Watch::new(self.timeouts, std::time::Instant::now());
+                    return Err(End::Failed(watch.error(fired)));
+                }
+            },
+        }
         if cbuf[4] == protocol::COM_QUIT && cbuf[3] == 0 {
             self.inbound.quit = true;
             return Err(End::ClientClosed);

@@ -23,6 +23,7 @@ use crate::error::Error;
 use crate::proxy::cancel::Registration;
 use crate::proxy::shared::Shared;
 use crate::proxy::stream::{write_flush, ClientStream};
+use crate::proxy::timeouts::Fired;
 use crate::tls::ServerWrite;
 
 use super::session::End;
@@ -78,6 +79,8 @@ pub(super) struct Relay<'a> {
     pub(super) one_command: bool,
     /// rw: the server reports each commit's GTID on this connection.
     pub(super) tracking: bool,
+    /// The client timeouts of this session's user on its cluster.
+    pub(super) timeouts: crate::config::ClientTimeouts,
     /// rw with `read_write_split`: the replica connection for reads (`split.rs`).
     pub(super) split: Option<super::split::Split>,
 }
@@ -134,6 +137,9 @@ pub(super) enum Pause {
     /// Transaction pooling: the session is at rest and not pinned; its connection goes
     /// back to the pool.
     Release,
+    /// `query_timeout_ms` fired: the answer in flight is held (the connection stays
+    /// this session's) while `KILL QUERY` goes to its server.
+    KillQuery,
     End(End),
 }
 
@@ -238,6 +244,7 @@ impl Relay<'_> {
                         break end;
                     }
                 }
+                Pause::KillQuery => self.kill_running_query(server.thread_id).await,
             }
         };
         if let Some(split) = self.split.as_mut() {
@@ -411,7 +418,8 @@ impl Relay<'_> {
                 }
             }
         };
-        tokio::pin!(client_to_server, server_to_client);
+        let watchdog = super::timeouts::watchdog(self.timeouts, tracked);
+        tokio::pin!(client_to_server, server_to_client, watchdog);
         let mut shutdown = shared.shutdown.clone();
         let mut watching = true;
         let pause = loop {
@@ -450,6 +458,16 @@ impl Relay<'_> {
                         }
                         break Pause::End(End::Failed(Error::evicted(up, reason)));
                     }
+                }
+                fired = &mut watchdog => {
+                    shared.metrics.client_timeout(&cluster.name, fired.label());
+                    shared.admissions.note(&cluster.name, fired.label());
+                    if fired == Fired::Query {
+                        break Pause::KillQuery;
+                    }
+                    tracing::info!(cluster = %cluster.name, engine = "mysql", timeout = fired.label(), "client timeout: ending the session");
+                    let e = crate::proxy::timeouts::Watch::new(self.timeouts, std::time::Instant::now()).error(fired);
+                    break Pause::End(End::Failed(e));
                 }
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
                     if awaiting.load(Ordering::Relaxed) {

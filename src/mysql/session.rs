@@ -286,6 +286,7 @@ pub async fn serve(
         lease,
         split_tx: endpoint == Endpoint::ReadWrite && cc.read_write_split && multiplex,
         one_command: false,
+        timeouts: config.client_timeouts(&cluster.name, &client.user.name),
     };
     let end = relay.run(&mut tcp, server, rx).await;
     let node = relay.node.clone();
