@@ -47,7 +47,7 @@ import urllib.request
 from .cluster import PG_BIN_DEFAULT, PgCluster
 from .pgbench import connect_allowance, percentile
 from .pgwire import Conn, PgError, _fields
-from .procs import (Registry, _proc_table, cpu_times, free_port, install_signal_handlers, log,
+from .procs import (CLK_TCK, Registry, cpu_times, free_port, install_signal_handlers, log,
                     status_kib, stop_process, wait_port)
 from .systems import BENCH_PASSWORD, BENCH_USER, DB, IDLE_PASSWORD, IDLE_USER, System
 
@@ -56,6 +56,10 @@ REPO = os.path.dirname(BENCH_DIR)
 SCRIPT = os.path.join(BENCH_DIR, "overload")
 
 KINDS = ["idle_txn", "big_query", "no_startup", "login_loop"]
+# All four kinds on their own pools, then each kind alone (which one costs the good
+# clients what), then all four on the good clients' pool, and that without big_query.
+DEFAULT_ABUSE_RUNS = ("own,own:idle_txn,own:big_query,own:no_startup,own:login_loop,"
+                      "shared,shared:idle_txn+no_startup+login_loop")
 KIND_LABELS = {
     "idle_txn": "(a) BEGIN + one statement, then idle in the transaction; reconnect when ended",
     "big_query": "(b) big query, answer never read",
@@ -377,8 +381,8 @@ class ProcSampler:
             return {"t": t, "dead": True}
         m = fetch_metrics(self.admin_port, timeout=max(0.5, self.interval)) if self.admin_port else {}
         return {"t": t, "rss_kib": rss, "fds": fds, "threads": thr, "cpu_s": round(u + s, 2),
-                "clients": metric_sum(m, "switchyard_client_connections") if m else None,
-                "servers": metric_sum(m, "switchyard_server_connections") if m else None}
+                "clients": int(metric_sum(m, "switchyard_client_connections")) if m else None,
+                "servers": int(metric_sum(m, "switchyard_server_connections")) if m else None}
 
     def start(self):
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -414,15 +418,41 @@ class ProcSampler:
 # ======================================================================================
 
 class CpuAccount:
-    """CPU seconds of (a) our PostgreSQL (the postmaster's tree, reaped backends included
-    through its cutime) and (b) foreign processes: neither ours nor our postmaster's."""
+    """Where the machine's CPU went: the busy time of all cores (/proc/stat), our
+    PostgreSQL (the postmaster's tree; reaped backends count through its cutime), this
+    process with its reaped children (pgbench, the client drivers), the proxy (measured
+    by the caller); what is left is other processes on the machine ("foreign")."""
 
     def __init__(self, cluster):
         self.cluster = cluster
         self.me = os.getpid()
 
+    @staticmethod
+    def _busy():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        return (sum(v) - v[3] - v[4]) / CLK_TCK
+
+    @staticmethod
+    def _procs():
+        out = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            fields = data[data.rindex(")") + 2:].split()
+            if int(fields[6]) & 0x00200000:  # kernel thread
+                continue
+            out[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK,
+                           (int(fields[13]) + int(fields[14])) / CLK_TCK, data[data.index("(") + 1:data.rindex(")")])
+        return out
+
     def snapshot(self):
-        t = _proc_table()
+        t = self._procs()
         pm = self.cluster.postmaster_pid(0)
         kids = {}
         for pid, (ppid, _, _, _) in t.items():
@@ -440,24 +470,31 @@ class CpuAccount:
 
         pg = tree(pm) if pm else set()
         ours = tree(self.me) | pg
-        return {"pg": sum(t[p][2] for p in pg),
-                "foreign": {p: (t[p][2], t[p][3]) for p in t if p not in ours}}
+        ru_s = resource.getrusage(resource.RUSAGE_SELF)
+        ru_c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {"busy": self._busy(), "pm": pm,
+                "pg": sum(t[p][1] for p in pg) + (t[pm][2] if pm in t else 0.0),
+                "mine": ru_s.ru_utime + ru_s.ru_stime + ru_c.ru_utime + ru_c.ru_stime,
+                "foreign": {p: (t[p][1], t[p][3]) for p in t if p not in ours}}
 
     @staticmethod
-    def delta(a, b):
-        fa, fb = a["foreign"], b["foreign"]
-        tot, by = 0.0, {}
-        for pid, (cpu, name) in fb.items():
-            d = cpu - fa[pid][0] if pid in fa else cpu
-            if d > 0:
-                tot += d
+    def delta(a, b, proxy_cpu=0.0):
+        busy = b["busy"] - a["busy"]
+        restarted = a["pm"] != b["pm"]
+        pg = b["pg"] if restarted else b["pg"] - a["pg"]
+        mine = b["mine"] - a["mine"]
+        by = {}
+        for pid, (cpu, name) in b["foreign"].items():
+            d = cpu - a["foreign"][pid][0] if pid in a["foreign"] else 0.0
+            if d > 0.01:
                 by[name] = by.get(name, 0.0) + d
         top = {k: round(v, 2) for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:4]}
-        return {"postgres_cpu_s": round(max(0.0, b["pg"] - a["pg"]), 2), "foreign_cpu_s": round(tot, 2),
-                "foreign_top": top}
+        return {"busy_cpu_s": round(busy, 2), "postgres_cpu_s": round(max(0.0, pg), 2),
+                "postgres_restarted": restarted, "bench_cpu_s": round(mine, 2),
+                "foreign_cpu_s": round(max(0.0, busy - pg - mine - proxy_cpu), 2), "foreign_top": top}
 
-    def wait_quiet(self, max_wait_s, window_s=2.0, limit_share=0.10):
-        """Wait until foreign processes use under `limit_share` of one core, at most max_wait_s."""
+    def wait_quiet(self, max_wait_s, window_s=2.0, limit_share=0.15):
+        """Wait until the rest of the machine uses under `limit_share` of one core, at most max_wait_s."""
         t0 = time.monotonic()
         while True:
             a = self.snapshot()
@@ -512,7 +549,7 @@ async def _pg_connect(host, port, user, password, rcvbuf=None, limit=2 ** 16, ti
     try:
         await asyncio.wait_for(c._startup(user, DB, password, {}), timeout)
     except BaseException:
-        c.close()
+        w.close()  # no Terminate in the middle of a login
         raise
     return c
 
@@ -918,14 +955,17 @@ def parse_args(argv):
     p.add_argument("--bad", type=int, default=100,
                    help="abusive clients, split evenly among --bad-kinds (the issue's target: 1000)")
     p.add_argument("--bad-kinds", default=",".join(KINDS), help="comma list of: " + ", ".join(KINDS))
-    p.add_argument("--bad-pool", default="own,shared",
-                   help="one abuse run per value: own (each abusive kind logs in as its own user: its own pool) "
-                        "or shared (as the good clients' user: one pool for all)")
+    p.add_argument("--abuse-runs", default=DEFAULT_ABUSE_RUNS,
+                   help="the runs with abusive clients, comma list of POOL or POOL:KIND+KIND (only those kinds, "
+                        "each with its share of --bad); POOL is own (each abusive kind logs in as its own user, so it "
+                        "has its own pool) or shared (all log in as the good clients' user: one pool for all)")
+    p.add_argument("--no-closing-baseline", action="store_true",
+                   help="no second baseline after the abuse runs (it shows how much the baseline itself moves)")
     p.add_argument("--rate", type=float, default=2000, help="pgbench --rate: transactions per second, all good clients together")
-    p.add_argument("--duration", type=int, default=20, help="pgbench -T seconds per run (plus connection time)")
+    p.add_argument("--duration", type=int, default=12, help="pgbench -T seconds per run (plus connection time)")
     p.add_argument("--jobs", type=int, default=max(1, min(8, cores)), help="pgbench -j")
     p.add_argument("--protocol", default="simple", choices=["simple", "extended", "prepared"], help="pgbench -M")
-    p.add_argument("--ramp", type=float, default=4.0, help="seconds the abusive clients run before pgbench starts")
+    p.add_argument("--ramp", type=float, default=3.0, help="seconds the abusive clients run before pgbench starts")
     p.add_argument("--storm", type=int, default=2000, help="storm clients (the issue's target: 5000)")
     p.add_argument("--storm-spread", type=float, default=1.0, help="seconds over which the storm clients start")
     p.add_argument("--storm-timeout", type=float, default=60.0, help="per storm client: login + SELECT 1 within this")
@@ -959,12 +999,23 @@ def parse_args(argv):
     for k in a.bad_kinds:
         if k not in KINDS:
             p.error(f"unknown kind {k}")
-    a.bad_pool = [x for x in a.bad_pool.split(",") if x]
-    for x in a.bad_pool:
-        if x not in ("own", "shared"):
-            p.error(f"--bad-pool: own or shared, not {x}")
-    if a.bad <= 0:
-        a.bad_pool = []
+    runs = []
+    for item in [x for x in a.abuse_runs.split(",") if x]:
+        pool, _, kinds = item.partition(":")
+        kinds = [k for k in kinds.split("+") if k] or list(a.bad_kinds)
+        if pool not in ("own", "shared"):
+            p.error(f"--abuse-runs: pool own or shared, not {pool}")
+        for k in kinds:
+            if k not in a.bad_kinds:
+                p.error(f"--abuse-runs: kind {k} is not in --bad-kinds")
+        missing = [k for k in a.bad_kinds if k not in kinds]
+        name = f"abuse-{pool}"
+        if len(kinds) == 1 and len(a.bad_kinds) > 1:
+            name += f"-only-{kinds[0]}"
+        elif missing:
+            name += "-without-" + "-".join(missing)
+        runs.append({"name": name, "pool": pool, "kinds": kinds})
+    a.runs = runs if a.bad > 0 else []
     return a
 
 
@@ -1133,12 +1184,12 @@ class Overload:
         base, extra = divmod(a.bad, len(kinds))
         return {k: base + (1 if i < extra else 0) for i, k in enumerate(kinds)}
 
-    def start_abuse(self, port, pool, max_s):
-        d = os.path.join(self.tmp, f"abuse-{pool}")
+    def start_abuse(self, port, name, pool, counts, max_s):
+        d = os.path.join(self.tmp, name)
         os.makedirs(d, exist_ok=True)
         users = {k: ([BENCH_USER, BENCH_PASSWORD] if pool == "shared" else [OWN_USERS[k], ABUSE_PASSWORD])
                  for k in OWN_USERS}
-        cfg = {"port": port, "counts": self.bad_counts(), "users": users, "max_s": max_s,
+        cfg = {"port": port, "counts": counts, "users": users, "max_s": max_s,
                "idle_cap_s": max(10.0, 3 * self.a.idle_transaction_timeout_ms / 1000, 3 * self.a.client_login_timeout_ms / 1000),
                "out": os.path.join(d, "result.json")}
         cp = os.path.join(d, "config.json")
@@ -1171,20 +1222,25 @@ class Overload:
             return {"error": f"no result from the worker ({e}); rc {proc.returncode}; log tail: {tail}"}
 
     def overload(self):
+        """Each run on a freshly started proxy (warmed up by a short pgbench), so that no
+        run inherits another's pools, memory or descriptors."""
         a = self.a
-        counts = self.bad_counts() if a.bad > 0 else {}
+        all_counts = self.bad_counts() if a.bad > 0 else {}
         maxc = a.max_clients or (a.good + a.bad + 200)
-        s = self.proxy = self.start_proxy("sy-overload", maxc)
-        self.results["overload_config"] = s.config_text
-        self.results["overload_check"] = s.check_output
-        log(f"overload proxy up on :{s.port} (pid {s.pid}); warm-up pgbench")
-        warm = self.pgbench(s.port, "warmup", min(a.good, 2 * a.pool_size), 2, min(a.rate, 1000))
-        warm.pop("_rows", None)
-        self.results["warmup"] = {k: warm.get(k) for k in ("tps", "errors", "rc", "error_messages")}
-        plan = [("baseline", None)] + [(f"abuse-{x}", x) for x in a.bad_pool]
-        for name, pool in plan:
+        plan = [{"name": "baseline", "pool": None, "kinds": []}] + a.runs
+        if a.runs and not a.no_closing_baseline:
+            plan.append({"name": "baseline-again", "pool": None, "kinds": []})
+        for i, item in enumerate(plan):
+            name, pool = item["name"], item["pool"]
+            counts = {k: n for k, n in all_counts.items() if k in item["kinds"]}
+            s = self.start_proxy(f"sy-{name}", maxc)
+            if i == 0:
+                self.results["overload_config"] = s.config_text
+                self.results["overload_check"] = s.check_output
+            warm = self.pgbench(s.port, f"warmup-{name}", min(a.good, 2 * a.pool_size), 2, min(a.rate, 1000))
+            warm.pop("_rows", None)
             waited = self.quiet(name)
-            log(f"run {name}: {a.good} good clients at {a.rate:g} tps for {a.duration} s"
+            log(f"run {i + 1}/{len(plan)} {name}: {a.good} good clients at {a.rate:g} tps for {a.duration} s"
                 + (f", {sum(counts.values())} abusive clients ({pool} pool): {counts}" if pool else ""))
             off = s.log_offset()
             m0 = fetch_metrics(s.admin_port)
@@ -1196,7 +1252,7 @@ class Overload:
             worker, wcfg = None, None
             if pool:
                 max_s = a.ramp + a.duration + connect_allowance(a.good) + 240
-                worker, wcfg = self.start_abuse(s.port, pool, max_s)
+                worker, wcfg = self.start_abuse(s.port, name, pool, counts, max_s)
                 time.sleep(a.ramp)
             pgb = self.pgbench(s.port, name, a.good, a.duration, a.rate)
             abuse = None
@@ -1214,7 +1270,8 @@ class Overload:
             m1 = fetch_metrics(s.admin_port)
             n, msgs = s.log_problems(off)
             run = {
-                "name": name, "bad_pool": pool, "bad_counts": counts if pool else {},
+                "name": name, "bad_pool": pool, "bad_counts": counts, "kinds": item["kinds"],
+                "proxy_pid": s.pid, "warmup": {k: warm.get(k) for k in ("tps", "errors", "rc", "error_messages")},
                 "quiet_wait_s": waited, "pgbench": pgb, "abuse": abuse,
                 "proxy": ProcSampler.window(procs.samples, t_begin, t_end),
                 "proxy_during_pgbench": ProcSampler.window(procs.samples, pgb["wall_start"], pgb["wall_end"]),
@@ -1225,25 +1282,27 @@ class Overload:
                 "activity_gaps": acts.gaps,
                 "metrics_delta": metrics_delta(m0, m1),
                 "pool_wait": pool_wait_hist(m0, m1),
-                "cpu": CpuAccount.delta(c0, c1),
+                "cpu": CpuAccount.delta(c0, c1, proxy_cpu=sum(p1) - sum(p0)),
                 "log_problems": n,
                 "log_messages": dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:10]),
                 "loadavg": open("/proc/loadavg").read().split()[:3],
             }
-            t_pg0 = pgb.get("first_txn", pgb["wall_start"]) - 1.0
-            run["timeline"] = self.timeline(pgb, procs.samples, act_samples, max(t_begin, t_pg0), t_end)
-            run["proxy_samples"] = [{k: v for k, v in x.items()} for x in procs.samples]
+            run["timeline"] = self.timeline(pgb, procs.samples, act_samples, pgb.get("first_txn", pgb["wall_start"]),
+                                            pgb.get("last_txn", pgb["wall_end"]) + 0.001)
+            run["proxy_samples"] = procs.samples
+            run["activity_samples"] = act_samples
             pgb.pop("_rows", None)
             self.results["runs"].append(run)
             lat = pgb.get("latency_ms", {})
             log(f"  {name}: tps {pgb.get('tps')}, p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, "
                 f"errors {pgb['errors']} (aborted clients {pgb.get('aborted_clients')}), "
-                f"server conns max {run['server'].get('pool_max')} (+{run['server'].get('health_max')} health), "
-                f"proxy RSS max {run['proxy'].get('rss_kib', {}).get('max')} KiB, FDs max {run['proxy'].get('fds', {}).get('max')}")
+                f"server conns max {run['server'].get('pool_max')} {run['server'].get('by_user_max')} "
+                f"(+{run['server'].get('health_max')} health), proxy RSS max {run['proxy'].get('rss_kib', {}).get('max')} KiB, "
+                f"FDs max {run['proxy'].get('fds', {}).get('max')}; other processes {run['cpu']['foreign_cpu_s']} CPU s")
             if pgb.get("error_messages"):
                 for k, v in list(pgb["error_messages"].items())[:3]:
                     log(f"    {v}x {k}")
-        stop_process(s.proc)
+            stop_process(s.proc)
 
     # ---------------------------------------------------------------- storm
     def storm(self):
@@ -1305,7 +1364,7 @@ class Overload:
         out = {"clients": a.storm, "auth": a.storm_auth, "spread_s": a.storm_spread, "quiet_wait_s": waited,
                "ready1": ready1, "restart": restart, "result": res, "proxy_before": base_proc,
                "proxy_after": after_proc, "proxy_cpu_s": round(sum(p1) - sum(p0), 2),
-               "cpu": CpuAccount.delta(c0, c1), "metrics_delta": metrics_delta(m0, m1),
+               "cpu": CpuAccount.delta(c0, c1, proxy_cpu=sum(p1) - sum(p0)), "metrics_delta": metrics_delta(m0, m1),
                "pool_wait": pool_wait_hist(m0, m1), "activity_gaps": acts.gaps,
                "log_problems": n, "log_messages": dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:10]),
                "loadavg": open("/proc/loadavg").read().split()[:3], "phases": {}}
@@ -1329,8 +1388,28 @@ class Overload:
 # report
 # ======================================================================================
 
+def run_label(r, a):
+    """What a run's abusive clients were, in words."""
+    if not r["bad_pool"]:
+        return "no abusive clients"
+    kinds = r["kinds"]
+    what = "all four kinds" if len(kinds) == len(KINDS) else (
+        "only " + kinds[0] if len(kinds) == 1 else "without " + ", ".join(k for k in KINDS if k not in kinds))
+    return f"{sum(r['bad_counts'].values())} abusive clients ({what}, {r['bad_pool']} pool)"
+
+
+def good_errors_text(pg):
+    if "tps" not in pg and pg.get("rc") not in (0, None):
+        first = next(iter(pg.get("error_messages", {})), "no message")
+        return f"pgbench could not run: {first} (rc {pg.get('rc')})"
+    return (f"{pg['errors']} (aborted clients {pg.get('aborted_clients', 0)}, failed {pg.get('failed_txns') or 0}, "
+            f"logged failed/skipped {pg.get('log_failed_or_skipped', 0)}, rc {pg.get('rc')})")
+
+
 def verdicts(R, a):
-    """[(target, figure, verdict)]"""
+    """[(target, figure, verdict, headline)]: headline rows are the targets of the issue;
+    the others (each abusive kind alone, a shared pool without one kind) say which kind
+    costs what."""
     out = []
     runs = {r["name"]: r for r in R.get("runs", [])}
     base = runs.get("baseline")
@@ -1338,29 +1417,36 @@ def verdicts(R, a):
     for r in R.get("runs", []):
         if not r["bad_pool"]:
             continue
+        headline = len(r["kinds"]) == len(a.bad_kinds)
         pg = r["pgbench"]
         p99 = pg.get("latency_ms", {}).get("p99")
-        tag = f"{a.good} good + {sum(r['bad_counts'].values())} abusive clients ({r['bad_pool']} pool)"
-        err = pg["errors"]
-        out.append((f"{tag}: 0 errors among the good clients",
-                    f"{err} (aborted clients {pg.get('aborted_clients', 0)}, failed {pg.get('failed_txns') or 0}, "
-                    f"log failed/skipped {pg.get('log_failed_or_skipped', 0)}, rc {pg.get('rc')})",
-                    "met" if err == 0 else "not met"))
-        if p99 is not None and bp99:
-            ratio = p99 / bp99
-            out.append((f"{tag}: p99 within 2x of the baseline", f"{ratio:.2f}x ({p99:.2f} vs {bp99:.2f} ms)",
-                        "met" if ratio <= 2.0 else "not met"))
-        else:
-            out.append((f"{tag}: p99 within 2x of the baseline", "no latency figure", "not met"))
+        tag = f"{a.good} good clients + {run_label(r, a)}"
+        err_ok = pg["errors"] == 0 and "tps" in pg
+        ratio = p99 / bp99 if (p99 is not None and bp99) else None
+        out.append((f"{tag}: 0 errors among the good clients", good_errors_text(pg),
+                    "met" if err_ok else "not met", headline))
+        out.append((f"{tag}: p99 within 2× of the baseline",
+                    f"{ratio:.2f}× ({p99:.2f} vs {bp99:.2f} ms)" if ratio is not None else "no latency figure",
+                    "met" if (ratio is not None and ratio <= 2.0) else "not met", headline))
+    again = runs.get("baseline-again")
+    if again and bp99 and again["pgbench"].get("latency_ms", {}).get("p99"):
+        p = again["pgbench"]["latency_ms"]["p99"]
+        out.append(("baseline run again at the end (noise of the baseline itself)",
+                    f"p99 {p:.2f} vs {bp99:.2f} ms ({p / bp99:.2f}×), errors {again['pgbench']['errors']}", "info", True))
+    per_run, over_any = [], {}
     for r in R.get("runs", []):
         sv = r["server"]
         if not sv.get("samples"):
             continue
         over = {u: n for u, n in sv.get("by_user_max", {}).items() if n > a.pool_size}
-        fig = (f"max {sv['pool_max']} pooled in all ({', '.join(f'{u} {n}' for u, n in sorted(sv['by_user_max'].items()))}) "
-               f"+ {sv['health_max']} health")
-        out.append((f"{r['name']}: server connections ≤ pool_size ({a.pool_size}) per pool + health checks",
-                    fig, "met" if not over else f"not met ({over})"))
+        if over:
+            over_any[r["name"]] = over
+        per_run.append(f"{r['name']} {max(sv.get('by_user_max', {0: 0}).values() or [0])}")
+    if per_run:
+        health = max(r["server"].get("health_max", 0) for r in R["runs"] if r["server"].get("samples"))
+        out.append((f"overload runs: server connections ≤ pool_size ({a.pool_size}) per pool (user) + health checks",
+                    "largest pool per run: " + ", ".join(per_run) + f"; health checks ≤ {health}",
+                    "met" if not over_any else f"not met: {over_any}", True))
     st = R.get("storm")
     if st and st.get("result") and st["result"].get("phases"):
         for ph, pr in st["result"]["phases"].items():
@@ -1371,18 +1457,64 @@ def verdicts(R, a):
             if ph == "after_restart":
                 out.append((f"{label}: 0 errors", f"{pr['served']}/{pr['clients']} first queries ok, {ne} errors "
                             f"{pr.get('errors') or ''}; after retries {pr['served'] + pr.get('retry_ok', 0)} ok",
-                            "met" if ne == 0 else "not met"))
+                            "met" if ne == 0 else "not met", True))
             else:
                 out.append((f"{label}: all served, 0 errors",
                             f"{pr['served']}/{pr['clients']} served, {ne} errors {pr.get('errors') or ''}; "
                             f"last first result at {pr.get('last_first_result_s')} s",
-                            "met" if pr["served"] == pr["clients"] and ne == 0 else "not met"))
+                            "met" if pr["served"] == pr["clients"] and ne == 0 else "not met", True))
             sv = st["phases"].get(ph, {}).get("server", {})
             if sv.get("samples"):
                 mx = sv["pool_max"]
                 out.append((f"{label}: server connections ≤ pool_size ({a.pool_size}) + health",
                             f"max {mx} pooled + {sv['health_max']} health ({sv['samples']} samples)",
-                            "met" if mx <= a.pool_size else "not met"))
+                            "met" if mx <= a.pool_size else "not met", True))
+    return out
+
+
+def observations(R, a):
+    """Sentences drawn from the figures (each with its evidence)."""
+    out = []
+    for r in R.get("runs", []):
+        if "big_query" in r.get("kinds", []):
+            cw = r["server"].get("client_write_max", 0)
+            ab = (r.get("abuse") or {}).get("kinds", {}).get("big_query", {}).get("counts", {})
+            streaming = sum(n for k, n in ab.items() if "being streamed" in k)
+            refused = sum(n for k, n in ab.items() if "53300" in k)
+            samples = [x for x in r.get("activity_samples", [])
+                       if r["pgbench"]["wall_start"] <= x["t"] <= r["pgbench"]["wall_end"]]
+            held_all = samples and min(x["client_write"] for x in samples) == cw
+            out.append(f"**{r['name']}**: up to {cw} pooled server connections sat in `ClientWrite` (a backend "
+                       f"blocked sending the big answer the client does not read)"
+                       + (" in every sample while pgbench ran" if held_all else "")
+                       + f"; at the end {streaming} big-query clients were still being sent rows and {refused} had "
+                       f"been answered 53300 (no pooled connection within checkout_timeout_ms). Such a client holds "
+                       f"its pool's connection until it disconnects: it is not idle in a transaction, and "
+                       + (f"query_timeout_ms = {a.query_timeout_ms} applies" if a.query_timeout_ms else
+                          "query_timeout_ms is off in this config") + ".")
+        if r.get("kinds") == ["login_loop"]:
+            ab = (r.get("abuse") or {}).get("kinds", {}).get("login_loop", {}).get("counts", {})
+            logins = ab.get("logins", 0)
+            waits = r["pool_wait"].get("count", 0)
+            txns = r["pgbench"].get("log_txns", 0)
+            if logins:
+                out.append(f"**{r['name']}**: `switchyard_pool_wait_seconds_count` grew by {waits:,} for {txns:,} "
+                           f"transactions of the good clients and {logins:,} logins of the login loop: in transaction "
+                           f"pooling a login takes a pooled server connection (for the greeting's ParameterStatus), so "
+                           f"a login storm competes for the pool with the transactions.")
+        pg = r["pgbench"]
+        for msg in pg.get("error_messages", {}):
+            m = re.search(r"pool_size = (\d+)", msg)
+            if m and int(m.group(1)) != a.pool_size:
+                out.append(f"**{r['name']}**: the 53300 message says `pool_size = {m.group(1)}` while the config "
+                           f"says {a.pool_size}: each of the proxy's worker threads has its own share of the pool "
+                           f"(documented under proxy.threads), and a client waits for its own worker's share.")
+                break
+    st = R.get("storm")
+    if st and st.get("result", {}).get("phases"):
+        pw = st["pool_wait"]
+        out.append(f"**storm**: {pw.get('count', 0):,} pool checkouts for the storm phases (logins and "
+                   f"`SELECT 1`s), mean wait {pw.get('mean_ms')} ms.")
     return out
 
 
@@ -1405,15 +1537,38 @@ def write_report(R, a, path_md):
     if R.get("failed"):
         add(f"\n**The run did not complete: {R['failed']}.** The figures below are what was measured before that.\n")
     v = R.get("versions", {})
-    add(f"\nSwitchyard `{v.get('switchyard')}` (commit {v.get('commit', '')[:10]} “{v.get('commit_subject', '')[:90]}”; "
-        f"binary {R['args']['binary']}, modified {v.get('binary_mtime')}, sha256 {v.get('binary_sha256_16')}…), "
+    if v.get("binary_older_than_head"):
+        built = (f"binary {R['args']['binary']}, modified {v.get('binary_mtime')}, sha256 {v.get('binary_sha256_16')}…: "
+                 f"older than the checked-out HEAD {v.get('commit', '')[:10]}; the newest commit before it is "
+                 f"{v.get('newest_commit_before_binary', '')[:120]}")
+    else:
+        built = (f"commit {v.get('commit', '')[:10]} “{v.get('commit_subject', '')[:90]}”; binary {R['args']['binary']}, "
+                 f"modified {v.get('binary_mtime')}, sha256 {v.get('binary_sha256_16')}…"
+                 + ("; src/ has uncommitted changes" if v.get("tree_dirty_src") else ""))
+    add(f"\nSwitchyard `{v.get('switchyard')}` ({built}), "
         f"{v.get('postgresql')}, {v.get('pgbench')}, Python {v.get('python')}. "
         f"RLIMIT_NOFILE of the bench (soft, hard): {R.get('nofile')}.\n")
     add("## Targets\n")
+    add("The issue's targets: good clients see 0 errors and a p99 within 2× of the baseline while abusive "
+        "clients run; server connections stay within the pool; a connection storm is served.\n")
     add("| target | figure | verdict |\n|---|---|---|")
-    for t, f, vd in R.get("verdicts", []):
-        add(f"| {t} | {f} | **{vd}** |")
+    for t, f, vd, head in R.get("verdicts", []):
+        if head:
+            add(f"| {t} | {f} | **{vd}** |")
+    diag = [x for x in R.get("verdicts", []) if not x[3]]
+    if diag:
+        add("\nThe same targets with one kind of abusive client at a time, and on the shared pool without the "
+            "big queries (which kind costs what):\n")
+        add("| run | figure | verdict |\n|---|---|---|")
+        for t, f, vd, head in diag:
+            add(f"| {t} | {f} | {vd} |")
     add("")
+    if R.get("observations"):
+        add("## Observations\n")
+        add("Drawn from the figures below by the script.\n")
+        for o in R["observations"]:
+            add(f"- {o}")
+        add("")
     for note in R.get("notes", []):
         add(f"- {note}")
     if R.get("notes"):
@@ -1440,9 +1595,10 @@ def write_report(R, a, path_md):
             fds = px.get("fds", {})
             sv = r["server"]
             users = ", ".join(f"{u} {n}" for u, n in sorted(sv.get("by_user_max", {}).items()))
-            bad = (f"{sum(r['bad_counts'].values())} ({r['bad_pool']} pool)" if r["bad_pool"] else "none")
+            bad = run_label(r, a) if r["bad_pool"] else "none"
+            errs = pg["errors"] if "tps" in pg else "pgbench could not run"
             add(f"| {r['name']} | {bad} | {_fmt(pg.get('tps'), 1)} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p99'))} | "
-                f"{_fmt(lat.get('max'))} | {_fmt(pg.get('lag_ms', {}).get('p99'))} | {pg['errors']} | "
+                f"{_fmt(lat.get('max'))} | {_fmt(pg.get('lag_ms', {}).get('p99'))} | {errs} | "
                 f"{rss.get('min', 0) / 1024:.1f} / {rss.get('max', 0) / 1024:.1f} / {rss.get('last', 0) / 1024:.1f} | "
                 f"{fds.get('min')} / {fds.get('max')} / {fds.get('last')} | {sv.get('pool_max')} ({users}) | "
                 f"{sv.get('health_max')} | {r['proxy_cpu_s']} |")
@@ -1459,14 +1615,15 @@ def write_report(R, a, path_md):
         add("Service time (latency minus schedule lag, i.e. from the moment pgbench sent the transaction) "
             "and pgbench's own figures:\n")
         add("| run | service p50 ms | service p99 ms | pgbench latency avg ms | lag avg ms | transactions | "
-            "initial connection time ms | pgbench CPU s | postgres CPU s | abusive clients' CPU s | other processes' CPU s |")
-        add("|---|---|---|---|---|---|---|---|---|---|---|")
+            "initial connection time ms | machine busy CPU s | proxy CPU s | postgres CPU s | pgbench CPU s | "
+            "abusive clients' CPU s | other processes' CPU s |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in R["runs"]:
             pg = r["pgbench"]
             sv = pg.get("service_ms", {})
             add(f"| {r['name']} | {_fmt(sv.get('p50'))} | {_fmt(sv.get('p99'))} | {_fmt(pg.get('pgbench_lat_avg_ms'))} | "
                 f"{_fmt(pg.get('pgbench_lag_avg_ms'))} | {_fmt(pg.get('txns'))} | {_fmt(pg.get('conn_time_ms'))} | "
-                f"{pg.get('pgbench_cpu_s')} | {r['cpu']['postgres_cpu_s']} | "
+                f"{r['cpu']['busy_cpu_s']} | {r['proxy_cpu_s']} | {r['cpu']['postgres_cpu_s']} | {pg.get('pgbench_cpu_s')} | "
                 f"{(r.get('abuse') or {}).get('cpu_s', '–')} | {r['cpu']['foreign_cpu_s']} {r['cpu']['foreign_top'] or ''} |")
         add("")
         for r in R["runs"]:
@@ -1486,7 +1643,8 @@ def write_report(R, a, path_md):
                 add(f"No result from the abusive clients: {(ab or {}).get('error')}\n")
                 continue
             add(f"{sum(r['bad_counts'].values())} clients: " + ", ".join(f"{n} × {k}" for k, n in r["bad_counts"].items())
-                + (f"; logins as {', '.join(OWN_USERS.values())} (own pools)" if r["bad_pool"] == "own"
+                + (f"; logins as {', '.join(OWN_USERS[k] for k in r['kinds'] if k in OWN_USERS) or '–'} (own pools)"
+                   if r["bad_pool"] == "own"
                    else f"; all logins as {BENCH_USER} (the good clients' pool)")
                 + f". Driver CPU {ab.get('cpu_s')} s over {ab['stopped'] - ab['started']:.0f} s.\n")
             add("| kind | events | errors (where: SQLSTATE) | durations ms |")
@@ -1602,8 +1760,10 @@ def write_report(R, a, path_md):
             f"peak during: RSS {st['proxy_all'].get('rss_kib', {}).get('max', 0) / 1024:.1f} MiB, "
             f"{st['proxy_all'].get('fds', {}).get('max')} FDs; 2 s after the last client left: "
             f"RSS {pa.get('rss_kib', 0) / 1024:.1f} MiB, {pa.get('fds')} FDs. Proxy CPU {st['proxy_cpu_s']} s, "
-            f"storm driver CPU {res.get('cpu_s')} s, postgres CPU {st['cpu']['postgres_cpu_s']} s, "
-            f"other processes {st['cpu']['foreign_cpu_s']} s {st['cpu']['foreign_top'] or ''}.\n")
+            f"storm driver CPU {res.get('cpu_s')} s, postgres CPU {st['cpu']['postgres_cpu_s']} s"
+            + (" (the restarted server only)" if st["cpu"].get("postgres_restarted") else "")
+            + f"; the machine was busy {st['cpu']['busy_cpu_s']} CPU s in all, of which other processes "
+            f"{st['cpu']['foreign_cpu_s']} s {st['cpu']['foreign_top'] or ''}.\n")
         if st.get("server_during_restart"):
             add(f"pg_stat_activity samples lost while the server restarted: {st['activity_gaps']}.\n")
         add("Counters from /metrics (growth over the storm phases):\n")
@@ -1652,9 +1812,13 @@ def binary_versions(a, binary):
     git = lambda *x: sh(["git", "-C", REPO] + list(x))
     with open(binary, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    mt = datetime.datetime.fromtimestamp(os.path.getmtime(a.binary), datetime.timezone.utc)
+    mtime = os.path.getmtime(a.binary)
+    mt = datetime.datetime.fromtimestamp(mtime, datetime.timezone.utc)
+    head_time = int(git("log", "-1", "--format=%ct") or 0)
     return {"switchyard": sh([binary, "--version"]), "commit": git("rev-parse", "HEAD"),
             "commit_subject": git("log", "-1", "--format=%s"),
+            "binary_older_than_head": head_time > mtime,
+            "newest_commit_before_binary": git("log", "-1", f"--before={int(mtime)}", "--format=%h %ci %s"),
             "tree_dirty_src": bool(git("status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock")),
             "binary_sha256_16": digest, "binary_mtime": mt.strftime("%Y-%m-%d %H:%M UTC"),
             "postgresql": sh([os.path.join(a.pg_bin, "postgres"), "--version"]),
@@ -1716,6 +1880,7 @@ def main(argv=None):
     if failed:
         R["failed"] = failed
     R["verdicts"] = verdicts(R, a)
+    R["observations"] = observations(R, a)
     if not R["runs"] and not R["storm"]:
         log("nothing measured; no results written")
         return 1
@@ -1726,7 +1891,7 @@ def main(argv=None):
     with open(os.path.join(a.out_dir, name + ".json"), "w") as f:
         json.dump(R, f, indent=1, default=str)
     print()
-    for t, fig, vd in R["verdicts"]:
-        print(f"  [{vd.upper():>7}] {t}: {fig}")
+    for t, fig, vd, head in R["verdicts"]:
+        print(f"  [{vd.upper()[:7]:>7}]{'' if head else ' (diagnostic)'} {t}: {fig}")
     log(f"results: {md} (wall time {R['wall_s'] / 60:.1f} min)")
     return 1 if failed else 0

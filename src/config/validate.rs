@@ -43,13 +43,11 @@ impl Config {
                     "must be at least 1",
                 ));
             }
-            if c.engine == Engine::Mysql {
-                if c.reserve_pool_size > 0 {
-                    return Err(invalid(
-                        format!("clusters.{name}.reserve_pool_size"),
-                        "not yet for MySQL/MariaDB clusters",
-                    ));
-                }
+            if c.engine == Engine::Mysql && c.reserve_pool_size > 0 {
+                return Err(invalid(
+                    format!("clusters.{name}.reserve_pool_size"),
+                    "not yet for MySQL/MariaDB clusters",
+                ));
             }
         }
         if self.proxy.max_message_bytes < 1024 {
