@@ -458,7 +458,17 @@ async fn prune_pools(shared: Arc<Shared>, worker: usize) {
                 .iter()
                 .any(|n| n.name == p.key.node && n.addr == p.key.addr && n.is_usable());
             if up {
-                p.prewarm(ctx.server_tls(), snap.server_login_timeout);
+                let pools = &crate::pg::PgShared::of(&shared).pools;
+                let ask = crate::pg::pool::BudgetAsk {
+                    cluster: ctx,
+                    pools,
+                    node: &p.key.node,
+                    user: &p.key.user,
+                    caps: shared.config().server_connection_caps(&p.key.cluster, &p.key.user),
+                };
+                if let Some(budget) = ask.try_take() {
+                    p.prewarm(ctx.server_tls(), snap.server_login_timeout, Some(budget));
+                }
             } else {
                 p.clear_idle();
             }

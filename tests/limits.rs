@@ -442,3 +442,77 @@ async fn a_connection_storm_is_served_and_server_logins_wait_their_turn() {
         served.len()
     );
 }
+
+/// `max_server_connections`: never more server connections per node than the cap, all
+/// users together. An idle pooled connection of another user is closed to make room; when
+/// every connection is in use, the next transaction gets 53300 naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_server_connections_caps_the_node_and_makes_room_from_idle_pools() {
+    let cluster = cluster();
+    let extra = "pool_mode = \"transaction\"\npool_size = 5\nmax_server_connections = 2\ncheckout_timeout_ms = 1000\n";
+    let top = format!("[proxy]\nthreads = 1\n\n{CAPPED}");
+    let proxy = Proxy::start(&cluster, "budget", extra, &top);
+    let backends = || {
+        cluster
+            .sql_db(
+                0,
+                APP_DB,
+                "SELECT count(*) FROM pg_stat_activity WHERE usename IN ('app', 'capped') AND query NOT LIKE '%pg_is_in_recovery%' AND backend_type = 'client backend'",
+            )
+            .unwrap()
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    // One idle pooled connection for each user: the cap is reached.
+    let app1 = connect(proxy.rw).await.unwrap();
+    let capped = connect_as(proxy.rw, "capped", "capped").await.unwrap();
+    capped.simple_query("SELECT 1").await.unwrap();
+    assert!(backends() <= 2);
+    // Two transactions of `app` at once: the second needs a connection, and `capped`'s
+    // idle one is closed to make room.
+    let app2 = connect(proxy.rw).await.unwrap();
+    app1.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    app2.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    assert_eq!(backends(), 2, "never more than max_server_connections");
+    // Both in use: `capped` waits out its checkout timeout and is told why.
+    let t = Instant::now();
+    let e = capped.simple_query("SELECT 1").await.unwrap_err();
+    let text = db_text(&e);
+    assert!(
+        text.starts_with("53300") && text.contains("max_server_connections"),
+        "{text}"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "refused after {:?}",
+        t.elapsed()
+    );
+    // A transaction ends: its connection is idle, and closed to let `capped` in.
+    app1.batch_execute("COMMIT").await.unwrap();
+    capped.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(backends(), 2);
+    app2.batch_execute("COMMIT").await.unwrap();
+    drop((app1, app2, capped, proxy));
+
+    // Session mode: a session holds its server connection; the one past the cap waits
+    // out the connect phase and is told why.
+    let proxy = Proxy::start(
+        &cluster,
+        "budget-session",
+        "max_server_connections = 1\nconnect_timeout_ms = 500\n",
+        "",
+    );
+    let first = connect(proxy.rw).await.unwrap();
+    let e = connect(proxy.rw).await.err().expect("a second session past the cap");
+    let text = db_text(&e);
+    assert!(
+        text.starts_with("53300") && text.contains("max_server_connections"),
+        "{text}"
+    );
+    first.simple_query("SELECT 1").await.unwrap();
+    drop(first);
+    wait_for("the place freed", Duration::from_secs(5), || {
+        psql(proxy.rw, "SELECT 1").ok()
+    });
+}

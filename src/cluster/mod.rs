@@ -49,24 +49,28 @@ pub struct ClusterCtx {
     /// own (`PgCluster::of`, `ClusterInfo::of`).
     pub engine_state: Box<dyn Any + Send + Sync>,
     /// Server logins in flight per node (`max_server_logins`).
-    pub login_gates: LoginGates,
+    pub login_gates: Gates,
+    /// Server connections per node, and per node and user (`max_server_connections`),
+    /// keyed `node` and `node\0user`.
+    pub server_budget: Gates,
 }
 
-/// At most `max_server_logins` server logins in flight per node, the rest waiting in
-/// arrival order: when every client reconnects at once (after a failover, a restart),
-/// the new primary gets a steady stream of logins rather than thousands of them at
-/// once, and the first clients to arrive are the first served.
+/// Semaphores by key, each sized by the config (a reload's new size applies from then
+/// on). `login_gates`: at most `max_server_logins` server logins in flight per node, the
+/// rest waiting in arrival order, so that when every client reconnects at once (after a
+/// failover, a restart) the new primary gets a steady stream of logins rather than
+/// thousands at once. `server_budget`: `max_server_connections`.
 #[derive(Default)]
-pub struct LoginGates {
+pub struct Gates {
     map: Mutex<HashMap<String, (u32, Arc<tokio::sync::Semaphore>)>>,
 }
 
-impl LoginGates {
-    /// The gate of `node`, sized `size` (a reload's new size applies from now on).
-    pub fn of(&self, node: &str, size: u32) -> Arc<tokio::sync::Semaphore> {
+impl Gates {
+    /// The semaphore of `key`, sized `size`.
+    pub fn of(&self, key: &str, size: u32) -> Arc<tokio::sync::Semaphore> {
         let mut map = self.map.lock().unwrap();
         let (old, gate) = map
-            .entry(node.to_string())
+            .entry(key.to_string())
             .or_insert_with(|| (size, Arc::new(tokio::sync::Semaphore::new(size as usize))));
         if *old < size {
             gate.add_permits((size - *old) as usize);
@@ -153,7 +157,8 @@ impl ClusterCtx {
             server_tls: RwLock::new(Arc::new(server_tls)),
             engine,
             engine_state,
-            login_gates: LoginGates::default(),
+            login_gates: Gates::default(),
+            server_budget: Gates::default(),
         }
     }
 

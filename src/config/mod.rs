@@ -317,6 +317,9 @@ pub struct UserConfig {
     /// This user's own `pool_size` (transaction pooling), in place of the cluster's.
     #[serde(default)]
     pub pool_size: Option<u32>,
+    /// This user's server connections per node, on every cluster.
+    #[serde(default)]
+    pub max_server_connections: Option<u32>,
     /// This user's own value of the cluster keys of the same names.
     #[serde(default)]
     pub client_idle_timeout_ms: Option<u64>,
@@ -338,6 +341,7 @@ impl UserConfig {
             admin: false,
             max_clients: None,
             pool_size: None,
+            max_server_connections: None,
             client_idle_timeout_ms: None,
             idle_transaction_timeout_ms: None,
             query_timeout_ms: None,
@@ -516,6 +520,9 @@ pub struct ClusterConfig {
     pub reserve_pool_size: u32,
     #[serde(default = "default::cluster_reserve_pool_timeout_ms")]
     pub reserve_pool_timeout_ms: u64,
+    /// Server connections per node, all users and databases and both endpoints together.
+    #[serde(default)]
+    pub max_server_connections: Option<u32>,
     /// Server logins in flight at once per node; more wait their turn in arrival order.
     #[serde(default = "default::cluster_max_server_logins")]
     pub max_server_logins: u32,
@@ -691,6 +698,14 @@ impl Config {
             s.min_size = s.min_size.min(size);
         }
         s
+    }
+
+    /// `max_server_connections` of `cluster` and of `user` (per node; None: no cap).
+    pub fn server_connection_caps(&self, cluster: &str, user: &str) -> (Option<u32>, Option<u32>) {
+        (
+            self.clusters.get(cluster).and_then(|c| c.max_server_connections),
+            self.user(user).and_then(|u| u.max_server_connections),
+        )
     }
 
     /// The client timeouts of `user` on `cluster`: the user's own values, else the

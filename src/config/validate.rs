@@ -29,6 +29,12 @@ impl Config {
             if u.max_clients == Some(0) {
                 return Err(invalid(format!("users[{i}].max_clients"), "must be at least 1"));
             }
+            if u.max_server_connections == Some(0) {
+                return Err(invalid(
+                    format!("users[{i}].max_server_connections"),
+                    "must be at least 1",
+                ));
+            }
             if u.pool_size == Some(0) {
                 return Err(invalid(format!("users[{i}].pool_size"), "must be at least 1"));
             }
@@ -37,17 +43,29 @@ impl Config {
             if c.max_clients == Some(0) {
                 return Err(invalid(format!("clusters.{name}.max_clients"), "must be at least 1"));
             }
+            if c.max_server_connections == Some(0) {
+                return Err(invalid(
+                    format!("clusters.{name}.max_server_connections"),
+                    "must be at least 1",
+                ));
+            }
             if c.max_server_logins == 0 {
                 return Err(invalid(
                     format!("clusters.{name}.max_server_logins"),
                     "must be at least 1",
                 ));
             }
-            if c.engine == Engine::Mysql && c.reserve_pool_size > 0 {
-                return Err(invalid(
-                    format!("clusters.{name}.reserve_pool_size"),
-                    "not yet for MySQL/MariaDB clusters",
-                ));
+            if c.engine == Engine::Mysql {
+                let unsupported = [
+                    ("reserve_pool_size", c.reserve_pool_size > 0),
+                    ("max_server_connections", c.max_server_connections.is_some()),
+                ];
+                if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
+                    return Err(invalid(
+                        format!("clusters.{name}.{key}"),
+                        "not yet for MySQL/MariaDB clusters",
+                    ));
+                }
             }
         }
         if self.proxy.max_message_bytes < 1024 {

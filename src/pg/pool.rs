@@ -64,6 +64,76 @@ pub struct Pool {
 
 pub use crate::pg::txn::conn::ConnState;
 
+/// A server connection's place under `max_server_connections` (the cluster's and the
+/// user's, per node), held for the connection's whole life, idle or not.
+#[derive(Default)]
+pub struct Budget {
+    _node: Option<OwnedSemaphorePermit>,
+    _user: Option<OwnedSemaphorePermit>,
+}
+
+/// What taking a `Budget` needs: where, the caps, and the pools whose idle connections
+/// may be closed to make room.
+pub struct BudgetAsk<'a> {
+    pub cluster: &'a crate::cluster::ClusterCtx,
+    pub pools: &'a Pools,
+    pub node: &'a str,
+    pub user: &'a str,
+    /// (cluster's, user's) `max_server_connections`.
+    pub caps: (Option<u32>, Option<u32>),
+}
+
+impl BudgetAsk<'_> {
+    /// A place now if there is room, closing nothing (to open a connection ahead of
+    /// demand).
+    pub fn try_take(&self) -> Option<Budget> {
+        let gates = &self.cluster.server_budget;
+        let take = |key: &str, cap: Option<u32>| match cap {
+            None => Some(None),
+            Some(n) => gates.of(key, n).try_acquire_owned().ok().map(Some),
+        };
+        Some(Budget {
+            _node: take(self.node, self.caps.0)?,
+            _user: take(&format!("{}\0{}", self.node, self.user), self.caps.1)?,
+        })
+    }
+
+    /// A place for one more server connection. When the budget is full, idle pooled
+    /// connections of the node (of the user, when the user's budget is the full one)
+    /// are closed, oldest first, to make room; else it waits for a connection to close
+    /// (looking every 50 ms), until `until`.
+    pub async fn take(&self, until: tokio::time::Instant) -> Result<Budget, ServerError> {
+        if self.caps == (None, None) {
+            return Ok(Budget::default());
+        }
+        let gates = &self.cluster.server_budget;
+        let node = self.caps.0.map(|n| (gates.of(self.node, n), n));
+        let user = self
+            .caps
+            .1
+            .map(|n| (gates.of(&format!("{}\0{}", self.node, self.user), n), n));
+        loop {
+            let take = |g: &Option<(Arc<Semaphore>, u32)>| match g {
+                None => Ok(None),
+                Some((s, n)) => s.clone().try_acquire_owned().map(Some).map_err(|_| *n),
+            };
+            let full = match (take(&node), take(&user)) {
+                (Ok(a), Ok(b)) => return Ok(Budget { _node: a, _user: b }),
+                (Err(n), _) => (n, None),
+                (_, Err(n)) => (n, Some(self.user)),
+            };
+            if self.pools.close_one_idle(&self.cluster.name, self.node, full.1) {
+                continue;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return Err(ServerError::Budget(full.0));
+            }
+            tokio::time::sleep((until - now).min(Duration::from_millis(50))).await;
+        }
+    }
+}
+
 /// A server connection lent to one client for a transaction.
 pub struct PooledConn {
     pub conn: ServerConn,
@@ -71,12 +141,13 @@ pub struct PooledConn {
     created: Instant,
     pool: Arc<Pool>,
     _permit: Option<OwnedSemaphorePermit>,
+    _budget: Budget,
     /// Set when the connection must not be reused (protocol state unknown).
     pub broken: bool,
 }
 
 impl PooledConn {
-    fn new(conn: ServerConn, pool: Arc<Pool>, permit: Option<OwnedSemaphorePermit>) -> PooledConn {
+    fn new(conn: ServerConn, pool: Arc<Pool>, permit: Option<OwnedSemaphorePermit>, budget: Budget) -> PooledConn {
         let mut state = ConnState {
             pid: conn.pid,
             ..ConnState::default()
@@ -98,6 +169,7 @@ impl PooledConn {
             created: Instant::now(),
             pool,
             _permit: permit,
+            _budget: budget,
             broken: false,
         }
     }
@@ -166,6 +238,7 @@ impl Pool {
         // The node's logins in flight (`ClusterCtx::login_gates`) and their limit, for
         // a new login.
         gate: impl FnOnce() -> (Arc<Semaphore>, u32),
+        budget: BudgetAsk<'_>,
     ) -> Result<PooledConn, PoolError> {
         let settings = *self.settings.lock().unwrap();
         let until = tokio::time::Instant::now() + settings.checkout_timeout;
@@ -206,6 +279,7 @@ impl Pool {
         };
         // Boxed: a login's state is large and lives only while it runs, and a future
         // that held it inline would be as large in every idle client's session.
+        let budget = Box::pin(budget.take(until)).await?;
         let (gate, max) = gate();
         let conn = Box::pin(server::connect_gated(
             &self.key.addr,
@@ -215,7 +289,7 @@ impl Pool {
             until,
         ))
         .await?;
-        Ok(PooledConn::new(conn, self.clone(), Some(permit)))
+        Ok(PooledConn::new(conn, self.clone(), Some(permit), budget))
     }
 
     /// Wait for a slot in arrival order (the semaphore is fair); past
@@ -302,7 +376,9 @@ impl Pool {
 
     /// Open connections up to `min_pool_size` in the background (called periodically
     /// for pools of nodes that are up). One at a time, so a slow server is not flooded.
-    pub fn prewarm(self: &Arc<Self>, tls: Arc<ServerTls>, login_timeout: Duration) {
+    /// With `max_server_connections` set (`caps`), only while its budget has room: warm
+    /// connections never crowd out ones that serve clients.
+    pub fn prewarm(self: &Arc<Self>, tls: Arc<ServerTls>, login_timeout: Duration, budget: Option<Budget>) {
         let s = *self.settings.lock().unwrap();
         let Some(credential) = self.credential.lock().unwrap().clone() else {
             return;
@@ -321,7 +397,7 @@ impl Pool {
                 tls: &tls,
             };
             if let Ok(conn) = server::connect(&pool.key.addr, &login, login_timeout).await {
-                let conn = PooledConn::new(conn, pool.clone(), None);
+                let conn = PooledConn::new(conn, pool.clone(), None, budget.unwrap_or_default());
                 let limits = limits(&pool.settings.lock().unwrap());
                 let _ = pool.idle.lock().unwrap().check_in(conn, Instant::now(), &limits);
             }
@@ -399,6 +475,18 @@ impl Pools {
         let mut v: Vec<_> = self.map.lock().unwrap().values().cloned().collect();
         v.sort_by(|a, b| a.key.cmp(&b.key));
         v
+    }
+
+    /// Close one idle connection of a pool of `cluster` on `node` (of `user`'s pools if
+    /// given), the oldest of the pool that has one: room under
+    /// `max_server_connections`. False if none is idle.
+    pub fn close_one_idle(&self, cluster: &str, node: &str, user: Option<&str>) -> bool {
+        self.map.lock().unwrap().values().any(|p| {
+            p.key.cluster == cluster
+                && p.key.node == node
+                && user.is_none_or(|u| p.key.user == u)
+                && p.idle.lock().unwrap().close_oldest()
+        })
     }
 
     /// Close the idle connections of every pool to `database`, before a statement that

@@ -23,6 +23,9 @@ pub enum ServerError {
     Connect(std::io::Error),
     #[error("timed out after {0} ms")]
     Timeout(u64),
+    /// Waited its whole bound for room under `max_server_connections` (the cap).
+    #[error("this node already has {0} server connections from Switchyard (max_server_connections), all in use; retry, or raise max_server_connections")]
+    Budget(u32),
     /// Waited its whole bound for a place among the node's logins in flight.
     #[error("{0} server logins to this node were already in flight until the wait's bound (max_server_logins); retry, or raise max_server_logins")]
     Queued(u32),
@@ -46,6 +49,9 @@ impl ServerError {
     pub fn into_error(self, cluster: &str, node: &str) -> Error {
         match self {
             ServerError::Refused { code, message, raw } => Error::server_refused(code.as_bytes(), message, raw),
+            e @ ServerError::Budget(_) => {
+                Error::pool_exhausted(format!("node \"{node}\" of cluster \"{cluster}\": {e}"))
+            }
             e @ (ServerError::Connect(_)
             | ServerError::Timeout(_)
             | ServerError::Queued(_)

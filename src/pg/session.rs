@@ -29,6 +29,7 @@ use crate::obs::clients::NewClient;
 use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 use crate::pg::fresh::{self, Causal, FreshMetrics};
 use crate::pg::login::{login, Client, Reject};
+use crate::pg::pool::{Budget, BudgetAsk};
 use crate::pg::protocol::framing::{FrameError, Framer};
 use crate::pg::protocol::messages;
 use crate::pg::protocol::tags::{BackendTag, FrontendTag, TxStatus};
@@ -85,6 +86,8 @@ struct Connected {
     role: Role,
     server: ServerConn,
     _slot: NodeSlot,
+    /// Its place under `max_server_connections`.
+    _budget: Budget,
     _cancel: Registration,
     stats: Arc<NodeStats>,
     /// The receiver routing used: anything newer than the routing snapshot wakes the relay.
@@ -337,6 +340,8 @@ async fn connect(
         cluster,
         max_logins: cc.max_server_logins,
         until: tokio::time::Instant::now() + cc.connect_timeout(),
+        caps: config.server_connection_caps(&cluster.name, &client.user),
+        pools: &crate::pg::PgShared::of(shared).pools,
     };
     let c = connector::connect(cluster, endpoint, None, accept, Some(&mut rx), &mut dialer).await?;
     let snapshot = c.snapshot;
@@ -344,7 +349,7 @@ async fn connect(
     if let Some(placement) = &causal {
         session_causal.placed(placement, node.role);
     }
-    let (conn, slot) = c.conn;
+    let (conn, slot, budget) = c.conn;
     let cancel = send_welcome(stream, &conn, shared, &cluster.name, &node.addr).await?;
     Ok((
         Connected {
@@ -353,6 +358,7 @@ async fn connect(
             role: node.role,
             server: conn,
             _slot: slot,
+            _budget: budget,
             _cancel: cancel,
             stats: node.stats.clone(),
             topology: rx,
@@ -369,21 +375,36 @@ struct LoginDialer<'a> {
     cluster: &'a ClusterCtx,
     max_logins: u32,
     /// The end of the connect phase (`connect_timeout_ms`): the most a login waits for
-    /// its turn.
+    /// its turn or for room under `max_server_connections`.
     until: tokio::time::Instant,
+    /// `max_server_connections` (the cluster's, the user's), and the pools whose idle
+    /// connections may make room.
+    caps: (Option<u32>, Option<u32>),
+    pools: &'a crate::pg::pool::Pools,
 }
 
 impl connector::Dialer for LoginDialer<'_> {
-    type Conn = (ServerConn, NodeSlot);
+    type Conn = (ServerConn, NodeSlot, Budget);
 
     async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Self::Conn, Error> {
         node.active.fetch_add(1, Ordering::Relaxed);
         let slot = NodeSlot(node.active.clone());
+        let ask = BudgetAsk {
+            cluster: self.cluster,
+            pools: self.pools,
+            node: &node.name,
+            user: self.login.user,
+            caps: self.caps,
+        };
+        let budget = ask
+            .take(self.until)
+            .await
+            .map_err(|e| e.into_error(&self.cluster.name, &node.name))?;
         let gate = self.cluster.login_gates.of(&node.name, self.max_logins);
         let conn = server::connect_gated(&node.addr, &self.login, timeout, (&gate, self.max_logins), self.until)
             .await
             .map_err(|e| e.into_error(&self.cluster.name, &node.name))?;
-        Ok((conn, slot))
+        Ok((conn, slot, budget))
     }
 }
 

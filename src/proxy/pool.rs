@@ -137,6 +137,16 @@ impl<C: Pooled> IdleList<C> {
         dropped
     }
 
+    /// Close the connection idle the longest (a server-connection budget is full and
+    /// another pool needs the place); false if none is idle.
+    pub fn close_oldest(&mut self) -> bool {
+        if self.entries.is_empty() {
+            return false;
+        }
+        self.entries.remove(0);
+        true
+    }
+
     /// Drop every idle connection (its node went down or was removed); how many.
     pub fn clear(&mut self) -> usize {
         self.entries.drain(..).count()
@@ -186,6 +196,19 @@ mod tests {
 
     fn s(n: u64) -> Duration {
         Duration::from_secs(n)
+    }
+
+    #[test]
+    fn making_room_closes_the_connection_idle_the_longest() {
+        let t0 = Instant::now();
+        let mut idle = IdleList::default();
+        for (name, at) in [("old", 0), ("mid", 1), ("new", 2)] {
+            idle.check_in(fake(name, t0).0, t0 + s(at), &LIMITS).unwrap();
+        }
+        assert!(idle.close_oldest());
+        assert_eq!(idle.take(t0 + s(3), &LIMITS).0.unwrap().name, "new");
+        assert_eq!(idle.take(t0 + s(3), &LIMITS).0.unwrap().name, "mid");
+        assert!(!idle.close_oldest(), "nothing idle: no room made");
     }
 
     #[test]

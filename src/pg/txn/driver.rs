@@ -144,6 +144,16 @@ impl Dialer for PoolDialer<'_> {
                     let max = self.shared.config().clusters[&self.cluster.name].max_server_logins;
                     (self.cluster.login_gates.of(&node.name, max), max)
                 },
+                crate::pg::pool::BudgetAsk {
+                    cluster: self.cluster,
+                    pools: &crate::pg::PgShared::of(self.shared).pools,
+                    node: &node.name,
+                    user: &self.who.user,
+                    caps: self
+                        .shared
+                        .config()
+                        .server_connection_caps(&self.cluster.name, &self.who.user),
+                },
             )
             .await
         {
