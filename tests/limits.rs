@@ -348,10 +348,13 @@ async fn a_users_own_pool_size_and_the_reserve_pool_after_its_timeout() {
     let cluster = cluster();
     let extra = "pool_mode = \"transaction\"\npool_size = 5\nreserve_pool_size = 1\nreserve_pool_timeout_ms = 400\ncheckout_timeout_ms = 1500\n";
     // One worker thread: the sizes are not divided among workers.
-    let top = "[proxy]\nthreads = 1\n\n[[users]]\nname = \"capped\"\npassword = \"capped\"\nauth = \"scram-sha-256\"\npool_size = 1\n";
+    let top = "[proxy]\nthreads = 1\n\n[[users]]\nname = \"capped\"\npassword = \"capped\"\nauth = \"scram-sha-256\"\npool_size = 1\nadmin = true\n";
     let proxy = Proxy::start(&cluster, "reserve", extra, top);
     let first = connect_as(proxy.rw, "capped", "capped").await.unwrap();
     first.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // SHOW POOLS: the user's pool, one in use of a size of one.
+    let pools = psql_db(proxy.rw, "capped", "capped", "switchyard", "SHOW POOLS").unwrap();
+    assert!(pools.contains("|app|capped|1|0|0|1"), "{pools}");
     // The pool of one is taken: the next transaction gets the reserve's connection
     // after 400 ms, not at once and not after the checkout timeout.
     let second = connect_as(proxy.rw, "capped", "capped").await.unwrap();

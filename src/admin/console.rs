@@ -281,7 +281,9 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 .collect(),
         },
         ["SHOW", "POOLS"] => Answer::Rows {
-            columns: vec!["cluster", "node", "database", "user", "in_use", "idle", "waiting"],
+            columns: vec![
+                "cluster", "node", "database", "user", "in_use", "idle", "waiting", "size",
+            ],
             rows: pool_rows(shared)
                 .into_iter()
                 .map(|p| {
@@ -293,6 +295,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                         p.in_use.to_string(),
                         p.idle.to_string(),
                         p.waiting.to_string(),
+                        p.size.to_string(),
                     ]
                 })
                 .chain(shared.clusters.values().filter_map(|c| {
@@ -306,6 +309,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                             "0".into(),
                             "0".into(),
                             w.to_string(),
+                            "0".into(),
                         ]
                     })
                 }))

@@ -19,7 +19,12 @@ pub fn pool_rows(shared: &Shared) -> Vec<PoolRow> {
     let mut rows: Vec<PoolRow> = Vec::new();
     for p in crate::pg::PgShared::of(shared).pools.all() {
         let k = &p.key;
-        let (in_use, idle, waiting) = (p.in_use(), p.idle_count() as u32, p.waiting.load(Ordering::Relaxed));
+        let (in_use, idle, waiting, size) = (
+            p.in_use(),
+            p.idle_count() as u32,
+            p.waiting.load(Ordering::Relaxed),
+            p.size(),
+        );
         match rows
             .iter_mut()
             .find(|r| r.cluster == k.cluster && r.node == k.node && r.database == k.database && r.user == k.user)
@@ -28,6 +33,7 @@ pub fn pool_rows(shared: &Shared) -> Vec<PoolRow> {
                 r.in_use += in_use;
                 r.idle += idle;
                 r.waiting += waiting;
+                r.size += size;
             }
             None => rows.push(PoolRow {
                 cluster: k.cluster.clone(),
@@ -37,6 +43,7 @@ pub fn pool_rows(shared: &Shared) -> Vec<PoolRow> {
                 in_use,
                 idle,
                 waiting,
+                size,
             }),
         }
     }
@@ -57,6 +64,7 @@ pub fn pool_rows(shared: &Shared) -> Vec<PoolRow> {
                 in_use: 1,
                 idle: 0,
                 waiting: 0,
+                size: 0,
             }),
         }
     }

@@ -118,6 +118,9 @@ pub struct PoolStatus {
     pub in_use: u32,
     pub idle: u32,
     pub waiting: u32,
+    /// The pool's size (`pool_size`, or the user's own; 0 in session mode).
+    #[serde(default)]
+    pub size: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -194,6 +197,7 @@ pub fn build(shared: &Shared) -> Status {
                     in_use: p.in_use,
                     idle: p.idle,
                     waiting: p.waiting,
+                    size: p.size,
                 })
                 .collect();
             let waiting = ctx.waiting.load(std::sync::atomic::Ordering::Relaxed);
@@ -205,6 +209,7 @@ pub fn build(shared: &Shared) -> Status {
                     in_use: 0,
                     idle: 0,
                     waiting,
+                    size: 0,
                 });
             }
             let events = ctx.state.events();

@@ -152,4 +152,6 @@ pub struct PoolRow {
     pub in_use: u32,
     pub idle: u32,
     pub waiting: u32,
+    /// The pool's size, all worker threads' shares together (0: session mode, no pool).
+    pub size: u32,
 }
