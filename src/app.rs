@@ -195,7 +195,7 @@ fn reload(shared: &Shared) -> Result<String, String> {
         });
         crate::pg::PgShared::of(shared)
             .pools
-            .apply(name, |user| new.pool_settings(name, user));
+            .apply(name, |user, database| new.pool_settings(name, user, database));
         for n in &added {
             ctx.state
                 .push_event(n, String::new(), "added".into(), "configuration reload".into());

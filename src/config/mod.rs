@@ -514,6 +514,10 @@ pub struct ClusterConfig {
     /// Clients of this cluster connected at once (both endpoints).
     #[serde(default)]
     pub max_clients: Option<u32>,
+    /// Pool sizes for some users and databases (transaction pooling), the most specific
+    /// entry winning.
+    #[serde(default)]
+    pub pools: Vec<PoolSizeConfig>,
     /// Transaction pooling: connections a pool may open past `pool_size` for a client
     /// that has waited `reserve_pool_timeout_ms`.
     #[serde(default)]
@@ -596,6 +600,20 @@ impl ClusterConfig {
     pub fn server_login_timeout(&self) -> Duration {
         Duration::from_millis(self.server_login_timeout_ms)
     }
+}
+
+/// `[[clusters.NAME.pools]]`: the size of the pools of a user, of a database, or of one
+/// user's pools to one database.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSizeConfig {
+    /// The user it applies to (every user if absent).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The database it applies to (every database if absent).
+    #[serde(default)]
+    pub database: Option<String>,
+    pub pool_size: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -691,9 +709,27 @@ impl Config {
 
     /// The pool settings of `user`'s pools on `cluster`: the cluster's, with the user's
     /// own `pool_size` if it has one.
-    pub fn pool_settings(&self, cluster: &str, user: &str) -> PoolSettings {
-        let mut s = self.clusters[cluster].pool_settings();
-        if let Some(size) = self.user(user).and_then(|u| u.pool_size) {
+    pub fn pool_settings(&self, cluster: &str, user: &str, database: &str) -> PoolSettings {
+        let c = &self.clusters[cluster];
+        let mut s = c.pool_settings();
+        // The most specific size: user and database, then database, then user (in
+        // `[[pools]]`, then `[[users]]`), then the cluster's.
+        let entry = |u: bool, d: bool| {
+            c.pools
+                .iter()
+                .find(|p| {
+                    p.user.is_some() == u
+                        && p.database.is_some() == d
+                        && p.user.as_deref().is_none_or(|x| x == user)
+                        && p.database.as_deref().is_none_or(|x| x == database)
+                })
+                .map(|p| p.pool_size)
+        };
+        let size = entry(true, true)
+            .or_else(|| entry(false, true))
+            .or_else(|| entry(true, false))
+            .or_else(|| self.user(user).and_then(|u| u.pool_size));
+        if let Some(size) = size {
             s.size = size;
             s.min_size = s.min_size.min(size);
         }

@@ -229,9 +229,9 @@ fn a_users_pool_size_replaces_the_clusters_and_timeouts_fall_back_to_the_cluster
         "[clusters.main]\nmin_pool_size = 4\nquery_timeout_ms = 500\nidle_transaction_timeout_ms = 100\n",
     );
     let c = Config::parse(&text).unwrap();
-    let reports = c.pool_settings("main", "reports");
+    let reports = c.pool_settings("main", "reports", "app");
     assert_eq!((reports.size, reports.min_size), (2, 2));
-    assert_eq!(c.pool_settings("main", "app").size, 20);
+    assert_eq!(c.pool_settings("main", "app", "app").size, 20);
     let t = c.client_timeouts("main", "reports");
     assert_eq!(t.query, None, "the user's 0 turns the cluster's off");
     assert_eq!(t.idle_transaction, Some(Duration::from_millis(100)));
@@ -245,4 +245,24 @@ fn a_users_pool_size_replaces_the_clusters_and_timeouts_fall_back_to_the_cluster
         .unwrap_err()
         .to_string();
     assert!(e.starts_with("proxy.max_clients"), "{e}");
+}
+
+#[test]
+fn the_most_specific_pool_size_wins() {
+    let text = format!(
+        "{GOOD}\n[[users]]\nname = \"reports\"\npassword = \"x\"\npool_size = 3\n\n\
+         [[clusters.main.pools]]\ndatabase = \"analytics\"\npool_size = 4\n\n\
+         [[clusters.main.pools]]\nuser = \"reports\"\ndatabase = \"analytics\"\npool_size = 5\n\n\
+         [[clusters.main.pools]]\nuser = \"app\"\npool_size = 6\n"
+    );
+    let c = Config::parse(&text).unwrap();
+    let size = |user: &str, db: &str| c.pool_settings("main", user, db).size;
+    assert_eq!(size("reports", "analytics"), 5, "user and database");
+    assert_eq!(size("app", "analytics"), 4, "database before user");
+    assert_eq!(size("app", "app"), 6, "user in [[pools]]");
+    assert_eq!(size("reports", "app"), 3, "the user's own pool_size");
+    assert_eq!(size("other", "app"), 20, "the cluster's");
+    let bad = format!("{GOOD}\n[[clusters.main.pools]]\npool_size = 2\n");
+    let e = Config::parse(&bad).unwrap_err().to_string();
+    assert!(e.starts_with("clusters.main.pools[0]"), "{e}");
 }

@@ -43,6 +43,20 @@ impl Config {
             if c.max_clients == Some(0) {
                 return Err(invalid(format!("clusters.{name}.max_clients"), "must be at least 1"));
             }
+            for (i, p) in c.pools.iter().enumerate() {
+                if p.pool_size == 0 {
+                    return Err(invalid(
+                        format!("clusters.{name}.pools[{i}].pool_size"),
+                        "must be at least 1",
+                    ));
+                }
+                if p.user.is_none() && p.database.is_none() {
+                    return Err(invalid(
+                        format!("clusters.{name}.pools[{i}]"),
+                        "give a user, a database or both (the cluster's own size is pool_size)",
+                    ));
+                }
+            }
             if c.max_server_connections == Some(0) {
                 return Err(invalid(
                     format!("clusters.{name}.max_server_connections"),
@@ -59,6 +73,7 @@ impl Config {
                 let unsupported = [
                     ("reserve_pool_size", c.reserve_pool_size > 0),
                     ("max_server_connections", c.max_server_connections.is_some()),
+                    ("pools", !c.pools.is_empty()),
                 ];
                 if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
                     return Err(invalid(

@@ -503,11 +503,11 @@ impl Pools {
     }
 
     /// Apply new settings to every pool of a cluster (reload): `settings` of each
-    /// pool's user.
-    pub fn apply(&self, cluster: &str, settings: impl Fn(&str) -> PoolSettings) {
+    /// pool's user and database.
+    pub fn apply(&self, cluster: &str, settings: impl Fn(&str, &str) -> PoolSettings) {
         for p in self.map.lock().unwrap().values() {
             if p.key.cluster == cluster {
-                p.apply(settings(&p.key.user).share(p.key.worker, self.workers));
+                p.apply(settings(&p.key.user, &p.key.database).share(p.key.worker, self.workers));
             }
         }
     }
