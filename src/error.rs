@@ -361,6 +361,11 @@ impl Error {
         MysqlCode { number, state }
     }
 
+    /// A client timeout ended the session (idle, idle in a transaction).
+    pub fn is_client_timeout(&self) -> bool {
+        self.side == Side::Proxy && self.mysql == Some(CLIENT_INTERACTION_TIMEOUT)
+    }
+
     /// A server's own ErrorResponse, if this is one.
     pub fn is_forwarded(&self) -> bool {
         self.raw.is_some()

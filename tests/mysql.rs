@@ -619,7 +619,7 @@ fn client_timeouts_kill_a_runaway_query_and_end_idle_clients() {
         });
         let log = proxy.log_text();
         for what in [
-            "query_timeout_ms: cancelling the query",
+            "action=\"KILL QUERY sent to the server\"",
             "timeout=\"idle_transaction\"",
             "timeout=\"client_idle\"",
         ] {

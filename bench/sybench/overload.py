@@ -56,19 +56,27 @@ REPO = os.path.dirname(BENCH_DIR)
 SCRIPT = os.path.join(BENCH_DIR, "overload")
 
 KINDS = ["idle_txn", "big_query", "no_startup", "login_loop"]
+# Not abusive: the same transactions as idle_txn, committed by the client just before the
+# timeout would fire (so the server connection goes back to the pool instead of being
+# closed). Run alone it tells the cost of a long transaction from the cost of ending one.
+CONTROL = "idle_txn_commit"
+ALL_KINDS = KINDS + [CONTROL]
 # All four kinds on their own pools, then each kind alone (which one costs the good
-# clients what), then all four on the good clients' pool, and that without big_query.
-DEFAULT_ABUSE_RUNS = ("own,own:idle_txn,own:big_query,own:no_startup,own:login_loop,"
+# clients what) with the control next to idle_txn, then all four on the good clients'
+# pool, and that without big_query.
+DEFAULT_ABUSE_RUNS = ("own,own:idle_txn,own:idle_txn_commit,own:big_query,own:no_startup,own:login_loop,"
                       "shared,shared:idle_txn+no_startup+login_loop")
 KIND_LABELS = {
     "idle_txn": "(a) BEGIN + one statement, then idle in the transaction; reconnect when ended",
     "big_query": "(b) big query, answer never read",
     "no_startup": "(c) TCP connection, startup never finished; reconnect when closed",
     "login_loop": "(d) connect + SCRAM login + disconnect, tight loop",
+    CONTROL: "(control) as (a), but COMMIT just before the timeout, then disconnect; reconnect",
 }
 ABUSE_PASSWORD = "abusepw"
 # own pools: one login per kind that needs one (no_startup never sends a user)
-OWN_USERS = {"idle_txn": "abuse_txn", "big_query": "abuse_big", "login_loop": "abuse_login"}
+OWN_USERS = {"idle_txn": "abuse_txn", "big_query": "abuse_big", "login_loop": "abuse_login", CONTROL: "abuse_txn"}
+ABUSE_ROLES = ["abuse_txn", "abuse_big", "abuse_login"]
 IDLE_TXN_SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = 1"
 BIG_QUERY_SQL = "SELECT repeat('x', 1000000) FROM generate_series(1, 50)"
 
@@ -142,6 +150,15 @@ def sh(cmd, timeout=30):
 # ======================================================================================
 
 _METRIC = re.compile(r"^([A-Za-z_:][\w:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def norm_messages(msgs):
+    """Group log messages that differ only in a duration ("within 5001 ms")."""
+    out = {}
+    for k, n in msgs.items():
+        k = re.sub(r"\b\d+ ms\b", "N ms", k)
+        out[k] = out.get(k, 0) + n
+    return out
 
 
 def fetch_metrics(admin_port, timeout=5):
@@ -561,7 +578,7 @@ async def _abuse(cfg):
         loop.add_signal_handler(sig, stop.set)
     host, port = "127.0.0.1", cfg["port"]
     cap = cfg["idle_cap_s"]
-    tallies = {k: Tally() for k in KINDS}
+    tallies = {k: Tally() for k in ALL_KINDS}
     big_conns = []
 
     async def idle_txn(i, user, pw):
@@ -594,6 +611,31 @@ async def _abuse(cfg):
                     t.dur("idle until ended", time.monotonic() - t0)
                 except asyncio.TimeoutError:
                     t.inc(f"still open after {cap:.0f} s idle in transaction")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                t.err(where, e)
+                await asyncio.sleep(0.1)
+            finally:
+                if c is not None:
+                    c.close()
+
+    async def idle_txn_commit(i, user, pw):
+        t = tallies[CONTROL]
+        while not stop.is_set():
+            c = None
+            where = "connect"
+            try:
+                c = await _pg_connect(host, port, user, pw)
+                t.inc("logged_in")
+                where = "BEGIN"
+                await asyncio.wait_for(c.query("BEGIN"), 30)
+                where = "statement"
+                await asyncio.wait_for(c.query(IDLE_TXN_SQL), 30)
+                await asyncio.sleep(cfg["commit_after_s"])
+                where = "COMMIT"
+                await asyncio.wait_for(c.query("COMMIT"), 30)
+                t.inc("committed")
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -679,6 +721,8 @@ async def _abuse(cfg):
     users = cfg["users"]
     for i in range(cfg["counts"].get("idle_txn", 0)):
         tasks.append(asyncio.ensure_future(idle_txn(i, *users["idle_txn"])))
+    for i in range(cfg["counts"].get(CONTROL, 0)):
+        tasks.append(asyncio.ensure_future(idle_txn_commit(i, *users[CONTROL])))
     for i in range(cfg["counts"].get("big_query", 0)):
         tasks.append(asyncio.ensure_future(big_query(i, *users["big_query"])))
     for i in range(cfg["counts"].get("no_startup", 0)):
@@ -701,7 +745,8 @@ async def _abuse(cfg):
             typ, body = await asyncio.wait_for(c._read(), 2.0)
             if typ == b"E":
                 f = _fields(body)
-                return f"an error: {f.get('C')} {f.get('M', '')[:120]}"
+                msg = re.sub(r"\d+ ms", "N ms", f.get("M", ""))
+                return f"an error: {f.get('C')} {msg[:160]}"
             if typ in (b"T", b"D"):
                 return "rows of the answer (being streamed)"
             return f"message {typ!r}"
@@ -962,7 +1007,7 @@ def parse_args(argv):
     p.add_argument("--no-closing-baseline", action="store_true",
                    help="no second baseline after the abuse runs (it shows how much the baseline itself moves)")
     p.add_argument("--rate", type=float, default=2000, help="pgbench --rate: transactions per second, all good clients together")
-    p.add_argument("--duration", type=int, default=12, help="pgbench -T seconds per run (plus connection time)")
+    p.add_argument("--duration", type=int, default=10, help="pgbench -T seconds per run (plus connection time)")
     p.add_argument("--jobs", type=int, default=max(1, min(8, cores)), help="pgbench -j")
     p.add_argument("--protocol", default="simple", choices=["simple", "extended", "prepared"], help="pgbench -M")
     p.add_argument("--ramp", type=float, default=3.0, help="seconds the abusive clients run before pgbench starts")
@@ -983,17 +1028,26 @@ def parse_args(argv):
     p.add_argument("--max-clients", type=int, default=0,
                    help="proxy.max_clients; 0: good + bad + 200 for the overload proxy, 2 x storm + 200 for the storm's")
     p.add_argument("--threads", type=int, default=0, help="proxy.threads (0: not written, one per core)")
+    p.add_argument("--proxy-secret", default="password", choices=["password", "verifier"],
+                   help="what the proxy's config holds for the SCRAM users: the plaintext password, or the SCRAM "
+                        "verifier copied from pg_authid (then the proxy logs in to the server with the keys a "
+                        "client's login gave it, and never computes the salted password)")
     p.add_argument("--scale", type=int, default=10, help="pgbench -i -s")
     p.add_argument("--max-connections", type=int, default=200, help="PostgreSQL max_connections")
     p.add_argument("--binary", default=os.path.join(REPO, "target/release/switchyard"))
     p.add_argument("--pg-bin", default=PG_BIN_DEFAULT)
     p.add_argument("--skip-overload", action="store_true")
     p.add_argument("--skip-storm", action="store_true")
-    p.add_argument("--quiet-wait", type=float, default=60.0,
+    p.add_argument("--quiet-wait", type=float, default=45.0,
                    help="total seconds the run may wait for other processes on the machine to go quiet")
+    p.add_argument("--foreign-limit", type=float, default=2.0,
+                   help="CPU seconds other processes may use during an overload run before it is run again")
+    p.add_argument("--max-reruns", type=int, default=2, help="re-runs of disturbed overload runs, in all")
     p.add_argument("--name", default="overload")
     p.add_argument("--out-dir", default=os.path.join(BENCH_DIR, "results"))
     p.add_argument("--keep-tmp", action="store_true")
+    p.add_argument("--report-from", metavar="JSON", default=None,
+                   help="run nothing: write the report again from a results .json (next to it)")
     a = p.parse_args(argv)
     a.bad_kinds = [k for k in a.bad_kinds.split(",") if k]
     for k in a.bad_kinds:
@@ -1006,8 +1060,8 @@ def parse_args(argv):
         if pool not in ("own", "shared"):
             p.error(f"--abuse-runs: pool own or shared, not {pool}")
         for k in kinds:
-            if k not in a.bad_kinds:
-                p.error(f"--abuse-runs: kind {k} is not in --bad-kinds")
+            if k not in a.bad_kinds and k != CONTROL:
+                p.error(f"--abuse-runs: kind {k} is neither in --bad-kinds nor {CONTROL}")
         missing = [k for k in a.bad_kinds if k not in kinds]
         name = f"abuse-{pool}"
         if len(kinds) == 1 and len(a.bad_kinds) > 1:
@@ -1033,7 +1087,7 @@ class Overload:
         log(f"temp dir {self.tmp}")
         c = self.cluster = PgCluster(self.tmp, self.reg, a.pg_bin, a.max_connections)
         c.init_primary("primary")
-        roles = [(BENCH_USER, BENCH_PASSWORD), (IDLE_USER, IDLE_PASSWORD)] + [(u, ABUSE_PASSWORD) for u in OWN_USERS.values()]
+        roles = [(BENCH_USER, BENCH_PASSWORD), (IDLE_USER, IDLE_PASSWORD)] + [(u, ABUSE_PASSWORD) for u in ABUSE_ROLES]
         c.psql(0, [f"CREATE ROLE {u} LOGIN PASSWORD '{pw}'" for u, pw in roles])
         c.psql(0, f"CREATE DATABASE {DB} OWNER {BENCH_USER}")
         log(f"pgbench -i -s {a.scale}")
@@ -1042,16 +1096,24 @@ class Overload:
                            env=dict(os.environ, PGPASSWORD=BENCH_PASSWORD))
         if p.returncode != 0:
             raise RuntimeError(f"pgbench -i failed: {p.stderr}")
-        c.psql(0, ["VACUUM ANALYZE", f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {', '.join(OWN_USERS.values())}"], db=DB)
+        c.psql(0, ["VACUUM ANALYZE", f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {', '.join(ABUSE_ROLES)}"], db=DB)
         c.psql(0, "CHECKPOINT")
+        self.verifiers = {u: c.psql(0, f"SELECT rolpassword FROM pg_authid WHERE rolname = '{u}'")
+                          for u in [BENCH_USER] + ABUSE_ROLES}
         self.cpu = CpuAccount(c)
 
     def proxy_config(self, port, admin_port, max_clients):
         a = self.a
         users = [(BENCH_USER, BENCH_PASSWORD, "scram-sha-256")] + \
-                [(u, ABUSE_PASSWORD, "scram-sha-256") for u in OWN_USERS.values()] + [(IDLE_USER, IDLE_PASSWORD, "trust")]
-        text = "[health]\ninterval_ms = 1000\ntimeout_ms = 1000\nrise = 2\nfall = 2\n\n"
+                [(u, ABUSE_PASSWORD, "scram-sha-256") for u in ABUSE_ROLES] + [(IDLE_USER, IDLE_PASSWORD, "trust")]
+        text = "[health]\ninterval_ms = 1000\ntimeout_ms = 1000\nrise = 2\nfall = 2\n"
+        if a.proxy_secret == "verifier":
+            # the monitor needs a real password
+            text += f'user = "{BENCH_USER}"\npassword = "{BENCH_PASSWORD}"\n'
+        text += "\n"
         for u, pw, auth in users:
+            if a.proxy_secret == "verifier" and u in self.verifiers:
+                pw = self.verifiers[u]
             text += f'[[users]]\nname = "{u}"\npassword = "{pw}"\nauth = "{auth}"\n\n'
         text += f"[proxy]\nmax_clients = {max_clients}\nclient_login_timeout_ms = {a.client_login_timeout_ms}\n"
         if a.threads:
@@ -1096,6 +1158,20 @@ class Overload:
                 raise RuntimeError(f"{key}: not ready after 30 s (node_up/node_primary); log {logp}")
             time.sleep(0.1)
         return s
+
+    def server_sessions(self):
+        """pg_stat_database's session counters of the bench database (sessions started,
+        abandoned, fatal, killed), counted when each backend flushes its statistics."""
+        try:
+            c = PgSync(self.cluster.sockdir, self.cluster.nodes[0].port, timeout=5)
+            try:
+                rows = c.query("SELECT sessions, sessions_abandoned, sessions_fatal, sessions_killed "
+                               f"FROM pg_stat_database WHERE datname = '{DB}'")
+            finally:
+                c.close()
+            return [int(x) for x in rows[0]]
+        except Exception:
+            return None
 
     def quiet(self, label):
         """Wait (within the run's budget) until other processes are quiet; note how long."""
@@ -1144,6 +1220,7 @@ class Overload:
             res["service_ms"] = summary([r[1] - r[2] for r in rows], 1000)
             res["first_txn"], res["last_txn"] = rows[0][0], rows[-1][0]
         res["stderr_tail"] = se.strip().splitlines()[-5:]
+        res["stdout_tail"] = so.strip().splitlines()[-14:]
         errors = res.get("aborted_clients", 0) + (res.get("failed_txns") or 0) + bad
         if rc not in (0,) and not errors:
             errors = 1
@@ -1182,7 +1259,9 @@ class Overload:
         a = self.a
         kinds = a.bad_kinds
         base, extra = divmod(a.bad, len(kinds))
-        return {k: base + (1 if i < extra else 0) for i, k in enumerate(kinds)}
+        out = {k: base + (1 if i < extra else 0) for i, k in enumerate(kinds)}
+        out[CONTROL] = out.get("idle_txn", base)
+        return out
 
     def start_abuse(self, port, name, pool, counts, max_s):
         d = os.path.join(self.tmp, name)
@@ -1190,6 +1269,7 @@ class Overload:
         users = {k: ([BENCH_USER, BENCH_PASSWORD] if pool == "shared" else [OWN_USERS[k], ABUSE_PASSWORD])
                  for k in OWN_USERS}
         cfg = {"port": port, "counts": counts, "users": users, "max_s": max_s,
+               "commit_after_s": 0.95 * self.a.idle_transaction_timeout_ms / 1000,
                "idle_cap_s": max(10.0, 3 * self.a.idle_transaction_timeout_ms / 1000, 3 * self.a.client_login_timeout_ms / 1000),
                "out": os.path.join(d, "result.json")}
         cp = os.path.join(d, "config.json")
@@ -1230,79 +1310,109 @@ class Overload:
         plan = [{"name": "baseline", "pool": None, "kinds": []}] + a.runs
         if a.runs and not a.no_closing_baseline:
             plan.append({"name": "baseline-again", "pool": None, "kinds": []})
+        self.reruns = 0
         for i, item in enumerate(plan):
-            name, pool = item["name"], item["pool"]
-            counts = {k: n for k, n in all_counts.items() if k in item["kinds"]}
-            s = self.start_proxy(f"sy-{name}", maxc)
-            if i == 0:
-                self.results["overload_config"] = s.config_text
-                self.results["overload_check"] = s.check_output
-            warm = self.pgbench(s.port, f"warmup-{name}", min(a.good, 2 * a.pool_size), 2, min(a.rate, 1000))
-            warm.pop("_rows", None)
-            waited = self.quiet(name)
-            log(f"run {i + 1}/{len(plan)} {name}: {a.good} good clients at {a.rate:g} tps for {a.duration} s"
-                + (f", {sum(counts.values())} abusive clients ({pool} pool): {counts}" if pool else ""))
-            off = s.log_offset()
-            m0 = fetch_metrics(s.admin_port)
-            c0 = self.cpu.snapshot()
-            p0 = cpu_times(s.pid)
-            procs = ProcSampler(s.pid, s.admin_port, 1.0).start()
-            acts = ActivitySampler(self.cluster.sockdir, self.cluster.nodes[0].port, 1.0).start()
-            t_begin = time.time()
-            worker, wcfg = None, None
-            if pool:
-                max_s = a.ramp + a.duration + connect_allowance(a.good) + 240
-                worker, wcfg = self.start_abuse(s.port, name, pool, counts, max_s)
-                time.sleep(a.ramp)
-            pgb = self.pgbench(s.port, name, a.good, a.duration, a.rate)
-            abuse = None
-            if worker is not None:
-                abuse = self.stop_worker(worker, wcfg["out"])
-            t_end = time.time()
-            # After the abusive clients are gone: does everything come back down?
-            time.sleep(3.0)
-            t_after = time.time()
-            after_proc = procs.one()
-            procs.stop()
-            act_samples = acts.stop()
-            p1 = cpu_times(s.pid)
-            c1 = self.cpu.snapshot()
-            m1 = fetch_metrics(s.admin_port)
-            n, msgs = s.log_problems(off)
-            run = {
-                "name": name, "bad_pool": pool, "bad_counts": counts, "kinds": item["kinds"],
-                "proxy_pid": s.pid, "warmup": {k: warm.get(k) for k in ("tps", "errors", "rc", "error_messages")},
-                "quiet_wait_s": waited, "pgbench": pgb, "abuse": abuse,
-                "proxy": ProcSampler.window(procs.samples, t_begin, t_end),
-                "proxy_during_pgbench": ProcSampler.window(procs.samples, pgb["wall_start"], pgb["wall_end"]),
-                "proxy_after": after_proc,
-                "proxy_cpu_s": round(sum(p1) - sum(p0), 2),
-                "server": ActivitySampler.window(act_samples, t_begin, t_end),
-                "server_after": ActivitySampler.window(act_samples, t_end + 2.0, t_after + 1.0),
-                "activity_gaps": acts.gaps,
-                "metrics_delta": metrics_delta(m0, m1),
-                "pool_wait": pool_wait_hist(m0, m1),
-                "cpu": CpuAccount.delta(c0, c1, proxy_cpu=sum(p1) - sum(p0)),
-                "log_problems": n,
-                "log_messages": dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:10]),
-                "loadavg": open("/proc/loadavg").read().split()[:3],
-            }
-            run["timeline"] = self.timeline(pgb, procs.samples, act_samples, pgb.get("first_txn", pgb["wall_start"]),
-                                            pgb.get("last_txn", pgb["wall_end"]) + 0.001)
-            run["proxy_samples"] = procs.samples
-            run["activity_samples"] = act_samples
-            pgb.pop("_rows", None)
-            self.results["runs"].append(run)
-            lat = pgb.get("latency_ms", {})
-            log(f"  {name}: tps {pgb.get('tps')}, p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, "
-                f"errors {pgb['errors']} (aborted clients {pgb.get('aborted_clients')}), "
-                f"server conns max {run['server'].get('pool_max')} {run['server'].get('by_user_max')} "
-                f"(+{run['server'].get('health_max')} health), proxy RSS max {run['proxy'].get('rss_kib', {}).get('max')} KiB, "
-                f"FDs max {run['proxy'].get('fds', {}).get('max')}; other processes {run['cpu']['foreign_cpu_s']} CPU s")
-            if pgb.get("error_messages"):
-                for k, v in list(pgb["error_messages"].items())[:3]:
-                    log(f"    {v}x {k}")
-            stop_process(s.proc)
+            tries = []
+            while True:
+                run = self.one_run(i, len(plan), item, all_counts, maxc, attempt=len(tries))
+                tries.append(run)
+                f = run["cpu"]["foreign_cpu_s"]
+                if f <= a.foreign_limit:
+                    break
+                if self.reruns >= a.max_reruns or self.quiet_budget <= 0:
+                    log(f"  {item['name']}: other processes used {f} CPU s during the run (> --foreign-limit "
+                        f"{a.foreign_limit}); no re-run left: marked disturbed")
+                    break
+                self.reruns += 1
+                log(f"  {item['name']}: other processes used {f} CPU s during the run (> --foreign-limit "
+                    f"{a.foreign_limit}): running it again")
+            best = min(tries, key=lambda r: r["cpu"]["foreign_cpu_s"])
+            best["disturbed"] = best["cpu"]["foreign_cpu_s"] > a.foreign_limit
+            best["attempts"] = [{"foreign_cpu_s": r["cpu"]["foreign_cpu_s"], "tps": r["pgbench"].get("tps"),
+                                 "p99_ms": r["pgbench"].get("latency_ms", {}).get("p99"),
+                                 "errors": r["pgbench"]["errors"]} for r in tries]
+            self.results["runs"].append(best)
+
+    def one_run(self, i, n_runs, item, all_counts, maxc, attempt=0):
+        a = self.a
+        name, pool = item["name"], item["pool"]
+        counts = {k: n for k, n in all_counts.items() if k in item["kinds"]}
+        s = self.start_proxy(f"sy-{name}-{attempt}", maxc)
+        if i == 0:
+            self.results["overload_config"] = s.config_text
+            self.results["overload_check"] = s.check_output
+        warm = self.pgbench(s.port, f"warmup-{name}", min(a.good, 2 * a.pool_size), 2, min(a.rate, 1000))
+        warm.pop("_rows", None)
+        waited = self.quiet(name)
+        log(f"run {i + 1}/{n_runs} {name}{f' (again, {attempt + 1})' if attempt else ''}: {a.good} good clients "
+            f"at {a.rate:g} tps for {a.duration} s"
+            + (f", {sum(counts.values())} abusive clients ({pool} pool): {counts}" if pool else ""))
+        off = s.log_offset()
+        m0 = fetch_metrics(s.admin_port)
+        ss0 = self.server_sessions()
+        c0 = self.cpu.snapshot()
+        p0 = cpu_times(s.pid)
+        procs = ProcSampler(s.pid, s.admin_port, 1.0).start()
+        acts = ActivitySampler(self.cluster.sockdir, self.cluster.nodes[0].port, 1.0).start()
+        t_begin = time.time()
+        worker, wcfg = None, None
+        if pool:
+            max_s = a.ramp + a.duration + connect_allowance(a.good) + 240
+            worker, wcfg = self.start_abuse(s.port, name, pool, counts, max_s)
+            time.sleep(a.ramp)
+        pgb = self.pgbench(s.port, name, a.good, a.duration, a.rate)
+        abuse = None
+        if worker is not None:
+            abuse = self.stop_worker(worker, wcfg["out"])
+        t_end = time.time()
+        # After the abusive clients are gone: does everything come back down?
+        time.sleep(3.0)
+        t_after = time.time()
+        after_proc = procs.one()
+        procs.stop()
+        act_samples = acts.stop()
+        p1 = cpu_times(s.pid)
+        c1 = self.cpu.snapshot()
+        m1 = fetch_metrics(s.admin_port)
+        ss1 = self.server_sessions()
+        n, msgs = s.log_problems(off)
+        msgs = norm_messages(msgs)
+        run = {
+            "server_sessions": (dict(zip(("started", "abandoned", "fatal", "killed"),
+                                         (y - x for x, y in zip(ss0, ss1)))) if ss0 and ss1 else None),
+            "name": name, "bad_pool": pool, "bad_counts": counts, "kinds": item["kinds"],
+            "proxy_pid": s.pid, "warmup": {k: warm.get(k) for k in ("tps", "errors", "rc", "error_messages")},
+            "quiet_wait_s": waited, "pgbench": pgb, "abuse": abuse,
+            "proxy": ProcSampler.window(procs.samples, t_begin, t_end),
+            "proxy_during_pgbench": ProcSampler.window(procs.samples, pgb["wall_start"], pgb["wall_end"]),
+            "proxy_after": after_proc,
+            "proxy_cpu_s": round(sum(p1) - sum(p0), 2),
+            "server": ActivitySampler.window(act_samples, t_begin, t_end),
+            "server_after": ActivitySampler.window(act_samples, t_end + 2.0, t_after + 1.0),
+            "activity_gaps": acts.gaps,
+            "metrics_delta": metrics_delta(m0, m1),
+            "pool_wait": pool_wait_hist(m0, m1),
+            "cpu": CpuAccount.delta(c0, c1, proxy_cpu=sum(p1) - sum(p0)),
+            "log_problems": n,
+            "log_messages": dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:10]),
+            "loadavg": open("/proc/loadavg").read().split()[:3],
+        }
+        run["timeline"] = self.timeline(pgb, procs.samples, act_samples, pgb.get("first_txn", pgb["wall_start"]),
+                                        pgb.get("last_txn", pgb["wall_end"]) + 0.001)
+        run["proxy_samples"] = procs.samples
+        run["activity_samples"] = act_samples
+        pgb.pop("_rows", None)
+        lat = pgb.get("latency_ms", {})
+        log(f"  {name}: tps {pgb.get('tps')}, p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms, "
+            f"errors {pgb['errors']} (aborted clients {pgb.get('aborted_clients')}), "
+            f"server conns max {run['server'].get('pool_max')} {run['server'].get('by_user_max')} "
+            f"(+{run['server'].get('health_max')} health), proxy RSS max {run['proxy'].get('rss_kib', {}).get('max')} KiB, "
+            f"FDs max {run['proxy'].get('fds', {}).get('max')}; other processes {run['cpu']['foreign_cpu_s']} CPU s")
+        if pgb.get("error_messages"):
+            for k, v in list(pgb["error_messages"].items())[:3]:
+                log(f"    {v}x {k}")
+        stop_process(s.proc)
+        return run
 
     # ---------------------------------------------------------------- storm
     def storm(self):
@@ -1361,6 +1471,7 @@ class Overload:
         c1 = self.cpu.snapshot()
         m1 = fetch_metrics(s.admin_port)
         n, msgs = s.log_problems(off)
+        msgs = norm_messages(msgs)
         out = {"clients": a.storm, "auth": a.storm_auth, "spread_s": a.storm_spread, "quiet_wait_s": waited,
                "ready1": ready1, "restart": restart, "result": res, "proxy_before": base_proc,
                "proxy_after": after_proc, "proxy_cpu_s": round(sum(p1) - sum(p0), 2),
@@ -1393,7 +1504,7 @@ def run_label(r, a):
     if not r["bad_pool"]:
         return "no abusive clients"
     kinds = r["kinds"]
-    what = "all four kinds" if len(kinds) == len(KINDS) else (
+    what = "all four kinds" if set(kinds) == set(KINDS) else (
         "only " + kinds[0] if len(kinds) == 1 else "without " + ", ".join(k for k in KINDS if k not in kinds))
     return f"{sum(r['bad_counts'].values())} abusive clients ({what}, {r['bad_pool']} pool)"
 
@@ -1402,6 +1513,9 @@ def good_errors_text(pg):
     if "tps" not in pg and pg.get("rc") not in (0, None):
         first = next(iter(pg.get("error_messages", {})), "no message")
         return f"pgbench could not run: {first} (rc {pg.get('rc')})"
+    if "tps" not in pg:
+        return (f"no error, but no transaction either: pgbench ran {pg.get('wall_s')} s, its -T ran out while its "
+                f"clients were still logging in ({pg.get('txns', 0)} transactions, rc {pg.get('rc')})")
     return (f"{pg['errors']} (aborted clients {pg.get('aborted_clients', 0)}, failed {pg.get('failed_txns') or 0}, "
             f"logged failed/skipped {pg.get('log_failed_or_skipped', 0)}, rc {pg.get('rc')})")
 
@@ -1412,12 +1526,17 @@ def verdicts(R, a):
     costs what."""
     out = []
     runs = {r["name"]: r for r in R.get("runs", [])}
-    base = runs.get("baseline")
-    bp99 = (base or {}).get("pgbench", {}).get("latency_ms", {}).get("p99")
+    # The reference: the lower p99 of the two baselines (the stricter); a disturbed
+    # reference makes a "met" inconclusive, a disturbed run a "not met".
+    bases = [runs[n] for n in ("baseline", "baseline-again")
+             if n in runs and runs[n]["pgbench"].get("latency_ms", {}).get("p99")]
+    ref = min(bases, key=lambda r: r["pgbench"]["latency_ms"]["p99"]) if bases else None
+    bp99 = ref["pgbench"]["latency_ms"]["p99"] if ref else None
+    ref_d = bool(ref and ref.get("disturbed"))
     for r in R.get("runs", []):
         if not r["bad_pool"]:
             continue
-        headline = len(r["kinds"]) == len(a.bad_kinds)
+        headline = set(r["kinds"]) == set(a.bad_kinds)
         pg = r["pgbench"]
         p99 = pg.get("latency_ms", {}).get("p99")
         tag = f"{a.good} good clients + {run_label(r, a)}"
@@ -1425,14 +1544,23 @@ def verdicts(R, a):
         ratio = p99 / bp99 if (p99 is not None and bp99) else None
         out.append((f"{tag}: 0 errors among the good clients", good_errors_text(pg),
                     "met" if err_ok else "not met", headline))
-        out.append((f"{tag}: p99 within 2× of the baseline",
-                    f"{ratio:.2f}× ({p99:.2f} vs {bp99:.2f} ms)" if ratio is not None else "no latency figure",
-                    "met" if (ratio is not None and ratio <= 2.0) else "not met", headline))
-    again = runs.get("baseline-again")
-    if again and bp99 and again["pgbench"].get("latency_ms", {}).get("p99"):
-        p = again["pgbench"]["latency_ms"]["p99"]
-        out.append(("baseline run again at the end (noise of the baseline itself)",
-                    f"p99 {p:.2f} vs {bp99:.2f} ms ({p / bp99:.2f}×), errors {again['pgbench']['errors']}", "info", True))
+        fig, vd = "no latency figure", "not met"
+        if ratio is not None:
+            fig = f"{ratio:.2f}× ({p99:.2f} vs {bp99:.2f} ms, {ref['name']})"
+            if r.get("disturbed"):
+                fig += f" ⚠ other processes used {r['cpu']['foreign_cpu_s']} CPU s during the run"
+            if ref_d:
+                fig += f" ⚠ the {ref['name']} was disturbed ({ref['cpu']['foreign_cpu_s']} CPU s of other processes)"
+            if ratio <= 2.0:
+                vd = "inconclusive (disturbed baseline)" if ref_d else "met"
+            else:
+                vd = "inconclusive (disturbed run)" if r.get("disturbed") else "not met"
+        out.append((f"{tag}: p99 within 2× of the baseline", fig, vd, headline))
+    if len(bases) == 2:
+        p0, p1 = (x["pgbench"]["latency_ms"]["p99"] for x in bases)
+        out.append(("the baseline at the start and again at the end (how much it moves by itself; the lower p99 "
+                    "is the reference)", f"p99 {p0:.2f} and {p1:.2f} ms"
+                    + "".join(f"; {x['name']} ⚠ disturbed" for x in bases if x.get("disturbed")), "info", True))
     per_run, over_any = [], {}
     for r in R.get("runs", []):
         sv = r["server"]
@@ -1475,6 +1603,8 @@ def verdicts(R, a):
 def observations(R, a):
     """Sentences drawn from the figures (each with its evidence)."""
     out = []
+    big = []
+    runs0 = {r["name"]: r for r in R.get("runs", [])}
     for r in R.get("runs", []):
         if "big_query" in r.get("kinds", []):
             cw = r["server"].get("client_write_max", 0)
@@ -1483,15 +1613,30 @@ def observations(R, a):
             refused = sum(n for k, n in ab.items() if "53300" in k)
             samples = [x for x in r.get("activity_samples", [])
                        if r["pgbench"]["wall_start"] <= x["t"] <= r["pgbench"]["wall_end"]]
-            held_all = samples and min(x["client_write"] for x in samples) == cw
-            out.append(f"**{r['name']}**: up to {cw} pooled server connections sat in `ClientWrite` (a backend "
-                       f"blocked sending the big answer the client does not read)"
-                       + (" in every sample while pgbench ran" if held_all else "")
-                       + f"; at the end {streaming} big-query clients were still being sent rows and {refused} had "
-                       f"been answered 53300 (no pooled connection within checkout_timeout_ms). Such a client holds "
-                       f"its pool's connection until it disconnects: it is not idle in a transaction, and "
-                       + (f"query_timeout_ms = {a.query_timeout_ms} applies" if a.query_timeout_ms else
-                          "query_timeout_ms is off in this config") + ".")
+            held_all = bool(samples) and min(x["client_write"] for x in samples) == cw
+            rss = r["proxy"].get("rss_kib", {}).get("max", 0) / 1024
+            big.append(f"{r['name']}: {cw} in `ClientWrite`{' in every sample' if held_all else ' at most'}, "
+                       f"{streaming} clients still being sent rows at the end, {refused} answered 53300, "
+                       f"proxy RSS at most {rss:.1f} MiB")
+    qt = sum(d for r in R.get("runs", []) if "big_query" in r.get("kinds", [])
+             for k, d in r["metrics_delta"].items() if 'reason="query"' in k)
+    if big:
+        out.append("**Clients that stop reading** hold their pooled server connection until they disconnect: the "
+                   "backend blocks sending the answer (pg_stat_activity `wait_event = ClientWrite`) and the proxy "
+                   "does not buffer it (its RSS stays flat). Such a client is not idle in a transaction, and "
+                   + (f"query_timeout_ms = {a.query_timeout_ms} is set, yet "
+                      f"`switchyard_client_timeouts_total{{reason=\"query\"}}` grew by {qt:g} in these runs"
+                      if a.query_timeout_ms else "query_timeout_ms is off in this config")
+                   + f"; the big-query clients past the pool's {a.pool_size} connections waited for one and got 53300 "
+                   "after checkout_timeout_ms. " + "; ".join(big)
+                   + (f" (baseline: {runs0['baseline']['proxy'].get('rss_kib', {}).get('max', 0) / 1024:.1f} MiB)."
+                      if "baseline" in runs0 else "."))
+    for r in R.get("runs", []):
+        if len(r.get("attempts", [])) > 1:
+            out.append(f"**{r['name']}** was run {len(r['attempts'])} times because other processes on the machine "
+                       "used CPU during it: " + "; ".join(
+                           f"attempt {i + 1}: other processes {x['foreign_cpu_s']} CPU s, p99 {x['p99_ms']} ms"
+                           for i, x in enumerate(r["attempts"])) + " (the least disturbed one is reported).")
         if r.get("kinds") == ["login_loop"]:
             ab = (r.get("abuse") or {}).get("kinds", {}).get("login_loop", {}).get("counts", {})
             logins = ab.get("logins", 0)
@@ -1503,6 +1648,18 @@ def observations(R, a):
                            f"pooling a login takes a pooled server connection (for the greeting's ParameterStatus), so "
                            f"a login storm competes for the pool with the transactions.")
         pg = r["pgbench"]
+        if r["bad_pool"] and "tps" not in pg and pg.get("rc") == 0:
+            pw = r["pool_wait"]
+            cl = [x.get("clients") for x in r.get("proxy_samples", []) if x.get("clients") is not None
+                  and pg["wall_start"] <= x["t"] <= pg["wall_end"]]
+            out.append(f"**{r['name']}**: the good clients never got going: pgbench ran {pg.get('wall_s')} s and "
+                       f"processed {pg.get('txns', 0)} transactions, its -T having run out while it was still logging "
+                       f"in its {a.good} clients one after the other (the proxy's client gauge went from "
+                       f"{cl[0] if cl else '?'} to {max(cl) if cl else '?'} while pgbench ran, abusive clients "
+                       f"included). In transaction "
+                       f"pooling a login waits for a pooled server connection, and the pool was held by clients idle "
+                       f"in a transaction: {pw.get('count')} pool waits, mean {pw.get('mean_ms')} ms, "
+                       f"{pw.get('over_s', {}).get('1.024', '?')} of them over 1 s.")
         for msg in pg.get("error_messages", {}):
             m = re.search(r"pool_size = (\d+)", msg)
             if m and int(m.group(1)) != a.pool_size:
@@ -1510,6 +1667,17 @@ def observations(R, a):
                            f"says {a.pool_size}: each of the proxy's worker threads has its own share of the pool "
                            f"(documented under proxy.threads), and a client waits for its own worker's share.")
                 break
+    runs = {r["name"]: r for r in R.get("runs", [])}
+    t_, c_, b_ = runs.get("abuse-own-only-idle_txn"), runs.get(f"abuse-own-only-{CONTROL}"), runs.get("baseline")
+    if t_ and c_ and b_:
+        f = lambda r: r["pgbench"].get("latency_ms", {}).get("p99")
+        g = lambda r: (r.get("server_sessions") or {}).get("started")
+        to = (t_.get("abuse") or {}).get("kinds", {}).get("idle_txn", {}).get("counts", {}).get("ended by the proxy: 25P03", 0)
+        out.append(f"**idle in transaction**: with the idle_transaction_timeout_ms ending {to} transactions, the good "
+                   f"clients' p99 was {f(t_)} ms and the server saw {g(t_)} logins; with the same transactions "
+                   f"committed by the clients just before the timeout ({CONTROL}) p99 was {f(c_)} ms with {g(c_)} "
+                   f"server logins (baseline: {f(b_)} ms, {g(b_)} logins). A timeout closes the server connection "
+                   f"(the rollback is the server's), and the pool logs in a new one for the next transaction.")
     st = R.get("storm")
     if st and st.get("result", {}).get("phases"):
         pw = st["pool_wait"]
@@ -1536,6 +1704,9 @@ def write_report(R, a, path_md):
         f"({R['machine']['cpu_model']}, {R['machine']['mem_gib']} GiB), {R['machine']['os']}, kernel {R['machine']['kernel']}.")
     if R.get("failed"):
         add(f"\n**The run did not complete: {R['failed']}.** The figures below are what was measured before that.\n")
+    if R.get("report_rewritten"):
+        add(f"\n(This report was written again from the run's .json on {R['report_rewritten']} by "
+            "`bench/overload --report-from`; the figures are those measured in the run.)")
     v = R.get("versions", {})
     if v.get("binary_older_than_head"):
         built = (f"binary {R['args']['binary']}, modified {v.get('binary_mtime')}, sha256 {v.get('binary_sha256_16')}…: "
@@ -1569,9 +1740,12 @@ def write_report(R, a, path_md):
         for o in R["observations"]:
             add(f"- {o}")
         add("")
-    for note in R.get("notes", []):
-        add(f"- {note}")
     if R.get("notes"):
+        add("## Notes\n")
+        add("Added to the run's .json by hand after reading the figures (and kept by `--report-from`); the "
+            "separate runs they cite are not part of this report's figures.\n")
+        for note in R["notes"]:
+            add(f"- {note}")
         add("")
 
     # ---------------- overload
@@ -1585,8 +1759,9 @@ def write_report(R, a, path_md):
             "Server connections: pg_stat_activity every second through a direct Unix-socket connection; "
             "*pooled* = every client backend but the proxy's health checks (`application_name` switchyard-*).\n")
         add("| run | abusive clients | tps | p50 ms | p99 ms | max ms | p99 lag ms | good-client errors | "
-            "proxy RSS min/max/last MiB | proxy FDs min/max/last | server conns pooled max (per user) | health max | proxy CPU s |")
-        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "proxy RSS min/max/last MiB | proxy FDs min/max/last | server conns pooled max (per user) | health max | "
+            "server logins | proxy CPU s |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in R["runs"]:
             pg = r["pgbench"]
             lat = pg.get("latency_ms", {})
@@ -1596,21 +1771,27 @@ def write_report(R, a, path_md):
             sv = r["server"]
             users = ", ".join(f"{u} {n}" for u, n in sorted(sv.get("by_user_max", {}).items()))
             bad = run_label(r, a) if r["bad_pool"] else "none"
-            errs = pg["errors"] if "tps" in pg else "pgbench could not run"
+            errs = pg["errors"] if "tps" in pg else (
+                "pgbench could not run" if pg.get("rc") not in (0, None) else f"0 transactions in {pg.get('wall_s')} s")
+            if r.get("disturbed"):
+                errs = f"{errs} ⚠"
             add(f"| {r['name']} | {bad} | {_fmt(pg.get('tps'), 1)} | {_fmt(lat.get('p50'))} | {_fmt(lat.get('p99'))} | "
                 f"{_fmt(lat.get('max'))} | {_fmt(pg.get('lag_ms', {}).get('p99'))} | {errs} | "
                 f"{rss.get('min', 0) / 1024:.1f} / {rss.get('max', 0) / 1024:.1f} / {rss.get('last', 0) / 1024:.1f} | "
                 f"{fds.get('min')} / {fds.get('max')} / {fds.get('last')} | {sv.get('pool_max')} ({users}) | "
-                f"{sv.get('health_max')} | {r['proxy_cpu_s']} |")
+                f"{sv.get('health_max')} | {(r.get('server_sessions') or {}).get('started', '–')} | {r['proxy_cpu_s']} |")
         add("")
-        base = next((r for r in R["runs"] if r["name"] == "baseline"), None)
-        if base:
-            bp = base["pgbench"].get("latency_ms", {}).get("p99")
+        bases = [r for r in R["runs"] if not r["bad_pool"] and r["pgbench"].get("latency_ms", {}).get("p99")]
+        if bases:
+            ref = min(bases, key=lambda r: r["pgbench"]["latency_ms"]["p99"])
+            bp = ref["pgbench"]["latency_ms"]["p99"]
+            add(f"p99 against the lower of the baselines ({ref['name']}, {bp:.2f} ms); target ≤ 2× and 0 errors. "
+                "⚠ marks a run during which other processes used more than --foreign-limit CPU s (after re-runs).\n")
             for r in R["runs"]:
-                if r["bad_pool"] and bp:
+                if r["bad_pool"]:
                     p = r["pgbench"].get("latency_ms", {}).get("p99")
                     if p:
-                        add(f"- p99 {r['name']} / baseline: **{p / bp:.2f}×** (target ≤ 2×, 0 errors).")
+                        add(f"- {r['name']}: **{p / bp:.2f}×**" + (" ⚠" if r.get("disturbed") else ""))
             add("")
         add("Service time (latency minus schedule lag, i.e. from the moment pgbench sent the transaction) "
             "and pgbench's own figures:\n")
@@ -1643,24 +1824,25 @@ def write_report(R, a, path_md):
                 add(f"No result from the abusive clients: {(ab or {}).get('error')}\n")
                 continue
             add(f"{sum(r['bad_counts'].values())} clients: " + ", ".join(f"{n} × {k}" for k, n in r["bad_counts"].items())
-                + (f"; logins as {', '.join(OWN_USERS[k] for k in r['kinds'] if k in OWN_USERS) or '–'} (own pools)"
+                + (f"; logins as {', '.join(sorted(set(OWN_USERS[k] for k in r['kinds'] if k in OWN_USERS))) or 'nobody (no startup is ever finished)'} (own pools)"
                    if r["bad_pool"] == "own"
                    else f"; all logins as {BENCH_USER} (the good clients' pool)")
                 + f". Driver CPU {ab.get('cpu_s')} s over {ab['stopped'] - ab['started']:.0f} s.\n")
             add("| kind | events | errors (where: SQLSTATE) | durations ms |")
             add("|---|---|---|---|")
-            for k in KINDS:
+            for k in ALL_KINDS:
                 if k not in r["bad_counts"]:
                     continue
                 kd = ab["kinds"][k]
-                ev = "; ".join(f"{n} × {e}" for e, n in sorted(kd["counts"].items(), key=lambda kv: -kv[1]))
-                er = "; ".join(f"{n} × {e}" for e, n in sorted(kd["errors"].items(), key=lambda kv: -kv[1])) or "–"
+                ev = "; ".join(f"{n} × {e}" for e, n in sorted(norm_messages(kd["counts"]).items(), key=lambda kv: -kv[1]))
+                er = "; ".join(f"{n} × {e}" for e, n in sorted(norm_messages(kd["errors"]).items(),
+                                                                key=lambda kv: -kv[1])) or "–"
                 du = "; ".join(f"{e}: n {d['n']}, p50 {d.get('p50')}, p99 {d.get('p99')}, max {d.get('max')}"
                                for e, d in kd["durations_ms"].items() if d.get("n"))
                 add(f"| {KIND_LABELS[k]} | {ev} | {er} | {du or '–'} |")
             add("")
             msgs = {}
-            for k in KINDS:
+            for k in ALL_KINDS:
                 if k in ab["kinds"]:
                     msgs.update(ab["kinds"][k]["error_messages"])
             if msgs:
@@ -1785,8 +1967,9 @@ def write_report(R, a, path_md):
         f"`pgbench -i -s {a.scale}`; as root the servers run as `postgres`.")
     add(f"- Machine load: load average at the start {R.get('loadavg_start')}, at the end {R.get('loadavg_end')}; "
         f"waited {R.get('quiet_wait_total_s', 0)} s in all for other processes to go quiet (each run waits "
-        "until they use under 10 % of a core, within the `--quiet-wait` budget); the CPU they used during each run is "
-        "in the tables above. Everything (PostgreSQL, the proxy, pgbench, the abusive clients' driver) shares the "
+        "until they use under 15 % of a core, within the `--quiet-wait` budget, and a run during which they used more "
+        f"than `--foreign-limit` ({a.foreign_limit}) CPU s is run again, up to `--max-reruns` ({a.max_reruns}) times in "
+        "all); the CPU they used during each run is in the tables above. Everything (PostgreSQL, the proxy, pgbench, the abusive clients' driver) shares the "
         f"{R['machine']['cores']} cores.")
     add("- Abusive clients' SQL: (a) `BEGIN`, then `" + IDLE_TXN_SQL + "`; (b) `" + BIG_QUERY_SQL +
         "` (≈ 50 MB) on a socket with `SO_RCVBUF` 4 KiB, never read; (c) half send nothing, half send 8 bytes of "
@@ -1825,11 +2008,38 @@ def binary_versions(a, binary):
             "pgbench": sh(["pgbench", "--version"]), "python": sys.version.split()[0]}
 
 
+def report_from(path):
+    """Verdicts, observations and the markdown again from a saved .json (the figures as
+    they were measured; the options of that run)."""
+    with open(path) as f:
+        R = json.load(f)
+    a = parse_args([])
+    for k, v in R.get("args", {}).items():
+        setattr(a, k, v)
+    for r in R.get("runs", []):
+        r["log_messages"] = norm_messages(r.get("log_messages", {}))
+    if R.get("storm"):
+        R["storm"]["log_messages"] = norm_messages(R["storm"].get("log_messages", {}))
+    R["verdicts"] = verdicts(R, a)
+    R["observations"] = observations(R, a)
+    R["report_rewritten"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = os.path.splitext(path)[0] + ".md"
+    write_report(R, a, md)
+    with open(path, "w") as f:
+        json.dump(R, f, indent=1, default=str)
+    for t, fig, vd, head in R["verdicts"]:
+        print(f"  [{vd.upper()}]{'' if head else ' (diagnostic)'} {t}: {fig}")
+    log(f"report written again: {md}")
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("_abuse", "_storm"):
         return worker_main(argv[0], argv[1])
     a = parse_args(argv)
+    if a.report_from:
+        return report_from(a.report_from)
     install_signal_handlers()
     nofile = raise_nofile_to_hard()
     missing = [t for t in ("pgbench", "psql") if not shutil.which(t)]
@@ -1892,6 +2102,6 @@ def main(argv=None):
         json.dump(R, f, indent=1, default=str)
     print()
     for t, fig, vd, head in R["verdicts"]:
-        print(f"  [{vd.upper()[:7]:>7}]{'' if head else ' (diagnostic)'} {t}: {fig}")
+        print(f"  [{vd.upper()}]{'' if head else ' (diagnostic)'} {t}: {fig}")
     log(f"results: {md} (wall time {R['wall_s'] / 60:.1f} min)")
     return 1 if failed else 0

@@ -309,7 +309,6 @@ impl Relay<'_> {
             user: self.user.name.clone(),
             active: true,
         };
-        info!(cluster = %self.cluster.name, engine = "mysql", server_thread = thread, "query_timeout_ms: cancelling the query on its server");
         if let Err(e) = self.kill(&target, true).await {
             warn!(cluster = %self.cluster.name, engine = "mysql", server_thread = thread, error = %e, "query_timeout_ms: KILL QUERY failed");
         }

@@ -182,9 +182,7 @@ impl Relay<'_> {
                 Ok(read) => read?,
                 Err(_) => {
                     let fired = crate::proxy::timeouts::Fired::ClientIdle;
-                    self.shared.metrics.client_timeout(&self.cluster.name, fired.label());
-                    self.shared.admissions.note(&self.cluster.name, fired.label());
-                    tracing::info!(cluster = %self.cluster.name, engine = "mysql", timeout = fired.label(), "client timeout: ending the session");
+                    crate::proxy::limits::timed_out(self.shared, &self.cluster.name, fired, "session ended");
                     let watch = crate::proxy::timeouts::Watch::new(self.timeouts, std::time::Instant::now());
                     return Err(End::Failed(watch.error(fired)));
                 }

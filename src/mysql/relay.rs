@@ -460,12 +460,11 @@ impl Relay<'_> {
                     }
                 }
                 fired = &mut watchdog => {
-                    shared.metrics.client_timeout(&cluster.name, fired.label());
-                    shared.admissions.note(&cluster.name, fired.label());
                     if fired == Fired::Query {
+                        crate::proxy::limits::timed_out(shared, &cluster.name, fired, "KILL QUERY sent to the server");
                         break Pause::KillQuery;
                     }
-                    tracing::info!(cluster = %cluster.name, engine = "mysql", timeout = fired.label(), "client timeout: ending the session");
+                    crate::proxy::limits::timed_out(shared, &cluster.name, fired, "session ended");
                     let e = crate::proxy::timeouts::Watch::new(self.timeouts, std::time::Instant::now()).error(fired);
                     break Pause::End(End::Failed(e));
                 }

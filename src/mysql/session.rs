@@ -293,6 +293,9 @@ pub async fn serve(
     drop(relay);
     drop(gauge);
     match &end {
+        End::Failed(e) if e.is_client_timeout() => {
+            debug!(cluster = %cluster.name, peer = %peer, engine = "mysql", node = %node.name, code = e.mysql_code().number, reason = %e, "session ended by a client timeout")
+        }
         End::Failed(e) => {
             warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", node = %node.name, code = e.mysql_code().number, reason = %e, "session ended by proxy")
         }

@@ -220,6 +220,10 @@ pub async fn serve(
     .await;
     drop(gauge);
     match &end {
+        // (Client timeouts are logged, counted, once per interval: `limits::timed_out`.)
+        End::Failed(e) if e.is_client_timeout() => {
+            debug!(cluster = %cluster.name, peer = %peer, node = %node, code = %e.code(), reason = %e, "session ended by a client timeout")
+        }
         End::Failed(e) => {
             warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy")
         }
@@ -275,7 +279,11 @@ async fn serve_transaction_mode(
         if !e.is_forwarded() {
             shared.metrics.error(e.code().as_str());
         }
-        warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy");
+        if e.is_client_timeout() {
+            debug!(cluster = %cluster.name, peer = %peer, code = %e.code(), reason = %e, "session ended by a client timeout");
+        } else {
+            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy");
+        }
         // Boxed: its state (a write, a linger with a timer) would otherwise enlarge
         // every session future.
         Box::pin(goodbye(driver.client_mut(), &e.to_fatal())).await;
@@ -653,6 +661,8 @@ async fn relay(
                 return std::future::pending().await;
             }
             let every = watch.poll_every();
+            // The answers count when the last cancel was sent.
+            let mut cancelled_at = None;
             loop {
                 tokio::time::sleep(every).await;
                 let now = Instant::now();
@@ -664,13 +674,20 @@ async fn relay(
                 };
                 watch.observe(waiting, answered, now);
                 let Some(fired) = watch.due(now) else { continue };
-                shared.metrics.client_timeout(&cluster.name, fired.label());
-                shared.admissions.note(&cluster.name, fired.label());
-                if fired != Fired::Query {
-                    info!(cluster = %cluster.name, peer = %peer, user = %who.user, timeout = fired.label(), "client timeout: ending the session");
+                // A second query timeout with no answer since the cancel: the client
+                // does not read what the server sends (a cancel cannot help then).
+                let stuck = fired == Fired::Query && cancelled_at == Some(answered);
+                if fired != Fired::Query || stuck {
+                    let what = if stuck {
+                        "session ended: the client does not read its answer"
+                    } else {
+                        "session ended"
+                    };
+                    crate::proxy::limits::timed_out(shared, &cluster.name, fired, what);
                     return End::Failed(watch.error(fired));
                 }
-                info!(cluster = %cluster.name, peer = %peer, user = %who.user, node = %node, "query_timeout_ms: cancelling the query on its server");
+                crate::proxy::limits::timed_out(shared, &cluster.name, fired, "cancel sent to the server");
+                cancelled_at = Some(answered);
                 crate::pg::cancel::forward(&shared.cancels, cancel.pid, cancel.key_secret, |c| {
                     shared.clusters.get(c).map(|ctx| ctx.server_tls())
                 })

@@ -111,6 +111,23 @@ pub fn admit(shared: &Shared, cluster: &str, user: &str, forced: Option<Refusal>
     Err(e)
 }
 
+/// A client timeout fired on `cluster`: counted (metrics, `SHOW LIMITS`) and logged once
+/// per interval per kind with how many there were (`what` says what the proxy does).
+pub fn timed_out(shared: &Shared, cluster: &str, fired: crate::proxy::timeouts::Fired, what: &str) {
+    use crate::proxy::timeouts::Fired;
+    shared.metrics.client_timeout(cluster, fired.label());
+    shared.admissions.note(cluster, fired.label());
+    let kind = match fired {
+        Fired::ClientIdle => 0,
+        Fired::IdleTransaction => 1,
+        Fired::Query => 2,
+    };
+    if let Some(n) = shared.admissions.timeouts_logged[kind].hit(Instant::now()) {
+        tracing::info!(cluster = %cluster, timeout = fired.label(), fired = n, action = what,
+                       "client timeouts (fired: how many since the last such line)");
+    }
+}
+
 #[derive(Default)]
 struct Counts {
     total: u32,
@@ -126,6 +143,8 @@ pub struct Admissions {
     descriptor_cap: std::sync::atomic::AtomicU32,
     /// Refusals are logged once per interval with a count, not once each.
     pub refusals_logged: Throttle,
+    /// So are client timeouts, per kind (client_idle, idle_transaction, query).
+    timeouts_logged: [Throttle; 3],
     /// Refusals by (cluster, reason) and client timeouts by (cluster, kind) since start,
     /// for `SHOW LIMITS` and `/status` (the metrics have them too).
     events: Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
@@ -154,6 +173,7 @@ impl Default for Admissions {
             counts: Mutex::default(),
             descriptor_cap: std::sync::atomic::AtomicU32::new(u32::MAX),
             refusals_logged: Throttle::default(),
+            timeouts_logged: Default::default(),
             events: Mutex::default(),
         }
     }

@@ -27,7 +27,7 @@ use crate::pg::protocol::tags::BackendTag;
 use crate::proxy::cancel::Registration;
 use crate::proxy::connector::{self, Accept, Connected, Dialer};
 use crate::proxy::shared::Shared;
-use crate::proxy::timeouts::{Fired, Watch};
+use crate::proxy::timeouts::{Fired, Waiting, Watch};
 
 const BUFFER: usize = 8192;
 
@@ -451,16 +451,13 @@ impl<'a> Driver<'a> {
         let now = Instant::now();
         self.watch.observe(self.machine.waiting(), 0, now);
         let Some(fired) = self.watch.due(now) else { return };
-        let cluster = &self.cluster.name;
-        self.shared.metrics.client_timeout(cluster, fired.label());
-        self.shared.admissions.note(cluster, fired.label());
         if fired != Fired::Query {
-            info!(cluster = %cluster, user = %self.who.user, timeout = fired.label(), "client timeout: ending the session");
+            crate::proxy::limits::timed_out(self.shared, &self.cluster.name, fired, "session ended");
             let rolled_back = fired == Fired::IdleTransaction && Box::pin(self.roll_back()).await;
             self.machine.on_timeout(self.watch.error(fired), rolled_back);
             return;
         }
-        info!(cluster = %cluster, user = %self.who.user, node = ?self.machine.node(), "query_timeout_ms: cancelling the query on its server");
+        crate::proxy::limits::timed_out(self.shared, &self.cluster.name, fired, "cancel sent to the server");
         let shared = self.shared;
         Box::pin(crate::pg::cancel::forward(
             &shared.cancels,
@@ -506,11 +503,36 @@ impl<'a> Driver<'a> {
     }
 
     /// Write what the machine has for the client; false if the client is gone.
+    /// With `query_timeout_ms` set, a write to a client that does not read (a large
+    /// answer it never takes) ends the session at the query's deadline: a cancel cannot
+    /// stop a server that is waiting for the client, and the pool wants its connection.
     async fn flush_client(&mut self) -> bool {
         if self.machine.to_client.is_empty() {
             return true;
         }
-        let ok = self.client.write_all(&self.machine.to_client).await.is_ok() && self.client.flush().await.is_ok();
+        let deadline = match self.watch.armed() {
+            true => {
+                self.watch.observe(self.machine.waiting(), 0, Instant::now());
+                self.watch
+                    .deadline()
+                    .filter(|_| self.machine.waiting() == Waiting::Server)
+            }
+            false => None,
+        };
+        let client = &mut self.client;
+        let out = &self.machine.to_client;
+        let write = async { client.write_all(out).await.is_ok() && client.flush().await.is_ok() };
+        let ok = match deadline {
+            None => write.await,
+            Some(d) => match tokio::time::timeout_at(d.into(), write).await {
+                Ok(ok) => ok,
+                Err(_) => {
+                    let why = "session ended: the client does not read its answer";
+                    crate::proxy::limits::timed_out(self.shared, &self.cluster.name, Fired::Query, why);
+                    false
+                }
+            },
+        };
         self.machine.to_client.clear();
         self.machine.flushed_to_client();
         ok
