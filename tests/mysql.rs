@@ -620,7 +620,10 @@ fn client_timeouts_kill_a_runaway_query_and_end_idle_clients() {
         if mode == "session" {
             // A client that stops reading its answer: ended, its server query gone.
             let out = python("mysql_stuck_reader.py", &[&proxy.rw.to_string()], &[]);
-            assert!(out.contains("server query gone: True") && out.contains("stuck client ended"), "{out}");
+            assert!(
+                out.contains("server query gone: True") && out.contains("stuck client ended"),
+                "{out}"
+            );
         }
         let log = proxy.log_text();
         for what in [
