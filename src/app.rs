@@ -461,7 +461,7 @@ async fn prune_pools(shared: Arc<Shared>, worker: usize) {
                 let pools = &crate::pg::PgShared::of(&shared).pools;
                 let ask = crate::pg::pool::BudgetAsk {
                     cluster: ctx,
-                    pools,
+                    idle: pools,
                     node: &p.key.node,
                     user: &p.key.user,
                     caps: shared.config().server_connection_caps(&p.key.cluster, &p.key.user),

@@ -574,3 +574,68 @@ async fn a_client_that_stops_reading_gives_its_pooled_connection_back_at_the_que
     );
     drop(s);
 }
+
+/// Transaction pooling greets a client with what a server reported to the last client of
+/// the same login (user, database, endpoint, startup settings), so logging in needs no
+/// pooled connection: a client gets in while the pool's only connection is held, and its
+/// first transaction waits for it. A client whose startup settings differ is greeted by a
+/// server, so it waits for the connection to log in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_logs_in_while_every_pooled_connection_is_busy() {
+    let cluster = cluster();
+    let proxy = Proxy::start(
+        &cluster,
+        "greetings",
+        "pool_mode = \"transaction\"\npool_size = 1\ncheckout_timeout_ms = 600\n",
+        "[proxy]\nthreads = 1\n",
+    );
+    let first = connect(proxy.rw).await.unwrap();
+    let pid = server_pid(&first).await;
+    first.batch_execute("BEGIN").await.unwrap();
+
+    // The same login: in at once, though the pool's one connection is in a transaction.
+    let t = Instant::now();
+    let second = connect(proxy.rw).await.unwrap();
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(500), "logging in took {took:?}");
+    // Its first transaction waits for the connection, and gets it when it is free.
+    let query = tokio::spawn(async move {
+        let pid = server_pid(&second).await;
+        (second, pid)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!query.is_finished(), "ran beside an open transaction on a pool of one");
+    first.batch_execute("COMMIT").await.unwrap();
+    let (second, second_pid) = query.await.unwrap();
+    assert_eq!(second_pid, pid, "the pool's one connection");
+    // The startup settings reach that connection before the first statement, as when a
+    // server greets.
+    let other = connect_options(proxy.rw, "-c application_name=greeted").await.unwrap();
+    let name = other.simple_query("SHOW application_name").await.unwrap();
+    assert!(
+        name.iter()
+            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("greeted"))),
+        "the replayed startup setting"
+    );
+    let again = connect_options(proxy.rw, "-c application_name=greeted").await.unwrap();
+    let name = again.simple_query("SHOW application_name").await.unwrap();
+    assert!(name
+        .iter()
+        .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("greeted"))));
+
+    // Other startup settings: a server greets, and none is free until the checkout
+    // timeout.
+    second.batch_execute("BEGIN").await.unwrap();
+    let refused = connect_options(proxy.rw, "-c application_name=new")
+        .await
+        .err()
+        .map(|e| db_text(&e));
+    assert!(
+        refused.as_deref().is_some_and(|t| t.starts_with("53300")),
+        "{refused:?}"
+    );
+    // The same login as before is still let in.
+    let third = connect(proxy.rw).await.unwrap();
+    second.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(server_pid(&third).await, pid);
+}

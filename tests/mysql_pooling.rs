@@ -96,3 +96,84 @@ fn django_runs_through_transaction_pooling() {
         }
     }
 }
+
+/// The server-side limits, as on PostgreSQL: `max_server_connections` caps a node's
+/// connections (the client over it gets 1040 naming the key, the others go on), and in
+/// transaction pooling `reserve_pool_size` serves a transaction that waited
+/// `reserve_pool_timeout_ms` once the pool is full; past both, 1040 naming the keys.
+#[test]
+fn server_connection_caps_and_the_reserve_pool() {
+    let cluster = MariaCluster::start(1).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let opts = |port: u16| -> mysql_async::Opts {
+        mysql_async::OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(port)
+            .user(Some(MY_APP_USER))
+            .pass(Some(MY_APP_PASSWORD))
+            .db_name(Some(MY_APP_DB))
+            .prefer_socket(false)
+            .into()
+    };
+    let capped = my_proxy(&cluster, "max_server_connections = 2\nserver_login_timeout_ms = 1000");
+    // One worker thread: the pool's size is not shared among workers.
+    let (rw, ro) = (free_port(), free_port());
+    let text = format!(
+        "{}\n[proxy]\nthreads = 1\n",
+        my_config(
+            &cluster,
+            rw,
+            ro,
+            "pool_mode = \"transaction\"\npool_size = 1\nreserve_pool_size = 1\nreserve_pool_timeout_ms = 300\ncheckout_timeout_ms = 1500",
+        )
+    );
+    let pooled = my_spawn(&cluster, "reserve", &text, rw, ro);
+    wait_for("pooled proxy ready", Duration::from_secs(30), || {
+        mariadb(pooled.rw, "SELECT 1").ok()
+    });
+    rt.block_on(async {
+        use mysql_async::prelude::Queryable;
+        let mut a = mysql_async::Conn::new(opts(capped.rw)).await.unwrap();
+        let mut b = mysql_async::Conn::new(opts(capped.rw)).await.unwrap();
+        let t = std::time::Instant::now();
+        let err = mysql_async::Conn::new(opts(capped.rw)).await.unwrap_err().to_string();
+        assert!(err.contains("1040") && err.contains("max_server_connections"), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(5), "refused after {:?}", t.elapsed());
+        let one: Option<i64> = b.query_first("SELECT 1").await.unwrap();
+        assert_eq!(one, Some(1), "the others go on");
+        a.disconnect().await.unwrap();
+        let mut c = mysql_async::Conn::new(opts(capped.rw)).await.unwrap();
+        c.query_drop("SELECT 1").await.unwrap();
+
+        // Transaction pooling: the pool's one connection held by a session (mysql_async
+        // asks for no session tracking, so its sessions keep their connections; the
+        // transactions make the point for clients that do).
+        let mut holder = mysql_async::Conn::new(opts(pooled.rw)).await.unwrap();
+        holder.query_drop("BEGIN").await.unwrap();
+        let t = std::time::Instant::now();
+        let mut second = mysql_async::Conn::new(opts(pooled.rw)).await.unwrap();
+        second.query_drop("BEGIN").await.unwrap();
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(250) && waited < Duration::from_millis(1400),
+            "the reserve served after {waited:?}"
+        );
+        let third = async {
+            let mut c = mysql_async::Conn::new(opts(pooled.rw)).await?;
+            c.query_drop("SELECT 1").await
+        };
+        let err = third.await.unwrap_err().to_string();
+        assert!(err.contains("1040") && err.contains("reserve_pool_size"), "{err}");
+        holder.query_drop("COMMIT").await.unwrap();
+        second.query_drop("COMMIT").await.unwrap();
+        // Their sessions end: the reserve's connection is kept no longer than the
+        // pool's idle rules allow, and the next client is served.
+        holder.disconnect().await.unwrap();
+        second.disconnect().await.unwrap();
+        let mut fourth = mysql_async::Conn::new(opts(pooled.rw)).await.unwrap();
+        fourth.query_drop("SELECT 1").await.unwrap();
+    });
+}

@@ -217,6 +217,24 @@ fn mysql_clusters_take_the_same_keys_as_postgresql() {
     );
     let err = with("engine = \"oracle\"").unwrap_err().to_string();
     assert!(err.contains("engine"), "{err}");
+    // Limits and pools: a MySQL pool is per user, so sizes per database are refused.
+    let with_pool = |pool: &str| {
+        Config::parse(&format!(
+            "{}\n[[clusters.main.pools]]\n{pool}\npool_size = 3\n",
+            GOOD.replace(
+                "[clusters.main]\n",
+                "[clusters.main]\nengine = \"mysql\"\nreserve_pool_size = 2\nmax_server_connections = 30\n",
+            )
+        ))
+    };
+    let c = with_pool("user = \"app\"").unwrap();
+    assert_eq!(c.pool_settings("main", "app", "").size, 3);
+    assert_eq!(c.server_connection_caps("main", "app").0, Some(30));
+    let err = with_pool("database = \"app\"").unwrap_err().to_string();
+    assert!(
+        err.starts_with("clusters.main.pools") && err.contains("per user"),
+        "{err}"
+    );
 }
 
 #[test]

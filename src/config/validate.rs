@@ -70,15 +70,13 @@ impl Config {
                 ));
             }
             if c.engine == Engine::Mysql {
-                let unsupported = [
-                    ("reserve_pool_size", c.reserve_pool_size > 0),
-                    ("max_server_connections", c.max_server_connections.is_some()),
-                    ("pools", !c.pools.is_empty()),
-                ];
-                if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
+                if let Some(p) = c.pools.iter().find(|p| p.database.is_some()) {
                     return Err(invalid(
-                        format!("clusters.{name}.{key}"),
-                        "not yet for MySQL/MariaDB clusters",
+                        format!("clusters.{name}.pools"),
+                        format!(
+                            "MySQL/MariaDB pools are per user (a connection changes database with COM_INIT_DB): drop database = \"{}\" or give the user's size",
+                            p.database.as_deref().unwrap_or_default()
+                        ),
                     ));
                 }
             }

@@ -115,8 +115,10 @@ impl Relay<'_> {
             }
             _ => return Err(refuse("settings that could not be read back (no answer)")),
         };
-        let mut dialer = MysqlDialer {
-            request: LoginRequest {
+        let mut dialer = MysqlDialer::new(
+            self.cluster,
+            &self.shared.config(),
+            LoginRequest {
                 user: &self.user.name,
                 password: self.user.password.as_deref(),
                 database: None,
@@ -124,9 +126,8 @@ impl Relay<'_> {
                 collation: self.client.collation,
                 attributes: self.client.attributes.clone(),
             },
-            endpoint: self.endpoint,
-            tls: self.cluster.server_tls(),
-        };
+            self.endpoint,
+        );
         let primary_only = |snap: &ClusterSnapshot, i: usize| snap.nodes[i].role == Role::Primary;
         let accept: Option<connector::Accept<'_>> = match to {
             MoveTo::NewPrimary => None,

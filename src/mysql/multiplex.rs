@@ -127,7 +127,7 @@ impl Dialer for PoolDialer<'_> {
             Some(Checkout::Slot(permit)) => permit,
             None => {
                 return Err(Error::pool_exhausted(format!(
-                    "no server connection for user \"{}\" on node \"{}\" became free within {} ms (this worker thread's share of pool_size: {}, all in use); retry, or raise pool_size / checkout_timeout_ms",
+                    "no server connection for user \"{}\" on node \"{}\" became free within {} ms (this worker thread's share of pool_size: {}, all in use, and the reserve too if any); retry, or raise pool_size / reserve_pool_size / checkout_timeout_ms",
                     pool.key.user,
                     node.name,
                     pool.checkout_timeout.as_millis(),
@@ -201,11 +201,13 @@ impl Relay<'_> {
         self.inbound.lease_commands = 0;
         self.one_command = read;
         let config = self.shared.config();
-        let settings = config
-            .clusters
-            .get(&self.cluster.name)
-            .map(|c| c.pool_settings())
-            .ok_or_else(|| End::Failed(Error::shutdown()))?;
+        if !config.clusters.contains_key(&self.cluster.name) {
+            return Err(End::Failed(Error::shutdown()));
+        }
+        // MySQL pools are per user, not per database (a connection changes database
+        // with COM_INIT_DB): the user's size, `users[].pool_size` or a `[[pools]]` entry
+        // naming only the user (validation refuses database entries here).
+        let settings = config.pool_settings(&self.cluster.name, &self.user.name, "");
         let mut attributes = self.client.attributes.clone();
         if let Some(a) = attributes.as_mut() {
             a.remove(super::fresh::TOKEN_ATTRIBUTE);
@@ -213,8 +215,10 @@ impl Relay<'_> {
         let desired = self.tracked.lock().unwrap().desired.clone();
         let database = desired.db.clone();
         let mut dialer = PoolDialer {
-            login: MysqlDialer {
-                request: LoginRequest {
+            login: MysqlDialer::new(
+                self.cluster,
+                &config,
+                LoginRequest {
                     user: &self.user.name,
                     password: self.user.password.as_deref(),
                     database: database.as_deref().map(str::as_bytes),
@@ -223,8 +227,7 @@ impl Relay<'_> {
                     attributes,
                 },
                 endpoint,
-                tls: self.cluster.server_tls(),
-            },
+            ),
             info,
             settings,
             maria: self.fresh.maria,

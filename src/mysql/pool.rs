@@ -78,6 +78,11 @@ pub struct PoolKey {
 pub struct Pool {
     pub key: PoolKey,
     slots: Arc<Semaphore>,
+    /// `reserve_pool_size`: slots past `size` for a checkout that has waited
+    /// `reserve_timeout`.
+    reserve: Arc<Semaphore>,
+    reserve_size: u32,
+    reserve_timeout: Duration,
     idle: Mutex<HashMap<Class, IdleList<PooledConn>>>,
     /// Woken when a connection is given back.
     returned: tokio::sync::Notify,
@@ -98,6 +103,9 @@ impl Pool {
         Pool {
             key,
             slots: Arc::new(Semaphore::new(settings.size as usize)),
+            reserve: Arc::new(Semaphore::new(settings.reserve_size as usize)),
+            reserve_size: settings.reserve_size,
+            reserve_timeout: settings.reserve_timeout,
             idle: Mutex::new(HashMap::new()),
             returned: tokio::sync::Notify::new(),
             limits: Limits {
@@ -132,9 +140,13 @@ impl Pool {
     }
 
     /// As `try_checkout`, waiting up to `checkout_timeout` for a connection to come
-    /// back or close (None: none did).
+    /// back or close (None: none did); past `reserve_timeout`, a slot of the reserve
+    /// too, when there is one.
     pub async fn checkout(&self, class: Class) -> Option<Checkout> {
-        let deadline = tokio::time::Instant::now() + self.checkout_timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.checkout_timeout;
+        let reserve_from = started + self.reserve_timeout;
+        let has_reserve = self.reserve_size > 0 && reserve_from < deadline;
         loop {
             let returned = self.returned.notified();
             tokio::pin!(returned);
@@ -143,12 +155,26 @@ impl Pool {
             if let Some(c) = self.try_checkout(class) {
                 return Some(c);
             }
+            let reserve = async {
+                tokio::time::sleep_until(reserve_from).await;
+                self.reserve.clone().acquire_owned().await
+            };
             tokio::select! {
                 _ = returned => {}
                 permit = self.slots.clone().acquire_owned() => return permit.ok().map(Checkout::Slot),
+                permit = reserve, if has_reserve => {
+                    tracing::debug!(node = %self.key.node, user = %self.key.user, "a checkout waited reserve_pool_timeout_ms: a connection of the reserve pool");
+                    return permit.ok().map(Checkout::Slot);
+                }
                 _ = tokio::time::sleep_until(deadline) => return None,
             }
         }
+    }
+
+    /// Close the oldest idle connection, of any class (room under
+    /// `max_server_connections`); false if none is idle.
+    pub fn close_oldest_idle(&self) -> bool {
+        self.idle.lock().unwrap().values_mut().any(|l| l.close_oldest())
     }
 
     /// A connection opened with `permit` for a client of `class`.
@@ -231,6 +257,17 @@ impl Pools {
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
         self.map.lock().unwrap().values().cloned().collect()
+    }
+}
+
+impl crate::proxy::budget::IdleConns for Pools {
+    /// (One cluster's pools: `cluster` is theirs.)
+    fn close_one_idle(&self, _cluster: &str, node: &str, user: Option<&str>) -> bool {
+        self.map
+            .lock()
+            .unwrap()
+            .values()
+            .any(|p| p.key.node == node && user.is_none_or(|u| p.key.user == u) && p.close_oldest_idle())
     }
 }
 

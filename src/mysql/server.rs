@@ -49,6 +49,9 @@ pub struct ServerConn {
     /// (`COM_CHANGE_USER` answers the same challenge).
     nonce: Vec<u8>,
     plugin: AuthPlugin<'static>,
+    /// Its place under `max_server_connections`, for as long as it is open (pooled or
+    /// not); set by the dialer that opened it.
+    pub budget: crate::proxy::budget::Budget,
 }
 
 fn lost(what: &str, e: std::io::Error) -> Error {
@@ -250,6 +253,7 @@ async fn login_inner(
         greeting,
         nonce,
         plugin: plugin_name,
+        budget: Default::default(),
     })
 }
 

@@ -30,9 +30,10 @@ use super::server::{self, LoginRequest, ServerConn};
 use crate::cluster::routing::Endpoint;
 use crate::cluster::topology::NodeState;
 use crate::cluster::ClusterCtx;
-use crate::config::{ClientTls, PoolMode, ReadYourWrites};
+use crate::config::{ClientTls, Config, PoolMode, ReadYourWrites};
 use crate::error::Error;
 use crate::obs::clients::NewClient;
+use crate::proxy::budget::{login_place, BudgetAsk};
 use crate::proxy::cancel::Target as KillTarget;
 use crate::proxy::connector::{self, Dialer, NodeSlot};
 use crate::proxy::limits::Refusal;
@@ -146,8 +147,10 @@ pub async fn serve(
             return;
         }
     }
-    let mut dialer = MysqlDialer {
-        request: LoginRequest {
+    let mut dialer = MysqlDialer::new(
+        &cluster,
+        &shared.config(),
+        LoginRequest {
             user: &client.user.name,
             password: client.user.password.as_deref(),
             database: client.database.as_deref(),
@@ -156,8 +159,7 @@ pub async fn serve(
             attributes,
         },
         endpoint,
-        tls: cluster.server_tls(),
-    };
+    );
     let mut rx = cluster.state.subscribe();
     let multiplex = cc.pool_mode == PoolMode::Transaction;
     // Transaction pooling: the session state the client builds, from its login on.
@@ -319,11 +321,39 @@ async fn reject(tcp: &mut ClientStream, seq: u8, e: &Error, shared: &Shared) {
     linger(tcp).await;
 }
 
-/// Greet the client and check who it is. Errors carry the sequence id of the ERR.
+/// Logs in to a node as the client (`request`), under the cluster's
+/// `max_server_connections` and `max_server_logins`, and checks the node is what the
+/// endpoint needs.
 pub(super) struct MysqlDialer<'a> {
     pub(super) request: LoginRequest<'a>,
     pub(super) endpoint: Endpoint,
     pub(super) tls: Arc<ServerTls>,
+    cluster: &'a ClusterCtx,
+    /// (cluster's, user's) `max_server_connections`.
+    caps: (Option<u32>, Option<u32>),
+    max_logins: u32,
+}
+
+impl<'a> MysqlDialer<'a> {
+    pub(super) fn new(
+        cluster: &'a ClusterCtx,
+        config: &Config,
+        request: LoginRequest<'a>,
+        endpoint: Endpoint,
+    ) -> MysqlDialer<'a> {
+        let caps = config.server_connection_caps(&cluster.name, request.user);
+        // (A cluster removed by a reload: its sessions are on their way out; one login
+        // at a time.)
+        let max_logins = config.clusters.get(&cluster.name).map_or(1, |c| c.max_server_logins);
+        MysqlDialer {
+            request,
+            endpoint,
+            tls: cluster.server_tls(),
+            cluster,
+            caps,
+            max_logins,
+        }
+    }
 }
 
 impl Dialer for MysqlDialer<'_> {
@@ -332,7 +362,32 @@ impl Dialer for MysqlDialer<'_> {
     async fn dial(&mut self, node: &NodeState, timeout: Duration) -> Result<Self::Conn, Error> {
         node.active.fetch_add(1, Ordering::Relaxed);
         let slot = NodeSlot(node.active.clone());
+        // Room under max_server_connections (closing an idle pooled connection if need
+        // be), then a place among the node's logins in flight, both within the login's
+        // own bound.
+        let until = tokio::time::Instant::now() + timeout;
+        let budget = BudgetAsk {
+            cluster: self.cluster,
+            idle: &super::ClusterInfo::of(self.cluster).pools,
+            node: &node.name,
+            user: self.request.user,
+            caps: self.caps,
+        }
+        .take(until)
+        .await
+        .map_err(|full| {
+            Error::pool_exhausted(format!(
+                "node \"{}\" of cluster \"{}\": {full}",
+                node.name, self.cluster.name
+            ))
+        })?;
+        let gate = self.cluster.login_gates.of(&node.name, self.max_logins);
+        let place = login_place(&gate, self.max_logins, until)
+            .await
+            .map_err(|q| Error::connect_failed(q.to_string()))?;
         let mut conn = server::login(&node.addr, &self.request, &self.tls, timeout).await?;
+        drop(place);
+        conn.budget = budget;
         let caps = self.request.capabilities & conn.greeting.capabilities;
         let checked = tokio::time::timeout(timeout, async {
             if self.endpoint == Endpoint::ReadWrite {

@@ -250,8 +250,10 @@ impl Relay<'_> {
         if let Some(a) = attributes.as_mut() {
             a.remove(super::fresh::TOKEN_ATTRIBUTE);
         }
-        let mut dialer = MysqlDialer {
-            request: LoginRequest {
+        let mut dialer = MysqlDialer::new(
+            self.cluster,
+            &self.shared.config(),
+            LoginRequest {
                 user: &self.user.name,
                 password: self.user.password.as_deref(),
                 database: None,
@@ -259,9 +261,8 @@ impl Relay<'_> {
                 collation: self.client.collation,
                 attributes,
             },
-            endpoint: Endpoint::ReadOnly,
-            tls: self.cluster.server_tls(),
-        };
+            Endpoint::ReadOnly,
+        );
         let connected = tokio::time::timeout(
             REPLICA_STEP,
             connector::connect(

@@ -5,6 +5,8 @@
 //! - `tls`: the SSLRequest dance on both sides.
 //! - `login`, `auth`, `auth_query`: a client's startup and authentication.
 //! - `server`, `credential`: logging in to a server as the client.
+//! - `greetings`: transaction-mode greetings remembered per login, to greet without a
+//!   server connection.
 //! - `pool`: pooled server connections and what sessions left on them.
 //! - `health`: the node probe (role, WAL positions, timeline) for the shared monitor loop.
 //! - `manager`: the control plane's statements (`cluster::control::Control`): fence,
@@ -27,6 +29,7 @@ pub mod freshness;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzz;
+pub mod greetings;
 pub mod health;
 mod login;
 pub mod manager;
@@ -110,6 +113,8 @@ pub struct PgCluster {
     pub classifier: classify::Classifier,
     /// Fresh reads: the primary's WAL position after a write, standbys' replay positions.
     pub freshness: freshness::Freshness,
+    /// Transaction-mode greetings remembered, to greet a client without a server connection.
+    pub greetings: greetings::Greetings,
 }
 
 impl PgCluster {
@@ -118,6 +123,7 @@ impl PgCluster {
         PgCluster {
             classifier: classify::Classifier::new(read_only_functions),
             freshness: freshness::Freshness::new(state, tokio::runtime::Handle::current()),
+            greetings: greetings::Greetings::default(),
         }
     }
 

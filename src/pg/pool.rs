@@ -64,75 +64,7 @@ pub struct Pool {
 
 pub use crate::pg::txn::conn::ConnState;
 
-/// A server connection's place under `max_server_connections` (the cluster's and the
-/// user's, per node), held for the connection's whole life, idle or not.
-#[derive(Default)]
-pub struct Budget {
-    _node: Option<OwnedSemaphorePermit>,
-    _user: Option<OwnedSemaphorePermit>,
-}
-
-/// What taking a `Budget` needs: where, the caps, and the pools whose idle connections
-/// may be closed to make room.
-pub struct BudgetAsk<'a> {
-    pub cluster: &'a crate::cluster::ClusterCtx,
-    pub pools: &'a Pools,
-    pub node: &'a str,
-    pub user: &'a str,
-    /// (cluster's, user's) `max_server_connections`.
-    pub caps: (Option<u32>, Option<u32>),
-}
-
-impl BudgetAsk<'_> {
-    /// A place now if there is room, closing nothing (to open a connection ahead of
-    /// demand).
-    pub fn try_take(&self) -> Option<Budget> {
-        let gates = &self.cluster.server_budget;
-        let take = |key: &str, cap: Option<u32>| match cap {
-            None => Some(None),
-            Some(n) => gates.of(key, n).try_acquire_owned().ok().map(Some),
-        };
-        Some(Budget {
-            _node: take(self.node, self.caps.0)?,
-            _user: take(&format!("{}\0{}", self.node, self.user), self.caps.1)?,
-        })
-    }
-
-    /// A place for one more server connection. When the budget is full, idle pooled
-    /// connections of the node (of the user, when the user's budget is the full one)
-    /// are closed, oldest first, to make room; else it waits for a connection to close
-    /// (looking every 50 ms), until `until`.
-    pub async fn take(&self, until: tokio::time::Instant) -> Result<Budget, ServerError> {
-        if self.caps == (None, None) {
-            return Ok(Budget::default());
-        }
-        let gates = &self.cluster.server_budget;
-        let node = self.caps.0.map(|n| (gates.of(self.node, n), n));
-        let user = self
-            .caps
-            .1
-            .map(|n| (gates.of(&format!("{}\0{}", self.node, self.user), n), n));
-        loop {
-            let take = |g: &Option<(Arc<Semaphore>, u32)>| match g {
-                None => Ok(None),
-                Some((s, n)) => s.clone().try_acquire_owned().map(Some).map_err(|_| *n),
-            };
-            let full = match (take(&node), take(&user)) {
-                (Ok(a), Ok(b)) => return Ok(Budget { _node: a, _user: b }),
-                (Err(n), _) => (n, None),
-                (_, Err(n)) => (n, Some(self.user)),
-            };
-            if self.pools.close_one_idle(&self.cluster.name, self.node, full.1) {
-                continue;
-            }
-            let now = tokio::time::Instant::now();
-            if now >= until {
-                return Err(ServerError::Budget(full.0));
-            }
-            tokio::time::sleep((until - now).min(Duration::from_millis(50))).await;
-        }
-    }
-}
+pub use crate::proxy::budget::{Budget, BudgetAsk};
 
 /// A server connection lent to one client for a transaction.
 pub struct PooledConn {
@@ -279,7 +211,9 @@ impl Pool {
         };
         // Boxed: a login's state is large and lives only while it runs, and a future
         // that held it inline would be as large in every idle client's session.
-        let budget = Box::pin(budget.take(until)).await?;
+        let budget = Box::pin(budget.take(until))
+            .await
+            .map_err(|f| ServerError::Budget(f.0))?;
         let (gate, max) = gate();
         let conn = Box::pin(server::connect_gated(
             &self.key.addr,
@@ -510,5 +444,11 @@ impl Pools {
                 p.apply(settings(&p.key.user, &p.key.database).share(p.key.worker, self.workers));
             }
         }
+    }
+}
+
+impl crate::proxy::budget::IdleConns for Pools {
+    fn close_one_idle(&self, cluster: &str, node: &str, user: Option<&str>) -> bool {
+        Pools::close_one_idle(self, cluster, node, user)
     }
 }

@@ -96,13 +96,9 @@ pub async fn connect_gated(
     gate: (&tokio::sync::Semaphore, u32),
     until: tokio::time::Instant,
 ) -> Result<ServerConn, ServerError> {
-    let _place = match gate.0.try_acquire() {
-        Ok(p) => p,
-        Err(_) => match tokio::time::timeout_at(until, gate.0.acquire()).await {
-            Ok(Ok(p)) => p,
-            _ => return Err(ServerError::Queued(gate.1)),
-        },
-    };
+    let _place = crate::proxy::budget::login_place(gate.0, gate.1, until)
+        .await
+        .map_err(|q| ServerError::Queued(q.0))?;
     connect(addr, login, timeout).await
 }
 

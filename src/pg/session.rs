@@ -399,7 +399,7 @@ impl connector::Dialer for LoginDialer<'_> {
         let slot = NodeSlot(node.active.clone());
         let ask = BudgetAsk {
             cluster: self.cluster,
-            pools: self.pools,
+            idle: self.pools,
             node: &node.name,
             user: self.login.user,
             caps: self.caps,
@@ -407,7 +407,7 @@ impl connector::Dialer for LoginDialer<'_> {
         let budget = ask
             .take(self.until)
             .await
-            .map_err(|e| e.into_error(&self.cluster.name, &node.name))?;
+            .map_err(|f| server::ServerError::Budget(f.0).into_error(&self.cluster.name, &node.name))?;
         let gate = self.cluster.login_gates.of(&node.name, self.max_logins);
         let conn = server::connect_gated(&node.addr, &self.login, timeout, (&gate, self.max_logins), self.until)
             .await

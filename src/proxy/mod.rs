@@ -2,6 +2,7 @@
 //! stream and its goodbye (`stream`), and the one loop that turns a routing decision
 //! into a server connection (`connector`). Nothing here speaks an engine's protocol.
 
+pub mod budget;
 pub mod cancel;
 pub mod connector;
 pub mod limits;

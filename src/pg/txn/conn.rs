@@ -18,7 +18,7 @@ pub struct ConnState {
     /// Reported settings (ParameterStatus) as the server last stated them on this
     /// connection: its own spelling (`UTF8` for a client's `utf8`), in the client's
     /// encoding.
-    pub reported: BTreeMap<Box<[u8]>, Box<[u8]>>,
+    pub reported: crate::pg::greetings::Reported,
 }
 
 impl ConnState {

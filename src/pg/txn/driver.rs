@@ -149,7 +149,7 @@ impl Dialer for PoolDialer<'_> {
                 },
                 crate::pg::pool::BudgetAsk {
                     cluster: self.cluster,
-                    pools: &crate::pg::PgShared::of(self.shared).pools,
+                    idle: &crate::pg::PgShared::of(self.shared).pools,
                     node: &node.name,
                     user: &self.who.user,
                     caps: self
@@ -217,6 +217,8 @@ impl<'a> Driver<'a> {
                 cluster: cluster.name.clone(),
             })
             .clone();
+        let pg = crate::pg::PgCluster::of(cluster);
+        let greeting = pg.greetings.get(greeting_of(&who, endpoint), Instant::now());
         let machine = Machine::new(
             Config {
                 cluster: cluster.name.clone(),
@@ -227,7 +229,8 @@ impl<'a> Driver<'a> {
                 client_key: cancel.key_secret,
             },
             who.params.clone(),
-            &crate::pg::PgCluster::of(cluster).classifier,
+            &pg.classifier,
+            greeting.as_deref(),
         );
         let causal = Causal::new(
             cc,
@@ -255,6 +258,21 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// What the held connection's server reported to the greeting, for the next client
+    /// of the same login (`pg::greetings`).
+    fn remember_greeting(&self) {
+        let Some(h) = &self.held else { return };
+        let endpoint = match self.machine.read_only_endpoint() {
+            true => Endpoint::ReadOnly,
+            false => Endpoint::ReadWrite,
+        };
+        crate::pg::PgCluster::of(self.cluster).greetings.put(
+            greeting_of(&self.who, endpoint),
+            h.conn.state.reported.clone(),
+            Instant::now(),
+        );
+    }
+
     /// The client's socket (to say goodbye on).
     pub fn client_mut(&mut self) -> &mut ClientStream {
         &mut self.client
@@ -280,6 +298,9 @@ impl<'a> Driver<'a> {
                         // Published as the unit ends, before the client hears its answer:
                         // with a shared floor another connection's next read must see it.
                         self.note_writes();
+                        if self.machine.take_greeted_by_server() {
+                            self.remember_greeting();
+                        }
                         self.release(reuse)
                     }
                     Action::Causal(stmt) => {
@@ -633,5 +654,15 @@ impl<'a> Driver<'a> {
             self.shared.cancels.retarget(&self.cancel, None);
             h.via.pool.checkin(h.conn);
         }
+    }
+}
+
+/// The login a greeting depends on.
+fn greeting_of(who: &TxnClient, endpoint: Endpoint) -> crate::pg::greetings::Who<'_> {
+    crate::pg::greetings::Who {
+        user: &who.user,
+        database: &who.database,
+        read_only: endpoint == Endpoint::ReadOnly,
+        startup: &who.params,
     }
 }

@@ -20,6 +20,7 @@ use super::statements::Statements;
 use super::unit;
 use crate::error::{Error, SqlState};
 use crate::pg::classify::{self, Classification, Classifier};
+use crate::pg::greetings::Reported;
 use crate::pg::protocol::messages;
 pub use crate::pg::protocol::messages::{write_causal_reply, CausalReply};
 use crate::pg::protocol::tags::{BackendTag, FrontendTag, TxStatus};
@@ -103,14 +104,25 @@ pub struct Machine<'a> {
     client_mid_message: bool,
     /// A unit that may have written ended since the driver last asked (`take_wrote`).
     wrote: bool,
+    /// The client was greeted with a server's report, which the driver may remember
+    /// (`take_greeted_by_server`).
+    greeted_by_server: bool,
 }
 
 impl<'a> Machine<'a> {
-    /// A session just authenticated: its first action acquires a connection to greet the
-    /// client with a server's parameters.
-    pub fn new(cfg: Config, startup: Vec<(String, String)>, classifier: &'a Classifier) -> Machine<'a> {
+    /// A session just authenticated. With `greeting` (what a server reported to an
+    /// earlier client of the same login: `pg::greetings`) the client is greeted at once;
+    /// else the first action acquires a connection, brings it to the client's startup
+    /// settings and greets the client with what that server reports.
+    pub fn new(
+        cfg: Config,
+        startup: Vec<(String, String)>,
+        classifier: &'a Classifier,
+        greeting: Option<&Reported>,
+    ) -> Machine<'a> {
         let state = SessionState::new(startup, cfg.read_only_endpoint);
         let mut m = Machine {
+            greeted_by_server: false,
             phase: Phase::Greeting,
             cfg,
             classifier,
@@ -129,6 +141,10 @@ impl<'a> Machine<'a> {
             client_mid_message: false,
             wrote: false,
         };
+        if let Some(reported) = greeting {
+            m.write_greeting(reported);
+            return m;
+        }
         // The greeting's connection: where the session's first unit would go. (Not a
         // unit of the client's: never run again elsewhere.)
         let first = m.route(m.cfg.read_only_endpoint, None, false);
@@ -168,6 +184,10 @@ impl<'a> Machine<'a> {
 
     pub fn has_actions(&self) -> bool {
         !self.actions.is_empty()
+    }
+
+    pub fn read_only_endpoint(&self) -> bool {
+        self.cfg.read_only_endpoint
     }
 
     /// The node of the held connection.
@@ -327,14 +347,25 @@ impl<'a> Machine<'a> {
     /// server's parameters in its own spelling (as a direct connection would report
     /// them), our BackendKeyData, ReadyForQuery.
     fn greet(&mut self, conn: &ConnState) {
-        for (name, value) in &conn.reported {
+        self.write_greeting(&conn.reported);
+        self.greeted_by_server = true;
+        let reuse = self.reusable();
+        self.release(reuse);
+    }
+
+    fn write_greeting(&mut self, reported: &Reported) {
+        for (name, value) in reported {
             messages::parameter_status_bytes(&mut self.to_client, name, value);
         }
         messages::backend_key_data(&mut self.to_client, self.cfg.client_pid, self.cfg.client_key);
         messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
         self.phase = Phase::Serving;
-        let reuse = self.reusable();
-        self.release(reuse);
+    }
+
+    /// Whether the client was just greeted with what the held connection's server
+    /// reported (`ConnState::reported`, for `pg::greetings`); true once.
+    pub fn take_greeted_by_server(&mut self) -> bool {
+        std::mem::take(&mut self.greeted_by_server)
     }
 
     /// Bytes from the client (`input`, complete messages are taken from it). `conn` is

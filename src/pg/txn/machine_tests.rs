@@ -127,6 +127,7 @@ impl Harness {
             },
             vec![("application_name".into(), "pgbench".into())],
             classifier(),
+            None,
         );
         let mut h = Harness {
             m,
@@ -156,6 +157,8 @@ impl Harness {
         h.m.flushed_to_client();
         h.perform(true);
         assert!(h.held.is_none(), "released after the greeting");
+        assert!(h.m.take_greeted_by_server(), "a greeting to remember");
+        assert!(!h.m.take_greeted_by_server(), "once");
         h.log.clear();
         h
     }
@@ -649,6 +652,7 @@ fn machine(read_only_endpoint: bool, split: bool) -> Machine<'static> {
         },
         Vec::new(),
         classifier(),
+        None,
     )
 }
 
@@ -706,4 +710,44 @@ fn the_phase_follows_greeting_acquiring_and_a_refused_unit() {
     m.on_acquire_failed(Error::no_route("test"));
     assert!(matches!(m.next_action(), Some(Action::End(Some(_)))));
     assert_eq!(m.phase, Phase::Ended);
+}
+
+#[test]
+fn a_remembered_greeting_greets_at_once_and_the_first_unit_gets_the_startup_settings() {
+    let mut reported = crate::pg::greetings::Reported::new();
+    reported.insert(b"client_encoding"[..].into(), b"UTF8"[..].into());
+    reported.insert(b"application_name"[..].into(), b"pgbench"[..].into());
+    let mut m = Machine::new(
+        Config {
+            cluster: "main".into(),
+            read_only_endpoint: false,
+            split: false,
+            max_message: 1 << 20,
+            client_pid: 777,
+            client_key: 1,
+        },
+        vec![("application_name".into(), "pgbench".into())],
+        classifier(),
+        Some(&reported),
+    );
+    assert_eq!(m.phase, Phase::Serving);
+    assert!(!m.has_actions(), "no connection for the greeting");
+    assert_eq!(tags(&m.to_client), "SSKZ");
+    assert!(!m.take_greeted_by_server(), "nothing new to remember");
+    m.to_client.clear();
+    m.flushed_to_client();
+    // The first unit's connection is brought to the client's settings before its query.
+    m.on_client_input(&mut query("SELECT 1"), None);
+    assert!(matches!(
+        m.next_action(),
+        Some(Action::Acquire {
+            to: Target::Primary,
+            ..
+        })
+    ));
+    let mut conn = ConnState::default();
+    m.on_acquired(&Arc::from("p"), true, &mut conn);
+    m.on_client_input(&mut BytesMut::new(), Some(&mut conn));
+    assert_eq!(tags(&m.to_server), "QQ", "application_name replayed, then the query");
+    assert!(conn.applied.contains_key("application_name"));
 }
