@@ -136,7 +136,7 @@ fn server_connection_caps_and_the_reserve_pool() {
     });
     rt.block_on(async {
         use mysql_async::prelude::Queryable;
-        let mut a = mysql_async::Conn::new(opts(capped.rw)).await.unwrap();
+        let a = mysql_async::Conn::new(opts(capped.rw)).await.unwrap();
         let mut b = mysql_async::Conn::new(opts(capped.rw)).await.unwrap();
         let t = std::time::Instant::now();
         let err = mysql_async::Conn::new(opts(capped.rw)).await.unwrap_err().to_string();
