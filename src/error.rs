@@ -91,6 +91,9 @@ pub struct Error {
     message: String,
     side: Side,
     retry_elsewhere: bool,
+    /// The proxy ran out of a local resource (file descriptors) opening a server
+    /// connection: worth trying again shortly, not elsewhere.
+    retry_soon: bool,
     /// A server's own ErrorResponse (a refused login), passed to the client unchanged.
     raw: Option<Bytes>,
     /// A MySQL server's own error number and SQLSTATE (a refused login), passed on.
@@ -118,6 +121,7 @@ impl Error {
             message: message.into(),
             side,
             retry_elsewhere: false,
+            retry_soon: false,
             raw: None,
             mysql: None,
         }
@@ -155,6 +159,29 @@ impl Error {
             retry_elsewhere: true,
             ..Error::new(SqlState::CONNECTION_FAILURE, Side::Server, message)
         }
+    }
+
+    /// Connecting to a server failed with `e`: out of file descriptors here (the proxy's
+    /// own limit, not the server's fault) is 53300 and tried again shortly
+    /// (`is_out_of_descriptors`); anything else is `connect_failed`.
+    pub fn server_connect(what: impl fmt::Display, e: &std::io::Error) -> Error {
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => Error {
+                retry_soon: true,
+                ..Error::new(
+                    SqlState::TOO_MANY_CONNECTIONS,
+                    Side::Proxy,
+                    format!("{what}: Switchyard is out of file descriptors ({e}); retry, or raise its limit (LimitNOFILE=, ulimit -n) or lower proxy.max_clients"),
+                )
+            },
+            _ => Error::connect_failed(format!("{what}: {e}")),
+        }
+    }
+
+    /// The proxy ran out of file descriptors opening a server connection: another node
+    /// would fare no better, and one may be free a moment later.
+    pub fn is_out_of_descriptors(&self) -> bool {
+        self.retry_soon
     }
 
     /// A server refused a login for a reason another node would share (an

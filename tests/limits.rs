@@ -367,10 +367,12 @@ async fn a_users_own_pool_size_and_the_reserve_pool_after_its_timeout() {
         waited >= Duration::from_millis(350) && waited < Duration::from_millis(1400),
         "the reserve served after {waited:?}"
     );
-    // Pool and reserve both taken: 53300 after checkout_timeout_ms (here at login:
-    // transaction pooling greets a client with a server's parameters).
+    // Pool and reserve both taken: the next client logs in (greeted with the greeting
+    // remembered from the first), and its transaction gets 53300 after
+    // checkout_timeout_ms; its session stays.
+    let third = connect_as(proxy.rw, "capped", "capped").await.unwrap();
     let t = Instant::now();
-    let e = connect_as(proxy.rw, "capped", "capped").await.unwrap_err();
+    let e = third.simple_query("SELECT 1").await.unwrap_err();
     let text = db_text(&e);
     assert!(
         text.starts_with("53300") && text.contains("reserve_pool_size"),
@@ -393,7 +395,6 @@ async fn a_users_own_pool_size_and_the_reserve_pool_after_its_timeout() {
     assert_eq!(n.trim(), "2");
     first.batch_execute("COMMIT").await.unwrap();
     second.batch_execute("COMMIT").await.unwrap();
-    let third = connect_as(proxy.rw, "capped", "capped").await.unwrap();
     third.simple_query("SELECT 1").await.unwrap();
 }
 

@@ -17,10 +17,15 @@
    primary is restarted (`pg_ctl restart -m fast`) while they are connected, all of them
    query again at once (reconnecting if their connection was lost), and finally all
    disconnect and the storm is repeated against the now-warm proxy.
+3. File-descriptor limit. A proxy started with RLIMIT_NOFILE `--fd-limit` (soft and hard);
+   `--fd-clients` clients connect at once, each logs in and runs `SELECT 1`: each is
+   served, refused with 53300, fails otherwise or hangs (no answer within `--fd-timeout`).
+   The served ones stay `--fd-hold` s, then all leave and a new client must be served.
+   The proxy's FDs and RSS every 100 ms; its log lines about refusals per interval.
 
-The abusive clients and the storm clients run in child processes (`bench/overload
-_abuse CFG` / `_storm CFG`, asyncio, sybench/pgwire.py) so that their CPU is measured
-apart and the samplers of this process keep their pace.
+The abusive clients, the storm clients and the fdlimit clients run in child processes
+(`bench/overload _abuse CFG` / `_storm CFG` / `_fdlimit CFG`, asyncio, sybench/pgwire.py)
+so that their CPU is measured apart and the samplers of this process keep their pace.
 """
 
 import argparse
@@ -159,6 +164,141 @@ def norm_messages(msgs):
         k = re.sub(r"\b\d+ ms\b", "N ms", k)
         out[k] = out.get(k, 0) + n
     return out
+
+
+# The proxy's log lines about refused clients and failed accepts (the fdlimit phase).
+FD_LOG_WORDS = ("refused", "too many", "accept failed", "file descriptors")
+_TS = re.compile(r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d):(\d\d)(\.\d+)?(Z|[+-]\d\d:?\d\d)?")
+
+
+def log_time(text):
+    """Epoch seconds of the first ISO 8601 timestamp in `text` (UTC unless it says
+    otherwise), or None."""
+    m = _TS.search(text or "")
+    if not m:
+        return None
+    y, mo, d, h, mi, se = (int(m.group(i)) for i in range(1, 7))
+    t = datetime.datetime(y, mo, d, h, mi, se, tzinfo=datetime.timezone.utc).timestamp()
+    t += float(m.group(7)) if m.group(7) else 0.0
+    tz = m.group(8)
+    if tz and tz != "Z":
+        t -= (1 if tz[0] == "+" else -1) * (int(tz[1:3]) * 3600 + int(tz[-2:]) * 60)
+    return t
+
+
+def _log_events(path, since=0):
+    """(raw line, parsed JSON event or None) for each line of a log from byte `since`."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(since)
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for raw in data.splitlines():
+        raw = raw.strip()
+        if not raw:
+            continue
+        ev = None
+        if raw.startswith("{"):
+            try:
+                ev = json.loads(raw)
+                ev = dict(ev.get("fields") or {}, **{k: v for k, v in ev.items() if k != "fields"})
+            except ValueError:
+                ev = None
+        out.append((raw, ev))
+    return out
+
+
+def fd_log_lines(path, since):
+    """The log lines since byte `since` that mention refusals, too many clients, failed
+    accepts or file descriptors: time, level, kind (the message with its numbers as N),
+    the count the line carries (refused=, failures=), the reason, the line itself."""
+    out, seen = [], {}
+    for raw, ev in _log_events(path, since):
+        if not any(w in raw.lower() for w in FD_LOG_WORDS):
+            continue
+        ev = ev or {}
+        msg = str(ev.get("message") or raw)
+        kind = re.sub(r"\d+", "N", msg)[:200]
+        count = next((ev[k] for k in ("refused", "failures") if isinstance(ev.get(k), (int, float))), None)
+        line = {"t": log_time(str(ev.get("timestamp") or raw)), "level": str(ev.get("level", "")).upper(),
+                "kind": kind, "count": count, "reason": ev.get("reason")}
+        # The line itself for the first few of each kind (a line per client would be
+        # thousands of them).
+        seen[kind] = seen.get(kind, 0) + 1
+        if seen[kind] <= 5:
+            line["text"] = raw[:700]
+        out.append(line)
+    return out
+
+
+def fd_startup_line(path):
+    """The proxy's warning at start that the descriptor limit is below what its config may
+    need (its fields: fd_limit, needed, max_clients, clients = the client budget)."""
+    for raw, ev in _log_events(path):
+        if "file-descriptor limit is below" in raw:
+            ev = ev or {}
+            return {k: ev.get(k) for k in ("fd_limit", "needed", "max_clients", "clients", "level")} | {"text": raw[:700]}
+    return None
+
+
+def fd_log_analysis(lines, interval):
+    """Lines per kind and in all: how many, the most within one interval (any window of
+    `interval` s; lines at least 99 % of an interval apart count as apart), the smallest
+    gap between two lines of a kind, the counts they carry; and the lines per fixed
+    interval from the first one."""
+    tol = 0.99 * interval
+
+    def most_within(times):
+        times, best, j = sorted(times), 0, 0
+        for i in range(len(times)):
+            while times[i] - times[j] >= tol:
+                j += 1
+            best = max(best, i - j + 1)
+        return best
+
+    timed = [x for x in lines if x.get("t") is not None]
+    kinds = {}
+    for x in lines:
+        k = kinds.setdefault(x["kind"], {"lines": 0, "times": [], "counts_sum": 0, "levels": {}})
+        k["lines"] += 1
+        k["levels"][x.get("level") or "?"] = k["levels"].get(x.get("level") or "?", 0) + 1
+        if x.get("t") is not None:
+            k["times"].append(x["t"])
+        if isinstance(x.get("count"), (int, float)):
+            k["counts_sum"] += x["count"]
+    per_kind = {}
+    for name, k in kinds.items():
+        ts = sorted(k["times"])
+        gaps = [b - a for a, b in zip(ts, ts[1:])]
+        per_kind[name] = {"lines": k["lines"], "max_in_interval": most_within(ts), "levels": k["levels"],
+                          "min_gap_s": round(min(gaps), 3) if gaps else None, "counts_sum": k["counts_sum"]}
+    out = {"interval_s": interval, "lines": len(lines), "untimed": len(lines) - len(timed),
+           "max_in_interval": most_within([x["t"] for x in timed]), "per_kind": per_kind,
+           "max_in_interval_per_kind": max((v["max_in_interval"] for v in per_kind.values()), default=0)}
+    if timed:
+        t0 = min(x["t"] for x in timed)
+        nb = int((max(x["t"] for x in timed) - t0) // interval) + 1
+        buckets = [0] * nb
+        for x in timed:
+            buckets[int((x["t"] - t0) // interval)] += 1
+        out["per_interval"] = buckets
+        out["span_s"] = round(max(x["t"] for x in timed) - t0, 3)
+    return out
+
+
+def proc_nofile(pid):
+    """(soft, hard) RLIMIT_NOFILE of a process from /proc/PID/limits, or None."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    p = line.split()
+                    return [int(p[3]) if p[3].isdigit() else p[3], int(p[4]) if p[4].isdigit() else p[4]]
+    except OSError:
+        pass
+    return None
 
 
 def fetch_metrics(admin_port, timeout=5):
@@ -916,12 +1056,153 @@ async def _storm(cfg):
         json.dump(out, f)
 
 
+# ======================================================================================
+# child process: many clients against a proxy under a file-descriptor limit
+# ======================================================================================
+
+async def _fd_client(host, port, user, pw, timeout):
+    """One client: TCP connect, login, `SELECT 1`, all within `timeout`. Returns
+    (outcome, detail, conn, seconds, tcp seconds): outcome served / refused (53300) / other / hung;
+    detail the stage (connect, login, SELECT 1) and for errors (key, message). `st["tcp"]`
+    is the seconds the TCP connect took (None if it did not complete)."""
+    loop = asyncio.get_running_loop()
+    st = {"where": "connect", "c": None, "w": None, "tcp": None}
+    ts = loop.time()
+
+    async def go():
+        r, w = await asyncio.open_connection(host, port)
+        st["tcp"] = loop.time() - ts
+        st["w"] = w
+        c = Conn(r, w)
+        st["where"] = "login"
+        await c._startup(user, DB, pw, {})
+        st["c"] = c
+        st["where"] = "SELECT 1"
+        await c.query("SELECT 1")
+        return c
+
+    try:
+        c = await asyncio.wait_for(go(), timeout)
+        return "served", None, c, loop.time() - ts, st["tcp"]
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        dt = loop.time() - ts
+        if st["w"] is not None:
+            try:
+                st["w"].close()
+            except Exception:
+                pass
+        if isinstance(e, (asyncio.TimeoutError, TimeoutError)) and dt >= 0.99 * timeout:
+            return "hung", (st["where"], None, None), None, dt, st["tcp"]
+        key, msg = exc_key(e)
+        if isinstance(e, PgError) and e.sqlstate == "53300":
+            return "refused", (st["where"], key, msg), None, dt, st["tcp"]
+        return "other", (st["where"], key, msg), None, dt, st["tcp"]
+
+
+async def _fdlimit(cfg):
+    loop = asyncio.get_running_loop()
+    host, port, n = "127.0.0.1", cfg["port"], cfg["clients"]
+    user, pw, timeout = cfg["user"], cfg["password"], cfg["timeout_s"]
+    out = {"clients": n, "served": 0, "refused": 0, "other": 0, "hung": 0,
+           "first_refusal": None, "refused_messages": {}, "refused_where": {},
+           "other_errors": {}, "other_messages": {}, "hung_where": {}}
+    conns, t_served, t_refused, t_other = [], [], [], []
+    tcp = {"served": [], "refused": [], "other": [], "hung": []}
+    answers = []  # start -> answer (served, refused or other error), s
+
+    def bump(d, k):
+        d[k] = d.get(k, 0) + 1
+
+    t0 = loop.time()
+    out["wall_start"] = time.time()
+
+    async def one(i):
+        if cfg["spread_s"]:
+            await asyncio.sleep(cfg["spread_s"] * i / n)
+        outcome, detail, c, dt, tc = await _fd_client(host, port, user, pw, timeout)
+        out[outcome] += 1
+        if tc is not None:
+            tcp[outcome].append(tc)
+        if outcome == "served":
+            conns.append(c)
+            t_served.append(dt)
+            answers.append(loop.time() - t0)
+        elif outcome == "refused":
+            where, key, msg = detail
+            if out["first_refusal"] is None:
+                out["first_refusal"] = {"where": where, "message": msg, "after_s": round(loop.time() - t0, 3)}
+            bump(out["refused_messages"], re.sub(r"\d+", "N", msg))
+            bump(out["refused_where"], where)
+            t_refused.append(dt)
+            answers.append(loop.time() - t0)
+        elif outcome == "other":
+            where, key, msg = detail
+            k = f"{where}: {key}"
+            bump(out["other_errors"], k)
+            out["other_messages"].setdefault(k, msg)
+            t_other.append(dt)
+            answers.append(loop.time() - t0)
+        else:
+            bump(out["hung_where"], detail[0])
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+    out["wall_answered"] = time.time()
+    out["last_answer_s"] = round(max(answers), 3) if answers else None
+    out["served_ms"] = summary(t_served, 1000, 1)
+    out["refused_ms"] = summary(t_refused, 1000, 1)
+    out["other_ms"] = summary(t_other, 1000, 1)
+    # TCP connect alone: a client whose SYN found the listen backlog full waits for the
+    # kernel's retransmission (1 s, then 3 s, ...) before the proxy even sees it.
+    out["tcp_connect_ms"] = {k: summary(v, 1000, 1) for k, v in tcp.items() if v}
+    # The admitted clients stay connected for hold_s; then one more client comes while
+    # they are still there (over the limit: 53300 expected; at least one log interval
+    # after the burst, so a refusal line with the burst's count is due).
+    await asyncio.sleep(cfg["hold_s"])
+    out["still_open_after_hold"] = sum(1 for c in conns if not c.r.at_eof() and c.r.exception() is None)
+    outcome, detail, c, dt, _ = await _fd_client(host, port, user, pw, timeout)
+    out["late_probe"] = {"outcome": outcome, "ms": round(dt * 1000, 1),
+                         "where": detail[0] if detail else None, "error": detail[1] if detail else None,
+                         "message": detail[2] if detail else None, "wall": time.time()}
+    if c is not None:
+        conns.append(c)
+    out["wall_hold_end"] = time.time()
+    for c in conns:
+        c.close()
+    conns.clear()
+    out["wall_closed"] = time.time()
+    # After the others left: is a new client served? (Retried every 0.5 s up to 10 s.)
+    await asyncio.sleep(cfg["pause_s"])
+    attempts, first = [], None
+    ta = loop.time()
+    while True:
+        outcome, detail, c, dt, _ = await _fd_client(host, port, user, pw, timeout)
+        attempts.append({"outcome": outcome, "ms": round(dt * 1000, 1),
+                         "where": detail[0] if detail else None, "error": detail[1] if detail else None,
+                         "message": detail[2] if detail else None})
+        if c is not None:
+            c.close()
+        if outcome == "served" or loop.time() - ta > cfg["after_retry_s"]:
+            break
+        await asyncio.sleep(0.5)
+    out["after"] = {"served": attempts[-1]["outcome"] == "served", "attempts": attempts,
+                    "seconds_after_close": round(time.time() - out["wall_closed"], 3)}
+    await asyncio.sleep(0.2)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 2)
+    with open(cfg["out"], "w") as f:
+        json.dump(out, f)
+
+
 def worker_main(kind, cfg_path):
     raise_nofile_to_hard()
     with open(cfg_path) as f:
         cfg = json.load(f)
     if kind == "_abuse":
         asyncio.run(_abuse(cfg))
+    elif kind == "_fdlimit":
+        asyncio.run(_fdlimit(cfg))
     else:
         asyncio.run(_storm(cfg))
     return 0
@@ -993,7 +1274,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="bench/overload", description=(
         "Switchyard under abuse: pgbench -S at a fixed rate alone and beside abusive clients "
         "(idle in transaction, an unread big answer, unfinished startups, login loops), then a "
-        "connection storm on a cold proxy and again after a restart of the primary. Writes "
+        "connection storm on a cold proxy and again after a restart of the primary, then more "
+        "clients at once than a proxy's file-descriptor limit leaves room for. Writes "
         "bench/results/<date>-<name>.md and .json."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--good", type=int, default=200, help="well-behaved pgbench clients (the issue's target: 10000)")
@@ -1019,6 +1301,19 @@ def parse_args(argv):
     p.add_argument("--no-storm-restart", action="store_true",
                    help="no pg_ctl restart between the storms (the second storm is then only against a warm proxy)")
     p.add_argument("--storm-sample-ms", type=int, default=50, help="pg_stat_activity sampling during the storm")
+    p.add_argument("--fd-limit", type=int, default=1024,
+                   help="fdlimit phase: RLIMIT_NOFILE (soft and hard) of its proxy, like `ulimit -n` (the issue: 1024)")
+    p.add_argument("--fd-clients", type=int, default=1500,
+                   help="fdlimit phase: clients that connect at once (the issue: 1500)")
+    p.add_argument("--fd-hold", type=float, default=10.0,
+                   help="fdlimit phase: seconds the admitted clients stay connected after all have been answered")
+    p.add_argument("--fd-spread", type=float, default=0.0,
+                   help="fdlimit phase: seconds over which the clients start (0: all at once)")
+    p.add_argument("--fd-timeout", type=float, default=15.0,
+                   help="fdlimit phase: per client, connect + login + SELECT 1 within this, else it counts as hung")
+    p.add_argument("--fd-log-interval", type=float, default=10.0,
+                   help="fdlimit phase: the proxy's interval for repeated log lines (refusals, accept failures), "
+                        "against which the log is checked")
     p.add_argument("--pool-size", type=int, default=20)
     p.add_argument("--idle-transaction-timeout-ms", type=int, default=2000)
     p.add_argument("--client-login-timeout-ms", type=int, default=5000)
@@ -1038,6 +1333,7 @@ def parse_args(argv):
     p.add_argument("--pg-bin", default=PG_BIN_DEFAULT)
     p.add_argument("--skip-overload", action="store_true")
     p.add_argument("--skip-storm", action="store_true")
+    p.add_argument("--skip-fdlimit", action="store_true", help="no fdlimit phase (a proxy under --fd-limit)")
     p.add_argument("--quiet-wait", type=float, default=45.0,
                    help="total seconds the run may wait for other processes on the machine to go quiet")
     p.add_argument("--foreign-limit", type=float, default=2.0,
@@ -1078,7 +1374,7 @@ class Overload:
         self.a = args
         self.reg = Registry()
         self.tmp = tempfile.mkdtemp(prefix="sybench-overload-")
-        self.results = {"runs": [], "storm": None, "notes": []}
+        self.results = {"runs": [], "storm": None, "fdlimit": None, "notes": []}
         self.quiet_budget = args.quiet_wait
 
     # ---------------------------------------------------------------- setup
@@ -1129,7 +1425,9 @@ class Overload:
         text += f'\n[admin]\nhttp_listen = "127.0.0.1:{admin_port}"\n'
         return text
 
-    def start_proxy(self, key, max_clients):
+    def start_proxy(self, key, max_clients, preexec_fn=None):
+        """A proxy with this run's config; `preexec_fn` runs in the child before the exec
+        (the fdlimit phase sets RLIMIT_NOFILE there, for `switchyard check` too)."""
         d = os.path.join(self.tmp, key)
         os.makedirs(d, exist_ok=True)
         port, admin = free_port(), free_port()
@@ -1137,13 +1435,14 @@ class Overload:
         path = os.path.join(d, "switchyard.toml")
         with open(path, "w") as f:
             f.write(cfg)
-        chk = subprocess.run([self.binary, "check", "--config", path], capture_output=True, text=True, timeout=30)
+        chk = subprocess.run([self.binary, "check", "--config", path], capture_output=True, text=True, timeout=30,
+                             preexec_fn=preexec_fn)
         if chk.returncode != 0:
             raise RuntimeError(f"switchyard check rejected {path}:\n{chk.stdout}{chk.stderr}\n{cfg}")
         logp = os.path.join(d, "switchyard.log")
         lvl = os.environ.get("SYBENCH_RUST_LOG", "info")
         p = self.reg.spawn(f"switchyard {key}", [self.binary, "--log-format", "json", "--config", path], logp,
-                           env=dict(os.environ, RUST_LOG=lvl, SWITCHYARD_LOG=lvl))
+                           env=dict(os.environ, RUST_LOG=lvl, SWITCHYARD_LOG=lvl), preexec_fn=preexec_fn)
         wait_port(port, proc=p)
         s = System(key, key, port, pid=p.pid, log_path=logp, config_text=cfg)
         s.admin_port, s.proc, s.check_output = admin, p, (chk.stdout + chk.stderr).strip()
@@ -1495,6 +1794,90 @@ class Overload:
         stop_process(s.proc)
 
 
+    # ---------------------------------------------------------------- fd limit
+    def fdlimit(self):
+        """A proxy whose RLIMIT_NOFILE is --fd-limit (soft and hard: it raises its soft
+        limit to the hard one at start), --fd-clients clients at once: every one should be
+        served or refused with 53300 at once, none left hanging; the refusals logged once
+        per interval with a count; and a client served again once the others have left."""
+        a = self.a
+        lim = a.fd_limit
+        maxc = a.max_clients or (a.fd_clients + 200)
+
+        def limit_nofile():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lim, lim))
+
+        s = self.start_proxy("sy-fdlimit", maxc, preexec_fn=limit_nofile)
+        nofile = proc_nofile(s.pid)
+        startup = fd_startup_line(s.log_path)
+        waited = self.quiet("fdlimit")
+        d = os.path.join(self.tmp, "fdlimit")
+        os.makedirs(d, exist_ok=True)
+        cfg = {"port": s.port, "clients": a.fd_clients, "user": BENCH_USER, "password": BENCH_PASSWORD,
+               "timeout_s": a.fd_timeout, "hold_s": a.fd_hold, "spread_s": a.fd_spread, "pause_s": 1.0,
+               "after_retry_s": 10.0,
+               "out": os.path.join(d, "result.json")}
+        cp = os.path.join(d, "config.json")
+        with open(cp, "w") as f:
+            json.dump(cfg, f)
+        m0 = fetch_metrics(s.admin_port)
+        off = s.log_offset()
+        base_proc = ProcSampler(s.pid, None, 0.1).one()
+        c0 = self.cpu.snapshot()
+        p0 = cpu_times(s.pid)
+        # /proc only: /metrics is asked before and after (an HTTP request takes one of the
+        # proxy's descriptors too).
+        procs = ProcSampler(s.pid, None, 0.1).start()
+        log(f"fdlimit: {a.fd_clients} clients " + (f"within {a.fd_spread:g} s" if a.fd_spread else "at once")
+            + f" against a proxy with RLIMIT_NOFILE {nofile} (:{s.port}); "
+            f"budget from its start-up warning: {(startup or {}).get('clients', '?')} clients")
+        worker = self.reg.spawn("fdlimit clients", [sys.executable, SCRIPT, "_fdlimit", cp],
+                                os.path.join(d, "worker.log"))
+        try:
+            worker.wait(3 * a.fd_timeout + a.fd_hold + 60)
+        except subprocess.TimeoutExpired:
+            pass
+        res = self.stop_worker(worker, cfg["out"])
+        time.sleep(2.0)
+        after_proc = procs.one()
+        samples = procs.stop()
+        p1 = cpu_times(s.pid) if s.proc.poll() is None else p0
+        c1 = self.cpu.snapshot()
+        m1 = fetch_metrics(s.admin_port)
+        n, msgs = s.log_problems(off)
+        msgs = norm_messages(msgs)
+        lines = fd_log_lines(s.log_path, off)
+        w0 = res.get("wall_start", samples[0]["t"] if samples else 0)
+        w1 = res.get("wall_hold_end", time.time())
+        timeline = []
+        for sec in range(int(max(0.0, (samples[-1]["t"] if samples else w0) - w0)) + 1):
+            ss = [x for x in samples if not x.get("dead") and w0 + sec <= x["t"] < w0 + sec + 1]
+            if ss:
+                timeline.append([sec, max(x["fds"] for x in ss), round(max(x["rss_kib"] for x in ss) / 1024, 1)])
+        out = {"limit": lim, "clients": a.fd_clients, "hold_s": a.fd_hold, "timeout_s": a.fd_timeout,
+               "spread_s": a.fd_spread,
+               "max_clients": maxc, "pool_mode": "transaction", "auth": "scram", "proxy_nofile": nofile,
+               "startup_warning": startup, "config": s.config_text, "check_output": s.check_output,
+               "quiet_wait_s": waited, "result": res, "proxy_before": base_proc, "proxy_after": after_proc,
+               "proxy_during": ProcSampler.window(samples, w0, w1),
+               "proxy_answering": ProcSampler.window(samples, w0, res.get("wall_answered", w1)),
+               "proxy_alive_at_end": s.proc.poll() is None, "fds_timeline": timeline,
+               "proxy_cpu_s": round(sum(p1) - sum(p0), 2),
+               "cpu": CpuAccount.delta(c0, c1, proxy_cpu=sum(p1) - sum(p0)), "metrics_delta": metrics_delta(m0, m1),
+               "log_lines": lines, "log_analysis": fd_log_analysis(lines, a.fd_log_interval),
+               "log_problems": n, "log_messages": dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:10]),
+               "loadavg": open("/proc/loadavg").read().split()[:3]}
+        self.results["fdlimit"] = out
+        la = out["log_analysis"]
+        log(f"  served {res.get('served')}, refused (53300) {res.get('refused')}, other {res.get('other')} "
+            f"{res.get('other_errors') or ''}, hung {res.get('hung')} {res.get('hung_where') or ''}; last answer at "
+            f"{res.get('last_answer_s')} s; proxy FDs max {out['proxy_during'].get('fds', {}).get('max')}, RSS max "
+            f"{out['proxy_during'].get('rss_kib', {}).get('max')} KiB; log: {la['lines']} lines, at most "
+            f"{la['max_in_interval']} within {a.fd_log_interval:g} s; after: "
+            f"{'served' if (res.get('after') or {}).get('served') else 'NOT served'}")
+        stop_process(s.proc)
+
+
 # ======================================================================================
 # report
 # ======================================================================================
@@ -1597,6 +1980,75 @@ def verdicts(R, a):
                 out.append((f"{label}: server connections ≤ pool_size ({a.pool_size}) + health",
                             f"max {mx} pooled + {sv['health_max']} health ({sv['samples']} samples)",
                             "met" if mx <= a.pool_size else "not met", True))
+    out.extend(fd_verdicts(R.get("fdlimit")))
+    return out
+
+
+def fd_verdicts(fd):
+    """The fdlimit phase's targets: every client answered (served or 53300), none hung;
+    refusals logged once per interval, not once per client; a client served after."""
+    if not fd:
+        return []
+    res = fd.get("result") or {}
+    lim, n = fd["limit"], fd["clients"]
+    nofile = fd.get("proxy_nofile")
+    applied = bool(nofile) and nofile[0] == lim and nofile[1] == lim
+    tag = f"fd limit {lim}, {n} clients"
+    if res.get("error"):
+        return [(f"{tag}: every client answered (served or 53300), none hung", f"no result: {res['error'][:300]}",
+                 "not met", True)]
+    served, refused, other, hung = (res.get(k, 0) for k in ("served", "refused", "other", "hung"))
+    fig = (f"{served} served, {refused} refused with 53300, {other} other errors"
+           + (f" {res.get('other_errors')}" if other else "") + f", {hung} hung"
+           + (f" {res.get('hung_where')}" if hung else "")
+           + f"; last answer {res.get('last_answer_s')} s after the start; proxy RLIMIT_NOFILE {nofile}")
+    if not fd.get("proxy_alive_at_end", True):
+        fig += "; the proxy died"
+    if not applied:
+        vd = "not met (the limit was not applied to the proxy)"
+    elif served + refused + other + hung != n:
+        vd = f"not met ({n - served - refused - other - hung} clients unaccounted for)"
+    elif hung or other or not fd.get("proxy_alive_at_end", True):
+        vd = "not met"
+    elif not refused:
+        vd = "inconclusive (no client was refused: the limit was not reached)"
+    else:
+        vd = "met"
+    out = [(f"{tag}: every client answered (served or 53300), none hung", fig, vd, True)]
+    la = fd.get("log_analysis") or {}
+    iv = la.get("interval_s", 10)
+    kinds = "; ".join(f"{v['lines']} × “{k[:90]}” (at most {v['max_in_interval']} within {iv:g} s"
+                      + (f", closest two {v['min_gap_s']} s apart" if v.get("min_gap_s") is not None else "")
+                      + f", counts in them {v['counts_sum']:g})" for k, v in (la.get("per_kind") or {}).items())
+    lp = res.get("late_probe") or {}
+    fig = (f"{la.get('lines', 0)} lines for {refused + (lp.get('outcome') == 'refused')} refused clients"
+           + (f" (per {iv:g}-s interval from the first: {la.get('per_interval')})" if la.get("per_interval") else "")
+           + f"; at most {la.get('max_in_interval', 0)} within one interval in all"
+           + (f": {kinds}" if kinds else "")
+           + (f"; {la['untimed']} lines without a timestamp" if la.get("untimed") else ""))
+    if not refused:
+        vd = "inconclusive (no client was refused)"
+    elif not la.get("lines"):
+        vd = "not met (no line logged)"
+    elif la.get("untimed"):
+        vd = "inconclusive (lines without a timestamp)"
+    elif la.get("max_in_interval_per_kind", 0) <= 1 and la["lines"] < refused:
+        vd = "met"
+    else:
+        vd = "not met"
+    out.append(("refusals logged once per interval (not once per client)", fig, vd, True))
+    af = res.get("after") or {}
+    att = af.get("attempts") or []
+    if att:
+        last = att[-1]
+        fig = (f"{'served' if af.get('served') else 'not served'} at attempt {len(att)}, "
+               f"{af.get('seconds_after_close')} s after the others closed ({last['ms']} ms for the last attempt)")
+        if len(att) > 1 or not af.get("served"):
+            fig += "; first attempt: " + (f"{att[0]['outcome']} at {att[0]['where']}: {att[0]['error']} "
+                                          f"{att[0]['message'] or ''}".strip())
+    else:
+        fig = "not tried"
+    out.append(("a client is served after the others leave", fig, "met" if af.get("served") else "not met", True))
     return out
 
 
@@ -1721,7 +2173,8 @@ def write_report(R, a, path_md):
         f"RLIMIT_NOFILE of the bench (soft, hard): {R.get('nofile')}.\n")
     add("## Targets\n")
     add("The issue's targets: good clients see 0 errors and a p99 within 2× of the baseline while abusive "
-        "clients run; server connections stay within the pool; a connection storm is served.\n")
+        "clients run; server connections stay within the pool; a connection storm is served; under a "
+        "file-descriptor limit the clients over it get 53300 (not a hang) and the log has one line per interval.\n")
     add("| target | figure | verdict |\n|---|---|---|")
     for t, f, vd, head in R.get("verdicts", []):
         if head:
@@ -1961,6 +2414,11 @@ def write_report(R, a, path_md):
                 add(f"{n:6d} × {k[:260]}")
             add("```\n")
 
+    # ---------------- fd limit
+    fd = R.get("fdlimit")
+    if fd:
+        write_fd_section(add, fd)
+
     # ---------------- setup
     add("## Setup\n")
     add(f"- PostgreSQL primary: `initdb` in a temp dir, `max_connections = {a.max_connections}`, `fsync = off`, "
@@ -1980,13 +2438,116 @@ def write_report(R, a, path_md):
         add("```toml\n" + R["overload_config"].strip() + "\n```\n")
     if R.get("storm_config") and R.get("storm_config") != R.get("overload_config"):
         add("The storm's proxy: the same, with `max_clients` as above (ports differ).\n")
-    add("Command lines of the good clients:\n")
-    add("```")
-    for r in R.get("runs", []):
-        add(r["pgbench"]["command"])
-    add("```\n")
+    if R.get("runs"):
+        add("Command lines of the good clients:\n")
+        add("```")
+        for r in R.get("runs", []):
+            add(r["pgbench"]["command"])
+        add("```\n")
     with open(path_md, "w") as f:
         f.write("\n".join(L) + "\n")
+
+
+def write_fd_section(add, fd):
+    res = fd.get("result") or {}
+    lim, n = fd["limit"], fd["clients"]
+    add("## 3. File-descriptor limit\n")
+    st = fd.get("startup_warning") or {}
+    add(f"A freshly started proxy (same config, `max_clients` {fd['max_clients']}, {fd['pool_mode']} pooling) with "
+        f"RLIMIT_NOFILE {lim} soft and hard (set for it alone before its exec; it raises its soft limit to the hard "
+        f"one at start, so both are needed); /proc/PID/limits said {fd.get('proxy_nofile')}. "
+        + (f"Its start-up warning: fd_limit {st.get('fd_limit')}, needed {st.get('needed')}, room for "
+           f"{st.get('clients')} clients. " if st else "No start-up warning about the descriptor limit in its log. ")
+        + f"{n} asyncio clients (`bench/overload _fdlimit`, SCRAM as {BENCH_USER}) connect "
+        + (f"within {fd['spread_s']:g} s" if fd.get("spread_s") else "at once") + ", each logs in "
+        f"and runs `SELECT 1` within {fd['timeout_s']:g} s (else it counts as hung); the ones served keep their "
+        f"connection {fd['hold_s']:g} s after the last answer, then one more client comes while they are still "
+        "there (the late probe), then all close and after 1 s a new client must be served (retried every 0.5 s up "
+        "to 10 s). The proxy's open FDs (`/proc/PID/fd`) and RSS every 100 ms.\n")
+    if res.get("error"):
+        add(f"No result from the clients: {res['error']}\n")
+        return
+    px = fd.get("proxy_during") or {}
+    pa, pb = fd.get("proxy_answering") or {}, fd.get("proxy_before") or {}
+    aft = fd.get("proxy_after") or {}
+    add("| served | refused 53300 | other errors | hung | time to the last answer s | served: time to result "
+        "p50 / max ms | refused: time to 53300 p50 / max ms | open after the hold | proxy FDs before / max / after "
+        "| proxy RSS before / max / after MiB |")
+    add("|---|---|---|---|---|---|---|---|---|---|")
+    sv, rf = res.get("served_ms") or {}, res.get("refused_ms") or {}
+    add(f"| {res.get('served')} | {res.get('refused')} | {res.get('other')} | {res.get('hung')} | "
+        f"{_fmt(res.get('last_answer_s'), 3)} | {_fmt(sv.get('p50'), 1)} / {_fmt(sv.get('max'), 1)} | "
+        f"{_fmt(rf.get('p50'), 1)} / {_fmt(rf.get('max'), 1)} | {res.get('still_open_after_hold')} of "
+        f"{res.get('served')} | {pb.get('fds')} / {px.get('fds', {}).get('max')} / {aft.get('fds')} | "
+        f"{(pb.get('rss_kib') or 0) / 1024:.1f} / {(px.get('rss_kib') or {}).get('max', 0) / 1024:.1f} / "
+        f"{(aft.get('rss_kib') or 0) / 1024:.1f} |")
+    add("")
+    tc = res.get("tcp_connect_ms") or {}
+    if tc:
+        add("TCP connect alone (a SYN that finds the listen backlog full is retransmitted by the client's kernel "
+            "after 1 s, then 3 s, ...), p50 / p99 / max ms: "
+            + "; ".join(f"{k} {_fmt(v.get('p50'), 1)} / {_fmt(v.get('p99'), 1)} / {_fmt(v.get('max'), 1)}"
+                        for k, v in tc.items() if v.get("n")) + ".\n")
+    fr = res.get("first_refusal")
+    if fr:
+        add(f"The first refusal ({fr['after_s']} s after the start, at {fr['where']}): “{fr['message']}”.\n")
+    rm = res.get("refused_messages") or {}
+    if len(rm) > 1 or res.get("refused_where"):
+        add("53300 by message (numbers as N): " + "; ".join(f"{c} × “{m}”" for m, c in rm.items())
+            + f"; by stage: {res.get('refused_where')}.\n")
+    if res.get("other"):
+        add("Other errors: " + "; ".join(f"{c} × {k} ({(res.get('other_messages') or {}).get(k, '')})"
+                                         for k, c in res["other_errors"].items()) + ".\n")
+    if res.get("hung"):
+        add(f"Hung clients by the stage they were in at {fd['timeout_s']:g} s: {res.get('hung_where')}.\n")
+    lp = res.get("late_probe")
+    if lp:
+        add(f"Late probe (while the served clients were still connected): {lp['outcome']} in {lp['ms']} ms"
+            + (f" ({lp['where']}: {lp['error']} {lp.get('message') or ''})" if lp.get("error") else "") + ".\n")
+    if fd.get("fds_timeline"):
+        add("Proxy FDs / RSS MiB per second from the start (max in each second): "
+            + ", ".join(f"{s_}: {f_} / {r_:g}" for s_, f_, r_ in fd["fds_timeline"]) + ".\n")
+    la = fd.get("log_analysis") or {}
+    add(f"Proxy log lines that mention {', '.join(repr(w) for w in FD_LOG_WORDS)} from the start of the clients "
+        f"on: {la.get('lines', 0)}; at most {la.get('max_in_interval', 0)} within one {la.get('interval_s', 10):g}-s "
+        f"interval (all kinds together), at most {la.get('max_in_interval_per_kind', 0)} of one kind"
+        + (f"; per interval from the first line: {la.get('per_interval')}" if la.get("per_interval") else "")
+        + ". Sum of the counts the lines carry, per kind: "
+        + ("; ".join(f"“{k[:100]}” {v['counts_sum']:g} in {v['lines']} lines" for k, v in la.get("per_kind", {}).items())
+           or "–") + ".\n")
+    lines = fd.get("log_lines") or []
+    if lines:
+        add("The first lines of each kind:\n")
+        add("```")
+        shown = {}
+        for x in lines:
+            k = x["kind"]
+            shown[k] = shown.get(k, 0) + 1
+            if shown[k] <= 3 and x.get("text"):
+                add(x["text"][:600])
+        for k, c in shown.items():
+            if c > 3:
+                add(f"... and {c - 3} more lines “{k[:100]}”")
+        add("```\n")
+    if st.get("text"):
+        add("The start-up warning:\n")
+        add("```\n" + st["text"][:700] + "\n```\n")
+    add("Counters from /metrics (growth over the phase):\n")
+    for k, d in sorted((fd.get("metrics_delta") or {}).items()):
+        add(f"- `{k}`: {d:g}")
+    add("")
+    add(f"Proxy log: {fd.get('log_problems', 0)} warning/error lines in all" + (":" if fd.get("log_messages") else ".") + "\n")
+    if fd.get("log_messages"):
+        add("```")
+        for k, c in fd["log_messages"].items():
+            add(f"{c:6d} × {k[:260]}")
+        add("```\n")
+    cpu = fd.get("cpu") or {}
+    add(f"Proxy CPU {fd.get('proxy_cpu_s')} s, client driver CPU {res.get('cpu_s')} s, postgres CPU "
+        f"{cpu.get('postgres_cpu_s')} s, other processes {cpu.get('foreign_cpu_s')} s {cpu.get('foreign_top') or ''}.\n")
+    if fd.get("check_output"):
+        add("`switchyard check` under the same limit:\n")
+        add("```\n" + fd["check_output"][:1200] + "\n```\n")
 
 
 def binary_versions(a, binary):
@@ -2020,6 +2581,9 @@ def report_from(path):
         r["log_messages"] = norm_messages(r.get("log_messages", {}))
     if R.get("storm"):
         R["storm"]["log_messages"] = norm_messages(R["storm"].get("log_messages", {}))
+    if R.get("fdlimit"):
+        R["fdlimit"]["log_messages"] = norm_messages(R["fdlimit"].get("log_messages", {}))
+        R["fdlimit"]["log_analysis"] = fd_log_analysis(R["fdlimit"].get("log_lines", []), a.fd_log_interval)
     R["verdicts"] = verdicts(R, a)
     R["observations"] = observations(R, a)
     R["report_rewritten"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -2035,7 +2599,7 @@ def report_from(path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("_abuse", "_storm"):
+    if argv and argv[0] in ("_abuse", "_storm", "_fdlimit"):
         return worker_main(argv[0], argv[1])
     a = parse_args(argv)
     if a.report_from:
@@ -2068,6 +2632,8 @@ def main(argv=None):
             b.overload()
         if not a.skip_storm:
             b.storm()
+        if not a.skip_fdlimit:
+            b.fdlimit()
     except KeyboardInterrupt as e:
         failed = f"interrupted ({str(e) or 'Ctrl-C'})"
         log(failed)
@@ -2091,7 +2657,7 @@ def main(argv=None):
         R["failed"] = failed
     R["verdicts"] = verdicts(R, a)
     R["observations"] = observations(R, a)
-    if not R["runs"] and not R["storm"]:
+    if not R["runs"] and not R["storm"] and not R["fdlimit"]:
         log("nothing measured; no results written")
         return 1
     os.makedirs(a.out_dir, exist_ok=True)

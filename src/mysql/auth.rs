@@ -102,8 +102,9 @@ pub(super) struct Client {
     pub(super) attributes: Option<HashMap<String, String>>,
     /// Sequence id of the client's last login packet.
     pub(super) seq: u8,
-    /// This client's place under `max_clients`, held until the session ends.
-    pub(super) _admission: Admission,
+    /// This client's place under `max_clients`, held until the session ends (moved to
+    /// another user by `COM_CHANGE_USER`).
+    pub(super) admission: std::sync::Mutex<Admission>,
 }
 
 /// What our greeting says, and whether TLS is offered or required.
@@ -251,7 +252,7 @@ pub(super) async fn authenticate(
         attributes: response.connect_attributes(),
         user,
         seq,
-        _admission: admission,
+        admission: std::sync::Mutex::new(admission),
     })
 }
 

@@ -18,6 +18,7 @@ use crate::cluster::routing::Endpoint;
 use crate::config::AuthMethod;
 use crate::error::Error;
 use crate::proxy::cancel::Target as KillTarget;
+use crate::proxy::limits;
 use crate::proxy::stream::{write_flush, ClientStream};
 
 /// `COM_CHANGE_USER`'s fields, read by hand: `mysql_common`'s `ComChangeUser` parses
@@ -230,6 +231,11 @@ impl Relay<'_> {
             if let Err(e) = check_answer(&name, password, &self.client.nonce, &plugin, &answer) {
                 return self.refuse(client, reply_seq, e).await;
             }
+        }
+        // Counted under the new user from now on, within its max_clients.
+        let counted = limits::change_user(self.shared, &mut self.client.admission.lock().unwrap(), &user.name);
+        if let Err(e) = counted {
+            return self.refuse(client, reply_seq, e).await;
         }
         let change = server::ChangeUser {
             user: &user.name,

@@ -183,8 +183,7 @@ impl Relay<'_> {
                 Err(_) => {
                     let fired = crate::proxy::timeouts::Fired::ClientIdle;
                     crate::proxy::limits::timed_out(self.shared, &self.cluster.name, fired, "session ended");
-                    let watch = crate::proxy::timeouts::Watch::new(self.timeouts, std::time::Instant::now());
-                    return Err(End::Failed(watch.error(fired)));
+                    return Err(End::Failed(self.timeouts.error(fired)));
                 }
             },
         }

@@ -465,7 +465,7 @@ impl Relay<'_> {
                         break Pause::KillQuery;
                     }
                     crate::proxy::limits::timed_out(shared, &cluster.name, fired, "session ended");
-                    let e = crate::proxy::timeouts::Watch::new(self.timeouts, std::time::Instant::now()).error(fired);
+                    let e = self.timeouts.error(fired);
                     break Pause::End(End::Failed(e));
                 }
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {

@@ -63,7 +63,7 @@ pub async fn greet(addr: &str, timeout: Duration) -> Result<Hello, Error> {
     let mut stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| Error::connect_failed(format!("no connection to {addr} within {} ms", timeout.as_millis())))?
-        .map_err(|e| Error::connect_failed(format!("cannot connect to {addr}: {e}")))?;
+        .map_err(|e| Error::server_connect(format!("cannot connect to {addr}"), &e))?;
     let _ = stream.set_nodelay(true);
     let mut buf = Vec::new();
     tokio::time::timeout(timeout, read_packet(&mut stream, &mut buf, 1 << 16))

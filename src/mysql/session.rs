@@ -299,7 +299,10 @@ pub async fn serve(
             debug!(cluster = %cluster.name, peer = %peer, engine = "mysql", node = %node.name, code = e.mysql_code().number, reason = %e, "session ended by a client timeout")
         }
         End::Failed(e) => {
-            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", node = %node.name, code = e.mysql_code().number, reason = %e, "session ended by proxy")
+            let key = format!("{}/{}", cluster.name, e.mysql_code().number);
+            if let Some(n) = shared.admissions.session_ends.hit(&key, std::time::Instant::now()) {
+                warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", node = %node.name, code = e.mysql_code().number, reason = %e, ended = n, "session ended by proxy (ended: how many with this code since the last such line)")
+            }
         }
         other => debug!(cluster = %cluster.name, peer = %peer, node = %node.name, end = ?other, "session ended"),
     }
@@ -385,6 +388,8 @@ impl Dialer for MysqlDialer<'_> {
         let place = login_place(&gate, self.max_logins, until)
             .await
             .map_err(|q| Error::connect_failed(q.to_string()))?;
+        // What is left of the bound after waiting for room and a place.
+        let timeout = until.saturating_duration_since(tokio::time::Instant::now());
         let mut conn = server::login(&node.addr, &self.request, &self.tls, timeout).await?;
         drop(place);
         conn.budget = budget;

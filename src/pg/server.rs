@@ -52,8 +52,8 @@ impl ServerError {
             e @ ServerError::Budget(_) => {
                 Error::pool_exhausted(format!("node \"{node}\" of cluster \"{cluster}\": {e}"))
             }
-            e @ (ServerError::Connect(_)
-            | ServerError::Timeout(_)
+            ServerError::Connect(e) => Error::server_connect(format!("cannot connect to node \"{node}\""), &e),
+            e @ (ServerError::Timeout(_)
             | ServerError::Queued(_)
             | ServerError::NotPrimary
             | ServerError::Io(_)

@@ -225,7 +225,13 @@ pub async fn serve(
             debug!(cluster = %cluster.name, peer = %peer, node = %node, code = %e.code(), reason = %e, "session ended by a client timeout")
         }
         End::Failed(e) => {
-            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy")
+            if let Some(n) = shared
+                .admissions
+                .session_ends
+                .hit(&format!("{}/{}", cluster.name, e.code()), Instant::now())
+            {
+                warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, node = %node, code = %e.code(), side = ?e.side(), reason = %e, ended = n, "session ended by proxy (ended: how many with this code since the last such line)")
+            }
         }
         other => {
             debug!(cluster = %cluster.name, peer = %peer, node = %node, end = ?other, "session ended")
@@ -282,7 +288,13 @@ async fn serve_transaction_mode(
         if e.is_client_timeout() {
             debug!(cluster = %cluster.name, peer = %peer, code = %e.code(), reason = %e, "session ended by a client timeout");
         } else {
-            warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "session ended by proxy");
+            if let Some(n) = shared
+                .admissions
+                .session_ends
+                .hit(&format!("{}/{}", cluster.name, e.code()), Instant::now())
+            {
+                warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, ended = n, "session ended by proxy (ended: how many with this code since the last such line)");
+            }
         }
         // Boxed: its state (a write, a linger with a timer) would otherwise enlarge
         // every session future.

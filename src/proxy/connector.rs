@@ -139,6 +139,8 @@ pub async fn connect<D: Dialer>(
     let mut own_rx = None;
     let mut failures: Vec<String> = Vec::new();
     loop {
+        // Out of file descriptors on this pass (the proxy's, not a node's fault).
+        let mut exhausted: Option<Error> = None;
         let snap = match (first.take(), rx.as_deref_mut().or(own_rx.as_mut())) {
             (Some(snap), _) => snap,
             (None, Some(rx)) => rx.borrow_and_update().clone(),
@@ -205,6 +207,11 @@ pub async fn connect<D: Dialer>(
                                 waited: started.elapsed(),
                             });
                         }
+                        // No other node would do better; a descriptor may be free soon.
+                        Err(e) if e.is_out_of_descriptors() => {
+                            exhausted = Some(e);
+                            break;
+                        }
                         Err(e) if e.retry_elsewhere() || (node.role == Role::Standby && e.standby_behind()) => {
                             // One warning a second per node: a dead node that the monitor
                             // has not marked down yet is tried by every new request.
@@ -236,6 +243,16 @@ pub async fn connect<D: Dialer>(
             }
             Err(no_route) => no_route.to_string(),
         };
+        if let Some(e) = exhausted {
+            // Try again shortly, within the deadline: refused clients are leaving and
+            // take their descriptors with them.
+            let retry = Instant::now() + Duration::from_millis(100);
+            if retry >= deadline {
+                return Err(e);
+            }
+            tokio::time::sleep_until(retry).await;
+            continue;
+        }
         // Nothing usable now: wait for the health monitor to change its mind.
         let waiter = match rx.as_deref_mut() {
             Some(rx) => rx,

@@ -101,6 +101,26 @@ pub fn admit(shared: &Shared, cluster: &str, user: &str, forced: Option<Refusal>
             Err(r) => r,
         },
     };
+    Err(refused(shared, cluster, user, refusal))
+}
+
+/// An admitted client now logs in as `user` (MySQL's `COM_CHANGE_USER`): counted under
+/// that user from now on, or refused by that user's `max_clients` (counted and logged as
+/// `admit` does; the client keeps its place until its session ends).
+pub fn change_user(shared: &Shared, admission: &mut Admission, user: &str) -> Result<(), Error> {
+    let limit = shared.config().user(user).and_then(|u| u.max_clients);
+    match admission.change_user(limit, user) {
+        Ok(()) => Ok(()),
+        Err(r) => {
+            let cluster = admission.cluster.clone();
+            Err(refused(shared, &cluster, user, r))
+        }
+    }
+}
+
+/// A refusal counted (metrics, `SHOW LIMITS`) and logged once per interval: what the
+/// client is told.
+fn refused(shared: &Shared, cluster: &str, user: &str, refusal: Refusal) -> Error {
     shared.metrics.client_refused(cluster, refusal.reason());
     shared.admissions.note(cluster, refusal.reason());
     let e = refusal.error();
@@ -108,7 +128,7 @@ pub fn admit(shared: &Shared, cluster: &str, user: &str, forced: Option<Refusal>
         warn!(cluster = %cluster, user = %user, reason = refusal.reason(), refused = n, error = %e,
               "clients refused by a limit (refused: how many since the last such line)");
     }
-    Err(e)
+    e
 }
 
 /// A client timeout fired on `cluster`: counted (metrics, `SHOW LIMITS`) and logged once
@@ -145,6 +165,8 @@ pub struct Admissions {
     pub refusals_logged: Throttle,
     /// So are client timeouts, per kind (client_idle, idle_transaction, query).
     timeouts_logged: [Throttle; 3],
+    /// And sessions the proxy ended, per cluster and code (`session ended by proxy`).
+    pub session_ends: Throttles,
     /// Refusals by (cluster, reason) and client timeouts by (cluster, kind) since start,
     /// for `SHOW LIMITS` and `/status` (the metrics have them too).
     events: Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
@@ -174,6 +196,7 @@ impl Default for Admissions {
             descriptor_cap: std::sync::atomic::AtomicU32::new(u32::MAX),
             refusals_logged: Throttle::default(),
             timeouts_logged: Default::default(),
+            session_ends: Throttles::default(),
             events: Mutex::default(),
         }
     }
@@ -259,6 +282,34 @@ impl Admissions {
     }
 }
 
+impl Admission {
+    /// Count this client under `user` instead, if `limit` (that user's `max_clients`)
+    /// leaves room.
+    pub fn change_user(&mut self, limit: Option<u32>, user: &str) -> Result<(), Refusal> {
+        if user == self.user {
+            return Ok(());
+        }
+        let mut guard = self.admissions.counts.lock().unwrap();
+        let users = &mut guard.users;
+        let of_user = users.get(user).copied().unwrap_or(0);
+        if let Some(limit) = limit.filter(|l| of_user >= *l) {
+            return Err(Refusal::User {
+                user: user.to_string(),
+                limit,
+            });
+        }
+        *users.entry(user.to_string()).or_default() += 1;
+        if let Some(n) = users.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                users.remove(&self.user);
+            }
+        }
+        self.user = user.to_string();
+        Ok(())
+    }
+}
+
 impl Drop for Admission {
     fn drop(&mut self) {
         let mut guard = self.admissions.counts.lock().unwrap();
@@ -311,6 +362,63 @@ impl Throttle {
             }
         }
     }
+
+    /// Events held back since the last line, once the interval has passed since it:
+    /// their line is due although no new event came to let it through (the flood ended).
+    pub fn due(&self, now: Instant) -> Option<u64> {
+        let mut s = self.state.lock().unwrap();
+        match s.0 {
+            Some(last) if s.1 > 0 && now.duration_since(last) >= self.interval => {
+                let n = s.1;
+                *s = (Some(now), 0);
+                Some(n)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A `Throttle` per key (e.g. ended sessions per cluster and code).
+#[derive(Default)]
+pub struct Throttles(Mutex<HashMap<String, Arc<Throttle>>>);
+
+impl Throttles {
+    pub fn hit(&self, key: &str, now: Instant) -> Option<u64> {
+        let t = self.0.lock().unwrap().entry(key.to_string()).or_default().clone();
+        t.hit(now)
+    }
+
+    /// The keys whose held-back events are due (`Throttle::due`).
+    pub fn due(&self, now: Instant) -> Vec<(String, u64)> {
+        let map = self.0.lock().unwrap();
+        map.iter().filter_map(|(k, t)| Some((k.clone(), t.due(now)?))).collect()
+    }
+}
+
+/// Log what the throttles held back once a flood is over (every second, from the
+/// control runtime): without this, the count of the last interval of a burst would
+/// wait for the next event, which may never come.
+pub fn flush_logs(shared: &Shared) {
+    let now = Instant::now();
+    let a = &shared.admissions;
+    if let Some(n) = a.refusals_logged.due(now) {
+        warn!(
+            refused = n,
+            "clients refused by a limit (refused: how many since the last such line)"
+        );
+    }
+    for (kind, t) in a.timeouts_logged.iter().enumerate() {
+        if let Some(n) = t.due(now) {
+            tracing::info!(
+                timeout = ["client_idle", "idle_transaction", "query"][kind],
+                fired = n,
+                "client timeouts (fired: how many since the last such line)"
+            );
+        }
+    }
+    for (key, n) in a.session_ends.due(now) {
+        warn!(key = %key, ended = n, "sessions ended by proxy (ended: how many like the last such line since it)");
+    }
 }
 
 /// Raise this process's soft `RLIMIT_NOFILE` to its hard limit (as nginx and HAProxy
@@ -336,6 +444,19 @@ pub fn raise_fd_limit() -> u64 {
             }
         }
         r.rlim_cur
+    }
+}
+
+/// This process's soft `RLIMIT_NOFILE` (1024 if it cannot be read).
+pub fn fd_limit() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } {
+        0 => r.rlim_cur,
+        _ => 1024,
     }
 }
 
@@ -423,6 +544,50 @@ mod tests {
         drop((second, third, again));
         assert_eq!(a.counted("main"), (0, 0));
         assert!(a.counts.lock().unwrap().users.is_empty());
+    }
+
+    #[test]
+    fn a_change_of_user_moves_the_count_if_the_new_users_limit_has_room() {
+        let a = Arc::new(Admissions::default());
+        let l = limits(10, None, Some(1));
+        let mut first = a.admit(l, "main", "app").unwrap();
+        let _second = a.admit(l, "main", "batch").unwrap();
+        assert_eq!(
+            first.change_user(Some(1), "batch"),
+            Err(Refusal::User {
+                user: "batch".into(),
+                limit: 1
+            })
+        );
+        first.change_user(Some(1), "reports").unwrap();
+        let users = |a: &Admissions| a.counts.lock().unwrap().users.clone();
+        assert_eq!(users(&a).get("app"), None, "app's place is free");
+        assert_eq!(users(&a).get("reports"), Some(&1));
+        assert_eq!(a.counted("main"), (2, 2), "still one client each");
+        let _app = a.admit(l, "main", "app").unwrap();
+        drop(first);
+        assert_eq!(users(&a).get("reports"), None);
+    }
+
+    #[test]
+    fn held_back_events_are_due_once_the_interval_has_passed() {
+        let t = Throttle::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(t.due(t0), None, "nothing yet");
+        assert_eq!(t.hit(t0), Some(1));
+        assert_eq!(t.hit(t0 + Duration::from_secs(1)), None);
+        assert_eq!(t.hit(t0 + Duration::from_secs(2)), None);
+        assert_eq!(t.due(t0 + Duration::from_secs(9)), None, "within the interval");
+        assert_eq!(t.due(t0 + Duration::from_secs(10)), Some(2), "the two held back");
+        assert_eq!(t.due(t0 + Duration::from_secs(30)), None, "said once");
+        let keyed = Throttles::default();
+        assert_eq!(keyed.hit("main/08006", t0), Some(1));
+        assert_eq!(keyed.hit("main/57P01", t0), Some(1), "another key has its own");
+        assert_eq!(keyed.hit("main/08006", t0), None);
+        assert_eq!(
+            keyed.due(t0 + Duration::from_secs(10)),
+            vec![("main/08006".to_string(), 1)]
+        );
     }
 
     #[test]

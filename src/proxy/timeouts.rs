@@ -114,6 +114,13 @@ impl Watch {
             .clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 
+    /// What the client is told when `fired` ends it (`ClientTimeouts::error`).
+    pub fn error(&self, fired: Fired) -> crate::error::Error {
+        self.timeouts.error(fired)
+    }
+}
+
+impl ClientTimeouts {
     /// What the client is told when `fired` ends it, or its query (PostgreSQL clients
     /// get the server's own 57014 from the cancel instead).
     pub fn error(&self, fired: Fired) -> crate::error::Error {
@@ -121,15 +128,15 @@ impl Watch {
         match fired {
             Fired::ClientIdle => crate::error::Error::client_idle(format!(
                 "terminating connection: idle for {} ms (client_idle_timeout_ms); reconnect when there is work",
-                ms(self.timeouts.client_idle)
+                ms(self.client_idle)
             )),
             Fired::IdleTransaction => crate::error::Error::idle_in_transaction(format!(
                 "terminating connection: idle inside a transaction for {} ms (idle_transaction_timeout_ms); the transaction was rolled back",
-                ms(self.timeouts.idle_transaction)
+                ms(self.idle_transaction)
             )),
             Fired::Query => crate::error::Error::query_canceled(format!(
                 "canceling statement: it ran longer than {} ms (query_timeout_ms)",
-                ms(self.timeouts.query)
+                ms(self.query)
             )),
         }
     }
