@@ -1,5 +1,5 @@
 # The two commands of the README's quick start.
-.PHONY: demo test deps compat compat-slice fuzz profile chaos bench-failover
+.PHONY: demo test deps compat compat-slice fuzz profile chaos bench-failover dist
 
 deps:
 	@scripts/install-deps.sh
@@ -57,3 +57,11 @@ chaos: deps
 # instance and two through etcd; switchover hold), 3 rounds, about 5 minutes.
 bench-failover: deps
 	bench/failover --rounds 3
+
+# Release artifacts in dist/ (packaging/dist): switchyard_VERSION_amd64.deb,
+# switchyard-VERSION-x86_64-linux.tar.gz and the OCI image archive switchyard-VERSION.oci.tar
+# (built with buildah, as root; NO_IMAGE=1 skips it). `packaging/check dist` (root)
+# installs, checks and purges them. See docs/src/operations/install.md.
+dist: deps
+	cargo build --release
+	packaging/dist $(if $(NO_IMAGE),--no-image) target/release/switchyard dist

@@ -214,6 +214,20 @@ fn reload(shared: &Shared) -> Result<String, String> {
             notes.push(format!("cluster {name} removed: restart needed"));
         }
     }
+    // The clients the descriptor limit leaves room for depend on the pools' sizes and
+    // the pool modes (only when a cap is in force: `run` sets it at start).
+    if shared.admissions.descriptor_cap() != u32::MAX {
+        let fds = crate::proxy::limits::fd_limit();
+        let cap = crate::proxy::limits::descriptor_budget(&new, fds);
+        if cap != shared.admissions.descriptor_cap() {
+            info!(
+                fd_limit = fds,
+                clients = cap,
+                "clients the file-descriptor limit leaves room for, with the new pools"
+            );
+            shared.admissions.set_descriptor_cap(cap);
+        }
+    }
     shared.set_config(new);
     start_monitors(shared);
     let summary = if notes.is_empty() {
@@ -315,6 +329,20 @@ impl Proxy {
         );
         shared.set_reloader(Box::new(reload));
         start_monitors(&shared);
+        // What the log throttles held back, said once a flood is over.
+        tokio::spawn({
+            let shared = shared.clone();
+            let mut shutdown = shutdown.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => crate::proxy::limits::flush_logs(&shared),
+                        _ = shutdown.wait_for(|s| *s) => return,
+                    }
+                }
+            }
+        });
         // The control plane watches every cluster; it acts only where the config says
         // `failover = "automatic"` (a reload may switch that on or off).
         if let Some(c) = shared.config().coordination.clone() {
@@ -409,6 +437,11 @@ impl Workers {
 
     fn len(&self) -> usize {
         self.handles.len()
+    }
+
+    /// Client connections open now (every worker's sessions, refused ones too).
+    fn open(&self) -> usize {
+        self.sessions.iter().map(|c| c.load(Ordering::Relaxed)).sum()
     }
 
     /// The least busy worker, and a guard that counts the session there.
@@ -521,6 +554,12 @@ async fn accept_loop(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         let (stream, peer, forced) = match accepted {
+            // Past the descriptor cap, counting every open client socket (not only the
+            // admitted: a burst of new clients would otherwise take the descriptors the
+            // pools need before any of them is admitted), a client is refused at once.
+            Ok((stream, peer)) if workers.open() >= shared.admissions.descriptor_cap() as usize => {
+                (stream, peer, Some(crate::proxy::limits::Refusal::Descriptors))
+            }
             Ok((stream, peer)) => (stream, peer, None),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) && reserve.is_some() => {
                 drop(reserve.take());
@@ -540,6 +579,11 @@ async fn accept_loop(
                 continue;
             }
         };
+        // The count of failures held back, once accepting works again.
+        if let Some(n) = failures.due(std::time::Instant::now()) {
+            error!(cluster = %ctx.name, endpoint = %endpoint, failures = n,
+                   "accept failed (failures: how many since the last such line); raise the file-descriptor limit or lower max_clients");
+        }
         // Moved to the worker's event loop: deregistered here, registered there.
         let stream = match stream.into_std() {
             Ok(s) => s,
@@ -581,7 +625,8 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Wait for SIGTERM or SIGINT; reload the config on every SIGHUP meanwhile.
+/// Wait for SIGTERM or SIGINT; reload the config on every SIGHUP meanwhile (told to
+/// the service manager: reloading, then ready again with the outcome as status).
 pub async fn wait_for_signal(proxy: &Proxy) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -591,9 +636,50 @@ pub async fn wait_for_signal(proxy: &Proxy) -> std::io::Result<()> {
             r = tokio::signal::ctrl_c() => return r,
             _ = term.recv() => return Ok(()),
             _ = hup.recv() => {
+                let mut reloading = vec![sd_notify::NotifyState::Reloading];
+                // systemd 253+ wants the time of the reload beside RELOADING=1.
+                reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+                notify(&reloading);
                 // reload() logs its own outcome, success or rejection.
-                let _ = proxy.shared.reload();
+                let outcome = proxy.shared.reload().unwrap_or_else(|e| e);
+                notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&outcome)]);
             }
+        }
+    }
+}
+
+/// Tell the service manager (systemd with `Type=notify`) `states`: a no-op without
+/// `NOTIFY_SOCKET`. A failure is logged, never fatal: the proxy serves either way.
+pub fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(reason = %e, "could not notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
+impl Proxy {
+    /// Wait until every node has had its first health check, or `bound` passed: then
+    /// "ready" means clients are routed by what the servers said rather than waiting
+    /// for a first answer. Returns the nodes still unchecked.
+    pub async fn first_health_round(&self, bound: Duration) -> usize {
+        let until = Instant::now() + bound;
+        loop {
+            let unchecked = self
+                .shared
+                .clusters
+                .values()
+                .map(|c| {
+                    c.state
+                        .snapshot()
+                        .nodes
+                        .iter()
+                        .filter(|n| n.last_check.is_none())
+                        .count()
+                })
+                .sum();
+            if unchecked == 0 || Instant::now() >= until {
+                return unchecked;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

@@ -1,22 +1,24 @@
-//! Switchyard: a high-availability proxy for replicated PostgreSQL.
+//! Switchyard: a high-availability proxy for replicated PostgreSQL and MySQL/MariaDB.
 //!
-//! Layers, each using only those before it (see ARCHITECTURE.md for the invariants):
-//! - [`protocol`], [`config`], [`error`], [`classify`]: wire-protocol codecs and views,
-//!   the TOML contract, the one error type, the statement classifier. No I/O.
-//! - [`tls`]: TLS toward servers (`server_tls`) and the plain-or-TLS stream both sides
-//!   share.
-//! - [`cluster`]: node state ([`cluster::topology`]), health checks
-//!   ([`cluster::health`]), the routing policy ([`cluster::routing`], pure).
-//! - [`backend`]: server login, connection pools, the connector.
-//! - [`obs`]: metrics and the client list, fed by sessions.
-//! - [`frontend`]: client authentication, cancel routing, what sessions share
-//!   ([`frontend::shared`]), sessions (session-mode relay, transaction-pooling machine
-//!   and driver).
-//! - [`ha`]: the control plane: planned switchover, automatic failover.
+//! Layers, each using only those before it (ARCHITECTURE.md lists them, and
+//! `tests/layout.rs` checks the code against that list):
+//! - [`error`], [`scram`], [`tx`], [`local_watch`]: the one error type, SCRAM's math, a
+//!   session's transaction status, per-thread repeaters of watch channels. No I/O.
+//! - [`config`]: the TOML contract.
+//! - [`tls`]: TLS toward servers, the same for both engines.
+//! - [`cluster`]: the engine-neutral core: node state, the health monitor loop, the
+//!   routing policy (pure), fresh-read rules, `ClusterCtx`.
+//! - [`obs`]: metrics and the client list.
+//! - [`proxy`]: what sessions of every engine share: `Shared`, client streams, the
+//!   cancel/KILL registry, the connector, pool rules, limits and timeouts.
+//! - [`pg`], [`mysql`]: one folder per engine, with the same file names for the same
+//!   jobs.
+//! - [`ha`]: switchover, automatic failover, coordination through etcd.
 //! - [`admin`]: the operators' console and HTTP endpoints.
-//! - [`app`]: wiring of listeners, monitors, reload and shutdown.
-//! - [`localcluster`]: a throwaway primary + standbys from the machine's PostgreSQL
-//!   binaries, for `switchyard demo` and the integration tests.
+//! - [`app`]: wiring of listeners, monitors, reload, shutdown, and what the service
+//!   manager is told.
+//! - [`demo`]: throwaway local clusters for `switchyard demo` and the tests.
+//! - [`import`]: other poolers' configs as Switchyard's (`switchyard import`).
 
 pub mod admin;
 pub mod app;
@@ -25,6 +27,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod ha;
+pub mod import;
 pub mod local_watch;
 pub mod mysql;
 pub mod obs;

@@ -11,8 +11,8 @@ use switchyard::config::Config;
 #[derive(Parser)]
 #[command(
     name = "switchyard",
-    version,
-    about = "High-availability proxy for replicated PostgreSQL",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SWITCHYARD_COMMIT"), ")"),
+    about = "High-availability proxy for replicated PostgreSQL and MySQL/MariaDB",
     long_about = "High-availability proxy for replicated PostgreSQL.\n\n\
         Checks every server of a cluster in the background, sends writes (listen_rw) only to the \
         node that reports itself primary, spreads reads (listen_ro) over healthy standbys within \
@@ -28,6 +28,9 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     log_format: LogFormat,
+    /// Where logs go (stdout suits containers that collect it).
+    #[arg(long, value_enum, default_value_t = LogTo::Stderr, global = true)]
+    log_to: LogTo,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -36,6 +39,12 @@ struct Cli {
 enum LogFormat {
     Human,
     Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogTo {
+    Stderr,
+    Stdout,
 }
 
 #[derive(Subcommand)]
@@ -65,6 +74,12 @@ enum Cmd {
         #[arg(long)]
         to: String,
     },
+    /// Print a switchyard.toml equivalent to another pooler's config (settings with no
+    /// equivalent are listed as comments).
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
+    },
     /// Start a local primary and two streaming standbys from this machine's PostgreSQL
     /// binaries in a temporary directory, with the proxy in front. Ctrl-C cleans up.
     Demo {
@@ -91,6 +106,18 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum ImportFrom {
+    /// PgBouncer: `pgbouncer.ini` and its `auth_file` (userlist.txt).
+    Pgbouncer {
+        #[arg(long)]
+        ini: PathBuf,
+        /// The userlist (PgBouncer's auth_file): its users become [[users]].
+        #[arg(long)]
+        userlist: Option<PathBuf>,
+    },
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DemoEngine {
     Postgresql,
@@ -103,11 +130,26 @@ enum DemoFailover {
     Automatic,
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, to: LogTo) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| "info".into());
+    let writer = tracing_subscriber::fmt::writer::BoxMakeWriter::new(move || -> Box<dyn std::io::Write> {
+        match to {
+            LogTo::Stderr => Box::new(std::io::stderr()),
+            LogTo::Stdout => Box::new(std::io::stdout()),
+        }
+    });
+    // Colour only for a terminal: a journal or a log file gets plain text.
+    let ansi = {
+        use std::io::IsTerminal;
+        match to {
+            LogTo::Stderr => std::io::stderr().is_terminal(),
+            LogTo::Stdout => std::io::stdout().is_terminal(),
+        }
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -119,11 +161,14 @@ fn main() -> ExitCode {
     let result = match cli.command.as_ref().unwrap_or(&Cmd::Run) {
         Cmd::Check => check(cli.config.as_ref()),
         Cmd::Run => {
-            init_logging(cli.log_format);
+            init_logging(cli.log_format, cli.log_to);
             run(cli.config.as_ref())
         }
         Cmd::Status { url, watch } => status(cli.config.as_ref(), url.clone(), *watch),
         Cmd::Switchover { url, cluster, to } => switchover(cli.config.as_ref(), url.clone(), cluster, to),
+        Cmd::Import {
+            from: ImportFrom::Pgbouncer { ini, userlist },
+        } => import_pgbouncer(ini, userlist.as_ref()),
         Cmd::Demo {
             rw_port,
             ro_port,
@@ -132,7 +177,7 @@ fn main() -> ExitCode {
             instances,
             engine,
         } => {
-            init_logging(cli.log_format);
+            init_logging(cli.log_format, cli.log_to);
             match engine {
                 DemoEngine::Postgresql => switchyard::demo::postgres_demo(
                     rw_port.unwrap_or(6432),
@@ -158,6 +203,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn import_pgbouncer(ini: &PathBuf, userlist: Option<&PathBuf>) -> Result<()> {
+    let text = std::fs::read_to_string(ini).with_context(|| format!("cannot read {}", ini.display()))?;
+    let users = userlist
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display())))
+        .transpose()?;
+    let out = switchyard::import::pgbouncer::convert(&switchyard::import::pgbouncer::Input {
+        ini: &text,
+        ini_name: &ini.display().to_string(),
+        userlist: users.as_deref(),
+    })?;
+    print!("{out}");
+    Ok(())
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config> {
@@ -262,9 +321,19 @@ fn run(path: Option<&PathBuf>) -> Result<()> {
         );
     }
     switchyard::app::runtime()?.block_on(async {
+        let health = config.health.interval() + 2 * config.health.timeout();
         let proxy = Proxy::start(config, path.cloned()).await?;
         proxy.shared.admissions.set_descriptor_cap(budget);
+        // systemd's Type=notify: ready once the listeners are bound and every node has
+        // answered (or failed) its first health check.
+        let unchecked = proxy.first_health_round(health).await;
+        let status = match unchecked {
+            0 => format!("serving {} clusters", proxy.shared.clusters.len()),
+            n => format!("serving; {n} nodes not checked yet"),
+        };
+        switchyard::app::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
         switchyard::app::wait_for_signal(&proxy).await?;
+        switchyard::app::notify(&[sd_notify::NotifyState::Stopping]);
         tracing::info!("shutting down: no new sessions; open transactions may finish");
         proxy.shutdown().await;
         Ok(())

@@ -268,6 +268,109 @@ async fn sigterm_lets_transactions_finish_then_says_goodbye() {
     assert!(asked.elapsed() < Duration::from_secs(5));
 }
 
+/// systemd's side of `Type=notify`: READY=1 once the listeners are bound and every node
+/// has had its first health check; RELOADING=1 (with MONOTONIC_USEC, which systemd 253+
+/// requires) and READY=1 again with the outcome around a SIGHUP; STOPPING=1 on SIGTERM.
+/// And `--version` names the commit.
+#[test]
+fn the_service_manager_is_told_ready_reloading_and_stopping() {
+    let version = switchyard(&["--version"]);
+    assert!(
+        version.starts_with(&format!("switchyard {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{version}"
+    );
+    let cluster = LocalCluster::start(1).unwrap();
+    let path = cluster.dir().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let recv = || {
+        let mut buf = [0u8; 4096];
+        let n = socket.recv(&mut buf).expect("a notification within 20 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let (rw, ro) = (free_port(), free_port());
+    let text = cluster.config_toml(rw, ro, "");
+    let proxy = Proxy::spawn_env(
+        cluster.dir(),
+        "notify",
+        &text,
+        rw,
+        ro,
+        &[("NOTIFY_SOCKET", path.as_os_str())],
+    );
+    let ready = recv();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    // Ready means serving: a write gets through at once.
+    assert_eq!(
+        psql(rw, "/* switchyard:primary */ SELECT pg_is_in_recovery()").unwrap(),
+        "f"
+    );
+    proxy.signal(libc::SIGHUP);
+    let reloading = recv();
+    assert!(
+        reloading.lines().any(|l| l == "RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let again = recv();
+    assert!(
+        again.lines().any(|l| l == "READY=1") && again.contains("STATUS=config reloaded"),
+        "{again}"
+    );
+    proxy.signal(libc::SIGTERM);
+    let stopping = recv();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+}
+
+/// `switchyard import pgbouncer` round trip: a PgBouncer setup for a primary and its
+/// standby (a host list), converted, passes `check` and serves the same database in
+/// transaction pooling, writes on the primary.
+#[test]
+fn an_imported_pgbouncer_config_serves_the_same_database() {
+    let cluster = LocalCluster::start(1).unwrap();
+    let (p0, p1) = (cluster.nodes[0].port, cluster.nodes[1].port);
+    let rw = free_port();
+    let ini = cluster.dir().join("pgbouncer.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]
+{APP_DB} = host=127.0.0.1,127.0.0.1 port={p0},{p1}
+
+             [pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {rw}
+auth_type = scram-sha-256
+             auth_file = userlist.txt
+pool_mode = transaction
+default_pool_size = 4
+             server_reset_query = DISCARD ALL
+"
+        ),
+    )
+    .unwrap();
+    let userlist = cluster.dir().join("userlist.txt");
+    std::fs::write(&userlist, format!("\"{APP_USER}\" \"{APP_PASSWORD}\"\n")).unwrap();
+    let text = switchyard(&[
+        "import",
+        "pgbouncer",
+        "--ini",
+        ini.to_str().unwrap(),
+        "--userlist",
+        userlist.to_str().unwrap(),
+    ]);
+    assert!(text.contains("server_reset_query = DISCARD ALL: not needed"), "{text}");
+    let config = cluster.dir().join("imported.toml");
+    std::fs::write(&config, &text).unwrap();
+    let checked = switchyard(&["check", "--config", config.to_str().unwrap()]);
+    assert!(checked.contains("1 cluster(s), 2 node(s), 1 user(s)"), "{checked}");
+    let proxy = Proxy::spawn(&cluster, "imported", &text, rw, free_port());
+    let primary = wait_for("the imported config serves", Duration::from_secs(20), || {
+        psql(proxy.rw, "SELECT pg_is_in_recovery()").ok()
+    });
+    assert_eq!(primary, "f", "writes go to the primary of the host list");
+    assert!(proxy.log_text().contains("session started (transaction pooling)"));
+}
+
 /// The config text without the `[[clusters.main.nodes]]` entry named `name`.
 fn remove_node(text: &str, name: &str) -> String {
     let marker = "\n[[clusters.main.nodes]]\n";

@@ -13,6 +13,12 @@ use crate::proxy::shared::Shared;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
     pub version: String,
+    /// The git commit it was built from ("unknown" outside a git checkout).
+    #[serde(default)]
+    pub commit: String,
+    /// This process.
+    #[serde(default)]
+    pub pid: u32,
     pub uptime_s: u64,
     /// With `[coordination]`: this instance, the leader, the live instances.
     #[serde(default)]
@@ -264,6 +270,8 @@ pub fn build(shared: &Shared) -> Status {
         .collect();
     Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
+        commit: env!("SWITCHYARD_COMMIT").to_string(),
+        pid: std::process::id(),
         uptime_s: shared.started.elapsed().as_secs(),
         coordination: crate::ha::coord::get(shared).map(|c| {
             let v = c.view();

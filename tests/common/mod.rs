@@ -75,11 +75,24 @@ impl Proxy {
 
     /// The same, with its config and log in `dir`.
     pub fn spawn_in(dir: &std::path::Path, name: &str, text: &str, rw: u16, ro: u16) -> Proxy {
+        Proxy::spawn_env(dir, name, text, rw, ro, &[])
+    }
+
+    /// The same, with more environment variables for the process.
+    pub fn spawn_env(
+        dir: &std::path::Path,
+        name: &str,
+        text: &str,
+        rw: u16,
+        ro: u16,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Proxy {
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, text).unwrap();
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(switchyard_bin())
             .args(["--config", config.to_str().unwrap()])
+            .envs(env.iter().copied())
             .env(
                 "SWITCHYARD_LOG",
                 std::env::var("SWITCHYARD_TEST_LOG").unwrap_or_else(|_| "info,switchyard=debug".into()),

@@ -1,0 +1,851 @@
+//! `switchyard import pgbouncer --ini pgbouncer.ini [--userlist userlist.txt]`: a
+//! PgBouncer setup as a `switchyard.toml`.
+//!
+//! PgBouncer routes by database name on one port; Switchyard routes by port to a cluster
+//! of servers and passes the database name through. So the `[databases]` entries are
+//! grouped by the servers they point to (and their pool mode): each group becomes a
+//! cluster, the first on PgBouncer's own `listen_addr:listen_port`, the others on the
+//! next ports up (said in a comment above each). A `host=` list (PgBouncer 1.17+)
+//! becomes the cluster's nodes, among which Switchyard finds the primary by itself.
+//!
+//! The INI and libpq connection-string readers are written here: the few INI crates do
+//! not follow PgBouncer's rules (`;` and `#` comments, `%include`, keys with spaces in
+//! `[databases]`), and a connection string inside a value is PgBouncer's own syntax.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::quote;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{file}:{line}: {reason}")]
+    Syntax { file: String, line: usize, reason: String },
+}
+
+/// The files to convert (their text and the names to cite in messages).
+pub struct Input<'a> {
+    pub ini: &'a str,
+    pub ini_name: &'a str,
+    pub userlist: Option<&'a str>,
+}
+
+/// One `key = value` of the INI, with its line.
+#[derive(Debug, Clone)]
+struct Entry {
+    key: String,
+    value: String,
+    line: usize,
+}
+
+/// Sections in file order, each with its entries in order.
+#[derive(Debug, Default)]
+struct Ini {
+    sections: Vec<(String, Vec<Entry>)>,
+    includes: Vec<String>,
+}
+
+impl Ini {
+    fn section<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.sections
+            .iter()
+            .filter(move |(s, _)| s.eq_ignore_ascii_case(name))
+            .flat_map(|(_, e)| e.iter())
+    }
+}
+
+fn parse_ini(file: &str, text: &str) -> Result<Ini, ImportError> {
+    let mut ini = Ini::default();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with(';') || line.starts_with('#') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("%include") {
+            ini.includes.push(rest.trim().to_string());
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[') {
+            let name = name.strip_suffix(']').ok_or_else(|| ImportError::Syntax {
+                file: file.to_string(),
+                line: i + 1,
+                reason: format!("a section header must end with ']': {line}"),
+            })?;
+            ini.sections.push((name.trim().to_string(), Vec::new()));
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(ImportError::Syntax {
+                file: file.to_string(),
+                line: i + 1,
+                reason: format!("expected `key = value`: {line}"),
+            });
+        };
+        let Some((_, entries)) = ini.sections.last_mut() else {
+            return Err(ImportError::Syntax {
+                file: file.to_string(),
+                line: i + 1,
+                reason: "a setting before any [section]".into(),
+            });
+        };
+        entries.push(Entry {
+            key: key.trim().to_string(),
+            value: value.trim().to_string(),
+            line: i + 1,
+        });
+    }
+    Ok(ini)
+}
+
+/// A libpq-style connection string (`host=a port=5432 dbname='x y'`) as pairs.
+fn parse_connstr(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        if key.is_empty() {
+            return Ok(out);
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.next() != Some('=') {
+            return Err(format!("expected `=` after \"{key}\""));
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('\\') => value.extend(chars.next()),
+                    Some('\'') => break,
+                    Some(c) => value.push(c),
+                    None => return Err(format!("unterminated quote in the value of \"{key}\"")),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                chars.next();
+                if c == '\\' {
+                    value.extend(chars.next());
+                } else {
+                    value.push(c);
+                }
+            }
+        }
+        out.push((key.to_ascii_lowercase(), value));
+    }
+}
+
+/// `userlist.txt`: `"name" "password"` per line (`""` is a quote inside).
+fn parse_userlist(text: &str) -> Vec<(String, String)> {
+    let mut users = Vec::new();
+    for line in text.lines() {
+        let mut fields = Vec::new();
+        let mut chars = line.trim().chars().peekable();
+        while chars.peek() == Some(&'"') {
+            chars.next();
+            let mut field = String::new();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    Some('"') | None => break,
+                    Some(c) => field.push(c),
+                }
+            }
+            fields.push(field);
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+        }
+        if fields.len() >= 2 {
+            users.push((fields[0].clone(), fields[1].clone()));
+        }
+    }
+    users
+}
+
+/// A PgBouncer duration (seconds, fractions allowed; or with a unit: `ms`, `s`, `min`,
+/// `h`, `d`) in milliseconds.
+fn millis(value: &str) -> Option<u64> {
+    let v = value.trim();
+    let split = v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len());
+    let (number, unit) = v.split_at(split);
+    let n: f64 = number.trim().parse().ok()?;
+    let factor = match unit.trim() {
+        "" | "s" => 1000.0,
+        "ms" => 1.0,
+        "min" => 60_000.0,
+        "h" => 3_600_000.0,
+        "d" => 86_400_000.0,
+        _ => return None,
+    };
+    (n >= 0.0).then(|| (n * factor).round() as u64)
+}
+
+/// A name usable as a TOML bare key and a cluster or node name.
+fn name_of(s: &str) -> String {
+    let n: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if n.is_empty() {
+        "main".into()
+    } else {
+        n
+    }
+}
+
+/// Servers a database entry points to and the pool mode it gets: databases with the
+/// same ones share a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct GroupKey {
+    servers: Vec<(String, u16)>,
+    pool_mode: String,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    databases: Vec<String>,
+    /// Per database: its own pool size.
+    pool_sizes: Vec<(String, u32)>,
+}
+
+/// The report of what did not carry over, as comment lines.
+#[derive(Default)]
+struct Notes(Vec<String>);
+
+impl Notes {
+    fn add(&mut self, what: impl Into<String>) {
+        self.0.push(what.into());
+    }
+}
+
+/// Settings of `[pgbouncer]` that Switchyard does not need or has no equivalent for,
+/// with why (said once each, in the closing comment).
+const NO_EQUIVALENT: &[(&str, &str)] = &[
+    (
+        "logfile",
+        "Switchyard logs to stderr (journald under systemd; --log-format json)",
+    ),
+    ("pidfile", "no pid file: run it under systemd or a container runtime"),
+    ("syslog", "logs go to stderr"),
+    ("user", "run it as a dedicated user (the Debian package's unit does)"),
+    ("unix_socket_dir", "Switchyard listens on TCP only"),
+    ("unix_socket_mode", "Switchyard listens on TCP only"),
+    ("unix_socket_group", "Switchyard listens on TCP only"),
+    (
+        "server_reset_query",
+        "not needed: transaction pooling tracks each client's session state and brings a connection to it",
+    ),
+    ("server_reset_query_always", "not needed (see server_reset_query)"),
+    ("server_check_query", "health checks are built in ([health])"),
+    ("server_check_delay", "health checks run every health.interval_ms"),
+    (
+        "server_round_robin",
+        "reads are spread over healthy standbys (read_balance)",
+    ),
+    (
+        "ignore_startup_parameters",
+        "not needed: startup parameters are applied to each server connection",
+    ),
+    (
+        "max_prepared_statements",
+        "not needed: prepared statements are tracked in transaction pooling",
+    ),
+    ("so_reuseport", "not needed"),
+    ("pkt_buf", "not needed"),
+    ("sbuf_loopcnt", "not needed"),
+    ("stats_period", "metrics are live (/metrics, SHOW commands)"),
+    ("application_name_add_host", "not supported"),
+    ("disable_pqexec", "not supported"),
+    (
+        "server_login_retry",
+        "a failed login is retried on the next transaction, or on another node",
+    ),
+    (
+        "server_fast_close",
+        "not needed: sessions move off a node that stops serving",
+    ),
+    ("dns_max_ttl", "node host names are resolved at each connection"),
+    ("dns_nxdomain_ttl", "node host names are resolved at each connection"),
+    (
+        "dns_zone_check_period",
+        "node host names are resolved at each connection",
+    ),
+    ("resolv_conf", "the system resolver is used"),
+    ("verbose", "SWITCHYARD_LOG=debug"),
+    ("log_connections", "session starts and ends are logged at info"),
+    ("log_disconnections", "session starts and ends are logged at info"),
+    ("log_pooler_errors", "errors are logged"),
+    ("log_stats", "metrics are live (/metrics)"),
+    ("tcp_keepalive", "not configurable"),
+    ("tcp_keepcnt", "not configurable"),
+    ("tcp_keepidle", "not configurable"),
+    ("tcp_keepintvl", "not configurable"),
+    ("tcp_user_timeout", "not configurable"),
+    ("tcp_defer_accept", "not configurable"),
+    ("tcp_socket_buffer", "not configurable"),
+    ("listen_backlog", "not configurable"),
+    (
+        "peer_id",
+        "several instances agree through etcd instead ([coordination])",
+    ),
+];
+
+/// Convert; the result is the text of a `switchyard.toml`.
+pub fn convert(input: &Input) -> Result<String, ImportError> {
+    let ini = parse_ini(input.ini_name, input.ini)?;
+    let mut notes = Notes::default();
+    for inc in &ini.includes {
+        notes.add(format!("%include {inc}: not read; convert that file's settings too"));
+    }
+    let settings: BTreeMap<String, Entry> = ini
+        .section("pgbouncer")
+        .map(|e| (e.key.to_ascii_lowercase(), e.clone()))
+        .collect();
+    let get = |k: &str| settings.get(k).map(|e| e.value.as_str());
+    let mut used: Vec<&str> = Vec::new();
+    let mut take = |k: &'static str| {
+        used.push(k);
+        get(k)
+    };
+    let global_mode = take("pool_mode").unwrap_or("session").to_ascii_lowercase();
+    let listen_addr = match take("listen_addr")
+        .unwrap_or("127.0.0.1")
+        .split(',')
+        .next()
+        .unwrap_or("")
+        .trim()
+    {
+        "*" | "" => "0.0.0.0".to_string(),
+        a if a.contains(':') => format!("[{a}]"),
+        a => a.to_string(),
+    };
+    let listen_port: u16 = take("listen_port").and_then(|p| p.parse().ok()).unwrap_or(6432);
+
+    // [databases] grouped by servers and pool mode.
+    let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
+    for e in ini.section("databases") {
+        let params = parse_connstr(&e.value).map_err(|reason| ImportError::Syntax {
+            file: input.ini_name.to_string(),
+            line: e.line,
+            reason,
+        })?;
+        let p = |k: &str| params.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let hosts: Vec<&str> = p("host").unwrap_or("127.0.0.1").split(',').map(str::trim).collect();
+        let ports: Vec<u16> = p("port")
+            .unwrap_or("5432")
+            .split(',')
+            .map(|x| x.trim().parse().unwrap_or(5432))
+            .collect();
+        let servers = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = if h.starts_with('/') { "127.0.0.1" } else { h };
+                if h.starts_with('/') {
+                    notes.add(format!(
+                        "database {}: host {h} is a Unix socket directory; Switchyard connects over TCP (127.0.0.1 assumed)",
+                        e.key
+                    ));
+                }
+                (host.to_string(), *ports.get(i).or(ports.last()).unwrap_or(&5432))
+            })
+            .collect();
+        let mode = p("pool_mode")
+            .map(str::to_ascii_lowercase)
+            .unwrap_or_else(|| global_mode.clone());
+        let database = if e.key == "*" { None } else { Some(e.key.clone()) };
+        let group = groups
+            .entry(GroupKey {
+                servers,
+                pool_mode: mode,
+            })
+            .or_default();
+        match &database {
+            Some(db) => group.databases.push(db.clone()),
+            None => group.databases.push("* (any other database)".into()),
+        }
+        if let (Some(db), Some(dbname)) = (&database, p("dbname")) {
+            if dbname != db {
+                notes.add(format!(
+                    "database {db}: dbname={dbname}: Switchyard passes the client's database name through; clients must ask for \"{dbname}\""
+                ));
+            }
+        }
+        if let (Some(db), Some(size)) = (&database, p("pool_size").and_then(|s| s.parse().ok())) {
+            group.pool_sizes.push((db.clone(), size));
+        }
+        for (k, v) in &params {
+            match k.as_str() {
+                "host" | "port" | "dbname" | "pool_mode" | "pool_size" => {}
+                "user" | "password" => notes.add(format!(
+                    "database {}: {k}={}: every client logs in to the servers as itself in Switchyard; a forced user has no equivalent",
+                    e.key,
+                    if k == "password" { "…" } else { v }
+                )),
+                other => notes.add(format!("database {}: {other}={v}: no equivalent", e.key)),
+            }
+        }
+    }
+    if groups.is_empty() {
+        notes.add("no [databases] entry: one cluster for a server on 127.0.0.1:5432 is written; correct its nodes");
+        groups.insert(
+            GroupKey {
+                servers: vec![("127.0.0.1".into(), 5432)],
+                pool_mode: global_mode.clone(),
+            },
+            Group {
+                databases: vec!["* (any database)".into()],
+                ..Group::default()
+            },
+        );
+    }
+
+    // Users: the userlist, with the auth type and [users] settings.
+    let auth_type = take("auth_type").unwrap_or("md5").to_ascii_lowercase();
+    let admins: Vec<String> = take("admin_users")
+        .map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if take("stats_users").is_some_and(|v| !v.trim().is_empty()) {
+        notes.add("stats_users: the admin console has no read-only role; those users are not made admins");
+    }
+    let user_settings: BTreeMap<String, Vec<(String, String)>> = ini
+        .section("users")
+        .filter_map(|e| Some((e.key.clone(), parse_connstr(&e.value).ok()?)))
+        .collect();
+    let max_user_connections = take("max_user_connections")
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| *n > 0);
+    let max_user_clients = take("max_user_client_connections")
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| *n > 0);
+    let mut users = String::new();
+    let mut health_user: Option<String> = None;
+    let mut first_user: Option<String> = None;
+    let userlist = input.userlist.map(parse_userlist).unwrap_or_default();
+    if input.userlist.is_none() {
+        if let Some(file) = take("auth_file") {
+            notes.add(format!(
+                "auth_file = {file}: not read; pass it with --userlist to import its users"
+            ));
+        }
+    } else {
+        take("auth_file");
+    }
+    let method = match auth_type.as_str() {
+        "scram-sha-256" | "md5" => auth_type.clone(),
+        "trust" | "any" => "trust".into(),
+        "plain" => {
+            notes.add("auth_type = plain: clients are asked for SCRAM-SHA-256 instead of a cleartext password");
+            "scram-sha-256".into()
+        }
+        other => {
+            notes.add(format!(
+                "auth_type = {other}: not supported; users get SCRAM-SHA-256 (hba rules belong in pg_hba.conf on the servers, behind the proxy)"
+            ));
+            "scram-sha-256".into()
+        }
+    };
+    if auth_type == "any" {
+        notes.add("auth_type = any: Switchyard always logs in to servers as the client's own user");
+    }
+    for (name, password) in &userlist {
+        let is_verifier = password.starts_with("SCRAM-SHA-256$");
+        let is_md5_hash =
+            password.len() == 35 && password.starts_with("md5") && password[3..].chars().all(|c| c.is_ascii_hexdigit());
+        if is_md5_hash && method != "trust" {
+            // Left commented out: the config must not name a user it cannot check.
+            let _ = writeln!(
+                users,
+                "# {name}'s password in the userlist is an MD5 hash, which Switchyard cannot use: give the\n\
+                 # password itself or its SCRAM verifier (pg_authid.rolpassword), here or with password_file.\n\
+                 # [[users]]\n# name = {}\n",
+                quote(name)
+            );
+            continue;
+        }
+        let _ = writeln!(users, "[[users]]\nname = {}", quote(name));
+        let auth = if is_verifier && method != "trust" {
+            "scram-sha-256"
+        } else {
+            method.as_str()
+        };
+        if auth != "trust" || !password.is_empty() {
+            let _ = writeln!(users, "password = {}", quote(password));
+        }
+        let _ = writeln!(users, "auth = {}", quote(auth));
+        if admins.iter().any(|a| a == name) {
+            let _ = writeln!(users, "admin = true  # admin_users");
+        }
+        if let Some(n) = max_user_connections {
+            let _ = writeln!(users, "max_server_connections = {n}  # max_user_connections");
+        }
+        if let Some(n) = max_user_clients {
+            let _ = writeln!(users, "max_clients = {n}  # max_user_client_connections");
+        }
+        for (k, v) in user_settings.get(name).into_iter().flatten() {
+            match k.as_str() {
+                "pool_size" => {
+                    let _ = writeln!(users, "pool_size = {v}  # [users] pool_size");
+                }
+                "max_user_connections" => {
+                    let _ = writeln!(users, "max_server_connections = {v}  # [users] max_user_connections");
+                }
+                "max_user_client_connections" => {
+                    let _ = writeln!(users, "max_clients = {v}  # [users] max_user_client_connections");
+                }
+                other => notes.add(format!("[users] {name}: {other}={v}: no per-user equivalent")),
+            }
+        }
+        users.push('\n');
+        first_user.get_or_insert_with(|| name.clone());
+        if health_user.is_none() && !is_verifier && !password.is_empty() {
+            health_user = Some(name.clone());
+        }
+    }
+    for name in user_settings.keys() {
+        if !userlist.iter().any(|(u, _)| u == name) {
+            notes.add(format!(
+                "[users] {name}: not in the userlist; its settings were not applied"
+            ));
+        }
+    }
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# Generated by `switchyard import pgbouncer` from {}.\n\
+         # Review it, then: switchyard check --config switchyard.toml\n\
+         # PgBouncer settings with no equivalent are listed at the end.\n",
+        input.ini_name
+    );
+
+    // [proxy]
+    let mut proxy = String::new();
+    if let Some(n) = take("max_client_conn").and_then(|v| v.parse::<u32>().ok()) {
+        let _ = writeln!(proxy, "max_clients = {n}  # max_client_conn");
+    }
+    if let Some(ms) = take("client_login_timeout").and_then(millis).filter(|ms| *ms > 0) {
+        let _ = writeln!(proxy, "client_login_timeout_ms = {ms}  # client_login_timeout");
+    }
+    if !proxy.is_empty() {
+        let _ = writeln!(out, "[proxy]\n{proxy}");
+    }
+
+    // [health]: Switchyard checks every server itself.
+    let _ = writeln!(
+        out,
+        "# Switchyard checks every server in the background (role, lag) and logs in as this user."
+    );
+    let _ = writeln!(out, "[health]");
+    match (&health_user, &first_user) {
+        (Some(u), _) => {
+            let _ = writeln!(out, "user = {}\n", quote(u));
+        }
+        (None, Some(u)) => {
+            let _ = writeln!(
+                out,
+                "user = {}\n# Its userlist entry is a SCRAM verifier; health checks need the password itself.\npassword_env = \"SWITCHYARD_HEALTH_PASSWORD\"\n",
+                quote(u)
+            );
+        }
+        (None, None) => {
+            let user = take("auth_user").unwrap_or("postgres");
+            let _ = writeln!(
+                out,
+                "user = {}\npassword_env = \"SWITCHYARD_HEALTH_PASSWORD\"\n",
+                quote(user)
+            );
+        }
+    }
+
+    // [tls]: the certificate clients see.
+    let client_mode = take("client_tls_sslmode").unwrap_or("disable").to_ascii_lowercase();
+    let (cert, key, ca) = (
+        take("client_tls_cert_file"),
+        take("client_tls_key_file"),
+        take("client_tls_ca_file"),
+    );
+    let client_tls = match (client_mode.as_str(), cert, key) {
+        ("disable", _, _) => None,
+        (mode, Some(cert), Some(key)) => {
+            let _ = writeln!(out, "[tls]\ncert_file = {}\nkey_file = {}", quote(cert), quote(key));
+            if let Some(ca) = ca {
+                let _ = writeln!(out, "client_ca_file = {}", quote(ca));
+            }
+            out.push('\n');
+            Some(match mode {
+                "allow" | "prefer" => "allow",
+                _ => "require",
+            })
+        }
+        (mode, _, _) => {
+            notes.add(format!(
+                "client_tls_sslmode = {mode} without client_tls_cert_file and client_tls_key_file: no client TLS written"
+            ));
+            None
+        }
+    };
+    if matches!(client_mode.as_str(), "verify-ca" | "verify-full") {
+        notes.add("client_tls_sslmode verify-*: clients' certificates are verified when presented (tls.client_ca_file), not required");
+    }
+
+    // [auth_query]
+    match (take("auth_user"), take("auth_query")) {
+        (Some(user), query) => {
+            let _ = writeln!(
+                out,
+                "# Users not in [[users]] are looked up on the servers (auth_user, auth_query)."
+            );
+            let _ = writeln!(out, "[auth_query]\nuser = {}", quote(user));
+            match userlist.iter().find(|(u, _)| u == user) {
+                Some((_, pw)) if !pw.starts_with("SCRAM-SHA-256$") && !pw.starts_with("md5") => {
+                    let _ = writeln!(out, "password = {}", quote(pw));
+                }
+                _ => {
+                    let _ = writeln!(out, "password_env = \"SWITCHYARD_AUTH_QUERY_PASSWORD\"");
+                }
+            }
+            if let Some(q) = query {
+                let _ = writeln!(out, "query = {}", quote(q));
+            }
+            if let Some(db) = take("auth_dbname") {
+                let _ = writeln!(out, "database = {}", quote(db));
+            }
+            out.push('\n');
+        }
+        (None, Some(_)) => notes.add("auth_query without auth_user: not imported"),
+        (None, None) => {}
+    }
+
+    out.push_str(&users);
+
+    // Clusters.
+    let server_mode = take("server_tls_sslmode").map(str::to_ascii_lowercase);
+    let server_ca = take("server_tls_ca_file");
+    let cluster_keys: Vec<(&'static str, &'static str, Option<u64>)> = vec![
+        (
+            "default_pool_size",
+            "pool_size",
+            take("default_pool_size").and_then(|v| v.parse().ok()),
+        ),
+        (
+            "min_pool_size",
+            "min_pool_size",
+            take("min_pool_size").and_then(|v| v.parse().ok()),
+        ),
+        (
+            "reserve_pool_size",
+            "reserve_pool_size",
+            take("reserve_pool_size").and_then(|v| v.parse().ok()),
+        ),
+        (
+            "reserve_pool_timeout",
+            "reserve_pool_timeout_ms",
+            take("reserve_pool_timeout").and_then(millis),
+        ),
+        (
+            "server_idle_timeout",
+            "server_idle_timeout_ms",
+            take("server_idle_timeout").and_then(millis).filter(|v| *v > 0),
+        ),
+        (
+            "server_lifetime",
+            "server_lifetime_ms",
+            take("server_lifetime").and_then(millis).filter(|v| *v > 0),
+        ),
+        (
+            "server_connect_timeout",
+            "server_login_timeout_ms",
+            take("server_connect_timeout").and_then(millis).filter(|v| *v > 0),
+        ),
+        (
+            "query_wait_timeout",
+            "checkout_timeout_ms",
+            take("query_wait_timeout").and_then(millis).filter(|v| *v > 0),
+        ),
+        (
+            "query_timeout",
+            "query_timeout_ms",
+            take("query_timeout").and_then(millis).filter(|v| *v > 0),
+        ),
+        (
+            "client_idle_timeout",
+            "client_idle_timeout_ms",
+            take("client_idle_timeout").and_then(millis).filter(|v| *v > 0),
+        ),
+        (
+            "idle_transaction_timeout",
+            "idle_transaction_timeout_ms",
+            take("idle_transaction_timeout").and_then(millis).filter(|v| *v > 0),
+        ),
+    ];
+    if take("query_wait_timeout").and_then(millis) == Some(0) {
+        notes.add("query_wait_timeout = 0 (wait forever): Switchyard always bounds the wait (checkout_timeout_ms)");
+    }
+    for k in ["max_db_connections"] {
+        if let Some(v) = take(k).filter(|v| v.trim() != "0") {
+            notes.add(format!(
+                "{k} = {v}: no per-database cap; max_server_connections caps a node's connections for all databases"
+            ));
+        }
+    }
+    let mut taken_names: Vec<String> = Vec::new();
+    for (i, (key, group)) in groups.iter().enumerate() {
+        let base = group
+            .databases
+            .first()
+            .filter(|d| !d.starts_with('*'))
+            .map(|d| name_of(d))
+            .unwrap_or_else(|| "main".into());
+        let mut name = base.clone();
+        let mut n = 2;
+        while taken_names.contains(&name) {
+            name = format!("{base}{n}");
+            n += 1;
+        }
+        taken_names.push(name.clone());
+        let port = listen_port as u32 + i as u32;
+        let _ = writeln!(out, "# Databases: {}.", group.databases.join(", "));
+        if i > 0 {
+            let _ = writeln!(
+                out,
+                "# PgBouncer served them on port {listen_port}; Switchyard routes by port, so their clients connect to {port}."
+            );
+        }
+        let _ = writeln!(out, "[clusters.{name}]");
+        let _ = writeln!(out, "listen_rw = {}", quote(&format!("{listen_addr}:{port}")));
+        let _ = writeln!(
+            out,
+            "# listen_ro = {}  # reads spread over the standbys, once they are listed as nodes",
+            quote(&format!("{listen_addr}:{}", port + 1000))
+        );
+        let mode = match key.pool_mode.as_str() {
+            "transaction" => "transaction",
+            "statement" => {
+                notes.add(format!(
+                    "cluster {name}: pool_mode = statement: transaction pooling is written (it allows multi-statement transactions too)"
+                ));
+                "transaction"
+            }
+            _ => "session",
+        };
+        let _ = writeln!(out, "pool_mode = {}", quote(mode));
+        for (from, to, value) in &cluster_keys {
+            if let Some(v) = value {
+                let _ = writeln!(out, "{to} = {v}  # {from}");
+            }
+        }
+        if let Some(c) = client_tls {
+            let _ = writeln!(out, "client_tls = {}  # client_tls_sslmode = {client_mode}", quote(c));
+        }
+        if let Some(mode) = &server_mode {
+            let m = match mode.as_str() {
+                "disable" => "disable",
+                "allow" | "prefer" => "prefer",
+                "require" => "require",
+                "verify-ca" => "verify-ca",
+                "verify-full" => "verify-full",
+                other => {
+                    notes.add(format!("server_tls_sslmode = {other}: unknown; prefer is written"));
+                    "prefer"
+                }
+            };
+            let _ = writeln!(out, "server_tls = {}  # server_tls_sslmode", quote(m));
+            if let Some(ca) = server_ca {
+                let _ = writeln!(out, "server_ca_file = {}  # server_tls_ca_file", quote(ca));
+            }
+        }
+        out.push('\n');
+        let mut node_names: Vec<String> = Vec::new();
+        for (host, port) in &key.servers {
+            let mut node = name_of(host);
+            if node_names.contains(&node) {
+                node = format!("{node}_{port}");
+            }
+            node_names.push(node.clone());
+            let _ = writeln!(
+                out,
+                "[[clusters.{name}.nodes]]\nname = {}\nhost = {}\nport = {port}\n",
+                quote(&node),
+                quote(host)
+            );
+        }
+        if key.servers.len() == 1 {
+            let _ = writeln!(
+                out,
+                "# Add the standbys as more [[clusters.{name}.nodes]]: Switchyard finds the primary among them.\n"
+            );
+        }
+        for (db, size) in &group.pool_sizes {
+            let _ = writeln!(
+                out,
+                "[[clusters.{name}.pools]]\ndatabase = {}\npool_size = {size}  # [databases] pool_size\n",
+                quote(db)
+            );
+        }
+    }
+
+    // What did not carry over.
+    for (k, e) in &settings {
+        if used.contains(&k.as_str()) {
+            continue;
+        }
+        match NO_EQUIVALENT.iter().find(|(n, _)| n == k) {
+            Some((_, why)) => notes.add(format!("{k} = {}: {why}", e.value)),
+            None => notes.add(format!("{k} = {}: no equivalent (line {})", e.value, e.line)),
+        }
+    }
+    for (section, entries) in &ini.sections {
+        if !["pgbouncer", "databases", "users"]
+            .iter()
+            .any(|s| section.eq_ignore_ascii_case(s))
+        {
+            notes.add(format!("[{section}]: {} settings not imported", entries.len()));
+        }
+    }
+    if !notes.0.is_empty() {
+        let _ = writeln!(out, "# Not carried over:");
+        for n in &notes.0 {
+            for (i, line) in n.lines().enumerate() {
+                let _ = writeln!(out, "#{} {line}", if i == 0 { " -" } else { "  " });
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;
