@@ -2094,11 +2094,20 @@ def observations(R, a):
             logins = ab.get("logins", 0)
             waits = r["pool_wait"].get("count", 0)
             txns = r["pgbench"].get("log_txns", 0)
-            if logins:
+            if logins and waits > txns + logins / 2:
                 out.append(f"**{r['name']}**: `switchyard_pool_wait_seconds_count` grew by {waits:,} for {txns:,} "
                            f"transactions of the good clients and {logins:,} logins of the login loop: in transaction "
                            f"pooling a login takes a pooled server connection (for the greeting's ParameterStatus), so "
                            f"a login storm competes for the pool with the transactions.")
+            elif logins:
+                base = runs0.get("baseline", {}).get("proxy_cpu_s")
+                out.append(f"**{r['name']}**: `switchyard_pool_wait_seconds_count` grew by {waits:,} for {txns:,} "
+                           f"transactions of the good clients and {logins:,} logins of the login loop: the logins "
+                           f"took no pooled connection (greeted with the greeting remembered for their login), so "
+                           f"what the loop costs the good clients is CPU: the proxy used "
+                           f"{r.get('proxy_cpu_s', '?')} CPU s"
+                           + (f" (baseline {base})" if base is not None else "")
+                           + ", beside the loop's own SCRAM work and PostgreSQL on the same cores.")
         pg = r["pgbench"]
         if r["bad_pool"] and "tps" not in pg and pg.get("rc") == 0:
             pw = r["pool_wait"]
@@ -2128,8 +2137,7 @@ def observations(R, a):
         out.append(f"**idle in transaction**: with the idle_transaction_timeout_ms ending {to} transactions, the good "
                    f"clients' p99 was {f(t_)} ms and the server saw {g(t_)} logins; with the same transactions "
                    f"committed by the clients just before the timeout ({CONTROL}) p99 was {f(c_)} ms with {g(c_)} "
-                   f"server logins (baseline: {f(b_)} ms, {g(b_)} logins). A timeout closes the server connection "
-                   f"(the rollback is the server's), and the pool logs in a new one for the next transaction.")
+                   f"server logins (baseline: {f(b_)} ms, {g(b_)} logins).")
     st = R.get("storm")
     if st and st.get("result", {}).get("phases"):
         pw = st["pool_wait"]
