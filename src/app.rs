@@ -219,14 +219,21 @@ fn reload(shared: &Shared) -> Result<String, String> {
     if shared.admissions.descriptor_cap() != u32::MAX {
         let fds = crate::proxy::limits::fd_limit();
         let cap = crate::proxy::limits::descriptor_budget(&new, fds);
-        if cap != shared.admissions.descriptor_cap() {
+        let old_cap = shared.admissions.descriptor_cap();
+        if cap < old_cap {
+            warn!(fd_limit = fds, clients = cap, was = old_cap, "with the new pools the file-descriptor limit leaves room for fewer clients: the ones past `clients` are refused with 53300 (raise LimitNOFILE / ulimit -n, or lower the pool sizes)");
+            notes.push(format!(
+                "room for {cap} clients under the file-descriptor limit (was {old_cap})"
+            ));
+        } else if cap > old_cap {
             info!(
                 fd_limit = fds,
                 clients = cap,
+                was = old_cap,
                 "clients the file-descriptor limit leaves room for, with the new pools"
             );
-            shared.admissions.set_descriptor_cap(cap);
         }
+        shared.admissions.set_descriptor_cap(cap);
     }
     shared.set_config(new);
     start_monitors(shared);
@@ -642,7 +649,9 @@ pub async fn wait_for_signal(proxy: &Proxy) -> std::io::Result<()> {
                 notify(&reloading);
                 // reload() logs its own outcome, success or rejection.
                 let outcome = proxy.shared.reload().unwrap_or_else(|e| e);
-                notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&outcome)]);
+                // STATUS= is one line (a TOML error spans several).
+                let status = outcome.lines().next().unwrap_or_default();
+                notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);
             }
         }
     }
@@ -656,30 +665,27 @@ pub fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
-impl Proxy {
-    /// Wait until every node has had its first health check, or `bound` passed: then
-    /// "ready" means clients are routed by what the servers said rather than waiting
-    /// for a first answer. Returns the nodes still unchecked.
-    pub async fn first_health_round(&self, bound: Duration) -> usize {
-        let until = Instant::now() + bound;
-        loop {
-            let unchecked = self
-                .shared
-                .clusters
-                .values()
-                .map(|c| {
-                    c.state
-                        .snapshot()
-                        .nodes
-                        .iter()
-                        .filter(|n| n.last_check.is_none())
-                        .count()
-                })
-                .sum();
-            if unchecked == 0 || Instant::now() >= until {
-                return unchecked;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+/// Wait until every node has had its first health check, or `bound` passed: then
+/// "ready" means clients are routed by what the servers said rather than waiting for a
+/// first answer. Returns the nodes still unchecked.
+pub async fn first_health_round(shared: &Shared, bound: Duration) -> usize {
+    let until = Instant::now() + bound;
+    loop {
+        let unchecked = shared
+            .clusters
+            .values()
+            .map(|c| {
+                c.state
+                    .snapshot()
+                    .nodes
+                    .iter()
+                    .filter(|n| n.last_check.is_none())
+                    .count()
+            })
+            .sum();
+        if unchecked == 0 || Instant::now() >= until {
+            return unchecked;
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -325,14 +325,21 @@ fn run(path: Option<&PathBuf>) -> Result<()> {
         let proxy = Proxy::start(config, path.cloned()).await?;
         proxy.shared.admissions.set_descriptor_cap(budget);
         // systemd's Type=notify: ready once the listeners are bound and every node has
-        // answered (or failed) its first health check.
-        let unchecked = proxy.first_health_round(health).await;
-        let status = match unchecked {
-            0 => format!("serving {} clusters", proxy.shared.clusters.len()),
-            n => format!("serving; {n} nodes not checked yet"),
-        };
-        switchyard::app::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
-        switchyard::app::wait_for_signal(&proxy).await?;
+        // answered (or failed) its first health check; signals are handled meanwhile.
+        let ready = tokio::spawn({
+            let shared = proxy.shared.clone();
+            async move {
+                let unchecked = switchyard::app::first_health_round(&shared, health).await;
+                let status = match unchecked {
+                    0 => format!("serving {} clusters", shared.clusters.len()),
+                    n => format!("serving; {n} nodes not checked yet"),
+                };
+                switchyard::app::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
+            }
+        });
+        let signalled = switchyard::app::wait_for_signal(&proxy).await;
+        ready.abort();
+        signalled?;
         switchyard::app::notify(&[sd_notify::NotifyState::Stopping]);
         tracing::info!("shutting down: no new sessions; open transactions may finish");
         proxy.shutdown().await;

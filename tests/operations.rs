@@ -300,6 +300,9 @@ fn the_service_manager_is_told_ready_reloading_and_stopping() {
     );
     let ready = recv();
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    // Not before every node had its first check (logged before READY=1 is sent).
+    let checked = proxy.log_text().matches("reason=first check").count();
+    assert_eq!(checked, 2, "nodes checked when ready:\n{}", proxy.log_text());
     // Ready means serving: a write gets through at once.
     assert_eq!(
         psql(rw, "/* switchyard:primary */ SELECT pg_is_in_recovery()").unwrap(),

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -47,10 +48,20 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help="CI smoke: one case (select-only, simple, 16 clients, 3 s) on direct and "
                         "Switchyard txn; no idle/failover/classification; output to a temp dir")
-    p.add_argument("--workloads", default="select,tpcb", help="comma list of: select, tpcb")
+    p.add_argument("--workloads", default="select,tpcb,connect",
+                   help="comma list of: select, tpcb, connect (pgbench -C -S: a new connection and SCRAM "
+                        "login per transaction; its clients and protocols are --connect-clients and "
+                        "--connect-protocols)")
     p.add_argument("--protocols", default="simple,extended,prepared", help="comma list of: simple, extended, prepared")
     p.add_argument("--clients", default="1,16,128,1000", help="comma list of client counts")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma list of: " + ", ".join(ALL_SYSTEMS))
+    p.add_argument("--connect-clients", default="16", help="client counts of the connect workload")
+    p.add_argument("--connect-protocols", default="simple", help="protocols of the connect workload")
+    p.add_argument("--connect-jobs", type=int, default=0,
+                   help="pgbench -j of the connect workload (0: one thread per client; pgbench connects "
+                        "synchronously, so clients sharing a thread never log in concurrently)")
+    p.add_argument("--connect-warmup", type=int, default=1,
+                   help="seconds of the same -C run, not measured, before each connect run (warms the pools)")
     p.add_argument("--duration", type=int, default=4, help="seconds per pgbench case (-T)")
     p.add_argument("--repeat", type=int, default=1, help="runs per case; the median-tps run is reported")
     p.add_argument("--jobs", type=int, default=2, help="pgbench -j (threads), at most the client count")
@@ -95,15 +106,17 @@ def parse_args(argv):
     a.workloads = [w for w in a.workloads.split(",") if w]
     a.protocols = [x for x in a.protocols.split(",") if x]
     a.clients = [int(c) for c in a.clients.split(",") if c]
+    a.connect_clients = [int(c) for c in a.connect_clients.split(",") if c]
+    a.connect_protocols = [x for x in a.connect_protocols.split(",") if x]
     a.systems = [s for s in a.systems.split(",") if s]
     a.idle_systems = [s for s in a.idle_systems.split(",") if s]
     a.classify_clients = [int(c) for c in a.classify_clients.split(",") if c]
     a.freshness_workloads = [w for w in a.freshness_workloads.split(",") if w]
     a.freshness_clients = [int(c) for c in a.freshness_clients.split(",") if c]
     for w in a.workloads:
-        if w not in WORKLOADS:
+        if w not in WORKLOADS or w == "mix":
             p.error(f"unknown workload {w}")
-    for x in a.protocols:
+    for x in a.protocols + a.connect_protocols:
         if x not in PROTOCOLS:
             p.error(f"unknown protocol {x}")
     for s in a.systems:
@@ -280,18 +293,52 @@ class Bench:
             # What pgbench does before a run without -n, done here over the socket so it
             # never goes through a proxy.
             c.psql(0, ["VACUUM pgbench_branches, pgbench_tellers", "TRUNCATE pgbench_history"], db=DB)
+        connect = workload == "connect"
+        jobs = (a.connect_jobs or clients) if connect else a.jobs
+        warm = None
+        if connect and a.connect_warmup > 0:
+            # The same -C run, not measured: the pools (and whatever a proxy remembers from
+            # its first logins) are warm when the measured run starts.
+            wprefix = os.path.join(self.tmp, "pglog", f"w{self.case_no + 1}")
+            os.makedirs(os.path.dirname(wprefix), exist_ok=True)
+            wargv = pgbench_argv("127.0.0.1", system.port, BENCH_USER, DB, workload, protocol, clients, 1,
+                                 jobs, wprefix)
+            wargv[wargv.index("-T") + 1] = str(a.connect_warmup)
+            s0 = self.server_sessions()
+            w = run_case(wargv, BENCH_PASSWORD, timeout=a.connect_warmup + 120)
+            time.sleep(0.3)
+            warm = {"tps": w.get("tps"), "txns": w.get("txns"), "rc": w["rc"],
+                    "server_sessions": self.server_sessions() - s0, "errors": w.get("errors")}
         self.case_no += 1
         prefix = os.path.join(self.tmp, "pglog", f"c{self.case_no}")
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
         argv = pgbench_argv("127.0.0.1", system.port, BENCH_USER, DB, workload, protocol, clients, duration,
-                            a.jobs, prefix)
+                            jobs, prefix)
         off = system.log_offset()
+        sessions0 = self.server_sessions() if connect else None
         watch = ResourceWatch(system.pid).start()
+        ru0, cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu()
         res = run_case(argv, BENCH_PASSWORD, timeout=duration + 180)
+        ru1, cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu()
+        # pgbench's own CPU (the only child reaped during run_case) and how busy the
+        # machine's cores were: what the client side and the server took.
+        res["client_cpu_s"] = round(ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime, 3)
+        if cpu1[1] > cpu0[1]:
+            res["machine_busy_pct"] = round(100.0 * (cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1]), 1)
         t_arg = float(argv[argv.index("-T") + 1])
         if "conn_time_ms" in res:
             res["measured_s"] = round(t_arg - res["conn_time_ms"] / 1000.0, 2)
         res.update(watch.stop())
+        if connect:
+            # Backends count themselves in pg_stat_database.sessions when they start (the
+            # count is flushed right after their login); pgbench's own first connection
+            # (it reads the scale) is one client login more than its transactions.
+            time.sleep(0.3)
+            res["server_sessions"] = self.server_sessions() - sessions0
+            res["client_logins"] = res.get("txns", 0) + res.get("failed_txns", 0) + 1
+            res["server_logins_per_login"] = round(res["server_sessions"] / res["client_logins"], 4)
+            if warm:
+                res["warmup"] = warm
         res["foreign_cpu_s"], res["foreign_by"] = self.foreign.delta(snap, self.foreign.snapshot())
         n, msgs = system.log_problems(off)
         if n:
@@ -300,6 +347,13 @@ class Bench:
         res["command"] = display_command(argv)
         time.sleep(0.5)
         return res
+
+    def server_sessions(self):
+        """Sessions ever started on the bench database of the primary (pg_stat_database,
+        PostgreSQL 14+): server logins, by whomever. The harness's own psql connects to
+        `postgres` and Switchyard's health checks keep one session on `postgres`, so
+        neither counts here."""
+        return int(self.cluster.psql(0, f"SELECT sessions FROM pg_stat_database WHERE datname = '{DB}'") or 0)
 
     def measure(self, system, workload, protocol, clients):
         """One pgbench run; re-run (up to twice) when other processes on the machine took
@@ -331,21 +385,48 @@ class Bench:
     def matrix(self):
         a = self.args
         order = [s for s in ALL_SYSTEMS if s in a.systems]
-        n_total = len(a.workloads) * len(a.protocols) * len(a.clients) * len(order)
+        grid = lambda w: ((a.connect_protocols, a.connect_clients) if w == "connect" else (a.protocols, a.clients))
+        n_total = sum(len(grid(w)[0]) * len(grid(w)[1]) for w in a.workloads) * len(order)
         done = 0
         k = 0
         for workload in a.workloads:
-            for protocol in a.protocols:
-                for clients in a.clients:
+            protocols, client_counts = grid(workload)
+            for protocol in protocols:
+                for clients in client_counts:
                     # Rotate the order of systems from case to case, so none is always
                     # first after a vacuum or last before one.
                     rot = order[k % len(order):] + order[:k % len(order)]
                     k += 1
+                    if workload == "connect" and a.repeat > 1:
+                        self.interleaved_case(rot, workload, protocol, clients, done, n_total)
+                        done += len(rot)
+                        continue
                     for key in rot:
                         done += 1
                         self.one_case(key, workload, protocol, clients, done, n_total)
 
-    def one_case(self, key, workload, protocol, clients, done, n_total):
+    def interleaved_case(self, order, workload, protocol, clients, done, n_total):
+        """--repeat rounds of one case over all systems, the order rotated each round (for
+        the connect workload, whose figures drift with the machine's speed: the client's
+        SCRAM work is most of the CPU, so a slower spell would hit one system's runs
+        together if they ran back to back). Then one row per system, as one_case."""
+        a = self.args
+        runs = {key: [] for key in order}
+        for i in range(a.repeat):
+            for key in order[i % len(order):] + order[:i % len(order)]:
+                s = self.systems[key]
+                if s.conn_per_client and s.unable and clients >= s.unable["clients"]:
+                    continue
+                prev = runs[key][-1] if runs[key] else None
+                if prev is not None and ("tps" not in prev or prev.get("aborted_clients") or prev["rc"] != 0):
+                    continue
+                r = self.measure(s, workload, protocol, clients)
+                runs[key].append(r)
+                log(f"  round {i + 1}/{a.repeat} {key}: {r.get('tps', '-')}/s")
+        for j, key in enumerate(order):
+            self.one_case(key, workload, protocol, clients, done + j + 1, n_total, runs=runs[key] or None)
+
+    def one_case(self, key, workload, protocol, clients, done, n_total, runs=None):
         a = self.args
         s = self.systems[key]
         row = {"system": key, "workload": workload, "protocol": protocol, "clients": clients}
@@ -356,17 +437,36 @@ class Bench:
             self.results["cases"].append(row)
             log(f"[{done}/{n_total}] {workload} {protocol} c={clients} {key}: n/a (see case {s.unable['case']})")
             return
-        runs = []
-        for _ in range(max(1, a.repeat)):
-            r = self.measure(s, workload, protocol, clients)
-            runs.append(r)
-            if "tps" not in r or r.get("aborted_clients") or r["rc"] != 0:
-                break
+        if runs is None:
+            runs = []
+            for _ in range(max(1, a.repeat)):
+                r = self.measure(s, workload, protocol, clients)
+                runs.append(r)
+                if "tps" not in r or r.get("aborted_clients") or r["rc"] != 0:
+                    break
         ok_runs = [r for r in runs if "tps" in r]
         if len(ok_runs) > 1:
             ok_runs.sort(key=lambda r: r["tps"])
             r = ok_runs[len(ok_runs) // 2]
             r["repeats_tps"] = [x["tps"] for x in runs]
+            if workload == "connect":
+                # Per run: proxy and pgbench CPU µs per connection, server logins.
+                r["repeats"] = [{"case": x.get("case"), "tps": x.get("tps"),
+                                 "cpu_us_per_conn": round(x["cpu_s"] / x["txns"] * 1e6, 1)
+                                 if x.get("cpu_s") is not None and x.get("txns") else None,
+                                 "client_cpu_us_per_conn": round(x["client_cpu_s"] / x["txns"] * 1e6, 1)
+                                 if x.get("client_cpu_s") is not None and x.get("txns") else None,
+                                 "user_us_per_conn": round(x["user_s"] / x["txns"] * 1e6, 1)
+                                 if x.get("user_s") is not None and x.get("txns") else None,
+                                 "sys_us_per_conn": round(x["sys_s"] / x["txns"] * 1e6, 1)
+                                 if x.get("sys_s") is not None and x.get("txns") else None,
+                                 "server_sessions": x.get("server_sessions"), "client_logins": x.get("client_logins")}
+                                for x in runs]
+                for k, out in (("cpu_us_per_conn", "cpu_us_per_conn_median"), ("user_us_per_conn", "user_us_median"),
+                               ("sys_us_per_conn", "sys_us_median")):
+                    vals = [x[k] for x in r["repeats"] if x[k] is not None]
+                    if vals:
+                        r[out] = statistics.median(vals)
         else:
             r = runs[-1]
         if "tps" not in r and not r.get("errors"):
@@ -389,6 +489,12 @@ class Bench:
         errs = f" ERR {_short_err(err)}" if row["status"] != "ok" else ""
         p50, p99 = r.get("p50_ms"), r.get("p99_ms")
         lat = f" p50 {p50:.2f} p99 {p99:.2f} ms" if p50 is not None else ""
+        if workload == "connect":
+            c50, c99 = r.get("cycle_p50_ms"), r.get("cycle_p99_ms")
+            lat = (f" (connections/s) cycle p50 {c50:.2f} p99 {c99:.2f} ms" if c50 is not None else "") + \
+                  f" server logins/login {r.get('server_logins_per_login')}"
+            if s.pid and r.get("cpu_s") is not None and r.get("txns"):
+                lat += f" cpu {r['cpu_s'] / r['txns'] * 1e6:.0f} us/conn"
         log(f"[{done}/{n_total}] {workload} {protocol} c={clients} {key}: {row['status']} "
             f"tps {r.get('tps', '-')}{lat}{extra}{errs}")
 
@@ -557,6 +663,14 @@ class Bench:
             time.sleep(0.2)
         log(f"warning: {s.key} ro endpoint still answered from {got}, not the standby :{port}")
         return False
+
+
+def machine_cpu():
+    """(busy, total) jiffies of all cores from /proc/stat (idle and iowait are not busy)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    total = sum(v[:8])  # guest time is already in user/nice
+    return total - v[3] - v[4], total
 
 
 def _short_err(text):

@@ -13,6 +13,11 @@ WORKLOADS = {
     # Each client picks a script per transaction: one TPC-B write in five, so reads
     # often follow the same client's write (what read-your-writes is for).
     "mix": {"label": "1 TPC-B : 4 select-only", "args": ["-b", "tpcb-like@1", "-b", "select-only@4"]},
+    # A new connection per transaction (-C): connect, SCRAM login, one select-only
+    # transaction, disconnect -- what an application that does not keep its connections
+    # does (Django with CONN_MAX_AGE = 0). Each transaction is one client login, so tps
+    # is connections/s.
+    "connect": {"label": "connect (-C -S): a new connection per transaction", "args": ["-C", "-S"]},
 }
 PROTOCOLS = ["simple", "extended", "prepared"]
 
@@ -47,11 +52,18 @@ def percentile(sorted_vals, q):
     return sorted_vals[k]
 
 
-def aggregate_logs(prefix):
+def aggregate_logs(prefix, cycles=False):
     """avg/p50/p99 latency (ms) from pgbench --log files: one line per transaction,
-    `client_id transaction_no time_us script_no time_epoch time_us_frac`."""
+    `client_id transaction_no time_us script_no time_epoch time_us_frac`.
+
+    `cycles` (with -C): also the time between two consecutive transaction ends of the same
+    client, i.e. one whole cycle of disconnect, connect, login and transaction (the
+    latency pgbench logs starts after the login). Meaningful when each client has its own
+    thread (-j = -c): pgbench connects synchronously, so clients sharing a thread wait
+    for each other's logins."""
     lat = []
     failed = 0
+    ends = {}
     files = glob.glob(prefix + ".*")
     for path in files:
         with open(path) as f:
@@ -63,11 +75,28 @@ def aggregate_logs(prefix):
                     lat.append(int(parts[2]))
                 except ValueError:  # "failed" / "skipped"
                     failed += 1
+                if cycles and len(parts) >= 6:
+                    try:
+                        ends.setdefault((path, parts[0]), []).append(int(parts[4]) * 1_000_000 + int(parts[5]))
+                    except ValueError:
+                        pass
         os.unlink(path)
     lat.sort()
     if not lat:
         return {"log_txns": 0, "log_failed": failed}
+    out = {}
+    if cycles:
+        cyc = []
+        for t in ends.values():
+            t.sort()
+            cyc += [b - a for a, b in zip(t, t[1:])]
+        cyc.sort()
+        if cyc:
+            out = {"cycle_n": len(cyc), "cycle_avg_ms": sum(cyc) / len(cyc) / 1000.0,
+                   "cycle_p50_ms": percentile(cyc, 50) / 1000.0, "cycle_p99_ms": percentile(cyc, 99) / 1000.0,
+                   "cycle_max_ms": cyc[-1] / 1000.0}
     return {
+        **out,
         "log_txns": len(lat),
         "log_failed": failed,
         "avg_ms": sum(lat) / len(lat) / 1000.0,
@@ -79,9 +108,13 @@ def aggregate_logs(prefix):
 
 def parse_output(stdout, stderr):
     out = {}
-    m = re.search(r"^tps = ([\d.]+) \(without initial connection time\)", stdout, re.M)
+    # Without -C: "(without initial connection time)"; with -C: "(including reconnection times)".
+    m = re.search(r"^tps = ([\d.]+) \((without initial connection time|including reconnection times)\)", stdout, re.M)
     if m:
         out["tps"] = float(m.group(1))
+    m = re.search(r"average connection time = ([\d.]+) ms", stdout)
+    if m:
+        out["conn_avg_ms"] = float(m.group(1))
     for key, pat in [("txns", r"number of transactions actually processed: (\d+)"),
                      ("failed_txns", r"number of failed transactions: (\d+)"),
                      ("pgbench_avg_ms", r"latency average = ([\d.]+) ms"),
@@ -99,6 +132,8 @@ def parse_output(stdout, stderr):
 
 
 def run_case(argv, password, timeout):
+    """Run pgbench; figures from its output and per-transaction logs (with -C also the
+    connect cycles, see aggregate_logs)."""
     env = dict(os.environ, PGPASSWORD=password, PGCONNECT_TIMEOUT="15", PGAPPNAME="sybench")
     t0 = time.monotonic()
     try:
@@ -114,7 +149,7 @@ def run_case(argv, password, timeout):
     res["rc"] = rc
     res["wall_s"] = round(wall, 2)
     prefix = next(a.split("=", 1)[1] for a in argv if a.startswith("--log-prefix="))
-    res.update(aggregate_logs(prefix))
+    res.update(aggregate_logs(prefix, cycles="-C" in argv))
     if rc == "timeout":
         res.setdefault("errors", []).append(f"pgbench did not finish within {timeout}s")
     return res

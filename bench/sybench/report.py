@@ -96,6 +96,7 @@ def targets(res):
                 else:
                     verdict = f"no ratio: {' and '.join(cannot)} cannot run it, Switchyard does"
             out.append((t, "; ".join(parts), verdict))
+    out += connect_targets(res)
     cl = res.get("classify", [])
     if cl:
         worst = max(cl, key=lambda r: r["slowdown_pct"] if r["slowdown_pct"] is not None else -1e9)
@@ -136,6 +137,52 @@ def targets(res):
     return out
 
 
+def connect_targets(res):
+    """The connection-rate targets: Switchyard txn against PgBouncer (txn) under
+    pgbench -C -S, per protocol and client count of the connect workload."""
+    out = []
+    idx = index(res.get("cases", []))
+    keys = sorted({(r["protocol"], r["clients"]) for r in res.get("cases", []) if r["workload"] == "connect"},
+                  key=lambda k: (["simple", "extended", "prepared"].index(k[0]), k[1]))
+    for proto, c in keys:
+        sy, pb = idx.get(("connect", proto, c, "sy-txn")), idx.get(("connect", proto, c, "pgbouncer"))
+        what = f"connect (-C -S), {c} clients, -M {proto}"
+        if sy is None:
+            continue
+        if not cell_ok(sy):
+            out.append((f"{what}: Switchyard txn ≥ 1.0× PgBouncer's connections/s", f"Switchyard {sy.get('status')}: {short(sy)}", met(False)))
+            continue
+        if cell_ok(pb):
+            r = sy["tps"] / pb["tps"]
+            out.append((f"{what}: Switchyard txn ≥ 1.0× PgBouncer's connections/s",
+                        f"{r:.2f}× ({sy['tps']:,.0f} vs {pb['tps']:,.0f}/s)", met(r >= 1.0)))
+            a, b = cpu_per_conn(sy), cpu_per_conn(pb)
+            if a is not None and b:
+                out.append((f"{what}: Switchyard txn CPU per new connection ≤ 1.0× PgBouncer's",
+                            f"{a / b:.2f}× ({a:,.0f} vs {b:,.0f} µs)", met(a <= b)))
+        elif pb is not None:
+            out.append((f"{what}: Switchyard txn ≥ 1.0× PgBouncer's connections/s",
+                        f"PgBouncer {pb.get('status')}: {short(pb)}; Switchyard {sy['tps']:,.0f}/s", "no ratio"))
+        if sy.get("server_sessions") is not None:
+            # A pool still growing to the run's peak concurrency opens a few connections
+            # during the run; a login that needs its own server login shows as ~1.
+            out.append((f"{what}: Switchyard txn, server logins per client login 0 once the pool is warm "
+                        "(< 0.01: at most pool growth)",
+                        f"{sy['server_logins_per_login']:.4f} ({sy['server_sessions']:,} server sessions for "
+                        f"{sy['client_logins']:,} client logins)", met(sy["server_logins_per_login"] < 0.01)))
+    return out
+
+
+def cpu_per_conn(r):
+    """Proxy CPU µs per connection of a connect case (None without a proxy process): the
+    median over the runs with --repeat, else the run's."""
+    if r is None or r.get("cpu_s") is None or not r.get("txns"):
+        return None
+    if r.get("cpu_us_per_conn_median") is not None:
+        return r["cpu_us_per_conn_median"]
+    return r["cpu_s"] / r["txns"] * 1e6
+
+
 def short(r):
     if r is None:
         return ""
@@ -155,9 +202,9 @@ def chart(res, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib): no chart"
-    cases = res.get("cases", [])
+    cases = [r for r in res.get("cases", []) if r["workload"] in ("select", "tpcb")]
     if not cases:
-        return "no pgbench cases: no chart"
+        return "no select-only or TPC-B cases: no chart"
     workloads = [w for w in ("select", "tpcb") if any(r["workload"] == w for r in cases)]
     protos = [p for p in ("simple", "extended", "prepared") if any(r["protocol"] == p for r in cases)]
     clients = sorted({r["clients"] for r in cases})
@@ -279,6 +326,12 @@ def write(res, out_dir, name):
              "primary's socket before each run (what pgbench does without `-n`). tps is pgbench's figure "
              "without initial connection time; avg/p50/p99 are computed from every transaction in the "
              "per-transaction logs. The order of systems rotates from case to case.")
+    if any(r["workload"] == "connect" for r in res.get("cases", [])):
+        L.append(f"- Connect workload: `pgbench -C -S` (a new connection, SCRAM-SHA-256 login, one select-only "
+                 f"transaction and a disconnect per transaction), `-j` = clients"
+                 + (f" (`--connect-jobs` {a.get('connect_jobs')})" if a.get("connect_jobs") else "")
+                 + f", after a {a.get('connect_warmup')} s warm-up run of the same, not measured. "
+                 "See *Connection rate* below.")
     L.append("- Switchyard CPU s: utime+stime delta of the process (`/proc/<pid>/stat`) over the case, which "
              "includes client connection set-up; CPU µs/txn: that divided by the transactions pgbench processed, and in brackets its user-space + kernel parts; peak RSS: `VmHWM` (reset through `clear_refs` before the case) "
              "and `VmRSS` sampled every 50 ms, whichever is larger. The same is shown for PgBouncer and HAProxy. "
@@ -292,7 +345,7 @@ def write(res, out_dir, name):
 
     cases = res.get("cases", [])
     idx = index(cases)
-    if cases:
+    if any(r["workload"] in ("select", "tpcb") for r in cases):
         L.append("## Throughput and latency\n")
         if chart_err:
             L.append(f"(No chart: {chart_err}.)\n")
@@ -364,6 +417,9 @@ def write(res, out_dir, name):
                                 cells.append(f"n/a ({other} {o.get('status')})")
                     L.append(f"| {WORKLOADS[w]['label']} | {p} | {c} | " + " | ".join(cells) + " |")
         L.append("")
+
+    if any(r["workload"] == "connect" for r in cases):
+        L.extend(connect_section(res, cases, idx))
 
     # Read-your-writes
     fr = res.get("freshness", [])
@@ -517,6 +573,88 @@ def write(res, out_dir, name):
     with open(md_path, "w") as fo_:
         fo_.write("\n".join(L))
     return md_path
+
+
+def connect_section(res, cases, idx):
+    """The connect workload (pgbench -C -S): connections/s, the whole connect cycle's
+    latency, proxy CPU per new connection and server logins per client login."""
+    a = res.get("args", {})
+    L = ["## Connection rate (`pgbench -C -S`)\n",
+         "Each pgbench transaction opens a new connection, logs in with SCRAM-SHA-256, runs the select-only "
+         "transaction and disconnects (what Django with `CONN_MAX_AGE = 0` does per request), so pgbench's tps "
+         "(\"including reconnection times\") is **connections/s**. `-j` = clients: pgbench connects "
+         "synchronously, so clients sharing a thread would never log in at the same time. A "
+         f"{a.get('connect_warmup')} s run of the same, not measured, warms the pools first.\n",
+         "- *cycle p50/p99*: the time between two consecutive transaction ends of one client in pgbench's "
+         "per-transaction log: disconnect + connect + login + transaction (the first of each client left out); "
+         "*avg connect*: pgbench's average connection time; *query p50/p99*: the transaction's own latency after "
+         "its login.",
+         "- *CPU µs/conn*: the proxy process's utime+stime (`/proc/<pid>/stat`) over the run divided by the "
+         "connections (transactions), in brackets user + kernel (with `--repeat`: the median over the runs, "
+         "each run's in the notes); *× PgBouncer*: that against PgBouncer's; "
+         "*pgbench CPU µs/conn*: pgbench's own CPU (its SCRAM client proof is a PBKDF2 of 4096 rounds per login) "
+         "per connection; *busy*: the share of all cores in use during the run (the rest of the CPU is "
+         "PostgreSQL's).",
+         "- *server logins per client login*: the growth of `pg_stat_database.sessions` of the bench database "
+         "on the primary over the run (every backend started for it, by anyone: health checks and the harness "
+         "use the `postgres` database) divided by the client logins (transactions + pgbench's first connection, "
+         "which reads the scale). A direct connection shows what 1 looks like. *warm-up*: the same for the "
+         "warm-up run (on a fresh proxy, the cold pool).\n"]
+    for p in [x for x in ("simple", "extended", "prepared") if any(r["workload"] == "connect" and r["protocol"] == x for r in cases)]:
+        L.append(f"### `-M {p}`\n")
+        L.append("| clients | system | connections/s | × PgBouncer | cycle p50 / p99 ms | avg connect ms | query p50 / p99 ms "
+                 "| proxy CPU µs/conn | × PgBouncer | server logins per client login | server sessions / client logins "
+                 "| warm-up: server logins per login | pgbench CPU µs/conn | busy | case | notes |")
+        L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for c in sorted({r["clients"] for r in cases if r["workload"] == "connect" and r["protocol"] == p}):
+            pb = idx.get(("connect", p, c, "pgbouncer"))
+            for key in ORDER + ["sy-split1", "sy-split-ryw-off"]:
+                r = idx.get(("connect", p, c, key))
+                if r is None:
+                    continue
+                notes = []
+                if r.get("status") != "ok":
+                    if r.get("aborted_clients"):
+                        notes.append(f"{r['aborted_clients']} clients aborted")
+                    if r.get("failed_txns"):
+                        notes.append(f"{r['failed_txns']} failed transactions")
+                    if r.get("rc") not in (0, None):
+                        notes.append(f"pgbench exit {r.get('rc')}")
+                    if r.get("errors") or r.get("reason"):
+                        notes.append("`" + esc((r.get("reason") or r["errors"][0])[:180]) + "`")
+                if r.get("disturbed"):
+                    notes.append(f"⚠ other CPU: {r.get('foreign_cpu_s')} s by {esc(r.get('foreign_by'))}")
+                if r.get("log_problems"):
+                    notes.append(f"{r['log_problems']} warnings in the proxy log: "
+                                 + "; ".join(f"{esc(k[:200])} ×{n}" for k, n in list(r.get("log_messages", {}).items())[:2]))
+                if r.get("repeats"):
+                    notes.append("runs (conn/s, proxy / pgbench CPU µs/conn): " + ", ".join(
+                        f"{f(x['tps'], 0)} ({f(x['cpu_us_per_conn'], 0)} / {f(x['client_cpu_us_per_conn'], 0)})"
+                        for x in r["repeats"]))
+                elif r.get("repeats_tps"):
+                    notes.append("runs: " + ", ".join(f(x, 0) for x in r["repeats_tps"] if x is not None))
+                tps = f(r.get("tps"), 0) if r.get("status") == "ok" else (f(r.get("tps"), 0) + " ⚠" if r.get("tps") is not None else "–")
+                ratio = f"{r['tps'] / pb['tps']:.2f}×" if cell_ok(r) and cell_ok(pb) and key != "pgbouncer" else ""
+                cpu, cpu_pb = cpu_per_conn(r), cpu_per_conn(pb)
+                if cpu is None:
+                    cpu_s = "–"
+                elif r.get("cpu_us_per_conn_median") is not None:
+                    cpu_s = f"{cpu:,.0f} ({f(r.get('user_us_median'), 0)} + {f(r.get('sys_us_median'), 0)})"
+                else:
+                    cpu_s = f"{cpu:,.0f} ({r['user_s'] / r['txns'] * 1e6:,.0f} + {r['sys_s'] / r['txns'] * 1e6:,.0f})"
+                cpu_ratio = f"{cpu / cpu_pb:.2f}×" if cpu is not None and cpu_pb and key != "pgbouncer" else ""
+                w = r.get("warmup") or {}
+                wl = (f"{w['server_sessions'] / ((w.get('txns') or 0) + 1):.3f}"
+                      if w.get("server_sessions") is not None else "–")
+                L.append(f"| {c} | {LABEL.get(key, key)} | {tps} | {ratio} | {f(r.get('cycle_p50_ms'), 2)} / "
+                         f"{f(r.get('cycle_p99_ms'), 2)} | {f(r.get('conn_avg_ms'), 2)} | {f(r.get('p50_ms'), 2)} / "
+                         f"{f(r.get('p99_ms'), 2)} | {cpu_s} | {cpu_ratio} | {f(r.get('server_logins_per_login'), 3)} | "
+                         f"{f(r.get('server_sessions'))} / {f(r.get('client_logins'))} | {wl} | "
+                         f"{f(r['client_cpu_s'] / r['txns'] * 1e6, 0) if r.get('client_cpu_s') is not None and r.get('txns') else '–'} | "
+                         f"{f(r.get('machine_busy_pct'), 0)} % | {r.get('case', '')} | "
+                         f"{'; '.join(notes)} |")
+        L.append("")
+    return L
 
 
 def us_per_txn(r):

@@ -336,21 +336,37 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
         get(k)
     };
     let global_mode = take("pool_mode").unwrap_or("session").to_ascii_lowercase();
-    let listen_addr = match take("listen_addr")
+    let addrs: Vec<String> = take("listen_addr")
         .unwrap_or("127.0.0.1")
         .split(',')
-        .next()
-        .unwrap_or("")
-        .trim()
-    {
-        "*" | "" => "0.0.0.0".to_string(),
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    let listen_addr = match addrs.first().map(String::as_str).unwrap_or("*") {
+        "*" => {
+            notes.add("listen_addr = *: written as 0.0.0.0 (IPv4); a listener takes one address, so give [::] instead for IPv6");
+            "0.0.0.0".to_string()
+        }
         a if a.contains(':') => format!("[{a}]"),
         a => a.to_string(),
     };
-    let listen_port: u16 = take("listen_port").and_then(|p| p.parse().ok()).unwrap_or(6432);
+    if addrs.len() > 1 {
+        notes.add(format!(
+            "listen_addr = {}: a listener takes one address; only {listen_addr} is written",
+            addrs.join(",")
+        ));
+    }
+    let listen_port: u16 = match take("listen_port") {
+        None => 6432,
+        Some(p) => p.trim().parse().unwrap_or_else(|_| {
+            notes.add(format!("listen_port = {p}: not a port; 6432 is written"));
+            6432
+        }),
+    };
 
     // [databases] grouped by servers and pool mode.
-    let mut groups: BTreeMap<GroupKey, Group> = BTreeMap::new();
+    // In the order of the file: the first group keeps PgBouncer's own port.
+    let mut groups: Vec<(GroupKey, Group)> = Vec::new();
     for e in ini.section("databases") {
         let params = parse_connstr(&e.value).map_err(|reason| ImportError::Syntax {
             file: input.ini_name.to_string(),
@@ -382,12 +398,18 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
             .map(str::to_ascii_lowercase)
             .unwrap_or_else(|| global_mode.clone());
         let database = if e.key == "*" { None } else { Some(e.key.clone()) };
-        let group = groups
-            .entry(GroupKey {
-                servers,
-                pool_mode: mode,
-            })
-            .or_default();
+        let key = GroupKey {
+            servers,
+            pool_mode: mode,
+        };
+        let at = match groups.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                groups.push((key, Group::default()));
+                groups.len() - 1
+            }
+        };
+        let group = &mut groups[at].1;
         match &database {
             Some(db) => group.databases.push(db.clone()),
             None => group.databases.push("* (any other database)".into()),
@@ -416,7 +438,7 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
     }
     if groups.is_empty() {
         notes.add("no [databases] entry: one cluster for a server on 127.0.0.1:5432 is written; correct its nodes");
-        groups.insert(
+        groups.push((
             GroupKey {
                 servers: vec![("127.0.0.1".into(), 5432)],
                 pool_mode: global_mode.clone(),
@@ -425,7 +447,7 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
                 databases: vec!["* (any database)".into()],
                 ..Group::default()
             },
-        );
+        ));
     }
 
     // Users: the userlist, with the auth type and [users] settings.
@@ -441,10 +463,15 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
     if take("stats_users").is_some_and(|v| !v.trim().is_empty()) {
         notes.add("stats_users: the admin console has no read-only role; those users are not made admins");
     }
-    let user_settings: BTreeMap<String, Vec<(String, String)>> = ini
-        .section("users")
-        .filter_map(|e| Some((e.key.clone(), parse_connstr(&e.value).ok()?)))
-        .collect();
+    let mut user_settings: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for e in ini.section("users") {
+        match parse_connstr(&e.value) {
+            Ok(params) => {
+                user_settings.insert(e.key.clone(), params);
+            }
+            Err(reason) => notes.add(format!("[users] {} (line {}): {reason}; not imported", e.key, e.line)),
+        }
+    }
     let max_user_connections = take("max_user_connections")
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|n| *n > 0);
@@ -452,6 +479,7 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|n| *n > 0);
     let mut users = String::new();
+    let mut user_pools: Vec<(String, u64)> = Vec::new();
     let mut health_user: Option<String> = None;
     let mut first_user: Option<String> = None;
     let userlist = input.userlist.map(parse_userlist).unwrap_or_default();
@@ -509,25 +537,46 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
         if admins.iter().any(|a| a == name) {
             let _ = writeln!(users, "admin = true  # admin_users");
         }
+        // The user's keys: the global defaults, then its own [users] values over them
+        // (each key written once).
+        let mut keys: BTreeMap<&'static str, (u64, String)> = BTreeMap::new();
         if let Some(n) = max_user_connections {
-            let _ = writeln!(users, "max_server_connections = {n}  # max_user_connections");
+            keys.insert("max_server_connections", (n.into(), "max_user_connections".into()));
         }
         if let Some(n) = max_user_clients {
-            let _ = writeln!(users, "max_clients = {n}  # max_user_client_connections");
+            keys.insert("max_clients", (n.into(), "max_user_client_connections".into()));
         }
         for (k, v) in user_settings.get(name).into_iter().flatten() {
-            match k.as_str() {
-                "pool_size" => {
-                    let _ = writeln!(users, "pool_size = {v}  # [users] pool_size");
+            let (key, value) = match k.as_str() {
+                "pool_size" => ("pool_size", v.parse::<u64>().ok()),
+                // 0 is "no limit" in PgBouncer: no key.
+                "max_user_connections" => ("max_server_connections", v.parse::<u64>().ok()),
+                "max_user_client_connections" => ("max_clients", v.parse::<u64>().ok()),
+                "query_timeout" => ("query_timeout_ms", millis(v)),
+                "idle_transaction_timeout" => ("idle_transaction_timeout_ms", millis(v)),
+                "client_idle_timeout" => ("client_idle_timeout_ms", millis(v)),
+                other => {
+                    notes.add(format!("[users] {name}: {other}={v}: no per-user equivalent"));
+                    continue;
                 }
-                "max_user_connections" => {
-                    let _ = writeln!(users, "max_server_connections = {v}  # [users] max_user_connections");
+            };
+            match value {
+                Some(0) if !key.ends_with("_ms") => {
+                    keys.remove(key);
                 }
-                "max_user_client_connections" => {
-                    let _ = writeln!(users, "max_clients = {v}  # [users] max_user_client_connections");
+                Some(n) => {
+                    keys.insert(key, (n, format!("[users] {k}")));
                 }
-                other => notes.add(format!("[users] {name}: {other}={v}: no per-user equivalent")),
+                None => notes.add(format!("[users] {name}: {k}={v}: not a number; not imported")),
             }
+        }
+        for (key, (n, from)) in &keys {
+            let _ = writeln!(users, "{key} = {n}  # {from}");
+        }
+        // PgBouncer's [users] pool_size wins over a database's; here the database's
+        // entry would, so the pair gets its own entry.
+        if let Some((n, _)) = keys.get("pool_size") {
+            user_pools.push((name.clone(), *n));
         }
         users.push('\n');
         first_user.get_or_insert_with(|| name.clone());
@@ -655,6 +704,17 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
     // Clusters.
     let server_mode = take("server_tls_sslmode").map(str::to_ascii_lowercase);
     let server_ca = take("server_tls_ca_file");
+    // 0 means "disabled" for these in PgBouncer: said, not written.
+    let reserve_off = take("reserve_pool_timeout").and_then(millis) == Some(0);
+    if reserve_off && get("reserve_pool_size").is_some_and(|v| v.trim() != "0") {
+        notes.add("reserve_pool_timeout = 0 disables PgBouncer's reserve pool: reserve_pool_size is not written");
+    }
+    if take("server_idle_timeout").and_then(millis) == Some(0) {
+        notes.add("server_idle_timeout = 0 (never close idle connections): Switchyard's server_idle_timeout_ms keeps its default");
+    }
+    if take("server_lifetime").and_then(millis) == Some(0) {
+        notes.add("server_lifetime = 0 (use a connection once): no equivalent; server_lifetime_ms keeps its default");
+    }
     let cluster_keys: Vec<(&'static str, &'static str, Option<u64>)> = vec![
         (
             "default_pool_size",
@@ -669,12 +729,14 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
         (
             "reserve_pool_size",
             "reserve_pool_size",
-            take("reserve_pool_size").and_then(|v| v.parse().ok()),
+            take("reserve_pool_size")
+                .and_then(|v| v.parse().ok())
+                .filter(|_| !reserve_off),
         ),
         (
             "reserve_pool_timeout",
             "reserve_pool_timeout_ms",
-            take("reserve_pool_timeout").and_then(millis),
+            take("reserve_pool_timeout").and_then(millis).filter(|v| *v > 0),
         ),
         (
             "server_idle_timeout",
@@ -747,11 +809,21 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
         }
         let _ = writeln!(out, "[clusters.{name}]");
         let _ = writeln!(out, "listen_rw = {}", quote(&format!("{listen_addr}:{port}")));
-        let _ = writeln!(
-            out,
-            "# listen_ro = {}  # reads spread over the standbys, once they are listed as nodes",
-            quote(&format!("{listen_addr}:{}", port + 1000))
-        );
+        let ro = quote(&format!("{listen_addr}:{}", port + 1000));
+        if key.servers.len() > 1 {
+            // PgBouncer spreads a host list's connections over every host, which must
+            // all serve: often read replicas. Switchyard sends listen_rw to the one
+            // that reports primary and listen_ro over the healthy standbys.
+            let _ = writeln!(out, "listen_ro = {ro}  # reads over the standbys of the host list");
+            notes.add(format!(
+                "cluster {name}: a host list is spread over all its hosts by PgBouncer; here listen_rw goes to the one that is primary and listen_ro ({ro}) over the standbys: point read-only clients (a replica-only list) at listen_ro"
+            ));
+        } else {
+            let _ = writeln!(
+                out,
+                "# listen_ro = {ro}  # reads spread over the standbys, once they are listed as nodes"
+            );
+        }
         let mode = match key.pool_mode.as_str() {
             "transaction" => "transaction",
             "statement" => {
@@ -815,6 +887,15 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
                 "[[clusters.{name}.pools]]\ndatabase = {}\npool_size = {size}  # [databases] pool_size\n",
                 quote(db)
             );
+            // In PgBouncer a user's pool_size wins over the database's.
+            for (user, n) in &user_pools {
+                let _ = writeln!(
+                    out,
+                    "[[clusters.{name}.pools]]\nuser = {}\ndatabase = {}\npool_size = {n}  # [users] pool_size, over the database's\n",
+                    quote(user),
+                    quote(db)
+                );
+            }
         }
     }
 

@@ -237,6 +237,22 @@ impl Relay<'_> {
         if let Err(e) = counted {
             return self.refuse(client, reply_seq, e).await;
         }
+        // Its place under max_server_connections moves to the new user too.
+        let ask = crate::proxy::budget::BudgetAsk {
+            cluster: self.cluster,
+            idle: &super::ClusterInfo::of(self.cluster).pools,
+            node: &self.node.name,
+            user: &user.name,
+            caps: config.server_connection_caps(&self.cluster.name, &user.name),
+        };
+        let until = tokio::time::Instant::now() + self.cluster.state.snapshot().server_login_timeout;
+        if let Err(full) = ask.move_user(&mut server.budget, until).await {
+            let e = Error::pool_exhausted(format!(
+                "node \"{}\" of cluster \"{}\": {full}",
+                self.node.name, self.cluster.name
+            ));
+            return self.refuse(client, reply_seq, e).await;
+        }
         let change = server::ChangeUser {
             user: &user.name,
             password: user.password.as_deref(),

@@ -125,8 +125,10 @@ pub(super) async fn login(
         .ok_or_else(|| Reject::Error(Error::not_authorized("no user name specified in startup packet")))?;
     let database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
     // Counted before authentication: a client over a limit costs no password check (nor
-    // an auth_query on a server).
-    let admission = match database == ADMIN_DATABASE && forced.is_none() {
+    // an auth_query on a server). The admin console is never counted nor refused for
+    // want of descriptors (its socket is open already): an operator can look in when
+    // the proxy is full.
+    let admission = match database == ADMIN_DATABASE {
         true => None,
         false => Some(Arc::new(
             limits::admit(shared, &cluster.name, &user, forced).map_err(Reject::Refused)?,

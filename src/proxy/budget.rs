@@ -99,6 +99,33 @@ impl BudgetAsk<'_> {
     }
 }
 
+impl BudgetAsk<'_> {
+    /// The connection `budget` belongs to now serves `self.user` (MySQL's
+    /// `COM_CHANGE_USER`): its place under the user's cap moves to that user, waiting for
+    /// room as `take` does; its place under the node's cap stays.
+    pub async fn move_user(&self, budget: &mut Budget, until: tokio::time::Instant) -> Result<(), Full> {
+        let Some(cap) = self.caps.1 else {
+            budget._user = None;
+            return Ok(());
+        };
+        let gate = self.cluster.server_budget.of(&self.user_key(), cap);
+        loop {
+            if let Ok(p) = gate.clone().try_acquire_owned() {
+                budget._user = Some(p);
+                return Ok(());
+            }
+            if self.idle.close_one_idle(&self.cluster.name, self.node, Some(self.user)) {
+                continue;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return Err(Full(cap));
+            }
+            tokio::time::sleep((until - now).min(Duration::from_millis(50))).await;
+        }
+    }
+}
+
 /// A place among `gate`'s logins in flight (`max`: its size), waiting in arrival order
 /// until `until`.
 pub async fn login_place(

@@ -141,14 +141,15 @@ fn servers_and_pool_modes_make_clusters_on_the_next_ports() {
     );
     let legacy = &c.clusters["legacy"];
     assert_eq!(legacy.pool_mode, PoolMode::Session);
-    let ports: Vec<&str> = [orders, legacy]
-        .iter()
-        .map(|c| c.listen_rw.as_deref().unwrap())
-        .collect();
-    assert!(
-        ports.contains(&"10.0.0.5:7000") && ports.contains(&"10.0.0.5:7001"),
-        "{ports:?}"
+    // The first in the file keeps PgBouncer's port (whatever the host names' order).
+    assert_eq!(orders.listen_rw.as_deref(), Some("10.0.0.5:7000"));
+    assert_eq!(legacy.listen_rw.as_deref(), Some("10.0.0.5:7001"));
+    assert_eq!(
+        orders.listen_ro.as_deref(),
+        Some("10.0.0.5:8000"),
+        "a host list gets reads"
     );
+    assert_eq!(legacy.listen_ro, None);
     assert!(out.contains("their clients connect to 7001"), "{out}");
     assert!(out.contains("* (any other database)"), "{out}");
     assert_eq!(c.users[0].auth, crate::config::AuthMethod::Md5);
@@ -208,4 +209,36 @@ fn connection_strings_durations_and_userlists_are_read_as_pgbouncer_does() {
         parse_userlist("\"a\" \"b\"\n; comment\n\"c\"\"d\" \"e\" extra\n"),
         [("a".to_string(), "b".to_string()), ("c\"d".into(), "e".into())]
     );
+}
+
+#[test]
+fn user_settings_are_written_once_each_with_pgbouncers_precedence() {
+    let ini = "[databases]\nreports = host=zz-prod pool_size=4\nanalytics = host=aa-analytics\n\
+        [users]\nbatch = pool_size=2 max_user_connections=5 query_timeout=30\nweb = max_user_connections=0\n\
+        [pgbouncer]\npool_mode = transaction\nmax_user_connections = 50\nreserve_pool_size = 3\n\
+        reserve_pool_timeout = 0\nserver_lifetime = 0\nlisten_addr = 127.0.0.1,10.0.0.1\n";
+    let (out, c) = convert_ok(ini, Some("\"batch\" \"pw\"\n\"web\" \"pw\"\n"));
+    let batch = c.user("batch").unwrap();
+    assert_eq!(
+        batch.max_server_connections,
+        Some(5),
+        "[users] over the global value, one key"
+    );
+    assert_eq!(batch.query_timeout_ms, Some(30_000));
+    assert_eq!(c.user("web").unwrap().max_server_connections, None, "0 is no limit");
+    // The file's first database keeps the port, though its host sorts last.
+    assert_eq!(c.clusters["reports"].listen_rw.as_deref(), Some("127.0.0.1:6432"));
+    assert_eq!(c.clusters["analytics"].listen_rw.as_deref(), Some("127.0.0.1:6433"));
+    // PgBouncer: the user's pool_size wins over the database's.
+    assert_eq!(c.pool_settings("reports", "batch", "reports").size, 2);
+    assert_eq!(c.pool_settings("reports", "web", "reports").size, 4);
+    // reserve_pool_timeout = 0 disables the reserve there.
+    assert_eq!(c.clusters["reports"].reserve_pool_size, 0);
+    for said in [
+        "reserve_pool_timeout = 0 disables",
+        "server_lifetime = 0",
+        "only 127.0.0.1 is written",
+    ] {
+        assert!(out.contains(said), "{said}\n{out}");
+    }
 }

@@ -262,6 +262,11 @@ impl<'a> Driver<'a> {
     /// of the same login (`pg::greetings`).
     fn remember_greeting(&self) {
         let Some(h) = &self.held else { return };
+        // A ro greeting from the primary (no standby was up) says in_hot_standby=off;
+        // kept, it would greet ro clients so after the standbys are back.
+        if self.machine.read_only_endpoint() && h.on_primary {
+            return;
+        }
         let endpoint = match self.machine.read_only_endpoint() {
             true => Endpoint::ReadOnly,
             false => Endpoint::ReadWrite,
