@@ -222,19 +222,6 @@ fn sha256(bytes: &[u8]) -> String {
     hex(&sha2::Sha256::digest(bytes))
 }
 
-fn my_opts(port: u16) -> mysql_async::Opts {
-    mysql_async::OptsBuilder::default()
-        .ip_or_hostname("127.0.0.1")
-        .tcp_port(port)
-        .user(Some(MY_APP_USER))
-        .pass(Some(MY_APP_PASSWORD))
-        .db_name(Some(MY_APP_DB))
-        // Else mysql_async asks the server for its Unix socket and uses that instead
-        // of the proxy.
-        .prefer_socket(false)
-        .into()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statements_in_the_binary_protocol_and_in_sql() {
     let started = Instant::now();

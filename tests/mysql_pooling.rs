@@ -108,16 +108,7 @@ fn server_connection_caps_and_the_reserve_pool() {
         .enable_all()
         .build()
         .unwrap();
-    let opts = |port: u16| -> mysql_async::Opts {
-        mysql_async::OptsBuilder::default()
-            .ip_or_hostname("127.0.0.1")
-            .tcp_port(port)
-            .user(Some(MY_APP_USER))
-            .pass(Some(MY_APP_PASSWORD))
-            .db_name(Some(MY_APP_DB))
-            .prefer_socket(false)
-            .into()
-    };
+    let opts = my_opts;
     let capped = my_proxy(&cluster, "max_server_connections = 2\nserver_login_timeout_ms = 1000");
     // One worker thread: the pool's size is not shared among workers.
     let (rw, ro) = (free_port(), free_port());

@@ -151,3 +151,17 @@ pub fn django_env(proxy: &Proxy) -> Vec<(&'static str, String)> {
         ("SY_DB", MY_APP_DB.to_string()),
     ]
 }
+
+/// mysql_async options for the app user through the proxy at `port`.
+pub fn my_opts(port: u16) -> mysql_async::Opts {
+    mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some(MY_APP_USER))
+        .pass(Some(MY_APP_PASSWORD))
+        .db_name(Some(MY_APP_DB))
+        // Else mysql_async asks the server for its Unix socket and uses that instead
+        // of the proxy.
+        .prefer_socket(false)
+        .into()
+}
