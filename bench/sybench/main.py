@@ -17,7 +17,8 @@ import time
 
 from . import failover, idle, report
 from .cluster import PG_BIN_DEFAULT, PgCluster
-from .pgbench import PROTOCOLS, WORKLOADS, display_command, pgbench_argv, run_case
+from .pgbench import (PROTOCOLS, WORKLOADS, connect_argvs, display_command, pgbench_argv, run_case,
+                      run_parallel)
 from .procs import ForeignLoad, Registry, ResourceWatch, install_signal_handlers, log, raise_nofile
 from .systems import (BENCH_PASSWORD, BENCH_USER, DB, IDLE_PASSWORD, IDLE_USER, System,
                       start_haproxy, start_pgbouncer, start_switchyard, wait_switchyard_ready)
@@ -57,9 +58,10 @@ def parse_args(argv):
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help="comma list of: " + ", ".join(ALL_SYSTEMS))
     p.add_argument("--connect-clients", default="16", help="client counts of the connect workload")
     p.add_argument("--connect-protocols", default="simple", help="protocols of the connect workload")
-    p.add_argument("--connect-jobs", type=int, default=0,
-                   help="pgbench -j of the connect workload (0: one thread per client; pgbench connects "
-                        "synchronously, so clients sharing a thread never log in concurrently)")
+    p.add_argument("--connect-procs", type=int, default=0,
+                   help="pgbench processes of the connect workload, sharing its clients, each with one thread "
+                        "per client (0: one process per client; 1: one process, -j = clients, whose threads "
+                        "slow each other's SCRAM computations down)")
     p.add_argument("--connect-warmup", type=int, default=1,
                    help="seconds of the same -C run, not measured, before each connect run (warms the pools)")
     p.add_argument("--duration", type=int, default=4, help="seconds per pgbench case (-T)")
@@ -294,35 +296,43 @@ class Bench:
             # never goes through a proxy.
             c.psql(0, ["VACUUM pgbench_branches, pgbench_tellers", "TRUNCATE pgbench_history"], db=DB)
         connect = workload == "connect"
-        jobs = (a.connect_jobs or clients) if connect else a.jobs
         warm = None
         if connect and a.connect_warmup > 0:
             # The same -C run, not measured: the pools (and whatever a proxy remembers from
             # its first logins) are warm when the measured run starts.
             wprefix = os.path.join(self.tmp, "pglog", f"w{self.case_no + 1}")
             os.makedirs(os.path.dirname(wprefix), exist_ok=True)
-            wargv = pgbench_argv("127.0.0.1", system.port, BENCH_USER, DB, workload, protocol, clients, 1,
-                                 jobs, wprefix)
-            wargv[wargv.index("-T") + 1] = str(a.connect_warmup)
+            wargvs = connect_argvs("127.0.0.1", system.port, BENCH_USER, DB, protocol, clients,
+                                   a.connect_warmup, a.connect_procs, wprefix)
             s0 = self.server_sessions()
-            w = run_case(wargv, BENCH_PASSWORD, timeout=a.connect_warmup + 120)
+            w = run_parallel(wargvs, BENCH_PASSWORD, a.connect_warmup + 120, wprefix)
             time.sleep(0.3)
             warm = {"tps": w.get("tps"), "txns": w.get("txns"), "rc": w["rc"],
+                    "client_logins": (w.get("txns") or 0) + (w.get("failed_txns") or 0) + len(wargvs),
                     "server_sessions": self.server_sessions() - s0, "errors": w.get("errors")}
         self.case_no += 1
         prefix = os.path.join(self.tmp, "pglog", f"c{self.case_no}")
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
-        argv = pgbench_argv("127.0.0.1", system.port, BENCH_USER, DB, workload, protocol, clients, duration,
-                            jobs, prefix)
+        if connect:
+            argvs = connect_argvs("127.0.0.1", system.port, BENCH_USER, DB, protocol, clients, duration,
+                                  a.connect_procs, prefix)
+            argv = argvs[0]
+        else:
+            argv = pgbench_argv("127.0.0.1", system.port, BENCH_USER, DB, workload, protocol, clients, duration,
+                                a.jobs, prefix)
         off = system.log_offset()
         sessions0 = self.server_sessions() if connect else None
         watch = ResourceWatch(system.pid).start()
         ru0, cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu()
-        res = run_case(argv, BENCH_PASSWORD, timeout=duration + 180)
+        if connect:
+            res = run_parallel(argvs, BENCH_PASSWORD, duration + 180, prefix)
+        else:
+            res = run_case(argv, BENCH_PASSWORD, timeout=duration + 180)
         ru1, cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu()
         # pgbench's own CPU (the only child reaped during run_case) and how busy the
         # machine's cores were: what the client side and the server took.
         res["client_cpu_s"] = round(ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime, 3)
+        res["client_sys_s"] = round(ru1.ru_stime - ru0.ru_stime, 3)
         if cpu1[1] > cpu0[1]:
             res["machine_busy_pct"] = round(100.0 * (cpu1[0] - cpu0[0]) / (cpu1[1] - cpu0[1]), 1)
         t_arg = float(argv[argv.index("-T") + 1])
@@ -331,11 +341,11 @@ class Bench:
         res.update(watch.stop())
         if connect:
             # Backends count themselves in pg_stat_database.sessions when they start (the
-            # count is flushed right after their login); pgbench's own first connection
-            # (it reads the scale) is one client login more than its transactions.
+            # count is flushed right after their login); each pgbench process's own first
+            # connection (it reads the scale) is one client login more than its transactions.
             time.sleep(0.3)
             res["server_sessions"] = self.server_sessions() - sessions0
-            res["client_logins"] = res.get("txns", 0) + res.get("failed_txns", 0) + 1
+            res["client_logins"] = res.get("txns", 0) + res.get("failed_txns", 0) + len(argvs)
             res["server_logins_per_login"] = round(res["server_sessions"] / res["client_logins"], 4)
             if warm:
                 res["warmup"] = warm
@@ -345,6 +355,8 @@ class Bench:
             res["log_problems"] = n
             res["log_messages"] = dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:6])
         res["command"] = display_command(argv)
+        if connect and len(argvs) > 1:
+            res["command"] = f"{len(argvs)} processes at once, each: " + res["command"]
         time.sleep(0.5)
         return res
 
@@ -422,7 +434,13 @@ class Bench:
                     continue
                 r = self.measure(s, workload, protocol, clients)
                 runs[key].append(r)
-                log(f"  round {i + 1}/{a.repeat} {key}: {r.get('tps', '-')}/s")
+                n = r.get("txns") or 0
+                extra = ""
+                if n and r.get("client_cpu_s") is not None:
+                    extra = f", pgbench {r['client_cpu_s'] / n * 1e6:.0f} us/conn"
+                    if r.get("cpu_s") is not None:
+                        extra += f", proxy {r['cpu_s'] / n * 1e6:.0f} us/conn"
+                log(f"  round {i + 1}/{a.repeat} {key}: {r.get('tps', '-')}/s{extra}")
         for j, key in enumerate(order):
             self.one_case(key, workload, protocol, clients, done + j + 1, n_total, runs=runs[key] or None)
 
@@ -460,7 +478,8 @@ class Bench:
                                  if x.get("user_s") is not None and x.get("txns") else None,
                                  "sys_us_per_conn": round(x["sys_s"] / x["txns"] * 1e6, 1)
                                  if x.get("sys_s") is not None and x.get("txns") else None,
-                                 "server_sessions": x.get("server_sessions"), "client_logins": x.get("client_logins")}
+                                 "server_sessions": x.get("server_sessions"), "client_logins": x.get("client_logins"),
+                                 "client_sys_s": x.get("client_sys_s")}
                                 for x in runs]
                 for k, out in (("cpu_us_per_conn", "cpu_us_per_conn_median"), ("user_us_per_conn", "user_us_median"),
                                ("sys_us_per_conn", "sys_us_median")):

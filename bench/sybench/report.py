@@ -6,6 +6,8 @@ import re
 
 from .pgbench import WORKLOADS
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 ORDER = ["direct", "pgbouncer", "haproxy", "sy-session", "sy-txn", "sy-split"]
 SY = ["sy-session", "sy-txn", "sy-split"]
 LABEL = {
@@ -297,7 +299,8 @@ def write(res, out_dir, name):
         if v.get("switchyard_tree_dirty") else ""
     L.append(f"- Switchyard: {v.get('switchyard')}; work tree at git commit `{str(v.get('switchyard_commit'))[:12]}` "
              f"({v.get('switchyard_commit_subject')}, committed {v.get('switchyard_commit_time')}){dirty}; "
-             f"release binary `target/release/switchyard` built {v.get('switchyard_binary_mtime')}, "
+             f"release binary `{os.path.relpath(a['binary'], REPO) if a.get('binary', '').startswith(REPO + os.sep) else a.get('binary', 'target/release/switchyard')}` "
+             f"built {v.get('switchyard_binary_mtime')}, "
              f"sha256 {v.get('switchyard_binary_sha256_16')}…")
     if v.get("switchyard_binary_older_than_head"):
         L.append(f"  - **The binary is older than that commit**: it was built from the work tree as it was at "
@@ -327,9 +330,11 @@ def write(res, out_dir, name):
              "without initial connection time; avg/p50/p99 are computed from every transaction in the "
              "per-transaction logs. The order of systems rotates from case to case.")
     if any(r["workload"] == "connect" for r in res.get("cases", [])):
+        procs = a.get("connect_procs") or 0
         L.append(f"- Connect workload: `pgbench -C -S` (a new connection, SCRAM-SHA-256 login, one select-only "
-                 f"transaction and a disconnect per transaction), `-j` = clients"
-                 + (f" (`--connect-jobs` {a.get('connect_jobs')})" if a.get("connect_jobs") else "")
+                 "transaction and a disconnect per transaction), "
+                 + ("one pgbench process per client (`-c 1 -j 1` each, all at once)" if not procs else
+                    f"{procs} pgbench process(es) sharing the clients, `-j` = their clients")
                  + f", after a {a.get('connect_warmup')} s warm-up run of the same, not measured. "
                  "See *Connection rate* below.")
     L.append("- Switchyard CPU s: utime+stime delta of the process (`/proc/<pid>/stat`) over the case, which "
@@ -582,9 +587,15 @@ def connect_section(res, cases, idx):
     L = ["## Connection rate (`pgbench -C -S`)\n",
          "Each pgbench transaction opens a new connection, logs in with SCRAM-SHA-256, runs the select-only "
          "transaction and disconnects (what Django with `CONN_MAX_AGE = 0` does per request), so pgbench's tps "
-         "(\"including reconnection times\") is **connections/s**. `-j` = clients: pgbench connects "
-         "synchronously, so clients sharing a thread would never log in at the same time. A "
-         f"{a.get('connect_warmup')} s run of the same, not measured, warms the pools first.\n",
+         "(\"including reconnection times\", summed over the pgbench processes) is **connections/s**. "
+         + ("Each client is its own pgbench process (`-c 1 -j 1`, all started at once): pgbench connects "
+            "synchronously, so clients sharing a thread would never log in at the same time, and threads of one "
+            "pgbench slow each other's SCRAM proofs down (PBKDF2 through OpenSSL; measured: 4.3–6.8 ms of CPU "
+            "per login with 16 threads against 2.9–3.7 ms with 16 processes, swinging from run to run), which "
+            "would make the figure the client's. "
+            if not a.get("connect_procs") else f"{a.get('connect_procs')} pgbench process(es), `-j` = their clients. ")
+         + f"A {a.get('connect_warmup')} s run of the same, not measured, warms the pools first. With `--repeat` "
+         "the systems take turns round by round (the order rotated each round) and the median-rate run is shown.\n",
          "- *cycle p50/p99*: the time between two consecutive transaction ends of one client in pgbench's "
          "per-transaction log: disconnect + connect + login + transaction (the first of each client left out); "
          "*avg connect*: pgbench's average connection time; *query p50/p99*: the transaction's own latency after "
@@ -597,8 +608,8 @@ def connect_section(res, cases, idx):
          "PostgreSQL's).",
          "- *server logins per client login*: the growth of `pg_stat_database.sessions` of the bench database "
          "on the primary over the run (every backend started for it, by anyone: health checks and the harness "
-         "use the `postgres` database) divided by the client logins (transactions + pgbench's first connection, "
-         "which reads the scale). A direct connection shows what 1 looks like. *warm-up*: the same for the "
+         "use the `postgres` database) divided by the client logins (transactions + each pgbench process's first "
+         "connection, which reads the scale). A direct connection shows what 1 looks like. *warm-up*: the same for the "
          "warm-up run (on a fresh proxy, the cold pool).\n"]
     for p in [x for x in ("simple", "extended", "prepared") if any(r["workload"] == "connect" and r["protocol"] == x for r in cases)]:
         L.append(f"### `-M {p}`\n")
@@ -644,8 +655,8 @@ def connect_section(res, cases, idx):
                     cpu_s = f"{cpu:,.0f} ({r['user_s'] / r['txns'] * 1e6:,.0f} + {r['sys_s'] / r['txns'] * 1e6:,.0f})"
                 cpu_ratio = f"{cpu / cpu_pb:.2f}×" if cpu is not None and cpu_pb and key != "pgbouncer" else ""
                 w = r.get("warmup") or {}
-                wl = (f"{w['server_sessions'] / ((w.get('txns') or 0) + 1):.3f}"
-                      if w.get("server_sessions") is not None else "–")
+                logins = w.get("client_logins") or ((w.get("txns") or 0) + (a.get("connect_procs") or c))
+                wl = f"{w['server_sessions'] / logins:.3f}" if w.get("server_sessions") is not None else "–"
                 L.append(f"| {c} | {LABEL.get(key, key)} | {tps} | {ratio} | {f(r.get('cycle_p50_ms'), 2)} / "
                          f"{f(r.get('cycle_p99_ms'), 2)} | {f(r.get('conn_avg_ms'), 2)} | {f(r.get('p50_ms'), 2)} / "
                          f"{f(r.get('p99_ms'), 2)} | {cpu_s} | {cpu_ratio} | {f(r.get('server_logins_per_login'), 3)} | "
