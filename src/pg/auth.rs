@@ -17,7 +17,7 @@ use rand::RngExt;
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuthMethod, UserConfig};
-use crate::pg::credential::{Credential, ScramKeys};
+use crate::pg::credential::{Credential, PasswordCred, ScramKeys};
 use crate::scram::{hmac, ScramSecret};
 
 pub const SCRAM_ITERATIONS: u32 = 4096;
@@ -40,7 +40,7 @@ pub enum AuthError {
 pub struct Verifier {
     pub method: AuthMethod,
     pub user: String,
-    password: Option<String>,
+    password: Option<Arc<PasswordCred>>,
     secret: ScramSecret,
     /// For a user configured with a verifier: the keys learned from the last client
     /// that logged in (shared by clones, carried over reloads that keep the verifier).
@@ -71,7 +71,7 @@ impl Verifier {
         Verifier {
             method: user.auth,
             user: user.name.clone(),
-            password: user.password.clone(),
+            password: user.password.clone().map(PasswordCred::new),
             secret,
             learned: None,
         }
@@ -137,7 +137,7 @@ impl Verifier {
 
     /// Check an md5 PasswordMessage (`md5` + hex) against the salt sent.
     pub fn check_md5(&self, response: &[u8], salt: [u8; 4]) -> Result<(), AuthError> {
-        let pw = self.password.as_deref().unwrap_or("");
+        let pw = self.password.as_ref().map_or("", |p| p.password.as_str());
         let expected = postgres_protocol::authentication::md5_hash(self.user.as_bytes(), pw.as_bytes(), salt);
         if constant_time_eq(expected.as_bytes(), response) {
             Ok(())
@@ -448,7 +448,9 @@ mod tests {
         changed.carry_over(&v);
         assert!(matches!(changed.server_credential(), Credential::Unlearned));
         // A password user logs in to servers with the password.
-        assert!(matches!(Verifier::new(&user("pw")).server_credential(), Credential::Password(p) if p == "pw"));
+        assert!(
+            matches!(Verifier::new(&user("pw")).server_credential(), Credential::Password(p) if p.password == "pw")
+        );
     }
 
     #[test]

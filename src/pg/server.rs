@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncReadExt;
 
@@ -175,7 +174,7 @@ async fn connect_inner(addr: &str, login: &Login<'_>) -> Result<ServerConn, Serv
 async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerError> {
     let need_password = |what: &str| -> Result<&[u8], ServerError> {
         match login.credential {
-            Credential::Password(pw) => Ok(pw.as_bytes()),
+            Credential::Password(pw) => Ok(pw.password.as_bytes()),
             Credential::Scram(_) | Credential::Unlearned => Err(ServerError::Auth(format!(
                 "{what} but user \"{}\" is configured with a SCRAM verifier, not a password (make the server use scram-sha-256)",
                 login.user
@@ -186,11 +185,7 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
             ))),
         }
     };
-    enum Scram {
-        Password(ScramSha256),
-        Keyed(KeyedScram),
-    }
-    let mut scram: Option<Scram> = None;
+    let mut scram: Option<KeyedScram> = None;
     let mut out = BytesMut::new();
     loop {
         let (tag, body) = conn.read_message().await?;
@@ -232,7 +227,7 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
                 let first = match login.credential {
                     Credential::Scram(keys) => {
                         let (s, first) = KeyedScram::start(keys.clone());
-                        scram = Some(Scram::Keyed(s));
+                        scram = Some(s);
                         first.into_bytes()
                     }
                     Credential::Unlearned => {
@@ -241,11 +236,16 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
                             login.user
                         )))
                     }
-                    _ => {
-                        let s = ScramSha256::new(need_password("SCRAM-SHA-256")?, ChannelBinding::unsupported());
-                        let first = s.message().to_vec();
-                        scram = Some(Scram::Password(s));
-                        first
+                    Credential::Password(pw) => {
+                        let (s, first) = KeyedScram::start_password(pw.clone());
+                        scram = Some(s);
+                        first.into_bytes()
+                    }
+                    Credential::None => {
+                        return Err(ServerError::Auth(format!(
+                            "SCRAM-SHA-256 for user \"{}\", who has no password in Switchyard's config",
+                            login.user
+                        )))
                     }
                 };
                 frontend::sasl_initial_response("SCRAM-SHA-256", &first, &mut out)?;
@@ -253,11 +253,7 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
             11 => {
                 let failed = |e: String| ServerError::Auth(format!("a SCRAM exchange that failed: {e}"));
                 match scram.as_mut() {
-                    Some(Scram::Password(s)) => {
-                        s.update(&body[4..]).map_err(|e| failed(e.to_string()))?;
-                        frontend::sasl_response(s.message(), &mut out)?;
-                    }
-                    Some(Scram::Keyed(s)) => {
+                    Some(s) => {
                         let fin = s.server_first(&body[4..]).map_err(failed)?;
                         frontend::sasl_response(fin.as_bytes(), &mut out)?;
                     }
@@ -267,8 +263,7 @@ async fn authenticate(conn: &mut Wire, login: &Login<'_>) -> Result<(), ServerEr
             12 => {
                 let wrong = |e: String| ServerError::Auth(format!("a SCRAM exchange whose server proof is wrong: {e}"));
                 match scram.take() {
-                    Some(Scram::Password(mut s)) => s.finish(&body[4..]).map_err(|e| wrong(e.to_string()))?,
-                    Some(Scram::Keyed(s)) => s.server_final(&body[4..]).map_err(wrong)?,
+                    Some(s) => s.server_final(&body[4..]).map_err(wrong)?,
                     None => return Err(ServerError::Protocol("SASL final before start".into())),
                 }
                 continue;
