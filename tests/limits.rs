@@ -437,7 +437,7 @@ async fn a_connection_storm_is_served_and_server_logins_wait_their_turn() {
     let gated = Proxy::start(
         &cluster,
         "storm-gated",
-        "max_server_logins = 1\nconnect_timeout_ms = 150\n",
+        "max_server_logins = 1\nconnect_timeout_ms = 30\n",
         "",
     );
     let (served, refused) = storm(gated.rw, 60).await;
