@@ -62,6 +62,25 @@ enum Cmd {
         #[arg(long)]
         watch: bool,
     },
+    /// The heaviest statements (query digests) as a table refreshed every second, with
+    /// calls per second, mean and p99 latency, rows, node and route.
+    Top {
+        /// Base URL of the admin HTTP endpoint (default: admin.http_listen of --config).
+        #[arg(long)]
+        url: Option<String>,
+        /// Only this cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// total_time, calls, errors, rows, mean_time, max_time or p99.
+        #[arg(long, default_value = "total_time")]
+        order: String,
+        /// Rows shown.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print one table and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+    },
     /// Move the primary role to a standby (planned switchover), through the admin HTTP
     /// endpoint; prints each step and how long new transactions were held.
     Switchover {
@@ -165,6 +184,20 @@ fn main() -> ExitCode {
             run(cli.config.as_ref())
         }
         Cmd::Status { url, watch } => status(cli.config.as_ref(), url.clone(), *watch),
+        Cmd::Top {
+            url,
+            cluster,
+            order,
+            limit,
+            once,
+        } => top(
+            cli.config.as_ref(),
+            url.clone(),
+            cluster.as_deref(),
+            order,
+            *limit,
+            *once,
+        ),
         Cmd::Switchover { url, cluster, to } => switchover(cli.config.as_ref(), url.clone(), cluster, to),
         Cmd::Import {
             from: ImportFrom::Pgbouncer { ini, userlist },
@@ -403,6 +436,65 @@ fn switchover(path: Option<&PathBuf>, url: Option<String>, cluster: &str, to: &s
         body["hold_ms"]
     );
     Ok(())
+}
+
+fn top(
+    path: Option<&PathBuf>,
+    url: Option<String>,
+    cluster: Option<&str>,
+    order: &str,
+    limit: usize,
+    once: bool,
+) -> Result<()> {
+    let base = admin_url(path, url)?;
+    let mut url = format!("{}/queries?order={order}&limit={limit}", base.trim_end_matches('/'));
+    if let Some(c) = cluster {
+        url.push_str(&format!("&cluster={c}"));
+    }
+    let token = admin_token(path);
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut view = switchyard::admin::top::Top::default();
+    loop {
+        let mut req = agent.get(&url);
+        if let Some(t) = &token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = req.call().with_context(|| format!("GET {url}"))?;
+        let body = resp.body_mut().read_to_string()?;
+        match resp.status().as_u16() {
+            200 => {}
+            401 => anyhow::bail!("{TOKEN_HINT}"),
+            _ => anyhow::bail!("{}", body.trim()),
+        }
+        let rows: Vec<switchyard::admin::top::Digest> =
+            serde_json::from_str(&body).context("unexpected /queries document")?;
+        let width = terminal_width();
+        let frame = view.frame(&rows, std::time::Instant::now(), width);
+        if once {
+            print!("{frame}");
+            return Ok(());
+        }
+        print!("\x1b[2J\x1b[H{frame}");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// The terminal's width (`COLUMNS`, else the tty's, else 160).
+fn terminal_width() -> usize {
+    if let Some(c) = std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()) {
+        return c;
+    }
+    // SAFETY: TIOCGWINSZ fills a winsize; on failure (not a terminal) it is left zeroed.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 {
+        ws.ws_col as usize
+    } else {
+        160
+    }
 }
 
 fn status(path: Option<&PathBuf>, url: Option<String>, watch: bool) -> Result<()> {

@@ -19,7 +19,7 @@ use crate::proxy::shared::Shared;
 pub use crate::config::ADMIN_DATABASE;
 const MAX_COMMAND: usize = 64 * 1024;
 
-const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | LIMITS | CLIENTS | SERVERS | STATS | EVENTS; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name); SWITCHOVER <cluster> TO <node>";
+const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | LIMITS | CLIENTS | SERVERS | STATS | EVENTS | QUERIES [cluster]; RESET QUERIES; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name); SWITCHOVER <cluster> TO <node>";
 
 /// A command's answer: rows to show, or a tag only, or an error for the client.
 enum Answer {
@@ -462,6 +462,50 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 })
                 .collect(),
         },
+        ["SHOW", "QUERIES", rest @ ..] if rest.len() <= 1 => {
+            let ask = crate::admin::QueriesAsk {
+                cluster: statement
+                    .split_whitespace()
+                    .nth(2)
+                    .map(|s| s.trim_matches('"').to_string()),
+                ..Default::default()
+            };
+            match crate::admin::query_rows(shared, &ask) {
+                Ok(rows) => Answer::Rows {
+                    columns: vec![
+                        "cluster", "digest", "query", "node", "role", "route", "calls", "errors", "rows", "total_ms",
+                        "mean_ms", "min_ms", "max_ms", "p50_ms", "p99_ms",
+                    ],
+                    rows: rows
+                        .into_iter()
+                        .map(|r| {
+                            vec![
+                                r.cluster,
+                                r.digest,
+                                r.query,
+                                opt(r.node),
+                                opt(r.role),
+                                opt(r.route.map(|r| r.as_str())),
+                                r.calls.to_string(),
+                                r.errors.to_string(),
+                                r.rows.to_string(),
+                                r.total_time_ms.to_string(),
+                                r.mean_time_ms.to_string(),
+                                r.min_time_ms.to_string(),
+                                r.max_time_ms.to_string(),
+                                r.p50_ms.to_string(),
+                                r.p99_ms.to_string(),
+                            ]
+                        })
+                        .collect(),
+                },
+                Err(e) => Answer::Error(e),
+            }
+        }
+        ["RESET", "QUERIES"] => {
+            shared.digests.reset();
+            Answer::Done("RESET".into())
+        }
         ["RELOAD"] => match shared.reload() {
             Ok(_) => Answer::Done("RELOAD".into()),
             Err(e) => Answer::Error(e),

@@ -25,6 +25,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let protected = Router::new()
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/queries", get(queries))
         .route("/clusters/{name}/switchover", post(switchover))
         .route_layer(axum::middleware::from_fn_with_state(shared.clone(), require_token));
     let app = Router::new()
@@ -86,6 +87,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    shared.metrics.set_digests(shared.digests.counts());
     let body = shared
         .metrics
         .render(&shared.cluster_snapshots(), &crate::admin::pool_rows(&shared));
@@ -97,6 +99,15 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// `GET /queries?cluster=NAME&order=total_time&limit=N&by=node|query`: the query
+/// digests as a JSON array (`obs::digest::Row`), 400 naming a wrong parameter.
+async fn queries(State(shared): State<Arc<Shared>>, Query(ask): Query<crate::admin::QueriesAsk>) -> Response {
+    match crate::admin::query_rows(&shared, &ask) {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
 }
 
 #[derive(serde::Deserialize)]

@@ -1,15 +1,47 @@
 //! What operators see and do: the admin console (`psql -d switchyard`) and the HTTP
-//! endpoints (`/health`, `/status`, `/metrics`, the status page). Reads `Shared`; the
-//! registries it shows live in `obs`.
+//! endpoints (`/health`, `/status`, `/metrics`, `/queries`, the status page). Reads
+//! `Shared`; the registries it shows live in `obs`.
 
 pub mod console;
 pub mod http;
 pub mod status;
+pub mod top;
 
 use std::sync::atomic::Ordering;
 
 use crate::obs::clients::PoolRow;
+use crate::obs::digest::{Grouping, Order, Row};
 use crate::proxy::shared::Shared;
+
+/// What `/queries` and `SHOW QUERIES` are asked: every parameter optional.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct QueriesAsk {
+    pub cluster: Option<String>,
+    /// total_time (default), calls, errors, rows, mean_time, max_time, p99.
+    pub order: Option<String>,
+    /// Rows at most (default 100).
+    pub limit: Option<usize>,
+    /// node (default: a row per statement, node and route) or query (nodes summed).
+    pub by: Option<String>,
+}
+
+/// The query digests asked for, or what is wrong with the question.
+pub fn query_rows(shared: &Shared, ask: &QueriesAsk) -> Result<Vec<Row>, String> {
+    if let Some(c) = &ask.cluster {
+        if !shared.clusters.contains_key(c) {
+            return Err(format!("no cluster named \"{c}\""));
+        }
+    }
+    let order: Order = ask.order.as_deref().unwrap_or("total_time").parse()?;
+    let by = match ask.by.as_deref().unwrap_or("node") {
+        "node" => Grouping::Node,
+        "query" => Grouping::Query,
+        other => return Err(format!("unknown grouping {other:?}: use by=node or by=query")),
+    };
+    Ok(shared
+        .digests
+        .rows(ask.cluster.as_deref(), by, order, ask.limit.unwrap_or(100)))
+}
 
 /// Every pool: transaction-mode pools as they are, and for session-mode clusters the
 /// server connections grouped by (cluster, node, database, user), where each client

@@ -136,3 +136,11 @@ pub fn proxy_shutdown_timeout_ms() -> u64 {
 pub fn user_auth() -> AuthMethod {
     AuthMethod::ScramSha256
 }
+
+pub fn telemetry_query_digests() -> bool {
+    true
+}
+
+pub fn telemetry_max_digests() -> usize {
+    5_000
+}

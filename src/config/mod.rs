@@ -75,6 +75,29 @@ pub struct Config {
     /// Users not in `[[users]]` are looked up on the cluster's servers.
     #[serde(default)]
     pub auth_query: Option<AuthQueryConfig>,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// What the proxy records about the statements it relays.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Per-statement statistics (`/queries`, `SHOW QUERIES`, `switchyard top`).
+    #[serde(default = "default::telemetry_query_digests")]
+    pub query_digests: bool,
+    /// Digests kept per worker thread; past it the least-called tenth is evicted.
+    #[serde(default = "default::telemetry_max_digests")]
+    pub max_digests: usize,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> TelemetryConfig {
+        TelemetryConfig {
+            query_digests: default::telemetry_query_digests(),
+            max_digests: default::telemetry_max_digests(),
+        }
+    }
 }
 
 /// PgBouncer's `auth_user` + `auth_query`: a client whose user is not in `[[users]]`

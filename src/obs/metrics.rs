@@ -114,6 +114,9 @@ pub struct Metrics {
     clients_refused: Family<ReasonLabels, Counter>,
     /// Client timeouts that fired (client_idle, idle_transaction, query), by which.
     client_timeouts: Family<ReasonLabels, Counter>,
+    /// Query digests held, and evicted since start (set at scrape time).
+    query_digests: Gauge,
+    query_digests_evicted: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -148,6 +151,8 @@ impl Default for Metrics {
             reads_to_primary_for_freshness: Family::default(),
             clients_refused: Family::default(),
             client_timeouts: Family::default(),
+            query_digests: Gauge::default(),
+            query_digests_evicted: Counter::default(),
             causal_wait_seconds: Family::new_with_constructor(|| {
                 // 0.25 ms .. ~8 s
                 Histogram::new(exponential_buckets(0.00025, 2.0, 16))
@@ -255,6 +260,16 @@ impl Default for Metrics {
             m.clients_refused.clone(),
         );
         r.register(
+            "query_digests",
+            "Query digests held (statement, node and route), over all worker threads",
+            m.query_digests.clone(),
+        );
+        r.register(
+            "query_digests_evicted",
+            "Query digests evicted to stay within telemetry.max_digests",
+            m.query_digests_evicted.clone(),
+        );
+        r.register(
             "client_timeouts",
             "Client timeouts that fired: client_idle (client ended), idle_transaction (client ended, transaction rolled back), query (cancel sent to the server)",
             m.client_timeouts.clone(),
@@ -348,6 +363,13 @@ impl Metrics {
     }
 
     /// Text exposition, node gauges refreshed from the given snapshots first.
+    /// The digest tables' size (`obs::digest::Digests::counts`), before a render.
+    pub fn set_digests(&self, (held, evicted): (u64, u64)) {
+        self.query_digests.set(held as i64);
+        let seen = self.query_digests_evicted.get();
+        self.query_digests_evicted.inc_by(evicted.saturating_sub(seen));
+    }
+
     pub fn render(
         &self,
         snapshots: &[std::sync::Arc<ClusterSnapshot>],

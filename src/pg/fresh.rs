@@ -275,7 +275,7 @@ impl Causal {
     pub fn placed(&self, placement: &Placement, role: Role) {
         if role == Role::Standby {
             self.metrics.to_standby.inc();
-        } else if placement.standby_was_possible && (placement.floor.is_some() || placement.primary_only) {
+        } else if placement.held_for_freshness() {
             self.metrics.to_primary.inc();
         }
     }
@@ -301,6 +301,12 @@ impl Placement {
     }
 
     /// No condition on where the read goes.
+    /// A standby could have taken the read but for what it must see: on the primary
+    /// for freshness.
+    pub fn held_for_freshness(&self) -> bool {
+        self.standby_was_possible && (self.floor.is_some() || self.primary_only)
+    }
+
     pub fn is_free(&self) -> bool {
         self.floor.is_none() && !self.primary_only
     }

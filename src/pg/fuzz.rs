@@ -411,6 +411,7 @@ pub fn machine_target(data: &[u8]) {
             max_message: 1 << 10,
             client_pid: 777,
             client_key: 1,
+            digests: true,
         },
         vec![("application_name".into(), "fuzz".into())],
         classifier(),

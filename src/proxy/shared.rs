@@ -49,6 +49,8 @@ pub struct Shared {
     pub admissions: Arc<crate::proxy::limits::Admissions>,
     pub clients: Arc<Clients>,
     pub metrics: Arc<Metrics>,
+    /// Per-statement statistics, one table per worker thread.
+    pub digests: Arc<crate::obs::digest::Digests>,
     pub shutdown: watch::Receiver<bool>,
     /// Names the shutdown channel's per-thread repeaters (`shutdown_local`).
     shutdown_key: u64,
@@ -98,6 +100,12 @@ impl Shared {
         engines: Vec<Box<dyn EngineState>>,
     ) -> Result<Shared, String> {
         let tls = config.tls.as_ref().map(crate::proxy::stream::acceptor).transpose()?;
+        // One table per worker, one for sessions run elsewhere (tests, the admin).
+        let digests = Arc::new(crate::obs::digest::Digests::new(
+            config.proxy.worker_threads() + 1,
+            config.telemetry.query_digests,
+            config.telemetry.max_digests,
+        ));
         Ok(Shared {
             config: RwLock::new(Arc::new(config)),
             config_path,
@@ -106,6 +114,7 @@ impl Shared {
             admissions: Arc::default(),
             clients: Arc::new(Clients::default()),
             metrics: Arc::new(Metrics::default()),
+            digests,
             shutdown,
             shutdown_key: crate::local_watch::key(),
             started: Instant::now(),
@@ -151,6 +160,8 @@ impl Shared {
     pub fn set_config(&self, config: Config) {
         let config = Arc::new(config);
         *self.config.write().unwrap() = config.clone();
+        self.digests
+            .configure(config.telemetry.query_digests, config.telemetry.max_digests);
         for e in &self.engines {
             e.config_changed(&config);
         }

@@ -1,9 +1,12 @@
 //! The cache key of a statement: its text with the literals blanked, so statements that
-//! differ only in their values share one classification.
+//! differ only in their values share one classification; and the same text without
+//! comments, for query digests.
 
 /// Copy `sql` into `out` with every literal (number, string, dollar-quoted string, bit
-/// or hex string) replaced by `?`. Comments, identifiers (quoted or not) and `$n`
-/// parameters are kept, so statements that differ only in their values get one key.
+/// or hex string) replaced by `?` and every comment by a space, except a comment that
+/// holds a `switchyard:` hint, which is kept. Identifiers (quoted or not) and `$n`
+/// parameters are kept, so statements that differ only in their values, or in a comment
+/// such as sqlcommenter's per-request `traceparent`, get one key.
 /// Written by hand: this must cost one pass and no allocation per query, and
 /// libpg_query's own normalization parses the query, which is what the cache avoids.
 pub fn blank_literals(sql: &str, out: &mut String) {
@@ -17,7 +20,7 @@ pub fn blank_literals(sql: &str, out: &mut String) {
         match c {
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 let end = sql[i..].find('\n').map_or(b.len(), |e| i + e);
-                out.push_str(&sql[i..end]);
+                push_comment(out, &sql[i..end]);
                 i = end;
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
@@ -34,7 +37,7 @@ pub fn blank_literals(sql: &str, out: &mut String) {
                         j += 1;
                     }
                 }
-                out.push_str(&sql[i..j]);
+                push_comment(out, &sql[i..j.min(b.len())]);
                 i = j;
             }
             b'"' => {
@@ -109,6 +112,60 @@ pub fn blank_literals(sql: &str, out: &mut String) {
             }
         }
     }
+}
+
+/// A comment in a cache key: only a hint changes what a statement does.
+fn push_comment(out: &mut String, comment: &str) {
+    if comment.contains("switchyard:") {
+        out.push_str(comment);
+    } else {
+        out.push(' ');
+    }
+}
+
+/// `sql` without its comments (each becomes a space), quoted text left alone: a
+/// digest's text to show.
+pub fn without_comments(sql: &str) -> String {
+    let b = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                i = sql[i..].find('\n').map_or(b.len(), |e| i + e);
+                out.push(' ');
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let (mut depth, mut j) = (1, i + 2);
+                while j < b.len() && depth > 0 {
+                    if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
+                        depth += 1;
+                        j += 2;
+                    } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
+                        depth -= 1;
+                        j += 2;
+                    } else {
+                        j += 1;
+                    }
+                }
+                i = j.min(b.len());
+                out.push(' ');
+            }
+            q @ (b'\'' | b'"') => {
+                let end = (closing_quote(b, i + 1, q, false) + 1).min(b.len());
+                out.push_str(&sql[i..end]);
+                i = end;
+            }
+            _ => {
+                let j = sql[i..]
+                    .find(['-', '/', '\'', '"'])
+                    .map_or(b.len(), |p| if p == 0 { i + 1 } else { i + p });
+                out.push_str(&sql[i..j]);
+                i = j;
+            }
+        }
+    }
+    out
 }
 
 /// Where the quote that closes a quoted run starting at `from` is (`b.len()` if none): a

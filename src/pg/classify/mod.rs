@@ -16,7 +16,9 @@ use pg_query::protobuf::{a_const, ObjectType, TransactionStmtKind, VariableSetKi
 use pg_query::{NodeEnum, NodeRef};
 
 mod literals;
-pub use literals::blank_literals;
+pub use literals::{blank_literals, without_comments};
+
+use crate::obs::digest::Digest;
 
 /// The setting through which clients carry read-your-writes between connections.
 pub const CAUSAL_TOKEN: &str = "switchyard.causal_token";
@@ -119,12 +121,16 @@ pub struct Classification {
     /// Ends a transaction with a commit (`COMMIT`, `END`, `COMMIT PREPARED`): if the
     /// server is lost before it answers, whether it committed is unknown (08007).
     pub commits: bool,
+    /// The statement's shape for the query digests (`obs::digest`): libpg_query's
+    /// fingerprint and normalized text.
+    pub digest: Arc<Digest>,
 }
 
 impl Classification {
     /// What is not known to be a read: goes to the primary, changes nothing tracked.
-    fn write(hint_primary: bool) -> Classification {
+    fn write(hint_primary: bool, digest: Arc<Digest>) -> Classification {
         Classification {
+            digest,
             read_only: false,
             begins: None,
             pins: None,
@@ -325,7 +331,10 @@ impl Classifier {
         Classifier {
             id: NEXT_CLASSIFIER.fetch_add(1, Ordering::Relaxed),
             read_only_functions,
-            opaque: Arc::new(Classification::write(false)),
+            opaque: Arc::new(Classification::write(
+                false,
+                Arc::new(Digest::new(0, "(text not in UTF-8)")),
+            )),
         }
     }
 
@@ -376,7 +385,7 @@ impl Classifier {
     }
 
     fn classify_uncached(&self, sql: &str) -> Classification {
-        let write = Classification::write(sql.contains("switchyard:primary"));
+        let write = Classification::write(sql.contains("switchyard:primary"), digest_of(sql));
         let Ok(parsed) = pg_query::parse(sql, 0) else {
             return write;
         };
@@ -649,6 +658,23 @@ fn session_characteristic(option: &pg_query::protobuf::Node) -> Option<SetAction
     }
     let statement = format!("SET {name} = '{}'", value.replace('\'', "''"));
     Some(SetAction::Set { name, statement })
+}
+
+/// A statement's digest: libpg_query's fingerprint (literals, comments and spacing do
+/// not count) and its normalized text without comments; for text the parser refuses,
+/// a hash of its shape as the cache sees it. Computed once per shape (on a cache miss).
+fn digest_of(sql: &str) -> Arc<Digest> {
+    if let (Ok(f), Ok(normalized)) = (pg_query::fingerprint(sql, 0, 0), pg_query::normalize(sql)) {
+        return Arc::new(Digest::new(f.value, &without_comments(&normalized)));
+    }
+    let mut key = String::new();
+    blank_literals(sql, &mut key);
+    let text = without_comments(&key);
+    let mut h = std::hash::DefaultHasher::new();
+    for word in text.split_whitespace() {
+        std::hash::Hash::hash(word, &mut h);
+    }
+    Arc::new(Digest::new(std::hash::Hasher::finish(&h), &text))
 }
 
 fn pin(c: &mut Classification, why: &'static str) {

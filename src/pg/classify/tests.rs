@@ -118,13 +118,43 @@ fn literals_are_blanked_for_the_cache_key() {
     );
     assert_eq!(
         key("SELECT $tag$ 1 $tag$ FROM \"t 1\" /* 'x' 2 */ -- 3"),
-        "SELECT ? FROM \"t 1\" /* 'x' 2 */ -- 3"
+        "SELECT ? FROM \"t 1\"    "
     );
     assert_eq!(key("SELECT B'0101', X'ff', n'x'"), "SELECT ?, ?, ?");
     assert_eq!(key("SELECT ünï, 'é'"), "SELECT ünï, ?");
     // Same shape, one entry; a hint is not a literal.
     assert_eq!(key("SELECT 1"), key("SELECT 2"));
     assert_ne!(key("/* switchyard:primary */ SELECT 1"), key("SELECT 1"));
+    // sqlcommenter's per-request comment does not make every request a new shape.
+    assert_eq!(
+        key("SELECT 1 /*traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'*/"),
+        key("SELECT 2 /*traceparent='00-ffffffffffffffffffffffffffffffff-0000000000000001-01'*/")
+    );
+}
+
+#[test]
+fn digests_ignore_literals_comments_and_spacing() {
+    let k = Classifier::new(&[]);
+    let a = k.classify("SELECT * FROM t WHERE id = 1 AND name = 'x'");
+    let b = k.classify("select *\n  from t where id = 42 and name = 'y' -- why\n");
+    let c = k.classify("/* traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01' */ SELECT * FROM t WHERE id = $1 AND name = $2");
+    assert_eq!(a.digest.id, b.digest.id);
+    assert_eq!(a.digest.id, c.digest.id);
+    assert_eq!(&*a.digest.text, "SELECT * FROM t WHERE id = $1 AND name = $2");
+    assert!(!c.digest.text.contains("traceparent"), "{}", c.digest.text);
+    assert_ne!(a.digest.id, k.classify("SELECT * FROM u WHERE id = 1").digest.id);
+    // What the parser refuses still gets one digest per shape.
+    let bad = k.classify("SELEC 1 FROM nowhere");
+    assert_eq!(bad.digest.id, k.classify("SELEC 2  FROM nowhere /* x */").digest.id);
+    assert_eq!(&*bad.digest.text, "SELEC ? FROM nowhere");
+}
+
+#[test]
+fn comments_leave_quoted_text_alone() {
+    assert_eq!(
+        without_comments("SELECT '--x', \"a/*b\" /* c /* nested */ */ FROM t -- end"),
+        "SELECT '--x', \"a/*b\"   FROM t  "
+    );
 }
 
 #[test]

@@ -50,4 +50,6 @@ pub struct Config {
     /// The pid the client was given (BackendKeyData).
     pub client_pid: i32,
     pub client_key: i32,
+    /// Track statements for the query digests (`[telemetry] query_digests`).
+    pub digests: bool,
 }

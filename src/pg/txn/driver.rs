@@ -19,6 +19,7 @@ use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
 use crate::cluster::ClusterCtx;
 use crate::error::Error;
+use crate::obs::digest::{Route, Sample};
 use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 use crate::pg::credential::Credential;
 use crate::pg::fresh::{Causal, FreshMetrics, Placement};
@@ -72,6 +73,8 @@ struct Held {
     conn: PooledConn,
     via: NodePool,
     on_primary: bool,
+    /// Why the unit runs on this node (for the query digests).
+    route: Route,
 }
 
 /// Transaction mode: a connection from the node's pool.
@@ -131,6 +134,7 @@ impl Dialer for PoolDialer<'_> {
             conn,
             on_primary: node.role == Role::Primary,
             via,
+            route: Route::Primary,
         })
     }
 
@@ -164,6 +168,7 @@ impl Dialer for PoolDialer<'_> {
                 conn,
                 on_primary: node.role == Role::Primary,
                 via,
+                route: Route::Primary,
             }),
             Err(e @ PoolError::Exhausted { .. }) => Err(Error::pool_exhausted(e.to_string())),
             Err(PoolError::Server(e)) => Err(e.into_error(&self.cluster.name, &node.name)),
@@ -227,6 +232,7 @@ impl<'a> Driver<'a> {
                 max_message: config.proxy.max_message_bytes,
                 client_pid: cancel.pid,
                 client_key: cancel.key_secret,
+                digests: shared.digests.enabled(),
             },
             who.params.clone(),
             &pg.classifier,
@@ -292,6 +298,8 @@ impl<'a> Driver<'a> {
             shutdown.mark_changed();
         }
         loop {
+            // Before a Release: the statements finished on the connection still held.
+            self.record_statements();
             // What the machine asked for, in order.
             while let Some(action) = self.machine.next_action() {
                 match action {
@@ -373,6 +381,9 @@ impl<'a> Driver<'a> {
                     .held
                     .as_mut()
                     .expect("bytes for a server are sent only while one is held");
+                if !self.machine.running.is_idle() {
+                    self.machine.sending(Instant::now());
+                }
                 let result = write_flush(&mut h.conn.conn.stream, &self.machine.to_server).await;
                 self.machine.to_server.clear();
                 if let Err(e) = result {
@@ -564,6 +575,36 @@ impl<'a> Driver<'a> {
         ok
     }
 
+    /// Add the statements the machine saw finish to this worker's query digests, as run
+    /// on the held connection's node.
+    fn record_statements(&mut self) {
+        if self.machine.running.finished.is_empty() {
+            return;
+        }
+        let finished = std::mem::take(&mut self.machine.running.finished);
+        if let Some(h) = self.held.as_ref() {
+            let now = Instant::now();
+            let mut table = self.shared.digests.lock(crate::proxy::pool::worker());
+            for f in &finished {
+                let Some(sent) = f.sent else { continue };
+                table.record(Sample {
+                    cluster: &self.cluster.name,
+                    node: &h.via.node,
+                    on_primary: h.on_primary,
+                    route: h.route,
+                    digest: &f.digest,
+                    micros: now.saturating_duration_since(sent).as_micros() as u64,
+                    rows: f.rows,
+                    failed: f.failed,
+                });
+            }
+        }
+        // The allocation is kept for the next batch.
+        let mut finished = finished;
+        finished.clear();
+        self.machine.running.finished = finished;
+    }
+
     /// Tell the causal tracker of writes the machine saw complete since the last look.
     fn note_writes(&mut self) {
         if self.machine.take_wrote() {
@@ -635,9 +676,16 @@ impl<'a> Driver<'a> {
 
     /// Hold the connection the connector gave.
     fn take(&mut self, c: Connected<Held>, placement: Option<&Placement>) {
-        let held = c.conn;
+        let mut held = c.conn;
         self.pool_wait.observe(c.waited.as_secs_f64());
         let node = &c.snapshot.nodes[c.index];
+        held.route = match placement {
+            None => Route::Primary,
+            Some(_) if node.role == Role::Standby && self.machine.read_only_endpoint() => Route::Replica,
+            Some(_) if node.role == Role::Standby => Route::Split,
+            Some(p) if p.held_for_freshness() => Route::Fresh,
+            Some(_) => Route::Fallback,
+        };
         if let Some(p) = placement {
             self.causal.placed(p, node.role);
             tracing::debug!(cluster = %self.cluster.name, node = %node.name, floor = ?p.floor(), "read placed");

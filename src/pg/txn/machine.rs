@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::conn::ConnState;
 use super::owed::{Owed, OwedQueue, Verdict};
+use super::running::Running;
 use super::state::SessionState;
 use super::statements::Statements;
 use super::unit;
@@ -107,6 +108,13 @@ pub struct Machine<'a> {
     /// The client was greeted with a server's report, which the driver may remember
     /// (`take_greeted_by_server`).
     greeted_by_server: bool,
+    /// Statements in flight on the held connection and those finished, for the query
+    /// digests (only with `Config::digests`; the driver times and records them).
+    pub running: Running,
+    /// What the unnamed statement last parsed is, and what the portal last bound runs
+    /// (extended protocol): an Execute's statement.
+    unnamed: Option<Arc<Classification>>,
+    bound: Option<Arc<Classification>>,
 }
 
 impl<'a> Machine<'a> {
@@ -140,6 +148,9 @@ impl<'a> Machine<'a> {
             streaming: 0,
             client_mid_message: false,
             wrote: false,
+            running: Running::default(),
+            unnamed: None,
+            bound: None,
         };
         if let Some(reported) = greeting {
             m.write_greeting(reported);
@@ -239,6 +250,7 @@ impl<'a> Machine<'a> {
 
     fn release(&mut self, reuse: bool) {
         self.streaming = 0;
+        self.running.clear();
         if let Some(u) = self.unit.take() {
             self.wrote |= u.may_write && u.on_primary && !self.cfg.read_only_endpoint;
             self.actions.push_back(Action::Release { reuse });
@@ -538,6 +550,9 @@ impl<'a> Machine<'a> {
                 let c = self.classifier.classify_bytes(q.sql);
                 self.owed.push(Owed::Ready);
                 self.queries += 1;
+                if self.cfg.digests {
+                    self.running.query(&c.digest);
+                }
                 match c.deallocate.as_deref() {
                     Some(name) => self
                         .stmts
@@ -551,6 +566,9 @@ impl<'a> Machine<'a> {
                 if kind == FrontendTag::FunctionCall {
                     unit.may_write = true;
                 }
+                if self.cfg.digests {
+                    self.running.sync();
+                }
                 self.owed.push(Owed::Ready);
                 out.extend_from_slice(&msg);
                 None
@@ -559,6 +577,9 @@ impl<'a> Machine<'a> {
                 let p = Parse::decode(body).map_err(malformed)?;
                 let c = self.classifier.classify_bytes(p.query);
                 self.stmts.parse(&msg, &p, out, &mut self.owed, &mut conn.prepared);
+                if p.name.is_empty() {
+                    self.unnamed = Some(c.clone());
+                }
                 Some(c)
             }
             FrontendTag::Bind | FrontendTag::Describe => {
@@ -571,8 +592,21 @@ impl<'a> Machine<'a> {
                 let query = self.stmts.refer(tag, &msg, &r, out, &mut self.owed, &mut conn.prepared);
                 // Executing a named statement does what its text does.
                 match query {
-                    Some(q) if kind == FrontendTag::Bind => Some(self.classifier.classify_bytes(q)),
-                    _ => None,
+                    Some(q) if kind == FrontendTag::Bind => {
+                        let c = self.classifier.classify_bytes(q);
+                        self.bound = Some(c.clone());
+                        Some(c)
+                    }
+                    _ => {
+                        if kind == FrontendTag::Bind {
+                            self.bound = if r.statement.is_empty() {
+                                self.unnamed.clone()
+                            } else {
+                                None
+                            };
+                        }
+                        None
+                    }
                 }
             }
             FrontendTag::Close => {
@@ -582,6 +616,9 @@ impl<'a> Machine<'a> {
             }
             FrontendTag::Execute => {
                 self.queries += 1;
+                if self.cfg.digests {
+                    self.running.execute(self.bound.as_ref().map(|c| &c.digest));
+                }
                 let (writes, commits) = unit.bound;
                 // Outside a transaction block a write commits by itself (at Sync).
                 unit.commit_in_flight |= (writes && unit.status == TxStatus::Idle) || (commits && unit.may_write);
@@ -608,6 +645,12 @@ impl<'a> Machine<'a> {
             self.observe(&c);
         }
         Ok(())
+    }
+
+    /// The driver is about to write `to_server` out (at `now`): the statements in it
+    /// start now.
+    pub fn sending(&mut self, now: std::time::Instant) {
+        self.running.sent(now);
     }
 
     /// The driver wrote `to_client` out.
@@ -694,6 +737,9 @@ impl<'a> Machine<'a> {
                 }
             }
             let verdict = self.owed.on_message(tag, &mut conn.prepared);
+            if self.cfg.digests && matches!(verdict, Verdict::Pass | Verdict::Ready) {
+                self.running.on_message(tag, &msg[5..]);
+            }
             if tag == BackendTag::ReadyForQuery && self.owed.is_empty() {
                 if let Some(u) = self.unit.as_mut() {
                     u.commit_in_flight = false;
@@ -781,6 +827,7 @@ impl<'a> Machine<'a> {
         }
         // Whatever the failed server said for this unit is dropped; what was queued for
         // it is sent again from `sent`.
+        self.running.lost();
         self.to_server.clear();
         self.to_client.clear();
         self.owed.clear();
@@ -819,6 +866,7 @@ impl<'a> Machine<'a> {
             return;
         }
         let unknown = self.unit.as_ref().is_some_and(|u| u.commit_in_flight);
+        self.running.lost();
         self.release(false);
         let e = if unknown {
             Error::resolution_unknown(&self.cfg.cluster, &node, reason)

@@ -9,6 +9,7 @@
 //!   prepared on whatever connection the client gets;
 //! - `state`: session settings (startup parameters, SETs) replayed on each connection;
 //! - `unit`: whether a unit of work only reads (read/write splitting);
+//! - `running`: statements in flight and what finished, for the query digests;
 //! - `conn`: what sessions left on a server connection (`ConnState`);
 //! - `action`: what the machine asks of the driver (`Action`, `Target`) and its `Config`.
 //!
@@ -24,6 +25,7 @@ pub mod conn;
 pub mod driver;
 pub mod machine;
 pub mod owed;
+pub mod running;
 pub mod state;
 pub mod statements;
 pub mod unit;

@@ -1,0 +1,591 @@
+//! Query digests: for every normalized statement, where it ran (cluster, node, its role)
+//! and why it went there (`Route`), how often, how long, how many rows, how many errors.
+//! What ProxySQL's `stats_mysql_query_digest` answers, for both engines.
+//!
+//! Sessions record into the table of their worker thread (`Digests::lock` with the
+//! worker's index), so a statement's cost is one uncontended lock and one hash lookup,
+//! and no cache line another worker writes. Readers (`/queries`, `SHOW QUERIES`) merge
+//! the tables. Each table holds at most `max_digests` entries: when a new one does not
+//! fit, the least-called tenth is evicted (counted), so memory stays bounded whatever
+//! the workload sends.
+//!
+//! The engines normalize: they give each statement shape a `Digest` (an id from the
+//! parser's fingerprint, in which literals, comments and spacing do not count, and a
+//! text to show), computed once per shape and shared with their classification cache.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+/// The longest digest text kept (a statement with a huge `VALUES` list or `IN` list
+/// is cut here: the id, not the text, tells shapes apart).
+pub const MAX_TEXT: usize = 2048;
+
+/// A statement shape: what the engine's parser calls the same statement.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Digest {
+    /// The parser's fingerprint (PostgreSQL: libpg_query's).
+    pub id: u64,
+    /// The statement with literals replaced, comments removed and spacing collapsed.
+    pub text: Box<str>,
+}
+
+impl Digest {
+    /// `normalized`: the engine's normalized text; spacing is collapsed here and the
+    /// text cut at `MAX_TEXT`.
+    pub fn new(id: u64, normalized: &str) -> Digest {
+        let mut text = String::with_capacity(normalized.len().min(MAX_TEXT + 4));
+        for word in normalized.split_whitespace() {
+            if !text.is_empty() {
+                text.push(' ');
+            }
+            text.push_str(word);
+            if text.len() > MAX_TEXT {
+                let mut cut = MAX_TEXT;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                text.push('…');
+                break;
+            }
+        }
+        Digest {
+            id,
+            text: text.into_boxed_str(),
+        }
+    }
+}
+
+/// Why a statement ran where it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Route {
+    /// Sent to the primary: a write, or anything not proven a read on the rw endpoint.
+    Primary,
+    /// A proven read sent to a standby by `read_write_split`.
+    Split,
+    /// Through the ro endpoint, on a standby.
+    Replica,
+    /// A read that could have gone to a standby, on the primary because none could
+    /// take it (down, lagging, none configured).
+    Fallback,
+    /// A read on the primary because no standby had the client's writes (read-your-
+    /// writes, causal token).
+    Fresh,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Primary => "primary",
+            Route::Split => "split",
+            Route::Replica => "replica",
+            Route::Fallback => "fallback",
+            Route::Fresh => "fresh",
+        }
+    }
+}
+
+/// One finished statement.
+pub struct Sample<'a> {
+    pub cluster: &'a str,
+    pub node: &'a str,
+    /// The node was the primary when the connection was taken.
+    pub on_primary: bool,
+    pub route: Route,
+    pub digest: &'a Arc<Digest>,
+    pub micros: u64,
+    pub rows: u64,
+    pub failed: bool,
+}
+
+/// Latency buckets: two per power of two of microseconds (bounds 1, 2, 3, 4, 6, 8, 12,
+/// 16, … µs), so a quantile read from them is within ~25 % (what `p50`/`p99` show); the
+/// last holds everything from about 2 minutes on.
+const BUCKETS: usize = 56;
+
+fn bucket(micros: u64) -> usize {
+    if micros < 2 {
+        return micros as usize;
+    }
+    let e = 63 - micros.leading_zeros() as usize;
+    (2 * e + ((micros >> (e - 1)) & 1) as usize).min(BUCKETS - 1)
+}
+
+/// The lower bound of bucket `i`, in microseconds.
+fn bucket_floor(i: usize) -> u64 {
+    if i < 2 {
+        return i as u64;
+    }
+    let e = i / 2;
+    (1u64 << e) + if i % 2 == 1 { 1u64 << (e - 1) } else { 0 }
+}
+
+#[derive(Debug, Clone)]
+struct Stats {
+    calls: u64,
+    errors: u64,
+    rows: u64,
+    total_us: u64,
+    min_us: u64,
+    max_us: u64,
+    hist: [u32; BUCKETS],
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            calls: 0,
+            errors: 0,
+            rows: 0,
+            total_us: 0,
+            min_us: u64::MAX,
+            max_us: 0,
+            hist: [0; BUCKETS],
+        }
+    }
+}
+
+impl Stats {
+    fn add(&mut self, micros: u64, rows: u64, failed: bool) {
+        self.calls += 1;
+        self.errors += failed as u64;
+        self.rows += rows;
+        self.total_us += micros;
+        self.min_us = self.min_us.min(micros);
+        self.max_us = self.max_us.max(micros);
+        let b = &mut self.hist[bucket(micros)];
+        *b = b.saturating_add(1);
+    }
+
+    fn merge(&mut self, o: &Stats) {
+        self.calls += o.calls;
+        self.errors += o.errors;
+        self.rows += o.rows;
+        self.total_us += o.total_us;
+        self.min_us = self.min_us.min(o.min_us);
+        self.max_us = self.max_us.max(o.max_us);
+        for (a, b) in self.hist.iter_mut().zip(o.hist.iter()) {
+            *a = a.saturating_add(*b);
+        }
+    }
+
+    /// The `q` quantile in microseconds: interpolated inside its bucket, and never
+    /// outside the observed min..max.
+    fn quantile(&self, q: f64) -> f64 {
+        let total: u64 = self.hist.iter().map(|&c| c as u64).sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let rank = (q * total as f64).max(1.0);
+        let mut seen = 0.0;
+        for (i, &c) in self.hist.iter().enumerate() {
+            let c = c as f64;
+            if c > 0.0 && seen + c >= rank {
+                let lo = bucket_floor(i) as f64;
+                let hi = if i + 1 < BUCKETS {
+                    bucket_floor(i + 1) as f64
+                } else {
+                    self.max_us as f64
+                };
+                let v = lo + (hi - lo) * ((rank - seen) / c);
+                return v.clamp(self.min_us as f64, self.max_us as f64);
+            }
+            seen += c;
+        }
+        self.max_us as f64
+    }
+}
+
+struct Entry {
+    cluster: Arc<str>,
+    node: Arc<str>,
+    on_primary: bool,
+    route: Route,
+    digest: Arc<Digest>,
+    stats: Stats,
+}
+
+impl Entry {
+    fn is(&self, s: &Sample<'_>) -> bool {
+        self.digest.id == s.digest.id
+            && self.route == s.route
+            && self.on_primary == s.on_primary
+            && *self.node == *s.node
+            && *self.cluster == *s.cluster
+    }
+}
+
+/// One worker's digests.
+#[derive(Default)]
+pub struct Table {
+    entries: HashMap<u64, Entry>,
+    evicted: u64,
+}
+
+fn key(s: &Sample<'_>) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    (s.digest.id, s.cluster, s.node, s.route, s.on_primary).hash(&mut h);
+    h.finish()
+}
+
+/// A worker's table, locked for a batch of samples.
+pub struct Recorder<'a> {
+    table: MutexGuard<'a, Table>,
+    limit: usize,
+}
+
+impl Recorder<'_> {
+    pub fn record(&mut self, s: Sample<'_>) {
+        let k = key(&s);
+        if let Some(e) = self.table.entries.get_mut(&k) {
+            // Two keys with one 64-bit hash: the sample is dropped rather than counted
+            // under another statement (about one chance in 10^12 at the default size).
+            if e.is(&s) {
+                e.stats.add(s.micros, s.rows, s.failed);
+            }
+            return;
+        }
+        if self.limit == 0 {
+            return;
+        }
+        if self.table.entries.len() >= self.limit {
+            self.evict();
+        }
+        let mut stats = Stats::default();
+        stats.add(s.micros, s.rows, s.failed);
+        self.table.entries.insert(
+            k,
+            Entry {
+                cluster: s.cluster.into(),
+                node: s.node.into(),
+                on_primary: s.on_primary,
+                route: s.route,
+                digest: s.digest.clone(),
+                stats,
+            },
+        );
+    }
+
+    /// Make room: the least-called tenth goes (one sort per tenth of the table, so a
+    /// flood of one-off statements costs little per statement).
+    fn evict(&mut self) {
+        let t = &mut *self.table;
+        let n = (t.entries.len() / 10).max(1).min(t.entries.len());
+        let mut calls: Vec<(u64, u64)> = t.entries.iter().map(|(k, e)| (e.stats.calls, *k)).collect();
+        calls.select_nth_unstable(n - 1);
+        for (_, k) in &calls[..n] {
+            t.entries.remove(k);
+        }
+        t.evicted += n as u64;
+    }
+}
+
+/// How `/queries` groups its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grouping {
+    /// One row per statement, node and route.
+    Node,
+    /// One row per statement (nodes and routes summed).
+    Query,
+}
+
+/// What `/queries` and `SHOW QUERIES` sort by (descending).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    TotalTime,
+    Calls,
+    Errors,
+    Rows,
+    MeanTime,
+    MaxTime,
+    P99,
+}
+
+impl std::str::FromStr for Order {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Order, String> {
+        Ok(match s {
+            "total_time" => Order::TotalTime,
+            "calls" => Order::Calls,
+            "errors" => Order::Errors,
+            "rows" => Order::Rows,
+            "mean_time" => Order::MeanTime,
+            "max_time" => Order::MaxTime,
+            "p99" => Order::P99,
+            _ => {
+                return Err(format!(
+                    "unknown order {s:?}: use total_time, calls, errors, rows, mean_time, max_time or p99"
+                ))
+            }
+        })
+    }
+}
+
+/// One row of `/queries`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// The fingerprint, 16 hex digits.
+    pub digest: String,
+    pub query: String,
+    pub cluster: String,
+    /// None when grouped by query.
+    pub node: Option<String>,
+    /// primary / standby: the node's role when the connection was taken.
+    pub role: Option<&'static str>,
+    pub route: Option<Route>,
+    pub calls: u64,
+    pub errors: u64,
+    pub rows: u64,
+    pub total_time_ms: f64,
+    pub mean_time_ms: f64,
+    pub min_time_ms: f64,
+    pub max_time_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+pub struct Digests {
+    enabled: AtomicBool,
+    limit: AtomicUsize,
+    tables: Box<[Mutex<Table>]>,
+}
+
+impl Digests {
+    /// `tables`: one per thread that records (the data path's workers, and one for
+    /// everything else).
+    pub fn new(tables: usize, enabled: bool, limit: usize) -> Digests {
+        Digests {
+            enabled: AtomicBool::new(enabled),
+            limit: AtomicUsize::new(limit),
+            tables: (0..tables.max(1)).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    /// A new config (`[telemetry] query_digests`, `max_digests`): sessions that start
+    /// from now on follow it; tables over the new size shrink at their next new entry.
+    pub fn configure(&self, enabled: bool, limit: usize) {
+        self.enabled.store(enabled, Ordering::Relaxed);
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// The table of worker `worker`, locked for a batch of samples.
+    pub fn lock(&self, worker: usize) -> Recorder<'_> {
+        Recorder {
+            table: self.tables[worker % self.tables.len()].lock().unwrap(),
+            limit: self.limit.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Forget every digest (console `RESET QUERIES`).
+    pub fn reset(&self) {
+        for t in self.tables.iter() {
+            let mut t = t.lock().unwrap();
+            t.entries.clear();
+        }
+    }
+
+    /// Entries held, and entries evicted since start, over all tables.
+    pub fn counts(&self) -> (u64, u64) {
+        self.tables.iter().fold((0, 0), |(n, ev), t| {
+            let t = t.lock().unwrap();
+            (n + t.entries.len() as u64, ev + t.evicted)
+        })
+    }
+
+    /// The merged digests of `cluster` (all clusters: None), sorted by `order`, at most
+    /// `limit` rows.
+    pub fn rows(&self, cluster: Option<&str>, by: Grouping, order: Order, limit: usize) -> Vec<Row> {
+        type GroupKey = (Arc<str>, u64, Option<(Arc<str>, Route, bool)>);
+        let mut merged: HashMap<GroupKey, (Arc<Digest>, Stats)> = HashMap::new();
+        for t in self.tables.iter() {
+            let t = t.lock().unwrap();
+            for e in t.entries.values() {
+                if cluster.is_some_and(|c| c != &*e.cluster) {
+                    continue;
+                }
+                let place = match by {
+                    Grouping::Node => Some((e.node.clone(), e.route, e.on_primary)),
+                    Grouping::Query => None,
+                };
+                merged
+                    .entry((e.cluster.clone(), e.digest.id, place))
+                    .or_insert_with(|| (e.digest.clone(), Stats::default()))
+                    .1
+                    .merge(&e.stats);
+            }
+        }
+        let ms = |us: f64| (us / 10.0).round() / 100.0;
+        let mut rows: Vec<Row> = merged
+            .into_iter()
+            .map(|((cluster, id, place), (digest, s))| Row {
+                digest: format!("{id:016x}"),
+                query: digest.text.to_string(),
+                cluster: cluster.to_string(),
+                node: place.as_ref().map(|p| p.0.to_string()),
+                role: place.as_ref().map(|p| if p.2 { "primary" } else { "standby" }),
+                route: place.as_ref().map(|p| p.1),
+                calls: s.calls,
+                errors: s.errors,
+                rows: s.rows,
+                total_time_ms: ms(s.total_us as f64),
+                mean_time_ms: ms(s.total_us as f64 / s.calls.max(1) as f64),
+                min_time_ms: ms(if s.calls == 0 { 0.0 } else { s.min_us as f64 }),
+                max_time_ms: ms(s.max_us as f64),
+                p50_ms: ms(s.quantile(0.5)),
+                p99_ms: ms(s.quantile(0.99)),
+            })
+            .collect();
+        let key = |r: &Row| -> f64 {
+            match order {
+                Order::TotalTime => r.total_time_ms,
+                Order::Calls => r.calls as f64,
+                Order::Errors => r.errors as f64,
+                Order::Rows => r.rows as f64,
+                Order::MeanTime => r.mean_time_ms,
+                Order::MaxTime => r.max_time_ms,
+                Order::P99 => r.p99_ms,
+            }
+        };
+        // Ties in a fixed order, so the view does not shuffle between refreshes.
+        rows.sort_by(|a, b| {
+            key(b)
+                .total_cmp(&key(a))
+                .then_with(|| a.digest.cmp(&b.digest))
+                .then_with(|| a.node.cmp(&b.node))
+                .then_with(|| a.route.cmp(&b.route))
+        });
+        rows.truncate(limit);
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample<'a>(d: &'a Arc<Digest>, node: &'a str, micros: u64) -> Sample<'a> {
+        Sample {
+            cluster: "main",
+            node,
+            on_primary: node == "a",
+            route: if node == "a" { Route::Primary } else { Route::Split },
+            digest: d,
+            micros,
+            rows: 1,
+            failed: false,
+        }
+    }
+
+    #[test]
+    fn buckets_are_ordered_and_cover_their_values() {
+        for v in [0u64, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 100, 1_000, 65_535, 1 << 20] {
+            let b = bucket(v);
+            assert!(bucket_floor(b) <= v, "{v} below its bucket {b}");
+            if b + 1 < BUCKETS {
+                assert!(v < bucket_floor(b + 1), "{v} above its bucket {b}");
+            }
+        }
+        assert_eq!(bucket(u64::MAX), BUCKETS - 1);
+        assert!((1..BUCKETS).all(|i| bucket_floor(i) > bucket_floor(i - 1)));
+    }
+
+    #[test]
+    fn samples_merge_per_statement_node_and_route() {
+        let d = Arc::new(Digest::new(7, "SELECT  *\n FROM t WHERE id = $1"));
+        let other = Arc::new(Digest::new(8, "INSERT INTO t VALUES ($1)"));
+        let digests = Digests::new(2, true, 100);
+        // Two workers, two nodes.
+        for (worker, node, us) in [(0, "a", 100), (1, "a", 300), (0, "b", 50), (1, "b", 50)] {
+            digests.lock(worker).record(sample(&d, node, us));
+        }
+        let mut r = digests.lock(0);
+        r.record(Sample {
+            failed: true,
+            rows: 0,
+            ..sample(&other, "a", 1_000)
+        });
+        drop(r);
+        let rows = digests.rows(Some("main"), Grouping::Node, Order::TotalTime, 10);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].query, "INSERT INTO t VALUES ($1)");
+        assert_eq!((rows[0].calls, rows[0].errors, rows[0].rows), (1, 1, 0));
+        let on_a = &rows[1];
+        assert_eq!(on_a.query, "SELECT * FROM t WHERE id = $1");
+        assert_eq!(
+            (on_a.node.as_deref(), on_a.role, on_a.route),
+            (Some("a"), Some("primary"), Some(Route::Primary))
+        );
+        assert_eq!((on_a.calls, on_a.rows), (2, 2));
+        assert_eq!(
+            (on_a.total_time_ms, on_a.min_time_ms, on_a.max_time_ms),
+            (0.4, 0.1, 0.3)
+        );
+        assert_eq!(rows[2].route, Some(Route::Split));
+        let by_query = digests.rows(None, Grouping::Query, Order::Calls, 10);
+        assert_eq!(by_query.len(), 2);
+        assert_eq!((by_query[0].calls, by_query[0].node.as_deref()), (4, None));
+        assert!(digests.rows(Some("other"), Grouping::Node, Order::Calls, 10).is_empty());
+        assert_eq!(digests.rows(None, Grouping::Node, Order::Calls, 1).len(), 1);
+    }
+
+    #[test]
+    fn quantiles_stay_within_a_bucket_and_the_observed_range() {
+        let d = Arc::new(Digest::new(1, "SELECT 1"));
+        let digests = Digests::new(1, true, 10);
+        let mut r = digests.lock(0);
+        for us in 1..=1000u64 {
+            r.record(sample(&d, "a", us));
+        }
+        drop(r);
+        let row = &digests.rows(None, Grouping::Query, Order::Calls, 1)[0];
+        assert!((0.375..=0.625).contains(&row.p50_ms), "p50 {}", row.p50_ms);
+        assert!((0.9..=1.0).contains(&row.p99_ms), "p99 {}", row.p99_ms);
+        assert_eq!(row.max_time_ms, 1.0);
+    }
+
+    #[test]
+    fn a_full_table_evicts_its_least_called_entries() {
+        let digests = Digests::new(1, true, 20);
+        let hot = Arc::new(Digest::new(0, "SELECT hot"));
+        let mut r = digests.lock(0);
+        for _ in 0..5 {
+            r.record(sample(&hot, "a", 10));
+        }
+        for id in 1..=100 {
+            let d = Arc::new(Digest::new(id, "SELECT cold"));
+            r.record(sample(&d, "a", 10));
+        }
+        drop(r);
+        let (held, evicted) = digests.counts();
+        assert!(held <= 20, "{held} entries held");
+        assert_eq!(held + evicted, 101);
+        let rows = digests.rows(None, Grouping::Node, Order::Calls, 1);
+        assert_eq!((rows[0].query.as_str(), rows[0].calls), ("SELECT hot", 5));
+        digests.reset();
+        assert_eq!(digests.counts().0, 0);
+    }
+
+    #[test]
+    fn texts_are_collapsed_and_cut() {
+        assert_eq!(&*Digest::new(1, "  SELECT\t1\n\n FROM  t ").text, "SELECT 1 FROM t");
+        let long = format!("SELECT {}", "é, ".repeat(2000));
+        let d = Digest::new(1, &long);
+        assert!(d.text.len() <= MAX_TEXT + '…'.len_utf8());
+        assert!(d.text.ends_with('…'));
+    }
+
+    #[test]
+    fn orders_parse_and_unknown_ones_are_named() {
+        assert_eq!("p99".parse::<Order>(), Ok(Order::P99));
+        assert!("fastest".parse::<Order>().unwrap_err().contains("total_time"));
+    }
+}

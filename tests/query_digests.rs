@@ -1,0 +1,203 @@
+//! Query digests against a real cluster and real clients: after a known workload,
+//! `/queries`, `SHOW QUERIES` and `switchyard top` show exactly its statement shapes,
+//! with their call counts, rows and errors, on the nodes routing sent them to.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn ops_config(http: u16) -> String {
+    format!(
+        "[health]\ninterval_ms = 500\ntimeout_ms = 1000\nrise = 2\nfall = 2\nuser = \"app\"\n\n\
+         [admin]\nhttp_listen = \"127.0.0.1:{http}\"\n\n\
+         [[users]]\nname = \"ops\"\npassword = \"ops\"\nadmin = true\n"
+    )
+}
+
+/// The digests of `/queries` (by=node|query) whose text names `digest_t`.
+fn ours(http: u16, by: &str) -> Vec<Value> {
+    let (code, body) = http_get(http, &format!("/queries?cluster=main&by={by}&limit=1000"));
+    assert_eq!(code, 200, "{body}");
+    let all: Vec<Value> = serde_json::from_str(&body).unwrap();
+    all.into_iter()
+        .filter(|d| d["query"].as_str().unwrap().contains("digest_t"))
+        .collect()
+}
+
+fn find<'a>(digests: &'a [Value], starts: &str) -> Vec<&'a Value> {
+    digests
+        .iter()
+        .filter(|d| d["query"].as_str().unwrap().starts_with(starts))
+        .collect()
+}
+
+fn total(rows: &[&Value], field: &str) -> u64 {
+    rows.iter().map(|d| d[field].as_u64().unwrap()).sum()
+}
+
+#[test]
+fn digests_show_each_statement_shape_with_its_calls_rows_errors_and_nodes() {
+    let cluster = LocalCluster::start(1).unwrap();
+    let http = free_port();
+    // Routing alone decides where reads go (read-your-writes would send some of the
+    // selects after the inserts to the primary: tests/fresh_reads.rs covers that).
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        "pool_mode = \"transaction\"\npool_size = 4\nread_write_split = true\nread_your_writes = \"off\"",
+        &ops_config(http),
+    );
+    cluster
+        .sql_db(0, APP_DB, "CREATE TABLE digest_t (id int PRIMARY KEY, name text); INSERT INTO digest_t SELECT g, 'n' || g FROM generate_series(0, 99) g; ALTER TABLE digest_t OWNER TO app")
+        .unwrap();
+    cluster.wait_replayed(Duration::from_secs(20)).unwrap();
+
+    // Extended protocol (psycopg 3): 25 inserts, 10 selects of one shape, half of them
+    // with a sqlcommenter traceparent comment.
+    python(
+        "digest_workload.py",
+        &["--port", &proxy.rw.to_string(), "--inserts", "25", "--selects", "10"],
+        &[],
+    );
+    // Simple protocol (psql): 6 counts with other literals and comments, one error.
+    for i in 0..6 {
+        let comment = if i % 2 == 0 {
+            format!("/* request {i} */ ")
+        } else {
+            String::new()
+        };
+        let n = psql(
+            proxy.rw,
+            &format!("{comment}SELECT count(*) FROM digest_t WHERE id < {}", 10 + i),
+        )
+        .unwrap();
+        assert_eq!(n, (10 + i).to_string());
+    }
+    let err = psql(proxy.rw, "SELECT no_such_column FROM digest_t").unwrap_err();
+    assert!(err.contains("no_such_column"), "{err}");
+
+    // Samples are recorded as each statement finishes: all 42 are in by now.
+    let by_query = ours(http, "query");
+    let shapes: Vec<&str> = by_query.iter().map(|d| d["query"].as_str().unwrap()).collect();
+    assert_eq!(
+        by_query.len(),
+        4,
+        "one digest per shape, comments and literals aside: {shapes:#?}"
+    );
+    assert!(
+        shapes
+            .iter()
+            .all(|s| !s.contains("traceparent") && !s.contains("request")),
+        "{shapes:#?}"
+    );
+    let inserts = find(&by_query, "INSERT INTO digest_t");
+    assert_eq!(inserts.len(), 1, "{shapes:#?}");
+    assert_eq!(inserts[0]["query"], "INSERT INTO digest_t (id, name) VALUES ($1, $2)");
+    assert_eq!(
+        (
+            total(&inserts, "calls"),
+            total(&inserts, "rows"),
+            total(&inserts, "errors")
+        ),
+        (25, 25, 0)
+    );
+    let selects = find(&by_query, "SELECT name FROM digest_t WHERE id = $1");
+    assert_eq!((total(&selects, "calls"), total(&selects, "rows")), (10, 10));
+    let counts = find(&by_query, "SELECT count(*) FROM digest_t WHERE id < $1");
+    assert_eq!((total(&counts, "calls"), total(&counts, "rows")), (6, 6));
+    let failed = find(&by_query, "SELECT no_such_column");
+    assert_eq!((total(&failed, "calls"), total(&failed, "errors")), (1, 1));
+    for d in &by_query {
+        let (mean, max, min) = (
+            d["mean_time_ms"].as_f64().unwrap(),
+            d["max_time_ms"].as_f64().unwrap(),
+            d["min_time_ms"].as_f64().unwrap(),
+        );
+        assert!(min <= mean && mean <= max && max > 0.0, "{d}");
+    }
+
+    // Where each ran: writes on the primary, proven reads split to the standby.
+    let by_node = ours(http, "node");
+    for d in &by_node {
+        let q = d["query"].as_str().unwrap();
+        let want = if q.starts_with("INSERT") {
+            ("default", "primary", "primary")
+        } else {
+            ("failover1", "standby", "split")
+        };
+        assert_eq!(
+            (
+                d["node"].as_str().unwrap(),
+                d["role"].as_str().unwrap(),
+                d["route"].as_str().unwrap()
+            ),
+            want,
+            "{d}"
+        );
+    }
+    let (code, body) = http_get(http, "/queries?order=fastest");
+    assert!(code == 400 && body.contains("total_time"), "{code} {body}");
+    assert_eq!(http_get(http, "/queries?cluster=nope").0, 400);
+    let (_, body) = http_get(http, "/queries?cluster=main&order=calls&limit=1");
+    let top: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(top.len(), 1);
+    assert!(top[0]["calls"].as_u64().unwrap() >= 25, "{top:?}");
+
+    // The console and `switchyard top` show the same.
+    let shown = psql_db(proxy.rw, "ops", "ops", "switchyard", "SHOW QUERIES main").unwrap();
+    let line = shown
+        .lines()
+        .find(|l| l.contains("INSERT INTO digest_t"))
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(line.contains("|default|primary|primary|25|0|25|"), "{line}");
+    let out = Command::new(switchyard_bin())
+        .args([
+            "top",
+            "--url",
+            &format!("http://127.0.0.1:{http}"),
+            "--once",
+            "--order",
+            "calls",
+        ])
+        .env("COLUMNS", "200")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let row = text
+        .lines()
+        .find(|l| l.contains("INSERT INTO digest_t"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(row.contains(" 25 ") && row.contains("main.default"), "{row}");
+
+    // Metrics count the digests; RESET QUERIES forgets them.
+    let (_, metrics) = http_get(http, "/metrics");
+    let held: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_query_digests "))
+        .unwrap_or_else(|| panic!("{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(held >= 4.0, "{held}");
+    psql_db(proxy.rw, "ops", "ops", "switchyard", "RESET QUERIES").unwrap();
+    assert!(ours(http, "node").is_empty());
+}
+
+#[test]
+fn digests_can_be_switched_off() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let http = free_port();
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        "pool_mode = \"transaction\"",
+        &format!("{}\n[telemetry]\nquery_digests = false\n", ops_config(http)),
+    );
+    psql(proxy.rw, "SELECT 1 AS digest_t").unwrap();
+    let (code, body) = http_get(http, "/queries");
+    assert_eq!((code, body.as_str()), (200, "[]"));
+}
