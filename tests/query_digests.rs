@@ -1,6 +1,7 @@
 //! Query digests against a real cluster and real clients: after a known workload,
 //! `/queries`, `SHOW QUERIES` and `switchyard top` show exactly its statement shapes,
-//! with their call counts, rows and errors, on the nodes routing sent them to.
+//! with their call counts, rows and errors, on the nodes routing sent them to, in
+//! transaction and session mode.
 
 mod common;
 
@@ -185,6 +186,64 @@ fn digests_show_each_statement_shape_with_its_calls_rows_errors_and_nodes() {
     assert!(held >= 4.0, "{held}");
     psql_db(proxy.rw, "ops", "ops", "switchyard", "RESET QUERIES").unwrap();
     assert!(ours(http, "node").is_empty());
+
+    // Session mode, where the relay passes bytes through: the same shapes, all on the
+    // primary through rw, on the standby through ro.
+    drop(proxy);
+    let http = free_port();
+    let proxy = Proxy::start(&cluster, "session", "", &ops_config(http));
+    python(
+        "digest_workload.py",
+        &[
+            "--port",
+            &proxy.rw.to_string(),
+            "--inserts",
+            "12",
+            "--selects",
+            "8",
+            "--first-id",
+            "2000",
+        ],
+        &[],
+    );
+    for i in 0..3 {
+        psql(proxy.ro, &format!("SELECT count(*) FROM digest_t WHERE id < {i}")).unwrap();
+    }
+    let by_node = ours(http, "node");
+    let summary: Vec<(String, String, String, u64, u64)> = by_node
+        .iter()
+        .map(|d| {
+            (
+                d["query"].as_str().unwrap().to_string(),
+                d["node"].as_str().unwrap().to_string(),
+                d["route"].as_str().unwrap().to_string(),
+                d["calls"].as_u64().unwrap(),
+                d["rows"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want = |q: &str, node: &str, route: &str, calls: u64, rows: u64| {
+        assert!(
+            summary.contains(&(q.to_string(), node.to_string(), route.to_string(), calls, rows)),
+            "{q} on {node} ({route}) x{calls}: {summary:#?}"
+        )
+    };
+    want(
+        "INSERT INTO digest_t (id, name) VALUES ($1, $2)",
+        "default",
+        "primary",
+        12,
+        12,
+    );
+    want("SELECT name FROM digest_t WHERE id = $1", "default", "primary", 8, 8);
+    want(
+        "SELECT count(*) FROM digest_t WHERE id < $1",
+        "failover1",
+        "replica",
+        3,
+        3,
+    );
+    assert_eq!(summary.len(), 3, "{summary:#?}");
 }
 
 #[test]

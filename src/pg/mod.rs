@@ -14,6 +14,8 @@
 //! - `freshness`: the WAL-position oracle and standby replay probes behind fresh reads.
 //! - `fresh`: one client's read-your-writes floor and causal tokens.
 //! - `cancel`: forwarding a CancelRequest to the server connection behind a key.
+//! - `digests`: recording finished statements into the query digests, and following
+//!   them through a session-mode relay.
 //! - `session`: a client from startup to goodbye; session mode's relay.
 //! - `txn/`: transaction pooling (an I/O-free machine and its driver).
 
@@ -22,6 +24,7 @@ pub mod auth_query;
 pub mod cancel;
 pub mod classify;
 pub mod credential;
+pub mod digests;
 pub mod fresh;
 pub mod freshness;
 /// Fuzz targets: compiled for the unit tests and with `--features fuzzing` (`make fuzz`),

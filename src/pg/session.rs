@@ -26,7 +26,9 @@ use crate::cluster::ClusterCtx;
 use crate::config::{ClientTls, Config, PoolMode};
 use crate::error::Error;
 use crate::obs::clients::NewClient;
+use crate::obs::digest::Route;
 use crate::obs::metrics::{ClusterLabels, RoutedLabels};
+use crate::pg::digests::{Place, SessionStatements};
 use crate::pg::fresh::{self, Causal, FreshMetrics};
 use crate::pg::login::{login, Client, Reject};
 use crate::pg::pool::{Budget, BudgetAsk};
@@ -519,6 +521,23 @@ async fn relay(
     // Set on shutdown: finish the transaction in flight, then leave.
     let draining = AtomicBool::new(false);
     let mut shutdown = shared.shutdown.clone();
+    // The query digests: statements followed as the relay passes them (one task runs
+    // both directions, so the lock is never contended; it is never held across an
+    // await).
+    let statements = shared
+        .digests
+        .enabled()
+        .then(|| std::sync::Mutex::new(SessionStatements::new(&crate::pg::PgCluster::of(cluster).classifier)));
+    let place = Place {
+        cluster: &cluster.name,
+        node: &node,
+        on_primary: role == Role::Primary,
+        route: match (endpoint, role) {
+            (Endpoint::ReadWrite, _) => Route::Primary,
+            (Endpoint::ReadOnly, Role::Standby) => Route::Replica,
+            (Endpoint::ReadOnly, _) => Route::Fallback,
+        },
+    };
     let end = {
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.stream.split();
@@ -560,20 +579,31 @@ async fn relay(
                 let mut terminate = false;
                 let mut requests = 0;
                 let mut executed = 0;
-                let scanned = framer.scan(&buf, |byte, _| {
-                    match FrontendTag::of(byte) {
-                        Some(FrontendTag::Query | FrontendTag::FunctionCall) => {
-                            requests += 1;
-                            executed += 1;
+                // (A block of its own: the guard must be gone before the next await.)
+                let scanned = {
+                    let mut followed = statements.as_ref().map(|m| m.lock().unwrap());
+                    let scanned = framer.scan_bodies(&buf, |byte, _, body| {
+                        if let Some(s) = followed.as_mut() {
+                            s.client_message(byte, body);
                         }
-                        Some(FrontendTag::Execute) => executed += 1,
-                        Some(FrontendTag::Sync) => requests += 1,
-                        Some(FrontendTag::Terminate) => terminate = true,
-                        None => return Err(ScanStop::Tag(byte)),
-                        _ => {}
+                        match FrontendTag::of(byte) {
+                            Some(FrontendTag::Query | FrontendTag::FunctionCall) => {
+                                requests += 1;
+                                executed += 1;
+                            }
+                            Some(FrontendTag::Execute) => executed += 1,
+                            Some(FrontendTag::Sync) => requests += 1,
+                            Some(FrontendTag::Terminate) => terminate = true,
+                            None => return Err(ScanStop::Tag(byte)),
+                            _ => {}
+                        }
+                        Ok(())
+                    });
+                    if let Some(s) = followed.as_mut() {
+                        s.running.sent(Instant::now());
                     }
-                    Ok(())
-                });
+                    scanned
+                };
                 match scanned {
                     Ok(()) => {}
                     Err(ScanStop::Frame(e)) => return End::Failed(Error::protocol(e.to_string())),
@@ -624,11 +654,22 @@ async fn relay(
                     continue;
                 }
                 let mut ready = 0;
-                if let Err(e) = framer.scan::<FrameError>(&buf, |tag, _| {
-                    last_server_tag.store(tag, Ordering::Relaxed);
-                    ready += (BackendTag::of(tag) == BackendTag::ReadyForQuery) as i32;
-                    Ok(())
-                }) {
+                let scanned = {
+                    let mut followed = statements.as_ref().map(|m| m.lock().unwrap());
+                    let scanned = framer.scan_bodies::<FrameError>(&buf, |tag, _, body| {
+                        last_server_tag.store(tag, Ordering::Relaxed);
+                        ready += (BackendTag::of(tag) == BackendTag::ReadyForQuery) as i32;
+                        if let Some(s) = followed.as_mut() {
+                            s.server_message(tag, body);
+                        }
+                        Ok(())
+                    });
+                    if let Some(s) = followed.as_mut() {
+                        crate::pg::digests::record(&shared.digests, &mut s.running.finished, &place, Instant::now());
+                    }
+                    scanned
+                };
+                if let Err(e) = scanned {
                     return End::Failed(Error::server_protocol(format!("server sent a malformed message: {e}")));
                 }
                 client_clean.store(false, Ordering::Relaxed);

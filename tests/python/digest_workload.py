@@ -8,7 +8,7 @@ statement is its own unit of work:
   W3C traceparent (as Django's OpenTelemetry instrumentation adds), which must not
   split the digest.
 
-Usage: digest_workload.py --port P --inserts N --selects M
+Usage: digest_workload.py --port P --inserts N --selects M [--first-id ID]
 """
 import argparse
 import random
@@ -19,12 +19,13 @@ p = argparse.ArgumentParser()
 p.add_argument("--port", type=int, required=True)
 p.add_argument("--inserts", type=int, required=True)
 p.add_argument("--selects", type=int, required=True)
+p.add_argument("--first-id", type=int, default=1000)
 a = p.parse_args()
 
 with psycopg.connect(host="127.0.0.1", port=a.port, user="app", password="app",
                      dbname="app", autocommit=True) as conn:
     for i in range(a.inserts):
-        conn.execute("INSERT INTO digest_t (id, name) VALUES (%s, %s)", (1000 + i, f"name {i}"))
+        conn.execute("INSERT INTO digest_t (id, name) VALUES (%s, %s)", (a.first_id + i, f"name {i}"))
     for i in range(a.selects):
         sql = "SELECT name FROM digest_t WHERE id = %s"
         if i % 2:

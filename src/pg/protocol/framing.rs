@@ -56,6 +56,16 @@ impl Framer {
         chunk: &[u8],
         mut on_message: impl FnMut(u8, u32) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.scan_bodies(chunk, |tag, len, _| on_message(tag, len))
+    }
+
+    /// As `scan`, also giving each message's body (after the length word) when all of
+    /// it is in `chunk` (None when it continues in a later read).
+    pub fn scan_bodies<E: From<FrameError>>(
+        &mut self,
+        chunk: &[u8],
+        mut on_message: impl FnMut(u8, u32, Option<&[u8]>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut pos = 0;
         while pos < chunk.len() {
             if self.remaining > 0 {
@@ -90,7 +100,8 @@ impl Framer {
                 }
                 .into());
             }
-            on_message(tag, len)?;
+            let body = chunk.get(pos..pos + (len as usize - 4));
+            on_message(tag, len, body)?;
             self.remaining = len as usize - 4;
             self.want_status = BackendTag::of(tag) == BackendTag::ReadyForQuery && len == 5;
         }
@@ -120,6 +131,28 @@ mod tests {
             seen.extend(collect(&mut f, &stream[split..]).unwrap());
             assert_eq!(seen, vec![('Q', 11), ('X', 4), ('Z', 5)], "split at {split}");
             assert!(f.at_boundary());
+        }
+    }
+
+    #[test]
+    fn bodies_are_given_when_whole_in_the_chunk() {
+        let stream: &[u8] = b"Q\0\0\0\x0bSELECT\0X\0\0\0\x04";
+        for split in 0..stream.len() {
+            let mut f = Framer::new(1 << 20);
+            let mut seen = Vec::new();
+            for chunk in [&stream[..split], &stream[split..]] {
+                f.scan_bodies::<FrameError>(chunk, |t, _, body| {
+                    seen.push((t as char, body.map(<[u8]>::to_vec)));
+                    Ok(())
+                })
+                .unwrap();
+            }
+            let query = if !(5..12).contains(&split) {
+                Some(b"SELECT\0".to_vec())
+            } else {
+                None
+            };
+            assert_eq!(seen, vec![('Q', query), ('X', Some(Vec::new()))], "split at {split}");
         }
     }
 

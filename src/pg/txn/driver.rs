@@ -19,9 +19,10 @@ use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
 use crate::cluster::ClusterCtx;
 use crate::error::Error;
-use crate::obs::digest::{Route, Sample};
+use crate::obs::digest::Route;
 use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 use crate::pg::credential::Credential;
+use crate::pg::digests::Place;
 use crate::pg::fresh::{Causal, FreshMetrics, Placement};
 use crate::pg::pool::{Pool, PoolError, PoolKey, PooledConn};
 use crate::pg::protocol::tags::BackendTag;
@@ -578,31 +579,22 @@ impl<'a> Driver<'a> {
     /// Add the statements the machine saw finish to this worker's query digests, as run
     /// on the held connection's node.
     fn record_statements(&mut self) {
-        if self.machine.running.finished.is_empty() {
+        let finished = &mut self.machine.running.finished;
+        if finished.is_empty() {
             return;
         }
-        let finished = std::mem::take(&mut self.machine.running.finished);
-        if let Some(h) = self.held.as_ref() {
-            let now = Instant::now();
-            let mut table = self.shared.digests.lock(crate::proxy::pool::worker());
-            for f in &finished {
-                let Some(sent) = f.sent else { continue };
-                table.record(Sample {
+        match self.held.as_ref() {
+            Some(h) => {
+                let place = Place {
                     cluster: &self.cluster.name,
                     node: &h.via.node,
                     on_primary: h.on_primary,
                     route: h.route,
-                    digest: &f.digest,
-                    micros: now.saturating_duration_since(sent).as_micros() as u64,
-                    rows: f.rows,
-                    failed: f.failed,
-                });
+                };
+                crate::pg::digests::record(&self.shared.digests, finished, &place, Instant::now());
             }
+            None => finished.clear(),
         }
-        // The allocation is kept for the next batch.
-        let mut finished = finished;
-        finished.clear();
-        self.machine.running.finished = finished;
     }
 
     /// Tell the causal tracker of writes the machine saw complete since the last look.

@@ -551,7 +551,7 @@ impl<'a> Machine<'a> {
                 self.owed.push(Owed::Ready);
                 self.queries += 1;
                 if self.cfg.digests {
-                    self.running.query(&c.digest);
+                    self.running.query(Some(&c.digest));
                 }
                 match c.deallocate.as_deref() {
                     Some(name) => self

@@ -60,8 +60,10 @@ impl Running {
         });
     }
 
-    pub fn query(&mut self, digest: &Arc<Digest>) {
-        self.push(Kind::Query, Some(digest));
+    /// A simple Query (`digest` None: its text is not known, its answer is not
+    /// recorded).
+    pub fn query(&mut self, digest: Option<&Arc<Digest>>) {
+        self.push(Kind::Query, digest);
     }
 
     /// An Execute of the statement last bound (None: not known, not recorded).
@@ -188,7 +190,7 @@ mod tests {
     fn a_simple_query_finishes_at_its_ready_for_query() {
         let mut r = Running::default();
         let t0 = Instant::now();
-        r.query(&d("SELECT $1; SELECT $1"));
+        r.query(Some(&d("SELECT $1; SELECT $1")));
         r.sent(t0);
         r.on_message(BackendTag::CommandComplete, b"SELECT 1\0");
         r.on_message(BackendTag::CommandComplete, b"SELECT 2\0");
@@ -227,9 +229,9 @@ mod tests {
     #[test]
     fn a_lost_connection_fails_what_was_sent() {
         let mut r = Running::default();
-        r.query(&d("UPDATE"));
+        r.query(Some(&d("UPDATE")));
         r.sent(Instant::now());
-        r.query(&d("SELECT"));
+        r.query(Some(&d("SELECT")));
         r.lost();
         assert_eq!(r.finished.len(), 1);
         assert!(r.finished[0].failed);

@@ -1,0 +1,219 @@
+//! PostgreSQL's side of the query digests (`obs::digest`): recording what finished on a
+//! connection (`record`, both pool modes), and following statements through a
+//! session-mode relay (`SessionStatements`), which passes bytes on as they come and sees
+//! each message only as the framer finds it in a read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::obs::digest::{Digest, Digests, Route, Sample};
+use crate::pg::classify::Classifier;
+use crate::pg::protocol::tags::{BackendTag, FrontendTag};
+use crate::pg::protocol::views::{Parse, Query, StatementRef};
+use crate::pg::txn::running::{Finished, Running};
+
+/// Where the statements of a batch ran.
+pub struct Place<'a> {
+    pub cluster: &'a str,
+    pub node: &'a str,
+    pub on_primary: bool,
+    pub route: Route,
+}
+
+/// Add `finished` (emptied, its allocation kept) to this worker's digests, as run at
+/// `place` and answered by `now`.
+pub fn record(digests: &Digests, finished: &mut Vec<Finished>, place: &Place<'_>, now: Instant) {
+    if finished.is_empty() {
+        return;
+    }
+    let mut table = digests.lock(crate::proxy::pool::worker());
+    for f in finished.drain(..) {
+        let Some(sent) = f.sent else { continue };
+        table.record(Sample {
+            cluster: place.cluster,
+            node: place.node,
+            on_primary: place.on_primary,
+            route: place.route,
+            digest: &f.digest,
+            micros: now.saturating_duration_since(sent).as_micros() as u64,
+            rows: f.rows,
+            failed: f.failed,
+        });
+    }
+}
+
+/// Prepared statements a session-mode client may name at once before the oldest are
+/// forgotten (their Executes then go unrecorded): bounds the memory a client that
+/// never closes its statements can take.
+const MAX_NAMED: usize = 1024;
+
+/// The statements of one session-mode client, followed from its messages: a Query's
+/// text, a Parse's (named or not), the statement a Bind binds, each Execute. A message
+/// whose body did not arrive in one read (a query text of many kilobytes) counts with
+/// no digest: its answer is matched and dropped.
+pub struct SessionStatements<'a> {
+    classifier: &'a Classifier,
+    pub running: Running,
+    named: HashMap<Box<[u8]>, Arc<Digest>>,
+    unnamed: Option<Arc<Digest>>,
+    bound: Option<Arc<Digest>>,
+}
+
+impl<'a> SessionStatements<'a> {
+    pub fn new(classifier: &'a Classifier) -> SessionStatements<'a> {
+        SessionStatements {
+            classifier,
+            running: Running::default(),
+            named: HashMap::new(),
+            unnamed: None,
+            bound: None,
+        }
+    }
+
+    /// A client message (`body`: after the length word, when whole in the read).
+    pub fn client_message(&mut self, tag: u8, body: Option<&[u8]>) {
+        let digest = |sql: &[u8]| self.classifier.classify_bytes(sql).digest.clone();
+        match FrontendTag::of(tag) {
+            Some(FrontendTag::Query) => {
+                let d = body.and_then(|b| Query::decode(b).ok()).map(|q| digest(q.sql));
+                self.running.query(d.as_ref());
+            }
+            Some(FrontendTag::Parse) => {
+                let Some(p) = body.and_then(|b| Parse::decode(b).ok()) else {
+                    self.unnamed = None;
+                    return;
+                };
+                let d = digest(p.query);
+                if p.name.is_empty() {
+                    self.unnamed = Some(d);
+                } else {
+                    if self.named.len() >= MAX_NAMED {
+                        self.named.clear();
+                    }
+                    self.named.insert(p.name.into(), d);
+                }
+            }
+            Some(FrontendTag::Bind) => {
+                self.bound = body
+                    .and_then(|b| StatementRef::decode_bind(b).ok())
+                    .and_then(|r| match r.statement {
+                        [] => self.unnamed.clone(),
+                        name => self.named.get(name).cloned(),
+                    });
+            }
+            Some(FrontendTag::Close) => {
+                if let Some(r) = body.and_then(|b| StatementRef::decode_target(b, "Close").ok()) {
+                    if !r.portal {
+                        self.named.remove(r.statement);
+                    }
+                }
+            }
+            Some(FrontendTag::Execute) => self.running.execute(self.bound.as_ref()),
+            Some(FrontendTag::Sync | FrontendTag::FunctionCall) => self.running.sync(),
+            _ => {}
+        }
+    }
+
+    /// A server message the client gets.
+    pub fn server_message(&mut self, tag: u8, body: Option<&[u8]>) {
+        self.running.on_message(BackendTag::of(tag), body.unwrap_or_default());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> (u8, Vec<u8>) {
+        (tag, body.to_vec())
+    }
+
+    #[test]
+    fn a_session_follows_simple_and_prepared_statements() {
+        let k = Classifier::new(&[]);
+        let mut s = SessionStatements::new(&k);
+        let t0 = Instant::now();
+        for (tag, body) in [
+            msg(b'Q', b"SELECT 1\0"),
+            msg(b'P', b"s1\0SELECT * FROM t WHERE id = $1\0\0\0"),
+            msg(b'B', b"\0s1\0\0\0\0\0\0\0"),
+            msg(b'E', b"\0\0\0\0\0"),
+            msg(b'B', b"\0s1\0\0\0\0\0\0\0"),
+            msg(b'E', b"\0\0\0\0\0"),
+            msg(b'S', b""),
+        ] {
+            s.client_message(tag, Some(&body));
+        }
+        s.running.sent(t0);
+        for (tag, body) in [
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'Z', b"I"),
+            msg(b'1', b""),
+            msg(b'2', b""),
+            msg(b'C', b"SELECT 1\0"),
+            msg(b'2', b""),
+            msg(b'C', b"SELECT 0\0"),
+            msg(b'Z', b"I"),
+        ] {
+            s.server_message(tag, Some(&body));
+        }
+        let got: Vec<_> = s.running.finished.iter().map(|f| (&*f.digest.text, f.rows)).collect();
+        assert_eq!(
+            got,
+            [
+                ("SELECT $1", 1),
+                ("SELECT * FROM t WHERE id = $1", 1),
+                ("SELECT * FROM t WHERE id = $1", 0)
+            ]
+        );
+        // A query whose text came in pieces is matched with its answer, not recorded.
+        s.running.finished.clear();
+        s.client_message(b'Q', None);
+        s.running.sent(t0);
+        s.server_message(b'C', Some(b"SELECT 1\0"));
+        s.server_message(b'Z', Some(b"I"));
+        assert!(s.running.finished.is_empty() && s.running.is_idle());
+    }
+
+    #[test]
+    fn recording_keeps_only_what_was_sent() {
+        let digests = Digests::new(1, true, 10);
+        let d = Arc::new(Digest::new(1, "SELECT 1"));
+        let t0 = Instant::now();
+        let mut finished = vec![
+            Finished {
+                digest: d.clone(),
+                sent: Some(t0),
+                rows: 1,
+                failed: false,
+            },
+            Finished {
+                digest: d,
+                sent: None,
+                rows: 1,
+                failed: false,
+            },
+        ];
+        let place = Place {
+            cluster: "main",
+            node: "a",
+            on_primary: true,
+            route: Route::Primary,
+        };
+        record(
+            &digests,
+            &mut finished,
+            &place,
+            t0 + std::time::Duration::from_millis(2),
+        );
+        assert!(finished.is_empty());
+        let rows = digests.rows(
+            None,
+            crate::obs::digest::Grouping::Node,
+            crate::obs::digest::Order::Calls,
+            10,
+        );
+        assert_eq!((rows.len(), rows[0].calls, rows[0].total_time_ms), (1, 1, 2.0));
+    }
+}
