@@ -27,6 +27,8 @@ BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(BENCH_DIR)
 
 ALL_SYSTEMS = ["direct", "pgbouncer", "haproxy", "sy-session", "sy-txn", "sy-split"]
+# Run only when named in --systems: what a feature costs, beside sy-txn in one run.
+EXTRA_SYSTEMS = ["sy-txn-nodigest"]
 SYSTEM_LABELS = {
     "direct": "direct",
     "pgbouncer": "PgBouncer (txn)",
@@ -36,6 +38,7 @@ SYSTEM_LABELS = {
     "sy-split": "Switchyard txn + split",
     "sy-split1": "Switchyard txn + split, 1 node",
     "sy-split-ryw-off": "Switchyard txn + split, read_your_writes off",
+    "sy-txn-nodigest": "Switchyard txn, query digests off",
 }
 # Connection errors that mean "more clients than the server lets in".
 TOO_MANY = re.compile(r"too many clients|remaining connection slots|sorry, too many|53300", re.I)
@@ -122,7 +125,7 @@ def parse_args(argv):
         if x not in PROTOCOLS:
             p.error(f"unknown protocol {x}")
     for s in a.systems:
-        if s not in ALL_SYSTEMS:
+        if s not in ALL_SYSTEMS + EXTRA_SYSTEMS:
             p.error(f"unknown system {s}")
     if a.idle_clients <= 0:
         a.skip_idle = True
@@ -275,11 +278,14 @@ class Bench:
         }
         sy["sy-split-ryw-off"] = ([prim, stby], "transaction", True,
                                   f"as sy-split, with read_your_writes = \"off\"")
+        sy["sy-txn-nodigest"] = ([prim], "transaction", False,
+                                 "as sy-txn, with [telemetry] query_digests = false")
         for key, (nodes, mode, split, desc) in sy.items():
             if key in need:
                 extra = 'read_your_writes = "off"\n' if key == "sy-split-ryw-off" else a.split_extra.replace(";", "\n")
+                top = "\n[telemetry]\nquery_digests = false\n" if key == "sy-txn-nodigest" else ""
                 S[key] = start_switchyard(self.reg, self.tmp, self.binary, key, SYSTEM_LABELS[key], nodes, mode,
-                                          a.pool_size, split, h, description=desc, extra=extra)
+                                          a.pool_size, split, h, description=desc, extra=extra, top=top)
         for key, s in S.items():
             if key.startswith("sy-"):
                 wait_switchyard_ready(s, BENCH_USER, BENCH_PASSWORD)
@@ -396,7 +402,7 @@ class Bench:
 
     def matrix(self):
         a = self.args
-        order = [s for s in ALL_SYSTEMS if s in a.systems]
+        order = [s for s in ALL_SYSTEMS + EXTRA_SYSTEMS if s in a.systems]
         grid = lambda w: ((a.connect_protocols, a.connect_clients) if w == "connect" else (a.protocols, a.clients))
         n_total = sum(len(grid(w)[0]) * len(grid(w)[1]) for w in a.workloads) * len(order)
         done = 0

@@ -210,13 +210,13 @@ listen_rw = "127.0.0.1:{rw_port}"
 
 
 def start_switchyard(reg, base, binary, key, label, nodes, pool_mode, pool_size, split, health,
-                     with_ro=False, description="", extra=""):
+                     with_ro=False, description="", extra="", top=""):
     d = os.path.join(base, key)
     os.makedirs(d, exist_ok=True)
     rw = free_port()
     ro = free_port() if with_ro else None
     admin = free_port()
-    cfg = switchyard_config(rw, ro, nodes, pool_mode, pool_size, split, health, admin, extra)
+    cfg = switchyard_config(rw, ro, nodes, pool_mode, pool_size, split, health, admin, extra) + top
     path = os.path.join(d, "switchyard.toml")
     with open(path, "w") as f:
         f.write(cfg)
