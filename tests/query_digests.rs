@@ -260,3 +260,118 @@ fn digests_can_be_switched_off() {
     let (code, body) = http_get(http, "/queries");
     assert_eq!((code, body.as_str()), (200, "[]"));
 }
+
+/// MySQL/MariaDB: the text protocol (the `mariadb` CLI) and the binary protocol's
+/// prepared statements (mysql_async) share digests; reads split to the replica, through
+/// ro, and writes on the primary are told apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_digests_show_each_statement_shape_on_its_node() {
+    use common::mysql::*;
+    use mysql_async::prelude::Queryable;
+
+    let cluster = MariaCluster::start(1).unwrap();
+    let http = free_port();
+    let (rw, ro) = (free_port(), free_port());
+    let text = format!(
+        "[admin]\nhttp_listen = \"127.0.0.1:{http}\"\n\n{}",
+        my_config(&cluster, rw, ro, "read_write_split = true\nread_your_writes = \"off\"")
+    );
+    let proxy = my_spawn(&cluster, "proxy", &text, rw, ro);
+    wait_for("MySQL proxy ready", Duration::from_secs(30), || {
+        let w = mariadb(proxy.rw, "SELECT @@read_only").ok()? == "0";
+        let r = mariadb(proxy.ro, "SELECT @@read_only").ok()? == "1";
+        (w && r).then_some(())
+    });
+    cluster
+        .sql(0, &format!("CREATE TABLE {MY_APP_DB}.digest_t (id INT PRIMARY KEY, name TEXT); INSERT INTO {MY_APP_DB}.digest_t VALUES (1, 'a'), (2, 'b'), (3, 'c')"))
+        .unwrap();
+    cluster.wait_replicated(0, Duration::from_secs(30)).unwrap();
+
+    // Text protocol: 5 inserts (other literals, some with a comment), 3 counts through
+    // rw (split to the replica), 2 through ro, one error.
+    for i in 0..5 {
+        let comment = if i % 2 == 0 {
+            format!("/* request {i} */ ")
+        } else {
+            String::new()
+        };
+        mariadb(
+            proxy.rw,
+            &format!("{comment}INSERT INTO digest_t (id, name) VALUES ({}, 'n{i}')", 100 + i),
+        )
+        .unwrap();
+    }
+    for (port, n) in [(proxy.rw, 3), (proxy.ro, 2)] {
+        for i in 0..n {
+            mariadb(port, &format!("SELECT count(*) FROM digest_t WHERE id < {}", 2 + i)).unwrap();
+        }
+    }
+    let err = mariadb(proxy.rw, "SELECT no_such_column FROM digest_t").unwrap_err();
+    assert!(err.contains("no_such_column"), "{err}");
+    // Binary protocol: 3 prepared inserts, 4 prepared selects.
+    let pool = mysql_async::Pool::new(my_opts(proxy.rw));
+    let mut conn = pool.get_conn().await.unwrap();
+    for i in 0..3 {
+        conn.exec_drop(
+            "INSERT INTO digest_t (id, name) VALUES (?, ?)",
+            (200 + i, format!("p{i}")),
+        )
+        .await
+        .unwrap();
+    }
+    for i in 1..=4 {
+        let _: Vec<String> = conn
+            .exec("SELECT name FROM digest_t WHERE id = ?", (i % 3 + 1,))
+            .await
+            .unwrap();
+    }
+    drop(conn);
+    pool.disconnect().await.unwrap();
+
+    let by_node = ours(http, "node");
+    let summary: Vec<(String, String, String, u64, u64, u64)> = by_node
+        .iter()
+        .map(|d| {
+            (
+                d["query"].as_str().unwrap().to_string(),
+                d["role"].as_str().unwrap().to_string(),
+                d["route"].as_str().unwrap().to_string(),
+                d["calls"].as_u64().unwrap(),
+                d["rows"].as_u64().unwrap(),
+                d["errors"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want = |q: &str, role: &str, route: &str, calls: u64, rows: u64, errors: u64| {
+        let row = (q.to_string(), role.to_string(), route.to_string(), calls, rows, errors);
+        assert!(summary.contains(&row), "{row:?} in {summary:#?}");
+    };
+    // The text inserts and the prepared ones are one shape.
+    want(
+        "INSERT INTO digest_t (id, name) VALUES (?, ?)",
+        "primary",
+        "primary",
+        8,
+        8,
+        0,
+    );
+    want(
+        "SELECT count(*) FROM digest_t WHERE id < ?",
+        "standby",
+        "split",
+        3,
+        3,
+        0,
+    );
+    want(
+        "SELECT count(*) FROM digest_t WHERE id < ?",
+        "standby",
+        "replica",
+        2,
+        2,
+        0,
+    );
+    want("SELECT no_such_column FROM digest_t", "standby", "split", 1, 0, 1);
+    want("SELECT name FROM digest_t WHERE id = ?", "primary", "primary", 4, 4, 0);
+    assert_eq!(summary.len(), 5, "{summary:#?}");
+}

@@ -23,7 +23,11 @@
 //! Anything else (a replication stream, an unknown command) makes the session's state
 //! unknown from then on (`lost`): such a session is never moved.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::obs::digest::{Digest, Finished};
 
 use super::protocol::MAX_CHUNK;
 
@@ -129,7 +133,32 @@ pub struct Answers {
     /// a user variable, a temporary table, a prepared statement... (the session must
     /// keep its connection).
     pub unexplained_change: bool,
+    /// Follow statements for the query digests: an entry per command owed an answer
+    /// (`stmts`, beside `queue`), finished when its answer ends (`finished`). Set once,
+    /// before the first command.
+    pub statements: bool,
+    stmts: VecDeque<Statement>,
+    /// Statements prepared on this connection (`COM_STMT_PREPARE`'s id) → digest.
+    pub prepared: HashMap<u32, Arc<Digest>>,
+    /// Statements answered since the relay last took them.
+    pub finished: Vec<Finished>,
 }
+
+/// A command owed an answer, for the query digests.
+#[derive(Debug, Default)]
+struct Statement {
+    digest: Option<Arc<Digest>>,
+    /// A `COM_STMT_PREPARE`: its answer names the statement (`stmt_id`), not a run.
+    prepare: bool,
+    stmt_id: Option<u32>,
+    sent: Option<Instant>,
+    rows: u64,
+    failed: bool,
+}
+
+/// Statements a connection may have prepared at once in the digests' map (a client
+/// that never closes them cannot grow it further; their runs then go unrecorded).
+const MAX_PREPARED: usize = 1024;
 
 impl Answers {
     pub fn new(deprecate_eof: bool) -> Answers {
@@ -157,6 +186,42 @@ impl Answers {
             vars: Vec::new(),
             schema: None,
             unexplained_change: false,
+            statements: false,
+            stmts: VecDeque::new(),
+            prepared: HashMap::new(),
+            finished: Vec::new(),
+        }
+    }
+
+    /// What the command just passed to `command` runs (`digest`; a prepare names a
+    /// statement instead), written to the server at `sent`.
+    pub fn describe_last(&mut self, digest: Option<Arc<Digest>>, prepare: bool, sent: Instant) {
+        if let Some(s) = self.stmts.back_mut() {
+            s.digest = digest;
+            s.prepare = prepare;
+            s.sent = Some(sent);
+        }
+    }
+
+    /// An answer ended: its statement is finished (or its prepared statement known).
+    fn answer_done(&mut self) {
+        let Some(s) = self.stmts.pop_front() else { return };
+        match (s.prepare, s.digest) {
+            (true, Some(d)) => {
+                if let (Some(id), false) = (s.stmt_id, s.failed) {
+                    if self.prepared.len() >= MAX_PREPARED {
+                        self.prepared.clear();
+                    }
+                    self.prepared.insert(id, d);
+                }
+            }
+            (false, Some(digest)) => self.finished.push(Finished {
+                digest,
+                sent: s.sent,
+                rows: s.rows,
+                failed: s.failed,
+            }),
+            _ => {}
         }
     }
 
@@ -201,6 +266,9 @@ impl Answers {
             }
         };
         self.queue.push_back(expect);
+        if self.statements {
+            self.stmts.push_back(Statement::default());
+        }
     }
 
     /// Server bytes, as they pass.
@@ -272,6 +340,21 @@ impl Answers {
             },
         };
         let head = p.first().copied();
+        if self.statements {
+            if let Some(s) = self.stmts.front_mut() {
+                let err = head == Some(0xFF) && !matches!(state, State::Columns { n: 1.., .. } | State::Skip(_));
+                s.failed |= err;
+                match (expect, state, head) {
+                    (Expect::Response, State::First | State::AfterFile, Some(0x00)) => {
+                        s.rows += p.get(1..).and_then(lenenc).map_or(0, |(n, _)| n);
+                    }
+                    (Expect::Prepare, State::First, Some(0x00)) if p.len() >= 5 => {
+                        s.stmt_id = Some(u32::from_le_bytes([p[1], p[2], p[3], p[4]]));
+                    }
+                    _ => {}
+                }
+            }
+        }
         let eof = head == Some(0xFE) && len < 9;
         // The end of rows: EOF, or under CLIENT_DEPRECATE_EOF an OK with header 0xFE
         // (a row starting with 0xFE is at least 2^24 bytes long).
@@ -350,9 +433,17 @@ impl Answers {
             }
         };
         self.current = next.map(|s| (expect, s));
+        if self.current.is_none() && self.statements {
+            self.answer_done();
+        }
     }
 
     fn rows_packet(&mut self, expect: Expect, rows_end: bool, p: &[u8]) {
+        if self.statements && !rows_end {
+            if let Some(s) = self.stmts.front_mut() {
+                s.rows += 1;
+            }
+        }
         self.current = if rows_end {
             let status = if self.deprecate_eof {
                 if self.track {
@@ -368,6 +459,9 @@ impl Answers {
         } else {
             Some((expect, State::Rows))
         };
+        if self.current.is_none() && self.statements {
+            self.answer_done();
+        }
     }
 
     /// An OK packet (status flags after two length-encoded integers from `at`): true

@@ -346,3 +346,49 @@ fn a_commit_s_gtid_is_read_from_its_ok_when_tracking() {
         assert_eq!(a.status, AUTOCOMMIT | SERVER_SESSION_STATE_CHANGED);
     }
 }
+
+#[test]
+fn statements_finish_with_their_rows_and_errors_and_prepares_name_theirs() {
+    let d = |t: &str| std::sync::Arc::new(crate::obs::digest::Digest::new(t.len() as u64, t));
+    for deprecate in [false, true] {
+        let (mut a, mut b) = pair(deprecate);
+        a.statements = true;
+        b.statements = true;
+        let now = std::time::Instant::now();
+        let mut stream = Vec::new();
+        for x in [&mut a, &mut b] {
+            // An UPDATE of 3 rows, a SELECT of 2 rows, a failing statement, a prepare.
+            x.command(0x03);
+            x.describe_last(Some(d("UPDATE")), false, now);
+            x.command(0x03);
+            x.describe_last(Some(d("SELECT")), false, now);
+            x.command(0x03);
+            x.describe_last(Some(d("BAD")), false, now);
+            x.command(0x16);
+            x.describe_last(Some(d("PREPARED")), true, now);
+        }
+        stream.push(vec![0x00, 3, 0, 2, 0, 0, 0]);
+        stream.push(vec![1]);
+        stream.push(coldef("a"));
+        if !deprecate {
+            stream.push(eof(AUTOCOMMIT));
+        }
+        stream.push(vec![1, b'1']);
+        stream.push(vec![1, b'2']);
+        stream.push(if deprecate { ok_fe(AUTOCOMMIT) } else { eof(AUTOCOMMIT) });
+        stream.push(err());
+        // stmt id 7, no columns, no parameters.
+        stream.push(vec![0x00, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        feed(&mut a, &mut b, &stream);
+        for x in [&a, &b] {
+            let got: Vec<_> = x.finished.iter().map(|f| (&*f.digest.text, f.rows, f.failed)).collect();
+            assert_eq!(
+                got,
+                [("UPDATE", 3, false), ("SELECT", 2, false), ("BAD", 0, true)],
+                "deprecate_eof {deprecate}"
+            );
+            assert_eq!(x.prepared.get(&7).map(|d| &*d.text), Some("PREPARED"));
+            assert!(x.idle() && !x.lost);
+        }
+    }
+}

@@ -15,11 +15,13 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use sqlparser::ast::{Expr, SetExpr, Statement};
 use sqlparser::dialect::MySqlDialect;
 use sqlparser::parser::Parser;
+
+use crate::obs::digest::Digest;
 
 /// Built-in functions a replica answers as the primary would: pure functions of their
 /// arguments, aggregates, and clocks. (Lower case.)
@@ -266,6 +268,8 @@ const WRITE: Classification = Classification { read: false };
 pub struct Classifier {
     extra: Vec<String>,
     cache: Mutex<HashMap<String, Classification>>,
+    /// Statement shape → its query digest (`obs::digest`), computed once per shape.
+    digests: Mutex<HashMap<String, Arc<Digest>>>,
 }
 
 /// Shapes remembered at most; past this the cache starts again (a workload that
@@ -278,7 +282,46 @@ impl Classifier {
         Classifier {
             extra: extra.iter().map(|f| f.to_ascii_lowercase()).collect(),
             cache: Mutex::new(HashMap::new()),
+            digests: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The query digest of `sql` (a `COM_QUERY`'s or `COM_STMT_PREPARE`'s text): the
+    /// statement as `sqlparser` prints it back with every literal replaced by `?`
+    /// (comments, spacing and letter case of keywords aside), identified by a hash of
+    /// that text; what does not parse is grouped by its shape with literals blanked.
+    pub fn digest(&self, sql: &[u8]) -> Arc<Digest> {
+        let Ok(sql) = std::str::from_utf8(sql) else {
+            return Arc::new(Digest::new(0, "(text not in UTF-8)"));
+        };
+        let mut key = String::with_capacity(sql.len());
+        blank_literals(sql, &mut key);
+        if let Some(d) = self.digests.lock().unwrap().get(&key) {
+            return d.clone();
+        }
+        let text = match Parser::parse_sql(&MySqlDialect {}, sql) {
+            Ok(mut statements) if !statements.is_empty() => {
+                let _ = sqlparser::ast::visit_expressions_mut(&mut statements, |e| {
+                    if let Expr::Value(v) = e {
+                        v.value = sqlparser::ast::Value::Placeholder("?".into());
+                    }
+                    ControlFlow::<()>::Continue(())
+                });
+                statements.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("; ")
+            }
+            _ => key.clone(),
+        };
+        let mut h = std::hash::DefaultHasher::new();
+        for word in text.split_whitespace() {
+            std::hash::Hash::hash(word, &mut h);
+        }
+        let d = Arc::new(Digest::new(std::hash::Hasher::finish(&h), &text));
+        let mut digests = self.digests.lock().unwrap();
+        if digests.len() >= CACHE_MAX {
+            digests.clear();
+        }
+        digests.insert(key, d.clone());
+        d
     }
 
     /// Classify `sql` (a `COM_QUERY`'s text, in the connection's character set:
@@ -568,5 +611,17 @@ mod tests {
         assert!(c.classify(b"SELECT * FROM t WHERE id = 1").read);
         assert!(c.classify(b"SELECT * FROM t WHERE id = 2").read);
         assert_eq!(c.cache.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn digests_replace_literals_and_ignore_comments_and_spacing() {
+        let c = Classifier::new(&[]);
+        let a = c.digest(b"SELECT * FROM t1 WHERE a = 'x' AND b IN (1, 2)");
+        let b = c.digest(b"select *  from t1 /* traceparent='00-aa-bb-01' */ where a = \"y\" and b in (3, 4)");
+        assert_eq!(a.id, b.id);
+        assert_eq!(&*a.text, "SELECT * FROM t1 WHERE a = ? AND b IN (?, ?)");
+        assert_ne!(a.id, c.digest(b"SELECT * FROM t2 WHERE a = 'x' AND b IN (1, 2)").id);
+        let bad = c.digest(b"SELEC 1 FROM nowhere");
+        assert_eq!(bad.id, c.digest(b"SELEC 2 FROM nowhere").id);
     }
 }

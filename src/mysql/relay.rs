@@ -16,10 +16,11 @@ use super::auth::Client;
 use super::protocol::{self, write_packet, Scanner};
 use super::server::ServerConn;
 use crate::cluster::routing::{self, Endpoint};
-use crate::cluster::topology::{Health, NodeState};
+use crate::cluster::topology::{Health, NodeState, Role};
 use crate::cluster::ClusterCtx;
 use crate::config::UserConfig;
 use crate::error::Error;
+use crate::obs::digest::{record, Place, Route};
 use crate::proxy::cancel::Registration;
 use crate::proxy::shared::Shared;
 use crate::proxy::stream::{write_flush, ClientStream};
@@ -141,6 +142,38 @@ pub(super) enum Pause {
     /// this session's) while `KILL QUERY` goes to its server.
     KillQuery,
     End(End),
+}
+
+/// Name the command just passed on for the query digests: a `COM_QUERY`'s or
+/// `COM_STMT_PREPARE`'s text (when the whole packet is in the buffer: `payload` holds
+/// what is, `len` is its length), the statement a `COM_STMT_EXECUTE` runs; a
+/// `COM_STMT_CLOSE` forgets its statement.
+fn describe(
+    answers: &mut super::answers::Answers,
+    classifier: &super::classify::Classifier,
+    cmd: u8,
+    payload: &[u8],
+    len: usize,
+) {
+    let id = || payload.get(1..5).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let whole = payload.len() >= len;
+    let now = std::time::Instant::now();
+    match cmd {
+        protocol::COM_QUERY | protocol::COM_STMT_PREPARE if whole => {
+            let digest = classifier.digest(&payload[1..len]);
+            answers.describe_last(Some(digest), cmd == protocol::COM_STMT_PREPARE, now);
+        }
+        protocol::COM_STMT_EXECUTE => {
+            let digest = id().and_then(|id| answers.prepared.get(&id).cloned());
+            answers.describe_last(digest, false, now);
+        }
+        protocol::COM_STMT_CLOSE => {
+            if let Some(id) = id() {
+                answers.prepared.remove(&id);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// What `Inbound::relay` stopped at.
@@ -348,6 +381,22 @@ impl Relay<'_> {
             .split
             .is_some()
             .then(|| &super::ClusterInfo::of(cluster).classifier);
+        let digests = tracked
+            .lock()
+            .unwrap()
+            .answers
+            .statements
+            .then(|| &super::ClusterInfo::of(cluster).classifier);
+        let place = Place {
+            cluster: &cluster.name,
+            node: &node.name,
+            on_primary: node.role == Role::Primary,
+            route: match (endpoint, node.role) {
+                (Endpoint::ReadWrite, _) => Route::Primary,
+                (Endpoint::ReadOnly, Role::Standby) => Route::Replica,
+                (Endpoint::ReadOnly, _) => Route::Fallback,
+            },
+        };
         // The server-to-client side stops at its next chunk boundary when told (a
         // stream is only ever cut between whole writes).
         let stop = tokio::sync::Notify::new();
@@ -361,6 +410,7 @@ impl Relay<'_> {
                     writes: record_writes.as_ref().map(|(w, _)| &**w),
                     multiplex,
                     one_command,
+                    digests,
                 };
                 match inbound
                     .relay(cbuf, &mut sw, endpoint, node, awaiting, tracked, gates)
@@ -396,6 +446,11 @@ impl Relay<'_> {
                     let mut t = tracked.lock().unwrap();
                     t.answers.feed(&sbuf[before..]);
                     t.update();
+                    if !t.answers.finished.is_empty() {
+                        let worker = crate::proxy::pool::worker();
+                        let now = std::time::Instant::now();
+                        record(&shared.digests, worker, &mut t.answers.finished, &place, now);
+                    }
                     // Before the client sees the OK of a write: a read it sends next (on
                     // any connection of the user) must find the write counted.
                     if let Some((writes, maria)) = &record_writes {
@@ -520,6 +575,8 @@ struct Gates<'a> {
     multiplex: bool,
     /// The connection takes one command only (a split read in transaction pooling).
     one_command: bool,
+    /// The query digests are on: the classifier that names statements.
+    digests: Option<&'a super::classify::Classifier>,
 }
 
 /// A statement that may write and answer with rows: one with a `RETURNING` clause, or
@@ -650,6 +707,9 @@ impl Inbound {
                         let mut t = tracked.lock().unwrap();
                         t.answers.command(cmd);
                         t.update();
+                        if let Some(classifier) = gates.digests {
+                            describe(&mut t.answers, classifier, cmd, &rest[4..], len);
+                        }
                         drop(t);
                         let text = &rest[5..(4 + len).min(rest.len())];
                         self.note_state(cmd, text);

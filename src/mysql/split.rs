@@ -94,6 +94,10 @@ impl Relay<'_> {
             let mut t = self.tracked.lock().unwrap();
             t.answers.command(protocol::COM_QUERY);
             t.update();
+            if t.answers.statements {
+                let digest = super::ClusterInfo::of(self.cluster).classifier.digest(&payload[1..]);
+                t.answers.describe_last(Some(digest), false, std::time::Instant::now());
+            }
         }
         self.inbound.note_state(protocol::COM_QUERY, &payload[1..]);
         write_packet(&mut primary.stream, 0, &payload).await.map_err(End::Io)?;
@@ -170,8 +174,17 @@ impl Relay<'_> {
         if !self.replica_fresh(caps).await {
             return Ok(false);
         }
+        let digests = self.shared.digests.enabled();
         let replica = self.split.as_mut().and_then(|s| s.replica.as_mut()).expect("a replica");
+        // (Idle here: switching the digests' following on or off keeps them aligned.)
+        replica.answers.statements = digests;
         replica.answers.command(protocol::COM_QUERY);
+        if digests {
+            let digest = super::ClusterInfo::of(self.cluster).classifier.digest(&payload[1..]);
+            replica
+                .answers
+                .describe_last(Some(digest), false, std::time::Instant::now());
+        }
         if write_packet(&mut replica.conn.stream, 0, payload).await.is_err() {
             self.split.as_mut().expect("split").drop_replica().await;
             return Ok(false);
@@ -211,6 +224,15 @@ impl Relay<'_> {
         let replica = self.split.as_mut().and_then(|s| s.replica.as_mut()).expect("a replica");
         match outcome {
             Ok(true) => {
+                let place = crate::obs::digest::Place {
+                    cluster: &self.cluster.name,
+                    node: &replica.node.name,
+                    on_primary: false,
+                    route: crate::obs::digest::Route::Split,
+                };
+                let worker = crate::proxy::pool::worker();
+                let now = std::time::Instant::now();
+                crate::obs::digest::record(&self.shared.digests, worker, &mut replica.answers.finished, &place, now);
                 replica
                     .node
                     .stats

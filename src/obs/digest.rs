@@ -103,6 +103,52 @@ pub struct Sample<'a> {
     pub failed: bool,
 }
 
+/// A statement an engine saw answered (or fail with its connection), to record.
+#[derive(Debug)]
+pub struct Finished {
+    pub digest: Arc<Digest>,
+    /// When it was written to the server (None: never stamped; not recorded).
+    pub sent: Option<std::time::Instant>,
+    pub rows: u64,
+    pub failed: bool,
+}
+
+/// Where a batch of statements ran.
+pub struct Place<'a> {
+    pub cluster: &'a str,
+    pub node: &'a str,
+    pub on_primary: bool,
+    pub route: Route,
+}
+
+/// Add `finished` (emptied, its allocation kept) to worker `worker`'s table, as run at
+/// `place` and answered by `now`.
+pub fn record(
+    digests: &Digests,
+    worker: usize,
+    finished: &mut Vec<Finished>,
+    place: &Place<'_>,
+    now: std::time::Instant,
+) {
+    if finished.is_empty() {
+        return;
+    }
+    let mut table = digests.lock(worker);
+    for f in finished.drain(..) {
+        let Some(sent) = f.sent else { continue };
+        table.record(Sample {
+            cluster: place.cluster,
+            node: place.node,
+            on_primary: place.on_primary,
+            route: place.route,
+            digest: &f.digest,
+            micros: now.saturating_duration_since(sent).as_micros() as u64,
+            rows: f.rows,
+            failed: f.failed,
+        });
+    }
+}
+
 /// Latency buckets: two per power of two of microseconds (bounds 1, 2, 3, 4, 6, 8, 12,
 /// 16, … µs), so a quantile read from them is within ~25 % (what `p50`/`p99` show); the
 /// last holds everything from about 2 minutes on.

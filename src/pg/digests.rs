@@ -7,40 +7,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::obs::digest::{Digest, Digests, Route, Sample};
+use crate::obs::digest::{Digest, Digests, Finished, Place};
 use crate::pg::classify::Classifier;
 use crate::pg::protocol::tags::{BackendTag, FrontendTag};
 use crate::pg::protocol::views::{Parse, Query, StatementRef};
-use crate::pg::txn::running::{Finished, Running};
+use crate::pg::txn::running::Running;
 
-/// Where the statements of a batch ran.
-pub struct Place<'a> {
-    pub cluster: &'a str,
-    pub node: &'a str,
-    pub on_primary: bool,
-    pub route: Route,
-}
-
-/// Add `finished` (emptied, its allocation kept) to this worker's digests, as run at
-/// `place` and answered by `now`.
+/// Add `finished` to this worker's digests (`obs::digest::record`).
 pub fn record(digests: &Digests, finished: &mut Vec<Finished>, place: &Place<'_>, now: Instant) {
-    if finished.is_empty() {
-        return;
-    }
-    let mut table = digests.lock(crate::proxy::pool::worker());
-    for f in finished.drain(..) {
-        let Some(sent) = f.sent else { continue };
-        table.record(Sample {
-            cluster: place.cluster,
-            node: place.node,
-            on_primary: place.on_primary,
-            route: place.route,
-            digest: &f.digest,
-            micros: now.saturating_duration_since(sent).as_micros() as u64,
-            rows: f.rows,
-            failed: f.failed,
-        });
-    }
+    crate::obs::digest::record(digests, crate::proxy::pool::worker(), finished, place, now);
 }
 
 /// Prepared statements a session-mode client may name at once before the oldest are
@@ -199,7 +174,7 @@ mod tests {
             cluster: "main",
             node: "a",
             on_primary: true,
-            route: Route::Primary,
+            route: crate::obs::digest::Route::Primary,
         };
         record(
             &digests,

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::obs::digest::Digest;
+pub use crate::obs::digest::Finished;
 use crate::pg::protocol::tags::BackendTag;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,16 +32,6 @@ struct Stmt {
     sent: Option<Instant>,
     rows: u64,
     failed: bool,
-}
-
-/// A statement the server answered (or that failed with its connection).
-#[derive(Debug)]
-pub struct Finished {
-    pub digest: Arc<Digest>,
-    /// When it was written to the server (None: never stamped; not recorded).
-    pub sent: Option<Instant>,
-    pub rows: u64,
-    pub failed: bool,
 }
 
 #[derive(Debug, Default)]
