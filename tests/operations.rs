@@ -32,6 +32,10 @@ fn switchyard(args: &[&str]) -> String {
 }
 
 fn page_check(http: u16, expect: &[&str]) -> String {
+    page_check_queries(http, expect, &[])
+}
+
+fn page_check_queries(http: u16, expect: &[&str], queries: &[&str]) -> String {
     let mut args = vec![
         "--url".to_string(),
         format!("http://127.0.0.1:{http}/"),
@@ -41,6 +45,10 @@ fn page_check(http: u16, expect: &[&str]) -> String {
     for e in expect {
         args.push("--expect".into());
         args.push(e.to_string());
+    }
+    for q in queries {
+        args.push("--expect-query".into());
+        args.push(q.to_string());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     python("../browser/page_check.py", &args, &[])
@@ -110,7 +118,12 @@ async fn endpoints_console_page_and_metrics_follow_a_node_going_down() {
     assert_eq!(lands_on(&cluster, proxy.ro), Ok(1));
 
     // The page, in headless Chromium, shows the node going down.
-    page_check(http, &["default=up", "failover1=up", "failover2=up"]);
+    // The page's top statements: the proxy's own readiness checks ran through it.
+    page_check_queries(
+        http,
+        &["default=up", "failover1=up", "failover2=up"],
+        &["SELECT pg_is_in_recovery()"],
+    );
     cluster.kill9(2).unwrap();
     let out = page_check(http, &["default=up", "failover2=down"]);
     assert!(out.contains("ok: page shows"), "{out}");

@@ -2,13 +2,15 @@
 """Check Switchyard's admin status page in a real headless Chromium.
 
     python3 page_check.py --url http://127.0.0.1:PORT/ --expect NODE=HEALTH \
-        [--expect NODE=HEALTH ...] [--timeout 20] [--screenshot out.png]
+        [--expect NODE=HEALTH ...] [--expect-query TEXT ...] [--timeout 20] [--screenshot out.png]
 
 Loads the page and polls the DOM until every expectation holds: there is at least
 one node card `[data-node=NODE]`, every such card has `data-health=HEALTH`, and the
 page is live (`<body data-connection="live">`, i.e. its last fetch of /status
 worked, so stale cards left on screen after a lost connection do not count).
 NODE may be written CLUSTER/NODE to look only inside `[data-cluster=CLUSTER]`.
+`--expect-query TEXT`: a row of the top statements (`[data-query]`) shows a statement
+containing TEXT.
 
 Exit 0 and print `ok: page shows ...` when they all hold (after saving the
 screenshot, if asked); exit 1 on timeout, printing what the page showed; exit 2
@@ -44,6 +46,7 @@ return {
             health: c.getAttribute('data-health'), role: c.getAttribute('data-role')};
   }),
   route_errors: q(document, '[data-route-error]').map(e => e.textContent.trim()),
+  queries: q(document, '[data-query]').map(e => e.getAttribute('data-query')),
   banner: (() => { const b = document.getElementById('banner');
                    return b && b.offsetParent !== null ? b.textContent.trim() : null; })(),
 };
@@ -58,7 +61,7 @@ def parse_expect(text):
     return (cluster or None, name, health)
 
 
-def unmet(snapshot, expects):
+def unmet(snapshot, expects, queries=()):
     """The expectations that do not hold on this snapshot, each with why."""
     out = []
     for cluster, node, health in expects:
@@ -69,6 +72,9 @@ def unmet(snapshot, expects):
             out.append(f"{label}: no node card")
         elif any(c["health"] != health for c in cards):
             out.append(f"{label}: shows {','.join(c['health'] or '?' for c in cards)}")
+    for text in queries:
+        if not any(text in shown for shown in snapshot["queries"]):
+            out.append(f"no top statement containing {text!r}")
     if snapshot["connection"] != "live" and not out:
         out.append(f"page connection is {snapshot['connection']!r}, not 'live'")
     return out
@@ -84,6 +90,8 @@ def describe(snapshot):
         lines.append("  no node cards")
     for c in snapshot["cards"]:
         lines.append(f"  node {c['cluster']}/{c['node']}: health={c['health']} role={c['role']}")
+    for text in snapshot.get("queries", []):
+        lines.append(f"  top statement: {text}")
     return "\n".join(lines)
 
 
@@ -117,6 +125,8 @@ def main():
     ap.add_argument("--url", required=True)
     ap.add_argument("--expect", action="append", type=parse_expect, required=True,
                     metavar="NODE=HEALTH", help="repeatable; NODE may be CLUSTER/NODE")
+    ap.add_argument("--expect-query", action="append", default=[], metavar="TEXT",
+                    help="repeatable: a row of the top statements shows a statement containing TEXT")
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds to wait (default 20)")
     ap.add_argument("--screenshot", metavar="PNG")
     args = ap.parse_args()
@@ -155,7 +165,7 @@ def main():
         while True:
             try:
                 snapshot = driver.execute_script(SNAPSHOT_JS)
-                missing = unmet(snapshot, args.expect)
+                missing = unmet(snapshot, args.expect, args.expect_query)
             except Exception as e:  # noqa: BLE001 - page mid-render or reloading: try again
                 missing = [f"could not read page: {e}"]
             if not missing or time.monotonic() >= deadline:
