@@ -8,8 +8,9 @@
 # iptables for the fault suite (chaos/), etcd for coordination between instances,
 # openssl for the TLS tests' certificates, MariaDB (mariadbd, mariadb-install-db, the
 # mariadb client) for the MySQL-engine tests' throwaway clusters, sysbench for their
-# benchmarks, libmariadb-dev and pkg-config to build mysqlclient, and mdbook (with
-# cargo) to build the documentation in docs/.
+# benchmarks, libmariadb-dev and pkg-config to build mysqlclient, promtool (the
+# prometheus package) to check /metrics, and mdbook (with cargo) to build the
+# documentation in docs/.
 # Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,8 @@ command -v sysbench >/dev/null || missing+=(sysbench)
 # against MariaDB Connector/C, found with pkg-config.
 [[ -e /usr/include/mariadb/mysql.h ]] || missing+=(libmariadb-dev)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+# promtool (Prometheus) checks /metrics against the exposition format (tests/query_digests.rs).
+command -v promtool >/dev/null || missing+=(prometheus)
 
 if ((${#missing[@]})); then
     echo "install-deps: installing ${missing[*]}"

@@ -40,6 +40,27 @@ fn total(rows: &[&Value], field: &str) -> u64 {
     rows.iter().map(|d| d[field].as_u64().unwrap()).sum()
 }
 
+/// `promtool check metrics` (Prometheus's own linter, from Debian's `prometheus`
+/// package: scripts/install-deps.sh) accepts the exposition.
+fn promtool_accepts(metrics: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus, or scripts/install-deps.sh)");
+    child.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn digests_show_each_statement_shape_with_its_calls_rows_errors_and_nodes() {
     let cluster = LocalCluster::start(1).unwrap();
@@ -184,6 +205,23 @@ fn digests_show_each_statement_shape_with_its_calls_rows_errors_and_nodes() {
         .parse()
         .unwrap();
     assert!(held >= 4.0, "{held}");
+    // The per-place query metrics: a histogram and counters, from the same samples.
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let primary = "{cluster=\"main\",node=\"default\",role=\"primary\",route=\"primary\"}";
+    let standby = "{cluster=\"main\",node=\"failover1\",role=\"standby\",route=\"split\"}";
+    assert!(value(&format!("switchyard_query_duration_seconds_count{primary}")) >= 25.0);
+    assert!(value(&format!("switchyard_query_rows_total{primary}")) >= 25.0);
+    assert!(value(&format!("switchyard_query_errors_total{standby}")) >= 1.0);
+    assert!(value(&format!("switchyard_query_duration_seconds_count{standby}")) >= 17.0);
+    promtool_accepts(&metrics);
     psql_db(proxy.rw, "ops", "ops", "switchyard", "RESET QUERIES").unwrap();
     assert!(ours(http, "node").is_empty());
 

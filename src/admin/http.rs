@@ -86,19 +86,34 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
     Json(crate::admin::status::build(&shared)).into_response()
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+/// OpenMetrics for a scraper that asks for it (Prometheus does), else the Prometheus
+/// text format 0.0.4 (curl, `promtool check metrics`, older scrapers).
+async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
     shared.metrics.set_digests(shared.digests.counts());
+    shared.metrics.set_query_places(shared.digests.place_rows());
     let body = shared
         .metrics
         .render(&shared.cluster_snapshots(), &crate::admin::pool_rows(&shared));
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|a| a.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            crate::obs::metrics::prometheus_text(&body),
+        )
+            .into_response()
+    }
 }
 
 /// `GET /queries?cluster=NAME&order=total_time&limit=N&by=node|query`: the query

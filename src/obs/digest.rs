@@ -257,6 +257,17 @@ struct Entry {
 }
 
 impl Entry {
+    fn of(s: &Sample<'_>, stats: Stats) -> Entry {
+        Entry {
+            cluster: s.cluster.into(),
+            node: s.node.into(),
+            on_primary: s.on_primary,
+            route: s.route,
+            digest: s.digest.clone(),
+            stats,
+        }
+    }
+
     fn is(&self, s: &Sample<'_>) -> bool {
         self.digest.id == s.digest.id
             && self.route == s.route
@@ -271,11 +282,21 @@ impl Entry {
 pub struct Table {
     entries: HashMap<u64, Entry>,
     evicted: u64,
+    /// The same samples per place (cluster, node, role, route) only, never evicted or
+    /// reset: the Prometheus query metrics (`place_rows`), whose counters must only
+    /// grow. Bounded by the configured nodes × routes.
+    places: HashMap<u64, Entry>,
 }
 
 fn key(s: &Sample<'_>) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     (s.digest.id, s.cluster, s.node, s.route, s.on_primary).hash(&mut h);
+    h.finish()
+}
+
+fn place_key(s: &Sample<'_>) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    (s.cluster, s.node, s.route, s.on_primary).hash(&mut h);
     h.finish()
 }
 
@@ -287,6 +308,15 @@ pub struct Recorder<'a> {
 
 impl Recorder<'_> {
     pub fn record(&mut self, s: Sample<'_>) {
+        let pk = place_key(&s);
+        match self.table.places.get_mut(&pk) {
+            Some(e) => e.stats.add(s.micros, s.rows, s.failed),
+            None => {
+                let mut stats = Stats::default();
+                stats.add(s.micros, s.rows, s.failed);
+                self.table.places.insert(pk, Entry::of(&s, stats));
+            }
+        }
         let k = key(&s);
         if let Some(e) = self.table.entries.get_mut(&k) {
             // Two keys with one 64-bit hash: the sample is dropped rather than counted
@@ -304,17 +334,7 @@ impl Recorder<'_> {
         }
         let mut stats = Stats::default();
         stats.add(s.micros, s.rows, s.failed);
-        self.table.entries.insert(
-            k,
-            Entry {
-                cluster: s.cluster.into(),
-                node: s.node.into(),
-                on_primary: s.on_primary,
-                route: s.route,
-                digest: s.digest.clone(),
-                stats,
-            },
-        );
+        self.table.entries.insert(k, Entry::of(&s, stats));
     }
 
     /// Make room: the least-called tenth goes (one sort per tenth of the table, so a
@@ -371,6 +391,47 @@ impl std::str::FromStr for Order {
         })
     }
 }
+
+/// The statements of one place (cluster, node, role, route) since start, for the
+/// Prometheus query metrics.
+#[derive(Debug, Clone)]
+pub struct PlaceRow {
+    pub cluster: String,
+    pub node: String,
+    pub role: &'static str,
+    pub route: Route,
+    pub calls: u64,
+    pub errors: u64,
+    pub rows: u64,
+    pub total_seconds: f64,
+    /// Statements per bucket, by upper bound in seconds (powers of two of microseconds
+    /// from 64 µs to about 8 s, then `f64::MAX` for the rest): what prometheus-client's
+    /// histogram encoder takes (it sums them into `le` buckets).
+    pub buckets: Vec<(f64, u64)>,
+}
+
+/// The `le` bounds of `PlaceRow::buckets`, in microseconds: bounds of our own buckets,
+/// so the cumulative counts are exact.
+const LE_MICROS: [u64; 18] = [
+    64,
+    128,
+    256,
+    512,
+    1 << 10,
+    1 << 11,
+    1 << 12,
+    1 << 13,
+    1 << 14,
+    1 << 15,
+    1 << 16,
+    1 << 17,
+    1 << 18,
+    1 << 19,
+    1 << 20,
+    1 << 21,
+    1 << 22,
+    1 << 23,
+];
 
 /// One row of `/queries`.
 #[derive(Debug, Clone, Serialize)]
@@ -437,6 +498,49 @@ impl Digests {
             let mut t = t.lock().unwrap();
             t.entries.clear();
         }
+    }
+
+    /// Every place's statements since start, the workers' tables merged.
+    pub fn place_rows(&self) -> Vec<PlaceRow> {
+        let mut merged: HashMap<(Arc<str>, Arc<str>, Route, bool), Stats> = HashMap::new();
+        for t in self.tables.iter() {
+            let t = t.lock().unwrap();
+            for e in t.places.values() {
+                merged
+                    .entry((e.cluster.clone(), e.node.clone(), e.route, e.on_primary))
+                    .or_default()
+                    .merge(&e.stats);
+            }
+        }
+        let mut rows: Vec<PlaceRow> = merged
+            .into_iter()
+            .map(|((cluster, node, route, primary), s)| {
+                let mut buckets = Vec::with_capacity(LE_MICROS.len() + 1);
+                let mut counted = 0;
+                for le in LE_MICROS {
+                    let below: u64 = (0..BUCKETS)
+                        .take_while(|&i| i + 1 < BUCKETS && bucket_floor(i + 1) <= le)
+                        .map(|i| s.hist[i] as u64)
+                        .sum();
+                    buckets.push((le as f64 / 1e6, below - counted));
+                    counted = below;
+                }
+                buckets.push((f64::MAX, s.calls.saturating_sub(counted)));
+                PlaceRow {
+                    cluster: cluster.to_string(),
+                    node: node.to_string(),
+                    role: if primary { "primary" } else { "standby" },
+                    route,
+                    calls: s.calls,
+                    errors: s.errors,
+                    rows: s.rows,
+                    total_seconds: s.total_us as f64 / 1e6,
+                    buckets,
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.cluster, &a.node, a.route).cmp(&(&b.cluster, &b.node, b.route)));
+        rows
     }
 
     /// Entries held, and entries evicted since start, over all tables.
@@ -627,6 +731,36 @@ mod tests {
         let d = Digest::new(1, &long);
         assert!(d.text.len() <= MAX_TEXT + '…'.len_utf8());
         assert!(d.text.ends_with('…'));
+    }
+
+    #[test]
+    fn places_count_every_sample_and_survive_a_reset() {
+        let digests = Digests::new(2, true, 1);
+        let (a, b) = (Arc::new(Digest::new(1, "A")), Arc::new(Digest::new(2, "B")));
+        digests.lock(0).record(sample(&a, "a", 100));
+        digests.lock(1).record(sample(&b, "a", 3_000));
+        digests.lock(1).record(Sample {
+            failed: true,
+            ..sample(&b, "a", 5)
+        });
+        digests.reset();
+        let rows = digests.place_rows();
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(
+            (r.calls, r.errors, r.rows, r.role, r.route),
+            (3, 1, 3, "primary", Route::Primary)
+        );
+        // Cumulative: 5 µs and 100 µs are under 128 µs; 3 ms under 4.096 ms.
+        let at = |le: f64| {
+            r.buckets
+                .iter()
+                .take_while(|(b, _)| *b <= le + 1e-9)
+                .map(|b| b.1)
+                .sum::<u64>()
+        };
+        assert_eq!((at(0.000064), at(0.000128), at(0.002048), at(0.004096)), (1, 2, 2, 3));
+        assert_eq!(r.buckets.last(), Some(&(f64::MAX, 0)));
     }
 
     #[test]

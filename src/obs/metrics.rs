@@ -117,6 +117,100 @@ pub struct Metrics {
     /// Query digests held, and evicted since start (set at scrape time).
     query_digests: Gauge,
     query_digests_evicted: Counter,
+    /// Statements per place since start (`Digests::place_rows`, set at scrape time).
+    query_places: std::sync::Arc<QueryPlaces>,
+}
+
+/// The query metrics: a histogram of statement durations and counters of errors and
+/// rows per (cluster, node, role, route), from the digests' per-place statistics,
+/// which already hold the buckets (a `Histogram` of prometheus-client would take a
+/// labelled lookup per statement on the data path).
+#[derive(Debug, Default)]
+struct QueryPlaces(Mutex<Vec<crate::obs::digest::PlaceRow>>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlaceLabels {
+    cluster: String,
+    node: String,
+    role: String,
+    route: String,
+}
+
+impl prometheus_client::collector::Collector for QueryPlaces {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        let rows = self.0.lock().unwrap();
+        let labels = |r: &crate::obs::digest::PlaceRow| PlaceLabels {
+            cluster: r.cluster.clone(),
+            node: r.node.clone(),
+            role: r.role.into(),
+            route: r.route.as_str().into(),
+        };
+        let mut e = encoder.encode_descriptor(
+            "query_duration_seconds",
+            "Statements from their write to the server to their answer, by cluster, node, the node's role and route (primary, split, replica, fallback, fresh)",
+            None,
+            MetricType::Histogram,
+        )?;
+        for r in rows.iter() {
+            let l = labels(r);
+            e.encode_family(&l)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    r.total_seconds,
+                    r.calls,
+                    &r.buckets,
+                    None,
+                )?;
+        }
+        for (name, help, pick) in [
+            (
+                "query_errors",
+                "Statements answered with an error (or whose connection was lost), by cluster, node, role and route",
+                (|r: &crate::obs::digest::PlaceRow| r.errors) as fn(&crate::obs::digest::PlaceRow) -> u64,
+            ),
+            (
+                "query_rows",
+                "Rows statements returned or changed, by cluster, node, role and route",
+                |r| r.rows,
+            ),
+        ] {
+            let mut e = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for r in rows.iter() {
+                let l = labels(r);
+                let c: Counter = Counter::default();
+                c.inc_by(pick(r));
+                c.encode(e.encode_family(&l)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition: a counter family
+/// is named with its `_total` suffix in `# HELP` and `# TYPE`, as its samples are, and
+/// there is no `# UNIT` or `# EOF` line. (prometheus-client writes OpenMetrics only.)
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}").trim_end().to_string())
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 fn latency_histogram() -> Histogram {
@@ -153,6 +247,7 @@ impl Default for Metrics {
             client_timeouts: Family::default(),
             query_digests: Gauge::default(),
             query_digests_evicted: Counter::default(),
+            query_places: Default::default(),
             causal_wait_seconds: Family::new_with_constructor(|| {
                 // 0.25 ms .. ~8 s
                 Histogram::new(exponential_buckets(0.00025, 2.0, 16))
@@ -279,6 +374,7 @@ impl Default for Metrics {
             "Role or health changes of a node",
             m.role_changes.clone(),
         );
+        r.register_collector(Box::new(m.query_places.clone()));
         *m.registry.lock().unwrap() = r;
         m
     }
@@ -363,6 +459,11 @@ impl Metrics {
     }
 
     /// Text exposition, node gauges refreshed from the given snapshots first.
+    /// The statements per place (`obs::digest::Digests::place_rows`), before a render.
+    pub fn set_query_places(&self, rows: Vec<crate::obs::digest::PlaceRow>) {
+        *self.query_places.0.lock().unwrap() = rows;
+    }
+
     /// The digest tables' size (`obs::digest::Digests::counts`), before a render.
     pub fn set_digests(&self, (held, evicted): (u64, u64)) {
         self.query_digests.set(held as i64);
@@ -440,5 +541,19 @@ pub struct ClientGauge(Gauge);
 impl Drop for ClientGauge {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prometheus_text_format_names_counters_with_their_suffix() {
+        let om = "# HELP x_failovers The primary moved.\n# TYPE x_failovers counter\nx_failovers_total{cluster=\"a\"} 1\n# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n# EOF\n";
+        assert_eq!(
+            prometheus_text(om),
+            "# HELP x_failovers_total The primary moved.\n# TYPE x_failovers_total counter\nx_failovers_total{cluster=\"a\"} 1\n# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n"
+        );
     }
 }
