@@ -80,6 +80,10 @@ pub struct ErrorLabels {
 
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Every family registered (full name, type): what `/metrics` may show, listed
+    /// even before a family has a series (tests/dashboard.rs checks the dashboard and
+    /// the docs against it).
+    families: Vec<(String, prometheus_client::metrics::MetricType)>,
     node_up: Family<NodeLabels, Gauge>,
     node_primary: Family<NodeLabels, Gauge>,
     node_lag_seconds: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -213,6 +217,18 @@ pub fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
+/// Register `metric` as `switchyard_<name>` and list it in `families`.
+fn register<M: prometheus_client::registry::Metric + prometheus_client::metrics::TypedMetric + Clone>(
+    r: &mut Registry,
+    families: &mut Vec<(String, prometheus_client::metrics::MetricType)>,
+    name: &str,
+    help: &str,
+    metric: M,
+) {
+    families.push((format!("switchyard_{name}"), M::TYPE));
+    r.register(name, help, metric);
+}
+
 fn latency_histogram() -> Histogram {
     // 0.5 ms .. ~16 s
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -221,7 +237,9 @@ fn latency_histogram() -> Histogram {
 impl Default for Metrics {
     fn default() -> Self {
         let mut r = Registry::with_prefix("switchyard");
-        let m = Metrics {
+        let mut families = Vec::new();
+        let mut m = Metrics {
+            families: Vec::new(),
             registry: Mutex::new(Registry::default()),
             node_up: Family::default(),
             node_primary: Family::default(),
@@ -253,128 +271,185 @@ impl Default for Metrics {
                 Histogram::new(exponential_buckets(0.00025, 2.0, 16))
             }),
         };
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "reads_to_standby",
             "Reads placed on a standby (units in transaction mode, sessions in session mode)",
             m.reads_to_standby.clone(),
         );
-        r.register(
+        register(&mut r, &mut families, 
             "reads_to_primary_for_freshness",
             "Reads sent to the primary because no standby had replayed the client's writes or causal token within causal_wait_ms",
             m.reads_to_primary_for_freshness.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "causal_wait_seconds",
             "Time reads waited for a standby to replay the client's writes or causal token",
             m.causal_wait_seconds.clone(),
         );
-        r.register("node_up", "1 if the node passes health checks", m.node_up.clone());
-        r.register(
+        register(
+            &mut r,
+            &mut families,
+            "node_up",
+            "1 if the node passes health checks",
+            m.node_up.clone(),
+        );
+        register(
+            &mut r,
+            &mut families,
             "node_primary",
             "1 if the node is up and reports itself primary",
             m.node_primary.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "node_lag_seconds",
             "Replay lag of a standby",
             m.node_lag_seconds.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "node_lag_bytes",
             "WAL bytes a standby is behind the primary",
             m.node_lag_bytes.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "server_connections",
             "Server connections open to the node for client sessions",
             m.server_connections.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "pool_connections",
             "Pooled server connections in use and idle, and clients waiting for one",
             m.pool.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "health_check_duration_seconds",
             "Duration of health checks",
             m.health_check_seconds.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "client_connections",
             "Client sessions connected",
             m.client_connections.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "queries_routed",
             "Queries (simple Query and extended Execute) relayed to a node",
             m.queries_routed.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "sessions_routed",
             "Client sessions routed to a node",
             m.sessions_routed.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "errors",
             "ErrorResponses the proxy itself sent, by SQLSTATE class",
             m.errors.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "pool_wait_seconds",
             "Time from a client's login to its server connection being ready",
             m.pool_wait_seconds.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "failovers",
             "Times the primary of a cluster moved to another node",
             m.failovers.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "promotions",
             "Standbys Switchyard promoted itself, by kind (switchover, failover)",
             m.promotions.clone(),
         );
-        r.register(
+        register(&mut r, &mut families, 
             "sessions_moved",
             "MySQL sessions moved to the new primary after a switchover (moved), or ended because they held state a move cannot carry (refused)",
             m.sessions_moved.clone(),
         );
-        r.register(
+        register(&mut r, &mut families, 
             "cluster_writable",
             "1 while writes can be routed: a primary is up (and, under coordination, published and this instance in touch with etcd)",
             m.cluster_writable.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "published_epoch",
             "Coordination: the epoch of the primary published in etcd",
             m.published_epoch.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "clients_refused",
             "Clients refused by a limit: proxy_max_clients, cluster_max_clients, user_max_clients, file_descriptors",
             m.clients_refused.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "query_digests",
             "Query digests held (statement, node and route), over all worker threads",
             m.query_digests.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "query_digests_evicted",
             "Query digests evicted to stay within telemetry.max_digests",
             m.query_digests_evicted.clone(),
         );
-        r.register(
+        register(&mut r, &mut families, 
             "client_timeouts",
             "Client timeouts that fired: client_idle (client ended), idle_transaction (client ended, transaction rolled back), query (cancel sent to the server)",
             m.client_timeouts.clone(),
         );
-        r.register(
+        register(
+            &mut r,
+            &mut families,
             "role_changes",
             "Role or health changes of a node",
             m.role_changes.clone(),
         );
         r.register_collector(Box::new(m.query_places.clone()));
+        {
+            use prometheus_client::metrics::MetricType;
+            for (name, kind) in [
+                ("query_duration_seconds", MetricType::Histogram),
+                ("query_errors", MetricType::Counter),
+                ("query_rows", MetricType::Counter),
+            ] {
+                families.push((format!("switchyard_{name}"), kind));
+            }
+        }
+        m.families = families;
         *m.registry.lock().unwrap() = r;
         m
     }
@@ -459,6 +534,25 @@ impl Metrics {
     }
 
     /// Text exposition, node gauges refreshed from the given snapshots first.
+    /// Every family `/metrics` may show: its full name and type (`counter`,
+    /// `histogram`, `gauge`...), as the exposition writes them.
+    pub fn families(&self) -> Vec<(String, String)> {
+        use prometheus_client::metrics::MetricType;
+        self.families
+            .iter()
+            .map(|(n, t)| {
+                let t = match t {
+                    MetricType::Counter => "counter",
+                    MetricType::Gauge => "gauge",
+                    MetricType::Histogram => "histogram",
+                    MetricType::Info => "info",
+                    _ => "unknown",
+                };
+                (n.clone(), t.to_string())
+            })
+            .collect()
+    }
+
     /// The statements per place (`obs::digest::Digests::place_rows`), before a render.
     pub fn set_query_places(&self, rows: Vec<crate::obs::digest::PlaceRow>) {
         *self.query_places.0.lock().unwrap() = rows;
