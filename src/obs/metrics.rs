@@ -278,7 +278,9 @@ impl Default for Metrics {
             "Reads placed on a standby (units in transaction mode, sessions in session mode)",
             m.reads_to_standby.clone(),
         );
-        register(&mut r, &mut families, 
+        register(
+            &mut r,
+            &mut families,
             "reads_to_primary_for_freshness",
             "Reads sent to the primary because no standby had replayed the client's writes or causal token within causal_wait_ms",
             m.reads_to_primary_for_freshness.clone(),
@@ -388,12 +390,16 @@ impl Default for Metrics {
             "Standbys Switchyard promoted itself, by kind (switchover, failover)",
             m.promotions.clone(),
         );
-        register(&mut r, &mut families, 
+        register(
+            &mut r,
+            &mut families,
             "sessions_moved",
             "MySQL sessions moved to the new primary after a switchover (moved), or ended because they held state a move cannot carry (refused)",
             m.sessions_moved.clone(),
         );
-        register(&mut r, &mut families, 
+        register(
+            &mut r,
+            &mut families,
             "cluster_writable",
             "1 while writes can be routed: a primary is up (and, under coordination, published and this instance in touch with etcd)",
             m.cluster_writable.clone(),
@@ -426,7 +432,9 @@ impl Default for Metrics {
             "Query digests evicted to stay within telemetry.max_digests",
             m.query_digests_evicted.clone(),
         );
-        register(&mut r, &mut families, 
+        register(
+            &mut r,
+            &mut families,
             "client_timeouts",
             "Client timeouts that fired: client_idle (client ended), idle_transaction (client ended, transaction rolled back), query (cancel sent to the server)",
             m.client_timeouts.clone(),
