@@ -332,7 +332,7 @@ impl Proxy {
                 shutdown.clone(),
                 vec![Box::new(pg_shared)],
             )
-            .map_err(|e| anyhow::anyhow!("cannot set up client TLS: {e}"))?,
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
         );
         shared.set_reloader(Box::new(reload));
         start_monitors(&shared);

@@ -91,6 +91,9 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
 async fn metrics(State(shared): State<Arc<Shared>>, headers: axum::http::HeaderMap) -> Response {
     shared.metrics.set_digests(shared.digests.counts());
     shared.metrics.set_query_places(shared.digests.place_rows());
+    if let Some(t) = shared.digests.tracer.get() {
+        shared.metrics.set_traces(&t.counts);
+    }
     let body = shared
         .metrics
         .render(&shared.cluster_snapshots(), &crate::admin::pool_rows(&shared));

@@ -144,3 +144,7 @@ pub fn telemetry_query_digests() -> bool {
 pub fn telemetry_max_digests() -> usize {
     5_000
 }
+
+pub fn telemetry_sample_ratio() -> f64 {
+    0.01
+}

@@ -89,6 +89,16 @@ pub struct TelemetryConfig {
     /// Digests kept per worker thread; past it the least-called tenth is evicted.
     #[serde(default = "default::telemetry_max_digests")]
     pub max_digests: usize,
+    /// OTLP/HTTP receiver of traces (`http://host:4318`); else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; neither: no traces.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// The traces' `service.name`; else `OTEL_SERVICE_NAME`, else "switchyard".
+    #[serde(default)]
+    pub service_name: Option<String>,
+    /// Share of statements without a sampled parent that are traced.
+    #[serde(default = "default::telemetry_sample_ratio")]
+    pub sample_ratio: f64,
 }
 
 impl Default for TelemetryConfig {
@@ -96,6 +106,9 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             query_digests: default::telemetry_query_digests(),
             max_digests: default::telemetry_max_digests(),
+            otlp_endpoint: None,
+            service_name: None,
+            sample_ratio: default::telemetry_sample_ratio(),
         }
     }
 }

@@ -284,3 +284,17 @@ fn the_most_specific_pool_size_wins() {
     let e = Config::parse(&bad).unwrap_err().to_string();
     assert!(e.starts_with("clusters.main.pools[0]"), "{e}");
 }
+
+#[test]
+fn telemetry_keys_are_checked() {
+    let with = |t: &str| Config::parse(&format!("[telemetry]\n{t}\n{GOOD}"));
+    let c = with("otlp_endpoint = \"http://127.0.0.1:4318\"\nsample_ratio = 0.5").unwrap();
+    assert_eq!(c.telemetry.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4318"));
+    assert!(c.telemetry.query_digests);
+    let e = with("sample_ratio = 1.5").unwrap_err().to_string();
+    assert!(e.contains("telemetry.sample_ratio"), "{e}");
+    let e = with("otlp_endpoint = \"https://collector:4318\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("telemetry.otlp_endpoint") && e.contains("http://"), "{e}");
+}

@@ -25,6 +25,18 @@ impl Config {
         if self.proxy.max_clients == 0 {
             return Err(invalid("proxy.max_clients", "must be at least 1"));
         }
+        let t = &self.telemetry;
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(invalid("telemetry.sample_ratio", "must be between 0 and 1"));
+        }
+        if let Some(e) = &t.otlp_endpoint {
+            if !e.starts_with("http://") {
+                return Err(invalid(
+                    "telemetry.otlp_endpoint",
+                    "must be an http:// URL of an OTLP/HTTP receiver (https is not supported yet: send to a local OpenTelemetry Collector)",
+                ));
+            }
+        }
         for (i, u) in self.users.iter().enumerate() {
             if u.max_clients == Some(0) {
                 return Err(invalid(format!("users[{i}].max_clients"), "must be at least 1"));

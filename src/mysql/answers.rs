@@ -154,6 +154,7 @@ struct Statement {
     sent: Option<Instant>,
     rows: u64,
     failed: bool,
+    trace: Option<crate::obs::trace::TraceParent>,
 }
 
 /// Statements a connection may have prepared at once in the digests' map (a client
@@ -203,6 +204,13 @@ impl Answers {
         }
     }
 
+    /// The command just passed to `command` carries the application's trace context.
+    pub fn trace_last(&mut self, trace: Option<crate::obs::trace::TraceParent>) {
+        if let Some(s) = self.stmts.back_mut() {
+            s.trace = trace;
+        }
+    }
+
     /// An answer ended: its statement is finished (or its prepared statement known).
     fn answer_done(&mut self) {
         let Some(s) = self.stmts.pop_front() else { return };
@@ -220,6 +228,7 @@ impl Answers {
                 sent: s.sent,
                 rows: s.rows,
                 failed: s.failed,
+                trace: s.trace,
             }),
             _ => {}
         }

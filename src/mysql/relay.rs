@@ -387,9 +387,19 @@ impl Relay<'_> {
             .answers
             .statements
             .then(|| &super::ClusterInfo::of(cluster).classifier);
+        let traces = shared.digests.tracing();
+        let database = self
+            .client
+            .database
+            .as_deref()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
         let place = Place {
             cluster: &cluster.name,
             node: &node.name,
+            addr: &node.addr,
+            database: &database,
+            system: "mysql",
             on_primary: node.role == Role::Primary,
             route: match (endpoint, node.role) {
                 (Endpoint::ReadWrite, _) => Route::Primary,
@@ -411,6 +421,7 @@ impl Relay<'_> {
                     multiplex,
                     one_command,
                     digests,
+                    traces,
                 };
                 match inbound
                     .relay(cbuf, &mut sw, endpoint, node, awaiting, tracked, gates)
@@ -577,6 +588,8 @@ struct Gates<'a> {
     one_command: bool,
     /// The query digests are on: the classifier that names statements.
     digests: Option<&'a super::classify::Classifier>,
+    /// Traces are on: read each statement's `traceparent` comment.
+    traces: bool,
 }
 
 /// A statement that may write and answer with rows: one with a `RETURNING` clause, or
@@ -709,6 +722,9 @@ impl Inbound {
                         t.update();
                         if let Some(classifier) = gates.digests {
                             describe(&mut t.answers, classifier, cmd, &rest[4..], len);
+                            if gates.traces && cmd == protocol::COM_QUERY && rest.len() >= 4 + len {
+                                t.answers.trace_last(crate::obs::trace::traceparent(&rest[5..4 + len]));
+                            }
                         }
                         drop(t);
                         let text = &rest[5..(4 + len).min(rest.len())];

@@ -259,7 +259,7 @@ pub async fn serve(
     let mut answers = super::answers::Answers::new(caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF));
     answers.track = server.tracking || multiplex;
     answers.collect_state = multiplex;
-    answers.statements = shared.digests.enabled();
+    answers.statements = shared.digests.tracking();
     answers.status = super::answers::status_of_ok(&server.login_ok).unwrap_or(0);
     let tracking = server.tracking;
     let mut tracked = super::relay::Tracked::new(answers, counter_for(endpoint, &cluster));

@@ -97,6 +97,9 @@ impl Relay<'_> {
             if t.answers.statements {
                 let digest = super::ClusterInfo::of(self.cluster).classifier.digest(&payload[1..]);
                 t.answers.describe_last(Some(digest), false, std::time::Instant::now());
+                if self.shared.digests.tracing() {
+                    t.answers.trace_last(crate::obs::trace::traceparent(&payload[1..]));
+                }
             }
         }
         self.inbound.note_state(protocol::COM_QUERY, &payload[1..]);
@@ -174,7 +177,7 @@ impl Relay<'_> {
         if !self.replica_fresh(caps).await {
             return Ok(false);
         }
-        let digests = self.shared.digests.enabled();
+        let digests = self.shared.digests.tracking();
         let replica = self.split.as_mut().and_then(|s| s.replica.as_mut()).expect("a replica");
         // (Idle here: switching the digests' following on or off keeps them aligned.)
         replica.answers.statements = digests;
@@ -184,6 +187,11 @@ impl Relay<'_> {
             replica
                 .answers
                 .describe_last(Some(digest), false, std::time::Instant::now());
+            if self.shared.digests.tracing() {
+                replica
+                    .answers
+                    .trace_last(crate::obs::trace::traceparent(&payload[1..]));
+            }
         }
         if write_packet(&mut replica.conn.stream, 0, payload).await.is_err() {
             self.split.as_mut().expect("split").drop_replica().await;
@@ -224,9 +232,18 @@ impl Relay<'_> {
         let replica = self.split.as_mut().and_then(|s| s.replica.as_mut()).expect("a replica");
         match outcome {
             Ok(true) => {
+                let database = self
+                    .client
+                    .database
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
                 let place = crate::obs::digest::Place {
                     cluster: &self.cluster.name,
                     node: &replica.node.name,
+                    addr: &replica.node.addr,
+                    database: &database,
+                    system: "mysql",
                     on_primary: false,
                     route: crate::obs::digest::Route::Split,
                 };

@@ -111,14 +111,22 @@ pub struct Finished {
     pub sent: Option<std::time::Instant>,
     pub rows: u64,
     pub failed: bool,
+    /// The application's trace context from the statement's comment (traces only).
+    pub trace: Option<crate::obs::trace::TraceParent>,
 }
 
 /// Where a batch of statements ran.
 pub struct Place<'a> {
     pub cluster: &'a str,
     pub node: &'a str,
+    /// The node's address (a span's `server.address`).
+    pub addr: &'a str,
     pub on_primary: bool,
     pub route: Route,
+    /// The client's database (a span's `db.namespace`).
+    pub database: &'a str,
+    /// `postgresql` or `mysql` (a span's `db.system.name`).
+    pub system: &'static str,
 }
 
 /// Add `finished` (emptied, its allocation kept) to worker `worker`'s table, as run at
@@ -131,6 +139,32 @@ pub fn record(
     now: std::time::Instant,
 ) {
     if finished.is_empty() {
+        return;
+    }
+    if let Some(tracer) = digests.tracer.get() {
+        let wall = std::time::SystemTime::now();
+        for f in finished.iter() {
+            let Some(sent) = f.sent else { continue };
+            if !tracer.sampled(f.trace.as_ref()) {
+                continue;
+            }
+            tracer.submit(&crate::obs::trace::StatementSpan {
+                parent: f.trace,
+                start: wall - now.saturating_duration_since(sent),
+                end: wall,
+                system: place.system,
+                namespace: place.database,
+                query: &f.digest.text,
+                node: place.addr,
+                route: place.route.as_str(),
+                cluster: place.cluster,
+                rows: f.rows,
+                failed: f.failed,
+            });
+        }
+    }
+    if !digests.enabled() {
+        finished.clear();
         return;
     }
     let mut table = digests.lock(worker);
@@ -460,6 +494,8 @@ pub struct Digests {
     enabled: AtomicBool,
     limit: AtomicUsize,
     tables: Box<[Mutex<Table>]>,
+    /// Traces of the same statements (`[telemetry] otlp_endpoint`), set once at start.
+    pub tracer: std::sync::OnceLock<crate::obs::trace::Tracer>,
 }
 
 impl Digests {
@@ -470,7 +506,18 @@ impl Digests {
             enabled: AtomicBool::new(enabled),
             limit: AtomicUsize::new(limit),
             tables: (0..tables.max(1)).map(|_| Mutex::default()).collect(),
+            tracer: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sessions follow their statements: for the digests, or for traces.
+    pub fn tracking(&self) -> bool {
+        self.enabled() || self.tracer.get().is_some()
+    }
+
+    /// Traces are on: sessions look for a `traceparent` in their statements.
+    pub fn tracing(&self) -> bool {
+        self.tracer.get().is_some()
     }
 
     /// A new config (`[telemetry] query_digests`, `max_digests`): sessions that start

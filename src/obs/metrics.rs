@@ -123,6 +123,11 @@ pub struct Metrics {
     query_digests_evicted: Counter,
     /// Statements per place since start (`Digests::place_rows`, set at scrape time).
     query_places: std::sync::Arc<QueryPlaces>,
+    /// Trace spans sent, dropped (queue full, receiver refused or unreachable), and
+    /// failed export requests (set at scrape time from `obs::trace::TraceCounts`).
+    trace_spans_exported: Counter,
+    trace_spans_dropped: Counter,
+    trace_export_failures: Counter,
 }
 
 /// The query metrics: a histogram of statement durations and counters of errors and
@@ -266,6 +271,9 @@ impl Default for Metrics {
             query_digests: Gauge::default(),
             query_digests_evicted: Counter::default(),
             query_places: Default::default(),
+            trace_spans_exported: Counter::default(),
+            trace_spans_dropped: Counter::default(),
+            trace_export_failures: Counter::default(),
             causal_wait_seconds: Family::new_with_constructor(|| {
                 // 0.25 ms .. ~8 s
                 Histogram::new(exponential_buckets(0.00025, 2.0, 16))
@@ -446,6 +454,27 @@ impl Default for Metrics {
             "Role or health changes of a node",
             m.role_changes.clone(),
         );
+        register(
+            &mut r,
+            &mut families,
+            "trace_spans_exported",
+            "Trace spans sent to the OTLP receiver",
+            m.trace_spans_exported.clone(),
+        );
+        register(
+            &mut r,
+            &mut families,
+            "trace_spans_dropped",
+            "Trace spans dropped: the export queue was full, or the receiver refused or could not be reached",
+            m.trace_spans_dropped.clone(),
+        );
+        register(
+            &mut r,
+            &mut families,
+            "trace_export_failures",
+            "Export requests to the OTLP receiver that failed",
+            m.trace_export_failures.clone(),
+        );
         r.register_collector(Box::new(m.query_places.clone()));
         {
             use prometheus_client::metrics::MetricType;
@@ -564,6 +593,18 @@ impl Metrics {
     /// The statements per place (`obs::digest::Digests::place_rows`), before a render.
     pub fn set_query_places(&self, rows: Vec<crate::obs::digest::PlaceRow>) {
         *self.query_places.0.lock().unwrap() = rows;
+    }
+
+    /// The trace exporter's counts, before a render.
+    pub fn set_traces(&self, counts: &crate::obs::trace::TraceCounts) {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (c, v) in [
+            (&self.trace_spans_exported, counts.exported.load(Relaxed)),
+            (&self.trace_spans_dropped, counts.dropped.load(Relaxed)),
+            (&self.trace_export_failures, counts.export_failures.load(Relaxed)),
+        ] {
+            c.inc_by(v.saturating_sub(c.get()));
+        }
     }
 
     /// The digest tables' size (`obs::digest::Digests::counts`), before a render.

@@ -4,3 +4,4 @@
 pub mod clients;
 pub mod digest;
 pub mod metrics;
+pub mod trace;

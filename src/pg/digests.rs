@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::obs::digest::{Digest, Digests, Finished, Place};
+use crate::obs::trace::{traceparent, TraceParent};
 use crate::pg::classify::Classifier;
 use crate::pg::protocol::tags::{BackendTag, FrontendTag};
 use crate::pg::protocol::views::{Parse, Query, StatementRef};
@@ -29,16 +30,22 @@ const MAX_NAMED: usize = 1024;
 /// no digest: its answer is matched and dropped.
 pub struct SessionStatements<'a> {
     classifier: &'a Classifier,
+    /// Traces are on: read each statement's `traceparent` comment.
+    traces: bool,
     pub running: Running,
-    named: HashMap<Box<[u8]>, Arc<Digest>>,
-    unnamed: Option<Arc<Digest>>,
-    bound: Option<Arc<Digest>>,
+    named: HashMap<Box<[u8]>, Named>,
+    unnamed: Option<Named>,
+    bound: Option<Named>,
 }
 
+/// A prepared statement: its digest and the trace context in its text.
+type Named = (Arc<Digest>, Option<TraceParent>);
+
 impl<'a> SessionStatements<'a> {
-    pub fn new(classifier: &'a Classifier) -> SessionStatements<'a> {
+    pub fn new(classifier: &'a Classifier, traces: bool) -> SessionStatements<'a> {
         SessionStatements {
             classifier,
+            traces,
             running: Running::default(),
             named: HashMap::new(),
             unnamed: None,
@@ -48,18 +55,21 @@ impl<'a> SessionStatements<'a> {
 
     /// A client message (`body`: after the length word, when whole in the read).
     pub fn client_message(&mut self, tag: u8, body: Option<&[u8]>) {
+        let traces = self.traces;
+        let trace = |sql: &[u8]| if traces { traceparent(sql) } else { None };
         let digest = |sql: &[u8]| self.classifier.classify_bytes(sql).digest.clone();
         match FrontendTag::of(tag) {
             Some(FrontendTag::Query) => {
-                let d = body.and_then(|b| Query::decode(b).ok()).map(|q| digest(q.sql));
-                self.running.query(d.as_ref());
+                let q = body.and_then(|b| Query::decode(b).ok());
+                self.running.query(q.as_ref().map(|q| digest(q.sql)).as_ref());
+                self.running.trace_last(q.and_then(|q| trace(q.sql)));
             }
             Some(FrontendTag::Parse) => {
                 let Some(p) = body.and_then(|b| Parse::decode(b).ok()) else {
                     self.unnamed = None;
                     return;
                 };
-                let d = digest(p.query);
+                let d = (digest(p.query), trace(p.query));
                 if p.name.is_empty() {
                     self.unnamed = Some(d);
                 } else {
@@ -84,7 +94,10 @@ impl<'a> SessionStatements<'a> {
                     }
                 }
             }
-            Some(FrontendTag::Execute) => self.running.execute(self.bound.as_ref()),
+            Some(FrontendTag::Execute) => {
+                self.running.execute(self.bound.as_ref().map(|b| &b.0));
+                self.running.trace_last(self.bound.as_ref().and_then(|b| b.1));
+            }
             Some(FrontendTag::Sync | FrontendTag::FunctionCall) => self.running.sync(),
             _ => {}
         }
@@ -107,7 +120,7 @@ mod tests {
     #[test]
     fn a_session_follows_simple_and_prepared_statements() {
         let k = Classifier::new(&[]);
-        let mut s = SessionStatements::new(&k);
+        let mut s = SessionStatements::new(&k, true);
         let t0 = Instant::now();
         for (tag, body) in [
             msg(b'Q', b"SELECT 1\0"),
@@ -162,17 +175,22 @@ mod tests {
                 sent: Some(t0),
                 rows: 1,
                 failed: false,
+                trace: None,
             },
             Finished {
                 digest: d,
                 sent: None,
                 rows: 1,
                 failed: false,
+                trace: None,
             },
         ];
         let place = Place {
             cluster: "main",
             node: "a",
+            addr: "127.0.0.1:5432",
+            database: "app",
+            system: "postgresql",
             on_primary: true,
             route: crate::obs::digest::Route::Primary,
         };

@@ -412,6 +412,7 @@ pub fn machine_target(data: &[u8]) {
             client_pid: 777,
             client_key: 1,
             digests: true,
+            traces: true,
         },
         vec![("application_name".into(), "fuzz".into())],
         classifier(),

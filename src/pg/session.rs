@@ -502,7 +502,7 @@ async fn relay(
     let (inject_tx, mut inject_rx) = tokio::sync::mpsc::unbounded_channel::<BytesMut>();
     let limit = config.proxy.max_message_bytes;
     let grace = Duration::from_millis(config.proxy.shutdown_timeout_ms);
-    let entry = who.register(shared, cluster, endpoint, peer, node.clone(), addr, server.pid);
+    let entry = who.register(shared, cluster, endpoint, peer, node.clone(), addr.clone(), server.pid);
     let info = &entry.info;
     let queries = shared
         .metrics
@@ -525,13 +525,18 @@ async fn relay(
     // The query digests: statements followed as the relay passes them (one task runs
     // both directions, so the lock is never contended; it is never held across an
     // await).
-    let statements = shared
-        .digests
-        .enabled()
-        .then(|| std::sync::Mutex::new(SessionStatements::new(&crate::pg::PgCluster::of(cluster).classifier)));
+    let statements = shared.digests.tracking().then(|| {
+        std::sync::Mutex::new(SessionStatements::new(
+            &crate::pg::PgCluster::of(cluster).classifier,
+            shared.digests.tracing(),
+        ))
+    });
     let place = Place {
         cluster: &cluster.name,
         node: &node,
+        addr: &addr,
+        database: &who.database,
+        system: "postgresql",
         on_primary: role == Role::Primary,
         route: match (endpoint, role) {
             (Endpoint::ReadWrite, _) => Route::Primary,

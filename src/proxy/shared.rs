@@ -99,13 +99,31 @@ impl Shared {
         shutdown: watch::Receiver<bool>,
         engines: Vec<Box<dyn EngineState>>,
     ) -> Result<Shared, String> {
-        let tls = config.tls.as_ref().map(crate::proxy::stream::acceptor).transpose()?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::proxy::stream::acceptor)
+            .transpose()
+            .map_err(|e| format!("cannot set up client TLS: {e}"))?;
         // One table per worker, one for sessions run elsewhere (tests, the admin).
         let digests = Arc::new(crate::obs::digest::Digests::new(
             config.proxy.worker_threads() + 1,
             config.telemetry.query_digests,
             config.telemetry.max_digests,
         ));
+        let t = &config.telemetry;
+        let traces = crate::obs::trace::TraceSettings::resolve(
+            t.otlp_endpoint.as_deref(),
+            t.service_name.as_deref(),
+            t.sample_ratio,
+            |k| std::env::var(k).ok(),
+        );
+        if let Some(settings) = traces {
+            tracing::info!(url = %settings.url, service = %settings.service_name, sample_ratio = settings.sample_ratio, "sending traces over OTLP/HTTP");
+            let tracer = crate::obs::trace::Tracer::start(settings)
+                .map_err(|e| format!("cannot start the trace exporter: {e}"))?;
+            let _ = digests.tracer.set(tracer);
+        }
         Ok(Shared {
             config: RwLock::new(Arc::new(config)),
             config_path,

@@ -50,6 +50,8 @@ pub struct Config {
     /// The pid the client was given (BackendKeyData).
     pub client_pid: i32,
     pub client_key: i32,
-    /// Track statements for the query digests (`[telemetry] query_digests`).
+    /// Track statements for the query digests (`[telemetry] query_digests`) or traces.
     pub digests: bool,
+    /// Traces are on: read each statement's `traceparent` comment.
+    pub traces: bool,
 }

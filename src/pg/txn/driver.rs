@@ -233,7 +233,8 @@ impl<'a> Driver<'a> {
                 max_message: config.proxy.max_message_bytes,
                 client_pid: cancel.pid,
                 client_key: cancel.key_secret,
-                digests: shared.digests.enabled(),
+                digests: shared.digests.tracking(),
+                traces: shared.digests.tracing(),
             },
             who.params.clone(),
             &pg.classifier,
@@ -588,8 +589,11 @@ impl<'a> Driver<'a> {
                 let place = Place {
                     cluster: &self.cluster.name,
                     node: &h.via.node,
+                    addr: &h.via.pool.key.addr,
                     on_primary: h.on_primary,
                     route: h.route,
+                    database: &self.who.database,
+                    system: "postgresql",
                 };
                 crate::pg::digests::record(&self.shared.digests, finished, &place, Instant::now());
             }

@@ -20,6 +20,7 @@ use super::state::SessionState;
 use super::statements::Statements;
 use super::unit;
 use crate::error::{Error, SqlState};
+use crate::obs::trace::{traceparent, TraceParent};
 use crate::pg::classify::{self, Classification, Classifier};
 use crate::pg::greetings::Reported;
 use crate::pg::protocol::messages;
@@ -115,6 +116,10 @@ pub struct Machine<'a> {
     /// (extended protocol): an Execute's statement.
     unnamed: Option<Arc<Classification>>,
     bound: Option<Arc<Classification>>,
+    /// The trace context in the text of the unnamed statement, and of the statement
+    /// last bound (traces only).
+    unnamed_trace: Option<TraceParent>,
+    bound_trace: Option<TraceParent>,
 }
 
 impl<'a> Machine<'a> {
@@ -151,6 +156,8 @@ impl<'a> Machine<'a> {
             running: Running::default(),
             unnamed: None,
             bound: None,
+            unnamed_trace: None,
+            bound_trace: None,
         };
         if let Some(reported) = greeting {
             m.write_greeting(reported);
@@ -552,6 +559,9 @@ impl<'a> Machine<'a> {
                 self.queries += 1;
                 if self.cfg.digests {
                     self.running.query(Some(&c.digest));
+                    if self.cfg.traces {
+                        self.running.trace_last(traceparent(q.sql));
+                    }
                 }
                 match c.deallocate.as_deref() {
                     Some(name) => self
@@ -579,6 +589,9 @@ impl<'a> Machine<'a> {
                 self.stmts.parse(&msg, &p, out, &mut self.owed, &mut conn.prepared);
                 if p.name.is_empty() {
                     self.unnamed = Some(c.clone());
+                    if self.cfg.traces {
+                        self.unnamed_trace = traceparent(p.query);
+                    }
                 }
                 Some(c)
             }
@@ -595,14 +608,17 @@ impl<'a> Machine<'a> {
                     Some(q) if kind == FrontendTag::Bind => {
                         let c = self.classifier.classify_bytes(q);
                         self.bound = Some(c.clone());
+                        if self.cfg.traces {
+                            self.bound_trace = traceparent(q);
+                        }
                         Some(c)
                     }
                     _ => {
                         if kind == FrontendTag::Bind {
-                            self.bound = if r.statement.is_empty() {
-                                self.unnamed.clone()
+                            (self.bound, self.bound_trace) = if r.statement.is_empty() {
+                                (self.unnamed.clone(), self.unnamed_trace)
                             } else {
-                                None
+                                (None, None)
                             };
                         }
                         None
@@ -618,6 +634,7 @@ impl<'a> Machine<'a> {
                 self.queries += 1;
                 if self.cfg.digests {
                     self.running.execute(self.bound.as_ref().map(|c| &c.digest));
+                    self.running.trace_last(self.bound_trace);
                 }
                 let (writes, commits) = unit.bound;
                 // Outside a transaction block a write commits by itself (at Sync).

@@ -125,6 +125,7 @@ impl Harness {
                 client_pid: 777,
                 client_key: 1,
                 digests: true,
+                traces: true,
             },
             vec![("application_name".into(), "pgbench".into())],
             classifier(),
@@ -651,6 +652,7 @@ fn machine(read_only_endpoint: bool, split: bool) -> Machine<'static> {
             client_pid: 777,
             client_key: 1,
             digests: true,
+            traces: true,
         },
         Vec::new(),
         classifier(),
@@ -728,6 +730,7 @@ fn a_remembered_greeting_greets_at_once_and_the_first_unit_gets_the_startup_sett
             client_pid: 777,
             client_key: 1,
             digests: true,
+            traces: true,
         },
         vec![("application_name".into(), "pgbench".into())],
         classifier(),
@@ -753,4 +756,44 @@ fn a_remembered_greeting_greets_at_once_and_the_first_unit_gets_the_startup_sett
     m.on_client_input(&mut BytesMut::new(), Some(&mut conn));
     assert_eq!(tags(&m.to_server), "QQ", "application_name replayed, then the query");
     assert!(conn.applied.contains_key("application_name"));
+}
+
+#[test]
+fn finished_statements_carry_their_digest_rows_and_trace_context() {
+    let mut h = Harness::new(false);
+    let tp = "/*traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'*/";
+    // Simple protocol.
+    h.client(&query(&format!("SELECT 1 {tp}")));
+    h.m.sending(std::time::Instant::now());
+    h.server(&cat(&[row_answer(), ready(b'I')]));
+    // Extended, the unnamed statement (psycopg 3).
+    h.perform(true);
+    h.client(&cat(&[
+        parse("", &format!("SELECT $1::int {tp}")),
+        bind(""),
+        execute(),
+        sync(),
+    ]));
+    h.m.sending(std::time::Instant::now());
+    h.server(&cat(&[be(b'1', b""), be(b'2', b""), row_answer(), ready(b'I')]));
+    let got: Vec<_> =
+        h.m.running
+            .finished
+            .iter()
+            .map(|f| {
+                (
+                    f.digest.text.to_string(),
+                    f.rows,
+                    f.sent.is_some(),
+                    f.trace.map(|t| t.span_id[7]),
+                )
+            })
+            .collect();
+    assert_eq!(
+        got,
+        [
+            ("SELECT $1".to_string(), 1, true, Some(0x31)),
+            ("SELECT $1::int".to_string(), 1, true, Some(0x31))
+        ]
+    );
 }

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use crate::obs::digest::Digest;
 pub use crate::obs::digest::Finished;
+use crate::obs::trace::TraceParent;
 use crate::pg::protocol::tags::BackendTag;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,7 @@ struct Stmt {
     sent: Option<Instant>,
     rows: u64,
     failed: bool,
+    trace: Option<TraceParent>,
 }
 
 #[derive(Debug, Default)]
@@ -48,7 +50,15 @@ impl Running {
             sent: None,
             rows: 0,
             failed: false,
+            trace: None,
         });
+    }
+
+    /// The statement just queued carries the application's trace context.
+    pub fn trace_last(&mut self, trace: Option<TraceParent>) {
+        if let Some(s) = self.queue.back_mut() {
+            s.trace = trace;
+        }
     }
 
     /// A simple Query (`digest` None: its text is not known, its answer is not
@@ -88,6 +98,7 @@ impl Running {
                 sent: s.sent,
                 rows: s.rows,
                 failed: s.failed,
+                trace: s.trace,
             });
         }
     }

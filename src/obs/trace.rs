@@ -1,0 +1,416 @@
+//! OpenTelemetry traces: a span per statement, sent over OTLP/HTTP (protobuf) to
+//! `[telemetry] otlp_endpoint`. A statement that carries a W3C `traceparent` in a
+//! sqlcommenter comment (`/*traceparent='00-…-…-01'*/`, what Django's OpenTelemetry
+//! instrumentation adds) becomes a child of the application's span, sampled as its
+//! parent says; others are sampled at `sample_ratio`.
+//!
+//! Spans are built after the fact from what the data path already measures (when a
+//! statement was sent, when its answer came: `obs::digest::Finished`), and handed to an
+//! exporter thread through a bounded queue: `submit` never blocks, and a full queue
+//! (a receiver down or slow) drops the span and counts it. The OTLP data model and its
+//! encoding are the OpenTelemetry project's own (`opentelemetry-proto`); the SDK's
+//! tracer is not used because its batch processor does not report what it drops and
+//! the spans here are not timed by it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status};
+use prost::Message;
+
+/// Spans waiting for the exporter at most; past it they are dropped (counted).
+const QUEUE: usize = 4096;
+/// Spans per export request at most.
+const BATCH: usize = 512;
+/// How long the exporter gathers a batch before sending what it has.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// One export request's bound (a slow receiver fills the queue, never the data path).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A W3C trace context (`traceparent`) found in a statement's comment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub sampled: bool,
+}
+
+/// The `traceparent` of a sqlcommenter comment in `sql`, if it has a valid one:
+/// `traceparent='00-<32 hex>-<16 hex>-<2 hex>'` (version 00, ids not all zero).
+pub fn traceparent(sql: &[u8]) -> Option<TraceParent> {
+    const KEY: &[u8] = b"traceparent=";
+    let at = sql.windows(KEY.len()).position(|w| w == KEY)?;
+    let rest = &sql[at + KEY.len()..];
+    // sqlcommenter quotes values with single quotes; accept them bare too.
+    let rest = rest.strip_prefix(b"'").unwrap_or(rest);
+    let v = rest.get(..55)?;
+    if &v[..3] != b"00-" || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let mut trace_id = [0u8; 16];
+    let mut span_id = [0u8; 8];
+    hex(&v[3..35], &mut trace_id)?;
+    hex(&v[36..52], &mut span_id)?;
+    let mut flags = [0u8; 1];
+    hex(&v[53..55], &mut flags)?;
+    if trace_id == [0; 16] || span_id == [0; 8] {
+        return None;
+    }
+    Some(TraceParent {
+        trace_id,
+        span_id,
+        sampled: flags[0] & 1 == 1,
+    })
+}
+
+fn hex(s: &[u8], out: &mut [u8]) -> Option<()> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    };
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = digit(s[2 * i])? << 4 | digit(s[2 * i + 1])?;
+    }
+    Some(())
+}
+
+/// What `[telemetry]` (or the standard `OTEL_*` variables) says about traces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSettings {
+    /// Where spans go: the full URL of the OTLP/HTTP traces endpoint.
+    pub url: String,
+    pub service_name: String,
+    pub sample_ratio: f64,
+}
+
+impl TraceSettings {
+    /// From the config's keys, else the environment (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+    /// as is, `OTEL_EXPORTER_OTLP_ENDPOINT` + `/v1/traces`, `OTEL_SERVICE_NAME`); None
+    /// when no endpoint is set anywhere (no tracing).
+    pub fn resolve(
+        endpoint: Option<&str>,
+        service_name: Option<&str>,
+        sample_ratio: f64,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Option<TraceSettings> {
+        let url = match endpoint {
+            Some(base) => traces_url(base),
+            None => env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT").map(|b| traces_url(&b)))?,
+        };
+        let service_name = service_name
+            .map(str::to_string)
+            .or_else(|| env("OTEL_SERVICE_NAME"))
+            .unwrap_or_else(|| "switchyard".into());
+        Some(TraceSettings {
+            url,
+            service_name,
+            sample_ratio: sample_ratio.clamp(0.0, 1.0),
+        })
+    }
+}
+
+/// An OTLP base URL (`http://host:4318`) with the traces path, unless it has one.
+fn traces_url(base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    if base.ends_with("/v1/traces") {
+        base.to_string()
+    } else {
+        format!("{base}/v1/traces")
+    }
+}
+
+/// A statement's span, before encoding.
+pub struct StatementSpan<'a> {
+    pub parent: Option<TraceParent>,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    /// `db.system.name`: postgresql / mysql.
+    pub system: &'static str,
+    pub namespace: &'a str,
+    pub query: &'a str,
+    pub node: &'a str,
+    pub route: &'static str,
+    pub cluster: &'a str,
+    pub rows: u64,
+    pub failed: bool,
+}
+
+/// Counts for `/metrics`.
+#[derive(Debug, Default)]
+pub struct TraceCounts {
+    pub exported: AtomicU64,
+    pub dropped: AtomicU64,
+    pub export_failures: AtomicU64,
+}
+
+pub struct Tracer {
+    pub settings: TraceSettings,
+    tx: SyncSender<Span>,
+    pub counts: Arc<TraceCounts>,
+}
+
+impl Tracer {
+    /// Start the exporter thread.
+    pub fn start(settings: TraceSettings) -> std::io::Result<Tracer> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let counts = Arc::new(TraceCounts::default());
+        let exporter = Exporter {
+            url: settings.url.clone(),
+            resource: Resource {
+                attributes: vec![kv("service.name", settings.service_name.clone())],
+                ..Default::default()
+            },
+            counts: counts.clone(),
+        };
+        std::thread::Builder::new()
+            .name("switchyard-otlp".into())
+            .spawn(move || exporter.run(rx))?;
+        Ok(Tracer { settings, tx, counts })
+    }
+
+    /// Whether a statement with this parent (or none) is traced: as its parent says,
+    /// else at the sample ratio.
+    pub fn sampled(&self, parent: Option<&TraceParent>) -> bool {
+        match parent {
+            Some(p) => p.sampled,
+            None => self.settings.sample_ratio > 0.0 && rand::random::<f64>() < self.settings.sample_ratio,
+        }
+    }
+
+    /// Queue a statement's span (already sampled); dropped and counted if the queue is
+    /// full.
+    pub fn submit(&self, s: &StatementSpan<'_>) {
+        let (trace_id, parent_span_id) = match s.parent {
+            Some(p) => (p.trace_id.to_vec(), p.span_id.to_vec()),
+            None => (rand::random::<[u8; 16]>().to_vec(), Vec::new()),
+        };
+        let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+        // OpenTelemetry's database conventions: the span is named by the operation and
+        // carries the normalized text.
+        let operation = s
+            .query
+            .split_whitespace()
+            .next()
+            .unwrap_or("statement")
+            .to_ascii_uppercase();
+        let span = Span {
+            trace_id,
+            span_id: rand::random::<[u8; 8]>().to_vec(),
+            parent_span_id,
+            flags: 1,
+            name: format!("{operation} {}", s.namespace),
+            kind: span::SpanKind::Client as i32,
+            start_time_unix_nano: nanos(s.start),
+            end_time_unix_nano: nanos(s.end),
+            attributes: vec![
+                kv("db.system.name", s.system.to_string()),
+                kv("db.namespace", s.namespace.to_string()),
+                kv("db.query.text", s.query.to_string()),
+                kv("db.operation.name", operation),
+                kv("server.address", s.node.to_string()),
+                kv("db.response.returned_rows", s.rows as i64),
+                kv("switchyard.cluster", s.cluster.to_string()),
+                kv("switchyard.route", s.route.to_string()),
+            ],
+            status: s.failed.then(|| Status {
+                code: status::StatusCode::Error as i32,
+                message: "the server answered with an error, or the connection was lost".into(),
+            }),
+            ..Default::default()
+        };
+        match self.tx.try_send(span) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+trait IntoAny {
+    fn into_any(self) -> any_value::Value;
+}
+
+impl IntoAny for String {
+    fn into_any(self) -> any_value::Value {
+        any_value::Value::StringValue(self)
+    }
+}
+
+impl IntoAny for i64 {
+    fn into_any(self) -> any_value::Value {
+        any_value::Value::IntValue(self)
+    }
+}
+
+fn kv(key: &str, v: impl IntoAny) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(v.into_any()),
+        }),
+        ..Default::default()
+    }
+}
+
+struct Exporter {
+    url: String,
+    resource: Resource,
+    counts: Arc<TraceCounts>,
+}
+
+impl Exporter {
+    /// Gather spans into batches and send them until every sender is gone.
+    fn run(self, rx: Receiver<Span>) {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(EXPORT_TIMEOUT))
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            let deadline = std::time::Instant::now() + FLUSH_EVERY;
+            let mut closed = false;
+            while batch.len() < BATCH {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(s) => batch.push(s),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let n = batch.len() as u64;
+                let body = self.request(std::mem::take(&mut batch)).encode_to_vec();
+                let sent = agent
+                    .post(&self.url)
+                    .header("Content-Type", "application/x-protobuf")
+                    .send(&body[..]);
+                match sent {
+                    Ok(r) if r.status().is_success() => {
+                        self.counts.exported.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        self.counts.export_failures.fetch_add(1, Ordering::Relaxed);
+                        self.counts.dropped.fetch_add(n, Ordering::Relaxed);
+                        tracing::warn!(url = %self.url, status = r.status().as_u16(), spans = n, "OTLP receiver refused spans");
+                    }
+                    Err(e) => {
+                        self.counts.export_failures.fetch_add(1, Ordering::Relaxed);
+                        self.counts.dropped.fetch_add(n, Ordering::Relaxed);
+                        tracing::warn!(url = %self.url, error = %e, spans = n, "cannot send spans to the OTLP receiver");
+                    }
+                }
+            }
+            if closed {
+                return;
+            }
+        }
+    }
+
+    fn request(&self, spans: Vec<Span>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(self.resource.clone()),
+                scope_spans: vec![ScopeSpans {
+                    scope: Some(InstrumentationScope {
+                        name: "switchyard".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        ..Default::default()
+                    }),
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_read_from_sqlcommenter_comments() {
+        let sql =
+            b"SELECT 1 /*controller='index',traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'*/";
+        let tp = traceparent(sql).unwrap();
+        assert_eq!(tp.trace_id[..2], [0x0a, 0xf7]);
+        assert_eq!(tp.span_id[7], 0x31);
+        assert!(tp.sampled);
+        let unsampled = b"/*traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00'*/ SELECT 1";
+        assert!(!traceparent(unsampled).unwrap().sampled);
+        for bad in [
+            &b"SELECT 1"[..],
+            b"/*traceparent='01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'*/",
+            b"/*traceparent='00-00000000000000000000000000000000-b7ad6b7169203331-01'*/",
+            b"/*traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692033zz-01'*/",
+            b"/*traceparent='00-0af7651916cd43dd8448eb211c80319c'*/",
+        ] {
+            assert_eq!(traceparent(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn settings_come_from_the_config_else_the_environment() {
+        let env = |k: &str| match k {
+            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://collector:4318/".to_string()),
+            "OTEL_SERVICE_NAME" => Some("from-env".to_string()),
+            _ => None,
+        };
+        let s = TraceSettings::resolve(None, None, 2.0, env).unwrap();
+        assert_eq!(
+            (s.url.as_str(), s.service_name.as_str(), s.sample_ratio),
+            ("http://collector:4318/v1/traces", "from-env", 1.0)
+        );
+        let s = TraceSettings::resolve(Some("http://127.0.0.1:4318"), Some("sy"), 0.5, env).unwrap();
+        assert_eq!(
+            (s.url.as_str(), s.service_name.as_str()),
+            ("http://127.0.0.1:4318/v1/traces", "sy")
+        );
+        assert_eq!(TraceSettings::resolve(None, None, 0.1, |_| None), None);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        // An exporter that can never send (nothing listens on port 9 of loopback).
+        let t = Tracer::start(TraceSettings {
+            url: "http://127.0.0.1:9/v1/traces".into(),
+            service_name: "t".into(),
+            sample_ratio: 1.0,
+        })
+        .unwrap();
+        let now = SystemTime::now();
+        let span = StatementSpan {
+            parent: None,
+            start: now,
+            end: now,
+            system: "postgresql",
+            namespace: "app",
+            query: "SELECT $1",
+            node: "n",
+            route: "primary",
+            cluster: "main",
+            rows: 1,
+            failed: false,
+        };
+        let started = std::time::Instant::now();
+        for _ in 0..QUEUE * 2 + 10 {
+            t.submit(&span);
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "submit waited");
+        assert!(t.counts.dropped.load(Ordering::Relaxed) >= QUEUE as u64);
+    }
+}
