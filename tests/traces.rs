@@ -227,3 +227,62 @@ fn with_the_receiver_down_statements_are_served_and_spans_counted_as_dropped() {
         "receiver down: {dropped} spans dropped, every statement answered"
     ));
 }
+
+/// A Django view instrumented with OpenTelemetry and its sqlcommenter option, through
+/// Switchyard: the application's request span and Switchyard's statement span arrive at
+/// one receiver as one trace, the statement a child of the request.
+#[test]
+fn a_django_request_and_its_statement_through_switchyard_make_one_trace() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let (otlp, spans) = receiver();
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        "pool_mode = \"transaction\"",
+        &format!("[telemetry]\notlp_endpoint = \"http://127.0.0.1:{otlp}\"\nsample_ratio = 0.0\n"),
+    );
+    let out = python(
+        "django_otel_check.py",
+        &[
+            "--port",
+            &proxy.rw.to_string(),
+            "--otlp",
+            &format!("http://127.0.0.1:{otlp}"),
+        ],
+        &[],
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("trace="))
+        .unwrap_or_else(|| panic!("{out}"));
+    let (trace, span) = line
+        .strip_prefix("trace=")
+        .and_then(|l| l.split_once(" span="))
+        .unwrap();
+    let (app, ours) = wait_for(
+        "the application's span and Switchyard's",
+        Duration::from_secs(15),
+        || {
+            let all = spans.lock().unwrap();
+            let in_trace: Vec<&(String, Span)> = all.iter().filter(|(_, s)| hex(&s.trace_id) == trace).collect();
+            let app = in_trace
+                .iter()
+                .find(|(svc, s)| svc == "django-app" && hex(&s.span_id) == span)?;
+            let ours = in_trace.iter().find(|(svc, s)| {
+                svc == "switchyard"
+                    && attr(s, "db.query.text").as_deref() == Some("SELECT count(*) FROM pg_class WHERE relname = $1")
+            })?;
+            Some((app.1.clone(), ours.1.clone()))
+        },
+    );
+    assert_eq!(
+        hex(&ours.parent_span_id),
+        hex(&app.span_id),
+        "Switchyard's span is the request's child"
+    );
+    assert_eq!(
+        attr(&ours, "db.query.text").as_deref(),
+        Some("SELECT count(*) FROM pg_class WHERE relname = $1")
+    );
+    assert!(ours.start_time_unix_nano >= app.start_time_unix_nano && ours.end_time_unix_nano <= app.end_time_unix_nano);
+}
