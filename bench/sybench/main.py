@@ -28,7 +28,7 @@ REPO = os.path.dirname(BENCH_DIR)
 
 ALL_SYSTEMS = ["direct", "pgbouncer", "haproxy", "sy-session", "sy-txn", "sy-split"]
 # Run only when named in --systems: what a feature costs, beside sy-txn in one run.
-EXTRA_SYSTEMS = ["sy-txn-nodigest"]
+EXTRA_SYSTEMS = ["sy-txn-nodigest", "sy-txn-traced"]
 SYSTEM_LABELS = {
     "direct": "direct",
     "pgbouncer": "PgBouncer (txn)",
@@ -39,9 +39,33 @@ SYSTEM_LABELS = {
     "sy-split1": "Switchyard txn + split, 1 node",
     "sy-split-ryw-off": "Switchyard txn + split, read_your_writes off",
     "sy-txn-nodigest": "Switchyard txn, query digests off",
+    "sy-txn-traced": "Switchyard txn, digests + traces (1 %)",
 }
 # Connection errors that mean "more clients than the server lets in".
 TOO_MANY = re.compile(r"too many clients|remaining connection slots|sorry, too many|53300", re.I)
+
+
+def start_otlp_sink():
+    """An OTLP/HTTP receiver that accepts and discards (what the traces cost the proxy,
+    not the receiver): its port."""
+    import http.server
+    import threading
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1]
 
 
 def parse_args(argv):
@@ -280,10 +304,16 @@ class Bench:
                                   f"as sy-split, with read_your_writes = \"off\"")
         sy["sy-txn-nodigest"] = ([prim], "transaction", False,
                                  "as sy-txn, with [telemetry] query_digests = false")
+        sy["sy-txn-traced"] = ([prim], "transaction", False,
+                               "as sy-txn, with traces: [telemetry] otlp_endpoint (a sink in the bench process), sample_ratio = 0.01")
+        sink = start_otlp_sink() if "sy-txn-traced" in need else None
         for key, (nodes, mode, split, desc) in sy.items():
             if key in need:
                 extra = 'read_your_writes = "off"\n' if key == "sy-split-ryw-off" else a.split_extra.replace(";", "\n")
-                top = "\n[telemetry]\nquery_digests = false\n" if key == "sy-txn-nodigest" else ""
+                top = {
+                    "sy-txn-nodigest": "\n[telemetry]\nquery_digests = false\n",
+                    "sy-txn-traced": f"\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{sink}\"\nsample_ratio = 0.01\n",
+                }.get(key, "")
                 S[key] = start_switchyard(self.reg, self.tmp, self.binary, key, SYSTEM_LABELS[key], nodes, mode,
                                           a.pool_size, split, h, description=desc, extra=extra, top=top)
         for key, s in S.items():

@@ -8,13 +8,14 @@ from .pgbench import WORKLOADS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ORDER = ["direct", "pgbouncer", "haproxy", "sy-session", "sy-txn", "sy-txn-nodigest", "sy-split"]
+ORDER = ["direct", "pgbouncer", "haproxy", "sy-session", "sy-txn", "sy-txn-nodigest", "sy-txn-traced", "sy-split"]
 SY = ["sy-session", "sy-txn", "sy-split"]
 LABEL = {
     "direct": "direct", "pgbouncer": "PgBouncer (txn)", "haproxy": "HAProxy (TCP)",
     "sy-session": "Switchyard session", "sy-txn": "Switchyard txn", "sy-split": "Switchyard txn+split",
     "sy-split1": "Switchyard txn+split (1 node)", "fo-txn": "Switchyard txn", "fo-session": "Switchyard session",
     "sy-txn-nodigest": "Switchyard txn, digests off",
+    "sy-txn-traced": "Switchyard txn, traces 1 %",
 }
 
 

@@ -168,18 +168,22 @@ pub fn record(
         return;
     }
     let mut table = digests.lock(worker);
+    let pk = place.key();
     for f in finished.drain(..) {
         let Some(sent) = f.sent else { continue };
-        table.record(Sample {
-            cluster: place.cluster,
-            node: place.node,
-            on_primary: place.on_primary,
-            route: place.route,
-            digest: &f.digest,
-            micros: now.saturating_duration_since(sent).as_micros() as u64,
-            rows: f.rows,
-            failed: f.failed,
-        });
+        table.record(
+            pk,
+            Sample {
+                cluster: place.cluster,
+                node: place.node,
+                on_primary: place.on_primary,
+                route: place.route,
+                digest: &f.digest,
+                micros: now.saturating_duration_since(sent).as_micros() as u64,
+                rows: f.rows,
+                failed: f.failed,
+            },
+        );
     }
 }
 
@@ -314,24 +318,52 @@ impl Entry {
 /// One worker's digests.
 #[derive(Default)]
 pub struct Table {
-    entries: HashMap<u64, Entry>,
+    entries: HashMap<u64, Entry, Prehashed>,
     evicted: u64,
     /// The same samples per place (cluster, node, role, route) only, never evicted or
     /// reset: the Prometheus query metrics (`place_rows`), whose counters must only
     /// grow. Bounded by the configured nodes × routes.
-    places: HashMap<u64, Entry>,
+    places: HashMap<u64, Entry, Prehashed>,
 }
 
-fn key(s: &Sample<'_>) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    (s.digest.id, s.cluster, s.node, s.route, s.on_primary).hash(&mut h);
-    h.finish()
+/// The tables' keys are hashes already (`Place::key`, mixed with the digest's id):
+/// used as they are, not hashed again.
+type Prehashed = std::hash::BuildHasherDefault<Passthrough>;
+
+#[derive(Default)]
+struct Passthrough(u64);
+
+impl std::hash::Hasher for Passthrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
 }
 
-fn place_key(s: &Sample<'_>) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    (s.cluster, s.node, s.route, s.on_primary).hash(&mut h);
-    h.finish()
+impl Place<'_> {
+    /// A hash of where (cluster, node, route, role): computed once per batch of
+    /// samples, so a statement costs no hashing of strings.
+    pub fn key(&self) -> u64 {
+        let mut h = std::hash::DefaultHasher::new();
+        (self.cluster, self.node, self.route, self.on_primary).hash(&mut h);
+        h.finish()
+    }
+}
+
+/// A statement's key at a place: the place's hash mixed with the digest's id (a
+/// 64-bit finalizer, so both halves spread over every bit).
+fn mix(place: u64, digest: u64) -> u64 {
+    let mut x = place ^ digest.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// A worker's table, locked for a batch of samples.
@@ -341,8 +373,8 @@ pub struct Recorder<'a> {
 }
 
 impl Recorder<'_> {
-    pub fn record(&mut self, s: Sample<'_>) {
-        let pk = place_key(&s);
+    /// Add a sample taken at the place whose `Place::key` is `pk`.
+    pub fn record(&mut self, pk: u64, s: Sample<'_>) {
         match self.table.places.get_mut(&pk) {
             Some(e) => e.stats.add(s.micros, s.rows, s.failed),
             None => {
@@ -351,7 +383,7 @@ impl Recorder<'_> {
                 self.table.places.insert(pk, Entry::of(&s, stats));
             }
         }
-        let k = key(&s);
+        let k = mix(pk, s.digest.id);
         if let Some(e) = self.table.entries.get_mut(&k) {
             // Two keys with one 64-bit hash: the sample is dropped rather than counted
             // under another statement (about one chance in 10^12 at the default size).
@@ -669,6 +701,24 @@ impl Digests {
 mod tests {
     use super::*;
 
+    /// A sample's place key, as `record` computes it.
+    fn pk(s: &Sample<'_>) -> u64 {
+        Place {
+            cluster: s.cluster,
+            node: s.node,
+            addr: "",
+            on_primary: s.on_primary,
+            route: s.route,
+            database: "",
+            system: "postgresql",
+        }
+        .key()
+    }
+
+    fn rec(r: &mut Recorder<'_>, s: Sample<'_>) {
+        r.record(pk(&s), s);
+    }
+
     fn sample<'a>(d: &'a Arc<Digest>, node: &'a str, micros: u64) -> Sample<'a> {
         Sample {
             cluster: "main",
@@ -702,14 +752,17 @@ mod tests {
         let digests = Digests::new(2, true, 100);
         // Two workers, two nodes.
         for (worker, node, us) in [(0, "a", 100), (1, "a", 300), (0, "b", 50), (1, "b", 50)] {
-            digests.lock(worker).record(sample(&d, node, us));
+            rec(&mut digests.lock(worker), sample(&d, node, us));
         }
         let mut r = digests.lock(0);
-        r.record(Sample {
-            failed: true,
-            rows: 0,
-            ..sample(&other, "a", 1_000)
-        });
+        rec(
+            &mut r,
+            Sample {
+                failed: true,
+                rows: 0,
+                ..sample(&other, "a", 1_000)
+            },
+        );
         drop(r);
         let rows = digests.rows(Some("main"), Grouping::Node, Order::TotalTime, 10);
         assert_eq!(rows.len(), 3);
@@ -740,7 +793,7 @@ mod tests {
         let digests = Digests::new(1, true, 10);
         let mut r = digests.lock(0);
         for us in 1..=1000u64 {
-            r.record(sample(&d, "a", us));
+            rec(&mut r, sample(&d, "a", us));
         }
         drop(r);
         let row = &digests.rows(None, Grouping::Query, Order::Calls, 1)[0];
@@ -755,11 +808,11 @@ mod tests {
         let hot = Arc::new(Digest::new(0, "SELECT hot"));
         let mut r = digests.lock(0);
         for _ in 0..5 {
-            r.record(sample(&hot, "a", 10));
+            rec(&mut r, sample(&hot, "a", 10));
         }
         for id in 1..=100 {
             let d = Arc::new(Digest::new(id, "SELECT cold"));
-            r.record(sample(&d, "a", 10));
+            rec(&mut r, sample(&d, "a", 10));
         }
         drop(r);
         let (held, evicted) = digests.counts();
@@ -784,12 +837,15 @@ mod tests {
     fn places_count_every_sample_and_survive_a_reset() {
         let digests = Digests::new(2, true, 1);
         let (a, b) = (Arc::new(Digest::new(1, "A")), Arc::new(Digest::new(2, "B")));
-        digests.lock(0).record(sample(&a, "a", 100));
-        digests.lock(1).record(sample(&b, "a", 3_000));
-        digests.lock(1).record(Sample {
-            failed: true,
-            ..sample(&b, "a", 5)
-        });
+        rec(&mut digests.lock(0), sample(&a, "a", 100));
+        rec(&mut digests.lock(1), sample(&b, "a", 3_000));
+        rec(
+            &mut digests.lock(1),
+            Sample {
+                failed: true,
+                ..sample(&b, "a", 5)
+            },
+        );
         digests.reset();
         let rows = digests.place_rows();
         assert_eq!(rows.len(), 1);
