@@ -44,7 +44,7 @@ pub struct TraceParent {
 /// `traceparent='00-<32 hex>-<16 hex>-<2 hex>'` (version 00, ids not all zero).
 pub fn traceparent(sql: &[u8]) -> Option<TraceParent> {
     const KEY: &[u8] = b"traceparent=";
-    let at = sql.windows(KEY.len()).position(|w| w == KEY)?;
+    let at = memchr::memmem::find(sql, KEY)?;
     let rest = &sql[at + KEY.len()..];
     // sqlcommenter quotes values with single quotes; accept them bare too.
     let rest = rest.strip_prefix(b"'").unwrap_or(rest);
