@@ -24,20 +24,8 @@ pub fn blank_literals(sql: &str, out: &mut String) {
                 i = end;
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
-                // Nested comments, as PostgreSQL allows.
-                let (mut depth, mut j) = (1, i + 2);
-                while j < b.len() && depth > 0 {
-                    if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
-                        depth += 1;
-                        j += 2;
-                    } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
-                        depth -= 1;
-                        j += 2;
-                    } else {
-                        j += 1;
-                    }
-                }
-                push_comment(out, &sql[i..j.min(b.len())]);
+                let j = block_comment_end(b, i);
+                push_comment(out, &sql[i..j]);
                 i = j;
             }
             b'"' => {
@@ -114,6 +102,24 @@ pub fn blank_literals(sql: &str, out: &mut String) {
     }
 }
 
+/// Where the `/* */` comment starting at `from` ends (past its `*/`, or the text's end),
+/// nested comments included, as PostgreSQL allows them.
+fn block_comment_end(b: &[u8], from: usize) -> usize {
+    let (mut depth, mut j) = (1, from + 2);
+    while j < b.len() && depth > 0 {
+        if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
+            depth += 1;
+            j += 2;
+        } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
+            depth -= 1;
+            j += 2;
+        } else {
+            j += 1;
+        }
+    }
+    j.min(b.len())
+}
+
 /// A comment in a cache key: only a hint changes what a statement does.
 fn push_comment(out: &mut String, comment: &str) {
     if comment.contains("switchyard:") {
@@ -136,19 +142,7 @@ pub fn without_comments(sql: &str) -> String {
                 out.push(' ');
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
-                let (mut depth, mut j) = (1, i + 2);
-                while j < b.len() && depth > 0 {
-                    if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
-                        depth += 1;
-                        j += 2;
-                    } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
-                        depth -= 1;
-                        j += 2;
-                    } else {
-                        j += 1;
-                    }
-                }
-                i = j.min(b.len());
+                i = block_comment_end(b, i);
                 out.push(' ');
             }
             q @ (b'\'' | b'"') => {
