@@ -2,13 +2,14 @@
 //!
 //! Layers, each using only those before it (ARCHITECTURE.md lists them, and
 //! `tests/layout.rs` checks the code against that list):
-//! - [`error`], [`scram`], [`tx`], [`local_watch`]: the one error type, SCRAM's math, a
-//!   session's transaction status, per-thread repeaters of watch channels. No I/O.
+//! - [`error`], [`scram`], [`tx`], [`local_watch`], [`traceparent`]: the one error type,
+//!   SCRAM's math, a session's transaction status, per-thread repeaters of watch
+//!   channels, a statement's W3C trace context. No I/O.
 //! - [`config`]: the TOML contract.
 //! - [`tls`]: TLS toward servers, the same for both engines.
 //! - [`cluster`]: the engine-neutral core: node state, the health monitor loop, the
 //!   routing policy (pure), fresh-read rules, `ClusterCtx`.
-//! - [`obs`]: metrics and the client list.
+//! - [`obs`]: metrics, the client list, query digests and traces.
 //! - [`proxy`]: what sessions of every engine share: `Shared`, client streams, the
 //!   cancel/KILL registry, the connector, pool rules, limits and timeouts.
 //! - [`pg`], [`mysql`]: one folder per engine, with the same file names for the same
@@ -35,4 +36,5 @@ pub mod pg;
 pub mod proxy;
 pub mod scram;
 pub mod tls;
+pub mod traceparent;
 pub mod tx;

@@ -20,13 +20,13 @@ use super::state::SessionState;
 use super::statements::Statements;
 use super::unit;
 use crate::error::{Error, SqlState};
-use crate::obs::trace::{traceparent, TraceParent};
 use crate::pg::classify::{self, Classification, Classifier};
 use crate::pg::greetings::Reported;
 use crate::pg::protocol::messages;
 pub use crate::pg::protocol::messages::{write_causal_reply, CausalReply};
 use crate::pg::protocol::tags::{BackendTag, FrontendTag, TxStatus};
 use crate::pg::protocol::views::{self, ErrorFields, ParameterStatus, Parse, Query, StatementRef};
+use crate::traceparent::{traceparent, TraceParent};
 
 pub use super::action::{Action, Config, Target};
 use crate::proxy::timeouts::Waiting;

@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use crate::obs::digest::Digest;
 pub use crate::obs::digest::Finished;
-use crate::obs::trace::TraceParent;
 use crate::pg::protocol::tags::BackendTag;
+use crate::traceparent::TraceParent;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
