@@ -9,12 +9,14 @@
 //! - `server`: logging in to a server as the client.
 //! - `auth`: checking a client's password.
 //! - `session`: a client from greeting to goodbye (session pooling), `relay`: its bytes
-//!   both ways, `commands`: what the relay answers itself (KILL, COM_CHANGE_USER).
+//!   both ways, `commands`: what the relay answers itself (KILL, COM_CHANGE_USER),
+//!   `digests`: naming the commands it passes on for the query digests.
 
 mod answers;
 mod auth;
 pub mod classify;
 mod commands;
+mod digests;
 mod fresh;
 pub mod gtid;
 pub mod health;

@@ -20,7 +20,7 @@ use crate::cluster::topology::{Health, NodeState, Role};
 use crate::cluster::ClusterCtx;
 use crate::config::UserConfig;
 use crate::error::Error;
-use crate::obs::digest::{record, Place, Route};
+use crate::obs::digest::{record, Route};
 use crate::proxy::cancel::Registration;
 use crate::proxy::shared::Shared;
 use crate::proxy::stream::{write_flush, ClientStream};
@@ -142,38 +142,6 @@ pub(super) enum Pause {
     /// this session's) while `KILL QUERY` goes to its server.
     KillQuery,
     End(End),
-}
-
-/// Name the command just passed on for the query digests: a `COM_QUERY`'s or
-/// `COM_STMT_PREPARE`'s text (when the whole packet is in the buffer: `payload` holds
-/// what is, `len` is its length), the statement a `COM_STMT_EXECUTE` runs; a
-/// `COM_STMT_CLOSE` forgets its statement.
-fn describe(
-    answers: &mut super::answers::Answers,
-    classifier: &super::classify::Classifier,
-    cmd: u8,
-    payload: &[u8],
-    len: usize,
-) {
-    let id = || payload.get(1..5).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    let whole = payload.len() >= len;
-    let now = std::time::Instant::now();
-    match cmd {
-        protocol::COM_QUERY | protocol::COM_STMT_PREPARE if whole => {
-            let digest = classifier.digest(&payload[1..len]);
-            answers.describe_last(Some(digest), cmd == protocol::COM_STMT_PREPARE, now);
-        }
-        protocol::COM_STMT_EXECUTE => {
-            let digest = id().and_then(|id| answers.prepared.get(&id).cloned());
-            answers.describe_last(digest, false, now);
-        }
-        protocol::COM_STMT_CLOSE => {
-            if let Some(id) = id() {
-                answers.prepared.remove(&id);
-            }
-        }
-        _ => {}
-    }
 }
 
 /// What `Inbound::relay` stopped at.
@@ -388,25 +356,13 @@ impl Relay<'_> {
             .statements
             .then(|| &super::ClusterInfo::of(cluster).classifier);
         let traces = shared.digests.tracing();
-        let database = self
-            .client
-            .database
-            .as_deref()
-            .map(String::from_utf8_lossy)
-            .unwrap_or_default();
-        let place = Place {
-            cluster: &cluster.name,
-            node: &node.name,
-            addr: &node.addr,
-            database: &database,
-            system: "mysql",
-            on_primary: node.role == Role::Primary,
-            route: match (endpoint, node.role) {
-                (Endpoint::ReadWrite, _) => Route::Primary,
-                (Endpoint::ReadOnly, Role::Standby) => Route::Replica,
-                (Endpoint::ReadOnly, _) => Route::Fallback,
-            },
+        let database = super::digests::client_database(self.client);
+        let route = match (endpoint, node.role) {
+            (Endpoint::ReadWrite, _) => Route::Primary,
+            (Endpoint::ReadOnly, Role::Standby) => Route::Replica,
+            (Endpoint::ReadOnly, _) => Route::Fallback,
         };
+        let place = super::digests::place(cluster, node, &database, route);
         // The server-to-client side stops at its next chunk boundary when told (a
         // stream is only ever cut between whole writes).
         let stop = tokio::sync::Notify::new();
@@ -721,7 +677,7 @@ impl Inbound {
                         t.answers.command(cmd);
                         t.update();
                         if let Some(classifier) = gates.digests {
-                            describe(&mut t.answers, classifier, cmd, &rest[4..], len);
+                            super::digests::describe(&mut t.answers, classifier, cmd, &rest[4..], len);
                             if gates.traces && cmd == protocol::COM_QUERY && rest.len() >= 4 + len {
                                 t.answers.trace_last(crate::obs::trace::traceparent(&rest[5..4 + len]));
                             }

@@ -232,21 +232,9 @@ impl Relay<'_> {
         let replica = self.split.as_mut().and_then(|s| s.replica.as_mut()).expect("a replica");
         match outcome {
             Ok(true) => {
-                let database = self
-                    .client
-                    .database
-                    .as_deref()
-                    .map(String::from_utf8_lossy)
-                    .unwrap_or_default();
-                let place = crate::obs::digest::Place {
-                    cluster: &self.cluster.name,
-                    node: &replica.node.name,
-                    addr: &replica.node.addr,
-                    database: &database,
-                    system: "mysql",
-                    on_primary: false,
-                    route: crate::obs::digest::Route::Split,
-                };
+                let database = super::digests::client_database(self.client);
+                let route = crate::obs::digest::Route::Split;
+                let place = super::digests::place(self.cluster, &replica.node, &database, route);
                 let worker = crate::proxy::pool::worker();
                 let now = std::time::Instant::now();
                 crate::obs::digest::record(&self.shared.digests, worker, &mut replica.answers.finished, &place, now);

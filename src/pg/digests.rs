@@ -4,15 +4,14 @@
 //! each message only as the framer finds it in a read.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Instant;
 
-use crate::obs::digest::{Digest, Digests, Finished, Place};
-use crate::obs::trace::{traceparent, TraceParent};
+use crate::obs::digest::{Digests, Finished, Place};
+use crate::obs::trace::traceparent;
 use crate::pg::classify::Classifier;
 use crate::pg::protocol::tags::{BackendTag, FrontendTag};
 use crate::pg::protocol::views::{Parse, Query, StatementRef};
-use crate::pg::txn::running::Running;
+use crate::pg::txn::running::{Named, Running};
 
 /// Add `finished` to this worker's digests (`obs::digest::record`).
 pub fn record(digests: &Digests, finished: &mut Vec<Finished>, place: &Place<'_>, now: Instant) {
@@ -34,12 +33,7 @@ pub struct SessionStatements<'a> {
     traces: bool,
     pub running: Running,
     named: HashMap<Box<[u8]>, Named>,
-    unnamed: Option<Named>,
-    bound: Option<Named>,
 }
-
-/// A prepared statement: its digest and the trace context in its text.
-type Named = (Arc<Digest>, Option<TraceParent>);
 
 impl<'a> SessionStatements<'a> {
     pub fn new(classifier: &'a Classifier, traces: bool) -> SessionStatements<'a> {
@@ -48,8 +42,6 @@ impl<'a> SessionStatements<'a> {
             traces,
             running: Running::default(),
             named: HashMap::new(),
-            unnamed: None,
-            bound: None,
         }
     }
 
@@ -66,12 +58,12 @@ impl<'a> SessionStatements<'a> {
             }
             Some(FrontendTag::Parse) => {
                 let Some(p) = body.and_then(|b| Parse::decode(b).ok()) else {
-                    self.unnamed = None;
+                    self.running.parsed_unnamed(None);
                     return;
                 };
                 let d = (digest(p.query), trace(p.query));
                 if p.name.is_empty() {
-                    self.unnamed = Some(d);
+                    self.running.parsed_unnamed(Some(d));
                 } else {
                     if self.named.len() >= MAX_NAMED {
                         self.named.clear();
@@ -79,14 +71,13 @@ impl<'a> SessionStatements<'a> {
                     self.named.insert(p.name.into(), d);
                 }
             }
-            Some(FrontendTag::Bind) => {
-                self.bound = body
-                    .and_then(|b| StatementRef::decode_bind(b).ok())
-                    .and_then(|r| match r.statement {
-                        [] => self.unnamed.clone(),
-                        name => self.named.get(name).cloned(),
-                    });
-            }
+            Some(FrontendTag::Bind) => match body.and_then(|b| StatementRef::decode_bind(b).ok()) {
+                Some(r) => {
+                    let named = self.named.get(r.statement).cloned();
+                    self.running.bound(named, r.statement.is_empty());
+                }
+                None => self.running.bound(None, false),
+            },
             Some(FrontendTag::Close) => {
                 if let Some(r) = body.and_then(|b| StatementRef::decode_target(b, "Close").ok()) {
                     if !r.portal {
@@ -94,10 +85,7 @@ impl<'a> SessionStatements<'a> {
                     }
                 }
             }
-            Some(FrontendTag::Execute) => {
-                self.running.execute(self.bound.as_ref().map(|b| &b.0));
-                self.running.trace_last(self.bound.as_ref().and_then(|b| b.1));
-            }
+            Some(FrontendTag::Execute) => self.running.execute(),
             Some(FrontendTag::Sync | FrontendTag::FunctionCall) => self.running.sync(),
             _ => {}
         }
@@ -112,6 +100,8 @@ impl<'a> SessionStatements<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::obs::digest::Digest;
+    use std::sync::Arc;
 
     fn msg(tag: u8, body: &[u8]) -> (u8, Vec<u8>) {
         (tag, body.to_vec())

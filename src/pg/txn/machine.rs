@@ -112,14 +112,6 @@ pub struct Machine<'a> {
     /// Statements in flight on the held connection and those finished, for the query
     /// digests (only with `Config::digests`; the driver times and records them).
     pub running: Running,
-    /// What the unnamed statement last parsed is, and what the portal last bound runs
-    /// (extended protocol): an Execute's statement.
-    unnamed: Option<Arc<Classification>>,
-    bound: Option<Arc<Classification>>,
-    /// The trace context in the text of the unnamed statement, and of the statement
-    /// last bound (traces only).
-    unnamed_trace: Option<TraceParent>,
-    bound_trace: Option<TraceParent>,
 }
 
 impl<'a> Machine<'a> {
@@ -154,10 +146,6 @@ impl<'a> Machine<'a> {
             client_mid_message: false,
             wrote: false,
             running: Running::default(),
-            unnamed: None,
-            bound: None,
-            unnamed_trace: None,
-            bound_trace: None,
         };
         if let Some(reported) = greeting {
             m.write_greeting(reported);
@@ -559,9 +547,8 @@ impl<'a> Machine<'a> {
                 self.queries += 1;
                 if self.cfg.digests {
                     self.running.query(Some(&c.digest));
-                    if self.cfg.traces {
-                        self.running.trace_last(traceparent(q.sql));
-                    }
+                    let trace = trace_in(self.cfg.traces, q.sql);
+                    self.running.trace_last(trace);
                 }
                 match c.deallocate.as_deref() {
                     Some(name) => self
@@ -587,11 +574,9 @@ impl<'a> Machine<'a> {
                 let p = Parse::decode(body).map_err(malformed)?;
                 let c = self.classifier.classify_bytes(p.query);
                 self.stmts.parse(&msg, &p, out, &mut self.owed, &mut conn.prepared);
-                if p.name.is_empty() {
-                    self.unnamed = Some(c.clone());
-                    if self.cfg.traces {
-                        self.unnamed_trace = traceparent(p.query);
-                    }
+                if p.name.is_empty() && self.cfg.digests {
+                    let trace = trace_in(self.cfg.traces, p.query);
+                    self.running.parsed_unnamed(Some((c.digest.clone(), trace)));
                 }
                 Some(c)
             }
@@ -607,19 +592,15 @@ impl<'a> Machine<'a> {
                 match query {
                     Some(q) if kind == FrontendTag::Bind => {
                         let c = self.classifier.classify_bytes(q);
-                        self.bound = Some(c.clone());
-                        if self.cfg.traces {
-                            self.bound_trace = traceparent(q);
+                        if self.cfg.digests {
+                            let trace = trace_in(self.cfg.traces, q);
+                            self.running.bound(Some((c.digest.clone(), trace)), false);
                         }
                         Some(c)
                     }
                     _ => {
-                        if kind == FrontendTag::Bind {
-                            (self.bound, self.bound_trace) = if r.statement.is_empty() {
-                                (self.unnamed.clone(), self.unnamed_trace)
-                            } else {
-                                (None, None)
-                            };
+                        if kind == FrontendTag::Bind && self.cfg.digests {
+                            self.running.bound(None, r.statement.is_empty());
                         }
                         None
                     }
@@ -633,8 +614,7 @@ impl<'a> Machine<'a> {
             FrontendTag::Execute => {
                 self.queries += 1;
                 if self.cfg.digests {
-                    self.running.execute(self.bound.as_ref().map(|c| &c.digest));
-                    self.running.trace_last(self.bound_trace);
+                    self.running.execute();
                 }
                 let (writes, commits) = unit.bound;
                 // Outside a transaction block a write commits by itself (at Sync).
@@ -892,6 +872,11 @@ impl<'a> Machine<'a> {
         };
         self.end(Some(e));
     }
+}
+
+/// The trace context in a statement's text, when traces are on (`on`).
+fn trace_in(on: bool, sql: &[u8]) -> Option<TraceParent> {
+    on.then(|| traceparent(sql)).flatten()
 }
 
 /// Server messages larger than this are passed on as they arrive rather than whole.

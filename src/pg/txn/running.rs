@@ -36,10 +36,17 @@ struct Stmt {
     trace: Option<TraceParent>,
 }
 
+/// A statement of the extended protocol: its digest and the trace context in its text.
+pub type Named = (Arc<Digest>, Option<TraceParent>);
+
 #[derive(Debug, Default)]
 pub struct Running {
     queue: VecDeque<Stmt>,
     pub finished: Vec<Finished>,
+    /// What the unnamed statement last parsed is, and what the portal last bound runs:
+    /// an Execute's statement.
+    unnamed: Option<Named>,
+    bound: Option<Named>,
 }
 
 impl Running {
@@ -67,9 +74,21 @@ impl Running {
         self.push(Kind::Query, digest);
     }
 
-    /// An Execute of the statement last bound (None: not known, not recorded).
-    pub fn execute(&mut self, digest: Option<&Arc<Digest>>) {
-        self.push(Kind::Execute, digest);
+    /// A Parse of the unnamed statement (None: its text is not known).
+    pub fn parsed_unnamed(&mut self, statement: Option<Named>) {
+        self.unnamed = statement;
+    }
+
+    /// A Bind of a named statement (None: not known), or of the unnamed one.
+    pub fn bound(&mut self, named: Option<Named>, unnamed: bool) {
+        self.bound = if unnamed { self.unnamed.clone() } else { named };
+    }
+
+    /// An Execute of the statement last bound (not recorded when it is not known).
+    pub fn execute(&mut self) {
+        let bound = self.bound.clone();
+        self.push(Kind::Execute, bound.as_ref().map(|b| &b.0));
+        self.trace_last(bound.and_then(|b| b.1));
     }
 
     pub fn sync(&mut self) {
@@ -207,8 +226,11 @@ mod tests {
     fn a_batch_finishes_each_execute_and_drops_those_that_never_ran() {
         let mut r = Running::default();
         let (a, b) = (d("INSERT"), d("SELECT"));
-        r.execute(Some(&a));
-        r.execute(Some(&b));
+        let (bind_a, bind_b) = (Some((a.clone(), None)), Some((b.clone(), None)));
+        r.bound(bind_a.clone(), false);
+        r.execute();
+        r.bound(bind_b.clone(), false);
+        r.execute();
         r.sync();
         r.sent(Instant::now());
         r.on_message(BackendTag::CommandComplete, b"INSERT 0 1\0");
@@ -218,8 +240,10 @@ mod tests {
         assert_eq!(got, [("INSERT", 1, false), ("SELECT", 0, true)]);
         // A failed Bind: the Execute after it never ran; its batch's error is its.
         r.finished.clear();
-        r.execute(Some(&a));
-        r.execute(Some(&b));
+        r.bound(bind_a, false);
+        r.execute();
+        r.bound(bind_b, false);
+        r.execute();
         r.sync();
         r.on_message(BackendTag::ErrorResponse, b"");
         r.on_message(BackendTag::ReadyForQuery, b"I");
