@@ -221,6 +221,21 @@ fn digests_show_each_statement_shape_with_its_calls_rows_errors_and_nodes() {
     assert!(value(&format!("switchyard_query_rows_total{primary}")) >= 25.0);
     assert!(value(&format!("switchyard_query_errors_total{standby}")) >= 1.0);
     assert!(value(&format!("switchyard_query_duration_seconds_count{standby}")) >= 17.0);
+    // Each autocommit statement is a transaction of its own, on the node that ran it;
+    // the one error, by its SQLSTATE class (42703: undefined column); bytes both ways.
+    let txns = |node: &str| {
+        value(&format!(
+            "switchyard_transaction_duration_seconds_count{{cluster=\"main\",endpoint=\"rw\",node=\"{node}\"}}"
+        ))
+    };
+    assert!(txns("default") >= 25.0 && txns("failover1") >= 17.0);
+    assert_eq!(
+        value("switchyard_server_errors_total{cluster=\"main\",class=\"42\"}"),
+        1.0
+    );
+    let received = value("switchyard_client_received_bytes_total{cluster=\"main\",endpoint=\"rw\"}");
+    let sent = value("switchyard_client_sent_bytes_total{cluster=\"main\",endpoint=\"rw\"}");
+    assert!(received > 2000.0 && sent > 2000.0, "{received} {sent}");
     promtool_accepts(&metrics);
     psql_db(proxy.rw, "ops", "ops", "switchyard", "RESET QUERIES").unwrap();
     assert!(ours(http, "node").is_empty());
@@ -412,4 +427,20 @@ async fn mysql_digests_show_each_statement_shape_on_its_node() {
     want("SELECT no_such_column FROM digest_t", "standby", "split", 1, 0, 1);
     want("SELECT name FROM digest_t WHERE id = ?", "primary", "primary", 4, 4, 0);
     assert_eq!(summary.len(), 5, "{summary:#?}");
+    // The error by its SQLSTATE class (42S22: unknown column); bytes both ways.
+    let (_, metrics) = http_get(http, "/metrics");
+    assert!(
+        metrics.contains("switchyard_server_errors_total{cluster=\"main\",class=\"42\"} 1\n"),
+        "{metrics}"
+    );
+    for dir in ["received", "sent"] {
+        let line = format!("switchyard_client_{dir}_bytes_total{{cluster=\"main\",endpoint=\"rw\"}} ");
+        let n: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .unwrap_or_else(|| panic!("no {line} in {metrics}"))
+            .parse()
+            .unwrap();
+        assert!(n > 500, "{line}{n}");
+    }
 }

@@ -92,6 +92,7 @@ fn attr(s: &Span, key: &str) -> Option<String> {
         .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
             Value::StringValue(v) => Some(v.clone()),
             Value::IntValue(v) => Some(v.to_string()),
+            Value::DoubleValue(v) => Some(v.to_string()),
             _ => None,
         })
 }
@@ -115,7 +116,7 @@ fn a_statement_with_a_traceparent_becomes_a_span_of_the_applications_trace() {
         ),
     );
     let trace = "0af7651916cd43dd8448eb211c80319c";
-    let (psql_parent, psycopg_parent) = ("b7ad6b7169203331", "00f067aa0ba902b7");
+    let (psql_parent, psycopg_parent, txn_parent) = ("b7ad6b7169203331", "00f067aa0ba902b7", "53995c3f42cd8ad8");
     // Simple protocol (psql), a sampled parent.
     psql(
         proxy.rw,
@@ -140,6 +141,19 @@ fn a_statement_with_a_traceparent_becomes_a_span_of_the_applications_trace() {
         ],
         &[],
     );
+    // A transaction: psycopg's BEGIN (no comment), two statements with the comment, its
+    // COMMIT.
+    python(
+        "traced_query.py",
+        &[
+            "--port",
+            &proxy.rw.to_string(),
+            "--traceparent",
+            &format!("00-{trace}-{txn_parent}-01"),
+            "--transaction",
+        ],
+        &[],
+    );
     let ours = |spans: &[(String, Span)]| -> Vec<(String, Span)> {
         spans
             .iter()
@@ -147,14 +161,48 @@ fn a_statement_with_a_traceparent_becomes_a_span_of_the_applications_trace() {
             .cloned()
             .collect()
     };
-    let got = wait_for("both spans at the receiver", Duration::from_secs(15), || {
-        let s = ours(&spans.lock().unwrap());
-        (s.len() >= 2).then_some(s)
-    });
+    // Each statement ran as a transaction of its own: a transaction span under the
+    // application's, and the statement's under it.
+    let got = wait_for(
+        "both statements' spans at the receiver",
+        Duration::from_secs(15),
+        || {
+            let s = ours(&spans.lock().unwrap());
+            (s.len() >= 8).then_some(s)
+        },
+    );
+    // The transaction: one span for its four statements, the application's child; the
+    // statements after the first comment are its children (BEGIN came before it).
+    let (_, txn) = got
+        .iter()
+        .find(|(_, s)| hex(&s.parent_span_id) == txn_parent)
+        .expect("the transaction's span");
+    assert_eq!(attr(txn, "switchyard.statements").as_deref(), Some("4"));
+    let mut children: Vec<String> = got
+        .iter()
+        .filter(|(_, s)| s.parent_span_id == txn.span_id)
+        .map(|(_, s)| attr(s, "db.query.text").unwrap())
+        .collect();
+    children.sort();
+    assert_eq!(
+        children,
+        ["COMMIT", "SELECT $1::int AS traced", "SELECT $1::int AS traced"]
+    );
     let of = |parent: &str| {
-        got.iter()
+        assert_ne!(parent, txn_parent);
+        let (_, txn) = got
+            .iter()
             .find(|(_, s)| hex(&s.parent_span_id) == parent)
-            .unwrap_or_else(|| panic!("no span under {parent}"))
+            .unwrap_or_else(|| panic!("no span under {parent}"));
+        assert_eq!(txn.name, "transaction app");
+        assert_eq!(attr(txn, "switchyard.statements").as_deref(), Some("1"));
+        assert_eq!(attr(txn, "switchyard.retries").as_deref(), Some("0"));
+        assert_eq!(attr(txn, "switchyard.route").as_deref(), Some("primary"));
+        let wait: f64 = attr(txn, "switchyard.pool_wait_seconds").unwrap().parse().unwrap();
+        assert!((0.0..5.0).contains(&wait), "{wait}");
+        got.iter()
+            .find(|(_, s)| s.parent_span_id == txn.span_id)
+            .unwrap_or_else(|| panic!("no statement under the transaction under {parent}"))
     };
     let (_, extended) = of(psycopg_parent);
     assert_eq!(
@@ -163,7 +211,6 @@ fn a_statement_with_a_traceparent_becomes_a_span_of_the_applications_trace() {
     );
     let (service, span) = of(psql_parent);
     assert_eq!(service, "sy-test");
-    assert_eq!(hex(&span.parent_span_id), psql_parent);
     assert_eq!(span.name, "SELECT app");
     assert_eq!(attr(span, "db.query.text").as_deref(), Some("SELECT $1 AS traced"));
     assert_eq!(attr(span, "db.system.name").as_deref(), Some("postgresql"));
@@ -177,8 +224,8 @@ fn a_statement_with_a_traceparent_becomes_a_span_of_the_applications_trace() {
     assert!(span.end_time_unix_nano >= span.start_time_unix_nano && span.start_time_unix_nano > 0);
     // The unsampled and the plain statement gave none (the exporter sends every second).
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(ours(&spans.lock().unwrap()).len(), 2);
-    // The comments split no digest: the four statements (the same shape, sent inline
+    assert_eq!(ours(&spans.lock().unwrap()).len(), 8);
+    // The comments split no digest: the six statements (the same shape, sent inline
     // or as a parameter) are one.
     let (_, body) = http_get(http, "/queries?cluster=main&by=query");
     let digests: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
@@ -187,12 +234,12 @@ fn a_statement_with_a_traceparent_becomes_a_span_of_the_applications_trace() {
         .filter(|d| d["query"].as_str().unwrap().contains("traced"))
         .collect();
     assert_eq!(traced.len(), 1, "{digests:?}");
-    assert_eq!(traced[0]["calls"], 4);
+    assert_eq!(traced[0]["calls"], 6);
     assert!(digests
         .iter()
         .all(|d| !d["query"].as_str().unwrap().contains("traceparent")));
     let (_, metrics) = http_get(http, "/metrics");
-    assert!(metrics.contains("switchyard_trace_spans_exported_total 2"), "{metrics}");
+    assert!(metrics.contains("switchyard_trace_spans_exported_total 8"), "{metrics}");
 }
 
 #[test]
@@ -259,7 +306,7 @@ fn a_django_request_and_its_statement_through_switchyard_make_one_trace() {
         .strip_prefix("trace=")
         .and_then(|l| l.split_once(" span="))
         .unwrap();
-    let (app, ours) = wait_for(
+    let (app, txn, ours) = wait_for(
         "the application's span and Switchyard's",
         Duration::from_secs(15),
         || {
@@ -272,17 +319,21 @@ fn a_django_request_and_its_statement_through_switchyard_make_one_trace() {
                 svc == "switchyard"
                     && attr(s, "db.query.text").as_deref() == Some("SELECT count(*) FROM pg_class WHERE relname = $1")
             })?;
-            Some((app.1.clone(), ours.1.clone()))
+            let txn = in_trace
+                .iter()
+                .find(|(svc, s)| svc == "switchyard" && s.span_id == ours.1.parent_span_id)?;
+            Some((app.1.clone(), txn.1.clone(), ours.1.clone()))
         },
     );
     assert_eq!(
-        hex(&ours.parent_span_id),
+        hex(&txn.parent_span_id),
         hex(&app.span_id),
-        "Switchyard's span is the request's child"
+        "Switchyard's transaction span is the request's child"
     );
     assert_eq!(
         attr(&ours, "db.query.text").as_deref(),
         Some("SELECT count(*) FROM pg_class WHERE relname = $1")
     );
-    assert!(ours.start_time_unix_nano >= app.start_time_unix_nano && ours.end_time_unix_nano <= app.end_time_unix_nano);
+    assert!(txn.start_time_unix_nano >= app.start_time_unix_nano && txn.end_time_unix_nano <= app.end_time_unix_nano);
+    assert!(ours.start_time_unix_nano >= txn.start_time_unix_nano && ours.end_time_unix_nano <= txn.end_time_unix_nano);
 }

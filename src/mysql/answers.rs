@@ -142,6 +142,9 @@ pub struct Answers {
     pub prepared: HashMap<u32, Arc<Digest>>,
     /// Statements answered since the relay last took them.
     pub finished: Vec<Finished>,
+    /// SQLSTATE classes of the ERRs the server answered with since the relay last took
+    /// them (for `/metrics`).
+    pub errors: Vec<[u8; 2]>,
 }
 
 /// A command owed an answer, for the query digests.
@@ -191,6 +194,7 @@ impl Answers {
             stmts: VecDeque::new(),
             prepared: HashMap::new(),
             finished: Vec::new(),
+            errors: Vec::new(),
         }
     }
 
@@ -372,7 +376,14 @@ impl Answers {
             // An ERR ends any answer, also right after the last column definition (a
             // query killed before its first row). Only inside definitions is 0xFF not an
             // ERR (they never start with it; the guard is for a length-prefixed field).
-            _ if head == Some(0xFF) && !matches!(state, State::Columns { n: 1.., .. } | State::Skip(_)) => None,
+            _ if head == Some(0xFF) && !matches!(state, State::Columns { n: 1.., .. } | State::Skip(_)) => {
+                // 0xFF, the error number (2 bytes), '#' and the SQLSTATE (protocol 4.1).
+                // (Bounded: a reader that never takes them costs nothing more.)
+                if let (Some(&[b'#', a, b]), true) = (p.get(3..6), self.errors.len() < 64) {
+                    self.errors.push([a, b]);
+                }
+                None
+            }
             (Expect::Text, _) => None,
             (_, State::Skip(n)) => (n > 1).then_some(State::Skip(n - 1)),
             (Expect::Response, State::First | State::AfterFile) => match head {

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::auth::Client;
@@ -84,6 +85,8 @@ pub(super) struct Relay<'a> {
     pub(super) timeouts: crate::config::ClientTimeouts,
     /// rw with `read_write_split`: the replica connection for reads (`split.rs`).
     pub(super) split: Option<super::split::Split>,
+    /// The listener's counters of bytes read from and written to clients (relayed).
+    pub(super) bytes: (Counter, Counter),
 }
 
 /// What the relay knows of the client's side of the stream.
@@ -328,6 +331,7 @@ impl Relay<'_> {
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.stream.split();
         let (endpoint, node, shared) = (self.endpoint, &self.node, self.shared);
+        let (received, sent) = &self.bytes;
         let inbound = &mut self.inbound;
         let awaiting = &self.awaiting;
         let tracked = &self.tracked;
@@ -393,7 +397,9 @@ impl Relay<'_> {
                 match cr.read_buf(cbuf).await {
                     Ok(0) => return Pause::End(End::ClientClosed),
                     Err(e) => return Pause::End(End::Io(e)),
-                    Ok(_) => {}
+                    Ok(n) => {
+                        received.inc_by(n as u64);
+                    }
                 }
             }
         };
@@ -413,10 +419,13 @@ impl Relay<'_> {
                     let mut t = tracked.lock().unwrap();
                     t.answers.feed(&sbuf[before..]);
                     t.update();
+                    for class in t.answers.errors.drain(..) {
+                        shared.metrics.server_error(&cluster.name, class);
+                    }
                     if !t.answers.finished.is_empty() {
                         let worker = crate::proxy::pool::worker();
                         let now = std::time::Instant::now();
-                        record(&shared.digests, worker, &mut t.answers.finished, &place, now);
+                        record(&shared.digests, worker, &mut t.answers.finished, &place, now, None);
                     }
                     // Before the client sees the OK of a write: a read it sends next (on
                     // any connection of the user) must find the write counted.
@@ -431,6 +440,7 @@ impl Relay<'_> {
                 if let Err(e) = write_flush(&mut cw, sbuf).await {
                     return Some(End::Io(e));
                 }
+                sent.inc_by(sbuf.len() as u64);
                 sbuf.clear();
                 // The whole answer is with the client and nothing else is owed (no
                 // command of the client's has been passed on since: that would be owed).

@@ -290,6 +290,7 @@ pub async fn serve(
         split_tx: endpoint == Endpoint::ReadWrite && cc.read_write_split && multiplex,
         one_command: false,
         timeouts: config.client_timeouts(&cluster.name, &client.user.name),
+        bytes: shared.metrics.client_bytes(&cluster.name, endpoint),
     };
     let end = relay.run(&mut tcp, server, rx).await;
     let node = relay.node.clone();

@@ -237,7 +237,17 @@ impl Relay<'_> {
                 let place = super::digests::place(self.cluster, &replica.node, &database, route);
                 let worker = crate::proxy::pool::worker();
                 let now = std::time::Instant::now();
-                crate::obs::digest::record(&self.shared.digests, worker, &mut replica.answers.finished, &place, now);
+                crate::obs::digest::record(
+                    &self.shared.digests,
+                    worker,
+                    &mut replica.answers.finished,
+                    &place,
+                    now,
+                    None,
+                );
+                for class in replica.answers.errors.drain(..) {
+                    self.shared.metrics.server_error(&self.cluster.name, class);
+                }
                 replica
                     .node
                     .stats

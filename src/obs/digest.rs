@@ -130,13 +130,15 @@ pub struct Place<'a> {
 }
 
 /// Add `finished` (emptied, its allocation kept) to worker `worker`'s table, as run at
-/// `place` and answered by `now`.
+/// `place` and answered by `now`. With traces on, each is a span: a child of `unit`'s
+/// span when they belong to a transaction that has one, else of the application's.
 pub fn record(
     digests: &Digests,
     worker: usize,
     finished: &mut Vec<Finished>,
     place: &Place<'_>,
     now: std::time::Instant,
+    mut unit: Option<&mut crate::obs::trace::UnitTrace>,
 ) {
     if finished.is_empty() {
         return;
@@ -145,11 +147,16 @@ pub fn record(
         let wall = std::time::SystemTime::now();
         for f in finished.iter() {
             let Some(sent) = f.sent else { continue };
-            if !tracer.sampled(f.trace.as_ref()) {
-                continue;
-            }
+            let parent = match unit.as_deref_mut() {
+                Some(u) => match u.statement_parent(tracer, f.trace.as_ref()) {
+                    Some(p) => Some(p),
+                    None => continue,
+                },
+                None if tracer.sampled(f.trace.as_ref()) => f.trace,
+                None => continue,
+            };
             tracer.submit(&crate::obs::trace::StatementSpan {
-                parent: f.trace,
+                parent,
                 start: wall - now.saturating_duration_since(sent),
                 end: wall,
                 system: place.system,

@@ -73,6 +73,21 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransactionLabels {
+    pub cluster: String,
+    /// The listener the client came in on: rw / ro.
+    pub endpoint: String,
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerErrorLabels {
+    pub cluster: String,
+    /// First two characters of the SQLSTATE.
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     /// First two characters of the SQLSTATE.
     pub class: String,
@@ -95,6 +110,15 @@ pub struct Metrics {
     pub queries_routed: Family<RoutedLabels, Counter>,
     pub sessions_routed: Family<RoutedLabels, Counter>,
     pub errors: Family<ErrorLabels, Counter>,
+    /// Errors servers answered clients with, by cluster and SQLSTATE class
+    /// (transaction pooling).
+    server_errors: Family<ServerErrorLabels, Counter>,
+    /// Transactions (units of transaction pooling), from the request that began them to
+    /// the release of their connection.
+    pub transaction_seconds: Family<TransactionLabels, Histogram>,
+    /// Bytes read from clients and written to them, by listener.
+    pub client_received_bytes: Family<EndpointLabels, Counter>,
+    pub client_sent_bytes: Family<EndpointLabels, Counter>,
     pub pool_wait_seconds: Family<ClusterLabels, Histogram>,
     pub failovers: Family<ClusterLabels, Counter>,
     pub role_changes: Family<NodeLabels, Counter>,
@@ -257,6 +281,13 @@ impl Default for Metrics {
             queries_routed: Family::default(),
             sessions_routed: Family::default(),
             errors: Family::default(),
+            server_errors: Family::default(),
+            transaction_seconds: Family::new_with_constructor(|| {
+                // 64 µs .. ~8 s, as the query histogram
+                Histogram::new(exponential_buckets(0.000064, 2.0, 18))
+            }),
+            client_received_bytes: Family::default(),
+            client_sent_bytes: Family::default(),
             pool_wait_seconds: Family::new_with_constructor(latency_histogram),
             failovers: Family::default(),
             role_changes: Family::default(),
@@ -376,6 +407,34 @@ impl Default for Metrics {
             "errors",
             "ErrorResponses the proxy itself sent, by SQLSTATE class",
             m.errors.clone(),
+        );
+        register(
+            &mut r,
+            &mut families,
+            "server_errors",
+            "Errors servers answered statements with, by SQLSTATE class (transaction pooling)",
+            m.server_errors.clone(),
+        );
+        register(
+            &mut r,
+            &mut families,
+            "transaction_duration_seconds",
+            "Transactions in transaction pooling, from the request that began one to the release of its server connection (pool and replay waits included), by listener and the node that ran it",
+            m.transaction_seconds.clone(),
+        );
+        register(
+            &mut r,
+            &mut families,
+            "client_received_bytes",
+            "Bytes read from clients, by listener",
+            m.client_received_bytes.clone(),
+        );
+        register(
+            &mut r,
+            &mut families,
+            "client_sent_bytes",
+            "Bytes written to clients, by listener",
+            m.client_sent_bytes.clone(),
         );
         register(
             &mut r,
@@ -543,6 +602,28 @@ impl Metrics {
             .clone();
         g.inc();
         ClientGauge(g)
+    }
+
+    /// Count an error a server answered with (`class`: the SQLSTATE's first two bytes).
+    pub fn server_error(&self, cluster: &str, class: [u8; 2]) {
+        self.server_errors
+            .get_or_create(&ServerErrorLabels {
+                cluster: cluster.into(),
+                class: String::from_utf8_lossy(&class).into_owned(),
+            })
+            .inc();
+    }
+
+    /// The byte counters (received, sent) of a listener, to keep for a session.
+    pub fn client_bytes(&self, cluster: &str, endpoint: impl std::fmt::Display) -> (Counter, Counter) {
+        let l = EndpointLabels {
+            cluster: cluster.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+        (
+            self.client_received_bytes.get_or_create(&l).clone(),
+            self.client_sent_bytes.get_or_create(&l).clone(),
+        )
     }
 
     pub fn error(&self, sqlstate: &str) {

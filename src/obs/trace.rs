@@ -1,4 +1,5 @@
-//! OpenTelemetry traces: a span per statement, sent over OTLP/HTTP (protobuf) to
+//! OpenTelemetry traces: a span per statement (and, in transaction pooling, per
+//! transaction, its statements' parent), sent over OTLP/HTTP (protobuf) to
 //! `[telemetry] otlp_endpoint`. A statement that carries a W3C `traceparent` in a
 //! sqlcommenter comment (`/*traceparent='00-…-…-01'*/`, what Django's OpenTelemetry
 //! instrumentation adds) becomes a child of the application's span, sampled as its
@@ -96,6 +97,82 @@ pub struct StatementSpan<'a> {
     pub failed: bool,
 }
 
+/// A transaction's span, before encoding (transaction pooling: from the request that
+/// started it to the connection's release).
+pub struct TransactionSpan<'a> {
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub system: &'static str,
+    pub namespace: &'a str,
+    /// The node that ran it (the last one, after retries).
+    pub node: &'a str,
+    pub route: &'static str,
+    pub cluster: &'a str,
+    pub statements: u32,
+    /// Waiting for a server connection, and for a standby to replay the client's writes.
+    pub pool_wait: Duration,
+    pub causal_wait: Duration,
+    /// Runs of a read moved to another node after its first failed there.
+    pub retries: u32,
+    pub failed: bool,
+}
+
+/// A transaction's trace while it runs, so that its statements' spans are children of
+/// its span, and its span a child of the application's. Whether it is traced is decided
+/// by the first statement that carries a `traceparent` (a transaction's BEGIN, sent by
+/// the driver, has none; the statements after it do), else once at the sample ratio.
+#[derive(Debug, Default)]
+pub struct UnitTrace {
+    /// Decided: traced (with its ids) or not.
+    decided: Option<Option<UnitIds>>,
+    /// The ratio said no; a statement with a sampled `traceparent` may still say yes.
+    declined: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct UnitIds {
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    /// The application's span, if a statement carried one.
+    parent: Option<TraceParent>,
+}
+
+impl UnitTrace {
+    /// The parent of a statement of this transaction whose comment carries `app`: the
+    /// transaction's span; None when the transaction is not traced (or not yet).
+    pub fn statement_parent(&mut self, tracer: &Tracer, app: Option<&TraceParent>) -> Option<TraceParent> {
+        if self.decided.is_none() {
+            let traced = match app {
+                Some(p) => Some(p.sampled),
+                None if self.declined => None,
+                None => Some(tracer.sampled(None)),
+            };
+            match traced {
+                Some(true) => {
+                    self.decided = Some(Some(UnitIds {
+                        trace_id: app.map_or_else(rand::random, |p| p.trace_id),
+                        span_id: rand::random(),
+                        parent: app.copied(),
+                    }))
+                }
+                Some(false) if app.is_some() => self.decided = Some(None),
+                _ => self.declined = true,
+            }
+        }
+        self.decided.flatten().map(|i| TraceParent {
+            trace_id: i.trace_id,
+            span_id: i.span_id,
+            sampled: true,
+        })
+    }
+
+    /// The transaction ended: its ids if it is traced; ready for the next one.
+    pub fn take(&mut self) -> Option<UnitIds> {
+        self.declined = false;
+        self.decided.take().flatten()
+    }
+}
+
 /// Counts for `/metrics`.
 #[derive(Debug, Default)]
 pub struct TraceCounts {
@@ -145,7 +222,6 @@ impl Tracer {
             Some(p) => (p.trace_id.to_vec(), p.span_id.to_vec()),
             None => (rand::random::<[u8; 16]>().to_vec(), Vec::new()),
         };
-        let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
         // OpenTelemetry's database conventions: the span is named by the operation and
         // carries the normalized text.
         let operation = s
@@ -173,12 +249,41 @@ impl Tracer {
                 kv("switchyard.cluster", s.cluster.to_string()),
                 kv("switchyard.route", s.route.to_string()),
             ],
-            status: s.failed.then(|| Status {
-                code: status::StatusCode::Error as i32,
-                message: "the server answered with an error, or the connection was lost".into(),
-            }),
+            status: failed(s.failed),
             ..Default::default()
         };
+        self.send(span);
+    }
+
+    /// Queue a transaction's span (`ids` from its `UnitTrace`).
+    pub fn submit_transaction(&self, ids: UnitIds, t: &TransactionSpan<'_>) {
+        let span = Span {
+            trace_id: ids.trace_id.to_vec(),
+            span_id: ids.span_id.to_vec(),
+            parent_span_id: ids.parent.map(|p| p.span_id.to_vec()).unwrap_or_default(),
+            flags: 1,
+            name: format!("transaction {}", t.namespace),
+            kind: span::SpanKind::Client as i32,
+            start_time_unix_nano: nanos(t.start),
+            end_time_unix_nano: nanos(t.end),
+            attributes: vec![
+                kv("db.system.name", t.system.to_string()),
+                kv("db.namespace", t.namespace.to_string()),
+                kv("server.address", t.node.to_string()),
+                kv("switchyard.cluster", t.cluster.to_string()),
+                kv("switchyard.route", t.route.to_string()),
+                kv("switchyard.statements", t.statements as i64),
+                kv("switchyard.pool_wait_seconds", t.pool_wait.as_secs_f64()),
+                kv("switchyard.causal_wait_seconds", t.causal_wait.as_secs_f64()),
+                kv("switchyard.retries", t.retries as i64),
+            ],
+            status: failed(t.failed),
+            ..Default::default()
+        };
+        self.send(span);
+    }
+
+    fn send(&self, span: Span) {
         match self.tx.try_send(span) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -186,6 +291,17 @@ impl Tracer {
             }
         }
     }
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64
+}
+
+fn failed(failed: bool) -> Option<Status> {
+    failed.then(|| Status {
+        code: status::StatusCode::Error as i32,
+        message: "the server answered with an error, or the connection was lost".into(),
+    })
 }
 
 trait IntoAny {
@@ -201,6 +317,12 @@ impl IntoAny for String {
 impl IntoAny for i64 {
     fn into_any(self) -> any_value::Value {
         any_value::Value::IntValue(self)
+    }
+}
+
+impl IntoAny for f64 {
+    fn into_any(self) -> any_value::Value {
+        any_value::Value::DoubleValue(self)
     }
 }
 
@@ -313,6 +435,37 @@ mod tests {
             ("http://127.0.0.1:4318/v1/traces", "sy")
         );
         assert_eq!(TraceSettings::resolve(None, None, 0.1, |_| None), None);
+    }
+
+    #[test]
+    fn a_transaction_is_traced_as_its_first_traceparent_says() {
+        let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let t = Tracer::start(TraceSettings {
+            url: format!("http://{}/v1/traces", hung.local_addr().unwrap()),
+            service_name: "t".into(),
+            sample_ratio: 0.0,
+        })
+        .unwrap();
+        let app = TraceParent {
+            trace_id: [7; 16],
+            span_id: [8; 8],
+            sampled: true,
+        };
+        let mut u = UnitTrace::default();
+        // BEGIN (no comment, the ratio says no), then the application's statements.
+        assert_eq!(u.statement_parent(&t, None), None);
+        let p = u.statement_parent(&t, Some(&app)).expect("traced");
+        assert_eq!((p.trace_id, p.sampled), (app.trace_id, true));
+        assert_ne!(p.span_id, app.span_id);
+        // COMMIT: under the same transaction span.
+        assert_eq!(u.statement_parent(&t, None), Some(p));
+        let ids = u.take().expect("traced");
+        assert_eq!((ids.span_id, ids.parent), (p.span_id, Some(app)));
+        // The next transaction starts undecided; an unsampled parent says no for good.
+        let no = TraceParent { sampled: false, ..app };
+        assert_eq!(u.statement_parent(&t, Some(&no)), None);
+        assert_eq!(u.statement_parent(&t, Some(&app)), None);
+        assert!(u.take().is_none());
     }
 
     #[test]

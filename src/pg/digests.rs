@@ -13,9 +13,16 @@ use crate::pg::protocol::tags::{BackendTag, FrontendTag};
 use crate::pg::protocol::views::{Parse, Query, StatementRef};
 use crate::pg::txn::running::{Named, Running};
 
-/// Add `finished` to this worker's digests (`obs::digest::record`).
-pub fn record(digests: &Digests, finished: &mut Vec<Finished>, place: &Place<'_>, now: Instant) {
-    crate::obs::digest::record(digests, crate::proxy::pool::worker(), finished, place, now);
+/// Add `finished` to this worker's digests (`obs::digest::record`); `unit`: the
+/// transaction they ran in, in transaction pooling.
+pub fn record(
+    digests: &Digests,
+    finished: &mut Vec<Finished>,
+    place: &Place<'_>,
+    now: Instant,
+    unit: Option<&mut crate::obs::trace::UnitTrace>,
+) {
+    crate::obs::digest::record(digests, crate::proxy::pool::worker(), finished, place, now, unit);
 }
 
 /// Prepared statements a session-mode client may name at once before the oldest are
@@ -189,6 +196,7 @@ mod tests {
             &mut finished,
             &place,
             t0 + std::time::Duration::from_millis(2),
+            None,
         );
         assert!(finished.is_empty());
         let rows = digests.rows(

@@ -531,6 +531,7 @@ async fn relay(
             shared.digests.tracing(),
         ))
     });
+    let (received, sent) = shared.metrics.client_bytes(&cluster.name, endpoint);
     let place = Place {
         cluster: &cluster.name,
         node: &node,
@@ -554,7 +555,9 @@ async fn relay(
                 buf.clear();
                 match cr.read_buf(&mut buf).await {
                     Ok(0) => return End::ClientClosed,
-                    Ok(_) => {}
+                    Ok(n) => {
+                        received.inc_by(n as u64);
+                    }
                     Err(e) => return End::Io(e),
                 }
                 // Between transactions, a new request waits out a PAUSE, or ends the
@@ -654,6 +657,7 @@ async fn relay(
                     if let Err(e) = write_flush(&mut cw, &injected).await {
                         return End::Io(e);
                     }
+                    sent.inc_by(injected.len() as u64);
                     injected.clear();
                 }
                 if buf.is_empty() {
@@ -664,14 +668,30 @@ async fn relay(
                     let mut followed = statements.as_ref().map(|m| m.lock().unwrap());
                     let scanned = framer.scan_bodies::<FrameError>(&buf, |tag, _, body| {
                         last_server_tag.store(tag, Ordering::Relaxed);
-                        ready += (BackendTag::of(tag) == BackendTag::ReadyForQuery) as i32;
+                        match BackendTag::of(tag) {
+                            BackendTag::ReadyForQuery => ready += 1,
+                            // (A body is seen when the message is whole in this read.)
+                            BackendTag::ErrorResponse => {
+                                let code = body.map(|b| crate::pg::protocol::views::ErrorFields::decode(b).code);
+                                if let Some(&[a, b, ..]) = code {
+                                    shared.metrics.server_error(&cluster.name, [a, b]);
+                                }
+                            }
+                            _ => {}
+                        }
                         if let Some(s) = followed.as_mut() {
                             s.server_message(tag, body);
                         }
                         Ok(())
                     });
                     if let Some(s) = followed.as_mut() {
-                        crate::pg::digests::record(&shared.digests, &mut s.running.finished, &place, Instant::now());
+                        crate::pg::digests::record(
+                            &shared.digests,
+                            &mut s.running.finished,
+                            &place,
+                            Instant::now(),
+                            None,
+                        );
                     }
                     scanned
                 };
@@ -682,6 +702,7 @@ async fn relay(
                 if let Err(e) = write_flush(&mut cw, &buf).await {
                     return End::Io(e);
                 }
+                sent.inc_by(buf.len() as u64);
                 let boundary = framer.at_boundary();
                 client_clean.store(boundary, Ordering::Relaxed);
                 for _ in 0..ready {

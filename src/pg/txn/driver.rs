@@ -67,6 +67,8 @@ pub struct TxnClient {
 struct NodePool {
     pool: Arc<Pool>,
     queries: Counter,
+    /// The client's transactions on this node (`switchyard_transaction_duration_seconds`).
+    transactions: Histogram,
     node: Arc<str>,
 }
 
@@ -85,6 +87,8 @@ struct PoolDialer<'a> {
     who: &'a TxnClient,
     credential: &'a Credential,
     require_primary: bool,
+    /// The listener the client came in on.
+    listener: Endpoint,
     /// One per node this client has used: a handful, searched by name (cheaper than
     /// hashing the name for every unit).
     pools: &'a mut Vec<NodePool>,
@@ -115,9 +119,20 @@ impl PoolDialer<'_> {
             node: node.name.clone(),
             role: node.role.to_string(),
         };
+        let transactions = crate::obs::metrics::TransactionLabels {
+            cluster: self.cluster.name.clone(),
+            endpoint: self.listener.to_string(),
+            node: node.name.clone(),
+        };
         let p = NodePool {
             pool: crate::pg::PgShared::of(self.shared).pools.get(key, settings),
             queries: self.shared.metrics.queries_routed.get_or_create(&labels).clone(),
+            transactions: self
+                .shared
+                .metrics
+                .transaction_seconds
+                .get_or_create(&transactions)
+                .clone(),
             node: node.name.as_str().into(),
         };
         self.pools.push(p.clone());
@@ -194,6 +209,28 @@ pub struct Driver<'a> {
     sbuf: BytesMut,
     /// The client timeouts' clock.
     watch: Watch,
+    listener: Endpoint,
+    unit: Unit,
+    /// Bytes read from and written to the client since they were last added to the
+    /// listener's counters (at the end of each unit, and of the session), and those.
+    bytes_in: u64,
+    bytes_out: u64,
+    received: Counter,
+    sent: Counter,
+}
+
+/// The unit (transaction) in progress: what its duration and its span need.
+#[derive(Default)]
+struct Unit {
+    /// When the request that began it arrived (None: no unit, or it never got a
+    /// connection).
+    started: Option<Instant>,
+    pool_wait: Duration,
+    causal_wait: Duration,
+    retries: u32,
+    statements: u32,
+    failed: bool,
+    trace: crate::obs::trace::UnitTrace,
 }
 
 enum Event {
@@ -248,8 +285,15 @@ impl<'a> Driver<'a> {
             FreshMetrics::new(&shared.metrics, &cluster.name),
         );
         let watch = Watch::new(config.client_timeouts(&cluster.name, &who.user), Instant::now());
+        let (received, sent) = shared.metrics.client_bytes(&cluster.name, endpoint);
         Driver {
             watch,
+            listener: endpoint,
+            unit: Unit::default(),
+            bytes_in: 0,
+            bytes_out: 0,
+            received,
+            sent,
             causal,
             client,
             who,
@@ -316,6 +360,10 @@ impl<'a> Driver<'a> {
                         if self.machine.take_greeted_by_server() {
                             self.remember_greeting();
                         }
+                        // A read moved to another node goes on as the same unit.
+                        if !self.machine.rerun_next() {
+                            self.end_unit();
+                        }
                         self.release(reuse)
                     }
                     Action::Causal(stmt) => {
@@ -334,6 +382,11 @@ impl<'a> Driver<'a> {
                         if !rerun && shutting_down(&shutdown, self.shared) {
                             self.machine.on_acquire_failed(Error::shutdown());
                             continue;
+                        }
+                        if rerun {
+                            self.unit.retries += 1;
+                        } else {
+                            self.unit.begin(Instant::now());
                         }
                         self.note_writes();
                         // The common case at once; otherwise the connector (and a
@@ -355,6 +408,7 @@ impl<'a> Driver<'a> {
                     }
                     Action::End(e) => {
                         let _ = self.flush_client().await;
+                        self.end_unit();
                         self.release(false);
                         // A goodbye spliced into a half-passed message would garble the
                         // client's stream: then the client only sees the socket close.
@@ -441,11 +495,14 @@ impl<'a> Driver<'a> {
                 }
             };
             match event {
-                Event::Client(Ok(n)) if n > 0 => {}
+                Event::Client(Ok(n)) if n > 0 => self.bytes_in += n as u64,
                 Event::Client(_) => self.machine.on_client_closed(),
                 Event::Server(Ok(n)) if n > 0 => {
                     let h = self.held.as_mut().expect("read from the held server");
                     self.machine.on_server_input(&mut self.sbuf, &mut h.conn.state);
+                    for class in self.machine.server_errors.drain(..) {
+                        self.shared.metrics.server_error(&self.cluster.name, class);
+                    }
                     self.note_writes();
                 }
                 Event::Server(r) => {
@@ -558,6 +615,7 @@ impl<'a> Driver<'a> {
             }
             false => None,
         };
+        self.bytes_out += self.machine.to_client.len() as u64;
         let client = &mut self.client;
         let out = &self.machine.to_client;
         let write = async { client.write_all(out).await.is_ok() && client.flush().await.is_ok() };
@@ -586,6 +644,8 @@ impl<'a> Driver<'a> {
         }
         match self.held.as_ref() {
             Some(h) => {
+                self.unit.statements += finished.len() as u32;
+                self.unit.failed |= finished.iter().any(|f| f.failed);
                 let place = Place {
                     cluster: &self.cluster.name,
                     node: &h.via.node,
@@ -595,10 +655,56 @@ impl<'a> Driver<'a> {
                     database: &self.who.database,
                     system: "postgresql",
                 };
-                crate::pg::digests::record(&self.shared.digests, finished, &place, Instant::now());
+                crate::pg::digests::record(
+                    &self.shared.digests,
+                    finished,
+                    &place,
+                    Instant::now(),
+                    Some(&mut self.unit.trace),
+                );
             }
             None => finished.clear(),
         }
+    }
+
+    /// The unit in progress ends on the held connection: its duration, its span, the
+    /// bytes it moved.
+    fn end_unit(&mut self) {
+        let Some(started) = self.unit.started.take() else {
+            return;
+        };
+        self.flush_bytes();
+        let trace = self.unit.trace.take();
+        let Some(h) = self.held.as_ref() else { return };
+        let took = started.elapsed();
+        h.via.transactions.observe(took.as_secs_f64());
+        if let (Some(tracer), Some(ids)) = (self.shared.digests.tracer.get(), trace) {
+            let end = std::time::SystemTime::now();
+            let u = &self.unit;
+            tracer.submit_transaction(
+                ids,
+                &crate::obs::trace::TransactionSpan {
+                    start: end - took,
+                    end,
+                    system: "postgresql",
+                    namespace: &self.who.database,
+                    node: &h.via.pool.key.addr,
+                    route: h.route.as_str(),
+                    cluster: &self.cluster.name,
+                    statements: u.statements,
+                    pool_wait: u.pool_wait,
+                    causal_wait: u.causal_wait,
+                    retries: u.retries,
+                    failed: u.failed,
+                },
+            );
+        }
+    }
+
+    /// Add the bytes counted since the last time to the listener's counters.
+    fn flush_bytes(&mut self) {
+        self.received.inc_by(std::mem::take(&mut self.bytes_in));
+        self.sent.inc_by(std::mem::take(&mut self.bytes_out));
     }
 
     /// Tell the causal tracker of writes the machine saw complete since the last look.
@@ -615,6 +721,7 @@ impl<'a> Driver<'a> {
             who: &self.who,
             credential: &self.credential,
             require_primary: target == Endpoint::ReadWrite,
+            listener: self.listener,
             pools: &mut self.pools,
         }
     }
@@ -643,7 +750,10 @@ impl<'a> Driver<'a> {
         // A read that must see the client's writes (or its causal token) waits here, if
         // it must, for a standby to catch up; then only nodes that have may take it.
         let placement = if split {
-            Some(self.causal.place(self.cluster).await)
+            let asked = Instant::now();
+            let p = self.causal.place(self.cluster).await;
+            self.unit.causal_wait += asked.elapsed();
+            Some(p)
         } else {
             None
         };
@@ -674,6 +784,7 @@ impl<'a> Driver<'a> {
     fn take(&mut self, c: Connected<Held>, placement: Option<&Placement>) {
         let mut held = c.conn;
         self.pool_wait.observe(c.waited.as_secs_f64());
+        self.unit.pool_wait += c.waited;
         let node = &c.snapshot.nodes[c.index];
         held.route = match placement {
             None => Route::Primary,
@@ -703,6 +814,23 @@ impl<'a> Driver<'a> {
             self.shared.cancels.retarget(&self.cancel, None);
             h.via.pool.checkin(h.conn);
         }
+    }
+}
+
+impl Drop for Driver<'_> {
+    /// However the session ends, the bytes it moved are counted.
+    fn drop(&mut self) {
+        self.flush_bytes();
+    }
+}
+
+impl Unit {
+    /// A new unit, its request arrived at `now`.
+    fn begin(&mut self, now: Instant) {
+        *self = Unit {
+            started: Some(now),
+            ..Unit::default()
+        };
     }
 }
 

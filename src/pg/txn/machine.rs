@@ -112,6 +112,9 @@ pub struct Machine<'a> {
     /// Statements in flight on the held connection and those finished, for the query
     /// digests (only with `Config::digests`; the driver times and records them).
     pub running: Running,
+    /// SQLSTATE classes of the server errors passed to the client since the driver last
+    /// took them (for `/metrics`).
+    pub server_errors: Vec<[u8; 2]>,
 }
 
 impl<'a> Machine<'a> {
@@ -146,6 +149,7 @@ impl<'a> Machine<'a> {
             client_mid_message: false,
             wrote: false,
             running: Running::default(),
+            server_errors: Vec::new(),
         };
         if let Some(reported) = greeting {
             m.write_greeting(reported);
@@ -190,6 +194,12 @@ impl<'a> Machine<'a> {
 
     pub fn has_actions(&self) -> bool {
         !self.actions.is_empty()
+    }
+
+    /// The next action runs the unit just released again (a moved read): the unit goes
+    /// on rather than ends.
+    pub fn rerun_next(&self) -> bool {
+        matches!(self.actions.front(), Some(Action::Acquire { rerun: true, .. }))
     }
 
     pub fn read_only_endpoint(&self) -> bool {
@@ -763,7 +773,14 @@ impl<'a> Machine<'a> {
             let unit = self.unit.as_mut().expect("checked above");
             match tag {
                 BackendTag::CommandComplete if msg[5..].starts_with(b"ROLLBACK") => self.state.unit_failed(),
-                BackendTag::ErrorResponse => self.state.unit_failed(),
+                BackendTag::ErrorResponse => {
+                    self.state.unit_failed();
+                    let code = ErrorFields::decode(&msg[5..]).code;
+                    self.server_errors.push([
+                        code.first().copied().unwrap_or(b'?'),
+                        code.get(1).copied().unwrap_or(b'?'),
+                    ]);
+                }
                 BackendTag::ParameterStatus => match ParameterStatus::decode(&msg[5..]) {
                     Ok(s) => {
                         conn.report(s);

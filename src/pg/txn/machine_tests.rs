@@ -316,8 +316,10 @@ fn a_pipeline_with_an_error_midway() {
         error("ERROR", "22012", "division by zero"),
         ready(b'I'),
     ]));
-    // The client sees its answers, up to the error, and the ReadyForQuery.
+    // The client sees its answers, up to the error, and the ReadyForQuery; the error's
+    // class is counted.
     assert_eq!(h.take_client(), "12DC12EZ");
+    assert_eq!(h.m.server_errors, [*b"22"]);
     // s3 was never created on the server, and its SET never happened.
     let s3 = h.m.stmts.get(b"s3").unwrap().hash;
     assert!(!h.conn.prepared.contains(&s3));
@@ -399,7 +401,10 @@ fn a_read_a_standby_refuses_runs_on_the_primary() {
         ),
         ready(b'I'),
     ]));
+    // The refusal is not the client's error, and the unit goes on elsewhere.
+    assert!(h.m.server_errors.is_empty());
     assert!(matches!(h.m.next_action(), Some(Action::Release { reuse: false })));
+    assert!(h.m.rerun_next());
     assert!(matches!(
         h.m.next_action(),
         Some(Action::Acquire {
