@@ -28,7 +28,7 @@ REPO = os.path.dirname(BENCH_DIR)
 
 ALL_SYSTEMS = ["direct", "pgbouncer", "haproxy", "sy-session", "sy-txn", "sy-split"]
 # Run only when named in --systems: what a feature costs, beside sy-txn in one run.
-EXTRA_SYSTEMS = ["sy-txn-nodigest", "sy-txn-traced"]
+EXTRA_SYSTEMS = ["sy-txn-nodigest", "sy-txn-traced", "sy-txn-traced-all", "sy-txn-otlp-down", "sy-txn-otlp-hung"]
 SYSTEM_LABELS = {
     "direct": "direct",
     "pgbouncer": "PgBouncer (txn)",
@@ -40,6 +40,9 @@ SYSTEM_LABELS = {
     "sy-split-ryw-off": "Switchyard txn + split, read_your_writes off",
     "sy-txn-nodigest": "Switchyard txn, query digests off",
     "sy-txn-traced": "Switchyard txn, digests + traces (1 %)",
+    "sy-txn-traced-all": "Switchyard txn, traces (100 %)",
+    "sy-txn-otlp-down": "Switchyard txn, traces (100 %), receiver down",
+    "sy-txn-otlp-hung": "Switchyard txn, traces (100 %), receiver hung",
 }
 # Connection errors that mean "more clients than the server lets in".
 TOO_MANY = re.compile(r"too many clients|remaining connection slots|sorry, too many|53300", re.I)
@@ -66,6 +69,37 @@ def start_otlp_sink():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server.server_address[1]
+
+
+def start_hung_receiver():
+    """A receiver that accepts connections and never answers (a slow or stuck collector):
+    its port. The sockets are kept open for the run."""
+    import socket
+    import threading
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(64)
+    held = []
+
+    def accept():
+        while True:
+            conn, _ = lsock.accept()
+            held.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    return lsock.getsockname()[1]
+
+
+def closed_port():
+    """A loopback port nothing listens on (a receiver that is down)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
 
 
 def parse_args(argv):
@@ -306,14 +340,24 @@ class Bench:
                                  "as sy-txn, with [telemetry] query_digests = false")
         sy["sy-txn-traced"] = ([prim], "transaction", False,
                                "as sy-txn, with traces: [telemetry] otlp_endpoint (a sink in the bench process), sample_ratio = 0.01")
-        sink = start_otlp_sink() if "sy-txn-traced" in need else None
+        sy["sy-txn-traced-all"] = ([prim], "transaction", False,
+                                   "as sy-txn, with traces: sample_ratio = 1.0, to the sink")
+        sy["sy-txn-otlp-down"] = ([prim], "transaction", False,
+                                  "as sy-txn, with traces: sample_ratio = 1.0, to a port nothing listens on (every span dropped)")
+        sy["sy-txn-otlp-hung"] = ([prim], "transaction", False,
+                                  "as sy-txn, with traces: sample_ratio = 1.0, to a receiver that accepts and never answers")
+        sink = start_otlp_sink() if {"sy-txn-traced", "sy-txn-traced-all"} & set(need) else None
+        otlp = lambda port, ratio: f"\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nsample_ratio = {ratio}\n"
         for key, (nodes, mode, split, desc) in sy.items():
             if key in need:
                 extra = 'read_your_writes = "off"\n' if key == "sy-split-ryw-off" else a.split_extra.replace(";", "\n")
                 top = {
-                    "sy-txn-nodigest": "\n[telemetry]\nquery_digests = false\n",
-                    "sy-txn-traced": f"\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{sink}\"\nsample_ratio = 0.01\n",
-                }.get(key, "")
+                    "sy-txn-nodigest": lambda: "\n[telemetry]\nquery_digests = false\n",
+                    "sy-txn-traced": lambda: otlp(sink, 0.01),
+                    "sy-txn-traced-all": lambda: otlp(sink, 1.0),
+                    "sy-txn-otlp-down": lambda: otlp(closed_port(), 1.0),
+                    "sy-txn-otlp-hung": lambda: otlp(start_hung_receiver(), 1.0),
+                }.get(key, lambda: "")()
                 S[key] = start_switchyard(self.reg, self.tmp, self.binary, key, SYSTEM_LABELS[key], nodes, mode,
                                           a.pool_size, split, h, description=desc, extra=extra, top=top)
         for key, s in S.items():
@@ -614,6 +658,22 @@ class Bench:
             self.results.setdefault("freshness_metrics", {})[s.key] = lines
             log(f"{s.key}: " + "; ".join(lines))
 
+    # -- trace export --
+    def trace_counters(self):
+        """The exporter's own counters on the traced systems, after the matrix: with the
+        receiver down or hung, spans must be dropped (and counted), not waited for."""
+        import urllib.request
+        for key, s in self.systems.items():
+            if "traced" not in key and "otlp" not in key:
+                continue
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{s.admin_port}/metrics", timeout=5).read().decode()
+            except OSError as e:
+                text = f"(no metrics: {e})"
+            lines = [l for l in text.splitlines() if l.startswith("switchyard_trace_")]
+            self.results.setdefault("trace_metrics", {})[key] = lines
+            log(f"{key}: " + "; ".join(lines))
+
     # -- idle clients --
     def idle(self):
         """On fresh processes (started for this and stopped after), so memory freed by the
@@ -769,6 +829,7 @@ def main(argv=None):
             log(f"waited {w:.0f} s for other processes to go quiet")
         if not args.skip_matrix:
             b.matrix()
+            b.trace_counters()
         if not args.skip_classify:
             b.classify()
         if not args.skip_freshness:

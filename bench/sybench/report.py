@@ -8,7 +8,8 @@ from .pgbench import WORKLOADS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ORDER = ["direct", "pgbouncer", "haproxy", "sy-session", "sy-txn", "sy-txn-nodigest", "sy-txn-traced", "sy-split"]
+ORDER = ["direct", "pgbouncer", "haproxy", "sy-session", "sy-txn", "sy-txn-nodigest", "sy-txn-traced",
+         "sy-txn-traced-all", "sy-txn-otlp-down", "sy-txn-otlp-hung", "sy-split"]
 SY = ["sy-session", "sy-txn", "sy-split"]
 LABEL = {
     "direct": "direct", "pgbouncer": "PgBouncer (txn)", "haproxy": "HAProxy (TCP)",
@@ -16,6 +17,9 @@ LABEL = {
     "sy-split1": "Switchyard txn+split (1 node)", "fo-txn": "Switchyard txn", "fo-session": "Switchyard session",
     "sy-txn-nodigest": "Switchyard txn, digests off",
     "sy-txn-traced": "Switchyard txn, traces 1 %",
+    "sy-txn-traced-all": "Switchyard txn, traces 100 %",
+    "sy-txn-otlp-down": "Switchyard txn, traces 100 %, receiver down",
+    "sy-txn-otlp-hung": "Switchyard txn, traces 100 %, receiver hung",
 }
 
 
@@ -398,6 +402,16 @@ def write(res, out_dir, name):
                                  f"{f(r.get('p99_ms'), 2)} | {f(r.get('cpu_s'), 2)} | {us_per_txn(r)} | "
                                  f"{f(rss / 1024, 1) if rss else '–'} | {r.get('case', '')} | {'; '.join(notes)} |")
                 L.append("")
+
+        if res.get("trace_metrics"):
+            L.append("### Trace export\n")
+            L.append("The exporter's counters on the traced systems after the matrix (a receiver down or hung "
+                     "must cost dropped spans, counted, not throughput):\n")
+            L.append("| system | counters |")
+            L.append("|---|---|")
+            for key, lines in res["trace_metrics"].items():
+                L.append(f"| {LABEL.get(key, key)} | {esc('; '.join(lines))} |")
+            L.append("")
 
         # Ratios
         L.append("## Ratios (tps)\n")
