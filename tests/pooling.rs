@@ -280,6 +280,27 @@ fn psycopg_2_and_3_work_in_transaction_mode_with_read_write_split() {
     ));
 }
 
+/// A session advisory lock, a WITH HOLD cursor or a temporary table pins a client only
+/// while its session holds one: with one server connection, another client waits while
+/// they are held and is served on that same connection once they are released.
+#[test]
+fn advisory_locks_hold_cursors_and_temporary_tables_pin_only_while_held() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        "pool_mode = \"transaction\"\npool_size = 1\ncheckout_timeout_ms = 10000",
+        // One worker thread: one server connection in all (pools are shared among them).
+        "[proxy]\nthreads = 1\n",
+    );
+    let out = python("advisory_pin_check.py", &["--port", &proxy.rw.to_string()], &[]);
+    assert!(out.contains("ok: all advisory lock checks passed"), "{out}");
+    let log = proxy.log_text();
+    assert!(log.contains("while its session holds it"), "{log}");
+    assert!(log.contains("client no longer pinned"), "{log}");
+    report(out.lines().find(|l| l.contains("went back")).unwrap_or(""));
+}
+
 #[test]
 fn django_with_one_alias_in_transaction_mode_survives_a_standby_failure() {
     let cluster = LocalCluster::start(2).unwrap();

@@ -358,7 +358,8 @@ struct ConnModel {
 }
 
 impl ConnModel {
-    fn sent(&mut self, mut b: &[u8], pinned: &mut bool) {
+    /// `pinned`: for good (LISTEN); `locked`: until the server says no lock is left.
+    fn sent(&mut self, mut b: &[u8], pinned: &mut bool, locked: &mut bool) {
         while let Some((tag, len)) = views::header(b) {
             let m = &b[..len as usize + 1];
             match tag {
@@ -369,10 +370,9 @@ impl ConnModel {
                 b'P' | b'B' | b'D' | b'E' | b'C' => self.unsynced = true,
                 _ => {}
             }
-            if matches!(tag, b'Q' | b'P')
-                && (m.windows(6).any(|w| w == b"LISTEN") || m.windows(16).any(|w| w == b"pg_advisory_lock"))
-            {
-                *pinned = true;
+            if matches!(tag, b'Q' | b'P') {
+                *pinned |= m.windows(6).any(|w| w == b"LISTEN");
+                *locked |= m.windows(16).any(|w| w == b"pg_advisory_lock");
             }
             b = &b[m.len()..];
         }
@@ -425,6 +425,7 @@ pub fn machine_target(data: &[u8]) {
     let mut client_stream = Framer::new(u32::MAX);
     let mut model = ConnModel::default();
     let mut pinned = false;
+    let mut locked = false;
     let mut next_pid = 100;
     let mut cin = BytesMut::new();
     let mut sin = BytesMut::new();
@@ -466,11 +467,18 @@ pub fn machine_target(data: &[u8]) {
                 Action::Release { reuse } => {
                     assert!(conn.take().is_some(), "release without a connection");
                     if reuse {
-                        model.sent(&m.to_server, &mut pinned);
-                        assert!(model.reusable(pinned), "a connection offered for reuse in a state that forbids it: requests {} readies {} status {} unsynced {} pinned {}", model.requests, model.readies, model.status as char, model.unsynced, pinned);
+                        model.sent(&m.to_server, &mut pinned, &mut locked);
+                        assert!(model.reusable(pinned || locked), "a connection offered for reuse in a state that forbids it: requests {} readies {} status {} unsynced {} pinned {}", model.requests, model.readies, model.status as char, model.unsynced, pinned);
                     }
                 }
                 Action::CloseIdle(_) => {}
+                // The server says none is left (the model forgets its locks) or some are.
+                Action::CountPins => {
+                    assert!(conn.is_some(), "a question for a server while none is held");
+                    let none = b.byte().is_some_and(|x| x % 2 == 0);
+                    locked &= !none;
+                    m.on_pins_counted(Some(if none { 0 } else { 1 }));
+                }
                 Action::Causal(_) => {
                     let reply = match b.byte().unwrap_or(0) % 3 {
                         0 => Ok(crate::pg::txn::machine::CausalReply::Show("sy1.1.1.1".into())),
@@ -500,7 +508,7 @@ pub fn machine_target(data: &[u8]) {
             "bytes for a server while none is held"
         );
         assert!(well_formed(&m.to_server), "to_server is not whole messages");
-        model.sent(&m.to_server, &mut pinned);
+        model.sent(&m.to_server, &mut pinned, &mut locked);
         if trace && !m.to_server.is_empty() {
             eprintln!("to server: {:?}", String::from_utf8_lossy(&m.to_server));
         }

@@ -124,6 +124,22 @@ pub struct Classification {
     /// The statement's shape for the query digests (`obs::digest`): libpg_query's
     /// fingerprint and normalized text.
     pub digest: Arc<Digest>,
+    /// May release what a pin can be left for (`pg_advisory_unlock`, `…_shared`,
+    /// `…_all`; `CLOSE`; `DROP`; `DISCARD`): a client pinned only by such things may be
+    /// free again (`pg::txn` asks the server).
+    pub may_unpin: bool,
+}
+
+/// Pin reasons a client can leave again, once its server session holds none of them (a
+/// question the transaction machine asks after a statement that `may_unpin`); the
+/// others (LISTEN, SQL PREPARE) last until the client leaves.
+pub const ADVISORY_LOCK: &str = "a session advisory lock";
+pub const HOLD_CURSOR: &str = "a WITH HOLD cursor";
+pub const TEMPORARY_TABLE: &str = "a temporary table";
+
+/// Whether a pin for `why` can be left again (see `ADVISORY_LOCK`).
+pub fn releasable(why: &str) -> bool {
+    [ADVISORY_LOCK, HOLD_CURSOR, TEMPORARY_TABLE].contains(&why)
 }
 
 impl Classification {
@@ -142,6 +158,7 @@ impl Classification {
             literal_sensitive: false,
             settings_only: false,
             commits: false,
+            may_unpin: false,
         }
     }
 }
@@ -288,6 +305,13 @@ pub const DEFAULT_READ_ONLY_FUNCTIONS: &[&str] = &[
     "regexp_match",
     "starts_with",
     "pg_sleep",
+];
+
+/// Releasing session-level advisory locks.
+const SESSION_UNLOCK_FUNCTIONS: &[&str] = &[
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
 ];
 
 /// Session-level advisory locks live on the server connection: pin.
@@ -482,7 +506,12 @@ impl Classifier {
                 }
                 NodeEnum::DiscardStmt(_) => {
                     c.read_only = false;
+                    c.may_unpin = true;
                     c.sets.push(SetAction::ResetAll);
+                }
+                NodeEnum::ClosePortalStmt(_) | NodeEnum::DropStmt(_) => {
+                    c.read_only = false;
+                    c.may_unpin = true;
                 }
                 NodeEnum::PrepareStmt(_) => pin(&mut c, "SQL PREPARE"),
                 NodeEnum::DeallocateStmt(d) => {
@@ -492,9 +521,9 @@ impl Classifier {
                     }
                 }
                 NodeEnum::ListenStmt(_) => pin(&mut c, "LISTEN"),
-                NodeEnum::DeclareCursorStmt(d) if d.options & CURSOR_OPT_HOLD != 0 => pin(&mut c, "a WITH HOLD cursor"),
+                NodeEnum::DeclareCursorStmt(d) if d.options & CURSOR_OPT_HOLD != 0 => pin(&mut c, HOLD_CURSOR),
                 NodeEnum::CreateStmt(s) if s.relation.as_ref().is_some_and(|r| r.relpersistence == "t") => {
-                    pin(&mut c, "a temporary table")
+                    pin(&mut c, TEMPORARY_TABLE)
                 }
                 NodeEnum::CreateTableAsStmt(s)
                     if s.into
@@ -502,7 +531,7 @@ impl Classifier {
                         .and_then(|i| i.rel.as_ref())
                         .is_some_and(|r| r.relpersistence == "t") =>
                 {
-                    pin(&mut c, "a temporary table")
+                    pin(&mut c, TEMPORARY_TABLE)
                 }
                 NodeEnum::DeclareCursorStmt(_) => {}
                 NodeEnum::CreatedbStmt(s) => {
@@ -542,7 +571,7 @@ impl Classifier {
                     if let Some(into) = &s.into_clause {
                         c.read_only = false;
                         if into.rel.as_ref().is_some_and(|r| r.relpersistence == "t") {
-                            pin(&mut c, "a temporary table");
+                            pin(&mut c, TEMPORARY_TABLE);
                         }
                     }
                 }
@@ -562,7 +591,10 @@ impl Classifier {
                         })
                         .unwrap_or_default();
                     if SESSION_LOCK_FUNCTIONS.contains(&name.as_str()) {
-                        pin(&mut c, "a session advisory lock");
+                        pin(&mut c, ADVISORY_LOCK);
+                    }
+                    if SESSION_UNLOCK_FUNCTIONS.contains(&name.as_str()) {
+                        c.may_unpin = true;
                     }
                     // Which setting it reads is a literal: cache this statement by its
                     // exact text, and send a read of a setting a standby reports
@@ -677,9 +709,12 @@ fn digest_of(sql: &str) -> Arc<Digest> {
     Arc::new(Digest::new(std::hash::Hasher::finish(&h), &text))
 }
 
+/// Pin for `why`; a reason that lasts wins over one that can be left (`releasable`).
 fn pin(c: &mut Classification, why: &'static str) {
     c.read_only = false;
-    c.pins.get_or_insert(why);
+    if c.pins.is_none_or(|p| releasable(p) && !releasable(why)) {
+        c.pins = Some(why);
+    }
 }
 
 /// The text of one statement of a multi-statement string (0 length: to the end).

@@ -84,6 +84,20 @@ fn pins() {
     assert_eq!(c("LISTEN jobs").pins, Some("LISTEN"));
     assert_eq!(c("SELECT pg_advisory_lock(1)").pins, Some("a session advisory lock"));
     assert_eq!(c("SELECT pg_advisory_xact_lock(1)").pins, None);
+    // What may release them is seen; a pin that lasts wins over a lock's in one string.
+    for sql in [
+        "SELECT pg_advisory_unlock(1)",
+        "SELECT pg_advisory_unlock_all()",
+        "CLOSE c",
+        "DROP TABLE t",
+        "DISCARD TEMP",
+    ] {
+        assert!(c(sql).may_unpin, "{sql}");
+    }
+    assert!(!c("SELECT pg_advisory_lock(1)").may_unpin);
+    assert_eq!(c("DECLARE c CURSOR WITH HOLD FOR SELECT 1").pins, Some(HOLD_CURSOR));
+    assert_eq!(c("SELECT pg_advisory_lock(1); LISTEN x").pins, Some("LISTEN"));
+    assert_eq!(c("LISTEN x; SELECT pg_advisory_lock(1)").pins, Some("LISTEN"));
     assert_eq!(c("CREATE TEMP TABLE x (v int)").pins, Some("a temporary table"));
     assert_eq!(c("SELECT 1 INTO TEMP x").pins, Some("a temporary table"));
     assert_eq!(

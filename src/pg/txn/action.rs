@@ -38,6 +38,10 @@ pub enum Action {
     /// Answer `SHOW`/`SET`/`RESET switchyard.causal_token` (the driver keeps the token
     /// and calls `on_causal_reply`).
     Causal(CausalStatement),
+    /// Ask the held connection's server how many session advisory locks, WITH HOLD
+    /// cursors and temporary objects its session holds (the client, pinned only by
+    /// such, may have released them); the driver calls `on_pins_counted`.
+    CountPins,
 }
 
 pub struct Config {

@@ -366,6 +366,15 @@ impl<'a> Driver<'a> {
                         }
                         self.release(reuse)
                     }
+                    Action::CountPins => {
+                        // Nothing is in flight on the connection (the unit ended with
+                        // nothing owed): the question cannot cross the client's answers.
+                        let held = match self.machine.to_server.is_empty() {
+                            true => Box::pin(self.count_pins()).await,
+                            false => None,
+                        };
+                        self.machine.on_pins_counted(held);
+                    }
                     Action::Causal(stmt) => {
                         self.note_writes();
                         // Rare (a causal-token statement): boxed, as `acquire`.
@@ -596,6 +605,52 @@ impl<'a> Driver<'a> {
         let ok = matches!(tokio::time::timeout(Duration::from_secs(1), done).await, Ok(Some(true)));
         self.sbuf.clear();
         ok
+    }
+
+    /// How many session advisory locks, WITH HOLD cursors and temporary objects (tables,
+    /// views, sequences, functions, types) the held connection's session holds (None: it
+    /// could not say, within a second). Its answer is read here, never relayed.
+    async fn count_pins(&mut self) -> Option<u64> {
+        const ASK: &[u8] = b"SELECT (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
+            + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
+            + (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
+            + (SELECT count(*) FROM pg_catalog.pg_proc WHERE pronamespace = pg_catalog.pg_my_temp_schema()) \
+            + (SELECT count(*) FROM pg_catalog.pg_type WHERE typnamespace = pg_catalog.pg_my_temp_schema())\0";
+        let h = self.held.as_mut()?;
+        let stream = &mut h.conn.conn.stream;
+        let sbuf = &mut self.sbuf;
+        let asked = async {
+            let mut q = Vec::with_capacity(ASK.len() + 5);
+            q.push(b'Q');
+            q.extend_from_slice(&(ASK.len() as u32 + 4).to_be_bytes());
+            q.extend_from_slice(ASK);
+            write_flush(stream, &q).await.ok()?;
+            let mut count = None;
+            loop {
+                while let Some((tag, len)) = crate::pg::protocol::views::header(sbuf) {
+                    let whole = len as usize + 1;
+                    if sbuf.len() < whole {
+                        break;
+                    }
+                    let msg = sbuf.split_to(whole);
+                    match BackendTag::of(tag) {
+                        // One column: its length (4 bytes) after the column count (2).
+                        BackendTag::DataRow => {
+                            count = msg.get(11..).and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
+                        }
+                        BackendTag::ReadyForQuery => return count,
+                        BackendTag::ErrorResponse => return None,
+                        _ => {}
+                    }
+                }
+                if stream.read_buf(sbuf).await.ok()? == 0 {
+                    return None;
+                }
+            }
+        };
+        let held = tokio::time::timeout(Duration::from_secs(1), asked).await.ok().flatten();
+        self.sbuf.clear();
+        held
     }
 
     /// Write what the machine has for the client; false if the client is gone.

@@ -86,7 +86,12 @@ pub struct Machine<'a> {
     stmts: Statements,
     owed: OwedQueue,
     unit: Option<Unit>,
+    /// Why the client keeps its server connection between units: the first reason that
+    /// lasts, or one that can be left (`classify::releasable`) until one that lasts comes.
     pinned: Option<&'static str>,
+    /// Pinned only for reasons that can be left, and a statement may have released
+    /// them since: ask the server at the end of the unit whether any are left.
+    check_pins: bool,
     /// A client message taken from the input but not dispatched yet: the first of a unit
     /// waiting for its connection, or the next unit's, held back until this one ends.
     stash: Option<Bytes>,
@@ -139,6 +144,7 @@ impl<'a> Machine<'a> {
             owed: OwedQueue::default(),
             unit: None,
             pinned: None,
+            check_pins: false,
             stash: None,
             sent: Vec::new(),
             to_server: BytesMut::new(),
@@ -523,10 +529,24 @@ impl<'a> Machine<'a> {
     /// must be free.
     fn observe(&mut self, c: &Classification) {
         self.state.observe(&c.sets);
-        if let (Some(why), None) = (c.pins, self.pinned) {
-            self.pinned = Some(why);
-            info!(cluster = %self.cfg.cluster, reason = why, "client pinned to its server connection until it disconnects");
+        if let Some(why) = c.pins {
+            // A reason that lasts replaces one that can be left.
+            if self
+                .pinned
+                .is_none_or(|p| classify::releasable(p) && !classify::releasable(why))
+            {
+                self.pinned = Some(why);
+                match classify::releasable(why) {
+                    true => {
+                        info!(cluster = %self.cfg.cluster, reason = why, "client pinned to its server connection while its session holds it")
+                    }
+                    false => {
+                        info!(cluster = %self.cfg.cluster, reason = why, "client pinned to its server connection until it disconnects")
+                    }
+                }
+            }
         }
+        self.check_pins |= c.may_unpin && self.pinned.is_some_and(classify::releasable);
         if let Some(db) = &c.frees_database {
             self.actions.push_back(Action::CloseIdle(db.clone()));
         }
@@ -826,6 +846,25 @@ impl<'a> Machine<'a> {
             self.sent.clear();
             u.answered = false;
             u.answer_queued = false;
+            // Unless what pinned it (locks, cursors, temporary tables) is all gone.
+            if std::mem::take(&mut self.check_pins) && u.status == TxStatus::Idle && !u.batch_open {
+                self.actions.push_back(Action::CountPins);
+            }
+        }
+    }
+
+    /// What the server said of the session advisory locks, WITH HOLD cursors and
+    /// temporary objects the held connection's session holds (`Action::CountPins`;
+    /// None: it could not say). None left: the client is no longer pinned, and the
+    /// connection goes back to its pool.
+    pub fn on_pins_counted(&mut self, held: Option<u64>) {
+        if held != Some(0) || !self.pinned.is_some_and(classify::releasable) {
+            return;
+        }
+        let was = self.pinned.take();
+        info!(cluster = %self.cfg.cluster, reason = was, "what pinned the client is released: client no longer pinned");
+        if self.reusable() {
+            self.release(true);
         }
     }
 

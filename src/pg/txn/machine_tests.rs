@@ -106,6 +106,8 @@ pub struct Harness {
     pub conn: ConnState,
     pub held: Option<Arc<str>>,
     pub log: Vec<Action>,
+    /// Session advisory locks the server says the connection holds (`CountLocks`).
+    pub locks: u64,
 }
 
 pub fn classifier() -> &'static Classifier {
@@ -139,6 +141,7 @@ impl Harness {
             },
             held: None,
             log: Vec::new(),
+            locks: 0,
         };
         // The greeting: a connection, the startup settings replayed, the server's
         // parameters passed on, the connection released.
@@ -195,6 +198,8 @@ impl Harness {
                     CausalStatement::Set(_) => CausalReply::Set,
                     CausalStatement::Reset => CausalReply::Reset,
                 })),
+                // What a test says the server holds.
+                Action::CountPins => self.m.on_pins_counted(Some(self.locks)),
                 Action::CloseIdle(_) | Action::End(_) => {}
             }
         }
@@ -415,6 +420,58 @@ fn a_read_a_standby_refuses_runs_on_the_primary() {
         })
     ));
     assert_eq!(h.take_client(), "", "the refusal is not passed on");
+}
+
+#[test]
+fn a_client_pinned_by_advisory_locks_is_free_once_the_server_holds_none() {
+    let mut h = Harness::new(false);
+    let one = |h: &mut Harness, sql: &str| {
+        h.client(&query(sql));
+        h.take_server();
+        h.server(&cat(&[be(b'C', b"SELECT 1\0"), ready(b'I')]));
+        h.take_client();
+        h.perform(true);
+    };
+    one(&mut h, "SELECT pg_advisory_lock(1)");
+    one(&mut h, "SELECT pg_advisory_lock(2)");
+    assert!(h.released().is_empty(), "pinned while it holds a lock");
+    // One of two released: the server still holds one; the client stays pinned.
+    h.locks = 1;
+    one(&mut h, "SELECT pg_advisory_unlock(1)");
+    assert!(h.log.iter().any(|a| matches!(a, Action::CountPins)));
+    assert!(h.released().is_empty());
+    // An ordinary statement asks nothing.
+    h.log.clear();
+    one(&mut h, "SELECT 1");
+    assert!(!h.log.iter().any(|a| matches!(a, Action::CountPins)));
+    // The last one: the connection goes back to the pool, and the next unit gets one.
+    h.locks = 0;
+    one(&mut h, "SELECT pg_advisory_unlock(2)");
+    assert_eq!(h.released(), vec![true]);
+    h.log.clear();
+    h.client(&query("SELECT 2"));
+    h.perform(true);
+    assert!(matches!(h.log[..], [Action::Acquire { .. }]));
+}
+
+#[test]
+fn a_lock_does_not_end_a_pin_that_lasts() {
+    let mut h = Harness::new(false);
+    for sql in [
+        "SELECT pg_advisory_lock(1)",
+        "LISTEN jobs",
+        "SELECT pg_advisory_unlock_all()",
+    ] {
+        h.client(&query(sql));
+        h.take_server();
+        h.server(&cat(&[be(b'C', b"SELECT 1\0"), ready(b'I')]));
+        h.take_client();
+        h.perform(true);
+    }
+    assert!(!h
+        .log
+        .iter()
+        .any(|a| matches!(a, Action::CountPins | Action::Release { .. })));
 }
 
 #[test]
