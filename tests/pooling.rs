@@ -301,6 +301,31 @@ fn advisory_locks_hold_cursors_and_temporary_tables_pin_only_while_held() {
     report(out.lines().find(|l| l.contains("went back")).unwrap_or(""));
 }
 
+/// SQL PREPARE / EXECUTE / DEALLOCATE in transaction mode without pinning: 50 clients,
+/// each with its own statement under one name, over 5 server connections.
+#[test]
+fn sql_prepared_statements_work_over_a_small_pool_without_pinning() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        "pool_mode = \"transaction\"\npool_size = 5\ncheckout_timeout_ms = 30000",
+        "[proxy]\nthreads = 1\n",
+    );
+    let out = python("sql_prepare_check.py", &["--port", &proxy.rw.to_string()], &[]);
+    assert!(out.contains("ok: all SQL PREPARE checks passed"), "{out}");
+    let backends: usize = out
+        .lines()
+        .find_map(|l| l.split(" over ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(backends <= 5, "{out}");
+    assert!(
+        !proxy.log_text().contains("client pinned"),
+        "SQL PREPARE pinned a client"
+    );
+    report(out.lines().find(|l| l.contains("EXECUTEs")).unwrap_or(""));
+}
+
 #[test]
 fn django_with_one_alias_in_transaction_mode_survives_a_standby_failure() {
     let cluster = LocalCluster::start(2).unwrap();

@@ -128,6 +128,13 @@ pub struct Classification {
     /// `…_all`; `CLOSE`; `DROP`; `DISCARD`): a client pinned only by such things may be
     /// free again (`pg::txn` asks the server).
     pub may_unpin: bool,
+    /// SQL `PREPARE`s, in order: the name (as the server knows it, folded) and the
+    /// statement's text, to prepare it again on another connection.
+    pub prepares: Vec<(String, String)>,
+    /// Names SQL `EXECUTE`s run (also inside `EXPLAIN` or `CREATE TABLE AS`).
+    pub executes: Vec<String>,
+    /// `DISCARD ALL`: the session's prepared statements are all gone.
+    pub discards_all: bool,
 }
 
 /// Pin reasons a client can leave again, once its server session holds none of them (a
@@ -159,6 +166,9 @@ impl Classification {
             settings_only: false,
             commits: false,
             may_unpin: false,
+            prepares: Vec::new(),
+            executes: Vec::new(),
+            discards_all: false,
         }
     }
 }
@@ -504,16 +514,24 @@ impl Classifier {
                         }
                     }
                 }
-                NodeEnum::DiscardStmt(_) => {
+                NodeEnum::DiscardStmt(d) => {
                     c.read_only = false;
                     c.may_unpin = true;
+                    c.discards_all = d.target == pg_query::protobuf::DiscardMode::DiscardAll as i32;
                     c.sets.push(SetAction::ResetAll);
                 }
                 NodeEnum::ClosePortalStmt(_) | NodeEnum::DropStmt(_) => {
                     c.read_only = false;
                     c.may_unpin = true;
                 }
-                NodeEnum::PrepareStmt(_) => pin(&mut c, "SQL PREPARE"),
+                // Not a pin: tracked per client and prepared again where it is executed
+                // (`pg::txn::statements::SqlStatements`). Its text is kept, so it is
+                // cached by its exact text.
+                NodeEnum::PrepareStmt(p) => {
+                    c.read_only = false;
+                    c.literal_sensitive = true;
+                    c.prepares.push((p.name.clone(), text.to_string()));
+                }
                 NodeEnum::DeallocateStmt(d) => {
                     c.read_only = false;
                     if stmts.len() == 1 {
@@ -564,6 +582,10 @@ impl Classifier {
         }
         for (node, _, _, _) in parsed.protobuf.nodes() {
             match node {
+                NodeRef::ExecuteStmt(e) => {
+                    c.read_only = false;
+                    c.executes.push(e.name.clone());
+                }
                 NodeRef::SelectStmt(s) => {
                     if !s.locking_clause.is_empty() {
                         c.read_only = false;

@@ -80,7 +80,15 @@ fn session_state() {
 
 #[test]
 fn pins() {
-    assert_eq!(c("PREPARE p AS SELECT 1").pins, Some("SQL PREPARE"));
+    // SQL PREPARE does not pin: its text is kept to prepare it again elsewhere.
+    let p = c("/* x */ PREPARE p (int) AS SELECT $1; EXPLAIN EXECUTE q(1); EXECUTE P(2)");
+    assert_eq!(p.pins, None);
+    assert_eq!(
+        p.prepares,
+        [("p".to_string(), "PREPARE p (int) AS SELECT $1".to_string())]
+    );
+    assert_eq!(p.executes, ["q", "p"]);
+    assert!(c("DISCARD ALL").discards_all && !c("DISCARD TEMP").discards_all);
     assert_eq!(c("LISTEN jobs").pins, Some("LISTEN"));
     assert_eq!(c("SELECT pg_advisory_lock(1)").pins, Some("a session advisory lock"));
     assert_eq!(c("SELECT pg_advisory_xact_lock(1)").pins, None);

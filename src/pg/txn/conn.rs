@@ -2,7 +2,7 @@
 //! to client through the pool; the machine reads and updates it, so it lives here, with
 //! no I/O, and the pool (`pg::pool`) holds one beside each connection.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::pg::protocol::views;
 
@@ -13,6 +13,9 @@ pub struct ConnState {
     pub pid: i32,
     /// Prepared statements (by content hash) that exist on this connection.
     pub prepared: HashSet<u64>,
+    /// SQL-level prepared statements on this connection: the name → the hash of the
+    /// PREPARE that made it (`statements::SqlStatements`).
+    pub sql_prepared: HashMap<String, u64>,
     /// Session state applied on this connection: setting name → the SET that made it.
     pub applied: BTreeMap<String, String>,
     /// Reported settings (ParameterStatus) as the server last stated them on this

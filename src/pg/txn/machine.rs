@@ -17,7 +17,7 @@ use super::conn::ConnState;
 use super::owed::{Owed, OwedQueue, Verdict};
 use super::running::Running;
 use super::state::SessionState;
-use super::statements::Statements;
+use super::statements::{SqlStatements, Statements};
 use super::unit;
 use crate::error::{Error, SqlState};
 use crate::pg::classify::{self, Classification, Classifier};
@@ -84,6 +84,8 @@ pub struct Machine<'a> {
     classifier: &'a Classifier,
     pub state: SessionState,
     stmts: Statements,
+    /// The client's SQL-level prepared statements.
+    sql_stmts: SqlStatements,
     owed: OwedQueue,
     unit: Option<Unit>,
     /// Why the client keeps its server connection between units: the first reason that
@@ -141,6 +143,7 @@ impl<'a> Machine<'a> {
             classifier,
             state,
             stmts: Statements::default(),
+            sql_stmts: SqlStatements::default(),
             owed: OwedQueue::default(),
             unit: None,
             pinned: None,
@@ -561,6 +564,7 @@ impl<'a> Machine<'a> {
         let tag = msg[0];
         // Vetted by `next_client_message`.
         let kind = FrontendTag::of(tag).expect("a frontend message");
+        let batch_was_open = unit.batch_open;
         if kind.opens_batch() {
             unit.batch_open = true;
         } else if kind.requests_ready() {
@@ -573,6 +577,26 @@ impl<'a> Machine<'a> {
             FrontendTag::Query => {
                 let q = Query::decode(body).map_err(malformed)?;
                 let c = self.classifier.classify_bytes(q.sql);
+                // SQL prepared statements: the connection's made the client's first.
+                let sql = &mut self.sql_stmts;
+                for name in &c.executes {
+                    sql.ensure(name, out, &mut self.owed, &mut conn.sql_prepared);
+                }
+                for (name, text) in &c.prepares {
+                    sql.preparing(name, text, out, &mut self.owed, &mut conn.sql_prepared);
+                }
+                let sql_deallocate = match c.deallocate.as_deref() {
+                    Some("") => {
+                        sql.forget_all(&mut conn.sql_prepared);
+                        false
+                    }
+                    Some(name) => sql.deallocate(name, out, &mut self.owed, &mut conn.sql_prepared),
+                    None => false,
+                };
+                if c.discards_all {
+                    sql.forget_all(&mut conn.sql_prepared);
+                    conn.prepared.clear();
+                }
                 self.owed.push(Owed::Ready);
                 self.queries += 1;
                 if self.cfg.digests {
@@ -581,11 +605,11 @@ impl<'a> Machine<'a> {
                     self.running.trace_last(trace);
                 }
                 match c.deallocate.as_deref() {
-                    Some(name) => self
+                    Some(name) if !sql_deallocate => self
                         .stmts
                         .deallocate(&msg, name, out, &mut self.owed, &mut conn.prepared)
                         .map_err(|e| Error::protocol(e.to_string()))?,
-                    None => out.extend_from_slice(&msg),
+                    _ => out.extend_from_slice(&msg),
                 }
                 Some(c)
             }
@@ -603,6 +627,18 @@ impl<'a> Machine<'a> {
             FrontendTag::Parse => {
                 let p = Parse::decode(body).map_err(malformed)?;
                 let c = self.classifier.classify_bytes(p.query);
+                // SQL PREPARE / EXECUTE in the extended protocol: a replay (a simple
+                // Query) can go only between requests, before the first message of one.
+                let between_requests = !batch_was_open;
+                if !c.prepares.is_empty() && self.pinned.is_none_or(classify::releasable) {
+                    self.pinned = Some("SQL PREPARE in the extended protocol");
+                    info!(cluster = %self.cfg.cluster, reason = "SQL PREPARE in the extended protocol", "client pinned to its server connection until it disconnects");
+                }
+                if between_requests {
+                    for name in &c.executes {
+                        self.sql_stmts.ensure(name, out, &mut self.owed, &mut conn.sql_prepared);
+                    }
+                }
                 self.stmts.parse(&msg, &p, out, &mut self.owed, &mut conn.prepared);
                 if p.name.is_empty() && self.cfg.digests {
                     let trace = trace_in(self.cfg.traces, p.query);
@@ -791,8 +827,14 @@ impl<'a> Machine<'a> {
                 Verdict::Pass | Verdict::Ready => {}
             }
             let unit = self.unit.as_mut().expect("checked above");
+            if verdict == Verdict::Ready {
+                self.sql_stmts.settled();
+            }
             match tag {
                 BackendTag::CommandComplete if msg[5..].starts_with(b"ROLLBACK") => self.state.unit_failed(),
+                BackendTag::CommandComplete if msg[5..] == *b"PREPARE\0" => {
+                    self.sql_stmts.confirmed(&mut conn.sql_prepared)
+                }
                 BackendTag::ErrorResponse => {
                     self.state.unit_failed();
                     let code = ErrorFields::decode(&msg[5..]).code;

@@ -422,6 +422,93 @@ fn a_read_a_standby_refuses_runs_on_the_primary() {
     assert_eq!(h.take_client(), "", "the refusal is not passed on");
 }
 
+/// The simple Queries in `out`, as text.
+fn queries(out: &[u8]) -> Vec<String> {
+    let mut b = out;
+    let mut v = Vec::new();
+    while let Some((tag, len)) = views::header(b) {
+        let m = &b[..len as usize + 1];
+        if tag == b'Q' {
+            v.push(String::from_utf8_lossy(&m[5..m.len() - 1]).into_owned());
+        }
+        b = &b[m.len()..];
+    }
+    v
+}
+
+/// The next unit gets another connection, with the client's settings already applied.
+fn another_connection(h: &mut Harness) {
+    h.conn = ConnState {
+        pid: h.conn.pid + 1,
+        applied: std::mem::take(&mut h.conn.applied),
+        ..ConnState::default()
+    };
+}
+
+#[test]
+fn sql_prepared_statements_follow_the_client_to_any_connection() {
+    let mut h = Harness::new(false);
+    let prepare = "PREPARE p (int) AS SELECT $1 * 2";
+    h.client(&query(prepare));
+    assert_eq!(queries(&h.take_server()), [prepare]);
+    h.server(&cat(&[be(b'C', b"PREPARE\0"), ready(b'I')]));
+    assert_eq!(h.take_client(), "CZ");
+    h.perform(true);
+    assert_eq!(h.released(), vec![true], "a PREPARE does not pin");
+    // The next unit on a connection that never saw it: prepared there first, its
+    // answers dropped.
+    another_connection(&mut h);
+    h.client(&query("EXECUTE p(1)"));
+    assert_eq!(queries(&h.take_server()), [prepare, "EXECUTE p(1)"]);
+    h.server(&cat(&[be(b'C', b"PREPARE\0"), ready(b'I')]));
+    h.server(&cat(&[be(b'C', b"SELECT 1\0"), ready(b'I')]));
+    assert_eq!(h.take_client(), "CZ");
+    h.perform(true);
+    // Where it is already: nothing more.
+    h.client(&query("EXECUTE p(2)"));
+    assert_eq!(queries(&h.take_server()), ["EXECUTE p(2)"]);
+    h.server(&cat(&[be(b'C', b"SELECT 1\0"), ready(b'I')]));
+    h.take_client();
+    h.perform(true);
+    // Another client's statement of that name on the connection: replaced first.
+    h.conn.sql_prepared.insert("p".into(), 99);
+    h.client(&query("EXECUTE p(3)"));
+    assert_eq!(queries(&h.take_server()), ["DEALLOCATE \"p\"", prepare, "EXECUTE p(3)"]);
+    h.server(&cat(&[be(b'C', b"DEALLOCATE\0"), ready(b'I')]));
+    h.server(&cat(&[be(b'C', b"PREPARE\0"), ready(b'I')]));
+    h.server(&cat(&[be(b'C', b"SELECT 1\0"), ready(b'I')]));
+    assert_eq!(h.take_client(), "CZ");
+    h.perform(true);
+    // DEALLOCATE: the server's, then the name is unknown again; another client's
+    // statement of the name on a connection is taken away before this client's EXECUTE.
+    h.client(&query("DEALLOCATE p"));
+    assert_eq!(queries(&h.take_server()), ["DEALLOCATE p"]);
+    h.server(&cat(&[be(b'C', b"DEALLOCATE\0"), ready(b'I')]));
+    h.take_client();
+    h.perform(true);
+    assert!(h.conn.sql_prepared.is_empty());
+    h.conn.sql_prepared.insert("p".into(), 99);
+    h.client(&query("EXECUTE p(4)"));
+    assert_eq!(queries(&h.take_server()), ["DEALLOCATE \"p\"", "EXECUTE p(4)"]);
+}
+
+#[test]
+fn a_failed_prepare_is_not_the_clients() {
+    let mut h = Harness::new(false);
+    h.client(&query("PREPARE p AS SELECT nope"));
+    h.take_server();
+    h.server(&cat(&[
+        error("ERROR", "42703", "column \"nope\" does not exist"),
+        ready(b'I'),
+    ]));
+    h.take_client();
+    h.perform(true);
+    assert!(h.conn.sql_prepared.is_empty());
+    another_connection(&mut h);
+    h.client(&query("EXECUTE p"));
+    assert_eq!(queries(&h.take_server()), ["EXECUTE p"], "nothing to replay");
+}
+
 #[test]
 fn a_client_pinned_by_advisory_locks_is_free_once_the_server_holds_none() {
     let mut h = Harness::new(false);

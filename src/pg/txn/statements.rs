@@ -189,6 +189,127 @@ impl Statements {
     }
 }
 
+/// SQL-level prepared statements (`PREPARE name AS …` / `EXECUTE name(…)` /
+/// `DEALLOCATE name`) across pooled connections. The server knows them by the client's
+/// own name, so no SQL is rewritten: before a client's request that executes (or
+/// deallocates) a name, the connection's statement of that name is made the client's,
+/// by replaying the client's `PREPARE` text (and first `DEALLOCATE` of another
+/// client's), as simple Queries whose answers are dropped. A `PREPARE` counts once the
+/// server confirmed it (its CommandComplete); a connection knows what it holds
+/// (`ConnState::sql_prepared`), so it never runs another client's statement.
+#[derive(Default)]
+pub struct SqlStatements {
+    by_name: HashMap<String, SqlStmt>,
+    /// PREPAREs sent and not yet confirmed, in order.
+    pending: std::collections::VecDeque<(String, SqlStmt)>,
+}
+
+#[derive(Clone)]
+struct SqlStmt {
+    hash: u64,
+    /// The client's PREPARE as a simple Query, ready to replay.
+    prepare: Bytes,
+}
+
+/// A simple Query of the proxy's own, answered but not shown to the client.
+fn replay(out: &mut BytesMut, owed: &mut OwedQueue, sql: &str) {
+    postgres_protocol::message::frontend::query(sql, out).expect("no NUL in a replayed statement");
+    owed.push(Owed::Replay);
+}
+
+/// A name as an SQL identifier (it is already folded: quoted, it stays as it is).
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+impl SqlStatements {
+    /// The client knows no SQL statement: nothing to do for it.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty() && self.pending.is_empty()
+    }
+
+    /// Make the connection's statement `name` the client's (or none, if the client has
+    /// none of that name). Replays go to `out` with their answers owed, before what the
+    /// caller queues next.
+    pub fn ensure(&self, name: &str, out: &mut BytesMut, owed: &mut OwedQueue, conn: &mut HashMap<String, u64>) {
+        let want = self.by_name.get(name);
+        let have = conn.get(name).copied();
+        if want.map(|s| s.hash) == have {
+            return;
+        }
+        if have.is_some() {
+            replay(out, owed, &format!("DEALLOCATE {}", quoted(name)));
+            conn.remove(name);
+        }
+        if let Some(s) = want {
+            out.extend_from_slice(&s.prepare);
+            owed.push(Owed::Replay);
+            conn.insert(name.to_string(), s.hash);
+        }
+    }
+
+    /// The client prepares `name` as `text`: another client's statement of that name
+    /// goes first; it is the client's once the server confirms it (`confirmed`).
+    pub fn preparing(
+        &mut self,
+        name: &str,
+        text: &str,
+        out: &mut BytesMut,
+        owed: &mut OwedQueue,
+        conn: &mut HashMap<String, u64>,
+    ) {
+        if conn.remove(name).is_some() {
+            replay(out, owed, &format!("DEALLOCATE {}", quoted(name)));
+        }
+        let mut prepare = BytesMut::new();
+        postgres_protocol::message::frontend::query(text, &mut prepare).expect("the client's text has no NUL");
+        let s = SqlStmt {
+            hash: statement_hash(text.as_bytes()),
+            prepare: prepare.freeze(),
+        };
+        self.pending.push_back((name.to_string(), s));
+    }
+
+    /// The server confirmed the oldest PREPARE sent (CommandComplete `PREPARE`).
+    pub fn confirmed(&mut self, conn: &mut HashMap<String, u64>) {
+        if let Some((name, s)) = self.pending.pop_front() {
+            conn.insert(name.clone(), s.hash);
+            self.by_name.insert(name, s);
+        }
+    }
+
+    /// The client's request was answered (ReadyForQuery): PREPAREs not confirmed by now
+    /// failed or never ran.
+    pub fn settled(&mut self) {
+        self.pending.clear();
+    }
+
+    /// `DEALLOCATE name` of the client's (true), or of a name this connection holds for
+    /// another client: the connection's statement is made the client's first, so the
+    /// server answers as it would the client alone; then it is gone.
+    pub fn deallocate(
+        &mut self,
+        name: &str,
+        out: &mut BytesMut,
+        owed: &mut OwedQueue,
+        conn: &mut HashMap<String, u64>,
+    ) -> bool {
+        if !self.by_name.contains_key(name) && !conn.contains_key(name) {
+            return false;
+        }
+        self.ensure(name, out, owed, conn);
+        self.by_name.remove(name);
+        conn.remove(name);
+        true
+    }
+
+    /// `DEALLOCATE ALL` or `DISCARD ALL`: nothing is prepared any more.
+    pub fn forget_all(&mut self, conn: &mut HashMap<String, u64>) {
+        self.by_name.clear();
+        conn.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
