@@ -9,7 +9,7 @@
 # openssl for the TLS tests' certificates, MariaDB (mariadbd, mariadb-install-db, the
 # mariadb client) for the MySQL-engine tests' throwaway clusters, sysbench for their
 # benchmarks, libmariadb-dev and pkg-config to build mysqlclient, promtool (the
-# prometheus package) to check /metrics, and mdbook (with cargo) to build the
+# prometheus package) to check /metrics, redis-server (Celery's broker in a test), and mdbook (with cargo) to build the
 # documentation in docs/.
 # Safe to run repeatedly.
 set -euo pipefail
@@ -45,6 +45,8 @@ command -v sysbench >/dev/null || missing+=(sysbench)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 # promtool (Prometheus) checks /metrics against the exposition format (tests/query_digests.rs).
 command -v promtool >/dev/null || missing+=(prometheus)
+# Celery's broker for django_switchyard's Celery integration test (tests/fresh_reads.rs).
+command -v redis-server >/dev/null || missing+=(redis-server)
 
 if ((${#missing[@]})); then
     echo "install-deps: installing ${missing[*]}"

@@ -268,28 +268,138 @@ fn django_post_redirect_get_reads_its_own_write_through_the_replica_alias() {
     }
 }
 
-/// django_switchyard's own unit tests (no database needed).
+/// The same under ASGI: the project served by uvicorn over real HTTP, a sync and an
+/// async view (the ORM's async API) reading on the replica alias.
 #[test]
-fn django_switchyard_unit_tests_pass() {
+fn django_under_asgi_reads_its_own_write_across_requests() {
+    let cluster = delayed_cluster(1);
+    let proxy = Proxy::start(&cluster, "proxy", "pool_mode = \"transaction\"", "");
+    let env = [
+        ("SY_HOST", "127.0.0.1".to_string()),
+        ("SY_RW_PORT", proxy.rw.to_string()),
+        ("SY_RO_PORT", proxy.ro.to_string()),
+        ("SY_USER", APP_USER.to_string()),
+        ("SY_PASSWORD", APP_PASSWORD.to_string()),
+        ("SY_DB", APP_DB.to_string()),
+    ];
+    python("django_check.py", &["migrate"], &env);
+    cluster.wait_replayed(Duration::from_secs(15)).unwrap();
+    let out = python("django_asgi_check.py", &["with-middleware"], &env);
+    assert!(out.contains("ok: with-middleware"), "{out}");
+    let out = python("django_asgi_check.py", &["without-middleware"], &env);
+    assert!(out.contains("ok: without-middleware"), "{out}");
+}
+
+/// Celery with a real broker (redis-server) and a real worker: a task sent right after a
+/// write reads it through the replica alias over a standby 2 s late, 20 of 20 with
+/// django_switchyard's Celery integration; without it, the same tasks read the late
+/// standby and miss it.
+#[test]
+fn a_celery_task_sent_after_a_write_reads_it_through_the_replica_alias() {
+    let cluster = delayed_cluster(1);
+    let proxy = Proxy::start(&cluster, "proxy", "pool_mode = \"transaction\"", "");
+    let env = [
+        ("SY_HOST", "127.0.0.1".to_string()),
+        ("SY_RW_PORT", proxy.rw.to_string()),
+        ("SY_RO_PORT", proxy.ro.to_string()),
+        ("SY_USER", APP_USER.to_string()),
+        ("SY_PASSWORD", APP_PASSWORD.to_string()),
+        ("SY_DB", APP_DB.to_string()),
+    ];
+    python("django_check.py", &["migrate"], &env);
+    cluster.wait_replayed(Duration::from_secs(15)).unwrap();
+    let with = python("celery_causal_check.py", &["with-integration"], &env);
+    assert!(with.contains("ok: with-integration"), "{with}");
+    let without = python("celery_causal_check.py", &["without-integration"], &env);
+    assert!(without.contains("ok: without-integration"), "{without}");
+    for out in [with, without] {
+        report(out.lines().find(|l| l.contains(" of ")).unwrap_or(""));
+    }
+}
+
+/// Run `program args` in the repository; its output, asserting it succeeded.
+fn run_in_repo(program: &str, args: &[&str]) -> String {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "python/django_switchyard/tests",
-        ])
+    let out = std::process::Command::new(program)
+        .args(args)
         .current_dir(root)
         .output()
-        .expect("run pytest");
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{text}");
+    assert!(out.status.success(), "{program} {args:?}:\n{text}");
+    text
+}
+
+/// django_switchyard's own unit tests (no database needed), on the Django installed
+/// (5.2) and on Django 4.2 LTS (in a virtual environment that sees the rest).
+#[test]
+fn django_switchyard_unit_tests_pass_on_django_4_2_and_5_2() {
+    let tests = "python/django_switchyard/tests";
+    let out = run_in_repo("python3", &["-m", "pytest", "-q", "-p", "no:cacheprovider", tests]);
+    report(&format!("Django 5.2: {}", out.lines().last().unwrap_or("")));
+    let venv = tempfile::tempdir().unwrap();
+    let venv = venv.path().to_str().unwrap();
+    run_in_repo("python3", &["-m", "venv", "--system-site-packages", venv]);
+    let python = format!("{venv}/bin/python");
+    run_in_repo(
+        &python,
+        &[
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "Django>=4.2,<4.3",
+        ],
+    );
+    let version = run_in_repo(&python, &["-c", "import django; print(django.get_version())"]);
+    assert!(version.starts_with("4.2"), "{version}");
+    let out = run_in_repo(&python, &["-m", "pytest", "-q", "-p", "no:cacheprovider", tests]);
+    report(&format!(
+        "Django {}: {}",
+        version.trim(),
+        out.lines().last().unwrap_or("")
+    ));
+}
+
+/// The package as PyPI would get it: a wheel and an sdist that `twine check` accepts,
+/// the wheel carrying `py.typed`, and the code passing `mypy --strict`.
+#[test]
+fn django_switchyard_builds_a_checked_wheel_and_sdist_and_is_typed() {
+    let dist = tempfile::tempdir().unwrap();
+    let dist = dist.path().to_str().unwrap();
+    run_in_repo(
+        "python3",
+        &["-m", "build", "--outdir", dist, "python/django_switchyard"],
+    );
+    let files: Vec<String> = std::fs::read_dir(dist)
+        .unwrap()
+        .map(|e| e.unwrap().path().to_str().unwrap().to_string())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with(".whl")) && files.iter().any(|f| f.ends_with(".tar.gz")),
+        "{files:?}"
+    );
+    let mut args = vec!["-m", "twine", "check", "--strict"];
+    args.extend(files.iter().map(String::as_str));
+    run_in_repo("python3", &args);
+    let wheel = files.iter().find(|f| f.ends_with(".whl")).unwrap();
+    let listing = run_in_repo("python3", &["-m", "zipfile", "-l", wheel]);
+    assert!(listing.contains("django_switchyard/py.typed"), "{listing}");
+    run_in_repo(
+        "python3",
+        &[
+            "-m",
+            "mypy",
+            "--strict",
+            "--ignore-missing-imports",
+            "python/django_switchyard/django_switchyard",
+        ],
+    );
 }
 
 /// `read_your_writes = "user"`: a write on one connection is seen by the next connection

@@ -10,5 +10,6 @@
 - `django_switchyard.causal`: `current_token()` and `use_token()`, for carrying a write's
   freshness anywhere else (a Celery task, a management command).
 """
+from __future__ import annotations
 
-__version__ = "0.2.0"  # keep equal to pyproject.toml's (scripts/install-deps.sh compares them)
+__version__ = "0.3.0"  # keep equal to pyproject.toml's (scripts/install-deps.sh compares them)

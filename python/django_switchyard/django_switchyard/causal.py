@@ -37,10 +37,13 @@ it will never accept gets MySQL error 1231.
 Public API: `current_token()` and `use_token()`. `TokenScope` is the machinery that the
 middleware shares with `use_token()`.
 """
+from __future__ import annotations
+
 import logging
 import os
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
 from django.db import DEFAULT_DB_ALIAS, Error, connections
 from django.db.backends.signals import connection_created
@@ -51,6 +54,11 @@ from .tokens import (
     CAUSAL_SETTING, is_valid_token, reset_sql, set_sql, show_sql, startup_option, token_name,
     token_of_row,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
 
 logger = logging.getLogger("django_switchyard")
 
@@ -70,18 +78,18 @@ OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"
 # The innermost open TokenScope. Django's connections are per thread (per async
 # context under ASGI), and so is a ContextVar, so a scope sees exactly the connections
 # of the request or task that opened it.
-_current_scope = ContextVar("django_switchyard_scope", default=None)
+_current_scope: ContextVar[TokenScope | None] = ContextVar("django_switchyard_scope", default=None)
 
 # Set while one of this package's own statements runs, so that the middleware does
 # not take a SET it sent itself for a statement of the application.
-_own_statement = ContextVar("django_switchyard_own_statement", default=False)
+_own_statement: ContextVar[bool] = ContextVar("django_switchyard_own_statement", default=False)
 
 
-def running_own_statement():
+def running_own_statement() -> bool:
     return _own_statement.get()
 
 
-def forget_scopes():
+def forget_scopes() -> None:
     """Start a request with no token scope.
 
     Requests do not nest, so a scope still current here was left by an earlier request
@@ -97,7 +105,7 @@ def forget_scopes():
     _current_scope.set(None)
 
 
-def current_token(alias=DEFAULT_DB_ALIAS):
+def current_token(alias: str = DEFAULT_DB_ALIAS) -> str:
     """The causal token of the newest write made on `alias`'s connection ("" if none).
 
     Call it after the write has committed: in autocommit mode right after the write,
@@ -126,7 +134,7 @@ def current_token(alias=DEFAULT_DB_ALIAS):
 
 
 @contextmanager
-def use_token(token, aliases=None):
+def use_token(token: str | None, aliases: str | Iterable[str] | None = None) -> Iterator[None]:
     """Make reads in the block at least as fresh as `token`.
 
     `aliases` defaults to SWITCHYARD_READ_ALIASES (every alias). No connection is
@@ -183,20 +191,20 @@ class TokenScope:
     on requests within the token's short lifetime.
     """
 
-    def __init__(self, token, aliases):
+    def __init__(self, token: str, aliases: Iterable[str]) -> None:
         set_sql(token)  # validates the token
         self.token = token
         self.aliases = frozenset(aliases)
-        self.startup = set()  # aliases whose new connections get the token at connect
-        self.opened = {}  # alias -> the DB-API connection opened with the token
-        self.given_up = set()  # aliases where Switchyard refused the token at connect
-        self.applied = set()  # aliases whose connection has this token by a SET now
+        self.startup: set[str] = set()  # aliases whose new connections get the token at connect
+        self.opened: dict[str, Any] = {}  # alias -> the DB-API connection opened with the token
+        self.given_up: set[str] = set()  # aliases where Switchyard refused the token at connect
+        self.applied: set[str] = set()  # aliases whose connection has this token by a SET now
         self.accepted = False  # the token went onto a connection somewhere
         self.refused = False  # the token was refused as invalid (another cluster's)
-        self.parent = None
+        self.parent: TokenScope | None = None
         self._open = False
 
-    def open(self):
+    def open(self) -> TokenScope:
         self.parent = _current_scope.get()
         _current_scope.set(self)
         self._open = True
@@ -209,7 +217,7 @@ class TokenScope:
                 self.apply(conn, may_reconnect=True)
         return self
 
-    def close(self):
+    def close(self) -> None:
         if not self._open:
             return
         self._open = False
@@ -237,7 +245,7 @@ class TokenScope:
         self.applied.clear()
         self.opened.clear()
 
-    def apply(self, conn, may_reconnect=False):
+    def apply(self, conn: BaseDatabaseWrapper, may_reconnect: bool = False) -> None:
         """SET the token on `conn` (an open connection of one of our aliases).
 
         With `may_reconnect`, a SET that session pooling mode cannot honour (55000)
@@ -272,7 +280,7 @@ class TokenScope:
             self.applied.add(conn.alias)
 
 
-def _takes_startup_token(conn):
+def _takes_startup_token(conn: BaseDatabaseWrapper) -> bool:
     """Whether a connection `conn` opens can carry the token as a startup option.
 
     Django's PostgreSQL backend (psycopg 3 or 2, and backends built on it, such as
@@ -284,7 +292,7 @@ def _takes_startup_token(conn):
     return conn.vendor == "postgresql" and not conn.settings_dict.get("OPTIONS", {}).get("pool")
 
 
-def _install_connect_hook(conn):
+def _install_connect_hook(conn: BaseDatabaseWrapper) -> None:
     """Make `conn` (one thread's connection object for an alias) connect through
     `_connect`, once; it does nothing unless a scope covering the alias is current.
 
@@ -298,17 +306,19 @@ def _install_connect_hook(conn):
     if getattr(prior, "_django_switchyard", False):
         return
 
-    def get_new_connection(conn_params):
+    def get_new_connection(conn_params: dict[str, Any]) -> Any:
         return _connect(conn, prior, conn_params)
 
-    get_new_connection._django_switchyard = True
+    # setattr: a type checker allows no new attributes on a function (getattr reads it above).
+    setattr(get_new_connection, "_django_switchyard", True)
     conn.get_new_connection = get_new_connection
 
 
-def _connect(conn, prior, conn_params):
+def _connect(conn: BaseDatabaseWrapper, prior: Callable[[dict[str, Any]], Any] | None,
+             conn_params: dict[str, Any]) -> Any:
     """Django's get_new_connection(conn_params) for `conn`, with the token of the
     scope covering its alias, if any, added to the startup options."""
-    def connect(params):
+    def connect(params: dict[str, Any]) -> Any:
         if prior is not None:
             return prior(params)
         return type(conn).get_new_connection(conn, params)
@@ -343,23 +353,24 @@ def _connect(conn, prior, conn_params):
     return raw
 
 
-def _close(conn):
+def _close(conn: BaseDatabaseWrapper) -> None:
     try:
         conn.close()
     except Exception as exc:
         logger.warning("closing the connection of %r failed: %s", conn.alias, exc)
 
 
-def _sqlstate(exc):
+def _sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE of a database error, from Django's wrapper or the driver's own."""
     for error in (exc, getattr(exc, "__cause__", None)):
-        code = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)  # psycopg 3, 2
+        code: str | None = (getattr(error, "sqlstate", None)  # psycopg 3
+                            or getattr(error, "pgcode", None))  # psycopg 2
         if code:
             return code
     return None
 
 
-def _mysql_errno(exc):
+def _mysql_errno(exc: BaseException) -> int | None:
     """The MySQL error number of a database error (mysqlclient puts it first in
     `args`, and Django's wrapper copies the args), or None."""
     for error in (exc, getattr(exc, "__cause__", None)):
@@ -370,32 +381,32 @@ def _mysql_errno(exc):
     return None
 
 
-def refused_as_invalid(exc):
+def refused_as_invalid(exc: BaseException) -> bool:
     """Whether Switchyard refused a token as one it will never accept (another
     cluster's, or not a token): SQLSTATE 22023 on PostgreSQL, error 1231 on MySQL."""
     return (_sqlstate(exc) == INVALID_PARAMETER_VALUE
             or _mysql_errno(exc) == MYSQL_WRONG_VALUE_FOR_VAR)
 
 
-def _covering(scope, alias):
+def _covering(scope: TokenScope | None, alias: str) -> TokenScope | None:
     """The innermost scope from `scope` outwards that covers `alias`."""
     while scope is not None and alias not in scope.aliases:
         scope = scope.parent
     return scope
 
 
-def _between_transactions(conn):
+def _between_transactions(conn: BaseDatabaseWrapper) -> bool:
     # get_autocommit() connects if needed: only ask an open connection.
     return not conn.in_atomic_block and conn.get_autocommit()
 
 
-def between_transactions(conn):
+def between_transactions(conn: BaseDatabaseWrapper) -> bool:
     """Whether `conn` is open and outside any transaction (where Switchyard answers the
     token statements). Does no I/O."""
     return conn.connection is not None and _between_transactions(conn)
 
 
-def reset(conn):
+def reset(conn: BaseDatabaseWrapper) -> None:
     """Take a token set with a SET off `conn` (open, between transactions); a failure
     is logged."""
     try:
@@ -404,12 +415,19 @@ def reset(conn):
         logger.warning("%s failed on %r: %s", reset_sql(conn.vendor), conn.alias, exc)
 
 
-def covering_scope(alias):
+def current_scope_token() -> str:
+    """The token of the innermost current TokenScope ("" if none): what is in force
+    here (a request's cookie, an enclosing use_token(), a task's header)."""
+    scope = _current_scope.get()
+    return scope.token if scope is not None else ""
+
+
+def covering_scope(alias: str) -> TokenScope | None:
     """The innermost current TokenScope that covers `alias`, or None."""
     return _covering(_current_scope.get(), alias)
 
 
-def run_own_statement(conn, sql):
+def run_own_statement(conn: BaseDatabaseWrapper, sql: str) -> Any:
     """Run one of our statements, without parameters, and return its first row."""
     flag = _own_statement.set(True)
     try:
@@ -420,7 +438,8 @@ def run_own_statement(conn, sql):
         _own_statement.reset(flag)
 
 
-def _on_connection_created(sender, connection, **kwargs):
+def _on_connection_created(sender: type[BaseDatabaseWrapper], connection: BaseDatabaseWrapper,
+                           **kwargs: Any) -> None:
     scope = _covering(_current_scope.get(), connection.alias)
     if scope is None:
         return

@@ -4,30 +4,37 @@ Read each time they are needed rather than once at import, so that
 `override_settings` works in tests and nothing here touches settings before Django
 is configured.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
-def write_aliases():
+
+def write_aliases() -> list[str]:
     """Aliases whose statements count as writes (the middleware asks them for a token)."""
     return _aliases("SWITCHYARD_WRITE_ALIASES", ["default"])
 
 
-def read_aliases():
+def read_aliases() -> list[str]:
     """Aliases that get the token before their first query (default: every alias)."""
     return _aliases("SWITCHYARD_READ_ALIASES", list(settings.DATABASES))
 
 
-def replica_alias():
+def replica_alias() -> str:
     """Where PrimaryReplicaRouter sends reads: Switchyard's read-only endpoint."""
     return getattr(settings, "SWITCHYARD_REPLICA_ALIAS", "replica")
 
 
-def cookie_name():
+def cookie_name() -> str:
     return getattr(settings, "SWITCHYARD_CAUSAL_COOKIE", "switchyard_causal")
 
 
-def cookie_max_age():
+def cookie_max_age() -> int:
     """Seconds a token stays in force for the user's next requests.
 
     Short on purpose: replication normally catches up in well under a second, and
@@ -36,7 +43,7 @@ def cookie_max_age():
     return int(getattr(settings, "SWITCHYARD_CAUSAL_MAX_AGE", 10))
 
 
-def _aliases(name, default):
+def _aliases(name: str, default: Iterable[str]) -> list[str]:
     value = getattr(settings, name, None)
     if value is None:
         return list(default)

@@ -19,9 +19,12 @@ object on `default` and reads it back through `replica` finds it.
 On MySQL / MariaDB the token goes onto every connection with a SET (there is no
 startup option for it; see causal.py).
 """
+from __future__ import annotations
+
 import logging
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import connections
@@ -35,10 +38,17 @@ from .causal import (
 )
 from .tokens import is_valid_token, set_sql, show_sql, sign_token, token_name, token_of_row, unsign_token
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.http import HttpRequest
+    from django.http.response import HttpResponseBase
+
 logger = logging.getLogger("django_switchyard")
 
 # The request's _Statements while its view runs (for the connection_created receiver).
-_watching = ContextVar("django_switchyard_statements", default=None)
+_watching: ContextVar[_Statements | None] = ContextVar("django_switchyard_statements", default=None)
 
 
 class CausalReadsMiddleware:
@@ -54,7 +64,7 @@ class CausalReadsMiddleware:
     them without a token. No connection is opened for the token's sake.
     """
 
-    def __init__(self, get_response):
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponseBase]) -> None:
         self.get_response = get_response
         # Validated once at startup: a misspelt alias is a configuration error, not
         # something to discover on every request.
@@ -66,7 +76,7 @@ class CausalReadsMiddleware:
         self.cookie_name = conf.cookie_name()
         self.max_age = conf.cookie_max_age()
 
-    def __call__(self, request):
+    def __call__(self, request: HttpRequest) -> HttpResponseBase:
         forget_scopes()
         incoming = unsign_token(request.COOKIES.get(self.cookie_name), self.max_age)
         scope = TokenScope(incoming, self.read_aliases).open() if incoming else None
@@ -98,7 +108,7 @@ class CausalReadsMiddleware:
             if scope is not None and not scope_handed_over:
                 scope.close()
 
-    def _token_of_writes(self, used):
+    def _token_of_writes(self, used: set[str]) -> str:
         """SHOW the token on each write alias the request ran a statement on.
 
         With several write aliases the last non-empty token wins: list several only if
@@ -120,7 +130,7 @@ class CausalReadsMiddleware:
             found = _read_token(conn) or found
         return found
 
-    def _set_cookie(self, response, token):
+    def _set_cookie(self, response: HttpResponseBase, token: str) -> None:
         response.set_cookie(
             self.cookie_name,
             sign_token(token),
@@ -133,7 +143,7 @@ class CausalReadsMiddleware:
         )
 
 
-def _read_token(conn):
+def _read_token(conn: BaseDatabaseWrapper) -> str:
     """The token of `conn`'s writes (open, between transactions), "" if none; a
     failure or a malformed answer is logged."""
     try:
@@ -171,19 +181,19 @@ class _Statements:
     statement and no statement.
     """
 
-    def __init__(self, write_aliases, read_aliases):
+    def __init__(self, write_aliases: list[str], read_aliases: list[str]) -> None:
         self.write_aliases = write_aliases
         self.read_aliases = read_aliases
-        self.used = set()  # write aliases the request ran a statement on
-        self.wrote = set()  # write aliases with statements since their token was read
+        self.used: set[str] = set()  # write aliases the request ran a statement on
+        self.wrote: set[str] = set()  # write aliases with statements since their token was read
         self.token = ""  # the newest token read from them
         # read alias -> the DB-API connection that has had the newest token (or for
         # which the attempt failed): one SET per connection and token.
-        self.given = {}
-        self.handed = {}  # read alias -> the DB-API connection our SET is on
+        self.given: dict[str, Any] = {}
+        self.handed: dict[str, Any] = {}  # read alias -> the DB-API connection our SET is on
 
     @contextmanager
-    def watching(self):
+    def watching(self) -> Iterator[None]:
         flag = _watching.set(self)
         try:
             with ExitStack() as stack:
@@ -196,7 +206,7 @@ class _Statements:
         finally:
             _watching.reset(flag)
 
-    def connected(self, conn):
+    def connected(self, conn: BaseDatabaseWrapper) -> None:
         """`conn` has just connected (connection_created). Django's MySQL backend runs
         statements while connecting, before that signal, so a hand-over may have come
         first and a token scope's SET at connect replaced it since: hand over again
@@ -204,7 +214,8 @@ class _Statements:
         if self.given.get(conn.alias) is conn.connection and covering_scope(conn.alias) is not None:
             del self.given[conn.alias]
 
-    def _on_write(self, execute, sql, params, many, context):
+    def _on_write(self, execute: Callable[[str, Any, bool, dict[str, Any]], Any], sql: str, params: Any,
+                  many: bool, context: dict[str, Any]) -> Any:
         if not running_own_statement():
             alias = context["connection"].alias
             self.used.add(alias)
@@ -212,14 +223,15 @@ class _Statements:
             self.given.clear()
         return execute(sql, params, many, context)
 
-    def _on_read(self, execute, sql, params, many, context):
+    def _on_read(self, execute: Callable[[str, Any, bool, dict[str, Any]], Any], sql: str, params: Any,
+                 many: bool, context: dict[str, Any]) -> Any:
         if self.used and not running_own_statement():
             conn = context["connection"]
             if self.given.get(conn.alias) is not conn.connection:
                 self._hand_over(conn)
         return execute(sql, params, many, context)
 
-    def _hand_over(self, conn):
+    def _hand_over(self, conn: BaseDatabaseWrapper) -> None:
         if not between_transactions(conn):
             return  # a SET would not be answered by the proxy; try before the next one
         writers = [connections[alias] for alias in sorted(self.wrote)]
@@ -242,7 +254,7 @@ class _Statements:
         else:
             self.handed[conn.alias] = conn.connection
 
-    def undo_handovers(self):
+    def undo_handovers(self) -> None:
         """Take the hand-over tokens off again, so that a connection kept for the next
         request does not carry them. Where a token scope (the cookie's) put its own
         token on the connection, the scope takes it off when it ends."""
@@ -262,7 +274,8 @@ class _Statements:
         self.handed.clear()
 
 
-def _on_connection_created(sender, connection, **kwargs):
+def _on_connection_created(sender: type[BaseDatabaseWrapper], connection: BaseDatabaseWrapper,
+                           **kwargs: Any) -> None:
     statements = _watching.get()
     if statements is not None and connection.alias in statements.read_aliases:
         statements.connected(connection)
@@ -271,7 +284,7 @@ def _on_connection_created(sender, connection, **kwargs):
 connection_created.connect(_on_connection_created, dispatch_uid="django_switchyard.middleware")
 
 
-def _body_may_query(response):
+def _body_may_query(response: HttpResponseBase) -> bool:
     """A streaming body our cleanup can wait for: a sync iterator (an async one runs
     outside this thread's connections), and not a file (nothing to read from the
     database, and replacing a FileResponse's body would cost it sendfile)."""
@@ -285,15 +298,15 @@ class _OnClose:
     when it is closed before its first item, and a server may close an unread body.
     """
 
-    def __init__(self, content, on_close):
+    def __init__(self, content: Iterable[bytes], on_close: Callable[[], None]) -> None:
         self._content = iter(content)
         self._on_close = on_close
 
-    def __iter__(self):
+    def __iter__(self) -> _OnClose:
         return self
 
-    def __next__(self):
+    def __next__(self) -> bytes:
         return next(self._content)
 
-    def close(self):
+    def close(self) -> None:
         self._on_close()

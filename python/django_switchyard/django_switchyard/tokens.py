@@ -19,7 +19,10 @@ The statements depend on the connection's vendor (Django's `connection.vendor`):
 
 Any vendor other than "mysql" gets PostgreSQL's (the unit tests use SQLite).
 """
+from __future__ import annotations
+
 import re
+from typing import Any, TypeGuard, cast
 
 from django.core import signing
 
@@ -43,7 +46,7 @@ MYSQL_RESET_SQL = f"SET {MYSQL_VARIABLE} = ''"
 COOKIE_SALT = "django_switchyard.causal_cookie"
 
 
-def is_valid_token(token):
+def is_valid_token(token: object) -> TypeGuard[str]:
     """True if `token` has the shape of a Switchyard causal token."""
     return (
         isinstance(token, str)
@@ -53,33 +56,33 @@ def is_valid_token(token):
     )
 
 
-def _mysql(vendor):
+def _mysql(vendor: str) -> bool:
     return vendor == "mysql"
 
 
-def token_name(vendor="postgresql"):
+def token_name(vendor: str = "postgresql") -> str:
     """How the token is named in statements (and log messages) for `vendor`."""
     return MYSQL_VARIABLE if _mysql(vendor) else CAUSAL_SETTING
 
 
-def show_sql(vendor="postgresql"):
+def show_sql(vendor: str = "postgresql") -> str:
     """The statement that returns the token of a connection's newest write."""
     return MYSQL_SHOW_SQL if _mysql(vendor) else SHOW_SQL
 
 
-def set_sql(token, vendor="postgresql"):
+def set_sql(token: str, vendor: str = "postgresql") -> str:
     """The statement that makes a connection's reads at least as fresh as `token`."""
     if not is_valid_token(token):
         raise ValueError(f"not a Switchyard causal token: {token!r}")
     return f"SET {token_name(vendor)} = '{token}'"
 
 
-def reset_sql(vendor="postgresql"):
+def reset_sql(vendor: str = "postgresql") -> str:
     """The statement that takes a token set with set_sql() off a connection."""
     return MYSQL_RESET_SQL if _mysql(vendor) else RESET_SQL
 
 
-def token_of_row(row):
+def token_of_row(row: Any) -> str:
     """The token in the first column of `row` (an answer to show_sql()), "" if none.
     Not validated here."""
     value = row[0] if row else None
@@ -88,7 +91,7 @@ def token_of_row(row):
     return value or ""
 
 
-def startup_option(token, existing=""):
+def startup_option(token: str, existing: str = "") -> str:
     """libpq's `options` value that gives `token` to a new connection, after the
     options in `existing` (Switchyard takes the setting out before the server sees
     them; the last one given wins)."""
@@ -98,12 +101,12 @@ def startup_option(token, existing=""):
     return f"{existing} {option}" if existing and existing.strip() else option
 
 
-def sign_token(token):
+def sign_token(token: str) -> str:
     """The cookie value for `token`: the token, a timestamp, and their signature."""
-    return _signer().sign(token)
+    return cast(str, _signer().sign(token))
 
 
-def unsign_token(value, max_age):
+def unsign_token(value: str | None, max_age: int) -> str | None:
     """The token in a cookie value, or None if the value is missing, forged, altered,
     older than `max_age` seconds, or does not hold a well-formed token."""
     if not value:
@@ -115,7 +118,7 @@ def unsign_token(value, max_age):
     return token if is_valid_token(token) else None
 
 
-def _signer():
+def _signer() -> signing.TimestampSigner:
     # Created per call: the key comes from settings (SECRET_KEY, and
     # SECRET_KEY_FALLBACKS while a key is being rotated), which tests override.
     return signing.TimestampSigner(salt=COOKIE_SALT)

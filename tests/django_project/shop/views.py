@@ -18,6 +18,14 @@ def customer_detail(request, pk):
     return _found_or_404(Customer.objects.filter(pk=pk))  # the router: `replica` (if there is one)
 
 
+async def customer_detail_async(request, pk):
+    """customer_detail as an async view (ASGI): the ORM's async API, on `replica`."""
+    customer = await Customer.objects.filter(pk=pk).afirst()
+    if customer is None:
+        return JsonResponse({"found": False}, status=404)
+    return JsonResponse({"found": True, "id": customer.pk, "name": customer.name})
+
+
 @require_POST
 def create_and_read(request):
     """Create a customer (on `default`) and read it back at once, in the same request,

@@ -27,7 +27,7 @@ def env(name, default=None):
 
 SECRET_KEY = "switchyard-test-only-not-secret"
 DEBUG = False
-ALLOWED_HOSTS = ["testserver"]  # django.test.Client's host
+ALLOWED_HOSTS = ["testserver", "127.0.0.1"]  # django.test.Client's host; uvicorn (ASGI)
 ROOT_URLCONF = "shop.urls"
 
 INSTALLED_APPS = [
