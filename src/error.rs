@@ -327,6 +327,15 @@ impl Error {
         Error::new(SqlState::SYNTAX_ERROR, Side::Client, message)
     }
 
+    /// A client too far behind its LISTEN notifications (`pg::notify::QUEUE`).
+    pub fn notifications_behind() -> Error {
+        Error::new(
+            SqlState(*b"53400"),
+            Side::Proxy,
+            "terminating connection: more notifications waited for this client than Switchyard keeps (1024); read them sooner (between transactions), or LISTEN on fewer channels",
+        )
+    }
+
     pub fn shutdown() -> Error {
         Error::new(
             SqlState::ADMIN_SHUTDOWN,

@@ -301,6 +301,44 @@ fn advisory_locks_hold_cursors_and_temporary_tables_pin_only_while_held() {
     report(out.lines().find(|l| l.contains("went back")).unwrap_or(""));
 }
 
+/// LISTEN / NOTIFY in transaction mode without pinning: 100 subscribers on 10 channels
+/// over pool_size = 5, one shared listening connection; a subscriber that stops reading
+/// is ended alone.
+#[test]
+fn listen_notify_works_over_a_small_pool_without_pinning() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        "pool_mode = \"transaction\"\npool_size = 5\ncheckout_timeout_ms = 30000",
+        "[proxy]\nthreads = 1\n",
+    );
+    let out = python(
+        "listen_check.py",
+        &[
+            "--port",
+            &proxy.rw.to_string(),
+            "--direct-port",
+            &cluster.nodes[0].port.to_string(),
+        ],
+        &[],
+    );
+    assert!(out.contains("ok: all LISTEN checks passed"), "{out}");
+    let most: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("most=")?.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(most <= 6, "{most} server connections: {out}");
+    let log = proxy.log_text();
+    assert!(!log.contains("client pinned"), "a LISTEN pinned a client");
+    assert!(log.contains("fell too far behind their notifications"), "{log}");
+    assert!(
+        !log.contains("without a goodbye"),
+        "the slow subscriber was not told why"
+    );
+    report(out.lines().find(|l| l.contains("subscribers got")).unwrap_or(""));
+}
+
 /// SQL PREPARE / EXECUTE / DEALLOCATE in transaction mode without pinning: 50 clients,
 /// each with its own statement under one name, over 5 server connections.
 #[test]

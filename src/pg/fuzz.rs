@@ -195,6 +195,8 @@ const SQL: &[&str] = &[
     "SET TIME ZONE 'UTC'",
     "RESET ALL",
     "LISTEN jobs",
+    "UNLISTEN *",
+    "LISTEN a; UNLISTEN b",
     "DEALLOCATE s1",
     "DEALLOCATE ALL",
     "SELECT pg_advisory_lock(1)",
@@ -379,7 +381,9 @@ impl ConnModel {
                 _ => {}
             }
             if matches!(tag, b'Q' | b'P') {
-                *pinned |= m.windows(6).any(|w| w == b"LISTEN");
+                // A LISTEN the server ran (an UNLISTEN pins nothing).
+                *pinned |= (0..m.len().saturating_sub(5))
+                    .any(|i| &m[i..i + 6] == b"LISTEN" && (i < 2 || &m[i - 2..i] != b"UN"));
                 *locked |= m.windows(16).any(|w| w == b"pg_advisory_lock");
             }
             b = &b[m.len()..];
@@ -480,6 +484,11 @@ pub fn machine_target(data: &[u8]) {
                     }
                 }
                 Action::CloseIdle(_) => {}
+                Action::Listen(_) => m.on_listened(if b.byte().is_some_and(|x| x % 4 == 0) {
+                    Err("fuzz".into())
+                } else {
+                    Ok(())
+                }),
                 // The server says none is left (the model forgets its locks) or some are.
                 Action::CountPins => {
                     assert!(conn.is_some(), "a question for a server while none is held");

@@ -36,6 +36,7 @@ pub mod greetings;
 pub mod health;
 mod login;
 pub mod manager;
+pub mod notify;
 pub mod pool;
 pub mod protocol;
 pub mod server;
@@ -59,6 +60,8 @@ pub struct PgShared {
     pub auth_query: auth_query::AuthQuery,
     /// Server connections, per worker thread (`pool::worker`).
     pub pools: pool::Pools,
+    /// The connections that LISTEN for clients in transaction pooling.
+    pub listeners: notify::Hub,
 }
 
 impl PgShared {
@@ -68,6 +71,7 @@ impl PgShared {
             verifiers: RwLock::new(Arc::new(verifiers(config, None))),
             auth_query: auth_query::AuthQuery::default(),
             pools: pool::Pools::new(workers),
+            listeners: notify::Hub::default(),
         }
     }
 

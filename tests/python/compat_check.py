@@ -81,7 +81,7 @@ def checks():
                 except psycopg.OperationalError as e:
                     expect(getattr(e, "sqlstate", None) in ("57P01", None), f"unexpected error {e!r}")
     else:
-        @check("own NOTIFY carries the pid the client was given (pinned by LISTEN)")
+        @check("own NOTIFY carries the pid the client was given (LISTEN through the shared listener)")
         def _():
             with connect(autocommit=True) as conn:
                 conn.execute("LISTEN compat")

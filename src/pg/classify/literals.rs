@@ -104,7 +104,7 @@ pub fn blank_literals(sql: &str, out: &mut String) {
 
 /// Where the `/* */` comment starting at `from` ends (past its `*/`, or the text's end),
 /// nested comments included, as PostgreSQL allows them.
-fn block_comment_end(b: &[u8], from: usize) -> usize {
+pub(crate) fn block_comment_end(b: &[u8], from: usize) -> usize {
     let (mut depth, mut j) = (1, from + 2);
     while j < b.len() && depth > 0 {
         if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {

@@ -16,6 +16,7 @@ use pg_query::protobuf::{a_const, ObjectType, TransactionStmtKind, VariableSetKi
 use pg_query::{NodeEnum, NodeRef};
 
 mod literals;
+pub(crate) use literals::block_comment_end;
 pub use literals::{blank_literals, without_comments};
 
 use crate::obs::digest::Digest;
@@ -135,6 +136,31 @@ pub struct Classification {
     pub executes: Vec<String>,
     /// `DISCARD ALL`: the session's prepared statements are all gone.
     pub discards_all: bool,
+    /// Every statement is a LISTEN or an UNLISTEN: what they ask, in order (empty
+    /// otherwise). Transaction pooling answers them itself between transactions
+    /// (`pg::notify`).
+    pub listens: Vec<ListenOp>,
+    /// Notifications it sends whose channel and payload are constants (`NOTIFY ch,
+    /// 'p'`, `pg_notify('ch', 'p')`): a listening client's own come back with its pid.
+    pub notifies: Vec<(String, String)>,
+}
+
+/// What a LISTEN / UNLISTEN statement asks (carried out by `pg::notify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenOp {
+    Listen(String),
+    Unlisten(String),
+    UnlistenAll,
+}
+
+impl ListenOp {
+    /// The CommandComplete tag the client gets for it.
+    pub fn tag(&self) -> &'static str {
+        match self {
+            ListenOp::Listen(_) => "LISTEN",
+            _ => "UNLISTEN",
+        }
+    }
 }
 
 /// Pin reasons a client can leave again, once its server session holds none of them (a
@@ -169,6 +195,8 @@ impl Classification {
             prepares: Vec::new(),
             executes: Vec::new(),
             discards_all: false,
+            listens: Vec::new(),
+            notifies: Vec::new(),
         }
     }
 }
@@ -438,6 +466,16 @@ impl Classifier {
                 Some(NodeEnum::VariableSetStmt(_) | NodeEnum::VariableShowStmt(_) | NodeEnum::DiscardStmt(_))
             ) || matches!(raw.stmt.as_ref().and_then(|s| s.node.as_ref()), Some(NodeEnum::SelectStmt(s)) if is_set_config(s))
         });
+        c.listens = stmts
+            .iter()
+            .map(|raw| match raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
+                Some(NodeEnum::ListenStmt(l)) => Some(ListenOp::Listen(l.conditionname.clone())),
+                Some(NodeEnum::UnlistenStmt(u)) if u.conditionname.is_empty() => Some(ListenOp::UnlistenAll),
+                Some(NodeEnum::UnlistenStmt(u)) => Some(ListenOp::Unlisten(u.conditionname.clone())),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default();
         for raw in stmts {
             let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
                 continue;
@@ -527,6 +565,11 @@ impl Classifier {
                 // Not a pin: tracked per client and prepared again where it is executed
                 // (`pg::txn::statements::SqlStatements`). Its text is kept, so it is
                 // cached by its exact text.
+                NodeEnum::NotifyStmt(n) => {
+                    c.read_only = false;
+                    c.literal_sensitive = true;
+                    c.notifies.push((n.conditionname.clone(), n.payload.clone()));
+                }
                 NodeEnum::PrepareStmt(p) => {
                     c.read_only = false;
                     c.literal_sensitive = true;
@@ -614,6 +657,21 @@ impl Classifier {
                         .unwrap_or_default();
                     if SESSION_LOCK_FUNCTIONS.contains(&name.as_str()) {
                         pin(&mut c, ADVISORY_LOCK);
+                    }
+                    if name == "pg_notify" {
+                        let text = |a: &pg_query::protobuf::Node| match &a.node {
+                            Some(NodeEnum::AConst(k)) => match &k.val {
+                                Some(a_const::Val::Sval(s)) => Some(s.sval.clone()),
+                                _ => None,
+                            },
+                            _ => None,
+                        };
+                        if let [ch, payload] = &f.args[..] {
+                            if let (Some(ch), Some(payload)) = (text(ch), text(payload)) {
+                                c.literal_sensitive = true;
+                                c.notifies.push((ch, payload));
+                            }
+                        }
                     }
                     if SESSION_UNLOCK_FUNCTIONS.contains(&name.as_str()) {
                         c.may_unpin = true;

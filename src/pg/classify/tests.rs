@@ -89,6 +89,27 @@ fn pins() {
     );
     assert_eq!(p.executes, ["q", "p"]);
     assert!(c("DISCARD ALL").discards_all && !c("DISCARD TEMP").discards_all);
+    // LISTEN / UNLISTEN alone (or only with each other) are the proxy's to answer.
+    use crate::pg::notify::ListenOp;
+    assert_eq!(
+        c("LISTEN a; UNLISTEN \"B\"; UNLISTEN *").listens,
+        [
+            ListenOp::Listen("a".into()),
+            ListenOp::Unlisten("B".into()),
+            ListenOp::UnlistenAll
+        ]
+    );
+    assert!(c("LISTEN a; SELECT 1").listens.is_empty());
+    assert_eq!(c("LISTEN a").pins, Some("LISTEN"));
+    assert_eq!(
+        c("NOTIFY a, 'x'; SELECT pg_notify('b', 'y'), pg_notify('c', $1)").notifies,
+        [("a".to_string(), "x".to_string()), ("b".to_string(), "y".to_string())]
+    );
+    assert_eq!(
+        c("NOTIFY a, 'z'").notifies,
+        [("a".to_string(), "z".to_string())],
+        "cached by its text"
+    );
     assert_eq!(c("LISTEN jobs").pins, Some("LISTEN"));
     assert_eq!(c("SELECT pg_advisory_lock(1)").pins, Some("a session advisory lock"));
     assert_eq!(c("SELECT pg_advisory_xact_lock(1)").pins, None);

@@ -50,6 +50,17 @@ pub fn error_response(buf: &mut BytesMut, severity: Severity, code: &str, msg: &
     });
 }
 
+/// NoticeResponse (a WARNING, between a client's statements): `code` and `msg`.
+pub fn notice(buf: &mut BytesMut, code: &str, msg: &str) {
+    message(buf, b'N', |b| {
+        for (field, value) in [(b'S', "WARNING"), (b'V', "WARNING"), (b'C', code), (b'M', msg)] {
+            b.put_u8(field);
+            cstr(b, value);
+        }
+        b.put_u8(0);
+    });
+}
+
 pub fn fatal(code: &str, msg: &str) -> BytesMut {
     let mut b = BytesMut::with_capacity(64 + msg.len());
     error_response(&mut b, Severity::Fatal, code, msg, None);

@@ -42,6 +42,9 @@ pub enum Action {
     /// cursors and temporary objects its session holds (the client, pinned only by
     /// such, may have released them); the driver calls `on_pins_counted`.
     CountPins,
+    /// Carry out a client's LISTEN / UNLISTEN statements on the shared listening
+    /// connection (`pg::notify`); the driver calls `on_listened`.
+    Listen(Vec<crate::pg::notify::ListenOp>),
 }
 
 pub struct Config {

@@ -26,6 +26,7 @@ use crate::pg::credential::Credential;
 use crate::pg::fresh::{Causal, FreshMetrics, Placement};
 use crate::pg::pool::{Pool, PoolError, PoolKey, PooledConn};
 use crate::pg::protocol::tags::BackendTag;
+use crate::pg::protocol::views;
 use crate::proxy::cancel::Registration;
 use crate::proxy::connector::{self, Accept, Connected, Dialer};
 use crate::proxy::shared::Shared;
@@ -211,6 +212,11 @@ pub struct Driver<'a> {
     watch: Watch,
     listener: Endpoint,
     unit: Unit,
+    /// The client's LISTENs, on the shared listening connection (`pg::notify`).
+    notify: Option<crate::pg::notify::Subscription>,
+    /// Notifications the client sent lately (`Machine::notified`), to show with its own
+    /// pid when they come back.
+    own_notifies: std::collections::VecDeque<(i32, String, String)>,
     /// Bytes read from and written to the client since they were last added to the
     /// listener's counters (at the end of each unit, and of the session), and those.
     bytes_in: u64,
@@ -235,6 +241,8 @@ struct Unit {
 
 enum Event {
     Client(std::io::Result<usize>),
+    /// A notification for the client's LISTENs (None: the listener let it go).
+    Notification(Option<bytes::Bytes>),
     Server(std::io::Result<usize>),
     Topology,
     Shutdown,
@@ -290,6 +298,8 @@ impl<'a> Driver<'a> {
             watch,
             listener: endpoint,
             unit: Unit::default(),
+            notify: None,
+            own_notifies: Default::default(),
             bytes_in: 0,
             bytes_out: 0,
             received,
@@ -375,6 +385,24 @@ impl<'a> Driver<'a> {
                         };
                         self.machine.on_pins_counted(held);
                     }
+                    Action::Listen(ops) => {
+                        if self.notify.is_none() {
+                            if let Some(ctx) = self.shared.clusters.get(&self.cluster.name) {
+                                let hub = &crate::pg::PgShared::of(self.shared).listeners;
+                                self.notify = Some(hub.subscribe(crate::pg::notify::Who {
+                                    cluster: ctx.clone(),
+                                    database: self.who.database.clone(),
+                                    user: self.who.user.clone(),
+                                    credential: self.credential.clone(),
+                                }));
+                            }
+                        }
+                        let done = match &self.notify {
+                            Some(n) => Box::pin(n.apply(&ops)).await,
+                            None => Err("no such cluster".to_string()),
+                        };
+                        self.machine.on_listened(done);
+                    }
                     Action::Causal(stmt) => {
                         self.note_writes();
                         // Rare (a causal-token statement): boxed, as `acquire`.
@@ -431,6 +459,15 @@ impl<'a> Driver<'a> {
                     }
                 }
             }
+            // The client's own notifications, to know them when they come back.
+            for sent in self.machine.notified.drain(..) {
+                if self.notify.is_some() {
+                    if self.own_notifies.len() == 64 {
+                        self.own_notifies.pop_front();
+                    }
+                    self.own_notifies.push_back(sent);
+                }
+            }
             // Dispatch every complete client message already buffered.
             self.machine
                 .on_client_input(&mut self.cbuf, self.held.as_mut().map(|h| &mut h.conn.state));
@@ -479,6 +516,11 @@ impl<'a> Driver<'a> {
                 let sbuf = &mut self.sbuf;
                 let server = self.held.as_mut().map(|h| &mut h.conn.conn.stream);
                 let has_server = server.is_some();
+                // Notifications reach the client between its transactions only (a
+                // pinned client holds its connection then too).
+                let idle = !has_server || self.machine.between_units();
+                let notify = self.notify.as_mut().filter(|_| idle);
+                let listening = notify.is_some();
                 // In a fixed order (no random start): an answer first, then the client,
                 // then the rare events, which a steady stream from the server delays only
                 // until it pauses.
@@ -491,6 +533,12 @@ impl<'a> Driver<'a> {
                         }
                     }, if has_server => Event::Server(r),
                     r = client.read_buf(cbuf) => Event::Client(r),
+                    n = async {
+                        match notify {
+                            Some(n) => n.rx.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    }, if listening => Event::Notification(n),
                     // Only a held connection can be evicted: between units the
                     // next checkout routes on the snapshot of its moment.
                     _ = topology.changed(), if has_server => Event::Topology,
@@ -537,6 +585,25 @@ impl<'a> Driver<'a> {
                     }
                 }
                 Event::Timeout => self.timed_out().await,
+                Event::Notification(n) => {
+                    let behind = self
+                        .notify
+                        .as_ref()
+                        .is_some_and(|s| s.overflowed.load(std::sync::atomic::Ordering::Relaxed));
+                    match n {
+                        Some(n) if !behind => {
+                            let at = self.machine.to_client.len();
+                            self.machine.to_client.extend_from_slice(&n);
+                            self.own_pid(at);
+                        }
+                        _ => {
+                            self.notify = None;
+                            if behind {
+                                self.machine.on_timeout(Error::notifications_behind(), false);
+                            }
+                        }
+                    }
+                }
                 // Only listened to while no server connection is held: between units.
                 // (A closed channel counts: its sender is gone with the proxy, and
                 // waiting on it again would return at once, forever.)
@@ -754,6 +821,29 @@ impl<'a> Driver<'a> {
                 },
             );
         }
+    }
+
+    /// The NotificationResponse at `at` in the client's output: if it is one the client
+    /// sent itself (the same server backend, channel and payload), it carries the
+    /// client's pid, as on a direct connection (clients skip their own this way).
+    fn own_pid(&mut self, at: usize) {
+        let msg = &self.machine.to_client[at..];
+        let (Some(pid), Some(rest)) = (views::notification_pid(&msg[5..]), msg.get(9..)) else {
+            return;
+        };
+        let mut fields = rest.split(|&b| b == 0);
+        let (Some(channel), Some(payload)) = (fields.next(), fields.next()) else {
+            return;
+        };
+        let Some(i) = self
+            .own_notifies
+            .iter()
+            .position(|(p, c, m)| *p == pid && c.as_bytes() == channel && m.as_bytes() == payload)
+        else {
+            return;
+        };
+        self.own_notifies.remove(i);
+        self.machine.to_client[at + 5..at + 9].copy_from_slice(&self.cancel.pid.to_be_bytes());
     }
 
     /// Add the bytes counted since the last time to the listener's counters.

@@ -86,6 +86,8 @@ pub struct Machine<'a> {
     stmts: Statements,
     /// The client's SQL-level prepared statements.
     sql_stmts: SqlStatements,
+    /// LISTEN / UNLISTEN statements the driver is carrying out (`Action::Listen`).
+    listening: Vec<crate::pg::notify::ListenOp>,
     owed: OwedQueue,
     unit: Option<Unit>,
     /// Why the client keeps its server connection between units: the first reason that
@@ -122,6 +124,10 @@ pub struct Machine<'a> {
     /// SQLSTATE classes of the server errors passed to the client since the driver last
     /// took them (for `/metrics`).
     pub server_errors: Vec<[u8; 2]>,
+    /// Notifications the client sent (the server backend's pid, channel, payload) since
+    /// the driver last took them: when they come back through the shared listener, they
+    /// carry the client's own pid, as on a direct connection.
+    pub notified: Vec<(i32, String, String)>,
 }
 
 impl<'a> Machine<'a> {
@@ -144,6 +150,7 @@ impl<'a> Machine<'a> {
             state,
             stmts: Statements::default(),
             sql_stmts: SqlStatements::default(),
+            listening: Vec::new(),
             owed: OwedQueue::default(),
             unit: None,
             pinned: None,
@@ -159,6 +166,7 @@ impl<'a> Machine<'a> {
             wrote: false,
             running: Running::default(),
             server_errors: Vec::new(),
+            notified: Vec::new(),
         };
         if let Some(reported) = greeting {
             m.write_greeting(reported);
@@ -279,12 +287,32 @@ impl<'a> Machine<'a> {
 
     /// Between transactions with nothing owed (held connection or not): the proxy may
     /// answer a statement itself.
-    fn between_units(&self) -> bool {
+    pub fn between_units(&self) -> bool {
         self.owed.is_empty()
             && self
                 .unit
                 .as_ref()
                 .is_none_or(|u| u.status == TxStatus::Idle && !u.batch_open)
+    }
+
+    /// The driver carried out `Action::Listen`: the client gets what a server would say.
+    pub fn on_listened(&mut self, result: Result<(), String>) {
+        let ops = std::mem::take(&mut self.listening);
+        match result {
+            Ok(()) => {
+                for op in &ops {
+                    messages::command_complete(&mut self.to_client, op.tag());
+                }
+            }
+            Err(why) => messages::error_response(
+                &mut self.to_client,
+                messages::Severity::Error,
+                "55000",
+                &format!("LISTEN could not take effect: {why}"),
+                Some("retry; Switchyard listens for transaction-pooled clients on one connection to the primary"),
+            ),
+        }
+        messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
     }
 
     /// The driver's answer to `Action::Causal`: written as a server would.
@@ -426,6 +454,16 @@ impl<'a> Machine<'a> {
                 {
                     self.actions.push_back(Action::Causal(stmt));
                     return;
+                }
+                // LISTEN / UNLISTEN between transactions: the shared listening
+                // connection's, not this client's server connection's.
+                if let Some(q) = Query::decode(&msg[5..]).ok().filter(|q| maybe_listen(q.sql)) {
+                    let c = self.classifier.classify_bytes(q.sql);
+                    if !c.listens.is_empty() {
+                        self.listening = c.listens.clone();
+                        self.actions.push_back(Action::Listen(c.listens.clone()));
+                        return;
+                    }
                 }
             }
             match (self.unit.as_ref(), conn.as_deref_mut()) {
@@ -577,6 +615,9 @@ impl<'a> Machine<'a> {
             FrontendTag::Query => {
                 let q = Query::decode(body).map_err(malformed)?;
                 let c = self.classifier.classify_bytes(q.sql);
+                for (channel, payload) in &c.notifies {
+                    self.notified.push((unit.server_pid, channel.clone(), payload.clone()));
+                }
                 // SQL prepared statements: the connection's made the client's first.
                 let sql = &mut self.sql_stmts;
                 for name in &c.executes {
@@ -970,6 +1011,24 @@ impl<'a> Machine<'a> {
         };
         self.end(Some(e));
     }
+}
+
+/// Might `sql` be LISTEN / UNLISTEN statements? (Its first keyword, past blanks and
+/// comments: a cheap test before classifying, on every Query between transactions.)
+fn maybe_listen(sql: &[u8]) -> bool {
+    let mut s = sql;
+    loop {
+        s = s.trim_ascii_start();
+        if let Some(rest) = s.strip_prefix(b"--") {
+            s = rest.splitn(2, |&b| b == b'\n').nth(1).unwrap_or(b"");
+        } else if s.starts_with(b"/*") {
+            s = s.get(classify::block_comment_end(s, 0)..).unwrap_or(b"");
+        } else {
+            break;
+        }
+    }
+    let word: &[u8] = s.get(..8).unwrap_or(s);
+    word.len() >= 6 && (word[..6].eq_ignore_ascii_case(b"listen") || word.eq_ignore_ascii_case(b"unlisten"))
 }
 
 /// The trace context in a statement's text, when traces are on (`on`).

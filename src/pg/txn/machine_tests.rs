@@ -200,6 +200,8 @@ impl Harness {
                 })),
                 // What a test says the server holds.
                 Action::CountPins => self.m.on_pins_counted(Some(self.locks)),
+                // The test answers (`on_listened`) itself.
+                Action::Listen(_) => {}
                 Action::CloseIdle(_) | Action::End(_) => {}
             }
         }
@@ -546,7 +548,8 @@ fn a_lock_does_not_end_a_pin_that_lasts() {
     let mut h = Harness::new(false);
     for sql in [
         "SELECT pg_advisory_lock(1)",
-        "LISTEN jobs",
+        // A LISTEN in a transaction is the server's: a pin that lasts.
+        "BEGIN; LISTEN jobs; COMMIT",
         "SELECT pg_advisory_unlock_all()",
     ] {
         h.client(&query(sql));
@@ -562,11 +565,42 @@ fn a_lock_does_not_end_a_pin_that_lasts() {
 }
 
 #[test]
+fn listen_between_transactions_is_the_proxys_and_pins_nothing() {
+    let mut h = Harness::new(false);
+    h.client(&query("/* app */ LISTEN jobs; UNLISTEN *"));
+    assert!(h.take_server().is_empty(), "no server connection for it");
+    let ops = match h.log.last() {
+        Some(Action::Listen(ops)) => ops.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(ops.len(), 2);
+    h.m.on_listened(Ok(()));
+    assert_eq!(h.take_client(), "CCZ");
+    h.client(&query("LISTEN jobs"));
+    h.m.on_listened(Err("no primary".into()));
+    assert_eq!(h.take_client(), "EZ");
+    assert!(!h.log.iter().any(|a| matches!(a, Action::Acquire { .. })));
+    // Inside a transaction it is the server's, and pins as before.
+    h.client(&query("BEGIN"));
+    h.take_server();
+    h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
+    h.take_client();
+    h.client(&query("LISTEN jobs"));
+    assert_eq!(queries(&h.take_server()), ["LISTEN jobs"]);
+    assert!(maybe_listen(b"  -- x\n listen a") && maybe_listen(b"UNLISTEN *") && !maybe_listen(b"SELECT 1"));
+}
+
+#[test]
 fn a_unit_that_pins_keeps_its_connection_until_the_client_leaves() {
     let mut h = Harness::new(false);
-    h.client(&query("LISTEN jobs"));
-    h.server(&cat(&[be(b'C', b"LISTEN\0"), ready(b'I')]));
-    assert_eq!(h.take_client(), "CZ");
+    h.client(&query("BEGIN; LISTEN jobs; COMMIT"));
+    h.server(&cat(&[
+        be(b'C', b"BEGIN\0"),
+        be(b'C', b"LISTEN\0"),
+        be(b'C', b"COMMIT\0"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.take_client(), "CCCZ");
     h.perform(true);
     assert!(h.released().is_empty(), "pinned: not released");
     // Its own NOTIFY carries the pid the client was given.
