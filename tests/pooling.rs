@@ -339,6 +339,42 @@ fn listen_notify_works_over_a_small_pool_without_pinning() {
     report(out.lines().find(|l| l.contains("subscribers got")).unwrap_or(""));
 }
 
+/// After a failover the shared listening connection listens again on the new primary:
+/// a subscriber gets the warning, then a notification sent after the promotion.
+#[test]
+fn listen_follows_the_primary_through_a_failover() {
+    use std::io::{BufRead, BufReader, Write};
+    let cluster = LocalCluster::start(1).unwrap();
+    let proxy = Proxy::start(&cluster, "proxy", "pool_mode = \"transaction\"", "");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/listen_failover_check.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(script)
+        .args(["--port", &proxy.rw.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "listening");
+    cluster.kill9(0).unwrap();
+    cluster.promote(1).unwrap();
+    // Notifications sent before it listens again are lost (as for a direct connection
+    // that reconnects): send once it does.
+    wait_for(
+        "the listening connection on the new primary",
+        Duration::from_secs(30),
+        || (proxy.log_text().matches("listening connection opened").count() >= 2).then_some(()),
+    );
+    psql(proxy.rw, "SELECT pg_notify('moved', 'after the failover')").unwrap();
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success() && rest.contains("ok:"), "{rest}");
+}
+
 /// SQL PREPARE / EXECUTE / DEALLOCATE in transaction mode without pinning: 50 clients,
 /// each with its own statement under one name, over 5 server connections.
 #[test]
