@@ -36,6 +36,8 @@ pub struct Subscription {
     tx: mpsc::Sender<Bytes>,
     pub overflowed: Arc<AtomicBool>,
     listener: mpsc::UnboundedSender<Cmd>,
+    /// The channels the client listens on.
+    pub channels: std::collections::HashSet<String>,
 }
 
 impl Drop for Subscription {
@@ -98,6 +100,7 @@ impl Hub {
             tx,
             overflowed: Arc::new(AtomicBool::new(false)),
             listener,
+            channels: Default::default(),
         }
     }
 }
@@ -106,7 +109,7 @@ impl Subscription {
     /// Carry out a client's LISTEN / UNLISTEN statements; a LISTEN returns once the
     /// listener's own LISTEN took effect, so nothing committed after the client's answer
     /// is missed.
-    pub async fn apply(&self, ops: &[ListenOp]) -> Result<(), String> {
+    pub async fn apply(&mut self, ops: &[ListenOp]) -> Result<(), String> {
         for op in ops {
             match op {
                 ListenOp::Listen(channel) => {
@@ -125,14 +128,17 @@ impl Subscription {
                         Ok(Err(_)) => return Err("the listening connection is gone".into()),
                         Err(_) => return Err("no listening connection within 10 s".into()),
                     }
+                    self.channels.insert(channel.clone());
                 }
                 ListenOp::Unlisten(channel) => {
+                    self.channels.remove(channel);
                     let _ = self.listener.send(Cmd::Unlisten {
                         client: self.id,
                         channel: Some(channel.clone()),
                     });
                 }
                 ListenOp::UnlistenAll => {
+                    self.channels.clear();
                     let _ = self.listener.send(Cmd::Unlisten {
                         client: self.id,
                         channel: None,

@@ -374,6 +374,9 @@ impl<'a> Driver<'a> {
                         if !self.machine.rerun_next() {
                             self.end_unit();
                         }
+                        if !self.machine.notified.is_empty() && self.notify.is_some() {
+                            Box::pin(self.own_notifications_first()).await;
+                        }
                         self.release(reuse)
                     }
                     Action::CountPins => {
@@ -397,7 +400,7 @@ impl<'a> Driver<'a> {
                                 }));
                             }
                         }
-                        let done = match &self.notify {
+                        let done = match &mut self.notify {
                             Some(n) => Box::pin(n.apply(&ops)).await,
                             None => Err("no such cluster".to_string()),
                         };
@@ -821,6 +824,60 @@ impl<'a> Driver<'a> {
                 },
             );
         }
+    }
+
+    /// The unit that ends sent notifications on channels the client listens to: on a
+    /// direct connection they come before the ReadyForQuery that ends it (clients
+    /// rely on that: a NOTIFY to oneself is seen when execute() returns). Wait briefly
+    /// for them to come back through the shared listener, and put them (and any others
+    /// that came meanwhile) there.
+    async fn own_notifications_first(&mut self) {
+        let Some(sub) = self.notify.as_mut() else { return };
+        let mut expected: Vec<(i32, String, String)> = self
+            .machine
+            .notified
+            .iter()
+            .filter(|(_, channel, _)| sub.channels.contains(channel))
+            .cloned()
+            .collect();
+        let out = &self.machine.to_client;
+        let ready = out.len() >= 6 && out[out.len() - 6] == b'Z';
+        if expected.is_empty() || !ready {
+            return;
+        }
+        let mut came = BytesMut::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+        while !expected.is_empty() {
+            let Ok(Some(n)) = tokio::time::timeout_at(deadline, sub.rx.recv()).await else {
+                break;
+            };
+            let at = came.len();
+            came.extend_from_slice(&n);
+            let (Some(pid), Some(rest)) = (views::notification_pid(&n[5..]), n.get(9..)) else {
+                continue;
+            };
+            let mut fields = rest.split(|&b| b == 0);
+            let (Some(channel), Some(payload)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            if let Some(i) = expected
+                .iter()
+                .position(|(p, c, m)| *p == pid && c.as_bytes() == channel && m.as_bytes() == payload)
+            {
+                expected.remove(i);
+                came[at + 5..at + 9].copy_from_slice(&self.cancel.pid.to_be_bytes());
+            }
+        }
+        // The rest is matched when it comes, as any notification (`own_pid`).
+        let sent = std::mem::take(&mut self.machine.notified);
+        self.own_notifies
+            .extend(sent.into_iter().filter(|n| expected.contains(n)));
+        while self.own_notifies.len() > 64 {
+            self.own_notifies.pop_front();
+        }
+        let rfq = self.machine.to_client.split_off(self.machine.to_client.len() - 6);
+        self.machine.to_client.extend_from_slice(&came);
+        self.machine.to_client.extend_from_slice(&rfq);
     }
 
     /// The NotificationResponse at `at` in the client's output: if it is one the client
