@@ -268,10 +268,9 @@ fn django_post_redirect_get_reads_its_own_write_through_the_replica_alias() {
     }
 }
 
-/// The same under ASGI: the project served by uvicorn over real HTTP, a sync and an
-/// async view (the ORM's async API) reading on the replica alias.
-#[test]
-fn django_under_asgi_reads_its_own_write_across_requests() {
+/// A cluster with a late standby, Switchyard in transaction pooling in front, the test
+/// project migrated (and the tables on the standby); the environment its checks read.
+fn migrated_django_project() -> (LocalCluster, Proxy, [(&'static str, String); 6]) {
     let cluster = delayed_cluster(1);
     let proxy = Proxy::start(&cluster, "proxy", "pool_mode = \"transaction\"", "");
     let env = [
@@ -284,6 +283,14 @@ fn django_under_asgi_reads_its_own_write_across_requests() {
     ];
     python("django_check.py", &["migrate"], &env);
     cluster.wait_replayed(Duration::from_secs(15)).unwrap();
+    (cluster, proxy, env)
+}
+
+/// The same under ASGI: the project served by uvicorn over real HTTP, a sync and an
+/// async view (the ORM's async API) reading on the replica alias.
+#[test]
+fn django_under_asgi_reads_its_own_write_across_requests() {
+    let (_cluster, _proxy, env) = migrated_django_project();
     let out = python("django_asgi_check.py", &["with-middleware"], &env);
     assert!(out.contains("ok: with-middleware"), "{out}");
     let out = python("django_asgi_check.py", &["without-middleware"], &env);
@@ -296,18 +303,7 @@ fn django_under_asgi_reads_its_own_write_across_requests() {
 /// standby and miss it.
 #[test]
 fn a_celery_task_sent_after_a_write_reads_it_through_the_replica_alias() {
-    let cluster = delayed_cluster(1);
-    let proxy = Proxy::start(&cluster, "proxy", "pool_mode = \"transaction\"", "");
-    let env = [
-        ("SY_HOST", "127.0.0.1".to_string()),
-        ("SY_RW_PORT", proxy.rw.to_string()),
-        ("SY_RO_PORT", proxy.ro.to_string()),
-        ("SY_USER", APP_USER.to_string()),
-        ("SY_PASSWORD", APP_PASSWORD.to_string()),
-        ("SY_DB", APP_DB.to_string()),
-    ];
-    python("django_check.py", &["migrate"], &env);
-    cluster.wait_replayed(Duration::from_secs(15)).unwrap();
+    let (_cluster, _proxy, env) = migrated_django_project();
     let with = python("celery_causal_check.py", &["with-integration"], &env);
     assert!(with.contains("ok: with-integration"), "{with}");
     let without = python("celery_causal_check.py", &["without-integration"], &env);
