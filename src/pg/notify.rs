@@ -106,6 +106,28 @@ impl Hub {
 }
 
 impl Subscription {
+    /// UNLISTENs the client sent to the server (in a transaction, or with other
+    /// statements, or its `DISCARD ALL`): its LISTENs here end too.
+    pub fn forget(&mut self, ops: &[ListenOp]) {
+        for op in ops {
+            let channel = match op {
+                ListenOp::Listen(_) => continue,
+                ListenOp::Unlisten(c) => {
+                    self.channels.remove(c);
+                    Some(c.clone())
+                }
+                ListenOp::UnlistenAll => {
+                    self.channels.clear();
+                    None
+                }
+            };
+            let _ = self.listener.send(Cmd::Unlisten {
+                client: self.id,
+                channel,
+            });
+        }
+    }
+
     /// Carry out a client's LISTEN / UNLISTEN statements; a LISTEN returns once the
     /// listener's own LISTEN took effect, so nothing committed after the client's answer
     /// is missed.

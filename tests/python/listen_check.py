@@ -113,5 +113,19 @@ except psycopg.OperationalError as e:
     # connection closing; the proxy's log says why.)
     print(f"the slow subscriber: {str(e).splitlines()[0]}")
 print("ok: a subscriber that stopped reading was ended, the others went on")
+# UNLISTEN sent to the server (in a transaction block) and DISCARD ALL end the
+# shared LISTENs too.
+gone, kept = connect(), connect()
+gone.execute("LISTEN gone")
+gone.execute("DISCARD ALL")
+kept.execute("LISTEN kept")
+kept.execute("BEGIN; UNLISTEN kept; COMMIT")
+with connect() as sender:
+    sender.execute("NOTIFY gone, 'x'")
+    sender.execute("NOTIFY kept, 'y'")
+for conn in (gone, kept):
+    late = list(conn.notifies(timeout=1))
+    assert late == [], late
+print("ok: DISCARD ALL and an UNLISTEN in a transaction end the LISTENs")
 print(f"most={most[0]}")
 print("ok: all LISTEN checks passed")

@@ -140,6 +140,10 @@ pub struct Classification {
     /// otherwise). Transaction pooling answers them itself between transactions
     /// (`pg::notify`).
     pub listens: Vec<ListenOp>,
+    /// Its UNLISTEN statements, wherever they are (for a client's LISTENs that the proxy
+    /// carries out, when the statement goes to the server: in a transaction block, or
+    /// among other statements).
+    pub unlistens: Vec<ListenOp>,
     /// Notifications it sends whose channel and payload are constants (`NOTIFY ch,
     /// 'p'`, `pg_notify('ch', 'p')`): a listening client's own come back with its pid.
     pub notifies: Vec<(String, String)>,
@@ -196,6 +200,7 @@ impl Classification {
             executes: Vec::new(),
             discards_all: false,
             listens: Vec::new(),
+            unlistens: Vec::new(),
             notifies: Vec::new(),
         }
     }
@@ -476,6 +481,14 @@ impl Classifier {
             })
             .collect::<Option<Vec<_>>>()
             .unwrap_or_default();
+        c.unlistens = stmts
+            .iter()
+            .filter_map(|raw| match raw.stmt.as_ref().and_then(|s| s.node.as_ref()) {
+                Some(NodeEnum::UnlistenStmt(u)) if u.conditionname.is_empty() => Some(ListenOp::UnlistenAll),
+                Some(NodeEnum::UnlistenStmt(u)) => Some(ListenOp::Unlisten(u.conditionname.clone())),
+                _ => None,
+            })
+            .collect();
         for raw in stmts {
             let Some(node) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
                 continue;

@@ -100,6 +100,10 @@ fn pins() {
         ]
     );
     assert!(c("LISTEN a; SELECT 1").listens.is_empty());
+    assert_eq!(
+        c("BEGIN; UNLISTEN a; COMMIT").unlistens,
+        [ListenOp::Unlisten("a".into())]
+    );
     assert_eq!(c("LISTEN a").pins, Some("LISTEN"));
     assert_eq!(
         c("NOTIFY a, 'x'; SELECT pg_notify('b', 'y'), pg_notify('c', $1)").notifies,

@@ -462,6 +462,13 @@ impl<'a> Driver<'a> {
                     }
                 }
             }
+            // UNLISTENs that went to the server end the client's shared LISTENs too.
+            if !self.machine.unlistened.is_empty() {
+                let ops = std::mem::take(&mut self.machine.unlistened);
+                if let Some(n) = self.notify.as_mut() {
+                    n.forget(&ops);
+                }
+            }
             // The client's own notifications, to know them when they come back.
             for sent in self.machine.notified.drain(..) {
                 if self.notify.is_some() {

@@ -128,6 +128,9 @@ pub struct Machine<'a> {
     /// the driver last took them: when they come back through the shared listener, they
     /// carry the client's own pid, as on a direct connection.
     pub notified: Vec<(i32, String, String)>,
+    /// UNLISTENs (and `DISCARD ALL`) the client sent to the server since the driver last
+    /// took them: they end its LISTENs on the shared connection too.
+    pub unlistened: Vec<crate::pg::notify::ListenOp>,
 }
 
 impl<'a> Machine<'a> {
@@ -167,6 +170,7 @@ impl<'a> Machine<'a> {
             running: Running::default(),
             server_errors: Vec::new(),
             notified: Vec::new(),
+            unlistened: Vec::new(),
         };
         if let Some(reported) = greeting {
             m.write_greeting(reported);
@@ -617,6 +621,10 @@ impl<'a> Machine<'a> {
                 let c = self.classifier.classify_bytes(q.sql);
                 for (channel, payload) in &c.notifies {
                     self.notified.push((unit.server_pid, channel.clone(), payload.clone()));
+                }
+                self.unlistened.extend(c.unlistens.iter().cloned());
+                if c.discards_all {
+                    self.unlistened.push(crate::pg::notify::ListenOp::UnlistenAll);
                 }
                 // SQL prepared statements: the connection's made the client's first.
                 let sql = &mut self.sql_stmts;
