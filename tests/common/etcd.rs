@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{free_port, wait_for};
+use super::wait_for;
 
 pub struct Member {
     pub name: String,
@@ -21,14 +21,39 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    /// `n` members, each on its own client and peer port.
+    /// `n` members, each on its own client and peer port. A member can fail to start
+    /// when another process takes one of its ports between our choosing and etcd's
+    /// binding it (or two ports come out the same); that is the harness's race, not
+    /// etcd's, so a failed start is retried on fresh ports, its logs shown.
     pub fn start(n: usize) -> EtcdCluster {
+        for attempt in 1..=3 {
+            let mut cluster = Self::spawn(n);
+            match cluster.wait_healthy(Duration::from_secs(30)) {
+                Ok(()) => return cluster,
+                Err(why) => {
+                    eprintln!("etcd start, attempt {attempt}: {why}");
+                    for i in 0..n {
+                        eprintln!("---- etcd {} log ----\n{}", cluster.members[i].name, cluster.log(i));
+                    }
+                }
+            }
+        }
+        panic!("etcd did not start in 3 attempts (logs above)");
+    }
+
+    fn spawn(n: usize) -> EtcdCluster {
         let dir = tempfile::Builder::new().prefix("switchyard-etcd-").tempdir().unwrap();
+        // Hold every chosen port until all are chosen, so no two are the same.
+        let held: Vec<std::net::TcpListener> = (0..2 * n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().unwrap().port()).collect();
+        drop(held);
         let mut members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: free_port(),
-                peer: free_port(),
+                client: ports[2 * i],
+                peer: ports[2 * i + 1],
                 child: None,
             })
             .collect();
@@ -57,15 +82,42 @@ impl EtcdCluster {
                 .expect("start etcd (Debian: apt-get install etcd-server)");
             m.child = Some(child);
         }
-        let cluster = EtcdCluster { members, dir };
-        for m in &cluster.members {
-            wait_for("etcd member healthy", Duration::from_secs(30), || {
-                let url = format!("http://127.0.0.1:{}/health", m.client);
-                let body = ureq::get(&url).call().ok()?.into_body().read_to_string().ok()?;
-                body.contains("\"true\"").then_some(())
-            });
+        EtcdCluster { members, dir }
+    }
+
+    /// Every member answers healthy, or why not: one exited, or `within` passed.
+    fn wait_healthy(&mut self, within: Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + within;
+        let mut healthy = vec![false; self.members.len()];
+        loop {
+            for (i, m) in self.members.iter_mut().enumerate() {
+                if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    return Err(format!("member {} exited ({status})", m.name));
+                }
+                if !healthy[i] {
+                    let url = format!("http://127.0.0.1:{}/health", m.client);
+                    healthy[i] = ureq::get(&url)
+                        .call()
+                        .ok()
+                        .and_then(|r| r.into_body().read_to_string().ok())
+                        .is_some_and(|body| body.contains("\"true\""));
+                }
+            }
+            if healthy.iter().all(|h| *h) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                let sick: Vec<&str> = self
+                    .members
+                    .iter()
+                    .zip(&healthy)
+                    .filter(|(_, h)| !**h)
+                    .map(|(m, _)| m.name.as_str())
+                    .collect();
+                return Err(format!("not healthy after {within:?}: {}", sick.join(", ")));
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        cluster
     }
 
     pub fn urls(&self) -> Vec<String> {
