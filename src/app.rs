@@ -2,8 +2,9 @@
 //! listeners and the admin HTTP endpoint; reload and graceful shutdown. Nothing depends
 //! on it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, Config, Engine};
 use crate::pg::session;
 use crate::pg::PgCluster;
+use crate::proxy::handover::Listening;
 use crate::proxy::shared::Shared;
 use crate::tls::ServerTls;
 
@@ -278,15 +280,50 @@ pub struct Proxy {
     pub shared: Arc<Shared>,
     pub listening: Vec<(String, Endpoint, SocketAddr)>,
     shutdown_tx: watch::Sender<bool>,
+    leaving_tx: watch::Sender<bool>,
+    /// A copy of each listening socket, to pass to a successor (binary upgrade).
+    handoff: Vec<(Listening, OwnedFd)>,
+    workers: Arc<Workers>,
+    /// Operators' upgrade requests (`Shared::upgrades`), taken by `wait_for_signal`.
+    upgrade_requests:
+        std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<crate::proxy::shared::UpgradeReply>>>,
+}
+
+/// A listener from a predecessor (`upgrade::Inherited`) if it listens where `addr`
+/// says, else a new one bound there.
+async fn listener(
+    inherited: &mut HashMap<String, (SocketAddr, std::net::TcpListener)>,
+    name: &str,
+    addr: &str,
+) -> std::io::Result<TcpListener> {
+    if let Some((at, l)) = inherited.remove(name) {
+        let wanted: Vec<SocketAddr> = tokio::net::lookup_host(addr).await?.collect();
+        if wanted.contains(&at) {
+            return TcpListener::from_std(l);
+        }
+        info!(listener = name, was = %at, now = addr, "the old process listened elsewhere: binding the configured address");
+    }
+    TcpListener::bind(addr).await
 }
 
 impl Proxy {
     /// Bind every listener, start the health monitors and accept loops.
     pub async fn start(config: Config, config_path: Option<PathBuf>) -> anyhow::Result<Proxy> {
+        Proxy::start_inheriting(config, config_path, HashMap::new()).await
+    }
+
+    /// The same, taking the listening sockets a predecessor passed (binary upgrade;
+    /// `upgrade::Inherited`) where they listen on the configured addresses.
+    pub async fn start_inheriting(
+        config: Config,
+        config_path: Option<PathBuf>,
+        mut inherited: HashMap<String, (SocketAddr, std::net::TcpListener)>,
+    ) -> anyhow::Result<Proxy> {
         if let Some(p) = &config_path {
             warn_if_readable_by_others(p, &config);
         }
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let (leaving_tx, leaving) = watch::channel(false);
         let mut clusters = BTreeMap::new();
         let mut listeners = Vec::new();
         for (name, c) in &config.clusters {
@@ -313,7 +350,7 @@ impl Proxy {
             ));
             for (addr, endpoint) in [(&c.listen_rw, Endpoint::ReadWrite), (&c.listen_ro, Endpoint::ReadOnly)] {
                 if let Some(addr) = addr {
-                    let l = TcpListener::bind(addr)
+                    let l = listener(&mut inherited, &format!("{name}/{endpoint}"), addr)
                         .await
                         .with_context(|| format!("cannot listen on {addr} (clusters.{name}.listen_{endpoint})"))?;
                     listeners.push((ctx.clone(), endpoint, l));
@@ -329,7 +366,7 @@ impl Proxy {
                 config,
                 config_path,
                 clusters,
-                shutdown.clone(),
+                (shutdown.clone(), leaving.clone()),
                 vec![Box::new(pg_shared)],
             )
             .map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -363,31 +400,99 @@ impl Proxy {
         }
         let workers = Arc::new(workers);
         let mut listening = Vec::new();
+        let mut handoff = Vec::new();
         for (ctx, endpoint, l) in listeners {
             let local = l.local_addr()?;
             info!(cluster = %ctx.name, endpoint = %endpoint, addr = %local, "listening");
             listening.push((ctx.name.clone(), endpoint, local));
+            handoff.push((
+                Listening {
+                    name: format!("{}/{endpoint}", ctx.name),
+                    addr: local,
+                },
+                l.as_fd().try_clone_to_owned()?,
+            ));
             tokio::spawn(accept_loop(
                 l,
                 ctx,
                 endpoint,
                 shared.clone(),
                 workers.clone(),
-                shutdown.clone(),
+                leaving.clone(),
             ));
         }
         if let Some(addr) = http_listen {
-            let l = TcpListener::bind(&addr)
+            let l = listener(&mut inherited, "admin/http", &addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} (admin.http_listen)"))?;
             info!(addr = %l.local_addr()?, "admin HTTP listening");
+            handoff.push((
+                Listening {
+                    name: "admin/http".into(),
+                    addr: l.local_addr()?,
+                },
+                l.as_fd().try_clone_to_owned()?,
+            ));
             tokio::spawn(crate::admin::http::serve(l, shared.clone()));
         }
+        // Inherited listeners no cluster wants any more close here.
+        for (name, (addr, _)) in inherited {
+            info!(listener = %name, addr = %addr, "not in this config: the old process's listener is closed");
+        }
+        let (requests_tx, requests) = tokio::sync::mpsc::unbounded_channel();
+        let _ = shared.upgrades.set(requests_tx);
         Ok(Proxy {
             shared,
             listening,
             shutdown_tx,
+            leaving_tx,
+            handoff,
+            workers,
+            upgrade_requests: std::sync::Mutex::new(Some(requests)),
         })
+    }
+
+    /// Binary upgrade: start the binary now at this executable's path as the successor,
+    /// pass it the listeners, and once it is ready stop accepting and hand the clients
+    /// over (`upgrade`). Ok(the successor's pid); Err(why) leaves this process serving.
+    pub async fn upgrade(&self, exe: &std::path::Path) -> Result<u32, String> {
+        if self.shared.successor.get().is_some() || *self.shared.shutdown.borrow() {
+            return Err("this process is already handing over to a successor or shutting down".into());
+        }
+        let (pid, channel) = crate::upgrade::start_successor(&exe.to_path_buf(), &self.handoff).await?;
+        let _ = self
+            .shared
+            .successor
+            .set(Arc::new(crate::proxy::handover::Successor::new(channel, pid)));
+        // After `successor`: sessions woken by this look at it.
+        let _ = self.leaving_tx.send(true);
+        // systemd follows the new process (Type=notify: it is the service now).
+        notify(&[
+            sd_notify::NotifyState::MainPid(pid),
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("upgraded: the new process serves"),
+        ]);
+        info!(successor = pid, "upgrade: the new process is ready and takes new clients; handing over the pooled clients at their next transaction boundary");
+        Ok(pid)
+    }
+
+    /// What takes the clients a predecessor hands over (`Adopter::adopt`).
+    pub fn adopter(&self) -> Adopter {
+        Adopter {
+            shared: self.shared.clone(),
+            workers: self.workers.clone(),
+        }
+    }
+
+    /// After an upgrade: wait for the clients that stayed (session mode, TLS, pinned) to
+    /// leave, at most `proxy.shutdown_timeout_ms`, then end the rest as a shutdown does.
+    pub async fn drain(&self) {
+        let grace = Duration::from_millis(self.shared.config().proxy.shutdown_timeout_ms);
+        let deadline = Instant::now() + grace;
+        while !self.shared.clients.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.shutdown().await;
     }
 
     /// Graceful shutdown: stop accepting; sessions close as soon as they are between
@@ -396,6 +501,8 @@ impl Proxy {
     pub async fn shutdown(&self) {
         let grace = Duration::from_millis(self.shared.config().proxy.shutdown_timeout_ms);
         let _ = self.shutdown_tx.send(true);
+        // After `shutdown`: sessions woken by this look at it.
+        let _ = self.leaving_tx.send(true);
         let deadline = Instant::now() + grace + Duration::from_millis(500);
         while !self.shared.clients.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -546,7 +653,7 @@ async fn accept_loop(
     endpoint: Endpoint,
     shared: Arc<Shared>,
     workers: Arc<Workers>,
-    mut shutdown: watch::Receiver<bool>,
+    mut leaving: watch::Receiver<bool>,
 ) {
     let failures = crate::proxy::limits::Throttle::default();
     let mut reserve = std::fs::File::open("/dev/null").ok();
@@ -558,7 +665,8 @@ async fn accept_loop(
         }
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.wait_for(|s| *s) => return,
+            // Shutting down, or a successor took the listener (it has its own copy).
+            _ = leaving.wait_for(|l| *l) => return,
         };
         let (stream, peer, forced) = match accepted {
             // Past the descriptor cap, counting every open client socket (not only the
@@ -632,16 +740,48 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Why `wait_for_signal` returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM or SIGINT: shut down.
+    Terminate,
+    /// A successor took over (binary upgrade): drain and exit (`Proxy::drain`).
+    Upgraded,
+}
+
 /// Wait for SIGTERM or SIGINT; reload the config on every SIGHUP meanwhile (told to
-/// the service manager: reloading, then ready again with the outcome as status).
-pub async fn wait_for_signal(proxy: &Proxy) -> std::io::Result<()> {
+/// the service manager: reloading, then ready again with the outcome as status); on
+/// SIGUSR2 or an operator's request (`Shared::upgrades`), upgrade to the binary now
+/// at this executable's path, returning once the successor serves.
+pub async fn wait_for_signal(proxy: &Proxy) -> std::io::Result<Stop> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    let mut requests = proxy.upgrade_requests.lock().unwrap().take();
     loop {
+        let request = async {
+            match requests.as_mut() {
+                Some(r) => r.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            r = tokio::signal::ctrl_c() => return r,
-            _ = term.recv() => return Ok(()),
+            r = tokio::signal::ctrl_c() => return r.map(|()| Stop::Terminate),
+            _ = term.recv() => return Ok(Stop::Terminate),
+            _ = usr2.recv() => {
+                if upgrade(proxy).await.is_ok() {
+                    return Ok(Stop::Upgraded);
+                }
+            }
+            Some(reply) = request => {
+                let outcome = upgrade(proxy).await;
+                let upgraded = outcome.is_ok();
+                let _ = reply.send(outcome);
+                if upgraded {
+                    return Ok(Stop::Upgraded);
+                }
+            }
             _ = hup.recv() => {
                 let mut reloading = vec![sd_notify::NotifyState::Reloading];
                 // systemd 253+ wants the time of the reload beside RELOADING=1.
@@ -655,6 +795,18 @@ pub async fn wait_for_signal(proxy: &Proxy) -> std::io::Result<()> {
             }
         }
     }
+}
+
+/// Upgrade to the binary at this executable's path (`Proxy::upgrade`), logging the
+/// outcome; on failure this process goes on serving.
+async fn upgrade(proxy: &Proxy) -> Result<u32, String> {
+    let exe = crate::upgrade::executable().map_err(|e| format!("cannot tell this executable's path: {e}"))?;
+    info!(exe = %exe.display(), "upgrade requested: starting the new binary");
+    let outcome = proxy.upgrade(&exe).await;
+    if let Err(e) = &outcome {
+        error!(reason = %e, "upgrade failed; this process goes on serving");
+    }
+    outcome
 }
 
 /// Tell the service manager (systemd with `Type=notify`) `states`: a no-op without
@@ -687,5 +839,70 @@ pub async fn first_health_round(shared: &Shared, bound: Duration) -> usize {
             return unchecked;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The successor's side of an upgrade (`Proxy::adopter`).
+pub struct Adopter {
+    shared: Arc<Shared>,
+    workers: Arc<Workers>,
+}
+
+impl Adopter {
+    /// Serve the clients the predecessor hands over on `channel` until it closes it (it
+    /// exits), each on the least busy worker. Runs on a thread of its own (the reads
+    /// block).
+    pub fn adopt(self, channel: crate::proxy::handover::Channel) {
+        let Adopter { shared, workers } = self;
+        let spawned = std::thread::Builder::new()
+            .name("switchyard-adopt".into())
+            .spawn(move || {
+                let mut adopted = 0u64;
+                loop {
+                    let (message, mut fds) = match channel.recv() {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(e) => {
+                            warn!(reason = %e, "upgrade: reading a handed-over client failed; no more are taken");
+                            break;
+                        }
+                    };
+                    let crate::proxy::handover::Message::Session {
+                        engine,
+                        cluster,
+                        endpoint,
+                        peer,
+                        state,
+                    } = message
+                    else {
+                        continue;
+                    };
+                    let (Some(fd), Some(ctx)) = (fds.pop(), shared.clusters.get(&cluster).cloned()) else {
+                        warn!(cluster = %cluster, peer = %peer, "upgrade: a client of a cluster this config does not have; closed");
+                        continue;
+                    };
+                    if engine != "postgresql" || ctx.engine != Engine::Postgresql {
+                        continue;
+                    }
+                    let stream = std::net::TcpStream::from(fd);
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    adopted += 1;
+                    let (worker, count) = workers.pick();
+                    let shared = shared.clone();
+                    worker.spawn(async move {
+                        let _count = count;
+                        let Ok(tcp) = tokio::net::TcpStream::from_std(stream) else {
+                            return;
+                        };
+                        crate::pg::session::resume(tcp, peer, ctx, endpoint.into(), shared, state).await;
+                    });
+                }
+                info!(clients = adopted, "upgrade: the old process has handed over all it could");
+            });
+        if let Err(e) = spawned {
+            warn!(reason = %e, "upgrade: cannot start the thread that takes handed-over clients");
+        }
     }
 }

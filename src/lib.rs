@@ -38,3 +38,4 @@ pub mod scram;
 pub mod tls;
 pub mod traceparent;
 pub mod tx;
+pub mod upgrade;

@@ -93,6 +93,14 @@ enum Cmd {
         #[arg(long)]
         to: String,
     },
+    /// Upgrade the running proxy to the binary now at its executable's path, through the
+    /// admin HTTP endpoint (as `kill -USR2`): the new process takes the listeners and
+    /// the transaction-pooling clients at their next transaction boundary.
+    Upgrade {
+        /// Base URL of the admin HTTP endpoint (default: admin.http_listen of --config).
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Print a switchyard.toml equivalent to another pooler's config (settings with no
     /// equivalent are listed as comments).
     Import {
@@ -134,6 +142,12 @@ enum ImportFrom {
         /// The userlist (PgBouncer's auth_file): its users become [[users]].
         #[arg(long)]
         userlist: Option<PathBuf>,
+    },
+    /// HAProxy in front of Patroni: `haproxy.cfg` (tcp listeners whose checks ask
+    /// Patroni's REST API for /primary, /replica, ...).
+    Haproxy {
+        #[arg(long)]
+        cfg: PathBuf,
     },
 }
 
@@ -199,9 +213,13 @@ fn main() -> ExitCode {
             *once,
         ),
         Cmd::Switchover { url, cluster, to } => switchover(cli.config.as_ref(), url.clone(), cluster, to),
+        Cmd::Upgrade { url } => upgrade(cli.config.as_ref(), url.clone()),
         Cmd::Import {
             from: ImportFrom::Pgbouncer { ini, userlist },
         } => import_pgbouncer(ini, userlist.as_ref()),
+        Cmd::Import {
+            from: ImportFrom::Haproxy { cfg },
+        } => import_haproxy(cfg),
         Cmd::Demo {
             rw_port,
             ro_port,
@@ -247,6 +265,16 @@ fn import_pgbouncer(ini: &PathBuf, userlist: Option<&PathBuf>) -> Result<()> {
         ini: &text,
         ini_name: &ini.display().to_string(),
         userlist: users.as_deref(),
+    })?;
+    print!("{out}");
+    Ok(())
+}
+
+fn import_haproxy(cfg: &PathBuf) -> Result<()> {
+    let text = std::fs::read_to_string(cfg).with_context(|| format!("cannot read {}", cfg.display()))?;
+    let out = switchyard::import::haproxy::convert(&switchyard::import::haproxy::Input {
+        cfg: &text,
+        cfg_name: &cfg.display().to_string(),
     })?;
     print!("{out}");
     Ok(())
@@ -353,16 +381,32 @@ fn run(path: Option<&PathBuf>) -> Result<()> {
             "the file-descriptor limit is below what proxy.max_clients and the pools may need: clients past `clients` are refused with 53300 (raise LimitNOFILE / ulimit -n, or lower proxy.max_clients)"
         );
     }
+    // Started by a running Switchyard as its successor (binary upgrade): its listeners.
+    let inherited = switchyard::upgrade::inherit()?;
     switchyard::app::runtime()?.block_on(async {
         let health = config.health.interval() + 2 * config.health.timeout();
-        let proxy = Proxy::start(config, path.cloned()).await?;
+        let (listeners, predecessor) = match inherited {
+            Some(i) => (i.listeners, Some(i.channel)),
+            None => Default::default(),
+        };
+        let proxy = Proxy::start_inheriting(config, path.cloned(), listeners).await?;
         proxy.shared.admissions.set_descriptor_cap(budget);
         // systemd's Type=notify: ready once the listeners are bound and every node has
         // answered (or failed) its first health check; signals are handled meanwhile.
+        // A successor tells its predecessor instead, which tells systemd and hands over
+        // its clients.
         let ready = tokio::spawn({
             let shared = proxy.shared.clone();
+            let adopter = proxy.adopter();
             async move {
                 let unchecked = switchyard::app::first_health_round(&shared, health).await;
+                if let Some(channel) = predecessor {
+                    match switchyard::upgrade::say_ready(&channel) {
+                        Ok(()) => adopter.adopt(channel),
+                        Err(e) => tracing::error!(reason = %e, "could not tell the old process this one is ready"),
+                    }
+                    return;
+                }
                 let status = match unchecked {
                     0 => format!("serving {} clusters", shared.clusters.len()),
                     n => format!("serving; {n} nodes not checked yet"),
@@ -370,9 +414,15 @@ fn run(path: Option<&PathBuf>) -> Result<()> {
                 switchyard::app::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);
             }
         });
-        let signalled = switchyard::app::wait_for_signal(&proxy).await;
+        let signalled = switchyard::app::wait_for_signal(&proxy).await?;
+        if signalled == switchyard::app::Stop::Upgraded {
+            // The adopting thread of a successor runs on (it is detached).
+            tracing::info!("upgraded: draining the clients that stay here, then exiting");
+            proxy.drain().await;
+            tracing::info!("upgraded: this process is done");
+            return Ok(());
+        }
         ready.abort();
-        signalled?;
         switchyard::app::notify(&[sd_notify::NotifyState::Stopping]);
         tracing::info!("shutting down: no new sessions; open transactions may finish");
         proxy.shutdown().await;
@@ -406,8 +456,29 @@ const TOKEN_HINT: &str =
     "the admin endpoint wants its token (admin.token): set SWITCHYARD_TOKEN or give the --config that has it";
 
 fn switchover(path: Option<&PathBuf>, url: Option<String>, cluster: &str, to: &str) -> Result<()> {
+    let body = post_admin(
+        path,
+        url,
+        &format!("/clusters/{cluster}/switchover?to={to}"),
+        "switchover",
+    )?;
+    for step in body["steps"].as_array().into_iter().flatten() {
+        println!("{:<10} {:>6} ms", step[0].as_str().unwrap_or("?"), step[1]);
+    }
+    println!(
+        "switchover of cluster {cluster}: {} -> {}; new transactions held {} ms",
+        body["from"].as_str().unwrap_or("?"),
+        body["to"].as_str().unwrap_or("?"),
+        body["hold_ms"]
+    );
+    Ok(())
+}
+
+/// POST to the admin HTTP endpoint (with the token, if any): its JSON answer, or its
+/// `error` as the failure.
+fn post_admin(path: Option<&PathBuf>, url: Option<String>, at: &str, what: &str) -> Result<serde_json::Value> {
     let base = admin_url(path, url)?;
-    let url = format!("{}/clusters/{cluster}/switchover?to={to}", base.trim_end_matches('/'));
+    let url = format!("{}{at}", base.trim_end_matches('/'));
     let agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
@@ -422,18 +493,18 @@ fn switchover(path: Option<&PathBuf>, url: Option<String>, cluster: &str, to: &s
         anyhow::bail!("{TOKEN_HINT}");
     }
     let body: serde_json::Value = serde_json::from_str(&resp.body_mut().read_to_string()?)
-        .context("unexpected answer from the switchover endpoint")?;
+        .with_context(|| format!("unexpected answer from the {what} endpoint"))?;
     if status != 200 {
-        anyhow::bail!("{}", body["error"].as_str().unwrap_or("switchover failed"));
+        anyhow::bail!("{}", body["error"].as_str().unwrap_or(&format!("{what} failed")));
     }
-    for step in body["steps"].as_array().into_iter().flatten() {
-        println!("{:<10} {:>6} ms", step[0].as_str().unwrap_or("?"), step[1]);
-    }
+    Ok(body)
+}
+
+fn upgrade(path: Option<&PathBuf>, url: Option<String>) -> Result<()> {
+    let body = post_admin(path, url, "/upgrade", "upgrade")?;
     println!(
-        "switchover of cluster {cluster}: {} -> {}; new transactions held {} ms",
-        body["from"].as_str().unwrap_or("?"),
-        body["to"].as_str().unwrap_or("?"),
-        body["hold_ms"]
+        "upgraded: the new process (pid {}) serves; the old one drains and exits",
+        body["pid"]
     );
     Ok(())
 }

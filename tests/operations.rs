@@ -387,6 +387,55 @@ default_pool_size = 4
     assert!(proxy.log_text().contains("session started (transaction pooling)"));
 }
 
+/// `switchyard import haproxy` round trip: an HAProxy + Patroni config naming the
+/// cluster's nodes (Patroni's REST API is not there: Switchyard does not ask it),
+/// converted, passes `check` with the superuser's password in the environment, and
+/// serves writes on the primary and reads on the standby, users looked up on the servers.
+#[test]
+fn an_imported_haproxy_config_serves_both_roles() {
+    let cluster = LocalCluster::start(1).unwrap();
+    let (p0, p1) = (cluster.nodes[0].port, cluster.nodes[1].port);
+    let (rw, ro) = (free_port(), free_port());
+    let mut cfg = String::from(
+        "global\n    maxconn 100\n\ndefaults\n    mode tcp\n    retries 2\n    timeout connect 4s\n    \
+         timeout client 30m\n    timeout server 30m\n    timeout check 5s\n",
+    );
+    for (name, port, check) in [("primary", rw, "/primary"), ("replicas", ro, "/replica")] {
+        cfg += &format!(
+            "\nlisten {name}\n    bind 127.0.0.1:{port}\n    option httpchk OPTIONS {check}\n    \
+             http-check expect status 200\n    default-server inter 1s fall 2 rise 2 on-marked-down shutdown-sessions\n    \
+             server pg0 127.0.0.1:{p0} maxconn 100 check port 8008\n    server pg1 127.0.0.1:{p1} maxconn 100 check port 8009\n"
+        );
+    }
+    let file = cluster.dir().join("haproxy.cfg");
+    std::fs::write(&file, cfg).unwrap();
+    let text = switchyard(&["import", "haproxy", "--cfg", file.to_str().unwrap()]);
+    assert!(text.contains("listen_ro = "), "{text}");
+    let config = cluster.dir().join("imported-haproxy.toml");
+    std::fs::write(&config, &text).unwrap();
+    let env = switchyard::import::haproxy::PASSWORD_ENV;
+    let checked = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config", config.to_str().unwrap()])
+        .env(env, SUPERUSER_PASSWORD)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&checked.stdout);
+    assert!(out.contains("1 cluster(s), 2 node(s), 0 user(s)"), "{out}{checked:?}");
+    let password = std::ffi::OsStr::new(SUPERUSER_PASSWORD);
+    let proxy = Proxy::spawn_env(cluster.dir(), "imported-haproxy", &text, rw, ro, &[(env, password)]);
+    let roles = wait_for("the imported config serves", Duration::from_secs(20), || {
+        Some((
+            psql(proxy.rw, "SELECT pg_is_in_recovery()").ok()?,
+            psql(proxy.ro, "SELECT pg_is_in_recovery()").ok()?,
+        ))
+    });
+    assert_eq!(
+        roles,
+        ("f".into(), "t".into()),
+        "writes on the primary, reads on the standby"
+    );
+}
+
 /// The config text without the `[[clusters.main.nodes]]` entry named `name`.
 fn remove_node(text: &str, name: &str) -> String {
     let marker = "\n[[clusters.main.nodes]]\n";

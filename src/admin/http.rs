@@ -27,6 +27,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/metrics", get(metrics))
         .route("/queries", get(queries))
         .route("/clusters/{name}/switchover", post(switchover))
+        .route("/upgrade", post(upgrade))
         .route_layer(axum::middleware::from_fn_with_state(shared.clone(), require_token));
     let app = Router::new()
         .route("/", get(|| async { Html(PAGE) }))
@@ -36,12 +37,29 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/clusters/{name}/read-only", get(read_only))
         .merge(protected)
         .with_state(shared.clone());
-    let mut shutdown = shared.shutdown.clone();
+    // Ends with the process, or when a successor took the listener (it has its copy).
+    let mut leaving = shared.leaving.clone();
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
+            let _ = leaving.wait_for(|l| *l).await;
         })
         .await;
+}
+
+/// `POST /upgrade`: start the binary now at this executable's path and hand over to it
+/// (as SIGUSR2). 200 with the new pid once it serves; 500 with the reason otherwise
+/// (this process then serves on).
+async fn upgrade(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<serde_json::Value>) {
+    match shared.upgrade().await {
+        Ok(pid) => (
+            StatusCode::OK,
+            Json(serde_json::json!({ "upgraded": true, "pid": pid })),
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(serde_json::json!({ "upgraded": false, "error": e })),
+        ),
+    }
 }
 
 /// With `admin.token` set: `Authorization: Bearer <token>` or 401.

@@ -291,7 +291,9 @@ async fn show_states_until_signal(proxy: &Proxy) -> Result<()> {
         }
     };
     tokio::select! {
-        r = crate::app::wait_for_signal(proxy) => r?,
+        r = crate::app::wait_for_signal(proxy) => {
+            r?;
+        }
         _ = show => {}
     }
     Ok(())

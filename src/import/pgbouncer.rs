@@ -13,41 +13,17 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use super::quote;
+pub use super::ImportError;
+use super::{name_of, quote, unique_name, write_node, Notes};
 use read::{millis, parse_connstr, parse_ini, parse_userlist, Entry};
 
 mod read;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ImportError {
-    #[error("{file}:{line}: {reason}")]
-    Syntax { file: String, line: usize, reason: String },
-}
 
 /// The files to convert (their text and the names to cite in messages).
 pub struct Input<'a> {
     pub ini: &'a str,
     pub ini_name: &'a str,
     pub userlist: Option<&'a str>,
-}
-
-/// A name usable as a TOML bare key and a cluster or node name.
-fn name_of(s: &str) -> String {
-    let n: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if n.is_empty() {
-        "main".into()
-    } else {
-        n
-    }
 }
 
 /// Servers a database entry points to and the pool mode it gets: databases with the
@@ -63,16 +39,6 @@ struct Group {
     databases: Vec<String>,
     /// Per database: its own pool size.
     pool_sizes: Vec<(String, u32)>,
-}
-
-/// The report of what did not carry over, as comment lines.
-#[derive(Default)]
-struct Notes(Vec<String>);
-
-impl Notes {
-    fn add(&mut self, what: impl Into<String>) {
-        self.0.push(what.into());
-    }
 }
 
 /// Settings of `[pgbouncer]` that Switchyard does not need or has no equivalent for,
@@ -621,13 +587,7 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
             .filter(|d| !d.starts_with('*'))
             .map(|d| name_of(d))
             .unwrap_or_else(|| "main".into());
-        let mut name = base.clone();
-        let mut n = 2;
-        while taken_names.contains(&name) {
-            name = format!("{base}{n}");
-            n += 1;
-        }
-        taken_names.push(name.clone());
+        let name = unique_name(base, &mut taken_names);
         let port = listen_port as u32 + i as u32;
         let _ = writeln!(out, "# Databases: {}.", group.databases.join(", "));
         if i > 0 {
@@ -697,12 +657,7 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
                 node = format!("{node}_{port}");
             }
             node_names.push(node.clone());
-            let _ = writeln!(
-                out,
-                "[[clusters.{name}.nodes]]\nname = {}\nhost = {}\nport = {port}\n",
-                quote(&node),
-                quote(host)
-            );
+            write_node(&mut out, &name, &node, host, *port);
         }
         if key.servers.len() == 1 {
             let _ = writeln!(
@@ -746,14 +701,7 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
             notes.add(format!("[{section}]: {} settings not imported", entries.len()));
         }
     }
-    if !notes.0.is_empty() {
-        let _ = writeln!(out, "# Not carried over:");
-        for n in &notes.0 {
-            for (i, line) in n.lines().enumerate() {
-                let _ = writeln!(out, "#{} {line}", if i == 0 { " -" } else { "  " });
-            }
-        }
-    }
+    notes.write_to(&mut out);
     Ok(out)
 }
 

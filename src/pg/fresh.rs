@@ -178,6 +178,11 @@ impl Causal {
         self.token = None;
     }
 
+    /// The token the client presented, if any (carried to a successor process).
+    pub fn token(&self) -> Option<Floor> {
+        self.token
+    }
+
     /// Session mode, where a session cannot move: `SET switchyard.causal_token` on a
     /// session on `node` waits (up to `causal_wait_ms`) for that node to replay the token,
     /// and fails, saying what to do instead, if it does not.

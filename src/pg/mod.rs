@@ -33,6 +33,7 @@ pub mod freshness;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod greetings;
+pub mod handover;
 pub mod health;
 mod login;
 pub mod manager;

@@ -29,6 +29,7 @@ use crate::obs::clients::NewClient;
 use crate::obs::digest::Place;
 use crate::obs::digest::Route;
 use crate::obs::metrics::{ClusterLabels, RoutedLabels};
+use crate::pg::credential::Credential;
 use crate::pg::digests::SessionStatements;
 use crate::pg::fresh::{self, Causal, FreshMetrics};
 use crate::pg::login::{login, Client, Reject};
@@ -283,7 +284,14 @@ async fn serve_transaction_mode(
         causal_token,
     };
     info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
-    let mut driver = Driver::new(stream, who, cluster, endpoint, shared, cancel);
+    let driver = Driver::new(stream, who, cluster, endpoint, shared, cancel, None);
+    drive(driver, peer, cluster, endpoint, shared).await;
+    drop(gauge);
+    drop(entry);
+}
+
+/// Run a transaction-pooling session to its end, and say goodbye if the proxy ended it.
+async fn drive(mut driver: Driver<'_>, peer: SocketAddr, cluster: &ClusterCtx, endpoint: Endpoint, shared: &Shared) {
     if let Some(e) = driver.run().await {
         if !e.is_forwarded() {
             shared.metrics.error(e.code().as_str());
@@ -303,6 +311,79 @@ async fn serve_transaction_mode(
         // every session future.
         Box::pin(goodbye(driver.client_mut(), &e.to_fatal())).await;
     }
+}
+
+/// A transaction-pooling client carried from the process this one succeeds (binary
+/// upgrade, `proxy::handover`): it was greeted there and is between transactions, so
+/// its session goes on here from its next message, with no login. `state` is what
+/// `Driver::hand_over` sent (`pg::handover::Carried`).
+pub async fn resume(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    cluster: Arc<ClusterCtx>,
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+    state: serde_json::Value,
+) {
+    let _ = tcp.set_nodelay(true);
+    let mut stream = ClientStream::Plain(tcp);
+    let carried: crate::pg::handover::Carried = match serde_json::from_value(state) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(cluster = %cluster.name, peer = %peer, reason = %e, "a client handed over by the old process came with a state this one cannot read; it is asked to reconnect");
+            let e = Error::shutdown();
+            Box::pin(goodbye(&mut stream, &e.to_fatal())).await;
+            return;
+        }
+    };
+    let config = shared.config();
+    if config.clusters.get(&cluster.name).map(|c| c.pool_mode) != Some(PoolMode::Transaction) {
+        warn!(cluster = %cluster.name, peer = %peer, "a transaction-pooling client handed over by the old process, to a cluster this config does not pool by transaction; it is asked to reconnect");
+        Box::pin(goodbye(&mut stream, &Error::shutdown().to_fatal())).await;
+        return;
+    }
+    // Counted under max_clients, never refused: it is connected already.
+    let _admission = shared.admissions.admit_carried(&cluster.name, &carried.user);
+    let cancel = shared
+        .cancels
+        .register_pooled_as(&cluster.name, Some((carried.pid, carried.key)));
+    let client = Client {
+        user: carried.user.clone(),
+        database: carried.database.clone(),
+        params: carried.params.clone(),
+        causal_token: None,
+        credential: Credential::None,
+        _admission: None,
+    };
+    let entry = client.register(
+        &shared,
+        &cluster,
+        endpoint,
+        peer,
+        "(transaction pool)".into(),
+        String::new(),
+        0,
+    );
+    let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
+    let floor = carried.floor();
+    let verifiers = crate::pg::PgShared::of(&shared).verifiers();
+    let who = TxnClient {
+        credential: carried.credential.into_credential(verifiers.get(&carried.user)),
+        user: carried.user,
+        database: carried.database,
+        params: carried.params,
+        causal_token: floor,
+    };
+    debug!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session carried over from the old process (transaction pooling)");
+    let mut driver = Driver::new(stream, who, &cluster, endpoint, &shared, cancel, Some(carried.session));
+    driver.unread(&carried.unread);
+    // Its last writes may not have reached this process's view of the cluster: its next
+    // read learns the primary's position first, as after a write.
+    driver.assume_wrote();
+    if !carried.listening.is_empty() {
+        driver.listen_again(&carried.listening).await;
+    }
+    drive(driver, peer, &cluster, endpoint, &shared).await;
     drop(gauge);
     drop(entry);
 }

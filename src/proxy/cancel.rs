@@ -87,7 +87,7 @@ impl CancelRegistry {
         server_key: i32,
     ) -> Registration {
         self.insert_pg(
-            Some(server_pid),
+            Some((server_pid, 0)),
             Target {
                 cluster: cluster.to_string(),
                 addr: addr.to_string(),
@@ -102,8 +102,14 @@ impl CancelRegistry {
     /// A PostgreSQL transaction-mode client: a minted pid, pointed at a server
     /// connection only while it holds one (`retarget`).
     pub fn register_pooled(self: &Arc<Self>, cluster: &str) -> Registration {
+        self.register_pooled_as(cluster, None)
+    }
+
+    /// The same, for a client carried from a predecessor process (binary upgrade): it
+    /// keeps the pid and key it was shown (`keep`) unless they are taken here.
+    pub fn register_pooled_as(self: &Arc<Self>, cluster: &str, keep: Option<(i32, i32)>) -> Registration {
         self.insert_pg(
-            None,
+            keep,
             Target {
                 cluster: cluster.to_string(),
                 addr: String::new(),
@@ -115,15 +121,20 @@ impl CancelRegistry {
         )
     }
 
-    fn insert_pg(self: &Arc<Self>, pid: Option<i32>, target: Target) -> Registration {
+    /// `fixed`: the pid to show (a server's), and with a key other than 0 the key too (a
+    /// carried client's), if free; else minted.
+    fn insert_pg(self: &Arc<Self>, fixed: Option<(i32, i32)>, target: Target) -> Registration {
         let mut rng = rand::rng();
         let mut map = self.map.lock().unwrap();
-        let (pid, key) = loop {
-            let pid = pid.unwrap_or_else(|| rng.random_range(1..i32::MAX));
-            let key: i32 = rng.random();
-            if !map.contains_key(&Key::Pg { pid, key }) {
-                break (pid, key);
-            }
+        let (pid, key) = match fixed {
+            Some((pid, key)) if key != 0 && !map.contains_key(&Key::Pg { pid, key }) => (pid, key),
+            _ => loop {
+                let pid = fixed.map_or_else(|| rng.random_range(1..i32::MAX), |(pid, _)| pid);
+                let key: i32 = rng.random();
+                if !map.contains_key(&Key::Pg { pid, key }) {
+                    break (pid, key);
+                }
+            },
         };
         let slot = Arc::new(Mutex::new(target));
         map.insert(Key::Pg { pid, key }, slot.clone());

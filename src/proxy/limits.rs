@@ -242,6 +242,20 @@ impl Admissions {
         })
     }
 
+    /// A client carried from a predecessor process (binary upgrade): counted like any
+    /// other, never refused (it is connected already, and was admitted there).
+    pub fn admit_carried(self: &Arc<Self>, cluster: &str, user: &str) -> Admission {
+        let mut c = self.counts.lock().unwrap();
+        c.total += 1;
+        *c.clusters.entry(cluster.to_string()).or_default() += 1;
+        *c.users.entry(user.to_string()).or_default() += 1;
+        Admission {
+            admissions: self.clone(),
+            cluster: cluster.to_string(),
+            user: user.to_string(),
+        }
+    }
+
     /// Count a refusal or a fired timeout of `cluster` (`what`: its label).
     pub fn note(&self, cluster: &str, what: &'static str) {
         *self

@@ -5,6 +5,7 @@
 pub mod budget;
 pub mod cancel;
 pub mod connector;
+pub mod handover;
 pub mod limits;
 pub mod pool;
 pub mod shared;

@@ -36,6 +36,10 @@ pub trait EngineState: Send + Sync + 'static {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
+/// Where the outcome of an operator's upgrade request goes: the successor's pid, or why
+/// it failed (this process then serves on).
+pub type UpgradeReply = tokio::sync::oneshot::Sender<Result<u32, String>>;
+
 /// Re-reads the config and applies it (installed by the app: it owns the monitors).
 pub type Reloader = Box<dyn Fn(&Shared) -> Result<String, String> + Send + Sync>;
 
@@ -52,8 +56,17 @@ pub struct Shared {
     /// Per-statement statistics, one table per worker thread.
     pub digests: Arc<crate::obs::digest::Digests>,
     pub shutdown: watch::Receiver<bool>,
-    /// Names the shutdown channel's per-thread repeaters (`shutdown_local`).
-    shutdown_key: u64,
+    /// True once this process stops accepting clients: it shuts down (set after
+    /// `shutdown`), or a successor took its listeners (set after `successor`). Accept
+    /// loops and the admin HTTP server end; sessions between transactions look at both.
+    pub leaving: watch::Receiver<bool>,
+    /// Names the leaving channel's per-thread repeaters (`shutdown_local`).
+    leaving_key: u64,
+    /// The process this one hands its clients to (binary upgrade), once it is ready.
+    pub successor: OnceLock<Arc<crate::proxy::handover::Successor>>,
+    /// Where operators ask for a binary upgrade (`POST /upgrade`, the console's
+    /// `UPGRADE`): the app carries it out and answers with the successor's pid or why not.
+    pub upgrades: OnceLock<tokio::sync::mpsc::UnboundedSender<UpgradeReply>>,
     pub started: Instant,
     reloader: OnceLock<Reloader>,
     /// Client TLS, built from `[tls]` (rebuilt on reload: new certificates for new
@@ -80,11 +93,12 @@ impl Shared {
             .expect("the engine's state is installed at start")
     }
 
-    /// Told when shutdown begins, through this worker thread's repeater of the channel
-    /// (`local_watch`): for sessions, which wait on it between transactions. A session
-    /// that starts after the signal looks at `shutdown` itself.
+    /// Told when the process begins to leave (shutdown, or a successor is ready),
+    /// through this worker thread's repeater of `leaving` (`local_watch`): for sessions,
+    /// which wait on it between transactions and then look at `shutdown` and
+    /// `successor`. A session that starts after the signal looks at them itself.
     pub fn shutdown_local(&self) -> watch::Receiver<()> {
-        crate::local_watch::repeat(self.shutdown_key, || self.shutdown.clone())
+        crate::local_watch::repeat(self.leaving_key, || self.leaving.clone())
     }
 
     pub fn cluster_snapshots(&self) -> Vec<Arc<ClusterSnapshot>> {
@@ -96,7 +110,7 @@ impl Shared {
         config: Config,
         config_path: Option<PathBuf>,
         clusters: BTreeMap<String, Arc<ClusterCtx>>,
-        shutdown: watch::Receiver<bool>,
+        (shutdown, leaving): (watch::Receiver<bool>, watch::Receiver<bool>),
         engines: Vec<Box<dyn EngineState>>,
     ) -> Result<Shared, String> {
         let tls = config
@@ -134,7 +148,10 @@ impl Shared {
             metrics: Arc::new(Metrics::default()),
             digests,
             shutdown,
-            shutdown_key: crate::local_watch::key(),
+            leaving,
+            leaving_key: crate::local_watch::key(),
+            successor: OnceLock::new(),
+            upgrades: OnceLock::new(),
             started: Instant::now(),
             reloader: OnceLock::new(),
             tls: RwLock::new(tls),
@@ -183,6 +200,19 @@ impl Shared {
         for e in &self.engines {
             e.config_changed(&config);
         }
+    }
+
+    /// Ask the app for a binary upgrade; Ok(the new process's pid) once it serves.
+    pub async fn upgrade(&self) -> Result<u32, String> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        self.upgrades
+            .get()
+            .ok_or("upgrades are not available in this process")?
+            .send(reply)
+            .map_err(|_| "this process no longer takes upgrade requests (it is leaving)")?;
+        outcome
+            .await
+            .map_err(|_| "this process stopped before the upgrade finished".to_string())?
     }
 
     pub fn set_reloader(&self, reloader: Reloader) {

@@ -257,6 +257,7 @@ impl<'a> Driver<'a> {
         endpoint: Endpoint,
         shared: &'a Shared,
         cancel: Registration,
+        carried: Option<super::carry::MachineCarry>,
     ) -> Driver<'a> {
         let config = shared.config();
         let credential = who.credential.clone();
@@ -269,22 +270,24 @@ impl<'a> Driver<'a> {
             })
             .clone();
         let pg = crate::pg::PgCluster::of(cluster);
-        let greeting = pg.greetings.get(greeting_of(&who, endpoint), Instant::now());
-        let machine = Machine::new(
-            Config {
-                cluster: cluster.name.clone(),
-                read_only_endpoint: endpoint == Endpoint::ReadOnly,
-                split: cc.read_write_split,
-                max_message: config.proxy.max_message_bytes,
-                client_pid: cancel.pid,
-                client_key: cancel.key_secret,
-                digests: shared.digests.tracking(),
-                traces: shared.digests.tracing(),
-            },
-            who.params.clone(),
-            &pg.classifier,
-            greeting.as_deref(),
-        );
+        let cfg = Config {
+            cluster: cluster.name.clone(),
+            read_only_endpoint: endpoint == Endpoint::ReadOnly,
+            split: cc.read_write_split,
+            max_message: config.proxy.max_message_bytes,
+            client_pid: cancel.pid,
+            client_key: cancel.key_secret,
+            digests: shared.digests.tracking(),
+            traces: shared.digests.tracing(),
+        };
+        let machine = match carried {
+            // Greeted by the process it came from.
+            Some(carried) => Machine::resume(cfg, who.params.clone(), &pg.classifier, carried),
+            None => {
+                let greeting = pg.greetings.get(greeting_of(&who, endpoint), Instant::now());
+                Machine::new(cfg, who.params.clone(), &pg.classifier, greeting.as_deref())
+            }
+        };
         let causal = Causal::new(
             cc,
             cluster,
@@ -350,7 +353,7 @@ impl<'a> Driver<'a> {
         let mut topology = self.cluster.state.subscribe_local();
         let mut shutdown = self.shared.shutdown_local();
         // A session that starts after the signal: seen as a change at once.
-        if *self.shared.shutdown.borrow() {
+        if *self.shared.shutdown.borrow() || self.shared.successor.get().is_some() {
             shutdown.mark_changed();
         }
         loop {
@@ -621,9 +624,105 @@ impl<'a> Driver<'a> {
                     if *self.shared.shutdown.borrow() || shutdown.has_changed().is_err() {
                         return Some(Error::shutdown());
                     }
+                    // A successor process took the listeners (binary upgrade): the
+                    // client goes on there, from its next message; here it just ends.
+                    if let Some(to) = self.shared.successor.get() {
+                        if self.hand_over(to) {
+                            return None;
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// Hand the client to the successor process with everything its session is: its
+    /// socket, who it is, its settings, prepared statements, LISTENs, causal token and
+    /// cancel key, and what it sent that is not read yet. Only at rest (between units,
+    /// holding nothing) and on a plaintext connection: TLS keys cannot leave rustls.
+    /// False when the client stays (served here until it leaves or the drain ends).
+    fn hand_over(&mut self, to: &crate::proxy::handover::Successor) -> bool {
+        use std::os::fd::AsRawFd;
+        let ClientStream::Plain(tcp) = &self.client else {
+            return false;
+        };
+        if self.held.is_some() {
+            return false;
+        }
+        let listening = match &self.notify {
+            None => Vec::new(),
+            Some(n) if n.rx.is_empty() => n.channels.iter().cloned().collect(),
+            Some(_) => return false, // notifications still to deliver here
+        };
+        let Some(session) = self.machine.carry() else {
+            return false;
+        };
+        let Ok(peer) = tcp.peer_addr() else {
+            return false;
+        };
+        let carried = crate::pg::handover::Carried {
+            user: self.who.user.clone(),
+            database: self.who.database.clone(),
+            params: self.who.params.clone(),
+            credential: crate::pg::handover::CarriedCredential::of(&self.credential),
+            pid: self.cancel.pid,
+            key: self.cancel.key_secret,
+            causal_token: self.causal.token().map(|f| (f.timeline, f.lsn)),
+            listening,
+            unread: self.cbuf.to_vec(),
+            session,
+        };
+        let message = crate::proxy::handover::Message::Session {
+            engine: "postgresql".into(),
+            cluster: self.cluster.name.clone(),
+            endpoint: self.listener.into(),
+            peer,
+            state: match serde_json::to_value(&carried) {
+                Ok(v) => v,
+                Err(_) => return false,
+            },
+        };
+        match to.hand_over(&message, tcp.as_raw_fd()) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(cluster = %self.cluster.name, peer = %peer, reason = %e, "could not hand a client to the new process; it stays on this one");
+                false
+            }
+        }
+    }
+
+    /// Bytes the client sent before it was carried here (`pg::handover`), read first.
+    pub fn unread(&mut self, bytes: &[u8]) {
+        self.cbuf.extend_from_slice(bytes);
+    }
+
+    /// The client may have written just before it was carried here.
+    pub fn assume_wrote(&mut self) {
+        self.causal.wrote();
+    }
+
+    /// LISTEN again, on this process's shared listener, on the channels the client
+    /// listened on in the process it was carried from. (Notifications sent between the
+    /// two are lost, as for a client that reconnects; documented.)
+    pub async fn listen_again(&mut self, channels: &[String]) {
+        let ops: Vec<crate::pg::notify::ListenOp> = channels
+            .iter()
+            .map(|c| crate::pg::notify::ListenOp::Listen(c.clone()))
+            .collect();
+        let hub = &crate::pg::PgShared::of(self.shared).listeners;
+        let mut sub = hub.subscribe(crate::pg::notify::Who {
+            cluster: match self.shared.clusters.get(&self.cluster.name) {
+                Some(c) => c.clone(),
+                None => return,
+            },
+            database: self.who.database.clone(),
+            user: self.who.user.clone(),
+            credential: self.credential.clone(),
+        });
+        if let Err(e) = sub.apply(&ops).await {
+            warn!(cluster = %self.cluster.name, reason = %e, "a client carried from the old process could not LISTEN again here");
+        }
+        self.notify = Some(sub);
     }
 
     /// A client timeout may be due: end the session (idle, idle in a transaction), or

@@ -1050,3 +1050,6 @@ const STREAM_ABOVE: usize = 64 * 1024;
 #[cfg(test)]
 #[path = "machine_tests.rs"]
 mod tests;
+
+#[path = "carry.rs"]
+pub mod carry;

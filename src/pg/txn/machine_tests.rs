@@ -980,3 +980,51 @@ fn finished_statements_carry_their_digest_rows_and_trace_context() {
         ]
     );
 }
+
+#[test]
+fn a_session_at_rest_is_carried_whole_and_one_in_a_transaction_is_not() {
+    let mut h = Harness::new(false);
+    h.client(&query("SET search_path = app, public"));
+    h.take_server();
+    h.server(&cat(&[be(b'C', b"SET\0"), ready(b'I')]));
+    h.perform(true);
+    assert_eq!(h.take_client(), "CZ");
+    let carried = h.m.carry().expect("at rest after the SET");
+    assert!(carried.settings.contains_key("search_path"), "{carried:?}");
+    assert!(carried.settings.contains_key("application_name"), "{carried:?}");
+
+    // Put back in another machine, it is the same session (and carried the same again).
+    let cfg = Config {
+        cluster: "main".into(),
+        read_only_endpoint: false,
+        split: false,
+        max_message: 1 << 20,
+        client_pid: 777,
+        client_key: 1,
+        digests: false,
+        traces: false,
+    };
+    let mut carried_bytes = carried;
+    carried_bytes.statements.push((b"s1".to_vec(), parse("sy_x", "SELECT $1").to_vec()));
+    carried_bytes.sql_statements.push(("q".into(), "PREPARE q AS SELECT 2".into()));
+    let m = Machine::resume(
+        cfg,
+        vec![("application_name".into(), "pgbench".into())],
+        classifier(),
+        carried_bytes,
+    );
+    assert!(m.to_client.is_empty(), "no second greeting");
+    assert!(!m.has_actions(), "nothing to acquire before the client speaks");
+    let again = m.carry().expect("a resumed machine is at rest");
+    assert!(again.settings.contains_key("search_path"));
+    assert_eq!(again.statements.len(), 1);
+    assert_eq!(again.statements[0].0, b"s1".to_vec());
+    assert_eq!(again.sql_statements, vec![("q".to_string(), "PREPARE q AS SELECT 2".to_string())]);
+
+    // Inside a transaction the client holds a connection: it stays.
+    h.client(&query("BEGIN"));
+    h.take_server();
+    h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
+    h.perform(true);
+    assert!(h.m.carry().is_none(), "a client in a transaction is not carried");
+}

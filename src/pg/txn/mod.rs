@@ -31,3 +31,4 @@ pub mod statements;
 pub mod unit;
 
 pub use driver::{Driver, TxnClient};
+pub use machine::carry;

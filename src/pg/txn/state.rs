@@ -146,6 +146,11 @@ impl SessionState {
     }
 
     /// The unit in progress failed or rolled back: its SETs changed nothing.
+    /// No SET of a unit in progress waits to count (the session can be carried).
+    pub fn at_rest(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     pub fn unit_failed(&mut self) {
         self.unit_failed = true;
     }

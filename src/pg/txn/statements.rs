@@ -70,6 +70,15 @@ impl Statements {
         self.by_name.get(name)
     }
 
+    /// Every statement as (the client's name, its Parse message under the server-side
+    /// name), to carry to a successor process (`Machine::carry`); `define` puts them back.
+    pub fn carried(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.by_name
+            .iter()
+            .map(|(name, s)| (name.to_vec(), s.parse.to_vec()))
+            .collect()
+    }
+
     /// Record a statement without sending it (a lone Parse + Sync answered by the proxy).
     pub fn define(&mut self, p: &Parse) {
         self.by_name.insert(p.name.into(), Stmt::new(p));
@@ -211,6 +220,17 @@ struct SqlStmt {
     prepare: Bytes,
 }
 
+impl SqlStmt {
+    fn new(text: &str) -> SqlStmt {
+        let mut prepare = BytesMut::new();
+        postgres_protocol::message::frontend::query(text, &mut prepare).expect("the client's text has no NUL");
+        SqlStmt {
+            hash: statement_hash(text.as_bytes()),
+            prepare: prepare.freeze(),
+        }
+    }
+}
+
 /// A simple Query of the proxy's own, answered but not shown to the client.
 fn replay(out: &mut BytesMut, owed: &mut OwedQueue, sql: &str) {
     postgres_protocol::message::frontend::query(sql, out).expect("no NUL in a replayed statement");
@@ -248,6 +268,24 @@ impl SqlStatements {
         }
     }
 
+    /// Every statement as (name, the client's PREPARE text), to carry to a successor
+    /// process (`Machine::carry`; nothing is pending between units).
+    pub fn carried(&self) -> Vec<(String, String)> {
+        self.by_name
+            .iter()
+            .filter_map(|(name, s)| {
+                let sql = views::Query::decode(s.prepare.get(5..)?).ok()?.sql;
+                Some((name.clone(), String::from_utf8_lossy(sql).into_owned()))
+            })
+            .collect()
+    }
+
+    /// A statement carried from a predecessor process (`carried`): the client's, as if
+    /// confirmed; connections learn it when it is used.
+    pub fn restore(&mut self, name: String, text: &str) {
+        self.by_name.insert(name, SqlStmt::new(text));
+    }
+
     /// The client prepares `name` as `text`: another client's statement of that name
     /// goes first; it is the client's once the server confirms it (`confirmed`).
     pub fn preparing(
@@ -261,13 +299,7 @@ impl SqlStatements {
         if conn.remove(name).is_some() {
             replay(out, owed, &format!("DEALLOCATE {}", quoted(name)));
         }
-        let mut prepare = BytesMut::new();
-        postgres_protocol::message::frontend::query(text, &mut prepare).expect("the client's text has no NUL");
-        let s = SqlStmt {
-            hash: statement_hash(text.as_bytes()),
-            prepare: prepare.freeze(),
-        };
-        self.pending.push_back((name.to_string(), s));
+        self.pending.push_back((name.to_string(), SqlStmt::new(text)));
     }
 
     /// The server confirmed the oldest PREPARE sent (CommandComplete `PREPARE`).
