@@ -1005,8 +1005,12 @@ fn a_session_at_rest_is_carried_whole_and_one_in_a_transaction_is_not() {
         traces: false,
     };
     let mut carried_bytes = carried;
-    carried_bytes.statements.push((b"s1".to_vec(), parse("sy_x", "SELECT $1").to_vec()));
-    carried_bytes.sql_statements.push(("q".into(), "PREPARE q AS SELECT 2".into()));
+    carried_bytes
+        .statements
+        .push((b"s1".to_vec(), parse("sy_x", "SELECT $1").to_vec()));
+    carried_bytes
+        .sql_statements
+        .push(("q".into(), "PREPARE q AS SELECT 2".into()));
     let m = Machine::resume(
         cfg,
         vec![("application_name".into(), "pgbench".into())],
@@ -1019,7 +1023,10 @@ fn a_session_at_rest_is_carried_whole_and_one_in_a_transaction_is_not() {
     assert!(again.settings.contains_key("search_path"));
     assert_eq!(again.statements.len(), 1);
     assert_eq!(again.statements[0].0, b"s1".to_vec());
-    assert_eq!(again.sql_statements, vec![("q".to_string(), "PREPARE q AS SELECT 2".to_string())]);
+    assert_eq!(
+        again.sql_statements,
+        vec![("q".to_string(), "PREPARE q AS SELECT 2".to_string())]
+    );
 
     // Inside a transaction the client holds a connection: it stays.
     h.client(&query("BEGIN"));
