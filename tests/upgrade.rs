@@ -23,6 +23,16 @@ struct Upgradable {
 
 impl Upgradable {
     fn start(cluster: &LocalCluster, extra_cluster: &str) -> Upgradable {
+        Upgradable::start_with(cluster, extra_cluster, 5000, &[])
+    }
+
+    /// With the drain bound (`proxy.shutdown_timeout_ms`) and more environment.
+    fn start_with(
+        cluster: &LocalCluster,
+        extra_cluster: &str,
+        drain_ms: u64,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Upgradable {
         let dir = cluster.dir();
         let bin = dir.join("bin");
         std::fs::create_dir_all(&bin).unwrap();
@@ -31,7 +41,7 @@ impl Upgradable {
         std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
         let (rw, ro, http) = (free_port(), free_port(), free_port());
         let text = format!(
-            "[admin]\nhttp_listen = \"127.0.0.1:{http}\"\n\n[proxy]\nshutdown_timeout_ms = 5000\n\n{}",
+            "[admin]\nhttp_listen = \"127.0.0.1:{http}\"\n\n[proxy]\nshutdown_timeout_ms = {drain_ms}\n\n{}",
             cluster.config_toml(rw, ro, extra_cluster)
         );
         let config = dir.join("upgrade.toml");
@@ -41,6 +51,7 @@ impl Upgradable {
             .args(["--config", config.to_str().unwrap()])
             .env("SWITCHYARD_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -224,4 +235,128 @@ fn a_new_binary_that_cannot_start_leaves_the_old_process_serving() {
     let log = proxy.log_text();
     assert!(log.contains("upgrade failed; this process goes on serving"), "{log}");
     assert!(log.contains("broken build"), "{log}");
+}
+
+/// Session mode: a client's server session cannot move, so it stays on the old process
+/// (same server backend after the upgrade) while new clients go to the new one; when
+/// the drain bound passes it is ended with 57P01 and a sentence, and the old process
+/// exits. systemd (played here on NOTIFY_SOCKET) is told the new main pid.
+#[test]
+fn a_session_mode_client_stays_on_the_old_process_until_the_drain_ends_and_systemd_follows_the_new_one() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let path = cluster.dir().join("upgrade-notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let recv = || {
+        let mut buf = [0u8; 4096];
+        let n = socket.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut proxy = Upgradable::start_with(&cluster, "", 4000, &[("NOTIFY_SOCKET", path.as_os_str())]);
+    assert!(recv().lines().any(|l| l == "READY=1"));
+    let (old_pid, _) = proxy.status();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let held = rt.block_on(connect(proxy.rw)).unwrap();
+    let backend = |held: &Held| -> Result<i32, String> {
+        rt.block_on(held.query_one("SELECT pg_backend_pid()", &[]))
+            .map(|r| r.get(0))
+            .map_err(|e| db_text(&e))
+    };
+    let before = backend(&held).unwrap();
+
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(proxy.child.id() as i32, libc::SIGUSR2) };
+    let told = recv();
+    let new_pid: u64 = told
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no MAINPID= in {told:?}"));
+    assert!(told.lines().any(|l| l == "READY=1"), "{told}");
+    assert_ne!(new_pid, old_pid);
+    wait_for("the new process serving /status", Duration::from_secs(10), || {
+        (try_status(proxy.http)?.0 == new_pid).then_some(())
+    });
+    // New clients reach the new process; the session-mode client is where it was.
+    assert_eq!(psql(proxy.rw, "SELECT 1").unwrap(), "1");
+    assert_eq!(
+        backend(&held).unwrap(),
+        before,
+        "the session stays on its server session"
+    );
+    assert!(
+        proxy.child.try_wait().unwrap().is_none(),
+        "the old process waits for its client"
+    );
+
+    // The drain bound passes: the client is told, the old process exits.
+    let ended = rt.block_on(held.wait_for_error(Duration::from_secs(15)));
+    assert!(ended.contains("57P01") && ended.contains("reconnect"), "{ended}");
+    let exited = wait_for("the old process to exit", Duration::from_secs(15), || {
+        proxy.child.try_wait().ok()?
+    });
+    assert!(exited.success(), "{exited}");
+    assert_eq!(psql(proxy.rw, "SELECT 2").unwrap(), "2", "the new process serves on");
+}
+
+/// A Django ORM loop (writes in atomic blocks, reads back) over one connection through
+/// transaction pooling: an upgrade in the middle costs it no error and no reconnect.
+#[test]
+fn a_django_orm_loop_sees_no_error_through_an_upgrade() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let proxy = Upgradable::start(&cluster, "pool_mode = \"transaction\"\n");
+    let env = vec![
+        ("SY_HOST", "127.0.0.1".to_string()),
+        ("SY_RW_PORT", proxy.rw.to_string()),
+        ("SY_RO_PORT", proxy.rw.to_string()),
+        ("SY_SINGLE", "1".to_string()),
+        ("SY_USER", APP_USER.to_string()),
+        ("SY_PASSWORD", APP_PASSWORD.to_string()),
+        ("SY_DB", APP_DB.to_string()),
+        ("SY_LOOP_SECONDS", "8".to_string()),
+    ];
+    python("django_check.py", &["migrate"], &env);
+    let (old_pid, _) = proxy.status();
+    let looping = std::thread::spawn({
+        let env = env.clone();
+        move || {
+            let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.clone())).collect();
+            python("django_check.py", &["loop"], &env)
+        }
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(proxy.child.id() as i32, libc::SIGUSR2) };
+    wait_for("the new process serving /status", Duration::from_secs(30), || {
+        (try_status(proxy.http)?.0 != old_pid).then_some(())
+    });
+    let out = looping.join().unwrap();
+    assert!(out.contains("ok: loop") && out.contains("0 errors"), "{out}");
+    report(&format!("django ORM loop through an upgrade: {}", out.trim()));
+}
+
+/// A listener moved in the config, applied by an upgrade to the same binary: the new
+/// process listens on the new address and the old address is closed.
+#[test]
+fn an_upgrade_applies_a_moved_listener_from_the_config() {
+    let cluster = LocalCluster::start(0).unwrap();
+    let mut proxy = Upgradable::start(&cluster, "pool_mode = \"transaction\"\n");
+    let config = cluster.dir().join("upgrade.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let moved = free_port();
+    let old_rw = format!("127.0.0.1:{}", proxy.rw);
+    assert!(text.contains(&old_rw));
+    std::fs::write(&config, text.replace(&old_rw, &format!("127.0.0.1:{moved}"))).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(proxy.child.id() as i32, libc::SIGUSR2) };
+    let exited = wait_for("the old process to exit", Duration::from_secs(20), || {
+        proxy.child.try_wait().ok()?
+    });
+    assert!(exited.success(), "{exited}");
+    assert_eq!(psql(moved, "SELECT 1").unwrap(), "1", "served on the moved address");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", proxy.rw)).is_err(),
+        "the old address is closed"
+    );
+    proxy.rw = moved;
 }

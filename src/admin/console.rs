@@ -19,7 +19,7 @@ use crate::proxy::shared::Shared;
 pub use crate::config::ADMIN_DATABASE;
 const MAX_COMMAND: usize = 64 * 1024;
 
-const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | LIMITS | CLIENTS | SERVERS | STATS | EVENTS | QUERIES [cluster]; RESET QUERIES; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name); SWITCHOVER <cluster> TO <node>";
+const HELP: &str = "SHOW CLUSTERS | NODES | POOLS | LIMITS | CLIENTS | SERVERS | STATS | EVENTS | QUERIES [cluster]; RESET QUERIES; RELOAD; PAUSE [cluster]; RESUME [cluster]; DRAIN <node>; UNDRAIN <node> (node as name or cluster.name); SWITCHOVER <cluster> TO <node>; UPGRADE";
 
 /// A command's answer: rows to show, or a tag only, or an error for the client.
 enum Answer {
@@ -96,6 +96,15 @@ pub async fn run(mut stream: ClientStream, user: &str, shared: &Shared) {
                                     .collect(),
                             },
                             Err(e) => Answer::Error(e.to_string()),
+                        },
+                        // The app carries it out (it owns the listeners); this session
+                        // stays on this process, which drains and exits after it.
+                        None if statement.eq_ignore_ascii_case("UPGRADE") => match shared.upgrade().await {
+                            Ok(pid) => Answer::Rows {
+                                columns: vec!["new_pid"],
+                                rows: vec![vec![pid.to_string()]],
+                            },
+                            Err(e) => Answer::Error(e),
                         },
                         None => execute(statement, shared),
                     };

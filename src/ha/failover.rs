@@ -145,7 +145,9 @@ pub fn choose(cands: &[Candidate], old: &str, old_lsn: Option<u64>, max_lag: u64
 pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut rx = ctx.state.subscribe();
-        let mut shutdown = shared.shutdown.clone();
+        // Ends at shutdown, and when a successor process took over (binary upgrade):
+        // one process decides failovers, not the old one draining beside the new.
+        let mut leaving = shared.leaving.clone();
         let mut last_primary: Option<String> = None;
         let coord = crate::ha::coord::get(&shared);
         loop {
@@ -198,7 +200,7 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(config.health.interval()) => {}
-                _ = shutdown.changed() => return,
+                _ = leaving.changed() => return,
             }
         }
     })

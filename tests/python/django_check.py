@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prove that a real Django project works through Switchyard.
 
-Usage: python3 django_check.py migrate|write|read|atomic|iterator
+Usage: python3 django_check.py migrate|write|read|atomic|iterator|loop
 
 Configured by SY_HOST, SY_RW_PORT, SY_RO_PORT, SY_USER, SY_PASSWORD, SY_DB
 (see tests/django_project/sytest/settings.py). The `default` alias uses the
@@ -264,8 +264,39 @@ def phase_iterator():
     print("ok: iterator cursor closed, cleaned up")
 
 
+def phase_loop():
+    """ORM writes and reads on `default` for SY_LOOP_SECONDS (default 10) over one
+    connection, as a long-running worker does: every error counts (a binary upgrade of
+    the proxy in the middle must cause none, nor a reconnect)."""
+    seconds = float(os.environ.get("SY_LOOP_SECONDS", "10"))
+    conn = connections["default"]
+    conn.ensure_connection()
+    first = conn.connection
+    prefix = f"loop-{os.getpid()}-"
+    done, errors = 0, []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        try:
+            with transaction.atomic(using="default"):
+                c = Customer.objects.using("default").create(name=f"{prefix}{done}")
+                Order.objects.using("default").create(customer=c, amount=Decimal("1.00"))
+            n = Order.objects.using("default").filter(customer__name=f"{prefix}{done}").count()
+            if n != 1:
+                errors.append(f"iteration {done}: {n} orders read back")
+            done += 1
+        except Exception as exc:  # counted, and the loop goes on as a worker would
+            errors.append(f"iteration {done}: {type(exc).__name__}: {exc}")
+            time.sleep(0.05)
+    Customer.objects.using("default").filter(name__startswith=prefix).delete()
+    if errors:
+        fail(f"loop: {len(errors)} errors in {done} iterations: {errors[:5]}")
+    if conn.connection is not first:
+        fail("loop: Django reconnected during the loop")
+    print(f"ok: loop {done} iterations in {seconds:.0f} s over one connection, 0 errors")
+
+
 PHASES = {"migrate": phase_migrate, "write": phase_write, "read": phase_read,
-          "atomic": phase_atomic, "iterator": phase_iterator}
+          "atomic": phase_atomic, "iterator": phase_iterator, "loop": phase_loop}
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in PHASES:
