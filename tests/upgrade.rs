@@ -127,13 +127,7 @@ fn patched(exe: &Path, from: &str, to: &str) -> Vec<u8> {
 /// Run pgbench in a thread: (its output, whether it succeeded).
 fn pgbench_thread(port: u16, args: Vec<String>) -> std::thread::JoinHandle<(String, bool)> {
     std::thread::spawn(move || {
-        let out = Command::new("pgbench")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", APP_USER])
-            .args(&args)
-            .arg(APP_DB)
-            .env("PGPASSWORD", APP_PASSWORD)
-            .output()
-            .expect("run pgbench");
+        let out = pgbench_command(port, &args).output().expect("run pgbench");
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

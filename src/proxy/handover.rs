@@ -92,6 +92,9 @@ impl From<Side> for Endpoint {
 /// One end of the socket pair.
 pub struct Channel {
     fd: OwnedFd,
+    /// Where messages are received (grown to `MAX_MESSAGE` once, then reused: a
+    /// successor receives one message per client).
+    inbox: std::cell::RefCell<Vec<u8>>,
 }
 
 impl Channel {
@@ -107,7 +110,7 @@ impl Channel {
                 &nix::sys::time::TimeVal::new(SEND_WITHIN.as_secs() as i64, 0),
             )?;
         }
-        Ok((Channel { fd: a }, Channel { fd: b }))
+        Ok((Channel::of(a), Channel::of(b)))
     }
 
     /// The end a predecessor left to this process (`ENV`).
@@ -119,7 +122,14 @@ impl Channel {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         // Children of this process (its own successor, later) must not inherit it.
         let _ = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-        Channel { fd }
+        Channel::of(fd)
+    }
+
+    fn of(fd: OwnedFd) -> Channel {
+        Channel {
+            fd,
+            inbox: Default::default(),
+        }
     }
 
     pub fn raw(&self) -> RawFd {
@@ -144,10 +154,11 @@ impl Channel {
 
     /// The next message and its descriptors; None when the other end closed.
     pub fn recv(&self) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
+        let mut buf = self.inbox.borrow_mut();
+        buf.resize(MAX_MESSAGE, 0);
         let mut space = nix::cmsg_space!([RawFd; 64]);
         let (len, fds) = {
-            let mut iov = [io::IoSliceMut::new(&mut buf)];
+            let mut iov = [io::IoSliceMut::new(&mut buf[..])];
             let msg = recvmsg::<()>(
                 self.fd.as_raw_fd(),
                 &mut iov,
@@ -189,5 +200,42 @@ impl Successor {
     /// here (nothing was sent: a seqpacket message goes whole or not at all).
     pub fn hand_over(&self, message: &Message, socket: RawFd) -> io::Result<()> {
         self.channel.lock().unwrap().send(message, &[socket])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+
+    #[test]
+    fn a_message_and_its_descriptor_arrive_whole_and_the_end_is_seen() {
+        let (a, b) = Channel::pair().unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"passed along").unwrap();
+        let message = Message::Listeners {
+            listeners: vec![Listening {
+                name: "main/rw".into(),
+                addr: "127.0.0.1:6432".parse().unwrap(),
+            }],
+        };
+        a.send(&message, &[file.as_raw_fd()]).unwrap();
+        a.send(&Message::Ready { pid: 42 }, &[]).unwrap();
+        let (got, fds) = b.recv().unwrap().unwrap();
+        let Message::Listeners { listeners } = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(listeners[0].name, "main/rw");
+        assert_eq!(fds.len(), 1);
+        // The same open file: what one side wrote, the other reads.
+        let mut theirs = std::fs::File::from(fds.into_iter().next().unwrap());
+        theirs.rewind().unwrap();
+        let mut text = String::new();
+        theirs.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "passed along");
+        let (next, fds) = b.recv().unwrap().unwrap();
+        assert!(matches!(next, Message::Ready { pid: 42 }) && fds.is_empty());
+        drop(a);
+        assert!(b.recv().unwrap().is_none(), "the other end closed");
     }
 }

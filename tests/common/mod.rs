@@ -336,15 +336,19 @@ pub fn report(line: &str) {
     let _ = writeln!(out, "measured: {line}");
 }
 
-/// Run pgbench through `port` as the app user; panics with its output on failure.
-pub fn pgbench(port: u16, args: &[&str]) -> String {
-    let out = Command::new("pgbench")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", APP_USER])
+/// pgbench through `port` as the app user on the app database, with `args`.
+pub fn pgbench_command<S: AsRef<std::ffi::OsStr>>(port: u16, args: &[S]) -> Command {
+    let mut cmd = Command::new("pgbench");
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", APP_USER])
         .args(args)
         .arg(APP_DB)
-        .env("PGPASSWORD", APP_PASSWORD)
-        .output()
-        .expect("run pgbench");
+        .env("PGPASSWORD", APP_PASSWORD);
+    cmd
+}
+
+/// Run pgbench through `port` as the app user; panics with its output on failure.
+pub fn pgbench(port: u16, args: &[&str]) -> String {
+    let out = pgbench_command(port, args).output().expect("run pgbench");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

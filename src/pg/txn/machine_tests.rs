@@ -115,20 +115,25 @@ pub fn classifier() -> &'static Classifier {
     K.get_or_init(|| Classifier::new(&[]))
 }
 
+/// The machine's config in these tests (rw endpoint, `split` on or off).
+fn harness_config(split: bool) -> Config {
+    Config {
+        cluster: "main".into(),
+        read_only_endpoint: false,
+        split,
+        max_message: 1 << 20,
+        client_pid: 777,
+        client_key: 1,
+        digests: true,
+        traces: true,
+    }
+}
+
 impl Harness {
     /// A greeted transaction-mode session (rw endpoint, `split` on or off).
     pub fn new(split: bool) -> Harness {
         let m = Machine::new(
-            Config {
-                cluster: "main".into(),
-                read_only_endpoint: false,
-                split,
-                max_message: 1 << 20,
-                client_pid: 777,
-                client_key: 1,
-                digests: true,
-                traces: true,
-            },
+            harness_config(split),
             vec![("application_name".into(), "pgbench".into())],
             classifier(),
             None,
@@ -994,16 +999,7 @@ fn a_session_at_rest_is_carried_whole_and_one_in_a_transaction_is_not() {
     assert!(carried.settings.contains_key("application_name"), "{carried:?}");
 
     // Put back in another machine, it is the same session (and carried the same again).
-    let cfg = Config {
-        cluster: "main".into(),
-        read_only_endpoint: false,
-        split: false,
-        max_message: 1 << 20,
-        client_pid: 777,
-        client_key: 1,
-        digests: false,
-        traces: false,
-    };
+    let cfg = harness_config(false);
     let mut carried_bytes = carried;
     carried_bytes
         .statements
