@@ -156,7 +156,8 @@ impl Channel {
     pub fn recv(&self) -> io::Result<Option<(Message, Vec<OwnedFd>)>> {
         let mut buf = self.inbox.borrow_mut();
         buf.resize(MAX_MESSAGE, 0);
-        let mut space = nix::cmsg_space!([RawFd; 64]);
+        // The kernel passes at most 253 descriptors (SCM_MAX_FD) in one message.
+        let mut space = nix::cmsg_space!([RawFd; 253]);
         let (len, fds) = {
             let mut iov = [io::IoSliceMut::new(&mut buf[..])];
             let msg = recvmsg::<()>(
