@@ -344,6 +344,15 @@ impl Error {
         )
     }
 
+    /// The client's cluster was removed from the config by a reload.
+    pub fn cluster_removed(cluster: &str) -> Error {
+        Error::new(
+            SqlState::ADMIN_SHUTDOWN,
+            Side::Proxy,
+            format!("terminating connection: cluster \"{cluster}\" was removed from Switchyard's configuration (a reload); it is no longer served here"),
+        )
+    }
+
     pub fn code(&self) -> SqlState {
         self.code
     }

@@ -408,7 +408,7 @@ fn run(path: Option<&PathBuf>) -> Result<()> {
                     return;
                 }
                 let status = match unchecked {
-                    0 => format!("serving {} clusters", shared.clusters.len()),
+                    0 => format!("serving {} clusters", shared.clusters().len()),
                     n => format!("serving; {n} nodes not checked yet"),
                 };
                 switchyard::app::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&status)]);

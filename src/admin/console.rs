@@ -199,7 +199,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 "view",
             ],
             rows: shared
-                .clusters
+                .clusters()
                 .values()
                 .map(|c| {
                     let snap = c.state.snapshot();
@@ -231,8 +231,8 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                     };
                     vec![
                         c.name.clone(),
-                        opt(c.listen_rw.clone()),
-                        opt(c.listen_ro.clone()),
+                        opt(c.settings().listen_rw.clone()),
+                        opt(c.settings().listen_ro.clone()),
                         primary,
                         c.is_paused().to_string(),
                         snap.nodes.len().to_string(),
@@ -262,7 +262,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 "detached",
             ],
             rows: shared
-                .clusters
+                .clusters()
                 .values()
                 .flat_map(|c| {
                     let snap = c.state.snapshot();
@@ -307,7 +307,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                         p.size.to_string(),
                     ]
                 })
-                .chain(shared.clusters.values().filter_map(|c| {
+                .chain(shared.clusters().values().filter_map(|c| {
                     let w = c.waiting.load(std::sync::atomic::Ordering::Relaxed);
                     (w > 0).then(|| {
                         vec![
@@ -336,7 +336,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                     "refusals and timeouts",
                 ],
                 rows: shared
-                    .clusters
+                    .clusters()
                     .values()
                     .map(|c| {
                         let v = shared.admissions.view(&c.name);
@@ -436,7 +436,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 "sessions_now",
             ],
             rows: shared
-                .clusters
+                .clusters()
                 .values()
                 .flat_map(|c| {
                     let snap = c.state.snapshot();
@@ -460,7 +460,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
         ["SHOW", "EVENTS"] => Answer::Rows {
             columns: vec!["at", "cluster", "node", "old", "new", "reason"],
             rows: shared
-                .clusters
+                .clusters()
                 .values()
                 .flat_map(|c| {
                     c.state
@@ -522,11 +522,11 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
         ["PAUSE" | "RESUME", rest @ ..] if rest.len() <= 1 => {
             let pause = words[0] == "PAUSE";
             let targets: Vec<_> = match &arg {
-                Some(name) => match shared.clusters.get(name) {
+                Some(name) => match shared.cluster(name) {
                     Some(c) => vec![c.clone()],
                     None => return Answer::Error(format!("no cluster named \"{name}\"")),
                 },
-                None => shared.clusters.values().cloned().collect(),
+                None => shared.clusters().values().cloned().collect(),
             };
             for c in targets {
                 c.set_paused(pause);
@@ -541,10 +541,11 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 None => (None, target.clone()),
             };
             let matching: Vec<_> = shared
-                .clusters
+                .clusters()
                 .values()
                 .filter(|c| cluster.as_deref().is_none_or(|name| name == c.name))
                 .filter(|c| c.state.snapshot().index(&node).is_some())
+                .cloned()
                 .collect();
             match matching.as_slice() {
                 [] => Answer::Error(format!("no node named \"{target}\"")),

@@ -18,7 +18,7 @@ use crate::proxy::shared::Shared;
 
 const PAGE: &str = include_str!("status.html");
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
     // What shows or changes the cluster needs the token when `admin.token` is set; the
     // page itself (no data in it), `/health` and the role checks load balancers poll
     // do not.
@@ -37,11 +37,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         .route("/clusters/{name}/read-only", get(read_only))
         .merge(protected)
         .with_state(shared.clone());
-    // Ends with the process, or when a successor took the listener (it has its copy).
+    // Ends with the process, when a successor took the listener (it has its copy), or
+    // when a reload moved or removed it (`stop`; requests in flight finish).
     let mut leaving = shared.leaving.clone();
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            let _ = leaving.wait_for(|l| *l).await;
+            tokio::select! {
+                _ = leaving.wait_for(|l| *l) => {}
+                _ = stop.changed() => {}
+            }
         })
         .await;
 }
@@ -185,7 +189,7 @@ async fn primary(State(shared): State<Arc<Shared>>, Path(name): Path<String>) ->
 /// 200 with the node a new session would get (`standby_only`: the first standby among
 /// them), 503 with the reason when there is none.
 fn role_check(shared: &Shared, cluster: &str, endpoint: Endpoint, standby_only: bool) -> Response {
-    let Some(ctx) = shared.clusters.get(cluster) else {
+    let Some(ctx) = shared.cluster(cluster) else {
         return (StatusCode::NOT_FOUND, format!("no cluster named \"{cluster}\"\n")).into_response();
     };
     let snap = ctx.state.snapshot();

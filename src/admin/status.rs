@@ -185,7 +185,7 @@ pub fn build(shared: &Shared) -> Status {
     let all_pools = pool_rows(shared);
     let config = shared.config();
     let clusters = shared
-        .clusters
+        .clusters()
         .values()
         .map(|ctx| {
             let snap = ctx.state.snapshot();
@@ -224,8 +224,8 @@ pub fn build(shared: &Shared) -> Status {
             ClusterStatus {
                 name: ctx.name.clone(),
                 engine: ctx.engine.to_string(),
-                listen_rw: ctx.listen_rw.clone(),
-                listen_ro: ctx.listen_ro.clone(),
+                listen_rw: ctx.settings().listen_rw.clone(),
+                listen_ro: ctx.settings().listen_ro.clone(),
                 paused: ctx.is_paused(),
                 limits: {
                     let v = shared.admissions.view(&ctx.name);

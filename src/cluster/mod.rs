@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::config::Engine;
+use crate::config::{ClusterConfig, Engine};
 use crate::tls::ServerTls;
 use topology::ClusterState;
 
@@ -26,8 +26,12 @@ use topology::ClusterState;
 pub struct ClusterCtx {
     pub name: String,
     pub state: Arc<ClusterState>,
-    pub listen_rw: Option<String>,
-    pub listen_ro: Option<String>,
+    /// This cluster's part of the running config (replaced on reload; kept after a
+    /// reload removed the cluster, for the sessions that still run).
+    settings: RwLock<Arc<ClusterConfig>>,
+    /// Set when a reload removed the cluster: its listeners are closed, and its sessions
+    /// end at their next transaction boundary (`retire`).
+    retiring: watch::Sender<bool>,
     /// Clients waiting with no node yet: paused, or for the topology to offer one.
     pub waiting: AtomicU32,
     /// `PAUSE`: checked with one atomic load on the relay path; the watch is for waiting.
@@ -137,8 +141,7 @@ impl ClusterCtx {
     pub fn new(
         name: &str,
         state: Arc<ClusterState>,
-        listen_rw: Option<String>,
-        listen_ro: Option<String>,
+        settings: ClusterConfig,
         server_tls: ServerTls,
         engine: Engine,
         engine_state: Box<dyn Any + Send + Sync>,
@@ -147,8 +150,8 @@ impl ClusterCtx {
             name: name.to_string(),
             floors: Mutex::default(),
             state,
-            listen_rw,
-            listen_ro,
+            settings: RwLock::new(Arc::new(settings)),
+            retiring: watch::channel(false).0,
             waiting: AtomicU32::new(0),
             paused: AtomicBool::new(false),
             pause_tx: watch::channel(false).0,
@@ -160,6 +163,33 @@ impl ClusterCtx {
             login_gates: Gates::default(),
             server_budget: Gates::default(),
         }
+    }
+
+    /// This cluster's settings in the running config (or the last it had, once a reload
+    /// removed it).
+    pub fn settings(&self) -> Arc<ClusterConfig> {
+        self.settings.read().unwrap().clone()
+    }
+
+    pub fn set_settings(&self, settings: ClusterConfig) {
+        *self.settings.write().unwrap() = Arc::new(settings);
+    }
+
+    /// A reload removed this cluster: its sessions end at their next transaction
+    /// boundary (those waiting on `retirement` are told now).
+    pub fn retire(&self) {
+        self.retiring.send_replace(true);
+        info!(cluster = %self.name, "cluster removed from the config: its clients are ended at their next transaction boundary");
+    }
+
+    pub fn retiring(&self) -> bool {
+        *self.retiring.borrow()
+    }
+
+    /// Resolves once a reload removed this cluster (`retire`).
+    pub async fn retirement(&self) {
+        let mut rx = self.retiring.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     /// How to speak TLS to this cluster's nodes now.

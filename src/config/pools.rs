@@ -41,7 +41,12 @@ impl Config {
     /// The pool settings of `user`'s pools on `cluster`: the cluster's, with the user's
     /// own `pool_size` if it has one.
     pub fn pool_settings(&self, cluster: &str, user: &str, database: &str) -> PoolSettings {
-        let c = &self.clusters[cluster];
+        self.pool_settings_of(&self.clusters[cluster], user, database)
+    }
+
+    /// The same for the cluster whose settings are `c` (a session's cluster, which a
+    /// reload may have removed from this config).
+    pub fn pool_settings_of(&self, c: &ClusterConfig, user: &str, database: &str) -> PoolSettings {
         let mut s = c.pool_settings();
         // The most specific size: user and database, then database, then user (in
         // `[[pools]]`, then `[[users]]`), then the cluster's.
@@ -78,7 +83,11 @@ impl Config {
     /// The client timeouts of `user` on `cluster`: the user's own values, else the
     /// cluster's (None: off).
     pub fn client_timeouts(&self, cluster: &str, user: &str) -> ClientTimeouts {
-        let c = &self.clusters[cluster];
+        self.client_timeouts_of(&self.clusters[cluster], user)
+    }
+
+    /// The same for the cluster whose settings are `c`.
+    pub fn client_timeouts_of(&self, c: &ClusterConfig, user: &str) -> ClientTimeouts {
         let u = self.user(user);
         let pick = |own: Option<u64>, cluster: u64| {
             Some(own.unwrap_or(cluster))

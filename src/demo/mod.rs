@@ -274,7 +274,7 @@ pub fn mariadb_demo(rw_port: u16, ro_port: u16, http_port: u16, automatic: bool,
 async fn show_states_until_signal(proxy: &Proxy) -> Result<()> {
     let state = proxy
         .shared
-        .clusters
+        .clusters()
         .values()
         .next()
         .expect("one cluster")

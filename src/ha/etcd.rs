@@ -7,6 +7,7 @@
 //! run on tokio's blocking pool, each bounded by a timeout; every configured endpoint is
 //! tried in turn, so the loss of one etcd member costs one timeout at most.
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -49,8 +50,13 @@ pub enum Op<'a> {
 
 #[derive(Clone)]
 pub struct Etcd {
-    endpoints: Vec<String>,
+    /// The members' client URLs, tried in order (replaced on reload: `set_endpoints`).
+    endpoints: Arc<RwLock<Arc<Vec<String>>>>,
     agent: ureq::Agent,
+}
+
+fn endpoints(urls: &[String]) -> Arc<Vec<String>> {
+    Arc::new(urls.iter().map(|e| e.trim_end_matches('/').to_string()).collect())
 }
 
 fn b64(s: &str) -> String {
@@ -93,9 +99,15 @@ impl Etcd {
             .build()
             .new_agent();
         Etcd {
-            endpoints: endpoints.iter().map(|e| e.trim_end_matches('/').to_string()).collect(),
+            endpoints: Arc::new(RwLock::new(self::endpoints(endpoints))),
             agent,
         }
+    }
+
+    /// Talk to these members from the next request on (a reload changed
+    /// `coordination.etcd`; requests in flight finish with the old list).
+    pub fn set_endpoints(&self, urls: &[String]) {
+        *self.endpoints.write().unwrap() = endpoints(urls);
     }
 
     /// POST `body` to `path` on the first endpoint that answers.
@@ -104,7 +116,8 @@ impl Etcd {
         tokio::task::spawn_blocking(move || {
             let body = body.to_string();
             let mut errors = Vec::new();
-            for e in &this.endpoints {
+            let endpoints = this.endpoints.read().unwrap().clone();
+            for e in endpoints.iter() {
                 let url = format!("{e}{path}");
                 match this
                     .agent

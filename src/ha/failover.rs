@@ -161,7 +161,7 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
                 last_primary = Some(published);
             }
             let config = shared.config();
-            let Some(cc) = config.clusters.get(&ctx.name) else {
+            let Some(cc) = config.clusters.get(&ctx.name).filter(|_| !ctx.retiring()) else {
                 return;
             };
             if cc.failover == FailoverMode::Automatic {
@@ -200,7 +200,9 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep(config.health.interval()) => {}
-                _ = leaving.changed() => return,
+                _ = leaving.wait_for(|l| *l) => return,
+                // A reload removed the cluster.
+                _ = ctx.retirement() => return,
             }
         }
     })

@@ -87,19 +87,21 @@ impl Drop for Hold<'_> {
 pub async fn switchover(shared: &Shared, cluster: &str, to: &str) -> Result<SwitchoverReport, SwitchoverError> {
     let config = shared.config();
     let ctx = shared
+        .cluster(cluster)
+        .ok_or_else(|| fail("check", format!("no cluster named \"{cluster}\"")))?;
+    let cc = config
         .clusters
         .get(cluster)
-        .ok_or_else(|| fail("check", format!("no cluster named \"{cluster}\"")))?;
-    let cc = &config.clusters[cluster];
-    let control = control_of(cc, ctx).ok_or_else(|| {
+        .ok_or_else(|| fail("check", format!("no cluster named \"{cluster}\" in the running config")))?;
+    let control = control_of(cc, &ctx).ok_or_else(|| {
         fail(
             "check",
             format!("clusters.{cluster}.manager is not configured (a login for promotion and repointing)"),
         )
     })?;
     match control {
-        AnyControl::Pg(c) => run(shared, ctx, cc, &*c, to).await,
-        AnyControl::My(c) => run(shared, ctx, cc, &*c, to).await,
+        AnyControl::Pg(c) => run(shared, &ctx, cc, &*c, to).await,
+        AnyControl::My(c) => run(shared, &ctx, cc, &*c, to).await,
     }
 }
 

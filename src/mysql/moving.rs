@@ -40,10 +40,9 @@ impl Relay<'_> {
         topology: &mut tokio::sync::watch::Receiver<Arc<ClusterSnapshot>>,
         caps: CapabilityFlags,
     ) -> Result<Option<ServerConn>, End> {
-        let mut shutdown = self.shared.shutdown.clone();
         tokio::select! {
             _ = self.cluster.wait_unpaused() => {}
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Err(End::Failed(Error::shutdown())),
+            e = self.shared.closing(self.cluster) => return Err(End::Failed(e)),
         }
         let snap = topology.borrow_and_update().clone();
         if routing::eviction(self.endpoint, &snap, &self.node.name).is_none() {

@@ -35,11 +35,13 @@ use super::relay::{Relay, INTERCEPT_MAX};
 use super::server::{LoginRequest, ServerConn};
 use super::session::{set_read_only, End, MysqlDialer};
 use super::ClusterInfo;
+use crate::cluster::ClusterCtx;
 use crate::cluster::routing::Endpoint;
 use crate::cluster::topology::{ClusterSnapshot, NodeState, Role};
 use crate::config::PoolSettings;
 use crate::error::Error;
 use crate::proxy::connector::{self, Dialer, NodeSlot};
+use crate::proxy::shared::Shared;
 use crate::proxy::stream::ClientStream;
 
 /// A pooled connection's pool and place while a session holds it.
@@ -175,10 +177,10 @@ impl Relay<'_> {
         topology: &mut tokio::sync::watch::Receiver<Arc<ClusterSnapshot>>,
         caps: CapabilityFlags,
     ) -> Result<ServerConn, End> {
-        let mut shutdown = self.shared.shutdown.clone();
+        let ending = (self.shared, self.cluster);
         match self.timeouts.client_idle {
-            None => read_at_least(client, cbuf, 5, &mut shutdown).await?,
-            Some(idle) => match tokio::time::timeout(idle, read_at_least(client, cbuf, 5, &mut shutdown)).await {
+            None => read_at_least(client, cbuf, 5, ending).await?,
+            Some(idle) => match tokio::time::timeout(idle, read_at_least(client, cbuf, 5, ending)).await {
                 Ok(read) => read?,
                 Err(_) => {
                     let fired = crate::proxy::timeouts::Fired::ClientIdle;
@@ -195,18 +197,18 @@ impl Relay<'_> {
         // With splitting: a read a replica may answer takes a read-only connection, on a
         // replica that has applied what the session must see (else on the primary), for
         // this one statement.
-        let read = self.split_tx && self.is_split_read(client, cbuf, &mut shutdown, info).await?;
+        let read = self.split_tx && self.is_split_read(client, cbuf, ending, info).await?;
         let endpoint = if read { Endpoint::ReadOnly } else { self.endpoint };
         self.inbound.lease_commands = 0;
         self.one_command = read;
         let config = self.shared.config();
         if !config.clusters.contains_key(&self.cluster.name) {
-            return Err(End::Failed(Error::shutdown()));
+            return Err(End::Failed(Error::cluster_removed(&self.cluster.name)));
         }
         // MySQL pools are per user, not per database (a connection changes database
         // with COM_INIT_DB): the user's size, `users[].pool_size` or a `[[pools]]` entry
         // naming only the user (validation refuses database entries here).
-        let settings = config.pool_settings(&self.cluster.name, &self.user.name, "");
+        let settings = config.pool_settings_of(&self.cluster.settings(), &self.user.name, "");
         let mut attributes = self.client.attributes.clone();
         if let Some(a) = attributes.as_mut() {
             a.remove(super::fresh::TOKEN_ATTRIBUTE);
@@ -296,7 +298,7 @@ impl Relay<'_> {
         &mut self,
         client: &mut ClientStream,
         cbuf: &mut bytes::BytesMut,
-        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+        ending: (&Shared, &ClusterCtx),
         info: &ClusterInfo,
     ) -> Result<bool, End> {
         {
@@ -312,7 +314,7 @@ impl Relay<'_> {
         if len > super::split::SPLIT_MAX {
             return Ok(false);
         }
-        read_at_least(client, cbuf, 4 + len, shutdown).await?;
+        read_at_least(client, cbuf, 4 + len, ending).await?;
         Ok(info.classifier.classify(&cbuf[5..4 + len]).read)
     }
 }
@@ -320,12 +322,13 @@ impl Relay<'_> {
 use super::answers::SERVER_STATUS_AUTOCOMMIT;
 
 /// Read from the client until `cbuf` holds at least `n` bytes (a session between
-/// transactions, with no connection: only the client and shutdown can wake it).
+/// transactions, with no connection: only the client, shutdown and the cluster's removal
+/// can wake it; `ending`: the process and the client's cluster).
 async fn read_at_least(
     client: &mut ClientStream,
     cbuf: &mut bytes::BytesMut,
     n: usize,
-    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    (shared, cluster): (&Shared, &ClusterCtx),
 ) -> Result<(), End> {
     while cbuf.len() < n {
         tokio::select! {
@@ -334,7 +337,7 @@ async fn read_at_least(
                 Err(e) => return Err(End::Io(e)),
                 Ok(_) => {}
             },
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return Err(End::Failed(Error::shutdown())),
+            e = shared.closing(cluster) => return Err(End::Failed(e)),
         }
     }
     Ok(())

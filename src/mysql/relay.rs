@@ -452,7 +452,6 @@ impl Relay<'_> {
         };
         let watchdog = super::timeouts::watchdog(self.timeouts, tracked);
         tokio::pin!(client_to_server, server_to_client, watchdog);
-        let mut shutdown = shared.shutdown.clone();
         let mut watching = true;
         let pause = loop {
             tokio::select! {
@@ -500,7 +499,7 @@ impl Relay<'_> {
                     let e = self.timeouts.error(fired);
                     break Pause::End(End::Failed(e));
                 }
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                e = shared.closing(cluster) => {
                     if awaiting.load(Ordering::Relaxed) {
                         // Let the answer in flight reach the client first.
                         let grace = Duration::from_millis(shared.config().proxy.shutdown_timeout_ms);
@@ -508,7 +507,7 @@ impl Relay<'_> {
                             return Pause::End(end);
                         }
                     }
-                    break Pause::End(End::Failed(Error::shutdown()));
+                    break Pause::End(End::Failed(e));
                 }
             }
         };

@@ -63,7 +63,7 @@ pub async fn serve(
         login_timeout,
         tls_mode,
         tls,
-    } = shared.arrival(&tcp, &cluster.name);
+    } = shared.arrival(&tcp, &cluster);
     // Plain until the client asks for TLS (`authenticate` upgrades it in place).
     let mut stream = Some(ClientStream::Plain(tcp));
     let id = shared.cancels.mint_mysql_id();
@@ -289,7 +289,7 @@ pub async fn serve(
         lease,
         split_tx: endpoint == Endpoint::ReadWrite && cc.read_write_split && multiplex,
         one_command: false,
-        timeouts: config.client_timeouts(&cluster.name, &client.user.name),
+        timeouts: config.client_timeouts_of(&cluster.settings(), &client.user.name),
         bytes: shared.metrics.client_bytes(&cluster.name, endpoint),
     };
     let end = relay.run(&mut tcp, server, rx).await;

@@ -82,7 +82,7 @@ pub(super) async fn login(
             }
             Ok(StartupPacket::Cancel { pid, key }) => {
                 crate::pg::cancel::forward(&shared.cancels, pid, key, |c| {
-                    shared.clusters.get(c).map(|ctx| ctx.server_tls())
+                    shared.cluster(c).map(|ctx| ctx.server_tls())
                 })
                 .await;
                 return Ok(None);

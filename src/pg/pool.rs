@@ -405,6 +405,20 @@ impl Pools {
             .clone()
     }
 
+    /// A reload removed `cluster`: its pools are dropped, their idle connections closed
+    /// (those in use close as their sessions end). Returns the idle ones closed.
+    pub fn forget_cluster(&self, cluster: &str) -> usize {
+        let mut gone = Vec::new();
+        self.map.lock().unwrap().retain(|k, p| {
+            let keep = k.cluster != cluster;
+            if !keep {
+                gone.push(p.clone());
+            }
+            keep
+        });
+        gone.iter().map(|p| p.clear_idle()).sum()
+    }
+
     pub fn all(&self) -> Vec<Arc<Pool>> {
         let mut v: Vec<_> = self.map.lock().unwrap().values().cloned().collect();
         v.sort_by(|a, b| a.key.cmp(&b.key));

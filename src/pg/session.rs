@@ -124,7 +124,7 @@ pub async fn serve(
         login_timeout,
         tls_mode,
         tls,
-    } = shared.arrival(&tcp, &cluster.name);
+    } = shared.arrival(&tcp, &cluster);
     let require_tls = (tls_mode == ClientTls::Require).then_some(cluster.name.as_str());
     let started = tokio::time::Instant::now();
     // The TLS handshake and the login are boxed: their state is large and lives only
@@ -162,7 +162,7 @@ pub async fn serve(
         }
         Ok(Ok(Some(client))) => match causal_floor(&client, &cluster) {
             Err(e) => Err(Reject::Error(e)),
-            Ok(floor) if config.clusters[&cluster.name].pool_mode == PoolMode::Transaction => {
+            Ok(floor) if cluster.settings().pool_mode == PoolMode::Transaction => {
                 // Boxed, as session mode's relay below: a session future holds the state
                 // of one mode only, not the larger of the two.
                 Box::pin(serve_transaction_mode(
@@ -420,7 +420,7 @@ async fn connect(
     // A ro session with a causal token starts on a node that has replayed it (waiting
     // up to causal_wait_ms for a standby, else the primary); the session then stays
     // there, so later reads are at least as fresh.
-    let cc = &config.clusters[&cluster.name];
+    let cc = &*cluster.settings();
     let mut session_causal = Causal::new(
         cc,
         cluster,
@@ -577,7 +577,7 @@ async fn relay(
         _cancel: cancel,
         ..
     } = c;
-    let mut watch = Watch::new(config.client_timeouts(&cluster.name, &who.user), Instant::now());
+    let mut watch = Watch::new(config.client_timeouts_of(&cluster.settings(), &who.user), Instant::now());
     // The proxy's own answers (to SHOW/SET switchyard.causal_token), written to the
     // client by the server-to-client side at a message boundary.
     let (inject_tx, mut inject_rx) = tokio::sync::mpsc::unbounded_channel::<BytesMut>();
@@ -600,9 +600,9 @@ async fn relay(
     let client_clean = AtomicBool::new(true);
     let server_clean = AtomicBool::new(true);
     let last_server_tag = AtomicU8::new(0);
-    // Set on shutdown: finish the transaction in flight, then leave.
+    // Set on shutdown (or the cluster's removal): finish the transaction in flight,
+    // then leave.
     let draining = AtomicBool::new(false);
-    let mut shutdown = shared.shutdown.clone();
     // The query digests: statements followed as the relay passes them (one task runs
     // both directions, so the lock is never contended; it is never held across an
     // await).
@@ -645,7 +645,7 @@ async fn relay(
                 // session when Switchyard is shutting down.
                 if framer.at_boundary() && info.idle() {
                     if draining.load(Ordering::Relaxed) {
-                        return End::Failed(Error::shutdown());
+                        return End::Failed(shared.ending(cluster));
                     }
                     if cluster.is_paused() {
                         cluster.wait_unpaused().await;
@@ -790,7 +790,7 @@ async fn relay(
                     info.ready_for_query(framer.last_ready_status());
                 }
                 if boundary && draining.load(Ordering::Relaxed) && info.idle() {
-                    return End::Failed(Error::shutdown());
+                    return End::Failed(shared.ending(cluster));
                 }
             }
         };
@@ -807,13 +807,13 @@ async fn relay(
             }
         };
         let stop = async {
-            let _ = shutdown.wait_for(|s| *s).await;
+            let e = shared.closing(cluster).await;
             draining.store(true, Ordering::Relaxed);
             if info.idle() && client_clean.load(Ordering::Relaxed) {
-                return End::Failed(Error::shutdown());
+                return End::Failed(e);
             }
             tokio::time::sleep(grace).await;
-            End::Failed(Error::shutdown())
+            End::Failed(e)
         };
         // The client timeouts, looked at a few times per the shortest of them (a timer
         // per message would cost every session; this costs only those with timeouts).
@@ -850,7 +850,7 @@ async fn relay(
                 crate::proxy::limits::timed_out(shared, &cluster.name, fired, "cancel sent to the server");
                 cancelled_at = Some(answered);
                 crate::pg::cancel::forward(&shared.cancels, cancel.pid, cancel.key_secret, |c| {
-                    shared.clusters.get(c).map(|ctx| ctx.server_tls())
+                    shared.cluster(c).map(|ctx| ctx.server_tls())
                 })
                 .await;
                 watch.rearm(Instant::now());

@@ -355,7 +355,8 @@ mod tests {
         let snap = ClusterSnapshot::new("main", nodes, policy, Duration::from_secs(1));
         let state = ClusterState::new(snap, |s| routing::primary(s).ok());
         let tls = ServerTls::new(ServerTlsMode::Disable, None).unwrap();
-        ClusterCtx::new("main", state, None, None, tls, Engine::Postgresql, Box::new(()))
+        let settings = toml::from_str("nodes = []").expect("a cluster's settings");
+        ClusterCtx::new("main", state, settings, tls, Engine::Postgresql, Box::new(()))
     }
 
     fn fake(ready: &[&'static str]) -> Fake {

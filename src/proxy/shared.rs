@@ -16,6 +16,9 @@ use crate::obs::clients::Clients;
 use crate::obs::metrics::Metrics;
 use crate::proxy::cancel::CancelRegistry;
 
+/// The clusters by name.
+pub type Clusters = BTreeMap<String, Arc<ClusterCtx>>;
+
 /// What every engine's session settles as a client arrives (`Shared::arrival`).
 pub struct Arrival {
     /// The running config, read once for the session's start.
@@ -47,7 +50,9 @@ pub type Reloader = Box<dyn Fn(&Shared) -> Result<String, String> + Send + Sync>
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     pub config_path: Option<PathBuf>,
-    pub clusters: BTreeMap<String, Arc<ClusterCtx>>,
+    /// The clusters served now: replaced whole when a reload adds or removes one (a
+    /// session keeps the `ClusterCtx` it started with).
+    clusters: RwLock<Arc<Clusters>>,
     pub cancels: Arc<CancelRegistry>,
     /// Clients counted against `max_clients` (proxy, cluster, user).
     pub admissions: Arc<crate::proxy::limits::Admissions>,
@@ -102,14 +107,29 @@ impl Shared {
     }
 
     pub fn cluster_snapshots(&self) -> Vec<Arc<ClusterSnapshot>> {
-        self.clusters.values().map(|c| c.state.snapshot()).collect()
+        self.clusters().values().map(|c| c.state.snapshot()).collect()
+    }
+
+    /// Every cluster served now (a reload may add or remove some afterwards).
+    pub fn clusters(&self) -> Arc<Clusters> {
+        self.clusters.read().unwrap().clone()
+    }
+
+    /// The cluster called `name`, if it is served now.
+    pub fn cluster(&self, name: &str) -> Option<Arc<ClusterCtx>> {
+        self.clusters.read().unwrap().get(name).cloned()
+    }
+
+    /// Serve `clusters` from now on (a reload added or removed some).
+    pub fn set_clusters(&self, clusters: Clusters) {
+        *self.clusters.write().unwrap() = Arc::new(clusters);
     }
 
     /// `workers`: worker threads of the data path, among which pool sizes are shared.
     pub fn new(
         config: Config,
         config_path: Option<PathBuf>,
-        clusters: BTreeMap<String, Arc<ClusterCtx>>,
+        clusters: Clusters,
         (shutdown, leaving): (watch::Receiver<bool>, watch::Receiver<bool>),
         engines: Vec<Box<dyn EngineState>>,
     ) -> Result<Shared, String> {
@@ -141,7 +161,7 @@ impl Shared {
         Ok(Shared {
             config: RwLock::new(Arc::new(config)),
             config_path,
-            clusters,
+            clusters: RwLock::new(Arc::new(clusters)),
             cancels: Arc::new(CancelRegistry::default()),
             admissions: Arc::default(),
             clients: Arc::new(Clients::default()),
@@ -162,10 +182,10 @@ impl Shared {
 
     /// A client arrives at `cluster`: no Nagle delay on its socket, its login's bound,
     /// and whether TLS is offered to it.
-    pub fn arrival(&self, tcp: &tokio::net::TcpStream, cluster: &str) -> Arrival {
+    pub fn arrival(&self, tcp: &tokio::net::TcpStream, cluster: &ClusterCtx) -> Arrival {
         let _ = tcp.set_nodelay(true);
         let config = self.config();
-        let tls_mode = config.clusters[cluster].client_tls(config.tls.is_some());
+        let tls_mode = cluster.settings().client_tls(config.tls.is_some());
         let tls = match tls_mode {
             crate::config::ClientTls::Disable => None,
             _ => self.tls(),
@@ -200,6 +220,26 @@ impl Shared {
         for e in &self.engines {
             e.config_changed(&config);
         }
+    }
+
+    /// What a session of `cluster` that must end is told: the cluster was removed by a
+    /// reload, or the process is shutting down.
+    pub fn ending(&self, cluster: &ClusterCtx) -> crate::error::Error {
+        match cluster.retiring() {
+            true => crate::error::Error::cluster_removed(&cluster.name),
+            false => crate::error::Error::shutdown(),
+        }
+    }
+
+    /// Resolves when the sessions of `cluster` must end at their next boundary (the
+    /// process shuts down, or a reload removed the cluster), with what to tell them.
+    pub async fn closing(&self, cluster: &ClusterCtx) -> crate::error::Error {
+        let mut shutdown = self.shutdown.clone();
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => {}
+            _ = cluster.retirement() => {}
+        }
+        self.ending(cluster)
     }
 
     /// Ask the app for a binary upgrade; Ok(the new process's pid) once it serves.

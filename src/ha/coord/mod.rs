@@ -81,6 +81,8 @@ pub struct ClusterView {
 pub struct Coordinator {
     pub cfg: CoordinationConfig,
     etcd: Etcd,
+    /// The etcd members talked to now (`cfg.etcd` at start; a reload may change them).
+    members: Mutex<Vec<String>>,
     view: Mutex<View>,
     /// The current lease (0: none).
     lease: Mutex<i64>,
@@ -107,6 +109,24 @@ impl Coordinator {
 
     pub fn me(&self) -> &str {
         &self.cfg.instance
+    }
+
+    /// Apply a reloaded `[coordination]`: the etcd members change live; a new
+    /// instance name, prefix or lease would make this a different member of the group,
+    /// so those need a restart (or an upgrade). Returns what was done, or why not.
+    pub fn reconfigure(&self, new: &CoordinationConfig) -> Result<Option<String>, String> {
+        let identity = |c: &CoordinationConfig| (c.instance.clone(), c.prefix.clone(), c.lease_s);
+        if identity(&self.cfg) != identity(new) {
+            return Err("coordination.instance, prefix or lease_s changed: restart or upgrade (SIGUSR2) needed".into());
+        }
+        let mut current = self.members.lock().unwrap();
+        if *current == new.etcd {
+            return Ok(None);
+        }
+        self.etcd.set_endpoints(&new.etcd);
+        let note = format!("coordination.etcd now {:?} (was {:?})", new.etcd, *current);
+        *current = new.etcd.clone();
+        Ok(Some(note))
     }
 
     pub fn view(&self) -> View {
@@ -277,11 +297,20 @@ fn apply(ctx: &ClusterCtx, view: &View, notify_always: bool) {
     });
 }
 
+/// A cluster a reload added: routed by the agreed state from the start, as the others
+/// were at start (no writes until the leader has published its primary).
+pub fn adopt(shared: &Shared, ctx: &ClusterCtx) {
+    if let Some(coord) = get(shared) {
+        apply(ctx, &coord.view(), true);
+    }
+}
+
 /// Start coordinating: until etcd has been read once, no writes are routed.
 pub fn spawn(shared: Arc<Shared>, cfg: CoordinationConfig) -> JoinHandle<()> {
     let lease_ttl = Duration::from_secs(cfg.lease_s);
     let coord = Arc::new(Coordinator {
         etcd: Etcd::new(&cfg.etcd, (lease_ttl / 3).min(Duration::from_secs(1))),
+        members: Mutex::new(cfg.etcd.clone()),
         cfg,
         view: Mutex::new(View {
             cut_off: Some("not yet in touch with etcd".into()),
@@ -292,7 +321,7 @@ pub fn spawn(shared: Arc<Shared>, cfg: CoordinationConfig) -> JoinHandle<()> {
         read: Mutex::new(None),
     });
     let _ = shared.coordinator.set(coord.clone());
-    for ctx in shared.clusters.values() {
+    for ctx in shared.clusters().values() {
         apply(ctx, &coord.view(), true);
     }
     tokio::spawn(round::watchdog(shared.clone(), coord.clone(), lease_ttl));

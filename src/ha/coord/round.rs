@@ -41,7 +41,7 @@ pub(super) async fn watchdog(shared: Arc<Shared>, coord: Arc<Coordinator>, lease
             v.cut_off = Some(why);
             v.clone()
         };
-        for ctx in shared.clusters.values() {
+        for ctx in shared.clusters().values() {
             apply(ctx, &view, false);
         }
     }
@@ -114,7 +114,7 @@ pub(super) async fn run(shared: Arc<Shared>, coord: Arc<Coordinator>, lease_ttl:
             }
         }
         let view = coord.view();
-        for ctx in shared.clusters.values() {
+        for ctx in shared.clusters().values() {
             apply(ctx, &view, false);
         }
         if view.cut_off.is_some() {
@@ -231,7 +231,7 @@ async fn round(shared: &Shared, coord: &Coordinator, ttl: Duration, written: &mu
 async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut Written) -> Result<(), EtcdError> {
     let lease = *coord.lease.lock().unwrap();
     let leader = view.leader.as_deref() == Some(coord.me());
-    for ctx in shared.clusters.values() {
+    for ctx in shared.clusters().values() {
         let snap = ctx.state.snapshot();
         let cv = view.clusters.get(&ctx.name).cloned().unwrap_or_default();
 

@@ -45,10 +45,11 @@ fn ready_to_read(buf: &mut BytesMut) {
     }
 }
 
-/// Has Switchyard begun to shut down? `local` (this thread's repeater) moved, and the
-/// flag, behind the process-wide channel's lock, is read only then.
-fn shutting_down(local: &tokio::sync::watch::Receiver<()>, shared: &Shared) -> bool {
-    local.has_changed().unwrap_or(true) && *shared.shutdown.borrow()
+/// Must the client's session end: has Switchyard begun to shut down, or did a reload
+/// remove its cluster? `local` (this thread's repeater of both) moved, and the flags,
+/// behind their channels' locks, are read only then.
+fn shutting_down(local: &tokio::sync::watch::Receiver<()>, shared: &Shared, cluster: &ClusterCtx) -> bool {
+    local.has_changed().unwrap_or(true) && (*shared.shutdown.borrow() || cluster.retiring())
 }
 
 /// Who the client is.
@@ -114,7 +115,7 @@ impl PoolDialer<'_> {
         let settings = self
             .shared
             .config()
-            .pool_settings(&self.cluster.name, &self.who.user, &self.who.database);
+            .pool_settings_of(&self.cluster.settings(), &self.who.user, &self.who.database);
         let labels = RoutedLabels {
             cluster: self.cluster.name.clone(),
             node: node.name.clone(),
@@ -165,7 +166,7 @@ impl Dialer for PoolDialer<'_> {
                 || self.cluster.server_tls(),
                 timeout,
                 || {
-                    let max = self.shared.config().clusters[&self.cluster.name].max_server_logins;
+                    let max = self.cluster.settings().max_server_logins;
                     (self.cluster.login_gates.of(&node.name, max), max)
                 },
                 crate::pg::pool::BudgetAsk {
@@ -261,7 +262,7 @@ impl<'a> Driver<'a> {
     ) -> Driver<'a> {
         let config = shared.config();
         let credential = who.credential.clone();
-        let cc = &config.clusters[&cluster.name];
+        let cc = &*cluster.settings();
         let pool_wait = shared
             .metrics
             .pool_wait_seconds
@@ -295,7 +296,7 @@ impl<'a> Driver<'a> {
             who.causal_token,
             FreshMetrics::new(&shared.metrics, &cluster.name),
         );
-        let watch = Watch::new(config.client_timeouts(&cluster.name, &who.user), Instant::now());
+        let watch = Watch::new(config.client_timeouts_of(cc, &who.user), Instant::now());
         let (received, sent) = shared.metrics.client_bytes(&cluster.name, endpoint);
         Driver {
             watch,
@@ -353,7 +354,7 @@ impl<'a> Driver<'a> {
         let mut topology = self.cluster.state.subscribe_local();
         let mut shutdown = self.shared.shutdown_local();
         // A session that starts after the signal: seen as a change at once.
-        if *self.shared.shutdown.borrow() || self.shared.successor.get().is_some() {
+        if *self.shared.shutdown.borrow() || self.shared.successor.get().is_some() || self.cluster.retiring() {
             shutdown.mark_changed();
         }
         loop {
@@ -393,7 +394,7 @@ impl<'a> Driver<'a> {
                     }
                     Action::Listen(ops) => {
                         if self.notify.is_none() {
-                            if let Some(ctx) = self.shared.clusters.get(&self.cluster.name) {
+                            if let Some(ctx) = self.shared.cluster(&self.cluster.name) {
                                 let hub = &crate::pg::PgShared::of(self.shared).listeners;
                                 self.notify = Some(hub.subscribe(crate::pg::notify::Who {
                                     cluster: ctx.clone(),
@@ -422,8 +423,8 @@ impl<'a> Driver<'a> {
                         }
                         // A new unit waits out a PAUSE (in the connector), and does not
                         // start when Switchyard is shutting down.
-                        if !rerun && shutting_down(&shutdown, self.shared) {
-                            self.machine.on_acquire_failed(Error::shutdown());
+                        if !rerun && shutting_down(&shutdown, self.shared, self.cluster) {
+                            self.machine.on_acquire_failed(self.shared.ending(self.cluster));
                             continue;
                         }
                         if rerun {
@@ -624,6 +625,10 @@ impl<'a> Driver<'a> {
                     if *self.shared.shutdown.borrow() || shutdown.has_changed().is_err() {
                         return Some(Error::shutdown());
                     }
+                    // A reload removed the client's cluster.
+                    if self.cluster.retiring() {
+                        return Some(Error::cluster_removed(&self.cluster.name));
+                    }
                     // A successor process took the listeners (binary upgrade): the
                     // client goes on there, from its next message; here it just ends.
                     if let Some(to) = self.shared.successor.get() {
@@ -711,7 +716,7 @@ impl<'a> Driver<'a> {
             .collect();
         let hub = &crate::pg::PgShared::of(self.shared).listeners;
         let mut sub = hub.subscribe(crate::pg::notify::Who {
-            cluster: match self.shared.clusters.get(&self.cluster.name) {
+            cluster: match self.shared.cluster(&self.cluster.name) {
                 Some(c) => c.clone(),
                 None => return,
             },
@@ -744,7 +749,7 @@ impl<'a> Driver<'a> {
             &shared.cancels,
             self.cancel.pid,
             self.cancel.key_secret,
-            |c| shared.clusters.get(c).map(|ctx| ctx.server_tls()),
+            |c| shared.cluster(c).map(|ctx| ctx.server_tls()),
         ))
         .await;
         self.watch.rearm(Instant::now());
