@@ -273,6 +273,32 @@ async fn an_instance_cut_off_from_etcd_stops_writes_and_the_other_goes_on() {
         let s = status(&a);
         (s["coordination"]["leader"] == "sy1" && s["coordination"]["instances"].as_array()?.len() == 1).then_some(())
     });
+
+    // A reload gives sy2 other etcd members (the members themselves, not the frozen
+    // forwarders): back in touch and writing again, with no restart.
+    let quoted = |urls: &[String]| urls.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+    let text = std::fs::read_to_string(&b.proxy.config).unwrap();
+    let (frozen, live) = (quoted(&b_urls), quoted(&etcd.urls()));
+    assert!(text.contains(&frozen));
+    std::fs::write(&b.proxy.config, text.replace(&frozen, &live)).unwrap();
+    let reloaded = Instant::now();
+    b.proxy.signal(libc::SIGHUP);
+    wait_for("sy2 back in touch with etcd", Duration::from_secs(20), || {
+        let s = status(&b);
+        (s["coordination"]["cut_off"].is_null() && s["coordination"]["instances"].as_array()?.len() == 2).then_some(())
+    });
+    report(&format!(
+        "etcd members changed by a reload: back in touch after {:?}",
+        reloaded.elapsed()
+    ));
+    assert!(
+        b.proxy.log_text().contains("coordination.etcd now"),
+        "{}",
+        b.proxy.log_text()
+    );
+    wait_for("sy2 writing again", Duration::from_secs(20), || {
+        psql(b.proxy.rw, "INSERT INTO t VALUES (-2)").ok()
+    });
 }
 
 #[test]

@@ -462,3 +462,133 @@ fn put_first_standby(text: &str, name: &str) -> String {
     parts.insert(2, node);
     parts.join(marker)
 }
+
+/// `[clusters.NAME]` for `cluster`'s nodes, listening on `rw` (and `ro` if given).
+fn cluster_section(cluster: &LocalCluster, name: &str, rw: u16, ro: Option<u16>, extra: &str) -> String {
+    let text = cluster.config_toml(rw, ro.unwrap_or(0), extra);
+    let (_, section) = text.split_once("[clusters.main]").unwrap();
+    let section = format!(
+        "[clusters.{name}]{}",
+        section.replace("[[clusters.main.nodes]]", &format!("[[clusters.{name}.nodes]]"))
+    );
+    match ro {
+        Some(_) => section,
+        None => section.replace(&format!("listen_ro = \"127.0.0.1:0\"\n"), ""),
+    }
+}
+
+/// Live reload of clusters and listen addresses: a cluster added (SIGHUP) and removed
+/// (RELOAD) while pgbench runs through another cluster, whose clients see nothing; the
+/// removed cluster's idle client is told why at once, its client inside a transaction
+/// commits first; a moved listener serves at its new address before the old one closes;
+/// an address that cannot be bound rejects the reload and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_a_cluster_and_moves_a_listener_under_load() {
+    let cluster = LocalCluster::start(1).unwrap();
+    let (rw, ro, http) = (free_port(), free_port(), free_port());
+    let users = cluster
+        .config_toml(rw, ro, "")
+        .split_once("[[users]]")
+        .map(|(_, r)| r.to_string())
+        .unwrap();
+    let users = format!("[[users]]{}", users.split_once("[clusters.main]").unwrap().0);
+    let main = cluster_section(
+        &cluster,
+        "main",
+        rw,
+        Some(ro),
+        "pool_mode = \"transaction\"\npool_size = 6",
+    );
+    let config = |clusters: &[&str]| format!("{}{users}{}", ops_config(http), clusters.join("\n"));
+    let proxy = Proxy::launch(&cluster, "proxy", &config(&[&main]), rw, ro);
+    pgbench(proxy.rw, &["-i", "-s", "1", "-q"]);
+    // A session of main held across every reload: it keeps working.
+    let held = connect(proxy.ro).await.unwrap();
+    let held_port = server_port(&held).await.unwrap();
+
+    let load = std::thread::spawn(move || {
+        let out = pgbench_command(rw, &["-c", "4", "-j", "2", "-T", "12", "-M", "extended"])
+            .output()
+            .expect("run pgbench");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Added by SIGHUP: serves at once, in session mode.
+    let extra_rw = free_port();
+    let extra = cluster_section(&cluster, "extra", extra_rw, None, "");
+    std::fs::write(&proxy.config, config(&[&main, &extra])).unwrap();
+    proxy.signal(libc::SIGHUP);
+    wait_for("the added cluster serving", Duration::from_secs(10), || {
+        psql(extra_rw, "SELECT 1").ok().filter(|v| v == "1")
+    });
+    assert!(proxy.log_text().contains("cluster extra added"), "{}", proxy.log_text());
+    let (code, body) = http_get(http, "/status");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"extra\""), "{body}");
+
+    // Two clients of extra: one idle, one inside a transaction.
+    let idle = connect(extra_rw).await.unwrap();
+    let busy = connect(extra_rw).await.unwrap();
+    busy.batch_execute("CREATE TABLE IF NOT EXISTS reloaded (v int); BEGIN; INSERT INTO reloaded VALUES (1)")
+        .await
+        .unwrap();
+
+    // Removed by RELOAD, and main's ro listener moved, in one reload.
+    let moved_ro = free_port();
+    let main_moved = main.replace(&format!("127.0.0.1:{ro}"), &format!("127.0.0.1:{moved_ro}"));
+    std::fs::write(&proxy.config, config(&[&main_moved])).unwrap();
+    let outcome = psql_db(rw, "ops", "ops", "switchyard", "RELOAD");
+    assert_eq!(outcome, Ok(String::new()), "{}", proxy.log_text());
+    let said = idle.wait_for_error(Duration::from_secs(5)).await;
+    assert!(
+        said.contains("57P01") && said.contains("cluster \"extra\" was removed"),
+        "{said}"
+    );
+    // The transaction in flight may still commit; then the session is ended.
+    busy.batch_execute("INSERT INTO reloaded VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    let said = busy.wait_for_error(Duration::from_secs(5)).await;
+    assert!(said.contains("57P01"), "{said}");
+    assert_eq!(cluster.sql_db(0, APP_DB, "SELECT count(*) FROM reloaded").unwrap(), "2");
+    assert!(
+        psql(extra_rw, "SELECT 1").is_err(),
+        "the removed cluster's listener is closed"
+    );
+    assert_eq!(lands_on(&cluster, moved_ro), Ok(1));
+    assert!(psql(ro, "SELECT 1").is_err(), "the old ro address is closed");
+
+    // An address that cannot be bound: rejected, the running config stays.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let blocked = main_moved.replace(&format!("127.0.0.1:{moved_ro}"), &format!("127.0.0.1:{taken_port}"));
+    std::fs::write(&proxy.config, config(&[&blocked, &extra])).unwrap();
+    let err = psql_db(rw, "ops", "ops", "switchyard", "RELOAD").unwrap_err();
+    assert!(
+        err.contains("reload rejected") && err.contains(&format!("cannot listen on 127.0.0.1:{taken_port}")),
+        "{err}"
+    );
+    assert!(psql(extra_rw, "SELECT 1").is_err(), "a rejected reload adds nothing");
+    assert_eq!(lands_on(&cluster, moved_ro), Ok(1));
+
+    // main's clients noticed nothing.
+    let (ok, out) = load.join().unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    assert_eq!(server_port(&held).await.unwrap(), held_port);
+    for line in proxy
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("config reloaded") || l.contains("reload rejected"))
+    {
+        report(line);
+    }
+}

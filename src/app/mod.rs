@@ -102,7 +102,6 @@ fn start_monitors(shared: &Shared) {
     }
 }
 
-
 /// A config file with secrets in it should not be readable by every local user.
 fn warn_if_readable_by_others(path: &std::path::Path, config: &Config) {
     use std::os::unix::fs::PermissionsExt;
@@ -180,7 +179,14 @@ fn build_cluster(name: &str, c: &ClusterConfig, config: &Config) -> Result<Arc<C
             config.proxy.worker_threads(),
         ))),
     };
-    Ok(Arc::new(ClusterCtx::new(name, state, c.clone(), tls, c.engine, engine_state)))
+    Ok(Arc::new(ClusterCtx::new(
+        name,
+        state,
+        c.clone(),
+        tls,
+        c.engine,
+        engine_state,
+    )))
 }
 
 impl Proxy {
@@ -203,7 +209,10 @@ impl Proxy {
         let (leaving_tx, leaving) = watch::channel(false);
         let mut clusters = BTreeMap::new();
         for (name, c) in &config.clusters {
-            clusters.insert(name.clone(), build_cluster(name, c, &config).map_err(|e| anyhow::anyhow!(e))?);
+            clusters.insert(
+                name.clone(),
+                build_cluster(name, c, &config).map_err(|e| anyhow::anyhow!(e))?,
+            );
         }
         // Bound before anything starts: a taken address stops the start here.
         let mut listeners = Vec::new();
@@ -415,7 +424,6 @@ async fn prune_pools(shared: Arc<Shared>, worker: usize) {
         }
     }
 }
-
 
 /// The control runtime: accepting clients, health checks, admin HTTP, signals. The
 /// data path runs on the proxy's own worker threads (`app::Workers`).

@@ -61,8 +61,12 @@ fn apply_listeners(shared: &Arc<Shared>, serving: &Serving, plan: Listeners, not
         closing
     };
     for (name, addr, l, serves) in plan.open {
+        let was = closing.iter().find(|l| l.name == name).map(|l| l.local);
         match serving.open(shared, (name.clone(), addr.clone()), l, serves) {
-            Ok(local) => notes.push(format!("{} listening on {local}", listen_key(&name))),
+            Ok(local) => notes.push(match was {
+                Some(was) => format!("{} moved to {local} (was {was})", listen_key(&name)),
+                None => format!("{} listening on {local}", listen_key(&name)),
+            }),
             Err(e) => {
                 error!(listener = %name, addr = %addr, error = %e, "cannot accept on a new listening socket");
                 notes.push(format!("{} could not listen on {addr}: {e}", listen_key(&name)));
@@ -128,8 +132,8 @@ pub(super) fn reload(shared: &Arc<Shared>, serving: &Serving) -> Result<String, 
     let new = Config::load(path).map_err(|e| reject(e.to_string()))?;
     let mut server_tls = Vec::new();
     for (name, c) in &new.clusters {
-        let tls =
-            ServerTls::new(c.server_tls, c.server_ca_file.as_deref()).map_err(|e| reject(format!("clusters.{name}: {e}")))?;
+        let tls = ServerTls::new(c.server_tls, c.server_ca_file.as_deref())
+            .map_err(|e| reject(format!("clusters.{name}: {e}")))?;
         server_tls.push((name.clone(), tls));
     }
     // The clusters from now on: the running ones the new config keeps, and the new.
@@ -164,8 +168,14 @@ pub(super) fn reload(shared: &Arc<Shared>, serving: &Serving) -> Result<String, 
         ctx.set_server_tls(tls);
         // Idle pooled connections were made under the old rules (plaintext, or not
         // verified): new ones are made under the new.
-        let before = old.clusters.get(&name).map(|o| (o.server_tls, o.server_ca_file.clone()));
-        let after = new.clusters.get(&name).map(|c| (c.server_tls, c.server_ca_file.clone()));
+        let before = old
+            .clusters
+            .get(&name)
+            .map(|o| (o.server_tls, o.server_ca_file.clone()));
+        let after = new
+            .clusters
+            .get(&name)
+            .map(|c| (c.server_tls, c.server_ca_file.clone()));
         if before != after {
             let closed: usize = crate::pg::PgShared::of(shared)
                 .pools

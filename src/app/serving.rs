@@ -38,7 +38,11 @@ pub(super) fn wanted(config: &Config, clusters: &Clusters) -> Vec<(String, Strin
         };
         for (addr, endpoint) in [(&c.listen_rw, Endpoint::ReadWrite), (&c.listen_ro, Endpoint::ReadOnly)] {
             if let Some(addr) = addr {
-                out.push((format!("{name}/{endpoint}"), addr.clone(), Serves::Cluster(ctx.clone(), endpoint)));
+                out.push((
+                    format!("{name}/{endpoint}"),
+                    addr.clone(),
+                    Serves::Cluster(ctx.clone(), endpoint),
+                ));
             }
         }
     }
@@ -103,7 +107,9 @@ impl Serving {
         let fd = l.as_fd().try_clone_to_owned()?;
         let (stop, stopped) = watch::channel(false);
         match &serves {
-            Serves::Cluster(ctx, endpoint) => info!(cluster = %ctx.name, endpoint = %endpoint, addr = %local, "listening"),
+            Serves::Cluster(ctx, endpoint) => {
+                info!(cluster = %ctx.name, endpoint = %endpoint, addr = %local, "listening")
+            }
             Serves::Admin => info!(addr = %local, "admin HTTP listening"),
         }
         let (shared, workers) = (shared.clone(), self.workers.clone());
@@ -334,7 +340,13 @@ fn serve_on_worker(
 
 /// A listener told to stop: the clients already in its backlog are served rather than
 /// refused when it closes (bounded: the backlog holds only so many).
-fn drain_backlog(listener: TcpListener, ctx: &Arc<ClusterCtx>, endpoint: Endpoint, shared: &Arc<Shared>, workers: &Workers) {
+fn drain_backlog(
+    listener: TcpListener,
+    ctx: &Arc<ClusterCtx>,
+    endpoint: Endpoint,
+    shared: &Arc<Shared>,
+    workers: &Workers,
+) {
     let Ok(listener) = listener.into_std() else {
         return;
     };

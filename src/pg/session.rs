@@ -577,7 +577,10 @@ async fn relay(
         _cancel: cancel,
         ..
     } = c;
-    let mut watch = Watch::new(config.client_timeouts_of(&cluster.settings(), &who.user), Instant::now());
+    let mut watch = Watch::new(
+        config.client_timeouts_of(&cluster.settings(), &who.user),
+        Instant::now(),
+    );
     // The proxy's own answers (to SHOW/SET switchyard.causal_token), written to the
     // client by the server-to-client side at a message boundary.
     let (inject_tx, mut inject_rx) = tokio::sync::mpsc::unbounded_channel::<BytesMut>();

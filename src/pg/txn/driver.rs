@@ -112,10 +112,10 @@ impl PoolDialer<'_> {
             user: self.who.user.clone(),
             worker: crate::pg::pool::worker(),
         };
-        let settings = self
-            .shared
-            .config()
-            .pool_settings_of(&self.cluster.settings(), &self.who.user, &self.who.database);
+        let settings =
+            self.shared
+                .config()
+                .pool_settings_of(&self.cluster.settings(), &self.who.user, &self.who.database);
         let labels = RoutedLabels {
             cluster: self.cluster.name.clone(),
             node: node.name.clone(),
