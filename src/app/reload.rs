@@ -86,11 +86,12 @@ fn apply_listeners(shared: &Arc<Shared>, serving: &Serving, plan: Listeners, not
 /// `proxy.shutdown_timeout_ms` are ended then, and its pools closed. Returns its
 /// clients now.
 fn retire(shared: &Arc<Shared>, serving: &Serving, ctx: Arc<ClusterCtx>) -> usize {
+    // Counted first: told to end, idle ones go at once.
+    let clients = shared.clients.list().iter().filter(|c| c.cluster == ctx.name).count();
     ctx.retire();
     for (_, task) in ctx.monitors.lock().unwrap().drain() {
         task.abort();
     }
-    let clients = shared.clients.list().iter().filter(|c| c.cluster == ctx.name).count();
     let grace = Duration::from_millis(shared.config().proxy.shutdown_timeout_ms);
     let shared = shared.clone();
     serving.control.spawn(async move {

@@ -370,8 +370,17 @@ impl Relay<'_> {
         // The server-to-client side stops at its next chunk boundary when told (a
         // stream is only ever cut between whole writes).
         let stop = tokio::sync::Notify::new();
+        // Set when the process shuts down or a reload removed the cluster while the
+        // session was inside a transaction: the transaction may finish, and the session
+        // ends once it is at rest (or after `shutdown_timeout_ms`).
+        let draining = AtomicBool::new(false);
+        let drained = || draining.load(Ordering::Relaxed) && tracked.lock().unwrap().answers.at_rest();
         let client_to_server = async {
             loop {
+                // A new command after the last transaction ended: not passed on.
+                if !cbuf.is_empty() && drained() {
+                    return Pause::End(End::Failed(shared.ending(cluster)));
+                }
                 let gates = Gates {
                     hold: hold(),
                     fresh: check_fresh(),
@@ -442,6 +451,9 @@ impl Relay<'_> {
                 }
                 sent.inc_by(sbuf.len() as u64);
                 sbuf.clear();
+                if drained() {
+                    return Some(End::Failed(shared.ending(cluster)));
+                }
                 // The whole answer is with the client and nothing else is owed (no
                 // command of the client's has been passed on since: that would be owed).
                 if multiplex && tracked.lock().unwrap().releasable() {
@@ -453,6 +465,7 @@ impl Relay<'_> {
         let watchdog = super::timeouts::watchdog(self.timeouts, tracked);
         tokio::pin!(client_to_server, server_to_client, watchdog);
         let mut watching = true;
+        let mut drain_until: Option<tokio::time::Instant> = None;
         let pause = loop {
             tokio::select! {
                 p = &mut client_to_server => break p,
@@ -499,16 +512,22 @@ impl Relay<'_> {
                     let e = self.timeouts.error(fired);
                     break Pause::End(End::Failed(e));
                 }
-                e = shared.closing(cluster) => {
-                    if awaiting.load(Ordering::Relaxed) {
-                        // Let the answer in flight reach the client first.
-                        let grace = Duration::from_millis(shared.config().proxy.shutdown_timeout_ms);
-                        if let Ok(Some(end)) = tokio::time::timeout(grace, &mut server_to_client).await {
-                            return Pause::End(end);
-                        }
+                e = shared.closing(cluster), if drain_until.is_none() => {
+                    // Between transactions with nothing owed: now. Otherwise the answer
+                    // in flight and the rest of the transaction may come first.
+                    if tracked.lock().unwrap().answers.at_rest() {
+                        break Pause::End(End::Failed(e));
                     }
-                    break Pause::End(End::Failed(e));
+                    draining.store(true, Ordering::Relaxed);
+                    let grace = Duration::from_millis(shared.config().proxy.shutdown_timeout_ms);
+                    drain_until = Some(tokio::time::Instant::now() + grace);
                 }
+                _ = async {
+                    match drain_until {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                }, if drain_until.is_some() => break Pause::End(End::Failed(shared.ending(cluster))),
             }
         };
         // Whatever comes next (the proxy's own answer, an ERR saying why the session

@@ -7,7 +7,9 @@
 //! relay sends the client one ErrorResponse with a SQLSTATE; a way out during the relay
 //! does so when the client's stream is at a message boundary.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -119,6 +121,37 @@ pub async fn serve(
     shared: Arc<Shared>,
     forced: Option<Refusal>,
 ) -> Option<AdminClient> {
+    // The login, then the session, each boxed, the login's state freed before the
+    // session starts: an idle client's task holds only what its session needs.
+    let session = match Box::pin(admit(tcp, peer, &cluster, endpoint, &shared, forced)).await {
+        Admitted::Session(session) => session,
+        Admitted::Admin(admin) => return Some(admin),
+        Admitted::Gone => return None,
+    };
+    session.await;
+    None
+}
+
+/// What the login of a client led to.
+enum Admitted<'a> {
+    /// Its session, to run.
+    Session(Pin<Box<dyn Future<Output = ()> + Send + 'a>>),
+    /// A client of the admin console.
+    Admin(AdminClient),
+    /// It left, was refused (and told why), or only asked to cancel a query.
+    Gone,
+}
+
+/// TLS, startup and authentication of a client, then its session set up (in session
+/// mode, with its server connection).
+async fn admit<'a>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    cluster: &'a Arc<ClusterCtx>,
+    endpoint: Endpoint,
+    shared: &'a Arc<Shared>,
+    forced: Option<Refusal>,
+) -> Admitted<'a> {
     let Arrival {
         config,
         login_timeout,
@@ -134,9 +167,9 @@ pub async fn serve(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!(cluster = %cluster.name, peer = %peer, reason = %e, "client left during TLS negotiation");
-            return None;
+            return Admitted::Gone;
         }
-        Err(_) => return None,
+        Err(_) => return Admitted::Gone,
     };
     let left = login_timeout.saturating_sub(started.elapsed());
     // SCRAM-SHA-256-PLUS binds to the certificate this connection's handshake used.
@@ -155,7 +188,7 @@ pub async fn serve(
     .await
     {
         Ok(Ok(Some(client))) if client.database == ADMIN_DATABASE => {
-            return Some(AdminClient {
+            return Admitted::Admin(AdminClient {
                 stream,
                 user: client.user,
             })
@@ -165,11 +198,9 @@ pub async fn serve(
             Ok(floor) if cluster.settings().pool_mode == PoolMode::Transaction => {
                 // Boxed, as session mode's relay below: a session future holds the state
                 // of one mode only, not the larger of the two.
-                Box::pin(serve_transaction_mode(
-                    stream, peer, client, floor, &cluster, endpoint, &shared,
-                ))
-                .await;
-                return None;
+                return Admitted::Session(serve_transaction_mode(
+                    stream, peer, client, floor, cluster, endpoint, shared,
+                ));
             }
             Ok(floor) => Box::pin(connect(
                 &mut stream,
@@ -183,7 +214,7 @@ pub async fn serve(
             .await
             .map(|(c, waited)| (client, c, waited)),
         },
-        Ok(Ok(None)) => return None, // a cancel request, already handled
+        Ok(Ok(None)) => return Admitted::Gone, // a cancel request, already handled
         Ok(Err(r)) => Err(r),
         Err(_) => Err(Reject::Error(Error::protocol(format!(
             "startup and authentication did not finish within {} ms (proxy.client_login_timeout_ms)",
@@ -195,18 +226,39 @@ pub async fn serve(
         Err(Reject::Refused(e)) => {
             shared.metrics.error(e.code().as_str());
             Box::pin(goodbye(&mut stream, &e.to_fatal())).await;
-            return None;
+            return Admitted::Gone;
         }
         Err(reject) => {
-            let Reject::Error(e) = reject else { return None };
+            let Reject::Error(e) = reject else {
+                return Admitted::Gone;
+            };
             if !e.is_forwarded() {
                 shared.metrics.error(e.code().as_str());
             }
             Box::pin(goodbye(&mut stream, &e.to_fatal())).await;
             info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, "client rejected");
-            return None;
+            return Admitted::Gone;
         }
     };
+    Admitted::Session(Box::pin(serve_session_mode(
+        stream, client, connected, wait, peer, cluster, endpoint, shared, config,
+    )))
+}
+
+/// Session mode, once the client has its server connection: relay until either side
+/// ends.
+#[allow(clippy::too_many_arguments)]
+async fn serve_session_mode(
+    stream: ClientStream,
+    client: Client,
+    connected: Connected,
+    wait: Duration,
+    peer: SocketAddr,
+    cluster: &ClusterCtx,
+    endpoint: Endpoint,
+    shared: &Shared,
+    config: Arc<Config>,
+) {
     shared
         .metrics
         .pool_wait_seconds
@@ -219,7 +271,7 @@ pub async fn serve(
     let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
     let node = connected.node.clone();
     let end = Box::pin(relay(
-        stream, connected, &client, peer, &cluster, endpoint, &shared, &config,
+        stream, connected, &client, peer, cluster, endpoint, shared, &config,
     ))
     .await;
     drop(gauge);
@@ -241,7 +293,6 @@ pub async fn serve(
             debug!(cluster = %cluster.name, peer = %peer, node = %node, end = ?other, "session ended")
         }
     }
-    None
 }
 
 /// The floor of a causal token given at startup, checked against the cluster.
@@ -256,15 +307,15 @@ fn causal_floor(client: &Client, cluster: &ClusterCtx) -> Result<Option<Floor>, 
 
 /// Transaction pooling: greet the client with a server's parameters, then run the
 /// pooled session loop (`txn`).
-async fn serve_transaction_mode(
+fn serve_transaction_mode<'a>(
     stream: ClientStream,
     peer: SocketAddr,
     client: Client,
     causal_token: Option<Floor>,
-    cluster: &ClusterCtx,
+    cluster: &'a ClusterCtx,
     endpoint: Endpoint,
-    shared: &Shared,
-) {
+    shared: &'a Shared,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
     let cancel = shared.cancels.register_pooled(&cluster.name);
     let entry = client.register(
         shared,
@@ -276,22 +327,50 @@ async fn serve_transaction_mode(
         0,
     );
     let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
+    let Client {
+        credential,
+        user,
+        database,
+        params,
+        _admission: admission,
+        ..
+    } = client;
     let who = TxnClient {
-        credential: client.credential,
-        user: client.user,
-        database: client.database,
-        params: client.params,
+        credential,
+        user,
+        database,
+        params,
         causal_token,
     };
     info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
     let driver = Driver::new(stream, who, cluster, endpoint, shared, cancel, None);
-    drive(driver, peer, cluster, endpoint, shared).await;
-    drop(gauge);
-    drop(entry);
+    transaction_session(driver, (gauge, entry, admission), peer, cluster, endpoint, shared)
+}
+
+/// A transaction-pooling session's run, boxed with `keep` (what lives as long as the
+/// session: its entry in the client list, its gauge, its place under `max_clients`).
+/// Built in a plain function: a `Driver` held in an async fn's local (or argument)
+/// would take a slot there beside its copy in the future that runs it (the compiler
+/// does not overlap them), and every idle client would carry both.
+fn transaction_session<'a>(
+    mut driver: Driver<'a>,
+    keep: impl Send + 'a,
+    peer: SocketAddr,
+    cluster: &'a ClusterCtx,
+    endpoint: Endpoint,
+    shared: &'a Shared,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        drive(&mut driver, peer, cluster, endpoint, shared).await;
+        drop(keep);
+    })
 }
 
 /// Run a transaction-pooling session to its end, and say goodbye if the proxy ended it.
-async fn drive(mut driver: Driver<'_>, peer: SocketAddr, cluster: &ClusterCtx, endpoint: Endpoint, shared: &Shared) {
+/// By reference: a `Driver` passed by value would take two slots in this future (the
+/// argument and the body's binding of it, which the compiler does not overlap), and
+/// every idle client would carry both.
+async fn drive(driver: &mut Driver<'_>, peer: SocketAddr, cluster: &ClusterCtx, endpoint: Endpoint, shared: &Shared) {
     if let Some(e) = driver.run().await {
         if !e.is_forwarded() {
             shared.metrics.error(e.code().as_str());
@@ -325,6 +404,21 @@ pub async fn resume(
     shared: Arc<Shared>,
     state: serde_json::Value,
 ) {
+    // As `serve`: the setting up boxed and freed before the session runs.
+    if let Some(session) = Box::pin(carry_in(tcp, peer, &cluster, endpoint, &shared, state)).await {
+        session.await;
+    }
+}
+
+/// The carried client's session, set up; None if it cannot go on here (it was told).
+async fn carry_in<'a>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    cluster: &'a Arc<ClusterCtx>,
+    endpoint: Endpoint,
+    shared: &'a Arc<Shared>,
+    state: serde_json::Value,
+) -> Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>> {
     let _ = tcp.set_nodelay(true);
     let mut stream = ClientStream::Plain(tcp);
     let carried: crate::pg::handover::Carried = match serde_json::from_value(state) {
@@ -333,17 +427,17 @@ pub async fn resume(
             warn!(cluster = %cluster.name, peer = %peer, reason = %e, "a client handed over by the old process came with a state this one cannot read; it is asked to reconnect");
             let e = Error::shutdown();
             Box::pin(goodbye(&mut stream, &e.to_fatal())).await;
-            return;
+            return None;
         }
     };
     let config = shared.config();
     if config.clusters.get(&cluster.name).map(|c| c.pool_mode) != Some(PoolMode::Transaction) {
         warn!(cluster = %cluster.name, peer = %peer, "a transaction-pooling client handed over by the old process, to a cluster this config does not pool by transaction; it is asked to reconnect");
         Box::pin(goodbye(&mut stream, &Error::shutdown().to_fatal())).await;
-        return;
+        return None;
     }
     // Counted under max_clients, never refused: it is connected already.
-    let _admission = shared.admissions.admit_carried(&cluster.name, &carried.user);
+    let admission = shared.admissions.admit_carried(&cluster.name, &carried.user);
     let cancel = shared
         .cancels
         .register_pooled_as(&cluster.name, Some((carried.pid, carried.key)));
@@ -375,7 +469,7 @@ pub async fn resume(
         causal_token: floor,
     };
     debug!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session carried over from the old process (transaction pooling)");
-    let mut driver = Driver::new(stream, who, &cluster, endpoint, &shared, cancel, Some(carried.session));
+    let mut driver = Driver::new(stream, who, cluster, endpoint, shared, cancel, Some(carried.session));
     driver.unread(&carried.unread);
     // Its last writes may not have reached this process's view of the cluster: its next
     // read learns the primary's position first, as after a write.
@@ -383,9 +477,14 @@ pub async fn resume(
     if !carried.listening.is_empty() {
         driver.listen_again(&carried.listening).await;
     }
-    drive(driver, peer, &cluster, endpoint, &shared).await;
-    drop(gauge);
-    drop(entry);
+    Some(transaction_session(
+        driver,
+        (gauge, entry, admission),
+        peer,
+        cluster,
+        endpoint,
+        shared,
+    ))
 }
 
 /// Choose a node and log in there, trying candidates in order, waiting for the
