@@ -367,3 +367,93 @@ fn a_switchover_through_both_instances_fails_no_transaction() {
     };
     assert_eq!(history, committed(&out_a) + committed(&out_b));
 }
+
+/// A binary upgrade (SIGUSR2) of one instance of two: the new process takes the
+/// instance's name (and the leadership, if it led) while the old one, draining, goes on
+/// as `sy1.upgraded-PID` and then leaves; writes through the upgraded instance never
+/// fail, nothing fails over, and both instances agree again on the same primary.
+#[test]
+fn an_upgraded_instance_hands_its_name_and_leadership_to_the_new_process() {
+    let etcd = EtcdCluster::start(3);
+    let cluster = LocalCluster::start(1).unwrap();
+    let mut a = instance(&cluster, "sy1", &etcd.urls(), 2);
+    let b = instance(&cluster, "sy2", &etcd.urls(), 2);
+    let (_, published, epoch) = agreed(&a, &b);
+    psql(a.proxy.rw, "CREATE TABLE up (v int)").unwrap();
+    let old_pid = status(&a)["pid"].as_u64().unwrap();
+
+    // Writes through sy1 all along, one connection (carried to the new process).
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, port) = (stop.clone(), a.proxy.rw);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let c = connect(port).await.unwrap();
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match c.simple_query("INSERT INTO up VALUES (1)").await {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(db_text(&e)),
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (ok, failed)
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    a.proxy.signal(libc::SIGUSR2);
+    let new_pid = wait_for(
+        "the new process serving sy1's admin port",
+        Duration::from_secs(30),
+        || {
+            let pid =
+                serde_json::from_str::<serde_json::Value>(&http_get(a.admin, "/status").1).ok()?["pid"].as_u64()?;
+            (pid != old_pid).then_some(pid)
+        },
+    );
+    // The old process left (nothing kept it), its stand-in instance with it.
+    let exited = wait_for("the old process gone", Duration::from_secs(20), || {
+        a.proxy.child.try_wait().ok()?
+    });
+    assert!(exited.success(), "{exited}");
+    wait_for("two instances again: sy1 and sy2", Duration::from_secs(20), || {
+        let mut names: Vec<String> = status(&b)["coordination"]["instances"]
+            .as_array()?
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        names.sort();
+        (names == ["sy1", "sy2"]).then_some(())
+    });
+    let (leader, published_after, epoch_after) = agreed(&a, &b);
+    assert!(leader == "sy1" || leader == "sy2", "{leader}");
+    assert_eq!(
+        (published_after, epoch_after),
+        (published, epoch),
+        "nothing failed over"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = writer.join().unwrap();
+    report(&format!(
+        "upgrade of one of two coordinated instances: {ok} writes through it, {} failed",
+        failed.len()
+    ));
+    assert!(failed.is_empty(), "writes failed through the upgrade: {failed:?}");
+    assert!(ok > 50, "{ok}");
+    assert!(
+        a.proxy.log_text().contains(&format!("sy1.upgraded-{old_pid}")),
+        "{}",
+        a.proxy.log_text()
+    );
+    psql(a.proxy.rw, "INSERT INTO up VALUES (2)").unwrap();
+    psql(b.proxy.rw, "INSERT INTO up VALUES (3)").unwrap();
+    // The successor is nobody's child here: stopped by its pid.
+    // SAFETY: kill(2) on the successor's pid.
+    unsafe { libc::kill(new_pid as i32, libc::SIGKILL) };
+}

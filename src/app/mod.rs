@@ -317,6 +317,10 @@ impl Proxy {
             .set(Arc::new(crate::proxy::handover::Successor::new(channel, pid)));
         // After `successor`: sessions woken by this look at it.
         let _ = self.serving.leaving_tx.send(true);
+        // Under coordination the successor takes this instance's name and leadership.
+        if let Some(coord) = crate::ha::coord::get(&self.shared) {
+            coord.step_aside().await;
+        }
         // systemd follows the new process (Type=notify: it is the service now).
         notify(&[
             sd_notify::NotifyState::MainPid(pid),

@@ -176,7 +176,7 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
                         // Under coordination: only the leader, with a majority's agreement.
                         let gate = match &coord {
                             Some(c) => {
-                                crate::ha::coord::failover_gate(&c.view(), c.me(), &ctx.name, &snap.nodes[old].name)
+                                crate::ha::coord::failover_gate(&c.view(), &c.me(), &ctx.name, &snap.nodes[old].name)
                             }
                             None => Ok(()),
                         };

@@ -83,6 +83,8 @@ pub struct Coordinator {
     etcd: Etcd,
     /// The etcd members talked to now (`cfg.etcd` at start; a reload may change them).
     members: Mutex<Vec<String>>,
+    /// This instance's name (`me`).
+    me: Mutex<Arc<str>>,
     view: Mutex<View>,
     /// The current lease (0: none).
     lease: Mutex<i64>,
@@ -107,8 +109,27 @@ impl Coordinator {
         format!("{}/{rest}", self.cfg.prefix.trim_end_matches('/'))
     }
 
-    pub fn me(&self) -> &str {
-        &self.cfg.instance
+    /// This instance's name in etcd (`coordination.instance`; another once it stepped
+    /// aside for a successor process).
+    pub fn me(&self) -> Arc<str> {
+        self.me.lock().unwrap().clone()
+    }
+
+    /// A binary upgrade's successor takes this instance's name: this process, which
+    /// drains its remaining clients, goes on as another instance (`NAME.upgraded-PID`)
+    /// under a new lease, so that it no longer leads nor speaks for the name, yet every
+    /// epoch still waits for it while it routes. Its old lease is revoked at once: the
+    /// leadership and the keys it held under the name are free for the successor.
+    pub async fn step_aside(&self) {
+        let lease = std::mem::take(&mut *self.lease.lock().unwrap());
+        let name: Arc<str> = format!("{}.upgraded-{}", self.cfg.instance, std::process::id()).into();
+        *self.me.lock().unwrap() = name.clone();
+        if lease != 0 {
+            if let Err(e) = self.etcd.revoke(lease).await {
+                tracing::warn!(instance = %name, reason = %e, "could not revoke the lease before stepping aside; its keys lapse with it");
+            }
+        }
+        tracing::info!(instance = %name, successor_takes = %self.cfg.instance, "upgrade: this process goes on as another coordination instance until it exits");
     }
 
     /// Apply a reloaded `[coordination]`: the etcd members change live; a new
@@ -142,7 +163,7 @@ impl Coordinator {
 
     pub fn is_leader(&self) -> bool {
         let v = self.view.lock().unwrap();
-        v.cut_off.is_none() && v.leader.as_deref() == Some(self.me())
+        v.cut_off.is_none() && v.leader.as_deref() == Some(&*self.me())
     }
 
     /// Publish `node` as the primary of `cluster` (compare-and-swap on what this instance
@@ -174,7 +195,7 @@ impl Coordinator {
         let done = self
             .etcd
             .txn(
-                &[cmp, Compare::ValueIs(&self.key("leader"), self.me())],
+                &[cmp, Compare::ValueIs(&self.key("leader"), &self.me())],
                 &[Op::Put {
                     key: &key,
                     value: &value,
@@ -214,10 +235,10 @@ impl Coordinator {
                 late: v
                     .instances
                     .keys()
-                    .filter(|i| *i != self.me() && cv.seen.get(*i).is_none_or(|&e| e < epoch))
+                    .filter(|i| **i != *self.me() && cv.seen.get(*i).is_none_or(|&e| e < epoch))
                     .cloned()
                     .collect(),
-                read_back: cv.seen.get(self.me()).is_some_and(|&e| e >= epoch),
+                read_back: cv.seen.get(&*self.me()).is_some_and(|&e| e >= epoch),
             };
             if (seen.late.is_empty() && seen.read_back) || Instant::now() >= deadline {
                 return seen;
@@ -233,7 +254,7 @@ impl Coordinator {
         let epoch = self.view().clusters.get(cluster).map_or(0, |c| c.epoch);
         let key = self.key(&format!("clusters/{cluster}/hold"));
         self.etcd
-            .put(&key, &json!({"epoch": epoch, "by": self.me()}).to_string(), lease)
+            .put(&key, &json!({"epoch": epoch, "by": &*self.me()}).to_string(), lease)
             .await
             .map_err(|e| e.to_string())?;
         Ok(HoldRequest {
@@ -249,7 +270,7 @@ impl Coordinator {
         let held = v.clusters.get(cluster).map(|c| c.held.clone()).unwrap_or_default();
         v.instances
             .keys()
-            .filter(|i| *i != self.me() && held.get(*i) != Some(&epoch))
+            .filter(|i| **i != *self.me() && held.get(*i) != Some(&epoch))
             .cloned()
             .collect()
     }
@@ -311,6 +332,7 @@ pub fn spawn(shared: Arc<Shared>, cfg: CoordinationConfig) -> JoinHandle<()> {
     let coord = Arc::new(Coordinator {
         etcd: Etcd::new(&cfg.etcd, (lease_ttl / 3).min(Duration::from_secs(1))),
         members: Mutex::new(cfg.etcd.clone()),
+        me: Mutex::new(cfg.instance.as_str().into()),
         cfg,
         view: Mutex::new(View {
             cut_off: Some("not yet in touch with etcd".into()),

@@ -163,7 +163,7 @@ async fn round(shared: &Shared, coord: &Coordinator, ttl: Duration, written: &mu
             &[Compare::Absent(&leader_key)],
             &[Op::Put {
                 key: &leader_key,
-                value: coord.me(),
+                value: &coord.me(),
                 lease,
             }],
         )
@@ -230,7 +230,7 @@ async fn round(shared: &Shared, coord: &Coordinator, ttl: Duration, written: &mu
 /// and, as the leader, publish the primary.
 async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut Written) -> Result<(), EtcdError> {
     let lease = *coord.lease.lock().unwrap();
-    let leader = view.leader.as_deref() == Some(coord.me());
+    let leader = view.leader.as_deref() == Some(&*coord.me());
     for ctx in shared.clusters().values() {
         let snap = ctx.state.snapshot();
         let cv = view.clusters.get(&ctx.name).cloned().unwrap_or_default();
@@ -256,7 +256,7 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
         }
 
         match &cv.hold {
-            Some((epoch, by)) if by != coord.me() => {
+            Some((epoch, by)) if **by != *coord.me() => {
                 if written.holding.get(&ctx.name) != Some(epoch) {
                     info!(cluster = %ctx.name, leader = %by, "holding new transactions for the leader's switchover");
                     ctx.set_paused(true);
