@@ -473,7 +473,7 @@ fn cluster_section(cluster: &LocalCluster, name: &str, rw: u16, ro: Option<u16>,
     );
     match ro {
         Some(_) => section,
-        None => section.replace(&format!("listen_ro = \"127.0.0.1:0\"\n"), ""),
+        None => section.replace(&"listen_ro = \"127.0.0.1:0\"\n".to_string(), ""),
     }
 }
 

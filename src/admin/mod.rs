@@ -28,7 +28,7 @@ pub struct QueriesAsk {
 /// The query digests asked for, or what is wrong with the question.
 pub fn query_rows(shared: &Shared, ask: &QueriesAsk) -> Result<Vec<Row>, String> {
     if let Some(c) = &ask.cluster {
-        if !shared.cluster(c).is_some() {
+        if shared.cluster(c).is_none() {
             return Err(format!("no cluster named \"{c}\""));
         }
     }

@@ -157,7 +157,7 @@ async fn admit<'a>(
         login_timeout,
         tls_mode,
         tls,
-    } = shared.arrival(&tcp, &cluster);
+    } = shared.arrival(&tcp, cluster);
     let require_tls = (tls_mode == ClientTls::Require).then_some(cluster.name.as_str());
     let started = tokio::time::Instant::now();
     // The TLS handshake and the login are boxed: their state is large and lives only
@@ -178,8 +178,8 @@ async fn admit<'a>(
         left,
         Box::pin(login(
             &mut stream,
-            &shared,
-            &cluster,
+            shared,
+            cluster,
             require_tls,
             channel.as_deref(),
             forced,
@@ -193,7 +193,7 @@ async fn admit<'a>(
                 user: client.user,
             })
         }
-        Ok(Ok(Some(client))) => match causal_floor(&client, &cluster) {
+        Ok(Ok(Some(client))) => match causal_floor(&client, cluster) {
             Err(e) => Err(Reject::Error(e)),
             Ok(floor) if cluster.settings().pool_mode == PoolMode::Transaction => {
                 // Boxed, as session mode's relay below: a session future holds the state
@@ -202,17 +202,9 @@ async fn admit<'a>(
                     stream, peer, client, floor, cluster, endpoint, shared,
                 ));
             }
-            Ok(floor) => Box::pin(connect(
-                &mut stream,
-                &client,
-                floor,
-                &cluster,
-                endpoint,
-                &shared,
-                &config,
-            ))
-            .await
-            .map(|(c, waited)| (client, c, waited)),
+            Ok(floor) => Box::pin(connect(&mut stream, &client, floor, cluster, endpoint, shared, &config))
+                .await
+                .map(|(c, waited)| (client, c, waited)),
         },
         Ok(Ok(None)) => return Admitted::Gone, // a cancel request, already handled
         Ok(Err(r)) => Err(r),
@@ -450,8 +442,8 @@ async fn carry_in<'a>(
         _admission: None,
     };
     let entry = client.register(
-        &shared,
-        &cluster,
+        shared,
+        cluster,
         endpoint,
         peer,
         "(transaction pool)".into(),
@@ -460,7 +452,7 @@ async fn carry_in<'a>(
     );
     let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
     let floor = carried.floor();
-    let verifiers = crate::pg::PgShared::of(&shared).verifiers();
+    let verifiers = crate::pg::PgShared::of(shared).verifiers();
     let who = TxnClient {
         credential: carried.credential.into_credential(verifiers.get(&carried.user)),
         user: carried.user,
