@@ -19,8 +19,9 @@ from . import failover, idle, report
 from .cluster import PG_BIN_DEFAULT, PgCluster
 from .pgbench import (PROTOCOLS, WORKLOADS, connect_argvs, display_command, pgbench_argv, run_case,
                       run_parallel)
-from .procs import ForeignLoad, Registry, ResourceWatch, install_signal_handlers, log, raise_nofile
-from .systems import (BENCH_PASSWORD, BENCH_USER, DB, IDLE_PASSWORD, IDLE_USER, System,
+from .procs import (ForeignLoad, Registry, ResourceWatch, children_of, install_signal_handlers, log,
+                    raise_nofile)
+from .systems import (BENCH_PASSWORD, BENCH_USER, DB, IDLE_PASSWORD, IDLE_USER, System, make_tls_cert,
                       start_haproxy, start_pgbouncer, start_switchyard, wait_switchyard_ready)
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +44,11 @@ SYSTEM_LABELS = {
     "sy-txn-traced-all": "Switchyard txn, traces (100 %)",
     "sy-txn-otlp-down": "Switchyard txn, traces (100 %), receiver down",
     "sy-txn-otlp-hung": "Switchyard txn, traces (100 %), receiver hung",
+    "pgbouncer-tls": "PgBouncer (txn), client TLS",
+    "sy-txn-tls": "Switchyard txn, client TLS",
 }
+# TLS twins (--connect-tls) of these systems; they run the connect workload only.
+TLS_TWINS = ["pgbouncer", "sy-txn"]
 # Connection errors that mean "more clients than the server lets in".
 TOO_MANY = re.compile(r"too many clients|remaining connection slots|sorry, too many|53300", re.I)
 
@@ -125,6 +130,13 @@ def parse_args(argv):
                         "slow each other's SCRAM computations down)")
     p.add_argument("--connect-warmup", type=int, default=1,
                    help="seconds of the same -C run, not measured, before each connect run (warms the pools)")
+    p.add_argument("--connect-tls", action="store_true",
+                   help="also run the connect workload over TLS: TLS twins of pgbouncer and sy-txn (those in "
+                        "--systems; keys pgbouncer-tls, sy-txn-tls) with a self-signed certificate made by openssl "
+                        "in the run's temp dir, pgbench with PGSSLMODE=require")
+    p.add_argument("--connect-tls-key", choices=["ec", "rsa"], default="ec",
+                   help="key of that certificate: ec (P-256, default) or rsa (2048 bits); the proxy signs one "
+                        "TLS handshake per connection with it")
     p.add_argument("--duration", type=int, default=4, help="seconds per pgbench case (-T)")
     p.add_argument("--repeat", type=int, default=1, help="runs per case; the median-tps run is reported")
     p.add_argument("--jobs", type=int, default=2, help="pgbench -j (threads), at most the client count")
@@ -143,6 +155,29 @@ def parse_args(argv):
     p.add_argument("--freshness-clients", default="16", help="client counts of the read_your_writes comparison")
     p.add_argument("--split-extra", default="", help="extra [clusters.main] lines for sy-split, ';'-separated "
                    "(e.g. 'causal_wait_ms = 100')")
+    p.add_argument("--freshness-wait-ms", default="0,100",
+                   help="causal_wait_ms values of the read_your_writes comparison: sy-split's own value (0, or "
+                        "what --split-extra sets) runs --freshness-workloads; each other value gets its own "
+                        "process (sy-split-waitN, as sy-split with causal_wait_ms = N) and runs "
+                        "--freshness-wait-workloads, each against the same read_your_writes = off process")
+    p.add_argument("--freshness-wait-workloads", default="mix",
+                   help="workloads of the read_your_writes comparison for the other --freshness-wait-ms values")
+    p.add_argument("--pin", action="store_true",
+                   help="pinned scaling phase: PostgreSQL + pgbench on one CPU set, the proxy on another "
+                        "(taskset), Switchyard txn with SWITCHYARD_THREADS = 1, 2, 4, ... up to the proxy set's "
+                        "CPUs, PgBouncer on one CPU of that set; reports tps per proxy core")
+    p.add_argument("--pin-proxy-cpus", type=int, default=0,
+                   help="CPUs for the proxy set (0: half of the CPUs this process may use, whole physical "
+                        "cores where SMT siblings are known, at least 1 and at most all but one)")
+    p.add_argument("--pin-threads", default="",
+                   help="Switchyard worker counts of the pinned phase (default 1, 2, 4, ... up to the proxy set)")
+    p.add_argument("--pin-clients", type=int, default=0,
+                   help="pgbench clients of the pinned phase (0: max(16, 8 x proxy CPUs))")
+    p.add_argument("--pin-workload", choices=["select", "tpcb"], default="select")
+    p.add_argument("--pin-protocol", choices=PROTOCOLS, default="simple")
+    p.add_argument("--pin-pool-size", type=int, default=0,
+                   help="pool_size / default_pool_size of the pinned proxies (0: max(--pool-size, clients), so "
+                        "the server connections do not limit the proxy)")
     p.add_argument("--skip-matrix", action="store_true", help="no pgbench matrix (only idle/failover/classification)")
     p.add_argument("--health-interval-ms", type=int, default=1000)
     p.add_argument("--health-timeout-ms", type=int, default=1000)
@@ -176,6 +211,14 @@ def parse_args(argv):
     a.classify_clients = [int(c) for c in a.classify_clients.split(",") if c]
     a.freshness_workloads = [w for w in a.freshness_workloads.split(",") if w]
     a.freshness_clients = [int(c) for c in a.freshness_clients.split(",") if c]
+    a.freshness_wait_ms = list(dict.fromkeys(int(x) for x in a.freshness_wait_ms.split(",") if x.strip()))
+    a.freshness_wait_workloads = [w for w in a.freshness_wait_workloads.split(",") if w]
+    a.pin_threads = [int(x) for x in a.pin_threads.split(",") if x.strip()]
+    for w in a.freshness_workloads + a.freshness_wait_workloads:
+        if w not in WORKLOADS or w == "connect":
+            p.error(f"unknown freshness workload {w}")
+    if any(x < 0 or x > 60000 for x in a.freshness_wait_ms):
+        p.error("--freshness-wait-ms: causal_wait_ms is 0 to 60000")
     for w in a.workloads:
         if w not in WORKLOADS or w == "mix":
             p.error(f"unknown workload {w}")
@@ -306,10 +349,18 @@ class Bench:
         if not a.skip_classify:
             need |= {"sy-txn", "sy-split1"}
         if not a.skip_freshness:
-            need |= {"sy-split", "sy-split-ryw-off"}
+            need |= {"sy-split-ryw-off"} | {self.wait_key(w) for w in a.freshness_wait_ms}
         if not a.skip_idle:
             need |= set(a.idle_systems)
-        need_sy = any(s.startswith("sy-") for s in need) or not a.skip_failover
+        self.tls_twins = []
+        if a.connect_tls:
+            if "connect" in a.workloads and not a.skip_matrix:
+                self.tls_twins = [k + "-tls" for k in TLS_TWINS if k in a.systems]
+            if not self.tls_twins:
+                log("--connect-tls: no connect workload on pgbouncer or sy-txn in this run; no TLS systems")
+        need |= set(self.tls_twins)
+        self.tls_cert = make_tls_cert(self.tmp, a.connect_tls_key) if self.tls_twins else None
+        need_sy = any(s.startswith("sy-") for s in need) or not a.skip_failover or a.pin
         if need_sy:
             if not os.access(a.binary, os.X_OK):
                 raise RuntimeError(f"Switchyard binary {a.binary} not found (build it with cargo build --release)")
@@ -324,6 +375,9 @@ class Bench:
                                  description="pgbench straight to the primary")
         if "pgbouncer" in need:
             S["pgbouncer"] = start_pgbouncer(self.reg, self.tmp, c.nodes[0].port, a.pool_size, self.scram_secret)
+        if "pgbouncer-tls" in need:
+            S["pgbouncer-tls"] = start_pgbouncer(self.reg, self.tmp, c.nodes[0].port, a.pool_size, self.scram_secret,
+                                                 key="pgbouncer-tls", tls=self.tls_cert)
         if "haproxy" in need:
             S["haproxy"] = start_haproxy(self.reg, self.tmp, c.nodes[0].port)
         sy = {
@@ -346,30 +400,64 @@ class Bench:
                                   "as sy-txn, with traces: sample_ratio = 1.0, to a port nothing listens on (every span dropped)")
         sy["sy-txn-otlp-hung"] = ([prim], "transaction", False,
                                   "as sy-txn, with traces: sample_ratio = 1.0, to a receiver that accepts and never answers")
+        sy["sy-txn-tls"] = ([prim], "transaction", False,
+                            f"as sy-txn, with client TLS: [tls] cert_file / key_file (a self-signed {a.connect_tls_key.upper()} "
+                            "certificate), client_tls = \"allow\"; pgbench with PGSSLMODE=require")
+        base_extra = [l.strip() for l in a.split_extra.split(";") if l.strip()]
+        for w in a.freshness_wait_ms:
+            if self.wait_key(w) != "sy-split":
+                sy[self.wait_key(w)] = ([prim, stby], "transaction", True, f"as sy-split, with causal_wait_ms = {w}")
         sink = start_otlp_sink() if {"sy-txn-traced", "sy-txn-traced-all"} & set(need) else None
         otlp = lambda port, ratio: f"\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nsample_ratio = {ratio}\n"
         for key, (nodes, mode, split, desc) in sy.items():
             if key in need:
-                extra = 'read_your_writes = "off"\n' if key == "sy-split-ryw-off" else a.split_extra.replace(";", "\n")
+                if key == "sy-split-ryw-off":
+                    extra = 'read_your_writes = "off"\n'
+                elif key.startswith("sy-split-wait"):
+                    extra = "".join(l + "\n" for l in base_extra if not l.startswith("causal_wait_ms")) + \
+                        f"causal_wait_ms = {key[len('sy-split-wait'):]}\n"
+                else:
+                    extra = "".join(l + "\n" for l in base_extra)
+                if key == "sy-txn-tls":
+                    extra += 'client_tls = "allow"\n'
                 top = {
                     "sy-txn-nodigest": lambda: "\n[telemetry]\nquery_digests = false\n",
                     "sy-txn-traced": lambda: otlp(sink, 0.01),
                     "sy-txn-traced-all": lambda: otlp(sink, 1.0),
                     "sy-txn-otlp-down": lambda: otlp(closed_port(), 1.0),
                     "sy-txn-otlp-hung": lambda: otlp(start_hung_receiver(), 1.0),
+                    "sy-txn-tls": lambda: (f'\n[tls]\ncert_file = "{self.tls_cert[0]}"\n'
+                                           f'key_file = "{self.tls_cert[1]}"\n'),
                 }.get(key, lambda: "")()
-                S[key] = start_switchyard(self.reg, self.tmp, self.binary, key, SYSTEM_LABELS[key], nodes, mode,
+                S[key] = start_switchyard(self.reg, self.tmp, self.binary, key, self.label_of(key), nodes, mode,
                                           a.pool_size, split, h, description=desc, extra=extra, top=top)
         for key, s in S.items():
             if key.startswith("sy-"):
                 wait_switchyard_ready(s, BENCH_USER, BENCH_PASSWORD)
-            s.label = SYSTEM_LABELS[key]
+            if key.endswith("-tls"):
+                s.client_env = {"PGSSLMODE": "require"}
+            s.label = self.label_of(key)
         log("systems up: " + ", ".join(f"{k} :{s.port}" for k, s in S.items()))
 
+    def wait_key(self, wait_ms):
+        """The system that measures read_your_writes with causal_wait_ms = `wait_ms`: sy-split
+        itself for its own value (0, or what --split-extra sets), else sy-split-wait<N>."""
+        return "sy-split" if wait_ms == report.configured_wait(self.args.split_extra) else f"sy-split-wait{wait_ms}"
+
+    @staticmethod
+    def label_of(key):
+        if key.startswith("sy-split-wait"):
+            return f"Switchyard txn + split, causal_wait_ms = {key[len('sy-split-wait'):]}"
+        return SYSTEM_LABELS.get(key, key)
+
     # -- one pgbench run --
-    def pgbench(self, system, workload, protocol, clients, duration=None):
+    def pgbench(self, system, workload, protocol, clients, duration=None, argv_prefix=(), jobs=None):
+        """One pgbench run against `system`. `argv_prefix`: e.g. taskset for the pinned
+        phase; `jobs`: pgbench -j instead of --jobs."""
         a, c = self.args, self.cluster
         duration = duration or a.duration
+        env = system.client_env
+        pre = list(argv_prefix)
         snap = self.foreign.snapshot()
         if workload == "tpcb":
             # What pgbench does before a run without -n, done here over the socket so it
@@ -382,10 +470,10 @@ class Bench:
             # its first logins) are warm when the measured run starts.
             wprefix = os.path.join(self.tmp, "pglog", f"w{self.case_no + 1}")
             os.makedirs(os.path.dirname(wprefix), exist_ok=True)
-            wargvs = connect_argvs("127.0.0.1", system.port, BENCH_USER, DB, protocol, clients,
-                                   a.connect_warmup, a.connect_procs, wprefix)
+            wargvs = [pre + x for x in connect_argvs("127.0.0.1", system.port, BENCH_USER, DB, protocol, clients,
+                                                     a.connect_warmup, a.connect_procs, wprefix)]
             s0 = self.server_sessions()
-            w = run_parallel(wargvs, BENCH_PASSWORD, a.connect_warmup + 120, wprefix)
+            w = run_parallel(wargvs, BENCH_PASSWORD, a.connect_warmup + 120, wprefix, env)
             time.sleep(0.3)
             warm = {"tps": w.get("tps"), "txns": w.get("txns"), "rc": w["rc"],
                     "client_logins": (w.get("txns") or 0) + (w.get("failed_txns") or 0) + len(wargvs),
@@ -394,20 +482,20 @@ class Bench:
         prefix = os.path.join(self.tmp, "pglog", f"c{self.case_no}")
         os.makedirs(os.path.dirname(prefix), exist_ok=True)
         if connect:
-            argvs = connect_argvs("127.0.0.1", system.port, BENCH_USER, DB, protocol, clients, duration,
-                                  a.connect_procs, prefix)
+            argvs = [pre + x for x in connect_argvs("127.0.0.1", system.port, BENCH_USER, DB, protocol, clients,
+                                                    duration, a.connect_procs, prefix)]
             argv = argvs[0]
         else:
-            argv = pgbench_argv("127.0.0.1", system.port, BENCH_USER, DB, workload, protocol, clients, duration,
-                                a.jobs, prefix)
+            argv = pre + pgbench_argv("127.0.0.1", system.port, BENCH_USER, DB, workload, protocol, clients,
+                                      duration, jobs or a.jobs, prefix)
         off = system.log_offset()
         sessions0 = self.server_sessions() if connect else None
         watch = ResourceWatch(system.pid).start()
         ru0, cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu()
         if connect:
-            res = run_parallel(argvs, BENCH_PASSWORD, duration + 180, prefix)
+            res = run_parallel(argvs, BENCH_PASSWORD, duration + 180, prefix, env)
         else:
-            res = run_case(argv, BENCH_PASSWORD, timeout=duration + 180)
+            res = run_case(argv, BENCH_PASSWORD, duration + 180, env)
         ru1, cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN), machine_cpu()
         # pgbench's own CPU (the only child reaped during run_case) and how busy the
         # machine's cores were: what the client side and the server took.
@@ -434,7 +522,7 @@ class Bench:
         if n:
             res["log_problems"] = n
             res["log_messages"] = dict(sorted(msgs.items(), key=lambda kv: -kv[1])[:6])
-        res["command"] = display_command(argv)
+        res["command"] = display_command(argv, env_extra=env)
         if connect and len(argvs) > 1:
             res["command"] = f"{len(argvs)} processes at once, each: " + res["command"]
         time.sleep(0.5)
@@ -447,14 +535,14 @@ class Bench:
         neither counts here."""
         return int(self.cluster.psql(0, f"SELECT sessions FROM pg_stat_database WHERE datname = '{DB}'") or 0)
 
-    def measure(self, system, workload, protocol, clients):
+    def measure(self, system, workload, protocol, clients, **kw):
         """One pgbench run; re-run (up to twice) when other processes on the machine took
         more than --foreign-limit CPU seconds during it, after waiting for them to go quiet
         (within the --quiet-wait budget). Keeps the least disturbed run."""
         a = self.args
         runs = []
         for attempt in range(3):
-            r = self.pgbench(system, workload, protocol, clients)
+            r = self.pgbench(system, workload, protocol, clients, **kw)
             r["case"] = self.case_no
             runs.append(r)
             if r.get("foreign_cpu_s", 0) <= a.foreign_limit:
@@ -476,13 +564,16 @@ class Bench:
 
     def matrix(self):
         a = self.args
-        order = [s for s in ALL_SYSTEMS + EXTRA_SYSTEMS if s in a.systems]
+        base = [s for s in ALL_SYSTEMS + EXTRA_SYSTEMS if s in a.systems]
+        # The TLS twins (--connect-tls) run the connect workload only.
+        systems_of = lambda w: base + (self.tls_twins if w == "connect" else [])
         grid = lambda w: ((a.connect_protocols, a.connect_clients) if w == "connect" else (a.protocols, a.clients))
-        n_total = sum(len(grid(w)[0]) * len(grid(w)[1]) for w in a.workloads) * len(order)
+        n_total = sum(len(grid(w)[0]) * len(grid(w)[1]) * len(systems_of(w)) for w in a.workloads)
         done = 0
         k = 0
         for workload in a.workloads:
             protocols, client_counts = grid(workload)
+            order = systems_of(workload)
             for protocol in protocols:
                 for clients in client_counts:
                     # Rotate the order of systems from case to case, so none is always
@@ -637,17 +728,29 @@ class Bench:
         """sy-split (read_your_writes = "session", the default) against the same setup with
         it off, alternating, median of --classify-repeat runs: what fresh reads cost."""
         a = self.args
-        pair = [self.systems["sy-split-ryw-off"], self.systems["sy-split"]]
-        for workload in a.freshness_workloads:
-            for clients in a.freshness_clients:
-                row, off, on = self.alternating(pair, workload, "simple", clients)
-                row["workload"] = workload
-                self.results["freshness"].append(row)
-                log(f"read_your_writes {workload} c={clients}: off {off:.0f} tps, on {on:.0f} tps, "
-                    f"slowdown {row['slowdown_pct']} %")
+        off_sys = self.systems["sy-split-ryw-off"]
+        used = [off_sys]
+        for wait in a.freshness_wait_ms:
+            on_sys = self.systems[self.wait_key(wait)]
+            used.append(on_sys)
+            # sy-split's own causal_wait_ms runs every freshness workload; the others the
+            # --freshness-wait-workloads (the mix: reads after the same client's writes).
+            workloads = a.freshness_workloads if on_sys.key == "sy-split" else a.freshness_wait_workloads
+            for workload in workloads:
+                for clients in a.freshness_clients:
+                    row, off, on = self.alternating([off_sys, on_sys], workload, "simple", clients)
+                    if on_sys.key != "sy-split":
+                        # The report reads the "on" side under sy-split whatever the wait.
+                        row["sy-split"] = row.pop(on_sys.key)
+                    row["workload"] = workload
+                    row["causal_wait_ms"] = wait
+                    row["on_system"] = on_sys.key
+                    self.results["freshness"].append(row)
+                    log(f"read_your_writes {workload} c={clients} causal_wait_ms={wait}: off {off:.0f} tps, "
+                        f"on {on:.0f} tps, slowdown {row['slowdown_pct']} %")
         # Where the reads went, from the proxy's own counters (cumulative over the runs).
         import urllib.request
-        for s in pair:
+        for s in used:
             try:
                 text = urllib.request.urlopen(f"http://127.0.0.1:{s.admin_port}/metrics", timeout=5).read().decode()
             except OSError as e:
@@ -657,6 +760,111 @@ class Bench:
                                       "switchyard_causal_wait_seconds_count"))]
             self.results.setdefault("freshness_metrics", {})[s.key] = lines
             log(f"{s.key}: " + "; ".join(lines))
+
+    # -- pinned scaling --
+    def pin(self):
+        """--pin: PostgreSQL (every process of both nodes; backends forked later inherit it)
+        and pgbench on CPU set A, the proxy on set B (taskset). Switchyard txn, freshly
+        started per worker count with SWITCHYARD_THREADS = t on the first t CPUs of B; PgBouncer
+        (one thread) on the first CPU of B, before and after the Switchyard runs. tps per
+        proxy core = tps / the CPUs the proxy may use."""
+        from .procs import stop_process
+        a, c = self.args, self.cluster
+        sets = cpu_sets(a.pin_proxy_cpus)
+        out = {"workload": a.pin_workload, "protocol": a.pin_protocol, "sy": [], "pgbouncer": [], "configs": {}}
+        self.results["pin"] = out
+        if sets is None:
+            out["error"] = f"{len(os.sched_getaffinity(0))} CPU(s) usable: --pin needs at least 2"
+            log(f"pinned phase skipped: {out['error']}")
+            return
+        A, B, note = sets
+        clients = a.pin_clients or max(16, 8 * len(B))
+        pool = a.pin_pool_size or max(a.pool_size, clients)
+        jobs = min(clients, max(a.jobs, len(A) // 2))
+        threads = a.pin_threads or pin_thread_counts(len(B))
+        dropped = [t for t in threads if not 1 <= t <= len(B)]
+        threads = [t for t in threads if 1 <= t <= len(B)]
+        out.update({"cpus": sorted(os.sched_getaffinity(0)), "rest_cpus": A, "proxy_cpus": B, "note": note,
+                    "clients": clients, "pool_size": pool, "jobs": jobs, "threads": threads,
+                    "dropped_threads": dropped})
+        pg_prefix = ["taskset", "-c", cpulist(A)]
+        log(f"pinned phase: PostgreSQL + pgbench on CPUs {cpulist(A)}, proxy on {cpulist(B)} ({note}); "
+            f"Switchyard threads {threads}, {clients} clients, pool {pool}, pgbench -j {jobs}")
+        if dropped:
+            log(f"  --pin-threads {dropped} left out: the proxy set has {len(B)} CPU(s)")
+        out["pg_pinned"] = self.pin_postgres(A)
+        try:
+            def runs(system, cpus):
+                rs = [self.measure(system, a.pin_workload, a.pin_protocol, clients, argv_prefix=pg_prefix, jobs=jobs)
+                      for _ in range(max(1, a.repeat))]
+                ok = sorted([r for r in rs if r.get("tps") is not None], key=lambda r: r["tps"])
+                r = ok[len(ok) // 2] if ok else rs[-1]
+                row = {k: r.get(k) for k in ("tps", "p50_ms", "p99_ms", "cpu_s", "user_s", "sys_s", "wall_s", "txns",
+                                             "case", "command", "rc", "aborted_clients", "failed_txns", "errors",
+                                             "disturbed", "foreign_cpu_s", "measured_s")}
+                row["tps_runs"] = [x.get("tps") for x in rs]
+                row["status"] = "ok" if (r.get("tps") is not None and r.get("rc") == 0 and not r.get("aborted_clients")
+                                         and not r.get("failed_txns")) else "error"
+                row["proxy_cpus"] = cpulist(cpus)
+                row["cores"] = len(cpus)
+                if row["tps"] is not None:
+                    row["tps_per_core"] = round(row["tps"] / len(cpus), 1)
+                # CPU over the whole pgbench run (connections included) / its wall time.
+                if r.get("cpu_s") is not None and r.get("wall_s"):
+                    row["proxy_busy_pct"] = round(100.0 * r["cpu_s"] / r["wall_s"] / len(cpus), 1)
+                row["cpus_allowed"] = proc_status(system.pid, "Cpus_allowed_list")
+                row["os_threads"] = proc_status(system.pid, "Threads")
+                return row
+
+            pgb = start_pgbouncer(self.reg, self.tmp, c.nodes[0].port, pool, self.scram_secret, key="pin-pgbouncer",
+                                  argv_prefix=["taskset", "-c", str(B[0])])
+            out["configs"]["pin-pgbouncer"] = pgb.config_text
+            r = runs(pgb, B[:1])
+            r["when"] = "before"
+            out["pgbouncer"].append(r)
+            log(f"  PgBouncer on CPU {B[0]}: {f_tps(r)} tps, proxy busy {r.get('proxy_busy_pct')} %")
+            for t in threads:
+                cpus = B[:t]
+                s = start_switchyard(self.reg, self.tmp, self.binary, f"pin-sy-txn-{t}", f"Switchyard txn, {t} thread(s)",
+                                     [("primary", c.nodes[0].port)], "transaction", pool, False, self.health(),
+                                     description=f"transaction mode, pool_size = {pool}, SWITCHYARD_THREADS = {t}, "
+                                                 f"taskset -c {cpulist(cpus)}",
+                                     argv_prefix=["taskset", "-c", cpulist(cpus)],
+                                     env_extra={"SWITCHYARD_THREADS": str(t)})
+                try:
+                    wait_switchyard_ready(s, BENCH_USER, BENCH_PASSWORD)
+                    if t == threads[0]:
+                        out["configs"]["pin-sy-txn"] = s.config_text
+                    r = runs(s, cpus)
+                    r["threads"] = t
+                    out["sy"].append(r)
+                    log(f"  Switchyard, {t} thread(s) on CPUs {cpulist(cpus)}: {f_tps(r)} tps, "
+                        f"{r.get('tps_per_core')} per core, proxy busy {r.get('proxy_busy_pct')} %")
+                finally:
+                    stop_process(s.proc)
+            r = runs(pgb, B[:1])
+            r["when"] = "after"
+            out["pgbouncer"].append(r)
+            log(f"  PgBouncer on CPU {B[0]} again: {f_tps(r)} tps")
+            stop_process(pgb.proc)
+        finally:
+            self.pin_postgres(sorted(os.sched_getaffinity(0)))
+
+    def pin_postgres(self, cpus):
+        """Every process of every PostgreSQL node on `cpus` (os.sched_setaffinity, as
+        `taskset -p`); processes they fork later inherit it. Returns how many."""
+        n = 0
+        for i in range(len(self.cluster.nodes)):
+            pm = self.cluster.postmaster_pid(i)
+            if pm is None:
+                continue
+            for pid in [pm] + children_of(pm):
+                try:
+                    os.sched_setaffinity(pid, cpus)
+                    n += 1
+                except OSError:
+                    pass
+        return n
 
     # -- trace export --
     def trace_counters(self):
@@ -780,6 +988,73 @@ class Bench:
         return False
 
 
+def cpulist(cpus):
+    return ",".join(str(x) for x in cpus)
+
+
+def f_tps(r):
+    return f"{r['tps']:.0f}" if r.get("tps") is not None else f"no tps ({r.get('status')})"
+
+
+def proc_status(pid, key):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def pin_thread_counts(n):
+    """1, 2, 4, ... up to n, and n itself."""
+    out, t = [], 1
+    while t <= n:
+        out.append(t)
+        t *= 2
+    if out[-1] != n:
+        out.append(n)
+    return out
+
+
+def cpu_sets(proxy_cpus=0):
+    """(A, B, note) for the pinned phase from the CPUs this process may use
+    (sched_getaffinity): B for the proxy, A for PostgreSQL and pgbench. B takes whole
+    physical cores (SMT siblings together, from sysfs) from the end, up to `proxy_cpus`
+    CPUs (0: half), leaving A at least one core; B is ordered one CPU per core first, then
+    their siblings, so t worker threads on B[:t] use t cores while there are. None with
+    fewer than 2 CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    n = len(cpus)
+    if n < 2:
+        return None
+    want = max(1, min(proxy_cpus or n // 2, n - 1))
+    groups = {}
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                sib = f.read().strip()
+        except OSError:
+            sib = str(cpu)
+        groups.setdefault(sib, []).append(cpu)
+    cores = sorted(groups.values(), key=lambda g: g[0])
+    taken = []
+    for core in reversed(cores):
+        if sum(len(g) for g in taken) >= want or len(taken) >= len(cores) - 1:
+            break
+        taken.insert(0, core)
+    if not taken:
+        # One physical core: its hardware threads are all there is.
+        return cpus[:n - want], cpus[n - want:], "one physical core: the sets share it (SMT siblings)"
+    B = [g[i] for i in range(max(len(g) for g in taken)) for g in taken if i < len(g)]
+    A = [x for x in cpus if x not in B]
+    smt = any(len(g) > 1 for g in cores)
+    note = (f"{len(cores)} physical cores, {n} CPUs: whole cores to each set, B ordered one CPU per core first"
+            if smt else f"{n} CPUs, no SMT siblings")
+    return A, B, note
+
+
 def machine_cpu():
     """(busy, total) jiffies of all cores from /proc/stat (idle and iowait are not busy)."""
     with open("/proc/stat") as f:
@@ -808,6 +1083,10 @@ def main(argv=None):
     # Before any set-up: a missing tool is named with what installs it.
     tools = {"pgbench": "postgresql-client", "psql": "postgresql-client"}
     tools.update({k: k for k in ("pgbouncer", "haproxy") if k in args.systems or k in args.idle_systems})
+    if args.pin:
+        tools.update({"pgbouncer": "pgbouncer", "taskset": "util-linux"})
+    if args.connect_tls:
+        tools["openssl"] = "openssl"
     missing = sorted({pkg for tool, pkg in tools.items() if not shutil.which(tool)})
     if missing:
         print(f"bench/run needs {', '.join(missing)}: apt-get install -y {' '.join(missing)} "
@@ -830,6 +1109,8 @@ def main(argv=None):
         if not args.skip_matrix:
             b.matrix()
             b.trace_counters()
+        if args.pin:
+            b.pin()
         if not args.skip_classify:
             b.classify()
         if not args.skip_freshness:
@@ -863,7 +1144,8 @@ def main(argv=None):
     b.results["argv"] = "bench/run " + " ".join(sys.argv[1:] if argv is None else argv)
     if failed:
         b.results["failed"] = failed
-    if not b.results["cases"] and not b.results["classify"] and not b.results["freshness"] and not b.results["idle"] and not b.results["failover"]:
+    if not b.results["cases"] and not b.results["classify"] and not b.results["freshness"] and not b.results["idle"] \
+            and not b.results["failover"] and not b.results.get("pin", {}).get("sy"):
         log("nothing measured; no results written")
         return 1
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="sybench-quick-") if args.quick

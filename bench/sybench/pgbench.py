@@ -54,10 +54,12 @@ def connect_argvs(host, port, user, db, protocol, clients, duration, procs, log_
     return out
 
 
-def display_command(argv, password_env="PGPASSWORD"):
-    """The command as a person would type it (log prefix shortened)."""
+def display_command(argv, password_env="PGPASSWORD", env_extra=None):
+    """The command as a person would type it (log prefix shortened; extra environment such
+    as PGSSLMODE shown before it)."""
     shown = [re.sub(r"^--log-prefix=.*/", "--log-prefix=", a) for a in argv]
-    return f"{password_env}=*** " + " ".join(shlex.quote(a) for a in shown)
+    env = "".join(f"{k}={shlex.quote(v)} " for k, v in (env_extra or {}).items())
+    return f"{env}{password_env}=*** " + " ".join(shlex.quote(a) for a in shown)
 
 
 def percentile(sorted_vals, q):
@@ -147,15 +149,15 @@ def parse_output(stdout, stderr):
     return out
 
 
-def run_parallel(argvs, password, timeout, log_prefix):
+def run_parallel(argvs, password, timeout, log_prefix, env_extra=None):
     """Several pgbench processes at once (the connect workload): their figures summed
     (tps, transactions, failures) or weighted by transactions (average connection time,
     latency), their per-transaction logs read together."""
     import tempfile
 
     if len(argvs) == 1:
-        return run_case(argvs[0], password, timeout)
-    env = dict(os.environ, PGPASSWORD=password, PGCONNECT_TIMEOUT="15", PGAPPNAME="sybench")
+        return run_case(argvs[0], password, timeout, env_extra)
+    env = dict(os.environ, PGPASSWORD=password, PGCONNECT_TIMEOUT="15", PGAPPNAME="sybench", **(env_extra or {}))
     t0 = time.monotonic()
     running = []
     for argv in argvs:
@@ -196,10 +198,10 @@ def run_parallel(argvs, password, timeout, log_prefix):
     return res
 
 
-def run_case(argv, password, timeout):
+def run_case(argv, password, timeout, env_extra=None):
     """Run pgbench; figures from its output and per-transaction logs (with -C also the
-    connect cycles, see aggregate_logs)."""
-    env = dict(os.environ, PGPASSWORD=password, PGCONNECT_TIMEOUT="15", PGAPPNAME="sybench")
+    connect cycles, see aggregate_logs). `env_extra`: e.g. {"PGSSLMODE": "require"}."""
+    env = dict(os.environ, PGPASSWORD=password, PGCONNECT_TIMEOUT="15", PGAPPNAME="sybench", **(env_extra or {}))
     t0 = time.monotonic()
     try:
         p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)

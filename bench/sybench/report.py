@@ -20,7 +20,11 @@ LABEL = {
     "sy-txn-traced-all": "Switchyard txn, traces 100 %",
     "sy-txn-otlp-down": "Switchyard txn, traces 100 %, receiver down",
     "sy-txn-otlp-hung": "Switchyard txn, traces 100 %, receiver hung",
+    "pgbouncer-tls": "PgBouncer (txn), TLS", "sy-txn-tls": "Switchyard txn, TLS",
+    "sy-split-ryw-off": "Switchyard txn+split, read_your_writes off",
 }
+# The connect workload's extra systems (--connect-tls), after ORDER in its table.
+TLS_KEYS = ["pgbouncer-tls", "sy-txn-tls"]
 
 
 def f(x, nd=1):
@@ -47,84 +51,214 @@ def met(ok):
 
 # ---- targets -------------------------------------------------------------------------
 
+NOT_MEASURED = "not measured in this run"
+MATRIX_PROTOS = ["simple", "extended"]
+
+
+def configured_wait(split_extra):
+    """causal_wait_ms set through --split-extra (sy-split's own value), else 0."""
+    m = re.search(r"causal_wait_ms\s*=\s*(\d+)", split_extra or "")
+    return int(m.group(1)) if m else 0
+
+
+def nm(why):
+    return f"{NOT_MEASURED}: {why}"
+
+
+def cpu_txn(r):
+    """(total, user, kernel) proxy CPU µs per transaction of a case (connection set-up of
+    its clients included), None without the figures; user/kernel None without the split."""
+    if not cell_ok(r) or r.get("cpu_s") is None or not r.get("txns"):
+        return None
+    n = r["txns"]
+    if r.get("user_s") is None:
+        return r["cpu_s"] / n * 1e6, None, None
+    return r["cpu_s"] / n * 1e6, r["user_s"] / n * 1e6, r["sys_s"] / n * 1e6
+
+
+def fmt_cpu(c):
+    tot, u, k = c
+    return f"{tot:,.1f} µs" + (f" ({u:,.2f} user + {k:,.1f} kernel)" if u is not None else "")
+
+
+def why_not(name, r):
+    return f"{name} {r.get('status')}: {short(r)[:120]}"
+
+
 def targets(res):
-    """[(target, figure, verdict)]"""
+    """[(target, figure, verdict)]: issue 25's targets from what the run measured (a target
+    the run did not measure says so, with the option that measures it), then failover."""
     out = []
-    idx = index(res.get("cases", []))
-    protos = sorted({r["protocol"] for r in res.get("cases", [])}, key=["simple", "extended", "prepared"].index)
-    for proto in protos:
-        sy, d, pb = (idx.get(("select", proto, 16, k)) for k in ("sy-txn", "direct", "pgbouncer"))
-        if cell_ok(sy) and cell_ok(d):
-            r = sy["tps"] / d["tps"]
-            out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 0.90× direct",
-                        f"{r:.2f}× ({sy['tps']:,.0f} vs {d['tps']:,.0f} tps)", met(r >= 0.90)))
-        elif sy is not None and d is not None:
-            out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 0.90× direct",
-                        f"Switchyard: {sy.get('status')}, direct: {d.get('status')}", met(False if not cell_ok(sy) else None)))
-        if sy is not None and pb is not None:
-            if cell_ok(sy) and cell_ok(pb):
-                r = sy["tps"] / pb["tps"]
-                out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 1.2× PgBouncer",
-                            f"{r:.2f}× ({sy['tps']:,.0f} vs {pb['tps']:,.0f} tps)", met(r >= 1.2)))
-            elif cell_ok(sy):
-                out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 1.2× PgBouncer",
-                            f"PgBouncer could not run it ({pb.get('status')}: {short(pb)}); Switchyard {sy['tps']:,.0f} tps",
-                            "no ratio: PgBouncer fails this case, Switchyard runs it"))
-            else:
-                out.append((f"select-only, 16 clients, txn mode, -M {proto}: ≥ 1.2× PgBouncer",
-                            f"Switchyard {sy.get('status')}: {short(sy)}", met(False)))
-    # 1000 clients
-    for w in ("select", "tpcb"):
-        for proto in protos:
-            sy, d, pb = (idx.get((w, proto, 1000, k)) for k in ("sy-txn", "direct", "pgbouncer"))
-            if sy is None:
-                continue
-            t = f"{WORKLOADS[w]['label']}, 1000 clients, -M {proto}: Switchyard txn above direct and PgBouncer"
-            if not cell_ok(sy):
-                out.append((t, f"Switchyard {sy.get('status')}: {short(sy)}", met(False)))
-                continue
-            parts, ok, cannot = [f"Switchyard {sy['tps']:,.0f} tps"], True, []
-            for name, o in (("direct", d), ("PgBouncer", pb)):
-                if o is None:
-                    continue
-                if cell_ok(o):
-                    parts.append(f"{name} {o['tps']:,.0f} ({sy['tps'] / o['tps']:.2f}×)")
-                    ok &= sy["tps"] > o["tps"]
-                elif o.get("status") == "n/a":
-                    parts.append(f"{name} n/a (1000 clients > max_connections)")
-                    cannot.append(name)
-                else:
-                    parts.append(f"{name} {o.get('status')} ({short(o)[:90]})")
-                    cannot.append(name)
-            verdict = met(ok)
-            if ok and cannot:
-                others = [n for n in ("direct", "PgBouncer") if n not in cannot]
-                if others:
-                    verdict += f" ({' and '.join(cannot)} cannot run it)"
-                else:
-                    verdict = f"no ratio: {' and '.join(cannot)} cannot run it, Switchyard does"
-            out.append((t, "; ".join(parts), verdict))
-    out += connect_targets(res)
-    cl = res.get("classify", [])
-    if cl:
-        worst = max(cl, key=lambda r: r["slowdown_pct"] if r["slowdown_pct"] is not None else -1e9)
-        figs = "; ".join(f"-M {r['protocol']} c={r['clients']}: {f(r['slowdown_pct'])} %" for r in cl)
-        out.append(("read_write_split on ≤ 5 % slower than off (select-only, one node)", figs,
-                    met(all(r["slowdown_pct"] is not None and r["slowdown_pct"] <= 5 for r in cl))))
-    fr = res.get("freshness", [])
-    if fr:
-        figs = "; ".join(f"{r['workload']} c={r['clients']}: {f(r['slowdown_pct'])} %" for r in fr)
-        out.append(("read_your_writes on ≤ 5 % slower than off (split, primary + standby)", figs,
-                    met(all(r["slowdown_pct"] is not None and r["slowdown_pct"] <= 5 for r in fr))))
-    for r in res.get("idle", []):
-        if r.get("system") != "sy-txn":
-            continue
-        if r.get("per_client_kib") is not None:
-            out.append((f"idle client ≤ 8 KiB of Switchyard memory ({r['clients']:,} clients)",
-                        f"{r['per_client_kib']:.2f} KiB/client ({r['connected']:,} connected)",
-                        met(r["per_client_kib"] <= 8 and r["connected"] == r["clients"])))
+    cases = res.get("cases", [])
+    idx = index(cases)
+    a = res.get("args", {})
+    measured = lambda w, c, p: any(r["workload"] == w and r["clients"] == c and r["protocol"] == p for r in cases)
+    protos = MATRIX_PROTOS + (["prepared"] if measured("select", 16, "prepared") else [])
+
+    # 1. CPU per transaction, select-only, 16 clients.
+    for p in protos:
+        sy, pb = idx.get(("select", p, 16, "sy-txn")), idx.get(("select", p, 16, "pgbouncer"))
+        t = f"1. CPU per transaction (user + kernel), select-only, 16 clients, -M {p}: Switchyard txn ≤ 1.0× PgBouncer's"
+        tu = f"1. CPU per transaction, select-only, 16 clients, -M {p}: Switchyard txn's user-space part ≤ 1.2 µs"
+        if sy is None:
+            why = nm(f"no select-only case at 16 clients -M {p} on sy-txn "
+                     f"(`--workloads select --clients 16 --protocols {p} --systems pgbouncer,sy-txn`)")
+            out += [(t, "–", why), (tu, "–", why)]
         else:
-            out.append(("idle client ≤ 8 KiB", r.get("error", "no figure"), "not measured"))
+            cs, cp = cpu_txn(sy), cpu_txn(pb)
+            if cs is None:
+                out.append((t, why_not("Switchyard", sy), met(False) if not cell_ok(sy) else nm("no CPU figure")))
+            elif pb is None:
+                out.append((t, f"Switchyard {fmt_cpu(cs)}", nm("PgBouncer not in --systems")))
+            elif cp is None:
+                out.append((t, f"Switchyard {fmt_cpu(cs)}; {why_not('PgBouncer', pb)}",
+                            "no ratio: PgBouncer did not run the case"))
+            else:
+                out.append((t, f"{cs[0] / cp[0]:.2f}× (Switchyard {fmt_cpu(cs)} vs PgBouncer {fmt_cpu(cp)})",
+                            met(cs[0] <= cp[0])))
+            if cs is None:
+                out.append((tu, "–", met(False) if not cell_ok(sy) else nm("no CPU figure")))
+            elif cs[1] is None:
+                out.append((tu, f"{cs[0]:,.1f} µs in all", nm("this run's figures have no user/kernel split")))
+            else:
+                out.append((tu, f"{cs[1]:,.2f} µs user (+ {cs[2]:,.1f} µs kernel)", met(cs[1] <= 1.2)))
+    for p in protos:
+        ss, hp = idx.get(("select", p, 16, "sy-session")), idx.get(("select", p, 16, "haproxy"))
+        t = (f"1. CPU per transaction, select-only, 16 clients, -M {p}, session mode: Switchyard session against "
+             "HAProxy (tcp) (published; issue 25 sets no limit)")
+        if ss is None or hp is None:
+            out.append((t, "–", nm("needs sy-session and haproxy at 16 clients "
+                                   f"(`--workloads select --clients 16 --protocols {p} --systems haproxy,sy-session`)")))
+            continue
+        cs, ch = cpu_txn(ss), cpu_txn(hp)
+        if cs is None or ch is None:
+            out.append((t, "; ".join(why_not(n, r) for n, r, c in (("Switchyard", ss, cs), ("HAProxy", hp, ch))
+                                     if c is None), "no ratio"))
+        else:
+            out.append((t, f"{cs[0] / ch[0]:.2f}× (Switchyard session {fmt_cpu(cs)} vs HAProxy {fmt_cpu(ch)})",
+                        f"published ({'≤' if cs[0] <= ch[0] else '>'} 1.0× HAProxy's)"))
+
+    # 2. Throughput against PgBouncer (txn) and HAProxy (session), 16 and 1000 clients.
+    for key, other, oname, mode in (("sy-txn", "pgbouncer", "PgBouncer", "txn"),
+                                    ("sy-session", "haproxy", "HAProxy (tcp)", "session")):
+        missing = []
+        for w in ("select", "tpcb"):
+            for c in (16, 1000):
+                for p in MATRIX_PROTOS:
+                    sy, o = idx.get((w, p, c, key)), idx.get((w, p, c, other))
+                    if sy is None or o is None:
+                        missing.append(f"{WORKLOADS[w]['label']} c={c} -M {p}")
+                        continue
+                    t = f"2. tps, {WORKLOADS[w]['label']}, {c} clients, -M {p}: Switchyard {mode} ≥ 1.0× {oname}"
+                    if cell_ok(sy) and cell_ok(o):
+                        r = sy["tps"] / o["tps"]
+                        out.append((t, f"{r:.2f}× ({sy['tps']:,.0f} vs {o['tps']:,.0f} tps)", met(r >= 1.0)))
+                    elif cell_ok(sy):
+                        out.append((t, f"Switchyard {sy['tps']:,.0f} tps; {why_not(oname, o)}",
+                                    f"no ratio: {oname} cannot run it, Switchyard does"))
+                    elif sy.get("status") == "n/a" and o.get("status") == "n/a":
+                        out.append((t, f"both n/a: {short(sy).split(';')[0][:120]}",
+                                    "no ratio: neither can run it (one server connection per client)"))
+                    else:
+                        out.append((t, why_not("Switchyard", sy) + ("" if cell_ok(o) else "; " + why_not(oname, o)),
+                                    met(False)))
+        if missing:
+            what = ", ".join(missing) if len(missing) < 8 else \
+                "none of the 8 cases (16 and 1000 clients × simple / extended × select-only / TPC-B)"
+            out.append((f"2. tps: Switchyard {mode} ≥ 1.0× {oname}, other cases of the matrix", what,
+                        nm(f"`--workloads select,tpcb --clients 16,1000 --protocols simple,extended` with "
+                           f"{other} and {key} in --systems")))
+
+    # 3. Added latency at 1 client.
+    protos1 = MATRIX_PROTOS + (["prepared"] if measured("select", 1, "prepared") else [])
+    for p in protos1:
+        sy, pb, d = (idx.get(("select", p, 1, k)) for k in ("sy-txn", "pgbouncer", "direct"))
+        t = (f"3. added latency, select-only, 1 client, -M {p}: Switchyard txn's p50 and p99 minus direct's "
+             "≤ PgBouncer's")
+        if sy is None or pb is None or d is None:
+            out.append((t, "–", nm("needs select-only at 1 client on direct, pgbouncer and sy-txn "
+                                   f"(`--workloads select --clients 1 --protocols {p} --systems direct,pgbouncer,sy-txn`)")))
+            continue
+        bad = [(n, r) for n, r in (("Switchyard", sy), ("PgBouncer", pb), ("direct", d))
+               if not cell_ok(r) or r.get("p50_ms") is None]
+        if bad:
+            out.append((t, "; ".join(why_not(n, r) for n, r in bad),
+                        met(False) if bad[0][0] == "Switchyard" else "no ratio"))
+            continue
+        add = lambda r, q: (r[q] - d[q]) * 1000
+        s50, s99, b50, b99 = add(sy, "p50_ms"), add(sy, "p99_ms"), add(pb, "p50_ms"), add(pb, "p99_ms")
+        ok50, ok99 = s50 <= b50, s99 <= b99
+        verdict = met(ok50 and ok99)
+        if ok50 != ok99:
+            verdict += f" ({'p99' if ok50 else 'p50'} above)"
+        out.append((t, f"p50 / p99 over direct's ({d['p50_ms'] * 1000:,.0f} / {d['p99_ms'] * 1000:,.0f} µs): "
+                       f"Switchyard {s50:+,.0f} / {s99:+,.0f} µs, PgBouncer {b50:+,.0f} / {b99:+,.0f} µs", verdict))
+
+    # 4. Connection rate, plain and TLS.
+    out += connect_targets(res)
+
+    # 5. Fresh reads.
+    fr = res.get("freshness", [])
+    base_wait = configured_wait(a.get("split_extra"))
+    for wait, limit in ((0, 5), (100, 10)):
+        rows = [r for r in fr if r.get("workload") == "mix" and r.get("causal_wait_ms", base_wait) == wait]
+        t = (f"5. read_your_writes on vs off, mix 1 TPC-B : 4 select-only, 16 clients, causal_wait_ms = {wait}: "
+             f"≤ {limit} % slower")
+        if not rows:
+            if a.get("skip_freshness"):
+                why = "--skip-freshness"
+            elif wait == base_wait:
+                why = "the mix workload was not in --freshness-workloads"
+            elif "freshness_wait_ms" not in a or wait not in a.get("freshness_wait_ms", []):
+                why = f"`--freshness-wait-ms {base_wait},{wait}`"
+            else:
+                why = "mix was not in --freshness-wait-workloads"
+            out.append((t, "–", nm(why)))
+            continue
+        for r in rows:
+            off, on = r["sy-split-ryw-off"], r["sy-split"]
+            sd = r.get("slowdown_pct")
+            clients = "" if r["clients"] == 16 else f" (at {r['clients']} clients)"
+            warn = " ⚠ disturbed run" if off.get("disturbed") or on.get("disturbed") else ""
+            n = len(on.get("tps_all", []))
+            out.append((t + clients, f"{f(sd)} % ({on['tps_median']:,.0f} vs {off['tps_median']:,.0f} tps, "
+                                     + (f"medians of {n} runs each" if n > 1 else "one run each") + f"){warn}",
+                        met(sd is not None and sd <= limit) if r["clients"] == 16 else nm("not at 16 clients")))
+
+    # 6. MySQL: bench/mysql.
+    out.append(("6. MySQL session relay (sysbench oltp_read_only / oltp_read_write, 16 threads): tps ≥ 1.0× HAProxy "
+                "(tcp), CPU per query ≤ HAProxy's", "–", f"{NOT_MEASURED}: measured by `bench/mysql`"))
+
+    # 7. Idle memory.
+    idl = {r.get("system"): r for r in res.get("idle", [])}
+    t = "7. idle memory ≤ 4 KiB per idle client at 10,000 clients (Switchyard txn)"
+    r = idl.get("sy-txn")
+    if r is None:
+        out.append((t, "–", nm("--skip-idle" if a.get("skip_idle") else "sy-txn not in --idle-systems")))
+    elif r.get("per_client_kib") is None:
+        out.append((t, esc(r.get("error", "no figure")), nm("the measurement failed")))
+    else:
+        pb = idl.get("pgbouncer", {}).get("per_client_kib")
+        fig = (f"{r['per_client_kib']:.2f} KiB/client ({r['connected']:,} of {r['clients']:,} connected)"
+               + (f"; PgBouncer {pb:.2f}" if pb is not None else ""))
+        if r["clients"] < 10000:
+            out.append((t, fig, nm(f"measured at {r['clients']:,} clients (`--idle-clients 10000`)")))
+        else:
+            out.append((t, fig, met(r["per_client_kib"] <= 4 and r["connected"] == r["clients"])))
+
+    # 8. Pinned scaling.
+    pin = res.get("pin") or {}
+    t = "8. scaling: tps per proxy core, proxy and PostgreSQL + pgbench on separate CPU sets (issue 25 sets no limit)"
+    if pin.get("sy"):
+        figs = [f"{x['threads']} thread{'s' if x['threads'] > 1 else ''}: {f(x.get('tps_per_core'), 0)}"
+                for x in pin["sy"]]
+        pbs = [x.get("tps_per_core") for x in pin.get("pgbouncer", []) if x.get("tps_per_core") is not None]
+        if pbs:
+            figs.append(f"PgBouncer (1 core): {', '.join(f(x, 0) for x in pbs)}")
+        out.append((t, "; ".join(figs), "reported"))
+    else:
+        out.append((t, "–", nm(pin.get("error") or "`--pin`")))
+
     fo = res.get("failover", {})
     if fo.get("standby"):
         for key in ("fo-txn", "fo-session"):
@@ -146,38 +280,56 @@ def targets(res):
 
 
 def connect_targets(res):
-    """The connection-rate targets: Switchyard txn against PgBouncer (txn) under
-    pgbench -C -S, per protocol and client count of the connect workload."""
+    """Item 4, the connection rate: Switchyard txn against PgBouncer (txn) under pgbench -C -S,
+    per protocol and client count of the connect workload, in plaintext and (--connect-tls)
+    over TLS."""
     out = []
-    idx = index(res.get("cases", []))
-    keys = sorted({(r["protocol"], r["clients"]) for r in res.get("cases", []) if r["workload"] == "connect"},
-                  key=lambda k: (["simple", "extended", "prepared"].index(k[0]), k[1]))
-    for proto, c in keys:
-        sy, pb = idx.get(("connect", proto, c, "sy-txn")), idx.get(("connect", proto, c, "pgbouncer"))
-        what = f"connect (-C -S), {c} clients, -M {proto}"
-        if sy is None:
+    cases = res.get("cases", [])
+    idx = index(cases)
+    a = res.get("args", {})
+    for tls in (False, True):
+        sk, pk = ("sy-txn-tls", "pgbouncer-tls") if tls else ("sy-txn", "pgbouncer")
+        keys = sorted({(r["protocol"], r["clients"]) for r in cases if r["workload"] == "connect" and r["system"] == sk},
+                      key=lambda k: (["simple", "extended", "prepared"].index(k[0]), k[1]))
+        if not keys:
+            t = (f"4. connection rate (pgbench -C, SCRAM-SHA-256){', TLS' if tls else ''}, 16 connectors: "
+                 "Switchyard txn ≥ 1.0× PgBouncer's connections/s, CPU per new connection ≤ 1.0×, "
+                 "0 server logins per client login once warm")
+            if tls and any(r["workload"] == "connect" for r in cases):
+                why = "`--connect-tls`"
+            else:
+                why = "`--workloads ...,connect` with pgbouncer and sy-txn in --systems" + \
+                      (" and `--connect-tls`" if tls else "")
+            out.append((t, "–", nm(why)))
             continue
-        if not cell_ok(sy):
-            out.append((f"{what}: Switchyard txn ≥ 1.0× PgBouncer's connections/s", f"Switchyard {sy.get('status')}: {short(sy)}", met(False)))
-            continue
-        if cell_ok(pb):
-            r = sy["tps"] / pb["tps"]
-            out.append((f"{what}: Switchyard txn ≥ 1.0× PgBouncer's connections/s",
-                        f"{r:.2f}× ({sy['tps']:,.0f} vs {pb['tps']:,.0f}/s)", met(r >= 1.0)))
-            a, b = cpu_per_conn(sy), cpu_per_conn(pb)
-            if a is not None and b:
-                out.append((f"{what}: Switchyard txn CPU per new connection ≤ 1.0× PgBouncer's",
-                            f"{a / b:.2f}× ({a:,.0f} vs {b:,.0f} µs)", met(a <= b)))
-        elif pb is not None:
-            out.append((f"{what}: Switchyard txn ≥ 1.0× PgBouncer's connections/s",
-                        f"PgBouncer {pb.get('status')}: {short(pb)}; Switchyard {sy['tps']:,.0f}/s", "no ratio"))
-        if sy.get("server_sessions") is not None:
-            # A pool still growing to the run's peak concurrency opens a few connections
-            # during the run; a login that needs its own server login shows as ~1.
-            out.append((f"{what}: Switchyard txn, server logins per client login 0 once the pool is warm "
-                        "(< 0.01: at most pool growth)",
-                        f"{sy['server_logins_per_login']:.4f} ({sy['server_sessions']:,} server sessions for "
-                        f"{sy['client_logins']:,} client logins)", met(sy["server_logins_per_login"] < 0.01)))
+        for proto, c in keys:
+            sy, pb = idx.get(("connect", proto, c, sk)), idx.get(("connect", proto, c, pk))
+            what = f"4. connect (-C -S){', TLS (sslmode=require)' if tls else ''}, {c} clients, -M {proto}"
+            if not cell_ok(sy):
+                out.append((f"{what}: Switchyard txn ≥ 1.0× PgBouncer's connections/s",
+                            f"Switchyard {sy.get('status')}: {short(sy)}", met(False)))
+                continue
+            if cell_ok(pb):
+                r = sy["tps"] / pb["tps"]
+                out.append((f"{what}: Switchyard txn ≥ 1.0× PgBouncer's connections/s",
+                            f"{r:.2f}× ({sy['tps']:,.0f} vs {pb['tps']:,.0f}/s)", met(r >= 1.0)))
+                x, y = cpu_per_conn(sy), cpu_per_conn(pb)
+                if x is not None and y:
+                    out.append((f"{what}: Switchyard txn CPU per new connection ≤ 1.0× PgBouncer's",
+                                f"{x / y:.2f}× ({x:,.0f} vs {y:,.0f} µs)", met(x <= y)))
+            elif pb is not None:
+                out.append((f"{what}: Switchyard txn ≥ 1.0× PgBouncer's connections/s",
+                            f"PgBouncer {pb.get('status')}: {short(pb)}; Switchyard {sy['tps']:,.0f}/s", "no ratio"))
+            else:
+                out.append((f"{what}: Switchyard txn ≥ 1.0× PgBouncer's connections/s",
+                            f"Switchyard {sy['tps']:,.0f}/s", nm(f"{pk} did not run")))
+            if sy.get("server_sessions") is not None:
+                # A pool still growing to the run's peak concurrency opens a few connections
+                # during the run; a login that needs its own server login shows as ~1.
+                out.append((f"{what}: Switchyard txn, server logins per client login 0 once the pool is warm "
+                            "(< 0.01: at most pool growth)",
+                            f"{sy['server_logins_per_login']:.4f} ({sy['server_sessions']:,} server sessions for "
+                            f"{sy['client_logins']:,} client logins)", met(sy["server_logins_per_login"] < 0.01)))
     return out
 
 
@@ -289,7 +441,11 @@ def write(res, out_dir, name):
              f"{' '.join(res.get('loadavg_end', []))}.\n")
 
     # Targets
-    L.append("## Targets (issue 4)\n")
+    L.append("## Targets (issue 25)\n")
+    L.append("Issue 25's targets, each from what this run measured; a target this run did not measure says so, "
+             "with the option that measures it. CPU per transaction is the proxy's utime + stime "
+             "(`/proc/<pid>/stat`) over the case divided by its transactions (the clients' connection set-up "
+             "included). The failover rows after them are the earlier targets of issue 4.\n")
     L.append("| target | figure | verdict |\n|---|---|---|")
     for t, fig, verdict in targets(res):
         L.append(f"| {t} | {fig} | {verdict} |")
@@ -442,19 +598,24 @@ def write(res, out_dir, name):
     if any(r["workload"] == "connect" for r in cases):
         L.extend(connect_section(res, cases, idx))
 
+    L.extend(pin_section(res))
+
     # Read-your-writes
     fr = res.get("freshness", [])
     if fr:
         L.append("## Cost of read-your-writes (read_write_split, primary + one standby)\n")
         L.append("The same pgbench run (-M simple) through two Switchyard processes in transaction mode with "
                  "`read_write_split = true`, one with `read_your_writes = \"session\"` (the default) and one with "
-                 f"`\"off\"`, alternating, {a.get('classify_repeat')} runs each; median tps. Target: at most 5 % slower.\n")
-        L.append("| workload | clients | off tps (runs) | on tps (runs) | slowdown | off p50/p99 ms | on p50/p99 ms |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|")
+                 f"`\"off\"`, alternating, {a.get('classify_repeat')} runs each; median tps. Each `causal_wait_ms` "
+                 "(`--freshness-wait-ms`) is its own \"session\" process against the same \"off\" one. Targets "
+                 "(issue 25, the mix at 16 clients): at most 5 % slower with `causal_wait_ms = 0`, 10 % with 100.\n")
+        L.append("| workload | clients | causal_wait_ms | off tps (runs) | on tps (runs) | slowdown | off p50/p99 ms | on p50/p99 ms |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        base_wait = configured_wait(a.get("split_extra"))
         for r in fr:
             off, on = r["sy-split-ryw-off"], r["sy-split"]
             warn = " ⚠" if off.get("disturbed") or on.get("disturbed") else ""
-            L.append(f"| {WORKLOADS[r['workload']]['label']} | {r['clients']}{warn} | "
+            L.append(f"| {WORKLOADS[r['workload']]['label']} | {r['clients']}{warn} | {r.get('causal_wait_ms', base_wait)} | "
                      f"{f(off['tps_median'], 0)} ({', '.join(f(x, 0) for x in off['tps_all'])}) | "
                      f"{f(on['tps_median'], 0)} ({', '.join(f(x, 0) for x in on['tps_all'])}) | {f(r['slowdown_pct'])} % | "
                      f"{f(off['p50_ms'], 2)} / {f(off['p99_ms'], 2)} | {f(on['p50_ms'], 2)} / {f(on['p99_ms'], 2)} |")
@@ -557,7 +718,7 @@ def write(res, out_dir, name):
     problems = []
     for r in cases:
         if r["system"].startswith("sy-") and (r.get("status") == "error" or r.get("log_problems")):
-            problems.append(f"- case {r.get('case')} ({r['workload']} -M {r['protocol']} c={r['clients']}, {LABEL[r['system']]}): "
+            problems.append(f"- case {r.get('case')} ({r['workload']} -M {r['protocol']} c={r['clients']}, {LABEL.get(r['system'], r['system'])}): "
                             f"status {r.get('status')}; " + "; ".join(esc(e[:200]) for e in (r.get("errors") or [])[:2])
                             + ("; proxy log: " + "; ".join(f"`{esc(k[:160])}` ×{n}" for k, n in r.get("log_messages", {}).items())
                                if r.get("log_messages") else ""))
@@ -575,7 +736,7 @@ def write(res, out_dir, name):
         L.append("| case | system | command |\n|---:|---|---|")
         for r in sorted(cases, key=lambda r: r.get("case") or 0):
             if r.get("command"):
-                L.append(f"| {r.get('case')} | {LABEL[r['system']]} | `{r['command']}` |")
+                L.append(f"| {r.get('case')} | {LABEL.get(r['system'], r['system'])} | `{r['command']}` |")
         for r in cl:
             for key in ("sy-txn", "sy-split1"):
                 for case, cmd in zip(r[key]["cases"], r[key]["commands"]):
@@ -589,6 +750,8 @@ def write(res, out_dir, name):
             L.append(f"`{key}`:\n\n```\n{s['config'].strip()}\n```\n")
     for key, text in fo.get("configs", {}).items():
         L.append(f"`{key}` (failover):\n\n```\n{text.strip()}\n```\n")
+    for key, text in (res.get("pin") or {}).get("configs", {}).items():
+        L.append(f"`{key}` (`--pin`):\n\n```\n{text.strip()}\n```\n")
     L.append("</details>\n")
 
     with open(md_path, "w") as fo_:
@@ -626,7 +789,14 @@ def connect_section(res, cases, idx):
          "on the primary over the run (every backend started for it, by anyone: health checks and the harness "
          "use the `postgres` database) divided by the client logins (transactions + each pgbench process's first "
          "connection, which reads the scale). A direct connection shows what 1 looks like. *warm-up*: the same for the "
-         "warm-up run (on a fresh proxy, the cold pool).\n"]
+         "warm-up run (on a fresh proxy, the cold pool)." + ("\n" if not any(r["system"] in TLS_KEYS for r in cases) else ""),
+         "- *TLS* rows (`--connect-tls`): separate PgBouncer and Switchyard processes with a self-signed "
+         f"{str(a.get('connect_tls_key', 'ec')).upper()} certificate (PgBouncer `client_tls_sslmode = allow`, "
+         "Switchyard `[tls]` with `client_tls = \"allow\"`), pgbench with `PGSSLMODE=require`: a TLS handshake per "
+         "connection; their × PgBouncer is against PgBouncer over TLS. libpq's default `channel_binding = prefer` "
+         "takes SCRAM-SHA-256-PLUS where the proxy offers it.\n"]
+    if not any(r["system"] in TLS_KEYS for r in cases):
+        L.pop()
     for p in [x for x in ("simple", "extended", "prepared") if any(r["workload"] == "connect" and r["protocol"] == x for r in cases)]:
         L.append(f"### `-M {p}`\n")
         L.append("| clients | system | connections/s | × PgBouncer | cycle p50 / p99 ms | avg connect ms | query p50 / p99 ms "
@@ -635,7 +805,7 @@ def connect_section(res, cases, idx):
         L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for c in sorted({r["clients"] for r in cases if r["workload"] == "connect" and r["protocol"] == p}):
             pb = idx.get(("connect", p, c, "pgbouncer"))
-            for key in ORDER + ["sy-split1", "sy-split-ryw-off"]:
+            for key in ORDER + ["sy-split1", "sy-split-ryw-off"] + TLS_KEYS:
                 r = idx.get(("connect", p, c, key))
                 if r is None:
                     continue
@@ -661,15 +831,17 @@ def connect_section(res, cases, idx):
                 elif r.get("repeats_tps"):
                     notes.append("runs: " + ", ".join(f(x, 0) for x in r["repeats_tps"] if x is not None))
                 tps = f(r.get("tps"), 0) if r.get("status") == "ok" else (f(r.get("tps"), 0) + " ⚠" if r.get("tps") is not None else "–")
-                ratio = f"{r['tps'] / pb['tps']:.2f}×" if cell_ok(r) and cell_ok(pb) and key != "pgbouncer" else ""
-                cpu, cpu_pb = cpu_per_conn(r), cpu_per_conn(pb)
+                # TLS systems against PgBouncer over TLS.
+                ref = idx.get(("connect", p, c, "pgbouncer-tls")) if key in TLS_KEYS else pb
+                ratio = f"{r['tps'] / ref['tps']:.2f}×" if cell_ok(r) and cell_ok(ref) and key not in ("pgbouncer", "pgbouncer-tls") else ""
+                cpu, cpu_pb = cpu_per_conn(r), cpu_per_conn(ref)
                 if cpu is None:
                     cpu_s = "–"
                 elif r.get("cpu_us_per_conn_median") is not None:
                     cpu_s = f"{cpu:,.0f} ({f(r.get('user_us_median'), 0)} + {f(r.get('sys_us_median'), 0)})"
                 else:
                     cpu_s = f"{cpu:,.0f} ({r['user_s'] / r['txns'] * 1e6:,.0f} + {r['sys_s'] / r['txns'] * 1e6:,.0f})"
-                cpu_ratio = f"{cpu / cpu_pb:.2f}×" if cpu is not None and cpu_pb and key != "pgbouncer" else ""
+                cpu_ratio = f"{cpu / cpu_pb:.2f}×" if cpu is not None and cpu_pb and key not in ("pgbouncer", "pgbouncer-tls") else ""
                 w = r.get("warmup") or {}
                 logins = w.get("client_logins") or ((w.get("txns") or 0) + (a.get("connect_procs") or c))
                 wl = f"{w['server_sessions'] / logins:.3f}" if w.get("server_sessions") is not None else "–"
@@ -681,6 +853,62 @@ def connect_section(res, cases, idx):
                          f"{f(r.get('machine_busy_pct'), 0)} % | {r.get('case', '')} | "
                          f"{'; '.join(notes)} |")
         L.append("")
+    return L
+
+
+def pin_section(res):
+    """--pin: tps per proxy core with the proxy and PostgreSQL + pgbench on separate CPU sets."""
+    pin = res.get("pin")
+    if not pin:
+        return []
+    L = ["## Scaling on separate CPU sets (`--pin`)\n"]
+    if pin.get("error"):
+        return L + [f"Not run: {esc(pin['error'])}.\n"]
+    w = WORKLOADS[pin["workload"]]["label"]
+    L.append(f"PostgreSQL (every process of both nodes, `sched_setaffinity`; backends forked later inherit it) and "
+             f"pgbench (`taskset -c {','.join(map(str, pin['rest_cpus']))}`, `-j {pin['jobs']}`) on CPUs "
+             f"{','.join(map(str, pin['rest_cpus']))}; the proxy on CPUs {','.join(map(str, pin['proxy_cpus']))} "
+             f"({esc(pin.get('note'))}). {w}, `-M {pin['protocol']}`, {pin['clients']} clients, pool size "
+             f"{pin['pool_size']} for both proxies. Switchyard in transaction mode is started afresh per worker "
+             "count with `SWITCHYARD_THREADS = t` under `taskset -c` the first t CPUs of the proxy set; PgBouncer "
+             "(one thread) on the first of them, before and after the Switchyard runs. *tps per core*: tps / the "
+             "CPUs the proxy may use; *× PgBouncer per core*: that against the mean of PgBouncer's runs; *proxy busy*: "
+             "its CPU time / the run's wall time / those CPUs (near 100 %: the proxy's cores were the limit; well "
+             "below: PostgreSQL and pgbench on their set were).\n")
+    L.append("| proxy | threads | CPUs | tps | tps per core | × PgBouncer per core | proxy busy | p50 / p99 ms "
+             "| CPU µs/txn | OS threads | case | notes |")
+    L.append("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    pbs = [x["tps_per_core"] for x in pin.get("pgbouncer", []) if x.get("tps_per_core")]
+    pb_ref = sum(pbs) / len(pbs) if pbs else None
+
+    def row(name, x, threads):
+        notes = []
+        if x.get("status") != "ok":
+            notes.append(esc(short(x)[:150]))
+        if x.get("disturbed"):
+            notes.append(f"⚠ other CPU {x.get('foreign_cpu_s')} s")
+        if len(x.get("tps_runs") or []) > 1:
+            notes.append("runs: " + ", ".join(f(t, 0) for t in x["tps_runs"]))
+        if x.get("cpus_allowed") and x["cpus_allowed"] != x.get("proxy_cpus"):
+            notes.append(f"Cpus_allowed_list {x['cpus_allowed']}")
+        rel = f"{x['tps_per_core'] / pb_ref:.2f}×" if pb_ref and x.get("tps_per_core") and name != "PgBouncer" else ""
+        cpu = f"{x['cpu_s'] / x['txns'] * 1e6:,.1f}" if x.get("cpu_s") is not None and x.get("txns") else "–"
+        return (f"| {name} | {threads} | {x.get('proxy_cpus')} | {f(x.get('tps'), 0)} | {f(x.get('tps_per_core'), 0)} | "
+                f"{rel} | {f(x.get('proxy_busy_pct'), 0)} % | {f(x.get('p50_ms'), 3)} / {f(x.get('p99_ms'), 3)} | {cpu} | "
+                f"{x.get('os_threads') or '–'} | {x.get('case', '')} | {'; '.join(notes)} |")
+
+    for x in pin.get("pgbouncer", [])[:1]:
+        L.append(row("PgBouncer", x, "1 (before)"))
+    for x in pin.get("sy", []):
+        L.append(row("Switchyard txn", x, x["threads"]))
+    for x in pin.get("pgbouncer", [])[1:]:
+        L.append(row("PgBouncer", x, "1 (after)"))
+    if pin.get("dropped_threads"):
+        L.append(f"\n`--pin-threads` {pin['dropped_threads']} left out: more than the proxy set's CPUs.")
+    L.append("")
+    cmds = [x.get("command") for x in pin.get("sy", [])[:1] + pin.get("pgbouncer", [])[:1] if x.get("command")]
+    if cmds:
+        L.append("pgbench: `" + cmds[0] + "`\n")
     return L
 
 

@@ -31,6 +31,8 @@ class System:
         self.config_text = config_text
         self.description = description
         self.unable = None  # set once a case shows the system cannot run that many clients
+        # Environment pgbench gets for this system (e.g. PGSSLMODE=require for a TLS twin).
+        self.client_env = {}
 
     def log_offset(self):
         if not self.log_path:
@@ -87,7 +89,31 @@ def _chown_postgres(path):
 
 # ---- PgBouncer -----------------------------------------------------------------------
 
-def start_pgbouncer(reg, base, pg_port, pool_size, scram_secret, key="pgbouncer"):
+def make_tls_cert(base, key_type="ec"):
+    """A self-signed certificate for 127.0.0.1 / localhost, made with `openssl` in
+    `base`/tls: (cert_path, key_path), both readable by the `postgres` user (PgBouncer runs
+    as it). `key_type`: "ec" (P-256) or "rsa" (2048 bits)."""
+    d = os.path.join(base, "tls")
+    os.makedirs(d, exist_ok=True)
+    _chown_postgres(d)
+    cert, key = os.path.join(d, "server.crt"), os.path.join(d, "server.key")
+    newkey = (["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"] if key_type == "ec"
+              else ["-newkey", "rsa:2048"])
+    p = subprocess.run(["openssl", "req", "-x509", "-nodes", *newkey, "-keyout", key, "-out", cert,
+                        "-days", "3", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"openssl req failed: {p.stderr.strip()}")
+    for path in (cert, key):
+        os.chmod(path, 0o600)
+        _chown_postgres(path)
+    return cert, key
+
+
+def start_pgbouncer(reg, base, pg_port, pool_size, scram_secret, key="pgbouncer", tls=None, argv_prefix=()):
+    """PgBouncer in transaction mode. `tls`: (cert, key) for client TLS
+    (client_tls_sslmode = allow); `argv_prefix`: e.g. ["taskset", "-c", "1"]."""
     d = os.path.join(base, key)
     os.makedirs(d, exist_ok=True)
     _chown_postgres(d)
@@ -111,6 +137,8 @@ log_disconnections = 0
 logfile = {d}/pgbouncer.log
 ignore_startup_parameters = extra_float_digits,options
 """
+    if tls:
+        cfg += f"client_tls_sslmode = allow\nclient_tls_cert_file = {tls[0]}\nclient_tls_key_file = {tls[1]}\n"
     files = {
         "pgbouncer.ini": cfg,
         # bench: the server's own SCRAM secret (PgBouncer then needs no plaintext and
@@ -125,13 +153,16 @@ ignore_startup_parameters = extra_float_digits,options
             f.write(text)
         _chown_postgres(path)
     kw = {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
-    p = reg.spawn("pgbouncer", ["pgbouncer", os.path.join(d, "pgbouncer.ini")],
+    # taskset (util-linux) execs PgBouncer in place: the pid is PgBouncer's.
+    p = reg.spawn(key, list(argv_prefix) + ["pgbouncer", os.path.join(d, "pgbouncer.ini")],
                   os.path.join(d, "stdout.log"), **kw)
     wait_port(port, proc=p)
     s = System(key, "PgBouncer (transaction)", port, pid=p.pid,
                   log_path=os.path.join(d, "pgbouncer.log"), config_text=cfg,
                   description=f"PgBouncer, pool_mode = transaction, default_pool_size = {pool_size}, "
-                              "auth_type = hba (scram-sha-256 for the bench user; SCRAM secret in userlist)")
+                              "auth_type = hba (scram-sha-256 for the bench user; SCRAM secret in userlist)"
+                              + (", client TLS (client_tls_sslmode = allow; pgbench with PGSSLMODE=require)" if tls else "")
+                              + (f", started as `{' '.join(argv_prefix)} pgbouncer ...`" if argv_prefix else ""))
     s.proc = p
     return s
 
@@ -210,7 +241,9 @@ listen_rw = "127.0.0.1:{rw_port}"
 
 
 def start_switchyard(reg, base, binary, key, label, nodes, pool_mode, pool_size, split, health,
-                     with_ro=False, description="", extra="", top=""):
+                     with_ro=False, description="", extra="", top="", argv_prefix=(), env_extra=None):
+    """`top`: sections appended to the config (e.g. [tls]); `argv_prefix`: e.g.
+    ["taskset", "-c", "1"]; `env_extra`: e.g. {"SWITCHYARD_THREADS": "1"}."""
     d = os.path.join(base, key)
     os.makedirs(d, exist_ok=True)
     rw = free_port()
@@ -224,8 +257,10 @@ def start_switchyard(reg, base, binary, key, label, nodes, pool_mode, pool_size,
     if chk.returncode != 0:
         raise RuntimeError(f"switchyard check rejected {path}:\n{chk.stdout}{chk.stderr}\n{cfg}")
     logp = os.path.join(d, "switchyard.log")
-    p = reg.spawn(f"switchyard {key}", [binary, "--log-format", "json", "--config", path], logp,
-                  env=dict(os.environ, RUST_LOG=os.environ.get("SYBENCH_RUST_LOG", "info")))
+    env = dict(os.environ, RUST_LOG=os.environ.get("SYBENCH_RUST_LOG", "info"))
+    env.update(env_extra or {})
+    p = reg.spawn(f"switchyard {key}", list(argv_prefix) + [binary, "--log-format", "json", "--config", path], logp,
+                  env=env)
     wait_port(rw, proc=p)
     if ro:
         wait_port(ro, proc=p)
