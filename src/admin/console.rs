@@ -390,7 +390,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                         c.database.clone(),
                         c.peer.to_string(),
                         c.application_name.clone(),
-                        c.node.clone(),
+                        c.node.to_string(),
                         c.state().into(),
                         unix(c.connected_at),
                     ]
@@ -415,7 +415,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 .map(|c| {
                     vec![
                         c.cluster.clone(),
-                        c.node.clone(),
+                        c.node.to_string(),
                         c.server_addr.clone(),
                         c.server_pid.to_string(),
                         c.user.clone(),

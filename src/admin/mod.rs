@@ -90,7 +90,7 @@ pub fn pool_rows(shared: &Shared) -> Vec<PoolRow> {
             Some(r) => r.in_use += 1,
             None => rows.push(PoolRow {
                 cluster: c.cluster.clone(),
-                node: c.node.clone(),
+                node: c.node.to_string(),
                 database: c.database.clone(),
                 user: c.user.clone(),
                 in_use: 1,

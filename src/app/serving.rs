@@ -318,6 +318,9 @@ fn serve_on_worker(
 ) {
     let (worker, count) = workers.pick();
     let (ctx, shared) = (ctx.clone(), shared.clone());
+    // Boxed: a refusal is rare, and inline it would enlarge every client's task (held
+    // here and in the session's first future).
+    let forced = forced.map(Box::new);
     worker.spawn(async move {
         let _count = count;
         let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
@@ -327,7 +330,12 @@ fn serve_on_worker(
         // a PostgreSQL client's task is not as large as the largest of them.
         if ctx.engine == Engine::Mysql {
             Box::pin(crate::mysql::session::serve(
-                stream, peer, ctx, endpoint, shared, forced,
+                stream,
+                peer,
+                ctx,
+                endpoint,
+                shared,
+                forced.map(|f| *f),
             ))
             .await;
             return;

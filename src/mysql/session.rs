@@ -248,7 +248,7 @@ pub async fn serve(
             .as_ref()
             .and_then(|a| a.get("program_name").cloned())
             .unwrap_or_default(),
-        node: node.name.clone(),
+        node: node.name.clone().into(),
         server_addr: node.addr.clone(),
         server_pid: server.thread_id as i32,
     });

@@ -19,7 +19,9 @@ pub struct ClientInfo {
     pub database: String,
     pub application_name: String,
     pub connected_at: SystemTime,
-    pub node: String,
+    /// Its server node, or what it is served by ("(transaction pool)"): no
+    /// allocation per client for the fixed ones.
+    pub node: std::borrow::Cow<'static, str>,
     pub server_addr: String,
     pub server_pid: i32,
     /// Transaction status of the last ReadyForQuery (`TxStatus::byte`).
@@ -96,7 +98,9 @@ pub struct NewClient {
     pub user: String,
     pub database: String,
     pub application_name: String,
-    pub node: String,
+    /// Its server node, or what it is served by ("(transaction pool)"): no
+    /// allocation per client for the fixed ones.
+    pub node: std::borrow::Cow<'static, str>,
     pub server_addr: String,
     pub server_pid: i32,
 }

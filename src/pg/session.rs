@@ -62,7 +62,7 @@ impl Client {
         cluster: &ClusterCtx,
         endpoint: Endpoint,
         peer: SocketAddr,
-        node: String,
+        node: std::borrow::Cow<'static, str>,
         server_addr: String,
         server_pid: i32,
     ) -> crate::obs::clients::ClientGuard {
@@ -119,10 +119,11 @@ pub async fn serve(
     cluster: Arc<ClusterCtx>,
     endpoint: Endpoint,
     shared: Arc<Shared>,
-    forced: Option<Refusal>,
+    forced: Option<Box<Refusal>>,
 ) -> Option<AdminClient> {
     // The login, then the session, each boxed, the login's state freed before the
     // session starts: an idle client's task holds only what its session needs.
+    let forced = forced.map(|f| *f);
     let session = match Box::pin(admit(tcp, peer, &cluster, endpoint, &shared, forced)).await {
         Admitted::Session(session) => session,
         Admitted::Admin(admin) => return Some(admin),
@@ -314,7 +315,7 @@ fn serve_transaction_mode<'a>(
         cluster,
         endpoint,
         peer,
-        "(transaction pool)".into(),
+        std::borrow::Cow::Borrowed("(transaction pool)"),
         String::new(),
         0,
     );
@@ -331,7 +332,7 @@ fn serve_transaction_mode<'a>(
         credential,
         user,
         database,
-        params,
+        params: params.into(),
         causal_token,
     };
     info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
@@ -352,35 +353,32 @@ fn transaction_session<'a>(
     endpoint: Endpoint,
     shared: &'a Shared,
 ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
+    // The run and the goodbye inline here, not in an async fn of their own: its
+    // arguments would take slots beside this future's, in every idle client.
     Box::pin(async move {
-        drive(&mut driver, peer, cluster, endpoint, shared).await;
+        if let Some(e) = driver.run().await {
+            note_end(&e, peer, cluster, endpoint, shared);
+            // Boxed: its state (a write, a linger with a timer) would otherwise enlarge
+            // every session future.
+            Box::pin(goodbye(driver.client_mut(), &e.to_fatal())).await;
+        }
         drop(keep);
     })
 }
 
-/// Run a transaction-pooling session to its end, and say goodbye if the proxy ended it.
-/// By reference: a `Driver` passed by value would take two slots in this future (the
-/// argument and the body's binding of it, which the compiler does not overlap), and
-/// every idle client would carry both.
-async fn drive(driver: &mut Driver<'_>, peer: SocketAddr, cluster: &ClusterCtx, endpoint: Endpoint, shared: &Shared) {
-    if let Some(e) = driver.run().await {
-        if !e.is_forwarded() {
-            shared.metrics.error(e.code().as_str());
-        }
-        if e.is_client_timeout() {
-            debug!(cluster = %cluster.name, peer = %peer, code = %e.code(), reason = %e, "session ended by a client timeout");
-        } else {
-            if let Some(n) = shared
-                .admissions
-                .session_ends
-                .hit(&format!("{}/{}", cluster.name, e.code()), Instant::now())
-            {
-                warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, ended = n, "session ended by proxy (ended: how many with this code since the last such line)");
-            }
-        }
-        // Boxed: its state (a write, a linger with a timer) would otherwise enlarge
-        // every session future.
-        Box::pin(goodbye(driver.client_mut(), &e.to_fatal())).await;
+/// A transaction-pooling session the proxy ended: counted, and logged (rate-limited).
+fn note_end(e: &Error, peer: SocketAddr, cluster: &ClusterCtx, endpoint: Endpoint, shared: &Shared) {
+    if !e.is_forwarded() {
+        shared.metrics.error(e.code().as_str());
+    }
+    if e.is_client_timeout() {
+        debug!(cluster = %cluster.name, peer = %peer, code = %e.code(), reason = %e, "session ended by a client timeout");
+    } else if let Some(n) = shared
+        .admissions
+        .session_ends
+        .hit(&format!("{}/{}", cluster.name, e.code()), Instant::now())
+    {
+        warn!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, code = %e.code(), side = ?e.side(), reason = %e, ended = n, "session ended by proxy (ended: how many with this code since the last such line)");
     }
 }
 
@@ -446,7 +444,7 @@ async fn carry_in<'a>(
         cluster,
         endpoint,
         peer,
-        "(transaction pool)".into(),
+        std::borrow::Cow::Borrowed("(transaction pool)"),
         String::new(),
         0,
     );
@@ -457,7 +455,7 @@ async fn carry_in<'a>(
         credential: carried.credential.into_credential(verifiers.get(&carried.user)),
         user: carried.user,
         database: carried.database,
-        params: carried.params,
+        params: carried.params.into(),
         causal_token: floor,
     };
     debug!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session carried over from the old process (transaction pooling)");
@@ -677,7 +675,15 @@ async fn relay(
     let (inject_tx, mut inject_rx) = tokio::sync::mpsc::unbounded_channel::<BytesMut>();
     let limit = config.proxy.max_message_bytes;
     let grace = Duration::from_millis(config.proxy.shutdown_timeout_ms);
-    let entry = who.register(shared, cluster, endpoint, peer, node.clone(), addr.clone(), server.pid);
+    let entry = who.register(
+        shared,
+        cluster,
+        endpoint,
+        peer,
+        node.clone().into(),
+        addr.clone(),
+        server.pid,
+    );
     let info = &entry.info;
     let queries = shared
         .metrics

@@ -48,7 +48,7 @@ impl<'a> Machine<'a> {
     /// A machine for a client greeted by another process, serving from its next message.
     pub fn resume(
         cfg: super::Config,
-        startup: Vec<(String, String)>,
+        startup: impl Into<std::sync::Arc<[(String, String)]>>,
         classifier: &'a Classifier,
         carried: MachineCarry,
     ) -> Machine<'a> {

@@ -2,6 +2,7 @@
 //! what arrives, feeds the machine, and performs what the machine asks (write, acquire a
 //! pooled connection through the connector, release it, end).
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,22 +28,54 @@ use crate::pg::fresh::{Causal, FreshMetrics, Placement};
 use crate::pg::pool::{Pool, PoolError, PoolKey, PooledConn};
 use crate::pg::protocol::tags::BackendTag;
 use crate::pg::protocol::views;
+use crate::proxy::buffers;
 use crate::proxy::cancel::Registration;
 use crate::proxy::connector::{self, Accept, Connected, Dialer};
 use crate::proxy::shared::Shared;
 use crate::proxy::timeouts::{Fired, Waiting, Watch};
 
-const BUFFER: usize = 8192;
-
-/// Buffers start empty: a client that has not sent anything since it logged in (with
-/// thousands of clients, most of them) gets 512 bytes to read into, and `BUFFER` once
-/// it is busy.
+/// Room to read into: a lent buffer (`proxy::buffers`) if `buf` has none, more once
+/// less than 512 bytes are left.
 fn ready_to_read(buf: &mut BytesMut) {
     if buf.capacity() == 0 {
-        buf.reserve(512);
+        buffers::lend(buf);
     } else if buf.capacity() - buf.len() < 512 {
-        buf.reserve(BUFFER);
+        buf.reserve(buffers::SIZE);
     }
+}
+
+/// Read what the client sent. Idle (its buffer given back), a plaintext client is
+/// waited on with no buffer at all, and lent one when its socket is readable; a TLS
+/// client (rustls reads into its own buffers first) gets 512 bytes to wait with.
+/// Cancel-safe, as `select!` needs: nothing is read across an await. (The wait is a
+/// `poll_fn` on the socket's readiness rather than `readable()`, whose future would
+/// add its waiter to every idle client's session.)
+async fn read_client(client: &mut ClientStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() == 0 {
+        match client {
+            ClientStream::Plain(tcp) => loop {
+                std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
+                buffers::lend(buf);
+                match tcp.try_read_buf(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buffers::give_back(buf),
+                    done => return done,
+                }
+            },
+            ClientStream::Tls(_) => buf.reserve(512),
+        }
+    } else if buf.capacity() - buf.len() < 512 {
+        buf.reserve(buffers::SIZE);
+    }
+    client.read_buf(buf).await
+}
+
+/// The session's timer (made on first use), set to ring at `deadline`.
+fn arm(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, deadline: Instant) -> &mut Pin<Box<tokio::time::Sleep>> {
+    let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+    if t.deadline() != deadline.into() {
+        t.as_mut().reset(deadline.into());
+    }
+    t
 }
 
 /// Must the client's session end: has Switchyard begun to shut down, or did a reload
@@ -58,7 +91,8 @@ pub struct TxnClient {
     /// What the user logs in to servers with (from the client's own login).
     pub credential: Credential,
     pub database: String,
-    pub params: Vec<(String, String)>,
+    /// Shared with the machine's session state (`SessionState`).
+    pub params: Arc<[(String, String)]>,
     /// From the startup option `switchyard.causal_token`, checked against the cluster.
     pub causal_token: Option<Floor>,
 }
@@ -205,16 +239,23 @@ pub struct Driver<'a> {
     pool_wait: Histogram,
     causal: Causal,
     machine: Machine<'a>,
-    held: Option<Held>,
+    /// Boxed: an idle client holds none, and inline the connection would enlarge
+    /// every idle client's session by its size (one small allocation per unit instead,
+    /// from the allocator's per-thread cache).
+    held: Option<Box<Held>>,
     pools: Vec<NodePool>,
     cbuf: BytesMut,
     sbuf: BytesMut,
     /// The client timeouts' clock.
     watch: Watch,
+    /// The timer of its next deadline, made when one is first armed and reset after:
+    /// boxed, as most sessions have none and inline it would enlarge them all.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     listener: Endpoint,
     unit: Unit,
     /// The client's LISTENs, on the shared listening connection (`pg::notify`).
-    notify: Option<crate::pg::notify::Subscription>,
+    /// Boxed: few clients LISTEN, and inline it would enlarge every idle client.
+    notify: Option<Box<crate::pg::notify::Subscription>>,
     /// Notifications the client sent lately (`Machine::notified`), to show with its own
     /// pid when they come back.
     own_notifies: std::collections::VecDeque<(i32, String, String)>,
@@ -300,6 +341,7 @@ impl<'a> Driver<'a> {
         let (received, sent) = shared.metrics.client_bytes(&cluster.name, endpoint);
         Driver {
             watch,
+            timer: None,
             listener: endpoint,
             unit: Unit::default(),
             notify: None,
@@ -396,12 +438,12 @@ impl<'a> Driver<'a> {
                         if self.notify.is_none() {
                             if let Some(ctx) = self.shared.cluster(&self.cluster.name) {
                                 let hub = &crate::pg::PgShared::of(self.shared).listeners;
-                                self.notify = Some(hub.subscribe(crate::pg::notify::Who {
+                                self.notify = Some(Box::new(hub.subscribe(crate::pg::notify::Who {
                                     cluster: ctx.clone(),
                                     database: self.who.database.clone(),
                                     user: self.who.user.clone(),
                                     credential: self.credential.clone(),
-                                }));
+                                })));
                             }
                         }
                         let done = match &mut self.notify {
@@ -511,9 +553,15 @@ impl<'a> Driver<'a> {
                 self.machine.on_client_closed();
                 continue;
             }
-            ready_to_read(&mut self.cbuf);
             if self.held.is_some() {
                 ready_to_read(&mut self.sbuf);
+            } else if self.cbuf.is_empty() && self.machine.to_client.is_empty() && self.machine.to_server.is_empty() {
+                // At rest, nothing buffered either way: the buffers go back to the
+                // thread's spares until the client sends again (`proxy::buffers`).
+                buffers::give_back(&mut self.cbuf);
+                buffers::give_back(&mut self.sbuf);
+                buffers::give_back(&mut self.machine.to_client);
+                buffers::give_back(&mut self.machine.to_server);
             }
             // A client timeout's deadline for the state the session waits in now (only
             // when timeouts are set: reading the clock costs every message otherwise).
@@ -524,6 +572,7 @@ impl<'a> Driver<'a> {
                 }
                 false => None,
             };
+            let timer = deadline.map(|d| arm(&mut self.timer, d));
             let event = {
                 let client = &mut self.client;
                 let cbuf = &mut self.cbuf;
@@ -546,7 +595,7 @@ impl<'a> Driver<'a> {
                             None => std::future::pending().await,
                         }
                     }, if has_server => Event::Server(r),
-                    r = client.read_buf(cbuf) => Event::Client(r),
+                    r = read_client(client, cbuf) => Event::Client(r),
                     n = async {
                         match notify {
                             Some(n) => n.rx.recv().await,
@@ -554,19 +603,34 @@ impl<'a> Driver<'a> {
                         }
                     }, if listening => Event::Notification(n),
                     // Only a held connection can be evicted: between units the
-                    // next checkout routes on the snapshot of its moment.
-                    _ = topology.changed(), if has_server => Event::Topology,
-                    _ = shutdown.changed(), if !has_server => Event::Shutdown,
+                    // next checkout routes on the snapshot of its moment. And only
+                    // between units does a shutdown (or a reload, or an upgrade) end
+                    // the session. One branch for the two: each future is large, and
+                    // `select!` keeps every branch's in the session.
+                    woke = async {
+                        if has_server {
+                            let _ = topology.changed().await;
+                            Event::Topology
+                        } else {
+                            let _ = shutdown.changed().await;
+                            Event::Shutdown
+                        }
+                    } => woke,
                     _ = async {
-                        match deadline {
-                            Some(d) => tokio::time::sleep_until(d.into()).await,
+                        match timer {
+                            Some(t) => t.await,
                             None => std::future::pending().await,
                         }
                     }, if deadline.is_some() => Event::Timeout,
                 }
             };
             match event {
-                Event::Client(Ok(n)) if n > 0 => self.bytes_in += n as u64,
+                Event::Client(Ok(n)) if n > 0 => {
+                    self.bytes_in += n as u64;
+                    // Busy again: room for what the request and its answer need.
+                    buffers::lend(&mut self.machine.to_client);
+                    buffers::lend(&mut self.machine.to_server);
+                }
                 Event::Client(_) => self.machine.on_client_closed(),
                 Event::Server(Ok(n)) if n > 0 => {
                     let h = self.held.as_mut().expect("read from the held server");
@@ -668,7 +732,7 @@ impl<'a> Driver<'a> {
         let carried = crate::pg::handover::Carried {
             user: self.who.user.clone(),
             database: self.who.database.clone(),
-            params: self.who.params.clone(),
+            params: self.who.params.to_vec(),
             credential: crate::pg::handover::CarriedCredential::of(&self.credential),
             pid: self.cancel.pid,
             key: self.cancel.key_secret,
@@ -727,7 +791,7 @@ impl<'a> Driver<'a> {
         if let Err(e) = sub.apply(&ops).await {
             warn!(cluster = %self.cluster.name, reason = %e, "a client carried from the old process could not LISTEN again here");
         }
-        self.notify = Some(sub);
+        self.notify = Some(Box::new(sub));
     }
 
     /// A client timeout may be due: end the session (idle, idle in a transaction), or
@@ -857,14 +921,18 @@ impl<'a> Driver<'a> {
         let write = async { client.write_all(out).await.is_ok() && client.flush().await.is_ok() };
         let ok = match deadline {
             None => write.await,
-            Some(d) => match tokio::time::timeout_at(d.into(), write).await {
-                Ok(ok) => ok,
-                Err(_) => {
-                    let why = "session ended: the client does not read its answer";
-                    crate::proxy::limits::timed_out(self.shared, &self.cluster.name, Fired::Query, why);
-                    false
+            Some(d) => {
+                let timer = arm(&mut self.timer, d);
+                tokio::select! {
+                    biased;
+                    ok = write => ok,
+                    _ = timer => {
+                        let why = "session ended: the client does not read its answer";
+                        crate::proxy::limits::timed_out(self.shared, &self.cluster.name, Fired::Query, why);
+                        false
+                    }
                 }
-            },
+            }
         };
         self.machine.to_client.clear();
         self.machine.flushed_to_client();
@@ -1114,7 +1182,7 @@ impl<'a> Driver<'a> {
             .cancels
             .retarget(&self.cancel, Some((&node.addr, held.conn.conn.pid, held.conn.conn.key)));
         self.sbuf.clear();
-        self.held = Some(held);
+        self.held = Some(Box::new(held));
     }
 
     /// Give the held connection back: pooled if `reuse` (the machine decided its state
@@ -1154,5 +1222,18 @@ fn greeting_of(who: &TxnClient, endpoint: Endpoint) -> crate::pg::greetings::Who
         database: &who.database,
         read_only: endpoint == Endpoint::ReadOnly,
         startup: &who.params,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// What an idle transaction-mode client costs is mostly its session's future, the
+    /// `Driver` most of it: what is there only while a unit runs (the held connection,
+    /// LISTENs, a timer) is boxed. A field added inline shows here first (the bench's
+    /// idle figure, `bench/run --idle-clients`, is the measure).
+    #[test]
+    fn an_idle_session_stays_small() {
+        let driver = std::mem::size_of::<super::Driver<'static>>();
+        assert!(driver <= 1536, "Driver is {driver} bytes");
     }
 }

@@ -140,7 +140,7 @@ impl<'a> Machine<'a> {
     /// settings and greets the client with what that server reports.
     pub fn new(
         cfg: Config,
-        startup: Vec<(String, String)>,
+        startup: impl Into<std::sync::Arc<[(String, String)]>>,
         classifier: &'a Classifier,
         greeting: Option<&Reported>,
     ) -> Machine<'a> {

@@ -75,7 +75,8 @@ fn client_settable(name: &str) -> bool {
 }
 
 pub struct SessionState {
-    startup: Vec<(String, String)>,
+    /// Shared with the session's `TxnClient`: one copy per client.
+    startup: std::sync::Arc<[(String, String)]>,
     /// What the client asked for.
     pub desired: Settings,
     /// SETs of the unit in progress: they count once it ends without error or rollback.
@@ -87,10 +88,10 @@ pub struct SessionState {
 impl SessionState {
     /// `read_only_endpoint`: sessions of the ro endpoint may fall back to the primary;
     /// they stay read-only there too.
-    pub fn new(startup: Vec<(String, String)>, read_only_endpoint: bool) -> SessionState {
+    pub fn new(startup: impl Into<std::sync::Arc<[(String, String)]>>, read_only_endpoint: bool) -> SessionState {
         let mut s = SessionState {
             desired: Settings::new(),
-            startup,
+            startup: startup.into(),
             pending: Vec::new(),
             unit_failed: false,
             read_only_endpoint,

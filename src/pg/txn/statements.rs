@@ -206,8 +206,14 @@ impl Statements {
 /// client's), as simple Queries whose answers are dropped. A `PREPARE` counts once the
 /// server confirmed it (its CommandComplete); a connection knows what it holds
 /// (`ConnState::sql_prepared`), so it never runs another client's statement.
+///
+/// Boxed, and made only when the client first prepares one: few clients do, and every
+/// idle client would carry the maps.
 #[derive(Default)]
-pub struct SqlStatements {
+pub struct SqlStatements(Option<Box<Known>>);
+
+#[derive(Default)]
+struct Known {
     by_name: HashMap<String, SqlStmt>,
     /// PREPAREs sent and not yet confirmed, in order.
     pending: std::collections::VecDeque<(String, SqlStmt)>,
@@ -243,6 +249,78 @@ fn quoted(name: &str) -> String {
 }
 
 impl SqlStatements {
+    fn known(&mut self) -> &mut Known {
+        self.0.get_or_insert_with(Default::default)
+    }
+
+    /// The client knows no SQL statement: nothing to do for it.
+    pub fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|k| k.is_empty())
+    }
+
+    /// Make the connection's statement `name` the client's (or none, if the client has
+    /// none of that name).
+    pub fn ensure(&self, name: &str, out: &mut BytesMut, owed: &mut OwedQueue, conn: &mut HashMap<String, u64>) {
+        match &self.0 {
+            Some(k) => k.ensure(name, out, owed, conn),
+            None => Known::default().ensure(name, out, owed, conn),
+        }
+    }
+
+    /// Every statement as (name, the client's PREPARE text): `Known::carried`.
+    pub fn carried(&self) -> Vec<(String, String)> {
+        self.0.as_ref().map(|k| k.carried()).unwrap_or_default()
+    }
+
+    pub fn restore(&mut self, name: String, text: &str) {
+        self.known().restore(name, text)
+    }
+
+    pub fn preparing(
+        &mut self,
+        name: &str,
+        text: &str,
+        out: &mut BytesMut,
+        owed: &mut OwedQueue,
+        conn: &mut HashMap<String, u64>,
+    ) {
+        self.known().preparing(name, text, out, owed, conn)
+    }
+
+    pub fn confirmed(&mut self, conn: &mut HashMap<String, u64>) {
+        if let Some(k) = &mut self.0 {
+            k.confirmed(conn)
+        }
+    }
+
+    pub fn settled(&mut self) {
+        if let Some(k) = &mut self.0 {
+            k.settled()
+        }
+    }
+
+    pub fn deallocate(
+        &mut self,
+        name: &str,
+        out: &mut BytesMut,
+        owed: &mut OwedQueue,
+        conn: &mut HashMap<String, u64>,
+    ) -> bool {
+        match &mut self.0 {
+            Some(k) => k.deallocate(name, out, owed, conn),
+            None => Known::default().deallocate(name, out, owed, conn),
+        }
+    }
+
+    pub fn forget_all(&mut self, conn: &mut HashMap<String, u64>) {
+        match &mut self.0 {
+            Some(k) => k.forget_all(conn),
+            None => conn.clear(),
+        }
+    }
+}
+
+impl Known {
     /// The client knows no SQL statement: nothing to do for it.
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty() && self.pending.is_empty()
