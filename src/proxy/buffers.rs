@@ -18,7 +18,7 @@ use std::cell::RefCell;
 /// The room a lent buffer has (one read of a client or a server).
 pub const SIZE: usize = 8192;
 /// Spare buffers kept per worker thread; more given back are freed.
-const SPARES: usize = 128;
+const SPARES: usize = 64;
 /// A buffer that grew beyond this (a large answer) is freed, not kept.
 const LARGEST_KEPT: usize = 4 * SIZE;
 
@@ -45,6 +45,12 @@ pub fn give_back(buf: &mut BytesMut) {
     }
     let mut b = std::mem::take(buf);
     b.clear();
+    // Messages split off the front leave a buffer whose room starts after them: the
+    // whole is reclaimed when nothing else refers to it any more (no allocation; if
+    // something still does, the buffer is freed below, not kept).
+    if b.capacity() < SIZE {
+        let _ = b.try_reclaim(SIZE);
+    }
     if (SIZE..=LARGEST_KEPT).contains(&b.capacity()) {
         SPARE.with_borrow_mut(|spares| {
             if spares.len() < SPARES {
@@ -76,6 +82,21 @@ mod tests {
         lend(&mut b);
         assert_eq!(&b[..], b"x");
         give_back(&mut b);
+
+        // One whose front was split off (messages taken from it, since dropped) is
+        // whole again.
+        let mut read = BytesMut::new();
+        lend(&mut read);
+        read.extend_from_slice(&[1; 100]);
+        drop(read.split_to(100));
+        assert!(read.capacity() < SIZE);
+        let ptr = read.as_ptr();
+        give_back(&mut read);
+        let mut again = BytesMut::new();
+        lend(&mut again);
+        assert!(again.capacity() >= SIZE);
+        assert_eq!(again.as_ptr(), ptr.wrapping_sub(100), "the same storage, from its start");
+        give_back(&mut again);
 
         // Too small (a greeting's) or too large (a big answer's): freed, not kept.
         let before = SPARE.with_borrow(Vec::len);

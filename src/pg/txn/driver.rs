@@ -558,6 +558,7 @@ impl<'a> Driver<'a> {
             } else if self.cbuf.is_empty() && self.machine.to_client.is_empty() && self.machine.to_server.is_empty() {
                 // At rest, nothing buffered either way: the buffers go back to the
                 // thread's spares until the client sends again (`proxy::buffers`).
+                self.machine.rest();
                 buffers::give_back(&mut self.cbuf);
                 buffers::give_back(&mut self.sbuf);
                 buffers::give_back(&mut self.machine.to_client);

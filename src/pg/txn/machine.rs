@@ -283,6 +283,15 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// At rest between units (the driver gives its buffers back): the last unit's
+    /// messages, kept for a rerun that can no longer come, are let go of, and with them
+    /// the read buffer they are views of.
+    pub fn rest(&mut self) {
+        if self.unit.is_none() && matches!(self.phase, Phase::Serving) {
+            self.sent.clear();
+        }
+    }
+
     /// Whether a unit that may have written on the primary ended since the last call:
     /// the client's reads must then see a WAL position the driver learns after it.
     pub fn take_wrote(&mut self) -> bool {
