@@ -54,6 +54,27 @@ async def _measure(pid, port, n, user, db, password, settle_s, concurrency):
     res["sample_queries"] = len(sample)
     res["sample_ok"] = ok
     res["sample_errors"] = qerr
+    # Then every client runs one query and is left idle again: what a client that has
+    # worked costs at rest (its buffers, whatever of its session grew), the usual case
+    # of an application's pooled connections.
+    sem = asyncio.Semaphore(concurrency)
+    worked, werr = 0, {}
+
+    async def one_query(c):
+        nonlocal worked
+        async with sem:
+            try:
+                await asyncio.wait_for(c.query("SELECT 1"), 30)
+                worked += 1
+            except Exception as e:
+                key = str(e)[:160] or type(e).__name__
+                werr[key] = werr.get(key, 0) + 1
+
+    await asyncio.gather(*(one_query(c) for c in conns))
+    await asyncio.sleep(settle_s)
+    res["rss_after_query_kib"] = status_kib(pid, "VmRSS")
+    res["queried_ok"] = worked
+    res["query_errors"] = werr
     for c in conns:
         c.close()
     await asyncio.sleep(2.0)
@@ -71,6 +92,7 @@ async def _measure(pid, port, n, user, db, password, settle_s, concurrency):
     if conns:
         delta = res["rss_idle_kib"] - res["rss_before_kib"]
         res["per_client_kib"] = round(delta / len(conns), 2)
+        res["per_client_after_query_kib"] = round((res["rss_after_query_kib"] - res["rss_before_kib"]) / len(conns), 2)
     return res
 
 
@@ -80,5 +102,6 @@ def measure_idle(system, n, user, db, password, settle_s=3.0, concurrency=200):
     res["system"] = system.key
     log(f"  {system.key}: {res.get('connected')} connected in {res.get('open_s')} s, "
         f"RSS {res.get('rss_before_kib')} -> {res.get('rss_idle_kib')} KiB, "
-        f"{res.get('per_client_kib')} KiB/client, sample queries ok {res.get('sample_ok')}/{res.get('sample_queries')}")
+        f"{res.get('per_client_kib')} KiB/client ({res.get('per_client_after_query_kib')} after a query each), "
+        f"sample queries ok {res.get('sample_ok')}/{res.get('sample_queries')}")
     return res

@@ -239,8 +239,12 @@ def targets(res):
         out.append((t, esc(r.get("error", "no figure")), nm("the measurement failed")))
     else:
         pb = idl.get("pgbouncer", {}).get("per_client_kib")
+        pbq = idl.get("pgbouncer", {}).get("per_client_after_query_kib")
+        after = r.get("per_client_after_query_kib")
         fig = (f"{r['per_client_kib']:.2f} KiB/client ({r['connected']:,} of {r['clients']:,} connected)"
-               + (f"; PgBouncer {pb:.2f}" if pb is not None else ""))
+               + (f"; PgBouncer {pb:.2f}" if pb is not None else "")
+               + (f"; after a query each: {after:.2f}" if after is not None else "")
+               + (f" (PgBouncer {pbq:.2f})" if after is not None and pbq is not None else ""))
         if r["clients"] < 10000:
             out.append((t, fig, nm(f"measured at {r['clients']:,} clients (`--idle-clients 10000`)")))
         else:
@@ -652,20 +656,22 @@ def write(res, out_dir, name):
         L.append("Client connections opened with a minimal asyncio client (startup + `trust` authentication of a "
                  "dedicated user, transaction mode), then left idle; the process's VmRSS before and 3 s after "
                  "they are all open, divided by the number connected. Kernel socket buffers are not in RSS. "
-                 "Afterwards 100 of them, at random, each run `SELECT 1` to show they are alive. Then all are "
+                 "Afterwards 100 of them, at random, each run `SELECT 1` to show they are alive; then every "
+                 "client runs `SELECT 1` and is left idle again (*after a query*: RSS 3 s later, less RSS before, "
+                 "per client: what a client that has worked costs at rest). Then all are "
                  "closed and a second round of as many clients is opened and closed on the same process "
                  "(RSS in round 2 that grows by as much again would mean closed clients' memory is never reused).\n")
-        L.append("| system | clients asked | connected | open time s | RSS before MiB | RSS idle MiB | per client KiB | RSS after close MiB | round 2: RSS idle / after close MiB | sample queries ok | errors |")
-        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        L.append("| system | clients asked | connected | open time s | RSS before MiB | RSS idle MiB | per client KiB | after a query, per client KiB | RSS after close MiB | round 2: RSS idle / after close MiB | sample queries ok | errors |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in idl:
             if r.get("error"):
-                L.append(f"| {LABEL.get(r['system'], r['system'])} | | | | | | | | | {esc(r['error'])} |")
+                L.append(f"| {LABEL.get(r['system'], r['system'])} | | | | | | | | | | {esc(r['error'])} |")
                 continue
             errs = "; ".join(f"{esc(k)} ×{n}" for k, n in list(r.get("connect_errors", {}).items())[:3])
             qe = "; ".join(f"{esc(k)} ×{n}" for k, n in list(r.get("sample_errors", {}).items())[:2])
             L.append(f"| {LABEL.get(r['system'], r['system'])} | {r['clients']:,} | {r['connected']:,} | {r['open_s']} | "
                      f"{r['rss_before_kib'] / 1024:.1f} | {r['rss_idle_kib'] / 1024:.1f} | {f(r.get('per_client_kib'), 2)} | "
-                     f"{r['rss_after_close_kib'] / 1024:.1f} | {mib(r.get('round2_rss_idle_kib'))} / "
+                     f"{f(r.get('per_client_after_query_kib'), 2)} | {r['rss_after_close_kib'] / 1024:.1f} | {mib(r.get('round2_rss_idle_kib'))} / "
                      f"{mib(r.get('round2_rss_after_close_kib'))} | {r['sample_ok']}/{r['sample_queries']} | {errs} {qe} |")
         L.append("")
 
