@@ -257,7 +257,8 @@ def start_switchyard(reg, base, binary, key, label, nodes, pool_mode, pool_size,
     if chk.returncode != 0:
         raise RuntimeError(f"switchyard check rejected {path}:\n{chk.stdout}{chk.stderr}\n{cfg}")
     logp = os.path.join(d, "switchyard.log")
-    env = dict(os.environ, RUST_LOG=os.environ.get("SYBENCH_RUST_LOG", "info"))
+    lvl = os.environ.get("SYBENCH_RUST_LOG", "info")
+    env = dict(os.environ, RUST_LOG=lvl, SWITCHYARD_LOG=lvl)  # Switchyard reads SWITCHYARD_LOG
     env.update(env_extra or {})
     p = reg.spawn(f"switchyard {key}", list(argv_prefix) + [binary, "--log-format", "json", "--config", path], logp,
                   env=env)
