@@ -202,13 +202,40 @@ pub async fn fence(c: &Client) -> Result<(), tokio_postgres::Error> {
     c.batch_execute("ALTER SYSTEM SET default_transaction_read_only = on")
         .await?;
     c.batch_execute("SELECT pg_reload_conf()").await?;
-    c.batch_execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-         WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
-    )
-    .await?;
+    // In the target list, not the WHERE clause: the planner may order a WHERE's
+    // conditions as it likes, and would end this session too.
+    let ended: Vec<i32> = c
+        .query(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // A terminated backend writes the abort record of the transaction it was in as it
+    // exits, after pg_terminate_backend has returned: wait until they are gone (they
+    // leave pg_stat_activity after their abort), so that a WAL position taken next is
+    // past every record they write. A standby that received one past the position the
+    // new primary was promoted at could not follow it. Bounded: a backend stuck in the
+    // kernel is not waited for.
+    let until = Instant::now() + FENCE_EXIT_WAIT;
+    while !ended.is_empty() && Instant::now() < until {
+        let left: i64 = c
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)", &[&ended])
+            .await?
+            .get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     Ok(())
 }
+
+/// How long `fence` waits for the sessions it ended to be gone.
+const FENCE_EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// Undo `fence` (also run on every node the control plane promotes: a node fenced
 /// once, then rewound into a standby, would otherwise be a read-only primary).
