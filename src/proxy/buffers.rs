@@ -95,7 +95,11 @@ mod tests {
         let mut again = BytesMut::new();
         lend(&mut again);
         assert!(again.capacity() >= SIZE);
-        assert_eq!(again.as_ptr(), ptr.wrapping_sub(100), "the same storage, from its start");
+        assert_eq!(
+            again.as_ptr(),
+            ptr.wrapping_sub(100),
+            "the same storage, from its start"
+        );
         give_back(&mut again);
 
         // Too small (a greeting's) or too large (a big answer's): freed, not kept.
