@@ -51,22 +51,27 @@ fn ready_to_read(buf: &mut BytesMut) {
 /// `poll_fn` on the socket's readiness rather than `readable()`, whose future would
 /// add its waiter to every idle client's session.)
 async fn read_client(client: &mut ClientStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() == 0 {
-        match client {
-            ClientStream::Plain(tcp) => loop {
-                std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
-                buffers::lend(buf);
-                match tcp.try_read_buf(buf) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => buffers::give_back(buf),
-                    done => return done,
-                }
-            },
-            ClientStream::Tls(_) => buf.reserve(512),
+    match client {
+        ClientStream::Plain(tcp) => loop {
+            std::future::poll_fn(|cx| tcp.poll_read_ready(cx)).await?;
+            let lent = buf.capacity() == 0;
+            ready_to_read(buf);
+            // A short read forgets the socket's readiness (`tls::read_plain`).
+            match crate::tls::try_read_drained(tcp, buf)? {
+                Some(n) => return Ok(n),
+                None if lent => buffers::give_back(buf),
+                None => {}
+            }
+        },
+        ClientStream::Tls(_) => {
+            if buf.capacity() == 0 {
+                buf.reserve(512);
+            } else if buf.capacity() - buf.len() < 512 {
+                buf.reserve(buffers::SIZE);
+            }
+            client.read_buf(buf).await
         }
-    } else if buf.capacity() - buf.len() < 512 {
-        buf.reserve(buffers::SIZE);
     }
-    client.read_buf(buf).await
 }
 
 /// The session's timer (made on first use), set to ring at `deadline`.
@@ -592,7 +597,7 @@ impl<'a> Driver<'a> {
                     biased;
                     r = async {
                         match server {
-                            Some(s) => s.read_buf(sbuf).await,
+                            Some(s) => s.read_some(sbuf).await,
                             None => std::future::pending().await,
                         }
                     }, if has_server => Event::Server(r),
