@@ -307,12 +307,29 @@ macro_rules! delegate_write {
         }
     };
 }
-pub(crate) use {delegate_read, delegate_write};
+/// `read_some` for a plain-or-TLS stream (or read half): `read_plain` on the plain
+/// socket (`$s => $tcp` names it), `read_buf` through rustls.
+macro_rules! read_some {
+    ($ty:ty, $s:ident => $tcp:expr) => {
+        impl $ty {
+            /// One read into `buf` (`tls::read_plain` on a plain socket).
+            pub async fn read_some(&mut self, buf: &mut bytes::BytesMut) -> std::io::Result<usize> {
+                match self {
+                    Self::Plain($s) => $crate::tls::read_plain($tcp, buf).await,
+                    Self::Tls(t) => tokio::io::AsyncReadExt::read_buf(t, buf).await,
+                }
+            }
+        }
+    };
+}
+pub(crate) use {delegate_read, delegate_write, read_some};
 
 delegate_read!(ServerStream, Plain, Tls);
 delegate_write!(ServerStream, Plain, Tls);
 delegate_read!(ServerRead<'_>, Plain, Tls);
 delegate_write!(ServerWrite<'_>, Plain, Tls);
+read_some!(ServerStream, s => s);
+read_some!(ServerRead<'_>, s => s.as_ref());
 
 /// One read from a plain socket into `buf`, as `read_buf` does, except that a short read
 /// (less than the room there was) also forgets the socket's readiness.
@@ -354,16 +371,6 @@ pub fn try_read_drained(tcp: &TcpStream, buf: &mut bytes::BytesMut) -> io::Resul
         (None, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
         (None, Err(e)) => Err(e),
         (None, Ok(())) => unreachable!("the closure ran and read"),
-    }
-}
-
-impl ServerStream {
-    /// One read into `buf` (`read_plain` on a plain socket).
-    pub async fn read_some(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
-        match self {
-            ServerStream::Plain(tcp) => read_plain(tcp, buf).await,
-            ServerStream::Tls(s) => tokio::io::AsyncReadExt::read_buf(s, buf).await,
-        }
     }
 }
 

@@ -524,11 +524,10 @@ impl Relay<'_> {
         client: &mut ClientStream,
         server: &mut ServerConn,
     ) -> Result<(), End> {
-        use tokio::io::AsyncReadExt;
         let record = self.endpoint == Endpoint::ReadWrite;
         while !self.tracked.lock().unwrap().answers.idle() {
             self.sbuf.clear();
-            match server.stream.read_buf(&mut self.sbuf).await {
+            match server.stream.read_some(&mut self.sbuf).await {
                 Ok(0) => return Err(End::ServerClosed),
                 Err(e) => return Err(End::Io(e)),
                 Ok(_) => {}

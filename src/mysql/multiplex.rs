@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mysql_common::constants::CapabilityFlags;
-use tokio::io::AsyncReadExt;
 use tracing::debug;
 
 use super::moving::REPLAYED;
@@ -332,7 +331,7 @@ async fn read_at_least(
 ) -> Result<(), End> {
     while cbuf.len() < n {
         tokio::select! {
-            r = client.read_buf(cbuf) => match r {
+            r = client.read_some(cbuf) => match r {
                 Ok(0) => return Err(End::ClientClosed),
                 Err(e) => return Err(End::Io(e)),
                 Ok(_) => {}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::auth::Client;
 use super::protocol::{self, write_packet, Scanner};
@@ -403,7 +403,7 @@ impl Relay<'_> {
                     Ok(Some(Stop::Split(payload))) => return Pause::Split(payload),
                     Ok(None) => {}
                 }
-                match cr.read_buf(cbuf).await {
+                match cr.read_some(cbuf).await {
                     Ok(0) => return Pause::End(End::ClientClosed),
                     Err(e) => return Pause::End(End::Io(e)),
                     Ok(n) => {
@@ -417,7 +417,7 @@ impl Relay<'_> {
             loop {
                 let before = sbuf.len();
                 tokio::select! {
-                    r = sr.read_buf(sbuf) => match r {
+                    r = sr.read_some(sbuf) => match r {
                         Ok(0) => return Some(End::ServerClosed),
                         Err(e) => return Some(End::Io(e)),
                         Ok(_) => {}

@@ -22,7 +22,6 @@
 use std::time::Duration;
 
 use mysql_common::constants::CapabilityFlags;
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -201,7 +200,7 @@ impl Relay<'_> {
         let mut buf = std::mem::take(&mut self.sbuf);
         let outcome = loop {
             buf.clear();
-            match replica.conn.stream.read_buf(&mut buf).await {
+            match replica.conn.stream.read_some(&mut buf).await {
                 Ok(n) if n > 0 => {}
                 other => {
                     if !sent {

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
-use tokio::io::AsyncReadExt;
 
 use crate::error::Error;
 use crate::pg::credential::{Credential, KeyedScram};
@@ -329,7 +328,7 @@ impl Wire {
                     return Ok((tag, msg.freeze()));
                 }
             }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
+            if self.stream.read_some(&mut self.buf).await? == 0 {
                 return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
         }

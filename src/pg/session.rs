@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -734,7 +734,7 @@ async fn relay(
             let mut framer = Framer::new(limit);
             loop {
                 buf.clear();
-                match cr.read_buf(&mut buf).await {
+                match cr.read_some(&mut buf).await {
                     Ok(0) => return End::ClientClosed,
                     Ok(n) => {
                         received.inc_by(n as u64);
@@ -827,7 +827,7 @@ async fn relay(
             loop {
                 buf.clear();
                 tokio::select! {
-                    r = sr.read_buf(&mut buf) => match r {
+                    r = sr.read_some(&mut buf) => match r {
                         Ok(0) => return End::ServerClosed,
                         Ok(_) => {}
                         Err(e) => return End::Io(e),

@@ -205,3 +205,5 @@ crate::tls::delegate_read!(ClientStream, Plain, Tls);
 crate::tls::delegate_write!(ClientStream, Plain, Tls);
 crate::tls::delegate_read!(ClientRead<'_>, Plain, Tls);
 crate::tls::delegate_write!(ClientWrite<'_>, Plain, Tls);
+crate::tls::read_some!(ClientStream, s => s);
+crate::tls::read_some!(ClientRead<'_>, s => s.as_ref());
