@@ -178,8 +178,11 @@ impl Workers {
                 .name(format!("switchyard-worker-{index}"))
                 .spawn(move || {
                     crate::pg::pool::set_worker(index);
+                    // I/O and timers only: the signal and process drivers (which
+                    // `enable_all` adds) reap child processes at every park.
                     let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
+                        .enable_io()
+                        .enable_time()
                         .build()
                         .expect("a worker runtime");
                     let _ = tx.send(rt.handle().clone());
