@@ -384,6 +384,42 @@ pub async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::
 mod tests {
     use super::*;
 
+    /// A short read forgets the readiness (no `recv` that finds nothing next), and what
+    /// arrives after it still wakes the reader: on both kinds of runtime.
+    async fn short_reads_forget_readiness_and_lose_no_wakeup() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut writer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (reader, _) = listener.accept().await.unwrap();
+        let mut buf = bytes::BytesMut::with_capacity(8192);
+        for round in 0..200u32 {
+            let msg = round.to_be_bytes();
+            writer.write_all(&msg).await.unwrap();
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), read_plain(&reader, &mut buf))
+                .await
+                .expect("the reader is woken by what came after its last short read")
+                .unwrap();
+            assert_eq!(n, 4);
+            assert_eq!(&buf[..], &msg);
+            buf.clear();
+            // Nothing more was sent: the socket is no longer marked readable.
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(reader.poll_read_ready(&mut cx).is_pending(), "round {round}");
+        }
+        drop(writer);
+        assert_eq!(read_plain(&reader, &mut buf).await.unwrap(), 0, "end of stream");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn short_reads_on_a_current_thread_runtime() {
+        short_reads_forget_readiness_and_lose_no_wakeup().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn short_reads_on_a_multi_thread_runtime() {
+        short_reads_forget_readiness_and_lose_no_wakeup().await;
+    }
+
     #[test]
     fn server_name_is_the_host_part() {
         assert_eq!(
