@@ -85,7 +85,7 @@ impl PartialEq for Credential {
     fn eq(&self, other: &Credential) -> bool {
         match (self, other) {
             (Credential::None, Credential::None) | (Credential::Unlearned, Credential::Unlearned) => true,
-            (Credential::Password(a), Credential::Password(b)) => a.password == b.password,
+            (Credential::Password(a), Credential::Password(b)) => Arc::ptr_eq(a, b) || a.password == b.password,
             (Credential::Scram(a), Credential::Scram(b)) => {
                 Arc::ptr_eq(a, b) || (a.client_key == b.client_key && a.salt == b.salt && a.iterations == b.iterations)
             }

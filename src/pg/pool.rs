@@ -197,7 +197,7 @@ impl Pool {
                 }
             }
         };
-        let permit = match self.take_idle(permit, &settings) {
+        let permit = match self.take_idle(permit, &settings, Instant::now()) {
             Ok(conn) => return Ok(conn),
             Err(permit) => permit,
         };
@@ -253,11 +253,11 @@ impl Pool {
 
     /// An idle connection now, if a slot is free and one is idle and sound: the common
     /// case of transaction mode, taken without an await (`checkout` does the rest).
-    pub fn checkout_idle(&self, credential: &Credential) -> Option<PooledConn> {
+    pub fn checkout_idle(&self, credential: &Credential, now: Instant) -> Option<PooledConn> {
         let permit = self.permits.clone().try_acquire_owned().ok()?;
         let settings = *self.settings.lock().unwrap();
         self.remember(credential);
-        self.take_idle(permit, &settings).ok()
+        self.take_idle(permit, &settings, now).ok()
     }
 
     /// Keep the latest client's credential (a password or verifier changed by a reload)
@@ -276,8 +276,9 @@ impl Pool {
         &self,
         permit: OwnedSemaphorePermit,
         settings: &PoolSettings,
+        now: Instant,
     ) -> Result<PooledConn, OwnedSemaphorePermit> {
-        let (conn, dropped) = self.idle.lock().unwrap().take(Instant::now(), &limits(settings));
+        let (conn, dropped) = self.idle.lock().unwrap().take(now, &limits(settings));
         log_dropped(&self.key, dropped);
         match conn {
             Some(mut conn) => {
@@ -289,7 +290,7 @@ impl Pool {
     }
 
     /// Take a connection back. Broken or expired ones are closed.
-    pub fn checkin(&self, mut conn: PooledConn) {
+    pub fn checkin(&self, mut conn: PooledConn, now: Instant) {
         let limits = limits(&self.settings.lock().unwrap());
         if conn.broken {
             return;
@@ -297,7 +298,7 @@ impl Pool {
         // Release the slot before parking the connection, so a waiter can take it.
         conn._permit = None;
         // One past its lifetime comes back to be dropped (closed).
-        let _ = self.idle.lock().unwrap().check_in(conn, Instant::now(), &limits);
+        let _ = self.idle.lock().unwrap().check_in(conn, now, &limits);
     }
 
     /// Close idle connections past their idle timeout or lifetime, or dead (called

@@ -379,13 +379,16 @@ pub struct Classifier {
 static NEXT_CLASSIFIER: AtomicU64 = AtomicU64::new(0);
 
 /// Statement shape (or exact text, for literal-sensitive statements) → classification.
-type ShapeCache = HashMap<Box<str>, Arc<Classification>>;
+/// Hashed with foldhash, seeded at random per process (as SipHash would be, at a third
+/// of its cost per lookup): the keys are client text.
+type ShapeCache = HashMap<Box<str>, Arc<Classification>, foldhash::fast::RandomState>;
 
 thread_local! {
     /// Per thread (each worker thread of the data path has its own), so a lookup takes
     /// no lock and touches no cache line another thread writes: classifier id →
-    /// statement shape → classification.
-    static CACHES: RefCell<HashMap<u64, ShapeCache>> = RefCell::new(HashMap::new());
+    /// statement shape → classification. (A handful of classifiers, one per cluster:
+    /// searched in a list.)
+    static CACHES: RefCell<Vec<(u64, ShapeCache)>> = const { RefCell::new(Vec::new()) };
     /// The shape of the statement being classified (reused: no allocation per query).
     static KEY: RefCell<String> = const { RefCell::new(String::new()) };
 }
@@ -416,7 +419,7 @@ impl Classifier {
         KEY.with_borrow_mut(|key| {
             blank_literals(sql, key);
             let found = CACHES.with_borrow(|caches| {
-                let cache = caches.get(&self.id)?;
+                let (_, cache) = caches.iter().find(|(id, _)| *id == self.id)?;
                 cache.get(key.as_str()).or_else(|| cache.get(sql)).cloned()
             });
             if let Some(c) = found {
@@ -426,7 +429,14 @@ impl Classifier {
             let literal_free =
                 c.sets.is_empty() && c.deallocate.is_none() && c.frees_database.is_none() && !c.literal_sensitive;
             CACHES.with_borrow_mut(|caches| {
-                let cache = caches.entry(self.id).or_default();
+                let at = match caches.iter().position(|(id, _)| *id == self.id) {
+                    Some(at) => at,
+                    None => {
+                        caches.push((self.id, ShapeCache::default()));
+                        caches.len() - 1
+                    }
+                };
+                let cache = &mut caches[at].1;
                 if cache.len() >= CACHE_LIMIT {
                     // Crude but bounded: with literals blanked, applications have far
                     // fewer distinct statements than this.

@@ -18,7 +18,9 @@ pub struct Malformed(pub &'static str);
 
 /// A NUL-terminated string at the start of `buf`, and what follows it.
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = buf.iter().position(|&b| b == 0)?;
+    // memchr: a query's text is scanned for its end in every Query and Parse, and a
+    // byte-at-a-time search showed in the profile.
+    let end = memchr::memchr(0, buf)?;
     Some((&buf[..end], &buf[end + 1..]))
 }
 

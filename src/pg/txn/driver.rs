@@ -86,8 +86,19 @@ fn arm(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, deadline: Instant) -> &
 /// Must the client's session end: has Switchyard begun to shut down, or did a reload
 /// remove its cluster? `local` (this thread's repeater of both) moved, and the flags,
 /// behind their channels' locks, are read only then.
-fn shutting_down(local: &tokio::sync::watch::Receiver<()>, shared: &Shared, cluster: &ClusterCtx) -> bool {
+fn shutting_down(local: &crate::local_watch::Signal, shared: &Shared, cluster: &ClusterCtx) -> bool {
     local.has_changed().unwrap_or(true) && (*shared.shutdown.borrow() || cluster.retiring())
+}
+
+/// The time, read from the clock at most once (a read costs ~25 ns, and several things
+/// that end together want it).
+#[derive(Default)]
+struct Clock(Option<Instant>);
+
+impl Clock {
+    fn now(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
 }
 
 /// Who the client is.
@@ -133,6 +144,8 @@ struct PoolDialer<'a> {
     /// One per node this client has used: a handful, searched by name (cheaper than
     /// hashing the name for every unit).
     pools: &'a mut Vec<NodePool>,
+    /// When the unit asked (what a checkout without a wait happens at).
+    now: Instant,
 }
 
 impl PoolDialer<'_> {
@@ -186,7 +199,7 @@ impl Dialer for PoolDialer<'_> {
 
     fn dial_now(&mut self, node: &NodeState) -> Option<Held> {
         let via = self.pool(node);
-        let conn = via.pool.checkout_idle(self.credential)?;
+        let conn = via.pool.checkout_idle(self.credential, self.now)?;
         Some(Held {
             conn,
             on_primary: node.role == Role::Primary,
@@ -405,8 +418,11 @@ impl<'a> Driver<'a> {
             shutdown.mark_changed();
         }
         loop {
+            // One clock read for what ends together in this turn: the statements just
+            // answered, their unit, and its connection's return to the pool.
+            let mut clock = Clock::default();
             // Before a Release: the statements finished on the connection still held.
-            self.record_statements();
+            self.record_statements(&mut clock);
             // What the machine asked for, in order.
             while let Some(action) = self.machine.next_action() {
                 match action {
@@ -423,12 +439,13 @@ impl<'a> Driver<'a> {
                         }
                         // A read moved to another node goes on as the same unit.
                         if !self.machine.rerun_next() {
-                            self.end_unit();
+                            self.end_unit(clock.now());
                         }
                         if !self.machine.notified.is_empty() && self.notify.is_some() {
                             Box::pin(self.own_notifications_first()).await;
+                            clock = Clock::default();
                         }
-                        self.release(reuse)
+                        self.release(reuse, clock.now())
                     }
                     Action::CountPins => {
                         // Nothing is in flight on the connection (the unit ended with
@@ -499,8 +516,9 @@ impl<'a> Driver<'a> {
                     }
                     Action::End(e) => {
                         let _ = self.flush_client().await;
-                        self.end_unit();
-                        self.release(false);
+                        let now = Instant::now();
+                        self.end_unit(now);
+                        self.release(false, now);
                         // A goodbye spliced into a half-passed message would garble the
                         // client's stream: then the client only sees the socket close.
                         if !self.machine.client_at_boundary() {
@@ -947,7 +965,7 @@ impl<'a> Driver<'a> {
 
     /// Add the statements the machine saw finish to this worker's query digests, as run
     /// on the held connection's node.
-    fn record_statements(&mut self) {
+    fn record_statements(&mut self, clock: &mut Clock) {
         let finished = &mut self.machine.running.finished;
         if finished.is_empty() {
             return;
@@ -969,7 +987,7 @@ impl<'a> Driver<'a> {
                     &self.shared.digests,
                     finished,
                     &place,
-                    Instant::now(),
+                    clock.now(),
                     Some(&mut self.unit.trace),
                 );
             }
@@ -979,14 +997,14 @@ impl<'a> Driver<'a> {
 
     /// The unit in progress ends on the held connection: its duration, its span, the
     /// bytes it moved.
-    fn end_unit(&mut self) {
+    fn end_unit(&mut self, now: Instant) {
         let Some(started) = self.unit.started.take() else {
             return;
         };
         self.flush_bytes();
         let trace = self.unit.trace.take();
         let Some(h) = self.held.as_ref() else { return };
-        let took = started.elapsed();
+        let took = now.saturating_duration_since(started);
         h.via.transactions.observe(took.as_secs_f64());
         if let (Some(tracer), Some(ids)) = (self.shared.digests.tracer.get(), trace) {
             let end = std::time::SystemTime::now();
@@ -1110,6 +1128,7 @@ impl<'a> Driver<'a> {
             require_primary: target == Endpoint::ReadWrite,
             listener: self.listener,
             pools: &mut self.pools,
+            now: self.unit.started.unwrap_or_else(Instant::now),
         }
     }
 
@@ -1193,13 +1212,13 @@ impl<'a> Driver<'a> {
 
     /// Give the held connection back: pooled if `reuse` (the machine decided its state
     /// allows it), else closed.
-    fn release(&mut self, reuse: bool) {
+    fn release(&mut self, reuse: bool, now: Instant) {
         if let Some(mut h) = self.held.take() {
             if !reuse {
                 h.conn.broken = true;
             }
             self.shared.cancels.retarget(&self.cancel, None);
-            h.via.pool.checkin(h.conn);
+            h.via.pool.checkin(h.conn, now);
         }
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tracing::{info, warn};
 
 use super::conn::ConnState;
@@ -819,10 +819,13 @@ impl<'a> Machine<'a> {
                 }
                 break;
             }
-            let mut msg = input.split_to(len as usize + 1);
+            // Looked at where it is, then copied on and taken off the input (no
+            // `split_to`: a shared buffer's reference counts, per message).
+            let whole = len as usize + 1;
             let Some(unit) = self.unit.as_mut() else {
                 return;
             };
+            let msg = &mut input[..whole];
             // A read that can still move: a server going away, or refusing what only a
             // primary runs, costs the client nothing.
             if unit.retryable && !unit.answered && matches!(tag, BackendTag::ErrorResponse | BackendTag::NoticeResponse)
@@ -835,8 +838,9 @@ impl<'a> Machine<'a> {
                 if (tag == BackendTag::ErrorResponse && e.ends_session())
                     || (tag == BackendTag::NoticeResponse && code.is_some_and(|c| c.server_going_away()))
                 {
+                    let reason = reason();
                     input.clear();
-                    return self.on_server_lost(&reason());
+                    return self.on_server_lost(&reason);
                 }
                 if tag == BackendTag::ErrorResponse
                     && !unit.on_primary
@@ -871,6 +875,7 @@ impl<'a> Machine<'a> {
                     let e = ErrorFields::decode(&msg[5..]);
                     warn!(cluster = %self.cfg.cluster, code = %String::from_utf8_lossy(e.code),
                           reason = %String::from_utf8_lossy(e.message), "restoring session state failed");
+                    input.advance(whole);
                     continue;
                 }
                 Verdict::Drop => {
@@ -880,6 +885,7 @@ impl<'a> Machine<'a> {
                             conn.report(s);
                         }
                     }
+                    input.advance(whole);
                     continue;
                 }
                 Verdict::Pass | Verdict::Ready => {}
@@ -923,7 +929,8 @@ impl<'a> Machine<'a> {
                 _ => {}
             }
             unit.answer_queued |= !tag.is_asynchronous();
-            self.to_client.extend_from_slice(&msg);
+            self.to_client.extend_from_slice(msg);
+            input.advance(whole);
         }
         if self.phase == Phase::Greeting && self.owed.is_empty() {
             return self.greet(conn);
