@@ -823,6 +823,7 @@ impl<'a> Machine<'a> {
             // `split_to`: a shared buffer's reference counts, per message).
             let whole = len as usize + 1;
             let Some(unit) = self.unit.as_mut() else {
+                input.advance(whole);
                 return;
             };
             let msg = &mut input[..whole];
