@@ -103,9 +103,28 @@ impl fmt::Display for NoRoute {
 /// if several qualify. Drain
 /// does not change who the primary is.
 pub fn primary(snap: &ClusterSnapshot) -> Result<usize, NoRoute> {
-    let reporting: Nodes = (0..snap.nodes.len())
-        .filter(|&i| snap.nodes[i].health == Health::Up && snap.nodes[i].role == Role::Primary && !snap.nodes[i].fenced)
-        .collect();
+    let reports = |i: usize| {
+        let n = &snap.nodes[i];
+        n.health == Health::Up && n.role == Role::Primary && !n.fenced
+    };
+    // The common case, asked for every unit of work: one node reports primary and its
+    // timeline is current. One pass, nothing collected; what it returns is what the
+    // general rule below would.
+    let mut only = None;
+    for i in 0..snap.nodes.len() {
+        if reports(i) {
+            only = match only {
+                None => Some(Some(i)),
+                Some(_) => Some(None),
+            };
+        }
+    }
+    if let Some(Some(i)) = only {
+        if snap.nodes[i].timeline.is_none_or(|t| t >= snap.newest_timeline) {
+            return Ok(i);
+        }
+    }
+    let reporting: Nodes = (0..snap.nodes.len()).filter(|&i| reports(i)).collect();
     let split_brain = |primaries: &[usize]| NoRoute::SplitBrain {
         cluster: snap.name.clone(),
         primaries: primaries.iter().map(|&i| snap.nodes[i].name.clone()).collect(),
