@@ -17,7 +17,6 @@
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
-use std::task::{Context, Waker};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{verify_server_cert_signed_by_trust_anchor, verify_server_name};
@@ -26,7 +25,7 @@ use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use tokio::io::{AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -213,11 +212,18 @@ impl ServerStream {
     /// that went away leaves EOF (or, over TLS, an alert) behind. Peeks at the socket
     /// without consuming, so a TLS session is left intact; a readiness event not yet
     /// seen by the runtime reads as alive, as any non-blocking probe would.
+    ///
+    /// Only a socket the runtime has seen readable is peeked at (`try_io`): the common
+    /// case, a connection whose last read emptied it, costs no system call and registers
+    /// nothing (`poll_peek` with a no-op waker took the readiness lock and swapped wakers
+    /// at every checkout).
     pub fn idle_and_open(&self) -> bool {
-        let mut probe = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut probe);
-        let mut cx = Context::from_waker(Waker::noop());
-        self.tcp().poll_peek(&mut cx, &mut buf).is_pending()
+        let tcp = self.tcp();
+        let peeked = tcp.try_io(tokio::io::Interest::READABLE, || {
+            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            socket2::SockRef::from(tcp).peek(&mut probe)
+        });
+        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// The two directions, usable at once (the session-mode relay).
@@ -383,6 +389,7 @@ pub async fn write_flush<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::{Context, Waker};
 
     /// A short read forgets the readiness (no `recv` that finds nothing next), and what
     /// arrives after it still wakes the reader: on both kinds of runtime.
@@ -418,6 +425,44 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn short_reads_on_a_multi_thread_runtime() {
         short_reads_forget_readiness_and_lose_no_wakeup().await;
+    }
+
+    /// An idle pooled connection reads as open until its server closes it or sends
+    /// something, and the probe consumes nothing.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_connection_is_open_until_its_peer_closes_or_speaks() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        for speaks in [false, true] {
+            let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let (mut server, _) = listener.accept().await.unwrap();
+            let stream = ServerStream::Plain(client);
+            assert!(stream.idle_and_open());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert!(stream.idle_and_open(), "still open after the runtime polled");
+            if speaks {
+                server.write_all(b"N").await.unwrap();
+            } else {
+                drop(server);
+            }
+            // The runtime learns of it at its next turn of the event loop.
+            let mut open = true;
+            for _ in 0..200 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                open = stream.idle_and_open();
+                if !open {
+                    break;
+                }
+            }
+            assert!(!open, "speaks: {speaks}");
+            if speaks {
+                let ServerStream::Plain(tcp) = &stream else {
+                    unreachable!()
+                };
+                let mut b = [0u8; 4];
+                assert_eq!(tcp.try_read(&mut b).unwrap(), 1, "the byte is still there");
+            }
+        }
     }
 
     #[test]
