@@ -1,5 +1,5 @@
 # The two commands of the README's quick start.
-.PHONY: demo test deps compat compat-slice fuzz profile chaos bench-failover dist helm-check
+.PHONY: demo test deps compat compat-slice fuzz profile instructions chaos bench-failover dist helm-check
 
 deps:
 	@scripts/install-deps.sh
@@ -41,6 +41,13 @@ fuzz:
 profile:
 	cargo build --release
 	bench/profile --out bench/results/profile-$$(date +%Y-%m-%d)
+
+# Instructions per pgbench -S transaction under callgrind, Switchyard beside PgBouncer,
+# both protocols (bench/instructions; needs valgrind), about 4 minutes.
+instructions:
+	cargo build --release
+	bench/instructions --mode simple
+	bench/instructions --mode extended
 
 # The fault suite's long runs: 30 minutes per seed, asynchronous and synchronous
 # replication (chaos/README.md); reports go to chaos/results/. `make test` runs the

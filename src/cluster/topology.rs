@@ -522,7 +522,7 @@ impl ClusterState {
     /// Told of every change that wakes subscribers, for a session on a worker thread
     /// (read the snapshot itself with `snapshot`), through this thread's repeater of the
     /// channel (`local_watch`). Must be called inside the worker's tokio runtime.
-    pub fn subscribe_local(&self) -> watch::Receiver<()> {
+    pub fn subscribe_local(&self) -> crate::local_watch::Receiver {
         crate::local_watch::repeat(self.id, || self.tx.subscribe())
     }
 

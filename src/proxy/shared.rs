@@ -102,7 +102,7 @@ impl Shared {
     /// through this worker thread's repeater of `leaving` (`local_watch`): for sessions,
     /// which wait on it between transactions and then look at `shutdown` and
     /// `successor`. A session that starts after the signal looks at them itself.
-    pub fn shutdown_local(&self) -> watch::Receiver<()> {
+    pub fn shutdown_local(&self) -> crate::local_watch::Receiver {
         crate::local_watch::repeat(self.leaving_key, || self.leaving.clone())
     }
 

@@ -86,7 +86,7 @@ fn arm(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, deadline: Instant) -> &
 /// Must the client's session end: has Switchyard begun to shut down, or did a reload
 /// remove its cluster? `local` (this thread's repeater of both) moved, and the flags,
 /// behind their channels' locks, are read only then.
-fn shutting_down(local: &tokio::sync::watch::Receiver<()>, shared: &Shared, cluster: &ClusterCtx) -> bool {
+fn shutting_down(local: &crate::local_watch::Receiver, shared: &Shared, cluster: &ClusterCtx) -> bool {
     local.has_changed().unwrap_or(true) && (*shared.shutdown.borrow() || cluster.retiring())
 }
 
