@@ -460,17 +460,18 @@ impl<'a> Machine<'a> {
                 }
                 continue;
             }
-            if tag == Some(FrontendTag::Query) && self.between_units() {
-                if let Some(stmt) = Query::decode(&msg[5..])
-                    .ok()
-                    .and_then(|q| classify::causal_statement(q.sql))
-                {
+            let query = match tag == Some(FrontendTag::Query) && self.between_units() {
+                true => Query::decode(&msg[5..]).ok(),
+                false => None,
+            };
+            if let Some(q) = query {
+                if let Some(stmt) = classify::causal_statement(q.sql) {
                     self.actions.push_back(Action::Causal(stmt));
                     return;
                 }
                 // LISTEN / UNLISTEN between transactions: the shared listening
                 // connection's, not this client's server connection's.
-                if let Some(q) = Query::decode(&msg[5..]).ok().filter(|q| maybe_listen(q.sql)) {
+                if maybe_listen(q.sql) {
                     let c = self.classifier.classify_bytes(q.sql);
                     if !c.listens.is_empty() {
                         self.listening = c.listens.clone();
