@@ -16,7 +16,7 @@ pub fn blank_literals(sql: &str, out: &mut String) {
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
-        let prev_ident = i > 0 && (ident(b[i - 1]) || b[i - 1] == b'$');
+        let prev_ident = i > 0 && CLASS[b[i - 1] as usize] & GLUES != 0;
         match c {
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 let end = sql[i..].find('\n').map_or(b.len(), |e| i + e);
