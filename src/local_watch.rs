@@ -12,8 +12,10 @@
 //! server answers), and a `watch` wait (a `Notified` in an intrusive list, with its own
 //! atomic state) cost about 330 instructions each time, 6 % of a pgbench -S
 //! transaction under `bench/instructions`. Here a wait is a slot in a vector behind an
-//! uncontended lock. It is kept only while the wait is: nothing is registered at rest
-//! beyond the waiting future itself, which is smaller than a `watch` wait's.
+//! uncontended lock, and the slot is the receiver's from one wait to the next (until a
+//! change empties them all), so a wait that ends without a change (the usual turn)
+//! registers nothing: one lock, two comparisons. The cost: a session keeps its waker
+//! there while it does something else, and a change wakes it once for nothing.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -77,8 +79,8 @@ struct HubState {
     closed: bool,
     /// Times the waiters were woken and emptied (a change, or the close).
     epoch: u64,
-    /// Waiting tasks, by slot; a `Changed` future owns its slot while it waits. A change
-    /// wakes and empties them all, so a slot taken in an earlier epoch is gone.
+    /// Waiting tasks, by slot; a `Receiver` keeps its slot from one wait to the next. A
+    /// change wakes and empties them all, so a slot taken in an earlier epoch is gone.
     waiters: Vec<Option<Waker>>,
     /// Slots free for reuse.
     free: Vec<usize>,
@@ -112,12 +114,15 @@ pub struct Closed;
 pub struct Receiver {
     hub: Arc<Hub>,
     seen: u64,
+    /// (slot, the hub's epoch when it was taken) of this receiver's waits: a slot from an
+    /// earlier epoch is gone.
+    slot: Option<(usize, u64)>,
 }
 
 impl Receiver {
     fn new(hub: Arc<Hub>) -> Receiver {
         let seen = hub.state.lock().unwrap().version;
-        Receiver { hub, seen }
+        Receiver { hub, seen, slot: None }
     }
 
     /// Whether a change came since this receiver last looked; `Err` once the channel
@@ -138,40 +143,50 @@ impl Receiver {
     /// Wait for a change not seen yet (and mark it seen); `Err` once the channel closed
     /// with none.
     pub fn changed(&mut self) -> Changed<'_> {
-        Changed { rx: self, slot: None }
+        Changed { rx: self }
     }
 }
 
-/// `Receiver::changed`'s future. Dropped before it completes, it gives its slot back.
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        if let Some((i, epoch)) = self.slot.take() {
+            let mut st = self.hub.state.lock().unwrap();
+            // Not if a change emptied the waiters since: the slot may be another's now.
+            if epoch == st.epoch {
+                st.waiters[i] = None;
+                st.free.push(i);
+            }
+        }
+    }
+}
+
+/// `Receiver::changed`'s future. Dropped before it completes, it leaves the receiver's
+/// waker in its slot for the next wait (`Receiver` frees the slot).
 pub struct Changed<'a> {
     rx: &'a mut Receiver,
-    /// (slot, the hub's epoch when it was taken): a slot from an earlier epoch is gone.
-    slot: Option<(usize, u64)>,
 }
 
 impl Future for Changed<'_> {
     type Output = Result<(), Closed>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let mut st = this.rx.hub.state.lock().unwrap();
-        if st.version != this.rx.seen {
-            this.rx.seen = st.version;
-            release(&mut this.slot, &mut st);
+        let rx = &mut *self.get_mut().rx;
+        let mut st = rx.hub.state.lock().unwrap();
+        if st.version != rx.seen {
+            rx.seen = st.version;
             return Poll::Ready(Ok(()));
         }
         if st.closed {
-            release(&mut this.slot, &mut st);
             return Poll::Ready(Err(Closed));
         }
-        match this.slot {
-            // Polled again without a change (another branch of a select! woke the
-            // task): the same slot, with this poll's waker.
-            Some((i, _)) => match &mut st.waiters[i] {
+        match rx.slot {
+            // The receiver's slot of this epoch: this poll's waker, unless it is there.
+            Some((i, epoch)) if epoch == st.epoch => match &mut st.waiters[i] {
                 Some(w) if w.will_wake(cx.waker()) => {}
                 w => *w = Some(cx.waker().clone()),
             },
-            None => {
+            // None yet, or emptied by a change: a new one.
+            _ => {
                 let waker = Some(cx.waker().clone());
                 let i = match st.free.pop() {
                     Some(i) => {
@@ -183,28 +198,10 @@ impl Future for Changed<'_> {
                         st.waiters.len() - 1
                     }
                 };
-                this.slot = Some((i, st.epoch));
+                rx.slot = Some((i, st.epoch));
             }
         }
         Poll::Pending
-    }
-}
-
-/// Give a wait's slot back, if it is still there (the waiters were not emptied since).
-fn release(slot: &mut Option<(usize, u64)>, st: &mut HubState) {
-    if let Some((i, epoch)) = slot.take() {
-        if epoch == st.epoch {
-            st.waiters[i] = None;
-            st.free.push(i);
-        }
-    }
-}
-
-impl Drop for Changed<'_> {
-    fn drop(&mut self) {
-        if self.slot.is_some() {
-            release(&mut self.slot, &mut self.rx.hub.state.lock().unwrap());
-        }
     }
 }
 
@@ -245,10 +242,11 @@ mod tests {
         assert_eq!(b.has_changed(), Err(Closed));
     }
 
-    /// Waits given up (a select!'s other branch won) free their slots for the next, and a
-    /// wait given up after a change emptied the waiters frees nothing of anyone else's.
+    /// A receiver's waits given up (a select!'s other branch won) keep its one slot for
+    /// the next; a dropped receiver frees its slot, but not one a change emptied that
+    /// another receiver has taken since.
     #[tokio::test(flavor = "current_thread")]
-    async fn given_up_waits_leave_no_waker_behind_and_take_no_other_slot() {
+    async fn a_receiver_keeps_one_slot_and_frees_only_its_own() {
         let (tx, rx) = watch::channel(0);
         let k = key();
         let mut rxs: Vec<Receiver> = (0..3).map(|_| repeat(k, || rx.clone())).collect();
@@ -262,29 +260,69 @@ mod tests {
         }
         {
             let st = hub.state.lock().unwrap();
-            assert_eq!(st.waiters.len(), 1, "a given-up wait's slot is reused");
-            assert!(st.waiters.iter().all(Option::is_none));
+            assert_eq!(st.waiters.len(), 3, "one slot per receiver, reused by its waits");
+            assert!(st.waiters.iter().all(Option::is_some));
         }
-        // One waits across a change it has not been polled for since, then gives up;
-        // another has registered after the change in the slot the change freed.
-        let (first, rest) = rxs.split_at_mut(1);
-        let mut old = Box::pin(first[0].changed());
-        assert!(futures_poll_once(old.as_mut()).is_pending());
+        drop(rxs.pop());
+        {
+            let st = hub.state.lock().unwrap();
+            assert_eq!(
+                st.waiters.iter().filter(|w| w.is_some()).count(),
+                2,
+                "a dropped receiver's slot is freed"
+            );
+            assert_eq!(st.free, vec![2]);
+        }
+        // One waited before a change and is dropped after it; another has registered
+        // after the change, in the slot the change emptied.
+        let mut old = rxs.remove(0);
         tx.send_replace(1);
         tokio::task::yield_now().await; // the repeater notifies
-        rest[0].seen = hub.state.lock().unwrap().version; // seen: it waits for the next
-        let mut new = Box::pin(rest[0].changed());
-        assert!(futures_poll_once(new.as_mut()).is_pending());
+        assert!(
+            hub.state.lock().unwrap().waiters.is_empty(),
+            "a change empties the slots"
+        );
+        let mut new = rxs.remove(0);
+        new.seen = hub.state.lock().unwrap().version; // seen: it waits for the next
+        old.seen = new.seen;
+        assert!(futures_poll_once(std::pin::pin!(new.changed())).is_pending());
+        assert_eq!(new.slot.map(|(i, _)| i), Some(0));
+        assert_eq!(
+            old.slot.map(|(i, _)| i),
+            Some(0),
+            "the same index, from the earlier epoch"
+        );
         drop(old);
         assert!(
-            hub.state.lock().unwrap().waiters.iter().any(Option::is_some),
-            "the newer wait keeps its slot"
+            hub.state.lock().unwrap().waiters[0].is_some(),
+            "the newer receiver keeps its slot"
         );
         tx.send_replace(2);
-        tokio::time::timeout(Duration::from_secs(5), new)
+        tokio::time::timeout(Duration::from_secs(5), new.changed())
             .await
             .unwrap()
             .unwrap();
+    }
+
+    /// A wait woken by a change, then given up for another branch, is woken by the
+    /// next change too (its slot was emptied: the next wait takes a new one).
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_change_wakes_a_receiver_that_waits_again() {
+        let (tx, rx) = watch::channel(0);
+        let mut r = repeat(key(), || rx.clone());
+        tokio::task::yield_now().await;
+        let tx = Arc::new(tx);
+        for v in 1..=5 {
+            assert!(futures_poll_once(std::pin::pin!(r.changed())).is_pending());
+            // Sent only once the wait below is registered (and asleep).
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.send_replace(v) });
+            tokio::time::timeout(Duration::from_secs(5), r.changed())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.has_changed(), Ok(false));
+        }
     }
 
     fn futures_poll_once<F: Future>(f: Pin<&mut F>) -> Poll<F::Output> {

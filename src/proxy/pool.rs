@@ -46,8 +46,16 @@ pub struct Limits {
 
 impl Limits {
     fn too_old(&self, created: Instant, now: Instant) -> bool {
-        now.saturating_duration_since(created) > self.lifetime
+        past(created, self.lifetime, now)
     }
+}
+
+/// More than `d` has passed from `since` to `now`. An addition and a comparison: cheaper
+/// than the subtraction `saturating_duration_since` does, which checkouts and check-ins
+/// paid on every transaction (`bench/instructions`). A sum past what `Instant` holds
+/// never passes.
+fn past(since: Instant, d: Duration, now: Instant) -> bool {
+    since.checked_add(d).is_some_and(|end| now > end)
 }
 
 /// Connections dropped on the way, by reason (for the log).
@@ -103,7 +111,7 @@ impl<C: Pooled> IdleList<C> {
         while let Some(Entry { conn, since }) = self.entries.pop() {
             // Its place among the idle ones, newest first, as `prune` counts.
             let newest = dropped.expired + dropped.dead;
-            let idle_expired = now.saturating_duration_since(since) > limits.idle_timeout && newest >= limits.min_size;
+            let idle_expired = newest >= limits.min_size && past(since, limits.idle_timeout, now);
             if idle_expired || limits.too_old(conn.created(), now) {
                 dropped.expired += 1;
                 continue;
@@ -123,7 +131,7 @@ impl<C: Pooled> IdleList<C> {
         let mut dropped = Dropped::default();
         let mut kept = Vec::with_capacity(self.entries.len());
         for (i, entry) in self.entries.drain(..).rev().enumerate() {
-            let idle_expired = now.saturating_duration_since(entry.since) > limits.idle_timeout && i >= limits.min_size;
+            let idle_expired = i >= limits.min_size && past(entry.since, limits.idle_timeout, now);
             if idle_expired || limits.too_old(entry.conn.created(), now) {
                 dropped.expired += 1;
             } else if !entry.conn.alive() {
@@ -266,5 +274,21 @@ mod tests {
         idle.check_in(fake("e", t0).0, t0 + s(99), &limits).unwrap();
         assert_eq!(idle.prune(t0 + s(101), &limits), Dropped { expired: 1, dead: 0 });
         assert!(idle.is_empty());
+    }
+
+    #[test]
+    fn past_is_strictly_after_and_an_endless_span_never_passes() {
+        let t0 = Instant::now();
+        assert!(!past(t0, s(10), t0 + s(10)), "at the limit: not past yet");
+        assert!(past(t0, s(10), t0 + s(10) + Duration::from_nanos(1)));
+        assert!(!past(t0, s(10), t0));
+        assert!(
+            !past(t0, Duration::MAX, t0 + s(1_000_000)),
+            "a sum past Instant's range"
+        );
+        for (since, d, now) in [(0, 5, 3), (0, 5, 5), (0, 5, 6), (7, 0, 7), (7, 0, 8)] {
+            let (since, now) = (t0 + s(since), t0 + s(now));
+            assert_eq!(past(since, s(d), now), now.saturating_duration_since(since) > s(d));
+        }
     }
 }

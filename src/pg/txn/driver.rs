@@ -11,7 +11,7 @@ use crate::tls::write_flush;
 use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
 
 use super::machine::{Action, Config, Machine, Target};
@@ -565,7 +565,7 @@ impl<'a> Driver<'a> {
                 if !self.machine.running.is_idle() {
                     self.machine.sending(Instant::now());
                 }
-                let result = write_flush(&mut h.conn.conn.stream, &self.machine.to_server).await;
+                let result = h.conn.conn.stream.send(&self.machine.to_server).await;
                 self.machine.to_server.clear();
                 if let Err(e) = result {
                     self.machine.on_server_lost(&e.to_string());
@@ -942,7 +942,7 @@ impl<'a> Driver<'a> {
         self.bytes_out += self.machine.to_client.len() as u64;
         let client = &mut self.client;
         let out = &self.machine.to_client;
-        let write = async { client.write_all(out).await.is_ok() && client.flush().await.is_ok() };
+        let write = async { client.send(out).await.is_ok() };
         let ok = match deadline {
             None => write.await,
             Some(d) => {

@@ -99,6 +99,10 @@ pub struct Machine<'a> {
     /// A client message taken from the input but not dispatched yet: the first of a unit
     /// waiting for its connection, or the next unit's, held back until this one ends.
     stash: Option<Bytes>,
+    /// The stashed message is a Query already looked at for a causal-token statement
+    /// and LISTEN between units (and found to be neither): not looked at again when it
+    /// is taken back once its connection is there.
+    stash_checked: bool,
     /// The client's messages of the unit in progress as received, for a retry (kept
     /// here, not in `Unit`, so its allocation is reused).
     sent: Vec<Bytes>,
@@ -159,6 +163,7 @@ impl<'a> Machine<'a> {
             pinned: None,
             check_pins: false,
             stash: None,
+            stash_checked: false,
             sent: Vec::new(),
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
@@ -396,6 +401,7 @@ impl<'a> Machine<'a> {
         if !fresh_unit || e.code() == SqlState::ADMIN_SHUTDOWN {
             return self.end(Some(e));
         }
+        self.stash_checked = false;
         let Some(first) = self.stash.take() else {
             return self.end(Some(e));
         };
@@ -460,10 +466,12 @@ impl<'a> Machine<'a> {
                 }
                 continue;
             }
-            let query = match tag == Some(FrontendTag::Query) && self.between_units() {
+            let checked = std::mem::take(&mut self.stash_checked);
+            let query = match tag == Some(FrontendTag::Query) && !checked && self.between_units() {
                 true => Query::decode(&msg[5..]).ok(),
                 false => None,
             };
+            let looked_at = query.is_some();
             if let Some(q) = query {
                 if let Some(stmt) = classify::causal_statement(q.sql) {
                     self.actions.push_back(Action::Causal(stmt));
@@ -502,6 +510,7 @@ impl<'a> Machine<'a> {
                         && unit::reads(&msg, input, &self.stmts, self.classifier, &self.state);
                     self.phase = Phase::Acquiring { read, rerun: false };
                     self.stash = Some(msg);
+                    self.stash_checked = looked_at;
                     let acquire = self.route(read, None, false);
                     self.actions.push_back(acquire);
                     return;

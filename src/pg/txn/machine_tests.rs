@@ -821,6 +821,31 @@ fn a_unit_that_gets_no_connection_is_refused_and_the_session_goes_on() {
 }
 
 #[test]
+fn a_query_looked_at_once_before_its_checkout_is_not_mistaken_for_the_next() {
+    let mut h = Harness::new(false);
+    // Looked at for a causal-token statement before the checkout, not after it.
+    let mut input = query("SELECT 1");
+    h.m.on_client_input(&mut input, None);
+    assert!(matches!(h.m.next_action(), Some(Action::Acquire { .. })));
+    h.m.on_acquire_failed(Error::no_route("no primary available for cluster \"main\""));
+    assert_eq!(h.take_client(), "EZ");
+    // The refused query's mark does not carry over to the next message.
+    h.log.clear();
+    h.client(&query("SHOW switchyard.causal_token"));
+    assert_eq!(h.take_client(), "TDCZ");
+    assert!(h.log.iter().all(|a| matches!(a, Action::Causal(_))), "{:?}", h.log);
+    // Nor to the message after a unit that ran.
+    h.client_buf(&mut query("SELECT 1"), true);
+    h.server(&cat(&[row_answer(), ready(b'I')]));
+    h.perform(true);
+    assert_eq!(h.take_client(), "TDCZ");
+    h.log.clear();
+    h.client(&query("SHOW switchyard.causal_token"));
+    assert_eq!(h.take_client(), "TDCZ");
+    assert!(h.log.iter().all(|a| matches!(a, Action::Causal(_))), "{:?}", h.log);
+}
+
+#[test]
 fn a_refusal_while_shutting_down_ends_the_session() {
     let mut h = Harness::new(false);
     let mut input = query("SELECT 1");
