@@ -447,7 +447,7 @@ impl<'a> Machine<'a> {
         // Nothing a client sends before its greeting is looked at until then (it would
         // land on the connection the greeting borrows).
         while matches!(self.phase, Phase::Serving | Phase::SkippingToSync) && self.actions.is_empty() {
-            let msg = match self.next_client_message(input) {
+            let (msg, checked) = match self.next_client_message(input) {
                 Ok(Some(m)) => m,
                 Ok(None) => return,
                 Err(e) => {
@@ -466,7 +466,6 @@ impl<'a> Machine<'a> {
                 }
                 continue;
             }
-            let checked = std::mem::take(&mut self.stash_checked);
             let query = match tag == Some(FrontendTag::Query) && !checked && self.between_units() {
                 true => Query::decode(&msg[5..]).ok(),
                 false => None,
@@ -526,10 +525,11 @@ impl<'a> Machine<'a> {
         self.end(None);
     }
 
-    /// The next complete client message: the stashed one first.
-    fn next_client_message(&mut self, input: &mut BytesMut) -> Result<Option<Bytes>, Error> {
+    /// The next complete client message: the stashed one first, with its mark
+    /// (`stash_checked`).
+    fn next_client_message(&mut self, input: &mut BytesMut) -> Result<Option<(Bytes, bool)>, Error> {
         if let Some(m) = self.stash.take() {
-            return Ok(Some(m));
+            return Ok(Some((m, std::mem::take(&mut self.stash_checked))));
         }
         let Some((tag, len)) = views::header(input) else {
             return Ok(None);
@@ -550,7 +550,7 @@ impl<'a> Machine<'a> {
         if input.len() < len as usize + 1 {
             return Ok(None);
         }
-        Ok(Some(input.split_to(len as usize + 1).freeze()))
+        Ok(Some((input.split_to(len as usize + 1).freeze(), false)))
     }
 
     /// A lone `Parse(name) + Sync` between units is answered here, without a server
