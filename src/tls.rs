@@ -328,7 +328,22 @@ macro_rules! read_some {
         }
     };
 }
-pub(crate) use {delegate_read, delegate_write, read_some};
+/// `send` for a plain-or-TLS stream: `write_plain` on the plain socket, write and flush
+/// through rustls.
+macro_rules! send {
+    ($ty:ty) => {
+        impl $ty {
+            /// Write and flush `bytes` (`tls::write_plain` on a plain socket).
+            pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+                match self {
+                    Self::Plain(tcp) => $crate::tls::write_plain(tcp, bytes).await,
+                    Self::Tls(t) => $crate::tls::write_flush(t, bytes).await,
+                }
+            }
+        }
+    };
+}
+pub(crate) use {delegate_read, delegate_write, read_some, send};
 
 delegate_read!(ServerStream, Plain, Tls);
 delegate_write!(ServerStream, Plain, Tls);
@@ -336,6 +351,7 @@ delegate_read!(ServerRead<'_>, Plain, Tls);
 delegate_write!(ServerWrite<'_>, Plain, Tls);
 read_some!(ServerStream, s => s);
 read_some!(ServerRead<'_>, s => s.as_ref());
+send!(ServerStream);
 
 /// One read from a plain socket into `buf`, as `read_buf` does, except that a short read
 /// (less than the room there was) also forgets the socket's readiness.
@@ -402,16 +418,6 @@ pub async fn write_plain(tcp: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
         tcp.write_all(rest).await?;
     }
     Ok(())
-}
-
-impl ServerStream {
-    /// Write and flush `bytes` (`write_plain` on a plain socket).
-    pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        match self {
-            ServerStream::Plain(tcp) => write_plain(tcp, bytes).await,
-            ServerStream::Tls(tls) => write_flush(tls, bytes).await,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -151,14 +151,6 @@ impl ClientStream {
         matches!(self, ClientStream::Tls(_))
     }
 
-    /// Write and flush `bytes` (`tls::write_plain` on a plain socket).
-    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        match self {
-            ClientStream::Plain(tcp) => crate::tls::write_plain(tcp, bytes).await,
-            ClientStream::Tls(tls) => write_flush(tls, bytes).await,
-        }
-    }
-
     /// The two directions, usable at once (the session-mode relay).
     pub fn split(&mut self) -> (ClientRead<'_>, ClientWrite<'_>) {
         match self {
@@ -215,3 +207,4 @@ crate::tls::delegate_read!(ClientRead<'_>, Plain, Tls);
 crate::tls::delegate_write!(ClientWrite<'_>, Plain, Tls);
 crate::tls::read_some!(ClientStream, s => s);
 crate::tls::read_some!(ClientRead<'_>, s => s.as_ref());
+crate::tls::send!(ClientStream);

@@ -98,11 +98,10 @@ pub struct Machine<'a> {
     check_pins: bool,
     /// A client message taken from the input but not dispatched yet: the first of a unit
     /// waiting for its connection, or the next unit's, held back until this one ends.
-    stash: Option<Bytes>,
-    /// The stashed message is a Query already looked at for a causal-token statement
-    /// and LISTEN between units (and found to be neither): not looked at again when it
-    /// is taken back once its connection is there.
-    stash_checked: bool,
+    /// With it, whether it is a Query already looked at for a causal-token statement and
+    /// LISTEN between units (and found to be neither): not looked at again when it is
+    /// taken back once its connection is there.
+    stash: Option<(Bytes, bool)>,
     /// The client's messages of the unit in progress as received, for a retry (kept
     /// here, not in `Unit`, so its allocation is reused).
     sent: Vec<Bytes>,
@@ -163,7 +162,6 @@ impl<'a> Machine<'a> {
             pinned: None,
             check_pins: false,
             stash: None,
-            stash_checked: false,
             sent: Vec::new(),
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
@@ -401,8 +399,7 @@ impl<'a> Machine<'a> {
         if !fresh_unit || e.code() == SqlState::ADMIN_SHUTDOWN {
             return self.end(Some(e));
         }
-        self.stash_checked = false;
-        let Some(first) = self.stash.take() else {
+        let Some((first, _)) = self.stash.take() else {
             return self.end(Some(e));
         };
         self.to_client.extend_from_slice(&e.to_error(None));
@@ -492,7 +489,7 @@ impl<'a> Machine<'a> {
                     // A read sent to a standby ends with its Sync/Query: what follows is
                     // a new unit, routed on its own once this one is answered.
                     if u.retryable && self.owed.pending() > 0 && self.owed.last() == Some(Owed::Ready) {
-                        self.stash = Some(msg);
+                        self.stash = Some((msg, false));
                         return;
                     }
                     if let Err(e) = self.forward(msg, c) {
@@ -508,8 +505,7 @@ impl<'a> Machine<'a> {
                     let read = (self.cfg.split || self.cfg.read_only_endpoint)
                         && unit::reads(&msg, input, &self.stmts, self.classifier, &self.state);
                     self.phase = Phase::Acquiring { read, rerun: false };
-                    self.stash = Some(msg);
-                    self.stash_checked = looked_at;
+                    self.stash = Some((msg, looked_at));
                     let acquire = self.route(read, None, false);
                     self.actions.push_back(acquire);
                     return;
@@ -525,11 +521,11 @@ impl<'a> Machine<'a> {
         self.end(None);
     }
 
-    /// The next complete client message: the stashed one first, with its mark
-    /// (`stash_checked`).
+    /// The next complete client message: the stashed one first, with its mark (see
+    /// `stash`).
     fn next_client_message(&mut self, input: &mut BytesMut) -> Result<Option<(Bytes, bool)>, Error> {
         if let Some(m) = self.stash.take() {
-            return Ok(Some((m, std::mem::take(&mut self.stash_checked))));
+            return Ok(Some(m));
         }
         let Some((tag, len)) = views::header(input) else {
             return Ok(None);
