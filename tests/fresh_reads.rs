@@ -95,6 +95,105 @@ async fn a_read_after_a_write_sees_it_and_reads_alone_stay_on_standbys() {
         metrics.contains("switchyard_reads_to_primary_for_freshness_total{cluster=\"main\"}"),
         "{metrics}"
     );
+    // The first read after a write asked the oracle; from then on, the client being one
+    // that reads after it writes, each write's floor was asked on its own connection.
+    assert_eq!(
+        (floors(&metrics, "oracle"), floors(&metrics, "write_connection")),
+        (1, 4),
+        "{metrics}"
+    );
+}
+
+/// `switchyard_write_floors_total` for where the floors were asked.
+fn floors(metrics: &str, asked_on: &str) -> u64 {
+    let key = format!("switchyard_write_floors_total{{cluster=\"main\",asked_on=\"{asked_on}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {key} in {metrics}"))
+}
+
+/// A client whose user may not call the functions that tell the WAL position: the
+/// question on its write's connection fails once, unseen by the client, and the oracle
+/// (the health user's login) answers from then on; every read still sees its write.
+/// And a `search_path` of the client's cannot put its own functions in the question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_user_may_not_ask_on_its_write_connection_the_oracle_answers() {
+    let cluster = delayed_cluster(1);
+    cluster.sql(0, "CREATE ROLE plain LOGIN PASSWORD 'plain'").unwrap();
+    // Functions' privileges are per database: the health user's is `postgres`.
+    for sql in [
+        "REVOKE EXECUTE ON FUNCTION pg_walfile_name(pg_lsn) FROM PUBLIC",
+        &format!("GRANT EXECUTE ON FUNCTION pg_walfile_name(pg_lsn) TO {APP_USER}"),
+        "CREATE SCHEMA decoy",
+    ] {
+        cluster.sql_db(0, APP_DB, sql).unwrap();
+    }
+    // Were the question to find this, the floor would be the WAL's very start: a read
+    // would be sent to the late standby, and miss its write.
+    cluster
+        .sql_db(
+            0,
+            APP_DB,
+            "CREATE FUNCTION decoy.pg_current_wal_insert_lsn() RETURNS pg_lsn LANGUAGE sql AS $$ SELECT '0/1'::pg_lsn $$",
+        )
+        .unwrap();
+    cluster
+        .sql_db(0, APP_DB, "GRANT USAGE ON SCHEMA decoy TO PUBLIC")
+        .unwrap();
+    let admin = free_port();
+    let proxy = Proxy::start(
+        &cluster,
+        "proxy",
+        SPLIT,
+        &format!(
+            "[health]\ninterval_ms = 500\nuser = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n\
+             [admin]\nhttp_listen = \"127.0.0.1:{admin}\"\n\n[[users]]\nname = \"plain\"\npassword = \"plain\"\n"
+        ),
+    );
+    table_t(&cluster);
+    let as_user = |user: &'static str, password: &'static str| async move {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(proxy.rw)
+            .user(user)
+            .password(password)
+            .dbname(APP_DB)
+            .options("-c search_path=decoy,pg_catalog,public");
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    };
+    for (user, password, asked_on) in [
+        ("plain", "plain", "oracle"),
+        (APP_USER, APP_PASSWORD, "write_connection"),
+    ] {
+        let before = http_get(admin, "/metrics").1;
+        let c = as_user(user, password).await;
+        let decoy = one(&c, "SELECT pg_current_wal_insert_lsn()").await.unwrap();
+        assert_eq!(decoy, "0/1", "{user}: the decoy is not first on the search_path");
+        for id in 1..=4 {
+            let id = if user == "plain" { id } else { 100 + id };
+            c.simple_query(&format!("INSERT INTO t VALUES ({id})")).await.unwrap();
+            let seen = one(&c, &format!("SELECT count(*) FROM t WHERE id = {id}"))
+                .await
+                .unwrap();
+            assert_eq!(seen, "1", "{user}: read after write {id} missed it");
+            if id % 100 == 1 {
+                // The standby catches up with the first write: were a later floor too
+                // low (the decoy's), the next read would go there and miss its write.
+                tokio::task::block_in_place(|| cluster.wait_replayed(Duration::from_secs(10))).unwrap();
+            }
+        }
+        let after = http_get(admin, "/metrics").1;
+        let grew = |on: &str| floors(&after, on) - floors(&before, on);
+        // plain: write 2's question failed on its connection (not counted), then the
+        // oracle answered for every write. app: the oracle for the first, then its own
+        // connection for the other three.
+        let want = if asked_on == "oracle" { (4, 0) } else { (1, 3) };
+        assert_eq!((grew("oracle"), grew("write_connection")), want, "{user}: {after}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

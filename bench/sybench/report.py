@@ -491,7 +491,7 @@ def write(res, out_dir, name):
     L.append(f"- pgbench: `-n -T {a.get('duration')} -j min({a.get('jobs')}, clients) -l` (per-transaction log); "
              "with 100 clients or more `-T` is lengthened by clients × 5 ms + 1 s, because pgbench's clock starts "
              "before its (SCRAM) connections are made — about 3.8 s for 1000 clients here; "
-             "TPC-B cases get `VACUUM pgbench_branches, pgbench_tellers; TRUNCATE pgbench_history` over the "
+             "TPC-B and mix runs get `VACUUM pgbench_branches, pgbench_tellers; TRUNCATE pgbench_history` over the "
              "primary's socket before each run (what pgbench does without `-n`). tps is pgbench's figure "
              "without initial connection time; avg/p50/p99 are computed from every transaction in the "
              "per-transaction logs. The order of systems rotates from case to case.")

@@ -3,7 +3,10 @@
 //!   acknowledged" with `pg_current_wal_insert_lsn()` on the primary. It is asked lazily,
 //!   by the first read that follows a write (or a `SHOW switchyard.causal_token`), never
 //!   per write, so write-only and read-only traffic pay nothing; concurrent askers share
-//!   one query (each needs only a query *started* after its own commit).
+//!   one query (each needs only a query *started* after its own commit). Once a client
+//!   has read after writing, transaction pooling asks the same question
+//!   (`WRITE_FLOOR_SQL`) on the connection each later write ended on, before giving it
+//!   back (`pg::txn::ask`): the read that follows then finds its floor known.
 //! - a **probe** per standby polls `pg_last_wal_replay_lsn()` every few milliseconds,
 //!   only while some read waits on that standby, and publishes what it saw.
 //!
@@ -215,14 +218,31 @@ async fn open(addr: &str, login: &SharedLogin, app: &str) -> Option<Client> {
     Some(client)
 }
 
-const ORACLE_SQL: &str = "SELECT pg_current_wal_insert_lsn()::text,
-    ('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8))::bit(32)::int";
+/// A floor at or after every write acknowledged before it started: the primary's WAL
+/// insert position, the name of its WAL file (whose first 8 hex digits are the
+/// timeline), and the WAL page and segment sizes `reachable` needs, all as text. Asked by
+/// the oracle, and by a transaction-pooling session on the connection its write ended on
+/// (`pg::txn::ask`), where the client's `search_path` applies: every function is named
+/// with its schema, and no operator is used. The sizes come from `current_setting`, a
+/// lookup: `pg_settings` made each answer cost the primary about 0.5 ms instead of 0.08
+/// (it builds every setting's row).
+pub const WRITE_FLOOR_SQL: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, \
+    pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), \
+    pg_catalog.current_setting('wal_block_size'), \
+    pg_catalog.pg_size_bytes(pg_catalog.current_setting('wal_segment_size'))::text";
 
-/// The WAL page and segment sizes, fixed when the cluster was made: asked once per
-/// oracle connection. (In the oracle's own query, `pg_settings` made each answer cost
-/// the primary about 0.5 ms instead of 0.08: it builds every setting's row.)
-const SIZES_SQL: &str = "SELECT current_setting('wal_block_size')::bigint,
-    (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size')";
+/// The floor in an answer to `WRITE_FLOOR_SQL`.
+pub fn floor_of_row(cols: &[Option<String>]) -> Option<Floor> {
+    let col = |i: usize| cols.get(i)?.as_deref();
+    let lsn = parse_lsn(col(0)?)?;
+    let timeline = u32::from_str_radix(col(1)?.get(..8)?, 16).ok()?;
+    let page: u64 = col(2)?.parse().ok()?;
+    let segment: u64 = col(3)?.parse().ok()?;
+    Some(Floor {
+        timeline,
+        lsn: reachable(lsn, page, segment),
+    })
+}
 
 /// The WAL insert position as a standby's replay position can reach it. When the last
 /// record ended exactly at a page boundary, PostgreSQL reports the insert position past
@@ -245,8 +265,6 @@ struct Prepared {
     client: Client,
     statement: Statement,
     broken: AtomicBool,
-    /// The oracle's connection: the server's WAL page and segment sizes (`SIZES_SQL`).
-    sizes: (u64, u64),
 }
 
 async fn prepare(addr: &str, login: &SharedLogin, sql: &str) -> Option<Arc<Prepared>> {
@@ -260,20 +278,7 @@ async fn prepare(addr: &str, login: &SharedLogin, sql: &str) -> Option<Arc<Prepa
         client,
         statement,
         broken: AtomicBool::new(false),
-        sizes: (0, 0),
     }))
-}
-
-/// The oracle's connection: `prepare`, and the sizes its answers are adjusted with.
-async fn prepare_oracle(addr: &str, login: &SharedLogin) -> Option<Arc<Prepared>> {
-    let mut c = prepare(addr, login, ORACLE_SQL).await?;
-    let row = tokio::time::timeout(QUERY_TIMEOUT, c.client.query_one(SIZES_SQL, &[]))
-        .await
-        .ok()?
-        .ok()?;
-    let (page, segment): (i64, Option<i64>) = (row.get(0), row.get(1));
-    Arc::get_mut(&mut c)?.sizes = (page as u64, segment.unwrap_or(0) as u64);
-    Some(c)
 }
 
 /// Answers `write_floor` requests: each kick starts a query at once, pipelined on one
@@ -296,7 +301,7 @@ async fn run_oracle(oracle: Arc<Oracle>, state: Arc<ClusterState>, login: Shared
             .as_ref()
             .is_none_or(|c| c.addr != addr || c.broken.load(Ordering::Relaxed))
         {
-            conn = prepare_oracle(&addr, &login).await;
+            conn = prepare(&addr, &login, WRITE_FLOOR_SQL).await;
         }
         let Some(c) = conn.clone() else {
             publish(&oracle, n, None);
@@ -306,13 +311,8 @@ async fn run_oracle(oracle: Arc<Oracle>, state: Arc<ClusterState>, login: Shared
         tokio::spawn(async move {
             let answer = match tokio::time::timeout(QUERY_TIMEOUT, c.client.query_one(&c.statement, &[])).await {
                 Ok(Ok(row)) => {
-                    let lsn: Option<String> = row.get(0);
-                    let timeline: Option<i32> = row.get(1);
-                    let (page, segment) = c.sizes;
-                    lsn.as_deref().and_then(parse_lsn).zip(timeline).map(|(lsn, t)| Floor {
-                        timeline: t as u32,
-                        lsn: reachable(lsn, page, segment),
-                    })
+                    let cols: Vec<Option<String>> = (0..row.len()).map(|i| row.get(i)).collect();
+                    floor_of_row(&cols)
                 }
                 _ => {
                     c.broken.store(true, Ordering::Relaxed);
@@ -390,6 +390,26 @@ async fn run_probe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_floor_is_read_from_the_text_columns_of_its_answer() {
+        let row = |cols: &[Option<&str>]| cols.iter().map(|c| c.map(String::from)).collect::<Vec<_>>();
+        let wal = Some("0000001A0000000000000003");
+        let f = floor_of_row(&row(&[Some("0/3000148"), wal, Some("8192"), Some("16777216")]));
+        assert_eq!(
+            f,
+            Some(Floor {
+                timeline: 0x1a,
+                lsn: 0x3000148
+            })
+        );
+        // Past a page header: taken back to the page's start, with the sizes in the row.
+        let f = floor_of_row(&row(&[Some("0/3002018"), wal, Some("8192"), Some("16777216")]));
+        assert_eq!(f.map(|f| f.lsn), Some(0x3002000));
+        assert_eq!(floor_of_row(&row(&[None, wal, Some("8192"), Some("16777216")])), None);
+        assert_eq!(floor_of_row(&row(&[Some("0/1"), Some("0000")])), None);
+        assert_eq!(floor_of_row(&row(&[Some("0/1"), wal])), None);
+    }
 
     #[test]
     fn an_insert_position_past_a_page_header_is_taken_back_to_the_boundary() {

@@ -14,6 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::AsyncReadExt;
 use tracing::{info, warn};
 
+use super::ask::{self, Asked};
 use super::machine::{Action, Config, Machine, Target};
 use crate::cluster::freshness::Floor;
 use crate::cluster::routing::{self, Endpoint};
@@ -25,6 +26,7 @@ use crate::obs::digest::Route;
 use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 use crate::pg::credential::Credential;
 use crate::pg::fresh::{Causal, FreshMetrics, Placement};
+use crate::pg::freshness::{floor_of_row, WRITE_FLOOR_SQL};
 use crate::pg::pool::{Pool, PoolError, PoolKey, PooledConn};
 use crate::pg::protocol::tags::BackendTag;
 use crate::pg::protocol::views;
@@ -430,7 +432,7 @@ impl<'a> Driver<'a> {
                         let closed = crate::pg::PgShared::of(self.shared).pools.close_idle_to(&db);
                         info!(cluster = %self.cluster.name, database = %db, closed, "closed idle pooled connections to a database a statement needs free");
                     }
-                    Action::Release { reuse } => {
+                    Action::Release { mut reuse } => {
                         // Published as the unit ends, before the client hears its answer:
                         // with a shared floor another connection's next read must see it.
                         self.note_writes();
@@ -443,6 +445,10 @@ impl<'a> Driver<'a> {
                         }
                         if !self.machine.notified.is_empty() && self.notify.is_some() {
                             Box::pin(self.own_notifications_first()).await;
+                            clock = Clock::default();
+                        }
+                        if reuse && self.causal.learn_now().is_some() {
+                            reuse = Box::pin(self.learn_floor()).await;
                             clock = Clock::default();
                         }
                         self.release(reuse, clock.now())
@@ -878,48 +884,52 @@ impl<'a> Driver<'a> {
 
     /// How many session advisory locks, WITH HOLD cursors and temporary objects (tables,
     /// views, sequences, functions, types) the held connection's session holds (None: it
-    /// could not say, within a second). Its answer is read here, never relayed.
+    /// could not say, within a second).
     async fn count_pins(&mut self) -> Option<u64> {
-        const ASK: &[u8] = b"SELECT (SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
-            + (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
-            + (SELECT count(*) FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema()) \
-            + (SELECT count(*) FROM pg_catalog.pg_proc WHERE pronamespace = pg_catalog.pg_my_temp_schema()) \
-            + (SELECT count(*) FROM pg_catalog.pg_type WHERE typnamespace = pg_catalog.pg_my_temp_schema())\0";
+        // Named with their schemas, operators too: the client's `search_path` applies.
+        const ASK: &str = "SELECT (SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks WHERE locktype OPERATOR(pg_catalog.=) 'advisory' AND pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()) \
+            OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
+            OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+            OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc WHERE pronamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+            OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type WHERE typnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema())";
         let h = self.held.as_mut()?;
-        let stream = &mut h.conn.conn.stream;
-        let sbuf = &mut self.sbuf;
-        let asked = async {
-            let mut q = Vec::with_capacity(ASK.len() + 5);
-            q.push(b'Q');
-            q.extend_from_slice(&(ASK.len() as u32 + 4).to_be_bytes());
-            q.extend_from_slice(ASK);
-            write_flush(stream, &q).await.ok()?;
-            let mut count = None;
-            loop {
-                while let Some((tag, len)) = crate::pg::protocol::views::header(sbuf) {
-                    let whole = len as usize + 1;
-                    if sbuf.len() < whole {
-                        break;
-                    }
-                    let msg = sbuf.split_to(whole);
-                    match BackendTag::of(tag) {
-                        // One column: its length (4 bytes) after the column count (2).
-                        BackendTag::DataRow => {
-                            count = msg.get(11..).and_then(|v| std::str::from_utf8(v).ok()?.parse().ok());
-                        }
-                        BackendTag::ReadyForQuery => return count,
-                        BackendTag::ErrorResponse => return None,
-                        _ => {}
-                    }
-                }
-                if stream.read_buf(sbuf).await.ok()? == 0 {
-                    return None;
-                }
-            }
+        match ask::ask(&mut h.conn.conn.stream, &mut self.sbuf, ASK).await {
+            Asked::Row(cols) => cols.first()?.as_deref()?.parse().ok(),
+            Asked::NoRow | Asked::Lost => None,
+        }
+    }
+
+    /// A write unit ended on the primary and the client's reads follow its writes
+    /// (`Causal::learn_now`): learn the floor of its writes on the connection it holds,
+    /// before giving it back, so that its next read need not ask the oracle. The client
+    /// hears its answer first. False: the connection must not be reused.
+    async fn learn_floor(&mut self) -> bool {
+        let Some(covers) = self.causal.learn_now() else {
+            return true;
         };
-        let held = tokio::time::timeout(Duration::from_secs(1), asked).await.ok().flatten();
-        self.sbuf.clear();
-        held
+        if !self.held.as_ref().is_some_and(|h| h.on_primary) || !self.machine.to_server.is_empty() {
+            return true;
+        }
+        if !self.flush_client().await {
+            // The client is gone: its session ends at the next read.
+            return true;
+        }
+        let Some(h) = self.held.as_mut() else { return true };
+        match ask::ask(&mut h.conn.conn.stream, &mut self.sbuf, WRITE_FLOOR_SQL).await {
+            Asked::Row(cols) => {
+                if let Some(floor) = floor_of_row(&cols) {
+                    self.causal.learned(floor, covers);
+                }
+                true
+            }
+            // Not a primary any more, or the user may not call the functions: the next
+            // read asks the oracle, and so do this client's later ones.
+            Asked::NoRow => {
+                self.causal.not_on_writes();
+                true
+            }
+            Asked::Lost => false,
+        }
     }
 
     /// Write what the machine has for the client; false if the client is gone.

@@ -18,9 +18,11 @@
 //! phase (greeting, serving, acquiring, skipping to Sync, ended). None of these files
 //! does I/O or imports a module that does (`tests/layout.rs` checks).
 //!
-//! `driver` is the async loop that owns the sockets and performs the machine's actions.
+//! `driver` is the async loop that owns the sockets and performs the machine's actions;
+//! `ask` puts the proxy's own questions to a held connection between units.
 
 pub mod action;
+pub mod ask;
 pub mod conn;
 pub mod driver;
 pub mod machine;
