@@ -610,7 +610,7 @@ def write(res, out_dir, name):
         L.append("## Cost of read-your-writes (read_write_split, primary + one standby)\n")
         L.append("The same pgbench run (-M simple) through two Switchyard processes in transaction mode with "
                  "`read_write_split = true`, one with `read_your_writes = \"session\"` (the default) and one with "
-                 f"`\"off\"`, alternating, {a.get('classify_repeat')} runs each; median tps. Each `causal_wait_ms` "
+                 f"`\"off\"`, alternating, {a.get('freshness_repeat', a.get('classify_repeat'))} runs each; median tps. Each `causal_wait_ms` "
                  "(`--freshness-wait-ms`) is its own \"session\" process against the same \"off\" one. Targets "
                  "(issue 25, the mix at 16 clients): at most 5 % slower with `causal_wait_ms = 0`, 10 % with 100.\n")
         L.append("| workload | clients | causal_wait_ms | off tps (runs) | on tps (runs) | slowdown | off p50/p99 ms | on p50/p99 ms |")

@@ -66,15 +66,6 @@ pub struct PromotionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FloorLabels {
-    pub cluster: String,
-    /// Where the floor of a client's writes was asked: `oracle` (Switchyard's own
-    /// connection, by the first read after a write) or `write_connection` (the connection
-    /// the write ended on, before it went back to the pool).
-    pub asked_on: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub cluster: String,
     /// Which limit refused a client, or which timeout fired.
@@ -147,8 +138,6 @@ pub struct Metrics {
     pub reads_to_primary_for_freshness: Family<ClusterLabels, Counter>,
     /// How long reads waited for a standby to replay far enough (reads that waited).
     pub causal_wait_seconds: Family<ClusterLabels, Histogram>,
-    /// Floors of clients' writes learned from the primary, by where they were asked.
-    pub write_floors: Family<FloorLabels, Counter>,
     /// Clients refused by a limit (`proxy::limits`), by which.
     clients_refused: Family<ReasonLabels, Counter>,
     /// Client timeouts that fired (client_idle, idle_transaction, query), by which.
@@ -308,7 +297,6 @@ impl Default for Metrics {
             published_epoch: Family::default(),
             reads_to_standby: Family::default(),
             reads_to_primary_for_freshness: Family::default(),
-            write_floors: Family::default(),
             clients_refused: Family::default(),
             client_timeouts: Family::default(),
             query_digests: Gauge::default(),
@@ -335,13 +323,6 @@ impl Default for Metrics {
             "reads_to_primary_for_freshness",
             "Reads sent to the primary because no standby had replayed the client's writes or causal token within causal_wait_ms",
             m.reads_to_primary_for_freshness.clone(),
-        );
-        register(
-            &mut r,
-            &mut families,
-            "write_floors",
-            "WAL positions of clients' writes learned from the primary for read-your-writes, by where they were asked (oracle, write_connection)",
-            m.write_floors.clone(),
         );
         register(
             &mut r,

@@ -17,7 +17,7 @@ use crate::cluster::topology::{ClusterSnapshot, Role};
 use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, ReadYourWrites};
 use crate::error::Error;
-use crate::obs::metrics::{ClusterLabels, FloorLabels, Metrics};
+use crate::obs::metrics::{ClusterLabels, Metrics};
 use crate::pg::classify::{self, CausalStatement};
 use crate::pg::protocol::tags::FrontendTag;
 use crate::pg::protocol::views;
@@ -40,13 +40,6 @@ pub struct Causal {
     writes: Arc<WriteFloor>,
     /// A token the client presented (SET, startup option).
     token: Option<Floor>,
-    /// Set once a read of this client had to learn the floor of its writes: from then on
-    /// the floor of each write is learned as the write ends, on its own connection
-    /// (`learn_now`). A client that only writes never pays for it.
-    reads_after_writes: bool,
-    /// The question failed on a write's connection (the user may not call the functions,
-    /// say): not asked there again, where each failure is an error in the server's log.
-    not_on_writes: bool,
     metrics: FreshMetrics,
 }
 
@@ -56,8 +49,6 @@ pub struct FreshMetrics {
     to_standby: Counter,
     to_primary: Counter,
     waited: Histogram,
-    floor_by_oracle: Counter,
-    floor_on_write_connection: Counter,
 }
 
 impl FreshMetrics {
@@ -65,18 +56,7 @@ impl FreshMetrics {
         let labels = ClusterLabels {
             cluster: cluster.to_string(),
         };
-        let floors = |asked_on: &str| {
-            metrics
-                .write_floors
-                .get_or_create(&FloorLabels {
-                    cluster: cluster.to_string(),
-                    asked_on: asked_on.to_string(),
-                })
-                .clone()
-        };
         FreshMetrics {
-            floor_by_oracle: floors("oracle"),
-            floor_on_write_connection: floors("write_connection"),
             to_standby: metrics.reads_to_standby.get_or_create(&labels).clone(),
             to_primary: metrics.reads_to_primary_for_freshness.get_or_create(&labels).clone(),
             waited: metrics.causal_wait_seconds.get_or_create(&labels).clone(),
@@ -112,8 +92,6 @@ impl Causal {
             wait: Duration::from_millis(cc.causal_wait_ms),
             writes,
             token,
-            reads_after_writes: false,
-            not_on_writes: false,
             metrics,
         }
     }
@@ -123,30 +101,6 @@ impl Causal {
         self.writes.wrote();
     }
 
-    /// Whether to learn the floor of this client's writes now, on the primary connection
-    /// a unit just ended on: Some(the write count a floor asked for now covers) when a
-    /// write is not covered yet and the client's reads follow its writes. Asked there, the
-    /// floor costs a round trip on a connection already held instead of the oracle's
-    /// (another thread, another connection) on the next read's path.
-    pub fn learn_now(&self) -> Option<u64> {
-        if !self.read_your_writes || !self.reads_after_writes || self.not_on_writes {
-            return None;
-        }
-        self.writes.pending().1
-    }
-
-    /// The server answered the question on a write's connection with an error: the
-    /// oracle answers for this client from now on.
-    pub fn not_on_writes(&mut self) {
-        self.not_on_writes = true;
-    }
-
-    /// `floor` was asked for after the first `covers` writes had ended (`learn_now`).
-    pub fn learned(&self, floor: Floor, covers: u64) {
-        self.writes.learned(floor, covers);
-        self.metrics.floor_on_write_connection.inc();
-    }
-
     /// The floor of the client's writes, learning it from the primary first if a write
     /// ended since it was last learned; Err(known floor) if the primary could not tell.
     async fn resolve(&mut self, cluster: &ClusterCtx) -> Result<Option<Floor>, Option<Floor>> {
@@ -154,7 +108,6 @@ impl Causal {
         let Some(covers) = pending else {
             return Ok(known);
         };
-        self.reads_after_writes = true;
         // No primary: nobody can say, and asking would only wait.
         let snap = cluster.state.snapshot();
         if routing::primary(&snap).is_err() {
@@ -167,7 +120,6 @@ impl Causal {
         {
             Some(f) => {
                 self.writes.learned(f, covers);
-                self.metrics.floor_by_oracle.inc();
                 Ok(Floor::join(known, Some(f)))
             }
             None => Err(known),

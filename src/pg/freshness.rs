@@ -3,10 +3,7 @@
 //!   acknowledged" with `pg_current_wal_insert_lsn()` on the primary. It is asked lazily,
 //!   by the first read that follows a write (or a `SHOW switchyard.causal_token`), never
 //!   per write, so write-only and read-only traffic pay nothing; concurrent askers share
-//!   one query (each needs only a query *started* after its own commit). Once a client
-//!   has read after writing, transaction pooling asks the same question
-//!   (`WRITE_FLOOR_SQL`) on the connection each later write ended on, before giving it
-//!   back (`pg::txn::ask`): the read that follows then finds its floor known.
+//!   one query (each needs only a query *started* after its own commit).
 //! - a **probe** per standby polls `pg_last_wal_replay_lsn()` every few milliseconds,
 //!   only while some read waits on that standby, and publishes what it saw.
 //!
@@ -220,19 +217,18 @@ async fn open(addr: &str, login: &SharedLogin, app: &str) -> Option<Client> {
 
 /// A floor at or after every write acknowledged before it started: the primary's WAL
 /// insert position, the name of its WAL file (whose first 8 hex digits are the
-/// timeline), and the WAL page and segment sizes `reachable` needs, all as text. Asked by
-/// the oracle, and by a transaction-pooling session on the connection its write ended on
-/// (`pg::txn::ask`), where the client's `search_path` applies: every function is named
-/// with its schema, and no operator is used. The sizes come from `current_setting`, a
-/// lookup: `pg_settings` made each answer cost the primary about 0.5 ms instead of 0.08
-/// (it builds every setting's row).
-pub const WRITE_FLOOR_SQL: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, \
+/// timeline), and the WAL page and segment sizes `reachable` needs, all as text, in one
+/// answer. The sizes come from `current_setting`, a lookup: `pg_settings` made each
+/// answer cost the primary about 0.5 ms instead of 0.08 (it builds every setting's row).
+/// Every function is named with its schema, and no operator is used: the health user's
+/// `search_path` may be anything.
+const WRITE_FLOOR_SQL: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, \
     pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn()), \
     pg_catalog.current_setting('wal_block_size'), \
     pg_catalog.pg_size_bytes(pg_catalog.current_setting('wal_segment_size'))::text";
 
 /// The floor in an answer to `WRITE_FLOOR_SQL`.
-pub fn floor_of_row(cols: &[Option<String>]) -> Option<Floor> {
+fn floor_of_row(cols: &[Option<String>]) -> Option<Floor> {
     let col = |i: usize| cols.get(i)?.as_deref();
     let lsn = parse_lsn(col(0)?)?;
     let timeline = u32::from_str_radix(col(1)?.get(..8)?, 16).ok()?;

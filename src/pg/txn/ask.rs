@@ -1,6 +1,7 @@
 //! Questions of the proxy's own on a held server connection, between units: one simple
 //! Query whose answer is read here and never relayed (whether what pinned a client is
-//! released; the primary's WAL position after a client's write).
+//! released). The whole answer is read, up to its ReadyForQuery, even after an error:
+//! what is left unread would reach the client as an answer to its next statement.
 
 use std::time::Duration;
 
@@ -68,4 +69,74 @@ pub async fn ask(stream: &mut ServerStream, sbuf: &mut BytesMut, sql: &str) -> A
         .unwrap_or(Asked::Lost);
     sbuf.clear();
     answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::protocol::messages::{
+        command_complete, data_row_text, error_response, ready_for_query, row_description_text, Severity,
+    };
+    use crate::tx::TxStatus;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A server that reads the question, then sends `parts` one at a time, 20 ms apart.
+    async fn asked_of(parts: Vec<BytesMut>) -> (Asked, ServerStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut q = BytesMut::new();
+            s.read_buf(&mut q).await.unwrap();
+            assert_eq!(q[0], b'Q');
+            for p in parts {
+                s.write_all(&p).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            s
+        });
+        let mut stream = ServerStream::Plain(TcpStream::connect(addr).await.unwrap());
+        let mut sbuf = BytesMut::new();
+        let answer = ask(&mut stream, &mut sbuf, "SELECT 1").await;
+        assert!(sbuf.is_empty());
+        drop(server.await.unwrap());
+        (answer, stream)
+    }
+
+    #[tokio::test]
+    async fn a_row_is_read_with_its_ready_for_query() {
+        let mut a = BytesMut::new();
+        row_description_text(&mut a, &["n"]);
+        data_row_text(&mut a, &["3"]);
+        let mut b = BytesMut::new();
+        command_complete(&mut b, "SELECT 1");
+        ready_for_query(&mut b, TxStatus::Idle);
+        let (answer, _) = asked_of(vec![a, b]).await;
+        assert_eq!(answer, Asked::Row(vec![Some("3".to_string())]));
+    }
+
+    /// The old reader stopped at the error: the ReadyForQuery that came after it reached
+    /// the client as the answer to its next statement.
+    #[tokio::test]
+    async fn after_an_error_the_answer_is_read_to_its_end() {
+        let mut a = BytesMut::new();
+        error_response(&mut a, Severity::Error, "42501", "permission denied", None);
+        let mut b = BytesMut::new();
+        ready_for_query(&mut b, TxStatus::Idle);
+        let (answer, mut stream) = asked_of(vec![a, b]).await;
+        assert_eq!(answer, Asked::NoRow);
+        // Nothing is left on the connection: the server has closed it, and the next read
+        // finds its end, not a ReadyForQuery.
+        let mut rest = BytesMut::new();
+        assert_eq!(stream.read_buf(&mut rest).await.unwrap(), 0, "left unread: {rest:?}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_short_is_lost() {
+        let mut a = BytesMut::new();
+        row_description_text(&mut a, &["n"]);
+        let (answer, _) = asked_of(vec![a]).await;
+        assert_eq!(answer, Asked::Lost);
+    }
 }

@@ -26,7 +26,6 @@ use crate::obs::digest::Route;
 use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 use crate::pg::credential::Credential;
 use crate::pg::fresh::{Causal, FreshMetrics, Placement};
-use crate::pg::freshness::{floor_of_row, WRITE_FLOOR_SQL};
 use crate::pg::pool::{Pool, PoolError, PoolKey, PooledConn};
 use crate::pg::protocol::tags::BackendTag;
 use crate::pg::protocol::views;
@@ -432,7 +431,7 @@ impl<'a> Driver<'a> {
                         let closed = crate::pg::PgShared::of(self.shared).pools.close_idle_to(&db);
                         info!(cluster = %self.cluster.name, database = %db, closed, "closed idle pooled connections to a database a statement needs free");
                     }
-                    Action::Release { mut reuse } => {
+                    Action::Release { reuse } => {
                         // Published as the unit ends, before the client hears its answer:
                         // with a shared floor another connection's next read must see it.
                         self.note_writes();
@@ -445,10 +444,6 @@ impl<'a> Driver<'a> {
                         }
                         if !self.machine.notified.is_empty() && self.notify.is_some() {
                             Box::pin(self.own_notifications_first()).await;
-                            clock = Clock::default();
-                        }
-                        if reuse && self.causal.learn_now().is_some() {
-                            reuse = Box::pin(self.learn_floor()).await;
                             clock = Clock::default();
                         }
                         self.release(reuse, clock.now())
@@ -896,39 +891,6 @@ impl<'a> Driver<'a> {
         match ask::ask(&mut h.conn.conn.stream, &mut self.sbuf, ASK).await {
             Asked::Row(cols) => cols.first()?.as_deref()?.parse().ok(),
             Asked::NoRow | Asked::Lost => None,
-        }
-    }
-
-    /// A write unit ended on the primary and the client's reads follow its writes
-    /// (`Causal::learn_now`): learn the floor of its writes on the connection it holds,
-    /// before giving it back, so that its next read need not ask the oracle. The client
-    /// hears its answer first. False: the connection must not be reused.
-    async fn learn_floor(&mut self) -> bool {
-        let Some(covers) = self.causal.learn_now() else {
-            return true;
-        };
-        if !self.held.as_ref().is_some_and(|h| h.on_primary) || !self.machine.to_server.is_empty() {
-            return true;
-        }
-        if !self.flush_client().await {
-            // The client is gone: its session ends at the next read.
-            return true;
-        }
-        let Some(h) = self.held.as_mut() else { return true };
-        match ask::ask(&mut h.conn.conn.stream, &mut self.sbuf, WRITE_FLOOR_SQL).await {
-            Asked::Row(cols) => {
-                if let Some(floor) = floor_of_row(&cols) {
-                    self.causal.learned(floor, covers);
-                }
-                true
-            }
-            // Not a primary any more, or the user may not call the functions: the next
-            // read asks the oracle, and so do this client's later ones.
-            Asked::NoRow => {
-                self.causal.not_on_writes();
-                true
-            }
-            Asked::Lost => false,
         }
     }
 
