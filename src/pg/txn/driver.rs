@@ -453,9 +453,13 @@ impl<'a> Driver<'a> {
                         // nothing owed): the question cannot cross the client's answers.
                         let held = match self.machine.to_server.is_empty() {
                             true => Box::pin(self.count_pins()).await,
-                            false => None,
+                            false => Ok(None),
                         };
-                        self.machine.on_pins_counted(held);
+                        match held {
+                            Ok(held) => self.machine.on_pins_counted(held),
+                            // What the connection still owes is unknown: it cannot go on.
+                            Err(reason) => self.machine.on_server_lost(reason),
+                        }
                     }
                     Action::Listen(ops) => {
                         if self.notify.is_none() {
@@ -879,18 +883,21 @@ impl<'a> Driver<'a> {
 
     /// How many session advisory locks, WITH HOLD cursors and temporary objects (tables,
     /// views, sequences, functions, types) the held connection's session holds (None: it
-    /// could not say, within a second).
-    async fn count_pins(&mut self) -> Option<u64> {
+    /// could not say). Err: no whole answer within a second, or the connection failed.
+    async fn count_pins(&mut self) -> Result<Option<u64>, &'static str> {
         // Named with their schemas, operators too: the client's `search_path` applies.
         const ASK: &str = "SELECT (SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks WHERE locktype OPERATOR(pg_catalog.=) 'advisory' AND pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()) \
             OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_cursors WHERE is_holdable) \
             OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_class WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
             OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc WHERE pronamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
             OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type WHERE typnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema())";
-        let h = self.held.as_mut()?;
+        let Some(h) = self.held.as_mut() else {
+            return Ok(None);
+        };
         match ask::ask(&mut h.conn.conn.stream, &mut self.sbuf, ASK).await {
-            Asked::Row(cols) => cols.first()?.as_deref()?.parse().ok(),
-            Asked::NoRow | Asked::Lost => None,
+            Asked::Row(cols) => Ok(cols.first().and_then(|c| c.as_deref()?.parse().ok())),
+            Asked::NoRow => Ok(None),
+            Asked::Lost => Err("no answer within 1 s to the check of what pins the client to its connection"),
         }
     }
 
