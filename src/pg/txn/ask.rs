@@ -10,7 +10,7 @@ use fallible_iterator::FallibleIterator;
 use postgres_protocol::message::backend::Message;
 use tokio::io::AsyncReadExt;
 
-use crate::tls::{write_flush, ServerStream};
+use crate::tls::ServerStream;
 
 /// How long an answer may take (a healthy server answers these in well under 1 ms).
 const WITHIN: Duration = Duration::from_secs(1);
@@ -34,7 +34,7 @@ pub async fn ask(stream: &mut ServerStream, sbuf: &mut BytesMut, sql: &str) -> A
     let asked = async {
         let mut q = BytesMut::with_capacity(sql.len() + 6);
         postgres_protocol::message::frontend::query(sql, &mut q).ok()?;
-        write_flush(stream, &q).await.ok()?;
+        stream.send(&q).await.ok()?;
         let (mut row, mut failed) = (None, false);
         loop {
             while let Some(msg) = Message::parse(sbuf).ok()? {
