@@ -18,8 +18,40 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+_next_port = [0]
+_port_lock = threading.Lock()
+
+
 def free_port():
-    """A port the kernel just handed out on 127.0.0.1 (free at the time of asking)."""
+    """A port free on 127.0.0.1 at the time of asking, for a server about to listen on it.
+
+    Taken from below the kernel's ephemeral range when there is room: a port that
+    bind(0) hands out may go, before the server binds it, to an outgoing connection's
+    source port, and the server then fails with "Address already in use". Below that
+    range only listeners take ports. The same rule as `free_port` in
+    src/demo/postgres.rs.
+    """
+    lowest = 10_000
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = min(int(f.read().split()[0]), 65_535)
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32_768
+    if ephemeral_low >= lowest + 1_000:
+        span = ephemeral_low - lowest
+        start = (os.getpid() * 7_919) % span
+        for _ in range(span):
+            with _port_lock:
+                n = _next_port[0]
+                _next_port[0] += 1
+            port = lowest + (start + n) % span
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

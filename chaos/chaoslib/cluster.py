@@ -21,7 +21,7 @@ import shutil
 import signal
 import time
 
-from .common import alive, children_of, log, lsn_int, run
+from .common import alive, children_of, free_port, log, lsn_int, run
 
 PG_BIN_DEFAULT = "/usr/lib/postgresql/15/bin"
 DB, USER, PASSWORD = "chaos", "chaos", "chaos-pw"
@@ -86,7 +86,7 @@ class Cluster:
         self.as_root = os.geteuid() == 0
         self.nodes = {}
         for name in names:
-            port = 5432 if net.kind == "netns" else _free_port()
+            port = 5432 if net.kind == "netns" else free_port()
             self.nodes[name] = Node(name, net.ip_of(name), port, base, net.ns_of(name))
         self.primary = names[0]     # who the harness (the "operator") made primary
         self.sync_active = False
@@ -448,9 +448,3 @@ def _signal(pid, sig):
     except ProcessLookupError:
         pass
 
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -15,8 +15,8 @@ import threading
 import time
 
 # Reused from bench/sybench (chaos/run puts bench/ on sys.path).
-from sybench.procs import (alive, children_of, install_signal_handlers,  # noqa: F401
-                           raise_nofile, status_kib)
+from sybench.procs import (alive, children_of, free_port,  # noqa: F401
+                           install_signal_handlers, raise_nofile, status_kib)
 
 _T0 = time.time()
 _log_lock = threading.Lock()

@@ -17,7 +17,7 @@ import subprocess
 import time
 import urllib.request
 
-from .common import alive, call_in_netns, log
+from .common import alive, call_in_netns, free_port, log
 
 CLIENT_PORT, PEER_PORT = 2379, 2380
 ETCD_BIN = "/usr/bin/etcd"
@@ -52,8 +52,7 @@ class Etcd:
             if net.kind == "netns":
                 client, peer = CLIENT_PORT, PEER_PORT
             else:
-                from .cluster import _free_port
-                client, peer = _free_port(), _free_port()
+                client, peer = free_port(), free_port()
             self.members[name] = EtcdMember(name, net.ip_of(name), client, peer, self.dir)
         self.initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members.values())
         self.history = []   # {t, event, member}: kills, restarts, exits nobody asked for

@@ -29,7 +29,7 @@ import time
 import pymysql
 from pymysql.constants import CLIENT
 
-from .common import alive, log, run
+from .common import alive, free_port, log, run
 
 DB, USER, PASSWORD = "chaos", "chaos", "chaos-pw"
 REPL_USER = REPL_PASSWORD = "repl"
@@ -107,7 +107,7 @@ class MariaCluster:
         self.as_root = os.geteuid() == 0
         self.nodes = {}
         for i, name in enumerate(names):
-            port = 3306 if net.kind == "netns" else _free_port()
+            port = 3306 if net.kind == "netns" else free_port()
             self.nodes[name] = MyNode(name, net.ip_of(name), port, base, net.ns_of(name), i + 1)
         self.primary = names[0]
         self.history = []     # {t, event, node, detail}: what the operator did
@@ -647,12 +647,6 @@ def _signal(pid, sig):
     except ProcessLookupError:
         pass
 
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive_pid(pid):

@@ -19,7 +19,7 @@ import time
 import urllib.request
 
 from .cluster import PASSWORD, SUPERUSER_PASSWORD, USER
-from .common import alive, call_in_netns, fd_count, log, run, status_kib
+from .common import alive, call_in_netns, fd_count, free_port, log, run, status_kib
 
 RW_PORT, RO_PORT, ADMIN_PORT = 6432, 6433, 9930
 
@@ -152,8 +152,7 @@ class Proxy:
         if net.kind == "netns":
             self.ports = (RW_PORT, RO_PORT, ADMIN_PORT)
         else:
-            from .cluster import _free_port
-            self.ports = (_free_port(), _free_port(), _free_port())
+            self.ports = (free_port(), free_port(), free_port())
         self.health_interval_ms = health_interval_ms
         self.max_lag_ms = 5000
         self.config = os.path.join(self.dir, "switchyard.toml")

@@ -8,6 +8,7 @@ use std::ffi::CString;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -56,8 +57,35 @@ pub fn find_pg_bin() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no /usr/lib/postgresql/<version>/bin/initdb found (apt-get install postgresql)"))
 }
 
-/// A port the kernel just handed out on 127.0.0.1, free at the time of asking.
+/// A port free on 127.0.0.1 at the time of asking, for a server about to listen on it.
+///
+/// Ports come from below the kernel's ephemeral range when there is room there. A port
+/// that `bind(0)` hands out is one the kernel may hand again, in the moment before the
+/// server binds it, to an outgoing connection's source port or to another test's
+/// `bind(0)`; the server then fails with "Address already in use" (seen in CI). Below
+/// that range only listeners take ports, and one counter per process keeps the callers
+/// of a process (tests run in parallel threads) on different ports.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .min(u32::from(u16::MAX));
+    if ephemeral_low >= LOWEST + 1_000 {
+        let span = ephemeral_low - LOWEST;
+        // Processes start at different places, so a demo and a test run side by side
+        // rarely probe the same ports.
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (LOWEST + (start + n) % span) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -459,5 +487,29 @@ impl WriteStr for std::fs::File {
     fn write_all_str(mut self, s: &str) -> std::io::Result<()> {
         use std::io::Write;
         self.write_all(s.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768);
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        for p in ports {
+            if low >= 11_000 {
+                assert!((10_000..low).contains(&p), "{p} is in the ephemeral range");
+            }
+            TcpListener::bind(("127.0.0.1", p)).expect("the port is free");
+        }
     }
 }
