@@ -30,19 +30,56 @@ thread_local! {
 /// buffer.
 pub fn lend(buf: &mut BytesMut) {
     if buf.capacity() == 0 {
-        match SPARE.with_borrow_mut(Vec::pop) {
-            Some(spare) => *buf = spare,
-            None => buf.reserve(SIZE),
+        SPARE.with_borrow_mut(|spares| lend_from(spares, buf));
+    }
+}
+
+/// `lend` for several buffers, with one look at the thread's spares (a session busy
+/// again takes three at once: one look costs about a third of a lend).
+pub fn lend_all<const N: usize>(bufs: [&mut BytesMut; N]) {
+    if bufs.iter().all(|b| b.capacity() > 0) {
+        return;
+    }
+    SPARE.with_borrow_mut(|spares| {
+        for buf in bufs {
+            if buf.capacity() == 0 {
+                lend_from(spares, buf);
+            }
         }
+    });
+}
+
+fn lend_from(spares: &mut Vec<BytesMut>, buf: &mut BytesMut) {
+    match spares.pop() {
+        Some(spare) => *buf = spare,
+        None => buf.reserve(SIZE),
     }
 }
 
 /// Take `buf`'s storage back (what it holds is dropped: give back only what is
 /// consumed). `buf` is left without any.
 pub fn give_back(buf: &mut BytesMut) {
-    if buf.capacity() == 0 {
+    if buf.capacity() > 0 {
+        SPARE.with_borrow_mut(|spares| give_back_to(spares, buf));
+    }
+}
+
+/// `give_back` for several buffers, with one look at the thread's spares (a session
+/// at rest gives back four).
+pub fn give_back_all<const N: usize>(bufs: [&mut BytesMut; N]) {
+    if bufs.iter().all(|b| b.capacity() == 0) {
         return;
     }
+    SPARE.with_borrow_mut(|spares| {
+        for buf in bufs {
+            if buf.capacity() > 0 {
+                give_back_to(spares, buf);
+            }
+        }
+    });
+}
+
+fn give_back_to(spares: &mut Vec<BytesMut>, buf: &mut BytesMut) {
     let mut b = std::mem::take(buf);
     b.clear();
     // Messages split off the front leave a buffer whose room starts after them: the
@@ -51,12 +88,8 @@ pub fn give_back(buf: &mut BytesMut) {
     if b.capacity() < SIZE {
         let _ = b.try_reclaim(SIZE);
     }
-    if (SIZE..=LARGEST_KEPT).contains(&b.capacity()) {
-        SPARE.with_borrow_mut(|spares| {
-            if spares.len() < SPARES {
-                spares.push(b);
-            }
-        });
+    if (SIZE..=LARGEST_KEPT).contains(&b.capacity()) && spares.len() < SPARES {
+        spares.push(b);
     }
 }
 
@@ -109,6 +142,27 @@ mod tests {
         let mut large = BytesMut::with_capacity(LARGEST_KEPT * 2);
         give_back(&mut large);
         assert_eq!(SPARE.with_borrow(Vec::len), before);
+    }
+
+    #[test]
+    fn lent_and_given_back_together_as_one_by_one() {
+        let mut a = BytesMut::new();
+        let mut b = BytesMut::new();
+        let mut c = BytesMut::from(&b"kept"[..]);
+        let c_ptr = c.as_ptr();
+        lend_all([&mut a, &mut b, &mut c]);
+        assert!(a.capacity() >= SIZE && b.capacity() >= SIZE);
+        assert_ne!(a.as_ptr(), b.as_ptr());
+        assert_eq!((&c[..], c.as_ptr()), (&b"kept"[..], c_ptr), "one with room keeps it");
+        let (a_ptr, b_ptr) = (a.as_ptr(), b.as_ptr());
+        let mut none = BytesMut::new();
+        give_back_all([&mut a, &mut none, &mut b]);
+        assert_eq!((a.capacity(), b.capacity(), none.capacity()), (0, 0, 0));
+        // Both are spares again, the last given back lent first.
+        let (mut x, mut y) = (BytesMut::new(), BytesMut::new());
+        lend_all([&mut x, &mut y]);
+        assert_eq!((x.as_ptr(), y.as_ptr()), (b_ptr, a_ptr));
+        give_back_all([&mut x, &mut y, &mut c]);
     }
 
     #[test]

@@ -587,10 +587,12 @@ impl<'a> Driver<'a> {
                 // At rest, nothing buffered either way: the buffers go back to the
                 // thread's spares until the client sends again (`proxy::buffers`).
                 self.machine.rest();
-                buffers::give_back(&mut self.cbuf);
-                buffers::give_back(&mut self.sbuf);
-                buffers::give_back(&mut self.machine.to_client);
-                buffers::give_back(&mut self.machine.to_server);
+                buffers::give_back_all([
+                    &mut self.cbuf,
+                    &mut self.sbuf,
+                    &mut self.machine.to_client,
+                    &mut self.machine.to_server,
+                ]);
             }
             // A client timeout's deadline for the state the session waits in now (only
             // when timeouts are set: reading the clock costs every message otherwise).
@@ -656,9 +658,9 @@ impl<'a> Driver<'a> {
             match event {
                 Event::Client(Ok(n)) if n > 0 => {
                     self.bytes_in += n as u64;
-                    // Busy again: room for what the request and its answer need.
-                    buffers::lend(&mut self.machine.to_client);
-                    buffers::lend(&mut self.machine.to_server);
+                    // Busy again: room for what the request and its answer need (the
+                    // server's answer's too: a request is sent to one nearly always).
+                    buffers::lend_all([&mut self.machine.to_client, &mut self.machine.to_server, &mut self.sbuf]);
                 }
                 Event::Client(_) => self.machine.on_client_closed(),
                 Event::Server(Ok(n)) if n > 0 => {
