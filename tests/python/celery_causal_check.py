@@ -36,16 +36,12 @@ PROJECT = REPO / "tests" / "django_project"
 PACKAGE = REPO / "python" / "django_switchyard"
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PACKAGE))
+sys.path.insert(0, str(REPO / "bench"))
+from sybench.procs import free_port  # noqa: E402  (ports below the ephemeral range)
 os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT), str(PACKAGE), os.environ.get("PYTHONPATH", "")])
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sytest.settings")
 os.environ["SY_PACKAGE_ROUTER"] = "1"
 os.environ["SY_CELERY_INTEGRATION"] = "1" if a.phase == "with-integration" else "0"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 tmp = Path(tempfile.mkdtemp(prefix="sy-celery-"))

@@ -38,9 +38,10 @@ env["DJANGO_SETTINGS_MODULE"] = "sytest.settings"
 env["SY_CAUSAL_MIDDLEWARE"] = "1" if PHASE == "with-middleware" else "0"
 env["SY_PACKAGE_ROUTER"] = "1"
 
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+sys.path.insert(0, str(REPO / "bench"))
+from sybench.procs import free_port  # noqa: E402  (ports below the ephemeral range)
+
+port = free_port()
 server = subprocess.Popen(
     [sys.executable, "-m", "uvicorn", "sytest.asgi:application", "--host", "127.0.0.1", "--port", str(port),
      "--workers", "1", "--log-level", "warning", "--lifespan", "off"],
