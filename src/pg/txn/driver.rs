@@ -115,8 +115,10 @@ pub struct TxnClient {
 }
 
 /// A node's pool for this client, its routed-queries counter and its name: looked up
-/// once per node and kept, so taking a connection allocates nothing.
-#[derive(Clone)]
+/// once per node and kept, so taking a connection allocates nothing. Shared with the
+/// held connection through one `Arc`: a checkout and check-in touch one reference count
+/// of the session's own, not one per field (the metrics' counts are shared by every
+/// worker thread).
 struct NodePool {
     pool: Arc<Pool>,
     queries: Counter,
@@ -127,7 +129,7 @@ struct NodePool {
 
 struct Held {
     conn: PooledConn,
-    via: NodePool,
+    via: Arc<NodePool>,
     on_primary: bool,
     /// Why the unit runs on this node (for the query digests).
     route: Route,
@@ -144,13 +146,13 @@ struct PoolDialer<'a> {
     listener: Endpoint,
     /// One per node this client has used: a handful, searched by name (cheaper than
     /// hashing the name for every unit).
-    pools: &'a mut Vec<NodePool>,
+    pools: &'a mut Vec<Arc<NodePool>>,
     /// When the unit asked (what a checkout without a wait happens at).
     now: Instant,
 }
 
 impl PoolDialer<'_> {
-    fn pool(&mut self, node: &NodeState) -> NodePool {
+    fn pool(&mut self, node: &NodeState) -> Arc<NodePool> {
         if let Some(i) = self.pools.iter().position(|p| *p.node == *node.name) {
             if self.pools[i].pool.key.addr == node.addr {
                 return self.pools[i].clone();
@@ -179,7 +181,7 @@ impl PoolDialer<'_> {
             endpoint: self.listener.to_string(),
             node: node.name.clone(),
         };
-        let p = NodePool {
+        let p = Arc::new(NodePool {
             pool: crate::pg::PgShared::of(self.shared).pools.get(key, settings),
             queries: self.shared.metrics.queries_routed.get_or_create(&labels).clone(),
             transactions: self
@@ -189,7 +191,7 @@ impl PoolDialer<'_> {
                 .get_or_create(&transactions)
                 .clone(),
             node: node.name.as_str().into(),
-        };
+        });
         self.pools.push(p.clone());
         p
     }
@@ -262,7 +264,7 @@ pub struct Driver<'a> {
     /// every idle client's session by its size (one small allocation per unit instead,
     /// from the allocator's per-thread cache).
     held: Option<Box<Held>>,
-    pools: Vec<NodePool>,
+    pools: Vec<Arc<NodePool>>,
     cbuf: BytesMut,
     sbuf: BytesMut,
     /// The client timeouts' clock.
