@@ -35,7 +35,7 @@ pub fn lend(buf: &mut BytesMut) {
 }
 
 /// `lend` for several buffers, with one look at the thread's spares (a session busy
-/// again takes three at once: one look costs about a third of a lend).
+/// again takes three at once).
 pub fn lend_all<const N: usize>(bufs: [&mut BytesMut; N]) {
     if bufs.iter().all(|b| b.capacity() > 0) {
         return;
