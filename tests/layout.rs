@@ -169,6 +169,9 @@ const ALLOWED_STATICS: &[(&str, &str)] = &[
     // Unique ids for per-thread caches: unique across proxies too, which is all they need.
     ("src/pg/classify/mod.rs", "static NEXT_CLASSIFIER"),
     ("src/local_watch.rs", "static NEXT_KEY"),
+    // The next port the local cluster harness (demo, tests) tries: the process's, so that
+    // two callers in it never get the same one; no proxy reads it.
+    ("src/demo/postgres.rs", "static NEXT"),
     // A random secret for the fake salts of unknown users: any value works, per process.
     ("src/pg/auth.rs", "static SECRET"),
     // Test and fuzz fixtures.
