@@ -4,6 +4,7 @@ Everything started goes through `Registry`, which stops it again (LIFO) on norma
 on an exception, on Ctrl-C and on SIGTERM.
 """
 
+import itertools
 import os
 import signal
 import socket
@@ -18,8 +19,8 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-_next_port = [0]
-_port_lock = threading.Lock()
+# The next port to try (`next()` on a count is atomic under the GIL: no lock needed).
+_next_port = itertools.count()
 
 
 def free_port():
@@ -41,10 +42,7 @@ def free_port():
         span = ephemeral_low - lowest
         start = (os.getpid() * 7_919) % span
         for _ in range(span):
-            with _port_lock:
-                n = _next_port[0]
-                _next_port[0] += 1
-            port = lowest + (start + n) % span
+            port = lowest + (start + next(_next_port)) % span
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
