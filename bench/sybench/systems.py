@@ -213,6 +213,9 @@ password = "{IDLE_PASSWORD}"
 auth = "trust"
 """
     h = health
+    # As PgBouncer's log_connections = 0 above: no line per session. SYBENCH_LOG_CONNECTIONS=1
+    # keeps them (and leaves the key out, for builds older than the setting).
+    log_connections = "" if os.environ.get("SYBENCH_LOG_CONNECTIONS") == "1" else "log_connections = false\n"
     text = f"""[health]
 interval_ms = {h['interval_ms']}
 timeout_ms = {h['timeout_ms']}
@@ -222,7 +225,7 @@ fall = {h['fall']}
 {users}
 [proxy]
 max_clients = 12000
-
+{log_connections}
 [clusters.main]
 listen_rw = "127.0.0.1:{rw_port}"
 """

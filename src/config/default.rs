@@ -125,6 +125,10 @@ pub fn proxy_max_clients() -> u32 {
     5000
 }
 
+pub fn proxy_log_connections() -> bool {
+    true
+}
+
 pub fn proxy_max_message_bytes() -> u32 {
     256 << 20
 }

@@ -292,6 +292,11 @@ pub struct ProxyConfig {
     /// SQLSTATE 53300 (MySQL 1040). Admin console logins are not counted.
     #[serde(default = "default::proxy_max_clients")]
     pub max_clients: u32,
+    /// One info line per client session that starts (PgBouncer's `log_connections`).
+    /// Off for applications that connect per request, whose logs would be mostly these
+    /// lines; the sessions are still counted in `/metrics`.
+    #[serde(default = "default::proxy_log_connections")]
+    pub log_connections: bool,
 }
 
 impl ProxyConfig {
@@ -314,6 +319,7 @@ impl Default for ProxyConfig {
             shutdown_timeout_ms: default::proxy_shutdown_timeout_ms(),
             threads: 0,
             max_clients: default::proxy_max_clients(),
+            log_connections: default::proxy_log_connections(),
         }
     }
 }

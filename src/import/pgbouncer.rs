@@ -95,8 +95,10 @@ const NO_EQUIVALENT: &[(&str, &str)] = &[
     ),
     ("resolv_conf", "the system resolver is used"),
     ("verbose", "SWITCHYARD_LOG=debug"),
-    ("log_connections", "session starts and ends are logged at info"),
-    ("log_disconnections", "session starts and ends are logged at info"),
+    (
+        "log_disconnections",
+        "a session's end is logged when the proxy ends it (at debug otherwise)",
+    ),
     ("log_pooler_errors", "errors are logged"),
     ("log_stats", "metrics are live (/metrics)"),
     ("tcp_keepalive", "not configurable"),
@@ -403,6 +405,9 @@ pub fn convert(input: &Input) -> Result<String, ImportError> {
     }
     if let Some(ms) = take("client_login_timeout").and_then(millis).filter(|ms| *ms > 0) {
         let _ = writeln!(proxy, "client_login_timeout_ms = {ms}  # client_login_timeout");
+    }
+    if take("log_connections").is_some_and(|v| matches!(v.trim(), "0" | "off" | "no" | "false")) {
+        let _ = writeln!(proxy, "log_connections = false  # log_connections");
     }
     if !proxy.is_empty() {
         let _ = writeln!(out, "[proxy]\n{proxy}");

@@ -252,8 +252,10 @@ pub async fn serve(
         server_addr: node.addr.clone(),
         server_pid: server.thread_id as i32,
     });
-    info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", user = %client.user.name,
-          node = %node.name, server_thread = server.thread_id, setup_ms = waited.as_millis() as u64, multiplex, "session started");
+    if shared.config().proxy.log_connections {
+        info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, engine = "mysql", user = %client.user.name,
+              node = %node.name, server_thread = server.thread_id, setup_ms = waited.as_millis() as u64, multiplex, "session started");
+    }
     let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
     let caps = client.capabilities & server.greeting.capabilities;
     let mut answers = super::answers::Answers::new(caps.contains(CapabilityFlags::CLIENT_DEPRECATE_EOF));

@@ -31,6 +31,8 @@ query_timeout = 30
 query_wait_timeout = 120
 idle_transaction_timeout = 60
 client_idle_timeout = 0
+log_connections = 0
+log_disconnections = 0
 logfile = /var/log/pgbouncer/pgbouncer.log
 pidfile = /var/run/pgbouncer/pgbouncer.pid
 ignore_startup_parameters = extra_float_digits
@@ -62,6 +64,14 @@ fn convert_ok(ini: &str, userlist: Option<&str>) -> (String, Config) {
 fn a_transaction_pooling_setup_becomes_a_config_that_passes_check() {
     let (out, c) = convert_ok(INI, Some(USERLIST));
     assert_eq!(c.proxy.max_clients, 1000);
+    assert!(!c.proxy.log_connections, "log_connections = 0\n{out}");
+    assert!(
+        Config::parse(&out.replace("log_connections = false", ""))
+            .unwrap()
+            .proxy
+            .log_connections,
+        "on unless turned off, as in PgBouncer"
+    );
     assert_eq!(c.clusters.len(), 1, "one server: one cluster\n{out}");
     let (name, cluster) = c.clusters.iter().next().unwrap();
     assert_eq!(name, "app");
@@ -117,6 +127,7 @@ fn a_transaction_pooling_setup_becomes_a_config_that_passes_check() {
         "server_reset_query = DISCARD ALL: not needed",
         "dbname=app_reports: Switchyard passes the client's database name through",
         "stats_users",
+        "log_disconnections = 0: a session's end is logged when the proxy ends it",
     ] {
         assert!(out.contains(said), "{said}\n{out}");
     }
