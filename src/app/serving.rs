@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::cluster::routing::Endpoint;
 use crate::cluster::ClusterCtx;
@@ -114,16 +116,21 @@ impl Serving {
         }
         let (shared, workers) = (shared.clone(), self.workers.clone());
         self.control.spawn(async move {
-            let l = match TcpListener::from_std(l) {
-                Ok(l) => l,
-                Err(e) => {
-                    error!(addr = %local, error = %e, "cannot accept on a listening socket");
-                    return;
-                }
+            let registered = match serves {
+                // SAFETY: the listener owns its descriptor, open until the AsyncFd drops
+                // it or gives it back (`into_inner`), and `as_raw_fd` always returns it.
+                Serves::Cluster(ctx, endpoint) => unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                    .map_err(|e| e.into_parts().1)
+                    .map(|l| {
+                        Box::pin(accept_loop(l, ctx, endpoint, shared, workers, stopped))
+                            as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+                    }),
+                Serves::Admin => TcpListener::from_std(l)
+                    .map(|l| Box::pin(crate::admin::http::serve(l, shared, stopped)) as std::pin::Pin<Box<_>>),
             };
-            match serves {
-                Serves::Cluster(ctx, endpoint) => accept_loop(l, ctx, endpoint, shared, workers, stopped).await,
-                Serves::Admin => crate::admin::http::serve(l, shared, stopped).await,
+            match registered {
+                Ok(serving) => serving.await,
+                Err(e) => error!(addr = %local, error = %e, "cannot accept on a listening socket"),
             }
         });
         self.listeners.lock().unwrap().push(Listener {
@@ -242,7 +249,7 @@ impl Drop for SessionCount {
 /// Told to stop (a reload moved or removed the listener), it first takes the clients
 /// already waiting in the socket's backlog, which closing it would refuse.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     ctx: Arc<ClusterCtx>,
     endpoint: Endpoint,
     shared: Arc<Shared>,
@@ -259,7 +266,7 @@ async fn accept_loop(
             reserve = std::fs::File::open("/dev/null").ok();
         }
         let accepted = tokio::select! {
-            a = listener.accept() => a,
+            a = accept(&listener) => a,
             // Shutting down, or a successor took the listener (it has its own copy).
             _ = leaving.wait_for(|l| *l) => return,
             _ = stop.changed() => {
@@ -277,7 +284,7 @@ async fn accept_loop(
             Ok((stream, peer)) => (stream, peer, None),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) && reserve.is_some() => {
                 drop(reserve.take());
-                let Ok((stream, peer)) = listener.accept().await else {
+                let Ok((stream, peer)) = accept(&listener).await else {
                     reserve = std::fs::File::open("/dev/null").ok();
                     continue;
                 };
@@ -298,15 +305,31 @@ async fn accept_loop(
             error!(cluster = %ctx.name, endpoint = %endpoint, failures = n,
                    "accept failed (failures: how many since the last such line); raise the file-descriptor limit or lower max_clients");
         }
-        // Moved to the worker's event loop: deregistered here, registered there.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(cluster = %ctx.name, endpoint = %endpoint, peer = %peer, error = %e, "could not hand a client to a worker");
-                continue;
-            }
-        };
         serve_on_worker(stream, peer, forced, (&ctx, endpoint), &shared, &workers);
+    }
+}
+
+/// The next client, as a non-blocking socket not registered with this (the control)
+/// thread's event loop: its session registers it on a worker's. Tokio's own `accept`
+/// registers every socket here, and moving it to a worker then costs two more
+/// `epoll_ctl` calls per connection (a deregistration here, the worker's registration):
+/// the cost applications that connect per request pay most.
+async fn accept(listener: &AsyncFd<std::net::TcpListener>) -> std::io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        let accepted = ready.try_io(|l| {
+            // accept4 with SOCK_NONBLOCK: non-blocking from the start, without a
+            // further system call.
+            let (socket, addr) =
+                socket2::SockRef::from(l.get_ref()).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+            let peer = addr
+                .as_socket()
+                .ok_or_else(|| std::io::Error::other("a TCP listener accepted a non-IP peer"))?;
+            Ok((std::net::TcpStream::from(socket), peer))
+        });
+        if let Ok(result) = accepted {
+            return result;
+        }
     }
 }
 
@@ -344,7 +367,13 @@ fn serve_on_worker(
             return;
         }
         if let Some(admin) = crate::pg::session::serve(stream, peer, ctx, endpoint, shared.clone(), forced).await {
-            Box::pin(crate::admin::console::run(admin.stream, &admin.user, &shared)).await;
+            Box::pin(crate::admin::console::run(
+                admin.stream,
+                admin.unread,
+                &admin.user,
+                &shared,
+            ))
+            .await;
         }
     });
 }
@@ -352,16 +381,13 @@ fn serve_on_worker(
 /// A listener told to stop: the clients already in its backlog are served rather than
 /// refused when it closes (bounded: the backlog holds only so many).
 fn drain_backlog(
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     ctx: &Arc<ClusterCtx>,
     endpoint: Endpoint,
     shared: &Arc<Shared>,
     workers: &Workers,
 ) {
-    let Ok(listener) = listener.into_std() else {
-        return;
-    };
-    let _ = listener.set_nonblocking(true);
+    let listener = listener.into_inner();
     for _ in 0..4096 {
         let Ok((stream, peer)) = listener.accept() else {
             return;
