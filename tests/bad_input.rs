@@ -246,3 +246,37 @@ fn no_server_available_is_an_error_within_the_connect_timeout() {
         "{err}"
     );
 }
+
+/// A Query sent in the same write as the startup packet, before the login is answered
+/// (PostgreSQL runs it; no common client does this), is not lost: the login reads ahead,
+/// and what it read past the startup packet is the session's first input, in session
+/// and in transaction pooling.
+#[test]
+fn a_query_sent_with_the_startup_packet_is_run_in_both_pool_modes() {
+    let cluster = LocalCluster::start(0).unwrap();
+    cluster.sql(0, "CREATE ROLE raw LOGIN PASSWORD 'raw'").unwrap();
+    for mode in ["session", "transaction"] {
+        let proxy = Proxy::start(
+            &cluster,
+            &format!("proxy-{mode}"),
+            &format!("pool_mode = \"{mode}\""),
+            USERS,
+        );
+        let mut s = raw(proxy.rw);
+        let mut both = startup_packet("raw");
+        let sql = b"SELECT 40 + 2\0";
+        both.push(b'Q');
+        both.extend(((sql.len() + 4) as i32).to_be_bytes());
+        both.extend(sql);
+        s.write_all(&both).unwrap();
+        let greeting = read_messages(&mut s);
+        assert_eq!(greeting.last().map(|m| m.0), Some(b'Z'), "{mode}: {greeting:?}");
+        let answer = read_messages(&mut s);
+        let row = answer
+            .iter()
+            .find(|m| m.0 == b'D')
+            .unwrap_or_else(|| panic!("{mode}: no DataRow in {answer:?}"));
+        assert!(row.1.ends_with(b"42"), "{mode}: {answer:?}");
+        assert_eq!(answer.last().map(|m| m.0), Some(b'Z'), "{mode}: {answer:?}");
+    }
+}

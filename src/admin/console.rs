@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::proxy::stream::ClientStream;
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tracing::info;
 
 use crate::admin::pool_rows;
@@ -14,6 +14,7 @@ use crate::cluster::routing;
 use crate::error::Error;
 use crate::pg::protocol::messages;
 use crate::pg::protocol::tags::{FrontendTag, TxStatus};
+use crate::pg::{message_length, Inbox};
 use crate::proxy::shared::Shared;
 
 pub use crate::config::ADMIN_DATABASE;
@@ -31,7 +32,7 @@ enum Answer {
     Error(String),
 }
 
-pub async fn run(mut stream: ClientStream, user: &str, shared: &Shared) {
+pub async fn run(mut stream: ClientStream, unread: BytesMut, user: &str, shared: &Shared) {
     let config = shared.config();
     let mut out = BytesMut::new();
     if !config.user(user).is_some_and(|u| u.admin) {
@@ -59,24 +60,23 @@ pub async fn run(mut stream: ClientStream, user: &str, shared: &Shared) {
         return;
     }
     info!(user = %user, "admin console session started");
+    let mut inbox = Inbox::holding(unread);
     loop {
-        let Ok(tag) = stream.read_u8().await else {
-            return;
+        let length = |buf: &[u8]| {
+            message_length(buf, MAX_COMMAND).map_err(|len| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("invalid message length {len}"))
+            })
         };
-        let Ok(len) = stream.read_i32().await else {
-            return;
+        let message = match inbox.next(&mut stream, length).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let _ = stream.write_all(&Error::protocol(e.to_string()).to_fatal()).await;
+                let _ = stream.flush().await;
+                return;
+            }
+            Err(_) => return,
         };
-        if !(4..=MAX_COMMAND as i32).contains(&len) {
-            let _ = stream
-                .write_all(&Error::protocol(format!("invalid message length {len}")).to_fatal())
-                .await;
-            let _ = stream.flush().await;
-            return;
-        }
-        let mut body = vec![0u8; len as usize - 4];
-        if stream.read_exact(&mut body).await.is_err() {
-            return;
-        }
+        let (tag, body) = (message[0], &message[5..]);
         out.clear();
         match FrontendTag::of(tag) {
             Some(FrontendTag::Terminate) => return,

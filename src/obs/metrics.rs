@@ -2,8 +2,9 @@
 //! cloned handles (an atomic add, no label lookup per message); node gauges are set from
 //! the topology at scrape time, so they can never disagree with `/status`.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -14,6 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::cluster::routing::Endpoint;
 use crate::cluster::topology::{ClusterSnapshot, Health, Role, Transition};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -152,6 +154,25 @@ pub struct Metrics {
     trace_spans_exported: Counter,
     trace_spans_dropped: Counter,
     trace_export_failures: Counter,
+    /// Per cluster, the series every new client counts in (`ClientHandles`).
+    client_handles: Mutex<HashMap<String, Arc<ClientHandles>, foldhash::fast::RandomState>>,
+}
+
+/// A cluster's series that every new client counts in, looked up once per cluster
+/// rather than once per client: a family's `get_or_create` takes labels allocated for
+/// the lookup, hashes them and takes a lock, about 4,000 instructions per client for
+/// these under `bench/instructions --connect` (applications that connect per request
+/// have a new client per request). Indexed by listener (`Endpoint as usize`). The
+/// families here are never cleared, so a handle kept stays the series `/metrics` shows.
+pub struct ClientHandles {
+    connected: [Gauge; 2],
+    received: [Counter; 2],
+    sent: [Counter; 2],
+    pub pool_wait: Histogram,
+    /// `pg::fresh::FreshMetrics`: reads to a standby, to the primary for freshness, waits.
+    pub reads_to_standby: Counter,
+    pub reads_to_primary_for_freshness: Counter,
+    pub causal_wait: Histogram,
 }
 
 /// The query metrics: a histogram of statement durations and counters of errors and
@@ -309,6 +330,7 @@ impl Default for Metrics {
                 // 0.25 ms .. ~8 s
                 Histogram::new(exponential_buckets(0.00025, 2.0, 16))
             }),
+            client_handles: Default::default(),
         };
         register(
             &mut r,
@@ -592,16 +614,40 @@ impl Metrics {
     }
 
     /// Count a connected client in `client_connections` until the guard is dropped.
-    pub fn client_connected(&self, cluster: &str, endpoint: impl std::fmt::Display) -> ClientGauge {
-        let g = self
-            .client_connections
-            .get_or_create(&EndpointLabels {
-                cluster: cluster.to_string(),
-                endpoint: endpoint.to_string(),
-            })
-            .clone();
+    pub fn client_connected(&self, cluster: &str, endpoint: Endpoint) -> ClientGauge {
+        let g = self.client_handles(cluster).connected[endpoint as usize].clone();
         g.inc();
         ClientGauge(g)
+    }
+
+    /// `cluster`'s `ClientHandles`, made on first use.
+    pub fn client_handles(&self, cluster: &str) -> Arc<ClientHandles> {
+        if let Some(h) = self.client_handles.lock().unwrap().get(cluster) {
+            return h.clone();
+        }
+        let endpoints = [Endpoint::ReadWrite, Endpoint::ReadOnly];
+        let by_endpoint = |e: Endpoint| EndpointLabels {
+            cluster: cluster.to_string(),
+            endpoint: e.to_string(),
+        };
+        let labels = ClusterLabels {
+            cluster: cluster.to_string(),
+        };
+        let made = Arc::new(ClientHandles {
+            connected: endpoints.map(|e| self.client_connections.get_or_create(&by_endpoint(e)).clone()),
+            received: endpoints.map(|e| self.client_received_bytes.get_or_create(&by_endpoint(e)).clone()),
+            sent: endpoints.map(|e| self.client_sent_bytes.get_or_create(&by_endpoint(e)).clone()),
+            pool_wait: self.pool_wait_seconds.get_or_create(&labels).clone(),
+            reads_to_standby: self.reads_to_standby.get_or_create(&labels).clone(),
+            reads_to_primary_for_freshness: self.reads_to_primary_for_freshness.get_or_create(&labels).clone(),
+            causal_wait: self.causal_wait_seconds.get_or_create(&labels).clone(),
+        });
+        self.client_handles
+            .lock()
+            .unwrap()
+            .entry(cluster.to_string())
+            .or_insert(made)
+            .clone()
     }
 
     /// Count an error a server answered with (`class`: the SQLSTATE's first two bytes).
@@ -615,15 +661,9 @@ impl Metrics {
     }
 
     /// The byte counters (received, sent) of a listener, to keep for a session.
-    pub fn client_bytes(&self, cluster: &str, endpoint: impl std::fmt::Display) -> (Counter, Counter) {
-        let l = EndpointLabels {
-            cluster: cluster.to_string(),
-            endpoint: endpoint.to_string(),
-        };
-        (
-            self.client_received_bytes.get_or_create(&l).clone(),
-            self.client_sent_bytes.get_or_create(&l).clone(),
-        )
+    pub fn client_bytes(&self, cluster: &str, endpoint: Endpoint) -> (Counter, Counter) {
+        let h = self.client_handles(cluster);
+        (h.received[endpoint as usize].clone(), h.sent[endpoint as usize].clone())
     }
 
     pub fn error(&self, sqlstate: &str) {

@@ -17,7 +17,7 @@ use crate::cluster::topology::{ClusterSnapshot, Role};
 use crate::cluster::ClusterCtx;
 use crate::config::{ClusterConfig, ReadYourWrites};
 use crate::error::Error;
-use crate::obs::metrics::{ClusterLabels, Metrics};
+use crate::obs::metrics::Metrics;
 use crate::pg::classify::{self, CausalStatement};
 use crate::pg::protocol::tags::FrontendTag;
 use crate::pg::protocol::views;
@@ -53,13 +53,11 @@ pub struct FreshMetrics {
 
 impl FreshMetrics {
     pub fn new(metrics: &Metrics, cluster: &str) -> FreshMetrics {
-        let labels = ClusterLabels {
-            cluster: cluster.to_string(),
-        };
+        let h = metrics.client_handles(cluster);
         FreshMetrics {
-            to_standby: metrics.reads_to_standby.get_or_create(&labels).clone(),
-            to_primary: metrics.reads_to_primary_for_freshness.get_or_create(&labels).clone(),
-            waited: metrics.causal_wait_seconds.get_or_create(&labels).clone(),
+            to_standby: h.reads_to_standby.clone(),
+            to_primary: h.reads_to_primary_for_freshness.clone(),
+            waited: h.causal_wait.clone(),
         }
     }
 }

@@ -429,7 +429,7 @@ pub fn machine_target(data: &[u8]) {
         vec![("application_name".into(), "fuzz".into())],
         classifier(),
         // Greeted from a remembered greeting, or by a server.
-        (flags & 4 != 0).then(crate::pg::greetings::Reported::new).as_ref(),
+        (flags & 4 != 0).then_some(&[][..]),
     );
     let mut conn: Option<ConnState> = None;
     // Everything the client is sent, walked as one stream (a large message may be passed

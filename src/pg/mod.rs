@@ -45,6 +45,9 @@ pub mod session;
 pub mod tls;
 pub mod txn;
 
+/// For the admin console, which reads its client as a login does.
+pub(crate) use login::{message_length, Inbox};
+
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
@@ -123,6 +126,8 @@ pub struct PgCluster {
     pub freshness: freshness::Freshness,
     /// Transaction-mode greetings remembered, to greet a client without a server connection.
     pub greetings: greetings::Greetings,
+    /// Transaction-mode node pools with their metric handles, found by each new client.
+    pub node_pools: txn::node_pools::NodePools,
 }
 
 impl PgCluster {
@@ -132,6 +137,7 @@ impl PgCluster {
             classifier: classify::Classifier::new(read_only_functions),
             freshness: freshness::Freshness::new(state, tokio::runtime::Handle::current()),
             greetings: greetings::Greetings::default(),
+            node_pools: txn::node_pools::NodePools::default(),
         }
     }
 

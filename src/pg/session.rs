@@ -30,7 +30,7 @@ use crate::error::Error;
 use crate::obs::clients::NewClient;
 use crate::obs::digest::Place;
 use crate::obs::digest::Route;
-use crate::obs::metrics::{ClusterLabels, RoutedLabels};
+use crate::obs::metrics::RoutedLabels;
 use crate::pg::credential::Credential;
 use crate::pg::digests::SessionStatements;
 use crate::pg::fresh::{self, Causal, FreshMetrics};
@@ -109,6 +109,8 @@ pub use crate::config::ADMIN_DATABASE;
 pub struct AdminClient {
     pub stream: ClientStream,
     pub user: String,
+    /// Read past the login (`login::Client::unread`): the console's first input.
+    pub unread: BytesMut,
 }
 
 /// Serve one client from its first byte to its last; returns it instead when it asked
@@ -192,6 +194,7 @@ async fn admit<'a>(
             return Admitted::Admin(AdminClient {
                 stream,
                 user: client.user,
+                unread: client.unread,
             })
         }
         Ok(Ok(Some(client))) => match causal_floor(&client, cluster) {
@@ -254,13 +257,13 @@ async fn serve_session_mode(
 ) {
     shared
         .metrics
-        .pool_wait_seconds
-        .get_or_create(&ClusterLabels {
-            cluster: cluster.name.clone(),
-        })
+        .client_handles(&cluster.name)
+        .pool_wait
         .observe(wait.as_secs_f64());
-    info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, user = %client.user, database = %client.database,
-          node = %connected.node, setup_ms = wait.as_millis() as u64, "session started");
+    if config.proxy.log_connections {
+        info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, user = %client.user, database = %client.database,
+              node = %connected.node, setup_ms = wait.as_millis() as u64, "session started");
+    }
     let gauge = shared.metrics.client_connected(&cluster.name, endpoint);
     let node = connected.node.clone();
     let end = Box::pin(relay(
@@ -326,6 +329,7 @@ fn serve_transaction_mode<'a>(
         database,
         params,
         _admission: admission,
+        unread,
         ..
     } = client;
     let who = TxnClient {
@@ -335,8 +339,11 @@ fn serve_transaction_mode<'a>(
         params: params.into(),
         causal_token,
     };
-    info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
-    let driver = Driver::new(stream, who, cluster, endpoint, shared, cancel, None);
+    if shared.config().proxy.log_connections {
+        info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
+    }
+    let mut driver = Driver::new(stream, who, cluster, endpoint, shared, cancel, None);
+    driver.unread(&unread);
     transaction_session(driver, (gauge, entry, admission), peer, cluster, endpoint, shared)
 }
 
@@ -438,6 +445,7 @@ async fn carry_in<'a>(
         causal_token: None,
         credential: Credential::None,
         _admission: None,
+        unread: BytesMut::new(),
     };
     let entry = client.register(
         shared,
@@ -730,16 +738,23 @@ async fn relay(
         let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.stream.split();
         let client_to_server = async {
-            let mut buf = BytesMut::with_capacity(RELAY_BUFFER);
+            let mut buf = BytesMut::with_capacity(RELAY_BUFFER.max(who.unread.len()));
+            // What the client sent before its login was answered goes first.
+            buf.extend_from_slice(&who.unread);
+            let mut unread = !buf.is_empty();
             let mut framer = Framer::new(limit);
             loop {
-                buf.clear();
-                match cr.read_some(&mut buf).await {
-                    Ok(0) => return End::ClientClosed,
-                    Ok(n) => {
-                        received.inc_by(n as u64);
+                if std::mem::take(&mut unread) {
+                    received.inc_by(buf.len() as u64);
+                } else {
+                    buf.clear();
+                    match cr.read_some(&mut buf).await {
+                        Ok(0) => return End::ClientClosed,
+                        Ok(n) => {
+                            received.inc_by(n as u64);
+                        }
+                        Err(e) => return End::Io(e),
                     }
-                    Err(e) => return End::Io(e),
                 }
                 // Between transactions, a new request waits out a PAUSE, or ends the
                 // session when Switchyard is shutting down.

@@ -1,8 +1,6 @@
 //! The untyped first packets of a connection: SSLRequest, GSSENCRequest,
 //! CancelRequest and StartupMessage.
 
-use tokio::io::{AsyncRead, AsyncReadExt};
-
 pub const SSL_REQUEST_CODE: i32 = 80877103;
 pub const GSSENC_REQUEST_CODE: i32 = 80877104;
 pub const CANCEL_REQUEST_CODE: i32 = 80877102;
@@ -29,23 +27,6 @@ pub enum StartupError {
     Malformed(&'static str),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-}
-
-pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, StartupError> {
-    let len = match r.read_i32().await {
-        Ok(l) => l,
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(StartupError::Closed),
-        Err(e) => return Err(e.into()),
-    };
-    if !(8..=MAX_STARTUP_LEN as i32).contains(&len) {
-        return Err(StartupError::BadLength(len));
-    }
-    let mut body = vec![0u8; len as usize - 4];
-    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => StartupError::Closed,
-        _ => e.into(),
-    })?;
-    parse_startup(&body)
 }
 
 /// Parse a startup packet body (everything after the length word).

@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use super::Machine;
 use crate::pg::classify::Classifier;
-use crate::pg::greetings::Reported;
 use crate::pg::protocol::views::Parse;
 
 /// The session a client believes it has, apart from who it is (`pg::handover`).
@@ -53,7 +52,7 @@ impl<'a> Machine<'a> {
         carried: MachineCarry,
     ) -> Machine<'a> {
         // Built as if greeted (no first acquire), without the greeting's bytes.
-        let mut m = Machine::new(cfg, startup, classifier, Some(&Reported::new()));
+        let mut m = Machine::new(cfg, startup, classifier, Some(&[]));
         m.to_client.clear();
         m.state.desired = carried.settings;
         for (name, parse) in &carried.statements {

@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use super::ask::{self, Asked};
 use super::machine::{Action, Config, Machine, Target};
+use super::node_pools::{Asker, NodePool};
 use crate::cluster::freshness::Floor;
 use crate::cluster::routing::{self, Endpoint};
 use crate::cluster::topology::{ClusterSnapshot, Health, NodeState, Role};
@@ -23,10 +24,9 @@ use crate::cluster::ClusterCtx;
 use crate::error::Error;
 use crate::obs::digest::Place;
 use crate::obs::digest::Route;
-use crate::obs::metrics::{ClusterLabels, RoutedLabels};
 use crate::pg::credential::Credential;
 use crate::pg::fresh::{Causal, FreshMetrics, Placement};
-use crate::pg::pool::{Pool, PoolError, PoolKey, PooledConn};
+use crate::pg::pool::{PoolError, PooledConn};
 use crate::pg::protocol::tags::BackendTag;
 use crate::pg::protocol::views;
 use crate::proxy::buffers;
@@ -114,19 +114,6 @@ pub struct TxnClient {
     pub causal_token: Option<Floor>,
 }
 
-/// A node's pool for this client, its routed-queries counter and its name: looked up
-/// once per node and kept, so taking a connection allocates nothing. Shared with the
-/// held connection through one `Arc`: a checkout and check-in touch one reference count
-/// of the session's own, not one per field (the metrics' counts are shared by every
-/// worker thread).
-struct NodePool {
-    pool: Arc<Pool>,
-    queries: Counter,
-    /// The client's transactions on this node (`switchyard_transaction_duration_seconds`).
-    transactions: Histogram,
-    node: Arc<str>,
-}
-
 struct Held {
     conn: PooledConn,
     via: Arc<NodePool>,
@@ -159,39 +146,14 @@ impl PoolDialer<'_> {
             }
             self.pools.swap_remove(i); // the node moved: a pool for its new address
         }
-        let key = PoolKey {
-            cluster: self.cluster.name.clone(),
-            node: node.name.clone(),
-            addr: node.addr.clone(),
-            database: self.who.database.clone(),
-            user: self.who.user.clone(),
-            worker: crate::pg::pool::worker(),
+        let who = Asker {
+            user: &self.who.user,
+            database: &self.who.database,
+            listener: self.listener,
         };
-        let settings =
-            self.shared
-                .config()
-                .pool_settings_of(&self.cluster.settings(), &self.who.user, &self.who.database);
-        let labels = RoutedLabels {
-            cluster: self.cluster.name.clone(),
-            node: node.name.clone(),
-            role: node.role.to_string(),
-        };
-        let transactions = crate::obs::metrics::TransactionLabels {
-            cluster: self.cluster.name.clone(),
-            endpoint: self.listener.to_string(),
-            node: node.name.clone(),
-        };
-        let p = Arc::new(NodePool {
-            pool: crate::pg::PgShared::of(self.shared).pools.get(key, settings),
-            queries: self.shared.metrics.queries_routed.get_or_create(&labels).clone(),
-            transactions: self
-                .shared
-                .metrics
-                .transaction_seconds
-                .get_or_create(&transactions)
-                .clone(),
-            node: node.name.as_str().into(),
-        });
+        let p = crate::pg::PgCluster::of(self.cluster)
+            .node_pools
+            .get(self.cluster, self.shared, node, &who);
         self.pools.push(p.clone());
         p
     }
@@ -325,13 +287,7 @@ impl<'a> Driver<'a> {
         let config = shared.config();
         let credential = who.credential.clone();
         let cc = &*cluster.settings();
-        let pool_wait = shared
-            .metrics
-            .pool_wait_seconds
-            .get_or_create(&ClusterLabels {
-                cluster: cluster.name.clone(),
-            })
-            .clone();
+        let pool_wait = shared.metrics.client_handles(&cluster.name).pool_wait.clone();
         let pg = crate::pg::PgCluster::of(cluster);
         let cfg = Config {
             cluster: cluster.name.clone(),
@@ -402,7 +358,7 @@ impl<'a> Driver<'a> {
         };
         crate::pg::PgCluster::of(self.cluster).greetings.put(
             greeting_of(&self.who, endpoint),
-            h.conn.state.reported.clone(),
+            &h.conn.state.reported,
             Instant::now(),
         );
     }

@@ -21,7 +21,6 @@ use super::statements::{SqlStatements, Statements};
 use super::unit;
 use crate::error::{Error, SqlState};
 use crate::pg::classify::{self, Classification, Classifier};
-use crate::pg::greetings::Reported;
 use crate::pg::protocol::messages;
 pub use crate::pg::protocol::messages::{write_causal_reply, CausalReply};
 use crate::pg::protocol::tags::{BackendTag, FrontendTag, TxStatus};
@@ -138,14 +137,15 @@ pub struct Machine<'a> {
 
 impl<'a> Machine<'a> {
     /// A session just authenticated. With `greeting` (what a server reported to an
-    /// earlier client of the same login: `pg::greetings`) the client is greeted at once;
+    /// earlier client of the same login, as ParameterStatus messages: `pg::greetings`)
+    /// the client is greeted at once;
     /// else the first action acquires a connection, brings it to the client's startup
     /// settings and greets the client with what that server reports.
     pub fn new(
         cfg: Config,
         startup: impl Into<std::sync::Arc<[(String, String)]>>,
         classifier: &'a Classifier,
-        greeting: Option<&Reported>,
+        greeting: Option<&[u8]>,
     ) -> Machine<'a> {
         let state = SessionState::new(startup, cfg.read_only_endpoint);
         let mut m = Machine {
@@ -175,8 +175,8 @@ impl<'a> Machine<'a> {
             notified: Vec::new(),
             unlistened: Vec::new(),
         };
-        if let Some(reported) = greeting {
-            m.write_greeting(reported);
+        if let Some(status) = greeting {
+            m.write_greeting(status);
             return m;
         }
         // The greeting's connection: where the session's first unit would go. (Not a
@@ -417,16 +417,17 @@ impl<'a> Machine<'a> {
     /// server's parameters in its own spelling (as a direct connection would report
     /// them), our BackendKeyData, ReadyForQuery.
     fn greet(&mut self, conn: &ConnState) {
-        self.write_greeting(&conn.reported);
+        self.write_greeting(&crate::pg::greetings::encode(&conn.reported));
         self.greeted_by_server = true;
         let reuse = self.reusable();
         self.release(reuse);
     }
 
-    fn write_greeting(&mut self, reported: &Reported) {
-        for (name, value) in reported {
-            messages::parameter_status_bytes(&mut self.to_client, name, value);
-        }
+    /// `status`: the ParameterStatus messages (`greetings::encode`).
+    fn write_greeting(&mut self, status: &[u8]) {
+        // With room for BackendKeyData and ReadyForQuery: one allocation.
+        self.to_client.reserve(status.len() + 32);
+        self.to_client.extend_from_slice(status);
         messages::backend_key_data(&mut self.to_client, self.cfg.client_pid, self.cfg.client_key);
         messages::ready_for_query(&mut self.to_client, TxStatus::Idle);
         self.phase = Phase::Serving;

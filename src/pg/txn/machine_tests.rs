@@ -947,7 +947,7 @@ fn a_remembered_greeting_greets_at_once_and_the_first_unit_gets_the_startup_sett
         },
         vec![("application_name".into(), "pgbench".into())],
         classifier(),
-        Some(&reported),
+        Some(&crate::pg::greetings::encode(&reported)),
     );
     assert_eq!(m.phase, Phase::Serving);
     assert!(!m.has_actions(), "no connection for the greeting");

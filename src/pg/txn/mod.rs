@@ -26,6 +26,7 @@ pub mod ask;
 pub mod conn;
 pub mod driver;
 pub mod machine;
+pub mod node_pools;
 pub mod owed;
 pub mod running;
 pub mod state;

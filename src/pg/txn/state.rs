@@ -12,7 +12,23 @@ use crate::pg::protocol::views::ParameterStatus;
 pub type Settings = BTreeMap<String, String>;
 
 pub fn quote_literal(v: &str) -> String {
-    format!("'{}'", v.replace('\'', "''"))
+    let mut s = String::with_capacity(v.len() + 2);
+    push_literal(&mut s, v);
+    s
+}
+
+/// `v` as a string literal at the end of `out`, its quotes doubled. (Written out rather
+/// than `format!` over `replace`: every new transaction-mode client builds one statement
+/// per startup setting, and this allocates nothing beyond `out`.)
+fn push_literal(out: &mut String, v: &str) {
+    out.push('\'');
+    for (i, part) in v.split('\'').enumerate() {
+        if i > 0 {
+            out.push_str("''");
+        }
+        out.push_str(part);
+    }
+    out.push('\'');
 }
 
 pub fn quote_ident(v: &str) -> String {
@@ -20,11 +36,13 @@ pub fn quote_ident(v: &str) -> String {
 }
 
 fn set_config(name: &str, value: &str) -> String {
-    format!(
-        "SELECT pg_catalog.set_config({}, {}, false)",
-        quote_literal(name),
-        quote_literal(value)
-    )
+    let mut s = String::with_capacity(48 + name.len() + value.len());
+    s.push_str("SELECT pg_catalog.set_config(");
+    push_literal(&mut s, name);
+    s.push_str(", ");
+    push_literal(&mut s, value);
+    s.push_str(", false)");
+    s
 }
 
 /// The client's startup parameters as the statements that recreate them. `set_config`
@@ -235,6 +253,12 @@ mod tests {
     #[test]
     fn literals_are_quoted() {
         assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(""), "''");
+        assert_eq!(quote_literal("'a''"), "'''a'''''");
+        assert_eq!(
+            set_config("search_path", "a, 'b'"),
+            "SELECT pg_catalog.set_config('search_path', 'a, ''b''', false)"
+        );
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 
