@@ -70,6 +70,12 @@ pub async fn negotiate(tcp: TcpStream, acceptor: Option<&tokio_rustls::TlsAccept
             }
             _ => tcp.write_all(b"N").await?,
         }
+        // TLS declined: what follows is the startup packet (libpq asks for GSS
+        // encryption before TLS, never after), read by `login`, which also declines any
+        // further request. Not looked at here: one `recv` fewer per plaintext client.
+        if ssl {
+            return Ok(ClientStream::Plain(tcp));
+        }
     }
 }
 
