@@ -81,7 +81,7 @@ pub async fn run(mut stream: ClientStream, unread: BytesMut, user: &str, shared:
         match FrontendTag::of(tag) {
             Some(FrontendTag::Terminate) => return,
             Some(FrontendTag::Query) => {
-                let sql = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(&body)).into_owned();
+                let sql = String::from_utf8_lossy(body.strip_suffix(b"\0").unwrap_or(body)).into_owned();
                 for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                     info!(user = %user, command = %statement, "admin command");
                     let answer = match switchover_command(statement) {

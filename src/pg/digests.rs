@@ -68,7 +68,7 @@ impl<'a> SessionStatements<'a> {
                     self.running.parsed_unnamed(None);
                     return;
                 };
-                let d = (digest(p.query), trace(p.query));
+                let d = (self.classifier.classify_parse(p.query).digest.clone(), trace(p.query));
                 if p.name.is_empty() {
                     self.running.parsed_unnamed(Some(d));
                 } else {

@@ -375,3 +375,36 @@ fn statements_that_only_change_settings_are_known() {
         assert!(!c(sql).settings_only, "{sql}");
     }
 }
+
+#[test]
+fn a_parse_is_looked_up_as_sent_and_classified_as_classify_would() {
+    let k = Classifier::new(&[]);
+    let texts: [&[u8]; 6] = [
+        b"SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+        b"SELECT * FROM t WHERE id = 42",
+        b"UPDATE t SET v = $1 WHERE id = 7",
+        b"SET TIME ZONE 'UTC'",
+        b"SELECT nextval('s')",
+        b"SELECT current_setting('transaction_read_only')",
+    ];
+    for text in texts {
+        // Before and after the text is in the cache, under its shape or as sent.
+        for _ in 0..2 {
+            let p = k.classify_parse(text);
+            let q = k.classify_bytes(text);
+            assert!(Arc::ptr_eq(&p, &q), "{}", String::from_utf8_lossy(text));
+        }
+    }
+    // A shape and a text with literals are told apart by their bytes, not mixed up.
+    assert!(!k.classify_parse(b"SELECT nextval('s')").read_only);
+    assert_eq!(
+        k.classify_parse(b"SET TIME ZONE 'Asia/Tokyo'").sets,
+        vec![SetAction::Set {
+            name: "timezone".into(),
+            statement: "SET TIME ZONE 'Asia/Tokyo'".into()
+        }]
+    );
+    // Not UTF-8: never cached, the opaque answer (primary) as from classify_bytes.
+    let c = k.classify_parse(b"SELECT '\xff'");
+    assert!(!c.read_only && !c.parses);
+}

@@ -60,10 +60,14 @@ impl<'a> Machine<'a> {
             // then hears "prepared statement does not exist" for it, as after a
             // reconnect).
             if let Some(p) = parse.get(5..).and_then(|body| Parse::decode(body).ok()) {
-                m.stmts.define(&Parse {
-                    name: name.as_slice(),
-                    ..p
-                });
+                let class = classifier.classify_bytes(p.query);
+                m.stmts.define(
+                    &Parse {
+                        name: name.as_slice(),
+                        ..p
+                    },
+                    class,
+                );
             }
         }
         for (name, text) in carried.sql_statements {

@@ -6,13 +6,19 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::pg::protocol::views;
 
+/// The content hashes (`statements::Stmt::hash`) of the statements prepared on a
+/// connection. Looked up at every Bind of a named statement, so hashed with foldhash, not
+/// SipHash (about 100 instructions per lookup under `bench/instructions`); its seed is
+/// random per set, so a client cannot choose hashes that fall into one bucket.
+pub type Prepared = HashSet<u64, foldhash::fast::RandomState>;
+
 /// What sessions did to a server connection, carried with it from client to client.
 #[derive(Debug, Default)]
 pub struct ConnState {
     /// The server backend's pid.
     pub pid: i32,
     /// Prepared statements (by content hash) that exist on this connection.
-    pub prepared: HashSet<u64>,
+    pub prepared: Prepared,
     /// SQL-level prepared statements on this connection: the name → the hash of the
     /// PREPARE that made it (`statements::SqlStatements`).
     pub sql_prepared: HashMap<String, u64>,

@@ -574,10 +574,14 @@ impl<'a> Machine<'a> {
         let Ok(p) = Parse::decode(&msg[5..]) else {
             return false;
         };
-        if p.name.is_empty() || !self.classifier.classify_bytes(p.query).parses {
+        if p.name.is_empty() {
             return false;
         }
-        self.stmts.define(&p);
+        let class = self.classifier.classify_parse(p.query);
+        if !class.parses {
+            return false;
+        }
+        self.stmts.define(&p, class);
         // (What the statement does to the session is observed when it is executed: see
         // the Bind case of `forward`.)
         let _ = input.split_to(sync_len as usize + 1);
@@ -691,7 +695,7 @@ impl<'a> Machine<'a> {
             }
             FrontendTag::Parse => {
                 let p = Parse::decode(body).map_err(malformed)?;
-                let c = self.classifier.classify_bytes(p.query);
+                let c = self.classifier.classify_parse(p.query);
                 // SQL PREPARE / EXECUTE in the extended protocol: a replay (a simple
                 // Query) can go only between requests, before the first message of one.
                 let between_requests = !batch_was_open;
@@ -704,7 +708,7 @@ impl<'a> Machine<'a> {
                         self.sql_stmts.ensure(name, out, &mut self.owed, &mut conn.sql_prepared);
                     }
                 }
-                self.stmts.parse(&msg, &p, out, &mut self.owed, &mut conn.prepared);
+                self.stmts.parse(&msg, &p, &c, out, &mut self.owed, &mut conn.prepared);
                 if p.name.is_empty() && self.cfg.digests {
                     let trace = trace_in(self.cfg.traces, p.query);
                     self.running.parsed_unnamed(Some((c.digest.clone(), trace)));
@@ -718,13 +722,13 @@ impl<'a> Machine<'a> {
                     StatementRef::decode_target(body, "Describe")
                 }
                 .map_err(malformed)?;
-                let query = self.stmts.refer(tag, &msg, &r, out, &mut self.owed, &mut conn.prepared);
+                let stmt = self.stmts.refer(tag, &msg, &r, out, &mut self.owed, &mut conn.prepared);
                 // Executing a named statement does what its text does.
-                match query {
-                    Some(q) if kind == FrontendTag::Bind => {
-                        let c = self.classifier.classify_bytes(q);
+                match stmt {
+                    Some(stmt) if kind == FrontendTag::Bind => {
+                        let c = stmt.class.clone();
                         if self.cfg.digests {
-                            let trace = trace_in(self.cfg.traces, q);
+                            let trace = trace_in(self.cfg.traces, &stmt.query);
                             self.running.bound(Some((c.digest.clone(), trace)), false);
                         }
                         Some(c)

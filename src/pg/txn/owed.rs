@@ -3,8 +3,9 @@
 //! requests of its own (re-preparing a statement on a new connection, closing a name
 //! before reusing it, replaying session settings), whose answers are dropped here.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 
+use super::conn::Prepared;
 use crate::pg::protocol::tags::BackendTag;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +84,7 @@ impl OwedQueue {
 
     /// Decide on one server message (`tag`). `prepared`: the named statements of the
     /// connection, corrected when a Parse turns out not to have created one.
-    pub fn on_message(&mut self, tag: BackendTag, prepared: &mut HashSet<u64>) -> Verdict {
+    pub fn on_message(&mut self, tag: BackendTag, prepared: &mut Prepared) -> Verdict {
         use BackendTag::*;
         if self.queue.front() == Some(&Owed::Replay) {
             return match tag {
@@ -144,7 +145,7 @@ mod tests {
     use super::*;
 
     fn run(q: &mut OwedQueue, tags: &[u8]) -> Vec<Verdict> {
-        let mut prepared = HashSet::new();
+        let mut prepared = Prepared::default();
         tags.iter()
             .map(|&t| q.on_message(BackendTag::of(t), &mut prepared))
             .collect()
@@ -181,12 +182,12 @@ mod tests {
             hash: Some(2),
         });
         q.push(Owed::Ready);
-        let mut prepared: HashSet<u64> = [1, 2].into();
+        let mut prepared: Prepared = [1, 2].into_iter().collect();
         assert_eq!(q.on_message(BackendTag::of(b'1'), &mut prepared), Verdict::Pass);
         assert_eq!(q.on_message(BackendTag::of(b'2'), &mut prepared), Verdict::Pass);
         assert_eq!(q.on_message(BackendTag::of(b'E'), &mut prepared), Verdict::Pass);
         // s2's Parse was skipped: it does not exist on the connection.
-        assert_eq!(prepared, [1].into());
+        assert_eq!(prepared, [1].into_iter().collect());
         assert_eq!(q.on_message(BackendTag::of(b'Z'), &mut prepared), Verdict::Ready);
         assert!(q.is_empty());
     }

@@ -4,12 +4,15 @@
 //! query and parameter types), prepared on demand on the connection in use, and the
 //! answers the client did not ask for are dropped (see `owed`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use super::conn::Prepared;
 use super::owed::{Owed, OwedQueue};
+use crate::pg::classify::Classification;
 use crate::pg::protocol::views::{self, Parse, StatementRef};
 
 /// A client's named prepared statement.
@@ -20,6 +23,10 @@ pub struct Stmt {
     pub server_name: String,
     /// Query text as the client sent it (its encoding, not necessarily UTF-8).
     pub query: Box<[u8]>,
+    /// What the query does, classified once at its Parse: each Bind runs the same text,
+    /// so it is not classified again (the literal blanking and the cache lookup were
+    /// about 600 instructions per Bind under `bench/instructions -M prepared`).
+    pub class: Arc<Classification>,
 }
 
 /// The content address of a statement: its query and parameter types (`after_name`).
@@ -30,7 +37,7 @@ fn statement_hash(after_name: &[u8]) -> u64 {
 }
 
 impl Stmt {
-    pub fn new(p: &Parse) -> Stmt {
+    pub fn new(p: &Parse, class: Arc<Classification>) -> Stmt {
         let hash = statement_hash(p.after_name);
         let server_name = format!("sy_{hash:016x}");
         let mut parse = BytesMut::new();
@@ -40,13 +47,14 @@ impl Stmt {
             parse: parse.freeze(),
             server_name,
             query: p.query.into(),
+            class,
         }
     }
 
     /// Make sure the statement exists on the connection (`prepared`), with answers the
     /// client does not see. Closing first means a Parse can never fail with "already
     /// exists" (closing a statement that does not exist is no error).
-    fn ensure(&self, out: &mut BytesMut, owed: &mut OwedQueue, prepared: &mut HashSet<u64>) {
+    fn ensure(&self, out: &mut BytesMut, owed: &mut OwedQueue, prepared: &mut Prepared) {
         if prepared.insert(self.hash) {
             views::encode_close_statement(out, self.server_name.as_bytes());
             owed.push(Owed::CloseComplete { pass: false });
@@ -60,9 +68,11 @@ impl Stmt {
 }
 
 /// The client's named statements, by the name it gave them (bytes in its encoding).
+/// Looked up at every Bind, so hashed with foldhash (a random seed per map) rather than
+/// SipHash.
 #[derive(Default)]
 pub struct Statements {
-    by_name: HashMap<Box<[u8]>, Stmt>,
+    by_name: HashMap<Box<[u8]>, Stmt, foldhash::fast::RandomState>,
 }
 
 impl Statements {
@@ -80,25 +90,27 @@ impl Statements {
     }
 
     /// Record a statement without sending it (a lone Parse + Sync answered by the proxy).
-    pub fn define(&mut self, p: &Parse) {
-        self.by_name.insert(p.name.into(), Stmt::new(p));
+    pub fn define(&mut self, p: &Parse, class: Arc<Classification>) {
+        self.by_name.insert(p.name.into(), Stmt::new(p, class));
     }
 
     /// Parse: the unnamed statement as it is; a named one under its server-side name.
+    /// `class`: what the machine classified its query as.
     pub fn parse(
         &mut self,
         msg: &[u8],
         p: &Parse,
+        class: &Arc<Classification>,
         out: &mut BytesMut,
         owed: &mut OwedQueue,
-        prepared: &mut HashSet<u64>,
+        prepared: &mut Prepared,
     ) {
         if p.name.is_empty() {
             owed.push(Owed::ParseComplete { pass: true, hash: None });
             out.extend_from_slice(msg);
             return;
         }
-        let stmt = Stmt::new(p);
+        let stmt = Stmt::new(p, class.clone());
         // The same text may already be prepared on this connection (by this client
         // earlier, or another): close it first so the Parse cannot fail with "already
         // exists" and the client gets its ParseComplete in order.
@@ -114,8 +126,8 @@ impl Statements {
     }
 
     /// Bind or Describe (`tag`) naming a statement (`r`): renamed, after preparing the
-    /// statement here if this connection does not have it. Returns the statement's query
-    /// when it is one of the client's named statements.
+    /// statement here if this connection does not have it. Returns the statement when it
+    /// is one of the client's named statements.
     pub fn refer(
         &self,
         tag: u8,
@@ -123,13 +135,17 @@ impl Statements {
         r: &StatementRef,
         out: &mut BytesMut,
         owed: &mut OwedQueue,
-        prepared: &mut HashSet<u64>,
-    ) -> Option<&[u8]> {
-        match self.by_name.get(r.statement).filter(|_| !r.statement.is_empty()) {
+        prepared: &mut Prepared,
+    ) -> Option<&Stmt> {
+        // The unnamed statement (most Binds of the extended protocol) is not looked up.
+        let named = (!r.statement.is_empty())
+            .then(|| self.by_name.get(r.statement))
+            .flatten();
+        match named {
             Some(stmt) => {
                 stmt.ensure(out, owed, prepared);
                 r.encode_renamed(out, tag, stmt.server_name.as_bytes());
-                Some(&stmt.query)
+                Some(stmt)
             }
             None => {
                 out.extend_from_slice(msg);
@@ -145,7 +161,7 @@ impl Statements {
         r: &StatementRef,
         out: &mut BytesMut,
         owed: &mut OwedQueue,
-        prepared: &mut HashSet<u64>,
+        prepared: &mut Prepared,
     ) {
         let known = if r.statement.is_empty() {
             None
@@ -171,7 +187,7 @@ impl Statements {
         name: &str,
         out: &mut BytesMut,
         owed: &mut OwedQueue,
-        prepared: &mut HashSet<u64>,
+        prepared: &mut Prepared,
     ) -> std::io::Result<()> {
         if name.is_empty() {
             self.by_name.clear();
@@ -423,6 +439,7 @@ impl Known {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pg::classify::Classifier;
 
     fn parse_msg(name: &[u8], query: &[u8]) -> BytesMut {
         let mut after = query.to_vec();
@@ -434,13 +451,14 @@ mod tests {
 
     #[test]
     fn a_named_statement_is_renamed_and_prepared_where_it_is_used() {
+        let k = Classifier::new(&[]);
         let mut stmts = Statements::default();
         let mut owed = OwedQueue::default();
         let mut out = BytesMut::new();
-        let mut here = HashSet::new();
+        let mut here = Prepared::default();
         let msg = parse_msg(b"P_0", b"SELECT 1");
         let p = Parse::decode(&msg[5..]).unwrap();
-        stmts.parse(&msg, &p, &mut out, &mut owed, &mut here);
+        stmts.parse(&msg, &p, &k.classify_bytes(p.query), &mut out, &mut owed, &mut here);
         let server_name = stmts.get(b"P_0").unwrap().server_name.clone();
         assert!(server_name.starts_with("sy_"));
         // Close sy_..., then Parse sy_...
@@ -448,13 +466,14 @@ mod tests {
         assert!(out.windows(server_name.len()).any(|w| w == server_name.as_bytes()));
         assert!(!out.windows(3).any(|w| w == b"P_0"));
         // On another connection, a Bind prepares it first (answers dropped).
-        let mut there = HashSet::new();
+        let mut there = Prepared::default();
         let mut out2 = BytesMut::new();
         let mut owed2 = OwedQueue::default();
         let bind = b"B\0\0\0\x0f\0P_0\0\0\0\0\0\0\0";
         let r = StatementRef::decode_bind(&bind[5..]).unwrap();
-        let q = stmts.refer(b'B', bind, &r, &mut out2, &mut owed2, &mut there);
-        assert_eq!(q, Some(&b"SELECT 1"[..]));
+        let stmt = stmts.refer(b'B', bind, &r, &mut out2, &mut owed2, &mut there).unwrap();
+        assert_eq!(&*stmt.query, b"SELECT 1");
+        assert!(stmt.class.read_only, "its classification at Parse is kept");
         assert_eq!(there.len(), 1);
         let tags: Vec<u8> = {
             let mut v = Vec::new();
@@ -468,7 +487,8 @@ mod tests {
         assert_eq!(tags, b"CPB");
         // The same text under another client name shares the server-side statement.
         let msg = parse_msg(b"other", b"SELECT 1");
-        stmts.parse(&msg, &Parse::decode(&msg[5..]).unwrap(), &mut out, &mut owed, &mut here);
+        let p = Parse::decode(&msg[5..]).unwrap();
+        stmts.parse(&msg, &p, &k.classify_bytes(p.query), &mut out, &mut owed, &mut here);
         assert_eq!(stmts.get(b"other").unwrap().server_name, server_name);
     }
 
@@ -476,13 +496,14 @@ mod tests {
     fn deallocate_of_a_statement_prepared_elsewhere_still_succeeds() {
         let mut stmts = Statements::default();
         let msg = parse_msg(b"s", b"SELECT 2");
-        stmts.define(&Parse::decode(&msg[5..]).unwrap());
+        let p = Parse::decode(&msg[5..]).unwrap();
+        stmts.define(&p, Classifier::new(&[]).classify_bytes(p.query));
         let mut owed = OwedQueue::default();
         owed.push(Owed::Ready);
         let mut out = BytesMut::new();
         let q = b"Q\0\0\0\x11DEALLOCATE s\0";
         stmts
-            .deallocate(q, "s", &mut out, &mut owed, &mut HashSet::new())
+            .deallocate(q, "s", &mut out, &mut owed, &mut Prepared::default())
             .unwrap();
         assert!(stmts.get(b"s").is_none());
         // Close, Parse, then the DEALLOCATE under the server name.
@@ -492,7 +513,7 @@ mod tests {
         // An unknown name is the server's business (it answers "does not exist").
         let mut out = BytesMut::new();
         stmts
-            .deallocate(q, "nope", &mut out, &mut owed, &mut HashSet::new())
+            .deallocate(q, "nope", &mut out, &mut owed, &mut Prepared::default())
             .unwrap();
         assert_eq!(&out[..], q);
     }

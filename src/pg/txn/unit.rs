@@ -22,7 +22,10 @@ pub fn reads(first: &Bytes, rest: &[u8], stmts: &Statements, classifier: &Classi
         let body = &msg[5..];
         let query: &[u8] = match FrontendTag::of(msg[0]) {
             Some(FrontendTag::Query) => Query::decode(body).ok()?.sql,
-            Some(FrontendTag::Parse) => Parse::decode(body).ok()?.query,
+            Some(FrontendTag::Parse) => {
+                let c = classifier.classify_parse(Parse::decode(body).ok()?.query);
+                return Some(c.read_only && !c.hint_primary);
+            }
             Some(tag @ (FrontendTag::Bind | FrontendTag::Describe)) => {
                 let r = if tag == FrontendTag::Bind {
                     StatementRef::decode_bind(body).ok()?
@@ -32,7 +35,8 @@ pub fn reads(first: &Bytes, rest: &[u8], stmts: &Statements, classifier: &Classi
                 if r.statement.is_empty() {
                     return Some(true); // judged by its Parse in the same batch
                 }
-                &stmts.get(r.statement)?.query
+                let c = &stmts.get(r.statement)?.class;
+                return Some(c.read_only && !c.hint_primary);
             }
             Some(FrontendTag::Execute | FrontendTag::Flush) => return Some(true),
             _ => return Some(false),
