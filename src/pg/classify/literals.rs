@@ -13,6 +13,10 @@ pub fn blank_literals(sql: &str, out: &mut String) {
     out.clear();
     let b = sql.as_bytes();
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+    // `sql[kept..i]` is text that stays as it is: copied in one piece when the next
+    // replacement (or the end) comes, rather than run by run. A statement with two
+    // literals is then three copies, however many runs its text has.
+    let mut kept = 0;
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -20,32 +24,43 @@ pub fn blank_literals(sql: &str, out: &mut String) {
         match c {
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 let end = sql[i..].find('\n').map_or(b.len(), |e| i + e);
+                out.push_str(&sql[kept..i]);
                 push_comment(out, &sql[i..end]);
                 i = end;
+                kept = end;
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 let j = block_comment_end(b, i);
+                out.push_str(&sql[kept..i]);
                 push_comment(out, &sql[i..j]);
                 i = j;
+                kept = j;
             }
             b'"' => {
+                // A quoted identifier: kept.
                 let j = closing_quote(b, i + 1, b'"', false);
-                let end = (j + 1).min(b.len());
-                out.push_str(&sql[i..end]);
-                i = end;
+                i = (j + 1).min(b.len());
             }
             b'\'' => {
-                // A one-letter prefix (E'', B'', X'', N'') belongs to the literal.
+                // A one-letter prefix (E'', B'', X'', N'') belongs to the literal: it is
+                // left out of the copy (an ASCII letter, so `i - 1` is a char boundary),
+                // or, when a replacement just took it (`1.x'…'`: the number's `?`), what
+                // that pushed is taken back, as the copy-per-run version did.
                 let escapes = i > 0 && matches!(b[i - 1], b'E' | b'e') && !(i > 1 && ident(b[i - 2]));
-                if i > 0
+                let prefixed = i > 0
                     && matches!(b[i - 1], b'E' | b'e' | b'B' | b'b' | b'X' | b'x' | b'N' | b'n')
-                    && !(i > 1 && ident(b[i - 2]))
-                {
-                    out.pop();
+                    && !(i > 1 && ident(b[i - 2]));
+                match (prefixed, kept < i) {
+                    (true, true) => out.push_str(&sql[kept..i - 1]),
+                    (true, false) => {
+                        out.pop();
+                    }
+                    (false, _) => out.push_str(&sql[kept..i]),
                 }
                 let j = closing_quote(b, i + 1, b'\'', escapes);
                 out.push('?');
                 i = (j + 1).min(b.len());
+                kept = i;
             }
             b'$' if !prev_ident => {
                 // $1 parameter, or $tag$ ... $tag$ string.
@@ -57,14 +72,15 @@ pub fn blank_literals(sql: &str, out: &mut String) {
                     Some(t) if b[t] == b'$' && !b[i + 1..t].first().is_some_and(u8::is_ascii_digit) => {
                         let tag = &sql[i..=t];
                         let body_end = sql[t + 1..].find(tag).map_or(b.len(), |e| t + 1 + e + tag.len());
+                        out.push_str(&sql[kept..i]);
                         out.push('?');
                         i = body_end;
+                        kept = i;
                     }
                     _ => {
-                        out.push('$');
+                        // A parameter: kept.
                         i += 1;
                         while i < b.len() && b[i].is_ascii_digit() {
-                            out.push(b[i] as char);
                             i += 1;
                         }
                     }
@@ -72,25 +88,24 @@ pub fn blank_literals(sql: &str, out: &mut String) {
             }
             b'0'..=b'9' if !prev_ident => {
                 let mut j = i;
-                while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'.' || b[j] == b'_') {
+                while j < b.len() && CLASS[b[j] as usize] & NUMBER != 0 {
                     // 1e-5: a sign right after the exponent belongs to the number.
-                    if matches!(b[j], b'e' | b'E') && matches!(b.get(j + 1), Some(b'+' | b'-')) {
+                    if b[j] | 0x20 == b'e' && matches!(b.get(j + 1), Some(b'+' | b'-')) {
                         j += 1;
                     }
                     j += 1;
                 }
+                out.push_str(&sql[kept..i]);
                 out.push('?');
                 i = j;
+                kept = j;
             }
-            _ => {
-                // A run in which nothing can start: copied at once. It ends only before
-                // an ASCII byte, so always on a character boundary.
-                let j = plain_run_end(b, i + 1);
-                out.push_str(&sql[i..j]);
-                i = j;
-            }
+            // A run in which nothing can start. It ends only before an ASCII byte, so
+            // always on a character boundary.
+            _ => i = plain_run_end(b, i + 1),
         }
     }
+    out.push_str(&sql[kept..]);
 }
 
 /// Where the plain run that goes on at `from` (≥ 1) ends: the first byte there or later
@@ -98,9 +113,10 @@ pub fn blank_literals(sql: &str, out: &mut String) {
 ///
 /// Most of a query's bytes are in such runs, so they are skipped eight at a time: every
 /// byte that can end a run lies in `"` ..= `9`, and a word with no byte in that range
-/// (a SWAR test, three operations on a `u64`) has none. A word with one (a digit, or
-/// punctuation such as `(`, `,` or `*` that shares the range) is looked at byte by byte.
-/// Under `bench/instructions` this halved the cost per byte of pgbench's query.
+/// (a SWAR test, three operations on a `u64`) has none. In a word with one (a digit, or
+/// punctuation such as `(`, `,` or `*` that shares the range) only the bytes that may
+/// end the run are looked at (`starts_or_digits`). Under `bench/instructions` the first
+/// test halved the cost per byte of pgbench's query.
 fn plain_run_end(b: &[u8], from: usize) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
@@ -119,8 +135,15 @@ fn plain_run_end(b: &[u8], from: usize) -> usize {
         // low7 < BELOW, the byte is ASCII, low7 > ABOVE.
         let in_range = (ONES * (0x7f + BELOW)).wrapping_sub(low7) & !x & (low7 + ONES * (0x7f - ABOVE)) & HIGH;
         if in_range != 0 {
-            if let Some(k) = (j..j + 8).find(|&k| ends(k)) {
-                return k;
+            // Which bytes of the word can end the run at all (a start byte or a digit):
+            // each looked at in turn, lowest first, skipping the punctuation between.
+            let mut candidates = starts_or_digits(x);
+            while candidates != 0 {
+                let k = j + (candidates.trailing_zeros() / 8) as usize;
+                if ends(k) {
+                    return k;
+                }
+                candidates &= candidates - 1;
             }
         }
         j += 8;
@@ -128,10 +151,28 @@ fn plain_run_end(b: &[u8], from: usize) -> usize {
     (j..b.len()).find(|&k| ends(k)).unwrap_or(b.len())
 }
 
+/// The high bit of each byte of `x` (eight bytes of text, the first lowest) that is one of
+/// `- / " ' $` or a digit, and maybe of bytes after such a byte (a zero test's borrow
+/// can carry into the next byte): a superset, so each is checked again. No byte that is
+/// one of them is missed.
+fn starts_or_digits(x: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let equal = |c: u8| {
+        let t = x ^ (ONES * c as u64);
+        t.wrapping_sub(ONES) & !t & HIGH
+    };
+    let low7 = x & (ONES * 0x7f);
+    // '0' (0x30) ..= '9' (0x39), per byte as in `plain_run_end`.
+    let digits = (ONES * (0x7f + 0x3a)).wrapping_sub(low7) & !x & (low7 + ONES * (0x7f - 0x2f)) & HIGH;
+    equal(b'-') | equal(b'/') | equal(b'"') | equal(b'\'') | equal(b'$') | digits
+}
+
 /// `CLASS[byte]`: what a byte can do in `blank_literals`'s plain runs.
 const STARTS: u8 = 1; // - / " ' $: may start a comment, a quoted run or a parameter
 const DIGIT: u8 = 2; // starts a number unless it continues a word or a `$n`
 const GLUES: u8 = 4; // part of a word (or `$`): a digit after it is no number
+const NUMBER: u8 = 8; // part of a number once one started: a letter, digit, `.` or `_`
 const CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut c = 0;
@@ -145,6 +186,9 @@ const CLASS: [u8; 256] = {
         }
         if b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80 || b == b'$' {
             t[c] |= GLUES;
+        }
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' {
+            t[c] |= NUMBER;
         }
         c += 1;
     }
@@ -236,6 +280,92 @@ fn closing_quote(b: &[u8], from: usize, quote: u8, backslash_escapes: bool) -> u
 mod tests {
     use super::*;
 
+    /// `blank_literals` as it was before it copied kept text lazily: every run pushed as
+    /// it is passed.
+    fn blank_literals_run_by_run(sql: &str, out: &mut String) {
+        out.clear();
+        let b = sql.as_bytes();
+        let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            let prev_ident = i > 0 && CLASS[b[i - 1] as usize] & GLUES != 0;
+            match c {
+                b'-' if b.get(i + 1) == Some(&b'-') => {
+                    let end = sql[i..].find('\n').map_or(b.len(), |e| i + e);
+                    push_comment(out, &sql[i..end]);
+                    i = end;
+                }
+                b'/' if b.get(i + 1) == Some(&b'*') => {
+                    let j = block_comment_end(b, i);
+                    push_comment(out, &sql[i..j]);
+                    i = j;
+                }
+                b'"' => {
+                    let j = closing_quote(b, i + 1, b'"', false);
+                    let end = (j + 1).min(b.len());
+                    out.push_str(&sql[i..end]);
+                    i = end;
+                }
+                b'\'' => {
+                    // A one-letter prefix (E'', B'', X'', N'') belongs to the literal.
+                    let escapes = i > 0 && matches!(b[i - 1], b'E' | b'e') && !(i > 1 && ident(b[i - 2]));
+                    if i > 0
+                        && matches!(b[i - 1], b'E' | b'e' | b'B' | b'b' | b'X' | b'x' | b'N' | b'n')
+                        && !(i > 1 && ident(b[i - 2]))
+                    {
+                        out.pop();
+                    }
+                    let j = closing_quote(b, i + 1, b'\'', escapes);
+                    out.push('?');
+                    i = (j + 1).min(b.len());
+                }
+                b'$' if !prev_ident => {
+                    // $1 parameter, or $tag$ ... $tag$ string.
+                    let tag_end = b[i + 1..]
+                        .iter()
+                        .position(|&x| !(x.is_ascii_alphanumeric() || x == b'_'))
+                        .map(|p| i + 1 + p);
+                    match tag_end {
+                        Some(t) if b[t] == b'$' && !b[i + 1..t].first().is_some_and(u8::is_ascii_digit) => {
+                            let tag = &sql[i..=t];
+                            let body_end = sql[t + 1..].find(tag).map_or(b.len(), |e| t + 1 + e + tag.len());
+                            out.push('?');
+                            i = body_end;
+                        }
+                        _ => {
+                            out.push('$');
+                            i += 1;
+                            while i < b.len() && b[i].is_ascii_digit() {
+                                out.push(b[i] as char);
+                                i += 1;
+                            }
+                        }
+                    }
+                }
+                b'0'..=b'9' if !prev_ident => {
+                    let mut j = i;
+                    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'.' || b[j] == b'_') {
+                        // 1e-5: a sign right after the exponent belongs to the number.
+                        if matches!(b[j], b'e' | b'E') && matches!(b.get(j + 1), Some(b'+' | b'-')) {
+                            j += 1;
+                        }
+                        j += 1;
+                    }
+                    out.push('?');
+                    i = j;
+                }
+                _ => {
+                    // A run in which nothing can start: copied at once. It ends only before
+                    // an ASCII byte, so always on a character boundary.
+                    let j = plain_run_end(b, i + 1);
+                    out.push_str(&sql[i..j]);
+                    i = j;
+                }
+            }
+        }
+    }
+
     /// `plain_run_end` as the byte-at-a-time loop it replaces.
     fn plain_run_end_bytewise(b: &[u8], from: usize) -> usize {
         let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80;
@@ -285,6 +415,62 @@ mod tests {
                     plain_run_end_bytewise(&b, from),
                     "{b:?} from {from}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn lazy_copies_blank_as_run_by_run_copies_did() {
+        let mut fixed = vec![
+            "UPDATE pgbench_accounts SET abalance = abalance + -3419 WHERE aid = 649373;".to_string(),
+            "SELECT E'a\\'b', x'1f', n'é', B'01', $1, $tag$ x $tag$, \"q\"\"x\" -- c\n/* s /* n */ */ 1e-5".into(),
+            "/* switchyard:primary */ SELECT 'x' -- switchyard:primary".into(),
+            "e'unterminated".into(),
+            "$$".into(),
+            "".into(),
+        ];
+        let alphabet: &[&str] = &[
+            "a", "E", "e", "x", "N", "_", "9", "0", "$", "-", "/", "*", "'", "\"", "\\", " ", "\n", ".", "+", "é",
+            "$t$",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..30_000 {
+            let len = (seed >> 59) as usize + 1;
+            let text: String = (0..len)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    alphabet[(seed >> 33) as usize % alphabet.len()]
+                })
+                .collect();
+            fixed.push(text);
+        }
+        let (mut lazy, mut runs) = (String::new(), String::new());
+        for text in &fixed {
+            blank_literals(text, &mut lazy);
+            blank_literals_run_by_run(text, &mut runs);
+            assert_eq!(lazy, runs, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn the_candidate_mask_holds_every_start_byte_and_digit() {
+        for v in 0..=255u8 {
+            for pos in 0..8 {
+                for fill in [b'a', b'(', 0x80, 0xff, b'0'] {
+                    let mut w = [fill; 8];
+                    w[pos] = v;
+                    let mask = starts_or_digits(u64::from_le_bytes(w));
+                    let wanted = matches!(v, b'-' | b'/' | b'"' | b'\'' | b'$') || v.is_ascii_digit();
+                    if wanted {
+                        assert_ne!(mask & (0x80 << (8 * pos)), 0, "byte {v:#x} at {pos} among {fill:#x}");
+                    }
+                    // Below the first wanted byte nothing is flagged that is not wanted.
+                    let first = w
+                        .iter()
+                        .position(|&c| matches!(c, b'-' | b'/' | b'"' | b'\'' | b'$') || c.is_ascii_digit());
+                    let lowest = (mask != 0).then(|| mask.trailing_zeros() as usize / 8);
+                    assert_eq!(lowest, first, "{w:?}");
+                }
             }
         }
     }
