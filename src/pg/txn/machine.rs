@@ -102,7 +102,8 @@ pub struct Machine<'a> {
     /// taken back once its connection is there.
     stash: Option<(Bytes, bool)>,
     /// The client's messages of the unit in progress as received, for a retry (kept
-    /// here, not in `Unit`, so its allocation is reused).
+    /// here, not in `Unit`, so its allocation is reused); only while the unit is
+    /// `retryable` and unanswered.
     sent: Vec<Bytes>,
     phase: Phase,
     pub to_server: BytesMut,
@@ -620,7 +621,8 @@ impl<'a> Machine<'a> {
     /// Queue one client message for the held server, renaming prepared statements.
     fn forward(&mut self, msg: Bytes, conn: &mut ConnState) -> Result<(), Error> {
         let unit = self.unit.as_mut().expect("a unit holds a connection");
-        if !unit.answered {
+        // Kept only where `rerun` may send them again: a read that can still move.
+        if unit.retryable && !unit.answered {
             self.sent.push(msg.clone());
         }
         let tag = msg[0];
