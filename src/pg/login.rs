@@ -9,7 +9,7 @@ use tracing::warn;
 use std::sync::Arc;
 
 use crate::cluster::ClusterCtx;
-use crate::config::{AuthMethod, ADMIN_DATABASE};
+use crate::config::{AuthMethod, PoolMode, ADMIN_DATABASE};
 use crate::error::Error;
 use crate::pg::auth::{AuthError, Verifier};
 use crate::pg::classify::CAUSAL_TOKEN;
@@ -64,6 +64,10 @@ pub(super) struct Client {
     /// What the client sent after its last login message, before it was answered (no
     /// client we know of does; PostgreSQL would run it): its session reads it first.
     pub unread: BytesMut,
+    /// The end of the login (SASLFinal and AuthenticationOk), not written yet: in
+    /// transaction pooling it goes out with the greeting, in one write (`Driver::
+    /// login_reply`). Empty where login wrote it (session mode, the admin console).
+    pub unsent: BytesMut,
 }
 
 /// A client's messages during login, read ahead. One read takes a whole message where
@@ -244,7 +248,10 @@ pub(super) async fn login(
             &found
         }
     };
-    authenticate(stream, &mut inbox, verifier, channel)
+    // In transaction pooling the greeting follows at once (from `Greetings`), or after a
+    // pooled connection told it: AuthenticationOk waits for it, one write for both.
+    let defer = database != ADMIN_DATABASE && cluster.settings().pool_mode == PoolMode::Transaction;
+    let unsent = authenticate(stream, &mut inbox, verifier, channel, defer)
         .await
         .map_err(|e| match e {
             Reject::Error(e) => {
@@ -261,6 +268,7 @@ pub(super) async fn login(
         causal_token,
         _admission: admission,
         unread: inbox.rest(),
+        unsent,
     }))
 }
 
@@ -269,7 +277,8 @@ async fn authenticate(
     inbox: &mut Inbox,
     v: &Verifier,
     channel: Option<&[u8]>,
-) -> Result<(), Reject> {
+    defer: bool,
+) -> Result<BytesMut, Reject> {
     let mut out = BytesMut::new();
     let auth_failed = |e: AuthError| match e {
         AuthError::Failed(_) => Reject::Error(Error::auth_failed(e.to_string())),
@@ -340,9 +349,12 @@ async fn authenticate(
     }
     // After what is still unsent (SCRAM's final message).
     messages::auth_ok(&mut out);
+    if defer {
+        return Ok(out);
+    }
     stream.write_all(&out).await?;
     stream.flush().await?;
-    Ok(())
+    Ok(BytesMut::new())
 }
 
 fn malformed(what: &str) -> Reject {

@@ -330,6 +330,7 @@ fn serve_transaction_mode<'a>(
         params,
         _admission: admission,
         unread,
+        unsent,
         ..
     } = client;
     let who = TxnClient {
@@ -343,6 +344,7 @@ fn serve_transaction_mode<'a>(
         info!(cluster = %cluster.name, endpoint = %endpoint, peer = %peer, "session started (transaction pooling)");
     }
     let mut driver = Driver::new(stream, who, cluster, endpoint, shared, cancel, None);
+    driver.login_reply(unsent);
     driver.unread(&unread);
     transaction_session(driver, (gauge, entry, admission), peer, cluster, endpoint, shared)
 }
@@ -446,6 +448,7 @@ async fn carry_in<'a>(
         credential: Credential::None,
         _admission: None,
         unread: BytesMut::new(),
+        unsent: BytesMut::new(),
     };
     let entry = client.register(
         shared,

@@ -750,6 +750,12 @@ impl<'a> Driver<'a> {
     }
 
     /// Bytes the client sent before it was carried here (`pg::handover`), read first.
+    /// The end of the client's login, not yet written: it goes out first, with the
+    /// greeting.
+    pub fn login_reply(&mut self, reply: BytesMut) {
+        self.machine.login_reply_first(reply);
+    }
+
     pub fn unread(&mut self, bytes: &[u8]) {
         self.cbuf.extend_from_slice(bytes);
     }

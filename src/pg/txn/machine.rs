@@ -414,6 +414,15 @@ impl<'a> Machine<'a> {
         }
     }
 
+    /// The end of the client's login (`login::Client::unsent`), written before anything
+    /// else the client gets: the greeting then goes out in the same write.
+    pub fn login_reply_first(&mut self, mut reply: BytesMut) {
+        if !reply.is_empty() {
+            reply.extend_from_slice(&self.to_client);
+            self.to_client = reply;
+        }
+    }
+
     /// The initial greeting, once the connection has the client's startup settings: the
     /// server's parameters in its own spelling (as a direct connection would report
     /// them), our BackendKeyData, ReadyForQuery.

@@ -952,6 +952,13 @@ fn a_remembered_greeting_greets_at_once_and_the_first_unit_gets_the_startup_sett
     assert_eq!(m.phase, Phase::Serving);
     assert!(!m.has_actions(), "no connection for the greeting");
     assert_eq!(tags(&m.to_client), "SSKZ");
+    // The end of the login goes first, in the same write as the greeting.
+    m.login_reply_first(BytesMut::new());
+    assert_eq!(tags(&m.to_client), "SSKZ");
+    let mut ok = BytesMut::new();
+    crate::pg::protocol::messages::auth_ok(&mut ok);
+    m.login_reply_first(ok);
+    assert_eq!(tags(&m.to_client), "RSSKZ");
     assert!(!m.take_greeted_by_server(), "nothing new to remember");
     m.to_client.clear();
     m.flushed_to_client();
