@@ -398,6 +398,51 @@ fn django_switchyard_builds_a_checked_wheel_and_sdist_and_is_typed() {
     );
 }
 
+/// Connections of the fresh-read oracle on the primary (it keeps one open once asked).
+fn oracle_connections(cluster: &LocalCluster) -> String {
+    cluster
+        .sql(
+            0,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'switchyard-causal'",
+        )
+        .unwrap()
+}
+
+/// A write that a read is likely to follow (the client read after its previous write,
+/// or it is its first) has its WAL position learned on its own connection as it ends,
+/// so the read does not wait for the oracle; a write no read followed is left to the
+/// oracle, which the next read asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_reads_follow_learns_its_floor_on_its_own_connection() {
+    let cluster = delayed_cluster(1);
+    let proxy = Proxy::start(&cluster, "proxy", SPLIT, "");
+    table_t(&cluster);
+    let c = connect(proxy.rw).await.unwrap();
+    // Write, read, write, read: each read sees its write, and the oracle is never asked.
+    for id in 1..=3 {
+        c.simple_query(&format!("INSERT INTO t VALUES ({id})")).await.unwrap();
+        let seen = one(&c, &format!("SELECT count(*) FROM t WHERE id = {id}"))
+            .await
+            .unwrap();
+        assert_eq!(seen, "1", "read after write {id} missed it");
+    }
+    assert_eq!(oracle_connections(&cluster), "0", "the oracle was asked");
+    // Two writes in a row: the first's position is learned as it ends (a read followed
+    // the write before it), the second's is not (no read followed the first), so the
+    // read after it asks the oracle.
+    c.simple_query("INSERT INTO t VALUES (10)").await.unwrap();
+    c.simple_query("INSERT INTO t VALUES (11)").await.unwrap();
+    assert_eq!(one(&c, "SELECT count(*) FROM t WHERE id = 11").await.unwrap(), "1");
+    assert_eq!(oracle_connections(&cluster), "1", "the oracle was not asked");
+    // The standby is late indeed: asked directly, it does not have the rows yet.
+    assert_eq!(
+        cluster
+            .sql_db(1, APP_DB, "SELECT count(*) FROM t WHERE id IN (3, 11)")
+            .unwrap(),
+        "0"
+    );
+}
+
 /// `read_your_writes = "user"`: a write on one connection is seen by the next connection
 /// of the same user (what test suites and apps that reconnect per request do).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,12 @@ pub struct Causal {
     writes: Arc<WriteFloor>,
     /// A token the client presented (SET, startup option).
     token: Option<Floor>,
+    /// A read came since the client's last write ended (or it has not written yet): the
+    /// next write's floor is learned as it ends (`floor_wanted_now`).
+    read_after_write: bool,
+    /// The write's own connection answers the floor question (false once it could not:
+    /// the oracle is left to do it).
+    ask_writer: bool,
     metrics: FreshMetrics,
 }
 
@@ -90,6 +96,8 @@ impl Causal {
             wait: Duration::from_millis(cc.causal_wait_ms),
             writes,
             token,
+            read_after_write: true,
+            ask_writer: true,
             metrics,
         }
     }
@@ -97,6 +105,29 @@ impl Causal {
     /// A unit that may have written committed on the primary.
     pub fn wrote(&mut self) {
         self.writes.wrote();
+    }
+
+    /// A write unit just ended on the primary (transaction mode): whether to learn its
+    /// floor on its own connection now, before that goes back to the pool (`Driver`),
+    /// and if so the writes the answer covers. Only when a read followed the client's
+    /// previous write (or this is its first): one is then likely to follow this one, and
+    /// finds its floor known instead of asking the oracle on the control thread and
+    /// waiting there. Asked just after the client has its answer, the question overlaps
+    /// with the client's turn. A client that only writes asks nothing after its first.
+    pub fn floor_wanted_now(&mut self) -> Option<u64> {
+        if !self.read_your_writes || !self.ask_writer || !std::mem::take(&mut self.read_after_write) {
+            return None;
+        }
+        self.writes.pending().1
+    }
+
+    /// What the writer's connection answered to `floor_wanted_now`'s question (None: it
+    /// could not say, and is not asked again; the oracle answers instead).
+    pub fn learned_now(&mut self, answer: Option<Floor>, covers: u64) {
+        match answer {
+            Some(f) => self.writes.learned(f, covers),
+            None => self.ask_writer = false,
+        }
     }
 
     /// The floor of the client's writes, learning it from the primary first if a write
@@ -225,6 +256,7 @@ impl Causal {
     /// Decide what a read must see, waiting (up to `causal_wait_ms`) for a standby to
     /// replay it when none has yet.
     pub async fn place(&mut self, cluster: &ClusterCtx) -> Placement {
+        self.read_after_write = true;
         let (own, resolved) = if self.read_your_writes {
             match self.resolve(cluster).await {
                 Ok(own) => (own, true),

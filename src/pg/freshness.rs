@@ -58,6 +58,10 @@ struct Oracle {
     /// (the query's number, what it answered).
     answer: watch::Sender<(u64, Option<Floor>)>,
     spawned: std::sync::Once,
+    /// The WAL page and segment sizes from the first answer that had them (0: not yet);
+    /// fixed at initdb, so the same on every node of a cluster.
+    page: AtomicU64,
+    segment: AtomicU64,
 }
 
 struct Probe {
@@ -82,6 +86,8 @@ impl Freshness {
                 kick: Notify::new(),
                 answer: watch::channel((0, None)).0,
                 spawned: std::sync::Once::new(),
+                page: AtomicU64::new(0),
+                segment: AtomicU64::new(0),
             }),
             probes: Mutex::new(HashMap::new()),
             seen: watch::channel(0).0,
@@ -125,6 +131,22 @@ impl Freshness {
             .ok()
             .and_then(|r| r.ok().map(|answer| answer.1));
         answered.flatten()
+    }
+
+    /// The question that learns a write's floor on the write's own connection (the
+    /// driver asks it there as a write ends, `Causal::floor_wanted_now`): once the WAL
+    /// sizes are known, without them. Each such question is parsed and planned anew (a
+    /// simple Query on a pooled connection), and the sizes made up a third of its cost.
+    pub fn floor_question(&self) -> &'static str {
+        match self.oracle.segment.load(Ordering::Relaxed) {
+            0 => WRITE_FLOOR_SQL,
+            _ => WRITE_FLOOR_SHORT_SQL,
+        }
+    }
+
+    /// The floor in an answer to `floor_question`.
+    pub fn floor_answer(&self, cols: &[Option<String>]) -> Option<Floor> {
+        floor_of_row(&self.oracle, cols)
     }
 
     /// The replay position of node `i` as best known: its last health check or a newer
@@ -227,13 +249,32 @@ const WRITE_FLOOR_SQL: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()::te
     pg_catalog.current_setting('wal_block_size'), \
     pg_catalog.pg_size_bytes(pg_catalog.current_setting('wal_segment_size'))::text";
 
-/// The floor in an answer to `WRITE_FLOOR_SQL`.
-fn floor_of_row(cols: &[Option<String>]) -> Option<Floor> {
+/// `WRITE_FLOOR_SQL` without the sizes, once they are known.
+const WRITE_FLOOR_SHORT_SQL: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()::text, \
+    pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_insert_lsn())";
+
+/// The floor in an answer to `WRITE_FLOOR_SQL` (whose sizes `sizes` keeps) or to
+/// `WRITE_FLOOR_SHORT_SQL` (with the sizes `sizes` has).
+fn floor_of_row(sizes: &Oracle, cols: &[Option<String>]) -> Option<Floor> {
     let col = |i: usize| cols.get(i)?.as_deref();
     let lsn = parse_lsn(col(0)?)?;
     let timeline = u32::from_str_radix(col(1)?.get(..8)?, 16).ok()?;
-    let page: u64 = col(2)?.parse().ok()?;
-    let segment: u64 = col(3)?.parse().ok()?;
+    let (page, segment) = match (col(2), col(3)) {
+        (Some(page), Some(segment)) => {
+            let (page, segment): (u64, u64) = (page.parse().ok()?, segment.parse().ok()?);
+            sizes.page.store(page, Ordering::Relaxed);
+            sizes.segment.store(segment, Ordering::Relaxed);
+            (page, segment)
+        }
+        (None, None) if cols.len() == 2 => (
+            sizes.page.load(Ordering::Relaxed),
+            sizes.segment.load(Ordering::Relaxed),
+        ),
+        _ => return None,
+    };
+    if segment == 0 {
+        return None;
+    }
     Some(Floor {
         timeline,
         lsn: reachable(lsn, page, segment),
@@ -308,7 +349,7 @@ async fn run_oracle(oracle: Arc<Oracle>, state: Arc<ClusterState>, login: Shared
             let answer = match tokio::time::timeout(QUERY_TIMEOUT, c.client.query_one(&c.statement, &[])).await {
                 Ok(Ok(row)) => {
                     let cols: Vec<Option<String>> = (0..row.len()).map(|i| row.get(i)).collect();
-                    floor_of_row(&cols)
+                    floor_of_row(&oracle, &cols)
                 }
                 _ => {
                     c.broken.store(true, Ordering::Relaxed);
@@ -387,11 +428,25 @@ async fn run_probe(
 mod tests {
     use super::*;
 
+    fn oracle() -> Oracle {
+        Oracle {
+            started: AtomicU64::new(0),
+            kick: Notify::new(),
+            answer: watch::channel((0, None)).0,
+            spawned: std::sync::Once::new(),
+            page: AtomicU64::new(0),
+            segment: AtomicU64::new(0),
+        }
+    }
+
     #[test]
     fn a_write_floor_is_read_from_the_text_columns_of_its_answer() {
         let row = |cols: &[Option<&str>]| cols.iter().map(|c| c.map(String::from)).collect::<Vec<_>>();
+        let o = oracle();
         let wal = Some("0000001A0000000000000003");
-        let f = floor_of_row(&row(&[Some("0/3000148"), wal, Some("8192"), Some("16777216")]));
+        // The short answer needs the sizes, which only the long one has.
+        assert_eq!(floor_of_row(&o, &row(&[Some("0/3000148"), wal])), None);
+        let f = floor_of_row(&o, &row(&[Some("0/3000148"), wal, Some("8192"), Some("16777216")]));
         assert_eq!(
             f,
             Some(Floor {
@@ -400,11 +455,24 @@ mod tests {
             })
         );
         // Past a page header: taken back to the page's start, with the sizes in the row.
-        let f = floor_of_row(&row(&[Some("0/3002018"), wal, Some("8192"), Some("16777216")]));
+        let f = floor_of_row(&o, &row(&[Some("0/3002018"), wal, Some("8192"), Some("16777216")]));
         assert_eq!(f.map(|f| f.lsn), Some(0x3002000));
-        assert_eq!(floor_of_row(&row(&[None, wal, Some("8192"), Some("16777216")])), None);
-        assert_eq!(floor_of_row(&row(&[Some("0/1"), Some("0000")])), None);
-        assert_eq!(floor_of_row(&row(&[Some("0/1"), wal])), None);
+        // ...or, in a short answer, with the sizes learned before.
+        let f = floor_of_row(&o, &row(&[Some("0/3004018"), wal]));
+        assert_eq!(
+            f,
+            Some(Floor {
+                timeline: 0x1a,
+                lsn: 0x3004000
+            })
+        );
+        assert_eq!(
+            floor_of_row(&o, &row(&[None, wal, Some("8192"), Some("16777216")])),
+            None
+        );
+        assert_eq!(floor_of_row(&o, &row(&[Some("0/1"), wal, None, None])), None);
+        assert_eq!(floor_of_row(&o, &row(&[Some("0/1"), Some("0000")])), None);
+        assert_eq!(floor_of_row(&o, &row(&[Some("0/1")])), None);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::io::AsyncReadExt;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::ask::{self, Asked};
 use super::machine::{Action, Config, Machine, Target};
@@ -221,6 +221,9 @@ pub struct Driver<'a> {
     credential: Credential,
     pool_wait: Histogram,
     causal: Causal,
+    /// A write unit ended since the last Release (`note_writes`; the machine reports it
+    /// once, often on the server's answer before the Release is handled).
+    wrote_since_release: bool,
     machine: Machine<'a>,
     /// Boxed: an idle client holds none, and inline the connection would enlarge
     /// every idle client's session by its size (one small allocation per unit instead,
@@ -328,6 +331,7 @@ impl<'a> Driver<'a> {
             received,
             sent,
             causal,
+            wrote_since_release: false,
             client,
             who,
             cluster,
@@ -393,6 +397,7 @@ impl<'a> Driver<'a> {
                         // Published as the unit ends, before the client hears its answer:
                         // with a shared floor another connection's next read must see it.
                         self.note_writes();
+                        let wrote = std::mem::take(&mut self.wrote_since_release);
                         if self.machine.take_greeted_by_server() {
                             self.remember_greeting();
                         }
@@ -404,6 +409,10 @@ impl<'a> Driver<'a> {
                             Box::pin(self.own_notifications_first()).await;
                             clock = Clock::default();
                         }
+                        let reuse = match wrote && reuse {
+                            true => Box::pin(self.learn_floor_here()).await,
+                            false => reuse,
+                        };
                         self.release(reuse, clock.now())
                     }
                     Action::CountPins => {
@@ -1061,7 +1070,39 @@ impl<'a> Driver<'a> {
     fn note_writes(&mut self) {
         if self.machine.take_wrote() {
             self.causal.wrote();
+            self.wrote_since_release = true;
         }
+    }
+
+    /// Read-your-writes: the floor of the write unit that just ended, asked on the
+    /// primary connection it ran on before that goes back to the pool, when a read is
+    /// likely to follow (`Causal::floor_wanted_now`). The client has its answer first.
+    /// False: the connection did not answer, and must not serve anyone else.
+    async fn learn_floor_here(&mut self) -> bool {
+        let Some(h) = self.held.as_ref() else { return true };
+        // Nothing may be in flight on it: the answer is read here, not relayed.
+        if !h.on_primary || !self.machine.to_server.is_empty() || !self.sbuf.is_empty() {
+            return true;
+        }
+        let Some(covers) = self.causal.floor_wanted_now() else {
+            return true;
+        };
+        if !self.flush_client().await {
+            self.machine.on_client_closed();
+            return true;
+        }
+        let freshness = &crate::pg::PgCluster::of(self.cluster).freshness;
+        let h = self.held.as_mut().expect("held above");
+        let asked = ask::ask(&mut h.conn.conn.stream, &mut self.sbuf, freshness.floor_question()).await;
+        let floor = match &asked {
+            Asked::Row(cols) => freshness.floor_answer(cols),
+            _ => None,
+        };
+        if floor.is_none() {
+            debug!(cluster = %self.cluster.name, answer = ?asked, "a write's connection did not tell its WAL position; the oracle will");
+        }
+        self.causal.learned_now(floor, covers);
+        asked != Asked::Lost
     }
 
     fn dialer(&mut self, target: Endpoint) -> PoolDialer<'_> {
