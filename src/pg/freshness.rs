@@ -64,6 +64,19 @@ struct Oracle {
     segment: AtomicU64,
 }
 
+impl Oracle {
+    fn new() -> Oracle {
+        Oracle {
+            started: AtomicU64::new(0),
+            kick: Notify::new(),
+            answer: watch::channel((0, None)).0,
+            spawned: std::sync::Once::new(),
+            page: AtomicU64::new(0),
+            segment: AtomicU64::new(0),
+        }
+    }
+}
+
 struct Probe {
     replayed: AtomicU64,
     waiters: AtomicU32,
@@ -81,14 +94,7 @@ impl Freshness {
             state,
             runtime,
             login: Arc::default(),
-            oracle: Arc::new(Oracle {
-                started: AtomicU64::new(0),
-                kick: Notify::new(),
-                answer: watch::channel((0, None)).0,
-                spawned: std::sync::Once::new(),
-                page: AtomicU64::new(0),
-                segment: AtomicU64::new(0),
-            }),
+            oracle: Arc::new(Oracle::new()),
             probes: Mutex::new(HashMap::new()),
             seen: watch::channel(0).0,
             epoch: Instant::now(),
@@ -428,21 +434,10 @@ async fn run_probe(
 mod tests {
     use super::*;
 
-    fn oracle() -> Oracle {
-        Oracle {
-            started: AtomicU64::new(0),
-            kick: Notify::new(),
-            answer: watch::channel((0, None)).0,
-            spawned: std::sync::Once::new(),
-            page: AtomicU64::new(0),
-            segment: AtomicU64::new(0),
-        }
-    }
-
     #[test]
     fn a_write_floor_is_read_from_the_text_columns_of_its_answer() {
         let row = |cols: &[Option<&str>]| cols.iter().map(|c| c.map(String::from)).collect::<Vec<_>>();
-        let o = oracle();
+        let o = Oracle::new();
         let wal = Some("0000001A0000000000000003");
         // The short answer needs the sizes, which only the long one has.
         assert_eq!(floor_of_row(&o, &row(&[Some("0/3000148"), wal])), None);
