@@ -426,6 +426,19 @@ async fn a_write_that_reads_follow_learns_its_floor_on_its_own_connection() {
             .unwrap();
         assert_eq!(seen, "1", "read after write {id} missed it");
     }
+    // The extended protocol: the question goes after the Sync that commits.
+    c.execute("INSERT INTO t VALUES ($1)", &[&4i32]).await.unwrap();
+    assert_eq!(one(&c, "SELECT count(*) FROM t WHERE id = 4").await.unwrap(), "1");
+    assert_eq!(oracle_connections(&cluster), "0", "the oracle was asked");
+    // COPY FROM STDIN as a session's first write (whose floor is wanted): no question
+    // may follow it in the same write (the server reads COPY data next; a Query there
+    // fails the COPY), so its connection is asked once the COPY is answered.
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("rows");
+    std::fs::write(&rows, "20\n21\n").unwrap();
+    let copy = format!("\\copy t (id) FROM '{}'", rows.display());
+    let out = psql_statements(proxy.rw, &[&copy, "SELECT count(*) FROM t WHERE id IN (20, 21)"]);
+    assert_eq!(out.last().map(String::as_str), Some("2"), "{out:?}");
     assert_eq!(oracle_connections(&cluster), "0", "the oracle was asked");
     // Two writes in a row: the first's position is learned as it ends (a read followed
     // the write before it), the second's is not (no read followed the first), so the

@@ -76,6 +76,11 @@ impl WriteFloor {
         (s.floor, (s.writes > s.covered).then_some(s.writes))
     }
 
+    /// Writes that ended so far.
+    pub fn count(&self) -> u64 {
+        self.inner.lock().unwrap().writes
+    }
+
     /// `floor` was asked for after the first `covers` writes had ended.
     pub fn learned(&self, floor: Floor, covers: u64) {
         let mut s = self.inner.lock().unwrap();

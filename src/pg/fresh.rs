@@ -121,6 +121,22 @@ impl Causal {
         self.writes.pending().1
     }
 
+    /// Whether a write unit starting now should have its floor asked in the same write
+    /// as its commit (`Machine::ask_floor`), for the same reason as `floor_wanted_now`:
+    /// if so, the writes counted so far (all answered before the question can run).
+    pub fn floor_wanted_soon(&self) -> Option<u64> {
+        (self.read_your_writes && self.ask_writer && self.read_after_write).then(|| self.writes.count())
+    }
+
+    /// What the question sent with a write unit's commit answered (None: the server
+    /// could not say, and is not asked again). `before`: what `floor_wanted_soon` gave
+    /// as the unit started. The floor covers those writes and the unit's own; writes of
+    /// the user's other connections counted since are left to the oracle.
+    pub fn learned_with_commit(&mut self, answer: Option<Floor>, before: u64) {
+        self.read_after_write = false;
+        self.learned_now(answer, before + 1);
+    }
+
     /// What the writer's connection answered to `floor_wanted_now`'s question (None: it
     /// could not say, and is not asked again; the oracle answers instead).
     pub fn learned_now(&mut self, answer: Option<Floor>, covers: u64) {

@@ -131,6 +131,13 @@ pub struct Classification {
     /// Ends a transaction with a commit (`COMMIT`, `END`, `COMMIT PREPARED`): if the
     /// server is lost before it answers, whether it committed is unknown (08007).
     pub commits: bool,
+    /// The proxy may not queue a question of its own right behind it (read-your-writes
+    /// sends the write-floor question in the same write as a commit: `pg::txn` machine):
+    /// it may leave a transaction block open, where the question would run inside the
+    /// client's transaction (`BEGIN`, `START TRANSACTION`, `COMMIT` or `ROLLBACK AND
+    /// CHAIN`); the server reads COPY data after it, not statements (`COPY ... FROM`); or
+    /// the grammar does not accept it.
+    pub no_question_after: bool,
     /// The statement's shape for the query digests (`obs::digest`): libpg_query's
     /// fingerprint and normalized text.
     pub digest: Arc<Digest>,
@@ -204,6 +211,7 @@ impl Classification {
             literal_sensitive: false,
             settings_only: false,
             commits: false,
+            no_question_after: true,
             may_unpin: false,
             prepares: Vec::new(),
             executes: Vec::new(),
@@ -498,6 +506,7 @@ impl Classifier {
         let mut c = Classification {
             read_only: true,
             parses: true,
+            no_question_after: false,
             ..write
         };
         let stmts = &parsed.protobuf.stmts;
@@ -564,19 +573,23 @@ impl Classifier {
                             _ => false,
                         });
                         c.begins = Some(read_only);
+                        c.no_question_after = true;
                         // A standby refuses SERIALIZABLE ("cannot use serializable mode in
                         // a hot standby"), even for a read-only transaction.
                         c.read_only &= read_only && !t.options.iter().any(is_serializable);
                     }
-                    Ok(TransactionStmtKind::TransStmtCommit) => c.commits = true,
+                    Ok(TransactionStmtKind::TransStmtCommit) => {
+                        c.commits = true;
+                        c.no_question_after |= t.chain;
+                    }
                     Ok(TransactionStmtKind::TransStmtCommitPrepared) => {
                         c.commits = true;
                         c.read_only = false;
                     }
                     // Ending a transaction or a savepoint writes nothing by itself.
+                    Ok(TransactionStmtKind::TransStmtRollback) => c.no_question_after |= t.chain,
                     Ok(
-                        TransactionStmtKind::TransStmtRollback
-                        | TransactionStmtKind::TransStmtSavepoint
+                        TransactionStmtKind::TransStmtSavepoint
                         | TransactionStmtKind::TransStmtRelease
                         | TransactionStmtKind::TransStmtRollbackTo,
                     ) => {}
@@ -671,6 +684,10 @@ impl Classifier {
                 {
                     c.read_only = false;
                     c.frees_database = Some(s.dbname.clone());
+                }
+                NodeEnum::CopyStmt(s) => {
+                    c.read_only = false;
+                    c.no_question_after |= s.is_from;
                 }
                 _ => c.read_only = false,
             }

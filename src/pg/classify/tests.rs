@@ -52,6 +52,39 @@ fn transactions() {
     assert!(!c("PREPARE TRANSACTION 'x'").read_only);
 }
 
+/// What the proxy's own question may not follow in the same write: what may leave a
+/// transaction block open, and COPY FROM (the server then reads COPY data).
+#[test]
+fn statements_no_question_may_follow() {
+    for sql in [
+        "BEGIN",
+        "START TRANSACTION",
+        "COMMIT; BEGIN",
+        "UPDATE t SET a = 1; BEGIN ISOLATION LEVEL SERIALIZABLE",
+        "COMMIT AND CHAIN",
+        "END AND CHAIN",
+        "ROLLBACK AND CHAIN",
+        "UPDATE t SET a = 1 WHERE",
+        "COPY t FROM STDIN",
+        "COPY t (a, b) FROM STDIN WITH (FORMAT csv)",
+    ] {
+        assert!(c(sql).no_question_after, "{sql}");
+    }
+    for sql in [
+        "COMMIT",
+        "END",
+        "COMMIT AND NO CHAIN",
+        "ROLLBACK",
+        "UPDATE t SET a = 1",
+        "UPDATE t SET a = 1; INSERT INTO u VALUES (2)",
+        "COMMIT PREPARED 'x'",
+        "SELECT 1",
+        "COPY t TO STDOUT",
+    ] {
+        assert!(!c(sql).no_question_after, "{sql}");
+    }
+}
+
 #[test]
 fn session_state() {
     assert_eq!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::backend::{DataRowBody, Message};
 use tokio::io::AsyncReadExt;
 
 use crate::tls::ServerStream;
@@ -39,14 +39,7 @@ pub async fn ask(stream: &mut ServerStream, sbuf: &mut BytesMut, sql: &str) -> A
         loop {
             while let Some(msg) = Message::parse(sbuf).ok()? {
                 match msg {
-                    Message::DataRow(body) => {
-                        let mut cols = Vec::new();
-                        let mut ranges = body.ranges();
-                        while let Some(r) = ranges.next().ok()? {
-                            cols.push(r.and_then(|r| String::from_utf8(body.buffer()[r].to_vec()).ok()));
-                        }
-                        row = Some(cols);
-                    }
+                    Message::DataRow(body) => row = Some(text_columns(&body)?),
                     Message::ErrorResponse(_) => failed = true,
                     Message::ReadyForQuery(_) => {
                         return Some(match row {
@@ -69,6 +62,26 @@ pub async fn ask(stream: &mut ServerStream, sbuf: &mut BytesMut, sql: &str) -> A
         .unwrap_or(Asked::Lost);
     sbuf.clear();
     answer
+}
+
+/// The text columns of a row (a NULL, or text that is not UTF-8, is None).
+fn text_columns(body: &DataRowBody) -> Option<Vec<Option<String>>> {
+    let mut cols = Vec::new();
+    let mut ranges = body.ranges();
+    while let Some(r) = ranges.next().ok()? {
+        cols.push(r.and_then(|r| String::from_utf8(body.buffer()[r].to_vec()).ok()));
+    }
+    Some(cols)
+}
+
+/// The text columns of `msg`, one whole DataRow message (tag and length included); None
+/// if it is not one. For the answer to a question sent with a client's statements
+/// (`Owed::Floor`), which the machine sees message by message.
+pub fn row_of(msg: &[u8]) -> Option<Vec<Option<String>>> {
+    match Message::parse(&mut BytesMut::from(msg)).ok()?? {
+        Message::DataRow(body) => text_columns(&body),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +143,23 @@ mod tests {
         // finds its end, not a ReadyForQuery.
         let mut rest = BytesMut::new();
         assert_eq!(stream.read_buf(&mut rest).await.unwrap(), 0, "left unread: {rest:?}");
+    }
+
+    #[test]
+    fn a_row_is_read_from_one_whole_message() {
+        let mut m = BytesMut::new();
+        data_row_text(&mut m, &["0/3000148", "000000010000000000000003"]);
+        assert_eq!(
+            row_of(&m),
+            Some(vec![
+                Some("0/3000148".to_string()),
+                Some("000000010000000000000003".to_string())
+            ])
+        );
+        let mut other = BytesMut::new();
+        ready_for_query(&mut other, TxStatus::Idle);
+        assert_eq!(row_of(&other), None);
+        assert_eq!(row_of(&m[..m.len() - 1]), None);
     }
 
     #[tokio::test]

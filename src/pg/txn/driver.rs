@@ -224,6 +224,9 @@ pub struct Driver<'a> {
     /// A write unit ended since the last Release (`note_writes`; the machine reports it
     /// once, often on the server's answer before the Release is handled).
     wrote_since_release: bool,
+    /// The writes counted as the unit started (`Causal::floor_wanted_soon`), when its
+    /// commit carries the floor question (`Machine::ask_floor`).
+    floor_before: u64,
     machine: Machine<'a>,
     /// Boxed: an idle client holds none, and inline the connection would enlarge
     /// every idle client's session by its size (one small allocation per unit instead,
@@ -332,6 +335,7 @@ impl<'a> Driver<'a> {
             sent,
             causal,
             wrote_since_release: false,
+            floor_before: 0,
             client,
             who,
             cluster,
@@ -409,9 +413,13 @@ impl<'a> Driver<'a> {
                             Box::pin(self.own_notifications_first()).await;
                             clock = Clock::default();
                         }
-                        let reuse = match wrote && reuse {
-                            true => Box::pin(self.learn_floor_here()).await,
-                            false => reuse,
+                        let reuse = match (wrote, self.machine.take_floor()) {
+                            (true, Some(answer)) => {
+                                self.learned_with_commit(answer);
+                                reuse
+                            }
+                            (true, None) if reuse => Box::pin(self.learn_floor_here()).await,
+                            _ => reuse,
                         };
                         self.release(reuse, clock.now())
                     }
@@ -480,6 +488,14 @@ impl<'a> Driver<'a> {
                         };
                         match acquired {
                             Ok(()) => {
+                                let h = self.held.as_mut().expect("just acquired");
+                                self.machine.ask_floor = match h.on_primary {
+                                    true => self.causal.floor_wanted_soon().map(|before| {
+                                        self.floor_before = before;
+                                        crate::pg::PgCluster::of(self.cluster).freshness.floor_question()
+                                    }),
+                                    false => None,
+                                };
                                 let h = self.held.as_mut().expect("just acquired");
                                 self.machine.on_acquired(&h.via.node, h.on_primary, &mut h.conn.state);
                             }
@@ -1103,6 +1119,22 @@ impl<'a> Driver<'a> {
         }
         self.causal.learned_now(floor, covers);
         asked != Asked::Lost
+    }
+
+    /// Read-your-writes: what the floor question sent with the unit's commit answered
+    /// (`Machine::ask_floor`).
+    fn learned_with_commit(&mut self, answer: Asked) {
+        let freshness = &crate::pg::PgCluster::of(self.cluster).freshness;
+        let floor = match &answer {
+            Asked::Row(cols) => freshness.floor_answer(cols),
+            Asked::NoRow => None,
+            // The connection went before it answered: the oracle will.
+            Asked::Lost => return,
+        };
+        if floor.is_none() {
+            debug!(cluster = %self.cluster.name, answer = ?answer, "a write's commit did not come with its WAL position; the oracle will tell");
+        }
+        self.causal.learned_with_commit(floor, self.floor_before);
     }
 
     fn dialer(&mut self, target: Endpoint) -> PoolDialer<'_> {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes, BytesMut};
 use tracing::{info, warn};
 
+use super::ask::{self, Asked};
 use super::conn::ConnState;
 use super::owed::{Owed, OwedQueue, Verdict};
 use super::running::Running;
@@ -76,6 +77,14 @@ struct Unit {
     /// `to_client` holds part of the answer (not only notices or reported settings,
     /// which may come at any time and say nothing of how far the unit got).
     answer_queued: bool,
+    /// Something sent since the last Sync or Query may not be followed at once by a
+    /// question of the proxy's own (`Classification::no_question_after`: it may leave a
+    /// transaction block open, or is a COPY FROM): no floor question goes after it.
+    no_question_after: bool,
+    /// The write-floor question went with this unit's commit (`Machine::ask_floor`);
+    /// and its answer is still to come.
+    floor_asked: bool,
+    floor_pending: bool,
 }
 
 pub struct Machine<'a> {
@@ -111,6 +120,16 @@ pub struct Machine<'a> {
     actions: VecDeque<Action>,
     /// Client statements executed (Query, Execute), for the routed-queries counter.
     pub queries: u64,
+    /// Read-your-writes: the question that learns the WAL position a write's commit
+    /// reached, to send in the same write as the unit's commit (set by the driver for a
+    /// unit whose floor a read is likely to need soon; `Causal::floor_wanted_soon`). The
+    /// server answers it right after the commit, from what it already read: no round
+    /// trip and no wake-up of its own, unlike a question asked after the answer.
+    pub ask_floor: Option<&'static str>,
+    /// Its answer as it comes (the row, or None after an error), then, whole, for the
+    /// driver (`take_floor`).
+    floor_row: Option<Option<Vec<Option<String>>>>,
+    floor: Option<Asked>,
     /// Bytes of a large server message still to pass on as they arrive.
     streaming: usize,
     /// The client's stream is inside a message (part of a streamed one was passed on
@@ -168,6 +187,9 @@ impl<'a> Machine<'a> {
             to_client: BytesMut::new(),
             actions: VecDeque::new(),
             queries: 0,
+            ask_floor: None,
+            floor_row: None,
+            floor: None,
             streaming: 0,
             client_mid_message: false,
             wrote: false,
@@ -302,6 +324,12 @@ impl<'a> Machine<'a> {
         std::mem::take(&mut self.wrote)
     }
 
+    /// The answer to the write-floor question sent with the unit's commit (`ask_floor`),
+    /// once: None if none was sent; `Asked::Lost` if the connection went before it came.
+    pub fn take_floor(&mut self) -> Option<Asked> {
+        self.floor.take()
+    }
+
     /// Between transactions with nothing owed (held connection or not): the proxy may
     /// answer a statement itself.
     pub fn between_units(&self) -> bool {
@@ -363,7 +391,11 @@ impl<'a> Machine<'a> {
             batch_open: false,
             answered: false,
             answer_queued: false,
+            no_question_after: false,
+            floor_asked: false,
+            floor_pending: false,
         });
+        self.floor = None;
         // Bring the connection to the client's settings, in the same write as the
         // unit's first messages: no round trip of its own.
         let replay = self.state.replay(&conn.applied);
@@ -463,6 +495,14 @@ impl<'a> Machine<'a> {
                     return self.end(Some(e));
                 }
             };
+            // The floor question went with the unit's commit and is not answered yet: the
+            // client's next message (a Terminate too) waits for that answer. It would run
+            // after the question, and the floor would not cover it; and once the answer is
+            // in, the unit ends and the connection is free for whoever comes next.
+            if self.unit.as_ref().is_some_and(|u| u.floor_pending) {
+                self.stash = Some((msg, checked));
+                return;
+            }
             let tag = FrontendTag::of(msg[0]);
             if tag == Some(FrontendTag::Terminate) {
                 return self.on_client_closed();
@@ -784,10 +824,40 @@ impl<'a> Machine<'a> {
                 } else {
                     u.bound = (writes_alone, c.commits);
                 }
+                u.no_question_after |= c.no_question_after;
             }
             self.observe(&c);
         }
+        if kind.requests_ready() {
+            self.ask_floor_with_commit();
+        }
         Ok(())
+    }
+
+    /// Read-your-writes: what was just queued ends with the unit's commit (a write
+    /// outside a transaction block, a COMMIT), and nothing in it may leave a block open
+    /// or start a COPY FROM: the floor question follows in the same write (`ask_floor`).
+    /// It then runs outside any transaction of the client's, after the commit, on the
+    /// same server.
+    fn ask_floor_with_commit(&mut self) {
+        let Some(u) = self.unit.as_mut() else { return };
+        let no_question = std::mem::take(&mut u.no_question_after);
+        let Some(sql) = self.ask_floor else { return };
+        if !u.commit_in_flight
+            || no_question
+            || u.floor_asked
+            || u.batch_open
+            || !u.on_primary
+            || self.cfg.read_only_endpoint
+            || self.pinned.is_some()
+        {
+            return;
+        }
+        if postgres_protocol::message::frontend::query(sql, &mut self.to_server).is_ok() {
+            self.owed.push(Owed::Floor);
+            u.floor_asked = true;
+            u.floor_pending = true;
+        }
     }
 
     /// The driver is about to write `to_server` out (at `now`): the statements in it
@@ -888,7 +958,7 @@ impl<'a> Machine<'a> {
             if self.cfg.digests && matches!(verdict, Verdict::Pass | Verdict::Ready) {
                 self.running.on_message(tag, &msg[5..]);
             }
-            if tag == BackendTag::ReadyForQuery && self.owed.is_empty() {
+            if tag == BackendTag::ReadyForQuery && (self.owed.is_empty() || self.owed.only_floor()) {
                 if let Some(u) = self.unit.as_mut() {
                     u.commit_in_flight = false;
                 }
@@ -908,6 +978,34 @@ impl<'a> Machine<'a> {
                             conn.report(s);
                         }
                     }
+                    input.advance(whole);
+                    continue;
+                }
+                Verdict::FloorRow | Verdict::FloorFailed => {
+                    // Only a question that ran outside a transaction block answers for the
+                    // commit (the client's last ReadyForQuery said idle).
+                    let status = self.unit.as_ref().map(|u| u.status);
+                    let row = match (verdict, status) {
+                        (Verdict::FloorRow, Some(TxStatus::Idle)) => ask::row_of(msg),
+                        _ => None,
+                    };
+                    self.floor_row = Some(row);
+                    input.advance(whole);
+                    continue;
+                }
+                Verdict::FloorEnd => {
+                    if let Some(u) = self.unit.as_mut() {
+                        u.floor_pending = false;
+                    }
+                    self.floor = Some(match self.floor_row.take() {
+                        Some(Some(row)) => Asked::Row(row),
+                        _ => Asked::NoRow,
+                    });
+                    done = self.owed.is_empty()
+                        && self
+                            .unit
+                            .as_ref()
+                            .is_some_and(|u| u.status == TxStatus::Idle && !u.batch_open);
                     input.advance(whole);
                     continue;
                 }
@@ -1044,6 +1142,14 @@ impl<'a> Machine<'a> {
         let Some(node) = self.node().map(str::to_string) else {
             return;
         };
+        // The client has every answer it asked for: only the proxy's own question is
+        // lost with the connection, and the session goes on (its next unit elsewhere).
+        if self.owed.only_floor() {
+            self.owed.clear();
+            self.floor = Some(Asked::Lost);
+            self.release(false);
+            return;
+        }
         if self.rerun(Some(node.clone())) {
             warn!(cluster = %self.cfg.cluster, node = %node, reason = %reason, "server connection lost or evicted before a read was answered; retrying it on another node");
             return;

@@ -1063,3 +1063,153 @@ fn a_session_at_rest_is_carried_whole_and_one_in_a_transaction_is_not() {
     h.perform(true);
     assert!(h.m.carry().is_none(), "a client in a transaction is not carried");
 }
+
+/// The answer to the write-floor question: its row, and the rest of it.
+fn floor_answer() -> BytesMut {
+    cat(&[
+        be(b'T', b"\0\x01a\0\0\0\0\0\0\0\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0"),
+        be(b'D', b"\0\x01\0\0\0\x090/3000148"),
+        be(b'C', b"SELECT 1\0"),
+        ready(b'I'),
+    ])
+}
+
+#[test]
+fn the_floor_question_goes_in_the_same_write_as_the_commit() {
+    let mut h = Harness::new(false);
+    h.m.ask_floor = Some("SELECT floor()");
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    assert_eq!(
+        queries(&h.take_server()),
+        vec!["INSERT INTO t VALUES (1)", "SELECT floor()"]
+    );
+    // The client's next statement waits for the question's answer: it would run after
+    // the question, which would then not cover it.
+    h.client_buf(&mut query("SELECT 1"), true);
+    assert!(h.take_server().is_empty());
+    h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'I')]));
+    assert_eq!(h.take_client(), "CZ", "the client has its answer at once");
+    h.perform(true);
+    assert!(
+        h.released().is_empty(),
+        "the connection waits for the question's answer"
+    );
+    assert!(h.m.take_floor().is_none());
+    h.server(&floor_answer());
+    assert_eq!(h.take_client(), "", "the question's answer is the proxy's");
+    h.perform(true);
+    assert_eq!(h.released(), vec![true]);
+    assert!(h.m.take_wrote());
+    assert_eq!(h.m.take_floor(), Some(Asked::Row(vec![Some("0/3000148".into())])));
+    assert!(h.m.take_floor().is_none(), "once");
+    // The waiting statement is a unit of its own.
+    h.client_buf(&mut BytesMut::new(), true);
+    assert_eq!(queries(&h.take_server()), vec!["SELECT 1"]);
+    h.server(&cat(&[row_answer(), ready(b'I')]));
+    assert_eq!(h.take_client(), "TDCZ");
+
+    // An explicit transaction: with its COMMIT, not before.
+    h.client_buf(&mut query("BEGIN"), true);
+    assert_eq!(queries(&h.take_server()), vec!["BEGIN"]);
+    h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
+    h.client_buf(&mut query("UPDATE t SET a = 2"), true);
+    assert_eq!(queries(&h.take_server()), vec!["UPDATE t SET a = 2"]);
+    h.server(&cat(&[be(b'C', b"UPDATE 1\0"), ready(b'T')]));
+    h.client_buf(&mut query("COMMIT"), true);
+    assert_eq!(queries(&h.take_server()), vec!["COMMIT", "SELECT floor()"]);
+
+    // The extended protocol: after the Sync that commits.
+    let mut h = Harness::new(false);
+    h.m.ask_floor = Some("SELECT floor()");
+    h.client_buf(
+        &mut cat(&[parse("", "INSERT INTO t VALUES ($1)"), bind(""), execute(), sync()]),
+        true,
+    );
+    let out = h.take_server();
+    assert_eq!(tags(&out), "PBESQ");
+    h.server(&cat(&[
+        be(b'1', b""),
+        be(b'2', b""),
+        be(b'C', b"INSERT 0 1\0"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.take_client(), "12CZ");
+    h.server(&floor_answer());
+    h.perform(true);
+    assert_eq!(h.released(), vec![true]);
+    assert!(matches!(h.m.take_floor(), Some(Asked::Row(_))));
+}
+
+#[test]
+fn no_floor_question_where_a_block_may_stay_open_or_nothing_commits() {
+    for sql in [
+        "COMMIT; BEGIN",
+        "UPDATE t SET a = 1; BEGIN",
+        "COPY t FROM STDIN",
+        "SELECT 1",
+        "SET TIME ZONE 'UTC'",
+    ] {
+        let mut h = Harness::new(false);
+        h.m.ask_floor = Some("SELECT floor()");
+        h.client_buf(&mut query(sql), true);
+        assert_eq!(queries(&h.take_server()), vec![sql], "{sql}");
+    }
+    // A transaction that wrote and ends AND CHAIN goes on: no question.
+    let mut h = Harness::new(false);
+    h.m.ask_floor = Some("SELECT floor()");
+    h.client_buf(&mut query("BEGIN"), true);
+    h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'T')]));
+    h.take_server();
+    h.client_buf(&mut query("COMMIT AND CHAIN"), true);
+    assert_eq!(queries(&h.take_server()), vec!["COMMIT AND CHAIN"]);
+    // Nor without `ask_floor`.
+    let mut h = Harness::new(false);
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    assert_eq!(queries(&h.take_server()), vec!["INSERT INTO t VALUES (1)"]);
+}
+
+#[test]
+fn a_floor_question_that_ran_in_a_transaction_block_counts_for_nothing() {
+    // A function that opens a block is not something the classifier can see; the
+    // server's ReadyForQuery before the question's answer says where it ran.
+    let mut h = Harness::new(false);
+    h.m.ask_floor = Some("SELECT floor()");
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    h.take_server();
+    h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'T')]));
+    let mut answer = floor_answer();
+    answer.truncate(answer.len() - 6);
+    answer.extend_from_slice(&ready(b'T'));
+    h.server(&answer);
+    assert_eq!(h.take_client(), "CZ");
+    h.perform(true);
+    assert!(h.released().is_empty(), "in a block: the unit goes on");
+    assert_eq!(h.m.take_floor(), Some(Asked::NoRow));
+    h.client_buf(&mut query("COMMIT"), true);
+    assert_eq!(queries(&h.take_server()), vec!["COMMIT"], "one question per unit");
+}
+
+#[test]
+fn a_connection_lost_before_the_floor_answer_costs_the_client_nothing() {
+    let mut h = Harness::new(false);
+    h.m.ask_floor = Some("SELECT floor()");
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    h.take_server();
+    h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'I')]));
+    assert_eq!(h.take_client(), "CZ");
+    h.m.on_server_lost("connection reset");
+    h.perform(true);
+    assert_eq!(ended_with(&h), None, "the session goes on");
+    assert_eq!(h.released(), vec![false]);
+    assert_eq!(h.m.take_floor(), Some(Asked::Lost));
+    assert!(h.m.take_wrote());
+    // A commit that was not answered yet is still 08007.
+    let mut h = Harness::new(false);
+    h.m.ask_floor = Some("SELECT floor()");
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    h.m.on_server_lost("connection reset");
+    h.perform(true);
+    assert_eq!(ended_with(&h).as_deref(), Some("08007"));
+}

@@ -23,6 +23,9 @@ pub enum Owed {
     /// A simple Query of the proxy's own (session-state replay): everything up to and
     /// including its ReadyForQuery is dropped.
     Replay,
+    /// The proxy's write-floor question, sent right after a commit (read-your-writes:
+    /// `Machine::ask_floor`): its row is kept, the rest dropped.
+    Floor,
 }
 
 /// What to do with one server message.
@@ -36,6 +39,12 @@ pub enum Verdict {
     ReplayError,
     /// The ReadyForQuery that ends a client request (`Ready`).
     Ready,
+    /// The row answering the write-floor question (`Owed::Floor`).
+    FloorRow,
+    /// An error answering the write-floor question.
+    FloorFailed,
+    /// The ReadyForQuery that ends the write-floor question's answer.
+    FloorEnd,
 }
 
 #[derive(Debug, Default)]
@@ -73,9 +82,15 @@ impl OwedQueue {
         self.ready
     }
 
-    /// The next answers are those of a replayed setting (all dropped).
+    /// The next answers are those of the proxy's own simple Query: a replayed setting or
+    /// the write-floor question (none passed on).
     pub fn replaying(&self) -> bool {
-        self.queue.front() == Some(&Owed::Replay)
+        matches!(self.queue.front(), Some(Owed::Replay | Owed::Floor))
+    }
+
+    /// All the client asked is answered; only the write-floor question's answer is to come.
+    pub fn only_floor(&self) -> bool {
+        self.queue.len() == 1 && self.queue.front() == Some(&Owed::Floor)
     }
 
     pub fn last(&self) -> Option<Owed> {
@@ -96,13 +111,24 @@ impl OwedQueue {
                 _ => Verdict::Drop,
             };
         }
+        if self.queue.front() == Some(&Owed::Floor) {
+            return match tag {
+                DataRow => Verdict::FloorRow,
+                ErrorResponse => Verdict::FloorFailed,
+                ReadyForQuery => {
+                    self.queue.pop_front();
+                    Verdict::FloorEnd
+                }
+                _ => Verdict::Drop,
+            };
+        }
         match tag {
             ParseComplete | CloseComplete => {
                 // Answers never cross a Sync: look only up to the next Ready.
                 let found = self
                     .queue
                     .iter()
-                    .take_while(|o| !matches!(o, Owed::Ready | Owed::Replay))
+                    .take_while(|o| !matches!(o, Owed::Ready | Owed::Replay | Owed::Floor))
                     .position(|o| {
                         matches!(
                             (o, tag),
@@ -203,6 +229,24 @@ mod tests {
         assert_eq!(run(&mut q, b"CSZ"), vec![Drop, Drop, Drop]);
         assert_eq!(run(&mut q, b"EZ"), vec![ReplayError, Drop]);
         assert_eq!(run(&mut q, b"TDCZ"), vec![Pass, Pass, Pass, Ready]);
+    }
+
+    #[test]
+    fn the_floor_question_after_a_commit_keeps_its_row_only() {
+        let mut q = OwedQueue::default();
+        q.push(Owed::Ready);
+        q.push(Owed::Floor);
+        use Verdict::*;
+        // COMMIT's answer goes to the client; then the question's T, D, C, Z.
+        assert_eq!(run(&mut q, b"CZ"), vec![Pass, Ready]);
+        assert_eq!(q.pending(), 0);
+        assert!(q.only_floor() && q.replaying());
+        assert_eq!(run(&mut q, b"TDCZ"), vec![Drop, FloorRow, Drop, FloorEnd]);
+        assert!(q.is_empty());
+        q.push(Owed::Ready);
+        q.push(Owed::Floor);
+        assert_eq!(run(&mut q, b"CZEZ"), vec![Pass, Ready, FloorFailed, FloorEnd]);
+        assert!(q.is_empty() && !q.only_floor());
     }
 
     #[test]
