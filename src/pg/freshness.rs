@@ -24,6 +24,7 @@ use crate::cluster::freshness::{qualifies, Floor};
 use crate::cluster::health::Login;
 use crate::cluster::topology::{ClusterSnapshot, ClusterState};
 use crate::pg::health::parse_lsn;
+use crate::pg::txn::statements::OwnStatement;
 use crate::tls::ServerTls;
 
 /// How often a standby's replay position is polled while reads may need it soon (while
@@ -49,6 +50,10 @@ pub struct Freshness {
     /// Bumped whenever a probe learns a replay position: waiters look again.
     seen: watch::Sender<u64>,
     epoch: Instant,
+    /// `WRITE_FLOOR_SQL` and `WRITE_FLOOR_SHORT_SQL` as statements a write's own
+    /// connection runs (`floor_question`).
+    floor_long: OwnStatement,
+    floor_short: OwnStatement,
 }
 
 struct Oracle {
@@ -98,6 +103,8 @@ impl Freshness {
             probes: Mutex::new(HashMap::new()),
             seen: watch::channel(0).0,
             epoch: Instant::now(),
+            floor_long: OwnStatement::new(WRITE_FLOOR_SQL),
+            floor_short: OwnStatement::new(WRITE_FLOOR_SHORT_SQL),
         }
     }
 
@@ -141,12 +148,12 @@ impl Freshness {
 
     /// The question that learns a write's floor on the write's own connection (the
     /// driver asks it there as a write ends, `Causal::floor_wanted_now`): once the WAL
-    /// sizes are known, without them. Each such question is parsed and planned anew (a
-    /// simple Query on a pooled connection), and the sizes made up a third of its cost.
-    pub fn floor_question(&self) -> &'static str {
+    /// sizes are known, without them (reading the settings made up a third of its
+    /// cost).
+    pub fn floor_question(&self) -> &OwnStatement {
         match self.oracle.segment.load(Ordering::Relaxed) {
-            0 => WRITE_FLOOR_SQL,
-            _ => WRITE_FLOOR_SHORT_SQL,
+            0 => &self.floor_long,
+            _ => &self.floor_short,
         }
     }
 

@@ -489,10 +489,11 @@ impl<'a> Driver<'a> {
                         match acquired {
                             Ok(()) => {
                                 let h = self.held.as_mut().expect("just acquired");
+                                let cluster: &'a ClusterCtx = self.cluster;
                                 self.machine.ask_floor = match h.on_primary {
                                     true => self.causal.floor_wanted_soon().map(|before| {
                                         self.floor_before = before;
-                                        crate::pg::PgCluster::of(self.cluster).freshness.floor_question()
+                                        crate::pg::PgCluster::of(cluster).freshness.floor_question()
                                     }),
                                     false => None,
                                 };
@@ -1109,7 +1110,12 @@ impl<'a> Driver<'a> {
         }
         let freshness = &crate::pg::PgCluster::of(self.cluster).freshness;
         let h = self.held.as_mut().expect("held above");
-        let asked = ask::ask(&mut h.conn.conn.stream, &mut self.sbuf, freshness.floor_question()).await;
+        let asked = ask::ask(
+            &mut h.conn.conn.stream,
+            &mut self.sbuf,
+            freshness.floor_question().sql(),
+        )
+        .await;
         let floor = match &asked {
             Asked::Row(cols) => freshness.floor_answer(cols),
             _ => None,

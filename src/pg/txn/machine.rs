@@ -18,7 +18,7 @@ use super::conn::ConnState;
 use super::owed::{Owed, OwedQueue, Verdict};
 use super::running::Running;
 use super::state::SessionState;
-use super::statements::{SqlStatements, Statements};
+use super::statements::{OwnStatement, SqlStatements, Statements};
 use super::unit;
 use crate::error::{Error, SqlState};
 use crate::pg::classify::{self, Classification, Classifier};
@@ -125,7 +125,7 @@ pub struct Machine<'a> {
     /// unit whose floor a read is likely to need soon; `Causal::floor_wanted_soon`). The
     /// server answers it right after the commit, from what it already read: no round
     /// trip and no wake-up of its own, unlike a question asked after the answer.
-    pub ask_floor: Option<&'static str>,
+    pub ask_floor: Option<&'a OwnStatement>,
     /// Its answer as it comes (the row, or None after an error), then, whole, for the
     /// driver (`take_floor`).
     floor_row: Option<Option<Vec<Option<String>>>>,
@@ -829,7 +829,7 @@ impl<'a> Machine<'a> {
             self.observe(&c);
         }
         if kind.requests_ready() {
-            self.ask_floor_with_commit();
+            self.ask_floor_with_commit(conn);
         }
         Ok(())
     }
@@ -839,10 +839,10 @@ impl<'a> Machine<'a> {
     /// or start a COPY FROM: the floor question follows in the same write (`ask_floor`).
     /// It then runs outside any transaction of the client's, after the commit, on the
     /// same server.
-    fn ask_floor_with_commit(&mut self) {
+    fn ask_floor_with_commit(&mut self, conn: &mut ConnState) {
         let Some(u) = self.unit.as_mut() else { return };
         let no_question = std::mem::take(&mut u.no_question_after);
-        let Some(sql) = self.ask_floor else { return };
+        let Some(question) = self.ask_floor else { return };
         if !u.commit_in_flight
             || no_question
             || u.floor_asked
@@ -853,11 +853,9 @@ impl<'a> Machine<'a> {
         {
             return;
         }
-        if postgres_protocol::message::frontend::query(sql, &mut self.to_server).is_ok() {
-            self.owed.push(Owed::Floor);
-            u.floor_asked = true;
-            u.floor_pending = true;
-        }
+        question.queue(&mut self.to_server, &mut self.owed, &mut conn.prepared);
+        u.floor_asked = true;
+        u.floor_pending = true;
     }
 
     /// The driver is about to write `to_server` out (at `now`): the statements in it

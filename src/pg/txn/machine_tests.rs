@@ -1064,24 +1064,48 @@ fn a_session_at_rest_is_carried_whole_and_one_in_a_transaction_is_not() {
     assert!(h.m.carry().is_none(), "a client in a transaction is not carried");
 }
 
-/// The answer to the write-floor question: its row, and the rest of it.
-fn floor_answer() -> BytesMut {
-    cat(&[
-        be(b'T', b"\0\x01a\0\0\0\0\0\0\0\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0"),
+/// The write-floor question of these tests.
+fn floor_question() -> &'static OwnStatement {
+    static Q: std::sync::OnceLock<OwnStatement> = std::sync::OnceLock::new();
+    Q.get_or_init(|| OwnStatement::new("SELECT floor()"))
+}
+
+/// A harness whose units on the primary carry the floor question with their commit.
+fn asking_floor() -> Harness {
+    let mut h = Harness::new(false);
+    h.m.ask_floor = Some(floor_question());
+    h
+}
+
+/// The answer to the write-floor question after its Bind, Execute, Sync (`prepared`:
+/// with its Close and Parse first).
+fn floor_answer(prepared: bool) -> BytesMut {
+    let mut b = match prepared {
+        true => cat(&[be(b'3', b""), be(b'1', b"")]),
+        false => BytesMut::new(),
+    };
+    b.extend_from_slice(&cat(&[
+        be(b'2', b""),
         be(b'D', b"\0\x01\0\0\0\x090/3000148"),
         be(b'C', b"SELECT 1\0"),
         ready(b'I'),
-    ])
+    ]));
+    b
+}
+
+/// The simple queries in a stream, and the tags of all its messages.
+fn sent(out: &[u8]) -> (Vec<String>, String) {
+    (queries(out), tags(out))
 }
 
 #[test]
 fn the_floor_question_goes_in_the_same_write_as_the_commit() {
-    let mut h = Harness::new(false);
-    h.m.ask_floor = Some("SELECT floor()");
+    let mut h = asking_floor();
     h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    // Prepared on the connection the first time: Close, Parse, then Bind, Execute, Sync.
     assert_eq!(
-        queries(&h.take_server()),
-        vec!["INSERT INTO t VALUES (1)", "SELECT floor()"]
+        sent(&h.take_server()),
+        (vec!["INSERT INTO t VALUES (1)".to_string()], "QCPBES".to_string())
     );
     // The client's next statement waits for the question's answer: it would run after
     // the question, which would then not cover it.
@@ -1095,7 +1119,7 @@ fn the_floor_question_goes_in_the_same_write_as_the_commit() {
         "the connection waits for the question's answer"
     );
     assert!(h.m.take_floor().is_none());
-    h.server(&floor_answer());
+    h.server(&floor_answer(true));
     assert_eq!(h.take_client(), "", "the question's answer is the proxy's");
     h.perform(true);
     assert_eq!(h.released(), vec![true]);
@@ -1108,25 +1132,30 @@ fn the_floor_question_goes_in_the_same_write_as_the_commit() {
     h.server(&cat(&[row_answer(), ready(b'I')]));
     assert_eq!(h.take_client(), "TDCZ");
 
-    // An explicit transaction: with its COMMIT, not before.
+    // An explicit transaction: with its COMMIT, not before; the connection has the
+    // statement now.
     h.client_buf(&mut query("BEGIN"), true);
-    assert_eq!(queries(&h.take_server()), vec!["BEGIN"]);
+    assert_eq!(sent(&h.take_server()).1, "Q");
     h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
     h.client_buf(&mut query("UPDATE t SET a = 2"), true);
-    assert_eq!(queries(&h.take_server()), vec!["UPDATE t SET a = 2"]);
+    assert_eq!(sent(&h.take_server()).1, "Q");
     h.server(&cat(&[be(b'C', b"UPDATE 1\0"), ready(b'T')]));
+    assert_eq!(h.take_client(), "CZCZ");
     h.client_buf(&mut query("COMMIT"), true);
-    assert_eq!(queries(&h.take_server()), vec!["COMMIT", "SELECT floor()"]);
+    assert_eq!(sent(&h.take_server()), (vec!["COMMIT".to_string()], "QBES".to_string()));
+    h.server(&cat(&[be(b'C', b"COMMIT\0"), ready(b'I'), floor_answer(false)]));
+    assert_eq!(h.take_client(), "CZ");
+    h.perform(true);
+    assert_eq!(h.released(), vec![true, true, true]);
+    assert!(matches!(h.m.take_floor(), Some(Asked::Row(_))));
 
     // The extended protocol: after the Sync that commits.
-    let mut h = Harness::new(false);
-    h.m.ask_floor = Some("SELECT floor()");
+    let mut h = asking_floor();
     h.client_buf(
         &mut cat(&[parse("", "INSERT INTO t VALUES ($1)"), bind(""), execute(), sync()]),
         true,
     );
-    let out = h.take_server();
-    assert_eq!(tags(&out), "PBESQ");
+    assert_eq!(tags(&h.take_server()), "PBESCPBES");
     h.server(&cat(&[
         be(b'1', b""),
         be(b'2', b""),
@@ -1134,7 +1163,8 @@ fn the_floor_question_goes_in_the_same_write_as_the_commit() {
         ready(b'I'),
     ]));
     assert_eq!(h.take_client(), "12CZ");
-    h.server(&floor_answer());
+    h.server(&floor_answer(true));
+    assert_eq!(h.take_client(), "");
     h.perform(true);
     assert_eq!(h.released(), vec![true]);
     assert!(matches!(h.m.take_floor(), Some(Asked::Row(_))));
@@ -1149,55 +1179,74 @@ fn no_floor_question_where_a_block_may_stay_open_or_nothing_commits() {
         "SELECT 1",
         "SET TIME ZONE 'UTC'",
     ] {
-        let mut h = Harness::new(false);
-        h.m.ask_floor = Some("SELECT floor()");
+        let mut h = asking_floor();
         h.client_buf(&mut query(sql), true);
-        assert_eq!(queries(&h.take_server()), vec![sql], "{sql}");
+        assert_eq!(tags(&h.take_server()), "Q", "{sql}");
     }
     // A transaction that wrote and ends AND CHAIN goes on: no question.
-    let mut h = Harness::new(false);
-    h.m.ask_floor = Some("SELECT floor()");
+    let mut h = asking_floor();
     h.client_buf(&mut query("BEGIN"), true);
     h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
     h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
     h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'T')]));
     h.take_server();
     h.client_buf(&mut query("COMMIT AND CHAIN"), true);
-    assert_eq!(queries(&h.take_server()), vec!["COMMIT AND CHAIN"]);
+    assert_eq!(tags(&h.take_server()), "Q");
     // Nor without `ask_floor`.
     let mut h = Harness::new(false);
     h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
-    assert_eq!(queries(&h.take_server()), vec!["INSERT INTO t VALUES (1)"]);
+    assert_eq!(tags(&h.take_server()), "Q");
 }
 
 #[test]
 fn a_floor_question_that_ran_in_a_transaction_block_counts_for_nothing() {
     // A function that opens a block is not something the classifier can see; the
     // server's ReadyForQuery before the question's answer says where it ran.
-    let mut h = Harness::new(false);
-    h.m.ask_floor = Some("SELECT floor()");
+    let mut h = asking_floor();
     h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
     h.take_server();
     h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'T')]));
-    let mut answer = floor_answer();
+    let mut answer = floor_answer(true);
     answer.truncate(answer.len() - 6);
     answer.extend_from_slice(&ready(b'T'));
     h.server(&answer);
     assert_eq!(h.take_client(), "CZ");
     h.perform(true);
     assert!(h.released().is_empty(), "in a block: the unit goes on");
-    assert_eq!(h.m.take_floor(), Some(Asked::NoRow));
     h.client_buf(&mut query("COMMIT"), true);
-    assert_eq!(queries(&h.take_server()), vec!["COMMIT"], "one question per unit");
+    assert_eq!(tags(&h.take_server()), "Q", "one question per unit");
+    h.server(&cat(&[be(b'C', b"COMMIT\0"), ready(b'I')]));
+    h.perform(true);
+    assert_eq!(h.released(), vec![true]);
+    assert_eq!(h.m.take_floor(), Some(Asked::NoRow));
+}
+
+#[test]
+fn a_floor_question_the_server_refuses_is_not_the_clients_error() {
+    let mut h = asking_floor();
+    h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
+    h.take_server();
+    // Its Close passes, its Parse fails: the server skips to the Sync.
+    h.server(&cat(&[
+        be(b'C', b"INSERT 0 1\0"),
+        ready(b'I'),
+        be(b'3', b""),
+        error("ERROR", "42883", "function floor() does not exist"),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.take_client(), "CZ");
+    h.perform(true);
+    assert_eq!(h.released(), vec![true]);
+    assert_eq!(h.m.take_floor(), Some(Asked::NoRow));
+    assert!(h.conn.prepared.is_empty(), "the failed Parse created nothing");
 }
 
 #[test]
 fn a_connection_lost_before_the_floor_answer_costs_the_client_nothing() {
-    let mut h = Harness::new(false);
-    h.m.ask_floor = Some("SELECT floor()");
+    let mut h = asking_floor();
     h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
     h.take_server();
-    h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'I')]));
+    h.server(&cat(&[be(b'C', b"INSERT 0 1\0"), ready(b'I'), be(b'3', b"")]));
     assert_eq!(h.take_client(), "CZ");
     h.m.on_server_lost("connection reset");
     h.perform(true);
@@ -1206,8 +1255,7 @@ fn a_connection_lost_before_the_floor_answer_costs_the_client_nothing() {
     assert_eq!(h.m.take_floor(), Some(Asked::Lost));
     assert!(h.m.take_wrote());
     // A commit that was not answered yet is still 08007.
-    let mut h = Harness::new(false);
-    h.m.ask_floor = Some("SELECT floor()");
+    let mut h = asking_floor();
     h.client_buf(&mut query("INSERT INTO t VALUES (1)"), true);
     h.m.on_server_lost("connection reset");
     h.perform(true);

@@ -23,8 +23,9 @@ pub enum Owed {
     /// A simple Query of the proxy's own (session-state replay): everything up to and
     /// including its ReadyForQuery is dropped.
     Replay,
-    /// The proxy's write-floor question, sent right after a commit (read-your-writes:
-    /// `Machine::ask_floor`): its row is kept, the rest dropped.
+    /// The proxy's write-floor question (Bind, Execute, Sync of its prepared statement),
+    /// sent right after a commit (read-your-writes: `Machine::ask_floor`): its row is
+    /// kept, the rest dropped.
     Floor,
 }
 
@@ -88,9 +89,11 @@ impl OwedQueue {
         matches!(self.queue.front(), Some(Owed::Replay | Owed::Floor))
     }
 
-    /// All the client asked is answered; only the write-floor question's answer is to come.
+    /// All the client asked is answered; only the write-floor question's answers are to
+    /// come (it is queued last, after its statement's Close and Parse if the connection
+    /// did not have it, and the client's next messages wait for its answer).
     pub fn only_floor(&self) -> bool {
-        self.queue.len() == 1 && self.queue.front() == Some(&Owed::Floor)
+        self.ready == 0 && self.queue.back() == Some(&Owed::Floor)
     }
 
     pub fn last(&self) -> Option<Owed> {
@@ -147,6 +150,10 @@ impl OwedQueue {
                     if let Some(Owed::ParseComplete { hash: Some(h), .. }) = self.queue.pop_front() {
                         prepared.remove(&h);
                     }
+                }
+                // Preparing the floor question failed: its answer, not the client's.
+                if self.queue.front() == Some(&Owed::Floor) {
+                    return Verdict::FloorFailed;
                 }
                 Verdict::Pass
             }
@@ -247,6 +254,38 @@ mod tests {
         q.push(Owed::Floor);
         assert_eq!(run(&mut q, b"CZEZ"), vec![Pass, Ready, FloorFailed, FloorEnd]);
         assert!(q.is_empty() && !q.only_floor());
+    }
+
+    #[test]
+    fn the_floor_questions_own_statement_is_prepared_unseen() {
+        let mut q = OwedQueue::default();
+        q.push(Owed::Ready);
+        q.push(Owed::CloseComplete { pass: false });
+        q.push(Owed::ParseComplete {
+            pass: false,
+            hash: Some(9),
+        });
+        q.push(Owed::Floor);
+        use Verdict::*;
+        assert_eq!(run(&mut q, b"CZ"), vec![Pass, Ready]);
+        assert!(q.only_floor(), "Close and Parse are the proxy's too");
+        assert_eq!(run(&mut q, b"312DCZ"), vec![Drop, Drop, Drop, FloorRow, Drop, FloorEnd]);
+        assert!(q.is_empty());
+        // Its Parse fails: the error is the question's, and nothing was prepared.
+        q.push(Owed::Ready);
+        q.push(Owed::CloseComplete { pass: false });
+        q.push(Owed::ParseComplete {
+            pass: false,
+            hash: Some(9),
+        });
+        q.push(Owed::Floor);
+        let mut prepared: Prepared = [9].into_iter().collect();
+        let verdicts: Vec<Verdict> = b"CZ3EZ"
+            .iter()
+            .map(|&t| q.on_message(BackendTag::of(t), &mut prepared))
+            .collect();
+        assert_eq!(verdicts, vec![Pass, Ready, Drop, FloorFailed, FloorEnd]);
+        assert!(prepared.is_empty() && q.is_empty());
     }
 
     #[test]
