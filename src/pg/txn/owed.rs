@@ -256,29 +256,29 @@ mod tests {
         assert!(q.is_empty() && !q.only_floor());
     }
 
-    #[test]
-    fn the_floor_questions_own_statement_is_prepared_unseen() {
-        let mut q = OwedQueue::default();
+    /// A client's request, then the floor question on a connection that lacks its
+    /// statement (`hash`): Close, Parse, then its Bind, Execute, Sync.
+    fn floor_question_first_time(q: &mut OwedQueue, hash: u64) {
         q.push(Owed::Ready);
         q.push(Owed::CloseComplete { pass: false });
         q.push(Owed::ParseComplete {
             pass: false,
-            hash: Some(9),
+            hash: Some(hash),
         });
         q.push(Owed::Floor);
+    }
+
+    #[test]
+    fn the_floor_questions_own_statement_is_prepared_unseen() {
+        let mut q = OwedQueue::default();
+        floor_question_first_time(&mut q, 9);
         use Verdict::*;
         assert_eq!(run(&mut q, b"CZ"), vec![Pass, Ready]);
         assert!(q.only_floor(), "Close and Parse are the proxy's too");
         assert_eq!(run(&mut q, b"312DCZ"), vec![Drop, Drop, Drop, FloorRow, Drop, FloorEnd]);
         assert!(q.is_empty());
         // Its Parse fails: the error is the question's, and nothing was prepared.
-        q.push(Owed::Ready);
-        q.push(Owed::CloseComplete { pass: false });
-        q.push(Owed::ParseComplete {
-            pass: false,
-            hash: Some(9),
-        });
-        q.push(Owed::Floor);
+        floor_question_first_time(&mut q, 9);
         let mut prepared: Prepared = [9].into_iter().collect();
         let verdicts: Vec<Verdict> = b"CZ3EZ"
             .iter()
