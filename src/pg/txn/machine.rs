@@ -71,9 +71,9 @@ struct Unit {
     /// A commit of a transaction that may have written was sent and not yet answered
     /// (a COMMIT, or a write outside a transaction block, which commits by itself).
     commit_in_flight: bool,
-    /// What the statement last parsed or bound does (extended protocol): it writes, it
-    /// commits. Only its Execute puts a commit in flight.
-    bound: (bool, bool),
+    /// What the statement last parsed or bound does (extended protocol). Only its
+    /// Execute makes the unit one that may have written, or puts a commit in flight.
+    bound: Bound,
     /// `to_client` holds part of the answer (not only notices or reported settings,
     /// which may come at any time and say nothing of how far the unit got).
     answer_queued: bool,
@@ -85,6 +85,18 @@ struct Unit {
     /// and its answer is still to come.
     floor_asked: bool,
     floor_pending: bool,
+}
+
+/// What the statement last parsed or bound does (extended protocol); its Execute does it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Bound {
+    /// It may write (neither a proven read nor a change of settings only).
+    writes: bool,
+    /// It may write and does not begin a transaction block: outside one it commits by
+    /// itself.
+    writes_alone: bool,
+    /// It commits.
+    commits: bool,
 }
 
 pub struct Machine<'a> {
@@ -381,7 +393,7 @@ impl<'a> Machine<'a> {
         self.unit = Some(Unit {
             may_write: false,
             commit_in_flight: false,
-            bound: (false, false),
+            bound: Bound::default(),
             node: node.clone(),
             on_primary,
             server_pid: conn.pid,
@@ -802,9 +814,12 @@ impl<'a> Machine<'a> {
                 if self.cfg.digests {
                     self.running.execute();
                 }
-                let (writes, commits) = unit.bound;
+                let b = unit.bound;
+                // A statement only parsed or described wrote nothing: executed, it may.
+                unit.may_write |= b.writes;
                 // Outside a transaction block a write commits by itself (at Sync).
-                unit.commit_in_flight |= (writes && unit.status == TxStatus::Idle) || (commits && unit.may_write);
+                unit.commit_in_flight |=
+                    (b.writes_alone && unit.status == TxStatus::Idle) || (b.commits && unit.may_write);
                 out.extend_from_slice(&msg);
                 None
             }
@@ -816,13 +831,17 @@ impl<'a> Machine<'a> {
         if let Some(c) = observed {
             if let Some(u) = self.unit.as_mut() {
                 let writes = !c.read_only && !c.settings_only;
-                u.may_write |= writes;
                 let writes_alone = writes && c.begins.is_none();
                 if kind == FrontendTag::Query {
+                    u.may_write |= writes;
                     // Outside a transaction block a write commits as it ends.
                     u.commit_in_flight |= (writes_alone && u.status == TxStatus::Idle) || (c.commits && u.may_write);
                 } else {
-                    u.bound = (writes_alone, c.commits);
+                    u.bound = Bound {
+                        writes,
+                        writes_alone,
+                        commits: c.commits,
+                    };
                 }
                 u.no_question_after |= c.no_question_after;
             }

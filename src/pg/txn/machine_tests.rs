@@ -1064,10 +1064,9 @@ fn a_session_at_rest_is_carried_whole_and_one_in_a_transaction_is_not() {
     assert!(h.m.carry().is_none(), "a client in a transaction is not carried");
 }
 
-/// The write-floor question of these tests.
+/// The write-floor question of these tests (the driver's lives as long as its cluster).
 fn floor_question() -> &'static OwnStatement {
-    static Q: std::sync::OnceLock<OwnStatement> = std::sync::OnceLock::new();
-    Q.get_or_init(|| OwnStatement::new("SELECT floor()"))
+    Box::leak(Box::new(OwnStatement::new("SELECT floor()")))
 }
 
 /// A harness whose units on the primary carry the floor question with their commit.
@@ -1260,4 +1259,42 @@ fn a_connection_lost_before_the_floor_answer_costs_the_client_nothing() {
     h.m.on_server_lost("connection reset");
     h.perform(true);
     assert_eq!(ended_with(&h).as_deref(), Some("08007"));
+}
+
+/// What tokio-postgres and psycopg do for a statement with parameters: prepare it
+/// (Parse, Describe, Sync) in one unit, run it (Bind, Execute, Sync) in the next. Only the
+/// second writes, and only its commit carries the floor question.
+#[test]
+fn a_write_only_prepared_has_not_written() {
+    let mut h = asking_floor();
+    let mut describe = BytesMut::new();
+    fe::describe(b'S', "s0", &mut describe).unwrap();
+    h.client_buf(
+        &mut cat(&[parse("s0", "INSERT INTO t VALUES ($1)"), describe, sync()]),
+        true,
+    );
+    assert_eq!(tags(&h.take_server()), "CPDS", "no question after a prepare");
+    h.server(&cat(&[
+        be(b'3', b""),
+        be(b'1', b""),
+        be(b't', b"\0\x01\0\0\0\x17"),
+        be(b'n', b""),
+        ready(b'I'),
+    ]));
+    assert_eq!(h.take_client(), "1tnZ");
+    h.perform(true);
+    assert_eq!(h.released(), vec![true]);
+    assert!(!h.m.take_wrote(), "prepared, not run: nothing written");
+    h.client_buf(&mut cat(&[bind("s0"), execute(), sync()]), true);
+    assert_eq!(tags(&h.take_server()), "BESCPBES");
+    h.server(&cat(&[
+        be(b'2', b""),
+        be(b'C', b"INSERT 0 1\0"),
+        ready(b'I'),
+        floor_answer(true),
+    ]));
+    assert_eq!(h.take_client(), "2CZ");
+    h.perform(true);
+    assert!(h.m.take_wrote());
+    assert!(matches!(h.m.take_floor(), Some(Asked::Row(_))));
 }
