@@ -869,6 +869,11 @@ impl<'a> Machine<'a> {
             || !u.on_primary
             || self.cfg.read_only_endpoint
             || self.pinned.is_some()
+            // The client's own NOTIFY: the driver holds the answer's ReadyForQuery until
+            // the notification is back, as a direct connection would show it
+            // (`Driver::own_notifications_first`). The question would let that answer go
+            // out first.
+            || !self.notified.is_empty()
         {
             return;
         }

@@ -1174,6 +1174,7 @@ fn no_floor_question_where_a_block_may_stay_open_or_nothing_commits() {
     for sql in [
         "COMMIT; BEGIN",
         "UPDATE t SET a = 1; BEGIN",
+        "NOTIFY foo, 'n1'",
         "COPY t FROM STDIN",
         "SELECT 1",
         "SET TIME ZONE 'UTC'",
