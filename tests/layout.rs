@@ -239,6 +239,7 @@ const PURE: &[&str] = &[
     "src/pg/txn/unit.rs",
     "src/pg/txn/conn.rs",
     "src/pg/txn/action.rs",
+    "src/pg/txn/spares.rs",
 ];
 
 const DOES_IO: &[&str] = &[

@@ -17,6 +17,7 @@ use super::ask::{self, Asked};
 use super::conn::ConnState;
 use super::owed::{Owed, OwedQueue, Verdict};
 use super::running::Running;
+use super::spares;
 use super::state::SessionState;
 use super::statements::{OwnStatement, SqlStatements, Statements};
 use super::unit;
@@ -324,10 +325,42 @@ impl<'a> Machine<'a> {
     /// At rest between units (the driver gives its buffers back): the last unit's
     /// messages, kept for a rerun that can no longer come, are let go of, and with them
     /// the read buffer they are views of.
+    /// The queues' storage goes back to the thread's spares until the client sends again
+    /// (`spares`).
     pub fn rest(&mut self) {
         if self.unit.is_none() && matches!(self.phase, Phase::Serving) {
             self.sent.clear();
+            // (Once given back, the actions' queue has no storage: nothing more to do.)
+            if self.actions.capacity() > 0 && self.queues_empty() {
+                spares::give_back(self.take_queues());
+            }
         }
+    }
+
+    fn queues_empty(&mut self) -> bool {
+        let (stmts, finished) = self.running.storage();
+        let running_empty = stmts.is_empty() && finished.is_empty();
+        running_empty && self.actions.is_empty() && self.owed.storage().is_empty() && self.sent.is_empty()
+    }
+
+    fn take_queues(&mut self) -> spares::Queues {
+        let (stmts, finished) = self.running.storage();
+        spares::Queues {
+            actions: std::mem::take(&mut self.actions),
+            owed: std::mem::take(self.owed.storage()),
+            stmts: std::mem::take(stmts),
+            finished: std::mem::take(finished),
+            sent: std::mem::take(&mut self.sent),
+        }
+    }
+
+    fn put_queues(&mut self, q: spares::Queues) {
+        spares::refill(&mut self.actions, q.actions);
+        spares::refill(self.owed.storage(), q.owed);
+        let (stmts, finished) = self.running.storage();
+        spares::refill(stmts, q.stmts);
+        spares::refill(finished, q.finished);
+        spares::refill(&mut self.sent, q.sent);
     }
 
     /// Whether a unit that may have written on the primary ended since the last call:
@@ -496,6 +529,11 @@ impl<'a> Machine<'a> {
     /// Bytes from the client (`input`, complete messages are taken from it). `conn` is
     /// the held connection's state, if one is held.
     pub fn on_client_input(&mut self, input: &mut BytesMut, mut conn: Option<&mut ConnState>) {
+        if self.actions.capacity() == 0 {
+            if let Some(q) = spares::take() {
+                self.put_queues(q);
+            }
+        }
         // Nothing a client sends before its greeting is looked at until then (it would
         // land on the connection the greeting borrows).
         while matches!(self.phase, Phase::Serving | Phase::SkippingToSync) && self.actions.is_empty() {

@@ -1299,3 +1299,39 @@ fn a_write_only_prepared_has_not_written() {
     assert!(h.m.take_wrote());
     assert!(matches!(h.m.take_floor(), Some(Asked::Row(_))));
 }
+
+#[test]
+fn a_session_at_rest_gives_its_queues_storage_back_and_its_next_unit_takes_it_again() {
+    let mut h = Harness::new(false);
+    let unit = |h: &mut Harness| {
+        h.client(&query("SELECT 1"));
+        h.take_server();
+        h.server(&cat(&[row_answer(), ready(b'I')]));
+        h.perform(true);
+        assert_eq!(h.take_client(), "TDCZ");
+        assert_eq!(h.m.running.finished.len(), 1, "the statement finished");
+        // The driver records what finished.
+        h.m.running.finished.clear();
+    };
+    unit(&mut h);
+    let q = h.m.take_queues();
+    assert!(q.has_storage(), "a unit's queues have storage");
+    h.m.put_queues(q);
+    h.m.rest();
+    let q = h.m.take_queues();
+    assert!(!q.has_storage(), "at rest the machine holds none");
+    h.m.put_queues(q);
+    unit(&mut h);
+    let q = h.m.take_queues();
+    assert!(q.has_storage());
+    h.m.put_queues(q);
+    // A session holding a connection (inside a transaction) is not at rest: its queues
+    // stay.
+    h.client(&query("BEGIN"));
+    h.server(&cat(&[be(b'C', b"BEGIN\0"), ready(b'T')]));
+    h.take_client();
+    h.m.rest();
+    let q = h.m.take_queues();
+    assert!(q.has_storage(), "kept inside a transaction");
+    h.m.put_queues(q);
+}

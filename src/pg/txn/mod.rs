@@ -10,6 +10,7 @@
 //! - `state`: session settings (startup parameters, SETs) replayed on each connection;
 //! - `unit`: whether a unit of work only reads (read/write splitting);
 //! - `running`: statements in flight and what finished, for the query digests;
+//! - `spares`: the storage of the machine's queues, lent only while a session is busy;
 //! - `conn`: what sessions left on a server connection (`ConnState`);
 //! - `action`: what the machine asks of the driver (`Action`, `Target`) and its `Config`.
 //!
@@ -29,6 +30,7 @@ pub mod machine;
 pub mod node_pools;
 pub mod owed;
 pub mod running;
+pub mod spares;
 pub mod state;
 pub mod statements;
 pub mod unit;

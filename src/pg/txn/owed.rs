@@ -56,6 +56,12 @@ pub struct OwedQueue {
 }
 
 impl OwedQueue {
+    /// The queue's storage, moved in and out at rest (`spares`; nothing is owed then, so
+    /// the count of `Ready` entries stays right).
+    pub(super) fn storage(&mut self) -> &mut VecDeque<Owed> {
+        &mut self.queue
+    }
+
     pub fn push(&mut self, o: Owed) {
         self.ready += (o == Owed::Ready) as usize;
         self.queue.push_back(o);

@@ -26,8 +26,9 @@ enum Kind {
     Sync,
 }
 
+/// A statement in flight (`Running`'s queue).
 #[derive(Debug)]
-struct Stmt {
+pub struct Stmt {
     kind: Kind,
     digest: Option<Arc<Digest>>,
     sent: Option<Instant>,
@@ -175,6 +176,11 @@ impl Running {
     /// The connection goes back or is closed: nothing is in flight on it any more.
     pub fn clear(&mut self) {
         self.queue.clear();
+    }
+
+    /// The queues' storage, moved in and out at rest (`spares`).
+    pub(super) fn storage(&mut self) -> (&mut VecDeque<Stmt>, &mut Vec<Finished>) {
+        (&mut self.queue, &mut self.finished)
     }
 }
 
