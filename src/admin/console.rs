@@ -211,7 +211,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                     let failover = shared
                         .config()
                         .clusters
-                        .get(&c.name)
+                        .get(&*c.name)
                         .map(|cc| format!("{:?}", cc.failover).to_lowercase())
                         .unwrap_or_default();
                     // Coordination: the leader, the published primary's epoch, and this
@@ -230,7 +230,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                         _ => (String::new(), String::new(), "standalone".to_string()),
                     };
                     vec![
-                        c.name.clone(),
+                        c.name.to_string(),
                         opt(c.settings().listen_rw.clone()),
                         opt(c.settings().listen_ro.clone()),
                         primary,
@@ -270,7 +270,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                         .map(|i| {
                             let s = node_status(&snap, i, now);
                             vec![
-                                c.name.clone(),
+                                c.name.to_string(),
                                 s.name,
                                 s.addr,
                                 s.health,
@@ -311,7 +311,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                     let w = c.waiting.load(std::sync::atomic::Ordering::Relaxed);
                     (w > 0).then(|| {
                         vec![
-                            c.name.clone(),
+                            c.name.to_string(),
                             String::new(),
                             "*".into(),
                             "*".into(),
@@ -341,11 +341,11 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                     .map(|c| {
                         let v = shared.admissions.view(&c.name);
                         vec![
-                            c.name.clone(),
+                            c.name.to_string(),
                             v.clients.to_string(),
                             opt(config
                                 .clusters
-                                .get(&c.name)
+                                .get(&*c.name)
                                 .and_then(|cc| cc.max_clients)
                                 .map(|m| m.to_string())),
                             v.proxy_clients.to_string(),
@@ -384,7 +384,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 .map(|c| {
                     vec![
                         c.id.to_string(),
-                        c.cluster.clone(),
+                        c.cluster.to_string(),
                         c.endpoint.to_string(),
                         c.user.clone(),
                         c.database.clone(),
@@ -414,7 +414,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                 .iter()
                 .map(|c| {
                     vec![
-                        c.cluster.clone(),
+                        c.cluster.to_string(),
                         c.node.to_string(),
                         c.server_addr.clone(),
                         c.server_pid.to_string(),
@@ -445,7 +445,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                         .map(|n| {
                             use std::sync::atomic::Ordering::Relaxed;
                             vec![
-                                c.name.clone(),
+                                c.name.to_string(),
                                 n.name.clone(),
                                 n.stats.sessions_total.load(Relaxed).to_string(),
                                 n.stats.queries_total.load(Relaxed).to_string(),
@@ -466,7 +466,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
                     c.state
                         .events()
                         .into_iter()
-                        .map(|e| vec![unix(e.at), c.name.clone(), e.node, e.old, e.new, e.reason])
+                        .map(|e| vec![unix(e.at), c.name.to_string(), e.node, e.old, e.new, e.reason])
                         .collect::<Vec<_>>()
                 })
                 .collect(),
@@ -543,7 +543,7 @@ fn execute(statement: &str, shared: &Shared) -> Answer {
             let matching: Vec<_> = shared
                 .clusters()
                 .values()
-                .filter(|c| cluster.as_deref().is_none_or(|name| name == c.name))
+                .filter(|c| cluster.as_deref().is_none_or(|name| name == &*c.name))
                 .filter(|c| c.state.snapshot().index(&node).is_some())
                 .cloned()
                 .collect();

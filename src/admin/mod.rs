@@ -85,11 +85,11 @@ pub fn pool_rows(shared: &Shared) -> Vec<PoolRow> {
         }
         match rows
             .iter_mut()
-            .find(|r| r.cluster == c.cluster && r.node == c.node && r.database == c.database && r.user == c.user)
+            .find(|r| *r.cluster == *c.cluster && r.node == c.node && r.database == c.database && r.user == c.user)
         {
             Some(r) => r.in_use += 1,
             None => rows.push(PoolRow {
-                cluster: c.cluster.clone(),
+                cluster: c.cluster.to_string(),
                 node: c.node.to_string(),
                 database: c.database.clone(),
                 user: c.user.clone(),

@@ -195,7 +195,7 @@ pub fn build(shared: &Shared) -> Status {
             };
             let mut pool_rows: Vec<PoolStatus> = all_pools
                 .iter()
-                .filter(|p| p.cluster == ctx.name)
+                .filter(|p| *p.cluster == *ctx.name)
                 .map(|p| PoolStatus {
                     node: p.node.clone(),
                     database: p.database.clone(),
@@ -222,7 +222,7 @@ pub fn build(shared: &Shared) -> Status {
             let skip = events.len().saturating_sub(EVENTS_SHOWN);
             let last = ctx.ha.last();
             ClusterStatus {
-                name: ctx.name.clone(),
+                name: ctx.name.to_string(),
                 engine: ctx.engine.to_string(),
                 listen_rw: ctx.settings().listen_rw.clone(),
                 listen_ro: ctx.settings().listen_ro.clone(),
@@ -231,7 +231,7 @@ pub fn build(shared: &Shared) -> Status {
                     let v = shared.admissions.view(&ctx.name);
                     LimitsStatus {
                         clients: v.clients,
-                        max_clients: config.clusters.get(&ctx.name).and_then(|c| c.max_clients),
+                        max_clients: config.clusters.get(&*ctx.name).and_then(|c| c.max_clients),
                         proxy_clients: v.proxy_clients,
                         proxy_max_clients: config.proxy.max_clients.min(shared.admissions.descriptor_cap()),
                         counts: v.counts.into_iter().map(|(k, n)| (k.to_string(), n)).collect(),
@@ -241,7 +241,7 @@ pub fn build(shared: &Shared) -> Status {
                 route_error,
                 failover: config
                     .clusters
-                    .get(&ctx.name)
+                    .get(&*ctx.name)
                     .map(|c| format!("{:?}", c.failover).to_lowercase())
                     .unwrap_or_default(),
                 failover_note: ctx.ha.note(),

@@ -87,7 +87,7 @@ fn apply_listeners(shared: &Arc<Shared>, serving: &Serving, plan: Listeners, not
 /// clients now.
 fn retire(shared: &Arc<Shared>, serving: &Serving, ctx: Arc<ClusterCtx>) -> usize {
     // Counted first: told to end, idle ones go at once.
-    let clients = shared.clients.list().iter().filter(|c| c.cluster == ctx.name).count();
+    let clients = shared.clients.list().iter().filter(|c| *c.cluster == *ctx.name).count();
     ctx.retire();
     for (_, task) in ctx.monitors.lock().unwrap().drain() {
         task.abort();
@@ -153,7 +153,7 @@ pub(super) fn reload(shared: &Arc<Shared>, serving: &Serving) -> Result<String, 
     }
     let removed: Vec<Arc<ClusterCtx>> = running
         .values()
-        .filter(|c| !new.clusters.contains_key(&c.name))
+        .filter(|c| !new.clusters.contains_key(&*c.name))
         .cloned()
         .collect();
     let listeners = plan_listeners(&new, &next, serving).map_err(reject)?;

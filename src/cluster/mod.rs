@@ -24,7 +24,9 @@ use topology::ClusterState;
 
 /// One cluster as sessions and operators see it.
 pub struct ClusterCtx {
-    pub name: String,
+    /// Shared: every client's session, cancel key, admission and client-list entry
+    /// keeps it (one allocation for the cluster, not one each per client).
+    pub name: Arc<str>,
     pub state: Arc<ClusterState>,
     /// This cluster's part of the running config (replaced on reload; kept after a
     /// reload removed the cluster, for the sessions that still run).
@@ -147,7 +149,7 @@ impl ClusterCtx {
         engine_state: Box<dyn Any + Send + Sync>,
     ) -> ClusterCtx {
         ClusterCtx {
-            name: name.to_string(),
+            name: Arc::from(name),
             floors: Mutex::default(),
             state,
             settings: RwLock::new(Arc::new(settings)),

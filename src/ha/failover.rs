@@ -161,7 +161,7 @@ pub fn spawn(shared: Arc<Shared>, ctx: Arc<ClusterCtx>) -> JoinHandle<()> {
                 last_primary = Some(published);
             }
             let config = shared.config();
-            let Some(cc) = config.clusters.get(&ctx.name).filter(|_| !ctx.retiring()) else {
+            let Some(cc) = config.clusters.get(&*ctx.name).filter(|_| !ctx.retiring()) else {
                 return;
             };
             if cc.failover == FailoverMode::Automatic {

@@ -112,7 +112,7 @@ async fn run<C: Control>(
     control: &C,
     to: &str,
 ) -> Result<SwitchoverReport, SwitchoverError> {
-    let cluster = ctx.name.as_str();
+    let cluster = &*ctx.name;
     let config = shared.config();
     let _running = ctx.ha.lock.try_lock().map_err(|_| {
         fail(

@@ -166,7 +166,7 @@ impl Relay<'_> {
                     .shared
                     .cancels
                     .mysql_target(id)
-                    .filter(|t| t.cluster == self.cluster.name);
+                    .filter(|t| *t.cluster == *self.cluster.name);
                 match target {
                     // Not one of ours: a server thread id; the server decides.
                     None => {

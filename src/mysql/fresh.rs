@@ -373,7 +373,7 @@ impl Relay<'_> {
             .index(&self.node.name)
             .is_some_and(|i| snap.nodes[i].role == Role::Primary);
         let labels = ClusterLabels {
-            cluster: self.cluster.name.clone(),
+            cluster: self.cluster.name.to_string(),
         };
         let metrics = &self.shared.metrics;
         let Some(need) = need.filter(|_| !on_primary && !unknown) else {
@@ -448,7 +448,7 @@ impl Relay<'_> {
             .metrics
             .reads_to_primary_for_freshness
             .get_or_create(&ClusterLabels {
-                cluster: self.cluster.name.clone(),
+                cluster: self.cluster.name.to_string(),
             })
             .inc();
         self.fresh.confirm(generation);
@@ -560,7 +560,7 @@ impl Relay<'_> {
         self.shared
             .config()
             .clusters
-            .get(&self.cluster.name)
+            .get(&*self.cluster.name)
             .is_some_and(|c| c.read_your_writes == ReadYourWrites::User)
     }
 }

@@ -201,7 +201,7 @@ impl Relay<'_> {
         self.inbound.lease_commands = 0;
         self.one_command = read;
         let config = self.shared.config();
-        if !config.clusters.contains_key(&self.cluster.name) {
+        if !config.clusters.contains_key(&*self.cluster.name) {
             return Err(End::Failed(Error::cluster_removed(&self.cluster.name)));
         }
         // MySQL pools are per user, not per database (a connection changes database
@@ -280,7 +280,7 @@ impl Relay<'_> {
                 .metrics
                 .reads_to_standby
                 .get_or_create(&crate::obs::metrics::ClusterLabels {
-                    cluster: self.cluster.name.clone(),
+                    cluster: self.cluster.name.to_string(),
                 })
                 .inc();
         }

@@ -129,7 +129,7 @@ pub async fn serve(
         }
     };
     let reply_seq = client.seq.wrapping_add(1);
-    let Some(cc) = config.clusters.get(&cluster.name) else {
+    let Some(cc) = config.clusters.get(&*cluster.name) else {
         return; // removed by a reload while the client logged in
     };
     let info = super::ClusterInfo::of(&cluster);
@@ -351,7 +351,7 @@ impl<'a> MysqlDialer<'a> {
         let caps = config.server_connection_caps(&cluster.name, request.user);
         // (A cluster removed by a reload: its sessions are on their way out; one login
         // at a time.)
-        let max_logins = config.clusters.get(&cluster.name).map_or(1, |c| c.max_server_logins);
+        let max_logins = config.clusters.get(&*cluster.name).map_or(1, |c| c.max_server_logins);
         MysqlDialer {
             request,
             endpoint,

@@ -257,7 +257,7 @@ impl Relay<'_> {
                     .metrics
                     .reads_to_standby
                     .get_or_create(&ClusterLabels {
-                        cluster: self.cluster.name.clone(),
+                        cluster: self.cluster.name.to_string(),
                     })
                     .inc();
                 if unknown {
@@ -338,7 +338,7 @@ impl Relay<'_> {
     async fn replica_fresh(&mut self, caps: CapabilityFlags) -> bool {
         let (_, need, unknown) = self.fresh.floor(ClusterInfo::of(self.cluster));
         let labels = ClusterLabels {
-            cluster: self.cluster.name.clone(),
+            cluster: self.cluster.name.to_string(),
         };
         let to_primary = || {
             self.shared

@@ -12,7 +12,8 @@ use crate::tx::TxStatus;
 
 pub struct ClientInfo {
     pub id: u64,
-    pub cluster: String,
+    /// The cluster's own name, shared (`ClusterCtx::name`).
+    pub cluster: std::sync::Arc<str>,
     pub endpoint: Endpoint,
     pub peer: SocketAddr,
     pub user: String,
@@ -92,7 +93,7 @@ impl Drop for ClientGuard {
 }
 
 pub struct NewClient {
-    pub cluster: String,
+    pub cluster: std::sync::Arc<str>,
     pub endpoint: Endpoint,
     pub peer: SocketAddr,
     pub user: String,

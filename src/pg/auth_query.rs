@@ -71,7 +71,7 @@ impl AuthQuery {
         user: &str,
     ) -> Result<Option<Verifier>, Error> {
         let ttl = Duration::from_secs(cfg.cache_s);
-        let key = (cluster.name.clone(), user.to_string());
+        let key = (cluster.name.to_string(), user.to_string());
         if let Some(fresh) = self.fresh(&key, ttl) {
             return Ok(fresh);
         }

@@ -82,7 +82,7 @@ impl Hub {
     /// A client's subscription, on the listener for its cluster, database and user
     /// (started when there is none).
     pub fn subscribe(&self, who: Who) -> Subscription {
-        let key = (who.cluster.name.clone(), who.database.clone(), who.user.clone());
+        let key = (who.cluster.name.to_string(), who.database.clone(), who.user.clone());
         let mut listeners = self.listeners.lock().unwrap();
         let listener = match listeners.get(&key) {
             Some(l) if !l.is_closed() => l.clone(),

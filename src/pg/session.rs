@@ -161,7 +161,7 @@ async fn admit<'a>(
         tls_mode,
         tls,
     } = shared.arrival(&tcp, cluster);
-    let require_tls = (tls_mode == ClientTls::Require).then_some(cluster.name.as_str());
+    let require_tls = (tls_mode == ClientTls::Require).then_some(&*cluster.name);
     let started = tokio::time::Instant::now();
     // The TLS handshake and the login are boxed: their state is large and lives only
     // while they run; inline, every idle client's session future would be as large.
@@ -430,7 +430,7 @@ async fn carry_in<'a>(
         }
     };
     let config = shared.config();
-    if config.clusters.get(&cluster.name).map(|c| c.pool_mode) != Some(PoolMode::Transaction) {
+    if config.clusters.get(&*cluster.name).map(|c| c.pool_mode) != Some(PoolMode::Transaction) {
         warn!(cluster = %cluster.name, peer = %peer, "a transaction-pooling client handed over by the old process, to a cluster this config does not pool by transaction; it is asked to reconnect");
         Box::pin(goodbye(&mut stream, &Error::shutdown().to_fatal())).await;
         return None;
@@ -618,7 +618,7 @@ async fn send_welcome(
     stream: &mut ClientStream,
     conn: &ServerConn,
     shared: &Shared,
-    cluster: &str,
+    cluster: &std::sync::Arc<str>,
     addr: &str,
 ) -> Result<Registration, Reject> {
     let reg = shared.cancels.register_session(cluster, addr, conn.pid, conn.key);
@@ -700,7 +700,7 @@ async fn relay(
         .metrics
         .queries_routed
         .get_or_create(&RoutedLabels {
-            cluster: cluster.name.clone(),
+            cluster: cluster.name.to_string(),
             node: node.clone(),
             role: role.to_string(),
         })

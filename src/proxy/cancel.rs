@@ -31,8 +31,9 @@ enum Key {
 /// The server connection a session's cancel goes to.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// The cluster, whose `server_tls` the cancel uses.
-    pub cluster: String,
+    /// The cluster, whose `server_tls` the cancel uses (its shared name:
+    /// `ClusterCtx::name`).
+    pub cluster: Arc<str>,
     pub addr: String,
     /// The server's id of the connection: a PostgreSQL backend pid, a MySQL thread id
     /// (a u32, stored bit for bit: read it back `as u32`).
@@ -81,7 +82,7 @@ impl CancelRegistry {
     /// server's pid.
     pub fn register_session(
         self: &Arc<Self>,
-        cluster: &str,
+        cluster: &Arc<str>,
         addr: &str,
         server_pid: i32,
         server_key: i32,
@@ -89,7 +90,7 @@ impl CancelRegistry {
         self.insert_pg(
             Some((server_pid, 0)),
             Target {
-                cluster: cluster.to_string(),
+                cluster: cluster.clone(),
                 addr: addr.to_string(),
                 server_id: server_pid,
                 server_key,
@@ -101,17 +102,17 @@ impl CancelRegistry {
 
     /// A PostgreSQL transaction-mode client: a minted pid, pointed at a server
     /// connection only while it holds one (`retarget`).
-    pub fn register_pooled(self: &Arc<Self>, cluster: &str) -> Registration {
+    pub fn register_pooled(self: &Arc<Self>, cluster: &Arc<str>) -> Registration {
         self.register_pooled_as(cluster, None)
     }
 
     /// The same, for a client carried from a predecessor process (binary upgrade): it
     /// keeps the pid and key it was shown (`keep`) unless they are taken here.
-    pub fn register_pooled_as(self: &Arc<Self>, cluster: &str, keep: Option<(i32, i32)>) -> Registration {
+    pub fn register_pooled_as(self: &Arc<Self>, cluster: &Arc<str>, keep: Option<(i32, i32)>) -> Registration {
         self.insert_pg(
             keep,
             Target {
-                cluster: cluster.to_string(),
+                cluster: cluster.clone(),
                 addr: String::new(),
                 server_id: 0,
                 server_key: 0,
@@ -211,13 +212,13 @@ mod tests {
     #[test]
     fn session_mode_shows_the_server_pid_and_pooled_mode_a_minted_one() {
         let registry = Arc::new(CancelRegistry::default());
-        let a = registry.register_session("main", "127.0.0.1:5432", 4242, 7);
+        let a = registry.register_session(&"main".into(), "127.0.0.1:5432", 4242, 7);
         // Another node's backend with the same pid: a separate entry, another key.
-        let b = registry.register_session("main", "127.0.0.1:5433", 4242, 9);
+        let b = registry.register_session(&"main".into(), "127.0.0.1:5433", 4242, 9);
         assert_eq!((a.pid, b.pid), (4242, 4242));
         assert_ne!(a.key_secret, 7, "the server's key is never shown");
         assert_ne!(a.key_secret, b.key_secret);
-        let pooled = registry.register_pooled("main");
+        let pooled = registry.register_pooled(&"main".into());
         assert_eq!(registry.map.lock().unwrap().len(), 3);
         let target = |pid, key| {
             let slot = registry.map.lock().unwrap().get(&Key::Pg { pid, key }).cloned();
@@ -246,7 +247,7 @@ mod tests {
             active: true,
         };
         let reg = registry.register_mysql(a, target("app"));
-        let pg = registry.register_pooled("main");
+        let pg = registry.register_pooled(&"main".into());
         assert_eq!(registry.mysql_target(a).unwrap().server_id, 17);
         assert!(registry.mysql_target(b).is_none(), "minted but not registered");
         assert!(

@@ -180,7 +180,7 @@ impl Coordinator {
     }
 
     async fn put_primary(&self, ctx: &ClusterCtx, node: Option<&str>) -> Result<u64, String> {
-        let cv = self.view().clusters.get(&ctx.name).cloned().unwrap_or_default();
+        let cv = self.view().clusters.get(&*ctx.name).cloned().unwrap_or_default();
         if node.is_some() && cv.published.as_deref() == node {
             return Ok(cv.epoch);
         }
@@ -209,7 +209,7 @@ impl Coordinator {
         }
         {
             let mut v = self.view.lock().unwrap();
-            let c = v.clusters.entry(ctx.name.clone()).or_default();
+            let c = v.clusters.entry(ctx.name.to_string()).or_default();
             c.published = node.map(str::to_string);
             c.epoch = epoch;
         }
@@ -303,7 +303,7 @@ impl Drop for HoldRequest {
 
 /// Put the agreed state into the cluster's snapshot (routing reads it from there).
 fn apply(ctx: &ClusterCtx, view: &View, notify_always: bool) {
-    let c = view.clusters.get(&ctx.name);
+    let c = view.clusters.get(&*ctx.name);
     let agreed = Coordination {
         published: c.and_then(|c| c.published.clone()),
         epoch: c.map_or(0, |c| c.epoch),

@@ -233,7 +233,7 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
     let leader = view.leader.as_deref() == Some(&*coord.me());
     for ctx in shared.clusters().values() {
         let snap = ctx.state.snapshot();
-        let cv = view.clusters.get(&ctx.name).cloned().unwrap_or_default();
+        let cv = view.clusters.get(&*ctx.name).cloned().unwrap_or_default();
 
         let down: Vec<&str> = snap
             .nodes
@@ -244,23 +244,23 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
         let down = down.join(",");
         // The view was applied before these duties: this instance routes by `epoch` now
         // (confirmed first: nothing else here may keep a withdrawal waiting).
-        if written.seen.get(&ctx.name) != Some(&cv.epoch) {
+        if written.seen.get(&*ctx.name) != Some(&cv.epoch) {
             let key = coord.key(&format!("clusters/{}/seen/{}", ctx.name, coord.me()));
             coord.etcd.put(&key, &cv.epoch.to_string(), lease).await?;
-            written.seen.insert(ctx.name.clone(), cv.epoch);
+            written.seen.insert(ctx.name.to_string(), cv.epoch);
         }
-        if written.down.get(&ctx.name) != Some(&down) {
+        if written.down.get(&*ctx.name) != Some(&down) {
             let key = coord.key(&format!("clusters/{}/down/{}", ctx.name, coord.me()));
             coord.etcd.put(&key, &down, lease).await?;
-            written.down.insert(ctx.name.clone(), down);
+            written.down.insert(ctx.name.to_string(), down);
         }
 
         match &cv.hold {
             Some((epoch, by)) if **by != *coord.me() => {
-                if written.holding.get(&ctx.name) != Some(epoch) {
+                if written.holding.get(&*ctx.name) != Some(epoch) {
                     info!(cluster = %ctx.name, leader = %by, "holding new transactions for the leader's switchover");
                     ctx.set_paused(true);
-                    written.holding.insert(ctx.name.clone(), *epoch);
+                    written.holding.insert(ctx.name.to_string(), *epoch);
                 }
                 // Acknowledge once no transaction is open on the published primary.
                 let busy: u32 = match ctx.engine {
@@ -268,21 +268,21 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
                         .pools
                         .all()
                         .iter()
-                        .filter(|p| p.key.cluster == ctx.name && Some(&p.key.node) == cv.published.as_ref())
+                        .filter(|p| *p.key.cluster == *ctx.name && Some(&p.key.node) == cv.published.as_ref())
                         .map(|p| p.in_use())
                         .sum(),
                     crate::config::Engine::Mysql => crate::mysql::ClusterInfo::of(ctx)
                         .unsettled
                         .load(std::sync::atomic::Ordering::Relaxed),
                 };
-                if busy == 0 && written.held.get(&ctx.name) != Some(epoch) {
+                if busy == 0 && written.held.get(&*ctx.name) != Some(epoch) {
                     let key = coord.key(&format!("clusters/{}/held/{}", ctx.name, coord.me()));
                     coord.etcd.put(&key, &epoch.to_string(), lease).await?;
-                    written.held.insert(ctx.name.clone(), *epoch);
+                    written.held.insert(ctx.name.to_string(), *epoch);
                 }
             }
             _ => {
-                if written.holding.remove(&ctx.name).is_some() {
+                if written.holding.remove(&*ctx.name).is_some() {
                     info!(cluster = %ctx.name, "the leader's hold is over; releasing held transactions");
                     ctx.set_paused(false);
                 }
@@ -302,7 +302,7 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
                     // stopped routing writes by itself (`lapsing`).
                     let since = *written
                         .withdrawn
-                        .entry(ctx.name.clone())
+                        .entry(ctx.name.to_string())
                         .and_modify(|(e, t)| {
                             if *e != cv.epoch {
                                 *e = cv.epoch;
@@ -318,7 +318,7 @@ async fn duties(shared: &Shared, coord: &Coordinator, view: &View, written: &mut
                     if since.1.elapsed() >= Duration::from_secs(coord.cfg.lease_s) {
                         warn!(cluster = %ctx.name, node = %observed, epoch = cv.epoch, late = ?late, "instances did not confirm the withdrawal within a lease (they route no writes); publishing");
                         next = Some(Publication::Publish);
-                    } else if written.told_waiting.insert((ctx.name.clone(), cv.epoch)) {
+                    } else if written.told_waiting.insert((ctx.name.to_string(), cv.epoch)) {
                         info!(cluster = %ctx.name, node = %observed, epoch = cv.epoch, late = ?late, "waiting for every instance to confirm the withdrawal before publishing");
                     }
                 }

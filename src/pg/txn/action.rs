@@ -48,7 +48,8 @@ pub enum Action {
 }
 
 pub struct Config {
-    pub cluster: String,
+    /// The cluster's name, shared (`ClusterCtx::name`): no copy per client.
+    pub cluster: std::sync::Arc<str>,
     /// The session came in on the ro endpoint.
     pub read_only_endpoint: bool,
     /// `read_write_split` on the rw endpoint.

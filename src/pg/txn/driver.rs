@@ -758,7 +758,7 @@ impl<'a> Driver<'a> {
         };
         let message = crate::proxy::handover::Message::Session {
             engine: "postgresql".into(),
-            cluster: self.cluster.name.clone(),
+            cluster: self.cluster.name.to_string(),
             endpoint: self.listener.into(),
             peer,
             state: match serde_json::to_value(&carried) {

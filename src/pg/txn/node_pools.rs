@@ -48,7 +48,7 @@ pub(super) struct Asker<'a> {
 impl NodePool {
     fn build(cluster: &ClusterCtx, shared: &Shared, node: &NodeState, who: &Asker<'_>, worker: usize) -> NodePool {
         let key = PoolKey {
-            cluster: cluster.name.clone(),
+            cluster: cluster.name.to_string(),
             node: node.name.clone(),
             addr: node.addr.clone(),
             database: who.database.to_string(),
@@ -59,12 +59,12 @@ impl NodePool {
             .config()
             .pool_settings_of(&cluster.settings(), who.user, who.database);
         let labels = RoutedLabels {
-            cluster: cluster.name.clone(),
+            cluster: cluster.name.to_string(),
             node: node.name.clone(),
             role: node.role.to_string(),
         };
         let transactions = TransactionLabels {
-            cluster: cluster.name.clone(),
+            cluster: cluster.name.to_string(),
             endpoint: who.listener.to_string(),
             node: node.name.clone(),
         };
