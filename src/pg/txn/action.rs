@@ -33,8 +33,10 @@ pub enum Action {
     Release { reuse: bool },
     /// Close the idle pooled connections to a database a statement needs free.
     CloseIdle(String),
-    /// End the session, telling the client why (None: it left).
-    End(Option<Error>),
+    /// End the session, telling the client why (None: it left). Boxed: an `Error` is 80
+    /// bytes, twice the largest other action, and the driver's loop holds an action in
+    /// every idle client's session future.
+    End(Option<Box<Error>>),
     /// Answer `SHOW`/`SET`/`RESET switchyard.causal_token` (the driver keeps the token
     /// and calls `on_causal_reply`).
     Causal(CausalStatement),

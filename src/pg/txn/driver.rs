@@ -516,7 +516,7 @@ impl<'a> Driver<'a> {
                             }
                             return None;
                         }
-                        return e;
+                        return e.map(|e| *e);
                     }
                 }
             }

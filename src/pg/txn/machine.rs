@@ -298,7 +298,7 @@ impl<'a> Machine<'a> {
     fn end(&mut self, e: Option<Error>) {
         if self.phase != Phase::Ended {
             self.phase = Phase::Ended;
-            self.actions.push_back(Action::End(e));
+            self.actions.push_back(Action::End(e.map(Box::new)));
         }
     }
 
