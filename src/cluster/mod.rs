@@ -24,8 +24,8 @@ use topology::ClusterState;
 
 /// One cluster as sessions and operators see it.
 pub struct ClusterCtx {
-    /// Shared: every client's session, cancel key, admission and client-list entry
-    /// keeps it (one allocation for the cluster, not one each per client).
+    /// Shared: a transaction-pooling session's machine, every cancel target and
+    /// client-list entry keep it (one allocation for the cluster, not one per client).
     pub name: Arc<str>,
     pub state: Arc<ClusterState>,
     /// This cluster's part of the running config (replaced on reload; kept after a
