@@ -529,7 +529,8 @@ impl<'a> Machine<'a> {
     /// Bytes from the client (`input`, complete messages are taken from it). `conn` is
     /// the held connection's state, if one is held.
     pub fn on_client_input(&mut self, input: &mut BytesMut, mut conn: Option<&mut ConnState>) {
-        if self.actions.capacity() == 0 {
+        // (Only into empty queues: a spare set replaces what they hold.)
+        if self.actions.capacity() == 0 && self.queues_empty() {
             if let Some(q) = spares::take() {
                 self.put_queues(q);
             }
