@@ -325,6 +325,7 @@ impl<'a> Machine<'a> {
     /// At rest between units (the driver gives its buffers back): the last unit's
     /// messages, kept for a rerun that can no longer come, are let go of, and with them
     /// the read buffer they are views of.
+    ///
     /// The queues' storage goes back to the thread's spares until the client sends again
     /// (`spares`).
     pub fn rest(&mut self) {
