@@ -287,7 +287,60 @@ impl Answers {
     /// Server bytes, as they pass.
     pub fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
-            if self.remaining == 0 && self.header_have < 4 && self.prefix_want == self.prefix_have {
+            let between = self.remaining == 0 && self.prefix_want == self.prefix_have;
+            if between && self.header_have == 0 && !self.continued && matches!(self.current, Some((_, State::Rows))) {
+                // Rows, the bulk of most answers: each counted and passed over, in one
+                // loop, up to whatever is not a plain row (the end of the rows, an ERR,
+                // an empty or a 16 MiB packet: `packet` looks at those).
+                let (mut rows, mut last_seq) = (0, self.last_seq);
+                while let [l0, l1, l2, seq, head, ..] = *data {
+                    let len = u32::from_le_bytes([l0, l1, l2, 0]) as usize;
+                    if len == 0 || len == MAX_CHUNK || head >= 0xFE {
+                        break;
+                    }
+                    rows += 1;
+                    last_seq = seq;
+                    match data.get(4 + len..) {
+                        Some(rest) => data = rest,
+                        None => {
+                            // The row goes on in the next read.
+                            self.remaining = 4 + len - data.len();
+                            data = &[];
+                        }
+                    }
+                }
+                if rows > 0 {
+                    self.last_seq = last_seq;
+                    if self.statements {
+                        if let Some(s) = self.stmts.front_mut() {
+                            s.rows += rows;
+                        }
+                    }
+                    continue;
+                }
+            }
+            if between && self.header_have == 0 && data.len() >= 4 {
+                // A packet whose header and looked-at bytes are all in `data` (the usual
+                // case: a read holds many small rows) is looked at in place, without
+                // copying its first bytes aside.
+                let len = u32::from_le_bytes([data[0], data[1], data[2], 0]) as usize;
+                let want = if self.continued { 0 } else { len.min(self.prefix_limit(len)) };
+                if data.len() >= 4 + want {
+                    self.last_seq = data[3];
+                    let continuation = self.continued;
+                    self.continued = len == MAX_CHUNK;
+                    if !continuation {
+                        self.packet(len, &data[4..4 + want]);
+                    }
+                    let took = (4 + len).min(data.len());
+                    self.remaining = 4 + len - took;
+                    self.prefix_have = 0;
+                    self.prefix_want = 0;
+                    data = &data[took..];
+                    continue;
+                }
+            }
+            if between && self.header_have < 4 {
                 // A packet header.
                 let n = (4 - self.header_have).min(data.len());
                 self.header[self.header_have..self.header_have + n].copy_from_slice(&data[..n]);
@@ -303,15 +356,7 @@ impl Answers {
                 self.continued = len == MAX_CHUNK;
                 self.remaining = len;
                 self.prefix_have = 0;
-                // With `track`, also a small packet in rows: the OK (0xFE) that ends
-                // them under CLIENT_DEPRECATE_EOF may name a commit (a write answered
-                // with rows).
-                let limit = if self.track && (self.at_answer_start() || len <= TRACK_PREFIX) {
-                    TRACK_PREFIX
-                } else {
-                    PREFIX
-                };
-                self.prefix_want = if continuation { 0 } else { len.min(limit) };
+                self.prefix_want = if continuation { 0 } else { len.min(self.prefix_limit(len)) };
                 if !continuation && len == 0 {
                     self.packet(0, &[]);
                 }
@@ -338,8 +383,31 @@ impl Answers {
         }
     }
 
+    /// Payload bytes to look at of a packet `len` bytes long that starts now.
+    fn prefix_limit(&self, len: usize) -> usize {
+        // With `track`, also a small packet in rows: the OK (0xFE) that ends them under
+        // CLIENT_DEPRECATE_EOF may name a commit (a write answered with rows).
+        if self.track && (self.at_answer_start() || len <= TRACK_PREFIX) {
+            TRACK_PREFIX
+        } else {
+            PREFIX
+        }
+    }
+
     /// One packet of the server's: its payload length and its first bytes.
     fn packet(&mut self, len: usize, p: &[u8]) {
+        // A row, the bulk of most answers: counted, nothing more. (0xFE may end the
+        // rows and 0xFF is an ERR: those, and an empty packet, take the long way.)
+        if let (Some((_, State::Rows)), Some(&head)) = (self.current, p.first()) {
+            if head < 0xFE {
+                if self.statements {
+                    if let Some(s) = self.stmts.front_mut() {
+                        s.rows += 1;
+                    }
+                }
+                return;
+            }
+        }
         let (expect, state) = match self.current {
             Some(c) => c,
             None => match self.queue.pop_front() {

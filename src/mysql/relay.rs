@@ -370,6 +370,10 @@ impl Relay<'_> {
         // The server-to-client side stops at its next chunk boundary when told (a
         // stream is only ever cut between whole writes).
         let stop = tokio::sync::Notify::new();
+        // Made once: a `Notified` made afresh at every read joins the waiter list each
+        // time (a lock and a list insertion per answer).
+        let stopped = stop.notified();
+        tokio::pin!(stopped);
         // Set when the process shuts down or a reload removed the cluster while the
         // session was inside a transaction: the transaction may finish, and the session
         // ends once it is at rest (or after `shutdown_timeout_ms`).
@@ -422,7 +426,7 @@ impl Relay<'_> {
                         Err(e) => return Some(End::Io(e)),
                         Ok(_) => {}
                     },
-                    _ = stop.notified() => return None,
+                    _ = &mut stopped => return None,
                 }
                 {
                     let mut t = tracked.lock().unwrap();
@@ -464,6 +468,18 @@ impl Relay<'_> {
         };
         let watchdog = super::timeouts::watchdog(self.timeouts, tracked);
         tokio::pin!(client_to_server, server_to_client, watchdog);
+        // Topology changes, the process leaving and the cluster's removal are waited on
+        // through this worker thread's repeaters (`local_watch`): every wake-up of the
+        // session polls these branches, and a `watch` wait joins the channel's waiter
+        // list, behind a lock all threads take, at each poll. The session's own
+        // `topology` receiver still says what changed since it last looked (also before
+        // this pump began: looked at once at the start).
+        let mut local_topology = cluster.state.subscribe_local();
+        let mut leaving = shared.shutdown_local();
+        if *shared.shutdown.borrow() || cluster.retiring() {
+            leaving.mark_changed();
+        }
+        let mut look_now = true;
         let mut watching = true;
         let mut drain_until: Option<tokio::time::Instant> = None;
         let pause = loop {
@@ -475,10 +491,21 @@ impl Relay<'_> {
                     }
                     return Pause::End(e.unwrap_or(End::ServerClosed));
                 }
-                changed = topology.changed(), if watching => {
-                    if changed.is_err() {
-                        watching = false;
-                        continue;
+                woke = async {
+                    if look_now {
+                        Ok(())
+                    } else {
+                        local_topology.changed().await
+                    }
+                }, if watching => {
+                    look_now = false;
+                    match (woke, topology.has_changed()) {
+                        (Ok(()), Ok(true)) => {}
+                        (Ok(()), Ok(false)) => continue,
+                        (Err(_), _) | (_, Err(_)) => {
+                            watching = false;
+                            continue;
+                        }
                     }
                     let snap = topology.borrow_and_update().clone();
                     if let Some(reason) = routing::eviction(endpoint, &snap, &node.name) {
@@ -512,7 +539,11 @@ impl Relay<'_> {
                     let e = self.timeouts.error(fired);
                     break Pause::End(End::Failed(e));
                 }
-                e = shared.closing(cluster), if drain_until.is_none() => {
+                woke = leaving.changed(), if drain_until.is_none() => {
+                    if woke.is_ok() && !(*shared.shutdown.borrow() || cluster.retiring()) {
+                        continue; // a successor, or another cluster's removal
+                    }
+                    let e = shared.ending(cluster);
                     // Between transactions with nothing owed: now. Otherwise the answer
                     // in flight and the rest of the transaction may come first.
                     if tracked.lock().unwrap().answers.at_rest() {
@@ -584,8 +615,9 @@ fn writes_with_rows(text: &[u8]) -> bool {
     if t.len() > 4 && t[..4].eq_ignore_ascii_case(b"call") && !t[4].is_ascii_alphanumeric() {
         return true;
     }
-    t.windows(9).enumerate().any(|(i, w)| {
-        w.eq_ignore_ascii_case(b"returning")
+    // Looked for from each `r` only (the text of every statement passes here).
+    memchr::memchr2_iter(b'r', b'R', t).any(|i| {
+        t.get(i..i + 9).is_some_and(|w| w.eq_ignore_ascii_case(b"returning"))
             && (i == 0 || !t[i - 1].is_ascii_alphanumeric() && t[i - 1] != b'_')
             && t.get(i + 9).is_none_or(|c| !c.is_ascii_alphanumeric() && *c != b'_')
     })
