@@ -324,7 +324,11 @@ impl Answers {
                 // case: a read holds many small rows) is looked at in place, without
                 // copying its first bytes aside.
                 let len = u32::from_le_bytes([data[0], data[1], data[2], 0]) as usize;
-                let want = if self.continued { 0 } else { len.min(self.prefix_limit(len)) };
+                let want = if self.continued {
+                    0
+                } else {
+                    len.min(self.prefix_limit(len))
+                };
                 if data.len() >= 4 + want {
                     self.last_seq = data[3];
                     let continuation = self.continued;
@@ -356,7 +360,11 @@ impl Answers {
                 self.continued = len == MAX_CHUNK;
                 self.remaining = len;
                 self.prefix_have = 0;
-                self.prefix_want = if continuation { 0 } else { len.min(self.prefix_limit(len)) };
+                self.prefix_want = if continuation {
+                    0
+                } else {
+                    len.min(self.prefix_limit(len))
+                };
                 if !continuation && len == 0 {
                     self.packet(0, &[]);
                 }

@@ -708,7 +708,9 @@ mod tests {
         let (mut a, mut b) = (String::new(), String::new());
         for _ in 0..30_000 {
             let len = (next() % 24) as usize;
-            let text: String = (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
+            let text: String = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
             blank_literals(&text, &mut a);
             blank_literals_per_char(&text, &mut b);
             assert_eq!(a, b, "{text:?}");

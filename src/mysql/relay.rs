@@ -368,12 +368,11 @@ impl Relay<'_> {
         };
         let place = super::digests::place(cluster, node, &database, route);
         // The server-to-client side stops at its next chunk boundary when told (a
-        // stream is only ever cut between whole writes).
-        let stop = tokio::sync::Notify::new();
-        // Made once: a `Notified` made afresh at every read joins the waiter list each
-        // time (a lock and a list insertion per answer).
-        let stopped = stop.notified();
-        tokio::pin!(stopped);
+        // stream is only ever cut between whole writes): at once when it is waiting for
+        // the server (it is dropped there), else once its write is done. Two flags rather
+        // than a `Notify` to wait on beside each read: that wait cost a lock per answer.
+        let stopping = AtomicBool::new(false);
+        let writing = AtomicBool::new(false);
         // Set when the process shuts down or a reload removed the cluster while the
         // session was inside a transaction: the transaction may finish, and the session
         // ends once it is at rest (or after `shutdown_timeout_ms`).
@@ -419,14 +418,15 @@ impl Relay<'_> {
         let sbuf = &mut self.sbuf;
         let server_to_client = async {
             loop {
+                if stopping.load(Ordering::Relaxed) {
+                    return None;
+                }
                 let before = sbuf.len();
-                tokio::select! {
-                    r = sr.read_some(sbuf) => match r {
-                        Ok(0) => return Some(End::ServerClosed),
-                        Err(e) => return Some(End::Io(e)),
-                        Ok(_) => {}
-                    },
-                    _ = &mut stopped => return None,
+                // (Cancel-safe: nothing is read across an await.)
+                match sr.read_some(sbuf).await {
+                    Ok(0) => return Some(End::ServerClosed),
+                    Err(e) => return Some(End::Io(e)),
+                    Ok(_) => {}
                 }
                 {
                     let mut t = tracked.lock().unwrap();
@@ -450,9 +450,11 @@ impl Relay<'_> {
                     }
                 }
                 awaiting.store(false, Ordering::Relaxed);
+                writing.store(true, Ordering::Relaxed);
                 if let Err(e) = write_flush(&mut cw, sbuf).await {
                     return Some(End::Io(e));
                 }
+                writing.store(false, Ordering::Relaxed);
                 sent.inc_by(sbuf.len() as u64);
                 sbuf.clear();
                 if drained() {
@@ -484,6 +486,9 @@ impl Relay<'_> {
         let mut drain_until: Option<tokio::time::Instant> = None;
         let pause = loop {
             tokio::select! {
+                // In a fixed order, not a random one (which costs a random number at
+                // each wake-up): the two directions first, then the rare events.
+                biased;
                 p = &mut client_to_server => break p,
                 e = &mut server_to_client => {
                     if e.is_none() && release_now.load(Ordering::Relaxed) {
@@ -564,7 +569,10 @@ impl Relay<'_> {
         // Whatever comes next (the proxy's own answer, an ERR saying why the session
         // ends) goes to the client after whole chunks only. A session that ends waits
         // briefly (shutdown has its own bound); a command of the proxy's waits longer.
-        stop.notify_one();
+        stopping.store(true, Ordering::Relaxed);
+        if !writing.load(Ordering::Relaxed) {
+            return pause; // waiting for the server: between writes
+        }
         let settle = if matches!(pause, Pause::Own(_)) {
             SETTLE
         } else {
